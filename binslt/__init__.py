@@ -1,0 +1,55 @@
+"""binslt: binary-weight spiking lottery tickets (BinW-SLT) for PyTorch.
+
+Masked sign-weight spiking layers (``BinSpikeConv2d``, ``BinSpikeLinear``) with fused kernels
+(C++ on the CPU, Triton and CUDA on the GPU), the search of the paper's Algorithm 1, baselines,
+energy accounting and packed ticket files.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import ops, reference  # noqa: E402  (ops registers the binslt:: schemas)
+from ._ext import backends  # noqa: E402
+from .layers import (  # noqa: E402
+    LIF,
+    BinConv2d,
+    BinLinear,
+    BinSpikeConv2d,
+    BinSpikeLinear,
+    SignActivation,
+    SpikeMaxPool2d,
+)
+from .ops import use_backend  # noqa: E402
+
+__all__ = [
+    "BinConv2d",
+    "BinLinear",
+    "BinSpikeConv2d",
+    "BinSpikeLinear",
+    "LIF",
+    "SignActivation",
+    "SpikeMaxPool2d",
+    "backends",
+    "ops",
+    "reference",
+    "use_backend",
+    "__version__",
+]
+
+
+def __getattr__(name):
+    # Heavier subpackages load lazily so that `import binslt` stays fast.
+    if name in ("models", "energy", "tickets", "data", "train"):
+        import importlib
+
+        return importlib.import_module(f"binslt.{name}")
+    if name == "convert":
+        from .convert import convert
+
+        return convert
+    if name in ("export_ticket", "load_ticket"):
+        from . import tickets
+
+        return getattr(tickets, name)
+    raise AttributeError(f"module 'binslt' has no attribute {name!r}")

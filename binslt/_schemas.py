@@ -1,0 +1,78 @@
+"""The ``binslt::`` op schemas, declared once.
+
+Every backend implements exactly these schemas:
+
+* the pure-torch reference (``binslt.reference``) -- the oracle, and the CPU/CUDA kernel of last
+  resort when a compiled extension is missing;
+* the C++ CPU kernels (``csrc/cpu``), bound with ``TORCH_LIBRARY_IMPL(binslt, CPU, m)``;
+* the CUDA kernels (``csrc/cuda``), bound with ``TORCH_LIBRARY_IMPL(binslt, CUDA, m)``;
+* the Triton launchers (``kernels/``), registered as ``binslt::<name>_triton`` through
+  ``torch.library.triton_op`` with the same signature.
+
+Conventions shared by all ops (see DESIGN.md sections 1-2):
+
+* Spikes are packed channel-last, 32 channels per int32 word: bit ``c % 32`` of word ``c // 32``.
+  Unused high bits are zero, so zero padding needs no correction.
+* ``surrogate`` is an int: 0 = ATan (SpikingJelly's ``surrogate.ATan``), 1 = Sigmoid.
+* ``v_reset=None`` is a soft reset (subtract the threshold); a number is a hard reset to it.
+* The epilogue applied to the conv result ``Z`` (``Z = alpha[c] * count`` for the binary conv):
+  ``bn_train``: ``Y = (Z - mean_c) / sqrt(var_c + eps) * scale_c + shift_c`` with batch
+  statistics over (T, N, spatial); otherwise ``Y = Z * scale_c + shift_c`` (eval BN folded to an
+  affine; scale=1, shift=0 without BN). Then ``X = Y + residual`` and the multi-step LIF over T.
+"""
+
+from __future__ import annotations
+
+SCHEMAS: dict[str, str] = {
+    # x: [B, C, H, W] float, values in {0, 1} -> [B, H, W, ceil(C/32)] int32
+    "pack_spikes": "pack_spikes(Tensor x) -> Tensor",
+    # packed: [B, H, W, Cw] int32 -> [B, channels, H, W] float32
+    "unpack_spikes": "unpack_spikes(Tensor packed, int channels) -> Tensor",
+    # weight: [Co, Ci, kh, kw] float, ternary up to a per-channel gain (0 = pruned)
+    #   -> (mask bits, positive bits), each [Co, kh, kw, ceil(Ci/32)] int32
+    "pack_weight": "pack_weight(Tensor weight) -> (Tensor, Tensor)",
+    # Fused binary conv + epilogue + multi-step LIF.
+    #   x_packed: [T*N, H, W, Cw] int32; w_mask, w_pos: [Co, kh, kw, Cw] int32
+    #   alpha, scale, shift: [Co] float32; residual: [T, N, Co, Ho, Wo] float32 or None
+    # -> spikes [T, N, Co, Ho, Wo] float32,
+    #    counts [T, N, Co, Ho, Wo] int16 (int32 when Ci*kh*kw > 32767): Z / alpha exactly,
+    #    mean, var [Co] float32: batch statistics of Z (biased var) when bn_train, else zeros.
+    "bconv_lif": (
+        "bconv_lif(Tensor x_packed, Tensor w_mask, Tensor w_pos, Tensor alpha, Tensor scale, "
+        "Tensor shift, Tensor? residual, int T, int stride, int padding, bool bn_train, "
+        "float bn_eps, float tau, bool decay_input, float v_threshold, float? v_reset) "
+        "-> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+    # Backward of bconv_lif, recomputing H from the saved integer counts.
+    #   grad_spikes: [T, N, Co, Ho, Wo] float32
+    # -> grad_x [T, N, Ci, H, W] float32 (empty [0] when not need_grad_x),
+    #    grad_weight [Co, Ci, kh, kw] float32 = dL/dW_eff (W_eff = alpha * sign * mask),
+    #    grad_current [T, N, Co, Ho, Wo] float32 = dL/dX (the LIF input; also dL/dresidual),
+    #    grad_scale, grad_shift [Co] float32.
+    "bconv_lif_bwd": (
+        "bconv_lif_bwd(Tensor grad_spikes, Tensor counts, Tensor x_packed, Tensor w_mask, "
+        "Tensor w_pos, Tensor alpha, Tensor scale, Tensor shift, Tensor mean, Tensor var, "
+        "Tensor? residual, int in_channels, int stride, int padding, bool bn_train, "
+        "float bn_eps, float tau, bool decay_input, float v_threshold, float? v_reset, "
+        "bool detach_reset, int surrogate, float surrogate_alpha, bool need_grad_x) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    # Epilogue + multi-step LIF over a real current (dense first layer, linear layers, LIF).
+    #   z: [T, N, C, *] float32; scale, shift: [C]; residual: like z or None
+    # -> spikes like z, mean [C], var [C]
+    "bn_lif": (
+        "bn_lif(Tensor z, Tensor scale, Tensor shift, Tensor? residual, bool bn_train, "
+        "float bn_eps, float tau, bool decay_input, float v_threshold, float? v_reset) "
+        "-> (Tensor, Tensor, Tensor)"
+    ),
+    # -> grad_z like z, grad_current like z (dL/dX, also dL/dresidual), grad_scale, grad_shift [C]
+    "bn_lif_bwd": (
+        "bn_lif_bwd(Tensor grad_spikes, Tensor z, Tensor scale, Tensor shift, Tensor mean, "
+        "Tensor var, Tensor? residual, bool bn_train, float bn_eps, float tau, bool decay_input, "
+        "float v_threshold, float? v_reset, bool detach_reset, int surrogate, "
+        "float surrogate_alpha) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+}
+
+SURROGATES = {"atan": 0, "sigmoid": 1}
+DEFAULT_SURROGATE_ALPHA = {"atan": 2.0, "sigmoid": 4.0}

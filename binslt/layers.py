@@ -1,0 +1,483 @@
+"""Public multi-step modules. Inputs are time-major: ``[T, N, ...]``.
+
+``BinSpikeConv2d`` / ``BinSpikeLinear`` replace a SpikingJelly ``layer.Conv2d`` (+
+``layer.BatchNorm2d``) + ``neuron.LIFNode`` (step mode 'm') with a masked sign-weight layer whose
+weights are never trained in search mode (DESIGN.md section 1). Their neuron defaults are
+SpikingJelly's, so they drop in; the search CLI uses the paper's (decay=0.99, decay_input=False).
+
+Note on naming: ``prune_rate`` here is the fraction of weights *removed*. The biprop code calls
+the kept fraction ``prune_rate``; we do not.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from . import reference as ref
+from ._schemas import SURROGATES
+
+MODES = ("search", "finetune", "frozen")
+
+_IntOrPair = Union[int, tuple[int, int]]
+
+
+def _square(v: _IntOrPair, name: str) -> int:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2 or v[0] != v[1]:
+            raise ValueError(f"{name} must be an int or a square pair, got {v!r}")
+        v = v[0]
+    if not isinstance(v, int) or v < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    return v
+
+
+def resolve_tau(tau: float, decay: Optional[float]) -> float:
+    """tau from the paper's decay rate lambda = 1 - 1/tau, when ``decay`` is given."""
+    if decay is not None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay (lambda) must be in [0, 1), got {decay}")
+        return 1.0 / (1.0 - decay)
+    if tau < 1.0:
+        raise ValueError(f"tau must be >= 1 (lambda = 1 - 1/tau in [0, 1)), got {tau}")
+    return float(tau)
+
+
+class NeuronConfig:
+    """The LIF settings shared by the spiking modules (SpikingJelly's LIFNode semantics)."""
+
+    def __init__(self, tau=2.0, decay_input=True, v_threshold=1.0, v_reset: Optional[float] = 0.0,
+                 detach_reset=False, surrogate="atan", surrogate_alpha=2.0, decay=None):
+        if surrogate not in SURROGATES:
+            raise ValueError(f"surrogate must be one of {tuple(SURROGATES)}, got {surrogate!r}")
+        self.tau = resolve_tau(tau, decay)
+        self.decay_input = bool(decay_input)
+        self.v_threshold = float(v_threshold)
+        self.v_reset = None if v_reset is None else float(v_reset)
+        self.detach_reset = bool(detach_reset)
+        self.surrogate = surrogate
+        self.surrogate_alpha = float(surrogate_alpha)
+
+    def kwargs(self) -> dict:
+        return dict(tau=self.tau, decay_input=self.decay_input, v_threshold=self.v_threshold,
+                    v_reset=self.v_reset, detach_reset=self.detach_reset,
+                    surrogate=self.surrogate, surrogate_alpha=self.surrogate_alpha)
+
+    def extra_repr(self) -> str:
+        return (f"tau={self.tau:g}, decay_input={self.decay_input}, v_threshold={self.v_threshold:g}"
+                f", v_reset={self.v_reset}, detach_reset={self.detach_reset}, "
+                f"surrogate={self.surrogate}({self.surrogate_alpha:g})")
+
+
+def _check_input(x: torch.Tensor, rank: int, layout: str, channels: int, cdim: int,
+                 ref_param: torch.Tensor, who: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who} expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise ValueError(f"{who} expects a multi-step input {layout} (rank {rank}), got shape "
+                         f"{tuple(x.shape)}. Single-step tensors need a leading time dim: "
+                         "x.unsqueeze(0)")
+    if x.shape[cdim] != channels:
+        raise ValueError(f"{who} expects {channels} channels at dim {cdim} of {layout}, got shape "
+                         f"{tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{who} expects a floating-point tensor, got {x.dtype}")
+    if x.device != ref_param.device:
+        raise ValueError(f"{who}: input is on {x.device} but the layer's weights are on "
+                         f"{ref_param.device}; move one of them (.to(device))")
+
+
+class _MaskedSignWeight(nn.Module):
+    """Frozen real weight ``w``, trainable scores ``s`` and the effective weight
+    ``W_eff = alpha * sign(w) * M`` (DESIGN.md section 1)."""
+
+    def __init__(self, shape: tuple[int, ...], prune_rate: float, per_channel_gain: bool = False):
+        super().__init__()
+        ref.num_pruned(1, prune_rate)  # validates the range
+        self.prune_rate = float(prune_rate)
+        self.per_channel_gain = bool(per_channel_gain)
+        self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
+        self.scores = nn.Parameter(torch.empty(shape))
+        self.register_buffer("mask", None)
+        self.register_buffer("w_mask_bits", None)
+        self.register_buffer("w_pos_bits", None)
+        self.register_buffer("alpha", None)
+        self._mode = "search"
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == self._mode:
+            return
+        if self._mode == "frozen":
+            raise RuntimeError("a frozen layer holds only packed bits; it cannot go back to "
+                               f"{mode!r} (load the searched checkpoint instead)")
+        with torch.no_grad():
+            if mode == "finetune":
+                self.mask = self.current_mask()
+            elif mode == "search":
+                self.mask = None
+            else:  # frozen: keep only the packed bit planes and the gain
+                w = self.effective_weight().detach()
+                w4 = w.view(w.shape[0], w.shape[1], *w.shape[2:], *([1] * (4 - w.dim())))
+                self.w_mask_bits, self.w_pos_bits = ops.get_op("pack_weight", "torch")(w4.float())
+                self.alpha = ops.weight_gain(w4)
+                self.mask = None
+        self.weight.requires_grad_(mode == "finetune")
+        self.scores.requires_grad_(mode == "search")
+        self._mode = mode
+
+    def current_mask(self) -> torch.Tensor:
+        """The {0,1} mask M in use: top-|s| in search mode, the fixed one otherwise."""
+        if self._mode == "search":
+            return ref.topk_mask(self.scores, self.prune_rate)
+        if self._mode == "finetune":
+            return self.mask
+        w = self.effective_weight()
+        return (w != 0).to(w.dtype)
+
+    def effective_weight(self) -> torch.Tensor:
+        """alpha * sign(w) * M, differentiable as the mode prescribes."""
+        if self._mode == "search":
+            return ref.masked_sign_weight(self.weight, self.scores, self.prune_rate,
+                                          self.per_channel_gain)
+        if self._mode == "finetune":
+            return ref.masked_sign_weight_finetune(self.weight, self.mask, self.per_channel_gain)
+        cin = self.weight.shape[1]
+        w = ref.unpack_weight_reference(self.w_mask_bits, self.w_pos_bits, cin, self.alpha)
+        return w.view(self.weight.shape).to(self.weight.dtype)
+
+    def gain(self) -> torch.Tensor:
+        return ref.gain(self.weight, self.current_mask(), self.per_channel_gain)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Buffers that are None in this mode but present in the file (or vice versa) follow the
+        # file: a checkpoint saved in finetune/frozen mode restores that mode.
+        for name in ("mask", "w_mask_bits", "w_pos_bits", "alpha"):
+            key = prefix + name
+            if key in state_dict and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(state_dict[key]))
+        if prefix + "w_mask_bits" in state_dict:
+            self._mode = "frozen"
+            self.weight.requires_grad_(False)
+            self.scores.requires_grad_(False)
+        elif prefix + "mask" in state_dict:
+            self._mode = "finetune"
+            self.weight.requires_grad_(True)
+            self.scores.requires_grad_(False)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _bn_scale_shift(bn: Optional[nn.modules.batchnorm._BatchNorm], channels: int,
+                    like: torch.Tensor):
+    """(scale, shift, bn_train) for the fused epilogue from an optional BatchNorm module."""
+    if bn is None:
+        one = torch.ones(channels, dtype=torch.float32, device=like.device)
+        return one, torch.zeros_like(one), False
+    train = bn.training or not bn.track_running_stats
+    w = bn.weight if bn.affine else torch.ones(channels, device=like.device)
+    b = bn.bias if bn.affine else torch.zeros(channels, device=like.device)
+    if train:
+        return w, b, True
+    scale = w * torch.rsqrt(bn.running_var + bn.eps)
+    return scale, b - bn.running_mean * scale, False
+
+
+@torch.no_grad()
+def _update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    if bn is None or not (bn.training and bn.track_running_stats):
+        return
+    bn.num_batches_tracked += 1
+    m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    unbiased = var * (count / max(count - 1, 1))
+    bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
+    bn.running_var.mul_(1 - m).add_(unbiased.to(bn.running_var.dtype), alpha=m)
+
+
+class BinSpikeConv2d(_MaskedSignWeight):
+    """Masked sign-weight Conv2d (+BN) + multi-step LIF. Input [T, N, C_in, H, W] spikes (or real
+    images with ``input='real'``); output [T, N, C_out, H', W'] spikes in the input's dtype.
+
+    ``forward(x, residual=None)``: ``residual`` is a real current [T, N, C_out, H', W'] added
+    before the neuron (ResNet blocks).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair,
+                 stride: _IntOrPair = 1, padding: _IntOrPair = 0, *, prune_rate: float = 0.5,
+                 tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
+                 v_reset: Optional[float] = 0.0, detach_reset: bool = False,
+                 surrogate: str = "atan", surrogate_alpha: float = 2.0, bn: bool = False,
+                 input: str = "spike", backend: str = "auto", decay: Optional[float] = None,
+                 bn_affine: bool = False, bn_eps: float = 1e-5, bn_momentum: float = 0.1,
+                 per_channel_gain: bool = False):
+        k = _square(kernel_size, "kernel_size")
+        if k < 1:
+            raise ValueError("kernel_size must be >= 1")
+        if input not in ("spike", "real"):
+            raise ValueError(f"input must be 'spike' or 'real', got {input!r}")
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        super().__init__((out_channels, in_channels, k, k), prune_rate, per_channel_gain)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
+        self.stride = _square(stride, "stride")
+        if self.stride < 1:
+            raise ValueError("stride must be >= 1")
+        self.padding = _square(padding, "padding")
+        self.neuron = NeuronConfig(tau, decay_input, v_threshold, v_reset, detach_reset,
+                                   surrogate, surrogate_alpha, decay)
+        self.input = input
+        self.backend = backend
+        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum,
+                                 affine=bn_affine) if bn else None
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, prune_rate={self.prune_rate}, "
+                f"input={self.input}, mode={self.mode}, backend={self.backend}, "
+                f"{self.neuron.extra_repr()}")
+
+    def reset(self) -> None:
+        """No-op: layers are stateless across calls (for SpikingJelly's functional.reset_net)."""
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        k, s, p = self.kernel_size, self.stride, self.padding
+        return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+
+    def _validate(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
+        who = type(self).__name__
+        _check_input(x, 5, "[T, N, C, H, W]", self.in_channels, 2, self.weight, who)
+        ho, wo = self.out_size(x.shape[3], x.shape[4])
+        if ho < 1 or wo < 1:
+            raise ValueError(f"{who}: input {x.shape[3]}x{x.shape[4]} is smaller than the "
+                             f"kernel {self.kernel_size} with padding {self.padding}")
+        if self.input == "spike":
+            ops.check_spikes(x, f"{who} input")
+        else:
+            ops.check_finite(x, f"{who} input")
+        if residual is not None:
+            want = (x.shape[0], x.shape[1], self.out_channels, ho, wo)
+            if tuple(residual.shape) != want:
+                raise ValueError(f"{who}: residual must have shape {want}, got "
+                                 f"{tuple(residual.shape)}")
+            ops.check_finite(residual, f"{who} residual")
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._validate(x, residual)
+        T, n = x.shape[:2]
+        backend = ops.resolve_backend(self.backend, x.device)
+        scale, shift, bn_train = _bn_scale_shift(self.bn, self.out_channels, x)
+        nk = self.neuron.kwargs()
+        if (self.mode == "frozen" and self.input == "spike" and backend != "torch"
+                and not torch.is_grad_enabled()):
+            return self._forward_packed(x, residual, scale, shift, bn_train, backend)
+        w = self.effective_weight()
+        if self.input == "spike":
+            s, mean, var = ops.conv_lif(x, w, scale, shift, residual, stride=self.stride,
+                                        padding=self.padding, bn_train=bn_train,
+                                        bn_eps=self._eps(), backend=backend, **nk)
+        else:
+            z = F.conv2d(x.flatten(0, 1), w.to(x.dtype), stride=self.stride, padding=self.padding)
+            z = z.view(T, n, *z.shape[1:])
+            s, mean, var = ops.bn_lif(z, scale, shift, residual, bn_train=bn_train,
+                                      bn_eps=self._eps(), backend=backend, **nk)
+        if bn_train:
+            _update_running_stats(self.bn, mean, var, s.numel() // self.out_channels)
+        return s
+
+    def _eps(self) -> float:
+        return self.bn.eps if self.bn is not None else 1e-5
+
+    @torch.no_grad()
+    def _forward_packed(self, x, residual, scale, shift, bn_train, backend):
+        """Inference straight from the packed weight bits (frozen tickets)."""
+        T, n, c, h, w = x.shape
+        nk = self.neuron
+        xp = ops.get_op("pack_spikes", backend)(x.reshape(T * n, c, h, w).float())
+        res = None if residual is None else residual.float().contiguous()
+        s, _, mean, var = ops.get_op("bconv_lif", backend)(
+            xp, self.w_mask_bits, self.w_pos_bits, self.alpha.float(), scale.float(),
+            shift.float(), res, T, self.stride, self.padding, bn_train, self._eps(), nk.tau,
+            nk.decay_input, nk.v_threshold, nk.v_reset)
+        if bn_train:
+            _update_running_stats(self.bn, mean, var, s.numel() // self.out_channels)
+        return s.to(x.dtype)
+
+
+class BinSpikeLinear(_MaskedSignWeight):
+    """Masked sign-weight Linear (+BN) + multi-step LIF. Input [T, N, F] -> spikes [T, N, O]."""
+
+    def __init__(self, in_features: int, out_features: int, *, prune_rate: float = 0.5,
+                 tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
+                 v_reset: Optional[float] = 0.0, detach_reset: bool = False,
+                 surrogate: str = "atan", surrogate_alpha: float = 2.0, bn: bool = False,
+                 input: str = "spike", backend: str = "auto", decay: Optional[float] = None,
+                 bn_affine: bool = False, bn_eps: float = 1e-5, bn_momentum: float = 0.1,
+                 per_channel_gain: bool = False):
+        if input not in ("spike", "real"):
+            raise ValueError(f"input must be 'spike' or 'real', got {input!r}")
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        super().__init__((out_features, in_features), prune_rate, per_channel_gain)
+        self.in_features, self.out_features = in_features, out_features
+        self.neuron = NeuronConfig(tau, decay_input, v_threshold, v_reset, detach_reset,
+                                   surrogate, surrogate_alpha, decay)
+        self.input = input
+        self.backend = backend
+        self.bn = nn.BatchNorm1d(out_features, eps=bn_eps, momentum=bn_momentum,
+                                 affine=bn_affine) if bn else None
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}, {self.out_features}, prune_rate={self.prune_rate}, "
+                f"input={self.input}, mode={self.mode}, backend={self.backend}, "
+                f"{self.neuron.extra_repr()}")
+
+    def reset(self) -> None:
+        """No-op: layers are stateless across calls."""
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        who = type(self).__name__
+        _check_input(x, 3, "[T, N, F]", self.in_features, 2, self.weight, who)
+        if self.input == "spike":
+            ops.check_spikes(x, f"{who} input")
+        else:
+            ops.check_finite(x, f"{who} input")
+        T, n = x.shape[:2]
+        if residual is not None and tuple(residual.shape) != (T, n, self.out_features):
+            raise ValueError(f"{who}: residual must have shape {(T, n, self.out_features)}, "
+                             f"got {tuple(residual.shape)}")
+        backend = ops.resolve_backend(self.backend, x.device)
+        scale, shift, bn_train = _bn_scale_shift(self.bn, self.out_features, x)
+        nk = self.neuron.kwargs()
+        w = self.effective_weight()
+        eps = self.bn.eps if self.bn is not None else 1e-5
+        if self.input == "spike":
+            res = None if residual is None else residual.reshape(T, n, -1, 1, 1)
+            s, mean, var = ops.conv_lif(x.reshape(T, n, -1, 1, 1), w[:, :, None, None], scale,
+                                        shift, res, bn_train=bn_train, bn_eps=eps,
+                                        backend=backend, **nk)
+            s = s.view(T, n, -1)
+        else:
+            z = F.linear(x, w.to(x.dtype))
+            s, mean, var = ops.bn_lif(z, scale, shift, residual, bn_train=bn_train, bn_eps=eps,
+                                      backend=backend, **nk)
+        if bn_train:
+            _update_running_stats(self.bn, mean, var, T * n)
+        return s
+
+
+class BinConv2d(_MaskedSignWeight):
+    """Masked sign-weight Conv2d (+BN) without a neuron: a real current out.
+
+    Accepts [N, C, H, W] or multi-step [T, N, C, H, W] (BN statistics over T*N*H*W). Used for
+    ResNet 1x1 shortcuts and the BNN-BinAct baseline.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair,
+                 stride: _IntOrPair = 1, padding: _IntOrPair = 0, *, prune_rate: float = 0.5,
+                 bn: bool = False, bn_affine: bool = False, per_channel_gain: bool = False):
+        k = _square(kernel_size, "kernel_size")
+        super().__init__((out_channels, in_channels, k, k), prune_rate, per_channel_gain)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
+        self.stride, self.padding = _square(stride, "stride"), _square(padding, "padding")
+        self.bn = nn.BatchNorm2d(out_channels, affine=bn_affine) if bn else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (4, 5):
+            raise ValueError(f"BinConv2d expects [N, C, H, W] or [T, N, C, H, W], got shape "
+                             f"{tuple(x.shape)}")
+        lead = x.shape[:-3]
+        y = F.conv2d(x.flatten(0, -4), self.effective_weight().to(x.dtype), stride=self.stride,
+                     padding=self.padding)
+        if self.bn is not None:
+            y = self.bn(y)
+        return y.view(*lead, *y.shape[1:])
+
+
+class BinLinear(_MaskedSignWeight):
+    """Masked sign-weight Linear without a neuron (the logits layer): [..., F] -> [..., O]."""
+
+    def __init__(self, in_features: int, out_features: int, *, prune_rate: float = 0.5,
+                 per_channel_gain: bool = False):
+        super().__init__((out_features, in_features), prune_rate, per_channel_gain)
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight().to(x.dtype))
+
+
+class LIF(nn.Module):
+    """Stateless multi-step LIF neuron (SpikingJelly ``LIFNode``, step mode 'm'): [T, ...]."""
+
+    def __init__(self, tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
+                 v_reset: Optional[float] = 0.0, detach_reset: bool = False,
+                 surrogate: str = "atan", surrogate_alpha: float = 2.0, *,
+                 decay: Optional[float] = None, backend: str = "auto"):
+        super().__init__()
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        self.neuron = NeuronConfig(tau, decay_input, v_threshold, v_reset, detach_reset,
+                                   surrogate, surrogate_alpha, decay)
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return self.neuron.extra_repr()
+
+    def reset(self) -> None:
+        """No-op: the neuron is stateless across calls."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"LIF expects a multi-step input [T, ...] of rank >= 2, got shape "
+                             f"{tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"LIF expects a floating-point tensor, got {x.dtype}")
+        ops.check_finite(x, "LIF input")
+        T = x.shape[0]
+        z = x.reshape(T, 1, 1, -1)
+        one = torch.ones(1, dtype=torch.float32, device=x.device)
+        s, _, _ = ops.bn_lif(z, one, torch.zeros_like(one), None, backend=self.backend,
+                             **self.neuron.kwargs())
+        return s.view(x.shape)
+
+
+class SpikeMaxPool2d(nn.Module):
+    """Multi-step 2-D max pooling: [T, N, C, H, W] -> [T, N, C, H', W'] (OR over spikes)."""
+
+    def __init__(self, kernel_size: _IntOrPair = 2, stride: Optional[_IntOrPair] = None,
+                 padding: _IntOrPair = 0):
+        super().__init__()
+        self.kernel_size = _square(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else _square(stride, "stride")
+        self.padding = _square(padding, "padding")
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"SpikeMaxPool2d expects [T, N, C, H, W], got shape "
+                             f"{tuple(x.shape)}")
+        y = F.max_pool2d(x.flatten(0, 1), self.kernel_size, self.stride, self.padding)
+        return y.view(*x.shape[:2], *y.shape[1:])
+
+
+class SignActivation(nn.Module):
+    """BNN-BinAct activation: sign forward (+-1), Bi-Real ApproxSign backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ref.sign_activation(x)

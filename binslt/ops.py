@@ -1,0 +1,356 @@
+"""``binslt::`` ops: schemas, fake kernels, backend selection and autograd.
+
+Layering (STYLE.md): raw kernels (``csrc/``, ``kernels/``) -> this module (typed wrappers, fake
+kernels, autograd) -> modules (``binslt.layers``), which call only this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Optional
+
+import torch
+
+from . import _ext
+from . import reference as ref
+from ._schemas import SCHEMAS, SURROGATES
+
+BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
+
+_lib = torch.library.Library("binslt", "DEF")
+for _schema in SCHEMAS.values():
+    _lib.define(_schema)
+
+# Importing the extensions binds their kernels (TORCH_LIBRARY_IMPL) to the schemas above.
+_ext.load()
+
+
+def _has_kernel(name: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"binslt::{name}", key)
+
+
+# Where a compiled kernel is missing, the reference serves that dispatch key, so torch.ops.binslt
+# works on every device (slowly). backends() reports what is compiled.
+_fallback_lib = torch.library.Library("binslt", "IMPL")
+for _name, _fn in ref.REFERENCE_OPS.items():
+    for _key in ("CPU", "CUDA"):
+        if not _has_kernel(_name, _key):
+            _fallback_lib.impl(_name, _fn, _key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) kernels, for torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+def _cw(c: int) -> int:
+    return (c + 31) // 32
+
+
+def _out_hw(h: int, w: int, kh: int, kw: int, stride: int, padding: int) -> tuple[int, int]:
+    return (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+
+
+def counts_dtype(w_mask: torch.Tensor) -> torch.dtype:
+    """int16 when the largest possible |count| (32*Cw*kh*kw) fits, else int32."""
+    k = 32 * w_mask.shape[1] * w_mask.shape[2] * w_mask.shape[3]
+    return torch.int16 if k <= 32767 else torch.int32
+
+
+@torch.library.register_fake("binslt::pack_spikes")
+def _(x):
+    b, c, h, w = x.shape
+    return x.new_empty((b, h, w, _cw(c)), dtype=torch.int32)
+
+
+@torch.library.register_fake("binslt::unpack_spikes")
+def _(packed, channels):
+    b, h, w, _ = packed.shape
+    return packed.new_empty((b, channels, h, w), dtype=torch.float32)
+
+
+@torch.library.register_fake("binslt::pack_weight")
+def _(weight):
+    co, ci, kh, kw = weight.shape
+    shape = (co, kh, kw, _cw(ci))
+    return weight.new_empty(shape, dtype=torch.int32), weight.new_empty(shape, dtype=torch.int32)
+
+
+@torch.library.register_fake("binslt::bconv_lif")
+def _(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride, padding, bn_train,
+      bn_eps, tau, decay_input, v_threshold, v_reset):
+    b, h, w, _ = x_packed.shape
+    co, kh, kw, _ = w_mask.shape
+    ho, wo = _out_hw(h, w, kh, kw, stride, padding)
+    shape = (T, b // T, co, ho, wo)
+    return (
+        x_packed.new_empty(shape, dtype=torch.float32),
+        x_packed.new_empty(shape, dtype=counts_dtype(w_mask)),
+        x_packed.new_empty((co,), dtype=torch.float32),
+        x_packed.new_empty((co,), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("binslt::bconv_lif_bwd")
+def _(grad_spikes, counts, x_packed, w_mask, w_pos, alpha, scale, shift, mean, var, residual,
+      in_channels, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset,
+      detach_reset, surrogate, surrogate_alpha, need_grad_x):
+    T, n, co = counts.shape[:3]
+    _, h, w, _ = x_packed.shape
+    kh, kw = w_mask.shape[1], w_mask.shape[2]
+    gx_shape = (T, n, in_channels, h, w) if need_grad_x else (0,)
+    f32 = torch.float32
+    return (
+        counts.new_empty(gx_shape, dtype=f32),
+        counts.new_empty((co, in_channels, kh, kw), dtype=f32),
+        counts.new_empty(counts.shape, dtype=f32),
+        counts.new_empty((co,), dtype=f32),
+        counts.new_empty((co,), dtype=f32),
+    )
+
+
+@torch.library.register_fake("binslt::bn_lif")
+def _(z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset):
+    c = z.shape[2]
+    return torch.empty_like(z), z.new_empty((c,), dtype=torch.float32), z.new_empty(
+        (c,), dtype=torch.float32)
+
+
+@torch.library.register_fake("binslt::bn_lif_bwd")
+def _(grad_spikes, z, scale, shift, mean, var, residual, bn_train, bn_eps, tau, decay_input,
+      v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha):
+    c = z.shape[2]
+    return (torch.empty_like(z), torch.empty_like(z), z.new_empty((c,), dtype=torch.float32),
+            z.new_empty((c,), dtype=torch.float32))
+
+
+# Triton launchers register binslt::<op>_triton when triton imports.
+_TRITON_ERROR = ""
+try:
+    from . import _triton_ops  # noqa: F401
+except Exception as exc:  # pragma: no cover - depends on the machine
+    _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+    if "triton" in _ext._STATE and _ext._STATE["triton"]["built"]:
+        _ext._STATE["triton"].update(usable=False, reason=f"Triton ops failed to load: {exc}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend selection
+# ---------------------------------------------------------------------------------------------
+
+_override = threading.local()
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Within the block, layers whose ``backend`` is 'auto' use ``backend`` instead."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    prev = getattr(_override, "backend", None)
+    _override.backend = backend
+    try:
+        yield
+    finally:
+        _override.backend = prev
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map 'auto' (or a use_backend override) to a concrete backend usable for ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = getattr(_override, "backend", None) or "auto"
+    st = _ext.backends()
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpu" if st["cpu"]["usable"] else "torch"
+        if device.type == "cuda":
+            if st["cuda"]["usable"]:
+                return "cuda"
+            return "triton" if st["triton"]["usable"] else "torch"
+        return "torch"
+    if backend == "torch":
+        return backend
+    if not st[backend]["built"]:
+        raise RuntimeError(f"backend {backend!r} is not available: {st[backend]['reason']}")
+    if backend == "cpu" and device.type != "cpu":
+        raise RuntimeError(f"backend 'cpu' needs CPU tensors, got a tensor on {device}; use "
+                           "backend='auto', 'cuda' or 'triton' for GPU tensors")
+    if backend == "cuda" and device.type != "cuda":
+        raise RuntimeError(f"backend 'cuda' needs CUDA tensors, got a tensor on {device}")
+    if backend == "triton":
+        interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if device.type != "cuda" and not interp:
+            raise RuntimeError("backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
+                               "(set before triton is imported) to run on the CPU")
+        if _TRITON_ERROR:
+            raise RuntimeError(f"backend 'triton' failed to load: {_TRITON_ERROR}")
+    return backend
+
+
+def get_op(name: str, backend: str):
+    """The callable implementing schema ``name`` on a concrete backend."""
+    if backend == "torch":
+        return ref.REFERENCE_OPS[name]
+    if backend == "triton":
+        return getattr(torch.ops.binslt, f"{name}_triton")
+    return getattr(torch.ops.binslt, name)  # 'cpu' / 'cuda': the dispatcher picks by device
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation helpers (clear errors instead of crashes deep in C++)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_spikes(x: torch.Tensor, name: str = "input") -> None:
+    """Raise ValueError unless every element of ``x`` is exactly 0 or 1 (skipped when tracing)."""
+    if torch.compiler.is_compiling() or x.numel() == 0:
+        return
+    if not bool(((x == 0) | (x == 1)).all()):
+        bad = x[(x != 0) & (x != 1)].flatten()[:3].tolist()
+        raise ValueError(
+            f"{name} must be binary spikes (every element 0. or 1.), found values such as {bad}. "
+            "For real-valued input (e.g. images in the first layer) construct the layer with "
+            "input='real'.")
+
+
+def check_finite(x: torch.Tensor, name: str = "input") -> None:
+    if torch.compiler.is_compiling() or x.numel() == 0:
+        return
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf; binslt layers need finite input")
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+
+def weight_gain(w_eff: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel gain of a ternary-times-gain weight: max |W_eff| over each channel."""
+    return w_eff.detach().abs().flatten(1).amax(1).to(torch.float32)
+
+
+class ConvLIF(torch.autograd.Function):
+    """Fused binary conv (+BN) (+residual) + LIF on spike input, through a kernel backend.
+
+    Saves packed input bits (1 bit per spike), int16 counts and per-channel statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_eff, scale, shift, residual, stride, padding, bn_train, bn_eps, tau,
+                decay_input, v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha,
+                backend):
+        T, n, ci, h, w = x.shape
+        x_packed = get_op("pack_spikes", backend)(x.reshape(T * n, ci, h, w).float())
+        w_mask, w_pos = get_op("pack_weight", backend)(w_eff.detach().float())
+        alpha = weight_gain(w_eff)
+        res = None if residual is None else residual.float().contiguous()
+        spikes, counts, mean, var = get_op("bconv_lif", backend)(
+            x_packed, w_mask, w_pos, alpha, scale.detach().float(), shift.detach().float(), res,
+            T, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset)
+        ctx.save_for_backward(x_packed, w_mask, w_pos, alpha, scale, shift, counts, mean, var,
+                              res)
+        ctx.cfg = (ci, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset,
+                   detach_reset, surrogate, surrogate_alpha)
+        ctx.backend = backend
+        ctx.has_res = residual is not None
+        ctx.mark_non_differentiable(mean, var)
+        return spikes.to(x.dtype), mean, var
+
+    @staticmethod
+    def backward(ctx, g_spikes, _g_mean, _g_var):
+        x_packed, w_mask, w_pos, alpha, scale, shift, counts, mean, var, res = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        g_x, g_w, g_cur, g_sc, g_sh = get_op("bconv_lif_bwd", ctx.backend)(
+            g_spikes.float().contiguous(), counts, x_packed, w_mask, w_pos, alpha,
+            scale.detach().float(), shift.detach().float(), mean, var, res, *ctx.cfg, need_x)
+        return (g_x if need_x else None, g_w, g_sc.to(scale.dtype), g_sh.to(shift.dtype),
+                g_cur if ctx.has_res else None) + (None,) * 12
+
+
+class BNLIF(torch.autograd.Function):
+    """Epilogue (+BN) (+residual) + LIF over a real current z: [T, N, C, *]."""
+
+    @staticmethod
+    def forward(ctx, z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold,
+                v_reset, detach_reset, surrogate, surrogate_alpha, backend):
+        zf = z.float().contiguous()
+        res = None if residual is None else residual.float().contiguous()
+        spikes, mean, var = get_op("bn_lif", backend)(
+            zf, scale.detach().float(), shift.detach().float(), res, bn_train, bn_eps, tau,
+            decay_input, v_threshold, v_reset)
+        ctx.save_for_backward(zf, scale, shift, mean, var, res)
+        ctx.cfg = (bn_train, bn_eps, tau, decay_input, v_threshold, v_reset, detach_reset,
+                   surrogate, surrogate_alpha)
+        ctx.backend = backend
+        ctx.has_res = residual is not None
+        ctx.z_dtype = z.dtype
+        ctx.mark_non_differentiable(mean, var)
+        return spikes.to(z.dtype), mean, var
+
+    @staticmethod
+    def backward(ctx, g_spikes, _g_mean, _g_var):
+        zf, scale, shift, mean, var, res = ctx.saved_tensors
+        g_z, g_cur, g_sc, g_sh = get_op("bn_lif_bwd", ctx.backend)(
+            g_spikes.float().contiguous(), zf, scale.detach().float(), shift.detach().float(),
+            mean, var, res, *ctx.cfg)
+        return (g_z.to(ctx.z_dtype), g_sc.to(scale.dtype), g_sh.to(shift.dtype),
+                g_cur if ctx.has_res else None) + (None,) * 10
+
+
+def conv_lif(x, w_eff, scale, shift, residual=None, *, stride=1, padding=0, bn_train=False,
+             bn_eps=1e-5, tau=2.0, decay_input=True, v_threshold=1.0, v_reset: Optional[float] = 0.0,
+             detach_reset=False, surrogate="atan", surrogate_alpha=2.0, backend="auto"):
+    """Spikes of the fused layer on spike input x: [T, N, Ci, H, W]. Returns (spikes, mean, var).
+
+    ``backend='torch'`` runs the autograd reference (any dtype); others run kernels (float32).
+    """
+    sid = SURROGATES[surrogate] if isinstance(surrogate, str) else int(surrogate)
+    be = resolve_backend(backend, x.device)
+    if be == "torch":
+        T = x.shape[0]
+        z = torch.nn.functional.conv2d(x.flatten(0, 1), w_eff, stride=stride, padding=padding)
+        z = z.view(T, -1, *z.shape[1:])
+        return bn_lif(z, scale, shift, residual, bn_train=bn_train, bn_eps=bn_eps, tau=tau,
+                      decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
+                      detach_reset=detach_reset, surrogate=sid, surrogate_alpha=surrogate_alpha,
+                      backend="torch")
+    return ConvLIF.apply(x, w_eff, scale, shift, residual, stride, padding, bn_train, bn_eps,
+                         float(tau), decay_input, float(v_threshold),
+                         None if v_reset is None else float(v_reset), detach_reset, sid,
+                         float(surrogate_alpha), be)
+
+
+def bn_lif(z, scale, shift, residual=None, *, bn_train=False, bn_eps=1e-5, tau=2.0,
+           decay_input=True, v_threshold=1.0, v_reset: Optional[float] = 0.0, detach_reset=False,
+           surrogate="atan", surrogate_alpha=2.0, backend="auto"):
+    """Spikes of (BN) (+residual) + LIF over a real current z: [T, N, C, *]. -> (spikes, mean,
+    var)."""
+    sid = SURROGATES[surrogate] if isinstance(surrogate, str) else int(surrogate)
+    be = resolve_backend(backend, z.device)
+    if be == "torch":
+        x, mean, var = ref.epilogue(z, scale.to(z.dtype), shift.to(z.dtype), residual, bn_train,
+                                    bn_eps)
+        s = ref.lif_multistep(x, tau=tau, decay_input=decay_input, v_threshold=v_threshold,
+                              v_reset=v_reset, detach_reset=detach_reset, surrogate=sid,
+                              surrogate_alpha=surrogate_alpha)
+        return s, mean, var
+    return BNLIF.apply(z, scale, shift, residual, bn_train, bn_eps, float(tau), decay_input,
+                       float(v_threshold), None if v_reset is None else float(v_reset),
+                       detach_reset, sid, float(surrogate_alpha), be)
+
+
+def pack_spikes(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """[B, C, H, W] spikes -> [B, H, W, ceil(C/32)] int32 words."""
+    return get_op("pack_spikes", resolve_backend(backend, x.device))(x)
+
+
+def unpack_spikes(packed: torch.Tensor, channels: int, backend: str = "auto") -> torch.Tensor:
+    return get_op("unpack_spikes", resolve_backend(backend, packed.device))(packed, channels)
+
+
+def pack_weight(weight: torch.Tensor, backend: str = "auto"):
+    return get_op("pack_weight", resolve_backend(backend, weight.device))(weight)

@@ -1,0 +1,431 @@
+"""Pure-PyTorch reference: the oracle every kernel is checked against.
+
+Two layers live here:
+
+1. Differentiable building blocks (any float dtype, float64 included) that define the semantics
+   of DESIGN.md section 1: the top-|s| mask and gain, the masked sign weight with biprop's
+   straight-through score gradient, the surrogate spike function, SpikingJelly's multi-step LIF,
+   and ApproxSign.
+2. ``*_reference`` functions with exactly the ``binslt::`` op schemas (``binslt/_schemas.py``), so
+   that the reference is interchangeable with the C++/CUDA/Triton kernels. Their backward ops are
+   derived by autograd through the building blocks, so they share one definition of the maths.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Surrogate spike function and the multi-step LIF neuron
+# ----------------------------------------------------------------------------------------------
+
+
+def surrogate_grad(x: torch.Tensor, surrogate: int, alpha: float) -> torch.Tensor:
+    """g'(x), SpikingJelly's surrogate derivative evaluated at ``x = H - v_threshold``.
+
+    surrogate 0 (ATan):    alpha / (2 * (1 + (pi/2 * alpha * x)^2))
+    surrogate 1 (Sigmoid): alpha * sig(alpha x) * (1 - sig(alpha x))
+    """
+    if surrogate == 0:
+        z = x * (math.pi / 2 * alpha)
+        return (alpha / 2) / (1 + z * z)
+    if surrogate == 1:
+        s = torch.sigmoid(alpha * x)
+        return (1 - s) * s * alpha
+    raise ValueError(f"surrogate must be 0 (atan) or 1 (sigmoid), got {surrogate}")
+
+
+class _SpikeFn(torch.autograd.Function):
+    """Heaviside(x >= 0) forward, surrogate derivative backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, surrogate: int, alpha: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.surrogate, ctx.alpha = surrogate, alpha
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return grad * surrogate_grad(x, ctx.surrogate, ctx.alpha), None, None
+
+
+def spike_fn(x: torch.Tensor, surrogate: int = 0, alpha: float = 2.0) -> torch.Tensor:
+    return _SpikeFn.apply(x, surrogate, alpha)
+
+
+def lif_multistep(
+    x_seq: torch.Tensor,
+    *,
+    tau: float = 2.0,
+    decay_input: bool = True,
+    v_threshold: float = 1.0,
+    v_reset: Optional[float] = 0.0,
+    detach_reset: bool = False,
+    surrogate: int = 0,
+    surrogate_alpha: float = 2.0,
+    return_h: bool = False,
+):
+    """SpikingJelly's multi-step LIF (``LIFNode``, step mode 'm'), starting from V[-1] = v_reset.
+
+    x_seq: [T, ...]. Returns spikes [T, ...] (and H [T, ...] when ``return_h``). The float
+    operations are written in SpikingJelly's order so that float32 results agree bit for bit.
+    """
+    vr = 0.0 if v_reset is None else v_reset
+    v = torch.full_like(x_seq[0], vr)
+    spikes, hs = [], []
+    for x in x_seq:
+        h = v + (x - (v - vr)) / tau if decay_input else v - (v - vr) / tau + x
+        s = spike_fn(h - v_threshold, surrogate, surrogate_alpha)
+        sr = s.detach() if detach_reset else s
+        v = h - sr * v_threshold if v_reset is None else sr * v_reset + (1 - sr) * h
+        spikes.append(s)
+        hs.append(h)
+    out = torch.stack(spikes)
+    return (out, torch.stack(hs)) if return_h else out
+
+
+class _ApproxSign(torch.autograd.Function):
+    """sign(x) (with sign(0) = +1, so outputs are +-1) and Bi-Real's ApproxSign backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * 2 * (1 - x.clamp(-1, 1).abs())
+
+
+def sign_activation(x: torch.Tensor) -> torch.Tensor:
+    """Binary activation of the BNN-BinAct baseline: sign forward, ApproxSign backward."""
+    return _ApproxSign.apply(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask, gain and the masked sign weight
+# ----------------------------------------------------------------------------------------------
+
+
+def num_pruned(numel: int, prune_rate: float) -> int:
+    """floor(prune_rate * numel) in float64: how many weights biprop's rule removes."""
+    if not 0.0 <= prune_rate < 1.0:
+        raise ValueError(f"prune_rate is the fraction removed and must be in [0, 1), got {prune_rate}")
+    return int(math.floor(float(prune_rate) * numel))
+
+
+def topk_mask(scores: torch.Tensor, prune_rate: float) -> torch.Tensor:
+    """Keep the ``numel - floor(prune_rate * numel)`` entries with the largest |s|.
+
+    Ties break deterministically: among equal |s| the lower flat index is kept (stable sort).
+    Returns a {0, 1} tensor of the scores' dtype and shape.
+    """
+    flat = scores.detach().abs().flatten()
+    keep = flat.numel() - num_pruned(flat.numel(), prune_rate)
+    order = torch.sort(flat, descending=True, stable=True).indices
+    mask = torch.zeros_like(flat)
+    mask[order[:keep]] = 1
+    return mask.view_as(scores)
+
+
+def gain(weight: torch.Tensor, mask: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """alpha = sum(|w| * M) / sum(M): a 0-d tensor, or [C_out] with ``per_channel``."""
+    w, m = weight.detach().abs(), mask.detach()
+    if per_channel:
+        num = (w * m).flatten(1).sum(1)
+        den = m.flatten(1).sum(1)
+        return torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
+    den = m.sum()
+    return (w * m).sum() / den if den > 0 else torch.zeros((), dtype=w.dtype, device=w.device)
+
+
+def _expand_gain(alpha: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return alpha.view(-1, *([1] * (like.dim() - 1))) if alpha.dim() == 1 else alpha
+
+
+class _MaskedSignSearch(torch.autograd.Function):
+    """W_eff = alpha * sign(w) * M(s); dL/ds = dL/dW_eff * w * sign(s); no grad to w or alpha."""
+
+    @staticmethod
+    def forward(ctx, weight, scores, prune_rate, per_channel):
+        mask = topk_mask(scores, prune_rate)
+        alpha = gain(weight, mask, per_channel)
+        ctx.save_for_backward(weight, scores)
+        return _expand_gain(alpha, weight) * torch.sign(weight) * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scores = ctx.saved_tensors
+        return None, grad * weight * torch.sign(scores), None, None
+
+
+class _MaskedSignFinetune(torch.autograd.Function):
+    """W_eff = alpha * sign(w) * M with M fixed; straight-through to w: dL/dw = dL/dW_eff * M."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, per_channel):
+        alpha = gain(weight, mask, per_channel)
+        ctx.save_for_backward(mask)
+        return _expand_gain(alpha, weight) * torch.sign(weight) * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None
+
+
+def masked_sign_weight(
+    weight: torch.Tensor, scores: torch.Tensor, prune_rate: float, per_channel: bool = False
+) -> torch.Tensor:
+    """Search mode: the effective weight alpha * sign(w) * M with biprop's score gradient."""
+    return _MaskedSignSearch.apply(weight, scores, prune_rate, per_channel)
+
+
+def masked_sign_weight_finetune(
+    weight: torch.Tensor, mask: torch.Tensor, per_channel: bool = False
+) -> torch.Tensor:
+    """Fine-tune mode: fixed mask, latent weights trained through sign (straight-through)."""
+    return _MaskedSignFinetune.apply(weight, mask, per_channel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bit packing
+# ----------------------------------------------------------------------------------------------
+
+_SHIFTS = None
+
+
+def _bit_weights(device) -> torch.Tensor:
+    return torch.bitwise_left_shift(torch.ones(32, dtype=torch.int64, device=device),
+                                    torch.arange(32, dtype=torch.int64, device=device))
+
+
+def _to_int32_words(v: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) -> int32 with the same bit pattern."""
+    return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32)
+
+
+def _pack_bits_last(bits: torch.Tensor) -> torch.Tensor:
+    """bits: [..., C] in {0, 1} -> [..., ceil(C/32)] int32 words, channel c at bit c % 32."""
+    c = bits.shape[-1]
+    cw = (c + 31) // 32
+    b = bits.to(torch.int64)
+    if cw * 32 != c:
+        b = F.pad(b, (0, cw * 32 - c))
+    b = b.view(*b.shape[:-1], cw, 32)
+    return _to_int32_words((b * _bit_weights(b.device)).sum(-1))
+
+
+def _unpack_bits_last(words: torch.Tensor, c: int) -> torch.Tensor:
+    """[..., Cw] int32 -> [..., C] float32 bits."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    bits = torch.bitwise_right_shift(w.unsqueeze(-1), torch.arange(32, device=w.device)) & 1
+    return bits.flatten(-2)[..., :c].to(torch.float32)
+
+
+def pack_spikes_reference(x: torch.Tensor) -> torch.Tensor:
+    """x: [B, C, H, W] spikes in {0, 1} -> [B, H, W, ceil(C/32)] int32."""
+    return _pack_bits_last(x.permute(0, 2, 3, 1) != 0)
+
+
+def unpack_spikes_reference(packed: torch.Tensor, channels: int) -> torch.Tensor:
+    """packed: [B, H, W, Cw] int32 -> [B, channels, H, W] float32."""
+    return _unpack_bits_last(packed, channels).permute(0, 3, 1, 2).contiguous()
+
+
+def pack_weight_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight: [Co, Ci, kh, kw] ternary (times a gain) -> (mask, pos) bits [Co, kh, kw, Cw]."""
+    w = weight.permute(0, 2, 3, 1)
+    return _pack_bits_last(w != 0), _pack_bits_last(w > 0)
+
+
+def unpack_weight_reference(
+    w_mask: torch.Tensor, w_pos: torch.Tensor, in_channels: int, alpha: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Inverse of ``pack_weight``: [Co, Ci, kh, kw] float32 in {-1, 0, 1} (times alpha[Co])."""
+    m = _unpack_bits_last(w_mask, in_channels)
+    p = _unpack_bits_last(w_pos, in_channels)
+    w = (2 * p - 1) * m
+    if alpha is not None:
+        w = w * alpha.view(-1, 1, 1, 1).to(w.dtype)
+    return w.permute(0, 3, 1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# The epilogue: (BN) (+ residual) + multi-step LIF
+# ----------------------------------------------------------------------------------------------
+
+
+def _channel_view(v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return v.view(1, 1, -1, *([1] * (z.dim() - 3))).to(z.dtype)
+
+
+def epilogue(
+    z: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    bn_train: bool,
+    bn_eps: float,
+):
+    """Y = BN(z) or z*scale+shift, plus residual. z: [T, N, C, *]. Returns (X, mean, var).
+
+    Differentiable with respect to z, scale, shift and residual.
+    """
+    c = z.shape[2]
+    if bn_train:
+        dims = [0, 1] + list(range(3, z.dim()))
+        mean = z.mean(dim=dims)
+        var = z.var(dim=dims, unbiased=False)
+        invstd = torch.rsqrt(var + bn_eps)
+        y = (z - _channel_view(mean, z)) * _channel_view(invstd, z)
+        y = y * _channel_view(scale, z) + _channel_view(shift, z)
+    else:
+        mean = torch.zeros(c, dtype=torch.float32, device=z.device)
+        var = torch.zeros(c, dtype=torch.float32, device=z.device)
+        y = z * _channel_view(scale, z) + _channel_view(shift, z)
+    if residual is not None:
+        y = y + residual.to(y.dtype)
+    return y, mean.detach().float(), var.detach().float()
+
+
+def _neuron_kwargs(tau, decay_input, v_threshold, v_reset, detach_reset=False, surrogate=0,
+                   surrogate_alpha=2.0):
+    return dict(tau=tau, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
+                detach_reset=detach_reset, surrogate=surrogate, surrogate_alpha=surrogate_alpha)
+
+
+def bn_lif_reference(z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold,
+                     v_reset):
+    """Schema ``binslt::bn_lif``. z: [T, N, C, *] -> (spikes like z, mean [C], var [C])."""
+    x, mean, var = epilogue(z, scale, shift, residual, bn_train, bn_eps)
+    s = lif_multistep(x, **_neuron_kwargs(tau, decay_input, v_threshold, v_reset))
+    return s, mean, var
+
+
+def bn_lif_bwd_reference(grad_spikes, z, scale, shift, mean, var, residual, bn_train, bn_eps, tau,
+                         decay_input, v_threshold, v_reset, detach_reset, surrogate,
+                         surrogate_alpha):
+    """Schema ``binslt::bn_lif_bwd``: (grad_z, grad_current, grad_scale, grad_shift)."""
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        sc = scale.detach().requires_grad_(True)
+        sh = shift.detach().requires_grad_(True)
+        x, _, _ = epilogue(zz, sc, sh, residual, bn_train, bn_eps)
+        xx = x.detach().requires_grad_(True)
+        s = lif_multistep(xx, **_neuron_kwargs(tau, decay_input, v_threshold, v_reset, detach_reset,
+                                               surrogate, surrogate_alpha))
+        (g_cur,) = torch.autograd.grad(s, xx, grad_spikes)
+        g_z, g_sc, g_sh = torch.autograd.grad(x, (zz, sc, sh), g_cur)
+    return g_z, g_cur, g_sc, g_sh
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused binary conv + LIF, schema level
+# ----------------------------------------------------------------------------------------------
+
+
+def _counts_dtype(k: int) -> torch.dtype:
+    return torch.int16 if k <= 32767 else torch.int32
+
+
+def bconv_count_reference(x_packed, w_mask, w_pos, stride, padding, in_channels=None):
+    """Integer counts sum(x * sign * M) as float32, [B, Co, Ho, Wo] (exact for K < 2^24)."""
+    cin = x_packed.shape[-1] * 32 if in_channels is None else in_channels
+    x = unpack_spikes_reference(x_packed, cin)
+    w = unpack_weight_reference(w_mask, w_pos, cin)
+    return F.conv2d(x, w, stride=stride, padding=padding)
+
+
+def bconv_lif_reference(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride, padding,
+                        bn_train, bn_eps, tau, decay_input, v_threshold, v_reset):
+    """Schema ``binslt::bconv_lif`` -> (spikes, counts, mean, var)."""
+    counts = bconv_count_reference(x_packed, w_mask, w_pos, stride, padding)
+    b, co, ho, wo = counts.shape
+    counts = counts.view(T, b // T, co, ho, wo)
+    z = counts * alpha.view(1, 1, -1, 1, 1)
+    s, mean, var = bn_lif_reference(z, scale, shift, residual, bn_train, bn_eps, tau, decay_input,
+                                    v_threshold, v_reset)
+    k = w_mask.shape[1] * w_mask.shape[2] * w_mask.shape[3] * 32
+    return s, counts.round().to(_counts_dtype(k)), mean, var
+
+
+def bconv_lif_bwd_reference(grad_spikes, counts, x_packed, w_mask, w_pos, alpha, scale, shift,
+                            mean, var, residual, in_channels, stride, padding, bn_train, bn_eps,
+                            tau, decay_input, v_threshold, v_reset, detach_reset, surrogate,
+                            surrogate_alpha, need_grad_x):
+    """Schema ``binslt::bconv_lif_bwd`` -> (grad_x, grad_weight, grad_current, grad_scale,
+    grad_shift)."""
+    z = counts.to(torch.float32) * alpha.view(1, 1, -1, 1, 1)
+    g_z, g_cur, g_sc, g_sh = bn_lif_bwd_reference(
+        grad_spikes, z, scale, shift, mean, var, residual, bn_train, bn_eps, tau, decay_input,
+        v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha)
+    T = counts.shape[0]
+    gz = g_z.flatten(0, 1)  # [B, Co, Ho, Wo]
+    x = unpack_spikes_reference(x_packed, in_channels)
+    w_eff = unpack_weight_reference(w_mask, w_pos, in_channels, alpha)
+    kh, kw = w_mask.shape[1], w_mask.shape[2]
+    g_w = torch.nn.grad.conv2d_weight(x, (w_eff.shape[0], in_channels, kh, kw), gz,
+                                      stride=stride, padding=padding)
+    if need_grad_x:
+        g_x = torch.nn.grad.conv2d_input(x.shape, w_eff, gz, stride=stride, padding=padding)
+        g_x = g_x.view(T, -1, *g_x.shape[1:])
+    else:
+        g_x = torch.empty(0, dtype=torch.float32, device=counts.device)
+    return g_x, g_w, g_cur, g_sc, g_sh
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole layer, differentiable end to end (the autograd oracle)
+# ----------------------------------------------------------------------------------------------
+
+
+def conv_lif_reference(
+    x: torch.Tensor,
+    w_eff: torch.Tensor,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    bn_train: bool = False,
+    bn_eps: float = 1e-5,
+    residual: Optional[torch.Tensor] = None,
+    tau: float = 2.0,
+    decay_input: bool = True,
+    v_threshold: float = 1.0,
+    v_reset: Optional[float] = 0.0,
+    detach_reset: bool = False,
+    surrogate: int = 0,
+    surrogate_alpha: float = 2.0,
+    return_h: bool = False,
+):
+    """conv2d(x, W_eff) -> epilogue -> LIF, by plain autograd. x: [T, N, Ci, H, W]."""
+    T = x.shape[0]
+    z = F.conv2d(x.flatten(0, 1), w_eff, stride=stride, padding=padding)
+    z = z.view(T, -1, *z.shape[1:])
+    co = z.shape[2]
+    if scale is None:
+        scale = torch.ones(co, dtype=z.dtype, device=z.device)
+    if shift is None:
+        shift = torch.zeros(co, dtype=z.dtype, device=z.device)
+    xin, _, _ = epilogue(z, scale, shift, residual, bn_train, bn_eps)
+    return lif_multistep(xin, **_neuron_kwargs(tau, decay_input, v_threshold, v_reset, detach_reset,
+                                               surrogate, surrogate_alpha), return_h=return_h)
+
+
+REFERENCE_OPS = {
+    "pack_spikes": pack_spikes_reference,
+    "unpack_spikes": unpack_spikes_reference,
+    "pack_weight": pack_weight_reference,
+    "bconv_lif": bconv_lif_reference,
+    "bconv_lif_bwd": bconv_lif_bwd_reference,
+    "bn_lif": bn_lif_reference,
+    "bn_lif_bwd": bn_lif_bwd_reference,
+}

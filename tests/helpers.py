@@ -1,0 +1,107 @@
+"""Shared test helpers: tie-band spike comparison and an independent float64 layer reference."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def tie_mask(h: torch.Tensor, v_threshold: float, band: float = 1e-5) -> torch.Tensor:
+    """True where a spike comparison is meaningful: the neuron has not come within ``band`` of
+    the threshold at this or any earlier timestep (after a near-tie, trajectories may diverge).
+    h: [T, ...] membrane potential before firing (float64 preferred)."""
+    near = (h - v_threshold).abs() < band
+    return ~(torch.cummax(near.to(torch.int8), dim=0).values.bool())
+
+
+def assert_spikes_equal(actual: torch.Tensor, expected: torch.Tensor, h: torch.Tensor,
+                        v_threshold: float, band: float = 1e-5) -> None:
+    ok = tie_mask(h, v_threshold, band)
+    a, e = actual.double()[ok], expected.double()[ok]
+    mism = (a != e).sum().item()
+    assert mism == 0, f"{mism} spikes differ outside the tie band (of {ok.sum().item()} compared)"
+    # the comparison must not be vacuous
+    assert ok.float().mean() > 0.5, "too few neurons outside the tie band to compare"
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = ""):
+    """Normwise relative error ||a - e|| <= rtol * ||e|| (+ a tiny absolute floor)."""
+    a, e = actual.double(), expected.double()
+    err = (a - e).norm().item()
+    ref = e.norm().item()
+    assert err <= rtol * ref + 1e-12, f"{what}: relative error {err / max(ref, 1e-30):.3e} > {rtol}"
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent float64 reference of the whole layer, written from DESIGN.md section 1 and
+# sharing no code with binslt.reference.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Heaviside(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kind, alpha):
+        ctx.save_for_backward(x)
+        ctx.kind, ctx.alpha = kind, alpha
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        a = ctx.alpha
+        if ctx.kind == "atan":
+            d = a / (2 * (1 + (math.pi / 2 * a * x) ** 2))
+        else:
+            sg = torch.sigmoid(a * x)
+            d = a * sg * (1 - sg)
+        return g * d, None, None
+
+
+def lif64(x, tau, decay_input, v_th, v_reset, detach_reset, kind, alpha):
+    vr = 0.0 if v_reset is None else v_reset
+    v = torch.zeros_like(x[0]) + vr
+    out, hs = [], []
+    for t in range(x.shape[0]):
+        if decay_input:
+            h = v + (x[t] - (v - vr)) / tau
+        else:
+            h = v - (v - vr) / tau + x[t]
+        s = _Heaviside.apply(h - v_th, kind, alpha)
+        sd = s.detach() if detach_reset else s
+        v = h - sd * v_th if v_reset is None else sd * v_reset + (1 - sd) * h
+        out.append(s)
+        hs.append(h)
+    return torch.stack(out), torch.stack(hs)
+
+
+def layer64(x, w_eff, *, stride, padding, bn, bn_weight=None, bn_bias=None, eps=1e-5,
+            residual=None, tau, decay_input, v_threshold, v_reset, detach_reset, surrogate,
+            surrogate_alpha):
+    """conv -> (batch-stat BN) -> (+residual) -> LIF, float64 autograd. Returns (spikes, H)."""
+    T, n = x.shape[:2]
+    z = F.conv2d(x.reshape(T * n, *x.shape[2:]), w_eff, stride=stride, padding=padding)
+    if bn:
+        mu = z.mean(dim=(0, 2, 3), keepdim=True)
+        var = ((z - mu) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        z = (z - mu) / torch.sqrt(var + eps)
+        if bn_weight is not None:
+            z = z * bn_weight.view(1, -1, 1, 1) + bn_bias.view(1, -1, 1, 1)
+    z = z.reshape(T, n, *z.shape[1:])
+    if residual is not None:
+        z = z + residual
+    return lif64(z, tau, decay_input, v_threshold, v_reset, detach_reset, surrogate,
+                 surrogate_alpha)
+
+
+def biprop_weight64(w, s, prune_rate):
+    """alpha * sign(w) * M in float64, with M = top-|s| keeping numel - floor(p*numel)."""
+    flat = s.abs().flatten()
+    keep = flat.numel() - int(math.floor(prune_rate * flat.numel()))
+    idx = torch.sort(flat, descending=True, stable=True).indices[:keep]
+    m = torch.zeros_like(flat)
+    m[idx] = 1
+    m = m.view_as(w)
+    alpha = (w.abs() * m).sum() / m.sum()
+    return alpha * torch.sign(w) * m, m, alpha

@@ -1,0 +1,191 @@
+"""Public modules: validation, modes, backends and op registration (issues 2 and 3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import binslt
+from binslt import reference as ref
+
+
+def _spikes(*shape, p=0.3):
+    return (torch.rand(*shape) < p).float()
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda: torch.rand(2, 4, 6, 6).round(), "rank 5"),
+    (lambda: _spikes(2, 1, 3, 6, 6), "4 channels"),
+    (lambda: torch.rand(2, 1, 4, 6, 6), "binary spikes"),
+    (lambda: (torch.rand(2, 1, 4, 6, 6) < 0.5).int(), "floating-point"),
+    (lambda: torch.full((2, 1, 4, 6, 6), float("nan")), "binary spikes"),
+    (lambda: _spikes(2, 1, 4, 1, 1), "smaller than the kernel"),
+])
+def test_conv_rejects_bad_input(bad, match):
+    m = binslt.BinSpikeConv2d(4, 3, 3)
+    with pytest.raises((ValueError, TypeError), match=match):
+        m(bad())
+
+
+def test_real_input_rejects_nan_and_bad_residual():
+    m = binslt.BinSpikeConv2d(3, 4, 3, padding=1, input="real")
+    x = torch.randn(2, 1, 3, 5, 5)
+    x[0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        m(x)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        m(torch.randn(2, 1, 3, 5, 5), residual=torch.randn(2, 1, 4, 4, 4))
+
+
+def test_device_mismatch_is_reported():
+    m = binslt.BinSpikeConv2d(4, 3, 3)
+    with pytest.raises(ValueError, match="layer's weights are on"):
+        m(torch.zeros(2, 1, 4, 6, 6, device="meta"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prune_rate=1.0), "prune_rate"),
+    (dict(prune_rate=-0.1), "prune_rate"),
+    (dict(surrogate="relu"), "surrogate"),
+    (dict(input="image"), "input"),
+    (dict(backend="gpu"), "backend"),
+    (dict(tau=0.5), "tau"),
+])
+def test_constructor_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        binslt.BinSpikeConv2d(4, 3, 3, **kwargs)
+
+
+def test_linear_rejects_bad_input():
+    m = binslt.BinSpikeLinear(5, 3)
+    with pytest.raises(ValueError, match="rank 3"):
+        m(_spikes(2, 5))
+    with pytest.raises(ValueError, match="binary spikes"):
+        m(torch.rand(2, 1, 5) + 0.1)
+
+
+def test_unknown_backend_context_rejected():
+    with pytest.raises(ValueError, match="backend"):
+        with binslt.use_backend("fast"):
+            pass
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+def test_finetune_mode_trains_weights_with_fixed_mask():
+    torch.manual_seed(0)
+    m = binslt.BinSpikeConv2d(6, 4, 3, padding=1, prune_rate=0.5, backend="torch")
+    mask_before = (m.effective_weight() != 0)
+    m.mode = "finetune"
+    assert m.weight.requires_grad and not m.scores.requires_grad
+    x = _spikes(2, 2, 6, 5, 5)
+    (m(x) * torch.randn(2, 2, 4, 5, 5)).sum().backward()
+    assert m.weight.grad is not None and m.scores.grad is None
+    # straight-through: dL/dw = dL/dW_eff * M, so pruned weights get exactly zero gradient
+    assert torch.all(m.weight.grad[~mask_before] == 0)
+    with torch.no_grad():
+        m.scores.copy_(torch.randn_like(m.scores))  # scores no longer matter
+    assert torch.equal(m.effective_weight() != 0, mask_before)
+
+
+def test_frozen_mode_matches_search_output_and_roundtrips_state_dict():
+    torch.manual_seed(1)
+    m = binslt.BinSpikeConv2d(33, 5, 3, padding=1, prune_rate=0.6, bn=True).eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-0.5, 0.5)
+        m.bn.running_var.uniform_(0.5, 2.0)
+    x = _spikes(2, 2, 33, 6, 6)
+    with torch.no_grad():
+        before = m(x)
+        w_before = m.effective_weight().clone()
+    m.mode = "frozen"
+    with torch.no_grad():
+        after = m(x)
+    assert torch.equal(before, after)
+    assert torch.allclose(m.effective_weight(), w_before, rtol=1e-6, atol=0)
+    sd = m.state_dict()
+    m2 = binslt.BinSpikeConv2d(33, 5, 3, padding=1, prune_rate=0.6, bn=True).eval()
+    m2.load_state_dict(sd)
+    assert m2.mode == "frozen"
+    with torch.no_grad():
+        assert torch.equal(m2(x), before)
+    with pytest.raises(RuntimeError, match="frozen"):
+        m.mode = "search"
+
+
+def test_bad_mode_rejected():
+    m = binslt.BinSpikeLinear(4, 2)
+    with pytest.raises(ValueError, match="mode"):
+        m.mode = "train"
+
+
+def test_weight_can_be_copied_into():
+    m = binslt.BinSpikeConv2d(2, 2, 1, prune_rate=0.0)
+    w = torch.tensor([[1.0, -2.0], [-3.0, 4.0]]).view(2, 2, 1, 1)
+    with torch.no_grad():
+        m.weight.copy_(w)
+    assert torch.equal(m.effective_weight(), torch.sign(w) * 2.5)
+
+
+# ----------------------------------------------------------------------------- backends / ops
+
+
+def test_backends_report():
+    b = binslt.backends()
+    assert set(b) == {"torch", "cpu", "triton", "cuda"}
+    for v in b.values():
+        assert set(v) == {"built", "usable", "reason"}
+        assert isinstance(v["reason"], str) and v["reason"]
+    assert b["torch"]["usable"]
+
+
+def test_use_backend_overrides_auto():
+    m = binslt.BinSpikeConv2d(4, 3, 3, padding=1, backend="auto")
+    x = _spikes(2, 1, 4, 5, 5)
+    with binslt.use_backend("torch"):
+        a = m(x)
+        assert binslt.ops.resolve_backend("auto", x.device) == "torch"
+    b = m(x)
+    assert torch.equal(a, b)
+
+
+def test_ops_reach_the_dispatcher_and_pass_opcheck():
+    x = _spikes(6, 33, 4, 5)
+    packed = torch.ops.binslt.pack_spikes(x)
+    assert torch.equal(packed, ref.pack_spikes_reference(x))
+    torch.library.opcheck(torch.ops.binslt.pack_spikes.default, (x,))
+    torch.library.opcheck(torch.ops.binslt.unpack_spikes.default, (packed, 33))
+    z = torch.randn(3, 2, 4, 5)
+    one = torch.ones(4)
+    torch.library.opcheck(torch.ops.binslt.bn_lif.default,
+                          (z, one, torch.zeros(4), None, True, 1e-5, 2.0, True, 1.0, 0.0))
+
+
+def test_lif_module_shapes_and_errors():
+    lif = binslt.LIF(decay=0.9)
+    x = torch.randn(3, 2, 5)
+    assert lif(x).shape == x.shape
+    with pytest.raises(ValueError, match="multi-step"):
+        lif(torch.randn(5))
+    with pytest.raises(ValueError, match="NaN"):
+        lif(torch.tensor([[float("nan")], [0.0]]))
+
+
+def test_spike_maxpool():
+    pool = binslt.SpikeMaxPool2d(2)
+    x = _spikes(2, 3, 4, 6, 6)
+    y = pool(x)
+    assert y.shape == (2, 3, 4, 3, 3)
+    assert torch.equal(y, torch.nn.functional.max_pool2d(x.flatten(0, 1), 2).view(2, 3, 4, 3, 3))
+
+
+def test_sign_activation_approxsign_backward():
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.25, 3.0], requires_grad=True)
+    y = binslt.SignActivation()(x)
+    assert y.tolist() == [-1, -1, 1, 1, 1]
+    y.sum().backward()
+    assert torch.allclose(x.grad, 2 * (1 - x.detach().clamp(-1, 1).abs()))

@@ -1,0 +1,374 @@
+"""Shared helpers for the binslt benchmark scripts.
+
+Timing (median of repeats after a warm-up), memory accounting (bytes saved for backward, peak
+RSS, CUDA peak allocation), the machine/version record written into every CSV, and the
+SpikingJelly import that must see ``SJ_LIF_CUDA_IMPLEMENTATION`` before it happens.
+
+Nothing here is binslt-specific except the version record; the scripts import it as
+``from common import ...`` (they put their own folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ---------------------------------------------------------------------------------------------
+# SpikingJelly
+# ---------------------------------------------------------------------------------------------
+
+
+def import_spikingjelly(cuda_impl: str = "triton"):
+    """Import SpikingJelly's activation_based package with the LIF CUDA implementation chosen.
+
+    SpikingJelly 2.0 reads ``SJ_LIF_CUDA_IMPLEMENTATION`` once, when ``spikingjelly._ops.lif``
+    is imported (``_CudaSelection.__init__``), and picks cuda -> triton -> torch under 'auto'.
+    So the variable must be set before the first import; if spikingjelly was already imported
+    with another setting, say so rather than silently timing a different kernel.
+    """
+    already = "spikingjelly._ops.lif" in sys.modules
+    os.environ.setdefault("SJ_LIF_CUDA_IMPLEMENTATION", cuda_impl)
+    from spikingjelly.activation_based import functional, layer, neuron, surrogate
+
+    if already:
+        from spikingjelly._ops import lif as _sj_lif
+
+        requested = _sj_lif._selection._requested
+        if requested != os.environ["SJ_LIF_CUDA_IMPLEMENTATION"]:
+            print(f"warning: spikingjelly was imported before the benchmark set "
+                  f"SJ_LIF_CUDA_IMPLEMENTATION; its LIF uses {requested!r}", file=sys.stderr)
+    return functional, layer, neuron, surrogate
+
+
+def sj_lif_implementation(device: torch.device) -> str:
+    """Which LIF implementation SpikingJelly uses for tensors on ``device``."""
+    if device.type != "cuda":
+        return "torch-cpu"
+    from spikingjelly._ops import lif as _sj_lif
+
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        return _sj_lif._selection._select(idx).name
+    except Exception as exc:  # report, do not crash the benchmark over a label
+        return f"unknown ({type(exc).__name__})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2,
+            repeats: int = 10) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls.
+
+    CPU: a perf_counter loop. CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed
+    between calls) with ``return_mode='median'``; ``repeats`` calls at least.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        for _ in range(max(warmup, 1)):
+            fn()
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        est = max((time.perf_counter() - t0) * 1e3, 1e-3)
+        # do_bench takes its budgets in ms; give it about `repeats` calls (at least 5 ms).
+        rep_ms = max(5.0, est * repeats)
+        return float(do_bench(fn, warmup=max(1.0, est * warmup), rep=rep_ms,
+                              return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+
+
+class SavedTensorBytes:
+    """Context manager: total bytes of the distinct storages autograd saves for backward.
+
+    Every tensor an autograd node (built-in or ``ctx.save_for_backward``) saves passes through
+    the pack hook. Tensors that share a storage (views, the same parameter saved twice) count
+    once. Tensors stashed on ``ctx`` as plain attributes bypass the hook and are not counted.
+    """
+
+    def __init__(self) -> None:
+        self.storages: dict[tuple[str, int], int] = {}
+        self._cm = None
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            st = t.untyped_storage()
+            key = (str(t.device), st.data_ptr())
+            self.storages[key] = max(self.storages.get(key, 0), st.nbytes())
+        except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
+            self.storages[(str(t.device), id(t))] = t.numel() * t.element_size()
+        return t
+
+    @staticmethod
+    def _unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
+
+    def __enter__(self) -> SavedTensorBytes:
+        self._cm = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._cm.__exit__(*exc)
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt  # noqa: B018  (glibc only)
+        libc.malloc_trim  # noqa: B018
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Fix glibc's mmap threshold (and turn off its dynamic growth). True if it was set.
+
+    With a small threshold every large tensor is its own mapping, returned to the OS when freed,
+    so the resident set follows what is really allocated (used while measuring CPU memory).
+    ``32 << 20`` is where glibc's dynamic threshold ends up anyway; the benchmarks set it at
+    start so that every timing runs under the same allocator regime.
+    """
+    libc = _libc()
+    return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+
+
+def malloc_trim() -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+class PeakMemory:
+    """Peak memory of a block, beyond what was in use when it started.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation at entry.
+    CPU (Linux): the resident-set high-water mark (VmHWM) after resetting it through
+    ``/proc/self/clear_refs``, minus VmRSS at entry. Memory that the C allocator kept from an
+    earlier, larger block is already resident and is not counted again, so this is a lower
+    bound on the block's own footprint. To make it tight, the block runs with glibc's mmap
+    threshold at 64 KiB after ``malloc_trim`` (large tensors map and unmap their own pages), and
+    the threshold goes back to 32 MiB afterwards. Where the reset is not allowed, falls back to
+    ``ru_maxrss`` (the process-wide peak) and sets ``kind`` accordingly.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = ""
+        self.nbytes = 0
+        self.absolute = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self.kind = "cuda_max_allocated"
+            return self
+        set_mmap_threshold(64 << 10)
+        malloc_trim()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.kind = "rss_hwm"
+        except OSError:
+            self.kind = "ru_maxrss"
+        self._base = (_proc_status_kb("VmRSS") or 0) * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.absolute = torch.cuda.max_memory_allocated(self.device)
+        elif self.kind == "rss_hwm":
+            self.absolute = (_proc_status_kb("VmHWM") or 0) * 1024
+        else:
+            import resource
+
+            self.absolute = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if self.device.type != "cuda":
+            set_mmap_threshold(32 << 20)
+        self.nbytes = max(0, self.absolute - self._base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine and versions
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def device_slug(device: torch.device) -> str:
+    """'cpu-amd-epyc', 'nvidia-h200', ...: the file-name tag of a results CSV."""
+    name = slug(device_name(device))
+    return name if device.type == "cuda" else f"cpu-{name}"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+        return (sha + ("+dirty" if dirty.strip() else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info(device: torch.device) -> dict[str, str]:
+    """What the CSV header records: machine, threads, library versions, commit, GPU flags."""
+    info = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "cpu_model": cpu_model(),
+        "cpu_cores": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "spikingjelly": _version("spikingjelly"),
+        "binslt": _version("binslt"),
+        "git_commit": git_commit(),
+        "load_avg_1m": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "?",
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update({
+            "gpu_sms": str(props.multi_processor_count),
+            "gpu_mem_gib": f"{props.total_memory / 2**30:.1f}",
+            "cuda_runtime": str(torch.version.cuda),
+            "cudnn": str(torch.backends.cudnn.version()),
+            "cudnn_allow_tf32": str(torch.backends.cudnn.allow_tf32),
+            "matmul_allow_tf32": str(torch.backends.cuda.matmul.allow_tf32),
+            "cudnn_benchmark": str(torch.backends.cudnn.benchmark),
+        })
+    return info
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str],
+              meta: dict[str, str]) -> None:
+    """CSV with ``# key: value`` comment lines (the machine record) before the header."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        for k, v in meta.items():
+            f.write(f"# {k}: {v}\n")
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k, "")) for k in columns})
+
+
+def read_csv(path: Path) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """(meta, rows) of a CSV written by :func:`write_csv`."""
+    meta: dict[str, str] = {}
+    lines = []
+    with open(path, newline="") as f:
+        for line in f:
+            if line.startswith("#"):
+                k, _, v = line[1:].partition(":")
+                meta[k.strip()] = v.strip()
+            else:
+                lines.append(line)
+    return meta, list(csv.DictReader(lines))
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
+    rows = [{c: str(_fmt(r.get(c, ""))) for c in columns} for r in rows]
+    widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in columns}
+    print("  ".join(c.rjust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(r[c].rjust(widths[c]) for c in columns))

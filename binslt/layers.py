@@ -362,9 +362,12 @@ class BinSpikeLinear(_MaskedSignWeight):
                              f"got {tuple(residual.shape)}")
         backend = ops.resolve_backend(self.backend, x.device)
         scale, shift, bn_train = _bn_scale_shift(self.bn, self.out_features, x)
+        eps = self.bn.eps if self.bn is not None else 1e-5
+        if (self.mode == "frozen" and self.input == "spike" and backend != "torch"
+                and not torch.is_grad_enabled()):
+            return self._forward_packed(x, residual, scale, shift, bn_train, backend, eps)
         nk = self.neuron.kwargs()
         w = self.effective_weight()
-        eps = self.bn.eps if self.bn is not None else 1e-5
         if self.input == "spike":
             res = None if residual is None else residual.reshape(T, n, -1, 1, 1)
             s, mean, var = ops.conv_lif(x.reshape(T, n, -1, 1, 1), w[:, :, None, None], scale,
@@ -378,6 +381,22 @@ class BinSpikeLinear(_MaskedSignWeight):
         if bn_train:
             _update_running_stats(self.bn, mean, var, T * n)
         return s
+
+    @torch.no_grad()
+    def _forward_packed(self, x, residual, scale, shift, bn_train, backend, eps):
+        """Inference straight from the packed weight bits (frozen tickets): the features are a
+        1x1 image with F channels, the planes are [O, 1, 1, ceil(F/32)]."""
+        T, n, f = x.shape
+        nk = self.neuron
+        xp = ops.get_op("pack_spikes", backend)(x.reshape(T * n, f, 1, 1).float())
+        res = None if residual is None else residual.reshape(T, n, -1, 1, 1).float().contiguous()
+        s, _, mean, var = ops.get_op("bconv_lif", backend)(
+            xp, self.w_mask_bits, self.w_pos_bits, self.alpha.float(), scale.float(),
+            shift.float(), res, T, 1, 0, bn_train, eps, nk.tau, nk.decay_input, nk.v_threshold,
+            nk.v_reset)
+        if bn_train:
+            _update_running_stats(self.bn, mean, var, T * n)
+        return s.view(T, n, -1).to(x.dtype)
 
 
 class BinConv2d(_MaskedSignWeight):

@@ -1,0 +1,224 @@
+"""binslt.models: the paper's networks in four variants (DESIGN.md section 4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from spikingjelly.activation_based import layer as sj_layer
+from spikingjelly.activation_based import neuron as sj_neuron
+from spikingjelly.activation_based import surrogate as sj_surrogate
+from torch import nn
+
+import binslt
+from binslt import models as M
+from binslt import reference as ref
+from binslt.layers import _MaskedSignWeight
+
+from helpers import assert_spikes_equal
+
+PAPER_PARAMS = {"conv4": 2.43e6, "vgg9": 2.26e6, "vgg11": 5.27e6, "resnet19": 12.63e6}
+PAPER_MACS = {"conv4": 0.098e9, "vgg11": 0.209e9, "resnet19": 2.223e9}
+
+
+@pytest.mark.parametrize("arch", M.ARCHS)
+def test_parameter_counts_match_paper(arch):
+    counts = {v: M.count_parameters(M.build(arch, v)) for v in M.VARIANTS}
+    # one description: all four variants have the same parameter count
+    assert len(set(counts.values())) == 1, counts
+    n = counts["ann"]
+    assert abs(n - PAPER_PARAMS[arch]) / PAPER_PARAMS[arch] < 0.01, (arch, n)
+
+
+def test_count_parameters_counts_weights_once_and_bn_per_channel():
+    m = M.build("conv4", "binwslt", num_classes=3, in_channels=1, input_size=8)
+    raw = sum(p.numel() for p in m.parameters())  # weights + scores, non-affine BN: nothing
+    weights = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, _MaskedSignWeight))
+    bn = sum(2 * mod.num_features for mod in m.modules()
+             if isinstance(mod, nn.modules.batchnorm._BatchNorm))
+    assert raw == 2 * weights
+    assert M.count_parameters(m) == weights + bn
+    assert bn == 2 * (64 + 64 + 128 + 128 + 256 + 256)
+
+
+@pytest.mark.parametrize("arch", sorted(PAPER_MACS))
+def test_ann_macs_match_paper(arch):
+    macs = M.count_macs(M.build(arch, "ann"), 32, 3)
+    assert abs(macs - PAPER_MACS[arch]) / PAPER_MACS[arch] < 0.01, (arch, macs)
+
+
+def test_macs_per_timestep_equal_across_variants():
+    kw = dict(in_channels=1, input_size=12, num_classes=4, timesteps=3)
+    ann = M.layer_macs(M.build("resnet19", "ann", **kw))
+    for v in ("snn", "bnn", "binwslt"):
+        assert sum(M.layer_macs(M.build("resnet19", v, **kw)).values()) == sum(ann.values()), v
+    # hand count of Conv-4 on 8x8x1: convs at 8x8, 8x8, 4x4, 4x4, then 2*2*128 -> 256 -> 256 -> 4
+    m = M.build("conv4", "binwslt", in_channels=1, input_size=8, num_classes=4, timesteps=3)
+    want = (9 * 64 * 64 + 9 * 64 * 64 * 64 + 9 * 64 * 128 * 16 + 9 * 128 * 128 * 16
+            + 512 * 256 + 256 * 256 + 256 * 4)
+    assert M.count_macs(m) == want
+
+
+def _input(arch):
+    # small inputs keep the suite fast; the big nets' cost is dominated by their weights
+    return 32 if arch in ("conv4", "vgg9") else 16
+
+
+@pytest.mark.parametrize("variant", M.VARIANTS)
+@pytest.mark.parametrize("arch", M.ARCHS)
+def test_forward_backward_every_variant(arch, variant):
+    size = _input(arch)
+    m = M.build(arch, variant, timesteps=2, input_size=size, backend="torch")
+    x = torch.rand(2, 3, size, size)
+    y = m(x)
+    assert y.shape == (2, 10) and torch.isfinite(y).all()
+    y.square().sum().backward()
+    trainable = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable
+    if variant in ("bnn", "binwslt"):
+        # search mode: the scores are trained, the frozen weights are not
+        assert all(n.endswith("scores") for n, _ in trainable)
+        assert all(not p.requires_grad for n, p in m.named_parameters() if n.endswith("weight"))
+    missing = [n for n, p in trainable if p.grad is None]
+    assert not missing, missing
+    # the gradient reaches the first layer's scores / weights
+    first = trainable[0][1]
+    assert first.grad.abs().sum() > 0
+
+
+def test_paper_defaults_on_spiking_layers():
+    m = M.build("resnet19", "binwslt", in_channels=1, input_size=8)
+    assert m.timesteps == 4
+    spiking = [x for x in m.modules() if isinstance(x, (binslt.BinSpikeConv2d,
+                                                          binslt.BinSpikeLinear))]
+    assert spiking
+    for x in spiking:
+        nc = x.neuron
+        assert nc.tau == pytest.approx(100.0) and nc.decay_input is False
+        assert nc.v_threshold == 1.0 and nc.v_reset == 0.0 and nc.detach_reset is True
+        assert (nc.surrogate, nc.surrogate_alpha) == ("atan", 2.0)
+        assert x.prune_rate == 0.5 and x.bn is not None and not x.bn.affine
+    assert spiking[0].input == "real"
+    assert all(x.input == "spike" for x in spiking[1:-1])
+    assert spiking[-1].input == "real"  # fc after the global average pool
+    head = m.classifier
+    assert isinstance(head.layer, binslt.BinLinear)
+    # shortcuts with changing shape are 1x1 BinConv2d + BN
+    sc = [x for x in m.modules() if isinstance(x, binslt.BinConv2d)]
+    assert len(sc) == 3 and all(x.kernel_size == 1 and x.bn is not None for x in sc)
+    # the layers' own defaults stay SpikingJelly's
+    assert binslt.BinSpikeConv2d(2, 2, 3).neuron.tau == 2.0
+    snn = M.build("conv4", "snn", decay=0.5, decay_input=True, v_reset=None)
+    lif = [x for x in snn.modules() if isinstance(x, binslt.LIF)]
+    assert all(x.neuron.tau == 2.0 and x.neuron.decay_input and x.neuron.v_reset is None
+               for x in lif)
+
+
+def test_binarize_first_last_false_gives_dense_ends():
+    for v in ("bnn", "binwslt"):
+        m = M.build("conv4", v, binarize_first_last=False, in_channels=1, input_size=8)
+        dense = [x for x in m.modules() if type(x) in (nn.Conv2d, nn.Linear)]
+        assert [type(x) for x in dense] == [nn.Conv2d, nn.Linear]
+        assert dense[0].weight.requires_grad and dense[1].weight.requires_grad
+        y = m(torch.rand(3, 1, 8, 8))
+        y.sum().backward()
+        assert dense[0].weight.grad is not None and dense[1].weight.grad is not None
+        assert M.count_parameters(m) == M.count_parameters(M.build("conv4", v, in_channels=1,
+                                                                   input_size=8))
+
+
+@pytest.mark.parametrize("arch", M.ARCHS)
+def test_tiny_digits_input_skips_pools(arch):
+    m = M.build(arch, "binwslt", in_channels=1, input_size=8, timesteps=2, backend="torch")
+    pools = [x for x in m.modules() if isinstance(x, binslt.SpikeMaxPool2d)]
+    assert len(pools) == {"conv4": 2, "vgg9": 3, "vgg11": 3, "resnet19": 0}[arch]
+    assert m(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_auto_backend_runs_and_agrees_with_torch():
+    torch.manual_seed(1)
+    m = M.build("conv4", "binwslt", in_channels=1, input_size=8, timesteps=2, num_classes=5)
+    x = torch.rand(4, 1, 8, 8)
+    m.eval()
+    y_auto = m(x)
+    y_ref = M.set_backend(m, "torch")(x)
+    torch.testing.assert_close(y_auto, y_ref, rtol=1e-4, atol=1e-4)
+    M.set_backend(m, "auto").train()
+    m(x).sum().backward()
+    assert all(x.scores.grad is not None for x in m.modules() if isinstance(x, _MaskedSignWeight))
+
+
+def test_snn_layer_matches_spikingjelly():
+    """The snn conv layer is SpikingJelly's Conv2d + BatchNorm2d + LIFNode (paper settings)."""
+    m = M.build("conv4", "snn", in_channels=2, input_size=6, timesteps=3, backend="torch")
+    ours = m.features[0]
+    sj_conv = sj_layer.Conv2d(2, 64, 3, padding=1, bias=False, step_mode="m")
+    sj_bn = sj_layer.BatchNorm2d(64, affine=False, step_mode="m")
+    lif = sj_neuron.LIFNode(tau=100.0, decay_input=False, v_threshold=1.0, v_reset=0.0,
+                            surrogate_function=sj_surrogate.ATan(), detach_reset=True,
+                            step_mode="m")
+    sj_conv.weight.data.copy_(ours.conv.weight)
+    x = torch.rand(3, 5, 2, 6, 6) * 3
+    for train in (True, False):
+        ours.train(train)
+        sj_bn.train(train)
+        z = sj_bn(sj_conv(x))
+        expected = lif(z)
+        lif.reset()
+        _, h = ref.lif_multistep(z.double(), tau=100.0, decay_input=False, return_h=True)
+        assert_spikes_equal(ours(x), expected, h, 1.0)
+        torch.testing.assert_close(ours.bn.running_mean, sj_bn.running_mean)
+        torch.testing.assert_close(ours.bn.running_var, sj_bn.running_var)
+
+
+def test_build_config_rebuilds_the_same_model():
+    m = M.build("resnet19", "binwslt", in_channels=1, input_size=8, num_classes=3, timesteps=2,
+                decay=0.9, backend="torch")
+    cfg = m.build_config
+    assert cfg["arch"] == "resnet19" and cfg["variant"] == "binwslt" and cfg["timesteps"] == 2
+    m2 = M.build(**cfg)
+    m2.load_state_dict(m.state_dict())
+    m.eval()
+    m2.eval()
+    x = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(m(x), m2(x), rtol=0, atol=0)
+
+
+def test_set_mode_and_set_backend():
+    m = M.build("vgg9", "binwslt", in_channels=1, input_size=8)
+    M.set_backend(m, "torch")
+    assert all(x.backend == "torch" for x in m.modules() if hasattr(x, "backend"))
+    M.set_mode(m, "finetune")
+    masked = [x for x in m.modules() if isinstance(x, _MaskedSignWeight)]
+    assert masked and all(x.mode == "finetune" and x.weight.requires_grad
+                          and not x.scores.requires_grad for x in masked)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        M.set_mode(m, "train")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        M.set_backend(m, "gpu")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(arch="conv5", variant="ann"), "unknown arch"),
+    (dict(arch="conv4", variant="spiking"), "unknown variant"),
+    (dict(arch="conv4", variant="snn", tau_m=3.0), "unknown option"),
+    (dict(arch="conv4", variant="snn", tau=3.0, decay=0.5), "either tau or decay"),
+    (dict(arch="conv4", variant="snn", decay=1.0), "decay"),
+    (dict(arch="conv4", variant="bnn", prune_rate=1.0), "prune_rate"),
+    (dict(arch="conv4", variant="ann", num_classes=0), "num_classes"),
+    (dict(arch="conv4", variant="ann", input_size=(8, 8, 8)), "input_size"),
+    (dict(arch="conv4", variant="ann", timesteps=1.5), "timesteps"),
+    (dict(arch="conv4", variant="snn", surrogate="relu"), "surrogate"),
+    (dict(arch="conv4", variant="snn", bn="yes"), "bn must be a bool"),
+])
+def test_bad_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        M.build(**kwargs)
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    m = M.build("conv4", "ann", in_channels=1, input_size=8)
+    with pytest.raises(ValueError, match=r"expected images \[N, 1, 8, 8\]"):
+        m(torch.rand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="expected images"):
+        m(torch.rand(1, 8, 8))
+    assert binslt.models is M

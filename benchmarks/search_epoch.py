@@ -1,0 +1,421 @@
+#!/usr/bin/env python
+"""One epoch of the Conv-4 BinW-SLT search on scikit-learn digits: binslt against a baseline.
+
+binslt: ``binslt.models.build('conv4', 'binwslt', in_channels=1, input_size=8, ...)``, once per
+binslt backend.
+
+Baseline: the same network from SpikingJelly dense layers (``layer.SeqToANNContainer`` around a
+score-masked conv/linear written here in plain PyTorch, ``layer.BatchNorm2d/1d``,
+``neuron.LIFNode``, ``layer.MaxPool2d``, step mode 'm'). The masked modules follow biprop:
+mask = the entries with the largest |s| (floor(prune_rate * numel) removed),
+``W_eff = alpha * sign(w) * M`` with ``alpha = sum(|w| M) / sum(M)``, and the straight-through
+score gradient ``dL/ds = dL/dW_eff * w * sign(s)``. It is written independently of binslt; the
+only thing copied across is the initial weights and scores, so that both start from the same
+point (``init_logit_diff`` / ``init_grad_rel_err`` in the CSV check that they compute the same
+function and the same score gradient).
+
+Both train the scores with the same SGD (momentum 0.9) on the same batches; the data is the
+stratified 80/20 split of ``sklearn.datasets.load_digits`` (pixels / 16, normalised with the
+training split's statistics). Epochs of the implementations are interleaved, so that load on a
+shared machine hits them alike; the median epoch time is reported with the ratio to the
+baseline.
+
+Example::
+
+    python benchmarks/search_epoch.py                 # 3 timed epochs each
+    python benchmarks/search_epoch.py --max-batches 2 --repeats 1   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    device_slug,
+    import_spikingjelly,
+    machine_info,
+    print_table,
+    set_mmap_threshold,
+    sj_lif_implementation,
+    sync,
+    write_csv,
+)
+from torch import nn  # noqa: E402
+
+COLUMNS = ["impl", "backend", "epoch_s", "sj_epoch_s", "speedup", "eval_s", "sj_eval_s",
+           "eval_speedup", "batches", "batch_size", "T", "train_loss", "test_acc",
+           "init_logit_diff", "init_grad_rel_err"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The baseline's biprop masked layers (plain PyTorch)
+# ---------------------------------------------------------------------------------------------
+
+
+class _BipropSubnet(torch.autograd.Function):
+    """scores -> alpha * M (M: keep the largest |s|); backward: straight-through times |w|."""
+
+    @staticmethod
+    def forward(ctx, abs_scores, weight, prune_rate):
+        n = abs_scores.numel()
+        n_pruned = math.floor(prune_rate * n)
+        order = abs_scores.flatten().argsort(stable=True)
+        mask = torch.ones(n, dtype=abs_scores.dtype, device=abs_scores.device)
+        mask[order[:n_pruned]] = 0
+        mask = mask.view_as(abs_scores)
+        abs_w = weight.abs()
+        alpha = (abs_w * mask).sum() / mask.sum()
+        ctx.save_for_backward(abs_w)
+        return alpha * mask
+
+    @staticmethod
+    def backward(ctx, g):
+        (abs_w,) = ctx.saved_tensors
+        return g * abs_w, None, None
+
+
+class _BipropMasked(nn.Module):
+    """Frozen weight ``w``, trainable scores ``s``; ``W_eff = sign(w) * alpha * M(|s|)``."""
+
+    def __init__(self, shape: tuple[int, ...], prune_rate: float):
+        super().__init__()
+        self.prune_rate = prune_rate
+        self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
+        self.scores = nn.Parameter(torch.empty(shape))
+        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
+
+    def effective_weight(self) -> torch.Tensor:
+        # d|s|/ds = sign(s), so dL/ds = G * sign(w) * |w| * sign(s) = G * w * sign(s).
+        return torch.sign(self.weight) * _BipropSubnet.apply(self.scores.abs(), self.weight,
+                                                             self.prune_rate)
+
+
+class BipropConv2d(_BipropMasked):
+    def __init__(self, cin: int, cout: int, k: int = 3, padding: int = 1, prune_rate=0.5):
+        super().__init__((cout, cin, k, k), prune_rate)
+        self.padding = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] (single step)
+        return F.conv2d(x, self.effective_weight(), padding=self.padding)
+
+
+class BipropLinear(_BipropMasked):
+    def __init__(self, fin: int, fout: int, prune_rate=0.5):
+        super().__init__((fout, fin), prune_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight())
+
+
+class _Head(nn.Module):
+    """Masked linear classifier on [T, N, F]; logits = mean over T of its output."""
+
+    def __init__(self, fin: int, num_classes: int, prune_rate: float):
+        super().__init__()
+        self.fc = BipropLinear(fin, num_classes, prune_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).mean(0)
+
+
+class BaselineConv4(nn.Module):
+    """Conv-4 from SpikingJelly layers + biprop masks: images [N, C, H, W] -> logits.
+
+    conv64 conv64 pool conv128 conv128 pool fc256 fc256 fc10 (DESIGN.md section 4), every
+    hidden layer masked conv/linear -> non-affine BN -> LIF; the image is repeated over T.
+    """
+
+    def __init__(self, in_channels: int, input_size: int, timesteps: int, prune_rate: float,
+                 tau: float, num_classes: int = 10):
+        super().__init__()
+        functional, layer, neuron, surrogate = import_spikingjelly()
+        self.T = timesteps
+        self._reset = functional.reset_net
+
+        def lif():
+            return neuron.LIFNode(tau=tau, decay_input=False, v_threshold=1.0, v_reset=0.0,
+                                  surrogate_function=surrogate.ATan(alpha=2.0),
+                                  detach_reset=True, step_mode="m")
+
+        def conv(ci, co):
+            return [layer.SeqToANNContainer(BipropConv2d(ci, co, 3, 1, prune_rate)),
+                    layer.BatchNorm2d(co, affine=False, step_mode="m"), lif()]
+
+        def fc(fi, fo):
+            return [layer.SeqToANNContainer(BipropLinear(fi, fo, prune_rate)),
+                    layer.BatchNorm1d(fo, affine=False, step_mode="m"), lif()]
+
+        hw = input_size
+        mods = conv(in_channels, 64) + conv(64, 64)
+        if hw >= 2:
+            mods.append(layer.MaxPool2d(2, step_mode="m"))
+            hw //= 2
+        mods += conv(64, 128) + conv(128, 128)
+        if hw >= 2:
+            mods.append(layer.MaxPool2d(2, step_mode="m"))
+            hw //= 2
+        mods.append(layer.Flatten(step_mode="m"))
+        mods += fc(128 * hw * hw, 256) + fc(256, 256)
+        self.features = nn.Sequential(*mods)
+        self.head = _Head(256, num_classes, prune_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._reset(self)
+        x = x.unsqueeze(0).expand(self.T, *x.shape)
+        return self.head(self.features(x))
+
+
+def masked_layers(model: nn.Module) -> list[nn.Module]:
+    """Modules holding (weight, scores), in forward order."""
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "scores", None), torch.Tensor)
+            and isinstance(getattr(m, "weight", None), torch.Tensor)]
+
+
+@torch.no_grad()
+def copy_init(src: nn.Module, dst: nn.Module) -> None:
+    a, b = masked_layers(src), masked_layers(dst)
+    if [tuple(m.weight.shape) for m in a] != [tuple(m.weight.shape) for m in b]:
+        raise RuntimeError("the baseline's masked layers do not match binslt's conv4: "
+                           f"{[tuple(m.weight.shape) for m in a]} vs "
+                           f"{[tuple(m.weight.shape) for m in b]}")
+    for m, n in zip(a, b):
+        n.weight.copy_(m.weight)
+        n.scores.copy_(m.scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, training
+# ---------------------------------------------------------------------------------------------
+
+
+def load_digits_split(device) -> tuple[torch.Tensor, ...]:
+    """Stratified 80/20 split of sklearn's digits, [N, 1, 8, 8] float32, normalised."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    idx_tr, idx_te = train_test_split(range(len(y)), test_size=0.2, random_state=0,
+                                      stratify=d.target)
+    xtr, xte, ytr, yte = x[idx_tr], x[idx_te], y[idx_tr], y[idx_te]
+    mean, std = xtr.mean(), xtr.std()
+    return ((xtr - mean) / std).to(device), ytr.to(device), ((xte - mean) / std).to(device), \
+        yte.to(device)
+
+
+def batches(n: int, batch_size: int, epoch: int, seed: int, max_batches: int | None):
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    perm = torch.randperm(n, generator=g)
+    out = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    return out[:max_batches] if max_batches else out
+
+
+def train_epoch(model, opt, xtr, ytr, order, device) -> tuple[float, float]:
+    """(wall seconds, mean loss) of one pass over ``order`` batches."""
+    model.train()
+    sync(device)
+    t0 = time.perf_counter()
+    total = 0.0
+    for idx in order:
+        idx = idx.to(xtr.device)
+        loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+    sync(device)
+    return time.perf_counter() - t0, total / max(len(order), 1)
+
+
+@torch.no_grad()
+def evaluate(model, xte, yte, batch_size, device, max_batches) -> tuple[float, float]:
+    """(wall seconds, accuracy) over the test split."""
+    model.eval()
+    sync(device)
+    t0 = time.perf_counter()
+    correct = seen = 0
+    for i, s in enumerate(range(0, len(yte), batch_size)):
+        if max_batches and i >= max_batches:
+            break
+        pred = model(xte[s:s + batch_size]).argmax(1)
+        correct += int((pred == yte[s:s + batch_size]).sum())
+        seen += len(pred)
+    sync(device)
+    return time.perf_counter() - t0, correct / max(seen, 1)
+
+
+def init_agreement(binslt_model, baseline, x, y) -> tuple[float, float]:
+    """(max |logit difference|, relative L2 error of all score grads) from the same start."""
+    out = []
+    for m in (binslt_model, baseline):
+        m.train()
+        for p in m.parameters():
+            p.grad = None
+        logits = m(x)
+        F.cross_entropy(logits, y).backward()
+        g = torch.cat([mm.scores.grad.flatten() for mm in masked_layers(m)])
+        out.append((logits.detach(), g.double()))
+        for p in m.parameters():
+            p.grad = None
+    diff = float((out[0][0] - out[1][0]).abs().max())
+    rel = float((out[0][1] - out[1][1]).norm() / out[1][1].norm().clamp_min(1e-30))
+    return diff, rel
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--backends", default=None,
+                   help="comma list of binslt backends; default torch plus the device's kernels")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--timesteps", type=int, default=4)
+    p.add_argument("--prune-rate", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--repeats", type=int, default=3, help="timed epochs per implementation")
+    p.add_argument("--max-batches", type=int, default=None,
+                   help="stop each epoch (and the test pass) after this many batches (smoke runs)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.batch_size < 1 or args.timesteps < 1:
+        p.error("--repeats, --batch-size and --timesteps must be >= 1")
+    if args.max_batches is not None and args.max_batches < 1:
+        p.error("--max-batches must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("SJ_LIF_CUDA_IMPLEMENTATION", "triton")
+    import binslt
+    import binslt.models as models
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        set_mmap_threshold(32 << 20)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+    st = binslt.backends()
+    if args.backends:
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        bad = [b for b in backends if b not in st or not st[b]["usable"]]
+        if bad:
+            print(f"error: backend(s) {bad} not usable here: "
+                  f"{ {b: st.get(b, {}).get('reason', 'unknown') for b in bad} }",
+                  file=sys.stderr)
+            return 2
+    else:
+        backends = ["torch"] + (["cpu"] if device.type == "cpu" and st["cpu"]["usable"] else
+                                [b for b in ("triton", "cuda")
+                                 if device.type == "cuda" and st[b]["usable"]])
+
+    xtr, ytr, xte, yte = load_digits_split(device)
+    tau = 1.0 / (1.0 - 0.99)  # the paper's decay 0.99
+
+    torch.manual_seed(args.seed)
+    impls: dict[str, nn.Module] = {}
+    first = None
+    for be in backends:
+        torch.manual_seed(args.seed)
+        m = models.build("conv4", "binwslt", num_classes=10, in_channels=1, input_size=8,
+                         timesteps=args.timesteps, prune_rate=args.prune_rate, decay=0.99,
+                         decay_input=False, v_threshold=1.0, v_reset=0.0, detach_reset=True,
+                         surrogate="atan", surrogate_alpha=2.0, bn=True, bn_affine=False,
+                         backend=be).to(device)
+        if first is None:
+            first = m
+        else:
+            m.load_state_dict(first.state_dict())
+        impls[f"binslt-{be}"] = m
+    base = BaselineConv4(1, 8, args.timesteps, args.prune_rate, tau).to(device)
+    copy_init(first, base)
+    impls["sj-biprop"] = base
+
+    # Same start: the two networks must compute the same function and score gradient.
+    probe = min(args.batch_size, len(ytr))
+    agree = {name: init_agreement(m, base, xtr[:probe], ytr[:probe])
+             for name, m in impls.items() if name != "sj-biprop"}
+
+    opts = {name: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=args.lr,
+                                  momentum=0.9)
+            for name, m in impls.items()}
+    # Warm-up: two batches each, not timed (first-call allocations, oneDNN primitive creation).
+    for name, m in impls.items():
+        train_epoch(m, opts[name], xtr, ytr, batches(len(ytr), args.batch_size, -1, args.seed, 2),
+                    device)
+    times = {name: [] for name in impls}
+    losses = {name: math.nan for name in impls}
+    for ep in range(args.repeats):
+        order = batches(len(ytr), args.batch_size, ep, args.seed, args.max_batches)
+        for name, m in impls.items():  # interleaved: A B C, A B C, ...
+            dt, loss = train_epoch(m, opts[name], xtr, ytr, order, device)
+            times[name].append(dt)
+            losses[name] = loss
+        print(f"# epoch {ep}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()),
+              flush=True)
+    evals = {name: evaluate(m, xte, yte, args.batch_size, device, args.max_batches)
+             for name, m in impls.items()}
+
+    sj_t = statistics.median(times["sj-biprop"])
+    sj_e = evals["sj-biprop"][0]
+    n_batches = len(batches(len(ytr), args.batch_size, 0, args.seed, args.max_batches))
+    rows = []
+    for name in impls:
+        t = statistics.median(times[name])
+        rows.append({
+            "impl": name, "backend": name.split("-", 1)[1] if name.startswith("binslt") else "",
+            "epoch_s": t, "sj_epoch_s": sj_t, "speedup": sj_t / t,
+            "eval_s": evals[name][0], "sj_eval_s": sj_e, "eval_speedup": sj_e / evals[name][0],
+            "batches": n_batches, "batch_size": args.batch_size, "T": args.timesteps,
+            "train_loss": losses[name], "test_acc": evals[name][1],
+            "init_logit_diff": agree[name][0] if name in agree else "",
+            "init_grad_rel_err": agree[name][1] if name in agree else "",
+        })
+
+    meta = machine_info(device)
+    meta.update({
+        "benchmark": "search_epoch (Conv-4 BinW-SLT on sklearn digits, 1437 train / 360 test)",
+        "sj_lif_impl": sj_lif_implementation(device),
+        "neuron": "LIF decay 0.99 (tau 100) decay_input=False v_threshold=1 v_reset=0 ATan(2) "
+                  "detach_reset=True; non-affine BN",
+        "optimizer": f"SGD lr={args.lr} momentum=0.9 on the scores",
+        "prune_rate": f"{args.prune_rate:g}",
+        "repeats": f"{args.repeats} epochs each, interleaved (median)",
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None
+                                                          else sys.argv[1:])),
+    })
+    stem = f"search_epoch_{device_slug(device)}" + (f"_{args.tag}" if args.tag else "")
+    path = Path(args.out) / f"{stem}.csv"
+    write_csv(path, rows, COLUMNS, meta)
+    print_table(rows, ["impl", "epoch_s", "sj_epoch_s", "speedup", "eval_speedup", "train_loss",
+                       "test_acc", "init_logit_diff", "init_grad_rel_err"])
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The benchmark scripts run and write well-formed results (nothing here is timed).
+
+``benchmarks/conv_lif.py --quick`` must produce one CSV row per backend x mode for the anchor
+shape, with positive ratios and the machine record; ``benchmarks/search_epoch.py`` must run a
+two-batch epoch. The memory helpers they rely on are checked directly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the benchmarks never time the interpreter
+    # One thread: on a shared 2-core runner, OpenMP spin-waiting makes 2 threads 10x slower.
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _expected_cpu_backends() -> set[str]:
+    import binslt
+
+    st = binslt.backends()
+    return {"torch"} | ({"cpu"} if st["cpu"]["usable"] else set())
+
+
+def _num(v: str) -> float:
+    x = float(v)
+    assert math.isfinite(x), v
+    return x
+
+
+def test_conv_lif_quick_writes_csv(tmp_path):
+    _run("conv_lif.py", "--quick", "--threads", "1", "--out", str(tmp_path))
+    csvs = list(tmp_path.glob("conv_lif_cpu-*.csv"))
+    assert len(csvs) == 1, list(tmp_path.iterdir())
+    assert csvs[0].with_suffix(".png").stat().st_size > 0
+    meta, rows = common.read_csv(csvs[0])
+    for key in ("device", "cpu_cores", "torch", "triton", "spikingjelly", "binslt",
+                "git_commit", "sj_lif_impl", "neuron"):
+        assert meta.get(key), f"CSV header lacks {key!r}: {meta}"
+    assert set(rows[0]) == set(_load_columns())
+    backends = _expected_cpu_backends()
+    got = {(r["backend"], r["mode"]) for r in rows}
+    assert got == {(b, m) for b in backends for m in ("eval_fwd", "train_fwdbwd")}
+    assert len(rows) == len(got)  # one row per backend x mode
+    for r in rows:
+        assert r["shape"] == "anchor"
+        assert (int(r["T"]), int(r["N"]), int(r["C_in"]), int(r["C_out"]), int(r["H"])) == \
+            (4, 16, 128, 128, 16)
+        ms, sj_ms, speedup = _num(r["ms"]), _num(r["sj_ms"]), _num(r["speedup"])
+        assert ms > 0 and sj_ms > 0 and speedup > 0
+        assert speedup == pytest.approx(sj_ms / ms, rel=1e-3)
+        assert 0.0 <= _num(r["out_rate"]) <= 1.0 and 0.0 <= _num(r["sj_out_rate"]) <= 1.0
+        if r["mode"] == "train_fwdbwd":
+            saved, sj_saved = int(r["saved_bytes"]), int(r["sj_saved_bytes"])
+            # SpikingJelly keeps at least the fp32 input spikes for the conv's weight gradient.
+            assert sj_saved >= 4 * 4 * 16 * 128 * 16 * 16
+            assert saved > 0 and _num(r["saved_ratio"]) == pytest.approx(sj_saved / saved,
+                                                                        rel=1e-3)
+        else:
+            assert r["saved_bytes"] == "" and r["saved_ratio"] == ""
+        if r["backend"] != "torch":  # checked against the reference on the same weights
+            assert _num(r["spike_mismatch"]) < 0.01
+            assert _num(r["grad_rel_err"]) < 1e-3
+
+
+def _load_columns() -> list[str]:
+    sys.path.insert(0, str(BENCH))
+    import conv_lif
+
+    return conv_lif.COLUMNS
+
+
+def test_search_epoch_smoke(tmp_path):
+    _run("search_epoch.py", "--max-batches", "2", "--repeats", "1", "--batch-size", "16",
+         "--threads", "1", "--out", str(tmp_path))
+    csvs = list(tmp_path.glob("search_epoch_cpu-*.csv"))
+    assert len(csvs) == 1
+    meta, rows = common.read_csv(csvs[0])
+    assert meta.get("git_commit") and meta.get("torch")
+    impls = {r["impl"] for r in rows}
+    assert impls == {f"binslt-{b}" for b in _expected_cpu_backends()} | {"sj-biprop"}
+    for r in rows:
+        assert _num(r["epoch_s"]) > 0 and _num(r["speedup"]) > 0
+        assert int(r["batches"]) == 2
+        if r["impl"] != "sj-biprop":
+            # The independent baseline computes the same network from the same start.
+            assert _num(r["init_logit_diff"]) < 1e-3
+            assert _num(r["init_grad_rel_err"]) < 1e-3
+
+
+def test_saved_tensor_bytes_dedups_storages():
+    x = torch.randn(1000, requires_grad=True)  # 4000 bytes
+    with common.SavedTensorBytes() as saved:
+        y = x * x  # saves x twice (same storage)
+    assert saved.nbytes == 4000
+    with common.SavedTensorBytes() as saved2:
+        z = torch.sigmoid(x[:500])  # saves its 500-element output
+        w = x[:10].exp()  # saves its own output
+    assert saved2.nbytes == 500 * 4 + 10 * 4
+    (y.sum() + z.sum() + w.sum()).backward()
+
+
+def test_peak_memory_sees_a_large_cpu_allocation():
+    with common.PeakMemory(torch.device("cpu")) as peak:
+        t = torch.ones(16 << 20, dtype=torch.uint8)  # 16 MiB, touched
+        del t
+    if peak.kind == "rss_hwm":
+        assert peak.nbytes >= 15 << 20
+    else:  # process-wide peak: at least as large
+        assert peak.absolute >= 16 << 20

@@ -1,0 +1,775 @@
+"""Operation counts and theoretical compute energy (the paper's eq. 6-7, Table 2, Fig. 3).
+
+:func:`report` runs a model on real images with forward hooks on every weighted layer
+(``nn.Conv1d/2d/3d`` and ``nn.Linear``, which covers SpikingJelly's ``layer.Conv2d`` /
+``layer.Linear``, and binslt's ``BinSpikeConv2d``, ``BinSpikeLinear``, ``BinConv2d``,
+``BinLinear``) and returns per-layer MACs, input firing rates, SOPs and energy.
+
+Definitions (per sample; averaged over every image seen)
+--------------------------------------------------------
+- ``macs``: the dense multiply-accumulates of one pass of the layer over one sample and one
+  timestep: output elements x (C_in/groups x kh x kw) for a convolution, in x out for a linear
+  layer. Pruned (masked) weights are counted like any other: the paper's OPs for BinW-SLT differ
+  from the SNN's only through the firing rates, and so do ours.
+- ``timesteps``: how many times the layer processes each sample, i.e. the number of input rows
+  it saw divided by the number of samples (T for multi-step ``[T, N, ...]`` input and for
+  ``[T*N, ...]`` flattened input; 1 for an ANN).
+- ``input_rate``: the fraction of nonzero input elements (the firing rate for spike input).
+- ``input``: ``'spike'`` when every input element the layer saw is exactly 0 or 1, the model
+  is spiking (it holds a LIF neuron: binslt's spiking layers or ``LIF``, or a SpikingJelly
+  neuron) and the layer was not built with ``input='real'`` (binslt layers); ``'real'``
+  otherwise. So the classifier after ResNet-19's global average pool (spike averages) is
+  ``'real'``. An ANN's layers and the BNN-BinAct baseline's layers (inputs
+  +-1) are always ``'real'``.
+
+Energy (DESIGN.md section 5; 45 nm figures: ``e_mac`` = 4.6 pJ, ``e_sop`` = 0.9 pJ)
+------------------------------------------------------------------------------------
+- ``'spike'`` layers perform synaptic operations, eq. (6): ``SOPs = input_rate x timesteps x
+  MACs``, at ``e_sop`` each.
+- ``'real'`` layers perform MACs at ``e_mac`` each, once per *distinct* pass: ``ops = MACs x
+  passes``. ``passes`` equals ``timesteps``, except that a multi-step call whose T time slices
+  are identical counts once (1 pass per call). This is the direct-encoding first layer of an
+  SNN: the image is repeated over T, so its convolution is the same at every step and is
+  computed once. That is eq. (7)'s ``E_flop x FLOP^1_SConv`` (first-layer FLOPs, not multiplied
+  by T), and it is the reading that reproduces Table 2: with the first conv counted once,
+  ResNet-19 BinW-SLT's 1.689 G OPs give 1.527 mJ (paper: 1.528) and the SNN's 1.778 G give
+  1.607 mJ (paper: 1.609); counting it T times would give 1.546 mJ and 1.625 mJ. A real-input
+  layer deeper in a spiking network (e.g. a classifier fed with spike *averages*) varies over
+  time and is counted ``timesteps`` times.
+- So an ANN (and BNN-BinAct) costs ``E = e_mac x sum MACs``, and an SNN costs eq. (7):
+  ``E = e_mac x MACs(first conv) + e_sop x sum_other (rate x T x MACs)``.
+
+``total_ops_g`` is the sum of every layer's ``ops`` (MACs for real-input layers, SOPs for spike
+layers) in G; ``total_energy_mj`` the sum of the energies (1 pJ x 1e9 = 1 mJ).
+
+The ``binslt energy`` and ``binslt plot energy|activations`` subcommands live here too
+(:func:`add_cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from .layers import LIF, BinConv2d, BinLinear, BinSpikeConv2d, BinSpikeLinear
+
+E_MAC_PJ = 4.6  #: energy of one 32-bit float MAC at 45 nm (Horowitz 2014), pJ
+E_SOP_PJ = 0.9  #: energy of one synaptic (accumulate-only) operation at 45 nm, pJ
+
+_BINSLT_LAYERS = (BinSpikeConv2d, BinSpikeLinear, BinConv2d, BinLinear)
+_CONV_LIKE = (nn.modules.conv._ConvNd, BinSpikeConv2d, BinConv2d)
+_LINEAR_LIKE = (nn.Linear, BinSpikeLinear, BinLinear)
+
+Batches = Union[torch.Tensor, Iterable[Any]]
+
+
+def _spiking_neuron_types() -> tuple[type, ...]:
+    """Module types that make a model spiking. SpikingJelly's neurons count only when
+    SpikingJelly is already imported (a model built from them has imported it)."""
+    types: list[type] = [BinSpikeConv2d, BinSpikeLinear, LIF]
+    sj = sys.modules.get("spikingjelly.activation_based.neuron")
+    base = getattr(sj, "BaseNode", None) if sj is not None else None
+    if isinstance(base, type):
+        types.append(base)
+    return tuple(types)
+
+
+def is_spiking(model: nn.Module) -> bool:
+    """True when ``model`` holds a spiking neuron (a binslt spiking layer, ``LIF`` or a
+    SpikingJelly neuron)."""
+    types = _spiking_neuron_types()
+    return any(isinstance(m, types) for m in model.modules())
+
+
+def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs whose operations are counted, in definition order."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, _BINSLT_LAYERS + _CONV_LIKE + _LINEAR_LIKE):
+            out.append((name or type(m).__name__, m))
+    return out
+
+
+def _fan_in(m: nn.Module) -> int:
+    """MACs per output element: C_in/groups x prod(kernel) (conv) or in_features (linear)."""
+    w = m.weight
+    return int(w[0].numel())
+
+
+def _row_size(m: nn.Module, x: torch.Tensor) -> int:
+    """Elements of one (sample, timestep) slice of the layer's input."""
+    if isinstance(m, _LINEAR_LIKE):
+        return int(x.shape[-1])
+    spatial = m.weight.dim() - 2  # kernel dims of a conv
+    return int(math.prod(x.shape[-(spatial + 1):]))
+
+
+class _LayerStats:
+    __slots__ = ("name", "module", "kind", "order", "rows", "nnz", "numel", "binary", "passes",
+                 "macs_total", "calls")
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name, self.module, self.kind = name, module, type(module).__name__
+        self.order = -1
+        self.rows = 0  # (sample, timestep) slices processed, over all calls
+        self.nnz = 0
+        self.numel = 0
+        self.binary = True
+        self.passes = 0  # distinct dense passes: rows, but a time-repeated input counts once
+        self.macs_total = 0  # sum over calls of rows x MACs per row
+        self.calls = 0
+
+
+class EnergyMeter:
+    """Hooks that accumulate per-layer counts over any number of batches.
+
+    Use :func:`report` for the common case. ``with EnergyMeter(model) as m: m.run(batch); ...;
+    m.report()`` accumulates several batches (``binslt energy`` does this over a test set).
+    """
+
+    def __init__(self, model: nn.Module, *, spiking: bool | None = None,
+                 e_mac_pj: float = E_MAC_PJ, e_sop_pj: float = E_SOP_PJ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        for nm, v in (("e_mac_pj", e_mac_pj), ("e_sop_pj", e_sop_pj)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{nm} must be a finite non-negative number of pJ, got {v!r}")
+        self.model = model
+        self.spiking = is_spiking(model) if spiking is None else bool(spiking)
+        self.e_mac_pj, self.e_sop_pj = float(e_mac_pj), float(e_sop_pj)
+        layers = weighted_layers(model)
+        if not layers:
+            raise ValueError("the model has no Conv/Linear layer to count (looked for nn.ConvNd, "
+                             "nn.Linear and binslt's BinSpike*/Bin* layers)")
+        self._stats = [_LayerStats(n, m) for n, m in layers]
+        self._handles: list[Any] = []
+        self._samples = 0
+        self._batch = 0  # size of the batch being run
+        self._next_order = 0
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _hook(self, st: _LayerStats):
+        def hook(module, args, kwargs, out):
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
+                return
+            x = x.detach()
+            row = _row_size(module, x)
+            rows = x.numel() // max(row, 1)
+            if rows == 0:
+                return
+            if st.order < 0:
+                st.order = self._next_order
+                self._next_order += 1
+            st.calls += 1
+            st.rows += rows
+            st.numel += x.numel()
+            st.nnz += int(torch.count_nonzero(x))
+            if st.binary:
+                st.binary = bool(((x == 0) | (x == 1)).all())
+            # MACs per row = output elements per row x fan-in.
+            st.macs_total += (out.numel() // rows) * _fan_in(module) * rows
+            st.passes += self._distinct_passes(x, rows, row)
+        return hook
+
+    def _distinct_passes(self, x: torch.Tensor, rows: int, row: int) -> int:
+        n = self._batch
+        if n <= 0 or rows % n or rows == n:
+            return rows
+        t = rows // n
+        v = x.reshape(t, n * row)
+        return n if bool((v == v[:1]).all()) else rows
+
+    def __enter__(self) -> EnergyMeter:
+        for st in self._stats:
+            self._handles.append(st.module.register_forward_hook(self._hook(st), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # -- running ---------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        for b in self.model.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    @torch.no_grad()
+    def run(self, images: torch.Tensor) -> torch.Tensor:
+        """Run the model (in eval mode) on one batch ``[N, C, H, W]`` and return its output."""
+        if not self._handles:
+            raise RuntimeError("EnergyMeter.run must be called inside `with EnergyMeter(...)`")
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"inputs must be a tensor [N, C, H, W], got {type(images).__name__}")
+        if images.dim() < 2 or images.shape[0] == 0:
+            raise ValueError(f"inputs must be a non-empty batch [N, ...], got shape "
+                             f"{tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"inputs must be floating point images, got {images.dtype}")
+        was = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        self._batch = int(images.shape[0])
+        try:
+            _reset(self.model)
+            out = self.model(images.to(self._device()))
+            _reset(self.model)
+        finally:
+            for m, t in was.items():
+                m.training = t
+            self._batch = 0
+        self._samples += int(images.shape[0])
+        return out
+
+    # -- results ---------------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        """The accumulated counts as a report dict (see :func:`report`)."""
+        n = self._samples
+        if n == 0:
+            raise RuntimeError("no batch has been run yet; call run(images) first")
+        rows, total_macs, total_sops, total_ops, total_e = [], 0.0, 0.0, 0.0, 0.0
+        seen = sorted((s for s in self._stats if s.calls), key=lambda s: s.order)
+        if not seen:
+            raise RuntimeError("the model ran but none of its Conv/Linear layers was called")
+        for st in seen:
+            timesteps = st.rows / n
+            macs = st.macs_total / st.rows  # per sample and timestep
+            rate = st.nnz / st.numel if st.numel else 0.0
+            # A binslt layer built with input='real' is a real-input layer whatever it saw.
+            spike = self.spiking and st.binary and getattr(st.module, "input", None) != "real"
+            if spike:
+                sops = rate * timesteps * macs
+                ops, passes = sops, timesteps
+                energy_pj = self.e_sop_pj * sops
+            else:
+                passes = st.passes / n
+                sops = 0.0
+                ops = macs * passes
+                energy_pj = self.e_mac_pj * ops
+            rows.append({
+                "name": st.name, "kind": st.kind, "input": "spike" if spike else "real",
+                "macs": macs, "timesteps": timesteps, "passes": passes, "input_rate": rate,
+                "sops": sops, "ops": ops, "energy_mj": energy_pj * 1e-9,
+            })
+            total_macs += macs
+            total_sops += sops
+            total_ops += ops
+            total_e += energy_pj * 1e-9
+        return {
+            "model": type(self.model).__name__,
+            "build_config": _jsonable(getattr(self.model, "build_config", None)),
+            "spiking": self.spiking, "samples": n,
+            "e_mac_pj": self.e_mac_pj, "e_sop_pj": self.e_sop_pj,
+            "layers": rows,
+            "total_macs_g": total_macs / 1e9, "total_sops_g": total_sops / 1e9,
+            "total_ops_g": total_ops / 1e9, "total_energy_mj": total_e,
+        }
+
+
+def _reset(model: nn.Module) -> None:
+    # What SpikingJelly's functional.reset_net does (binslt layers' reset() is a no-op).
+    for m in model.modules():
+        r = getattr(m, "reset", None)
+        if callable(r):
+            r()
+
+
+def _jsonable(obj: Any) -> Any:
+    if obj is None:
+        return None
+    try:
+        return json.loads(json.dumps(obj))
+    except (TypeError, ValueError):
+        return {k: repr(v) for k, v in dict(obj).items()} if isinstance(obj, dict) else repr(obj)
+
+
+def _iter_images(inputs: Batches) -> Iterable[torch.Tensor]:
+    if isinstance(inputs, torch.Tensor):
+        yield inputs
+        return
+    if not isinstance(inputs, Iterable):
+        raise TypeError("inputs must be an image batch [N, C, H, W] or an iterable of batches "
+                        f"(tensors or (images, labels) pairs), got {type(inputs).__name__}")
+    for b in inputs:
+        if isinstance(b, (tuple, list)):
+            if not b:
+                raise ValueError("an empty (images, labels) batch")
+            b = b[0]
+        yield b
+
+
+def report(model: nn.Module, inputs: Batches, *, spiking: bool | None = None,
+           e_mac_pj: float = E_MAC_PJ, e_sop_pj: float = E_SOP_PJ,
+           max_batches: int | None = None) -> dict[str, Any]:
+    """Run ``model`` (eval mode, no grad) on ``inputs`` and count its operations and energy.
+
+    Args:
+        model: any module whose forward takes images ``[N, C, H, W]`` (binslt.models networks
+            handle the time dimension inside).
+        inputs: one batch ``[N, C, H, W]`` or an iterable of batches (tensors or ``(images,
+            labels)`` pairs, e.g. a DataLoader); counts are per sample, averaged over all.
+        spiking: override the automatic detection (a model is spiking if it holds a neuron).
+        e_mac_pj / e_sop_pj: energy per MAC and per SOP in pJ.
+        max_batches: stop after this many batches of an iterable.
+
+    Returns:
+        ``{'layers': [{name, kind, input, macs, timesteps, passes, input_rate, sops, ops,
+        energy_mj}, ...], 'total_macs_g', 'total_sops_g', 'total_ops_g', 'total_energy_mj',
+        'spiking', 'samples', 'e_mac_pj', 'e_sop_pj', 'model', 'build_config'}``, JSON-ready.
+        See the module docstring for the definitions.
+    """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    with EnergyMeter(model, spiking=spiking, e_mac_pj=e_mac_pj, e_sop_pj=e_sop_pj) as meter:
+        for i, images in enumerate(_iter_images(inputs)):
+            if max_batches is not None and i >= max_batches:
+                break
+            meter.run(images)
+        if meter._samples == 0:
+            raise ValueError("inputs held no batch")
+        return meter.report()
+
+
+def format_table(rep: dict[str, Any]) -> str:
+    """A Table-2-style text table of a :func:`report` (ops in G, energy in mJ)."""
+    head = ("layer", "kind", "input", "MACs (G)", "T", "rate", "SOPs (G)", "OPs (G)",
+            "energy (mJ)")
+    body = []
+    for r in rep["layers"]:
+        body.append((r["name"], r["kind"], r["input"], f"{r['macs'] / 1e9:.6f}",
+                     f"{r['timesteps']:g}", f"{r['input_rate']:.4f}", f"{r['sops'] / 1e9:.6f}",
+                     f"{r['ops'] / 1e9:.6f}", f"{r['energy_mj']:.6f}"))
+    body.append(("total", "", "", f"{rep['total_macs_g']:.6f}", "", "",
+                 f"{rep['total_sops_g']:.6f}", f"{rep['total_ops_g']:.6f}",
+                 f"{rep['total_energy_mj']:.6f}"))
+    widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(len(head))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [str(c).ljust(w) if i < 3 else str(c).rjust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
+        return "  ".join(cells).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    kind = "spiking" if rep["spiking"] else "non-spiking"
+    title = (f"{rep.get('model', 'model')} ({kind}), per sample over {rep['samples']} samples; "
+             f"E_MAC={rep['e_mac_pj']:g} pJ, E_SOP={rep['e_sop_pj']:g} pJ")
+    lines = [title, line(head), sep, *(line(r) for r in body[:-1]), sep, line(body[-1])]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Last hidden layer activations (Fig. 1)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def last_hidden_activations(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The input of the model's last executed Conv/Linear layer (its classifier) per image,
+    ``[N, F]``: ReLU activations (ANN), +-1 signs (BNN-BinAct), or spike counts summed over
+    the T timesteps (spiking models). Runs the model in eval mode."""
+    layers = weighted_layers(model)
+    if not layers:
+        raise ValueError("the model has no Conv/Linear layer")
+    if not isinstance(images, torch.Tensor) or images.dim() < 2 or images.shape[0] == 0:
+        raise ValueError("images must be a non-empty batch tensor [N, C, H, W]")
+    n = int(images.shape[0])
+    last: dict[str, Any] = {}
+
+    def hook(module, args, kwargs, out):
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(x, torch.Tensor):
+            last["x"] = x.detach()
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for _, m in layers]
+    was = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+        _reset(model)
+        model(images.to(dev))
+        _reset(model)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in was.items():
+            m.training = t
+    x = last["x"].float().cpu()
+    feats = x.reshape(-1, n, x.shape[-1]) if x.numel() // x.shape[-1] != n else x.reshape(n, -1)
+    return feats.sum(0) if feats.dim() == 3 else feats
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: `binslt energy`, `binslt plot energy`, `binslt plot activations`
+# ---------------------------------------------------------------------------------------------
+
+METHOD_LABELS = {"ann": "ANN", "snn": "SNN", "bnn": "BNN-BinAct", "binwslt": "BinW-SLT"}
+
+
+class EnergyCLIError(Exception):
+    """A user-facing problem (bad source, missing dataset); printed as one line."""
+
+
+def load_model(src: str, device: Union[str, torch.device] = "cpu",
+               backend: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A model from a ``binslt search/train`` run directory, ticket or checkpoint file.
+
+    Returns ``(model, source)`` where ``source`` holds the run's ``config`` (dataset etc.),
+    ``build_config`` and ``path``. Uses :func:`binslt.train.load_source` and
+    :func:`binslt.train.rebuild_model`.
+    """
+    from . import train
+
+    if not Path(src).expanduser().exists():
+        raise EnergyCLIError(f"{str(src)!r}: no such run directory, ticket or checkpoint")
+    try:
+        source = train.load_source(str(src))
+        model = train.rebuild_model(source["build_config"], backend=backend)
+        model.load_state_dict(source["state_dict"])
+    except train.RunError as exc:
+        raise EnergyCLIError(str(exc)) from None
+    except RuntimeError as exc:
+        raise EnergyCLIError(f"{src}: the saved weights do not fit the saved build config: "
+                             f"{str(exc).splitlines()[0]}") from None
+    return model.to(device), source
+
+
+def _batches(model: nn.Module, dataset: str, data_dir: str, image_size: int, split: str,
+             batch_size: int, batches: int, download: bool, seed: int) -> list[torch.Tensor]:
+    """Up to ``batches`` image batches of ``dataset`` (``random``: standard normal images of the
+    model's input shape, for MAC counts; their firing rates mean nothing)."""
+    if dataset == "random":
+        cfg = getattr(model, "build_config", None) or {}
+        c, s = cfg.get("in_channels"), cfg.get("input_size")
+        if c is None or s is None:
+            raise EnergyCLIError("--dataset random needs a binslt model (build_config with "
+                                 "in_channels and input_size)")
+        h, w = (s, s) if isinstance(s, int) else tuple(s)
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(batch_size, c, h, w, generator=g) for _ in range(batches)]
+    from torch.utils.data import DataLoader
+
+    from . import data
+
+    try:
+        bundle = data.load(dataset, data_dir=data_dir, download=download, image_size=image_size)
+    except data.DatasetError as exc:
+        raise EnergyCLIError(str(exc)) from None
+    ds = bundle.test if split == "test" else bundle.train
+    out = []
+    for i, (x, _y) in enumerate(DataLoader(ds, batch_size=batch_size, shuffle=False)):
+        if i >= batches:
+            break
+        out.append(x)
+    if not out:
+        raise EnergyCLIError(f"the {split} split of {dataset!r} is empty")
+    return out
+
+
+def _label(model: nn.Module, fallback: str) -> str:
+    cfg = getattr(model, "build_config", None) or {}
+    v = cfg.get("variant")
+    return METHOD_LABELS.get(v, fallback) if v else fallback
+
+
+def _models_from_args(args: argparse.Namespace, methods: Sequence[str], device: torch.device,
+                      ) -> list[tuple[str, nn.Module, dict[str, Any]]]:
+    """(label, model, data settings) from --runs, else fresh --arch builds per method."""
+    out = []
+    if args.runs:
+        for src in args.runs:
+            model, source = load_model(src, device, args.backend)
+            cfg = source.get("config") or {}
+            settings = {"dataset": args.dataset or cfg.get("dataset") or "random",
+                        "data_dir": args.data_dir or cfg.get("data_dir") or "data",
+                        "image_size": cfg.get("image_size", 32)}
+            out.append((_label(model, Path(src).name), model, settings))
+        return out
+    from . import models
+
+    dataset = args.dataset or "random"
+    if dataset == "random":
+        shape = {"num_classes": 10, "in_channels": args.in_channels,
+                 "input_size": args.input_size}
+    else:
+        from . import data
+
+        try:
+            b = data.load(dataset, data_dir=args.data_dir or "data", download=args.download,
+                          image_size=args.input_size)
+        except data.DatasetError as exc:
+            raise EnergyCLIError(str(exc)) from None
+        shape = {"num_classes": b.num_classes, "in_channels": b.in_channels,
+                 "input_size": b.input_size}
+    for meth in methods:
+        torch.manual_seed(args.seed)
+        try:
+            model = models.build(args.arch, meth, timesteps=args.timesteps,
+                                 prune_rate=args.prune_rate, backend=args.backend or "auto",
+                                 **shape)
+        except ValueError as exc:
+            raise EnergyCLIError(f"cannot build {args.arch}/{meth}: {exc}") from None
+        out.append((METHOD_LABELS.get(meth, meth), model.to(device),
+                    {"dataset": dataset, "data_dir": args.data_dir or "data",
+                     "image_size": args.input_size}))
+    return out
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise EnergyCLIError(f"--device {spec} asked for, but no CUDA device is visible; use "
+                             "--device cpu")
+    try:
+        return torch.device(spec)
+    except RuntimeError as exc:
+        raise EnergyCLIError(f"bad --device {spec!r}: {exc}") from None
+
+
+def _add_source_args(p: argparse.ArgumentParser, *, methods_default: Sequence[str]) -> None:
+    p.add_argument("--runs", nargs="+", metavar="SRC",
+                   help="run directories / ticket / checkpoint files (else fresh --arch builds)")
+    p.add_argument("--arch", default="conv4",
+                   help="architecture of the fresh (untrained) models (default conv4)")
+    p.add_argument("--methods", nargs="+", default=list(methods_default),
+                   choices=tuple(METHOD_LABELS),
+                   help=f"variants to build fresh (default {' '.join(methods_default)})")
+    _add_data_args(p)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default=None,
+                   help="dataset spec for the firing rates (binslt.data: digits, cifar10, "
+                        "cifar100, imagefolder:PATH, npz:PATH) or 'random' (normal noise, MAC "
+                        "counts only); default: the run's own dataset, else random")
+    p.add_argument("--data-dir", default=None, help="dataset root (default: the run's, or data)")
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--batch-size", type=_pos_int_arg, default=64)
+    p.add_argument("--batches", type=_pos_int_arg, default=2,
+                   help="number of batches to average the firing rates over (default 2)")
+    p.add_argument("--input-size", type=_pos_int_arg, default=32,
+                   help="fresh builds with --dataset random / imagefolder: image size")
+    p.add_argument("--in-channels", type=_pos_int_arg, default=3,
+                   help="fresh builds with --dataset random: image channels")
+    p.add_argument("--timesteps", type=_pos_int_arg, default=4, help="fresh builds: T")
+    p.add_argument("--prune-rate", type=float, default=0.5,
+                   help="fresh builds: fraction of weights removed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:K | auto (default cpu)")
+    p.add_argument("--backend", default=None, help="binslt layer backend (default: the saved one)")
+    p.add_argument("--e-mac", type=float, default=E_MAC_PJ, help="pJ per MAC (default 4.6)")
+    p.add_argument("--e-sop", type=float, default=E_SOP_PJ, help="pJ per SOP (default 0.9)")
+
+
+def _pos_int_arg(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _report_for(model: nn.Module, settings: dict[str, Any], args: argparse.Namespace,
+                ) -> dict[str, Any]:
+    images = _batches(model, settings["dataset"], settings["data_dir"], settings["image_size"],
+                      args.split, args.batch_size, args.batches, args.download, args.seed)
+    try:
+        rep = report(model, images, e_mac_pj=args.e_mac, e_sop_pj=args.e_sop)
+    except ValueError as exc:  # wrong image shape for the model, bad energy constants
+        raise EnergyCLIError(str(exc).splitlines()[0]) from None
+    rep["dataset"] = settings["dataset"]
+    rep["split"] = args.split
+    return rep
+
+
+def _write_json(obj: Any, path: str) -> None:
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _cmd_energy(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    if args.source:
+        model, source = load_model(args.source, device, args.backend)
+        cfg = source.get("config") or {}
+        settings = {"dataset": args.dataset or cfg.get("dataset") or "random",
+                    "data_dir": args.data_dir or cfg.get("data_dir") or "data",
+                    "image_size": cfg.get("image_size", 32)}
+        label = source["path"]
+    else:
+        if not args.arch or not args.method:
+            raise EnergyCLIError("give a run directory / ticket / checkpoint, or --arch and "
+                                 "--method for a freshly built model")
+        args.runs = None
+        (label, model, settings), = _models_from_args(args, [args.method], device)
+        label = f"fresh {args.arch}/{args.method}"
+    rep = _report_for(model, settings, args)
+    rep["source"] = label
+    print(f"{label}: dataset {settings['dataset']} ({args.split}), {rep['samples']} samples")
+    print(format_table(rep))
+    if args.json:
+        _write_json(rep, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _cmd_plot_energy(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    entries = _models_from_args(args, args.methods, device)
+    reps = [(label, _report_for(model, settings, args)) for label, model, settings in entries]
+    energies = [r["total_energy_mj"] for _, r in reps]
+    labels = [lab for lab, _ in reps]
+    ref_i = labels.index("ANN") if "ANN" in labels else max(range(len(energies)),
+                                                           key=energies.__getitem__)
+    if energies[ref_i] <= 0:
+        raise EnergyCLIError(f"{labels[ref_i]} has zero energy; nothing to normalise by")
+    norm = [e / energies[ref_i] for e in energies]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(reps), 3.6))
+    bars = ax.bar(labels, norm, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52",
+                                        "#8172b3"][: len(reps)] or None)
+    for b, e, nv in zip(bars, energies, norm):
+        saving = energies[ref_i] / e if e > 0 else float("inf")
+        ax.annotate(f"{e:.3g} mJ\n{saving:.2f}x", (b.get_x() + b.get_width() / 2, nv),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel(f"compute energy / {labels[ref_i]}")
+    ax.set_ylim(0, max(norm) * 1.3)
+    ax.set_title("Normalised compute energy (eq. 7)")
+    fig.tight_layout()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=args.dpi)
+    plt.close(fig)
+    for (label, r), nv in zip(reps, norm):
+        print(f"{label:12s} OPs {r['total_ops_g']:.4f} G  energy {r['total_energy_mj']:.4f} mJ  "
+              f"normalised {nv:.4f}")
+    print(f"wrote {out}")
+    if args.json:
+        _write_json({label: r for label, r in reps}, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_plot_activations(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    entries = _models_from_args(args, args.methods, device)
+    maps = []
+    for label, model, settings in entries:
+        images = _batches(model, settings["dataset"], settings["data_dir"],
+                          settings["image_size"], args.split, args.num_inputs, 1, args.download,
+                          args.seed)[0]
+        try:
+            acts = last_hidden_activations(model, images)
+        except ValueError as exc:
+            raise EnergyCLIError(str(exc).splitlines()[0]) from None
+        if args.neurons:
+            acts = acts[:, : args.neurons]
+        maps.append((label, acts))
+    plt = _plt()
+    k = maps[0][1].shape[0]
+    fig, axes = plt.subplots(k, len(maps), figsize=(2.3 * len(maps), 2.1 * k + 0.9),
+                             squeeze=False, constrained_layout=True)
+    for j, (label, acts) in enumerate(maps):
+        f = acts.shape[1]
+        side = math.ceil(math.sqrt(f))
+        grid = torch.full((acts.shape[0], side * side), float("nan"))
+        grid[:, :f] = acts
+        lo, hi = float(acts.min()), float(acts.max())
+        if hi <= lo:
+            hi = lo + 1.0
+        for i in range(k):
+            ax = axes[i][j]
+            im = ax.imshow(grid[i].view(side, side).numpy(), cmap="viridis", vmin=lo, vmax=hi)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"{label}\n({f} neurons)", fontsize=9)
+        fig.colorbar(im, ax=axes[:, j].tolist(), location="bottom", shrink=0.8)
+    what = "saved runs" if args.runs else f"fresh untrained {args.arch} models"
+    fig.suptitle(f"Last hidden layer activations, {what}\n(spiking: spike counts over T)",
+                 fontsize=10)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=args.dpi)
+    plt.close(fig)
+    for label, acts in maps:
+        nz = float((acts != 0).float().mean())
+        print(f"{label:12s} {tuple(acts.shape)} nonzero fraction {nz:.3f}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _guard(fn):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except EnergyCLIError as exc:
+            print(f"binslt: error: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``energy`` and ``plot`` (``plot energy``, ``plot activations``) on a
+    subparsers object. Each parser's ``func(args) -> int`` runs the command."""
+    p = subparsers.add_parser(
+        "energy", help="per-layer MACs, firing rates, SOPs and energy (paper eq. 6-7)",
+        description="Count MACs / SOPs and estimate compute energy (4.6 pJ per MAC, 0.9 pJ per "
+                    "SOP) of a saved run, ticket or checkpoint, or of a freshly built model, "
+                    "with firing rates measured on a dataset. Prints a table; --json writes it.")
+    p.add_argument("source", nargs="?", default=None,
+                   help="run directory, ticket.pt or checkpoint.pt")
+    p.add_argument("--arch", default=None, help="without SOURCE: build this arch fresh")
+    p.add_argument("--method", default=None, choices=tuple(METHOD_LABELS),
+                   help="without SOURCE: the variant to build fresh")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    _add_data_args(p)
+    p.set_defaults(func=_guard(_cmd_energy), runs=None)
+
+    plot = subparsers.add_parser("plot", help="figures: energy bars (Fig. 3), activations "
+                                              "(Fig. 1)")
+    sub = plot.add_subparsers(dest="plot_kind", metavar="{energy,activations}")
+    sub.required = True
+    pe = sub.add_parser("energy", help="normalised compute energy of ANN / SNN / BinW-SLT",
+                        description="Bar chart of compute energy normalised to the ANN "
+                                    "(the paper's Fig. 3, left).")
+    _add_source_args(pe, methods_default=("ann", "snn", "binwslt"))
+    pe.add_argument("-o", "--out", default="energy.png", help="PNG path (default energy.png)")
+    pe.add_argument("--json", default=None, metavar="PATH", help="also write the reports")
+    pe.add_argument("--dpi", type=_pos_int_arg, default=150)
+    pe.set_defaults(func=_guard(_cmd_plot_energy))
+    pa = sub.add_parser("activations", help="last hidden layer maps of ANN / BNN / BinW-SLT",
+                        description="Last hidden layer activations (spike counts for spiking "
+                                    "models) of a few inputs, one column per model (Fig. 1).")
+    _add_source_args(pa, methods_default=("ann", "bnn", "binwslt"))
+    pa.add_argument("--num-inputs", type=_pos_int_arg, default=4)
+    pa.add_argument("--neurons", type=_pos_int_arg, default=None,
+                    help="show only the first K neurons (the paper shows 128)")
+    pa.add_argument("-o", "--out", default="activations.png")
+    pa.add_argument("--dpi", type=_pos_int_arg, default=150)
+    pa.set_defaults(func=_guard(_cmd_plot_activations))

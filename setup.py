@@ -33,6 +33,12 @@ def _extensions():
     if os.environ.get("BINSLT_CPP", "1") == "0":
         _log("BINSLT_CPP=0: building no C++ extension (pure-Python install)")
         return [], {}
+    mode = os.environ.get("BINSLT_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"BINSLT_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode != "0":
+        # torch.utils.cpp_extension reads CUDA_HOME when it is first imported.
+        os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -55,11 +61,7 @@ def _extensions():
         )
     ]
 
-    mode = os.environ.get("BINSLT_CUDA", "auto").lower()
-    if mode not in ("auto", "0", "1"):
-        raise SystemExit(f"BINSLT_CUDA must be auto, 0 or 1, got {mode!r}")
     if mode != "0":
-        os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
         cuda_home = os.environ["CUDA_HOME"]
         nvcc = os.path.join(cuda_home, "bin", "nvcc")
         have_nvcc = os.path.exists(nvcc) or shutil.which("nvcc") is not None

@@ -200,8 +200,8 @@ def _bn_scale_shift(bn: Optional[nn.modules.batchnorm._BatchNorm], channels: int
 
 @torch.no_grad()
 def _update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    if bn is None or not (bn.training and bn.track_running_stats):
-        return
+    if bn is None or not (bn.training and bn.track_running_stats) or count == 0:
+        return  # an empty batch (N = 0) has no statistics; NaN must not enter the running ones
     bn.num_batches_tracked += 1
     m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
     unbiased = var * (count / max(count - 1, 1))
@@ -369,11 +369,12 @@ class BinSpikeLinear(_MaskedSignWeight):
         nk = self.neuron.kwargs()
         w = self.effective_weight()
         if self.input == "spike":
-            res = None if residual is None else residual.reshape(T, n, -1, 1, 1)
-            s, mean, var = ops.conv_lif(x.reshape(T, n, -1, 1, 1), w[:, :, None, None], scale,
-                                        shift, res, bn_train=bn_train, bn_eps=eps,
-                                        backend=backend, **nk)
-            s = s.view(T, n, -1)
+            o = self.out_features  # explicit sizes: -1 is ambiguous when N = 0
+            res = None if residual is None else residual.reshape(T, n, o, 1, 1)
+            s, mean, var = ops.conv_lif(x.reshape(T, n, self.in_features, 1, 1),
+                                        w[:, :, None, None], scale, shift, res,
+                                        bn_train=bn_train, bn_eps=eps, backend=backend, **nk)
+            s = s.view(T, n, o)
         else:
             z = F.linear(x, w.to(x.dtype))
             s, mean, var = ops.bn_lif(z, scale, shift, residual, bn_train=bn_train, bn_eps=eps,
@@ -389,14 +390,15 @@ class BinSpikeLinear(_MaskedSignWeight):
         T, n, f = x.shape
         nk = self.neuron
         xp = ops.get_op("pack_spikes", backend)(x.reshape(T * n, f, 1, 1).float())
-        res = None if residual is None else residual.reshape(T, n, -1, 1, 1).float().contiguous()
+        o = self.out_features  # explicit sizes: -1 is ambiguous when N = 0
+        res = None if residual is None else residual.reshape(T, n, o, 1, 1).float().contiguous()
         s, _, mean, var = ops.get_op("bconv_lif", backend)(
             xp, self.w_mask_bits, self.w_pos_bits, self.alpha.float(), scale.float(),
             shift.float(), res, T, 1, 0, bn_train, eps, nk.tau, nk.decay_input, nk.v_threshold,
             nk.v_reset)
         if bn_train:
             _update_running_stats(self.bn, mean, var, T * n)
-        return s.view(T, n, -1).to(x.dtype)
+        return s.view(T, n, o).to(x.dtype)
 
 
 class BinConv2d(_MaskedSignWeight):

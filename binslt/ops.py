@@ -59,6 +59,16 @@ def counts_dtype(w_mask: torch.Tensor) -> torch.dtype:
     return torch.int16 if k <= 32767 else torch.int32
 
 
+def _same_device(op: str, **tensors) -> None:
+    """Mixed devices (e.g. CPU and meta) dispatch to the fake kernel, which would hand back
+    uninitialised tensors on the first argument's device: refuse them, as aten's meta kernels do."""
+    devs = {k: t.device for k, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devs.values())) > 1:
+        where = ", ".join(f"{k} on {d}" for k, d in devs.items())
+        raise RuntimeError(f"binslt::{op}: all tensor arguments must be on one device, got "
+                           f"{where}; move them with .to(device)")
+
+
 @torch.library.register_fake("binslt::pack_spikes")
 def _(x):
     b, c, h, w = x.shape
@@ -81,6 +91,8 @@ def _(weight):
 @torch.library.register_fake("binslt::bconv_lif")
 def _(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride, padding, bn_train,
       bn_eps, tau, decay_input, v_threshold, v_reset):
+    _same_device("bconv_lif", x_packed=x_packed, w_mask=w_mask, w_pos=w_pos, alpha=alpha,
+                 scale=scale, shift=shift, residual=residual)
     b, h, w, _ = x_packed.shape
     co, kh, kw, _ = w_mask.shape
     ho, wo = _out_hw(h, w, kh, kw, stride, padding)
@@ -97,6 +109,9 @@ def _(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride, padding
 def _(grad_spikes, counts, x_packed, w_mask, w_pos, alpha, scale, shift, mean, var, residual,
       in_channels, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset,
       detach_reset, surrogate, surrogate_alpha, need_grad_x):
+    _same_device("bconv_lif_bwd", grad_spikes=grad_spikes, counts=counts, x_packed=x_packed,
+                 w_mask=w_mask, w_pos=w_pos, alpha=alpha, scale=scale, shift=shift, mean=mean,
+                 var=var, residual=residual)
     T, n, co = counts.shape[:3]
     _, h, w, _ = x_packed.shape
     kh, kw = w_mask.shape[1], w_mask.shape[2]
@@ -113,6 +128,7 @@ def _(grad_spikes, counts, x_packed, w_mask, w_pos, alpha, scale, shift, mean, v
 
 @torch.library.register_fake("binslt::bn_lif")
 def _(z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset):
+    _same_device("bn_lif", z=z, scale=scale, shift=shift, residual=residual)
     c = z.shape[2]
     return torch.empty_like(z), z.new_empty((c,), dtype=torch.float32), z.new_empty(
         (c,), dtype=torch.float32)
@@ -121,6 +137,8 @@ def _(z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold
 @torch.library.register_fake("binslt::bn_lif_bwd")
 def _(grad_spikes, z, scale, shift, mean, var, residual, bn_train, bn_eps, tau, decay_input,
       v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha):
+    _same_device("bn_lif_bwd", grad_spikes=grad_spikes, z=z, scale=scale, shift=shift,
+                 mean=mean, var=var, residual=residual)
     c = z.shape[2]
     return (torch.empty_like(z), torch.empty_like(z), z.new_empty((c,), dtype=torch.float32),
             z.new_empty((c,), dtype=torch.float32))
@@ -206,7 +224,7 @@ def get_op(name: str, backend: str):
 
 def check_spikes(x: torch.Tensor, name: str = "input") -> None:
     """Raise ValueError unless every element of ``x`` is exactly 0 or 1 (skipped when tracing)."""
-    if torch.compiler.is_compiling() or x.numel() == 0:
+    if torch.compiler.is_compiling() or x.numel() == 0 or x.is_meta:
         return
     if not bool(((x == 0) | (x == 1)).all()):
         bad = x[(x != 0) & (x != 1)].flatten()[:3].tolist()
@@ -217,7 +235,7 @@ def check_spikes(x: torch.Tensor, name: str = "input") -> None:
 
 
 def check_finite(x: torch.Tensor, name: str = "input") -> None:
-    if torch.compiler.is_compiling() or x.numel() == 0:
+    if torch.compiler.is_compiling() or x.numel() == 0 or x.is_meta:
         return
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf; binslt layers need finite input")

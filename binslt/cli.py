@@ -1,0 +1,758 @@
+"""The ``binslt`` command line.
+
+Subcommands:
+
+- ``info``: versions, CPU features, backends, device.
+- ``search``: Algorithm 1 (score search) on a ``binwslt`` model. With no options it runs the
+  embedded default: Conv-4 on scikit-learn digits, prune rate 0.5, T=4, lambda=0.99.
+- ``train {ann,snn,bnn}``: the baselines on the same architecture, with the same options.
+- ``finetune --from RUN``: keep a found ticket's mask, train its latent weights through sign.
+- ``sweep``: a grid over prune rate, T and lambda -> CSV + a Fig. 2-style PNG; resumable.
+- ``compare``: a Table 1/2-style table (ANN, SNN, BNN-BinAct, BinW-SLT, BinW-SLT T=1).
+- ``export`` / ``eval`` (packed tickets) and ``energy`` / ``plot`` when those modules exist.
+
+Every training command accepts the same run options (see ``binslt search --help``); each writes
+``OUT/results.json``, ``OUT/metrics.csv``, ``OUT/checkpoint.pt`` (every epoch) and
+``OUT/ticket.pt``. ``torchrun --nproc_per_node=K -m binslt search ...`` trains with
+DistributedDataParallel (gloo on the CPU, nccl on CUDA).
+
+Errors in options, data or files exit with status 2 and one line ``binslt CMD: error: ...``
+(``BINSLT_DEBUG=1`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from . import data as data_mod
+from . import train
+from .train import METHODS, RunConfig, RunError
+
+DEFAULTS = RunConfig()
+
+METHOD_LABELS = {"ann": "ANN", "snn": "SNN", "bnn": "BNN-BinAct", "binwslt": "BinW-SLT"}
+
+#: The paper's Fig. 2 grid (prune rates, T and lambda) with the default point included.
+SWEEP_PRUNE_RATES = "0.2,0.4,0.5,0.6,0.8,0.9"
+SWEEP_TIMESTEPS = "1,2,4,6,8"
+SWEEP_DECAYS = "0.2,0.4,0.6,0.8,0.9,0.99"
+
+
+class CLIError(Exception):
+    """A user-facing error; printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Option parsing
+# ---------------------------------------------------------------------------------------------
+
+
+def _v_reset(s: str) -> float | None:
+    if s.lower() in ("none", "soft"):
+        return None
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none' (soft reset), got {s!r}"
+                                         ) from None
+
+
+def _crash_spec(s: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+):(\d+)", s)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected EPOCH:BATCHES, got {s!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _floats(s: str) -> list[float]:
+    if s.strip().lower() in ("", "none"):
+        return []
+    try:
+        return [float(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _ints(s: str) -> list[int]:
+    if s.strip().lower() in ("", "none"):
+        return []
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(s: str) -> list[str]:
+        vals = [v.strip() for v in s.split(",") if v.strip()]
+        bad = [v for v in vals if v not in allowed]
+        if bad or not vals:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {allowed}, "
+                                             f"got {s!r}")
+        return vals
+    return parse
+
+
+def add_run_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> None:
+    """The options shared by search / train / finetune / sweep / compare.
+
+    Every default is ``argparse.SUPPRESS``: only options given on the command line land in the
+    namespace, so that they can override a saved config (``--resume``, ``finetune``)."""
+    S = argparse.SUPPRESS
+    d = DEFAULTS
+    g = p.add_argument_group("model and data")
+    g.add_argument("--arch", choices=train.ARCHS, default=S, help=f"network (default {d.arch})")
+    g.add_argument("--dataset", default=S, metavar="SPEC",
+                   help=f"{data_mod.DATASETS_HELP} (default {d.dataset})")
+    g.add_argument("--data-dir", default=S, help=f"torchvision dataset root (default {d.data_dir})")
+    g.add_argument("--download", action="store_true", default=S,
+                   help="let torchvision download CIFAR if it is missing")
+    g.add_argument("--image-size", type=int, default=S,
+                   help=f"imagefolder: resize/crop to this size (default {d.image_size})")
+    g.add_argument("--train-subset", type=int, default=S, metavar="N",
+                   help="use only the first N training examples (quick runs; default all)")
+    g.add_argument("--test-subset", type=int, default=S, metavar="N",
+                   help="use only the first N test examples (default all)")
+    g.add_argument("--prune-rate", type=float, default=S,
+                   help=f"fraction of weights REMOVED by the mask, in [0, 1) (default "
+                   f"{d.prune_rate}; biprop's code calls the kept fraction prune_rate)")
+    g.add_argument("--timesteps", "-T", type=int, default=S, help=f"T (default {d.timesteps})")
+    g.add_argument("--bn-affine", action="store_true", default=S,
+                   help="BatchNorm with affine weight/bias (default off, as biprop)")
+    n = p.add_argument_group("neuron (spiking models; defaults are the paper's)")
+    lam = n.add_mutually_exclusive_group()
+    lam.add_argument("--decay", "--lambda", dest="decay", type=float, default=S,
+                     help=f"decay rate lambda = 1 - 1/tau (default {d.decay})")
+    lam.add_argument("--tau", type=float, default=S, help="membrane time constant (instead of "
+                     "--decay)")
+    n.add_argument("--decay-input", action=argparse.BooleanOptionalAction, default=S,
+                   help="SpingJelly's decay_input: H = V + (X - V)/tau instead of the paper's "
+                   "H = lambda V + X (default off)")
+    n.add_argument("--v-threshold", type=float, default=S, help=f"(default {d.v_threshold})")
+    n.add_argument("--v-reset", type=_v_reset, default=S,
+                   help=f"hard reset value, or 'none' for soft reset (default {d.v_reset})")
+    n.add_argument("--detach-reset", action=argparse.BooleanOptionalAction, default=S,
+                   help="no gradient through the reset (default on)")
+    n.add_argument("--surrogate", choices=train.SURROGATES, default=S,
+                   help=f"(default {d.surrogate})")
+    n.add_argument("--surrogate-alpha", type=float, default=S,
+                   help=f"(default {d.surrogate_alpha})")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=S, help=f"(default {d.epochs})")
+    o.add_argument("--optimizer", choices=train.OPTIMIZERS, default=S,
+                   help=f"(default {d.optimizer})")
+    o.add_argument("--lr", type=float, default=S,
+                   help=f"initial learning rate, cosine schedule to 0 (default {d.lr})")
+    o.add_argument("--momentum", type=float, default=S, help=f"SGD momentum (default {d.momentum})")
+    o.add_argument("--weight-decay", type=float, default=S,
+                   help=f"on every trained tensor, scores included, as biprop (default "
+                   f"{d.weight_decay})")
+    o.add_argument("--batch-size", type=int, default=S,
+                   help=f"global batch size, split across processes (default {d.batch_size})")
+    o.add_argument("--seed", type=int, default=S, help=f"(default {d.seed})")
+    r = p.add_argument_group("running")
+    r.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N (default auto)")
+    r.add_argument("--backend", choices=("auto", "torch", "cpu", "triton", "cuda"), default=S,
+                   help="binslt kernels; auto = the fastest built for the device (default auto)")
+    r.add_argument("--workers", type=int, default=S, help="DataLoader workers (default 0)")
+    if with_out:
+        r.add_argument("--out", default=None, help="output directory (default runs/<name>)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start again even if --out already holds a run")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm progress bars (default: when stderr is a terminal)")
+    r.add_argument("--_crash-after-batches", dest="crash_after", type=_crash_spec, default=None,
+                   help=argparse.SUPPRESS)  # test hook: os._exit after batch K of epoch E
+
+
+_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def explicit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The RunConfig fields given on the command line."""
+    ex = {k: v for k, v in vars(args).items() if k in _FIELDS}
+    if "decay" in ex:
+        ex["tau"] = None
+    if "tau" in ex:
+        ex["decay"] = None
+    return ex
+
+
+def make_config(base: RunConfig, explicit: dict[str, Any], **fixed: Any) -> RunConfig:
+    cfg = dataclasses.replace(base, **{**explicit, **fixed})
+    try:
+        cfg.validate()
+    except RunError as exc:
+        raise CLIError(str(exc)) from None
+    return cfg
+
+
+def _slug(s: str) -> str:
+    if ":" in s:
+        kind, path = s.split(":", 1)
+        s = f"{kind}_{Path(path).stem or Path(path).name}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "data"
+
+
+def default_out(cfg: RunConfig) -> Path:
+    tag = "finetune" if cfg.mode == "finetune" else cfg.method
+    return Path("runs") / f"{tag}-{cfg.arch}-{_slug(cfg.dataset)}"
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    if args.progress is not None:
+        return bool(args.progress)
+    return sys.stderr.isatty()
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _saved_config(out: Path) -> dict[str, Any] | None:
+    """The config of the run in ``out`` (checkpoint, else results.json), if any."""
+    ck = out / "checkpoint.pt"
+    if ck.is_file():
+        return train.load_torch_file(ck, "checkpoint").get("config")
+    res = out / "results.json"
+    if res.is_file():
+        try:
+            return json.loads(res.read_text()).get("config")
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"{res} is unreadable: {exc}") from None
+    return None
+
+
+def _run_one(cfg: RunConfig, out: Path, args: argparse.Namespace,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    hooks = train.RunHooks(crash_after=getattr(args, "crash_after", None))
+    return train.run(cfg, out, resume=args.resume, overwrite=args.overwrite,
+                     progress=_progress(args), hooks=hooks, log=log)
+
+
+def _summary(res: dict[str, Any], out: Path) -> str:
+    return (f"{METHOD_LABELS.get(res['method'], res['method'])} {res['arch']} on "
+            f"{res['dataset']}: test accuracy {res['test_acc']:.2f}% (best "
+            f"{res['best_test_acc']:.2f}%) after {res['epochs']} epochs, "
+            f"{res['wall_time_s']:.1f} s ({res['mean_epoch_time_s']:.2f} s/epoch, backend "
+            f"{res['backend']}); results in {out}/results.json")
+
+
+def _train_command(args: argparse.Namespace, method: str, mode: str) -> int:
+    explicit = explicit_options(args)
+    base = DEFAULTS
+    probe = make_config(base, explicit, method=method, mode=mode)
+    out = Path(args.out) if args.out else default_out(probe)
+    if args.resume:
+        saved = _saved_config(out)
+        if saved is not None:
+            try:
+                base = RunConfig.from_dict(saved)
+            except (RunError, TypeError) as exc:
+                raise CLIError(f"{out}: the saved config is unusable ({exc})") from None
+    cfg = make_config(base, explicit, method=method, mode=mode)
+    res = _run_one(cfg, out, args)
+    if _is_main_process():
+        print(_summary(res, out))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    return _train_command(args, "binwslt", "search")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return _train_command(args, args.method, "train" if args.method in ("ann", "snn")
+                          else "search")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    try:
+        source = train.load_source(args.source)
+    except RunError as exc:
+        raise CLIError(str(exc)) from None
+    saved = dict(source["config"])
+    if not saved:
+        raise CLIError(f"{source['path']} carries no run config; fine-tune the output "
+                       "directory of `binslt search`")
+    saved.update(mode="finetune", init_from=source["path"])
+    try:
+        base = RunConfig.from_dict(saved)
+    except (RunError, TypeError) as exc:
+        raise CLIError(f"{source['path']}: the saved config is unusable ({exc})") from None
+    explicit = explicit_options(args)
+    for k in ("arch", "prune_rate", "timesteps", "decay", "tau", "decay_input", "v_threshold",
+              "v_reset", "surrogate", "surrogate_alpha", "bn_affine"):
+        if k in explicit and explicit[k] != getattr(base, k):
+            raise CLIError(f"--{k.replace('_', '-')} cannot change in finetune: the network "
+                           f"comes from {source['path']}")
+    cfg = make_config(base, explicit)
+    src_path = Path(source["path"])
+    out = Path(args.out) if args.out else src_path.parent.with_name(
+        src_path.parent.name + "-finetune")
+    if args.resume:
+        saved_ft = _saved_config(out)
+        if saved_ft is not None:
+            cfg = make_config(RunConfig.from_dict(saved_ft), explicit)
+    res = _run_one(cfg, out, args)
+    if _is_main_process():
+        print(_summary(res, out))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    import binslt
+
+    v = train.versions()
+    st = binslt.backends()
+    print(f"binslt {v['binslt']}  torch {v['torch']}  triton {v['triton']}  "
+          f"CUDA (torch build) {v['cuda']}  python {v['python']}")
+    cpu_reason = st["cpu"]["reason"]
+    feats = re.search(r"\(([^()]*)\)\s*$", cpu_reason)
+    print(f"CPU: {platform.machine()} {platform.processor() or ''}".rstrip()
+          + f", {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, "
+          f"features: {feats.group(1) if feats and st['cpu']['built'] else 'unknown (no _C)'}")
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        print(f"device: cuda ({', '.join(names)})")
+    else:
+        print("device: cpu (no CUDA device visible)")
+    print("backends:")
+    for name, s in st.items():
+        flag = "usable" if s["usable"] else ("built, not usable" if s["built"] else "not built")
+        print(f"  {name:7s} {flag:17s} {s['reason']}")
+    from . import ops
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"backend 'auto' on {dev.type}: {ops.resolve_backend('auto', dev)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep (Fig. 2)
+# ---------------------------------------------------------------------------------------------
+
+
+def _lam(cfg: RunConfig) -> float:
+    return cfg.decay if cfg.decay is not None else 1.0 - 1.0 / float(cfg.tau)
+
+
+def _point_name(cfg: RunConfig) -> str:
+    parts = [cfg.method, cfg.arch]
+    if cfg.method in train.MASKED:
+        parts.append(f"p{cfg.prune_rate:g}")
+    if cfg.method in train.SPIKING:
+        parts += [f"T{cfg.timesteps}", f"l{_lam(cfg):g}"]
+    parts.append(f"s{cfg.seed}")
+    return "-".join(parts)
+
+
+def sweep_points(base: RunConfig, methods: list[str], archs: list[str], prune_rates: list[float],
+                 timesteps: list[int], decays: list[float], full: bool) -> list[RunConfig]:
+    """The grid. ``full=False`` (the paper's layout): each axis varied alone around ``base``
+    (plus the prune-rate axis at T=1 for BinW-SLT when 1 is among ``timesteps``).
+    ``full=True``: the Cartesian product of the axes that apply to each method."""
+    pts: dict[str, RunConfig] = {}
+
+    def add(cfg: RunConfig) -> None:
+        pts.setdefault(_point_name(cfg), cfg)
+
+    def lam_kw(lam: float) -> dict[str, Any]:
+        return {"decay": lam, "tau": None}
+
+    for arch in archs:
+        for m in methods:
+            b = dataclasses.replace(base, arch=arch, method=m,
+                                    mode="train" if m in ("ann", "snn") else "search")
+            prs = prune_rates if m in train.MASKED else []
+            ts = timesteps if m in train.SPIKING else []
+            ls = decays if m in train.SPIKING else []
+            if full:
+                for p in prs or [b.prune_rate]:
+                    for t in ts or [b.timesteps]:
+                        for lam in ls or [None]:
+                            kw = lam_kw(lam) if lam is not None else {}
+                            add(dataclasses.replace(b, prune_rate=p, timesteps=t, **kw))
+                continue
+            add(b)
+            for p in prs:
+                add(dataclasses.replace(b, prune_rate=p))
+            for t in ts:
+                add(dataclasses.replace(b, timesteps=t))
+            for lam in ls:
+                add(dataclasses.replace(b, **lam_kw(lam)))
+            if m == "binwslt" and 1 in timesteps and b.timesteps != 1:
+                for p in prs:
+                    add(dataclasses.replace(b, prune_rate=p, timesteps=1))
+    return list(pts.values())
+
+
+SWEEP_FIELDS = ("method", "arch", "dataset", "prune_rate", "timesteps", "decay", "decay_input",
+                "seed", "epochs", "test_acc", "best_test_acc", "params", "wall_time_s",
+                "mean_epoch_time_s", "dir")
+
+
+def _row(cfg: RunConfig, res: dict[str, Any], out: Path) -> dict[str, Any]:
+    return {"method": cfg.method, "arch": cfg.arch, "dataset": cfg.dataset,
+            "prune_rate": cfg.prune_rate, "timesteps": cfg.timesteps, "decay": _lam(cfg),
+            "decay_input": cfg.decay_input, "seed": cfg.seed, "epochs": cfg.epochs,
+            "test_acc": res["test_acc"], "best_test_acc": res["best_test_acc"],
+            "params": res.get("params"), "wall_time_s": res["wall_time_s"],
+            "mean_epoch_time_s": res["mean_epoch_time_s"], "dir": str(out)}
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path, fields: tuple[str, ...]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    train.atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(float(a) - float(b)) < 1e-9
+
+
+def plot_sweep(rows: list[dict[str, Any]], base: RunConfig, path: Path) -> None:
+    """Fig. 2 layout: (a) accuracy vs prune rate, (b) vs T, (c) vs lambda. A method to which an
+    axis does not apply is drawn as a dashed horizontal line at its default-point accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base_lam = _lam(base)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    series_keys = sorted({(r["method"], r["arch"]) for r in rows},
+                         key=lambda k: (METHODS.index(k[0]), k[1]))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    panels = [("prune_rate", "(a) pruning rate (%)", train.MASKED),
+              ("timesteps", "(b) timestep T", train.SPIKING),
+              ("decay", "(c) decay rate $\\lambda$", train.SPIKING)]
+    fixed = {"prune_rate": base.prune_rate, "timesteps": base.timesteps, "decay": base_lam}
+    multi_arch = len({k[1] for k in series_keys}) > 1
+    for ax, (axis, title, applies) in zip(axes, panels):
+        for i, (m, arch) in enumerate(series_keys):
+            label = METHOD_LABELS[m] + (f" {arch}" if multi_arch else "")
+            color = colors[i % len(colors)]
+            mine = [r for r in rows if r["method"] == m and r["arch"] == arch]
+            variants = [(label, base.timesteps)]
+            if axis == "prune_rate" and m == "binwslt" and base.timesteps != 1:
+                variants.append((label + " (T=1)", 1))
+            for lab, t_fixed in variants:
+                def keep(r, axis=axis, t_fixed=t_fixed, m=m):
+                    for other, val in fixed.items():
+                        if other == axis:
+                            continue
+                        if other == "prune_rate" and m not in train.MASKED:
+                            continue
+                        if other in ("timesteps", "decay") and m not in train.SPIKING:
+                            continue
+                        want = t_fixed if other == "timesteps" else val
+                        if not _close(r[other], want):
+                            return False
+                    return True
+                pts = sorted((float(r[axis]), float(r["test_acc"])) for r in mine if keep(r))
+                if not pts:
+                    continue
+                style = "--" if lab.endswith("(T=1)") else "-"
+                if m in applies and len({p[0] for p in pts}) > 1:
+                    xs = [x * 100 if axis == "prune_rate" else x for x, _ in pts]
+                    ax.plot(xs, [y for _, y in pts], style, marker="o", color=color, label=lab)
+                elif m not in applies:
+                    ax.axhline(pts[0][1], linestyle=":", color=color, label=lab)
+                else:
+                    x = pts[0][0] * 100 if axis == "prune_rate" else pts[0][0]
+                    ax.plot([x], [pts[0][1]], marker="o", color=color, label=lab)
+        ax.set_xlabel(title)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        if axis == "decay":
+            ax.invert_xaxis()  # the paper goes from 0.99 down
+        ax.legend(fontsize=8)
+    ds = rows[0]["dataset"] if rows else base.dataset
+    fig.suptitle(f"{ds}: prune rate {base.prune_rate:g}, T={base.timesteps}, "
+                 f"$\\lambda$={base_lam:g} unless varied")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    train.atomic_write_bytes(path, buf.getvalue())
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    explicit = explicit_options(args)
+    base = make_config(DEFAULTS, explicit, method="binwslt", mode="search")
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{_slug(base.dataset)}"
+    points = sweep_points(base, args.methods, args.archs, args.prune_rates, args.timesteps_list,
+                          args.decays, args.full_grid)
+    for p in points:
+        try:
+            p.validate()
+        except RunError as exc:
+            raise CLIError(f"grid point {_point_name(p)}: {exc}") from None
+    main = _is_main_process()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"sweep: {len(points)} grid points -> {out}")
+    rows = []
+    for i, cfg in enumerate(points):
+        pdir = out / _point_name(cfg)
+        res_file = pdir / "results.json"
+        if res_file.is_file():
+            res = json.loads(res_file.read_text())
+            if main:
+                print(f"[{i + 1}/{len(points)}] {pdir.name}: done earlier "
+                      f"({res['test_acc']:.2f}%)")
+        else:
+            if main:
+                print(f"[{i + 1}/{len(points)}] {pdir.name}")
+            hooks = train.RunHooks(crash_after=args.crash_after)
+            res = train.run(cfg, pdir, resume=True, progress=_progress(args), hooks=hooks,
+                            log=print if args.verbose else _quiet)
+            if main:
+                print(f"    test {res['test_acc']:.2f}% (best {res['best_test_acc']:.2f}%), "
+                      f"{res['wall_time_s']:.1f} s")
+        rows.append(_row(cfg, res, pdir))
+        if main:
+            write_csv(rows, out / "sweep.csv", SWEEP_FIELDS)
+    if main:
+        plot_sweep(rows, base, out / "fig2.png")
+        print(f"wrote {out / 'sweep.csv'} and {out / 'fig2.png'}")
+    return 0
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# compare (Tables 1 and 2)
+# ---------------------------------------------------------------------------------------------
+
+COMPARE_ROWS = (("ann", "ANN", {}), ("snn", "SNN", {}), ("bnn", "BNN-BinAct", {}),
+                ("binwslt", "BinW-SLT", {}), ("binwslt", "BinW-SLT (T=1)", {"timesteps": 1}))
+COMPARE_FIELDS = ("method", "label", "arch", "dataset", "timesteps", "prune_rate", "test_acc",
+                  "best_test_acc", "delta_vs_bnn", "params", "ops_g", "energy_mj",
+                  "wall_time_s", "dir")
+
+
+def _energy(out: Path, cfg: RunConfig) -> tuple[float | None, float | None]:
+    """(OPs in G, energy in mJ) per image on the test split, if binslt.energy exists."""
+    try:
+        from . import energy
+    except ImportError:
+        return None, None
+    if not hasattr(energy, "report"):
+        return None, None
+    import torch
+    from torch.utils.data import DataLoader
+
+    src = train.load_source(str(out))
+    model = train.rebuild_model(src["build_config"], backend=cfg.backend)
+    model.load_state_dict(src["state_dict"])
+    model.eval()
+    bundle = data_mod.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.image_size)
+    if cfg.test_subset:
+        bundle = bundle.subset(None, cfg.test_subset)
+    loader = DataLoader(bundle.test, batch_size=128, shuffle=False)
+    with torch.no_grad():
+        rep = energy.report(model, loader, max_batches=8)
+    return float(rep["total_ops_g"]), float(rep["total_energy_mj"])
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def compare_table(rows: list[dict[str, Any]]) -> str:
+    """A Table 1/2-style markdown table."""
+    has_energy = any(r.get("ops_g") is not None for r in rows)
+    head = ["Architecture (params)", "Method", "T", "Acc (%)", "best (%)", "vs BNN-BinAct"]
+    if has_energy:
+        head += ["OPs (G)", "Energy (mJ)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        params = r.get("params")
+        pstr = f"{params / 1e6:.2f}M" if isinstance(params, (int, float)) else "?"
+        t = r["timesteps"] if r["method"] in train.SPIKING else "-"
+        delta = "" if r.get("delta_vs_bnn") is None else f"{r['delta_vs_bnn']:+.2f}"
+        cells = [f"{r['arch']} ({pstr})", r["label"], str(t), f"{r['test_acc']:.2f}",
+                 f"{r['best_test_acc']:.2f}", delta]
+        if has_energy:
+            cells += [_fmt(r.get("ops_g"), ".4f"), _fmt(r.get("energy_mj"), ".4f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    explicit = explicit_options(args)
+    base = make_config(DEFAULTS, explicit, method="binwslt", mode="search")
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{base.arch}-{_slug(base.dataset)}"
+    main = _is_main_process()
+    rows = []
+    chosen = [r for r in COMPARE_ROWS if r[0] in args.methods]
+    for method, label, over in chosen:
+        cfg = dataclasses.replace(base, method=method,
+                                  mode="train" if method in ("ann", "snn") else "search", **over)
+        try:
+            cfg.validate()
+        except RunError as exc:
+            raise CLIError(str(exc)) from None
+        rdir = out / re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
+        if main:
+            print(f"== {label} -> {rdir}")
+        hooks = train.RunHooks(crash_after=args.crash_after)
+        res = train.run(cfg, rdir, resume=True, progress=_progress(args), hooks=hooks,
+                        log=print if args.verbose else _quiet)
+        row = {"method": method, "label": label, "arch": cfg.arch, "dataset": res["dataset"],
+               "timesteps": cfg.timesteps, "prune_rate": cfg.prune_rate,
+               "test_acc": res["test_acc"], "best_test_acc": res["best_test_acc"],
+               "params": res.get("params"), "wall_time_s": res["wall_time_s"],
+               "dir": str(rdir), "ops_g": None, "energy_mj": None}
+        if main:
+            row["ops_g"], row["energy_mj"] = _energy(rdir, cfg)
+            print(f"   {label}: {res['test_acc']:.2f}% ({res['wall_time_s']:.1f} s)")
+        rows.append(row)
+    bnn = next((r["test_acc"] for r in rows if r["method"] == "bnn"), None)
+    for r in rows:
+        r["delta_vs_bnn"] = (r["test_acc"] - bnn if bnn is not None and r["method"] == "binwslt"
+                             else None)
+    if main:
+        table = compare_table(rows)
+        lines = [f"# {base.arch} on {rows[0]['dataset'] if rows else base.dataset}", "",
+                 f"prune rate {base.prune_rate:g} (fraction removed), T={base.timesteps}, "
+                 f"lambda={_lam(base):g}, decay_input={base.decay_input}, {base.epochs} epochs, "
+                 f"seed {base.seed}. Accuracy: test set, final epoch. Params counted as "
+                 "binslt.models.count_parameters. OPs/energy: binslt.energy.report per image "
+                 "(MACs at 4.6 pJ, SOPs at 0.9 pJ).", "", table, ""]
+        train.atomic_write_bytes(out / "compare.md", "\n".join(lines).encode())
+        write_csv(rows, out / "compare.csv", COMPARE_FIELDS)
+        train.atomic_write_json(rows, out / "compare.json")
+        print(table)
+        print(f"wrote {out / 'compare.md'}, compare.csv, compare.json")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="binslt", description="Binary-weight spiking lottery tickets (BinW-SLT): search, "
+        "baselines and experiments.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("info", help="versions, CPU features, backends, device")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser(
+        "search", help="BinW-SLT search (Algorithm 1); no options: Conv-4 on digits",
+        description="Train the scores of a binwslt network (weights stay at their random "
+        "signs; the mask keeps the top-|score| weights). With no options: Conv-4 on "
+        "scikit-learn digits, prune rate 0.5, T=4, lambda=0.99, 30 epochs.")
+    add_run_options(s)
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("train", help="baselines: ann, snn (dense), bnn (BNN-BinAct)",
+                       description="Train a baseline on the same architecture and options.")
+    s.add_argument("method", choices=("ann", "snn", "bnn"))
+    add_run_options(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("finetune", help="train a found ticket's weights with its mask fixed",
+                       description="Keep the mask of a searched ticket and train the latent "
+                       "weights through sign (straight-through estimator). Options not given "
+                       "come from the source run.")
+    s.add_argument("--from", dest="source", required=True, metavar="RUN",
+                   help="run directory of `binslt search`, or its ticket.pt / checkpoint.pt")
+    add_run_options(s)
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("sweep", help="grid over prune rate, T, lambda -> CSV + Fig. 2 PNG",
+                       description="Run a grid (resumable: finished points are skipped) and "
+                       "write OUT/sweep.csv and OUT/fig2.png laid out like the paper's Fig. 2. "
+                       "Run options set the fixed values of the axes not being varied.")
+    s.add_argument("--methods", type=_names(METHODS), default=["binwslt", "snn", "bnn", "ann"],
+                   help="comma-separated (default binwslt,snn,bnn,ann)")
+    s.add_argument("--archs", type=_names(train.ARCHS), default=["conv4"],
+                   help="comma-separated (default conv4)")
+    s.add_argument("--prune-rates", type=_floats, default=_floats(SWEEP_PRUNE_RATES),
+                   help=f"values for panel (a) (default {SWEEP_PRUNE_RATES}; 'none' skips)")
+    s.add_argument("--timesteps-list", type=_ints, default=_ints(SWEEP_TIMESTEPS),
+                   help=f"values for panel (b) (default {SWEEP_TIMESTEPS})")
+    s.add_argument("--decays", type=_floats, default=_floats(SWEEP_DECAYS),
+                   help=f"lambda values for panel (c) (default {SWEEP_DECAYS})")
+    s.add_argument("--full-grid", action="store_true",
+                   help="the Cartesian product instead of one axis at a time")
+    s.add_argument("--verbose", action="store_true", help="print every epoch")
+    add_run_options(s)
+    s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("compare", help="Table 1/2: ANN, SNN, BNN-BinAct, BinW-SLT (T=4, T=1)",
+                       description="Train (or reuse) the five rows and write OUT/compare.md, "
+                       ".csv and .json with accuracy, parameters and, when binslt.energy is "
+                       "available, OPs and energy.")
+    s.add_argument("--methods", type=_names(METHODS), default=list(METHODS),
+                   help="which rows (default all: binwslt,snn,bnn,ann)")
+    s.add_argument("--verbose", action="store_true", help="print every epoch")
+    add_run_options(s)
+    s.set_defaults(func=cmd_compare)
+
+    for modname in ("tickets", "energy"):  # their subcommands, where those modules exist
+        try:
+            mod = __import__(f"binslt.{modname}", fromlist=["add_cli"])
+        except ImportError:
+            continue
+        if hasattr(mod, "add_cli"):
+            mod.add_cli(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``binslt`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0
+    cmd = args.command
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, RunError, data_mod.DatasetError) as exc:
+        if os.environ.get("BINSLT_DEBUG"):
+            raise
+        msg = " ".join(str(exc).split())
+        print(f"binslt {cmd}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"binslt {cmd}: interrupted (the last finished epoch is in the checkpoint; "
+              "continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

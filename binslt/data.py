@@ -1,0 +1,265 @@
+"""Datasets for the search / baseline CLI.
+
+``load(spec, ...)`` turns a dataset name into a :class:`DataBundle` (train and test
+``torch.utils.data.Dataset`` objects plus the input shape and class count). Every dataset yields
+``(image [C, H, W] float32, label int64)`` pairs, already normalised.
+
+Specs and their fixed conventions:
+
+``digits``
+    scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes, 1 channel); offline.
+    Split: stratified 80/20 with ``random_state=0`` (1437 train / 360 test). Pixels (0..16) are
+    divided by 16 to lie in [0, 1], then normalised with the *training* split's mean and std.
+``cifar10`` / ``cifar100``
+    torchvision's CIFAR under ``data_dir`` (``download=True`` fetches it). Training images get
+    random crop (32, padding 4) and horizontal flip; both splits are normalised with the usual
+    per-channel CIFAR mean/std.
+``imagefolder:PATH``
+    torchvision ``ImageFolder``. If ``PATH`` has ``train/`` and ``val/`` (or ``test/``)
+    subfolders those are the splits; otherwise the single folder is split stratified 80/20 with
+    seed 0. Images are converted to RGB, resized and centre-cropped to ``image_size``; training
+    images also get random crop (padding image_size/8) and flip; normalised with mean=std=0.5.
+``npz:PATH``
+    A NumPy ``.npz`` with ``x`` ([N, H, W] or [N, H, W, C]) and ``y`` ([N] integer labels), and
+    optionally ``x_test`` / ``y_test``; without them the split is stratified 80/20 with seed 0
+    (plain 80/20 if a class is too small to stratify). Integer images are divided by their dtype's
+    maximum (255 for uint8); float images are used as they are. Both splits are normalised
+    per channel with the training split's mean and std. Classes are ``0 .. max(y)``.
+
+A dataset that is not there raises :class:`DatasetNotFound` with a message that says how to
+provide it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+SPLIT_SEED = 0
+TEST_FRACTION = 0.2
+
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+DATASETS_HELP = ("digits (scikit-learn, offline), cifar10, cifar100 (torchvision; --data-dir, "
+                 "--download), imagefolder:PATH, npz:PATH")
+
+
+class DatasetError(Exception):
+    """A dataset is unusable (malformed, unreadable); the message says what is wrong."""
+
+
+class DatasetNotFound(DatasetError):
+    """The dataset is missing; the message says how to provide it."""
+
+
+@dataclass
+class DataBundle:
+    """Train/test datasets and what a model needs to know about them."""
+
+    name: str
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    input_size: int
+    description: str
+
+    def subset(self, train: int | None = None, test: int | None = None) -> DataBundle:
+        """The first ``train`` / ``test`` examples (for quick runs and tests)."""
+        tr = self.train if not train else Subset(self.train, range(min(train, len(self.train))))
+        te = self.test if not test else Subset(self.test, range(min(test, len(self.test))))
+        return DataBundle(self.name, tr, te, self.num_classes, self.in_channels, self.input_size,
+                          self.description + f" (subset {len(tr)}/{len(te)})")
+
+
+def split_indices(labels: np.ndarray, test_fraction: float = TEST_FRACTION,
+                  seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, test) index arrays; plain random split if a class is too small."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    try:
+        tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed,
+                                  stratify=labels)
+    except ValueError:
+        tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed)
+    return np.sort(tr), np.sort(te)
+
+
+def _normalise(x_train: torch.Tensor, x_test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel standardisation of [N, C, H, W] tensors with the training split's stats."""
+    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
+    std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (x_train - mean) / std, (x_test - mean) / std
+
+
+def load_digits() -> DataBundle:
+    """scikit-learn digits, 8x8x1, 10 classes, stratified 80/20 split with seed 0."""
+    from sklearn.datasets import load_digits as _sk_digits
+
+    d = _sk_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [1797, 1, 8, 8]
+    y = torch.tensor(d.target, dtype=torch.int64)
+    tr, te = split_indices(d.target)
+    xtr, xte = _normalise(x[tr], x[te])
+    return DataBundle("digits", TensorDataset(xtr, y[tr]), TensorDataset(xte, y[te]), 10, 1, 8,
+                      f"scikit-learn digits 8x8x1, {len(tr)} train / {len(te)} test "
+                      "(stratified 80/20, seed 0)")
+
+
+def _to_nchw(x: np.ndarray, what: str) -> torch.Tensor:
+    if x.ndim == 3:
+        x = x[:, :, :, None]
+    if x.ndim != 4:
+        raise DatasetError(f"{what} must have shape [N, H, W] or [N, H, W, C], got {x.shape}")
+    if np.issubdtype(x.dtype, np.integer):
+        x = x.astype(np.float32) / float(np.iinfo(x.dtype).max)
+    elif np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
+    else:
+        raise DatasetError(f"{what} must hold numbers, got dtype {x.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _labels(y: np.ndarray, n: int, what: str) -> torch.Tensor:
+    if y.ndim != 1 or len(y) != n:
+        raise DatasetError(f"{what} must be a 1-D array of {n} labels, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+        raise DatasetError(f"{what} must hold non-negative integer class ids, got {y.dtype}")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def load_npz(path: str) -> DataBundle:
+    """``npz:PATH`` (see the module docstring for the array names and the split)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DatasetNotFound(f"npz file {str(p)!r} not found; give npz:PATH to a .npz with arrays "
+                              "x [N,H,W] or [N,H,W,C] and y [N] (optionally x_test, y_test)")
+    try:
+        arrays = np.load(p, allow_pickle=False)
+        keys = set(arrays.files)
+    except Exception as exc:
+        raise DatasetError(f"could not read {str(p)!r} as .npz: {exc}") from None
+    if not {"x", "y"} <= keys:
+        raise DatasetError(f"{str(p)!r} must contain arrays 'x' and 'y' (has {sorted(keys)})")
+    x, y = _to_nchw(arrays["x"], "x"), None
+    y = _labels(arrays["y"], x.shape[0], "y")
+    if "x_test" in keys or "y_test" in keys:
+        if not {"x_test", "y_test"} <= keys:
+            raise DatasetError(f"{str(p)!r} has only one of x_test / y_test; give both or neither")
+        xtr, ytr = x, y
+        xte = _to_nchw(arrays["x_test"], "x_test")
+        yte = _labels(arrays["y_test"], xte.shape[0], "y_test")
+        if xte.shape[1:] != xtr.shape[1:]:
+            raise DatasetError(f"x_test images {tuple(xte.shape[1:])} differ from x images "
+                                  f"{tuple(xtr.shape[1:])}")
+        split = "given x_test/y_test"
+    else:
+        tr, te = split_indices(y.numpy())
+        xtr, ytr, xte, yte = x[tr], y[tr], x[te], y[te]
+        split = "stratified 80/20, seed 0"
+    if xtr.shape[2] != xtr.shape[3]:
+        raise DatasetError(f"images must be square, got {xtr.shape[2]}x{xtr.shape[3]}")
+    xtr, xte = _normalise(xtr, xte)
+    ncls = int(max(int(ytr.max()), int(yte.max()) if len(yte) else 0)) + 1
+    return DataBundle(f"npz:{p}", TensorDataset(xtr, ytr), TensorDataset(xte, yte), ncls,
+                      xtr.shape[1], xtr.shape[2],
+                      f"{p.name}: {len(xtr)} train / {len(xte)} test, {ncls} classes ({split})")
+
+
+def _vision():
+    try:
+        import torchvision
+        from torchvision import transforms
+    except ImportError as exc:
+        raise DatasetNotFound(f"this dataset needs torchvision ({exc}); "
+                              "`pip install torchvision` or `pip install binslt[vision]`") from None
+    return torchvision, transforms
+
+
+def load_cifar(name: str, data_dir: str, download: bool) -> DataBundle:
+    """torchvision CIFAR-10/100 with crop-pad-4 + flip augmentation."""
+    torchvision, T = _vision()
+    mean, std = CIFAR_STATS[name]
+    norm = T.Normalize(mean, std)
+    train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    test_tf = T.Compose([T.ToTensor(), norm])
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    root = os.path.expanduser(data_dir)
+    try:
+        train = cls(root, train=True, transform=train_tf, download=download)
+        test = cls(root, train=False, transform=test_tf, download=download)
+    except RuntimeError as exc:
+        folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+        raise DatasetNotFound(
+            f"{name} not found under {root!r} ({exc}). Pass --download to fetch it (needs "
+            f"network), or --data-dir DIR where DIR/{folder} holds the extracted python version"
+        ) from None
+    except OSError as exc:
+        raise DatasetNotFound(f"could not fetch {name} into {root!r}: {exc}. Download it "
+                              "elsewhere and pass --data-dir") from None
+    ncls = 10 if name == "cifar10" else 100
+    return DataBundle(name, train, test, ncls, 3, 32,
+                      f"{name} 32x32x3 from {root}, {len(train)} train / {len(test)} test")
+
+
+def _rgb(image):
+    return image.convert("RGB")
+
+
+def load_imagefolder(path: str, image_size: int) -> DataBundle:
+    """``imagefolder:PATH`` with train/ and val/ (or test/) subfolders, or one folder split 80/20."""
+    torchvision, T = _vision()
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DatasetNotFound(f"image folder {str(root)!r} not found; imagefolder:PATH needs a "
+                              "directory with one sub-directory of images per class (or train/ "
+                              "and val/ sub-directories laid out that way)")
+    norm = T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    base = [T.Lambda(_rgb), T.Resize(image_size),
+            T.CenterCrop(image_size)]
+    train_tf = T.Compose(base + [T.RandomCrop(image_size, padding=max(1, image_size // 8)),
+                                 T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    test_tf = T.Compose(base + [T.ToTensor(), norm])
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    try:
+        if (root / "train").is_dir() and test_dir is not None:
+            train = torchvision.datasets.ImageFolder(str(root / "train"), transform=train_tf)
+            test = torchvision.datasets.ImageFolder(str(test_dir), transform=test_tf)
+            if train.classes != test.classes:
+                raise DatasetError(f"{root}/train and {test_dir} have different classes")
+            ncls, split = len(train.classes), f"train/ and {test_dir.name}/"
+        else:
+            full_tr = torchvision.datasets.ImageFolder(str(root), transform=train_tf)
+            full_te = torchvision.datasets.ImageFolder(str(root), transform=test_tf)
+            tr, te = split_indices(np.asarray(full_tr.targets))
+            train, test = Subset(full_tr, tr.tolist()), Subset(full_te, te.tolist())
+            ncls, split = len(full_tr.classes), "stratified 80/20, seed 0"
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DatasetError(f"could not read image folder {str(root)!r}: {exc}") from None
+    return DataBundle(f"imagefolder:{root}", train, test, ncls, 3, image_size,
+                      f"ImageFolder {root} ({split}), {len(train)} train / {len(test)} test, "
+                      f"{ncls} classes, {image_size}x{image_size}")
+
+
+def load(spec: str, data_dir: str = "data", download: bool = False,
+         image_size: int = 32) -> DataBundle:
+    """Load a dataset by spec (``digits``, ``cifar10``, ``cifar100``, ``imagefolder:PATH``,
+    ``npz:PATH``). Raises :class:`DatasetNotFound` with instructions when it is not available."""
+    if spec == "digits":
+        return load_digits()
+    if spec in ("cifar10", "cifar100"):
+        return load_cifar(spec, data_dir, download)
+    if spec.startswith("imagefolder:"):
+        return load_imagefolder(spec.split(":", 1)[1], image_size)
+    if spec.startswith("npz:"):
+        return load_npz(spec.split(":", 1)[1])
+    raise DatasetError(f"unknown dataset {spec!r}; choose one of: {DATASETS_HELP}")

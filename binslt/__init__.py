@@ -11,6 +11,10 @@ __version__ = "0.1.0"
 
 from . import ops, reference  # noqa: E402  (ops registers the binslt:: schemas)
 from ._ext import backends  # noqa: E402
+
+# Eager (cheap: torch and .layers only): importing the binslt.convert submodule would otherwise
+# bind the *module* to `binslt.convert` and shadow the lazily returned function.
+from .convert import convert  # noqa: E402
 from .layers import (  # noqa: E402
     LIF,
     BinConv2d,
@@ -31,6 +35,7 @@ __all__ = [
     "SignActivation",
     "SpikeMaxPool2d",
     "backends",
+    "convert",
     "ops",
     "reference",
     "use_backend",
@@ -44,10 +49,6 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module(f"binslt.{name}")
-    if name == "convert":
-        from .convert import convert
-
-        return convert
     if name in ("export_ticket", "load_ticket"):
         from . import tickets
 

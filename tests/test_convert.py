@@ -1,0 +1,252 @@
+"""binslt.convert: SpikingJelly models -> BinW-SLT search layers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import tie_mask
+from spikingjelly.activation_based import functional, layer, neuron, surrogate
+from torch import nn
+
+import binslt
+from binslt import reference as ref
+from binslt.convert import convert
+
+NEURONS = {
+    "paper": dict(tau=100.0, decay_input=False, v_threshold=1.0, v_reset=0.0,
+                  surrogate_function=surrogate.ATan(), detach_reset=True),
+    "sj_sigmoid_soft": dict(tau=2.0, decay_input=True, v_threshold=0.5, v_reset=None,
+                            surrogate_function=surrogate.Sigmoid(alpha=3.0)),
+}
+
+
+def sj_vgg(nkw: dict) -> nn.Sequential:
+    """A small spiking VGG of SpikingJelly layers, step mode 'm': input [T, N, 2, 8, 8]."""
+    net = nn.Sequential(
+        layer.Conv2d(2, 8, 3, padding=1, bias=False), layer.BatchNorm2d(8),
+        neuron.LIFNode(**nkw),
+        layer.Conv2d(8, 16, 3, padding=1, bias=False), layer.BatchNorm2d(16),
+        neuron.LIFNode(**nkw),
+        layer.MaxPool2d(2), layer.Flatten(),
+        layer.Linear(16 * 4 * 4, 32, bias=False), neuron.LIFNode(**nkw),
+        layer.Linear(32, 5),
+    )
+    functional.set_step_mode(net, "m")
+    with torch.no_grad():  # non-trivial BN state, so that carrying it over is tested
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.6)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        net[8].weight.mul_(6.0)  # no BN before this neuron: scale so that it fires
+    return net
+
+
+def binarised_copy(net: nn.Sequential, paths: list[str]) -> nn.Sequential:
+    """The SpikingJelly model with the given layers' weights replaced by alpha*sign(w)."""
+    out = copy.deepcopy(net)
+    mods = dict(out.named_modules())
+    with torch.no_grad():
+        for p in paths:
+            w = mods[p].weight
+            w.copy_(w.abs().mean() * torch.sign(w))
+    return out
+
+
+def record(net: nn.Module, types) -> tuple[list, list]:
+    """Forward hooks: (inputs, outputs) of every module of the given types, in call order."""
+    ins, outs = [], []
+
+    def hook(_m, i, o):
+        ins.append(i[0].detach())
+        outs.append(o.detach())
+
+    for m in net.modules():
+        if isinstance(m, types):
+            m.register_forward_hook(hook)
+    return ins, outs
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("nname", sorted(NEURONS))
+def test_converted_spikes_equal_spikingjelly_with_sign_weights(nname, backend):
+    torch.manual_seed(3)
+    nkw = NEURONS[nname]
+    net = sj_vgg(nkw)
+    conv, report = convert(net, prune_rate=0.0, backend=backend)
+    assert [c["paths"][0] for c in report.converted] == ["0", "3", "8"]
+    assert [c["input"] for c in report.converted] == ["real", "spike", "spike"]
+    assert [c["new"] for c in report.converted] == ["BinSpikeConv2d", "BinSpikeConv2d",
+                                                    "BinSpikeLinear"]
+    assert any(s["path"] == "10" and "not followed by a LIFNode" in s["reason"]
+               for s in report.skipped)
+    expected_net = binarised_copy(net, ["0", "3", "8"])
+    vth = nkw["v_threshold"]
+    x = torch.rand(3, 4, 2, 8, 8) * 2  # [T, N, C, H, W], real-valued first-layer input
+    for train in (False, True):
+        conv.train(train)
+        expected_net.train(train)
+        functional.reset_net(expected_net)
+        sj_in, sj_out = record(expected_net, neuron.LIFNode)
+        _, our_out = record(conv, (binslt.BinSpikeConv2d, binslt.BinSpikeLinear))
+        y_exp = expected_net(x)
+        y = conv(x)
+        assert len(our_out) == len(sj_out) == 3
+        for k, (xin, s_exp, s) in enumerate(zip(sj_in, sj_out, our_out)):
+            _, h = ref.lif_multistep(xin.double(), tau=nkw["tau"],
+                                     decay_input=nkw["decay_input"], v_threshold=vth,
+                                     v_reset=nkw["v_reset"], return_h=True)
+            # margin check: on this seeded input no neuron comes within 1e-5 of the threshold,
+            # so the spikes must agree exactly, layer by layer and end to end
+            assert bool(tie_mask(h, vth).all()), f"layer {k}: a near-tie; pick another seed"
+            assert torch.equal(s, s_exp), f"layer {k} ({'train' if train else 'eval'})"
+            assert 0.02 < s.mean() < 0.98, f"layer {k} fires at rate {s.mean():.3f}"
+        torch.testing.assert_close(y, y_exp, rtol=1e-5, atol=1e-5)
+        # BN state carried over and updated identically
+        ours = [m.bn for m in conv.modules() if isinstance(m, binslt.BinSpikeConv2d)]
+        theirs = [m for m in expected_net.modules() if isinstance(m, nn.BatchNorm2d)]
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-5, atol=1e-6)
+            assert int(a.num_batches_tracked) == int(b.num_batches_tracked)
+
+
+def test_converted_layers_carry_settings_weights_and_train_scores():
+    torch.manual_seed(0)
+    nkw = NEURONS["sj_sigmoid_soft"]
+    net = sj_vgg(nkw)
+    conv, _ = convert(net, prune_rate=0.3, backend="torch")
+    first = conv[0]
+    assert isinstance(first, binslt.BinSpikeConv2d) and first.mode == "search"
+    assert (first.kernel_size, first.stride, first.padding) == (3, 1, 1)
+    nc = first.neuron
+    assert (nc.tau, nc.decay_input, nc.v_threshold, nc.v_reset, nc.detach_reset) == (
+        2.0, True, 0.5, None, False)
+    assert (nc.surrogate, nc.surrogate_alpha) == ("sigmoid", 3.0)
+    assert first.prune_rate == 0.3 and first.bn.affine
+    torch.testing.assert_close(first.weight, net[0].weight, rtol=0, atol=0)
+    torch.testing.assert_close(first.bn.weight, net[1].weight, rtol=0, atol=0)
+    assert isinstance(conv[1], nn.Identity) and isinstance(conv[2], nn.Identity)
+    # the original is untouched (inplace=False), the logits layer stays dense
+    assert isinstance(net[0], layer.Conv2d) and type(conv[10]) is layer.Linear
+    out = conv(torch.rand(2, 3, 2, 8, 8))
+    out.sum().backward()
+    for m in conv.modules():
+        if isinstance(m, (binslt.BinSpikeConv2d, binslt.BinSpikeLinear)):
+            assert m.scores.grad is not None and m.scores.grad.abs().sum() > 0
+            assert m.weight.grad is None
+    # SpikingJelly's reset_net still works on the converted model
+    functional.reset_net(conv)
+
+
+def test_torch_nn_layers_and_seq_to_ann_containers():
+    torch.manual_seed(1)
+    nkw = NEURONS["paper"]
+    net = nn.Sequential(
+        layer.SeqToANNContainer(nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)),
+        neuron.LIFNode(step_mode="m", **nkw),
+        layer.SeqToANNContainer(nn.Conv2d(6, 6, 3, stride=2, padding=1, bias=False)),
+        layer.SeqToANNContainer(nn.BatchNorm2d(6, affine=False)),
+        neuron.LIFNode(step_mode="m", **nkw),
+        layer.Flatten(step_mode="m"),
+        nn.Linear(6 * 3 * 3, 7, bias=False),
+        neuron.LIFNode(step_mode="m", **nkw),
+        nn.Linear(7, 3, bias=False),
+    )
+    conv, report = convert(net, prune_rate=0.0, backend="torch")
+    assert [type(m).__name__ for m in conv] == [
+        "BinSpikeConv2d", "Identity", "BinSpikeConv2d", "Identity", "Identity", "Flatten",
+        "BinSpikeLinear", "Identity", "Linear"]
+    assert conv[2].stride == 2 and conv[2].bn is not None and not conv[2].bn.affine
+    expected_net = binarised_copy(net, ["0.0", "2.0", "6"])
+    x = torch.rand(2, 3, 1, 6, 6) * 3
+    for train in (False, True):
+        conv.train(train)
+        expected_net.train(train)
+        functional.reset_net(expected_net)
+        sj_in, sj_out = record(expected_net, neuron.LIFNode)
+        _, our_out = record(conv, (binslt.BinSpikeConv2d, binslt.BinSpikeLinear))
+        torch.testing.assert_close(conv(x), expected_net(x), rtol=1e-5, atol=1e-5)
+        for xin, s_exp, s in zip(sj_in, sj_out, our_out):
+            _, h = ref.lif_multistep(xin.double(), tau=100.0, decay_input=False, return_h=True)
+            assert bool(tie_mask(h, 1.0).all())
+            assert torch.equal(s, s_exp)
+
+
+def test_example_input_decides_spike_or_real_inputs():
+    nkw = NEURONS["paper"]
+    net = nn.Sequential(layer.Linear(5, 4, bias=False), neuron.LIFNode(**nkw),
+                        layer.Linear(4, 3, bias=False), neuron.LIFNode(**nkw))
+    functional.set_step_mode(net, "m")
+    spikes = (torch.rand(2, 3, 5) > 0.5).float()
+    conv, report = convert(net, example_input=spikes)
+    assert [c["input"] for c in report.converted] == ["spike", "spike"]
+    conv, report = convert(net, example_input=torch.rand(2, 3, 5))
+    assert [c["input"] for c in report.converted] == ["real", "spike"]
+    # the original model was run in eval mode without keeping state or changing modes
+    assert net.training and not isinstance(net[1].v, torch.Tensor)
+    # default: first layer real, the rest spike; a spike layer fed real values says so
+    conv, report = convert(net)
+    assert [c["input"] for c in report.converted] == ["real", "spike"]
+    bad = nn.Sequential(conv[2], conv[3])
+    with pytest.raises(ValueError, match="input='real'"):
+        bad(torch.rand(2, 3, 4))
+
+
+def test_unsupported_patterns_are_left_alone_with_reasons():
+    def lif(**kw):
+        return neuron.LIFNode(step_mode=kw.pop("step_mode", "m"), **kw)
+
+    stateful = lif()
+    stateful(torch.rand(2, 1, 4))  # now holds a membrane tensor
+    net = nn.Sequential(
+        layer.Conv2d(1, 4, 3, padding=1, bias=True, step_mode="m"), lif(),
+        layer.Conv2d(4, 4, 3, padding=1, bias=False, groups=2, step_mode="m"), lif(),
+        layer.Conv2d(4, 4, 3, padding=2, dilation=2, bias=False, step_mode="m"), lif(),
+        layer.Conv2d(4, 4, (3, 1), padding=(1, 0), bias=False, step_mode="m"), lif(),
+        layer.Conv2d(4, 4, 3, padding=1, bias=False, step_mode="m"), lif(step_mode="s"),
+        layer.Conv2d(4, 4, 3, padding=1, bias=False, step_mode="m"),
+        lif(surrogate_function=surrogate.PiecewiseQuadratic()),
+        layer.Conv2d(4, 4, 3, padding=1, bias=False, step_mode="s"), lif(),
+        layer.Flatten(step_mode="m"),
+        layer.Linear(4, 4, bias=False, step_mode="m"), stateful,
+        layer.Linear(4, 4, bias=False, step_mode="m"), lif(store_v_seq=True),
+    )
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, bias=False)
+            self.sn = lif()
+
+    net.append(Custom())
+    conv, report = convert(net)
+    assert report.converted == []
+    reasons = {s["path"]: s["reason"] for s in report.skipped}
+    assert "has a bias" in reasons["0"]
+    assert "groups=2" in reasons["2"]
+    assert "dilation" in reasons["4"]
+    assert "non-square kernel_size" in reasons["6"]
+    assert "single-step" in reasons["8"]
+    assert "PiecewiseQuadratic" in reasons["10"]
+    assert "step mode 's'" in reasons["12"]
+    assert "stateful" in reasons["15"]
+    assert "store_v_seq" in reasons["17"]
+    assert "execution order is unknown" in reasons["19.conv"]
+    assert "LIFNode not preceded" in reasons["19.sn"]
+    assert [type(a) for a in conv] == [type(b) for b in net]
+    assert "left" in str(report)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="nn.Module"):
+        convert("model")
+    net = nn.Sequential(layer.Linear(2, 2, bias=False), neuron.LIFNode(step_mode="m"))
+    with pytest.raises(ValueError, match="prune_rate"):
+        convert(net, prune_rate=1.0)
+    with pytest.raises(ValueError, match="backend"):
+        convert(net, backend="gpu")
+    assert binslt.convert is convert

@@ -43,7 +43,13 @@ def import_spikingjelly(cuda_impl: str = "triton"):
     """
     already = "spikingjelly._ops.lif" in sys.modules
     os.environ.setdefault("SJ_LIF_CUDA_IMPLEMENTATION", cuda_impl)
-    from spikingjelly.activation_based import functional, layer, neuron, surrogate
+    try:
+        from spikingjelly.activation_based import functional, layer, neuron, surrogate
+    except ImportError as exc:
+        raise SystemExit(
+            f"error: the SpikingJelly baseline is not importable ({exc}). Install it with "
+            "`pip install 'spikingjelly>=2.0'` (the [bench] extra), or put a SpikingJelly 2.0 "
+            "source tree on PYTHONPATH (gpu_check.sh: BINSLT_SJ_PATH=DIR).") from exc
 
     if already:
         from spikingjelly._ops import lif as _sj_lif
@@ -64,8 +70,10 @@ def sj_lif_implementation(device: torch.device) -> str:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     try:
         return _sj_lif._selection._select(idx).name
-    except Exception as exc:  # report, do not crash the benchmark over a label
-        return f"unknown ({type(exc).__name__})"
+    except Exception as exc:
+        raise SystemExit(
+            f"error: SpikingJelly's LIF cannot run on {device} with SJ_LIF_CUDA_IMPLEMENTATION="
+            f"{os.environ.get('SJ_LIF_CUDA_IMPLEMENTATION')!r}: {exc}. Try --sj-lif auto.") from exc
 
 
 # ---------------------------------------------------------------------------------------------

@@ -379,6 +379,10 @@ def parse_args(argv=None):
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="CUDA: keep torch.backends.cudnn.benchmark off (default: on)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--sj-lif", default=os.environ.get("SJ_LIF_CUDA_IMPLEMENTATION", "triton"),
+                   choices=("triton", "cuda", "torch", "auto"),
+                   help="SpikingJelly's LIF implementation on CUDA (SJ_LIF_CUDA_IMPLEMENTATION, "
+                        "default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -401,7 +405,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     # SpikingJelly reads this when it is first imported; the GPU baseline is its Triton LIF.
-    os.environ.setdefault("SJ_LIF_CUDA_IMPLEMENTATION", "triton")
+    os.environ["SJ_LIF_CUDA_IMPLEMENTATION"] = args.sj_lif
     import torch
 
     import binslt

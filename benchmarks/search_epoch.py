@@ -294,6 +294,10 @@ def parse_args(argv=None):
     p.add_argument("--max-batches", type=int, default=None,
                    help="stop each epoch (and the test pass) after this many batches (smoke runs)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--sj-lif", default=os.environ.get("SJ_LIF_CUDA_IMPLEMENTATION", "triton"),
+                   choices=("triton", "cuda", "torch", "auto"),
+                   help="SpikingJelly's LIF implementation on CUDA (SJ_LIF_CUDA_IMPLEMENTATION, "
+                        "default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="")
@@ -307,7 +311,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("SJ_LIF_CUDA_IMPLEMENTATION", "triton")
+    os.environ["SJ_LIF_CUDA_IMPLEMENTATION"] = args.sj_lif
     import binslt
     import binslt.models as models
 
@@ -333,6 +337,8 @@ def main(argv=None) -> int:
                                 [b for b in ("triton", "cuda")
                                  if device.type == "cuda" and st[b]["usable"]])
 
+    import_spikingjelly()
+    sj_impl = sj_lif_implementation(device)  # fails fast if SJ's LIF cannot run here
     xtr, ytr, xte, yte = load_digits_split(device)
     tau = 1.0 / (1.0 - 0.99)  # the paper's decay 0.99
 
@@ -399,7 +405,7 @@ def main(argv=None) -> int:
     meta = machine_info(device)
     meta.update({
         "benchmark": "search_epoch (Conv-4 BinW-SLT on sklearn digits, 1437 train / 360 test)",
-        "sj_lif_impl": sj_lif_implementation(device),
+        "sj_lif_impl": sj_impl,
         "neuron": "LIF decay 0.99 (tau 100) decay_input=False v_threshold=1 v_reset=0 ATan(2) "
                   "detach_reset=True; non-affine BN",
         "optimizer": f"SGD lr={args.lr} momentum=0.9 on the scores",

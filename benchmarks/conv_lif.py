@@ -6,7 +6,9 @@ For each shape and each binslt backend this measures, in one run on one machine:
 - ``eval_fwd``: eval mode, ``torch.no_grad()``, one forward over the whole [T, N, C, H, W] input;
 - ``train_fwdbwd``: train mode (batch-statistics BN), forward + backward of a fixed random
   weighting of the output spikes. Spike inputs require grad, as in a middle layer of a network;
-  the first (real-input) layer does not.
+  the first (real-input) layer does not;
+- ``eval_frozen``: as ``eval_fwd``, with the binslt layer switched to ``mode='frozen'`` (a
+  searched ticket: packed weight bits, no mask to build); SpikingJelly's time is its eval_fwd.
 
 and the same for SpikingJelly dense, step mode 'm', with identical neuron settings (defaults:
 the paper's tau=100 i.e. decay 0.99, decay_input=False, v_threshold=1, hard reset to 0, ATan(2),
@@ -56,7 +58,7 @@ from common import (  # noqa: E402
     write_csv,
 )
 
-MODES = ("eval_fwd", "train_fwdbwd")
+MODES = ("eval_fwd", "train_fwdbwd", "eval_frozen")
 
 COLUMNS = [
     "shape", "T", "N", "C_in", "C_out", "H", "W", "k", "pad", "rate", "input", "gmac",
@@ -175,7 +177,9 @@ def measure(module, reset, x, grad_out, mode: str, device, args) -> dict:
     """Time, memory and output rate of one module in one mode."""
     import torch
 
-    if mode == "eval_fwd":
+    if mode == "eval_frozen":
+        module.mode = "frozen"  # one way: measured after the other modes
+    if mode in ("eval_fwd", "eval_frozen"):
         module.eval()
         xin = x
 
@@ -250,7 +254,11 @@ def run_shape(shape: Shape, args, device, backends: list[str]) -> list[dict]:
 
     torch.manual_seed(args.seed)
     sj, sj_reset = build_sj(shape, args, device)
-    sj_res = {m: measure(sj, sj_reset, x, grad_out, m, device, args) for m in args.modes}
+    sj_modes = [m for m in MODES if m in args.modes and m != "eval_frozen"]
+    if "eval_frozen" in args.modes and "eval_fwd" not in sj_modes:
+        sj_modes.insert(0, "eval_fwd")
+    sj_res = {m: measure(sj, sj_reset, x, grad_out, m, device, args) for m in sj_modes}
+    sj_res["eval_frozen"] = sj_res.get("eval_fwd")  # SpikingJelly has no frozen form
     del sj
     gc.collect()
 
@@ -266,7 +274,9 @@ def run_shape(shape: Shape, args, device, backends: list[str]) -> list[dict]:
         mod = build_binslt(shape, args, device, be)
         if ref_module is not None:
             mod.load_state_dict(ref_module.state_dict())
-        res = {m: measure(mod, noop, x, grad_out, m, device, args) for m in args.modes}
+        # MODES order: eval_frozen (irreversible) comes last.
+        res = {m: measure(mod, noop, x, grad_out, m, device, args) for m in MODES
+               if m in args.modes}
         del mod
         gc.collect()
         mismatch = rel = None
@@ -386,6 +396,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not args.modes:
+        p.error("--modes is empty")
     for m in args.modes:
         if m not in MODES:
             p.error(f"unknown mode {m!r}; choose from {MODES}")
@@ -452,12 +464,15 @@ def main(argv=None) -> int:
         ["gpu_ref", "anchor", "vgg11", "rates", "timesteps"] if device.type == "cuda"
         else ["anchor", "vgg11", "rates", "timesteps"])
     shapes: list[Shape] = []
+    seen: set[Shape] = set()
     for n in names:
         if n.strip() not in sets:
             print(f"error: unknown shape set {n!r}; choose from {sorted(sets)}", file=sys.stderr)
             return 2
         for s in sets[n.strip()]:
-            if s not in shapes:  # the sweeps repeat the base shape
+            key = dataclasses.replace(s, name="")
+            if key not in seen:  # the sweeps repeat the base shape: time it once
+                seen.add(key)
                 shapes.append(s)
 
     import_spikingjelly()

@@ -59,7 +59,7 @@ def test_conv_lif_quick_writes_csv(tmp_path):
     assert set(rows[0]) == set(_load_columns())
     backends = _expected_cpu_backends()
     got = {(r["backend"], r["mode"]) for r in rows}
-    assert got == {(b, m) for b in backends for m in ("eval_fwd", "train_fwdbwd")}
+    assert got == {(b, m) for b in backends for m in ("eval_fwd", "train_fwdbwd", "eval_frozen")}
     assert len(rows) == len(got)  # one row per backend x mode
     for r in rows:
         assert r["shape"] == "anchor"

@@ -47,6 +47,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Union
 
@@ -432,8 +433,13 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _fail(cmd: str, exc: BaseException) -> None:
+    """One line ``binslt CMD: error: ...`` on stderr and exit status 2, as binslt.cli does for
+    its own errors (``BINSLT_DEBUG=1`` re-raises instead, to show the traceback)."""
+    if os.environ.get("BINSLT_DEBUG"):
+        raise exc
     msg = " ".join(str(exc).split()) or type(exc).__name__
-    raise SystemExit(f"binslt {cmd}: error: {msg}")
+    print(f"binslt {cmd}: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _cmd_export(args) -> int:
@@ -523,8 +529,8 @@ def _cmd_eval(args) -> int:
 
 
 def add_cli(subparsers) -> None:
-    """Register ``export`` and ``eval`` on an argparse ``subparsers`` object. Each sets
-    ``func`` (``args -> exit code``); errors exit non-zero with a one-line message."""
+    """Register ``export`` and ``eval`` on the ``binslt`` CLI's subparsers (binslt.cli calls
+    this). Each sets ``func`` (``args -> exit code``); errors print one line and exit 2."""
     ex = subparsers.add_parser(
         "export", help="write a packed ticket file (2 bits per weight) from a run",
         description="Export a searched network as a packed ticket: safetensors with each "

@@ -255,10 +255,11 @@ def _new_layer(run: list[_Elem], prune_rate: float, input_kind: str, backend: st
     if bn is not None:
         # a plain torch BN with the same settings and state (momentum None = cumulative average)
         fresh = bn_cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                       track_running_stats=bn.track_running_stats)
+                       track_running_stats=bn.track_running_stats).to(device=w.device,
+                                                                      dtype=w.dtype)
         fresh.load_state_dict(bn.state_dict())
         fresh.train(bn.training)
-        new.bn = fresh.to(device=w.device)
+        new.bn = fresh
     new.train(lin.training)
     return new
 

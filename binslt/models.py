@@ -162,16 +162,16 @@ class _MeanOverTime(nn.Module):
         return self.layer(x).mean(0)
 
 
-class _SeqBN(nn.Module):
+class _PerStep(nn.Module):
     """Applies a per-image module (conv, BN) to [T, N, C, ...] by flattening T into N, so BN
     statistics run over T*N*spatial."""
 
-    def __init__(self, bn: nn.Module):
+    def __init__(self, module: nn.Module):
         super().__init__()
-        self.bn = bn
+        self.module = module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn(x.flatten(0, 1))
+        y = self.module(x.flatten(0, 1))
         return y.view(*x.shape[:2], *y.shape[1:])
 
 
@@ -367,7 +367,7 @@ class _SNNBuilder(_Builder):
     def shortcut(self, cin, cout, stride):
         c = nn.Conv2d(cin, cout, 1, stride, 0, bias=not self.o["bn"])
         seq = nn.Sequential(c, self._bn2d(cout)) if self.o["bn"] else c
-        return _SeqBN(seq)  # applies conv (+BN) over [T*N, ...]
+        return _PerStep(seq)  # applies conv (+BN) over [T*N, ...]
 
     def fc(self, fin, fout, *, real_input):
         return SpikingLinear(fin, fout, self.o["bn"], self.o["bn_affine"], self.neuron,

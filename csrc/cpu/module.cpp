@@ -7,6 +7,11 @@
 
 namespace binslt {
 
+namespace cpu {
+void set_cpu_isa(const std::string& name);  // bconv_lif.cpp
+std::string cpu_isa();
+}  // namespace cpu
+
 // Which CPU paths this build can take on this machine (chosen at runtime).
 std::string cpu_features() {
   std::string out;
@@ -29,4 +34,8 @@ std::string cpu_features() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "binslt CPU kernels (bound to the binslt:: ops through the dispatcher)";
   m.def("cpu_features", &binslt::cpu_features, "CPU features the kernels can use here");
+  m.def("_set_cpu_isa", &binslt::cpu::set_cpu_isa, py::arg("name"),
+        "Force the popcount path of bconv_lif: 'auto', 'scalar', 'popcnt', 'avx2' or 'avx512' "
+        "(for tests and benchmarks; raises if this CPU cannot run it)");
+  m.def("_cpu_isa", &binslt::cpu::cpu_isa, "The popcount path bconv_lif uses now");
 }

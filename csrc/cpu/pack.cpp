@@ -1,0 +1,100 @@
+// Bit packing of spikes and ternary weights, channel-last, 32 channels per int32 word:
+// channel c lives in word c / 32 at bit c % 32; unused high bits are zero.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "binslt/cpu_checks.h"
+#include "binslt/lif.h"
+
+namespace binslt {
+namespace cpu {
+
+// x: [B, C, H, W] float (values 0/1; any nonzero counts as a spike) -> [B, H, W, ceil(C/32)] int32
+at::Tensor pack_spikes_cpu(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.device().is_cpu(), "binslt::pack_spikes: x must be a CPU tensor, got ",
+              x_in.device());
+  TORCH_CHECK(x_in.dim() == 4, "binslt::pack_spikes: x must be [B, C, H, W] (flatten T and N "
+              "into B), got shape ", shape_str(x_in));
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Cw = words_for(static_cast<int>(C));
+  at::Tensor out = at::zeros({B, H, W, Cw}, x.options().dtype(at::kInt));
+  const float* xp = x.data_ptr<float>();
+  uint32_t* op = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      uint32_t* orow = op + bh * W * Cw;
+      for (int64_t c = 0; c < C; ++c) {
+        const float* xr = xp + ((b * C + c) * H + h) * W;
+        const uint32_t bit = bit_of(static_cast<int>(c));
+        const int64_t wd = c >> 5;
+        for (int64_t w = 0; w < W; ++w) orow[w * Cw + wd] |= (xr[w] != 0.0f) ? bit : 0u;
+      }
+    }
+  });
+  return out;
+}
+
+// packed: [B, H, W, Cw] int32 -> [B, channels, H, W] float32 (0/1)
+at::Tensor unpack_spikes_cpu(const at::Tensor& packed_in, int64_t channels) {
+  check_tensor(packed_in, "unpack_spikes", "packed", 4, at::kInt, "[B, H, W, Cw] int32");
+  const at::Tensor packed = packed_in.contiguous();
+  const int64_t B = packed.size(0), H = packed.size(1), W = packed.size(2), Cw = packed.size(3);
+  TORCH_CHECK(channels >= 0 && channels <= 32 * Cw, "binslt::unpack_spikes: channels must be in "
+              "[0, 32*Cw] = [0, ", 32 * Cw, "] for packed words of shape ", shape_str(packed),
+              ", got ", channels);
+  at::Tensor out = at::empty({B, channels, H, W}, packed.options().dtype(at::kFloat));
+  const uint32_t* pp = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * channels, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / channels, c = bc % channels;
+      const uint32_t bit = bit_of(static_cast<int>(c));
+      const uint32_t* src = pp + b * H * W * Cw + (c >> 5);
+      float* dst = op + bc * H * W;
+      for (int64_t i = 0; i < H * W; ++i) dst[i] = (src[i * Cw] & bit) ? 1.0f : 0.0f;
+    }
+  });
+  return out;
+}
+
+// weight: [Co, Ci, kh, kw] float, ternary up to a gain -> (mask, pos) [Co, kh, kw, ceil(Ci/32)]
+std::tuple<at::Tensor, at::Tensor> pack_weight_cpu(const at::Tensor& w_in) {
+  TORCH_CHECK(w_in.device().is_cpu(), "binslt::pack_weight: weight must be a CPU tensor, got ",
+              w_in.device());
+  TORCH_CHECK(w_in.dim() == 4, "binslt::pack_weight: weight must be [Co, Ci, kh, kw], got shape ",
+              shape_str(w_in));
+  const at::Tensor w = w_in.to(at::kFloat).contiguous();
+  const int64_t Co = w.size(0), Ci = w.size(1), KH = w.size(2), KW = w.size(3);
+  const int64_t Cw = words_for(static_cast<int>(Ci));
+  at::Tensor mask = at::zeros({Co, KH, KW, Cw}, w.options().dtype(at::kInt));
+  at::Tensor pos = at::zeros({Co, KH, KW, Cw}, w.options().dtype(at::kInt));
+  const float* wp = w.data_ptr<float>();
+  uint32_t* mp = reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>());
+  uint32_t* pp = reinterpret_cast<uint32_t*>(pos.data_ptr<int32_t>());
+  at::parallel_for(0, Co, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o)
+      for (int64_t c = 0; c < Ci; ++c)
+        for (int64_t k = 0; k < KH * KW; ++k) {
+          const float v = wp[(o * Ci + c) * KH * KW + k];
+          const int64_t idx = (o * KH * KW + k) * Cw + (c >> 5);
+          const uint32_t bit = bit_of(static_cast<int>(c));
+          if (v != 0.0f) mp[idx] |= bit;
+          if (v > 0.0f) pp[idx] |= bit;
+        }
+  });
+  return {mask, pos};
+}
+
+}  // namespace cpu
+}  // namespace binslt
+
+TORCH_LIBRARY_IMPL(binslt, CPU, m) {
+  m.impl("pack_spikes", &binslt::cpu::pack_spikes_cpu);
+  m.impl("unpack_spikes", &binslt::cpu::unpack_spikes_cpu);
+  m.impl("pack_weight", &binslt::cpu::pack_weight_cpu);
+}

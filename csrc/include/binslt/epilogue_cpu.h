@@ -1,0 +1,141 @@
+// CPU-side epilogue + multi-step LIF over rows of neurons, shared by bconv_lif and bn_lif.
+//
+// A "row" is L neurons of one channel that are contiguous in memory inside each timestep; the
+// T timesteps of the row are `ts` elements apart ([T, N, C, S] layout: ts = N*C*S). The float
+// arithmetic is binslt/lif.h's (SpikingJelly's order), the epilogue is the reference's:
+//   eval : Y = z * scale + shift
+//   train: Y = ((z - mean) * invstd) * scale + shift
+//   X = Y + residual
+// These functions are compiled for the baseline target only (no FMA contraction), so that float32
+// results are the same on every machine and agree with the reference.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "binslt/lif.h"
+
+namespace binslt {
+namespace cpu {
+
+// Longest row processed at once (stack buffers).
+constexpr int kRowChunk = 256;
+
+struct ChannelAffine {
+  float mean;    // batch mean (train) or unused
+  float invstd;  // 1/sqrt(var + eps) (train) or unused
+  float scale;
+  float shift;
+  bool train;
+
+  inline float apply(float z) const {
+    if (train) {
+      const float y = (z - mean) * invstd;
+      return y * scale + shift;
+    }
+    return z * scale + shift;
+  }
+  // d Y / d z without the batch-statistics terms (train: xhat is returned through *xhat).
+  inline float normalized(float z) const { return train ? (z - mean) * invstd : z; }
+};
+
+inline float invstd_of(float var, double eps) {
+  return 1.0f / std::sqrt(var + static_cast<float>(eps));
+}
+
+// Forward: spikes for L (<= kRowChunk) neurons over T steps. zat(t, i) gives the raw current z.
+template <class ZAt>
+inline void lif_forward_row(int T, int L, const ZAt& zat, const ChannelAffine& aff,
+                            const float* res, int64_t ts, const NeuronParams& p, float* spikes) {
+  float v[kRowChunk];
+  float x[kRowChunk];
+  const float v0 = p.soft_reset ? 0.0f : p.v_reset;
+  for (int i = 0; i < L; ++i) v[i] = v0;
+  for (int t = 0; t < T; ++t) {
+    for (int i = 0; i < L; ++i) x[i] = aff.apply(zat(t, i));
+    if (res != nullptr) {
+      const float* r = res + t * ts;
+      for (int i = 0; i < L; ++i) x[i] = x[i] + r[i];
+    }
+    float* s_out = spikes + t * ts;
+    for (int i = 0; i < L; ++i) {
+      const float h = lif_charge(v[i], x[i], p);
+      const float s = lif_fire(h, p);
+      v[i] = lif_reset(h, s, p);
+      s_out[i] = s;
+    }
+  }
+}
+
+// Backward: recomputes H (exactly as the forward), then BPTT. Writes dL/dX into gcur (same layout
+// as spikes) and accumulates, per channel, sum(g) and sum(g * xhat) (train) or sum(g * z) (eval).
+// hbuf must hold T * kRowChunk floats.
+template <class ZAt>
+inline void lif_backward_row(int T, int L, const ZAt& zat, const ChannelAffine& aff,
+                             const float* res, int64_t ts, const NeuronParams& p,
+                             const float* gs, float* gcur, float* hbuf, double* sum_g,
+                             double* sum_gx) {
+  float v[kRowChunk];
+  float gv[kRowChunk];
+  const float v0 = p.soft_reset ? 0.0f : p.v_reset;
+  for (int i = 0; i < L; ++i) v[i] = v0;
+  for (int t = 0; t < T; ++t) {
+    const float* r = res != nullptr ? res + t * ts : nullptr;
+    float* h = hbuf + t * kRowChunk;
+    for (int i = 0; i < L; ++i) {
+      float xi = aff.apply(zat(t, i));
+      if (r != nullptr) xi = xi + r[i];
+      const float hi = lif_charge(v[i], xi, p);
+      h[i] = hi;
+      v[i] = lif_reset(hi, lif_fire(hi, p), p);
+    }
+  }
+  for (int i = 0; i < L; ++i) gv[i] = 0.0f;
+  double sg = 0.0, sgx = 0.0;
+  for (int t = T - 1; t >= 0; --t) {
+    const float* g = gs + t * ts;
+    float* gc = gcur + t * ts;
+    const float* h = hbuf + t * kRowChunk;
+    for (int i = 0; i < L; ++i) {
+      float carry;
+      const float gh = lif_backward_step(g[i], gv[i], h[i], p, &carry);
+      gv[i] = carry;
+      const float gx = lif_input_grad(gh, p);
+      gc[i] = gx;
+      sg += gx;
+      sgx += static_cast<double>(gx) * aff.normalized(zat(t, i));
+    }
+  }
+  *sum_g += sg;
+  *sum_gx += sgx;
+}
+
+// Per-channel dL/dz from dL/dX (g): eval a*g; BN train k*(g - mean(g) - xhat*mean(g*xhat)),
+// evaluated in double to avoid cancellation when mean(g) dominates.
+struct ZGrad {
+  double k, mg, mgx;
+  float mean, invstd, scale;
+  bool train;
+  inline float operator()(float g, float z) const {
+    if (!train) return g * scale;
+    const double xhat = static_cast<double>((z - mean) * invstd);
+    return static_cast<float>(k * ((static_cast<double>(g) - mg) - xhat * mgx));
+  }
+};
+
+// sum_g = sum(g), sum_gx = sum(g * xhat) (train) / sum(g * z) (eval), m = elements per channel.
+inline ZGrad make_zgrad(const ChannelAffine& aff, double sum_g, double sum_gx, double m) {
+  ZGrad zg;
+  zg.train = aff.train;
+  zg.mean = aff.mean;
+  zg.invstd = aff.invstd;
+  zg.scale = aff.scale;
+  zg.k = static_cast<double>(aff.scale) * aff.invstd;
+  zg.mg = m > 0 ? sum_g / m : 0.0;
+  zg.mgx = m > 0 ? sum_gx / m : 0.0;
+  return zg;
+}
+
+}  // namespace cpu
+}  // namespace binslt

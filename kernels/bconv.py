@@ -1,0 +1,388 @@
+"""Binary convolution on int8 tensor cores, fused with the LIF epilogue, and its backward.
+
+Forward (``_bconv_fwd_kernel``): implicit im2col. The GEMM is rows = (n, ho, wo), columns = output
+channels, K = (kh, kw, input channel). Each K step loads WORDS packed spike words per row and the
+matching words of the two weight bit planes, unpacks them to int8 in registers
+(x in {0, 1}, w = mask * (2 pos - 1) in {-1, 0, 1}) and runs ``tl.dot`` int8 x int8 -> int32.
+This is exact, and zero padding needs no correction (a padded spike is 0). A program owns a
+(rows x channels) tile and iterates t = 0..T-1, so with ``FUSE_LIF`` the membrane potential stays
+in registers and the epilogue (alpha, affine, residual, LIF) runs on the int32 accumulator:
+outputs are float spikes and int16 counts. Training-mode BN needs batch statistics before the
+neuron, so there the kernel runs as pass 1: it writes counts and accumulates exact int64 sums of
+count and count^2 per channel; pass 2 is ``kernels.lif._bn_lif_fwd_kernel`` over the counts.
+
+Backward: ``_bconv_dgrad_kernel`` (dL/dx = conv_transpose(dL/dZ, W_eff), gathered per input pixel
+with ternary weights unpacked from bits) and ``_bconv_wgrad_kernel`` (dL/dW_eff = sum over
+positions of dL/dZ times the binary input, unpacked from bits). Both use float ``tl.dot``.
+
+The interpreter runs int8 ``tl.dot`` correctly (numpy), so no float fallback is needed there; no
+popcount is used at all (the tensor-core path replaces it, DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._common import (
+    DOT_PRECISION,
+    INTERPRET,
+    autotune_configs,
+    cdiv,
+    check_int32_index,
+    lif_charge,
+    lif_fire_reset,
+)
+
+# H100/H200: int8 mma wants K >= 32 per step (one packed word) and 64-128 wide tiles.
+_FWD_CONFIGS = autotune_configs(
+    [
+        dict(BLOCK_M=128, BLOCK_N=128, WORDS=2, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, WORDS=2, num_warps=4, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=128, WORDS=2, num_warps=4, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, WORDS=4, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, WORDS=4, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, WORDS=1, num_warps=4, num_stages=4),
+    ],
+    dict(BLOCK_M=32, BLOCK_N=16, WORDS=2),
+)
+
+_GRAD_CONFIGS = autotune_configs(
+    [
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3),
+    ],
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16),
+)
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["M", "Co", "CW", "T", "FUSE_LIF"],
+                 reset_to_zero=["sum_ptr", "sq_ptr"])
+@triton.jit
+def _bconv_fwd_kernel(
+    x_ptr,  # [T*Nb, H, W, CW] int32 packed spikes
+    wm_ptr,  # [Co, KH, KW, CW] int32 mask bits
+    wp_ptr,  # [Co, KH, KW, CW] int32 positive bits
+    alpha_ptr,  # [Co] float32
+    scale_ptr,  # [Co] float32
+    shift_ptr,  # [Co] float32
+    res_ptr,  # [T, Nb, Co, Ho, Wo] float32 (HAS_RES)
+    spk_ptr,  # [T, Nb, Co, Ho, Wo] float32 out (FUSE_LIF)
+    cnt_ptr,  # [T, Nb, Co, Ho, Wo] int16/int32 out
+    sum_ptr,  # [Co] int64 accumulated sum of counts (not FUSE_LIF)
+    sq_ptr,  # [Co] int64 accumulated sum of counts^2 (not FUSE_LIF)
+    T,
+    M,  # Nb * Ho * Wo
+    H,
+    W,
+    CW,
+    Co,
+    Ho,
+    Wo,
+    stride,
+    padding,
+    tau,
+    v_threshold,
+    v_reset,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    FUSE_LIF: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    DECAY_INPUT: tl.constexpr,
+    HARD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WORDS: tl.constexpr,
+):
+    """count[t, n, co, ho, wo] = sum_{kh, kw, ci} x[t, n, ci, ho*s-p+kh, wo*s-p+kw] * sign*M."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    hw_o = Ho * Wo
+    n_idx = rows // hw_o
+    sp = rows % hw_o
+    ho = sp // Wo
+    wo = sp % Wo
+    row_ok = rows < M
+    co_ok = co < Co
+    nb = M // hw_o
+    kwords = tl.arange(0, WORDS)
+    bits = tl.arange(0, 32)
+    out_ok = row_ok[:, None] & co_ok[None, :]
+    # [BLOCK_M, BLOCK_N] offset of (n, co, ho, wo) inside one timestep
+    out_off = (n_idx * Co * hw_o + sp)[:, None] + (co * hw_o)[None, :]
+    step = nb * Co * hw_o
+    if FUSE_LIF:
+        alpha = tl.load(alpha_ptr + co, mask=co_ok, other=0.0)[None, :]
+        scale = tl.load(scale_ptr + co, mask=co_ok, other=0.0)[None, :]
+        shift = tl.load(shift_ptr + co, mask=co_ok, other=0.0)[None, :]
+        v = tl.zeros((BLOCK_M, BLOCK_N), tl.float32) + v_reset
+    else:
+        s1 = tl.zeros((BLOCK_N,), tl.int64)
+        s2 = tl.zeros((BLOCK_N,), tl.int64)
+    for t in range(T):
+        b = t * nb + n_idx
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+        for kh in tl.static_range(KH):
+            hi = ho * stride - padding + kh
+            for kw in tl.static_range(KW):
+                wi = wo * stride - padding + kw
+                ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+                xbase = ((b * H + hi) * W + wi) * CW
+                wbase = ((co * KH + kh) * KW + kw) * CW
+                for w0 in range(0, CW, WORDS):
+                    wd = w0 + kwords
+                    wd_ok = wd < CW
+                    xw = tl.load(x_ptr + xbase[:, None] + wd[None, :],
+                                 mask=ok[:, None] & wd_ok[None, :], other=0)
+                    a = ((xw[:, :, None] >> bits[None, None, :]) & 1).to(tl.int8)
+                    a = tl.reshape(a, (BLOCK_M, WORDS * 32))
+                    wmask = co_ok[None, :] & wd_ok[:, None]
+                    mw = tl.load(wm_ptr + wbase[None, :] + wd[:, None], mask=wmask, other=0)
+                    pw = tl.load(wp_ptr + wbase[None, :] + wd[:, None], mask=wmask, other=0)
+                    mb = (mw[:, None, :] >> bits[None, :, None]) & 1
+                    pb = (pw[:, None, :] >> bits[None, :, None]) & 1
+                    wt = (mb * (2 * pb - 1)).to(tl.int8)
+                    wt = tl.reshape(wt, (WORDS * 32, BLOCK_N))
+                    acc = tl.dot(a, wt, acc, out_dtype=tl.int32)
+        o = out_off + t * step
+        tl.store(cnt_ptr + o, acc.to(cnt_ptr.dtype.element_ty), mask=out_ok)
+        if FUSE_LIF:
+            z = acc.to(tl.float32) * alpha
+            y = z * scale + shift
+            if HAS_RES:
+                y = y + tl.load(res_ptr + o, mask=out_ok, other=0.0)
+            h = lif_charge(v, y, tau, v_reset, DECAY_INPUT)
+            spk, v = lif_fire_reset(h, v_threshold, v_reset, HARD)
+            tl.store(spk_ptr + o, spk, mask=out_ok)
+        else:
+            a64 = tl.where(out_ok, acc, 0).to(tl.int64)
+            s1 += tl.sum(a64, axis=0)
+            s2 += tl.sum(a64 * a64, axis=0)
+    if not FUSE_LIF:
+        tl.atomic_add(sum_ptr + co, s1, mask=co_ok)
+        tl.atomic_add(sq_ptr + co, s2, mask=co_ok)
+
+
+@triton.autotune(configs=_GRAD_CONFIGS, key=["B", "Ci", "Co", "H", "W"])
+@triton.jit
+def _bconv_dgrad_kernel(
+    gz_ptr,  # [B, Co, Ho, Wo] float32 dL/dZ
+    wm_ptr,  # [Co, KH, KW, CW] int32
+    wp_ptr,  # [Co, KH, KW, CW] int32
+    alpha_ptr,  # [Co] float32
+    gx_ptr,  # [B, Ci, H, W] float32 out
+    B,
+    Ci,
+    H,
+    W,
+    CW,
+    Co,
+    Ho,
+    Wo,
+    stride,
+    padding,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # input pixels (b, h, w)
+    BLOCK_N: tl.constexpr,  # input channels
+    BLOCK_K: tl.constexpr,  # output channels per step
+):
+    """gx[b, ci, h, w] = sum_{co, kh, kw} gz[b, co, ho, wo] alpha[co] w[co, ci, kh, kw] over the
+    (ho, wo) with ho * stride - padding + kh = h (and the same for w)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    hw = H * W
+    b = rows // hw
+    p = rows % hw
+    h = p // W
+    w = p % W
+    row_ok = rows < B * hw
+    ci_ok = ci < Ci
+    ci_word = ci // 32
+    ci_bit = ci % 32
+    hw_o = Ho * Wo
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for kh in tl.static_range(KH):
+        hn = h + padding - kh
+        hn0 = tl.maximum(hn, 0)
+        ho = hn0 // stride
+        h_ok = (hn >= 0) & (hn0 % stride == 0) & (ho < Ho)
+        for kw in tl.static_range(KW):
+            wn = w + padding - kw
+            wn0 = tl.maximum(wn, 0)
+            wo = wn0 // stride
+            ok = row_ok & h_ok & (wn >= 0) & (wn0 % stride == 0) & (wo < Wo)
+            gbase = b * Co * hw_o + ho * Wo + wo
+            for c0 in range(0, Co, BLOCK_K):
+                co = c0 + tl.arange(0, BLOCK_K)
+                co_ok = co < Co
+                al = tl.load(alpha_ptr + co, mask=co_ok, other=0.0)
+                g = tl.load(gz_ptr + gbase[:, None] + (co * hw_o)[None, :],
+                            mask=ok[:, None] & co_ok[None, :], other=0.0)
+                g = g * al[None, :]
+                woff = (((co * KH + kh) * KW + kw) * CW)[:, None] + ci_word[None, :]
+                wmask = co_ok[:, None] & ci_ok[None, :]
+                mb = (tl.load(wm_ptr + woff, mask=wmask, other=0) >> ci_bit[None, :]) & 1
+                pb = (tl.load(wp_ptr + woff, mask=wmask, other=0) >> ci_bit[None, :]) & 1
+                wt = (mb * (2 * pb - 1)).to(tl.float32)
+                acc = tl.dot(g, wt, acc, input_precision=PRECISION)
+    out = (b * Ci * hw + p)[:, None] + (ci * hw)[None, :]
+    tl.store(gx_ptr + out, acc, mask=row_ok[:, None] & ci_ok[None, :])
+
+
+@triton.autotune(configs=_GRAD_CONFIGS, key=["B", "Ci", "Co", "Ho", "Wo"])
+@triton.jit
+def _bconv_wgrad_kernel(
+    gz_ptr,  # [B, Co, Ho, Wo] float32 dL/dZ
+    x_ptr,  # [B, H, W, CW] int32 packed spikes
+    gw_ptr,  # [Co, Ci, KH, KW] float32 out
+    B,
+    Ci,
+    H,
+    W,
+    CW,
+    Co,
+    Ho,
+    Wo,
+    stride,
+    padding,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # output channels
+    BLOCK_N: tl.constexpr,  # input channels
+    BLOCK_K: tl.constexpr,  # output positions (b, ho, wo) per step
+):
+    """gw[co, ci, kh, kw] = sum_{b, ho, wo} gz[b, co, ho, wo] * x[b, ci, ho*s-p+kh, wo*s-p+kw].
+    Grid axis 2 enumerates (kh, kw)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    kh = pid_k // KW
+    kw = pid_k % KW
+    co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < Co
+    ci_ok = ci < Ci
+    ci_word = ci // 32
+    ci_bit = ci % 32
+    hw_o = Ho * Wo
+    P = B * hw_o
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for p0 in range(0, P, BLOCK_K):
+        q = p0 + tl.arange(0, BLOCK_K)
+        q_ok = q < P
+        b = q // hw_o
+        sp = q % hw_o
+        ho = sp // Wo
+        wo = sp % Wo
+        hi = ho * stride - padding + kh
+        wi = wo * stride - padding + kw
+        ok = q_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        g = tl.load(gz_ptr + (co * hw_o)[:, None] + (b * Co * hw_o + sp)[None, :],
+                    mask=co_ok[:, None] & q_ok[None, :], other=0.0)
+        xw = tl.load(x_ptr + (((b * H + hi) * W + wi) * CW)[:, None] + ci_word[None, :],
+                     mask=ok[:, None] & ci_ok[None, :], other=0)
+        xb = ((xw >> ci_bit[None, :]) & 1).to(tl.float32)
+        acc = tl.dot(g, xb, acc, input_precision=PRECISION)
+    out = ((co * Ci)[:, None] + ci[None, :]) * (KH * KW) + kh * KW + kw
+    tl.store(gw_ptr + out, acc, mask=co_ok[:, None] & ci_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (shapes checked by binslt/_triton_ops)
+# ----------------------------------------------------------------------------------------------
+
+
+def out_hw(h: int, w: int, kh: int, kw: int, stride: int, padding: int) -> tuple[int, int]:
+    return (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+
+
+def bconv_counts(x_packed: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.Tensor,
+                 alpha: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                 residual: torch.Tensor | None, T: int, stride: int, padding: int,
+                 fuse_lif: bool, counts_dtype: torch.dtype, tau: float, decay_input: bool,
+                 v_threshold: float, v_reset: float | None):
+    """Run the conv kernel. -> (spikes or None, counts [T, Nb, Co, Ho, Wo], sum, sumsq [Co] int64
+    (zeros when ``fuse_lif``))."""
+    bt, h, w, cw = x_packed.shape
+    co, kh, kw, _ = w_mask.shape
+    nb = bt // T
+    ho, wo = out_hw(h, w, kh, kw, stride, padding)
+    dev = x_packed.device
+    shape = (T, nb, co, ho, wo)
+    counts = torch.empty(shape, dtype=counts_dtype, device=dev)
+    spikes = torch.empty(shape, dtype=torch.float32, device=dev) if fuse_lif else None
+    s1 = torch.zeros(co, dtype=torch.int64, device=dev)
+    s2 = torch.zeros(co, dtype=torch.int64, device=dev)
+    check_int32_index(counts.numel(), "bconv_lif output")
+    check_int32_index(x_packed.numel(), "x_packed")
+    m = nb * ho * wo
+    if counts.numel() == 0:
+        return spikes, counts, s1, s2
+    spk_arg = spikes if fuse_lif else alpha
+    res_arg = residual if residual is not None else spk_arg
+
+    def grid(meta):
+        return (cdiv(m, meta["BLOCK_M"]), cdiv(co, meta["BLOCK_N"]))
+
+    wrap_triton(_bconv_fwd_kernel)[grid](
+        x_packed, w_mask, w_pos, alpha, scale, shift, res_arg, spk_arg, counts, s1, s2,
+        T, m, h, w, cw, co, ho, wo, stride, padding, float(tau), float(v_threshold),
+        0.0 if v_reset is None else float(v_reset),
+        KH=kh, KW=kw, FUSE_LIF=bool(fuse_lif), HAS_RES=residual is not None,
+        DECAY_INPUT=bool(decay_input), HARD=v_reset is not None)
+    return spikes, counts, s1, s2
+
+
+def bconv_dgrad(g_z: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.Tensor, alpha: torch.Tensor,
+                in_channels: int, h: int, w: int, stride: int, padding: int) -> torch.Tensor:
+    """g_z: [B, Co, Ho, Wo] float32 -> dL/dx [B, Ci, H, W] float32."""
+    b, co, ho, wo = g_z.shape
+    _, kh, kw, cw = w_mask.shape
+    gx = torch.empty((b, in_channels, h, w), dtype=torch.float32, device=g_z.device)
+    check_int32_index(gx.numel(), "grad_x")
+    if gx.numel() == 0:
+        return gx
+    if co == 0:
+        return gx.zero_()
+
+    def grid(meta):
+        return (cdiv(b * h * w, meta["BLOCK_M"]), cdiv(in_channels, meta["BLOCK_N"]))
+
+    wrap_triton(_bconv_dgrad_kernel)[grid](
+        g_z, w_mask, w_pos, alpha, gx, b, in_channels, h, w, cw, co, ho, wo, stride, padding,
+        KH=kh, KW=kw, PRECISION=DOT_PRECISION)
+    return gx
+
+
+def bconv_wgrad(g_z: torch.Tensor, x_packed: torch.Tensor, in_channels: int, kh: int, kw: int,
+                stride: int, padding: int) -> torch.Tensor:
+    """g_z: [B, Co, Ho, Wo] float32, x_packed [B, H, W, Cw] -> dL/dW_eff [Co, Ci, kh, kw]."""
+    b, co, ho, wo = g_z.shape
+    _, h, w, cw = x_packed.shape
+    gw = torch.empty((co, in_channels, kh, kw), dtype=torch.float32, device=g_z.device)
+    if gw.numel() == 0:
+        return gw
+    if b * ho * wo == 0:
+        return gw.zero_()
+
+    def grid(meta):
+        return (cdiv(co, meta["BLOCK_M"]), cdiv(in_channels, meta["BLOCK_N"]), kh * kw)
+
+    wrap_triton(_bconv_wgrad_kernel)[grid](
+        g_z, x_packed, gw, b, in_channels, h, w, cw, co, ho, wo, stride, padding,
+        KH=kh, KW=kw, PRECISION=DOT_PRECISION)
+    return gw
+
+
+__all__ = ["INTERPRET", "bconv_counts", "bconv_dgrad", "bconv_wgrad", "out_hw"]

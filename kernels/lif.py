@@ -1,0 +1,366 @@
+"""Epilogue (BN / affine, residual) + multi-step LIF over T, forward and BPTT backward.
+
+All kernels here see the current as ``src: [T, Nb, C, S]`` (S = product of the trailing dims;
+S = 1 for linear layers). ``src`` is either a float current ``z`` (``bn_lif``) or the integer
+counts of the binary conv (``bconv_lif``), in which case ``Z = alpha[c] * count`` (HAS_ALPHA).
+A program owns a ``[BLOCK_R, BLOCK_S]`` tile of neurons (rows = (n, c) pairs, columns = spatial)
+and walks t = 0..T-1 with the membrane potential in registers.
+
+Training-mode BN schedule (two passes over the current):
+  pass 1: per-channel sums of Z and Z^2 (``_channel_sums_kernel``, float64 atomics; for the binary
+          conv the conv kernel itself accumulates exact int64 sums of counts instead);
+  host:   mean = S1 / M, var = S2 / M - mean^2 in float64 (M = T * Nb * S), invstd = rsqrt(var+eps);
+  pass 2: ``_bn_lif_fwd_kernel`` normalizes and runs the neuron.
+
+Backward: ``_lif_bwd_kernel`` recomputes H[t] forward (stored in the grad_current buffer, which it
+then overwrites), runs BPTT backward with the surrogate, and reduces per-channel sums of dL/dX and
+dL/dX * Zhat (float64 atomics) for grad_shift / grad_scale. Eval mode writes dL/dZ = dL/dX * scale
+in the same pass; training mode needs the sums first, so ``_bn_train_bwd_kernel`` is a second pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._common import (
+    cdiv,
+    check_int32_index,
+    elementwise_blocks,
+    lif_charge,
+    lif_fire_reset,
+    surrogate_grad,
+)
+
+
+@triton.jit
+def _load_current(src_ptr, alpha_row, off, m, HAS_ALPHA: tl.constexpr):
+    z = tl.load(src_ptr + off, mask=m, other=0).to(tl.float32)
+    if HAS_ALPHA:
+        z = z * alpha_row[:, None]
+    return z
+
+
+@triton.jit
+def _channel_sums_kernel(
+    src_ptr,  # [T, Nb, C, S] float32
+    sum_ptr,  # [C] float64, accumulated
+    sq_ptr,  # [C] float64, accumulated
+    T,
+    R,  # Nb * C
+    C,
+    S,
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """sum_ptr[c] += sum Z, sq_ptr[c] += sum Z^2 over the tile and all t (float64)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    rm = r < R
+    m = rm[:, None] & (s < S)[None, :]
+    off = r[:, None] * S + s[None, :]
+    acc1 = tl.zeros((BLOCK_R, BLOCK_S), tl.float64)
+    acc2 = tl.zeros((BLOCK_R, BLOCK_S), tl.float64)
+    for t in range(T):
+        z = tl.load(src_ptr + off + t * R * S, mask=m, other=0.0).to(tl.float64)
+        acc1 += z
+        acc2 += z * z
+    c = r % C
+    tl.atomic_add(sum_ptr + c, tl.sum(acc1, axis=1), mask=rm)
+    tl.atomic_add(sq_ptr + c, tl.sum(acc2, axis=1), mask=rm)
+
+
+@triton.jit
+def _bn_lif_fwd_kernel(
+    src_ptr,  # [T, Nb, C, S] float32 current, or int16/int32 counts (HAS_ALPHA)
+    alpha_ptr,  # [C] float32 (HAS_ALPHA)
+    scale_ptr,  # [C] float32
+    shift_ptr,  # [C] float32
+    mean_ptr,  # [C] float32 (BN_TRAIN)
+    invstd_ptr,  # [C] float32 (BN_TRAIN)
+    res_ptr,  # [T, Nb, C, S] float32 (HAS_RES)
+    spk_ptr,  # [T, Nb, C, S] float32 out
+    T,
+    R,
+    C,
+    S,
+    tau,
+    v_threshold,
+    v_reset,  # 0 for a soft reset
+    HAS_ALPHA: tl.constexpr,
+    BN_TRAIN: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    DECAY_INPUT: tl.constexpr,
+    HARD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """X = [(Z - mean) * invstd] * scale + shift (+ R); S[t] = LIF(X[t]) for t = 0..T-1."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    rm = r < R
+    m = rm[:, None] & (s < S)[None, :]
+    c = r % C
+    scale = tl.load(scale_ptr + c, mask=rm, other=0.0)[:, None]
+    shift = tl.load(shift_ptr + c, mask=rm, other=0.0)[:, None]
+    alpha = tl.load(alpha_ptr + c, mask=rm, other=0.0) if HAS_ALPHA else scale
+    if BN_TRAIN:
+        mean = tl.load(mean_ptr + c, mask=rm, other=0.0)[:, None]
+        invstd = tl.load(invstd_ptr + c, mask=rm, other=0.0)[:, None]
+    off = r[:, None] * S + s[None, :]
+    v = tl.zeros((BLOCK_R, BLOCK_S), tl.float32) + v_reset
+    for t in range(T):
+        o = off + t * R * S
+        z = _load_current(src_ptr, alpha, o, m, HAS_ALPHA)
+        if BN_TRAIN:
+            y = (z - mean) * invstd
+            y = y * scale + shift
+        else:
+            y = z * scale + shift
+        if HAS_RES:
+            y = y + tl.load(res_ptr + o, mask=m, other=0.0)
+        h = lif_charge(v, y, tau, v_reset, DECAY_INPUT)
+        spk, v = lif_fire_reset(h, v_threshold, v_reset, HARD)
+        tl.store(spk_ptr + o, spk, mask=m)
+
+
+@triton.jit
+def _lif_bwd_kernel(
+    gs_ptr,  # [T, Nb, C, S] float32 dL/dS
+    src_ptr,  # [T, Nb, C, S] float32 current or integer counts (HAS_ALPHA)
+    alpha_ptr,
+    scale_ptr,
+    shift_ptr,
+    mean_ptr,
+    invstd_ptr,
+    res_ptr,
+    gcur_ptr,  # [T, Nb, C, S] float32 out: dL/dX (holds H[t] in between)
+    gz_ptr,  # [T, Nb, C, S] float32 out: dL/dZ (eval mode only)
+    gsh_ptr,  # [C] float64 accumulated: sum dL/dX
+    gsc_ptr,  # [C] float64 accumulated: sum dL/dX * Zhat
+    T,
+    R,
+    C,
+    S,
+    tau,
+    v_threshold,
+    v_reset,
+    surrogate_alpha,
+    HAS_ALPHA: tl.constexpr,
+    BN_TRAIN: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    DECAY_INPUT: tl.constexpr,
+    HARD: tl.constexpr,
+    DETACH_RESET: tl.constexpr,
+    SURROGATE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """BPTT through the LIF. With g = g'(H - th) and gV[T-1] = 0, for t = T-1..0:
+    gH = gS*g + gV * dV/dH, dV/dH = hard: (1-S) [+ (vr-H) g], soft: 1 [- th g] (bracket: not
+    detach_reset); gX = gH / tau (decay_input) or gH; gV[t-1] = gH - gH / tau."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    rm = r < R
+    m = rm[:, None] & (s < S)[None, :]
+    c = r % C
+    scale = tl.load(scale_ptr + c, mask=rm, other=0.0)[:, None]
+    shift = tl.load(shift_ptr + c, mask=rm, other=0.0)[:, None]
+    alpha = tl.load(alpha_ptr + c, mask=rm, other=0.0) if HAS_ALPHA else scale
+    if BN_TRAIN:
+        mean = tl.load(mean_ptr + c, mask=rm, other=0.0)[:, None]
+        invstd = tl.load(invstd_ptr + c, mask=rm, other=0.0)[:, None]
+    off = r[:, None] * S + s[None, :]
+    # forward sweep: H[t] into the grad_current buffer
+    v = tl.zeros((BLOCK_R, BLOCK_S), tl.float32) + v_reset
+    for t in range(T):
+        o = off + t * R * S
+        z = _load_current(src_ptr, alpha, o, m, HAS_ALPHA)
+        if BN_TRAIN:
+            y = (z - mean) * invstd
+            y = y * scale + shift
+        else:
+            y = z * scale + shift
+        if HAS_RES:
+            y = y + tl.load(res_ptr + o, mask=m, other=0.0)
+        h = lif_charge(v, y, tau, v_reset, DECAY_INPUT)
+        spk, v = lif_fire_reset(h, v_threshold, v_reset, HARD)
+        tl.store(gcur_ptr + o, h, mask=m)
+    # backward sweep
+    gv = tl.zeros((BLOCK_R, BLOCK_S), tl.float32)
+    acc_sh = tl.zeros((BLOCK_R, BLOCK_S), tl.float64)
+    acc_sc = tl.zeros((BLOCK_R, BLOCK_S), tl.float64)
+    for i in range(T):
+        t = T - 1 - i
+        o = off + t * R * S
+        h = tl.load(gcur_ptr + o, mask=m, other=0.0)
+        gs = tl.load(gs_ptr + o, mask=m, other=0.0)
+        xth = h - v_threshold
+        spk = (xth >= 0).to(tl.float32)
+        sg = surrogate_grad(xth, surrogate_alpha, SURROGATE)
+        if HARD:
+            if DETACH_RESET:
+                dvdh = 1.0 - spk
+            else:
+                dvdh = (1.0 - spk) + (v_reset - h) * sg
+        else:
+            if DETACH_RESET:
+                dvdh = tl.full((BLOCK_R, BLOCK_S), 1.0, tl.float32)
+            else:
+                dvdh = 1.0 - v_threshold * sg
+        gh = gs * sg + gv * dvdh
+        if DECAY_INPUT:
+            gx = gh / tau
+        else:
+            gx = gh
+        gv = gh - gh / tau
+        gx = tl.where(m, gx, 0.0)
+        tl.store(gcur_ptr + o, gx, mask=m)
+        z = _load_current(src_ptr, alpha, o, m, HAS_ALPHA)
+        if BN_TRAIN:
+            zhat = (z - mean) * invstd
+        else:
+            zhat = z
+            tl.store(gz_ptr + o, gx * scale, mask=m)
+        acc_sh += gx.to(tl.float64)
+        acc_sc += gx.to(tl.float64) * zhat.to(tl.float64)
+    tl.atomic_add(gsh_ptr + c, tl.sum(acc_sh, axis=1), mask=rm)
+    tl.atomic_add(gsc_ptr + c, tl.sum(acc_sc, axis=1), mask=rm)
+
+
+@triton.jit
+def _bn_train_bwd_kernel(
+    gcur_ptr,  # [T, Nb, C, S] float32 dL/dX
+    src_ptr,
+    alpha_ptr,
+    scale_ptr,
+    mean_ptr,
+    invstd_ptr,
+    mgsh_ptr,  # [C] float32: mean over (T, Nb, S) of dL/dX
+    mgsc_ptr,  # [C] float32: mean of dL/dX * Zhat
+    gz_ptr,  # [T, Nb, C, S] float32 out
+    T,
+    R,
+    C,
+    S,
+    HAS_ALPHA: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """dL/dZ = scale * invstd * (gX - mean(gX) - Zhat * mean(gX * Zhat))."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    rm = r < R
+    m = rm[:, None] & (s < S)[None, :]
+    c = r % C
+    scale = tl.load(scale_ptr + c, mask=rm, other=0.0)[:, None]
+    alpha = tl.load(alpha_ptr + c, mask=rm, other=0.0) if HAS_ALPHA else scale
+    mean = tl.load(mean_ptr + c, mask=rm, other=0.0)[:, None]
+    invstd = tl.load(invstd_ptr + c, mask=rm, other=0.0)[:, None]
+    k1 = tl.load(mgsh_ptr + c, mask=rm, other=0.0)[:, None]
+    k2 = tl.load(mgsc_ptr + c, mask=rm, other=0.0)[:, None]
+    off = r[:, None] * S + s[None, :]
+    for t in range(T):
+        o = off + t * R * S
+        z = _load_current(src_ptr, alpha, o, m, HAS_ALPHA)
+        zhat = (z - mean) * invstd
+        gx = tl.load(gcur_ptr + o, mask=m, other=0.0)
+        tl.store(gz_ptr + o, (scale * invstd) * (gx - k1 - zhat * k2), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers. src: [T, Nb, C, *] contiguous; shapes are checked by the callers (binslt/_triton_ops).
+# ----------------------------------------------------------------------------------------------
+
+
+def _geometry(src: torch.Tensor) -> tuple[int, int, int, int]:
+    T, nb, c = src.shape[0], src.shape[1], src.shape[2]
+    s = 1
+    for d in src.shape[3:]:
+        s *= d
+    check_int32_index(src.numel(), "the current [T, N, C, *]")
+    return T, nb * c, c, s
+
+
+def _grid(R: int, S: int):
+    br, bs, nw = elementwise_blocks(R, S)
+    return (cdiv(R, br), cdiv(S, bs)), br, bs, nw
+
+
+def batch_stats_from_sums(s1: torch.Tensor, s2: torch.Tensor, count: int, bn_eps: float):
+    """(mean, var, invstd) float32 from per-channel float64 sums of Z and Z^2 over ``count``."""
+    mean = s1 / count
+    var = (s2 / count - mean * mean).clamp_min(0)
+    mean32, var32 = mean.to(torch.float32), var.to(torch.float32)
+    return mean32, var32, torch.rsqrt(var32 + bn_eps)
+
+
+def channel_stats(z: torch.Tensor, bn_eps: float):
+    """Pass 1 of training BN over a float current z: [T, Nb, C, *] -> (mean, var, invstd) [C]."""
+    T, R, C, S = _geometry(z)
+    s1 = torch.zeros(C, dtype=torch.float64, device=z.device)
+    s2 = torch.zeros(C, dtype=torch.float64, device=z.device)
+    if z.numel() > 0:
+        grid, br, bs, nw = _grid(R, S)
+        wrap_triton(_channel_sums_kernel)[grid](z, s1, s2, T, R, C, S, BLOCK_R=br, BLOCK_S=bs,
+                                                num_warps=nw)
+    return batch_stats_from_sums(s1, s2, max(1, z.numel() // C), bn_eps)
+
+
+def bn_lif_fwd(src: torch.Tensor, alpha: torch.Tensor | None, scale: torch.Tensor,
+               shift: torch.Tensor, mean: torch.Tensor | None, invstd: torch.Tensor | None,
+               residual: torch.Tensor | None, tau: float, decay_input: bool,
+               v_threshold: float, v_reset: float | None) -> torch.Tensor:
+    """Pass 2: spikes [T, Nb, C, *] float32 from the current (or counts with ``alpha``)."""
+    T, R, C, S = _geometry(src)
+    spikes = torch.empty(src.shape, dtype=torch.float32, device=src.device)
+    if src.numel() == 0:
+        return spikes
+    bn_train = mean is not None
+    grid, br, bs, nw = _grid(R, S)
+    wrap_triton(_bn_lif_fwd_kernel)[grid](
+        src, scale if alpha is None else alpha, scale, shift,
+        mean if bn_train else scale, invstd if bn_train else scale,
+        spikes if residual is None else residual, spikes,
+        T, R, C, S, float(tau), float(v_threshold), 0.0 if v_reset is None else float(v_reset),
+        HAS_ALPHA=alpha is not None, BN_TRAIN=bn_train, HAS_RES=residual is not None,
+        DECAY_INPUT=bool(decay_input), HARD=v_reset is not None, BLOCK_R=br, BLOCK_S=bs,
+        num_warps=nw)
+    return spikes
+
+
+def lif_bwd(grad_spikes: torch.Tensor, src: torch.Tensor, alpha: torch.Tensor | None,
+            scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+            residual: torch.Tensor | None, bn_train: bool, bn_eps: float, tau: float,
+            decay_input: bool, v_threshold: float, v_reset: float | None, detach_reset: bool,
+            surrogate: int, surrogate_alpha: float):
+    """-> (grad_z, grad_current, grad_scale, grad_shift), all float32; shapes like src / [C]."""
+    T, R, C, S = _geometry(src)
+    dev = src.device
+    g_cur = torch.empty(src.shape, dtype=torch.float32, device=dev)
+    g_z = torch.empty(src.shape, dtype=torch.float32, device=dev)
+    gsh = torch.zeros(C, dtype=torch.float64, device=dev)
+    gsc = torch.zeros(C, dtype=torch.float64, device=dev)
+    invstd = torch.rsqrt(var.to(torch.float32) + bn_eps)
+    mean = mean.to(torch.float32)
+    if src.numel() == 0:
+        return g_z, g_cur, gsc.float(), gsh.float()
+    grid, br, bs, nw = _grid(R, S)
+    has_alpha = alpha is not None
+    wrap_triton(_lif_bwd_kernel)[grid](
+        grad_spikes, src, alpha if has_alpha else scale, scale, shift, mean, invstd,
+        g_cur if residual is None else residual, g_cur, g_z, gsh, gsc,
+        T, R, C, S, float(tau), float(v_threshold), 0.0 if v_reset is None else float(v_reset),
+        float(surrogate_alpha),
+        HAS_ALPHA=has_alpha, BN_TRAIN=bool(bn_train), HAS_RES=residual is not None,
+        DECAY_INPUT=bool(decay_input), HARD=v_reset is not None, DETACH_RESET=bool(detach_reset),
+        SURROGATE=int(surrogate), BLOCK_R=br, BLOCK_S=bs, num_warps=nw)
+    if bn_train:
+        count = max(1, src.numel() // C)
+        wrap_triton(_bn_train_bwd_kernel)[grid](
+            g_cur, src, alpha if has_alpha else scale, scale, mean, invstd,
+            (gsh / count).to(torch.float32), (gsc / count).to(torch.float32), g_z,
+            T, R, C, S, HAS_ALPHA=has_alpha, BLOCK_R=br, BLOCK_S=bs, num_warps=nw)
+    return g_z, g_cur, gsc.to(torch.float32), gsh.to(torch.float32)

@@ -1,0 +1,314 @@
+"""The Triton backend (binslt::<op>_triton) against binslt.reference.
+
+Without a GPU these run on CPU tensors under TRITON_INTERPRET=1 (set by conftest.py before triton
+is imported); the interpreter executes ~10 ms per program, so shapes are tiny and the kernels use
+one large-block configuration there. With a GPU the same tests run on CUDA tensors (the ``cuda``
+parameters, marked ``gpu``), plus a torch.compile test.
+
+Checks: spikes equal to the reference outside a 1e-5 tie band (a neuron is dropped from its first
+near-tie timestep on, judged on the float64 membrane potential), counts exact, BN statistics
+close, and every gradient within 1e-5 (normwise relative) of a float64 evaluation of
+binslt.reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close_rel, assert_spikes_equal
+
+import binslt.ops as ops
+from binslt import reference as ref
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 (set when no GPU is present)")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+
+tri = torch.ops.binslt
+
+
+def _no_triton_error():
+    assert ops._TRITON_ERROR == "", f"Triton ops failed to load: {ops._TRITON_ERROR}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("c", [1, 33, 64, 70])
+def test_pack_unpack_spikes(device, c):
+    _no_triton_error()
+    x = (torch.rand(3, c, 5, 4) < 0.4).float()
+    x[0, :, 0, 0] = 1  # a full word: bit 31 set (the sign bit of the int32)
+    x = x.to(device)
+    p = tri.pack_spikes_triton(x)
+    assert p.dtype == torch.int32 and p.shape == (3, 5, 4, (c + 31) // 32)
+    assert torch.equal(p.cpu(), ref.pack_spikes_reference(x.cpu()))
+    u = tri.unpack_spikes_triton(p, c)
+    assert u.dtype == torch.float32 and torch.equal(u.cpu(), x.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(5, 33, 3, 3), (4, 32, 1, 1), (3, 70, 3, 3)])
+def test_pack_weight(device, shape):
+    _no_triton_error()
+    w = torch.sign(torch.randn(shape)) * (torch.rand(shape) < 0.6) * 0.37
+    w = w.to(device)
+    m, p = tri.pack_weight_triton(w)
+    rm, rp = ref.pack_weight_reference(w.cpu())
+    assert torch.equal(m.cpu(), rm) and torch.equal(p.cpu(), rp)
+    back = ref.unpack_weight_reference(m.cpu(), p.cpu(), shape[1])
+    assert torch.equal(back, torch.sign(w.cpu()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_errors(device):
+    _no_triton_error()
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        tri.pack_spikes_triton(torch.zeros(2, 3, 4, device=device))
+    with pytest.raises(ValueError, match="does not fit"):
+        tri.unpack_spikes_triton(torch.zeros(1, 2, 2, 1, dtype=torch.int32, device=device), 33)
+    xp = torch.zeros(4, 5, 5, 1, dtype=torch.int32, device=device)
+    wm = torch.zeros(3, 3, 3, 2, dtype=torch.int32, device=device)
+    v = torch.ones(3, device=device)
+    with pytest.raises(ValueError, match="channel words"):
+        tri.bconv_lif_triton(xp, wm, wm, v, v, v, None, 2, 1, 1, False, 1e-5, 2.0, True, 1.0, 0.0)
+    wm = torch.zeros(3, 3, 3, 1, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="divide"):
+        tri.bconv_lif_triton(xp, wm, wm, v, v, v, None, 3, 1, 1, False, 1e-5, 2.0, True, 1.0, 0.0)
+    with pytest.raises(ValueError, match="residual"):
+        tri.bconv_lif_triton(xp, wm, wm, v, v, v, torch.zeros(2, 2, 3, 4, 4, device=device), 2, 1,
+                             1, False, 1e-5, 2.0, True, 1.0, 0.0)
+    with pytest.raises(ValueError, match="scale"):
+        tri.bn_lif_triton(torch.zeros(2, 1, 3, device=device), torch.ones(2, device=device),
+                          torch.ones(3, device=device), None, False, 1e-5, 2.0, True, 1.0, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused binary conv + LIF
+# ----------------------------------------------------------------------------------------------
+
+# (stride, padding, v_reset, surrogate, bn_train, residual, decay_input, detach_reset, tau)
+CASES = [
+    (1, 1, 0.0, 0, False, False, True, False, 2.0),
+    (2, 0, None, 1, True, True, False, True, 1 / (1 - 0.99)),
+    (2, 1, 0.0, 1, True, False, True, True, 2.0),
+    (1, 0, None, 0, False, True, False, False, 3.0),
+    (2, 1, -0.2, 0, False, True, True, False, 1.5),
+]
+CASE_IDS = ["s1p1-hard-atan-eval", "s2p0-soft-sig-train-res", "s2p1-hard-sig-train",
+            "s1p0-soft-atan-eval-res", "s2p1-hardneg-atan-eval-res"]
+
+T, N, CI, CO, HW = 2, 1, 33, 5, 5
+
+
+def _make_layer(device, stride, padding, residual, gen_seed=0):
+    g = torch.Generator().manual_seed(gen_seed)
+    x = (torch.rand(T, N, CI, HW, HW, generator=g) < 0.35).float()
+    w_sign = torch.sign(torch.randn(CO, CI, 3, 3, generator=g))
+    w_sign = w_sign * (torch.rand(CO, CI, 3, 3, generator=g) < 0.6)
+    alpha = 0.08 + 0.1 * torch.rand(CO, generator=g)
+    scale = 0.7 + 0.6 * torch.rand(CO, generator=g)
+    shift = 1.0 + 0.3 * torch.randn(CO, generator=g)
+    ho = (HW + 2 * padding - 3) // stride + 1
+    res = 0.3 * torch.randn(T, N, CO, ho, ho, generator=g) if residual else None
+    gs = torch.randn(T, N, CO, ho, ho, generator=g)
+    w_eff = alpha.view(-1, 1, 1, 1) * w_sign
+    xp = ref.pack_spikes_reference(x.flatten(0, 1))
+    wm, wp = ref.pack_weight_reference(w_eff)
+    mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return dict(x=x, w_eff=w_eff, xp=mv(xp), wm=mv(wm), wp=mv(wp), alpha=mv(alpha),
+                scale=mv(scale), shift=mv(shift), res=mv(res), gs=mv(gs))
+
+
+def _h64(z64, scale, shift, res, bn_train, eps, tau, decay_input, v_th, v_reset):
+    """Float64 membrane potential H (for the tie band) from a float64 current."""
+    x, _, _ = ref.epilogue(z64, scale.double().cpu(), shift.double().cpu(),
+                           None if res is None else res.double().cpu(), bn_train, eps)
+    _, h = ref.lif_multistep(x, tau=tau, decay_input=decay_input, v_threshold=v_th,
+                             v_reset=v_reset, return_h=True)
+    return h
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_bconv_lif_forward_and_backward(device, case):
+    _no_triton_error()
+    stride, padding, v_reset, surrogate, bn_train, residual, decay_input, detach, tau = case
+    d = _make_layer(device, stride, padding, residual)
+    eps, v_th, s_alpha = 1e-5, 1.0, (2.0 if surrogate == 0 else 4.0)
+    fwd_args = (d["xp"], d["wm"], d["wp"], d["alpha"], d["scale"], d["shift"], d["res"], T, stride,
+                padding, bn_train, eps, tau, decay_input, v_th, v_reset)
+    spikes, counts, mean, var = tri.bconv_lif_triton(*fwd_args)
+    r_spikes, r_counts, r_mean, r_var = ref.bconv_lif_reference(
+        *[a.cpu() if torch.is_tensor(a) else a for a in fwd_args])
+
+    assert counts.dtype == torch.int16 and torch.equal(counts.cpu(), r_counts)
+    z64 = r_counts.double() * d["alpha"].double().cpu().view(1, 1, -1, 1, 1)
+    h = _h64(z64, d["scale"], d["shift"], d["res"], bn_train, eps, tau, decay_input, v_th,
+             v_reset)
+    assert_spikes_equal(spikes.cpu(), r_spikes, h, v_th)
+    assert 0.05 < r_spikes.mean().item() < 0.95, "test data should make neurons fire sometimes"
+    torch.testing.assert_close(mean.cpu(), r_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.cpu(), r_var, rtol=1e-5, atol=1e-6)
+
+    # Backward against binslt.reference in float64 (same counts; H never near the threshold).
+    assert ((h - v_th).abs() > 1e-4).all(), "near-tie in the test data; pick another seed"
+    g_x, g_w, g_cur, g_sc, g_sh = tri.bconv_lif_bwd_triton(
+        d["gs"], counts, d["xp"], d["wm"], d["wp"], d["alpha"], d["scale"], d["shift"], mean,
+        var, d["res"], CI, stride, padding, bn_train, eps, tau, decay_input, v_th, v_reset,
+        detach, surrogate, s_alpha, True)
+    res64 = None if d["res"] is None else d["res"].double().cpu()
+    e_gz, e_cur, e_sc, e_sh = ref.bn_lif_bwd_reference(
+        d["gs"].double().cpu(), z64, d["scale"].double().cpu(), d["shift"].double().cpu(),
+        mean.cpu(), var.cpu(), res64, bn_train, eps, tau, decay_input, v_th, v_reset, detach,
+        surrogate, s_alpha)
+    x64 = d["x"].double().flatten(0, 1)
+    w64 = d["w_eff"].double()
+    gz = e_gz.flatten(0, 1)
+    e_gw = torch.nn.grad.conv2d_weight(x64, w64.shape, gz, stride=stride, padding=padding)
+    e_gx = torch.nn.grad.conv2d_input(x64.shape, w64, gz, stride=stride, padding=padding)
+    assert g_x.shape == d["x"].shape and g_w.shape == w64.shape
+    for name, a, e in (("grad_current", g_cur, e_cur), ("grad_scale", g_sc, e_sc),
+                       ("grad_shift", g_sh, e_sh), ("grad_weight", g_w, e_gw),
+                       ("grad_x", g_x, e_gx.view_as(d["x"]))):
+        assert a.dtype == torch.float32
+        assert_close_rel(a.cpu(), e, 1e-5, name)
+    # need_grad_x=False returns the documented empty tensor
+    g_x0 = tri.bconv_lif_bwd_triton(
+        d["gs"], counts, d["xp"], d["wm"], d["wp"], d["alpha"], d["scale"], d["shift"], mean,
+        var, d["res"], CI, stride, padding, bn_train, eps, tau, decay_input, v_th, v_reset,
+        detach, surrogate, s_alpha, False)[0]
+    assert g_x0.shape == (0,)
+
+
+# ----------------------------------------------------------------------------------------------
+# BN + LIF over a real current (first layer, linear layers)
+# ----------------------------------------------------------------------------------------------
+
+BN_CASES = [
+    ((2, 3, 4, 3, 5), 0.0, 0, True, False, True, False),
+    ((3, 2, 6), None, 1, False, True, False, True),
+    ((2, 2, 3, 7), 0.0, 1, True, True, True, True),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", BN_CASES, ids=["5d-hard-atan-train", "linear-soft-sig-eval-res",
+                                                "4d-hard-sig-train-res"])
+def test_bn_lif_forward_and_backward(device, case):
+    _no_triton_error()
+    shape, v_reset, surrogate, bn_train, residual, decay_input, detach = case
+    c = shape[2]
+    g = torch.Generator().manual_seed(1)
+    z = 1.2 * torch.randn(shape, generator=g) + 0.5
+    scale = 0.7 + 0.6 * torch.rand(c, generator=g)
+    shift = 0.5 + 0.3 * torch.randn(c, generator=g)
+    res = 0.3 * torch.randn(shape, generator=g) if residual else None
+    gs = torch.randn(shape, generator=g)
+    eps, tau, v_th, s_alpha = 1e-5, 2.0, 1.0, (2.0 if surrogate == 0 else 4.0)
+    dv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    spikes, mean, var = tri.bn_lif_triton(dv(z), dv(scale), dv(shift), dv(res), bn_train, eps,
+                                          tau, decay_input, v_th, v_reset)
+    r_spikes, r_mean, r_var = ref.bn_lif_reference(z, scale, shift, res, bn_train, eps, tau,
+                                                   decay_input, v_th, v_reset)
+    h = _h64(z.double(), scale, shift, res, bn_train, eps, tau, decay_input, v_th, v_reset)
+    assert_spikes_equal(spikes.cpu(), r_spikes, h, v_th)
+    torch.testing.assert_close(mean.cpu(), r_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.cpu(), r_var, rtol=1e-5, atol=1e-6)
+
+    assert ((h - v_th).abs() > 1e-4).all(), "near-tie in the test data; pick another seed"
+    got = tri.bn_lif_bwd_triton(dv(gs), dv(z), dv(scale), dv(shift), mean, var, dv(res),
+                                bn_train, eps, tau, decay_input, v_th, v_reset, detach, surrogate,
+                                s_alpha)
+    exp = ref.bn_lif_bwd_reference(gs.double(), z.double(), scale.double(), shift.double(),
+                                   mean, var, None if res is None else res.double(), bn_train,
+                                   eps, tau, decay_input, v_th, v_reset, detach, surrogate,
+                                   s_alpha)
+    for name, a, e in zip(("grad_z", "grad_current", "grad_scale", "grad_shift"), got, exp):
+        assert a.shape == e.shape
+        assert_close_rel(a.cpu(), e, 1e-5, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: BinSpikeConv2d(backend='triton') against backend='torch'
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bn", [False, True])
+def test_layer_triton_vs_torch(device, bn):
+    _no_triton_error()
+    from binslt.layers import BinSpikeConv2d
+
+    kw = dict(stride=2, padding=1, prune_rate=0.4, tau=2.0, v_threshold=0.5, bn=bn,
+              surrogate="sigmoid", detach_reset=True)
+    torch.manual_seed(3)
+    lt = BinSpikeConv2d(CI, CO, 3, backend="triton", **kw).to(device)
+    torch.manual_seed(3)
+    lr = BinSpikeConv2d(CI, CO, 3, backend="torch", **kw).to(device)
+    lr.load_state_dict(lt.state_dict())
+    x = (torch.rand(T, N, CI, HW, HW) < 0.4).float().to(device)
+    xt = x.clone().requires_grad_(True)
+    xr = x.double().requires_grad_(True)
+    st = lt(xt)
+    sr = lr.double()(xr)
+    # H of the float64 reference layer for the tie band
+    with torch.no_grad():
+        w = lr.effective_weight().double()
+        z = F.conv2d(xr.detach().flatten(0, 1), w, stride=2, padding=1)
+        z = z.view(T, N, *z.shape[1:])
+        c = z.shape[2]
+        one, zero = torch.ones(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+        h = _h64(z.cpu(), one, zero, None, bn, lr.bn.eps if bn else 1e-5, 2.0, True, 0.5, 0.0)
+    assert_spikes_equal(st.detach().cpu(), sr.detach().cpu(), h, 0.5)
+    assert ((h - 0.5).abs() > 1e-4).all(), "near-tie in the test data; pick another seed"
+    g = torch.randn(st.shape).to(device)
+    st.backward(g)
+    sr.backward(g.double())
+    assert_close_rel(xt.grad.cpu(), xr.grad.cpu(), 1e-5, "grad_x")
+    assert_close_rel(lt.scores.grad.cpu(), lr.scores.grad.cpu(), 1e-5, "grad_scores")
+    if bn:
+        torch.testing.assert_close(lt.bn.running_mean.cpu(), lr.bn.running_mean.float().cpu(),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lt.bn.running_var.cpu(), lr.bn.running_var.float().cpu(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: fake kernels / torch.compile over the triton ops
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_compile_bconv_lif_triton_gpu():
+    d = _make_layer("cuda", 1, 1, True)
+
+    def f(xp, wm, wp, alpha, scale, shift, res):
+        return tri.bconv_lif_triton(xp, wm, wp, alpha, scale, shift, res, T, 1, 1, True, 1e-5,
+                                    2.0, True, 1.0, 0.0)
+
+    args = (d["xp"], d["wm"], d["wp"], d["alpha"], d["scale"], d["shift"], d["res"])
+    eager = f(*args)
+    compiled = torch.compile(f, fullgraph=True)(*args)
+    assert torch.equal(eager[1], compiled[1])
+    assert torch.equal(eager[0], compiled[0])
+
+
+@pytest.mark.gpu
+def test_opcheck_triton_ops_gpu():
+    d = _make_layer("cuda", 2, 1, True)
+    x = (torch.rand(4, 33, 5, 5, device="cuda") < 0.3).float()
+    torch.library.opcheck(tri.pack_spikes_triton, (x,))
+    torch.library.opcheck(tri.bconv_lif_triton,
+                          (d["xp"], d["wm"], d["wp"], d["alpha"], d["scale"], d["shift"],
+                           d["res"], T, 2, 1, False, 1e-5, 2.0, True, 1.0, 0.0))

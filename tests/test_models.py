@@ -235,3 +235,13 @@ def test_wrong_input_shape_is_a_clear_error():
     with pytest.raises(ValueError, match="expected images"):
         m(torch.rand(1, 8, 8))
     assert binslt.models is M
+
+
+@pytest.mark.parametrize("variant", M.VARIANTS)
+def test_without_bn(variant):
+    m = M.build("resnet19" if variant == "ann" else "conv4", variant, bn=False, in_channels=1,
+                input_size=8, timesteps=2, backend="torch")
+    assert not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+    y = m(torch.rand(2, 1, 8, 8) * 4)
+    assert y.shape == (2, 10)
+    y.sum().backward()

@@ -9,7 +9,8 @@
 #   4. tests     pytest -m gpu -q
 #   5. bench     benchmarks/conv_lif.py --device cuda: the reference layer (T=4 N=64 256->256
 #                32x32) and the CPU anchor shape
-#   6. sweeps    benchmarks/conv_lif.py --device cuda: VGG-11 convs, firing rates, T; runs with
+#   6. search    benchmarks/search_epoch.py --device cuda (Conv-4 on digits, 2 epochs each)
+#   7. sweeps    benchmarks/conv_lif.py --device cuda: VGG-11 convs, firing rates, T; runs with
 #                whatever time is left (its CSV is rewritten after every shape)
 #
 # Usage:  bash benchmarks/gpu_check.sh [RESULTS_DIR]
@@ -136,6 +137,8 @@ step tests 150 pytest_gpu.log "$PY" -m pytest -m gpu -q -p no:cacheprovider \
   --junitxml="$OUT/pytest_gpu.xml"
 step bench 180 bench_main.log "$PY" benchmarks/conv_lif.py --device cuda \
   --sets gpu_ref,anchor --out "$OUT" --tag main
+step search 90 search_epoch.log "$PY" benchmarks/search_epoch.py --device cuda --repeats 2 \
+  --out "$OUT"
 step sweeps 600 bench_sweeps.log "$PY" benchmarks/conv_lif.py --device cuda \
   --sets vgg11,rates,timesteps --repeats 5 --no-check --out "$OUT" --tag sweeps
 

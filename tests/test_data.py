@@ -1,0 +1,148 @@
+"""binslt.data: the fixed digits split, npz / imagefolder loading, and the missing-data errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from binslt import data
+
+
+def test_digits_split_is_fixed_stratified_and_normalised():
+    a, b = data.load("digits"), data.load("digits")
+    xa, ya = a.train.tensors
+    xt, yt = a.test.tensors
+    assert (a.num_classes, a.in_channels, a.input_size) == (10, 1, 8)
+    assert (len(a.train), len(a.test)) == (1437, 360)
+    assert tuple(xa.shape[1:]) == (1, 8, 8) and xa.dtype == torch.float32
+    assert ya.dtype == torch.int64
+    # the same split every time
+    assert torch.equal(xa, b.train.tensors[0]) and torch.equal(yt, b.test.tensors[1])
+    # stratified: every class holds 20 % (+-1 example) of its examples in the test split
+    from sklearn.datasets import load_digits
+
+    full = np.bincount(load_digits().target, minlength=10)
+    test_counts = np.bincount(yt.numpy(), minlength=10)
+    assert np.all(np.abs(test_counts - 0.2 * full) <= 1)
+    # normalised with the training split's statistics
+    assert abs(xa.mean().item()) < 1e-5 and abs(xa.std().item() - 1) < 1e-4
+    assert abs(xt.mean().item()) < 0.1
+    # no image is in both splits
+    tr = {tuple(r) for r in xa.flatten(1).numpy().round(5).tolist()}
+    assert not any(tuple(r) in tr for r in xt.flatten(1).numpy().round(5).tolist())
+
+
+def test_digits_pixels_were_scaled_to_unit_range_before_normalising():
+    from sklearn.datasets import load_digits
+
+    raw = torch.tensor(load_digits().images, dtype=torch.float32) / 16.0
+    tr, _ = data.split_indices(load_digits().target)
+    mean, std = raw[tr].mean(), raw[tr].std()
+    b = data.load("digits")
+    torch.testing.assert_close(b.train.tensors[0].squeeze(1), (raw[tr] - mean) / std)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_npz_with_split_arrays(tmp_path, channels_last):
+    rng = np.random.default_rng(0)
+    shape = (40, 6, 6, 3) if channels_last else (40, 6, 6)
+    x = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    y = np.arange(40) % 4
+    xt = rng.integers(0, 256, size=(12, *shape[1:]), dtype=np.uint8)
+    yt = np.arange(12) % 4
+    p = tmp_path / "d.npz"
+    np.savez(p, x=x, y=y, x_test=xt, y_test=yt)
+    b = data.load(f"npz:{p}")
+    c = 3 if channels_last else 1
+    assert (b.num_classes, b.in_channels, b.input_size) == (4, c, 6)
+    assert (len(b.train), len(b.test)) == (40, 12)
+    xtr = b.train.tensors[0]
+    assert tuple(xtr.shape) == (40, c, 6, 6)
+    # uint8 -> [0, 1] -> per-channel standardisation with the training statistics
+    ref = torch.from_numpy(x.astype(np.float32) / 255.0)
+    ref = ref.permute(0, 3, 1, 2) if channels_last else ref.unsqueeze(1)
+    mean = ref.mean(dim=(0, 2, 3), keepdim=True)
+    std = ref.std(dim=(0, 2, 3), keepdim=True)
+    torch.testing.assert_close(xtr, (ref - mean) / std)
+    assert torch.equal(b.test.tensors[1], torch.from_numpy(yt).long())
+
+
+def test_npz_without_test_arrays_uses_the_documented_split(tmp_path):
+    x = np.random.default_rng(1).random((50, 5, 5)).astype(np.float32)
+    y = np.repeat(np.arange(5), 10)
+    p = tmp_path / "d.npz"
+    np.savez(p, x=x, y=y)
+    b = data.load(f"npz:{p}")
+    tr, te = data.split_indices(y)
+    assert (len(b.train), len(b.test)) == (40, 10) == (len(tr), len(te))
+    assert torch.equal(b.test.tensors[1], torch.from_numpy(y[te]).long())
+    assert sorted(b.test.tensors[1].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+@pytest.mark.parametrize("arrays, match", [
+    ({"x": np.zeros((4, 3, 3))}, "must contain arrays 'x' and 'y'"),
+    ({"x": np.zeros((4, 3)), "y": np.zeros(4, int)}, r"\[N, H, W\]"),
+    ({"x": np.zeros((4, 3, 3)), "y": np.zeros(5, int)}, "1-D array of 4 labels"),
+    ({"x": np.zeros((4, 3, 3)), "y": np.zeros(4)}, "integer class ids"),
+    ({"x": np.zeros((4, 3, 3)), "y": np.zeros(4, int), "x_test": np.zeros((2, 3, 3))},
+     "only one of x_test"),
+    ({"x": np.zeros((4, 3, 3)), "y": np.zeros(4, int), "x_test": np.zeros((2, 4, 4)),
+      "y_test": np.zeros(2, int)}, "differ"),
+    ({"x": np.zeros((4, 3, 5)), "y": np.zeros(4, int)}, "square"),
+])
+def test_npz_malformed(tmp_path, arrays, match):
+    p = tmp_path / "bad.npz"
+    np.savez(p, **arrays)
+    with pytest.raises(data.DatasetError, match=match):
+        data.load(f"npz:{p}")
+
+
+def test_missing_and_unknown_datasets_say_how_to_provide_them(tmp_path):
+    with pytest.raises(data.DatasetNotFound, match="npz:PATH"):
+        data.load(f"npz:{tmp_path / 'nope.npz'}")
+    with pytest.raises(data.DatasetNotFound, match="--download"):
+        data.load("cifar10", data_dir=str(tmp_path), download=False)
+    with pytest.raises(data.DatasetNotFound, match="cifar-100-python"):
+        data.load("cifar100", data_dir=str(tmp_path), download=False)
+    with pytest.raises(data.DatasetNotFound, match="one sub-directory of images per class"):
+        data.load(f"imagefolder:{tmp_path / 'none'}")
+    with pytest.raises(data.DatasetError, match="unknown dataset 'mnist'"):
+        data.load("mnist")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(data.DatasetError, match="could not read"):
+        data.load(f"npz:{tmp_path / 'junk.npz'}")
+
+
+def _png_tree(root, classes=("a", "b"), per_class=5, size=(10, 12)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+
+
+def test_imagefolder_single_folder_split_and_train_val_layout(tmp_path):
+    _png_tree(tmp_path / "one")
+    b = data.load(f"imagefolder:{tmp_path / 'one'}", image_size=8)
+    assert (b.num_classes, b.in_channels, b.input_size) == (2, 3, 8)
+    assert (len(b.train), len(b.test)) == (8, 2)
+    x, y = b.test[0]
+    assert tuple(x.shape) == (3, 8, 8) and x.dtype == torch.float32 and y in (0, 1)
+    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0  # mean = std = 0.5
+
+    _png_tree(tmp_path / "two" / "train", per_class=3)
+    _png_tree(tmp_path / "two" / "val", per_class=2)
+    b2 = data.load(f"imagefolder:{tmp_path / 'two'}", image_size=6)
+    assert (len(b2.train), len(b2.test), b2.num_classes) == (6, 4, 2)
+    assert tuple(b2.train[0][0].shape) == (3, 6, 6)
+
+
+def test_subset_takes_the_first_examples():
+    b = data.load("digits").subset(100, 20)
+    assert (len(b.train), len(b.test)) == (100, 20)
+    full = data.load("digits")
+    assert torch.equal(b.test[5][0], full.test[5][0])

@@ -13,6 +13,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+from torch.library import wrap_triton
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 #: True when Triton runs kernels with its numpy interpreter (must be set before triton imports).
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -45,6 +48,26 @@ def check_int32_index(numel: int, what: str) -> None:
     if numel > _INT32_MAX:
         raise ValueError(f"{what} has {numel} elements; the Triton kernels index with int32 and "
                          f"support at most {_INT32_MAX}. Split the batch.")
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``wrap_triton(kernel)[grid](*args, **kwargs)``.
+
+    On a GPU, wrap_triton turns the launch into a higher-order op that FakeTensorMode and
+    torch.compile trace. Under the interpreter wrap_triton returns the raw kernel, which would try
+    to read the storage of fake tensors; there the launch is skipped for fake/meta tensors, so that
+    ``triton_op``'s derived fake kernel (the op body itself) still produces the output metadata.
+    """
+    if INTERPRET and any(isinstance(a, torch.Tensor) and (a.device.type == "meta" or is_fake(a))
+                         for a in args):
+        modes = _get_current_dispatch_mode_stack()
+        if any(not isinstance(m, FakeTensorMode) for m in modes):
+            # AOT tracing would record the op body without its (interpreted) kernels.
+            raise RuntimeError(
+                "torch.compile / AOT tracing of the binslt Triton ops is not supported under "
+                "TRITON_INTERPRET=1 (CPU); compile them on a GPU, or use backend='cpu' on the CPU")
+        return
+    wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def next_pow2(n: int) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ._common import (
     DOT_PRECISION,
@@ -32,6 +31,7 @@ from ._common import (
     autotune_configs,
     cdiv,
     check_int32_index,
+    launch,
     lif_charge,
     lif_fire_reset,
 )
@@ -335,7 +335,7 @@ def bconv_counts(x_packed: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.Tens
     def grid(meta):
         return (cdiv(m, meta["BLOCK_M"]), cdiv(co, meta["BLOCK_N"]))
 
-    wrap_triton(_bconv_fwd_kernel)[grid](
+    launch(_bconv_fwd_kernel, grid,
         x_packed, w_mask, w_pos, alpha, scale, shift, res_arg, spk_arg, counts, s1, s2,
         T, m, h, w, cw, co, ho, wo, stride, padding, float(tau), float(v_threshold),
         0.0 if v_reset is None else float(v_reset),
@@ -359,7 +359,7 @@ def bconv_dgrad(g_z: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.Tensor, al
     def grid(meta):
         return (cdiv(b * h * w, meta["BLOCK_M"]), cdiv(in_channels, meta["BLOCK_N"]))
 
-    wrap_triton(_bconv_dgrad_kernel)[grid](
+    launch(_bconv_dgrad_kernel, grid,
         g_z, w_mask, w_pos, alpha, gx, b, in_channels, h, w, cw, co, ho, wo, stride, padding,
         KH=kh, KW=kw, PRECISION=DOT_PRECISION)
     return gx
@@ -379,7 +379,7 @@ def bconv_wgrad(g_z: torch.Tensor, x_packed: torch.Tensor, in_channels: int, kh:
     def grid(meta):
         return (cdiv(co, meta["BLOCK_M"]), cdiv(in_channels, meta["BLOCK_N"]), kh * kw)
 
-    wrap_triton(_bconv_wgrad_kernel)[grid](
+    launch(_bconv_wgrad_kernel, grid,
         g_z, x_packed, gw, b, in_channels, h, w, cw, co, ho, wo, stride, padding,
         KH=kh, KW=kw, PRECISION=DOT_PRECISION)
     return gw

@@ -23,12 +23,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ._common import (
     cdiv,
     check_int32_index,
     elementwise_blocks,
+    launch,
     lif_charge,
     lif_fire_reset,
     surrogate_grad,
@@ -304,7 +304,7 @@ def channel_stats(z: torch.Tensor, bn_eps: float):
     s2 = torch.zeros(C, dtype=torch.float64, device=z.device)
     if z.numel() > 0:
         grid, br, bs, nw = _grid(R, S)
-        wrap_triton(_channel_sums_kernel)[grid](z, s1, s2, T, R, C, S, BLOCK_R=br, BLOCK_S=bs,
+        launch(_channel_sums_kernel, grid, z, s1, s2, T, R, C, S, BLOCK_R=br, BLOCK_S=bs,
                                                 num_warps=nw)
     return batch_stats_from_sums(s1, s2, max(1, z.numel() // C), bn_eps)
 
@@ -320,7 +320,7 @@ def bn_lif_fwd(src: torch.Tensor, alpha: torch.Tensor | None, scale: torch.Tenso
         return spikes
     bn_train = mean is not None
     grid, br, bs, nw = _grid(R, S)
-    wrap_triton(_bn_lif_fwd_kernel)[grid](
+    launch(_bn_lif_fwd_kernel, grid,
         src, scale if alpha is None else alpha, scale, shift,
         mean if bn_train else scale, invstd if bn_train else scale,
         spikes if residual is None else residual, spikes,
@@ -349,7 +349,7 @@ def lif_bwd(grad_spikes: torch.Tensor, src: torch.Tensor, alpha: torch.Tensor | 
         return g_z, g_cur, gsc.float(), gsh.float()
     grid, br, bs, nw = _grid(R, S)
     has_alpha = alpha is not None
-    wrap_triton(_lif_bwd_kernel)[grid](
+    launch(_lif_bwd_kernel, grid,
         grad_spikes, src, alpha if has_alpha else scale, scale, shift, mean, invstd,
         g_cur if residual is None else residual, g_cur, g_z, gsh, gsc,
         T, R, C, S, float(tau), float(v_threshold), 0.0 if v_reset is None else float(v_reset),
@@ -359,7 +359,7 @@ def lif_bwd(grad_spikes: torch.Tensor, src: torch.Tensor, alpha: torch.Tensor | 
         SURROGATE=int(surrogate), BLOCK_R=br, BLOCK_S=bs, num_warps=nw)
     if bn_train:
         count = max(1, src.numel() // C)
-        wrap_triton(_bn_train_bwd_kernel)[grid](
+        launch(_bn_train_bwd_kernel, grid,
             g_cur, src, alpha if has_alpha else scale, scale, mean, invstd,
             (gsh / count).to(torch.float32), (gsc / count).to(torch.float32), g_z,
             T, R, C, S, HAS_ALPHA=has_alpha, BLOCK_R=br, BLOCK_S=bs, num_warps=nw)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from ._common import INTERPRET, cdiv, check_device, check_int32_index
+from ._common import INTERPRET, cdiv, check_device, check_int32_index, launch
 
 
 @triton.jit
@@ -95,7 +94,7 @@ def _pack(x: torch.Tensor, with_pos: bool, op: str):
     p = b * s
     if p > 0 and cw > 0:
         bp = _blocks_p(p)
-        wrap_triton(_pack_bits_kernel)[(cdiv(p, bp), cw)](
+        launch(_pack_bits_kernel, (cdiv(p, bp), cw),
             xc, mask, pos, p, c, s, cw, WITH_POS=with_pos, BLOCK_P=bp,
             num_warps=1 if INTERPRET else 4)
     return mask, pos
@@ -132,7 +131,7 @@ def unpack_spikes(packed: torch.Tensor, channels: int) -> torch.Tensor:
     if p > 0 and channels > 0:
         bp = 256 if INTERPRET else 128
         bc = 64 if INTERPRET else 32
-        wrap_triton(_unpack_bits_kernel)[(cdiv(p, bp), cdiv(channels, bc))](
+        launch(_unpack_bits_kernel, (cdiv(p, bp), cdiv(channels, bc)),
             packed.contiguous(), out, p, channels, h * w, cw, BLOCK_C=bc, BLOCK_P=bp,
             num_warps=1 if INTERPRET else 4)
     return out

@@ -304,11 +304,50 @@ def test_compile_bconv_lif_triton_gpu():
     assert torch.equal(eager[0], compiled[0])
 
 
+def _op_samples(device):
+    """One sample argument tuple per binslt::<op>_triton."""
+    d = _make_layer(device, 2, 1, True)
+    x = (torch.rand(4, 33, 5, 5) < 0.3).float().to(device)
+    z = torch.randn(2, 1, 3, 4).to(device)
+    c3 = torch.ones(3, device=device)
+    spikes, counts, mean, var = tri.bconv_lif_triton(
+        d["xp"], d["wm"], d["wp"], d["alpha"], d["scale"], d["shift"], d["res"], T, 2, 1, True,
+        1e-5, 2.0, True, 1.0, 0.0)
+    _, zmean, zvar = tri.bn_lif_triton(z, c3, 0 * c3, None, True, 1e-5, 2.0, False, 1.0, None)
+    return {
+        "pack_spikes": (x,),
+        "unpack_spikes": (d["xp"], CI),
+        "pack_weight": (d["w_eff"].to(device),),
+        "bconv_lif": (d["xp"], d["wm"], d["wp"], d["alpha"], d["scale"], d["shift"], d["res"], T,
+                      2, 1, True, 1e-5, 2.0, True, 1.0, 0.0),
+        "bconv_lif_bwd": (d["gs"], counts, d["xp"], d["wm"], d["wp"], d["alpha"], d["scale"],
+                          d["shift"], mean, var, d["res"], CI, 2, 1, True, 1e-5, 2.0, True, 1.0,
+                          0.0, False, 1, 4.0, True),
+        "bn_lif": (z, c3, 0 * c3, None, True, 1e-5, 2.0, False, 1.0, None),
+        "bn_lif_bwd": (torch.randn_like(z), z, c3, 0 * c3, zmean, zvar, None, True, 1e-5, 2.0,
+                       False, 1.0, None, True, 0, 2.0),
+    }
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter path is what this checks")
+def test_opcheck_triton_ops_interpreter():
+    """Schema, fake kernel (the triton_op body with kernel launches skipped on fake tensors) and
+    autograd registration on CPU; AOT tracing must refuse clearly rather than drop the kernels."""
+    _no_triton_error()
+    from binslt._schemas import SCHEMAS
+
+    samples = _op_samples("cpu")
+    assert set(samples) == set(SCHEMAS)
+    for name, args in samples.items():
+        torch.library.opcheck(getattr(tri, name + "_triton"), args,
+                              test_utils=("test_schema", "test_faketensor",
+                                          "test_autograd_registration"))
+    with pytest.raises(Exception, match="not supported under TRITON_INTERPRET=1"):
+        torch.library.opcheck(tri.bn_lif_triton, samples["bn_lif"],
+                              test_utils=("test_aot_dispatch_dynamic",))
+
+
 @pytest.mark.gpu
 def test_opcheck_triton_ops_gpu():
-    d = _make_layer("cuda", 2, 1, True)
-    x = (torch.rand(4, 33, 5, 5, device="cuda") < 0.3).float()
-    torch.library.opcheck(tri.pack_spikes_triton, (x,))
-    torch.library.opcheck(tri.bconv_lif_triton,
-                          (d["xp"], d["wm"], d["wp"], d["alpha"], d["scale"], d["shift"],
-                           d["res"], T, 2, 1, False, 1e-5, 2.0, True, 1.0, 0.0))
+    for name, args in _op_samples("cuda").items():
+        torch.library.opcheck(getattr(tri, name + "_triton"), args)

@@ -61,6 +61,9 @@ from torch import nn
 
 from .layers import LIF, BinConv2d, BinLinear, BinSpikeConv2d, BinSpikeLinear
 
+__all__ = ["E_MAC_PJ", "E_SOP_PJ", "EnergyMeter", "add_cli", "format_table", "is_spiking",
+           "last_hidden_activations", "load_model", "report", "weighted_layers"]
+
 E_MAC_PJ = 4.6  #: energy of one 32-bit float MAC at 45 nm (Horowitz 2014), pJ
 E_SOP_PJ = 0.9  #: energy of one synaptic (accumulate-only) operation at 45 nm, pJ
 
@@ -729,7 +732,9 @@ def _guard(fn):
         try:
             return fn(args)
         except EnergyCLIError as exc:
-            print(f"binslt: error: {exc}", file=sys.stderr)
+            cmd = " ".join(str(c) for c in (getattr(args, "command", None) or "energy",
+                                            getattr(args, "plot_kind", None)) if c)
+            print(f"binslt {cmd}: error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2
     return run
 

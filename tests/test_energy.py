@@ -353,14 +353,14 @@ def test_cli_energy_and_plots(tmp_path, capsys):
     snn_dir, _ = _tiny_run(tmp_path, "snn")
     png = tmp_path / "plots" / "energy.png"
     rc = _cli(["plot", "energy", "--runs", str(ann_dir), str(snn_dir), "--batches", "1",
-               "--batch-size", "8", "-o", str(png)])
+               "--batch-size", "8", "-o", str(png), "--dpi", "40"])
     out = capsys.readouterr().out
     assert rc == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ANN" in out and "SNN" in out and "normalised 1.0000" in out
 
     png2 = tmp_path / "act.png"
     rc = _cli(["plot", "activations", "--runs", str(ann_dir), str(snn_dir), "--num-inputs", "2",
-               "-o", str(png2)])
+               "-o", str(png2), "--dpi", "40"])
     assert rc == 0 and png2.read_bytes()[:4] == b"\x89PNG"
     assert "(2, 256)" in capsys.readouterr().out
 

@@ -33,7 +33,7 @@ Energy (DESIGN.md section 5; 45 nm figures: ``e_mac`` = 4.6 pJ, ``e_sop`` = 0.9 
   computed once. That is eq. (7)'s ``E_flop x FLOP^1_SConv`` (first-layer FLOPs, not multiplied
   by T), and it is the reading that reproduces Table 2: with the first conv counted once,
   ResNet-19 BinW-SLT's 1.689 G OPs give 1.527 mJ (paper: 1.528) and the SNN's 1.778 G give
-  1.607 mJ (paper: 1.609); counting it T times would give 1.546 mJ and 1.625 mJ. A real-input
+  1.607 mJ (paper: 1.609); counting it T times would give 1.546 mJ and 1.626 mJ. A real-input
   layer deeper in a spiking network (e.g. a classifier fed with spike *averages*) varies over
   time and is counted ``timesteps`` times.
 - So an ANN (and BNN-BinAct) costs ``E = e_mac x sum MACs``, and an SNN costs eq. (7):

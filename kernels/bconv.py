@@ -46,7 +46,7 @@ _FWD_CONFIGS = autotune_configs(
         dict(BLOCK_M=64, BLOCK_N=64, WORDS=4, num_warps=4, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=64, WORDS=1, num_warps=4, num_stages=4),
     ],
-    dict(BLOCK_M=32, BLOCK_N=16, WORDS=2),
+    dict(BLOCK_M=32, BLOCK_N=16, WORDS=8),
 )
 
 _GRAD_CONFIGS = autotune_configs(
@@ -56,7 +56,7 @@ _GRAD_CONFIGS = autotune_configs(
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3),
     ],
-    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16),
+    dict(BLOCK_M=32, BLOCK_N=512, BLOCK_K=16),
 )
 
 

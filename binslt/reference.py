@@ -141,8 +141,8 @@ def gain(weight: torch.Tensor, mask: torch.Tensor, per_channel: bool = False) ->
         num = (w * m).flatten(1).sum(1)
         den = m.flatten(1).sum(1)
         return torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
-    den = m.sum()
-    return (w * m).sum() / den if den > 0 else torch.zeros((), dtype=w.dtype, device=w.device)
+    # Branchless (torch.compile fullgraph): with no kept weight the numerator is 0, so alpha = 0.
+    return (w * m).sum() / m.sum().clamp_min(1)
 
 
 def _expand_gain(alpha: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -201,14 +201,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
   const int64_t chunks = (M + kRowChunk - 1) / kRowChunk;
   at::parallel_for(0, chunks, 4, [&](int64_t c0, int64_t c1) {
     std::vector<float> hbuf(static_cast<size_t>(d.T) * kRowChunk);
-    double dummy_g = 0.0, dummy_gx = 0.0;
+    double dummy_g[kRowChunk] = {}, dummy_gx[kRowChunk] = {};  // per-channel sums are taken below
     for (int64_t ch = c0; ch < c1; ++ch) {
       const int64_t off = ch * kRowChunk;
       const int L = static_cast<int>(std::min<int64_t>(kRowChunk, M - off));
       const float* xr = xp + off;
       auto zat = [&](int t, int i) { return xr[t * M + i]; };
       lif_backward_row(static_cast<int>(d.T), L, zat, kIdentity, nullptr, M, p, gp + off,
-                       gcp + off, hbuf.data(), &dummy_g, &dummy_gx);
+                       gcp + off, hbuf.data(), dummy_g, dummy_gx);
     }
   });
 

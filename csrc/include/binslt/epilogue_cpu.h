@@ -45,9 +45,14 @@ inline float invstd_of(float var, double eps) {
 }
 
 // Forward: spikes for L (<= kRowChunk) neurons over T steps. zat(t, i) gives the raw current z.
+// The parameters are copied to locals so that the compiler can hoist the mode branches and
+// vectorize the element loops (stores through the output pointers could alias them otherwise).
 template <class ZAt>
-inline void lif_forward_row(int T, int L, const ZAt& zat, const ChannelAffine& aff,
-                            const float* res, int64_t ts, const NeuronParams& p, float* spikes) {
+inline void lif_forward_row(int T, int L, const ZAt& zat, const ChannelAffine& aff_in,
+                            const float* res, int64_t ts, const NeuronParams& p_in,
+                            float* spikes) {
+  const ChannelAffine aff = aff_in;
+  const NeuronParams p = p_in;
   float v[kRowChunk];
   float x[kRowChunk];
   const float v0 = p.soft_reset ? 0.0f : p.v_reset;
@@ -69,30 +74,34 @@ inline void lif_forward_row(int T, int L, const ZAt& zat, const ChannelAffine& a
 }
 
 // Backward: recomputes H (exactly as the forward), then BPTT. Writes dL/dX into gcur (same layout
-// as spikes) and accumulates, per channel, sum(g) and sum(g * xhat) (train) or sum(g * z) (eval).
+// as spikes) and accumulates, per lane i < L, sum(g) into acc_g[i] and sum(g * xhat) (train) or
+// sum(g * z) (eval) into acc_gx[i] (double lanes: vectorizable without reassociation).
 // hbuf must hold T * kRowChunk floats.
 template <class ZAt>
-inline void lif_backward_row(int T, int L, const ZAt& zat, const ChannelAffine& aff,
-                             const float* res, int64_t ts, const NeuronParams& p,
-                             const float* gs, float* gcur, float* hbuf, double* sum_g,
-                             double* sum_gx) {
+inline void lif_backward_row(int T, int L, const ZAt& zat, const ChannelAffine& aff_in,
+                             const float* res, int64_t ts, const NeuronParams& p_in,
+                             const float* gs, float* gcur, float* hbuf, double* acc_g,
+                             double* acc_gx) {
+  const ChannelAffine aff = aff_in;
+  const NeuronParams p = p_in;
   float v[kRowChunk];
   float gv[kRowChunk];
   const float v0 = p.soft_reset ? 0.0f : p.v_reset;
   for (int i = 0; i < L; ++i) v[i] = v0;
   for (int t = 0; t < T; ++t) {
-    const float* r = res != nullptr ? res + t * ts : nullptr;
     float* h = hbuf + t * kRowChunk;
+    for (int i = 0; i < L; ++i) h[i] = aff.apply(zat(t, i));
+    if (res != nullptr) {
+      const float* r = res + t * ts;
+      for (int i = 0; i < L; ++i) h[i] = h[i] + r[i];
+    }
     for (int i = 0; i < L; ++i) {
-      float xi = aff.apply(zat(t, i));
-      if (r != nullptr) xi = xi + r[i];
-      const float hi = lif_charge(v[i], xi, p);
+      const float hi = lif_charge(v[i], h[i], p);
       h[i] = hi;
       v[i] = lif_reset(hi, lif_fire(hi, p), p);
     }
   }
   for (int i = 0; i < L; ++i) gv[i] = 0.0f;
-  double sg = 0.0, sgx = 0.0;
   for (int t = T - 1; t >= 0; --t) {
     const float* g = gs + t * ts;
     float* gc = gcur + t * ts;
@@ -101,14 +110,14 @@ inline void lif_backward_row(int T, int L, const ZAt& zat, const ChannelAffine& 
       float carry;
       const float gh = lif_backward_step(g[i], gv[i], h[i], p, &carry);
       gv[i] = carry;
-      const float gx = lif_input_grad(gh, p);
-      gc[i] = gx;
-      sg += gx;
-      sgx += static_cast<double>(gx) * aff.normalized(zat(t, i));
+      gc[i] = lif_input_grad(gh, p);
+    }
+    for (int i = 0; i < L; ++i) {
+      const double gx = gc[i];
+      acc_g[i] += gx;
+      acc_gx[i] += gx * static_cast<double>(aff.normalized(zat(t, i)));
     }
   }
-  *sum_g += sg;
-  *sum_gx += sgx;
 }
 
 // Per-channel dL/dz from dL/dX (g): eval a*g; BN train k*(g - mean(g) - xhat*mean(g*xhat)),

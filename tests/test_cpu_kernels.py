@@ -1,0 +1,519 @@
+"""The C++ CPU kernels (csrc/cpu) against binslt.reference.
+
+* packing ops: exactly;
+* bconv_lif: counts exactly, spikes exactly outside a 1e-5 tie band around the threshold (a
+  neuron is excluded from its first near-tie step on), mean/var to 1e-5 relative;
+* bconv_lif_bwd / bn_lif_bwd: within 1e-5 (normwise relative) of a float64 reference built from
+  binslt.reference's differentiable blocks on the same inputs;
+* every popcount path this CPU can run gives the same counts;
+* torch.library.opcheck, one torch.compile(fullgraph=True) model, and the layer end to end.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+import binslt.ops as ops
+import binslt.reference as ref
+from binslt import _ext
+from binslt.layers import BinSpikeConv2d
+
+CPU = _ext.module("cpu")
+pytestmark = pytest.mark.skipif(CPU is None, reason="binslt._C (the C++ CPU kernels) is not built")
+
+BAND = 1e-5
+OPS = torch.ops.binslt
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / (b.norm() + 1e-30))
+
+
+def _assert_close(a, b, what, tol=1e-5):
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    err = float((a.double() - b.double()).norm())
+    assert err <= tol * float(b.double().norm()) + 1e-9, f"{what}: rel err {_rel(a, b):.3g}"
+
+
+def _isas() -> list[str]:
+    feats = CPU.cpu_features()
+    out = ["scalar"]
+    if "no-popcnt" not in feats:
+        out.append("popcnt")
+    for name in ("avx2", "avx512"):
+        try:
+            CPU._set_cpu_isa(name)
+            out.append(name)
+        except RuntimeError:
+            pass
+    CPU._set_cpu_isa("auto")
+    return out
+
+
+ISAS = _isas()
+
+
+@pytest.fixture
+def isa_auto():
+    yield
+    CPU._set_cpu_isa("auto")
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 33, 7, 5), (2, 64, 4, 3), (2, 65, 3, 2)])
+def test_pack_unpack_exact(shape):
+    x = (torch.rand(shape) < 0.4).float()
+    p = OPS.pack_spikes(x)
+    assert torch.equal(p, ref.pack_spikes_reference(x))
+    assert torch.equal(OPS.unpack_spikes(p, shape[1]), ref.unpack_spikes_reference(p, shape[1]))
+    # Bit 31 set everywhere: the int32 sign bit must round-trip too.
+    full = torch.ones(2, 32, 2, 2)
+    assert torch.equal(OPS.pack_spikes(full), ref.pack_spikes_reference(full))
+    # Non-contiguous and float64 input are handled by the kernel.
+    xt = x.double().transpose(2, 3).contiguous().transpose(2, 3)
+    assert torch.equal(OPS.pack_spikes(xt), p)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 33, 3, 3), (4, 64, 1, 1), (3, 65, 3, 3)])
+def test_pack_weight_exact(shape):
+    w = torch.randint(-1, 2, shape).float() * 0.37
+    m, p = OPS.pack_weight(w)
+    rm, rp = ref.pack_weight_reference(w)
+    assert torch.equal(m, rm) and torch.equal(p, rp)
+    back = ref.unpack_weight_reference(m, p, shape[1])
+    assert torch.equal(back, torch.sign(w))
+
+
+def test_pack_errors():
+    with pytest.raises(RuntimeError, match=r"\[B, C, H, W\]"):
+        OPS.pack_spikes(torch.zeros(2, 3, 4))
+    with pytest.raises(RuntimeError, match="int32"):
+        OPS.unpack_spikes(torch.zeros(1, 2, 2, 1), 3)
+    with pytest.raises(RuntimeError, match="channels must be in"):
+        OPS.unpack_spikes(torch.zeros(1, 2, 2, 1, dtype=torch.int32), 33)
+
+
+# ----------------------------------------------------------------------------------------------
+# bconv_lif forward
+# ----------------------------------------------------------------------------------------------
+
+# (T, N, Ci, Co, H, W, k, stride, pad)
+GEOMS = [
+    (1, 1, 1, 1, 3, 3, 1, 1, 0),
+    (4, 2, 33, 5, 7, 5, 3, 1, 1),
+    (2, 1, 64, 17, 7, 5, 3, 2, 1),
+    (3, 2, 65, 33, 6, 7, 3, 2, 0),
+    (4, 1, 16, 40, 5, 5, 1, 2, 0),
+    (2, 3, 130, 16, 4, 4, 3, 1, 1),
+]
+
+
+def _neuron(rng: random.Random, v_reset, decay_input):
+    return dict(tau=rng.uniform(1.5, 100.0), decay_input=decay_input,
+                v_threshold=rng.choice([0.3, 1.0, 1.7]), v_reset=v_reset)
+
+
+def _drive(z: torch.Tensor, nk: dict, bn_train: bool, seed: int):
+    """Per-channel (scale, shift) float32 that put the LIF input X around the threshold, so that
+    neurons fire sometimes (with tau up to 100 and decay_input the charge per step is X/tau)."""
+    g = torch.Generator().manual_seed(seed)
+    c = z.shape[2]
+    dims = [0, 1] + list(range(3, z.dim()))
+    eff = nk["v_threshold"] * (max(1.0, nk["tau"] / z.shape[0]) if nk["decay_input"] else 1.0)
+    jit = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    if bn_train:
+        scale, shift = 0.8 * eff * jit, 0.6 * eff * jit
+    else:
+        # a floor keeps X = z*scale + shift well conditioned in float32 (single-element channels)
+        std = z.std(dim=dims, unbiased=False).clamp_min(0.5)
+        scale = 0.8 * eff * jit / std
+        shift = 0.6 * eff * jit - z.mean(dim=dims) * scale
+    return scale.float(), shift.float()
+
+
+def _conv_case(geom, seed, rate=0.3, bn_train=False, residual=False):
+    T, N, Ci, Co, H, W, k, s, p = geom
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(T * N, Ci, H, W, generator=g) < rate).float()
+    w = torch.randint(-1, 2, (Co, Ci, k, k), generator=g).float()
+    alpha = torch.rand(Co, generator=g) * 0.2 + 0.05
+    scale = torch.rand(Co, generator=g) + 0.5
+    shift = torch.rand(Co, generator=g) * 0.4 - 0.1
+    ho, wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+    res = torch.randn(T, N, Co, ho, wo, generator=g) * 0.3 if residual else None
+    xp = ref.pack_spikes_reference(x)
+    wm, wp = ref.pack_weight_reference(w)
+    return dict(x=x, w=w, xp=xp, wm=wm, wp=wp, alpha=alpha, scale=scale, shift=shift, res=res,
+                T=T, stride=s, padding=p, bn_train=bn_train, Ci=Ci)
+
+
+def _z64(c):
+    """The exact conv current Z = alpha * count in float64, [T, N, Co, Ho, Wo]."""
+    counts = ref.bconv_count_reference(c["xp"], c["wm"], c["wp"], c["stride"], c["padding"])
+    z = counts.double().view(c["T"], -1, *counts.shape[1:])
+    return z * c["alpha"].double().view(1, 1, -1, 1, 1)
+
+
+def _ref_h64(z64, c, nk):
+    """H of the reference neuron in float64 from the current z (float64)."""
+    x, _, _ = ref.epilogue(z64, c["scale"].double(), c["shift"].double(),
+                           None if c["res"] is None else c["res"].double(), c["bn_train"], 1e-5)
+    _, h = ref.lif_multistep(x, tau=nk["tau"], decay_input=nk["decay_input"],
+                             v_threshold=nk["v_threshold"], v_reset=nk["v_reset"], return_h=True)
+    return h
+
+
+def _untied(h64, thr):
+    """True where a neuron has had no step with |H - thr| < BAND up to and including t."""
+    near = (h64 - thr).abs() < BAND
+    return ~(near.int().cumsum(0) > 0)
+
+
+@pytest.mark.parametrize("geom", GEOMS)
+@pytest.mark.parametrize("bn_train", [False, True])
+@pytest.mark.parametrize("v_reset,decay_input,residual",
+                         [(0.0, True, False), (None, False, True), (-0.2, False, False)])
+def test_bconv_lif_forward(geom, bn_train, v_reset, decay_input, residual):
+    seed = hash((geom, bn_train, v_reset, decay_input, residual)) % 10_000
+    rng = random.Random(seed)
+    c = _conv_case(geom, seed, bn_train=bn_train, residual=residual)
+    nk = _neuron(rng, v_reset, decay_input)
+    c["scale"], c["shift"] = _drive(_z64(c), nk, bn_train, seed)
+    args = (c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], c["res"], c["T"],
+            c["stride"], c["padding"], bn_train, 1e-5, nk["tau"], decay_input,
+            nk["v_threshold"], v_reset)
+    s, counts, mean, var = OPS.bconv_lif(*args)
+    rs, rcounts, rmean, rvar = ref.bconv_lif_reference(*args)
+    assert counts.dtype == rcounts.dtype == torch.int16
+    assert torch.equal(counts, rcounts)
+    assert s.dtype == torch.float32 and s.shape == rs.shape
+    if bn_train:
+        torch.testing.assert_close(mean, rmean, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(var, rvar, rtol=1e-5, atol=1e-7)
+    else:
+        assert not mean.any() and not var.any()
+    z64 = rcounts.double() * c["alpha"].double().view(1, 1, -1, 1, 1)
+    keep = _untied(_ref_h64(z64, c, nk), nk["v_threshold"])
+    assert keep.float().mean() > 0.9
+    assert torch.equal(s[keep], rs[keep])
+    if s.numel() >= 200:
+        assert 0 < float(s.mean()) < 1  # the case exercises both outcomes
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("geom", [GEOMS[1], GEOMS[3], GEOMS[5]])
+def test_bconv_popcount_paths_agree(isa, geom, isa_auto):
+    c = _conv_case(geom, 7, rate=0.5)
+    CPU._set_cpu_isa(isa)
+    assert CPU._cpu_isa() == isa
+    _, counts, _, _ = OPS.bconv_lif(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"],
+                                    c["shift"], None, c["T"], c["stride"], c["padding"], False,
+                                    1e-5, 2.0, True, 1.0, 0.0)
+    want = ref.bconv_count_reference(c["xp"], c["wm"], c["wp"], c["stride"], c["padding"])
+    assert torch.equal(counts.flatten(0, 1).float(), want)
+
+
+def test_bconv_counts_int32_when_large():
+    # 32 * Cw * kh * kw = 32 * 2 * 29 * 29 > 32767 -> int32 counts (ops.counts_dtype); the count
+    # itself (40 * 29 * 29 = 33640) would overflow int16.
+    wm, wp = ref.pack_weight_reference(torch.ones(2, 40, 29, 29))
+    xp = ref.pack_spikes_reference(torch.ones(1, 40, 29, 29))
+    assert ops.counts_dtype(wm) == torch.int32
+    _, counts, _, _ = OPS.bconv_lif(xp, wm, wp, torch.ones(2), torch.ones(2), torch.zeros(2),
+                                    None, 1, 1, 0, False, 1e-5, 2.0, True, 1.0, 0.0)
+    assert counts.dtype == torch.int32 and counts.flatten().tolist() == [40 * 29 * 29] * 2
+
+
+def test_bconv_lif_errors():
+    c = _conv_case(GEOMS[1], 0)
+    base = [c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, c["T"], 1, 1,
+            False, 1e-5, 2.0, True, 1.0, 0.0]
+
+    def call(**kw):
+        a = list(base)
+        for i, v in kw.items():
+            a[int(i[1:])] = v
+        return OPS.bconv_lif(*a)
+
+    with pytest.raises(RuntimeError, match="x_packed must be"):
+        call(a0=c["xp"].float())
+    with pytest.raises(RuntimeError, match="words per position"):
+        call(a1=c["wm"][..., :0].contiguous(), a2=c["wp"][..., :0].contiguous())
+    with pytest.raises(RuntimeError, match=r"alpha must have shape \[5\]"):
+        call(a3=torch.ones(4))
+    with pytest.raises(RuntimeError, match="must be T\\*N"):
+        call(a7=3)
+    with pytest.raises(RuntimeError, match="residual must have shape"):
+        call(a6=torch.zeros(1))
+    with pytest.raises(RuntimeError, match="does not fit"):
+        call(a9=0, a1=c["wm"].repeat(1, 3, 3, 1), a2=c["wp"].repeat(1, 3, 3, 1))
+    # Non-contiguous inputs are made contiguous, not rejected.
+    xnc = c["xp"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not xnc.is_contiguous()
+    assert torch.equal(call(a0=xnc)[1], call()[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: against float64 references
+# ----------------------------------------------------------------------------------------------
+
+
+def _away_from_ties(make_h64, thr, shift):
+    """Nudge ``shift`` until no reference H lies within 1e-4 of the threshold (so float32 and
+    float64 take the same spike decisions and gradients are comparable)."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        h = make_h64(shift)
+        if not bool(((h - thr).abs() < 1e-4).any()):
+            return shift
+        shift = shift + (torch.rand(shift.shape, generator=g) - 0.5) * 1e-2
+    raise AssertionError("could not build a tie-free case")
+
+
+def _bconv_bwd_ref64(gs, c, nk, shift, detach_reset, sur, sur_alpha):
+    counts = ref.bconv_count_reference(c["xp"], c["wm"], c["wp"], c["stride"], c["padding"])
+    T = c["T"]
+    z = counts.double().view(T, -1, *counts.shape[1:]) * c["alpha"].double().view(1, 1, -1, 1, 1)
+    res = None if c["res"] is None else c["res"].double()
+    g_z, g_cur, g_sc, g_sh = ref.bn_lif_bwd_reference(
+        gs.double(), z, c["scale"].double(), shift.double(), None, None, res, c["bn_train"], 1e-5,
+        nk["tau"], nk["decay_input"], nk["v_threshold"], nk["v_reset"], detach_reset, sur,
+        sur_alpha)
+    w_eff = torch.sign(c["w"]).double() * c["alpha"].double().view(-1, 1, 1, 1)
+    x = c["x"].double()
+    gz = g_z.flatten(0, 1)
+    g_w = torch.nn.grad.conv2d_weight(x, tuple(w_eff.shape), gz, stride=c["stride"],
+                                      padding=c["padding"])
+    g_x = torch.nn.grad.conv2d_input(tuple(x.shape), w_eff, gz, stride=c["stride"],
+                                     padding=c["padding"]).view(T, -1, *x.shape[1:])
+    return g_x, g_w, g_cur, g_sc, g_sh
+
+
+BWD_CASES = [
+    # geom, bn_train, v_reset, decay_input, detach_reset, surrogate, alpha, residual
+    (GEOMS[0], False, 0.0, True, True, 0, 2.0, False),
+    (GEOMS[1], True, 0.0, False, True, 0, 2.0, False),
+    (GEOMS[1], False, None, True, False, 1, 4.0, True),
+    (GEOMS[2], True, None, False, True, 1, 3.0, True),
+    (GEOMS[3], False, -0.2, True, False, 0, 1.5, False),
+    (GEOMS[3], True, 0.0, True, False, 1, 4.0, True),
+    (GEOMS[4], True, None, True, True, 0, 2.0, False),
+    (GEOMS[5], True, 0.0, False, False, 0, 2.0, True),
+]
+
+
+@pytest.mark.parametrize("case", BWD_CASES)
+def test_bconv_lif_bwd_float64(case):
+    geom, bn_train, v_reset, decay_input, detach_reset, sur, sur_alpha, residual = case
+    seed = hash(case) % 10_000
+    rng = random.Random(seed)
+    c = _conv_case(geom, seed, bn_train=bn_train, residual=residual)
+    nk = _neuron(rng, v_reset, decay_input)
+    z64 = _z64(c)
+    c["scale"], c["shift"] = _drive(z64, nk, bn_train, seed)
+
+    def h_of(shift):
+        return _ref_h64(z64, dict(c, shift=shift), nk)
+
+    shift = _away_from_ties(h_of, nk["v_threshold"], c["shift"])
+    fwd = OPS.bconv_lif(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], shift, c["res"],
+                        c["T"], c["stride"], c["padding"], bn_train, 1e-5, nk["tau"],
+                        decay_input, nk["v_threshold"], v_reset)
+    gs = torch.randn(fwd[0].shape)
+    out = OPS.bconv_lif_bwd(gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], shift,
+                            fwd[2], fwd[3], c["res"], c["Ci"], c["stride"], c["padding"],
+                            bn_train, 1e-5, nk["tau"], decay_input, nk["v_threshold"], v_reset,
+                            detach_reset, sur, sur_alpha, True)
+    want = _bconv_bwd_ref64(gs, c, nk, shift, detach_reset, sur, sur_alpha)
+    for name, a, b in zip(("grad_x", "grad_weight", "grad_current", "grad_scale", "grad_shift"),
+                          out, want):
+        assert a.dtype == torch.float32
+        _assert_close(a, b, name)
+    # need_grad_x=False skips the input gradient, the rest is unchanged.
+    out2 = OPS.bconv_lif_bwd(gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"],
+                             shift, fwd[2], fwd[3], c["res"], c["Ci"], c["stride"], c["padding"],
+                             bn_train, 1e-5, nk["tau"], decay_input, nk["v_threshold"], v_reset,
+                             detach_reset, sur, sur_alpha, False)
+    assert out2[0].shape == (0,)
+    for a, b in zip(out2[1:], out[1:]):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# bn_lif
+# ----------------------------------------------------------------------------------------------
+
+BN_SHAPES = [(1, 1, 1), (4, 3, 33), (2, 2, 65, 7, 5), (4, 1, 64, 3), (3, 2, 1, 4, 4)]
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES)
+@pytest.mark.parametrize("bn_train", [False, True])
+@pytest.mark.parametrize("v_reset,decay_input,residual", [(0.0, True, True), (None, False, False)])
+def test_bn_lif_forward(shape, bn_train, v_reset, decay_input, residual):
+    seed = hash((shape, bn_train, v_reset, decay_input, residual)) % 10_000
+    rng = random.Random(seed)
+    nk = _neuron(rng, v_reset, decay_input)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(shape, generator=g) + 0.5
+    scale, shift = _drive(z.double(), nk, bn_train, seed)
+    res = torch.randn(shape, generator=g) * 0.3 if residual else None
+    args = (z, scale, shift, res, bn_train, 1e-5, nk["tau"], decay_input, nk["v_threshold"],
+            v_reset)
+    s, mean, var = OPS.bn_lif(*args)
+    rs, rmean, rvar = ref.bn_lif_reference(*args)
+    torch.testing.assert_close(mean, rmean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var, rvar, rtol=1e-5, atol=1e-6)
+    x64, _, _ = ref.epilogue(z.double(), scale.double(), shift.double(),
+                             None if res is None else res.double(), bn_train, 1e-5)
+    _, h = ref.lif_multistep(x64, tau=nk["tau"], decay_input=decay_input,
+                             v_threshold=nk["v_threshold"], v_reset=v_reset, return_h=True)
+    keep = _untied(h, nk["v_threshold"])
+    assert torch.equal(s[keep], rs[keep])
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES)
+@pytest.mark.parametrize("bn_train,v_reset,decay_input,detach_reset,sur,sur_alpha,residual", [
+    (False, 0.0, True, True, 0, 2.0, True),
+    (True, None, False, False, 1, 4.0, False),
+    (True, 0.0, False, False, 0, 1.3, True),
+    (False, None, True, True, 1, 2.5, False),
+])
+def test_bn_lif_bwd_float64(shape, bn_train, v_reset, decay_input, detach_reset, sur, sur_alpha,
+                            residual):
+    seed = hash((shape, bn_train, v_reset, sur)) % 10_000
+    rng = random.Random(seed)
+    nk = _neuron(rng, v_reset, decay_input)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(shape, generator=g) + 0.5
+    scale, shift0 = _drive(z.double(), nk, bn_train, seed)
+    res = torch.randn(shape, generator=g) * 0.3 if residual else None
+
+    def h_of(shift):
+        x, _, _ = ref.epilogue(z.double(), scale.double(), shift.double(),
+                               None if res is None else res.double(), bn_train, 1e-5)
+        return ref.lif_multistep(x, tau=nk["tau"], decay_input=decay_input,
+                                 v_threshold=nk["v_threshold"], v_reset=v_reset,
+                                 return_h=True)[1]
+
+    shift = _away_from_ties(h_of, nk["v_threshold"], shift0)
+    _, mean, var = OPS.bn_lif(z, scale, shift, res, bn_train, 1e-5, nk["tau"], decay_input,
+                              nk["v_threshold"], v_reset)
+    gs = torch.randn(shape, generator=g)
+    out = OPS.bn_lif_bwd(gs, z, scale, shift, mean, var, res, bn_train, 1e-5, nk["tau"],
+                         decay_input, nk["v_threshold"], v_reset, detach_reset, sur, sur_alpha)
+    want = ref.bn_lif_bwd_reference(
+        gs.double(), z.double(), scale.double(), shift.double(), None, None,
+        None if res is None else res.double(), bn_train, 1e-5, nk["tau"], decay_input,
+        nk["v_threshold"], v_reset, detach_reset, sur, sur_alpha)
+    for name, a, b in zip(("grad_z", "grad_current", "grad_scale", "grad_shift"), out, want):
+        _assert_close(a, b, name)
+
+
+def test_bn_lif_errors():
+    z = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match=r"\[T, N, C, \*\]"):
+        OPS.bn_lif(torch.randn(2, 3), torch.ones(3), torch.zeros(3), None, False, 1e-5, 2.0,
+                   True, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="float32"):
+        OPS.bn_lif(z.double(), torch.ones(4), torch.zeros(4), None, False, 1e-5, 2.0, True, 1.0,
+                   0.0)
+    with pytest.raises(RuntimeError, match=r"scale must have shape \[4\]"):
+        OPS.bn_lif(z, torch.ones(3), torch.zeros(4), None, False, 1e-5, 2.0, True, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="surrogate must be 0"):
+        OPS.bn_lif_bwd(z, z, torch.ones(4), torch.zeros(4), torch.zeros(4), torch.ones(4), None,
+                       False, 1e-5, 2.0, True, 1.0, 0.0, False, 7, 2.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck, torch.compile, the layer end to end
+# ----------------------------------------------------------------------------------------------
+
+
+def _opcheck_samples():
+    c = _conv_case(GEOMS[1], 11, bn_train=True, residual=True)
+    fwd = ref.bconv_lif_reference(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"],
+                                  c["res"], c["T"], 1, 1, True, 1e-5, 2.0, True, 1.0, 0.0)
+    z = torch.randn(2, 3, 5, 4)
+    gs = torch.randn(fwd[0].shape)
+    return [
+        ("pack_spikes", (c["x"],)),
+        ("unpack_spikes", (c["xp"], 33)),
+        ("pack_weight", (c["w"],)),
+        ("bconv_lif", (c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], c["res"],
+                       c["T"], 1, 1, True, 1e-5, 2.0, True, 1.0, 0.0)),
+        ("bconv_lif", (c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None,
+                       c["T"], 2, 0, False, 1e-5, 5.0, False, 0.5, None)),
+        ("bconv_lif_bwd", (gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"],
+                           c["shift"], fwd[2], fwd[3], c["res"], 33, 1, 1, True, 1e-5, 2.0,
+                           True, 1.0, 0.0, True, 0, 2.0, True)),
+        ("bn_lif", (z, torch.ones(5), torch.zeros(5), None, True, 1e-5, 2.0, True, 0.5, 0.0)),
+        ("bn_lif_bwd", (torch.randn_like(z), z, torch.ones(5), torch.zeros(5), z.mean((0, 1, 3)),
+                        z.var((0, 1, 3), unbiased=False), z, True, 1e-5, 2.0, False, 0.5,
+                        None, False, 1, 4.0)),
+    ]
+
+
+@pytest.mark.parametrize("name,args", _opcheck_samples(), ids=lambda v: v if isinstance(v, str)
+                         else "")
+def test_opcheck(name, args):
+    op = getattr(OPS, name).default
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"binslt::{name}", "CPU")
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
+                                                "test_autograd_registration"))
+
+
+def test_kernels_are_the_compiled_ones():
+    # The CPU key must be served by the C++ kernels, not the Python fallback of binslt/ops.py.
+    assert ops._ext.backends()["cpu"]["usable"]
+    table = torch._C._dispatch_dump_table("binslt::bconv_lif")
+    cpu_line = next(ln for ln in table.splitlines() if ln.startswith("CPU:"))
+    assert "python" not in cpu_line.lower(), cpu_line
+
+
+def test_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(
+        BinSpikeConv2d(3, 8, 3, padding=1, bn=True, backend="cpu"),
+        BinSpikeConv2d(8, 16, 3, stride=2, padding=1, backend="cpu", v_reset=None),
+    ).eval()
+    x = (torch.rand(2, 2, 3, 7, 7) < 0.3).float()
+    with torch.no_grad():
+        want = model(x)
+        # aot_eager traces through the fake kernels (like inductor) at a fraction of the
+        # compile time; the compiled graph then runs the C++ kernels.
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bn,stride,padding,v_reset", [(True, 1, 1, 0.0), (False, 2, 0, None)])
+def test_layer_cpu_vs_torch(bn, stride, padding, v_reset):
+    torch.manual_seed(3)
+    kw = dict(stride=stride, padding=padding, bn=bn, tau=2.0, v_threshold=0.5, v_reset=v_reset,
+              detach_reset=True, prune_rate=0.5)
+    a = BinSpikeConv2d(33, 17, 3, backend="cpu", **kw)
+    b = BinSpikeConv2d(33, 17, 3, backend="torch", **kw)
+    b.load_state_dict(a.state_dict())
+    x = (torch.rand(3, 2, 33, 7, 6) < 0.3).float()
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    sa, sb = a(xa), b(xb)
+    assert torch.equal(sa, sb)
+    g = torch.randn_like(sa)
+    (sa * g).sum().backward()
+    (sb * g).sum().backward()
+    torch.testing.assert_close(a.scores.grad, b.scores.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+    if bn:
+        torch.testing.assert_close(a.bn.running_mean, b.bn.running_mean)
+        torch.testing.assert_close(a.bn.running_var, b.bn.running_var)
+    assert math.isfinite(float(xa.grad.abs().sum()))

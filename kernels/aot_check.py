@@ -1,0 +1,127 @@
+"""Compile every binslt Triton kernel ahead of time for a CUDA architecture, without a GPU.
+
+The interpreter tests check the maths on the CPU; this checks that the same kernels also get
+through Triton's GPU pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas cubin) for, by default,
+sm_90 (H100/H200): int8 ``tl.dot`` on tensor cores, tf32x3 float dots, int64/float64 atomics,
+register reshapes. It cannot check speed or numerics on the device.
+
+    python -m kernels.aot_check [--arch 90] [--all-configs] [--kernel 3]
+
+Run it with TRITON_INTERPRET unset (the module refuses otherwise). Prints one line per
+compiled variant and exits 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _types_for(jit, ptr_types: dict) -> dict:
+    out = {}
+    for n in jit.arg_names:
+        if n in ptr_types:
+            out[n] = ptr_types[n]
+        elif n in ("tau", "v_threshold", "v_reset", "surrogate_alpha"):
+            out[n] = "fp32"
+        else:
+            out[n] = "i32"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
+    ap.add_argument("--all-configs", action="store_true",
+                    help="compile every autotune configuration (slow), not only the first")
+    ap.add_argument("--kernel", type=int, default=3, help="conv kernel size to specialize for")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
+        return 2
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import bconv as B
+    from . import lif as L
+    from . import pack as P
+
+    target = GPUTarget("cuda", args.arch, 32)
+    k = args.kernel
+    failures = 0
+
+    def run(label, jit, ptrs, consts, configs=None):
+        nonlocal failures
+        cfgs = list(configs) if configs else [None]
+        if not args.all_configs:
+            cfgs = cfgs[:1]
+        for cfg in cfgs:
+            c = dict(consts)
+            nw, ns = 4, 3
+            if cfg is not None:
+                c.update(cfg.kwargs)
+                nw, ns = cfg.num_warps, cfg.num_stages
+            sig = {n: ("constexpr" if n in c else t) for n, t in _types_for(jit, ptrs).items()}
+            desc = f"{label} {cfg.kwargs if cfg else ''} warps={nw} stages={ns}"
+            t0 = time.time()
+            try:
+                kern = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=c),
+                                      target=target, options=dict(num_warps=nw, num_stages=ns))
+            except Exception as exc:  # report every failure, then exit 1
+                failures += 1
+                print(f"FAIL {desc}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
+                continue
+            ptx = kern.asm.get("ptx", "")
+            tc = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "no-mma")
+            print(f"OK   {desc}: {time.time() - t0:.1f}s shared={kern.metadata.shared} {tc}",
+                  flush=True)
+
+    fwd = B._bconv_fwd_kernel
+    fwd_ptrs = dict(x_ptr="*i32", wm_ptr="*i32", wp_ptr="*i32", alpha_ptr="*fp32",
+                    scale_ptr="*fp32", shift_ptr="*fp32", res_ptr="*fp32", spk_ptr="*fp32",
+                    cnt_ptr="*i16", sum_ptr="*i64", sq_ptr="*i64")
+    for fuse in (True, False):
+        run(f"bconv_fwd fuse_lif={fuse}", fwd.fn, fwd_ptrs,
+            dict(KH=k, KW=k, FUSE_LIF=fuse, HAS_RES=fuse, DECAY_INPUT=True, HARD=fuse),
+            fwd.configs)
+    dg, wg = B._bconv_dgrad_kernel, B._bconv_wgrad_kernel
+    run("bconv_dgrad", dg.fn, dict(gz_ptr="*fp32", wm_ptr="*i32", wp_ptr="*i32",
+                                   alpha_ptr="*fp32", gx_ptr="*fp32"),
+        dict(KH=k, KW=k, PRECISION=B.DOT_PRECISION), dg.configs)
+    run("bconv_wgrad", wg.fn, dict(gz_ptr="*fp32", x_ptr="*i32", gw_ptr="*fp32"),
+        dict(KH=k, KW=k, PRECISION=B.DOT_PRECISION), wg.configs)
+    blk = dict(BLOCK_R=4, BLOCK_S=256)
+    run("channel_sums", L._channel_sums_kernel,
+        dict(src_ptr="*fp32", sum_ptr="*fp64", sq_ptr="*fp64"), blk)
+    lp = dict(alpha_ptr="*fp32", scale_ptr="*fp32", shift_ptr="*fp32", mean_ptr="*fp32",
+              invstd_ptr="*fp32", res_ptr="*fp32", spk_ptr="*fp32")
+    for has_alpha in (True, False):
+        run(f"bn_lif_fwd counts={has_alpha}", L._bn_lif_fwd_kernel,
+            dict(lp, src_ptr="*i16" if has_alpha else "*fp32"),
+            dict(blk, HAS_ALPHA=has_alpha, BN_TRAIN=has_alpha, HAS_RES=True, DECAY_INPUT=True,
+                 HARD=has_alpha))
+    bp = dict(gs_ptr="*fp32", src_ptr="*i16", alpha_ptr="*fp32", scale_ptr="*fp32",
+              shift_ptr="*fp32", mean_ptr="*fp32", invstd_ptr="*fp32", res_ptr="*fp32",
+              gcur_ptr="*fp32", gz_ptr="*fp32", gsh_ptr="*fp64", gsc_ptr="*fp64")
+    for sur, hard, det in ((0, True, False), (1, False, True)):
+        run(f"lif_bwd surrogate={sur} hard={hard} detach={det}", L._lif_bwd_kernel, bp,
+            dict(blk, HAS_ALPHA=True, BN_TRAIN=not det, HAS_RES=True, DECAY_INPUT=det,
+                 HARD=hard, DETACH_RESET=det, SURROGATE=sur))
+    run("bn_train_bwd", L._bn_train_bwd_kernel,
+        dict(gcur_ptr="*fp32", src_ptr="*fp32", alpha_ptr="*fp32", scale_ptr="*fp32",
+             mean_ptr="*fp32", invstd_ptr="*fp32", mgsh_ptr="*fp32", mgsc_ptr="*fp32",
+             gz_ptr="*fp32"), dict(blk, HAS_ALPHA=False))
+    run("pack_bits", P._pack_bits_kernel, dict(x_ptr="*fp32", mask_ptr="*i32", pos_ptr="*i32"),
+        dict(WITH_POS=True, BLOCK_P=128))
+    run("unpack_bits", P._unpack_bits_kernel, dict(packed_ptr="*i32", out_ptr="*fp32"),
+        dict(BLOCK_C=32, BLOCK_P=128))
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -497,7 +497,7 @@ def main(argv=None) -> int:
     meta.update({
         "benchmark": "conv_lif",
         "sj_lif_impl": sj_lif_implementation(device),
-        "binslt_backends": ",".join(backends),
+        "binslt_backends": "; ".join(f"{b}: {st[b]['reason']}" for b in backends),
         "neuron": f"LIF tau={args.tau:g} decay_input={args.decay_input} v_threshold=1 "
                   f"v_reset=0 ATan(2) detach_reset=True",
         "bn": f"BatchNorm2d affine={args.bn_affine}",
@@ -518,6 +518,7 @@ def main(argv=None) -> int:
         print(f"# {shape.name}: T={shape.T} N={shape.N} {shape.C_in}->{shape.C_out} "
               f"{shape.H}x{shape.W} rate={shape.rate:g} ({shape.gmac:.2f} GMAC)", flush=True)
         rows.extend(run_shape(shape, args, device, backends))
+        meta["load_avg_1m_end"] = f"{os.getloadavg()[0]:.2f}"
         write_csv(csv_path, rows, COLUMNS, meta)  # after every shape: a timeout keeps the rest
 
     show = ["shape", "backend", "mode", "ms", "sj_ms", "speedup", "saved_ratio",

@@ -406,6 +406,8 @@ def main(argv=None) -> int:
     meta.update({
         "benchmark": "search_epoch (Conv-4 BinW-SLT on sklearn digits, 1437 train / 360 test)",
         "sj_lif_impl": sj_impl,
+        "binslt_backends": "; ".join(f"{b}: {st[b]['reason']}" for b in backends),
+        "load_avg_1m_end": f"{os.getloadavg()[0]:.2f}",
         "neuron": "LIF decay 0.99 (tau 100) decay_input=False v_threshold=1 v_reset=0 ATan(2) "
                   "detach_reset=True; non-affine BN",
         "optimizer": f"SGD lr={args.lr} momentum=0.9 on the scores",

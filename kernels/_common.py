@@ -112,11 +112,13 @@ HALF_PI: float = math.pi / 2
 
 @triton.jit
 def lif_charge(v, x, tau, v_reset, DECAY_INPUT: tl.constexpr):
-    """H[t] from V[t-1] and X[t]. ``v_reset`` is 0 for a soft reset."""
+    """H[t] from V[t-1] and X[t]. ``v_reset`` is 0 for a soft reset.
+
+    div_rn: IEEE round-to-nearest division like torch's (plain ``/`` is approximate on CUDA)."""
     if DECAY_INPUT:
-        h = v + (x - (v - v_reset)) / tau
+        h = v + tl.div_rn(x - (v - v_reset), tau)
     else:
-        h = v - (v - v_reset) / tau + x
+        h = v - tl.div_rn(v - v_reset, tau) + x
     return h
 
 

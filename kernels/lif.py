@@ -188,7 +188,9 @@ def _lif_bwd_kernel(
         h = lif_charge(v, y, tau, v_reset, DECAY_INPUT)
         spk, v = lif_fire_reset(h, v_threshold, v_reset, HARD)
         tl.store(gcur_ptr + o, h, mask=m)
-    # backward sweep
+    # backward sweep. Each H[t] is re-read by the thread that stored it (same offsets, same
+    # layout); the barrier makes that independent of the layout the compiler picks.
+    tl.debug_barrier()
     gv = tl.zeros((BLOCK_R, BLOCK_S), tl.float32)
     acc_sh = tl.zeros((BLOCK_R, BLOCK_S), tl.float64)
     acc_sc = tl.zeros((BLOCK_R, BLOCK_S), tl.float64)

@@ -314,6 +314,35 @@ def test_layer_triton_vs_torch(device, bn):
                                    rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inp", ["spike", "real"])
+def test_linear_triton_vs_torch(device, inp):
+    """BinSpikeLinear: spike input runs bconv_lif as a 1x1 conv, real input runs bn_lif."""
+    _no_triton_error()
+    from binslt.layers import BinSpikeLinear
+
+    kw = dict(prune_rate=0.5, tau=2.0, v_threshold=0.3, bn=True, input=inp, v_reset=None)
+    torch.manual_seed(4)
+    lt = BinSpikeLinear(40, 7, backend="triton", **kw).to(device)
+    lr = BinSpikeLinear(40, 7, backend="torch", **kw).to(device)
+    lr.load_state_dict(lt.state_dict())
+    x = (torch.rand(3, 4, 40) < 0.4).float() if inp == "spike" else torch.randn(3, 4, 40)
+    x = x.to(device)
+    xt, xr = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+    st, sr = lt(xt), lr.double()(xr)
+    with torch.no_grad():
+        z = (xr.detach() @ lr.effective_weight().double().t()).cpu()
+        one = torch.ones(7, dtype=torch.float64)
+        h = _h64(z, one, 0 * one, None, True, 1e-5, 2.0, True, 0.3, None)
+    assert_spikes_equal(st.detach().cpu(), sr.detach().cpu(), h, 0.3)
+    assert ((h - 0.3).abs() > 1e-4).all(), "near-tie in the test data; pick another seed"
+    g = torch.randn(st.shape).to(device)
+    st.backward(g)
+    sr.backward(g.double())
+    assert_close_rel(xt.grad.cpu(), xr.grad.cpu(), 1e-5, "grad_x")
+    assert_close_rel(lt.scores.grad.cpu(), lr.scores.grad.cpu(), 1e-5, "grad_scores")
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU only: fake kernels / torch.compile over the triton ops
 # ----------------------------------------------------------------------------------------------

@@ -468,6 +468,8 @@ class LIF(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"LIF expects a floating-point tensor, got {x.dtype}")
         ops.check_finite(x, "LIF input")
+        if x.numel() == 0:  # nothing to integrate (and no kernel needs to see an empty tensor)
+            return torch.zeros_like(x)
         T = x.shape[0]
         z = x.reshape(T, 1, 1, -1)
         one = torch.ones(1, dtype=torch.float32, device=x.device)

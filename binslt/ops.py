@@ -330,7 +330,8 @@ def conv_lif(x, w_eff, scale, shift, residual=None, *, stride=1, padding=0, bn_t
     be = resolve_backend(backend, x.device)
     if be == "torch":
         T = x.shape[0]
-        z = torch.nn.functional.conv2d(x.flatten(0, 1), w_eff, stride=stride, padding=padding)
+        z = torch.nn.functional.conv2d(x.flatten(0, 1), w_eff.to(x.dtype), stride=stride,
+                                       padding=padding)
         z = z.view(T, -1, *z.shape[1:])
         return bn_lif(z, scale, shift, residual, bn_train=bn_train, bn_eps=bn_eps, tau=tau,
                       decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,

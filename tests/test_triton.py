@@ -93,6 +93,22 @@ def test_bad_input_errors(device):
                           torch.ones(3, device=device), None, False, 1e-5, 2.0, True, 1.0, 0.0)
 
 
+def test_cpu_tensors_without_interpreter_error():
+    """Without TRITON_INTERPRET, CPU tensors get an actionable error, not a crash in Triton."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import torch, binslt.ops\n"
+            "try:\n"
+            "    torch.ops.binslt.pack_spikes_triton(torch.zeros(1, 3, 2, 2))\n"
+            "except RuntimeError as e:\n"
+            "    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert "ERR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # Fused binary conv + LIF
 # ----------------------------------------------------------------------------------------------

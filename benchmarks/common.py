@@ -119,6 +119,30 @@ def time_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2,
     return statistics.median(times)
 
 
+def time_many_ms(fns: dict[str, Callable[[], Any]], device: torch.device, *, warmup: int = 2,
+                 repeats: int = 10) -> dict[str, float]:
+    """Median milliseconds of each ``fns[name]()``, measured so that load hits them alike.
+
+    CPU: after ``warmup`` untimed calls of each, ``repeats`` rounds that call every function
+    once in turn (interleaved: a burst of background load lands on all of them, not on one).
+    CUDA: :func:`time_ms` on each in turn (the device is not shared).
+    """
+    if device.type == "cuda":
+        return {k: time_ms(f, device, warmup=warmup, repeats=repeats) for k, f in fns.items()}
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory
 # ---------------------------------------------------------------------------------------------

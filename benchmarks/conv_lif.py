@@ -14,6 +14,9 @@ and the same for SpikingJelly dense, step mode 'm', with identical neuron settin
 the paper's tau=100 i.e. decay 0.99, decay_input=False, v_threshold=1, hard reset to 0, ATan(2),
 detach_reset=True) and the same BatchNorm (non-affine unless ``--bn-affine``).
 
+On the CPU the implementations are timed interleaved, call by call, so that background load on a
+shared machine hits them alike (``common.time_many_ms``).
+
 Memory: bytes autograd saves for backward (distinct storages, train mode) and the peak memory of
 the call (CUDA: max allocated beyond what was allocated before; CPU: resident high-water mark
 beyond the RSS before, see ``common.PeakMemory``).
@@ -54,7 +57,7 @@ from common import (  # noqa: E402
     set_mmap_threshold,
     sj_lif_implementation,
     sync,
-    time_ms,
+    time_many_ms,
     write_csv,
 )
 
@@ -173,32 +176,34 @@ def _clear_grads(module, x) -> None:
     x.grad = None
 
 
-def measure(module, reset, x, grad_out, mode: str, device, args) -> dict:
-    """Time, memory and output rate of one module in one mode."""
+def make_step(module, reset, x, grad_out, mode: str, input_grad: bool):
+    """(step, xin): one call of ``module`` in ``mode``, and the input tensor it uses."""
     import torch
 
-    if mode == "eval_frozen":
-        module.mode = "frozen"  # one way: measured after the other modes
     if mode in ("eval_fwd", "eval_frozen"):
         module.eval()
-        xin = x
 
         def step():
             reset(module)
             with torch.no_grad():
-                return module(xin)
-    else:
-        module.train()
-        xin = x.detach().requires_grad_(x.dtype.is_floating_point and args._input_grad)
+                return module(x)
 
-        def step():
-            reset(module)
-            _clear_grads(module, xin)
-            out = module(xin)
-            out.backward(grad_out)
-            return out
+        return step, x
+    module.train()
+    xin = x.detach().requires_grad_(input_grad)
 
-    ms = time_ms(step, device, warmup=args.warmup, repeats=args.repeats)
+    def step():
+        reset(module)
+        _clear_grads(module, xin)
+        out = module(xin)
+        out.backward(grad_out)
+        return out
+
+    return step, xin
+
+
+def measure_memory(module, reset, xin, grad_out, mode: str, step, device) -> dict:
+    """Saved-for-backward bytes (train), peak memory and output rate of one call."""
     gc.collect()
     sync(device)
     saved = SavedTensorBytes()
@@ -214,8 +219,8 @@ def measure(module, reset, x, grad_out, mode: str, device, args) -> dict:
         sync(device)
     rate = float(out.detach().float().mean())
     del out
-    return {"ms": ms, "saved": saved.nbytes if mode == "train_fwdbwd" else None,
-            "peak": peak.nbytes, "peak_kind": peak.kind, "rate": rate}
+    return {"saved": saved.nbytes if mode == "train_fwdbwd" else None, "peak": peak.nbytes,
+            "peak_kind": peak.kind, "rate": rate}
 
 
 def check_against_reference(shape: Shape, args, device, backend: str, ref_module, x,
@@ -271,37 +276,51 @@ def run_shape(shape: Shape, args, device, backends: list[str]) -> list[dict]:
 
     torch.manual_seed(args.seed)
     sj, sj_reset = build_sj(shape, args, device)
-    sj_modes = [m for m in MODES if m in args.modes and m != "eval_frozen"]
-    if "eval_frozen" in args.modes and "eval_fwd" not in sj_modes:
-        sj_modes.insert(0, "eval_fwd")
-    sj_res = {m: measure(sj, sj_reset, x, grad_out, m, device, args) for m in sj_modes}
-    sj_res["eval_frozen"] = sj_res.get("eval_fwd")  # SpikingJelly has no frozen form
-    del sj
-    gc.collect()
-
     torch.manual_seed(args.seed)
-    ref_module = build_binslt(shape, args, device, "torch") if args.check else None
+    ref_module = build_binslt(shape, args, device, "torch")
+    mods = {}
+    for be in backends:
+        mods[be] = build_binslt(shape, args, device, be)
+        mods[be].load_state_dict(ref_module.state_dict())  # the same ticket on every backend
 
     def noop(_m):
         return None
 
+    # SpikingJelly has no frozen form: its eval_fwd time stands in eval_frozen rows.
+    sj_modes = {m for m in args.modes if m != "eval_frozen"}
+    if "eval_frozen" in args.modes and "eval_fwd" not in sj_modes:
+        sj_modes.add("eval_frozen")
+    res: dict[str, dict[str, dict]] = {"sj": {}, **{be: {} for be in backends}}
+    for mode in [m for m in MODES if m in args.modes]:  # eval_frozen (one way) comes last
+        impls = {be: (m, noop) for be, m in mods.items()}
+        if mode in sj_modes:
+            impls["sj"] = (sj, sj_reset)
+        if mode == "eval_frozen":
+            for m in mods.values():
+                m.mode = "frozen"
+        steps = {k: make_step(m, r, x, grad_out, mode, shape.input == "spike")
+                 for k, (m, r) in impls.items()}
+        times = time_many_ms({k: st for k, (st, _) in steps.items()}, device,
+                             warmup=args.warmup, repeats=args.repeats)
+        for k, (m, r) in impls.items():
+            step, xin = steps[k]
+            res[k][mode] = {"ms": times[k],
+                            **measure_memory(m, r, xin, grad_out, mode, step, device)}
+        del steps
+    if "eval_frozen" in args.modes and "eval_frozen" not in res["sj"]:
+        res["sj"]["eval_frozen"] = res["sj"]["eval_fwd"]
+    sj_res = res["sj"]
+    del sj, mods
+    gc.collect()
+
     rows = []
     for be in backends:
-        torch.manual_seed(args.seed)
-        mod = build_binslt(shape, args, device, be)
-        if ref_module is not None:
-            mod.load_state_dict(ref_module.state_dict())
-        # MODES order: eval_frozen (irreversible) comes last.
-        res = {m: measure(mod, noop, x, grad_out, m, device, args) for m in MODES
-               if m in args.modes}
-        del mod
-        gc.collect()
         mismatch = rel = None
-        if ref_module is not None and be != "torch":
+        if args.check and be != "torch":
             mismatch, rel = check_against_reference(shape, args, device, be, ref_module, x,
                                                     grad_out)
         for m in args.modes:
-            r, s = res[m], sj_res[m]
+            r, s = res[be][m], sj_res[m]
             rows.append({
                 **{f.name: getattr(shape, f.name) for f in dataclasses.fields(Shape)
                    if f.name != "name"},

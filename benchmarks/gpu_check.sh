@@ -54,10 +54,10 @@ step() {
     return
   fi
   if [ "$limit" -gt "$avail" ]; then limit=$avail; fi
+  local cmd="$*"
   if declare -F "$1" >/dev/null; then  # `timeout` needs a program: run the function in bash
     set -- bash -c "$(declare -f "$1"); $1"
   fi
-  local cmd="$*"
   echo "== $name (timeout ${limit}s) $(date -u +%H:%M:%S) : ${cmd:0:160}" \
     | tee -a "$OUT/gpu_check.log"
   local t0=$SECONDS rc

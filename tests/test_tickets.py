@@ -158,6 +158,36 @@ def test_loaded_ticket_holds_no_latent_weights(conv4):
     assert models.count_parameters(ticket) > 2_400_000  # shapes are kept
 
 
+@pytest.mark.parametrize("arch,variant,options", [
+    ("resnet19", "binwslt", {}),  # BinConv2d shortcuts, real-input BinSpikeLinear after avgpool
+    ("conv4", "binwslt", dict(binarize_first_last=False, bn_affine=True, per_channel_gain=True,
+                              v_reset=None, decay=0.5)),  # dense first/last layers, affine BN
+    ("vgg9", "bnn", {}),  # BNN-BinAct: BinConv2d/BinLinear with sign activations
+    ("conv4", "snn", {}),  # no masked layer at all: every tensor stored as it is
+])
+def test_other_networks_reload_bit_identically(arch, variant, options, tmp_path):
+    torch.manual_seed(4)
+    model = models.build(arch, variant, in_channels=1, input_size=8, timesteps=2, **options)
+    _calibrate(model, torch.randn(4, 1, 8, 8))
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    path = tmp_path / "t.safetensors"
+    info = export_ticket(model, path)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+        got = load_ticket(path)(x)
+    assert (want.std(0) > 0).any()
+    assert torch.equal(got, want)
+    masked = [m for m in model.modules() if isinstance(m, _MaskedSignWeight)]
+    assert len(info["packed_layers"]) == len(masked)
+    if not options.get("binarize_first_last", True) or not masked:
+        assert any(k.endswith(".weight") for k in info["dense_tensors"])
+
+
 def test_export_does_not_change_the_model(small, tmp_path):
     model, _ = small
     modes = [m.mode for m in model.modules() if isinstance(m, _MaskedSignWeight)]

@@ -447,7 +447,7 @@ def _cmd_export(args) -> int:
 
     try:
         src = train.load_source(args.source)
-        model = train.rebuild_model(src["build_config"], backend="torch")
+        model = train.rebuild_model(src["build_config"])
         try:
             model.load_state_dict(src["state_dict"])
         except RuntimeError as exc:

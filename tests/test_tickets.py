@@ -472,6 +472,8 @@ def test_cli_export_then_eval(small, checkpoint, tmp_path, capsys):
     rc, stdout, err = _main(capsys, "export", checkpoint, "-o", out)
     assert rc == 0, err
     assert "x smaller" in stdout and out.is_file()
+    cfg = tickets.read_ticket_metadata(out)["config"]
+    assert cfg == json.loads(json.dumps(model.build_config))  # backend 'auto' kept, etc.
     rc, stdout, err = _main(capsys, "eval", out, "--data", "digits", "--limit", "64", "--json")
     assert rc == 0, err
     got = json.loads(stdout.strip().splitlines()[-1])

@@ -501,3 +501,20 @@ def test_cli_eval_shape_mismatch(small, tmp_path, capsys):
     np.savez(npz, x=np.zeros((20, 8, 8, 3), dtype=np.uint8), y=np.arange(20) % 10)
     _one_line_error(*_main(capsys, "eval", path, "--data", f"npz:{npz}"),
                     "the ticket takes images [1, 8, 8]")
+
+
+def test_mismatched_or_wrong_version_checkpoint(small, tmp_path, capsys):
+    model, _ = small
+    wrong = tmp_path / "wrong.pt"
+    cfg = dict(model.build_config, num_classes=7)
+    train.atomic_torch_save({"format": train.CHECKPOINT_FORMAT, "config": {},
+                             "build_config": cfg, "model": model.state_dict()}, wrong)
+    line = _one_line_error(*_main(capsys, "export", wrong, "-o", tmp_path / "t.safetensors"),
+                           "do not match its build config")
+    assert str(wrong) in line and "classifier.layer" in line
+    newer = tmp_path / "newer.pt"
+    train.atomic_torch_save({"format": "binslt-checkpoint-v9", "build_config": cfg,
+                             "model": model.state_dict()}, newer)
+    with pytest.raises(train.RunError, match="binslt-checkpoint-v9") as ei:
+        train.load_source(str(newer))
+    assert str(newer) in str(ei.value)

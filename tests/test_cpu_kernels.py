@@ -221,6 +221,16 @@ def test_bconv_popcount_paths_agree(isa, geom, isa_auto):
                                     1e-5, 2.0, True, 1.0, 0.0)
     want = ref.bconv_count_reference(c["xp"], c["wm"], c["wp"], c["stride"], c["padding"])
     assert torch.equal(counts.flatten(0, 1).float(), want)
+    # The weight-gradient gather also has per-path code: check it against float64.
+    gz = torch.randn(counts.shape, generator=torch.Generator().manual_seed(5))
+    args = (gz, counts, c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"],
+            torch.zeros_like(c["alpha"]), torch.ones_like(c["alpha"]), None, c["Ci"],
+            c["stride"], c["padding"], False, 1e-5, 2.0, True, 1.0, 0.0, True, 0, 2.0, False)
+    g_w = OPS.bconv_lif_bwd(*args)[1]
+    g_z = OPS.bconv_lif_bwd(*args)[2].double() * c["scale"].double().view(1, 1, -1, 1, 1)
+    w64 = torch.nn.grad.conv2d_weight(c["x"].double(), tuple(c["w"].shape), g_z.flatten(0, 1),
+                                      stride=c["stride"], padding=c["padding"])
+    _assert_close(g_w, w64, f"grad_weight ({isa})")
 
 
 def test_bconv_counts_int32_when_large():

@@ -98,45 +98,65 @@ void set_cpu_isa(const std::string& name) {
 std::string cpu_isa() { return isa_name(active_isa()); }
 
 // ---------------------------------------------------------------------------------------------
-// Weight-gradient scatter: rows[r][0:n] += src[0:n] for every row r (src held in registers)
+// Weight gradient: g[0:n] += sum_s gzb[offs[s] : offs[s] + n], the sum held in registers
 // ---------------------------------------------------------------------------------------------
 
-static inline __attribute__((always_inline)) void scatter_rows_body(float* const* rows, int nr,
-                                                                    const float* src, int n) {
-  for (int r = 0; r < nr; ++r) {
-    float* __restrict d = rows[r];
-    for (int i = 0; i < n; ++i) d[i] += src[i];
+static inline __attribute__((always_inline)) void gather_sum_body(const float* gzb,
+                                                                  const int32_t* offs, int m,
+                                                                  float* g, int n) {
+  constexpr int kW = 64;
+  int c = 0;
+  for (; c + kW <= n; c += kW) {
+    float acc[kW] = {};
+    for (int s = 0; s < m; ++s) {
+      const float* src = gzb + offs[s] + c;
+      for (int j = 0; j < kW; ++j) acc[j] += src[j];
+    }
+    for (int j = 0; j < kW; ++j) g[c + j] += acc[j];
+  }
+  if (c < n) {
+    const int rem = n - c;
+    float acc[kW] = {};
+    for (int s = 0; s < m; ++s) {
+      const float* src = gzb + offs[s] + c;
+      for (int j = 0; j < rem; ++j) acc[j] += src[j];
+    }
+    for (int j = 0; j < rem; ++j) g[c + j] += acc[j];
   }
 }
-static void scatter_rows_base(float* const* rows, int nr, const float* src, int n) {
-  scatter_rows_body(rows, nr, src, n);
+static void gather_sum_base(const float* gzb, const int32_t* offs, int m, float* g, int n) {
+  gather_sum_body(gzb, offs, m, g, n);
 }
-__attribute__((target("avx2"))) static void scatter_rows_avx2(float* const* rows, int nr,
-                                                              const float* src, int n) {
-  scatter_rows_body(rows, nr, src, n);
+__attribute__((target("avx2"))) static void gather_sum_avx2(const float* gzb,
+                                                            const int32_t* offs, int m, float* g,
+                                                            int n) {
+  gather_sum_body(gzb, offs, m, g, n);
 }
-__attribute__((target("avx512f"))) static void scatter_rows_avx512(float* const* rows, int nr,
-                                                                   const float* src, int n) {
+__attribute__((target("avx512f"))) static void gather_sum_avx512(const float* gzb,
+                                                                 const int32_t* offs, int m,
+                                                                 float* g, int n) {
   int c = 0;
   for (; c + 64 <= n; c += 64) {
-    const __m512 s0 = _mm512_loadu_ps(src + c), s1 = _mm512_loadu_ps(src + c + 16);
-    const __m512 s2 = _mm512_loadu_ps(src + c + 32), s3 = _mm512_loadu_ps(src + c + 48);
-    for (int r = 0; r < nr; ++r) {
-      float* d = rows[r] + c;
-      _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), s0));
-      _mm512_storeu_ps(d + 16, _mm512_add_ps(_mm512_loadu_ps(d + 16), s1));
-      _mm512_storeu_ps(d + 32, _mm512_add_ps(_mm512_loadu_ps(d + 32), s2));
-      _mm512_storeu_ps(d + 48, _mm512_add_ps(_mm512_loadu_ps(d + 48), s3));
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int e = 0; e < m; ++e) {
+      const float* src = gzb + offs[e] + c;
+      a0 = _mm512_add_ps(a0, _mm512_loadu_ps(src));
+      a1 = _mm512_add_ps(a1, _mm512_loadu_ps(src + 16));
+      a2 = _mm512_add_ps(a2, _mm512_loadu_ps(src + 32));
+      a3 = _mm512_add_ps(a3, _mm512_loadu_ps(src + 48));
     }
+    _mm512_storeu_ps(g + c, _mm512_add_ps(_mm512_loadu_ps(g + c), a0));
+    _mm512_storeu_ps(g + c + 16, _mm512_add_ps(_mm512_loadu_ps(g + c + 16), a1));
+    _mm512_storeu_ps(g + c + 32, _mm512_add_ps(_mm512_loadu_ps(g + c + 32), a2));
+    _mm512_storeu_ps(g + c + 48, _mm512_add_ps(_mm512_loadu_ps(g + c + 48), a3));
   }
   for (; c < n; c += 16) {
-    const __mmask16 m = n - c >= 16 ? static_cast<__mmask16>(0xFFFF)
+    const __mmask16 k = n - c >= 16 ? static_cast<__mmask16>(0xFFFF)
                                     : static_cast<__mmask16>((1u << (n - c)) - 1u);
-    const __m512 s0 = _mm512_maskz_loadu_ps(m, src + c);
-    for (int r = 0; r < nr; ++r) {
-      float* d = rows[r] + c;
-      _mm512_mask_storeu_ps(d, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, d), s0));
-    }
+    __m512 a = _mm512_setzero_ps();
+    for (int e = 0; e < m; ++e) a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(k, gzb + offs[e] + c));
+    _mm512_mask_storeu_ps(g + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, g + c), a));
   }
 }
 
@@ -461,8 +481,10 @@ void lif_bn_backward(const ConvShape& s, const CT* counts, const float* gs, cons
   });
 }
 
-// dL/dW_eff[co][ci][ky][kx] = sum over output positions of dZ * x: for every output pixel, add
-// its dZ channel vector into the rows of the input channels that spiked under each tap.
+// dL/dW_eff[co][ci][ky][kx] = sum over output positions of dZ * x (x binary: no multiplies).
+// Per image: list the positions where each input channel spiked, then for each (channel, tap)
+// sum the dZ channel vectors of the output pixels those spikes feed, in registers, and add the
+// sum into the thread's gradient row once. The image's dZ (channel-last) stays in L2.
 at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
                        const at::Tensor& gz_cl /* [B, Ho, Wo, Co] */) {
   const int64_t nthreads = at::get_num_threads();
@@ -471,39 +493,73 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
   const float* dz = gz_cl.data_ptr<float>();
   const Isa isa = active_isa();
-  auto scatter = isa == Isa::kAvx512 ? &scatter_rows_avx512
-                 : isa == Isa::kAvx2 ? &scatter_rows_avx2
-                                     : &scatter_rows_base;
+  auto gsum = isa == Isa::kAvx512 ? &gather_sum_avx512
+              : isa == Isa::kAvx2 ? &gather_sum_avx2
+                                  : &gather_sum_base;
   const int co = static_cast<int>(s.Co);
+  const int64_t HW = s.H * s.W;
   at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
     float* G = partial.data() + at::get_thread_num() * per;
-    std::vector<float*> rows(static_cast<size_t>(s.KH * s.KW * Ci));
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t oy = 0; oy < s.Ho; ++oy)
-        for (int64_t ox = 0; ox < s.Wo; ++ox) {
-          // Every (input channel, tap) whose spike feeds this output pixel gets its dZ vector.
-          int nr = 0;
-          for (int64_t ky = 0; ky < s.KH; ++ky) {
-            const int64_t iy = oy * s.stride - s.padding + ky;
-            if (iy < 0 || iy >= s.H) continue;
-            for (int64_t kx = 0; kx < s.KW; ++kx) {
-              const int64_t ix = ox * s.stride - s.padding + kx;
-              if (ix < 0 || ix >= s.W) continue;
-              const uint32_t* xw = xp + ((b * s.H + iy) * s.W + ix) * s.Cw;
-              float* gk = G + (ky * s.KW + kx) * s.Co;
-              for (int64_t w = 0; w < s.Cw; ++w) {
-                uint32_t bits = xw[w];
-                while (bits) {
-                  const int64_t ci = w * 32 + __builtin_ctz(bits);
-                  bits &= bits - 1;
-                  if (ci >= Ci) break;
-                  rows[nr++] = gk + ci * s.KH * s.KW * s.Co;
-                }
+    std::vector<int32_t> start(Ci + 1), fill(Ci), py, px, offs(HW);
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint32_t* xb = xp + b * HW * s.Cw;
+      std::fill(start.begin(), start.end(), 0);
+      for (int64_t q = 0; q < HW * s.Cw; ++q) {
+        uint32_t bits = xb[q];
+        const int64_t w = q % s.Cw;
+        while (bits) {
+          const int64_t ci = w * 32 + __builtin_ctz(bits);
+          bits &= bits - 1;
+          if (ci >= Ci) break;
+          ++start[ci + 1];
+        }
+      }
+      for (int64_t c = 0; c < Ci; ++c) start[c + 1] += start[c];
+      py.resize(start[Ci]);
+      px.resize(start[Ci]);
+      for (int64_t c = 0; c < Ci; ++c) fill[c] = start[c];
+      for (int64_t q = 0; q < HW * s.Cw; ++q) {
+        uint32_t bits = xb[q];
+        const int64_t pos = q / s.Cw, w = q % s.Cw;
+        while (bits) {
+          const int64_t ci = w * 32 + __builtin_ctz(bits);
+          bits &= bits - 1;
+          if (ci >= Ci) break;
+          py[fill[ci]] = static_cast<int32_t>(pos / s.W);
+          px[fill[ci]++] = static_cast<int32_t>(pos % s.W);
+        }
+      }
+      const float* gzb = dz + b * s.Ho * s.Wo * s.Co;
+      for (int64_t ci = 0; ci < Ci; ++ci) {
+        const int32_t e0 = start[ci], e1 = start[ci + 1];
+        if (e0 == e1) continue;
+        for (int64_t ky = 0; ky < s.KH; ++ky)
+          for (int64_t kx = 0; kx < s.KW; ++kx) {
+            int m = 0;
+            const int dy = static_cast<int>(s.padding - ky), dx = static_cast<int>(s.padding - kx);
+            const int ho = static_cast<int>(s.Ho), wo = static_cast<int>(s.Wo);
+            if (s.stride == 1) {
+              for (int32_t e = e0; e < e1; ++e) {
+                const int oy = py[e] + dy, ox = px[e] + dx;
+                if (static_cast<unsigned>(oy) >= static_cast<unsigned>(ho) ||
+                    static_cast<unsigned>(ox) >= static_cast<unsigned>(wo))
+                  continue;
+                offs[m++] = (oy * wo + ox) * co;
+              }
+            } else {
+              const int st = static_cast<int>(s.stride);
+              for (int32_t e = e0; e < e1; ++e) {
+                const int oyn = py[e] + dy, oxn = px[e] + dx;
+                if (oyn < 0 || oxn < 0 || oyn % st != 0 || oxn % st != 0) continue;
+                const int oy = oyn / st, ox = oxn / st;
+                if (oy >= ho || ox >= wo) continue;
+                offs[m++] = (oy * wo + ox) * co;
               }
             }
+            if (m > 0) gsum(gzb, offs.data(), m, G + ((ci * s.KH + ky) * s.KW + kx) * s.Co, co);
           }
-          if (nr > 0) scatter(rows.data(), nr, dz + ((b * s.Ho + oy) * s.Wo + ox) * s.Co, co);
-        }
+      }
+    }
   });
   at::Tensor g = at::empty({Ci, s.KH, s.KW, s.Co}, gz_cl.options());
   float* gp = g.data_ptr<float>();

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "binslt/cpu_checks.h"
@@ -11,6 +12,41 @@
 
 namespace binslt {
 namespace cpu {
+
+// One image row: words[w * Cw + wd] for all w, from the channel planes of row h. The loop over a
+// block of W positions is innermost so that it vectorizes (compare + select + or per lane).
+static inline __attribute__((always_inline)) void pack_row_body(const float* x, int64_t C,
+                                                                int64_t plane, int64_t W,
+                                                                int64_t Cw, uint32_t* orow) {
+  constexpr int64_t kBlk = 64;
+  uint32_t word[kBlk];
+  for (int64_t w0 = 0; w0 < W; w0 += kBlk) {
+    const int64_t nb = std::min<int64_t>(kBlk, W - w0);
+    for (int64_t wd = 0; wd < Cw; ++wd) {
+      for (int64_t j = 0; j < kBlk; ++j) word[j] = 0u;
+      const int64_t c1 = std::min<int64_t>(C, wd * 32 + 32);
+      for (int64_t c = wd * 32; c < c1; ++c) {
+        const float* xr = x + c * plane + w0;
+        const uint32_t bit = 1u << (c & 31);
+        for (int64_t j = 0; j < nb; ++j) word[j] |= (xr[j] != 0.0f) ? bit : 0u;
+      }
+      for (int64_t j = 0; j < nb; ++j) orow[(w0 + j) * Cw + wd] = word[j];
+    }
+  }
+}
+static void pack_row_base(const float* x, int64_t C, int64_t plane, int64_t W, int64_t Cw,
+                          uint32_t* orow) {
+  pack_row_body(x, C, plane, W, Cw, orow);
+}
+__attribute__((target("avx2"))) static void pack_row_avx2(const float* x, int64_t C,
+                                                          int64_t plane, int64_t W, int64_t Cw,
+                                                          uint32_t* orow) {
+  pack_row_body(x, C, plane, W, Cw, orow);
+}
+__attribute__((target("avx512f,avx512bw"))) static void pack_row_avx512(
+    const float* x, int64_t C, int64_t plane, int64_t W, int64_t Cw, uint32_t* orow) {
+  pack_row_body(x, C, plane, W, Cw, orow);
+}
 
 // x: [B, C, H, W] float (values 0/1; any nonzero counts as a spike) -> [B, H, W, ceil(C/32)] int32
 at::Tensor pack_spikes_cpu(const at::Tensor& x_in) {
@@ -21,19 +57,17 @@ at::Tensor pack_spikes_cpu(const at::Tensor& x_in) {
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cw = words_for(static_cast<int>(C));
-  at::Tensor out = at::zeros({B, H, W, Cw}, x.options().dtype(at::kInt));
+  at::Tensor out = at::empty({B, H, W, Cw}, x.options().dtype(at::kInt));
   const float* xp = x.data_ptr<float>();
   uint32_t* op = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  __builtin_cpu_init();
+  auto fn = __builtin_cpu_supports("avx512bw") ? &pack_row_avx512
+            : __builtin_cpu_supports("avx2")   ? &pack_row_avx2
+                                               : &pack_row_base;
   at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      uint32_t* orow = op + bh * W * Cw;
-      for (int64_t c = 0; c < C; ++c) {
-        const float* xr = xp + ((b * C + c) * H + h) * W;
-        const uint32_t bit = bit_of(static_cast<int>(c));
-        const int64_t wd = c >> 5;
-        for (int64_t w = 0; w < W; ++w) orow[w * Cw + wd] |= (xr[w] != 0.0f) ? bit : 0u;
-      }
+      fn(xp + (b * C * H + h) * W, C, H * W, W, Cw, op + bh * W * Cw);
     }
   });
   return out;

@@ -18,6 +18,9 @@ from . import reference as ref
 from ._schemas import SCHEMAS, SURROGATES
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
+# Backends whose pack_spikes kernel rejects non-binary input as it packs (for free), so the layers
+# skip their separate full-tensor check there.
+PACK_VALIDATES = frozenset({"cpu"})
 
 _lib = torch.library.Library("binslt", "DEF")
 for _schema in SCHEMAS.values():

@@ -230,7 +230,11 @@ def _unpack_bits_last(words: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def pack_spikes_reference(x: torch.Tensor) -> torch.Tensor:
-    """x: [B, C, H, W] spikes in {0, 1} -> [B, H, W, ceil(C/32)] int32."""
+    """x: [B, C, H, W] spikes in {0, 1} -> [B, H, W, ceil(C/32)] int32 (ValueError otherwise)."""
+    if x.device.type != "meta" and x.numel() and not torch.compiler.is_compiling():
+        if not bool(((x == 0) | (x == 1)).all()):
+            raise ValueError("binslt::pack_spikes: the input must be binary spikes (every element "
+                             "0. or 1.), but it holds other values (or NaN)")
     return _pack_bits_last(x.permute(0, 2, 3, 1) != 0)
 
 

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
+
+
+def stable_seed(key) -> int:
+    """A seed from a parameter tuple that is the same in every process (``hash`` of None or of
+    strings is not: it changes with ASLR / PYTHONHASHSEED)."""
+    return zlib.crc32(repr(key).encode()) % 10_000
 
 
 def tie_mask(h: torch.Tensor, v_threshold: float, band: float = 1e-5) -> torch.Tensor:

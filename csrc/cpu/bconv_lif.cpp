@@ -195,6 +195,9 @@ ConvShape check_conv(const at::Tensor& x_packed, const at::Tensor& w_mask,
   s.Co = w_mask.size(0);
   s.KH = w_mask.size(1);
   s.KW = w_mask.size(2);
+  TORCH_CHECK(s.Co >= 1 && s.KH >= 1 && s.KW >= 1, "binslt::", op,
+              ": the weight must have at least one output channel and a kernel of at least "
+              "1x1, got w_mask of shape ", shape_str(w_mask));
   TORCH_CHECK(w_mask.size(3) == s.Cw, "binslt::", op, ": the weight has ", w_mask.size(3),
               " words per position but x_packed has ", s.Cw,
               " (pack both with the same in_channels)");

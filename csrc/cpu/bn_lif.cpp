@@ -107,7 +107,7 @@ std::vector<ChannelAffine> affines(const float* scale, const float* shift, const
 // X = epilogue(z) + residual, elementwise.
 void apply_epilogue(const float* z, const float* res, const std::vector<ChannelAffine>& aff,
                     const Dims& d, float* x) {
-  at::parallel_for(0, d.T * d.N * d.C, std::max<int64_t>(1, 4096 / d.S), [&](int64_t r0,
+  at::parallel_for(0, d.T * d.N * d.C, std::max<int64_t>(1, 4096 / std::max<int64_t>(d.S, 1)), [&](int64_t r0,
                                                                              int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const ChannelAffine a = aff[row % d.C];

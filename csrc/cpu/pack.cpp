@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "binslt/cpu_checks.h"
@@ -15,11 +16,14 @@ namespace cpu {
 
 // One image row: words[w * Cw + wd] for all w, from the channel planes of row h. The loop over a
 // block of W positions is innermost so that it vectorizes (compare + select + or per lane).
-static inline __attribute__((always_inline)) void pack_row_body(const float* x, int64_t C,
+// Returns true when some element is neither 0 nor 1 (NaN included): spikes must be binary, and
+// checking here costs nothing extra, unlike a separate pass in Python.
+static inline __attribute__((always_inline)) bool pack_row_body(const float* x, int64_t C,
                                                                 int64_t plane, int64_t W,
                                                                 int64_t Cw, uint32_t* orow) {
   constexpr int64_t kBlk = 64;
   uint32_t word[kBlk];
+  uint32_t bad = 0u;
   for (int64_t w0 = 0; w0 < W; w0 += kBlk) {
     const int64_t nb = std::min<int64_t>(kBlk, W - w0);
     for (int64_t wd = 0; wd < Cw; ++wd) {
@@ -28,27 +32,31 @@ static inline __attribute__((always_inline)) void pack_row_body(const float* x, 
       for (int64_t c = wd * 32; c < c1; ++c) {
         const float* xr = x + c * plane + w0;
         const uint32_t bit = 1u << (c & 31);
-        for (int64_t j = 0; j < nb; ++j) word[j] |= (xr[j] != 0.0f) ? bit : 0u;
+        for (int64_t j = 0; j < nb; ++j) {
+          word[j] |= (xr[j] != 0.0f) ? bit : 0u;
+          bad |= (xr[j] != 0.0f && xr[j] != 1.0f) ? 1u : 0u;
+        }
       }
       for (int64_t j = 0; j < nb; ++j) orow[(w0 + j) * Cw + wd] = word[j];
     }
   }
+  return bad != 0u;
 }
-static void pack_row_base(const float* x, int64_t C, int64_t plane, int64_t W, int64_t Cw,
+static bool pack_row_base(const float* x, int64_t C, int64_t plane, int64_t W, int64_t Cw,
                           uint32_t* orow) {
-  pack_row_body(x, C, plane, W, Cw, orow);
+  return pack_row_body(x, C, plane, W, Cw, orow);
 }
-__attribute__((target("avx2"))) static void pack_row_avx2(const float* x, int64_t C,
+__attribute__((target("avx2"))) static bool pack_row_avx2(const float* x, int64_t C,
                                                           int64_t plane, int64_t W, int64_t Cw,
                                                           uint32_t* orow) {
-  pack_row_body(x, C, plane, W, Cw, orow);
+  return pack_row_body(x, C, plane, W, Cw, orow);
 }
-__attribute__((target("avx512f,avx512bw"))) static void pack_row_avx512(
+__attribute__((target("avx512f,avx512bw"))) static bool pack_row_avx512(
     const float* x, int64_t C, int64_t plane, int64_t W, int64_t Cw, uint32_t* orow) {
-  pack_row_body(x, C, plane, W, Cw, orow);
+  return pack_row_body(x, C, plane, W, Cw, orow);
 }
 
-// x: [B, C, H, W] float (values 0/1; any nonzero counts as a spike) -> [B, H, W, ceil(C/32)] int32
+// x: [B, C, H, W] float (values exactly 0/1, else ValueError) -> [B, H, W, ceil(C/32)] int32
 at::Tensor pack_spikes_cpu(const at::Tensor& x_in) {
   TORCH_CHECK(x_in.device().is_cpu(), "binslt::pack_spikes: x must be a CPU tensor, got ",
               x_in.device());
@@ -64,12 +72,18 @@ at::Tensor pack_spikes_cpu(const at::Tensor& x_in) {
   auto fn = __builtin_cpu_supports("avx512bw") ? &pack_row_avx512
             : __builtin_cpu_supports("avx2")   ? &pack_row_avx2
                                                : &pack_row_base;
+  std::atomic<bool> bad{false};
   at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
+    bool any = false;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      fn(xp + (b * C * H + h) * W, C, H * W, W, Cw, op + bh * W * Cw);
+      any |= fn(xp + (b * C * H + h) * W, C, H * W, W, Cw, op + bh * W * Cw);
     }
+    if (any) bad.store(true, std::memory_order_relaxed);
   });
+  TORCH_CHECK_VALUE(!bad.load(), "binslt::pack_spikes: the input must be binary spikes (every "
+                    "element 0. or 1.), but it holds other values (or NaN). For real-valued input "
+                    "(e.g. images in the first layer) construct the layer with input='real'.");
   return out;
 }
 

@@ -126,12 +126,22 @@ def topk_mask(scores: torch.Tensor, prune_rate: float) -> torch.Tensor:
     Ties break deterministically: among equal |s| the lower flat index is kept (stable sort).
     Returns a {0, 1} tensor of the scores' dtype and shape.
     """
-    flat = scores.detach().abs().flatten()
-    keep = flat.numel() - num_pruned(flat.numel(), prune_rate)
-    order = torch.sort(flat, descending=True, stable=True).indices
-    mask = torch.zeros_like(flat)
-    mask[order[:keep]] = 1
-    return mask.view_as(scores)
+    a = scores.detach().abs().flatten()
+    n = a.numel()
+    keep = n - num_pruned(n, prune_rate)
+    if keep >= n:
+        return torch.ones_like(scores)
+    if keep <= 0:
+        return torch.zeros_like(scores)
+    # A selection, not a sort (this runs on every search-mode forward): v is the keep-th largest
+    # |s|; everything above it is kept, and of the entries equal to v the lowest indices fill the
+    # remaining places -- the same set a stable descending sort would keep.
+    v = torch.kthvalue(a, n - keep + 1).values
+    above = a > v
+    tied = a == v
+    room = keep - int(above.sum())
+    mask = above | (tied & (torch.cumsum(tied, 0) <= room))
+    return mask.to(scores.dtype).view_as(scores)
 
 
 def gain(weight: torch.Tensor, mask: torch.Tensor, per_channel: bool = False) -> torch.Tensor:

@@ -180,6 +180,17 @@ def test_mask_size_and_gain(numel, p):
     assert torch.allclose(alpha, (w * m).abs().sum() / m.sum())
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.33, 0.5, 0.9, 0.999])
+def test_mask_equals_stable_sort_rule_with_many_ties(p):
+    s = torch.randint(-3, 4, (1000,)).float()  # heavy ties
+    flat = s.abs()
+    keep = flat.numel() - math.floor(p * flat.numel())
+    order = torch.sort(flat, descending=True, stable=True).indices
+    expected = torch.zeros(1000)
+    expected[order[:keep]] = 1
+    assert torch.equal(ref.topk_mask(s, p), expected)
+
+
 def test_mask_ties_are_deterministic():
     s = torch.tensor([1.0, -1.0, 1.0, 0.5, -1.0, 2.0])
     m = ref.topk_mask(s, 0.5)  # keep 3: 2.0 then the first two |1.0|s by index

@@ -212,21 +212,39 @@ def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo_matches_single_process(tmp_path):
-    opts = ["--train-subset", "512", "--epochs", "2", "--batch-size", "64", "--no-progress"]
+    """A 2-process gloo search on the CPU against the same config in one process.
+
+    Both see the same global batches (DistributedSampler's order does not depend on the number
+    of ranks, and each rank takes every other example of it); they differ only in BatchNorm
+    batch statistics (per rank) and so follow nearby, not identical, trajectories. Near
+    convergence (5 epochs of full digits) their accuracies agree within 1 point: measured here
+    best 96.94 % vs 97.22 %, final 96.39 % vs 97.22 % (final accuracy still moves by ~1 point
+    from epoch to epoch with the BN running statistics, so the final check is looser).
+    Both run with one thread per process so that the result does not depend on the core count.
+    """
+    opts = ["--epochs", "5", "--batch-size", "32", "--no-progress"]
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "binslt", "search", *opts, "--out", str(tmp_path / "ddp")],
-        env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+        env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
-    ddp = json.loads((tmp_path / "ddp" / "results.json").read_text())
-    assert ddp["world_size"] == 2 and ddp["device"] == "cpu"
     assert r.stdout.count("test accuracy") == 1  # only rank 0 reports and writes
-    assert cli.main(["search", *opts, "--out", str(tmp_path / "one")]) == 0
+    r1 = subprocess.run([sys.executable, "-m", "binslt", "search", *opts, "--out",
+                         str(tmp_path / "one")], env=env, capture_output=True, text=True,
+                        timeout=1200)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "results.json").read_text())
     one = json.loads((tmp_path / "one" / "results.json").read_text())
-    assert one["world_size"] == 1
-    assert abs(ddp["test_acc"] - one["test_acc"]) <= 1.0, (ddp["test_acc"], one["test_acc"])
-    assert ddp["test_acc"] > 50.0  # it learned something
+    assert ddp["world_size"] == 2 and ddp["device"] == "cpu" and one["world_size"] == 1
+    # metrics are reduced over both ranks: the loss of epoch 1 is the mean over all examples
+    l_ddp, l_one = (float(read_metrics(tmp_path / d)[0]["train_loss"]) for d in ("ddp", "one"))
+    assert abs(l_ddp - l_one) < 0.05 * l_one, (l_ddp, l_one)
+    assert ddp["best_test_acc"] > 90.0 and one["best_test_acc"] > 90.0
+    assert abs(ddp["best_test_acc"] - one["best_test_acc"]) <= 1.0, (ddp, one)
+    assert abs(ddp["test_acc"] - one["test_acc"]) <= 2.0, (ddp["test_acc"], one["test_acc"])
 
 
 # ---------------------------------------------------------------------------------------------

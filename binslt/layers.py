@@ -162,6 +162,29 @@ class _MaskedSignWeight(nn.Module):
         w = ref.unpack_weight_reference(self.w_mask_bits, self.w_pos_bits, cin, self.alpha)
         return w.view(self.weight.shape).to(self.weight.dtype)
 
+    def packed_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mask bits, positive bits [Co, kh, kw, Cw] int32, alpha [Co] float32) of W_eff.
+
+        Frozen layers return their buffers. Otherwise the packing is cached until the scores,
+        the weight or the mask change (their version counters move on every in-place update, so
+        an optimiser step or ``load_state_dict`` invalidates it): inference does not redo the
+        top-|s| selection and the packing on every call.
+        """
+        if self._mode == "frozen":
+            return self.w_mask_bits, self.w_pos_bits, self.alpha
+        key = (self._mode, self.prune_rate, self.per_channel_gain, self.weight._version,
+               self.weight.data_ptr(), self.scores._version, self.scores.data_ptr(),
+               None if self.mask is None else (self.mask._version, self.mask.data_ptr()))
+        cache = self.__dict__.get("_packed_cache")
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        with torch.no_grad():
+            w = self.effective_weight().detach().float()
+            w4 = w.view(w.shape[0], w.shape[1], *w.shape[2:], *([1] * (4 - w.dim())))
+            planes = ops.pack_weight(w4) + (ops.weight_gain(w4),)
+        self.__dict__["_packed_cache"] = (key, planes)
+        return planes
+
     def gain(self) -> torch.Tensor:
         return ref.gain(self.weight, self.current_mask(), self.per_channel_gain)
 
@@ -283,8 +306,7 @@ class BinSpikeConv2d(_MaskedSignWeight):
         T, n = x.shape[:2]
         scale, shift, bn_train = _bn_scale_shift(self.bn, self.out_channels, x)
         nk = self.neuron.kwargs()
-        if (self.mode == "frozen" and self.input == "spike" and backend != "torch"
-                and not torch.is_grad_enabled()):
+        if self.input == "spike" and backend != "torch" and not torch.is_grad_enabled():
             return self._forward_packed(x, residual, scale, shift, bn_train, backend)
         w = self.effective_weight()
         if self.input == "spike":
@@ -305,13 +327,15 @@ class BinSpikeConv2d(_MaskedSignWeight):
 
     @torch.no_grad()
     def _forward_packed(self, x, residual, scale, shift, bn_train, backend):
-        """Inference straight from the packed weight bits (frozen tickets)."""
+        """Inference straight from the packed weight bits (frozen tickets, or any no-grad call:
+        the packing is cached by ``packed_weight``)."""
         T, n, c, h, w = x.shape
+        w_mask, w_pos, alpha = self.packed_weight()
         nk = self.neuron
         xp = ops.get_op("pack_spikes", backend)(x.reshape(T * n, c, h, w).float())
         res = None if residual is None else residual.float().contiguous()
         s, _, mean, var = ops.get_op("bconv_lif", backend)(
-            xp, self.w_mask_bits, self.w_pos_bits, self.alpha.float(), scale.float(),
+            xp, w_mask, w_pos, alpha.float(), scale.float(),
             shift.float(), res, T, self.stride, self.padding, bn_train, self._eps(), nk.tau,
             nk.decay_input, nk.v_threshold, nk.v_reset)
         if bn_train:
@@ -365,8 +389,7 @@ class BinSpikeLinear(_MaskedSignWeight):
                              f"got {tuple(residual.shape)}")
         scale, shift, bn_train = _bn_scale_shift(self.bn, self.out_features, x)
         eps = self.bn.eps if self.bn is not None else 1e-5
-        if (self.mode == "frozen" and self.input == "spike" and backend != "torch"
-                and not torch.is_grad_enabled()):
+        if self.input == "spike" and backend != "torch" and not torch.is_grad_enabled():
             return self._forward_packed(x, residual, scale, shift, bn_train, backend, eps)
         nk = self.neuron.kwargs()
         w = self.effective_weight()
@@ -391,11 +414,12 @@ class BinSpikeLinear(_MaskedSignWeight):
         1x1 image with F channels, the planes are [O, 1, 1, ceil(F/32)]."""
         T, n, f = x.shape
         nk = self.neuron
+        w_mask, w_pos, alpha = self.packed_weight()
         xp = ops.get_op("pack_spikes", backend)(x.reshape(T * n, f, 1, 1).float())
         o = self.out_features  # explicit sizes: -1 is ambiguous when N = 0
         res = None if residual is None else residual.reshape(T, n, o, 1, 1).float().contiguous()
         s, _, mean, var = ops.get_op("bconv_lif", backend)(
-            xp, self.w_mask_bits, self.w_pos_bits, self.alpha.float(), scale.float(),
+            xp, w_mask, w_pos, alpha.float(), scale.float(),
             shift.float(), res, T, 1, 0, bn_train, eps, nk.tau, nk.decay_input, nk.v_threshold,
             nk.v_reset)
         if bn_train:

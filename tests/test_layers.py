@@ -189,3 +189,31 @@ def test_sign_activation_approxsign_backward():
     assert y.tolist() == [-1, -1, 1, 1, 1]
     y.sum().backward()
     assert torch.allclose(x.grad, 2 * (1 - x.detach().clamp(-1, 1).abs()))
+
+
+def test_no_grad_packed_path_follows_score_updates():
+    """Eval calls reuse the cached packing, which an in-place score update must invalidate."""
+    torch.manual_seed(4)
+    m = binslt.BinSpikeConv2d(33, 6, 3, padding=1, prune_rate=0.5, bn=True).eval()
+    x = _spikes(2, 2, 33, 6, 6)
+    opt = torch.optim.SGD([m.scores], lr=10.0)
+    for _ in range(2):
+        with torch.no_grad():
+            fast = m(x)
+            with binslt.use_backend("torch"):
+                slow = m(x)
+        assert torch.equal(fast, slow)
+        m.train()
+        m(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        m.eval()
+    w_before = m.effective_weight().detach().clone()
+    with torch.no_grad():
+        m.scores.copy_(-m.scores.flip(0))
+    assert not torch.equal(m.effective_weight(), w_before)
+    with torch.no_grad():
+        fast = m(x)
+        with binslt.use_backend("torch"):
+            slow = m(x)
+    assert torch.equal(fast, slow)

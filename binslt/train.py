@@ -645,6 +645,11 @@ def _run(cfg, out, files, info, resume, overwrite, progress, hooks, log, models,
         train_acc = 100.0 * tot[1].item() / max(tot[2].item(), 1)
         sched.step()
         t_train = time.perf_counter() - t0
+        if info.active:
+            # Each rank's last forward updated its own BN running statistics; evaluate (and
+            # save) rank 0's everywhere, as DDP's broadcast_buffers does at the next forward.
+            for buf in model.buffers():
+                dist.broadcast(buf, 0)
         test_loss, test_acc = evaluate(model, test_loader, device, info)
         t_epoch = time.perf_counter() - t0
         wall += t_epoch

@@ -219,12 +219,11 @@ def test_torchrun_two_processes_gloo_matches_single_process(tmp_path):
     Both see the same global batches (DistributedSampler's order does not depend on the number
     of ranks, and each rank takes every other example of it); they differ only in BatchNorm
     batch statistics (per rank) and so follow nearby, not identical, trajectories. Near
-    convergence (5 epochs of full digits) their accuracies agree within 1 point: measured here
-    best 96.94 % vs 97.22 %, final 96.39 % vs 97.22 % (final accuracy still moves by ~1 point
-    from epoch to epoch with the BN running statistics, so the final check is looser).
-    Both run with one thread per process so that the result does not depend on the core count.
+    convergence (10 epochs of full digits, ~70 s) their accuracies agree within 1 point:
+    measured here final 97.78 % vs 98.33 %, best 98.06 % vs 98.33 %. Both run with one thread
+    per process so that the result does not depend on the core count.
     """
-    opts = ["--epochs", "5", "--batch-size", "32", "--no-progress"]
+    opts = ["--epochs", "10", "--batch-size", "32", "--no-progress"]
     env = {**_env(), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -242,9 +241,9 @@ def test_torchrun_two_processes_gloo_matches_single_process(tmp_path):
     # metrics are reduced over both ranks: the loss of epoch 1 is the mean over all examples
     l_ddp, l_one = (float(read_metrics(tmp_path / d)[0]["train_loss"]) for d in ("ddp", "one"))
     assert abs(l_ddp - l_one) < 0.05 * l_one, (l_ddp, l_one)
-    assert ddp["best_test_acc"] > 90.0 and one["best_test_acc"] > 90.0
+    assert ddp["test_acc"] > 95.0 and one["test_acc"] > 95.0
     assert abs(ddp["best_test_acc"] - one["best_test_acc"]) <= 1.0, (ddp, one)
-    assert abs(ddp["test_acc"] - one["test_acc"]) <= 2.0, (ddp["test_acc"], one["test_acc"])
+    assert abs(ddp["test_acc"] - one["test_acc"]) <= 1.0, (ddp["test_acc"], one["test_acc"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -133,10 +133,7 @@ class _MaskedSignWeight(nn.Module):
             elif mode == "search":
                 self.mask = None
             else:  # frozen: keep only the packed bit planes and the gain
-                w = self.effective_weight().detach()
-                w4 = w.view(w.shape[0], w.shape[1], *w.shape[2:], *([1] * (4 - w.dim())))
-                self.w_mask_bits, self.w_pos_bits = ops.get_op("pack_weight", "torch")(w4.float())
-                self.alpha = ops.weight_gain(w4)
+                self.w_mask_bits, self.w_pos_bits, self.alpha = self._pack_effective_weight()
                 self.mask = None
         self.weight.requires_grad_(mode == "finetune")
         self.scores.requires_grad_(mode == "search")
@@ -172,18 +169,24 @@ class _MaskedSignWeight(nn.Module):
         """
         if self._mode == "frozen":
             return self.w_mask_bits, self.w_pos_bits, self.alpha
+        if torch.compiler.is_compiling():  # traced graphs recompute; no Python-side cache
+            return self._pack_effective_weight()
         key = (self._mode, self.prune_rate, self.per_channel_gain, self.weight._version,
                self.weight.data_ptr(), self.scores._version, self.scores.data_ptr(),
                None if self.mask is None else (self.mask._version, self.mask.data_ptr()))
         cache = self.__dict__.get("_packed_cache")
         if cache is not None and cache[0] == key:
             return cache[1]
-        with torch.no_grad():
-            w = self.effective_weight().detach().float()
-            w4 = w.view(w.shape[0], w.shape[1], *w.shape[2:], *([1] * (4 - w.dim())))
-            planes = ops.pack_weight(w4) + (ops.weight_gain(w4),)
+        planes = self._pack_effective_weight()
         self.__dict__["_packed_cache"] = (key, planes)
         return planes
+
+    @torch.no_grad()
+    def _pack_effective_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pack the current W_eff ([O, F] linear weights as 1x1 kernels) into bit planes + gain."""
+        w = self.effective_weight().detach().float()
+        w4 = w.view(w.shape[0], w.shape[1], *w.shape[2:], *([1] * (4 - w.dim())))
+        return ops.pack_weight(w4) + (ops.weight_gain(w4),)
 
     def gain(self) -> torch.Tensor:
         return ref.gain(self.weight, self.current_mask(), self.per_channel_gain)

@@ -47,24 +47,6 @@ std::optional<at::Tensor> check_like(const std::optional<at::Tensor>& r, const a
   return r->to(at::kFloat).contiguous();
 }
 
-NeuronParams neuron(double tau, bool decay_input, double v_threshold,
-                    std::optional<double> v_reset, bool detach_reset, int64_t surrogate,
-                    double surrogate_alpha, const char* op) {
-  TORCH_CHECK(tau > 0.0, "binslt::", op, ": tau must be > 0 (SpikingJelly needs tau >= 1), got ",
-              tau);
-  TORCH_CHECK(surrogate == 0 || surrogate == 1, "binslt::", op,
-              ": surrogate must be 0 (atan) or 1 (sigmoid), got ", surrogate);
-  NeuronParams p;
-  p.tau = static_cast<float>(tau);
-  p.v_threshold = static_cast<float>(v_threshold);
-  p.soft_reset = !v_reset.has_value();
-  p.v_reset = v_reset.has_value() ? static_cast<float>(*v_reset) : 0.0f;
-  p.decay_input = decay_input;
-  p.detach_reset = detach_reset;
-  p.surrogate = static_cast<int>(surrogate);
-  p.surrogate_alpha = static_cast<float>(surrogate_alpha);
-  return p;
-}
 
 // Batch statistics per channel in double (two passes): mean and biased variance.
 void batch_stats(const float* z, const Dims& d, float* mean, float* var) {

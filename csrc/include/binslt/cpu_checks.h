@@ -4,7 +4,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
+
+#include "binslt/lif.h"
 
 namespace binslt {
 namespace cpu {
@@ -31,6 +34,26 @@ inline at::Tensor channel_vec(const at::Tensor& t, const char* op, const char* n
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "binslt::", op, ": ", name,
               " must be a float tensor, got ", t.scalar_type());
   return t.to(at::kFloat).contiguous();
+}
+
+// Checked neuron settings from an op's scalar arguments (shared by every CPU entry point).
+inline NeuronParams neuron(double tau, bool decay_input, double v_threshold,
+                    std::optional<double> v_reset, bool detach_reset, int64_t surrogate,
+                    double surrogate_alpha, const char* op) {
+  TORCH_CHECK(tau > 0.0, "binslt::", op, ": tau must be > 0 (SpikingJelly needs tau >= 1), got ",
+              tau);
+  TORCH_CHECK(surrogate == 0 || surrogate == 1, "binslt::", op,
+              ": surrogate must be 0 (atan) or 1 (sigmoid), got ", surrogate);
+  NeuronParams p;
+  p.tau = static_cast<float>(tau);
+  p.v_threshold = static_cast<float>(v_threshold);
+  p.soft_reset = !v_reset.has_value();
+  p.v_reset = v_reset.has_value() ? static_cast<float>(*v_reset) : 0.0f;
+  p.decay_input = decay_input;
+  p.detach_reset = detach_reset;
+  p.surrogate = static_cast<int>(surrogate);
+  p.surrogate_alpha = static_cast<float>(surrogate_alpha);
+  return p;
 }
 
 }  // namespace cpu

@@ -44,6 +44,21 @@ def _load_current(src_ptr, alpha_row, off, m, HAS_ALPHA: tl.constexpr):
 
 
 @triton.jit
+def _lif_current(src_ptr, res_ptr, alpha, scale, shift, mean, invstd, o, m,
+                 HAS_ALPHA: tl.constexpr, BN_TRAIN: tl.constexpr, HAS_RES: tl.constexpr):
+    """X = [(Z - mean) * invstd] * scale + shift (+ R) at offsets ``o``: the neuron's input."""
+    z = _load_current(src_ptr, alpha, o, m, HAS_ALPHA)
+    if BN_TRAIN:
+        y = (z - mean) * invstd
+        y = y * scale + shift
+    else:
+        y = z * scale + shift
+    if HAS_RES:
+        y = y + tl.load(res_ptr + o, mask=m, other=0.0)
+    return y
+
+
+@triton.jit
 def _channel_sums_kernel(
     src_ptr,  # [T, Nb, C, S] float32
     sum_ptr,  # [C] float64, accumulated
@@ -109,18 +124,15 @@ def _bn_lif_fwd_kernel(
     if BN_TRAIN:
         mean = tl.load(mean_ptr + c, mask=rm, other=0.0)[:, None]
         invstd = tl.load(invstd_ptr + c, mask=rm, other=0.0)[:, None]
+    else:  # unused by _lif_current; defined so that the call type-checks
+        mean = 0.0
+        invstd = 1.0
     off = r[:, None] * S + s[None, :]
     v = tl.zeros((BLOCK_R, BLOCK_S), tl.float32) + v_reset
     for t in range(T):
         o = off + t * R * S
-        z = _load_current(src_ptr, alpha, o, m, HAS_ALPHA)
-        if BN_TRAIN:
-            y = (z - mean) * invstd
-            y = y * scale + shift
-        else:
-            y = z * scale + shift
-        if HAS_RES:
-            y = y + tl.load(res_ptr + o, mask=m, other=0.0)
+        y = _lif_current(src_ptr, res_ptr, alpha, scale, shift, mean, invstd, o, m, HAS_ALPHA,
+                         BN_TRAIN, HAS_RES)
         h = lif_charge(v, y, tau, v_reset, DECAY_INPUT)
         spk, v = lif_fire_reset(h, v_threshold, v_reset, HARD)
         tl.store(spk_ptr + o, spk, mask=m)
@@ -172,19 +184,16 @@ def _lif_bwd_kernel(
     if BN_TRAIN:
         mean = tl.load(mean_ptr + c, mask=rm, other=0.0)[:, None]
         invstd = tl.load(invstd_ptr + c, mask=rm, other=0.0)[:, None]
+    else:  # unused by _lif_current; defined so that the call type-checks
+        mean = 0.0
+        invstd = 1.0
     off = r[:, None] * S + s[None, :]
     # forward sweep: H[t] into the grad_current buffer
     v = tl.zeros((BLOCK_R, BLOCK_S), tl.float32) + v_reset
     for t in range(T):
         o = off + t * R * S
-        z = _load_current(src_ptr, alpha, o, m, HAS_ALPHA)
-        if BN_TRAIN:
-            y = (z - mean) * invstd
-            y = y * scale + shift
-        else:
-            y = z * scale + shift
-        if HAS_RES:
-            y = y + tl.load(res_ptr + o, mask=m, other=0.0)
+        y = _lif_current(src_ptr, res_ptr, alpha, scale, shift, mean, invstd, o, m, HAS_ALPHA,
+                         BN_TRAIN, HAS_RES)
         h = lif_charge(v, y, tau, v_reset, DECAY_INPUT)
         spk, v = lif_fire_reset(h, v_threshold, v_reset, HARD)
         tl.store(gcur_ptr + o, h, mask=m)

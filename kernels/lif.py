@@ -44,6 +44,23 @@ def _load_current(src_ptr, alpha_row, off, m, HAS_ALPHA: tl.constexpr):
 
 
 @triton.jit
+def _row_params(scale_ptr, shift_ptr, alpha_ptr, mean_ptr, invstd_ptr, c, rm,
+                HAS_ALPHA: tl.constexpr, BN_TRAIN: tl.constexpr):
+    """Channel parameters of rows with channel ``c``: scale, shift, mean, invstd as [BLOCK_R, 1]
+    columns, alpha as [BLOCK_R] (mean/invstd are placeholders without batch statistics)."""
+    scale = tl.load(scale_ptr + c, mask=rm, other=0.0)[:, None]
+    shift = tl.load(shift_ptr + c, mask=rm, other=0.0)[:, None]
+    alpha = tl.load(alpha_ptr + c, mask=rm, other=0.0) if HAS_ALPHA else scale
+    if BN_TRAIN:
+        mean = tl.load(mean_ptr + c, mask=rm, other=0.0)[:, None]
+        invstd = tl.load(invstd_ptr + c, mask=rm, other=0.0)[:, None]
+    else:
+        mean = 0.0
+        invstd = 1.0
+    return scale, shift, alpha, mean, invstd
+
+
+@triton.jit
 def _lif_current(src_ptr, res_ptr, alpha, scale, shift, mean, invstd, o, m,
                  HAS_ALPHA: tl.constexpr, BN_TRAIN: tl.constexpr, HAS_RES: tl.constexpr):
     """X = [(Z - mean) * invstd] * scale + shift (+ R) at offsets ``o``: the neuron's input."""
@@ -118,15 +135,8 @@ def _bn_lif_fwd_kernel(
     rm = r < R
     m = rm[:, None] & (s < S)[None, :]
     c = r % C
-    scale = tl.load(scale_ptr + c, mask=rm, other=0.0)[:, None]
-    shift = tl.load(shift_ptr + c, mask=rm, other=0.0)[:, None]
-    alpha = tl.load(alpha_ptr + c, mask=rm, other=0.0) if HAS_ALPHA else scale
-    if BN_TRAIN:
-        mean = tl.load(mean_ptr + c, mask=rm, other=0.0)[:, None]
-        invstd = tl.load(invstd_ptr + c, mask=rm, other=0.0)[:, None]
-    else:  # unused by _lif_current; defined so that the call type-checks
-        mean = 0.0
-        invstd = 1.0
+    scale, shift, alpha, mean, invstd = _row_params(scale_ptr, shift_ptr, alpha_ptr, mean_ptr,
+                                                    invstd_ptr, c, rm, HAS_ALPHA, BN_TRAIN)
     off = r[:, None] * S + s[None, :]
     v = tl.zeros((BLOCK_R, BLOCK_S), tl.float32) + v_reset
     for t in range(T):
@@ -178,15 +188,8 @@ def _lif_bwd_kernel(
     rm = r < R
     m = rm[:, None] & (s < S)[None, :]
     c = r % C
-    scale = tl.load(scale_ptr + c, mask=rm, other=0.0)[:, None]
-    shift = tl.load(shift_ptr + c, mask=rm, other=0.0)[:, None]
-    alpha = tl.load(alpha_ptr + c, mask=rm, other=0.0) if HAS_ALPHA else scale
-    if BN_TRAIN:
-        mean = tl.load(mean_ptr + c, mask=rm, other=0.0)[:, None]
-        invstd = tl.load(invstd_ptr + c, mask=rm, other=0.0)[:, None]
-    else:  # unused by _lif_current; defined so that the call type-checks
-        mean = 0.0
-        invstd = 1.0
+    scale, shift, alpha, mean, invstd = _row_params(scale_ptr, shift_ptr, alpha_ptr, mean_ptr,
+                                                    invstd_ptr, c, rm, HAS_ALPHA, BN_TRAIN)
     off = r[:, None] * S + s[None, :]
     # forward sweep: H[t] into the grad_current buffer
     v = tl.zeros((BLOCK_R, BLOCK_S), tl.float32) + v_reset

@@ -47,7 +47,7 @@ def _extensions():
         return [], {}
 
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-fopenmp", "-DBINSLT_WITH_OPENMP"]
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-DBINSLT_WITH_OPENMP"]
     if os.environ.get("BINSLT_NATIVE", "0") == "1":
         cxx_flags.append("-march=native")
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))

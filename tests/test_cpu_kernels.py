@@ -66,6 +66,17 @@ def isa_auto():
     CPU._set_cpu_isa("auto")
 
 
+# bconv_lif's two forward algorithms: AND+popcount over every input word, and the event kernel
+# (sum of the weight columns of the spikes); 'auto' picks by the input firing rate.
+ALGOS = ["dense", "event"]
+
+
+@pytest.fixture
+def algo_auto():
+    yield
+    CPU._set_cpu_conv_algo("auto")
+
+
 # ----------------------------------------------------------------------------------------------
 # Packing
 # ----------------------------------------------------------------------------------------------
@@ -180,11 +191,14 @@ def _untied(h64, thr):
     return ~(near.int().cumsum(0) > 0)
 
 
+@pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("geom", GEOMS)
 @pytest.mark.parametrize("bn_train", [False, True])
 @pytest.mark.parametrize("v_reset,decay_input,residual",
                          [(0.0, True, False), (None, False, True), (-0.2, False, False)])
-def test_bconv_lif_forward(geom, bn_train, v_reset, decay_input, residual):
+def test_bconv_lif_forward(geom, bn_train, v_reset, decay_input, residual, algo, algo_auto):
+    CPU._set_cpu_conv_algo(algo)
+    assert CPU._cpu_conv_algo() == algo
     seed = stable_seed((geom, bn_train, v_reset, decay_input, residual))
     rng = random.Random(seed)
     c = _conv_case(geom, seed, bn_train=bn_train, residual=residual)
@@ -211,11 +225,15 @@ def test_bconv_lif_forward(geom, bn_train, v_reset, decay_input, residual):
         assert 0 < float(s.mean()) < 1  # the case exercises both outcomes
 
 
+@pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("geom", [GEOMS[1], GEOMS[3], GEOMS[5]])
-def test_bconv_popcount_paths_agree(isa, geom, isa_auto):
+@pytest.mark.parametrize("geom", [GEOMS[1], GEOMS[3], GEOMS[5],
+                                  # Co not a multiple of 64; Co > 256 (a 256-channel block + rest)
+                                  (2, 1, 40, 70, 5, 6, 3, 1, 1), (1, 2, 20, 300, 4, 4, 3, 1, 1)])
+def test_bconv_popcount_paths_agree(isa, geom, algo, isa_auto, algo_auto):
     c = _conv_case(geom, 7, rate=0.5)
     CPU._set_cpu_isa(isa)
+    CPU._set_cpu_conv_algo(algo)
     assert CPU._cpu_isa() == isa
     _, counts, _, _ = OPS.bconv_lif(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"],
                                     c["shift"], None, c["T"], c["stride"], c["padding"], False,
@@ -232,6 +250,30 @@ def test_bconv_popcount_paths_agree(isa, geom, isa_auto):
     w64 = torch.nn.grad.conv2d_weight(c["x"].double(), tuple(c["w"].shape), g_z.flatten(0, 1),
                                       stride=c["stride"], padding=c["padding"])
     _assert_close(g_w, w64, f"grad_weight ({isa})")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bconv_event_widens_before_int8_overflow(isa, isa_auto, algo_auto):
+    # Every input spikes and every weight is +1 (or -1 for odd output channels): each output sums
+    # 200 * 9 = 1800 columns, far past the 127 the event kernel may add in int8 lanes at a time.
+    CPU._set_cpu_isa(isa)
+    CPU._set_cpu_conv_algo("event")
+    ci, co = 200, 66
+    w = torch.ones(co, ci, 3, 3)
+    w[1::2] = -1
+    wm, wp = ref.pack_weight_reference(w)
+    xp = ref.pack_spikes_reference(torch.ones(2, ci, 5, 5))
+    one = torch.ones(co)
+    _, counts, _, _ = OPS.bconv_lif(xp, wm, wp, one, one, one * 0, None, 2, 1, 1, False, 1e-5,
+                                    2.0, True, 1.0, 0.0)
+    want = ref.bconv_count_reference(xp, wm, wp, 1, 1)
+    assert int(want.abs().max()) == 1800
+    assert torch.equal(counts.flatten(0, 1).float(), want)
+
+
+def test_bconv_conv_algo_rejects_unknown_name():
+    with pytest.raises(RuntimeError, match="expected one of auto, dense, event"):
+        CPU._set_cpu_conv_algo("sparse")
 
 
 def test_bconv_counts_int32_when_large():

@@ -10,6 +10,8 @@ namespace binslt {
 namespace cpu {
 void set_cpu_isa(const std::string& name);  // bconv_lif.cpp
 std::string cpu_isa();
+void set_cpu_conv_algo(const std::string& name);
+std::string cpu_conv_algo();
 }  // namespace cpu
 
 // Which CPU paths this build can take on this machine (chosen at runtime).
@@ -38,4 +40,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Force the popcount path of bconv_lif: 'auto', 'scalar', 'popcnt', 'avx2' or 'avx512' "
         "(for tests and benchmarks; raises if this CPU cannot run it)");
   m.def("_cpu_isa", &binslt::cpu::cpu_isa, "The popcount path bconv_lif uses now");
+  m.def("_set_cpu_conv_algo", &binslt::cpu::set_cpu_conv_algo, py::arg("name"),
+        "Force the forward algorithm of bconv_lif: 'auto' (by input firing rate), 'dense' "
+        "(AND+popcount over every input word) or 'event' (sum the weight columns of the input "
+        "spikes); for tests and benchmarks");
+  m.def("_cpu_conv_algo", &binslt::cpu::cpu_conv_algo, "The forced conv algorithm, or 'auto'");
 }

@@ -48,7 +48,8 @@ inline float invstd_of(float var, double eps) {
 // The parameters are copied to locals so that the compiler can hoist the mode branches and
 // vectorize the element loops (stores through the output pointers could alias them otherwise).
 template <class ZAt>
-inline void lif_forward_row(int T, int L, const ZAt& zat, const ChannelAffine& aff_in,
+inline __attribute__((always_inline)) void lif_forward_row(int T, int L, const ZAt& zat,
+                                                           const ChannelAffine& aff_in,
                             const float* res, int64_t ts, const NeuronParams& p_in,
                             float* spikes) {
   const ChannelAffine aff = aff_in;
@@ -78,7 +79,7 @@ inline void lif_forward_row(int T, int L, const ZAt& zat, const ChannelAffine& a
 // sum(g * z) (eval) into acc_gx[i] (double lanes: vectorizable without reassociation).
 // hbuf must hold T * kRowChunk floats.
 template <class ZAt>
-inline void lif_backward_row(int T, int L, const ZAt& zat, const ChannelAffine& aff_in,
+inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const ZAt& zat, const ChannelAffine& aff_in,
                              const float* res, int64_t ts, const NeuronParams& p_in,
                              const float* gs, float* gcur, float* hbuf, double* acc_g,
                              double* acc_gx) {

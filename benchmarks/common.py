@@ -197,7 +197,8 @@ def _proc_status_kb(field: str) -> int | None:
     return None
 
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
+_M_MMAP_THRESHOLD = -3
 
 
 def _libc():
@@ -219,10 +220,17 @@ def set_mmap_threshold(nbytes: int) -> bool:
     With a small threshold every large tensor is its own mapping, returned to the OS when freed,
     so the resident set follows what is really allocated (used while measuring CPU memory).
     ``32 << 20`` is where glibc's dynamic threshold ends up anyway; the benchmarks set it at
-    start so that every timing runs under the same allocator regime.
+    start so that every timing runs under the same allocator regime. The trim threshold is set
+    with it, to twice the mmap threshold, as glibc's own dynamic adjustment does: fixing only the
+    mmap threshold leaves trimming at its 128 KiB start value, and every large free at the top of
+    the heap is then handed back to the OS and faulted in again by the next call, a cost that a
+    long-running process under glibc's defaults does not pay.
     """
     libc = _libc()
-    return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes))
+                and libc.mallopt(_M_TRIM_THRESHOLD, 2 * int(nbytes)))
 
 
 def malloc_trim() -> None:

@@ -274,6 +274,8 @@ def test_bconv_event_widens_before_int8_overflow(isa, isa_auto, algo_auto):
 def test_bconv_conv_algo_rejects_unknown_name():
     with pytest.raises(RuntimeError, match="expected one of auto, dense, event"):
         CPU._set_cpu_conv_algo("sparse")
+    with pytest.raises(RuntimeError, match="expected one of auto, dense, ternary"):
+        CPU._set_cpu_grad_x_algo("sparse")
 
 
 def test_bconv_counts_int32_when_large():
@@ -362,11 +364,35 @@ BWD_CASES = [
     (GEOMS[3], True, 0.0, True, False, 1, 4.0, True),
     (GEOMS[4], True, None, True, True, 0, 2.0, False),
     (GEOMS[5], True, 0.0, False, False, 0, 2.0, True),
+    # widths past one 16-pixel vector and not a multiple of it; 5x5 kernels; no padding
+    ((2, 1, 40, 20, 6, 21, 3, 1, 1), True, 0.0, False, True, 0, 2.0, False),
+    ((1, 2, 17, 33, 9, 18, 5, 1, 2), False, None, True, False, 0, 2.0, True),
+    ((2, 1, 12, 9, 7, 19, 3, 1, 0), True, 0.0, True, True, 1, 4.0, False),
 ]
 
 
+def _gx_algos() -> list[str]:
+    out = ["dense"]
+    try:
+        CPU._set_cpu_grad_x_algo("ternary")
+        out.append("ternary")
+    except RuntimeError:  # no AVX-512 here
+        pass
+    CPU._set_cpu_grad_x_algo("auto")
+    return out
+
+
+@pytest.fixture
+def gx_auto():
+    yield
+    CPU._set_cpu_grad_x_algo("auto")
+
+
+@pytest.mark.parametrize("gx_algo", _gx_algos())
 @pytest.mark.parametrize("case", BWD_CASES)
-def test_bconv_lif_bwd_float64(case):
+def test_bconv_lif_bwd_float64(case, gx_algo, gx_auto):
+    CPU._set_cpu_grad_x_algo(gx_algo)
+    assert CPU._cpu_grad_x_algo() == gx_algo
     geom, bn_train, v_reset, decay_input, detach_reset, sur, sur_alpha, residual = case
     seed = stable_seed(case)
     rng = random.Random(seed)

@@ -173,6 +173,16 @@ __attribute__((target("avx512f"))) static void gather_sum_avx512(const float* gz
                                                                  const int32_t* offs, int m,
                                                                  float* g, int n) {
   int c = 0;
+  for (; c + 128 <= n; c += 128) {  // 128 channels per pass over the offsets: 8 accumulators
+    __m512 a[8];
+    for (int j = 0; j < 8; ++j) a[j] = _mm512_setzero_ps();
+    for (int e = 0; e < m; ++e) {
+      const float* src = gzb + offs[e] + c;
+      for (int j = 0; j < 8; ++j) a[j] = _mm512_add_ps(a[j], _mm512_loadu_ps(src + 16 * j));
+    }
+    for (int j = 0; j < 8; ++j)
+      _mm512_storeu_ps(g + c + 16 * j, _mm512_add_ps(_mm512_loadu_ps(g + c + 16 * j), a[j]));
+  }
   for (; c + 64 <= n; c += 64) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
@@ -839,6 +849,202 @@ at::Tensor channels_last_copy(const at::Tensor& x, int64_t mt, int64_t ml) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Input gradient with ternary weights (stride 1, AVX-512)
+// ---------------------------------------------------------------------------------------------
+//
+// dX[ci][iy][ix] = sum_{ky,kx,co} W[co][ci][ky][kx] * dZ[co][iy+pad-ky][ix+pad-kx], W = +-alpha
+// or 0. With dZ' = alpha * dZ in a zero-margined plane per channel, every nonzero weight is one
+// add or subtract of a shifted dZ' row, 16 pixels per vector: half the weights are pruned, so
+// this does half the float work of the dense transposed convolution and no multiplies. Work per
+// image: for each block of 16 output channels (their dZ' planes, ~20 KB, stay in L1), each input
+// channel adds its block's list of (+, -) plane offsets into 4 rows of dX at a time.
+struct TernaryLists {
+  int64_t nblk;
+  std::vector<int64_t> start;  // [(Ci * nblk + cb) * KW + kx + 1] into off
+  std::vector<int32_t> npos;   // the first npos offsets of a list add, the rest subtract
+  std::vector<int32_t> off;
+};
+
+constexpr int kGxCB = 16;  // output channels per block
+
+// Lists per (ci, output-channel block, kx): offsets (co - c0) * plane + (pad - ky + MY) * RS into
+// the block's dZ' planes for that kx (see gx_image_avx512).
+TernaryLists ternary_lists(const ConvShape& s, int64_t Ci, const uint32_t* mask,
+                           const uint32_t* pos, int64_t MY, int64_t RS, int64_t plane) {
+  TernaryLists tl;
+  tl.nblk = (s.Co + kGxCB - 1) / kGxCB;
+  const int64_t per_ci = tl.nblk * s.KW;  // lists per input channel
+  const int64_t nl = Ci * per_ci;
+  tl.start.assign(nl + 1, 0);
+  tl.npos.assign(nl, 0);
+  // Count, then fill in parallel over input channels (this runs on every backward).
+  std::vector<int64_t> cnt(nl, 0);
+  at::parallel_for(0, Ci, 8, [&](int64_t a0, int64_t a1) {
+    for (int64_t ci = a0; ci < a1; ++ci) {
+      const int64_t w = ci >> 5;
+      const uint32_t bit = 1u << (ci & 31);
+      for (int64_t co = 0; co < s.Co; ++co)
+        for (int64_t ky = 0; ky < s.KH; ++ky)
+          for (int64_t kx = 0; kx < s.KW; ++kx) {
+            const int64_t idx = ((co * s.KH + ky) * s.KW + kx) * s.Cw + w;
+            if (mask[idx] & bit) ++cnt[ci * per_ci + (co / kGxCB) * s.KW + kx];
+          }
+    }
+  });
+  for (int64_t li = 0; li < nl; ++li) tl.start[li + 1] = tl.start[li] + cnt[li];
+  tl.off.resize(tl.start[nl]);
+  at::parallel_for(0, Ci, 8, [&](int64_t a0, int64_t a1) {
+    std::vector<int64_t> pfill(per_ci), nfill(per_ci);
+    for (int64_t ci = a0; ci < a1; ++ci) {
+      const int64_t w = ci >> 5;
+      const uint32_t bit = 1u << (ci & 31);
+      // Positive weights first in each list: count them, then place both kinds.
+      std::fill(pfill.begin(), pfill.end(), 0);
+      for (int64_t co = 0; co < s.Co; ++co)
+        for (int64_t ky = 0; ky < s.KH; ++ky)
+          for (int64_t kx = 0; kx < s.KW; ++kx) {
+            const int64_t idx = ((co * s.KH + ky) * s.KW + kx) * s.Cw + w;
+            if ((mask[idx] & bit) && (pos[idx] & bit)) ++pfill[(co / kGxCB) * s.KW + kx];
+          }
+      for (int64_t l = 0; l < per_ci; ++l) {
+        tl.npos[ci * per_ci + l] = static_cast<int32_t>(pfill[l]);
+        nfill[l] = tl.start[ci * per_ci + l] + pfill[l];
+        pfill[l] = tl.start[ci * per_ci + l];
+      }
+      for (int64_t co = 0; co < s.Co; ++co)
+        for (int64_t ky = 0; ky < s.KH; ++ky)
+          for (int64_t kx = 0; kx < s.KW; ++kx) {
+            const int64_t idx = ((co * s.KH + ky) * s.KW + kx) * s.Cw + w;
+            if (!(mask[idx] & bit)) continue;
+            const int64_t l = (co / kGxCB) * s.KW + kx;
+            const int32_t o = static_cast<int32_t>((co % kGxCB) * plane + (s.padding - ky + MY) * RS);
+            tl.off[(pos[idx] & bit) ? pfill[l]++ : nfill[l]++] = o;
+          }
+    }
+  });
+  return tl;
+}
+
+// RB rows of one 16-pixel column block: acc[r] (+/-)= zb[off + r*RS] (64-byte aligned loads).
+template <int RB>
+__attribute__((target("avx512f"), always_inline)) static inline void gx_rows(
+    const float* zb, int64_t RS, const int32_t* off, int np, int nt, __mmask16 k, bool first,
+    float* out, int64_t W) {
+  __m512 acc[RB];
+  for (int r = 0; r < RB; ++r)
+    acc[r] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(k, out + r * W);
+  for (int j = 0; j < np; ++j) {
+    const float* p = zb + off[j];
+    for (int r = 0; r < RB; ++r) acc[r] = _mm512_add_ps(acc[r], _mm512_load_ps(p + r * RS));
+  }
+  for (int j = np; j < nt; ++j) {
+    const float* p = zb + off[j];
+    for (int r = 0; r < RB; ++r) acc[r] = _mm512_sub_ps(acc[r], _mm512_load_ps(p + r * RS));
+  }
+  for (int r = 0; r < RB; ++r) _mm512_mask_storeu_ps(out + r * W, k, acc[r]);
+}
+
+// One image: gxb [Ci][H][W] from gzb [Co][Ho][Wo]. For each block of 16 output channels and each
+// kernel column kx, zbuf gets their dZ' = alpha * dZ planes shifted by kx (row y + MY holds
+// dZ'[y][x + pad - kx], zero outside, rows RS floats apart), so that every load of a 16-pixel run
+// is one aligned vector; the 16 planes (~20 KB) stay in L1 while all input channels use them.
+__attribute__((target("avx512f"))) void gx_image_avx512(const ConvShape& s, int64_t Ci,
+                                                        const TernaryLists& tl, const float* gzb,
+                                                        const float* alpha, float* zbuf,
+                                                        int64_t MY, int64_t RS, int64_t plane,
+                                                        float* gxb) {
+  const int64_t H = s.H, W = s.W, S = s.Ho * s.Wo;
+  for (int64_t cb = 0; cb < tl.nblk; ++cb) {
+    const int64_t c0 = cb * kGxCB, c1 = std::min(s.Co, c0 + kGxCB);
+    for (int64_t kx = 0; kx < s.KW; ++kx) {
+      const int64_t sh = s.padding - kx;
+      for (int64_t co = c0; co < c1; ++co) {
+        const float a = alpha[co];
+        const float* src = gzb + co * S;
+        float* dst = zbuf + (co - c0) * plane + MY * RS;
+        // Row y: dst[x] = a * src[x + sh] for x + sh in [0, Wo), else 0.
+        const int64_t xa = std::max<int64_t>(0, -sh), xb = std::min<int64_t>(RS, s.Wo - sh);
+        for (int64_t y = 0; y < s.Ho; ++y) {
+          float* d = dst + y * RS;
+          const float* r = src + y * s.Wo + sh;
+          for (int64_t x = 0; x < xa; ++x) d[x] = 0.0f;
+          for (int64_t x = xa; x < xb; ++x) d[x] = r[x] * a;
+          for (int64_t x = std::max(xa, xb); x < RS; ++x) d[x] = 0.0f;
+        }
+      }
+      for (int64_t ci = 0; ci < Ci; ++ci) {
+        const int64_t li = (ci * tl.nblk + cb) * s.KW + kx;
+        const int32_t* off = tl.off.data() + tl.start[li];
+        const int nt = static_cast<int>(tl.start[li + 1] - tl.start[li]);
+        const int np = tl.npos[li];
+        const bool first = cb == 0 && kx == 0;
+        if (nt == 0 && !first) continue;
+        float* gxc = gxb + ci * H * W;
+        for (int64_t x0 = 0; x0 < W; x0 += 16) {
+          const __mmask16 k = W - x0 >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                           : static_cast<__mmask16>((1u << (W - x0)) - 1u);
+          int64_t y = 0;
+          for (; y + 8 <= H; y += 8)
+            gx_rows<8>(zbuf + y * RS + x0, RS, off, np, nt, k, first, gxc + y * W + x0, W);
+          for (; y + 4 <= H; y += 4)
+            gx_rows<4>(zbuf + y * RS + x0, RS, off, np, nt, k, first, gxc + y * W + x0, W);
+          for (; y < H; ++y)
+            gx_rows<1>(zbuf + y * RS + x0, RS, off, np, nt, k, first, gxc + y * W + x0, W);
+        }
+      }
+    }
+  }
+}
+
+void grad_x_ternary_avx512(const ConvShape& s, int64_t Ci, const float* gz,
+                           const uint32_t* mask, const uint32_t* pos, const float* alpha,
+                           float* gx) {
+  const int64_t MY = std::max<int64_t>(0, s.KH - 1 - s.padding);
+  const int64_t Hz = s.Ho + 2 * MY;
+  const int64_t RS = (s.W + 15) / 16 * 16;  // row stride: whole 16-float vectors, aligned
+  const int64_t plane = Hz * RS;
+  const TernaryLists tl = ternary_lists(s, Ci, mask, pos, MY, RS, plane);
+  at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
+    // 64-byte aligned planes; the margin rows are zero and stay zero.
+    at::Tensor zt = at::zeros({kGxCB * plane}, at::TensorOptions().dtype(at::kFloat));
+    float* zbuf = zt.data_ptr<float>();
+    for (int64_t b = b0; b < b1; ++b)
+      gx_image_avx512(s, Ci, tl, gz + b * s.Co * s.Ho * s.Wo, alpha, zbuf, MY, RS, plane,
+                      gx + b * Ci * s.H * s.W);
+  });
+}
+
+// Input-gradient algorithm: oneDNN's dense transposed convolution, or the ternary add/subtract
+// kernel above (AVX-512, stride 1); "auto" takes the ternary one wherever it can run.
+enum class GxAlgo : int { kAuto = -1, kDense = 0, kTernary = 1 };
+static std::atomic<int> g_gx_override{static_cast<int>(GxAlgo::kAuto)};
+
+}  // namespace
+
+void set_cpu_grad_x_algo(const std::string& name) {
+  GxAlgo want;
+  if (name == "auto") want = GxAlgo::kAuto;
+  else if (name == "dense") want = GxAlgo::kDense;
+  else if (name == "ternary") want = GxAlgo::kTernary;
+  else
+    TORCH_CHECK(false, "binslt: unknown CPU input-gradient algorithm '", name,
+                "'; expected one of auto, dense, ternary");
+  TORCH_CHECK(want != GxAlgo::kTernary || isa_supported(Isa::kAvx512),
+              "binslt: the 'ternary' input-gradient kernel needs AVX-512, which this CPU lacks");
+  g_gx_override.store(static_cast<int>(want));
+}
+
+std::string cpu_grad_x_algo() {
+  switch (static_cast<GxAlgo>(g_gx_override.load())) {
+    case GxAlgo::kDense: return "dense";
+    case GxAlgo::kTernary: return "ternary";
+    default: return "auto";
+  }
+}
+
+namespace {
+
 // W_eff = alpha[co] * (+1 | -1) * mask as a dense [Co, Ci, kh, kw] float tensor.
 at::Tensor dense_weight(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask,
                         const at::Tensor& w_pos, const float* alpha) {
@@ -931,7 +1137,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
   at::Tensor gw = weight_grad(s, in_channels, x_packed, gz_cl, mt, ml);
 
   at::Tensor gx;
-  if (need_grad_x) {
+  const GxAlgo gxa = static_cast<GxAlgo>(g_gx_override.load());
+  const bool ternary_gx = stride == 1 && active_isa() == Isa::kAvx512 &&
+                          (gxa == GxAlgo::kTernary || gxa == GxAlgo::kAuto);
+  if (need_grad_x && ternary_gx) {
+    gx = at::empty({s.T, s.N, in_channels, s.H, s.W}, fopts);
+    grad_x_ternary_avx512(s, in_channels, gz.data_ptr<float>(),
+                          reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>()),
+                          reinterpret_cast<const uint32_t*>(w_pos.data_ptr<int32_t>()), ap,
+                          gx.data_ptr<float>());
+  } else if (need_grad_x) {
     const at::Tensor w_eff = dense_weight(s, in_channels, w_mask, w_pos, ap);
     const int64_t oph = s.H - ((s.Ho - 1) * stride - 2 * padding + s.KH);
     const int64_t opw = s.W - ((s.Wo - 1) * stride - 2 * padding + s.KW);

@@ -12,6 +12,8 @@ void set_cpu_isa(const std::string& name);  // bconv_lif.cpp
 std::string cpu_isa();
 void set_cpu_conv_algo(const std::string& name);
 std::string cpu_conv_algo();
+void set_cpu_grad_x_algo(const std::string& name);
+std::string cpu_grad_x_algo();
 }  // namespace cpu
 
 // Which CPU paths this build can take on this machine (chosen at runtime).
@@ -45,4 +47,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(AND+popcount over every input word) or 'event' (sum the weight columns of the input "
         "spikes); for tests and benchmarks");
   m.def("_cpu_conv_algo", &binslt::cpu::cpu_conv_algo, "The forced conv algorithm, or 'auto'");
+  m.def("_set_cpu_grad_x_algo", &binslt::cpu::set_cpu_grad_x_algo, py::arg("name"),
+        "Force the input-gradient algorithm of bconv_lif_bwd: 'auto', 'dense' (oneDNN "
+        "transposed convolution) or 'ternary' (add/subtract of dZ rows, AVX-512, stride 1); for "
+        "tests and benchmarks");
+  m.def("_cpu_grad_x_algo", &binslt::cpu::cpu_grad_x_algo,
+        "The forced input-gradient algorithm, or 'auto'");
 }

@@ -1,4 +1,4 @@
-"""Issue #8 probe (see notes_h8.md): one ``binslt.train.run`` with, at every epoch's evaluation,
+"""Issue #8 probe (see docs/notes/search_seed_gap.md): one ``binslt.train.run`` with, at every epoch's evaluation,
 
 (a) the test accuracy of a *copy* of the model after BN recalibration
     (``torch.optim.swa_utils.update_bn`` over the training split, in order, at the run's batch size),
@@ -6,7 +6,7 @@
 
 The training trajectory is untouched (the copy is thrown away, and every epoch re-seeds its RNGs).
 
-usage: python notes_h8_probe.py METHOD SEED OUT [field=value ...]   (METHOD: binwslt|snn|bnn|ann)
+usage: python docs/notes/search_seed_probe.py METHOD SEED OUT [field=value ...]   (METHOD: binwslt|snn|bnn|ann)
 """
 
 from __future__ import annotations

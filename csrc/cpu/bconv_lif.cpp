@@ -710,11 +710,62 @@ void lif_bn_backward(const ConvShape& s, const CT* counts, const float* gs, cons
 // gz_cl is [B, Ho + 2*mt, Wo + 2*ml, Co] with zero margins (channels_last_copy): with stride 1
 // every (spike, tap) then lands inside it, so a tap only shifts the base pointer of one offset
 // list per channel (no per-tap bounds checks); other strides check each position.
+// Where each input channel of one image spiked: positions (py, px) and, for stride 1, the offset
+// of the output pixel its last tap (KH-1, KW-1) feeds in the margined dZ image (>= 0).
+struct SpikeLists {
+  std::vector<int32_t> start, py, px, base;
+
+  void build(const uint32_t* xb, const ConvShape& s, int64_t Ci, int64_t mt, int64_t ml,
+             int64_t Wz) {
+    const int64_t HW = s.H * s.W;
+    start.assign(Ci + 1, 0);
+    for (int64_t q = 0; q < HW * s.Cw; ++q) {
+      uint32_t bits = xb[q];
+      const int64_t w = q % s.Cw;
+      while (bits) {
+        const int64_t ci = w * 32 + __builtin_ctz(bits);
+        bits &= bits - 1;
+        if (ci >= Ci) break;
+        ++start[ci + 1];
+      }
+    }
+    for (int64_t c = 0; c < Ci; ++c) start[c + 1] += start[c];
+    py.resize(start[Ci]);
+    px.resize(start[Ci]);
+    base.resize(start[Ci]);
+    std::vector<int32_t> fill(start.begin(), start.end() - 1);
+    for (int64_t q = 0; q < HW * s.Cw; ++q) {
+      uint32_t bits = xb[q];
+      const int64_t pos = q / s.Cw, w = q % s.Cw;
+      const int32_t iy = static_cast<int32_t>(pos / s.W), ix = static_cast<int32_t>(pos % s.W);
+      while (bits) {
+        const int64_t ci = w * 32 + __builtin_ctz(bits);
+        bits &= bits - 1;
+        if (ci >= Ci) break;
+        py[fill[ci]] = iy;
+        px[fill[ci]] = ix;
+        base[fill[ci]++] = static_cast<int32_t>(
+            ((iy + s.padding + mt - (s.KH - 1)) * Wz + (ix + s.padding + ml - (s.KW - 1))) *
+            s.Co);
+      }
+    }
+  }
+};
+
+// dL/dW_eff[co][ci][ky][kx] = sum over output positions of dZ * x (x binary: no multiplies).
+// For each (input channel, tap) sum the dZ channel vectors of the output pixels its spikes feed,
+// in registers, and add the sum into the gradient row once.
+// gz_cl is [B, Ho + 2*mt, Wo + 2*ml, Co] with zero margins (channels_last_copy): with stride 1
+// every (spike, tap) then lands inside it, so a tap only shifts the base pointer of one offset
+// list per channel (no per-tap bounds checks); other strides check each position.
+// Two schedules: per image (each thread sums into its own copy of the gradient, then the copies
+// are added; the image's dZ stays in L2), or, where a copy of the gradient per thread would not
+// fit L2 (deep layers: many channels, small maps), per input channel (each thread owns its rows;
+// the spike lists of all images are built first).
 at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
                        const at::Tensor& gz_cl, int64_t mt, int64_t ml) {
   const int64_t nthreads = at::get_num_threads();
   const int64_t per = Ci * s.KH * s.KW * s.Co;
-  std::vector<float> partial(static_cast<size_t>(nthreads) * per, 0.0f);
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
   const float* dz = gz_cl.data_ptr<float>();
   const Isa isa = active_isa();
@@ -725,80 +776,109 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
   const int64_t HW = s.H * s.W;
   const int64_t Hz = s.Ho + 2 * mt, Wz = s.Wo + 2 * ml;  // the margined dZ image
   const bool unit = s.stride == 1;
-  at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
-    float* G = partial.data() + at::get_thread_num() * per;
-    std::vector<int32_t> start(Ci + 1), fill(Ci), py, px, base, offs(HW);
-    for (int64_t b = b0; b < b1; ++b) {
-      const uint32_t* xb = xp + b * HW * s.Cw;
-      std::fill(start.begin(), start.end(), 0);
-      for (int64_t q = 0; q < HW * s.Cw; ++q) {
-        uint32_t bits = xb[q];
-        const int64_t w = q % s.Cw;
-        while (bits) {
-          const int64_t ci = w * 32 + __builtin_ctz(bits);
-          bits &= bits - 1;
-          if (ci >= Ci) break;
-          ++start[ci + 1];
+
+  // Adds channel ci's sums over image b (lists L) into G[ci] rows.
+  auto accumulate = [&](const SpikeLists& L, int64_t b, int64_t ci, float* Gci,
+                        std::vector<int32_t>& offs) {
+    const int32_t e0 = L.start[ci], e1 = L.start[ci + 1];
+    if (e0 == e1) return;
+    const float* gzb = dz + b * Hz * Wz * s.Co;
+    for (int64_t ky = 0; ky < s.KH; ++ky)
+      for (int64_t kx = 0; kx < s.KW; ++kx) {
+        float* gout = Gci + (ky * s.KW + kx) * s.Co;
+        if (unit) {
+          const int64_t shift = ((s.KH - 1 - ky) * Wz + (s.KW - 1 - kx)) * s.Co;
+          gsum(gzb + shift, L.base.data() + e0, e1 - e0, gout, co);
+          continue;
         }
-      }
-      for (int64_t c = 0; c < Ci; ++c) start[c + 1] += start[c];
-      py.resize(start[Ci]);
-      px.resize(start[Ci]);
-      base.resize(start[Ci]);
-      for (int64_t c = 0; c < Ci; ++c) fill[c] = start[c];
-      for (int64_t q = 0; q < HW * s.Cw; ++q) {
-        uint32_t bits = xb[q];
-        const int64_t pos = q / s.Cw, w = q % s.Cw;
-        const int32_t iy = static_cast<int32_t>(pos / s.W), ix = static_cast<int32_t>(pos % s.W);
-        while (bits) {
-          const int64_t ci = w * 32 + __builtin_ctz(bits);
-          bits &= bits - 1;
-          if (ci >= Ci) break;
-          py[fill[ci]] = iy;
-          px[fill[ci]] = ix;
-          // Output pixel of the last tap (KH-1, KW-1) in the margined image (stride 1; >= 0).
-          base[fill[ci]++] = static_cast<int32_t>(
-              ((iy + s.padding + mt - (s.KH - 1)) * Wz + (ix + s.padding + ml - (s.KW - 1))) *
-              s.Co);
+        int m = 0;
+        const int dy = static_cast<int>(s.padding - ky), dx = static_cast<int>(s.padding - kx);
+        const int ho = static_cast<int>(s.Ho), wo = static_cast<int>(s.Wo);
+        const int st = static_cast<int>(s.stride);
+        for (int32_t e = e0; e < e1; ++e) {
+          const int oyn = L.py[e] + dy, oxn = L.px[e] + dx;
+          if (oyn < 0 || oxn < 0 || oyn % st != 0 || oxn % st != 0) continue;
+          const int oy = oyn / st, ox = oxn / st;
+          if (oy >= ho || ox >= wo) continue;
+          offs[m++] = static_cast<int32_t>(((oy + mt) * Wz + (ox + ml)) * s.Co);
         }
+        if (m > 0) gsum(gzb, offs.data(), m, gout, co);
       }
-      const float* gzb = dz + b * Hz * Wz * s.Co;
-      for (int64_t ci = 0; ci < Ci; ++ci) {
-        const int32_t e0 = start[ci], e1 = start[ci + 1];
-        if (e0 == e1) continue;
+  };
+
+  at::Tensor g = at::zeros({Ci, s.KH, s.KW, s.Co}, gz_cl.options());
+  float* gp = g.data_ptr<float>();
+  const int64_t img = Hz * Wz * s.Co;  // floats per margined dZ image
+  const bool by_channel = per * static_cast<int64_t>(sizeof(float)) > (1 << 20) &&
+                          s.B * img < (int64_t{1} << 31);  // offsets over all images fit int32
+  if (by_channel) {
+    // Per input channel and tap, one register sum over the spikes of every image: the gradient
+    // row is written once (per image it would be read and written B times).
+    std::vector<SpikeLists> lists(s.B);
+    at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) lists[b].build(xp + b * HW * s.Cw, s, Ci, mt, ml, Wz);
+    });
+    at::parallel_for(0, Ci, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<int32_t> offs;
+      for (int64_t ci = c0; ci < c1; ++ci) {
+        float* Gci = gp + ci * s.KH * s.KW * s.Co;
+        if (unit) {
+          offs.clear();
+          for (int64_t b = 0; b < s.B; ++b)
+            for (int32_t e = lists[b].start[ci]; e < lists[b].start[ci + 1]; ++e)
+              offs.push_back(static_cast<int32_t>(b * img + lists[b].base[e]));
+          if (offs.empty()) continue;
+          for (int64_t ky = 0; ky < s.KH; ++ky)
+            for (int64_t kx = 0; kx < s.KW; ++kx)
+              gsum(dz + ((s.KH - 1 - ky) * Wz + (s.KW - 1 - kx)) * s.Co, offs.data(),
+                   static_cast<int>(offs.size()), Gci + (ky * s.KW + kx) * s.Co, co);
+          continue;
+        }
+        const int ho = static_cast<int>(s.Ho), wo = static_cast<int>(s.Wo);
+        const int st = static_cast<int>(s.stride);
         for (int64_t ky = 0; ky < s.KH; ++ky)
           for (int64_t kx = 0; kx < s.KW; ++kx) {
-            float* gout = G + ((ci * s.KH + ky) * s.KW + kx) * s.Co;
-            if (unit) {
-              const int64_t shift = ((s.KH - 1 - ky) * Wz + (s.KW - 1 - kx)) * s.Co;
-              gsum(gzb + shift, base.data() + e0, e1 - e0, gout, co);
-              continue;
+            offs.clear();
+            const int dy = static_cast<int>(s.padding - ky);
+            const int dx = static_cast<int>(s.padding - kx);
+            for (int64_t b = 0; b < s.B; ++b) {
+              const SpikeLists& L = lists[b];
+              for (int32_t e = L.start[ci]; e < L.start[ci + 1]; ++e) {
+                const int oyn = L.py[e] + dy, oxn = L.px[e] + dx;
+                if (oyn < 0 || oxn < 0 || oyn % st != 0 || oxn % st != 0) continue;
+                const int oy = oyn / st, ox = oxn / st;
+                if (oy >= ho || ox >= wo) continue;
+                offs.push_back(static_cast<int32_t>(b * img + ((oy + mt) * Wz + (ox + ml)) * s.Co));
+              }
             }
-            int m = 0;
-            const int dy = static_cast<int>(s.padding - ky), dx = static_cast<int>(s.padding - kx);
-            const int ho = static_cast<int>(s.Ho), wo = static_cast<int>(s.Wo);
-            const int st = static_cast<int>(s.stride);
-            for (int32_t e = e0; e < e1; ++e) {
-              const int oyn = py[e] + dy, oxn = px[e] + dx;
-              if (oyn < 0 || oxn < 0 || oyn % st != 0 || oxn % st != 0) continue;
-              const int oy = oyn / st, ox = oxn / st;
-              if (oy >= ho || ox >= wo) continue;
-              offs[m++] = static_cast<int32_t>(((oy + mt) * Wz + (ox + ml)) * s.Co);
-            }
-            if (m > 0) gsum(gzb, offs.data(), m, gout, co);
+            if (!offs.empty())
+              gsum(dz, offs.data(), static_cast<int>(offs.size()),
+                   Gci + (ky * s.KW + kx) * s.Co, co);
           }
       }
-    }
-  });
-  at::Tensor g = at::empty({Ci, s.KH, s.KW, s.Co}, gz_cl.options());
-  float* gp = g.data_ptr<float>();
-  at::parallel_for(0, per, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      float acc = partial[i];
-      for (int64_t th = 1; th < nthreads; ++th) acc += partial[th * per + i];
-      gp[i] = acc;
-    }
-  });
+    });
+  } else {
+    std::vector<float> partial(static_cast<size_t>(nthreads - 1) * per, 0.0f);
+    at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
+      const int th = at::get_thread_num();
+      float* G = th == 0 ? gp : partial.data() + (th - 1) * per;
+      SpikeLists L;
+      std::vector<int32_t> offs(HW);
+      for (int64_t b = b0; b < b1; ++b) {
+        L.build(xp + b * HW * s.Cw, s, Ci, mt, ml, Wz);
+        for (int64_t ci = 0; ci < Ci; ++ci)
+          accumulate(L, b, ci, G + ci * s.KH * s.KW * s.Co, offs);
+      }
+    });
+    if (nthreads > 1)
+      at::parallel_for(0, per, 4096, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          float acc = gp[i];
+          for (int64_t th = 1; th < nthreads; ++th) acc += partial[(th - 1) * per + i];
+          gp[i] = acc;
+        }
+      });
+  }
   return g.permute({3, 0, 1, 2}).contiguous();  // [Co, Ci, kh, kw]
 }
 
@@ -1138,8 +1218,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
 
   at::Tensor gx;
   const GxAlgo gxa = static_cast<GxAlgo>(g_gx_override.load());
+  // 'auto' takes the ternary kernel where rows fill its 16-lane vectors (W >= 16): on 8x8 and
+  // 4x4 maps most lanes would idle and oneDNN measured faster.
   const bool ternary_gx = stride == 1 && active_isa() == Isa::kAvx512 &&
-                          (gxa == GxAlgo::kTernary || gxa == GxAlgo::kAuto);
+                          (gxa == GxAlgo::kTernary || (gxa == GxAlgo::kAuto && s.W >= 16));
   if (need_grad_x && ternary_gx) {
     gx = at::empty({s.T, s.N, in_channels, s.H, s.W}, fopts);
     grad_x_ternary_avx512(s, in_channels, gz.data_ptr<float>(),

@@ -107,6 +107,23 @@ def test_search_epoch_smoke(tmp_path):
             assert _num(r["init_grad_rel_err"]) < 1e-3
 
 
+def test_cpu_algos_smoke(tmp_path):
+    import binslt
+
+    if not binslt.backends()["cpu"]["usable"]:
+        pytest.skip("binslt._C (the C++ CPU kernels) is not built")
+    _run("cpu_algos.py", "--shape", "1,2,40,20,9", "--rates", "0.1,0.6", "--repeats", "1",
+         "--isas", "scalar", "--out", str(tmp_path))
+    meta, rows = common.read_csv(tmp_path / f"cpu_algos_{common.device_slug(torch.device('cpu'))}.csv")
+    assert meta.get("git_commit")
+    fwd = [r for r in rows if r["part"] == "forward"]
+    assert {(r["rate"], r["algo"]) for r in fwd} == {(r, a) for r in ("0.1", "0.6")
+                                                    for a in ("dense", "event")}
+    # Every algorithm gave the same spikes and counts (forward) / gradient (backward).
+    assert all(r["same_result"] == "True" for r in rows)
+    assert all(_num(r["ms"]) > 0 for r in rows)
+
+
 def test_saved_tensor_bytes_dedups_storages():
     x = torch.randn(1000, requires_grad=True)  # 4000 bytes
     with common.SavedTensorBytes() as saved:

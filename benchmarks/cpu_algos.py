@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""The CPU kernel's algorithm choices, op against op: which one ``auto`` should take where.
+
+``binslt::bconv_lif`` on the CPU has two forward algorithms (``dense``: AND + popcount over
+every packed input word; ``event``: the sum of the int8 weight columns of the input spikes) and
+``auto`` picks by the fraction of set input bits; ``binslt::bconv_lif_bwd`` has two input-gradient
+algorithms (``dense``: oneDNN's transposed convolution; ``ternary``: add/subtract of dZ rows,
+AVX-512, stride 1). This times each of them on the same inputs, interleaved call by call, for
+each available popcount path (ISA) and input firing rate, and reports ``auto``'s choice with
+them. Op only: packed input, eval-mode BN, no autograd. The forward of every algorithm is
+checked to give the same spikes and counts as the first one.
+
+Example::
+
+    python benchmarks/cpu_algos.py                     # rates 0.05..0.5, every ISA, 2 threads
+    python benchmarks/cpu_algos.py --threads 1 --rates 0.15 --isas avx512
+
+Writes ``<out>/cpu_algos_<device-slug>[_<tag>].csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    RESULTS,
+    device_slug,
+    machine_info,
+    print_table,
+    set_mmap_threshold,
+    time_many_ms,
+    write_csv,
+)
+
+COLUMNS = ["T", "N", "C_in", "C_out", "H", "W", "rate", "isa", "part", "algo", "ms", "auto_ms",
+           "auto_picks", "same_result"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="4,16,128,128,16",
+                   help="T,N,C_in,C_out,H (square maps, 3x3, pad 1; default: the anchor)")
+    p.add_argument("--rates", default="0.05,0.15,0.3,0.5")
+    p.add_argument("--isas", default=None, help="comma list (default: every one this CPU runs)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+
+    import torch
+
+    import binslt
+    from binslt import ops
+    from binslt import reference as ref
+
+    C = binslt._ext.module("cpu")
+    if C is None:
+        print("cpu_algos: the C++ CPU extension is not built (pip install -e .)", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_mmap_threshold(32 << 20)
+    T, N, ci, co, hw = (int(v) for v in args.shape.split(","))
+    isas = args.isas.split(",") if args.isas else []
+    if not isas:
+        for name in ("scalar", "popcnt", "avx2", "avx512"):
+            try:
+                C._set_cpu_isa(name)
+                isas.append(name)
+            except RuntimeError:
+                pass
+    device = torch.device("cpu")
+    info = machine_info(device)
+    print(f"# {info['device']} | torch {torch.__version__} threads {torch.get_num_threads()} | "
+          f"binslt {binslt.__version__} ({info['commit']})")
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-1, 2, (co, ci, 3, 3), generator=gen).float()
+    wm, wp = ref.pack_weight_reference(w)
+    alpha = torch.rand(co, generator=gen) * 0.1 + 0.05
+    scale, shift = torch.ones(co), torch.zeros(co)
+    fwd, bwd = ops.get_op("bconv_lif", "cpu"), ops.get_op("bconv_lif_bwd", "cpu")
+    rows = []
+    try:
+        for rate in (float(r) for r in args.rates.split(",")):
+            x = (torch.rand(T * N, ci, hw, hw, generator=gen) < rate).float()
+            xp = ops.get_op("pack_spikes", "cpu")(x)
+
+            run_fwd = functools.partial(fwd, xp, wm, wp, alpha, scale, shift, None, T, 1, 1,
+                                        True, 1e-5, 100.0, False, 1.0, 0.0)
+            s, counts, mean, var = run_fwd()
+            gs = torch.randn(s.shape, generator=gen)
+            run_bwd = functools.partial(bwd, gs, counts, xp, wm, wp, alpha, scale, shift, mean,
+                                        var, None, ci, 1, 1, True, 1e-5, 100.0, False, 1.0, 0.0,
+                                        True, 0, 2.0, True)
+
+            for isa in isas:
+                C._set_cpu_isa(isa)
+                fns, outs = {}, {}
+                for algo in ("dense", "event", "auto"):
+                    def f(a=algo, run=run_fwd):
+                        C._set_cpu_conv_algo(a)
+                        return run()
+                    fns[algo] = f
+                    outs[algo] = f()
+                times = time_many_ms(fns, device, repeats=args.repeats)
+                same = all(torch.equal(a, b) for algo in ("event", "auto")
+                           for a, b in zip(outs[algo][:2], outs["dense"][:2]))
+                picks = min(("dense", "event"), key=lambda a: abs(times[a] - times["auto"]))
+                for algo in ("dense", "event"):
+                    rows.append(dict(T=T, N=N, C_in=ci, C_out=co, H=hw, W=hw, rate=rate, isa=isa,
+                                     part="forward", algo=algo, ms=times[algo],
+                                     auto_ms=times["auto"], auto_picks=picks,
+                                     same_result=same))
+                C._set_cpu_conv_algo("auto")
+                gx = ["dense"] + (["ternary"] if isa == "avx512" else [])
+                fns = {}
+                for algo in gx + ["auto"]:
+                    def g(a=algo, run=run_bwd):
+                        C._set_cpu_grad_x_algo(a)
+                        return run()
+                    fns[algo] = g
+                ref_gx = fns["dense"]()[0]
+                close = all(float((fns[a]()[0] - ref_gx).norm() / ref_gx.norm()) < 1e-5
+                            for a in gx)
+                times = time_many_ms(fns, device, repeats=args.repeats)
+                picks = min(gx, key=lambda a: abs(times[a] - times["auto"]))
+                for algo in gx:
+                    rows.append(dict(T=T, N=N, C_in=ci, C_out=co, H=hw, W=hw, rate=rate, isa=isa,
+                                     part="backward", algo=algo, ms=times[algo],
+                                     auto_ms=times["auto"], auto_picks=picks,
+                                     same_result=close))
+    finally:
+        C._set_cpu_isa("auto")
+        C._set_cpu_conv_algo("auto")
+        C._set_cpu_grad_x_algo("auto")
+    print_table(rows, ["rate", "isa", "part", "algo", "ms", "auto_ms", "auto_picks",
+                       "same_result"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"cpu_algos_{device_slug(device)}{'_' + args.tag if args.tag else ''}.csv"
+    write_csv(out / name, rows, COLUMNS, info)
+    print(f"wrote {out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -37,7 +37,7 @@ from common import (  # noqa: E402
     write_csv,
 )
 
-COLUMNS = ["T", "N", "C_in", "C_out", "H", "W", "rate", "isa", "part", "algo", "ms", "auto_ms",
+COLUMNS = ["T", "N", "C_in", "C_out", "H", "W", "prune_rate", "rate", "isa", "part", "algo", "ms", "auto_ms",
            "auto_picks", "same_result"]
 
 
@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--rates", default="0.05,0.15,0.3,0.5")
     p.add_argument("--isas", default=None, help="comma list (default: every one this CPU runs)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--prune-rate", type=float, default=0.5,
+                   help="fraction of zero weights (default 0.5, the paper's)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="")
@@ -78,9 +80,11 @@ def main(argv=None) -> int:
     device = torch.device("cpu")
     info = machine_info(device)
     print(f"# {info['device']} | torch {torch.__version__} threads {torch.get_num_threads()} | "
-          f"binslt {binslt.__version__} ({info['commit']})")
+          f"binslt {binslt.__version__} ({info['git_commit']})")
     gen = torch.Generator().manual_seed(0)
-    w = torch.randint(-1, 2, (co, ci, 3, 3), generator=gen).float()
+    # Ternary weights at the paper's prune rate 0.5: half zero, the rest +-1.
+    w = torch.sign(torch.randn(co, ci, 3, 3, generator=gen))
+    w = w * (torch.rand(co, ci, 3, 3, generator=gen) >= args.prune_rate)
     wm, wp = ref.pack_weight_reference(w)
     alpha = torch.rand(co, generator=gen) * 0.1 + 0.05
     scale, shift = torch.ones(co), torch.zeros(co)
@@ -114,6 +118,7 @@ def main(argv=None) -> int:
                 picks = min(("dense", "event"), key=lambda a: abs(times[a] - times["auto"]))
                 for algo in ("dense", "event"):
                     rows.append(dict(T=T, N=N, C_in=ci, C_out=co, H=hw, W=hw, rate=rate, isa=isa,
+                                     prune_rate=args.prune_rate,
                                      part="forward", algo=algo, ms=times[algo],
                                      auto_ms=times["auto"], auto_picks=picks,
                                      same_result=same))
@@ -132,6 +137,7 @@ def main(argv=None) -> int:
                 picks = min(gx, key=lambda a: abs(times[a] - times["auto"]))
                 for algo in gx:
                     rows.append(dict(T=T, N=N, C_in=ci, C_out=co, H=hw, W=hw, rate=rate, isa=isa,
+                                     prune_rate=args.prune_rate,
                                      part="backward", algo=algo, ms=times[algo],
                                      auto_ms=times["auto"], auto_picks=picks,
                                      same_result=close))

@@ -167,7 +167,28 @@ static void gather_sum_base(const float* gzb, const int32_t* offs, int m, float*
 __attribute__((target("avx2"))) static void gather_sum_avx2(const float* gzb,
                                                             const int32_t* offs, int m, float* g,
                                                             int n) {
-  gather_sum_body(gzb, offs, m, g, n);
+  // Explicit: the generic body's 64-float accumulator array is not kept in ymm registers.
+  int c = 0;
+  for (; c + 64 <= n; c += 64) {
+    __m256 a[8];
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+    for (int e = 0; e < m; ++e) {
+      const float* src = gzb + offs[e] + c;
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_add_ps(a[j], _mm256_loadu_ps(src + 8 * j));
+    }
+    for (int j = 0; j < 8; ++j)
+      _mm256_storeu_ps(g + c + 8 * j, _mm256_add_ps(_mm256_loadu_ps(g + c + 8 * j), a[j]));
+  }
+  for (; c + 8 <= n; c += 8) {
+    __m256 a = _mm256_setzero_ps();
+    for (int e = 0; e < m; ++e) a = _mm256_add_ps(a, _mm256_loadu_ps(gzb + offs[e] + c));
+    _mm256_storeu_ps(g + c, _mm256_add_ps(_mm256_loadu_ps(g + c), a));
+  }
+  for (; c < n; ++c) {
+    float a = 0.0f;
+    for (int e = 0; e < m; ++e) a += gzb[offs[e] + c];
+    g[c] += a;
+  }
 }
 __attribute__((target("avx512f"))) static void gather_sum_avx512(const float* gzb,
                                                                  const int32_t* offs, int m,
@@ -884,14 +905,15 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
 
 __attribute__((target("avx512f"))) void transpose_f32_avx512(const float* src, float* dst,
                                                              int64_t R, int64_t C) {
-  transpose_f32_body(src, dst, R, C);
+  transpose_f32_body<16>(src, dst, R, C);
 }
 __attribute__((target("avx2"))) void transpose_f32_avx2(const float* src, float* dst, int64_t R,
                                                         int64_t C) {
-  transpose_f32_body(src, dst, R, C);
+  transpose_f32_body<8>(src, dst, R, C);
 }
 void transpose_f32_base(const float* src, float* dst, int64_t R, int64_t C) {
-  transpose_f32_body(src, dst, R, C);
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t j = 0; j < C; ++j) dst[j * R + i] = src[i * C + j];
 }
 
 // [B, C, H, W] float (contiguous) -> [B, H + 2*mt, W + 2*ml, C] contiguous with zero margins,
@@ -1218,10 +1240,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
 
   at::Tensor gx;
   const GxAlgo gxa = static_cast<GxAlgo>(g_gx_override.load());
-  // 'auto' takes the ternary kernel where rows fill its 16-lane vectors (W >= 16): on 8x8 and
-  // 4x4 maps most lanes would idle and oneDNN measured faster.
-  const bool ternary_gx = stride == 1 && active_isa() == Isa::kAvx512 &&
-                          (gxa == GxAlgo::kTernary || (gxa == GxAlgo::kAuto && s.W >= 16));
+  // 'auto' takes the ternary kernel where rows fill its 16-lane vectors (W >= 16; on 8x8 and
+  // 4x4 maps most lanes would idle) and at most ~55 % of the weights are nonzero: its work is
+  // proportional to them, and it measured ~10 % ahead of oneDNN at prune rate 0.5 on the anchor
+  // layer but ~6 % behind with 2/3 of the weights nonzero (benchmarks/cpu_algos.py).
+  bool ternary_gx = stride == 1 && active_isa() == Isa::kAvx512 &&
+                    (gxa == GxAlgo::kTernary || (gxa == GxAlgo::kAuto && s.W >= 16));
+  if (ternary_gx && gxa == GxAlgo::kAuto) {
+    const uint32_t* mb = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
+    int64_t nnz = 0;
+    for (int64_t i = 0; i < w_mask.numel(); ++i) nnz += __builtin_popcount(mb[i]);
+    ternary_gx = nnz <= 0.55 * static_cast<double>(s.Co * s.KH * s.KW * in_channels);
+  }
   if (need_grad_x && ternary_gx) {
     gx = at::empty({s.T, s.N, in_channels, s.H, s.W}, fopts);
     grad_x_ternary_avx512(s, in_channels, gz.data_ptr<float>(),

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace binslt {
 namespace cpu {
@@ -77,20 +78,42 @@ static inline __attribute__((always_inline)) void transpose16x16(v16f32 r[16]) {
   }
 }
 
-// dst[j * R + i] = src[i * C + j] for one [R][C] float matrix (i < R, j < C).
+typedef float v8f32 __attribute__((vector_size(32)));
+
+static inline __attribute__((always_inline)) void transpose8x8(v8f32 r[8]) {
+  for (int round = 0; round < 3; ++round) {
+    v8f32 o[8];
+    for (int i = 0; i < 4; ++i) {
+      o[2 * i] = __builtin_shufflevector(r[i], r[i + 4], 0, 8, 1, 9, 2, 10, 3, 11);
+      o[2 * i + 1] = __builtin_shufflevector(r[i], r[i + 4], 4, 12, 5, 13, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; ++i) r[i] = o[i];
+  }
+}
+
+// dst[j * R + i] = src[i * C + j] for one [R][C] float matrix (i < R, j < C), in VxV register
+// tiles: V = 16 where the target has 64-byte registers, 8 otherwise (wider GCC vectors than the
+// registers compile to slow code).
+template <int V>
 static inline __attribute__((always_inline)) void transpose_f32_body(const float* src,
                                                                      float* dst, int64_t R,
                                                                      int64_t C) {
+  // Loads and stores through memcpy: a template argument drops the aligned(4) attribute of the
+  // unaligned vector typedefs (GCC), which would turn them into aligned moves.
+  using Vec = typename std::conditional<V == 16, v16f32, v8f32>::type;
   int64_t i0 = 0;
-  for (; i0 + 16 <= R; i0 += 16) {
+  for (; i0 + V <= R; i0 += V) {
     int64_t j0 = 0;
-    for (; j0 + 16 <= C; j0 += 16) {
-      v16f32 r[16];
-      for (int i = 0; i < 16; ++i) r[i] = *reinterpret_cast<const v16f32u*>(src + (i0 + i) * C + j0);
-      transpose16x16(r);
-      for (int j = 0; j < 16; ++j) *reinterpret_cast<v16f32u*>(dst + (j0 + j) * R + i0) = r[j];
+    for (; j0 + V <= C; j0 += V) {
+      Vec r[V];
+      for (int i = 0; i < V; ++i) std::memcpy(&r[i], src + (i0 + i) * C + j0, sizeof(Vec));
+      if constexpr (V == 16)
+        transpose16x16(r);
+      else
+        transpose8x8(r);
+      for (int j = 0; j < V; ++j) std::memcpy(dst + (j0 + j) * R + i0, &r[j], sizeof(Vec));
     }
-    for (int64_t i = i0; i < i0 + 16; ++i)
+    for (int64_t i = i0; i < i0 + V; ++i)
       for (int64_t j = j0; j < C; ++j) dst[j * R + i] = src[i * C + j];
   }
   for (int64_t i = i0; i < R; ++i)

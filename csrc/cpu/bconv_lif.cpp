@@ -108,12 +108,14 @@ std::string cpu_isa() { return isa_name(active_isa()); }
 enum class Algo : int { kAuto = -1, kDense = 0, kEvent = 1 };
 static std::atomic<int> g_algo_override{static_cast<int>(Algo::kAuto)};
 
-// Below this fraction of set bits in the packed input the event kernel is the faster one. Measured
-// on the anchor layer (T=4 N=16 128->128 16x16, one thread, AMD EPYC Zen 4, op only):
-//   avx512: event 4.7 vs dense 6.2 ms at 15 %, 7.3 vs 7.8 at 30 %, 10.6 vs 5.6 at 50 %;
-//   avx2  : event 6.0 vs dense 14.8 ms at 15 %, and still ahead at 70 %;
-//   popcnt: event ahead of the scalar popcount at 50 % and 70 % (about 2x).
-static double event_max_rate(Isa isa) { return isa == Isa::kAvx512 ? 0.30 : 0.75; }
+// Below this fraction of set bits in the packed input the event kernel is the faster one.
+// Measured with benchmarks/cpu_algos.py (anchor layer T=4 N=16 128->128 16x16, prune rate 0.5,
+// 2 threads, AMD EPYC Zen 4, op only, training BN), dense vs event forward in ms:
+//   avx512: 3.56/2.57 at 5 %, 4.00/3.34 at 15 %, 3.59/4.47 at 30 %, 3.59/6.14 at 50 %;
+//   avx2  : 8.19/2.82 at 5 %, 8.44/3.84 at 15 %, 8.20/5.13 at 30 %, 8.48/6.74 at 50 %;
+//   popcnt: 28.3/6.8 at 15 %, 27.6/12.6 at 50 %.
+// so the crossover is ~22 % on AVX-512 and above 50 % elsewhere.
+static double event_max_rate(Isa isa) { return isa == Isa::kAvx512 ? 0.22 : 0.75; }
 
 void set_cpu_conv_algo(const std::string& name) {
   Algo want;

@@ -18,9 +18,11 @@ typedef int16_t v16i16 __attribute__((vector_size(32)));
 typedef int16_t v16i16u __attribute__((vector_size(32), aligned(2)));
 typedef int32_t v16i32u __attribute__((vector_size(64), aligned(4)));
 
-static inline __attribute__((always_inline)) void transpose16x16(v16i16 r[16]) {
+// Any 16-lane GCC vector type (int16 or float rows).
+template <typename V16>
+static inline __attribute__((always_inline)) void transpose16x16(V16 r[16]) {
   for (int round = 0; round < 4; ++round) {
-    v16i16 o[16];
+    V16 o[16];
     for (int i = 0; i < 8; ++i) {
       o[2 * i] = __builtin_shufflevector(r[i], r[i + 8], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
                                          6, 22, 7, 23);
@@ -63,21 +65,6 @@ static inline __attribute__((always_inline)) void transpose_store_body(const ST*
 }
 
 typedef float v16f32 __attribute__((vector_size(64)));
-typedef float v16f32u __attribute__((vector_size(64), aligned(4)));
-
-static inline __attribute__((always_inline)) void transpose16x16(v16f32 r[16]) {
-  for (int round = 0; round < 4; ++round) {
-    v16f32 o[16];
-    for (int i = 0; i < 8; ++i) {
-      o[2 * i] = __builtin_shufflevector(r[i], r[i + 8], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
-                                         6, 22, 7, 23);
-      o[2 * i + 1] = __builtin_shufflevector(r[i], r[i + 8], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28,
-                                             13, 29, 14, 30, 15, 31);
-    }
-    for (int i = 0; i < 16; ++i) r[i] = o[i];
-  }
-}
-
 typedef float v8f32 __attribute__((vector_size(32)));
 
 static inline __attribute__((always_inline)) void transpose8x8(v8f32 r[8]) {

@@ -7,13 +7,14 @@
 // innermost, CoB = Co rounded up to 64, zero-filled). The spikes of the padded input window are
 // listed once per image as byte offsets ci*CoB into a tap's table (EventList). Per output pixel the
 // columns are added in int8 lanes (64 output channels per 512-bit vector), which is exact for up to
-// 127 events; every 127 events the lanes are widened into the int32 output row. At a 15 % firing
-// rate a 128-channel 3x3 pixel sees ~170 events, against 36 AND+popcount word pairs per 16
-// channels for the bit-parallel kernels (bconv_popcount.h), so this wins at low rates and the
-// bit-parallel kernels win at high rates (the caller picks by the measured rate).
+// 127 events; every 127 events the lanes are widened into the int16 output row (the caller only
+// takes this path where every count fits int16). At a 15 % firing rate a 128-channel 3x3 pixel
+// sees ~170 events, against 36 AND+popcount word pairs per 16 channels for the bit-parallel
+// kernels (bconv_popcount.h), so this wins at low rates and the bit-parallel kernels win at high
+// rates (the caller picks by the measured rate).
 //
-// One body in GCC vector extensions, compiled three times: AVX-512BW, AVX2 and the x86-64
-// baseline (SSE2) or any other target (the compiler lowers the 64-byte vectors to what it has).
+// One body in GCC vector extensions, compiled three times with the target's own vector width:
+// AVX-512BW (64 bytes), AVX2 (32) and the x86-64 baseline (16).
 #pragma once
 
 #include <immintrin.h>

@@ -379,27 +379,20 @@ at::Tensor event_table(const ConvShape& s, const uint32_t* mask, const uint32_t*
   return wt;
 }
 
-// One output row of counts: tile [Wo][ostride] (channel-last) -> dst [c][ox] (c stride S), and
-// with sums != nullptr the exact per-channel sums of the counts and of their squares.
+template <typename ST>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void transpose_store_avx512(
-    const int16_t* tile, int64_t stride, int64_t Wo, int64_t Co, int16_t* dst, int64_t S) {
+    const ST* tile, int64_t stride, int64_t Wo, int64_t Co, int16_t* dst, int64_t S) {
   transpose_store_body(tile, stride, Wo, Co, dst, S);
 }
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void transpose_store_avx512(
-    const int32_t* tile, int64_t stride, int64_t Wo, int64_t Co, int16_t* dst, int64_t S) {
-  transpose_store_body(tile, stride, Wo, Co, dst, S);
-}
-__attribute__((target("avx2"))) void transpose_store_avx2(const int16_t* tile, int64_t stride,
-                                                          int64_t Wo, int64_t Co, int16_t* dst,
-                                                          int64_t S) {
-  transpose_store_body(tile, stride, Wo, Co, dst, S);
-}
-__attribute__((target("avx2"))) void transpose_store_avx2(const int32_t* tile, int64_t stride,
+template <typename ST>
+__attribute__((target("avx2"))) void transpose_store_avx2(const ST* tile, int64_t stride,
                                                           int64_t Wo, int64_t Co, int16_t* dst,
                                                           int64_t S) {
   transpose_store_body(tile, stride, Wo, Co, dst, S);
 }
 
+// One output row of counts: tile [Wo][ostride] (channel-last) -> dst [c][ox] (c stride S), and
+// with sums != nullptr the exact per-channel sums of the counts and of their squares.
 template <typename ST, typename CT>
 inline void store_counts(Isa isa, const ST* tile, int64_t ostride, int64_t Wo, int64_t Co,
                          CT* dst, int64_t S, int64_t* sums) {
@@ -474,7 +467,7 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const PackedW& pw,
   const RowFn fn = row_fn(isa);
   const bool event = wt != nullptr;
   const EventFn efn = event_fn(isa);
-  const int64_t ostride = event ? CoB : pw.CoP;  // row stride of the int32 count tile
+  const int64_t ostride = event ? CoB : pw.CoP;  // row stride of the count tile
 
   // Tile: image n, R output rows, all T and all channels.
   const int64_t nthreads = at::get_num_threads();
@@ -726,13 +719,6 @@ void lif_bn_backward(const ConvShape& s, const CT* counts, const float* gs, cons
   });
 }
 
-// dL/dW_eff[co][ci][ky][kx] = sum over output positions of dZ * x (x binary: no multiplies).
-// Per image: list where each input channel spiked, then for each (channel, tap) sum the dZ channel
-// vectors of the output pixels those spikes feed, in registers, and add the sum into the thread's
-// gradient row once. The image's dZ (channel-last) stays in L2.
-// gz_cl is [B, Ho + 2*mt, Wo + 2*ml, Co] with zero margins (channels_last_copy): with stride 1
-// every (spike, tap) then lands inside it, so a tap only shifts the base pointer of one offset
-// list per channel (no per-tap bounds checks); other strides check each position.
 // Where each input channel of one image spiked: positions (py, px) and, for stride 1, the offset
 // of the output pixel its last tap (KH-1, KW-1) feeds in the margined dZ image (>= 0).
 struct SpikeLists {
@@ -800,38 +786,47 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
   const int64_t Hz = s.Ho + 2 * mt, Wz = s.Wo + 2 * ml;  // the margined dZ image
   const bool unit = s.stride == 1;
 
+  const int64_t img = Hz * Wz * s.Co;  // floats per margined dZ image
+  // Stride 1: tap (ky, kx) of a spike with base offset o reads dZ at o + tap_shift(ky, kx).
+  auto tap_shift = [&](int64_t ky, int64_t kx) {
+    return ((s.KH - 1 - ky) * Wz + (s.KW - 1 - kx)) * s.Co;
+  };
+  // Other strides: appends, for tap (ky, kx), the dZ offsets (image b's at b * img) of the spikes
+  // of channel ci in image b that land on an output pixel.
+  auto strided_offsets = [&](const SpikeLists& L, int64_t b, int64_t ci, int64_t ky, int64_t kx,
+                             std::vector<int32_t>& offs) {
+    const int dy = static_cast<int>(s.padding - ky), dx = static_cast<int>(s.padding - kx);
+    const int ho = static_cast<int>(s.Ho), wo = static_cast<int>(s.Wo);
+    const int st = static_cast<int>(s.stride);
+    for (int32_t e = L.start[ci]; e < L.start[ci + 1]; ++e) {
+      const int oyn = L.py[e] + dy, oxn = L.px[e] + dx;
+      if (oyn < 0 || oxn < 0 || oyn % st != 0 || oxn % st != 0) continue;
+      const int oy = oyn / st, ox = oxn / st;
+      if (oy >= ho || ox >= wo) continue;
+      offs.push_back(static_cast<int32_t>(b * img + ((oy + mt) * Wz + (ox + ml)) * s.Co));
+    }
+  };
+
   // Adds channel ci's sums over image b (lists L) into G[ci] rows.
   auto accumulate = [&](const SpikeLists& L, int64_t b, int64_t ci, float* Gci,
                         std::vector<int32_t>& offs) {
     const int32_t e0 = L.start[ci], e1 = L.start[ci + 1];
     if (e0 == e1) return;
-    const float* gzb = dz + b * Hz * Wz * s.Co;
     for (int64_t ky = 0; ky < s.KH; ++ky)
       for (int64_t kx = 0; kx < s.KW; ++kx) {
         float* gout = Gci + (ky * s.KW + kx) * s.Co;
         if (unit) {
-          const int64_t shift = ((s.KH - 1 - ky) * Wz + (s.KW - 1 - kx)) * s.Co;
-          gsum(gzb + shift, L.base.data() + e0, e1 - e0, gout, co);
+          gsum(dz + b * img + tap_shift(ky, kx), L.base.data() + e0, e1 - e0, gout, co);
           continue;
         }
-        int m = 0;
-        const int dy = static_cast<int>(s.padding - ky), dx = static_cast<int>(s.padding - kx);
-        const int ho = static_cast<int>(s.Ho), wo = static_cast<int>(s.Wo);
-        const int st = static_cast<int>(s.stride);
-        for (int32_t e = e0; e < e1; ++e) {
-          const int oyn = L.py[e] + dy, oxn = L.px[e] + dx;
-          if (oyn < 0 || oxn < 0 || oyn % st != 0 || oxn % st != 0) continue;
-          const int oy = oyn / st, ox = oxn / st;
-          if (oy >= ho || ox >= wo) continue;
-          offs[m++] = static_cast<int32_t>(((oy + mt) * Wz + (ox + ml)) * s.Co);
-        }
-        if (m > 0) gsum(gzb, offs.data(), m, gout, co);
+        offs.clear();
+        strided_offsets(L, b, ci, ky, kx, offs);
+        if (!offs.empty()) gsum(dz, offs.data(), static_cast<int>(offs.size()), gout, co);
       }
   };
 
   at::Tensor g = at::zeros({Ci, s.KH, s.KW, s.Co}, gz_cl.options());
   float* gp = g.data_ptr<float>();
-  const int64_t img = Hz * Wz * s.Co;  // floats per margined dZ image
   const bool by_channel = per * static_cast<int64_t>(sizeof(float)) > (1 << 20) &&
                           s.B * img < (int64_t{1} << 31);  // offsets over all images fit int32
   if (by_channel) {
@@ -853,27 +848,14 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
           if (offs.empty()) continue;
           for (int64_t ky = 0; ky < s.KH; ++ky)
             for (int64_t kx = 0; kx < s.KW; ++kx)
-              gsum(dz + ((s.KH - 1 - ky) * Wz + (s.KW - 1 - kx)) * s.Co, offs.data(),
-                   static_cast<int>(offs.size()), Gci + (ky * s.KW + kx) * s.Co, co);
+              gsum(dz + tap_shift(ky, kx), offs.data(), static_cast<int>(offs.size()),
+                   Gci + (ky * s.KW + kx) * s.Co, co);
           continue;
         }
-        const int ho = static_cast<int>(s.Ho), wo = static_cast<int>(s.Wo);
-        const int st = static_cast<int>(s.stride);
         for (int64_t ky = 0; ky < s.KH; ++ky)
           for (int64_t kx = 0; kx < s.KW; ++kx) {
             offs.clear();
-            const int dy = static_cast<int>(s.padding - ky);
-            const int dx = static_cast<int>(s.padding - kx);
-            for (int64_t b = 0; b < s.B; ++b) {
-              const SpikeLists& L = lists[b];
-              for (int32_t e = L.start[ci]; e < L.start[ci + 1]; ++e) {
-                const int oyn = L.py[e] + dy, oxn = L.px[e] + dx;
-                if (oyn < 0 || oxn < 0 || oyn % st != 0 || oxn % st != 0) continue;
-                const int oy = oyn / st, ox = oxn / st;
-                if (oy >= ho || ox >= wo) continue;
-                offs.push_back(static_cast<int32_t>(b * img + ((oy + mt) * Wz + (ox + ml)) * s.Co));
-              }
-            }
+            for (int64_t b = 0; b < s.B; ++b) strided_offsets(lists[b], b, ci, ky, kx, offs);
             if (!offs.empty())
               gsum(dz, offs.data(), static_cast<int>(offs.size()),
                    Gci + (ky * s.KW + kx) * s.Co, co);
@@ -886,7 +868,7 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
       const int th = at::get_thread_num();
       float* G = th == 0 ? gp : partial.data() + (th - 1) * per;
       SpikeLists L;
-      std::vector<int32_t> offs(HW);
+      std::vector<int32_t> offs;
       for (int64_t b = b0; b < b1; ++b) {
         L.build(xp + b * HW * s.Cw, s, Ci, mt, ml, Wz);
         for (int64_t ci = 0; ci < Ci; ++ci)

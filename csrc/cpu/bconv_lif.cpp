@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -243,13 +244,39 @@ EventFn event_fn(Isa isa) {
   }
 }
 
-// Fraction of set bits among the packed input words.
+// Fraction of set bits among the packed input words (runs before every forward: hardware
+// popcount where the CPU has it, in parallel; the scalar loop measured 0.13 ms on the anchor).
+static inline __attribute__((always_inline)) int64_t count_bits_body(const uint64_t* p,
+                                                                     int64_t n) {
+  int64_t bits = 0;
+  for (int64_t i = 0; i < n; ++i) bits += __builtin_popcountll(p[i]);
+  return bits;
+}
+__attribute__((target("popcnt"))) static int64_t count_bits_popcnt(const uint64_t* p,
+                                                                   int64_t n) {
+  return count_bits_body(p, n);
+}
+static int64_t count_bits_base(const uint64_t* p, int64_t n) { return count_bits_body(p, n); }
+
 double packed_rate(const at::Tensor& x_packed) {
   const uint32_t* p = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
   const int64_t n = x_packed.numel();
   if (n == 0) return 0.0;
-  int64_t bits = 0;
-  for (int64_t i = 0; i < n; ++i) bits += __builtin_popcount(p[i]);
+  auto fn = isa_supported(Isa::kPopcnt) ? &count_bits_popcnt : &count_bits_base;
+  const int64_t n64 = n / 2;
+  int64_t bits = at::parallel_reduce(
+      0, n64, 16384, int64_t{0},
+      [&](int64_t i0, int64_t i1, int64_t acc) {
+        uint64_t buf[64];
+        for (int64_t i = i0; i < i1; i += 64) {  // memcpy: the words are only 4-byte aligned
+          const int64_t m = std::min<int64_t>(64, i1 - i);
+          std::memcpy(buf, p + 2 * i, static_cast<size_t>(m) * 8);
+          acc += fn(buf, m);
+        }
+        return acc;
+      },
+      std::plus<int64_t>());
+  if (n % 2) bits += __builtin_popcount(p[n - 1]);
   return static_cast<double>(bits) / (32.0 * static_cast<double>(n));
 }
 

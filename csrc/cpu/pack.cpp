@@ -14,46 +14,46 @@
 namespace binslt {
 namespace cpu {
 
-// One image row: words[w * Cw + wd] for all w, from the channel planes of row h. The loop over a
-// block of W positions is innermost so that it vectorizes (compare + select + or per lane).
+// One word column of one image: words[i * Cw] for the positions i in [0, P) of word wd, from
+// the channel planes of its (up to) 32 channels. Those planes are contiguous in x, so the reads
+// stream through memory in order (the first version went row by row across all C planes: C
+// streams at once, ~2x slower from DRAM). The position loop is innermost so that it vectorizes
+// (compare + select + or per lane).
 // Returns true when some element is neither 0 nor 1 (NaN included): spikes must be binary, and
 // checking here costs nothing extra, unlike a separate pass in Python.
-static inline __attribute__((always_inline)) bool pack_row_body(const float* x, int64_t C,
-                                                                int64_t plane, int64_t W,
-                                                                int64_t Cw, uint32_t* orow) {
-  constexpr int64_t kBlk = 64;
+static inline __attribute__((always_inline)) bool pack_word_body(const float* x, int64_t nch,
+                                                                 int64_t P, int64_t Cw,
+                                                                 uint32_t* out) {
+  constexpr int64_t kBlk = 1024;
   uint32_t word[kBlk];
   uint32_t bad = 0u;
-  for (int64_t w0 = 0; w0 < W; w0 += kBlk) {
-    const int64_t nb = std::min<int64_t>(kBlk, W - w0);
-    for (int64_t wd = 0; wd < Cw; ++wd) {
-      for (int64_t j = 0; j < kBlk; ++j) word[j] = 0u;
-      const int64_t c1 = std::min<int64_t>(C, wd * 32 + 32);
-      for (int64_t c = wd * 32; c < c1; ++c) {
-        const float* xr = x + c * plane + w0;
-        const uint32_t bit = 1u << (c & 31);
-        for (int64_t j = 0; j < nb; ++j) {
-          word[j] |= (xr[j] != 0.0f) ? bit : 0u;
-          bad |= (xr[j] != 0.0f && xr[j] != 1.0f) ? 1u : 0u;
-        }
+  for (int64_t i0 = 0; i0 < P; i0 += kBlk) {
+    const int64_t nb = std::min<int64_t>(kBlk, P - i0);
+    for (int64_t j = 0; j < nb; ++j) word[j] = 0u;
+    for (int64_t c = 0; c < nch; ++c) {
+      const float* xr = x + c * P + i0;
+      const uint32_t bit = 1u << c;
+      for (int64_t j = 0; j < nb; ++j) {
+        word[j] |= (xr[j] != 0.0f) ? bit : 0u;
+        bad |= (xr[j] != 0.0f && xr[j] != 1.0f) ? 1u : 0u;
       }
-      for (int64_t j = 0; j < nb; ++j) orow[(w0 + j) * Cw + wd] = word[j];
     }
+    for (int64_t j = 0; j < nb; ++j) out[(i0 + j) * Cw] = word[j];
   }
   return bad != 0u;
 }
-static bool pack_row_base(const float* x, int64_t C, int64_t plane, int64_t W, int64_t Cw,
-                          uint32_t* orow) {
-  return pack_row_body(x, C, plane, W, Cw, orow);
+static bool pack_word_base(const float* x, int64_t nch, int64_t P, int64_t Cw, uint32_t* out) {
+  return pack_word_body(x, nch, P, Cw, out);
 }
-__attribute__((target("avx2"))) static bool pack_row_avx2(const float* x, int64_t C,
-                                                          int64_t plane, int64_t W, int64_t Cw,
-                                                          uint32_t* orow) {
-  return pack_row_body(x, C, plane, W, Cw, orow);
+__attribute__((target("avx2"))) static bool pack_word_avx2(const float* x, int64_t nch,
+                                                           int64_t P, int64_t Cw, uint32_t* out) {
+  return pack_word_body(x, nch, P, Cw, out);
 }
-__attribute__((target("avx512f,avx512bw"))) static bool pack_row_avx512(
-    const float* x, int64_t C, int64_t plane, int64_t W, int64_t Cw, uint32_t* orow) {
-  return pack_row_body(x, C, plane, W, Cw, orow);
+__attribute__((target("avx512f,avx512bw"))) static bool pack_word_avx512(const float* x,
+                                                                         int64_t nch, int64_t P,
+                                                                         int64_t Cw,
+                                                                         uint32_t* out) {
+  return pack_word_body(x, nch, P, Cw, out);
 }
 
 // x: [B, C, H, W] float (values exactly 0/1, else ValueError) -> [B, H, W, ceil(C/32)] int32
@@ -69,15 +69,18 @@ at::Tensor pack_spikes_cpu(const at::Tensor& x_in) {
   const float* xp = x.data_ptr<float>();
   uint32_t* op = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
   __builtin_cpu_init();
-  auto fn = __builtin_cpu_supports("avx512bw") ? &pack_row_avx512
-            : __builtin_cpu_supports("avx2")   ? &pack_row_avx2
-                                               : &pack_row_base;
+  auto fn = __builtin_cpu_supports("avx512bw") ? &pack_word_avx512
+            : __builtin_cpu_supports("avx2")   ? &pack_word_avx2
+                                               : &pack_word_base;
+  const int64_t P = H * W;
   std::atomic<bool> bad{false};
-  at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Cw, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 32 * P)),
+                   [&](int64_t begin, int64_t end) {
     bool any = false;
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      any |= fn(xp + (b * C * H + h) * W, C, H * W, W, Cw, op + bh * W * Cw);
+    for (int64_t bw = begin; bw < end; ++bw) {
+      const int64_t b = bw / Cw, wd = bw % Cw;
+      const int64_t nch = std::min<int64_t>(32, C - 32 * wd);
+      any |= fn(xp + (b * C + 32 * wd) * P, nch, P, Cw, op + b * P * Cw + wd);
     }
     if (any) bad.store(true, std::memory_order_relaxed);
   });

@@ -43,6 +43,13 @@ SCHEMAS: dict[str, str] = {
         "float bn_eps, float tau, bool decay_input, float v_threshold, float? v_reset) "
         "-> (Tensor, Tensor, Tensor, Tensor)"
     ),
+    # Inference form of bconv_lif (eval epilogue, nothing saved for a backward): the spikes only.
+    # The CPU kernel keeps each tile's counts in a per-thread buffer and never writes them out.
+    "bconv_lif_infer": (
+        "bconv_lif_infer(Tensor x_packed, Tensor w_mask, Tensor w_pos, Tensor alpha, "
+        "Tensor scale, Tensor shift, Tensor? residual, int T, int stride, int padding, float tau, "
+        "bool decay_input, float v_threshold, float? v_reset) -> Tensor"
+    ),
     # Backward of bconv_lif, recomputing H from the saved integer counts.
     #   grad_spikes: [T, N, Co, Ho, Wo] float32
     # -> grad_x [T, N, Ci, H, W] float32 (empty [0] when not need_grad_x),

@@ -137,6 +137,24 @@ def bconv_lif_triton(x_packed: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.
     return spikes, counts, mean, var
 
 
+@triton_op("binslt::bconv_lif_infer_triton", mutates_args=(), schema=_schema("bconv_lif_infer"))
+def bconv_lif_infer_triton(x_packed: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.Tensor,
+                           alpha: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                           residual: torch.Tensor | None, T: int, stride: int, padding: int,
+                           tau: float, decay_input: bool, v_threshold: float,
+                           v_reset: float | None) -> torch.Tensor:
+    """bconv_lif's spikes with the eval epilogue; the kernel writes no counts."""
+    op = "bconv_lif_infer"
+    _check_neuron(tau, op)
+    _check_bconv(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride, padding, op)
+    xp, wm, wp = x_packed.contiguous(), w_mask.contiguous(), w_pos.contiguous()
+    al, sc, sh, res = _f32(alpha), _f32(scale), _f32(shift), _f32(residual)
+    spikes, _, _, _ = K.bconv_counts(xp, wm, wp, al, sc, sh, res, T, stride, padding, True,
+                                     _counts_dtype(w_mask), tau, decay_input, v_threshold,
+                                     v_reset, store_counts=False)
+    return spikes
+
+
 @triton_op("binslt::bconv_lif_bwd_triton", mutates_args=(), schema=_schema("bconv_lif_bwd"))
 def bconv_lif_bwd_triton(grad_spikes: torch.Tensor, counts: torch.Tensor, x_packed: torch.Tensor,
                          w_mask: torch.Tensor, w_pos: torch.Tensor, alpha: torch.Tensor,
@@ -253,6 +271,7 @@ TRITON_OPS = {
     "unpack_spikes": unpack_spikes_triton,
     "pack_weight": pack_weight_triton,
     "bconv_lif": bconv_lif_triton,
+    "bconv_lif_infer": bconv_lif_infer_triton,
     "bconv_lif_bwd": bconv_lif_bwd_triton,
     "bn_lif": bn_lif_triton,
     "bn_lif_bwd": bn_lif_bwd_triton,

@@ -337,10 +337,9 @@ class BinSpikeConv2d(_MaskedSignWeight):
         nk = self.neuron
         xp = ops.get_op("pack_spikes", backend)(x.reshape(T * n, c, h, w).float())
         res = None if residual is None else residual.float().contiguous()
-        s, _, mean, var = ops.get_op("bconv_lif", backend)(
-            xp, w_mask, w_pos, alpha.float(), scale.float(),
-            shift.float(), res, T, self.stride, self.padding, bn_train, self._eps(), nk.tau,
-            nk.decay_input, nk.v_threshold, nk.v_reset)
+        s, mean, var = ops.packed_conv_lif(
+            xp, w_mask, w_pos, alpha, scale, shift, res, T, self.stride, self.padding, bn_train,
+            self._eps(), nk.tau, nk.decay_input, nk.v_threshold, nk.v_reset, backend)
         if bn_train:
             _update_running_stats(self.bn, mean, var, s.numel() // self.out_channels)
         return s.to(x.dtype)
@@ -421,10 +420,9 @@ class BinSpikeLinear(_MaskedSignWeight):
         xp = ops.get_op("pack_spikes", backend)(x.reshape(T * n, f, 1, 1).float())
         o = self.out_features  # explicit sizes: -1 is ambiguous when N = 0
         res = None if residual is None else residual.reshape(T, n, o, 1, 1).float().contiguous()
-        s, _, mean, var = ops.get_op("bconv_lif", backend)(
-            xp, w_mask, w_pos, alpha.float(), scale.float(),
-            shift.float(), res, T, 1, 0, bn_train, eps, nk.tau, nk.decay_input, nk.v_threshold,
-            nk.v_reset)
+        s, mean, var = ops.packed_conv_lif(
+            xp, w_mask, w_pos, alpha, scale, shift, res, T, 1, 0, bn_train, eps, nk.tau,
+            nk.decay_input, nk.v_threshold, nk.v_reset, backend)
         if bn_train:
             _update_running_stats(self.bn, mean, var, T * n)
         return s.view(T, n, o).to(x.dtype)

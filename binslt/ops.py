@@ -36,8 +36,18 @@ def _has_kernel(name: str, key: str) -> bool:
 
 # Where a compiled kernel is missing, the reference serves that dispatch key, so torch.ops.binslt
 # works on every device (slowly). backends() reports what is compiled.
+# bconv_lif_infer without a kernel of its own runs that device's bconv_lif (compiled where it is)
+# and drops the counts.
+def _infer_via_bconv_lif(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride,
+                         padding, tau, decay_input, v_threshold, v_reset):
+    return torch.ops.binslt.bconv_lif(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T,
+                                      stride, padding, False, 1e-5, tau, decay_input,
+                                      v_threshold, v_reset)[0]
+
+
+_FALLBACKS = dict(ref.REFERENCE_OPS, bconv_lif_infer=_infer_via_bconv_lif)
 _fallback_lib = torch.library.Library("binslt", "IMPL")
-for _name, _fn in ref.REFERENCE_OPS.items():
+for _name, _fn in _FALLBACKS.items():
     for _key in ("CPU", "CUDA"):
         if not _has_kernel(_name, _key):
             _fallback_lib.impl(_name, _fn, _key)
@@ -106,6 +116,17 @@ def _(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride, padding
         x_packed.new_empty((co,), dtype=torch.float32),
         x_packed.new_empty((co,), dtype=torch.float32),
     )
+
+
+@torch.library.register_fake("binslt::bconv_lif_infer")
+def _(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride, padding, tau,
+      decay_input, v_threshold, v_reset):
+    _same_device("bconv_lif_infer", x_packed=x_packed, w_mask=w_mask, w_pos=w_pos, alpha=alpha,
+                 scale=scale, shift=shift, residual=residual)
+    b, h, w, _ = x_packed.shape
+    co, kh, kw, _ = w_mask.shape
+    ho, wo = _out_hw(h, w, kh, kw, stride, padding)
+    return x_packed.new_empty((T, b // T, co, ho, wo), dtype=torch.float32)
 
 
 @torch.library.register_fake("binslt::bconv_lif_bwd")
@@ -363,6 +384,22 @@ def bn_lif(z, scale, shift, residual=None, *, bn_train=False, bn_eps=1e-5, tau=2
     return BNLIF.apply(z, scale, shift, residual, bn_train, bn_eps, float(tau), decay_input,
                        float(v_threshold), None if v_reset is None else float(v_reset),
                        detach_reset, sid, float(surrogate_alpha), be)
+
+
+def packed_conv_lif(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T: int, stride: int,
+                    padding: int, bn_train: bool, bn_eps: float, tau: float, decay_input: bool,
+                    v_threshold: float, v_reset: Optional[float], backend: str):
+    """No-grad binary conv + LIF from packed operands -> (spikes, mean, var). With the eval
+    epilogue it runs ``bconv_lif_infer`` (no counts are written); training BN needs
+    ``bconv_lif``'s batch statistics (mean and var are None otherwise)."""
+    args = (x_packed, w_mask, w_pos, alpha.float(), scale.float(), shift.float(), residual, T,
+            stride, padding)
+    if bn_train:
+        s, _, mean, var = get_op("bconv_lif", backend)(*args, True, bn_eps, tau, decay_input,
+                                                       v_threshold, v_reset)
+        return s, mean, var
+    s = get_op("bconv_lif_infer", backend)(*args, tau, decay_input, v_threshold, v_reset)
+    return s, None, None
 
 
 def pack_spikes(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:

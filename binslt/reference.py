@@ -370,6 +370,13 @@ def bconv_lif_reference(x_packed, w_mask, w_pos, alpha, scale, shift, residual, 
     return s, counts.round().to(_counts_dtype(k)), mean, var
 
 
+def bconv_lif_infer_reference(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride,
+                              padding, tau, decay_input, v_threshold, v_reset):
+    """Schema ``binslt::bconv_lif_infer`` -> spikes (bconv_lif's, eval epilogue)."""
+    return bconv_lif_reference(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride,
+                               padding, False, 1e-5, tau, decay_input, v_threshold, v_reset)[0]
+
+
 def bconv_lif_bwd_reference(grad_spikes, counts, x_packed, w_mask, w_pos, alpha, scale, shift,
                             mean, var, residual, in_channels, stride, padding, bn_train, bn_eps,
                             tau, decay_input, v_threshold, v_reset, detach_reset, surrogate,
@@ -439,6 +446,7 @@ REFERENCE_OPS = {
     "unpack_spikes": unpack_spikes_reference,
     "pack_weight": pack_weight_reference,
     "bconv_lif": bconv_lif_reference,
+    "bconv_lif_infer": bconv_lif_infer_reference,
     "bconv_lif_bwd": bconv_lif_bwd_reference,
     "bn_lif": bn_lif_reference,
     "bn_lif_bwd": bn_lif_bwd_reference,

@@ -84,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     fwd_ptrs = dict(x_ptr="*i32", wm_ptr="*i32", wp_ptr="*i32", alpha_ptr="*fp32",
                     scale_ptr="*fp32", shift_ptr="*fp32", res_ptr="*fp32", spk_ptr="*fp32",
                     cnt_ptr="*i16", sum_ptr="*i64", sq_ptr="*i64")
-    for fuse in (True, False):
-        run(f"bconv_fwd fuse_lif={fuse}", fwd.fn, fwd_ptrs,
-            dict(KH=k, KW=k, FUSE_LIF=fuse, HAS_RES=fuse, DECAY_INPUT=True, HARD=fuse),
+    for fuse, store in ((True, True), (False, True), (True, False)):
+        run(f"bconv_fwd fuse_lif={fuse} store_counts={store}", fwd.fn, fwd_ptrs,
+            dict(KH=k, KW=k, FUSE_LIF=fuse, STORE_COUNTS=store, HAS_RES=fuse, DECAY_INPUT=True,
+                 HARD=fuse),
             fwd.configs)
     dg, wg = B._bconv_dgrad_kernel, B._bconv_wgrad_kernel
     run("bconv_dgrad", dg.fn, dict(gz_ptr="*fp32", wm_ptr="*i32", wp_ptr="*i32",

@@ -21,6 +21,8 @@ popcount is used at all (the tensor-core path replaces it, DESIGN.md section 2).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -60,7 +62,7 @@ _GRAD_CONFIGS = autotune_configs(
 )
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["M", "Co", "CW", "T", "FUSE_LIF"],
+@triton.autotune(configs=_FWD_CONFIGS, key=["M", "Co", "CW", "T", "FUSE_LIF", "STORE_COUNTS"],
                  reset_to_zero=["sum_ptr", "sq_ptr"])
 @triton.jit
 def _bconv_fwd_kernel(
@@ -72,7 +74,7 @@ def _bconv_fwd_kernel(
     shift_ptr,  # [Co] float32
     res_ptr,  # [T, Nb, Co, Ho, Wo] float32 (HAS_RES)
     spk_ptr,  # [T, Nb, Co, Ho, Wo] float32 out (FUSE_LIF)
-    cnt_ptr,  # [T, Nb, Co, Ho, Wo] int16/int32 out
+    cnt_ptr,  # [T, Nb, Co, Ho, Wo] int16/int32 out (STORE_COUNTS)
     sum_ptr,  # [Co] int64 accumulated sum of counts (not FUSE_LIF)
     sq_ptr,  # [Co] int64 accumulated sum of counts^2 (not FUSE_LIF)
     T,
@@ -91,6 +93,7 @@ def _bconv_fwd_kernel(
     KH: tl.constexpr,
     KW: tl.constexpr,
     FUSE_LIF: tl.constexpr,
+    STORE_COUNTS: tl.constexpr,  # False only with FUSE_LIF (inference: no backward)
     HAS_RES: tl.constexpr,
     DECAY_INPUT: tl.constexpr,
     HARD: tl.constexpr,
@@ -151,7 +154,8 @@ def _bconv_fwd_kernel(
                     wt = tl.reshape(wt, (WORDS * 32, BLOCK_N))
                     acc = tl.dot(a, wt, acc, out_dtype=tl.int32)
         o = out_off + t * step
-        tl.store(cnt_ptr + o, acc.to(cnt_ptr.dtype.element_ty), mask=out_ok)
+        if STORE_COUNTS:
+            tl.store(cnt_ptr + o, acc.to(cnt_ptr.dtype.element_ty), mask=out_ok)
         if FUSE_LIF:
             z = acc.to(tl.float32) * alpha
             y = z * scale + shift
@@ -311,23 +315,26 @@ def bconv_counts(x_packed: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.Tens
                  alpha: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                  residual: torch.Tensor | None, T: int, stride: int, padding: int,
                  fuse_lif: bool, counts_dtype: torch.dtype, tau: float, decay_input: bool,
-                 v_threshold: float, v_reset: float | None):
+                 v_threshold: float, v_reset: float | None, store_counts: bool = True):
     """Run the conv kernel. -> (spikes or None, counts [T, Nb, Co, Ho, Wo], sum, sumsq [Co] int64
-    (zeros when ``fuse_lif``))."""
+    (zeros when ``fuse_lif``)). ``store_counts=False`` (inference, needs ``fuse_lif``): counts is
+    an empty tensor and the kernel writes none."""
+    if not (store_counts or fuse_lif):
+        raise ValueError("bconv_counts: store_counts=False needs fuse_lif=True")
     bt, h, w, cw = x_packed.shape
     co, kh, kw, _ = w_mask.shape
     nb = bt // T
     ho, wo = out_hw(h, w, kh, kw, stride, padding)
     dev = x_packed.device
     shape = (T, nb, co, ho, wo)
-    counts = torch.empty(shape, dtype=counts_dtype, device=dev)
+    counts = torch.empty(shape if store_counts else (0,), dtype=counts_dtype, device=dev)
     spikes = torch.empty(shape, dtype=torch.float32, device=dev) if fuse_lif else None
     s1 = torch.zeros(co, dtype=torch.int64, device=dev)
     s2 = torch.zeros(co, dtype=torch.int64, device=dev)
-    check_int32_index(counts.numel(), "bconv_lif output")
+    check_int32_index(math.prod(shape), "bconv_lif output")
     check_int32_index(x_packed.numel(), "x_packed")
     m = nb * ho * wo
-    if counts.numel() == 0:
+    if math.prod(shape) == 0:
         return spikes, counts, s1, s2
     spk_arg = spikes if fuse_lif else alpha
     res_arg = residual if residual is not None else spk_arg
@@ -336,10 +343,12 @@ def bconv_counts(x_packed: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.Tens
         return (cdiv(m, meta["BLOCK_M"]), cdiv(co, meta["BLOCK_N"]))
 
     launch(_bconv_fwd_kernel, grid,
-        x_packed, w_mask, w_pos, alpha, scale, shift, res_arg, spk_arg, counts, s1, s2,
+        x_packed, w_mask, w_pos, alpha, scale, shift, res_arg, spk_arg,
+        counts if store_counts else spk_arg, s1, s2,
         T, m, h, w, cw, co, ho, wo, stride, padding, float(tau), float(v_threshold),
         0.0 if v_reset is None else float(v_reset),
-        KH=kh, KW=kw, FUSE_LIF=bool(fuse_lif), HAS_RES=residual is not None,
+        KH=kh, KW=kw, FUSE_LIF=bool(fuse_lif), STORE_COUNTS=bool(store_counts),
+        HAS_RES=residual is not None,
         DECAY_INPUT=bool(decay_input), HARD=v_reset is not None)
     return spikes, counts, s1, s2
 

@@ -82,7 +82,8 @@ def algo_auto():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 33, 7, 5), (2, 64, 4, 3), (2, 65, 3, 2)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 33, 7, 5), (2, 64, 4, 3), (2, 65, 3, 2),
+                                   (2, 40, 33, 35)])  # > 1024 positions: two blocks
 def test_pack_unpack_exact(shape):
     x = (torch.rand(shape) < 0.4).float()
     p = OPS.pack_spikes(x)
@@ -217,6 +218,8 @@ def test_bconv_lif_forward(geom, bn_train, v_reset, decay_input, residual, algo,
         torch.testing.assert_close(var, rvar, rtol=1e-5, atol=1e-7)
     else:
         assert not mean.any() and not var.any()
+        # The inference form (counts kept in a per-thread tile buffer) gives the same spikes.
+        assert torch.equal(OPS.bconv_lif_infer(*args[:10], *args[12:]), s)
     z64 = rcounts.double() * c["alpha"].double().view(1, 1, -1, 1, 1)
     keep = _untied(_ref_h64(z64, c, nk), nk["v_threshold"])
     assert keep.float().mean() > 0.9
@@ -235,11 +238,12 @@ def test_bconv_popcount_paths_agree(isa, geom, algo, isa_auto, algo_auto):
     CPU._set_cpu_isa(isa)
     CPU._set_cpu_conv_algo(algo)
     assert CPU._cpu_isa() == isa
-    _, counts, _, _ = OPS.bconv_lif(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"],
-                                    c["shift"], None, c["T"], c["stride"], c["padding"], False,
-                                    1e-5, 2.0, True, 1.0, 0.0)
+    fwd = (c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, c["T"],
+           c["stride"], c["padding"])
+    s, counts, _, _ = OPS.bconv_lif(*fwd, False, 1e-5, 2.0, True, 1.0, 0.0)
     want = ref.bconv_count_reference(c["xp"], c["wm"], c["wp"], c["stride"], c["padding"])
     assert torch.equal(counts.flatten(0, 1).float(), want)
+    assert torch.equal(OPS.bconv_lif_infer(*fwd, 2.0, True, 1.0, 0.0), s)
     # The weight-gradient gather also has per-path code: check it against float64.
     gz = torch.randn(counts.shape, generator=torch.Generator().manual_seed(5))
     args = (gz, counts, c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"],
@@ -284,9 +288,12 @@ def test_bconv_counts_int32_when_large():
     wm, wp = ref.pack_weight_reference(torch.ones(2, 40, 29, 29))
     xp = ref.pack_spikes_reference(torch.ones(1, 40, 29, 29))
     assert ops.counts_dtype(wm) == torch.int32
-    _, counts, _, _ = OPS.bconv_lif(xp, wm, wp, torch.ones(2), torch.ones(2), torch.zeros(2),
-                                    None, 1, 1, 0, False, 1e-5, 2.0, True, 1.0, 0.0)
+    alpha = torch.tensor([1e-4, 1e-5])  # z = 3.364 and 0.3364: one spikes, one does not
+    fwd = (xp, wm, wp, alpha, torch.ones(2), torch.zeros(2), None, 1, 1, 0)
+    s, counts, _, _ = OPS.bconv_lif(*fwd, False, 1e-5, 2.0, True, 1.0, 0.0)
     assert counts.dtype == torch.int32 and counts.flatten().tolist() == [40 * 29 * 29] * 2
+    assert s.flatten().tolist() == [1.0, 0.0]
+    assert torch.equal(OPS.bconv_lif_infer(*fwd, 2.0, True, 1.0, 0.0), s)
 
 
 def test_bconv_lif_errors():
@@ -535,6 +542,8 @@ def _opcheck_samples():
                        c["T"], 1, 1, True, 1e-5, 2.0, True, 1.0, 0.0)),
         ("bconv_lif", (c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None,
                        c["T"], 2, 0, False, 1e-5, 5.0, False, 0.5, None)),
+        ("bconv_lif_infer", (c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"],
+                             c["res"], c["T"], 1, 1, 2.0, True, 1.0, 0.0)),
         ("bconv_lif_bwd", (gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"],
                            c["shift"], fwd[2], fwd[3], c["res"], 33, 1, 1, True, 1e-5, 2.0,
                            True, 1.0, 0.0, True, 0, 2.0, True)),

@@ -450,36 +450,40 @@ inline void store_counts(Isa isa, const ST* tile, int64_t ostride, int64_t Wo, i
 // compiler from fusing it into FMAs, so the spikes do not depend on the CPU.
 template <typename CT>
 static inline __attribute__((always_inline)) void lif_counts_body(
-    int T, int L, const CT* cr, float a, const ChannelAffine& aff, const float* res, int64_t ts,
-    const NeuronParams& p, float* out) {
-  auto zat = [cr, a, ts](int t, int i) { return static_cast<float>(cr[t * ts + i]) * a; };
+    int T, int L, const CT* cr, int64_t cts, float a, const ChannelAffine& aff, const float* res,
+    int64_t ts, const NeuronParams& p, float* out) {
+  auto zat = [cr, a, cts](int t, int i) { return static_cast<float>(cr[t * cts + i]) * a; };
   lif_forward_row(T, L, zat, aff, res, ts, p, out);
 }
 template <typename CT>
-__attribute__((target("avx512f"))) void lif_counts_avx512(int T, int L, const CT* cr, float a,
+__attribute__((target("avx512f"))) void lif_counts_avx512(int T, int L, const CT* cr,
+                                                          int64_t cts, float a,
                                                           const ChannelAffine& aff,
                                                           const float* res, int64_t ts,
                                                           const NeuronParams& p, float* out) {
-  lif_counts_body(T, L, cr, a, aff, res, ts, p, out);
+  lif_counts_body(T, L, cr, cts, a, aff, res, ts, p, out);
 }
 template <typename CT>
-__attribute__((target("avx2"))) void lif_counts_avx2(int T, int L, const CT* cr, float a,
-                                                     const ChannelAffine& aff, const float* res,
-                                                     int64_t ts, const NeuronParams& p,
-                                                     float* out) {
-  lif_counts_body(T, L, cr, a, aff, res, ts, p, out);
+__attribute__((target("avx2"))) void lif_counts_avx2(int T, int L, const CT* cr, int64_t cts,
+                                                     float a, const ChannelAffine& aff,
+                                                     const float* res, int64_t ts,
+                                                     const NeuronParams& p, float* out) {
+  lif_counts_body(T, L, cr, cts, a, aff, res, ts, p, out);
 }
 template <typename CT>
-void lif_counts(Isa isa, int T, int L, const CT* cr, float a, const ChannelAffine& aff,
-                const float* res, int64_t ts, const NeuronParams& p, float* out) {
+void lif_counts(Isa isa, int T, int L, const CT* cr, int64_t cts, float a,
+                const ChannelAffine& aff, const float* res, int64_t ts, const NeuronParams& p,
+                float* out) {
   if (isa == Isa::kAvx512)
-    lif_counts_avx512(T, L, cr, a, aff, res, ts, p, out);
+    lif_counts_avx512(T, L, cr, cts, a, aff, res, ts, p, out);
   else if (isa == Isa::kAvx2)
-    lif_counts_avx2(T, L, cr, a, aff, res, ts, p, out);
+    lif_counts_avx2(T, L, cr, cts, a, aff, res, ts, p, out);
   else
-    lif_counts_body(T, L, cr, a, aff, res, ts, p, out);
+    lif_counts_body(T, L, cr, cts, a, aff, res, ts, p, out);
 }
 
+// counts == nullptr (inference, eval epilogue only): each tile's counts live in a per-thread
+// buffer [T][Co][R*Wo] and never reach memory (no 2-byte-per-neuron write and read back).
 template <typename CT>
 void forward_impl(const ConvShape& s, const at::Tensor& xpad, const PackedW& pw,
                   const uint32_t* pos_orig, const int8_t* wt, int64_t CoB, const float* alpha, const float* scale,
@@ -506,7 +510,11 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const PackedW& pw,
   std::vector<ChannelAffine> aff(s.Co);
   for (int64_t c = 0; c < s.Co; ++c) aff[c] = ChannelAffine{0.0f, 1.0f, scale[c], shift[c], false};
 
+  const bool infer = counts == nullptr;
+  TORCH_INTERNAL_ASSERT(!(infer && bn_train), "bconv_lif: inference needs the eval epilogue");
+  const int64_t Lmax = R * s.Wo;  // neurons per channel in a tile
   at::parallel_for(0, s.N * row_blocks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<CT> loc(infer ? s.T * s.Co * Lmax : 0);
     std::vector<int32_t> tmp(event ? 0 : s.Wo * ostride);
     std::vector<int16_t> tmp16(event ? s.Wo * ostride : 0);
     EventList ev;
@@ -559,11 +567,13 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const PackedW& pw,
             g.iy0 = static_cast<int>(oy * s.stride);
             fn(g, tmp.data());
           }
-          CT* crow = counts + (b * s.Co) * S + oy * s.Wo;
+          CT* crow = infer ? loc.data() + t * s.Co * Lmax + (oy - oy0) * s.Wo
+                           : counts + (b * s.Co) * S + oy * s.Wo;
+          const int64_t cs = infer ? Lmax : S;
           if (event)
-            store_counts(isa, tmp16.data(), ostride, s.Wo, s.Co, crow, S, my_sums);
+            store_counts(isa, tmp16.data(), ostride, s.Wo, s.Co, crow, cs, my_sums);
           else
-            store_counts(isa, tmp.data(), ostride, s.Wo, s.Co, crow, S, my_sums);
+            store_counts(isa, tmp.data(), ostride, s.Wo, s.Co, crow, cs, my_sums);
         }
       }
       if (bn_train) continue;
@@ -571,8 +581,9 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const PackedW& pw,
       const int L = static_cast<int>((oy1 - oy0) * s.Wo);
       for (int64_t c = 0; c < s.Co; ++c) {
         const int64_t off = (n * s.Co + c) * S + oy0 * s.Wo;
-        lif_counts(isa, static_cast<int>(s.T), L, counts + off, alpha[c], aff[c],
-                   res ? res + off : nullptr, ts, p, spikes + off);
+        const CT* cr = infer ? loc.data() + c * Lmax : counts + off;
+        lif_counts(isa, static_cast<int>(s.T), L, cr, infer ? s.Co * Lmax : ts, alpha[c],
+                   aff[c], res ? res + off : nullptr, ts, p, spikes + off);
       }
     }
   });
@@ -600,7 +611,7 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const PackedW& pw,
       const int64_t c = nc % s.Co;
       const int L = static_cast<int>(std::min<int64_t>(kRowChunk, S - s0));
       const int64_t off = nc * S + s0;
-      lif_counts(isa, static_cast<int>(s.T), L, counts + off, alpha[c], aff[c],
+      lif_counts(isa, static_cast<int>(s.T), L, counts + off, ts, alpha[c], aff[c],
                  res ? res + off : nullptr, ts, p, spikes + off);
     }
   });
@@ -610,14 +621,14 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const PackedW& pw,
 
 // x_packed: [T*N, H, W, Cw] int32; w_mask, w_pos: [Co, kh, kw, Cw] int32;
 // alpha, scale, shift: [Co] float32; residual: [T, N, Co, Ho, Wo] float32 or None
-// -> spikes [T, N, Co, Ho, Wo] float32, counts [T, N, Co, Ho, Wo] int16/int32, mean, var [Co]
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_cpu(
-    const at::Tensor& x_packed_in, const at::Tensor& w_mask_in, const at::Tensor& w_pos_in,
-    const at::Tensor& alpha_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
-    const std::optional<at::Tensor>& residual_in, int64_t T, int64_t stride, int64_t padding,
-    bool bn_train, double bn_eps, double tau, bool decay_input, double v_threshold,
-    std::optional<double> v_reset) {
-  const char* op = "bconv_lif";
+// -> spikes [T, N, Co, Ho, Wo] float32, counts [T, N, Co, Ho, Wo] int16/int32 (undefined when
+// infer), mean, var [Co]
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_run(
+    const char* op, const at::Tensor& x_packed_in, const at::Tensor& w_mask_in,
+    const at::Tensor& w_pos_in, const at::Tensor& alpha_in, const at::Tensor& scale_in,
+    const at::Tensor& shift_in, const std::optional<at::Tensor>& residual_in, int64_t T,
+    int64_t stride, int64_t padding, bool bn_train, double bn_eps, double tau, bool decay_input,
+    double v_threshold, std::optional<double> v_reset, bool infer) {
   const ConvShape s = check_conv(x_packed_in, w_mask_in, w_pos_in, T, stride, padding, op);
   const at::Tensor alpha = channel_vec(alpha_in, op, "alpha", s.Co);
   const at::Tensor scale = channel_vec(scale_in, op, "scale", s.Co);
@@ -650,22 +661,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_cpu(
 
   const auto opts = x_packed_in.options();
   at::Tensor spikes = at::empty(oshape, opts.dtype(at::kFloat));
-  at::Tensor counts = at::empty(oshape, opts.dtype(counts_dtype(s)));
+  at::Tensor counts;
+  if (!infer) counts = at::empty(oshape, opts.dtype(counts_dtype(s)));
   at::Tensor mean = at::zeros({s.Co}, opts.dtype(at::kFloat));
   at::Tensor var = at::zeros({s.Co}, opts.dtype(at::kFloat));
   const float* rp = res ? res->data_ptr<float>() : nullptr;
-  if (counts.scalar_type() == at::kShort) {
+  if (counts_dtype(s) == at::kShort) {
     forward_impl<int16_t>(s, xpad, pw, pos_masked.data(), wtp, CoB, alpha.data_ptr<float>(),
                           scale.data_ptr<float>(), shift.data_ptr<float>(), rp, bn_train, bn_eps,
-                          p, counts.data_ptr<int16_t>(), spikes.data_ptr<float>(),
-                          mean.data_ptr<float>(), var.data_ptr<float>());
+                          p, infer ? nullptr : counts.data_ptr<int16_t>(),
+                          spikes.data_ptr<float>(), mean.data_ptr<float>(),
+                          var.data_ptr<float>());
   } else {
     forward_impl<int32_t>(s, xpad, pw, pos_masked.data(), wtp, CoB, alpha.data_ptr<float>(),
                           scale.data_ptr<float>(), shift.data_ptr<float>(), rp, bn_train, bn_eps,
-                          p, counts.data_ptr<int32_t>(), spikes.data_ptr<float>(),
-                          mean.data_ptr<float>(), var.data_ptr<float>());
+                          p, infer ? nullptr : counts.data_ptr<int32_t>(),
+                          spikes.data_ptr<float>(), mean.data_ptr<float>(),
+                          var.data_ptr<float>());
   }
   return {spikes, counts, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_cpu(
+    const at::Tensor& x_packed, const at::Tensor& w_mask, const at::Tensor& w_pos,
+    const at::Tensor& alpha, const at::Tensor& scale, const at::Tensor& shift,
+    const std::optional<at::Tensor>& residual, int64_t T, int64_t stride, int64_t padding,
+    bool bn_train, double bn_eps, double tau, bool decay_input, double v_threshold,
+    std::optional<double> v_reset) {
+  return bconv_lif_run("bconv_lif", x_packed, w_mask, w_pos, alpha, scale, shift, residual, T,
+                       stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset,
+                       false);
+}
+
+// Inference (eval epilogue, no backward): spikes only.
+at::Tensor bconv_lif_infer_cpu(const at::Tensor& x_packed, const at::Tensor& w_mask,
+                               const at::Tensor& w_pos, const at::Tensor& alpha,
+                               const at::Tensor& scale, const at::Tensor& shift,
+                               const std::optional<at::Tensor>& residual, int64_t T,
+                               int64_t stride, int64_t padding, double tau, bool decay_input,
+                               double v_threshold, std::optional<double> v_reset) {
+  return std::get<0>(bconv_lif_run("bconv_lif_infer", x_packed, w_mask, w_pos, alpha, scale,
+                                   shift, residual, T, stride, padding, false, 1e-5, tau,
+                                   decay_input, v_threshold, v_reset, true));
 }
 
 namespace {
@@ -1288,5 +1325,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
 
 TORCH_LIBRARY_IMPL(binslt, CPU, m) {
   m.impl("bconv_lif", &binslt::cpu::bconv_lif_cpu);
+  m.impl("bconv_lif_infer", &binslt::cpu::bconv_lif_infer_cpu);
   m.impl("bconv_lif_bwd", &binslt::cpu::bconv_lif_bwd_cpu);
 }

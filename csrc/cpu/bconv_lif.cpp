@@ -382,26 +382,29 @@ PackedW repack(const ConvShape& s, const uint32_t* mask, const uint32_t* pos) {
   return pw;
 }
 
-// The ternary weight sign(w)*M as int8 [KH*KW][32*Cw][CoB] (output channels innermost, zero
-// padding), the table of the event kernel.
+// The ternary weight sign(w)*M as int8 [KH][32*Cw][KW][CoB] (output channels innermost, zero
+// padding), the table of the event kernel (see bconv_event.h for why kx sits inside ci).
 at::Tensor event_table(const ConvShape& s, const uint32_t* mask, const uint32_t* pos,
                        int64_t CoB) {
   const int64_t Ci = 32 * s.Cw, K = s.KH * s.KW;
   at::Tensor wt = at::zeros({K * Ci * CoB}, at::TensorOptions().dtype(at::kChar));
   int8_t* w = wt.data_ptr<int8_t>();
-  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k)
-      for (int64_t o = 0; o < s.Co; ++o)
-        for (int64_t q = 0; q < s.Cw; ++q) {
-          const size_t idx = (o * K + k) * s.Cw + q;
-          uint32_t m = mask[idx];
-          const uint32_t pz = pos[idx];
-          while (m) {
-            const int j = __builtin_ctz(m);
-            m &= m - 1;
-            w[(k * Ci + 32 * q + j) * CoB + o] = ((pz >> j) & 1u) ? 1 : -1;
-          }
+  // Parallel over (tap, input word): each task writes its own 32 input-channel rows.
+  at::parallel_for(0, K * s.Cw, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t k = i / s.Cw, q = i % s.Cw;
+      const int64_t ky = k / s.KW, kx = k % s.KW;
+      for (int64_t o = 0; o < s.Co; ++o) {
+        const size_t idx = (o * K + k) * s.Cw + q;
+        uint32_t m = mask[idx];
+        const uint32_t pz = pos[idx];
+        while (m) {
+          const int j = __builtin_ctz(m);
+          m &= m - 1;
+          w[((ky * Ci + 32 * q + j) * s.KW + kx) * CoB + o] = ((pz >> j) & 1u) ? 1 : -1;
         }
+      }
+    }
   });
   return wt;
 }
@@ -555,7 +558,8 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const PackedW& pw,
         if (event) {
           const int64_t r1 = (oy1 - 1) * s.stride + s.KH;
           ev.build(g.img + r0 * Wp * s.Cw, static_cast<int>(r1 - r0), static_cast<int>(Wp),
-                   static_cast<int>(s.Cw), static_cast<int>(CoB), isa == Isa::kAvx512);
+                   static_cast<int>(s.Cw), static_cast<int>(s.KW * CoB), static_cast<int>(CoB),
+                   isa == Isa::kAvx512);
           eg.start = ev.start.data();
           eg.off = ev.off.data();
         }

@@ -387,23 +387,30 @@ PackedW repack(const ConvShape& s, const uint32_t* mask, const uint32_t* pos) {
 at::Tensor event_table(const ConvShape& s, const uint32_t* mask, const uint32_t* pos,
                        int64_t CoB) {
   const int64_t Ci = 32 * s.Cw, K = s.KH * s.KW;
-  at::Tensor wt = at::zeros({K * Ci * CoB}, at::TensorOptions().dtype(at::kChar));
+  // The planes as [K][Cw][Co], so that a table row reads its Co words contiguously.
+  std::vector<uint32_t> mt(K * s.Cw * s.Co), pt(K * s.Cw * s.Co);
+  for (int64_t o = 0; o < s.Co; ++o)
+    for (int64_t kq = 0; kq < K * s.Cw; ++kq) {
+      mt[kq * s.Co + o] = mask[o * K * s.Cw + kq];
+      pt[kq * s.Co + o] = pos[o * K * s.Cw + kq];
+    }
+  at::Tensor wt = at::empty({K * Ci * CoB}, at::TensorOptions().dtype(at::kChar));
   int8_t* w = wt.data_ptr<int8_t>();
-  // Parallel over (tap, input word): each task writes its own 32 input-channel rows.
-  at::parallel_for(0, K * s.Cw, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t k = i / s.Cw, q = i % s.Cw;
-      const int64_t ky = k / s.KW, kx = k % s.KW;
+  // Every byte written once, branch-free (this runs on every forward): row (ky, ci, kx).
+  at::parallel_for(0, s.KH * Ci * s.KW, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t ky = r / (Ci * s.KW), ci = (r / s.KW) % Ci, kx = r % s.KW;
+      const int64_t kq = (ky * s.KW + kx) * s.Cw + (ci >> 5);
+      const int j = static_cast<int>(ci & 31);
+      const uint32_t* mrow = mt.data() + kq * s.Co;
+      const uint32_t* prow = pt.data() + kq * s.Co;
+      int8_t* dst = w + r * CoB;
       for (int64_t o = 0; o < s.Co; ++o) {
-        const size_t idx = (o * K + k) * s.Cw + q;
-        uint32_t m = mask[idx];
-        const uint32_t pz = pos[idx];
-        while (m) {
-          const int j = __builtin_ctz(m);
-          m &= m - 1;
-          w[((ky * Ci + 32 * q + j) * s.KW + kx) * CoB + o] = ((pz >> j) & 1u) ? 1 : -1;
-        }
+        const int m = static_cast<int>((mrow[o] >> j) & 1u);
+        const int sg = static_cast<int>((prow[o] >> j) & 1u);
+        dst[o] = static_cast<int8_t>(m * (2 * sg - 1));
       }
+      for (int64_t o = s.Co; o < CoB; ++o) dst[o] = 0;
     }
   });
   return wt;

@@ -111,12 +111,17 @@ static std::atomic<int> g_algo_override{static_cast<int>(Algo::kAuto)};
 
 // Below this fraction of set bits in the packed input the event kernel is the faster one.
 // Measured with benchmarks/cpu_algos.py (anchor layer T=4 N=16 128->128 16x16, prune rate 0.5,
-// 2 threads, AMD EPYC Zen 4, op only, training BN), dense vs event forward in ms:
-//   avx512: 3.56/2.57 at 5 %, 4.00/3.34 at 15 %, 3.59/4.47 at 30 %, 3.59/6.14 at 50 %;
-//   avx2  : 8.19/2.82 at 5 %, 8.44/3.84 at 15 %, 8.20/5.13 at 30 %, 8.48/6.74 at 50 %;
-//   popcnt: 28.3/6.8 at 15 %, 27.6/12.6 at 50 %.
-// so the crossover is ~22 % on AVX-512 and above 50 % elsewhere.
-static double event_max_rate(Isa isa) { return isa == Isa::kAvx512 ? 0.22 : 0.75; }
+// 2 threads, AMD EPYC Zen 4, op only, training BN), dense vs event forward in ms, event kernel
+// with one loop per kernel row (session 3):
+//   avx512: 3.32/2.00 at 5 %, 3.51/2.76 at 15 %, 3.31/3.06 at 22 %, 3.35/3.66 at 30 %,
+//           3.29/5.08 at 50 %;
+//   avx2  : 8.02/2.21 at 5 %, 7.73/3.75 at 22 %, 7.95/6.38 at 50 %, 7.60/7.60 at 60 %,
+//           8.58/10.35 at 70 %;
+//   popcnt: 27.5/14.1 at 60 %, 28.3/16.7 at 70 % (scalar: no faster dense kernel either).
+// so the crossover is ~26 % on AVX-512, ~60 % on AVX2 and above 70 % without vector units.
+static double event_max_rate(Isa isa) {
+  return isa == Isa::kAvx512 ? 0.26 : isa == Isa::kAvx2 ? 0.6 : 0.75;
+}
 
 void set_cpu_conv_algo(const std::string& name) {
   Algo want;

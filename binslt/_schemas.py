@@ -43,12 +43,16 @@ SCHEMAS: dict[str, str] = {
         "float bn_eps, float tau, bool decay_input, float v_threshold, float? v_reset) "
         "-> (Tensor, Tensor, Tensor, Tensor)"
     ),
-    # Inference form of bconv_lif (eval epilogue, nothing saved for a backward): the spikes only.
-    # The CPU kernel keeps each tile's counts in a per-thread buffer and never writes them out.
+    # Inference form of bconv_lif (eval epilogue, nothing saved for a backward), straight from
+    # float spikes: x [T, N, C, H, W] float, values in {0, 1} (the CPU kernel raises ValueError
+    # otherwise; the layers check before the other backends)
+    # -> spikes [T, N, Co, Ho, Wo] float32, those of bconv_lif(pack_spikes(x), ...).
+    # The CPU kernel packs each tile's input rows itself and keeps its counts in a per-thread
+    # buffer: neither a packed copy of the input nor the counts are written out.
     "bconv_lif_infer": (
-        "bconv_lif_infer(Tensor x_packed, Tensor w_mask, Tensor w_pos, Tensor alpha, "
-        "Tensor scale, Tensor shift, Tensor? residual, int T, int stride, int padding, float tau, "
-        "bool decay_input, float v_threshold, float? v_reset) -> Tensor"
+        "bconv_lif_infer(Tensor x, Tensor w_mask, Tensor w_pos, Tensor alpha, Tensor scale, "
+        "Tensor shift, Tensor? residual, int stride, int padding, float tau, bool decay_input, "
+        "float v_threshold, float? v_reset) -> Tensor"
     ),
     # Backward of bconv_lif, recomputing H from the saved integer counts.
     #   grad_spikes: [T, N, Co, Ho, Wo] float32

@@ -138,14 +138,20 @@ def bconv_lif_triton(x_packed: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.
 
 
 @triton_op("binslt::bconv_lif_infer_triton", mutates_args=(), schema=_schema("bconv_lif_infer"))
-def bconv_lif_infer_triton(x_packed: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.Tensor,
+def bconv_lif_infer_triton(x: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.Tensor,
                            alpha: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                           residual: torch.Tensor | None, T: int, stride: int, padding: int,
+                           residual: torch.Tensor | None, stride: int, padding: int,
                            tau: float, decay_input: bool, v_threshold: float,
                            v_reset: float | None) -> torch.Tensor:
-    """bconv_lif's spikes with the eval epilogue; the kernel writes no counts."""
+    """bconv_lif's spikes of float spikes x [T, N, C, H, W], eval epilogue; the conv kernel
+    writes no counts."""
     op = "bconv_lif_infer"
     _check_neuron(tau, op)
+    if x.dim() != 5:
+        raise ValueError(f"binslt::{op}_triton: x must be spikes [T, N, C, H, W], got shape "
+                         f"{tuple(x.shape)}")
+    T = x.shape[0]
+    x_packed = K.pack_spikes(x.flatten(0, 1))
     _check_bconv(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride, padding, op)
     xp, wm, wp = x_packed.contiguous(), w_mask.contiguous(), w_pos.contiguous()
     al, sc, sh, res = _f32(alpha), _f32(scale), _f32(shift), _f32(residual)

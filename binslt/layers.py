@@ -332,13 +332,11 @@ class BinSpikeConv2d(_MaskedSignWeight):
     def _forward_packed(self, x, residual, scale, shift, bn_train, backend):
         """Inference straight from the packed weight bits (frozen tickets, or any no-grad call:
         the packing is cached by ``packed_weight``)."""
-        T, n, c, h, w = x.shape
         w_mask, w_pos, alpha = self.packed_weight()
         nk = self.neuron
-        xp = ops.get_op("pack_spikes", backend)(x.reshape(T * n, c, h, w).float())
         res = None if residual is None else residual.float().contiguous()
         s, mean, var = ops.packed_conv_lif(
-            xp, w_mask, w_pos, alpha, scale, shift, res, T, self.stride, self.padding, bn_train,
+            x, w_mask, w_pos, alpha, scale, shift, res, self.stride, self.padding, bn_train,
             self._eps(), nk.tau, nk.decay_input, nk.v_threshold, nk.v_reset, backend)
         if bn_train:
             _update_running_stats(self.bn, mean, var, s.numel() // self.out_channels)
@@ -417,12 +415,11 @@ class BinSpikeLinear(_MaskedSignWeight):
         T, n, f = x.shape
         nk = self.neuron
         w_mask, w_pos, alpha = self.packed_weight()
-        xp = ops.get_op("pack_spikes", backend)(x.reshape(T * n, f, 1, 1).float())
         o = self.out_features  # explicit sizes: -1 is ambiguous when N = 0
         res = None if residual is None else residual.reshape(T, n, o, 1, 1).float().contiguous()
         s, mean, var = ops.packed_conv_lif(
-            xp, w_mask, w_pos, alpha, scale, shift, res, T, 1, 0, bn_train, eps, nk.tau,
-            nk.decay_input, nk.v_threshold, nk.v_reset, backend)
+            x.reshape(T, n, f, 1, 1), w_mask, w_pos, alpha, scale, shift, res, 1, 0, bn_train,
+            eps, nk.tau, nk.decay_input, nk.v_threshold, nk.v_reset, backend)
         if bn_train:
             _update_running_stats(self.bn, mean, var, T * n)
         return s.view(T, n, o).to(x.dtype)

@@ -36,11 +36,16 @@ def _has_kernel(name: str, key: str) -> bool:
 
 # Where a compiled kernel is missing, the reference serves that dispatch key, so torch.ops.binslt
 # works on every device (slowly). backends() reports what is compiled.
-# bconv_lif_infer without a kernel of its own runs that device's bconv_lif (compiled where it is)
-# and drops the counts.
-def _infer_via_bconv_lif(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride,
-                         padding, tau, decay_input, v_threshold, v_reset):
-    return torch.ops.binslt.bconv_lif(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T,
+# bconv_lif_infer without a kernel of its own runs that device's pack_spikes and bconv_lif
+# (compiled where they are) and drops the counts.
+def _infer_via_bconv_lif(x, w_mask, w_pos, alpha, scale, shift, residual, stride, padding, tau,
+                         decay_input, v_threshold, v_reset):
+    if x.dim() != 5:
+        raise ValueError(f"binslt::bconv_lif_infer: x must be spikes [T, N, C, H, W], got shape "
+                         f"{tuple(x.shape)}")
+    T = x.shape[0]
+    xp = torch.ops.binslt.pack_spikes(x.flatten(0, 1))
+    return torch.ops.binslt.bconv_lif(xp, w_mask, w_pos, alpha, scale, shift, residual, T,
                                       stride, padding, False, 1e-5, tau, decay_input,
                                       v_threshold, v_reset)[0]
 
@@ -119,14 +124,14 @@ def _(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride, padding
 
 
 @torch.library.register_fake("binslt::bconv_lif_infer")
-def _(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride, padding, tau,
-      decay_input, v_threshold, v_reset):
-    _same_device("bconv_lif_infer", x_packed=x_packed, w_mask=w_mask, w_pos=w_pos, alpha=alpha,
-                 scale=scale, shift=shift, residual=residual)
-    b, h, w, _ = x_packed.shape
+def _(x, w_mask, w_pos, alpha, scale, shift, residual, stride, padding, tau, decay_input,
+      v_threshold, v_reset):
+    _same_device("bconv_lif_infer", x=x, w_mask=w_mask, w_pos=w_pos, alpha=alpha, scale=scale,
+                 shift=shift, residual=residual)
+    T, n, _, h, w = x.shape
     co, kh, kw, _ = w_mask.shape
     ho, wo = _out_hw(h, w, kh, kw, stride, padding)
-    return x_packed.new_empty((T, b // T, co, ho, wo), dtype=torch.float32)
+    return x.new_empty((T, n, co, ho, wo), dtype=torch.float32)
 
 
 @torch.library.register_fake("binslt::bconv_lif_bwd")
@@ -386,19 +391,22 @@ def bn_lif(z, scale, shift, residual=None, *, bn_train=False, bn_eps=1e-5, tau=2
                        detach_reset, sid, float(surrogate_alpha), be)
 
 
-def packed_conv_lif(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T: int, stride: int,
-                    padding: int, bn_train: bool, bn_eps: float, tau: float, decay_input: bool,
+def packed_conv_lif(x, w_mask, w_pos, alpha, scale, shift, residual, stride: int, padding: int,
+                    bn_train: bool, bn_eps: float, tau: float, decay_input: bool,
                     v_threshold: float, v_reset: Optional[float], backend: str):
-    """No-grad binary conv + LIF from packed operands -> (spikes, mean, var). With the eval
-    epilogue it runs ``bconv_lif_infer`` (no counts are written); training BN needs
-    ``bconv_lif``'s batch statistics (mean and var are None otherwise)."""
-    args = (x_packed, w_mask, w_pos, alpha.float(), scale.float(), shift.float(), residual, T,
-            stride, padding)
+    """No-grad binary conv + LIF of spikes x [T, N, C, H, W] with packed weight planes
+    -> (spikes, mean, var). With the eval epilogue it runs ``bconv_lif_infer`` (no packed copy
+    of x and no counts are written); training BN needs ``bconv_lif``'s batch statistics (mean and
+    var are None otherwise)."""
+    w = (w_mask, w_pos, alpha.float(), scale.float(), shift.float(), residual)
     if bn_train:
-        s, _, mean, var = get_op("bconv_lif", backend)(*args, True, bn_eps, tau, decay_input,
-                                                       v_threshold, v_reset)
+        T = x.shape[0]
+        xp = get_op("pack_spikes", backend)(x.flatten(0, 1).float())
+        s, _, mean, var = get_op("bconv_lif", backend)(xp, *w, T, stride, padding, True, bn_eps,
+                                                       tau, decay_input, v_threshold, v_reset)
         return s, mean, var
-    s = get_op("bconv_lif_infer", backend)(*args, tau, decay_input, v_threshold, v_reset)
+    s = get_op("bconv_lif_infer", backend)(x, *w, stride, padding, tau, decay_input,
+                                           v_threshold, v_reset)
     return s, None, None
 
 

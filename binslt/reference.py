@@ -370,10 +370,12 @@ def bconv_lif_reference(x_packed, w_mask, w_pos, alpha, scale, shift, residual, 
     return s, counts.round().to(_counts_dtype(k)), mean, var
 
 
-def bconv_lif_infer_reference(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride,
-                              padding, tau, decay_input, v_threshold, v_reset):
+def bconv_lif_infer_reference(x, w_mask, w_pos, alpha, scale, shift, residual, stride, padding,
+                              tau, decay_input, v_threshold, v_reset):
     """Schema ``binslt::bconv_lif_infer`` -> spikes (bconv_lif's, eval epilogue)."""
-    return bconv_lif_reference(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride,
+    T = x.shape[0]
+    xp = pack_spikes_reference(x.flatten(0, 1))
+    return bconv_lif_reference(xp, w_mask, w_pos, alpha, scale, shift, residual, T, stride,
                                padding, False, 1e-5, tau, decay_input, v_threshold, v_reset)[0]
 
 

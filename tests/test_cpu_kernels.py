@@ -170,6 +170,13 @@ def _conv_case(geom, seed, rate=0.3, bn_train=False, residual=False):
                 T=T, stride=s, padding=p, bn_train=bn_train, Ci=Ci)
 
 
+def _infer(c, fwd_tail, res=None):
+    """bconv_lif_infer on the case's float spikes; fwd_tail = (tau, decay_input, vth, v_reset)."""
+    x = c["x"].view(c["T"], -1, *c["x"].shape[1:])
+    return OPS.bconv_lif_infer(x, c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], res,
+                               c["stride"], c["padding"], *fwd_tail)
+
+
 def _z64(c):
     """The exact conv current Z = alpha * count in float64, [T, N, Co, Ho, Wo]."""
     counts = ref.bconv_count_reference(c["xp"], c["wm"], c["wp"], c["stride"], c["padding"])
@@ -218,8 +225,9 @@ def test_bconv_lif_forward(geom, bn_train, v_reset, decay_input, residual, algo,
         torch.testing.assert_close(var, rvar, rtol=1e-5, atol=1e-7)
     else:
         assert not mean.any() and not var.any()
-        # The inference form (counts kept in a per-thread tile buffer) gives the same spikes.
-        assert torch.equal(OPS.bconv_lif_infer(*args[:10], *args[12:]), s)
+        # The inference form (float input packed per tile, counts kept in a per-thread buffer)
+        # gives the same spikes.
+        assert torch.equal(_infer(c, args[12:], c["res"]), s)
     z64 = rcounts.double() * c["alpha"].double().view(1, 1, -1, 1, 1)
     keep = _untied(_ref_h64(z64, c, nk), nk["v_threshold"])
     assert keep.float().mean() > 0.9
@@ -243,7 +251,7 @@ def test_bconv_popcount_paths_agree(isa, geom, algo, isa_auto, algo_auto):
     s, counts, _, _ = OPS.bconv_lif(*fwd, False, 1e-5, 2.0, True, 1.0, 0.0)
     want = ref.bconv_count_reference(c["xp"], c["wm"], c["wp"], c["stride"], c["padding"])
     assert torch.equal(counts.flatten(0, 1).float(), want)
-    assert torch.equal(OPS.bconv_lif_infer(*fwd, 2.0, True, 1.0, 0.0), s)
+    assert torch.equal(_infer(c, (2.0, True, 1.0, 0.0)), s)
     # The weight-gradient gather also has per-path code: check it against float64.
     gz = torch.randn(counts.shape, generator=torch.Generator().manual_seed(5))
     args = (gz, counts, c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"],
@@ -286,14 +294,35 @@ def test_bconv_counts_int32_when_large():
     # 32 * Cw * kh * kw = 32 * 2 * 29 * 29 > 32767 -> int32 counts (ops.counts_dtype); the count
     # itself (40 * 29 * 29 = 33640) would overflow int16.
     wm, wp = ref.pack_weight_reference(torch.ones(2, 40, 29, 29))
-    xp = ref.pack_spikes_reference(torch.ones(1, 40, 29, 29))
+    x = torch.ones(1, 40, 29, 29)
+    xp = ref.pack_spikes_reference(x)
     assert ops.counts_dtype(wm) == torch.int32
     alpha = torch.tensor([1e-4, 1e-5])  # z = 3.364 and 0.3364: one spikes, one does not
     fwd = (xp, wm, wp, alpha, torch.ones(2), torch.zeros(2), None, 1, 1, 0)
     s, counts, _, _ = OPS.bconv_lif(*fwd, False, 1e-5, 2.0, True, 1.0, 0.0)
     assert counts.dtype == torch.int32 and counts.flatten().tolist() == [40 * 29 * 29] * 2
     assert s.flatten().tolist() == [1.0, 0.0]
-    assert torch.equal(OPS.bconv_lif_infer(*fwd, 2.0, True, 1.0, 0.0), s)
+    inf = OPS.bconv_lif_infer(x[None], wm, wp, alpha, torch.ones(2), torch.zeros(2), None, 1, 0,
+                              2.0, True, 1.0, 0.0)
+    assert torch.equal(inf, s)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_bconv_lif_infer_rejects_bad_input(algo, algo_auto):
+    CPU._set_cpu_conv_algo(algo)
+    c = _conv_case(GEOMS[1], 3)
+    c["x"][5, 7, 2, 3] = 0.5  # one non-binary value, in the last tile of one thread
+    with pytest.raises(ValueError, match="binary spikes"):
+        _infer(c, (2.0, True, 1.0, 0.0))
+    c["x"][5, 7, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="binary spikes"):
+        _infer(c, (2.0, True, 1.0, 0.0))
+    with pytest.raises(RuntimeError, match=r"\[T, N, C, H, W\]"):
+        OPS.bconv_lif_infer(c["x"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, 1,
+                            1, 2.0, True, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="words per position"):
+        OPS.bconv_lif_infer(c["x"][None, :, :32], c["wm"], c["wp"], c["alpha"], c["scale"],
+                            c["shift"], None, 1, 1, 2.0, True, 1.0, 0.0)
 
 
 def test_bconv_lif_errors():
@@ -542,8 +571,9 @@ def _opcheck_samples():
                        c["T"], 1, 1, True, 1e-5, 2.0, True, 1.0, 0.0)),
         ("bconv_lif", (c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None,
                        c["T"], 2, 0, False, 1e-5, 5.0, False, 0.5, None)),
-        ("bconv_lif_infer", (c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"],
-                             c["res"], c["T"], 1, 1, 2.0, True, 1.0, 0.0)),
+        ("bconv_lif_infer", (c["x"].view(c["T"], -1, *c["x"].shape[1:]), c["wm"], c["wp"],
+                             c["alpha"], c["scale"], c["shift"], c["res"], 1, 1, 2.0, True, 1.0,
+                             0.0)),
         ("bconv_lif_bwd", (gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"],
                            c["shift"], fwd[2], fwd[3], c["res"], 33, 1, 1, True, 1e-5, 2.0,
                            True, 1.0, 0.0, True, 0, 2.0, True)),

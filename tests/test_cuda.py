@@ -214,9 +214,9 @@ def test_bconv_lif_forward(impl, case, bn_train, with_res, tau, decay_input, vth
     torch.testing.assert_close(var.cpu(), v_ref, rtol=1e-5, atol=1e-6)
     if not bn_train:  # inference form: this device's bconv_lif without the counts
         inf = torch.ops.binslt.bconv_lif_infer(
-            xp.cuda(), wm.cuda(), wp.cuda(), alpha.cuda(), scale.cuda(), shift.cuda(),
-            None if res is None else res.cuda(), T, stride, padding, tau, decay_input, vth,
-            v_reset)
+            x.view(T, N, *x.shape[1:]).cuda(), wm.cuda(), wp.cuda(), alpha.cuda(), scale.cuda(),
+            shift.cuda(), None if res is None else res.cuda(), stride, padding, tau, decay_input,
+            vth, v_reset)
         assert torch.equal(inf, s)
 
 

@@ -180,7 +180,8 @@ def _check_bconv_case(device, case, geom=GEOM, check_rate=True):
     torch.testing.assert_close(mean.cpu(), r_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(var.cpu(), r_var, rtol=1e-5, atol=1e-6)
     if not bn_train:  # the inference form (no counts written) fuses the same LIF
-        inf = tri.bconv_lif_infer_triton(*fwd_args[:10], *fwd_args[12:])
+        x5 = d["x"].to(d["xp"].device)  # [T, N, C, H, W]
+        inf = tri.bconv_lif_infer_triton(x5, *fwd_args[1:7], *fwd_args[8:10], *fwd_args[12:])
         assert torch.equal(inf, spikes)
 
     # Backward against binslt.reference in float64 (same counts; H never near the threshold).
@@ -398,8 +399,8 @@ def _op_samples(device):
         "pack_weight": (d["w_eff"].to(device),),
         "bconv_lif": (d["xp"], d["wm"], d["wp"], d["alpha"], d["scale"], d["shift"], d["res"], T,
                       2, 1, True, 1e-5, 2.0, True, 1.0, 0.0),
-        "bconv_lif_infer": (d["xp"], d["wm"], d["wp"], d["alpha"], d["scale"], d["shift"],
-                            d["res"], T, 2, 1, 2.0, True, 1.0, 0.0),
+        "bconv_lif_infer": (d["x"].to(device), d["wm"], d["wp"], d["alpha"], d["scale"], d["shift"],
+                            d["res"], 2, 1, 2.0, True, 1.0, 0.0),
         "bconv_lif_bwd": (d["gs"], counts, d["xp"], d["wm"], d["wp"], d["alpha"], d["scale"],
                           d["shift"], mean, var, d["res"], CI, 2, 1, True, 1e-5, 2.0, True, 1.0,
                           0.0, False, 1, 4.0, True),

@@ -28,6 +28,7 @@
 #include "binslt/cpu_checks.h"
 #include "binslt/epilogue_cpu.h"
 #include "binslt/lif.h"
+#include "binslt/pack_cpu.h"
 #include "binslt/transpose_cpu.h"
 
 namespace binslt {
@@ -285,10 +286,33 @@ double packed_rate(const at::Tensor& x_packed) {
   return static_cast<double>(bits) / (32.0 * static_cast<double>(n));
 }
 
+bool use_event_rate(double rate) {
+  const Algo a = static_cast<Algo>(g_algo_override.load());
+  if (a != Algo::kAuto) return a == Algo::kEvent;
+  return rate < event_max_rate(active_isa());
+}
 bool use_event(const at::Tensor& x_packed) {
   const Algo a = static_cast<Algo>(g_algo_override.load());
   if (a != Algo::kAuto) return a == Algo::kEvent;
-  return packed_rate(x_packed) < event_max_rate(active_isa());
+  return use_event_rate(packed_rate(x_packed));
+}
+
+// The fraction of nonzero values of float spikes, from 64 evenly spaced runs of 256 values
+// (the algorithm choice only needs an estimate; a full pass would read the whole input twice).
+double sampled_rate(const float* x, int64_t n) {
+  if (n <= 0) return 0.0;
+  constexpr int64_t kRuns = 64, kRun = 256;
+  if (n <= kRuns * kRun) {
+    int64_t nz = 0;
+    for (int64_t i = 0; i < n; ++i) nz += x[i] != 0.0f;
+    return static_cast<double>(nz) / static_cast<double>(n);
+  }
+  int64_t nz = 0;
+  for (int64_t r = 0; r < kRuns; ++r) {
+    const float* p = x + (n - kRun) * r / (kRuns - 1);
+    for (int64_t i = 0; i < kRun; ++i) nz += p[i] != 0.0f;
+  }
+  return static_cast<double>(nz) / static_cast<double>(kRuns * kRun);
 }
 
 
@@ -497,16 +521,27 @@ void lif_counts(Isa isa, int T, int L, const CT* cr, int64_t cts, float a,
     lif_counts_body(T, L, cr, cts, a, aff, res, ts, p, out);
 }
 
-// counts == nullptr (inference, eval epilogue only): each tile's counts live in a per-thread
-// buffer [T][Co][R*Wo] and never reach memory (no 2-byte-per-neuron write and read back).
+// The input: packed and padded words (xpad, [T*N, Hp, Wp, Cw]), or float spikes xf
+// [T*N, C, H, W] (inference only; xpad undefined), which each tile packs itself, into a
+// per-thread padded image, for the input rows it reads (non-binary values set *bad).
+struct FloatInput {
+  bool on = false;  // x may be null for an empty input
+  const float* x = nullptr;
+  int64_t C = 0;
+  std::atomic<bool>* bad = nullptr;
+};
+
+// infer (eval epilogue only, counts unused): each tile's counts live in a per-thread buffer
+// [T][Co][R*Wo] and never reach memory (no 2-byte-per-neuron write and read back).
 template <typename CT>
-void forward_impl(const ConvShape& s, const at::Tensor& xpad, const PackedW& pw,
-                  const uint32_t* pos_orig, const int8_t* wt, int64_t CoB, const float* alpha, const float* scale,
-                  const float* shift, const float* res, bool bn_train, double bn_eps,
-                  const NeuronParams& p, CT* counts, float* spikes, float* mean_out,
-                  float* var_out) {
-  const int64_t Hp = xpad.size(1), Wp = xpad.size(2);
-  const uint32_t* xp = reinterpret_cast<const uint32_t*>(xpad.data_ptr<int32_t>());
+void forward_impl(const ConvShape& s, const at::Tensor& xpad, const FloatInput& xf,
+                  const PackedW& pw, const uint32_t* pos_orig, const int8_t* wt, int64_t CoB,
+                  const float* alpha, const float* scale, const float* shift, const float* res,
+                  bool bn_train, double bn_eps, const NeuronParams& p, bool infer, CT* counts,
+                  float* spikes, float* mean_out, float* var_out) {
+  const int64_t Hp = s.H + 2 * s.padding, Wp = s.W + 2 * s.padding;
+  const uint32_t* xp =
+      xf.on ? nullptr : reinterpret_cast<const uint32_t*>(xpad.data_ptr<int32_t>());
   const int64_t S = s.Ho * s.Wo;
   const int64_t ts = s.N * s.Co * S;  // elements between timesteps
   const Isa isa = active_isa();
@@ -525,11 +560,19 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const PackedW& pw,
   std::vector<ChannelAffine> aff(s.Co);
   for (int64_t c = 0; c < s.Co; ++c) aff[c] = ChannelAffine{0.0f, 1.0f, scale[c], shift[c], false};
 
-  const bool infer = counts == nullptr;
   TORCH_INTERNAL_ASSERT(!(infer && bn_train), "bconv_lif: inference needs the eval epilogue");
   const int64_t Lmax = R * s.Wo;  // neurons per channel in a tile
+  TORCH_INTERNAL_ASSERT(!(xf.on && !infer), "bconv_lif: float input is for inference only");
+  const PackWordFn pack_fn = pack_word_fn();
+  const int64_t plane = s.H * s.W;
   at::parallel_for(0, s.N * row_blocks, 1, [&](int64_t i0, int64_t i1) {
     std::vector<CT> loc(infer ? s.T * s.Co * Lmax : 0);
+    // Float input: this thread's padded packed image (margins stay zero; each tile writes the
+    // interior rows it reads) and the packed rows before padding.
+    std::vector<uint32_t> pimg(xf.on ? Hp * Wp * s.Cw : 0, 0u);
+    std::vector<uint32_t> prow(xf.on ? std::min(s.H, (R - 1) * s.stride + s.KH) * s.W * s.Cw
+                                    : 0);
+    bool bad = false;
     std::vector<int32_t> tmp(event ? 0 : s.Wo * ostride);
     std::vector<int16_t> tmp16(event ? s.Wo * ostride : 0);
     EventList ev;
@@ -565,10 +608,27 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const PackedW& pw,
       const int64_t oy1 = std::min(s.Ho, oy0 + R);
       for (int64_t t = 0; t < s.T; ++t) {
         const int64_t b = t * s.N + n;
-        g.img = xp + b * Hp * Wp * s.Cw;
         const int64_t r0 = oy0 * s.stride;  // padded input rows [r0, r1) feed this tile
+        const int64_t r1 = (oy1 - 1) * s.stride + s.KH;
+        if (xf.on) {
+          // image rows [h0, h1) of every channel: one strided pack per word, then row copies
+          // into the margined image
+          const int64_t h0 = std::max<int64_t>(0, r0 - s.padding);
+          const int64_t h1 = std::min<int64_t>(s.H, r1 - s.padding);
+          if (h1 > h0) {
+            const float* xb = xf.x + (b * xf.C) * plane + h0 * s.W;
+            for (int64_t wd = 0; wd < s.Cw; ++wd)
+              bad |= pack_fn(xb + 32 * wd * plane, std::min<int64_t>(32, xf.C - 32 * wd), plane,
+                             (h1 - h0) * s.W, s.Cw, prow.data() + wd);
+            for (int64_t h = h0; h < h1; ++h)
+              std::memcpy(pimg.data() + ((h + s.padding) * Wp + s.padding) * s.Cw,
+                          prow.data() + (h - h0) * s.W * s.Cw, s.W * s.Cw * sizeof(uint32_t));
+          }
+          g.img = pimg.data();
+        } else {
+          g.img = xp + b * Hp * Wp * s.Cw;
+        }
         if (event) {
-          const int64_t r1 = (oy1 - 1) * s.stride + s.KH;
           ev.build(g.img + r0 * Wp * s.Cw, static_cast<int>(r1 - r0), static_cast<int>(Wp),
                    static_cast<int>(s.Cw), static_cast<int>(s.KW * CoB), static_cast<int>(CoB),
                    isa == Isa::kAvx512);
@@ -602,6 +662,7 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const PackedW& pw,
                    aff[c], res ? res + off : nullptr, ts, p, spikes + off);
       }
     }
+    if (bad) xf.bad->store(true, std::memory_order_relaxed);
   });
   if (!bn_train) return;
 
@@ -639,13 +700,14 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const PackedW& pw,
 // alpha, scale, shift: [Co] float32; residual: [T, N, Co, Ho, Wo] float32 or None
 // -> spikes [T, N, Co, Ho, Wo] float32, counts [T, N, Co, Ho, Wo] int16/int32 (undefined when
 // infer), mean, var [Co]
+// The common body. x is x_packed ([T*N, H, W, Cw] int32), or with xf.on the float spikes
+// (inference only); s was checked by the caller.
 static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_run(
-    const char* op, const at::Tensor& x_packed_in, const at::Tensor& w_mask_in,
-    const at::Tensor& w_pos_in, const at::Tensor& alpha_in, const at::Tensor& scale_in,
-    const at::Tensor& shift_in, const std::optional<at::Tensor>& residual_in, int64_t T,
-    int64_t stride, int64_t padding, bool bn_train, double bn_eps, double tau, bool decay_input,
-    double v_threshold, std::optional<double> v_reset, bool infer) {
-  const ConvShape s = check_conv(x_packed_in, w_mask_in, w_pos_in, T, stride, padding, op);
+    const char* op, const ConvShape& s, const at::Tensor& x, const FloatInput& xf,
+    const at::Tensor& w_mask_in, const at::Tensor& w_pos_in, const at::Tensor& alpha_in,
+    const at::Tensor& scale_in, const at::Tensor& shift_in,
+    const std::optional<at::Tensor>& residual_in, bool bn_train, double bn_eps, double tau,
+    bool decay_input, double v_threshold, std::optional<double> v_reset, bool infer) {
   const at::Tensor alpha = channel_vec(alpha_in, op, "alpha", s.Co);
   const at::Tensor scale = channel_vec(scale_in, op, "scale", s.Co);
   const at::Tensor shift = channel_vec(shift_in, op, "shift", s.Co);
@@ -654,14 +716,18 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_run(
   const NeuronParams p = neuron(tau, decay_input, v_threshold, v_reset, false, 0, 2.0, op);
 
   const at::Tensor w_mask = w_mask_in.contiguous(), w_pos = w_pos_in.contiguous();
-  const at::Tensor xpad =
-      padding > 0 ? at::constant_pad_nd(x_packed_in, {0, 0, padding, padding, padding, padding}, 0)
-                        .contiguous()
-                  : x_packed_in.contiguous();
+  const int64_t padding = s.padding;
+  at::Tensor xpad;
+  if (!xf.on)
+    xpad = padding > 0
+               ? at::constant_pad_nd(x, {0, 0, padding, padding, padding, padding}, 0).contiguous()
+               : x.contiguous();
   const uint32_t* mbits = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
   const uint32_t* pbits = reinterpret_cast<const uint32_t*>(w_pos.data_ptr<int32_t>());
   // The event kernel accumulates in int16: only where the counts are int16 too.
-  const bool event = s.Cw > 0 && counts_dtype(s) == at::kShort && use_event(x_packed_in);
+  const bool event = s.Cw > 0 && counts_dtype(s) == at::kShort &&
+                     (xf.on ? use_event_rate(sampled_rate(xf.x, s.B * xf.C * s.H * s.W))
+                           : use_event(x));
   const int64_t CoB = (s.Co + 63) / 64 * 64;
   PackedW pw;
   std::vector<uint32_t> pos_masked;
@@ -675,7 +741,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_run(
   }
   const int8_t* wtp = event ? wt.data_ptr<int8_t>() : nullptr;
 
-  const auto opts = x_packed_in.options();
+  const auto opts = x.options();
   at::Tensor spikes = at::empty(oshape, opts.dtype(at::kFloat));
   at::Tensor counts;
   if (!infer) counts = at::empty(oshape, opts.dtype(counts_dtype(s)));
@@ -683,15 +749,15 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_run(
   at::Tensor var = at::zeros({s.Co}, opts.dtype(at::kFloat));
   const float* rp = res ? res->data_ptr<float>() : nullptr;
   if (counts_dtype(s) == at::kShort) {
-    forward_impl<int16_t>(s, xpad, pw, pos_masked.data(), wtp, CoB, alpha.data_ptr<float>(),
+    forward_impl<int16_t>(s, xpad, xf, pw, pos_masked.data(), wtp, CoB, alpha.data_ptr<float>(),
                           scale.data_ptr<float>(), shift.data_ptr<float>(), rp, bn_train, bn_eps,
-                          p, infer ? nullptr : counts.data_ptr<int16_t>(),
+                          p, infer, infer ? nullptr : counts.data_ptr<int16_t>(),
                           spikes.data_ptr<float>(), mean.data_ptr<float>(),
                           var.data_ptr<float>());
   } else {
-    forward_impl<int32_t>(s, xpad, pw, pos_masked.data(), wtp, CoB, alpha.data_ptr<float>(),
+    forward_impl<int32_t>(s, xpad, xf, pw, pos_masked.data(), wtp, CoB, alpha.data_ptr<float>(),
                           scale.data_ptr<float>(), shift.data_ptr<float>(), rp, bn_train, bn_eps,
-                          p, infer ? nullptr : counts.data_ptr<int32_t>(),
+                          p, infer, infer ? nullptr : counts.data_ptr<int32_t>(),
                           spikes.data_ptr<float>(), mean.data_ptr<float>(),
                           var.data_ptr<float>());
   }
@@ -704,21 +770,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_cpu(
     const std::optional<at::Tensor>& residual, int64_t T, int64_t stride, int64_t padding,
     bool bn_train, double bn_eps, double tau, bool decay_input, double v_threshold,
     std::optional<double> v_reset) {
-  return bconv_lif_run("bconv_lif", x_packed, w_mask, w_pos, alpha, scale, shift, residual, T,
-                       stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset,
-                       false);
+  const char* op = "bconv_lif";
+  const ConvShape s = check_conv(x_packed, w_mask, w_pos, T, stride, padding, op);
+  return bconv_lif_run(op, s, x_packed, FloatInput{}, w_mask, w_pos, alpha, scale, shift,
+                       residual, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset, false);
 }
 
-// Inference (eval epilogue, no backward): spikes only.
-at::Tensor bconv_lif_infer_cpu(const at::Tensor& x_packed, const at::Tensor& w_mask,
+// Inference (eval epilogue, no backward) straight from float spikes x [T, N, C, H, W]: each
+// tile packs the input rows it reads (no packed copy of the input, no second pass over it).
+at::Tensor bconv_lif_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_mask,
                                const at::Tensor& w_pos, const at::Tensor& alpha,
                                const at::Tensor& scale, const at::Tensor& shift,
-                               const std::optional<at::Tensor>& residual, int64_t T,
-                               int64_t stride, int64_t padding, double tau, bool decay_input,
-                               double v_threshold, std::optional<double> v_reset) {
-  return std::get<0>(bconv_lif_run("bconv_lif_infer", x_packed, w_mask, w_pos, alpha, scale,
-                                   shift, residual, T, stride, padding, false, 1e-5, tau,
-                                   decay_input, v_threshold, v_reset, true));
+                               const std::optional<at::Tensor>& residual, int64_t stride,
+                               int64_t padding, double tau, bool decay_input, double v_threshold,
+                               std::optional<double> v_reset) {
+  const char* op = "bconv_lif_infer";
+  TORCH_CHECK(x_in.device().is_cpu(), "binslt::", op, ": x must be a CPU tensor, got ",
+              x_in.device());
+  TORCH_CHECK(x_in.dim() == 5, "binslt::", op, ": x must be spikes [T, N, C, H, W], got shape ",
+              shape_str(x_in));
+  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "binslt::", op,
+              ": x must be floating-point spikes (0. or 1.), got ", x_in.scalar_type());
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t T = x.size(0), N = x.size(1), C = x.size(2), H = x.size(3), W = x.size(4);
+  TORCH_CHECK(T >= 1, "binslt::", op, ": x needs T >= 1 timesteps, got shape ", shape_str(x));
+  // The shape checks of the packed form, on the shape x would pack to.
+  const at::Tensor like = at::empty({T * N, H, W, words_for(static_cast<int>(C))},
+                                    x.options().dtype(at::kInt));
+  const ConvShape s = check_conv(like, w_mask, w_pos, T, stride, padding, op);
+  std::atomic<bool> bad{false};
+  const FloatInput xf{true, x.data_ptr<float>(), C, &bad};
+  at::Tensor spikes = std::get<0>(bconv_lif_run(op, s, x, xf, w_mask, w_pos, alpha, scale, shift,
+                                                residual, false, 1e-5, tau, decay_input,
+                                                v_threshold, v_reset, true));
+  TORCH_CHECK_VALUE(!bad.load(), "binslt::", op, ": ", kNotBinaryMsg);
+  return spikes;
 }
 
 namespace {

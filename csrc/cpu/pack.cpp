@@ -10,51 +10,10 @@
 
 #include "binslt/cpu_checks.h"
 #include "binslt/lif.h"
+#include "binslt/pack_cpu.h"
 
 namespace binslt {
 namespace cpu {
-
-// One word column of one image: words[i * Cw] for the positions i in [0, P) of word wd, from
-// the channel planes of its (up to) 32 channels. Those planes are contiguous in x, so the reads
-// stream through memory in order (the first version went row by row across all C planes: C
-// streams at once, ~2x slower from DRAM). The position loop is innermost so that it vectorizes
-// (compare + select + or per lane).
-// Returns true when some element is neither 0 nor 1 (NaN included): spikes must be binary, and
-// checking here costs nothing extra, unlike a separate pass in Python.
-static inline __attribute__((always_inline)) bool pack_word_body(const float* x, int64_t nch,
-                                                                 int64_t P, int64_t Cw,
-                                                                 uint32_t* out) {
-  constexpr int64_t kBlk = 1024;
-  uint32_t word[kBlk];
-  uint32_t bad = 0u;
-  for (int64_t i0 = 0; i0 < P; i0 += kBlk) {
-    const int64_t nb = std::min<int64_t>(kBlk, P - i0);
-    for (int64_t j = 0; j < nb; ++j) word[j] = 0u;
-    for (int64_t c = 0; c < nch; ++c) {
-      const float* xr = x + c * P + i0;
-      const uint32_t bit = 1u << c;
-      for (int64_t j = 0; j < nb; ++j) {
-        word[j] |= (xr[j] != 0.0f) ? bit : 0u;
-        bad |= (xr[j] != 0.0f && xr[j] != 1.0f) ? 1u : 0u;
-      }
-    }
-    for (int64_t j = 0; j < nb; ++j) out[(i0 + j) * Cw] = word[j];
-  }
-  return bad != 0u;
-}
-static bool pack_word_base(const float* x, int64_t nch, int64_t P, int64_t Cw, uint32_t* out) {
-  return pack_word_body(x, nch, P, Cw, out);
-}
-__attribute__((target("avx2"))) static bool pack_word_avx2(const float* x, int64_t nch,
-                                                           int64_t P, int64_t Cw, uint32_t* out) {
-  return pack_word_body(x, nch, P, Cw, out);
-}
-__attribute__((target("avx512f,avx512bw"))) static bool pack_word_avx512(const float* x,
-                                                                         int64_t nch, int64_t P,
-                                                                         int64_t Cw,
-                                                                         uint32_t* out) {
-  return pack_word_body(x, nch, P, Cw, out);
-}
 
 // x: [B, C, H, W] float (values exactly 0/1, else ValueError) -> [B, H, W, ceil(C/32)] int32
 at::Tensor pack_spikes_cpu(const at::Tensor& x_in) {
@@ -68,10 +27,7 @@ at::Tensor pack_spikes_cpu(const at::Tensor& x_in) {
   at::Tensor out = at::empty({B, H, W, Cw}, x.options().dtype(at::kInt));
   const float* xp = x.data_ptr<float>();
   uint32_t* op = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
-  __builtin_cpu_init();
-  auto fn = __builtin_cpu_supports("avx512bw") ? &pack_word_avx512
-            : __builtin_cpu_supports("avx2")   ? &pack_word_avx2
-                                               : &pack_word_base;
+  const PackWordFn fn = pack_word_fn();
   const int64_t P = H * W;
   std::atomic<bool> bad{false};
   at::parallel_for(0, B * Cw, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 32 * P)),
@@ -80,13 +36,11 @@ at::Tensor pack_spikes_cpu(const at::Tensor& x_in) {
     for (int64_t bw = begin; bw < end; ++bw) {
       const int64_t b = bw / Cw, wd = bw % Cw;
       const int64_t nch = std::min<int64_t>(32, C - 32 * wd);
-      any |= fn(xp + (b * C + 32 * wd) * P, nch, P, Cw, op + b * P * Cw + wd);
+      any |= fn(xp + (b * C + 32 * wd) * P, nch, P, P, Cw, op + b * P * Cw + wd);
     }
     if (any) bad.store(true, std::memory_order_relaxed);
   });
-  TORCH_CHECK_VALUE(!bad.load(), "binslt::pack_spikes: the input must be binary spikes (every "
-                    "element 0. or 1.), but it holds other values (or NaN). For real-valued input "
-                    "(e.g. images in the first layer) construct the layer with input='real'.");
+  TORCH_CHECK_VALUE(!bad.load(), "binslt::pack_spikes: ", kNotBinaryMsg);
   return out;
 }
 

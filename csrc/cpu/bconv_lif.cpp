@@ -413,8 +413,38 @@ PackedW repack(const ConvShape& s, const uint32_t* mask, const uint32_t* pos) {
 
 // The ternary weight sign(w)*M as int8 [KH][32*Cw][KW][CoB] (output channels innermost, zero
 // padding), the table of the event kernel (see bconv_event.h for why kx sits inside ci).
+// One table row: dst[o] = sign * mask bit j of output channel o (mrow/prow: [Co] words).
+static inline __attribute__((always_inline)) void table_row_body(const uint32_t* mrow,
+                                                                 const uint32_t* prow, int j,
+                                                                 int64_t Co, int64_t CoB,
+                                                                 int8_t* dst) {
+  for (int64_t o = 0; o < Co; ++o) {
+    const int m = static_cast<int>((mrow[o] >> j) & 1u);
+    const int sg = static_cast<int>((prow[o] >> j) & 1u);
+    dst[o] = static_cast<int8_t>(m * (2 * sg - 1));
+  }
+  for (int64_t o = Co; o < CoB; ++o) dst[o] = 0;
+}
+static void table_row_base(const uint32_t* mrow, const uint32_t* prow, int j, int64_t Co,
+                           int64_t CoB, int8_t* dst) {
+  table_row_body(mrow, prow, j, Co, CoB, dst);
+}
+__attribute__((target("avx2"))) static void table_row_avx2(const uint32_t* mrow,
+                                                           const uint32_t* prow, int j,
+                                                           int64_t Co, int64_t CoB, int8_t* dst) {
+  table_row_body(mrow, prow, j, Co, CoB, dst);
+}
+__attribute__((target("avx512f,avx512bw"))) static void table_row_avx512(
+    const uint32_t* mrow, const uint32_t* prow, int j, int64_t Co, int64_t CoB, int8_t* dst) {
+  table_row_body(mrow, prow, j, Co, CoB, dst);
+}
+
 at::Tensor event_table(const ConvShape& s, const uint32_t* mask, const uint32_t* pos,
                        int64_t CoB) {
+  const Isa isa = active_isa();
+  auto row = isa == Isa::kAvx512 ? &table_row_avx512
+             : isa == Isa::kAvx2 ? &table_row_avx2
+                                 : &table_row_base;
   const int64_t Ci = 32 * s.Cw, K = s.KH * s.KW;
   // The planes as [K][Cw][Co], so that a table row reads its Co words contiguously.
   std::vector<uint32_t> mt(K * s.Cw * s.Co), pt(K * s.Cw * s.Co);
@@ -431,15 +461,7 @@ at::Tensor event_table(const ConvShape& s, const uint32_t* mask, const uint32_t*
       const int64_t ky = r / (Ci * s.KW), ci = (r / s.KW) % Ci, kx = r % s.KW;
       const int64_t kq = (ky * s.KW + kx) * s.Cw + (ci >> 5);
       const int j = static_cast<int>(ci & 31);
-      const uint32_t* mrow = mt.data() + kq * s.Co;
-      const uint32_t* prow = pt.data() + kq * s.Co;
-      int8_t* dst = w + r * CoB;
-      for (int64_t o = 0; o < s.Co; ++o) {
-        const int m = static_cast<int>((mrow[o] >> j) & 1u);
-        const int sg = static_cast<int>((prow[o] >> j) & 1u);
-        dst[o] = static_cast<int8_t>(m * (2 * sg - 1));
-      }
-      for (int64_t o = s.Co; o < CoB; ++o) dst[o] = 0;
+      row(mt.data() + kq * s.Co, pt.data() + kq * s.Co, j, s.Co, CoB, w + r * CoB);
     }
   });
   return wt;

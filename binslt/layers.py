@@ -139,6 +139,10 @@ class _MaskedSignWeight(nn.Module):
         self.scores.requires_grad_(mode == "search")
         self._mode = mode
 
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_packed_cache", None)  # also the way to drop it after a .data write
+        return super().train(mode)
+
     def current_mask(self) -> torch.Tensor:
         """The {0,1} mask M in use: top-|s| in search mode, the fixed one otherwise."""
         if self._mode == "search":
@@ -165,7 +169,9 @@ class _MaskedSignWeight(nn.Module):
         Frozen layers return their buffers. Otherwise the packing is cached until the scores,
         the weight or the mask change (their version counters move on every in-place update, so
         an optimiser step or ``load_state_dict`` invalidates it): inference does not redo the
-        top-|s| selection and the packing on every call.
+        top-|s| selection and the packing on every call. Writes through ``.data`` bypass version
+        counters (as they bypass autograd's checks): after one, call ``train()``/``eval()``
+        (which drop the cache) before the next no-grad call.
         """
         if self._mode == "frozen":
             return self.w_mask_bits, self.w_pos_bits, self.alpha

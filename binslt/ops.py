@@ -209,7 +209,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = getattr(_override, "backend", None) or "auto"
-    st = _ext.backends()
+    st = _ext.load()  # read only (backends() copies it; this runs on every layer call)
     if backend == "auto":
         if device.type == "cpu":
             return "cpu" if st["cpu"]["usable"] else "torch"

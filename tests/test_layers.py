@@ -217,3 +217,60 @@ def test_no_grad_packed_path_follows_score_updates():
         with binslt.use_backend("torch"):
             slow = m(x)
     assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_eval_bn_affine_cache_follows_updates(affine):
+    """Eval calls fold the BatchNorm into an affine on every call: in-place changes of a running
+    statistic or of the BN parameters (also through ``.data``, which version counters do not
+    see) and a state_dict load all reach the output."""
+    torch.manual_seed(6)
+    m = binslt.BinSpikeConv2d(8, 5, 3, padding=1, bn=True, bn_affine=affine, tau=100.0,
+                              decay_input=False).eval()
+    x = _spikes(3, 2, 8, 5, 5, p=0.4)
+
+    def expected():
+        bn = m.bn
+        w = bn.weight if affine else torch.ones(5)
+        b = bn.bias if affine else torch.zeros(5)
+        scale = w / torch.sqrt(bn.running_var + bn.eps)
+        with binslt.use_backend("torch"), torch.no_grad():
+            return ref.conv_lif_reference(
+                x, m.effective_weight(), padding=1, scale=scale.detach(),
+                shift=(b - bn.running_mean * scale).detach(), tau=100.0, decay_input=False)
+
+    updates = [lambda bn: bn.running_mean.add_(0.3), lambda bn: bn.running_var.mul_(0.25)]
+    if affine:
+        updates += [lambda bn: bn.weight.data.mul_(-1.5), lambda bn: bn.bias.add_(0.4)]
+    with torch.no_grad():
+        first = m(x)
+        assert torch.equal(first, expected())
+        for upd in updates:
+            upd(m.bn)
+            out = m(x)
+            assert torch.equal(out, expected())
+        state = {k: v.clone() for k, v in m.state_dict().items()}
+        state["bn.running_mean"] = torch.full((5,), -0.2)
+        m.load_state_dict(state)
+        assert torch.equal(m(x), expected())
+        assert not torch.equal(m(x), first)
+
+
+def test_packed_cache_dropped_by_train_eval_after_data_write():
+    """A write through .data is invisible to the version counters that key the no-grad packing
+    cache; train()/eval() drop the cache, so the next call sees the new scores."""
+    torch.manual_seed(7)
+    m = binslt.BinSpikeConv2d(8, 5, 3, padding=1, bn=True, tau=100.0, decay_input=False).eval()
+    m.bn.running_var.fill_(1e-4)  # a strong drive, so that the outputs depend on the mask
+    x = _spikes(4, 2, 8, 5, 5, p=0.5)
+    with torch.no_grad():
+        before = m(x)
+        m.scores.data.copy_(m.scores.data.flip(0))  # another mask, same version counter
+        m.eval()
+        planes = m.packed_weight()
+        fresh = m._pack_effective_weight()
+        assert all(torch.equal(a, b) for a, b in zip(planes, fresh))
+        fast = m(x)
+        with binslt.use_backend("torch"):
+            slow = m(x)
+    assert torch.equal(fast, slow) and not torch.equal(fast, before)

@@ -330,20 +330,21 @@ struct ConvShape {
   int64_t stride, padding;
 };
 
-ConvShape check_conv(const at::Tensor& x_packed, const at::Tensor& w_mask,
-                     const at::Tensor& w_pos, int64_t T, int64_t stride, int64_t padding,
-                     const char* op) {
-  check_tensor(x_packed, op, "x_packed", 4, at::kInt, "[T*N, H, W, Cw] int32 from pack_spikes");
+// The checks of the conv geometry for an input of B = T*N images H x W with Cw words per pixel
+// (what x_packed has, or what the float input packs to).
+ConvShape check_conv_dims(int64_t B, int64_t H, int64_t W, int64_t Cw, const char* xname,
+                          const at::Tensor& w_mask, const at::Tensor& w_pos, int64_t T,
+                          int64_t stride, int64_t padding, const char* op) {
   check_tensor(w_mask, op, "w_mask", 4, at::kInt, "[Co, kh, kw, Cw] int32 from pack_weight");
   check_tensor(w_pos, op, "w_pos", 4, at::kInt, "[Co, kh, kw, Cw] int32 from pack_weight");
   TORCH_CHECK(w_mask.sizes() == w_pos.sizes(), "binslt::", op,
               ": w_mask and w_pos must have the same shape, got ", shape_str(w_mask), " and ",
               shape_str(w_pos));
   ConvShape s;
-  s.B = x_packed.size(0);
-  s.H = x_packed.size(1);
-  s.W = x_packed.size(2);
-  s.Cw = x_packed.size(3);
+  s.B = B;
+  s.H = H;
+  s.W = W;
+  s.Cw = Cw;
   s.Co = w_mask.size(0);
   s.KH = w_mask.size(1);
   s.KW = w_mask.size(2);
@@ -351,11 +352,11 @@ ConvShape check_conv(const at::Tensor& x_packed, const at::Tensor& w_mask,
               ": the weight must have at least one output channel and a kernel of at least "
               "1x1, got w_mask of shape ", shape_str(w_mask));
   TORCH_CHECK(w_mask.size(3) == s.Cw, "binslt::", op, ": the weight has ", w_mask.size(3),
-              " words per position but x_packed has ", s.Cw,
+              " words per position but ", xname, " has ", s.Cw,
               " (pack both with the same in_channels)");
   TORCH_CHECK(stride >= 1, "binslt::", op, ": stride must be >= 1, got ", stride);
   TORCH_CHECK(padding >= 0, "binslt::", op, ": padding must be >= 0, got ", padding);
-  TORCH_CHECK(T >= 1 && s.B % T == 0, "binslt::", op, ": x_packed's first dim (", s.B,
+  TORCH_CHECK(T >= 1 && s.B % T == 0, "binslt::", op, ": ", xname, "'s first dim (", s.B,
               ") must be T*N with T=", T, " >= 1");
   s.T = T;
   s.N = s.B / T;
@@ -367,6 +368,14 @@ ConvShape check_conv(const at::Tensor& x_packed, const at::Tensor& w_mask,
               "binslt::", op, ": kernel ", s.KH, "x", s.KW, " does not fit the padded input ",
               s.H + 2 * padding, "x", s.W + 2 * padding);
   return s;
+}
+
+ConvShape check_conv(const at::Tensor& x_packed, const at::Tensor& w_mask,
+                     const at::Tensor& w_pos, int64_t T, int64_t stride, int64_t padding,
+                     const char* op) {
+  check_tensor(x_packed, op, "x_packed", 4, at::kInt, "[T*N, H, W, Cw] int32 from pack_spikes");
+  return check_conv_dims(x_packed.size(0), x_packed.size(1), x_packed.size(2), x_packed.size(3),
+                         "x_packed", w_mask, w_pos, T, stride, padding, op);
 }
 
 
@@ -718,12 +727,11 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const FloatInput& 
 
 }  // namespace
 
-// x_packed: [T*N, H, W, Cw] int32; w_mask, w_pos: [Co, kh, kw, Cw] int32;
+// The body of both ops. x: x_packed [T*N, H, W, Cw] int32, or with xf.on the float spikes
+// (inference only); s was checked by the caller. w_mask, w_pos: [Co, kh, kw, Cw] int32;
 // alpha, scale, shift: [Co] float32; residual: [T, N, Co, Ho, Wo] float32 or None
 // -> spikes [T, N, Co, Ho, Wo] float32, counts [T, N, Co, Ho, Wo] int16/int32 (undefined when
 // infer), mean, var [Co]
-// The common body. x is x_packed ([T*N, H, W, Cw] int32), or with xf.on the float spikes
-// (inference only); s was checked by the caller.
 static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_run(
     const char* op, const ConvShape& s, const at::Tensor& x, const FloatInput& xf,
     const at::Tensor& w_mask_in, const at::Tensor& w_pos_in, const at::Tensor& alpha_in,
@@ -816,10 +824,8 @@ at::Tensor bconv_lif_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_mask,
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t T = x.size(0), N = x.size(1), C = x.size(2), H = x.size(3), W = x.size(4);
   TORCH_CHECK(T >= 1, "binslt::", op, ": x needs T >= 1 timesteps, got shape ", shape_str(x));
-  // The shape checks of the packed form, on the shape x would pack to.
-  const at::Tensor like = at::empty({T * N, H, W, words_for(static_cast<int>(C))},
-                                    x.options().dtype(at::kInt));
-  const ConvShape s = check_conv(like, w_mask, w_pos, T, stride, padding, op);
+  const ConvShape s = check_conv_dims(T * N, H, W, words_for(static_cast<int>(C)), "x", w_mask,
+                                      w_pos, T, stride, padding, op);
   std::atomic<bool> bad{false};
   const FloatInput xf{true, x.data_ptr<float>(), C, &bad};
   at::Tensor spikes = std::get<0>(bconv_lif_run(op, s, x, xf, w_mask, w_pos, alpha, scale, shift,

@@ -135,7 +135,7 @@ def add_run_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> Non
     lam.add_argument("--tau", type=float, default=S, help="membrane time constant (instead of "
                      "--decay)")
     n.add_argument("--decay-input", action=argparse.BooleanOptionalAction, default=S,
-                   help="SpingJelly's decay_input: H = V + (X - V)/tau instead of the paper's "
+                   help="SpikingJelly's decay_input: H = V + (X - V)/tau instead of the paper's "
                    "H = lambda V + X (default off)")
     n.add_argument("--v-threshold", type=float, default=S, help=f"(default {d.v_threshold})")
     n.add_argument("--v-reset", type=_v_reset, default=S,

@@ -44,16 +44,8 @@ inline NeuronParams neuron(double tau, bool decay_input, double v_threshold,
               tau);
   TORCH_CHECK(surrogate == 0 || surrogate == 1, "binslt::", op,
               ": surrogate must be 0 (atan) or 1 (sigmoid), got ", surrogate);
-  NeuronParams p;
-  p.tau = static_cast<float>(tau);
-  p.v_threshold = static_cast<float>(v_threshold);
-  p.soft_reset = !v_reset.has_value();
-  p.v_reset = v_reset.has_value() ? static_cast<float>(*v_reset) : 0.0f;
-  p.decay_input = decay_input;
-  p.detach_reset = detach_reset;
-  p.surrogate = static_cast<int>(surrogate);
-  p.surrogate_alpha = static_cast<float>(surrogate_alpha);
-  return p;
+  return neuron_params(tau, decay_input, v_threshold, v_reset.has_value(), v_reset.value_or(0.0),
+                       detach_reset, surrogate, surrogate_alpha);
 }
 
 }  // namespace cpu

@@ -30,6 +30,23 @@ struct NeuronParams {
   float surrogate_alpha;
 };
 
+// The neuron settings from an op's scalar arguments (host side, after the caller's checks;
+// shared by the CPU and the CUDA entry points). has_reset = false is a soft reset.
+inline NeuronParams neuron_params(double tau, bool decay_input, double v_threshold,
+                                  bool has_reset, double v_reset, bool detach_reset,
+                                  int64_t surrogate, double surrogate_alpha) {
+  NeuronParams p;
+  p.tau = static_cast<float>(tau);
+  p.v_threshold = static_cast<float>(v_threshold);
+  p.soft_reset = !has_reset;
+  p.v_reset = has_reset ? static_cast<float>(v_reset) : 0.0f;
+  p.decay_input = decay_input;
+  p.detach_reset = detach_reset;
+  p.surrogate = static_cast<int>(surrogate);
+  p.surrogate_alpha = static_cast<float>(surrogate_alpha);
+  return p;
+}
+
 // H[t] from V[t-1] and the input current X[t].
 BINSLT_HD float lif_charge(float v, float x, const NeuronParams& p) {
   const float vr = p.soft_reset ? 0.0f : p.v_reset;

@@ -146,3 +146,54 @@ def test_subset_takes_the_first_examples():
     assert (len(b.train), len(b.test)) == (100, 20)
     full = data.load("digits")
     assert torch.equal(b.test[5][0], full.test[5][0])
+
+
+def _fake_cifar(root, name, n_train, n_test, value):
+    """torchvision's extracted python layout, every pixel = value (uint8)."""
+    import pickle
+
+    import torchvision.datasets.cifar as tvc
+
+    cls = tvc.CIFAR10 if name == "cifar10" else tvc.CIFAR100
+    folder = root / cls.base_folder
+    folder.mkdir(parents=True)
+    lab = "labels" if name == "cifar10" else "fine_labels"
+    ncls = 10 if name == "cifar10" else 100
+    per = {f: n_train // len(cls.train_list) for f, _ in cls.train_list}
+    per.update({f: n_test for f, _ in cls.test_list})
+    for fname, n in per.items():
+        entry = {"data": np.full((n, 3072), value, dtype=np.uint8),
+                 lab: [i % ncls for i in range(n)]}
+        with open(folder / fname, "wb") as f:
+            pickle.dump(entry, f)
+    with open(folder / cls.meta["filename"], "wb") as f:
+        pickle.dump({cls.meta["key"]: [f"c{i}" for i in range(ncls)]}, f)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_loader_on_fake_extracted_files(tmp_path, monkeypatch, name):
+    """The CIFAR path end to end on files in torchvision's layout (md5 checks patched out: the
+    real archives cannot be fetched here): sizes, labels, normalisation and the training
+    augmentation (pad-4 crop: padded borders show up as the normalised value of 0)."""
+    import torchvision.datasets.cifar as tvc
+
+    monkeypatch.setattr(tvc, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(tvc.CIFAR10, "_check_integrity", lambda self: True)
+    _fake_cifar(tmp_path, name, 10, 4, 128)
+    b = data.load(name, data_dir=str(tmp_path), download=False)
+    assert (b.num_classes, b.in_channels, b.input_size) == ((10 if name == "cifar10" else 100),
+                                                           3, 32)
+    assert len(b.train) == 10 and len(b.test) == 4
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in data.CIFAR_STATS[name])
+    x, y = b.test[1]
+    assert x.shape == (3, 32, 32) and y == 1
+    torch.testing.assert_close(x, ((128 / 255 - mean) / std).expand(3, 32, 32))
+    zero = (0 - mean) / std  # what a padded pixel becomes
+    torch.manual_seed(0)
+    shifted = 0
+    for i in range(10):
+        xt, _ = b.train[i]
+        assert xt.shape == (3, 32, 32)
+        border = torch.isclose(xt, zero.expand(3, 32, 32)).all(0)
+        shifted += bool(border.any())
+    assert shifted > 0  # some crops reach into the padding

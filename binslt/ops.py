@@ -34,8 +34,6 @@ def _has_kernel(name: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"binslt::{name}", key)
 
 
-# Where a compiled kernel is missing, the reference serves that dispatch key, so torch.ops.binslt
-# works on every device (slowly). backends() reports what is compiled.
 # bconv_lif_infer without a kernel of its own runs that device's pack_spikes and bconv_lif
 # (compiled where they are) and drops the counts.
 def _infer_via_bconv_lif(x, w_mask, w_pos, alpha, scale, shift, residual, stride, padding, tau,
@@ -50,6 +48,8 @@ def _infer_via_bconv_lif(x, w_mask, w_pos, alpha, scale, shift, residual, stride
                                       v_threshold, v_reset)[0]
 
 
+# Where a compiled kernel is missing, the reference serves that dispatch key, so torch.ops.binslt
+# works on every device (slowly). backends() reports what is compiled.
 _FALLBACKS = dict(ref.REFERENCE_OPS, bconv_lif_infer=_infer_via_bconv_lif)
 _fallback_lib = torch.library.Library("binslt", "IMPL")
 for _name, _fn in _FALLBACKS.items():
@@ -398,14 +398,16 @@ def packed_conv_lif(x, w_mask, w_pos, alpha, scale, shift, residual, stride: int
     -> (spikes, mean, var). With the eval epilogue it runs ``bconv_lif_infer`` (no packed copy
     of x and no counts are written); training BN needs ``bconv_lif``'s batch statistics (mean and
     var are None otherwise)."""
-    w = (w_mask, w_pos, alpha.float(), scale.float(), shift.float(), residual)
+    x = x.float()  # no copy for float32 spikes
+    operands = (w_mask, w_pos, alpha.float(), scale.float(), shift.float(), residual)
     if bn_train:
         T = x.shape[0]
-        xp = get_op("pack_spikes", backend)(x.flatten(0, 1).float())
-        s, _, mean, var = get_op("bconv_lif", backend)(xp, *w, T, stride, padding, True, bn_eps,
-                                                       tau, decay_input, v_threshold, v_reset)
+        xp = get_op("pack_spikes", backend)(x.flatten(0, 1))
+        s, _, mean, var = get_op("bconv_lif", backend)(xp, *operands, T, stride, padding, True,
+                                                       bn_eps, tau, decay_input, v_threshold,
+                                                       v_reset)
         return s, mean, var
-    s = get_op("bconv_lif_infer", backend)(x, *w, stride, padding, tau, decay_input,
+    s = get_op("bconv_lif_infer", backend)(x, *operands, stride, padding, tau, decay_input,
                                            v_threshold, v_reset)
     return s, None, None
 

@@ -3,9 +3,9 @@
 
 ``binslt::bconv_lif`` on the CPU has two forward algorithms (``dense``: AND + popcount over
 every packed input word; ``event``: the sum of the int8 weight columns of the input spikes) and
-``auto`` picks by the fraction of set input bits; ``binslt::bconv_lif_bwd`` has two input-gradient
+``auto`` picks by the fraction of set input bits; ``binslt::bconv_lif_bwd`` has three input-gradient
 algorithms (``dense``: oneDNN's transposed convolution; ``ternary``: add/subtract of dZ rows,
-AVX-512, stride 1). This times each of them on the same inputs, interleaved call by call, for
+AVX-512, stride 1; ``combo``: the same over precomputed signed sums of four dZ rows). This times each of them on the same inputs, interleaved call by call, for
 each available popcount path (ISA) and input firing rate, and reports ``auto``'s time with them
 (``auto_closest``: the algorithm whose time is nearest to auto's, a hint of what it chose).
 Op only: packed input, training-mode BN, no autograd. Every forward algorithm is checked to give
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                                      auto_ms=times["auto"], auto_closest=picks,
                                      same_result=same))
                 C._set_cpu_conv_algo("auto")
-                gx = ["dense"] + (["ternary"] if isa == "avx512" else [])
+                gx = ["dense"] + (["ternary", "combo"] if isa == "avx512" else [])
                 fns = {}
                 for algo in gx + ["auto"]:
                     def g(a=algo, run=run_bwd):

@@ -286,7 +286,7 @@ def test_bconv_event_widens_before_int8_overflow(isa, isa_auto, algo_auto):
 def test_bconv_conv_algo_rejects_unknown_name():
     with pytest.raises(RuntimeError, match="expected one of auto, dense, event"):
         CPU._set_cpu_conv_algo("sparse")
-    with pytest.raises(RuntimeError, match="expected one of auto, dense, ternary"):
+    with pytest.raises(RuntimeError, match="expected one of auto, dense, ternary, combo"):
         CPU._set_cpu_grad_x_algo("sparse")
 
 
@@ -413,8 +413,9 @@ BWD_CASES = [
 def _gx_algos() -> list[str]:
     out = ["dense"]
     try:
-        CPU._set_cpu_grad_x_algo("ternary")
-        out.append("ternary")
+        for name in ("ternary", "combo"):
+            CPU._set_cpu_grad_x_algo(name)
+            out.append(name)
     except RuntimeError:  # no AVX-512 here
         pass
     CPU._set_cpu_grad_x_algo("auto")

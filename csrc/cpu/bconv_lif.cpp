@@ -1206,6 +1206,91 @@ TernaryLists ternary_lists(const ConvShape& s, int64_t Ci, const uint32_t* mask,
   return tl;
 }
 
+// Combination form (the "four Russians" trick for ternary products): within an output-channel
+// block, groups of kGxG = 4 channels; for each group and kx the 3^4 = 81 signed sums of its four
+// dZ' planes are built once per image (code = sum_i d_i 3^i, d_i = 0 pruned, 1 plus, 2 minus),
+// and an input channel then adds one combination per (group, ky): ~0.94 adds instead of ~2 at
+// half the weights pruned. Lists per (ci, block, kx): offsets ((g * 81 + code) * plane +
+// (pad - ky + MY) * RS) into the block's combination planes, all added (npos = count).
+constexpr int kGxG = 4;
+constexpr int kGxCombos = 81;  // 3^kGxG
+constexpr int kGxGroups = kGxCB / kGxG;
+
+TernaryLists combo_lists(const ConvShape& s, int64_t Ci, const uint32_t* mask,
+                         const uint32_t* pos, int64_t MY, int64_t RS, int64_t plane) {
+  TernaryLists tl;
+  tl.nblk = (s.Co + kGxCB - 1) / kGxCB;
+  const int64_t per_ci = tl.nblk * s.KW;
+  const int64_t nl = Ci * per_ci;
+  tl.start.assign(nl + 1, 0);
+  tl.npos.assign(nl, 0);
+  // code of (ci, group, ky, kx): the digits of the group's (up to) four channels
+  auto code = [&](int64_t ci, int64_t cb, int64_t g, int64_t ky, int64_t kx) {
+    const int64_t w = ci >> 5;
+    const uint32_t bit = 1u << (ci & 31);
+    int c = 0, p3 = 1;
+    for (int i = 0; i < kGxG; ++i, p3 *= 3) {
+      const int64_t co = cb * kGxCB + g * kGxG + i;
+      if (co >= s.Co) break;
+      const int64_t idx = ((co * s.KH + ky) * s.KW + kx) * s.Cw + w;
+      if (mask[idx] & bit) c += ((pos[idx] & bit) ? 1 : 2) * p3;
+    }
+    return c;
+  };
+  std::vector<int64_t> cnt(nl, 0);
+  at::parallel_for(0, Ci, 8, [&](int64_t a0, int64_t a1) {
+    for (int64_t ci = a0; ci < a1; ++ci)
+      for (int64_t cb = 0; cb < tl.nblk; ++cb)
+        for (int64_t kx = 0; kx < s.KW; ++kx)
+          for (int64_t g = 0; g < kGxGroups; ++g)
+            for (int64_t ky = 0; ky < s.KH; ++ky)
+              if (code(ci, cb, g, ky, kx) != 0) ++cnt[ci * per_ci + cb * s.KW + kx];
+  });
+  for (int64_t li = 0; li < nl; ++li) tl.start[li + 1] = tl.start[li] + cnt[li];
+  tl.off.resize(tl.start[nl]);
+  at::parallel_for(0, Ci, 8, [&](int64_t a0, int64_t a1) {
+    for (int64_t ci = a0; ci < a1; ++ci)
+      for (int64_t cb = 0; cb < tl.nblk; ++cb)
+        for (int64_t kx = 0; kx < s.KW; ++kx) {
+          const int64_t li = ci * per_ci + cb * s.KW + kx;
+          int64_t f = tl.start[li];
+          for (int64_t g = 0; g < kGxGroups; ++g)
+            for (int64_t ky = 0; ky < s.KH; ++ky) {
+              const int c = code(ci, cb, g, ky, kx);
+              if (c == 0) continue;
+              tl.off[f++] = static_cast<int32_t>((g * kGxCombos + c) * plane +
+                                                 (s.padding - ky + MY) * RS);
+            }
+          tl.npos[li] = static_cast<int32_t>(f - tl.start[li]);
+        }
+  });
+  return tl;
+}
+
+// The 81 combinations of each group of the block's dZ' planes (zbuf) into cbuf
+// [kGxGroups][81][plane]; combination 0 stays the zero plane. Channels past Co only ever carry
+// digit 0, so the combinations that read their (stale) planes are never referenced.
+__attribute__((target("avx512f"))) static void build_combos(const float* zbuf, float* cbuf,
+                                                            int64_t ngroups, int64_t plane) {
+  for (int64_t g = 0; g < ngroups; ++g) {
+    float* cg = cbuf + g * kGxCombos * plane;
+    int64_t n = 1;  // combinations of the first i channels: codes [0, n)
+    for (int i = 0; i < kGxG; ++i, n *= 3) {
+      const float* pi = zbuf + (g * kGxG + i) * plane;
+      for (int64_t c = 0; c < n; ++c) {
+        const float* src = cg + c * plane;
+        float* plus = cg + (c + n) * plane;
+        float* minus = cg + (c + 2 * n) * plane;
+        for (int64_t x = 0; x < plane; x += 16) {
+          const __m512 a = _mm512_load_ps(src + x), b = _mm512_load_ps(pi + x);
+          _mm512_store_ps(plus + x, _mm512_add_ps(a, b));
+          _mm512_store_ps(minus + x, _mm512_sub_ps(a, b));
+        }
+      }
+    }
+  }
+}
+
 // RB rows of one 16-pixel column block: acc[r] (+/-)= zb[off + r*RS] (64-byte aligned loads).
 template <int RB>
 __attribute__((target("avx512f"), always_inline)) static inline void gx_rows(
@@ -1229,11 +1314,13 @@ __attribute__((target("avx512f"), always_inline)) static inline void gx_rows(
 // kernel column kx, zbuf gets their dZ' = alpha * dZ planes shifted by kx (row y + MY holds
 // dZ'[y][x + pad - kx], zero outside, rows RS floats apart), so that every load of a 16-pixel run
 // is one aligned vector; the 16 planes (~20 KB) stay in L1 while all input channels use them.
+// With cbuf (combination form, see combo_lists) the lists index the block's combination planes
+// instead of zbuf.
 __attribute__((target("avx512f"))) void gx_image_avx512(const ConvShape& s, int64_t Ci,
                                                         const TernaryLists& tl, const float* gzb,
                                                         const float* alpha, float* zbuf,
-                                                        int64_t MY, int64_t RS, int64_t plane,
-                                                        float* gxb) {
+                                                        float* cbuf, int64_t MY, int64_t RS,
+                                                        int64_t plane, float* gxb) {
   const int64_t H = s.H, W = s.W, S = s.Ho * s.Wo;
   for (int64_t cb = 0; cb < tl.nblk; ++cb) {
     const int64_t c0 = cb * kGxCB, c1 = std::min(s.Co, c0 + kGxCB);
@@ -1253,6 +1340,8 @@ __attribute__((target("avx512f"))) void gx_image_avx512(const ConvShape& s, int6
           for (int64_t x = std::max(xa, xb); x < RS; ++x) d[x] = 0.0f;
         }
       }
+      if (cbuf != nullptr) build_combos(zbuf, cbuf, (c1 - c0 + kGxG - 1) / kGxG, plane);
+      const float* zb = cbuf != nullptr ? cbuf : zbuf;
       for (int64_t ci = 0; ci < Ci; ++ci) {
         const int64_t li = (ci * tl.nblk + cb) * s.KW + kx;
         const int32_t* off = tl.off.data() + tl.start[li];
@@ -1266,38 +1355,58 @@ __attribute__((target("avx512f"))) void gx_image_avx512(const ConvShape& s, int6
                                            : static_cast<__mmask16>((1u << (W - x0)) - 1u);
           int64_t y = 0;
           for (; y + 8 <= H; y += 8)
-            gx_rows<8>(zbuf + y * RS + x0, RS, off, np, nt, k, first, gxc + y * W + x0, W);
+            gx_rows<8>(zb + y * RS + x0, RS, off, np, nt, k, first, gxc + y * W + x0, W);
           for (; y + 4 <= H; y += 4)
-            gx_rows<4>(zbuf + y * RS + x0, RS, off, np, nt, k, first, gxc + y * W + x0, W);
+            gx_rows<4>(zb + y * RS + x0, RS, off, np, nt, k, first, gxc + y * W + x0, W);
           for (; y < H; ++y)
-            gx_rows<1>(zbuf + y * RS + x0, RS, off, np, nt, k, first, gxc + y * W + x0, W);
+            gx_rows<1>(zb + y * RS + x0, RS, off, np, nt, k, first, gxc + y * W + x0, W);
         }
       }
     }
   }
 }
 
+// The dZ' plane geometry of the ternary kernels: MY margin rows above and below, rows of RS
+// floats (whole aligned 16-float vectors), plane floats per channel.
+struct GxGeom {
+  int64_t MY, RS, plane;
+};
+GxGeom gx_geom(const ConvShape& s) {
+  GxGeom g;
+  g.MY = std::max<int64_t>(0, s.KH - 1 - s.padding);
+  g.RS = (s.W + 15) / 16 * 16;
+  g.plane = (s.Ho + 2 * g.MY) * g.RS;
+  return g;
+}
+
+// Bytes of one thread's combination planes (gx_image_avx512 with cbuf).
+int64_t combo_bytes(const ConvShape& s) {
+  return kGxGroups * kGxCombos * gx_geom(s).plane * static_cast<int64_t>(sizeof(float));
+}
+
 void grad_x_ternary_avx512(const ConvShape& s, int64_t Ci, const float* gz,
                            const uint32_t* mask, const uint32_t* pos, const float* alpha,
-                           float* gx) {
-  const int64_t MY = std::max<int64_t>(0, s.KH - 1 - s.padding);
-  const int64_t Hz = s.Ho + 2 * MY;
-  const int64_t RS = (s.W + 15) / 16 * 16;  // row stride: whole 16-float vectors, aligned
-  const int64_t plane = Hz * RS;
-  const TernaryLists tl = ternary_lists(s, Ci, mask, pos, MY, RS, plane);
+                           bool combos, float* gx) {
+  const GxGeom gg = gx_geom(s);
+  const int64_t MY = gg.MY, RS = gg.RS, plane = gg.plane;
+  const TernaryLists tl = combos ? combo_lists(s, Ci, mask, pos, MY, RS, plane)
+                                 : ternary_lists(s, Ci, mask, pos, MY, RS, plane);
   at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
     // 64-byte aligned planes; the margin rows are zero and stay zero.
     at::Tensor zt = at::zeros({kGxCB * plane}, at::TensorOptions().dtype(at::kFloat));
     float* zbuf = zt.data_ptr<float>();
+    at::Tensor ct;
+    if (combos) ct = at::zeros({kGxGroups * kGxCombos * plane}, zt.options());
+    float* cbuf = combos ? ct.data_ptr<float>() : nullptr;
     for (int64_t b = b0; b < b1; ++b)
-      gx_image_avx512(s, Ci, tl, gz + b * s.Co * s.Ho * s.Wo, alpha, zbuf, MY, RS, plane,
+      gx_image_avx512(s, Ci, tl, gz + b * s.Co * s.Ho * s.Wo, alpha, zbuf, cbuf, MY, RS, plane,
                       gx + b * Ci * s.H * s.W);
   });
 }
 
 // Input-gradient algorithm: oneDNN's dense transposed convolution, or the ternary add/subtract
 // kernel above (AVX-512, stride 1); "auto" takes the ternary one wherever it can run.
-enum class GxAlgo : int { kAuto = -1, kDense = 0, kTernary = 1 };
+enum class GxAlgo : int { kAuto = -1, kDense = 0, kTernary = 1, kCombo = 2 };
 static std::atomic<int> g_gx_override{static_cast<int>(GxAlgo::kAuto)};
 
 }  // namespace
@@ -1307,11 +1416,12 @@ void set_cpu_grad_x_algo(const std::string& name) {
   if (name == "auto") want = GxAlgo::kAuto;
   else if (name == "dense") want = GxAlgo::kDense;
   else if (name == "ternary") want = GxAlgo::kTernary;
+  else if (name == "combo") want = GxAlgo::kCombo;
   else
     TORCH_CHECK(false, "binslt: unknown CPU input-gradient algorithm '", name,
-                "'; expected one of auto, dense, ternary");
-  TORCH_CHECK(want != GxAlgo::kTernary || isa_supported(Isa::kAvx512),
-              "binslt: the 'ternary' input-gradient kernel needs AVX-512, which this CPU lacks");
+                "'; expected one of auto, dense, ternary, combo");
+  TORCH_CHECK(want == GxAlgo::kAuto || want == GxAlgo::kDense || isa_supported(Isa::kAvx512),
+              "binslt: the '", name, "' input-gradient kernel needs AVX-512, which this CPU lacks");
   g_gx_override.store(static_cast<int>(want));
 }
 
@@ -1319,6 +1429,7 @@ std::string cpu_grad_x_algo() {
   switch (static_cast<GxAlgo>(g_gx_override.load())) {
     case GxAlgo::kDense: return "dense";
     case GxAlgo::kTernary: return "ternary";
+    case GxAlgo::kCombo: return "combo";
     default: return "auto";
   }
 }
@@ -1418,24 +1529,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
 
   at::Tensor gx;
   const GxAlgo gxa = static_cast<GxAlgo>(g_gx_override.load());
-  // 'auto' takes the ternary kernel where rows fill its 16-lane vectors (W >= 16; on 8x8 and
-  // 4x4 maps most lanes would idle) and at most ~55 % of the weights are nonzero: its work is
-  // proportional to them, and it measured ~10 % ahead of oneDNN at prune rate 0.5 on the anchor
-  // layer but ~6 % behind with 2/3 of the weights nonzero (benchmarks/cpu_algos.py).
+  // 'auto' takes the ternary kernels where rows fill their 16-lane vectors (W >= 16; on 8x8
+  // and 4x4 maps most lanes would idle). Their work follows the nonzero weights. Measured with
+  // benchmarks/cpu_algos.py (whole backward op, anchor layer 128->128 16x16, 2 threads), dense /
+  // ternary / combo ms at 20, 35, 50, 65, 80 % nonzero weights: 32.6/20.8/23.7, 31.7/25.1/25.7,
+  // 33.0/30.4/28.4, 32.1/34.2/28.3, 34.1/40.1/28.9. So: the combination form from 40 % nonzero,
+  // where its planes fit L2 (<= 512 KiB per thread) and enough input channels share them
+  // (Ci >= 128: with 64 -> 64 at 32x32 it lost, 19.9 vs 17.7 ms ternary); else the plain ternary
+  // kernel up to 55 % nonzero; else oneDNN.
   bool ternary_gx = stride == 1 && active_isa() == Isa::kAvx512 &&
-                    (gxa == GxAlgo::kTernary || (gxa == GxAlgo::kAuto && s.W >= 16));
+                    (gxa == GxAlgo::kTernary || gxa == GxAlgo::kCombo ||
+                     (gxa == GxAlgo::kAuto && s.W >= 16));
+  bool combos = gxa == GxAlgo::kCombo;
   if (ternary_gx && gxa == GxAlgo::kAuto) {
     const uint32_t* mb = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
     int64_t nnz = 0;
     for (int64_t i = 0; i < w_mask.numel(); ++i) nnz += __builtin_popcount(mb[i]);
-    ternary_gx = nnz <= 0.55 * static_cast<double>(s.Co * s.KH * s.KW * in_channels);
+    const double dens =
+        static_cast<double>(nnz) / static_cast<double>(s.Co * s.KH * s.KW * in_channels);
+    combos = dens >= 0.4 && in_channels >= 128 && combo_bytes(s) <= (512 << 10);
+    ternary_gx = combos || dens <= 0.55;
   }
   if (need_grad_x && ternary_gx) {
     gx = at::empty({s.T, s.N, in_channels, s.H, s.W}, fopts);
     grad_x_ternary_avx512(s, in_channels, gz.data_ptr<float>(),
                           reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>()),
                           reinterpret_cast<const uint32_t*>(w_pos.data_ptr<int32_t>()), ap,
-                          gx.data_ptr<float>());
+                          combos, gx.data_ptr<float>());
   } else if (need_grad_x) {
     const at::Tensor w_eff = dense_weight(s, in_channels, w_mask, w_pos, ap);
     const int64_t oph = s.H - ((s.Ho - 1) * stride - 2 * padding + s.KH);

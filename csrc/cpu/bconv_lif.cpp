@@ -1405,7 +1405,8 @@ void grad_x_ternary_avx512(const ConvShape& s, int64_t Ci, const float* gz,
 }
 
 // Input-gradient algorithm: oneDNN's dense transposed convolution, or the ternary add/subtract
-// kernel above (AVX-512, stride 1); "auto" takes the ternary one wherever it can run.
+// kernel above in its plain or combination form (AVX-512, stride 1); "auto" chooses by the
+// measured rule in bconv_lif_bwd_cpu.
 enum class GxAlgo : int { kAuto = -1, kDense = 0, kTernary = 1, kCombo = 2 };
 static std::atomic<int> g_gx_override{static_cast<int>(GxAlgo::kAuto)};
 

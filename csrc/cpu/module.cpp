@@ -49,8 +49,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_cpu_conv_algo", &binslt::cpu::cpu_conv_algo, "The forced conv algorithm, or 'auto'");
   m.def("_set_cpu_grad_x_algo", &binslt::cpu::set_cpu_grad_x_algo, py::arg("name"),
         "Force the input-gradient algorithm of bconv_lif_bwd: 'auto', 'dense' (oneDNN "
-        "transposed convolution) or 'ternary' (add/subtract of dZ rows, AVX-512, stride 1); for "
-        "tests and benchmarks");
+        "transposed convolution), 'ternary' (add/subtract of dZ rows, AVX-512, stride 1) or "
+        "'combo' (the same over signed sums of four dZ rows; its buffer grows with the map, "
+        "~65 MB per thread at 224x224); for tests and benchmarks");
   m.def("_cpu_grad_x_algo", &binslt::cpu::cpu_grad_x_algo,
         "The forced input-gradient algorithm, or 'auto'");
 }

@@ -264,10 +264,8 @@ __attribute__((target("popcnt"))) static int64_t count_bits_popcnt(const uint64_
 }
 static int64_t count_bits_base(const uint64_t* p, int64_t n) { return count_bits_body(p, n); }
 
-double packed_rate(const at::Tensor& x_packed) {
-  const uint32_t* p = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
-  const int64_t n = x_packed.numel();
-  if (n == 0) return 0.0;
+// Set bits among n packed words (input spikes, weight mask planes).
+int64_t count_set_bits(const uint32_t* p, int64_t n) {
   auto fn = isa_supported(Isa::kPopcnt) ? &count_bits_popcnt : &count_bits_base;
   const int64_t n64 = n / 2;
   int64_t bits = at::parallel_reduce(
@@ -283,7 +281,14 @@ double packed_rate(const at::Tensor& x_packed) {
       },
       std::plus<int64_t>());
   if (n % 2) bits += __builtin_popcount(p[n - 1]);
-  return static_cast<double>(bits) / (32.0 * static_cast<double>(n));
+  return bits;
+}
+
+double packed_rate(const at::Tensor& x_packed) {
+  const uint32_t* p = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
+  const int64_t n = x_packed.numel();
+  if (n == 0) return 0.0;
+  return static_cast<double>(count_set_bits(p, n)) / (32.0 * static_cast<double>(n));
 }
 
 bool use_event_rate(double rate) {
@@ -1544,8 +1549,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
   bool combos = gxa == GxAlgo::kCombo;
   if (ternary_gx && gxa == GxAlgo::kAuto) {
     const uint32_t* mb = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
-    int64_t nnz = 0;
-    for (int64_t i = 0; i < w_mask.numel(); ++i) nnz += __builtin_popcount(mb[i]);
+    const int64_t nnz = count_set_bits(mb, w_mask.numel());
     const double dens =
         static_cast<double>(nnz) / static_cast<double>(s.Co * s.KH * s.KW * in_channels);
     combos = dens >= 0.4 && in_channels >= 128 && combo_bytes(s) <= (512 << 10);

@@ -43,7 +43,8 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path / "ticket.pt", weights_only=True)["state_dict"]
+    """The full final model state of a run (latent weights and scores included)."""
+    return torch.load(path / "checkpoint.pt", weights_only=True)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +276,7 @@ def test_finetune_keeps_the_mask_and_trains_the_weights(searched, tmp_path):
     assert cli.main(["finetune", "--from", str(searched), "--epochs", "1", "--lr", "0.01",
                      "--out", str(out), "--no-progress"]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["config"]["mode"] == "finetune" and res["source"].endswith("ticket.pt")
+    assert res["config"]["mode"] == "finetune" and res["source"].endswith("checkpoint.pt")
     assert res["config"]["train_subset"] == 96  # inherited from the search run
     src, ft = load_state(searched), load_state(out)
     from binslt import reference as ref

@@ -3,7 +3,6 @@ energy for hand-made spikes, eq. (7) on the model zoo, SpikingJelly layers, the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -305,20 +304,15 @@ class _Unused(nn.Module):
 
 
 def _cli(argv: list[str]) -> int:
-    try:
-        from binslt import cli
-    except ImportError:
-        cli = None
-    if cli is not None and hasattr(cli, "main"):
-        return cli.main(argv)
-    ap = argparse.ArgumentParser(prog="binslt")
-    energy.add_cli(ap.add_subparsers(dest="command"))
-    args = ap.parse_args(argv)
-    return args.func(args)
+    from binslt import cli
+
+    return cli.main(argv)
 
 
 def _tiny_run(tmp_path, variant: str):
-    from binslt import train
+    """A run directory as a finished run leaves it for `binslt energy`: the packed ticket and
+    results.json with the run config (the dataset the firing rates are measured on)."""
+    from binslt import artifacts, train
 
     torch.manual_seed(0)
     model = models.build("conv4", variant, in_channels=1, input_size=8, num_classes=10,
@@ -326,7 +320,8 @@ def _tiny_run(tmp_path, variant: str):
     cfg = train.RunConfig(method=variant, arch="conv4", dataset="digits", timesteps=2)
     out = tmp_path / variant
     out.mkdir()
-    train.save_ticket(model, out, cfg.to_dict())
+    train.save_ticket(model, out)
+    artifacts.atomic_write_json({"config": cfg.to_dict()}, out / "results.json")
     return out, model
 
 

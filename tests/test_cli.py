@@ -117,6 +117,23 @@ def test_search_run_files_and_auto_backend(searched):
     assert not list(searched.glob(".*tmp*"))  # atomic writes leave no temporaries
 
 
+def test_run_writes_the_packed_ticket_that_eval_reads(searched):
+    """The run directory's ticket.safetensors is the `binslt export` format: `binslt eval`
+    reads it directly, and its accuracy on the run's test subset is the run's final one."""
+    from binslt import tickets
+
+    ticket = searched / "ticket.safetensors"
+    assert tickets.read_ticket_metadata(ticket)["format"] == tickets.FORMAT_NAME
+    assert not (searched / "ticket.pt").exists()
+    res = json.loads((searched / "results.json").read_text())
+    assert res["files"]["ticket"] == "ticket.safetensors"
+    r = run_cli("eval", ticket, "--data", "digits", "--limit", "48", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["examples"] == 48
+    assert got["accuracy"] == pytest.approx(res["test_acc"], abs=1e-9)
+
+
 def test_finished_run_is_not_repeated_and_a_different_one_is_refused(searched, capsys):
     before = (searched / "results.json").stat().st_mtime_ns
     assert cli.main(["search", *TINY, "--out", str(searched)]) == 0
@@ -269,6 +286,16 @@ def test_train_baselines(tmp_path, method):
     assert res["params"] > 0 and 0.0 <= res["test_acc"] <= 100.0
     state = load_state(out)
     assert any(k.endswith("scores") for k in state) == (method == "bnn")
+    # Dense baselines' tickets hold their tensors unpacked; every ticket reloads.
+    from binslt import tickets
+
+    meta = tickets.read_ticket_metadata(out / "ticket.safetensors")
+    assert (meta["layers"] == {}) == (method in ("ann", "snn"))
+    loaded = tickets.load_ticket(out / "ticket.safetensors").state_dict()
+    if method in ("ann", "snn"):
+        assert loaded.keys() == state.keys()
+        for k in state:
+            assert torch.equal(loaded[k], state[k]), k
 
 
 def test_finetune_keeps_the_mask_and_trains_the_weights(searched, tmp_path):

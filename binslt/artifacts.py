@@ -25,6 +25,7 @@ message names the file; :class:`binslt.tickets.TicketError` is a subclass.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -40,7 +41,7 @@ from torch import nn
 from . import models
 
 __all__ = ["ArtifactError", "CHECKPOINT_FORMAT", "LEGACY_TICKET_FORMAT", "RunDir",
-           "atomic_torch_save", "atomic_write_bytes", "atomic_write_json", "evaluate",
+           "atomic_torch_save", "atomic_write_bytes", "atomic_write_csv", "atomic_write_json", "evaluate",
            "evaluate_counts", "first_line", "load_model", "load_source", "load_state",
            "load_torch_file", "rebuild_model", "resolve_device", "resolve_source"]
 
@@ -87,6 +88,17 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
 
 def atomic_write_json(obj: Any, path: PathLike) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_write_csv(rows: Iterable[dict[str, Any]], path: PathLike,
+                     fields: Iterable[str]) -> None:
+    """A CSV with a header of ``fields``; keys of ``rows`` outside ``fields`` are left out."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore")
+    w.writeheader()
+    for row in rows:
+        w.writerow(row)
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ Definitions (per sample; averaged over every image seen)
   ``'real'``. An ANN's layers and the BNN-BinAct baseline's layers (inputs
   +-1) are always ``'real'``.
 
-Energy (DESIGN.md section 5; 45 nm figures: ``e_mac`` = 4.6 pJ, ``e_sop`` = 0.9 pJ)
-------------------------------------------------------------------------------------
+Energy (docs/design.md section 5; 45 nm figures: ``e_mac`` = 4.6 pJ, ``e_sop`` = 0.9 pJ)
+-----------------------------------------------------------------------------------------
 - ``'spike'`` layers perform synaptic operations, eq. (6): ``SOPs = input_rate x timesteps x
   MACs``, at ``e_sop`` each.
 - ``'real'`` layers perform MACs at ``e_mac`` each, once per *distinct* pass: ``ops = MACs x

@@ -17,6 +17,10 @@ A ticket file is a `safetensors <https://huggingface.co/docs/safetensors>`_ file
   dtype, shape and bytes. safetensors itself checks the header and the offsets; the digest
   catches flipped bytes in the tensor data, which safetensors cannot see.
 
+Every ``binslt search`` / ``train`` / ``finetune`` run writes its final network in this format
+(``RUN/ticket.safetensors``); ``binslt export`` writes the same file from a checkpoint. A dense
+model (ann, snn) has no masked layer, so its ticket holds its state dict's tensors unpacked.
+
 :func:`load_ticket` rebuilds the network, checks the file (format, version, digest, tensor names,
 shapes, dtypes and the bit planes' invariants) and returns the model in ``'frozen'`` mode and in
 eval mode. Any problem raises :class:`TicketError` naming the file and what is wrong.
@@ -210,8 +214,8 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     if not path.exists():
         raise TicketError(f"{str(path)!r}: no such ticket file")
     if not path.is_file():
-        raise TicketError(f"{str(path)!r} is not a file (give the .safetensors ticket that "
-                          "`binslt export` wrote)")
+        raise TicketError(f"{str(path)!r} is not a file (give a .safetensors ticket: a run's "
+                          "ticket.safetensors or what `binslt export` wrote)")
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(_ZIP_MAGIC):

@@ -25,9 +25,7 @@ are all-reduced, and only rank 0 writes files.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 import os
 import platform
@@ -52,7 +50,7 @@ from .artifacts import (
     ArtifactError,
     RunDir,
     atomic_torch_save,
-    atomic_write_bytes,
+    atomic_write_csv,
     atomic_write_json,
     evaluate,
     load_source,
@@ -564,15 +562,6 @@ def train_one_epoch(net: nn.Module, loader, opt: torch.optim.Optimizer, device: 
     return tot[0].item() / n, 100.0 * tot[1].item() / n
 
 
-def _write_metrics(history: list[dict], path: Path) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    for row in history:
-        w.writerow(row)
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
 def save_checkpoint(run_dir: RunDir, cfg: RunConfig, state: TrainState, info: DistInfo) -> None:
     """Write the checkpoint after ``state.history[-1]``'s epoch, and metrics.csv (rank 0; every
     rank contributes its RNG state)."""
@@ -585,7 +574,7 @@ def save_checkpoint(run_dir: RunDir, cfg: RunConfig, state: TrainState, info: Di
             "scheduler": state.sched.state_dict(), "rng": rng, "history": state.history,
             "best_test_acc": state.best, "wall_time_s": state.wall, "world_size": info.world,
         }, run_dir.checkpoint)
-        _write_metrics(state.history, run_dir.metrics)
+        atomic_write_csv(state.history, run_dir.metrics, METRIC_FIELDS)
     info.barrier()
 
 

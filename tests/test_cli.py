@@ -237,15 +237,13 @@ def test_torchrun_two_processes_gloo_matches_single_process(tmp_path):
     Both see the same global batches (DistributedSampler's order does not depend on the number
     of ranks, and each rank takes every other example of it); they differ only in BatchNorm
     batch statistics (per rank) and so follow nearby, not identical, trajectories. Near
-    convergence (10 epochs of full digits, ~70 s) their accuracies agree within 1 point:
-    measured here final 97.78 % vs 98.33 %, best 98.06 % vs 98.33 %. Both run with one thread
-    per process so that the result does not depend on the core count.
+    convergence (10 epochs of full digits) their accuracies agree within 1 point. Both run with
+    one thread per process so that the result does not depend on the core count.
 
     "Accuracy" is compared as the best epoch and as the mean of the last three epochs: a single
     final epoch of a digits run moves by 1-2 test images (0.3-0.6 points) from one epoch to the
     next (docs/notes/search_seed_gap.md), so two valid runs' final epochs alone can differ by
-    more than a point (measured after a kernel change that only reordered float sums: final
-    96.94 % vs 98.89 %, while the best epochs agreed within 1 point).
+    more than a point while their best epochs agree.
     """
     opts = ["--epochs", "10", "--batch-size", "32", "--no-progress"]
     env = {**_env(), "OMP_NUM_THREADS": "1"}

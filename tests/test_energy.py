@@ -38,7 +38,7 @@ def test_resnet19_ann_matches_table2():
     assert not rep["spiking"]
     assert all(r["input"] == "real" and r["timesteps"] == 1 and r["sops"] == 0
                for r in rep["layers"])
-    # Paper: 2.223 G MACs, 10.225 mJ. The layout of DESIGN.md gives 2.2165 G (-0.3 %).
+    # Paper: 2.223 G MACs, 10.225 mJ. The layout of docs/design.md gives 2.2165 G (-0.3 %).
     assert rep["total_macs_g"] == pytest.approx(2.223, rel=0.01)
     assert rep["total_ops_g"] == pytest.approx(rep["total_macs_g"], rel=1e-12)
     assert rep["total_energy_mj"] == pytest.approx(10.225, rel=0.01)
@@ -366,7 +366,7 @@ def test_cli_fresh_model_and_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     total = [ln for ln in out.splitlines() if ln.startswith("total")][0]
-    want = models.count_macs(models.build("conv4", "ann")) / 1e9  # 0.0983 G, DESIGN.md
+    want = models.count_macs(models.build("conv4", "ann")) / 1e9  # 0.0983 G, docs/design.md
     assert math.isclose(float(total.split()[1]), want, abs_tol=1e-6)
     rc = _cli(["energy", str(tmp_path / "missing")])
     assert rc != 0 and "no such run directory" in capsys.readouterr().err

@@ -75,7 +75,7 @@ def test_conv4_ticket_is_15x_smaller_than_fp32(conv4):
     # fp32 reference: the sum of the state dict's tensor bytes, each masked layer's weight once
     # (scores left out), BN statistics included -- what a dense fp32 Conv-4 stores.
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, _MaskedSignWeight))
-    assert weights == 2_425_024  # Conv-4 at 32x32x3, 10 classes (DESIGN.md: 2.43M)
+    assert weights == 2_425_024  # Conv-4 at 32x32x3, 10 classes (docs/design.md: 2.43M)
     assert info["fp32_bytes"] >= 4 * weights
     assert info["fp32_bytes"] / size >= 15.0, info
     # against torch.save of the search-time state dict (weights + scores): twice that

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import io
 import re
@@ -13,7 +12,7 @@ from typing import Any, Callable
 
 from .. import data as data_mod
 from .. import energy, train
-from ..artifacts import RunDir, atomic_write_bytes, atomic_write_json, load_source
+from ..artifacts import RunDir, atomic_write_bytes, atomic_write_csv, atomic_write_json, load_source
 from ..train import METHODS, RunConfig, RunError
 from .common import METHOD_LABELS, CLIError, is_main_process, load_model, progress_enabled
 
@@ -47,22 +46,21 @@ def _crash_spec(s: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _floats(s: str) -> list[float]:
-    if s.strip().lower() in ("", "none"):
-        return []
-    try:
-        return [float(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+def _number_list(kind: Callable[[str], Any], what: str) -> Callable[[str], list]:
+    """argparse type: comma-separated values of ``kind``; empty or 'none' is no values."""
+    def parse(s: str) -> list:
+        if s.strip().lower() in ("", "none"):
+            return []
+        try:
+            return [kind(v) for v in s.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}"
+                                             ) from None
+    return parse
 
 
-def _ints(s: str) -> list[int]:
-    if s.strip().lower() in ("", "none"):
-        return []
-    try:
-        return [int(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+_floats = _number_list(float, "numbers")
+_ints = _number_list(int, "integers")
 
 
 def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
@@ -331,15 +329,6 @@ def _row(cfg: RunConfig, res: dict[str, Any], out: Path) -> dict[str, Any]:
             "mean_epoch_time_s": res["mean_epoch_time_s"], "dir": str(out)}
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path, fields: tuple[str, ...]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow(r)
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
 def _close(a: float, b: float) -> bool:
     return abs(float(a) - float(b)) < 1e-9
 
@@ -445,7 +434,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                       f"{res['wall_time_s']:.1f} s")
         rows.append(_row(cfg, res, pdir))
         if main:
-            write_csv(rows, out / "sweep.csv", SWEEP_FIELDS)
+            atomic_write_csv(rows, out / "sweep.csv", SWEEP_FIELDS)
     if main:
         plot_sweep(rows, base, out / "fig2.png")
         print(f"wrote {out / 'sweep.csv'} and {out / 'fig2.png'}")
@@ -545,7 +534,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                  "binslt.models.count_parameters. OPs/energy: binslt.energy.report per image "
                  "(MACs at 4.6 pJ, SOPs at 0.9 pJ).", "", table, ""]
         atomic_write_bytes(out / "compare.md", "\n".join(lines).encode())
-        write_csv(rows, out / "compare.csv", COMPARE_FIELDS)
+        atomic_write_csv(rows, out / "compare.csv", COMPARE_FIELDS)
         atomic_write_json(rows, out / "compare.json")
         print(table)
         print(f"wrote {out / 'compare.md'}, compare.csv, compare.json")

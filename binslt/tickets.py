@@ -17,6 +17,10 @@ A ticket file is a `safetensors <https://huggingface.co/docs/safetensors>`_ file
   dtype, shape and bytes. safetensors itself checks the header and the offsets; the digest
   catches flipped bytes in the tensor data, which safetensors cannot see.
 
+Every ``binslt search`` / ``train`` / ``finetune`` run writes its final network in this format
+(``RUN/ticket.safetensors``); ``binslt export`` writes the same file from a checkpoint. A dense
+model (ann, snn) has no masked layer, so its ticket holds its state dict's tensors unpacked.
+
 :func:`load_ticket` rebuilds the network, checks the file (format, version, digest, tensor names,
 shapes, dtypes and the bit planes' invariants) and returns the model in ``'frozen'`` mode and in
 eval mode. Any problem raises :class:`TicketError` naming the file and what is wrong.
@@ -46,18 +50,17 @@ import copy
 import hashlib
 import io
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from torch import nn
 
+from .artifacts import ArtifactError, PathLike, atomic_write_bytes, first_line, rebuild_model
 from .layers import BinSpikeConv2d, BinSpikeLinear, _MaskedSignWeight
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "TicketError", "export_ticket", "load_ticket",
-           "read_ticket_metadata", "fp32_state_dict_bytes", "add_cli"]
+           "read_ticket_metadata", "fp32_state_dict_bytes"]
 
 FORMAT_NAME = "binslt-ticket"
 FORMAT_VERSION = 1
@@ -66,12 +69,10 @@ PACKED_KEYS = ("w_mask_bits", "w_pos_bits", "alpha")
 _LATENT_KEYS = ("weight", "scores", "mask")  # masked layers' fp32 tensors a ticket drops
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save files are zip archives
 
-PathLike = Union[str, "os.PathLike[str]"]
 
-
-class TicketError(ValueError):
-    """A ticket (or checkpoint) file is unusable: missing, truncated, corrupt, of another format
-    version, or inconsistent with its own config. The message names the file and the problem."""
+class TicketError(ArtifactError):
+    """A ticket file is unusable: missing, truncated, corrupt, of another format version, or
+    inconsistent with its own config. The message names the file and the problem."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,15 +110,6 @@ def _digest(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"tensor\0{k}\0{t.dtype}\0{list(t.shape)}\0".encode())
         h.update(_tensor_bytes(t))
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _layer_record(m: _MaskedSignWeight) -> dict[str, Any]:
@@ -201,7 +193,7 @@ def export_ticket(model: nn.Module, path: PathLike) -> dict[str, Any]:
     metadata["sha256"] = _digest(metadata, tensors)
     path = Path(path)
     data = st_save(tensors, metadata=metadata)
-    _atomic_write(path, data)
+    atomic_write_bytes(path, data)
     packed = sorted(layers)
     dense = sorted(k for k in tensors if not any(k == _prefix(n) + pk for n in layers
                                                  for pk in PACKED_KEYS))
@@ -222,12 +214,12 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     if not path.exists():
         raise TicketError(f"{str(path)!r}: no such ticket file")
     if not path.is_file():
-        raise TicketError(f"{str(path)!r} is not a file (give the .safetensors ticket that "
-                          "`binslt export` wrote)")
+        raise TicketError(f"{str(path)!r} is not a file (give a .safetensors ticket: a run's "
+                          "ticket.safetensors or what `binslt export` wrote)")
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(_ZIP_MAGIC):
-        raise TicketError(f"{str(path)!r} is a torch.save file (a checkpoint or a run's "
+        raise TicketError(f"{str(path)!r} is a torch.save file (a checkpoint, or an older run's "
                           "ticket.pt), not a packed ticket; convert it with `binslt export`")
     if len(head) < 8:
         raise TicketError(f"{str(path)!r} is truncated or not a ticket ({len(head)} bytes; a "
@@ -237,9 +229,8 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
             metadata = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # SafetensorError, OSError, ...
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TicketError(f"{str(path)!r} is corrupt or truncated (not a readable safetensors "
-                          f"file: {msg})") from None
+                          f"file: {first_line(exc)})") from None
     return metadata or {}, tensors
 
 
@@ -377,19 +368,12 @@ def load_ticket(path: PathLike, *, device: Union[str, torch.device] = "cpu",
         TicketError: the file is missing, truncated, corrupt (digest mismatch), of another
             format version, or does not match its own config; the message names the file.
     """
-    from . import models
-
     path = Path(path)
     p = repr(str(path))
     meta, tensors = _read(path)
     info = _check_metadata(path, meta, tensors, verify=True)
     config = dict(info["config"])
-    if backend is not None:
-        config["backend"] = backend
-    try:
-        model = models.build(**config)
-    except (ValueError, TypeError) as exc:
-        raise TicketError(f"{p}: its config does not build a network ({exc})") from None
+    model = rebuild_model(config, backend, path=path, error=TicketError)
     layers = _masked_layers(model)
     _check_tensors(p, model, layers, info["layers"], tensors, config.get("arch", "?"))
 
@@ -417,145 +401,3 @@ def load_ticket(path: PathLike, *, device: Union[str, torch.device] = "cpu",
     model.eval()
     model.ticket_info = info  # type: ignore[attr-defined]
     return model.to(device)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: `binslt export` and `binslt eval`
-# ---------------------------------------------------------------------------------------------
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"  # pragma: no cover
-
-
-def _fail(cmd: str, exc: BaseException) -> None:
-    """One line ``binslt CMD: error: ...`` on stderr and exit status 2, as binslt.cli does for
-    its own errors (``BINSLT_DEBUG=1`` re-raises instead, to show the traceback)."""
-    if os.environ.get("BINSLT_DEBUG"):
-        raise exc
-    msg = " ".join(str(exc).split()) or type(exc).__name__
-    print(f"binslt {cmd}: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def _cmd_export(args) -> int:
-    from . import train
-
-    try:
-        src = train.load_source(args.source)
-        model = train.rebuild_model(src["build_config"])
-        try:
-            model.load_state_dict(src["state_dict"])
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()
-            detail = " ".join(first[1:3]) if len(first) > 1 else str(exc)
-            raise TicketError(f"{src['path']!r}: its weights do not match its build config "
-                              f"({detail.strip()})") from None
-        model.eval()
-        out = args.output
-        if out is None:
-            sp = Path(src["path"])
-            out = sp.with_name(sp.stem + ".safetensors")
-        info = export_ticket(model, out)
-    except (TicketError, train.RunError, OSError, TypeError) as exc:
-        _fail("export", exc)
-    ratio_pt = info["torch_save_bytes"] / info["ticket_bytes"]
-    print(f"wrote {info['path']}: {_fmt_bytes(info['ticket_bytes'])} "
-          f"({len(info['packed_layers'])} packed layers, {len(info['dense_tensors'])} other "
-          "tensors)")
-    print(f"fp32 state dict (weights once, no scores): {_fmt_bytes(info['fp32_bytes'])} -> "
-          f"{info['ratio']:.1f}x smaller")
-    print(f"torch.save of the searched state dict (weights + scores): "
-          f"{_fmt_bytes(info['torch_save_bytes'])} -> {ratio_pt:.1f}x smaller")
-    return 0
-
-
-def _cmd_eval(args) -> int:
-    import time
-
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader, Subset
-
-    from . import data
-
-    try:
-        model = load_ticket(args.ticket, device=args.device, backend=args.backend)
-        cfg = model.ticket_info["config"]  # type: ignore[attr-defined]
-        size = cfg["input_size"]
-        image_size = size if isinstance(size, int) else int(size[0])
-        bundle = data.load(args.data, data_dir=args.data_dir, download=args.download,
-                           image_size=image_size)
-        want = (cfg["in_channels"], *model.input_hw)  # type: ignore[attr-defined]
-        ds = bundle.test if args.split == "test" else bundle.train
-        if args.limit:
-            ds = Subset(ds, range(min(args.limit, len(ds))))
-        if len(ds) == 0:
-            raise TicketError(f"dataset {args.data!r} has no {args.split} examples")
-        x0, _ = ds[0]
-        if tuple(x0.shape) != tuple(want):
-            raise TicketError(f"the ticket takes images {list(want)} but dataset {args.data!r} "
-                              f"gives {list(x0.shape)}")
-        if bundle.num_classes > cfg["num_classes"]:
-            raise TicketError(f"dataset {args.data!r} has {bundle.num_classes} classes, the "
-                              f"ticket predicts {cfg['num_classes']}")
-    except (TicketError, data.DatasetError, OSError, ValueError) as exc:
-        _fail("eval", exc)
-    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False)
-    correct = total = 0
-    loss = 0.0
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for x, y in loader:
-            x, y = x.to(args.device), y.to(args.device)
-            logits = model(x)
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += int((logits.argmax(1) == y).sum())
-            total += y.numel()
-    dt = time.perf_counter() - t0
-    acc = 100.0 * correct / total
-    res = {"ticket": str(args.ticket), "dataset": bundle.name, "split": args.split,
-           "examples": total, "correct": correct, "accuracy": acc, "loss": loss / total,
-           "seconds": dt, "arch": cfg["arch"], "variant": cfg["variant"]}
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print(f"{args.ticket}: {cfg['arch']}/{cfg['variant']} on {bundle.name} ({args.split}): "
-              f"accuracy {acc:.2f}% ({correct}/{total}), loss {loss / total:.4f}, {dt:.1f} s")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Register ``export`` and ``eval`` on the ``binslt`` CLI's subparsers (binslt.cli calls
-    this). Each sets ``func`` (``args -> exit code``); errors print one line and exit 2."""
-    ex = subparsers.add_parser(
-        "export", help="write a packed ticket file (2 bits per weight) from a run",
-        description="Export a searched network as a packed ticket: safetensors with each "
-        "binslt layer's mask and sign bit planes, its gain, BN statistics, dense weights and "
-        "the config. Prints its size against the fp32 state dict.")
-    ex.add_argument("source", help="a run directory of `binslt search`, or its ticket.pt / "
-                    "checkpoint.pt")
-    ex.add_argument("-o", "--output", default=None,
-                    help="ticket file to write (default: SOURCE's ticket/checkpoint name with "
-                    ".safetensors)")
-    ex.set_defaults(func=_cmd_export)
-
-    ev = subparsers.add_parser(
-        "eval", help="evaluate a packed ticket on a dataset",
-        description="Load a packed ticket (frozen, eval mode) and report its accuracy.")
-    ev.add_argument("ticket", help="a .safetensors ticket written by `binslt export`")
-    ev.add_argument("--data", default="digits", help="dataset spec (digits, cifar10, cifar100, "
-                    "imagefolder:PATH, npz:PATH)")
-    ev.add_argument("--data-dir", default="data", help="where torchvision datasets live")
-    ev.add_argument("--download", action="store_true", help="download the dataset if missing")
-    ev.add_argument("--split", choices=("test", "train"), default="test")
-    ev.add_argument("--limit", type=int, default=0, help="only the first N examples (0 = all)")
-    ev.add_argument("--batch-size", type=int, default=256)
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--backend", default=None,
-                    help="override the ticket's backend (auto, torch, cpu, triton, cuda)")
-    ev.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    ev.set_defaults(func=_cmd_eval)

@@ -1,13 +1,15 @@
 """The training loop behind ``binslt search`` / ``train`` / ``finetune``.
 
-One function, :func:`run`, trains one configuration (:class:`RunConfig`) into an output directory:
+:func:`run` trains one configuration (:class:`RunConfig`) into a run directory (the files are
+described in :mod:`binslt.artifacts`): ``checkpoint.pt`` after every epoch, ``metrics.csv``,
+and at the end ``results.json`` and the packed ``ticket.safetensors``. A killed run loses at
+most the epoch in progress; ``resume=True`` continues it exactly.
 
-- ``DIR/checkpoint.pt``: written atomically (temporary file + ``os.replace``) after every epoch
-  with the model, optimizer, scheduler and RNG states, the epoch count and the metric history.
-  A killed run loses at most the epoch in progress; ``resume=True`` continues it exactly.
-- ``DIR/metrics.csv``: one row per epoch (loss, accuracy, learning rate, epoch time).
-- ``DIR/results.json``: the config, final and best test accuracy, wall time and versions.
-- ``DIR/ticket.pt``: the final model (see :func:`save_ticket`, the one place to change the format).
+The loop is a sequence of named steps, each a function of its own: :func:`prepare_output`
+(refuse, skip or clear the directory), :func:`load_data`, :func:`build_or_restore` (a fresh
+network, or the ticket a finetune starts from), :func:`make_optimizer` (optimizer and cosine
+schedule), :func:`restore_checkpoint`, :func:`train_one_epoch`, :func:`evaluate`,
+:func:`save_checkpoint` and :func:`finish` (results and ticket).
 
 Exact resumption: the shuffling order of epoch ``e`` comes from ``DistributedSampler`` seeded
 with ``(seed, e)``, and every epoch starts by re-seeding the torch / numpy / python RNGs from
@@ -16,16 +18,14 @@ before it. (The RNG states are also saved in the checkpoint and restored.)
 
 More than one process: launched by ``torchrun``, :func:`run` joins the process group (gloo on the
 CPU, nccl on CUDA), wraps the model in ``DistributedDataParallel`` and shards the data with
-``DistributedSampler``. ``batch_size`` is the *global* batch (each of K ranks takes
-``batch_size // K``). Loss sums and correct counts are all-reduced, and only rank 0 writes files.
+``DistributedSampler``; :class:`DistInfo` holds every collective the loop uses. ``batch_size``
+is the *global* batch (each of K ranks takes ``batch_size // K``). Loss sums and correct counts
+are all-reduced, and only rank 0 writes files.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import math
 import os
 import platform
@@ -43,14 +43,35 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from . import data as data_mod
+from . import models, ops
+from .artifacts import (
+    CHECKPOINT_FORMAT,
+    ArtifactError,
+    RunDir,
+    atomic_torch_save,
+    atomic_write_csv,
+    atomic_write_json,
+    evaluate,
+    load_source,
+    load_state,
+    load_torch_file,
+    rebuild_model,
+    resolve_device,
+)
+from .tickets import export_ticket
+
+__all__ = ["ARCHS", "METHODS", "RunConfig", "RunError", "RunHooks", "build_model",
+           "build_or_restore", "evaluate", "finish", "load_data", "make_optimizer",
+           "prepare_output", "restore_checkpoint", "run", "save_checkpoint", "save_ticket",
+           "train_one_epoch", "versions"]
+
 METHODS = ("binwslt", "snn", "bnn", "ann")
 SPIKING = ("binwslt", "snn")
 MASKED = ("binwslt", "bnn")
 ARCHS = ("conv4", "vgg9", "vgg11", "resnet19")
 OPTIMIZERS = ("sgd", "adam")
 SURROGATES = ("atan", "sigmoid")
-CHECKPOINT_FORMAT = "binslt-checkpoint-v1"
-TICKET_FORMAT = "binslt-ticket-torch-v1"
 
 
 class RunError(Exception):
@@ -161,8 +182,9 @@ class RunConfig:
         return opts
 
 
+
 # ---------------------------------------------------------------------------------------------
-# Small utilities
+# Versions and RNG states
 # ---------------------------------------------------------------------------------------------
 
 
@@ -178,52 +200,6 @@ def versions() -> dict[str, str]:
     return {"binslt": binslt.__version__, "torch": torch.__version__, "triton": tv,
             "cuda": str(torch.version.cuda), "python": platform.python_version(),
             "numpy": np.__version__}
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def atomic_write_json(obj: Any, path: Path) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def load_torch_file(path: Path, what: str) -> dict:
-    """torch.load (weights only) with a one-line :class:`RunError` for a missing/corrupt file."""
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"{what} {str(path)!r} not found")
-    # torch.load does not check the zip's CRC-32s: flipped tensor bytes would load silently.
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-    except Exception:  # not a zip at all (truncated, legacy format): torch.load reports it
-        bad = None
-    if bad is not None:
-        raise RunError(f"{what} {str(path)!r} is corrupt (CRC mismatch in {bad!r})")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RunError(f"{what} {str(path)!r} is corrupt or not a binslt file ({msg})") from None
-    if not isinstance(obj, dict):
-        raise RunError(f"{what} {str(path)!r} is not a binslt file (no dict inside)")
-    return obj
 
 
 def _rng_state() -> dict[str, Any]:
@@ -258,12 +234,15 @@ def _seed_all(s: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed set-up
+# More than one process: every collective the loop uses
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
 class DistInfo:
+    """This process's place in a ``torchrun`` job (one process: rank 0 of 1, and every method
+    is a no-op)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -276,6 +255,49 @@ class DistInfo:
     @property
     def active(self) -> bool:
         return self.world > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the processes, in place."""
+        if self.active:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The module to train: ``model`` in ``DistributedDataParallel`` when there are ranks."""
+        if not self.active:
+            return model
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Each rank's last forward updated its own BN running statistics; evaluate (and save)
+        rank 0's everywhere, as DDP's ``broadcast_buffers`` does at the next forward."""
+        if self.active:
+            for buf in model.buffers():
+                dist.broadcast(buf, 0)
+
+    def gather_rng(self) -> dict[str, Any]:
+        """Every rank's RNG state, keyed by rank, so that each resumes its own stream."""
+        rng = {str(self.rank): _rng_state()}
+        if self.active:
+            gathered: list = [None] * self.world
+            dist.all_gather_object(gathered, rng)
+            rng = {k: v for g in gathered for k, v in g.items()}
+        return rng
+
+    def test_shard(self, dataset):
+        """This rank's share of the test set (every world-th example)."""
+        if not self.active:
+            return dataset
+        return Subset(dataset, list(range(self.rank, len(dataset), self.world)))
+
+    def close(self) -> None:
+        if self.initialised_here and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def setup_distributed(device_kind: str) -> DistInfo:
@@ -294,36 +316,55 @@ def setup_distributed(device_kind: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, here)
 
 
-def resolve_device(spec: str, info: DistInfo | None = None) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RunError(f"--device {spec} asked for, but no CUDA device is visible; use "
-                           "--device cpu")
-        if spec == "cuda" and info is not None and info.active:
-            return torch.device("cuda", info.local_rank)
-    try:
-        return torch.device(spec)
-    except RuntimeError as exc:
-        raise RunError(f"bad --device {spec!r}: {exc}") from None
+# ---------------------------------------------------------------------------------------------
+# Test hooks and the progress bar
+# ---------------------------------------------------------------------------------------------
 
 
-def _all_reduce(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.active:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+@dataclass
+class RunHooks:
+    """Test hooks. ``crash_after``: (epoch, batches) -> the process dies (``os._exit(17)``)
+    right after the optimizer step of that batch (epochs and batches counted from 1), with
+    the epochs before it checkpointed. ``on_epoch`` sees every metrics row."""
+
+    crash_after: tuple[int, int] | None = None
+    on_epoch: Callable[[dict], None] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def after_step(self, epoch: int, batch: int) -> None:
+        """Called after every optimizer step (``epoch`` and ``batch`` from 1)."""
+        if self.crash_after is not None and self.crash_after == (epoch, batch):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(17)
+
+
+class _ProgressBar:
+    """tqdm over one epoch's batches with the running loss and accuracy (on stderr)."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
+                         file=sys.stderr)
+
+    def update(self, totals: torch.Tensor) -> None:
+        """One batch more; ``totals`` = (summed loss, correct, examples) so far."""
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{totals[0].item() / totals[2].item():.4f}",
+                              acc=f"{100 * totals[1].item() / totals[2].item():.2f}%")
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 # ---------------------------------------------------------------------------------------------
-# Models, tickets
+# Models and tickets
 # ---------------------------------------------------------------------------------------------
 
 
 def build_model(cfg: RunConfig, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
     """``binslt.models.build`` for ``cfg``; bad combinations become a :class:`RunError`."""
-    from . import models
-
     try:
         return models.build(cfg.arch, cfg.method, num_classes=num_classes,
                             in_channels=in_channels, input_size=input_size,
@@ -334,100 +375,34 @@ def build_model(cfg: RunConfig, num_classes: int, in_channels: int, input_size: 
         raise RunError(f"cannot build {cfg.arch}/{cfg.method}: {exc}") from None
 
 
-def rebuild_model(build_config: dict[str, Any], backend: str | None = None) -> nn.Module:
-    """A fresh model from a saved ``model.build_config``."""
-    from . import models
-
-    kw = dict(build_config)
-    if backend is not None:
-        kw["backend"] = backend
-    try:
-        return models.build(**kw)
-    except (ValueError, TypeError) as exc:
-        raise RunError(f"cannot rebuild the saved model ({kw}): {exc}") from None
-
-
-def save_ticket(model: nn.Module, out_dir: Path, config: dict[str, Any]) -> Path:
-    """Write the final ticket of a run and return its path.
-
-    This is the one place that decides the ticket format (today a ``torch.save`` of the model's
-    state dict and build config); a packed safetensors export replaces this function's body.
-    """
-    path = Path(out_dir) / "ticket.pt"
-    atomic_torch_save({"format": TICKET_FORMAT, "build_config": dict(model.build_config),
-                       "state_dict": model.state_dict(), "config": config}, path)
+def save_ticket(model: nn.Module, out_dir: str | Path) -> Path:
+    """Write ``out_dir/ticket.safetensors``, the packed ticket of :func:`binslt.tickets.
+    export_ticket` (dense models: their tensors as they are), and return its path."""
+    path = RunDir(out_dir).ticket
+    export_ticket(model, path)
     return path
 
 
-def resolve_source(src: str) -> Path:
-    """The file a ``--from`` argument names: a file, or a run directory's ticket/checkpoint."""
-    p = Path(src).expanduser()
-    if p.is_dir():
-        for name in ("ticket.pt", "checkpoint.pt"):
-            if (p / name).is_file():
-                return p / name
-        raise RunError(f"{str(p)!r} holds no ticket.pt or checkpoint.pt; give the output "
-                       "directory of a finished `binslt search` or the file itself")
-    if not p.is_file():
-        raise RunError(f"--from {str(p)!r}: no such file or directory")
-    return p
-
-
-def load_source(src: str) -> dict[str, Any]:
-    """{'config', 'build_config', 'state_dict'} from a ticket or checkpoint file/directory."""
-    path = resolve_source(src)
-    obj = load_torch_file(path, "ticket")
-    fmt = obj.get("format")
-    if fmt == TICKET_FORMAT:
-        sd = obj.get("state_dict")
-    elif fmt == CHECKPOINT_FORMAT:
-        sd = obj.get("model")
-    else:
-        raise RunError(f"{str(path)!r} is not a binslt ticket or checkpoint (format {fmt!r})")
-    if not isinstance(sd, dict) or not isinstance(obj.get("build_config"), dict):
-        raise RunError(f"{str(path)!r} is incomplete (no model state or build config)")
-    return {"config": obj.get("config") or {}, "build_config": obj["build_config"],
-            "state_dict": sd, "path": str(path)}
-
-
 # ---------------------------------------------------------------------------------------------
-# The loop
+# The steps of a run
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
-class RunHooks:
-    """Test hooks. ``crash_after``: (epoch, batches) -> the process dies (``os._exit``) right
-    after the optimizer step of that batch (epochs and batches counted from 1)."""
+class TrainState:
+    """What changes from epoch to epoch (and what a checkpoint restores)."""
 
-    crash_after: tuple[int, int] | None = None
-    on_epoch: Callable[[dict], None] | None = None
-    extra: dict = field(default_factory=dict)
-
-
-def _loader(dataset, batch: int, sampler, workers: int, generator, drop_last: bool,
-            pin: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                      generator=generator, drop_last=drop_last, pin_memory=pin,
-                      persistent_workers=False)
-
-
-def _files(out: Path) -> dict[str, Path]:
-    return {"checkpoint": out / "checkpoint.pt", "results": out / "results.json",
-            "metrics": out / "metrics.csv", "ticket": out / "ticket.pt"}
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+    best: float = -1.0
+    wall: float = 0.0
 
 
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                  "epoch_time_s", "eval_time_s")
-
-
-def _write_metrics(history: list[dict], path: Path) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    for row in history:
-        w.writerow(row)
-    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def _compare_configs(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -440,21 +415,209 @@ def _compare_configs(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return diffs
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
-             info: DistInfo) -> tuple[float, float]:
-    """(mean loss, accuracy %) over the whole (sharded) test set."""
-    model.eval()
+def prepare_output(cfg: RunConfig, run_dir: RunDir, info: DistInfo, *, resume: bool,
+                   overwrite: bool, log: Callable[[str], None],
+                   ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """``(results of an identical finished run, checkpoint to resume)``, at most one not None.
+
+    A finished run of the same configuration is not repeated (idempotent commands). Otherwise
+    an occupied directory is an error unless ``resume`` (continue its checkpoint) or
+    ``overwrite`` (start again: the old files are removed)."""
+    out = run_dir.path
+    ckpt = None
+    if not overwrite:
+        try:
+            done = run_dir.read_results()
+        except ArtifactError as exc:
+            raise RunError(f"{exc}; pass --overwrite to start the run again") from None
+        if done is not None and not _compare_configs(done.get("config", {}), cfg.to_dict()):
+            log(f"{out}: this run finished earlier (test accuracy {done.get('test_acc', 0):.2f}%);"
+                " nothing to do (--overwrite runs it again)")
+            return done, None
+    if not overwrite and resume and run_dir.checkpoint.is_file():
+        ckpt = load_torch_file(run_dir.checkpoint, "checkpoint")
+        if ckpt.get("format") != CHECKPOINT_FORMAT or "epoch" not in ckpt:
+            raise RunError(f"{run_dir.checkpoint} is not a binslt checkpoint")
+        diffs = _compare_configs(ckpt.get("config", {}), cfg.to_dict())
+        if diffs:
+            raise RunError("--resume with a different configuration (" + "; ".join(diffs) +
+                           f"); use another --out or the options the run in {out} was started with")
+    elif not overwrite and (run_dir.checkpoint.exists() or run_dir.results.exists()):
+        what = "a different run" if run_dir.results.exists() else "an unfinished run"
+        raise RunError(f"{out} already holds {what}; pass --resume to continue it, --overwrite to "
+                       "start again, or choose another --out")
+    if info.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:
+            for f in run_dir.written_files():
+                f.unlink(missing_ok=True)
+    info.barrier()
+    return None, ckpt
+
+
+def load_data(cfg: RunConfig, info: DistInfo):
+    """The dataset bundle of ``cfg`` (its subsets taken); rank 0 downloads first."""
+    if cfg.download and info.active and not info.main:
+        dist.barrier()
+    bundle = data_mod.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.image_size)
+    if cfg.download and info.active and info.main:
+        dist.barrier()
+    if cfg.train_subset or cfg.test_subset:
+        bundle = bundle.subset(cfg.train_subset or None, cfg.test_subset or None)
+    if cfg.batch_size < info.world:
+        raise RunError(f"--batch-size {cfg.batch_size} is the global batch; it must be >= the "
+                       f"number of processes ({info.world})")
+    return bundle
+
+
+def build_or_restore(cfg: RunConfig, bundle) -> tuple[nn.Module, dict[str, Any] | None]:
+    """``(model, source)``: a fresh network seeded with ``cfg.seed``, or for a finetune the
+    searched network of ``cfg.init_from`` in ``'finetune'`` mode (``source`` describes it)."""
+    _seed_all(cfg.seed)
+    if cfg.mode != "finetune":
+        return build_model(cfg, bundle.num_classes, bundle.in_channels, bundle.input_size), None
+    source = load_source(cfg.init_from)
+    model = rebuild_model(source["build_config"], cfg.backend, path=source["path"])
+    load_state(model, source["state_dict"], source["path"])
+    models.set_mode(model, "finetune")
+    bc = model.build_config
+    if (bc.get("num_classes"), bc.get("in_channels"), bc.get("input_size")) != (
+            bundle.num_classes, bundle.in_channels, bundle.input_size):
+        raise RunError(f"the ticket in {source['path']} was built for "
+                       f"{bc.get('num_classes')} classes, {bc.get('in_channels')} channels, "
+                       f"{bc.get('input_size')} px, but {bundle.name} has "
+                       f"{bundle.num_classes}/{bundle.in_channels}/{bundle.input_size}")
+    return model, source
+
+
+def make_optimizer(cfg: RunConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimizer over the trainable tensors and its cosine schedule over ``cfg.epochs``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RunError(f"{cfg.arch}/{cfg.method} in mode {cfg.mode!r} has nothing to train")
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+
+
+def restore_checkpoint(state: TrainState, ckpt: dict[str, Any], path: Path, rank: int,
+                       device: torch.device) -> None:
+    """Load a checkpoint into ``state``: model, optimizer, schedule, history, this rank's RNG."""
+    try:
+        state.model.load_state_dict(ckpt["model"])
+        state.opt.load_state_dict(ckpt["optimizer"])
+        state.sched.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise RunError(f"{path} does not match this model: "
+                       f"{str(exc).splitlines()[0]}") from None
+    state.model.to(device)
+    state.history = list(ckpt.get("history", []))
+    state.start_epoch = int(ckpt["epoch"])
+    state.best = float(ckpt.get("best_test_acc", -1.0))
+    state.wall = float(ckpt.get("wall_time_s", 0.0))
+    rng = ckpt.get("rng", {})
+    if str(rank) in rng:
+        _set_rng_state(rng[str(rank)])
+
+
+def _loader(dataset, batch: int, sampler, workers: int, generator, drop_last: bool,
+            pin: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+                      generator=generator, drop_last=drop_last, pin_memory=pin,
+                      persistent_workers=False)
+
+
+def train_one_epoch(net: nn.Module, loader, opt: torch.optim.Optimizer, device: torch.device,
+                    *, all_reduce: Callable[[torch.Tensor], Any] | None = None,
+                    bar: _ProgressBar | None = None,
+                    after_step: Callable[[int], None] | None = None) -> tuple[float, float]:
+    """One pass of cross-entropy training over ``loader``: ``(mean loss, accuracy %)`` of the
+    training batches (summed over processes by ``all_reduce``). ``after_step(batch)`` runs after
+    each optimizer step (batches counted from 1)."""
+    net.train()
     tot = torch.zeros(3, dtype=torch.float64, device=device)
-    for x, y in loader:
+    for b, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        tot[0] += F.cross_entropy(logits, y, reduction="sum").double()
-        tot[1] += (logits.argmax(1) == y).sum()
-        tot[2] += y.numel()
-    _all_reduce(tot, info)
-    n = max(tot[2].item(), 1.0)
+        logits = net(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            tot[0] += loss.detach().double() * y.numel()
+            tot[1] += (logits.argmax(1) == y).sum()
+            tot[2] += y.numel()
+        if bar is not None:
+            bar.update(tot)
+        if after_step is not None:
+            after_step(b + 1)
+    if bar is not None:
+        bar.close()
+    if all_reduce is not None:
+        all_reduce(tot)
+    n = max(tot[2].item(), 1)
     return tot[0].item() / n, 100.0 * tot[1].item() / n
+
+
+def save_checkpoint(run_dir: RunDir, cfg: RunConfig, state: TrainState, info: DistInfo) -> None:
+    """Write the checkpoint after ``state.history[-1]``'s epoch, and metrics.csv (rank 0; every
+    rank contributes its RNG state)."""
+    rng = info.gather_rng()
+    if info.main:
+        atomic_torch_save({
+            "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(),
+            "build_config": dict(state.model.build_config), "epoch": len(state.history),
+            "model": state.model.state_dict(), "optimizer": state.opt.state_dict(),
+            "scheduler": state.sched.state_dict(), "rng": rng, "history": state.history,
+            "best_test_acc": state.best, "wall_time_s": state.wall, "world_size": info.world,
+        }, run_dir.checkpoint)
+        atomic_write_csv(state.history, run_dir.metrics, METRIC_FIELDS)
+    info.barrier()
+
+
+def _count_params(model: nn.Module) -> Any:
+    try:
+        n = models.count_parameters(model)
+    except Exception as exc:  # a counting problem must not lose a finished run
+        return f"unavailable ({exc})"
+    if isinstance(n, torch.Tensor):
+        n = n.item()
+    return n
+
+
+def finish(run_dir: RunDir, cfg: RunConfig, state: TrainState, bundle, info: DistInfo,
+           device: torch.device, backend: str, source: dict[str, Any] | None) -> dict[str, Any]:
+    """The results dict; rank 0 writes the ticket and results.json (last: a directory with
+    results.json is a finished run)."""
+    history = state.history
+    results = {
+        "config": cfg.to_dict(),
+        "method": cfg.method, "arch": cfg.arch, "dataset": bundle.name,
+        "dataset_description": bundle.description,
+        "test_acc": history[-1]["test_acc"], "best_test_acc": state.best,
+        "final_train_acc": history[-1]["train_acc"], "epochs": cfg.epochs,
+        "wall_time_s": state.wall,
+        "mean_epoch_time_s": float(np.mean([h["epoch_time_s"] for h in history])),
+        "params": _count_params(state.model), "device": str(device),
+        "backend": backend, "world_size": info.world, "torch_threads":
+            torch.get_num_threads(), "versions": versions(),
+        "source": source["path"] if source else None,
+        "files": {"metrics": RunDir.METRICS, "checkpoint": RunDir.CHECKPOINT,
+                  "ticket": RunDir.TICKET},
+    }
+    if info.main:
+        save_ticket(state.model, run_dir.path)
+        atomic_write_json(results, run_dir.results)
+    info.barrier()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
 
 
 def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -465,253 +628,75 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
     ``resume``: continue from ``out/checkpoint.pt`` if present (a finished run returns its
     results). Without it, an ``out`` that already holds a run is an error unless ``overwrite``.
     """
-    from . import models, ops
-
-    hooks = hooks or RunHooks()
     cfg.validate()
-    out = Path(out)
-    files = _files(out)
     info = setup_distributed("cuda" if cfg.device.startswith("cuda") or (
         cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:
-        return _run(cfg, out, files, info, resume, overwrite, progress, hooks, log, models, ops)
+        return _train(cfg, RunDir(out), info, resume=resume, overwrite=overwrite,
+                      progress=progress and info.main, hooks=hooks or RunHooks(),
+                      log=log if info.main else _silent)
     finally:
-        if info.initialised_here and dist.is_initialized():
-            dist.destroy_process_group()
+        info.close()
 
 
-def _run(cfg, out, files, info, resume, overwrite, progress, hooks, log, models, ops):
-    device = resolve_device(cfg.device, info)
-    if not info.main:
-        log = _silent
-        progress = False
-
-    # -- the output directory ------------------------------------------------------------------
-    ckpt = None
-    if not overwrite and files["results"].is_file():
-        # A finished run of the same configuration is not repeated (idempotent commands).
-        try:
-            done = json.loads(files["results"].read_text())
-        except (OSError, ValueError) as exc:
-            raise RunError(f"{files['results']} is unreadable ({exc}); pass --overwrite to "
-                           "start the run again") from None
-        if not _compare_configs(done.get("config", {}), cfg.to_dict()):
-            log(f"{out}: this run finished earlier (test accuracy {done.get('test_acc', 0):.2f}%);"
-                " nothing to do (--overwrite runs it again)")
-            return done
-    if not overwrite and resume and files["checkpoint"].is_file():
-        ckpt = load_torch_file(files["checkpoint"], "checkpoint")
-        if ckpt.get("format") != CHECKPOINT_FORMAT or "epoch" not in ckpt:
-            raise RunError(f"{files['checkpoint']} is not a binslt checkpoint")
-        diffs = _compare_configs(ckpt.get("config", {}), cfg.to_dict())
-        if diffs:
-            raise RunError("--resume with a different configuration (" + "; ".join(diffs) +
-                           f"); use another --out or the options the run in {out} was started with")
-    elif not overwrite and (files["checkpoint"].exists() or files["results"].exists()):
-        what = "a different run" if files["results"].exists() else "an unfinished run"
-        raise RunError(f"{out} already holds {what}; pass --resume to continue it, --overwrite to "
-                       "start again, or choose another --out")
-    if info.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:
-            for key in ("checkpoint", "results", "metrics", "ticket"):
-                files[key].unlink(missing_ok=True)
-    if info.active:
-        dist.barrier()
-
-    # -- data ------------------------------------------------------------------------------------
-    from . import data as data_mod
-
-    if cfg.download and info.active and not info.main:
-        dist.barrier()  # rank 0 downloads first
-    bundle = data_mod.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.image_size)
-    if cfg.download and info.active and info.main:
-        dist.barrier()
-    if cfg.train_subset or cfg.test_subset:
-        bundle = bundle.subset(cfg.train_subset or None, cfg.test_subset or None)
-    if cfg.batch_size < info.world:
-        raise RunError(f"--batch-size {cfg.batch_size} is the global batch; it must be >= the "
-                       f"number of processes ({info.world})")
+def _train(cfg: RunConfig, run_dir: RunDir, info: DistInfo, *, resume: bool, overwrite: bool,
+           progress: bool, hooks: RunHooks, log: Callable[[str], None]) -> dict[str, Any]:
+    device = resolve_device(cfg.device, info.local_rank if info.active else None)
+    done, ckpt = prepare_output(cfg, run_dir, info, resume=resume, overwrite=overwrite, log=log)
+    if done is not None:
+        return done
+    bundle = load_data(cfg, info)
     per_rank_bs = cfg.batch_size // info.world
 
-    # -- model -----------------------------------------------------------------------------------
-    _seed_all(cfg.seed)
-    source = None
-    if cfg.mode == "finetune":
-        source = load_source(cfg.init_from)
-        model = rebuild_model(source["build_config"], backend=cfg.backend)
-        try:
-            model.load_state_dict(source["state_dict"])
-        except RuntimeError as exc:
-            raise RunError(f"{source['path']} does not fit its own build config: "
-                           f"{str(exc).splitlines()[0]}") from None
-        models.set_mode(model, "finetune")
-        bc = model.build_config
-        if (bc.get("num_classes"), bc.get("in_channels"), bc.get("input_size")) != (
-                bundle.num_classes, bundle.in_channels, bundle.input_size):
-            raise RunError(f"the ticket in {source['path']} was built for "
-                           f"{bc.get('num_classes')} classes, {bc.get('in_channels')} channels, "
-                           f"{bc.get('input_size')} px, but {bundle.name} has "
-                           f"{bundle.num_classes}/{bundle.in_channels}/{bundle.input_size}")
-    else:
-        model = build_model(cfg, bundle.num_classes, bundle.in_channels, bundle.input_size)
+    model, source = build_or_restore(cfg, bundle)
     model.to(device)
-    backend_used = ops.resolve_backend(cfg.backend, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise RunError(f"{cfg.arch}/{cfg.method} in mode {cfg.mode!r} has nothing to train")
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-
-    history: list[dict] = []
-    start_epoch, best, wall = 0, -1.0, 0.0
+    backend = ops.resolve_backend(cfg.backend, device)
+    state = TrainState(model, *make_optimizer(cfg, model))
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise RunError(f"{files['checkpoint']} does not match this model: "
-                           f"{str(exc).splitlines()[0]}") from None
-        model.to(device)
-        history = list(ckpt.get("history", []))
-        start_epoch, best = int(ckpt["epoch"]), float(ckpt.get("best_test_acc", -1.0))
-        wall = float(ckpt.get("wall_time_s", 0.0))
-        rng = ckpt.get("rng", {})
-        if str(info.rank) in rng:
-            _set_rng_state(rng[str(info.rank)])
-        log(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}")
-
-    net: nn.Module = model
-    if info.active:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        restore_checkpoint(state, ckpt, run_dir.checkpoint, info.rank, device)
+        log(f"resuming {run_dir.path} after epoch {state.start_epoch}/{cfg.epochs}")
+    net = info.wrap(model, device)
 
     sampler = DistributedSampler(bundle.train, num_replicas=info.world, rank=info.rank,
                                  shuffle=True, seed=cfg.seed, drop_last=False)
     n_rank = len(sampler)
     drop_last = n_rank > per_rank_bs and n_rank % per_rank_bs == 1  # a batch of 1 breaks BN
-    test_shard = bundle.test if not info.active else Subset(
-        bundle.test, list(range(info.rank, len(bundle.test), info.world)))
     pin = device.type == "cuda"
-    test_loader = _loader(test_shard, max(per_rank_bs, 256), None, cfg.workers, None, False, pin)
-
-    if start_epoch == 0:
+    test_loader = _loader(info.test_shard(bundle.test), max(per_rank_bs, 256), None,
+                          cfg.workers, None, False, pin)
+    if state.start_epoch == 0:
         log(f"{cfg.mode} {cfg.arch}/{cfg.method} on {bundle.description}; device {device}, "
-            f"backend {backend_used}, {info.world} process(es); {cfg.epochs} epochs -> {out}")
+            f"backend {backend}, {info.world} process(es); {cfg.epochs} epochs -> {run_dir.path}")
 
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(state.start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         _seed_all(_epoch_seed(cfg.seed, epoch, info.rank))
         sampler.set_epoch(epoch)
         gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, info.rank))
         loader = _loader(bundle.train, per_rank_bs, sampler, cfg.workers, gen, drop_last, pin)
-        net.train()
-        tot = torch.zeros(3, dtype=torch.float64, device=device)
-        lr = opt.param_groups[0]["lr"]
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       dynamic_ncols=True, file=sys.stderr)
-        for b, (x, y) in enumerate(loader):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = net(x)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                tot[0] += loss.detach().double() * y.numel()
-                tot[1] += (logits.argmax(1) == y).sum()
-                tot[2] += y.numel()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{tot[0].item() / tot[2].item():.4f}",
-                                acc=f"{100 * tot[1].item() / tot[2].item():.2f}%")
-            if hooks.crash_after is not None and hooks.crash_after == (epoch + 1, b + 1):
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(17)
-        if bar is not None:
-            bar.close()
-        _all_reduce(tot, info)
-        train_loss = tot[0].item() / max(tot[2].item(), 1)
-        train_acc = 100.0 * tot[1].item() / max(tot[2].item(), 1)
-        sched.step()
+        lr = state.opt.param_groups[0]["lr"]
+        bar = _ProgressBar(len(loader), f"epoch {epoch + 1}/{cfg.epochs}") if progress else None
+        train_loss, train_acc = train_one_epoch(
+            net, loader, state.opt, device, all_reduce=info.all_reduce, bar=bar,
+            after_step=lambda b, e=epoch + 1: hooks.after_step(e, b))
+        state.sched.step()
         t_train = time.perf_counter() - t0
-        if info.active:
-            # Each rank's last forward updated its own BN running statistics; evaluate (and
-            # save) rank 0's everywhere, as DDP's broadcast_buffers does at the next forward.
-            for buf in model.buffers():
-                dist.broadcast(buf, 0)
-        test_loss, test_acc = evaluate(model, test_loader, device, info)
+        info.sync_buffers(model)
+        test_loss, test_acc = evaluate(model, test_loader, device, info.all_reduce)
         t_epoch = time.perf_counter() - t0
-        wall += t_epoch
-        best = max(best, test_acc)
+        state.wall += t_epoch
+        state.best = max(state.best, test_acc)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                "test_loss": test_loss, "test_acc": test_acc, "epoch_time_s": t_train,
                "eval_time_s": t_epoch - t_train}
-        history.append(row)
+        state.history.append(row)
         if hooks.on_epoch is not None:
             hooks.on_epoch(row)
         log(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {train_loss:.4f}  train {train_acc:6.2f}%  "
-            f"test {test_acc:6.2f}% (best {best:6.2f}%)  {t_train:.1f}s")
+            f"test {test_acc:6.2f}% (best {state.best:6.2f}%)  {t_train:.1f}s")
+        save_checkpoint(run_dir, cfg, state, info)
 
-        # Every rank contributes its RNG state so that each resumes its own stream.
-        rng = {str(info.rank): _rng_state()}
-        if info.active:
-            gathered: list = [None] * info.world
-            dist.all_gather_object(gathered, rng)
-            rng = {k: v for g in gathered for k, v in g.items()}
-        if info.main:
-            atomic_torch_save({
-                "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(),
-                "build_config": dict(model.build_config), "epoch": epoch + 1,
-                "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": rng, "history": history,
-                "best_test_acc": best, "wall_time_s": wall, "world_size": info.world,
-            }, files["checkpoint"])
-            _write_metrics(history, files["metrics"])
-        if info.active:
-            dist.barrier()
-
-    results = {
-        "config": cfg.to_dict(),
-        "method": cfg.method, "arch": cfg.arch, "dataset": bundle.name,
-        "dataset_description": bundle.description,
-        "test_acc": history[-1]["test_acc"], "best_test_acc": best,
-        "final_train_acc": history[-1]["train_acc"], "epochs": cfg.epochs,
-        "wall_time_s": wall,
-        "mean_epoch_time_s": float(np.mean([h["epoch_time_s"] for h in history])),
-        "params": _count_params(model, models), "device": str(device),
-        "backend": backend_used, "world_size": info.world, "torch_threads":
-            torch.get_num_threads(), "versions": versions(),
-        "source": source["path"] if source else None,
-        "files": {"metrics": "metrics.csv", "checkpoint": "checkpoint.pt"},
-    }
-    if info.main:
-        ticket = save_ticket(model, out, cfg.to_dict())
-        results["files"]["ticket"] = ticket.name
-        atomic_write_json(results, files["results"])
-    if info.active:
-        dist.barrier()
-    return results
-
-
-def _count_params(model: nn.Module, models) -> Any:
-    try:
-        n = models.count_parameters(model)
-    except Exception as exc:  # a counting problem must not lose a finished run
-        return f"unavailable ({exc})"
-    if isinstance(n, torch.Tensor):
-        n = n.item()
-    return n
+    return finish(run_dir, cfg, state, bundle, info, device, backend, source)
 
 
 def _silent(_msg: str) -> None:

@@ -3,7 +3,6 @@ energy for hand-made spikes, eq. (7) on the model zoo, SpikingJelly layers, the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -39,7 +38,7 @@ def test_resnet19_ann_matches_table2():
     assert not rep["spiking"]
     assert all(r["input"] == "real" and r["timesteps"] == 1 and r["sops"] == 0
                for r in rep["layers"])
-    # Paper: 2.223 G MACs, 10.225 mJ. The layout of DESIGN.md gives 2.2165 G (-0.3 %).
+    # Paper: 2.223 G MACs, 10.225 mJ. The layout of docs/design.md gives 2.2165 G (-0.3 %).
     assert rep["total_macs_g"] == pytest.approx(2.223, rel=0.01)
     assert rep["total_ops_g"] == pytest.approx(rep["total_macs_g"], rel=1e-12)
     assert rep["total_energy_mj"] == pytest.approx(10.225, rel=0.01)
@@ -305,20 +304,15 @@ class _Unused(nn.Module):
 
 
 def _cli(argv: list[str]) -> int:
-    try:
-        from binslt import cli
-    except ImportError:
-        cli = None
-    if cli is not None and hasattr(cli, "main"):
-        return cli.main(argv)
-    ap = argparse.ArgumentParser(prog="binslt")
-    energy.add_cli(ap.add_subparsers(dest="command"))
-    args = ap.parse_args(argv)
-    return args.func(args)
+    from binslt import cli
+
+    return cli.main(argv)
 
 
 def _tiny_run(tmp_path, variant: str):
-    from binslt import train
+    """A run directory as a finished run leaves it for `binslt energy`: the packed ticket and
+    results.json with the run config (the dataset the firing rates are measured on)."""
+    from binslt import artifacts, train
 
     torch.manual_seed(0)
     model = models.build("conv4", variant, in_channels=1, input_size=8, num_classes=10,
@@ -326,7 +320,8 @@ def _tiny_run(tmp_path, variant: str):
     cfg = train.RunConfig(method=variant, arch="conv4", dataset="digits", timesteps=2)
     out = tmp_path / variant
     out.mkdir()
-    train.save_ticket(model, out, cfg.to_dict())
+    train.save_ticket(model, out)
+    artifacts.atomic_write_json({"config": cfg.to_dict()}, out / "results.json")
     return out, model
 
 
@@ -371,7 +366,7 @@ def test_cli_fresh_model_and_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     total = [ln for ln in out.splitlines() if ln.startswith("total")][0]
-    want = models.count_macs(models.build("conv4", "ann")) / 1e9  # 0.0983 G, DESIGN.md
+    want = models.count_macs(models.build("conv4", "ann")) / 1e9  # 0.0983 G, docs/design.md
     assert math.isclose(float(total.split()[1]), want, abs_tol=1e-6)
     rc = _cli(["energy", str(tmp_path / "missing")])
     assert rc != 0 and "no such run directory" in capsys.readouterr().err

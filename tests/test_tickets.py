@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from binslt import models, tickets, train
+from binslt import artifacts, models, tickets
 from binslt.layers import BinSpikeConv2d, BinSpikeLinear, _MaskedSignWeight
 from binslt.tickets import TicketError, export_ticket, load_ticket
 
@@ -75,7 +75,7 @@ def test_conv4_ticket_is_15x_smaller_than_fp32(conv4):
     # fp32 reference: the sum of the state dict's tensor bytes, each masked layer's weight once
     # (scores left out), BN statistics included -- what a dense fp32 Conv-4 stores.
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, _MaskedSignWeight))
-    assert weights == 2_425_024  # Conv-4 at 32x32x3, 10 classes (DESIGN.md: 2.43M)
+    assert weights == 2_425_024  # Conv-4 at 32x32x3, 10 classes (docs/design.md: 2.43M)
     assert info["fp32_bytes"] >= 4 * weights
     assert info["fp32_bytes"] / size >= 15.0, info
     # against torch.save of the search-time state dict (weights + scores): twice that
@@ -374,7 +374,7 @@ def test_not_a_ticket_files(small, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints (binslt.train's loading path)
+# Checkpoints (binslt.artifacts' loading path)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -382,7 +382,7 @@ def test_not_a_ticket_files(small, tmp_path):
 def checkpoint(small, tmp_path):
     model, _ = small
     path = tmp_path / "checkpoint.pt"
-    train.atomic_torch_save({"format": train.CHECKPOINT_FORMAT, "config": {},
+    artifacts.atomic_torch_save({"format": artifacts.CHECKPOINT_FORMAT, "config": {},
                              "build_config": dict(model.build_config), "epoch": 1,
                              "model": model.state_dict()}, path)
     return path
@@ -393,8 +393,8 @@ def test_truncated_checkpoint_is_a_clear_error(checkpoint, cut):
     data = checkpoint.read_bytes()
     n = {"half": len(data) // 2, "last-1": len(data) - 1}.get(cut, cut)
     checkpoint.write_bytes(data[:n])
-    with pytest.raises(train.RunError, match="corrupt") as ei:
-        train.load_source(str(checkpoint))
+    with pytest.raises(artifacts.ArtifactError, match="corrupt") as ei:
+        artifacts.load_source(str(checkpoint))
     assert str(checkpoint) in str(ei.value)
 
 
@@ -408,8 +408,8 @@ def test_flipped_checkpoint_data_is_a_clear_error(checkpoint):
     bad = bytearray(data)
     bad[pos + 10] ^= 0xFF
     checkpoint.write_bytes(bytes(bad))
-    with pytest.raises(train.RunError, match="corrupt") as ei:
-        train.load_source(str(checkpoint))
+    with pytest.raises(artifacts.ArtifactError, match="corrupt") as ei:
+        artifacts.load_source(str(checkpoint))
     assert str(checkpoint) in str(ei.value)
 
 
@@ -507,14 +507,14 @@ def test_mismatched_or_wrong_version_checkpoint(small, tmp_path, capsys):
     model, _ = small
     wrong = tmp_path / "wrong.pt"
     cfg = dict(model.build_config, num_classes=7)
-    train.atomic_torch_save({"format": train.CHECKPOINT_FORMAT, "config": {},
+    artifacts.atomic_torch_save({"format": artifacts.CHECKPOINT_FORMAT, "config": {},
                              "build_config": cfg, "model": model.state_dict()}, wrong)
     line = _one_line_error(*_main(capsys, "export", wrong, "-o", tmp_path / "t.safetensors"),
                            "do not match its build config")
     assert str(wrong) in line and "classifier.layer" in line
     newer = tmp_path / "newer.pt"
-    train.atomic_torch_save({"format": "binslt-checkpoint-v9", "build_config": cfg,
+    artifacts.atomic_torch_save({"format": "binslt-checkpoint-v9", "build_config": cfg,
                              "model": model.state_dict()}, newer)
-    with pytest.raises(train.RunError, match="binslt-checkpoint-v9") as ei:
-        train.load_source(str(newer))
+    with pytest.raises(artifacts.ArtifactError, match="binslt-checkpoint-v9") as ei:
+        artifacts.load_source(str(newer))
     assert str(newer) in str(ei.value)

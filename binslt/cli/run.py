@@ -1,54 +1,27 @@
-"""The ``binslt`` command line.
-
-Subcommands:
-
-- ``info``: versions, CPU features, backends, device.
-- ``search``: Algorithm 1 (score search) on a ``binwslt`` model. With no options it runs the
-  embedded default: Conv-4 on scikit-learn digits, prune rate 0.5, T=4, lambda=0.99.
-- ``train {ann,snn,bnn}``: the baselines on the same architecture, with the same options.
-- ``finetune --from RUN``: keep a found ticket's mask, train its latent weights through sign.
-- ``sweep``: a grid over prune rate, T and lambda -> CSV + a Fig. 2-style PNG; resumable.
-- ``compare``: a Table 1/2-style table (ANN, SNN, BNN-BinAct, BinW-SLT, BinW-SLT T=1).
-- ``export`` / ``eval`` (packed tickets) and ``energy`` / ``plot`` when those modules exist.
-
-Every training command accepts the same run options (see ``binslt search --help``); each writes
-``OUT/results.json``, ``OUT/metrics.csv``, ``OUT/checkpoint.pt`` (every epoch) and
-``OUT/ticket.pt``. ``torchrun --nproc_per_node=K -m binslt search ...`` trains with
-DistributedDataParallel (gloo on the CPU, nccl on CUDA).
-
-Errors in options, data or files exit with status 2 and one line ``binslt CMD: error: ...``
-(``BINSLT_DEBUG=1`` shows the traceback instead).
-"""
+"""``binslt search`` / ``train`` / ``finetune`` (one run), ``sweep`` (Fig. 2) and ``compare``
+(Tables 1 and 2): their options, and how they map onto :func:`binslt.train.run`."""
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import io
-import json
-import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import data as data_mod
-from . import train
-from .train import METHODS, RunConfig, RunError
+from .. import data as data_mod
+from .. import energy, train
+from ..artifacts import RunDir, atomic_write_bytes, atomic_write_csv, atomic_write_json, load_source
+from ..train import METHODS, RunConfig, RunError
+from .common import METHOD_LABELS, CLIError, is_main_process, load_model, progress_enabled
 
 DEFAULTS = RunConfig()
-
-METHOD_LABELS = {"ann": "ANN", "snn": "SNN", "bnn": "BNN-BinAct", "binwslt": "BinW-SLT"}
 
 #: The paper's Fig. 2 grid (prune rates, T and lambda) with the default point included.
 SWEEP_PRUNE_RATES = "0.2,0.4,0.5,0.6,0.8,0.9"
 SWEEP_TIMESTEPS = "1,2,4,6,8"
 SWEEP_DECAYS = "0.2,0.4,0.6,0.8,0.9,0.99"
-
-
-class CLIError(Exception):
-    """A user-facing error; printed as one line, exit status 2."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,22 +46,21 @@ def _crash_spec(s: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _floats(s: str) -> list[float]:
-    if s.strip().lower() in ("", "none"):
-        return []
-    try:
-        return [float(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+def _number_list(kind: Callable[[str], Any], what: str) -> Callable[[str], list]:
+    """argparse type: comma-separated values of ``kind``; empty or 'none' is no values."""
+    def parse(s: str) -> list:
+        if s.strip().lower() in ("", "none"):
+            return []
+        try:
+            return [kind(v) for v in s.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}"
+                                             ) from None
+    return parse
 
 
-def _ints(s: str) -> list[int]:
-    if s.strip().lower() in ("", "none"):
-        return []
-    try:
-        return [int(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+_floats = _number_list(float, "numbers")
+_ints = _number_list(int, "integers")
 
 
 def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
@@ -210,35 +182,11 @@ def default_out(cfg: RunConfig) -> Path:
     return Path("runs") / f"{tag}-{cfg.arch}-{_slug(cfg.dataset)}"
 
 
-def _progress(args: argparse.Namespace) -> bool:
-    if args.progress is not None:
-        return bool(args.progress)
-    return sys.stderr.isatty()
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _saved_config(out: Path) -> dict[str, Any] | None:
-    """The config of the run in ``out`` (checkpoint, else results.json), if any."""
-    ck = out / "checkpoint.pt"
-    if ck.is_file():
-        return train.load_torch_file(ck, "checkpoint").get("config")
-    res = out / "results.json"
-    if res.is_file():
-        try:
-            return json.loads(res.read_text()).get("config")
-        except (OSError, ValueError) as exc:
-            raise CLIError(f"{res} is unreadable: {exc}") from None
-    return None
-
-
 def _run_one(cfg: RunConfig, out: Path, args: argparse.Namespace,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     hooks = train.RunHooks(crash_after=getattr(args, "crash_after", None))
     return train.run(cfg, out, resume=args.resume, overwrite=args.overwrite,
-                     progress=_progress(args), hooks=hooks, log=log)
+                     progress=progress_enabled(args), hooks=hooks, log=log)
 
 
 def _summary(res: dict[str, Any], out: Path) -> str:
@@ -255,7 +203,7 @@ def _train_command(args: argparse.Namespace, method: str, mode: str) -> int:
     probe = make_config(base, explicit, method=method, mode=mode)
     out = Path(args.out) if args.out else default_out(probe)
     if args.resume:
-        saved = _saved_config(out)
+        saved = RunDir(out).saved_config()
         if saved is not None:
             try:
                 base = RunConfig.from_dict(saved)
@@ -263,7 +211,7 @@ def _train_command(args: argparse.Namespace, method: str, mode: str) -> int:
                 raise CLIError(f"{out}: the saved config is unusable ({exc})") from None
     cfg = make_config(base, explicit, method=method, mode=mode)
     res = _run_one(cfg, out, args)
-    if _is_main_process():
+    if is_main_process():
         print(_summary(res, out))
     return 0
 
@@ -278,10 +226,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    try:
-        source = train.load_source(args.source)
-    except RunError as exc:
-        raise CLIError(str(exc)) from None
+    source = load_source(args.source)
     saved = dict(source["config"])
     if not saved:
         raise CLIError(f"{source['path']} carries no run config; fine-tune the output "
@@ -302,49 +247,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else src_path.parent.with_name(
         src_path.parent.name + "-finetune")
     if args.resume:
-        saved_ft = _saved_config(out)
+        saved_ft = RunDir(out).saved_config()
         if saved_ft is not None:
             cfg = make_config(RunConfig.from_dict(saved_ft), explicit)
     res = _run_one(cfg, out, args)
-    if _is_main_process():
+    if is_main_process():
         print(_summary(res, out))
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# info
-# ---------------------------------------------------------------------------------------------
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    import platform
-
-    import torch
-
-    import binslt
-
-    v = train.versions()
-    st = binslt.backends()
-    print(f"binslt {v['binslt']}  torch {v['torch']}  triton {v['triton']}  "
-          f"CUDA (torch build) {v['cuda']}  python {v['python']}")
-    cpu_reason = st["cpu"]["reason"]
-    feats = re.search(r"\(([^()]*)\)\s*$", cpu_reason)
-    print(f"CPU: {platform.machine()} {platform.processor() or ''}".rstrip()
-          + f", {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, "
-          f"features: {feats.group(1) if feats and st['cpu']['built'] else 'unknown (no _C)'}")
-    if torch.cuda.is_available():
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        print(f"device: cuda ({', '.join(names)})")
-    else:
-        print("device: cpu (no CUDA device visible)")
-    print("backends:")
-    for name, s in st.items():
-        flag = "usable" if s["usable"] else ("built, not usable" if s["built"] else "not built")
-        print(f"  {name:7s} {flag:17s} {s['reason']}")
-    from . import ops
-
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"backend 'auto' on {dev.type}: {ops.resolve_backend('auto', dev)}")
     return 0
 
 
@@ -421,15 +329,6 @@ def _row(cfg: RunConfig, res: dict[str, Any], out: Path) -> dict[str, Any]:
             "mean_epoch_time_s": res["mean_epoch_time_s"], "dir": str(out)}
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path, fields: tuple[str, ...]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow(r)
-    train.atomic_write_bytes(path, buf.getvalue().encode())
-
-
 def _close(a: float, b: float) -> bool:
     return abs(float(a) - float(b)) < 1e-9
 
@@ -498,7 +397,7 @@ def plot_sweep(rows: list[dict[str, Any]], base: RunConfig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    train.atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -512,16 +411,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             p.validate()
         except RunError as exc:
             raise CLIError(f"grid point {_point_name(p)}: {exc}") from None
-    main = _is_main_process()
+    main = is_main_process()
     if main:
         out.mkdir(parents=True, exist_ok=True)
         print(f"sweep: {len(points)} grid points -> {out}")
     rows = []
     for i, cfg in enumerate(points):
         pdir = out / _point_name(cfg)
-        res_file = pdir / "results.json"
-        if res_file.is_file():
-            res = json.loads(res_file.read_text())
+        res = RunDir(pdir).read_results()
+        if res is not None:
             if main:
                 print(f"[{i + 1}/{len(points)}] {pdir.name}: done earlier "
                       f"({res['test_acc']:.2f}%)")
@@ -529,14 +427,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             if main:
                 print(f"[{i + 1}/{len(points)}] {pdir.name}")
             hooks = train.RunHooks(crash_after=args.crash_after)
-            res = train.run(cfg, pdir, resume=True, progress=_progress(args), hooks=hooks,
+            res = train.run(cfg, pdir, resume=True, progress=progress_enabled(args), hooks=hooks,
                             log=print if args.verbose else _quiet)
             if main:
                 print(f"    test {res['test_acc']:.2f}% (best {res['best_test_acc']:.2f}%), "
                       f"{res['wall_time_s']:.1f} s")
         rows.append(_row(cfg, res, pdir))
         if main:
-            write_csv(rows, out / "sweep.csv", SWEEP_FIELDS)
+            atomic_write_csv(rows, out / "sweep.csv", SWEEP_FIELDS)
     if main:
         plot_sweep(rows, base, out / "fig2.png")
         print(f"wrote {out / 'sweep.csv'} and {out / 'fig2.png'}")
@@ -558,27 +456,15 @@ COMPARE_FIELDS = ("method", "label", "arch", "dataset", "timesteps", "prune_rate
                   "wall_time_s", "dir")
 
 
-def _energy(out: Path, cfg: RunConfig) -> tuple[float | None, float | None]:
-    """(OPs in G, energy in mJ) per image on the test split, if binslt.energy exists."""
-    try:
-        from . import energy
-    except ImportError:
-        return None, None
-    if not hasattr(energy, "report"):
-        return None, None
-    import torch
-    from torch.utils.data import DataLoader
+def _energy(out: Path, cfg: RunConfig) -> tuple[float, float]:
+    """(OPs in G, energy in mJ) per image of the run's ticket, over up to 8 batches of 128 test
+    images (its test subset)."""
+    from .energy import image_batches
 
-    src = train.load_source(str(out))
-    model = train.rebuild_model(src["build_config"], backend=cfg.backend)
-    model.load_state_dict(src["state_dict"])
-    model.eval()
-    bundle = data_mod.load(cfg.dataset, cfg.data_dir, cfg.download, cfg.image_size)
-    if cfg.test_subset:
-        bundle = bundle.subset(None, cfg.test_subset)
-    loader = DataLoader(bundle.test, batch_size=128, shuffle=False)
-    with torch.no_grad():
-        rep = energy.report(model, loader, max_batches=8)
+    model, _ = load_model(out, backend=cfg.backend)
+    images = image_batches(model, cfg.dataset, cfg.data_dir, cfg.image_size, "test", 128, 8,
+                           cfg.download, cfg.seed, limit=cfg.test_subset)
+    rep = energy.report(model, images)
     return float(rep["total_ops_g"]), float(rep["total_energy_mj"])
 
 
@@ -610,7 +496,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     explicit = explicit_options(args)
     base = make_config(DEFAULTS, explicit, method="binwslt", mode="search")
     out = Path(args.out) if args.out else Path("runs") / f"compare-{base.arch}-{_slug(base.dataset)}"
-    main = _is_main_process()
+    main = is_main_process()
     rows = []
     chosen = [r for r in COMPARE_ROWS if r[0] in args.methods]
     for method, label, over in chosen:
@@ -624,7 +510,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if main:
             print(f"== {label} -> {rdir}")
         hooks = train.RunHooks(crash_after=args.crash_after)
-        res = train.run(cfg, rdir, resume=True, progress=_progress(args), hooks=hooks,
+        res = train.run(cfg, rdir, resume=True, progress=progress_enabled(args), hooks=hooks,
                         log=print if args.verbose else _quiet)
         row = {"method": method, "label": label, "arch": cfg.arch, "dataset": res["dataset"],
                "timesteps": cfg.timesteps, "prune_rate": cfg.prune_rate,
@@ -647,28 +533,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
                  f"seed {base.seed}. Accuracy: test set, final epoch. Params counted as "
                  "binslt.models.count_parameters. OPs/energy: binslt.energy.report per image "
                  "(MACs at 4.6 pJ, SOPs at 0.9 pJ).", "", table, ""]
-        train.atomic_write_bytes(out / "compare.md", "\n".join(lines).encode())
-        write_csv(rows, out / "compare.csv", COMPARE_FIELDS)
-        train.atomic_write_json(rows, out / "compare.json")
+        atomic_write_bytes(out / "compare.md", "\n".join(lines).encode())
+        atomic_write_csv(rows, out / "compare.csv", COMPARE_FIELDS)
+        atomic_write_json(rows, out / "compare.json")
         print(table)
         print(f"wrote {out / 'compare.md'}, compare.csv, compare.json")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------
-# The parser
+# The parsers
 # ---------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="binslt", description="Binary-weight spiking lottery tickets (BinW-SLT): search, "
-        "baselines and experiments.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    s = sub.add_parser("info", help="versions, CPU features, backends, device")
-    s.set_defaults(func=cmd_info)
-
+def add_parsers(sub) -> None:
+    """Register search, train, finetune, sweep and compare."""
     s = sub.add_parser(
         "search", help="BinW-SLT search (Algorithm 1); no options: Conv-4 on digits",
         description="Train the scores of a binwslt network (weights stay at their random "
@@ -688,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "weights through sign (straight-through estimator). Options not given "
                        "come from the source run.")
     s.add_argument("--from", dest="source", required=True, metavar="RUN",
-                   help="run directory of `binslt search`, or its ticket.pt / checkpoint.pt")
+                   help="run directory of `binslt search`, or its checkpoint.pt")
     add_run_options(s)
     s.set_defaults(func=cmd_finetune)
 
@@ -714,45 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("compare", help="Table 1/2: ANN, SNN, BNN-BinAct, BinW-SLT (T=4, T=1)",
                        description="Train (or reuse) the five rows and write OUT/compare.md, "
-                       ".csv and .json with accuracy, parameters and, when binslt.energy is "
-                       "available, OPs and energy.")
+                       ".csv and .json with accuracy, parameters, OPs and energy.")
     s.add_argument("--methods", type=_names(METHODS), default=list(METHODS),
                    help="which rows (default all: binwslt,snn,bnn,ann)")
     s.add_argument("--verbose", action="store_true", help="print every epoch")
     add_run_options(s)
     s.set_defaults(func=cmd_compare)
-
-    for modname in ("tickets", "energy"):  # their subcommands, where those modules exist
-        try:
-            mod = __import__(f"binslt.{modname}", fromlist=["add_cli"])
-        except ImportError:
-            continue
-        if hasattr(mod, "add_cli"):
-            mod.add_cli(sub)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``binslt`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 0
-    cmd = args.command
-    try:
-        return int(args.func(args) or 0)
-    except (CLIError, RunError, data_mod.DatasetError) as exc:
-        if os.environ.get("BINSLT_DEBUG"):
-            raise
-        msg = " ".join(str(exc).split())
-        print(f"binslt {cmd}: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"binslt {cmd}: interrupted (the last finished epoch is in the checkpoint; "
-              "continue with --resume)", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

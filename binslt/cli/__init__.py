@@ -1,0 +1,74 @@
+"""The ``binslt`` command line.
+
+Subcommands (one module each under ``binslt/cli/``):
+
+- ``info`` (:mod:`.info`): versions, CPU features, backends, device.
+- ``search``, ``train {ann,snn,bnn}``, ``finetune --from RUN``, ``sweep``, ``compare``
+  (:mod:`.run`): one training run through :func:`binslt.train.run`, a Fig. 2 grid, a
+  Table 1/2 comparison. With no options ``search`` runs the embedded default: Conv-4 on
+  scikit-learn digits, prune rate 0.5, T=4, lambda=0.99.
+- ``export`` / ``eval`` (:mod:`.tickets`): packed tickets.
+- ``energy``, ``plot energy|activations`` (:mod:`.energy`): operation counts, energy, figures.
+
+Every training command accepts the same run options (see ``binslt search --help``); each writes
+``OUT/results.json``, ``OUT/metrics.csv``, ``OUT/checkpoint.pt`` (every epoch) and the packed
+``OUT/ticket.safetensors`` (see :mod:`binslt.artifacts`). ``torchrun --nproc_per_node=K -m
+binslt search ...`` trains with DistributedDataParallel (gloo on the CPU, nccl on CUDA).
+
+The library modules raise exceptions; this package alone parses arguments and turns errors in
+options, data or files into exit status 2 and one line ``binslt CMD: error: ...``
+(``BINSLT_DEBUG=1`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..artifacts import ArtifactError
+from ..data import DatasetError
+from ..train import RunError
+from . import energy, info, run, tickets
+from .common import CLIError
+from .run import DEFAULTS, _point_name, compare_table, explicit_options, make_config, sweep_points
+
+__all__ = ["CLIError", "DEFAULTS", "build_parser", "compare_table", "explicit_options", "main",
+           "make_config", "sweep_points", "_point_name"]
+
+#: What a command raises for bad input: one line on stderr, exit status 2.
+USER_ERRORS = (CLIError, RunError, DatasetError, ArtifactError, OSError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="binslt", description="Binary-weight spiking lottery tickets (BinW-SLT): search, "
+        "baselines and experiments.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    info.add_parser(sub)
+    run.add_parsers(sub)
+    tickets.add_parsers(sub)
+    energy.add_parsers(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``binslt`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0
+    cmd = " ".join(str(c) for c in (args.command, getattr(args, "plot_kind", None)) if c)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        if os.environ.get("BINSLT_DEBUG"):
+            raise
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"binslt {cmd}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"binslt {cmd}: interrupted (the last finished epoch is in the checkpoint; "
+              "continue with --resume)", file=sys.stderr)
+        return 130

@@ -1,0 +1,63 @@
+"""What every ``binslt`` command shares: the error type, option types, labels, model loading."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import artifacts, tickets
+from ..artifacts import RunDir
+
+METHOD_LABELS = {"ann": "ANN", "snn": "SNN", "bnn": "BNN-BinAct", "binwslt": "BinW-SLT"}
+
+
+class CLIError(Exception):
+    """A user-facing error; printed as one line, exit status 2."""
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """``--progress`` / ``--no-progress``, else bars when stderr is a terminal."""
+    if args.progress is not None:
+        return bool(args.progress)
+    return sys.stderr.isatty()
+
+
+def pos_int(s: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def load_model(src: str | Path, device: torch.device | str = "cpu",
+               backend: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model, source)`` from a run directory, a packed ticket or a checkpoint, in eval mode.
+
+    A run directory gives its ``ticket.safetensors`` (its checkpoint while the run is
+    unfinished). ``source`` holds the run's ``config`` (a ticket inside a run directory takes
+    that run's), the ``build_config`` and the ``path`` read."""
+    p = Path(src).expanduser()
+    if not p.exists():
+        raise CLIError(f"{str(src)!r}: no such run directory, ticket or checkpoint")
+    ticket = p / RunDir.TICKET if p.is_dir() else p
+    if ticket.suffix == ".safetensors" and ticket.is_file():
+        model = tickets.load_ticket(ticket, device=device, backend=backend)
+        config = RunDir(ticket.parent).saved_config() or {}
+        return model, {"config": config, "build_config": model.ticket_info["config"],
+                       "path": str(ticket)}
+    model, source = artifacts.load_model(p, backend)
+    return model.to(device), source

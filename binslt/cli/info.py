@@ -1,0 +1,46 @@
+"""``binslt info``: versions, CPU features, backends, device."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+from .. import train
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    import binslt
+
+    v = train.versions()
+    st = binslt.backends()
+    print(f"binslt {v['binslt']}  torch {v['torch']}  triton {v['triton']}  "
+          f"CUDA (torch build) {v['cuda']}  python {v['python']}")
+    cpu_reason = st["cpu"]["reason"]
+    feats = re.search(r"\(([^()]*)\)\s*$", cpu_reason)
+    print(f"CPU: {platform.machine()} {platform.processor() or ''}".rstrip()
+          + f", {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, "
+          f"features: {feats.group(1) if feats and st['cpu']['built'] else 'unknown (no _C)'}")
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        print(f"device: cuda ({', '.join(names)})")
+    else:
+        print("device: cpu (no CUDA device visible)")
+    print("backends:")
+    for name, s in st.items():
+        flag = "usable" if s["usable"] else ("built, not usable" if s["built"] else "not built")
+        print(f"  {name:7s} {flag:17s} {s['reason']}")
+    from .. import ops
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"backend 'auto' on {dev.type}: {ops.resolve_backend('auto', dev)}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("info", help="versions, CPU features, backends, device")
+    s.set_defaults(func=cmd_info)

@@ -1,0 +1,114 @@
+"""``binslt export`` (a packed ticket from a run) and ``binslt eval`` (a ticket's accuracy)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from torch.utils.data import DataLoader, Subset
+
+from .. import artifacts, data
+from ..tickets import TicketError, export_ticket, load_ticket
+from .common import CLIError
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"  # pragma: no cover
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    model, src = artifacts.load_model(args.source)
+    out = args.output
+    if out is None:
+        sp = Path(src["path"])
+        # A run directory's ticket is its ticket.safetensors; another file gets its own name.
+        out = (Path(args.source) / artifacts.RunDir.TICKET if Path(args.source).is_dir()
+               else sp.with_name(sp.stem + ".safetensors"))
+    try:
+        info = export_ticket(model, out)
+    except (OSError, TypeError) as exc:
+        raise CLIError(f"cannot write {str(out)!r}: {artifacts.first_line(exc)}") from None
+    ratio_pt = info["torch_save_bytes"] / info["ticket_bytes"]
+    print(f"wrote {info['path']}: {_fmt_bytes(info['ticket_bytes'])} "
+          f"({len(info['packed_layers'])} packed layers, {len(info['dense_tensors'])} other "
+          "tensors)")
+    print(f"fp32 state dict (weights once, no scores): {_fmt_bytes(info['fp32_bytes'])} -> "
+          f"{info['ratio']:.1f}x smaller")
+    print(f"torch.save of the searched state dict (weights + scores): "
+          f"{_fmt_bytes(info['torch_save_bytes'])} -> {ratio_pt:.1f}x smaller")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    device = artifacts.resolve_device(args.device)
+    model = load_ticket(args.ticket, device=device, backend=args.backend)
+    cfg = model.ticket_info["config"]  # type: ignore[attr-defined]
+    size = cfg["input_size"]
+    image_size = size if isinstance(size, int) else int(size[0])
+    bundle = data.load(args.data, data_dir=args.data_dir, download=args.download,
+                       image_size=image_size)
+    want = (cfg["in_channels"], *model.input_hw)  # type: ignore[attr-defined]
+    ds = bundle.test if args.split == "test" else bundle.train
+    if args.limit:
+        ds = Subset(ds, range(min(args.limit, len(ds))))
+    if len(ds) == 0:
+        raise CLIError(f"dataset {args.data!r} has no {args.split} examples")
+    x0, _ = ds[0]
+    if tuple(x0.shape) != tuple(want):
+        raise TicketError(f"the ticket takes images {list(want)} but dataset {args.data!r} "
+                          f"gives {list(x0.shape)}")
+    if bundle.num_classes > cfg["num_classes"]:
+        raise TicketError(f"dataset {args.data!r} has {bundle.num_classes} classes, the "
+                          f"ticket predicts {cfg['num_classes']}")
+    t0 = time.perf_counter()
+    loss, correct, total = artifacts.evaluate_counts(
+        model, DataLoader(ds, batch_size=args.batch_size, shuffle=False), device)
+    dt = time.perf_counter() - t0
+    acc = 100.0 * correct / total
+    res = {"ticket": str(args.ticket), "dataset": bundle.name, "split": args.split,
+           "examples": total, "correct": correct, "accuracy": acc, "loss": loss / total,
+           "seconds": dt, "arch": cfg["arch"], "variant": cfg["variant"]}
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{args.ticket}: {cfg['arch']}/{cfg['variant']} on {bundle.name} ({args.split}): "
+              f"accuracy {acc:.2f}% ({correct}/{total}), loss {loss / total:.4f}, {dt:.1f} s")
+    return 0
+
+
+def add_parsers(subparsers) -> None:
+    ex = subparsers.add_parser(
+        "export", help="write a packed ticket file (2 bits per weight) from a run",
+        description="Export a searched network as a packed ticket: safetensors with each "
+        "binslt layer's mask and sign bit planes, its gain, BN statistics, dense weights and "
+        "the config. Prints its size against the fp32 state dict. (search, train and finetune "
+        "write RUN/ticket.safetensors themselves; this rewrites it, or exports a checkpoint.)")
+    ex.add_argument("source", help="a run directory of `binslt search`, or its checkpoint.pt")
+    ex.add_argument("-o", "--output", default=None,
+                    help="ticket file to write (default: RUN/ticket.safetensors for a run "
+                    "directory, else SOURCE's name with .safetensors)")
+    ex.set_defaults(func=cmd_export)
+
+    ev = subparsers.add_parser(
+        "eval", help="evaluate a packed ticket on a dataset",
+        description="Load a packed ticket (frozen, eval mode) and report its accuracy.")
+    ev.add_argument("ticket", help="a .safetensors ticket: a run's ticket.safetensors or what "
+                    "`binslt export` wrote")
+    ev.add_argument("--data", default="digits", help="dataset spec (digits, cifar10, cifar100, "
+                    "imagefolder:PATH, npz:PATH)")
+    ev.add_argument("--data-dir", default="data", help="where torchvision datasets live")
+    ev.add_argument("--download", action="store_true", help="download the dataset if missing")
+    ev.add_argument("--split", choices=("test", "train"), default="test")
+    ev.add_argument("--limit", type=int, default=0, help="only the first N examples (0 = all)")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--backend", default=None,
+                    help="override the ticket's backend (auto, torch, cpu, triton, cuda)")
+    ev.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    ev.set_defaults(func=cmd_eval)

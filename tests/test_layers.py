@@ -1,4 +1,4 @@
-"""Public modules: validation, modes, backends and op registration (issues 2 and 3)."""
+"""Public modules: validation, modes, backends and op registration."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Core layer semantics (issue 3): the reference against SpikingJelly 2.0.0 and float64 math."""
+"""Core layer semantics: the reference against SpikingJelly 2.0.0 and float64 math."""
 
 from __future__ import annotations
 

@@ -160,6 +160,40 @@ def check_weight_planes(op: str, w_mask: torch.Tensor, w_pos: torch.Tensor, x_na
                          f"{x_name} has {x_words} (pack both with the same in_channels)")
 
 
+def check_packed_input(op: str, x_packed: torch.Tensor) -> tuple[int, int, int, int]:
+    """Packed spikes [T*N, H, W, Cw] int32 -> their shape."""
+    if x_packed.dim() != 4 or x_packed.dtype != torch.int32:
+        raise ValueError(f"binslt::{op}: x_packed must be [T*N, H, W, Cw] int32, got "
+                         f"{list(x_packed.shape)} {x_packed.dtype}")
+    return tuple(x_packed.shape)
+
+
+def check_current(op: str, z: torch.Tensor) -> int:
+    """A real current z [T, N, C, *] of a floating dtype -> C."""
+    if z.dim() < 3:
+        raise ValueError(f"binslt::{op}: z must be [T, N, C, *] (time-major), got shape "
+                         f"{list(z.shape)}")
+    if not z.is_floating_point():
+        raise TypeError(f"binslt::{op}: z must be a float tensor, got {z.dtype}")
+    return z.shape[2]
+
+
+def check_bn_lif(op: str, z: torch.Tensor, residual: Optional[torch.Tensor],
+                 **vectors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensor rows for a real current z [T, N, C, *]: its per-channel vectors (-> float32)
+    and the residual (like z)."""
+    vecs = check_channel_vecs(op, check_current(op, z), **vectors)
+    check_residual(op, residual, z.shape)
+    return vecs
+
+
+def check_counts(op: str, counts: torch.Tensor) -> None:
+    """The integer counts bconv_lif saved for its backward: [T, N, Co, Ho, Wo] int16/int32."""
+    if counts.dim() != 5 or counts.dtype not in (torch.int16, torch.int32):
+        raise ValueError(f"binslt::{op}: counts must be [T, N, Co, Ho, Wo] int16/int32 "
+                         f"(as returned by bconv_lif), got {list(counts.shape)} {counts.dtype}")
+
+
 class BconvArgs:
     """The checked arguments of a binary-conv op: geometry and float32 per-channel vectors."""
 

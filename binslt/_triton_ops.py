@@ -59,13 +59,6 @@ def _check_bconv(op, x_name, x_shape, x_words, T, w_mask, w_pos, alpha, scale, s
                          residual, stride, padding)
 
 
-def _check_packed(op, x_packed) -> tuple[int, int, int, int]:
-    if x_packed.dim() != 4 or x_packed.dtype != torch.int32:
-        raise ValueError(f"binslt::{op}: x_packed must be [T*N, H, W, Cw] int32, got "
-                         f"{list(x_packed.shape)} {x_packed.dtype}")
-    return tuple(x_packed.shape)
-
-
 @triton_op("binslt::bconv_lif_triton", mutates_args=(), schema=_schema("bconv_lif"))
 def bconv_lif_triton(x_packed: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.Tensor,
                      alpha: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
@@ -80,7 +73,7 @@ def bconv_lif_triton(x_packed: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.
     op = "bconv_lif"
     C.check_scalars(op, tau, v_threshold, v_reset, bn_eps)
     check_device(x_packed, op=op)
-    b, h, w, cw = _check_packed(op, x_packed)
+    b, h, w, cw = C.check_packed_input(op, x_packed)
     a = _check_bconv(op, "x_packed", (b, h, w), cw, T, w_mask, w_pos, alpha, scale, shift,
                      residual, stride, padding)
     co = a.co
@@ -141,11 +134,9 @@ def bconv_lif_bwd_triton(grad_spikes: torch.Tensor, counts: torch.Tensor, x_pack
     op = "bconv_lif_bwd"
     C.check_scalars(op, tau, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
     check_device(x_packed, grad_spikes, counts, mean, var, op=op)
-    if counts.dim() != 5 or counts.dtype not in (torch.int16, torch.int32):
-        raise ValueError(f"binslt::{op}: counts must be [T, N, Co, Ho, Wo] int16/int32 "
-                         f"(as returned by bconv_lif), got {list(counts.shape)} {counts.dtype}")
+    C.check_counts(op, counts)
     T = counts.shape[0]
-    b, h, w, cw = _check_packed(op, x_packed)
+    b, h, w, cw = C.check_packed_input(op, x_packed)
     a = _check_bconv(op, "x_packed", (b, h, w), cw, T, w_mask, w_pos, alpha, scale, shift,
                      residual, stride, padding)
     nb, co, ho, wo = a.out_shape
@@ -179,14 +170,7 @@ def bconv_lif_bwd_triton(grad_spikes: torch.Tensor, counts: torch.Tensor, x_pack
 def _check_bn_lif(op, z, residual, *devices, **vectors) -> list[torch.Tensor]:
     """-> the per-channel vectors, float32."""
     check_device(z, residual, *devices, *vectors.values(), op=op)
-    if z.dim() < 3:
-        raise ValueError(f"binslt::{op}: z must be [T, N, C, *] (time-major), got shape "
-                         f"{list(z.shape)}")
-    if not z.is_floating_point():
-        raise TypeError(f"binslt::{op}: z must be a float tensor, got {z.dtype}")
-    vecs = C.check_channel_vecs(op, z.shape[2], **vectors)
-    C.check_residual(op, residual, z.shape)
-    return vecs
+    return C.check_bn_lif(op, z, residual, **vectors)
 
 
 @triton_op("binslt::bn_lif_triton", mutates_args=(), schema=_schema("bn_lif"))

@@ -1,7 +1,8 @@
 """``binslt::`` ops: schemas, fake kernels, backend selection and autograd.
 
 Layering: raw kernels (``csrc/``, ``kernels/``) -> this module (typed wrappers, fake
-kernels, autograd) -> modules (``binslt.layers``), which call only this module.
+kernels, autograd) -> modules (``binslt.layers``), which call only this module, once per layer
+call (``spiking_layer``). What the ops accept is decided in one place, ``binslt._contract``.
 """
 
 from __future__ import annotations

@@ -323,24 +323,13 @@ def _neuron_kwargs(tau, decay_input, v_threshold, v_reset, detach_reset=False, s
                 detach_reset=detach_reset, surrogate=surrogate, surrogate_alpha=surrogate_alpha)
 
 
-def _check_bn_lif(op, z, residual, **vectors):
-    """The contract for a real current z [T, N, C, *] and its per-channel vectors.
-
-    The vectors are checked (shape, a floating dtype) and then follow z's dtype: float32, as
-    every kernel computes, for schema calls; float64 where the reference serves as the oracle.
-    """
-    if z.dim() < 3:
-        raise ValueError(f"binslt::{op}: z must be [T, N, C, *] (time-major), got shape "
-                         f"{list(z.shape)}")
-    C.check_channel_vecs(op, z.shape[2], **vectors)
-    C.check_residual(op, residual, z.shape)
-
-
 def bn_lif_reference(z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold,
                      v_reset):
     """Schema ``binslt::bn_lif``. z: [T, N, C, *] -> (spikes like z, mean [C], var [C])."""
     C.check_scalars("bn_lif", tau, v_threshold, v_reset, bn_eps)
-    _check_bn_lif("bn_lif", z, residual, scale=scale, shift=shift)
+    # The vectors are checked, then follow z's dtype: float32 (as every kernel computes) for
+    # schema calls, float64 where the reference serves as the oracle.
+    C.check_bn_lif("bn_lif", z, residual, scale=scale, shift=shift)
     x, mean, var = epilogue(z, scale, shift, residual, bn_train, bn_eps)
     s = lif_multistep(x, **_neuron_kwargs(tau, decay_input, v_threshold, v_reset))
     return s, mean, var
@@ -368,7 +357,10 @@ def bn_lif_bwd_reference(grad_spikes, z, scale, shift, mean, var, residual, bn_t
     """Schema ``binslt::bn_lif_bwd``: (grad_z, grad_current, grad_scale, grad_shift)."""
     op = "bn_lif_bwd"
     C.check_scalars(op, tau, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
-    _check_bn_lif(op, z, residual, scale=scale, shift=shift, mean=mean, var=var)
+    # The reference recomputes the batch statistics from z, so as the float64 oracle it also
+    # takes mean = var = None; given ones are checked like on every backend.
+    stats = {k: v for k, v in (("mean", mean), ("var", var)) if v is not None}
+    C.check_bn_lif(op, z, residual, scale=scale, shift=shift, **stats)
     return _bn_lif_bwd(grad_spikes, z, scale, shift, residual, bn_train, bn_eps, tau, decay_input,
                        v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha)
 
@@ -388,10 +380,7 @@ def bconv_count_reference(x_packed, w_mask, w_pos, stride, padding, in_channels=
 
 def _check_packed_bconv(op, x_packed, T, w_mask, w_pos, alpha, scale, shift, residual, stride,
                         padding):
-    if x_packed.dim() != 4 or x_packed.dtype != torch.int32:
-        raise ValueError(f"binslt::{op}: x_packed must be [T*N, H, W, Cw] int32, got "
-                         f"{list(x_packed.shape)} {x_packed.dtype}")
-    b, h, w, cw = x_packed.shape
+    b, h, w, cw = C.check_packed_input(op, x_packed)
     return C.check_bconv(op, "x_packed", (b, h, w), cw, T, w_mask, w_pos, alpha, scale, shift,
                          residual, stride, padding)
 
@@ -442,9 +431,7 @@ def bconv_lif_bwd_reference(grad_spikes, counts, x_packed, w_mask, w_pos, alpha,
     grad_shift)."""
     op = "bconv_lif_bwd"
     C.check_scalars(op, tau, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
-    if counts.dim() != 5:
-        raise ValueError(f"binslt::{op}: counts must be [T, N, Co, Ho, Wo] (as returned by "
-                         f"bconv_lif), got shape {list(counts.shape)}")
+    C.check_counts(op, counts)
     T = counts.shape[0]
     a = _check_packed_bconv(op, x_packed, T, w_mask, w_pos, alpha, scale, shift, residual,
                             stride, padding)

@@ -9,7 +9,7 @@ Every backend implements exactly these schemas:
 * the Triton launchers (``kernels/``), registered as ``binslt::<name>_triton`` through
   ``torch.library.triton_op`` with the same signature.
 
-Conventions shared by all ops (see DESIGN.md sections 1-2):
+Conventions shared by all ops (see docs/design.md sections 1-2):
 
 * Spikes are packed channel-last, 32 channels per int32 word: bit ``c % 32`` of word ``c // 32``.
   Unused high bits are zero, so zero padding needs no correction.

@@ -1,7 +1,8 @@
 """The ``triton`` backend: ``binslt::<op>_triton`` for every schema in ``binslt._schemas.SCHEMAS``.
 
 Each op is a ``torch.library.triton_op`` with the same signature and semantics as its
-``binslt.reference`` counterpart; the bodies only check arguments, allocate, launch the kernels of
+``binslt.reference`` counterpart; the bodies only check arguments (``binslt._contract``, the
+same errors as every backend, after the Triton device rule), allocate, launch the kernels of
 the top-level ``kernels`` package through ``torch.library.wrap_triton`` and do O(C) host maths,
 so ``triton_op`` registers them as their own fake kernels and ``torch.compile`` can trace them
 (on a GPU; on the CPU they run eagerly under ``TRITON_INTERPRET=1``).
@@ -18,6 +19,7 @@ from torch.library import triton_op
 import kernels as K
 from kernels._common import check_device
 
+from . import _contract as C
 from ._schemas import SCHEMAS
 
 
@@ -27,19 +29,8 @@ def _schema(name: str) -> str:
     return s[len(name):]
 
 
-def _check_vec(t: torch.Tensor, c: int, name: str, op: str) -> None:
-    if t.dim() != 1 or t.shape[0] != c:
-        raise ValueError(f"binslt::{op}_triton: {name} must have shape [{c}], got "
-                         f"{tuple(t.shape)}")
-
-
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
-
-
-def _check_neuron(tau: float, op: str) -> None:
-    if tau == 0:
-        raise ValueError(f"binslt::{op}_triton: tau must be non-zero, got {tau}")
 
 
 @triton_op("binslt::pack_spikes_triton", mutates_args=(), schema=_schema("pack_spikes"))
@@ -60,47 +51,12 @@ def pack_weight_triton(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return K.pack_weight(weight)
 
 
-def _check_bconv(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride, padding,
-                 op) -> tuple[int, int, int, int, int]:
-    """Validate the bconv arguments; returns (Nb, Co, Ho, Wo, Cw)."""
-    check_device(x_packed, w_mask, w_pos, alpha, scale, shift, residual, op=op)
-    if x_packed.dim() != 4 or x_packed.dtype != torch.int32:
-        raise ValueError(f"binslt::{op}_triton: x_packed must be [T*N, H, W, Cw] int32, got "
-                         f"{tuple(x_packed.shape)} {x_packed.dtype}")
-    for nm, t in (("w_mask", w_mask), ("w_pos", w_pos)):
-        if t.dim() != 4 or t.dtype != torch.int32:
-            raise ValueError(f"binslt::{op}_triton: {nm} must be [Co, kh, kw, Cw] int32, got "
-                             f"{tuple(t.shape)} {t.dtype}")
-    if w_mask.shape != w_pos.shape:
-        raise ValueError(f"binslt::{op}_triton: w_mask {tuple(w_mask.shape)} and w_pos "
-                         f"{tuple(w_pos.shape)} differ")
-    bt, h, w, cw = x_packed.shape
-    co, kh, kw, wcw = w_mask.shape
-    if wcw != cw:
-        raise ValueError(f"binslt::{op}_triton: x_packed has {cw} channel words but the weight "
-                         f"has {wcw}; pack both with the same in_channels")
-    if T < 1 or bt % T != 0:
-        raise ValueError(f"binslt::{op}_triton: T={T} must be >= 1 and divide the packed batch "
-                         f"T*N={bt}")
-    if stride < 1 or padding < 0:
-        raise ValueError(f"binslt::{op}_triton: need stride >= 1 and padding >= 0, got "
-                         f"stride={stride} padding={padding}")
-    ho, wo = K.bconv.out_hw(h, w, kh, kw, stride, padding)
-    if ho < 1 or wo < 1:
-        raise ValueError(f"binslt::{op}_triton: input {h}x{w} is smaller than the kernel "
-                         f"{kh}x{kw} with padding {padding}")
-    for nm, t in (("alpha", alpha), ("scale", scale), ("shift", shift)):
-        _check_vec(t, co, nm, op)
-    nb = bt // T
-    if residual is not None and tuple(residual.shape) != (T, nb, co, ho, wo):
-        raise ValueError(f"binslt::{op}_triton: residual must have shape {(T, nb, co, ho, wo)}, "
-                         f"got {tuple(residual.shape)}")
-    return nb, co, ho, wo, cw
-
-
-def _counts_dtype(w_mask: torch.Tensor) -> torch.dtype:
-    k = 32 * w_mask.shape[1] * w_mask.shape[2] * w_mask.shape[3]
-    return torch.int16 if k <= 32767 else torch.int32
+def _check_bconv(op, x_name, x_shape, x_words, T, w_mask, w_pos, alpha, scale, shift, residual,
+                 stride, padding, *devices) -> C.BconvArgs:
+    """The device rule of the Triton backend, then the contract's bconv rows."""
+    check_device(w_mask, w_pos, alpha, scale, shift, residual, *devices, op=op)
+    return C.check_bconv(op, x_name, x_shape, x_words, T, w_mask, w_pos, alpha, scale, shift,
+                         residual, stride, padding)
 
 
 @triton_op("binslt::bconv_lif_triton", mutates_args=(), schema=_schema("bconv_lif"))
@@ -115,12 +71,15 @@ def bconv_lif_triton(x_packed: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.
     conv kernel writes counts and exact int64 per-channel sums; pass 2 = BN + LIF over counts.
     """
     op = "bconv_lif"
-    _check_neuron(tau, op)
-    _, co, _, _, _ = _check_bconv(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T,
-                                  stride, padding, op)
+    C.check_scalars(op, tau, v_threshold, v_reset, bn_eps)
+    check_device(x_packed, op=op)
+    b, h, w, cw = C.check_packed_input(op, x_packed)
+    a = _check_bconv(op, "x_packed", (b, h, w), cw, T, w_mask, w_pos, alpha, scale, shift,
+                     residual, stride, padding)
+    co = a.co
     xp, wm, wp = x_packed.contiguous(), w_mask.contiguous(), w_pos.contiguous()
-    al, sc, sh, res = _f32(alpha), _f32(scale), _f32(shift), _f32(residual)
-    cdt = _counts_dtype(w_mask)
+    al, sc, sh, res = a.alpha, a.scale, a.shift, _f32(residual)
+    cdt = C.counts_dtype(w_mask)
     spikes, counts, s1, s2 = K.bconv_counts(
         xp, wm, wp, al, sc, sh, res, T, stride, padding, not bn_train, cdt, tau, decay_input,
         v_threshold, v_reset)
@@ -146,18 +105,19 @@ def bconv_lif_infer_triton(x: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.T
     """bconv_lif's spikes of float spikes x [T, N, C, H, W], eval epilogue; the conv kernel
     writes no counts."""
     op = "bconv_lif_infer"
-    _check_neuron(tau, op)
+    C.check_scalars(op, tau, v_threshold, v_reset)
+    check_device(x, op=op)
     if x.dim() != 5:
-        raise ValueError(f"binslt::{op}_triton: x must be spikes [T, N, C, H, W], got shape "
-                         f"{tuple(x.shape)}")
-    T = x.shape[0]
-    x_packed = K.pack_spikes(x.flatten(0, 1))
-    _check_bconv(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride, padding, op)
-    xp, wm, wp = x_packed.contiguous(), w_mask.contiguous(), w_pos.contiguous()
-    al, sc, sh, res = _f32(alpha), _f32(scale), _f32(shift), _f32(residual)
-    spikes, _, _, _ = K.bconv_counts(xp, wm, wp, al, sc, sh, res, T, stride, padding, True,
-                                     _counts_dtype(w_mask), tau, decay_input, v_threshold,
-                                     v_reset, store_counts=False)
+        raise ValueError(f"binslt::{op}: x must be spikes [T, N, C, H, W], got shape "
+                         f"{list(x.shape)}")
+    T, n, c, h, w = x.shape
+    a = _check_bconv(op, "x", (T * n, h, w), C.channel_words(c), T, w_mask, w_pos, alpha, scale,
+                     shift, residual, stride, padding)
+    xp = K.pack_spikes(x.flatten(0, 1)).contiguous()
+    wm, wp = w_mask.contiguous(), w_pos.contiguous()
+    spikes, _, _, _ = K.bconv_counts(xp, wm, wp, a.alpha, a.scale, a.shift, _f32(residual), T,
+                                     stride, padding, True, C.counts_dtype(w_mask), tau,
+                                     decay_input, v_threshold, v_reset, store_counts=False)
     return spikes
 
 
@@ -172,31 +132,27 @@ def bconv_lif_bwd_triton(grad_spikes: torch.Tensor, counts: torch.Tensor, x_pack
                          need_grad_x: bool):
     """-> (grad_x, grad_weight, grad_current, grad_scale, grad_shift); see binslt._schemas."""
     op = "bconv_lif_bwd"
-    _check_neuron(tau, op)
-    if surrogate not in (0, 1):
-        raise ValueError(f"binslt::{op}_triton: surrogate must be 0 (atan) or 1 (sigmoid), got "
-                         f"{surrogate}")
-    if counts.dim() != 5 or counts.dtype not in (torch.int16, torch.int32):
-        raise ValueError(f"binslt::{op}_triton: counts must be [T, N, Co, Ho, Wo] int16/int32 "
-                         f"(as returned by bconv_lif), got {tuple(counts.shape)} {counts.dtype}")
+    C.check_scalars(op, tau, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
+    check_device(x_packed, grad_spikes, counts, mean, var, op=op)
+    C.check_counts(op, counts)
     T = counts.shape[0]
-    nb, co, ho, wo, cw = _check_bconv(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T,
-                                      stride, padding, op)
-    check_device(grad_spikes, counts, mean, var, op=op)
+    b, h, w, cw = C.check_packed_input(op, x_packed)
+    a = _check_bconv(op, "x_packed", (b, h, w), cw, T, w_mask, w_pos, alpha, scale, shift,
+                     residual, stride, padding)
+    nb, co, ho, wo = a.out_shape
     if tuple(counts.shape) != (T, nb, co, ho, wo):
-        raise ValueError(f"binslt::{op}_triton: counts must have shape {(T, nb, co, ho, wo)}, got "
-                         f"{tuple(counts.shape)}")
+        raise ValueError(f"binslt::{op}: counts must have shape {[T, nb, co, ho, wo]}, got "
+                         f"{list(counts.shape)}")
     if grad_spikes.shape != counts.shape:
-        raise ValueError(f"binslt::{op}_triton: grad_spikes {tuple(grad_spikes.shape)} must match "
-                         f"counts {tuple(counts.shape)}")
+        raise ValueError(f"binslt::{op}: grad_spikes {list(grad_spikes.shape)} must match "
+                         f"counts {list(counts.shape)}")
     if not 0 < in_channels <= 32 * cw:
-        raise ValueError(f"binslt::{op}_triton: in_channels={in_channels} does not fit the {cw} "
+        raise ValueError(f"binslt::{op}: in_channels={in_channels} does not fit the {cw} "
                          "packed channel words")
-    _check_vec(mean, co, "mean", op)
-    _check_vec(var, co, "var", op)
-    al, sc, sh = _f32(alpha), _f32(scale), _f32(shift)
+    mean, var = C.check_channel_vecs(op, co, mean=mean, var=var)
+    al, sc, sh = a.alpha, a.scale, a.shift
     g_z, g_cur, g_sc, g_sh = K.lif_bwd(
-        _f32(grad_spikes), counts.contiguous(), al, sc, sh, _f32(mean), _f32(var), _f32(residual),
+        _f32(grad_spikes), counts.contiguous(), al, sc, sh, mean, var, _f32(residual),
         bn_train, bn_eps, tau, decay_input, v_threshold, v_reset, detach_reset, surrogate,
         surrogate_alpha)
     gz = g_z.view(T * nb, co, ho, wo)
@@ -211,19 +167,10 @@ def bconv_lif_bwd_triton(grad_spikes: torch.Tensor, counts: torch.Tensor, x_pack
     return g_x, g_w, g_cur, g_sc, g_sh
 
 
-def _check_bn_lif(z, scale, shift, residual, op) -> int:
-    check_device(z, scale, shift, residual, op=op)
-    if z.dim() < 3:
-        raise ValueError(f"binslt::{op}_triton: z must be [T, N, C, *], got {tuple(z.shape)}")
-    if not z.is_floating_point():
-        raise TypeError(f"binslt::{op}_triton: z must be a float tensor, got {z.dtype}")
-    c = z.shape[2]
-    _check_vec(scale, c, "scale", op)
-    _check_vec(shift, c, "shift", op)
-    if residual is not None and residual.shape != z.shape:
-        raise ValueError(f"binslt::{op}_triton: residual {tuple(residual.shape)} must match z "
-                         f"{tuple(z.shape)}")
-    return c
+def _check_bn_lif(op, z, residual, *devices, **vectors) -> list[torch.Tensor]:
+    """-> the per-channel vectors, float32."""
+    check_device(z, residual, *devices, *vectors.values(), op=op)
+    return C.check_bn_lif(op, z, residual, **vectors)
 
 
 @triton_op("binslt::bn_lif_triton", mutates_args=(), schema=_schema("bn_lif"))
@@ -232,8 +179,9 @@ def bn_lif_triton(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                   decay_input: bool, v_threshold: float, v_reset: float | None):
     """(BN | affine) (+ residual) + multi-step LIF over z: [T, N, C, *] -> (spikes, mean, var)."""
     op = "bn_lif"
-    _check_neuron(tau, op)
-    c = _check_bn_lif(z, scale, shift, residual, op)
+    C.check_scalars(op, tau, v_threshold, v_reset, bn_eps)
+    scale, shift = _check_bn_lif(op, z, residual, scale=scale, shift=shift)
+    c = z.shape[2]
     zf = _f32(z)
     if bn_train:
         mean, var, invstd = K.channel_stats(zf, bn_eps)
@@ -241,7 +189,7 @@ def bn_lif_triton(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
         mean = torch.zeros(c, dtype=torch.float32, device=z.device)
         var = torch.zeros(c, dtype=torch.float32, device=z.device)
         invstd = None
-    spikes = K.bn_lif_fwd(zf, None, _f32(scale), _f32(shift), mean if bn_train else None, invstd,
+    spikes = K.bn_lif_fwd(zf, None, scale, shift, mean if bn_train else None, invstd,
                           _f32(residual), tau, decay_input, v_threshold, v_reset)
     return spikes.to(z.dtype), mean, var
 
@@ -254,19 +202,14 @@ def bn_lif_bwd_triton(grad_spikes: torch.Tensor, z: torch.Tensor, scale: torch.T
                       detach_reset: bool, surrogate: int, surrogate_alpha: float):
     """-> (grad_z, grad_current, grad_scale, grad_shift); see binslt._schemas."""
     op = "bn_lif_bwd"
-    _check_neuron(tau, op)
-    if surrogate not in (0, 1):
-        raise ValueError(f"binslt::{op}_triton: surrogate must be 0 (atan) or 1 (sigmoid), got "
-                         f"{surrogate}")
-    c = _check_bn_lif(z, scale, shift, residual, op)
-    check_device(grad_spikes, mean, var, op=op)
+    C.check_scalars(op, tau, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
+    scale, shift, mean, var = _check_bn_lif(op, z, residual, grad_spikes, scale=scale,
+                                            shift=shift, mean=mean, var=var)
     if grad_spikes.shape != z.shape:
-        raise ValueError(f"binslt::{op}_triton: grad_spikes {tuple(grad_spikes.shape)} must match "
-                         f"z {tuple(z.shape)}")
-    _check_vec(mean, c, "mean", op)
-    _check_vec(var, c, "var", op)
+        raise ValueError(f"binslt::{op}: grad_spikes {list(grad_spikes.shape)} must match "
+                         f"z {list(z.shape)}")
     g_z, g_cur, g_sc, g_sh = K.lif_bwd(
-        _f32(grad_spikes), _f32(z), None, _f32(scale), _f32(shift), _f32(mean), _f32(var),
+        _f32(grad_spikes), _f32(z), None, scale, shift, mean, var,
         _f32(residual), bn_train, bn_eps, tau, decay_input, v_threshold, v_reset, detach_reset,
         surrogate, surrogate_alpha)
     return g_z.to(z.dtype), g_cur.to(z.dtype), g_sc, g_sh

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import ops
+from . import _contract as C
 from .layers import BinSpikeConv2d, BinSpikeLinear
 
 __all__ = ["ConversionReport", "convert"]
@@ -313,12 +313,8 @@ def convert(model: nn.Module, prune_rate: float = 0.5, *, example_input=None,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
-    if isinstance(prune_rate, bool) or not isinstance(prune_rate, (int, float)) or not (
-            0.0 <= prune_rate < 1.0):
-        raise ValueError(f"prune_rate is the fraction of weights removed and must be in [0, 1), "
-                         f"got {prune_rate!r}")
-    if backend not in ops.BACKENDS:
-        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+    prune_rate = C.check_prune_rate(prune_rate)
+    C.check_backend(backend)
     if not inplace:
         model = copy.deepcopy(model)
     report = ConversionReport()
@@ -356,7 +352,7 @@ def convert(model: nn.Module, prune_rate: float = 0.5, *, example_input=None,
             input_kind = "spike" if observed.get(id(run[0].module), False) else "real"
         else:
             input_kind = "real" if n == 0 else "spike"
-        new = _new_layer(run, float(prune_rate), input_kind, backend, per_channel_gain)
+        new = _new_layer(run, prune_rate, input_kind, backend, per_channel_gain)
         owners = sorted({e.owner for e in run})
         seq[owners[0]] = new
         for o in owners[1:]:

@@ -2,7 +2,7 @@
 
 ``BinSpikeConv2d`` / ``BinSpikeLinear`` replace a SpikingJelly ``layer.Conv2d`` (+
 ``layer.BatchNorm2d``) + ``neuron.LIFNode`` (step mode 'm') with a masked sign-weight layer whose
-weights are never trained in search mode (DESIGN.md section 1). Their neuron defaults are
+weights are never trained in search mode (docs/design.md section 1). Their neuron defaults are
 SpikingJelly's, so they drop in; the search CLI uses the paper's (decay=0.99, decay_input=False).
 
 Note on naming: ``prune_rate`` here is the fraction of weights *removed*. The biprop code calls
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _contract as C
 from . import ops
 from . import reference as ref
 from ._schemas import SURROGATES
@@ -37,25 +38,15 @@ def _square(v: _IntOrPair, name: str) -> int:
     return v
 
 
-def resolve_tau(tau: float, decay: Optional[float]) -> float:
-    """tau from the paper's decay rate lambda = 1 - 1/tau, when ``decay`` is given."""
-    if decay is not None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay (lambda) must be in [0, 1), got {decay}")
-        return 1.0 / (1.0 - decay)
-    if tau < 1.0:
-        raise ValueError(f"tau must be >= 1 (lambda = 1 - 1/tau in [0, 1)), got {tau}")
-    return float(tau)
-
-
 class NeuronConfig:
     """The LIF settings shared by the spiking modules (SpikingJelly's LIFNode semantics)."""
 
     def __init__(self, tau=2.0, decay_input=True, v_threshold=1.0, v_reset: Optional[float] = 0.0,
-                 detach_reset=False, surrogate="atan", surrogate_alpha=2.0, decay=None):
+                 detach_reset=False, surrogate="atan", surrogate_alpha=2.0, decay=None,
+                 who="NeuronConfig"):
         if surrogate not in SURROGATES:
             raise ValueError(f"surrogate must be one of {tuple(SURROGATES)}, got {surrogate!r}")
-        self.tau = resolve_tau(tau, decay)
+        self.tau = C.resolve_tau(tau, decay, who)
         self.decay_input = bool(decay_input)
         self.v_threshold = float(v_threshold)
         self.v_reset = None if v_reset is None else float(v_reset)
@@ -94,12 +85,11 @@ def _check_input(x: torch.Tensor, rank: int, layout: str, channels: int, cdim: i
 
 class _MaskedSignWeight(nn.Module):
     """Frozen real weight ``w``, trainable scores ``s`` and the effective weight
-    ``W_eff = alpha * sign(w) * M`` (DESIGN.md section 1)."""
+    ``W_eff = alpha * sign(w) * M`` (docs/design.md section 1)."""
 
     def __init__(self, shape: tuple[int, ...], prune_rate: float, per_channel_gain: bool = False):
         super().__init__()
-        ref.num_pruned(1, prune_rate)  # validates the range
-        self.prune_rate = float(prune_rate)
+        self.prune_rate = C.check_prune_rate(prune_rate)
         self.per_channel_gain = bool(per_channel_gain)
         self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
         self.scores = nn.Parameter(torch.empty(shape))
@@ -192,10 +182,24 @@ class _MaskedSignWeight(nn.Module):
         """Pack the current W_eff ([O, F] linear weights as 1x1 kernels) into bit planes + gain."""
         w = self.effective_weight().detach().float()
         w4 = w.view(w.shape[0], w.shape[1], *w.shape[2:], *([1] * (4 - w.dim())))
-        return ops.pack_weight(w4) + (ops.weight_gain(w4),)
+        return ops.pack_weight(w4) + (ops.max_abs_gain(w4),)
 
-    def gain(self) -> torch.Tensor:
-        return ref.gain(self.weight, self.current_mask(), self.per_channel_gain)
+    def mean_abs_gain(self) -> torch.Tensor:
+        """The search's gain: mean |w| over the weights the current mask keeps."""
+        return ref.mean_abs_gain(self.weight, self.current_mask(), self.per_channel_gain)
+
+    def _fire(self, x: torch.Tensor, residual: Optional[torch.Tensor], channels: int, *,
+              linear: bool, stride: int = 1, padding: int = 0) -> torch.Tensor:
+        """The spiking layer call: the BN epilogue, one ops call, the BN running statistics."""
+        scale, shift, bn_train = _bn_scale_shift(self.bn, channels, x)
+        s, mean, var = ops.spiking_layer(
+            x, self, scale, shift, residual, linear=linear, stride=stride, padding=padding,
+            real_input=self.input == "real", bn_train=bn_train,
+            bn_eps=self.bn.eps if self.bn is not None else 1e-5, neuron=self.neuron.kwargs(),
+            backend=self.backend, who=type(self).__name__)
+        if bn_train:
+            _update_running_stats(self.bn, mean, var, s.numel() // channels)
+        return s
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Buffers that are None in this mode but present in the file (or vice versa) follow the
@@ -262,8 +266,7 @@ class BinSpikeConv2d(_MaskedSignWeight):
             raise ValueError("kernel_size must be >= 1")
         if input not in ("spike", "real"):
             raise ValueError(f"input must be 'spike' or 'real', got {input!r}")
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        C.check_backend(backend)
         super().__init__((out_channels, in_channels, k, k), prune_rate, per_channel_gain)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
         self.stride = _square(stride, "stride")
@@ -271,7 +274,7 @@ class BinSpikeConv2d(_MaskedSignWeight):
             raise ValueError("stride must be >= 1")
         self.padding = _square(padding, "padding")
         self.neuron = NeuronConfig(tau, decay_input, v_threshold, v_reset, detach_reset,
-                                   surrogate, surrogate_alpha, decay)
+                                   surrogate, surrogate_alpha, decay, type(self).__name__)
         self.input = input
         self.backend = backend
         self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum,
@@ -287,66 +290,18 @@ class BinSpikeConv2d(_MaskedSignWeight):
         """No-op: layers are stateless across calls (for SpikingJelly's functional.reset_net)."""
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
-        k, s, p = self.kernel_size, self.stride, self.padding
-        return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-
-    def _validate(self, x: torch.Tensor, residual: Optional[torch.Tensor], backend: str) -> None:
-        who = type(self).__name__
-        _check_input(x, 5, "[T, N, C, H, W]", self.in_channels, 2, self.weight, who)
-        ho, wo = self.out_size(x.shape[3], x.shape[4])
-        if ho < 1 or wo < 1:
-            raise ValueError(f"{who}: input {x.shape[3]}x{x.shape[4]} is smaller than the "
-                             f"kernel {self.kernel_size} with padding {self.padding}")
-        if self.input == "spike":
-            if backend not in ops.PACK_VALIDATES:
-                ops.check_spikes(x, f"{who} input")
-        else:
-            ops.check_finite(x, f"{who} input")
-        if residual is not None:
-            want = (x.shape[0], x.shape[1], self.out_channels, ho, wo)
-            if tuple(residual.shape) != want:
-                raise ValueError(f"{who}: residual must have shape {want}, got "
-                                 f"{tuple(residual.shape)}")
-            ops.check_finite(residual, f"{who} residual")
+        k = self.kernel_size
+        return C.out_hw(h, w, k, k, self.stride, self.padding)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        backend = ops.resolve_backend(self.backend, x.device)
-        self._validate(x, residual, backend)
-        T, n = x.shape[:2]
-        scale, shift, bn_train = _bn_scale_shift(self.bn, self.out_channels, x)
-        nk = self.neuron.kwargs()
-        if self.input == "spike" and backend != "torch" and not torch.is_grad_enabled():
-            return self._forward_packed(x, residual, scale, shift, bn_train, backend)
-        w = self.effective_weight()
-        if self.input == "spike":
-            s, mean, var = ops.conv_lif(x, w, scale, shift, residual, stride=self.stride,
-                                        padding=self.padding, bn_train=bn_train,
-                                        bn_eps=self._eps(), backend=backend, **nk)
-        else:
-            z = F.conv2d(x.flatten(0, 1), w.to(x.dtype), stride=self.stride, padding=self.padding)
-            z = z.view(T, n, *z.shape[1:])
-            s, mean, var = ops.bn_lif(z, scale, shift, residual, bn_train=bn_train,
-                                      bn_eps=self._eps(), backend=backend, **nk)
-        if bn_train:
-            _update_running_stats(self.bn, mean, var, s.numel() // self.out_channels)
-        return s
-
-    def _eps(self) -> float:
-        return self.bn.eps if self.bn is not None else 1e-5
-
-    @torch.no_grad()
-    def _forward_packed(self, x, residual, scale, shift, bn_train, backend):
-        """Inference straight from the packed weight bits (frozen tickets, or any no-grad call:
-        the packing is cached by ``packed_weight``)."""
-        w_mask, w_pos, alpha = self.packed_weight()
-        nk = self.neuron
-        res = None if residual is None else residual.float().contiguous()
-        s, mean, var = ops.packed_conv_lif(
-            x, w_mask, w_pos, alpha, scale, shift, res, self.stride, self.padding, bn_train,
-            self._eps(), nk.tau, nk.decay_input, nk.v_threshold, nk.v_reset, backend)
-        if bn_train:
-            _update_running_stats(self.bn, mean, var, s.numel() // self.out_channels)
-        return s.to(x.dtype)
+        who = type(self).__name__
+        _check_input(x, 5, "[T, N, C, H, W]", self.in_channels, 2, self.weight, who)
+        k = self.kernel_size
+        ho, wo = C.check_output_size(who, x.shape[3], x.shape[4], k, k, self.stride,
+                                     self.padding)
+        C.check_residual(who, residual, (x.shape[0], x.shape[1], self.out_channels, ho, wo))
+        return self._fire(x, residual, self.out_channels, linear=False, stride=self.stride,
+                          padding=self.padding)
 
 
 class BinSpikeLinear(_MaskedSignWeight):
@@ -361,12 +316,11 @@ class BinSpikeLinear(_MaskedSignWeight):
                  per_channel_gain: bool = False):
         if input not in ("spike", "real"):
             raise ValueError(f"input must be 'spike' or 'real', got {input!r}")
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        C.check_backend(backend)
         super().__init__((out_features, in_features), prune_rate, per_channel_gain)
         self.in_features, self.out_features = in_features, out_features
         self.neuron = NeuronConfig(tau, decay_input, v_threshold, v_reset, detach_reset,
-                                   surrogate, surrogate_alpha, decay)
+                                   surrogate, surrogate_alpha, decay, type(self).__name__)
         self.input = input
         self.backend = backend
         self.bn = nn.BatchNorm1d(out_features, eps=bn_eps, momentum=bn_momentum,
@@ -383,52 +337,8 @@ class BinSpikeLinear(_MaskedSignWeight):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         who = type(self).__name__
         _check_input(x, 3, "[T, N, F]", self.in_features, 2, self.weight, who)
-        backend = ops.resolve_backend(self.backend, x.device)
-        if self.input == "spike":
-            if backend not in ops.PACK_VALIDATES:
-                ops.check_spikes(x, f"{who} input")
-        else:
-            ops.check_finite(x, f"{who} input")
-        T, n = x.shape[:2]
-        if residual is not None and tuple(residual.shape) != (T, n, self.out_features):
-            raise ValueError(f"{who}: residual must have shape {(T, n, self.out_features)}, "
-                             f"got {tuple(residual.shape)}")
-        scale, shift, bn_train = _bn_scale_shift(self.bn, self.out_features, x)
-        eps = self.bn.eps if self.bn is not None else 1e-5
-        if self.input == "spike" and backend != "torch" and not torch.is_grad_enabled():
-            return self._forward_packed(x, residual, scale, shift, bn_train, backend, eps)
-        nk = self.neuron.kwargs()
-        w = self.effective_weight()
-        if self.input == "spike":
-            o = self.out_features  # explicit sizes: -1 is ambiguous when N = 0
-            res = None if residual is None else residual.reshape(T, n, o, 1, 1)
-            s, mean, var = ops.conv_lif(x.reshape(T, n, self.in_features, 1, 1),
-                                        w[:, :, None, None], scale, shift, res,
-                                        bn_train=bn_train, bn_eps=eps, backend=backend, **nk)
-            s = s.view(T, n, o)
-        else:
-            z = F.linear(x, w.to(x.dtype))
-            s, mean, var = ops.bn_lif(z, scale, shift, residual, bn_train=bn_train, bn_eps=eps,
-                                      backend=backend, **nk)
-        if bn_train:
-            _update_running_stats(self.bn, mean, var, T * n)
-        return s
-
-    @torch.no_grad()
-    def _forward_packed(self, x, residual, scale, shift, bn_train, backend, eps):
-        """Inference straight from the packed weight bits (frozen tickets): the features are a
-        1x1 image with F channels, the planes are [O, 1, 1, ceil(F/32)]."""
-        T, n, f = x.shape
-        nk = self.neuron
-        w_mask, w_pos, alpha = self.packed_weight()
-        o = self.out_features  # explicit sizes: -1 is ambiguous when N = 0
-        res = None if residual is None else residual.reshape(T, n, o, 1, 1).float().contiguous()
-        s, mean, var = ops.packed_conv_lif(
-            x.reshape(T, n, f, 1, 1), w_mask, w_pos, alpha, scale, shift, res, 1, 0, bn_train,
-            eps, nk.tau, nk.decay_input, nk.v_threshold, nk.v_reset, backend)
-        if bn_train:
-            _update_running_stats(self.bn, mean, var, T * n)
-        return s.view(T, n, o).to(x.dtype)
+        C.check_residual(who, residual, (x.shape[0], x.shape[1], self.out_features))
+        return self._fire(x, residual, self.out_features, linear=True)
 
 
 class BinConv2d(_MaskedSignWeight):
@@ -479,10 +389,9 @@ class LIF(nn.Module):
                  surrogate: str = "atan", surrogate_alpha: float = 2.0, *,
                  decay: Optional[float] = None, backend: str = "auto"):
         super().__init__()
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+        C.check_backend(backend)
         self.neuron = NeuronConfig(tau, decay_input, v_threshold, v_reset, detach_reset,
-                                   surrogate, surrogate_alpha, decay)
+                                   surrogate, surrogate_alpha, decay, type(self).__name__)
         self.backend = backend
 
     def extra_repr(self) -> str:

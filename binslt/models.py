@@ -1,7 +1,7 @@
 """The paper's networks (Conv-4, VGG-9, VGG-11, ResNet-19) in four variants.
 
 Each architecture is ONE description, a list of layer specs (``SPECS``), interpreted by a builder
-per variant (DESIGN.md section 4):
+per variant (docs/design.md section 4):
 
 * ``ann``: dense ``nn.Conv2d`` + BatchNorm + ReLU, max pooling, fully connected layers;
 * ``snn``: dense weights with multi-step LIF neurons (``binslt.layers.LIF``), surrogate training;
@@ -29,7 +29,7 @@ Conventions:
   ``bnn`` / ``binwslt`` variants; with False they are dense ``nn.Conv2d`` / ``nn.Linear`` trained
   normally. Dense variants ignore it.
 
-Parameter counting (``count_parameters``), as the paper's counts are reproduced (DESIGN.md):
+Parameter counting (``count_parameters``), as the paper's counts are reproduced (docs/design.md):
 every conv / linear weight tensor once (for masked sign layers the frozen weight ``w``, not the
 scores ``s``, which are a search-time aid of the same size), biases, and 2 per channel for every
 BatchNorm (its affine weight and bias; a non-affine BN still applies a per-channel scale and shift
@@ -38,15 +38,13 @@ at inference, folded from its running statistics). Running statistics are not co
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Union
 
 import torch
 from torch import nn
 
-from . import ops
-from . import reference as ref
+from . import _contract as C
 from ._schemas import SURROGATES
 from .layers import (
     LIF,
@@ -58,7 +56,6 @@ from .layers import (
     SignActivation,
     SpikeMaxPool2d,
     _MaskedSignWeight,
-    resolve_tau,
 )
 
 __all__ = [
@@ -491,13 +488,10 @@ def _resolve_options(options: dict) -> dict:
         raise ValueError("give either tau or decay (lambda = 1 - 1/tau), not both")
     if o["tau"] is None and o["decay"] is None:
         o["decay"] = _PAPER_DECAY
-    o["tau"] = resolve_tau(o["tau"] if o["tau"] is not None else 2.0, o.pop("decay"))
-    if not math.isfinite(o["tau"]):
-        raise ValueError(f"tau must be finite, got {o['tau']}")
+    o["tau"] = C.resolve_tau(o["tau"] if o["tau"] is not None else 2.0, o.pop("decay"), "build")
     if o["surrogate"] not in SURROGATES:
         raise ValueError(f"surrogate must be one of {tuple(SURROGATES)}, got {o['surrogate']!r}")
-    if o["backend"] not in ops.BACKENDS:
-        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {o['backend']!r}")
+    C.check_backend(o["backend"])
     if o["v_reset"] is not None:
         o["v_reset"] = float(o["v_reset"])
     for k in ("v_threshold", "surrogate_alpha"):
@@ -539,10 +533,7 @@ def build(arch: str, variant: str, *, num_classes: int = 10, in_channels: int = 
     in_channels = _pos_int(in_channels, "in_channels")
     timesteps = _pos_int(timesteps, "timesteps")
     h, w = _hw(input_size)
-    if isinstance(prune_rate, bool) or not isinstance(prune_rate, (int, float)):
-        raise ValueError(f"prune_rate must be a float in [0, 1), got {prune_rate!r}")
-    ref.num_pruned(1, float(prune_rate))  # range check with a clear message
-    prune_rate = float(prune_rate)
+    prune_rate = C.check_prune_rate(prune_rate)
     opts = _resolve_options(neuron_options)
 
     b = _BUILDERS[variant](opts, prune_rate)
@@ -603,8 +594,7 @@ def build(arch: str, variant: str, *, num_classes: int = 10, in_channels: int = 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
     """Set ``backend`` on every binslt layer that has one (BinSpikeConv2d/Linear, LIF)."""
-    if backend not in ops.BACKENDS:
-        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+    C.check_backend(backend)
     for m in model.modules():
         if isinstance(m, (BinSpikeConv2d, BinSpikeLinear, LIF)):
             m.backend = backend

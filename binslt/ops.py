@@ -1,7 +1,8 @@
 """``binslt::`` ops: schemas, fake kernels, backend selection and autograd.
 
-Layering (STYLE.md): raw kernels (``csrc/``, ``kernels/``) -> this module (typed wrappers, fake
-kernels, autograd) -> modules (``binslt.layers``), which call only this module.
+Layering: raw kernels (``csrc/``, ``kernels/``) -> this module (typed wrappers, fake
+kernels, autograd) -> modules (``binslt.layers``), which call only this module, once per layer
+call (``spiking_layer``). What the ops accept is decided in one place, ``binslt._contract``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import threading
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
+from . import _contract as C
 from . import _ext
 from . import reference as ref
+from ._contract import BACKENDS, counts_dtype  # noqa: F401  (part of the ops API)
 from ._schemas import SCHEMAS, SURROGATES
 
-BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 # Backends whose pack_spikes kernel rejects non-binary input as it packs (for free), so the layers
 # skip their separate full-tensor check there.
 PACK_VALIDATES = frozenset({"cpu"})
@@ -40,7 +43,7 @@ def _infer_via_bconv_lif(x, w_mask, w_pos, alpha, scale, shift, residual, stride
                          decay_input, v_threshold, v_reset):
     if x.dim() != 5:
         raise ValueError(f"binslt::bconv_lif_infer: x must be spikes [T, N, C, H, W], got shape "
-                         f"{tuple(x.shape)}")
+                         f"{list(x.shape)}")
     T = x.shape[0]
     xp = torch.ops.binslt.pack_spikes(x.flatten(0, 1))
     return torch.ops.binslt.bconv_lif(xp, w_mask, w_pos, alpha, scale, shift, residual, T,
@@ -63,20 +66,6 @@ for _name, _fn in _FALLBACKS.items():
 # ---------------------------------------------------------------------------------------------
 
 
-def _cw(c: int) -> int:
-    return (c + 31) // 32
-
-
-def _out_hw(h: int, w: int, kh: int, kw: int, stride: int, padding: int) -> tuple[int, int]:
-    return (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
-
-
-def counts_dtype(w_mask: torch.Tensor) -> torch.dtype:
-    """int16 when the largest possible |count| (32*Cw*kh*kw) fits, else int32."""
-    k = 32 * w_mask.shape[1] * w_mask.shape[2] * w_mask.shape[3]
-    return torch.int16 if k <= 32767 else torch.int32
-
-
 def _same_device(op: str, **tensors) -> None:
     """Mixed devices (e.g. CPU and meta) dispatch to the fake kernel, which would hand back
     uninitialised tensors on the first argument's device: refuse them, as aten's meta kernels do."""
@@ -90,7 +79,7 @@ def _same_device(op: str, **tensors) -> None:
 @torch.library.register_fake("binslt::pack_spikes")
 def _(x):
     b, c, h, w = x.shape
-    return x.new_empty((b, h, w, _cw(c)), dtype=torch.int32)
+    return x.new_empty((b, h, w, C.channel_words(c)), dtype=torch.int32)
 
 
 @torch.library.register_fake("binslt::unpack_spikes")
@@ -102,7 +91,7 @@ def _(packed, channels):
 @torch.library.register_fake("binslt::pack_weight")
 def _(weight):
     co, ci, kh, kw = weight.shape
-    shape = (co, kh, kw, _cw(ci))
+    shape = (co, kh, kw, C.channel_words(ci))
     return weight.new_empty(shape, dtype=torch.int32), weight.new_empty(shape, dtype=torch.int32)
 
 
@@ -113,11 +102,11 @@ def _(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride, padding
                  scale=scale, shift=shift, residual=residual)
     b, h, w, _ = x_packed.shape
     co, kh, kw, _ = w_mask.shape
-    ho, wo = _out_hw(h, w, kh, kw, stride, padding)
+    ho, wo = C.out_hw(h, w, kh, kw, stride, padding)
     shape = (T, b // T, co, ho, wo)
     return (
         x_packed.new_empty(shape, dtype=torch.float32),
-        x_packed.new_empty(shape, dtype=counts_dtype(w_mask)),
+        x_packed.new_empty(shape, dtype=C.counts_dtype(w_mask)),
         x_packed.new_empty((co,), dtype=torch.float32),
         x_packed.new_empty((co,), dtype=torch.float32),
     )
@@ -130,7 +119,7 @@ def _(x, w_mask, w_pos, alpha, scale, shift, residual, stride, padding, tau, dec
                  shift=shift, residual=residual)
     T, n, _, h, w = x.shape
     co, kh, kw, _ = w_mask.shape
-    ho, wo = _out_hw(h, w, kh, kw, stride, padding)
+    ho, wo = C.out_hw(h, w, kh, kw, stride, padding)
     return x.new_empty((T, n, co, ho, wo), dtype=torch.float32)
 
 
@@ -193,8 +182,7 @@ _override = threading.local()
 @contextlib.contextmanager
 def use_backend(backend: str):
     """Within the block, layers whose ``backend`` is 'auto' use ``backend`` instead."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    C.check_backend(backend)
     prev = getattr(_override, "backend", None)
     _override.backend = backend
     try:
@@ -205,8 +193,7 @@ def use_backend(backend: str):
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map 'auto' (or a use_backend override) to a concrete backend usable for ``device``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    C.check_backend(backend)
     if backend == "auto":
         backend = getattr(_override, "backend", None) or "auto"
     st = _ext.load()  # read only (backends() copies it; this runs on every layer call)
@@ -275,8 +262,10 @@ def check_finite(x: torch.Tensor, name: str = "input") -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def weight_gain(w_eff: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel gain of a ternary-times-gain weight: max |W_eff| over each channel."""
+
+def max_abs_gain(w_eff: torch.Tensor) -> torch.Tensor:
+    """The gain the kernels take, read back from a ternary-times-gain weight: max |W_eff| per
+    output channel (``reference.mean_abs_gain`` is how the search computes it)."""
     return w_eff.detach().abs().flatten(1).amax(1).to(torch.float32)
 
 
@@ -293,7 +282,7 @@ class ConvLIF(torch.autograd.Function):
         T, n, ci, h, w = x.shape
         x_packed = get_op("pack_spikes", backend)(x.reshape(T * n, ci, h, w).float())
         w_mask, w_pos = get_op("pack_weight", backend)(w_eff.detach().float())
-        alpha = weight_gain(w_eff)
+        alpha = max_abs_gain(w_eff)
         res = None if residual is None else residual.float().contiguous()
         spikes, counts, mean, var = get_op("bconv_lif", backend)(
             x_packed, w_mask, w_pos, alpha, scale.detach().float(), shift.detach().float(), res,
@@ -348,37 +337,34 @@ class BNLIF(torch.autograd.Function):
                 g_cur if ctx.has_res else None) + (None,) * 10
 
 
-def conv_lif(x, w_eff, scale, shift, residual=None, *, stride=1, padding=0, bn_train=False,
-             bn_eps=1e-5, tau=2.0, decay_input=True, v_threshold=1.0, v_reset: Optional[float] = 0.0,
-             detach_reset=False, surrogate="atan", surrogate_alpha=2.0, backend="auto"):
-    """Spikes of the fused layer on spike input x: [T, N, Ci, H, W]. Returns (spikes, mean, var).
+# ---------------------------------------------------------------------------------------------
+# The fused layer ops. Each public function resolves its backend; the underscore forms take a
+# resolved one, so that a layer call (spiking_layer) resolves it once.
+# ---------------------------------------------------------------------------------------------
 
-    ``backend='torch'`` runs the autograd reference (any dtype); others run kernels (float32).
-    """
-    sid = SURROGATES[surrogate] if isinstance(surrogate, str) else int(surrogate)
-    be = resolve_backend(backend, x.device)
+
+def _surrogate_id(surrogate) -> int:
+    return SURROGATES[surrogate] if isinstance(surrogate, str) else int(surrogate)
+
+
+def _conv_lif(be, x, w_eff, scale, shift, residual, stride, padding, bn_train, bn_eps, tau,
+              decay_input, v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha):
+    sid = _surrogate_id(surrogate)
     if be == "torch":
         T = x.shape[0]
-        z = torch.nn.functional.conv2d(x.flatten(0, 1), w_eff.to(x.dtype), stride=stride,
-                                       padding=padding)
+        z = F.conv2d(x.flatten(0, 1), w_eff.to(x.dtype), stride=stride, padding=padding)
         z = z.view(T, -1, *z.shape[1:])
-        return bn_lif(z, scale, shift, residual, bn_train=bn_train, bn_eps=bn_eps, tau=tau,
-                      decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
-                      detach_reset=detach_reset, surrogate=sid, surrogate_alpha=surrogate_alpha,
-                      backend="torch")
+        return _bn_lif(be, z, scale, shift, residual, bn_train, bn_eps, tau, decay_input,
+                       v_threshold, v_reset, detach_reset, sid, surrogate_alpha)
     return ConvLIF.apply(x, w_eff, scale, shift, residual, stride, padding, bn_train, bn_eps,
                          float(tau), decay_input, float(v_threshold),
                          None if v_reset is None else float(v_reset), detach_reset, sid,
                          float(surrogate_alpha), be)
 
 
-def bn_lif(z, scale, shift, residual=None, *, bn_train=False, bn_eps=1e-5, tau=2.0,
-           decay_input=True, v_threshold=1.0, v_reset: Optional[float] = 0.0, detach_reset=False,
-           surrogate="atan", surrogate_alpha=2.0, backend="auto"):
-    """Spikes of (BN) (+residual) + LIF over a real current z: [T, N, C, *]. -> (spikes, mean,
-    var)."""
-    sid = SURROGATES[surrogate] if isinstance(surrogate, str) else int(surrogate)
-    be = resolve_backend(backend, z.device)
+def _bn_lif(be, z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold,
+            v_reset, detach_reset, surrogate, surrogate_alpha):
+    sid = _surrogate_id(surrogate)
     if be == "torch":
         x, mean, var = ref.epilogue(z, scale.to(z.dtype), shift.to(z.dtype), residual, bn_train,
                                     bn_eps)
@@ -391,25 +377,105 @@ def bn_lif(z, scale, shift, residual=None, *, bn_train=False, bn_eps=1e-5, tau=2
                        detach_reset, sid, float(surrogate_alpha), be)
 
 
-def packed_conv_lif(x, w_mask, w_pos, alpha, scale, shift, residual, stride: int, padding: int,
-                    bn_train: bool, bn_eps: float, tau: float, decay_input: bool,
-                    v_threshold: float, v_reset: Optional[float], backend: str):
-    """No-grad binary conv + LIF of spikes x [T, N, C, H, W] with packed weight planes
-    -> (spikes, mean, var). With the eval epilogue it runs ``bconv_lif_infer`` (no packed copy
-    of x and no counts are written); training BN needs ``bconv_lif``'s batch statistics (mean and
-    var are None otherwise)."""
+def _infer_conv_lif(be, x, w_mask, w_pos, alpha, scale, shift, residual, stride, padding,
+                    bn_train, bn_eps, tau, decay_input, v_threshold, v_reset):
     x = x.float()  # no copy for float32 spikes
     operands = (w_mask, w_pos, alpha.float(), scale.float(), shift.float(), residual)
     if bn_train:
         T = x.shape[0]
-        xp = get_op("pack_spikes", backend)(x.flatten(0, 1))
-        s, _, mean, var = get_op("bconv_lif", backend)(xp, *operands, T, stride, padding, True,
-                                                       bn_eps, tau, decay_input, v_threshold,
-                                                       v_reset)
+        xp = get_op("pack_spikes", be)(x.flatten(0, 1))
+        s, _, mean, var = get_op("bconv_lif", be)(xp, *operands, T, stride, padding, True, bn_eps,
+                                                  tau, decay_input, v_threshold, v_reset)
         return s, mean, var
-    s = get_op("bconv_lif_infer", backend)(x, *operands, stride, padding, tau, decay_input,
-                                           v_threshold, v_reset)
+    s = get_op("bconv_lif_infer", be)(x, *operands, stride, padding, tau, decay_input,
+                                      v_threshold, v_reset)
     return s, None, None
+
+
+def conv_lif(x, w_eff, scale, shift, residual=None, *, stride=1, padding=0, bn_train=False,
+             bn_eps=1e-5, tau=2.0, decay_input=True, v_threshold=1.0, v_reset: Optional[float] = 0.0,
+             detach_reset=False, surrogate="atan", surrogate_alpha=2.0, backend="auto"):
+    """Spikes of the fused layer on spike input x: [T, N, Ci, H, W]. Returns (spikes, mean, var).
+
+    ``backend='torch'`` runs the autograd reference (any dtype); others run kernels (float32).
+    """
+    return _conv_lif(resolve_backend(backend, x.device), x, w_eff, scale, shift, residual, stride,
+                     padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset,
+                     detach_reset, surrogate, surrogate_alpha)
+
+
+def bn_lif(z, scale, shift, residual=None, *, bn_train=False, bn_eps=1e-5, tau=2.0,
+           decay_input=True, v_threshold=1.0, v_reset: Optional[float] = 0.0, detach_reset=False,
+           surrogate="atan", surrogate_alpha=2.0, backend="auto"):
+    """Spikes of (BN) (+residual) + LIF over a real current z: [T, N, C, *]. -> (spikes, mean,
+    var)."""
+    return _bn_lif(resolve_backend(backend, z.device), z, scale, shift, residual, bn_train,
+                   bn_eps, tau, decay_input, v_threshold, v_reset, detach_reset, surrogate,
+                   surrogate_alpha)
+
+
+def infer_conv_lif(x, w_mask, w_pos, alpha, scale, shift, residual=None, *, stride=1, padding=0,
+                   bn_train=False, bn_eps=1e-5, tau=2.0, decay_input=True, v_threshold=1.0,
+                   v_reset: Optional[float] = 0.0, backend="auto"):
+    """The no-grad inference path: binary conv + LIF of spikes x [T, N, C, H, W] with packed
+    weight planes -> (spikes, mean, var). With the eval epilogue it runs ``bconv_lif_infer`` (no
+    packed copy of x and no counts are written); training BN needs ``bconv_lif``'s batch
+    statistics (mean and var are None otherwise)."""
+    with torch.no_grad():
+        return _infer_conv_lif(resolve_backend(backend, x.device), x, w_mask, w_pos, alpha, scale,
+                               shift, residual, stride, padding, bn_train, bn_eps, tau,
+                               decay_input, v_threshold, v_reset)
+
+
+def spiking_layer(x, weight, scale, shift, residual=None, *, linear=False, stride=1, padding=0,
+                  real_input=False, bn_train=False, bn_eps=1e-5, neuron: dict, backend="auto",
+                  who="layer"):
+    """One call of a masked sign-weight spiking layer -> (spikes, mean, var).
+
+    x is [T, N, C, H, W] (``linear``: [T, N, F], run as a 1x1 image with F channels); ``weight``
+    gives ``effective_weight()`` (differentiable W_eff) and ``packed_weight()`` (its bit planes
+    and gain, cached); ``scale``, ``shift`` and ``bn_train`` are the epilogue; ``neuron`` holds
+    the LIF settings. The backend is resolved once; the input is checked (binary spikes, or
+    finite real values) unless the backend's pack kernel checks it as it packs. Spike input
+    without autograd runs the packed inference path; with autograd, the fused autograd op; real
+    input, a dense conv (linear) and the fused epilogue + LIF.
+    """
+    be = resolve_backend(backend, x.device)
+    if real_input:
+        check_finite(x, f"{who} input")
+    elif be not in PACK_VALIDATES:
+        check_spikes(x, f"{who} input")
+    if residual is not None:
+        check_finite(residual, f"{who} residual")
+    T, n = x.shape[:2]
+    co = scale.shape[0]
+    if linear and not real_input:  # explicit sizes: -1 is ambiguous when N = 0
+        x = x.reshape(T, n, x.shape[2], 1, 1)
+        residual = None if residual is None else residual.reshape(T, n, co, 1, 1)
+    nk = neuron
+    if not real_input and be != "torch" and not torch.is_grad_enabled():
+        w_mask, w_pos, alpha = weight.packed_weight()
+        res = None if residual is None else residual.float().contiguous()
+        s, mean, var = _infer_conv_lif(be, x, w_mask, w_pos, alpha, scale, shift, res, stride,
+                                       padding, bn_train, bn_eps, nk["tau"], nk["decay_input"],
+                                       nk["v_threshold"], nk["v_reset"])
+        s = s.to(x.dtype)
+    elif not real_input:
+        w = weight.effective_weight()
+        w = w[:, :, None, None] if linear else w
+        s, mean, var = _conv_lif(be, x, w, scale, shift, residual, stride, padding, bn_train,
+                                 bn_eps, **nk)
+    else:
+        w = weight.effective_weight().to(x.dtype)
+        if linear:
+            z = F.linear(x, w)
+        else:
+            z = F.conv2d(x.flatten(0, 1), w, stride=stride, padding=padding)
+            z = z.view(T, n, *z.shape[1:])
+        s, mean, var = _bn_lif(be, z, scale, shift, residual, bn_train, bn_eps, **nk)
+    if linear and not real_input:
+        s = s.view(T, n, co)
+    return s, mean, var
 
 
 def pack_spikes(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:

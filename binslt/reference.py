@@ -3,12 +3,14 @@
 Two layers live here:
 
 1. Differentiable building blocks (any float dtype, float64 included) that define the semantics
-   of DESIGN.md section 1: the top-|s| mask and gain, the masked sign weight with biprop's
+   of ``docs/design.md``: the top-|s| mask and gain, the masked sign weight with biprop's
    straight-through score gradient, the surrogate spike function, SpikingJelly's multi-step LIF,
    and ApproxSign.
 2. ``*_reference`` functions with exactly the ``binslt::`` op schemas (``binslt/_schemas.py``), so
-   that the reference is interchangeable with the C++/CUDA/Triton kernels. Their backward ops are
-   derived by autograd through the building blocks, so they share one definition of the maths.
+   that the reference is interchangeable with the C++/CUDA/Triton kernels. They check their
+   arguments with ``binslt._contract`` (the same errors as every other backend); their backward
+   ops are derived by autograd through the building blocks, so they share one definition of the
+   maths.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from . import _contract as C
+from ._contract import check_prune_rate
 
 # ----------------------------------------------------------------------------------------------
 # Surrogate spike function and the multi-step LIF neuron
@@ -109,15 +114,13 @@ def sign_activation(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Mask, gain and the masked sign weight
+# Mask, gain (mean |w| over the kept weights) and the masked sign weight
 # ----------------------------------------------------------------------------------------------
 
 
 def num_pruned(numel: int, prune_rate: float) -> int:
     """floor(prune_rate * numel) in float64: how many weights biprop's rule removes."""
-    if not 0.0 <= prune_rate < 1.0:
-        raise ValueError(f"prune_rate is the fraction removed and must be in [0, 1), got {prune_rate}")
-    return int(math.floor(float(prune_rate) * numel))
+    return int(math.floor(check_prune_rate(prune_rate) * numel))
 
 
 def topk_mask(scores: torch.Tensor, prune_rate: float) -> torch.Tensor:
@@ -144,8 +147,13 @@ def topk_mask(scores: torch.Tensor, prune_rate: float) -> torch.Tensor:
     return mask.to(scores.dtype).view_as(scores)
 
 
-def gain(weight: torch.Tensor, mask: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
-    """alpha = sum(|w| * M) / sum(M): a 0-d tensor, or [C_out] with ``per_channel``."""
+def mean_abs_gain(weight: torch.Tensor, mask: torch.Tensor,
+                  per_channel: bool = False) -> torch.Tensor:
+    """The search's gain, the mean |w| over the kept weights: alpha = sum(|w| * M) / sum(M).
+
+    A 0-d tensor, or [C_out] with ``per_channel``. (``ops.max_abs_gain`` reads the same alpha back
+    from an effective weight as its largest magnitude.)
+    """
     w, m = weight.detach().abs(), mask.detach()
     if per_channel:
         num = (w * m).flatten(1).sum(1)
@@ -165,7 +173,7 @@ class _MaskedSignSearch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, scores, prune_rate, per_channel):
         mask = topk_mask(scores, prune_rate)
-        alpha = gain(weight, mask, per_channel)
+        alpha = mean_abs_gain(weight, mask, per_channel)
         ctx.save_for_backward(weight, scores)
         return _expand_gain(alpha, weight) * torch.sign(weight) * mask
 
@@ -180,7 +188,7 @@ class _MaskedSignFinetune(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, mask, per_channel):
-        alpha = gain(weight, mask, per_channel)
+        alpha = mean_abs_gain(weight, mask, per_channel)
         ctx.save_for_backward(mask)
         return _expand_gain(alpha, weight) * torch.sign(weight) * mask
 
@@ -318,15 +326,18 @@ def _neuron_kwargs(tau, decay_input, v_threshold, v_reset, detach_reset=False, s
 def bn_lif_reference(z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold,
                      v_reset):
     """Schema ``binslt::bn_lif``. z: [T, N, C, *] -> (spikes like z, mean [C], var [C])."""
+    C.check_scalars("bn_lif", tau, v_threshold, v_reset, bn_eps)
+    # The vectors are checked, then follow z's dtype: float32 (as every kernel computes) for
+    # schema calls, float64 where the reference serves as the oracle.
+    C.check_bn_lif("bn_lif", z, residual, scale=scale, shift=shift)
     x, mean, var = epilogue(z, scale, shift, residual, bn_train, bn_eps)
     s = lif_multistep(x, **_neuron_kwargs(tau, decay_input, v_threshold, v_reset))
     return s, mean, var
 
 
-def bn_lif_bwd_reference(grad_spikes, z, scale, shift, mean, var, residual, bn_train, bn_eps, tau,
-                         decay_input, v_threshold, v_reset, detach_reset, surrogate,
-                         surrogate_alpha):
-    """Schema ``binslt::bn_lif_bwd``: (grad_z, grad_current, grad_scale, grad_shift)."""
+def _bn_lif_bwd(grad_spikes, z, scale, shift, residual, bn_train, bn_eps, tau, decay_input,
+                v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha):
+    """(grad_z, grad_current, grad_scale, grad_shift) by autograd through the building blocks."""
     with torch.enable_grad():
         zz = z.detach().requires_grad_(True)
         sc = scale.detach().requires_grad_(True)
@@ -340,13 +351,23 @@ def bn_lif_bwd_reference(grad_spikes, z, scale, shift, mean, var, residual, bn_t
     return g_z, g_cur, g_sc, g_sh
 
 
+def bn_lif_bwd_reference(grad_spikes, z, scale, shift, mean, var, residual, bn_train, bn_eps, tau,
+                         decay_input, v_threshold, v_reset, detach_reset, surrogate,
+                         surrogate_alpha):
+    """Schema ``binslt::bn_lif_bwd``: (grad_z, grad_current, grad_scale, grad_shift)."""
+    op = "bn_lif_bwd"
+    C.check_scalars(op, tau, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
+    # The reference recomputes the batch statistics from z, so as the float64 oracle it also
+    # takes mean = var = None; given ones are checked like on every backend.
+    stats = {k: v for k, v in (("mean", mean), ("var", var)) if v is not None}
+    C.check_bn_lif(op, z, residual, scale=scale, shift=shift, **stats)
+    return _bn_lif_bwd(grad_spikes, z, scale, shift, residual, bn_train, bn_eps, tau, decay_input,
+                       v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha)
+
+
 # ----------------------------------------------------------------------------------------------
 # The fused binary conv + LIF, schema level
 # ----------------------------------------------------------------------------------------------
-
-
-def _counts_dtype(k: int) -> torch.dtype:
-    return torch.int16 if k <= 32767 else torch.int32
 
 
 def bconv_count_reference(x_packed, w_mask, w_pos, stride, padding, in_channels=None):
@@ -357,26 +378,49 @@ def bconv_count_reference(x_packed, w_mask, w_pos, stride, padding, in_channels=
     return F.conv2d(x, w, stride=stride, padding=padding)
 
 
+def _check_packed_bconv(op, x_packed, T, w_mask, w_pos, alpha, scale, shift, residual, stride,
+                        padding):
+    b, h, w, cw = C.check_packed_input(op, x_packed)
+    return C.check_bconv(op, "x_packed", (b, h, w), cw, T, w_mask, w_pos, alpha, scale, shift,
+                         residual, stride, padding)
+
+
+def _bconv_lif(x_packed, w_mask, w_pos, a, residual, T, stride, padding, bn_train, bn_eps, tau,
+               decay_input, v_threshold, v_reset):
+    """bconv_lif on checked arguments ``a`` (float32 per-channel vectors)."""
+    counts = bconv_count_reference(x_packed, w_mask, w_pos, stride, padding)
+    counts = counts.view(T, a.n, a.co, a.ho, a.wo)
+    z = counts * a.alpha.view(1, 1, -1, 1, 1)
+    x, mean, var = epilogue(z, a.scale, a.shift, residual, bn_train, bn_eps)
+    s = lif_multistep(x, **_neuron_kwargs(tau, decay_input, v_threshold, v_reset))
+    return s, counts.round().to(C.counts_dtype(w_mask)), mean, var
+
+
 def bconv_lif_reference(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride, padding,
                         bn_train, bn_eps, tau, decay_input, v_threshold, v_reset):
     """Schema ``binslt::bconv_lif`` -> (spikes, counts, mean, var)."""
-    counts = bconv_count_reference(x_packed, w_mask, w_pos, stride, padding)
-    b, co, ho, wo = counts.shape
-    counts = counts.view(T, b // T, co, ho, wo)
-    z = counts * alpha.view(1, 1, -1, 1, 1)
-    s, mean, var = bn_lif_reference(z, scale, shift, residual, bn_train, bn_eps, tau, decay_input,
-                                    v_threshold, v_reset)
-    k = w_mask.shape[1] * w_mask.shape[2] * w_mask.shape[3] * 32
-    return s, counts.round().to(_counts_dtype(k)), mean, var
+    op = "bconv_lif"
+    C.check_scalars(op, tau, v_threshold, v_reset, bn_eps)
+    a = _check_packed_bconv(op, x_packed, T, w_mask, w_pos, alpha, scale, shift, residual,
+                            stride, padding)
+    return _bconv_lif(x_packed, w_mask, w_pos, a, residual, T, stride, padding, bn_train, bn_eps,
+                      tau, decay_input, v_threshold, v_reset)
 
 
 def bconv_lif_infer_reference(x, w_mask, w_pos, alpha, scale, shift, residual, stride, padding,
                               tau, decay_input, v_threshold, v_reset):
     """Schema ``binslt::bconv_lif_infer`` -> spikes (bconv_lif's, eval epilogue)."""
-    T = x.shape[0]
+    op = "bconv_lif_infer"
+    C.check_scalars(op, tau, v_threshold, v_reset)
+    if x.dim() != 5:
+        raise ValueError(f"binslt::{op}: x must be spikes [T, N, C, H, W], got shape "
+                         f"{list(x.shape)}")
+    T, n, c, h, w = x.shape
+    a = C.check_bconv(op, "x", (T * n, h, w), C.channel_words(c), T, w_mask, w_pos, alpha, scale,
+                      shift, residual, stride, padding)
     xp = pack_spikes_reference(x.flatten(0, 1))
-    return bconv_lif_reference(xp, w_mask, w_pos, alpha, scale, shift, residual, T, stride,
-                               padding, False, 1e-5, tau, decay_input, v_threshold, v_reset)[0]
+    return _bconv_lif(xp, w_mask, w_pos, a, residual, T, stride, padding, False, 1e-5, tau,
+                      decay_input, v_threshold, v_reset)[0]
 
 
 def bconv_lif_bwd_reference(grad_spikes, counts, x_packed, w_mask, w_pos, alpha, scale, shift,
@@ -385,14 +429,20 @@ def bconv_lif_bwd_reference(grad_spikes, counts, x_packed, w_mask, w_pos, alpha,
                             surrogate_alpha, need_grad_x):
     """Schema ``binslt::bconv_lif_bwd`` -> (grad_x, grad_weight, grad_current, grad_scale,
     grad_shift)."""
-    z = counts.to(torch.float32) * alpha.view(1, 1, -1, 1, 1)
-    g_z, g_cur, g_sc, g_sh = bn_lif_bwd_reference(
-        grad_spikes, z, scale, shift, mean, var, residual, bn_train, bn_eps, tau, decay_input,
-        v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha)
+    op = "bconv_lif_bwd"
+    C.check_scalars(op, tau, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
+    C.check_counts(op, counts)
     T = counts.shape[0]
+    a = _check_packed_bconv(op, x_packed, T, w_mask, w_pos, alpha, scale, shift, residual,
+                            stride, padding)
+    C.check_channel_vecs(op, a.co, mean=mean, var=var)
+    z = counts.to(torch.float32) * a.alpha.view(1, 1, -1, 1, 1)
+    g_z, g_cur, g_sc, g_sh = _bn_lif_bwd(
+        grad_spikes, z, a.scale, a.shift, residual, bn_train, bn_eps, tau, decay_input,
+        v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha)
     gz = g_z.flatten(0, 1)  # [B, Co, Ho, Wo]
     x = unpack_spikes_reference(x_packed, in_channels)
-    w_eff = unpack_weight_reference(w_mask, w_pos, in_channels, alpha)
+    w_eff = unpack_weight_reference(w_mask, w_pos, in_channels, a.alpha)
     kh, kw = w_mask.shape[1], w_mask.shape[2]
     g_w = torch.nn.grad.conv2d_weight(x, (w_eff.shape[0], in_channels, kh, kw), gz,
                                       stride=stride, padding=padding)

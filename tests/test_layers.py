@@ -1,4 +1,4 @@
-"""Public modules: validation, modes, backends and op registration (issues 2 and 3)."""
+"""Public modules: validation, modes, backends and op registration."""
 
 from __future__ import annotations
 
@@ -151,6 +151,30 @@ def test_use_backend_overrides_auto():
         assert binslt.ops.resolve_backend("auto", x.device) == "torch"
     b = m(x)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("make, shape", [
+    (lambda: binslt.BinSpikeConv2d(4, 3, 3, padding=1, bn=True), (2, 1, 4, 5, 5)),
+    (lambda: binslt.BinSpikeConv2d(4, 3, 3, padding=1, bn=True, input="real"), (2, 1, 4, 5, 5)),
+    (lambda: binslt.BinSpikeLinear(5, 3, bn=True), (2, 3, 5)),
+])
+def test_layer_call_resolves_its_backend_once(monkeypatch, make, shape, grad):
+    """One layer call: the backend is resolved once (the ops call gets it), whatever the path
+    (autograd, packed inference, real input), and the BN running statistics move once."""
+    m = make()
+    calls = []
+    real = binslt.ops.resolve_backend
+    monkeypatch.setattr(binslt.ops, "resolve_backend",
+                        lambda b, d: calls.append(b) or real(b, d))
+    x = _spikes(*shape) if m.input == "spike" else torch.rand(*shape)
+    m.packed_weight()  # the packing cache is filled outside the counted call
+    calls.clear()
+    before = m.bn.num_batches_tracked.item()
+    with torch.set_grad_enabled(grad):
+        m(x)
+    assert calls == ["auto"]
+    assert m.bn.num_batches_tracked.item() == before + 1
 
 
 def test_ops_reach_the_dispatcher_and_pass_opcheck():

@@ -1,4 +1,4 @@
-"""binslt.models: the paper's networks in four variants (DESIGN.md section 4)."""
+"""binslt.models: the paper's networks in four variants (docs/design.md section 4)."""
 
 from __future__ import annotations
 

@@ -268,17 +268,16 @@ struct FloatInput {
 template <typename CT>
 void forward_impl(const ConvShape& s, const at::Tensor& xpad, const FloatInput& xf,
                   const PackedW& planes, const uint32_t* pos_orig, const int8_t* weight_table,
-                  int64_t co_pad64,
-                  const float* alpha, const float* scale, const float* shift, const float* res,
-                  bool bn_train, double bn_eps, const NeuronParams& p, bool infer, CT* counts,
-                  float* spikes, float* mean_out, float* var_out) {
+                  int64_t co_pad64, const float* alpha, const float* scale, const float* shift,
+                  const float* res, bool bn_train, double bn_eps, const NeuronParams& p,
+                  bool infer, CT* counts, float* spikes, float* mean_out, float* var_out) {
   const int64_t Hp = s.H + 2 * s.padding, Wp = s.W + 2 * s.padding;
   const uint32_t* xp =
       xf.on ? nullptr : reinterpret_cast<const uint32_t*>(xpad.data_ptr<int32_t>());
   const int64_t S = s.Ho * s.Wo;
   const int64_t step_stride = s.N * s.Co * S;  // elements between timesteps
   const Isa isa = active_isa();
-  const RowFn fn = row_fn(isa);
+  const RowFn dense_row = row_fn(isa);
   const bool event = weight_table != nullptr;
   const EventFn event_row = event_fn(isa);
   const int64_t ostride = event ? co_pad64 : planes.co_pad16;  // row stride of the count tile
@@ -375,7 +374,7 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const FloatInput& 
             event_row(event_geom, tmp16.data());
           } else {
             g.iy0 = static_cast<int>(oy * s.stride);
-            fn(g, tmp.data());
+            dense_row(g, tmp.data());
           }
           CT* crow = infer ? loc.data() + t * s.Co * Lmax + (oy - oy0) * s.Wo
                            : counts + (b * s.Co) * S + oy * s.Wo;

@@ -8,7 +8,8 @@ algorithms (``dense``: oneDNN's transposed convolution; ``ternary``: add/subtrac
 AVX-512, stride 1; ``combo``: the same over precomputed signed sums of four dZ rows). This times each of them on the same inputs, interleaved call by call, for
 each available popcount path (ISA) and input firing rate, and reports ``auto``'s time with them
 (``auto_closest``: the algorithm whose time is nearest to auto's, a hint of what it chose).
-Op only: packed input, training-mode BN, no autograd. Every forward algorithm is checked to give
+Op only: packed input, training-mode BN, no autograd; the choices are forced with
+``binslt.ops.cpu_algorithms``. Every forward algorithm is checked to give
 the same spikes and counts as ``dense``, every input gradient to be within 1e-5 of ``dense``'s.
 
 Example::
@@ -22,6 +23,7 @@ Writes ``<out>/cpu_algos_<device-slug>[_<tag>].csv``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -60,6 +62,7 @@ def main(argv=None) -> int:
 
     import binslt
     from binslt import ops
+    from binslt.ops import cpu_algorithms
     from binslt import reference as ref
 
     C = binslt._ext.module("cpu")
@@ -74,9 +77,9 @@ def main(argv=None) -> int:
     if not isas:
         for name in ("scalar", "popcnt", "avx2", "avx512"):
             try:
-                C._set_cpu_isa(name)
-                isas.append(name)
-            except RuntimeError:
+                with cpu_algorithms(isa=name):
+                    isas.append(name)
+            except RuntimeError:  # this CPU cannot run it
                 pass
     device = torch.device("cpu")
     info = machine_info(device)
@@ -91,7 +94,10 @@ def main(argv=None) -> int:
     scale, shift = torch.ones(co), torch.zeros(co)
     fwd, bwd = ops.get_op("bconv_lif", "cpu"), ops.get_op("bconv_lif_bwd", "cpu")
     rows = []
-    try:
+    with contextlib.ExitStack() as stack:
+        def force(**kw):
+            stack.enter_context(cpu_algorithms(**kw))
+
         for rate in (float(r) for r in args.rates.split(",")):
             x = (torch.rand(T * N, ci, hw, hw, generator=gen) < rate).float()
             xp = ops.get_op("pack_spikes", "cpu")(x)
@@ -105,12 +111,12 @@ def main(argv=None) -> int:
                                         True, 0, 2.0, True)
 
             for isa in isas:
-                C._set_cpu_isa(isa)
+                force(isa=isa)
                 fns, outs = {}, {}
                 for algo in ("dense", "event", "auto"):
                     def f(a=algo, run=run_fwd):
-                        C._set_cpu_conv_algo(a)
-                        return run()
+                        with cpu_algorithms(conv=a):
+                            return run()
                     fns[algo] = f
                     outs[algo] = f()
                 times = time_many_ms(fns, device, repeats=args.repeats)
@@ -123,13 +129,12 @@ def main(argv=None) -> int:
                                      part="forward", algo=algo, ms=times[algo],
                                      auto_ms=times["auto"], auto_closest=picks,
                                      same_result=same))
-                C._set_cpu_conv_algo("auto")
                 gx = ["dense"] + (["ternary", "combo"] if isa == "avx512" else [])
                 fns = {}
                 for algo in gx + ["auto"]:
                     def g(a=algo, run=run_bwd):
-                        C._set_cpu_grad_x_algo(a)
-                        return run()
+                        with cpu_algorithms(grad_x=a):
+                            return run()
                     fns[algo] = g
                 ref_gx = fns["dense"]()[0]
                 close = all(float((fns[a]()[0] - ref_gx).norm() / ref_gx.norm()) < 1e-5
@@ -142,10 +147,6 @@ def main(argv=None) -> int:
                                      part="backward", algo=algo, ms=times[algo],
                                      auto_ms=times["auto"], auto_closest=picks,
                                      same_result=close))
-    finally:
-        C._set_cpu_isa("auto")
-        C._set_cpu_conv_algo("auto")
-        C._set_cpu_grad_x_algo("auto")
     print_table(rows, ["rate", "isa", "part", "algo", "ms", "auto_ms", "auto_closest",
                        "same_result"])
     out = Path(args.out)

@@ -42,7 +42,7 @@ def load() -> dict[str, dict]:
     _STATE["cpu"] = {
         "built": cpu is not None,
         "usable": cpu is not None,
-        "reason": "C++ CPU kernels" + (f" ({cpu.cpu_features()})" if cpu is not None else "")
+        "reason": f"C++ CPU kernels ({_cpu_summary(_cpu_info_of(cpu))})"
         if cpu is not None
         else f"binslt._C did not load ({cpu_err}); reinstall with `pip install -e .`",
     }
@@ -78,6 +78,33 @@ def load() -> dict[str, dict]:
         )
     _STATE["_modules"] = {"cpu": cpu, "cuda": cuda}
     return _STATE
+
+
+def _cpu_info_of(cpu) -> dict:
+    return {
+        "kernel_isa": cpu._cpu_kernel_isa(),
+        "features": dict(cpu._cpu_features()),
+        "openmp": bool(cpu._cpu_openmp()),
+    }
+
+
+def _cpu_summary(info: dict) -> str:
+    """One line for humans: the kernel path, the feature flags this CPU has, OpenMP."""
+    have = [name for name, on in info["features"].items() if on]
+    return (f"kernel path {info['kernel_isa']}; features {', '.join(have) or 'none'}; "
+            f"{'openmp' if info['openmp'] else 'no openmp'}")
+
+
+def cpu_info() -> dict | None:
+    """What the C++ CPU kernels run on here, or None when binslt._C is not built.
+
+    ``{"kernel_isa": "avx512" | "avx2" | "popcnt" | "scalar", "features": {flag: bool},
+    "openmp": bool}``: ``kernel_isa`` is the path the kernels take now (the best this CPU runs,
+    unless forced with ``binslt.ops.cpu_algorithms``; "avx512" needs avx512f, avx512bw, avx512vl
+    and avx512vpopcntdq together), ``features`` the raw flags it is chosen from.
+    """
+    cpu = load()["_modules"]["cpu"]
+    return None if cpu is None else _cpu_info_of(cpu)
 
 
 def backends() -> dict[str, dict]:

@@ -489,3 +489,5 @@ def unpack_spikes(packed: torch.Tensor, channels: int, backend: str = "auto") ->
 
 def pack_weight(weight: torch.Tensor, backend: str = "auto"):
     return get_op("pack_weight", resolve_backend(backend, weight.device))(weight)
+
+from ._cpu_algos import cpu_algorithms  # noqa: E402,F401

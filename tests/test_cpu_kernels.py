@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -20,7 +22,8 @@ from helpers import stable_seed
 
 import binslt.ops as ops
 import binslt.reference as ref
-from binslt import _ext
+from binslt import _cpu_algos, _ext
+from binslt.ops import cpu_algorithms
 from binslt.layers import BinSpikeConv2d
 
 CPU = _ext.module("cpu")
@@ -43,17 +46,13 @@ def _assert_close(a, b, what, tol=1e-5):
 
 
 def _isas() -> list[str]:
-    feats = CPU.cpu_features()
     out = ["scalar"]
-    if "no-popcnt" not in feats:
-        out.append("popcnt")
-    for name in ("avx2", "avx512"):
+    for name in ("popcnt", "avx2", "avx512"):
         try:
-            CPU._set_cpu_isa(name)
-            out.append(name)
-        except RuntimeError:
+            with cpu_algorithms(isa=name):
+                out.append(name)
+        except RuntimeError:  # this CPU cannot run it
             pass
-    CPU._set_cpu_isa("auto")
     return out
 
 
@@ -61,20 +60,15 @@ ISAS = _isas()
 
 
 @pytest.fixture
-def isa_auto():
-    yield
-    CPU._set_cpu_isa("auto")
+def use_algos():
+    """use_algos(isa=..., conv=..., grad_x=...) forces CPU algorithms until the test ends."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **kw: stack.enter_context(cpu_algorithms(**kw))
 
 
 # bconv_lif's two forward algorithms: AND+popcount over every input word, and the event kernel
 # (sum of the weight columns of the spikes); 'auto' picks by the input firing rate.
 ALGOS = ["dense", "event"]
-
-
-@pytest.fixture
-def algo_auto():
-    yield
-    CPU._set_cpu_conv_algo("auto")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,9 +198,9 @@ def _untied(h64, thr):
 @pytest.mark.parametrize("bn_train", [False, True])
 @pytest.mark.parametrize("v_reset,decay_input,residual",
                          [(0.0, True, False), (None, False, True), (-0.2, False, False)])
-def test_bconv_lif_forward(geom, bn_train, v_reset, decay_input, residual, algo, algo_auto):
-    CPU._set_cpu_conv_algo(algo)
-    assert CPU._cpu_conv_algo() == algo
+def test_bconv_lif_forward(geom, bn_train, v_reset, decay_input, residual, algo, use_algos):
+    use_algos(conv=algo)
+    assert _cpu_algos.current()["conv"] == algo
     seed = stable_seed((geom, bn_train, v_reset, decay_input, residual))
     rng = random.Random(seed)
     c = _conv_case(geom, seed, bn_train=bn_train, residual=residual)
@@ -241,11 +235,10 @@ def test_bconv_lif_forward(geom, bn_train, v_reset, decay_input, residual, algo,
 @pytest.mark.parametrize("geom", [GEOMS[1], GEOMS[3], GEOMS[5],
                                   # Co not a multiple of 64; Co > 256 (a 256-channel block + rest)
                                   (2, 1, 40, 70, 5, 6, 3, 1, 1), (1, 2, 20, 300, 4, 4, 3, 1, 1)])
-def test_bconv_popcount_paths_agree(isa, geom, algo, isa_auto, algo_auto):
+def test_bconv_popcount_paths_agree(isa, geom, algo, use_algos):
     c = _conv_case(geom, 7, rate=0.5)
-    CPU._set_cpu_isa(isa)
-    CPU._set_cpu_conv_algo(algo)
-    assert CPU._cpu_isa() == isa
+    use_algos(isa=isa, conv=algo)
+    assert _ext.cpu_info()["kernel_isa"] == isa
     fwd = (c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, c["T"],
            c["stride"], c["padding"])
     s, counts, _, _ = OPS.bconv_lif(*fwd, False, 1e-5, 2.0, True, 1.0, 0.0)
@@ -265,11 +258,10 @@ def test_bconv_popcount_paths_agree(isa, geom, algo, isa_auto, algo_auto):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_bconv_event_widens_before_int8_overflow(isa, isa_auto, algo_auto):
+def test_bconv_event_widens_before_int8_overflow(isa, use_algos):
     # Every input spikes and every weight is +1 (or -1 for odd output channels): each output sums
     # 200 * 9 = 1800 columns, far past the 127 the event kernel may add in int8 lanes at a time.
-    CPU._set_cpu_isa(isa)
-    CPU._set_cpu_conv_algo("event")
+    use_algos(isa=isa, conv="event")
     ci, co = 200, 66
     w = torch.ones(co, ci, 3, 3)
     w[1::2] = -1
@@ -284,10 +276,49 @@ def test_bconv_event_widens_before_int8_overflow(isa, isa_auto, algo_auto):
 
 
 def test_bconv_conv_algo_rejects_unknown_name():
-    with pytest.raises(RuntimeError, match="expected one of auto, dense, event"):
-        CPU._set_cpu_conv_algo("sparse")
-    with pytest.raises(RuntimeError, match="expected one of auto, dense, ternary, combo"):
-        CPU._set_cpu_grad_x_algo("sparse")
+    with pytest.raises(ValueError, match="expected one of auto, dense, event"):
+        CPU._set_cpu_algorithms("auto", "sparse", "auto")
+    with pytest.raises(ValueError, match="expected one of auto, dense, ternary, combo"):
+        CPU._set_cpu_algorithms("auto", "auto", "sparse")
+    with pytest.raises(ValueError, match="expected one of auto, scalar, popcnt, avx2, avx512"):
+        CPU._set_cpu_algorithms("sse", "auto", "auto")
+    before = _cpu_algos.current()
+    for kw, choices in (({"conv": "sparse"}, "('auto', 'dense', 'event')"),
+                        ({"grad_x": "sparse"}, "('auto', 'dense', 'ternary', 'combo')"),
+                        ({"isa": "sse"}, "('auto', 'scalar', 'popcnt', 'avx2', 'avx512')")):
+        with pytest.raises(ValueError, match=re.escape(f"must be one of {choices}")):
+            with cpu_algorithms(**kw):
+                pass
+    assert _cpu_algos.current() == before
+
+
+def test_cpu_algorithms_restores_the_previous_configuration():
+    assert _cpu_algos.current() == {"isa": "auto", "conv": "auto", "grad_x": "auto"}
+    with cpu_algorithms(conv="event") as now:
+        assert now == _cpu_algos.current() == {"isa": "auto", "conv": "event", "grad_x": "auto"}
+        with cpu_algorithms(isa="scalar", grad_x="dense"):
+            assert _cpu_algos.current() == {"isa": "scalar", "conv": "event", "grad_x": "dense"}
+            assert _ext.cpu_info()["kernel_isa"] == "scalar"
+        assert _cpu_algos.current()["isa"] == "auto" and _cpu_algos.current()["conv"] == "event"
+    with pytest.raises(KeyError):
+        with cpu_algorithms(conv="dense"):
+            raise KeyError("inside")
+    assert _cpu_algos.current() == {"isa": "auto", "conv": "auto", "grad_x": "auto"}
+
+
+def test_cpu_info_reports_the_kernel_path():
+    info = _ext.cpu_info()
+    feats = info["features"]
+    assert set(info) == {"kernel_isa", "features", "openmp"} and isinstance(info["openmp"], bool)
+    avx512 = all(feats.get(f, False) for f in ("avx512f", "avx512bw", "avx512vl",
+                                                "avx512vpopcntdq"))
+    want = ("avx512" if avx512 else "avx2" if feats.get("avx2") else
+            "popcnt" if feats.get("popcnt") else "scalar")
+    assert info["kernel_isa"] == want == ISAS[-1]
+    assert ("avx512" in ISAS) == avx512
+    reason = _ext.backends()["cpu"]["reason"]
+    assert f"kernel path {want}" in reason
+    assert all(f in reason for f, on in feats.items() if on)
 
 
 def test_bconv_counts_int32_when_large():
@@ -308,8 +339,8 @@ def test_bconv_counts_int32_when_large():
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_bconv_lif_infer_rejects_bad_input(algo, algo_auto):
-    CPU._set_cpu_conv_algo(algo)
+def test_bconv_lif_infer_rejects_bad_input(algo, use_algos):
+    use_algos(conv=algo)
     c = _conv_case(GEOMS[1], 3)
     c["x"][5, 7, 2, 3] = 0.5  # one non-binary value, in the last tile of one thread
     with pytest.raises(ValueError, match="binary spikes"):
@@ -320,7 +351,7 @@ def test_bconv_lif_infer_rejects_bad_input(algo, algo_auto):
     with pytest.raises(RuntimeError, match=r"\[T, N, C, H, W\]"):
         OPS.bconv_lif_infer(c["x"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, 1,
                             1, 2.0, True, 1.0, 0.0)
-    with pytest.raises(RuntimeError, match="words per position"):
+    with pytest.raises(ValueError, match="words per position"):
         OPS.bconv_lif_infer(c["x"][None, :, :32], c["wm"], c["wp"], c["alpha"], c["scale"],
                             c["shift"], None, 1, 1, 2.0, True, 1.0, 0.0)
 
@@ -338,20 +369,109 @@ def test_bconv_lif_errors():
 
     with pytest.raises(RuntimeError, match="x_packed must be"):
         call(a0=c["xp"].float())
-    with pytest.raises(RuntimeError, match="words per position"):
+    with pytest.raises(ValueError, match="words per position"):
         call(a1=c["wm"][..., :0].contiguous(), a2=c["wp"][..., :0].contiguous())
-    with pytest.raises(RuntimeError, match=r"alpha must have shape \[5\]"):
+    with pytest.raises(ValueError, match=r"alpha must have shape \[5\]"):
         call(a3=torch.ones(4))
-    with pytest.raises(RuntimeError, match="must be T\\*N"):
+    with pytest.raises(ValueError, match=r"T=3 must be >= 1 and divide the packed batch T\*N="):
         call(a7=3)
-    with pytest.raises(RuntimeError, match="residual must have shape"):
+    with pytest.raises(ValueError, match="residual must have shape"):
         call(a6=torch.zeros(1))
-    with pytest.raises(RuntimeError, match="does not fit"):
+    with pytest.raises(ValueError, match=r"input \d+x\d+ is smaller than the kernel 9x9"):
         call(a9=0, a1=c["wm"].repeat(1, 3, 3, 1), a2=c["wp"].repeat(1, 3, 3, 1))
     # Non-contiguous inputs are made contiguous, not rejected.
     xnc = c["xp"].transpose(1, 2).contiguous().transpose(1, 2)
     assert not xnc.is_contiguous()
     assert torch.equal(call(a0=xnc)[1], call()[1])
+
+
+# The op contract (binslt/_contract.py, csrc/include/binslt/checks.h): the CPU kernels raise the
+# contract's type and message, compared up to and including "got " (C++ prints -1, Python -1.0).
+_CONTRACT = [
+    # (argument index in bconv_lif, bad value, exception, message up to "got ")
+    (12, -1.0, ValueError, "binslt::bconv_lif: tau must be finite and > 0, got "),
+    (12, float("nan"), ValueError, "binslt::bconv_lif: tau must be finite and > 0, got "),
+    (14, float("inf"), ValueError, "binslt::bconv_lif: v_threshold must be finite, got "),
+    (15, float("nan"), ValueError,
+     "binslt::bconv_lif: v_reset must be None (soft reset) or finite, got "),
+    (11, 0.0, ValueError, "binslt::bconv_lif: bn_eps must be finite and > 0, got "),
+    (8, 0, ValueError, "binslt::bconv_lif: stride must be >= 1, got "),
+    (9, -1, ValueError, "binslt::bconv_lif: padding must be >= 0, got "),
+    (7, 3, ValueError, "binslt::bconv_lif: T=3 must be >= 1 and divide the packed batch T*N=8"),
+    (7, 0, ValueError, "binslt::bconv_lif: T=0 must be >= 1 and divide the packed batch T*N=8"),
+    (3, torch.ones(4), ValueError,
+     "binslt::bconv_lif: alpha must have shape [5] (one value per output channel), got "),
+    (4, torch.ones(5, 1), ValueError,
+     "binslt::bconv_lif: scale must have shape [5] (one value per output channel), got "),
+    (5, torch.ones(5, dtype=torch.int64), TypeError,
+     "binslt::bconv_lif: shift must be a floating tensor, got "),
+    (6, torch.zeros(1), ValueError,
+     "binslt::bconv_lif: residual must have shape [4, 2, 5, 7, 5], got "),
+]
+
+
+@pytest.mark.parametrize("i,bad,exc,msg", _CONTRACT)
+def test_bconv_lif_contract_errors(i, bad, exc, msg):
+    c = _conv_case(GEOMS[1], 0)
+    args = [c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, c["T"], 1, 1,
+            False, 1e-5, 2.0, True, 1.0, 0.0]
+    args[i] = bad
+    with pytest.raises(exc) as err:
+        OPS.bconv_lif(*args)
+    assert str(err.value).splitlines()[0].startswith(msg), str(err.value)
+
+
+def test_contract_errors_of_the_other_cpu_ops():
+    c = _conv_case(GEOMS[1], 0)
+    x5 = c["x"].view(c["T"], -1, *c["x"].shape[1:])
+    fwd = [c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, c["T"], 1, 1,
+           False, 1e-5, 2.0, True, 1.0, 0.0]
+
+    def first_line(exc, fn, *a):
+        with pytest.raises(exc) as err:
+            fn(*a)
+        return str(err.value).splitlines()[0]
+
+    # the weight planes and the channel words
+    bad = list(fwd)
+    bad[2] = c["wp"][:4].contiguous()
+    assert first_line(ValueError, OPS.bconv_lif, *bad).startswith(
+        "binslt::bconv_lif: w_mask and w_pos must have the same shape, got [5, 3, 3, 2] and "
+        "[4, 3, 3, 2]")
+    assert first_line(ValueError, OPS.bconv_lif_infer, x5[:, :, :32], c["wm"], c["wp"],
+                      c["alpha"], c["scale"], c["shift"], None, 1, 1, 2.0, True, 1.0, 0.0) == (
+        "binslt::bconv_lif_infer: the weight has 2 words per position but x has 1 (pack both "
+        "with the same in_channels)")
+    # the output size: a 9x9 kernel over a 7x5 input without padding
+    assert first_line(ValueError, OPS.bconv_lif_infer, x5, c["wm"].repeat(1, 3, 3, 1),
+                      c["wp"].repeat(1, 3, 3, 1), c["alpha"], c["scale"], c["shift"], None, 1,
+                      0, 2.0, True, 1.0, 0.0) == (
+        "binslt::bconv_lif_infer: input 7x5 is smaller than the kernel 9x9 with padding 0")
+    # the backward's surrogate arguments, and tau through bn_lif
+    s, counts, mean, var = OPS.bconv_lif(*fwd)
+    bwd = [torch.ones_like(s), counts, c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"],
+           c["shift"], mean, var, None, c["Ci"], 1, 1, False, 1e-5, 2.0, True, 1.0, 0.0, False, 0,
+           2.0, True]
+    for i, v, msg in ((21, 2, "binslt::bconv_lif_bwd: surrogate must be 0 (atan) or 1 (sigmoid), "
+                               "got 2"),
+                      (22, 0.0, "binslt::bconv_lif_bwd: surrogate_alpha must be finite and > 0, "
+                                "got "),
+                      (8, torch.ones(5, dtype=torch.int32),
+                       "binslt::bconv_lif_bwd: mean must be a floating tensor, got ")):
+        a = list(bwd)
+        a[i] = v
+        exc = TypeError if isinstance(v, torch.Tensor) else ValueError
+        assert first_line(exc, OPS.bconv_lif_bwd, *a).startswith(msg)
+    z = torch.randn(2, 3, 4)
+    assert first_line(ValueError, OPS.bn_lif, z, torch.ones(4), torch.zeros(4), None, False,
+                      1e-5, 0.0, True, 1.0, 0.0).startswith(
+        "binslt::bn_lif: tau must be finite and > 0, got ")
+    assert first_line(ValueError, OPS.bn_lif, z, torch.ones(4), torch.zeros(4), torch.zeros(2),
+                      False, 1e-5, 2.0, True, 1.0, 0.0).startswith(
+        "binslt::bn_lif: residual must have shape [2, 3, 4], got [2]")
+    # floating per-channel vectors of any dtype are converted, as on every backend
+    out64 = OPS.bconv_lif(*fwd[:3], c["alpha"].double(), c["scale"].double(), *fwd[5:])
+    assert torch.equal(out64[1], counts) and torch.equal(out64[0], s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,27 +532,20 @@ BWD_CASES = [
 
 def _gx_algos() -> list[str]:
     out = ["dense"]
-    try:
-        for name in ("ternary", "combo"):
-            CPU._set_cpu_grad_x_algo(name)
-            out.append(name)
-    except RuntimeError:  # no AVX-512 here
-        pass
-    CPU._set_cpu_grad_x_algo("auto")
+    for name in ("ternary", "combo"):
+        try:
+            with cpu_algorithms(grad_x=name):
+                out.append(name)
+        except RuntimeError:  # no AVX-512 here
+            pass
     return out
-
-
-@pytest.fixture
-def gx_auto():
-    yield
-    CPU._set_cpu_grad_x_algo("auto")
 
 
 @pytest.mark.parametrize("gx_algo", _gx_algos())
 @pytest.mark.parametrize("case", BWD_CASES)
-def test_bconv_lif_bwd_float64(case, gx_algo, gx_auto):
-    CPU._set_cpu_grad_x_algo(gx_algo)
-    assert CPU._cpu_grad_x_algo() == gx_algo
+def test_bconv_lif_bwd_float64(case, gx_algo, use_algos):
+    use_algos(grad_x=gx_algo)
+    assert _cpu_algos.current()["grad_x"] == gx_algo
     geom, bn_train, v_reset, decay_input, detach_reset, sur, sur_alpha, residual = case
     seed = stable_seed(case)
     rng = random.Random(seed)
@@ -546,9 +659,9 @@ def test_bn_lif_errors():
     with pytest.raises(RuntimeError, match="float32"):
         OPS.bn_lif(z.double(), torch.ones(4), torch.zeros(4), None, False, 1e-5, 2.0, True, 1.0,
                    0.0)
-    with pytest.raises(RuntimeError, match=r"scale must have shape \[4\]"):
+    with pytest.raises(ValueError, match=r"scale must have shape \[4\]"):
         OPS.bn_lif(z, torch.ones(3), torch.zeros(4), None, False, 1e-5, 2.0, True, 1.0, 0.0)
-    with pytest.raises(RuntimeError, match="surrogate must be 0"):
+    with pytest.raises(ValueError, match="surrogate must be 0"):
         OPS.bn_lif_bwd(z, z, torch.ones(4), torch.zeros(4), torch.zeros(4), torch.ones(4), None,
                        False, 1e-5, 2.0, True, 1.0, 0.0, False, 7, 2.0)
 

@@ -32,6 +32,7 @@ _CPP = r"""
 #include <limits>
 #include <vector>
 
+#include "binslt/checks.h"
 #include "binslt/cuda_shared.h"
 
 using namespace binslt;
@@ -147,7 +148,7 @@ std::vector<Tensor> ternary_dots(Tensor x, Tensor mask, Tensor pos) {
   return {d1, d2};
 }
 
-int64_t out_size(int64_t in, int64_t k, int64_t s, int64_t p) { return conv_out_size(in, k, s, p); }
+int64_t conv_out(int64_t in, int64_t k, int64_t s, int64_t p) { return binslt::out_size(in, k, s, p); }
 
 // z: [T, N, C, S] float32 -> X = epilogue(z) (+ residual), as lif_forward_kernel computes it
 Tensor epilogue(Tensor z, Tensor scale, Tensor shift, Tensor mean, Tensor var,
@@ -206,7 +207,7 @@ std::vector<Tensor> bn_lif_bwd(Tensor gs, Tensor z, Tensor scale, Tensor shift, 
 """
 
 _FUNCS = ["lif_forward", "lif_backward", "surrogate", "pack_rows", "spike_bytes_rows",
-          "ternary_bytes_rows", "ternary_dots", "out_size", "epilogue", "bn_lif_bwd"]
+          "ternary_bytes_rows", "ternary_dots", "conv_out", "epilogue", "bn_lif_bwd"]
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +309,16 @@ def test_ternary_bytes_and_dot_match_reference(ext, c):
                                      (4, 3, 2, 2)])
 def test_conv_out_size_matches_torch(ext, h, k, s, p):
     out = F.conv2d(torch.zeros(1, 1, h, h), torch.zeros(1, 1, k, k), stride=s, padding=p)
-    assert ext.out_size(h, k, s, p) == out.shape[-1]
+    assert ext.conv_out(h, k, s, p) == out.shape[-1]
+
+
+@pytest.mark.parametrize("h,k,s,p", [(2, 5, 2, 0), (3, 5, 1, 0), (1, 4, 3, 1), (2, 3, 2, 0)])
+def test_conv_out_size_floors_like_python(ext, h, k, s, p):
+    # binslt::out_size is the contract's (h + 2p - k) // s + 1 with floor division, so a kernel
+    # larger than the padded input gives a size < 1 that the size check rejects.
+    want = (h + 2 * p - k) // s + 1
+    assert ext.conv_out(h, k, s, p) == want
+    assert (want >= 1) == (h + 2 * p >= k)
 
 
 @pytest.mark.parametrize("bn_train", [False, True])

@@ -10,7 +10,7 @@
 #include <optional>
 #include <vector>
 
-#include "binslt/cpu_checks.h"
+#include "binslt/checks.h"
 #include "binslt/epilogue_cpu.h"
 #include "binslt/lif.h"
 
@@ -23,7 +23,7 @@ struct Dims {
 };
 
 Dims check_z(const at::Tensor& z, const char* op) {
-  TORCH_CHECK(z.device().is_cpu(), "binslt::", op, ": z must be a CPU tensor, got ", z.device());
+  check_on_cpu(z, op, "z");
   TORCH_CHECK(z.dim() >= 3, "binslt::", op, ": z must be [T, N, C, *] (time-major), got shape ",
               shape_str(z));
   TORCH_CHECK(z.scalar_type() == at::kFloat, "binslt::", op,
@@ -35,18 +35,13 @@ Dims check_z(const at::Tensor& z, const char* op) {
   return d;
 }
 
-std::optional<at::Tensor> check_like(const std::optional<at::Tensor>& r, const at::Tensor& z,
-                                     const char* op, const char* name) {
+// The residual of bn_lif: like z (contiguous float32), or None.
+std::optional<at::Tensor> residual_like_z(const std::optional<at::Tensor>& r, const at::Tensor& z,
+                                          const char* op) {
   if (!r.has_value()) return std::nullopt;
-  TORCH_CHECK(r->device().is_cpu(), "binslt::", op, ": ", name, " must be a CPU tensor, got ",
-              r->device());
-  TORCH_CHECK(r->sizes() == z.sizes(), "binslt::", op, ": ", name, " must have z's shape ",
-              shape_str(z), ", got ", shape_str(*r));
-  TORCH_CHECK(at::isFloatingType(r->scalar_type()), "binslt::", op, ": ", name,
-              " must be a float tensor, got ", r->scalar_type());
-  return r->to(at::kFloat).contiguous();
+  check_on_cpu(*r, op, "residual");
+  return output_like(*r, z.sizes(), op, "residual");
 }
-
 
 // Batch statistics per channel in double (two passes): mean and biased variance.
 void batch_stats(const float* z, const Dims& d, float* mean, float* var) {
@@ -116,11 +111,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lif_cpu(
     bool decay_input, double v_threshold, std::optional<double> v_reset) {
   const char* op = "bn_lif";
   const Dims d = check_z(z_in, op);
+  const NeuronParams p = checked_neuron(op, tau, decay_input, v_threshold, v_reset);
+  check_bn_eps(op, bn_eps);
+  const at::Tensor scale = cpu_channel_vec(scale_in, op, "scale", d.C);
+  const at::Tensor shift = cpu_channel_vec(shift_in, op, "shift", d.C);
+  const auto res = residual_like_z(residual_in, z_in, op);
   const at::Tensor z = z_in.contiguous();
-  const at::Tensor scale = channel_vec(scale_in, op, "scale", d.C);
-  const at::Tensor shift = channel_vec(shift_in, op, "shift", d.C);
-  const auto res = check_like(residual_in, z, op, "residual");
-  const NeuronParams p = neuron(tau, decay_input, v_threshold, v_reset, false, 0, 2.0, op);
 
   at::Tensor mean = at::zeros({d.C}, z.options());
   at::Tensor var = at::zeros({d.C}, z.options());
@@ -158,16 +154,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
     int64_t surrogate, double surrogate_alpha) {
   const char* op = "bn_lif_bwd";
   const Dims d = check_z(z_in, op);
+  const NeuronParams p = checked_neuron(op, tau, decay_input, v_threshold, v_reset, detach_reset,
+                                        surrogate, surrogate_alpha);
+  check_bn_eps(op, bn_eps);
+  check_on_cpu(grad_in, op, "grad_spikes");
+  const at::Tensor gs = output_like(grad_in, z_in.sizes(), op, "grad_spikes");
+  const at::Tensor scale = cpu_channel_vec(scale_in, op, "scale", d.C);
+  const at::Tensor shift = cpu_channel_vec(shift_in, op, "shift", d.C);
+  const at::Tensor mean = cpu_channel_vec(mean_in, op, "mean", d.C);
+  const at::Tensor var = cpu_channel_vec(var_in, op, "var", d.C);
+  const auto res = residual_like_z(residual_in, z_in, op);
   const at::Tensor z = z_in.contiguous();
-  const auto gs_opt = check_like(grad_in, z, op, "grad_spikes");
-  const at::Tensor gs = *gs_opt;
-  const at::Tensor scale = channel_vec(scale_in, op, "scale", d.C);
-  const at::Tensor shift = channel_vec(shift_in, op, "shift", d.C);
-  const at::Tensor mean = channel_vec(mean_in, op, "mean", d.C);
-  const at::Tensor var = channel_vec(var_in, op, "var", d.C);
-  const auto res = check_like(residual_in, z, op, "residual");
-  const NeuronParams p = neuron(tau, decay_input, v_threshold, v_reset, detach_reset, surrogate,
-                                surrogate_alpha, op);
   const auto aff = affines(scale.data_ptr<float>(), shift.data_ptr<float>(),
                            mean.data_ptr<float>(), var.data_ptr<float>(), bn_train, bn_eps, d.C);
   at::Tensor x = at::empty_like(z);

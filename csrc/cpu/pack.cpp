@@ -8,7 +8,7 @@
 #include <atomic>
 #include <cstdint>
 
-#include "binslt/cpu_checks.h"
+#include "binslt/checks.h"
 #include "binslt/lif.h"
 #include "binslt/pack_cpu.h"
 
@@ -17,8 +17,7 @@ namespace cpu {
 
 // x: [B, C, H, W] float (values exactly 0/1, else ValueError) -> [B, H, W, ceil(C/32)] int32
 at::Tensor pack_spikes_cpu(const at::Tensor& x_in) {
-  TORCH_CHECK(x_in.device().is_cpu(), "binslt::pack_spikes: x must be a CPU tensor, got ",
-              x_in.device());
+  check_on_cpu(x_in, "pack_spikes", "x");
   TORCH_CHECK(x_in.dim() == 4, "binslt::pack_spikes: x must be [B, C, H, W] (flatten T and N "
               "into B), got shape ", shape_str(x_in));
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
@@ -46,7 +45,7 @@ at::Tensor pack_spikes_cpu(const at::Tensor& x_in) {
 
 // packed: [B, H, W, Cw] int32 -> [B, channels, H, W] float32 (0/1)
 at::Tensor unpack_spikes_cpu(const at::Tensor& packed_in, int64_t channels) {
-  check_tensor(packed_in, "unpack_spikes", "packed", 4, at::kInt, "[B, H, W, Cw] int32");
+  check_cpu_tensor(packed_in, "unpack_spikes", "packed", 4, at::kInt, "[B, H, W, Cw] int32");
   const at::Tensor packed = packed_in.contiguous();
   const int64_t B = packed.size(0), H = packed.size(1), W = packed.size(2), Cw = packed.size(3);
   TORCH_CHECK(channels >= 0 && channels <= 32 * Cw, "binslt::unpack_spikes: channels must be in "
@@ -69,8 +68,7 @@ at::Tensor unpack_spikes_cpu(const at::Tensor& packed_in, int64_t channels) {
 
 // weight: [Co, Ci, kh, kw] float, ternary up to a gain -> (mask, pos) [Co, kh, kw, ceil(Ci/32)]
 std::tuple<at::Tensor, at::Tensor> pack_weight_cpu(const at::Tensor& w_in) {
-  TORCH_CHECK(w_in.device().is_cpu(), "binslt::pack_weight: weight must be a CPU tensor, got ",
-              w_in.device());
+  check_on_cpu(w_in, "pack_weight", "weight");
   TORCH_CHECK(w_in.dim() == 4, "binslt::pack_weight: weight must be [Co, Ci, kh, kw], got shape ",
               shape_str(w_in));
   const at::Tensor w = w_in.to(at::kFloat).contiguous();

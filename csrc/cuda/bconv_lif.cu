@@ -336,27 +336,20 @@ const uint32_t* cwords(const Tensor& t) {
 // x_packed: [T*N, H, W, Cw] int32; w_mask, w_pos: [Co, kh, kw, Cw] int32
 ConvGeom conv_geom(const Tensor& x_packed, const Tensor& w_mask, const Tensor& w_pos, int64_t T,
                    int64_t stride, int64_t padding, const char* op) {
-  check_cuda(x_packed, "x_packed");
-  check_dtype(x_packed, "x_packed", at::kInt);
-  check_same_device(w_mask, x_packed, "w_mask");
-  check_same_device(w_pos, x_packed, "w_pos");
-  check_dtype(w_mask, "w_mask", at::kInt);
-  check_dtype(w_pos, "w_pos", at::kInt);
-  TORCH_CHECK_VALUE(x_packed.dim() == 4, "binslt.", op,
+  check_on_cuda(x_packed, op, "x_packed");
+  check_dtype(x_packed, op, "x_packed", at::kInt);
+  check_same_device(w_mask, x_packed, op, "w_mask");
+  check_same_device(w_pos, x_packed, op, "w_pos");
+  check_dtype(w_mask, op, "w_mask", at::kInt);
+  check_dtype(w_pos, op, "w_pos", at::kInt);
+  TORCH_CHECK_VALUE(x_packed.dim() == 4, "binslt::", op,
                     ": x_packed must have shape [T*N, H, W, Cw] (pack_spikes output), got ",
                     x_packed.sizes());
-  TORCH_CHECK_VALUE(w_mask.dim() == 4 && w_mask.sizes() == w_pos.sizes(), "binslt.", op,
-                    ": w_mask and w_pos must both have shape [Co, kh, kw, Cw] (pack_weight "
-                    "output), got ", w_mask.sizes(), " and ", w_pos.sizes());
-  TORCH_CHECK_VALUE(w_mask.size(3) == x_packed.size(3), "binslt.", op,
-                    ": packed input has ", x_packed.size(3), " words per pixel but the weights ",
-                    w_mask.size(3), "; they must pack the same number of input channels");
-  TORCH_CHECK_VALUE(T >= 1 && x_packed.size(0) % T == 0, "binslt.", op, ": T=", T,
-                    " must be >= 1 and divide the batch dimension ", x_packed.size(0),
-                    " of x_packed ([T*N, H, W, Cw])");
-  TORCH_CHECK_VALUE(stride >= 1 && padding >= 0, "binslt.", op,
-                    ": need stride >= 1 and padding >= 0, got stride=", stride,
-                    ", padding=", padding);
+  check_weight_planes(op, w_mask, w_pos, "x_packed", x_packed.size(3));
+  check_stride_padding(op, stride, padding);
+  check_timesteps(op, T, x_packed.size(0));
+  const OutHW o = check_out_hw(op, x_packed.size(1), x_packed.size(2), w_mask.size(1),
+                               w_mask.size(2), stride, padding);
   ConvGeom g;
   g.T = static_cast<int>(T);
   g.N = static_cast<int>(x_packed.size(0) / T);
@@ -368,11 +361,8 @@ ConvGeom conv_geom(const Tensor& x_packed, const Tensor& w_mask, const Tensor& w
   g.kw = static_cast<int>(w_mask.size(2));
   g.stride = static_cast<int>(stride);
   g.pad = static_cast<int>(padding);
-  TORCH_CHECK_VALUE(g.H + 2 * g.pad >= g.kh && g.W + 2 * g.pad >= g.kw, "binslt.", op,
-                    ": kernel ", g.kh, "x", g.kw, " is larger than the padded input ",
-                    g.H + 2 * g.pad, "x", g.W + 2 * g.pad);
-  g.Ho = conv_out_size(g.H, g.kh, g.stride, g.pad);
-  g.Wo = conv_out_size(g.W, g.kw, g.stride, g.pad);
+  g.Ho = static_cast<int>(o.Ho);
+  g.Wo = static_cast<int>(o.Wo);
   return g;
 }
 
@@ -400,28 +390,37 @@ EpiGeom epi_geom_of(const ConvGeom& g) {
   return e;
 }
 
-EpiArgs conv_epi_args(const ConvGeom& g, const Tensor& ref, const Tensor& alpha,
-                      const Tensor& scale, const Tensor& shift,
-                      const std::optional<Tensor>& residual, Tensor& res_c, bool bn_train,
-                      double bn_eps, const char* op) {
-  check_channel_vec(alpha, ref, "alpha", g.Co);
-  check_channel_vec(scale, ref, "scale", g.Co);
-  check_channel_vec(shift, ref, "shift", g.Co);
-  EpiArgs a{};
-  a.alpha = alpha.data_ptr<float>();
-  a.scale = scale.data_ptr<float>();
-  a.shift = shift.data_ptr<float>();
-  a.residual = nullptr;
+// The checked per-channel vectors (float32) and residual of the conv ops; they own the memory
+// that the EpiArgs built from them point to.
+struct ConvInputs {
+  Tensor alpha, scale, shift, mean, var, residual;
+};
+
+ConvInputs check_conv_inputs(const ConvGeom& g, const Tensor& ref, const Tensor& alpha,
+                             const Tensor& scale, const Tensor& shift, const Tensor* mean,
+                             const Tensor* var, const std::optional<Tensor>& residual,
+                             const char* op) {
+  ConvInputs in;
+  in.alpha = cuda_channel_vec(alpha, ref, op, "alpha", g.Co);
+  in.scale = cuda_channel_vec(scale, ref, op, "scale", g.Co);
+  in.shift = cuda_channel_vec(shift, ref, op, "shift", g.Co);
+  if (mean != nullptr) in.mean = cuda_channel_vec(*mean, ref, op, "mean", g.Co);
+  if (var != nullptr) in.var = cuda_channel_vec(*var, ref, op, "var", g.Co);
   if (residual.has_value()) {
-    check_same_device(*residual, ref, "residual");
-    check_dtype(*residual, "residual", at::kFloat);
-    const std::vector<int64_t> want{g.T, g.N, g.Co, g.Ho, g.Wo};
-    TORCH_CHECK_VALUE(residual->sizes() == c10::IntArrayRef(want), "binslt.", op,
-                      ": residual must have the output shape ", c10::IntArrayRef(want), ", got ",
-                      residual->sizes());
-    res_c = residual->contiguous();
-    a.residual = res_c.data_ptr<float>();
+    check_same_device(*residual, ref, op, "residual");
+    in.residual = output_like(*residual, {g.T, g.N, g.Co, g.Ho, g.Wo}, op, "residual");
   }
+  return in;
+}
+
+EpiArgs conv_epi_args(const ConvInputs& in, bool bn_train, double bn_eps) {
+  EpiArgs a{};
+  a.alpha = in.alpha.data_ptr<float>();
+  a.scale = in.scale.data_ptr<float>();
+  a.shift = in.shift.data_ptr<float>();
+  a.mean = in.mean.defined() ? in.mean.data_ptr<float>() : nullptr;
+  a.var = in.var.defined() ? in.var.data_ptr<float>() : nullptr;
+  a.residual = in.residual.defined() ? in.residual.data_ptr<float>() : nullptr;
   a.bn_train = bn_train;
   a.eps = static_cast<float>(bn_eps);
   return a;
@@ -434,19 +433,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bconv_lif_cuda(
     const Tensor& scale_in, const Tensor& shift_in, const std::optional<Tensor>& residual,
     int64_t T, int64_t stride, int64_t padding, bool bn_train, double bn_eps, double tau,
     bool decay_input, double v_threshold, std::optional<double> v_reset) {
-  const ConvGeom g = conv_geom(x_in, wm_in, wp_in, T, stride, padding, "bconv_lif");
+  const char* op = "bconv_lif";
+  const ConvGeom g = conv_geom(x_in, wm_in, wp_in, T, stride, padding, op);
+  const NeuronParams p = checked_neuron(op, tau, decay_input, v_threshold, v_reset);
+  check_bn_eps(op, bn_eps);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const NeuronParams p = make_neuron_params(tau, decay_input, v_threshold, v_reset);
+  const ConvInputs in = check_conv_inputs(g, x_in, alpha_in, scale_in, shift_in, nullptr,
+                                          nullptr, residual, op);
   const Tensor x = x_in.contiguous(), wm = wm_in.contiguous(), wp = wp_in.contiguous();
-  const Tensor alpha = alpha_in.contiguous(), scale = scale_in.contiguous(),
-               shift = shift_in.contiguous();
-  Tensor res_c;
-  EpiArgs a = conv_epi_args(g, x, alpha, scale, shift, residual, res_c, bn_train, bn_eps,
-                            "bconv_lif");
-  const int64_t k = 32LL * g.Cw * g.kh * g.kw;
+  EpiArgs a = conv_epi_args(in, bn_train, bn_eps);
   const auto fopt = x.options().dtype(at::kFloat);
   Tensor counts = at::empty({g.T, g.N, g.Co, g.Ho, g.Wo},
-                            x.options().dtype(k <= 32767 ? at::kShort : at::kInt));
+                            x.options().dtype(counts_dtype(g.Cw, g.kh, g.kw)));
   Tensor spikes = at::empty({g.T, g.N, g.Co, g.Ho, g.Wo}, fopt);
   Tensor mean = at::zeros({g.Co}, fopt), var = at::zeros({g.Co}, fopt);
   if (spikes.numel() == 0) return {spikes, counts, mean, var};
@@ -499,41 +497,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_lif_bwd_cuda(
     bool bn_train, double bn_eps, double tau, bool decay_input, double v_threshold,
     std::optional<double> v_reset, bool detach_reset, int64_t surrogate, double surrogate_alpha,
     bool need_grad_x) {
-  check_cuda(counts_in, "counts");
-  TORCH_CHECK_VALUE(counts_in.dim() == 5, "binslt.bconv_lif_bwd: counts must have shape "
+  const char* op = "bconv_lif_bwd";
+  check_on_cuda(counts_in, op, "counts");
+  TORCH_CHECK_VALUE(counts_in.dim() == 5, "binslt::bconv_lif_bwd: counts must have shape "
                     "[T, N, Co, Ho, Wo] (bconv_lif output), got ", counts_in.sizes());
   TORCH_CHECK_TYPE(counts_in.scalar_type() == at::kShort || counts_in.scalar_type() == at::kInt,
-                   "binslt.bconv_lif_bwd: counts must be int16 or int32 (bconv_lif output), got ",
+                   "binslt::bconv_lif_bwd: counts must be int16 or int32 (bconv_lif output), got ",
                    counts_in.scalar_type());
   const ConvGeom g =
-      conv_geom(x_in, wm_in, wp_in, counts_in.size(0), stride, padding, "bconv_lif_bwd");
+      conv_geom(x_in, wm_in, wp_in, counts_in.size(0), stride, padding, op);
   const std::vector<int64_t> out_shape{g.T, g.N, g.Co, g.Ho, g.Wo};
   TORCH_CHECK_VALUE(counts_in.sizes() == c10::IntArrayRef(out_shape),
-                    "binslt.bconv_lif_bwd: counts must have shape ", c10::IntArrayRef(out_shape),
+                    "binslt::bconv_lif_bwd: counts must have shape ", c10::IntArrayRef(out_shape),
                     " for these inputs, got ", counts_in.sizes());
-  check_same_device(grad_spikes_in, counts_in, "grad_spikes");
-  check_dtype(grad_spikes_in, "grad_spikes", at::kFloat);
-  TORCH_CHECK_VALUE(grad_spikes_in.sizes() == counts_in.sizes(),
-                    "binslt.bconv_lif_bwd: grad_spikes must have the output shape ",
-                    counts_in.sizes(), ", got ", grad_spikes_in.sizes());
   TORCH_CHECK_VALUE(in_channels >= 1 && in_channels <= 32LL * g.Cw,
-                    "binslt.bconv_lif_bwd: in_channels must be in [1, ", 32LL * g.Cw, "] for ",
-                    g.Cw, " packed words, got ", in_channels);
-  check_channel_vec(mean_in, counts_in, "mean", g.Co);
-  check_channel_vec(var_in, counts_in, "var", g.Co);
+                    "binslt::bconv_lif_bwd: in_channels must be in [1, 32*Cw] = [1, ",
+                    32LL * g.Cw, "], got ", in_channels);
+  const NeuronParams p = checked_neuron(op, tau, decay_input, v_threshold, v_reset, detach_reset,
+                                        surrogate, surrogate_alpha);
+  check_bn_eps(op, bn_eps);
+  check_same_device(grad_spikes_in, counts_in, op, "grad_spikes");
+  const Tensor gs = output_like(grad_spikes_in, out_shape, op, "grad_spikes");
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const NeuronParams p = make_neuron_params(tau, decay_input, v_threshold, v_reset, detach_reset,
-                                            surrogate, surrogate_alpha);
+  const ConvInputs in = check_conv_inputs(g, counts_in, alpha_in, scale_in, shift_in, &mean_in,
+                                          &var_in, residual, op);
   const Tensor x = x_in.contiguous(), wm = wm_in.contiguous(), wp = wp_in.contiguous();
-  const Tensor counts = counts_in.contiguous(), gs = grad_spikes_in.contiguous();
-  const Tensor alpha = alpha_in.contiguous(), scale = scale_in.contiguous(),
-               shift = shift_in.contiguous(), mean = mean_in.contiguous(),
-               var = var_in.contiguous();
-  Tensor res_c;
-  EpiArgs a = conv_epi_args(g, x, alpha, scale, shift, residual, res_c, bn_train, bn_eps,
-                            "bconv_lif_bwd");
-  a.mean = mean.data_ptr<float>();
-  a.var = var.data_ptr<float>();
+  const Tensor counts = counts_in.contiguous();
+  const EpiArgs a = conv_epi_args(in, bn_train, bn_eps);
   const int Ci = static_cast<int>(in_channels);
   const auto fopt = x.options().dtype(at::kFloat);
   Tensor g_z = at::empty(out_shape, fopt), g_cur = at::empty(out_shape, fopt);
@@ -552,7 +542,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_lif_bwd_cuda(
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 gw_grid(static_cast<unsigned>((g.Co + kGwCo - 1) / kGwCo),
                      static_cast<unsigned>(g.Cw), static_cast<unsigned>(g.kh * g.kw));
-  TORCH_CHECK(g.Cw <= 65535 && g.kh * g.kw <= 65535, "binslt.bconv_lif_bwd: too many input "
+  TORCH_CHECK(g.Cw <= 65535 && g.kh * g.kw <= 65535, "binslt::bconv_lif_bwd: too many input "
               "channels or kernel taps for one launch");
   grad_weight_kernel<<<gw_grid, kGwThreads, 0, stream>>>(g_z.data_ptr<float>(), cwords(x),
                                                           g_w.data_ptr<float>(), g, Ci);

@@ -14,8 +14,8 @@ namespace {
 using at::Tensor;
 
 // z: [T, N, C, *] float32 -> geometry with S = product of the trailing dims.
-EpiGeom epi_geom_of(const Tensor& z) {
-  TORCH_CHECK_VALUE(z.dim() >= 3, "binslt.bn_lif: z must have shape [T, N, C, *], got ",
+EpiGeom epi_geom_of(const Tensor& z, const char* op) {
+  TORCH_CHECK_VALUE(z.dim() >= 3, "binslt::", op, ": z must have shape [T, N, C, *], got ",
                     z.sizes());
   EpiGeom g;
   g.T = z.size(0);
@@ -26,33 +26,43 @@ EpiGeom epi_geom_of(const Tensor& z) {
   return g;
 }
 
-EpiArgs epi_args(const Tensor& z, const Tensor& scale, const Tensor& shift, const Tensor* mean,
-                 const Tensor* var, const std::optional<Tensor>& residual, Tensor& res_c,
-                 bool bn_train, double bn_eps) {
+// The checked per-channel vectors (float32) and residual of bn_lif / bn_lif_bwd; they own the
+// memory that the EpiArgs built from them point to.
+struct BnInputs {
+  Tensor scale, shift, mean, var, residual;
+};
+
+BnInputs check_bn_inputs(const Tensor& z, const Tensor& scale, const Tensor& shift,
+                         const Tensor* mean, const Tensor* var,
+                         const std::optional<Tensor>& residual, const char* op) {
   const int64_t c = z.size(2);
-  check_channel_vec(scale, z, "scale", c);
-  check_channel_vec(shift, z, "shift", c);
+  BnInputs in;
+  in.scale = cuda_channel_vec(scale, z, op, "scale", c);
+  in.shift = cuda_channel_vec(shift, z, op, "shift", c);
+  if (mean != nullptr) in.mean = cuda_channel_vec(*mean, z, op, "mean", c);
+  if (var != nullptr) in.var = cuda_channel_vec(*var, z, op, "var", c);
+  if (residual.has_value()) {
+    check_same_device(*residual, z, op, "residual");
+    in.residual = output_like(*residual, z.sizes(), op, "residual");
+  }
+  return in;
+}
+
+EpiArgs epi_args(const BnInputs& in, const Tensor& mean, const Tensor& var, bool bn_train,
+                 double bn_eps) {
   EpiArgs a{};
   a.alpha = nullptr;
-  a.scale = scale.data_ptr<float>();
-  a.shift = shift.data_ptr<float>();
-  a.mean = mean != nullptr ? mean->data_ptr<float>() : nullptr;
-  a.var = var != nullptr ? var->data_ptr<float>() : nullptr;
-  a.residual = nullptr;
-  if (residual.has_value()) {
-    check_same_device(*residual, z, "residual");
-    check_dtype(*residual, "residual", at::kFloat);
-    TORCH_CHECK_VALUE(residual->sizes() == z.sizes(), "binslt.bn_lif: residual must have z's shape ",
-                      z.sizes(), ", got ", residual->sizes());
-    res_c = residual->contiguous();
-    a.residual = res_c.data_ptr<float>();
-  }
+  a.scale = in.scale.data_ptr<float>();
+  a.shift = in.shift.data_ptr<float>();
+  a.mean = mean.data_ptr<float>();
+  a.var = var.data_ptr<float>();
+  a.residual = in.residual.defined() ? in.residual.data_ptr<float>() : nullptr;
   a.bn_train = bn_train;
   a.eps = static_cast<float>(bn_eps);
   return a;
 }
 
-// z: [T, N, C, *] float32; scale, shift: [C] float32; residual: like z or None
+// z: [T, N, C, *] float32; scale, shift: [C] floating; residual: like z or None
 // -> spikes like z, mean [C], var [C] (zeros unless bn_train)
 std::tuple<Tensor, Tensor, Tensor> bn_lif_cuda(const Tensor& z_in, const Tensor& scale_in,
                                                const Tensor& shift_in,
@@ -60,17 +70,18 @@ std::tuple<Tensor, Tensor, Tensor> bn_lif_cuda(const Tensor& z_in, const Tensor&
                                                bool bn_train, double bn_eps, double tau,
                                                bool decay_input, double v_threshold,
                                                std::optional<double> v_reset) {
-  check_cuda(z_in, "z");
-  check_dtype(z_in, "z", at::kFloat);
+  const char* op = "bn_lif";
+  check_on_cuda(z_in, op, "z");
+  check_dtype(z_in, op, "z", at::kFloat);
+  const EpiGeom g = epi_geom_of(z_in, op);
+  const NeuronParams p = checked_neuron(op, tau, decay_input, v_threshold, v_reset);
+  check_bn_eps(op, bn_eps);
   const c10::cuda::CUDAGuard guard(z_in.device());
-  const EpiGeom g = epi_geom_of(z_in);
-  const NeuronParams p = make_neuron_params(tau, decay_input, v_threshold, v_reset);
+  const BnInputs in = check_bn_inputs(z_in, scale_in, shift_in, nullptr, nullptr, residual, op);
   const Tensor z = z_in.contiguous();
-  const Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
   Tensor mean = at::zeros({g.C}, z.options());
   Tensor var = at::zeros({g.C}, z.options());
-  Tensor res_c;
-  const EpiArgs a = epi_args(z, scale, shift, &mean, &var, residual, res_c, bn_train, bn_eps);
+  const EpiArgs a = epi_args(in, mean, var, bn_train, bn_eps);
   Tensor spikes = at::empty_like(z);
   if (z.numel() == 0) return {spikes, mean, var};
   if (bn_train) launch_channel_stats<float>(z.data_ptr<float>(), nullptr, g, mean, var);
@@ -85,24 +96,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_lif_bwd_cuda(
     const std::optional<Tensor>& residual, bool bn_train, double bn_eps, double tau,
     bool decay_input, double v_threshold, std::optional<double> v_reset, bool detach_reset,
     int64_t surrogate, double surrogate_alpha) {
-  check_cuda(z_in, "z");
-  check_dtype(z_in, "z", at::kFloat);
-  check_same_device(grad_spikes_in, z_in, "grad_spikes");
-  check_dtype(grad_spikes_in, "grad_spikes", at::kFloat);
-  TORCH_CHECK_VALUE(grad_spikes_in.sizes() == z_in.sizes(),
-                    "binslt.bn_lif_bwd: grad_spikes must have z's shape ", z_in.sizes(), ", got ",
-                    grad_spikes_in.sizes());
+  const char* op = "bn_lif_bwd";
+  check_on_cuda(z_in, op, "z");
+  check_dtype(z_in, op, "z", at::kFloat);
+  const EpiGeom g = epi_geom_of(z_in, op);
+  const NeuronParams p = checked_neuron(op, tau, decay_input, v_threshold, v_reset, detach_reset,
+                                        surrogate, surrogate_alpha);
+  check_bn_eps(op, bn_eps);
+  check_same_device(grad_spikes_in, z_in, op, "grad_spikes");
+  const Tensor gs = output_like(grad_spikes_in, z_in.sizes(), op, "grad_spikes");
   const c10::cuda::CUDAGuard guard(z_in.device());
-  const EpiGeom g = epi_geom_of(z_in);
-  const NeuronParams p = make_neuron_params(tau, decay_input, v_threshold, v_reset, detach_reset,
-                                            surrogate, surrogate_alpha);
-  check_channel_vec(mean_in, z_in, "mean", g.C);
-  check_channel_vec(var_in, z_in, "var", g.C);
-  const Tensor z = z_in.contiguous(), gs = grad_spikes_in.contiguous();
-  const Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  const Tensor mean = mean_in.contiguous(), var = var_in.contiguous();
-  Tensor res_c;
-  const EpiArgs a = epi_args(z, scale, shift, &mean, &var, residual, res_c, bn_train, bn_eps);
+  const BnInputs in =
+      check_bn_inputs(z_in, scale_in, shift_in, &mean_in, &var_in, residual, op);
+  const Tensor z = z_in.contiguous();
+  const EpiArgs a = epi_args(in, in.mean, in.var, bn_train, bn_eps);
   Tensor g_z = at::empty_like(z), g_cur = at::empty_like(z);
   Tensor g_scale = at::empty({g.C}, z.options()), g_shift = at::empty({g.C}, z.options());
   launch_epilogue_backward<float>(gs.data_ptr<float>(), z.data_ptr<float>(), a, g, p, g_z, g_cur,

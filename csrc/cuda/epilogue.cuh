@@ -22,6 +22,7 @@
 #include <string>
 #include <type_traits>
 
+#include "binslt/checks.h"
 #include "binslt/cuda_shared.h"
 #include "binslt/lif.h"
 
@@ -46,45 +47,6 @@ struct EpiArgs {
   bool bn_train;
   float eps;
 };
-
-// ---------------------------------------------------------------------------------------------
-// Host-side argument checks (clear errors instead of crashes in a kernel)
-// ---------------------------------------------------------------------------------------------
-
-inline void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "binslt CUDA kernel: ", name, " must be a CUDA tensor, got one on ",
-              t.device());
-}
-
-inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dt) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dt, "binslt: ", name, " must be ", dt, ", got ",
-                   t.scalar_type());
-}
-
-inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  check_cuda(t, name);
-  TORCH_CHECK(t.device() == ref.device(), "binslt: ", name, " is on ", t.device(),
-              " but the other inputs are on ", ref.device());
-}
-
-inline void check_channel_vec(const at::Tensor& t, const at::Tensor& ref, const char* name,
-                              int64_t c) {
-  check_same_device(t, ref, name);
-  check_dtype(t, name, at::kFloat);
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == c, "binslt: ", name, " must have shape [", c,
-                    "] (one value per output channel), got ", t.sizes());
-}
-
-inline NeuronParams make_neuron_params(double tau, bool decay_input, double v_threshold,
-                                       std::optional<double> v_reset, bool detach_reset = false,
-                                       int64_t surrogate = 0, double surrogate_alpha = 2.0) {
-  TORCH_CHECK_VALUE(std::isfinite(tau) && tau != 0.0, "binslt: tau must be finite and nonzero, got ",
-                    tau);
-  TORCH_CHECK_VALUE(surrogate == 0 || surrogate == 1,
-                    "binslt: surrogate must be 0 (atan) or 1 (sigmoid), got ", surrogate);
-  return neuron_params(tau, decay_input, v_threshold, v_reset.has_value(), v_reset.value_or(0.0),
-                       detach_reset, surrogate, surrogate_alpha);
-}
 
 inline int blocks_for(int64_t n, int threads) {
   const int64_t b = (n + threads - 1) / threads;

@@ -69,8 +69,8 @@ uint32_t* words(Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr<int32
 
 // x: [B, C, H, W] (any real dtype; nonzero = spike) -> [B, H, W, ceil(C/32)] int32
 Tensor pack_spikes_cuda(const Tensor& x_in) {
-  check_cuda(x_in, "x");
-  TORCH_CHECK_VALUE(x_in.dim() == 4, "binslt.pack_spikes: x must have shape [B, C, H, W], got ",
+  check_on_cuda(x_in, "pack_spikes", "x");
+  TORCH_CHECK_VALUE(x_in.dim() == 4, "binslt::pack_spikes: x must have shape [B, C, H, W], got ",
                     x_in.sizes());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor x = x_in.contiguous();
@@ -91,14 +91,14 @@ Tensor pack_spikes_cuda(const Tensor& x_in) {
 
 // packed: [B, H, W, Cw] int32 -> [B, channels, H, W] float32
 Tensor unpack_spikes_cuda(const Tensor& packed_in, int64_t channels) {
-  check_cuda(packed_in, "packed");
-  check_dtype(packed_in, "packed", at::kInt);
+  check_on_cuda(packed_in, "unpack_spikes", "packed");
+  check_dtype(packed_in, "unpack_spikes", "packed", at::kInt);
   TORCH_CHECK_VALUE(packed_in.dim() == 4,
-                    "binslt.unpack_spikes: packed must have shape [B, H, W, Cw], got ",
+                    "binslt::unpack_spikes: packed must have shape [B, H, W, Cw], got ",
                     packed_in.sizes());
   const int64_t B = packed_in.size(0), H = packed_in.size(1), W = packed_in.size(2),
                 Cw = packed_in.size(3);
-  TORCH_CHECK_VALUE(channels >= 0 && channels <= 32 * Cw, "binslt.unpack_spikes: channels must be in [0, ",
+  TORCH_CHECK_VALUE(channels >= 0 && channels <= 32 * Cw, "binslt::unpack_spikes: channels must be in [0, ",
                     32 * Cw, "] for ", Cw, " packed words, got ", channels);
   const c10::cuda::CUDAGuard guard(packed_in.device());
   const Tensor packed = packed_in.contiguous();
@@ -114,8 +114,8 @@ Tensor unpack_spikes_cuda(const Tensor& packed_in, int64_t channels) {
 
 // weight: [Co, Ci, kh, kw] real -> (mask, pos) [Co, kh, kw, ceil(Ci/32)] int32
 std::tuple<Tensor, Tensor> pack_weight_cuda(const Tensor& w_in) {
-  check_cuda(w_in, "weight");
-  TORCH_CHECK_VALUE(w_in.dim() == 4, "binslt.pack_weight: weight must have shape [Co, Ci, kh, kw], got ",
+  check_on_cuda(w_in, "pack_weight", "weight");
+  TORCH_CHECK_VALUE(w_in.dim() == 4, "binslt::pack_weight: weight must have shape [Co, Ci, kh, kw], got ",
                     w_in.sizes());
   const c10::cuda::CUDAGuard guard(w_in.device());
   const Tensor w = w_in.contiguous();

@@ -3,20 +3,21 @@
 //
 //   count[ox][co] = sum_{ky,kx} sum_{ci spiking at (iy0+ky, ox*stride+kx)} W[ky][kx][ci][co]
 //
-// W is the ternary effective weight sign(w)*M as an int8 table [KH][Ci][KW][CoB] (output channels
-// innermost, CoB = Co rounded up to 64, zero-filled). The spikes of the padded input window are
-// listed once per image tile (EventList), each as the byte offset (ci*KW + c)*CoB, c its window
-// column. Output pixel ox of kernel row ky reads the window columns [ox*stride, ox*stride + KW),
-// whose events are one contiguous run of the list, and the event in column c belongs to tap
-// kx = c - ox*stride: its weight row is at table_ky + offset - ox*stride*CoB. So one loop covers
-// a whole kernel row (KW taps) per pixel; a loop per tap (the first version) ended ~20 events in,
-// and its exit branch, mispredicted about once per loop, cost ~1/3 of the kernel's time.
+// W is the ternary effective weight sign(w)*M as an int8 table [KH][Ci][KW][co_pad64] (output
+// channels innermost, co_pad64 = Co rounded up to 64, zero-filled). The spikes of the padded
+// input window are listed once per image tile (EventList), each as the byte offset
+// (ci*KW + c)*co_pad64, c its window column. Output pixel ox of kernel row ky reads the window
+// columns [ox*stride, ox*stride + KW), whose events are one contiguous run of the list, and the
+// event in column c belongs to tap kx = c - ox*stride: its weight row is at
+// table_ky + offset - ox*stride*co_pad64. So one loop covers a whole kernel row (KW taps) per
+// pixel: a loop per tap ends after a few events and its exit branch is mispredicted about once
+// per loop.
 // Per output pixel the columns are added in int8 lanes (64 output channels per 512-bit vector),
 // which is exact for up to 127 events; every 127 events the lanes are widened into the int16
-// output row (the caller only takes this path where every count fits int16). At a 15 % firing rate a 128-channel 3x3 pixel
-// sees ~170 events, against 36 AND+popcount word pairs per 16 channels for the bit-parallel
-// kernels (bconv_popcount.h), so this wins at low rates and the bit-parallel kernels win at high
-// rates (the caller picks by the measured rate).
+// output row (the caller only takes this path where every count fits int16). The work follows
+// the number of input spikes, where the bit-parallel kernels (bconv_popcount.h) do a fixed amount
+// per input word: this wins at low firing rates, they win at high ones (the caller picks by the
+// measured rate, cpu_algos.cpp).
 //
 // One body in GCC vector extensions, compiled three times with the target's own vector width:
 // AVX-512BW (64 bytes), AVX2 (32) and the x86-64 baseline (16).
@@ -107,8 +108,8 @@ struct EventList {
 struct EventGeom {
   const int32_t* start;  // EventList::start of the window
   const int32_t* off;    // EventList::off
-  const int8_t* wt;      // [KH][Ci][KW][CoB]
-  int Wp, Wo, stride, KH, KW, Ci, CoB;
+  const int8_t* weight_table;  // [KH][Ci][KW][co_pad64]
+  int Wp, Wo, stride, KH, KW, Ci, co_pad64;
   int iy0;  // window row of tap ky = 0 for this output row
   int8_t* acc8;  // scratch: [Wo][256] int8 lanes
   int* pending;  // scratch: [Wo] events summed into acc8 since its last widening
@@ -122,9 +123,9 @@ static inline __attribute__((always_inline)) void flush_lanes(typename I8Vec<VB>
   acc = typename I8Vec<VB>::v{};
 }
 
-// Output channels [cb, cb + VB*NB) of every pixel of the row; out is [Wo][CoB] int16.
-// Kernel-row-outer: one kernel row's weight rows (Ci x KW x CoB bytes, 48 KB for 128 -> 128
-// 3x3: mostly L1, the rest L2) stay close while every pixel of the output row adds its events;
+// Output channels [cb, cb + VB*NB) of every pixel of the row; out is [Wo][co_pad64] int16.
+// Kernel-row-outer: one kernel row's weight rows (Ci x KW x co_pad64 bytes: mostly L1, the rest
+// L2 for 128 -> 128 3x3) stay close while every pixel of the output row adds its events;
 // the int8 lanes of each pixel live in g.acc8 between kernel rows and are widened into out
 // before they could overflow (every 127 events) and at the end.
 template <int VB, int NB>
@@ -133,17 +134,17 @@ static inline __attribute__((always_inline)) void event_block(const EventGeom& g
   using V = typename I8Vec<VB>::v;
   using U = typename I8Vec<VB>::u;
   constexpr int L = VB * NB;
-  const size_t row_stride = static_cast<size_t>(g.Ci) * g.KW * g.CoB;  // one kernel row
-  const ptrdiff_t ox_shift = static_cast<ptrdiff_t>(g.stride) * g.CoB;
+  const size_t row_stride = static_cast<size_t>(g.Ci) * g.KW * g.co_pad64;  // one kernel row
+  const ptrdiff_t ox_shift = static_cast<ptrdiff_t>(g.stride) * g.co_pad64;
   int8_t* a8 = g.acc8;
   int* pend = g.pending;
   for (int ox = 0; ox < g.Wo; ++ox) {
-    std::memset(out + static_cast<size_t>(ox) * g.CoB + cb, 0, L * sizeof(int16_t));
+    std::memset(out + static_cast<size_t>(ox) * g.co_pad64 + cb, 0, L * sizeof(int16_t));
     std::memset(a8 + ox * L, 0, L);
     pend[ox] = 0;
   }
   for (int ky = 0; ky < g.KH; ++ky) {
-    const int8_t* wky = g.wt + ky * row_stride + cb;
+    const int8_t* wky = g.weight_table + ky * row_stride + cb;
     const int* st = g.start + (g.iy0 + ky) * g.Wp;
     for (int ox = 0; ox < g.Wo; ++ox) {
       int e = st[ox * g.stride];
@@ -159,7 +160,7 @@ static inline __attribute__((always_inline)) void event_block(const EventGeom& g
       int pd = pend[ox];
       while (e < e1) {
         if (pd == 127) {
-          int16_t* o = out + static_cast<size_t>(ox) * g.CoB + cb;
+          int16_t* o = out + static_cast<size_t>(ox) * g.co_pad64 + cb;
           for (int j = 0; j < NB; ++j) flush_lanes<VB>(acc[j], o + VB * j);
           pd = 0;
         }
@@ -175,7 +176,7 @@ static inline __attribute__((always_inline)) void event_block(const EventGeom& g
     }
   }
   for (int ox = 0; ox < g.Wo; ++ox) {
-    int16_t* o = out + static_cast<size_t>(ox) * g.CoB + cb;
+    int16_t* o = out + static_cast<size_t>(ox) * g.co_pad64 + cb;
     U* ap = reinterpret_cast<U*>(a8 + ox * L);
     for (int j = 0; j < NB; ++j) {
       V acc = ap[j];
@@ -184,14 +185,14 @@ static inline __attribute__((always_inline)) void event_block(const EventGeom& g
   }
 }
 
-// Channel blocks of up to 256 (CoB is a multiple of 64).
+// Channel blocks of up to 256 (co_pad64 is a multiple of 64).
 template <int VB>
 static inline __attribute__((always_inline)) void event_row_body(const EventGeom& g,
                                                                  int16_t* out) {
   constexpr int kMax = 256 / VB;
   int cb = 0;
-  for (; cb + 256 <= g.CoB; cb += 256) event_block<VB, kMax>(g, cb, out);
-  const int rest = (g.CoB - cb) / VB;  // 64, 128 or 192 channels left
+  for (; cb + 256 <= g.co_pad64; cb += 256) event_block<VB, kMax>(g, cb, out);
+  const int rest = (g.co_pad64 - cb) / VB;  // 64, 128 or 192 channels left
   if (rest == 0) return;
   if (rest == kMax * 3 / 4) event_block<VB, kMax * 3 / 4>(g, cb, out);
   else if (rest == kMax / 2) event_block<VB, kMax / 2>(g, cb, out);

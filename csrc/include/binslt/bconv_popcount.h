@@ -21,12 +21,12 @@ namespace binslt {
 namespace cpu {
 
 // Geometry of one row call. Weights for the vector kernels are repacked as
-// [kh][kw][Cw][CoP] (output channels innermost, CoP = Co rounded up to 16).
+// [kh][kw][Cw][co_pad16] (output channels innermost, co_pad16 = Co rounded up to 16).
 struct RowGeom {
   const uint32_t* img;  // padded image: [Hp][Wp][Cw]
-  int Wp, Cw, iy0, Wo, stride, KH, KW, Co, CoP;
-  const uint32_t* wpos_r;  // [KH][KW][Cw][CoP]
-  const uint32_t* wneg_r;  // [KH][KW][Cw][CoP]
+  int Wp, Cw, iy0, Wo, stride, KH, KW, Co, co_pad16;
+  const uint32_t* wpos_r;  // [KH][KW][Cw][co_pad16]
+  const uint32_t* wneg_r;  // [KH][KW][Cw][co_pad16]
   const uint32_t* wpos;    // [Co][KH][KW][Cw]
   const uint32_t* wneg;    // [Co][KH][KW][Cw]
 };
@@ -59,7 +59,7 @@ static inline __attribute__((always_inline)) void row_counts_scalar_body(const R
             acc += __builtin_popcount(xr[w] & pr[w]) - __builtin_popcount(xr[w] & nr[w]);
           }
         }
-      out[ox * g.CoP + co] = acc;
+      out[ox * g.co_pad16 + co] = acc;
     }
   }
 }
@@ -86,14 +86,14 @@ BINSLT_T512 static inline void tile512(const RowGeom& g, int ox0, int co0, int32
       const uint32_t* xr[PB];
       for (int j = 0; j < PB; ++j)
         xr[j] = g.img + ((g.iy0 + ky) * g.Wp + (ox0 + j) * g.stride + kx) * g.Cw;
-      const size_t wo = (static_cast<size_t>(ky) * g.KW + kx) * g.Cw * g.CoP + co0;
+      const size_t wo = (static_cast<size_t>(ky) * g.KW + kx) * g.Cw * g.co_pad16 + co0;
       const uint32_t* pr = g.wpos_r + wo;
       const uint32_t* nr = g.wneg_r + wo;
       for (int w = 0; w < g.Cw; ++w) {
         __m512i vp[CB], vn[CB];
         for (int c = 0; c < CB; ++c) {
-          vp[c] = _mm512_loadu_si512(pr + static_cast<size_t>(w) * g.CoP + 16 * c);
-          vn[c] = _mm512_loadu_si512(nr + static_cast<size_t>(w) * g.CoP + 16 * c);
+          vp[c] = _mm512_loadu_si512(pr + static_cast<size_t>(w) * g.co_pad16 + 16 * c);
+          vn[c] = _mm512_loadu_si512(nr + static_cast<size_t>(w) * g.co_pad16 + 16 * c);
         }
         for (int j = 0; j < PB; ++j) {
           const __m512i xv = _mm512_set1_epi32(static_cast<int>(xr[j][w]));
@@ -108,18 +108,18 @@ BINSLT_T512 static inline void tile512(const RowGeom& g, int ox0, int co0, int32
     }
   for (int j = 0; j < PB; ++j)
     for (int c = 0; c < CB; ++c)
-      _mm512_storeu_si512(out + (ox0 + j) * g.CoP + co0 + 16 * c, acc[j][c]);
+      _mm512_storeu_si512(out + (ox0 + j) * g.co_pad16 + co0 + 16 * c, acc[j][c]);
 }
 
 BINSLT_T512 static void row_counts_avx512(const RowGeom& g, int32_t* out) {
   constexpr int PB = 4, CB = 2;
   int co0 = 0;
-  for (; co0 + 16 * CB <= g.CoP; co0 += 16 * CB) {
+  for (; co0 + 16 * CB <= g.co_pad16; co0 += 16 * CB) {
     int ox0 = 0;
     for (; ox0 + PB <= g.Wo; ox0 += PB) tile512<PB, CB>(g, ox0, co0, out);
     for (; ox0 < g.Wo; ++ox0) tile512<1, CB>(g, ox0, co0, out);
   }
-  for (; co0 < g.CoP; co0 += 16) {
+  for (; co0 < g.co_pad16; co0 += 16) {
     int ox0 = 0;
     for (; ox0 + PB <= g.Wo; ox0 += PB) tile512<PB, 1>(g, ox0, co0, out);
     for (; ox0 < g.Wo; ++ox0) tile512<1, 1>(g, ox0, co0, out);
@@ -160,16 +160,16 @@ BINSLT_T256 static inline void tile256(const RowGeom& g, int ox0, int co0, int32
       const uint32_t* xr[PB];
       for (int j = 0; j < PB; ++j)
         xr[j] = g.img + ((g.iy0 + ky) * g.Wp + (ox0 + j) * g.stride + kx) * g.Cw;
-      const size_t wo = (static_cast<size_t>(ky) * g.KW + kx) * g.Cw * g.CoP + co0;
+      const size_t wo = (static_cast<size_t>(ky) * g.KW + kx) * g.Cw * g.co_pad16 + co0;
       const uint32_t* pr = g.wpos_r + wo;
       const uint32_t* nr = g.wneg_r + wo;
       for (int w = 0; w < g.Cw; ++w) {
         __m256i vp[CB], vn[CB];
         for (int c = 0; c < CB; ++c) {
           vp[c] = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(pr + static_cast<size_t>(w) * g.CoP + 8 * c));
+              reinterpret_cast<const __m256i*>(pr + static_cast<size_t>(w) * g.co_pad16 + 8 * c));
           vn[c] = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(nr + static_cast<size_t>(w) * g.CoP + 8 * c));
+              reinterpret_cast<const __m256i*>(nr + static_cast<size_t>(w) * g.co_pad16 + 8 * c));
         }
         for (int j = 0; j < PB; ++j) {
           const __m256i xv = _mm256_set1_epi32(static_cast<int>(xr[j][w]));
@@ -194,13 +194,13 @@ BINSLT_T256 static inline void tile256(const RowGeom& g, int ox0, int co0, int32
     for (int c = 0; c < CB; ++c) acc[j][c] = widen_counts(acc[j][c], ap[j][c], an[j][c]);
   for (int j = 0; j < PB; ++j)
     for (int c = 0; c < CB; ++c)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (ox0 + j) * g.CoP + co0 + 8 * c),
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (ox0 + j) * g.co_pad16 + co0 + 8 * c),
                           acc[j][c]);
 }
 
 BINSLT_T256 static void row_counts_avx2(const RowGeom& g, int32_t* out) {
   constexpr int PB = 2, CB = 2;
-  for (int co0 = 0; co0 < g.CoP; co0 += 8 * CB) {  // CoP is a multiple of 16
+  for (int co0 = 0; co0 < g.co_pad16; co0 += 8 * CB) {  // co_pad16 is a multiple of 16
     int ox0 = 0;
     for (; ox0 + PB <= g.Wo; ox0 += PB) tile256<PB, CB>(g, ox0, co0, out);
     for (; ox0 < g.Wo; ++ox0) tile256<1, CB>(g, ox0, co0, out);

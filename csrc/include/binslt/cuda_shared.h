@@ -12,10 +12,6 @@
 
 namespace binslt {
 
-// Output extent of a convolution (callers check in + 2*pad >= k first).
-BINSLT_HD int conv_out_size(int in, int k, int stride, int pad) {
-  return (in + 2 * pad - k) / stride + 1;
-}
 
 BINSLT_HD int popcount32(uint32_t x) {
 #if defined(__CUDA_ARCH__)

@@ -1,8 +1,9 @@
 // CPU-side epilogue + multi-step LIF over rows of neurons, shared by bconv_lif and bn_lif.
 //
 // A "row" is L neurons of one channel that are contiguous in memory inside each timestep; the
-// T timesteps of the row are `ts` elements apart ([T, N, C, S] layout: ts = N*C*S). The float
-// arithmetic is binslt/lif.h's (SpikingJelly's order), the epilogue is the reference's:
+// T timesteps of the row are `step_stride` elements apart ([T, N, C, S] layout:
+// step_stride = N*C*S). The float arithmetic is binslt/lif.h's (SpikingJelly's order), the
+// epilogue is the reference's:
 //   eval : Y = z * scale + shift
 //   train: Y = ((z - mean) * invstd) * scale + shift
 //   X = Y + residual
@@ -50,7 +51,7 @@ inline float invstd_of(float var, double eps) {
 template <class ZAt>
 inline __attribute__((always_inline)) void lif_forward_row(int T, int L, const ZAt& zat,
                                                            const ChannelAffine& aff_in,
-                            const float* res, int64_t ts, const NeuronParams& p_in,
+                            const float* res, int64_t step_stride, const NeuronParams& p_in,
                             float* spikes) {
   const ChannelAffine aff = aff_in;
   const NeuronParams p = p_in;
@@ -61,10 +62,10 @@ inline __attribute__((always_inline)) void lif_forward_row(int T, int L, const Z
   for (int t = 0; t < T; ++t) {
     for (int i = 0; i < L; ++i) x[i] = aff.apply(zat(t, i));
     if (res != nullptr) {
-      const float* r = res + t * ts;
+      const float* r = res + t * step_stride;
       for (int i = 0; i < L; ++i) x[i] = x[i] + r[i];
     }
-    float* s_out = spikes + t * ts;
+    float* s_out = spikes + t * step_stride;
     for (int i = 0; i < L; ++i) {
       const float h = lif_charge(v[i], x[i], p);
       const float s = lif_fire(h, p);
@@ -80,7 +81,7 @@ inline __attribute__((always_inline)) void lif_forward_row(int T, int L, const Z
 // hbuf must hold T * kRowChunk floats.
 template <class ZAt>
 inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const ZAt& zat, const ChannelAffine& aff_in,
-                             const float* res, int64_t ts, const NeuronParams& p_in,
+                             const float* res, int64_t step_stride, const NeuronParams& p_in,
                              const float* gs, float* gcur, float* hbuf, double* acc_g,
                              double* acc_gx) {
   const ChannelAffine aff = aff_in;
@@ -93,7 +94,7 @@ inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const 
     float* h = hbuf + t * kRowChunk;
     for (int i = 0; i < L; ++i) h[i] = aff.apply(zat(t, i));
     if (res != nullptr) {
-      const float* r = res + t * ts;
+      const float* r = res + t * step_stride;
       for (int i = 0; i < L; ++i) h[i] = h[i] + r[i];
     }
     for (int i = 0; i < L; ++i) {
@@ -106,8 +107,8 @@ inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const 
   // The surrogate is a compile-time constant in each copy of the step loop, so that the ATan
   // loop (no expf call) vectorizes; the float arithmetic is the same either way.
   auto step = [&](const NeuronParams& q, int t) {
-    const float* __restrict g = gs + t * ts;
-    float* __restrict gc = gcur + t * ts;
+    const float* __restrict g = gs + t * step_stride;
+    float* __restrict gc = gcur + t * step_stride;
     const float* __restrict h = hbuf + t * kRowChunk;
     for (int i = 0; i < L; ++i) {
       float carry;
@@ -124,7 +125,7 @@ inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const 
       step(q_atan, t);
     else
       step(q_sig, t);
-    const float* gc = gcur + t * ts;
+    const float* gc = gcur + t * step_stride;
     for (int i = 0; i < L; ++i) {
       const double gx = gc[i];
       acc_g[i] += gx;

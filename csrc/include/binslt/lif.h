@@ -101,9 +101,4 @@ BINSLT_HD int words_for(int channels) { return (channels + 31) / 32; }
 BINSLT_HD int word_of(int c) { return c >> 5; }
 BINSLT_HD uint32_t bit_of(int c) { return 1u << (c & 31); }
 
-// Exact ternary dot of one word: sum_c x_c * w_c with w in {-1, 0, +1} as (mask, pos) planes.
-BINSLT_HD int ternary_dot_word(uint32_t x, uint32_t mask, uint32_t pos, int (*popc)(uint32_t)) {
-  return 2 * popc(x & pos) - popc(x & mask);
-}
-
 }  // namespace binslt

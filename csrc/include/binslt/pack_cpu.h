@@ -10,8 +10,8 @@ namespace cpu {
 
 // words[i * Cw] for the n positions i of word wd, from its (up to) 32 channels: channel c's n
 // values start at x + c * cstride. With cstride == n (a whole image) those planes are contiguous
-// in x, so the reads stream through memory in order (the first version went row by row across
-// all C planes: C streams at once, ~2.5x slower from DRAM). The position loop is innermost so
+// in x, so the reads stream through memory in order (row by row across all C planes would read
+// C streams at once, much slower from DRAM). The position loop is innermost so
 // that it vectorizes (compare + select + or per lane).
 // Returns true when some element is neither 0 nor 1 (NaN included): spikes must be binary, and
 // checking here costs nothing extra, unlike a separate pass in Python.

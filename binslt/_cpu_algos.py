@@ -1,0 +1,81 @@
+"""Which algorithms the C++ CPU kernels use: one configuration, set through a context manager.
+
+The CPU kernels choose per call, by measured rules (``csrc/cpu/cpu_algos.cpp``), between
+
+* ``isa``: the instruction-set path, ``"scalar"``, ``"popcnt"``, ``"avx2"`` or ``"avx512"``
+  (the best this CPU runs; ``binslt._ext.cpu_info()["kernel_isa"]`` says which);
+* ``conv``: the forward of ``bconv_lif``, ``"dense"`` (AND + popcount over every input word) or
+  ``"event"`` (the sum of the weight columns of the input spikes, faster at low firing rates);
+* ``grad_x``: the input gradient of ``bconv_lif_bwd``, ``"dense"`` (ATen's transposed
+  convolution), ``"ternary"`` (add/subtract of dZ rows; AVX-512 and stride 1) or ``"combo"`` (the
+  same over signed sums of four dZ rows; its per-thread buffer grows with the feature map, about
+  65 MB at 224x224).
+
+``"auto"`` in a field restores the measured rule. Forcing a choice is for tests and benchmarks;
+every choice gives the same counts and spikes, and gradients within float rounding.
+
+    >>> from binslt.ops import cpu_algorithms
+    >>> with cpu_algorithms(conv="event", grad_x="dense"):
+    ...     out = layer(x)          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from . import _ext
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "isa": ("auto", "scalar", "popcnt", "avx2", "avx512"),
+    "conv": ("auto", "dense", "event"),
+    "grad_x": ("auto", "dense", "ternary", "combo"),
+}
+
+
+def _module():
+    mod = _ext.module("cpu")
+    if mod is None:
+        raise RuntimeError(
+            "binslt: the C++ CPU extension (binslt._C) is not built, so there are no CPU "
+            "algorithms to choose; reinstall with `pip install -e .`"
+        )
+    return mod
+
+
+def _check(field: str, name) -> str:
+    if name not in CHOICES[field]:
+        raise ValueError(f"cpu_algorithms: {field} must be one of {CHOICES[field]}, got {name!r}")
+    return name
+
+
+def current() -> dict[str, str]:
+    """The configuration now: {'isa': ..., 'conv': ..., 'grad_x': ...} (names, 'auto' if unset)."""
+    return dict(_module()._cpu_algorithms())
+
+
+@contextlib.contextmanager
+def cpu_algorithms(isa: str | None = None, conv: str | None = None,
+                   grad_x: str | None = None) -> Iterator[dict[str, str]]:
+    """Force CPU kernel algorithms inside a ``with`` block; the previous configuration returns
+    on exit (also on an exception).
+
+    Each argument is a name from ``CHOICES`` (``"auto"`` = the measured rule) or None to keep the
+    current choice. Raises ValueError for an unknown name and RuntimeError for a path this CPU
+    cannot run (``isa="avx512"`` without AVX-512, ``grad_x="ternary"``/``"combo"`` without
+    AVX-512) or when the CPU extension is not built. Yields the configuration in force.
+
+    The configuration is process-wide (the kernels read it on every call), not per thread.
+    """
+    want = {"isa": isa, "conv": conv, "grad_x": grad_x}
+    for field, name in want.items():
+        if name is not None:
+            _check(field, name)
+    mod = _module()
+    before = dict(mod._cpu_algorithms())
+    now = {f: (before[f] if n is None else n) for f, n in want.items()}
+    mod._set_cpu_algorithms(now["isa"], now["conv"], now["grad_x"])
+    try:
+        yield dict(now)
+    finally:
+        mod._set_cpu_algorithms(before["isa"], before["conv"], before["grad_x"])

@@ -1,0 +1,189 @@
+// Backward of the fused binary conv + epilogue + LIF (binslt::bconv_lif_bwd).
+//
+// H is recomputed from the saved integer counts (never stored), BPTT gives dL/dX (the gradient
+// of the input current), the BN backward gives dL/dZ; then the weight gradient
+// (bconv_weight_grad.cpp) and the input gradient (bconv_input_grad.cpp) follow from dZ.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "binslt/bconv_cpu.h"
+#include "binslt/checks.h"
+#include "binslt/cpu_algos.h"
+#include "binslt/epilogue_cpu.h"
+#include "binslt/lif.h"
+
+namespace binslt {
+namespace cpu {
+namespace {
+
+// dL/dX (grad_current) and dL/dZ of channel c from its counts; the channel's sums go to gsc/gsh.
+// hbuf: T * kRowChunk floats, acc_g / acc_gx: kRowChunk doubles (scratch).
+template <typename CT>
+static inline __attribute__((always_inline)) void lif_bn_channel_body(
+    const ConvShape& s, int64_t c, const CT* counts, const float* gs, const float* alpha,
+    const ChannelAffine& aff, const float* res, const NeuronParams& p, float* gcur, float* gz,
+    float* gsc, float* gsh, float* hbuf, double* acc_g, double* acc_gx) {
+  const int64_t S = s.Ho * s.Wo;
+  const int64_t step_stride = s.N * s.Co * S;
+  const double m = static_cast<double>(s.T * s.N * S);
+  const float a = alpha[c];
+  for (int i = 0; i < kRowChunk; ++i) acc_g[i] = acc_gx[i] = 0.0;
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t s0 = 0; s0 < S; s0 += kRowChunk) {
+      const int L = static_cast<int>(std::min<int64_t>(kRowChunk, S - s0));
+      const int64_t off = (n * s.Co + c) * S + s0;
+      const CT* cr = counts + off;
+      auto zat = [cr, a, step_stride](int t, int i) {
+        return static_cast<float>(cr[t * step_stride + i]) * a;
+      };
+      lif_backward_row(static_cast<int>(s.T), L, zat, aff, res ? res + off : nullptr, step_stride,
+                       p, gs + off, gcur + off, hbuf, acc_g, acc_gx);
+    }
+  double sg = 0.0, sgx = 0.0;
+  for (int i = 0; i < kRowChunk; ++i) {
+    sg += acc_g[i];
+    sgx += acc_gx[i];
+  }
+  gsh[c] = static_cast<float>(sg);
+  gsc[c] = static_cast<float>(sgx);
+  const ZGrad zg = make_zgrad(aff, sg, sgx, m);
+  for (int64_t tn = 0; tn < s.T * s.N; ++tn) {
+    const int64_t off = (tn * s.Co + c) * S;
+    for (int64_t i = 0; i < S; ++i)
+      gz[off + i] = zg(gcur[off + i], static_cast<float>(counts[off + i]) * a);
+  }
+}
+
+#define BINSLT_LIF_BN_CHANNEL_ARGS                                                            \
+  const ConvShape &s, int64_t c, const CT *counts, const float *gs, const float *alpha,      \
+      const ChannelAffine &aff, const float *res, const NeuronParams &p, float *gcur,        \
+      float *gz, float *gsc, float *gsh, float *hbuf, double *acc_g, double *acc_gx
+#define BINSLT_LIF_BN_CHANNEL_PASS \
+  s, c, counts, gs, alpha, aff, res, p, gcur, gz, gsc, gsh, hbuf, acc_g, acc_gx
+
+template <typename CT>
+__attribute__((target("avx512f"))) void lif_bn_channel_avx512(BINSLT_LIF_BN_CHANNEL_ARGS) {
+  lif_bn_channel_body(BINSLT_LIF_BN_CHANNEL_PASS);
+}
+template <typename CT>
+__attribute__((target("avx2"))) void lif_bn_channel_avx2(BINSLT_LIF_BN_CHANNEL_ARGS) {
+  lif_bn_channel_body(BINSLT_LIF_BN_CHANNEL_PASS);
+}
+
+template <typename CT>
+void lif_bn_channel_base(BINSLT_LIF_BN_CHANNEL_ARGS) {
+  lif_bn_channel_body(BINSLT_LIF_BN_CHANNEL_PASS);
+}
+
+// dL/dX (grad_current) and dL/dZ from the counts; returns per-channel sums through gsc/gsh.
+template <typename CT>
+void lif_bn_backward(const ConvShape& s, const CT* counts, const float* gs, const float* alpha,
+                     const std::vector<ChannelAffine>& aff, const float* res,
+                     const NeuronParams& p, float* gcur, float* gz, float* gsc, float* gsh) {
+  const Isa isa = active_isa();
+  at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> hbuf(static_cast<size_t>(s.T) * kRowChunk);
+    std::vector<double> acc_g(kRowChunk), acc_gx(kRowChunk);
+    for (int64_t c = c0; c < c1; ++c) {
+      auto fn = isa == Isa::kAvx512 ? &lif_bn_channel_avx512<CT>
+                : isa == Isa::kAvx2 ? &lif_bn_channel_avx2<CT>
+                                    : &lif_bn_channel_base<CT>;
+      fn(s, c, counts, gs, alpha, aff[c], res, p, gcur, gz, gsc, gsh, hbuf.data(), acc_g.data(),
+         acc_gx.data());
+    }
+  });
+}
+
+}  // namespace
+
+
+// grad_spikes: [T, N, Co, Ho, Wo] float32; counts: [T, N, Co, Ho, Wo] int16/int32 (from
+// bconv_lif); x_packed: [T*N, H, W, Cw] int32; w_mask, w_pos: [Co, kh, kw, Cw] int32;
+// alpha, scale, shift, mean, var: [Co] float32; residual: [T, N, Co, Ho, Wo] float32 or None
+// -> grad_x [T, N, Ci, H, W] (or [0]), grad_weight [Co, Ci, kh, kw], grad_current like counts,
+//    grad_scale [Co], grad_shift [Co]
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_bwd_cpu(
+    const at::Tensor& grad_in, const at::Tensor& counts_in, const at::Tensor& x_packed_in,
+    const at::Tensor& w_mask_in, const at::Tensor& w_pos_in, const at::Tensor& alpha_in,
+    const at::Tensor& scale_in, const at::Tensor& shift_in, const at::Tensor& mean_in,
+    const at::Tensor& var_in, const std::optional<at::Tensor>& residual_in, int64_t in_channels,
+    int64_t stride, int64_t padding, bool bn_train, double bn_eps, double tau, bool decay_input,
+    double v_threshold, std::optional<double> v_reset, bool detach_reset, int64_t surrogate,
+    double surrogate_alpha, bool need_grad_x) {
+  const char* op = "bconv_lif_bwd";
+  TORCH_CHECK(counts_in.dim() == 5, "binslt::", op,
+              ": counts must be [T, N, Co, Ho, Wo] (from bconv_lif), got shape ",
+              shape_str(counts_in));
+  const ConvShape s =
+      check_conv(x_packed_in, w_mask_in, w_pos_in, counts_in.size(0), stride, padding, op);
+  const std::vector<int64_t> oshape{s.T, s.N, s.Co, s.Ho, s.Wo};
+  TORCH_CHECK(counts_in.sizes() == at::IntArrayRef(oshape), "binslt::", op, ": counts must have "
+              "shape ", at::IntArrayRef(oshape), " for this input/weight/stride/padding, got ",
+              shape_str(counts_in));
+  const at::ScalarType count_type = counts_dtype(s.Cw, s.KH, s.KW);
+  TORCH_CHECK(counts_in.scalar_type() == count_type, "binslt::", op, ": counts must be ",
+              count_type, " for this weight (as returned by bconv_lif), got ",
+              counts_in.scalar_type());
+  TORCH_CHECK_VALUE(in_channels >= 1 && in_channels <= 32 * s.Cw, "binslt::", op,
+                    ": in_channels must be in [1, 32*Cw] = [1, ", 32 * s.Cw, "], got ",
+                    in_channels);
+  const NeuronParams p = checked_neuron(op, tau, decay_input, v_threshold, v_reset, detach_reset,
+                                        surrogate, surrogate_alpha);
+  check_bn_eps(op, bn_eps);
+  const at::Tensor gs = cpu_output_like(grad_in, oshape, op, "grad_spikes");
+  const at::Tensor alpha = cpu_channel_vec(alpha_in, op, "alpha", s.Co);
+  const at::Tensor scale = cpu_channel_vec(scale_in, op, "scale", s.Co);
+  const at::Tensor shift = cpu_channel_vec(shift_in, op, "shift", s.Co);
+  const at::Tensor mean = cpu_channel_vec(mean_in, op, "mean", s.Co);
+  const at::Tensor var = cpu_channel_vec(var_in, op, "var", s.Co);
+  std::optional<at::Tensor> res;
+  if (residual_in.has_value()) res = cpu_output_like(*residual_in, oshape, op, "residual");
+  const at::Tensor counts = counts_in.contiguous();
+  const at::Tensor x_packed = x_packed_in.contiguous();
+  const at::Tensor w_mask = w_mask_in.contiguous(), w_pos = w_pos_in.contiguous();
+
+  std::vector<ChannelAffine> aff(s.Co);
+  const float* ap = alpha.data_ptr<float>();
+  for (int64_t c = 0; c < s.Co; ++c) {
+    const float sc = scale.data_ptr<float>()[c], sh = shift.data_ptr<float>()[c];
+    aff[c] = bn_train ? ChannelAffine{mean.data_ptr<float>()[c],
+                                      invstd_of(var.data_ptr<float>()[c], bn_eps), sc, sh, true}
+                      : ChannelAffine{0.0f, 1.0f, sc, sh, false};
+  }
+  const auto fopts = counts.options().dtype(at::kFloat);
+  at::Tensor gcur = at::empty(oshape, fopts);
+  at::Tensor gz = at::empty({s.B, s.Co, s.Ho, s.Wo}, fopts);
+  at::Tensor gscale = at::empty({s.Co}, fopts), gshift = at::empty({s.Co}, fopts);
+  const float* rp = res ? res->data_ptr<float>() : nullptr;
+  if (counts.scalar_type() == at::kShort)
+    lif_bn_backward<int16_t>(s, counts.data_ptr<int16_t>(), gs.data_ptr<float>(), ap, aff, rp, p,
+                             gcur.data_ptr<float>(), gz.data_ptr<float>(),
+                             gscale.data_ptr<float>(), gshift.data_ptr<float>());
+  else
+    lif_bn_backward<int32_t>(s, counts.data_ptr<int32_t>(), gs.data_ptr<float>(), ap, aff, rp, p,
+                             gcur.data_ptr<float>(), gz.data_ptr<float>(),
+                             gscale.data_ptr<float>(), gshift.data_ptr<float>());
+
+  // dZ channel-last for the weight gradient, with zero margins where stride 1 lets taps reach
+  // past the border (see weight_grad).
+  const int64_t margin_top = stride == 1 ? std::max<int64_t>(0, s.KH - 1 - padding) : 0;
+  const int64_t margin_left = stride == 1 ? std::max<int64_t>(0, s.KW - 1 - padding) : 0;
+  const at::Tensor gz_cl = channels_last_copy(gz, margin_top, margin_left);
+  at::Tensor gw = weight_grad(s, in_channels, x_packed, gz_cl, margin_top, margin_left);
+
+  const at::Tensor gx = need_grad_x ? input_grad(s, in_channels, gz, w_mask, w_pos, ap)
+                                    : at::empty({0}, fopts);
+  return {gx, gw, gcur, gscale, gshift};
+}
+
+}  // namespace cpu
+}  // namespace binslt
+
+TORCH_LIBRARY_IMPL(binslt, CPU, m) {
+  m.impl("bconv_lif_bwd", &binslt::cpu::bconv_lif_bwd_cpu);
+}

@@ -1,0 +1,568 @@
+// Fused binary convolution + epilogue + multi-step LIF, forward (binslt::bconv_lif and the
+// inference form binslt::bconv_lif_infer).
+//
+// Exact ternary counts by AND + popcount over packed channel-last words (binslt/bconv_popcount.h)
+// or by summing the weight columns of the input spikes (binslt/bconv_event.h), per output tile
+// (image n, a block of output rows, all T), then the epilogue and the LIF over T while the tile is
+// in cache. With training BatchNorm the statistics need every count first: pass 1 stores the
+// counts and exact integer sums, pass 2 runs the epilogue + LIF from the stored counts.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "binslt/bconv_cpu.h"
+#include "binslt/bconv_event.h"
+#include "binslt/bconv_popcount.h"
+#include "binslt/checks.h"
+#include "binslt/cpu_algos.h"
+#include "binslt/epilogue_cpu.h"
+#include "binslt/lif.h"
+#include "binslt/pack_cpu.h"
+#include "binslt/transpose_cpu.h"
+
+namespace binslt {
+namespace cpu {
+
+ConvShape check_conv_dims(int64_t B, int64_t H, int64_t W, int64_t Cw, const char* xname,
+                          const at::Tensor& w_mask, const at::Tensor& w_pos, int64_t T,
+                          int64_t stride, int64_t padding, const char* op) {
+  check_cpu_tensor(w_mask, op, "w_mask", 4, at::kInt, "[Co, kh, kw, Cw] int32 from pack_weight");
+  check_cpu_tensor(w_pos, op, "w_pos", 4, at::kInt, "[Co, kh, kw, Cw] int32 from pack_weight");
+  check_weight_planes(op, w_mask, w_pos, xname, Cw);
+  check_stride_padding(op, stride, padding);
+  check_timesteps(op, T, B);
+  ConvShape s;
+  s.B = B;
+  s.H = H;
+  s.W = W;
+  s.Cw = Cw;
+  s.Co = w_mask.size(0);
+  s.KH = w_mask.size(1);
+  s.KW = w_mask.size(2);
+  s.T = T;
+  s.N = s.B / T;
+  s.stride = stride;
+  s.padding = padding;
+  const OutHW o = check_out_hw(op, s.H, s.W, s.KH, s.KW, stride, padding);
+  s.Ho = o.Ho;
+  s.Wo = o.Wo;
+  return s;
+}
+
+ConvShape check_conv(const at::Tensor& x_packed, const at::Tensor& w_mask,
+                     const at::Tensor& w_pos, int64_t T, int64_t stride, int64_t padding,
+                     const char* op) {
+  check_cpu_tensor(x_packed, op, "x_packed", 4, at::kInt,
+                   "[T*N, H, W, Cw] int32 from pack_spikes");
+  return check_conv_dims(x_packed.size(0), x_packed.size(1), x_packed.size(2), x_packed.size(3),
+                         "x_packed", w_mask, w_pos, T, stride, padding, op);
+}
+
+at::Tensor cpu_output_like(const at::Tensor& t, at::IntArrayRef shape, const char* op,
+                           const char* name) {
+  check_on_cpu(t, op, name);
+  return output_like(t, shape, op, name);
+}
+
+namespace {
+
+using RowFn = void (*)(const RowGeom&, int32_t*);
+using EventFn = void (*)(const EventGeom&, int16_t*);
+
+EventFn event_fn(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return &row_counts_event_avx512;
+    case Isa::kAvx2: return &row_counts_event_avx2;
+    default: return &row_counts_event_base;
+  }
+}
+
+RowFn row_fn(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return &row_counts_avx512;
+    case Isa::kAvx2: return &row_counts_avx2;
+    case Isa::kPopcnt: return &row_counts_popcnt;
+    default: return &row_counts_scalar;
+  }
+}
+
+// Weight planes repacked for the vector kernels: [KH][KW][Cw][co_pad16], and neg = mask & ~pos
+// in the original layout for the scalar kernels.
+struct PackedW {
+  int64_t co_pad16 = 16;
+  std::vector<uint32_t> pos_r, neg_r, neg;
+};
+
+PackedW repack(const ConvShape& s, const uint32_t* mask, const uint32_t* pos) {
+  PackedW planes;
+  planes.co_pad16 = (s.Co + 15) / 16 * 16;
+  const int64_t per = s.KH * s.KW * s.Cw;
+  planes.neg.resize(s.Co * per);
+  planes.pos_r.assign(per * planes.co_pad16, 0u);
+  planes.neg_r.assign(per * planes.co_pad16, 0u);
+  for (int64_t o = 0; o < s.Co; ++o)
+    for (int64_t k = 0; k < per; ++k) {
+      const uint32_t m = mask[o * per + k], p = pos[o * per + k] & m;
+      planes.neg[o * per + k] = m & ~p;
+      planes.pos_r[k * planes.co_pad16 + o] = p;
+      planes.neg_r[k * planes.co_pad16 + o] = m & ~p;
+    }
+  return planes;
+}
+
+// The ternary weight sign(w)*M as int8 [KH][32*Cw][KW][co_pad64] (output channels innermost, zero
+// padding), the table of the event kernel (see bconv_event.h for why kx sits inside ci).
+// One table row: dst[o] = sign * mask bit j of output channel o (mrow/prow: [Co] words).
+static inline __attribute__((always_inline)) void table_row_body(const uint32_t* mrow,
+                                                                 const uint32_t* prow, int j,
+                                                                 int64_t Co, int64_t co_pad64,
+                                                                 int8_t* dst) {
+  for (int64_t o = 0; o < Co; ++o) {
+    const int m = static_cast<int>((mrow[o] >> j) & 1u);
+    const int sg = static_cast<int>((prow[o] >> j) & 1u);
+    dst[o] = static_cast<int8_t>(m * (2 * sg - 1));
+  }
+  for (int64_t o = Co; o < co_pad64; ++o) dst[o] = 0;
+}
+static void table_row_base(const uint32_t* mrow, const uint32_t* prow, int j, int64_t Co,
+                           int64_t co_pad64, int8_t* dst) {
+  table_row_body(mrow, prow, j, Co, co_pad64, dst);
+}
+__attribute__((target("avx2"))) static void table_row_avx2(const uint32_t* mrow,
+                                                           const uint32_t* prow, int j,
+                                                           int64_t Co, int64_t co_pad64,
+                                                           int8_t* dst) {
+  table_row_body(mrow, prow, j, Co, co_pad64, dst);
+}
+__attribute__((target("avx512f,avx512bw"))) static void table_row_avx512(
+    const uint32_t* mrow, const uint32_t* prow, int j, int64_t Co, int64_t co_pad64, int8_t* dst) {
+  table_row_body(mrow, prow, j, Co, co_pad64, dst);
+}
+
+at::Tensor event_table(const ConvShape& s, const uint32_t* mask, const uint32_t* pos,
+                       int64_t co_pad64) {
+  const Isa isa = active_isa();
+  auto row = isa == Isa::kAvx512 ? &table_row_avx512
+             : isa == Isa::kAvx2 ? &table_row_avx2
+                                 : &table_row_base;
+  const int64_t Ci = 32 * s.Cw, K = s.KH * s.KW;
+  // The planes as [K][Cw][Co], so that a table row reads its Co words contiguously.
+  std::vector<uint32_t> mask_t(K * s.Cw * s.Co), pos_t(K * s.Cw * s.Co);
+  for (int64_t o = 0; o < s.Co; ++o)
+    for (int64_t kq = 0; kq < K * s.Cw; ++kq) {
+      mask_t[kq * s.Co + o] = mask[o * K * s.Cw + kq];
+      pos_t[kq * s.Co + o] = pos[o * K * s.Cw + kq];
+    }
+  at::Tensor weight_table = at::empty({K * Ci * co_pad64}, at::TensorOptions().dtype(at::kChar));
+  int8_t* w = weight_table.data_ptr<int8_t>();
+  // Every byte written once, branch-free (this runs on every forward): row (ky, ci, kx).
+  at::parallel_for(0, s.KH * Ci * s.KW, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t ky = r / (Ci * s.KW), ci = (r / s.KW) % Ci, kx = r % s.KW;
+      const int64_t kq = (ky * s.KW + kx) * s.Cw + (ci >> 5);
+      const int j = static_cast<int>(ci & 31);
+      row(mask_t.data() + kq * s.Co, pos_t.data() + kq * s.Co, j, s.Co, co_pad64, w + r * co_pad64);
+    }
+  });
+  return weight_table;
+}
+
+template <typename ST>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void transpose_store_avx512(
+    const ST* tile, int64_t stride, int64_t Wo, int64_t Co, int16_t* dst, int64_t S) {
+  transpose_store_body(tile, stride, Wo, Co, dst, S);
+}
+template <typename ST>
+__attribute__((target("avx2"))) void transpose_store_avx2(const ST* tile, int64_t stride,
+                                                          int64_t Wo, int64_t Co, int16_t* dst,
+                                                          int64_t S) {
+  transpose_store_body(tile, stride, Wo, Co, dst, S);
+}
+
+// One output row of counts: tile [Wo][ostride] (channel-last) -> dst [c][ox] (c stride S), and
+// with sums != nullptr the exact per-channel sums of the counts and of their squares.
+template <typename ST, typename CT>
+inline void store_counts(Isa isa, const ST* tile, int64_t ostride, int64_t Wo, int64_t Co,
+                         CT* dst, int64_t S, int64_t* sums) {
+  if constexpr (std::is_same_v<CT, int16_t>) {
+    if (isa == Isa::kAvx512)
+      transpose_store_avx512(tile, ostride, Wo, Co, dst, S);
+    else if (isa == Isa::kAvx2)
+      transpose_store_avx2(tile, ostride, Wo, Co, dst, S);
+    else
+      transpose_store_body(tile, ostride, Wo, Co, dst, S);
+  } else {
+    for (int64_t ox = 0; ox < Wo; ++ox)
+      for (int64_t c = 0; c < Co; ++c) dst[c * S + ox] = static_cast<CT>(tile[ox * ostride + c]);
+  }
+  if (sums == nullptr) return;
+  for (int64_t ox = 0; ox < Wo; ++ox) {
+    const ST* src = tile + ox * ostride;
+    for (int64_t c = 0; c < Co; ++c) {
+      const int64_t v = src[c];
+      sums[2 * c] += v;
+      sums[2 * c + 1] += v * v;
+    }
+  }
+}
+
+// lif_forward_row over integer counts (z = count * a), compiled for the wider vector units too.
+// The LIF float arithmetic is the same on every path: -ffp-contract=off (setup.py) keeps the
+// compiler from fusing it into FMAs, so the spikes do not depend on the CPU.
+template <typename CT>
+static inline __attribute__((always_inline)) void lif_counts_body(
+    int T, int L, const CT* cr, int64_t count_step_stride, float a, const ChannelAffine& aff,
+    const float* res, int64_t step_stride, const NeuronParams& p, float* out) {
+  auto zat = [cr, a, count_step_stride](int t, int i) {
+    return static_cast<float>(cr[t * count_step_stride + i]) * a;
+  };
+  lif_forward_row(T, L, zat, aff, res, step_stride, p, out);
+}
+template <typename CT>
+__attribute__((target("avx512f"))) void lif_counts_avx512(int T, int L, const CT* cr,
+                                                          int64_t count_step_stride, float a,
+                                                          const ChannelAffine& aff,
+                                                          const float* res, int64_t step_stride,
+                                                          const NeuronParams& p, float* out) {
+  lif_counts_body(T, L, cr, count_step_stride, a, aff, res, step_stride, p, out);
+}
+template <typename CT>
+__attribute__((target("avx2"))) void lif_counts_avx2(int T, int L, const CT* cr,
+                                                     int64_t count_step_stride, float a,
+                                                     const ChannelAffine& aff,
+                                                     const float* res, int64_t step_stride,
+                                                     const NeuronParams& p, float* out) {
+  lif_counts_body(T, L, cr, count_step_stride, a, aff, res, step_stride, p, out);
+}
+template <typename CT>
+void lif_counts(Isa isa, int T, int L, const CT* cr, int64_t count_step_stride, float a,
+                const ChannelAffine& aff, const float* res, int64_t step_stride,
+                const NeuronParams& p, float* out) {
+  if (isa == Isa::kAvx512)
+    lif_counts_avx512(T, L, cr, count_step_stride, a, aff, res, step_stride, p, out);
+  else if (isa == Isa::kAvx2)
+    lif_counts_avx2(T, L, cr, count_step_stride, a, aff, res, step_stride, p, out);
+  else
+    lif_counts_body(T, L, cr, count_step_stride, a, aff, res, step_stride, p, out);
+}
+
+// The input: packed and padded words (xpad, [T*N, Hp, Wp, Cw]), or float spikes xf
+// [T*N, C, H, W] (inference only; xpad undefined), which each tile packs itself, into a
+// per-thread padded image, for the input rows it reads (non-binary values set *bad).
+struct FloatInput {
+  bool on = false;  // x may be null for an empty input
+  const float* x = nullptr;
+  int64_t C = 0;
+  std::atomic<bool>* bad = nullptr;
+};
+
+// infer (eval epilogue only, counts unused): each tile's counts live in a per-thread buffer
+// [T][Co][R*Wo] and never reach memory (no 2-byte-per-neuron write and read back).
+template <typename CT>
+void forward_impl(const ConvShape& s, const at::Tensor& xpad, const FloatInput& xf,
+                  const PackedW& planes, const uint32_t* pos_orig, const int8_t* weight_table,
+                  int64_t co_pad64, const float* alpha, const float* scale, const float* shift,
+                  const float* res, bool bn_train, double bn_eps, const NeuronParams& p,
+                  bool infer, CT* counts, float* spikes, float* mean_out, float* var_out) {
+  const int64_t Hp = s.H + 2 * s.padding, Wp = s.W + 2 * s.padding;
+  const uint32_t* xp =
+      xf.on ? nullptr : reinterpret_cast<const uint32_t*>(xpad.data_ptr<int32_t>());
+  const int64_t S = s.Ho * s.Wo;
+  const int64_t step_stride = s.N * s.Co * S;  // elements between timesteps
+  const Isa isa = active_isa();
+  const RowFn dense_row = row_fn(isa);
+  const bool event = weight_table != nullptr;
+  const EventFn event_row = event_fn(isa);
+  const int64_t ostride = event ? co_pad64 : planes.co_pad16;  // row stride of the count tile
+
+  // Tile: image n, R output rows, all T and all channels.
+  const int64_t nthreads = at::get_num_threads();
+  int64_t R = std::max<int64_t>(1, std::min<int64_t>(s.Ho, kRowChunk / s.Wo));
+  while (R > 1 && s.N * ((s.Ho + R - 1) / R) < 4 * nthreads) R = (R + 1) / 2;
+  const int64_t row_blocks = (s.Ho + R - 1) / R;
+
+  std::vector<int64_t> sums(bn_train ? nthreads * s.Co * 2 : 0, 0);
+  std::vector<ChannelAffine> aff(s.Co);
+  for (int64_t c = 0; c < s.Co; ++c) aff[c] = ChannelAffine{0.0f, 1.0f, scale[c], shift[c], false};
+
+  TORCH_INTERNAL_ASSERT(!(infer && bn_train), "bconv_lif: inference needs the eval epilogue");
+  const int64_t Lmax = R * s.Wo;  // neurons per channel in a tile
+  TORCH_INTERNAL_ASSERT(!(xf.on && !infer), "bconv_lif: float input is for inference only");
+  const PackWordFn pack_fn = pack_word_fn();
+  const int64_t plane = s.H * s.W;
+  at::parallel_for(0, s.N * row_blocks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<CT> loc(infer ? s.T * s.Co * Lmax : 0);
+    // Float input: this thread's padded packed image (margins stay zero; each tile writes the
+    // interior rows it reads) and the packed rows before padding.
+    std::vector<uint32_t> pimg(xf.on ? Hp * Wp * s.Cw : 0, 0u);
+    std::vector<uint32_t> prow(xf.on ? std::min(s.H, (R - 1) * s.stride + s.KH) * s.W * s.Cw
+                                    : 0);
+    bool bad = false;
+    std::vector<int32_t> tmp(event ? 0 : s.Wo * ostride);
+    std::vector<int16_t> tmp16(event ? s.Wo * ostride : 0);
+    EventList ev;
+    std::vector<int8_t> acc8(event ? s.Wo * 256 : 0);
+    std::vector<int> pending(event ? s.Wo : 0);
+    EventGeom event_geom;
+    event_geom.acc8 = acc8.data();
+    event_geom.pending = pending.data();
+    event_geom.weight_table = weight_table;
+    event_geom.Wp = static_cast<int>(Wp);
+    event_geom.Wo = static_cast<int>(s.Wo);
+    event_geom.stride = static_cast<int>(s.stride);
+    event_geom.KH = static_cast<int>(s.KH);
+    event_geom.KW = static_cast<int>(s.KW);
+    event_geom.Ci = static_cast<int>(32 * s.Cw);
+    event_geom.co_pad64 = static_cast<int>(co_pad64);
+    int64_t* my_sums = bn_train ? sums.data() + at::get_thread_num() * s.Co * 2 : nullptr;
+    RowGeom g;
+    g.Wp = static_cast<int>(Wp);
+    g.Cw = static_cast<int>(s.Cw);
+    g.Wo = static_cast<int>(s.Wo);
+    g.stride = static_cast<int>(s.stride);
+    g.KH = static_cast<int>(s.KH);
+    g.KW = static_cast<int>(s.KW);
+    g.Co = static_cast<int>(s.Co);
+    g.co_pad16 = static_cast<int>(planes.co_pad16);
+    g.wpos_r = planes.pos_r.data();
+    g.wneg_r = planes.neg_r.data();
+    g.wpos = pos_orig;
+    g.wneg = planes.neg.data();
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t n = it / row_blocks, oy0 = (it % row_blocks) * R;
+      const int64_t oy1 = std::min(s.Ho, oy0 + R);
+      for (int64_t t = 0; t < s.T; ++t) {
+        const int64_t b = t * s.N + n;
+        const int64_t r0 = oy0 * s.stride;  // padded input rows [r0, r1) feed this tile
+        const int64_t r1 = (oy1 - 1) * s.stride + s.KH;
+        if (xf.on) {
+          // image rows [h0, h1) of every channel: one strided pack per word, then row copies
+          // into the margined image
+          const int64_t h0 = std::max<int64_t>(0, r0 - s.padding);
+          const int64_t h1 = std::min<int64_t>(s.H, r1 - s.padding);
+          if (h1 > h0) {
+            const float* xb = xf.x + (b * xf.C) * plane + h0 * s.W;
+            for (int64_t wd = 0; wd < s.Cw; ++wd)
+              bad |= pack_fn(xb + 32 * wd * plane, std::min<int64_t>(32, xf.C - 32 * wd), plane,
+                             (h1 - h0) * s.W, s.Cw, prow.data() + wd);
+            for (int64_t h = h0; h < h1; ++h)
+              std::memcpy(pimg.data() + ((h + s.padding) * Wp + s.padding) * s.Cw,
+                          prow.data() + (h - h0) * s.W * s.Cw, s.W * s.Cw * sizeof(uint32_t));
+          }
+          g.img = pimg.data();
+        } else {
+          g.img = xp + b * Hp * Wp * s.Cw;
+        }
+        if (event) {
+          ev.build(g.img + r0 * Wp * s.Cw, static_cast<int>(r1 - r0), static_cast<int>(Wp),
+                   static_cast<int>(s.Cw), static_cast<int>(s.KW * co_pad64),
+                   static_cast<int>(co_pad64),
+                   isa == Isa::kAvx512);
+          event_geom.start = ev.start.data();
+          event_geom.off = ev.off.data();
+        }
+        for (int64_t oy = oy0; oy < oy1; ++oy) {
+          if (event) {
+            event_geom.iy0 = static_cast<int>(oy * s.stride - r0);
+            event_row(event_geom, tmp16.data());
+          } else {
+            g.iy0 = static_cast<int>(oy * s.stride);
+            dense_row(g, tmp.data());
+          }
+          CT* crow = infer ? loc.data() + t * s.Co * Lmax + (oy - oy0) * s.Wo
+                           : counts + (b * s.Co) * S + oy * s.Wo;
+          const int64_t channel_stride = infer ? Lmax : S;
+          if (event)
+            store_counts(isa, tmp16.data(), ostride, s.Wo, s.Co, crow, channel_stride, my_sums);
+          else
+            store_counts(isa, tmp.data(), ostride, s.Wo, s.Co, crow, channel_stride, my_sums);
+        }
+      }
+      if (bn_train) continue;
+      // Epilogue + LIF over T for this tile, while its counts are in cache.
+      const int L = static_cast<int>((oy1 - oy0) * s.Wo);
+      for (int64_t c = 0; c < s.Co; ++c) {
+        const int64_t off = (n * s.Co + c) * S + oy0 * s.Wo;
+        const CT* cr = infer ? loc.data() + c * Lmax : counts + off;
+        lif_counts(isa, static_cast<int>(s.T), L, cr, infer ? s.Co * Lmax : step_stride, alpha[c],
+                   aff[c], res ? res + off : nullptr, step_stride, p, spikes + off);
+      }
+    }
+    if (bad) xf.bad->store(true, std::memory_order_relaxed);
+  });
+  if (!bn_train) return;
+
+  // Exact per-channel statistics of the integer counts, then Z = alpha * count.
+  const int64_t M = s.T * s.N * S;
+  for (int64_t c = 0; c < s.Co; ++c) {
+    __int128 sm = 0, sq = 0;
+    for (int64_t th = 0; th < nthreads; ++th) {
+      sm += sums[(th * s.Co + c) * 2];
+      sq += sums[(th * s.Co + c) * 2 + 1];
+    }
+    const double mc = static_cast<double>(sm) / static_cast<double>(M);
+    const double vc = static_cast<double>(sq * M - sm * sm) / (static_cast<double>(M) * M);
+    const double a = alpha[c];
+    mean_out[c] = static_cast<float>(a * mc);
+    var_out[c] = static_cast<float>(a * a * vc);
+    aff[c] = ChannelAffine{mean_out[c], invstd_of(var_out[c], bn_eps), scale[c], shift[c], true};
+  }
+  const int64_t chunks = (S + kRowChunk - 1) / kRowChunk;
+  at::parallel_for(0, s.N * s.Co * chunks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t nc = it / chunks, s0 = (it % chunks) * kRowChunk;
+      const int64_t c = nc % s.Co;
+      const int L = static_cast<int>(std::min<int64_t>(kRowChunk, S - s0));
+      const int64_t off = nc * S + s0;
+      lif_counts(isa, static_cast<int>(s.T), L, counts + off, step_stride, alpha[c], aff[c],
+                 res ? res + off : nullptr, step_stride, p, spikes + off);
+    }
+  });
+}
+
+}  // namespace
+
+// The checked per-channel vectors (contiguous float32), residual and neuron settings of both ops.
+struct ForwardArgs {
+  at::Tensor alpha, scale, shift;
+  std::optional<at::Tensor> res;
+  NeuronParams p;
+};
+
+static ForwardArgs check_forward_args(const char* op, const ConvShape& s,
+                                      const at::Tensor& alpha, const at::Tensor& scale,
+                                      const at::Tensor& shift,
+                                      const std::optional<at::Tensor>& residual, double bn_eps,
+                                      double tau, bool decay_input, double v_threshold,
+                                      std::optional<double> v_reset) {
+  ForwardArgs a;
+  a.p = checked_neuron(op, tau, decay_input, v_threshold, v_reset);
+  check_bn_eps(op, bn_eps);
+  a.alpha = cpu_channel_vec(alpha, op, "alpha", s.Co);
+  a.scale = cpu_channel_vec(scale, op, "scale", s.Co);
+  a.shift = cpu_channel_vec(shift, op, "shift", s.Co);
+  if (residual.has_value())
+    a.res = cpu_output_like(*residual, {s.T, s.N, s.Co, s.Ho, s.Wo}, op, "residual");
+  return a;
+}
+
+// The body of both ops. x: x_packed [T*N, H, W, Cw] int32, or with xf.on the float spikes
+// (inference only); s and args were checked by the caller. w_mask, w_pos: [Co, kh, kw, Cw] int32
+// -> spikes [T, N, Co, Ho, Wo] float32, counts [T, N, Co, Ho, Wo] int16/int32 (undefined when
+// infer), mean, var [Co]
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_run(
+    const ConvShape& s, const at::Tensor& x, const FloatInput& xf, const at::Tensor& w_mask_in,
+    const at::Tensor& w_pos_in, const ForwardArgs& args, bool bn_train, double bn_eps,
+    bool infer) {
+  const at::Tensor &alpha = args.alpha, &scale = args.scale, &shift = args.shift;
+  const std::optional<at::Tensor>& res = args.res;
+  const NeuronParams& p = args.p;
+  const std::vector<int64_t> oshape{s.T, s.N, s.Co, s.Ho, s.Wo};
+
+  const at::Tensor w_mask = w_mask_in.contiguous(), w_pos = w_pos_in.contiguous();
+  const int64_t padding = s.padding;
+  at::Tensor xpad;
+  if (!xf.on)
+    xpad = padding > 0
+               ? at::constant_pad_nd(x, {0, 0, padding, padding, padding, padding}, 0).contiguous()
+               : x.contiguous();
+  const uint32_t* mbits = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
+  const uint32_t* pbits = reinterpret_cast<const uint32_t*>(w_pos.data_ptr<int32_t>());
+  // The event kernel accumulates in int16: only where the counts are int16 too.
+  const at::ScalarType count_type = counts_dtype(s.Cw, s.KH, s.KW);
+  const bool event = s.Cw > 0 && count_type == at::kShort &&
+                     (xf.on ? use_event_float(xf.x, s.B * xf.C * s.H * s.W)
+                            : use_event_packed(x));
+  const int64_t co_pad64 = (s.Co + 63) / 64 * 64;
+  PackedW planes;
+  std::vector<uint32_t> pos_masked;
+  at::Tensor weight_table;
+  if (event) {
+    weight_table = event_table(s, mbits, pbits, co_pad64);
+  } else {
+    planes = repack(s, mbits, pbits);
+    pos_masked.resize(w_pos.numel());
+    for (size_t i = 0; i < pos_masked.size(); ++i) pos_masked[i] = mbits[i] & pbits[i];
+  }
+  const int8_t* weight_table_ptr = event ? weight_table.data_ptr<int8_t>() : nullptr;
+
+  const auto opts = x.options();
+  at::Tensor spikes = at::empty(oshape, opts.dtype(at::kFloat));
+  at::Tensor counts;
+  if (!infer) counts = at::empty(oshape, opts.dtype(count_type));
+  at::Tensor mean = at::zeros({s.Co}, opts.dtype(at::kFloat));
+  at::Tensor var = at::zeros({s.Co}, opts.dtype(at::kFloat));
+  const float* rp = res ? res->data_ptr<float>() : nullptr;
+  if (count_type == at::kShort) {
+    forward_impl<int16_t>(s, xpad, xf, planes, pos_masked.data(), weight_table_ptr, co_pad64,
+                          alpha.data_ptr<float>(), scale.data_ptr<float>(),
+                          shift.data_ptr<float>(), rp, bn_train, bn_eps, p, infer,
+                          infer ? nullptr : counts.data_ptr<int16_t>(), spikes.data_ptr<float>(),
+                          mean.data_ptr<float>(), var.data_ptr<float>());
+  } else {
+    forward_impl<int32_t>(s, xpad, xf, planes, pos_masked.data(), weight_table_ptr, co_pad64,
+                          alpha.data_ptr<float>(), scale.data_ptr<float>(),
+                          shift.data_ptr<float>(), rp, bn_train, bn_eps, p, infer,
+                          infer ? nullptr : counts.data_ptr<int32_t>(), spikes.data_ptr<float>(),
+                          mean.data_ptr<float>(), var.data_ptr<float>());
+  }
+  return {spikes, counts, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_cpu(
+    const at::Tensor& x_packed, const at::Tensor& w_mask, const at::Tensor& w_pos,
+    const at::Tensor& alpha, const at::Tensor& scale, const at::Tensor& shift,
+    const std::optional<at::Tensor>& residual, int64_t T, int64_t stride, int64_t padding,
+    bool bn_train, double bn_eps, double tau, bool decay_input, double v_threshold,
+    std::optional<double> v_reset) {
+  const char* op = "bconv_lif";
+  const ConvShape s = check_conv(x_packed, w_mask, w_pos, T, stride, padding, op);
+  const ForwardArgs args = check_forward_args(op, s, alpha, scale, shift, residual, bn_eps, tau,
+                                              decay_input, v_threshold, v_reset);
+  return bconv_lif_run(s, x_packed, FloatInput{}, w_mask, w_pos, args, bn_train, bn_eps, false);
+}
+
+// Inference (eval epilogue, no backward) straight from float spikes x [T, N, C, H, W]: each
+// tile packs the input rows it reads (no packed copy of the input, no second pass over it).
+at::Tensor bconv_lif_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_mask,
+                               const at::Tensor& w_pos, const at::Tensor& alpha,
+                               const at::Tensor& scale, const at::Tensor& shift,
+                               const std::optional<at::Tensor>& residual, int64_t stride,
+                               int64_t padding, double tau, bool decay_input, double v_threshold,
+                               std::optional<double> v_reset) {
+  const char* op = "bconv_lif_infer";
+  check_on_cpu(x_in, op, "x");
+  TORCH_CHECK(x_in.dim() == 5, "binslt::", op, ": x must be spikes [T, N, C, H, W], got shape ",
+              shape_str(x_in));
+  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "binslt::", op,
+              ": x must be floating-point spikes (0. or 1.), got ", x_in.scalar_type());
+  const int64_t T = x_in.size(0), N = x_in.size(1), C = x_in.size(2), H = x_in.size(3),
+                W = x_in.size(4);
+  const ConvShape s = check_conv_dims(T * N, H, W, words_for(static_cast<int>(C)), "x", w_mask,
+                                      w_pos, T, stride, padding, op);
+  const double bn_eps = 1e-5;  // unused: the eval epilogue
+  const ForwardArgs args = check_forward_args(op, s, alpha, scale, shift, residual, bn_eps, tau,
+                                              decay_input, v_threshold, v_reset);
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  std::atomic<bool> bad{false};
+  const FloatInput xf{true, x.data_ptr<float>(), C, &bad};
+  at::Tensor spikes =
+      std::get<0>(bconv_lif_run(s, x, xf, w_mask, w_pos, args, false, bn_eps, true));
+  TORCH_CHECK_VALUE(!bad.load(), "binslt::", op, ": ", kNotBinaryMsg);
+  return spikes;
+}
+
+}  // namespace cpu
+}  // namespace binslt
+
+TORCH_LIBRARY_IMPL(binslt, CPU, m) {
+  m.impl("bconv_lif", &binslt::cpu::bconv_lif_cpu);
+  m.impl("bconv_lif_infer", &binslt::cpu::bconv_lif_infer_cpu);
+}

@@ -1,0 +1,340 @@
+// Weight gradient of the CPU binary conv (bconv_lif_bwd):
+//
+//   dL/dW_eff[co][ci][ky][kx] = sum over output positions of dZ * x
+//
+// x is binary, so this is a sum of dZ channel vectors over the set bits of the packed input: no
+// multiplies. The sums are held in registers (gather_sum) and added into the gradient row once.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "binslt/bconv_cpu.h"
+#include "binslt/cpu_algos.h"
+#include "binslt/transpose_cpu.h"
+
+namespace binslt {
+namespace cpu {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Weight gradient: g[0:n] += sum_s gzb[offs[s] : offs[s] + n], the sum held in registers
+// ---------------------------------------------------------------------------------------------
+
+static inline __attribute__((always_inline)) void gather_sum_body(const float* gzb,
+                                                                  const int32_t* offs, int m,
+                                                                  float* g, int n) {
+  constexpr int kW = 64;
+  int c = 0;
+  for (; c + kW <= n; c += kW) {
+    float acc[kW] = {};
+    for (int s = 0; s < m; ++s) {
+      const float* src = gzb + offs[s] + c;
+      for (int j = 0; j < kW; ++j) acc[j] += src[j];
+    }
+    for (int j = 0; j < kW; ++j) g[c + j] += acc[j];
+  }
+  if (c < n) {
+    const int rem = n - c;
+    float acc[kW] = {};
+    for (int s = 0; s < m; ++s) {
+      const float* src = gzb + offs[s] + c;
+      for (int j = 0; j < rem; ++j) acc[j] += src[j];
+    }
+    for (int j = 0; j < rem; ++j) g[c + j] += acc[j];
+  }
+}
+static void gather_sum_base(const float* gzb, const int32_t* offs, int m, float* g, int n) {
+  gather_sum_body(gzb, offs, m, g, n);
+}
+__attribute__((target("avx2"))) static void gather_sum_avx2(const float* gzb,
+                                                            const int32_t* offs, int m, float* g,
+                                                            int n) {
+  // Explicit: the generic body's 64-float accumulator array is not kept in ymm registers.
+  int c = 0;
+  for (; c + 64 <= n; c += 64) {
+    __m256 a[8];
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+    for (int e = 0; e < m; ++e) {
+      const float* src = gzb + offs[e] + c;
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_add_ps(a[j], _mm256_loadu_ps(src + 8 * j));
+    }
+    for (int j = 0; j < 8; ++j)
+      _mm256_storeu_ps(g + c + 8 * j, _mm256_add_ps(_mm256_loadu_ps(g + c + 8 * j), a[j]));
+  }
+  for (; c + 8 <= n; c += 8) {
+    __m256 a = _mm256_setzero_ps();
+    for (int e = 0; e < m; ++e) a = _mm256_add_ps(a, _mm256_loadu_ps(gzb + offs[e] + c));
+    _mm256_storeu_ps(g + c, _mm256_add_ps(_mm256_loadu_ps(g + c), a));
+  }
+  for (; c < n; ++c) {
+    float a = 0.0f;
+    for (int e = 0; e < m; ++e) a += gzb[offs[e] + c];
+    g[c] += a;
+  }
+}
+__attribute__((target("avx512f"))) static void gather_sum_avx512(const float* gzb,
+                                                                 const int32_t* offs, int m,
+                                                                 float* g, int n) {
+  int c = 0;
+  for (; c + 128 <= n; c += 128) {  // 128 channels per pass over the offsets: 8 accumulators
+    __m512 a[8];
+    for (int j = 0; j < 8; ++j) a[j] = _mm512_setzero_ps();
+    for (int e = 0; e < m; ++e) {
+      const float* src = gzb + offs[e] + c;
+      for (int j = 0; j < 8; ++j) a[j] = _mm512_add_ps(a[j], _mm512_loadu_ps(src + 16 * j));
+    }
+    for (int j = 0; j < 8; ++j)
+      _mm512_storeu_ps(g + c + 16 * j, _mm512_add_ps(_mm512_loadu_ps(g + c + 16 * j), a[j]));
+  }
+  for (; c + 64 <= n; c += 64) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int e = 0; e < m; ++e) {
+      const float* src = gzb + offs[e] + c;
+      a0 = _mm512_add_ps(a0, _mm512_loadu_ps(src));
+      a1 = _mm512_add_ps(a1, _mm512_loadu_ps(src + 16));
+      a2 = _mm512_add_ps(a2, _mm512_loadu_ps(src + 32));
+      a3 = _mm512_add_ps(a3, _mm512_loadu_ps(src + 48));
+    }
+    _mm512_storeu_ps(g + c, _mm512_add_ps(_mm512_loadu_ps(g + c), a0));
+    _mm512_storeu_ps(g + c + 16, _mm512_add_ps(_mm512_loadu_ps(g + c + 16), a1));
+    _mm512_storeu_ps(g + c + 32, _mm512_add_ps(_mm512_loadu_ps(g + c + 32), a2));
+    _mm512_storeu_ps(g + c + 48, _mm512_add_ps(_mm512_loadu_ps(g + c + 48), a3));
+  }
+  for (; c < n; c += 16) {
+    const __mmask16 k = n - c >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                    : static_cast<__mmask16>((1u << (n - c)) - 1u);
+    __m512 a = _mm512_setzero_ps();
+    for (int e = 0; e < m; ++e) a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(k, gzb + offs[e] + c));
+    _mm512_mask_storeu_ps(g + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, g + c), a));
+  }
+}
+
+// Where each input channel of one image spiked: positions (py, px) and, for stride 1, the offset
+// of the output pixel its last tap (KH-1, KW-1) feeds in the margined dZ image (>= 0).
+struct SpikeLists {
+  std::vector<int32_t> start, py, px, base;
+
+  void build(const uint32_t* xb, const ConvShape& s, int64_t Ci, int64_t margin_top,
+             int64_t margin_left, int64_t Wz) {
+    const int64_t HW = s.H * s.W;
+    start.assign(Ci + 1, 0);
+    for (int64_t q = 0; q < HW * s.Cw; ++q) {
+      uint32_t bits = xb[q];
+      const int64_t w = q % s.Cw;
+      while (bits) {
+        const int64_t ci = w * 32 + __builtin_ctz(bits);
+        bits &= bits - 1;
+        if (ci >= Ci) break;
+        ++start[ci + 1];
+      }
+    }
+    for (int64_t c = 0; c < Ci; ++c) start[c + 1] += start[c];
+    py.resize(start[Ci]);
+    px.resize(start[Ci]);
+    base.resize(start[Ci]);
+    std::vector<int32_t> fill(start.begin(), start.end() - 1);
+    for (int64_t q = 0; q < HW * s.Cw; ++q) {
+      uint32_t bits = xb[q];
+      const int64_t pos = q / s.Cw, w = q % s.Cw;
+      const int32_t iy = static_cast<int32_t>(pos / s.W), ix = static_cast<int32_t>(pos % s.W);
+      while (bits) {
+        const int64_t ci = w * 32 + __builtin_ctz(bits);
+        bits &= bits - 1;
+        if (ci >= Ci) break;
+        py[fill[ci]] = iy;
+        px[fill[ci]] = ix;
+        base[fill[ci]++] = static_cast<int32_t>(
+            ((iy + s.padding + margin_top - (s.KH - 1)) * Wz +
+             (ix + s.padding + margin_left - (s.KW - 1))) *
+            s.Co);
+      }
+    }
+  }
+};
+
+// Register-tile transposes for channels_last_copy.
+__attribute__((target("avx512f"))) void transpose_f32_avx512(const float* src, float* dst,
+                                                             int64_t R, int64_t C) {
+  transpose_f32_body<16>(src, dst, R, C);
+}
+__attribute__((target("avx2"))) void transpose_f32_avx2(const float* src, float* dst, int64_t R,
+                                                        int64_t C) {
+  transpose_f32_body<8>(src, dst, R, C);
+}
+void transpose_f32_base(const float* src, float* dst, int64_t R, int64_t C) {
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t j = 0; j < C; ++j) dst[j * R + i] = src[i * C + j];
+}
+
+}  // namespace
+
+// dL/dW_eff[co][ci][ky][kx] = sum over output positions of dZ * x (x binary: no multiplies).
+// For each (input channel, tap) sum the dZ channel vectors of the output pixels its spikes feed,
+// in registers, and add the sum into the gradient row once.
+// gz_cl is [B, Ho + 2*margin_top, Wo + 2*margin_left, Co] with zero margins
+// (channels_last_copy): with stride 1 every (spike, tap) then lands inside it, so a tap only shifts the base pointer of one offset
+// list per channel (no per-tap bounds checks); other strides check each position.
+// Two schedules: per image (each thread sums into its own copy of the gradient, then the copies
+// are added; the image's dZ stays in L2), or, where a copy of the gradient per thread would not
+// fit L2 (deep layers: many channels, small maps), per input channel (each thread owns its rows;
+// the spike lists of all images are built first).
+at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
+                       const at::Tensor& gz_cl, int64_t margin_top, int64_t margin_left) {
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t per = Ci * s.KH * s.KW * s.Co;
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
+  const float* dz = gz_cl.data_ptr<float>();
+  const Isa isa = active_isa();
+  auto gather_sum = isa == Isa::kAvx512 ? &gather_sum_avx512
+                    : isa == Isa::kAvx2   ? &gather_sum_avx2
+                                          : &gather_sum_base;
+  const int co = static_cast<int>(s.Co);
+  const int64_t HW = s.H * s.W;
+  const int64_t Hz = s.Ho + 2 * margin_top, Wz = s.Wo + 2 * margin_left;  // the margined dZ image
+  const bool unit = s.stride == 1;
+
+  const int64_t img = Hz * Wz * s.Co;  // floats per margined dZ image
+  // Stride 1: tap (ky, kx) of a spike with base offset o reads dZ at o + tap_shift(ky, kx).
+  auto tap_shift = [&](int64_t ky, int64_t kx) {
+    return ((s.KH - 1 - ky) * Wz + (s.KW - 1 - kx)) * s.Co;
+  };
+  // Other strides: appends, for tap (ky, kx), the dZ offsets (image b's at b * img) of the spikes
+  // of channel ci in image b that land on an output pixel.
+  auto strided_offsets = [&](const SpikeLists& L, int64_t b, int64_t ci, int64_t ky, int64_t kx,
+                             std::vector<int32_t>& offs) {
+    const int dy = static_cast<int>(s.padding - ky), dx = static_cast<int>(s.padding - kx);
+    const int ho = static_cast<int>(s.Ho), wo = static_cast<int>(s.Wo);
+    const int st = static_cast<int>(s.stride);
+    for (int32_t e = L.start[ci]; e < L.start[ci + 1]; ++e) {
+      const int oyn = L.py[e] + dy, oxn = L.px[e] + dx;
+      if (oyn < 0 || oxn < 0 || oyn % st != 0 || oxn % st != 0) continue;
+      const int oy = oyn / st, ox = oxn / st;
+      if (oy >= ho || ox >= wo) continue;
+      offs.push_back(
+          static_cast<int32_t>(b * img + ((oy + margin_top) * Wz + (ox + margin_left)) * s.Co));
+    }
+  };
+
+  // Adds channel ci's sums over image b (lists L) into G[ci] rows.
+  auto accumulate = [&](const SpikeLists& L, int64_t b, int64_t ci, float* Gci,
+                        std::vector<int32_t>& offs) {
+    const int32_t e0 = L.start[ci], e1 = L.start[ci + 1];
+    if (e0 == e1) return;
+    for (int64_t ky = 0; ky < s.KH; ++ky)
+      for (int64_t kx = 0; kx < s.KW; ++kx) {
+        float* gout = Gci + (ky * s.KW + kx) * s.Co;
+        if (unit) {
+          gather_sum(dz + b * img + tap_shift(ky, kx), L.base.data() + e0, e1 - e0, gout, co);
+          continue;
+        }
+        offs.clear();
+        strided_offsets(L, b, ci, ky, kx, offs);
+        if (!offs.empty()) gather_sum(dz, offs.data(), static_cast<int>(offs.size()), gout, co);
+      }
+  };
+
+  at::Tensor g = at::zeros({Ci, s.KH, s.KW, s.Co}, gz_cl.options());
+  float* gp = g.data_ptr<float>();
+  const bool by_channel = per * static_cast<int64_t>(sizeof(float)) > (1 << 20) &&
+                          s.B * img < (int64_t{1} << 31);  // offsets over all images fit int32
+  if (by_channel) {
+    // Per input channel and tap, one register sum over the spikes of every image: the gradient
+    // row is written once (per image it would be read and written B times).
+    std::vector<SpikeLists> lists(s.B);
+    at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        lists[b].build(xp + b * HW * s.Cw, s, Ci, margin_top, margin_left, Wz);
+    });
+    at::parallel_for(0, Ci, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<int32_t> offs;
+      for (int64_t ci = c0; ci < c1; ++ci) {
+        float* Gci = gp + ci * s.KH * s.KW * s.Co;
+        if (unit) {
+          offs.clear();
+          for (int64_t b = 0; b < s.B; ++b)
+            for (int32_t e = lists[b].start[ci]; e < lists[b].start[ci + 1]; ++e)
+              offs.push_back(static_cast<int32_t>(b * img + lists[b].base[e]));
+          if (offs.empty()) continue;
+          for (int64_t ky = 0; ky < s.KH; ++ky)
+            for (int64_t kx = 0; kx < s.KW; ++kx)
+              gather_sum(dz + tap_shift(ky, kx), offs.data(), static_cast<int>(offs.size()),
+                   Gci + (ky * s.KW + kx) * s.Co, co);
+          continue;
+        }
+        for (int64_t ky = 0; ky < s.KH; ++ky)
+          for (int64_t kx = 0; kx < s.KW; ++kx) {
+            offs.clear();
+            for (int64_t b = 0; b < s.B; ++b) strided_offsets(lists[b], b, ci, ky, kx, offs);
+            if (!offs.empty())
+              gather_sum(dz, offs.data(), static_cast<int>(offs.size()),
+                   Gci + (ky * s.KW + kx) * s.Co, co);
+          }
+      }
+    });
+  } else {
+    std::vector<float> partial(static_cast<size_t>(nthreads - 1) * per, 0.0f);
+    at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
+      const int th = at::get_thread_num();
+      float* G = th == 0 ? gp : partial.data() + (th - 1) * per;
+      SpikeLists L;
+      std::vector<int32_t> offs;
+      for (int64_t b = b0; b < b1; ++b) {
+        L.build(xp + b * HW * s.Cw, s, Ci, margin_top, margin_left, Wz);
+        for (int64_t ci = 0; ci < Ci; ++ci)
+          accumulate(L, b, ci, G + ci * s.KH * s.KW * s.Co, offs);
+      }
+    });
+    if (nthreads > 1)
+      at::parallel_for(0, per, 4096, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          float acc = gp[i];
+          for (int64_t th = 1; th < nthreads; ++th) acc += partial[(th - 1) * per + i];
+          gp[i] = acc;
+        }
+      });
+  }
+  return g.permute({3, 0, 1, 2}).contiguous();  // [Co, Ci, kh, kw]
+}
+
+// [B, C, H, W] float (contiguous) -> [B, H + 2*margin_top, W + 2*margin_left, C] contiguous with
+// zero margins, by 16x16 register-tile transposes (ATen's permute().contiguous() is several times
+// slower for this layout change).
+at::Tensor channels_last_copy(const at::Tensor& x, int64_t margin_top, int64_t margin_left) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Hz = H + 2 * margin_top, Wz = W + 2 * margin_left;
+  at::Tensor out = at::empty({B, Hz, Wz, C}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const Isa isa = active_isa();
+  auto fn = isa == Isa::kAvx512 ? &transpose_f32_avx512
+            : isa == Isa::kAvx2 ? &transpose_f32_avx2
+                                : &transpose_f32_base;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> tmp(margin_top + margin_left > 0 ? H * W * C : 0);
+    for (int64_t b = b0; b < b1; ++b) {
+      float* ob = dst + b * Hz * Wz * C;
+      if (margin_top + margin_left == 0) {
+        fn(src + b * C * H * W, ob, C, H * W);
+        continue;
+      }
+      fn(src + b * C * H * W, tmp.data(), C, H * W);
+      std::fill(ob, ob + margin_top * Wz * C, 0.0f);
+      std::fill(ob + (margin_top + H) * Wz * C, ob + Hz * Wz * C, 0.0f);
+      for (int64_t y = 0; y < H; ++y) {
+        float* row = ob + (margin_top + y) * Wz * C;
+        std::fill(row, row + margin_left * C, 0.0f);
+        std::memcpy(row + margin_left * C, tmp.data() + y * W * C, W * C * sizeof(float));
+        std::fill(row + (margin_left + W) * C, row + Wz * C, 0.0f);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace binslt

@@ -1,0 +1,289 @@
+// Algorithm selection of the CPU kernels (see binslt/cpu_algos.h): the configuration, the ISA
+// detection, and the measured rules that "auto" applies.
+#include "binslt/cpu_algos.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <functional>
+
+namespace binslt {
+namespace cpu {
+
+// ---------------------------------------------------------------------------------------------
+// The measured crossovers of "auto", in one table. They come from benchmarks/cpu_algos.py on the
+// anchor layer (T=4 N=16 128->128 16x16, 3x3, prune rate 0.5, 2 threads); the timings are in
+// benchmarks/results/cpu_algos_cpu-amd-epyc.csv, the discussion in docs/status.md.
+// ---------------------------------------------------------------------------------------------
+
+struct AutoRules {
+  // Forward: the event kernel below this fraction of set bits in the packed input. Its work
+  // follows the spikes, the dense kernel's does not, so the crossover moves up as the dense
+  // kernel loses vector width.
+  double event_max_rate_avx512;
+  double event_max_rate_avx2;
+  double event_max_rate_other;  // popcnt and scalar
+  // Input gradient (AVX-512, stride 1): the ternary kernels where a row fills its 16-lane
+  // vectors; their work follows the nonzero weights.
+  int64_t ternary_min_width;
+  double ternary_max_density;  // plain ternary kernel up to this fraction of nonzero weights
+  // The combination form from this density, where enough input channels share its planes and
+  // one thread's planes fit L2.
+  double combo_min_density;
+  int64_t combo_min_in_channels;
+  int64_t combo_max_bytes;
+};
+
+constexpr AutoRules kAutoRules{
+    /*event_max_rate_avx512=*/0.26,
+    /*event_max_rate_avx2=*/0.6,
+    /*event_max_rate_other=*/0.75,
+    /*ternary_min_width=*/16,
+    /*ternary_max_density=*/0.55,
+    /*combo_min_density=*/0.4,
+    /*combo_min_in_channels=*/128,
+    /*combo_max_bytes=*/512 << 10,
+};
+
+// ---------------------------------------------------------------------------------------------
+// The configuration
+// ---------------------------------------------------------------------------------------------
+
+static std::atomic<AlgoConfig> g_config{AlgoConfig{}};
+
+AlgoConfig algo_config() { return g_config.load(std::memory_order_relaxed); }
+
+bool isa_supported(Isa isa) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  switch (isa) {
+    case Isa::kScalar:
+      return true;
+    case Isa::kPopcnt:
+      return __builtin_cpu_supports("popcnt");
+    case Isa::kAvx2:
+      return __builtin_cpu_supports("avx2");
+    case Isa::kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vpopcntdq");
+    default:
+      return false;
+  }
+#else
+  return isa == Isa::kScalar;
+#endif
+}
+
+Isa best_isa() {
+  static const Isa best = [] {
+    for (Isa i : {Isa::kAvx512, Isa::kAvx2, Isa::kPopcnt})
+      if (isa_supported(i)) return i;
+    return Isa::kScalar;
+  }();
+  return best;
+}
+
+Isa active_isa() {
+  const Isa forced = algo_config().isa;
+  return forced == Isa::kAuto ? best_isa() : forced;
+}
+
+const char* isa_name(Isa i) {
+  switch (i) {
+    case Isa::kScalar: return "scalar";
+    case Isa::kPopcnt: return "popcnt";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+    default: return "auto";
+  }
+}
+
+static const char* conv_name(ConvAlgo a) {
+  switch (a) {
+    case ConvAlgo::kDense: return "dense";
+    case ConvAlgo::kEvent: return "event";
+    default: return "auto";
+  }
+}
+
+static const char* grad_x_name(GradXAlgo a) {
+  switch (a) {
+    case GradXAlgo::kDense: return "dense";
+    case GradXAlgo::kTernary: return "ternary";
+    case GradXAlgo::kCombo: return "combo";
+    default: return "auto";
+  }
+}
+
+// The value of `name` among the choices of one field (listed in the error otherwise).
+template <typename E, size_t K>
+static E parse_choice(const std::string& name, const char* field, const E (&choices)[K],
+                      const char* (*to_name)(E)) {
+  std::string listed;
+  for (E c : choices) {
+    if (name == to_name(c)) return c;
+    listed += std::string(listed.empty() ? "" : ", ") + to_name(c);
+  }
+  TORCH_CHECK_VALUE(false, "binslt: unknown CPU ", field, " '", name, "'; expected one of ",
+                    listed);
+  return choices[0];
+}
+
+std::map<std::string, std::string> cpu_algorithms() {
+  const AlgoConfig c = algo_config();
+  return {{"isa", isa_name(c.isa)}, {"conv", conv_name(c.conv)}, {"grad_x", grad_x_name(c.grad_x)}};
+}
+
+void set_cpu_algorithms(const std::string& isa, const std::string& conv,
+                        const std::string& grad_x) {
+  static constexpr Isa kIsas[] = {Isa::kAuto, Isa::kScalar, Isa::kPopcnt, Isa::kAvx2,
+                                  Isa::kAvx512};
+  static constexpr ConvAlgo kConvs[] = {ConvAlgo::kAuto, ConvAlgo::kDense, ConvAlgo::kEvent};
+  static constexpr GradXAlgo kGradXs[] = {GradXAlgo::kAuto, GradXAlgo::kDense,
+                                          GradXAlgo::kTernary, GradXAlgo::kCombo};
+  AlgoConfig c;
+  c.isa = parse_choice(isa, "isa path", kIsas, &isa_name);
+  c.conv = parse_choice(conv, "conv algorithm", kConvs, &conv_name);
+  c.grad_x = parse_choice(grad_x, "input-gradient algorithm", kGradXs, &grad_x_name);
+  TORCH_CHECK(c.isa == Isa::kAuto || isa_supported(c.isa), "binslt: this CPU cannot run the '",
+              isa, "' path");
+  TORCH_CHECK(c.grad_x == GradXAlgo::kAuto || c.grad_x == GradXAlgo::kDense ||
+                  isa_supported(Isa::kAvx512),
+              "binslt: the '", grad_x, "' input-gradient kernel needs AVX-512, which this CPU "
+              "lacks");
+  g_config.store(c, std::memory_order_relaxed);
+}
+
+std::string cpu_kernel_isa() { return isa_name(active_isa()); }
+
+std::map<std::string, bool> cpu_feature_flags() {
+  std::map<std::string, bool> f;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  f["popcnt"] = __builtin_cpu_supports("popcnt");
+  f["avx2"] = __builtin_cpu_supports("avx2");
+  f["avx512f"] = __builtin_cpu_supports("avx512f");
+  f["avx512bw"] = __builtin_cpu_supports("avx512bw");
+  f["avx512vl"] = __builtin_cpu_supports("avx512vl");
+  f["avx512vpopcntdq"] = __builtin_cpu_supports("avx512vpopcntdq");
+#endif
+  return f;
+}
+
+bool cpu_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Firing rates
+// ---------------------------------------------------------------------------------------------
+
+static inline __attribute__((always_inline)) int64_t count_bits_body(const uint64_t* p,
+                                                                     int64_t n) {
+  int64_t bits = 0;
+  for (int64_t i = 0; i < n; ++i) bits += __builtin_popcountll(p[i]);
+  return bits;
+}
+__attribute__((target("popcnt"))) static int64_t count_bits_popcnt(const uint64_t* p,
+                                                                   int64_t n) {
+  return count_bits_body(p, n);
+}
+static int64_t count_bits_base(const uint64_t* p, int64_t n) { return count_bits_body(p, n); }
+
+int64_t count_set_bits(const uint32_t* p, int64_t n) {
+  auto fn = isa_supported(Isa::kPopcnt) ? &count_bits_popcnt : &count_bits_base;
+  const int64_t n64 = n / 2;
+  int64_t bits = at::parallel_reduce(
+      0, n64, 16384, int64_t{0},
+      [&](int64_t i0, int64_t i1, int64_t acc) {
+        uint64_t buf[64];
+        for (int64_t i = i0; i < i1; i += 64) {  // memcpy: the words are only 4-byte aligned
+          const int64_t m = std::min<int64_t>(64, i1 - i);
+          std::memcpy(buf, p + 2 * i, static_cast<size_t>(m) * 8);
+          acc += fn(buf, m);
+        }
+        return acc;
+      },
+      std::plus<int64_t>());
+  if (n % 2) bits += __builtin_popcount(p[n - 1]);
+  return bits;
+}
+
+// Fraction of set bits among the packed input words.
+static double packed_rate(const at::Tensor& x_packed) {
+  const uint32_t* p = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
+  const int64_t n = x_packed.numel();
+  if (n == 0) return 0.0;
+  return static_cast<double>(count_set_bits(p, n)) / (32.0 * static_cast<double>(n));
+}
+
+// The fraction of nonzero values of float spikes, from 64 evenly spaced runs of 256 values
+// (the algorithm choice only needs an estimate; a full pass would read the whole input twice).
+static double sampled_rate(const float* x, int64_t n) {
+  if (n <= 0) return 0.0;
+  constexpr int64_t kRuns = 64, kRun = 256;
+  if (n <= kRuns * kRun) {
+    int64_t nz = 0;
+    for (int64_t i = 0; i < n; ++i) nz += x[i] != 0.0f;
+    return static_cast<double>(nz) / static_cast<double>(n);
+  }
+  int64_t nz = 0;
+  for (int64_t r = 0; r < kRuns; ++r) {
+    const float* p = x + (n - kRun) * r / (kRuns - 1);
+    for (int64_t i = 0; i < kRun; ++i) nz += p[i] != 0.0f;
+  }
+  return static_cast<double>(nz) / static_cast<double>(kRuns * kRun);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The rules
+// ---------------------------------------------------------------------------------------------
+
+static bool event_below(double rate) {
+  const Isa isa = active_isa();
+  const double max_rate = isa == Isa::kAvx512 ? kAutoRules.event_max_rate_avx512
+                          : isa == Isa::kAvx2 ? kAutoRules.event_max_rate_avx2
+                                              : kAutoRules.event_max_rate_other;
+  return rate < max_rate;
+}
+
+bool use_event_packed(const at::Tensor& x_packed) {
+  const ConvAlgo a = algo_config().conv;
+  if (a != ConvAlgo::kAuto) return a == ConvAlgo::kEvent;
+  return event_below(packed_rate(x_packed));
+}
+
+bool use_event_float(const float* x, int64_t n) {
+  const ConvAlgo a = algo_config().conv;
+  if (a != ConvAlgo::kAuto) return a == ConvAlgo::kEvent;
+  return event_below(sampled_rate(x, n));
+}
+
+GradXChoice choose_grad_x(int64_t stride, int64_t W, int64_t Ci, int64_t weights,
+                          int64_t combo_bytes, const uint32_t* mask_words, int64_t n_words) {
+  const GradXAlgo a = algo_config().grad_x;
+  GradXChoice c;
+  c.ternary = stride == 1 && active_isa() == Isa::kAvx512 &&
+              (a == GradXAlgo::kTernary || a == GradXAlgo::kCombo ||
+               (a == GradXAlgo::kAuto && W >= kAutoRules.ternary_min_width));
+  c.combos = a == GradXAlgo::kCombo;
+  if (c.ternary && a == GradXAlgo::kAuto) {
+    const int64_t nnz = count_set_bits(mask_words, n_words);
+    const double density = static_cast<double>(nnz) / static_cast<double>(weights);
+    c.combos = density >= kAutoRules.combo_min_density &&
+               Ci >= kAutoRules.combo_min_in_channels &&
+               combo_bytes <= kAutoRules.combo_max_bytes;
+    c.ternary = c.combos || density <= kAutoRules.ternary_max_density;
+  }
+  return c;
+}
+
+}  // namespace cpu
+}  // namespace binslt

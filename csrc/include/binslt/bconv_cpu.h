@@ -1,0 +1,54 @@
+// What the translation units of the CPU binary conv share: the checked geometry, and the entry
+// points of the backward parts (weight gradient, input gradient) that the backward op calls.
+//
+//   bconv_forward.cpp     bconv_lif, bconv_lif_infer: counts, epilogue, LIF
+//   bconv_backward.cpp    bconv_lif_bwd: LIF/BN backward, then the two gradients below
+//   bconv_weight_grad.cpp dL/dW: masked sums over the set bits of the packed input
+//   bconv_input_grad.cpp  dL/dX: ternary add/subtract kernels, or the dense transposed conv
+//   cpu_algos.cpp         which path and algorithm each of them takes
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace binslt {
+namespace cpu {
+
+// Geometry of one conv call: B = T*N images H x W with Cw words per pixel, Co output channels,
+// a KH x KW kernel, output Ho x Wo.
+struct ConvShape {
+  int64_t B, H, W, Cw, Co, KH, KW, Ho, Wo, T, N;
+  int64_t stride, padding;
+};
+
+// The checks of the conv geometry for an input of B = T*N images H x W with Cw words per pixel
+// (what x_packed has, or what the float input packs to); xname names that input in messages.
+ConvShape check_conv_dims(int64_t B, int64_t H, int64_t W, int64_t Cw, const char* xname,
+                          const at::Tensor& w_mask, const at::Tensor& w_pos, int64_t T,
+                          int64_t stride, int64_t padding, const char* op);
+
+// The same for a packed input x_packed [T*N, H, W, Cw] int32.
+ConvShape check_conv(const at::Tensor& x_packed, const at::Tensor& w_mask,
+                     const at::Tensor& w_pos, int64_t T, int64_t stride, int64_t padding,
+                     const char* op);
+
+// A CPU tensor shaped like the output (residual, grad_spikes), as contiguous float32.
+at::Tensor cpu_output_like(const at::Tensor& t, at::IntArrayRef shape, const char* op,
+                           const char* name);
+
+// [B, C, H, W] float (contiguous) -> [B, H + 2*margin_top, W + 2*margin_left, C] contiguous with
+// zero margins.
+at::Tensor channels_last_copy(const at::Tensor& x, int64_t margin_top, int64_t margin_left);
+
+// dL/dW_eff [Co, Ci, kh, kw] from the packed input and dZ channel-last with zero margins
+// (gz_cl: [B, Ho + 2*margin_top, Wo + 2*margin_left, Co], from channels_last_copy).
+at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
+                       const at::Tensor& gz_cl, int64_t margin_top, int64_t margin_left);
+
+// dL/dX [T, N, Ci, H, W] from dZ [B, Co, Ho, Wo] (contiguous float32) and the weight planes.
+at::Tensor input_grad(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
+                      const at::Tensor& w_mask, const at::Tensor& w_pos, const float* alpha);
+
+}  // namespace cpu
+}  // namespace binslt

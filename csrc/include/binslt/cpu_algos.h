@@ -1,0 +1,72 @@
+// Algorithm selection of the CPU kernels: which instruction-set path runs (chosen at runtime from
+// the CPU's features, never -march=native), which forward algorithm bconv_lif takes and which
+// input-gradient algorithm bconv_lif_bwd takes. One configuration holds the three choices; "auto"
+// in a field lets the measured rules in cpu_algos.cpp decide. Python sets it through
+// binslt.ops.cpu_algorithms (binslt/_cpu_algos.py).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+
+namespace binslt {
+namespace cpu {
+
+enum class Isa : int8_t { kAuto = -1, kScalar = 0, kPopcnt = 1, kAvx2 = 2, kAvx512 = 3 };
+
+// Forward: bit-parallel AND + popcount over every input word ("dense", bconv_popcount.h), or the
+// sum of the weight columns of the input spikes ("event", bconv_event.h).
+enum class ConvAlgo : int8_t { kAuto = -1, kDense = 0, kEvent = 1 };
+
+// Input gradient: the dense transposed convolution of ATen, or the ternary add/subtract kernel
+// (AVX-512, stride 1) in its plain or its combination form (bconv_input_grad.cpp).
+enum class GradXAlgo : int8_t { kAuto = -1, kDense = 0, kTernary = 1, kCombo = 2 };
+
+struct AlgoConfig {
+  Isa isa = Isa::kAuto;
+  ConvAlgo conv = ConvAlgo::kAuto;
+  GradXAlgo grad_x = GradXAlgo::kAuto;
+  int8_t unused = 0;  // four bytes: the configuration is one lock-free atomic
+};
+
+AlgoConfig algo_config();
+
+// Python-visible: the configuration by name ({"isa", "conv", "grad_x"} -> name), and setting all
+// three at once (ValueError for an unknown name, RuntimeError for a path this CPU cannot run).
+std::map<std::string, std::string> cpu_algorithms();
+void set_cpu_algorithms(const std::string& isa, const std::string& conv,
+                        const std::string& grad_x);
+
+bool isa_supported(Isa isa);
+Isa best_isa();    // what "auto" runs on this CPU
+Isa active_isa();  // the forced path, else best_isa()
+const char* isa_name(Isa isa);
+
+// Python-visible: the path the kernels take now, and the raw CPU feature flags behind it.
+std::string cpu_kernel_isa();
+std::map<std::string, bool> cpu_feature_flags();
+bool cpu_openmp();
+
+// Set bits among n packed words (input spikes, weight mask planes), hardware popcount where the
+// CPU has it, in parallel.
+int64_t count_set_bits(const uint32_t* p, int64_t n);
+
+// Forward: the event kernel for packed input x_packed (its fraction of set bits decides under
+// "auto"), or for float spikes x of n values (a sampled estimate of their nonzero fraction).
+bool use_event_packed(const at::Tensor& x_packed);
+bool use_event_float(const float* x, int64_t n);
+
+// Input gradient: the ternary kernel (plain or combination form) or the dense one, for a conv of
+// the given stride over a W-wide input with Ci input channels, `weights` = Co*kh*kw*Ci weights
+// whose mask planes are mask_words[0, n_words) (their set bits are counted only under "auto"), and
+// combination planes of combo_bytes per thread.
+struct GradXChoice {
+  bool ternary, combos;
+};
+GradXChoice choose_grad_x(int64_t stride, int64_t W, int64_t Ci, int64_t weights,
+                          int64_t combo_bytes, const uint32_t* mask_words, int64_t n_words);
+
+}  // namespace cpu
+}  // namespace binslt

@@ -99,11 +99,12 @@ def build_binslt(arch: str, args, backend: str, device):
     import binslt.models as models
 
     torch.manual_seed(args.seed)
-    return models.build(arch, "binwslt", num_classes=10, in_channels=3, input_size=32,
-                        timesteps=args.timesteps, prune_rate=args.prune_rate, decay=0.99,
-                        decay_input=False, v_threshold=1.0, v_reset=0.0, detach_reset=True,
-                        surrogate="atan", surrogate_alpha=2.0, bn=True, bn_affine=False,
-                        backend=backend).to(device)
+    net = models.build(arch, "binwslt", num_classes=10, in_channels=3, input_size=32,
+                       timesteps=args.timesteps, prune_rate=args.prune_rate, decay=0.99,
+                       decay_input=False, v_threshold=1.0, v_reset=0.0, detach_reset=True,
+                       surrogate="atan", surrogate_alpha=2.0, bn=True, bn_affine=False,
+                       backend=backend)
+    return models.set_mode(net, "search").to(device)
 
 
 def build_anchor(arch: str, args, masked: bool, device, like=None):
@@ -499,16 +500,15 @@ def parse_args(argv=None):
     args.arch = _csv_list(args.arch or ("conv4" if args.quick else ",".join(ARCHS)), ARCHS,
                           "--arch", p)
     args.modes = _csv_list(args.modes, MODES, "--modes", p)
-    if args.quick:
-        args.batch = args.batch or 2
-        args.repeats = args.repeats or 2
-        args.compile_backend = args.compile_backend or "aot_eager"
-        args.memory_jobs = args.memory_jobs or 8
-    args.batch = args.batch or (64 if args.device == "cuda" else 32)
-    args.repeats = args.repeats or 3
-    args.memory_jobs = args.memory_jobs or 1
-    args.compile_backend = args.compile_backend or "inductor"
-    args.memopt_level = args.memopt_level or (4 if args.device == "cuda" else 1)
+    quick = {"batch": 2, "repeats": 2, "memory_jobs": 8} if args.quick else {}
+    full = {"batch": 64 if args.device == "cuda" else 32, "repeats": 3, "memory_jobs": 1}
+    for k, v in full.items():
+        if getattr(args, k) is None:
+            setattr(args, k, quick.get(k, v))
+    if args.compile_backend is None:
+        args.compile_backend = "aot_eager" if args.quick else "inductor"
+    if args.memopt_level is None:
+        args.memopt_level = 4 if args.device == "cuda" else 1
     if args.device == "cpu" and args.memopt_level > 1:
         p.error("--memopt-level above 1 needs CUDA (SpikingJelly measures CUDA peak memory)")
     for k in ("batch", "timesteps", "repeats", "memory_steps", "memory_jobs"):

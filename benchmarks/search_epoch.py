@@ -4,9 +4,9 @@
 binslt: ``binslt.models.build('conv4', 'binwslt', in_channels=1, input_size=8, ...)``, once per
 binslt backend.
 
-Baseline: the same network from SpikingJelly dense layers (``layer.SeqToANNContainer`` around a
-score-masked conv/linear written here in plain PyTorch, ``layer.BatchNorm2d/1d``,
-``neuron.LIFNode``, ``layer.MaxPool2d``, step mode 'm'). The masked modules follow biprop:
+Baseline: the same network from SpikingJelly dense layers (``sj_models.build_sj('conv4',
+masked=True)``: ``layer.SeqToANNContainer`` around a score-masked conv/linear in plain
+PyTorch, ``layer.BatchNorm2d/1d``, ``neuron.LIFNode``, ``layer.MaxPool2d``, step mode 'm'). The masked modules follow biprop:
 mask = the entries with the largest |s| (floor(prune_rate * numel) removed),
 ``W_eff = alpha * sign(w) * M`` with ``alpha = sum(|w| M) / sum(M)``, and the straight-through
 score gradient ``dL/ds = dL/dW_eff * w * sign(s)``. It is written independently of binslt; the
@@ -51,149 +51,12 @@ from common import (  # noqa: E402
     sync,
     write_csv,
 )
+from sj_models import build_sj, copy_init, masked_layers  # noqa: E402
 from torch import nn  # noqa: E402
 
 COLUMNS = ["impl", "backend", "epoch_s", "sj_epoch_s", "speedup", "eval_s", "sj_eval_s",
            "eval_speedup", "batches", "batch_size", "T", "train_loss", "test_acc",
            "init_logit_diff", "init_grad_rel_err"]
-
-
-# ---------------------------------------------------------------------------------------------
-# The baseline's biprop masked layers (plain PyTorch)
-# ---------------------------------------------------------------------------------------------
-
-
-class _BipropSubnet(torch.autograd.Function):
-    """scores -> alpha * M (M: keep the largest |s|); backward: straight-through times |w|."""
-
-    @staticmethod
-    def forward(ctx, abs_scores, weight, prune_rate):
-        n = abs_scores.numel()
-        n_pruned = math.floor(prune_rate * n)
-        order = abs_scores.flatten().argsort(stable=True)
-        mask = torch.ones(n, dtype=abs_scores.dtype, device=abs_scores.device)
-        mask[order[:n_pruned]] = 0
-        mask = mask.view_as(abs_scores)
-        abs_w = weight.abs()
-        alpha = (abs_w * mask).sum() / mask.sum()
-        ctx.save_for_backward(abs_w)
-        return alpha * mask
-
-    @staticmethod
-    def backward(ctx, g):
-        (abs_w,) = ctx.saved_tensors
-        return g * abs_w, None, None
-
-
-class _BipropMasked(nn.Module):
-    """Frozen weight ``w``, trainable scores ``s``; ``W_eff = sign(w) * alpha * M(|s|)``."""
-
-    def __init__(self, shape: tuple[int, ...], prune_rate: float):
-        super().__init__()
-        self.prune_rate = prune_rate
-        self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
-        self.scores = nn.Parameter(torch.empty(shape))
-        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
-        nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
-
-    def effective_weight(self) -> torch.Tensor:
-        # d|s|/ds = sign(s), so dL/ds = G * sign(w) * |w| * sign(s) = G * w * sign(s).
-        return torch.sign(self.weight) * _BipropSubnet.apply(self.scores.abs(), self.weight,
-                                                             self.prune_rate)
-
-
-class BipropConv2d(_BipropMasked):
-    def __init__(self, cin: int, cout: int, k: int = 3, padding: int = 1, prune_rate=0.5):
-        super().__init__((cout, cin, k, k), prune_rate)
-        self.padding = padding
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] (single step)
-        return F.conv2d(x, self.effective_weight(), padding=self.padding)
-
-
-class BipropLinear(_BipropMasked):
-    def __init__(self, fin: int, fout: int, prune_rate=0.5):
-        super().__init__((fout, fin), prune_rate)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight())
-
-
-class _Head(nn.Module):
-    """Masked linear classifier on [T, N, F]; logits = mean over T of its output."""
-
-    def __init__(self, fin: int, num_classes: int, prune_rate: float):
-        super().__init__()
-        self.fc = BipropLinear(fin, num_classes, prune_rate)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x).mean(0)
-
-
-class BaselineConv4(nn.Module):
-    """Conv-4 from SpikingJelly layers + biprop masks: images [N, C, H, W] -> logits.
-
-    conv64 conv64 pool conv128 conv128 pool fc256 fc256 fc10 (DESIGN.md section 4), every
-    hidden layer masked conv/linear -> non-affine BN -> LIF; the image is repeated over T.
-    """
-
-    def __init__(self, in_channels: int, input_size: int, timesteps: int, prune_rate: float,
-                 tau: float, num_classes: int = 10):
-        super().__init__()
-        functional, layer, neuron, surrogate = import_spikingjelly()
-        self.T = timesteps
-        self._reset = functional.reset_net
-
-        def lif():
-            return neuron.LIFNode(tau=tau, decay_input=False, v_threshold=1.0, v_reset=0.0,
-                                  surrogate_function=surrogate.ATan(alpha=2.0),
-                                  detach_reset=True, step_mode="m")
-
-        def conv(ci, co):
-            return [layer.SeqToANNContainer(BipropConv2d(ci, co, 3, 1, prune_rate)),
-                    layer.BatchNorm2d(co, affine=False, step_mode="m"), lif()]
-
-        def fc(fi, fo):
-            return [layer.SeqToANNContainer(BipropLinear(fi, fo, prune_rate)),
-                    layer.BatchNorm1d(fo, affine=False, step_mode="m"), lif()]
-
-        hw = input_size
-        mods = conv(in_channels, 64) + conv(64, 64)
-        if hw >= 2:
-            mods.append(layer.MaxPool2d(2, step_mode="m"))
-            hw //= 2
-        mods += conv(64, 128) + conv(128, 128)
-        if hw >= 2:
-            mods.append(layer.MaxPool2d(2, step_mode="m"))
-            hw //= 2
-        mods.append(layer.Flatten(step_mode="m"))
-        mods += fc(128 * hw * hw, 256) + fc(256, 256)
-        self.features = nn.Sequential(*mods)
-        self.head = _Head(256, num_classes, prune_rate)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._reset(self)
-        x = x.unsqueeze(0).expand(self.T, *x.shape)
-        return self.head(self.features(x))
-
-
-def masked_layers(model: nn.Module) -> list[nn.Module]:
-    """Modules holding (weight, scores), in forward order."""
-    return [m for m in model.modules()
-            if isinstance(getattr(m, "scores", None), torch.Tensor)
-            and isinstance(getattr(m, "weight", None), torch.Tensor)]
-
-
-@torch.no_grad()
-def copy_init(src: nn.Module, dst: nn.Module) -> None:
-    a, b = masked_layers(src), masked_layers(dst)
-    if [tuple(m.weight.shape) for m in a] != [tuple(m.weight.shape) for m in b]:
-        raise RuntimeError("the baseline's masked layers do not match binslt's conv4: "
-                           f"{[tuple(m.weight.shape) for m in a]} vs "
-                           f"{[tuple(m.weight.shape) for m in b]}")
-    for m, n in zip(a, b):
-        n.weight.copy_(m.weight)
-        n.scores.copy_(m.scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +203,6 @@ def main(argv=None) -> int:
     import_spikingjelly()
     sj_impl = sj_lif_implementation(device)  # fails fast if SJ's LIF cannot run here
     xtr, ytr, xte, yte = load_digits_split(device)
-    tau = 1.0 / (1.0 - 0.99)  # the paper's decay 0.99
 
     torch.manual_seed(args.seed)
     impls: dict[str, nn.Module] = {}
@@ -357,7 +219,8 @@ def main(argv=None) -> int:
         else:
             m.load_state_dict(first.state_dict())
         impls[f"binslt-{be}"] = m
-    base = BaselineConv4(1, 8, args.timesteps, args.prune_rate, tau).to(device)
+    base = build_sj("conv4", masked=True, in_channels=1, input_size=8,
+                    timesteps=args.timesteps, prune_rate=args.prune_rate).to(device)
     copy_init(first, base)
     impls["sj-biprop"] = base
 

@@ -2,7 +2,7 @@
 
 ``benchmarks/conv_lif.py --quick`` must produce one CSV row per backend x mode for the anchor
 shape, with positive ratios and the machine record; ``benchmarks/search_epoch.py`` must run a
-two-batch epoch. The memory helpers they rely on are checked directly.
+two-batch epoch; ``benchmarks/network.py --quick`` one row per arch x mode x candidate. The memory helpers they rely on are checked directly.
 """
 
 from __future__ import annotations
@@ -105,6 +105,57 @@ def test_search_epoch_smoke(tmp_path):
             # The independent baseline computes the same network from the same start.
             assert _num(r["init_logit_diff"]) < 1e-3
             assert _num(r["init_grad_rel_err"]) < 1e-3
+
+
+def test_network_quick_writes_csv(tmp_path):
+    import network
+
+    _run("network.py", "--quick", "--threads", "1", "--out", str(tmp_path))
+    csvs = list(tmp_path.glob("network_cpu-*.csv"))
+    assert len(csvs) == 1, list(tmp_path.iterdir())
+    assert csvs[0].with_suffix(".png").stat().st_size > 0
+    meta, rows = common.read_csv(csvs[0])
+    for key in ("device", "cpu_cores", "torch_threads", "torch", "spikingjelly", "binslt",
+                "git_commit", "sj_lif_impl", "neuron", "ratio", "command"):
+        assert meta.get(key), f"CSV header lacks {key!r}: {meta}"
+    assert set(rows[0]) == set(network.COLUMNS)
+    ref = f"binslt-{network.default_backends('cpu')[0]}"
+    want = {("conv4", m, c) for m in network.MODES for c in (ref, *network.ANCHORS[m])}
+    got = [(r["arch"], r["mode"], r["candidate"]) for r in rows]
+    assert set(got) == want and len(got) == len(want)  # one row per arch x mode x candidate
+    for r in rows:
+        assert (int(r["N"]), int(r["T"])) == (2, 4) and r["ref"] == ref
+        assert r["error"] == "", r
+        value = _num(r["bytes"] if r["mode"] == "memory" else r["ms"])
+        assert value > 0, r
+        base = [q for q in rows if (q["mode"], q["candidate"]) == (r["mode"], ref)][0]
+        base_value = _num(base["bytes"] if r["mode"] == "memory" else base["ms"])
+        assert _num(r["ratio"]) == pytest.approx(value / base_value, rel=1e-3)
+        if r["mode"] == "memory":
+            assert r["peak_kind"] in ("rss_hwm", "ru_maxrss")
+            assert r["ms"] == ""
+        else:
+            assert r["bytes"] == ""
+        if r["mode"] == "search":  # the checked step changed the trainable parameters
+            assert 0.0 < _num(r["check"]) <= 1.0
+    ticket = [r for r in rows if (r["mode"], r["candidate"]) == ("eval", ref)][0]
+    # The ticket loaded from its packed file gives the exported network's logits.
+    assert _num(ticket["check"]) < 1e-4
+    memopt = [r for r in rows if r["candidate"] == "sj-memopt"][0]
+    assert "level=1" in memopt["detail"]
+
+
+def test_network_rejects_bad_options(capsys):
+    import network
+
+    for args, msg in ((["--arch", "vgg7"], "unknown --arch"),
+                      (["--modes", "train"], "unknown --modes"),
+                      (["--batch", "0"], "--batch must be >= 1"),
+                      (["--memopt-level", "2"], "needs CUDA")):
+        with pytest.raises(SystemExit) as exc:
+            network.parse_args(args)
+        assert exc.value.code == 2
+        assert msg in capsys.readouterr().err
 
 
 def test_cpu_algos_smoke(tmp_path):

@@ -1,0 +1,615 @@
+#!/usr/bin/env python
+"""Whole networks: binslt's BinW-SLT search step, frozen-ticket eval and training memory against
+SpikingJelly, for the paper's Conv-4, VGG-11 and ResNet-19 at CIFAR shape (32x32x3, 10 classes).
+
+Modes (each candidate on the same random CIFAR-shaped batch, in one run):
+
+- ``search``: one full search step: forward, cross-entropy loss, backward, SGD step (lr 0.1,
+  momentum 0.9). binslt: ``binslt.models.build(arch, 'binwslt')`` in search mode, the SGD steps
+  the scores (the mask of the next step is selected from the new scores in that step's
+  forward). Anchors: ``sj-dense`` (the same layout from SpikingJelly layers, dense weights
+  trained normally, ``sj_models.build_sj(masked=False)``) and ``sj-biprop`` (SpikingJelly plus
+  the biprop mask in plain PyTorch, the scores trained, ``masked=True``; it starts from binslt's
+  weights and scores). Before timing, one step of every candidate is checked to change its
+  trainable parameters (``check``: the fraction of entries changed), so a broken step is never
+  timed.
+- ``eval``: a frozen ticket: the binslt network is exported with ``binslt.tickets.export_ticket``
+  and loaded back with ``load_ticket`` (packed weights only), then timed under
+  ``torch.no_grad()`` in eval mode (``check``: max |logit difference| against the network it
+  was exported from). Anchors: ``sj-dense`` in eval mode, and ``sj-dense-compiled``, the same
+  module under ``torch.compile`` (``--compile-backend``; compiled and warmed up before timing,
+  so compile time is excluded; a failure to compile is recorded in ``error``). BatchNorm running
+  statistics of every network are first set by two training-mode forwards of the batch.
+- ``memory``: peak training memory of ``--memory-steps`` search/training steps, each candidate in
+  a fresh process (``--_memory-child``). CPU: resident-set high-water mark above the process's
+  footprint just before the first step (``common.PeakMemory``); CUDA:
+  ``torch.cuda.max_memory_allocated`` above the allocation before it. Anchors: ``sj-dense`` and
+  ``sj-memopt``, SpikingJelly dense after ``spikingjelly.activation_based.memopt.optimize_memory``
+  over its per-layer modules (level 1 on the CPU, checkpointing plus spike compression; levels
+  above 1 search with CUDA peak-memory trials, so CUDA uses level 4 unless ``--memopt-level``).
+  Every child runs one untimed no-grad forward first (memopt's own probe is a forward too).
+
+``ratio`` is the candidate's value over the reference binslt candidate's (the first of
+``--backends``): for SpikingJelly rows, SpikingJelly time / binslt time, or SpikingJelly bytes /
+binslt bytes; > 1 means binslt is faster / smaller.
+
+Examples::
+
+    python benchmarks/network.py --quick               # Conv-4, batch 2: well under a minute
+    python benchmarks/network.py                       # CPU: conv4, vgg11, resnet19 at N=32
+    python benchmarks/network.py --arch vgg11 --batch 16 --modes search,eval
+    python benchmarks/network.py --device cuda         # N=64
+
+Writes ``<out>/network_<device-slug>[_<tag>].csv`` (machine record first) and a ``.png`` of the
+ratios per network and mode; prints a table; one progress line per measurement on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    RESULTS,
+    PeakMemory,
+    device_slug,
+    import_spikingjelly,
+    machine_info,
+    print_table,
+    set_mmap_threshold,
+    sj_lif_implementation,
+    sync,
+    time_many_ms,
+    write_csv,
+)
+
+ARCHS = ("conv4", "vgg11", "resnet19")
+MODES = ("search", "eval", "memory")
+ANCHORS = {"search": ("sj-dense", "sj-biprop"),
+           "eval": ("sj-dense", "sj-dense-compiled"),
+           "memory": ("sj-dense", "sj-memopt")}
+COLUMNS = ["arch", "mode", "candidate", "backend", "N", "T", "ms", "bytes", "ref", "ratio",
+           "peak_kind", "check", "detail", "error"]
+CHILD_TAG = "NETBENCH_MEMORY "
+LR, MOMENTUM = 0.1, 0.9
+
+
+def log(msg: str) -> None:
+    print(f"[network {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks and steps
+# ---------------------------------------------------------------------------------------------
+
+
+def build_binslt(arch: str, args, backend: str, device):
+    import torch
+
+    import binslt.models as models
+
+    torch.manual_seed(args.seed)
+    net = models.build(arch, "binwslt", num_classes=10, in_channels=3, input_size=32,
+                       timesteps=args.timesteps, prune_rate=args.prune_rate, decay=0.99,
+                       decay_input=False, v_threshold=1.0, v_reset=0.0, detach_reset=True,
+                       surrogate="atan", surrogate_alpha=2.0, bn=True, bn_affine=False,
+                       backend=backend)
+    return models.set_mode(net, "search").to(device)
+
+
+def build_anchor(arch: str, args, masked: bool, device, like=None):
+    """SpikingJelly's ``arch``; checked against binslt's layout (``like``: copy its init)."""
+    import torch
+    from sj_models import build_sj, check_same_layout, copy_init
+
+    torch.manual_seed(args.seed)
+    net = build_sj(arch, masked=masked, timesteps=args.timesteps, prune_rate=args.prune_rate)
+    if like is not None:
+        check_same_layout(like, net, arch)
+        if masked:
+            copy_init(like, net)
+    return net.to(device)
+
+
+def make_batch(args, device):
+    import torch
+
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (args.batch,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def make_optimizer(model):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError(f"{type(model).__name__} has no trainable parameters")
+    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
+
+
+def make_train_step(model, opt, x, y):
+    """One step: forward, loss, backward, optimiser step (binslt: the scores)."""
+    import torch.nn.functional as F
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def checked_step(name: str, model, step) -> float:
+    """Run ``step`` once; the fraction of trainable entries it changed (must be > 0)."""
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    loss = float(step().detach())
+    changed = sum(int((p.detach() != b).sum()) for p, b in zip(params, before))
+    total = sum(b.numel() for b in before)
+    if not math.isfinite(loss) or changed == 0:
+        raise RuntimeError(f"{name}: one training step left its trainable parameters unchanged "
+                           f"(loss {loss}); refusing to time a broken step")
+    return changed / total
+
+
+def calibrate_bn(model, x) -> None:
+    """Two training-mode forwards, so eval mode uses batch-like BN running statistics."""
+    import torch
+
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+    model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------------------------
+
+
+def _row(arch, mode, candidate, backend, args, **kw) -> dict:
+    return {"arch": arch, "mode": mode, "candidate": candidate, "backend": backend,
+            "N": args.batch, "T": args.timesteps, **kw}
+
+
+def run_search(arch: str, args, backends, device, x, y) -> list[dict]:
+    models_ = {}
+    first = None
+    for be in backends:
+        m = build_binslt(arch, args, be, device)
+        if first is None:
+            first = m
+        else:
+            m.load_state_dict(first.state_dict())
+        models_[f"binslt-{be}"] = (be, m)
+    models_["sj-dense"] = ("", build_anchor(arch, args, False, device, like=first))
+    models_["sj-biprop"] = ("", build_anchor(arch, args, True, device, like=first))
+    steps, checks = {}, {}
+    for name, (_, m) in models_.items():
+        m.train()
+        steps[name] = make_train_step(m, make_optimizer(m), x, y)
+        checks[name] = checked_step(name, m, steps[name])
+    log(f"{arch} search: timing {list(steps)} ({args.warmup} warm-up, {args.repeats} repeats)")
+    ms = time_many_ms(steps, device, warmup=args.warmup, repeats=args.repeats)
+    rows = [_row(arch, "search", name, be, args, ms=ms[name], check=checks[name],
+                 detail=f"SGD lr={LR} momentum={MOMENTUM}")
+            for name, (be, _) in models_.items()]
+    log(f"{arch} search: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
+    return rows
+
+
+def _compile_failure(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"torch.compile failed: {type(exc).__name__}: {first[:300]}"
+
+
+def run_eval(arch: str, args, backends, device, x, y) -> list[dict]:
+    import torch
+
+    from binslt.tickets import export_ticket, load_ticket
+
+    source = build_binslt(arch, args, backends[0], device)
+    calibrate_bn(source, x)
+    fns, checks, details, rows = {}, {}, {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{arch}.safetensors"
+        info = export_ticket(source, path)
+        with torch.no_grad():
+            want = source(x)
+        for be in backends:
+            ticket = load_ticket(path, device=device, backend=be)
+            ticket.eval()
+            with torch.no_grad():
+                checks[f"binslt-{be}"] = float((ticket(x) - want).abs().max())
+            fns[f"binslt-{be}"] = _no_grad_call(ticket, x)
+            details[f"binslt-{be}"] = f"ticket {info['ticket_bytes']} bytes"
+    sj = build_anchor(arch, args, False, device, like=source)
+    calibrate_bn(sj, x)
+    fns["sj-dense"] = _no_grad_call(sj, x)
+    compiled_error = ""
+    details["sj-dense-compiled"] = f"torch.compile backend={args.compile_backend}"
+    try:
+        compiled = torch.compile(sj, backend=args.compile_backend)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(3):  # compile, then the recompile SpikingJelly's reset cache causes
+                compiled(x)
+        sync(device)
+        details["sj-dense-compiled"] += f"; compile+3 calls {time.perf_counter() - t0:.1f} s"
+        fns["sj-dense-compiled"] = _no_grad_call(compiled, x)
+    except Exception as exc:  # recorded in the CSV instead of a time
+        compiled_error = _compile_failure(exc)
+        log(f"{arch} eval: {compiled_error}")
+    log(f"{arch} eval: timing {list(fns)} ({args.warmup} warm-up, {args.repeats} repeats)")
+    ms = time_many_ms(fns, device, warmup=args.warmup, repeats=args.repeats)
+    for be in backends:
+        name = f"binslt-{be}"
+        rows.append(_row(arch, "eval", name, be, args, ms=ms[name], check=checks[name],
+                         detail=details[name]))
+    rows.append(_row(arch, "eval", "sj-dense", "", args, ms=ms["sj-dense"]))
+    rows.append(_row(arch, "eval", "sj-dense-compiled", "", args,
+                     ms=ms.get("sj-dense-compiled", ""), detail=details["sj-dense-compiled"],
+                     error=compiled_error))
+    log(f"{arch} eval: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
+    return rows
+
+
+def _no_grad_call(model, x):
+    import torch
+
+    def fn():
+        with torch.no_grad():
+            return model(x)
+
+    return fn
+
+
+def run_memory(arch: str, args, backends, device) -> list[dict]:
+    """Each candidate in its own fresh process; ``--memory-jobs`` of them at a time."""
+    cands = [(f"binslt-{be}", be) for be in backends] + [(a, "") for a in ANCHORS["memory"]]
+    results: dict[str, dict] = {}
+    for i in range(0, len(cands), args.memory_jobs):
+        batch = cands[i:i + args.memory_jobs]
+        procs = [(name, _spawn_memory_child({
+            "arch": arch, "candidate": name, "backend": be, "batch": args.batch,
+            "timesteps": args.timesteps, "prune_rate": args.prune_rate, "seed": args.seed,
+            "device": args.device, "threads": args.threads, "steps": args.memory_steps,
+            "memopt_level": args.memopt_level, "sj_lif": args.sj_lif})) for name, be in batch]
+        for name, proc in procs:
+            results[name] = res = _memory_child_result(proc)
+            got = f"{res['bytes'] / 2**20:.1f} MiB" if "bytes" in res else res.get("error")
+            log(f"{arch} memory: {name} {got}")
+    return [_row(arch, "memory", name, be, args, bytes=results[name].get("bytes", ""),
+                 peak_kind=results[name].get("peak_kind", ""),
+                 detail=results[name].get("detail", ""), error=results[name].get("error", ""))
+            for name, be in cands]
+
+
+def _spawn_memory_child(cfg: dict) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["SJ_LIF_CUDA_IMPLEMENTATION"] = cfg["sj_lif"]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", json.dumps(cfg)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+def _memory_child_result(proc: subprocess.Popen, timeout: float = 3600) -> dict:
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {"error": f"memory child timed out after {timeout:.0f} s"}
+    for line in stdout.splitlines():
+        if line.startswith(CHILD_TAG):
+            return json.loads(line[len(CHILD_TAG):])
+    tail = (stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"memory child exited {proc.returncode}: {tail[:300]}"}
+
+
+def memory_child(cfg: dict) -> int:
+    """One configuration's peak training memory; prints one ``NETBENCH_MEMORY {json}`` line."""
+    import torch
+
+    args = argparse.Namespace(seed=cfg["seed"], batch=cfg["batch"], timesteps=cfg["timesteps"],
+                              prune_rate=cfg["prune_rate"])
+    device = torch.device(cfg["device"])
+    if device.type == "cpu":
+        set_mmap_threshold(32 << 20)
+        if cfg["threads"]:
+            torch.set_num_threads(cfg["threads"])
+    out: dict = {}
+    try:
+        x, y = make_batch(args, device)
+        name, arch = cfg["candidate"], cfg["arch"]
+        if name.startswith("binslt-"):
+            model = build_binslt(arch, args, cfg["backend"], device)
+        else:
+            model = build_anchor(arch, args, False, device)
+        model.train()
+        detail = ""
+        if name == "sj-memopt":
+            import torch.nn.functional as F
+            from sj_models import LAYER_TYPES
+            from spikingjelly.activation_based.memopt import optimize_memory
+
+            level = cfg["memopt_level"]
+            optimize_memory(model, LAYER_TYPES,
+                            example_forward=lambda m: F.cross_entropy(m(x), y), level=level)
+            wrapped = [m for m in model.modules() if hasattr(m, "_checkpoint_wrapped_module")]
+            packed = sum(getattr(getattr(m, "checkpoint_fn", None), "keywords", {})
+                         .get("compressor") is not None for m in wrapped)
+            detail = (f"optimize_memory level={level}: {len(wrapped)} checkpointed modules, "
+                      f"{packed} with a spike compressor")
+        step = make_train_step(model, make_optimizer(model), x, y)
+        with torch.no_grad():
+            model(x)
+        gc.collect()
+        with PeakMemory(device) as peak:
+            for _ in range(cfg["steps"]):
+                loss = step()
+            sync(device)
+        out = {"bytes": int(peak.nbytes), "peak_kind": peak.kind,
+               "detail": "; ".join(d for d in (detail, f"{cfg['steps']} steps, final loss "
+                                                        f"{float(loss):.4g}") if d)}
+    except Exception as exc:
+        out = {"error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"}
+    print(CHILD_TAG + json.dumps(out), flush=True)
+    return 0 if "bytes" in out else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+def add_ratios(rows: list[dict], ref: str) -> None:
+    """ratio = value / the reference binslt candidate's value, per (arch, mode)."""
+    for r in rows:
+        key = "bytes" if r["mode"] == "memory" else "ms"
+        base = [q[key] for q in rows if q["arch"] == r["arch"] and q["mode"] == r["mode"]
+                and q["candidate"] == ref]
+        r["ref"] = ref
+        v = r.get(key, "")
+        if base and isinstance(base[0], (int, float)) and base[0] > 0 and \
+                isinstance(v, (int, float)) and v != "":
+            r["ratio"] = v / base[0]
+        else:
+            r["ratio"] = ""
+
+
+def plot(rows: list[dict], path: Path, ref: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((r["arch"], r["mode"]) for r in rows))
+    series = list(dict.fromkeys(r["candidate"] for r in rows if r["candidate"] != ref))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 4.5))
+    for i, cand in enumerate(series):
+        ys = []
+        for arch, mode in groups:
+            hit = [r["ratio"] for r in rows if (r["arch"], r["mode"]) == (arch, mode)
+                   and r["candidate"] == cand and r["ratio"] != ""]
+            ys.append(hit[0] if hit else math.nan)
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
+        ax.bar(xs, ys, width, label=cand)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{a}\n{m}" for a, m in groups], fontsize=8)
+    ax.set_ylabel(f"candidate / {ref} (time or bytes; > 1: binslt better)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def default_backends(device_type: str) -> list[str]:
+    """The device's kernel backends (the first is the reference of the ratios)."""
+    import binslt
+
+    st = binslt.backends()
+    if device_type == "cpu":
+        out = ["cpu"] if st["cpu"]["usable"] else []
+    else:
+        out = [b for b in ("cuda", "triton") if st[b]["usable"]]
+    return out or ["torch"]
+
+
+def _csv_list(text: str, allowed, what: str, p) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        p.error(f"{what} is empty")
+    bad = [s for s in items if s not in allowed]
+    if bad:
+        p.error(f"unknown {what} {bad}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default=None,
+                   help=f"comma list of {', '.join(ARCHS)} (default all; conv4 with --quick)")
+    p.add_argument("--modes", default=",".join(MODES), help="comma list of " + ", ".join(MODES))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size N (default 32 on the CPU, 64 on CUDA, 2 with --quick)")
+    p.add_argument("--timesteps", type=int, default=4)
+    p.add_argument("--backends", default=None,
+                   help="comma list of binslt backends (torch,cpu,triton,cuda); default the "
+                        "device's kernel backends. The first is the reference of the ratios")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per candidate (median; default 3, 2 with --quick)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    p.add_argument("--memory-steps", type=int, default=2,
+                   help="training steps inside the memory measurement (default 2: the second "
+                        "has the optimiser's momentum buffers)")
+    p.add_argument("--memory-jobs", type=int, default=None,
+                   help="memory children run at a time (default 1; all of an arch's with "
+                        "--quick). Each measures its own process, so concurrency changes no "
+                        "figure, only the wall time")
+    p.add_argument("--memopt-level", type=int, default=None, choices=(1, 2, 3, 4),
+                   help="SpikingJelly memopt level (default 1 on the CPU, 4 on CUDA)")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend of the sj-dense-compiled eval anchor (default "
+                        "inductor; aot_eager with --quick, whose cold inductor compile takes "
+                        "a minute or more on a small CPU)")
+    p.add_argument("--prune-rate", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    p.add_argument("--sj-lif", default=os.environ.get("SJ_LIF_CUDA_IMPLEMENTATION", "triton"),
+                   choices=("triton", "cuda", "torch", "auto"),
+                   help="SpikingJelly's LIF implementation on CUDA (SJ_LIF_CUDA_IMPLEMENTATION, "
+                        "default %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="conv4, batch 2, 2 repeats: a smoke run well under a minute")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", "--results-dir", dest="out", default=str(RESULTS),
+                   help="results folder (default %(default)s)")
+    p.add_argument("--tag", default="", help="suffix for the CSV/PNG names")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_child is not None:
+        return args
+    args.arch = _csv_list(args.arch or ("conv4" if args.quick else ",".join(ARCHS)), ARCHS,
+                          "--arch", p)
+    args.modes = _csv_list(args.modes, MODES, "--modes", p)
+    quick = {"batch": 2, "repeats": 2, "memory_jobs": 8} if args.quick else {}
+    full = {"batch": 64 if args.device == "cuda" else 32, "repeats": 3, "memory_jobs": 1}
+    for k, v in full.items():
+        if getattr(args, k) is None:
+            setattr(args, k, quick.get(k, v))
+    if args.compile_backend is None:
+        args.compile_backend = "aot_eager" if args.quick else "inductor"
+    if args.memopt_level is None:
+        args.memopt_level = 4 if args.device == "cuda" else 1
+    if args.device == "cpu" and args.memopt_level > 1:
+        p.error("--memopt-level above 1 needs CUDA (SpikingJelly measures CUDA peak memory)")
+    for k in ("batch", "timesteps", "repeats", "memory_steps", "memory_jobs"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    if not 0.0 <= args.prune_rate < 1.0:
+        p.error("--prune-rate must be in [0, 1)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ["SJ_LIF_CUDA_IMPLEMENTATION"] = args.sj_lif
+    if args.memory_child is not None:
+        return memory_child(json.loads(args.memory_child))
+    import torch
+
+    import binslt
+
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+            return 2
+        device = torch.device("cuda", torch.cuda.current_device())
+        torch.backends.cudnn.benchmark = True
+    else:
+        device = torch.device("cpu")
+        set_mmap_threshold(32 << 20)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+    st = binslt.backends()
+    if args.backends:
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        bad = [b for b in backends if b not in st or not st[b]["usable"]]
+        if bad:
+            print(f"error: backend(s) {bad} not usable here: "
+                  f"{ {b: st.get(b, {}).get('reason', 'unknown') for b in bad} }",
+                  file=sys.stderr)
+            return 2
+    else:
+        backends = default_backends(device.type)
+    ref = f"binslt-{backends[0]}"
+    import_spikingjelly(args.sj_lif)
+    sj_impl = sj_lif_implementation(device)
+    x, y = make_batch(args, device)
+
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    for arch in args.arch:
+        for mode in args.modes:
+            t0 = time.perf_counter()
+            if mode == "search":
+                rows += run_search(arch, args, backends, device, x, y)
+            elif mode == "eval":
+                rows += run_eval(arch, args, backends, device, x, y)
+            else:
+                rows += run_memory(arch, args, backends, device)
+            gc.collect()
+            log(f"{arch} {mode}: done in {time.perf_counter() - t0:.1f} s")
+    add_ratios(rows, ref)
+
+    meta = machine_info(device)
+    meta.update({
+        "benchmark": "network (whole networks at CIFAR shape 3x32x32, 10 classes: binslt "
+                     "binwslt search step, frozen-ticket eval, peak training memory, against "
+                     "SpikingJelly)",
+        "sj_lif_impl": sj_impl,
+        "binslt_backends": "; ".join(f"{b}: {st[b]['reason']}" for b in backends),
+        "ratio": f"candidate value / {ref} value (SpikingJelly / binslt; > 1: binslt faster or "
+                 "smaller)",
+        "neuron": "LIF decay 0.99 (tau 100) decay_input=False v_threshold=1 v_reset=0 ATan(2) "
+                  "detach_reset=True; non-affine BN",
+        "optimizer": f"SGD lr={LR} momentum={MOMENTUM} (binslt, sj-biprop: the scores; "
+                     "sj-dense: the weights)",
+        "prune_rate": f"{args.prune_rate:g}",
+        "timing": f"{args.warmup} warm-up + {args.repeats} timed calls per candidate, "
+                  "interleaved on the CPU (median)",
+        "memory": f"{args.memory_steps} steps per fresh process ({args.memory_jobs} at a time); memopt level "
+                  f"{args.memopt_level}",
+        "compile_backend": args.compile_backend,
+        "wall_s": f"{time.perf_counter() - t_start:.1f}",
+        "load_avg_1m_end": f"{os.getloadavg()[0]:.2f}",
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None
+                                                          else sys.argv[1:])),
+    })
+    stem = f"network_{device_slug(device)}" + (f"_{args.tag}" if args.tag else "")
+    path = Path(args.out) / f"{stem}.csv"
+    write_csv(path, rows, COLUMNS, meta)
+    if not args.no_plot:
+        plot(rows, path.with_suffix(".png"), ref,
+             f"binslt vs SpikingJelly, whole networks: {meta['device']}, N={args.batch}, "
+             f"T={args.timesteps}")
+    table = [{**r, "MiB": r["bytes"] / 2**20 if r.get("bytes", "") != "" else ""}
+             for r in rows]
+    print_table(table, ["arch", "mode", "candidate", "N", "ms", "MiB", "ratio", "check",
+                        "error"])
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""The benchmarks' SpikingJelly baselines: binslt's network layouts built from SpikingJelly 2.0.
+
+Two flavours of each network (``build_sj``):
+
+- ``masked=False``, SpikingJelly dense: ``layer.Conv2d`` / ``layer.Linear`` (no bias) ->
+  ``layer.BatchNorm2d`` / ``layer.BatchNorm1d`` -> ``neuron.LIFNode``, step mode 'm', real
+  weights trained normally;
+- ``masked=True``, SpikingJelly plus the biprop mask written in plain PyTorch (what a user would
+  write without binslt): the convs and linears are score-masked sign-weight modules
+  (:class:`BipropConv2d`, :class:`BipropLinear`, inside ``layer.SeqToANNContainer``); the
+  frozen weights stay fixed and the scores train.
+
+The layout is read from ``binslt.models.SPECS`` (the paper's Conv-4 / VGG-9 / VGG-11 /
+ResNet-19) and follows the rules of ``binslt.models.build``: 3x3 convs with padding 1, 2x2 max
+pooling (``layer.MaxPool2d``) after the conv it follows, skipped when the map is already below
+2x2; residual blocks add the shortcut (identity, or 1x1 conv + BN where the shape changes) as a
+current before the second neuron; global average pooling (``layer.AdaptiveAvgPool2d``) before
+the head of ResNet-19; the classifier is a linear layer without bias whose output is averaged
+over T. The image is repeated over T (direct encoding). Nothing is copied from binslt but the
+layout (and, where a benchmark asks for it, the initial weights and scores: :func:`copy_init`).
+
+The biprop rule: mask = the entries with the largest |s| (floor(prune_rate * numel) removed,
+ties broken by a stable sort), ``W_eff = alpha * sign(w) * M`` with
+``alpha = sum(|w| M) / sum(M)``, and the straight-through score gradient
+``dL/ds = dL/dW_eff * w * sign(s)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from common import import_spikingjelly
+from torch import nn
+
+#: The paper's neuron as the benchmarks configure it on both sides.
+PAPER_TAU = 1.0 / (1.0 - 0.99)  # decay 0.99
+
+
+# ---------------------------------------------------------------------------------------------
+# biprop masked layers (plain PyTorch)
+# ---------------------------------------------------------------------------------------------
+
+
+class _BipropSubnet(torch.autograd.Function):
+    """scores -> alpha * M (M: keep the largest |s|); backward: straight-through times |w|."""
+
+    @staticmethod
+    def forward(ctx, abs_scores, weight, prune_rate):
+        n = abs_scores.numel()
+        n_pruned = math.floor(prune_rate * n)
+        order = abs_scores.flatten().argsort(stable=True)
+        mask = torch.ones(n, dtype=abs_scores.dtype, device=abs_scores.device)
+        mask[order[:n_pruned]] = 0
+        mask = mask.view_as(abs_scores)
+        abs_w = weight.abs()
+        alpha = (abs_w * mask).sum() / mask.sum()
+        ctx.save_for_backward(abs_w)
+        return alpha * mask
+
+    @staticmethod
+    def backward(ctx, g):
+        (abs_w,) = ctx.saved_tensors
+        return g * abs_w, None, None
+
+
+class _BipropMasked(nn.Module):
+    """Frozen weight ``w``, trainable scores ``s``; ``W_eff = sign(w) * alpha * M(|s|)``."""
+
+    def __init__(self, shape: tuple[int, ...], prune_rate: float):
+        super().__init__()
+        self.prune_rate = prune_rate
+        self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
+        self.scores = nn.Parameter(torch.empty(shape))
+        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
+
+    def effective_weight(self) -> torch.Tensor:
+        # d|s|/ds = sign(s), so dL/ds = G * sign(w) * |w| * sign(s) = G * w * sign(s).
+        return torch.sign(self.weight) * _BipropSubnet.apply(self.scores.abs(), self.weight,
+                                                             self.prune_rate)
+
+
+class BipropConv2d(_BipropMasked):
+    def __init__(self, cin: int, cout: int, k: int = 3, padding: int = 1, prune_rate=0.5,
+                 stride: int = 1):
+        super().__init__((cout, cin, k, k), prune_rate)
+        self.padding = padding
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] (single step)
+        return F.conv2d(x, self.effective_weight(), stride=self.stride, padding=self.padding)
+
+
+class BipropLinear(_BipropMasked):
+    def __init__(self, fin: int, fout: int, prune_rate=0.5):
+        super().__init__((fout, fin), prune_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight())
+
+
+# ---------------------------------------------------------------------------------------------
+# Network modules
+# ---------------------------------------------------------------------------------------------
+
+
+class SJConvLayer(nn.Module):
+    """conv -> BN [+ residual current] -> LIF [-> 2x2 max pool], on [T, N, C, H, W].
+
+    One module per spiking conv layer, so that ``memopt.optimize_memory`` can checkpoint it
+    (``LAYER_TYPES``).
+    """
+
+    def __init__(self, conv: nn.Module, bn: nn.Module, lif: nn.Module,
+                 pool: nn.Module | None = None):
+        super().__init__()
+        self.conv, self.bn, self.lif, self.pool = conv, bn, lif, pool
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        z = self.bn(self.conv(x))
+        if residual is not None:
+            z = z + residual
+        s = self.lif(z)
+        return s if self.pool is None else self.pool(s)
+
+
+class SJLinearLayer(nn.Module):
+    """linear -> BN (over T*N) -> LIF, on [T, N, F]."""
+
+    def __init__(self, fc: nn.Module, bn: nn.Module, lif: nn.Module):
+        super().__init__()
+        self.fc, self.bn, self.lif = fc, bn, lif
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lif(self.bn(self.fc(x)))
+
+
+class SJResidualBlock(nn.Module):
+    """``lif(bn(conv2(conv1(x))) + shortcut(x))``; ``shortcut`` None is the identity.
+
+    Submodules are registered in binslt's order (conv1, conv2, shortcut), so that
+    :func:`copy_init` pairs the masked layers one to one.
+    """
+
+    def __init__(self, conv1: SJConvLayer, conv2: SJConvLayer, shortcut: nn.Module | None):
+        super().__init__()
+        self.conv1, self.conv2, self.shortcut = conv1, conv2, shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = x if self.shortcut is None else self.shortcut(x)
+        return self.conv2(self.conv1(x), residual=r)
+
+
+class SJHead(nn.Module):
+    """Classifier on [T, N, F]; logits = mean over T of its output."""
+
+    def __init__(self, fc: nn.Module):
+        super().__init__()
+        self.fc = fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).mean(0)
+
+
+class SJNet(nn.Module):
+    """images [N, C, H, W] -> logits; resets every neuron, then repeats the image over T."""
+
+    def __init__(self, features: nn.Sequential, head: nn.Module, timesteps: int, reset):
+        super().__init__()
+        self.features, self.head, self.T = features, head, timesteps
+        self._reset = reset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._reset(self)
+        x = x.unsqueeze(0).expand(self.T, *x.shape)
+        return self.head(self.features(x))
+
+
+#: The per-layer module types (the candidates for ``memopt.optimize_memory``'s checkpointing;
+#: blocks win over the layers inside them).
+LAYER_TYPES = (SJConvLayer, SJLinearLayer, SJResidualBlock)
+
+
+def build_sj(arch: str, *, masked: bool, num_classes: int = 10, in_channels: int = 3,
+             input_size: int = 32, timesteps: int = 4, prune_rate: float = 0.5,
+             tau: float = PAPER_TAU, bn_affine: bool = False) -> SJNet:
+    """binslt's ``arch`` layout from SpikingJelly layers (see the module docstring).
+
+    The neuron is the paper's: ``LIFNode(tau, decay_input=False, v_threshold=1, v_reset=0,
+    ATan(alpha=2), detach_reset=True)``; BatchNorm is non-affine unless ``bn_affine``.
+    """
+    from binslt.models import FC, SPECS, Block, Conv, GlobalPool, Pool
+
+    if arch not in SPECS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {tuple(SPECS)}")
+    functional, layer, neuron, surrogate = import_spikingjelly()
+
+    def lif():
+        return neuron.LIFNode(tau=tau, decay_input=False, v_threshold=1.0, v_reset=0.0,
+                              surrogate_function=surrogate.ATan(alpha=2.0), detach_reset=True,
+                              step_mode="m")
+
+    def conv_op(ci, co, k, stride):
+        if masked:
+            return layer.SeqToANNContainer(BipropConv2d(ci, co, k, k // 2, prune_rate, stride))
+        return layer.Conv2d(ci, co, k, stride, k // 2, bias=False, step_mode="m")
+
+    def linear_op(fi, fo):
+        if masked:
+            return layer.SeqToANNContainer(BipropLinear(fi, fo, prune_rate))
+        return layer.Linear(fi, fo, bias=False, step_mode="m")
+
+    def bn2d(c):
+        return layer.BatchNorm2d(c, affine=bn_affine, step_mode="m")
+
+    def conv(ci, co, stride, pool=False):
+        return SJConvLayer(conv_op(ci, co, 3, stride), bn2d(co), lif(),
+                           layer.MaxPool2d(2, step_mode="m") if pool else None)
+
+    specs = SPECS[arch]
+    h = w = int(input_size)
+    c, flat = in_channels, None
+    mods: list[nn.Module] = []
+    i = 0
+    while i < len(specs):
+        spec = specs[i]
+        if isinstance(spec, Conv):
+            nxt = specs[i + 1] if i + 1 < len(specs) else None
+            h, w = (h - 1) // spec.stride + 1, (w - 1) // spec.stride + 1
+            pool = isinstance(nxt, Pool) and h >= 2 and w >= 2
+            mods.append(conv(c, spec.out, spec.stride, pool))
+            if pool:
+                h, w = h // 2, w // 2
+            if isinstance(nxt, Pool):
+                i += 1
+            c = spec.out
+        elif isinstance(spec, Pool):
+            if h >= 2 and w >= 2:
+                mods.append(layer.MaxPool2d(2, step_mode="m"))
+                h, w = h // 2, w // 2
+        elif isinstance(spec, Block):
+            sc = None
+            if spec.stride != 1 or c != spec.out:
+                sc = nn.Sequential(conv_op(c, spec.out, 1, spec.stride), bn2d(spec.out))
+            mods.append(SJResidualBlock(conv(c, spec.out, spec.stride),
+                                        conv(spec.out, spec.out, 1), sc))
+            h, w = (h - 1) // spec.stride + 1, (w - 1) // spec.stride + 1
+            c = spec.out
+        elif isinstance(spec, GlobalPool):
+            mods += [layer.AdaptiveAvgPool2d(1, step_mode="m"), layer.Flatten(step_mode="m")]
+            flat, h, w = c, 1, 1
+        elif isinstance(spec, FC):
+            if flat is None:
+                mods.append(layer.Flatten(step_mode="m"))
+                flat = c * h * w
+            mods.append(SJLinearLayer(linear_op(flat, spec.out),
+                                      layer.BatchNorm1d(spec.out, affine=bn_affine,
+                                                        step_mode="m"), lif()))
+            flat = spec.out
+        else:
+            raise TypeError(f"sj_models does not know the layer spec {spec!r} of {arch!r}")
+        i += 1
+    if flat is None:
+        mods.append(layer.Flatten(step_mode="m"))
+        flat = c * h * w
+    return SJNet(nn.Sequential(*mods), SJHead(linear_op(flat, num_classes)), timesteps,
+                 functional.reset_net)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairing with a binslt network
+# ---------------------------------------------------------------------------------------------
+
+
+def weight_shapes(model: nn.Module) -> list[tuple[int, ...]]:
+    """Shapes of every conv / linear weight in forward order (binslt or SpikingJelly)."""
+    out = []
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() in (2, 4) and not isinstance(
+                m, nn.modules.batchnorm._BatchNorm):
+            out.append(tuple(w.shape))
+    return out
+
+
+def check_same_layout(binslt_model: nn.Module, sj_model: nn.Module, arch: str) -> None:
+    """Raise if the two networks' conv / linear weights differ in number, order or shape."""
+    a, b = weight_shapes(binslt_model), weight_shapes(sj_model)
+    if a != b:
+        raise RuntimeError(f"the SpikingJelly {arch} does not match binslt's layout: "
+                           f"binslt {a} vs SpikingJelly {b}")
+
+
+def masked_layers(model: nn.Module) -> list[nn.Module]:
+    """Modules holding (weight, scores), in forward order."""
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "scores", None), torch.Tensor)
+            and isinstance(getattr(m, "weight", None), torch.Tensor)]
+
+
+@torch.no_grad()
+def copy_init(src: nn.Module, dst: nn.Module) -> None:
+    """Copy the frozen weights and scores of ``src``'s masked layers into ``dst``'s."""
+    a, b = masked_layers(src), masked_layers(dst)
+    if [tuple(m.weight.shape) for m in a] != [tuple(m.weight.shape) for m in b]:
+        raise RuntimeError("the baseline's masked layers do not match binslt's: "
+                           f"{[tuple(m.weight.shape) for m in a]} vs "
+                           f"{[tuple(m.weight.shape) for m in b]}")
+    for m, n in zip(a, b):
+        n.weight.copy_(m.weight)
+        n.scores.copy_(m.scores)

@@ -1087,3 +1087,67 @@ def _dense(conv: bool, w, b, stride, padding) -> nn.Module:
     m.bias.data.copy_(b)
     m.requires_grad_(False)
     return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line entry points (plain functions; they raise, the CLI prints and exits 2)
+# ---------------------------------------------------------------------------------------------
+
+
+def export_cli(src: PathLike, out: Optional[PathLike] = None, *, maxpool: str = "threshold",
+               dt: float = DEFAULT_DT) -> str:
+    """``binslt export SRC --format nir [-o OUT]``: export a run directory, ``ticket.pt`` /
+    ``checkpoint.pt`` or packed ticket to a NIR file (default: next to SRC, ``.nir``).
+    Returns the line to print. Raises NIRError (and binslt.train.RunError / TicketError for
+    an unreadable source)."""
+    srcp = Path(src)
+    if out is None:
+        base = srcp / "ticket" if srcp.is_dir() else srcp.with_suffix("")
+        out = base.with_name(base.name + ".nir")
+    graph = to_nir(srcp, dt=dt, maxpool=maxpool)
+    path = write_nir(graph, out)
+    n_neurons = sum(1 for v in graph.nodes.values() if type(v).__name__ in ("LIF", "IF"))
+    return (f"wrote {path}: NIR graph with {len(graph.nodes)} nodes ({n_neurons} LIF), "
+            f"{path.stat().st_size / 1024:.1f} KiB, {graph.metadata['arch']}/"
+            f"{graph.metadata['variant']}, T={graph.metadata['timesteps']}, maxpool={maxpool}")
+
+
+@torch.no_grad()
+def eval_nir_file(path: PathLike, data: str = "digits", *, split: str = "test", limit: int = 0,
+                  batch_size: int = 256, data_dir: str = "data", download: bool = False,
+                  backend: str = "auto") -> dict:
+    """``binslt eval FILE.nir``: read a NIR file with :func:`from_nir` and report its accuracy
+    on a dataset (``binslt.data.load`` spec). Returns a dict (``accuracy`` in percent,
+    ``correct``, ``examples``, ``loss``, ``file``, ``dataset``, ``split``). Raises NIRError
+    (or binslt.data.DatasetError)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from . import data as bdata
+
+    if split not in ("test", "train"):
+        raise NIRError(f"split must be 'test' or 'train', got {split!r}")
+    net = from_nir(path, backend=backend)
+    if net.readout != "mean_over_time" or net.timesteps is None:
+        raise NIRError(f"{str(path)!r}: binslt evaluates NIR classifiers it wrote (graph "
+                       "metadata with timesteps and a mean-over-time readout); this graph "
+                       "has none")
+    shape = net.input_shape
+    bundle = bdata.load(data, data_dir=data_dir, download=download, image_size=shape[-1])
+    ds = bundle.test if split == "test" else bundle.train
+    if limit:
+        ds = Subset(ds, range(min(limit, len(ds))))
+    if len(ds) == 0:
+        raise NIRError(f"dataset {data!r} has no {split} examples")
+    x0, _ = ds[0]
+    if tuple(x0.shape) != tuple(shape):
+        raise NIRError(f"{str(path)!r} takes images {list(shape)} but dataset {data!r} gives "
+                       f"{list(x0.shape)}")
+    correct = total = 0
+    loss = 0.0
+    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
+        logits = net(x)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum())
+        total += y.numel()
+    return {"file": str(path), "dataset": bundle.name, "split": split, "examples": total,
+            "correct": correct, "accuracy": 100.0 * correct / total, "loss": loss / total}

@@ -178,7 +178,8 @@ class _Exporter:
         node = self.nir.Conv2d(input_shape=(h, wd), weight=_np(weight), stride=(stride, stride),
                                padding=(padding, padding), dilation=(1, 1), groups=1,
                                bias=_np(b), metadata={"binslt": json.dumps(rec)})
-        out = (w.shape[0], (h + 2 * padding - k) // stride + 1, (wd + 2 * padding - k) // stride + 1)
+        out = (w.shape[0], (h + 2 * padding - k) // stride + 1,
+               (wd + 2 * padding - k) // stride + 1)
         return self.add(name, node, [src]), out
 
     def masked_record(self, name: str, m: _MaskedSignWeight, kind: str) -> dict:
@@ -282,7 +283,8 @@ class _Exporter:
         c, h, w = shape
         out = (c, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
         kk = np.array([k, k])
-        meta = {"binslt": json.dumps({"layer": name, "kind": "spike_maxpool", "form": self.maxpool})}
+        meta = {"binslt": json.dumps({"layer": name, "kind": "spike_maxpool",
+                                      "form": self.maxpool})}
         if self.maxpool == "threshold":
             # max of {0,1} spikes == 1 iff their sum > 0.5 (the sum is an integer)
             pool = self.nir.SumPool2d(kernel_size=kk, stride=np.array([s, s]),

@@ -49,14 +49,16 @@ def binslt_spikes(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict
 
 
 def small(arch: str, *, decay_input: bool = False, cin: int = 1, size: int = 8, T: int = 2,
-          seed: int = 0, **kw) -> nn.Module:
+          seed: int = 0, calib: int = 32, **kw) -> nn.Module:
     torch.manual_seed(seed)
     neuron = dict(decay_input=decay_input)
     if decay_input:  # the paper's tau=100 barely charges in a few steps with decayed input
         neuron["tau"] = 2.0
     m = models.build(arch, "binwslt", in_channels=cin, input_size=size, timesteps=T,
                      **neuron, **kw)
-    return calibrate(m, torch.randn(32, cin, size, size))
+    # frozen first: the top-|s| selection runs once per layer, not again for the calibration
+    models.set_mode(m, "frozen")
+    return calibrate(m, torch.randn(calib, cin, size, size))
 
 
 def check_round_trip(model, path, x, maxpool="threshold"):
@@ -86,7 +88,6 @@ def check_round_trip(model, path, x, maxpool="threshold"):
 @pytest.mark.parametrize("maxpool", ["threshold", "lif"])
 def test_round_trip_conv4(tmp_path, decay_input, maxpool):
     m = small("conv4", decay_input=decay_input)
-    models.set_mode(m, "frozen")
     net = check_round_trip(m, tmp_path / "c4.nir", torch.randn(6, 1, 8, 8), maxpool)
     kinds = {type(u).__name__ for u in net.units.values()}
     assert "_SpikeOr" in kinds  # the max-pool is read back as binslt's spike max-pool
@@ -96,7 +97,7 @@ def test_round_trip_conv4(tmp_path, decay_input, maxpool):
 
 @pytest.mark.parametrize("decay_input", [False, True], ids=["paper-lif", "decay-input-lif"])
 def test_round_trip_resnet19(tmp_path, decay_input):
-    m = models.set_mode(small("resnet19", decay_input=decay_input, cin=3, size=8), "frozen")
+    m = small("resnet19", decay_input=decay_input, cin=3, size=8, calib=8)
     net = check_round_trip(m, tmp_path / "r19.nir", torch.randn(3, 3, 8, 8))
     g = nir.read(tmp_path / "r19.nir")
     # residual adds are edges: conv2's neuron sums its conv and the shortcut (identity: the
@@ -165,6 +166,17 @@ def test_foreign_reading_of_binslt_weights_within_float_tolerance(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # What NIR cannot represent
 # ---------------------------------------------------------------------------------------------
+
+
+def test_search_mode_model_exports_unchanged():
+    m = models.build("conv4", "binwslt", in_channels=1, input_size=8, timesteps=2)
+    g = bnir.to_nir(m)
+    assert m.training and {mod.mode for mod in m.modules() if hasattr(mod, "mode")} == {"search"}
+    net = bnir.from_nir(g)
+    x = torch.randn(2, 1, 8, 8)
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), m(x))
 
 
 def test_soft_reset_is_refused_naming_the_layer():
@@ -297,7 +309,7 @@ def test_spikingjelly_imports_binslt_resnet19_cifar_shaped():
     pytest.importorskip("spikingjelly.activation_based")
     from spikingjelly.activation_based.nir_exchange import import_from_nir
 
-    m = models.set_mode(small("resnet19", cin=3, size=32, T=2), "frozen")
+    m = small("resnet19", cin=3, size=32, T=2, calib=2)
     sj = import_from_nir(bnir.to_nir(m), step_mode="m")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -235,12 +235,13 @@ def test_bad_files_give_one_clear_error(tmp_path):
     flipped[len(data) // 3: len(data) // 3 + 4096] = b"\xff" * 4096
     bad = tmp_path / "flipped.nir"
     bad.write_bytes(bytes(flipped))
-    with pytest.raises(bnir.NIRError, match=r"flipped\.nir'"):
-        net = bnir.from_nir(bad)
-        # bytes flipped inside weight data decode; binslt's metadata check then catches them
-        with torch.no_grad():
-            net(torch.randn(2, 1, 8, 8))
-        raise bnir.NIRError(f"{str(bad)!r} read without an error")  # pragma: no cover
+    with pytest.raises(bnir.NIRError, match=r"flipped\.nir' is corrupt or truncated"):
+        bnir.from_nir(bad)
+    # weights that no longer match the binslt metadata (gain, BN statistics) are refused
+    g = bnir.to_nir(m)
+    g.nodes["features.2"].weight = g.nodes["features.2"].weight * 2
+    with pytest.raises(bnir.NIRError, match=r"node 'features\.2' \(Conv2d\).*does not match"):
+        bnir.from_nir(g)
 
 
 def test_unreadable_nodes_are_named(tmp_path):

@@ -322,24 +322,19 @@ class _Exporter:
 
 
 def _load_model(source) -> nn.Module:
-    """A BinSLTNet from a model, a packed ticket file or a run directory / its ticket.pt."""
+    """A BinSLTNet from a model, a packed ticket file, or a run directory (its
+    ticket.safetensors, else its checkpoint) / checkpoint file."""
     if isinstance(source, nn.Module):
         return source
+    from .artifacts import RunDir, load_model
+    from .tickets import load_ticket
+
     p = Path(source)
+    if p.is_dir() and (p / RunDir.TICKET).is_file():
+        p = p / RunDir.TICKET
     if p.is_file() and p.suffix == ".safetensors":
-        from .tickets import load_ticket
-
         return load_ticket(p)
-    from . import train  # a run directory, ticket.pt or checkpoint.pt of `binslt search`
-
-    src = train.load_source(str(p))
-    model = train.rebuild_model(src["build_config"])
-    try:
-        model.load_state_dict(src["state_dict"])
-    except RuntimeError as exc:
-        raise NIRError(f"{str(p)!r}: its weights do not match its build config "
-                       f"({str(exc).strip().splitlines()[0]})") from None
-    return model
+    return load_model(p)[0]
 
 
 @torch.no_grad()
@@ -1100,7 +1095,7 @@ def export_cli(src: PathLike, out: Optional[PathLike] = None, *, maxpool: str = 
                dt: float = DEFAULT_DT) -> str:
     """``binslt export SRC --format nir [-o OUT]``: export a run directory, ``ticket.pt`` /
     ``checkpoint.pt`` or packed ticket to a NIR file (default: next to SRC, ``.nir``).
-    Returns the line to print. Raises NIRError (and binslt.train.RunError / TicketError for
+    Returns the line to print. Raises NIRError (and binslt.artifacts.ArtifactError / TicketError for
     an unreadable source)."""
     srcp = Path(src)
     if out is None:

@@ -247,6 +247,7 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     initialised_here: bool = False
+    backend: str | None = None  #: the process group's backend (nccl / gloo), None without one
 
     @property
     def main(self) -> bool:
@@ -254,7 +255,7 @@ class DistInfo:
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        return self.backend is not None
 
     def barrier(self) -> None:
         if self.active:
@@ -301,9 +302,11 @@ class DistInfo:
 
 
 def setup_distributed(device_kind: str) -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    """Join the process group when launched by torchrun (it sets TORCHELASTIC_RUN_ID; one process
+    under torchrun joins too, so that ``--nproc_per_node=1`` runs the nccl/gloo path) or whenever
+    WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ and not dist.is_initialized():
         return DistInfo()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     here = False
@@ -313,7 +316,7 @@ def setup_distributed(device_kind: str) -> DistInfo:
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
         here = True
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local, here)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, here, dist.get_backend())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,7 +605,8 @@ def finish(run_dir: RunDir, cfg: RunConfig, state: TrainState, bundle, info: Dis
         "wall_time_s": state.wall,
         "mean_epoch_time_s": float(np.mean([h["epoch_time_s"] for h in history])),
         "params": _count_params(state.model), "device": str(device),
-        "backend": backend, "world_size": info.world, "torch_threads":
+        "backend": backend, "world_size": info.world, "dist_backend": info.backend,
+        "torch_threads":
             torch.get_num_threads(), "versions": versions(),
         "source": source["path"] if source else None,
         "files": {"metrics": RunDir.METRICS, "checkpoint": RunDir.CHECKPOINT,

@@ -236,7 +236,7 @@ def test_finish_writes_results_and_a_ticket_with_the_same_outputs(tmp_path):
 #: Who may import whom (binslt modules): the network code, then the artifacts layer, then the
 #: modules that use runs, then the CLI on top. A module imports only modules of lower rank
 #: (train may use tickets, which sits on its level, to write the run's ticket).
-RANK = {"artifacts": 1, "tickets": 2, "energy": 2, "train": 3, "cli": 4}
+RANK = {"artifacts": 1, "tickets": 2, "energy": 2, "nir": 3, "export": 3, "train": 3, "cli": 4}
 
 
 def _binslt_imports(path: Path) -> set[str]:

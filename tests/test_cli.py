@@ -260,6 +260,7 @@ def test_torchrun_two_processes_gloo_matches_single_process(tmp_path):
     ddp = json.loads((tmp_path / "ddp" / "results.json").read_text())
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     assert ddp["world_size"] == 2 and ddp["device"] == "cpu" and one["world_size"] == 1
+    assert ddp["dist_backend"] == "gloo" and one["dist_backend"] is None
     # metrics are reduced over both ranks: the loss of epoch 1 is the mean over all examples
     l_ddp, l_one = (float(read_metrics(tmp_path / d)[0]["train_loss"]) for d in ("ddp", "one"))
     assert abs(l_ddp - l_one) < 0.05 * l_one, (l_ddp, l_one)

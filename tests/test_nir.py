@@ -421,7 +421,7 @@ def test_export_cli_and_eval_nir_file(tmp_path, digits_ticket):
     m, (xte, yte) = digits_ticket
     run = tmp_path / "run"
     run.mkdir()
-    train.save_ticket(m, run, {})  # a run directory as `binslt search` leaves it
+    train.save_ticket(m, run)  # a run directory as `binslt search` leaves it
     line = bnir.export_cli(run)
     out = run / "ticket.nir"
     assert out.is_file() and str(out) in line and "conv4/binwslt" in line
@@ -432,3 +432,27 @@ def test_export_cli_and_eval_nir_file(tmp_path, digits_ticket):
     assert res["accuracy"] == pytest.approx(100.0 * want / len(yte))
     with pytest.raises(bnir.NIRError, match="no such NIR file"):
         bnir.eval_nir_file(tmp_path / "none.nir")
+
+
+def test_cli_export_format_nir_and_eval_nir(tmp_path, digits_ticket, capsys):
+    """`binslt export RUN --format nir` and `binslt eval FILE.nir` from the command line; a
+    truncated .nir file is one line naming the file, exit 2."""
+    from binslt import cli, train
+
+    m, (xte, yte) = digits_ticket
+    run = tmp_path / "run"
+    run.mkdir()
+    train.save_ticket(m, run)
+    assert cli.main(["export", str(run), "--format", "nir"]) == 0
+    out = run / "ticket.nir"
+    assert out.is_file() and str(out) in capsys.readouterr().out
+    assert cli.main(["eval", str(out), "--data", "digits", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    with torch.no_grad():
+        want = int((m(xte).argmax(1) == yte).sum())
+    assert res["examples"] == len(yte) and res["correct"] == want
+    cut = tmp_path / "cut.nir"
+    cut.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
+    assert cli.main(["eval", str(cut), "--data", "digits"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cut.nir" in err[0] and err[0].startswith("binslt eval: error:")

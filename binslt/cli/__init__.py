@@ -28,6 +28,7 @@ import sys
 
 from ..artifacts import ArtifactError
 from ..data import DatasetError
+from ..nir import NIRDependencyError, NIRError
 from ..train import RunError
 from . import energy, info, run, tickets
 from .common import CLIError
@@ -37,7 +38,8 @@ __all__ = ["CLIError", "DEFAULTS", "build_parser", "compare_table", "explicit_op
            "make_config", "sweep_points", "_point_name"]
 
 #: What a command raises for bad input: one line on stderr, exit status 2.
-USER_ERRORS = (CLIError, RunError, DatasetError, ArtifactError, OSError)
+USER_ERRORS = (CLIError, RunError, DatasetError, ArtifactError, NIRError, NIRDependencyError,
+               OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 
-from .. import train
+from .. import _ext, ops, train
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -20,11 +19,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     st = binslt.backends()
     print(f"binslt {v['binslt']}  torch {v['torch']}  triton {v['triton']}  "
           f"CUDA (torch build) {v['cuda']}  python {v['python']}")
-    cpu_reason = st["cpu"]["reason"]
-    feats = re.search(r"\(([^()]*)\)\s*$", cpu_reason)
+    ci = _ext.cpu_info()
+    if ci is None:
+        kernel = "kernel path unknown (binslt._C is not built)"
+    else:
+        have = ",".join(k for k, on in ci["features"].items() if on) or "none"
+        kernel = (f"kernel path {ci['kernel_isa']} (features: {have}"
+                  f"{', openmp' if ci['openmp'] else ''})")
     print(f"CPU: {platform.machine()} {platform.processor() or ''}".rstrip()
           + f", {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, "
-          f"features: {feats.group(1) if feats and st['cpu']['built'] else 'unknown (no _C)'}")
+          + kernel)
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         print(f"device: cuda ({', '.join(names)})")
@@ -34,8 +38,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, s in st.items():
         flag = "usable" if s["usable"] else ("built, not usable" if s["built"] else "not built")
         print(f"  {name:7s} {flag:17s} {s['reason']}")
-    from .. import ops
-
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"backend 'auto' on {dev.type}: {ops.resolve_backend('auto', dev)}")
     return 0

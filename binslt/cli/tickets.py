@@ -23,6 +23,11 @@ def _fmt_bytes(n: float) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "nir":
+        from .. import nir
+
+        print(nir.export_cli(args.source, args.output, maxpool=args.maxpool))
+        return 0
     model, src = artifacts.load_model(args.source)
     out = args.output
     if out is None:
@@ -45,7 +50,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_nir(args: argparse.Namespace) -> int:
+    from .. import nir
+
+    res = nir.eval_nir_file(args.ticket, args.data, split=args.split, limit=args.limit,
+                            batch_size=args.batch_size, data_dir=args.data_dir,
+                            download=args.download, backend=args.backend or "auto")
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{args.ticket}: NIR graph on {res['dataset']} ({args.split}): accuracy "
+              f"{res['accuracy']:.2f}% ({res['correct']}/{res['examples']}), "
+              f"loss {res['loss']:.4f}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if str(args.ticket).endswith(".nir"):
+        return _eval_nir(args)
     device = artifacts.resolve_device(args.device)
     model = load_ticket(args.ticket, device=device, backend=args.backend)
     cfg = model.ticket_info["config"]  # type: ignore[attr-defined]
@@ -89,17 +111,27 @@ def add_parsers(subparsers) -> None:
         "binslt layer's mask and sign bit planes, its gain, BN statistics, dense weights and "
         "the config. Prints its size against the fp32 state dict. (search, train and finetune "
         "write RUN/ticket.safetensors themselves; this rewrites it, or exports a checkpoint.)")
-    ex.add_argument("source", help="a run directory of `binslt search`, or its checkpoint.pt")
+    ex.add_argument("source", help="a run directory of `binslt search`, or its checkpoint.pt "
+                    "(with --format nir also a .safetensors ticket)")
     ex.add_argument("-o", "--output", default=None,
-                    help="ticket file to write (default: RUN/ticket.safetensors for a run "
-                    "directory, else SOURCE's name with .safetensors)")
+                    help="file to write (default: RUN/ticket.safetensors, or RUN/ticket.nir "
+                    "with --format nir, for a run directory; else SOURCE's name with the "
+                    "format's suffix)")
+    ex.add_argument("--format", choices=("ticket", "nir"), default="ticket",
+                    help="ticket: binslt's packed safetensors ticket; nir: a NIR graph "
+                    "(needs `pip install 'binslt[nir]'`; see docs/nir.md)")
+    ex.add_argument("--maxpool", choices=("threshold", "lif"), default="threshold",
+                    help="with --format nir: 2x2 spike max-pooling as Threshold(SumPool2d - "
+                    "0.5) (exact), or AvgPool2d + a memoryless LIF (for importers without "
+                    "Threshold, e.g. snnTorch)")
     ex.set_defaults(func=cmd_export)
 
     ev = subparsers.add_parser(
         "eval", help="evaluate a packed ticket on a dataset",
         description="Load a packed ticket (frozen, eval mode) and report its accuracy.")
-    ev.add_argument("ticket", help="a .safetensors ticket: a run's ticket.safetensors or what "
-                    "`binslt export` wrote")
+    ev.add_argument("ticket", help="a .safetensors ticket (a run's ticket.safetensors or what "
+                    "`binslt export` wrote) or a .nir file (`binslt export --format nir`, or "
+                    "SpikingJelly's export_to_nir)")
     ev.add_argument("--data", default="digits", help="dataset spec (digits, cifar10, cifar100, "
                     "imagefolder:PATH, npz:PATH)")
     ev.add_argument("--data-dir", default="data", help="where torchvision datasets live")

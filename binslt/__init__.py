@@ -36,8 +36,10 @@ __all__ = [
     "SpikeMaxPool2d",
     "backends",
     "convert",
+    "from_nir",
     "ops",
     "reference",
+    "to_nir",
     "use_backend",
     "__version__",
 ]
@@ -45,7 +47,7 @@ __all__ = [
 
 def __getattr__(name):
     # Heavier subpackages load lazily so that `import binslt` stays fast.
-    if name in ("models", "energy", "tickets", "data", "train"):
+    if name in ("models", "energy", "tickets", "data", "train", "artifacts", "nir", "export"):
         import importlib
 
         return importlib.import_module(f"binslt.{name}")
@@ -53,4 +55,8 @@ def __getattr__(name):
         from . import tickets
 
         return getattr(tickets, name)
+    if name in ("to_nir", "from_nir"):  # need the optional extra binslt[nir]
+        from . import nir
+
+        return getattr(nir, name)
     raise AttributeError(f"module 'binslt' has no attribute {name!r}")

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
-import kernels as K
-from kernels._common import check_device
+from . import kernels as K
+from .kernels._common import check_device
 
 from . import _contract as C
 from ._schemas import SCHEMAS

@@ -105,17 +105,18 @@ def main(argv: list[str] | None = None) -> int:
             dict(lp, src_ptr="*i16" if has_alpha else "*fp32"),
             dict(blk, HAS_ALPHA=has_alpha, BN_TRAIN=has_alpha, HAS_RES=True, DECAY_INPUT=True,
                  HARD=has_alpha))
-    bp = dict(gs_ptr="*fp32", src_ptr="*i16", alpha_ptr="*fp32", scale_ptr="*fp32",
+    bp = dict(grad_spk_ptr="*fp32", src_ptr="*i16", alpha_ptr="*fp32", scale_ptr="*fp32",
               shift_ptr="*fp32", mean_ptr="*fp32", invstd_ptr="*fp32", res_ptr="*fp32",
-              gcur_ptr="*fp32", gz_ptr="*fp32", gsh_ptr="*fp64", gsc_ptr="*fp64")
+              grad_x_ptr="*fp32", grad_z_ptr="*fp32", grad_shift_ptr="*fp64",
+              grad_scale_ptr="*fp64")
     for sur, hard, det in ((0, True, False), (1, False, True)):
         run(f"lif_bwd surrogate={sur} hard={hard} detach={det}", L._lif_bwd_kernel, bp,
             dict(blk, HAS_ALPHA=True, BN_TRAIN=not det, HAS_RES=True, DECAY_INPUT=det,
                  HARD=hard, DETACH_RESET=det, SURROGATE=sur))
     run("bn_train_bwd", L._bn_train_bwd_kernel,
-        dict(gcur_ptr="*fp32", src_ptr="*fp32", alpha_ptr="*fp32", scale_ptr="*fp32",
-             mean_ptr="*fp32", invstd_ptr="*fp32", mgsh_ptr="*fp32", mgsc_ptr="*fp32",
-             gz_ptr="*fp32"), dict(blk, HAS_ALPHA=False))
+        dict(grad_x_ptr="*fp32", src_ptr="*fp32", alpha_ptr="*fp32", scale_ptr="*fp32",
+             mean_ptr="*fp32", invstd_ptr="*fp32", mean_gx_ptr="*fp32", mean_gx_zhat_ptr="*fp32",
+             grad_z_ptr="*fp32"), dict(blk, HAS_ALPHA=False))
     run("pack_bits", P._pack_bits_kernel, dict(x_ptr="*fp32", mask_ptr="*i32", pos_ptr="*i32"),
         dict(WITH_POS=True, BLOCK_P=128))
     run("unpack_bits", P._unpack_bits_kernel, dict(packed_ptr="*i32", out_ptr="*fp32"),

@@ -34,8 +34,7 @@ from ._common import (
     cdiv,
     check_int32_index,
     launch,
-    lif_charge,
-    lif_fire_reset,
+    lif_step,
 )
 
 # H100/H200: int8 mma wants K >= 32 per step (one packed word) and 64-128 wide tiles.
@@ -161,8 +160,7 @@ def _bconv_fwd_kernel(
             y = z * scale + shift
             if HAS_RES:
                 y = y + tl.load(res_ptr + o, mask=out_ok, other=0.0)
-            h = lif_charge(v, y, tau, v_reset, DECAY_INPUT)
-            spk, v = lif_fire_reset(h, v_threshold, v_reset, HARD)
+            _, spk, v = lif_step(v, y, tau, v_threshold, v_reset, DECAY_INPUT, HARD)
             tl.store(spk_ptr + o, spk, mask=out_ok)
         else:
             a64 = tl.where(out_ok, acc, 0).to(tl.int64)

@@ -13,10 +13,10 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from torch.library import wrap_triton
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+from triton.language.extra import libdevice
 
 #: True when Triton runs kernels with its numpy interpreter (must be set before triton imports).
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
 
     fwd = B._bconv_fwd_kernel
-    fwd_ptrs = dict(x_ptr="*i32", wm_ptr="*i32", wp_ptr="*i32", alpha_ptr="*fp32",
+    fwd_ptrs = dict(x_ptr="*i32", w_mask_ptr="*i32", w_pos_ptr="*i32", alpha_ptr="*fp32",
                     scale_ptr="*fp32", shift_ptr="*fp32", res_ptr="*fp32", spk_ptr="*fp32",
                     cnt_ptr="*i16", sum_ptr="*i64", sq_ptr="*i64")
     for fuse, store in ((True, True), (False, True), (True, False)):
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                  HARD=fuse),
             fwd.configs)
     dg, wg = B._bconv_dgrad_kernel, B._bconv_wgrad_kernel
-    run("bconv_dgrad", dg.fn, dict(gz_ptr="*fp32", wm_ptr="*i32", wp_ptr="*i32",
+    run("bconv_dgrad", dg.fn, dict(gz_ptr="*fp32", w_mask_ptr="*i32", w_pos_ptr="*i32",
                                    alpha_ptr="*fp32", gx_ptr="*fp32"),
         dict(KH=k, KW=k, PRECISION=B.DOT_PRECISION), dg.configs)
     run("bconv_wgrad", wg.fn, dict(gz_ptr="*fp32", x_ptr="*i32", gw_ptr="*fp32"),

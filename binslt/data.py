@@ -19,20 +19,27 @@ Specs and their fixed conventions:
     subfolders those are the splits; otherwise the single folder is split stratified 80/20 with
     seed 0. Images are converted to RGB, resized and centre-cropped to ``image_size``; training
     images also get random crop (padding image_size/8) and flip; normalised with mean=std=0.5.
+    Files that do not open as images, and float (mode ``F``) images with NaN/inf pixels, are
+    refused at load time.
 ``npz:PATH``
-    A NumPy ``.npz`` with ``x`` ([N, H, W] or [N, H, W, C]) and ``y`` ([N] integer labels), and
-    optionally ``x_test`` / ``y_test``; without them the split is stratified 80/20 with seed 0
-    (plain 80/20 if a class is too small to stratify). Integer images are divided by their dtype's
-    maximum (255 for uint8); float images are used as they are. Both splits are normalised
-    per channel with the training split's mean and std. Classes are ``0 .. max(y)``.
+    A NumPy ``.npz`` with ``x`` and ``y`` ([N] integer labels), and optionally ``x_test`` /
+    ``y_test``; without them the split is stratified 80/20 with seed 0 (plain 80/20 if a class is
+    too small to stratify). Images are [N, H, W] (one channel), [N, H, W, C] or [N, C, H, W]. A 4-D
+    array is read as channels-first [N, C, H, W] when dim 1 is 1 or 3 and the last two dims are
+    equal (``[N, 3, 32, 32]``, ``[N, 1, 8, 8]``), and as channels-last [N, H, W, C] otherwise
+    (``[N, 32, 32, 3]``); images must be square. Integer images are divided by their dtype's
+    maximum (255 for uint8); float images are used as they are and must be finite. Both splits are
+    normalised per channel with the training split's mean and std. Classes are ``0 .. max(y)``.
 
 A dataset that is not there raises :class:`DatasetNotFound` with a message that says how to
-provide it.
+provide it; a file that is there but unusable (bad shape, NaN/inf pixels, unreadable image)
+raises :class:`DatasetError` at load time, with a message that names the file and the problem.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,25 +122,49 @@ def load_digits() -> DataBundle:
                       "(stratified 80/20, seed 0)")
 
 
-def _to_nchw(x: np.ndarray, what: str) -> torch.Tensor:
+NPZ_LAYOUTS = ("[N, H, W], [N, H, W, C] or [N, C, H, W] (channels-first when dim 1 is 1 or 3 and "
+               "the last two dims are equal)")
+
+
+def _channels_first(shape: tuple[int, ...]) -> bool:
+    """The layout rule of a 4-D npz image array (module docstring)."""
+    return shape[1] in (1, 3) and shape[2] == shape[3]
+
+
+def _to_nchw(x: np.ndarray, what: str, where: str) -> torch.Tensor:
+    """npz images -> [N, C, H, W] float32; ``where`` names the file in error messages."""
     if x.ndim == 3:
-        x = x[:, :, :, None]
-    if x.ndim != 4:
-        raise DatasetError(f"{what} must have shape [N, H, W] or [N, H, W, C], got {x.shape}")
+        x = x[:, None]
+    elif x.ndim == 4 and not _channels_first(x.shape):
+        x = x.transpose(0, 3, 1, 2)
+    elif x.ndim != 4:
+        raise DatasetError(f"{where}: {what} must have shape {NPZ_LAYOUTS}, got {x.shape}")
+    if x.shape[2] != x.shape[3]:
+        raise DatasetError(f"{where}: {what} images must be square, got {x.shape[2]}x{x.shape[3]} "
+                           f"from shape [N, C, H, W] = {x.shape}; {what} is read as {NPZ_LAYOUTS}")
     if np.issubdtype(x.dtype, np.integer):
-        x = x.astype(np.float32) / float(np.iinfo(x.dtype).max)
+        x32 = x.astype(np.float32) / float(np.iinfo(x.dtype).max)
     elif np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32)
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        if bad:
+            raise DatasetError(f"{where}: {bad} NaN/inf pixel values in {what}")
+        with np.errstate(over="ignore"):  # counted and reported just below
+            x32 = x.astype(np.float32)
+        bad = int(np.count_nonzero(~np.isfinite(x32)))
+        if bad:
+            raise DatasetError(f"{where}: {bad} pixel values in {what} overflow float32")
     else:
-        raise DatasetError(f"{what} must hold numbers, got dtype {x.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        raise DatasetError(f"{where}: {what} must hold numbers, got dtype {x.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(x32))
 
 
-def _labels(y: np.ndarray, n: int, what: str) -> torch.Tensor:
+def _labels(y: np.ndarray, n: int, what: str, where: str) -> torch.Tensor:
     if y.ndim != 1 or len(y) != n:
-        raise DatasetError(f"{what} must be a 1-D array of {n} labels, got shape {y.shape}")
+        raise DatasetError(f"{where}: {what} must be a 1-D array of {n} labels, got shape "
+                           f"{y.shape}")
     if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
-        raise DatasetError(f"{what} must hold non-negative integer class ids, got {y.dtype}")
+        raise DatasetError(f"{where}: {what} must hold non-negative integer class ids, got "
+                           f"{y.dtype}")
     return torch.from_numpy(y.astype(np.int64))
 
 
@@ -142,32 +173,35 @@ def load_npz(path: str) -> DataBundle:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DatasetNotFound(f"npz file {str(p)!r} not found; give npz:PATH to a .npz with arrays "
-                              "x [N,H,W] or [N,H,W,C] and y [N] (optionally x_test, y_test)")
+                              f"x {NPZ_LAYOUTS} and y [N] (optionally x_test, y_test)")
     try:
         arrays = np.load(p, allow_pickle=False)
         keys = set(arrays.files)
     except Exception as exc:
         raise DatasetError(f"could not read {str(p)!r} as .npz: {exc}") from None
+    where = str(p)
     if not {"x", "y"} <= keys:
-        raise DatasetError(f"{str(p)!r} must contain arrays 'x' and 'y' (has {sorted(keys)})")
-    x, y = _to_nchw(arrays["x"], "x"), None
-    y = _labels(arrays["y"], x.shape[0], "y")
-    if "x_test" in keys or "y_test" in keys:
-        if not {"x_test", "y_test"} <= keys:
-            raise DatasetError(f"{str(p)!r} has only one of x_test / y_test; give both or neither")
-        xtr, ytr = x, y
-        xte = _to_nchw(arrays["x_test"], "x_test")
-        yte = _labels(arrays["y_test"], xte.shape[0], "y_test")
-        if xte.shape[1:] != xtr.shape[1:]:
-            raise DatasetError(f"x_test images {tuple(xte.shape[1:])} differ from x images "
-                                  f"{tuple(xtr.shape[1:])}")
-        split = "given x_test/y_test"
-    else:
-        tr, te = split_indices(y.numpy())
-        xtr, ytr, xte, yte = x[tr], y[tr], x[te], y[te]
-        split = "stratified 80/20, seed 0"
-    if xtr.shape[2] != xtr.shape[3]:
-        raise DatasetError(f"images must be square, got {xtr.shape[2]}x{xtr.shape[3]}")
+        raise DatasetError(f"{where}: must contain arrays 'x' and 'y' (has {sorted(keys)})")
+    try:
+        x = _to_nchw(arrays["x"], "x", where)
+        y = _labels(arrays["y"], x.shape[0], "y", where)
+        if "x_test" in keys or "y_test" in keys:
+            if not {"x_test", "y_test"} <= keys:
+                raise DatasetError(f"{where}: has only one of x_test / y_test; give both or "
+                                   "neither")
+            xtr, ytr = x, y
+            xte = _to_nchw(arrays["x_test"], "x_test", where)
+            yte = _labels(arrays["y_test"], xte.shape[0], "y_test", where)
+            if xte.shape[1:] != xtr.shape[1:]:
+                raise DatasetError(f"{where}: x_test images {tuple(xte.shape[1:])} (C, H, W) "
+                                   f"differ from x images {tuple(xtr.shape[1:])}")
+            split = "given x_test/y_test"
+        else:
+            tr, te = split_indices(y.numpy())
+            xtr, ytr, xte, yte = x[tr], y[tr], x[te], y[te]
+            split = "stratified 80/20, seed 0"
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # a corrupt member
+        raise DatasetError(f"could not read {where!r} as .npz: {exc}") from None
     xtr, xte = _normalise(xtr, xte)
     ncls = int(max(int(ytr.max()), int(yte.max()) if len(yte) else 0)) + 1
     return DataBundle(f"npz:{p}", TensorDataset(xtr, ytr), TensorDataset(xte, yte), ncls,
@@ -215,6 +249,27 @@ def _rgb(image):
     return image.convert("RGB")
 
 
+def _check_image_files(paths: list[str]) -> None:
+    """Refuse, at load time, image files that do not open and float images (PIL mode ``F``) with
+    NaN/inf pixels, which the RGB conversion would silently turn into 0 or 255. Only headers are
+    read, except for float images."""
+    from PIL import Image
+
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                if im.mode == "F":
+                    n = int(np.count_nonzero(~np.isfinite(np.asarray(im))))
+                    if n:
+                        bad.append(f"{path}: {n} NaN/inf pixel values")
+        except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
+            bad.append(f"{path}: not a readable image ({exc})")
+    if bad:
+        more = f" (and {len(bad) - 1} more bad image files)" if len(bad) > 1 else ""
+        raise DatasetError(bad[0] + more)
+
+
 def load_imagefolder(path: str, image_size: int) -> DataBundle:
     """``imagefolder:PATH`` with train/ and val/ (or test/) subfolders, or one folder split 80/20."""
     torchvision, T = _vision()
@@ -245,6 +300,8 @@ def load_imagefolder(path: str, image_size: int) -> DataBundle:
             ncls, split = len(full_tr.classes), "stratified 80/20, seed 0"
     except (FileNotFoundError, RuntimeError) as exc:
         raise DatasetError(f"could not read image folder {str(root)!r}: {exc}") from None
+    folders = [train, test] if isinstance(train, torchvision.datasets.ImageFolder) else [full_tr]
+    _check_image_files([path for folder in folders for path, _label in folder.samples])
     return DataBundle(f"imagefolder:{root}", train, test, ncls, 3, image_size,
                       f"ImageFolder {root} ({split}), {len(train)} train / {len(test)} test, "
                       f"{ncls} classes, {image_size}x{image_size}")

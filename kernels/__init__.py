@@ -1,4 +1,4 @@
-"""Triton kernels of binslt (DESIGN.md section 2): bit packing, the fused binary conv + LIF on
+"""Triton kernels of binslt (docs/design.md): bit packing, the fused binary conv + LIF on
 int8 tensor cores, the BN + LIF epilogue, and their backward passes.
 
 The kernels are registered as the ``triton`` backend of the ``binslt::`` ops by

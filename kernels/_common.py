@@ -1,8 +1,8 @@
 """Shared pieces of the Triton kernels: interpreter switch, launch helpers, LIF device functions.
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors, tests only) every kernel runs one tiny configuration:
-the interpreter executes programs one by one (~10 ms each), so autotuning there is useless and
-slow. On a GPU the conv kernels autotune over configurations aimed at H100/H200.
+the interpreter executes programs one by one in numpy, so autotuning there is useless and slow.
+On a GPU the conv kernels autotune over configurations aimed at H100/H200.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from torch.library import wrap_triton
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+from triton.language.extra import libdevice
 
 #: True when Triton runs kernels with its numpy interpreter (must be set before triton imports).
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -106,40 +107,83 @@ HALF_PI: float = math.pi / 2
 
 
 # ----------------------------------------------------------------------------------------------
-# LIF device functions (SpikingJelly's float operation order, see binslt.reference.lif_multistep)
+# LIF device functions: csrc/include/binslt/lif.h operation for operation in float32, so that the
+# Triton, CPU and CUDA kernels round alike (the forward follows SpikingJelly's order, see
+# binslt.reference.lif_multistep). Every division is tl.div_rn, IEEE round-to-nearest like torch
+# and nvcc's default ``/``; Triton's plain ``/`` is approximate on CUDA.
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def lif_charge(v, x, tau, v_reset, DECAY_INPUT: tl.constexpr):
-    """H[t] from V[t-1] and X[t]. ``v_reset`` is 0 for a soft reset.
+def lif_step(v, x, tau, v_threshold, v_reset, DECAY_INPUT: tl.constexpr, HARD: tl.constexpr):
+    """One forward step, V[t-1] and X[t] -> (H[t], S[t], V[t]). ``v_reset`` is 0 for a soft reset.
 
-    div_rn: IEEE round-to-nearest division like torch's (plain ``/`` is approximate on CUDA)."""
+    H = V + (X - (V - vr)) / tau (decay_input) or V - (V - vr) / tau + X; S = (H - th >= 0);
+    hard reset: V = S*vr + (1-S)*H; soft: V = H - S*th."""
     if DECAY_INPUT:
         h = v + tl.div_rn(x - (v - v_reset), tau)
     else:
         h = v - tl.div_rn(v - v_reset, tau) + x
-    return h
+    s = ((h - v_threshold) >= 0).to(tl.float32)
+    if HARD:
+        v_next = s * v_reset + (1.0 - s) * h
+    else:
+        v_next = h - s * v_threshold
+    return h, s, v_next
+
+
+_INTERPRET_C = tl.constexpr(INTERPRET)
 
 
 @triton.jit
-def lif_fire_reset(h, v_threshold, v_reset, HARD: tl.constexpr):
-    """(S[t], V[t]) from H[t]: S = (H - th >= 0); hard: V = S*vr + (1-S)*H; soft: V = H - S*th."""
-    s = ((h - v_threshold) >= 0).to(tl.float32)
-    if HARD:
-        v = s * v_reset + (1.0 - s) * h
+def _expf(x):
+    """CUDA's expf (libdevice), as lif.h calls it; the interpreter has no libdevice (numpy exp)."""
+    if _INTERPRET_C:
+        y = tl.exp(x)
     else:
-        v = h - s * v_threshold
-    return s, v
+        y = libdevice.exp(x)
+    return y
 
 
 @triton.jit
 def surrogate_grad(x, alpha, SURROGATE: tl.constexpr):
-    """g'(x): 0 = ATan alpha/(2(1+(pi/2 alpha x)^2)), 1 = Sigmoid alpha*sig(alpha x)(1-sig)."""
+    """g'(x) at x = H - th: 0 = ATan alpha/2 / (1+(pi/2 alpha x)^2), 1 = Sigmoid alpha*s(1-s)."""
     if SURROGATE == 0:
         z = x * (1.5707963267948966 * alpha)
-        g = (alpha / 2) / (1 + z * z)
+        g = tl.div_rn(alpha * 0.5, 1.0 + z * z)
     else:
-        sg = tl.sigmoid(alpha * x)
-        g = (1 - sg) * sg * alpha
+        sig = tl.div_rn(1.0, 1.0 + _expf(-alpha * x))
+        g = (1.0 - sig) * sig * alpha
+    return g
+
+
+@triton.jit
+def lif_backward_step(grad_spike, grad_v, h, tau, v_threshold, v_reset, surrogate_alpha,
+                      HARD: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr):
+    """One BPTT step: dL/dS[t], the carried dL/dV[t] and H[t] -> (dL/dH[t], dL/dV[t-1]).
+
+    dL/dH = dL/dS g' + dL/dV dV/dH with dV/dH = hard: (1-S) [+ (vr-H) g'], soft: 1 [- th g']
+    (bracket: the path through S[t], unless detach_reset); dL/dV[t-1] = dL/dH (1 - 1/tau)."""
+    sg = surrogate_grad(h - v_threshold, surrogate_alpha, SURROGATE)
+    if HARD:
+        s = ((h - v_threshold) >= 0).to(tl.float32)
+        dv_dh = 1.0 - s
+        if not DETACH_RESET:
+            dv_dh += (v_reset - h) * sg
+    else:
+        if DETACH_RESET:
+            dv_dh = tl.full(h.shape, 1.0, tl.float32)
+        else:
+            dv_dh = 1.0 - v_threshold * sg
+    grad_h = grad_spike * sg + grad_v * dv_dh
+    return grad_h, grad_h * (1.0 - tl.div_rn(1.0, tau))
+
+
+@triton.jit
+def lif_input_grad(grad_h, tau, DECAY_INPUT: tl.constexpr):
+    """dL/dX[t] from dL/dH[t]: dH/dX = 1/tau (decay_input) or 1."""
+    if DECAY_INPUT:
+        g = tl.div_rn(grad_h, tau)
+    else:
+        g = grad_h
     return g

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
 
     fwd = B._bconv_fwd_kernel
-    fwd_ptrs = dict(x_ptr="*i32", wm_ptr="*i32", wp_ptr="*i32", alpha_ptr="*fp32",
+    fwd_ptrs = dict(x_ptr="*i32", w_mask_ptr="*i32", w_pos_ptr="*i32", alpha_ptr="*fp32",
                     scale_ptr="*fp32", shift_ptr="*fp32", res_ptr="*fp32", spk_ptr="*fp32",
                     cnt_ptr="*i16", sum_ptr="*i64", sq_ptr="*i64")
     for fuse, store in ((True, True), (False, True), (True, False)):
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                  HARD=fuse),
             fwd.configs)
     dg, wg = B._bconv_dgrad_kernel, B._bconv_wgrad_kernel
-    run("bconv_dgrad", dg.fn, dict(gz_ptr="*fp32", wm_ptr="*i32", wp_ptr="*i32",
+    run("bconv_dgrad", dg.fn, dict(gz_ptr="*fp32", w_mask_ptr="*i32", w_pos_ptr="*i32",
                                    alpha_ptr="*fp32", gx_ptr="*fp32"),
         dict(KH=k, KW=k, PRECISION=B.DOT_PRECISION), dg.configs)
     run("bconv_wgrad", wg.fn, dict(gz_ptr="*fp32", x_ptr="*i32", gw_ptr="*fp32"),
@@ -105,17 +105,18 @@ def main(argv: list[str] | None = None) -> int:
             dict(lp, src_ptr="*i16" if has_alpha else "*fp32"),
             dict(blk, HAS_ALPHA=has_alpha, BN_TRAIN=has_alpha, HAS_RES=True, DECAY_INPUT=True,
                  HARD=has_alpha))
-    bp = dict(gs_ptr="*fp32", src_ptr="*i16", alpha_ptr="*fp32", scale_ptr="*fp32",
+    bp = dict(grad_spk_ptr="*fp32", src_ptr="*i16", alpha_ptr="*fp32", scale_ptr="*fp32",
               shift_ptr="*fp32", mean_ptr="*fp32", invstd_ptr="*fp32", res_ptr="*fp32",
-              gcur_ptr="*fp32", gz_ptr="*fp32", gsh_ptr="*fp64", gsc_ptr="*fp64")
+              grad_x_ptr="*fp32", grad_z_ptr="*fp32", grad_shift_ptr="*fp64",
+              grad_scale_ptr="*fp64")
     for sur, hard, det in ((0, True, False), (1, False, True)):
         run(f"lif_bwd surrogate={sur} hard={hard} detach={det}", L._lif_bwd_kernel, bp,
             dict(blk, HAS_ALPHA=True, BN_TRAIN=not det, HAS_RES=True, DECAY_INPUT=det,
                  HARD=hard, DETACH_RESET=det, SURROGATE=sur))
     run("bn_train_bwd", L._bn_train_bwd_kernel,
-        dict(gcur_ptr="*fp32", src_ptr="*fp32", alpha_ptr="*fp32", scale_ptr="*fp32",
-             mean_ptr="*fp32", invstd_ptr="*fp32", mgsh_ptr="*fp32", mgsc_ptr="*fp32",
-             gz_ptr="*fp32"), dict(blk, HAS_ALPHA=False))
+        dict(grad_x_ptr="*fp32", src_ptr="*fp32", alpha_ptr="*fp32", scale_ptr="*fp32",
+             mean_ptr="*fp32", invstd_ptr="*fp32", mean_gx_ptr="*fp32", mean_gx_zhat_ptr="*fp32",
+             grad_z_ptr="*fp32"), dict(blk, HAS_ALPHA=False))
     run("pack_bits", P._pack_bits_kernel, dict(x_ptr="*fp32", mask_ptr="*i32", pos_ptr="*i32"),
         dict(WITH_POS=True, BLOCK_P=128))
     run("unpack_bits", P._unpack_bits_kernel, dict(packed_ptr="*i32", out_ptr="*fp32"),

@@ -16,7 +16,7 @@ with ternary weights unpacked from bits) and ``_bconv_wgrad_kernel`` (dL/dW_eff 
 positions of dL/dZ times the binary input, unpacked from bits). Both use float ``tl.dot``.
 
 The interpreter runs int8 ``tl.dot`` correctly (numpy), so no float fallback is needed there; no
-popcount is used at all (the tensor-core path replaces it, DESIGN.md section 2).
+popcount is used at all (the tensor-core path replaces it, docs/design.md).
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from ._common import (
     cdiv,
     check_int32_index,
     launch,
-    lif_charge,
-    lif_fire_reset,
+    lif_step,
 )
 
 # H100/H200: int8 mma wants K >= 32 per step (one packed word) and 64-128 wide tiles.
@@ -67,8 +66,8 @@ _GRAD_CONFIGS = autotune_configs(
 @triton.jit
 def _bconv_fwd_kernel(
     x_ptr,  # [T*Nb, H, W, CW] int32 packed spikes
-    wm_ptr,  # [Co, KH, KW, CW] int32 mask bits
-    wp_ptr,  # [Co, KH, KW, CW] int32 positive bits
+    w_mask_ptr,  # [Co, KH, KW, CW] int32 mask bits (w != 0)
+    w_pos_ptr,  # [Co, KH, KW, CW] int32 positive bits (w > 0)
     alpha_ptr,  # [Co] float32
     scale_ptr,  # [Co] float32
     shift_ptr,  # [Co] float32
@@ -108,17 +107,17 @@ def _bconv_fwd_kernel(
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     hw_o = Ho * Wo
     n_idx = rows // hw_o
-    sp = rows % hw_o
-    ho = sp // Wo
-    wo = sp % Wo
+    pix = rows % hw_o
+    ho = pix // Wo
+    wo = pix % Wo
     row_ok = rows < M
     co_ok = co < Co
     nb = M // hw_o
-    kwords = tl.arange(0, WORDS)
-    bits = tl.arange(0, 32)
+    word_ids = tl.arange(0, WORDS)
+    bit_ids = tl.arange(0, 32)
     out_ok = row_ok[:, None] & co_ok[None, :]
     # [BLOCK_M, BLOCK_N] offset of (n, co, ho, wo) inside one timestep
-    out_off = (n_idx * Co * hw_o + sp)[:, None] + (co * hw_o)[None, :]
+    out_off = (n_idx * Co * hw_o + pix)[:, None] + (co * hw_o)[None, :]
     step = nb * Co * hw_o
     if FUSE_LIF:
         alpha = tl.load(alpha_ptr + co, mask=co_ok, other=0.0)[None, :]
@@ -126,8 +125,8 @@ def _bconv_fwd_kernel(
         shift = tl.load(shift_ptr + co, mask=co_ok, other=0.0)[None, :]
         v = tl.zeros((BLOCK_M, BLOCK_N), tl.float32) + v_reset
     else:
-        s1 = tl.zeros((BLOCK_N,), tl.int64)
-        s2 = tl.zeros((BLOCK_N,), tl.int64)
+        count_sum = tl.zeros((BLOCK_N,), tl.int64)
+        count_sq = tl.zeros((BLOCK_N,), tl.int64)
     for t in range(T):
         b = t * nb + n_idx
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
@@ -136,23 +135,24 @@ def _bconv_fwd_kernel(
             for kw in tl.static_range(KW):
                 wi = wo * stride - padding + kw
                 ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-                xbase = ((b * H + hi) * W + wi) * CW
-                wbase = ((co * KH + kh) * KW + kw) * CW
+                x_base = ((b * H + hi) * W + wi) * CW
+                w_base = ((co * KH + kh) * KW + kw) * CW
                 for w0 in range(0, CW, WORDS):
-                    wd = w0 + kwords
-                    wd_ok = wd < CW
-                    xw = tl.load(x_ptr + xbase[:, None] + wd[None, :],
-                                 mask=ok[:, None] & wd_ok[None, :], other=0)
-                    a = ((xw[:, :, None] >> bits[None, None, :]) & 1).to(tl.int8)
-                    a = tl.reshape(a, (BLOCK_M, WORDS * 32))
-                    wmask = co_ok[None, :] & wd_ok[:, None]
-                    mw = tl.load(wm_ptr + wbase[None, :] + wd[:, None], mask=wmask, other=0)
-                    pw = tl.load(wp_ptr + wbase[None, :] + wd[:, None], mask=wmask, other=0)
-                    mb = (mw[:, None, :] >> bits[None, :, None]) & 1
-                    pb = (pw[:, None, :] >> bits[None, :, None]) & 1
-                    wt = (mb * (2 * pb - 1)).to(tl.int8)
-                    wt = tl.reshape(wt, (WORDS * 32, BLOCK_N))
-                    acc = tl.dot(a, wt, acc, out_dtype=tl.int32)
+                    word = w0 + word_ids
+                    word_ok = word < CW
+                    x_words = tl.load(x_ptr + x_base[:, None] + word[None, :],
+                                      mask=ok[:, None] & word_ok[None, :], other=0)
+                    x_bits = ((x_words[:, :, None] >> bit_ids[None, None, :]) & 1).to(tl.int8)
+                    x_bits = tl.reshape(x_bits, (BLOCK_M, WORDS * 32))
+                    w_ok = co_ok[None, :] & word_ok[:, None]
+                    w_off = w_base[None, :] + word[:, None]
+                    mask_words = tl.load(w_mask_ptr + w_off, mask=w_ok, other=0)
+                    pos_words = tl.load(w_pos_ptr + w_off, mask=w_ok, other=0)
+                    mask_bits = (mask_words[:, None, :] >> bit_ids[None, :, None]) & 1
+                    pos_bits = (pos_words[:, None, :] >> bit_ids[None, :, None]) & 1
+                    w_tern = (mask_bits * (2 * pos_bits - 1)).to(tl.int8)
+                    w_tern = tl.reshape(w_tern, (WORDS * 32, BLOCK_N))
+                    acc = tl.dot(x_bits, w_tern, acc, out_dtype=tl.int32)
         o = out_off + t * step
         if STORE_COUNTS:
             tl.store(cnt_ptr + o, acc.to(cnt_ptr.dtype.element_ty), mask=out_ok)
@@ -161,24 +161,23 @@ def _bconv_fwd_kernel(
             y = z * scale + shift
             if HAS_RES:
                 y = y + tl.load(res_ptr + o, mask=out_ok, other=0.0)
-            h = lif_charge(v, y, tau, v_reset, DECAY_INPUT)
-            spk, v = lif_fire_reset(h, v_threshold, v_reset, HARD)
+            _, spk, v = lif_step(v, y, tau, v_threshold, v_reset, DECAY_INPUT, HARD)
             tl.store(spk_ptr + o, spk, mask=out_ok)
         else:
-            a64 = tl.where(out_ok, acc, 0).to(tl.int64)
-            s1 += tl.sum(a64, axis=0)
-            s2 += tl.sum(a64 * a64, axis=0)
+            acc64 = tl.where(out_ok, acc, 0).to(tl.int64)
+            count_sum += tl.sum(acc64, axis=0)
+            count_sq += tl.sum(acc64 * acc64, axis=0)
     if not FUSE_LIF:
-        tl.atomic_add(sum_ptr + co, s1, mask=co_ok)
-        tl.atomic_add(sq_ptr + co, s2, mask=co_ok)
+        tl.atomic_add(sum_ptr + co, count_sum, mask=co_ok)
+        tl.atomic_add(sq_ptr + co, count_sq, mask=co_ok)
 
 
 @triton.autotune(configs=_GRAD_CONFIGS, key=["B", "Ci", "Co", "H", "W"])
 @triton.jit
 def _bconv_dgrad_kernel(
     gz_ptr,  # [B, Co, Ho, Wo] float32 dL/dZ
-    wm_ptr,  # [Co, KH, KW, CW] int32
-    wp_ptr,  # [Co, KH, KW, CW] int32
+    w_mask_ptr,  # [Co, KH, KW, CW] int32
+    w_pos_ptr,  # [Co, KH, KW, CW] int32
     alpha_ptr,  # [Co] float32
     gx_ptr,  # [B, Ci, H, W] float32 out
     B,
@@ -206,9 +205,9 @@ def _bconv_dgrad_kernel(
     ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     hw = H * W
     b = rows // hw
-    p = rows % hw
-    h = p // W
-    w = p % W
+    pix = rows % hw
+    h = pix // W
+    w = pix % W
     row_ok = rows < B * hw
     ci_ok = ci < Ci
     ci_word = ci // 32
@@ -216,30 +215,32 @@ def _bconv_dgrad_kernel(
     hw_o = Ho * Wo
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for kh in tl.static_range(KH):
-        hn = h + padding - kh
-        hn0 = tl.maximum(hn, 0)
-        ho = hn0 // stride
-        h_ok = (hn >= 0) & (hn0 % stride == 0) & (ho < Ho)
+        h_num = h + padding - kh
+        h_num0 = tl.maximum(h_num, 0)
+        ho = h_num0 // stride
+        h_ok = (h_num >= 0) & (h_num0 % stride == 0) & (ho < Ho)
         for kw in tl.static_range(KW):
-            wn = w + padding - kw
-            wn0 = tl.maximum(wn, 0)
-            wo = wn0 // stride
-            ok = row_ok & h_ok & (wn >= 0) & (wn0 % stride == 0) & (wo < Wo)
-            gbase = b * Co * hw_o + ho * Wo + wo
+            w_num = w + padding - kw
+            w_num0 = tl.maximum(w_num, 0)
+            wo = w_num0 // stride
+            ok = row_ok & h_ok & (w_num >= 0) & (w_num0 % stride == 0) & (wo < Wo)
+            gz_base = b * Co * hw_o + ho * Wo + wo
             for c0 in range(0, Co, BLOCK_K):
                 co = c0 + tl.arange(0, BLOCK_K)
                 co_ok = co < Co
-                al = tl.load(alpha_ptr + co, mask=co_ok, other=0.0)
-                g = tl.load(gz_ptr + gbase[:, None] + (co * hw_o)[None, :],
-                            mask=ok[:, None] & co_ok[None, :], other=0.0)
-                g = g * al[None, :]
-                woff = (((co * KH + kh) * KW + kw) * CW)[:, None] + ci_word[None, :]
-                wmask = co_ok[:, None] & ci_ok[None, :]
-                mb = (tl.load(wm_ptr + woff, mask=wmask, other=0) >> ci_bit[None, :]) & 1
-                pb = (tl.load(wp_ptr + woff, mask=wmask, other=0) >> ci_bit[None, :]) & 1
-                wt = (mb * (2 * pb - 1)).to(tl.float32)
-                acc = tl.dot(g, wt, acc, input_precision=PRECISION)
-    out = (b * Ci * hw + p)[:, None] + (ci * hw)[None, :]
+                alpha = tl.load(alpha_ptr + co, mask=co_ok, other=0.0)
+                gz = tl.load(gz_ptr + gz_base[:, None] + (co * hw_o)[None, :],
+                             mask=ok[:, None] & co_ok[None, :], other=0.0)
+                gz = gz * alpha[None, :]
+                w_off = (((co * KH + kh) * KW + kw) * CW)[:, None] + ci_word[None, :]
+                w_ok = co_ok[:, None] & ci_ok[None, :]
+                mask_words = tl.load(w_mask_ptr + w_off, mask=w_ok, other=0)
+                pos_words = tl.load(w_pos_ptr + w_off, mask=w_ok, other=0)
+                mask_bits = (mask_words >> ci_bit[None, :]) & 1
+                pos_bits = (pos_words >> ci_bit[None, :]) & 1
+                w_tern = (mask_bits * (2 * pos_bits - 1)).to(tl.float32)
+                acc = tl.dot(gz, w_tern, acc, input_precision=PRECISION)
+    out = (b * Ci * hw + pix)[:, None] + (ci * hw)[None, :]
     tl.store(gx_ptr + out, acc, mask=row_ok[:, None] & ci_ok[None, :])
 
 
@@ -283,21 +284,21 @@ def _bconv_wgrad_kernel(
     P = B * hw_o
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for p0 in range(0, P, BLOCK_K):
-        q = p0 + tl.arange(0, BLOCK_K)
-        q_ok = q < P
-        b = q // hw_o
-        sp = q % hw_o
-        ho = sp // Wo
-        wo = sp % Wo
+        pos = p0 + tl.arange(0, BLOCK_K)
+        pos_ok = pos < P
+        b = pos // hw_o
+        pix = pos % hw_o
+        ho = pix // Wo
+        wo = pix % Wo
         hi = ho * stride - padding + kh
         wi = wo * stride - padding + kw
-        ok = q_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        g = tl.load(gz_ptr + (co * hw_o)[:, None] + (b * Co * hw_o + sp)[None, :],
-                    mask=co_ok[:, None] & q_ok[None, :], other=0.0)
-        xw = tl.load(x_ptr + (((b * H + hi) * W + wi) * CW)[:, None] + ci_word[None, :],
-                     mask=ok[:, None] & ci_ok[None, :], other=0)
-        xb = ((xw >> ci_bit[None, :]) & 1).to(tl.float32)
-        acc = tl.dot(g, xb, acc, input_precision=PRECISION)
+        ok = pos_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        gz = tl.load(gz_ptr + (co * hw_o)[:, None] + (b * Co * hw_o + pix)[None, :],
+                     mask=co_ok[:, None] & pos_ok[None, :], other=0.0)
+        x_words = tl.load(x_ptr + (((b * H + hi) * W + wi) * CW)[:, None] + ci_word[None, :],
+                          mask=ok[:, None] & ci_ok[None, :], other=0)
+        x_bits = ((x_words >> ci_bit[None, :]) & 1).to(tl.float32)
+        acc = tl.dot(gz, x_bits, acc, input_precision=PRECISION)
     out = ((co * Ci)[:, None] + ci[None, :]) * (KH * KW) + kh * KW + kw
     tl.store(gw_ptr + out, acc, mask=co_ok[:, None] & ci_ok[None, :])
 

@@ -12,10 +12,11 @@ Training-mode BN schedule (two passes over the current):
   host:   mean = S1 / M, var = S2 / M - mean^2 in float64 (M = T * Nb * S), invstd = rsqrt(var+eps);
   pass 2: ``_bn_lif_fwd_kernel`` normalizes and runs the neuron.
 
-Backward: ``_lif_bwd_kernel`` recomputes H[t] forward (stored in the grad_current buffer, which it
-then overwrites), runs BPTT backward with the surrogate, and reduces per-channel sums of dL/dX and
-dL/dX * Zhat (float64 atomics) for grad_shift / grad_scale. Eval mode writes dL/dZ = dL/dX * scale
-in the same pass; training mode needs the sums first, so ``_bn_train_bwd_kernel`` is a second pass.
+Backward: ``_lif_bwd_kernel`` recomputes H[t] with the forward kernel's sweep
+(``_lif_forward_sweep``, into the grad_x buffer, which it then overwrites), runs BPTT backward
+with the surrogate, and reduces per-channel sums of dL/dX and dL/dX * Zhat (float64 atomics) for
+grad_shift / grad_scale. Eval mode writes dL/dZ = dL/dX * scale in the same pass; training mode
+needs the sums first, so ``_bn_train_bwd_kernel`` is a second pass.
 """
 
 from __future__ import annotations
@@ -29,31 +30,43 @@ from ._common import (
     check_int32_index,
     elementwise_blocks,
     launch,
-    lif_charge,
-    lif_fire_reset,
-    surrogate_grad,
+    lif_backward_step,
+    lif_input_grad,
+    lif_step,
 )
 
 
 @triton.jit
-def _load_current(src_ptr, alpha_row, off, m, HAS_ALPHA: tl.constexpr):
-    z = tl.load(src_ptr + off, mask=m, other=0).to(tl.float32)
+def _tile(R, C, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's [BLOCK_R, BLOCK_S] tile at t = 0: (channel [BLOCK_R], row mask [BLOCK_R],
+    element mask and offsets [BLOCK_R, BLOCK_S]). Rows are (n, c) pairs, columns spatial."""
+    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    row_ok = row < R
+    ok = row_ok[:, None] & (col < S)[None, :]
+    return row % C, row_ok, ok, row[:, None] * S + col[None, :]
+
+
+@triton.jit
+def _load_current(src_ptr, alpha_row, off, ok, HAS_ALPHA: tl.constexpr):
+    """Z at offsets ``off``: the float current, or alpha[c] * count."""
+    z = tl.load(src_ptr + off, mask=ok, other=0).to(tl.float32)
     if HAS_ALPHA:
         z = z * alpha_row[:, None]
     return z
 
 
 @triton.jit
-def _row_params(scale_ptr, shift_ptr, alpha_ptr, mean_ptr, invstd_ptr, c, rm,
-                HAS_ALPHA: tl.constexpr, BN_TRAIN: tl.constexpr):
+def _channel_params(scale_ptr, shift_ptr, alpha_ptr, mean_ptr, invstd_ptr, c, row_ok,
+                    HAS_ALPHA: tl.constexpr, BN_TRAIN: tl.constexpr):
     """Channel parameters of rows with channel ``c``: scale, shift, mean, invstd as [BLOCK_R, 1]
     columns, alpha as [BLOCK_R] (mean/invstd are placeholders without batch statistics)."""
-    scale = tl.load(scale_ptr + c, mask=rm, other=0.0)[:, None]
-    shift = tl.load(shift_ptr + c, mask=rm, other=0.0)[:, None]
-    alpha = tl.load(alpha_ptr + c, mask=rm, other=0.0) if HAS_ALPHA else scale
+    scale = tl.load(scale_ptr + c, mask=row_ok, other=0.0)[:, None]
+    shift = tl.load(shift_ptr + c, mask=row_ok, other=0.0)[:, None]
+    alpha = tl.load(alpha_ptr + c, mask=row_ok, other=0.0) if HAS_ALPHA else scale
     if BN_TRAIN:
-        mean = tl.load(mean_ptr + c, mask=rm, other=0.0)[:, None]
-        invstd = tl.load(invstd_ptr + c, mask=rm, other=0.0)[:, None]
+        mean = tl.load(mean_ptr + c, mask=row_ok, other=0.0)[:, None]
+        invstd = tl.load(invstd_ptr + c, mask=row_ok, other=0.0)[:, None]
     else:
         mean = 0.0
         invstd = 1.0
@@ -61,18 +74,38 @@ def _row_params(scale_ptr, shift_ptr, alpha_ptr, mean_ptr, invstd_ptr, c, rm,
 
 
 @triton.jit
-def _lif_current(src_ptr, res_ptr, alpha, scale, shift, mean, invstd, o, m,
-                 HAS_ALPHA: tl.constexpr, BN_TRAIN: tl.constexpr, HAS_RES: tl.constexpr):
-    """X = [(Z - mean) * invstd] * scale + shift (+ R) at offsets ``o``: the neuron's input."""
-    z = _load_current(src_ptr, alpha, o, m, HAS_ALPHA)
+def _neuron_input(src_ptr, res_ptr, alpha, scale, shift, mean, invstd, off, ok,
+                  HAS_ALPHA: tl.constexpr, BN_TRAIN: tl.constexpr, HAS_RES: tl.constexpr):
+    """X = [(Z - mean) * invstd] * scale + shift (+ R) at offsets ``off``."""
+    z = _load_current(src_ptr, alpha, off, ok, HAS_ALPHA)
     if BN_TRAIN:
-        y = (z - mean) * invstd
-        y = y * scale + shift
+        x = (z - mean) * invstd
+        x = x * scale + shift
     else:
-        y = z * scale + shift
+        x = z * scale + shift
     if HAS_RES:
-        y = y + tl.load(res_ptr + o, mask=m, other=0.0)
-    return y
+        x = x + tl.load(res_ptr + off, mask=ok, other=0.0)
+    return x
+
+
+@triton.jit
+def _lif_forward_sweep(src_ptr, res_ptr, out_ptr, alpha, scale, shift, mean, invstd, off, ok,
+                       T, step, tau, v_threshold, v_reset, HAS_ALPHA: tl.constexpr,
+                       BN_TRAIN: tl.constexpr, HAS_RES: tl.constexpr, DECAY_INPUT: tl.constexpr,
+                       HARD: tl.constexpr, STORE_CHARGE: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_S: tl.constexpr):
+    """The neuron over t = 0..T-1 from V[-1] = v_reset; stores S[t] to ``out_ptr``, or H[t] with
+    STORE_CHARGE (the backward's recomputation). ``step`` is the offset of one timestep."""
+    v = tl.zeros((BLOCK_R, BLOCK_S), tl.float32) + v_reset
+    for t in range(T):
+        o = off + t * step
+        x = _neuron_input(src_ptr, res_ptr, alpha, scale, shift, mean, invstd, o, ok, HAS_ALPHA,
+                          BN_TRAIN, HAS_RES)
+        h, spk, v = lif_step(v, x, tau, v_threshold, v_reset, DECAY_INPUT, HARD)
+        if STORE_CHARGE:
+            tl.store(out_ptr + o, h, mask=ok)
+        else:
+            tl.store(out_ptr + o, spk, mask=ok)
 
 
 @triton.jit
@@ -88,20 +121,15 @@ def _channel_sums_kernel(
     BLOCK_S: tl.constexpr,
 ):
     """sum_ptr[c] += sum Z, sq_ptr[c] += sum Z^2 over the tile and all t (float64)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    rm = r < R
-    m = rm[:, None] & (s < S)[None, :]
-    off = r[:, None] * S + s[None, :]
-    acc1 = tl.zeros((BLOCK_R, BLOCK_S), tl.float64)
-    acc2 = tl.zeros((BLOCK_R, BLOCK_S), tl.float64)
+    c, row_ok, ok, off = _tile(R, C, S, BLOCK_R, BLOCK_S)
+    z_sum = tl.zeros((BLOCK_R, BLOCK_S), tl.float64)
+    z_sq = tl.zeros((BLOCK_R, BLOCK_S), tl.float64)
     for t in range(T):
-        z = tl.load(src_ptr + off + t * R * S, mask=m, other=0.0).to(tl.float64)
-        acc1 += z
-        acc2 += z * z
-    c = r % C
-    tl.atomic_add(sum_ptr + c, tl.sum(acc1, axis=1), mask=rm)
-    tl.atomic_add(sq_ptr + c, tl.sum(acc2, axis=1), mask=rm)
+        z = tl.load(src_ptr + off + t * R * S, mask=ok, other=0.0).to(tl.float64)
+        z_sum += z
+        z_sq += z * z
+    tl.atomic_add(sum_ptr + c, tl.sum(z_sum, axis=1), mask=row_ok)
+    tl.atomic_add(sq_ptr + c, tl.sum(z_sq, axis=1), mask=row_ok)
 
 
 @triton.jit
@@ -130,27 +158,17 @@ def _bn_lif_fwd_kernel(
     BLOCK_S: tl.constexpr,
 ):
     """X = [(Z - mean) * invstd] * scale + shift (+ R); S[t] = LIF(X[t]) for t = 0..T-1."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    rm = r < R
-    m = rm[:, None] & (s < S)[None, :]
-    c = r % C
-    scale, shift, alpha, mean, invstd = _row_params(scale_ptr, shift_ptr, alpha_ptr, mean_ptr,
-                                                    invstd_ptr, c, rm, HAS_ALPHA, BN_TRAIN)
-    off = r[:, None] * S + s[None, :]
-    v = tl.zeros((BLOCK_R, BLOCK_S), tl.float32) + v_reset
-    for t in range(T):
-        o = off + t * R * S
-        y = _lif_current(src_ptr, res_ptr, alpha, scale, shift, mean, invstd, o, m, HAS_ALPHA,
-                         BN_TRAIN, HAS_RES)
-        h = lif_charge(v, y, tau, v_reset, DECAY_INPUT)
-        spk, v = lif_fire_reset(h, v_threshold, v_reset, HARD)
-        tl.store(spk_ptr + o, spk, mask=m)
+    c, row_ok, ok, off = _tile(R, C, S, BLOCK_R, BLOCK_S)
+    scale, shift, alpha, mean, invstd = _channel_params(scale_ptr, shift_ptr, alpha_ptr, mean_ptr,
+                                                        invstd_ptr, c, row_ok, HAS_ALPHA, BN_TRAIN)
+    _lif_forward_sweep(src_ptr, res_ptr, spk_ptr, alpha, scale, shift, mean, invstd, off, ok,
+                       T, R * S, tau, v_threshold, v_reset, HAS_ALPHA, BN_TRAIN, HAS_RES,
+                       DECAY_INPUT, HARD, False, BLOCK_R, BLOCK_S)
 
 
 @triton.jit
 def _lif_bwd_kernel(
-    gs_ptr,  # [T, Nb, C, S] float32 dL/dS
+    grad_spk_ptr,  # [T, Nb, C, S] float32 dL/dS
     src_ptr,  # [T, Nb, C, S] float32 current or integer counts (HAS_ALPHA)
     alpha_ptr,
     scale_ptr,
@@ -158,10 +176,10 @@ def _lif_bwd_kernel(
     mean_ptr,
     invstd_ptr,
     res_ptr,
-    gcur_ptr,  # [T, Nb, C, S] float32 out: dL/dX (holds H[t] in between)
-    gz_ptr,  # [T, Nb, C, S] float32 out: dL/dZ (eval mode only)
-    gsh_ptr,  # [C] float64 accumulated: sum dL/dX
-    gsc_ptr,  # [C] float64 accumulated: sum dL/dX * Zhat
+    grad_x_ptr,  # [T, Nb, C, S] float32 out: dL/dX (holds H[t] in between)
+    grad_z_ptr,  # [T, Nb, C, S] float32 out: dL/dZ (eval mode only)
+    grad_shift_ptr,  # [C] float64 accumulated: sum dL/dX
+    grad_scale_ptr,  # [C] float64 accumulated: sum dL/dX * Zhat
     T,
     R,
     C,
@@ -180,81 +198,52 @@ def _lif_bwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    """BPTT through the LIF. With g = g'(H - th) and gV[T-1] = 0, for t = T-1..0:
-    gH = gS*g + gV * dV/dH, dV/dH = hard: (1-S) [+ (vr-H) g], soft: 1 [- th g] (bracket: not
-    detach_reset); gX = gH / tau (decay_input) or gH; gV[t-1] = gH - gH / tau."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    rm = r < R
-    m = rm[:, None] & (s < S)[None, :]
-    c = r % C
-    scale, shift, alpha, mean, invstd = _row_params(scale_ptr, shift_ptr, alpha_ptr, mean_ptr,
-                                                    invstd_ptr, c, rm, HAS_ALPHA, BN_TRAIN)
-    off = r[:, None] * S + s[None, :]
-    # forward sweep: H[t] into the grad_current buffer
-    v = tl.zeros((BLOCK_R, BLOCK_S), tl.float32) + v_reset
-    for t in range(T):
-        o = off + t * R * S
-        y = _lif_current(src_ptr, res_ptr, alpha, scale, shift, mean, invstd, o, m, HAS_ALPHA,
-                         BN_TRAIN, HAS_RES)
-        h = lif_charge(v, y, tau, v_reset, DECAY_INPUT)
-        spk, v = lif_fire_reset(h, v_threshold, v_reset, HARD)
-        tl.store(gcur_ptr + o, h, mask=m)
-    # backward sweep. Each H[t] is re-read by the thread that stored it (same offsets, same
-    # layout); the barrier makes that independent of the layout the compiler picks.
+    """BPTT through the LIF from dL/dV[T-1] = 0, t = T-1..0 (``lif_backward_step``), then
+    dL/dX[t] (``lif_input_grad``) and its per-channel sums for grad_shift / grad_scale."""
+    c, row_ok, ok, off = _tile(R, C, S, BLOCK_R, BLOCK_S)
+    scale, shift, alpha, mean, invstd = _channel_params(scale_ptr, shift_ptr, alpha_ptr, mean_ptr,
+                                                        invstd_ptr, c, row_ok, HAS_ALPHA, BN_TRAIN)
+    step = R * S
+    _lif_forward_sweep(src_ptr, res_ptr, grad_x_ptr, alpha, scale, shift, mean, invstd, off, ok,
+                       T, step, tau, v_threshold, v_reset, HAS_ALPHA, BN_TRAIN, HAS_RES,
+                       DECAY_INPUT, HARD, True, BLOCK_R, BLOCK_S)
+    # Each H[t] is re-read by the thread that stored it (same offsets, same layout); the barrier
+    # makes that independent of the layout the compiler picks.
     tl.debug_barrier()
-    gv = tl.zeros((BLOCK_R, BLOCK_S), tl.float32)
-    acc_sh = tl.zeros((BLOCK_R, BLOCK_S), tl.float64)
-    acc_sc = tl.zeros((BLOCK_R, BLOCK_S), tl.float64)
+    grad_v = tl.zeros((BLOCK_R, BLOCK_S), tl.float32)
+    sum_gx = tl.zeros((BLOCK_R, BLOCK_S), tl.float64)
+    sum_gx_zhat = tl.zeros((BLOCK_R, BLOCK_S), tl.float64)
     for i in range(T):
-        t = T - 1 - i
-        o = off + t * R * S
-        h = tl.load(gcur_ptr + o, mask=m, other=0.0)
-        gs = tl.load(gs_ptr + o, mask=m, other=0.0)
-        xth = h - v_threshold
-        spk = (xth >= 0).to(tl.float32)
-        sg = surrogate_grad(xth, surrogate_alpha, SURROGATE)
-        if HARD:
-            if DETACH_RESET:
-                dvdh = 1.0 - spk
-            else:
-                dvdh = (1.0 - spk) + (v_reset - h) * sg
-        else:
-            if DETACH_RESET:
-                dvdh = tl.full((BLOCK_R, BLOCK_S), 1.0, tl.float32)
-            else:
-                dvdh = 1.0 - v_threshold * sg
-        gh = gs * sg + gv * dvdh
-        if DECAY_INPUT:
-            gx = gh / tau
-        else:
-            gx = gh
-        gv = gh - gh / tau
-        gx = tl.where(m, gx, 0.0)
-        tl.store(gcur_ptr + o, gx, mask=m)
-        z = _load_current(src_ptr, alpha, o, m, HAS_ALPHA)
+        o = off + (T - 1 - i) * step
+        h = tl.load(grad_x_ptr + o, mask=ok, other=0.0)
+        grad_spk = tl.load(grad_spk_ptr + o, mask=ok, other=0.0)
+        grad_h, grad_v = lif_backward_step(grad_spk, grad_v, h, tau, v_threshold, v_reset,
+                                           surrogate_alpha, HARD, DETACH_RESET, SURROGATE)
+        gx = tl.where(ok, lif_input_grad(grad_h, tau, DECAY_INPUT), 0.0)
+        tl.store(grad_x_ptr + o, gx, mask=ok)
+        z = _load_current(src_ptr, alpha, o, ok, HAS_ALPHA)
         if BN_TRAIN:
             zhat = (z - mean) * invstd
         else:
             zhat = z
-            tl.store(gz_ptr + o, gx * scale, mask=m)
-        acc_sh += gx.to(tl.float64)
-        acc_sc += gx.to(tl.float64) * zhat.to(tl.float64)
-    tl.atomic_add(gsh_ptr + c, tl.sum(acc_sh, axis=1), mask=rm)
-    tl.atomic_add(gsc_ptr + c, tl.sum(acc_sc, axis=1), mask=rm)
+            tl.store(grad_z_ptr + o, gx * scale, mask=ok)
+        sum_gx += gx.to(tl.float64)
+        sum_gx_zhat += gx.to(tl.float64) * zhat.to(tl.float64)
+    tl.atomic_add(grad_shift_ptr + c, tl.sum(sum_gx, axis=1), mask=row_ok)
+    tl.atomic_add(grad_scale_ptr + c, tl.sum(sum_gx_zhat, axis=1), mask=row_ok)
 
 
 @triton.jit
 def _bn_train_bwd_kernel(
-    gcur_ptr,  # [T, Nb, C, S] float32 dL/dX
+    grad_x_ptr,  # [T, Nb, C, S] float32 dL/dX
     src_ptr,
     alpha_ptr,
     scale_ptr,
     mean_ptr,
     invstd_ptr,
-    mgsh_ptr,  # [C] float32: mean over (T, Nb, S) of dL/dX
-    mgsc_ptr,  # [C] float32: mean of dL/dX * Zhat
-    gz_ptr,  # [T, Nb, C, S] float32 out
+    mean_gx_ptr,  # [C] float32: mean over (T, Nb, S) of dL/dX
+    mean_gx_zhat_ptr,  # [C] float32: mean of dL/dX * Zhat
+    grad_z_ptr,  # [T, Nb, C, S] float32 out
     T,
     R,
     C,
@@ -264,24 +253,19 @@ def _bn_train_bwd_kernel(
     BLOCK_S: tl.constexpr,
 ):
     """dL/dZ = scale * invstd * (gX - mean(gX) - Zhat * mean(gX * Zhat))."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    rm = r < R
-    m = rm[:, None] & (s < S)[None, :]
-    c = r % C
-    scale = tl.load(scale_ptr + c, mask=rm, other=0.0)[:, None]
-    alpha = tl.load(alpha_ptr + c, mask=rm, other=0.0) if HAS_ALPHA else scale
-    mean = tl.load(mean_ptr + c, mask=rm, other=0.0)[:, None]
-    invstd = tl.load(invstd_ptr + c, mask=rm, other=0.0)[:, None]
-    k1 = tl.load(mgsh_ptr + c, mask=rm, other=0.0)[:, None]
-    k2 = tl.load(mgsc_ptr + c, mask=rm, other=0.0)[:, None]
-    off = r[:, None] * S + s[None, :]
+    c, row_ok, ok, off = _tile(R, C, S, BLOCK_R, BLOCK_S)
+    scale = tl.load(scale_ptr + c, mask=row_ok, other=0.0)[:, None]
+    alpha = tl.load(alpha_ptr + c, mask=row_ok, other=0.0) if HAS_ALPHA else scale
+    mean = tl.load(mean_ptr + c, mask=row_ok, other=0.0)[:, None]
+    invstd = tl.load(invstd_ptr + c, mask=row_ok, other=0.0)[:, None]
+    mean_gx = tl.load(mean_gx_ptr + c, mask=row_ok, other=0.0)[:, None]
+    mean_gx_zhat = tl.load(mean_gx_zhat_ptr + c, mask=row_ok, other=0.0)[:, None]
     for t in range(T):
         o = off + t * R * S
-        z = _load_current(src_ptr, alpha, o, m, HAS_ALPHA)
+        z = _load_current(src_ptr, alpha, o, ok, HAS_ALPHA)
         zhat = (z - mean) * invstd
-        gx = tl.load(gcur_ptr + o, mask=m, other=0.0)
-        tl.store(gz_ptr + o, (scale * invstd) * (gx - k1 - zhat * k2), mask=m)
+        gx = tl.load(grad_x_ptr + o, mask=ok, other=0.0)
+        tl.store(grad_z_ptr + o, (scale * invstd) * (gx - mean_gx - zhat * mean_gx_zhat), mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,19 +337,19 @@ def lif_bwd(grad_spikes: torch.Tensor, src: torch.Tensor, alpha: torch.Tensor | 
     """-> (grad_z, grad_current, grad_scale, grad_shift), all float32; shapes like src / [C]."""
     T, R, C, S = _geometry(src)
     dev = src.device
-    g_cur = torch.empty(src.shape, dtype=torch.float32, device=dev)
-    g_z = torch.empty(src.shape, dtype=torch.float32, device=dev)
-    gsh = torch.zeros(C, dtype=torch.float64, device=dev)
-    gsc = torch.zeros(C, dtype=torch.float64, device=dev)
+    grad_x = torch.empty(src.shape, dtype=torch.float32, device=dev)
+    grad_z = torch.empty(src.shape, dtype=torch.float32, device=dev)
+    grad_shift = torch.zeros(C, dtype=torch.float64, device=dev)
+    grad_scale = torch.zeros(C, dtype=torch.float64, device=dev)
     invstd = torch.rsqrt(var.to(torch.float32) + bn_eps)
     mean = mean.to(torch.float32)
     if src.numel() == 0:
-        return g_z, g_cur, gsc.float(), gsh.float()
+        return grad_z, grad_x, grad_scale.float(), grad_shift.float()
     grid, br, bs, nw = _grid(R, S)
     has_alpha = alpha is not None
     launch(_lif_bwd_kernel, grid,
         grad_spikes, src, alpha if has_alpha else scale, scale, shift, mean, invstd,
-        g_cur if residual is None else residual, g_cur, g_z, gsh, gsc,
+        grad_x if residual is None else residual, grad_x, grad_z, grad_shift, grad_scale,
         T, R, C, S, float(tau), float(v_threshold), 0.0 if v_reset is None else float(v_reset),
         float(surrogate_alpha),
         HAS_ALPHA=has_alpha, BN_TRAIN=bool(bn_train), HAS_RES=residual is not None,
@@ -374,7 +358,8 @@ def lif_bwd(grad_spikes: torch.Tensor, src: torch.Tensor, alpha: torch.Tensor | 
     if bn_train:
         count = max(1, src.numel() // C)
         launch(_bn_train_bwd_kernel, grid,
-            g_cur, src, alpha if has_alpha else scale, scale, mean, invstd,
-            (gsh / count).to(torch.float32), (gsc / count).to(torch.float32), g_z,
+            grad_x, src, alpha if has_alpha else scale, scale, mean, invstd,
+            (grad_shift / count).to(torch.float32), (grad_scale / count).to(torch.float32),
+            grad_z,
             T, R, C, S, HAS_ALPHA=has_alpha, BLOCK_R=br, BLOCK_S=bs, num_warps=nw)
-    return g_z, g_cur, gsc.to(torch.float32), gsh.to(torch.float32)
+    return grad_z, grad_x, grad_scale.to(torch.float32), grad_shift.to(torch.float32)

@@ -108,7 +108,8 @@ def pack_spikes(x: torch.Tensor) -> torch.Tensor:
 
 
 def pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight: [Co, Ci, kh, kw] float, ternary times a gain -> (mask, pos) [Co, kh, kw, Cw] int32."""
+    """weight: [Co, Ci, kh, kw] float, signs in {-1, 0, +1} times any positive factor -> (mask,
+    pos) [Co, kh, kw, Cw] int32 (bit set where w != 0, and where w > 0)."""
     if weight.dim() != 4:
         raise ValueError(
             f"pack_weight expects a weight of shape [Co, Ci, kh, kw], got {tuple(weight.shape)}")

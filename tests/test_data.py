@@ -98,6 +98,89 @@ def test_npz_malformed(tmp_path, arrays, match):
         data.load(f"npz:{p}")
 
 
+def _nchw_images(n, c, size, seed):
+    return np.random.default_rng(seed).random((n, c, size, size)).astype(np.float32)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "NHW"])
+def test_npz_layouts_put_each_value_in_the_same_place(tmp_path, layout):
+    c = 1 if layout == "NHW" else 3
+    x, xt = _nchw_images(30, c, 5, 0), _nchw_images(10, c, 5, 1)
+    to_file = {"NCHW": lambda a: a, "NHWC": lambda a: a.transpose(0, 2, 3, 1),
+               "NHW": lambda a: a[:, 0]}[layout]
+    p = tmp_path / f"{layout}.npz"
+    np.savez(p, x=to_file(x), y=np.arange(30) % 3, x_test=to_file(xt), y_test=np.arange(10) % 3)
+    b = data.load(f"npz:{p}")
+    assert (b.in_channels, b.input_size) == (c, 5)
+    want_tr, want_te = data._normalise(torch.from_numpy(x), torch.from_numpy(xt))
+    assert torch.equal(b.train.tensors[0], want_tr)
+    assert torch.equal(b.test.tensors[0], want_te)
+
+
+def test_npz_layout_rule_for_ambiguous_shapes(tmp_path):
+    """Dim 1 of 1 or 3 with equal last two dims is channels-first; any other 4-D is channels-last."""
+    for shape, chans, size in [((8, 3, 4, 4), 3, 4), ((8, 1, 6, 6), 1, 6), ((8, 4, 4, 3), 3, 4),
+                               ((8, 3, 3, 3), 3, 3), ((8, 5, 5, 5), 5, 5)]:
+        p = tmp_path / "a.npz"
+        np.savez(p, x=np.random.default_rng(0).random(shape), y=np.arange(8) % 2)
+        b = data.load(f"npz:{p}")
+        assert (b.in_channels, b.input_size) == (chans, size), shape
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((6, 2, 3, 4, 4), r"must have shape \[N, H, W\], \[N, H, W, C\] or \[N, C, H, W\]"),
+    ((6,), r"must have shape \[N, H, W\], \[N, H, W, C\] or \[N, C, H, W\]"),
+    ((6, 4, 6, 6), r"x images must be square, got 4x6 .*channels-first when dim 1 is 1 or 3"),
+    ((6, 1, 8), r"x images must be square, got 1x8"),
+])
+def test_npz_unsupported_shape_names_the_file_and_the_layouts(tmp_path, shape, match):
+    p = tmp_path / "shape.npz"
+    np.savez(p, x=np.zeros(shape, np.float32), y=np.zeros(6, int))
+    with pytest.raises(data.DatasetError, match=match) as exc:
+        data.load(f"npz:{p}")
+    assert str(exc.value).startswith(f"{p}: ")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("array", ["x", "x_test"])
+def test_npz_nan_or_inf_pixels_are_refused_at_load_time(tmp_path, bad, array):
+    arrays = {"x": _nchw_images(10, 1, 4, 0), "y": np.arange(10) % 2,
+              "x_test": _nchw_images(4, 1, 4, 1), "y_test": np.arange(4) % 2}
+    arrays[array].reshape(-1)[[0, 5, 7]] = bad
+    p = tmp_path / "nan.npz"
+    np.savez(p, **arrays)
+    with pytest.raises(data.DatasetError) as exc:
+        data.load(f"npz:{p}")
+    assert str(exc.value) == f"{p}: 3 NaN/inf pixel values in {array}"
+
+
+def test_npz_float64_pixels_beyond_float32_are_refused(tmp_path):
+    x = np.zeros((6, 3, 3))
+    x[0, 0, 0] = 1e300
+    p = tmp_path / "big.npz"
+    np.savez(p, x=x, y=np.arange(6) % 2)
+    with pytest.raises(data.DatasetError, match="1 pixel values in x overflow float32"):
+        data.load(f"npz:{p}")
+
+
+def test_search_on_a_nan_file_exits_2_with_one_line_naming_the_file(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    x = _nchw_images(20, 1, 8, 0)
+    x[3, 0, 2, 2] = np.nan
+    p = tmp_path / "nan.npz"
+    np.savez(p, x=x, y=np.arange(20) % 2)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "binslt", "search", "--dataset", f"npz:{p}",
+                        "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == f"binslt search: error: {p}: 1 NaN/inf pixel values in x\n", r.stderr
+
+
 def test_missing_and_unknown_datasets_say_how_to_provide_them(tmp_path):
     with pytest.raises(data.DatasetNotFound, match="npz:PATH"):
         data.load(f"npz:{tmp_path / 'nope.npz'}")
@@ -139,6 +222,27 @@ def test_imagefolder_single_folder_split_and_train_val_layout(tmp_path):
     b2 = data.load(f"imagefolder:{tmp_path / 'two'}", image_size=6)
     assert (len(b2.train), len(b2.test), b2.num_classes) == (6, 4, 2)
     assert tuple(b2.train[0][0].shape) == (3, 6, 6)
+
+
+def test_imagefolder_refuses_unreadable_and_nan_images_at_load_time(tmp_path):
+    from PIL import Image
+
+    _png_tree(tmp_path / "broken")
+    bad = tmp_path / "broken" / "a" / "3.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(data.DatasetError, match="not a readable image") as exc:
+        data.load(f"imagefolder:{tmp_path / 'broken'}", image_size=8)
+    assert str(exc.value).startswith(f"{bad}: ")
+
+    _png_tree(tmp_path / "nan")
+    pixels = np.full((6, 6), 0.5, np.float32)
+    pixels[1, 2], pixels[4, 4] = np.nan, np.inf
+    tiff = tmp_path / "nan" / "b" / "float.tiff"
+    Image.fromarray(pixels).save(tiff)
+    assert Image.open(tiff).mode == "F"
+    with pytest.raises(data.DatasetError) as exc:
+        data.load(f"imagefolder:{tmp_path / 'nan'}", image_size=8)
+    assert str(exc.value) == f"{tiff}: 2 NaN/inf pixel values"
 
 
 def test_subset_takes_the_first_examples():

@@ -5,7 +5,7 @@ through Triton's GPU pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas cubin) for,
 sm_90 (H100/H200): int8 ``tl.dot`` on tensor cores, tf32x3 float dots, int64/float64 atomics,
 register reshapes. It cannot check speed or numerics on the device.
 
-    python -m kernels.aot_check [--arch 90] [--all-configs] [--kernel 3]
+    python -m binslt.kernels.aot_check [--arch 90] [--all-configs] [--kernel 3]
 
 Run it with TRITON_INTERPRET unset (the module refuses otherwise). Prints one line per
 compiled variant and exits 1 if any failed.

@@ -80,7 +80,7 @@ def test_bad_input_errors(device):
     xp = torch.zeros(4, 5, 5, 1, dtype=torch.int32, device=device)
     wm = torch.zeros(3, 3, 3, 2, dtype=torch.int32, device=device)
     v = torch.ones(3, device=device)
-    with pytest.raises(ValueError, match="channel words"):
+    with pytest.raises(ValueError, match="words per position"):
         tri.bconv_lif_triton(xp, wm, wm, v, v, v, None, 2, 1, 1, False, 1e-5, 2.0, True, 1.0, 0.0)
     wm = torch.zeros(3, 3, 3, 1, dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="divide"):
@@ -443,7 +443,7 @@ def test_kernels_compile_for_sm90_without_gpu():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "kernels.aot_check", "--arch", "90", "--kernel",
+    out = subprocess.run([sys.executable, "-m", "binslt.kernels.aot_check", "--arch", "90", "--kernel",
                           "1"], env=env, cwd=root, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "0 failure(s)" in out.stdout

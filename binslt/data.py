@@ -11,7 +11,8 @@ Specs and their fixed conventions:
     Split: stratified 80/20 with ``random_state=0`` (1437 train / 360 test). Pixels (0..16) are
     divided by 16 to lie in [0, 1], then normalised with the *training* split's mean and std.
 ``cifar10`` / ``cifar100``
-    torchvision's CIFAR under ``data_dir`` (``download=True`` fetches it). Training images get
+    CIFAR under ``data_dir`` in torchvision's extracted python layout (``download=True`` fetches it),
+    its batch pickles read by an unpickler that builds only arrays and lists. Training images get
     random crop (32, padding 4) and horizontal flip; both splits are normalised with the usual
     per-channel CIFAR mean/std.
 ``imagefolder:PATH``
@@ -39,6 +40,7 @@ raises :class:`DatasetError` at load time, with a message that names the file an
 from __future__ import annotations
 
 import os
+import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,27 +221,93 @@ def _vision():
     return torchvision, transforms
 
 
+class _ArraysUnpickler(pickle.Unpickler):
+    """CIFAR's python batches are pickles. This unpickler builds only what they hold (dicts,
+    lists, strings, numbers and numpy arrays): any other class or function in the file is refused,
+    so a planted file cannot run code."""
+
+    _ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    })
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never "
+                                     "does (refused: loading it could run code)")
+
+
+def _read_cifar_batch(path: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 32, 32, 3], labels int64 [N]) of one extracted CIFAR batch file."""
+    try:
+        with open(path, "rb") as f:
+            entry = _ArraysUnpickler(f, encoding="latin1").load()
+        x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(entry[label_key], dtype=np.int64).reshape(-1)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError,
+            AttributeError, IndexError) as exc:
+        raise DatasetError(f"{path}: not a CIFAR python batch ({type(exc).__name__}: {exc})") \
+            from None
+    if len(x) != len(y):
+        raise DatasetError(f"{path}: {len(x)} images but {len(y)} labels")
+    return x.transpose(0, 2, 3, 1), y
+
+
+class _CifarSplit(Dataset):
+    """Images as PIL images through ``transform`` (torchvision's CIFAR datasets do the same)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
 def load_cifar(name: str, data_dir: str, download: bool) -> DataBundle:
-    """torchvision CIFAR-10/100 with crop-pad-4 + flip augmentation."""
+    """CIFAR-10/100 in torchvision's extracted python layout, read with :class:`_ArraysUnpickler`
+    (torchvision's own datasets call ``pickle.load``, which would run whatever a planted file
+    holds); torchvision fetches and checks the archive. Crop-pad-4 + flip augmentation."""
     torchvision, T = _vision()
+    import torchvision.datasets.cifar as tvc
+    from torchvision.datasets.utils import download_and_extract_archive
+
     mean, std = CIFAR_STATS[name]
     norm = T.Normalize(mean, std)
     train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     test_tf = T.Compose([T.ToTensor(), norm])
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    cls = tvc.CIFAR10 if name == "cifar10" else tvc.CIFAR100
     root = os.path.expanduser(data_dir)
-    try:
-        train = cls(root, train=True, transform=train_tf, download=download)
-        test = cls(root, train=False, transform=test_tf, download=download)
-    except RuntimeError as exc:
-        folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    folder = os.path.join(root, cls.base_folder)
+
+    def intact() -> bool:
+        return all(tvc.check_integrity(os.path.join(folder, f), md5)
+                   for f, md5 in cls.train_list + cls.test_list)
+
+    if download and not intact():
+        try:
+            download_and_extract_archive(cls.url, root, filename=cls.filename, md5=cls.tgz_md5)
+        except OSError as exc:
+            raise DatasetNotFound(f"could not fetch {name} into {root!r}: {exc}. Download it "
+                                  "elsewhere and pass --data-dir") from None
+    if not intact():
         raise DatasetNotFound(
-            f"{name} not found under {root!r} ({exc}). Pass --download to fetch it (needs "
-            f"network), or --data-dir DIR where DIR/{folder} holds the extracted python version"
-        ) from None
-    except OSError as exc:
-        raise DatasetNotFound(f"could not fetch {name} into {root!r}: {exc}. Download it "
-                              "elsewhere and pass --data-dir") from None
+            f"{name} not found (or corrupted) under {root!r}. Pass --download to fetch it (needs "
+            f"network), or --data-dir DIR where DIR/{cls.base_folder} holds the extracted python "
+            "version")
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    splits = []
+    for files, tf in ((cls.train_list, train_tf), (cls.test_list, test_tf)):
+        parts = [_read_cifar_batch(os.path.join(folder, f), label_key) for f, _ in files]
+        splits.append(_CifarSplit(np.concatenate([p[0] for p in parts]),
+                                  np.concatenate([p[1] for p in parts]), tf))
+    train, test = splits
     ncls = 10 if name == "cifar10" else 100
     return DataBundle(name, train, test, ncls, 3, 32,
                       f"{name} 32x32x3 from {root}, {len(train)} train / {len(test)} test")

@@ -195,7 +195,9 @@ class _MaskedSignWeight(nn.Module):
         s, mean, var = ops.spiking_layer(
             x, self, scale, shift, residual, linear=linear, stride=stride, padding=padding,
             real_input=self.input == "real", bn_train=bn_train,
-            bn_eps=self.bn.eps if self.bn is not None else 1e-5, neuron=self.neuron.kwargs(),
+            # eps enters the op only with batch statistics; eval BN is folded above with its own
+            # eps (which nn.BatchNorm allows to be 0).
+            bn_eps=self.bn.eps if bn_train else 1e-5, neuron=self.neuron.kwargs(),
             backend=self.backend, who=type(self).__name__)
         if bn_train:
             _update_running_stats(self.bn, mean, var, s.numel() // channels)

@@ -301,3 +301,34 @@ def test_cifar_loader_on_fake_extracted_files(tmp_path, monkeypatch, name):
         border = torch.isclose(xt, zero.expand(3, 32, 32)).all(0)
         shifted += bool(border.any())
     assert shifted > 0  # some crops reach into the padding
+
+
+class _Planted:
+    """Unpickling this runs a function: what a planted CIFAR batch would do."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.target,))
+
+
+def test_cifar_batch_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    """A batch file whose pickle calls a function (here os.mkdir) is refused with one message
+    naming the file, and the function never runs."""
+    import pickle
+
+    import torchvision.datasets.cifar as tvc
+
+    monkeypatch.setattr(tvc, "check_integrity", lambda *a, **k: True)
+    _fake_cifar(tmp_path, "cifar10", 10, 4, 128)
+    planted = _Planted()
+    planted.target = str(tmp_path / "pwned")
+    bad = tmp_path / tvc.CIFAR10.base_folder / tvc.CIFAR10.train_list[2][0]
+    bad.write_bytes(pickle.dumps({"data": planted, "labels": [0]}))
+    with pytest.raises(data.DatasetError, match=r"data_batch_3: not a CIFAR python batch.*"
+                       r"posix\.mkdir|data_batch_3: not a CIFAR python batch.*os\.mkdir"):
+        data.load("cifar10", data_dir=str(tmp_path), download=False)
+    assert not (tmp_path / "pwned").exists()
+    bad.write_bytes(b"\x80\x04truncated")
+    with pytest.raises(data.DatasetError, match="data_batch_3: not a CIFAR python batch"):
+        data.load("cifar10", data_dir=str(tmp_path), download=False)

@@ -18,7 +18,7 @@ import re
 
 import pytest
 import torch
-from helpers import stable_seed
+from helpers import nudge_until_untied, stable_seed, tie_mask
 
 import binslt.ops as ops
 import binslt.reference as ref
@@ -29,7 +29,6 @@ from binslt.layers import BinSpikeConv2d
 CPU = _ext.module("cpu")
 pytestmark = pytest.mark.skipif(CPU is None, reason="binslt._C (the C++ CPU kernels) is not built")
 
-BAND = 1e-5
 OPS = torch.ops.binslt
 
 
@@ -187,12 +186,6 @@ def _ref_h64(z64, c, nk):
     return h
 
 
-def _untied(h64, thr):
-    """True where a neuron has had no step with |H - thr| < BAND up to and including t."""
-    near = (h64 - thr).abs() < BAND
-    return ~(near.int().cumsum(0) > 0)
-
-
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("geom", GEOMS)
 @pytest.mark.parametrize("bn_train", [False, True])
@@ -223,7 +216,7 @@ def test_bconv_lif_forward(geom, bn_train, v_reset, decay_input, residual, algo,
         # gives the same spikes.
         assert torch.equal(_infer(c, args[12:], c["res"]), s)
     z64 = rcounts.double() * c["alpha"].double().view(1, 1, -1, 1, 1)
-    keep = _untied(_ref_h64(z64, c, nk), nk["v_threshold"])
+    keep = tie_mask(_ref_h64(z64, c, nk), nk["v_threshold"])
     assert keep.float().mean() > 0.9
     assert torch.equal(s[keep], rs[keep])
     if s.numel() >= 200:
@@ -479,18 +472,6 @@ def test_contract_errors_of_the_other_cpu_ops():
 # ----------------------------------------------------------------------------------------------
 
 
-def _away_from_ties(make_h64, thr, shift):
-    """Nudge ``shift`` until no reference H lies within 1e-4 of the threshold (so float32 and
-    float64 take the same spike decisions and gradients are comparable)."""
-    g = torch.Generator().manual_seed(1)
-    for _ in range(64):
-        h = make_h64(shift)
-        if not bool(((h - thr).abs() < 1e-4).any()):
-            return shift
-        shift = shift + (torch.rand(shift.shape, generator=g) - 0.5) * 1e-2
-    raise AssertionError("could not build a tie-free case")
-
-
 def _bconv_bwd_ref64(gs, c, nk, shift, detach_reset, sur, sur_alpha):
     counts = ref.bconv_count_reference(c["xp"], c["wm"], c["wp"], c["stride"], c["padding"])
     T = c["T"]
@@ -557,7 +538,7 @@ def test_bconv_lif_bwd_float64(case, gx_algo, use_algos):
     def h_of(shift):
         return _ref_h64(z64, dict(c, shift=shift), nk)
 
-    shift = _away_from_ties(h_of, nk["v_threshold"], c["shift"])
+    shift = nudge_until_untied(h_of, nk["v_threshold"], c["shift"], step=1e-2)
     fwd = OPS.bconv_lif(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], shift, c["res"],
                         c["T"], c["stride"], c["padding"], bn_train, 1e-5, nk["tau"],
                         decay_input, nk["v_threshold"], v_reset)
@@ -609,7 +590,7 @@ def test_bn_lif_forward(shape, bn_train, v_reset, decay_input, residual):
                              None if res is None else res.double(), bn_train, 1e-5)
     _, h = ref.lif_multistep(x64, tau=nk["tau"], decay_input=decay_input,
                              v_threshold=nk["v_threshold"], v_reset=v_reset, return_h=True)
-    keep = _untied(h, nk["v_threshold"])
+    keep = tie_mask(h, nk["v_threshold"])
     assert torch.equal(s[keep], rs[keep])
 
 
@@ -637,7 +618,7 @@ def test_bn_lif_bwd_float64(shape, bn_train, v_reset, decay_input, detach_reset,
                                  v_threshold=nk["v_threshold"], v_reset=v_reset,
                                  return_h=True)[1]
 
-    shift = _away_from_ties(h_of, nk["v_threshold"], shift0)
+    shift = nudge_until_untied(h_of, nk["v_threshold"], shift0, step=1e-2)
     _, mean, var = OPS.bn_lif(z, scale, shift, res, bn_train, 1e-5, nk["tau"], decay_input,
                               nk["v_threshold"], v_reset)
     gs = torch.randn(shape, generator=g)

@@ -15,7 +15,7 @@ import torch
 
 from binslt import _ext, ops
 from binslt import reference as ref
-from tests.helpers import assert_close_rel, assert_spikes_equal, tie_mask
+from helpers import assert_close_rel, assert_spikes_equal, tie_mask
 
 CUDA_BUILT = _ext.backends()["cuda"]["built"]
 needs_ext = pytest.mark.skipif(not CUDA_BUILT, reason="binslt._C_cuda is not built here")

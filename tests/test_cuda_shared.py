@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from binslt import reference as ref
-from tests.helpers import assert_close_rel, tie_mask
+from helpers import assert_close_rel, tie_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

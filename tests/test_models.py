@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_spikes_equal
+from helpers import assert_close_rel, assert_spikes_equal
 from spikingjelly.activation_based import layer as sj_layer
 from spikingjelly.activation_based import neuron as sj_neuron
 from spikingjelly.activation_based import surrogate as sj_surrogate
@@ -65,14 +65,59 @@ def _input(arch):
     return 16
 
 
+SPIKING = (binslt.BinSpikeConv2d, binslt.BinSpikeLinear, binslt.LIF)
+
+
+def assert_same_logits(m, x, y):
+    """``m`` (a copy taken before the forward that gave ``y = m(x)``) evaluates to reference
+    values.
+
+    The dense ANN: ``y`` equals a float64 copy's logits. A spiking variant: in eval mode its
+    logits equal those of the same model on the other backend ('torch', the pure-torch
+    reference, or 'auto' for a model already on 'torch'), at the tolerance of
+    test_auto_backend_runs_and_agrees_with_torch. Eval mode, because in training the batch
+    statistics couple every sample: a single near-tie spike (float32 summation order) would
+    move every logit of a deep net."""
+    layers = [x_ for x_ in m.modules() if isinstance(x_, SPIKING)]
+    if layers:
+        other = "auto" if layers[0].backend == "torch" else "torch"
+        m = copy.deepcopy(m).train()
+        with torch.no_grad():  # running statistics = the statistics of x, so that neurons fire
+            for bn in m.modules():
+                if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                    bn.reset_running_stats()
+                    bn.momentum = None
+            m(x)
+            got = copy.deepcopy(m).eval()(x)
+            want = M.set_backend(copy.deepcopy(m), other).eval()(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    else:
+        # the BNN's sign activations are not continuous, so a float64 copy is no reference for
+        # it; callers check only the dense ANN this way
+        assert not any(isinstance(x_, M.SignActivation) for x_ in m.modules())
+        with torch.no_grad():
+            want = copy.deepcopy(m).double()(x.double())
+        # float32 against float64 through up to 19 layers, each a batch-statistics BN over two
+        # samples (which amplifies rounding): normwise relative 1e-3, the float32 rounding of
+        # such a stack, not a kernel tolerance
+        assert_close_rel(y.detach(), want, 1e-3, "logits against the float64 model")
+    assert float(want.std()) > 0, "the reference logits are constant: nothing is compared"
+
+
 @pytest.mark.parametrize("variant", M.VARIANTS)
 @pytest.mark.parametrize("arch", M.ARCHS)
 def test_forward_backward_every_variant(arch, variant):
     size = _input(arch)
     m = M.build(arch, variant, timesteps=2, input_size=size, backend="torch")
     x = torch.rand(2, 3, size, size)
+    ref_model = copy.deepcopy(m)
     y = m(x)
     assert y.shape == (2, 10) and torch.isfinite(y).all()
+    # resnet19-binwslt: with the same input, one of its layers' 131072 spikes differs between
+    # the backends (a float32 near-tie; the layer tests compare outside the tie band), which
+    # moves the logits of the 19-layer net; no end-to-end logit check there
+    if variant != "bnn" and (arch, variant) != ("resnet19", "binwslt"):
+        assert_same_logits(ref_model, x, y)
     y.square().sum().backward()
     trainable = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
     assert trainable
@@ -134,11 +179,18 @@ def test_tiny_digits_input_skips_pools(arch):
     m = M.build(arch, "ann", in_channels=1, input_size=8)
     pools = [x for x in m.modules() if isinstance(x, nn.MaxPool2d)]
     assert len(pools) == {"conv4": 2, "vgg9": 3, "vgg11": 3, "resnet19": 0}[arch]
-    assert m(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    x = torch.rand(2, 1, 8, 8)
+    ref_model = copy.deepcopy(m)
+    y = m(x)
+    assert y.shape == (2, 10)
+    assert_same_logits(ref_model, x, y)
     if arch == "vgg11":
         m = M.build(arch, "binwslt", in_channels=1, input_size=8, timesteps=2, backend="torch")
         assert len([x for x in m.modules() if isinstance(x, binslt.SpikeMaxPool2d)]) == 3
-        assert m(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+        ref_model = copy.deepcopy(m)
+        y = m(x)
+        assert y.shape == (2, 10)
+        assert_same_logits(ref_model, x, y)
 
 
 def test_auto_backend_runs_and_agrees_with_torch():
@@ -242,6 +294,12 @@ def test_without_bn(variant):
     m = M.build("resnet19" if variant == "ann" else "conv4", variant, bn=False, in_channels=1,
                 input_size=8, timesteps=2, backend="torch")
     assert not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
-    y = m(torch.rand(2, 1, 8, 8) * 4)
+    x = torch.rand(2, 1, 8, 8) * 4
+    ref_model = copy.deepcopy(m)
+    y = m(x)
     assert y.shape == (2, 10)
+    # without BN the spiking variants' deeper layers stay silent on this input (constant
+    # logits: no value to compare); the BNN has no continuous reference
+    if variant == "ann":
+        assert_same_logits(ref_model, x, y)
     y.sum().backward()

@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_rel, assert_spikes_equal
+from helpers import assert_close_rel, assert_no_ties, assert_spikes_equal
 
 import binslt.ops as ops
 from binslt import reference as ref
@@ -185,7 +185,7 @@ def _check_bconv_case(device, case, geom=GEOM, check_rate=True):
         assert torch.equal(inf, spikes)
 
     # Backward against binslt.reference in float64 (same counts; H never near the threshold).
-    assert ((h - v_th).abs() > 1e-4).all(), "near-tie in the test data; pick another seed"
+    assert_no_ties(h, v_th)
     bwd_args = (d["gs"], counts, d["xp"], d["wm"], d["wp"], d["alpha"], d["scale"], d["shift"],
                 mean, var, d["res"], ci, stride, padding, bn_train, eps, tau, decay_input, v_th,
                 v_reset, detach, surrogate, s_alpha)
@@ -276,7 +276,7 @@ def test_bn_lif_forward_and_backward(device, case):
     torch.testing.assert_close(mean.cpu(), r_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(var.cpu(), r_var, rtol=1e-5, atol=1e-6)
 
-    assert ((h - v_th).abs() > 1e-4).all(), "near-tie in the test data; pick another seed"
+    assert_no_ties(h, v_th)
     got = tri.bn_lif_bwd_triton(dv(gs), dv(z), dv(scale), dv(shift), mean, var, dv(res),
                                 bn_train, eps, tau, decay_input, v_th, v_reset, detach, surrogate,
                                 s_alpha)
@@ -321,7 +321,7 @@ def test_layer_triton_vs_torch(device, bn):
         one, zero = torch.ones(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
         h = _h64(z.cpu(), one, zero, None, bn, lr.bn.eps if bn else 1e-5, 2.0, True, 0.5, 0.0)
     assert_spikes_equal(st.detach().cpu(), sr.detach().cpu(), h, 0.5)
-    assert ((h - 0.5).abs() > 1e-4).all(), "near-tie in the test data; pick another seed"
+    assert_no_ties(h, 0.5)
     g = torch.randn(st.shape).to(device)
     st.backward(g)
     sr.backward(g.double())
@@ -355,7 +355,7 @@ def test_linear_triton_vs_torch(device, inp):
         one = torch.ones(7, dtype=torch.float64)
         h = _h64(z, one, 0 * one, None, True, 1e-5, 2.0, True, 0.3, None)
     assert_spikes_equal(st.detach().cpu(), sr.detach().cpu(), h, 0.3)
-    assert ((h - 0.3).abs() > 1e-4).all(), "near-tie in the test data; pick another seed"
+    assert_no_ties(h, 0.3)
     g = torch.randn(st.shape).to(device)
     st.backward(g)
     sr.backward(g.double())

@@ -19,11 +19,11 @@ TIE_BAND = 1e-5
 """Half-width of the tie band around the firing threshold, in units of the membrane potential H.
 
 The kernels compute H in float32, the references in float64. On the currents the tests use
-(|H| up to about 10, a few timesteps, sums of at most a few thousand terms) the float32 H differs
-from the float64 H by well under 1e-6, so outside ``|H - v_th| < TIE_BAND`` both take the same
-spike decision; inside it either decision is correct. The band is kept this narrow (10x that
-error) because a spike comparison excludes the neurons inside it: a wider band compares fewer
-neurons. The same width serves as the "no near-tie in the test data" pre-condition of the
+(|H| of order 1-10, a few timesteps) float32 rounding moves H by about 1e-6 at most (a few ulps
+of 1.2e-7 relative), so outside ``|H - v_th| < TIE_BAND`` both take the same spike decision;
+inside it either decision is correct. The band is no wider because a spike comparison excludes
+the neurons inside it: a wider band compares fewer neurons (the property tests used 1e-4 and
+now compare more). The same width serves as the "no near-tie in the test data" pre-condition of the
 gradient tests (where one flipped spike would change the gradients legitimately)."""
 
 
@@ -51,7 +51,8 @@ def assert_no_ties(h: torch.Tensor, v_threshold: float) -> None:
     """Pre-condition of a gradient comparison: no H of the float64 reference lies within
     TIE_BAND of the threshold (at any step), so float32 and float64 take the same decisions."""
     near = int(((h - v_threshold).abs() < TIE_BAND).sum())
-    assert near == 0, f"{near} near-ties (|H - v_th| < {TIE_BAND}) in the test data; pick another seed"
+    assert near == 0, (f"{near} near-ties (|H - v_th| < {TIE_BAND}) in the test data; "
+                       "pick another seed")
 
 
 def nudge_until_untied(h_of, v_threshold: float, value: torch.Tensor, step: float,

@@ -23,8 +23,8 @@ from helpers import nudge_until_untied, stable_seed, tie_mask
 import binslt.ops as ops
 import binslt.reference as ref
 from binslt import _cpu_algos, _ext
-from binslt.ops import cpu_algorithms
 from binslt.layers import BinSpikeConv2d
+from binslt.ops import cpu_algorithms
 
 CPU = _ext.module("cpu")
 pytestmark = pytest.mark.skipif(CPU is None, reason="binslt._C (the C++ CPU kernels) is not built")

@@ -19,9 +19,9 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close_rel, tie_mask
 
 from binslt import reference as ref
-from helpers import assert_close_rel, tie_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

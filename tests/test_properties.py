@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TIE_BAND, assert_spikes_equal, tie_mask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +21,6 @@ import binslt
 from binslt import LIF, BinSpikeConv2d, BinSpikeLinear
 from binslt import reference as ref
 from binslt.layers import _bn_scale_shift
-from helpers import TIE_BAND, assert_spikes_equal, tie_mask
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -62,8 +62,8 @@ def main(argv=None) -> int:
 
     import binslt
     from binslt import ops
-    from binslt.ops import cpu_algorithms
     from binslt import reference as ref
+    from binslt.ops import cpu_algorithms
 
     C = binslt._ext.module("cpu")
     if C is None:

@@ -16,11 +16,10 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
-from . import kernels as K
-from .kernels._common import check_device
-
 from . import _contract as C
+from . import kernels as K
 from ._schemas import SCHEMAS
+from .kernels._common import check_device
 
 
 def _schema(name: str) -> str:

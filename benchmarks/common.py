@@ -412,3 +412,14 @@ def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
     print("  ".join(c.rjust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(r[c].rjust(widths[c]) for c in columns))
+
+
+def requested_backends(spec: str, status: dict[str, dict]) -> list[str]:
+    """The backends a ``--backends a,b`` option names; ValueError (the message to print) when one
+    is unknown or not usable here. ``status`` is ``binslt.backends()``."""
+    backends = [b.strip() for b in spec.split(",") if b.strip()]
+    bad = [b for b in backends if b not in status or not status[b]["usable"]]
+    if bad:
+        raise ValueError(f"backend(s) {bad} not usable here: "
+                         f"{ {b: status.get(b, {}).get('reason', 'unknown') for b in bad} }")
+    return backends

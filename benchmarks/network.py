@@ -66,6 +66,7 @@ from common import (  # noqa: E402
     import_spikingjelly,
     machine_info,
     print_table,
+    requested_backends,
     set_mmap_threshold,
     sj_lif_implementation,
     sync,
@@ -543,12 +544,10 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
     st = binslt.backends()
     if args.backends:
-        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-        bad = [b for b in backends if b not in st or not st[b]["usable"]]
-        if bad:
-            print(f"error: backend(s) {bad} not usable here: "
-                  f"{ {b: st.get(b, {}).get('reason', 'unknown') for b in bad} }",
-                  file=sys.stderr)
+        try:
+            backends = requested_backends(args.backends, st)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
     else:
         backends = default_backends(device.type)

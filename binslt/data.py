@@ -375,6 +375,19 @@ def load_imagefolder(path: str, image_size: int) -> DataBundle:
                       f"{ncls} classes, {image_size}x{image_size}")
 
 
+def evaluation_split(bundle: DataBundle, split: str, limit: int = 0) -> Dataset:
+    """``bundle``'s ``split`` ('test' or 'train'), its first ``limit`` examples when ``limit`` > 0;
+    DatasetError when that leaves none."""
+    if split not in ("test", "train"):
+        raise DatasetError(f"split must be 'test' or 'train', got {split!r}")
+    ds = bundle.test if split == "test" else bundle.train
+    if limit:
+        ds = Subset(ds, range(min(limit, len(ds))))
+    if len(ds) == 0:
+        raise DatasetError(f"dataset {bundle.name!r} has no {split} examples")
+    return ds
+
+
 def load(spec: str, data_dir: str = "data", download: bool = False,
          image_size: int = 32) -> DataBundle:
     """Load a dataset by spec (``digits``, ``cifar10``, ``cifar100``, ``imagefolder:PATH``,

@@ -1117,12 +1117,10 @@ def eval_nir_file(path: PathLike, data: str = "digits", *, split: str = "test", 
     on a dataset (``binslt.data.load`` spec). Returns a dict (``accuracy`` in percent,
     ``correct``, ``examples``, ``loss``, ``file``, ``dataset``, ``split``). Raises NIRError
     (or binslt.data.DatasetError)."""
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import DataLoader
 
     from . import data as bdata
 
-    if split not in ("test", "train"):
-        raise NIRError(f"split must be 'test' or 'train', got {split!r}")
     net = from_nir(path, backend=backend)
     if net.readout != "mean_over_time" or net.timesteps is None:
         raise NIRError(f"{str(path)!r}: binslt evaluates NIR classifiers it wrote (graph "
@@ -1130,11 +1128,7 @@ def eval_nir_file(path: PathLike, data: str = "digits", *, split: str = "test", 
                        "has none")
     shape = net.input_shape
     bundle = bdata.load(data, data_dir=data_dir, download=download, image_size=shape[-1])
-    ds = bundle.test if split == "test" else bundle.train
-    if limit:
-        ds = Subset(ds, range(min(limit, len(ds))))
-    if len(ds) == 0:
-        raise NIRError(f"dataset {data!r} has no {split} examples")
+    ds = bdata.evaluation_split(bundle, split, limit)
     x0, _ = ds[0]
     if tuple(x0.shape) != tuple(shape):
         raise NIRError(f"{str(path)!r} takes images {list(shape)} but dataset {data!r} gives "

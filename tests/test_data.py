@@ -332,3 +332,15 @@ def test_cifar_batch_that_would_run_code_is_refused(tmp_path, monkeypatch):
     bad.write_bytes(b"\x80\x04truncated")
     with pytest.raises(data.DatasetError, match="data_batch_3: not a CIFAR python batch"):
         data.load("cifar10", data_dir=str(tmp_path), download=False)
+
+
+def test_evaluation_split_limits_and_refuses_empty_or_unknown_splits():
+    b = data.load("digits")
+    assert len(data.evaluation_split(b, "test")) == 360
+    ds = data.evaluation_split(b, "train", 7)
+    assert len(ds) == 7 and torch.equal(ds[3][0], b.train[3][0])
+    with pytest.raises(data.DatasetError, match="split must be 'test' or 'train', got 'val'"):
+        data.evaluation_split(b, "val")
+    empty = data.DataBundle("e", b.train, torch.utils.data.Subset(b.test, []), 10, 1, 8, "")
+    with pytest.raises(data.DatasetError, match="dataset 'e' has no test examples"):
+        data.evaluation_split(empty, "test")

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from .. import artifacts, data
 from ..tickets import TicketError, export_ticket, load_ticket
@@ -76,11 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bundle = data.load(args.data, data_dir=args.data_dir, download=args.download,
                        image_size=image_size)
     want = (cfg["in_channels"], *model.input_hw)  # type: ignore[attr-defined]
-    ds = bundle.test if args.split == "test" else bundle.train
-    if args.limit:
-        ds = Subset(ds, range(min(args.limit, len(ds))))
-    if len(ds) == 0:
-        raise CLIError(f"dataset {args.data!r} has no {args.split} examples")
+    ds = data.evaluation_split(bundle, args.split, args.limit)
     x0, _ = ds[0]
     if tuple(x0.shape) != tuple(want):
         raise TicketError(f"the ticket takes images {list(want)} but dataset {args.data!r} "

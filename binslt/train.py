@@ -72,6 +72,7 @@ MASKED = ("binwslt", "bnn")
 ARCHS = ("conv4", "vgg9", "vgg11", "resnet19")
 OPTIMIZERS = ("sgd", "adam")
 SURROGATES = ("atan", "sigmoid")
+NEURONS = models.NEURONS  # lif | if
 
 
 class RunError(Exception):
@@ -92,7 +93,8 @@ class RunConfig:
     test_subset: int = 0
     prune_rate: float = 0.5  #: fraction of weights REMOVED (biprop calls the kept fraction so)
     timesteps: int = 4
-    decay: float | None = 0.99  #: lambda = 1 - 1/tau; None when tau is given instead
+    neuron: str = "lif"  #: lif | if (SpikingJelly's IFNode, H = V + X: no decay or tau)
+    decay: float | None = 0.99  #: lambda = 1 - 1/tau; None when tau is given instead (or IF)
     tau: float | None = None
     decay_input: bool = False
     v_threshold: float = 1.0
@@ -144,7 +146,14 @@ class RunConfig:
              f"--prune-rate is the fraction of weights removed and must be in [0, 1), got "
              f"{self.prune_rate}")
         need(self.timesteps >= 1, f"--timesteps must be >= 1, got {self.timesteps}")
-        need((self.decay is None) != (self.tau is None), "give exactly one of --decay and --tau")
+        need(self.neuron in NEURONS,
+             f"--neuron must be one of {NEURONS}, got {self.neuron!r}")
+        if self.neuron == "if":
+            need(self.decay is None and self.tau is None and not self.decay_input,
+                 "--neuron if has no leak (H = V + X): drop --decay, --tau and --decay-input")
+        else:
+            need((self.decay is None) != (self.tau is None),
+                 "give exactly one of --decay and --tau")
         if self.decay is not None:
             need(0.0 <= self.decay < 1.0, f"--decay (lambda) must be in [0, 1), got {self.decay}")
         if self.tau is not None:
@@ -174,7 +183,9 @@ class RunConfig:
         opts: dict[str, Any] = dict(
             decay_input=self.decay_input, v_threshold=self.v_threshold, v_reset=self.v_reset,
             detach_reset=self.detach_reset, surrogate=self.surrogate,
-            surrogate_alpha=self.surrogate_alpha)
+            surrogate_alpha=self.surrogate_alpha, neuron=self.neuron)
+        if self.neuron == "if":
+            return opts  # no leak settings (validate refuses them)
         if self.decay is not None:
             opts["decay"] = self.decay
         else:

@@ -101,6 +101,9 @@ def add_run_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> Non
     g.add_argument("--bn-affine", action="store_true", default=S,
                    help="BatchNorm with affine weight/bias (default off, as biprop)")
     n = p.add_argument_group("neuron (spiking models; defaults are the paper's)")
+    n.add_argument("--neuron", choices=train.NEURONS, default=S,
+                   help="lif, or if: SpikingJelly's IFNode, H = V + X, no --decay/--tau "
+                   f"(default {d.neuron})")
     lam = n.add_mutually_exclusive_group()
     lam.add_argument("--decay", "--lambda", dest="decay", type=float, default=S,
                      help=f"decay rate lambda = 1 - 1/tau (default {d.decay})")
@@ -154,6 +157,8 @@ _FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 def explicit_options(args: argparse.Namespace) -> dict[str, Any]:
     """The RunConfig fields given on the command line."""
     ex = {k: v for k, v in vars(args).items() if k in _FIELDS}
+    if ex.get("neuron") == "if" and "decay" not in ex and "tau" not in ex:
+        ex["decay"] = ex["tau"] = None  # IF has no leak: the default decay does not apply
     if "decay" in ex:
         ex["tau"] = None
     if "tau" in ex:
@@ -237,7 +242,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     except (RunError, TypeError) as exc:
         raise CLIError(f"{source['path']}: the saved config is unusable ({exc})") from None
     explicit = explicit_options(args)
-    for k in ("arch", "prune_rate", "timesteps", "decay", "tau", "decay_input", "v_threshold",
+    for k in ("arch", "neuron", "prune_rate", "timesteps", "decay", "tau", "decay_input",
+              "v_threshold",
               "v_reset", "surrogate", "surrogate_alpha", "bn_affine"):
         if k in explicit and explicit[k] != getattr(base, k):
             raise CLIError(f"--{k.replace('_', '-')} cannot change in finetune: the network "
@@ -262,6 +268,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _lam(cfg: RunConfig) -> float:
+    if cfg.neuron == "if":
+        return 1.0  # no leak: H = 1 * V + X
     return cfg.decay if cfg.decay is not None else 1.0 - 1.0 / float(cfg.tau)
 
 

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from . import reference as ref
 from .layers import (
     LIF,
     BinConv2d,
@@ -139,13 +138,21 @@ class _Exporter:
             raise NIRError(f"layer {name!r}: v_reset={cfg.v_reset} != 0 cannot be exported: "
                            "binslt starts the membrane at V[-1] = v_reset, NIR importers start "
                            "it at 0 and NIR has no initial-state field")
-        if not math.isfinite(cfg.tau):
-            raise NIRError(f"layer {name!r}: tau={cfg.tau} is not finite")  # pragma: no cover
         full = lambda v: np.full(shape, v, dtype=np.float32)  # noqa: E731
-        meta = {"binslt": json.dumps({"layer": name, "neuron": cfg.kwargs(), "main_input": main})}
-        node = self.nir.LIF(tau=full(cfg.tau * self.dt), r=full(1.0 if cfg.decay_input else cfg.tau),
-                            v_leak=full(0.0), v_threshold=full(cfg.v_threshold),
-                            v_reset=full(0.0), metadata=meta)
+        # record(): plain JSON (an IF's has no tau: +inf is not JSON)
+        meta = {"binslt": json.dumps({"layer": name, "neuron": cfg.record(), "main_input": main})}
+        if cfg.neuron == "if":
+            # NIR's IF is dv/dt = R I; forward Euler with step dt gives V += R dt X, so R = 1/dt
+            # is SpikingJelly's H = V + X (its own exporter writes the same)
+            node = self.nir.IF(r=full(1.0 / self.dt), v_threshold=full(cfg.v_threshold),
+                               v_reset=full(0.0), metadata=meta)
+        else:
+            if not math.isfinite(cfg.tau):
+                raise NIRError(f"layer {name!r}: tau={cfg.tau} is not finite")  # pragma: no cover
+            node = self.nir.LIF(tau=full(cfg.tau * self.dt),
+                                r=full(1.0 if cfg.decay_input else cfg.tau), v_leak=full(0.0),
+                                v_threshold=full(cfg.v_threshold), v_reset=full(0.0),
+                                metadata=meta)
         return self.add(f"{name}.lif", node, inputs)
 
     # -- synapses ---------------------------------------------------------------------------
@@ -511,8 +518,8 @@ class _Neuron(nn.Module):
         super().__init__()
         self.gain = gain
         self.inf = math.isinf(tau)
-        if self.inf:  # IF: H = V + X (lif_multistep with 1/tau = 0)
-            self.tau, self.decay_input, self.v_threshold = tau, False, v_threshold
+        if self.inf:  # IF: H = V + X
+            self.lif = LIF(neuron="if", v_threshold=v_threshold, v_reset=0.0, backend=backend)
         else:
             self.lif = LIF(tau=tau, decay_input=decay_input, v_threshold=v_threshold,
                            v_reset=0.0, backend=backend)
@@ -520,9 +527,6 @@ class _Neuron(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gain != 1.0:
             x = x * self.gain
-        if self.inf:
-            return ref.lif_multistep(x, tau=self.tau, decay_input=False,
-                                     v_threshold=self.v_threshold, v_reset=0.0)
         return self.lif(x)
 
 
@@ -535,7 +539,10 @@ def _neuron_from_node(node, nir, dt: float, where: str, backend: str) -> nn.Modu
         raise NIRError(f"{where}: v_reset={v_reset} != 0 is not read (the membrane starts at 0)")
     r = _uniform(node.r, "r", where)
     if isinstance(node, nir.IF):
-        return _Neuron(math.inf, False, thr, gain=r * dt, backend=backend)
+        # V += R dt X (forward Euler): R = 1/dt is H = V + X, up to the rounding of 1/dt
+        gain = r * dt
+        return _Neuron(math.inf, False, thr, gain=1.0 if math.isclose(gain, 1.0, rel_tol=1e-6)
+                       else gain, backend=backend)
     if _uniform(node.v_leak, "v_leak", where) != 0.0:
         raise NIRError(f"{where}: v_leak != v_reset = 0 has no binslt neuron")
     k = _uniform(node.tau, "tau", where) / dt  # binslt tau (in steps)
@@ -1009,11 +1016,13 @@ def _build_synapse(n, node, meta, x, graph, preds, succs, nir, dt, where, backen
         lwhere = f"{where.rsplit(', node', 1)[0]}, node {lname!r} ({type(nn_node).__name__})"
         neuron = _neuron_from_node(nn_node, nir, dt, lwhere, backend)
         others = [src(p) for p in preds[lname] if p != n]
-        if tern is not None and not neuron.inf and neuron.gain == 1.0:
+        if tern is not None and neuron.gain == 1.0:
             ternary, alpha, bn = tern
             cfg = neuron.lif.neuron
-            kw = dict(tau=cfg.tau, decay_input=cfg.decay_input, v_threshold=cfg.v_threshold,
-                      v_reset=0.0, input="spike" if in_spikes else "real", backend=backend,
+            leak = (dict(neuron="if") if cfg.neuron == "if"
+                    else dict(tau=cfg.tau, decay_input=cfg.decay_input))
+            kw = dict(**leak, v_threshold=cfg.v_threshold, v_reset=0.0,
+                      input="spike" if in_spikes else "real", backend=backend,
                       bn=bn is not None, bn_affine=True)
             if conv:
                 layer = BinSpikeConv2d(w.shape[1], w.shape[0], w.shape[2], stride, padding,
@@ -1104,7 +1113,7 @@ def export_cli(src: PathLike, out: Optional[PathLike] = None, *, maxpool: str = 
     graph = to_nir(srcp, dt=dt, maxpool=maxpool)
     path = write_nir(graph, out)
     n_neurons = sum(1 for v in graph.nodes.values() if type(v).__name__ in ("LIF", "IF"))
-    return (f"wrote {path}: NIR graph with {len(graph.nodes)} nodes ({n_neurons} LIF), "
+    return (f"wrote {path}: NIR graph with {len(graph.nodes)} nodes ({n_neurons} LIF/IF), "
             f"{path.stat().st_size / 1024:.1f} KiB, {graph.metadata['arch']}/"
             f"{graph.metadata['variant']}, T={graph.metadata['timesteps']}, maxpool={maxpool}")
 

@@ -49,9 +49,9 @@ def binslt_spikes(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict
 
 
 def small(arch: str, *, decay_input: bool = False, cin: int = 1, size: int = 8, T: int = 2,
-          seed: int = 0, calib: int = 32, **kw) -> nn.Module:
+          seed: int = 0, calib: int = 32, neuron_kind: str = "lif", **kw) -> nn.Module:
     torch.manual_seed(seed)
-    neuron = dict(decay_input=decay_input)
+    neuron = dict(decay_input=decay_input) if neuron_kind == "lif" else dict(neuron="if")
     if decay_input:  # the paper's tau=100 barely charges in a few steps with decayed input
         neuron["tau"] = 2.0
     m = models.build(arch, "binwslt", in_channels=cin, input_size=size, timesteps=T,
@@ -272,6 +272,35 @@ def test_unreadable_nodes_are_named(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("maxpool", ["threshold", "lif"])
+def test_round_trip_conv4_if(tmp_path, maxpool):
+    """IF layers (neuron='if') export as NIR IF nodes (r = 1/dt) and read back as IF layers."""
+    m = small("conv4", neuron_kind="if")
+    net = check_round_trip(m, tmp_path / "c4if.nir", torch.randn(6, 1, 8, 8), maxpool)
+    g = nir.read(tmp_path / "c4if.nir")
+    ifs = [k for k, v in g.nodes.items() if isinstance(v, nir.IF)]
+    lifs = [k for k, v in g.nodes.items() if isinstance(v, nir.LIF)]
+    n_layers = sum(isinstance(x, (BinSpikeConv2d, BinSpikeLinear)) for x in m.modules())
+    assert len(ifs) == n_layers and len(lifs) == (3 if maxpool == "lif" else 0)  # the pools
+    node = g.nodes[ifs[0]]
+    assert np.all(node.r == np.float32(1.0 / bnir.DEFAULT_DT)) and np.all(node.v_reset == 0)
+    assert json.loads(node.metadata["binslt"])["neuron"]["neuron"] == "if"
+    layers = [u.layer for u in net.units.values() if hasattr(u, "layer")]
+    spiking = [lay for lay in layers if isinstance(lay, (BinSpikeConv2d, BinSpikeLinear))]
+    assert spiking and all(lay.neuron.neuron == "if" for lay in spiking)
+
+
+def test_round_trip_resnet19_if(tmp_path):
+    m = small("resnet19", neuron_kind="if", cin=3, size=8, calib=8)
+    net = check_round_trip(m, tmp_path / "r19if.nir", torch.randn(3, 3, 8, 8))
+    g = nir.read(tmp_path / "r19if.nir")
+    assert not any(isinstance(v, nir.LIF) for v in g.nodes.values())
+    assert isinstance(g.nodes["features.1.conv2.lif"], nir.IF)
+    into = lambda n: sorted(a for a, b in g.edges if b == n)  # noqa: E731
+    assert into("features.1.conv2.lif") == ["features.1.conv2", "features.1.shortcut"]
+    assert any(type(u).__name__ == "_BinConvSeq" for u in net.units.values())
+
+
 def test_reads_spikingjelly_export_with_lif_and_if(tmp_path):
     sj = pytest.importorskip("spikingjelly.activation_based")
     from spikingjelly.activation_based import functional, layer, neuron
@@ -319,6 +348,29 @@ def test_spikingjelly_imports_binslt_resnet19_cifar_shaped():
     got = out.mean(0)
     # SpikingJelly's LIF gets tau = tau_nir / dt (100 up to one rounding) and its own float
     # order; the logits agree to float32 rounding and the predictions are the same
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+    assert bool((want != 0).any())
+
+
+def test_spikingjelly_imports_binslt_resnet19_with_if_neurons():
+    """SpikingJelly's import_from_nir maps binslt's IF nodes (r = 1/dt) to its IFNode: the
+    same logits as the binslt IF ticket."""
+    pytest.importorskip("spikingjelly.activation_based")
+    from spikingjelly.activation_based import neuron
+    from spikingjelly.activation_based.nir_exchange import import_from_nir
+
+    m = small("resnet19", neuron_kind="if", cin=3, size=32, T=2, calib=2)
+    sj = import_from_nir(bnir.to_nir(m), step_mode="m")
+    assert any(isinstance(mod, neuron.IFNode) for mod in sj.modules())
+    assert not any(isinstance(mod, neuron.LIFNode) for mod in sj.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = m(x)
+        out, _state = sj(x.unsqueeze(0).expand(2, *x.shape).contiguous())
+    got = out.mean(0)
+    # the same IF arithmetic; the logits differ only by the float order of SpikingJelly's
+    # dense convs and of the folded BN
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert torch.equal(got.argmax(1), want.argmax(1))
     assert bool((want != 0).any())
@@ -398,6 +450,19 @@ def test_snntorch_runs_the_digits_ticket(tmp_path, digits_ticket):
     ours = bnir.from_nir(path)
     with torch.no_grad():
         assert torch.equal(ours(xte), want)
+
+
+def test_snntorch_cannot_import_if_nodes_and_says_why():
+    """snnTorch 1.0's importer reads a NIR IF node only with r == 1 (it asserts "r != 1 not
+    supported") and then builds snn.Leaky(beta=0.9), a leaky neuron. NIR's IF with forward
+    Euler is V += R dt X, so H = V + X needs R = 1/dt (SpikingJelly's exporter writes the
+    same): binslt's IF files do not load in snnTorch, and no r would give its neuron no leak."""
+    pytest.importorskip("snntorch")
+    from snntorch.import_nir import import_from_nir
+
+    m = small("conv4", neuron_kind="if")
+    with pytest.raises(AssertionError, match="r != 1 not supported"):
+        import_from_nir(bnir.to_nir(m, maxpool="lif"))
 
 
 def test_snntorch_cannot_import_the_exact_threshold_form(digits_ticket):

@@ -317,3 +317,51 @@ def test_models_build_if(arch, variant):
     x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(m(x), again(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line, results.json and the ticket: IF end to end, strict JSON everywhere
+# ---------------------------------------------------------------------------------------------
+
+
+def _strict_json(text: str):
+    """json.loads that refuses Infinity / NaN, which are not JSON."""
+    def bad(c):
+        raise ValueError(f"not JSON: {c}")
+    return __import__("json").loads(text, parse_constant=bad)
+
+
+def test_cli_search_with_if_neurons(tmp_path):
+    from binslt import cli, tickets
+
+    out = tmp_path / "if-run"
+    assert cli.main(["search", "--neuron", "if", "--train-subset", "64", "--test-subset", "32",
+                     "--batch-size", "32", "--epochs", "1", "-T", "2", "--no-progress",
+                     "--out", str(out)]) == 0
+    res = _strict_json((out / "results.json").read_text())
+    assert res["config"]["neuron"] == "if"
+    assert res["config"]["decay"] is None and res["config"]["tau"] is None
+    from safetensors import safe_open
+
+    with safe_open(str(out / "ticket.safetensors"), "pt") as f:
+        raw = f.metadata()  # the file's own strings
+    layers = _strict_json(raw["layers"])
+    assert any(rec.get("neuron", {}).get("neuron") == "if" for rec in layers.values())
+    for v in raw.values():
+        if v[:1] in "[{":
+            _strict_json(v)
+    m = tickets.load_ticket(out / "ticket.safetensors")
+    spiking = [x for x in m.modules() if isinstance(x, (binslt.BinSpikeConv2d,
+                                                         binslt.BinSpikeLinear))]
+    assert spiking and all(x.neuron.neuron == "if" and x.neuron.tau == float("inf")
+                           for x in spiking)
+
+
+def test_cli_if_refuses_leak_options(capsys):
+    from binslt import cli
+
+    assert cli.main(["search", "--neuron", "if", "--decay", "0.9"]) == 2
+    assert "--neuron if has no leak (H = V + X): drop --decay, --tau and --decay-input" in (
+        capsys.readouterr().err)
+    assert cli.main(["search", "--neuron", "if", "--decay-input"]) == 2
+    assert "--neuron if has no leak" in capsys.readouterr().err

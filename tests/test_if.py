@@ -360,6 +360,14 @@ def test_cli_search_with_if_neurons(tmp_path):
 def test_cli_if_refuses_leak_options(capsys):
     from binslt import cli
 
+    p = cli.build_parser()  # --decay is kept (and replaces the default tau), --tau likewise
+    assert cli.explicit_options(p.parse_args(["search", "--decay", "0.9"])) == dict(
+        decay=0.9, tau=None)
+    assert cli.explicit_options(p.parse_args(["search", "--tau", "3"])) == dict(
+        tau=3.0, decay=None)
+    assert cli.explicit_options(p.parse_args(["search", "--neuron", "if"])) == dict(
+        neuron="if", decay=None, tau=None)
+
     assert cli.main(["search", "--neuron", "if", "--decay", "0.9"]) == 2
     assert "--neuron if has no leak (H = V + X): drop --decay, --tau and --decay-input" in (
         capsys.readouterr().err)

@@ -159,9 +159,9 @@ def explicit_options(args: argparse.Namespace) -> dict[str, Any]:
     ex = {k: v for k, v in vars(args).items() if k in _FIELDS}
     if ex.get("neuron") == "if" and "decay" not in ex and "tau" not in ex:
         ex["decay"] = ex["tau"] = None  # IF has no leak: the default decay does not apply
-    if "decay" in ex:
+    if "decay" in ex:  # the two are exclusive: the one given replaces the other's default
         ex["tau"] = None
-    if "tau" in ex:
+    elif "tau" in ex:
         ex["decay"] = None
     return ex
 

@@ -77,13 +77,14 @@ def test_converted_spikes_equal_spikingjelly_with_sign_weights(nname, backend):
     nkw = NEURONS[nname]
     net = sj_vgg(nkw)
     conv, report = convert(net, prune_rate=0.0, backend=backend)
-    assert [c["paths"][0] for c in report.converted] == ["0", "3", "8"]
-    assert [c["input"] for c in report.converted] == ["real", "spike", "spike"]
+    assert [c["paths"][0] for c in report.converted] == ["0", "3", "8", "10"]
+    assert [c["input"] for c in report.converted] == ["real", "spike", "spike", None]
     assert [c["new"] for c in report.converted] == ["BinSpikeConv2d", "BinSpikeConv2d",
-                                                    "BinSpikeLinear"]
-    assert any(s["path"] == "10" and "not followed by a LIFNode" in s["reason"]
-               for s in report.skipped)
-    expected_net = binarised_copy(net, ["0", "3", "8"])
+                                                    "BinSpikeLinear", "BinLinear"]
+    # the logits layer feeds no neuron: a masked sign layer without one, its bias kept
+    assert "not followed by a LIFNode" in report.converted[3]["note"]
+    assert report.converted[3]["bias"] == "shift" and report.skipped == []
+    expected_net = binarised_copy(net, ["0", "3", "8", "10"])
     vth = nkw["v_threshold"]
     x = torch.rand(3, 4, 2, 8, 8) * 2  # [T, N, C, H, W], real-valued first-layer input
     for train in (False, True):
@@ -130,8 +131,10 @@ def test_converted_layers_carry_settings_weights_and_train_scores():
     torch.testing.assert_close(first.weight, net[0].weight, rtol=0, atol=0)
     torch.testing.assert_close(first.bn.weight, net[1].weight, rtol=0, atol=0)
     assert isinstance(conv[1], nn.Identity) and isinstance(conv[2], nn.Identity)
-    # the original is untouched (inplace=False), the logits layer stays dense
-    assert isinstance(net[0], layer.Conv2d) and type(conv[10]) is layer.Linear
+    # the original is untouched (inplace=False); the logits layer (with its bias) becomes a
+    # masked sign layer followed by the bias
+    assert isinstance(net[0], layer.Conv2d) and type(conv[10][0]) is binslt.BinLinear
+    torch.testing.assert_close(conv[10][1].bias, net[10].bias, rtol=0, atol=0)
     out = conv(torch.rand(2, 3, 2, 8, 8))
     out.sum().backward()
     for m in conv.modules():
@@ -159,9 +162,9 @@ def test_torch_nn_layers_and_seq_to_ann_containers():
     conv, report = convert(net, prune_rate=0.0, backend="torch")
     assert [type(m).__name__ for m in conv] == [
         "BinSpikeConv2d", "Identity", "BinSpikeConv2d", "Identity", "Identity", "Flatten",
-        "BinSpikeLinear", "Identity", "Linear"]
+        "BinSpikeLinear", "Identity", "BinLinear"]
     assert conv[2].stride == 2 and conv[2].bn is not None and not conv[2].bn.affine
-    expected_net = binarised_copy(net, ["0.0", "2.0", "6"])
+    expected_net = binarised_copy(net, ["0.0", "2.0", "6", "8"])
     x = torch.rand(2, 3, 1, 6, 6) * 3
     for train in (False, True):
         conv.train(train)
@@ -224,20 +227,28 @@ def test_unsupported_patterns_are_left_alone_with_reasons():
 
     net.append(Custom())
     conv, report = convert(net)
-    assert report.converted == []
+    # a conv bias is folded (no BN here: into the layer's per-channel shift)
+    assert report.converted[0]["paths"] == ["0", "1"] and report.converted[0]["bias"] == "shift"
+    assert report.converted[0]["new"] == "BinSpikeConv2d"
+    # convs/linears in front of a neuron binslt does not take become masked sign layers without
+    # a neuron, and say why; the neurons stay
+    assert [(c["paths"], c["new"]) for c in report.converted[1:]] == [
+        (["8"], "BinConv2d"), (["10"], "BinConv2d"), (["12"], "BinConv2d"),
+        (["15"], "BinLinear"), (["17"], "BinLinear")]
     reasons = {s["path"]: s["reason"] for s in report.skipped}
-    assert "has a bias" in reasons["0"]
+    notes = {c["paths"][0]: c.get("note", "") for c in report.converted}
     assert "groups=2" in reasons["2"]
     assert "dilation" in reasons["4"]
     assert "non-square kernel_size" in reasons["6"]
-    assert "single-step" in reasons["8"]
-    assert "PiecewiseQuadratic" in reasons["10"]
-    assert "step mode 's'" in reasons["12"]
-    assert "stateful" in reasons["15"]
-    assert "store_v_seq" in reasons["17"]
+    assert "single-step" in notes["8"] and "single-step" in reasons["9"]
+    assert "PiecewiseQuadratic" in notes["10"] and "PiecewiseQuadratic" in reasons["11"]
+    assert "step mode 's'" in notes["12"]
+    assert "stateful" in notes["15"] and "stateful" in reasons["16"]
+    assert "store_v_seq" in notes["17"] and "store_v_seq" in reasons["18"]
     assert "execution order is unknown" in reasons["19.conv"]
     assert "LIFNode not preceded" in reasons["19.sn"]
-    assert [type(a) for a in conv] == [type(b) for b in net]
+    for i in (2, 4, 6, 9, 11, 13, 16, 18):
+        assert type(conv[i]) is type(net[i]), i
     assert "left" in str(report)
 
 

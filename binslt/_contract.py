@@ -54,14 +54,29 @@ def _finite(v: float) -> bool:
     return math.isfinite(float(v))
 
 
-def check_tau(tau: float, op: str) -> None:
+def check_tau(tau: float, op: str, decay_input: bool) -> None:
+    """tau > 0 and finite (LIF), or +inf with decay_input=False: the IF neuron, H = V + X.
+
+    +inf runs through the LIF arithmetic unchanged: (V - V_r) / inf is a signed zero, so
+    H = V - 0 + X = V + X exactly, the BPTT carry 1 - 1/inf is 1 and dH/dX is 1. With
+    decay_input=True, H = V + (X - (V - V_r)) / inf = V: the input would never reach the neuron.
+    """
+    tau = float(tau)
+    if tau == math.inf:
+        if decay_input:
+            raise ValueError(f"binslt::{op}: tau=inf (an IF neuron, no leak) needs "
+                             f"decay_input=False: with decay_input=True H = V and the input never "
+                             f"reaches the neuron, got decay_input={bool(decay_input)}")
+        return
     if not (_finite(tau) and tau > 0):
-        raise ValueError(f"binslt::{op}: tau must be finite and > 0, got {tau}")
+        raise ValueError(f"binslt::{op}: tau must be finite and > 0 (or +inf with "
+                         f"decay_input=False: IF), got {tau}")
 
 
-def check_neuron(op: str, tau: float, v_threshold: float, v_reset: Optional[float]) -> None:
-    """The forward neuron settings: tau, v_threshold and v_reset."""
-    check_tau(tau, op)
+def check_neuron(op: str, tau: float, decay_input: bool, v_threshold: float,
+                 v_reset: Optional[float]) -> None:
+    """The forward neuron settings: tau (with decay_input), v_threshold and v_reset."""
+    check_tau(tau, op, decay_input)
     if not _finite(v_threshold):
         raise ValueError(f"binslt::{op}: v_threshold must be finite, got {v_threshold}")
     if v_reset is not None and not _finite(v_reset):
@@ -84,11 +99,12 @@ def check_surrogate(op: str, surrogate: int, surrogate_alpha: float) -> None:
                          f"{surrogate_alpha}")
 
 
-def check_scalars(op: str, tau: float, v_threshold: float, v_reset: Optional[float],
-                  bn_eps: Optional[float] = None, surrogate: Optional[int] = None,
+def check_scalars(op: str, tau: float, decay_input: bool, v_threshold: float,
+                  v_reset: Optional[float], bn_eps: Optional[float] = None,
+                  surrogate: Optional[int] = None,
                   surrogate_alpha: Optional[float] = None) -> None:
     """Every scalar argument an op has (None: the op has no such argument)."""
-    check_neuron(op, tau, v_threshold, v_reset)
+    check_neuron(op, tau, decay_input, v_threshold, v_reset)
     if bn_eps is not None:
         check_bn_eps(op, bn_eps)
     if surrogate is not None:
@@ -251,16 +267,21 @@ def check_prune_rate(prune_rate) -> float:
 
 
 def resolve_tau(tau: float, decay: Optional[float], op: str) -> float:
-    """tau of a layer, from the paper's decay rate lambda = 1 - 1/tau when ``decay`` is given.
+    """tau of a LIF layer, from the paper's decay rate lambda = 1 - 1/tau when ``decay`` is given.
 
     A layer needs tau >= 1 (lambda in [0, 1)), SpikingJelly's LIFNode range, on top of the op
-    rule (finite and > 0): below 1 the membrane overshoots its input every step.
+    rule (finite and > 0): below 1 the membrane overshoots its input every step. The op's
+    tau = +inf (no leak) is spelt ``neuron="if"`` on a layer, so that a layer has one way of
+    saying IF (repr, tickets, NIR).
     """
     if decay is not None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"binslt::{op}: decay (lambda) must be in [0, 1), got {decay}")
         return 1.0 / (1.0 - decay)
-    check_tau(tau, op)
+    if float(tau) == math.inf:
+        raise ValueError(f"binslt::{op}: tau=inf is the IF neuron (no leak); ask for it with "
+                         f"neuron='if' instead of a tau, got tau={tau}")
+    check_tau(tau, op, False)
     if tau < 1.0:
         raise ValueError(f"binslt::{op}: tau must be >= 1 (lambda = 1 - 1/tau in [0, 1)), got "
                          f"{tau}")

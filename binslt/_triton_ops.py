@@ -70,7 +70,7 @@ def bconv_lif_triton(x_packed: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.
     conv kernel writes counts and exact int64 per-channel sums; pass 2 = BN + LIF over counts.
     """
     op = "bconv_lif"
-    C.check_scalars(op, tau, v_threshold, v_reset, bn_eps)
+    C.check_scalars(op, tau, decay_input, v_threshold, v_reset, bn_eps)
     check_device(x_packed, op=op)
     b, h, w, cw = C.check_packed_input(op, x_packed)
     a = _check_bconv(op, "x_packed", (b, h, w), cw, T, w_mask, w_pos, alpha, scale, shift,
@@ -104,7 +104,7 @@ def bconv_lif_infer_triton(x: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.T
     """bconv_lif's spikes of float spikes x [T, N, C, H, W], eval epilogue; the conv kernel
     writes no counts."""
     op = "bconv_lif_infer"
-    C.check_scalars(op, tau, v_threshold, v_reset)
+    C.check_scalars(op, tau, decay_input, v_threshold, v_reset)
     check_device(x, op=op)
     if x.dim() != 5:
         raise ValueError(f"binslt::{op}: x must be spikes [T, N, C, H, W], got shape "
@@ -131,7 +131,7 @@ def bconv_lif_bwd_triton(grad_spikes: torch.Tensor, counts: torch.Tensor, x_pack
                          need_grad_x: bool):
     """-> (grad_x, grad_weight, grad_current, grad_scale, grad_shift); see binslt._schemas."""
     op = "bconv_lif_bwd"
-    C.check_scalars(op, tau, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
+    C.check_scalars(op, tau, decay_input, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
     check_device(x_packed, grad_spikes, counts, mean, var, op=op)
     C.check_counts(op, counts)
     T = counts.shape[0]
@@ -178,7 +178,7 @@ def bn_lif_triton(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                   decay_input: bool, v_threshold: float, v_reset: float | None):
     """(BN | affine) (+ residual) + multi-step LIF over z: [T, N, C, *] -> (spikes, mean, var)."""
     op = "bn_lif"
-    C.check_scalars(op, tau, v_threshold, v_reset, bn_eps)
+    C.check_scalars(op, tau, decay_input, v_threshold, v_reset, bn_eps)
     scale, shift = _check_bn_lif(op, z, residual, scale=scale, shift=shift)
     c = z.shape[2]
     zf = _f32(z)
@@ -201,7 +201,7 @@ def bn_lif_bwd_triton(grad_spikes: torch.Tensor, z: torch.Tensor, scale: torch.T
                       detach_reset: bool, surrogate: int, surrogate_alpha: float):
     """-> (grad_z, grad_current, grad_scale, grad_shift); see binslt._schemas."""
     op = "bn_lif_bwd"
-    C.check_scalars(op, tau, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
+    C.check_scalars(op, tau, decay_input, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
     scale, shift, mean, var = _check_bn_lif(op, z, residual, grad_spikes, scale=scale,
                                             shift=shift, mean=mean, var=var)
     if grad_spikes.shape != z.shape:

@@ -38,16 +38,34 @@ def _square(v: _IntOrPair, name: str) -> int:
     return v
 
 
-class NeuronConfig:
-    """The LIF settings shared by the spiking modules (SpikingJelly's LIFNode semantics)."""
+NEURONS = ("lif", "if")
 
-    def __init__(self, tau=2.0, decay_input=True, v_threshold=1.0, v_reset: Optional[float] = 0.0,
-                 detach_reset=False, surrogate="atan", surrogate_alpha=2.0, decay=None,
-                 who="NeuronConfig"):
+
+class NeuronConfig:
+    """The neuron settings shared by the spiking modules: SpikingJelly's ``LIFNode``
+    (``neuron="lif"``) or ``IFNode`` (``neuron="if"``: H = V + X, no leak), step mode 'm'.
+
+    ``tau`` (default 2.0, SpikingJelly's) or ``decay`` (lambda = 1 - 1/tau) and ``decay_input``
+    (default True) are LIF settings. An IF neuron has no leak, so it refuses an explicit tau,
+    decay or decay_input=True; the ops run it as the LIF arithmetic with tau = +inf and
+    decay_input=False, which is H = V + X exactly (binslt._contract.check_tau).
+    """
+
+    def __init__(self, tau: Optional[float] = None, decay_input: Optional[bool] = None,
+                 v_threshold=1.0, v_reset: Optional[float] = 0.0, detach_reset=False,
+                 surrogate="atan", surrogate_alpha=2.0, decay=None, who="NeuronConfig",
+                 neuron: str = "lif"):
+        if neuron not in NEURONS:
+            raise ValueError(f"{who}: neuron must be one of {NEURONS}, got {neuron!r}")
         if surrogate not in SURROGATES:
             raise ValueError(f"surrogate must be one of {tuple(SURROGATES)}, got {surrogate!r}")
-        self.tau = C.resolve_tau(tau, decay, who)
-        self.decay_input = bool(decay_input)
+        self.neuron = neuron
+        if neuron == "if":
+            check_if_settings(who, tau, decay, decay_input)
+            self.tau, self.decay_input = math.inf, False
+        else:
+            self.tau = C.resolve_tau(2.0 if tau is None else tau, decay, who)
+            self.decay_input = True if decay_input is None else bool(decay_input)
         self.v_threshold = float(v_threshold)
         self.v_reset = None if v_reset is None else float(v_reset)
         self.detach_reset = bool(detach_reset)
@@ -55,14 +73,52 @@ class NeuronConfig:
         self.surrogate_alpha = float(surrogate_alpha)
 
     def kwargs(self) -> dict:
+        """The ops' neuron arguments (IF: tau = +inf, decay_input = False)."""
         return dict(tau=self.tau, decay_input=self.decay_input, v_threshold=self.v_threshold,
                     v_reset=self.v_reset, detach_reset=self.detach_reset,
                     surrogate=self.surrogate, surrogate_alpha=self.surrogate_alpha)
 
+    def record(self) -> dict:
+        """The settings as plain JSON values (tickets' metadata): an IF record has no tau and no
+        decay_input, since +inf is not valid JSON."""
+        rec = dict(neuron=self.neuron, **self.kwargs())
+        if self.neuron == "if":
+            del rec["tau"], rec["decay_input"]
+        return rec
+
+    def load_record(self, rec: dict) -> None:
+        """Sets the settings from ``record()``'s dict (KeyError: an unknown or missing key;
+        ValueError: a bad value). A record without ``neuron`` is a LIF's."""
+        rec = dict(rec)
+        unknown = sorted(set(rec) - {"neuron", *self.kwargs()})
+        if unknown:
+            raise KeyError(unknown[0])
+        neuron = rec.pop("neuron", "lif")
+        if neuron == "lif":
+            for k in ("tau", "decay_input"):
+                if k not in rec:
+                    raise KeyError(k)
+        base = {k: v for k, v in self.kwargs().items() if k not in ("tau", "decay_input")}
+        new = NeuronConfig(**{**base, **rec}, neuron=neuron)
+        self.__dict__.update(new.__dict__)
+
     def extra_repr(self) -> str:
-        return (f"tau={self.tau:g}, decay_input={self.decay_input}, v_threshold={self.v_threshold:g}"
-                f", v_reset={self.v_reset}, detach_reset={self.detach_reset}, "
+        lead = ("neuron=IF" if self.neuron == "if" else
+                f"tau={self.tau:g}, decay_input={self.decay_input}")
+        return (f"{lead}, v_threshold={self.v_threshold:g}, v_reset={self.v_reset}, "
+                f"detach_reset={self.detach_reset}, "
                 f"surrogate={self.surrogate}({self.surrogate_alpha:g})")
+
+
+def check_if_settings(who: str, tau, decay, decay_input) -> None:
+    """neuron='if' has no leak: an explicit tau, decay or decay_input=True is a mistake."""
+    given = [f"{k}={v!r}" for k, v in (("tau", tau), ("decay", decay)) if v is not None]
+    if decay_input:
+        given.append("decay_input=True")
+    if given:
+        raise ValueError(f"{who}: neuron='if' has no leak (H = V + X) and takes no tau, decay or "
+                         f"decay_input=True; drop them or use neuron='lif', got "
+                         f"{', '.join(given)}")
 
 
 def _check_input(x: torch.Tensor, rank: int, layout: str, channels: int, cdim: int,
@@ -251,18 +307,22 @@ class BinSpikeConv2d(_MaskedSignWeight):
     """Masked sign-weight Conv2d (+BN) + multi-step LIF. Input [T, N, C_in, H, W] spikes (or real
     images with ``input='real'``); output [T, N, C_out, H', W'] spikes in the input's dtype.
 
+    The neuron is SpikingJelly's LIFNode (tau=None: 2.0, decay_input=None: True) or, with
+    ``neuron="if"``, its IFNode (H = V + X; takes no tau, decay or decay_input), NeuronConfig.
+
     ``forward(x, residual=None)``: ``residual`` is a real current [T, N, C_out, H', W'] added
     before the neuron (ResNet blocks).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair,
                  stride: _IntOrPair = 1, padding: _IntOrPair = 0, *, prune_rate: float = 0.5,
-                 tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
+                 tau: Optional[float] = None, decay_input: Optional[bool] = None,
+                 v_threshold: float = 1.0,
                  v_reset: Optional[float] = 0.0, detach_reset: bool = False,
                  surrogate: str = "atan", surrogate_alpha: float = 2.0, bn: bool = False,
                  input: str = "spike", backend: str = "auto", decay: Optional[float] = None,
                  bn_affine: bool = False, bn_eps: float = 1e-5, bn_momentum: float = 0.1,
-                 per_channel_gain: bool = False):
+                 per_channel_gain: bool = False, neuron: str = "lif"):
         k = _square(kernel_size, "kernel_size")
         if k < 1:
             raise ValueError("kernel_size must be >= 1")
@@ -276,7 +336,8 @@ class BinSpikeConv2d(_MaskedSignWeight):
             raise ValueError("stride must be >= 1")
         self.padding = _square(padding, "padding")
         self.neuron = NeuronConfig(tau, decay_input, v_threshold, v_reset, detach_reset,
-                                   surrogate, surrogate_alpha, decay, type(self).__name__)
+                                   surrogate, surrogate_alpha, decay, type(self).__name__,
+                                   neuron)
         self.input = input
         self.backend = backend
         self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum,
@@ -307,22 +368,25 @@ class BinSpikeConv2d(_MaskedSignWeight):
 
 
 class BinSpikeLinear(_MaskedSignWeight):
-    """Masked sign-weight Linear (+BN) + multi-step LIF. Input [T, N, F] -> spikes [T, N, O]."""
+    """Masked sign-weight Linear (+BN) + multi-step LIF (or IF, ``neuron="if"``, as
+    BinSpikeConv2d). Input [T, N, F] -> spikes [T, N, O]."""
 
     def __init__(self, in_features: int, out_features: int, *, prune_rate: float = 0.5,
-                 tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
+                 tau: Optional[float] = None, decay_input: Optional[bool] = None,
+                 v_threshold: float = 1.0,
                  v_reset: Optional[float] = 0.0, detach_reset: bool = False,
                  surrogate: str = "atan", surrogate_alpha: float = 2.0, bn: bool = False,
                  input: str = "spike", backend: str = "auto", decay: Optional[float] = None,
                  bn_affine: bool = False, bn_eps: float = 1e-5, bn_momentum: float = 0.1,
-                 per_channel_gain: bool = False):
+                 per_channel_gain: bool = False, neuron: str = "lif"):
         if input not in ("spike", "real"):
             raise ValueError(f"input must be 'spike' or 'real', got {input!r}")
         C.check_backend(backend)
         super().__init__((out_features, in_features), prune_rate, per_channel_gain)
         self.in_features, self.out_features = in_features, out_features
         self.neuron = NeuronConfig(tau, decay_input, v_threshold, v_reset, detach_reset,
-                                   surrogate, surrogate_alpha, decay, type(self).__name__)
+                                   surrogate, surrogate_alpha, decay, type(self).__name__,
+                                   neuron)
         self.input = input
         self.backend = backend
         self.bn = nn.BatchNorm1d(out_features, eps=bn_eps, momentum=bn_momentum,
@@ -384,16 +448,21 @@ class BinLinear(_MaskedSignWeight):
 
 
 class LIF(nn.Module):
-    """Stateless multi-step LIF neuron (SpikingJelly ``LIFNode``, step mode 'm'): [T, ...]."""
+    """Stateless multi-step LIF neuron (SpikingJelly ``LIFNode``, step mode 'm'): [T, ...].
 
-    def __init__(self, tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
-                 v_reset: Optional[float] = 0.0, detach_reset: bool = False,
-                 surrogate: str = "atan", surrogate_alpha: float = 2.0, *,
-                 decay: Optional[float] = None, backend: str = "auto"):
+    ``neuron="if"`` makes it SpikingJelly's ``IFNode`` (H = V + X; no tau, decay or
+    decay_input). tau=None is SpikingJelly's 2.0 and decay_input=None its True (LIF)."""
+
+    def __init__(self, tau: Optional[float] = None, decay_input: Optional[bool] = None,
+                 v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
+                 detach_reset: bool = False, surrogate: str = "atan",
+                 surrogate_alpha: float = 2.0, *, decay: Optional[float] = None,
+                 backend: str = "auto", neuron: str = "lif"):
         super().__init__()
         C.check_backend(backend)
         self.neuron = NeuronConfig(tau, decay_input, v_threshold, v_reset, detach_reset,
-                                   surrogate, surrogate_alpha, decay, type(self).__name__)
+                                   surrogate, surrogate_alpha, decay, type(self).__name__,
+                                   neuron)
         self.backend = backend
 
     def extra_repr(self) -> str:

@@ -49,6 +49,7 @@ from ._schemas import SURROGATES
 from .layers import (
     LIF,
     MODES,
+    NEURONS,
     BinConv2d,
     BinLinear,
     BinSpikeConv2d,
@@ -56,6 +57,7 @@ from .layers import (
     SignActivation,
     SpikeMaxPool2d,
     _MaskedSignWeight,
+    check_if_settings,
 )
 
 __all__ = [
@@ -269,8 +271,10 @@ class _Builder:
     def __init__(self, opts: dict, prune_rate: float):
         self.o = opts
         self.prune_rate = prune_rate
-        self.neuron = {k: opts[k] for k in ("tau", "decay_input", "v_threshold", "v_reset",
-                                             "detach_reset", "surrogate", "surrogate_alpha")}
+        keys = ("v_threshold", "v_reset", "detach_reset", "surrogate", "surrogate_alpha")
+        if opts["neuron"] == "lif":
+            keys = ("tau", "decay_input") + keys  # IF has no leak settings (NeuronConfig)
+        self.neuron = {"neuron": opts["neuron"], **{k: opts[k] for k in keys}}
 
     def _bn2d(self, c: int) -> nn.Module | None:
         return nn.BatchNorm2d(c, affine=self.o["bn_affine"]) if self.o["bn"] else None
@@ -471,7 +475,8 @@ def _pos_int(v, name: str) -> int:
 
 
 _OPTION_DEFAULTS = dict(
-    tau=None, decay=None, decay_input=False, v_threshold=1.0, v_reset=0.0, detach_reset=True,
+    neuron="lif", tau=None, decay=None, decay_input=False, v_threshold=1.0, v_reset=0.0,
+    detach_reset=True,
     surrogate="atan", surrogate_alpha=2.0, bn=True, bn_affine=False, binarize_first_last=True,
     backend="auto", per_channel_gain=False,
 )
@@ -484,11 +489,18 @@ def _resolve_options(options: dict) -> dict:
         raise ValueError(f"unknown option(s) {unknown}; valid options are "
                          f"{sorted(_OPTION_DEFAULTS)}")
     o = {**_OPTION_DEFAULTS, **options}
-    if o["tau"] is not None and o["decay"] is not None:
-        raise ValueError("give either tau or decay (lambda = 1 - 1/tau), not both")
-    if o["tau"] is None and o["decay"] is None:
-        o["decay"] = _PAPER_DECAY
-    o["tau"] = C.resolve_tau(o["tau"] if o["tau"] is not None else 2.0, o.pop("decay"), "build")
+    if o["neuron"] not in NEURONS:
+        raise ValueError(f"neuron must be one of {NEURONS}, got {o['neuron']!r}")
+    if o["neuron"] == "if":
+        # no leak: tau stays None in the build config (JSON has no +inf; NeuronConfig sets it)
+        check_if_settings("build", o["tau"], o.pop("decay"), o["decay_input"])
+    else:
+        if o["tau"] is not None and o["decay"] is not None:
+            raise ValueError("give either tau or decay (lambda = 1 - 1/tau), not both")
+        if o["tau"] is None and o["decay"] is None:
+            o["decay"] = _PAPER_DECAY
+        o["tau"] = C.resolve_tau(o["tau"] if o["tau"] is not None else 2.0, o.pop("decay"),
+                                 "build")
     if o["surrogate"] not in SURROGATES:
         raise ValueError(f"surrogate must be one of {tuple(SURROGATES)}, got {o['surrogate']!r}")
     C.check_backend(o["backend"])
@@ -515,7 +527,9 @@ def build(arch: str, variant: str, *, num_classes: int = 10, in_channels: int = 
             for scikit-learn digits); FC sizes follow from them.
         timesteps: T of the spiking variants (ignored by ann / bnn).
         prune_rate: fraction of weights removed by the mask (bnn / binwslt).
-        **neuron_options: ``tau`` or ``decay`` (lambda = 1 - 1/tau; default the paper's 0.99),
+        **neuron_options: ``neuron`` ('lif', or 'if': SpikingJelly's IFNode, H = V + X, which
+            takes no tau, decay or decay_input=True),
+            ``tau`` or ``decay`` (lambda = 1 - 1/tau; default the paper's 0.99),
             ``decay_input`` (False), ``v_threshold`` (1.0), ``v_reset`` (0.0; None = soft reset),
             ``detach_reset`` (True), ``surrogate`` ('atan'), ``surrogate_alpha`` (2.0), ``bn``
             (True: BN before every activation), ``bn_affine`` (False, as biprop),

@@ -326,7 +326,7 @@ def _neuron_kwargs(tau, decay_input, v_threshold, v_reset, detach_reset=False, s
 def bn_lif_reference(z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold,
                      v_reset):
     """Schema ``binslt::bn_lif``. z: [T, N, C, *] -> (spikes like z, mean [C], var [C])."""
-    C.check_scalars("bn_lif", tau, v_threshold, v_reset, bn_eps)
+    C.check_scalars("bn_lif", tau, decay_input, v_threshold, v_reset, bn_eps)
     # The vectors are checked, then follow z's dtype: float32 (as every kernel computes) for
     # schema calls, float64 where the reference serves as the oracle.
     C.check_bn_lif("bn_lif", z, residual, scale=scale, shift=shift)
@@ -356,7 +356,7 @@ def bn_lif_bwd_reference(grad_spikes, z, scale, shift, mean, var, residual, bn_t
                          surrogate_alpha):
     """Schema ``binslt::bn_lif_bwd``: (grad_z, grad_current, grad_scale, grad_shift)."""
     op = "bn_lif_bwd"
-    C.check_scalars(op, tau, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
+    C.check_scalars(op, tau, decay_input, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
     # The reference recomputes the batch statistics from z, so as the float64 oracle it also
     # takes mean = var = None; given ones are checked like on every backend.
     stats = {k: v for k, v in (("mean", mean), ("var", var)) if v is not None}
@@ -400,7 +400,7 @@ def bconv_lif_reference(x_packed, w_mask, w_pos, alpha, scale, shift, residual, 
                         bn_train, bn_eps, tau, decay_input, v_threshold, v_reset):
     """Schema ``binslt::bconv_lif`` -> (spikes, counts, mean, var)."""
     op = "bconv_lif"
-    C.check_scalars(op, tau, v_threshold, v_reset, bn_eps)
+    C.check_scalars(op, tau, decay_input, v_threshold, v_reset, bn_eps)
     a = _check_packed_bconv(op, x_packed, T, w_mask, w_pos, alpha, scale, shift, residual,
                             stride, padding)
     return _bconv_lif(x_packed, w_mask, w_pos, a, residual, T, stride, padding, bn_train, bn_eps,
@@ -411,7 +411,7 @@ def bconv_lif_infer_reference(x, w_mask, w_pos, alpha, scale, shift, residual, s
                               tau, decay_input, v_threshold, v_reset):
     """Schema ``binslt::bconv_lif_infer`` -> spikes (bconv_lif's, eval epilogue)."""
     op = "bconv_lif_infer"
-    C.check_scalars(op, tau, v_threshold, v_reset)
+    C.check_scalars(op, tau, decay_input, v_threshold, v_reset)
     if x.dim() != 5:
         raise ValueError(f"binslt::{op}: x must be spikes [T, N, C, H, W], got shape "
                          f"{list(x.shape)}")
@@ -430,7 +430,7 @@ def bconv_lif_bwd_reference(grad_spikes, counts, x_packed, w_mask, w_pos, alpha,
     """Schema ``binslt::bconv_lif_bwd`` -> (grad_x, grad_weight, grad_current, grad_scale,
     grad_shift)."""
     op = "bconv_lif_bwd"
-    C.check_scalars(op, tau, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
+    C.check_scalars(op, tau, decay_input, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
     C.check_counts(op, counts)
     T = counts.shape[0]
     a = _check_packed_bconv(op, x_packed, T, w_mask, w_pos, alpha, scale, shift, residual,

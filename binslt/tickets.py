@@ -117,7 +117,7 @@ def _layer_record(m: _MaskedSignWeight) -> dict[str, Any]:
                            "per_channel_gain": m.per_channel_gain, "prune_rate": m.prune_rate}
     if isinstance(m, (BinSpikeConv2d, BinSpikeLinear)):
         rec["input"] = m.input
-        rec["neuron"] = m.neuron.kwargs()
+        rec["neuron"] = m.neuron.record()  # JSON values: an IF record has no tau (+inf)
         rec["packed_inference"] = m.input == "spike"
     else:
         rec["packed_inference"] = False
@@ -392,11 +392,8 @@ def load_ticket(path: PathLike, *, device: Union[str, torch.device] = "cpu",
         rec = info["layers"][n]
         if "neuron" in rec and hasattr(m, "neuron"):
             try:
-                for k, v in rec["neuron"].items():
-                    if not hasattr(m.neuron, k):
-                        raise KeyError(k)
-                    setattr(m.neuron, k, v)
-            except (KeyError, AttributeError, TypeError) as exc:
+                m.neuron.load_record(rec["neuron"])
+            except (KeyError, AttributeError, TypeError, ValueError) as exc:
                 raise TicketError(f"{p}: bad neuron settings for layer {n!r} ({exc})") from None
     model.eval()
     model.ticket_info = info  # type: ignore[attr-defined]

@@ -96,7 +96,12 @@ NAN, INF = math.nan, math.inf
 def _scalar_rows(names):
     """(case id, changes, exception, message) for the scalar rows that apply to an op."""
     table = {
-        "tau": [(v, "tau must be finite and > 0, got ") for v in (0.0, -1.0, NAN, INF)],
+        "tau": [(v, "tau must be finite and > 0 (or +inf with decay_input=False: IF), got ")
+                for v in (0.0, -1.0, NAN, -INF)]
+        # the base arguments have decay_input=True: +inf there would be H = V
+        + [(INF, "tau=inf (an IF neuron, no leak) needs decay_input=False: with "
+                 "decay_input=True H = V and the input never reaches the neuron, got "
+                 "decay_input=True")],
         "v_threshold": [(v, "v_threshold must be finite, got ") for v in (NAN, INF)],
         "v_reset": [(v, "v_reset must be None (soft reset) or finite, got ") for v in (NAN, -INF)],
         "bn_eps": [(v, "bn_eps must be finite and > 0, got ") for v in (0.0, -1e-5, NAN)],
@@ -312,7 +317,8 @@ def test_prune_rate_check_is_one_message(where):
 def test_layer_tau_uses_the_op_rule(tau):
     with pytest.raises(ValueError) as ei:
         binslt.BinSpikeConv2d(4, 3, 3, tau=tau)
-    assert str(ei.value).startswith("binslt::BinSpikeConv2d: tau must be finite and > 0, got ")
+    assert str(ei.value).startswith("binslt::BinSpikeConv2d: tau must be finite and > 0 (or "
+                                    "+inf with decay_input=False: IF), got ")
     with pytest.raises(ValueError, match=r"tau must be >= 1 \(lambda"):
         binslt.BinSpikeLinear(4, 3, tau=0.5)  # a layer also needs SpikingJelly's tau >= 1
 
@@ -326,3 +332,63 @@ def test_shared_rules():
         want = torch.nn.functional.conv2d(torch.zeros(1, 1, h, h + 1),
                                           torch.zeros(1, 1, k, k), stride=s, padding=p).shape
         assert C.out_hw(h, h + 1, k, k, s, p) == tuple(want[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# tau = +inf with decay_input=False: the IF neuron (H = V + X), accepted by every op
+# ---------------------------------------------------------------------------------------------
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
+    return a == b
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", sorted(ARGS))
+def test_tau_inf_without_decay_input_is_accepted(backend, op):
+    """Every op runs tau=inf when decay_input is False, and gives the reference's result."""
+    gen = torch.Generator().manual_seed(3)
+    args = ARGS[op]()
+    args.update(tau=INF, decay_input=False)
+    for k in ("z", "grad_spikes"):  # a current that fires, and a gradient that flows
+        if k in args:
+            args[k] = torch.randn(args[k].shape, generator=gen) + 0.8
+    got = _call(op, backend, list(args.values()))
+    assert _same(got, _call(op, "torch", list(args.values())))
+
+
+@pytest.mark.parametrize("where", ["NeuronConfig", "BinSpikeConv2d", "BinSpikeLinear", "LIF",
+                                   "build"])
+@pytest.mark.parametrize("given, text", [(dict(tau=2.0), "tau=2.0"), (dict(decay=0.9), "decay=0.9"),
+                                         (dict(decay_input=True), "decay_input=True")])
+def test_if_refuses_leak_settings(where, given, text):
+    calls = {
+        "NeuronConfig": lambda: binslt.layers.NeuronConfig(neuron="if", who="NeuronConfig",
+                                                           **given),
+        "BinSpikeConv2d": lambda: binslt.BinSpikeConv2d(4, 3, 3, neuron="if", **given),
+        "BinSpikeLinear": lambda: binslt.BinSpikeLinear(4, 3, neuron="if", **given),
+        "LIF": lambda: binslt.LIF(neuron="if", **given),
+        "build": lambda: M.build("conv4", "binwslt", neuron="if", **given),
+    }
+    with pytest.raises(ValueError) as ei:
+        calls[where]()
+    assert str(ei.value) == (f"{where}: neuron='if' has no leak (H = V + X) and takes no tau, "
+                             f"decay or decay_input=True; drop them or use neuron='lif', got "
+                             f"{text}")
+
+
+def test_if_neuron_names():
+    with pytest.raises(ValueError, match=r"neuron must be one of \('lif', 'if'\), got 'IF'"):
+        binslt.BinSpikeConv2d(4, 3, 3, neuron="IF")
+    with pytest.raises(ValueError, match=r"neuron must be one of \('lif', 'if'\), got 'alif'"):
+        M.build("conv4", "snn", neuron="alif")
+    # a layer says IF as neuron="if", not as tau=inf
+    with pytest.raises(ValueError, match=r"tau=inf is the IF neuron .*neuron='if'"):
+        binslt.BinSpikeConv2d(4, 3, 3, tau=INF, decay_input=False)
+    cfg = binslt.layers.NeuronConfig(neuron="if", decay_input=False)  # False is harmless
+    assert (cfg.tau, cfg.decay_input, cfg.neuron) == (INF, False, "if")
+    assert "neuron=IF" in repr(binslt.LIF(neuron="if")) and "tau" not in repr(binslt.LIF(neuron="if"))

@@ -38,9 +38,21 @@ inline int64_t out_size(int64_t in, int64_t k, int64_t stride, int64_t padding) 
 // Scalars
 // ---------------------------------------------------------------------------------------------
 
-inline void check_tau(const char* op, double tau) {
+// tau > 0 and finite (LIF), or +inf with decay_input = false: the IF neuron, H = V + X. +inf runs
+// through the LIF arithmetic unchanged ((V - V_r) / inf is a signed zero, so H = V - 0 + X = V + X
+// exactly; the BPTT carry 1 - 1/inf is 1; dH/dX is 1). With decay_input = true it would be H = V:
+// the input never reaches the neuron.
+inline void check_tau(const char* op, double tau, bool decay_input) {
+  if (std::isinf(tau) && tau > 0.0) {
+    TORCH_CHECK_VALUE(!decay_input, "binslt::", op,
+                      ": tau=inf (an IF neuron, no leak) needs decay_input=False: with "
+                      "decay_input=True H = V and the input never reaches the neuron, got "
+                      "decay_input=True");
+    return;
+  }
   TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0.0, "binslt::", op,
-                    ": tau must be finite and > 0, got ", tau);
+                    ": tau must be finite and > 0 (or +inf with decay_input=False: IF), got ",
+                    tau);
 }
 
 inline void check_bn_eps(const char* op, double bn_eps) {
@@ -65,7 +77,7 @@ inline NeuronParams checked_neuron(const char* op, double tau, bool decay_input,
                                    double v_threshold, std::optional<double> v_reset,
                                    bool detach_reset = false, int64_t surrogate = 0,
                                    double surrogate_alpha = 2.0) {
-  check_tau(op, tau);
+  check_tau(op, tau, decay_input);
   TORCH_CHECK_VALUE(std::isfinite(v_threshold), "binslt::", op,
                     ": v_threshold must be finite, got ", v_threshold);
   TORCH_CHECK_VALUE(!v_reset.has_value() || std::isfinite(*v_reset), "binslt::", op,

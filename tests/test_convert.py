@@ -261,3 +261,142 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="backend"):
         convert(net, backend="gpu")
     assert binslt.convert is convert
+
+
+# ---------------------------------------------------------------------------------------------
+# binslt search --model FILE.py:FACTORY
+# ---------------------------------------------------------------------------------------------
+
+USER_MODEL = '''
+from torch import nn
+from spikingjelly.activation_based import layer, neuron, surrogate
+
+
+def lif():
+    return neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), detach_reset=True)
+
+
+class Block(nn.Module):
+    """A residual block in the user's own forward: bn(conv(x)) + x -> neuron."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = layer.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = layer.BatchNorm2d(c)
+        self.sn = lif()
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        out = out + x
+        return self.sn(out)
+
+
+def small(num_classes=10):
+    return nn.Sequential(
+        layer.Conv2d(1, 8, 3, padding=1), layer.BatchNorm2d(8), lif(), Block(8),
+        layer.MaxPool2d(2), layer.Flatten(), layer.Linear(8 * 4 * 4, num_classes))
+
+
+def not_a_model():
+    return 3
+'''
+
+TINY_RUN = ["--train-subset", "96", "--test-subset", "48", "--batch-size", "32", "--epochs",
+            "2", "--no-progress"]
+
+
+def _run_cli(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "binslt", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def user_model_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("user") / "my_model.py"
+    path.write_text(USER_MODEL)
+    return path
+
+
+def test_search_model_end_to_end_and_resume_after_kill(user_model_file, tmp_path, capsys):
+    import json
+
+    from binslt import cli
+
+    spec = f"{user_model_file}:small"
+    out = tmp_path / "run"
+    assert cli.main(["search", "--model", spec, "--input-shape", "1,8,8", *TINY_RUN,
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "BinSpikeConv2d" in printed and "residual" in printed  # the report is printed
+    report = (out / "report.txt").read_text()
+    assert "3.conv + 3.bn + 3.sn -> BinSpikeConv2d" in report and "residual" in report
+    rj = json.loads((out / "report.json").read_text())
+    assert [c["new"] for c in rj["converted"]] == ["BinSpikeConv2d", "BinSpikeConv2d",
+                                                  "BinLinear"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["model"] == spec and res["arch"] == "custom"
+    assert (out / "ticket.safetensors").is_file()
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    bc = ck["build_config"]
+    assert bc["factory"].endswith("my_model.py:small") and bc["input_shape"] == [1, 8, 8]
+
+    # reloading rebuilds the model from the recorded factory: eval of the run and the ticket
+    from binslt.artifacts import load_model
+    from binslt.tickets import load_ticket
+
+    model, _ = load_model(out)
+    ticket = load_ticket(out / "ticket.safetensors", backend="torch")
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ticket(x), model(x), rtol=1e-5, atol=1e-5)
+    assert cli.main(["eval", str(out / "ticket.safetensors")]) == 0
+
+    # killed in the middle of epoch 2, resumed: the same run
+    crashed = tmp_path / "crashed"
+    r = _run_cli("search", "--model", spec, *TINY_RUN, "--out", crashed,
+                 "--_crash-after-batches", "2:2")
+    assert r.returncode == 17, r.stderr
+    assert cli.main(["search", "--model", spec, *TINY_RUN, "--out", str(crashed),
+                     "--resume"]) == 0
+    a = ck["model"]
+    b = torch.load(crashed / "checkpoint.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra = json.loads((crashed / "results.json").read_text())
+    assert (ra["test_acc"], ra["best_test_acc"]) == (res["test_acc"], res["best_test_acc"])
+
+
+def test_search_model_errors_name_the_file(user_model_file, tmp_path, capsys):
+    from binslt import cli
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("import torch\nraise RuntimeError('no such layer')\n")
+    cases = [
+        (f"{tmp_path / 'missing.py'}:small", "no such file"),
+        (f"{broken}:small", "fails to import (RuntimeError: no such layer)"),
+        (f"{user_model_file}:nothing", "has no function 'nothing'"),
+        (f"{user_model_file}:not_a_model", "returned a int, not a SpikingJelly model"),
+        (str(user_model_file), "FILE.py:FACTORY"),
+    ]
+    for spec, msg in cases:
+        assert cli.main(["search", "--model", spec, *TINY_RUN, "--out",
+                         str(tmp_path / "x")]) == 2, spec
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0] and "Traceback" not in lines[0], lines
+        if "FILE.py" not in msg:
+            assert spec.split(":")[0].rsplit("/", 1)[-1] in lines[0]
+    assert cli.main(["search", "--model", f"{user_model_file}:small", "--input-shape", "1,9,9",
+                     *TINY_RUN, "--out", str(tmp_path / "y")]) == 2
+    assert "does not match the dataset's images (1,8,8)" in capsys.readouterr().err
+    assert cli.main(["search", "--model", f"{user_model_file}:small", "--arch", "vgg9",
+                     *TINY_RUN, "--out", str(tmp_path / "z")]) == 2
+    assert "exclude each other" in capsys.readouterr().err

@@ -271,3 +271,43 @@ def test_search_step_on_every_backend(backend, device, nkind):
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
     for (na, a), (_, b) in zip(conv.named_parameters(), ref.named_parameters()):
         assert_close_rel(a.detach(), b.detach(), 1e-4, na)
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/network.py --arch sj-resnet18
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_network_benchmark_sj_resnet18_quick(tmp_path):
+    """The converted zoo ResNet-18 against the unconverted one: every mode runs, the ticket
+    reproduces the exported network, the step changes the scores (no timing is judged)."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "network.py"), "--quick",
+                        "--arch", "sj-resnet18", "--threads", "1", "--no-plot", "--out",
+                        str(tmp_path)], env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (path,) = tmp_path.glob("network_cpu-*.csv")
+    lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("#")]
+    rows = list(csv.DictReader(lines))
+    got = {(r["mode"], r["candidate"]) for r in rows}
+    assert {("search", "sj-dense"), ("eval", "sj-dense"), ("eval", "sj-dense-compiled"),
+            ("memory", "sj-dense"), ("memory", "sj-memopt")} <= got
+    assert not any(c == "sj-biprop" for _, c in got)
+    for row in rows:
+        assert row["arch"] == "sj-resnet18"
+        if row["candidate"] != "sj-dense-compiled":  # a compile failure is recorded, not fatal
+            assert row["error"] == "", row
+        if row["mode"] == "search":
+            assert 0.0 < float(row["check"]) <= 1.0
+        if row["mode"] == "eval" and row["candidate"].startswith("binslt-"):
+            assert float(row["check"]) < 1e-4
+        if row["mode"] == "memory":
+            assert float(row["bytes"]) > 0

@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Whole networks: binslt's BinW-SLT search step, frozen-ticket eval and training memory against
-SpikingJelly, for the paper's Conv-4, VGG-11 and ResNet-19 at CIFAR shape (32x32x3, 10 classes).
+SpikingJelly, for the paper's Conv-4, VGG-11 and ResNet-19 at CIFAR shape (32x32x3, 10 classes),
+and ``sj-resnet18``: SpikingJelly's own zoo ``spiking_resnet18`` (paper neuron) converted by
+``binslt.convert`` (``build_user_model``, as ``binslt search --model`` does) against the same
+model unconverted (sj-dense, sj-dense-compiled, sj-memopt over its residual blocks; no sj-biprop).
 
 Modes (each candidate on the same random CIFAR-shaped batch, in one run):
 
@@ -74,11 +77,19 @@ from common import (  # noqa: E402
     write_csv,
 )
 
-ARCHS = ("conv4", "vgg11", "resnet19")
+#: sj-resnet18: SpikingJelly's own zoo spiking_resnet18, converted by binslt.convert (the binslt
+#: candidates) against the same model unconverted (the sj-* anchors); no sj-biprop anchor.
+SJ_ARCH = "sj-resnet18"
+ARCHS = ("conv4", "vgg11", "resnet19", SJ_ARCH)
 MODES = ("search", "eval", "memory")
 ANCHORS = {"search": ("sj-dense", "sj-biprop"),
            "eval": ("sj-dense", "sj-dense-compiled"),
            "memory": ("sj-dense", "sj-memopt")}
+
+
+def anchors(arch: str, mode: str) -> tuple[str, ...]:
+    """The SpikingJelly candidates of ``arch`` in ``mode``."""
+    return tuple(a for a in ANCHORS[mode] if not (arch == SJ_ARCH and a == "sj-biprop"))
 COLUMNS = ["arch", "mode", "candidate", "backend", "N", "T", "ms", "bytes", "ref", "ratio",
            "peak_kind", "check", "detail", "error"]
 CHILD_TAG = "NETBENCH_MEMORY "
@@ -100,6 +111,16 @@ def build_binslt(arch: str, args, backend: str, device):
     import binslt.models as models
 
     torch.manual_seed(args.seed)
+    if arch == SJ_ARCH:
+        import sj_models
+
+        from binslt.convert import build_user_model
+
+        net = build_user_model(f"{Path(sj_models.__file__).resolve()}:sj_resnet18",
+                               num_classes=10, input_shape="3,32,32",
+                               timesteps=args.timesteps, prune_rate=args.prune_rate,
+                               backend=backend)
+        return models.set_mode(net, "search").to(device)
     net = models.build(arch, "binwslt", num_classes=10, in_channels=3, input_size=32,
                        timesteps=args.timesteps, prune_rate=args.prune_rate, decay=0.99,
                        decay_input=False, v_threshold=1.0, v_reset=0.0, detach_reset=True,
@@ -111,9 +132,13 @@ def build_binslt(arch: str, args, backend: str, device):
 def build_anchor(arch: str, args, masked: bool, device, like=None):
     """SpikingJelly's ``arch``; checked against binslt's layout (``like``: copy its init)."""
     import torch
-    from sj_models import build_sj, check_same_layout, copy_init
+    from sj_models import SJImages, build_sj, check_same_layout, copy_init, sj_resnet18
 
     torch.manual_seed(args.seed)
+    if arch == SJ_ARCH:
+        if masked:
+            raise ValueError(f"{SJ_ARCH} has no sj-biprop anchor")
+        return SJImages(sj_resnet18(10), args.timesteps).to(device)
     net = build_sj(arch, masked=masked, timesteps=args.timesteps, prune_rate=args.prune_rate)
     if like is not None:
         check_same_layout(like, net, arch)
@@ -200,7 +225,8 @@ def run_search(arch: str, args, backends, device, x, y) -> list[dict]:
             m.load_state_dict(first.state_dict())
         models_[f"binslt-{be}"] = (be, m)
     models_["sj-dense"] = ("", build_anchor(arch, args, False, device, like=first))
-    models_["sj-biprop"] = ("", build_anchor(arch, args, True, device, like=first))
+    if "sj-biprop" in anchors(arch, "search"):
+        models_["sj-biprop"] = ("", build_anchor(arch, args, True, device, like=first))
     steps, checks = {}, {}
     for name, (_, m) in models_.items():
         m.train()
@@ -283,7 +309,8 @@ def _no_grad_call(model, x):
 
 def run_memory(arch: str, args, backends, device) -> list[dict]:
     """Each candidate in its own fresh process; ``--memory-jobs`` of them at a time."""
-    cands = [(f"binslt-{be}", be) for be in backends] + [(a, "") for a in ANCHORS["memory"]]
+    cands = [(f"binslt-{be}", be) for be in backends] + [(a, "") for a in
+                                                         anchors(arch, "memory")]
     results: dict[str, dict] = {}
     for i in range(0, len(cands), args.memory_jobs):
         batch = cands[i:i + args.memory_jobs]
@@ -347,11 +374,12 @@ def memory_child(cfg: dict) -> int:
         detail = ""
         if name == "sj-memopt":
             import torch.nn.functional as F
-            from sj_models import LAYER_TYPES
+            from sj_models import LAYER_TYPES, sj_resnet18_block_types
             from spikingjelly.activation_based.memopt import optimize_memory
 
             level = cfg["memopt_level"]
-            optimize_memory(model, LAYER_TYPES,
+            types = sj_resnet18_block_types() if arch == SJ_ARCH else LAYER_TYPES
+            optimize_memory(model, types,
                             example_forward=lambda m: F.cross_entropy(m(x), y), level=level)
             wrapped = [m for m in model.modules() if hasattr(m, "_checkpoint_wrapped_module")]
             packed = sum(getattr(getattr(m, "checkpoint_fn", None), "keywords", {})

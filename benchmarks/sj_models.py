@@ -311,3 +311,49 @@ def copy_init(src: nn.Module, dst: nn.Module) -> None:
     for m, n in zip(a, b):
         n.weight.copy_(m.weight)
         n.scores.copy_(m.scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# SpikingJelly's own ResNet-18 (network.py's sj-resnet18)
+# ---------------------------------------------------------------------------------------------
+
+
+def sj_resnet18(num_classes: int = 10) -> nn.Module:
+    """SpikingJelly's zoo ``spiking_resnet18`` with the paper's neuron (LIFNode tau=100,
+    decay_input=False, hard reset 0, ATan(2), detach_reset), step mode 'm'. The benchmark's
+    binslt side converts this same factory with ``binslt.convert.build_user_model`` (what
+    ``binslt search --model benchmarks/sj_models.py:sj_resnet18`` does)."""
+    import_spikingjelly()
+    from spikingjelly.activation_based import functional, neuron, surrogate
+    from spikingjelly.activation_based.model import spiking_resnet
+
+    net = spiking_resnet.spiking_resnet18(
+        spiking_neuron=neuron.LIFNode, num_classes=num_classes, tau=PAPER_TAU,
+        decay_input=False, v_threshold=1.0, v_reset=0.0, detach_reset=True,
+        surrogate_function=surrogate.ATan())
+    functional.set_step_mode(net, "m")
+    return net
+
+
+def sj_resnet18_block_types() -> tuple:
+    """The zoo ResNet's per-block modules (what memopt checkpoints)."""
+    from spikingjelly.activation_based.model import spiking_resnet
+
+    return (spiking_resnet.BasicBlock,)
+
+
+class SJImages(nn.Module):
+    """An unconverted SpikingJelly model on images: [N, C, H, W] repeated over T (direct
+    encoding), run from a reset state, its [T, N, K] output averaged over T."""
+
+    def __init__(self, net: nn.Module, timesteps: int):
+        super().__init__()
+        self.net = net
+        self.timesteps = timesteps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from spikingjelly.activation_based import functional
+
+        functional.reset_net(self.net)
+        y = self.net(x.unsqueeze(0).repeat(self.timesteps, 1, 1, 1, 1))
+        return y.mean(0)

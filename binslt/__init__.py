@@ -14,7 +14,7 @@ from ._ext import backends  # noqa: E402
 
 # Eager (cheap: torch and .layers only): importing the binslt.convert submodule would otherwise
 # bind the *module* to `binslt.convert` and shadow the lazily returned function.
-from .convert import convert  # noqa: E402
+from .convert import convert, to_spikingjelly  # noqa: E402
 from .layers import (  # noqa: E402
     LIF,
     BinConv2d,
@@ -40,6 +40,7 @@ __all__ = [
     "ops",
     "reference",
     "to_nir",
+    "to_spikingjelly",
     "use_backend",
     "__version__",
 ]

@@ -225,6 +225,10 @@ def rebuild_model(build_config: dict[str, Any], backend: str | None = None, *,
     if backend is not None:
         kw["backend"] = backend
     try:
+        if "factory" in kw:  # a `binslt search --model` run: the user's model, converted again
+            from .convert import build_user_model
+
+            return build_user_model(**kw)
         return models.build(**kw)
     except (ValueError, TypeError) as exc:
         where = repr(str(path)) if path is not None else "the saved model"

@@ -1,66 +1,231 @@
 """Conversion of a user's SpikingJelly model into a BinW-SLT search model.
 
-``convert(model, prune_rate=...)`` walks every ``nn.Sequential`` in the model (recursively) and
-replaces each run
+``convert(model, prune_rate=..., example_input=...)`` finds every conv / linear whose output
+reaches a spiking neuron through an optional BatchNorm and an optional residual add, and fuses
+the three into one masked sign-weight layer:
 
-* ``Conv2d`` [+ ``BatchNorm2d``] + ``LIFNode``  ->  ``BinSpikeConv2d``
-* ``Linear`` [+ ``BatchNorm1d``] + ``LIFNode``  ->  ``BinSpikeLinear``
+* ``Conv2d`` [+ ``BatchNorm2d``] [+ residual] + ``LIFNode`` / ``IFNode`` -> ``BinSpikeConv2d``
+* ``Linear`` [+ ``BatchNorm1d``] [+ residual] + ``LIFNode`` / ``IFNode`` -> ``BinSpikeLinear``
 
-where the conv / linear / BN may be SpikingJelly layers in step mode 'm', plain ``torch.nn``
-layers, or ``torch.nn`` layers wrapped in a ``layer.SeqToANNContainer`` (SpikingJelly's idiom for
-multi-step models), and the ``LIFNode`` is a plain ``neuron.LIFNode`` in step mode 'm'. The new
-layer carries the neuron settings (tau, decay_input, v_threshold, v_reset, detach_reset, the ATan
-or Sigmoid surrogate and its alpha), the original weights as the frozen ``w`` (search mode: fresh
-scores are trained) and the BN's running statistics, affine parameters, eps and momentum. It takes
-the place of the first replaced module; the others become ``nn.Identity`` so that the remaining
-module names (and state-dict keys) do not move.
+Every other conv / linear (1x1 shortcuts, the classifier, one in front of a neuron binslt does not
+model) becomes a masked sign layer without a neuron (``BinConv2d`` / ``BinLinear``), as biprop
+does for every layer, unless ``keep_dense`` names it. The conv / linear / BN may be SpikingJelly
+layers in step mode 'm', plain ``torch.nn`` layers, or ``torch.nn`` layers inside a
+``layer.SeqToANNContainer``.
 
-Everything else is left alone, and the report says why: a conv with a bias, groups or dilation
-other than 1, a non-square kernel / stride / padding, a non-zero padding mode, a ``LIFNode`` in
-single-step mode (the caller steps it over T and it carries state between calls) or holding state
-from an earlier call, a ``LIFNode`` that stores its membrane sequence, a surrogate other than
-ATan / Sigmoid, layers outside an ``nn.Sequential`` (their execution order is unknown), and a
-``Linear`` not followed by a neuron (typically the logits layer, which stays dense).
+How the graph is found. With ``example_input`` the model runs once (eval mode, no grad, states
+reset) while module hooks and a ``TorchFunctionMode`` record every module call and every tensor
+operation of the user's forward, each tensor known by its identity and version (so that an
+in-place ``out += identity`` counts as a new value). A chain is followed from each conv's output:
+the value must go to exactly one consumer at each step (a BN, a reshape, one add with a tensor of
+the same shape, then the neuron). Without ``example_input`` the fall-back looks only at runs of
+consecutive children of each ``nn.Sequential`` (no residuals), and the report says so.
 
-Input kind: the fused layers need to know whether their input is spikes ({0, 1}, the fast packed
-path) or real values (images; ``input='real'``). With ``example_input`` the original model is run
-once (eval mode, no grad, states reset) and each layer gets what it actually saw. Without it, the
-first converted layer in module order gets ``'real'`` (direct encoding) and the others
+How the user's forward is kept. The model stays the user's object with the user's ``forward``:
+modules are swapped at their paths, nothing is re-traced or generated.
+
+* direct chain (no residual; only the reshapes of the ``SeqToANNContainer`` idiom): the new layer
+  takes the conv's place (or its container's) and the BN and neuron become ``nn.Identity``, so
+  that the remaining module names and state-dict keys do not move;
+* staged chain (a residual add, or reshapes in the user's code): the conv's place gets a
+  parameter-free ``InputTap`` that keeps its input and returns zeros of the conv's output shape,
+  the BN becomes ``nn.Identity``, and the neuron's place gets a ``SpikeStage`` holding the new
+  layer. The user's ``out += identity`` then computes ``0 + identity`` (exact), and the stage calls
+  the layer with the kept input and ``residual=`` what arrived. It needs that no value of the
+  chain is used anywhere else, which the recorded run checks.
+
+Bias. A conv / linear bias is folded exactly: into the BN's running mean where a BN follows (in
+training the batch mean absorbs it), otherwise into a ``BiasShift``: an eval-only, frozen
+BatchNorm with scale 1 and shift ``b`` (running mean 0, variance 1, eps 0), which the fused
+epilogue applies as its per-channel shift. A ``BinLinear`` with a bias is followed by a ``Bias``
+module in an ``nn.Sequential``.
+
+Neurons. ``LIFNode`` and ``IFNode`` in step mode 'm' with the ATan or Sigmoid surrogate carry
+their settings over (IF needs a build whose layers take ``neuron='if'``). Other neuron types
+(``ParametricLIFNode`` with a learnt tau, ...) and unsupported settings are left alone and the
+report says why; their conv still becomes a ``BinConv2d``.
+
+Input kind: each fused layer's input is spikes ({0, 1}, the fast packed path) or real values
+(images, or the integers after a SEW spike-add; ``input='real'``), from what it saw in the example
+run. Without it, the first converted layer in module order gets ``'real'`` and the others
 ``'spike'``; a spike layer that receives non-binary input raises a ValueError naming the fix.
+
+``to_spikingjelly(model)`` turns a converted model (its ticket) back into a plain SpikingJelly
+model whose layers carry ``alpha * sign(w) * M``, rebuilt from meta-device copies of the original
+modules that ``convert`` keeps (no weights).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import math
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from . import _contract as C
-from .layers import BinSpikeConv2d, BinSpikeLinear
+from .layers import BinConv2d, BinLinear, BinSpikeConv2d, BinSpikeLinear, _MaskedSignWeight
 
-__all__ = ["ConversionReport", "convert"]
+__all__ = ["Bias", "BiasShift", "ConversionReport", "FactoryError", "InputTap", "SpikeStage",
+           "SpikingJellyRun", "build_user_model", "convert", "load_factory", "to_spikingjelly"]
 
 
 @dataclass
 class ConversionReport:
-    """What ``convert`` did. ``converted``: dicts with the replaced module paths, the new layer's
-    type and settings. ``skipped``: dicts ``{'path', 'type', 'reason'}`` for convs, linears and
-    LIF neurons left alone."""
+    """What ``convert`` did. ``converted``: dicts with the replaced module paths (first: the conv
+    or linear), the new layer's type (``new``) and settings. ``skipped``: dicts
+    ``{'path', 'type', 'reason'}`` for every conv, linear and spiking neuron left as it was.
+    ``method``: 'recorded run' or 'sequential' (the fall-back without ``example_input``)."""
 
     converted: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    method: str = "recorded run"
 
     def __str__(self) -> str:
-        lines = [f"converted {len(self.converted)} layer(s), left {len(self.skipped)} alone"]
+        lines = [f"converted {len(self.converted)} layer(s), left {len(self.skipped)} alone "
+                 f"(graph from: {self.method})"]
         for c in self.converted:
-            lines.append(f"  + {' + '.join(c['paths'])} -> {c['new']} (input={c['input']}, "
-                         f"bn={c['bn']}, tau={c['tau']:g}, surrogate={c['surrogate']}"
-                         f"({c['surrogate_alpha']:g}))")
+            extra = [f"input={c['input']}"] if c.get("input") else []
+            if c.get("neuron"):
+                extra += [f"bn={c['bn']}", f"neuron={c['neuron']}", f"tau={c['tau']:g}",
+                          f"surrogate={c['surrogate']}({c['surrogate_alpha']:g})"]
+                if c.get("residual"):
+                    extra.append("residual")
+            if c.get("bias"):
+                extra.append(f"bias->{c['bias']}")
+            note = f"; {c['note']}" if c.get("note") else ""
+            lines.append(f"  + {' + '.join(c['paths'])} -> {c['new']} ({', '.join(extra)}){note}")
         for s in self.skipped:
             lines.append(f"  - {s['path']} ({s['type']}): {s['reason']}")
         return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        def clean(d):
+            return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                    for k, v in d.items()}
+
+        return dict(method=self.method, converted=[clean(c) for c in self.converted],
+                    skipped=[dict(s) for s in self.skipped])
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules the conversion puts into the user's model
+# ---------------------------------------------------------------------------------------------
+
+
+class BiasShift(nn.BatchNorm2d):
+    """A conv / linear bias ``b`` as an eval-only, frozen BatchNorm: scale 1, shift ``b``
+    (weight 1, bias b, running mean 0, running variance 1, eps 0), so that the fused epilogue
+    adds it exactly. It never switches to batch statistics (``train()`` keeps it in eval)."""
+
+    def __init__(self, bias: torch.Tensor):
+        super().__init__(bias.numel(), eps=0.0, momentum=0.0, affine=True,
+                         device=bias.device, dtype=bias.dtype)
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.copy_(bias.detach().flatten())
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+        self.training = False
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def _check_input_dim(self, input):  # BinConv2d applies it to [N, C, H, W]; linear: [N, C]
+        if input.dim() not in (2, 3, 4):
+            raise ValueError(f"BiasShift expects [N, C], [N, C, L] or [N, C, H, W], got shape "
+                             f"{tuple(input.shape)}")
+
+
+class Bias(nn.Module):
+    """Adds a frozen per-feature bias over the last dim (a ``BinLinear``'s folded bias)."""
+
+    def __init__(self, bias: torch.Tensor):
+        super().__init__()
+        self.bias = nn.Parameter(bias.detach().clone().flatten(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias.to(x.dtype)
+
+
+class _Slot:
+    """The input an ``InputTap`` keeps for its ``SpikeStage`` (a plain object: not a module, so
+    the layer's tensors are registered once, at the stage)."""
+
+    __slots__ = ("x",)
+
+    def __init__(self):
+        self.x = None
+
+
+class InputTap(nn.Module):
+    """Sits at a staged chain's conv / linear path: keeps its input for the ``SpikeStage`` and
+    returns zeros of the conv's output shape, so that the user's residual add yields the residual
+    alone."""
+
+    def __init__(self, slot: _Slot, kind: str, out_channels: int, kernel: int = 1,
+                 stride: int = 1, padding: int = 0):
+        super().__init__()
+        self._slot = slot
+        self.kind, self.out_channels = kind, out_channels
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, out={self.out_channels}"
+
+    def reset(self) -> None:
+        self._slot.x = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._slot.x = x
+        if self.kind == "conv":
+            ho, wo = C.out_hw(x.shape[-2], x.shape[-1], self.kernel, self.kernel, self.stride,
+                              self.padding)
+            shape = (*x.shape[:-3], self.out_channels, ho, wo)
+        else:
+            shape = (*x.shape[:-1], self.out_channels)
+        return x.new_zeros(shape)
+
+
+class SpikeStage(nn.Module):
+    """Sits at a staged chain's neuron path and holds the binslt layer: fires it on the input its
+    ``InputTap`` kept, with what reaches the neuron as the residual current (when the chain has a
+    residual add)."""
+
+    def __init__(self, layer: nn.Module, slot: _Slot, residual: bool):
+        super().__init__()
+        self.layer = layer
+        self._slot = slot
+        self.residual = bool(residual)
+
+    def extra_repr(self) -> str:
+        return f"residual={self.residual}"
+
+    def reset(self) -> None:
+        self._slot.x = None
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        x = self._slot.x
+        self._slot.x = None
+        if x is None:
+            raise RuntimeError("SpikeStage called before its InputTap: the model's forward no "
+                               "longer calls the converted conv/linear before its neuron (convert "
+                               "the model again with an example_input of the new forward)")
+        rank = 5 if isinstance(self.layer, BinSpikeConv2d) else 3
+        if x.dim() == rank - 1:  # a SeqToANNContainer flattened [T, N] to [T*N]
+            x = x.view(u.shape[0], u.shape[1], *x.shape[1:])
+        return self.layer(x, residual=u if self.residual else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a module is, and whether binslt can take it
+# ---------------------------------------------------------------------------------------------
 
 
 def _sj():
@@ -79,7 +244,8 @@ def _step_mode(m: nn.Module):
 
 
 def _kind(m: nn.Module) -> str:
-    """'conv' / 'linear' / 'bn2d' / 'bn1d' / 'lif' / 'other' for the pattern matcher."""
+    """'conv' / 'linear' / 'bn2d' / 'bn1d' / 'lif' / 'if' / 'node' (another spiking neuron) /
+    'other'."""
     layer, neuron, _ = _sj()
     if type(m) in (nn.Conv2d, layer.Conv2d):
         return "conv"
@@ -91,7 +257,15 @@ def _kind(m: nn.Module) -> str:
         return "bn1d"
     if isinstance(m, neuron.LIFNode):
         return "lif"
+    if isinstance(m, neuron.IFNode):
+        return "if"
+    if isinstance(m, neuron.BaseNode):
+        return "node"
     return "other"
+
+
+def _is_neuron(m: nn.Module) -> bool:
+    return _kind(m) in ("lif", "if", "node")
 
 
 def _pair_square(v, name: str):
@@ -106,8 +280,6 @@ def _pair_square(v, name: str):
 
 
 def _conv_problem(m: nn.Module) -> str:
-    if m.bias is not None:
-        return "has a bias (binslt layers have none; fold it into the BN or drop it)"
     if m.groups != 1:
         return f"groups={m.groups} (only groups=1 is supported)"
     if tuple(m.dilation) != (1, 1):
@@ -121,12 +293,25 @@ def _conv_problem(m: nn.Module) -> str:
     return ""
 
 
-def _lif_problem(m: nn.Module) -> str:
+def _layer_problem(m: nn.Module) -> str:
+    return _conv_problem(m) if _kind(m) == "conv" else ""
+
+
+def _if_supported() -> bool:
+    return "neuron" in inspect.signature(BinSpikeConv2d.__init__).parameters
+
+
+def _neuron_problem(m: nn.Module) -> str:
     _, neuron, surrogate = _sj()
-    if type(m) is not neuron.LIFNode:
-        return f"{type(m).__name__} is a LIFNode subclass with its own dynamics"
+    k = _kind(m)
+    if k == "node" or type(m) not in (neuron.LIFNode, neuron.IFNode):
+        return (f"{type(m).__name__} is not binslt's LIF or IF neuron (its own dynamics, e.g. a "
+                "learnt tau); left as it is")
+    name = type(m).__name__
+    if k == "if" and not _if_supported():
+        return "IFNode needs binslt layers with neuron='if', which this build lacks"
     if _step_mode(m) != "m":
-        return ("LIFNode in single-step mode 's': the caller steps it over T and it carries "
+        return (f"{name} in single-step mode 's': the caller steps it over T and it carries "
                 "state between calls (stateful use); binslt layers are multi-step")
     if getattr(m, "store_v_seq", False):
         return "store_v_seq=True: the model reads membrane potentials that binslt does not keep"
@@ -138,15 +323,18 @@ def _lif_problem(m: nn.Module) -> str:
         return f"surrogate {type(sg).__name__} is not supported (ATan or Sigmoid)"
     if not getattr(sg, "spiking", True):
         return "surrogate in non-spiking mode (spiking=False)"
-    if not (float(m.tau) >= 1.0):
+    if k == "lif" and not (float(m.tau) >= 1.0):
         return f"tau={m.tau} < 1"
     return ""
 
 
 def _neuron_settings(m: nn.Module) -> dict:
+    """The report's view of a neuron: kind, tau (inf for IF) and the shared settings."""
     _, _, surrogate = _sj()
     sg = m.surrogate_function
-    return dict(tau=float(m.tau), decay_input=bool(m.decay_input),
+    k = _kind(m)
+    return dict(neuron=k, tau=float(m.tau) if k == "lif" else math.inf,
+                decay_input=bool(m.decay_input) if k == "lif" else False,
                 v_threshold=float(m.v_threshold),
                 v_reset=None if m.v_reset is None else float(m.v_reset),
                 detach_reset=bool(m.detach_reset),
@@ -154,26 +342,315 @@ def _neuron_settings(m: nn.Module) -> dict:
                 surrogate_alpha=float(sg.alpha))
 
 
+def _layer_neuron_kwargs(m: nn.Module) -> dict:
+    s = _neuron_settings(m)
+    kind = s.pop("neuron")
+    if kind == "if":
+        s.pop("tau")
+        s.pop("decay_input")
+        s["neuron"] = "if"
+    return s
+
+
+def _get(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def _set(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(model, parent), name, new)
+
+
+def _proto(m: nn.Module) -> nn.Module:
+    """A weightless copy (meta device) that ``to_spikingjelly`` rebuilds the module from."""
+    p = copy.deepcopy(m).to("meta")
+    if hasattr(p, "reset"):
+        try:
+            p.reset()
+        except Exception:  # noqa: BLE001 -- a meta copy only needs its settings
+            pass
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# The recorded run: module calls and tensor operations, tensors by identity and version
+# ---------------------------------------------------------------------------------------------
+
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "contiguous", "view_as", "reshape_as"}
+_ADDS = {"add", "add_", "__add__", "__radd__", "__iadd__"}
+
+
+@dataclass
+class _Node:
+    kind: str  # 'module' or 'op'
+    name: str  # module path or op name
+    ins: list
+    outs: list = field(default_factory=list)
+    scope: str = ""  # innermost non-leaf module running when an op was recorded
+    kwargs: tuple = ()
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.nodes: list[_Node] = []
+        self.alive: list[torch.Tensor] = []  # keeps ids unique for the run
+        self.shapes: dict = {}
+        self.depth = 0
+        self.quiet = False
+        self.calls: Counter = Counter()
+        self.stack: list[str] = []
+        self.module_node: dict[str, int] = {}  # path -> node index of its (last) call
+        self.io: dict[str, tuple] = {}  # any module path -> (in keys, out keys) of its last call
+        self.binary: dict[str, bool] = {}
+        self.handles = []
+        self.leaves = {}
+        for path, m in model.named_modules():
+            leaf = (_kind(m) != "other" or isinstance(m, _MaskedSignWeight)
+                    or next(m.children(), None) is None)
+            self.leaves[id(m)] = leaf
+            self.handles.append(m.register_forward_pre_hook(self._pre(path, m), with_kwargs=True))
+            self.handles.append(m.register_forward_hook(self._post(path, m), with_kwargs=True))
+
+    def _keys(self, obj) -> list:
+        out = []
+        for t in tree_flatten(obj)[0]:
+            if isinstance(t, torch.Tensor):
+                self.alive.append(t)
+                k = (id(t), t._version)
+                self.shapes[k] = tuple(t.shape)
+                out.append(k)
+        return out
+
+    def _pre(self, path, m):
+        leaf = self.leaves[id(m)]
+
+        def hook(mod, args, kwargs):
+            self.calls[path] += 1
+            if self.depth == 0:
+                ins = self._keys((args, kwargs))
+                self.io[path] = (ins, [])
+                if leaf:
+                    self.module_node[path] = len(self.nodes)
+                    self.nodes.append(_Node("module", path, ins))
+                    if _kind(m) in ("conv", "linear"):
+                        self.quiet = True
+                        try:
+                            xs = [a for a in tree_flatten((args, kwargs))[0]
+                                  if isinstance(a, torch.Tensor)]
+                            b = bool(xs) and all(bool(((x == 0) | (x == 1)).all()) for x in xs)
+                        finally:
+                            self.quiet = False
+                        self.binary[path] = self.binary.get(path, True) and b
+                else:
+                    self.stack.append(path)
+            if leaf:
+                self.depth += 1
+
+        return hook
+
+    def _post(self, path, m):
+        leaf = self.leaves[id(m)]
+
+        def hook(mod, args, kwargs, out):
+            if leaf:
+                self.depth -= 1
+            if self.depth == 0:
+                outs = self._keys(out)
+                self.io[path] = (self.io.get(path, ([], []))[0], outs)
+                if leaf:
+                    self.nodes[self.module_node[path]].outs = outs
+                elif self.stack and self.stack[-1] == path:
+                    self.stack.pop()
+
+        return hook
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.depth > 0 or self.quiet:
+            return func(*args, **kwargs)
+        ins = self._keys(args)
+        out = func(*args, **kwargs)
+        outs = self._keys(out)
+        if outs:
+            self.nodes.append(_Node("op", getattr(func, "__name__", str(func)), ins, outs,
+                                    self.stack[-1] if self.stack else "",
+                                    tuple(sorted(kwargs))))
+        return out
+
+    def consumers(self) -> dict:
+        cons: dict = {}
+        for i, n in enumerate(self.nodes):
+            for k in dict.fromkeys(n.ins):
+                cons.setdefault(k, []).append(i)
+        return cons
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def _record(model: nn.Module, example_input) -> _Recorder:
+    from spikingjelly.activation_based import functional
+
+    modes = {m: m.training for m in model.modules()}
+    rec = _Recorder(model)
+    model.eval()
+    try:
+        functional.reset_net(model)
+        with rec:
+            if isinstance(example_input, (tuple, list)):
+                model(*example_input)
+            else:
+                model(example_input)
+    finally:
+        rec.close()
+        functional.reset_net(model)
+        for m, t in modes.items():
+            m.training = t
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Chains: conv/linear [-> BN] [-> reshapes] [-> + residual] -> neuron
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Chain:
+    conv: str
+    bn: Optional[str] = None
+    neuron: Optional[str] = None
+    residual: bool = False
+    staged: bool = False
+    units: list = field(default_factory=list)  # direct: [first (gets the layer), others]
+    input_kind: str = "spike"
+    add_first: bool = True  # the chain's value is the add's first operand
+    note: str = ""
+
+
+def _container_of(model_paths: dict, path: str) -> Optional[str]:
+    """The path of the nearest SeqToANNContainer holding ``path``, if any."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        p = ".".join(parts[:i])
+        if _is_seq2ann(model_paths[p]):
+            return p
+    return None
+
+
+def _follow(rec: _Recorder, mods: dict, cons: dict, path: str):
+    """(chain, reason): the chain from the conv/linear at ``path`` to its neuron, or why none."""
+    m = mods[path]
+    kind = _kind(m)
+    bn_kind = "bn2d" if kind == "conv" else "bn1d"
+    if rec.calls[path] != 1:
+        return None, f"called {rec.calls[path]} times in one forward (a shared module)"
+    node = rec.nodes[rec.module_node[path]]
+    if len(node.outs) != 1:
+        return None, "returns no single tensor"
+    cur = node.outs[0]
+    ch = _Chain(conv=path)
+    ops: list[_Node] = []
+    add = None
+    while True:
+        users = cons.get(cur, [])
+        where = "its output" if cur == node.outs[0] else "the value on its way to a neuron"
+        if not users:
+            return None, f"{where} reaches no spiking neuron (it is the model's output)"
+        if len(users) > 1:
+            return None, (f"{where} is used {len(users)} times; only a single conv/linear -> [BN] "
+                          "-> [+ residual] -> neuron chain fuses")
+        c = rec.nodes[users[0]]
+        if c.kind == "module":
+            cm = mods[c.name]
+            ck = _kind(cm)
+            if ck == bn_kind and ch.bn is None and add is None and len(c.outs) == 1:
+                if rec.calls[c.name] != 1:
+                    return None, f"its BatchNorm {c.name} is called {rec.calls[c.name]} times"
+                if cm.num_features != (m.out_channels if kind == "conv" else m.out_features):
+                    return None, f"BatchNorm {c.name} has {cm.num_features} features"
+                ch.bn = c.name
+                cur = c.outs[0]
+                continue
+            if _is_neuron(cm):
+                why = _neuron_problem(cm)
+                if why:
+                    return None, f"its neuron {c.name} is not converted: {why}"
+                if rec.calls[c.name] != 1:
+                    return None, f"its neuron {c.name} is called {rec.calls[c.name]} times"
+                rank = rec.shapes[cur]
+                want = 5 if kind == "conv" else 3
+                if len(rank) != want:
+                    return None, (f"its neuron {c.name} gets shape {rank}; binslt layers need "
+                                  + ("[T, N, C, H, W]" if want == 5 else "[T, N, F]"))
+                ch.neuron = c.name
+                break
+            return None, (f"{where} goes to {type(cm).__name__} ({c.name}), not to a BatchNorm "
+                          "or a spiking neuron")
+        if c.name in _RESHAPES and add is None and len(c.ins) == 1 and c.ins[0] == cur:
+            ops.append(c)
+            cur = c.outs[0]
+            continue
+        if c.name in _ADDS and add is None and len(c.ins) == 2 and not c.kwargs \
+                and cur in c.ins and c.ins[0] != c.ins[1]:
+            other = c.ins[1] if c.ins[0] == cur else c.ins[0]
+            if rec.shapes[other] != rec.shapes[c.outs[0]] or rec.shapes[cur] != \
+                    rec.shapes[c.outs[0]]:
+                return None, "its residual add broadcasts (shapes differ)"
+            add = c
+            ch.residual = True
+            ch.add_first = c.ins[0] == cur
+            cur = c.outs[0]
+            continue
+        return None, f"{where} goes to the operation {c.name!r}"
+    ch.input_kind = "spike" if rec.binary.get(path, False) else "real"
+    # direct replacement: no residual, and any reshape is the SeqToANNContainer idiom's own
+    unit_of = {p: (_container_of(mods, p) or p) for p in (ch.conv, ch.bn, ch.neuron) if p}
+    units = list(dict.fromkeys(unit_of.values()))
+    ok = not ch.residual
+    members = {p for p in unit_of}
+    for u in units:
+        if u not in members:  # a container: all its modules must be part of the chain
+            inner = {f"{u}.{n}" for n, _ in mods[u].named_children()}
+            ok = ok and inner <= members
+    containers = {u for u in units if u not in members}
+    ok = ok and all(o.scope in containers for o in ops)
+    first_in = rec.io.get(units[0], ([], []))[0]
+    want = 5 if kind == "conv" else 3
+    ok = ok and len(first_in) == 1 and len(rec.shapes[first_in[0]]) == want
+    ch.staged = not ok
+    ch.units = units
+    return ch, ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The fall-back without an example run: consecutive children of each nn.Sequential
+# ---------------------------------------------------------------------------------------------
+
+
 @dataclass
 class _Elem:
-    """One module of a Sequential's stream; ``owner`` is its child index in the Sequential,
+    """One module of a Sequential's stream; ``owner`` is its child path in the Sequential,
     ``inner`` whether it sits inside a SeqToANNContainer."""
 
     module: nn.Module
-    owner: int
+    owner: str
     inner: bool
     path: str
 
 
 def _stream(seq: nn.Sequential, prefix: str) -> list[_Elem]:
     out = []
-    for i, (name, child) in enumerate(seq.named_children()):
+    for name, child in seq.named_children():
         p = f"{prefix}.{name}" if prefix else name
         if _is_seq2ann(child):
             for sub_name, sub in child.named_children():
-                out.append(_Elem(sub, i, True, f"{p}.{sub_name}"))
+                out.append(_Elem(sub, p, True, f"{p}.{sub_name}"))
         else:
-            out.append(_Elem(child, i, False, p))
+            out.append(_Elem(child, p, False, p))
     return out
 
 
@@ -190,7 +667,8 @@ def _mode_problem(e: _Elem) -> str:
 
 
 def _match(stream: list[_Elem], i: int):
-    """(elements, reason) of a conv/linear [+BN] + LIF run starting at stream[i]."""
+    """(chain or None, reason, neuron_follows) for a conv/linear [+BN] + neuron run at
+    stream[i]. ``neuron_follows``: False when the reason is only that no neuron follows."""
     first = stream[i]
     kind = _kind(first.module)
     bn_kind = "bn2d" if kind == "conv" else "bn1d"
@@ -199,43 +677,94 @@ def _match(stream: list[_Elem], i: int):
     if j < len(stream) and _kind(stream[j].module) == bn_kind:
         run.append(stream[j])
         j += 1
-    if j >= len(stream) or _kind(stream[j].module) != "lif":
+    if j >= len(stream) or not _is_neuron(stream[j].module):
         nxt = "the end of its Sequential" if j >= len(stream) else type(stream[j].module).__name__
-        return None, f"not followed by a LIFNode (next: {nxt}); left dense"
+        return None, f"not followed by a LIFNode or IFNode (next: {nxt})", False
     run.append(stream[j])
-    # the run must cover whole children: a SeqToANNContainer is replaced entirely or not at all
-    owners = {e.owner for e in run}
-    for e in stream:
+    owners = list(dict.fromkeys(e.owner for e in run))
+    for e in stream:  # a SeqToANNContainer is replaced entirely or not at all
         if e.owner in owners and e not in run:
             return None, (f"shares a SeqToANNContainer with {type(e.module).__name__} "
-                          f"({e.path}), which is not part of the pattern")
-    for e in run:
-        why = _mode_problem(e) if e is not run[-1] else ""
+                          f"({e.path}), which is not part of the pattern"), True
+    for e in run[:-1]:
+        why = _mode_problem(e)
         if why:
-            return None, f"{e.path}: {why}"
-    if kind == "conv":
-        why = _conv_problem(first.module)
-    else:
-        why = "has a bias (binslt layers have none)" if first.module.bias is not None else ""
-    if not why:
-        why = _lif_problem(run[-1].module)
-        if why:
-            why = f"its neuron {run[-1].path}: {why}"
-    if not why and len(run) == 3:
+            return None, f"{e.path}: {why}", True
+    why = _layer_problem(first.module)
+    if why:
+        return None, why, True
+    why = _neuron_problem(run[-1].module)
+    if why:
+        return None, f"its neuron {run[-1].path}: {why}", True
+    if len(run) == 3:
         bn = run[1].module
         c = first.module.out_channels if kind == "conv" else first.module.out_features
         if bn.num_features != c:
-            why = f"BatchNorm has {bn.num_features} features, the layer {c} outputs"
-    return (run, "") if not why else (None, why)
+            return None, f"BatchNorm has {bn.num_features} features, the layer {c} outputs", True
+    ch = _Chain(conv=first.path, bn=run[1].path if len(run) == 3 else None, neuron=run[-1].path,
+                units=owners)
+    return ch, "", True
 
 
-def _new_layer(run: list[_Elem], prune_rate: float, input_kind: str, backend: str,
-               per_channel_gain: bool) -> nn.Module:
-    lin = run[0].module
-    bn = run[1].module if len(run) == 3 else None
-    lif = run[-1].module
-    kw = dict(prune_rate=prune_rate, bn=bn is not None, input=input_kind, backend=backend,
-              per_channel_gain=per_channel_gain, **_neuron_settings(lif))
+def _sequential_chains(model: nn.Module, keep: set, report: ConversionReport):
+    """Chains and no-neuron layers found in nn.Sequentials (module order)."""
+    chains, plain, seen = [], [], set()
+    for seq_name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential) or _is_seq2ann(seq):
+            continue
+        stream = _stream(seq, seq_name)
+        i = 0
+        while i < len(stream):
+            e = stream[i]
+            if _kind(e.module) in ("conv", "linear") and e.path not in seen:
+                seen.add(e.path)
+                if e.path in keep:
+                    i += 1
+                    continue
+                ch, why, follows = _match(stream, i)
+                if ch is not None:
+                    chains.append(ch)
+                    seen.update(p for p in (ch.bn, ch.neuron) if p)
+                    i += 1 + (ch.bn is not None) + 1
+                    continue
+                plain.append((e.path, why))
+            i += 1
+    for n, ch in enumerate(chains):
+        ch.input_kind = "real" if n == 0 else "spike"
+    return chains, plain, seen
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the new layers
+# ---------------------------------------------------------------------------------------------
+
+
+def _fresh_bn(bn: nn.Module, cls, like: torch.Tensor) -> nn.Module:
+    """A plain torch BN with the same settings and state (momentum None = cumulative average)."""
+    fresh = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                track_running_stats=bn.track_running_stats).to(device=like.device,
+                                                               dtype=like.dtype)
+    fresh.load_state_dict(bn.state_dict())
+    fresh.train(bn.training)
+    return fresh
+
+
+def _fold_bias_into_bn(bn: nn.Module, bias: Optional[torch.Tensor]) -> None:
+    """BN(y + b) == BN'(y) with running_mean' = running_mean - b (batch statistics: the batch
+    mean absorbs b, and the running mean, updated from it, stays shifted by b)."""
+    if bias is not None and bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.running_mean.sub_(bias.detach().to(bn.running_mean.dtype))
+
+
+def _spiking_layer(ch: _Chain, mods: dict, prune_rate: float, backend: str,
+                   per_channel_gain: bool) -> tuple[nn.Module, str]:
+    lin = mods[ch.conv]
+    bn = mods[ch.bn] if ch.bn else None
+    nrn = mods[ch.neuron]
+    bias = lin.bias.detach() if lin.bias is not None else None
+    kw = dict(prune_rate=prune_rate, bn=bn is not None, input=ch.input_kind, backend=backend,
+              per_channel_gain=per_channel_gain, **_layer_neuron_kwargs(nrn))
     if bn is not None:
         kw.update(bn_affine=bn.affine, bn_eps=bn.eps,
                   bn_momentum=bn.momentum if bn.momentum is not None else 0.1)
@@ -252,58 +781,86 @@ def _new_layer(run: list[_Elem], prune_rate: float, input_kind: str, backend: st
     new = new.to(device=w.device, dtype=w.dtype)
     with torch.no_grad():
         new.weight.copy_(w)
+    how = ""
     if bn is not None:
-        # a plain torch BN with the same settings and state (momentum None = cumulative average)
-        fresh = bn_cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                       track_running_stats=bn.track_running_stats).to(device=w.device,
-                                                                      dtype=w.dtype)
-        fresh.load_state_dict(bn.state_dict())
-        fresh.train(bn.training)
-        new.bn = fresh
+        new.bn = _fresh_bn(bn, bn_cls, w)
+        if bias is not None:
+            _fold_bias_into_bn(new.bn, bias)
+            how = "bn running mean"
+    elif bias is not None:
+        new.bn = BiasShift(bias)
+        how = "shift"
     new.train(lin.training)
-    return new
+    return new, how
 
 
-@torch.no_grad()
-def _observe_inputs(model: nn.Module, example_input, modules: dict[int, nn.Module]) -> dict:
-    """Run ``model`` once and record, per module id, whether every input it saw was binary."""
-    from spikingjelly.activation_based import functional
-
-    seen: dict[int, bool] = {}
-
-    def pre(mod, args):
-        x = args[0]
-        binary = bool(((x == 0) | (x == 1)).all()) if isinstance(x, torch.Tensor) else False
-        seen[id(mod)] = seen.get(id(mod), True) and binary
-
-    hooks = [m.register_forward_pre_hook(pre) for m in modules.values()]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        functional.reset_net(model)
-        if isinstance(example_input, (tuple, list)):
-            model(*example_input)
+def _plain_layer(path: str, mods: dict, prune_rate: float, per_channel_gain: bool,
+                 bn_after: Optional[nn.Module]) -> tuple[nn.Module, str]:
+    """BinConv2d / BinLinear for a conv / linear that feeds no converted neuron; its bias goes
+    into the BN that takes its whole output (``bn_after``), else into a shift."""
+    lin = mods[path]
+    w = lin.weight.detach()
+    bias = lin.bias.detach() if lin.bias is not None else None
+    if _kind(lin) == "conv":
+        k, _ = _pair_square(lin.kernel_size, "kernel_size")
+        s, _ = _pair_square(lin.stride, "stride")
+        p, _ = _pair_square(lin.padding, "padding")
+        new = BinConv2d(lin.in_channels, lin.out_channels, k, s, p, prune_rate=prune_rate,
+                        per_channel_gain=per_channel_gain)
+    else:
+        new = BinLinear(lin.in_features, lin.out_features, prune_rate=prune_rate,
+                        per_channel_gain=per_channel_gain)
+    new = new.to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+    new.train(lin.training)
+    how = ""
+    if bias is not None:
+        if bn_after is not None and bn_after.track_running_stats:
+            _fold_bias_into_bn(bn_after, bias)
+            how = "bn running mean"
+        elif isinstance(new, BinConv2d):
+            new.bn = BiasShift(bias)
+            how = "shift"
         else:
-            model(example_input)
-    finally:
-        for h in hooks:
-            h.remove()
-        functional.reset_net(model)
-        for m, t in modes.items():
-            m.training = t
-    return seen
+            new = nn.Sequential(new, Bias(bias))
+            how = "shift"
+    return new, how
+
+
+def _bn_taking(rec: Optional[_Recorder], mods: dict, cons: dict, path: str):
+    """The BN (matching kind, called once) that takes the whole output of the conv at ``path``,
+    or None."""
+    if rec is None or rec.calls[path] != 1:
+        return None
+    outs = rec.nodes[rec.module_node[path]].outs
+    users = cons.get(outs[0], []) if len(outs) == 1 else []
+    if len(users) != 1 or rec.nodes[users[0]].kind != "module":
+        return None
+    c = rec.nodes[users[0]]
+    want = "bn2d" if _kind(mods[path]) == "conv" else "bn1d"
+    return mods[c.name] if _kind(mods[c.name]) == want and rec.calls[c.name] == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# convert
+# ---------------------------------------------------------------------------------------------
 
 
 def convert(model: nn.Module, prune_rate: float = 0.5, *, example_input=None,
-            inplace: bool = False, backend: str = "auto", per_channel_gain: bool = False
-            ) -> tuple[nn.Module, ConversionReport]:
-    """Replace SpikingJelly conv/linear [+BN] + LIFNode runs with BinW-SLT search layers.
+            keep_dense=(), inplace: bool = False, backend: str = "auto",
+            per_channel_gain: bool = False) -> tuple[nn.Module, ConversionReport]:
+    """Replace the conv/linear [+BN] [+residual] + spiking-neuron chains of a SpikingJelly model
+    with BinW-SLT search layers, and the other convs/linears with masked sign layers.
 
     Args:
         model: a SpikingJelly model in step mode 'm' (inputs [T, N, ...]).
         prune_rate: fraction of weights the mask removes, in [0, 1).
-        example_input: optional input for one eval-mode pass that tells which layers receive
-            spikes and which real values (see the module docstring).
+        example_input: input (or tuple of inputs) for one eval-mode run that tells the graph and
+            which layers receive spikes and which real values (see the module docstring).
+            Without it only runs inside ``nn.Sequential`` s are found.
+        keep_dense: paths (``model.named_modules()`` names) of convs/linears to keep dense; a
+            neuron after one stays too.
         inplace: modify ``model`` itself; by default a deep copy is converted.
         backend: ``backend`` of the new layers.
         per_channel_gain: per-output-channel alpha instead of one scalar per layer.
@@ -315,61 +872,361 @@ def convert(model: nn.Module, prune_rate: float = 0.5, *, example_input=None,
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
     prune_rate = C.check_prune_rate(prune_rate)
     C.check_backend(backend)
+    if isinstance(keep_dense, str):
+        keep_dense = [keep_dense]
+    keep = set(keep_dense)
+    mods = dict(model.named_modules())
+    unknown = sorted(p for p in keep if p not in mods or _kind(mods[p]) not in ("conv", "linear"))
+    if unknown:
+        raise ValueError(f"keep_dense names {unknown}, which are not conv/linear modules of the "
+                         "model (give paths as in model.named_modules())")
+    # stateful neurons are judged on the user's model, before the example run resets them
+    state_problem = {p: _neuron_problem(m) for p, m in mods.items() if _is_neuron(m)}
     if not inplace:
         model = copy.deepcopy(model)
+        mods = dict(model.named_modules())
     report = ConversionReport()
+    rec = None
+    if example_input is not None:
+        try:
+            rec = _record(model, example_input)
+        except Exception as exc:  # noqa: BLE001 -- the user's forward; fall back and say why
+            report.method = (f"sequential (the example run failed: {type(exc).__name__}: "
+                             f"{exc})")
+    else:
+        report.method = "sequential (no example_input: only nn.Sequential runs are found)"
 
-    # 1. find the runs in every Sequential (not inside SeqToANNContainers, which are expanded)
-    runs: list[tuple[nn.Sequential, list[_Elem]]] = []
-    handled: set[int] = set()  # ids of modules that are part of a run or were reported
-    for seq_name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential) or _is_seq2ann(seq):
-            continue
-        stream = _stream(seq, seq_name)
-        i = 0
-        while i < len(stream):
-            e = stream[i]
-            if _kind(e.module) in ("conv", "linear") and id(e.module) not in handled:
-                run, why = _match(stream, i)
-                if run is not None:
-                    runs.append((seq, run))
-                    handled.update(id(x.module) for x in run)
-                    i += len(run)
-                    continue
-                report.skipped.append(dict(path=e.path, type=type(e.module).__name__,
-                                           reason=why))
-                handled.add(id(e.module))
-            i += 1
-
-    # 2. what each converted layer receives
-    firsts = {id(run[0].module): run[0].module for _, run in runs}
-    observed = _observe_inputs(model, example_input, firsts) if example_input is not None \
-        else None
-
-    # 3. replace
-    for n, (seq, run) in enumerate(runs):
-        if observed is not None:
-            input_kind = "spike" if observed.get(id(run[0].module), False) else "real"
-        else:
-            input_kind = "real" if n == 0 else "spike"
-        new = _new_layer(run, prune_rate, input_kind, backend, per_channel_gain)
-        owners = sorted({e.owner for e in run})
-        seq[owners[0]] = new
-        for o in owners[1:]:
-            seq[o] = nn.Identity()
-        settings = _neuron_settings(run[-1].module)
-        report.converted.append(dict(paths=[e.path for e in run], new=type(new).__name__,
-                                     input=input_kind, bn=len(run) == 3, **settings))
-
-    # 4. anything else worth reporting: convs/linears/LIFs not reached through a Sequential
-    for name, m in model.named_modules():
-        k = _kind(m)
-        if k in ("conv", "linear", "lif") and id(m) not in handled:
-            if k == "lif":
-                why = _lif_problem(m)
-                reason = ("LIFNode not preceded by a convertible conv/linear [+BN] in an "
-                          "nn.Sequential" + (f"; also: {why}" if why else ""))
+    plain: list[tuple[str, str]] = []
+    chains: list[_Chain] = []
+    cons: dict = {}
+    if rec is not None:
+        cons = rec.consumers()
+        by_neuron: dict[str, list[_Chain]] = {}
+        for path, m in mods.items():
+            if _kind(m) not in ("conv", "linear") or path in keep:
+                continue
+            if rec.calls[path] == 0:
+                report.skipped.append(dict(path=path, type=type(m).__name__, reason=(
+                    "not called by the model's forward on example_input; left as it is")))
+                continue
+            why = _layer_problem(m)
+            if why:
+                report.skipped.append(dict(path=path, type=type(m).__name__, reason=why))
+                continue
+            ch, why = _follow(rec, mods, cons, path)
+            if ch is not None and state_problem.get(ch.neuron):
+                ch, why = None, f"its neuron {ch.neuron} is not converted: " \
+                                f"{state_problem[ch.neuron]}"
+            if ch is None:
+                plain.append((path, why))
             else:
-                reason = "not inside an nn.Sequential: its execution order is unknown"
-            report.skipped.append(dict(path=name, type=type(m).__name__, reason=reason))
+                by_neuron.setdefault(ch.neuron, []).append(ch)
+        for npath, group in by_neuron.items():
+            group.sort(key=lambda c: not c.add_first)
+            chains.append(group[0])
+            for other in group[1:]:
+                plain.append((other.conv, f"its residual add also takes {group[0].conv}, which "
+                                          f"fires {npath}"))
+        chains.sort(key=lambda c: list(mods).index(c.conv))
+        plain.sort(key=lambda pw: list(mods).index(pw[0]))
+        seen_sequential = None
+    else:
+        chains, plain, seen_sequential = _sequential_chains(model, keep, report)
+        kept = []
+        for p, why in plain:
+            if _layer_problem(mods[p]):
+                report.skipped.append(dict(path=p, type=type(mods[p]).__name__, reason=why))
+            else:
+                kept.append((p, why))
+        plain = kept
+
+    records: list[dict] = []
+    taken: set = set()
+    for ch in chains:
+        new, how = _spiking_layer(ch, mods, prune_rate, backend, per_channel_gain)
+        rec_entry = dict(kind="spiking", conv=ch.conv, bn=ch.bn, neuron=ch.neuron,
+                         staged=ch.staged, units=list(ch.units),
+                         protos={p: _proto(mods[p]) for p in (ch.conv, ch.bn, ch.neuron) if p},
+                         unit_protos={u: _proto(mods[u]) for u in ch.units
+                                      if u not in (ch.conv, ch.bn, ch.neuron)})
+        if ch.staged:
+            slot = _Slot()
+            lin = mods[ch.conv]
+            if _kind(lin) == "conv":
+                tap = InputTap(slot, "conv", lin.out_channels, new.kernel_size, new.stride,
+                               new.padding)
+            else:
+                tap = InputTap(slot, "linear", lin.out_features)
+            _set(model, ch.conv, tap)
+            if ch.bn:
+                _set(model, ch.bn, nn.Identity())
+            _set(model, ch.neuron, SpikeStage(new, slot, ch.residual))
+            rec_entry["layer"] = f"{ch.neuron}.layer"
+        else:
+            _set(model, ch.units[0], new)
+            for u in ch.units[1:]:
+                _set(model, u, nn.Identity())
+            rec_entry["layer"] = ch.units[0]
+        records.append(rec_entry)
+        taken.update(p for p in (ch.conv, ch.bn, ch.neuron) if p)
+        settings = _neuron_settings(mods[ch.neuron])
+        report.converted.append(dict(
+            paths=[p for p in (ch.conv, ch.bn, ch.neuron) if p], new=type(new).__name__,
+            input=ch.input_kind, bn=ch.bn is not None, bias=how or None,
+            residual=ch.residual, staged=ch.staged, **settings))
+    for path, why in plain:
+        bn_after = _bn_taking(rec, mods, cons, path)
+        if bn_after is not None and any(r.get("bn") and mods[r["bn"]] is bn_after
+                                        for r in records):
+            bn_after = None
+        new, how = _plain_layer(path, mods, prune_rate, per_channel_gain, bn_after)
+        records.append(dict(kind="plain", conv=path, layer=path, protos={path: _proto(mods[path])},
+                            bias_in_bn=how == "bn running mean"))
+        _set(model, path, new)
+        taken.add(path)
+        report.converted.append(dict(paths=[path], new=type(new).__name__ if not isinstance(
+            new, nn.Sequential) else "BinLinear", input=None, bn=False, bias=how or None,
+            neuron=None, note=f"no neuron fused: {why}"))
+
+    # everything else: the convs/linears and neurons left as they are
+    reported = {s["path"] for s in report.skipped}
+    for path, m in mods.items():
+        k = _kind(m)
+        if path in taken or path in reported or k not in ("conv", "linear", "lif", "if", "node"):
+            continue
+        if path in keep:
+            reason = "kept dense (keep_dense)"
+        elif k in ("conv", "linear"):
+            reason = ("not inside an nn.Sequential: its execution order is unknown without an "
+                      "example_input (give one to convert it)")
+        else:
+            why = state_problem.get(path) or ""
+            if rec is not None:
+                reason = why or "not reached by a convertible conv/linear [+BN] [+residual]"
+            elif seen_sequential is not None and path in seen_sequential:
+                reason = why or "its conv/linear was not converted"
+            else:
+                reason = (f"{type(m).__name__} not preceded by a convertible conv/linear [+BN] "
+                          "in an nn.Sequential" + (f"; also: {why}" if why else ""))
+        report.skipped.append(dict(path=path, type=type(m).__name__, reason=reason))
+    model.__dict__["_binslt_conversion"] = records
     return model, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Back to SpikingJelly
+# ---------------------------------------------------------------------------------------------
+
+
+def _rebuilt(proto: nn.Module, device, dtype) -> nn.Module:
+    m = copy.deepcopy(proto).to_empty(device=device)
+    if dtype is not None:
+        m = m.to(dtype=dtype)
+    return m
+
+
+@torch.no_grad()
+def to_spikingjelly(model: nn.Module) -> nn.Module:
+    """The converted model's current ticket as a plain SpikingJelly model.
+
+    Each converted conv / linear is put back (its original type and settings) carrying
+    ``alpha * sign(w) * M`` (the layer's effective weight, in whichever mode it is), its BN and
+    neuron are put back with the binslt layer's BN state, and ``InputTap`` / ``SpikeStage`` /
+    ``nn.Identity`` placeholders give way to the original modules. Folded biases come back as a
+    zero conv bias with the BN's running mean shifted (where a BN follows) or as the bias
+    itself. The model is a copy; its forward is the user's.
+    """
+    records = model.__dict__.get("_binslt_conversion")
+    if records is None:
+        raise ValueError("to_spikingjelly expects a model returned by binslt.convert (this one "
+                         "carries no conversion record)")
+    out = copy.deepcopy(model)
+    for r in records:
+        layer = _get(out, r["layer"])
+        mlayer = layer[0] if isinstance(layer, nn.Sequential) else layer
+        w = mlayer.effective_weight().detach()
+        dev, dt = w.device, w.dtype
+        conv = _rebuilt(r["protos"][r["conv"]], dev, dt)
+        conv.weight.copy_(w.view(conv.weight.shape))
+        bias = None
+        if isinstance(layer, nn.Sequential):
+            bias = layer[1].bias
+        elif isinstance(getattr(mlayer, "bn", None), BiasShift):
+            bias = mlayer.bn.bias
+        if conv.bias is not None:
+            conv.bias.copy_(bias if bias is not None else torch.zeros_like(conv.bias))
+        if r["kind"] == "plain":
+            if isinstance(mlayer, BinConv2d) and mlayer.bn is not None and not isinstance(
+                    mlayer.bn, BiasShift):
+                raise ValueError(f"{r['layer']}: a BinConv2d with its own BN has no "
+                                 "SpikingJelly counterpart in this model")
+            _set(out, r["conv"], conv)
+            continue
+        bn = None
+        if r["bn"]:
+            bn = _rebuilt(r["protos"][r["bn"]], dev, dt)
+            bn.load_state_dict(mlayer.bn.state_dict())
+            bn.train(mlayer.bn.training)
+        nrn = copy.deepcopy(r["protos"][r["neuron"]])  # no tensors: settings only
+        if hasattr(nrn, "reset"):
+            nrn.reset()
+        conv.train(mlayer.training)
+        nrn.train(mlayer.training)
+        if r["staged"]:
+            _set(out, r["conv"], conv)
+            if bn is not None:
+                _set(out, r["bn"], bn)
+            _set(out, r["neuron"], nrn)
+            continue
+        # direct: the units (conv/BN/neuron or their SeqToANNContainers) come back in place
+        for u in r["units"]:
+            if u in r["unit_protos"]:
+                cont = _rebuilt(r["unit_protos"][u], dev, dt)
+                _set(out, u, cont)
+        for p, m in ((r["conv"], conv), (r["bn"], bn), (r["neuron"], nrn)):
+            if p:
+                _set(out, p, m)
+    out.__dict__.pop("_binslt_conversion", None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A user's SpikingJelly model as the network of a binslt run (``binslt search --model``)
+# ---------------------------------------------------------------------------------------------
+
+
+class FactoryError(ValueError):
+    """A ``--model FILE.py:FACTORY`` that does not give a usable model; the message is one line
+    naming the file."""
+
+
+def load_factory(spec: str):
+    """``(path, name, callable)`` for ``'path/to/file.py:factory'``. The file is imported as a
+    module (its code runs: it is the user's own model definition, named on the command line)."""
+    import importlib.util
+    from pathlib import Path
+
+    if not isinstance(spec, str) or ":" not in spec:
+        raise FactoryError(f"--model must be FILE.py:FACTORY (a Python file and the function in "
+                           f"it that returns the SpikingJelly model), got {spec!r}")
+    file, name = spec.rsplit(":", 1)
+    path = Path(file).expanduser()
+    if not name.isidentifier():
+        raise FactoryError(f"--model {spec!r}: {name!r} is not a Python name")
+    if not path.is_file():
+        raise FactoryError(f"--model: no such file {str(path)!r}")
+    mod_name = f"_binslt_user_model_{abs(hash(str(path.resolve())))}"
+    try:
+        mspec = importlib.util.spec_from_file_location(mod_name, path)
+        if mspec is None or mspec.loader is None:
+            raise ImportError("not an importable Python file")
+        module = importlib.util.module_from_spec(mspec)
+        mspec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 -- any failure of the user's file, in one line
+        msg = str(exc).strip().splitlines()
+        raise FactoryError(f"--model: {str(path)!r} fails to import ({type(exc).__name__}: "
+                           f"{msg[0] if msg else ''})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise FactoryError(f"--model: {str(path)!r} has no function {name!r}")
+    return path, name, fn
+
+
+class SpikingJellyRun(nn.Module):
+    """A converted SpikingJelly model as a run's network: images ``[N, C, H, W]`` are repeated
+    over T (direct encoding), the model runs on ``[T, N, C, H, W]`` from a reset state, and
+    ``[T, N, K]`` outputs are averaged over T (``[N, K]`` outputs are taken as they are)."""
+
+    def __init__(self, net: nn.Module, timesteps: int, build_config: dict,
+                 report: ConversionReport):
+        super().__init__()
+        self.net = net
+        self.timesteps = int(timesteps)
+        self.build_config = build_config
+        self.conversion_report = report
+        c, h, w = build_config["input_shape"]
+        self.in_channels, self.input_hw = c, (h, w)
+
+    def extra_repr(self) -> str:
+        return (f"factory={self.build_config['factory']}, input={self.in_channels}x"
+                f"{self.input_hw[0]}x{self.input_hw[1]}, timesteps={self.timesteps}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from spikingjelly.activation_based import functional
+
+        want = (self.in_channels, *self.input_hw)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"expected images [N, {want[0]}, {want[1]}, {want[2]}] (the model "
+                             f"was converted for --input-shape {','.join(map(str, want))}), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
+        if x.dim() == 4:
+            x = x.unsqueeze(0).repeat(self.timesteps, 1, 1, 1, 1)
+        functional.reset_net(self.net)
+        y = self.net(x)
+        return y.mean(0) if y.dim() == 3 else y
+
+
+def _parse_shape(shape) -> tuple[int, int, int]:
+    if isinstance(shape, str):
+        parts = shape.split(",")
+    else:
+        parts = list(shape)
+    try:
+        c, h, w = (int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise FactoryError(f"--input-shape must be C,H,W (three positive ints), got "
+                           f"{shape!r}") from None
+    if min(c, h, w) < 1:
+        raise FactoryError(f"--input-shape must be C,H,W (three positive ints), got {shape!r}")
+    return c, h, w
+
+
+def build_user_model(factory: str, *, num_classes: int, input_shape, timesteps: int,
+                     prune_rate: float, backend: str = "auto", keep_dense=(),
+                     **_ignored) -> SpikingJellyRun:
+    """The network of a ``--model`` run: ``factory`` (``'FILE.py:NAME'``) is called (with
+    ``num_classes=`` when it takes it), the SpikingJelly model is set to step mode 'm' and
+    converted with one example run of ``[T, 2, C, H, W]`` random images. Its ``build_config``
+    records the factory and the settings (JSON), from which this function rebuilds it."""
+    from spikingjelly.activation_based import functional
+
+    path, name, fn = load_factory(factory)
+    c, h, w = _parse_shape(input_shape)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    try:
+        net = fn(num_classes=num_classes) if "num_classes" in params else fn()
+    except Exception as exc:  # noqa: BLE001 -- the user's factory, in one line
+        msg = str(exc).strip().splitlines()
+        raise FactoryError(f"--model: {name}() in {str(path)!r} fails ({type(exc).__name__}: "
+                           f"{msg[0] if msg else ''})") from None
+    if not isinstance(net, nn.Module):
+        raise FactoryError(f"--model: {name}() in {str(path)!r} returned a "
+                           f"{type(net).__name__}, not a SpikingJelly model (an nn.Module)")
+    functional.set_step_mode(net, "m")
+    g = torch.Generator().manual_seed(0)
+    example = torch.rand(timesteps, 2, c, h, w, generator=g)
+    try:
+        conv, report = convert(net, prune_rate=prune_rate, example_input=example,
+                               keep_dense=keep_dense, backend=backend)
+    except (ValueError, TypeError) as exc:
+        raise FactoryError(f"--model: {str(path)!r}: {exc}") from None
+    if report.method != "recorded run":
+        raise FactoryError(f"--model: the model of {str(path)!r} does not run on "
+                           f"[T={timesteps}, N=2, {c}, {h}, {w}] inputs ({report.method}); check "
+                           "--input-shape")
+    config = dict(arch="custom", variant="binwslt", factory=f"{path.resolve()}:{name}",
+                  num_classes=int(num_classes),
+                  input_shape=[c, h, w], in_channels=c, input_size=h, timesteps=int(timesteps),
+                  prune_rate=float(prune_rate), backend=backend, keep_dense=list(keep_dense))
+    model = SpikingJellyRun(conv, timesteps, config, report)
+    with torch.no_grad():
+        y = model.eval()(example[0])
+    model.train()
+    if tuple(y.shape) != (2, num_classes):
+        raise FactoryError(f"--model: the model of {str(path)!r} gives outputs of shape "
+                           f"{tuple(y.shape)} for 2 images; a run needs [T, N, {num_classes}] or "
+                           f"[N, {num_classes}] logits ({num_classes} classes)")
+    return model

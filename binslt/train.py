@@ -50,6 +50,7 @@ from .artifacts import (
     ArtifactError,
     RunDir,
     atomic_torch_save,
+    atomic_write_bytes,
     atomic_write_csv,
     atomic_write_json,
     evaluate,
@@ -114,6 +115,9 @@ class RunConfig:
     backend: str = "auto"
     workers: int = 0
     init_from: str | None = None  #: finetune: the searched ticket / checkpoint it starts from
+    #: a user's SpikingJelly model, 'FILE.py:FACTORY' (arch 'custom'), converted by binslt.convert
+    model: str | None = None
+    input_shape: str | None = None  #: --model: 'C,H,W' of the images (default: the dataset's)
     mode: str = "search"  #: model mode while training: search | finetune | train (dense models)
 
     # Fields that may differ between an interrupted run and its resumption.
@@ -137,7 +141,13 @@ class RunConfig:
                 raise RunError(msg)
 
         need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
-        need(self.arch in ARCHS, f"--arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.model is None:
+            need(self.arch in ARCHS, f"--arch must be one of {ARCHS}, got {self.arch!r}")
+            need(self.input_shape is None, "--input-shape goes with --model")
+        else:
+            need(self.arch == "custom", "--model and --arch exclude each other (the network is "
+                 "the model FILE.py:FACTORY returns)")
+            need(self.method == "binwslt", f"--model is searched with binwslt, not {self.method}")
         need(self.optimizer in OPTIMIZERS,
              f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.surrogate in SURROGATES,
@@ -378,7 +388,23 @@ class _ProgressBar:
 
 
 def build_model(cfg: RunConfig, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
-    """``binslt.models.build`` for ``cfg``; bad combinations become a :class:`RunError`."""
+    """``binslt.models.build`` for ``cfg`` (with ``--model``: the user's SpikingJelly model,
+    converted); bad combinations become a :class:`RunError`."""
+    if cfg.model is not None:
+        from .convert import build_user_model
+
+        shape = cfg.input_shape or f"{in_channels},{input_size},{input_size}"
+        try:
+            model = build_user_model(cfg.model, num_classes=num_classes, input_shape=shape,
+                                     timesteps=cfg.timesteps, prune_rate=cfg.prune_rate,
+                                     backend=cfg.backend)
+        except (ValueError, TypeError) as exc:
+            raise RunError(str(exc)) from None
+        got = tuple(model.build_config["input_shape"])
+        if got != (in_channels, input_size, input_size):
+            raise RunError(f"--input-shape {','.join(map(str, got))} does not match the "
+                           f"dataset's images ({in_channels},{input_size},{input_size})")
+        return model
     try:
         return models.build(cfg.arch, cfg.method, num_classes=num_classes,
                             in_channels=in_channels, input_size=input_size,
@@ -664,6 +690,12 @@ def _train(cfg: RunConfig, run_dir: RunDir, info: DistInfo, *, resume: bool, ove
     per_rank_bs = cfg.batch_size // info.world
 
     model, source = build_or_restore(cfg, bundle)
+    report = getattr(model, "conversion_report", None)
+    if report is not None and info.main:  # --model: what the conversion did, with the run
+        atomic_write_bytes(run_dir.path / "report.txt", (str(report) + "\n").encode())
+        atomic_write_json(report.to_dict(), run_dir.path / "report.json")
+        if ckpt is None:
+            log(str(report))
     model.to(device)
     backend = ops.resolve_backend(cfg.backend, device)
     state = TrainState(model, *make_optimizer(cfg, model))

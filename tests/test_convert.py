@@ -77,13 +77,14 @@ def test_converted_spikes_equal_spikingjelly_with_sign_weights(nname, backend):
     nkw = NEURONS[nname]
     net = sj_vgg(nkw)
     conv, report = convert(net, prune_rate=0.0, backend=backend)
-    assert [c["paths"][0] for c in report.converted] == ["0", "3", "8"]
-    assert [c["input"] for c in report.converted] == ["real", "spike", "spike"]
+    assert [c["paths"][0] for c in report.converted] == ["0", "3", "8", "10"]
+    assert [c["input"] for c in report.converted] == ["real", "spike", "spike", None]
     assert [c["new"] for c in report.converted] == ["BinSpikeConv2d", "BinSpikeConv2d",
-                                                    "BinSpikeLinear"]
-    assert any(s["path"] == "10" and "not followed by a LIFNode" in s["reason"]
-               for s in report.skipped)
-    expected_net = binarised_copy(net, ["0", "3", "8"])
+                                                    "BinSpikeLinear", "BinLinear"]
+    # the logits layer feeds no neuron: a masked sign layer without one, its bias kept
+    assert "not followed by a LIFNode" in report.converted[3]["note"]
+    assert report.converted[3]["bias"] == "shift" and report.skipped == []
+    expected_net = binarised_copy(net, ["0", "3", "8", "10"])
     vth = nkw["v_threshold"]
     x = torch.rand(3, 4, 2, 8, 8) * 2  # [T, N, C, H, W], real-valued first-layer input
     for train in (False, True):
@@ -130,8 +131,10 @@ def test_converted_layers_carry_settings_weights_and_train_scores():
     torch.testing.assert_close(first.weight, net[0].weight, rtol=0, atol=0)
     torch.testing.assert_close(first.bn.weight, net[1].weight, rtol=0, atol=0)
     assert isinstance(conv[1], nn.Identity) and isinstance(conv[2], nn.Identity)
-    # the original is untouched (inplace=False), the logits layer stays dense
-    assert isinstance(net[0], layer.Conv2d) and type(conv[10]) is layer.Linear
+    # the original is untouched (inplace=False); the logits layer (with its bias) becomes a
+    # masked sign layer followed by the bias
+    assert isinstance(net[0], layer.Conv2d) and type(conv[10][0]) is binslt.BinLinear
+    torch.testing.assert_close(conv[10][1].bias, net[10].bias, rtol=0, atol=0)
     out = conv(torch.rand(2, 3, 2, 8, 8))
     out.sum().backward()
     for m in conv.modules():
@@ -159,9 +162,9 @@ def test_torch_nn_layers_and_seq_to_ann_containers():
     conv, report = convert(net, prune_rate=0.0, backend="torch")
     assert [type(m).__name__ for m in conv] == [
         "BinSpikeConv2d", "Identity", "BinSpikeConv2d", "Identity", "Identity", "Flatten",
-        "BinSpikeLinear", "Identity", "Linear"]
+        "BinSpikeLinear", "Identity", "BinLinear"]
     assert conv[2].stride == 2 and conv[2].bn is not None and not conv[2].bn.affine
-    expected_net = binarised_copy(net, ["0.0", "2.0", "6"])
+    expected_net = binarised_copy(net, ["0.0", "2.0", "6", "8"])
     x = torch.rand(2, 3, 1, 6, 6) * 3
     for train in (False, True):
         conv.train(train)
@@ -224,20 +227,28 @@ def test_unsupported_patterns_are_left_alone_with_reasons():
 
     net.append(Custom())
     conv, report = convert(net)
-    assert report.converted == []
+    # a conv bias is folded (no BN here: into the layer's per-channel shift)
+    assert report.converted[0]["paths"] == ["0", "1"] and report.converted[0]["bias"] == "shift"
+    assert report.converted[0]["new"] == "BinSpikeConv2d"
+    # convs/linears in front of a neuron binslt does not take become masked sign layers without
+    # a neuron, and say why; the neurons stay
+    assert [(c["paths"], c["new"]) for c in report.converted[1:]] == [
+        (["8"], "BinConv2d"), (["10"], "BinConv2d"), (["12"], "BinConv2d"),
+        (["15"], "BinLinear"), (["17"], "BinLinear")]
     reasons = {s["path"]: s["reason"] for s in report.skipped}
-    assert "has a bias" in reasons["0"]
+    notes = {c["paths"][0]: c.get("note", "") for c in report.converted}
     assert "groups=2" in reasons["2"]
     assert "dilation" in reasons["4"]
     assert "non-square kernel_size" in reasons["6"]
-    assert "single-step" in reasons["8"]
-    assert "PiecewiseQuadratic" in reasons["10"]
-    assert "step mode 's'" in reasons["12"]
-    assert "stateful" in reasons["15"]
-    assert "store_v_seq" in reasons["17"]
+    assert "single-step" in notes["8"] and "single-step" in reasons["9"]
+    assert "PiecewiseQuadratic" in notes["10"] and "PiecewiseQuadratic" in reasons["11"]
+    assert "step mode 's'" in notes["12"]
+    assert "stateful" in notes["15"] and "stateful" in reasons["16"]
+    assert "store_v_seq" in notes["17"] and "store_v_seq" in reasons["18"]
     assert "execution order is unknown" in reasons["19.conv"]
     assert "LIFNode not preceded" in reasons["19.sn"]
-    assert [type(a) for a in conv] == [type(b) for b in net]
+    for i in (2, 4, 6, 9, 11, 13, 16, 18):
+        assert type(conv[i]) is type(net[i]), i
     assert "left" in str(report)
 
 
@@ -250,3 +261,142 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="backend"):
         convert(net, backend="gpu")
     assert binslt.convert is convert
+
+
+# ---------------------------------------------------------------------------------------------
+# binslt search --model FILE.py:FACTORY
+# ---------------------------------------------------------------------------------------------
+
+USER_MODEL = '''
+from torch import nn
+from spikingjelly.activation_based import layer, neuron, surrogate
+
+
+def lif():
+    return neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan(), detach_reset=True)
+
+
+class Block(nn.Module):
+    """A residual block in the user's own forward: bn(conv(x)) + x -> neuron."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = layer.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = layer.BatchNorm2d(c)
+        self.sn = lif()
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        out = out + x
+        return self.sn(out)
+
+
+def small(num_classes=10):
+    return nn.Sequential(
+        layer.Conv2d(1, 8, 3, padding=1), layer.BatchNorm2d(8), lif(), Block(8),
+        layer.MaxPool2d(2), layer.Flatten(), layer.Linear(8 * 4 * 4, num_classes))
+
+
+def not_a_model():
+    return 3
+'''
+
+TINY_RUN = ["--train-subset", "96", "--test-subset", "48", "--batch-size", "32", "--epochs",
+            "2", "--no-progress"]
+
+
+def _run_cli(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "binslt", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def user_model_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("user") / "my_model.py"
+    path.write_text(USER_MODEL)
+    return path
+
+
+def test_search_model_end_to_end_and_resume_after_kill(user_model_file, tmp_path, capsys):
+    import json
+
+    from binslt import cli
+
+    spec = f"{user_model_file}:small"
+    out = tmp_path / "run"
+    assert cli.main(["search", "--model", spec, "--input-shape", "1,8,8", *TINY_RUN,
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "BinSpikeConv2d" in printed and "residual" in printed  # the report is printed
+    report = (out / "report.txt").read_text()
+    assert "3.conv + 3.bn + 3.sn -> BinSpikeConv2d" in report and "residual" in report
+    rj = json.loads((out / "report.json").read_text())
+    assert [c["new"] for c in rj["converted"]] == ["BinSpikeConv2d", "BinSpikeConv2d",
+                                                  "BinLinear"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["model"] == spec and res["arch"] == "custom"
+    assert (out / "ticket.safetensors").is_file()
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    bc = ck["build_config"]
+    assert bc["factory"].endswith("my_model.py:small") and bc["input_shape"] == [1, 8, 8]
+
+    # reloading rebuilds the model from the recorded factory: eval of the run and the ticket
+    from binslt.artifacts import load_model
+    from binslt.tickets import load_ticket
+
+    model, _ = load_model(out)
+    ticket = load_ticket(out / "ticket.safetensors", backend="torch")
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ticket(x), model(x), rtol=1e-5, atol=1e-5)
+    assert cli.main(["eval", str(out / "ticket.safetensors")]) == 0
+
+    # killed in the middle of epoch 2, resumed: the same run
+    crashed = tmp_path / "crashed"
+    r = _run_cli("search", "--model", spec, *TINY_RUN, "--out", crashed,
+                 "--_crash-after-batches", "2:2")
+    assert r.returncode == 17, r.stderr
+    assert cli.main(["search", "--model", spec, *TINY_RUN, "--out", str(crashed),
+                     "--resume"]) == 0
+    a = ck["model"]
+    b = torch.load(crashed / "checkpoint.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra = json.loads((crashed / "results.json").read_text())
+    assert (ra["test_acc"], ra["best_test_acc"]) == (res["test_acc"], res["best_test_acc"])
+
+
+def test_search_model_errors_name_the_file(user_model_file, tmp_path, capsys):
+    from binslt import cli
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("import torch\nraise RuntimeError('no such layer')\n")
+    cases = [
+        (f"{tmp_path / 'missing.py'}:small", "no such file"),
+        (f"{broken}:small", "fails to import (RuntimeError: no such layer)"),
+        (f"{user_model_file}:nothing", "has no function 'nothing'"),
+        (f"{user_model_file}:not_a_model", "returned a int, not a SpikingJelly model"),
+        (str(user_model_file), "FILE.py:FACTORY"),
+    ]
+    for spec, msg in cases:
+        assert cli.main(["search", "--model", spec, *TINY_RUN, "--out",
+                         str(tmp_path / "x")]) == 2, spec
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0] and "Traceback" not in lines[0], lines
+        if "FILE.py" not in msg:
+            assert spec.split(":")[0].rsplit("/", 1)[-1] in lines[0]
+    assert cli.main(["search", "--model", f"{user_model_file}:small", "--input-shape", "1,9,9",
+                     *TINY_RUN, "--out", str(tmp_path / "y")]) == 2
+    assert "does not match the dataset's images (1,8,8)" in capsys.readouterr().err
+    assert cli.main(["search", "--model", f"{user_model_file}:small", "--arch", "vgg9",
+                     *TINY_RUN, "--out", str(tmp_path / "z")]) == 2
+    assert "exclude each other" in capsys.readouterr().err

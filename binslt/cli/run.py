@@ -184,7 +184,8 @@ def _slug(s: str) -> str:
 
 def default_out(cfg: RunConfig) -> Path:
     tag = "finetune" if cfg.mode == "finetune" else cfg.method
-    return Path("runs") / f"{tag}-{cfg.arch}-{_slug(cfg.dataset)}"
+    arch = cfg.arch if cfg.model is None else _slug(cfg.model.rsplit(":", 1)[-1])
+    return Path("runs") / f"{tag}-{arch}-{_slug(cfg.dataset)}"
 
 
 def _run_one(cfg: RunConfig, out: Path, args: argparse.Namespace,
@@ -204,6 +205,11 @@ def _summary(res: dict[str, Any], out: Path) -> str:
 
 def _train_command(args: argparse.Namespace, method: str, mode: str) -> int:
     explicit = explicit_options(args)
+    if explicit.get("model") is not None:  # the network is the user's model
+        if "arch" in explicit:
+            raise CLIError("--model and --arch exclude each other (the network is the model "
+                           "FILE.py:FACTORY returns)")
+        explicit["arch"] = "custom"
     base = DEFAULTS
     probe = make_config(base, explicit, method=method, mode=mode)
     out = Path(args.out) if args.out else default_out(probe)
@@ -562,6 +568,15 @@ def add_parsers(sub) -> None:
         "signs; the mask keeps the top-|score| weights). With no options: Conv-4 on "
         "scikit-learn digits, prune rate 0.5, T=4, lambda=0.99, 30 epochs.")
     add_run_options(s)
+    u = s.add_argument_group("your own SpikingJelly model (instead of --arch)")
+    u.add_argument("--model", default=argparse.SUPPRESS, metavar="FILE.py:FACTORY",
+                   help="import FILE.py and call FACTORY() (with num_classes= if it takes it); "
+                   "the SpikingJelly model it returns is converted by binslt.convert (its own "
+                   "neurons and forward; the neuron options above do not apply) and searched. "
+                   "The conversion report is printed and saved as OUT/report.txt and .json")
+    u.add_argument("--input-shape", default=argparse.SUPPRESS, metavar="C,H,W",
+                   help="image shape of the example run that finds the model's graph "
+                   "(default: the dataset's)")
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("train", help="baselines: ann, snn (dense), bnn (BNN-BinAct)",

@@ -165,6 +165,21 @@ def add_run_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> Non
                    help=argparse.SUPPRESS)  # test hook: os._exit after batch K of epoch E
 
 
+def add_early_time_options(p: argparse.ArgumentParser) -> None:
+    """``binslt search``'s early-time ticket options (defaults suppressed, as above)."""
+    S = argparse.SUPPRESS
+    g = p.add_argument_group("early-time tickets (Kim et al., ECCV 2022)")
+    g.add_argument("--early-time", action="store_true", default=S,
+                   help="search the scores at a smaller T' and evaluate at T: T' is the smallest "
+                   "T' < T whose KL divergence (output averaged over T' vs over T, one training "
+                   "batch at initialisation), divided by the largest over the T', is under "
+                   "--early-time-threshold; the last --early-time-tune-epochs run at T")
+    g.add_argument("--early-time-threshold", type=float, default=S,
+                   help=f"(default {DEFAULTS.early_time_threshold}, Kim et al.'s)")
+    g.add_argument("--early-time-tune-epochs", type=int, default=S, metavar="N",
+                   help="final epochs of the search at the full T (default: epochs // 10)")
+
+
 _FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 
 
@@ -248,7 +263,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not saved:
         raise CLIError(f"{source['path']} carries no run config; fine-tune the output "
                        "directory of `binslt search`")
-    saved.update(mode="finetune", init_from=source["path"])
+    # Fine-tuning trains the found ticket at its full T, also after an early-time search.
+    saved.update(mode="finetune", init_from=source["path"], early_time=False)
     try:
         base = RunConfig.from_dict(saved)
     except (RunError, TypeError) as exc:
@@ -747,6 +763,7 @@ def add_parsers(sub) -> None:
         "signs; the mask keeps the top-|score| weights). With no options: Conv-4 on "
         "scikit-learn digits, prune rate 0.5, T=4, lambda=0.99, 30 epochs.")
     add_run_options(s)
+    add_early_time_options(s)
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("train", help="baselines: ann, snn (dense), bnn (BNN-BinAct)",

@@ -493,10 +493,12 @@ def sweep_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return stats.aggregate(rows, SUMMARY_KEYS, SUMMARY_VALUES)
 
 
-def _summary_fields(summary: list[dict[str, Any]], keys: tuple[str, ...]) -> list[str]:
+def _summary_fields(summary: list[dict[str, Any]], keys: tuple[str, ...],
+                    values: tuple[str, ...]) -> list[str]:
+    """The CSV columns of :func:`binslt.stats.aggregate`'s rows, per-seed columns included."""
     fields = list(keys) + ["n_seeds", "seeds"]
     seeds = sorted({int(x) for r in summary for x in str(r["seeds"]).split(";")})
-    for f in SUMMARY_VALUES:
+    for f in values:
         fields += [f"{f}_mean", f"{f}_std"] + [f"{f}_s{x}" for x in seeds]
     return fields
 
@@ -542,7 +544,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             atomic_write_csv(rows, out / "sweep.csv", SWEEP_FIELDS)
     if main:
         summary = sweep_summary(rows)
-        atomic_write_csv(summary, out / "sweep_summary.csv", _summary_fields(summary, SUMMARY_KEYS))
+        atomic_write_csv(summary, out / "sweep_summary.csv",
+                         _summary_fields(summary, SUMMARY_KEYS, SUMMARY_VALUES))
         atomic_write_json({"kind": "sweep", "seeds": seeds, "std": stats.STD_KIND,
                            "runs": rows, "points": summary}, out / "results.json")
         plot_sweep(rows, base, out / "fig2.png")
@@ -730,7 +733,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         atomic_write_csv(rows, out / "compare.csv", COMPARE_FIELDS)
         atomic_write_json(rows, out / "compare.json")
         atomic_write_csv(summary, out / "compare_summary.csv",
-                         _compare_summary_fields(summary))
+                         _summary_fields(summary, COMPARE_KEYS, COMPARE_VALUES))
         atomic_write_csv(pairs, out / "compare_pairs.csv", PAIR_FIELDS)
         atomic_write_json({"kind": "compare", "seeds": seeds, "std": stats.STD_KIND,
                            "runs": rows, "rows": summary, "pairs": pairs}, out / "results.json")
@@ -740,14 +743,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"wrote {out / 'compare.md'}, compare.csv, compare.json, compare_summary.csv, "
               "compare_pairs.csv, results.json")
     return 0
-
-
-def _compare_summary_fields(summary: list[dict[str, Any]]) -> list[str]:
-    fields = list(COMPARE_KEYS) + ["n_seeds", "seeds"]
-    seeds = sorted({int(x) for r in summary for x in str(r["seeds"]).split(";")})
-    for f in COMPARE_VALUES:
-        fields += [f"{f}_mean", f"{f}_std"] + [f"{f}_s{x}" for x in seeds]
-    return fields
 
 
 # ---------------------------------------------------------------------------------------------

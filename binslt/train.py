@@ -63,9 +63,9 @@ from .artifacts import (
 from .tickets import export_ticket
 
 __all__ = ["ARCHS", "METHODS", "RunConfig", "RunError", "RunHooks", "build_model",
-           "build_or_restore", "evaluate", "finish", "load_data", "make_optimizer",
-           "prepare_output", "restore_checkpoint", "run", "save_checkpoint", "save_ticket",
-           "train_one_epoch", "versions"]
+           "build_or_restore", "choose_early_time", "early_time_divergences", "evaluate",
+           "finish", "load_data", "make_optimizer", "prepare_output", "restore_checkpoint", "run",
+           "save_checkpoint", "save_ticket", "select_early_time", "train_one_epoch", "versions"]
 
 METHODS = ("binwslt", "snn", "bnn", "ann")
 SPIKING = ("binwslt", "snn")
@@ -119,6 +119,11 @@ class RunConfig:
     model: str | None = None
     input_shape: str | None = None  #: --model: 'C,H,W' of the images (default: the dataset's)
     mode: str = "search"  #: model mode while training: search | finetune | train (dense models)
+    #: Early-time tickets (Kim et al., ECCV 2022; :func:`choose_early_time`): search the scores
+    #: at a smaller T' chosen at initialisation, evaluate (and tune the last epochs) at T.
+    early_time: bool = False
+    early_time_threshold: float = 0.6  #: pick the smallest T' with KL / max KL under this
+    early_time_tune_epochs: int | None = None  #: final epochs at the full T; None = epochs // 10
 
     # Fields that may differ between an interrupted run and its resumption.
     RESUMABLE_CHANGES = ("device", "workers", "data_dir", "download")
@@ -185,6 +190,24 @@ class RunConfig:
              f"only masked models (binwslt, bnn) can be fine-tuned, got {self.method!r}")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.early_time:
+            need(self.method == "binwslt" and self.mode == "search",
+                 f"--early-time applies to the BinW-SLT score search, not to {self.method} in "
+                 f"mode {self.mode!r}")
+            need(self.timesteps >= 2, f"--early-time needs T >= 2 (it searches at a T' < T), "
+                 f"got T={self.timesteps}")
+            need(0.0 < self.early_time_threshold <= 1.0, "--early-time-threshold is a fraction "
+                 f"of the largest divergence, in (0, 1], got {self.early_time_threshold}")
+            need(self.early_time_tune_epochs is None
+                 or 0 <= self.early_time_tune_epochs < self.epochs,
+                 f"--early-time-tune-epochs must be in [0, epochs={self.epochs}), got "
+                 f"{self.early_time_tune_epochs}")
+
+    def tune_epochs(self) -> int:
+        """Early-time search: how many final epochs run at the full T."""
+        if self.early_time_tune_epochs is not None:
+            return self.early_time_tune_epochs
+        return self.epochs // 10
 
     def neuron_options(self) -> dict[str, Any]:
         """The ``**neuron_options`` for :func:`binslt.models.build` (spiking models only)."""
@@ -424,6 +447,58 @@ def save_ticket(model: nn.Module, out_dir: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# Early-time tickets
+# ---------------------------------------------------------------------------------------------
+
+
+def early_time_divergences(model: nn.Module, x: torch.Tensor, timesteps: int) -> dict[int, float]:
+    """``{T': KL(p_T || p_T')}`` for T' = 1 .. T-1: the mean over the batch ``x`` of the KL
+    divergence between the softmax of the output averaged over T and of the output averaged
+    over T' (the network run at T'), in nats, computed in float64.
+
+    The model runs in training mode (batch statistics in BN, as the search at T' sees them) on
+    a copy, so that ``model`` and its BN running statistics stay as they are."""
+    import copy
+
+    probe = copy.deepcopy(model)
+    probe.train()
+    outs = {}
+    with torch.no_grad():
+        for t in range(1, timesteps + 1):
+            probe.timesteps = t
+            outs[t] = F.log_softmax(probe(x).double(), dim=1)
+    ref = outs[timesteps]
+    return {t: float((ref.exp() * (ref - outs[t])).sum(1).mean()) for t in range(1, timesteps)}
+
+
+def select_early_time(divergences: dict[int, float], timesteps: int, threshold: float,
+                      ) -> tuple[int, dict[int, float]]:
+    """``(T', normalised)``: each divergence divided by the largest one, and the smallest T'
+    whose normalised divergence is under ``threshold``; T itself when none is (a divergence
+    of 0 everywhere normalises to 0)."""
+    top = max(divergences.values(), default=0.0)
+    norm = {t: (d / top if top > 0 else 0.0) for t, d in sorted(divergences.items())}
+    under = [t for t, v in norm.items() if v < threshold]
+    return (min(under) if under else timesteps), norm
+
+
+def choose_early_time(cfg: RunConfig, model: nn.Module, bundle, device: torch.device,
+                      ) -> dict[str, Any]:
+    """Kim et al.'s early-time rule on one training batch at initialisation: the batch is the
+    first ``batch_size`` examples of a permutation drawn from a generator seeded with
+    ``cfg.seed`` (the global RNGs are not touched, so the run that follows is the same)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    idx = torch.randperm(len(bundle.train), generator=g)[: min(cfg.batch_size, len(bundle.train))]
+    x = torch.stack([bundle.train[int(i)][0] for i in idx]).to(device)
+    div = early_time_divergences(model, x, cfg.timesteps)
+    t_prime, norm = select_early_time(div, cfg.timesteps, cfg.early_time_threshold)
+    return {"T": cfg.timesteps, "T_prime": t_prime, "threshold": cfg.early_time_threshold,
+            "batch": len(idx), "kl": {str(t): v for t, v in div.items()},
+            "normalised": {str(t): v for t, v in norm.items()},
+            "search_epochs": cfg.epochs - cfg.tune_epochs(), "tune_epochs": cfg.tune_epochs()}
+
+
+# ---------------------------------------------------------------------------------------------
 # The steps of a run
 # ---------------------------------------------------------------------------------------------
 
@@ -629,9 +704,11 @@ def _count_params(model: nn.Module) -> Any:
 
 
 def finish(run_dir: RunDir, cfg: RunConfig, state: TrainState, bundle, info: DistInfo,
-           device: torch.device, backend: str, source: dict[str, Any] | None) -> dict[str, Any]:
+           device: torch.device, backend: str, source: dict[str, Any] | None,
+           early: dict[str, Any] | None = None) -> dict[str, Any]:
     """The results dict; rank 0 writes the ticket and results.json (last: a directory with
-    results.json is a finished run)."""
+    results.json is a finished run). ``early``: the early-time choice
+    (:func:`choose_early_time`), recorded with the training time of its two phases."""
     history = state.history
     results = {
         "config": cfg.to_dict(),
@@ -649,6 +726,12 @@ def finish(run_dir: RunDir, cfg: RunConfig, state: TrainState, bundle, info: Dis
         "files": {"metrics": RunDir.METRICS, "checkpoint": RunDir.CHECKPOINT,
                   "ticket": RunDir.TICKET},
     }
+    if early is not None:
+        k = early["search_epochs"]
+        results["early_time"] = {
+            **early,
+            "search_train_time_s": float(sum(h["epoch_time_s"] for h in history[:k])),
+            "tune_train_time_s": float(sum(h["epoch_time_s"] for h in history[k:]))}
     if info.main:
         save_ticket(state.model, run_dir.path)
         atomic_write_json(results, run_dir.results)
@@ -697,6 +780,14 @@ def _train(cfg: RunConfig, run_dir: RunDir, info: DistInfo, *, resume: bool, ove
         if ckpt is None:
             log(str(report))
     model.to(device)
+    early = None
+    if cfg.early_time:  # on the fresh network (a resumed run rebuilds the same one first)
+        early = choose_early_time(cfg, model, bundle, device)
+        if ckpt is None:
+            log(f"early-time: T'={early['T_prime']} of T={cfg.timesteps} (normalised KL "
+                + ", ".join(f"T'={t}: {v:.3f}" for t, v in early["normalised"].items())
+                + f"; threshold {cfg.early_time_threshold:g}); the last {early['tune_epochs']} "
+                "epoch(s) and every evaluation at T")
     backend = ops.resolve_backend(cfg.backend, device)
     state = TrainState(model, *make_optimizer(cfg, model))
     if ckpt is not None:
@@ -723,11 +814,15 @@ def _train(cfg: RunConfig, run_dir: RunDir, info: DistInfo, *, resume: bool, ove
         loader = _loader(bundle.train, per_rank_bs, sampler, cfg.workers, gen, drop_last, pin)
         lr = state.opt.param_groups[0]["lr"]
         bar = _ProgressBar(len(loader), f"epoch {epoch + 1}/{cfg.epochs}") if progress else None
+        if early is not None:  # search at T', the last tune epochs at T
+            model.timesteps = (early["T_prime"] if epoch < early["search_epochs"]
+                               else cfg.timesteps)
         train_loss, train_acc = train_one_epoch(
             net, loader, state.opt, device, all_reduce=info.all_reduce, bar=bar,
             after_step=lambda b, e=epoch + 1: hooks.after_step(e, b))
         state.sched.step()
         t_train = time.perf_counter() - t0
+        model.timesteps = cfg.timesteps  # evaluation, checkpoints and the ticket: the full T
         info.sync_buffers(model)
         test_loss, test_acc = evaluate(model, test_loader, device, info.all_reduce)
         t_epoch = time.perf_counter() - t0
@@ -743,7 +838,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, info: DistInfo, *, resume: bool, ove
             f"test {test_acc:6.2f}% (best {state.best:6.2f}%)  {t_train:.1f}s")
         save_checkpoint(run_dir, cfg, state, info)
 
-    return finish(run_dir, cfg, state, bundle, info, device, backend, source)
+    return finish(run_dir, cfg, state, bundle, info, device, backend, source, early)
 
 
 def _silent(_msg: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import data as data_mod
-from .. import energy, train
+from .. import energy, stats, train
 from ..artifacts import RunDir, atomic_write_bytes, atomic_write_csv, atomic_write_json, load_source
 from ..train import METHODS, RunConfig, RunError
 from .common import METHOD_LABELS, CLIError, is_main_process, load_model, progress_enabled
@@ -39,11 +39,28 @@ def _v_reset(s: str) -> float | None:
                                          ) from None
 
 
-def _crash_spec(s: str) -> tuple[int, int]:
-    m = re.fullmatch(r"(\d+):(\d+)", s)
+def _crash_spec(s: str) -> tuple[int, ...]:
+    m = re.fullmatch(r"(\d+):(\d+)(?::(\d+))?", s)
     if not m:
-        raise argparse.ArgumentTypeError(f"expected EPOCH:BATCHES, got {s!r}")
-    return int(m.group(1)), int(m.group(2))
+        raise argparse.ArgumentTypeError(f"expected EPOCH:BATCHES[:RUN], got {s!r}")
+    return tuple(int(g) for g in m.groups() if g is not None)
+
+
+class _CrashPlan:
+    """The test hook ``--_crash-after-batches EPOCH:BATCHES[:RUN]`` of a command that starts
+    several runs (sweep, compare): the process dies in the RUN-th run it starts (counted from 1,
+    finished points it skips do not count; default the first)."""
+
+    def __init__(self, spec: tuple[int, ...] | None):
+        self.spec = spec
+        self.started = 0
+
+    def next_hooks(self) -> train.RunHooks:
+        self.started += 1
+        if self.spec is None:
+            return train.RunHooks()
+        run_no = self.spec[2] if len(self.spec) > 2 else 1
+        return train.RunHooks(crash_after=self.spec[:2] if run_no == self.started else None)
 
 
 def _number_list(kind: Callable[[str], Any], what: str) -> Callable[[str], list]:
@@ -151,6 +168,21 @@ def add_run_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> Non
                    help=argparse.SUPPRESS)  # test hook: os._exit after batch K of epoch E
 
 
+def add_early_time_options(p: argparse.ArgumentParser) -> None:
+    """``binslt search``'s early-time ticket options (defaults suppressed, as above)."""
+    S = argparse.SUPPRESS
+    g = p.add_argument_group("early-time tickets (Kim et al., ECCV 2022)")
+    g.add_argument("--early-time", action="store_true", default=S,
+                   help="search the scores at a smaller T' and evaluate at T: T' is the smallest "
+                   "T' < T whose KL divergence (output averaged over T' vs over T, one training "
+                   "batch at initialisation), divided by the largest over the T', is under "
+                   "--early-time-threshold; the last --early-time-tune-epochs run at T")
+    g.add_argument("--early-time-threshold", type=float, default=S,
+                   help=f"(default {DEFAULTS.early_time_threshold}, Kim et al.'s)")
+    g.add_argument("--early-time-tune-epochs", type=int, default=S, metavar="N",
+                   help="final epochs of the search at the full T (default: epochs // 10)")
+
+
 _FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 
 
@@ -190,7 +222,7 @@ def default_out(cfg: RunConfig) -> Path:
 
 def _run_one(cfg: RunConfig, out: Path, args: argparse.Namespace,
              log: Callable[[str], None] = print) -> dict[str, Any]:
-    hooks = train.RunHooks(crash_after=getattr(args, "crash_after", None))
+    hooks = _CrashPlan(getattr(args, "crash_after", None)).next_hooks()
     return train.run(cfg, out, resume=args.resume, overwrite=args.overwrite,
                      progress=progress_enabled(args), hooks=hooks, log=log)
 
@@ -242,7 +274,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not saved:
         raise CLIError(f"{source['path']} carries no run config; fine-tune the output "
                        "directory of `binslt search`")
-    saved.update(mode="finetune", init_from=source["path"])
+    # Fine-tuning trains the found ticket at its full T, also after an early-time search.
+    saved.update(mode="finetune", init_from=source["path"], early_time=False)
     try:
         base = RunConfig.from_dict(saved)
     except (RunError, TypeError) as exc:
@@ -266,6 +299,34 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if is_main_process():
         print(_summary(res, out))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds (sweep and compare)
+# ---------------------------------------------------------------------------------------------
+
+
+def _seed_list(args: argparse.Namespace, base: RunConfig) -> tuple[list[int], bool]:
+    """``(seeds, multi)``: the seeds of ``--seeds`` (``multi=True``), else ``[base.seed]``."""
+    seeds = getattr(args, "seeds", None)
+    if seeds is None:
+        return [base.seed], False
+    if hasattr(args, "seed"):
+        raise CLIError("give --seed or --seeds, not both")
+    if not seeds:
+        raise CLIError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
+    if len(set(seeds)) != len(seeds):
+        raise CLIError(f"--seeds lists a seed twice: {seeds}")
+    if any(x < 0 for x in seeds):
+        raise CLIError(f"--seeds must be >= 0, got {seeds}")
+    return list(seeds), True
+
+
+def _fmt_ms(mean: float | None, sd: float | None, spec: str = ".2f") -> str:
+    """``mean +- sd`` (just the mean for one seed)."""
+    if mean is None:
+        return "-"
+    return format(mean, spec) + ("" if sd is None else f" ± {format(sd, spec)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,13 +410,27 @@ def _close(a: float, b: float) -> bool:
 
 def plot_sweep(rows: list[dict[str, Any]], base: RunConfig, path: Path) -> None:
     """Fig. 2 layout: (a) accuracy vs prune rate, (b) vs T, (c) vs lambda. A method to which an
-    axis does not apply is drawn as a dashed horizontal line at its default-point accuracy."""
+    axis does not apply is drawn as a dotted horizontal line at its default-point accuracy.
+
+    ``rows`` holds one row per run; the runs of one grid point over several seeds are drawn as
+    their mean with an error bar of one sample standard deviation (ddof=1; a shaded band for
+    the horizontal lines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     base_lam = _lam(base)
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        key = (r["method"], r["arch"], round(float(r["prune_rate"]), 9), int(r["timesteps"]),
+               round(float(r["decay"]), 9))
+        groups.setdefault(key, []).append(r)
+    points = []
+    for grp in groups.values():
+        mean, sd = stats.mean_std([g["test_acc"] for g in grp])
+        points.append({**grp[0], "test_acc": mean, "test_acc_std": sd or 0.0})
+    n_seeds = max((len(g) for g in groups.values()), default=1)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     series_keys = sorted({(r["method"], r["arch"]) for r in rows},
                          key=lambda k: (METHODS.index(k[0]), k[1]))
@@ -369,7 +444,7 @@ def plot_sweep(rows: list[dict[str, Any]], base: RunConfig, path: Path) -> None:
         for i, (m, arch) in enumerate(series_keys):
             label = METHOD_LABELS[m] + (f" {arch}" if multi_arch else "")
             color = colors[i % len(colors)]
-            mine = [r for r in rows if r["method"] == m and r["arch"] == arch]
+            mine = [r for r in points if r["method"] == m and r["arch"] == arch]
             variants = [(label, base.timesteps)]
             if axis == "prune_rate" and m == "binwslt" and base.timesteps != 1:
                 variants.append((label + " (T=1)", 1))
@@ -386,18 +461,24 @@ def plot_sweep(rows: list[dict[str, Any]], base: RunConfig, path: Path) -> None:
                         if not _close(r[other], want):
                             return False
                     return True
-                pts = sorted((float(r[axis]), float(r["test_acc"])) for r in mine if keep(r))
+                pts = sorted((float(r[axis]), float(r["test_acc"]), float(r["test_acc_std"]))
+                             for r in mine if keep(r))
                 if not pts:
                     continue
                 style = "--" if lab.endswith("(T=1)") else "-"
+                xs = [x * 100 if axis == "prune_rate" else x for x, _, _ in pts]
+                ys = [y for _, y, _ in pts]
+                err = [e for _, _, e in pts] if n_seeds > 1 else None
                 if m in applies and len({p[0] for p in pts}) > 1:
-                    xs = [x * 100 if axis == "prune_rate" else x for x, _ in pts]
-                    ax.plot(xs, [y for _, y in pts], style, marker="o", color=color, label=lab)
+                    ax.errorbar(xs, ys, yerr=err, fmt=style, marker="o", color=color, label=lab,
+                                capsize=3)
                 elif m not in applies:
-                    ax.axhline(pts[0][1], linestyle=":", color=color, label=lab)
+                    ax.axhline(ys[0], linestyle=":", color=color, label=lab)
+                    if err and err[0] > 0:
+                        ax.axhspan(ys[0] - err[0], ys[0] + err[0], color=color, alpha=0.12)
                 else:
-                    x = pts[0][0] * 100 if axis == "prune_rate" else pts[0][0]
-                    ax.plot([x], [pts[0][1]], marker="o", color=color, label=lab)
+                    ax.errorbar(xs[:1], ys[:1], yerr=err[:1] if err else None, fmt="o",
+                                color=color, label=lab, capsize=3)
         ax.set_xlabel(title)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -405,8 +486,9 @@ def plot_sweep(rows: list[dict[str, Any]], base: RunConfig, path: Path) -> None:
             ax.invert_xaxis()  # the paper goes from 0.99 down
         ax.legend(fontsize=8)
     ds = rows[0]["dataset"] if rows else base.dataset
+    seeds_note = (f"; mean ± sample std over {n_seeds} seeds" if n_seeds > 1 else "")
     fig.suptitle(f"{ds}: prune rate {base.prune_rate:g}, T={base.timesteps}, "
-                 f"$\\lambda$={base_lam:g} unless varied")
+                 f"$\\lambda$={base_lam:g} unless varied{seeds_note}")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
@@ -414,9 +496,31 @@ def plot_sweep(rows: list[dict[str, Any]], base: RunConfig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+SUMMARY_KEYS = ("method", "arch", "dataset", "prune_rate", "timesteps", "decay", "decay_input",
+                "epochs")
+SUMMARY_VALUES = ("test_acc", "best_test_acc", "wall_time_s")
+
+
+def sweep_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per grid point over its seeds: mean, sample std (ddof=1) and per-seed values of
+    the final and best test accuracy and of the wall time (:func:`binslt.stats.aggregate`)."""
+    return stats.aggregate(rows, SUMMARY_KEYS, SUMMARY_VALUES)
+
+
+def _summary_fields(summary: list[dict[str, Any]], keys: tuple[str, ...],
+                    values: tuple[str, ...]) -> list[str]:
+    """The CSV columns of :func:`binslt.stats.aggregate`'s rows, per-seed columns included."""
+    fields = list(keys) + ["n_seeds", "seeds"]
+    seeds = sorted({int(x) for r in summary for x in str(r["seeds"]).split(";")})
+    for f in values:
+        fields += [f"{f}_mean", f"{f}_std"] + [f"{f}_s{x}" for x in seeds]
+    return fields
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     explicit = explicit_options(args)
     base = make_config(DEFAULTS, explicit, method="binwslt", mode="search")
+    seeds, multi = _seed_list(args, base)
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{_slug(base.dataset)}"
     points = sweep_points(base, args.methods, args.archs, args.prune_rates, args.timesteps_list,
                           args.decays, args.full_grid)
@@ -425,24 +529,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             p.validate()
         except RunError as exc:
             raise CLIError(f"grid point {_point_name(p)}: {exc}") from None
+    # Seed-major order: the first pass is the single-seed sweep of seeds[0], whose point
+    # directories (named with their seed) an earlier single-seed sweep may already hold.
+    runs = [dataclasses.replace(p, seed=sd) for sd in seeds for p in points]
     main = is_main_process()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"sweep: {len(points)} grid points -> {out}")
+        print(f"sweep: {len(points)} grid points x {len(seeds)} seed(s) -> {out}")
+    crash = _CrashPlan(args.crash_after)
     rows = []
-    for i, cfg in enumerate(points):
+    for i, cfg in enumerate(runs):
         pdir = out / _point_name(cfg)
         res = RunDir(pdir).read_results()
         if res is not None:
             if main:
-                print(f"[{i + 1}/{len(points)}] {pdir.name}: done earlier "
+                print(f"[{i + 1}/{len(runs)}] {pdir.name}: done earlier "
                       f"({res['test_acc']:.2f}%)")
         else:
             if main:
-                print(f"[{i + 1}/{len(points)}] {pdir.name}")
-            hooks = train.RunHooks(crash_after=args.crash_after)
-            res = train.run(cfg, pdir, resume=True, progress=progress_enabled(args), hooks=hooks,
-                            log=print if args.verbose else _quiet)
+                print(f"[{i + 1}/{len(runs)}] {pdir.name}")
+            res = train.run(cfg, pdir, resume=True, progress=progress_enabled(args),
+                            hooks=crash.next_hooks(), log=print if args.verbose else _quiet)
             if main:
                 print(f"    test {res['test_acc']:.2f}% (best {res['best_test_acc']:.2f}%), "
                       f"{res['wall_time_s']:.1f} s")
@@ -450,8 +557,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if main:
             atomic_write_csv(rows, out / "sweep.csv", SWEEP_FIELDS)
     if main:
+        summary = sweep_summary(rows)
+        atomic_write_csv(summary, out / "sweep_summary.csv",
+                         _summary_fields(summary, SUMMARY_KEYS, SUMMARY_VALUES))
+        atomic_write_json({"kind": "sweep", "seeds": seeds, "std": stats.STD_KIND,
+                           "runs": rows, "points": summary}, out / "results.json")
         plot_sweep(rows, base, out / "fig2.png")
-        print(f"wrote {out / 'sweep.csv'} and {out / 'fig2.png'}")
+        extra = " (mean ± std over seeds)" if multi else ""
+        print(f"wrote {out / 'sweep.csv'}, sweep_summary.csv{extra}, results.json and "
+              f"{out / 'fig2.png'}")
     return 0
 
 
@@ -465,9 +579,16 @@ def _quiet(_msg: str) -> None:
 
 COMPARE_ROWS = (("ann", "ANN", {}), ("snn", "SNN", {}), ("bnn", "BNN-BinAct", {}),
                 ("binwslt", "BinW-SLT", {}), ("binwslt", "BinW-SLT (T=1)", {"timesteps": 1}))
-COMPARE_FIELDS = ("method", "label", "arch", "dataset", "timesteps", "prune_rate", "test_acc",
-                  "best_test_acc", "delta_vs_bnn", "params", "ops_g", "energy_mj",
+COMPARE_FIELDS = ("method", "label", "arch", "dataset", "timesteps", "prune_rate", "seed",
+                  "test_acc", "best_test_acc", "delta_vs_bnn", "params", "ops_g", "energy_mj",
                   "wall_time_s", "dir")
+COMPARE_KEYS = ("method", "label", "arch", "dataset", "timesteps", "prune_rate", "params")
+COMPARE_VALUES = ("test_acc", "best_test_acc", "ops_g", "energy_mj", "wall_time_s")
+#: The paper's comparisons: BinW-SLT (both rows) against BNN-BinAct and against the dense SNN.
+COMPARE_PAIRS = (("BinW-SLT", "BNN-BinAct"), ("BinW-SLT", "SNN"),
+                 ("BinW-SLT (T=1)", "BNN-BinAct"), ("BinW-SLT (T=1)", "SNN"))
+PAIR_FIELDS = ("a", "b", "metric", "n_seeds", "seeds", "mean_diff", "std_diff", "level", "t",
+               "ci_low", "ci_high", "diffs")
 
 
 def _energy(out: Path, cfg: RunConfig) -> tuple[float, float]:
@@ -506,52 +627,135 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def compare_pairs(rows: list[dict[str, Any]], level: float = 0.95) -> list[dict[str, Any]]:
+    """:data:`COMPARE_PAIRS` present in ``rows`` (one row per run): the paired difference of the
+    final and of the best test accuracy, A - B, over the seeds both rows ran, with its two-sided
+    Student-t confidence interval (:func:`binslt.stats.paired_difference`)."""
+    out = []
+    for a, b in COMPARE_PAIRS:
+        for metric in ("test_acc", "best_test_acc"):
+            va = {r["seed"]: r[metric] for r in rows if r["label"] == a}
+            vb = {r["seed"]: r[metric] for r in rows if r["label"] == b}
+            if not (set(va) & set(vb)):
+                continue
+            d = stats.paired_difference(va, vb, level=level)
+            out.append({"a": a, "b": b, "metric": metric, "n_seeds": d["n"],
+                        "seeds": ";".join(map(str, d["seeds"])), "mean_diff": d["mean"],
+                        "std_diff": d["std"], "level": d["level"], "t": d["t"],
+                        "ci_low": d["ci_low"], "ci_high": d["ci_high"],
+                        "diffs": ";".join(f"{x:.4f}" for x in d["diffs"])})
+    return out
+
+
+def compare_seed_table(summary: list[dict[str, Any]]) -> str:
+    """The Table 1/2-style markdown table over seeds: mean ± sample std (ddof=1) and the
+    per-seed final accuracies."""
+    has_energy = any(r.get("ops_g_mean") is not None for r in summary)
+    head = ["Architecture (params)", "Method", "T", "Acc (%) mean ± std", "per seed",
+            "best (%) mean ± std"]
+    if has_energy:
+        head += ["OPs (G)", "Energy (mJ)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary:
+        params = r.get("params")
+        pstr = f"{params / 1e6:.2f}M" if isinstance(params, (int, float)) else "?"
+        t = r["timesteps"] if r["method"] in train.SPIKING else "-"
+        seeds = str(r["seeds"]).split(";")
+        per = " / ".join(f"{r[f'test_acc_s{x}']:.2f}" for x in seeds)
+        cells = [f"{r['arch']} ({pstr})", r["label"], str(t),
+                 _fmt_ms(r["test_acc_mean"], r["test_acc_std"]), per,
+                 _fmt_ms(r["best_test_acc_mean"], r["best_test_acc_std"])]
+        if has_energy:
+            cells += [_fmt(r.get("ops_g_mean"), ".4f"), _fmt(r.get("energy_mj_mean"), ".4f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pairs_table(pairs: list[dict[str, Any]]) -> str:
+    """The paired comparisons as a markdown table."""
+    lines = ["| comparison | accuracy | seeds | mean difference | sd | 95% CI (paired t) |",
+             "|---|---|---|---|---|---|"]
+    for q in pairs:
+        ci = ("-" if q["ci_low"] is None else
+              f"[{q['ci_low']:+.2f}, {q['ci_high']:+.2f}] (t={q['t']:.3f}, df={q['n_seeds'] - 1})")
+        sd = "-" if q["std_diff"] is None else f"{q['std_diff']:.2f}"
+        what = "final" if q["metric"] == "test_acc" else "best"
+        lines.append(f"| {q['a']} - {q['b']} | {what} | {q['seeds'].replace(';', ',')} | "
+                     f"{q['mean_diff']:+.2f} | {sd} | {ci} |")
+    return "\n".join(lines)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     explicit = explicit_options(args)
     base = make_config(DEFAULTS, explicit, method="binwslt", mode="search")
+    seeds, multi = _seed_list(args, base)
     out = Path(args.out) if args.out else Path("runs") / f"compare-{base.arch}-{_slug(base.dataset)}"
     main = is_main_process()
-    rows = []
     chosen = [r for r in COMPARE_ROWS if r[0] in args.methods]
-    for method, label, over in chosen:
-        cfg = dataclasses.replace(base, method=method,
-                                  mode="train" if method in ("ann", "snn") else "search", **over)
-        try:
-            cfg.validate()
-        except RunError as exc:
-            raise CLIError(str(exc)) from None
-        rdir = out / re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
-        if main:
-            print(f"== {label} -> {rdir}")
-        hooks = train.RunHooks(crash_after=args.crash_after)
-        res = train.run(cfg, rdir, resume=True, progress=progress_enabled(args), hooks=hooks,
-                        log=print if args.verbose else _quiet)
-        row = {"method": method, "label": label, "arch": cfg.arch, "dataset": res["dataset"],
-               "timesteps": cfg.timesteps, "prune_rate": cfg.prune_rate,
-               "test_acc": res["test_acc"], "best_test_acc": res["best_test_acc"],
-               "params": res.get("params"), "wall_time_s": res["wall_time_s"],
-               "dir": str(rdir), "ops_g": None, "energy_mj": None}
-        if main:
-            row["ops_g"], row["energy_mj"] = _energy(rdir, cfg)
-            print(f"   {label}: {res['test_acc']:.2f}% ({res['wall_time_s']:.1f} s)")
-        rows.append(row)
-    bnn = next((r["test_acc"] for r in rows if r["method"] == "bnn"), None)
-    for r in rows:
+    crash = _CrashPlan(args.crash_after)
+    rows = []
+    for seed in seeds:
+        for method, label, over in chosen:
+            cfg = dataclasses.replace(base, method=method, seed=seed,
+                                      mode="train" if method in ("ann", "snn") else "search",
+                                      **over)
+            try:
+                cfg.validate()
+            except RunError as exc:
+                raise CLIError(str(exc)) from None
+            slug = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
+            # One seed without --seeds keeps the single-run layout (OUT/<row>).
+            rdir = out / (f"{slug}-s{seed}" if multi else slug)
+            if main:
+                print(f"== {label}, seed {seed} -> {rdir}")
+            res = train.run(cfg, rdir, resume=True, progress=progress_enabled(args),
+                            hooks=crash.next_hooks(), log=print if args.verbose else _quiet)
+            row = {"method": method, "label": label, "arch": cfg.arch, "dataset": res["dataset"],
+                   "timesteps": cfg.timesteps, "prune_rate": cfg.prune_rate, "seed": seed,
+                   "test_acc": res["test_acc"], "best_test_acc": res["best_test_acc"],
+                   "params": res.get("params"), "wall_time_s": res["wall_time_s"],
+                   "dir": str(rdir), "ops_g": None, "energy_mj": None}
+            if main:
+                row["ops_g"], row["energy_mj"] = _energy(rdir, cfg)
+                print(f"   {label}: {res['test_acc']:.2f}% ({res['wall_time_s']:.1f} s)")
+            rows.append(row)
+    for r in rows:  # against BNN-BinAct of the same seed
+        bnn = next((b["test_acc"] for b in rows if b["method"] == "bnn" and b["seed"] == r["seed"]),
+                   None)
         r["delta_vs_bnn"] = (r["test_acc"] - bnn if bnn is not None and r["method"] == "binwslt"
                              else None)
     if main:
-        table = compare_table(rows)
-        lines = [f"# {base.arch} on {rows[0]['dataset'] if rows else base.dataset}", "",
+        summary = stats.aggregate(rows, COMPARE_KEYS, COMPARE_VALUES)
+        pairs = compare_pairs(rows)
+        ds = rows[0]["dataset"] if rows else base.dataset
+        seed_text = (f"seeds {', '.join(map(str, seeds))} (mean ± sample std, ddof=1; the "
+                     "same seed gives every row the same initial weights and batch order)"
+                     if multi else f"seed {seeds[0]}")
+        lines = [f"# {base.arch} on {ds}", "",
                  f"prune rate {base.prune_rate:g} (fraction removed), T={base.timesteps}, "
                  f"lambda={_lam(base):g}, decay_input={base.decay_input}, {base.epochs} epochs, "
-                 f"seed {base.seed}. Accuracy: test set, final epoch. Params counted as "
+                 f"{seed_text}. Accuracy: test set, final epoch. Params counted as "
                  "binslt.models.count_parameters. OPs/energy: binslt.energy.report per image "
-                 "(MACs at 4.6 pJ, SOPs at 0.9 pJ).", "", table, ""]
+                 "(MACs at 4.6 pJ, SOPs at 0.9 pJ).", ""]
+        table = compare_seed_table(summary) if multi else compare_table(rows)
+        lines += [table, ""]
+        if multi and pairs:
+            lines += ["Paired differences over seeds (A - B, percentage points; 95% two-sided "
+                      "Student-t interval of the mean difference, df = seeds - 1):", "",
+                      pairs_table(pairs), ""]
         atomic_write_bytes(out / "compare.md", "\n".join(lines).encode())
         atomic_write_csv(rows, out / "compare.csv", COMPARE_FIELDS)
         atomic_write_json(rows, out / "compare.json")
+        atomic_write_csv(summary, out / "compare_summary.csv",
+                         _summary_fields(summary, COMPARE_KEYS, COMPARE_VALUES))
+        atomic_write_csv(pairs, out / "compare_pairs.csv", PAIR_FIELDS)
+        atomic_write_json({"kind": "compare", "seeds": seeds, "std": stats.STD_KIND,
+                           "runs": rows, "rows": summary, "pairs": pairs}, out / "results.json")
         print(table)
-        print(f"wrote {out / 'compare.md'}, compare.csv, compare.json")
+        if multi and pairs:
+            print(pairs_table(pairs))
+        print(f"wrote {out / 'compare.md'}, compare.csv, compare.json, compare_summary.csv, "
+              "compare_pairs.csv, results.json")
     return 0
 
 
@@ -577,6 +781,7 @@ def add_parsers(sub) -> None:
     u.add_argument("--input-shape", default=argparse.SUPPRESS, metavar="C,H,W",
                    help="image shape of the example run that finds the model's graph "
                    "(default: the dataset's)")
+    add_early_time_options(s)
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("train", help="baselines: ann, snn (dense), bnn (BNN-BinAct)",
@@ -610,6 +815,10 @@ def add_parsers(sub) -> None:
                    help=f"lambda values for panel (c) (default {SWEEP_DECAYS})")
     s.add_argument("--full-grid", action="store_true",
                    help="the Cartesian product instead of one axis at a time")
+    s.add_argument("--seeds", type=_ints, default=None, metavar="S,S,...",
+                   help="run every grid point once per seed (instead of --seed); "
+                   "OUT/sweep_summary.csv gets mean, sample std (ddof=1) and per-seed values, "
+                   "fig2.png error bars")
     s.add_argument("--verbose", action="store_true", help="print every epoch")
     add_run_options(s)
     s.set_defaults(func=cmd_sweep)
@@ -619,6 +828,10 @@ def add_parsers(sub) -> None:
                        ".csv and .json with accuracy, parameters, OPs and energy.")
     s.add_argument("--methods", type=_names(METHODS), default=list(METHODS),
                    help="which rows (default all: binwslt,snn,bnn,ann)")
+    s.add_argument("--seeds", type=_ints, default=None, metavar="S,S,...",
+                   help="run every row once per seed (instead of --seed; rows in OUT/<row>-s<S>): "
+                   "mean ± sample std (ddof=1) per row and paired differences with Student-t "
+                   "intervals (BinW-SLT vs BNN-BinAct and vs the SNN)")
     s.add_argument("--verbose", action="store_true", help="print every epoch")
     add_run_options(s)
     s.set_defaults(func=cmd_compare)

@@ -87,3 +87,12 @@ SCHEMAS: dict[str, str] = {
 
 SURROGATES = {"atan": 0, "sigmoid": 1}
 DEFAULT_SURROGATE_ALPHA = {"atan": 2.0, "sigmoid": 4.0}
+
+# Weight-side ops of the search step: a CPU kernel where it pays, the reference on every other
+# device (no Triton or CUDA form: the scores are small next to the activations).
+WEIGHT_SCHEMAS: dict[str, str] = {
+    # scores: any shape, float32 or float64; keep: how many entries to keep
+    # -> {0, 1} mask like scores: the keep largest |s|, ties to the lower flat index (the rule of
+    #    binslt.reference.topk_mask, bit for bit)
+    "topk_mask": "topk_mask(Tensor scores, int keep) -> Tensor",
+}

@@ -136,7 +136,7 @@ class _MaskedSignWeight(nn.Module):
     def current_mask(self) -> torch.Tensor:
         """The {0,1} mask M in use: top-|s| in search mode, the fixed one otherwise."""
         if self._mode == "search":
-            return ref.topk_mask(self.scores, self.prune_rate)
+            return ops.topk_mask(self.scores, self.prune_rate)
         if self._mode == "finetune":
             return self.mask
         w = self.effective_weight()
@@ -145,7 +145,7 @@ class _MaskedSignWeight(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         """alpha * sign(w) * M, differentiable as the mode prescribes."""
         if self._mode == "search":
-            return ref.masked_sign_weight(self.weight, self.scores, self.prune_rate,
+            return ops.masked_sign_weight(self.weight, self.scores, self.prune_rate,
                                           self.per_channel_gain)
         if self._mode == "finetune":
             return ref.masked_sign_weight_finetune(self.weight, self.mask, self.per_channel_gain)

@@ -19,14 +19,14 @@ from . import _contract as C
 from . import _ext
 from . import reference as ref
 from ._contract import BACKENDS, counts_dtype  # noqa: F401  (part of the ops API)
-from ._schemas import SCHEMAS, SURROGATES
+from ._schemas import SCHEMAS, SURROGATES, WEIGHT_SCHEMAS
 
 # Backends whose pack_spikes kernel rejects non-binary input as it packs (for free), so the layers
 # skip their separate full-tensor check there.
 PACK_VALIDATES = frozenset({"cpu"})
 
 _lib = torch.library.Library("binslt", "DEF")
-for _schema in SCHEMAS.values():
+for _schema in (*SCHEMAS.values(), *WEIGHT_SCHEMAS.values()):
     _lib.define(_schema)
 
 # Importing the extensions binds their kernels (TORCH_LIBRARY_IMPL) to the schemas above.
@@ -53,7 +53,8 @@ def _infer_via_bconv_lif(x, w_mask, w_pos, alpha, scale, shift, residual, stride
 
 # Where a compiled kernel is missing, the reference serves that dispatch key, so torch.ops.binslt
 # works on every device (slowly). backends() reports what is compiled.
-_FALLBACKS = dict(ref.REFERENCE_OPS, bconv_lif_infer=_infer_via_bconv_lif)
+_FALLBACKS = dict(ref.REFERENCE_OPS, bconv_lif_infer=_infer_via_bconv_lif,
+                  **ref.REFERENCE_WEIGHT_OPS)
 _fallback_lib = torch.library.Library("binslt", "IMPL")
 for _name, _fn in _FALLBACKS.items():
     for _key in ("CPU", "CUDA"):
@@ -93,6 +94,11 @@ def _(weight):
     co, ci, kh, kw = weight.shape
     shape = (co, kh, kw, C.channel_words(ci))
     return weight.new_empty(shape, dtype=torch.int32), weight.new_empty(shape, dtype=torch.int32)
+
+
+@torch.library.register_fake("binslt::topk_mask")
+def _(scores, keep):
+    return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("binslt::bconv_lif")
@@ -476,6 +482,34 @@ def spiking_layer(x, weight, scale, shift, residual=None, *, linear=False, strid
     if linear and not real_input:
         s = s.view(T, n, co)
     return s, mean, var
+
+
+# ---------------------------------------------------------------------------------------------
+# The search step's weight side
+# ---------------------------------------------------------------------------------------------
+
+_SELECTION_DTYPES = (torch.float32, torch.float64)
+
+
+def topk_mask(scores: torch.Tensor, prune_rate: float) -> torch.Tensor:
+    """biprop's mask: the ``numel - floor(prune_rate * numel)`` largest |s| kept, ties to the lower
+    flat index -- ``reference.topk_mask`` bit for bit, as a {0, 1} tensor like ``scores``.
+
+    float32/float64 scores run ``binslt::topk_mask`` (a radix selection on the CPU, the reference
+    on other devices); other dtypes run the reference directly.
+    """
+    if scores.dtype not in _SELECTION_DTYPES:
+        return ref.topk_mask(scores, prune_rate)
+    n = scores.numel()
+    return torch.ops.binslt.topk_mask(scores.detach(), n - ref.num_pruned(n, prune_rate))
+
+
+def masked_sign_weight(weight: torch.Tensor, scores: torch.Tensor, prune_rate: float,
+                       per_channel: bool = False) -> torch.Tensor:
+    """Search mode's W_eff = alpha * sign(w) * M (``reference.masked_sign_weight``, with biprop's
+    score gradient), its mask selected by ``topk_mask``."""
+    return ref.masked_sign_weight(weight, scores, prune_rate, per_channel,
+                                  mask=topk_mask(scores, prune_rate))
 
 
 def pack_spikes(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:

@@ -95,4 +95,12 @@ WEIGHT_SCHEMAS: dict[str, str] = {
     # -> {0, 1} mask like scores: the keep largest |s|, ties to the lower flat index (the rule of
     #    binslt.reference.topk_mask, bit for bit)
     "topk_mask": "topk_mask(Tensor scores, int keep) -> Tensor",
+    # weight, mask: [Co, Ci, kh, kw] float32; alpha: 0-d or [Co] float32 (the search's gain)
+    # -> W_eff = (alpha * sign(weight)) * mask (the reference's float32 expression, bit for bit),
+    #    and what pack_weight(W_eff) and max_abs_gain(W_eff) give: mask bits, positive bits
+    #    [Co, kh, kw, ceil(Ci/32)] int32, kernel gain [Co] float32
+    "sign_gain_pack": (
+        "sign_gain_pack(Tensor weight, Tensor mask, Tensor alpha) "
+        "-> (Tensor, Tensor, Tensor, Tensor)"
+    ),
 }

@@ -187,7 +187,13 @@ class _MaskedSignSearch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, scores = ctx.saved_tensors
-        return None, grad * weight * torch.sign(scores), None, None, None
+        return None, search_score_grad(grad, weight, scores), None, None, None
+
+
+def search_score_grad(grad: torch.Tensor, weight: torch.Tensor,
+                      scores: torch.Tensor) -> torch.Tensor:
+    """biprop's straight-through score gradient: dL/ds = dL/dW_eff * w * sign(s)."""
+    return grad * weight * torch.sign(scores)
 
 
 class _MaskedSignFinetune(torch.autograd.Function):
@@ -516,7 +522,16 @@ REFERENCE_OPS = {
     "bn_lif_bwd": bn_lif_bwd_reference,
 }
 
+def sign_gain_pack_reference(weight: torch.Tensor, mask: torch.Tensor, alpha: torch.Tensor):
+    """``binslt::sign_gain_pack``: W_eff = alpha * sign(w) * M with its bit planes and the
+    kernels' gain (max |W_eff| per output channel)."""
+    w_eff = _expand_gain(alpha, weight) * torch.sign(weight) * mask
+    w_mask, w_pos = pack_weight_reference(w_eff)
+    return w_eff, w_mask, w_pos, w_eff.abs().flatten(1).amax(1).to(torch.float32)
+
+
 # The weight-side ops (binslt._schemas.WEIGHT_SCHEMAS).
 REFERENCE_WEIGHT_OPS = {
     "topk_mask": topk_mask_reference,
+    "sign_gain_pack": sign_gain_pack_reference,
 }

@@ -180,3 +180,77 @@ def test_search_gradient_is_unchanged():
     (ops.masked_sign_weight(w, s, 0.5) * up).sum().backward()
     (ref.masked_sign_weight(w, s_ref, 0.5) * up).sum().backward()
     assert torch.equal(s.grad, s_ref.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# sign_gain_pack: W_eff, its bit planes and the kernels' gain in one pass
+# ---------------------------------------------------------------------------------------------
+
+
+def _assert_sign_gain_pack(w, m, alpha):
+    got = torch.ops.binslt.sign_gain_pack(w, m, alpha)
+    want_w = ref._expand_gain(alpha, w) * torch.sign(w) * m
+    want = (want_w, *ops.pack_weight(want_w), ops.max_abs_gain(want_w))
+    for g, e, what in zip(got, want, ("w_eff", "mask bits", "positive bits", "gain")):
+        assert g.dtype == e.dtype and g.shape == e.shape, what
+        assert torch.equal(g.view(torch.int32) if g.is_floating_point() else g,
+                           e.view(torch.int32) if e.is_floating_point() else e), what
+    for g, e in zip(got, ref.sign_gain_pack_reference(w, m, alpha)):
+        assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (16, 70, 1, 1), (64, 32, 3, 3), (5, 33, 2, 1)])
+def test_sign_gain_pack_matches_the_reference_bits(shape):
+    g = torch.Generator().manual_seed(stable_seed(("sgp", shape)))
+    w = torch.randn(shape, generator=g)
+    w.view(-1)[::5] = 0.0
+    w.view(-1)[1::7] = -0.0  # -0 has sign 0 and gives +0 or -0 in W_eff exactly as torch does
+    m = (torch.rand(shape, generator=g) < 0.5).float()
+    m[0] = 0.0  # an output channel with nothing kept: gain 0
+    _assert_sign_gain_pack(w, m, ref.mean_abs_gain(w, m))
+    _assert_sign_gain_pack(w, m, ref.mean_abs_gain(w, m, per_channel=True))
+    _assert_sign_gain_pack(w, m, torch.tensor(0.0))
+    w[1, 0, 0, 0] = float("nan")
+    _assert_sign_gain_pack(w, m, torch.tensor(0.75))
+
+
+def test_sign_gain_pack_errors():
+    w = torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="mask must have"):
+        torch.ops.binslt.sign_gain_pack(w, torch.ones(4, 3, 3), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="alpha must be"):
+        torch.ops.binslt.sign_gain_pack(w, torch.ones_like(w), torch.ones(3))
+    with pytest.raises(TypeError, match="float32"):
+        torch.ops.binslt.sign_gain_pack(w.double(), torch.ones_like(w).double(),
+                                        torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_search_layer_with_fused_planes_equals_packing_w_eff(kind, per_channel):
+    """The search-mode layer call that takes W_eff's planes from sign_gain_pack gives the same
+    spikes and score gradients, bit for bit, as packing the reference W_eff in ConvLIF."""
+    from binslt.layers import BinSpikeConv2d, BinSpikeLinear
+
+    torch.manual_seed(stable_seed(("fused", kind, per_channel)))
+    if kind == "conv":
+        mk = lambda: BinSpikeConv2d(40, 24, 3, padding=1, bn=True, per_channel_gain=per_channel,
+                                    backend="cpu")
+        x = (torch.rand(3, 2, 40, 6, 6) < 0.4).float()
+    else:
+        mk = lambda: BinSpikeLinear(70, 12, bn=True, per_channel_gain=per_channel, backend="cpu")
+        x = (torch.rand(3, 4, 70) < 0.4).float()
+    a, b = mk(), mk()
+    b.load_state_dict(a.state_dict())
+    b.effective_weight_planes = lambda: (
+        ref.masked_sign_weight(b.weight, b.scores, b.prune_rate, b.per_channel_gain), None)
+    ya, yb = a(x), b(x)
+    assert torch.equal(ya, yb)
+    up = torch.randn_like(ya)
+    (ya * up).sum().backward()
+    (yb * up).sum().backward()
+    assert torch.equal(a.scores.grad, b.scores.grad)
+    w_eff, planes = a.effective_weight_planes()
+    assert planes is not None
+    for p, e in zip(planes, a._pack_effective_weight()):
+        assert torch.equal(p, e)

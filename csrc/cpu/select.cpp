@@ -15,12 +15,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <tuple>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "binslt/checks.h"
+#include "binslt/lif.h"
+#include "binslt/pack_cpu.h"
 
 namespace binslt {
 namespace cpu {
@@ -181,8 +186,78 @@ at::Tensor topk_mask_cpu(const at::Tensor& scores_in, int64_t keep) {
   return topk_mask_impl<double>(scores, keep);
 }
 
+
+// W_eff = (alpha * sign(w)) * M in float32, exactly the reference's expression (torch.sign: +1 for
+// w > 0, -1 for w < 0, 0 otherwise, NaN included), with its bit planes and kernel gain in the same
+// pass: what pack_weight(W_eff) and ops.max_abs_gain(W_eff) would return.
+//   weight, mask: [Co, Ci, kh, kw] float32; alpha: 0-d or [Co] float32
+//   -> w_eff like weight, (mask bits, positive bits) [Co, kh, kw, ceil(Ci/32)] int32,
+//      kernel gain [Co] float32 (max |W_eff| over each output channel, NaN propagating)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sign_gain_pack_cpu(
+    const at::Tensor& weight_in, const at::Tensor& mask_in, const at::Tensor& alpha_in) {
+  for (const auto* t : {&weight_in, &mask_in, &alpha_in})
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "binslt::sign_gain_pack: tensors must be on the CPU, "
+                      "got ", t->device());
+  TORCH_CHECK_VALUE(weight_in.dim() == 4, "binslt::sign_gain_pack: weight must be [Co, Ci, kh, "
+                    "kw], got shape ", shape_str(weight_in));
+  TORCH_CHECK_VALUE(mask_in.sizes() == weight_in.sizes(), "binslt::sign_gain_pack: mask must "
+                    "have the weight's shape ", shape_str(weight_in), ", got ", shape_str(mask_in));
+  const int64_t Co = weight_in.size(0), Ci = weight_in.size(1), KH = weight_in.size(2),
+                KW = weight_in.size(3);
+  TORCH_CHECK_VALUE(alpha_in.dim() == 0 || (alpha_in.dim() == 1 && alpha_in.size(0) == Co),
+                    "binslt::sign_gain_pack: alpha must be 0-d or [Co] = [", Co, "], got shape ",
+                    shape_str(alpha_in));
+  for (const auto* t : {&weight_in, &mask_in, &alpha_in})
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "binslt::sign_gain_pack: tensors must be "
+                     "float32, got ", t->scalar_type());
+  const at::Tensor w = weight_in.contiguous(), m = mask_in.contiguous();
+  const at::Tensor a = alpha_in.contiguous();
+  const int64_t Cw = words_for(static_cast<int>(Ci)), KK = KH * KW;
+  at::Tensor w_eff = at::empty_like(w);
+  at::Tensor bits_m = at::zeros({Co, KH, KW, Cw}, w.options().dtype(at::kInt));
+  at::Tensor bits_p = at::zeros({Co, KH, KW, Cw}, w.options().dtype(at::kInt));
+  at::Tensor gain = at::empty({Co}, w.options());
+  const float* wp = w.data_ptr<float>();
+  const float* mp = m.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const bool per_channel = a.dim() == 1;
+  float* ep = w_eff.data_ptr<float>();
+  uint32_t* bm = reinterpret_cast<uint32_t*>(bits_m.data_ptr<int32_t>());
+  uint32_t* bp = reinterpret_cast<uint32_t*>(bits_p.data_ptr<int32_t>());
+  float* gp = gain.data_ptr<float>();
+  at::parallel_for(0, Co, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Ci * KK)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const float alpha = ap[per_channel ? o : 0];
+      float g = 0.0f;
+      bool nan = false;
+      for (int64_t c = 0; c < Ci; ++c) {
+        const uint32_t bit = bit_of(static_cast<int>(c));
+        const int64_t row = (o * Ci + c) * KK;
+        for (int64_t k = 0; k < KK; ++k) {
+          const float x = wp[row + k];
+          const float sgn = static_cast<float>((0.0f < x) - (x < 0.0f));
+          const float v = (alpha * sgn) * mp[row + k];
+          ep[row + k] = v;
+          const int64_t idx = (o * KK + k) * Cw + (c >> 5);
+          bm[idx] |= bit & (0u - static_cast<uint32_t>(v != 0.0f));
+          bp[idx] |= bit & (0u - static_cast<uint32_t>(v > 0.0f));
+          const float av = std::fabs(v);
+          nan |= av != av;
+          g = av > g ? av : g;
+        }
+      }
+      gp[o] = nan ? std::numeric_limits<float>::quiet_NaN() : g;
+    }
+  });
+  return {w_eff, bits_m, bits_p, gain};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace binslt
 
-TORCH_LIBRARY_IMPL(binslt, CPU, m) { m.impl("topk_mask", &binslt::cpu::topk_mask_cpu); }
+TORCH_LIBRARY_IMPL(binslt, CPU, m) {
+  m.impl("topk_mask", &binslt::cpu::topk_mask_cpu);
+  m.impl("sign_gain_pack", &binslt::cpu::sign_gain_pack_cpu);
+}

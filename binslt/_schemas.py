@@ -103,4 +103,6 @@ WEIGHT_SCHEMAS: dict[str, str] = {
         "sign_gain_pack(Tensor weight, Tensor mask, Tensor alpha) "
         "-> (Tensor, Tensor, Tensor, Tensor)"
     ),
+    # grad (dL/dW_eff), weight, scores: one shape, float32 -> dL/ds = (grad * weight) * sign(scores)
+    "search_score_grad": "search_score_grad(Tensor grad, Tensor weight, Tensor scores) -> Tensor",
 }

@@ -110,6 +110,11 @@ def _(weight, mask, alpha):
             weight.new_empty((co,), dtype=torch.float32))
 
 
+@torch.library.register_fake("binslt::search_score_grad")
+def _(grad, weight, scores):
+    return torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("binslt::bconv_lif")
 def _(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride, padding, bn_train,
       bn_eps, tau, decay_input, v_threshold, v_reset):
@@ -536,7 +541,9 @@ class _MaskedSignSearchPacked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _g_mask, _g_pos, _g_gain):
         weight, scores = ctx.saved_tensors
-        return None, ref.search_score_grad(grad, weight, scores), None, None
+        if grad.dtype != torch.float32:
+            return None, ref.search_score_grad(grad, weight, scores), None, None
+        return None, torch.ops.binslt.search_score_grad(grad, weight, scores), None, None
 
 
 def _packs_on_cpu(weight: torch.Tensor, scores: torch.Tensor) -> bool:

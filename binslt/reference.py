@@ -534,4 +534,5 @@ def sign_gain_pack_reference(weight: torch.Tensor, mask: torch.Tensor, alpha: to
 REFERENCE_WEIGHT_OPS = {
     "topk_mask": topk_mask_reference,
     "sign_gain_pack": sign_gain_pack_reference,
+    "search_score_grad": search_score_grad,
 }

@@ -254,3 +254,22 @@ def test_search_layer_with_fused_planes_equals_packing_w_eff(kind, per_channel):
     assert planes is not None
     for p, e in zip(planes, a._pack_effective_weight()):
         assert torch.equal(p, e)
+
+
+def test_search_score_grad_matches_the_reference_bits():
+    g = torch.Generator().manual_seed(21)
+    shape = (70, 33, 3, 3)
+    grad, w, s = (torch.randn(shape, generator=g) for _ in range(3))
+    s.view(-1)[::4] = 0.0
+    s.view(-1)[1::9] = -0.0
+    s.view(-1)[2::11] = float("nan")
+    w.view(-1)[3::13] = -0.0
+    got = torch.ops.binslt.search_score_grad(grad, w, s)
+    want = ref.search_score_grad(grad, w, s)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    got_t = torch.ops.binslt.search_score_grad(grad.t() if grad.dim() == 2 else grad, w, s)
+    assert torch.equal(got_t, want)
+    with pytest.raises(ValueError, match="one shape"):
+        torch.ops.binslt.search_score_grad(grad, w, s[:1])
+    with pytest.raises(TypeError, match="float32"):
+        torch.ops.binslt.search_score_grad(grad.double(), w, s)

@@ -57,9 +57,10 @@ inline typename KeyOf<scalar_t>::key_t abs_key(scalar_t x) {
   return k > K::kInf ? K::kNaN : k;
 }
 
-constexpr int kDigitBits = 16;
-constexpr int64_t kBuckets = int64_t{1} << kDigitBits;
 constexpr int64_t kChunkMin = 1 << 16;  // entries per parallel chunk, at least
+// Digits of 16 bits for large tensors (fewer passes); of 8 bits below this size, where clearing
+// and scanning 65536 buckets per pass would cost more than the passes over the scores.
+constexpr int64_t kWideDigitMin = 1 << 18;
 
 struct Chunks {
   int64_t n, count;
@@ -86,6 +87,8 @@ at::Tensor topk_mask_impl(const at::Tensor& scores, int64_t keep) {
   int64_t below = 0;  // entries with key < v's prefix so far
   int64_t ties = 0;   // entries with key == v, after the last digit
   constexpr int kKeyBits = 8 * sizeof(key_t);
+  const int kDigitBits = n >= kWideDigitMin ? 16 : 8;
+  const int64_t kBuckets = int64_t{1} << kDigitBits;
   std::vector<int64_t> hist(ch.count * kBuckets);
   for (int shift = kKeyBits - kDigitBits; shift >= 0; shift -= kDigitBits) {
     std::fill(hist.begin(), hist.end(), 0);
@@ -253,6 +256,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sign_gain_pack_cpu(
   return {w_eff, bits_m, bits_p, gain};
 }
 
+// biprop's score gradient, (grad * w) * sign(s) in float32 (reference.search_score_grad's
+// expression, bit for bit), in one pass. grad, weight, scores: one shape, float32.
+at::Tensor search_score_grad_cpu(const at::Tensor& grad_in, const at::Tensor& weight_in,
+                                 const at::Tensor& scores_in) {
+  for (const auto* t : {&grad_in, &weight_in, &scores_in}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "binslt::search_score_grad: tensors must be on the "
+                      "CPU, got ", t->device());
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "binslt::search_score_grad: tensors must "
+                     "be float32, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->sizes() == scores_in.sizes(), "binslt::search_score_grad: grad, weight "
+                      "and scores must have one shape, got ", shape_str(grad_in), ", ",
+                      shape_str(weight_in), " and ", shape_str(scores_in));
+  }
+  const at::Tensor g = grad_in.contiguous(), w = weight_in.contiguous(),
+                   sc = scores_in.contiguous();
+  at::Tensor out = at::empty_like(sc, at::MemoryFormat::Contiguous);
+  const float* gp = g.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, sc.numel(), 32768, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float x = sp[i];
+      op[i] = (gp[i] * wp[i]) * static_cast<float>((0.0f < x) - (x < 0.0f));
+    }
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace binslt
@@ -260,4 +292,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sign_gain_pack_cpu(
 TORCH_LIBRARY_IMPL(binslt, CPU, m) {
   m.impl("topk_mask", &binslt::cpu::topk_mask_cpu);
   m.impl("sign_gain_pack", &binslt::cpu::sign_gain_pack_cpu);
+  m.impl("search_score_grad", &binslt::cpu::search_score_grad_cpu);
 }

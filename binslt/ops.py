@@ -51,6 +51,10 @@ def _infer_via_bconv_lif(x, w_mask, w_pos, alpha, scale, shift, residual, stride
                                       v_threshold, v_reset)[0]
 
 
+# Whether the C++ build serves the fused weight side of the search step (read before the
+# reference fallbacks below fill the CPU key; a constant, so traced code reads no dispatcher).
+_CPU_SIGN_GAIN_PACK = _has_kernel("sign_gain_pack", "CPU")
+
 # Where a compiled kernel is missing, the reference serves that dispatch key, so torch.ops.binslt
 # works on every device (slowly). backends() reports what is compiled.
 _FALLBACKS = dict(ref.REFERENCE_OPS, bconv_lif_infer=_infer_via_bconv_lif,
@@ -547,9 +551,9 @@ class _MaskedSignSearchPacked(torch.autograd.Function):
 
 
 def _packs_on_cpu(weight: torch.Tensor, scores: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32
-            and scores.dtype == torch.float32 and weight.dim() in (2, 4)
-            and _has_kernel("sign_gain_pack", "CPU") and not torch.compiler.is_compiling())
+    return (_CPU_SIGN_GAIN_PACK and not torch.compiler.is_compiling()
+            and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and scores.dtype == torch.float32 and weight.dim() in (2, 4))
 
 
 def masked_sign_weight(weight: torch.Tensor, scores: torch.Tensor, prune_rate: float,

@@ -233,13 +233,14 @@ def test_search_layer_with_fused_planes_equals_packing_w_eff(kind, per_channel):
     from binslt.layers import BinSpikeConv2d, BinSpikeLinear
 
     torch.manual_seed(stable_seed(("fused", kind, per_channel)))
-    if kind == "conv":
-        mk = lambda: BinSpikeConv2d(40, 24, 3, padding=1, bn=True, per_channel_gain=per_channel,
-                                    backend="cpu")
-        x = (torch.rand(3, 2, 40, 6, 6) < 0.4).float()
-    else:
-        mk = lambda: BinSpikeLinear(70, 12, bn=True, per_channel_gain=per_channel, backend="cpu")
-        x = (torch.rand(3, 4, 70) < 0.4).float()
+    def mk():
+        if kind == "conv":
+            return BinSpikeConv2d(40, 24, 3, padding=1, bn=True, per_channel_gain=per_channel,
+                                  backend="cpu")
+        return BinSpikeLinear(70, 12, bn=True, per_channel_gain=per_channel, backend="cpu")
+
+    shape = (3, 2, 40, 6, 6) if kind == "conv" else (3, 4, 70)
+    x = (torch.rand(shape) < 0.4).float()
     a, b = mk(), mk()
     b.load_state_dict(a.state_dict())
     b.effective_weight_planes = lambda: (

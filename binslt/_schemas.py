@@ -87,3 +87,22 @@ SCHEMAS: dict[str, str] = {
 
 SURROGATES = {"atan": 0, "sigmoid": 1}
 DEFAULT_SURROGATE_ALPHA = {"atan": 2.0, "sigmoid": 4.0}
+
+# Weight-side ops of the search step: a CPU kernel where it pays, the reference on every other
+# device (no Triton or CUDA form: the scores are small next to the activations).
+WEIGHT_SCHEMAS: dict[str, str] = {
+    # scores: any shape, float32 or float64; keep: how many entries to keep
+    # -> {0, 1} mask like scores: the keep largest |s|, ties to the lower flat index (the rule of
+    #    binslt.reference.topk_mask, bit for bit)
+    "topk_mask": "topk_mask(Tensor scores, int keep) -> Tensor",
+    # weight, mask: [Co, Ci, kh, kw] float32; alpha: 0-d or [Co] float32 (the search's gain)
+    # -> W_eff = (alpha * sign(weight)) * mask (the reference's float32 expression, bit for bit),
+    #    and what pack_weight(W_eff) and max_abs_gain(W_eff) give: mask bits, positive bits
+    #    [Co, kh, kw, ceil(Ci/32)] int32, kernel gain [Co] float32
+    "sign_gain_pack": (
+        "sign_gain_pack(Tensor weight, Tensor mask, Tensor alpha) "
+        "-> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+    # grad (dL/dW_eff), weight, scores: one shape, float32 -> dL/ds = (grad * weight) * sign(scores)
+    "search_score_grad": "search_score_grad(Tensor grad, Tensor weight, Tensor scores) -> Tensor",
+}

@@ -192,7 +192,7 @@ class _MaskedSignWeight(nn.Module):
     def current_mask(self) -> torch.Tensor:
         """The {0,1} mask M in use: top-|s| in search mode, the fixed one otherwise."""
         if self._mode == "search":
-            return ref.topk_mask(self.scores, self.prune_rate)
+            return ops.topk_mask(self.scores, self.prune_rate)
         if self._mode == "finetune":
             return self.mask
         w = self.effective_weight()
@@ -201,13 +201,22 @@ class _MaskedSignWeight(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         """alpha * sign(w) * M, differentiable as the mode prescribes."""
         if self._mode == "search":
-            return ref.masked_sign_weight(self.weight, self.scores, self.prune_rate,
+            return ops.masked_sign_weight(self.weight, self.scores, self.prune_rate,
                                           self.per_channel_gain)
         if self._mode == "finetune":
             return ref.masked_sign_weight_finetune(self.weight, self.mask, self.per_channel_gain)
         cin = self.weight.shape[1]
         w = ref.unpack_weight_reference(self.w_mask_bits, self.w_pos_bits, cin, self.alpha)
         return w.view(self.weight.shape).to(self.weight.dtype)
+
+    def effective_weight_planes(self):
+        """``(effective_weight(), planes)``: in search mode on the CPU, planes = (mask bits,
+        positive bits, gain) of that W_eff (``pack_weight`` and ``ops.max_abs_gain`` of it),
+        written in the same pass; None otherwise (the caller packs W_eff)."""
+        if self._mode == "search":
+            return ops.masked_sign_weight(self.weight, self.scores, self.prune_rate,
+                                          self.per_channel_gain, planes=True)
+        return self.effective_weight(), None
 
     def packed_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mask bits, positive bits [Co, kh, kw, Cw] int32, alpha [Co] float32) of W_eff.

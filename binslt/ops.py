@@ -19,14 +19,14 @@ from . import _contract as C
 from . import _ext
 from . import reference as ref
 from ._contract import BACKENDS, counts_dtype  # noqa: F401  (part of the ops API)
-from ._schemas import SCHEMAS, SURROGATES
+from ._schemas import SCHEMAS, SURROGATES, WEIGHT_SCHEMAS
 
 # Backends whose pack_spikes kernel rejects non-binary input as it packs (for free), so the layers
 # skip their separate full-tensor check there.
 PACK_VALIDATES = frozenset({"cpu"})
 
 _lib = torch.library.Library("binslt", "DEF")
-for _schema in SCHEMAS.values():
+for _schema in (*SCHEMAS.values(), *WEIGHT_SCHEMAS.values()):
     _lib.define(_schema)
 
 # Importing the extensions binds their kernels (TORCH_LIBRARY_IMPL) to the schemas above.
@@ -51,9 +51,14 @@ def _infer_via_bconv_lif(x, w_mask, w_pos, alpha, scale, shift, residual, stride
                                       v_threshold, v_reset)[0]
 
 
+# Whether the C++ build serves the fused weight side of the search step (read before the
+# reference fallbacks below fill the CPU key; a constant, so traced code reads no dispatcher).
+_CPU_SIGN_GAIN_PACK = _has_kernel("sign_gain_pack", "CPU")
+
 # Where a compiled kernel is missing, the reference serves that dispatch key, so torch.ops.binslt
 # works on every device (slowly). backends() reports what is compiled.
-_FALLBACKS = dict(ref.REFERENCE_OPS, bconv_lif_infer=_infer_via_bconv_lif)
+_FALLBACKS = dict(ref.REFERENCE_OPS, bconv_lif_infer=_infer_via_bconv_lif,
+                  **ref.REFERENCE_WEIGHT_OPS)
 _fallback_lib = torch.library.Library("binslt", "IMPL")
 for _name, _fn in _FALLBACKS.items():
     for _key in ("CPU", "CUDA"):
@@ -93,6 +98,25 @@ def _(weight):
     co, ci, kh, kw = weight.shape
     shape = (co, kh, kw, C.channel_words(ci))
     return weight.new_empty(shape, dtype=torch.int32), weight.new_empty(shape, dtype=torch.int32)
+
+
+@torch.library.register_fake("binslt::topk_mask")
+def _(scores, keep):
+    return torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("binslt::sign_gain_pack")
+def _(weight, mask, alpha):
+    co, ci, kh, kw = weight.shape
+    shape = (co, kh, kw, C.channel_words(ci))
+    return (torch.empty_like(weight, memory_format=torch.contiguous_format),
+            weight.new_empty(shape, dtype=torch.int32), weight.new_empty(shape, dtype=torch.int32),
+            weight.new_empty((co,), dtype=torch.float32))
+
+
+@torch.library.register_fake("binslt::search_score_grad")
+def _(grad, weight, scores):
+    return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("binslt::bconv_lif")
@@ -278,11 +302,14 @@ class ConvLIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_eff, scale, shift, residual, stride, padding, bn_train, bn_eps, tau,
                 decay_input, v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha,
-                backend):
+                backend, planes=None):
         T, n, ci, h, w = x.shape
         x_packed = get_op("pack_spikes", backend)(x.reshape(T * n, ci, h, w).float())
-        w_mask, w_pos = get_op("pack_weight", backend)(w_eff.detach().float())
-        alpha = max_abs_gain(w_eff)
+        if planes is None:
+            w_mask, w_pos = get_op("pack_weight", backend)(w_eff.detach().float())
+            alpha = max_abs_gain(w_eff)
+        else:  # W_eff's own (mask bits, positive bits, gain), packed with it
+            w_mask, w_pos, alpha = planes
         res = None if residual is None else residual.float().contiguous()
         spikes, counts, mean, var = get_op("bconv_lif", backend)(
             x_packed, w_mask, w_pos, alpha, scale.detach().float(), shift.detach().float(), res,
@@ -304,7 +331,7 @@ class ConvLIF(torch.autograd.Function):
             g_spikes.float().contiguous(), counts, x_packed, w_mask, w_pos, alpha,
             scale.detach().float(), shift.detach().float(), mean, var, res, *ctx.cfg, need_x)
         return (g_x if need_x else None, g_w, g_sc.to(scale.dtype), g_sh.to(shift.dtype),
-                g_cur if ctx.has_res else None) + (None,) * 12
+                g_cur if ctx.has_res else None) + (None,) * 13
 
 
 class BNLIF(torch.autograd.Function):
@@ -348,7 +375,8 @@ def _surrogate_id(surrogate) -> int:
 
 
 def _conv_lif(be, x, w_eff, scale, shift, residual, stride, padding, bn_train, bn_eps, tau,
-              decay_input, v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha):
+              decay_input, v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha,
+              planes=None):
     sid = _surrogate_id(surrogate)
     if be == "torch":
         T = x.shape[0]
@@ -359,7 +387,7 @@ def _conv_lif(be, x, w_eff, scale, shift, residual, stride, padding, bn_train, b
     return ConvLIF.apply(x, w_eff, scale, shift, residual, stride, padding, bn_train, bn_eps,
                          float(tau), decay_input, float(v_threshold),
                          None if v_reset is None else float(v_reset), detach_reset, sid,
-                         float(surrogate_alpha), be)
+                         float(surrogate_alpha), be, planes)
 
 
 def _bn_lif(be, z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold,
@@ -461,10 +489,13 @@ def spiking_layer(x, weight, scale, shift, residual=None, *, linear=False, strid
                                        nk["v_threshold"], nk["v_reset"])
         s = s.to(x.dtype)
     elif not real_input:
-        w = weight.effective_weight()
+        # The CPU kernels take W_eff's bit planes from the pass that wrote it, where the weight
+        # offers them (search mode); otherwise ConvLIF packs W_eff itself.
+        planes_of = getattr(weight, "effective_weight_planes", None) if be == "cpu" else None
+        w, planes = planes_of() if planes_of is not None else (weight.effective_weight(), None)
         w = w[:, :, None, None] if linear else w
         s, mean, var = _conv_lif(be, x, w, scale, shift, residual, stride, padding, bn_train,
-                                 bn_eps, **nk)
+                                 bn_eps, **nk, planes=planes)
     else:
         w = weight.effective_weight().to(x.dtype)
         if linear:
@@ -476,6 +507,70 @@ def spiking_layer(x, weight, scale, shift, residual=None, *, linear=False, strid
     if linear and not real_input:
         s = s.view(T, n, co)
     return s, mean, var
+
+
+# ---------------------------------------------------------------------------------------------
+# The search step's weight side
+# ---------------------------------------------------------------------------------------------
+
+_SELECTION_DTYPES = (torch.float32, torch.float64)
+
+
+def topk_mask(scores: torch.Tensor, prune_rate: float) -> torch.Tensor:
+    """biprop's mask: the ``numel - floor(prune_rate * numel)`` largest |s| kept, ties to the lower
+    flat index -- ``reference.topk_mask`` bit for bit, as a {0, 1} tensor like ``scores``.
+
+    float32/float64 scores run ``binslt::topk_mask`` (a radix selection on the CPU, the reference
+    on other devices); other dtypes run the reference directly.
+    """
+    if scores.dtype not in _SELECTION_DTYPES:
+        return ref.topk_mask(scores, prune_rate)
+    n = scores.numel()
+    return torch.ops.binslt.topk_mask(scores.detach(), n - ref.num_pruned(n, prune_rate))
+
+
+class _MaskedSignSearchPacked(torch.autograd.Function):
+    """Search mode's W_eff (``reference._MaskedSignSearch``'s values and score gradient) with its
+    bit planes and kernel gain, written by one ``binslt::sign_gain_pack`` pass."""
+
+    @staticmethod
+    def forward(ctx, weight, scores, mask, per_channel):
+        alpha = ref.mean_abs_gain(weight, mask, per_channel)
+        w4 = weight.view(*weight.shape, 1, 1) if weight.dim() == 2 else weight
+        w_eff, w_mask, w_pos, gain = torch.ops.binslt.sign_gain_pack(w4, mask.view_as(w4), alpha)
+        ctx.save_for_backward(weight, scores)
+        ctx.mark_non_differentiable(w_mask, w_pos, gain)
+        return w_eff.view_as(weight), w_mask, w_pos, gain
+
+    @staticmethod
+    def backward(ctx, grad, _g_mask, _g_pos, _g_gain):
+        weight, scores = ctx.saved_tensors
+        if grad.dtype != torch.float32:
+            return None, ref.search_score_grad(grad, weight, scores), None, None
+        return None, torch.ops.binslt.search_score_grad(grad, weight, scores), None, None
+
+
+def _packs_on_cpu(weight: torch.Tensor, scores: torch.Tensor) -> bool:
+    return (_CPU_SIGN_GAIN_PACK and not torch.compiler.is_compiling()
+            and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and scores.dtype == torch.float32 and weight.dim() in (2, 4))
+
+
+def masked_sign_weight(weight: torch.Tensor, scores: torch.Tensor, prune_rate: float,
+                       per_channel: bool = False, *, planes: bool = False):
+    """Search mode's W_eff = alpha * sign(w) * M (``reference.masked_sign_weight``'s values and
+    biprop's score gradient), its mask selected by ``topk_mask``.
+
+    ``planes``: return ``(W_eff, (mask bits, positive bits, gain))``, what ``pack_weight`` and
+    ``max_abs_gain`` give for W_eff ([O, F] weights as 1x1 kernels), written in the same pass on
+    the CPU; ``(W_eff, None)`` where no CPU kernel serves the weight.
+    """
+    mask = topk_mask(scores, prune_rate)
+    if _packs_on_cpu(weight, scores):
+        w_eff, *packed = _MaskedSignSearchPacked.apply(weight, scores, mask, per_channel)
+        return (w_eff, tuple(packed)) if planes else w_eff
+    w_eff = ref.masked_sign_weight(weight, scores, prune_rate, per_channel, mask=mask)
+    return (w_eff, None) if planes else w_eff
 
 
 def pack_spikes(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:

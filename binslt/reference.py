@@ -129,9 +129,16 @@ def topk_mask(scores: torch.Tensor, prune_rate: float) -> torch.Tensor:
     Ties break deterministically: among equal |s| the lower flat index is kept (stable sort).
     Returns a {0, 1} tensor of the scores' dtype and shape.
     """
+    n = scores.numel()
+    return topk_mask_reference(scores, n - num_pruned(n, prune_rate))
+
+
+def topk_mask_reference(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """``binslt::topk_mask``: the {0, 1} mask of the ``keep`` largest |s|, ties to the lower flat
+    index. NaN ranks above +inf (as in ``torch.kthvalue``) but compares false, so it is never kept.
+    """
     a = scores.detach().abs().flatten()
     n = a.numel()
-    keep = n - num_pruned(n, prune_rate)
     if keep >= n:
         return torch.ones_like(scores)
     if keep <= 0:
@@ -171,8 +178,8 @@ class _MaskedSignSearch(torch.autograd.Function):
     """W_eff = alpha * sign(w) * M(s); dL/ds = dL/dW_eff * w * sign(s); no grad to w or alpha."""
 
     @staticmethod
-    def forward(ctx, weight, scores, prune_rate, per_channel):
-        mask = topk_mask(scores, prune_rate)
+    def forward(ctx, weight, scores, prune_rate, per_channel, mask):
+        mask = topk_mask(scores, prune_rate) if mask is None else mask
         alpha = mean_abs_gain(weight, mask, per_channel)
         ctx.save_for_backward(weight, scores)
         return _expand_gain(alpha, weight) * torch.sign(weight) * mask
@@ -180,7 +187,13 @@ class _MaskedSignSearch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, scores = ctx.saved_tensors
-        return None, grad * weight * torch.sign(scores), None, None
+        return None, search_score_grad(grad, weight, scores), None, None, None
+
+
+def search_score_grad(grad: torch.Tensor, weight: torch.Tensor,
+                      scores: torch.Tensor) -> torch.Tensor:
+    """biprop's straight-through score gradient: dL/ds = dL/dW_eff * w * sign(s)."""
+    return grad * weight * torch.sign(scores)
 
 
 class _MaskedSignFinetune(torch.autograd.Function):
@@ -199,10 +212,15 @@ class _MaskedSignFinetune(torch.autograd.Function):
 
 
 def masked_sign_weight(
-    weight: torch.Tensor, scores: torch.Tensor, prune_rate: float, per_channel: bool = False
+    weight: torch.Tensor, scores: torch.Tensor, prune_rate: float, per_channel: bool = False,
+    mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Search mode: the effective weight alpha * sign(w) * M with biprop's score gradient."""
-    return _MaskedSignSearch.apply(weight, scores, prune_rate, per_channel)
+    """Search mode: the effective weight alpha * sign(w) * M with biprop's score gradient.
+
+    ``mask``: M already selected (``topk_mask(scores, prune_rate)``, e.g. by the kernel of
+    ``ops.topk_mask``); None selects it here.
+    """
+    return _MaskedSignSearch.apply(weight, scores, prune_rate, per_channel, mask)
 
 
 def masked_sign_weight_finetune(
@@ -502,4 +520,19 @@ REFERENCE_OPS = {
     "bconv_lif_bwd": bconv_lif_bwd_reference,
     "bn_lif": bn_lif_reference,
     "bn_lif_bwd": bn_lif_bwd_reference,
+}
+
+def sign_gain_pack_reference(weight: torch.Tensor, mask: torch.Tensor, alpha: torch.Tensor):
+    """``binslt::sign_gain_pack``: W_eff = alpha * sign(w) * M with its bit planes and the
+    kernels' gain (max |W_eff| per output channel)."""
+    w_eff = _expand_gain(alpha, weight) * torch.sign(weight) * mask
+    w_mask, w_pos = pack_weight_reference(w_eff)
+    return w_eff, w_mask, w_pos, w_eff.abs().flatten(1).amax(1).to(torch.float32)
+
+
+# The weight-side ops (binslt._schemas.WEIGHT_SCHEMAS).
+REFERENCE_WEIGHT_OPS = {
+    "topk_mask": topk_mask_reference,
+    "sign_gain_pack": sign_gain_pack_reference,
+    "search_score_grad": search_score_grad,
 }

@@ -86,8 +86,9 @@ std::tuple<at::Tensor, at::Tensor> pack_weight_cpu(const at::Tensor& w_in) {
           const float v = wp[(o * Ci + c) * KH * KW + k];
           const int64_t idx = (o * KH * KW + k) * Cw + (c >> 5);
           const uint32_t bit = bit_of(static_cast<int>(c));
-          if (v != 0.0f) mp[idx] |= bit;
-          if (v > 0.0f) pp[idx] |= bit;
+          // Branch-free: the signs of a search step's W_eff are random, so branches mispredict.
+          mp[idx] |= bit & (0u - static_cast<uint32_t>(v != 0.0f));
+          pp[idx] |= bit & (0u - static_cast<uint32_t>(v > 0.0f));
         }
   });
   return {mask, pos};

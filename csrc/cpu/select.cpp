@@ -1,0 +1,296 @@
+// Exact top-|s| mask selection (biprop's rule), the CPU kernel of binslt::topk_mask.
+//
+// The rule is binslt.reference.topk_mask's, bit for bit: keep the `keep` entries with the largest
+// |s|; of the entries equal to the keep-th largest |s| (v), the lowest flat indices fill the
+// places left after every |s| > v. NaN is ordered as torch.kthvalue orders it (above +inf) but, as
+// there, compares false: a NaN is never kept, and with v NaN nothing is.
+//
+// |s| of an IEEE float, read as an unsigned integer with the sign bit cleared, orders exactly as
+// the value does (+0 and -0 become one key), so v is found by an MSD radix selection on those
+// keys: one histogram pass per 16-bit digit, each over the entries whose higher digits match, in
+// parallel with one histogram per chunk. One last pass writes the mask; only when the entries
+// equal to v outnumber the places left does it need each chunk's count of them first.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "binslt/checks.h"
+#include "binslt/lif.h"
+#include "binslt/pack_cpu.h"
+
+namespace binslt {
+namespace cpu {
+namespace {
+
+template <typename scalar_t>
+struct KeyOf;
+
+template <>
+struct KeyOf<float> {
+  using key_t = uint32_t;
+  static constexpr key_t kAbs = 0x7fffffffu, kInf = 0x7f800000u, kNaN = 0x7f800001u;
+};
+
+template <>
+struct KeyOf<double> {
+  using key_t = uint64_t;
+  static constexpr key_t kAbs = 0x7fffffffffffffffull, kInf = 0x7ff0000000000000ull,
+                         kNaN = 0x7ff0000000000001ull;
+};
+
+// |x| as an ordered integer key; every NaN maps to one key above +inf.
+template <typename scalar_t>
+inline typename KeyOf<scalar_t>::key_t abs_key(scalar_t x) {
+  using K = KeyOf<scalar_t>;
+  typename K::key_t k;
+  std::memcpy(&k, &x, sizeof(k));
+  k &= K::kAbs;
+  return k > K::kInf ? K::kNaN : k;
+}
+
+constexpr int64_t kChunkMin = 1 << 16;  // entries per parallel chunk, at least
+// Digits of 16 bits for large tensors (fewer passes); of 8 bits below this size, where clearing
+// and scanning 65536 buckets per pass would cost more than the passes over the scores.
+constexpr int64_t kWideDigitMin = 1 << 18;
+
+struct Chunks {
+  int64_t n, count;
+  int64_t begin(int64_t i) const { return n * i / count; }
+  int64_t end(int64_t i) const { return n * (i + 1) / count; }
+};
+
+template <typename scalar_t>
+at::Tensor topk_mask_impl(const at::Tensor& scores, int64_t keep) {
+  using K = KeyOf<scalar_t>;
+  using key_t = typename K::key_t;
+  const int64_t n = scores.numel();
+  at::Tensor out = at::empty({n}, scores.options());
+  scalar_t* op = out.data_ptr<scalar_t>();
+  if (keep >= n) return out.fill_(1).view(scores.sizes());
+  if (keep <= 0) return out.fill_(0).view(scores.sizes());
+  const scalar_t* sp = scores.data_ptr<scalar_t>();
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const Chunks ch{n, std::max<int64_t>(1, std::min<int64_t>(nthreads, n / kChunkMin))};
+
+  // v = the key of ascending rank r = n - keep (the keep-th largest), digit by digit.
+  int64_t r = n - keep;
+  key_t prefix = 0;
+  int64_t below = 0;  // entries with key < v's prefix so far
+  int64_t ties = 0;   // entries with key == v, after the last digit
+  constexpr int kKeyBits = 8 * sizeof(key_t);
+  const int kDigitBits = n >= kWideDigitMin ? 16 : 8;
+  const int64_t kBuckets = int64_t{1} << kDigitBits;
+  std::vector<int64_t> hist(ch.count * kBuckets);
+  for (int shift = kKeyBits - kDigitBits; shift >= 0; shift -= kDigitBits) {
+    std::fill(hist.begin(), hist.end(), 0);
+    const bool first = shift == kKeyBits - kDigitBits;
+    const key_t want = prefix;
+    const int hi_shift = shift + kDigitBits;
+    at::parallel_for(0, ch.count, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        int64_t* h = hist.data() + c * kBuckets;
+        for (int64_t i = ch.begin(c); i < ch.end(c); ++i) {
+          const key_t k = abs_key(sp[i]);
+          if (first || (hi_shift < kKeyBits && (k >> hi_shift) == want))
+            ++h[(k >> shift) & (kBuckets - 1)];
+        }
+      }
+    });
+    int64_t cum = 0, b = 0;
+    for (;; ++b) {
+      int64_t cnt = 0;
+      for (int64_t c = 0; c < ch.count; ++c) cnt += hist[c * kBuckets + b];
+      if (r < cum + cnt) {
+        ties = cnt;
+        break;
+      }
+      cum += cnt;
+    }
+    r -= cum;
+    below += cum;
+    prefix = (prefix << kDigitBits) | static_cast<key_t>(b);
+  }
+  const key_t v = prefix;
+  if (v == K::kNaN) return out.fill_(0).view(scores.sizes());
+
+  // room: places left after every non-NaN key above v (NaN is above v but never kept).
+  int64_t nan_count = 0;
+  if (n - below - ties > 0) {
+    std::vector<int64_t> nans(ch.count, 0);
+    at::parallel_for(0, ch.count, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        int64_t cnt = 0;
+        for (int64_t i = ch.begin(c); i < ch.end(c); ++i) cnt += abs_key(sp[i]) == K::kNaN;
+        nans[c] = cnt;
+      }
+    });
+    for (int64_t c = 0; c < ch.count; ++c) nan_count += nans[c];
+  }
+  const int64_t above = n - below - ties - nan_count;
+  const int64_t room = keep - above;
+
+  // tie_start[c]: entries equal to v before chunk c (needed only when some ties are dropped).
+  std::vector<int64_t> tie_start(ch.count, 0);
+  const bool all_ties = ties <= room;
+  if (!all_ties) {
+    at::parallel_for(0, ch.count, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        int64_t cnt = 0;
+        for (int64_t i = ch.begin(c); i < ch.end(c); ++i) cnt += abs_key(sp[i]) == v;
+        tie_start[c] = cnt;
+      }
+    });
+    int64_t acc = 0;
+    for (int64_t c = 0; c < ch.count; ++c) {
+      const int64_t cnt = tie_start[c];
+      tie_start[c] = acc;
+      acc += cnt;
+    }
+  }
+  at::parallel_for(0, ch.count, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      if (all_ties) {
+        for (int64_t i = ch.begin(c); i < ch.end(c); ++i) {
+          const key_t k = abs_key(sp[i]);
+          op[i] = (k >= v && k != K::kNaN) ? scalar_t(1) : scalar_t(0);
+        }
+      } else {
+        int64_t seen = tie_start[c];
+        for (int64_t i = ch.begin(c); i < ch.end(c); ++i) {
+          const key_t k = abs_key(sp[i]);
+          bool kept = k > v && k != K::kNaN;
+          if (k == v) kept = seen++ < room;
+          op[i] = kept ? scalar_t(1) : scalar_t(0);
+        }
+      }
+    }
+  });
+  return out.view(scores.sizes());
+}
+
+// scores: any shape, float32 or float64; keep: how many entries to keep -> {0, 1} mask like scores
+at::Tensor topk_mask_cpu(const at::Tensor& scores_in, int64_t keep) {
+  TORCH_CHECK_VALUE(scores_in.device().is_cpu(), "binslt::topk_mask: scores must be on the CPU, "
+                    "got ", scores_in.device());
+  TORCH_CHECK_TYPE(scores_in.scalar_type() == at::kFloat || scores_in.scalar_type() == at::kDouble,
+                   "binslt::topk_mask: scores must be float32 or float64, got ",
+                   scores_in.scalar_type());
+  const at::Tensor scores = scores_in.contiguous();
+  if (scores.scalar_type() == at::kFloat) return topk_mask_impl<float>(scores, keep);
+  return topk_mask_impl<double>(scores, keep);
+}
+
+
+// W_eff = (alpha * sign(w)) * M in float32, exactly the reference's expression (torch.sign: +1 for
+// w > 0, -1 for w < 0, 0 otherwise, NaN included), with its bit planes and kernel gain in the same
+// pass: what pack_weight(W_eff) and ops.max_abs_gain(W_eff) would return.
+//   weight, mask: [Co, Ci, kh, kw] float32; alpha: 0-d or [Co] float32
+//   -> w_eff like weight, (mask bits, positive bits) [Co, kh, kw, ceil(Ci/32)] int32,
+//      kernel gain [Co] float32 (max |W_eff| over each output channel, NaN propagating)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sign_gain_pack_cpu(
+    const at::Tensor& weight_in, const at::Tensor& mask_in, const at::Tensor& alpha_in) {
+  for (const auto* t : {&weight_in, &mask_in, &alpha_in})
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "binslt::sign_gain_pack: tensors must be on the CPU, "
+                      "got ", t->device());
+  TORCH_CHECK_VALUE(weight_in.dim() == 4, "binslt::sign_gain_pack: weight must be [Co, Ci, kh, "
+                    "kw], got shape ", shape_str(weight_in));
+  TORCH_CHECK_VALUE(mask_in.sizes() == weight_in.sizes(), "binslt::sign_gain_pack: mask must "
+                    "have the weight's shape ", shape_str(weight_in), ", got ", shape_str(mask_in));
+  const int64_t Co = weight_in.size(0), Ci = weight_in.size(1), KH = weight_in.size(2),
+                KW = weight_in.size(3);
+  TORCH_CHECK_VALUE(alpha_in.dim() == 0 || (alpha_in.dim() == 1 && alpha_in.size(0) == Co),
+                    "binslt::sign_gain_pack: alpha must be 0-d or [Co] = [", Co, "], got shape ",
+                    shape_str(alpha_in));
+  for (const auto* t : {&weight_in, &mask_in, &alpha_in})
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "binslt::sign_gain_pack: tensors must be "
+                     "float32, got ", t->scalar_type());
+  const at::Tensor w = weight_in.contiguous(), m = mask_in.contiguous();
+  const at::Tensor a = alpha_in.contiguous();
+  const int64_t Cw = words_for(static_cast<int>(Ci)), KK = KH * KW;
+  at::Tensor w_eff = at::empty_like(w);
+  at::Tensor bits_m = at::zeros({Co, KH, KW, Cw}, w.options().dtype(at::kInt));
+  at::Tensor bits_p = at::zeros({Co, KH, KW, Cw}, w.options().dtype(at::kInt));
+  at::Tensor gain = at::empty({Co}, w.options());
+  const float* wp = w.data_ptr<float>();
+  const float* mp = m.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const bool per_channel = a.dim() == 1;
+  float* ep = w_eff.data_ptr<float>();
+  uint32_t* bm = reinterpret_cast<uint32_t*>(bits_m.data_ptr<int32_t>());
+  uint32_t* bp = reinterpret_cast<uint32_t*>(bits_p.data_ptr<int32_t>());
+  float* gp = gain.data_ptr<float>();
+  at::parallel_for(0, Co, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Ci * KK)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const float alpha = ap[per_channel ? o : 0];
+      float g = 0.0f;
+      bool nan = false;
+      for (int64_t c = 0; c < Ci; ++c) {
+        const uint32_t bit = bit_of(static_cast<int>(c));
+        const int64_t row = (o * Ci + c) * KK;
+        for (int64_t k = 0; k < KK; ++k) {
+          const float x = wp[row + k];
+          const float sgn = static_cast<float>((0.0f < x) - (x < 0.0f));
+          const float v = (alpha * sgn) * mp[row + k];
+          ep[row + k] = v;
+          const int64_t idx = (o * KK + k) * Cw + (c >> 5);
+          bm[idx] |= bit & (0u - static_cast<uint32_t>(v != 0.0f));
+          bp[idx] |= bit & (0u - static_cast<uint32_t>(v > 0.0f));
+          const float av = std::fabs(v);
+          nan |= av != av;
+          g = av > g ? av : g;
+        }
+      }
+      gp[o] = nan ? std::numeric_limits<float>::quiet_NaN() : g;
+    }
+  });
+  return {w_eff, bits_m, bits_p, gain};
+}
+
+// biprop's score gradient, (grad * w) * sign(s) in float32 (reference.search_score_grad's
+// expression, bit for bit), in one pass. grad, weight, scores: one shape, float32.
+at::Tensor search_score_grad_cpu(const at::Tensor& grad_in, const at::Tensor& weight_in,
+                                 const at::Tensor& scores_in) {
+  for (const auto* t : {&grad_in, &weight_in, &scores_in}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "binslt::search_score_grad: tensors must be on the "
+                      "CPU, got ", t->device());
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "binslt::search_score_grad: tensors must "
+                     "be float32, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->sizes() == scores_in.sizes(), "binslt::search_score_grad: grad, weight "
+                      "and scores must have one shape, got ", shape_str(grad_in), ", ",
+                      shape_str(weight_in), " and ", shape_str(scores_in));
+  }
+  const at::Tensor g = grad_in.contiguous(), w = weight_in.contiguous(),
+                   sc = scores_in.contiguous();
+  at::Tensor out = at::empty_like(sc, at::MemoryFormat::Contiguous);
+  const float* gp = g.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, sc.numel(), 32768, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float x = sp[i];
+      op[i] = (gp[i] * wp[i]) * static_cast<float>((0.0f < x) - (x < 0.0f));
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace binslt
+
+TORCH_LIBRARY_IMPL(binslt, CPU, m) {
+  m.impl("topk_mask", &binslt::cpu::topk_mask_cpu);
+  m.impl("sign_gain_pack", &binslt::cpu::sign_gain_pack_cpu);
+  m.impl("search_score_grad", &binslt::cpu::search_score_grad_cpu);
+}

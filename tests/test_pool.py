@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_rel
+from helpers import assert_close_rel, stable_seed
 from torch import nn
 
 import binslt
@@ -86,7 +86,7 @@ def test_infer_op_pooled_and_packed_equal_max_pool_of_its_spikes(backend, case):
     if backend == "triton" and case.get("w", 0) > 100:
         pytest.skip("the interpreter runs one program at a time; the wide case is a CPU tiling "
                     "case")
-    gen = torch.Generator().manual_seed(len(OP_CASES) + sum(map(hash, map(str, case.items()))))
+    gen = torch.Generator().manual_seed(stable_seed(sorted(case.items())))
     cfg = {k: case[k] for k in ("stride", "padding") if k in case}
     x, wm, wp, alpha, scale, shift, res = _op_case(gen, **case)
     co = wm.shape[0]
@@ -140,7 +140,9 @@ def test_training_pool_routes_gradient_as_max_pool2d(backend):
     pats = torch.tensor([[(p >> b) & 1 for b in range(4)] for p in range(16)], dtype=torch.float32)
     win = pats.view(16, 2, 2)
     img = torch.zeros(4, 9, 9)  # 4x4 windows of 2x2 plus an odd last row / column
-    img[:, :8, :8] = win.view(4, 4, 2, 2).permute(0, 2, 1, 3).reshape(4, 8, 8)
+    base = win.view(4, 4, 2, 2).permute(0, 2, 1, 3).reshape(8, 8)
+    for c in range(4):  # each channel holds the 16 windows in another order
+        img[c, :8, :8] = base.roll(2 * c, dims=c % 2)
     img[:, 8, :] = 1.0
     img[:, :, 8] = 1.0
     s = img.view(1, 1, 4, 9, 9).repeat(2, 3, 1, 1, 1).to(dev)
@@ -299,9 +301,19 @@ def test_network_equals_unfused_layout(backend, arch, mode):
     r64.train()
     ya, yb, yr = m(x), old(x), r64(x.cpu().double())
     assert torch.equal(ya, yb)
-    ya.square().sum().backward()
-    yb.square().sum().backward()
-    yr.square().sum().backward()
+    if not ya.requires_grad:  # frozen: nothing to train (non-affine BN)
+        assert mode == "frozen"
+        yr = None
+    else:
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        yr.square().sum().backward()
+    # The float64 comparison needs the same spikes in float32 and float64 (no neuron within
+    # the tie band anywhere in the net). ResNet-19's 17 spiking layers at this setting flip
+    # spikes between float32 and float64 on the torch backend too (it has no pool: the fused
+    # and unfused nets are the same there), so it is compared against the unfused net only.
+    untied = yr is not None and (ya.detach().cpu().double() - yr.detach()).abs().max() < 1e-4
+    assert untied or arch == "resnet19" or mode == "frozen"
     pa, pb, pr = (dict(mm.named_parameters()) for mm in (m, old, r64))
     compared = 0
     for k, p in pa.items():
@@ -309,10 +321,10 @@ def test_network_equals_unfused_layout(backend, arch, mode):
             assert pb[k].grad is None
             continue
         assert torch.equal(p.grad, pb[k].grad), k
-        if k.endswith(("scores", "weight")) and p.grad.abs().sum() > 0:
-            assert_close_rel(p.grad, pr[k].grad, 1e-5, k)
+        if untied and k.endswith(("scores", "weight")) and p.grad.abs().sum() > 0:
+            assert_close_rel(p.grad.cpu(), pr[k].grad, 1e-5, k)
             compared += 1
-    assert compared > 0 or mode == "frozen"
+    assert compared > 0 or not untied
     m.eval()
     old.eval()
     with torch.no_grad():
@@ -352,7 +364,7 @@ def test_eval_chains_packed_spikes(monkeypatch):
     with torch.no_grad():
         assert torch.equal(m(x), want)
     h.remove()
-    assert seen == [(torch.float32, False)]
+    assert seen == []  # features.1's successor is hooked: nothing left to chain in Conv-4
 
 
 def test_packed_chaining_needs_no_grad_kernel_path():
@@ -402,7 +414,7 @@ def test_nir_exports_fused_pool_as_conv_plus_pool():
     for form in ("threshold", "lif"):
         a, b = bnir.to_nir(m, maxpool=form), bnir.to_nir(_unfused(m), maxpool=form)
         assert sorted(a.nodes) == sorted(b.nodes) and sorted(a.edges) == sorted(b.edges)
-        assert "features.2.1" in a.nodes
+        assert "features.1.1" in a.nodes and "features.3.1" in a.nodes
         for k in a.nodes:
             assert type(a.nodes[k]) is type(b.nodes[k]), k
             assert a.nodes[k].metadata == b.nodes[k].metadata, k

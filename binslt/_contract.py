@@ -210,6 +210,36 @@ def check_counts(op: str, counts: torch.Tensor) -> None:
                          f"(as returned by bconv_lif), got {list(counts.shape)} {counts.dtype}")
 
 
+def check_infer_input(op: str, x: torch.Tensor) -> tuple[int, int, int, int, int, bool]:
+    """The inference input: float spikes [T, N, C, H, W], or packed words [T, N, H, W, Cw] int32
+    (a previous layer's packed_out) -> (T, N, H, W, words, packed)."""
+    if x.dim() != 5:
+        raise ValueError(f"binslt::{op}: x must be spikes [T, N, C, H, W] (or packed words "
+                         f"[T, N, H, W, Cw] int32), got shape {list(x.shape)}")
+    if x.dtype == torch.int32:
+        T, n, h, w, cw = x.shape
+        return T, n, h, w, cw, True
+    if not x.is_floating_point():
+        raise TypeError(f"binslt::{op}: x must be floating-point spikes (0. or 1.) or packed int32 "
+                        f"words, got {x.dtype}")
+    T, n, c, h, w = x.shape
+    return T, n, h, w, channel_words(c), False
+
+
+POOLS = (1, 2)
+
+
+def check_pool(op: str, pool: int, ho: int, wo: int) -> tuple[int, int]:
+    """Fused max-pooling of a layer's output spikes: pool 1 (none) or 2 (2x2, stride 2), which
+    needs an output of at least 2x2 -> the pooled (Ho, Wo)."""
+    if isinstance(pool, bool) or pool not in POOLS:
+        raise ValueError(f"binslt::{op}: pool must be 1 or 2, got {pool}")
+    if ho < pool or wo < pool:
+        raise ValueError(f"binslt::{op}: pool={pool} needs a conv output of at least "
+                         f"{pool}x{pool}, got {ho}x{wo}")
+    return ho // pool, wo // pool
+
+
 class BconvArgs:
     """The checked arguments of a binary-conv op: geometry and float32 per-channel vectors."""
 

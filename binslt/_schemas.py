@@ -45,14 +45,20 @@ SCHEMAS: dict[str, str] = {
     ),
     # Inference form of bconv_lif (eval epilogue, nothing saved for a backward), straight from
     # float spikes: x [T, N, C, H, W] float, values in {0, 1} (the CPU kernel raises ValueError
-    # otherwise; the layers check before the other backends)
-    # -> spikes [T, N, Co, Ho, Wo] float32, those of bconv_lif(pack_spikes(x), ...).
-    # The CPU kernel packs each tile's input rows itself and keeps its counts in a per-thread
-    # buffer: neither a packed copy of the input nor the counts are written out.
+    # otherwise; the layers check before the other backends), or packed words
+    # x [T, N, H, W, Cw] int32 (pack_spikes' layout with the batch split into T, N: a previous
+    # layer's packed_out)
+    # -> spikes [T, N, Co, Ho, Wo] float32, those of bconv_lif(pack_spikes(x), ...);
+    #    pool=2: max_pool2d(spikes, 2) (2x2, stride 2; a max of spikes is their OR), output
+    #    [T, N, Co, Ho // 2, Wo // 2] (Ho, Wo >= 2);
+    #    packed_out: those spikes as packed words [T, N, Ho', Wo', ceil(Co/32)] int32.
+    # The CPU kernel packs each tile's input rows itself, keeps its counts in a per-thread
+    # buffer and pools / packs the tile's spikes there: neither a packed copy of the input, nor
+    # the counts, nor the unpooled spikes are written out.
     "bconv_lif_infer": (
         "bconv_lif_infer(Tensor x, Tensor w_mask, Tensor w_pos, Tensor alpha, Tensor scale, "
         "Tensor shift, Tensor? residual, int stride, int padding, float tau, bool decay_input, "
-        "float v_threshold, float? v_reset) -> Tensor"
+        "float v_threshold, float? v_reset, int pool=1, bool packed_out=False) -> Tensor"
     ),
     # Backward of bconv_lif, recomputing H from the saved integer counts.
     #   grad_spikes: [T, N, Co, Ho, Wo] float32

@@ -18,6 +18,7 @@ from torch.library import triton_op
 
 from . import _contract as C
 from . import kernels as K
+from . import reference as ref
 from ._schemas import SCHEMAS
 from .kernels._common import check_device
 
@@ -100,24 +101,27 @@ def bconv_lif_infer_triton(x: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.T
                            alpha: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                            residual: torch.Tensor | None, stride: int, padding: int,
                            tau: float, decay_input: bool, v_threshold: float,
-                           v_reset: float | None) -> torch.Tensor:
-    """bconv_lif's spikes of float spikes x [T, N, C, H, W], eval epilogue; the conv kernel
-    writes no counts."""
+                           v_reset: float | None, pool: int = 1,
+                           packed_out: bool = False) -> torch.Tensor:
+    """bconv_lif's spikes of float spikes x [T, N, C, H, W] (or packed words [T, N, H, W, Cw]),
+    eval epilogue; the conv kernel writes no counts. Pooling and packing of the output run after
+    it (binslt.reference.infer_output with the Triton pack kernel)."""
     op = "bconv_lif_infer"
     C.check_scalars(op, tau, decay_input, v_threshold, v_reset)
     check_device(x, op=op)
-    if x.dim() != 5:
-        raise ValueError(f"binslt::{op}: x must be spikes [T, N, C, H, W], got shape "
-                         f"{list(x.shape)}")
-    T, n, c, h, w = x.shape
-    a = _check_bconv(op, "x", (T * n, h, w), C.channel_words(c), T, w_mask, w_pos, alpha, scale,
+    T, n, h, w, cw, packed_in = C.check_infer_input(op, x)
+    a = _check_bconv(op, "x", (T * n, h, w), cw, T, w_mask, w_pos, alpha, scale,
                      shift, residual, stride, padding)
-    xp = K.pack_spikes(x.flatten(0, 1)).contiguous()
+    C.check_pool(op, pool, a.ho, a.wo)
+    if packed_in:
+        xp = x.reshape(T * n, h, w, cw).contiguous()
+    else:
+        xp = K.pack_spikes(x.flatten(0, 1)).contiguous()
     wm, wp = w_mask.contiguous(), w_pos.contiguous()
     spikes, _, _, _ = K.bconv_counts(xp, wm, wp, a.alpha, a.scale, a.shift, _f32(residual), T,
                                      stride, padding, True, C.counts_dtype(w_mask), tau,
                                      decay_input, v_threshold, v_reset, store_counts=False)
-    return spikes
+    return ref.infer_output(spikes, pool, packed_out, K.pack_spikes)
 
 
 @triton_op("binslt::bconv_lif_bwd_triton", mutates_args=(), schema=_schema("bconv_lif_bwd"))

@@ -57,7 +57,14 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from .layers import LIF, BinConv2d, BinLinear, BinSpikeConv2d, BinSpikeLinear
+from .layers import (
+    LIF,
+    BinConv2d,
+    BinLinear,
+    BinSpikeConv2d,
+    BinSpikeLinear,
+    conv_output_numel,
+)
 
 __all__ = ["E_MAC_PJ", "E_SOP_PJ", "EnergyMeter", "format_table", "is_spiking",
            "last_hidden_activations", "report", "weighted_layers"]
@@ -177,7 +184,8 @@ class EnergyMeter:
             if st.binary:
                 st.binary = bool(((x == 0) | (x == 1)).all())
             # MACs per row = output elements per row x fan-in.
-            st.macs_total += (out.numel() // rows) * _fan_in(module) * rows
+            n_out = conv_output_numel(module, x, out)  # a fused pool's conv: before the pool
+            st.macs_total += (n_out // rows) * _fan_in(module) * rows
             st.passes += self._distinct_passes(x, rows, row)
         return hook
 

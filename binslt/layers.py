@@ -254,18 +254,21 @@ class _MaskedSignWeight(nn.Module):
         return ref.mean_abs_gain(self.weight, self.current_mask(), self.per_channel_gain)
 
     def _fire(self, x: torch.Tensor, residual: Optional[torch.Tensor], channels: int, *,
-              linear: bool, stride: int = 1, padding: int = 0) -> torch.Tensor:
-        """The spiking layer call: the BN epilogue, one ops call, the BN running statistics."""
+              linear: bool, stride: int = 1, padding: int = 0, pool: int = 1,
+              stat_count: Optional[int] = None, packed_out: bool = False) -> torch.Tensor:
+        """The spiking layer call: the BN epilogue, one ops call, the BN running statistics
+        (over ``stat_count`` neurons per channel: the count before pooling)."""
         scale, shift, bn_train = _bn_scale_shift(self.bn, channels, x)
         s, mean, var = ops.spiking_layer(
             x, self, scale, shift, residual, linear=linear, stride=stride, padding=padding,
             real_input=self.input == "real", bn_train=bn_train,
             # eps enters the op only with batch statistics; eval BN is folded above with its own
             # eps (which nn.BatchNorm allows to be 0).
-            bn_eps=self.bn.eps if bn_train else 1e-5, neuron=self.neuron.kwargs(),
-            backend=self.backend, who=type(self).__name__)
+            bn_eps=self.bn.eps if bn_train else 1e-5, neuron=self.neuron.kwargs(), pool=pool,
+            packed_out=packed_out, backend=self.backend, who=type(self).__name__)
         if bn_train:
-            _update_running_stats(self.bn, mean, var, s.numel() // channels)
+            _update_running_stats(self.bn, mean, var,
+                                  s.numel() // channels if stat_count is None else stat_count)
         return s
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -321,6 +324,11 @@ class BinSpikeConv2d(_MaskedSignWeight):
 
     ``forward(x, residual=None)``: ``residual`` is a real current [T, N, C_out, H', W'] added
     before the neuron (ResNet blocks).
+
+    ``pool=2`` is conv -> BN -> neuron -> 2x2 max-pool (stride 2) in one layer, the same spikes
+    as this layer followed by ``SpikeMaxPool2d(2)``: output [T, N, C_out, H'//2, W'//2]. The max
+    of spikes is their OR; inference fuses it into the kernel, training saves one bit per spike
+    for its backward (not float indices). The residual keeps the unpooled shape.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair,
@@ -331,10 +339,13 @@ class BinSpikeConv2d(_MaskedSignWeight):
                  surrogate: str = "atan", surrogate_alpha: float = 2.0, bn: bool = False,
                  input: str = "spike", backend: str = "auto", decay: Optional[float] = None,
                  bn_affine: bool = False, bn_eps: float = 1e-5, bn_momentum: float = 0.1,
-                 per_channel_gain: bool = False, neuron: str = "lif"):
+                 per_channel_gain: bool = False, neuron: str = "lif", pool: int = 1):
         k = _square(kernel_size, "kernel_size")
         if k < 1:
             raise ValueError("kernel_size must be >= 1")
+        if isinstance(pool, bool) or pool not in C.POOLS:
+            raise ValueError(f"pool must be 1 (none) or 2 (2x2 max-pool after the neuron), got "
+                             f"{pool!r}")
         if input not in ("spike", "real"):
             raise ValueError(f"input must be 'spike' or 'real', got {input!r}")
         C.check_backend(backend)
@@ -344,6 +355,7 @@ class BinSpikeConv2d(_MaskedSignWeight):
         if self.stride < 1:
             raise ValueError("stride must be >= 1")
         self.padding = _square(padding, "padding")
+        self.pool = pool
         self.neuron = NeuronConfig(tau, decay_input, v_threshold, v_reset, detach_reset,
                                    surrogate, surrogate_alpha, decay, type(self).__name__,
                                    neuron)
@@ -354,7 +366,9 @@ class BinSpikeConv2d(_MaskedSignWeight):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, prune_rate={self.prune_rate}, "
+                f"stride={self.stride}, padding={self.padding}, "
+                + (f"pool={self.pool}, " if self.pool > 1 else "")
+                + f"prune_rate={self.prune_rate}, "
                 f"input={self.input}, mode={self.mode}, backend={self.backend}, "
                 f"{self.neuron.extra_repr()}")
 
@@ -362,18 +376,56 @@ class BinSpikeConv2d(_MaskedSignWeight):
         """No-op: layers are stateless across calls (for SpikingJelly's functional.reset_net)."""
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
+        """The conv's output size (before the pool)."""
         k = self.kernel_size
         return C.out_hw(h, w, k, k, self.stride, self.padding)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         who = type(self).__name__
         _check_input(x, 5, "[T, N, C, H, W]", self.in_channels, 2, self.weight, who)
+        return self._forward(x, residual, x.shape[3], x.shape[4], False)
+
+    def forward_packed(self, x: torch.Tensor, packed_out: bool = True,
+                       residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Inference chaining between binslt layers, under ``torch.no_grad()`` with a kernel
+        backend and spike input: x is float spikes [T, N, C_in, H, W] or packed words
+        [T, N, H, W, ceil(C_in/32)] int32 (a previous layer's ``forward_packed``); the output is
+        packed words [T, N, H', W', ceil(C_out/32)] int32 (``packed_out``) or float 0./1.
+        spikes, the same spikes ``forward`` gives."""
+        who = type(self).__name__
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.int32:
+            _check_input(x, 5, "[T, N, C, H, W]", self.in_channels, 2, self.weight, who)
+            return self._forward(x, residual, x.shape[3], x.shape[4], packed_out)
+        if x.dim() != 5 or x.shape[4] != C.channel_words(self.in_channels):
+            raise ValueError(f"{who} expects packed spikes [T, N, H, W, "
+                             f"{C.channel_words(self.in_channels)}] int32 "
+                             f"(in_channels={self.in_channels}), got shape {tuple(x.shape)}")
+        if x.device != self.weight.device:
+            raise ValueError(f"{who}: input is on {x.device} but the layer's weights are on "
+                             f"{self.weight.device}; move one of them (.to(device))")
+        return self._forward(x, residual, x.shape[2], x.shape[3], packed_out)
+
+    def _forward(self, x, residual, h: int, w: int, packed_out: bool) -> torch.Tensor:
+        who = type(self).__name__
         k = self.kernel_size
-        ho, wo = C.check_output_size(who, x.shape[3], x.shape[4], k, k, self.stride,
-                                     self.padding)
+        ho, wo = C.check_output_size(who, h, w, k, k, self.stride, self.padding)
+        if ho < self.pool or wo < self.pool:
+            raise ValueError(f"{who}: pool={self.pool} needs a conv output of at least "
+                             f"{self.pool}x{self.pool}, got {ho}x{wo} from a {h}x{w} input")
         C.check_residual(who, residual, (x.shape[0], x.shape[1], self.out_channels, ho, wo))
         return self._fire(x, residual, self.out_channels, linear=False, stride=self.stride,
-                          padding=self.padding)
+                          padding=self.padding, pool=self.pool,
+                          stat_count=x.shape[0] * x.shape[1] * ho * wo, packed_out=packed_out)
+
+
+def conv_output_numel(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
+    """Output elements of a layer's conv / linear for input ``x``: a pooled BinSpikeConv2d
+    (``pool=2``) returns its spikes after the pool, but its conv computes every position before
+    it."""
+    if isinstance(mod, BinSpikeConv2d) and mod.pool > 1:
+        ho, wo = mod.out_size(x.shape[-2], x.shape[-1])
+        return out.numel() // (out.shape[-2] * out.shape[-1]) * ho * wo
+    return out.numel()
 
 
 class BinSpikeLinear(_MaskedSignWeight):

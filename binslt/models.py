@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from . import _contract as C
+from . import ops
 from ._schemas import SURROGATES
 from .layers import (
     LIF,
@@ -58,6 +59,7 @@ from .layers import (
     SpikeMaxPool2d,
     _MaskedSignWeight,
     check_if_settings,
+    conv_output_numel,
 )
 
 __all__ = [
@@ -387,10 +389,13 @@ class _BinWSLTBuilder(_SNNBuilder):
     def conv(self, cin, cout, stride, *, first, pool, residual_slot=False):
         if self._dense_first_last(first):
             c = self._dense_conv(cin, cout, stride)
-        else:
-            c = BinSpikeConv2d(cin, cout, 3, stride, 1, input="real" if first else "spike",
-                               **self._bin_kwargs())
-        return nn.Sequential(c, SpikeMaxPool2d(2)) if pool else c
+            return nn.Sequential(c, SpikeMaxPool2d(2)) if pool else c
+        c = BinSpikeConv2d(cin, cout, 3, stride, 1, input="real" if first else "spike",
+                           pool=2 if pool else 1, **self._bin_kwargs())
+        # The pool is fused into the layer (pool=2); the one-child Sequential keeps the
+        # state-dict keys (features.<i>.0.*) of the conv + SpikeMaxPool2d pair, so checkpoints
+        # and tickets written with the separate pool module load unchanged.
+        return nn.Sequential(c) if pool else c
 
     def shortcut(self, cin, cout, stride):
         return BinConv2d(cin, cout, 1, stride, 0, prune_rate=self.prune_rate, bn=self.o["bn"],
@@ -453,7 +458,45 @@ class BinSLTNet(nn.Module):
             raise TypeError(f"expected floating-point images, got {x.dtype}")
         if self.spiking:  # direct encoding
             x = x.unsqueeze(0).expand(self.timesteps, *x.shape)
+            if not torch.is_grad_enabled():
+                return self.classifier(self._chained_features(x))
         return self.classifier(self.features(x))
+
+    def _chained_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.features(x)`` without autograd, with packed spikes between consecutive binslt
+        spike-input convs: such a conv followed by another emits packed words
+        ([T, N, H, W, ceil(C/32)] int32) that the next one consumes, so no float spike tensor is
+        written in between. Layers with hooks run as modules (the hooks see float spikes)."""
+        mods = list(self.features)
+        units = [_packable_conv(m, x.device) for m in mods]
+        h = x
+        for i, m in enumerate(mods):
+            nxt = units[i + 1] if i + 1 < len(mods) else None
+            conv = units[i]
+            if conv is not None and (h.dtype == torch.int32 or nxt is not None):
+                h = conv.forward_packed(h, packed_out=nxt is not None)
+            else:
+                h = m(h)
+        return h
+
+
+def _packable_conv(m: nn.Module, device: torch.device) -> BinSpikeConv2d | None:
+    """The BinSpikeConv2d behind a features entry (itself, or the one-child Sequential of a
+    pooled layer) when it can pass packed spikes: spike input, a kernel backend, no hooks."""
+    mods = [m]
+    if isinstance(m, nn.Sequential) and len(m) == 1:
+        mods.append(m[0])
+    conv = mods[-1]
+    if not isinstance(conv, BinSpikeConv2d) or conv.input != "spike":
+        return None
+    if ops.resolve_backend(conv.backend, device) == "torch":
+        return None
+    glob = nn.modules.module
+    if glob._global_forward_hooks or glob._global_forward_pre_hooks:
+        return None
+    if any(mm._forward_hooks or mm._forward_pre_hooks for mm in mods):
+        return None
+    return conv
 
 
 def _hw(input_size) -> tuple[int, int]:
@@ -674,8 +717,9 @@ def layer_macs(model: BinSLTNet, input_size: Union[int, tuple[int, int], None] =
     hooks = []
 
     def hook(name):
-        def fn(mod, _inp, out):
-            counts[name] = counts.get(name, 0) + out.numel() * _fan_in(mod)
+        def fn(mod, inp, out):
+            macs = conv_output_numel(mod, inp[0], out) * _fan_in(mod)
+            counts[name] = counts.get(name, 0) + macs
         return fn
 
     for name, m in model.named_modules():

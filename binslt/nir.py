@@ -222,11 +222,22 @@ class _Exporter:
         models = _models()
         flatten_t, gap_t = _private("_Flatten"), _private("_GlobalAvgPool")
         if isinstance(m, nn.Sequential):
-            for child_name, child in m.named_children():
-                src, shape = self.walk(f"{name}.{child_name}" if name else child_name, child,
-                                       src, shape)
+            children = list(m.named_children())
+            for j, (child_name, child) in enumerate(children):
+                full = f"{name}.{child_name}" if name else child_name
+                if isinstance(child, BinSpikeConv2d) and child.pool > 1:
+                    # a fused pool (pool=2) exports as the conv + SpikeMaxPool2d pair it
+                    # replaces: the pool node is named as that pair's second child was
+                    nxt = str(int(child_name) + 1) if child_name.isdigit() else None
+                    free = nxt is not None and j + 1 == len(children)
+                    pool_name = (f"{name}.{nxt}" if name else nxt) if free else f"{full}.pool"
+                    src, shape = self.pooled_conv(full, child, src, shape, pool_name)
+                else:
+                    src, shape = self.walk(full, child, src, shape)
             return src, shape
         if isinstance(m, BinSpikeConv2d):
+            if m.pool > 1:
+                return self.pooled_conv(name, m, src, shape, f"{name}.pool")
             return self.spiking_conv(name, m, m, m.neuron, src, shape, None)
         if isinstance(m, models.SpikingConv):
             return self.spiking_conv(name, m.conv, m, m.lif.neuron, src, shape, None)
@@ -284,6 +295,11 @@ class _Exporter:
                                      bn_module=owner.bn)
         inputs = [c] if residual is None else [c, residual]
         return self.neuron(name, cfg, out, inputs, c), out
+
+    def pooled_conv(self, name: str, m: BinSpikeConv2d, src: str, shape, pool_name: str):
+        """A BinSpikeConv2d with a fused pool: its conv + neuron, then the max-pool unit."""
+        src, shape = self.spiking_conv(name, m, m, m.neuron, src, shape, None)
+        return self.maxpool_unit(pool_name, SpikeMaxPool2d(m.pool), src, shape)
 
     def maxpool_unit(self, name: str, m: SpikeMaxPool2d, src: str, shape):
         k, s, p = m.kernel_size, m.stride, m.padding

@@ -38,17 +38,18 @@ def _has_kernel(name: str, key: str) -> bool:
 
 
 # bconv_lif_infer without a kernel of its own runs that device's pack_spikes and bconv_lif
-# (compiled where they are) and drops the counts.
+# (compiled where they are), drops the counts, then pools and packs the spikes as asked.
 def _infer_via_bconv_lif(x, w_mask, w_pos, alpha, scale, shift, residual, stride, padding, tau,
-                         decay_input, v_threshold, v_reset):
-    if x.dim() != 5:
-        raise ValueError(f"binslt::bconv_lif_infer: x must be spikes [T, N, C, H, W], got shape "
-                         f"{list(x.shape)}")
-    T = x.shape[0]
-    xp = torch.ops.binslt.pack_spikes(x.flatten(0, 1))
-    return torch.ops.binslt.bconv_lif(xp, w_mask, w_pos, alpha, scale, shift, residual, T,
-                                      stride, padding, False, 1e-5, tau, decay_input,
-                                      v_threshold, v_reset)[0]
+                         decay_input, v_threshold, v_reset, pool=1, packed_out=False):
+    op = "bconv_lif_infer"
+    T, n, h, w, cw, packed_in = C.check_infer_input(op, x)
+    pack = torch.ops.binslt.pack_spikes
+    xp = x.reshape(T * n, h, w, cw) if packed_in else pack(x.flatten(0, 1))
+    s = torch.ops.binslt.bconv_lif(xp, w_mask, w_pos, alpha, scale, shift, residual, T,
+                                   stride, padding, False, 1e-5, tau, decay_input,
+                                   v_threshold, v_reset)[0]
+    C.check_pool(op, pool, s.shape[3], s.shape[4])
+    return ref.infer_output(s, pool, packed_out, pack)
 
 
 # Whether the C++ build serves the fused weight side of the search step (read before the
@@ -138,12 +139,14 @@ def _(x_packed, w_mask, w_pos, alpha, scale, shift, residual, T, stride, padding
 
 @torch.library.register_fake("binslt::bconv_lif_infer")
 def _(x, w_mask, w_pos, alpha, scale, shift, residual, stride, padding, tau, decay_input,
-      v_threshold, v_reset):
+      v_threshold, v_reset, pool=1, packed_out=False):
     _same_device("bconv_lif_infer", x=x, w_mask=w_mask, w_pos=w_pos, alpha=alpha, scale=scale,
                  shift=shift, residual=residual)
-    T, n, _, h, w = x.shape
+    T, n, h, w, _, _ = C.check_infer_input("bconv_lif_infer", x)
     co, kh, kw, _ = w_mask.shape
-    ho, wo = C.out_hw(h, w, kh, kw, stride, padding)
+    ho, wo = C.check_pool("bconv_lif_infer", pool, *C.out_hw(h, w, kh, kw, stride, padding))
+    if packed_out:
+        return x.new_empty((T, n, ho, wo, C.channel_words(co)), dtype=torch.int32)
     return x.new_empty((T, n, co, ho, wo), dtype=torch.float32)
 
 
@@ -364,6 +367,49 @@ class BNLIF(torch.autograd.Function):
                 g_cur if ctx.has_res else None) + (None,) * 10
 
 
+class SpikePool(torch.autograd.Function):
+    """2x2 (stride 2) max-pooling of spikes [T, N, C, H, W] in training: a max of {0,1} spikes is
+    their OR. Saves the layer's spikes packed (one bit per spike, the backend's pack_spikes), not
+    float indices, and routes the gradient as torch's max_pool2d backward does on that input:
+    to the first maximal element of each window in row-major order, i.e. the first 1, or the
+    window's first element when all four are 0. Rows/columns past 2*(H//2), 2*(W//2) get none."""
+
+    @staticmethod
+    def forward(ctx, s, pool, backend):
+        T, n, c, h, w = s.shape
+        flat = s.flatten(0, 1)
+        y = F.max_pool2d(flat, pool)
+        ctx.save_for_backward(get_op("pack_spikes", backend)(flat.float().contiguous()))
+        ctx.cfg = (tuple(s.shape), pool, backend)
+        return y.view(T, n, c, *y.shape[2:])
+
+    @staticmethod
+    def backward(ctx, g):
+        (packed,) = ctx.saved_tensors
+        (T, n, c, h, w), p, backend = ctx.cfg
+        b, hq, wq = T * n, h // p, w // p
+        s = get_op("unpack_spikes", backend)(packed, c)[:, :, :hq * p, :wq * p]
+        win = s.reshape(b, c, hq, p, wq, p).permute(0, 1, 2, 4, 3, 5).reshape(b, c, hq, wq, p * p)
+        first = win.argmax(-1, keepdim=True)  # the first maximal element (documented tie rule)
+        gw = torch.zeros((b, c, hq, wq, p * p), dtype=g.dtype, device=g.device)
+        gw.scatter_(-1, first, g.reshape(b, c, hq, wq, 1))
+        gx = g.new_zeros((b, c, h, w))
+        gx[:, :, :hq * p, :wq * p] = gw.view(b, c, hq, wq, p, p).permute(0, 1, 2, 4, 3, 5).reshape(
+            b, c, hq * p, wq * p)
+        return gx.view(T, n, c, h, w), None, None
+
+
+def _spike_pool(be: str, s: torch.Tensor, pool: int) -> torch.Tensor:
+    """Max-pool a layer's spikes [T, N, C, H, W] by ``pool`` (1: unchanged). The torch backend is
+    the reference (max_pool2d, as SpikeMaxPool2d); the kernel backends save one bit per spike."""
+    if pool == 1:
+        return s
+    if be == "torch" or not torch.is_grad_enabled() or not s.requires_grad:
+        y = F.max_pool2d(s.flatten(0, 1), pool)
+        return y.view(*s.shape[:3], *y.shape[2:])
+    return SpikePool.apply(s, pool, be)
+
+
 # ---------------------------------------------------------------------------------------------
 # The fused layer ops. Each public function resolves its backend; the underscore forms take a
 # resolved one, so that a layer call (spiking_layer) resolves it once.
@@ -406,17 +452,21 @@ def _bn_lif(be, z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v
 
 
 def _infer_conv_lif(be, x, w_mask, w_pos, alpha, scale, shift, residual, stride, padding,
-                    bn_train, bn_eps, tau, decay_input, v_threshold, v_reset):
-    x = x.float()  # no copy for float32 spikes
+                    bn_train, bn_eps, tau, decay_input, v_threshold, v_reset, pool=1,
+                    packed_out=False):
+    packed_in = x.dtype == torch.int32  # words [T, N, H, W, Cw] of a previous layer
+    if not packed_in:
+        x = x.float()  # no copy for float32 spikes
     operands = (w_mask, w_pos, alpha.float(), scale.float(), shift.float(), residual)
     if bn_train:
         T = x.shape[0]
-        xp = get_op("pack_spikes", be)(x.flatten(0, 1))
+        xp = x.flatten(0, 1) if packed_in else get_op("pack_spikes", be)(x.flatten(0, 1))
         s, _, mean, var = get_op("bconv_lif", be)(xp, *operands, T, stride, padding, True, bn_eps,
                                                   tau, decay_input, v_threshold, v_reset)
-        return s, mean, var
+        C.check_pool("bconv_lif_infer", pool, s.shape[3], s.shape[4])
+        return ref.infer_output(s, pool, packed_out, get_op("pack_spikes", be)), mean, var
     s = get_op("bconv_lif_infer", be)(x, *operands, stride, padding, tau, decay_input,
-                                      v_threshold, v_reset)
+                                      v_threshold, v_reset, pool, packed_out)
     return s, None, None
 
 
@@ -444,50 +494,66 @@ def bn_lif(z, scale, shift, residual=None, *, bn_train=False, bn_eps=1e-5, tau=2
 
 def infer_conv_lif(x, w_mask, w_pos, alpha, scale, shift, residual=None, *, stride=1, padding=0,
                    bn_train=False, bn_eps=1e-5, tau=2.0, decay_input=True, v_threshold=1.0,
-                   v_reset: Optional[float] = 0.0, backend="auto"):
-    """The no-grad inference path: binary conv + LIF of spikes x [T, N, C, H, W] with packed
-    weight planes -> (spikes, mean, var). With the eval epilogue it runs ``bconv_lif_infer`` (no
-    packed copy of x and no counts are written); training BN needs ``bconv_lif``'s batch
-    statistics (mean and var are None otherwise)."""
+                   v_reset: Optional[float] = 0.0, pool=1, packed_out=False, backend="auto"):
+    """The no-grad inference path: binary conv + LIF of spikes x [T, N, C, H, W] (or packed
+    words [T, N, H, W, Cw] int32) with packed weight planes -> (spikes, mean, var). ``pool=2``
+    max-pools the spikes 2x2; ``packed_out`` returns them as words [T, N, Ho', Wo', Cw'] int32.
+    With the eval epilogue it runs ``bconv_lif_infer`` (no packed copy of x and no counts are
+    written); training BN needs ``bconv_lif``'s batch statistics (mean and var are None
+    otherwise)."""
     with torch.no_grad():
         return _infer_conv_lif(resolve_backend(backend, x.device), x, w_mask, w_pos, alpha, scale,
                                shift, residual, stride, padding, bn_train, bn_eps, tau,
-                               decay_input, v_threshold, v_reset)
+                               decay_input, v_threshold, v_reset, pool, packed_out)
 
 
 def spiking_layer(x, weight, scale, shift, residual=None, *, linear=False, stride=1, padding=0,
-                  real_input=False, bn_train=False, bn_eps=1e-5, neuron: dict, backend="auto",
-                  who="layer"):
+                  real_input=False, bn_train=False, bn_eps=1e-5, neuron: dict, pool=1,
+                  packed_out=False, backend="auto", who="layer"):
     """One call of a masked sign-weight spiking layer -> (spikes, mean, var).
 
-    x is [T, N, C, H, W] (``linear``: [T, N, F], run as a 1x1 image with F channels); ``weight``
-    gives ``effective_weight()`` (differentiable W_eff) and ``packed_weight()`` (its bit planes
-    and gain, cached); ``scale``, ``shift`` and ``bn_train`` are the epilogue; ``neuron`` holds
-    the LIF settings. The backend is resolved once; the input is checked (binary spikes, or
-    finite real values) unless the backend's pack kernel checks it as it packs. Spike input
-    without autograd runs the packed inference path; with autograd, the fused autograd op; real
-    input, a dense conv (linear) and the fused epilogue + LIF.
+    x is [T, N, C, H, W] (``linear``: [T, N, F], run as a 1x1 image with F channels), or, on the
+    no-grad spike path, packed words [T, N, H, W, Cw] int32 from a previous layer's
+    ``packed_out``; ``weight`` gives ``effective_weight()`` (differentiable W_eff) and
+    ``packed_weight()`` (its bit planes and gain, cached); ``scale``, ``shift`` and ``bn_train``
+    are the epilogue; ``neuron`` holds the LIF settings; ``pool=2`` max-pools the spikes 2x2
+    (fused into the inference kernel; in training one bit per spike is saved for the backward).
+    ``packed_out`` (no-grad spike path of a conv only) returns packed words [T, N, Ho, Wo, Cw]
+    int32 instead of float spikes. The backend is resolved once; the input is checked (binary
+    spikes, or finite real values) unless the backend's pack kernel checks it as it packs, or it
+    is packed already. Spike input without autograd runs the packed inference path; with
+    autograd, the fused autograd op; real input, a dense conv (linear) and the fused epilogue +
+    LIF.
     """
     be = resolve_backend(backend, x.device)
+    packed_in = x.dtype == torch.int32
+    infer = not real_input and be != "torch" and not torch.is_grad_enabled()
+    if (packed_in or packed_out) and not infer:
+        raise ValueError(f"{who}: packed spikes in or out need the no-grad spike-input path "
+                         f"(a kernel backend under torch.no_grad()), got backend {be!r}, "
+                         f"grad enabled={torch.is_grad_enabled()}, real input={real_input}")
     if real_input:
         check_finite(x, f"{who} input")
-    elif be not in PACK_VALIDATES:
+    elif be not in PACK_VALIDATES and not packed_in:
         check_spikes(x, f"{who} input")
     if residual is not None:
         check_finite(residual, f"{who} residual")
     T, n = x.shape[:2]
     co = scale.shape[0]
-    if linear and not real_input:  # explicit sizes: -1 is ambiguous when N = 0
+    if linear and not real_input and not packed_in:  # explicit sizes: -1 is ambiguous at N = 0
         x = x.reshape(T, n, x.shape[2], 1, 1)
+    if linear and not real_input:
         residual = None if residual is None else residual.reshape(T, n, co, 1, 1)
     nk = neuron
-    if not real_input and be != "torch" and not torch.is_grad_enabled():
+    if infer:
         w_mask, w_pos, alpha = weight.packed_weight()
         res = None if residual is None else residual.float().contiguous()
         s, mean, var = _infer_conv_lif(be, x, w_mask, w_pos, alpha, scale, shift, res, stride,
                                        padding, bn_train, bn_eps, nk["tau"], nk["decay_input"],
-                                       nk["v_threshold"], nk["v_reset"])
-        s = s.to(x.dtype)
+                                       nk["v_threshold"], nk["v_reset"], pool, packed_out)
+        if packed_out:
+            return s, mean, var
+        s = s.to(torch.float32 if packed_in else x.dtype)
     elif not real_input:
         # The CPU kernels take W_eff's bit planes from the pass that wrote it, where the weight
         # offers them (search mode); otherwise ConvLIF packs W_eff itself.
@@ -496,6 +562,7 @@ def spiking_layer(x, weight, scale, shift, residual=None, *, linear=False, strid
         w = w[:, :, None, None] if linear else w
         s, mean, var = _conv_lif(be, x, w, scale, shift, residual, stride, padding, bn_train,
                                  bn_eps, **nk, planes=planes)
+        s = _spike_pool(be, s, pool)
     else:
         w = weight.effective_weight().to(x.dtype)
         if linear:
@@ -504,6 +571,7 @@ def spiking_layer(x, weight, scale, shift, residual=None, *, linear=False, strid
             z = F.conv2d(x.flatten(0, 1), w, stride=stride, padding=padding)
             z = z.view(T, n, *z.shape[1:])
         s, mean, var = _bn_lif(be, z, scale, shift, residual, bn_train, bn_eps, **nk)
+        s = _spike_pool(be, s, pool)
     if linear and not real_input:
         s = s.view(T, n, co)
     return s, mean, var

@@ -425,20 +425,35 @@ def bconv_lif_reference(x_packed, w_mask, w_pos, alpha, scale, shift, residual, 
                       tau, decay_input, v_threshold, v_reset)
 
 
+def infer_output(spikes: torch.Tensor, pool: int, packed_out: bool, pack) -> torch.Tensor:
+    """bconv_lif_infer's output from the unpooled spikes [T, N, Co, Ho, Wo]: 2x2 max-pooled
+    (an OR of spikes) when pool=2, packed to words [T, N, Ho', Wo', Cw] by ``pack`` (a
+    pack_spikes implementation) when packed_out. For the backends that pool after the conv."""
+    T, n = spikes.shape[:2]
+    if pool > 1:
+        spikes = F.max_pool2d(spikes.flatten(0, 1), pool).view(T, n, spikes.shape[2],
+                                                                spikes.shape[3] // pool,
+                                                                spikes.shape[4] // pool)
+    if not packed_out:
+        return spikes
+    words = pack(spikes.flatten(0, 1).contiguous())
+    return words.view(T, n, *words.shape[1:])
+
+
 def bconv_lif_infer_reference(x, w_mask, w_pos, alpha, scale, shift, residual, stride, padding,
-                              tau, decay_input, v_threshold, v_reset):
-    """Schema ``binslt::bconv_lif_infer`` -> spikes (bconv_lif's, eval epilogue)."""
+                              tau, decay_input, v_threshold, v_reset, pool=1, packed_out=False):
+    """Schema ``binslt::bconv_lif_infer`` -> spikes (bconv_lif's, eval epilogue; pooled and
+    packed as asked)."""
     op = "bconv_lif_infer"
     C.check_scalars(op, tau, decay_input, v_threshold, v_reset)
-    if x.dim() != 5:
-        raise ValueError(f"binslt::{op}: x must be spikes [T, N, C, H, W], got shape "
-                         f"{list(x.shape)}")
-    T, n, c, h, w = x.shape
-    a = C.check_bconv(op, "x", (T * n, h, w), C.channel_words(c), T, w_mask, w_pos, alpha, scale,
+    T, n, h, w, cw, packed_in = C.check_infer_input(op, x)
+    a = C.check_bconv(op, "x", (T * n, h, w), cw, T, w_mask, w_pos, alpha, scale,
                       shift, residual, stride, padding)
-    xp = pack_spikes_reference(x.flatten(0, 1))
-    return _bconv_lif(xp, w_mask, w_pos, a, residual, T, stride, padding, False, 1e-5, tau,
-                      decay_input, v_threshold, v_reset)[0]
+    C.check_pool(op, pool, a.ho, a.wo)
+    xp = x.reshape(T * n, h, w, cw) if packed_in else pack_spikes_reference(x.flatten(0, 1))
+    s = _bconv_lif(xp, w_mask, w_pos, a, residual, T, stride, padding, False, 1e-5, tau,
+                   decay_input, v_threshold, v_reset)[0]
+    return infer_output(s, pool, packed_out, pack_spikes_reference)
 
 
 def bconv_lif_bwd_reference(grad_spikes, counts, x_packed, w_mask, w_pos, alpha, scale, shift,

@@ -58,7 +58,7 @@ def _bconv_infer_args():
     a = _bconv_args()
     for k in ("x_packed", "T", "bn_train", "bn_eps"):
         del a[k]
-    return dict(x=torch.zeros(T, N, CI, H, H), **a)
+    return dict(x=torch.zeros(T, N, CI, H, H), **a, pool=1, packed_out=False)
 
 
 def _bconv_bwd_args():
@@ -151,6 +151,17 @@ ROWS = {
     + [
         ("output size", dict(x=torch.zeros(T, N, CI, 2, 2), padding=0), ValueError, _SMALL),
         ("residual shape", dict(residual=_BAD_RES), ValueError, _RES_MSG),
+        ("x rank", dict(x=torch.zeros(T, N, CI, H)), ValueError,
+         "x must be spikes [T, N, C, H, W] (or packed words [T, N, H, W, Cw] int32), got "),
+        ("x dtype", dict(x=torch.zeros(T, N, CI, H, H, dtype=torch.int64)), TypeError,
+         "x must be floating-point spikes (0. or 1.) or packed int32 words, got "),
+        ("pool=3", dict(pool=3), ValueError, "pool must be 1 or 2, got "),
+        ("pool=0", dict(pool=0), ValueError, "pool must be 1 or 2, got "),
+        ("pool size", dict(x=torch.zeros(T, N, CI, 1, 3), pool=2), ValueError,
+         "pool=2 needs a conv output of at least 2x2, got "),
+        ("channel words (packed x)", dict(x=_i32(T, N, H, H, 2)), ValueError,
+         "the weight has 1 words per position but x has 2 (pack both with the same "
+         "in_channels)"),
     ] + _vec_rows(["alpha", "scale", "shift"]) + _weight_rows("x"),
     "bconv_lif_bwd": _scalar_rows(["tau", "v_threshold", "v_reset", "bn_eps", "surrogate",
                                    "surrogate_alpha", "stride", "padding"])
@@ -216,7 +227,7 @@ def test_every_contract_row_is_driven():
     bconv = common | {"stride", "padding", "output", "alpha", "w_pos", "channel"}
     want = {
         "bconv_lif": bconv | {"bn_eps", "T"},
-        "bconv_lif_infer": bconv,
+        "bconv_lif_infer": bconv | {"x", "pool"},
         "bconv_lif_bwd": bconv | {"bn_eps", "T", "surrogate", "surrogate_alpha", "mean", "var"},
         "bn_lif": common | {"bn_eps"},
         "bn_lif_bwd": common | {"bn_eps", "surrogate", "surrogate_alpha", "mean", "var"},

@@ -263,6 +263,60 @@ struct FloatInput {
   std::atomic<bool>* bad = nullptr;
 };
 
+// The inference output: 2x2 (stride 2) OR-pooled spikes when pool == 2 (a max of {0,1} spikes
+// is their OR; rows/columns past 2*(Ho/2), 2*(Wo/2) are dropped, as max_pool2d does), and with
+// packed != nullptr the spikes as pack_spikes words [T, N, Hq, Wq, Cow] (zero-initialised; each
+// tile ORs in its own pixels, so no two threads write one word).
+struct InferOut {
+  int64_t pool = 1;
+  uint32_t* packed = nullptr;
+  int64_t Hq = 0, Wq = 0, Cow = 0;
+  bool direct() const { return pool == 1 && packed == nullptr; }
+};
+
+// One inference tile (image n, output rows [oy0, oy1), counts loc [T][Co][Lmax]) into the
+// pooled and/or packed output: per channel, the LIF over T into sp [T][Lmax] (residual copied
+// to rl, same layout), then the 2x2 OR and the store.
+template <typename CT>
+void infer_tile_out(Isa isa, const ConvShape& s, const InferOut& io, int64_t n, int64_t oy0,
+                    int64_t oy1, int L, int64_t Lmax, const CT* loc, const float* alpha,
+                    const ChannelAffine* aff, const float* res, const NeuronParams& p, float* sp,
+                    float* rl, float* spikes) {
+  const int64_t S = s.Ho * s.Wo, step_stride = s.N * s.Co * S;
+  const int64_t q = io.pool, rows = (oy1 - oy0) / q, oq0 = oy0 / q;
+  const int64_t out_step = s.N * s.Co * io.Hq * io.Wq;  // float output, between timesteps
+  for (int64_t c = 0; c < s.Co; ++c) {
+    const int64_t off = (n * s.Co + c) * S + oy0 * s.Wo;
+    if (rl != nullptr)
+      for (int64_t t = 0; t < s.T; ++t)
+        std::memcpy(rl + t * Lmax, res + off + t * step_stride, L * sizeof(float));
+    for (int i0 = 0; i0 < L; i0 += kRowChunk) {
+      const int len = std::min(kRowChunk, L - i0);
+      lif_counts(isa, static_cast<int>(s.T), len, loc + c * Lmax + i0, s.Co * Lmax, alpha[c],
+                 aff[c], rl ? rl + i0 : nullptr, Lmax, p, sp + i0);
+    }
+    const uint32_t bit = 1u << (c & 31);
+    for (int64_t t = 0; t < s.T; ++t) {
+      const float* st = sp + t * Lmax;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t oy = oq0 + r;
+        for (int64_t ox = 0; ox < io.Wq; ++ox) {
+          float v = 0.0f;
+          for (int64_t dy = 0; dy < q; ++dy)
+            for (int64_t dx = 0; dx < q; ++dx)
+              v = std::max(v, st[(r * q + dy) * s.Wo + ox * q + dx]);
+          if (io.packed != nullptr) {
+            if (v != 0.0f)
+              io.packed[(((t * s.N + n) * io.Hq + oy) * io.Wq + ox) * io.Cow + (c >> 5)] |= bit;
+          } else {
+            spikes[t * out_step + ((n * s.Co + c) * io.Hq + oy) * io.Wq + ox] = v;
+          }
+        }
+      }
+    }
+  }
+}
+
 // infer (eval epilogue only, counts unused): each tile's counts live in a per-thread buffer
 // [T][Co][R*Wo] and never reach memory (no 2-byte-per-neuron write and read back).
 template <typename CT>
@@ -270,7 +324,8 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const FloatInput& 
                   const PackedW& planes, const uint32_t* pos_orig, const int8_t* weight_table,
                   int64_t co_pad64, const float* alpha, const float* scale, const float* shift,
                   const float* res, bool bn_train, double bn_eps, const NeuronParams& p,
-                  bool infer, CT* counts, float* spikes, float* mean_out, float* var_out) {
+                  bool infer, CT* counts, float* spikes, float* mean_out, float* var_out,
+                  const InferOut& io = InferOut{}) {
   const int64_t Hp = s.H + 2 * s.padding, Wp = s.W + 2 * s.padding;
   const uint32_t* xp =
       xf.on ? nullptr : reinterpret_cast<const uint32_t*>(xpad.data_ptr<int32_t>());
@@ -286,6 +341,8 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const FloatInput& 
   const int64_t nthreads = at::get_num_threads();
   int64_t R = std::max<int64_t>(1, std::min<int64_t>(s.Ho, kRowChunk / s.Wo));
   while (R > 1 && s.N * ((s.Ho + R - 1) / R) < 4 * nthreads) R = (R + 1) / 2;
+  // A pooled tile holds whole row pairs (the LIF below runs in chunks of kRowChunk neurons).
+  if (io.pool > 1) R = (R + io.pool - 1) / io.pool * io.pool;
   const int64_t row_blocks = (s.Ho + R - 1) / R;
 
   std::vector<int64_t> sums(bn_train ? nthreads * s.Co * 2 : 0, 0);
@@ -299,6 +356,9 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const FloatInput& 
   const int64_t plane = s.H * s.W;
   at::parallel_for(0, s.N * row_blocks, 1, [&](int64_t i0, int64_t i1) {
     std::vector<CT> loc(infer ? s.T * s.Co * Lmax : 0);
+    // Pooled / packed output: one channel's spikes (and residual) of the tile, [T][Lmax].
+    std::vector<float> sp(io.direct() ? 0 : s.T * Lmax);
+    std::vector<float> rl(io.direct() || res == nullptr ? 0 : s.T * Lmax);
     // Float input: this thread's padded packed image (margins stay zero; each tile writes the
     // interior rows it reads) and the packed rows before padding.
     std::vector<uint32_t> pimg(xf.on ? Hp * Wp * s.Cw : 0, 0u);
@@ -388,12 +448,20 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const FloatInput& 
       if (bn_train) continue;
       // Epilogue + LIF over T for this tile, while its counts are in cache.
       const int L = static_cast<int>((oy1 - oy0) * s.Wo);
-      for (int64_t c = 0; c < s.Co; ++c) {
-        const int64_t off = (n * s.Co + c) * S + oy0 * s.Wo;
-        const CT* cr = infer ? loc.data() + c * Lmax : counts + off;
-        lif_counts(isa, static_cast<int>(s.T), L, cr, infer ? s.Co * Lmax : step_stride, alpha[c],
-                   aff[c], res ? res + off : nullptr, step_stride, p, spikes + off);
+      if (!infer || io.direct()) {
+        // in chunks of kRowChunk neurons, the LIF row's buffer (a row wider than it is one tile)
+        for (int64_t c = 0; c < s.Co; ++c)
+          for (int i0 = 0; i0 < L; i0 += kRowChunk) {
+            const int64_t off = (n * s.Co + c) * S + oy0 * s.Wo + i0;
+            const CT* cr = infer ? loc.data() + c * Lmax + i0 : counts + off;
+            lif_counts(isa, static_cast<int>(s.T), std::min(kRowChunk, L - i0), cr,
+                       infer ? s.Co * Lmax : step_stride, alpha[c], aff[c],
+                       res ? res + off : nullptr, step_stride, p, spikes + off);
+          }
+        continue;
       }
+      infer_tile_out(isa, s, io, n, oy0, oy1, L, Lmax, loc.data(), alpha, aff.data(), res, p,
+                     sp.data(), rl.empty() ? nullptr : rl.data(), spikes);
     }
     if (bad) xf.bad->store(true, std::memory_order_relaxed);
   });
@@ -460,7 +528,7 @@ static ForwardArgs check_forward_args(const char* op, const ConvShape& s,
 static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_run(
     const ConvShape& s, const at::Tensor& x, const FloatInput& xf, const at::Tensor& w_mask_in,
     const at::Tensor& w_pos_in, const ForwardArgs& args, bool bn_train, double bn_eps,
-    bool infer) {
+    bool infer, int64_t pool = 1, bool packed_out = false) {
   const at::Tensor &alpha = args.alpha, &scale = args.scale, &shift = args.shift;
   const std::optional<at::Tensor>& res = args.res;
   const NeuronParams& p = args.p;
@@ -494,7 +562,20 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_run(
   const int8_t* weight_table_ptr = event ? weight_table.data_ptr<int8_t>() : nullptr;
 
   const auto opts = x.options();
-  at::Tensor spikes = at::empty(oshape, opts.dtype(at::kFloat));
+  InferOut io;
+  io.pool = pool;
+  io.Hq = s.Ho / pool;
+  io.Wq = s.Wo / pool;
+  io.Cow = words_for(static_cast<int>(s.Co));
+  at::Tensor spikes;
+  if (packed_out) {
+    spikes = at::zeros({s.T, s.N, io.Hq, io.Wq, io.Cow}, opts.dtype(at::kInt));
+    io.packed = reinterpret_cast<uint32_t*>(spikes.data_ptr<int32_t>());
+  } else {
+    spikes = at::empty(pool == 1 ? oshape : std::vector<int64_t>{s.T, s.N, s.Co, io.Hq, io.Wq},
+                       opts.dtype(at::kFloat));
+  }
+  float* spikes_f = packed_out ? nullptr : spikes.data_ptr<float>();
   at::Tensor counts;
   if (!infer) counts = at::empty(oshape, opts.dtype(count_type));
   at::Tensor mean = at::zeros({s.Co}, opts.dtype(at::kFloat));
@@ -504,14 +585,14 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_run(
     forward_impl<int16_t>(s, xpad, xf, planes, pos_masked.data(), weight_table_ptr, co_pad64,
                           alpha.data_ptr<float>(), scale.data_ptr<float>(),
                           shift.data_ptr<float>(), rp, bn_train, bn_eps, p, infer,
-                          infer ? nullptr : counts.data_ptr<int16_t>(), spikes.data_ptr<float>(),
-                          mean.data_ptr<float>(), var.data_ptr<float>());
+                          infer ? nullptr : counts.data_ptr<int16_t>(), spikes_f,
+                          mean.data_ptr<float>(), var.data_ptr<float>(), io);
   } else {
     forward_impl<int32_t>(s, xpad, xf, planes, pos_masked.data(), weight_table_ptr, co_pad64,
                           alpha.data_ptr<float>(), scale.data_ptr<float>(),
                           shift.data_ptr<float>(), rp, bn_train, bn_eps, p, infer,
-                          infer ? nullptr : counts.data_ptr<int32_t>(), spikes.data_ptr<float>(),
-                          mean.data_ptr<float>(), var.data_ptr<float>());
+                          infer ? nullptr : counts.data_ptr<int32_t>(), spikes_f,
+                          mean.data_ptr<float>(), var.data_ptr<float>(), io);
   }
   return {spikes, counts, mean, var};
 }
@@ -530,31 +611,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_cpu(
 }
 
 // Inference (eval epilogue, no backward) straight from float spikes x [T, N, C, H, W]: each
-// tile packs the input rows it reads (no packed copy of the input, no second pass over it).
+// tile packs the input rows it reads (no packed copy of the input, no second pass over it); or
+// from packed words x [T, N, H, W, Cw] int32 (a previous layer's packed_out). pool = 2 ORs
+// 2x2 windows of the output spikes in the tile; packed_out returns pack_spikes words
+// [T, N, Ho', Wo', ceil(Co/32)] int32 instead of float spikes.
 at::Tensor bconv_lif_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_mask,
                                const at::Tensor& w_pos, const at::Tensor& alpha,
                                const at::Tensor& scale, const at::Tensor& shift,
                                const std::optional<at::Tensor>& residual, int64_t stride,
                                int64_t padding, double tau, bool decay_input, double v_threshold,
-                               std::optional<double> v_reset) {
+                               std::optional<double> v_reset, int64_t pool, bool packed_out) {
   const char* op = "bconv_lif_infer";
   check_on_cpu(x_in, op, "x");
-  TORCH_CHECK(x_in.dim() == 5, "binslt::", op, ": x must be spikes [T, N, C, H, W], got shape ",
-              shape_str(x_in));
-  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "binslt::", op,
-              ": x must be floating-point spikes (0. or 1.), got ", x_in.scalar_type());
-  const int64_t T = x_in.size(0), N = x_in.size(1), C = x_in.size(2), H = x_in.size(3),
-                W = x_in.size(4);
-  const ConvShape s = check_conv_dims(T * N, H, W, words_for(static_cast<int>(C)), "x", w_mask,
-                                      w_pos, T, stride, padding, op);
+  const bool packed_in = check_infer_input(op, x_in);
+  const int64_t T = x_in.size(0), N = x_in.size(1);
+  const int64_t H = packed_in ? x_in.size(2) : x_in.size(3);
+  const int64_t W = packed_in ? x_in.size(3) : x_in.size(4);
+  const int64_t C = packed_in ? 0 : x_in.size(2);
+  const int64_t Cw = packed_in ? x_in.size(4) : words_for(static_cast<int>(C));
+  const ConvShape s = check_conv_dims(T * N, H, W, Cw, "x", w_mask, w_pos, T, stride, padding,
+                                      op);
   const double bn_eps = 1e-5;  // unused: the eval epilogue
   const ForwardArgs args = check_forward_args(op, s, alpha, scale, shift, residual, bn_eps, tau,
                                               decay_input, v_threshold, v_reset);
+  check_pool(op, pool, s.Ho, s.Wo);
+  if (packed_in) {
+    const at::Tensor xp = x_in.reshape({T * N, H, W, Cw});
+    return std::get<0>(bconv_lif_run(s, xp, FloatInput{}, w_mask, w_pos, args, false, bn_eps,
+                                     true, pool, packed_out));
+  }
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   std::atomic<bool> bad{false};
   const FloatInput xf{true, x.data_ptr<float>(), C, &bad};
-  at::Tensor spikes =
-      std::get<0>(bconv_lif_run(s, x, xf, w_mask, w_pos, args, false, bn_eps, true));
+  at::Tensor spikes = std::get<0>(
+      bconv_lif_run(s, x, xf, w_mask, w_pos, args, false, bn_eps, true, pool, packed_out));
   TORCH_CHECK_VALUE(!bad.load(), "binslt::", op, ": ", kNotBinaryMsg);
   return spikes;
 }

@@ -196,4 +196,26 @@ inline OutHW check_out_hw(const char* op, int64_t H, int64_t W, int64_t kh, int6
   return o;
 }
 
+// The inference input x: float spikes [T, N, C, H, W] or packed words [T, N, H, W, Cw] int32
+// (-> true).
+inline bool check_infer_input(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 5, "binslt::", op,
+                    ": x must be spikes [T, N, C, H, W] (or packed words [T, N, H, W, Cw] "
+                    "int32), got shape ",
+                    shape_str(x));
+  if (x.scalar_type() == at::kInt) return true;
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "binslt::", op,
+                   ": x must be floating-point spikes (0. or 1.) or packed int32 words, got ",
+                   x.scalar_type());
+  return false;
+}
+
+// Fused max-pooling of the output spikes: pool = 1 (none) or 2 (2x2, stride 2), which needs an
+// output of at least 2x2.
+inline void check_pool(const char* op, int64_t pool, int64_t Ho, int64_t Wo) {
+  TORCH_CHECK_VALUE(pool == 1 || pool == 2, "binslt::", op, ": pool must be 1 or 2, got ", pool);
+  TORCH_CHECK_VALUE(Ho >= pool && Wo >= pool, "binslt::", op, ": pool=", pool,
+                    " needs a conv output of at least ", pool, "x", pool, ", got ", Ho, "x", Wo);
+}
+
 }  // namespace binslt

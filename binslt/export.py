@@ -97,9 +97,10 @@ def load_ops_standalone(cpu_library: PathLike, schemas_file: Optional[PathLike] 
     import runpy
 
     schemas_file = schemas_file or Path(__file__).with_name("_schemas.py")
-    schemas = runpy.run_path(str(schemas_file))["SCHEMAS"]
+    declared = runpy.run_path(str(schemas_file))
+    schemas = [*declared["SCHEMAS"].values(), *declared.get("WEIGHT_SCHEMAS", {}).values()]
     lib = torch.library.Library("binslt", "FRAGMENT")
-    for schema in schemas.values():
+    for schema in schemas:
         try:
             lib.define(schema)
         except RuntimeError as exc:  # already declared (binslt imported in this process)

@@ -383,8 +383,8 @@ def test_bconv_lif_errors():
 # contract's type and message, compared up to and including "got " (C++ prints -1, Python -1.0).
 _CONTRACT = [
     # (argument index in bconv_lif, bad value, exception, message up to "got ")
-    (12, -1.0, ValueError, "binslt::bconv_lif: tau must be finite and > 0, got "),
-    (12, float("nan"), ValueError, "binslt::bconv_lif: tau must be finite and > 0, got "),
+    (12, -1.0, ValueError, "binslt::bconv_lif: tau must be finite and > 0 (or +inf with decay_input=False: IF), got "),
+    (12, float("nan"), ValueError, "binslt::bconv_lif: tau must be finite and > 0 (or +inf with decay_input=False: IF), got "),
     (14, float("inf"), ValueError, "binslt::bconv_lif: v_threshold must be finite, got "),
     (15, float("nan"), ValueError,
      "binslt::bconv_lif: v_reset must be None (soft reset) or finite, got "),
@@ -459,7 +459,7 @@ def test_contract_errors_of_the_other_cpu_ops():
     z = torch.randn(2, 3, 4)
     assert first_line(ValueError, OPS.bn_lif, z, torch.ones(4), torch.zeros(4), None, False,
                       1e-5, 0.0, True, 1.0, 0.0).startswith(
-        "binslt::bn_lif: tau must be finite and > 0, got ")
+        "binslt::bn_lif: tau must be finite and > 0 (or +inf with decay_input=False: IF), got ")
     assert first_line(ValueError, OPS.bn_lif, z, torch.ones(4), torch.zeros(4), torch.zeros(2),
                       False, 1e-5, 2.0, True, 1.0, 0.0).startswith(
         "binslt::bn_lif: residual must have shape [2, 3, 4], got [2]")

@@ -376,27 +376,42 @@ class SpikePool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, pool, backend):
+        if pool != 2:
+            raise ValueError(f"SpikePool: only 2x2 pooling is fused, got pool={pool}")
         T, n, c, h, w = s.shape
         flat = s.flatten(0, 1)
-        y = F.max_pool2d(flat, pool)
+        a, b, cc, d = _windows(flat)
+        y = torch.maximum(torch.maximum(a, b), torch.maximum(cc, d))  # exact on {0, 1}
         ctx.save_for_backward(get_op("pack_spikes", backend)(flat.float().contiguous()))
-        ctx.cfg = (tuple(s.shape), pool, backend)
+        ctx.cfg = (tuple(s.shape), backend)
         return y.view(T, n, c, *y.shape[2:])
 
     @staticmethod
     def backward(ctx, g):
         (packed,) = ctx.saved_tensors
-        (T, n, c, h, w), p, backend = ctx.cfg
-        b, hq, wq = T * n, h // p, w // p
-        s = get_op("unpack_spikes", backend)(packed, c)[:, :, :hq * p, :wq * p]
-        win = s.reshape(b, c, hq, p, wq, p).permute(0, 1, 2, 4, 3, 5).reshape(b, c, hq, wq, p * p)
-        first = win.argmax(-1, keepdim=True)  # the first maximal element (documented tie rule)
-        gw = torch.zeros((b, c, hq, wq, p * p), dtype=g.dtype, device=g.device)
-        gw.scatter_(-1, first, g.reshape(b, c, hq, wq, 1))
-        gx = g.new_zeros((b, c, h, w))
-        gx[:, :, :hq * p, :wq * p] = gw.view(b, c, hq, wq, p, p).permute(0, 1, 2, 4, 3, 5).reshape(
-            b, c, hq * p, wq * p)
+        (T, n, c, h, w), backend = ctx.cfg
+        s = get_op("unpack_spikes", backend)(packed, c).to(g.dtype)
+        a, b, cc, d = _windows(s)
+        # The first 1 of (a, b, c, d) in row-major order takes the gradient; a when all are 0.
+        na = 1 - a
+        gb = na * b
+        nab = na - gb  # (1 - a) * (1 - b)
+        gc = nab * cc
+        gd = (nab - gc) * d
+        ga = 1 - gb - gc - gd
+        g = g.flatten(0, 1)
+        gx = g.new_zeros((T * n, c, h, w))
+        for dst, m in zip(_windows(gx), (ga, gb, gc, gd)):
+            dst.copy_(g * m)
         return gx.view(T, n, c, h, w), None, None
+
+
+def _windows(x: torch.Tensor):
+    """The four positions of every 2x2 window of [B, C, H, W] (views; odd last rows/columns,
+    which no window covers, left out) in row-major order."""
+    hq, wq = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+    return (x[:, :, 0:hq:2, 0:wq:2], x[:, :, 0:hq:2, 1:wq:2], x[:, :, 1:hq:2, 0:wq:2],
+            x[:, :, 1:hq:2, 1:wq:2])
 
 
 def _spike_pool(be: str, s: torch.Tensor, pool: int) -> torch.Tensor:

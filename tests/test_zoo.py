@@ -21,7 +21,6 @@ A search step runs on every backend on a small model built from the zoo's own re
 from __future__ import annotations
 
 import copy
-import math
 import os
 
 import pytest
@@ -216,19 +215,6 @@ class MiniResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 2))
 
 
-def _if_compiled() -> bool:
-    """Whether the compiled extension's op contract takes IF's tau=inf (a build from before the
-    IF neuron refuses it)."""
-    z, one = torch.zeros(1, 1, 1, 1), torch.ones(1)
-    try:
-        binslt.ops.bn_lif(z, one, one * 0, tau=math.inf, decay_input=False, backend="cpu")
-    except ValueError as exc:
-        if "tau" in str(exc):
-            return False
-        raise
-    return True
-
-
 BACKENDS = [
     pytest.param("torch", "cpu", id="torch"),
     pytest.param("cpu", "cpu", id="cpu"),
@@ -242,8 +228,6 @@ BACKENDS = [
 @pytest.mark.parametrize("nkind", sorted(NEURONS))
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_search_step_on_every_backend(backend, device, nkind):
-    if nkind == "if" and backend in ("cpu", "cuda") and not _if_compiled():
-        pytest.skip("the compiled extension predates the IF neuron (rebuild it)")
     torch.manual_seed(5)
     net = MiniResNet(NEURONS[nkind])
     functional.set_step_mode(net, "m")

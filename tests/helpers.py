@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import zlib
 
@@ -147,3 +148,15 @@ def biprop_weight64(w, s, prune_rate):
     m = m.view_as(w)
     alpha = (w.abs() * m).sum() / m.sum()
     return alpha * torch.sign(w) * m, m, alpha
+
+
+def binarised_copy(net: torch.nn.Module, paths) -> torch.nn.Module:
+    """A copy of a (SpikingJelly) model whose modules at ``paths`` carry alpha * sign(w),
+    alpha = mean |w| (what binslt.convert's layers compute at prune_rate 0)."""
+    out = copy.deepcopy(net)
+    mods = dict(out.named_modules())
+    with torch.no_grad():
+        for p in paths:
+            w = mods[p].weight
+            w.copy_(w.abs().mean() * torch.sign(w))
+    return out

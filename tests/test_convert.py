@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from helpers import tie_mask
+from helpers import binarised_copy, tie_mask
 from spikingjelly.activation_based import functional, layer, neuron, surrogate
 from torch import nn
 
@@ -43,17 +41,6 @@ def sj_vgg(nkw: dict) -> nn.Sequential:
                 m.running_var.uniform_(0.5, 2.0)
         net[8].weight.mul_(6.0)  # no BN before this neuron: scale so that it fires
     return net
-
-
-def binarised_copy(net: nn.Sequential, paths: list[str]) -> nn.Sequential:
-    """The SpikingJelly model with the given layers' weights replaced by alpha*sign(w)."""
-    out = copy.deepcopy(net)
-    mods = dict(out.named_modules())
-    with torch.no_grad():
-        for p in paths:
-            w = mods[p].weight
-            w.copy_(w.abs().mean() * torch.sign(w))
-    return out
 
 
 def record(net: nn.Module, types) -> tuple[list, list]:

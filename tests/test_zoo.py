@@ -20,12 +20,11 @@ A search step runs on every backend on a small model built from the zoo's own re
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
 import torch
-from helpers import assert_close_rel
+from helpers import assert_close_rel, binarised_copy
 from spikingjelly.activation_based import functional, layer, neuron
 from spikingjelly.activation_based.model import ms_resnet, sew_resnet, spiking_resnet, spiking_vgg
 from torch import nn
@@ -114,16 +113,6 @@ def build(name: str, nkind: str) -> nn.Module:
     return m.eval()
 
 
-def binarised(net: nn.Module, paths) -> nn.Module:
-    out = copy.deepcopy(net)
-    mods = dict(out.named_modules())
-    with torch.no_grad():
-        for p in paths:
-            w = mods[p].weight
-            w.copy_(w.abs().mean() * torch.sign(w))
-    return out
-
-
 def logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     functional.reset_net(net)
     with torch.no_grad():
@@ -163,7 +152,7 @@ def test_zoo_model_converts_and_reproduces_sign_weight_logits(name, nkind):
     conv, report = convert(net, prune_rate=0.0, example_input=x_example, backend="torch")
     check_report(net, report, ZOO.get(name, SLOW_ZOO.get(name))[1])
     assert report.method == "recorded run"
-    expected = binarised(net, [c["paths"][0] for c in report.converted])
+    expected = binarised_copy(net, [c["paths"][0] for c in report.converted])
     torch.manual_seed(11)
     x = torch.rand(2, 2, 3, 32, 32)
     y_exp = logits(expected, x)

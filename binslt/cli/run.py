@@ -607,6 +607,14 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _row_lead(r: dict[str, Any]) -> list[str]:
+    """The first three cells of a Table 1/2 row: architecture (params), method, T."""
+    params = r.get("params")
+    pstr = f"{params / 1e6:.2f}M" if isinstance(params, (int, float)) else "?"
+    t = r["timesteps"] if r["method"] in train.SPIKING else "-"
+    return [f"{r['arch']} ({pstr})", r["label"], str(t)]
+
+
 def compare_table(rows: list[dict[str, Any]]) -> str:
     """A Table 1/2-style markdown table."""
     has_energy = any(r.get("ops_g") is not None for r in rows)
@@ -615,12 +623,8 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
         head += ["OPs (G)", "Energy (mJ)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        params = r.get("params")
-        pstr = f"{params / 1e6:.2f}M" if isinstance(params, (int, float)) else "?"
-        t = r["timesteps"] if r["method"] in train.SPIKING else "-"
         delta = "" if r.get("delta_vs_bnn") is None else f"{r['delta_vs_bnn']:+.2f}"
-        cells = [f"{r['arch']} ({pstr})", r["label"], str(t), f"{r['test_acc']:.2f}",
-                 f"{r['best_test_acc']:.2f}", delta]
+        cells = [*_row_lead(r), f"{r['test_acc']:.2f}", f"{r['best_test_acc']:.2f}", delta]
         if has_energy:
             cells += [_fmt(r.get("ops_g"), ".4f"), _fmt(r.get("energy_mj"), ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -657,12 +661,9 @@ def compare_seed_table(summary: list[dict[str, Any]]) -> str:
         head += ["OPs (G)", "Energy (mJ)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary:
-        params = r.get("params")
-        pstr = f"{params / 1e6:.2f}M" if isinstance(params, (int, float)) else "?"
-        t = r["timesteps"] if r["method"] in train.SPIKING else "-"
         seeds = str(r["seeds"]).split(";")
         per = " / ".join(f"{r[f'test_acc_s{x}']:.2f}" for x in seeds)
-        cells = [f"{r['arch']} ({pstr})", r["label"], str(t),
+        cells = [*_row_lead(r),
                  _fmt_ms(r["test_acc_mean"], r["test_acc_std"]), per,
                  _fmt_ms(r["best_test_acc_mean"], r["best_test_acc_std"])]
         if has_energy:

@@ -10,7 +10,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import ops, reference  # noqa: E402  (ops registers the binslt:: schemas)
-from ._ext import backends  # noqa: E402
+from .ops import backends  # noqa: E402  (tries the Triton launchers first)
 
 # Eager (cheap: torch and .layers only): importing the binslt.convert submodule would otherwise
 # bind the *module* to `binslt.convert` and shadow the lazily returned function.

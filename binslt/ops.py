@@ -189,14 +189,35 @@ def _(grad_spikes, z, scale, shift, mean, var, residual, bn_train, bn_eps, tau, 
             z.new_empty((c,), dtype=torch.float32))
 
 
-# Triton launchers register binslt::<op>_triton when triton imports.
-_TRITON_ERROR = ""
-try:
-    from . import _triton_ops  # noqa: F401
-except Exception as exc:  # pragma: no cover - depends on the machine
-    _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
-    if "triton" in _ext._STATE and _ext._STATE["triton"]["built"]:
-        _ext._STATE["triton"].update(usable=False, reason=f"Triton ops failed to load: {exc}")
+# The Triton launchers (binslt._triton_ops) register binslt::<op>_triton when first needed:
+# importing them pulls in torch._inductor (about a second), which a CPU run never uses.
+_TRITON_LOCK = threading.Lock()
+_TRITON_STATE = {"loaded": False, "error": ""}
+
+
+def load_triton() -> str:
+    """Import the Triton launchers once, registering ``binslt::<op>_triton``; returns '' or the
+    import error (then the backend is marked unusable in :func:`binslt.backends`). Resolving the
+    'triton' backend calls it; call it yourself before using ``torch.ops.binslt.*_triton``."""
+    with _TRITON_LOCK:
+        if not _TRITON_STATE["loaded"]:
+            _TRITON_STATE["loaded"] = True
+            try:
+                from . import _triton_ops  # noqa: F401
+            except Exception as exc:  # pragma: no cover - depends on the machine
+                _TRITON_STATE["error"] = f"{type(exc).__name__}: {exc}"
+                st = _ext.load()
+                if st["triton"]["built"]:
+                    st["triton"].update(usable=False, reason=f"Triton ops failed to load: {exc}")
+        return _TRITON_STATE["error"]
+
+
+def backends() -> dict[str, dict]:
+    """{'torch'|'cpu'|'triton'|'cuda': {'built': bool, 'usable': bool, 'reason': str}}, after
+    trying the Triton launchers (so that 'usable' is what a layer would find)."""
+    if _ext.load()["triton"]["built"]:
+        load_triton()
+    return _ext.backends()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +251,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type == "cuda":
             if st["cuda"]["usable"]:
                 return "cuda"
+            if st["triton"]["usable"]:
+                load_triton()  # a failed import marks it unusable
             return "triton" if st["triton"]["usable"] else "torch"
         return "torch"
     if backend == "torch":
@@ -246,8 +269,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda" and not interp:
             raise RuntimeError("backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
                                "(set before triton is imported) to run on the CPU")
-        if _TRITON_ERROR:
-            raise RuntimeError(f"backend 'triton' failed to load: {_TRITON_ERROR}")
+        err = load_triton()
+        if err:
+            raise RuntimeError(f"backend 'triton' failed to load: {err}")
     return backend
 
 
@@ -256,6 +280,7 @@ def get_op(name: str, backend: str):
     if backend == "torch":
         return ref.REFERENCE_OPS[name]
     if backend == "triton":
+        load_triton()
         return getattr(torch.ops.binslt, f"{name}_triton")
     return getattr(torch.ops.binslt, name)  # 'cpu' / 'cuda': the dispatcher picks by device
 

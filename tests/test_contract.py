@@ -186,11 +186,7 @@ CASES = [pytest.param(op, row[1], row[2], row[3], id=f"{op}-{row[0]}")
 
 
 def _op(name: str, backend: str):
-    if backend == "torch":
-        return ref.REFERENCE_OPS[name]
-    if backend == "triton":
-        return getattr(torch.ops.binslt, f"{name}_triton")
-    return getattr(torch.ops.binslt, name)  # cpu / cuda: the dispatcher picks by device
+    return ops.get_op(name, backend)  # triton: loads binslt::<op>_triton first
 
 
 def _call(name: str, backend: str, args):

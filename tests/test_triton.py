@@ -31,11 +31,12 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.gpu),
 ]
 
+_TRITON_LOAD_ERROR = ops.load_triton()  # registers binslt::<op>_triton
 tri = torch.ops.binslt
 
 
 def _no_triton_error():
-    assert ops._TRITON_ERROR == "", f"Triton ops failed to load: {ops._TRITON_ERROR}"
+    assert _TRITON_LOAD_ERROR == "", f"Triton ops failed to load: {_TRITON_LOAD_ERROR}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,6 +101,7 @@ def test_cpu_tensors_without_interpreter_error():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import torch, binslt.ops\n"
+            "binslt.ops.load_triton()\n"
             "try:\n"
             "    torch.ops.binslt.pack_spikes_triton(torch.zeros(1, 3, 2, 2))\n"
             "except RuntimeError as e:\n"

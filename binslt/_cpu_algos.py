@@ -9,7 +9,11 @@ The CPU kernels choose per call, by measured rules (``csrc/cpu/cpu_algos.cpp``),
 * ``grad_x``: the input gradient of ``bconv_lif_bwd``, ``"dense"`` (ATen's transposed
   convolution), ``"ternary"`` (add/subtract of dZ rows; AVX-512 and stride 1) or ``"combo"`` (the
   same over signed sums of four dZ rows; its per-thread buffer grows with the feature map, about
-  65 MB at 224x224).
+  65 MB at 224x224);
+* ``grad_w``: the weight gradient of ``bconv_lif_bwd``, ``"event"`` (sums of dZ rows over the
+  input's set bits: its work follows the spikes) or ``"dense"`` (ATen's weight-gradient
+  convolution of the unpacked input, a GEMM: faster above a firing rate, and for deep layers
+  whose gradient does not fit a per-thread copy in L2).
 
 ``"auto"`` in a field restores the measured rule. Forcing a choice is for tests and benchmarks;
 every choice gives the same counts and spikes, and gradients within float rounding.
@@ -30,6 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "isa": ("auto", "scalar", "popcnt", "avx2", "avx512"),
     "conv": ("auto", "dense", "event"),
     "grad_x": ("auto", "dense", "ternary", "combo"),
+    "grad_w": ("auto", "event", "dense"),
 }
 
 
@@ -50,13 +55,14 @@ def _check(field: str, name) -> str:
 
 
 def current() -> dict[str, str]:
-    """The configuration now: {'isa': ..., 'conv': ..., 'grad_x': ...} (names, 'auto' if unset)."""
+    """The configuration now: {'isa', 'conv', 'grad_x', 'grad_w'} -> name ('auto' if unset)."""
     return dict(_module()._cpu_algorithms())
 
 
 @contextlib.contextmanager
 def cpu_algorithms(isa: str | None = None, conv: str | None = None,
-                   grad_x: str | None = None) -> Iterator[dict[str, str]]:
+                   grad_x: str | None = None,
+                   grad_w: str | None = None) -> Iterator[dict[str, str]]:
     """Force CPU kernel algorithms inside a ``with`` block; the previous configuration returns
     on exit (also on an exception).
 
@@ -67,15 +73,15 @@ def cpu_algorithms(isa: str | None = None, conv: str | None = None,
 
     The configuration is process-wide (the kernels read it on every call), not per thread.
     """
-    want = {"isa": isa, "conv": conv, "grad_x": grad_x}
+    want = {"isa": isa, "conv": conv, "grad_x": grad_x, "grad_w": grad_w}
     for field, name in want.items():
         if name is not None:
             _check(field, name)
     mod = _module()
     before = dict(mod._cpu_algorithms())
     now = {f: (before[f] if n is None else n) for f, n in want.items()}
-    mod._set_cpu_algorithms(now["isa"], now["conv"], now["grad_x"])
+    mod._set_cpu_algorithms(now["isa"], now["conv"], now["grad_x"], now["grad_w"])
     try:
         yield dict(now)
     finally:
-        mod._set_cpu_algorithms(before["isa"], before["conv"], before["grad_x"])
+        mod._set_cpu_algorithms(before["isa"], before["conv"], before["grad_x"], before["grad_w"])

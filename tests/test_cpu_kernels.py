@@ -60,7 +60,8 @@ ISAS = _isas()
 
 @pytest.fixture
 def use_algos():
-    """use_algos(isa=..., conv=..., grad_x=...) forces CPU algorithms until the test ends."""
+    """use_algos(isa=..., conv=..., grad_x=..., grad_w=...) forces CPU algorithms until the test
+    ends."""
     with contextlib.ExitStack() as stack:
         yield lambda **kw: stack.enter_context(cpu_algorithms(**kw))
 
@@ -270,15 +271,18 @@ def test_bconv_event_widens_before_int8_overflow(isa, use_algos):
 
 def test_bconv_conv_algo_rejects_unknown_name():
     with pytest.raises(ValueError, match="expected one of auto, dense, event"):
-        CPU._set_cpu_algorithms("auto", "sparse", "auto")
+        CPU._set_cpu_algorithms("auto", "sparse", "auto", "auto")
     with pytest.raises(ValueError, match="expected one of auto, dense, ternary, combo"):
-        CPU._set_cpu_algorithms("auto", "auto", "sparse")
+        CPU._set_cpu_algorithms("auto", "auto", "sparse", "auto")
     with pytest.raises(ValueError, match="expected one of auto, scalar, popcnt, avx2, avx512"):
-        CPU._set_cpu_algorithms("sse", "auto", "auto")
+        CPU._set_cpu_algorithms("sse", "auto", "auto", "auto")
+    with pytest.raises(ValueError, match="expected one of auto, event, dense"):
+        CPU._set_cpu_algorithms("auto", "auto", "auto", "gemm")
     before = _cpu_algos.current()
     for kw, choices in (({"conv": "sparse"}, "('auto', 'dense', 'event')"),
                         ({"grad_x": "sparse"}, "('auto', 'dense', 'ternary', 'combo')"),
-                        ({"isa": "sse"}, "('auto', 'scalar', 'popcnt', 'avx2', 'avx512')")):
+                        ({"isa": "sse"}, "('auto', 'scalar', 'popcnt', 'avx2', 'avx512')"),
+                        ({"grad_w": "gemm"}, "('auto', 'event', 'dense')")):
         with pytest.raises(ValueError, match=re.escape(f"must be one of {choices}")):
             with cpu_algorithms(**kw):
                 pass
@@ -286,17 +290,19 @@ def test_bconv_conv_algo_rejects_unknown_name():
 
 
 def test_cpu_algorithms_restores_the_previous_configuration():
-    assert _cpu_algos.current() == {"isa": "auto", "conv": "auto", "grad_x": "auto"}
+    auto = {"isa": "auto", "conv": "auto", "grad_x": "auto", "grad_w": "auto"}
+    assert _cpu_algos.current() == auto
     with cpu_algorithms(conv="event") as now:
-        assert now == _cpu_algos.current() == {"isa": "auto", "conv": "event", "grad_x": "auto"}
-        with cpu_algorithms(isa="scalar", grad_x="dense"):
-            assert _cpu_algos.current() == {"isa": "scalar", "conv": "event", "grad_x": "dense"}
+        assert now == _cpu_algos.current() == dict(auto, conv="event")
+        with cpu_algorithms(isa="scalar", grad_x="dense", grad_w="dense"):
+            assert _cpu_algos.current() == {"isa": "scalar", "conv": "event", "grad_x": "dense",
+                                            "grad_w": "dense"}
             assert _ext.cpu_info()["kernel_isa"] == "scalar"
-        assert _cpu_algos.current()["isa"] == "auto" and _cpu_algos.current()["conv"] == "event"
+        assert _cpu_algos.current() == dict(auto, conv="event")
     with pytest.raises(KeyError):
         with cpu_algorithms(conv="dense"):
             raise KeyError("inside")
-    assert _cpu_algos.current() == {"isa": "auto", "conv": "auto", "grad_x": "auto"}
+    assert _cpu_algos.current() == auto
 
 
 def test_cpu_info_reports_the_kernel_path():
@@ -523,11 +529,17 @@ def _gx_algos() -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("gx_algo", _gx_algos())
+# (input-gradient, weight-gradient) algorithms: the two gradients are independent code paths,
+# so every input-gradient form runs with the event weight gradient and one with the dense one.
+BWD_ALGOS = [(gx, "event") for gx in _gx_algos()] + [("dense", "dense")]
+
+
+@pytest.mark.parametrize("gx_algo,gw_algo", BWD_ALGOS)
 @pytest.mark.parametrize("case", BWD_CASES)
-def test_bconv_lif_bwd_float64(case, gx_algo, use_algos):
-    use_algos(grad_x=gx_algo)
+def test_bconv_lif_bwd_float64(case, gx_algo, gw_algo, use_algos):
+    use_algos(grad_x=gx_algo, grad_w=gw_algo)
     assert _cpu_algos.current()["grad_x"] == gx_algo
+    assert _cpu_algos.current()["grad_w"] == gw_algo
     geom, bn_train, v_reset, decay_input, detach_reset, sur, sur_alpha, residual = case
     seed = stable_seed(case)
     rng = random.Random(seed)

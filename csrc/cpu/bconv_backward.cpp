@@ -169,12 +169,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
                              gcur.data_ptr<float>(), gz.data_ptr<float>(),
                              gscale.data_ptr<float>(), gshift.data_ptr<float>());
 
-  // dZ channel-last for the weight gradient, with zero margins where stride 1 lets taps reach
-  // past the border (see weight_grad).
-  const int64_t margin_top = stride == 1 ? std::max<int64_t>(0, s.KH - 1 - padding) : 0;
-  const int64_t margin_left = stride == 1 ? std::max<int64_t>(0, s.KW - 1 - padding) : 0;
-  const at::Tensor gz_cl = channels_last_copy(gz, margin_top, margin_left);
-  at::Tensor gw = weight_grad(s, in_channels, x_packed, gz_cl, margin_top, margin_left);
+  at::Tensor gw;
+  if (use_dense_grad_w(x_packed, s.Co * in_channels * s.KH * s.KW)) {
+    // The GEMM form: ATen's weight gradient of the 0/1 input, unpacked.
+    const at::Tensor x = unpack_spikes_cpu(x_packed, in_channels);
+    const at::Tensor w_shape = at::empty({s.Co, in_channels, s.KH, s.KW}, fopts);
+    gw = std::get<1>(at::convolution_backward(
+        gz, x, w_shape, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false,
+        {0, 0}, 1, {false, true, false}));
+  } else {
+    // dZ channel-last for the event form, with zero margins where stride 1 lets taps reach
+    // past the border (see weight_grad).
+    const int64_t margin_top = stride == 1 ? std::max<int64_t>(0, s.KH - 1 - padding) : 0;
+    const int64_t margin_left = stride == 1 ? std::max<int64_t>(0, s.KW - 1 - padding) : 0;
+    const at::Tensor gz_cl = channels_last_copy(gz, margin_top, margin_left);
+    gw = weight_grad(s, in_channels, x_packed, gz_cl, margin_top, margin_left);
+  }
 
   const at::Tensor gx = need_grad_x ? input_grad(s, in_channels, gz, w_mask, w_pos, ap)
                                     : at::empty({0}, fopts);

@@ -35,6 +35,14 @@ struct AutoRules {
   double combo_min_density;
   int64_t combo_min_in_channels;
   int64_t combo_max_bytes;
+  // Weight gradient: the dense GEMM form from this fraction of set bits in the packed input; a
+  // lower bar where the gradient is over grad_w_large_bytes (the event form then sums over all
+  // images per input channel and reads dZ rows from memory: at 256->256 8x8, N=32, T=4 it took
+  // 1.8x the GEMM's time at rate 0.15 and 6.3x at 0.5, while at 128->128 16x16 it was 0.6-0.95x
+  // up to rate 0.5; session-6 A/B of bconv_lif_bwd, event vs dense, interleaved medians).
+  double grad_w_dense_min_rate;
+  double grad_w_dense_min_rate_large;
+  int64_t grad_w_large_bytes;
 };
 
 constexpr AutoRules kAutoRules{
@@ -46,6 +54,9 @@ constexpr AutoRules kAutoRules{
     /*combo_min_density=*/0.4,
     /*combo_min_in_channels=*/128,
     /*combo_max_bytes=*/512 << 10,
+    /*grad_w_dense_min_rate=*/0.5,
+    /*grad_w_dense_min_rate_large=*/0.1,
+    /*grad_w_large_bytes=*/1 << 20,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -109,6 +120,14 @@ static const char* conv_name(ConvAlgo a) {
   }
 }
 
+static const char* grad_w_name(GradWAlgo a) {
+  switch (a) {
+    case GradWAlgo::kEvent: return "event";
+    case GradWAlgo::kDense: return "dense";
+    default: return "auto";
+  }
+}
+
 static const char* grad_x_name(GradXAlgo a) {
   switch (a) {
     case GradXAlgo::kDense: return "dense";
@@ -134,20 +153,24 @@ static E parse_choice(const std::string& name, const char* field, const E (&choi
 
 std::map<std::string, std::string> cpu_algorithms() {
   const AlgoConfig c = algo_config();
-  return {{"isa", isa_name(c.isa)}, {"conv", conv_name(c.conv)}, {"grad_x", grad_x_name(c.grad_x)}};
+  return {{"isa", isa_name(c.isa)}, {"conv", conv_name(c.conv)},
+          {"grad_x", grad_x_name(c.grad_x)}, {"grad_w", grad_w_name(c.grad_w)}};
 }
 
 void set_cpu_algorithms(const std::string& isa, const std::string& conv,
-                        const std::string& grad_x) {
+                        const std::string& grad_x, const std::string& grad_w) {
   static constexpr Isa kIsas[] = {Isa::kAuto, Isa::kScalar, Isa::kPopcnt, Isa::kAvx2,
                                   Isa::kAvx512};
   static constexpr ConvAlgo kConvs[] = {ConvAlgo::kAuto, ConvAlgo::kDense, ConvAlgo::kEvent};
   static constexpr GradXAlgo kGradXs[] = {GradXAlgo::kAuto, GradXAlgo::kDense,
                                           GradXAlgo::kTernary, GradXAlgo::kCombo};
+  static constexpr GradWAlgo kGradWs[] = {GradWAlgo::kAuto, GradWAlgo::kEvent,
+                                          GradWAlgo::kDense};
   AlgoConfig c;
   c.isa = parse_choice(isa, "isa path", kIsas, &isa_name);
   c.conv = parse_choice(conv, "conv algorithm", kConvs, &conv_name);
   c.grad_x = parse_choice(grad_x, "input-gradient algorithm", kGradXs, &grad_x_name);
+  c.grad_w = parse_choice(grad_w, "weight-gradient algorithm", kGradWs, &grad_w_name);
   TORCH_CHECK(c.isa == Isa::kAuto || isa_supported(c.isa), "binslt: this CPU cannot run the '",
               isa, "' path");
   TORCH_CHECK(c.grad_x == GradXAlgo::kAuto || c.grad_x == GradXAlgo::kDense ||
@@ -283,6 +306,15 @@ GradXChoice choose_grad_x(int64_t stride, int64_t W, int64_t Ci, int64_t weights
     c.ternary = c.combos || density <= kAutoRules.ternary_max_density;
   }
   return c;
+}
+
+bool use_dense_grad_w(const at::Tensor& x_packed, int64_t grad_floats) {
+  const GradWAlgo a = algo_config().grad_w;
+  if (a != GradWAlgo::kAuto) return a == GradWAlgo::kDense;
+  const bool large = grad_floats * static_cast<int64_t>(sizeof(float)) >
+                     kAutoRules.grad_w_large_bytes;
+  return packed_rate(x_packed) >= (large ? kAutoRules.grad_w_dense_min_rate_large
+                                         : kAutoRules.grad_w_dense_min_rate);
 }
 
 }  // namespace cpu

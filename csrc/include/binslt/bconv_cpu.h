@@ -41,6 +41,9 @@ at::Tensor cpu_output_like(const at::Tensor& t, at::IntArrayRef shape, const cha
 // zero margins.
 at::Tensor channels_last_copy(const at::Tensor& x, int64_t margin_top, int64_t margin_left);
 
+// packed [B, H, W, Cw] int32 -> [B, channels, H, W] float32 0/1 (binslt::unpack_spikes).
+at::Tensor unpack_spikes_cpu(const at::Tensor& packed, int64_t channels);
+
 // dL/dW_eff [Co, Ci, kh, kw] from the packed input and dZ channel-last with zero margins
 // (gz_cl: [B, Ho + 2*margin_top, Wo + 2*margin_left, Co], from channels_last_copy).
 at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,

@@ -24,20 +24,26 @@ enum class ConvAlgo : int8_t { kAuto = -1, kDense = 0, kEvent = 1 };
 // (AVX-512, stride 1) in its plain or its combination form (bconv_input_grad.cpp).
 enum class GradXAlgo : int8_t { kAuto = -1, kDense = 0, kTernary = 1, kCombo = 2 };
 
+// Weight gradient: sums of dZ rows over the input's set bits ("event", bconv_weight_grad.cpp),
+// or ATen's dense weight-gradient convolution of the unpacked 0/1 input ("dense": a GEMM, whose
+// cost does not follow the spikes but which streams dZ through the cache in blocks).
+enum class GradWAlgo : int8_t { kAuto = -1, kEvent = 0, kDense = 1 };
+
 struct AlgoConfig {
   Isa isa = Isa::kAuto;
   ConvAlgo conv = ConvAlgo::kAuto;
   GradXAlgo grad_x = GradXAlgo::kAuto;
-  int8_t unused = 0;  // four bytes: the configuration is one lock-free atomic
+  GradWAlgo grad_w = GradWAlgo::kAuto;  // four bytes: the configuration is one lock-free atomic
 };
 
 AlgoConfig algo_config();
 
-// Python-visible: the configuration by name ({"isa", "conv", "grad_x"} -> name), and setting all
-// three at once (ValueError for an unknown name, RuntimeError for a path this CPU cannot run).
+// Python-visible: the configuration by name ({"isa", "conv", "grad_x", "grad_w"} -> name), and
+// setting all four at once (ValueError for an unknown name, RuntimeError for a path this CPU
+// cannot run).
 std::map<std::string, std::string> cpu_algorithms();
 void set_cpu_algorithms(const std::string& isa, const std::string& conv,
-                        const std::string& grad_x);
+                        const std::string& grad_x, const std::string& grad_w);
 
 bool isa_supported(Isa isa);
 Isa best_isa();    // what "auto" runs on this CPU
@@ -67,6 +73,11 @@ struct GradXChoice {
 };
 GradXChoice choose_grad_x(int64_t stride, int64_t W, int64_t Ci, int64_t weights,
                           int64_t combo_bytes, const uint32_t* mask_words, int64_t n_words);
+
+// Weight gradient: the dense (GEMM) form for packed input x_packed [B, H, W, Cw] whose
+// gradient has `grad_floats` = Co*Ci*kh*kw values (the input's fraction of set bits and the
+// gradient's size decide under "auto").
+bool use_dense_grad_w(const at::Tensor& x_packed, int64_t grad_floats);
 
 }  // namespace cpu
 }  // namespace binslt

@@ -5,17 +5,22 @@
 every packed input word; ``event``: the sum of the int8 weight columns of the input spikes) and
 ``auto`` picks by the fraction of set input bits; ``binslt::bconv_lif_bwd`` has three input-gradient
 algorithms (``dense``: oneDNN's transposed convolution; ``ternary``: add/subtract of dZ rows,
-AVX-512, stride 1; ``combo``: the same over precomputed signed sums of four dZ rows). This times each of them on the same inputs, interleaved call by call, for
+AVX-512, stride 1; ``combo``: the same over precomputed signed sums of four dZ rows) and two
+weight-gradient algorithms (``event``: sums of dZ rows over the input's set bits; ``dense``:
+ATen's weight-gradient convolution of the unpacked input, part ``weight_grad``, timed with
+``need_grad_x=False``). This times each of them on the same inputs, interleaved call by call, for
 each available popcount path (ISA) and input firing rate, and reports ``auto``'s time with them
 (``auto_closest``: the algorithm whose time is nearest to auto's, a hint of what it chose).
 Op only: packed input, training-mode BN, no autograd; the choices are forced with
 ``binslt.ops.cpu_algorithms``. Every forward algorithm is checked to give
-the same spikes and counts as ``dense``, every input gradient to be within 1e-5 of ``dense``'s.
+the same spikes and counts as ``dense``, every input gradient to be within 1e-5 of ``dense``'s,
+the event weight gradient within 1e-5 of the dense one.
 
 Example::
 
     python benchmarks/cpu_algos.py                     # rates 0.05..0.5, every ISA, 2 threads
     python benchmarks/cpu_algos.py --threads 1 --rates 0.15 --isas avx512
+    python benchmarks/cpu_algos.py --shape 4,32,256,256,8 --isas avx512   # a deep VGG layer
 
 Writes ``<out>/cpu_algos_<device-slug>[_<tag>].csv``.
 """
@@ -145,6 +150,24 @@ def main(argv=None) -> int:
                     rows.append(dict(T=T, N=N, C_in=ci, C_out=co, H=hw, W=hw, rate=rate, isa=isa,
                                      prune_rate=args.prune_rate,
                                      part="backward", algo=algo, ms=times[algo],
+                                     auto_ms=times["auto"], auto_closest=picks,
+                                     same_result=close))
+                # The weight gradient alone (need_grad_x=False): event sums or ATen's GEMM.
+                run_gw = functools.partial(bwd, *run_bwd.args[:-1], False)
+                fns = {}
+                for algo in ("event", "dense", "auto"):
+                    def h(a=algo, run=run_gw):
+                        with cpu_algorithms(grad_w=a):
+                            return run()
+                    fns[algo] = h
+                ref_gw = fns["dense"]()[1]
+                close = float((fns["event"]()[1] - ref_gw).norm() / ref_gw.norm()) < 1e-5
+                times = time_many_ms(fns, device, repeats=args.repeats)
+                picks = min(("event", "dense"), key=lambda a: abs(times[a] - times["auto"]))
+                for algo in ("event", "dense"):
+                    rows.append(dict(T=T, N=N, C_in=ci, C_out=co, H=hw, W=hw, rate=rate, isa=isa,
+                                     prune_rate=args.prune_rate,
+                                     part="weight_grad", algo=algo, ms=times[algo],
                                      auto_ms=times["auto"], auto_closest=picks,
                                      same_result=close))
     print_table(rows, ["rate", "isa", "part", "algo", "ms", "auto_ms", "auto_closest",

@@ -1,0 +1,141 @@
+"""What the training path saves for the backward (the network-level memory rules of binslt.ops).
+
+* The fused spike-input conv layers save packed input bits, not their int16 counts: the backward
+  recomputes the counts with the forward kernel, so the gradients are the same bits as when the
+  counts are kept (``ops.keep_counts``).
+* A real-input layer fed the image repeated over T as an expanded view (direct encoding, as
+  ``binslt.models`` does) computes its current once and saves it once, not T times; its spikes
+  and gradients match the same input materialised T times.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import binslt
+from binslt import BinSpikeConv2d, BinSpikeLinear, models, ops
+
+from helpers import assert_close_rel
+
+BACKENDS = [b for b in ("cpu",) if binslt.backends()[b]["usable"]]
+
+
+class _Saved:
+    """Bytes of the distinct storages autograd saves inside the block (by dtype)."""
+
+    def __init__(self):
+        self.by_dtype: dict[torch.dtype, int] = {}
+        self._seen: set[int] = set()
+
+    def _pack(self, t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in self._seen:
+            self._seen.add(st.data_ptr())
+            self.by_dtype[t.dtype] = self.by_dtype.get(t.dtype, 0) + st.nbytes()
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def _grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("residual", [False, True])
+def test_recomputed_counts_give_the_kept_counts_gradients(backend, residual):
+    torch.manual_seed(0)
+    layer = BinSpikeConv2d(8, 16, 3, 1, 1, bn=True, decay=0.9, backend=backend)
+    layer.train()
+    x = (torch.rand(3, 2, 8, 6, 6) < 0.3).float()
+    res = torch.randn(3, 2, 16, 6, 6) if residual else None
+    g = torch.randn(3, 2, 16, 6, 6)
+    out = {}
+    for keep in (True, False):
+        layer.zero_grad()
+        xg = x.clone().requires_grad_()
+        rg = None if res is None else res.clone().requires_grad_()
+        with ops.keep_counts(keep), _Saved() as saved:
+            s = layer(xg, rg)
+        s.backward(g)
+        out[keep] = (s.detach(), xg.grad, None if rg is None else rg.grad, _grads(layer),
+                     saved.by_dtype)
+    (s1, gx1, gr1, gp1, saved1), (s0, gx0, gr0, gp0, saved0) = out[True], out[False]
+    assert torch.equal(s1, s0)
+    assert torch.equal(gx1, gx0)
+    if residual:
+        assert torch.equal(gr1, gr0)
+    assert gp1.keys() == gp0.keys() and gp1
+    for name in gp1:
+        assert torch.equal(gp1[name], gp0[name]), name
+    # The counts (int16 [T, N, Co, H, W]) are saved only when kept.
+    counts_bytes = 3 * 2 * 16 * 6 * 6 * 2
+    assert saved1.get(torch.int16, 0) == counts_bytes
+    assert saved0.get(torch.int16, 0) == 0
+
+
+def test_keep_counts_restores_the_previous_setting():
+    with ops.keep_counts():
+        with ops.keep_counts(False):
+            assert not ops._KEEP.counts
+        assert ops._KEEP.counts
+    assert not getattr(ops._KEEP, "counts", False)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_time_invariant_real_input_is_computed_and_saved_once(backend, kind):
+    torch.manual_seed(1)
+    T = 4
+    if kind == "conv":
+        layer = BinSpikeConv2d(3, 8, 3, 1, 1, bn=True, decay=0.9, input="real", backend=backend)
+        img = torch.randn(2, 3, 6, 6)
+    else:
+        layer = BinSpikeLinear(12, 8, bn=True, decay=0.9, input="real", backend=backend)
+        img = torch.randn(8, 12)  # BN over 2 images (x T copies) is ill-conditioned
+    layer.train()
+    res = {}
+    for how in ("expanded", "repeated"):
+        layer.zero_grad()
+        x = img.clone().requires_grad_()
+        xt = (x.unsqueeze(0).expand(T, *x.shape) if how == "expanded"
+              else x.unsqueeze(0).repeat(T, *([1] * x.dim())))
+        with _Saved() as saved:
+            s = layer(xt)
+        (s * torch.linspace(0.5, 1.5, s.numel()).view_as(s)).sum().backward()
+        res[how] = (s.detach(), x.grad, _grads(layer), saved.by_dtype.get(torch.float32, 0))
+    (se, gxe, gpe, be), (sr, gxr, gpr, br) = res["expanded"], res["repeated"]
+    # One conv over N images instead of T*N: the same values up to float rounding.
+    assert torch.equal(se, sr)
+    assert_close_rel(gxe, gxr, 1e-5, "input grad")
+    for name in gpr:
+        assert_close_rel(gpe[name], gpr[name], 1e-5, name)
+    if backend != "torch":
+        # The fused BN+LIF op saves the current and the conv/linear its input: each once instead
+        # of T times.
+        cur = 8 * img.shape[0] * (36 if kind == "conv" else 1) * 4
+        inp = img.numel() * 4
+        assert br - be == (T - 1) * (cur + inp)
+
+
+def test_model_saves_less_than_the_counts_and_float_current():
+    """Conv-4 on 8x8 input, one training forward: what autograd keeps is the packed bits, the
+    statistics and the weights, not int16 counts or T copies of the first layer's current."""
+    if not BACKENDS:
+        pytest.skip("the C++ CPU kernels are not built")
+    torch.manual_seed(0)
+    m = models.build("conv4", "binwslt", in_channels=1, input_size=8, num_classes=10)
+    m.train()
+    x = torch.randn(4, 1, 8, 8)
+    with _Saved() as saved:
+        m(x)
+    with ops.keep_counts(), _Saved() as kept:
+        m(x)
+    assert saved.by_dtype.get(torch.int16, 0) == 0 < kept.by_dtype.get(torch.int16, 0)

@@ -160,3 +160,28 @@ def binarised_copy(net: torch.nn.Module, paths) -> torch.nn.Module:
             w = mods[p].weight
             w.copy_(w.abs().mean() * torch.sign(w))
     return out
+
+
+def fake_cifar(root, name, n_train, n_test, value):
+    """CIFAR-10/100 files in torchvision's extracted python layout under ``root``: n_train
+    training and n_test test images, every pixel = value (uint8), labels cycling over the
+    classes (tests/test_data.py, tests/test_reproduce.py)."""
+    import pickle
+
+    import numpy as np
+    import torchvision.datasets.cifar as tvc
+
+    cls = tvc.CIFAR10 if name == "cifar10" else tvc.CIFAR100
+    folder = root / cls.base_folder
+    folder.mkdir(parents=True)
+    lab = "labels" if name == "cifar10" else "fine_labels"
+    ncls = 10 if name == "cifar10" else 100
+    per = {f: n_train // len(cls.train_list) for f, _ in cls.train_list}
+    per.update({f: n_test for f, _ in cls.test_list})
+    for fname, n in per.items():
+        entry = {"data": np.full((n, 3072), value, dtype=np.uint8),
+                 lab: [i % ncls for i in range(n)]}
+        with open(folder / fname, "wb") as f:
+            pickle.dump(entry, f)
+    with open(folder / cls.meta["filename"], "wb") as f:
+        pickle.dump({cls.meta["key"]: [f"c{i}" for i in range(ncls)]}, f)

@@ -8,6 +8,8 @@ import torch
 
 from binslt import data
 
+from helpers import fake_cifar
+
 
 def test_digits_split_is_fixed_stratified_and_normalised():
     a, b = data.load("digits"), data.load("digits")
@@ -252,28 +254,6 @@ def test_subset_takes_the_first_examples():
     assert torch.equal(b.test[5][0], full.test[5][0])
 
 
-def _fake_cifar(root, name, n_train, n_test, value):
-    """torchvision's extracted python layout, every pixel = value (uint8)."""
-    import pickle
-
-    import torchvision.datasets.cifar as tvc
-
-    cls = tvc.CIFAR10 if name == "cifar10" else tvc.CIFAR100
-    folder = root / cls.base_folder
-    folder.mkdir(parents=True)
-    lab = "labels" if name == "cifar10" else "fine_labels"
-    ncls = 10 if name == "cifar10" else 100
-    per = {f: n_train // len(cls.train_list) for f, _ in cls.train_list}
-    per.update({f: n_test for f, _ in cls.test_list})
-    for fname, n in per.items():
-        entry = {"data": np.full((n, 3072), value, dtype=np.uint8),
-                 lab: [i % ncls for i in range(n)]}
-        with open(folder / fname, "wb") as f:
-            pickle.dump(entry, f)
-    with open(folder / cls.meta["filename"], "wb") as f:
-        pickle.dump({cls.meta["key"]: [f"c{i}" for i in range(ncls)]}, f)
-
-
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_loader_on_fake_extracted_files(tmp_path, monkeypatch, name):
     """The CIFAR path end to end on files in torchvision's layout (md5 checks patched out: the
@@ -283,7 +263,7 @@ def test_cifar_loader_on_fake_extracted_files(tmp_path, monkeypatch, name):
 
     monkeypatch.setattr(tvc, "check_integrity", lambda *a, **k: True)
     monkeypatch.setattr(tvc.CIFAR10, "_check_integrity", lambda self: True)
-    _fake_cifar(tmp_path, name, 10, 4, 128)
+    fake_cifar(tmp_path, name, 10, 4, 128)
     b = data.load(name, data_dir=str(tmp_path), download=False)
     assert (b.num_classes, b.in_channels, b.input_size) == ((10 if name == "cifar10" else 100),
                                                            3, 32)
@@ -320,7 +300,7 @@ def test_cifar_batch_that_would_run_code_is_refused(tmp_path, monkeypatch):
     import torchvision.datasets.cifar as tvc
 
     monkeypatch.setattr(tvc, "check_integrity", lambda *a, **k: True)
-    _fake_cifar(tmp_path, "cifar10", 10, 4, 128)
+    fake_cifar(tmp_path, "cifar10", 10, 4, 128)
     planted = _Planted()
     planted.target = str(tmp_path / "pwned")
     bad = tmp_path / tvc.CIFAR10.base_folder / tvc.CIFAR10.train_list[2][0]

@@ -79,19 +79,19 @@ def fake_cifar_root(tmp_path, monkeypatch):
     each (the md5 checks patched out, as in tests/test_data.py: the real archives cannot be
     fetched here)."""
     import torchvision.datasets.cifar as tvc
-    from test_data import _fake_cifar
+    from helpers import fake_cifar
 
     monkeypatch.setattr(tvc, "check_integrity", lambda *a, **k: True)
     monkeypatch.setattr(tvc.CIFAR10, "_check_integrity", lambda self: True)
     for name in ("cifar10", "cifar100"):
-        _fake_cifar(tmp_path / "data", name, 15 if name == "cifar10" else 16, 8, 100)
+        fake_cifar(tmp_path / "data", name, 15 if name == "cifar10" else 16, 8, 100)
     return tmp_path / "data"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("section, cmd, comment", recipe(),
                          ids=[f"{s.split()[1]}-{shlex.split(c)[3]}" for s, c, _ in recipe()])
-def test_recipe_command_runs_on_fake_cifar(section, cmd, comment, fake_cifar_root, tmp_path):
+def test_recipe_command_runs_onfake_cifar(section, cmd, comment, fake_cifar_root, tmp_path):
     argv = [a.replace("$DATA", str(fake_cifar_root)) for a in shlex.split(cmd)[1:]]
     out = tmp_path / "out"
     assert cli.main([*argv, *TINY, "--out", str(out)]) == 0

@@ -309,8 +309,11 @@ def _no_grad_call(model, x):
 
 def run_memory(arch: str, args, backends, device) -> list[dict]:
     """Each candidate in its own fresh process; ``--memory-jobs`` of them at a time."""
-    cands = [(f"binslt-{be}", be) for be in backends] + [(a, "") for a in
-                                                         anchors(arch, "memory")]
+    # binslt-<be>-recompute: the same under ops.keep_counts(False) (counts recomputed in the
+    # backward instead of saved).
+    cands = ([(f"binslt-{be}", be) for be in backends]
+             + [(f"binslt-{be}-recompute", be) for be in backends if be != "torch"]
+             + [(a, "") for a in anchors(arch, "memory")])
     results: dict[str, dict] = {}
     for i in range(0, len(cands), args.memory_jobs):
         batch = cands[i:i + args.memory_jobs]
@@ -390,7 +393,9 @@ def memory_child(cfg: dict) -> int:
         with torch.no_grad():
             model(x)
         gc.collect()
-        with PeakMemory(device) as peak:
+        from binslt import ops
+
+        with ops.keep_counts(not name.endswith("-recompute")), PeakMemory(device) as peak:
             for _ in range(cfg["steps"]):
                 loss = step()
             sync(device)

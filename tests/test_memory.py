@@ -1,8 +1,8 @@
 """What the training path saves for the backward (the network-level memory rules of binslt.ops).
 
-* The fused spike-input conv layers save packed input bits, not their int16 counts: the backward
-  recomputes the counts with the forward kernel, so the gradients are the same bits as when the
-  counts are kept (``ops.keep_counts``).
+* The fused spike-input conv layers save packed input bits and their int16 counts; under
+  ``ops.keep_counts(False)`` the backward recomputes the counts with the forward kernel instead,
+  and the gradients are the same bits.
 * A real-input layer fed the image repeated over T as an expanded view (direct encoding, as
   ``binslt.models`` does) computes its current once and saves it once, not T times; its spikes
   and gradients match the same input materialised T times.
@@ -82,11 +82,12 @@ def test_recomputed_counts_give_the_kept_counts_gradients(backend, residual):
 
 
 def test_keep_counts_restores_the_previous_setting():
-    with ops.keep_counts():
-        with ops.keep_counts(False):
-            assert not ops._KEEP.counts
-        assert ops._KEEP.counts
-    assert not getattr(ops._KEEP, "counts", False)
+    assert getattr(ops._KEEP, "counts", True)  # the default: counts are saved
+    with ops.keep_counts(False):
+        with ops.keep_counts():
+            assert ops._KEEP.counts
+        assert not ops._KEEP.counts
+    assert ops._KEEP.counts
 
 
 @pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
@@ -126,16 +127,16 @@ def test_time_invariant_real_input_is_computed_and_saved_once(backend, kind):
 
 
 def test_model_saves_less_than_the_counts_and_float_current():
-    """Conv-4 on 8x8 input, one training forward: what autograd keeps is the packed bits, the
-    statistics and the weights, not int16 counts or T copies of the first layer's current."""
+    """Conv-4 on 8x8 input, one training forward under keep_counts(False): what autograd keeps
+    is the packed bits, the statistics and the weights, not int16 counts."""
     if not BACKENDS:
         pytest.skip("the C++ CPU kernels are not built")
     torch.manual_seed(0)
     m = models.build("conv4", "binwslt", in_channels=1, input_size=8, num_classes=10)
     m.train()
     x = torch.randn(4, 1, 8, 8)
-    with _Saved() as saved:
+    with ops.keep_counts(False), _Saved() as saved:
         m(x)
-    with ops.keep_counts(), _Saved() as kept:
+    with _Saved() as kept:
         m(x)
     assert saved.by_dtype.get(torch.int16, 0) == 0 < kept.by_dtype.get(torch.int16, 0)

@@ -115,6 +115,13 @@ def main(argv=None) -> int:
                                         var, None, ci, 1, 1, True, 1e-5, 100.0, False, 1.0, 0.0,
                                         True, 0, 2.0, True)
 
+            def add(part, algos, times, picks, same, rate=rate):
+                for algo in algos:
+                    rows.append(dict(T=T, N=N, C_in=ci, C_out=co, H=hw, W=hw, rate=rate,
+                                     isa=isa, prune_rate=args.prune_rate, part=part, algo=algo,
+                                     ms=times[algo], auto_ms=times["auto"], auto_closest=picks,
+                                     same_result=same))
+
             for isa in isas:
                 force(isa=isa)
                 fns, outs = {}, {}
@@ -128,12 +135,7 @@ def main(argv=None) -> int:
                 same = all(torch.equal(a, b) for algo in ("event", "auto")
                            for a, b in zip(outs[algo][:2], outs["dense"][:2]))
                 picks = min(("dense", "event"), key=lambda a: abs(times[a] - times["auto"]))
-                for algo in ("dense", "event"):
-                    rows.append(dict(T=T, N=N, C_in=ci, C_out=co, H=hw, W=hw, rate=rate, isa=isa,
-                                     prune_rate=args.prune_rate,
-                                     part="forward", algo=algo, ms=times[algo],
-                                     auto_ms=times["auto"], auto_closest=picks,
-                                     same_result=same))
+                add("forward", ("dense", "event"), times, picks, same)
                 gx = ["dense"] + (["ternary", "combo"] if isa == "avx512" else [])
                 fns = {}
                 for algo in gx + ["auto"]:
@@ -146,12 +148,7 @@ def main(argv=None) -> int:
                             for a in gx)
                 times = time_many_ms(fns, device, repeats=args.repeats)
                 picks = min(gx, key=lambda a: abs(times[a] - times["auto"]))
-                for algo in gx:
-                    rows.append(dict(T=T, N=N, C_in=ci, C_out=co, H=hw, W=hw, rate=rate, isa=isa,
-                                     prune_rate=args.prune_rate,
-                                     part="backward", algo=algo, ms=times[algo],
-                                     auto_ms=times["auto"], auto_closest=picks,
-                                     same_result=close))
+                add("backward", gx, times, picks, close)
                 # The weight gradient alone (need_grad_x=False): event sums or ATen's GEMM.
                 run_gw = functools.partial(bwd, *run_bwd.args[:-1], False)
                 fns = {}
@@ -164,12 +161,7 @@ def main(argv=None) -> int:
                 close = float((fns["event"]()[1] - ref_gw).norm() / ref_gw.norm()) < 1e-5
                 times = time_many_ms(fns, device, repeats=args.repeats)
                 picks = min(("event", "dense"), key=lambda a: abs(times[a] - times["auto"]))
-                for algo in ("event", "dense"):
-                    rows.append(dict(T=T, N=N, C_in=ci, C_out=co, H=hw, W=hw, rate=rate, isa=isa,
-                                     prune_rate=args.prune_rate,
-                                     part="weight_grad", algo=algo, ms=times[algo],
-                                     auto_ms=times["auto"], auto_closest=picks,
-                                     same_result=close))
+                add("weight_grad", ("event", "dense"), times, picks, close)
     print_table(rows, ["rate", "isa", "part", "algo", "ms", "auto_ms", "auto_closest",
                        "same_result"])
     out = Path(args.out)

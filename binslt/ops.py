@@ -199,6 +199,8 @@ def load_triton() -> str:
     """Import the Triton launchers once, registering ``binslt::<op>_triton``; returns '' or the
     import error (then the backend is marked unusable in :func:`binslt.backends`). Resolving the
     'triton' backend calls it; call it yourself before using ``torch.ops.binslt.*_triton``."""
+    if _TRITON_STATE["loaded"]:  # every triton layer call comes here: no lock once loaded
+        return _TRITON_STATE["error"]
     with _TRITON_LOCK:
         if not _TRITON_STATE["loaded"]:
             _TRITON_STATE["loaded"] = True

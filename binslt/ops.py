@@ -617,9 +617,17 @@ def spiking_layer(x, weight, scale, shift, residual=None, *, linear=False, strid
         check_finite(residual, f"{who} residual")
     T, n = x.shape[:2]
     co = scale.shape[0]
-    if linear and not real_input and not packed_in:  # explicit sizes: -1 is ambiguous at N = 0
-        x = x.reshape(T, n, x.shape[2], 1, 1)
-    if linear and not real_input:
+    # A linear layer on spikes runs as a 1x1 conv. The CPU autograd path lays the batch out as
+    # the pixels of one 1 x N image per step ([T, 1, F, 1, N]): the same sums, BN statistics over
+    # the same (T, N) values, but the kernels' rows run over the batch instead of being 1 wide.
+    as_row = linear and not real_input and not infer and be == "cpu"
+    if as_row:
+        x = x.transpose(1, 2).reshape(T, 1, x.shape[2], 1, n)
+        residual = (None if residual is None
+                    else residual.transpose(1, 2).reshape(T, 1, co, 1, n))
+    elif linear and not real_input:
+        if not packed_in:  # explicit sizes: -1 is ambiguous at N = 0
+            x = x.reshape(T, n, x.shape[2], 1, 1)
         residual = None if residual is None else residual.reshape(T, n, co, 1, 1)
     nk = neuron
     if infer:
@@ -655,7 +663,9 @@ def spiking_layer(x, weight, scale, shift, residual=None, *, linear=False, strid
             z = z.expand(T, *z.shape[1:])
         s, mean, var = _bn_lif(be, z, scale, shift, residual, bn_train, bn_eps, **nk)
         s = _spike_pool(be, s, pool)
-    if linear and not real_input:
+    if as_row:
+        s = s.view(T, co, n).transpose(1, 2)
+    elif linear and not real_input:
         s = s.view(T, n, co)
     return s, mean, var
 

@@ -112,3 +112,15 @@ WEIGHT_SCHEMAS: dict[str, str] = {
     # grad (dL/dW_eff), weight, scores: one shape, float32 -> dL/ds = (grad * weight) * sign(scores)
     "search_score_grad": "search_score_grad(Tensor grad, Tensor weight, Tensor scores) -> Tensor",
 }
+
+# Helper ops of the training step's layout: a CPU kernel where it pays, the reference on every
+# other device (like the weight side).
+AUX_SCHEMAS: dict[str, str] = {
+    # Backward of the training 2x2 spike max-pool (ops.SpikePool).
+    #   packed: [B, H, W, Cw] int32, pack_spikes of the unpooled spikes [B, channels, H, W];
+    #   grad: [B, channels, H // 2, W // 2] float32
+    # -> grad_x [B, channels, H, W] float32: each window's gradient at its first 1 in row-major
+    #    order (its first position when all four are 0), 0 elsewhere and on an odd last
+    #    row / column.
+    "spike_pool2_bwd": "spike_pool2_bwd(Tensor packed, Tensor grad, int channels) -> Tensor",
+}

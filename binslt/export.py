@@ -98,7 +98,8 @@ def load_ops_standalone(cpu_library: PathLike, schemas_file: Optional[PathLike] 
 
     schemas_file = schemas_file or Path(__file__).with_name("_schemas.py")
     declared = runpy.run_path(str(schemas_file))
-    schemas = [*declared["SCHEMAS"].values(), *declared.get("WEIGHT_SCHEMAS", {}).values()]
+    schemas = [*declared["SCHEMAS"].values(), *declared.get("WEIGHT_SCHEMAS", {}).values(),
+               *declared.get("AUX_SCHEMAS", {}).values()]
     lib = torch.library.Library("binslt", "FRAGMENT")
     for schema in schemas:
         try:

@@ -19,14 +19,14 @@ from . import _contract as C
 from . import _ext
 from . import reference as ref
 from ._contract import BACKENDS, counts_dtype  # noqa: F401  (part of the ops API)
-from ._schemas import SCHEMAS, SURROGATES, WEIGHT_SCHEMAS
+from ._schemas import AUX_SCHEMAS, SCHEMAS, SURROGATES, WEIGHT_SCHEMAS
 
 # Backends whose pack_spikes kernel rejects non-binary input as it packs (for free), so the layers
 # skip their separate full-tensor check there.
 PACK_VALIDATES = frozenset({"cpu"})
 
 _lib = torch.library.Library("binslt", "DEF")
-for _schema in (*SCHEMAS.values(), *WEIGHT_SCHEMAS.values()):
+for _schema in (*SCHEMAS.values(), *WEIGHT_SCHEMAS.values(), *AUX_SCHEMAS.values()):
     _lib.define(_schema)
 
 # Importing the extensions binds their kernels (TORCH_LIBRARY_IMPL) to the schemas above.
@@ -59,7 +59,7 @@ _CPU_SIGN_GAIN_PACK = _has_kernel("sign_gain_pack", "CPU")
 # Where a compiled kernel is missing, the reference serves that dispatch key, so torch.ops.binslt
 # works on every device (slowly). backends() reports what is compiled.
 _FALLBACKS = dict(ref.REFERENCE_OPS, bconv_lif_infer=_infer_via_bconv_lif,
-                  **ref.REFERENCE_WEIGHT_OPS)
+                  **ref.REFERENCE_WEIGHT_OPS, **ref.REFERENCE_AUX_OPS)
 _fallback_lib = torch.library.Library("binslt", "IMPL")
 for _name, _fn in _FALLBACKS.items():
     for _key in ("CPU", "CUDA"):
@@ -118,6 +118,12 @@ def _(weight, mask, alpha):
 @torch.library.register_fake("binslt::search_score_grad")
 def _(grad, weight, scores):
     return torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("binslt::spike_pool2_bwd")
+def _(packed, grad, channels):
+    b, h, w, _ = packed.shape
+    return grad.new_empty((b, channels, h, w), dtype=torch.float32)
 
 
 @torch.library.register_fake("binslt::bconv_lif")
@@ -442,7 +448,7 @@ class SpikePool(torch.autograd.Function):
             raise ValueError(f"SpikePool: only 2x2 pooling is fused, got pool={pool}")
         T, n, c, h, w = s.shape
         flat = s.flatten(0, 1)
-        a, b, cc, d = _windows(flat)
+        a, b, cc, d = ref.pool2_windows(flat)
         y = torch.maximum(torch.maximum(a, b), torch.maximum(cc, d))  # exact on {0, 1}
         ctx.save_for_backward(get_op("pack_spikes", backend)(flat.float().contiguous()))
         ctx.cfg = (tuple(s.shape), backend)
@@ -451,29 +457,9 @@ class SpikePool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (packed,) = ctx.saved_tensors
-        (T, n, c, h, w), backend = ctx.cfg
-        s = get_op("unpack_spikes", backend)(packed, c).to(g.dtype)
-        a, b, cc, d = _windows(s)
-        # The first 1 of (a, b, c, d) in row-major order takes the gradient; a when all are 0.
-        na = 1 - a
-        gb = na * b
-        nab = na - gb  # (1 - a) * (1 - b)
-        gc = nab * cc
-        gd = (nab - gc) * d
-        ga = 1 - gb - gc - gd
-        g = g.flatten(0, 1)
-        gx = g.new_zeros((T * n, c, h, w))
-        for dst, m in zip(_windows(gx), (ga, gb, gc, gd)):
-            dst.copy_(g * m)
-        return gx.view(T, n, c, h, w), None, None
-
-
-def _windows(x: torch.Tensor):
-    """The four positions of every 2x2 window of [B, C, H, W] (views; odd last rows/columns,
-    which no window covers, left out) in row-major order."""
-    hq, wq = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
-    return (x[:, :, 0:hq:2, 0:wq:2], x[:, :, 0:hq:2, 1:wq:2], x[:, :, 1:hq:2, 0:wq:2],
-            x[:, :, 1:hq:2, 1:wq:2])
+        (T, n, c, h, w), _backend = ctx.cfg
+        gx = torch.ops.binslt.spike_pool2_bwd(packed, g.flatten(0, 1).float().contiguous(), c)
+        return gx.to(g.dtype).view(T, n, c, h, w), None, None
 
 
 def _spike_pool(be: str, s: torch.Tensor, pool: int) -> torch.Tensor:

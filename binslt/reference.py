@@ -551,3 +551,34 @@ REFERENCE_WEIGHT_OPS = {
     "sign_gain_pack": sign_gain_pack_reference,
     "search_score_grad": search_score_grad,
 }
+
+
+def pool2_windows(x: torch.Tensor):
+    """The four positions of every 2x2 window of [B, C, H, W] (views; odd last rows/columns,
+    which no window covers, left out) in row-major order."""
+    hq, wq = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+    return (x[:, :, 0:hq:2, 0:wq:2], x[:, :, 0:hq:2, 1:wq:2], x[:, :, 1:hq:2, 0:wq:2],
+            x[:, :, 1:hq:2, 1:wq:2])
+
+
+def spike_pool2_bwd_reference(packed: torch.Tensor, grad: torch.Tensor,
+                              channels: int) -> torch.Tensor:
+    """``binslt::spike_pool2_bwd``: the 2x2 spike max-pool's gradient, routed to each window's
+    first 1 in row-major order (its first position when all four are 0), as max_pool2d's."""
+    s = unpack_spikes_reference(packed, channels).to(torch.bool)
+    a, b, c, d = pool2_windows(s)
+    pick_b = ~a & b
+    pick_c = ~a & ~b & c
+    pick_d = ~a & ~b & ~c & d
+    pick_a = ~(pick_b | pick_c | pick_d)
+    gx = grad.new_zeros(s.shape)
+    zero = grad.new_zeros(())
+    for dst, m in zip(pool2_windows(gx), (pick_a, pick_b, pick_c, pick_d)):
+        dst.copy_(torch.where(m, grad, zero))
+    return gx
+
+
+# Helper ops of the training step (binslt._schemas.AUX_SCHEMAS).
+REFERENCE_AUX_OPS = {
+    "spike_pool2_bwd": spike_pool2_bwd_reference,
+}

@@ -157,6 +157,38 @@ def test_training_pool_routes_gradient_as_max_pool2d(backend):
     assert torch.equal(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("kernel", ["cpu", "reference"])
+@pytest.mark.parametrize("hw", [(8, 8), (9, 7), (2, 3), (5, 2)])
+def test_spike_pool2_bwd_op_equals_max_pool2d_backward(kernel, hw):
+    """binslt::spike_pool2_bwd (the C++ kernel and the reference) gives torch's max_pool2d input
+    gradient for random spikes over two channel words, and odd sizes."""
+    h, w = hw
+    gen = torch.Generator().manual_seed(h * 10 + w)
+    s = (torch.rand(3, 40, h, w, generator=gen) < 0.3).float()
+    s[0, :5] = 0.0  # all-zero windows: the gradient goes to each window's first position
+    g = torch.randn(3, 40, h // 2, w // 2, generator=gen)
+    packed = torch.ops.binslt.pack_spikes(s)
+    fn = torch.ops.binslt.spike_pool2_bwd if kernel == "cpu" else ref.spike_pool2_bwd_reference
+    got = fn(packed, g, 40)
+    x = s.clone().requires_grad_(True)
+    F.max_pool2d(x, 2).backward(g)
+    assert got.shape == s.shape and got.dtype == torch.float32
+    assert torch.equal(got, x.grad)
+
+
+@pytest.mark.parametrize("args, err, match", [
+    (lambda p, g: (p, g[:, :, :1], 40), ValueError, r"grad must be \[B, channels, H // 2"),
+    (lambda p, g: (p, g.double(), 40), TypeError, "grad must be float32"),
+    (lambda p, g: (p, g, 65), ValueError, r"channels must be in \[1, 32\*Cw\]"),
+    (lambda p, g: (p.float(), g, 40), ValueError, r"packed must be \[B, H, W, Cw\] int32"),
+])
+def test_spike_pool2_bwd_op_errors(args, err, match):
+    packed = torch.zeros(2, 4, 4, 2, dtype=torch.int32)
+    g = torch.zeros(2, 40, 2, 2)
+    with pytest.raises(err, match=match):
+        torch.ops.binslt.spike_pool2_bwd(*args(packed, g))
+
+
 def _float64_layer(layer: BinSpikeConv2d) -> BinSpikeConv2d:
     return copy.deepcopy(layer).double().to(torch.float64)
 

@@ -7,9 +7,10 @@
 //
 // |s| of an IEEE float, read as an unsigned integer with the sign bit cleared, orders exactly as
 // the value does (+0 and -0 become one key), so v is found by an MSD radix selection on those
-// keys: one histogram pass per 16-bit digit, each over the entries whose higher digits match, in
-// parallel with one histogram per chunk. One last pass writes the mask; only when the entries
-// equal to v outnumber the places left does it need each chunk's count of them first.
+// keys: one histogram pass over the keys' top bits (in parallel, one histogram per chunk) finds
+// v's bucket, a second pass gathers that bucket's keys and v is selected among them. One last
+// pass writes the mask; only when the entries equal to v outnumber the places left does it need
+// each chunk's count of them first.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -58,8 +59,8 @@ inline typename KeyOf<scalar_t>::key_t abs_key(scalar_t x) {
 }
 
 constexpr int64_t kChunkMin = 1 << 16;  // entries per parallel chunk, at least
-// Digits of 16 bits for large tensors (fewer passes); of 8 bits below this size, where clearing
-// and scanning 65536 buckets per pass would cost more than the passes over the scores.
+// A histogram of the top 16 key bits for large tensors (fewer candidates); of 12 bits below this
+// size, where clearing and scanning 65536 buckets would cost more than the pass over the scores.
 constexpr int64_t kWideDigitMin = 1 << 18;
 
 struct Chunks {
@@ -81,60 +82,60 @@ at::Tensor topk_mask_impl(const at::Tensor& scores, int64_t keep) {
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const Chunks ch{n, std::max<int64_t>(1, std::min<int64_t>(nthreads, n / kChunkMin))};
 
-  // v = the key of ascending rank r = n - keep (the keep-th largest), digit by digit.
+  // v = the key of ascending rank r = n - keep (the keep-th largest). Pass 1: a histogram of the
+  // keys' top kTopBits bits finds v's bucket; pass 2 gathers that bucket's keys (and counts the
+  // NaNs); v is then selected among those few candidates.
   int64_t r = n - keep;
-  key_t prefix = 0;
-  int64_t below = 0;  // entries with key < v's prefix so far
-  int64_t ties = 0;   // entries with key == v, after the last digit
   constexpr int kKeyBits = 8 * sizeof(key_t);
-  const int kDigitBits = n >= kWideDigitMin ? 16 : 8;
-  const int64_t kBuckets = int64_t{1} << kDigitBits;
-  std::vector<int64_t> hist(ch.count * kBuckets);
-  for (int shift = kKeyBits - kDigitBits; shift >= 0; shift -= kDigitBits) {
-    std::fill(hist.begin(), hist.end(), 0);
-    const bool first = shift == kKeyBits - kDigitBits;
-    const key_t want = prefix;
-    const int hi_shift = shift + kDigitBits;
-    at::parallel_for(0, ch.count, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        int64_t* h = hist.data() + c * kBuckets;
-        for (int64_t i = ch.begin(c); i < ch.end(c); ++i) {
-          const key_t k = abs_key(sp[i]);
-          if (first || (hi_shift < kKeyBits && (k >> hi_shift) == want))
-            ++h[(k >> shift) & (kBuckets - 1)];
-        }
-      }
-    });
-    int64_t cum = 0, b = 0;
-    for (;; ++b) {
-      int64_t cnt = 0;
-      for (int64_t c = 0; c < ch.count; ++c) cnt += hist[c * kBuckets + b];
-      if (r < cum + cnt) {
-        ties = cnt;
-        break;
-      }
-      cum += cnt;
+  const int kTopBits = n >= kWideDigitMin ? 16 : 12;
+  const int shift = kKeyBits - kTopBits;
+  const int64_t kBuckets = int64_t{1} << kTopBits;
+  std::vector<int64_t> hist(ch.count * kBuckets, 0);
+  at::parallel_for(0, ch.count, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      int64_t* h = hist.data() + c * kBuckets;
+      for (int64_t i = ch.begin(c); i < ch.end(c); ++i) ++h[abs_key(sp[i]) >> shift];
     }
-    r -= cum;
-    below += cum;
-    prefix = (prefix << kDigitBits) | static_cast<key_t>(b);
+  });
+  int64_t below = 0;  // entries with key < v
+  key_t bucket = 0;
+  for (;; ++bucket) {
+    int64_t cnt = 0;
+    for (int64_t c = 0; c < ch.count; ++c) cnt += hist[c * kBuckets + bucket];
+    if (r < below + cnt) break;
+    below += cnt;
   }
-  const key_t v = prefix;
+  r -= below;
+  std::vector<std::vector<key_t>> parts(ch.count);
+  std::vector<int64_t> nans(ch.count, 0);
+  at::parallel_for(0, ch.count, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t* h = hist.data() + c * kBuckets;
+      std::vector<key_t>& part = parts[c];
+      part.reserve(static_cast<size_t>(h[bucket]));
+      int64_t cnt = 0;
+      for (int64_t i = ch.begin(c); i < ch.end(c); ++i) {
+        const key_t k = abs_key(sp[i]);
+        cnt += k == K::kNaN;
+        if ((k >> shift) == bucket) part.push_back(k);
+      }
+      nans[c] = cnt;
+    }
+  });
+  std::vector<key_t> cand;
+  for (const auto& part : parts) cand.insert(cand.end(), part.begin(), part.end());
+  std::nth_element(cand.begin(), cand.begin() + r, cand.end());
+  const key_t v = cand[static_cast<size_t>(r)];
+  int64_t ties = 0;  // entries with key == v
+  for (const key_t k : cand) {
+    below += k < v;
+    ties += k == v;
+  }
   if (v == K::kNaN) return out.fill_(0).view(scores.sizes());
 
   // room: places left after every non-NaN key above v (NaN is above v but never kept).
   int64_t nan_count = 0;
-  if (n - below - ties > 0) {
-    std::vector<int64_t> nans(ch.count, 0);
-    at::parallel_for(0, ch.count, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        int64_t cnt = 0;
-        for (int64_t i = ch.begin(c); i < ch.end(c); ++i) cnt += abs_key(sp[i]) == K::kNaN;
-        nans[c] = cnt;
-      }
-    });
-    for (int64_t c = 0; c < ch.count; ++c) nan_count += nans[c];
-  }
+  for (int64_t c = 0; c < ch.count; ++c) nan_count += nans[c];
   const int64_t above = n - below - ties - nan_count;
   const int64_t room = keep - above;
 

@@ -512,6 +512,10 @@ BWD_CASES = [
     ((2, 1, 40, 20, 6, 21, 3, 1, 1), True, 0.0, False, True, 0, 2.0, False),
     ((1, 2, 17, 33, 9, 18, 5, 1, 2), False, None, True, False, 0, 2.0, True),
     ((2, 1, 12, 9, 7, 19, 3, 1, 0), True, 0.0, True, True, 1, 4.0, False),
+    # 1x1, stride 1, no padding (the linear layers as a 1 x N image; a spatial pointwise conv):
+    # both gradients as matrix products
+    ((4, 1, 40, 20, 1, 33, 1, 1, 0), True, 0.0, False, True, 0, 2.0, False),
+    ((2, 2, 70, 9, 3, 5, 1, 1, 0), False, None, True, False, 1, 4.0, True),
     # weight gradient > 1 MiB: summed per input channel instead of per image (deep layers)
     ((1, 2, 176, 176, 4, 4, 3, 1, 1), True, 0.0, False, True, 0, 2.0, False),
     ((2, 1, 180, 160, 5, 5, 3, 2, 1), False, None, True, False, 0, 2.0, False),

@@ -293,6 +293,8 @@ void grad_x_ternary_avx512(const ConvShape& s, int64_t Ci, const float* gz,
   });
 }
 
+}  // namespace
+
 // W_eff = alpha[co] * (+1 | -1) * mask as a dense [Co, Ci, kh, kw] float tensor.
 at::Tensor dense_weight(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask,
                         const at::Tensor& w_pos, const float* alpha) {
@@ -300,19 +302,24 @@ at::Tensor dense_weight(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask
   float* wp = w.data_ptr<float>();
   const uint32_t* m = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
   const uint32_t* q = reinterpret_cast<const uint32_t*>(w_pos.data_ptr<int32_t>());
-  for (int64_t o = 0; o < s.Co; ++o)
-    for (int64_t c = 0; c < Ci; ++c)
-      for (int64_t k = 0; k < s.KH * s.KW; ++k) {
-        const int64_t idx = (o * s.KH * s.KW + k) * s.Cw + (c >> 5);
-        const uint32_t bit = bit_of(static_cast<int>(c));
-        const float v = (m[idx] & bit) ? ((q[idx] & bit) ? alpha[o] : -alpha[o]) : 0.0f;
-        wp[(o * Ci + c) * s.KH * s.KW + k] = v;
+  at::parallel_for(0, s.Co, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Ci * s.KH * s.KW)),
+                   [&](int64_t o0, int64_t o1) {
+    const int64_t K = s.KH * s.KW;
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t k = 0; k < K; ++k) {
+        const uint32_t* mw = m + (o * K + k) * s.Cw;
+        const uint32_t* qw = q + (o * K + k) * s.Cw;
+        float* dst = wp + o * Ci * K + k;
+        const float a = alpha[o];
+        // Branch-free (vectorisable): mask bit * (+a | -a) from the positive bit.
+        for (int64_t c = 0; c < Ci; ++c) {
+          const uint32_t mb = (mw[c >> 5] >> (c & 31)) & 1u, pb = (qw[c >> 5] >> (c & 31)) & 1u;
+          dst[c * K] = mb ? (pb ? a : -a) : 0.0f;
+        }
       }
+  });
   return w;
 }
-
-
-}  // namespace
 
 at::Tensor input_grad(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
                       const at::Tensor& w_mask, const at::Tensor& w_pos, const float* alpha) {

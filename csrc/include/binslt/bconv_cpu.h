@@ -49,6 +49,10 @@ at::Tensor unpack_spikes_cpu(const at::Tensor& packed, int64_t channels);
 at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
                        const at::Tensor& gz_cl, int64_t margin_top, int64_t margin_left);
 
+// W_eff = alpha[co] * (+1 | -1) * mask, dense [Co, Ci, kh, kw] float32, from its bit planes.
+at::Tensor dense_weight(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask,
+                        const at::Tensor& w_pos, const float* alpha);
+
 // dL/dX [T, N, Ci, H, W] from dZ [B, Co, Ho, Wo] (contiguous float32) and the weight planes.
 at::Tensor input_grad(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
                       const at::Tensor& w_mask, const at::Tensor& w_pos, const float* alpha);

@@ -606,7 +606,7 @@ def spiking_layer(x, weight, scale, shift, residual=None, *, linear=False, strid
     # A linear layer on spikes runs as a 1x1 conv. The CPU autograd path lays the batch out as
     # the pixels of one 1 x N image per step ([T, 1, F, 1, N]): the same sums, BN statistics over
     # the same (T, N) values, but the kernels' rows run over the batch instead of being 1 wide.
-    as_row = linear and not real_input and not infer and be == "cpu"
+    as_row = linear and not real_input and not infer and be == "cpu" and n > 0
     if as_row:
         x = x.transpose(1, 2).reshape(T, 1, x.shape[2], 1, n)
         residual = (None if residual is None

@@ -113,8 +113,8 @@ WEIGHT_SCHEMAS: dict[str, str] = {
     "search_score_grad": "search_score_grad(Tensor grad, Tensor weight, Tensor scores) -> Tensor",
 }
 
-# Helper ops of the training step's layout: a CPU kernel where it pays, the reference on every
-# other device (like the weight side).
+# Helper ops of the network's layout (the training pool's backward, the first layer's eval path):
+# a CPU kernel where it pays, the reference on every other device (like the weight side).
 AUX_SCHEMAS: dict[str, str] = {
     # Backward of the training 2x2 spike max-pool (ops.SpikePool).
     #   packed: [B, H, W, Cw] int32, pack_spikes of the unpooled spikes [B, channels, H, W];
@@ -123,4 +123,14 @@ AUX_SCHEMAS: dict[str, str] = {
     #    order (its first position when all four are 0), 0 elsewhere and on an odd last
     #    row / column.
     "spike_pool2_bwd": "spike_pool2_bwd(Tensor packed, Tensor grad, int channels) -> Tensor",
+    # The no-grad eval path of a real-input conv layer (the first layer of direct encoding).
+    #   z: [T, N, C, H, W] float32 conv currents (the time stride may be 0: one current expanded
+    #   over T); scale, shift: [C] (the eval epilogue z * scale + shift); pool: 1 or 2
+    # -> bn_lif's spikes (no residual, eval epilogue), 2x2 max-pooled when pool = 2:
+    #    [T, N, C, H/pool, W/pool] float32, or with packed_out pack_spikes words
+    #    [T, N, H/pool, W/pool, ceil(C/32)] int32
+    "bn_lif_infer": (
+        "bn_lif_infer(Tensor z, Tensor scale, Tensor shift, float tau, bool decay_input, "
+        "float v_threshold, float? v_reset, int pool, bool packed_out) -> Tensor"
+    ),
 }

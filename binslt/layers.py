@@ -388,10 +388,11 @@ class BinSpikeConv2d(_MaskedSignWeight):
     def forward_packed(self, x: torch.Tensor, packed_out: bool = True,
                        residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Inference chaining between binslt layers, under ``torch.no_grad()`` with a kernel
-        backend and spike input: x is float spikes [T, N, C_in, H, W] or packed words
-        [T, N, H, W, ceil(C_in/32)] int32 (a previous layer's ``forward_packed``); the output is
-        packed words [T, N, H', W', ceil(C_out/32)] int32 (``packed_out``) or float 0./1.
-        spikes, the same spikes ``forward`` gives."""
+        backend: x is float spikes [T, N, C_in, H, W] or packed words [T, N, H, W,
+        ceil(C_in/32)] int32 (a previous layer's ``forward_packed``), or, for ``input='real'``,
+        real values [T, N, C_in, H, W]; the output is packed words [T, N, H', W',
+        ceil(C_out/32)] int32 (``packed_out``) or float 0./1. spikes, the same spikes
+        ``forward`` gives."""
         who = type(self).__name__
         if not isinstance(x, torch.Tensor) or x.dtype != torch.int32:
             _check_input(x, 5, "[T, N, C, H, W]", self.in_channels, 2, self.weight, who)

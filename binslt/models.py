@@ -472,9 +472,10 @@ class BinSLTNet(nn.Module):
         h = x
         for i, m in enumerate(mods):
             nxt = units[i + 1] if i + 1 < len(mods) else None
+            consumer = nxt is not None and nxt.input == "spike"
             conv = units[i]
-            if conv is not None and (h.dtype == torch.int32 or nxt is not None):
-                h = conv.forward_packed(h, packed_out=nxt is not None)
+            if conv is not None and (h.dtype == torch.int32 or consumer):
+                h = conv.forward_packed(h, packed_out=consumer)
             else:
                 h = m(h)
         return h
@@ -482,12 +483,13 @@ class BinSLTNet(nn.Module):
 
 def _packable_conv(m: nn.Module, device: torch.device) -> BinSpikeConv2d | None:
     """The BinSpikeConv2d behind a features entry (itself, or the one-child Sequential of a
-    pooled layer) when it can pass packed spikes: spike input, a kernel backend, no hooks."""
+    pooled layer) when it can pass packed spikes: a kernel backend, no hooks. A spike-input one
+    takes and gives packed words; a real-input one (the first layer) only gives them."""
     mods = [m]
     if isinstance(m, nn.Sequential) and len(m) == 1:
         mods.append(m[0])
     conv = mods[-1]
-    if not isinstance(conv, BinSpikeConv2d) or conv.input != "spike":
+    if not isinstance(conv, BinSpikeConv2d):
         return None
     if ops.resolve_backend(conv.backend, device) == "torch":
         return None

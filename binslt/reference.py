@@ -276,7 +276,10 @@ def pack_spikes_reference(x: torch.Tensor) -> torch.Tensor:
 
 def unpack_spikes_reference(packed: torch.Tensor, channels: int) -> torch.Tensor:
     """packed: [B, H, W, Cw] int32 -> [B, channels, H, W] float32."""
-    return _unpack_bits_last(packed, channels).permute(0, 3, 1, 2).contiguous()
+    # clone, not .contiguous(): with H = W = 1 the permuted view already counts as contiguous
+    # but keeps channels-last strides, which make convolutions choose channels-last outputs.
+    return _unpack_bits_last(packed, channels).permute(0, 3, 1, 2).clone(
+        memory_format=torch.contiguous_format)
 
 
 def pack_weight_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,7 +297,9 @@ def unpack_weight_reference(
     w = (2 * p - 1) * m
     if alpha is not None:
         w = w * alpha.view(-1, 1, 1, 1).to(w.dtype)
-    return w.permute(0, 3, 1, 2).contiguous()
+    # clone, not .contiguous(): a 1x1 kernel's permuted view counts as contiguous but keeps
+    # channels-last strides, and F.conv2d then returns channels-last (non-contiguous) outputs.
+    return w.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -578,7 +583,22 @@ def spike_pool2_bwd_reference(packed: torch.Tensor, grad: torch.Tensor,
     return gx
 
 
-# Helper ops of the training step (binslt._schemas.AUX_SCHEMAS).
+def bn_lif_infer_reference(z, scale, shift, tau, decay_input, v_threshold, v_reset, pool=1,
+                           packed_out=False):
+    """``binslt::bn_lif_infer``: bn_lif's spikes of a real current z [T, N, C, H, W] (eval
+    epilogue, no residual), max-pooled 2x2 when pool=2, as pack_spikes words when packed_out."""
+    op = "bn_lif_infer"
+    if z.dim() != 5:
+        raise ValueError(f"binslt::{op}: z must be [T, N, C, H, W] (time-major conv currents), "
+                         f"got shape {list(z.shape)}")
+    C.check_pool(op, pool, z.shape[3], z.shape[4])
+    s = bn_lif_reference(z, scale, shift, None, False, 1e-5, tau, decay_input, v_threshold,
+                         v_reset)[0]
+    return infer_output(s, pool, packed_out, pack_spikes_reference)
+
+
+# Helper ops (binslt._schemas.AUX_SCHEMAS).
 REFERENCE_AUX_OPS = {
     "spike_pool2_bwd": spike_pool2_bwd_reference,
+    "bn_lif_infer": bn_lif_infer_reference,
 }

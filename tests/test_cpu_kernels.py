@@ -583,7 +583,9 @@ def test_bconv_lif_bwd_float64(case, gx_algo, gw_algo, use_algos):
 # bn_lif
 # ----------------------------------------------------------------------------------------------
 
-BN_SHAPES = [(1, 1, 1), (4, 3, 33), (2, 2, 65, 7, 5), (4, 1, 64, 3), (3, 2, 1, 4, 4)]
+# S = H*W of 35 and 323 (> one 256-row chunk) run the per-(n, c) row path, shorter ones flat rows
+BN_SHAPES = [(1, 1, 1), (4, 3, 33), (2, 2, 65, 7, 5), (4, 1, 64, 3), (3, 2, 1, 4, 4),
+             (2, 2, 3, 17, 19)]
 
 
 @pytest.mark.parametrize("shape", BN_SHAPES)
@@ -647,6 +649,34 @@ def test_bn_lif_bwd_float64(shape, bn_train, v_reset, decay_input, detach_reset,
         nk["v_threshold"], v_reset, detach_reset, sur, sur_alpha)
     for name, a, b in zip(("grad_z", "grad_current", "grad_scale", "grad_shift"), out, want):
         _assert_close(a, b, name)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 7, 5), (3, 2, 3, 17, 19), (4, 2, 6, 3)])
+@pytest.mark.parametrize("bn_train", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_bn_lif_reads_an_expanded_current_in_place(shape, bn_train, residual):
+    """A current expanded over T (time stride 0: direct encoding's first layer) is read in place
+    by bn_lif and bn_lif_bwd, with every output bit-identical to the materialised current's."""
+    g = torch.Generator().manual_seed(stable_seed((shape, bn_train, residual)))
+    T = shape[0]
+    once = (torch.randn(1, *shape[1:], generator=g) + 0.5).expand(shape)
+    full = once.contiguous()
+    assert once.stride(0) == 0
+    c = shape[2]
+    scale, shift = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g) * 0.3
+    res = torch.randn(shape, generator=g) * 0.3 if residual else None
+    gs = torch.randn(shape, generator=g)
+    nk = (2.0, True, 0.8, 0.0)
+    fwd = [OPS.bn_lif(z, scale, shift, res, bn_train, 1e-5, *nk) for z in (once, full)]
+    for a, b in zip(*fwd):
+        assert torch.equal(a, b)
+    assert 0 < float(fwd[0][0].mean()) < 1
+    mean, var = fwd[1][1], fwd[1][2]
+    bwd = [OPS.bn_lif_bwd(gs, z, scale, shift, mean, var, res, bn_train, 1e-5, *nk, False, 0, 2.0)
+           for z in (once, full)]
+    for a, b in zip(*bwd):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert T > 1
 
 
 def test_bn_lif_errors():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import binslt
+import binslt.models
 from binslt import reference as ref
 
 
@@ -38,6 +39,35 @@ def test_real_input_rejects_nan_and_bad_residual():
         m(x)
     with pytest.raises(ValueError, match="residual must have shape"):
         m(torch.randn(2, 1, 3, 5, 5), residual=torch.randn(2, 1, 4, 4, 4))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_nonfinite_residual_is_rejected(value, grad):
+    """The residual check (one aminmax pass) catches NaN, +inf and -inf anywhere, with and
+    without autograd (the no-grad inference path too)."""
+    m = binslt.BinSpikeConv2d(4, 3, 3, padding=1).eval()
+    x = _spikes(2, 1, 4, 5, 5)
+    r = torch.zeros(2, 1, 3, 5, 5)
+    r[1, 0, 2, 4, 3] = float(value)
+    with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="residual contains NaN or inf"):
+        m(x, residual=r)
+    r[1, 0, 2, 4, 3] = 1e30  # large but finite is accepted
+    with torch.set_grad_enabled(grad):
+        m(x, residual=r)
+
+
+def test_frozen_1x1_layer_gives_contiguous_output():
+    """A frozen 1x1 BinConv2d (a ResNet shortcut) unpacks its weight with standard strides, so its
+    convolution output is NCHW-contiguous (a channels-last one cost every later layer a copy)."""
+    torch.manual_seed(0)
+    m = binslt.BinConv2d(8, 16, 1, stride=2)
+    binslt.models.set_mode(m, "frozen")
+    w = m.effective_weight()
+    assert w.stride() == (8, 1, 1, 1)
+    with torch.no_grad():
+        y = m(_spikes(2, 3, 8, 6, 6))
+    assert y.shape == (2, 3, 16, 3, 3) and y.is_contiguous()
 
 
 def test_device_mismatch_is_reported():

@@ -189,6 +189,73 @@ def test_spike_pool2_bwd_op_errors(args, err, match):
         torch.ops.binslt.spike_pool2_bwd(*args(packed, g))
 
 
+# ---------------------------------------------------------------------------------------------
+# The op: bn_lif_infer (a real-input conv's no-grad path: epilogue + LIF + pool + pack)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pool, packed_out", [(1, False), (2, False), (1, True), (2, True)])
+@pytest.mark.parametrize("shape", [(4, 3, 40, 7, 9), (2, 2, 5, 4, 4), (1, 2, 33, 3, 2)])
+@pytest.mark.parametrize("neuron", ["lif", "lif-soft", "if"])
+def test_bn_lif_infer_op_equals_bn_lif_pooled_and_packed(pool, packed_out, shape, neuron):
+    """binslt::bn_lif_infer (C++) is bn_lif's eval-epilogue spikes, max-pooled by torch's
+    max_pool2d and packed by pack_spikes, bit for bit: for a current expanded over T (stride 0,
+    read in place) and a contiguous one; odd sizes and two channel words. The reference agrees."""
+    T, n, c, h, w = shape
+    gen = torch.Generator().manual_seed(T * 100 + c + pool)
+    tau, decay_input, v_reset = {"lif": (2.0, True, 0.0), "lif-soft": (1.5, False, None),
+                                 "if": (float("inf"), False, 0.0)}[neuron]
+    scale = torch.rand(c, generator=gen) + 0.5
+    shift = torch.randn(c, generator=gen) * 0.3
+    once = (torch.randn(1, n, c, h, w, generator=gen) * 1.5).expand(T, n, c, h, w)
+    for z in (once, torch.randn(T, n, c, h, w, generator=gen) * 1.5):
+        s = torch.ops.binslt.bn_lif(z.contiguous(), scale, shift, None, False, 1e-5, tau,
+                                    decay_input, 1.0, v_reset)[0]
+        assert 0 < float(s.mean()) < 1
+        want = ref.infer_output(s, pool, packed_out, torch.ops.binslt.pack_spikes)
+        for fn in (torch.ops.binslt.bn_lif_infer, ref.bn_lif_infer_reference):
+            got = fn(z, scale, shift, tau, decay_input, 1.0, v_reset, pool, packed_out)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("z, pool, err, match", [
+    (torch.zeros(2, 1, 3, 4), 1, ValueError, r"z must be \[T, N, C, H, W\]"),
+    (torch.zeros(2, 1, 3, 4, 4, dtype=torch.float64), 1, TypeError, "z must be float32"),
+    (torch.zeros(2, 1, 3, 4, 4), 3, ValueError, "pool must be 1 or 2"),
+    (torch.zeros(2, 1, 3, 1, 4), 2, ValueError, "pool=2 needs a conv output of at least 2x2"),
+])
+def test_bn_lif_infer_op_errors(z, pool, err, match):
+    with pytest.raises(err, match=match):
+        torch.ops.binslt.bn_lif_infer(z, torch.ones(3), torch.zeros(3), 2.0, True, 1.0, 0.0,
+                                      pool, False)
+    with pytest.raises(ValueError, match="scale"):
+        torch.ops.binslt.bn_lif_infer(torch.zeros(2, 1, 3, 4, 4), torch.ones(2), torch.zeros(3),
+                                      2.0, True, 1.0, 0.0, 1, False)
+
+
+def test_real_input_layer_no_grad_path_equals_autograd_path():
+    """A real-input BinSpikeConv2d under no_grad (bn_lif_infer on the CPU; with BN in training
+    mode the bn_lif path) gives the spikes of its autograd forward, pooled and not, and its
+    packed words are pack_spikes of them."""
+    torch.manual_seed(3)
+    for pool in (1, 2):
+        layer = BinSpikeConv2d(3, 40, 3, padding=1, input="real", pool=pool, decay=0.9,
+                               v_threshold=0.1)
+        img = torch.randn(2, 3, 8, 6) * 3
+        x = img.unsqueeze(0).expand(4, *img.shape)
+        for train in (True, False):
+            layer.train(train)
+            want = layer(x)
+            with torch.no_grad():
+                got = layer(x)
+                words = layer.forward_packed(x, packed_out=True)
+            assert torch.equal(got, want)
+            assert 0 < float(want.detach().mean()) < 1
+            flat = torch.ops.binslt.pack_spikes(want.detach().flatten(0, 1))
+            assert torch.equal(words, flat.view(4, 2, *flat.shape[1:]))
+
+
 def _float64_layer(layer: BinSpikeConv2d) -> BinSpikeConv2d:
     return copy.deepcopy(layer).double().to(torch.float64)
 
@@ -387,7 +454,9 @@ def test_eval_chains_packed_spikes(monkeypatch):
     monkeypatch.setattr(BinSpikeConv2d, "forward_packed", spy)
     with torch.no_grad():
         got = m(x)
-    assert seen == [(torch.float32, True), (torch.int32, True), (torch.int32, False)]
+    # the real-input first conv emits words too (binslt::bn_lif_infer), the last one floats
+    assert seen == [(torch.float32, True), (torch.int32, True), (torch.int32, True),
+                    (torch.int32, False)]
     monkeypatch.setattr(BinSpikeConv2d, "forward_packed", orig)
     with torch.no_grad():
         want = m.classifier(m.features(x.unsqueeze(0).expand(2, *x.shape)))
@@ -399,14 +468,19 @@ def test_eval_chains_packed_spikes(monkeypatch):
     with torch.no_grad():
         assert torch.equal(m(x), want)
     h.remove()
-    assert seen == []  # features.1's successor is hooked: nothing left to chain in Conv-4
+    # features.2 is hooked: features.0 -> features.1 is the only chained pair left
+    assert seen == [(torch.float32, True), (torch.int32, False)]
 
 
 def test_packed_chaining_needs_no_grad_kernel_path():
     layer = BinSpikeConv2d(3, 4, 3, padding=1)
     x = (torch.rand(2, 1, 3, 4, 4) < 0.5).float()
-    with pytest.raises(ValueError, match="packed spikes in or out need the no-grad"):
+    with pytest.raises(ValueError, match="packed spikes out a no-grad conv"):
         layer.forward_packed(x)
+    first = BinSpikeConv2d(3, 4, 3, padding=1, input="real")
+    with torch.no_grad(), pytest.raises(ValueError, match="packed spikes in need the no-grad "
+                                                          "spike-input path"):
+        first.forward_packed(torch.zeros(2, 1, 4, 4, 1, dtype=torch.int32))
     with torch.no_grad(), pytest.raises(ValueError, match=r"expects packed spikes \[T, N, H, W, "
                                                           r"1\] int32"):
         layer.forward_packed(torch.zeros(2, 1, 4, 4, 2, dtype=torch.int32))

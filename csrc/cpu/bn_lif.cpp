@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "binslt/checks.h"
+#include "binslt/cpu_algos.h"
 #include "binslt/epilogue_cpu.h"
 #include "binslt/lif.h"
 
@@ -35,6 +36,93 @@ Dims check_z(const at::Tensor& z, const char* op) {
   return d;
 }
 
+// z read in place: each step [N, C, S] contiguous, steps `step` floats apart (0 when one current
+// is expanded over T, as direct encoding's first layer gives it; it is never copied T times).
+struct ZView {
+  const float* p;
+  int64_t step;
+  const float* row(const Dims& d, int64_t tn, int64_t c) const {
+    return p + (tn / d.N) * step + ((tn % d.N) * d.C + c) * d.S;
+  }
+};
+
+ZView z_view(const at::Tensor& z_in, const Dims& d, at::Tensor* holder) {
+  const bool once = d.T > 1 && z_in.stride(0) == 0 && z_in.select(0, 0).is_contiguous();
+  *holder = once ? z_in : z_in.contiguous();
+  return {holder->data_ptr<float>(), once ? 0 : d.N * d.C * d.S};
+}
+
+// lif_forward_row / lif_backward_row over a current row zr (steps zstep apart) with its channel's
+// epilogue, compiled for the wider vector units too (the baseline build leaves these loops
+// scalar). The float arithmetic is the same on every path (-ffp-contract=off, setup.py).
+inline __attribute__((always_inline)) void lif_fwd_body(int T, int L, const float* zr,
+                                                        int64_t zstep, const ChannelAffine& aff,
+                                                        const float* res, int64_t ostep,
+                                                        const NeuronParams& p, float* out) {
+  auto zat = [zr, zstep](int t, int i) { return zr[t * zstep + i]; };
+  lif_forward_row(T, L, zat, aff, res, ostep, p, out);
+}
+__attribute__((target("avx512f"))) void lif_fwd_avx512(int T, int L, const float* zr,
+                                                       int64_t zstep, const ChannelAffine& aff,
+                                                       const float* res, int64_t ostep,
+                                                       const NeuronParams& p, float* out) {
+  lif_fwd_body(T, L, zr, zstep, aff, res, ostep, p, out);
+}
+__attribute__((target("avx2"))) void lif_fwd_avx2(int T, int L, const float* zr, int64_t zstep,
+                                                  const ChannelAffine& aff, const float* res,
+                                                  int64_t ostep, const NeuronParams& p,
+                                                  float* out) {
+  lif_fwd_body(T, L, zr, zstep, aff, res, ostep, p, out);
+}
+void lif_fwd(Isa isa, int T, int L, const float* zr, int64_t zstep, const ChannelAffine& aff,
+             const float* res, int64_t ostep, const NeuronParams& p, float* out) {
+  if (isa == Isa::kAvx512)
+    lif_fwd_avx512(T, L, zr, zstep, aff, res, ostep, p, out);
+  else if (isa == Isa::kAvx2)
+    lif_fwd_avx2(T, L, zr, zstep, aff, res, ostep, p, out);
+  else
+    lif_fwd_body(T, L, zr, zstep, aff, res, ostep, p, out);
+}
+
+// One BPTT row; the per-lane sums it keeps are not used (bn_lif_bwd sums per channel in order).
+inline __attribute__((always_inline)) void lif_bwd_body(int T, int L, const float* zr,
+                                                        int64_t zstep, const ChannelAffine& aff,
+                                                        const float* res, int64_t ostep,
+                                                        const NeuronParams& p, const float* gs,
+                                                        float* gcur, float* hbuf) {
+  double dummy_g[kRowChunk] = {}, dummy_gx[kRowChunk] = {};
+  auto zat = [zr, zstep](int t, int i) { return zr[t * zstep + i]; };
+  lif_backward_row(T, L, zat, aff, res, ostep, p, gs, gcur, hbuf, dummy_g, dummy_gx);
+}
+__attribute__((target("avx512f"))) void lif_bwd_avx512(int T, int L, const float* zr,
+                                                       int64_t zstep, const ChannelAffine& aff,
+                                                       const float* res, int64_t ostep,
+                                                       const NeuronParams& p, const float* gs,
+                                                       float* gcur, float* hbuf) {
+  lif_bwd_body(T, L, zr, zstep, aff, res, ostep, p, gs, gcur, hbuf);
+}
+__attribute__((target("avx2"))) void lif_bwd_avx2(int T, int L, const float* zr, int64_t zstep,
+                                                  const ChannelAffine& aff, const float* res,
+                                                  int64_t ostep, const NeuronParams& p,
+                                                  const float* gs, float* gcur, float* hbuf) {
+  lif_bwd_body(T, L, zr, zstep, aff, res, ostep, p, gs, gcur, hbuf);
+}
+void lif_bwd(Isa isa, int T, int L, const float* zr, int64_t zstep, const ChannelAffine& aff,
+             const float* res, int64_t ostep, const NeuronParams& p, const float* gs,
+             float* gcur, float* hbuf) {
+  if (isa == Isa::kAvx512)
+    lif_bwd_avx512(T, L, zr, zstep, aff, res, ostep, p, gs, gcur, hbuf);
+  else if (isa == Isa::kAvx2)
+    lif_bwd_avx2(T, L, zr, zstep, aff, res, ostep, p, gs, gcur, hbuf);
+  else
+    lif_bwd_body(T, L, zr, zstep, aff, res, ostep, p, gs, gcur, hbuf);
+}
+
+// Rows of one channel ([T, N, C, S] with S this long or more) run the LIF per (n, c) with their
+// channel's epilogue, reading z in place (no epilogue scratch); shorter ones (linear layers,
+// S = 1) run flat rows over an epilogue scratch X so that their vectors stay full.
+constexpr int64_t kChannelRows = 32;
+
 // The residual of bn_lif: like z (contiguous float32), or None.
 std::optional<at::Tensor> residual_like_z(const std::optional<at::Tensor>& r, const at::Tensor& z,
                                           const char* op) {
@@ -44,19 +132,19 @@ std::optional<at::Tensor> residual_like_z(const std::optional<at::Tensor>& r, co
 }
 
 // Batch statistics per channel in double (two passes): mean and biased variance.
-void batch_stats(const float* z, const Dims& d, float* mean, float* var) {
+void batch_stats(const ZView& z, const Dims& d, float* mean, float* var) {
   const double m = static_cast<double>(d.T * d.N * d.S);
   at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       double s = 0.0;
       for (int64_t tn = 0; tn < d.T * d.N; ++tn) {
-        const float* r = z + (tn * d.C + c) * d.S;
+        const float* r = z.row(d, tn, c);
         for (int64_t i = 0; i < d.S; ++i) s += r[i];
       }
       const double mu = s / m;
       double q = 0.0;
       for (int64_t tn = 0; tn < d.T * d.N; ++tn) {
-        const float* r = z + (tn * d.C + c) * d.S;
+        const float* r = z.row(d, tn, c);
         for (int64_t i = 0; i < d.S; ++i) {
           const double e = r[i] - mu;
           q += e * e;
@@ -82,13 +170,13 @@ std::vector<ChannelAffine> affines(const float* scale, const float* shift, const
 }
 
 // X = epilogue(z) + residual, elementwise.
-void apply_epilogue(const float* z, const float* res, const std::vector<ChannelAffine>& aff,
+void apply_epilogue(const ZView& z, const float* res, const std::vector<ChannelAffine>& aff,
                     const Dims& d, float* x) {
   at::parallel_for(0, d.T * d.N * d.C, std::max<int64_t>(1, 4096 / std::max<int64_t>(d.S, 1)), [&](int64_t r0,
                                                                              int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const ChannelAffine a = aff[row % d.C];
-      const float* zr = z + row * d.S;
+      const float* zr = z.row(d, row / d.C, row % d.C);
       float* xr = x + row * d.S;
       for (int64_t i = 0; i < d.S; ++i) xr[i] = a.apply(zr[i]);
       if (res != nullptr) {
@@ -116,29 +204,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lif_cpu(
   const at::Tensor scale = cpu_channel_vec(scale_in, op, "scale", d.C);
   const at::Tensor shift = cpu_channel_vec(shift_in, op, "shift", d.C);
   const auto res = residual_like_z(residual_in, z_in, op);
-  const at::Tensor z = z_in.contiguous();
+  at::Tensor z;
+  const ZView zv = z_view(z_in, d, &z);
 
   at::Tensor mean = at::zeros({d.C}, z.options());
   at::Tensor var = at::zeros({d.C}, z.options());
-  if (bn_train) batch_stats(z.data_ptr<float>(), d, mean.data_ptr<float>(), var.data_ptr<float>());
+  if (bn_train) batch_stats(zv, d, mean.data_ptr<float>(), var.data_ptr<float>());
   const auto aff = affines(scale.data_ptr<float>(), shift.data_ptr<float>(),
                            mean.data_ptr<float>(), var.data_ptr<float>(), bn_train, bn_eps, d.C);
-  at::Tensor x = at::empty_like(z);
-  apply_epilogue(z.data_ptr<float>(), res ? res->data_ptr<float>() : nullptr, aff, d,
-                 x.data_ptr<float>());
-
-  at::Tensor spikes = at::empty_like(z);
+  at::Tensor spikes = at::empty(z_in.sizes(), z.options());
+  const float* rp = res ? res->data_ptr<float>() : nullptr;
   const int64_t M = d.N * d.C * d.S;
-  const float* xp = x.data_ptr<float>();
   float* sp = spikes.data_ptr<float>();
+  const Isa isa = active_isa();
+  const int T = static_cast<int>(d.T);
+  if (d.S >= kChannelRows) {
+    at::parallel_for(0, d.N * d.C, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const float* zr = zv.row(d, row / d.C, row % d.C);  // (n, c) at step 0
+        const int64_t off = row * d.S;
+        for (int64_t i0 = 0; i0 < d.S; i0 += kRowChunk) {
+          const int L = static_cast<int>(std::min<int64_t>(kRowChunk, d.S - i0));
+          lif_fwd(isa, T, L, zr + i0, zv.step, aff[row % d.C], rp ? rp + off + i0 : nullptr, M,
+                  p, sp + off + i0);
+        }
+      }
+    });
+    return {spikes, mean, var};
+  }
+  at::Tensor x = at::empty(z_in.sizes(), z.options());
+  apply_epilogue(zv, rp, aff, d, x.data_ptr<float>());
+  const float* xp = x.data_ptr<float>();
   const int64_t chunks = (M + kRowChunk - 1) / kRowChunk;
   at::parallel_for(0, chunks, 4, [&](int64_t c0, int64_t c1) {
     for (int64_t ch = c0; ch < c1; ++ch) {
       const int64_t off = ch * kRowChunk;
       const int L = static_cast<int>(std::min<int64_t>(kRowChunk, M - off));
-      const float* xr = xp + off;
-      auto zat = [&](int t, int i) { return xr[t * M + i]; };
-      lif_forward_row(static_cast<int>(d.T), L, zat, kIdentity, nullptr, M, p, sp + off);
+      lif_fwd(isa, T, L, xp + off, M, kIdentity, nullptr, M, p, sp + off);
     }
   });
   return {spikes, mean, var};
@@ -164,38 +266,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
   const at::Tensor mean = cpu_channel_vec(mean_in, op, "mean", d.C);
   const at::Tensor var = cpu_channel_vec(var_in, op, "var", d.C);
   const auto res = residual_like_z(residual_in, z_in, op);
-  const at::Tensor z = z_in.contiguous();
+  at::Tensor z;
+  const ZView zv = z_view(z_in, d, &z);
   const auto aff = affines(scale.data_ptr<float>(), shift.data_ptr<float>(),
                            mean.data_ptr<float>(), var.data_ptr<float>(), bn_train, bn_eps, d.C);
-  at::Tensor x = at::empty_like(z);
-  apply_epilogue(z.data_ptr<float>(), res ? res->data_ptr<float>() : nullptr, aff, d,
-                 x.data_ptr<float>());
+  const float* rp = res ? res->data_ptr<float>() : nullptr;
+  const Isa isa = active_isa();
+  const int T = static_cast<int>(d.T);
 
-  // BPTT over flat rows.
-  at::Tensor gcur = at::empty_like(z);
+  // BPTT: per (n, c) row in place, or flat rows over an epilogue scratch (short rows).
+  at::Tensor gcur = at::empty(z_in.sizes(), z.options());
   const int64_t M = d.N * d.C * d.S;
-  const float* xp = x.data_ptr<float>();
   const float* gp = gs.data_ptr<float>();
   float* gcp = gcur.data_ptr<float>();
-  const int64_t chunks = (M + kRowChunk - 1) / kRowChunk;
-  at::parallel_for(0, chunks, 4, [&](int64_t c0, int64_t c1) {
-    std::vector<float> hbuf(static_cast<size_t>(d.T) * kRowChunk);
-    double dummy_g[kRowChunk] = {}, dummy_gx[kRowChunk] = {};  // per-channel sums are taken below
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      const int64_t off = ch * kRowChunk;
-      const int L = static_cast<int>(std::min<int64_t>(kRowChunk, M - off));
-      const float* xr = xp + off;
-      auto zat = [&](int t, int i) { return xr[t * M + i]; };
-      lif_backward_row(static_cast<int>(d.T), L, zat, kIdentity, nullptr, M, p, gp + off,
-                       gcp + off, hbuf.data(), dummy_g, dummy_gx);
-    }
-  });
+  if (d.S >= kChannelRows) {
+    at::parallel_for(0, d.N * d.C, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<float> hbuf(static_cast<size_t>(d.T) * kRowChunk);
+      for (int64_t row = r0; row < r1; ++row) {
+        const float* zr = zv.row(d, row / d.C, row % d.C);  // (n, c) at step 0
+        const int64_t off = row * d.S;
+        for (int64_t i0 = 0; i0 < d.S; i0 += kRowChunk) {
+          const int L = static_cast<int>(std::min<int64_t>(kRowChunk, d.S - i0));
+          lif_bwd(isa, T, L, zr + i0, zv.step, aff[row % d.C], rp ? rp + off + i0 : nullptr, M,
+                  p, gp + off + i0, gcp + off + i0, hbuf.data());
+        }
+      }
+    });
+  } else {
+    at::Tensor x = at::empty(z_in.sizes(), z.options());
+    apply_epilogue(zv, rp, aff, d, x.data_ptr<float>());
+    const float* xp = x.data_ptr<float>();
+    const int64_t chunks = (M + kRowChunk - 1) / kRowChunk;
+    at::parallel_for(0, chunks, 4, [&](int64_t c0, int64_t c1) {
+      std::vector<float> hbuf(static_cast<size_t>(d.T) * kRowChunk);
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        const int64_t off = ch * kRowChunk;
+        const int L = static_cast<int>(std::min<int64_t>(kRowChunk, M - off));
+        lif_bwd(isa, T, L, xp + off, M, kIdentity, nullptr, M, p, gp + off, gcp + off,
+                hbuf.data());
+      }
+    });
+  }
 
-  // Per-channel sums, then dL/dz.
+  // Per-channel sums (in order, double), then dL/dz.
   at::Tensor gscale = at::empty({d.C}, z.options());
   at::Tensor gshift = at::empty({d.C}, z.options());
-  at::Tensor gz = at::empty_like(z);
-  const float* zp = z.data_ptr<float>();
+  at::Tensor gz = at::empty(z_in.sizes(), z.options());
   float* gzp = gz.data_ptr<float>();
   float* gscp = gscale.data_ptr<float>();
   float* gshp = gshift.data_ptr<float>();
@@ -206,10 +322,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
       double sg = 0.0, sgx = 0.0;
       for (int64_t tn = 0; tn < d.T * d.N; ++tn) {
         const int64_t off = (tn * d.C + c) * d.S;
+        const float* zr = zv.row(d, tn, c);
         for (int64_t i = 0; i < d.S; ++i) {
           const double g = gcp[off + i];
           sg += g;
-          sgx += g * a.normalized(zp[off + i]);
+          sgx += g * a.normalized(zr[i]);
         }
       }
       gshp[c] = static_cast<float>(sg);
@@ -217,11 +334,108 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
       const ZGrad zg = make_zgrad(a, sg, sgx, m);
       for (int64_t tn = 0; tn < d.T * d.N; ++tn) {
         const int64_t off = (tn * d.C + c) * d.S;
-        for (int64_t i = 0; i < d.S; ++i) gzp[off + i] = zg(gcp[off + i], zp[off + i]);
+        const float* zr = zv.row(d, tn, c);
+        for (int64_t i = 0; i < d.S; ++i) gzp[off + i] = zg(gcp[off + i], zr[i]);
       }
     }
   });
   return {gz, gcur, gscale, gshift};
+}
+
+// One channel's spikes sp [T][H*W] of image n, max-pooled over Q x Q windows (a max of {0, 1}
+// spikes is their OR), into the float output of [T, N, C, Hq, Wq] or, with ow, the pack_spikes
+// words [T, N, Hq, Wq, Cw] (bit c % 32 of word c / 32; branch-free: spikes fire at ~0.3-0.5).
+template <int Q>
+static void pool_store(const float* sp, int64_t T, int64_t N, int64_t C, int64_t S, int64_t W,
+                       int64_t Hq, int64_t Wq, int64_t Cw, int64_t n, int64_t c, float* of,
+                       uint32_t* ow) {
+  const int shift = static_cast<int>(c & 31);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t oy = 0; oy < Hq; ++oy) {
+      const float* r0 = sp + t * S + oy * Q * W;
+      const float* r1 = r0 + (Q - 1) * W;
+      auto at = [&](int64_t ox) {
+        return Q == 2 ? std::max(std::max(r0[2 * ox], r0[2 * ox + 1]),
+                                 std::max(r1[2 * ox], r1[2 * ox + 1]))
+                      : r0[ox];
+      };
+      if (ow != nullptr) {
+        uint32_t* wrow = ow + ((t * N + n) * Hq + oy) * Wq * Cw + (c >> 5);
+        for (int64_t ox = 0; ox < Wq; ++ox)
+          wrow[ox * Cw] |= static_cast<uint32_t>(at(ox) != 0.0f) << shift;
+      } else {
+        float* frow = of + ((t * N + n) * C + c) * Hq * Wq + oy * Wq;
+        for (int64_t ox = 0; ox < Wq; ++ox) frow[ox] = at(ox);
+      }
+    }
+  }
+}
+
+// The no-grad eval path of a real-input conv layer (direct encoding's first layer): the eval
+// epilogue and the LIF over z [T, N, C, H, W] float32, whose time stride may be 0 (one current
+// expanded over T is read in place, never copied T times), then the 2x2 OR-pool (pool = 2) and
+// the pack_spikes words (packed_out), in one pass per image: no float spike tensor is written
+// unless asked for. -> spikes [T, N, C, H/pool, W/pool] float32, or words
+// [T, N, H/pool, W/pool, ceil(C/32)] int32. The spikes are bn_lif's (eval epilogue) pooled as
+// max_pool2d pools them.
+at::Tensor bn_lif_infer_cpu(const at::Tensor& z_in, const at::Tensor& scale_in,
+                            const at::Tensor& shift_in, double tau, bool decay_input,
+                            double v_threshold, std::optional<double> v_reset, int64_t pool,
+                            bool packed_out) {
+  const char* op = "bn_lif_infer";
+  check_on_cpu(z_in, op, "z");
+  TORCH_CHECK_VALUE(z_in.dim() == 5, "binslt::", op,
+                    ": z must be [T, N, C, H, W] (time-major conv currents), got shape ",
+                    shape_str(z_in));
+  TORCH_CHECK_TYPE(z_in.scalar_type() == at::kFloat, "binslt::", op,
+                   ": z must be float32 (convert with .float()), got ", z_in.scalar_type());
+  const NeuronParams p = checked_neuron(op, tau, decay_input, v_threshold, v_reset);
+  const int64_t T = z_in.size(0), N = z_in.size(1), C = z_in.size(2), H = z_in.size(3),
+                W = z_in.size(4);
+  TORCH_CHECK_VALUE(T >= 1, "binslt::", op, ": z needs at least one timestep, got shape ",
+                    shape_str(z_in));
+  check_pool(op, pool, H, W);
+  const at::Tensor scale = cpu_channel_vec(scale_in, op, "scale", C);
+  const at::Tensor shift = cpu_channel_vec(shift_in, op, "shift", C);
+  const int64_t S = H * W, step = N * C * S;
+  // One current for every step (stride 0 in time, each step contiguous) is read in place.
+  const bool once = T > 1 && z_in.stride(0) == 0 && z_in.select(0, 0).is_contiguous();
+  const at::Tensor z = once ? z_in : z_in.contiguous();
+  const int64_t zstep = once ? 0 : step;
+  const int64_t Hq = H / pool, Wq = W / pool, Cw = words_for(static_cast<int>(C));
+  at::Tensor out = packed_out ? at::zeros({T, N, Hq, Wq, Cw}, z_in.options().dtype(at::kInt))
+                              : at::empty({T, N, C, Hq, Wq}, z_in.options());
+  if (out.numel() == 0) return out;
+  const float* zp = z.data_ptr<float>();
+  const float* scp = scale.data_ptr<float>();
+  const float* shp = shift.data_ptr<float>();
+  const bool direct = pool == 1 && !packed_out;
+  float* of = packed_out ? nullptr : out.data_ptr<float>();
+  uint32_t* ow = packed_out ? reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()) : nullptr;
+  const Isa isa = active_isa();
+  // By image: a thread owns every word of its images (the channels of one word share it).
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<float> sp(direct ? 0 : static_cast<size_t>(T * S));
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t c = 0; c < C; ++c) {
+        const ChannelAffine aff{0.0f, 1.0f, scp[c], shp[c], false};
+        const float* zc = zp + (n * C + c) * S;
+        // direct: straight into the output ([T][N][C][S], steps `step` apart)
+        float* dst = direct ? of + (n * C + c) * S : sp.data();
+        const int64_t dstep = direct ? step : S;
+        for (int64_t i0 = 0; i0 < S; i0 += kRowChunk) {
+          const int L = static_cast<int>(std::min<int64_t>(kRowChunk, S - i0));
+          lif_fwd(isa, static_cast<int>(T), L, zc + i0, zstep, aff, nullptr, dstep, p, dst + i0);
+        }
+        if (direct) continue;
+        if (pool == 2)
+          pool_store<2>(sp.data(), T, N, C, S, W, Hq, Wq, Cw, n, c, of, ow);
+        else
+          pool_store<1>(sp.data(), T, N, C, S, W, Hq, Wq, Cw, n, c, of, ow);
+      }
+    }
+  });
+  return out;
 }
 
 }  // namespace cpu
@@ -230,4 +444,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
 TORCH_LIBRARY_IMPL(binslt, CPU, m) {
   m.impl("bn_lif", &binslt::cpu::bn_lif_cpu);
   m.impl("bn_lif_bwd", &binslt::cpu::bn_lif_bwd_cpu);
+  m.impl("bn_lif_infer", &binslt::cpu::bn_lif_infer_cpu);
 }

@@ -123,6 +123,23 @@ void lif_bwd(Isa isa, int T, int L, const float* zr, int64_t zstep, const Channe
 // S = 1) run flat rows over an epilogue scratch X so that their vectors stay full.
 constexpr int64_t kChannelRows = 32;
 
+// f(c, z chunk at step 0, offset of the chunk in a [T, N, C, S] tensor's step 0, length, a
+// thread's T * kRowChunk scratch) for every kRowChunk-long chunk of every (n, c) row, in
+// parallel over the rows.
+template <class F>
+void for_channel_rows(const Dims& d, const ZView& zv, const F& f) {
+  at::parallel_for(0, d.N * d.C, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> hbuf(static_cast<size_t>(d.T) * kRowChunk);
+    for (int64_t row = r0; row < r1; ++row) {
+      const float* zr = zv.row(d, row / d.C, row % d.C);
+      for (int64_t i0 = 0; i0 < d.S; i0 += kRowChunk) {
+        const int L = static_cast<int>(std::min<int64_t>(kRowChunk, d.S - i0));
+        f(row % d.C, zr + i0, row * d.S + i0, L, hbuf.data());
+      }
+    }
+  });
+}
+
 // The residual of bn_lif: like z (contiguous float32), or None.
 std::optional<at::Tensor> residual_like_z(const std::optional<at::Tensor>& r, const at::Tensor& z,
                                           const char* op) {
@@ -219,16 +236,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lif_cpu(
   const Isa isa = active_isa();
   const int T = static_cast<int>(d.T);
   if (d.S >= kChannelRows) {
-    at::parallel_for(0, d.N * d.C, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t row = r0; row < r1; ++row) {
-        const float* zr = zv.row(d, row / d.C, row % d.C);  // (n, c) at step 0
-        const int64_t off = row * d.S;
-        for (int64_t i0 = 0; i0 < d.S; i0 += kRowChunk) {
-          const int L = static_cast<int>(std::min<int64_t>(kRowChunk, d.S - i0));
-          lif_fwd(isa, T, L, zr + i0, zv.step, aff[row % d.C], rp ? rp + off + i0 : nullptr, M,
-                  p, sp + off + i0);
-        }
-      }
+    for_channel_rows(d, zv, [&](int64_t c, const float* zr, int64_t off, int L, float*) {
+      lif_fwd(isa, T, L, zr, zv.step, aff[c], rp ? rp + off : nullptr, M, p, sp + off);
     });
     return {spikes, mean, var};
   }
@@ -280,17 +289,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
   const float* gp = gs.data_ptr<float>();
   float* gcp = gcur.data_ptr<float>();
   if (d.S >= kChannelRows) {
-    at::parallel_for(0, d.N * d.C, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<float> hbuf(static_cast<size_t>(d.T) * kRowChunk);
-      for (int64_t row = r0; row < r1; ++row) {
-        const float* zr = zv.row(d, row / d.C, row % d.C);  // (n, c) at step 0
-        const int64_t off = row * d.S;
-        for (int64_t i0 = 0; i0 < d.S; i0 += kRowChunk) {
-          const int L = static_cast<int>(std::min<int64_t>(kRowChunk, d.S - i0));
-          lif_bwd(isa, T, L, zr + i0, zv.step, aff[row % d.C], rp ? rp + off + i0 : nullptr, M,
-                  p, gp + off + i0, gcp + off + i0, hbuf.data());
-        }
-      }
+    for_channel_rows(d, zv, [&](int64_t c, const float* zr, int64_t off, int L, float* hbuf) {
+      lif_bwd(isa, T, L, zr, zv.step, aff[c], rp ? rp + off : nullptr, M, p, gp + off,
+              gcp + off, hbuf);
     });
   } else {
     at::Tensor x = at::empty(z_in.sizes(), z.options());

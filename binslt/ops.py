@@ -423,7 +423,8 @@ class BNLIF(torch.autograd.Function):
         # A current that is the same at every step (a real-input layer's, expanded over T) is
         # saved once, not T times; the C++ kernels also read it in place (time stride 0).
         ctx.steps = z.shape[0] if z.dim() > 1 and z.stride(0) == 0 else 0
-        in_place = ctx.steps and backend == "cpu" and z[0].is_contiguous()
+        in_place = (ctx.steps and backend == "cpu" and z.dtype == torch.float32
+                    and z[0].is_contiguous())
         zf = z.float() if in_place else z.float().contiguous()
         res = None if residual is None else residual.float().contiguous()
         spikes, mean, var = get_op("bn_lif", backend)(

@@ -399,15 +399,13 @@ at::Tensor bn_lif_infer_cpu(const at::Tensor& z_in, const at::Tensor& scale_in,
   const at::Tensor scale = cpu_channel_vec(scale_in, op, "scale", C);
   const at::Tensor shift = cpu_channel_vec(shift_in, op, "shift", C);
   const int64_t S = H * W, step = N * C * S;
-  // One current for every step (stride 0 in time, each step contiguous) is read in place.
-  const bool once = T > 1 && z_in.stride(0) == 0 && z_in.select(0, 0).is_contiguous();
-  const at::Tensor z = once ? z_in : z_in.contiguous();
-  const int64_t zstep = once ? 0 : step;
+  const Dims d{T, N, C, S};
+  at::Tensor z;
+  const ZView zv = z_view(z_in, d, &z);  // an expanded current is read in place
   const int64_t Hq = H / pool, Wq = W / pool, Cw = words_for(static_cast<int>(C));
   at::Tensor out = packed_out ? at::zeros({T, N, Hq, Wq, Cw}, z_in.options().dtype(at::kInt))
                               : at::empty({T, N, C, Hq, Wq}, z_in.options());
   if (out.numel() == 0) return out;
-  const float* zp = z.data_ptr<float>();
   const float* scp = scale.data_ptr<float>();
   const float* shp = shift.data_ptr<float>();
   const bool direct = pool == 1 && !packed_out;
@@ -420,13 +418,13 @@ at::Tensor bn_lif_infer_cpu(const at::Tensor& z_in, const at::Tensor& scale_in,
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t c = 0; c < C; ++c) {
         const ChannelAffine aff{0.0f, 1.0f, scp[c], shp[c], false};
-        const float* zc = zp + (n * C + c) * S;
+        const float* zc = zv.row(d, n, c);
         // direct: straight into the output ([T][N][C][S], steps `step` apart)
         float* dst = direct ? of + (n * C + c) * S : sp.data();
         const int64_t dstep = direct ? step : S;
         for (int64_t i0 = 0; i0 < S; i0 += kRowChunk) {
           const int L = static_cast<int>(std::min<int64_t>(kRowChunk, S - i0));
-          lif_fwd(isa, static_cast<int>(T), L, zc + i0, zstep, aff, nullptr, dstep, p, dst + i0);
+          lif_fwd(isa, static_cast<int>(T), L, zc + i0, zv.step, aff, nullptr, dstep, p, dst + i0);
         }
         if (direct) continue;
         if (pool == 2)

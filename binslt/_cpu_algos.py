@@ -7,13 +7,19 @@ The CPU kernels choose per call, by measured rules (``csrc/cpu/cpu_algos.cpp``),
 * ``conv``: the forward of ``bconv_lif``, ``"dense"`` (AND + popcount over every input word) or
   ``"event"`` (the sum of the weight columns of the input spikes, faster at low firing rates);
 * ``grad_x``: the input gradient of ``bconv_lif_bwd``, ``"dense"`` (ATen's transposed
-  convolution), ``"ternary"`` (add/subtract of dZ rows; AVX-512 and stride 1) or ``"combo"`` (the
+  convolution), ``"ternary"`` (add/subtract of dZ rows; AVX-512 and stride 1), ``"combo"`` (the
   same over signed sums of four dZ rows; its per-thread buffer grows with the feature map, about
-  65 MB at 224x224);
+  65 MB at 224x224) or ``"unfold"`` (the whole conv as one [Co*Ho*Wo, Ci*H*W] matrix, one GEMM:
+  for small maps, where a 3x3 kernel mostly meets zero padding -- 9x fewer products at 1x1,
+  2.25x at 2x2; its matrix grows with the square of the map);
 * ``grad_w``: the weight gradient of ``bconv_lif_bwd``, ``"event"`` (sums of dZ rows over the
   input's set bits: its work follows the spikes) or ``"dense"`` (ATen's weight-gradient
   convolution of the unpacked input, a GEMM: faster above a firing rate, and for deep layers
-  whose gradient does not fit a per-thread copy in L2).
+  whose gradient does not fit a per-thread copy in L2) or ``"unfold"`` (the unfold form's GEMM
+  over the map's pixel pairs, folded into the taps).
+
+``"auto"`` takes the unfold form for both gradients where a kernel has at least twice as many
+taps as the input has pixels (3x3 over 1x1, 1x2 or 2x2) and its matrix is at most 64 MiB.
 
 ``"auto"`` in a field restores the measured rule. Forcing a choice is for tests and benchmarks;
 every choice gives the same counts and spikes, and gradients within float rounding.
@@ -33,8 +39,8 @@ from . import _ext
 CHOICES: dict[str, tuple[str, ...]] = {
     "isa": ("auto", "scalar", "popcnt", "avx2", "avx512"),
     "conv": ("auto", "dense", "event"),
-    "grad_x": ("auto", "dense", "ternary", "combo"),
-    "grad_w": ("auto", "event", "dense"),
+    "grad_x": ("auto", "dense", "ternary", "combo", "unfold"),
+    "grad_w": ("auto", "event", "dense", "unfold"),
 }
 
 

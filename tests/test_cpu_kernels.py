@@ -272,17 +272,18 @@ def test_bconv_event_widens_before_int8_overflow(isa, use_algos):
 def test_bconv_conv_algo_rejects_unknown_name():
     with pytest.raises(ValueError, match="expected one of auto, dense, event"):
         CPU._set_cpu_algorithms("auto", "sparse", "auto", "auto")
-    with pytest.raises(ValueError, match="expected one of auto, dense, ternary, combo"):
+    with pytest.raises(ValueError, match="expected one of auto, dense, ternary, combo, unfold"):
         CPU._set_cpu_algorithms("auto", "auto", "sparse", "auto")
     with pytest.raises(ValueError, match="expected one of auto, scalar, popcnt, avx2, avx512"):
         CPU._set_cpu_algorithms("sse", "auto", "auto", "auto")
-    with pytest.raises(ValueError, match="expected one of auto, event, dense"):
+    with pytest.raises(ValueError, match="expected one of auto, event, dense, unfold"):
         CPU._set_cpu_algorithms("auto", "auto", "auto", "gemm")
     before = _cpu_algos.current()
     for kw, choices in (({"conv": "sparse"}, "('auto', 'dense', 'event')"),
-                        ({"grad_x": "sparse"}, "('auto', 'dense', 'ternary', 'combo')"),
+                        ({"grad_x": "sparse"},
+                         "('auto', 'dense', 'ternary', 'combo', 'unfold')"),
                         ({"isa": "sse"}, "('auto', 'scalar', 'popcnt', 'avx2', 'avx512')"),
-                        ({"grad_w": "gemm"}, "('auto', 'event', 'dense')")):
+                        ({"grad_w": "gemm"}, "('auto', 'event', 'dense', 'unfold')")):
         with pytest.raises(ValueError, match=re.escape(f"must be one of {choices}")):
             with cpu_algorithms(**kw):
                 pass
@@ -519,6 +520,13 @@ BWD_CASES = [
     # weight gradient > 1 MiB: summed per input channel instead of per image (deep layers)
     ((1, 2, 176, 176, 4, 4, 3, 1, 1), True, 0.0, False, True, 0, 2.0, False),
     ((2, 1, 180, 160, 5, 5, 3, 2, 1), False, None, True, False, 0, 2.0, False),
+    # small maps, where "auto" takes the unfold form: 3x3 over 1x1 (only the centre tap), over
+    # 2x2 and 1x2, stride 2 from 2x2 to 1x1, a 5x5 kernel over 3x3 (two words of channels)
+    ((2, 3, 70, 40, 1, 1, 3, 1, 1), True, 0.0, False, True, 0, 2.0, False),
+    ((2, 2, 33, 24, 2, 2, 3, 1, 1), False, None, True, False, 1, 4.0, True),
+    ((3, 1, 17, 9, 1, 2, 3, 1, 1), True, 0.0, True, True, 0, 2.0, True),
+    ((2, 2, 40, 36, 2, 2, 3, 2, 1), True, -0.2, False, False, 1, 3.0, False),
+    ((1, 3, 65, 12, 3, 3, 5, 1, 2), False, 0.0, True, True, 0, 2.0, False),
 ]
 
 
@@ -534,8 +542,9 @@ def _gx_algos() -> list[str]:
 
 
 # (input-gradient, weight-gradient) algorithms: the two gradients are independent code paths,
-# so every input-gradient form runs with the event weight gradient and one with the dense one.
-BWD_ALGOS = [(gx, "event") for gx in _gx_algos()] + [("dense", "dense")]
+# so every input-gradient form runs with the event weight gradient, one with the dense one and
+# the unfold form with its own (forced on every case: also the large maps "auto" never gives it).
+BWD_ALGOS = [(gx, "event") for gx in _gx_algos()] + [("dense", "dense"), ("unfold", "unfold")]
 
 
 @pytest.mark.parametrize("gx_algo,gw_algo", BWD_ALGOS)
@@ -578,6 +587,36 @@ def test_bconv_lif_bwd_float64(case, gx_algo, gw_algo, use_algos):
     for a, b in zip(out2[1:], out[1:]):
         assert torch.equal(a, b)
 
+
+
+@pytest.mark.parametrize("geom,auto_unfolds", [
+    ((2, 3, 70, 40, 1, 1, 3, 1, 1), True),    # 3x3 over 1x1
+    ((2, 2, 40, 36, 2, 2, 3, 2, 1), True),    # stride 2, 2x2 -> 1x1
+    ((2, 2, 33, 24, 3, 3, 3, 1, 1), False),   # 9 taps over 9 pixels: the unfold form would not pay
+])
+def test_auto_takes_the_unfold_form_on_small_maps(geom, auto_unfolds, use_algos):
+    """Under "auto" a 3x3 kernel over at most 2x2 pixels takes the unfold form of both
+    gradients (bit-identical to forcing it), larger maps do not."""
+    c = _conv_case(geom, stable_seed(geom), bn_train=True, residual=False)
+    args = (c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, c["T"],
+            c["stride"], c["padding"], True, 1e-5, 2.0, False, 0.5, 0.0)
+    fwd = OPS.bconv_lif(*args)
+    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(3))
+
+    def bwd():
+        return OPS.bconv_lif_bwd(gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"],
+                                 c["shift"], fwd[2], fwd[3], None, c["Ci"], c["stride"],
+                                 c["padding"], True, 1e-5, 2.0, False, 0.5, 0.0, True, 0, 2.0,
+                                 True)
+
+    auto = bwd()
+    use_algos(grad_x="unfold", grad_w="unfold")
+    unfolded = bwd()
+    use_algos(grad_x="dense", grad_w="dense")
+    dense = bwd()
+    for a, u, d in zip(auto[:2], unfolded[:2], dense[:2]):  # grad_x, grad_weight
+        torch.testing.assert_close(u, d, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a, u) == auto_unfolds
 
 # ----------------------------------------------------------------------------------------------
 # bn_lif

@@ -193,8 +193,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
   // gradients are plain matrix products over the B * Ho * Wo pixels.
   const bool pointwise = s.KH == 1 && s.KW == 1 && stride == 1 && padding == 0;
   const int64_t S = s.Ho * s.Wo;
+  const int64_t unfold_bytes = unfold_matrix_bytes(s, in_channels);
   at::Tensor gw;
-  if (use_dense_grad_w(x_packed, s.Co * in_channels * s.KH * s.KW) && pointwise) {
+  if (!pointwise && use_unfold_grad_w(s.H, s.W, s.KH, s.KW, unfold_bytes)) {
+    gw = weight_grad_unfold(s, in_channels, gz, unpack_spikes_cpu(x_packed, in_channels));
+  } else if (pointwise && (algo_config().grad_w == GradWAlgo::kUnfold ||
+                           use_dense_grad_w(x_packed, s.Co * in_channels * s.KH * s.KW))) {
+    // (A pointwise conv's matrix product is already its unfold form, per pixel.)
     const at::Tensor gz_t = gz.view({s.B, s.Co, S}).permute({1, 0, 2}).reshape({s.Co, s.B * S});
     gw = at::mm(gz_t, unpack_rows(x_packed, in_channels)).view({s.Co, in_channels, 1, 1});
   } else if (use_dense_grad_w(x_packed, s.Co * in_channels * s.KH * s.KW)) {
@@ -217,6 +222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
   if (need_grad_x && pointwise) {
     const at::Tensor w = dense_weight(s, in_channels, w_mask, w_pos, ap).view({s.Co, in_channels});
     gx = at::matmul(w.t(), gz.view({s.B, s.Co, S})).view({s.T, s.N, in_channels, s.H, s.W});
+  } else if (need_grad_x && use_unfold_grad_x(s.H, s.W, s.KH, s.KW, unfold_bytes)) {
+    gx = input_grad_unfold(s, in_channels, gz, w_mask, w_pos, ap);
   } else if (need_grad_x) {
     gx = input_grad(s, in_channels, gz, w_mask, w_pos, ap);
   }

@@ -43,6 +43,10 @@ struct AutoRules {
   double grad_w_dense_min_rate;
   double grad_w_dense_min_rate_large;
   int64_t grad_w_large_bytes;
+  // Both gradients: the unfold form where a kernel's taps are at least this many times the
+  // input pixels (a 3x3 kernel over 1x1 / 1x2 / 2x2) and its matrix fits in this many bytes.
+  double unfold_min_taps_per_pixel;
+  int64_t unfold_max_bytes;
 };
 
 constexpr AutoRules kAutoRules{
@@ -57,6 +61,8 @@ constexpr AutoRules kAutoRules{
     /*grad_w_dense_min_rate=*/0.5,
     /*grad_w_dense_min_rate_large=*/0.1,
     /*grad_w_large_bytes=*/1 << 20,
+    /*unfold_min_taps_per_pixel=*/2.0,
+    /*unfold_max_bytes=*/64 << 20,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -124,6 +130,7 @@ static const char* grad_w_name(GradWAlgo a) {
   switch (a) {
     case GradWAlgo::kEvent: return "event";
     case GradWAlgo::kDense: return "dense";
+    case GradWAlgo::kUnfold: return "unfold";
     default: return "auto";
   }
 }
@@ -133,6 +140,7 @@ static const char* grad_x_name(GradXAlgo a) {
     case GradXAlgo::kDense: return "dense";
     case GradXAlgo::kTernary: return "ternary";
     case GradXAlgo::kCombo: return "combo";
+    case GradXAlgo::kUnfold: return "unfold";
     default: return "auto";
   }
 }
@@ -163,9 +171,10 @@ void set_cpu_algorithms(const std::string& isa, const std::string& conv,
                                   Isa::kAvx512};
   static constexpr ConvAlgo kConvs[] = {ConvAlgo::kAuto, ConvAlgo::kDense, ConvAlgo::kEvent};
   static constexpr GradXAlgo kGradXs[] = {GradXAlgo::kAuto, GradXAlgo::kDense,
-                                          GradXAlgo::kTernary, GradXAlgo::kCombo};
+                                          GradXAlgo::kTernary, GradXAlgo::kCombo,
+                                          GradXAlgo::kUnfold};
   static constexpr GradWAlgo kGradWs[] = {GradWAlgo::kAuto, GradWAlgo::kEvent,
-                                          GradWAlgo::kDense};
+                                          GradWAlgo::kDense, GradWAlgo::kUnfold};
   AlgoConfig c;
   c.isa = parse_choice(isa, "isa path", kIsas, &isa_name);
   c.conv = parse_choice(conv, "conv algorithm", kConvs, &conv_name);
@@ -174,7 +183,7 @@ void set_cpu_algorithms(const std::string& isa, const std::string& conv,
   TORCH_CHECK(c.isa == Isa::kAuto || isa_supported(c.isa), "binslt: this CPU cannot run the '",
               isa, "' path");
   TORCH_CHECK(c.grad_x == GradXAlgo::kAuto || c.grad_x == GradXAlgo::kDense ||
-                  isa_supported(Isa::kAvx512),
+                  c.grad_x == GradXAlgo::kUnfold || isa_supported(Isa::kAvx512),
               "binslt: the '", grad_x, "' input-gradient kernel needs AVX-512, which this CPU "
               "lacks");
   g_config.store(c, std::memory_order_relaxed);
@@ -306,6 +315,24 @@ GradXChoice choose_grad_x(int64_t stride, int64_t W, int64_t Ci, int64_t weights
     c.ternary = c.combos || density <= kAutoRules.ternary_max_density;
   }
   return c;
+}
+
+bool unfold_pays(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t unfold_bytes) {
+  return static_cast<double>(KH * KW) >=
+             kAutoRules.unfold_min_taps_per_pixel * static_cast<double>(H * W) &&
+         unfold_bytes <= kAutoRules.unfold_max_bytes;
+}
+
+bool use_unfold_grad_x(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t unfold_bytes) {
+  const GradXAlgo a = algo_config().grad_x;
+  if (a != GradXAlgo::kAuto) return a == GradXAlgo::kUnfold;
+  return unfold_pays(H, W, KH, KW, unfold_bytes);
+}
+
+bool use_unfold_grad_w(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t unfold_bytes) {
+  const GradWAlgo a = algo_config().grad_w;
+  if (a != GradWAlgo::kAuto) return a == GradWAlgo::kUnfold;
+  return unfold_pays(H, W, KH, KW, unfold_bytes);
 }
 
 bool use_dense_grad_w(const at::Tensor& x_packed, int64_t grad_floats) {

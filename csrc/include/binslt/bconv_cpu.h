@@ -5,6 +5,7 @@
 //   bconv_backward.cpp    bconv_lif_bwd: LIF/BN backward, then the two gradients below
 //   bconv_weight_grad.cpp dL/dW: masked sums over the set bits of the packed input
 //   bconv_input_grad.cpp  dL/dX: ternary add/subtract kernels, or the dense transposed conv
+//   bconv_unfold.cpp      both on a small map: the conv as one [Co*Ho*Wo, Ci*H*W] matrix
 //   cpu_algos.cpp         which path and algorithm each of them takes
 #pragma once
 
@@ -56,6 +57,15 @@ at::Tensor dense_weight(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask
 // dL/dX [T, N, Ci, H, W] from dZ [B, Co, Ho, Wo] (contiguous float32) and the weight planes.
 at::Tensor input_grad(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
                       const at::Tensor& w_mask, const at::Tensor& w_pos, const float* alpha);
+
+// The unfold form (bconv_unfold.cpp): bytes of its matrix [Co*Ho*Wo, Ci*H*W] float32; dL/dW_eff
+// from dZ [B, Co, Ho, Wo] and the unpacked input x [B, Ci, H, W]; dL/dX [T, N, Ci, H, W].
+int64_t unfold_matrix_bytes(const ConvShape& s, int64_t Ci);
+at::Tensor weight_grad_unfold(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
+                              const at::Tensor& x);
+at::Tensor input_grad_unfold(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
+                             const at::Tensor& w_mask, const at::Tensor& w_pos,
+                             const float* alpha);
 
 }  // namespace cpu
 }  // namespace binslt

@@ -20,14 +20,16 @@ enum class Isa : int8_t { kAuto = -1, kScalar = 0, kPopcnt = 1, kAvx2 = 2, kAvx5
 // sum of the weight columns of the input spikes ("event", bconv_event.h).
 enum class ConvAlgo : int8_t { kAuto = -1, kDense = 0, kEvent = 1 };
 
-// Input gradient: the dense transposed convolution of ATen, or the ternary add/subtract kernel
-// (AVX-512, stride 1) in its plain or its combination form (bconv_input_grad.cpp).
-enum class GradXAlgo : int8_t { kAuto = -1, kDense = 0, kTernary = 1, kCombo = 2 };
+// Input gradient: the dense transposed convolution of ATen, the ternary add/subtract kernel
+// (AVX-512, stride 1) in its plain or its combination form (bconv_input_grad.cpp), or the whole
+// conv as one matrix over a small map ("unfold", bconv_unfold.cpp).
+enum class GradXAlgo : int8_t { kAuto = -1, kDense = 0, kTernary = 1, kCombo = 2, kUnfold = 3 };
 
 // Weight gradient: sums of dZ rows over the input's set bits ("event", bconv_weight_grad.cpp),
 // or ATen's dense weight-gradient convolution of the unpacked 0/1 input ("dense": a GEMM, whose
-// cost does not follow the spikes but which streams dZ through the cache in blocks).
-enum class GradWAlgo : int8_t { kAuto = -1, kEvent = 0, kDense = 1 };
+// cost does not follow the spikes but which streams dZ through the cache in blocks), or the
+// unfold form's GEMM over the pixel pairs of a small map and its fold into taps ("unfold").
+enum class GradWAlgo : int8_t { kAuto = -1, kEvent = 0, kDense = 1, kUnfold = 2 };
 
 struct AlgoConfig {
   Isa isa = Isa::kAuto;
@@ -71,6 +73,13 @@ bool use_event_float(const float* x, int64_t n);
 struct GradXChoice {
   bool ternary, combos;
 };
+
+// Both gradients: the unfold form for a conv whose kh*kw-tap products over an H x W input are at
+// least twice the H*W pixel pairs the unfold matrix holds per output pixel (a 3x3 kernel over at
+// most 2x2 pixels), and whose matrix (`unfold_bytes`) stays small; or when a field forces it.
+bool unfold_pays(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t unfold_bytes);
+bool use_unfold_grad_x(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t unfold_bytes);
+bool use_unfold_grad_w(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t unfold_bytes);
 GradXChoice choose_grad_x(int64_t stride, int64_t W, int64_t Ci, int64_t weights,
                           int64_t combo_bytes, const uint32_t* mask_words, int64_t n_words);
 

@@ -589,6 +589,17 @@ def test_bconv_lif_bwd_float64(case, gx_algo, gw_algo, use_algos):
 
 
 
+def test_forced_unfold_refuses_a_huge_matrix(use_algos):
+    c = _conv_case((1, 1, 32, 32, 24, 24, 3, 1, 1), 0, bn_train=True)
+    fwd = OPS.bconv_lif(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, 1,
+                        1, 1, True, 1e-5, 2.0, False, 0.5, 0.0)
+    use_algos(grad_w="unfold")
+    with pytest.raises(RuntimeError, match="forced 'unfold' gradient form would build a 1296 MiB matrix"):
+        OPS.bconv_lif_bwd(torch.ones(fwd[0].shape), fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"],
+                          c["scale"], c["shift"], fwd[2], fwd[3], None, 32, 1, 1, True, 1e-5,
+                          2.0, False, 0.5, 0.0, True, 0, 2.0, True)
+
+
 @pytest.mark.parametrize("geom,auto_unfolds", [
     ((2, 3, 70, 40, 1, 1, 3, 1, 1), True),    # 3x3 over 1x1
     ((2, 2, 40, 36, 2, 2, 3, 2, 1), True),    # stride 2, 2x2 -> 1x1

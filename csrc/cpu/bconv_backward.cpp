@@ -194,6 +194,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
   const bool pointwise = s.KH == 1 && s.KW == 1 && stride == 1 && padding == 0;
   const int64_t S = s.Ho * s.Wo;
   const int64_t unfold_bytes = unfold_matrix_bytes(s, in_channels);
+  TORCH_CHECK(!(use_unfold_grad_x(s.H, s.W, s.KH, s.KW, unfold_bytes) ||
+                use_unfold_grad_w(s.H, s.W, s.KH, s.KW, unfold_bytes)) ||
+                  pointwise || unfold_bytes <= (int64_t{1} << 30),
+              "binslt::", op, ": the forced 'unfold' gradient form would build a ",
+              unfold_bytes >> 20, " MiB matrix for this ", s.H, "x", s.W, " map (it is meant "
+              "for maps of a few pixels); use cpu_algorithms(grad_x='auto', grad_w='auto')");
   at::Tensor gw;
   if (!pointwise && use_unfold_grad_w(s.H, s.W, s.KH, s.KW, unfold_bytes)) {
     gw = weight_grad_unfold(s, in_channels, gz, unpack_spikes_cpu(x_packed, in_channels));

@@ -309,13 +309,7 @@ at::Tensor dense_weight(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask
       for (int64_t k = 0; k < K; ++k) {
         const uint32_t* mw = m + (o * K + k) * s.Cw;
         const uint32_t* qw = q + (o * K + k) * s.Cw;
-        float* dst = wp + o * Ci * K + k;
-        const float a = alpha[o];
-        // Branch-free (vectorisable): mask bit * (+a | -a) from the positive bit.
-        for (int64_t c = 0; c < Ci; ++c) {
-          const uint32_t mb = (mw[c >> 5] >> (c & 31)) & 1u, pb = (qw[c >> 5] >> (c & 31)) & 1u;
-          dst[c * K] = mb ? (pb ? a : -a) : 0.0f;
-        }
+        signed_weight_row(mw, qw, alpha[o], Ci, wp + o * Ci * K + k, K);
       }
   });
   return w;

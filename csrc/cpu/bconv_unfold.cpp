@@ -95,13 +95,8 @@ at::Tensor input_grad_unfold(const ConvShape& s, int64_t Ci, const at::Tensor& g
     for (int64_t co = o0; co < o1; ++co) {
       const float al = alpha[co];
       for (const int64_t t : used) {
-        const uint32_t* mw = m + (co * K + t) * s.Cw;
-        const uint32_t* qw = q + (co * K + t) * s.Cw;
-        float* w = taps.data() + t * Ci;
-        for (int64_t ci = 0; ci < Ci; ++ci) {  // branch-free, as dense_weight
-          const uint32_t mb = (mw[ci >> 5] >> (ci & 31)) & 1u, pb = (qw[ci >> 5] >> (ci & 31)) & 1u;
-          w[ci] = mb ? (pb ? al : -al) : 0.0f;
-        }
+        signed_weight_row(m + (co * K + t) * s.Cw, q + (co * K + t) * s.Cw, al, Ci,
+                          taps.data() + t * Ci, 1);
       }
       for (const TapPair& pr : pairs) {
         const float* w = taps.data() + pr.t * Ci;

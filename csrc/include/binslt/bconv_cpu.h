@@ -50,6 +50,16 @@ at::Tensor unpack_spikes_cpu(const at::Tensor& packed, int64_t channels);
 at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
                        const at::Tensor& gz_cl, int64_t margin_top, int64_t margin_left);
 
+// One (output channel, tap) row of W_eff from its bit-plane words mw, qw (Cw words each):
+// dst[c * stride] = +a, -a or 0 for c < Ci, branch-free (vectorisable).
+inline void signed_weight_row(const uint32_t* mw, const uint32_t* qw, float a, int64_t Ci,
+                              float* dst, int64_t stride) {
+  for (int64_t c = 0; c < Ci; ++c) {
+    const uint32_t mb = (mw[c >> 5] >> (c & 31)) & 1u, pb = (qw[c >> 5] >> (c & 31)) & 1u;
+    dst[c * stride] = mb ? (pb ? a : -a) : 0.0f;
+  }
+}
+
 // W_eff = alpha[co] * (+1 | -1) * mask, dense [Co, Ci, kh, kw] float32, from its bit planes.
 at::Tensor dense_weight(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask,
                         const at::Tensor& w_pos, const float* alpha);

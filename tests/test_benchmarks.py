@@ -147,6 +147,31 @@ def test_network_quick_writes_csv(tmp_path):
     assert "level=1" in memopt["detail"]
 
 
+@pytest.mark.parametrize("arch", ["vgg11", "sj-resnet18"])
+def test_network_eval_calibration_keeps_every_layer_spiking(arch):
+    """The eval anchors time a network with training's activity, not one that fell silent."""
+    import argparse
+
+    import torch
+
+    import network
+
+    args = argparse.Namespace(seed=0, batch=2, timesteps=4, prune_rate=0.5)
+    x, _ = network.make_batch(args, torch.device("cpu"))
+    model = network.build_binslt(arch, args, "cpu", torch.device("cpu"))
+    model.train()
+    train_rates = network.input_rates(model, x)
+    network.calibrate_bn(model, x)
+    assert not model.training
+    eval_rates = network.input_rates(model, x)
+    assert len(eval_rates) >= 8 and set(eval_rates) == set(train_rates)
+    for name, rate in eval_rates.items():
+        # running statistics = the batch's own (unbiased variance: small layers differ a little)
+        assert 0.05 < rate < 0.95 and rate == pytest.approx(train_rates[name], abs=0.08), name
+    assert "SILENT" not in network.rate_summary(eval_rates)
+    assert "SILENT: a" in network.rate_summary({"a": 0.0, "b": 0.5})
+
+
 def test_network_rejects_bad_options(capsys):
     import network
 

@@ -83,6 +83,30 @@ OP_CASES = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", OP_CASES, ids=[str(i) for i in range(len(OP_CASES))])
 def test_infer_op_pooled_and_packed_equal_max_pool_of_its_spikes(backend, case):
+    _check_infer_case(backend, case)
+
+
+def _cpu_isas() -> list[str]:
+    out = []
+    for name in ("scalar", "popcnt", "avx2", "avx512"):
+        try:
+            with ops.cpu_algorithms(isa=name):
+                out.append(name)
+        except RuntimeError:  # this CPU cannot run it
+            pass
+    return out
+
+
+@pytest.mark.parametrize("isa", _cpu_isas())
+@pytest.mark.parametrize("conv", ["dense", "event"])
+@pytest.mark.parametrize("case", [OP_CASES[1], OP_CASES[2], OP_CASES[6]], ids=["1", "2", "6"])
+def test_cpu_infer_op_pooled_and_packed_on_every_isa(isa, conv, case):
+    """The CPU tiles' pooled / packed store and event lists (one per ISA) on both algorithms."""
+    with ops.cpu_algorithms(isa=isa, conv=conv):
+        _check_infer_case("cpu", case)
+
+
+def _check_infer_case(backend, case):
     gen = torch.Generator().manual_seed(stable_seed(sorted(case.items())))
     cfg = {k: case[k] for k in ("stride", "padding") if k in case}
     x, wm, wp, alpha, scale, shift, res = _op_case(gen, **case)

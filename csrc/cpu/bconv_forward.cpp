@@ -284,7 +284,6 @@ void infer_tile_out(Isa isa, const ConvShape& s, const InferOut& io, int64_t n, 
                     float* rl, float* spikes) {
   const int64_t S = s.Ho * s.Wo, step_stride = s.N * s.Co * S;
   const int64_t q = io.pool, rows = (oy1 - oy0) / q, oq0 = oy0 / q;
-  const int64_t out_step = s.N * s.Co * io.Hq * io.Wq;  // float output, between timesteps
   for (int64_t c = 0; c < s.Co; ++c) {
     const int64_t off = (n * s.Co + c) * S + oy0 * s.Wo;
     if (rl != nullptr)
@@ -295,25 +294,12 @@ void infer_tile_out(Isa isa, const ConvShape& s, const InferOut& io, int64_t n, 
       lif_counts(isa, static_cast<int>(s.T), len, loc + c * Lmax + i0, s.Co * Lmax, alpha[c],
                  aff[c], rl ? rl + i0 : nullptr, Lmax, p, sp + i0);
     }
-    const uint32_t bit = 1u << (c & 31);
-    for (int64_t t = 0; t < s.T; ++t) {
-      const float* st = sp + t * Lmax;
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t oy = oq0 + r;
-        for (int64_t ox = 0; ox < io.Wq; ++ox) {
-          float v = 0.0f;
-          for (int64_t dy = 0; dy < q; ++dy)
-            for (int64_t dx = 0; dx < q; ++dx)
-              v = std::max(v, st[(r * q + dy) * s.Wo + ox * q + dx]);
-          if (io.packed != nullptr) {
-            if (v != 0.0f)
-              io.packed[(((t * s.N + n) * io.Hq + oy) * io.Wq + ox) * io.Cow + (c >> 5)] |= bit;
-          } else {
-            spikes[t * out_step + ((n * s.Co + c) * io.Hq + oy) * io.Wq + ox] = v;
-          }
-        }
-      }
-    }
+    if (q == 2)
+      pool_store<2>(sp, Lmax, s.T, s.N, s.Co, s.Wo, io.Hq, io.Wq, io.Cow, n, c, oq0, rows, spikes,
+                    io.packed);
+    else
+      pool_store<1>(sp, Lmax, s.T, s.N, s.Co, s.Wo, io.Hq, io.Wq, io.Cow, n, c, oq0, rows, spikes,
+                    io.packed);
   }
 }
 
@@ -423,8 +409,7 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const FloatInput& 
         if (event) {
           ev.build(g.img + r0 * Wp * s.Cw, static_cast<int>(r1 - r0), static_cast<int>(Wp),
                    static_cast<int>(s.Cw), static_cast<int>(s.KW * co_pad64),
-                   static_cast<int>(co_pad64),
-                   isa == Isa::kAvx512);
+                   static_cast<int>(co_pad64), isa == Isa::kAvx512, isa == Isa::kAvx2);
           event_geom.start = ev.start.data();
           event_geom.off = ev.off.data();
         }

@@ -14,6 +14,7 @@
 #include "binslt/cpu_algos.h"
 #include "binslt/epilogue_cpu.h"
 #include "binslt/lif.h"
+#include "binslt/pack_cpu.h"
 
 namespace binslt {
 namespace cpu {
@@ -343,35 +344,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
   return {gz, gcur, gscale, gshift};
 }
 
-// One channel's spikes sp [T][H*W] of image n, max-pooled over Q x Q windows (a max of {0, 1}
-// spikes is their OR), into the float output of [T, N, C, Hq, Wq] or, with ow, the pack_spikes
-// words [T, N, Hq, Wq, Cw] (bit c % 32 of word c / 32; branch-free: spikes fire at ~0.3-0.5).
-template <int Q>
-static void pool_store(const float* sp, int64_t T, int64_t N, int64_t C, int64_t S, int64_t W,
-                       int64_t Hq, int64_t Wq, int64_t Cw, int64_t n, int64_t c, float* of,
-                       uint32_t* ow) {
-  const int shift = static_cast<int>(c & 31);
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t oy = 0; oy < Hq; ++oy) {
-      const float* r0 = sp + t * S + oy * Q * W;
-      const float* r1 = r0 + (Q - 1) * W;
-      auto at = [&](int64_t ox) {
-        return Q == 2 ? std::max(std::max(r0[2 * ox], r0[2 * ox + 1]),
-                                 std::max(r1[2 * ox], r1[2 * ox + 1]))
-                      : r0[ox];
-      };
-      if (ow != nullptr) {
-        uint32_t* wrow = ow + ((t * N + n) * Hq + oy) * Wq * Cw + (c >> 5);
-        for (int64_t ox = 0; ox < Wq; ++ox)
-          wrow[ox * Cw] |= static_cast<uint32_t>(at(ox) != 0.0f) << shift;
-      } else {
-        float* frow = of + ((t * N + n) * C + c) * Hq * Wq + oy * Wq;
-        for (int64_t ox = 0; ox < Wq; ++ox) frow[ox] = at(ox);
-      }
-    }
-  }
-}
-
 // The no-grad eval path of a real-input conv layer (direct encoding's first layer): the eval
 // epilogue and the LIF over z [T, N, C, H, W] float32, whose time stride may be 0 (one current
 // expanded over T is read in place, never copied T times), then the 2x2 OR-pool (pool = 2) and
@@ -428,9 +400,9 @@ at::Tensor bn_lif_infer_cpu(const at::Tensor& z_in, const at::Tensor& scale_in,
         }
         if (direct) continue;
         if (pool == 2)
-          pool_store<2>(sp.data(), T, N, C, S, W, Hq, Wq, Cw, n, c, of, ow);
+          pool_store<2>(sp.data(), S, T, N, C, W, Hq, Wq, Cw, n, c, 0, Hq, of, ow);
         else
-          pool_store<1>(sp.data(), T, N, C, S, W, Hq, Wq, Cw, n, c, of, ow);
+          pool_store<1>(sp.data(), S, T, N, C, W, Hq, Wq, Cw, n, c, 0, Hq, of, ow);
       }
     }
   });

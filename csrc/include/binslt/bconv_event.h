@@ -47,18 +47,61 @@ struct EventList {
   std::vector<int32_t> start, off;
 
   // img: [rows][Wp][Cw] packed words (bit j of word w is channel 32w + j). avx512: list the set
-  // bits 16 at a time with VPCOMPRESSD (the caller checked the CPU) instead of one by one.
+  // bits 16 at a time with VPCOMPRESSD; avx2: 8 at a time, a byte's offsets from a table (the
+  // caller checked the CPU); otherwise one by one.
   void build(const uint32_t* img, int rows, int Wp, int Cw, int ci_stride, int col_stride,
-             bool avx512) {
+             bool avx512, bool avx2 = false) {
     const int P = rows * Wp;
     start.resize(P + 1);
     const size_t cap = static_cast<size_t>(P) * Cw * 32 + 16;
     if (off.size() < cap) off.resize(cap);
     start[P] = avx512 ? list_avx512(img, P, Wp, Cw, ci_stride, col_stride)
+               : avx2 ? list_avx2(img, P, Wp, Cw, ci_stride, col_stride)
                       : list_scalar(img, P, Wp, Cw, ci_stride, col_stride);
   }
 
  private:
+  // byte_off[8 * v + i]: (position of the i-th set bit of byte v) * byte_ci_stride, 0 past its
+  // popcount (list_avx2's table, rebuilt when the stride changes).
+  std::vector<int32_t> byte_off;
+  int byte_ci_stride = -1;
+
+  // Each nonzero byte of a word stores 8 offsets (its table row plus the byte's base) and
+  // advances by its popcount: no loop-carried bit-clearing chain per event. The stores run up to
+  // 7 entries past the last event, inside off's 16-entry slack.
+  __attribute__((target("avx2,popcnt"))) int list_avx2(const uint32_t* img, int P, int Wp, int Cw,
+                                                       int ci_stride, int col_stride) {
+    if (byte_ci_stride != ci_stride) {
+      byte_off.assign(256 * 8, 0);
+      for (int v = 0; v < 256; ++v)
+        for (int j = 0, i = 0; j < 8; ++j)
+          if ((v >> j) & 1) byte_off[8 * v + i++] = j * ci_stride;
+      byte_ci_stride = ci_stride;
+    }
+    const int32_t* tab = byte_off.data();
+    int n = 0;
+    int32_t* o = off.data();
+    for (int p = 0; p < P; ++p) {
+      start[p] = n;
+      const uint32_t* wp = img + static_cast<size_t>(p) * Cw;
+      const int base = (p % Wp) * col_stride;
+      for (int w = 0; w < Cw; ++w) {
+        const uint32_t bits = wp[w];
+        if (bits == 0) continue;
+        for (int b = 0; b < 4; ++b) {
+          const uint32_t v = (bits >> (8 * b)) & 255u;
+          if (v == 0) continue;
+          const __m256i row =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tab + 8 * v));
+          const __m256i add = _mm256_set1_epi32(base + (32 * w + 8 * b) * ci_stride);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + n), _mm256_add_epi32(row, add));
+          n += __builtin_popcount(v);
+        }
+      }
+    }
+    return n;
+  }
+
   int list_scalar(const uint32_t* img, int P, int Wp, int Cw, int ci_stride, int col_stride) {
     int n = 0;
     int32_t* o = off.data();

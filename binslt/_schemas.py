@@ -64,15 +64,18 @@ SCHEMAS: dict[str, str] = {
     #   grad_spikes: [T, N, Co, Ho, Wo] float32
     # -> grad_x [T, N, Ci, H, W] float32 (empty [0] when not need_grad_x),
     #    grad_weight [Co, Ci, kh, kw] float32 = dL/dW_eff (W_eff = alpha * sign * mask),
-    #    grad_current [T, N, Co, Ho, Wo] float32 = dL/dX (the LIF input; also dL/dresidual),
+    #    grad_current [T, N, Co, Ho, Wo] float32 = dL/dX (the LIF input; also dL/dresidual;
+    #    empty [0] when not need_grad_current: the autograd path asks for it only where there is a
+    #    residual, and the CPU kernel then turns dL/dX into dL/dZ in place, one float tensor the
+    #    size of the output less at the backward's peak),
     #    grad_scale, grad_shift [Co] float32.
     "bconv_lif_bwd": (
         "bconv_lif_bwd(Tensor grad_spikes, Tensor counts, Tensor x_packed, Tensor w_mask, "
         "Tensor w_pos, Tensor alpha, Tensor scale, Tensor shift, Tensor mean, Tensor var, "
         "Tensor? residual, int in_channels, int stride, int padding, bool bn_train, "
         "float bn_eps, float tau, bool decay_input, float v_threshold, float? v_reset, "
-        "bool detach_reset, int surrogate, float surrogate_alpha, bool need_grad_x) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "bool detach_reset, int surrogate, float surrogate_alpha, bool need_grad_x, "
+        "bool need_grad_current=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     # Epilogue + multi-step LIF over a real current (dense first layer, linear layers, LIF).
     #   z: [T, N, C, *] float32; scale, shift: [C]; residual: like z or None

@@ -132,7 +132,7 @@ def bconv_lif_bwd_triton(grad_spikes: torch.Tensor, counts: torch.Tensor, x_pack
                          stride: int, padding: int, bn_train: bool, bn_eps: float, tau: float,
                          decay_input: bool, v_threshold: float, v_reset: float | None,
                          detach_reset: bool, surrogate: int, surrogate_alpha: float,
-                         need_grad_x: bool):
+                         need_grad_x: bool, need_grad_current: bool = True):
     """-> (grad_x, grad_weight, grad_current, grad_scale, grad_shift); see binslt._schemas."""
     op = "bconv_lif_bwd"
     C.check_scalars(op, tau, decay_input, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
@@ -167,6 +167,8 @@ def bconv_lif_bwd_triton(grad_spikes: torch.Tensor, counts: torch.Tensor, x_pack
         g_x = g_x.view(T, nb, in_channels, h, w)
     else:
         g_x = torch.empty(0, dtype=torch.float32, device=counts.device)
+    if not need_grad_current:  # computed (the kernel writes it), not returned
+        g_cur = torch.empty(0, dtype=torch.float32, device=counts.device)
     return g_x, g_w, g_cur, g_sc, g_sh
 
 

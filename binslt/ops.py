@@ -169,7 +169,7 @@ def _(x, w_mask, w_pos, alpha, scale, shift, residual, stride, padding, tau, dec
 @torch.library.register_fake("binslt::bconv_lif_bwd")
 def _(grad_spikes, counts, x_packed, w_mask, w_pos, alpha, scale, shift, mean, var, residual,
       in_channels, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset,
-      detach_reset, surrogate, surrogate_alpha, need_grad_x):
+      detach_reset, surrogate, surrogate_alpha, need_grad_x, need_grad_current=True):
     _same_device("bconv_lif_bwd", grad_spikes=grad_spikes, counts=counts, x_packed=x_packed,
                  w_mask=w_mask, w_pos=w_pos, alpha=alpha, scale=scale, shift=shift, mean=mean,
                  var=var, residual=residual)
@@ -181,7 +181,7 @@ def _(grad_spikes, counts, x_packed, w_mask, w_pos, alpha, scale, shift, mean, v
     return (
         counts.new_empty(gx_shape, dtype=f32),
         counts.new_empty((co, in_channels, kh, kw), dtype=f32),
-        counts.new_empty(counts.shape, dtype=f32),
+        counts.new_empty(counts.shape if need_grad_current else (0,), dtype=f32),
         counts.new_empty((co,), dtype=f32),
         counts.new_empty((co,), dtype=f32),
     )
@@ -409,7 +409,8 @@ class ConvLIF(torch.autograd.Function):
                 v_reset)[1]
         g_x, g_w, g_cur, g_sc, g_sh = get_op("bconv_lif_bwd", ctx.backend)(
             g_spikes.float().contiguous(), counts, x_packed, w_mask, w_pos, alpha,
-            scale.detach().float(), shift.detach().float(), mean, var, res, *ctx.cfg, need_x)
+            scale.detach().float(), shift.detach().float(), mean, var, res, *ctx.cfg, need_x,
+            ctx.has_res)
         return (g_x if need_x else None, g_w, g_sc.to(scale.dtype), g_sh.to(shift.dtype),
                 g_cur if ctx.has_res else None) + (None,) * 13
 

@@ -464,7 +464,7 @@ def bconv_lif_infer_reference(x, w_mask, w_pos, alpha, scale, shift, residual, s
 def bconv_lif_bwd_reference(grad_spikes, counts, x_packed, w_mask, w_pos, alpha, scale, shift,
                             mean, var, residual, in_channels, stride, padding, bn_train, bn_eps,
                             tau, decay_input, v_threshold, v_reset, detach_reset, surrogate,
-                            surrogate_alpha, need_grad_x):
+                            surrogate_alpha, need_grad_x, need_grad_current=True):
     """Schema ``binslt::bconv_lif_bwd`` -> (grad_x, grad_weight, grad_current, grad_scale,
     grad_shift)."""
     op = "bconv_lif_bwd"
@@ -489,6 +489,8 @@ def bconv_lif_bwd_reference(grad_spikes, counts, x_packed, w_mask, w_pos, alpha,
         g_x = g_x.view(T, -1, *g_x.shape[1:])
     else:
         g_x = torch.empty(0, dtype=torch.float32, device=counts.device)
+    if not need_grad_current:
+        g_cur = torch.empty(0, dtype=torch.float32, device=counts.device)
     return g_x, g_w, g_cur, g_sc, g_sh
 
 

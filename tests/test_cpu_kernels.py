@@ -586,6 +586,14 @@ def test_bconv_lif_bwd_float64(case, gx_algo, gw_algo, use_algos):
     assert out2[0].shape == (0,)
     for a, b in zip(out2[1:], out[1:]):
         assert torch.equal(a, b)
+    # need_grad_current=False: dL/dX becomes dL/dZ in place; the other outputs bit for bit.
+    out3 = OPS.bconv_lif_bwd(gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"],
+                             shift, fwd[2], fwd[3], c["res"], c["Ci"], c["stride"], c["padding"],
+                             bn_train, 1e-5, nk["tau"], decay_input, nk["v_threshold"], v_reset,
+                             detach_reset, sur, sur_alpha, True, False)
+    assert out3[2].shape == (0,)
+    for i in (0, 1, 3, 4):
+        assert torch.equal(out3[i], out[i])
 
 
 

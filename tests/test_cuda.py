@@ -307,6 +307,13 @@ def test_bconv_lif_backward(case, bn_train, tau, decay_input, vth, v_reset, deta
         shift.cuda(), mean.cuda(), var.cuda(), res.cuda(), ci, stride, padding, *cfg, False)
     assert no_x[0].numel() == 0
     assert torch.equal(no_x[1], got[1])
+    no_cur = torch.ops.binslt.bconv_lif_bwd(
+        gs.cuda(), counts.cuda(), xp.cuda(), wm.cuda(), wp.cuda(), alpha.cuda(), scale.cuda(),
+        shift.cuda(), mean.cuda(), var.cuda(), res.cuda(), ci, stride, padding, *cfg, True, False)
+    assert no_cur[2].numel() == 0
+    assert torch.equal(no_cur[1], got[1])
+    for i in (0, 3, 4):  # (reductions may run in another order: close, not equal)
+        assert_close_rel(no_cur[i].cpu(), got[i].cpu(), 1e-6, f"output {i}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -210,6 +210,11 @@ def _check_bconv_case(device, case, geom=GEOM, check_rate=True):
         assert_close_rel(a.cpu(), e, 1e-5, name)
     # need_grad_x=False returns the documented empty tensor
     assert tri.bconv_lif_bwd_triton(*bwd_args, False)[0].shape == (0,)
+    # need_grad_current=False: grad_current empty, the rest unchanged
+    no_cur = tri.bconv_lif_bwd_triton(*bwd_args, True, False)
+    assert no_cur[2].shape == (0,)
+    for a, b in zip(no_cur[:2] + no_cur[3:], (g_x, g_w, g_sc, g_sh)):
+        assert torch.equal(a.view_as(b), b)
 
 
 @pytest.mark.parametrize("device", DEVICES)

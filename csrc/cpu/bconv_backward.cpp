@@ -125,8 +125,9 @@ at::Tensor unpack_rows(const at::Tensor& x_packed, int64_t in_channels) {
 // grad_spikes: [T, N, Co, Ho, Wo] float32; counts: [T, N, Co, Ho, Wo] int16/int32 (from
 // bconv_lif); x_packed: [T*N, H, W, Cw] int32; w_mask, w_pos: [Co, kh, kw, Cw] int32;
 // alpha, scale, shift, mean, var: [Co] float32; residual: [T, N, Co, Ho, Wo] float32 or None
-// -> grad_x [T, N, Ci, H, W] (or [0]), grad_weight [Co, Ci, kh, kw], grad_current like counts,
-//    grad_scale [Co], grad_shift [Co]
+// -> grad_x [T, N, Ci, H, W] (or [0]), grad_weight [Co, Ci, kh, kw], grad_current like counts
+//    (or [0] unless need_grad_current: dL/dX is then written into dL/dZ's buffer and turned into
+//    dL/dZ in place, element by element), grad_scale [Co], grad_shift [Co]
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_bwd_cpu(
     const at::Tensor& grad_in, const at::Tensor& counts_in, const at::Tensor& x_packed_in,
     const at::Tensor& w_mask_in, const at::Tensor& w_pos_in, const at::Tensor& alpha_in,
@@ -134,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
     const at::Tensor& var_in, const std::optional<at::Tensor>& residual_in, int64_t in_channels,
     int64_t stride, int64_t padding, bool bn_train, double bn_eps, double tau, bool decay_input,
     double v_threshold, std::optional<double> v_reset, bool detach_reset, int64_t surrogate,
-    double surrogate_alpha, bool need_grad_x) {
+    double surrogate_alpha, bool need_grad_x, bool need_grad_current) {
   const char* op = "bconv_lif_bwd";
   TORCH_CHECK(counts_in.dim() == 5, "binslt::", op,
               ": counts must be [T, N, Co, Ho, Wo] (from bconv_lif), got shape ",
@@ -176,17 +177,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
                       : ChannelAffine{0.0f, 1.0f, sc, sh, false};
   }
   const auto fopts = counts.options().dtype(at::kFloat);
-  at::Tensor gcur = at::empty(oshape, fopts);
   at::Tensor gz = at::empty({s.B, s.Co, s.Ho, s.Wo}, fopts);
+  at::Tensor gcur = need_grad_current ? at::empty(oshape, fopts) : at::empty({0}, fopts);
+  float* gcur_p = need_grad_current ? gcur.data_ptr<float>() : gz.data_ptr<float>();
   at::Tensor gscale = at::empty({s.Co}, fopts), gshift = at::empty({s.Co}, fopts);
   const float* rp = res ? res->data_ptr<float>() : nullptr;
   if (counts.scalar_type() == at::kShort)
     lif_bn_backward<int16_t>(s, counts.data_ptr<int16_t>(), gs.data_ptr<float>(), ap, aff, rp, p,
-                             gcur.data_ptr<float>(), gz.data_ptr<float>(),
+                             gcur_p, gz.data_ptr<float>(),
                              gscale.data_ptr<float>(), gshift.data_ptr<float>());
   else
     lif_bn_backward<int32_t>(s, counts.data_ptr<int32_t>(), gs.data_ptr<float>(), ap, aff, rp, p,
-                             gcur.data_ptr<float>(), gz.data_ptr<float>(),
+                             gcur_p, gz.data_ptr<float>(),
                              gscale.data_ptr<float>(), gshift.data_ptr<float>());
 
   // A 1x1 kernel at stride 1 without padding (the linear layers, see ops.spiking_layer): both

@@ -488,7 +488,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bconv_lif_cuda(
 }
 
 // -> grad_x [T, N, Ci, H, W] (empty [0] unless need_grad_x), grad_weight [Co, Ci, kh, kw],
-//    grad_current [T, N, Co, Ho, Wo], grad_scale [Co], grad_shift [Co]; all float32
+//    grad_current [T, N, Co, Ho, Wo] (computed, but returned empty [0] unless
+//    need_grad_current), grad_scale [Co], grad_shift [Co]; all float32
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_lif_bwd_cuda(
     const Tensor& grad_spikes_in, const Tensor& counts_in, const Tensor& x_in,
     const Tensor& wm_in, const Tensor& wp_in, const Tensor& alpha_in, const Tensor& scale_in,
@@ -496,7 +497,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_lif_bwd_cuda(
     const std::optional<Tensor>& residual, int64_t in_channels, int64_t stride, int64_t padding,
     bool bn_train, double bn_eps, double tau, bool decay_input, double v_threshold,
     std::optional<double> v_reset, bool detach_reset, int64_t surrogate, double surrogate_alpha,
-    bool need_grad_x) {
+    bool need_grad_x, bool need_grad_current) {
   const char* op = "bconv_lif_bwd";
   check_on_cuda(counts_in, op, "counts");
   TORCH_CHECK_VALUE(counts_in.dim() == 5, "binslt::bconv_lif_bwd: counts must have shape "
@@ -538,6 +539,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bconv_lif_bwd_cuda(
     launch_epilogue_backward<int32_t>(gs.data_ptr<float>(), counts.data_ptr<int32_t>(), a, eg, p,
                                       g_z, g_cur, g_scale, g_shift);
   }
+  if (!need_grad_current) g_cur = at::empty({0}, fopt);
   if (g_z.numel() == 0) return {g_x, g_w, g_cur, g_scale, g_shift};
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 gw_grid(static_cast<unsigned>((g.Co + kGwCo - 1) / kGwCo),

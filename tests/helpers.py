@@ -10,6 +10,20 @@ import torch
 import torch.nn.functional as F
 
 
+def cpu_isas() -> list[str]:
+    """The CPU kernel ISAs this machine runs, from the baseline up ("scalar" first)."""
+    from binslt.ops import cpu_algorithms
+
+    out = []
+    for name in ("scalar", "popcnt", "avx2", "avx512"):
+        try:
+            with cpu_algorithms(isa=name):
+                out.append(name)
+        except RuntimeError:  # this CPU cannot run it
+            pass
+    return out
+
+
 def stable_seed(key) -> int:
     """A seed from a parameter tuple that is the same in every process (``hash`` of None or of
     strings is not: it changes with ASLR / PYTHONHASHSEED)."""

@@ -18,7 +18,7 @@ import re
 
 import pytest
 import torch
-from helpers import nudge_until_untied, stable_seed, tie_mask
+from helpers import cpu_isas, nudge_until_untied, stable_seed, tie_mask
 
 import binslt.ops as ops
 import binslt.reference as ref
@@ -44,18 +44,7 @@ def _assert_close(a, b, what, tol=1e-5):
     assert err <= tol * float(b.double().norm()) + 1e-9, f"{what}: rel err {_rel(a, b):.3g}"
 
 
-def _isas() -> list[str]:
-    out = ["scalar"]
-    for name in ("popcnt", "avx2", "avx512"):
-        try:
-            with cpu_algorithms(isa=name):
-                out.append(name)
-        except RuntimeError:  # this CPU cannot run it
-            pass
-    return out
-
-
-ISAS = _isas()
+ISAS = cpu_isas()
 
 
 @pytest.fixture

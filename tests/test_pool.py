@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_rel, stable_seed
+from helpers import assert_close_rel, cpu_isas, stable_seed
 from torch import nn
 
 import binslt
@@ -86,18 +86,7 @@ def test_infer_op_pooled_and_packed_equal_max_pool_of_its_spikes(backend, case):
     _check_infer_case(backend, case)
 
 
-def _cpu_isas() -> list[str]:
-    out = []
-    for name in ("scalar", "popcnt", "avx2", "avx512"):
-        try:
-            with ops.cpu_algorithms(isa=name):
-                out.append(name)
-        except RuntimeError:  # this CPU cannot run it
-            pass
-    return out
-
-
-@pytest.mark.parametrize("isa", _cpu_isas())
+@pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("conv", ["dense", "event"])
 @pytest.mark.parametrize("case", [OP_CASES[1], OP_CASES[2], OP_CASES[6]], ids=["1", "2", "6"])
 def test_cpu_infer_op_pooled_and_packed_on_every_isa(isa, conv, case):

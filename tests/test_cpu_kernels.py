@@ -516,6 +516,11 @@ BWD_CASES = [
     ((3, 1, 17, 9, 1, 2, 3, 1, 1), True, 0.0, True, True, 0, 2.0, True),
     ((2, 2, 40, 36, 2, 2, 3, 2, 1), True, -0.2, False, False, 1, 3.0, False),
     ((1, 3, 65, 12, 3, 3, 5, 1, 2), False, 0.0, True, True, 0, 2.0, False),
+    # maps of >= 1024 output pixels at stride 1: the dense input gradient runs from the event
+    # weight gradient's margined channel-last dZ (3x3 with and without padding, 5x5)
+    ((2, 1, 5, 7, 32, 33, 3, 1, 1), True, 0.0, False, True, 0, 2.0, True),
+    ((1, 1, 4, 6, 34, 34, 3, 1, 0), False, None, True, False, 1, 4.0, False),
+    ((1, 1, 3, 5, 34, 35, 5, 1, 1), True, -0.2, False, True, 0, 2.0, False),
 ]
 
 

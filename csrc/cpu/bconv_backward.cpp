@@ -222,8 +222,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
     // past the border (see weight_grad).
     const int64_t margin_top = stride == 1 ? std::max<int64_t>(0, s.KH - 1 - padding) : 0;
     const int64_t margin_left = stride == 1 ? std::max<int64_t>(0, s.KW - 1 - padding) : 0;
-    const at::Tensor gz_cl = channels_last_copy(gz, margin_top, margin_left);
+    at::Tensor gz_cl = channels_last_copy(gz, margin_top, margin_left);
+    // dX from the same margined copy where that form is the choice: the NCHW dZ goes now, the
+    // copy inside input_grad_margined (one dZ in memory from here on).
+    const bool dx_margined = need_grad_x && !pointwise &&
+        input_grad_takes_margined(s, in_channels, w_mask, margin_top, margin_left);
+    if (dx_margined) gz.reset();
     gw = weight_grad(s, in_channels, x_packed, gz_cl, margin_top, margin_left);
+    if (dx_margined)
+      return {input_grad_margined(s, in_channels, std::move(gz_cl), w_mask, w_pos, ap), gw, gcur,
+              gscale, gshift};
   }
 
   at::Tensor gx = at::empty({0}, fopts);

@@ -337,5 +337,30 @@ at::Tensor input_grad(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
   return gx.contiguous().view({s.T, s.N, Ci, s.H, s.W});
 }
 
+bool input_grad_takes_margined(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask,
+                               int64_t margin_top, int64_t margin_left) {
+  if (s.stride != 1 || margin_top != s.KH - 1 - s.padding || margin_left != s.KW - 1 - s.padding)
+    return false;
+  if (!use_margined_grad_x(s.Ho, s.Wo)) return false;
+  const uint32_t* mask = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
+  return !choose_grad_x(s.stride, s.W, Ci, s.Co * s.KH * s.KW * Ci, combo_bytes(s), mask,
+                        w_mask.numel())
+              .ternary;
+}
+
+at::Tensor input_grad_margined(const ConvShape& s, int64_t Ci, at::Tensor gz_cl,
+                               const at::Tensor& w_mask, const at::Tensor& w_pos,
+                               const float* alpha) {
+  // [Ci, Co, kh, kw]: dX[ci] = sum_co W[co][ci] (rotated 180 degrees) * padded dZ[co]
+  const at::Tensor w_flip =
+      dense_weight(s, Ci, w_mask, w_pos, alpha).transpose(0, 1).flip({2, 3}).contiguous();
+  at::Tensor gx = at::conv2d(gz_cl.permute({0, 3, 1, 2}), w_flip);  // channels-last in and out
+  gz_cl.reset();
+  TORCH_INTERNAL_ASSERT(gx.size(2) == s.H && gx.size(3) == s.W);
+  if (!gx.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return gx.contiguous().view({s.T, s.N, Ci, s.H, s.W});
+  return channels_first_copy(gx.permute({0, 2, 3, 1})).view({s.T, s.N, Ci, s.H, s.W});
+}
+
 }  // namespace cpu
 }  // namespace binslt

@@ -336,5 +336,22 @@ at::Tensor channels_last_copy(const at::Tensor& x, int64_t margin_top, int64_t m
   return out;
 }
 
+// [B, H, W, C] float (contiguous) -> [B, C, H, W] contiguous, by the same register-tile
+// transposes (the inverse of channels_last_copy without margins).
+at::Tensor channels_first_copy(const at::Tensor& x) {
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  at::Tensor out = at::empty({B, C, H, W}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const Isa isa = active_isa();
+  auto fn = isa == Isa::kAvx512 ? &transpose_f32_avx512
+            : isa == Isa::kAvx2 ? &transpose_f32_avx2
+                                : &transpose_f32_base;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) fn(src + b * H * W * C, dst + b * C * H * W, H * W, C);
+  });
+  return out;
+}
+
 }  // namespace cpu
 }  // namespace binslt

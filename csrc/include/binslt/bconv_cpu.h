@@ -42,6 +42,9 @@ at::Tensor cpu_output_like(const at::Tensor& t, at::IntArrayRef shape, const cha
 // zero margins.
 at::Tensor channels_last_copy(const at::Tensor& x, int64_t margin_top, int64_t margin_left);
 
+// [B, H, W, C] float (contiguous) -> [B, C, H, W] contiguous.
+at::Tensor channels_first_copy(const at::Tensor& x);
+
 // packed [B, H, W, Cw] int32 -> [B, channels, H, W] float32 0/1 (binslt::unpack_spikes).
 at::Tensor unpack_spikes_cpu(const at::Tensor& packed, int64_t channels);
 
@@ -67,6 +70,18 @@ at::Tensor dense_weight(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask
 // dL/dX [T, N, Ci, H, W] from dZ [B, Co, Ho, Wo] (contiguous float32) and the weight planes.
 at::Tensor input_grad(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
                       const at::Tensor& w_mask, const at::Tensor& w_pos, const float* alpha);
+
+// The dense dL/dX from dZ channel-last with zero margins (gz_cl: [B, Ho + 2*margin_top,
+// Wo + 2*margin_left, Co], the event weight gradient's copy): a stride-1 transposed conv is the
+// forward conv of the (KH-1-padding, KW-1-padding)-padded dZ with the flipped, transposed
+// weight, and those margins are gz_cl's. input_grad_takes_margined says whether this form is the
+// choice (stride 1, those margins, the dense form chosen, a large enough map); gz_cl is released
+// before the result is copied back to [T, N, Ci, H, W].
+bool input_grad_takes_margined(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask,
+                               int64_t margin_top, int64_t margin_left);
+at::Tensor input_grad_margined(const ConvShape& s, int64_t Ci, at::Tensor gz_cl,
+                               const at::Tensor& w_mask, const at::Tensor& w_pos,
+                               const float* alpha);
 
 // The unfold form (bconv_unfold.cpp): bytes of its matrix [Co*Ho*Wo, Ci*H*W] float32; dL/dW_eff
 // from dZ [B, Co, Ho, Wo] and the unpacked input x [B, Ci, H, W]; dL/dX [T, N, Ci, H, W].

@@ -80,6 +80,10 @@ struct GradXChoice {
 bool unfold_pays(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t unfold_bytes);
 bool use_unfold_grad_x(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t unfold_bytes);
 bool use_unfold_grad_w(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t unfold_bytes);
+// The dense input gradient's layout: from the margined channel-last dZ (see
+// input_grad_margined) for maps of at least a measured number of output pixels, under "auto"
+// and "dense" (the same ATen convolution, another memory layout).
+bool use_margined_grad_x(int64_t Ho, int64_t Wo);
 GradXChoice choose_grad_x(int64_t stride, int64_t W, int64_t Ci, int64_t weights,
                           int64_t combo_bytes, const uint32_t* mask_words, int64_t n_words);
 

@@ -126,6 +126,22 @@ AUX_SCHEMAS: dict[str, str] = {
     #    order (its first position when all four are 0), 0 elsewhere and on an odd last
     #    row / column.
     "spike_pool2_bwd": "spike_pool2_bwd(Tensor packed, Tensor grad, int channels) -> Tensor",
+    # bconv_lif_bwd of a layer whose spikes were 2x2 max-pooled in training (ops.ConvLIF with
+    # pool=2): bconv_lif_bwd(spike_pool2_bwd(pool_packed, grad_pooled), ...) with the same
+    # outputs.
+    #   grad_pooled: [T, N, Co, Ho // 2, Wo // 2] float32;
+    #   pool_packed: [T*N, Ho, Wo, ceil(Co/32)] int32, pack_spikes of the unpooled spikes
+    # The CPU kernel routes the pooled gradient inside the LIF backward, a row at a time: the
+    # unpooled gradient (one float per output spike) is never stored whole.
+    "bconv_lif_bwd_pool2": (
+        "bconv_lif_bwd_pool2(Tensor grad_pooled, Tensor pool_packed, Tensor counts, "
+        "Tensor x_packed, Tensor w_mask, Tensor w_pos, Tensor alpha, Tensor scale, Tensor shift, "
+        "Tensor mean, Tensor var, Tensor? residual, int in_channels, int stride, int padding, "
+        "bool bn_train, float bn_eps, float tau, bool decay_input, float v_threshold, "
+        "float? v_reset, bool detach_reset, int surrogate, float surrogate_alpha, "
+        "bool need_grad_x, bool need_grad_current=True) -> (Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)"
+    ),
     # The no-grad eval path of a real-input conv layer (the first layer of direct encoding).
     #   z: [T, N, C, H, W] float32 conv currents (the time stride may be 0: one current expanded
     #   over T); scale, shift: [C] (the eval epilogue z * scale + shift); pool: 1 or 2

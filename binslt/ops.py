@@ -167,9 +167,10 @@ def _(x, w_mask, w_pos, alpha, scale, shift, residual, stride, padding, tau, dec
 
 
 @torch.library.register_fake("binslt::bconv_lif_bwd")
-def _(grad_spikes, counts, x_packed, w_mask, w_pos, alpha, scale, shift, mean, var, residual,
-      in_channels, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset,
-      detach_reset, surrogate, surrogate_alpha, need_grad_x, need_grad_current=True):
+def _fake_bconv_lif_bwd(grad_spikes, counts, x_packed, w_mask, w_pos, alpha, scale, shift, mean,
+                        var, residual, in_channels, stride, padding, bn_train, bn_eps, tau,
+                        decay_input, v_threshold, v_reset, detach_reset, surrogate,
+                        surrogate_alpha, need_grad_x, need_grad_current=True):
     _same_device("bconv_lif_bwd", grad_spikes=grad_spikes, counts=counts, x_packed=x_packed,
                  w_mask=w_mask, w_pos=w_pos, alpha=alpha, scale=scale, shift=shift, mean=mean,
                  var=var, residual=residual)
@@ -185,6 +186,13 @@ def _(grad_spikes, counts, x_packed, w_mask, w_pos, alpha, scale, shift, mean, v
         counts.new_empty((co,), dtype=f32),
         counts.new_empty((co,), dtype=f32),
     )
+
+
+@torch.library.register_fake("binslt::bconv_lif_bwd_pool2")
+def _(grad_pooled, pool_packed, counts, *args):
+    _same_device("bconv_lif_bwd_pool2", grad_pooled=grad_pooled, pool_packed=pool_packed,
+                 counts=counts)
+    return _fake_bconv_lif_bwd(counts.new_empty(counts.shape, dtype=torch.float32), counts, *args)
 
 
 @torch.library.register_fake("binslt::bn_lif")
@@ -369,12 +377,17 @@ class ConvLIF(torch.autograd.Function):
     Saves packed input bits (1 bit per spike), per-channel statistics and the integer counts;
     under ``keep_counts(False)`` the backward recomputes the counts from the packed bits with the
     forward kernel instead (exact).
+
+    ``pool=2`` (CPU backend) also 2x2 max-pools the spikes, as SpikePool does, saving their bits;
+    the backward hands the pooled gradient to ``bconv_lif_bwd_pool2``, whose kernel routes it
+    inside the LIF backward: the unpooled gradient is never stored whole (one float per output
+    spike less at the backward's peak).
     """
 
     @staticmethod
     def forward(ctx, x, w_eff, scale, shift, residual, stride, padding, bn_train, bn_eps, tau,
                 decay_input, v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha,
-                backend, planes=None):
+                backend, planes=None, pool=1):
         T, n, ci, h, w = x.shape
         x_packed = get_op("pack_spikes", backend)(x.reshape(T * n, ci, h, w).float())
         if planes is None:
@@ -387,7 +400,13 @@ class ConvLIF(torch.autograd.Function):
             x_packed, w_mask, w_pos, alpha, scale.detach().float(), shift.detach().float(), res,
             T, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset)
         kept = counts if getattr(_KEEP, "counts", True) else None
-        ctx.save_for_backward(x_packed, w_mask, w_pos, alpha, scale, shift, kept, mean, var, res)
+        pool_bits = None
+        if pool == 2:
+            spikes, pool_bits = _pool2_spikes(spikes, backend)
+        elif pool != 1:
+            raise ValueError(f"ConvLIF: only 2x2 pooling is fused, got pool={pool}")
+        ctx.save_for_backward(x_packed, w_mask, w_pos, alpha, scale, shift, kept, mean, var, res,
+                              pool_bits)
         ctx.cfg = (ci, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset,
                    detach_reset, surrogate, surrogate_alpha)
         ctx.T = T
@@ -398,7 +417,8 @@ class ConvLIF(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_spikes, _g_mean, _g_var):
-        x_packed, w_mask, w_pos, alpha, scale, shift, counts, mean, var, res = ctx.saved_tensors
+        (x_packed, w_mask, w_pos, alpha, scale, shift, counts, mean, var, res,
+         pool_bits) = ctx.saved_tensors
         need_x = ctx.needs_input_grad[0]
         if counts is None:  # the forward's integer counts, recomputed (bit for bit)
             ci, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset = \
@@ -407,12 +427,16 @@ class ConvLIF(torch.autograd.Function):
                 x_packed, w_mask, w_pos, alpha, scale.detach().float(), shift.detach().float(),
                 res, ctx.T, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold,
                 v_reset)[1]
-        g_x, g_w, g_cur, g_sc, g_sh = get_op("bconv_lif_bwd", ctx.backend)(
-            g_spikes.float().contiguous(), counts, x_packed, w_mask, w_pos, alpha,
-            scale.detach().float(), shift.detach().float(), mean, var, res, *ctx.cfg, need_x,
-            ctx.has_res)
+        rest = (counts, x_packed, w_mask, w_pos, alpha, scale.detach().float(),
+                shift.detach().float(), mean, var, res, *ctx.cfg, need_x, ctx.has_res)
+        g = g_spikes.float().contiguous()
+        if pool_bits is None:
+            out = get_op("bconv_lif_bwd", ctx.backend)(g, *rest)
+        else:
+            out = torch.ops.binslt.bconv_lif_bwd_pool2(g, pool_bits, *rest)
+        g_x, g_w, g_cur, g_sc, g_sh = out
         return (g_x if need_x else None, g_w, g_sc.to(scale.dtype), g_sh.to(shift.dtype),
-                g_cur if ctx.has_res else None) + (None,) * 13
+                g_cur if ctx.has_res else None) + (None,) * 14
 
 
 class BNLIF(torch.autograd.Function):
@@ -456,6 +480,17 @@ class BNLIF(torch.autograd.Function):
                 g_cur if ctx.has_res else None) + (None,) * 10
 
 
+def _pool2_spikes(s: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """2x2 (stride 2) max-pool of spikes [T, N, C, H, W] (a max of {0, 1} is their OR, exact)
+    and the unpooled spikes packed [T*N, H, W, ceil(C/32)] (the backend's pack_spikes): what the
+    pool's backward routes by."""
+    T, n, c = s.shape[:3]
+    flat = s.flatten(0, 1)
+    a, b, cc, d = ref.pool2_windows(flat)
+    y = torch.maximum(torch.maximum(a, b), torch.maximum(cc, d))
+    return y.view(T, n, c, *y.shape[2:]), get_op("pack_spikes", backend)(flat.float().contiguous())
+
+
 class SpikePool(torch.autograd.Function):
     """2x2 (stride 2) max-pooling of spikes [T, N, C, H, W] in training: a max of {0,1} spikes is
     their OR. Saves the layer's spikes packed (one bit per spike, the backend's pack_spikes), not
@@ -467,13 +502,10 @@ class SpikePool(torch.autograd.Function):
     def forward(ctx, s, pool, backend):
         if pool != 2:
             raise ValueError(f"SpikePool: only 2x2 pooling is fused, got pool={pool}")
-        T, n, c, h, w = s.shape
-        flat = s.flatten(0, 1)
-        a, b, cc, d = ref.pool2_windows(flat)
-        y = torch.maximum(torch.maximum(a, b), torch.maximum(cc, d))  # exact on {0, 1}
-        ctx.save_for_backward(get_op("pack_spikes", backend)(flat.float().contiguous()))
+        y, packed = _pool2_spikes(s, backend)
+        ctx.save_for_backward(packed)
         ctx.cfg = (tuple(s.shape), backend)
-        return y.view(T, n, c, *y.shape[2:])
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -506,18 +538,24 @@ def _surrogate_id(surrogate) -> int:
 
 def _conv_lif(be, x, w_eff, scale, shift, residual, stride, padding, bn_train, bn_eps, tau,
               decay_input, v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha,
-              planes=None):
+              planes=None, pool=1):
+    """The fused layer with autograd, its spikes max-pooled by ``pool`` (1: unchanged). The CPU
+    backend pools inside ConvLIF (its backward kernel routes the pooled gradient itself); the
+    others through _spike_pool."""
     sid = _surrogate_id(surrogate)
     if be == "torch":
         T = x.shape[0]
         z = F.conv2d(x.flatten(0, 1), w_eff.to(x.dtype), stride=stride, padding=padding)
         z = z.view(T, -1, *z.shape[1:])
-        return _bn_lif(be, z, scale, shift, residual, bn_train, bn_eps, tau, decay_input,
-                       v_threshold, v_reset, detach_reset, sid, surrogate_alpha)
-    return ConvLIF.apply(x, w_eff, scale, shift, residual, stride, padding, bn_train, bn_eps,
-                         float(tau), decay_input, float(v_threshold),
-                         None if v_reset is None else float(v_reset), detach_reset, sid,
-                         float(surrogate_alpha), be, planes)
+        s, mean, var = _bn_lif(be, z, scale, shift, residual, bn_train, bn_eps, tau, decay_input,
+                               v_threshold, v_reset, detach_reset, sid, surrogate_alpha)
+        return _spike_pool(be, s, pool), mean, var
+    fused = pool == 2 and be == "cpu"
+    s, mean, var = ConvLIF.apply(x, w_eff, scale, shift, residual, stride, padding, bn_train,
+                                 bn_eps, float(tau), decay_input, float(v_threshold),
+                                 None if v_reset is None else float(v_reset), detach_reset, sid,
+                                 float(surrogate_alpha), be, planes, 2 if fused else 1)
+    return (s if fused else _spike_pool(be, s, pool)), mean, var
 
 
 def _bn_lif(be, z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold,
@@ -657,8 +695,7 @@ def spiking_layer(x, weight, scale, shift, residual=None, *, linear=False, strid
         w, planes = planes_of() if planes_of is not None else (weight.effective_weight(), None)
         w = w[:, :, None, None] if linear else w
         s, mean, var = _conv_lif(be, x, w, scale, shift, residual, stride, padding, bn_train,
-                                 bn_eps, **nk, planes=planes)
-        s = _spike_pool(be, s, pool)
+                                 bn_eps, **nk, planes=planes, pool=pool)
     else:
         w = weight.effective_weight().to(x.dtype)
         # Direct encoding repeats the image over T as an expanded view (stride 0): its current

@@ -585,6 +585,27 @@ def spike_pool2_bwd_reference(packed: torch.Tensor, grad: torch.Tensor,
     return gx
 
 
+def bconv_lif_bwd_pool2_reference(grad_pooled, pool_packed, counts, *args, **kwargs):
+    """``binslt::bconv_lif_bwd_pool2``: ``bconv_lif_bwd`` of the unpooled gradient that
+    ``spike_pool2_bwd`` routes from the 2x2-pooled one."""
+    op = "bconv_lif_bwd_pool2"
+    if counts.dim() != 5:
+        raise ValueError(f"binslt::{op}: counts must be [T, N, Co, Ho, Wo] (from bconv_lif), got "
+                         f"shape {list(counts.shape)}")
+    T, n, co, ho, wo = counts.shape
+    want = [T, n, co, ho // 2, wo // 2]
+    if list(grad_pooled.shape) != want:
+        raise ValueError(f"binslt::{op}: grad_pooled must be [T, N, Co, Ho // 2, Wo // 2] = "
+                         f"{want}, got {list(grad_pooled.shape)}")
+    want = [T * n, ho, wo, C.channel_words(co)]
+    if pool_packed.dtype != torch.int32 or list(pool_packed.shape) != want:
+        raise ValueError(f"binslt::{op}: pool_packed must be the unpooled spikes packed, "
+                         f"[T*N, Ho, Wo, ceil(Co/32)] = {want} int32, got {pool_packed.dtype} of "
+                         f"shape {list(pool_packed.shape)}")
+    g = spike_pool2_bwd_reference(pool_packed, grad_pooled.flatten(0, 1).float(), co)
+    return bconv_lif_bwd_reference(g.view(T, n, co, ho, wo), counts, *args, **kwargs)
+
+
 def bn_lif_infer_reference(z, scale, shift, tau, decay_input, v_threshold, v_reset, pool=1,
                            packed_out=False):
     """``binslt::bn_lif_infer``: bn_lif's spikes of a real current z [T, N, C, H, W] (eval
@@ -602,5 +623,6 @@ def bn_lif_infer_reference(z, scale, shift, tau, decay_input, v_threshold, v_res
 # Helper ops (binslt._schemas.AUX_SCHEMAS).
 REFERENCE_AUX_OPS = {
     "spike_pool2_bwd": spike_pool2_bwd_reference,
+    "bconv_lif_bwd_pool2": bconv_lif_bwd_pool2_reference,
     "bn_lif_infer": bn_lif_infer_reference,
 }

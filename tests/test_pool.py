@@ -202,6 +202,68 @@ def test_spike_pool2_bwd_op_errors(args, err, match):
         torch.ops.binslt.spike_pool2_bwd(*args(packed, g))
 
 
+# (T, n, ci, co, h, w, k, stride, padding, bn_train, residual, v_reset): odd output sizes, a row
+# longer than one LIF chunk (256 pixels), two words of output channels, stride 2, a residual
+# (grad_current asked for), hard and soft reset
+POOL2_BWD_CASES = [
+    (2, 2, 5, 7, 8, 8, 3, 1, 1, True, False, 0.0),
+    (3, 1, 4, 6, 9, 7, 3, 1, 1, False, True, None),
+    (2, 1, 3, 4, 3, 300, 3, 1, 1, True, False, 0.0),
+    (1, 2, 6, 40, 6, 5, 3, 1, 1, True, True, 0.0),
+    (2, 2, 5, 3, 11, 9, 3, 2, 1, False, False, None),
+]
+
+
+@pytest.mark.parametrize("case", POOL2_BWD_CASES, ids=[str(i) for i in range(len(POOL2_BWD_CASES))])
+def test_bconv_lif_bwd_pool2_op_equals_pool_backward_then_bwd(case):
+    """binslt::bconv_lif_bwd_pool2 (the C++ kernel, which routes the pooled gradient inside the
+    LIF backward, and the reference) equals bconv_lif_bwd of spike_pool2_bwd's unpooled gradient:
+    the CPU kernel bit for bit, the reference within float rounding."""
+    T, n, ci, co, h, w, k, stride, padding, bn_train, residual, v_reset = case
+    gen = torch.Generator().manual_seed(stable_seed(case))
+    x, wm, wp, alpha, scale, shift, res = _op_case(gen, T, n, ci, co, h, w, 0.4, k, stride,
+                                                   padding, residual)
+    xp = torch.ops.binslt.pack_spikes(x.flatten(0, 1))
+    fwd = torch.ops.binslt.bconv_lif(xp, wm, wp, alpha, scale, shift, res, T, stride, padding,
+                                     bn_train, 1e-5, 3.0, False, 1.0, v_reset)
+    spikes = fwd[0]
+    assert 0 < spikes.mean() < 1
+    spikes_packed = torch.ops.binslt.pack_spikes(spikes.flatten(0, 1))
+    ho, wo = spikes.shape[3:]
+    g = torch.randn(T, n, co, ho // 2, wo // 2, generator=gen)
+    tail = (fwd[1], xp, wm, wp, alpha, scale, shift, fwd[2], fwd[3], res, ci, stride, padding,
+            bn_train, 1e-5, 3.0, False, 1.0, v_reset, True, 0, 2.0, True, residual)
+    full = torch.ops.binslt.spike_pool2_bwd(spikes_packed, g.flatten(0, 1), co)
+    want = torch.ops.binslt.bconv_lif_bwd(full.view(spikes.shape), *tail)
+    got = torch.ops.binslt.bconv_lif_bwd_pool2(g, spikes_packed, *tail)
+    got_ref = ref.bconv_lif_bwd_pool2_reference(g, spikes_packed, *tail)
+    for a, b, r in zip(got, want, got_ref):
+        assert a.shape == b.shape == r.shape
+        assert torch.equal(a, b)
+        torch.testing.assert_close(r, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "reference"])
+@pytest.mark.parametrize("bad, match", [
+    (lambda g, p: (g[..., :1], p), r"grad_pooled must (be|have)"),
+    (lambda g, p: (g, p[:, :, :1]), r"pool_packed must be the unpooled spikes packed|packed must be"),
+])
+def test_bconv_lif_bwd_pool2_op_errors(kernel, bad, match):
+    gen = torch.Generator().manual_seed(0)
+    x, wm, wp, alpha, scale, shift, _ = _op_case(gen, 1, 2, 3, 4, 6, 6)
+    xp = torch.ops.binslt.pack_spikes(x.flatten(0, 1))
+    fwd = torch.ops.binslt.bconv_lif(xp, wm, wp, alpha, scale, shift, None, 1, 1, 1, True, 1e-5,
+                                     2.0, False, 1.0, 0.0)
+    g = torch.zeros(1, 2, 4, 3, 3)
+    p = torch.ops.binslt.pack_spikes(fwd[0].flatten(0, 1))
+    gg, pp = bad(g, p)
+    fn = (torch.ops.binslt.bconv_lif_bwd_pool2 if kernel == "cpu"
+          else ref.bconv_lif_bwd_pool2_reference)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        fn(gg, pp, fwd[1], xp, wm, wp, alpha, scale, shift, fwd[2], fwd[3], None, 3, 1, 1, True,
+           1e-5, 2.0, False, 1.0, 0.0, True, 0, 2.0, True)
+
+
 # ---------------------------------------------------------------------------------------------
 # The op: bn_lif_infer (a real-input conv's no-grad path: epilogue + LIF + pool + pack)
 # ---------------------------------------------------------------------------------------------

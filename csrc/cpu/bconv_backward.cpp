@@ -21,13 +21,57 @@ namespace binslt {
 namespace cpu {
 namespace {
 
+// dL/dspikes of a layer whose spikes were 2x2 max-pooled in training (bconv_lif_bwd_pool2),
+// read a row chunk at a time from the pooled gradient and the unpooled spikes' bits with
+// spike_pool2_bwd's routing, so the unpooled gradient is never stored whole.
+struct PoolGrad {
+  const float* g;        // [B, Co, Hq, Wq], B = T * N
+  const uint32_t* bits;  // [B, Ho, Wo, Cwo]: pack_spikes of the unpooled spikes
+  int64_t Hq, Wq, Cwo;
+
+  // dst[t * kRowChunk + i] = dL/ds at step t, image n, channel c, flat pixel s0 + i (i < L):
+  // the window's gradient at its first 1 in row-major order (at its first position when all
+  // four are 0), 0 elsewhere and on an odd last row / column.
+  void rows(const ConvShape& s, int64_t n, int64_t c, int64_t s0, int L, float* dst) const {
+    const int64_t word = c >> 5;
+    const uint32_t bit = uint32_t{1} << (c & 31);
+    for (int64_t t = 0; t < s.T; ++t) {
+      const int64_t b = t * s.N + n;
+      const uint32_t* img = bits + b * s.Ho * s.Wo * Cwo + word;
+      const float* gp = g + (b * s.Co + c) * Hq * Wq;
+      float* out = dst + t * kRowChunk;
+      int64_t y = s0 / s.Wo, x = s0 % s.Wo;
+      for (int i = 0; i < L; ++i) {
+        float v = 0.0f;
+        if (y < 2 * Hq && x < 2 * Wq) {
+          const uint32_t* r0 = img + ((y & ~int64_t{1}) * s.Wo + (x & ~int64_t{1})) * Cwo;
+          const uint32_t* r1 = r0 + s.Wo * Cwo;
+          const int64_t first = (r0[0] & bit)     ? 0
+                                : (r0[Cwo] & bit) ? 1
+                                : (r1[0] & bit)   ? 2
+                                : (r1[Cwo] & bit) ? 3
+                                                  : 0;
+          if ((((y & 1) << 1) | (x & 1)) == first) v = gp[(y >> 1) * Wq + (x >> 1)];
+        }
+        out[i] = v;
+        if (++x == s.Wo) {
+          x = 0;
+          ++y;
+        }
+      }
+    }
+  }
+};
+
 // dL/dX (grad_current) and dL/dZ of channel c from its counts; the channel's sums go to gsc/gsh.
-// hbuf: T * kRowChunk floats, acc_g / acc_gx: kRowChunk doubles (scratch).
+// dL/dspikes come from gs, or from pg (then gs is unused). hbuf, gbuf: T * kRowChunk floats,
+// acc_g / acc_gx: kRowChunk doubles (scratch).
 template <typename CT>
 static inline __attribute__((always_inline)) void lif_bn_channel_body(
-    const ConvShape& s, int64_t c, const CT* counts, const float* gs, const float* alpha,
-    const ChannelAffine& aff, const float* res, const NeuronParams& p, float* gcur, float* gz,
-    float* gsc, float* gsh, float* hbuf, double* acc_g, double* acc_gx) {
+    const ConvShape& s, int64_t c, const CT* counts, const float* gs, const PoolGrad* pg,
+    const float* alpha, const ChannelAffine& aff, const float* res, const NeuronParams& p,
+    float* gcur, float* gz, float* gsc, float* gsh, float* hbuf, float* gbuf, double* acc_g,
+    double* acc_gx) {
   const int64_t S = s.Ho * s.Wo;
   const int64_t step_stride = s.N * s.Co * S;
   const double m = static_cast<double>(s.T * s.N * S);
@@ -41,8 +85,10 @@ static inline __attribute__((always_inline)) void lif_bn_channel_body(
       auto zat = [cr, a, step_stride](int t, int i) {
         return static_cast<float>(cr[t * step_stride + i]) * a;
       };
+      if (pg != nullptr) pg->rows(s, n, c, s0, L, gbuf);
       lif_backward_row(static_cast<int>(s.T), L, zat, aff, res ? res + off : nullptr, step_stride,
-                       p, gs + off, gcur + off, hbuf, acc_g, acc_gx);
+                       p, pg != nullptr ? gbuf : gs + off, gcur + off, hbuf, acc_g, acc_gx,
+                       pg != nullptr ? kRowChunk : step_stride);
     }
   double sg = 0.0, sgx = 0.0;
   for (int i = 0; i < kRowChunk; ++i) {
@@ -60,11 +106,12 @@ static inline __attribute__((always_inline)) void lif_bn_channel_body(
 }
 
 #define BINSLT_LIF_BN_CHANNEL_ARGS                                                            \
-  const ConvShape &s, int64_t c, const CT *counts, const float *gs, const float *alpha,      \
-      const ChannelAffine &aff, const float *res, const NeuronParams &p, float *gcur,        \
-      float *gz, float *gsc, float *gsh, float *hbuf, double *acc_g, double *acc_gx
+  const ConvShape &s, int64_t c, const CT *counts, const float *gs, const PoolGrad *pg,      \
+      const float *alpha, const ChannelAffine &aff, const float *res, const NeuronParams &p, \
+      float *gcur, float *gz, float *gsc, float *gsh, float *hbuf, float *gbuf,              \
+      double *acc_g, double *acc_gx
 #define BINSLT_LIF_BN_CHANNEL_PASS \
-  s, c, counts, gs, alpha, aff, res, p, gcur, gz, gsc, gsh, hbuf, acc_g, acc_gx
+  s, c, counts, gs, pg, alpha, aff, res, p, gcur, gz, gsc, gsh, hbuf, gbuf, acc_g, acc_gx
 
 template <typename CT>
 __attribute__((target("avx512f"))) void lif_bn_channel_avx512(BINSLT_LIF_BN_CHANNEL_ARGS) {
@@ -82,19 +129,20 @@ void lif_bn_channel_base(BINSLT_LIF_BN_CHANNEL_ARGS) {
 
 // dL/dX (grad_current) and dL/dZ from the counts; returns per-channel sums through gsc/gsh.
 template <typename CT>
-void lif_bn_backward(const ConvShape& s, const CT* counts, const float* gs, const float* alpha,
-                     const std::vector<ChannelAffine>& aff, const float* res,
+void lif_bn_backward(const ConvShape& s, const CT* counts, const float* gs, const PoolGrad* pg,
+                     const float* alpha, const std::vector<ChannelAffine>& aff, const float* res,
                      const NeuronParams& p, float* gcur, float* gz, float* gsc, float* gsh) {
   const Isa isa = active_isa();
   at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> hbuf(static_cast<size_t>(s.T) * kRowChunk);
+    std::vector<float> gbuf(pg != nullptr ? static_cast<size_t>(s.T) * kRowChunk : 0);
     std::vector<double> acc_g(kRowChunk), acc_gx(kRowChunk);
     for (int64_t c = c0; c < c1; ++c) {
       auto fn = isa == Isa::kAvx512 ? &lif_bn_channel_avx512<CT>
                 : isa == Isa::kAvx2 ? &lif_bn_channel_avx2<CT>
                                     : &lif_bn_channel_base<CT>;
-      fn(s, c, counts, gs, alpha, aff[c], res, p, gcur, gz, gsc, gsh, hbuf.data(), acc_g.data(),
-         acc_gx.data());
+      fn(s, c, counts, gs, pg, alpha, aff[c], res, p, gcur, gz, gsc, gsh, hbuf.data(),
+         gbuf.data(), acc_g.data(), acc_gx.data());
     }
   });
 }
@@ -128,15 +176,17 @@ at::Tensor unpack_rows(const at::Tensor& x_packed, int64_t in_channels) {
 // -> grad_x [T, N, Ci, H, W] (or [0]), grad_weight [Co, Ci, kh, kw], grad_current like counts
 //    (or [0] unless need_grad_current: dL/dX is then written into dL/dZ's buffer and turned into
 //    dL/dZ in place, element by element), grad_scale [Co], grad_shift [Co]
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_bwd_cpu(
-    const at::Tensor& grad_in, const at::Tensor& counts_in, const at::Tensor& x_packed_in,
+// bconv_lif_bwd_pool2: grad_in is the gradient of the 2x2-pooled spikes [T, N, Co, Ho/2, Wo/2]
+// and pool_packed [T*N, Ho, Wo, ceil(Co/32)] int32 the unpooled spikes' bits (pool_packed_in set).
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_bwd_impl(
+    const char* op, const at::Tensor& grad_in, const std::optional<at::Tensor>& pool_packed_in,
+    const at::Tensor& counts_in, const at::Tensor& x_packed_in,
     const at::Tensor& w_mask_in, const at::Tensor& w_pos_in, const at::Tensor& alpha_in,
     const at::Tensor& scale_in, const at::Tensor& shift_in, const at::Tensor& mean_in,
     const at::Tensor& var_in, const std::optional<at::Tensor>& residual_in, int64_t in_channels,
     int64_t stride, int64_t padding, bool bn_train, double bn_eps, double tau, bool decay_input,
     double v_threshold, std::optional<double> v_reset, bool detach_reset, int64_t surrogate,
     double surrogate_alpha, bool need_grad_x, bool need_grad_current) {
-  const char* op = "bconv_lif_bwd";
   TORCH_CHECK(counts_in.dim() == 5, "binslt::", op,
               ": counts must be [T, N, Co, Ho, Wo] (from bconv_lif), got shape ",
               shape_str(counts_in));
@@ -156,7 +206,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
   const NeuronParams p = checked_neuron(op, tau, decay_input, v_threshold, v_reset, detach_reset,
                                         surrogate, surrogate_alpha);
   check_bn_eps(op, bn_eps);
-  const at::Tensor gs = cpu_output_like(grad_in, oshape, op, "grad_spikes");
+  at::Tensor gs, gpool, pool_packed;
+  PoolGrad pool{};
+  if (!pool_packed_in.has_value()) {
+    gs = cpu_output_like(grad_in, oshape, op, "grad_spikes");
+  } else {
+    TORCH_CHECK_VALUE(s.Ho >= 2 && s.Wo >= 2, "binslt::", op, ": a 2x2-pooled layer needs an "
+                      "output of at least 2x2, got ", s.Ho, "x", s.Wo);
+    const std::vector<int64_t> pshape{s.T, s.N, s.Co, s.Ho / 2, s.Wo / 2};
+    gpool = cpu_output_like(grad_in, pshape, op, "grad_pooled");
+    const at::Tensor& pk = *pool_packed_in;
+    check_on_cpu(pk, op, "pool_packed");
+    const int64_t cwo = (s.Co + 31) / 32;
+    TORCH_CHECK_VALUE(pk.scalar_type() == at::kInt && pk.dim() == 4 && pk.size(0) == s.B &&
+                          pk.size(1) == s.Ho && pk.size(2) == s.Wo && pk.size(3) == cwo,
+                      "binslt::", op, ": pool_packed must be the unpooled spikes packed, [T*N, "
+                      "Ho, Wo, ceil(Co/32)] = [", s.B, ", ", s.Ho, ", ", s.Wo, ", ", cwo,
+                      "] int32, got ", pk.scalar_type(), " of shape ", shape_str(pk));
+    pool_packed = pk.contiguous();
+    pool = PoolGrad{gpool.data_ptr<float>(),
+                    reinterpret_cast<const uint32_t*>(pool_packed.data_ptr<int32_t>()), s.Ho / 2,
+                    s.Wo / 2, cwo};
+  }
+  const float* gsp = gs.defined() ? gs.data_ptr<float>() : nullptr;
+  const PoolGrad* pgp = pool_packed_in.has_value() ? &pool : nullptr;
   const at::Tensor alpha = cpu_channel_vec(alpha_in, op, "alpha", s.Co);
   const at::Tensor scale = cpu_channel_vec(scale_in, op, "scale", s.Co);
   const at::Tensor shift = cpu_channel_vec(shift_in, op, "shift", s.Co);
@@ -183,11 +256,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
   at::Tensor gscale = at::empty({s.Co}, fopts), gshift = at::empty({s.Co}, fopts);
   const float* rp = res ? res->data_ptr<float>() : nullptr;
   if (counts.scalar_type() == at::kShort)
-    lif_bn_backward<int16_t>(s, counts.data_ptr<int16_t>(), gs.data_ptr<float>(), ap, aff, rp, p,
+    lif_bn_backward<int16_t>(s, counts.data_ptr<int16_t>(), gsp, pgp, ap, aff, rp, p,
                              gcur_p, gz.data_ptr<float>(),
                              gscale.data_ptr<float>(), gshift.data_ptr<float>());
   else
-    lif_bn_backward<int32_t>(s, counts.data_ptr<int32_t>(), gs.data_ptr<float>(), ap, aff, rp, p,
+    lif_bn_backward<int32_t>(s, counts.data_ptr<int32_t>(), gsp, pgp, ap, aff, rp, p,
                              gcur_p, gz.data_ptr<float>(),
                              gscale.data_ptr<float>(), gshift.data_ptr<float>());
 
@@ -246,9 +319,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
   return {gx, gw, gcur, gscale, gshift};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_bwd_cpu(
+    const at::Tensor& grad_in, const at::Tensor& counts_in, const at::Tensor& x_packed_in,
+    const at::Tensor& w_mask_in, const at::Tensor& w_pos_in, const at::Tensor& alpha_in,
+    const at::Tensor& scale_in, const at::Tensor& shift_in, const at::Tensor& mean_in,
+    const at::Tensor& var_in, const std::optional<at::Tensor>& residual_in, int64_t in_channels,
+    int64_t stride, int64_t padding, bool bn_train, double bn_eps, double tau, bool decay_input,
+    double v_threshold, std::optional<double> v_reset, bool detach_reset, int64_t surrogate,
+    double surrogate_alpha, bool need_grad_x, bool need_grad_current) {
+  return bconv_lif_bwd_impl("bconv_lif_bwd", grad_in, std::nullopt, counts_in, x_packed_in,
+                            w_mask_in, w_pos_in, alpha_in, scale_in, shift_in, mean_in, var_in,
+                            residual_in, in_channels, stride, padding, bn_train, bn_eps, tau,
+                            decay_input, v_threshold, v_reset, detach_reset, surrogate,
+                            surrogate_alpha, need_grad_x, need_grad_current);
+}
+
+// The same for a layer whose spikes were 2x2 max-pooled (binslt::bconv_lif_bwd_pool2): the
+// pooled gradient is routed inside the LIF backward, a row chunk at a time, so the unpooled
+// gradient (one float per output spike) never exists whole.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_bwd_pool2_cpu(
+    const at::Tensor& grad_pooled, const at::Tensor& pool_packed, const at::Tensor& counts_in,
+    const at::Tensor& x_packed_in, const at::Tensor& w_mask_in, const at::Tensor& w_pos_in,
+    const at::Tensor& alpha_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
+    const at::Tensor& mean_in, const at::Tensor& var_in,
+    const std::optional<at::Tensor>& residual_in, int64_t in_channels, int64_t stride,
+    int64_t padding, bool bn_train, double bn_eps, double tau, bool decay_input,
+    double v_threshold, std::optional<double> v_reset, bool detach_reset, int64_t surrogate,
+    double surrogate_alpha, bool need_grad_x, bool need_grad_current) {
+  return bconv_lif_bwd_impl("bconv_lif_bwd_pool2", grad_pooled, pool_packed, counts_in,
+                            x_packed_in, w_mask_in, w_pos_in, alpha_in, scale_in, shift_in,
+                            mean_in, var_in, residual_in, in_channels, stride, padding, bn_train,
+                            bn_eps, tau, decay_input, v_threshold, v_reset, detach_reset,
+                            surrogate, surrogate_alpha, need_grad_x, need_grad_current);
+}
+
 }  // namespace cpu
 }  // namespace binslt
 
 TORCH_LIBRARY_IMPL(binslt, CPU, m) {
   m.impl("bconv_lif_bwd", &binslt::cpu::bconv_lif_bwd_cpu);
+  m.impl("bconv_lif_bwd_pool2", &binslt::cpu::bconv_lif_bwd_pool2_cpu);
 }

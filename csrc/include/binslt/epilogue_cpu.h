@@ -83,7 +83,9 @@ template <class ZAt>
 inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const ZAt& zat, const ChannelAffine& aff_in,
                              const float* res, int64_t step_stride, const NeuronParams& p_in,
                              const float* gs, float* gcur, float* hbuf, double* acc_g,
-                             double* acc_gx) {
+                             double* acc_gx, int64_t gs_step = -1) {
+  // gs_step: floats between gs's time steps (-1: step_stride, like gcur and res)
+  const int64_t gstep = gs_step < 0 ? step_stride : gs_step;
   const ChannelAffine aff = aff_in;
   const NeuronParams p = p_in;
   float v[kRowChunk];
@@ -107,7 +109,7 @@ inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const 
   // The surrogate is a compile-time constant in each copy of the step loop, so that the ATan
   // loop (no expf call) vectorizes; the float arithmetic is the same either way.
   auto step = [&](const NeuronParams& q, int t) {
-    const float* __restrict g = gs + t * step_stride;
+    const float* __restrict g = gs + t * gstep;
     float* __restrict gc = gcur + t * step_stride;
     const float* __restrict h = hbuf + t * kRowChunk;
     for (int i = 0; i < L; ++i) {

@@ -16,7 +16,9 @@ The CPU kernels choose per call, by measured rules (``csrc/cpu/cpu_algos.cpp``),
   input's set bits: its work follows the spikes) or ``"dense"`` (ATen's weight-gradient
   convolution of the unpacked input, a GEMM: faster above a firing rate, and for deep layers
   whose gradient does not fit a per-thread copy in L2) or ``"unfold"`` (the unfold form's GEMM
-  over the map's pixel pairs, folded into the taps).
+  over the map's pixel pairs, folded into the taps) or ``"taps"`` (the dense form as one GEMM
+  per tap over the channel-last pixel pairs that tap joins: no zero padding multiplied; "auto"
+  takes it for the dense form on maps of at most 4x4 output pixels).
 
 ``"auto"`` takes the unfold form for both gradients where a kernel has at least twice as many
 taps as the input has pixels (3x3 over 1x1, 1x2 or 2x2) and its matrix is at most 64 MiB.
@@ -40,7 +42,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "isa": ("auto", "scalar", "popcnt", "avx2", "avx512"),
     "conv": ("auto", "dense", "event"),
     "grad_x": ("auto", "dense", "ternary", "combo", "unfold"),
-    "grad_w": ("auto", "event", "dense", "unfold"),
+    "grad_w": ("auto", "event", "dense", "unfold", "taps"),
 }
 
 

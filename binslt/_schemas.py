@@ -85,12 +85,14 @@ SCHEMAS: dict[str, str] = {
         "float bn_eps, float tau, bool decay_input, float v_threshold, float? v_reset) "
         "-> (Tensor, Tensor, Tensor)"
     ),
-    # -> grad_z like z, grad_current like z (dL/dX, also dL/dresidual), grad_scale, grad_shift [C]
+    # -> grad_z like z, grad_current like z (dL/dX, also dL/dresidual; empty [0] when not
+    #    need_grad_current: the autograd path asks for it only where there is a residual, and the
+    #    CPU kernel then turns dL/dX into dL/dz in its buffer), grad_scale, grad_shift [C]
     "bn_lif_bwd": (
         "bn_lif_bwd(Tensor grad_spikes, Tensor z, Tensor scale, Tensor shift, Tensor mean, "
         "Tensor var, Tensor? residual, bool bn_train, float bn_eps, float tau, bool decay_input, "
         "float v_threshold, float? v_reset, bool detach_reset, int surrogate, "
-        "float surrogate_alpha) -> (Tensor, Tensor, Tensor, Tensor)"
+        "float surrogate_alpha, bool need_grad_current=True) -> (Tensor, Tensor, Tensor, Tensor)"
     ),
 }
 

@@ -204,7 +204,8 @@ def bn_lif_bwd_triton(grad_spikes: torch.Tensor, z: torch.Tensor, scale: torch.T
                       shift: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                       residual: torch.Tensor | None, bn_train: bool, bn_eps: float, tau: float,
                       decay_input: bool, v_threshold: float, v_reset: float | None,
-                      detach_reset: bool, surrogate: int, surrogate_alpha: float):
+                      detach_reset: bool, surrogate: int, surrogate_alpha: float,
+                      need_grad_current: bool = True):
     """-> (grad_z, grad_current, grad_scale, grad_shift); see binslt._schemas."""
     op = "bn_lif_bwd"
     C.check_scalars(op, tau, decay_input, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
@@ -217,6 +218,8 @@ def bn_lif_bwd_triton(grad_spikes: torch.Tensor, z: torch.Tensor, scale: torch.T
         _f32(grad_spikes), _f32(z), None, scale, shift, mean, var,
         _f32(residual), bn_train, bn_eps, tau, decay_input, v_threshold, v_reset, detach_reset,
         surrogate, surrogate_alpha)
+    if not need_grad_current:  # computed (the kernel writes it), not returned
+        g_cur = torch.empty(0, dtype=torch.float32, device=z.device)
     return g_z.to(z.dtype), g_cur.to(z.dtype), g_sc, g_sh
 
 

@@ -205,11 +205,12 @@ def _(z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold
 
 @torch.library.register_fake("binslt::bn_lif_bwd")
 def _(grad_spikes, z, scale, shift, mean, var, residual, bn_train, bn_eps, tau, decay_input,
-      v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha):
+      v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha, need_grad_current=True):
     _same_device("bn_lif_bwd", grad_spikes=grad_spikes, z=z, scale=scale, shift=shift,
                  mean=mean, var=var, residual=residual)
     c = z.shape[2]
-    return (torch.empty_like(z), torch.empty_like(z), z.new_empty((c,), dtype=torch.float32),
+    g_cur = torch.empty_like(z) if need_grad_current else z.new_empty((0,))
+    return (torch.empty_like(z), g_cur, z.new_empty((c,), dtype=torch.float32),
             z.new_empty((c,), dtype=torch.float32))
 
 
@@ -382,6 +383,9 @@ class ConvLIF(torch.autograd.Function):
     the backward hands the pooled gradient to ``bconv_lif_bwd_pool2``, whose kernel routes it
     inside the LIF backward: the unpooled gradient is never stored whole (one float per output
     spike less at the backward's peak).
+
+    A residual of spikes (a ResNet block's identity shortcut; CPU backend) is saved as packed
+    bits, 1 instead of 32 bits a value, and unpacked (exactly) for the backward.
     """
 
     @staticmethod
@@ -405,8 +409,12 @@ class ConvLIF(torch.autograd.Function):
             spikes, pool_bits = _pool2_spikes(spikes, backend)
         elif pool != 1:
             raise ValueError(f"ConvLIF: only 2x2 pooling is fused, got pool={pool}")
-        ctx.save_for_backward(x_packed, w_mask, w_pos, alpha, scale, shift, kept, mean, var, res,
-                              pool_bits)
+        res_saved, ctx.res_shape = res, None
+        if res is not None and backend == "cpu" and _is_binary(res):
+            res_saved = get_op("pack_spikes", backend)(res.flatten(0, 1))
+            ctx.res_shape = tuple(res.shape)
+        ctx.save_for_backward(x_packed, w_mask, w_pos, alpha, scale, shift, kept, mean, var,
+                              res_saved, pool_bits)
         ctx.cfg = (ci, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset,
                    detach_reset, surrogate, surrogate_alpha)
         ctx.T = T
@@ -419,6 +427,8 @@ class ConvLIF(torch.autograd.Function):
     def backward(ctx, g_spikes, _g_mean, _g_var):
         (x_packed, w_mask, w_pos, alpha, scale, shift, counts, mean, var, res,
          pool_bits) = ctx.saved_tensors
+        if ctx.res_shape is not None:  # a residual of spikes, saved packed
+            res = get_op("unpack_spikes", ctx.backend)(res, ctx.res_shape[2]).view(ctx.res_shape)
         need_x = ctx.needs_input_grad[0]
         if counts is None:  # the forward's integer counts, recomputed (bit for bit)
             ci, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset = \
@@ -475,9 +485,14 @@ class BNLIF(torch.autograd.Function):
                 zf = zf.contiguous()
         g_z, g_cur, g_sc, g_sh = get_op("bn_lif_bwd", ctx.backend)(
             g_spikes.float().contiguous(), zf, scale.detach().float(), shift.detach().float(),
-            mean, var, res, *ctx.cfg)
+            mean, var, res, *ctx.cfg, ctx.has_res)
         return (g_z.to(ctx.z_dtype), g_sc.to(scale.dtype), g_sh.to(shift.dtype),
                 g_cur if ctx.has_res else None) + (None,) * 10
+
+
+def _is_binary(t: torch.Tensor) -> bool:
+    """Whether every value of the float tensor t is 0 or 1 (one pass, a host read)."""
+    return bool(t.eq(0).logical_or_(t.eq(1)).all())
 
 
 def _pool2_spikes(s: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:

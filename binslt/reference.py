@@ -376,7 +376,7 @@ def _bn_lif_bwd(grad_spikes, z, scale, shift, residual, bn_train, bn_eps, tau, d
 
 def bn_lif_bwd_reference(grad_spikes, z, scale, shift, mean, var, residual, bn_train, bn_eps, tau,
                          decay_input, v_threshold, v_reset, detach_reset, surrogate,
-                         surrogate_alpha):
+                         surrogate_alpha, need_grad_current=True):
     """Schema ``binslt::bn_lif_bwd``: (grad_z, grad_current, grad_scale, grad_shift)."""
     op = "bn_lif_bwd"
     C.check_scalars(op, tau, decay_input, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
@@ -384,8 +384,12 @@ def bn_lif_bwd_reference(grad_spikes, z, scale, shift, mean, var, residual, bn_t
     # takes mean = var = None; given ones are checked like on every backend.
     stats = {k: v for k, v in (("mean", mean), ("var", var)) if v is not None}
     C.check_bn_lif(op, z, residual, scale=scale, shift=shift, **stats)
-    return _bn_lif_bwd(grad_spikes, z, scale, shift, residual, bn_train, bn_eps, tau, decay_input,
-                       v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha)
+    g_z, g_cur, g_sc, g_sh = _bn_lif_bwd(grad_spikes, z, scale, shift, residual, bn_train, bn_eps,
+                                         tau, decay_input, v_threshold, v_reset, detach_reset,
+                                         surrogate, surrogate_alpha)
+    if not need_grad_current:
+        g_cur = g_cur.new_empty(0)
+    return g_z, g_cur, g_sc, g_sh
 
 
 # ----------------------------------------------------------------------------------------------

@@ -265,14 +265,14 @@ def test_bconv_conv_algo_rejects_unknown_name():
         CPU._set_cpu_algorithms("auto", "auto", "sparse", "auto")
     with pytest.raises(ValueError, match="expected one of auto, scalar, popcnt, avx2, avx512"):
         CPU._set_cpu_algorithms("sse", "auto", "auto", "auto")
-    with pytest.raises(ValueError, match="expected one of auto, event, dense, unfold"):
+    with pytest.raises(ValueError, match="expected one of auto, event, dense, unfold, taps"):
         CPU._set_cpu_algorithms("auto", "auto", "auto", "gemm")
     before = _cpu_algos.current()
     for kw, choices in (({"conv": "sparse"}, "('auto', 'dense', 'event')"),
                         ({"grad_x": "sparse"},
                          "('auto', 'dense', 'ternary', 'combo', 'unfold')"),
                         ({"isa": "sse"}, "('auto', 'scalar', 'popcnt', 'avx2', 'avx512')"),
-                        ({"grad_w": "gemm"}, "('auto', 'event', 'dense', 'unfold')")):
+                        ({"grad_w": "gemm"}, "('auto', 'event', 'dense', 'unfold', 'taps')")):
         with pytest.raises(ValueError, match=re.escape(f"must be one of {choices}")):
             with cpu_algorithms(**kw):
                 pass
@@ -537,8 +537,10 @@ def _gx_algos() -> list[str]:
 
 # (input-gradient, weight-gradient) algorithms: the two gradients are independent code paths,
 # so every input-gradient form runs with the event weight gradient, one with the dense one and
-# the unfold form with its own (forced on every case: also the large maps "auto" never gives it).
-BWD_ALGOS = [(gx, "event") for gx in _gx_algos()] + [("dense", "dense"), ("unfold", "unfold")]
+# the unfold and the tap forms with their own (forced on every case: also the maps "auto" never
+# gives them).
+BWD_ALGOS = [(gx, "event") for gx in _gx_algos()] + [("dense", "dense"), ("unfold", "unfold"),
+                                                        ("dense", "taps")]
 
 
 @pytest.mark.parametrize("gx_algo,gw_algo", BWD_ALGOS)
@@ -701,6 +703,13 @@ def test_bn_lif_bwd_float64(shape, bn_train, v_reset, decay_input, detach_reset,
         nk["v_threshold"], v_reset, detach_reset, sur, sur_alpha)
     for name, a, b in zip(("grad_z", "grad_current", "grad_scale", "grad_shift"), out, want):
         _assert_close(a, b, name)
+    # need_grad_current=False: dL/dX becomes dL/dz in its buffer; the other outputs bit for bit
+    out2 = OPS.bn_lif_bwd(gs, z, scale, shift, mean, var, res, bn_train, 1e-5, nk["tau"],
+                          decay_input, nk["v_threshold"], v_reset, detach_reset, sur, sur_alpha,
+                          False)
+    assert out2[1].shape == (0,)
+    for i in (0, 2, 3):
+        assert torch.equal(out2[i], out[i])
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 5, 7, 5), (3, 2, 3, 17, 19), (4, 2, 6, 3)])
@@ -724,8 +733,11 @@ def test_bn_lif_reads_an_expanded_current_in_place(shape, bn_train, residual):
         assert torch.equal(a, b)
     assert 0 < float(fwd[0][0].mean()) < 1
     mean, var = fwd[1][1], fwd[1][2]
-    bwd = [OPS.bn_lif_bwd(gs, z, scale, shift, mean, var, res, bn_train, 1e-5, *nk, False, 0, 2.0)
-           for z in (once, full)]
+    bwd = [OPS.bn_lif_bwd(gs, z, scale, shift, mean, var, res, bn_train, 1e-5, *nk, False, 0, 2.0,
+                          need)
+           for z in (once, full) for need in (True, False)]
+    assert torch.equal(bwd[1][0], bwd[0][0]) and bwd[1][1].shape == (0,)
+    bwd = bwd[::2]
     for a, b in zip(*bwd):
         assert a.shape == b.shape and torch.equal(a, b)
     assert T > 1

@@ -162,6 +162,11 @@ def test_bn_lif_backward(bn_train, tau, decay_input, vth, v_reset, detach_reset,
     for name, g, w in zip(["grad_z", "grad_current", "grad_scale", "grad_shift"], got, want):
         assert g.shape == w.shape, name
         assert_close_rel(g.cpu(), w, 1e-5, name)
+    got2 = torch.ops.binslt.bn_lif_bwd(gs.cuda(), z.cuda(), scale.cuda(), shift.cuda(),
+                                       mean.cuda(), var.cuda(), res.cuda(), *cfg, False)
+    assert got2[1].shape == (0,)
+    for i in (0, 2, 3):
+        assert torch.equal(got2[i], got[i])
 
 
 # ---------------------------------------------------------------------------------------------

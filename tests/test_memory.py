@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -80,6 +82,41 @@ def test_recomputed_counts_give_the_kept_counts_gradients(backend, residual):
     counts_bytes = 3 * 2 * 16 * 6 * 6 * 2
     assert saved1.get(torch.int16, 0) == counts_bytes
     assert saved0.get(torch.int16, 0) == 0
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_spike_residual_is_saved_packed_with_the_same_gradients(pool):
+    """A residual of spikes (an identity shortcut) is saved as packed bits on the CPU backend,
+    a real-valued one as floats; with the spike residual the spikes equal the float64
+    reference's and every gradient is within 1e-5 of it."""
+    torch.manual_seed(1)
+    layer = BinSpikeConv2d(8, 16, 3, 1, 1, bn=True, decay=0.9, pool=pool, backend="cpu")
+    layer.train()
+    x = (torch.rand(3, 2, 8, 6, 6) < 0.3).float()
+    res = (torch.rand(3, 2, 16, 6, 6) < 0.4).float()
+    out = []
+    for r0, packed in ((res, True), (res * 1.0000001 + 0.5, False), (res, None)):
+        layer.zero_grad()
+        xg = x.clone().requires_grad_()
+        rg = r0.clone().requires_grad_()
+        lay = layer
+        if packed is None:  # the float64 reference of the binary residual
+            lay = copy.deepcopy(layer).double()
+            lay.backend = "torch"
+            xg, rg = xg.detach().double().requires_grad_(), rg.detach().double().requires_grad_()
+        with _Saved() as saved:
+            s = lay(xg, rg)
+        s.backward(torch.ones_like(s) * 0.3 + s.detach() * 0.1)
+        out.append((s.detach(), xg.grad, rg.grad, _grads(lay)))
+        if packed is not None:
+            float_bytes = saved.by_dtype.get(torch.float32, 0)
+            assert (float_bytes < res.numel() * 4) == packed, (packed, saved.by_dtype)
+    (s1, gx1, gr1, gp1), _, (s2, gx2, gr2, gp2) = out
+    assert torch.equal(s1.double(), s2)
+    assert_close_rel(gx1, gx2, 1e-5, "input gradient")
+    assert_close_rel(gr1, gr2, 1e-5, "residual gradient")
+    for name in gp1:
+        assert_close_rel(gp1[name], gp2[name], 1e-5, name)
 
 
 def test_keep_counts_restores_the_previous_setting():

@@ -294,6 +294,13 @@ def test_bn_lif_forward_and_backward(device, case):
     for name, a, e in zip(("grad_z", "grad_current", "grad_scale", "grad_shift"), got, exp):
         assert a.shape == e.shape
         assert_close_rel(a.cpu(), e, 1e-5, name)
+    # need_grad_current=False: grad_current empty, the rest unchanged
+    got2 = tri.bn_lif_bwd_triton(dv(gs), dv(z), dv(scale), dv(shift), mean, var, dv(res),
+                                 bn_train, eps, tau, decay_input, v_th, v_reset, detach,
+                                 surrogate, s_alpha, False)
+    assert got2[1].shape == (0,)
+    for i in (0, 2, 3):
+        assert torch.equal(got2[i].cpu(), got[i].cpu())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -147,25 +147,6 @@ void lif_bn_backward(const ConvShape& s, const CT* counts, const float* gs, cons
   });
 }
 
-// The 0/1 input as rows [B*H*W, in_channels] float32 (channel-last: each packed word unpacks to
-// 32 consecutive floats), the right-hand side of a pointwise conv's weight-gradient product.
-at::Tensor unpack_rows(const at::Tensor& x_packed, int64_t in_channels) {
-  const int64_t P = x_packed.size(0) * x_packed.size(1) * x_packed.size(2);
-  const int64_t Cw = x_packed.size(3);
-  at::Tensor out = at::empty({P, in_channels}, x_packed.options().dtype(at::kFloat));
-  const uint32_t* pp = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, P, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, in_channels)),
-                   [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const uint32_t* src = pp + p * Cw;
-      float* dst = op + p * in_channels;
-      for (int64_t c = 0; c < in_channels; ++c)
-        dst[c] = static_cast<float>((src[c >> 5] >> (c & 31)) & 1u);
-    }
-  });
-  return out;
-}
 
 }  // namespace
 
@@ -283,6 +264,9 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bc
     // (A pointwise conv's matrix product is already its unfold form, per pixel.)
     const at::Tensor gz_t = gz.view({s.B, s.Co, S}).permute({1, 0, 2}).reshape({s.Co, s.B * S});
     gw = at::mm(gz_t, unpack_rows(x_packed, in_channels)).view({s.Co, in_channels, 1, 1});
+  } else if (use_dense_grad_w(x_packed, s.Co * in_channels * s.KH * s.KW) &&
+             use_taps_grad_w(s.Ho, s.Wo)) {
+    gw = weight_grad_taps(s, in_channels, x_packed, gz);
   } else if (use_dense_grad_w(x_packed, s.Co * in_channels * s.KH * s.KW)) {
     // The GEMM form: ATen's weight gradient of the 0/1 input, unpacked.
     const at::Tensor x = unpack_spikes_cpu(x_packed, in_channels);

@@ -336,6 +336,65 @@ at::Tensor channels_last_copy(const at::Tensor& x, int64_t margin_top, int64_t m
   return out;
 }
 
+// The 0/1 input as rows [B*H*W, in_channels] float32 (channel-last: each packed word unpacks to
+// 32 consecutive floats), the right-hand side of a pointwise conv's weight-gradient product.
+at::Tensor unpack_rows(const at::Tensor& x_packed, int64_t in_channels) {
+  const int64_t P = x_packed.size(0) * x_packed.size(1) * x_packed.size(2);
+  const int64_t Cw = x_packed.size(3);
+  at::Tensor out = at::empty({P, in_channels}, x_packed.options().dtype(at::kFloat));
+  const uint32_t* pp = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, P, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, in_channels)),
+                   [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint32_t* src = pp + p * Cw;
+      float* dst = op + p * in_channels;
+      for (int64_t c = 0; c < in_channels; ++c)
+        dst[c] = static_cast<float>((src[c >> 5] >> (c & 31)) & 1u);
+    }
+  });
+  return out;
+}
+
+// dL/dW_eff as one matrix product per tap over the pixel pairs that tap joins (the tap form of
+// the dense weight gradient): with dZ and the 0/1 input channel-last, tap (ky, kx) is
+// dZ[pixels]^T [Co, P'] x X[those pixels shifted by the tap] [P', Ci], P' the output pixels whose
+// input pixel lies inside the map. Padding is never multiplied (ATen's convolution computes
+// it too, and on small maps most taps of a 3x3 kernel meet it), and each product is one large
+// GEMM. Costs a channel-last copy of dZ and of the input, and per tap a gather of both.
+at::Tensor weight_grad_taps(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
+                            const at::Tensor& gz) {
+  const at::Tensor xcl = unpack_rows(x_packed, Ci).view({s.B, s.H, s.W, Ci});
+  const at::Tensor gzcl = channels_last_copy(gz, 0, 0);  // [B, Ho, Wo, Co]
+  at::Tensor g = at::empty({s.KH, s.KW, s.Co, Ci}, gz.options());
+  // Output rows/columns o in [o0, o1) whose input o * stride + k - padding is inside [0, n)
+  auto range = [&](int64_t k, int64_t n, int64_t no) {
+    const int64_t lo = s.padding - k;  // o * stride >= lo
+    int64_t o0 = lo <= 0 ? 0 : (lo + s.stride - 1) / s.stride;
+    int64_t o1 = std::min<int64_t>(no, (n - 1 + s.padding - k) / s.stride + 1);
+    if (n - 1 + s.padding - k < 0) o1 = 0;
+    return std::pair<int64_t, int64_t>(o0, std::max(o0, o1));
+  };
+  for (int64_t ky = 0; ky < s.KH; ++ky) {
+    const auto [y0, y1] = range(ky, s.H, s.Ho);
+    for (int64_t kx = 0; kx < s.KW; ++kx) {
+      const auto [x0, x1] = range(kx, s.W, s.Wo);
+      at::Tensor out = g.select(0, ky).select(0, kx);
+      if (y1 == y0 || x1 == x0) {
+        out.zero_();
+        continue;
+      }
+      const at::Tensor a = gzcl.slice(1, y0, y1).slice(2, x0, x1).reshape({-1, s.Co});
+      const int64_t iy0 = y0 * s.stride + ky - s.padding, ix0 = x0 * s.stride + kx - s.padding;
+      const at::Tensor b = xcl.slice(1, iy0, iy0 + (y1 - y0 - 1) * s.stride + 1, s.stride)
+                               .slice(2, ix0, ix0 + (x1 - x0 - 1) * s.stride + 1, s.stride)
+                               .reshape({-1, Ci});
+      at::mm_out(out, a.t(), b);
+    }
+  }
+  return g.permute({2, 3, 0, 1}).contiguous();  // [Co, Ci, kh, kw]
+}
+
 // [B, H, W, C] float (contiguous) -> [B, C, H, W] contiguous, by the same register-tile
 // transposes (the inverse of channels_last_copy without margins).
 at::Tensor channels_first_copy(const at::Tensor& x) {

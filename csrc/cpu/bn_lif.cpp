@@ -263,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
     const at::Tensor& shift_in, const at::Tensor& mean_in, const at::Tensor& var_in,
     const std::optional<at::Tensor>& residual_in, bool bn_train, double bn_eps, double tau,
     bool decay_input, double v_threshold, std::optional<double> v_reset, bool detach_reset,
-    int64_t surrogate, double surrogate_alpha) {
+    int64_t surrogate, double surrogate_alpha, bool need_grad_current) {
   const char* op = "bn_lif_bwd";
   const Dims d = check_z(z_in, op);
   const NeuronParams p = checked_neuron(op, tau, decay_input, v_threshold, v_reset, detach_reset,
@@ -313,7 +313,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
   // Per-channel sums (in order, double), then dL/dz.
   at::Tensor gscale = at::empty({d.C}, z.options());
   at::Tensor gshift = at::empty({d.C}, z.options());
-  at::Tensor gz = at::empty(z_in.sizes(), z.options());
+  // Without need_grad_current, dL/dX becomes dL/dz in its own buffer, element by element (each
+  // value is read once, at the index it is written to): one z-sized tensor less at the peak.
+  at::Tensor gz = need_grad_current ? at::empty(z_in.sizes(), z.options()) : gcur;
   float* gzp = gz.data_ptr<float>();
   float* gscp = gscale.data_ptr<float>();
   float* gshp = gshift.data_ptr<float>();
@@ -341,6 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
       }
     }
   });
+  if (!need_grad_current) return {gz, at::empty({0}, z.options()), gscale, gshift};
   return {gz, gcur, gscale, gshift};
 }
 

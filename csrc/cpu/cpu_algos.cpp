@@ -53,6 +53,11 @@ struct AutoRules {
   // memory). Session 13, AMD EPYC AVX2, N=32 T=4: 64->64 32x32 105 -> 72 ms (+ ~8 ms back to
   // NCHW); at 16x16 and below the NCHW transposed conv was as fast or faster.
   int64_t margined_grad_x_min_pixels;
+  // Dense weight gradient: the tap form (one GEMM per tap over the pixel pairs it joins) on maps
+  // of at most this many output pixels. Session 13, AMD EPYC AVX2, N=32 T=4, 3x3: 512->512 4x4
+  // 208 -> 79 ms, 256->512 4x4 52 -> 39 ms against ATen's convolution; at 8x8 even or slower,
+  // at 16x16 slower (prototype, interleaved medians of 5).
+  int64_t taps_grad_w_max_pixels;
 };
 
 constexpr AutoRules kAutoRules{
@@ -70,6 +75,7 @@ constexpr AutoRules kAutoRules{
     /*unfold_min_taps_per_pixel=*/2.0,
     /*unfold_max_bytes=*/64 << 20,
     /*margined_grad_x_min_pixels=*/1024,
+    /*taps_grad_w_max_pixels=*/16,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -138,6 +144,7 @@ static const char* grad_w_name(GradWAlgo a) {
     case GradWAlgo::kEvent: return "event";
     case GradWAlgo::kDense: return "dense";
     case GradWAlgo::kUnfold: return "unfold";
+    case GradWAlgo::kTaps: return "taps";
     default: return "auto";
   }
 }
@@ -181,7 +188,8 @@ void set_cpu_algorithms(const std::string& isa, const std::string& conv,
                                           GradXAlgo::kTernary, GradXAlgo::kCombo,
                                           GradXAlgo::kUnfold};
   static constexpr GradWAlgo kGradWs[] = {GradWAlgo::kAuto, GradWAlgo::kEvent,
-                                          GradWAlgo::kDense, GradWAlgo::kUnfold};
+                                          GradWAlgo::kDense, GradWAlgo::kUnfold,
+                                          GradWAlgo::kTaps};
   AlgoConfig c;
   c.isa = parse_choice(isa, "isa path", kIsas, &isa_name);
   c.conv = parse_choice(conv, "conv algorithm", kConvs, &conv_name);
@@ -350,11 +358,17 @@ bool use_unfold_grad_w(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t unf
 
 bool use_dense_grad_w(const at::Tensor& x_packed, int64_t grad_floats) {
   const GradWAlgo a = algo_config().grad_w;
-  if (a != GradWAlgo::kAuto) return a == GradWAlgo::kDense;
+  if (a != GradWAlgo::kAuto) return a == GradWAlgo::kDense || a == GradWAlgo::kTaps;
   const bool large = grad_floats * static_cast<int64_t>(sizeof(float)) >
                      kAutoRules.grad_w_large_bytes;
   return packed_rate(x_packed) >= (large ? kAutoRules.grad_w_dense_min_rate_large
                                          : kAutoRules.grad_w_dense_min_rate);
+}
+
+bool use_taps_grad_w(int64_t Ho, int64_t Wo) {
+  const GradWAlgo a = algo_config().grad_w;
+  if (a != GradWAlgo::kAuto) return a == GradWAlgo::kTaps;
+  return Ho * Wo <= kAutoRules.taps_grad_w_max_pixels;
 }
 
 }  // namespace cpu

@@ -89,13 +89,14 @@ std::tuple<Tensor, Tensor, Tensor> bn_lif_cuda(const Tensor& z_in, const Tensor&
   return {spikes, mean, var};
 }
 
-// -> grad_z like z, grad_current like z, grad_scale [C], grad_shift [C]
+// -> grad_z like z, grad_current like z (computed, but returned empty [0] unless
+//    need_grad_current), grad_scale [C], grad_shift [C]
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_lif_bwd_cuda(
     const Tensor& grad_spikes_in, const Tensor& z_in, const Tensor& scale_in,
     const Tensor& shift_in, const Tensor& mean_in, const Tensor& var_in,
     const std::optional<Tensor>& residual, bool bn_train, double bn_eps, double tau,
     bool decay_input, double v_threshold, std::optional<double> v_reset, bool detach_reset,
-    int64_t surrogate, double surrogate_alpha) {
+    int64_t surrogate, double surrogate_alpha, bool need_grad_current) {
   const char* op = "bn_lif_bwd";
   check_on_cuda(z_in, op, "z");
   check_dtype(z_in, op, "z", at::kFloat);
@@ -114,6 +115,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_lif_bwd_cuda(
   Tensor g_scale = at::empty({g.C}, z.options()), g_shift = at::empty({g.C}, z.options());
   launch_epilogue_backward<float>(gs.data_ptr<float>(), z.data_ptr<float>(), a, g, p, g_z, g_cur,
                                   g_scale, g_shift);
+  if (!need_grad_current) g_cur = at::empty({0}, z.options());
   return {g_z, g_cur, g_scale, g_shift};
 }
 

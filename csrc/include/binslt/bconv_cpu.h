@@ -42,6 +42,15 @@ at::Tensor cpu_output_like(const at::Tensor& t, at::IntArrayRef shape, const cha
 // zero margins.
 at::Tensor channels_last_copy(const at::Tensor& x, int64_t margin_top, int64_t margin_left);
 
+// The 0/1 input as rows [B*H*W, in_channels] float32 (channel-last: each packed word unpacks to
+// 32 consecutive floats).
+at::Tensor unpack_rows(const at::Tensor& x_packed, int64_t in_channels);
+
+// dL/dW_eff [Co, Ci, kh, kw] from dZ [B, Co, Ho, Wo] (contiguous) and the packed input, one matrix
+// product per tap over the pixel pairs it joins (bconv_weight_grad.cpp).
+at::Tensor weight_grad_taps(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
+                            const at::Tensor& gz);
+
 // [B, H, W, C] float (contiguous) -> [B, C, H, W] contiguous.
 at::Tensor channels_first_copy(const at::Tensor& x);
 

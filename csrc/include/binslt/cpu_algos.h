@@ -28,8 +28,10 @@ enum class GradXAlgo : int8_t { kAuto = -1, kDense = 0, kTernary = 1, kCombo = 2
 // Weight gradient: sums of dZ rows over the input's set bits ("event", bconv_weight_grad.cpp),
 // or ATen's dense weight-gradient convolution of the unpacked 0/1 input ("dense": a GEMM, whose
 // cost does not follow the spikes but which streams dZ through the cache in blocks), or the
-// unfold form's GEMM over the pixel pairs of a small map and its fold into taps ("unfold").
-enum class GradWAlgo : int8_t { kAuto = -1, kEvent = 0, kDense = 1, kUnfold = 2 };
+// unfold form's GEMM over the pixel pairs of a small map and its fold into taps ("unfold"), or
+// the dense form as one GEMM per tap over the pixel pairs it joins ("taps", bconv_weight_grad.cpp:
+// no padding multiplied, for small maps).
+enum class GradWAlgo : int8_t { kAuto = -1, kEvent = 0, kDense = 1, kUnfold = 2, kTaps = 3 };
 
 struct AlgoConfig {
   Isa isa = Isa::kAuto;
@@ -91,6 +93,10 @@ GradXChoice choose_grad_x(int64_t stride, int64_t W, int64_t Ci, int64_t weights
 // gradient has `grad_floats` = Co*Ci*kh*kw values (the input's fraction of set bits and the
 // gradient's size decide under "auto").
 bool use_dense_grad_w(const at::Tensor& x_packed, int64_t grad_floats);
+
+// Where the dense form is taken: its tap form (true) for maps of at most a measured number of
+// output pixels under "auto", always under "taps"; ATen's weight-gradient convolution otherwise.
+bool use_taps_grad_w(int64_t Ho, int64_t Wo);
 
 }  // namespace cpu
 }  // namespace binslt

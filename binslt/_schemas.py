@@ -60,7 +60,8 @@ SCHEMAS: dict[str, str] = {
         "Tensor shift, Tensor? residual, int stride, int padding, float tau, bool decay_input, "
         "float v_threshold, float? v_reset, int pool=1, bool packed_out=False) -> Tensor"
     ),
-    # Backward of bconv_lif, recomputing H from the saved integer counts.
+    # Backward of bconv_lif, recomputing H from the saved integer counts (bconv_lif's dtype; the
+    # CPU kernel also takes them as int8, the autograd path's copy where every count fits).
     #   grad_spikes: [T, N, Co, Ho, Wo] float32
     # -> grad_x [T, N, Ci, H, W] float32 (empty [0] when not need_grad_x),
     #    grad_weight [Co, Ci, kh, kw] float32 = dL/dW_eff (W_eff = alpha * sign * mask),

@@ -490,11 +490,60 @@ class BinConv2d(_MaskedSignWeight):
             raise ValueError(f"BinConv2d expects [N, C, H, W] or [T, N, C, H, W], got shape "
                              f"{tuple(x.shape)}")
         lead = x.shape[:-3]
-        y = F.conv2d(x.flatten(0, -4), self.effective_weight().to(x.dtype), stride=self.stride,
-                     padding=self.padding)
-        if self.bn is not None:
-            y = self.bn(y)
+        xf = x.flatten(0, -4)
+        w = self.effective_weight().to(x.dtype)
+        if _saves_spikes_packed(xf, w):
+            y = self._conv_bn_saving_bits(xf, w)
+        else:
+            y = F.conv2d(xf, w, stride=self.stride, padding=self.padding)
+            if self.bn is not None:
+                y = self.bn(y)
         return y.view(*lead, *y.shape[1:])
+
+    def _conv_bn_saving_bits(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """conv (+BN) of float spikes x [B, C, H, W] with what autograd saves made small: the
+        conv's saved input is kept as packed bits (1 of 32 bits a value, unpacked exactly), and
+        BN's saved input, the conv's output, is recomputed from them in the backward (the same
+        conv of the same values: bit for bit). A ResNet shortcut's saved state shrinks from two
+        float maps to one bit per input spike."""
+        bits = ops.pack_spikes(x)
+        channels, w_value = x.shape[1], w.detach()
+        conv = {}
+
+        def unpacked():
+            return ops.unpack_spikes(bits, channels)
+
+        def pack(t):
+            if t.data_ptr() == x.data_ptr() and t.shape == x.shape and t.dtype == x.dtype:
+                return ("x",)
+            y = conv.get("y")
+            if y is not None and t.data_ptr() == y.data_ptr() and t.shape == y.shape:
+                return ("y",)
+            return t
+
+        def unpack(saved):
+            if isinstance(saved, tuple) and saved == ("x",):
+                return unpacked()
+            if isinstance(saved, tuple) and saved == ("y",):
+                return F.conv2d(unpacked(), w_value, stride=self.stride, padding=self.padding)
+            return saved
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            y = F.conv2d(x, w, stride=self.stride, padding=self.padding)
+            conv["y"] = y
+            if self.bn is not None:
+                y = self.bn(y)
+        conv.clear()  # the hooks keep only bits and w_value alive
+        return y
+
+
+def _saves_spikes_packed(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether BinConv2d's input (flattened to [B, C, H, W]) is float32 CPU spikes in a
+    training graph that would save it: then autograd keeps it as packed bits instead."""
+    return (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+            and x.dtype == torch.float32
+            and x.device.type == "cpu" and x.numel() > 0
+            and not torch.compiler.is_compiling() and ops._is_binary(x))
 
 
 class BinLinear(_MaskedSignWeight):

@@ -385,7 +385,8 @@ class ConvLIF(torch.autograd.Function):
     spike less at the backward's peak).
 
     A residual of spikes (a ResNet block's identity shortcut; CPU backend) is saved as packed
-    bits, 1 instead of 32 bits a value, and unpacked (exactly) for the backward.
+    bits, 1 instead of 32 bits a value, and unpacked (exactly) for the backward; the kept counts
+    as int8 where every one fits (CPU backend, whose backward kernel reads them so).
     """
 
     @staticmethod
@@ -404,6 +405,9 @@ class ConvLIF(torch.autograd.Function):
             x_packed, w_mask, w_pos, alpha, scale.detach().float(), shift.detach().float(), res,
             T, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset)
         kept = counts if getattr(_KEEP, "counts", True) else None
+        ctx.counts_dtype = counts.dtype
+        if kept is not None and backend == "cpu" and _fits_int8(kept):
+            kept = kept.to(torch.int8)  # exact: every count is in [-128, 127]
         pool_bits = None
         if pool == 2:
             spikes, pool_bits = _pool2_spikes(spikes, backend)
@@ -437,6 +441,8 @@ class ConvLIF(torch.autograd.Function):
                 x_packed, w_mask, w_pos, alpha, scale.detach().float(), shift.detach().float(),
                 res, ctx.T, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold,
                 v_reset)[1]
+        if ctx.backend != "cpu":  # (the CPU kernel reads int8 counts as they were saved)
+            counts = counts.to(ctx.counts_dtype)
         rest = (counts, x_packed, w_mask, w_pos, alpha, scale.detach().float(),
                 shift.detach().float(), mean, var, res, *ctx.cfg, need_x, ctx.has_res)
         g = g_spikes.float().contiguous()
@@ -488,6 +494,14 @@ class BNLIF(torch.autograd.Function):
             mean, var, res, *ctx.cfg, ctx.has_res)
         return (g_z.to(ctx.z_dtype), g_sc.to(scale.dtype), g_sh.to(shift.dtype),
                 g_cur if ctx.has_res else None) + (None,) * 10
+
+
+def _fits_int8(counts: torch.Tensor) -> bool:
+    """Whether every integer count is in int8's range (one aminmax pass, a host read)."""
+    if counts.numel() == 0 or counts.dtype == torch.int8:
+        return False
+    lo, hi = torch.aminmax(counts)
+    return int(lo) >= -128 and int(hi) <= 127
 
 
 def _is_binary(t: torch.Tensor) -> bool:

@@ -590,6 +590,15 @@ def test_bconv_lif_bwd_float64(case, gx_algo, gw_algo, use_algos):
     assert out3[2].shape == (0,)
     for i in (0, 1, 3, 4):
         assert torch.equal(out3[i], out[i])
+    # int8 counts (the autograd path's copy where every count fits): every output bit for bit
+    if int(fwd[1].abs().max()) <= 127:
+        out4 = OPS.bconv_lif_bwd(gs, fwd[1].to(torch.int8), c["xp"], c["wm"], c["wp"], c["alpha"],
+                                 c["scale"], shift, fwd[2], fwd[3], c["res"], c["Ci"],
+                                 c["stride"], c["padding"], bn_train, 1e-5, nk["tau"],
+                                 decay_input, nk["v_threshold"], v_reset, detach_reset, sur,
+                                 sur_alpha, True)
+        for a, b in zip(out4, out):
+            assert torch.equal(a, b)
 
 
 

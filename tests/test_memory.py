@@ -78,10 +78,14 @@ def test_recomputed_counts_give_the_kept_counts_gradients(backend, residual):
     assert gp1.keys() == gp0.keys() and gp1
     for name in gp1:
         assert torch.equal(gp1[name], gp0[name]), name
-    # The counts (int16 [T, N, Co, H, W]) are saved only when kept.
-    counts_bytes = 3 * 2 * 16 * 6 * 6 * 2
-    assert saved1.get(torch.int16, 0) == counts_bytes
-    assert saved0.get(torch.int16, 0) == 0
+    # The counts ([T, N, Co, H, W]) are saved only when kept: int16, or on the CPU backend int8
+    # where every count fits (here all do: |count| <= 8 * 9).
+    n_counts = 3 * 2 * 16 * 6 * 6
+    if backend == "cpu":
+        assert saved1.get(torch.int8, 0) == n_counts and saved1.get(torch.int16, 0) == 0
+    else:
+        assert saved1.get(torch.int16, 0) == 2 * n_counts
+    assert saved0.get(torch.int16, 0) == saved0.get(torch.int8, 0) == 0
 
 
 @pytest.mark.parametrize("pool", [1, 2])
@@ -117,6 +121,30 @@ def test_spike_residual_is_saved_packed_with_the_same_gradients(pool):
     assert_close_rel(gr1, gr2, 1e-5, "residual gradient")
     for name in gp1:
         assert_close_rel(gp1[name], gp2[name], 1e-5, name)
+
+
+def test_counts_past_int8_are_kept_int16_with_the_same_gradients():
+    """Counts beyond int8's range (every input spiking into all-positive weights: 32 * 9 = 288)
+    are saved int16; the gradients equal the recomputed counts' bit for bit."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the C++ CPU kernels are not built")
+    torch.manual_seed(2)
+    layer = BinSpikeConv2d(32, 4, 3, 1, 1, bn=True, decay=0.9, backend="cpu")
+    layer.train()
+    with torch.no_grad():
+        layer.weight.abs_()
+    x = torch.ones(2, 2, 32, 5, 5)
+    out = {}
+    for keep in (True, False):
+        layer.zero_grad()
+        with ops.keep_counts(keep), _Saved() as saved:
+            s = layer(x)
+        s.backward(torch.full_like(s, 0.5))
+        out[keep] = (_grads(layer), saved.by_dtype)
+    assert out[True][1].get(torch.int16, 0) == 2 * 2 * 4 * 5 * 5 * 2
+    assert out[True][1].get(torch.int8, 0) == 0
+    for name, g in out[True][0].items():
+        assert torch.equal(g, out[False][0][name]), name
 
 
 def test_keep_counts_restores_the_previous_setting():
@@ -166,7 +194,8 @@ def test_time_invariant_real_input_is_computed_and_saved_once(backend, kind):
 
 def test_model_saves_less_than_the_counts_and_float_current():
     """Conv-4 on 8x8 input, one training forward under keep_counts(False): what autograd keeps
-    is the packed bits, the statistics and the weights, not int16 counts."""
+    is the packed bits, the statistics and the weights, not the counts (int8 here, where they
+    fit)."""
     if "cpu" not in BACKENDS:
         pytest.skip("the C++ CPU kernels are not built")
     torch.manual_seed(0)
@@ -177,4 +206,6 @@ def test_model_saves_less_than_the_counts_and_float_current():
         m(x)
     with _Saved() as kept:
         m(x)
-    assert saved.by_dtype.get(torch.int16, 0) == 0 < kept.by_dtype.get(torch.int16, 0)
+    small_ints = (torch.int16, torch.int8)
+    assert sum(saved.by_dtype.get(d, 0) for d in small_ints) == 0
+    assert kept.by_dtype.get(torch.int8, 0) > 0

@@ -178,8 +178,10 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bc
               "shape ", at::IntArrayRef(oshape), " for this input/weight/stride/padding, got ",
               shape_str(counts_in));
   const at::ScalarType count_type = counts_dtype(s.Cw, s.KH, s.KW);
-  TORCH_CHECK(counts_in.scalar_type() == count_type, "binslt::", op, ": counts must be ",
-              count_type, " for this weight (as returned by bconv_lif), got ",
+  // (int8: the autograd path keeps counts that all fit in int8 as int8 on the CPU)
+  TORCH_CHECK(counts_in.scalar_type() == count_type || counts_in.scalar_type() == at::kChar,
+              "binslt::", op, ": counts must be ", count_type,
+              " for this weight (as returned by bconv_lif), or int8, got ",
               counts_in.scalar_type());
   TORCH_CHECK_VALUE(in_channels >= 1 && in_channels <= 32 * s.Cw, "binslt::", op,
                     ": in_channels must be in [1, 32*Cw] = [1, ", 32 * s.Cw, "], got ",
@@ -236,7 +238,11 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bc
   float* gcur_p = need_grad_current ? gcur.data_ptr<float>() : gz.data_ptr<float>();
   at::Tensor gscale = at::empty({s.Co}, fopts), gshift = at::empty({s.Co}, fopts);
   const float* rp = res ? res->data_ptr<float>() : nullptr;
-  if (counts.scalar_type() == at::kShort)
+  if (counts.scalar_type() == at::kChar)
+    lif_bn_backward<int8_t>(s, counts.data_ptr<int8_t>(), gsp, pgp, ap, aff, rp, p, gcur_p,
+                            gz.data_ptr<float>(), gscale.data_ptr<float>(),
+                            gshift.data_ptr<float>());
+  else if (counts.scalar_type() == at::kShort)
     lif_bn_backward<int16_t>(s, counts.data_ptr<int16_t>(), gsp, pgp, ap, aff, rp, p,
                              gcur_p, gz.data_ptr<float>(),
                              gscale.data_ptr<float>(), gshift.data_ptr<float>());

@@ -171,6 +171,15 @@ void transpose_f32_base(const float* src, float* dst, int64_t R, int64_t C) {
     for (int64_t j = 0; j < C; ++j) dst[j * R + i] = src[i * C + j];
 }
 
+// The register-tile transpose of the active ISA: src [R, C] -> dst [C, R].
+using TransposeFn = void (*)(const float*, float*, int64_t, int64_t);
+TransposeFn transpose_f32_fn() {
+  const Isa isa = active_isa();
+  return isa == Isa::kAvx512 ? &transpose_f32_avx512
+         : isa == Isa::kAvx2 ? &transpose_f32_avx2
+                             : &transpose_f32_base;
+}
+
 }  // namespace
 
 // dL/dW_eff[co][ci][ky][kx] = sum over output positions of dZ * x (x binary: no multiplies).
@@ -310,10 +319,7 @@ at::Tensor channels_last_copy(const at::Tensor& x, int64_t margin_top, int64_t m
   at::Tensor out = at::empty({B, Hz, Wz, C}, x.options());
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  const Isa isa = active_isa();
-  auto fn = isa == Isa::kAvx512 ? &transpose_f32_avx512
-            : isa == Isa::kAvx2 ? &transpose_f32_avx2
-                                : &transpose_f32_base;
+  const auto fn = transpose_f32_fn();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> tmp(margin_top + margin_left > 0 ? H * W * C : 0);
     for (int64_t b = b0; b < b1; ++b) {
@@ -402,10 +408,7 @@ at::Tensor channels_first_copy(const at::Tensor& x) {
   at::Tensor out = at::empty({B, C, H, W}, x.options());
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  const Isa isa = active_isa();
-  auto fn = isa == Isa::kAvx512 ? &transpose_f32_avx512
-            : isa == Isa::kAvx2 ? &transpose_f32_avx2
-                                : &transpose_f32_base;
+  const auto fn = transpose_f32_fn();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) fn(src + b * H * W * C, dst + b * C * H * W, H * W, C);
   });

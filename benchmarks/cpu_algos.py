@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     import binslt
     from binslt import ops
     from binslt import reference as ref
+    from binslt._cpu_algos import runnable_isas
     from binslt.ops import cpu_algorithms
 
     C = binslt._ext.module("cpu")
@@ -78,14 +79,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     set_mmap_threshold(32 << 20)
     T, N, ci, co, hw = (int(v) for v in args.shape.split(","))
-    isas = args.isas.split(",") if args.isas else []
-    if not isas:
-        for name in ("scalar", "popcnt", "avx2", "avx512"):
-            try:
-                with cpu_algorithms(isa=name):
-                    isas.append(name)
-            except RuntimeError:  # this CPU cannot run it
-                pass
+    isas = args.isas.split(",") if args.isas else runnable_isas()
     device = torch.device("cpu")
     info = machine_info(device)
     print(f"# {info['device']} | torch {torch.__version__} threads {torch.get_num_threads()} | "
@@ -152,10 +146,11 @@ def main(argv=None) -> int:
                 times = time_many_ms(fns, device, repeats=args.repeats)
                 picks = min(gx, key=lambda a: abs(times[a] - times["auto"]))
                 add("backward", gx, times, picks, close)
-                # The weight gradient alone (need_grad_x=False): event sums or ATen's GEMM.
+                # The weight gradient alone (need_grad_x=False): event sums, ATen's GEMM, or one
+                # GEMM per tap.
                 run_gw = functools.partial(bwd, *run_bwd.args[:-1], False)
                 fns = {}
-                gw = ["event", "dense"] + unfold
+                gw = ["event", "dense", "taps"] + unfold
                 for algo in gw + ["auto"]:
                     def h(a=algo, run=run_gw):
                         with cpu_algorithms(grad_w=a):

@@ -93,3 +93,16 @@ def cpu_algorithms(isa: str | None = None, conv: str | None = None,
         yield dict(now)
     finally:
         mod._set_cpu_algorithms(before["isa"], before["conv"], before["grad_x"], before["grad_w"])
+
+
+def runnable_isas() -> list[str]:
+    """The ISA paths this CPU runs, from the baseline up (``"scalar"`` first): each name
+    ``cpu_algorithms(isa=...)`` accepts here."""
+    out = []
+    for name in CHOICES["isa"][1:]:
+        try:
+            with cpu_algorithms(isa=name):
+                out.append(name)
+        except RuntimeError:  # this CPU cannot run it
+            pass
+    return out

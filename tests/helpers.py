@@ -12,16 +12,9 @@ import torch.nn.functional as F
 
 def cpu_isas() -> list[str]:
     """The CPU kernel ISAs this machine runs, from the baseline up ("scalar" first)."""
-    from binslt.ops import cpu_algorithms
+    from binslt._cpu_algos import runnable_isas
 
-    out = []
-    for name in ("scalar", "popcnt", "avx2", "avx512"):
-        try:
-            with cpu_algorithms(isa=name):
-                out.append(name)
-        except RuntimeError:  # this CPU cannot run it
-            pass
-    return out
+    return runnable_isas()
 
 
 def stable_seed(key) -> int:

@@ -16,6 +16,7 @@
 #include "binslt/cpu_algos.h"
 #include "binslt/epilogue_cpu.h"
 #include "binslt/lif.h"
+#include "binslt/pack_cpu.h"
 
 namespace binslt {
 namespace cpu {
@@ -46,12 +47,8 @@ struct PoolGrad {
         if (y < 2 * Hq && x < 2 * Wq) {
           const uint32_t* r0 = img + ((y & ~int64_t{1}) * s.Wo + (x & ~int64_t{1})) * Cwo;
           const uint32_t* r1 = r0 + s.Wo * Cwo;
-          const int64_t first = (r0[0] & bit)     ? 0
-                                : (r0[Cwo] & bit) ? 1
-                                : (r1[0] & bit)   ? 2
-                                : (r1[Cwo] & bit) ? 3
-                                                  : 0;
-          if ((((y & 1) << 1) | (x & 1)) == first) v = gp[(y >> 1) * Wq + (x >> 1)];
+          if ((((y & 1) << 1) | (x & 1)) == pool2_route(r0, r1, Cwo, bit))
+            v = gp[(y >> 1) * Wq + (x >> 1)];
         }
         out[i] = v;
         if (++x == s.Wo) {
@@ -270,16 +267,17 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bc
     // (A pointwise conv's matrix product is already its unfold form, per pixel.)
     const at::Tensor gz_t = gz.view({s.B, s.Co, S}).permute({1, 0, 2}).reshape({s.Co, s.B * S});
     gw = at::mm(gz_t, unpack_rows(x_packed, in_channels)).view({s.Co, in_channels, 1, 1});
-  } else if (use_dense_grad_w(x_packed, s.Co * in_channels * s.KH * s.KW) &&
-             use_taps_grad_w(s.Ho, s.Wo)) {
-    gw = weight_grad_taps(s, in_channels, x_packed, gz);
   } else if (use_dense_grad_w(x_packed, s.Co * in_channels * s.KH * s.KW)) {
-    // The GEMM form: ATen's weight gradient of the 0/1 input, unpacked.
-    const at::Tensor x = unpack_spikes_cpu(x_packed, in_channels);
-    const at::Tensor w_shape = at::empty({s.Co, in_channels, s.KH, s.KW}, fopts);
-    gw = std::get<1>(at::convolution_backward(
-        gz, x, w_shape, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false,
-        {0, 0}, 1, {false, true, false}));
+    if (use_taps_grad_w(s.Ho, s.Wo)) {
+      gw = weight_grad_taps(s, in_channels, x_packed, gz);
+    } else {
+      // The GEMM form: ATen's weight gradient of the 0/1 input, unpacked.
+      const at::Tensor x = unpack_spikes_cpu(x_packed, in_channels);
+      const at::Tensor w_shape = at::empty({s.Co, in_channels, s.KH, s.KW}, fopts);
+      gw = std::get<1>(at::convolution_backward(
+          gz, x, w_shape, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false,
+          {0, 0}, 1, {false, true, false}));
+    }
   } else {
     // dZ channel-last for the event form, with zero margins where stride 1 lets taps reach
     // past the border (see weight_grad).

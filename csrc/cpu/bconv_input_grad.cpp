@@ -315,12 +315,18 @@ at::Tensor dense_weight(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask
   return w;
 }
 
+// The input-gradient form for this conv and weight (cpu_algos.cpp's rule).
+static GradXChoice grad_x_choice(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask) {
+  const uint32_t* mask = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
+  return choose_grad_x(s.stride, s.W, Ci, s.Co * s.KH * s.KW * Ci, combo_bytes(s), mask,
+                       w_mask.numel());
+}
+
 at::Tensor input_grad(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
                       const at::Tensor& w_mask, const at::Tensor& w_pos, const float* alpha) {
   const uint32_t* mask = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
   const uint32_t* pos = reinterpret_cast<const uint32_t*>(w_pos.data_ptr<int32_t>());
-  const GradXChoice how = choose_grad_x(s.stride, s.W, Ci, s.Co * s.KH * s.KW * Ci,
-                                        combo_bytes(s), mask, w_mask.numel());
+  const GradXChoice how = grad_x_choice(s, Ci, w_mask);
   if (how.ternary) {
     at::Tensor gx = at::empty({s.T, s.N, Ci, s.H, s.W}, gz.options());
     grad_x_ternary_avx512(s, Ci, gz.data_ptr<float>(), mask, pos, alpha, how.combos,
@@ -341,11 +347,7 @@ bool input_grad_takes_margined(const ConvShape& s, int64_t Ci, const at::Tensor&
                                int64_t margin_top, int64_t margin_left) {
   if (s.stride != 1 || margin_top != s.KH - 1 - s.padding || margin_left != s.KW - 1 - s.padding)
     return false;
-  if (!use_margined_grad_x(s.Ho, s.Wo)) return false;
-  const uint32_t* mask = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
-  return !choose_grad_x(s.stride, s.W, Ci, s.Co * s.KH * s.KW * Ci, combo_bytes(s), mask,
-                        w_mask.numel())
-              .ternary;
+  return use_margined_grad_x(s.Ho, s.Wo) && !grad_x_choice(s, Ci, w_mask).ternary;
 }
 
 at::Tensor input_grad_margined(const ConvShape& s, int64_t Ci, at::Tensor gz_cl,

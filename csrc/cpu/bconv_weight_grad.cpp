@@ -375,10 +375,10 @@ at::Tensor weight_grad_taps(const ConvShape& s, int64_t Ci, const at::Tensor& x_
   at::Tensor g = at::empty({s.KH, s.KW, s.Co, Ci}, gz.options());
   // Output rows/columns o in [o0, o1) whose input o * stride + k - padding is inside [0, n)
   auto range = [&](int64_t k, int64_t n, int64_t no) {
-    const int64_t lo = s.padding - k;  // o * stride >= lo
-    int64_t o0 = lo <= 0 ? 0 : (lo + s.stride - 1) / s.stride;
-    int64_t o1 = std::min<int64_t>(no, (n - 1 + s.padding - k) / s.stride + 1);
-    if (n - 1 + s.padding - k < 0) o1 = 0;
+    const int64_t lo = s.padding - k, hi = n - 1 + s.padding - k;  // lo <= o * stride <= hi
+    if (hi < 0) return std::pair<int64_t, int64_t>(0, 0);
+    const int64_t o0 = lo <= 0 ? 0 : (lo + s.stride - 1) / s.stride;
+    const int64_t o1 = std::min<int64_t>(no, hi / s.stride + 1);
     return std::pair<int64_t, int64_t>(o0, std::max(o0, o1));
   };
   for (int64_t ky = 0; ky < s.KH; ++ky) {

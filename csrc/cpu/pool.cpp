@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "binslt/checks.h"
+#include "binslt/pack_cpu.h"
 
 namespace binslt {
 namespace cpu {
@@ -60,12 +61,8 @@ at::Tensor spike_pool2_bwd_cpu(const at::Tensor& packed_in, const at::Tensor& gr
         float* d1 = d0 + W;
         for (int64_t xo = 0; xo < Wq; ++xo) {
           const int64_t x0 = 2 * xo;
-          const float v = g[yo * Wq + xo];
-          if (r0[x0 * Cw] & bit) d0[x0] = v;
-          else if (r0[(x0 + 1) * Cw] & bit) d0[x0 + 1] = v;
-          else if (r1[x0 * Cw] & bit) d1[x0] = v;
-          else if (r1[(x0 + 1) * Cw] & bit) d1[x0 + 1] = v;
-          else d0[x0] = v;
+          const int64_t at = pool2_route(r0 + x0 * Cw, r1 + x0 * Cw, Cw, bit);
+          (at < 2 ? d0 : d1)[x0 + (at & 1)] = g[yo * Wq + xo];
         }
       }
     }

@@ -58,6 +58,14 @@ inline PackWordFn pack_word_fn() {
                                             : &pack_word_base;
 }
 
+// The training 2x2 max-pool's gradient route (torch's max_pool2d on {0, 1} spikes): which of a
+// window's four positions (0, 1 / 2, 3 in row-major order) gets its gradient -- the first whose
+// spike bit is set, or 0 when all four are 0. r0, r1: the window's top and bottom row words at
+// its left column, `step` words per pixel; bit: the channel's bit in those words.
+inline int64_t pool2_route(const uint32_t* r0, const uint32_t* r1, int64_t step, uint32_t bit) {
+  return (r0[0] & bit) ? 0 : (r0[step] & bit) ? 1 : (r1[0] & bit) ? 2 : (r1[step] & bit) ? 3 : 0;
+}
+
 // One channel's spikes sp [T][sp_step] (rows of W spikes, the first the top of pooled row oq0)
 // of image n, max-pooled over Q x Q windows (a max of {0, 1} spikes is their OR) for pooled rows
 // [oq0, oq0 + rows), into the float output of [T, N, C, Hq, Wq] or, with ow, the pack_spikes

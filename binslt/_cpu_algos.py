@@ -40,7 +40,7 @@ from . import _ext
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "isa": ("auto", "scalar", "popcnt", "avx2", "avx512"),
-    "conv": ("auto", "dense", "event"),
+    "conv": ("auto", "dense", "event", "onednn"),
     "grad_x": ("auto", "dense", "ternary", "combo", "unfold"),
     "grad_w": ("auto", "event", "dense", "unfold", "taps"),
 }

@@ -17,6 +17,13 @@ def cpu_isas() -> list[str]:
     return runnable_isas()
 
 
+def onednn_supported() -> bool:
+    """Whether the CPU kernels' "onednn" conv runs here (AMX-INT8 and PyTorch's oneDNN ops)."""
+    from binslt import _ext
+
+    return bool(_ext.cpu_info()["features"].get("onednn_int8", False))
+
+
 def stable_seed(key) -> int:
     """A seed from a parameter tuple that is the same in every process (``hash`` of None or of
     strings is not: it changes with ASLR / PYTHONHASHSEED)."""

@@ -18,7 +18,7 @@ import re
 
 import pytest
 import torch
-from helpers import cpu_isas, nudge_until_untied, stable_seed, tie_mask
+from helpers import cpu_isas, nudge_until_untied, onednn_supported, stable_seed, tie_mask
 
 import binslt.ops as ops
 import binslt.reference as ref
@@ -55,9 +55,10 @@ def use_algos():
         yield lambda **kw: stack.enter_context(cpu_algorithms(**kw))
 
 
-# bconv_lif's two forward algorithms: AND+popcount over every input word, and the event kernel
-# (sum of the weight columns of the spikes); 'auto' picks by the input firing rate.
-ALGOS = ["dense", "event"]
+# bconv_lif's forward algorithms: AND+popcount over every input word, and the event kernel
+# (sum of the weight columns of the spikes); 'auto' picks by the input firing rate. Where the CPU
+# has AMX-INT8, also oneDNN's int8 convolution (inference; the training forward then runs dense).
+ALGOS = ["dense", "event"] + (["onednn"] if onednn_supported() else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def test_bconv_event_widens_before_int8_overflow(isa, use_algos):
 
 
 def test_bconv_conv_algo_rejects_unknown_name():
-    with pytest.raises(ValueError, match="expected one of auto, dense, event"):
+    with pytest.raises(ValueError, match="expected one of auto, dense, event, onednn"):
         CPU._set_cpu_algorithms("auto", "sparse", "auto", "auto")
     with pytest.raises(ValueError, match="expected one of auto, dense, ternary, combo, unfold"):
         CPU._set_cpu_algorithms("auto", "auto", "sparse", "auto")
@@ -268,7 +269,7 @@ def test_bconv_conv_algo_rejects_unknown_name():
     with pytest.raises(ValueError, match="expected one of auto, event, dense, unfold, taps"):
         CPU._set_cpu_algorithms("auto", "auto", "auto", "gemm")
     before = _cpu_algos.current()
-    for kw, choices in (({"conv": "sparse"}, "('auto', 'dense', 'event')"),
+    for kw, choices in (({"conv": "sparse"}, "('auto', 'dense', 'event', 'onednn')"),
                         ({"grad_x": "sparse"},
                          "('auto', 'dense', 'ternary', 'combo', 'unfold')"),
                         ({"isa": "sse"}, "('auto', 'scalar', 'popcnt', 'avx2', 'avx512')"),

@@ -17,6 +17,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <immintrin.h>
+
 #include "binslt/bconv_cpu.h"
 #include "binslt/bconv_event.h"
 #include "binslt/bconv_popcount.h"
@@ -265,8 +267,8 @@ struct FloatInput {
 
 // The inference output: 2x2 (stride 2) OR-pooled spikes when pool == 2 (a max of {0,1} spikes
 // is their OR; rows/columns past 2*(Ho/2), 2*(Wo/2) are dropped, as max_pool2d does), and with
-// packed != nullptr the spikes as pack_spikes words [T, N, Hq, Wq, Cow] (zero-initialised; each
-// tile ORs in its own pixels, so no two threads write one word).
+// packed != nullptr the spikes as pack_spikes words [T, N, Hq, Wq, Cow] (each tile writes the
+// whole words of its own pixels, so no two threads write one word).
 struct InferOut {
   int64_t pool = 1;
   uint32_t* packed = nullptr;
@@ -284,22 +286,188 @@ void infer_tile_out(Isa isa, const ConvShape& s, const InferOut& io, int64_t n, 
                     float* rl, float* spikes) {
   const int64_t S = s.Ho * s.Wo, step_stride = s.N * s.Co * S;
   const int64_t q = io.pool, rows = (oy1 - oy0) / q, oq0 = oy0 / q;
-  for (int64_t c = 0; c < s.Co; ++c) {
-    const int64_t off = (n * s.Co + c) * S + oy0 * s.Wo;
-    if (rl != nullptr)
-      for (int64_t t = 0; t < s.T; ++t)
-        std::memcpy(rl + t * Lmax, res + off + t * step_stride, L * sizeof(float));
-    for (int i0 = 0; i0 < L; i0 += kRowChunk) {
-      const int len = std::min(kRowChunk, L - i0);
-      lif_counts(isa, static_cast<int>(s.T), len, loc + c * Lmax + i0, s.Co * Lmax, alpha[c],
-                 aff[c], rl ? rl + i0 : nullptr, Lmax, p, sp + i0);
+  const int64_t group = io.packed != nullptr ? 32 : 1, cstride = s.T * Lmax;
+  for (int64_t c0 = 0; c0 < s.Co; c0 += group) {
+    const int64_t c1 = std::min(s.Co, c0 + group);
+    for (int64_t c = c0; c < c1; ++c) {
+      float* spc = sp + (c - c0) * cstride;
+      const int64_t off = (n * s.Co + c) * S + oy0 * s.Wo;
+      if (rl != nullptr)
+        for (int64_t t = 0; t < s.T; ++t)
+          std::memcpy(rl + t * Lmax, res + off + t * step_stride, L * sizeof(float));
+      for (int i0 = 0; i0 < L; i0 += kRowChunk) {
+        const int len = std::min(kRowChunk, L - i0);
+        lif_counts(isa, static_cast<int>(s.T), len, loc + c * Lmax + i0, s.Co * Lmax, alpha[c],
+                   aff[c], rl ? rl + i0 : nullptr, Lmax, p, spc + i0);
+      }
     }
-    if (q == 2)
-      pool_store<2>(sp, Lmax, s.T, s.N, s.Co, s.Wo, io.Hq, io.Wq, io.Cow, n, c, oq0, rows, spikes,
-                    io.packed);
-    else
-      pool_store<1>(sp, Lmax, s.T, s.N, s.Co, s.Wo, io.Hq, io.Wq, io.Cow, n, c, oq0, rows, spikes,
-                    io.packed);
+    if (io.packed == nullptr) {
+      if (q == 2)
+        pool_store<2>(sp, Lmax, s.T, s.N, s.Co, s.Wo, io.Hq, io.Wq, n, c0, oq0, rows, spikes);
+      else
+        pool_store<1>(sp, Lmax, s.T, s.N, s.Co, s.Wo, io.Hq, io.Wq, n, c0, oq0, rows, spikes);
+    } else if (q == 2) {
+      pool_pack<2>(sp, cstride, static_cast<int>(c1 - c0), Lmax, s.T, s.N, s.Wo, io.Hq, io.Wq,
+                   io.Cow, n, c0 / 32, oq0, rows, io.packed);
+    } else {
+      pool_pack<1>(sp, cstride, static_cast<int>(c1 - c0), Lmax, s.T, s.N, s.Wo, io.Hq, io.Wq,
+                   io.Cow, n, c0 / 32, oq0, rows, io.packed);
+    }
+  }
+}
+
+// Floats of infer_tile_out's spike buffer sp: a word's 32 channels with packed output, else one.
+inline int64_t tile_sp_floats(const InferOut& io, int64_t T, int64_t Lmax) {
+  return io.direct() ? 0 : (io.packed != nullptr ? 32 : 1) * T * Lmax;
+}
+
+// The eval epilogue and the LIF over T of one pixel's Co channels in channel-last order: counts
+// zt[t] + off (Co floats a step), residual rt[t] + off likewise (or rt null); per channel the float operations
+// of lif_counts in the same order (so the same spikes), vectorised across channels. The spikes
+// go out as pack_spikes bits, words[t * Cw + w] (sp: Cw*32 floats of scratch, zero past Co).
+__attribute__((target("avx512f"))) static void lif_pixel_words(
+    int64_t T, int64_t Co, int64_t Cw, const float* const* zt, int64_t off, const float* alpha,
+    const float* scale, const float* shift, const float* const* rt, const NeuronParams& p_in,
+    float* v, float* sp, uint32_t* words) {
+  const NeuronParams p = p_in;
+  const float v0 = p.soft_reset ? 0.0f : p.v_reset;
+  for (int64_t c = 0; c < Co; ++c) v[c] = v0;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* z = zt[t] + off;
+    const float* r = rt != nullptr ? rt[t] + off : nullptr;
+    for (int64_t c = 0; c < Co; ++c) {
+      float x = z[c] * alpha[c];
+      x = x * scale[c] + shift[c];
+      if (r != nullptr) x = x + r[c];
+      const float h = lif_charge(v[c], x, p);
+      const float sk = lif_fire(h, p);
+      v[c] = lif_reset(h, sk, p);
+      sp[c] = sk;
+    }
+    for (int64_t w = 0; w < Cw; ++w) {
+      const uint32_t lo = _mm512_cmp_ps_mask(_mm512_loadu_ps(sp + 32 * w), zero, _CMP_NEQ_OQ);
+      const uint32_t hi =
+          _mm512_cmp_ps_mask(_mm512_loadu_ps(sp + 32 * w + 16), zero, _CMP_NEQ_OQ);
+      words[t * Cw + w] = lo | (hi << 16);
+    }
+  }
+}
+
+// infer_onednn's packed output: per tile (image n, output rows [oy0, oy1)), each pixel's spike
+// bits straight from the channel-last counts (lif_pixel_words: no transpose), then the 2x2 OR
+// of the words (pool 2) and their store; the chunk's residual is transposed channel-last first.
+static void infer_onednn_packed(const ConvShape& s, const InferOut& io,
+                                const std::vector<at::Tensor>& z, int64_t n0, int64_t n1,
+                                int64_t R, int64_t row_blocks, const float* alpha,
+                                const float* scale, const float* shift, const float* res,
+                                const NeuronParams& p) {
+  const int64_t S = s.Ho * s.Wo, Cw = io.Cow, q = io.pool;
+  const int64_t nb = n1 - n0;
+  std::vector<const float*> zt(s.T), rt(s.T, nullptr);
+  for (int64_t t = 0; t < s.T; ++t) zt[t] = z[t].data_ptr<float>();
+  // The residual of the chunk channel-last, [T][nb][S][Co], as the counts are.
+  std::vector<float> rz(res != nullptr ? s.T * nb * S * s.Co : 0);
+  if (res != nullptr) {
+    const TransposeFn transpose = transpose_f32_fn();
+    at::parallel_for(0, s.T * nb, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t t = j / nb, n = n0 + j % nb;
+        transpose(res + (t * s.N + n) * s.Co * S, rz.data() + j * S * s.Co, s.Co, S);
+      }
+    });
+    for (int64_t t = 0; t < s.T; ++t) rt[t] = rz.data() + t * nb * S * s.Co;
+  }
+  at::parallel_for(0, nb * row_blocks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> v(s.Co), sp(32 * Cw, 0.0f);
+    std::vector<uint32_t> words(R * s.Wo * s.T * Cw);
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t n = n0 + it / row_blocks, oy0 = (it % row_blocks) * R;
+      const int64_t oy1 = std::min(s.Ho, oy0 + R);
+      for (int64_t oy = oy0; oy < oy1; ++oy)
+        for (int64_t ox = 0; ox < s.Wo; ++ox) {
+          const int64_t pix = oy * s.Wo + ox;
+          lif_pixel_words(s.T, s.Co, Cw, zt.data(), ((n - n0) * S + pix) * s.Co, alpha, scale,
+                          shift, res != nullptr ? rt.data() : nullptr, p, v.data(), sp.data(),
+                          words.data() + ((oy - oy0) * s.Wo + ox) * s.T * Cw);
+        }
+      for (int64_t r = 0; r < (oy1 - oy0) / q; ++r)
+        for (int64_t ox = 0; ox < io.Wq; ++ox)
+          for (int64_t t = 0; t < s.T; ++t) {
+            uint32_t* dst =
+                io.packed + (((t * s.N + n) * io.Hq + oy0 / q + r) * io.Wq + ox) * Cw;
+            const uint32_t* w0 = words.data() + ((q * r) * s.Wo + q * ox) * s.T * Cw + t * Cw;
+            if (q == 1) {
+              for (int64_t w = 0; w < Cw; ++w) dst[w] = w0[w];
+            } else {
+              const uint32_t* w1 = w0 + s.Wo * s.T * Cw;
+              const int64_t px = s.T * Cw;  // the next pixel's words
+              for (int64_t w = 0; w < Cw; ++w) dst[w] = w0[w] | w0[px + w] | w1[w] | w1[px + w];
+            }
+          }
+    }
+  });
+}
+
+// Inference with the counts from oneDNN's int8 convolution (OnednnConv; x_u8: the spikes as u8
+// [T*N, Ci, H, W] ChannelsLast): a chunk of images at a time, its T convs (oneDNN's own threads)
+// and then, in parallel over (image, row block) tiles, each tile's counts transposed from
+// channel-last into the [T][Co][L] rows of the bit kernels' tiles, and the same epilogue, LIF,
+// pool and store (infer_tile_out). The float counts are the integers exactly, so the spikes are
+// those of the bit kernels bit for bit.
+void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci,
+                  const uint32_t* mbits, const uint32_t* pbits, const float* alpha,
+                  const float* scale, const float* shift, const float* res,
+                  const NeuronParams& p, const InferOut& io, float* spikes) {
+  const int64_t S = s.Ho * s.Wo, step_stride = s.N * s.Co * S;
+  const Isa isa = active_isa();
+  const int64_t nthreads = at::get_num_threads();
+  // Images per chunk: its T float count maps within ~8 MiB (cache-resident between the conv and
+  // the LIF; oneDNN's large outputs otherwise cost more in page faults than in arithmetic).
+  const int64_t per_image = s.T * S * s.Co * static_cast<int64_t>(sizeof(float));
+  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(s.N, (8 << 20) / per_image));
+  const OnednnConv conv(s, Ci, mbits, pbits, nb);
+  int64_t R = std::max<int64_t>(1, std::min<int64_t>(s.Ho, kRowChunk / s.Wo));
+  while (R > 1 && nb * ((s.Ho + R - 1) / R) < 4 * nthreads) R = (R + 1) / 2;
+  if (io.pool > 1) R = (R + io.pool - 1) / io.pool * io.pool;
+  const int64_t row_blocks = (s.Ho + R - 1) / R, Lmax = R * s.Wo;
+  std::vector<ChannelAffine> aff(s.Co);
+  for (int64_t c = 0; c < s.Co; ++c) aff[c] = ChannelAffine{0.0f, 1.0f, scale[c], shift[c], false};
+  const TransposeFn transpose = transpose_f32_fn();
+  std::vector<at::Tensor> z(s.T);
+  for (int64_t n0 = 0; n0 < s.N; n0 += nb) {
+    const int64_t n1 = std::min(s.N, n0 + nb);
+    for (int64_t t = 0; t < s.T; ++t) z[t] = conv(x_u8.narrow(0, t * s.N + n0, n1 - n0));
+    if (io.packed != nullptr) {
+      infer_onednn_packed(s, io, z, n0, n1, R, row_blocks, alpha, scale, shift, res, p);
+      continue;
+    }
+    at::parallel_for(0, (n1 - n0) * row_blocks, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> loc(s.T * s.Co * Lmax);
+      std::vector<float> sp(tile_sp_floats(io, s.T, Lmax));
+      std::vector<float> rl(io.direct() || res == nullptr ? 0 : s.T * Lmax);
+      for (int64_t it = i0; it < i1; ++it) {
+        const int64_t n = n0 + it / row_blocks, oy0 = (it % row_blocks) * R;
+        const int64_t oy1 = std::min(s.Ho, oy0 + R);
+        const int L = static_cast<int>((oy1 - oy0) * s.Wo);
+        // counts [T][Co][L] (this tile's channel stride is L)
+        for (int64_t t = 0; t < s.T; ++t)
+          transpose(z[t].data_ptr<float>() + ((n - n0) * S + oy0 * s.Wo) * s.Co,
+                    loc.data() + t * s.Co * L, L, s.Co);
+        if (io.direct()) {
+          for (int64_t c = 0; c < s.Co; ++c)
+            for (int i0c = 0; i0c < L; i0c += kRowChunk) {
+              const int64_t off = (n * s.Co + c) * S + oy0 * s.Wo + i0c;
+              lif_counts(isa, static_cast<int>(s.T), std::min(kRowChunk, L - i0c),
+                         loc.data() + c * L + i0c, s.Co * L, alpha[c], aff[c],
+                         res ? res + off : nullptr, step_stride, p, spikes + off);
+            }
+          continue;
+        }
+        infer_tile_out(isa, s, io, n, oy0, oy1, L, L, loc.data(), alpha, aff.data(), res, p,
+                       sp.data(), rl.empty() ? nullptr : rl.data(), spikes);
+      }
+    });
   }
 }
 
@@ -343,7 +511,7 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const FloatInput& 
   at::parallel_for(0, s.N * row_blocks, 1, [&](int64_t i0, int64_t i1) {
     std::vector<CT> loc(infer ? s.T * s.Co * Lmax : 0);
     // Pooled / packed output: one channel's spikes (and residual) of the tile, [T][Lmax].
-    std::vector<float> sp(io.direct() ? 0 : s.T * Lmax);
+    std::vector<float> sp(tile_sp_floats(io, s.T, Lmax));
     std::vector<float> rl(io.direct() || res == nullptr ? 0 : s.T * Lmax);
     // Float input: this thread's padded packed image (margins stay zero; each tile writes the
     // interior rows it reads) and the packed rows before padding.
@@ -521,13 +689,42 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_run(
 
   const at::Tensor w_mask = w_mask_in.contiguous(), w_pos = w_pos_in.contiguous();
   const int64_t padding = s.padding;
+  const uint32_t* mbits = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
+  const uint32_t* pbits = reinterpret_cast<const uint32_t*>(w_pos.data_ptr<int32_t>());
+  const auto opts = x.options();
+  InferOut io;
+  io.pool = pool;
+  io.Hq = s.Ho / pool;
+  io.Wq = s.Wo / pool;
+  io.Cow = words_for(static_cast<int>(s.Co));
+  at::Tensor spikes;
+  if (packed_out) {
+    spikes = at::empty({s.T, s.N, io.Hq, io.Wq, io.Cow}, opts.dtype(at::kInt));
+    io.packed = reinterpret_cast<uint32_t*>(spikes.data_ptr<int32_t>());
+  } else {
+    spikes = at::empty(pool == 1 ? oshape : std::vector<int64_t>{s.T, s.N, s.Co, io.Hq, io.Wq},
+                       opts.dtype(at::kFloat));
+  }
+  float* spikes_f = packed_out ? nullptr : spikes.data_ptr<float>();
+  const float* rp = res ? res->data_ptr<float>() : nullptr;
+  const int64_t Ci = xf.on ? xf.C : 32 * s.Cw;
+  if (infer && spikes.numel() > 0 && use_onednn_infer(s.Ho, s.Wo, Ci, s.Co)) {
+    bool bad = false;
+    const at::Tensor x_u8 = xf.on ? spikes_u8_from_float(xf.x, s.B, xf.C, s.H, s.W, opts, &bad)
+                                  : spikes_u8_from_packed(x.contiguous());
+    if (bad) {
+      xf.bad->store(true, std::memory_order_relaxed);
+      return {spikes, at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+    infer_onednn(s, x_u8, Ci, mbits, pbits, alpha.data_ptr<float>(), scale.data_ptr<float>(),
+                 shift.data_ptr<float>(), rp, p, io, spikes_f);
+    return {spikes, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
   at::Tensor xpad;
   if (!xf.on)
     xpad = padding > 0
                ? at::constant_pad_nd(x, {0, 0, padding, padding, padding, padding}, 0).contiguous()
                : x.contiguous();
-  const uint32_t* mbits = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
-  const uint32_t* pbits = reinterpret_cast<const uint32_t*>(w_pos.data_ptr<int32_t>());
   // The event kernel accumulates in int16: only where the counts are int16 too.
   const at::ScalarType count_type = counts_dtype(s.Cw, s.KH, s.KW);
   const bool event = s.Cw > 0 && count_type == at::kShort &&
@@ -546,26 +743,10 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_run(
   }
   const int8_t* weight_table_ptr = event ? weight_table.data_ptr<int8_t>() : nullptr;
 
-  const auto opts = x.options();
-  InferOut io;
-  io.pool = pool;
-  io.Hq = s.Ho / pool;
-  io.Wq = s.Wo / pool;
-  io.Cow = words_for(static_cast<int>(s.Co));
-  at::Tensor spikes;
-  if (packed_out) {
-    spikes = at::zeros({s.T, s.N, io.Hq, io.Wq, io.Cow}, opts.dtype(at::kInt));
-    io.packed = reinterpret_cast<uint32_t*>(spikes.data_ptr<int32_t>());
-  } else {
-    spikes = at::empty(pool == 1 ? oshape : std::vector<int64_t>{s.T, s.N, s.Co, io.Hq, io.Wq},
-                       opts.dtype(at::kFloat));
-  }
-  float* spikes_f = packed_out ? nullptr : spikes.data_ptr<float>();
   at::Tensor counts;
   if (!infer) counts = at::empty(oshape, opts.dtype(count_type));
   at::Tensor mean = at::zeros({s.Co}, opts.dtype(at::kFloat));
   at::Tensor var = at::zeros({s.Co}, opts.dtype(at::kFloat));
-  const float* rp = res ? res->data_ptr<float>() : nullptr;
   if (count_type == at::kShort) {
     forward_impl<int16_t>(s, xpad, xf, planes, pos_masked.data(), weight_table_ptr, co_pad64,
                           alpha.data_ptr<float>(), scale.data_ptr<float>(),

@@ -171,16 +171,14 @@ void transpose_f32_base(const float* src, float* dst, int64_t R, int64_t C) {
     for (int64_t j = 0; j < C; ++j) dst[j * R + i] = src[i * C + j];
 }
 
-// The register-tile transpose of the active ISA: src [R, C] -> dst [C, R].
-using TransposeFn = void (*)(const float*, float*, int64_t, int64_t);
+}  // namespace
+
 TransposeFn transpose_f32_fn() {
   const Isa isa = active_isa();
   return isa == Isa::kAvx512 ? &transpose_f32_avx512
          : isa == Isa::kAvx2 ? &transpose_f32_avx2
                              : &transpose_f32_base;
 }
-
-}  // namespace
 
 // dL/dW_eff[co][ci][ky][kx] = sum over output positions of dZ * x (x binary: no multiplies).
 // For each (input channel, tap) sum the dZ channel vectors of the output pixels its spikes feed,

@@ -378,7 +378,7 @@ at::Tensor bn_lif_infer_cpu(const at::Tensor& z_in, const at::Tensor& scale_in,
   at::Tensor z;
   const ZView zv = z_view(z_in, d, &z);  // an expanded current is read in place
   const int64_t Hq = H / pool, Wq = W / pool, Cw = words_for(static_cast<int>(C));
-  at::Tensor out = packed_out ? at::zeros({T, N, Hq, Wq, Cw}, z_in.options().dtype(at::kInt))
+  at::Tensor out = packed_out ? at::empty({T, N, Hq, Wq, Cw}, z_in.options().dtype(at::kInt))
                               : at::empty({T, N, C, Hq, Wq}, z_in.options());
   if (out.numel() == 0) return out;
   const float* scp = scale.data_ptr<float>();
@@ -388,24 +388,35 @@ at::Tensor bn_lif_infer_cpu(const at::Tensor& z_in, const at::Tensor& scale_in,
   uint32_t* ow = packed_out ? reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()) : nullptr;
   const Isa isa = active_isa();
   // By image: a thread owns every word of its images (the channels of one word share it).
+  // Packed output: a word's 32 channels are computed, then stored together (pool_pack).
+  const int64_t group = packed_out ? 32 : 1;
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<float> sp(direct ? 0 : static_cast<size_t>(T * S));
+    std::vector<float> sp(direct ? 0 : static_cast<size_t>(group * T * S));
     for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t c = 0; c < C; ++c) {
-        const ChannelAffine aff{0.0f, 1.0f, scp[c], shp[c], false};
-        const float* zc = zv.row(d, n, c);
-        // direct: straight into the output ([T][N][C][S], steps `step` apart)
-        float* dst = direct ? of + (n * C + c) * S : sp.data();
-        const int64_t dstep = direct ? step : S;
-        for (int64_t i0 = 0; i0 < S; i0 += kRowChunk) {
-          const int L = static_cast<int>(std::min<int64_t>(kRowChunk, S - i0));
-          lif_fwd(isa, static_cast<int>(T), L, zc + i0, zv.step, aff, nullptr, dstep, p, dst + i0);
+      for (int64_t c0 = 0; c0 < C; c0 += group) {
+        const int64_t c1 = std::min(C, c0 + group);
+        for (int64_t c = c0; c < c1; ++c) {
+          const ChannelAffine aff{0.0f, 1.0f, scp[c], shp[c], false};
+          const float* zc = zv.row(d, n, c);
+          // direct: straight into the output ([T][N][C][S], steps `step` apart)
+          float* dst = direct ? of + (n * C + c) * S : sp.data() + (c - c0) * T * S;
+          const int64_t dstep = direct ? step : S;
+          for (int64_t i0 = 0; i0 < S; i0 += kRowChunk) {
+            const int L = static_cast<int>(std::min<int64_t>(kRowChunk, S - i0));
+            lif_fwd(isa, static_cast<int>(T), L, zc + i0, zv.step, aff, nullptr, dstep, p,
+                    dst + i0);
+          }
         }
         if (direct) continue;
-        if (pool == 2)
-          pool_store<2>(sp.data(), S, T, N, C, W, Hq, Wq, Cw, n, c, 0, Hq, of, ow);
+        const int nch = static_cast<int>(c1 - c0);
+        if (packed_out && pool == 2)
+          pool_pack<2>(sp.data(), T * S, nch, S, T, N, W, Hq, Wq, Cw, n, c0 / 32, 0, Hq, ow);
+        else if (packed_out)
+          pool_pack<1>(sp.data(), T * S, nch, S, T, N, W, Hq, Wq, Cw, n, c0 / 32, 0, Hq, ow);
+        else if (pool == 2)
+          pool_store<2>(sp.data(), S, T, N, C, W, Hq, Wq, n, c0, 0, Hq, of);
         else
-          pool_store<1>(sp.data(), S, T, N, C, W, Hq, Wq, Cw, n, c, 0, Hq, of, ow);
+          pool_store<1>(sp.data(), S, T, N, C, W, Hq, Wq, n, c0, 0, Hq, of);
       }
     }
   });

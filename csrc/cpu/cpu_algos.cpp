@@ -58,6 +58,14 @@ struct AutoRules {
   // 208 -> 79 ms, 256->512 4x4 52 -> 39 ms against ATen's convolution; at 8x8 even or slower,
   // at 16x16 slower (prototype, interleaved medians of 5).
   int64_t taps_grad_w_max_pixels;
+  // Inference forward: oneDNN's int8 (AMX) convolution on maps of at least this many output
+  // pixels and at least this many (input channel, output channel) pairs, where the CPU has
+  // AMX-INT8. Session 14, Xeon with AMX, N=32 T=4, rate 0.3, packed out (bconv_lif_infer, medians
+  // of 7): 128->128 32x32 26.0 (dense) / 25.0 (event) -> 10.5 ms, 256->256 8x8 pooled 5.5 -> 2.0,
+  // 512->512 4x4 pooled 5.6 -> 4.9; at 2x2 and 1x1 (linear layers) and 32->32 4x4 oneDNN's fixed
+  // cost loses (512->512 2x2: 2.5 event -> 3.5; 2048->256 1x1: 0.37 -> 0.63).
+  int64_t onednn_min_pixels;
+  int64_t onednn_min_channel_pairs;
 };
 
 constexpr AutoRules kAutoRules{
@@ -76,6 +84,8 @@ constexpr AutoRules kAutoRules{
     /*unfold_max_bytes=*/64 << 20,
     /*margined_grad_x_min_pixels=*/1024,
     /*taps_grad_w_max_pixels=*/16,
+    /*onednn_min_pixels=*/16,
+    /*onednn_min_channel_pairs=*/64 * 64,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -135,6 +145,7 @@ static const char* conv_name(ConvAlgo a) {
   switch (a) {
     case ConvAlgo::kDense: return "dense";
     case ConvAlgo::kEvent: return "event";
+    case ConvAlgo::kOnednn: return "onednn";
     default: return "auto";
   }
 }
@@ -183,7 +194,8 @@ void set_cpu_algorithms(const std::string& isa, const std::string& conv,
                         const std::string& grad_x, const std::string& grad_w) {
   static constexpr Isa kIsas[] = {Isa::kAuto, Isa::kScalar, Isa::kPopcnt, Isa::kAvx2,
                                   Isa::kAvx512};
-  static constexpr ConvAlgo kConvs[] = {ConvAlgo::kAuto, ConvAlgo::kDense, ConvAlgo::kEvent};
+  static constexpr ConvAlgo kConvs[] = {ConvAlgo::kAuto, ConvAlgo::kDense, ConvAlgo::kEvent,
+                                        ConvAlgo::kOnednn};
   static constexpr GradXAlgo kGradXs[] = {GradXAlgo::kAuto, GradXAlgo::kDense,
                                           GradXAlgo::kTernary, GradXAlgo::kCombo,
                                           GradXAlgo::kUnfold};
@@ -201,6 +213,9 @@ void set_cpu_algorithms(const std::string& isa, const std::string& conv,
                   c.grad_x == GradXAlgo::kUnfold || isa_supported(Isa::kAvx512),
               "binslt: the '", grad_x, "' input-gradient kernel needs AVX-512, which this CPU "
               "lacks");
+  TORCH_CHECK(c.conv != ConvAlgo::kOnednn || onednn_int8_supported(),
+              "binslt: the 'onednn' conv (oneDNN's int8 convolution) needs a CPU with AMX-INT8 "
+              "and a PyTorch built with oneDNN; this machine has not both");
   g_config.store(c, std::memory_order_relaxed);
 }
 
@@ -217,6 +232,7 @@ std::map<std::string, bool> cpu_feature_flags() {
   f["avx512vl"] = __builtin_cpu_supports("avx512vl");
   f["avx512vpopcntdq"] = __builtin_cpu_supports("avx512vpopcntdq");
 #endif
+  f["onednn_int8"] = onednn_int8_supported();  // AMX-INT8 and the oneDNN ops: the "onednn" conv
   return f;
 }
 
@@ -311,6 +327,13 @@ bool use_event_float(const float* x, int64_t n) {
   const ConvAlgo a = algo_config().conv;
   if (a != ConvAlgo::kAuto) return a == ConvAlgo::kEvent;
   return event_below(sampled_rate(x, n));
+}
+
+bool use_onednn_infer(int64_t Ho, int64_t Wo, int64_t Ci, int64_t Co) {
+  const ConvAlgo a = algo_config().conv;
+  if (a != ConvAlgo::kAuto) return a == ConvAlgo::kOnednn;
+  return Ho * Wo >= kAutoRules.onednn_min_pixels &&
+         Ci * Co >= kAutoRules.onednn_min_channel_pairs && onednn_int8_supported();
 }
 
 GradXChoice choose_grad_x(int64_t stride, int64_t W, int64_t Ci, int64_t weights,

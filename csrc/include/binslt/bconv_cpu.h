@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace binslt {
 namespace cpu {
@@ -50,6 +51,30 @@ at::Tensor unpack_rows(const at::Tensor& x_packed, int64_t in_channels);
 // product per tap over the pixel pairs it joins (bconv_weight_grad.cpp).
 at::Tensor weight_grad_taps(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
                             const at::Tensor& gz);
+
+// The register-tile float transpose of the active ISA: src [R, C] -> dst [C, R].
+using TransposeFn = void (*)(const float*, float*, int64_t, int64_t);
+TransposeFn transpose_f32_fn();
+
+// The forward conv as oneDNN's int8 convolution (bconv_onednn.cpp; inference): the spikes as
+// u8 0/1 channel-last [B, C, H, W] (ChannelsLast), from packed words [B, H, W, Cw] (C = 32*Cw)
+// or from float spikes [B, C, H, W] (*bad set for a value other than 0. / 1.); and the conv,
+// whose call gives the integer counts as float32 [b, Co, Ho, Wo] ChannelsLast for b images.
+at::Tensor spikes_u8_from_packed(const at::Tensor& x_packed);
+at::Tensor spikes_u8_from_float(const float* x, int64_t B, int64_t C, int64_t H, int64_t W,
+                                const at::TensorOptions& opts, bool* bad);
+class OnednnConv {
+ public:
+  // W = sign * mask from the planes (Ci input channels: 32*Cw for packed input), prepacked for
+  // calls of chunk_images images.
+  OnednnConv(const ConvShape& s, int64_t Ci, const uint32_t* mbits, const uint32_t* pbits,
+             int64_t chunk_images);
+  at::Tensor operator()(const at::Tensor& x_u8) const;
+
+ private:
+  int64_t stride_, padding_;
+  at::Tensor packed_, w_scale_, w_zero_;
+};
 
 // [B, H, W, C] float (contiguous) -> [B, C, H, W] contiguous.
 at::Tensor channels_first_copy(const at::Tensor& x);

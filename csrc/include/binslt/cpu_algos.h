@@ -17,8 +17,10 @@ namespace cpu {
 enum class Isa : int8_t { kAuto = -1, kScalar = 0, kPopcnt = 1, kAvx2 = 2, kAvx512 = 3 };
 
 // Forward: bit-parallel AND + popcount over every input word ("dense", bconv_popcount.h), or the
-// sum of the weight columns of the input spikes ("event", bconv_event.h).
-enum class ConvAlgo : int8_t { kAuto = -1, kDense = 0, kEvent = 1 };
+// sum of the weight columns of the input spikes ("event", bconv_event.h), or, for inference on a
+// CPU with AMX-INT8, oneDNN's int8 convolution of the 0/1 spikes and the {-1, 0, +1} weights
+// ("onednn", bconv_onednn.cpp; the training forward then takes "dense").
+enum class ConvAlgo : int8_t { kAuto = -1, kDense = 0, kEvent = 1, kOnednn = 2 };
 
 // Input gradient: the dense transposed convolution of ATen, the ternary add/subtract kernel
 // (AVX-512, stride 1) in its plain or its combination form (bconv_input_grad.cpp), or the whole
@@ -67,6 +69,12 @@ int64_t count_set_bits(const uint32_t* p, int64_t n);
 // "auto"), or for float spikes x of n values (a sampled estimate of their nonzero fraction).
 bool use_event_packed(const at::Tensor& x_packed);
 bool use_event_float(const float* x, int64_t n);
+
+// Inference: oneDNN's int8 convolution (AMX) where PyTorch has it and the CPU has AMX-INT8
+// (onednn_int8_supported), for maps of at least a measured number of output pixels and layers
+// of at least a measured number of channel pairs under "auto", always under "onednn".
+bool onednn_int8_supported();
+bool use_onednn_infer(int64_t Ho, int64_t Wo, int64_t Ci, int64_t Co);
 
 // Input gradient: the ternary kernel (plain or combination form) or the dense one, for a conv of
 // the given stride over a W-wide input with Ci input channels, `weights` = Co*kh*kw*Ci weights

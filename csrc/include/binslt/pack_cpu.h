@@ -68,35 +68,51 @@ inline int64_t pool2_route(const uint32_t* r0, const uint32_t* r1, int64_t step,
 
 // One channel's spikes sp [T][sp_step] (rows of W spikes, the first the top of pooled row oq0)
 // of image n, max-pooled over Q x Q windows (a max of {0, 1} spikes is their OR) for pooled rows
-// [oq0, oq0 + rows), into the float output of [T, N, C, Hq, Wq] or, with ow, the pack_spikes
-// words [T, N, Hq, Wq, Cw] (bit c % 32 of word c / 32, ORed in). Branch-free: spikes fire at
-// ~0.2-0.5, so a branch on each pooled spike is mispredicted about as often as not. Shared by
+// [oq0, oq0 + rows), into channel c of the float output [T, N, C, Hq, Wq]. Shared by
 // bn_lif_infer and bconv_lif_infer's tiles.
 template <int Q>
+inline float pooled_at(const float* r0, const float* r1, int64_t ox) {
+  return Q == 2 ? std::max(std::max(r0[2 * ox], r0[2 * ox + 1]), std::max(r1[2 * ox], r1[2 * ox + 1]))
+                : r0[ox];
+}
+template <int Q>
 inline void pool_store(const float* sp, int64_t sp_step, int64_t T, int64_t N, int64_t C,
-                       int64_t W, int64_t Hq, int64_t Wq, int64_t Cw, int64_t n, int64_t c,
-                       int64_t oq0, int64_t rows, float* of, uint32_t* ow) {
-  const int shift = static_cast<int>(c & 31);
-  for (int64_t t = 0; t < T; ++t) {
+                       int64_t W, int64_t Hq, int64_t Wq, int64_t n, int64_t c, int64_t oq0,
+                       int64_t rows, float* of) {
+  for (int64_t t = 0; t < T; ++t)
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t oy = oq0 + r;
       const float* r0 = sp + t * sp_step + r * Q * W;
       const float* r1 = r0 + (Q - 1) * W;
-      auto at = [&](int64_t ox) {
-        return Q == 2 ? std::max(std::max(r0[2 * ox], r0[2 * ox + 1]),
-                                 std::max(r1[2 * ox], r1[2 * ox + 1]))
-                      : r0[ox];
-      };
-      if (ow != nullptr) {
-        uint32_t* wrow = ow + ((t * N + n) * Hq + oy) * Wq * Cw + (c >> 5);
-        for (int64_t ox = 0; ox < Wq; ++ox)
-          wrow[ox * Cw] |= static_cast<uint32_t>(at(ox) != 0.0f) << shift;
-      } else {
-        float* frow = of + ((t * N + n) * C + c) * Hq * Wq + oy * Wq;
-        for (int64_t ox = 0; ox < Wq; ++ox) frow[ox] = at(ox);
+      float* frow = of + ((t * N + n) * C + c) * Hq * Wq + (oq0 + r) * Wq;
+      for (int64_t ox = 0; ox < Wq; ++ox) frow[ox] = pooled_at<Q>(r0, r1, ox);
+    }
+}
+
+// The same for the nch <= 32 channels of one pack_spikes word: channel k's spikes at
+// sp + k * cstride, each [T][sp_step] as above, into word `word` of every pooled pixel of the
+// words [T, N, Hq, Wq, Cw] (bit k; the whole word is written, so the output needs no zeroing).
+// The bits of a run of pixels are gathered in registers, a channel at a time, then stored once:
+// no read-modify-write of a word per spike.
+template <int Q>
+inline void pool_pack(const float* sp, int64_t cstride, int nch, int64_t sp_step, int64_t T,
+                      int64_t N, int64_t W, int64_t Hq, int64_t Wq, int64_t Cw, int64_t n,
+                      int64_t word, int64_t oq0, int64_t rows, uint32_t* ow) {
+  constexpr int64_t kRun = 64;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t r = 0; r < rows; ++r) {
+      uint32_t* wrow = ow + ((t * N + n) * Hq + oq0 + r) * Wq * Cw + word;
+      for (int64_t x0 = 0; x0 < Wq; x0 += kRun) {
+        const int64_t len = std::min(kRun, Wq - x0);
+        uint32_t bits[kRun] = {};
+        for (int k = 0; k < nch; ++k) {
+          const float* r0 = sp + k * cstride + t * sp_step + r * Q * W + Q * x0;
+          const float* r1 = r0 + (Q - 1) * W;
+          for (int64_t j = 0; j < len; ++j)
+            bits[j] |= static_cast<uint32_t>(pooled_at<Q>(r0, r1, j) != 0.0f) << k;
+        }
+        for (int64_t j = 0; j < len; ++j) wrow[(x0 + j) * Cw] = bits[j];
       }
     }
-  }
 }
 
 // The error for non-binary spike input (pack_spikes and bconv_lif_infer).

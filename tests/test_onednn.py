@@ -1,0 +1,151 @@
+"""The CPU kernels' "onednn" conv: bconv_lif_infer's counts from oneDNN's int8 convolution (AMX).
+
+The counts are integers either way, so every output must equal the bit kernels' ("dense") bit
+for bit, and the reference's: packed or float input, pooled, packed or float output, residual,
+strides, kernel sizes, channel counts off the word size, several chunks of images, and a weight
+cache that must never hand back another layer's weights. The route needs a CPU with AMX-INT8:
+elsewhere these tests cannot run, and forcing the route must fail with a clear error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import onednn_supported, stable_seed
+
+import binslt.ops as ops
+from binslt import _contract as C
+from binslt import reference as ref
+
+pytestmark = pytest.mark.skipif(not __import__("binslt").backends()["cpu"]["usable"],
+                                reason="binslt._C (the C++ CPU kernels) is not built")
+
+needs_amx = pytest.mark.skipif(not onednn_supported(),
+                               reason="no AMX-INT8 on this CPU (or no oneDNN in this PyTorch)")
+
+OP = torch.ops.binslt.bconv_lif_infer
+NEURON = (2.0, False, 1.0, 0.0)  # tau, decay_input, v_threshold, v_reset
+
+
+def _case(seed, T=2, n=3, ci=64, co=48, h=8, w=8, k=3, stride=1, rate=0.3, residual=False):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(T, n, ci, h, w, generator=g) < rate).float()
+    wt = torch.sign(torch.randn(co, ci, k, k, generator=g)) * (
+        torch.rand(co, ci, k, k, generator=g) < 0.6)
+    wm, wp = ref.pack_weight_reference(wt)
+    alpha = torch.rand(co, generator=g) + 0.5
+    # currents around the threshold, so the layer fires at a moderate rate
+    scale = (torch.rand(co, generator=g) + 0.5) / (alpha * (ci * k * k * rate * 0.6) ** 0.5)
+    shift = torch.randn(co, generator=g) * 0.3 + 0.6
+    ho, wo = C.out_hw(h, w, k, k, stride, k // 2)
+    res = torch.randn(T, n, co, ho, wo, generator=g) * 0.5 if residual else None
+    return x, wm, wp, alpha, scale, shift, res
+
+
+def _packed(x):
+    return ref.pack_spikes_reference(x.flatten(0, 1)).view(x.shape[0], x.shape[1], *x.shape[3:],
+                                                            -1)
+
+
+def _run(algo, x, wm, wp, alpha, scale, shift, res, stride, padding, pool, packed_out):
+    with ops.cpu_algorithms(conv=algo):
+        return OP(x, wm, wp, alpha, scale, shift, res, stride, padding, *NEURON, pool, packed_out)
+
+
+CASES = [
+    dict(),
+    dict(residual=True),
+    dict(ci=40, co=33, h=9, w=7, residual=True),  # channels off the word size, odd maps
+    dict(ci=96, co=70, h=10, w=10, stride=2),
+    dict(k=1, stride=2, ci=64, co=128, h=8, w=8),  # a ResNet 1x1 downsampling shortcut
+    dict(k=7, stride=2, ci=32, co=64, h=15, w=15),  # a 7x7 stride-2 stem over spikes
+    dict(rate=0.05, residual=True),
+    dict(rate=0.9),
+]
+
+
+@needs_amx
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_onednn_infer_equals_bit_kernels_and_reference(case):
+    x, wm, wp, alpha, scale, shift, res = _case(stable_seed(sorted(case.items())), **case)
+    k, stride = case.get("k", 3), case.get("stride", 1)
+    ops_args = (wm, wp, alpha, scale, shift, res, stride, k // 2)
+    full = ref.bconv_lif_infer_reference(x, *ops_args, *NEURON)
+    assert 0.02 < float(full.mean()) < 0.98
+    for xin in (x, _packed(x)):
+        for pool in (1, 2):
+            if pool == 2 and full.shape[3] < 2:
+                continue
+            for packed_out in (False, True):
+                want = _run("dense", xin, *ops_args, pool, packed_out)
+                got = _run("onednn", xin, *ops_args, pool, packed_out)
+                assert got.dtype == want.dtype and torch.equal(got, want), (pool, packed_out)
+        assert torch.equal(_run("onednn", xin, *ops_args, 1, False), full)
+
+
+@needs_amx
+def test_onednn_infer_over_several_chunks_of_images():
+    # 4 * 64 * 64 * 128 floats of counts an image: 8 MiB, so each image is a chunk of its own
+    x, wm, wp, alpha, scale, shift, res = _case(11, T=4, n=3, ci=32, co=128, h=64, w=64,
+                                                residual=True)
+    args = (wm, wp, alpha, scale, shift, res, 1, 1)
+    for pool, packed_out in ((1, False), (2, True)):
+        assert torch.equal(_run("onednn", _packed(x), *args, pool, packed_out),
+                           _run("dense", _packed(x), *args, pool, packed_out))
+
+
+@needs_amx
+def test_onednn_weight_cache_never_serves_other_weights():
+    x, wm, wp, alpha, scale, shift, _ = _case(3)
+    args = (alpha, scale, shift, None, 1, 1, 1, False)
+    first = _run("onednn", x, wm, wp, *args)
+    assert torch.equal(first, _run("dense", x, wm, wp, *args))
+    # same shape, other weights: one flipped sign, then one weight pruned, in place
+    wp2 = wp.clone()
+    wp2[0, 1, 1, 0] ^= 1
+    assert torch.equal(_run("onednn", x, wm, wp2, *args), _run("dense", x, wm, wp2, *args))
+    wm[5, 0, 2, 1] &= ~(1 << 3)
+    assert torch.equal(_run("onednn", x, wm, wp, *args), _run("dense", x, wm, wp, *args))
+    # more layers than the cache holds, then the first again
+    for s in range(70):
+        xs, wms, wps, *_ = _case(100 + s, co=16 + s)
+        _run("onednn", xs, wms, wps, torch.ones(16 + s), torch.ones(16 + s),
+             torch.zeros(16 + s), None, 1, 1, 1, False)
+    assert torch.equal(_run("onednn", x, wm, wp, *args), _run("dense", x, wm, wp, *args))
+
+
+@needs_amx
+def test_onednn_infer_rejects_non_binary_float_input():
+    x, wm, wp, alpha, scale, shift, _ = _case(5)
+    x[1, 2, 40, 3, 4] = 0.5
+    with pytest.raises(ValueError, match="binary spikes"):
+        _run("onednn", x, wm, wp, alpha, scale, shift, None, 1, 1, 1, False)
+    x[1, 2, 40, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="binary spikes"):
+        _run("onednn", x, wm, wp, alpha, scale, shift, None, 1, 1, 1, True)
+
+
+@needs_amx
+def test_onednn_ticket_eval_equals_bit_kernels():
+    """A whole network's eval (packed chaining, pooled layers, residual blocks) is the same with
+    the route forced on and off."""
+    import binslt.models as M
+
+    for arch in ("vgg11", "resnet19"):
+        torch.manual_seed(0)
+        net = M.build(arch, "binwslt", num_classes=10, in_channels=3, input_size=16, timesteps=2,
+                      prune_rate=0.5, bn=True, bn_affine=False, backend="cpu").eval()
+        x = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():
+            with ops.cpu_algorithms(conv="onednn"):
+                a = net(x)
+            with ops.cpu_algorithms(conv="dense"):
+                b = net(x)
+        assert torch.equal(a, b), arch
+
+
+@pytest.mark.skipif(onednn_supported(), reason="this CPU runs the onednn conv")
+def test_forcing_onednn_without_amx_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="needs a CPU with AMX-INT8"):
+        with ops.cpu_algorithms(conv="onednn"):
+            pass

@@ -392,7 +392,9 @@ class BinSpikeConv2d(_MaskedSignWeight):
         ceil(C_in/32)] int32 (a previous layer's ``forward_packed``), or, for ``input='real'``,
         real values [T, N, C_in, H, W]; the output is packed words [T, N, H', W',
         ceil(C_out/32)] int32 (``packed_out``) or float 0./1. spikes, the same spikes
-        ``forward`` gives."""
+        ``forward`` gives. ``residual`` is a float current [T, N, C_out, H', W'] or spikes as
+        packed words [T, N, H', W', ceil(C_out/32)] int32 (an identity shortcut's input), added
+        as 0. / 1."""
         who = type(self).__name__
         if not isinstance(x, torch.Tensor) or x.dtype != torch.int32:
             _check_input(x, 5, "[T, N, C, H, W]", self.in_channels, 2, self.weight, who)
@@ -413,7 +415,11 @@ class BinSpikeConv2d(_MaskedSignWeight):
         if ho < self.pool or wo < self.pool:
             raise ValueError(f"{who}: pool={self.pool} needs a conv output of at least "
                              f"{self.pool}x{self.pool}, got {ho}x{wo} from a {h}x{w} input")
-        C.check_residual(who, residual, (x.shape[0], x.shape[1], self.out_channels, ho, wo))
+        if residual is not None and residual.dtype == torch.int32:  # packed spikes (no-grad)
+            C.check_residual(who, residual, (x.shape[0], x.shape[1], ho, wo,
+                                             C.channel_words(self.out_channels)))
+        else:
+            C.check_residual(who, residual, (x.shape[0], x.shape[1], self.out_channels, ho, wo))
         return self._fire(x, residual, self.out_channels, linear=False, stride=self.stride,
                           padding=self.padding, pool=self.pool,
                           stat_count=x.shape[0] * x.shape[1] * ho * wo, packed_out=packed_out)

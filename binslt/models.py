@@ -468,7 +468,7 @@ class BinSLTNet(nn.Module):
         ([T, N, H, W, ceil(C/32)] int32) that the next one consumes, so no float spike tensor is
         written in between. Layers with hooks run as modules (the hooks see float spikes)."""
         mods = list(self.features)
-        units = [_packable_conv(m, x.device) for m in mods]
+        units = [_packable_conv(m, x.device) or _PackedBlock.of(m, x.device) for m in mods]
         h = x
         for i, m in enumerate(mods):
             nxt = units[i + 1] if i + 1 < len(mods) else None
@@ -479,6 +479,45 @@ class BinSLTNet(nn.Module):
             else:
                 h = m(h)
         return h
+
+
+class _PackedBlock:
+    """A ResidualBlock of binslt spiking convs run with packed spikes: conv1 emits packed words,
+    an identity shortcut hands its input to conv2 as a packed residual (added as 0. / 1., the
+    spikes it packs), a BinConv2d shortcut runs as the module on the float spikes; conv2 emits
+    packed words when the next layer consumes them. The same spikes as the block's forward."""
+
+    input = "spike"
+
+    def __init__(self, block: ResidualBlock):
+        self.block = block
+
+    @classmethod
+    def of(cls, m: nn.Module, device: torch.device) -> _PackedBlock | None:
+        if not isinstance(m, ResidualBlock) or m._forward_hooks or m._forward_pre_hooks:
+            return None
+        if _packable_conv(m.conv1, device) is None or _packable_conv(m.conv2, device) is None:
+            return None
+        if m.conv1.input != "spike" or m.conv2.input != "spike":
+            return None
+        sc = m.shortcut
+        if sc is not None and (not isinstance(sc, BinConv2d) or sc._forward_hooks
+                               or sc._forward_pre_hooks):
+            return None
+        return cls(m)
+
+    def forward_packed(self, x: torch.Tensor, packed_out: bool) -> torch.Tensor:
+        b = self.block
+        h = b.conv1.forward_packed(x, packed_out=True)
+        if b.shortcut is None:
+            r = x  # packed words, or float spikes
+        else:
+            xs = x
+            if x.dtype == torch.int32:
+                xs = ops.unpack_spikes(x.flatten(0, 1), b.conv1.in_channels).view(
+                    x.shape[0], x.shape[1], b.conv1.in_channels, *x.shape[2:4])
+            r = b.shortcut(xs)
+        return b.conv2.forward_packed(h, packed_out=packed_out, residual=r)
 
 
 def _packable_conv(m: nn.Module, device: torch.device) -> BinSpikeConv2d | None:

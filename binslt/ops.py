@@ -608,6 +608,11 @@ def _infer_conv_lif(be, x, w_mask, w_pos, alpha, scale, shift, residual, stride,
     packed_in = x.dtype == torch.int32  # words [T, N, H, W, Cw] of a previous layer
     if not packed_in:
         x = x.float()  # no copy for float32 spikes
+    if residual is not None and residual.dtype == torch.int32 and (be != "cpu" or bn_train):
+        # spike words [T, N, Ho, Wo, Cow]: only the CPU inference kernel reads them packed
+        t_, n_, ho, wo, _ = residual.shape
+        residual = get_op("unpack_spikes", be)(residual.flatten(0, 1), w_mask.shape[0]).view(
+            t_, n_, w_mask.shape[0], ho, wo)
     operands = (w_mask, w_pos, alpha.float(), scale.float(), shift.float(), residual)
     if bn_train:
         T = x.shape[0]
@@ -691,7 +696,12 @@ def spiking_layer(x, weight, scale, shift, residual=None, *, linear=False, strid
         check_finite(x, f"{who} input")
     elif be not in PACK_VALIDATES and not packed_in:
         check_spikes(x, f"{who} input")
-    if residual is not None:
+    packed_res = residual is not None and residual.dtype == torch.int32
+    if packed_res and (not infer or linear):
+        raise ValueError(f"{who}: a packed (int32 spike words) residual needs the no-grad "
+                         f"spike-input path of a conv, got backend {be!r}, grad enabled="
+                         f"{torch.is_grad_enabled()}, linear={linear}")
+    if residual is not None and not packed_res:
         check_finite(residual, f"{who} residual")
     T, n = x.shape[:2]
     co = scale.shape[0]
@@ -710,7 +720,8 @@ def spiking_layer(x, weight, scale, shift, residual=None, *, linear=False, strid
     nk = neuron
     if infer:
         w_mask, w_pos, alpha = weight.packed_weight()
-        res = None if residual is None else residual.float().contiguous()
+        res = (None if residual is None else residual.contiguous() if packed_res
+               else residual.float().contiguous())
         s, mean, var = _infer_conv_lif(be, x, w_mask, w_pos, alpha, scale, shift, res, stride,
                                        padding, bn_train, bn_eps, nk["tau"], nk["decay_input"],
                                        nk["v_threshold"], nk["v_reset"], pool, packed_out)

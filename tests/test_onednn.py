@@ -149,3 +149,62 @@ def test_forcing_onednn_without_amx_is_a_clear_error():
     with pytest.raises(RuntimeError, match="needs a CPU with AMX-INT8"):
         with ops.cpu_algorithms(conv="onednn"):
             pass
+
+
+ALGOS = ["dense", "event"] + (["onednn"] if onednn_supported() else [])
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("case", [dict(residual=True), dict(ci=40, co=33, h=9, w=7,
+                                                            residual=True)], ids=["64", "33"])
+def test_infer_takes_a_packed_spike_residual(algo, case):
+    """A residual of spikes as pack_spikes words (an identity shortcut's packed input) gives the
+    spikes of the same residual as 0. / 1. floats, on every algorithm and output form."""
+    x, wm, wp, alpha, scale, shift, _ = _case(stable_seed(sorted(case.items())), **case)
+    T, n = x.shape[:2]
+    ho, wo = x.shape[3], x.shape[4]
+    g = torch.Generator().manual_seed(9)
+    rs = (torch.rand(T, n, wm.shape[0], ho, wo, generator=g) < 0.4).float()
+    words = _packed(rs)
+    for pool in (1, 2):
+        for packed_out in (False, True):
+            args = (alpha, scale, shift)
+            want = _run(algo, _packed(x), wm, wp, *args, rs, 1, 1, pool, packed_out)
+            got = _run(algo, _packed(x), wm, wp, *args, words, 1, 1, pool, packed_out)
+            assert torch.equal(got, want), (pool, packed_out)
+    with pytest.raises(ValueError, match=r"packed residual must be spike words"):
+        _run(algo, _packed(x), wm, wp, alpha, scale, shift, words[:, :, :-1], 1, 1, 1, True)
+
+
+def test_resnet_eval_chains_packed_spikes_through_its_blocks(monkeypatch):
+    """ResNet-19's no-grad forward passes packed words through its residual blocks (identity
+    shortcuts as packed residuals, 1x1 shortcuts on the unpacked spikes): the same logits as the
+    module-by-module forward, and no float spike map between two blocks."""
+    import binslt.models as M
+
+    torch.manual_seed(0)
+    net = M.build("resnet19", "binwslt", num_classes=10, in_channels=3, input_size=16,
+                  timesteps=2, prune_rate=0.5, bn=True, bn_affine=False, backend="cpu")
+    with torch.no_grad():
+        net(torch.randn(8, 3, 16, 16))  # training-mode BN statistics
+    net.eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        whole = net.classifier(net.features(x.unsqueeze(0).expand(2, *x.shape)))
+    seen, real_get = [], ops.get_op
+    infer = real_get("bconv_lif_infer", "cpu")
+
+    def spy(*args):
+        seen.append((args[0].dtype, None if args[6] is None else args[6].dtype))
+        return infer(*args)
+
+    monkeypatch.setattr(ops, "get_op", lambda name, be: spy if name == "bconv_lif_infer"
+                        else real_get(name, be))
+    with torch.no_grad():
+        chained = net(x)
+    assert torch.equal(chained, whole)
+    blocks = [m for m in net.modules() if isinstance(m, M.ResidualBlock)]
+    assert len(seen) == 2 * len(blocks) == 16  # every spike-input conv, each with packed input
+    assert all(xd == torch.int32 for xd, _ in seen)
+    identity = sum(b.shortcut is None for b in blocks)
+    assert identity == 5 and sum(rd == torch.int32 for _, rd in seen) == identity

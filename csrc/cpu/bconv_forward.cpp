@@ -273,6 +273,9 @@ struct InferOut {
   int64_t pool = 1;
   uint32_t* packed = nullptr;
   int64_t Hq = 0, Wq = 0, Cow = 0;
+  // The residual as pack_spikes words [T, N, Ho, Wo, Cow] (spikes added as 0. / 1.), read by the
+  // onednn route's packed output (the caller unpacks it to floats for every other path).
+  const uint32_t* res_words = nullptr;
   bool direct() const { return pool == 1 && packed == nullptr; }
 };
 
@@ -322,20 +325,20 @@ inline int64_t tile_sp_floats(const InferOut& io, int64_t T, int64_t Lmax) {
 }
 
 // The eval epilogue and the LIF over T of one pixel's Co channels in channel-last order: counts
-// zt[t] + off (Co floats a step), residual rt[t] + off likewise (or rt null); per channel the float operations
+// zt[t] + off (Co floats a step), residual rt[t] + roff likewise (or rt null); per channel the float operations
 // of lif_counts in the same order (so the same spikes), vectorised across channels. The spikes
 // go out as pack_spikes bits, words[t * Cw + w] (sp: Cw*32 floats of scratch, zero past Co).
 __attribute__((target("avx512f"))) static void lif_pixel_words(
     int64_t T, int64_t Co, int64_t Cw, const float* const* zt, int64_t off, const float* alpha,
-    const float* scale, const float* shift, const float* const* rt, const NeuronParams& p_in,
-    float* v, float* sp, uint32_t* words) {
+    const float* scale, const float* shift, const float* const* rt, int64_t roff,
+    const NeuronParams& p_in, float* v, float* sp, uint32_t* words) {
   const NeuronParams p = p_in;
   const float v0 = p.soft_reset ? 0.0f : p.v_reset;
   for (int64_t c = 0; c < Co; ++c) v[c] = v0;
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t t = 0; t < T; ++t) {
     const float* z = zt[t] + off;
-    const float* r = rt != nullptr ? rt[t] + off : nullptr;
+    const float* r = rt != nullptr ? rt[t] + roff : nullptr;
     for (int64_t c = 0; c < Co; ++c) {
       float x = z[c] * alpha[c];
       x = x * scale[c] + shift[c];
@@ -351,6 +354,17 @@ __attribute__((target("avx512f"))) static void lif_pixel_words(
           _mm512_cmp_ps_mask(_mm512_loadu_ps(sp + 32 * w + 16), zero, _CMP_NEQ_OQ);
       words[t * Cw + w] = lo | (hi << 16);
     }
+  }
+}
+
+// Cw pack_spikes words -> 32*Cw floats 0. / 1.
+__attribute__((target("avx512f"))) static void words_to_floats(const uint32_t* w, int64_t Cw,
+                                                                float* out) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < Cw; ++i) {
+    _mm512_storeu_ps(out + 32 * i, _mm512_maskz_mov_ps(static_cast<__mmask16>(w[i]), one));
+    _mm512_storeu_ps(out + 32 * i + 16,
+                     _mm512_maskz_mov_ps(static_cast<__mmask16>(w[i] >> 16), one));
   }
 }
 
@@ -381,15 +395,27 @@ static void infer_onednn_packed(const ConvShape& s, const InferOut& io,
   at::parallel_for(0, nb * row_blocks, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> v(s.Co), sp(32 * Cw, 0.0f);
     std::vector<uint32_t> words(R * s.Wo * s.T * Cw);
+    // a packed residual's pixel as floats [T][32*Cw], and its step pointers
+    std::vector<float> rb(io.res_words != nullptr ? s.T * 32 * Cw : 0);
+    std::vector<const float*> rbt(s.T);
+    for (int64_t t = 0; t < s.T && io.res_words != nullptr; ++t) rbt[t] = rb.data() + t * 32 * Cw;
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t n = n0 + it / row_blocks, oy0 = (it % row_blocks) * R;
       const int64_t oy1 = std::min(s.Ho, oy0 + R);
       for (int64_t oy = oy0; oy < oy1; ++oy)
         for (int64_t ox = 0; ox < s.Wo; ++ox) {
-          const int64_t pix = oy * s.Wo + ox;
-          lif_pixel_words(s.T, s.Co, Cw, zt.data(), ((n - n0) * S + pix) * s.Co, alpha, scale,
-                          shift, res != nullptr ? rt.data() : nullptr, p, v.data(), sp.data(),
-                          words.data() + ((oy - oy0) * s.Wo + ox) * s.T * Cw);
+          const int64_t pix = oy * s.Wo + ox, off = ((n - n0) * S + pix) * s.Co;
+          const float* const* r = res != nullptr ? rt.data() : nullptr;
+          int64_t roff = off;
+          if (io.res_words != nullptr) {
+            for (int64_t t = 0; t < s.T; ++t)
+              words_to_floats(io.res_words + ((t * s.N + n) * S + pix) * Cw, Cw,
+                              rb.data() + t * 32 * Cw);
+            r = rbt.data();
+            roff = 0;
+          }
+          lif_pixel_words(s.T, s.Co, Cw, zt.data(), off, alpha, scale, shift, r, roff, p,
+                          v.data(), sp.data(), words.data() + ((oy - oy0) * s.Wo + ox) * s.T * Cw);
         }
       for (int64_t r = 0; r < (oy1 - oy0) / q; ++r)
         for (int64_t ox = 0; ox < io.Wq; ++ox)
@@ -681,7 +707,8 @@ static ForwardArgs check_forward_args(const char* op, const ConvShape& s,
 static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_run(
     const ConvShape& s, const at::Tensor& x, const FloatInput& xf, const at::Tensor& w_mask_in,
     const at::Tensor& w_pos_in, const ForwardArgs& args, bool bn_train, double bn_eps,
-    bool infer, int64_t pool = 1, bool packed_out = false) {
+    bool infer, int64_t pool = 1, bool packed_out = false,
+    const uint32_t* res_words = nullptr) {
   const at::Tensor &alpha = args.alpha, &scale = args.scale, &shift = args.shift;
   const std::optional<at::Tensor>& res = args.res;
   const NeuronParams& p = args.p;
@@ -697,6 +724,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_run(
   io.Hq = s.Ho / pool;
   io.Wq = s.Wo / pool;
   io.Cow = words_for(static_cast<int>(s.Co));
+  io.res_words = res_words;
   at::Tensor spikes;
   if (packed_out) {
     spikes = at::empty({s.T, s.N, io.Hq, io.Wq, io.Cow}, opts.dtype(at::kInt));
@@ -798,19 +826,42 @@ at::Tensor bconv_lif_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_mask,
   const ConvShape s = check_conv_dims(T * N, H, W, Cw, "x", w_mask, w_pos, T, stride, padding,
                                       op);
   const double bn_eps = 1e-5;  // unused: the eval epilogue
-  const ForwardArgs args = check_forward_args(op, s, alpha, scale, shift, residual, bn_eps, tau,
+  // A residual of spikes may come packed: pack_spikes words [T, N, Ho, Wo, ceil(Co/32)] int32,
+  // read as such by the onednn route's packed output, unpacked to 0. / 1. floats for the rest.
+  std::optional<at::Tensor> res = residual;
+  at::Tensor res_words;
+  if (residual.has_value() && residual->scalar_type() == at::kInt) {
+    const int64_t Cow = words_for(static_cast<int>(s.Co));
+    check_on_cpu(*residual, op, "residual");
+    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({T, N, s.Ho, s.Wo, Cow}), "binslt::",
+                      op, ": a packed residual must be spike words [T, N, Ho, Wo, ceil(Co/32)] = ",
+                      at::IntArrayRef({T, N, s.Ho, s.Wo, Cow}), ", got shape ",
+                      shape_str(*residual));
+    const int64_t Ci = packed_in ? 32 * Cw : C;
+    if (packed_out && use_onednn_infer(s.Ho, s.Wo, Ci, s.Co)) {
+      res_words = residual->contiguous();
+      res = std::nullopt;
+    } else {
+      res = unpack_spikes_cpu(residual->reshape({T * N, s.Ho, s.Wo, Cow}), s.Co)
+                .view({T, N, s.Co, s.Ho, s.Wo});
+    }
+  }
+  const ForwardArgs args = check_forward_args(op, s, alpha, scale, shift, res, bn_eps, tau,
                                               decay_input, v_threshold, v_reset);
   check_pool(op, pool, s.Ho, s.Wo);
+  const uint32_t* rw =
+      res_words.defined() ? reinterpret_cast<const uint32_t*>(res_words.data_ptr<int32_t>())
+                          : nullptr;
   if (packed_in) {
     const at::Tensor xp = x_in.reshape({T * N, H, W, Cw});
     return std::get<0>(bconv_lif_run(s, xp, FloatInput{}, w_mask, w_pos, args, false, bn_eps,
-                                     true, pool, packed_out));
+                                     true, pool, packed_out, rw));
   }
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   std::atomic<bool> bad{false};
   const FloatInput xf{true, x.data_ptr<float>(), C, &bad};
   at::Tensor spikes = std::get<0>(
-      bconv_lif_run(s, x, xf, w_mask, w_pos, args, false, bn_eps, true, pool, packed_out));
+      bconv_lif_run(s, x, xf, w_mask, w_pos, args, false, bn_eps, true, pool, packed_out, rw));
   TORCH_CHECK_VALUE(!bad.load(), "binslt::", op, ": ", kNotBinaryMsg);
   return spikes;
 }

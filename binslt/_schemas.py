@@ -155,4 +155,14 @@ AUX_SCHEMAS: dict[str, str] = {
         "bn_lif_infer(Tensor z, Tensor scale, Tensor shift, float tau, bool decay_input, "
         "float v_threshold, float? v_reset, int pool, bool packed_out) -> Tensor"
     ),
+    # The no-grad eval path of a masked sign-weight conv without a neuron (BinConv2d: ResNet's
+    # 1x1 shortcuts) on spikes.
+    #   x: float 0/1 spikes [B, C, H, W], or pack_spikes words [B, H, W, ceil(C/32)] int32;
+    #   w_mask, w_pos: [Co, kh, kw, Cw]; alpha, scale, shift: [Co]
+    # -> [B, Co, Ho, Wo] float32 = (count * alpha) * scale + shift, count = the exact integer
+    #    sum(x * sign * M) (the eval BN folded into scale / shift)
+    "bconv_affine_infer": (
+        "bconv_affine_infer(Tensor x, Tensor w_mask, Tensor w_pos, Tensor alpha, Tensor scale, "
+        "Tensor shift, int stride, int padding) -> Tensor"
+    ),
 }

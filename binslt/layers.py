@@ -497,6 +497,12 @@ class BinConv2d(_MaskedSignWeight):
                              f"{tuple(x.shape)}")
         lead = x.shape[:-3]
         xf = x.flatten(0, -4)
+        if _affine_infer_path(self, xf):
+            scale, shift, _ = _bn_scale_shift(self.bn, self.out_channels, xf)
+            w_mask, w_pos, alpha = self.packed_weight()
+            y = ops.bconv_affine_infer(xf, w_mask, w_pos, alpha, scale.float(), shift.float(),
+                                       self.stride, self.padding)
+            return y.view(*lead, *y.shape[1:])
         w = self.effective_weight().to(x.dtype)
         if _saves_spikes_packed(xf, w):
             y = self._conv_bn_saving_bits(xf, w)
@@ -541,6 +547,22 @@ class BinConv2d(_MaskedSignWeight):
                 y = self.bn(y)
         conv.clear()  # the hooks keep only bits and w_value alive
         return y
+
+
+def _affine_infer_path(m: BinConv2d, x: torch.Tensor) -> bool:
+    """Whether BinConv2d's no-grad call on float CPU spikes x [B, C, H, W] runs as the
+    ``bconv_affine_infer`` op: exact integer counts (oneDNN's int8 convolution where the CPU has
+    AMX-INT8), then the gain and the eval BN as one per-channel affine. Only where that op's int8
+    route runs (elsewhere ATen's float conv is as fast): on such a CPU the layer's eval output is
+    (count * alpha) * scale + shift, one rounding per step instead of a float sum of +-alpha
+    terms, so it can differ from the grad-mode forward in the last bits."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() == 0:
+        return False
+    if m.bn is not None and (m.bn.training or not m.bn.track_running_stats):
+        return False
+    if torch.compiler.is_compiling() or not ops.onednn_conv_available():
+        return False
+    return x.dtype == torch.int32 or (x.dtype == torch.float32 and ops._is_binary(x))
 
 
 def _saves_spikes_packed(x: torch.Tensor, w: torch.Tensor) -> bool:

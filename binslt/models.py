@@ -47,6 +47,7 @@ from torch import nn
 from . import _contract as C
 from . import ops
 from ._schemas import SURROGATES
+from .layers import _affine_infer_path  # noqa: I001  (BinConv2d's packed-input path)
 from .layers import (
     LIF,
     MODES,
@@ -484,7 +485,8 @@ class BinSLTNet(nn.Module):
 class _PackedBlock:
     """A ResidualBlock of binslt spiking convs run with packed spikes: conv1 emits packed words,
     an identity shortcut hands its input to conv2 as a packed residual (added as 0. / 1., the
-    spikes it packs), a BinConv2d shortcut runs as the module on the float spikes; conv2 emits
+    spikes it packs), a BinConv2d shortcut runs as the module (on the packed words where its
+    bconv_affine_infer path runs, on the unpacked float spikes otherwise); conv2 emits
     packed words when the next layer consumes them. The same spikes as the block's forward."""
 
     input = "spike"
@@ -513,10 +515,10 @@ class _PackedBlock:
             r = x  # packed words, or float spikes
         else:
             xs = x
-            if x.dtype == torch.int32:
+            if x.dtype == torch.int32 and not _affine_infer_path(b.shortcut, x.flatten(0, 1)):
                 xs = ops.unpack_spikes(x.flatten(0, 1), b.conv1.in_channels).view(
                     x.shape[0], x.shape[1], b.conv1.in_channels, *x.shape[2:4])
-            r = b.shortcut(xs)
+            r = b.shortcut(xs)  # packed words in: BinConv2d's bconv_affine_infer path
         return b.conv2.forward_packed(h, packed_out=packed_out, residual=r)
 
 

@@ -188,6 +188,16 @@ def _fake_bconv_lif_bwd(grad_spikes, counts, x_packed, w_mask, w_pos, alpha, sca
     )
 
 
+@torch.library.register_fake("binslt::bconv_affine_infer")
+def _(x, w_mask, w_pos, alpha, scale, shift, stride, padding):
+    _same_device("bconv_affine_infer", x=x, w_mask=w_mask, w_pos=w_pos, alpha=alpha,
+                 scale=scale, shift=shift)
+    h, w = (x.shape[1], x.shape[2]) if x.dtype == torch.int32 else (x.shape[2], x.shape[3])
+    co, kh, kw, _ = w_mask.shape
+    return x.new_empty((x.shape[0], co, *C.out_hw(h, w, kh, kw, stride, padding)),
+                       dtype=torch.float32)
+
+
 @torch.library.register_fake("binslt::bconv_lif_bwd_pool2")
 def _(grad_pooled, pool_packed, counts, *args):
     _same_device("bconv_lif_bwd_pool2", grad_pooled=grad_pooled, pool_packed=pool_packed,
@@ -849,6 +859,26 @@ def pack_spikes(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 
 def unpack_spikes(packed: torch.Tensor, channels: int, backend: str = "auto") -> torch.Tensor:
     return get_op("unpack_spikes", resolve_backend(backend, packed.device))(packed, channels)
+
+
+def bconv_affine_infer(x, w_mask, w_pos, alpha, scale, shift, stride=1, padding=0,
+                       backend: str = "auto") -> torch.Tensor:
+    """(count * alpha) * scale + shift of spikes x (float 0/1 [B, C, H, W] or packed words
+    [B, H, W, Cw] int32): a masked sign-weight conv without a neuron, eval BN folded."""
+    return get_op("bconv_affine_infer", resolve_backend(backend, x.device))(
+        x, w_mask, w_pos, alpha, scale, shift, stride, padding)
+
+
+def onednn_conv_available() -> bool:
+    """Whether the C++ CPU kernels can run oneDNN's int8 convolution here (AMX-INT8)."""
+    global _ONEDNN
+    if _ONEDNN is None:
+        info = _ext.cpu_info()
+        _ONEDNN = bool(info and info["features"].get("onednn_int8", False))
+    return _ONEDNN
+
+
+_ONEDNN = None
 
 
 def pack_weight(weight: torch.Tensor, backend: str = "auto"):

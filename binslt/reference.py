@@ -624,8 +624,28 @@ def bn_lif_infer_reference(z, scale, shift, tau, decay_input, v_threshold, v_res
     return infer_output(s, pool, packed_out, pack_spikes_reference)
 
 
+def bconv_affine_infer_reference(x, w_mask, w_pos, alpha, scale, shift, stride, padding):
+    """``binslt::bconv_affine_infer``: (count * alpha) * scale + shift per output channel, the
+    integer counts of spikes x (float 0/1 [B, C, H, W] or packed words [B, H, W, Cw])."""
+    op = "bconv_affine_infer"
+    if x.dim() != 4:
+        raise ValueError(f"binslt::{op}: x must be float spikes [B, C, H, W] or packed words "
+                         f"[B, H, W, Cw] int32, got shape {list(x.shape)}")
+    if x.dtype == torch.int32:
+        xp, cin = x, None
+    else:
+        if not bool(((x == 0) | (x == 1)).all()):
+            raise ValueError(f"binslt::{op}: the input must be binary spikes (every element 0. "
+                             f"or 1.)")
+        xp, cin = pack_spikes_reference(x), x.shape[1]
+    counts = bconv_count_reference(xp, w_mask, w_pos, stride, padding, cin)
+    v = (-1, 1, 1)
+    return (counts * alpha.float().view(v)) * scale.float().view(v) + shift.float().view(v)
+
+
 # Helper ops (binslt._schemas.AUX_SCHEMAS).
 REFERENCE_AUX_OPS = {
+    "bconv_affine_infer": bconv_affine_infer_reference,
     "spike_pool2_bwd": spike_pool2_bwd_reference,
     "bconv_lif_bwd_pool2": bconv_lif_bwd_pool2_reference,
     "bn_lif_infer": bn_lif_infer_reference,

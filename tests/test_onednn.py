@@ -208,3 +208,53 @@ def test_resnet_eval_chains_packed_spikes_through_its_blocks(monkeypatch):
     assert all(xd == torch.int32 for xd, _ in seen)
     identity = sum(b.shortcut is None for b in blocks)
     assert identity == 5 and sum(rd == torch.int32 for _, rd in seen) == identity
+
+
+@pytest.mark.parametrize("case", [dict(k=1, stride=2, ci=64, co=128), dict(k=1, ci=40, co=33),
+                                  dict(k=3, stride=1, ci=32, co=16, h=9, w=7)],
+                         ids=["1x1s2", "1x1-odd", "3x3"])
+def test_bconv_affine_infer_equals_reference(case):
+    """BinConv2d's no-grad op: (count * alpha) * scale + shift, bit for bit the reference's, from
+    float spikes and from packed words."""
+    x, wm, wp, alpha, scale, shift, _ = _case(stable_seed(sorted(case.items())), **case)
+    xf = x.flatten(0, 1)
+    k, stride = case.get("k", 3), case.get("stride", 1)
+    want = ref.bconv_affine_infer_reference(xf, wm, wp, alpha, scale, shift, stride, k // 2)
+    # the counts are the integers of a float64 conv
+    w64 = ref.unpack_weight_reference(wm, wp, xf.shape[1]).double()
+    c64 = torch.nn.functional.conv2d(xf.double(), w64, stride=stride, padding=k // 2)
+    v = (-1, 1, 1)
+    assert torch.equal(want, ((c64.float() * alpha.view(v)) * scale.view(v) + shift.view(v)))
+    for xin in (xf, ref.pack_spikes_reference(xf)):
+        got = ops.bconv_affine_infer(xin, wm, wp, alpha, scale, shift, stride, k // 2)
+        assert got.shape == want.shape and got.is_contiguous() and torch.equal(got, want)
+    bad = xf.clone()
+    bad[1, 3, 2, 2] = 2.0
+    with pytest.raises(ValueError, match="binary spikes"):
+        ops.bconv_affine_infer(bad, wm, wp, alpha, scale, shift, stride, k // 2)
+    with pytest.raises(ValueError, match="binary spikes"):
+        ref.bconv_affine_infer_reference(bad, wm, wp, alpha, scale, shift, stride, k // 2)
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        ops.bconv_affine_infer(x, wm, wp, alpha, scale, shift, stride, k // 2)
+
+
+@needs_amx
+def test_binconv2d_eval_runs_the_exact_count_op():
+    """On an AMX CPU a frozen BinConv2d + BN shortcut in eval gives (count * alpha) folded BN:
+    within float rounding of its grad-mode forward, and taking packed words as well."""
+    import binslt
+
+    torch.manual_seed(2)
+    m = binslt.BinConv2d(64, 96, 1, stride=2, bn=True)
+    with torch.no_grad():
+        m.bn.running_mean.normal_(0, 1)
+        m.bn.running_var.uniform_(0.5, 2)
+    binslt.models.set_mode(m, "frozen")
+    m.eval()
+    x = (torch.rand(2, 3, 64, 8, 8) < 0.3).float()
+    with torch.no_grad():
+        y = m(x)
+        yp = m(ref.pack_spikes_reference(x.flatten(0, 1)).view(2, 3, 8, 8, 2))
+    y_grad_mode = m(x)
+    assert torch.equal(y, yp)
+    torch.testing.assert_close(y, y_grad_mode.detach(), rtol=1e-5, atol=1e-5)

@@ -328,21 +328,23 @@ inline int64_t tile_sp_floats(const InferOut& io, int64_t T, int64_t Lmax) {
 // zt[t] + off (Co floats a step), residual rt[t] + roff likewise (or rt null); per channel the float operations
 // of lif_counts in the same order (so the same spikes), vectorised across channels. The spikes
 // go out as pack_spikes bits, words[t * Cw + w] (sp: Cw*32 floats of scratch, zero past Co).
-__attribute__((target("avx512f"))) static void lif_pixel_words(
-    int64_t T, int64_t Co, int64_t Cw, const float* const* zt, int64_t off, const float* alpha,
-    const float* scale, const float* shift, const float* const* rt, int64_t roff,
-    const NeuronParams& p_in, float* v, float* sp, uint32_t* words) {
+template <bool kRes>
+__attribute__((target("avx512f"))) static void lif_pixel_words_t(
+    int64_t T, int64_t Co, int64_t Cw, const float* const* zt, int64_t off,
+    const float* __restrict alpha, const float* __restrict scale, const float* __restrict shift,
+    const float* const* rt, int64_t roff, const NeuronParams& p_in, float* __restrict v,
+    float* __restrict sp, uint32_t* words) {
   const NeuronParams p = p_in;
   const float v0 = p.soft_reset ? 0.0f : p.v_reset;
   for (int64_t c = 0; c < Co; ++c) v[c] = v0;
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t t = 0; t < T; ++t) {
-    const float* z = zt[t] + off;
-    const float* r = rt != nullptr ? rt[t] + roff : nullptr;
+    const float* __restrict z = zt[t] + off;
+    const float* __restrict r = kRes ? rt[t] + roff : nullptr;
     for (int64_t c = 0; c < Co; ++c) {
       float x = z[c] * alpha[c];
       x = x * scale[c] + shift[c];
-      if (r != nullptr) x = x + r[c];
+      if (kRes) x = x + r[c];
       const float h = lif_charge(v[c], x, p);
       const float sk = lif_fire(h, p);
       v[c] = lif_reset(h, sk, p);
@@ -355,6 +357,16 @@ __attribute__((target("avx512f"))) static void lif_pixel_words(
       words[t * Cw + w] = lo | (hi << 16);
     }
   }
+}
+static void lif_pixel_words(int64_t T, int64_t Co, int64_t Cw, const float* const* zt,
+                            int64_t off, const float* alpha, const float* scale,
+                            const float* shift, const float* const* rt, int64_t roff,
+                            const NeuronParams& p, float* v, float* sp, uint32_t* words) {
+  if (rt != nullptr)
+    lif_pixel_words_t<true>(T, Co, Cw, zt, off, alpha, scale, shift, rt, roff, p, v, sp, words);
+  else
+    lif_pixel_words_t<false>(T, Co, Cw, zt, off, alpha, scale, shift, rt, roff, p, v, sp,
+                             words);
 }
 
 // Cw pack_spikes words -> 32*Cw floats 0. / 1.

@@ -21,7 +21,11 @@
 #include <optional>
 #include <immintrin.h>
 
+#include <torch/library.h>
+
 #include "binslt/bconv_cpu.h"
+#include "binslt/checks.h"
+#include "binslt/pack_cpu.h"
 #include "binslt/cpu_algos.h"
 
 namespace binslt {
@@ -208,5 +212,80 @@ at::Tensor OnednnConv::operator()(const at::Tensor& x_u8) const {
              : z.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// binslt::bconv_affine_infer (BinConv2d's no-grad path on spikes): y = (count * alpha) * scale +
+// shift, [B, Co, Ho, Wo] float32. The counts come from oneDNN's int8 convolution where the CPU
+// has AMX-INT8, otherwise from ATen's float convolution of the 0/1 spikes and the {-1, 0, +1}
+// weights (every partial sum an integer below 2^24: exact too).
+at::Tensor bconv_affine_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_mask_in,
+                                  const at::Tensor& w_pos_in, const at::Tensor& alpha_in,
+                                  const at::Tensor& scale_in, const at::Tensor& shift_in,
+                                  int64_t stride, int64_t padding) {
+  const char* op = "bconv_affine_infer";
+  check_on_cpu(x_in, op, "x");
+  const bool packed = x_in.scalar_type() == at::kInt;
+  TORCH_CHECK_VALUE(x_in.dim() == 4 && (packed || x_in.scalar_type() == at::kFloat), "binslt::",
+                    op, ": x must be float32 spikes [B, C, H, W] or packed words [B, H, W, Cw] "
+                    "int32, got ", x_in.scalar_type(), " of shape ", shape_str(x_in));
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), C = packed ? 0 : x.size(1);
+  const int64_t H = packed ? x.size(1) : x.size(2), W = packed ? x.size(2) : x.size(3);
+  const int64_t Cw = packed ? x.size(3) : words_for(static_cast<int>(C));
+  const ConvShape s = check_conv_dims(B, H, W, Cw, "x", w_mask_in, w_pos_in, 1, stride, padding,
+                                      op);
+  const int64_t Ci = packed ? 32 * Cw : C, S = s.Ho * s.Wo;
+  const at::Tensor alpha = cpu_channel_vec(alpha_in, op, "alpha", s.Co);
+  const at::Tensor scale = cpu_channel_vec(scale_in, op, "scale", s.Co);
+  const at::Tensor shift = cpu_channel_vec(shift_in, op, "shift", s.Co);
+  const at::Tensor w_mask = w_mask_in.contiguous(), w_pos = w_pos_in.contiguous();
+  const uint32_t* mbits = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
+  const uint32_t* pbits = reinterpret_cast<const uint32_t*>(w_pos.data_ptr<int32_t>());
+  const float *ap = alpha.data_ptr<float>(), *sp = scale.data_ptr<float>(),
+              *hp = shift.data_ptr<float>();
+  auto affine = [&](float* row, int64_t c) {
+    for (int64_t i = 0; i < S; ++i) row[i] = (row[i] * ap[c]) * sp[c] + hp[c];
+  };
+  if (B == 0 || s.Co == 0 || S == 0 || !onednn_int8_supported()) {
+    at::Tensor xf = packed ? unpack_spikes_cpu(x, Ci) : x;
+    if (!packed)
+      TORCH_CHECK_VALUE(at::logical_or(xf == 0, xf == 1).all().item<bool>(), "binslt::", op,
+                        ": ", kNotBinaryMsg);
+    std::vector<float> one(s.Co, 1.0f);
+    const at::Tensor w = dense_weight(s, Ci, w_mask, w_pos, one.data());
+    at::Tensor out = at::conv2d(xf, w, {}, {stride, stride}, {padding, padding}).contiguous();
+    float* o = out.data_ptr<float>();
+    at::parallel_for(0, B * s.Co, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) affine(o + i * S, i % s.Co);
+    });
+    return out;
+  }
+  bool bad = false;
+  const at::Tensor x_u8 = packed ? spikes_u8_from_packed(x)
+                                 : spikes_u8_from_float(x.data_ptr<float>(), B, C, H, W,
+                                                        x.options(), &bad);
+  TORCH_CHECK_VALUE(!bad, "binslt::", op, ": ", kNotBinaryMsg);
+  at::Tensor out = at::empty({B, s.Co, s.Ho, s.Wo}, x.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(B, (8 << 20) / (S * s.Co * 4)));
+  const OnednnConv conv(s, Ci, mbits, pbits, nb);
+  const TransposeFn transpose = transpose_f32_fn();
+  for (int64_t b0 = 0; b0 < B; b0 += nb) {
+    const int64_t b1 = std::min(B, b0 + nb);
+    const at::Tensor z = conv(x_u8.narrow(0, b0, b1 - b0));
+    const float* zp = z.data_ptr<float>();
+    at::parallel_for(b0, b1, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t b = i0; b < i1; ++b) {
+        float* ob = o + b * s.Co * S;
+        transpose(zp + (b - b0) * S * s.Co, ob, S, s.Co);
+        for (int64_t c = 0; c < s.Co; ++c) affine(ob + c * S, c);
+      }
+    });
+  }
+  return out;
+}
+
 }  // namespace cpu
 }  // namespace binslt
+
+TORCH_LIBRARY_IMPL(binslt, CPU, m) {
+  m.impl("bconv_affine_infer", &binslt::cpu::bconv_affine_infer_cpu);
+}

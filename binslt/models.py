@@ -47,7 +47,6 @@ from torch import nn
 from . import _contract as C
 from . import ops
 from ._schemas import SURROGATES
-from .layers import _affine_infer_path  # noqa: I001  (BinConv2d's packed-input path)
 from .layers import (
     LIF,
     MODES,
@@ -58,6 +57,7 @@ from .layers import (
     BinSpikeLinear,
     SignActivation,
     SpikeMaxPool2d,
+    _affine_infer_path,
     _MaskedSignWeight,
     check_if_settings,
     conv_output_numel,

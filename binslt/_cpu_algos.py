@@ -5,7 +5,10 @@ The CPU kernels choose per call, by measured rules (``csrc/cpu/cpu_algos.cpp``),
 * ``isa``: the instruction-set path, ``"scalar"``, ``"popcnt"``, ``"avx2"`` or ``"avx512"``
   (the best this CPU runs; ``binslt._ext.cpu_info()["kernel_isa"]`` says which);
 * ``conv``: the forward of ``bconv_lif``, ``"dense"`` (AND + popcount over every input word) or
-  ``"event"`` (the sum of the weight columns of the input spikes, faster at low firing rates);
+  ``"event"`` (the sum of the weight columns of the input spikes, faster at low firing rates),
+  or, for inference (``bconv_lif_infer``) on a CPU with AMX-INT8, ``"onednn"`` (the exact
+  integer counts from oneDNN's int8 convolution; the training forward then takes ``"dense"``;
+  forcing it elsewhere raises RuntimeError; ``"auto"`` takes it there for maps of at least 4x4);
 * ``grad_x``: the input gradient of ``bconv_lif_bwd``, ``"dense"`` (ATen's transposed
   convolution), ``"ternary"`` (add/subtract of dZ rows; AVX-512 and stride 1), ``"combo"`` (the
   same over signed sums of four dZ rows; its per-thread buffer grows with the feature map, about

@@ -325,9 +325,10 @@ inline int64_t tile_sp_floats(const InferOut& io, int64_t T, int64_t Lmax) {
 }
 
 // The eval epilogue and the LIF over T of one pixel's Co channels in channel-last order: counts
-// zt[t] + off (Co floats a step), residual rt[t] + roff likewise (or rt null); per channel the float operations
-// of lif_counts in the same order (so the same spikes), vectorised across channels. The spikes
-// go out as pack_spikes bits, words[t * Cw + w] (sp: Cw*32 floats of scratch, zero past Co).
+// zt[t] + off (Co floats a step), residual rt[t] + roff likewise (or rt null); per channel the
+// float operations of lif_counts in the same order (so the same spikes), vectorised across
+// channels. The spikes go out as pack_spikes bits, words[t * Cw + w] (sp: Cw*32 floats of
+// scratch, zero past Co).
 template <bool kRes>
 __attribute__((target("avx512f"))) static void lif_pixel_words_t(
     int64_t T, int64_t Co, int64_t Cw, const float* const* zt, int64_t off,

@@ -72,7 +72,8 @@ inline int64_t pool2_route(const uint32_t* r0, const uint32_t* r1, int64_t step,
 // bn_lif_infer and bconv_lif_infer's tiles.
 template <int Q>
 inline float pooled_at(const float* r0, const float* r1, int64_t ox) {
-  return Q == 2 ? std::max(std::max(r0[2 * ox], r0[2 * ox + 1]), std::max(r1[2 * ox], r1[2 * ox + 1]))
+  return Q == 2 ? std::max(std::max(r0[2 * ox], r0[2 * ox + 1]),
+                           std::max(r1[2 * ox], r1[2 * ox + 1]))
                 : r0[ox];
 }
 template <int Q>

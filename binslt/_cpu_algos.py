@@ -44,8 +44,8 @@ from . import _ext
 CHOICES: dict[str, tuple[str, ...]] = {
     "isa": ("auto", "scalar", "popcnt", "avx2", "avx512"),
     "conv": ("auto", "dense", "event", "onednn"),
-    "grad_x": ("auto", "dense", "ternary", "combo", "unfold"),
-    "grad_w": ("auto", "event", "dense", "unfold", "taps"),
+    "grad_x": ("auto", "dense", "ternary", "combo", "unfold", "int8"),
+    "grad_w": ("auto", "event", "dense", "unfold", "taps", "int8"),
 }
 
 

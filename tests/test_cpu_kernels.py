@@ -262,18 +262,18 @@ def test_bconv_event_widens_before_int8_overflow(isa, use_algos):
 def test_bconv_conv_algo_rejects_unknown_name():
     with pytest.raises(ValueError, match="expected one of auto, dense, event, onednn"):
         CPU._set_cpu_algorithms("auto", "sparse", "auto", "auto")
-    with pytest.raises(ValueError, match="expected one of auto, dense, ternary, combo, unfold"):
+    with pytest.raises(ValueError, match="expected one of auto, dense, ternary, combo, unfold, int8"):
         CPU._set_cpu_algorithms("auto", "auto", "sparse", "auto")
     with pytest.raises(ValueError, match="expected one of auto, scalar, popcnt, avx2, avx512"):
         CPU._set_cpu_algorithms("sse", "auto", "auto", "auto")
-    with pytest.raises(ValueError, match="expected one of auto, event, dense, unfold, taps"):
+    with pytest.raises(ValueError, match="expected one of auto, event, dense, unfold, taps, int8"):
         CPU._set_cpu_algorithms("auto", "auto", "auto", "gemm")
     before = _cpu_algos.current()
     for kw, choices in (({"conv": "sparse"}, "('auto', 'dense', 'event', 'onednn')"),
                         ({"grad_x": "sparse"},
-                         "('auto', 'dense', 'ternary', 'combo', 'unfold')"),
+                         "('auto', 'dense', 'ternary', 'combo', 'unfold', 'int8')"),
                         ({"isa": "sse"}, "('auto', 'scalar', 'popcnt', 'avx2', 'avx512')"),
-                        ({"grad_w": "gemm"}, "('auto', 'event', 'dense', 'unfold', 'taps')")):
+                        ({"grad_w": "gemm"}, "('auto', 'event', 'dense', 'unfold', 'taps', 'int8')")):
         with pytest.raises(ValueError, match=re.escape(f"must be one of {choices}")):
             with cpu_algorithms(**kw):
                 pass
@@ -526,7 +526,7 @@ BWD_CASES = [
 
 
 def _gx_algos() -> list[str]:
-    out = ["dense"]
+    out = ["dense"]  # (and "int8" below, with its own weight gradient)
     for name in ("ternary", "combo"):
         try:
             with cpu_algorithms(grad_x=name):
@@ -538,10 +538,12 @@ def _gx_algos() -> list[str]:
 
 # (input-gradient, weight-gradient) algorithms: the two gradients are independent code paths,
 # so every input-gradient form runs with the event weight gradient, one with the dense one and
-# the unfold and the tap forms with their own (forced on every case: also the maps "auto" never
-# gives them).
+# the unfold, the tap and the int8 forms with their own (forced on every case: also the maps
+# "auto" never gives them; "int8" at stride 2 falls to the event form).
 BWD_ALGOS = [(gx, "event") for gx in _gx_algos()] + [("dense", "dense"), ("unfold", "unfold"),
-                                                        ("dense", "taps")]
+                                                        ("dense", "taps"), ("dense", "int8")]
+if onednn_supported():  # the int8 input gradient runs on oneDNN's AMX-INT8 convolution only
+    BWD_ALGOS.append(("int8", "int8"))
 
 
 @pytest.mark.parametrize("gx_algo,gw_algo", BWD_ALGOS)
@@ -642,6 +644,90 @@ def test_auto_takes_the_unfold_form_on_small_maps(geom, auto_unfolds, use_algos)
     for a, u, d in zip(auto[:2], unfolded[:2], dense[:2]):  # grad_x, grad_weight
         torch.testing.assert_close(u, d, rtol=1e-5, atol=1e-5)
         assert torch.equal(a, u) == auto_unfolds
+
+def _bwd_of(c, fwd, gs):
+    return OPS.bconv_lif_bwd(gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"],
+                             c["shift"], fwd[2], fwd[3], c["res"], c["Ci"], c["stride"],
+                             c["padding"], c["bn_train"], 1e-5, 2.0, False, 0.5, 0.0, True, 0,
+                             2.0, True)
+
+
+def _fwd_of(c):
+    return OPS.bconv_lif(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], c["res"],
+                         c["T"], c["stride"], c["padding"], c["bn_train"], 1e-5, 2.0, False, 0.5,
+                         0.0)
+
+
+def test_int8_weight_grad_in_chunks_of_images(use_algos):
+    """Two 256x256 images of 32 -> 32 channels fill more than one chunk of the int8 weight
+    gradient's buffers (16 MiB): the sums of the chunks, each on its own limb units, agree with
+    the dense float form (and the input gradient, here from the margined copy, the NCHW one's)."""
+    c = _conv_case((1, 2, 32, 32, 256, 256, 3, 1, 1), 11, bn_train=True)
+    fwd = _fwd_of(c)
+    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(5))
+    use_algos(grad_x="dense", grad_w="int8")
+    a = _bwd_of(c, fwd, gs)
+    use_algos(grad_x="dense", grad_w="dense")
+    b = _bwd_of(c, fwd, gs)
+    _assert_close(a[1], b[1], "grad_weight")
+    _assert_close(a[0], b[0], "grad_x")
+
+
+@pytest.mark.parametrize("gx_algo", ["dense"] + (["int8"] if onednn_supported() else []))
+def test_int8_grads_take_the_float_forms_on_a_non_finite_dz(gx_algo, use_algos):
+    """A NaN in dL/dspikes cannot be split into int8 limbs: the forced int8 forms give the event
+    weight gradient's and the dense input gradient's results (NaN where those carry it), never a
+    number made up from a NaN."""
+    c = _conv_case((2, 1, 16, 16, 6, 6, 3, 1, 1), 12, bn_train=False)
+    fwd = _fwd_of(c)
+    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(6))
+    gs[1, 0, 3, 2, 2] = float("nan")
+    use_algos(grad_x=gx_algo, grad_w="int8")
+    a = _bwd_of(c, fwd, gs)
+    use_algos(grad_x="dense", grad_w="event")
+    b = _bwd_of(c, fwd, gs)
+    for i in (0, 1):  # grad_x, grad_weight
+        assert torch.isnan(a[i]).any()
+        assert torch.equal(torch.isnan(a[i]), torch.isnan(b[i]))
+        assert torch.equal(torch.nan_to_num(a[i]), torch.nan_to_num(b[i]))
+
+
+@pytest.mark.skipif(not onednn_supported(), reason="the int8 weight gradient is auto only on a "
+                    "CPU with AMX-INT8; elsewhere forced, as in test_bconv_lif_bwd_float64")
+@pytest.mark.parametrize("geom,rate,auto_int8", [
+    ((2, 2, 64, 64, 8, 8, 3, 1, 1), 0.6, True),      # dense-rate input over 8x8
+    ((2, 2, 64, 64, 16, 16, 3, 1, 1), 0.3, True),    # rate * 256/324 = 0.24 >= 0.18
+    ((2, 2, 64, 64, 16, 16, 3, 1, 1), 0.05, False),  # sparse: the event form
+    ((2, 2, 64, 64, 4, 4, 3, 1, 1), 0.6, False),     # 4x4: the tap form
+    ((2, 2, 64, 64, 16, 16, 3, 2, 1), 0.6, False),   # stride 2
+])
+def test_auto_takes_the_int8_weight_grad_with_amx(geom, rate, auto_int8, use_algos):
+    c = _conv_case(geom, stable_seed(geom), rate=rate, bn_train=True)
+    fwd = _fwd_of(c)
+    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(7))
+    auto = _bwd_of(c, fwd, gs)
+    use_algos(grad_w="int8")
+    forced = _bwd_of(c, fwd, gs)
+    assert torch.equal(auto[1], forced[1]) == auto_int8
+
+
+@pytest.mark.skipif(not onednn_supported(), reason="the int8 input gradient needs AMX-INT8")
+@pytest.mark.parametrize("geom,auto_int8", [
+    ((2, 2, 64, 64, 8, 8, 3, 1, 1), True),
+    ((2, 2, 64, 64, 4, 4, 3, 1, 1), True),
+    ((2, 2, 32, 32, 32, 32, 3, 1, 1), True),
+    ((2, 2, 64, 64, 2, 2, 3, 1, 1), False),     # 3x3 over 2x2: the unfold form
+    ((2, 2, 64, 64, 64, 64, 3, 1, 1), False),   # above the measured range
+])
+def test_auto_takes_the_int8_input_grad_with_amx(geom, auto_int8, use_algos):
+    c = _conv_case(geom, stable_seed(geom), bn_train=True)
+    fwd = _fwd_of(c)
+    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(8))
+    auto = _bwd_of(c, fwd, gs)
+    use_algos(grad_x="int8")
+    forced = _bwd_of(c, fwd, gs)
+    assert torch.equal(auto[0], forced[0]) == auto_int8
+
 
 # ----------------------------------------------------------------------------------------------
 # bn_lif

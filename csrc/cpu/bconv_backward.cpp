@@ -36,6 +36,30 @@ struct PoolGrad {
   void rows(const ConvShape& s, int64_t n, int64_t c, int64_t s0, int L, float* dst) const {
     const int64_t word = c >> 5;
     const uint32_t bit = uint32_t{1} << (c & 31);
+    // A chunk of whole window rows (it starts on an even row and ends on an even row or at the
+    // map's end): one route per window, its gradient written to the one position it picks.
+    const int64_t pair = 2 * s.Wo;
+    if (s0 % pair == 0 && (L % pair == 0 || s0 + L == s.Ho * s.Wo)) {
+      const int64_t y0 = s0 / s.Wo, yend = std::min<int64_t>(2 * Hq, y0 + L / s.Wo);
+      for (int64_t t = 0; t < s.T; ++t) {
+        const int64_t b = t * s.N + n;
+        const uint32_t* img = bits + b * s.Ho * s.Wo * Cwo + word;
+        const float* gp = g + (b * s.Co + c) * Hq * Wq;
+        float* out = dst + t * kRowChunk;
+        std::fill(out, out + L, 0.0f);
+        for (int64_t y = y0; y < yend; y += 2) {
+          const uint32_t* r0 = img + y * s.Wo * Cwo;
+          const uint32_t* r1 = r0 + s.Wo * Cwo;
+          const float* grow = gp + (y >> 1) * Wq;
+          float* o0 = out + (y - y0) * s.Wo;
+          for (int64_t q = 0; q < Wq; ++q) {
+            const int64_t r = pool2_route(r0 + 2 * q * Cwo, r1 + 2 * q * Cwo, Cwo, bit);
+            o0[(r >> 1) * s.Wo + 2 * q + (r & 1)] = grow[q];
+          }
+        }
+      }
+      return;
+    }
     for (int64_t t = 0; t < s.T; ++t) {
       const int64_t b = t * s.N + n;
       const uint32_t* img = bits + b * s.Ho * s.Wo * Cwo + word;
@@ -260,8 +284,19 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bc
               unfold_bytes >> 20, " MiB matrix for this ", s.H, "x", s.W, " map (it is meant "
               "for maps of a few pixels); use cpu_algorithms(grad_x='auto', grad_w='auto')");
   at::Tensor gw;
+  bool int8_w = false;
+  const bool int8_x = need_grad_x && !pointwise &&
+                      !use_unfold_grad_x(s.H, s.W, s.KH, s.KW, unfold_bytes) &&
+                      use_int8_grad_x(stride, padding, s.KH, s.KW, s.Ho, s.Wo);
   if (!pointwise && use_unfold_grad_w(s.H, s.W, s.KH, s.KW, unfold_bytes)) {
     gw = weight_grad_unfold(s, in_channels, gz, unpack_spikes_cpu(x_packed, in_channels));
+  } else if (use_int8_grad_w(x_packed, stride, s.Ho, s.Wo, s.H + 2 * padding, s.W + 2 * padding,
+                             s.Co * in_channels * s.KH * s.KW)) {
+    gw = weight_grad_int8(s, in_channels, x_packed, gz);  // undefined where dZ is not finite
+    int8_w = gw.defined();
+  }
+  if (gw.defined()) {
+    // (the unfold or the int8 form)
   } else if (pointwise && (algo_config().grad_w == GradWAlgo::kUnfold ||
                            use_dense_grad_w(x_packed, s.Co * in_channels * s.KH * s.KW))) {
     // (A pointwise conv's matrix product is already its unfold form, per pixel.)
@@ -286,7 +321,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bc
     at::Tensor gz_cl = channels_last_copy(gz, margin_top, margin_left);
     // dX from the same margined copy where that form is the choice: the NCHW dZ goes now, the
     // copy inside input_grad_margined (one dZ in memory from here on).
-    const bool dx_margined = need_grad_x && !pointwise &&
+    const bool dx_margined = need_grad_x && !pointwise && !int8_x &&
         input_grad_takes_margined(s, in_channels, w_mask, margin_top, margin_left);
     if (dx_margined) gz.reset();
     gw = weight_grad(s, in_channels, x_packed, gz_cl, margin_top, margin_left);
@@ -301,8 +336,20 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bc
     gx = at::matmul(w.t(), gz.view({s.B, s.Co, S})).view({s.T, s.N, in_channels, s.H, s.W});
   } else if (need_grad_x && use_unfold_grad_x(s.H, s.W, s.KH, s.KW, unfold_bytes)) {
     gx = input_grad_unfold(s, in_channels, gz, w_mask, w_pos, ap);
+  } else if (int8_x && (gx = input_grad_int8(s, in_channels, gz, w_mask, w_pos, ap)).defined()) {
+    // (undefined where dZ is not finite: then the float forms below)
   } else if (need_grad_x) {
-    gx = input_grad(s, in_channels, gz, w_mask, w_pos, ap);
+    // After the int8 weight gradient, the margined form where it is the choice (the event
+    // form's copy would have fed it).
+    const int64_t mt = std::max<int64_t>(0, s.KH - 1 - padding),
+                  ml = std::max<int64_t>(0, s.KW - 1 - padding);
+    if (int8_w && !int8_x && input_grad_takes_margined(s, in_channels, w_mask, mt, ml)) {
+      at::Tensor gz_cl = channels_last_copy(gz, mt, ml);
+      gz.reset();
+      gx = input_grad_margined(s, in_channels, std::move(gz_cl), w_mask, w_pos, ap);
+    } else {
+      gx = input_grad(s, in_channels, gz, w_mask, w_pos, ap);
+    }
   }
   return {gx, gw, gcur, gscale, gshift};
 }

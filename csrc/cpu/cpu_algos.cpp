@@ -1,6 +1,7 @@
 // Algorithm selection of the CPU kernels (see binslt/cpu_algos.h): the configuration, the ISA
 // detection, and the measured rules that "auto" applies.
 #include "binslt/cpu_algos.h"
+#include "binslt/bconv_cpu.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -39,7 +40,8 @@ struct AutoRules {
   // lower bar where the gradient is over grad_w_large_bytes (the event form then sums over all
   // images per input channel and reads dZ rows from memory: at 256->256 8x8, N=32, T=4 it took
   // 1.8x the GEMM's time at rate 0.15 and 6.3x at 0.5, while at 128->128 16x16 it was 0.6-0.95x
-  // up to rate 0.5; session-6 A/B of bconv_lif_bwd, event vs dense, interleaved medians).
+  // up to rate 0.5; an A/B of bconv_lif_bwd on a 2-core AMD EPYC with AVX-512, event vs dense,
+  // interleaved medians).
   double grad_w_dense_min_rate;
   double grad_w_dense_min_rate_large;
   int64_t grad_w_large_bytes;
@@ -50,22 +52,40 @@ struct AutoRules {
   // Dense input gradient: from dZ channel-last with zero margins (the event weight gradient's
   // copy, read in place) as a forward conv of the flipped weight, on maps of at least this many
   // output pixels. oneDNN then reorders neither dZ nor dX (NCHW in reorders both: ~1 dZ of extra
-  // memory). Session 13, AMD EPYC AVX2, N=32 T=4: 64->64 32x32 105 -> 72 ms (+ ~8 ms back to
+  // memory). 2-core AMD EPYC, AVX2, N=32 T=4: 64->64 32x32 105 -> 72 ms (+ ~8 ms back to
   // NCHW); at 16x16 and below the NCHW transposed conv was as fast or faster.
   int64_t margined_grad_x_min_pixels;
   // Dense weight gradient: the tap form (one GEMM per tap over the pixel pairs it joins) on maps
-  // of at most this many output pixels. Session 13, AMD EPYC AVX2, N=32 T=4, 3x3: 512->512 4x4
+  // of at most this many output pixels. 2-core AMD EPYC, AVX2, N=32 T=4, 3x3: 512->512 4x4
   // 208 -> 79 ms, 256->512 4x4 52 -> 39 ms against ATen's convolution; at 8x8 even or slower,
   // at 16x16 slower (prototype, interleaved medians of 5).
   int64_t taps_grad_w_max_pixels;
   // Inference forward: oneDNN's int8 (AMX) convolution on maps of at least this many output
   // pixels and at least this many (input channel, output channel) pairs, where the CPU has
-  // AMX-INT8. Session 14, Xeon with AMX, N=32 T=4, rate 0.3, packed out (bconv_lif_infer, medians
+  // AMX-INT8. 2-core Xeon with AMX, N=32 T=4, rate 0.3, packed out (bconv_lif_infer, medians
   // of 7): 128->128 32x32 26.0 (dense) / 25.0 (event) -> 10.5 ms, 256->256 8x8 pooled 5.5 -> 2.0,
   // 512->512 4x4 pooled 5.6 -> 4.9; at 2x2 and 1x1 (linear layers) and 32->32 4x4 oneDNN's fixed
   // cost loses (512->512 2x2: 2.5 event -> 3.5; 2048->256 1x1: 0.37 -> 0.63).
   int64_t onednn_min_pixels;
   int64_t onednn_min_channel_pairs;
+  // Weight gradient at stride 1 where the CPU has AMX-INT8: the int8 limb form instead of the
+  // dense GEMM (ATen's float convolution) wherever that is the choice, and instead of the event
+  // form from this fraction of set bits times the share of the padded grid that is output
+  // (rate * Ho*Wo / (Hp*Wp)); the tap form keeps maps of at most taps_grad_w_max_pixels.
+  // 2-core Xeon with AMX, VGG-11 N=32 T=4 search step, each layer's bconv_lif_bwd(_pool2)
+  // call replayed (medians of 5, ms, whole call with dX): 64->64 32x32 pooled (rate 0.26,
+  // 0.23 of the grid) event 100.8 -> int8 84.8; 128->128 16x16 pooled (rate 0.17, 0.13) event
+  // 56.3 vs int8 62.7; 256->256 8x8 pooled (dense chosen) 61.6 -> 53.5; 128->256 8x8 35.3 ->
+  // 33.4; 128->128 16x16 38.5 -> 37.1; 512->512 4x4 taps 62.4 vs int8 63.1.
+  double int8_grad_w_min_rate;
+  // Input gradient at stride 1 where the CPU has AMX-INT8: the int8 limb form on maps of
+  // [int8_grad_x_min_pixels, int8_grad_x_max_pixels] output pixels (the range measured; 2x2 and
+  // 1x1 take the unfold form). The same replayed calls, whole call ms, dense /
+  // ternary / int8: 512->512 4x4 pooled 62.4 / 195 / 58.9; 256->256 8x8 pooled 53.1 / 83.0 /
+  // 36.8; 128->256 8x8 31.5 / 46.2 / 23.4; 128->128 16x16 pooled 52.8 / 49.6 / 38.1; 64->64
+  // 32x32 pooled 104.1 / 90.7 / 76.0 (the ternary form was auto at 16x16 and 32x32).
+  int64_t int8_grad_x_min_pixels;
+  int64_t int8_grad_x_max_pixels;
 };
 
 constexpr AutoRules kAutoRules{
@@ -86,6 +106,9 @@ constexpr AutoRules kAutoRules{
     /*taps_grad_w_max_pixels=*/16,
     /*onednn_min_pixels=*/16,
     /*onednn_min_channel_pairs=*/64 * 64,
+    /*int8_grad_w_min_rate=*/0.18,
+    /*int8_grad_x_min_pixels=*/16,
+    /*int8_grad_x_max_pixels=*/1024,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -156,6 +179,7 @@ static const char* grad_w_name(GradWAlgo a) {
     case GradWAlgo::kDense: return "dense";
     case GradWAlgo::kUnfold: return "unfold";
     case GradWAlgo::kTaps: return "taps";
+    case GradWAlgo::kInt8: return "int8";
     default: return "auto";
   }
 }
@@ -166,6 +190,7 @@ static const char* grad_x_name(GradXAlgo a) {
     case GradXAlgo::kTernary: return "ternary";
     case GradXAlgo::kCombo: return "combo";
     case GradXAlgo::kUnfold: return "unfold";
+    case GradXAlgo::kInt8: return "int8";
     default: return "auto";
   }
 }
@@ -198,10 +223,10 @@ void set_cpu_algorithms(const std::string& isa, const std::string& conv,
                                         ConvAlgo::kOnednn};
   static constexpr GradXAlgo kGradXs[] = {GradXAlgo::kAuto, GradXAlgo::kDense,
                                           GradXAlgo::kTernary, GradXAlgo::kCombo,
-                                          GradXAlgo::kUnfold};
+                                          GradXAlgo::kUnfold, GradXAlgo::kInt8};
   static constexpr GradWAlgo kGradWs[] = {GradWAlgo::kAuto, GradWAlgo::kEvent,
                                           GradWAlgo::kDense, GradWAlgo::kUnfold,
-                                          GradWAlgo::kTaps};
+                                          GradWAlgo::kTaps, GradWAlgo::kInt8};
   AlgoConfig c;
   c.isa = parse_choice(isa, "isa path", kIsas, &isa_name);
   c.conv = parse_choice(conv, "conv algorithm", kConvs, &conv_name);
@@ -209,8 +234,12 @@ void set_cpu_algorithms(const std::string& isa, const std::string& conv,
   c.grad_w = parse_choice(grad_w, "weight-gradient algorithm", kGradWs, &grad_w_name);
   TORCH_CHECK(c.isa == Isa::kAuto || isa_supported(c.isa), "binslt: this CPU cannot run the '",
               isa, "' path");
+  TORCH_CHECK(c.grad_x != GradXAlgo::kInt8 || onednn_int8_supported(),
+              "binslt: the 'int8' input gradient (oneDNN's int8 convolution) needs a CPU with "
+              "AMX-INT8 and a PyTorch built with oneDNN; this machine has not both");
   TORCH_CHECK(c.grad_x == GradXAlgo::kAuto || c.grad_x == GradXAlgo::kDense ||
-                  c.grad_x == GradXAlgo::kUnfold || isa_supported(Isa::kAvx512),
+                  c.grad_x == GradXAlgo::kUnfold || c.grad_x == GradXAlgo::kInt8 ||
+                  isa_supported(Isa::kAvx512),
               "binslt: the '", grad_x, "' input-gradient kernel needs AVX-512, which this CPU "
               "lacks");
   TORCH_CHECK(c.conv != ConvAlgo::kOnednn || onednn_int8_supported(),
@@ -392,6 +421,26 @@ bool use_taps_grad_w(int64_t Ho, int64_t Wo) {
   const GradWAlgo a = algo_config().grad_w;
   if (a != GradWAlgo::kAuto) return a == GradWAlgo::kTaps;
   return Ho * Wo <= kAutoRules.taps_grad_w_max_pixels;
+}
+
+bool use_int8_grad_x(int64_t stride, int64_t padding, int64_t KH, int64_t KW, int64_t Ho,
+                     int64_t Wo) {
+  const GradXAlgo a = algo_config().grad_x;
+  if (stride != 1 || padding > KH - 1 || padding > KW - 1) return false;
+  if (a != GradXAlgo::kAuto) return a == GradXAlgo::kInt8;
+  return onednn_int8_supported() && Ho * Wo >= kAutoRules.int8_grad_x_min_pixels &&
+         Ho * Wo <= kAutoRules.int8_grad_x_max_pixels;
+}
+
+bool use_int8_grad_w(const at::Tensor& x_packed, int64_t stride, int64_t Ho, int64_t Wo,
+                     int64_t Hp, int64_t Wp, int64_t grad_floats) {
+  const GradWAlgo a = algo_config().grad_w;
+  if (stride != 1 || Hp * Wp > int8_grad_w_max_grid()) return false;
+  if (a != GradWAlgo::kAuto) return a == GradWAlgo::kInt8;
+  if (!onednn_int8_supported() || use_taps_grad_w(Ho, Wo)) return false;
+  if (use_dense_grad_w(x_packed, grad_floats)) return true;
+  return packed_rate(x_packed) * static_cast<double>(Ho * Wo) >=
+         kAutoRules.int8_grad_w_min_rate * static_cast<double>(Hp * Wp);
 }
 
 }  // namespace cpu

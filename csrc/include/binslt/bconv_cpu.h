@@ -61,6 +61,9 @@ TransposeFn transpose_f32_fn();
 // or from float spikes [B, C, H, W] (*bad set for a value other than 0. / 1.); and the conv,
 // whose call gives the integer counts as float32 [b, Co, Ho, Wo] ChannelsLast for b images.
 at::Tensor spikes_u8_from_packed(const at::Tensor& x_packed);
+// n_words packed words -> 32 * n_words bytes 0/1, bit b of word i at byte 32 * i + b.
+using BitsToBytesFn = void (*)(const uint32_t*, int64_t, uint8_t*);
+BitsToBytesFn bits_to_bytes_fn();
 at::Tensor spikes_u8_from_float(const float* x, int64_t B, int64_t C, int64_t H, int64_t W,
                                 const at::TensorOptions& opts, bool* bad);
 class OnednnConv {
@@ -116,6 +119,23 @@ bool input_grad_takes_margined(const ConvShape& s, int64_t Ci, const at::Tensor&
 at::Tensor input_grad_margined(const ConvShape& s, int64_t Ci, at::Tensor gz_cl,
                                const at::Tensor& w_mask, const at::Tensor& w_pos,
                                const float* alpha);
+
+// The weight gradient as exact integer matrix products (bconv_grad_int8.cpp; stride 1 only):
+// dZ [B, Co, Ho, Wo] (contiguous float32) split into three int8 limbs per value on a per-channel
+// scale, one int8 x int8 -> int32 product (ATen's _int_mm: AMX-INT8 through oneDNN) per tap
+// against the zero-padded 0/1 input, the limbs recombined in double. Returns an undefined tensor
+// where dZ holds a value that is not finite (the caller then takes a float form, which carries
+// it through as ATen would).
+at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
+                            const at::Tensor& gz);
+// The largest padded map (Hp * Wp pixels) it takes: one image's sums stay below 2^31.
+int64_t int8_grad_w_max_grid();
+// The input gradient [T, N, Ci, H, W] the same way (stride 1, padding <= kernel - 1; a CPU with
+// AMX-INT8): alpha * dZ per image in three u8 limbs, oneDNN's int8 convolution with the flipped,
+// transposed {-1, 0, +1} weight. Undefined where dZ holds a value that is not finite.
+at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
+                           const at::Tensor& w_mask, const at::Tensor& w_pos,
+                           const float* alpha);
 
 // The unfold form (bconv_unfold.cpp): bytes of its matrix [Co*Ho*Wo, Ci*H*W] float32; dL/dW_eff
 // from dZ [B, Co, Ho, Wo] and the unpacked input x [B, Ci, H, W]; dL/dX [T, N, Ci, H, W].

@@ -24,16 +24,24 @@ enum class ConvAlgo : int8_t { kAuto = -1, kDense = 0, kEvent = 1, kOnednn = 2 }
 
 // Input gradient: the dense transposed convolution of ATen, the ternary add/subtract kernel
 // (AVX-512, stride 1) in its plain or its combination form (bconv_input_grad.cpp), or the whole
-// conv as one matrix over a small map ("unfold", bconv_unfold.cpp).
-enum class GradXAlgo : int8_t { kAuto = -1, kDense = 0, kTernary = 1, kCombo = 2, kUnfold = 3 };
+// conv as one matrix over a small map ("unfold", bconv_unfold.cpp), or, at stride 1 on a CPU with
+// AMX-INT8, oneDNN's int8 convolution of dZ's three int8 limbs with the {-1, 0, +1} weight
+// ("int8", bconv_grad_int8.cpp).
+enum class GradXAlgo : int8_t {
+  kAuto = -1, kDense = 0, kTernary = 1, kCombo = 2, kUnfold = 3, kInt8 = 4
+};
 
 // Weight gradient: sums of dZ rows over the input's set bits ("event", bconv_weight_grad.cpp),
 // or ATen's dense weight-gradient convolution of the unpacked 0/1 input ("dense": a GEMM, whose
 // cost does not follow the spikes but which streams dZ through the cache in blocks), or the
 // unfold form's GEMM over the pixel pairs of a small map and its fold into taps ("unfold"), or
 // the dense form as one GEMM per tap over the pixel pairs it joins ("taps", bconv_weight_grad.cpp:
-// no padding multiplied, for small maps).
-enum class GradWAlgo : int8_t { kAuto = -1, kEvent = 0, kDense = 1, kUnfold = 2, kTaps = 3 };
+// no padding multiplied, for small maps), or, at stride 1, the dense form as exact int8 x int8
+// products of dZ's three int8 limbs and the 0/1 input ("int8", bconv_grad_int8.cpp: AMX-INT8
+// through ATen's _int_mm; "auto" takes it only on a CPU with AMX-INT8).
+enum class GradWAlgo : int8_t {
+  kAuto = -1, kEvent = 0, kDense = 1, kUnfold = 2, kTaps = 3, kInt8 = 4
+};
 
 struct AlgoConfig {
   Isa isa = Isa::kAuto;
@@ -105,6 +113,19 @@ bool use_dense_grad_w(const at::Tensor& x_packed, int64_t grad_floats);
 // Where the dense form is taken: its tap form (true) for maps of at most a measured number of
 // output pixels under "auto", always under "taps"; ATen's weight-gradient convolution otherwise.
 bool use_taps_grad_w(int64_t Ho, int64_t Wo);
+
+// The int8 form for a conv of this stride from a padded Hp x Wp map to Ho x Wo: under "int8"
+// wherever it applies (stride 1, a map within int8_grad_w_max_grid), under "auto" there on a CPU
+// with AMX-INT8 (onednn_int8_supported) for maps above the tap form's, where the dense form is
+// the choice or the input fires often enough (see kAutoRules).
+// The int8 input gradient for a conv of this stride and padding with a KH x KW kernel, to an
+// Ho x Wo map: under "int8" wherever it applies (stride 1, padding <= kernel - 1), under "auto"
+// there on a CPU with AMX-INT8 for maps of a measured size range (see kAutoRules).
+bool use_int8_grad_x(int64_t stride, int64_t padding, int64_t KH, int64_t KW, int64_t Ho,
+                     int64_t Wo);
+
+bool use_int8_grad_w(const at::Tensor& x_packed, int64_t stride, int64_t Ho, int64_t Wo,
+                     int64_t Hp, int64_t Wp, int64_t grad_floats);
 
 }  // namespace cpu
 }  // namespace binslt

@@ -1,0 +1,410 @@
+// Both gradients of a stride-1 binary conv as exact integer products on AMX-INT8 (bconv_lif_bwd,
+// grad_w / grad_x "int8"; see kAutoRules for where "auto" takes them). First the weight gradient:
+//
+//   dL/dW_eff[co][ci][ky][kx] = sum over images b and output pixels (y, x) of
+//                               dZ[b][co][y][x] * X[b][ci][y + ky - p][x + kx - p]
+//
+// X is 0/1, so the only rounding is dZ's. Each channel's dZ is written on a unit u = max|dZ| /
+// 127 as three int8 limbs, dZ / u = l0 + l1 / 254 + l2 / 254^2 + e with |l| <= 127 and
+// |e| <= 0.5 / 254^2 (dZ to about 24 bits of its channel's largest value: float32's own
+// precision there). Every limb product is then an exact int32 sum (|sum| <= 127 * K < 2^31 by
+// the chunking below), and the three sums meet in double.
+//
+// The products are ATen's _int_mm (oneDNN's int8 matmul: AMX tiles where the CPU has them) on a
+// common zero-padded grid: the input at (y + p, x + p) of an (H + 2p) x (W + 2p) grid per image,
+// dZ at (y, x) of the same grid with zeros outside Ho x Wo. Tap (ky, kx) then joins dZ column k
+// with input row k + ky * Wp + kx for every k at once: one [3 Co, K] x [K, Ci] product per tap,
+// no per-tap copy (the zeros of dZ's margin meet what the shift wraps into).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "binslt/bconv_cpu.h"
+#include "binslt/cpu_algos.h"
+
+namespace binslt {
+namespace cpu {
+namespace {
+
+constexpr float kLimbBase = 254.0f;
+// Buffers of one chunk of images (dZ limbs and the padded input bytes).
+constexpr int64_t kChunkBytes = int64_t{16} << 20;
+
+// (v + 1.5 * 2^23) - 1.5 * 2^23: v rounded to an integer, ties to even, for |v| < 2^22
+// (branch-free and vectorisable; the build has no -ffast-math to reassociate it).
+static inline __attribute__((always_inline)) float round_int(float v) {
+  constexpr float kMagic = 12582912.0f;
+  return (v + kMagic) - kMagic;
+}
+
+// The largest |dZ| of channel rows g + b * img_stride, b < nb (n values each); *bad set for a
+// value that is not finite.
+static inline __attribute__((always_inline)) float channel_max_body(const float* g,
+                                                                    int64_t img_stride,
+                                                                    int64_t nb, int64_t n,
+                                                                    bool* bad) {
+  float mx = 0.0f;
+  bool nonfinite = false;
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* r = g + b * img_stride;
+    for (int64_t i = 0; i < n; ++i) {
+      const float a = std::fabs(r[i]);
+      mx = a > mx ? a : mx;
+      nonfinite |= !(a <= FLT_MAX);
+    }
+  }
+  *bad = nonfinite;
+  return mx;
+}
+
+// The three limbs of n values v * inv, into l0, l1, l2 (vectorisable: one flat run).
+static inline __attribute__((always_inline)) void limbs_body(const float* v, int64_t n,
+                                                             float inv, int8_t* l0, int8_t* l1,
+                                                             int8_t* l2) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = v[i] * inv;
+    const float a = round_int(q);
+    const float r = (q - a) * kLimbBase;
+    const float c = round_int(r);
+    const float e = round_int((r - c) * kLimbBase);
+    l0[i] = static_cast<int8_t>(static_cast<int32_t>(a));
+    l1[i] = static_cast<int8_t>(static_cast<int32_t>(c));
+    l2[i] = static_cast<int8_t>(static_cast<int32_t>(e));
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) float channel_max_avx512(
+    const float* g, int64_t img_stride, int64_t nb, int64_t n, bool* bad) {
+  return channel_max_body(g, img_stride, nb, n, bad);
+}
+float channel_max_base(const float* g, int64_t img_stride, int64_t nb, int64_t n, bool* bad) {
+  return channel_max_body(g, img_stride, nb, n, bad);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void limbs_avx512(
+    const float* v, int64_t n, float inv, int8_t* l0, int8_t* l1, int8_t* l2) {
+  limbs_body(v, n, inv, l0, l1, l2);
+}
+void limbs_base(const float* v, int64_t n, float inv, int8_t* l0, int8_t* l1, int8_t* l2) {
+  limbs_body(v, n, inv, l0, l1, l2);
+}
+
+// One channel's limb rows l0, l1, l2 (nb * Hp * Wp columns each, on the padded grid) from its
+// dZ maps g + b * img_stride ([Ho, Wo] each) times inv; tmp: 3 * Ho * Wo bytes.
+void limb_rows(const float* g, int64_t img_stride, int64_t nb, int64_t Ho, int64_t Wo,
+               int64_t Hp, int64_t Wp, float inv, int8_t* l0, int8_t* l1, int8_t* l2,
+               int8_t* tmp, bool avx512) {
+  const int64_t S = Ho * Wo;
+  int8_t* dst[3] = {l0, l1, l2};
+  for (int64_t b = 0; b < nb; ++b) {
+    (avx512 ? &limbs_avx512 : &limbs_base)(g + b * img_stride, S, inv, tmp, tmp + S, tmp + 2 * S);
+    for (int k = 0; k < 3; ++k) {
+      int8_t* d = dst[k] + b * Hp * Wp;
+      const int8_t* src = tmp + k * S;
+      if (Wp == Wo) {
+        std::memcpy(d, src, S);
+      } else {
+        for (int64_t y = 0; y < Ho; ++y) {
+          std::memcpy(d + y * Wp, src + y * Wo, Wo);
+          std::memset(d + y * Wp + Wo, 0, Wp - Wo);
+        }
+      }
+      std::memset(d + Ho * Wp, 0, (Hp - Ho) * Wp);
+    }
+  }
+}
+
+}  // namespace
+
+int64_t int8_grad_w_max_grid() { return (int64_t{1} << 31) / 128; }
+
+at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
+                            const at::Tensor& gz) {
+  TORCH_INTERNAL_ASSERT(s.stride == 1, "weight_grad_int8: stride 1 only");
+  const int64_t p = s.padding, Hp = s.H + 2 * p, Wp = s.W + 2 * p, P = Hp * Wp;
+  const int64_t S = s.Ho * s.Wo, KK = s.KH * s.KW, C32 = 32 * s.Cw;
+  const int64_t maxoff = (s.KH - 1) * Wp + (s.KW - 1);
+  TORCH_CHECK(P <= int8_grad_w_max_grid(), "binslt::bconv_lif_bwd: the 'int8' weight gradient "
+              "needs a padded map of at most ", int8_grad_w_max_grid(), " pixels, got ", Hp, "x",
+              Wp, "; use cpu_algorithms(grad_w='auto')");
+  // Images per chunk: buffers within kChunkBytes, and |sum| <= 127 * K < 2^31.
+  const int64_t per_image = (3 * s.Co + C32) * P;
+  const int64_t chunk = std::max<int64_t>(
+      1, std::min({s.B, kChunkBytes / per_image, int8_grad_w_max_grid() / P}));
+  const bool avx512 = isa_supported(Isa::kAvx512);
+  const auto max_fn = avx512 ? &channel_max_avx512 : &channel_max_base;
+  const BitsToBytesFn unpack = bits_to_bytes_fn();
+  const float* g = gz.data_ptr<float>();
+  const uint32_t* xw = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
+  const auto i8 = gz.options().dtype(at::kChar);
+
+  at::Tensor out = at::empty({s.Co, Ci, s.KH, s.KW}, gz.options());
+  float* o = out.data_ptr<float>();
+  const bool one_chunk = chunk >= s.B;
+  std::vector<double> acc(one_chunk ? 0 : static_cast<size_t>(s.Co * Ci * KK), 0.0);
+  std::vector<double> unit(s.Co);
+  for (int64_t b0 = 0; b0 < s.B; b0 += chunk) {
+    const int64_t nb = std::min(chunk, s.B - b0), K = nb * P;
+    at::Tensor A = at::empty({3 * s.Co, K}, i8);
+    at::Tensor X = at::empty({K + maxoff, C32}, i8);
+    int8_t* ap = A.data_ptr<int8_t>();
+    int8_t* xp = X.data_ptr<int8_t>();
+    // The input's bytes on the padded grid (zero margins, and maxoff zero rows past the end).
+    at::parallel_for(0, nb * Hp, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / Hp, y = r % Hp - p;
+        int8_t* dst = xp + r * Wp * C32;
+        if (y < 0 || y >= s.H) {
+          std::memset(dst, 0, Wp * C32);
+          continue;
+        }
+        std::memset(dst, 0, p * C32);
+        unpack(xw + (((b0 + b) * s.H + y) * s.W) * s.Cw, s.W * s.Cw,
+               reinterpret_cast<uint8_t*>(dst + p * C32));
+        std::memset(dst + (p + s.W) * C32, 0, p * C32);
+      }
+    });
+    std::memset(xp + K * C32, 0, maxoff * C32);
+    // dZ's limbs, a channel at a time.
+    bool any_bad = false;
+    std::vector<char> bad(s.Co, 0);
+    at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<int8_t> tmp(3 * S);
+      for (int64_t c = c0; c < c1; ++c) {
+        const float* gc = g + (b0 * s.Co + c) * S;
+        bool nonfinite = false;
+        const float mx = max_fn(gc, s.Co * S, nb, S, &nonfinite);
+        bad[c] = nonfinite;
+        if (nonfinite) continue;
+        const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+        unit[c] = mx > 0.0f ? 1.0 / static_cast<double>(inv) : 0.0;
+        limb_rows(gc, s.Co * S, nb, s.Ho, s.Wo, Hp, Wp, inv, ap + c * K, ap + (s.Co + c) * K,
+                  ap + (2 * s.Co + c) * K, tmp.data(), avx512);
+      }
+    });
+    for (char v : bad) any_bad |= v != 0;
+    if (any_bad) return at::Tensor();
+    for (int64_t ky = 0; ky < s.KH; ++ky)
+      for (int64_t kx = 0; kx < s.KW; ++kx) {
+        const int64_t tap = ky * s.KW + kx;
+        const at::Tensor r = at::_int_mm(A, X.narrow(0, ky * Wp + kx, K));  // [3 Co, C32]
+        const int32_t* rp = r.data_ptr<int32_t>();
+        at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
+          constexpr double k1 = 1.0 / 254.0, k2 = 1.0 / (254.0 * 254.0);
+          for (int64_t c = c0; c < c1; ++c) {
+            const int32_t *q0 = rp + c * C32, *q1 = rp + (s.Co + c) * C32,
+                          *q2 = rp + (2 * s.Co + c) * C32;
+            const double u = unit[c];
+            for (int64_t ci = 0; ci < Ci; ++ci) {
+              const double v = (q0[ci] + q1[ci] * k1 + q2[ci] * k2) * u;
+              const int64_t idx = (c * Ci + ci) * KK + tap;
+              if (one_chunk)
+                o[idx] = static_cast<float>(v);
+              else
+                acc[idx] += v;
+            }
+          }
+        });
+      }
+  }
+  if (!one_chunk)
+    for (size_t i = 0; i < acc.size(); ++i) o[i] = static_cast<float>(acc[i]);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The input gradient: dL/dX[b][ci][y][x] = sum over co, ky, kx of
+//   alpha[co] * W[co][ci][ky][kx] * dZ[b][co][y - ky + p][x - kx + p]
+// at stride 1 is the forward conv of dZ (zero-padded by KH - 1 - p, KW - 1 - p) with the
+// flipped, transposed weight, here oneDNN's u8 x s8 convolution (onednn::qconv2d_pointwise, as
+// the inference forward): alpha[co] * dZ per image on a unit u = max / 127 as three limbs (u8
+// with zero point 128, the three as three batches of images), W in {-1, 0, +1}; its int32 sums
+// are exact (|sum| <= 127 * Co * KH * KW < 2^24, also as the float32 it writes).
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+std::optional<c10::OperatorHandle> find_onednn(const char* name) {
+  return c10::Dispatcher::singleton().findSchema({name, ""});
+}
+
+// The flipped, transposed ternary weight Wt[ci][co][ky][kx] = W[co][ci][KH-1-ky][KW-1-kx] as s8
+// in ChannelsLast ([Ci, KH, KW, Co] in memory), from the planes [Co, KH, KW, Cw].
+at::Tensor transposed_int8_weight(const ConvShape& s, int64_t Ci, const uint32_t* mbits,
+                                  const uint32_t* pbits) {
+  at::Tensor w = at::empty({Ci, s.KH, s.KW, s.Co}, at::TensorOptions().dtype(at::kChar));
+  int8_t* wp = w.data_ptr<int8_t>();
+  at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t co = c0; co < c1; ++co)
+      for (int64_t ky = 0; ky < s.KH; ++ky)
+        for (int64_t kx = 0; kx < s.KW; ++kx) {
+          const int64_t row = (co * s.KH + ky) * s.KW + kx;
+          const uint32_t* mw = mbits + row * s.Cw;
+          const uint32_t* qw = pbits + row * s.Cw;
+          int8_t* dst = wp + ((s.KH - 1 - ky) * s.KW + (s.KW - 1 - kx)) * s.Co + co;
+          for (int64_t ci = 0; ci < Ci; ++ci) {
+            const uint32_t m = (mw[ci >> 5] >> (ci & 31)) & 1u, q = (qw[ci >> 5] >> (ci & 31)) & 1u;
+            dst[ci * s.KH * s.KW * s.Co] = static_cast<int8_t>(m ? (q ? 1 : -1) : 0);
+          }
+        }
+  });
+  return w.permute({0, 3, 1, 2});
+}
+
+// n values v * inv as three u8 limbs (+128) into l0, l1, l2.
+static inline __attribute__((always_inline)) void limbs_u8_body(const float* v, int64_t n,
+                                                                float inv, uint8_t* l0,
+                                                                uint8_t* l1, uint8_t* l2) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = v[i] * inv;
+    const float a = round_int(q);
+    const float r = (q - a) * kLimbBase;
+    const float c = round_int(r);
+    const float e = round_int((r - c) * kLimbBase);
+    l0[i] = static_cast<uint8_t>(static_cast<int32_t>(a) + 128);
+    l1[i] = static_cast<uint8_t>(static_cast<int32_t>(c) + 128);
+    l2[i] = static_cast<uint8_t>(static_cast<int32_t>(e) + 128);
+  }
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void limbs_u8_avx512(
+    const float* v, int64_t n, float inv, uint8_t* l0, uint8_t* l1, uint8_t* l2) {
+  limbs_u8_body(v, n, inv, l0, l1, l2);
+}
+void limbs_u8_base(const float* v, int64_t n, float inv, uint8_t* l0, uint8_t* l1, uint8_t* l2) {
+  limbs_u8_body(v, n, inv, l0, l1, l2);
+}
+
+// out[i] = (a[i] + b[i] / 254 + c[i] / 254^2) * u, the three limbs' sums recombined.
+static inline __attribute__((always_inline)) void recombine_body(const float* a, const float* b,
+                                                                 const float* c, int64_t n,
+                                                                 double u, float* out) {
+  constexpr double k1 = 1.0 / 254.0, k2 = 1.0 / (254.0 * 254.0);
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = static_cast<float>((static_cast<double>(a[i]) + static_cast<double>(b[i]) * k1 +
+                                 static_cast<double>(c[i]) * k2) * u);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void recombine_avx512(
+    const float* a, const float* b, const float* c, int64_t n, double u, float* out) {
+  recombine_body(a, b, c, n, u, out);
+}
+void recombine_base(const float* a, const float* b, const float* c, int64_t n, double u,
+                    float* out) {
+  recombine_body(a, b, c, n, u, out);
+}
+
+}  // namespace
+
+at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
+                           const at::Tensor& w_mask, const at::Tensor& w_pos,
+                           const float* alpha) {
+  TORCH_INTERNAL_ASSERT(s.stride == 1, "input_grad_int8: stride 1 only");
+  TORCH_CHECK(onednn_int8_supported(), "binslt: the 'int8' input gradient needs PyTorch's oneDNN "
+              "int8 convolution on a CPU with AMX-INT8; use cpu_algorithms(grad_x='auto')");
+  const int64_t mt = s.KH - 1 - s.padding, ml = s.KW - 1 - s.padding;
+  TORCH_INTERNAL_ASSERT(mt >= 0 && ml >= 0, "input_grad_int8: padding above kernel - 1");
+  const int64_t Hq = s.Ho + 2 * mt, Wq = s.Wo + 2 * ml, S = s.Ho * s.Wo, SX = s.H * s.W;
+  const int64_t per_image = 3 * (s.Co * Hq * Wq + Ci * SX * 4);
+  const int64_t nb_max = std::max<int64_t>(1, std::min(s.B, kChunkBytes / per_image));
+  const bool avx512 = isa_supported(Isa::kAvx512);
+  const auto limb_fn = avx512 ? &limbs_u8_avx512 : &limbs_u8_base;
+  const auto comb_fn = avx512 ? &recombine_avx512 : &recombine_base;
+  const TransposeFn transpose = transpose_f32_fn();
+  const float* g = gz.data_ptr<float>();
+
+  const at::Tensor w_s8 = transposed_int8_weight(
+      s, Ci, reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>()),
+      reinterpret_cast<const uint32_t*>(w_pos.data_ptr<int32_t>()));
+  const at::Tensor w_scale = at::ones({Ci}, at::TensorOptions().dtype(at::kFloat));
+  const at::Tensor w_zero = at::zeros({Ci}, at::TensorOptions().dtype(at::kLong));
+  const std::vector<int64_t> one{1, 1}, zero{0, 0};
+  static const c10::OperatorHandle prepack = *find_onednn("onednn::qconv_prepack");
+  static const c10::OperatorHandle conv = *find_onednn("onednn::qconv2d_pointwise");
+  torch::jit::Stack pstack{w_s8, w_scale, 1.0, int64_t{128}, one, zero, one, int64_t{1},
+                           std::vector<int64_t>{3 * nb_max, s.Co, Hq, Wq}};
+  prepack.callBoxed(&pstack);
+  const at::Tensor packed = pstack[0].toTensor();
+
+  at::Tensor gx = at::empty({s.T, s.N, Ci, s.H, s.W}, gz.options());
+  float* gxp = gx.data_ptr<float>();
+  std::vector<double> unit(s.B);
+  for (int64_t b0 = 0; b0 < s.B; b0 += nb_max) {
+    const int64_t nb = std::min(nb_max, s.B - b0);
+    // [3 nb, Co, Hq, Wq] ChannelsLast: limb k of image b at batch k * nb + b.
+    at::Tensor A = at::empty({3 * nb, s.Co, Hq, Wq}, gz.options().dtype(at::kByte),
+                             at::MemoryFormat::ChannelsLast);
+    uint8_t* ap = A.data_ptr<uint8_t>();
+    const int64_t img = Hq * Wq * s.Co;
+    std::atomic<bool> any_bad{false};
+    at::parallel_for(0, nb, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> cl(S * s.Co);
+      std::vector<uint8_t> tmp(3 * S * s.Co);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = b0 + i;
+        transpose(g + b * s.Co * S, cl.data(), s.Co, S);  // [S, Co]
+        float mx = 0.0f;
+        bool bad = false;
+        for (int64_t px = 0; px < S; ++px) {
+          float* r = cl.data() + px * s.Co;
+          for (int64_t c = 0; c < s.Co; ++c) {
+            const float v = r[c] * alpha[c];
+            r[c] = v;
+            const float a = std::fabs(v);
+            mx = a > mx ? a : mx;
+            bad |= !(a <= FLT_MAX);
+          }
+        }
+        if (bad) {
+          any_bad.store(true, std::memory_order_relaxed);
+          continue;
+        }
+        const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+        unit[b] = mx > 0.0f ? 1.0 / static_cast<double>(inv) : 0.0;
+        const int64_t n = S * s.Co;
+        limb_fn(cl.data(), n, inv, tmp.data(), tmp.data() + n, tmp.data() + 2 * n);
+        for (int k = 0; k < 3; ++k) {
+          uint8_t* d = ap + (k * nb + i) * img;
+          const uint8_t* src = tmp.data() + k * n;
+          std::memset(d, 128, mt * Wq * s.Co);
+          for (int64_t y = 0; y < s.Ho; ++y) {
+            uint8_t* row = d + (mt + y) * Wq * s.Co;
+            std::memset(row, 128, ml * s.Co);
+            std::memcpy(row + ml * s.Co, src + y * s.Wo * s.Co, s.Wo * s.Co);
+            std::memset(row + (ml + s.Wo) * s.Co, 128, ml * s.Co);
+          }
+          std::memset(d + (mt + s.Ho) * Wq * s.Co, 128, mt * Wq * s.Co);
+        }
+      }
+    });
+    if (any_bad.load()) return at::Tensor();
+    torch::jit::Stack stack{A, 1.0, int64_t{128}, packed, w_scale, w_zero, c10::IValue(),
+                            one, zero, one, int64_t{1}, 1.0, int64_t{0},
+                            c10::IValue(at::kFloat), std::string("none"),
+                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    conv.callBoxed(&stack);
+    at::Tensor z = stack[0].toTensor();  // [3 nb, Ci, H, W]
+    if (!z.is_contiguous(at::MemoryFormat::ChannelsLast))
+      z = z.contiguous(at::MemoryFormat::ChannelsLast);
+    const float* zp = z.data_ptr<float>();
+    at::parallel_for(0, nb, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> cl(SX * Ci);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n = SX * Ci;
+        comb_fn(zp + i * n, zp + (nb + i) * n, zp + (2 * nb + i) * n, n, unit[b0 + i],
+                cl.data());
+        transpose(cl.data(), gxp + (b0 + i) * n, SX, Ci);  // [SX, Ci] -> [Ci, SX]
+      }
+    });
+  }
+  return gx;
+}
+
+}  // namespace cpu
+}  // namespace binslt

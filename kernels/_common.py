@@ -152,7 +152,9 @@ HALF_PI: float = math.pi / 2
 # LIF device functions: csrc/include/binslt/lif.h operation for operation in float32, so that the
 # Triton, CPU and CUDA kernels round alike (the forward follows SpikingJelly's order, see
 # binslt.reference.lif_multistep). Every division is tl.div_rn, IEEE round-to-nearest like torch
-# and nvcc's default ``/``; Triton's plain ``/`` is approximate on CUDA.
+# and nvcc's default ``/``; Triton's plain ``/`` is approximate on CUDA. The kernels that call
+# these are registered with ``no_fp_fusion``, so no multiply and add are contracted into an FMA
+# (the CPU build's -ffp-contract=off, the CUDA build's -fmad=false).
 # ----------------------------------------------------------------------------------------------
 
 

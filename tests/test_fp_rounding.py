@@ -29,6 +29,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import assert_close_rel
 
 from binslt import _ext, ops
 from binslt.kernels import _common
@@ -127,6 +128,7 @@ def triton_ptx(tmp_path_factory):
     script.write_text(_TRITON_PTX_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    env["TRITON_CACHE_DIR"] = str(script.parent / "cache")  # compile for real (and time it)
     t0 = time.time()
     out = subprocess.run([sys.executable, str(script), json.dumps(EXACT_VARIANTS),
                           json.dumps(CONTROL_VARIANTS)], env=env, cwd=ROOT, capture_output=True,
@@ -491,8 +493,8 @@ def _gpu_op(backend: str, name: str):
 def test_gpu_bn_lif_matches_cpu_bit_for_bit(backend, bn_train, decay_input, tau):
     """bn_lif forward (spikes, mean, var) and backward (dL/dX per neuron; dL/dz in eval) on the
     GPU equal the CPU kernel's by torch.equal on every neuron, on planted near-threshold inputs.
-    (The per-channel gradient sums and the training dL/dz are reductions in another order:
-    compared to 1e-6.)"""
+    (The per-channel gradient sums and the training dL/dz are reductions in another order or
+    precision: normwise relative 1e-5.)"""
     fwd, bwd = _gpu_op(backend, "bn_lif"), _gpu_op(backend, "bn_lif_bwd")
     z, scale, shift = (planted_train if bn_train else planted_eval)(tau, decay_input)
     args = (bn_train, EPS, tau, decay_input, VTH, 0.0)
@@ -509,12 +511,12 @@ def test_gpu_bn_lif_matches_cpu_bit_for_bit(backend, bn_train, decay_input, tau)
     gb = bwd(gs.cuda(), z.cuda(), scale.cuda(), shift.cuda(), mean.cuda(), var.cuda(), None,
              *bargs)
     assert torch.equal(gb[1].cpu(), wb[1]), "grad_current"
-    if bn_train:
-        torch.testing.assert_close(gb[0].cpu(), wb[0], rtol=1e-6, atol=1e-6)
+    if bn_train:  # the CPU evaluates the BN input gradient in double, the GPU in float
+        assert_close_rel(gb[0].cpu(), wb[0], 1e-5, "grad_z")
     else:
         assert torch.equal(gb[0].cpu(), wb[0]), "grad_z"
-    for i in (2, 3):
-        torch.testing.assert_close(gb[i].cpu(), wb[i], rtol=1e-6, atol=1e-5)
+    for i, name in ((2, "grad_scale"), (3, "grad_shift")):
+        assert_close_rel(gb[i].cpu(), wb[i], 1e-5, name)
 
 
 def _planted_conv(tau: float, decay_input: bool, seed: int = 2):

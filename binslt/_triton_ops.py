@@ -89,10 +89,10 @@ def bconv_lif_triton(x_packed: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.
     # Z = alpha * count, so the statistics of Z follow exactly from the integer sums.
     m = max(1, counts.numel() // max(co, 1))
     a64 = al.to(torch.float64)
-    mean, var, invstd = K.batch_stats_from_sums(s1.to(torch.float64) * a64,
-                                                s2.to(torch.float64) * a64 * a64, m, bn_eps)
-    spikes = K.bn_lif_fwd(counts, al, sc, sh, mean, invstd, res, tau, decay_input, v_threshold,
-                          v_reset)
+    mean, var = K.batch_stats_from_sums(s1.to(torch.float64) * a64,
+                                        s2.to(torch.float64) * a64 * a64, m)
+    spikes = K.bn_lif_fwd(counts, al, sc, sh, mean, var, bn_eps, res, tau, decay_input,
+                          v_threshold, v_reset)
     return spikes, counts, mean, var
 
 
@@ -189,12 +189,12 @@ def bn_lif_triton(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     c = z.shape[2]
     zf = _f32(z)
     if bn_train:
-        mean, var, invstd = K.channel_stats(zf, bn_eps)
+        mean, var = K.channel_stats(zf)
     else:
         mean = torch.zeros(c, dtype=torch.float32, device=z.device)
         var = torch.zeros(c, dtype=torch.float32, device=z.device)
-        invstd = None
-    spikes = K.bn_lif_fwd(zf, None, scale, shift, mean if bn_train else None, invstd,
+    spikes = K.bn_lif_fwd(zf, None, scale, shift, mean if bn_train else None,
+                          var if bn_train else None, bn_eps,
                           _f32(residual), tau, decay_input, v_threshold, v_reset)
     return spikes.to(z.dtype), mean, var
 

@@ -51,8 +51,44 @@ def check_int32_index(numel: int, what: str) -> None:
                          f"support at most {_INT32_MAX}. Split the batch.")
 
 
+#: Kernels whose float maths must round like csrc/include/binslt/lif.h (the CPU build uses
+#: -ffp-contract=off, the CUDA build -fmad=false): compiled with ``enable_fp_fusion=False``, so
+#: Triton/LLVM never contracts a multiply and an add into one FMA (which rounds once instead of
+#: twice and can move a neuron within an ulp of its threshold across it). Registered with
+#: :func:`no_fp_fusion`; the float ``tl.dot`` kernels of the backward are not listed (their sums
+#: run in the MMA units in an order of their own, and they are not claimed bit-exact).
+_NO_FP_FUSION: set = set()
+
+
+def no_fp_fusion(kernel):
+    """Decorator (outermost, above ``@triton.autotune`` / ``@triton.jit``): launch ``kernel``
+    without FMA contraction. Returns ``kernel`` unchanged."""
+    _NO_FP_FUSION.add(kernel)
+    if isinstance(kernel, triton.runtime.Autotuner):
+        _NO_FP_FUSION.add(kernel.fn)
+    return kernel
+
+
+def launch_options(kernel) -> dict:
+    """Triton compile options that :func:`launch` adds for ``kernel`` (also used by aot_check)."""
+    return {"enable_fp_fusion": False} if kernel in _NO_FP_FUSION else {}
+
+
+def _cuda_device(args, kwargs) -> torch.device | None:
+    """The CUDA device of the first CUDA tensor argument (None when there is none)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor) and a.device.type == "cuda":
+            return a.device
+    return None
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """``wrap_triton(kernel)[grid](*args, **kwargs)``.
+    """``wrap_triton(kernel)[grid](*args, **kwargs, **launch_options(kernel))`` on the device of
+    the tensor arguments.
+
+    Triton launches on the *current* CUDA device, not on the tensors' one, so the launch runs
+    under ``torch.cuda.device(<device of the first CUDA tensor>)``: tensors on ``cuda:1`` work
+    without ``torch.cuda.set_device``. (The callers check that all tensors share one device.)
 
     On a GPU, wrap_triton turns the launch into a higher-order op that FakeTensorMode and
     torch.compile trace. Under the interpreter wrap_triton returns the raw kernel, which would try
@@ -68,7 +104,13 @@ def launch(kernel, grid, *args, **kwargs) -> None:
                 "torch.compile / AOT tracing of the binslt Triton ops is not supported under "
                 "TRITON_INTERPRET=1 (CPU); compile them on a GPU, or use backend='cpu' on the CPU")
         return
-    wrap_triton(kernel)[grid](*args, **kwargs)
+    kwargs = {**kwargs, **launch_options(kernel)}
+    dev = _cuda_device(args, kwargs)
+    if dev is None:
+        wrap_triton(kernel)[grid](*args, **kwargs)
+        return
+    with torch.cuda.device(dev):
+        wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def next_pow2(n: int) -> int:
@@ -110,7 +152,9 @@ HALF_PI: float = math.pi / 2
 # LIF device functions: csrc/include/binslt/lif.h operation for operation in float32, so that the
 # Triton, CPU and CUDA kernels round alike (the forward follows SpikingJelly's order, see
 # binslt.reference.lif_multistep). Every division is tl.div_rn, IEEE round-to-nearest like torch
-# and nvcc's default ``/``; Triton's plain ``/`` is approximate on CUDA.
+# and nvcc's default ``/``; Triton's plain ``/`` is approximate on CUDA. The kernels that call
+# these are registered with ``no_fp_fusion``, so no multiply and add are contracted into an FMA
+# (the CPU build's -ffp-contract=off, the CUDA build's -fmad=false).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -177,6 +221,13 @@ def lif_backward_step(grad_spike, grad_v, h, tau, v_threshold, v_reset, surrogat
             dv_dh = 1.0 - v_threshold * sg
     grad_h = grad_spike * sg + grad_v * dv_dh
     return grad_h, grad_h * (1.0 - tl.div_rn(1.0, tau))
+
+
+@triton.jit
+def bn_invstd(var, eps):
+    """1 / sqrt(var + eps) rounded as in csrc (``bn_invstd`` / ``invstd_of``: IEEE sqrt, then an
+    IEEE division), never the approximate ``rsqrt``."""
+    return tl.div_rn(1.0, tl.sqrt_rn(var + eps))
 
 
 @triton.jit

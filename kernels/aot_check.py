@@ -8,7 +8,8 @@ register reshapes. It cannot check speed or numerics on the device.
     python -m binslt.kernels.aot_check [--arch 90] [--all-configs] [--kernel 3]
 
 Run it with TRITON_INTERPRET unset (the module refuses otherwise). Prints one line per
-compiled variant and exits 1 if any failed.
+compiled variant and exits 1 if any failed. Each variant is compiled with the options ``kernels._common.launch``
+uses on a GPU (``launch_options``), and the line counts the PTX's ``fma.rn.f32``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,86 @@ def _types_for(jit, ptr_types: dict) -> dict:
     for n in jit.arg_names:
         if n in ptr_types:
             out[n] = ptr_types[n]
-        elif n in ("tau", "v_threshold", "v_reset", "surrogate_alpha"):
+        elif n in ("tau", "v_threshold", "v_reset", "surrogate_alpha", "bn_eps"):
             out[n] = "fp32"
         else:
             out[n] = "i32"
     return out
+
+
+def variants(k: int = 3) -> list[tuple]:
+    """Every kernel variant the check compiles: (label, kernel, pointer types, constexprs).
+    ``kernel`` is the launched object (a JITFunction or an Autotuner), ``k`` the conv size."""
+    from . import bconv as B
+    from . import lif as L
+    from . import pack as P
+
+    out = []
+    fwd_ptrs = dict(x_ptr="*i32", w_mask_ptr="*i32", w_pos_ptr="*i32", alpha_ptr="*fp32",
+                    scale_ptr="*fp32", shift_ptr="*fp32", res_ptr="*fp32", spk_ptr="*fp32",
+                    cnt_ptr="*i16", sum_ptr="*i64", sq_ptr="*i64")
+    for fuse, store in ((True, True), (False, True), (True, False)):
+        out.append((f"bconv_fwd fuse_lif={fuse} store_counts={store}", B._bconv_fwd_kernel,
+                    fwd_ptrs, dict(KH=k, KW=k, FUSE_LIF=fuse, STORE_COUNTS=store, HAS_RES=fuse,
+                                   DECAY_INPUT=True, HARD=fuse)))
+    out.append(("bconv_dgrad", B._bconv_dgrad_kernel,
+                dict(gz_ptr="*fp32", w_mask_ptr="*i32", w_pos_ptr="*i32", alpha_ptr="*fp32",
+                     gx_ptr="*fp32"), dict(KH=k, KW=k, PRECISION=B.DOT_PRECISION)))
+    out.append(("bconv_wgrad", B._bconv_wgrad_kernel,
+                dict(gz_ptr="*fp32", x_ptr="*i32", gw_ptr="*fp32"),
+                dict(KH=k, KW=k, PRECISION=B.DOT_PRECISION)))
+    blk = dict(BLOCK_R=4, BLOCK_S=256)
+    out.append(("channel_sums", L._channel_sums_kernel,
+                dict(src_ptr="*fp32", sum_ptr="*fp64", sq_ptr="*fp64"), blk))
+    lp = dict(alpha_ptr="*fp32", scale_ptr="*fp32", shift_ptr="*fp32", mean_ptr="*fp32",
+              var_ptr="*fp32", res_ptr="*fp32", spk_ptr="*fp32")
+    for has_alpha, bn_train, decay, hard in ((True, True, True, True), (False, True, False, False),
+                                             (False, False, True, True)):
+        out.append((f"bn_lif_fwd counts={has_alpha} bn_train={bn_train} decay_input={decay} "
+                    f"hard={hard}", L._bn_lif_fwd_kernel,
+                    dict(lp, src_ptr="*i16" if has_alpha else "*fp32"),
+                    dict(blk, HAS_ALPHA=has_alpha, BN_TRAIN=bn_train, HAS_RES=True,
+                         DECAY_INPUT=decay, HARD=hard)))
+    bp = dict(grad_spk_ptr="*fp32", src_ptr="*i16", alpha_ptr="*fp32", scale_ptr="*fp32",
+              shift_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32", res_ptr="*fp32",
+              grad_x_ptr="*fp32", grad_z_ptr="*fp32", grad_shift_ptr="*fp64",
+              grad_scale_ptr="*fp64")
+    for sur, hard, det in ((0, True, False), (0, False, False), (1, False, True)):
+        out.append((f"lif_bwd surrogate={sur} hard={hard} detach={det}", L._lif_bwd_kernel, bp,
+                    dict(blk, HAS_ALPHA=True, BN_TRAIN=not det, HAS_RES=True, DECAY_INPUT=det,
+                         HARD=hard, DETACH_RESET=det, SURROGATE=sur)))
+    out.append(("bn_train_bwd", L._bn_train_bwd_kernel,
+                dict(grad_x_ptr="*fp32", src_ptr="*fp32", alpha_ptr="*fp32", scale_ptr="*fp32",
+                     mean_ptr="*fp32", var_ptr="*fp32", mean_gx_ptr="*fp32",
+                     mean_gx_zhat_ptr="*fp32", grad_z_ptr="*fp32"), dict(blk, HAS_ALPHA=False)))
+    out.append(("pack_bits", P._pack_bits_kernel,
+                dict(x_ptr="*fp32", mask_ptr="*i32", pos_ptr="*i32"),
+                dict(WITH_POS=True, BLOCK_P=128)))
+    out.append(("unpack_bits", P._unpack_bits_kernel, dict(packed_ptr="*i32", out_ptr="*fp32"),
+                dict(BLOCK_C=32, BLOCK_P=128)))
+    return out
+
+
+def compile_variant(kernel, ptrs: dict, consts: dict, arch: int = 90, config=None):
+    """triton.compile one variant for sm_<arch> with the options ``launch`` uses on a GPU
+    (``kernels._common.launch_options``: no FMA contraction for the exact kernels) -> the
+    CompiledKernel (``.asm['ptx']``). ``config``: a triton.Config of an autotuned kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ._common import launch_options
+
+    jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    c = dict(consts)
+    nw, ns = 4, 3
+    if config is not None:
+        c.update(config.kwargs)
+        nw, ns = config.num_warps, config.num_stages
+    sig = {n: ("constexpr" if n in c else t) for n, t in _types_for(jit, ptrs).items()}
+    return triton.compile(ASTSource(fn=jit, signature=sig, constexprs=c),
+                          target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=nw, num_stages=ns, **launch_options(kernel)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,85 +118,28 @@ def main(argv: list[str] | None = None) -> int:
         print("unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
         return 2
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from ._common import launch_options
 
-    from . import bconv as B
-    from . import lif as L
-    from . import pack as P
-
-    target = GPUTarget("cuda", args.arch, 32)
-    k = args.kernel
     failures = 0
-
-    def run(label, jit, ptrs, consts, configs=None):
-        nonlocal failures
-        cfgs = list(configs) if configs else [None]
+    for label, kernel, ptrs, consts in variants(args.kernel):
+        cfgs = list(getattr(kernel, "configs", None) or [None])
         if not args.all_configs:
             cfgs = cfgs[:1]
         for cfg in cfgs:
-            c = dict(consts)
-            nw, ns = 4, 3
-            if cfg is not None:
-                c.update(cfg.kwargs)
-                nw, ns = cfg.num_warps, cfg.num_stages
-            sig = {n: ("constexpr" if n in c else t) for n, t in _types_for(jit, ptrs).items()}
-            desc = f"{label} {cfg.kwargs if cfg else ''} warps={nw} stages={ns}"
+            nw, ns = (cfg.num_warps, cfg.num_stages) if cfg is not None else (4, 3)
+            opts = " no-fp-fusion" if launch_options(kernel) else ""
+            desc = f"{label} {cfg.kwargs if cfg else ''} warps={nw} stages={ns}{opts}"
             t0 = time.time()
             try:
-                kern = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=c),
-                                      target=target, options=dict(num_warps=nw, num_stages=ns))
+                kern = compile_variant(kernel, ptrs, consts, args.arch, cfg)
             except Exception as exc:  # report every failure, then exit 1
                 failures += 1
                 print(f"FAIL {desc}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
                 continue
             ptx = kern.asm.get("ptx", "")
             tc = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "no-mma")
-            print(f"OK   {desc}: {time.time() - t0:.1f}s shared={kern.metadata.shared} {tc}",
-                  flush=True)
-
-    fwd = B._bconv_fwd_kernel
-    fwd_ptrs = dict(x_ptr="*i32", w_mask_ptr="*i32", w_pos_ptr="*i32", alpha_ptr="*fp32",
-                    scale_ptr="*fp32", shift_ptr="*fp32", res_ptr="*fp32", spk_ptr="*fp32",
-                    cnt_ptr="*i16", sum_ptr="*i64", sq_ptr="*i64")
-    for fuse, store in ((True, True), (False, True), (True, False)):
-        run(f"bconv_fwd fuse_lif={fuse} store_counts={store}", fwd.fn, fwd_ptrs,
-            dict(KH=k, KW=k, FUSE_LIF=fuse, STORE_COUNTS=store, HAS_RES=fuse, DECAY_INPUT=True,
-                 HARD=fuse),
-            fwd.configs)
-    dg, wg = B._bconv_dgrad_kernel, B._bconv_wgrad_kernel
-    run("bconv_dgrad", dg.fn, dict(gz_ptr="*fp32", w_mask_ptr="*i32", w_pos_ptr="*i32",
-                                   alpha_ptr="*fp32", gx_ptr="*fp32"),
-        dict(KH=k, KW=k, PRECISION=B.DOT_PRECISION), dg.configs)
-    run("bconv_wgrad", wg.fn, dict(gz_ptr="*fp32", x_ptr="*i32", gw_ptr="*fp32"),
-        dict(KH=k, KW=k, PRECISION=B.DOT_PRECISION), wg.configs)
-    blk = dict(BLOCK_R=4, BLOCK_S=256)
-    run("channel_sums", L._channel_sums_kernel,
-        dict(src_ptr="*fp32", sum_ptr="*fp64", sq_ptr="*fp64"), blk)
-    lp = dict(alpha_ptr="*fp32", scale_ptr="*fp32", shift_ptr="*fp32", mean_ptr="*fp32",
-              invstd_ptr="*fp32", res_ptr="*fp32", spk_ptr="*fp32")
-    for has_alpha in (True, False):
-        run(f"bn_lif_fwd counts={has_alpha}", L._bn_lif_fwd_kernel,
-            dict(lp, src_ptr="*i16" if has_alpha else "*fp32"),
-            dict(blk, HAS_ALPHA=has_alpha, BN_TRAIN=has_alpha, HAS_RES=True, DECAY_INPUT=True,
-                 HARD=has_alpha))
-    bp = dict(grad_spk_ptr="*fp32", src_ptr="*i16", alpha_ptr="*fp32", scale_ptr="*fp32",
-              shift_ptr="*fp32", mean_ptr="*fp32", invstd_ptr="*fp32", res_ptr="*fp32",
-              grad_x_ptr="*fp32", grad_z_ptr="*fp32", grad_shift_ptr="*fp64",
-              grad_scale_ptr="*fp64")
-    for sur, hard, det in ((0, True, False), (1, False, True)):
-        run(f"lif_bwd surrogate={sur} hard={hard} detach={det}", L._lif_bwd_kernel, bp,
-            dict(blk, HAS_ALPHA=True, BN_TRAIN=not det, HAS_RES=True, DECAY_INPUT=det,
-                 HARD=hard, DETACH_RESET=det, SURROGATE=sur))
-    run("bn_train_bwd", L._bn_train_bwd_kernel,
-        dict(grad_x_ptr="*fp32", src_ptr="*fp32", alpha_ptr="*fp32", scale_ptr="*fp32",
-             mean_ptr="*fp32", invstd_ptr="*fp32", mean_gx_ptr="*fp32", mean_gx_zhat_ptr="*fp32",
-             grad_z_ptr="*fp32"), dict(blk, HAS_ALPHA=False))
-    run("pack_bits", P._pack_bits_kernel, dict(x_ptr="*fp32", mask_ptr="*i32", pos_ptr="*i32"),
-        dict(WITH_POS=True, BLOCK_P=128))
-    run("unpack_bits", P._unpack_bits_kernel, dict(packed_ptr="*i32", out_ptr="*fp32"),
-        dict(BLOCK_C=32, BLOCK_P=128))
+            print(f"OK   {desc}: {time.time() - t0:.1f}s shared={kern.metadata.shared} {tc} "
+                  f"fma.f32={ptx.count('fma.rn.f32')}", flush=True)
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 

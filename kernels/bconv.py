@@ -35,6 +35,7 @@ from ._common import (
     check_int32_index,
     launch,
     lif_step,
+    no_fp_fusion,
 )
 
 # H100/H200: int8 mma wants K >= 32 per step (one packed word) and 64-128 wide tiles.
@@ -61,6 +62,7 @@ _GRAD_CONFIGS = autotune_configs(
 )
 
 
+@no_fp_fusion
 @triton.autotune(configs=_FWD_CONFIGS, key=["M", "Co", "CW", "T", "FUSE_LIF", "STORE_COUNTS"],
                  reset_to_zero=["sum_ptr", "sq_ptr"])
 @triton.jit
@@ -359,8 +361,9 @@ def bconv_dgrad(g_z: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.Tensor, al
     """g_z: [B, Co, Ho, Wo] float32 -> dL/dx [B, Ci, H, W] float32."""
     b, co, ho, wo = g_z.shape
     _, kh, kw, cw = w_mask.shape
+    check_int32_index(b * in_channels * h * w, "grad_x")
+    check_int32_index(g_z.numel(), "grad_z [B, Co, Ho, Wo]")
     gx = torch.empty((b, in_channels, h, w), dtype=torch.float32, device=g_z.device)
-    check_int32_index(gx.numel(), "grad_x")
     if gx.numel() == 0:
         return gx
     if co == 0:
@@ -380,6 +383,9 @@ def bconv_wgrad(g_z: torch.Tensor, x_packed: torch.Tensor, in_channels: int, kh:
     """g_z: [B, Co, Ho, Wo] float32, x_packed [B, H, W, Cw] -> dL/dW_eff [Co, Ci, kh, kw]."""
     b, co, ho, wo = g_z.shape
     _, h, w, cw = x_packed.shape
+    check_int32_index(g_z.numel(), "grad_z [B, Co, Ho, Wo]")
+    check_int32_index(x_packed.numel(), "x_packed")
+    check_int32_index(co * in_channels * kh * kw, "grad_weight")
     gw = torch.empty((co, in_channels, kh, kw), dtype=torch.float32, device=g_z.device)
     if gw.numel() == 0:
         return gw

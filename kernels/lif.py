@@ -9,8 +9,13 @@ and walks t = 0..T-1 with the membrane potential in registers.
 Training-mode BN schedule (two passes over the current):
   pass 1: per-channel sums of Z and Z^2 (``_channel_sums_kernel``, float64 atomics; for the binary
           conv the conv kernel itself accumulates exact int64 sums of counts instead);
-  host:   mean = S1 / M, var = S2 / M - mean^2 in float64 (M = T * Nb * S), invstd = rsqrt(var+eps);
-  pass 2: ``_bn_lif_fwd_kernel`` normalizes and runs the neuron.
+  host:   mean = S1 / M, var = S2 / M - mean^2 in float64 (M = T * Nb * S);
+  pass 2: ``_bn_lif_fwd_kernel`` normalizes (invstd = 1 / sqrt(var + eps) per channel, IEEE
+          ``bn_invstd``, as the CPU and CUDA kernels; torch.rsqrt on CUDA is approximate) and runs
+          the neuron.
+
+The forward and LIF-backward kernels are launched without FMA contraction (``no_fp_fusion``), so
+their float32 maths rounds operation by operation like csrc/include/binslt/lif.h.
 
 Backward: ``_lif_bwd_kernel`` recomputes H[t] with the forward kernel's sweep
 (``_lif_forward_sweep``, into the grad_x buffer, which it then overwrites), runs BPTT backward
@@ -26,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    bn_invstd,
     cdiv,
     check_int32_index,
     elementwise_blocks,
@@ -33,6 +39,7 @@ from ._common import (
     lif_backward_step,
     lif_input_grad,
     lif_step,
+    no_fp_fusion,
 )
 
 
@@ -57,16 +64,17 @@ def _load_current(src_ptr, alpha_row, off, ok, HAS_ALPHA: tl.constexpr):
 
 
 @triton.jit
-def _channel_params(scale_ptr, shift_ptr, alpha_ptr, mean_ptr, invstd_ptr, c, row_ok,
+def _channel_params(scale_ptr, shift_ptr, alpha_ptr, mean_ptr, var_ptr, bn_eps, c, row_ok,
                     HAS_ALPHA: tl.constexpr, BN_TRAIN: tl.constexpr):
     """Channel parameters of rows with channel ``c``: scale, shift, mean, invstd as [BLOCK_R, 1]
-    columns, alpha as [BLOCK_R] (mean/invstd are placeholders without batch statistics)."""
+    columns, alpha as [BLOCK_R] (mean/invstd are placeholders without batch statistics);
+    invstd = 1 / sqrt(var + eps) (``bn_invstd``)."""
     scale = tl.load(scale_ptr + c, mask=row_ok, other=0.0)[:, None]
     shift = tl.load(shift_ptr + c, mask=row_ok, other=0.0)[:, None]
     alpha = tl.load(alpha_ptr + c, mask=row_ok, other=0.0) if HAS_ALPHA else scale
     if BN_TRAIN:
         mean = tl.load(mean_ptr + c, mask=row_ok, other=0.0)[:, None]
-        invstd = tl.load(invstd_ptr + c, mask=row_ok, other=0.0)[:, None]
+        invstd = bn_invstd(tl.load(var_ptr + c, mask=row_ok, other=1.0), bn_eps)[:, None]
     else:
         mean = 0.0
         invstd = 1.0
@@ -132,6 +140,7 @@ def _channel_sums_kernel(
     tl.atomic_add(sq_ptr + c, tl.sum(z_sq, axis=1), mask=row_ok)
 
 
+@no_fp_fusion
 @triton.jit
 def _bn_lif_fwd_kernel(
     src_ptr,  # [T, Nb, C, S] float32 current, or int16/int32 counts (HAS_ALPHA)
@@ -139,13 +148,14 @@ def _bn_lif_fwd_kernel(
     scale_ptr,  # [C] float32
     shift_ptr,  # [C] float32
     mean_ptr,  # [C] float32 (BN_TRAIN)
-    invstd_ptr,  # [C] float32 (BN_TRAIN)
+    var_ptr,  # [C] float32 (BN_TRAIN)
     res_ptr,  # [T, Nb, C, S] float32 (HAS_RES)
     spk_ptr,  # [T, Nb, C, S] float32 out
     T,
     R,
     C,
     S,
+    bn_eps,
     tau,
     v_threshold,
     v_reset,  # 0 for a soft reset
@@ -160,12 +170,14 @@ def _bn_lif_fwd_kernel(
     """X = [(Z - mean) * invstd] * scale + shift (+ R); S[t] = LIF(X[t]) for t = 0..T-1."""
     c, row_ok, ok, off = _tile(R, C, S, BLOCK_R, BLOCK_S)
     scale, shift, alpha, mean, invstd = _channel_params(scale_ptr, shift_ptr, alpha_ptr, mean_ptr,
-                                                        invstd_ptr, c, row_ok, HAS_ALPHA, BN_TRAIN)
+                                                        var_ptr, bn_eps, c, row_ok, HAS_ALPHA,
+                                                        BN_TRAIN)
     _lif_forward_sweep(src_ptr, res_ptr, spk_ptr, alpha, scale, shift, mean, invstd, off, ok,
                        T, R * S, tau, v_threshold, v_reset, HAS_ALPHA, BN_TRAIN, HAS_RES,
                        DECAY_INPUT, HARD, False, BLOCK_R, BLOCK_S)
 
 
+@no_fp_fusion
 @triton.jit
 def _lif_bwd_kernel(
     grad_spk_ptr,  # [T, Nb, C, S] float32 dL/dS
@@ -174,7 +186,7 @@ def _lif_bwd_kernel(
     scale_ptr,
     shift_ptr,
     mean_ptr,
-    invstd_ptr,
+    var_ptr,
     res_ptr,
     grad_x_ptr,  # [T, Nb, C, S] float32 out: dL/dX (holds H[t] in between)
     grad_z_ptr,  # [T, Nb, C, S] float32 out: dL/dZ (eval mode only)
@@ -184,6 +196,7 @@ def _lif_bwd_kernel(
     R,
     C,
     S,
+    bn_eps,
     tau,
     v_threshold,
     v_reset,
@@ -202,7 +215,8 @@ def _lif_bwd_kernel(
     dL/dX[t] (``lif_input_grad``) and its per-channel sums for grad_shift / grad_scale."""
     c, row_ok, ok, off = _tile(R, C, S, BLOCK_R, BLOCK_S)
     scale, shift, alpha, mean, invstd = _channel_params(scale_ptr, shift_ptr, alpha_ptr, mean_ptr,
-                                                        invstd_ptr, c, row_ok, HAS_ALPHA, BN_TRAIN)
+                                                        var_ptr, bn_eps, c, row_ok, HAS_ALPHA,
+                                                        BN_TRAIN)
     step = R * S
     _lif_forward_sweep(src_ptr, res_ptr, grad_x_ptr, alpha, scale, shift, mean, invstd, off, ok,
                        T, step, tau, v_threshold, v_reset, HAS_ALPHA, BN_TRAIN, HAS_RES,
@@ -240,7 +254,7 @@ def _bn_train_bwd_kernel(
     alpha_ptr,
     scale_ptr,
     mean_ptr,
-    invstd_ptr,
+    var_ptr,
     mean_gx_ptr,  # [C] float32: mean over (T, Nb, S) of dL/dX
     mean_gx_zhat_ptr,  # [C] float32: mean of dL/dX * Zhat
     grad_z_ptr,  # [T, Nb, C, S] float32 out
@@ -248,6 +262,7 @@ def _bn_train_bwd_kernel(
     R,
     C,
     S,
+    bn_eps,
     HAS_ALPHA: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -257,7 +272,7 @@ def _bn_train_bwd_kernel(
     scale = tl.load(scale_ptr + c, mask=row_ok, other=0.0)[:, None]
     alpha = tl.load(alpha_ptr + c, mask=row_ok, other=0.0) if HAS_ALPHA else scale
     mean = tl.load(mean_ptr + c, mask=row_ok, other=0.0)[:, None]
-    invstd = tl.load(invstd_ptr + c, mask=row_ok, other=0.0)[:, None]
+    invstd = bn_invstd(tl.load(var_ptr + c, mask=row_ok, other=1.0), bn_eps)[:, None]
     mean_gx = tl.load(mean_gx_ptr + c, mask=row_ok, other=0.0)[:, None]
     mean_gx_zhat = tl.load(mean_gx_zhat_ptr + c, mask=row_ok, other=0.0)[:, None]
     for t in range(T):
@@ -287,16 +302,19 @@ def _grid(R: int, S: int):
     return (cdiv(R, br), cdiv(S, bs)), br, bs, nw
 
 
-def batch_stats_from_sums(s1: torch.Tensor, s2: torch.Tensor, count: int, bn_eps: float):
-    """(mean, var, invstd) float32 from per-channel float64 sums of Z and Z^2 over ``count``."""
-    mean = s1 / count
-    var = (s2 / count - mean * mean).clamp_min(0)
-    mean32, var32 = mean.to(torch.float32), var.to(torch.float32)
-    return mean32, var32, torch.rsqrt(var32 + bn_eps)
+def batch_stats_from_sums(s1: torch.Tensor, s2: torch.Tensor, count: int):
+    """(mean, var) float32 from per-channel float64 sums of Z and Z^2 over ``count``.
+
+    The divisor is a tensor: PyTorch on CUDA divides by a Python scalar as a multiplication by
+    its reciprocal, which is not the IEEE quotient the CPU kernels compute."""
+    m = torch.full_like(s1, float(count))
+    mean = s1 / m
+    var = (s2 / m - mean * mean).clamp_min(0)
+    return mean.to(torch.float32), var.to(torch.float32)
 
 
-def channel_stats(z: torch.Tensor, bn_eps: float):
-    """Pass 1 of training BN over a float current z: [T, Nb, C, *] -> (mean, var, invstd) [C]."""
+def channel_stats(z: torch.Tensor):
+    """Pass 1 of training BN over a float current z: [T, Nb, C, *] -> (mean, var) [C] float32."""
     T, R, C, S = _geometry(z)
     s1 = torch.zeros(C, dtype=torch.float64, device=z.device)
     s2 = torch.zeros(C, dtype=torch.float64, device=z.device)
@@ -304,14 +322,15 @@ def channel_stats(z: torch.Tensor, bn_eps: float):
         grid, br, bs, nw = _grid(R, S)
         launch(_channel_sums_kernel, grid, z, s1, s2, T, R, C, S, BLOCK_R=br, BLOCK_S=bs,
                                                 num_warps=nw)
-    return batch_stats_from_sums(s1, s2, max(1, z.numel() // C), bn_eps)
+    return batch_stats_from_sums(s1, s2, max(1, z.numel() // C))
 
 
 def bn_lif_fwd(src: torch.Tensor, alpha: torch.Tensor | None, scale: torch.Tensor,
-               shift: torch.Tensor, mean: torch.Tensor | None, invstd: torch.Tensor | None,
-               residual: torch.Tensor | None, tau: float, decay_input: bool,
+               shift: torch.Tensor, mean: torch.Tensor | None, var: torch.Tensor | None,
+               bn_eps: float, residual: torch.Tensor | None, tau: float, decay_input: bool,
                v_threshold: float, v_reset: float | None) -> torch.Tensor:
-    """Pass 2: spikes [T, Nb, C, *] float32 from the current (or counts with ``alpha``)."""
+    """Pass 2: spikes [T, Nb, C, *] float32 from the current (or counts with ``alpha``); training
+    BN with the batch ``mean`` / ``var`` (None: eval affine)."""
     T, R, C, S = _geometry(src)
     spikes = torch.empty(src.shape, dtype=torch.float32, device=src.device)
     if src.numel() == 0:
@@ -320,9 +339,9 @@ def bn_lif_fwd(src: torch.Tensor, alpha: torch.Tensor | None, scale: torch.Tenso
     grid, br, bs, nw = _grid(R, S)
     launch(_bn_lif_fwd_kernel, grid,
         src, scale if alpha is None else alpha, scale, shift,
-        mean if bn_train else scale, invstd if bn_train else scale,
+        mean if bn_train else scale, var if bn_train else scale,
         spikes if residual is None else residual, spikes,
-        T, R, C, S, float(tau), float(v_threshold), 0.0 if v_reset is None else float(v_reset),
+        T, R, C, S, float(bn_eps), float(tau), float(v_threshold), 0.0 if v_reset is None else float(v_reset),
         HAS_ALPHA=alpha is not None, BN_TRAIN=bn_train, HAS_RES=residual is not None,
         DECAY_INPUT=bool(decay_input), HARD=v_reset is not None, BLOCK_R=br, BLOCK_S=bs,
         num_warps=nw)
@@ -336,21 +355,22 @@ def lif_bwd(grad_spikes: torch.Tensor, src: torch.Tensor, alpha: torch.Tensor | 
             surrogate: int, surrogate_alpha: float):
     """-> (grad_z, grad_current, grad_scale, grad_shift), all float32; shapes like src / [C]."""
     T, R, C, S = _geometry(src)
+    check_int32_index(grad_spikes.numel(), "grad_spikes")
     dev = src.device
     grad_x = torch.empty(src.shape, dtype=torch.float32, device=dev)
     grad_z = torch.empty(src.shape, dtype=torch.float32, device=dev)
     grad_shift = torch.zeros(C, dtype=torch.float64, device=dev)
     grad_scale = torch.zeros(C, dtype=torch.float64, device=dev)
-    invstd = torch.rsqrt(var.to(torch.float32) + bn_eps)
+    var = var.to(torch.float32)
     mean = mean.to(torch.float32)
     if src.numel() == 0:
         return grad_z, grad_x, grad_scale.float(), grad_shift.float()
     grid, br, bs, nw = _grid(R, S)
     has_alpha = alpha is not None
     launch(_lif_bwd_kernel, grid,
-        grad_spikes, src, alpha if has_alpha else scale, scale, shift, mean, invstd,
+        grad_spikes, src, alpha if has_alpha else scale, scale, shift, mean, var,
         grad_x if residual is None else residual, grad_x, grad_z, grad_shift, grad_scale,
-        T, R, C, S, float(tau), float(v_threshold), 0.0 if v_reset is None else float(v_reset),
+        T, R, C, S, float(bn_eps), float(tau), float(v_threshold), 0.0 if v_reset is None else float(v_reset),
         float(surrogate_alpha),
         HAS_ALPHA=has_alpha, BN_TRAIN=bool(bn_train), HAS_RES=residual is not None,
         DECAY_INPUT=bool(decay_input), HARD=v_reset is not None, DETACH_RESET=bool(detach_reset),
@@ -358,8 +378,8 @@ def lif_bwd(grad_spikes: torch.Tensor, src: torch.Tensor, alpha: torch.Tensor | 
     if bn_train:
         count = max(1, src.numel() // C)
         launch(_bn_train_bwd_kernel, grid,
-            grad_x, src, alpha if has_alpha else scale, scale, mean, invstd,
+            grad_x, src, alpha if has_alpha else scale, scale, mean, var,
             (grad_shift / count).to(torch.float32), (grad_scale / count).to(torch.float32),
             grad_z,
-            T, R, C, S, HAS_ALPHA=has_alpha, BLOCK_R=br, BLOCK_S=bs, num_warps=nw)
+            T, R, C, S, float(bn_eps), HAS_ALPHA=has_alpha, BLOCK_R=br, BLOCK_S=bs, num_warps=nw)
     return grad_z, grad_x, grad_scale.to(torch.float32), grad_shift.to(torch.float32)

@@ -270,8 +270,8 @@ def test_torchrun_two_processes_gloo_matches_single_process(tmp_path):
     last3 = {d: sum(float(m["test_acc"]) for m in read_metrics(tmp_path / d)[-3:]) / 3
              for d in ("ddp", "one")}
     # Per-rank BN statistics (batch 16 against 32) give a trajectory of their own: after a change
-    # of float summation order alone (session 7: the CPU linear layers' row layout) the last-3
-    # means were 1.30 apart (97.22 vs 98.52) with the best epochs 0.83 apart.
+    # of float summation order alone (the CPU linear layers' row layout of commit b7d0970) the
+    # last-3 means were 1.30 apart (97.22 vs 98.52) with the best epochs 0.83 apart.
     assert abs(last3["ddp"] - last3["one"]) <= 1.5, last3
 
 

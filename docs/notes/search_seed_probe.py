@@ -1,4 +1,4 @@
-"""Issue #8 probe (see docs/notes/search_seed_gap.md): one ``binslt.train.run`` with, at every epoch's evaluation,
+"""Seed-gap probe (see docs/notes/search_seed_gap.md): one ``binslt.train.run`` with, at every epoch's evaluation,
 
 (a) the test accuracy of a *copy* of the model after BN recalibration
     (``torch.optim.swa_utils.update_bn`` over the training split, in order, at the run's batch size),

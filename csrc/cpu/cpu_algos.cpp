@@ -17,7 +17,7 @@ namespace cpu {
 // ---------------------------------------------------------------------------------------------
 // The measured crossovers of "auto", in one table. They come from benchmarks/cpu_algos.py on the
 // anchor layer (T=4 N=16 128->128 16x16, 3x3, prune rate 0.5, 2 threads); the timings are in
-// benchmarks/results/cpu_algos_cpu-amd-epyc.csv, the discussion in docs/status.md.
+// benchmarks/results/cpu_algos_cpu-amd-epyc.csv, the discussion in docs/benchmarks.md.
 // ---------------------------------------------------------------------------------------------
 
 struct AutoRules {

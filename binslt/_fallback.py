@@ -38,6 +38,11 @@ ENV_CACHE = "BINSLT_CACHE_DIR"
 VERDICT_FILE = "check.json"
 
 
+class BackendSettingError(ValueError):
+    """A bad ``BINSLT_BACKEND`` / ``BINSLT_DISABLE_BACKENDS`` (the command line prints one
+    line, exit status 2)."""
+
+
 class BackendFallbackWarning(RuntimeWarning):
     """A backend auto would take is skipped: it failed its first call, or ``binslt check``."""
 
@@ -94,16 +99,16 @@ def _parse_env() -> dict:
 
     forced = os.environ.get(ENV_BACKEND, "").strip() or None
     if forced is not None and forced not in BACKENDS:
-        raise ValueError(f"{ENV_BACKEND}={forced!r}: must be one of {BACKENDS}")
+        raise BackendSettingError(f"{ENV_BACKEND}={forced!r}: must be one of {BACKENDS}")
     raw = os.environ.get(ENV_DISABLE, "")
     disabled = frozenset(b.strip() for b in raw.split(",") if b.strip())
     bad = sorted(disabled - set(BACKENDS) | (disabled & {"auto"}))
     if bad:
-        raise ValueError(f"{ENV_DISABLE}={raw!r}: unknown backend(s) {bad}; names are "
+        raise BackendSettingError(f"{ENV_DISABLE}={raw!r}: unknown backend(s) {bad}; names are "
                          f"{BACKENDS[1:]}")
     if forced is not None and forced in disabled:
-        raise ValueError(f"{ENV_BACKEND}={forced!r} names a backend that {ENV_DISABLE}={raw!r} "
-                         "disables")
+        raise BackendSettingError(f"{ENV_BACKEND}={forced!r} names a backend that "
+                                  f"{ENV_DISABLE}={raw!r} disables")
     return {"forced": None if forced == "auto" else forced, "disabled": disabled, "raw": raw}
 
 

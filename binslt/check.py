@@ -395,7 +395,8 @@ def _check_conv_case(op_of, lines, case: ConvCase, device, seed: int) -> None:
                            ("grad_shift", g_sh, e_sh), ("grad_weight", g_w, e_gw),
                            ("grad_x", g_x, e_gx)):
             L.rel(cn, what, a, e)
-        if op_of("bconv_lif_bwd")(*bwd, False)[0].numel() != 0:
+        # (once: the Triton interpreter takes ~10 ms per program)
+        if case is CONV_CASES[0] and op_of("bconv_lif_bwd")(*bwd, False)[0].numel() != 0:
             L.fail(cn, "need_grad_x=False must return an empty grad_x", 1.0)
 
 

@@ -28,6 +28,7 @@ import argparse
 import os
 import sys
 
+from .._fallback import BackendSettingError
 from ..artifacts import ArtifactError
 from ..data import DatasetError
 from ..nir import NIRDependencyError, NIRError
@@ -41,7 +42,7 @@ __all__ = ["CLIError", "DEFAULTS", "build_parser", "compare_table", "explicit_op
 
 #: What a command raises for bad input: one line on stderr, exit status 2.
 USER_ERRORS = (CLIError, RunError, DatasetError, ArtifactError, NIRError, NIRDependencyError,
-               OSError)
+               BackendSettingError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:

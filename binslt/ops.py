@@ -288,6 +288,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         be = _AUTO.get(device)  # one dict lookup per layer call once chosen
         if be is None:
+            if torch.compiler.is_compiling():  # tracing reads no file: the verdict waits for
+                return _choose_auto(device, verdict=False)  # the first eager call
             be = _AUTO[device] = _choose_auto(device)
         return be
     _fb.check_enabled(backend)
@@ -315,7 +317,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 _AUTO: dict[torch.device, str] = {}  # auto's choice per device (cleared when one fails)
 
 
-def _choose_auto(device: torch.device) -> str:
+def _choose_auto(device: torch.device, verdict: bool = True) -> str:
     st = _ext.load()
     env = _fb.settings()
     order = _fb.AUTO_ORDER.get(device.type, ("torch",))
@@ -327,7 +329,7 @@ def _choose_auto(device: torch.device) -> str:
             skipped[be] = f"failed its first call ({_fb.FAILED[be]})"
         elif be != "torch" and not st[be]["usable"]:
             skipped[be] = st[be]["reason"]
-        elif be != "torch" and be in _fb.verdict_skips(device):
+        elif be != "torch" and verdict and be in _fb.verdict_skips(device):
             skipped[be] = _fb.verdict_skips(device)[be]
         elif be == "triton" and load_triton():  # a failed import marks it unusable
             skipped[be] = st[be]["reason"]
@@ -353,7 +355,7 @@ def _run_auto(backend: str, device: torch.device, run):
     call (and for explicit backends) errors are raised as usual. The per-call cost once proven:
     one set lookup."""
     be = resolve_backend(backend, device)
-    if be in _fb.PROVEN or not _is_auto(backend):
+    if be in _fb.PROVEN or not _is_auto(backend) or torch.compiler.is_compiling():
         return run(be)
     while True:
         _FIRST.auto = True
@@ -377,7 +379,7 @@ def _backward_op(name: str, ctx, *args):
     backward fails recoverably, the backend is marked failed and the same schema runs on the
     next backend of auto's order (every backend implements every schema)."""
     be = ctx.backend
-    if not ctx.auto or be in _fb.PROVEN_BWD:
+    if not ctx.auto or be in _fb.PROVEN_BWD or torch.compiler.is_compiling():
         return get_op(name, be)(*args)
     device = args[0].device
     while True:
@@ -591,8 +593,8 @@ class BNLIF(torch.autograd.Function):
             if ctx.backend != "cpu":
                 zf = zf.contiguous()
         g_z, g_cur, g_sc, g_sh = _backward_op(
-            "bn_lif_bwd", ctx, g_spikes.float().contiguous(), zf, scale.detach().float(), shift.detach().float(),
-            mean, var, res, *ctx.cfg, ctx.has_res)
+            "bn_lif_bwd", ctx, g_spikes.float().contiguous(), zf, scale.detach().float(),
+            shift.detach().float(), mean, var, res, *ctx.cfg, ctx.has_res)
         return (g_z.to(ctx.z_dtype), g_sc.to(scale.dtype), g_sh.to(shift.dtype),
                 g_cur if ctx.has_res else None) + (None,) * 10
 

@@ -198,3 +198,19 @@ def test_verdict_with_another_key_is_ignored():
     _write_verdict(key, ok=True)  # a passing verdict changes nothing either
     ops.reset_backend_state()
     assert ops.resolve_backend("auto", CPU) == "cpu"
+
+
+def test_compile_traces_the_first_auto_call():
+    """torch.compile(fullgraph=True) as the process' first auto call: the choice and the guard
+    read no file and set no thread state while tracing."""
+    torch._dynamo.reset()
+    _write_verdict(fb.verdict_key(CPU), ok=True)
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(BinSpikeConv2d(3, 8, 3, padding=1, bn=True),
+                            BinSpikeConv2d(8, 16, 3, stride=2, padding=1)).eval()
+    x = (torch.rand(2, 2, 3, 7, 7) < 0.3).float()
+    with torch.no_grad():
+        got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+        want = m(x)
+    assert torch.equal(got, want)
+    assert ops.resolve_backend("auto", CPU) == "cpu"

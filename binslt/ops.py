@@ -252,10 +252,18 @@ def load_triton() -> str:
 
 def backends() -> dict[str, dict]:
     """{'torch'|'cpu'|'triton'|'cuda': {'built': bool, 'usable': bool, 'reason': str}}, after
-    trying the Triton launchers (so that 'usable' is what a layer would find)."""
+    trying the Triton launchers (so that 'usable' is what a layer would find: a backend
+    ``BINSLT_DISABLE_BACKENDS`` names, or whose first call failed here, is not)."""
     if _ext.load()["triton"]["built"]:
         load_triton()
-    return _ext.backends()
+    out = _ext.backends()
+    env = _fb.settings()
+    for be, st in out.items():
+        if be in env["disabled"]:
+            st.update(usable=False, reason=f"disabled by {_fb.ENV_DISABLE}; {st['reason']}")
+        elif be in _fb.FAILED:
+            st.update(usable=False, reason=f"failed its first call here ({_fb.FAILED[be]})")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,6 +85,8 @@ def test_first_call_failure_falls_back_with_one_warning(monkeypatch):
     assert torch.equal(got, expect) and torch.equal(again, expect)
     assert ops.resolve_backend("auto", CPU) == "torch"
     assert "cpu" in fb.FAILED
+    st = ops.backends()["cpu"]
+    assert not st["usable"] and "no kernel image" in st["reason"]
 
 
 def test_first_backward_failure_falls_back(monkeypatch):
@@ -145,6 +147,7 @@ def test_env_backend_and_disable(monkeypatch):
     monkeypatch.setenv("BINSLT_DISABLE_BACKENDS", "cpu, triton")
     ops.reset_backend_state()
     assert ops.resolve_backend("auto", CPU) == "torch"
+    assert not ops.backends()["cpu"]["usable"] and ops.backends()["cpu"]["built"]
     with pytest.raises(RuntimeError, match="disabled by BINSLT_DISABLE_BACKENDS"):
         ops.resolve_backend("cpu", CPU)
     with pytest.raises(RuntimeError, match="disabled by BINSLT_DISABLE_BACKENDS"):

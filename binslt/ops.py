@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from . import _contract as C
 from . import _ext
+from . import _fallback as _fb
 from . import reference as ref
 from ._contract import BACKENDS, counts_dtype  # noqa: F401  (part of the ops API)
 from ._schemas import AUX_SCHEMAS, SCHEMAS, SURROGATES, WEIGHT_SCHEMAS
@@ -251,10 +252,18 @@ def load_triton() -> str:
 
 def backends() -> dict[str, dict]:
     """{'torch'|'cpu'|'triton'|'cuda': {'built': bool, 'usable': bool, 'reason': str}}, after
-    trying the Triton launchers (so that 'usable' is what a layer would find)."""
+    trying the Triton launchers (so that 'usable' is what a layer would find: a backend
+    ``BINSLT_DISABLE_BACKENDS`` names, or whose first call failed here, is not)."""
     if _ext.load()["triton"]["built"]:
         load_triton()
-    return _ext.backends()
+    out = _ext.backends()
+    env = _fb.settings()
+    for be, st in out.items():
+        if be in env["disabled"]:
+            st.update(usable=False, reason=f"disabled by {_fb.ENV_DISABLE}; {st['reason']}")
+        elif be in _fb.FAILED:
+            st.update(usable=False, reason=f"failed its first call here ({_fb.FAILED[be]})")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,21 +286,22 @@ def use_backend(backend: str):
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map 'auto' (or a use_backend override) to a concrete backend usable for ``device``."""
+    """Map 'auto' (or a use_backend override, or ``BINSLT_BACKEND``) to a concrete backend usable
+    for ``device``. auto's order (binslt._fallback) skips the backends ``BINSLT_DISABLE_BACKENDS``
+    names, those found failing (their first call, or ``binslt check``'s verdict) and the
+    unusable ones; a disabled backend asked for by name raises."""
     C.check_backend(backend)
     if backend == "auto":
-        backend = getattr(_override, "backend", None) or "auto"
-    st = _ext.load()  # read only (backends() copies it; this runs on every layer call)
+        backend = getattr(_override, "backend", None) or _fb.settings()["forced"] or "auto"
     if backend == "auto":
-        if device.type == "cpu":
-            return "cpu" if st["cpu"]["usable"] else "torch"
-        if device.type == "cuda":
-            if st["cuda"]["usable"]:
-                return "cuda"
-            if st["triton"]["usable"]:
-                load_triton()  # a failed import marks it unusable
-            return "triton" if st["triton"]["usable"] else "torch"
-        return "torch"
+        be = _AUTO.get(device)  # one dict lookup per layer call once chosen
+        if be is None:
+            if torch.compiler.is_compiling():  # tracing reads no file: the verdict waits for
+                return _choose_auto(device, verdict=False)  # the first eager call
+            be = _AUTO[device] = _choose_auto(device)
+        return be
+    _fb.check_enabled(backend)
+    st = _ext.load()  # read only (backends() copies it; this runs on every layer call)
     if backend == "torch":
         return backend
     if not st[backend]["built"]:
@@ -310,6 +320,95 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if err:
             raise RuntimeError(f"backend 'triton' failed to load: {err}")
     return backend
+
+
+_AUTO: dict[torch.device, str] = {}  # auto's choice per device (cleared when one fails)
+
+
+def _choose_auto(device: torch.device, verdict: bool = True) -> str:
+    st = _ext.load()
+    env = _fb.settings()
+    order = _fb.AUTO_ORDER.get(device.type, ("torch",))
+    skipped = {}
+    for be in order:
+        if be in env["disabled"]:
+            skipped[be] = f"disabled by {_fb.ENV_DISABLE}"
+        elif be in _fb.FAILED:
+            skipped[be] = f"failed its first call ({_fb.FAILED[be]})"
+        elif be != "torch" and not st[be]["usable"]:
+            skipped[be] = st[be]["reason"]
+        elif be != "torch" and verdict and be in _fb.verdict_skips(device):
+            skipped[be] = _fb.verdict_skips(device)[be]
+        elif be == "triton" and load_triton():  # a failed import marks it unusable
+            skipped[be] = st[be]["reason"]
+        else:
+            return be
+    why = "; ".join(f"{b}: {r}" for b, r in skipped.items())
+    raise RuntimeError(f"backend 'auto' has no backend left for {device} ({why})")
+
+
+def _is_auto(backend: str) -> bool:
+    """Whether ``backend`` resolves by auto's order (no use_backend block, no BINSLT_BACKEND)."""
+    return (backend == "auto" and getattr(_override, "backend", None) is None
+            and _fb.settings()["forced"] is None)
+
+
+_FIRST = threading.local()  # .auto: inside an auto-chosen backend's first call
+
+
+def _run_auto(backend: str, device: torch.device, run):
+    """``run(be)`` on the backend ``backend`` resolves to. A backend auto chose whose first call
+    fails recoverably (binslt._fallback.recoverable) is marked failed, with one warning, and the
+    call runs again on the next backend of auto's order; after a backend's first successful
+    call (and for explicit backends) errors are raised as usual. The per-call cost once proven:
+    one set lookup."""
+    be = resolve_backend(backend, device)
+    if be in _fb.PROVEN or not _is_auto(backend) or torch.compiler.is_compiling():
+        return run(be)
+    while True:
+        _FIRST.auto = True
+        try:
+            out = run(be)
+        except Exception as exc:
+            if not _fb.recoverable(exc):
+                raise
+            _fb.mark_failed(be, exc, device)
+            _AUTO.clear()
+            be = resolve_backend(backend, device)
+            continue
+        finally:
+            _FIRST.auto = False
+        _fb.PROVEN.add(be)
+        return out
+
+
+def _backward_op(name: str, ctx, *args):
+    """The backward op ``name`` of ``ctx.backend``. Where auto chose the backend and its first
+    backward fails recoverably, the backend is marked failed and the same schema runs on the
+    next backend of auto's order (every backend implements every schema)."""
+    be = ctx.backend
+    if not ctx.auto or be in _fb.PROVEN_BWD or torch.compiler.is_compiling():
+        return get_op(name, be)(*args)
+    device = args[0].device
+    while True:
+        try:
+            out = get_op(name, be)(*args)
+        except Exception as exc:
+            if not _fb.recoverable(exc) or be == "torch":
+                raise
+            _fb.mark_failed(be, exc, device)
+            _AUTO.clear()
+            be = _choose_auto(device)
+            continue
+        _fb.PROVEN_BWD.add(be)
+        return out
+
+
+def reset_backend_state() -> None:
+    """Read ``BINSLT_BACKEND``, ``BINSLT_DISABLE_BACKENDS`` and ``binslt check``'s verdict again
+    and forget the backends found failing in this process."""
+    _fb.reset()
+    _AUTO.clear()
 
 
 def get_op(name: str, backend: str):
@@ -433,6 +532,7 @@ class ConvLIF(torch.autograd.Function):
                    detach_reset, surrogate, surrogate_alpha)
         ctx.T = T
         ctx.backend = backend
+        ctx.auto = getattr(_FIRST, "auto", False)  # an auto-chosen backend's first call
         ctx.has_res = residual is not None
         ctx.mark_non_differentiable(mean, var)
         return spikes.to(x.dtype), mean, var
@@ -457,7 +557,7 @@ class ConvLIF(torch.autograd.Function):
                 shift.detach().float(), mean, var, res, *ctx.cfg, need_x, ctx.has_res)
         g = g_spikes.float().contiguous()
         if pool_bits is None:
-            out = get_op("bconv_lif_bwd", ctx.backend)(g, *rest)
+            out = _backward_op("bconv_lif_bwd", ctx, g, *rest)
         else:
             out = torch.ops.binslt.bconv_lif_bwd_pool2(g, pool_bits, *rest)
         g_x, g_w, g_cur, g_sc, g_sh = out
@@ -487,6 +587,7 @@ class BNLIF(torch.autograd.Function):
         ctx.cfg = (bn_train, bn_eps, tau, decay_input, v_threshold, v_reset, detach_reset,
                    surrogate, surrogate_alpha)
         ctx.backend = backend
+        ctx.auto = getattr(_FIRST, "auto", False)
         ctx.has_res = residual is not None
         ctx.z_dtype = z.dtype
         ctx.mark_non_differentiable(mean, var)
@@ -499,9 +600,9 @@ class BNLIF(torch.autograd.Function):
             zf = zf.unsqueeze(0).expand(ctx.steps, *zf.shape)
             if ctx.backend != "cpu":
                 zf = zf.contiguous()
-        g_z, g_cur, g_sc, g_sh = get_op("bn_lif_bwd", ctx.backend)(
-            g_spikes.float().contiguous(), zf, scale.detach().float(), shift.detach().float(),
-            mean, var, res, *ctx.cfg, ctx.has_res)
+        g_z, g_cur, g_sc, g_sh = _backward_op(
+            "bn_lif_bwd", ctx, g_spikes.float().contiguous(), zf, scale.detach().float(),
+            shift.detach().float(), mean, var, res, *ctx.cfg, ctx.has_res)
         return (g_z.to(ctx.z_dtype), g_sc.to(scale.dtype), g_sh.to(shift.dtype),
                 g_cur if ctx.has_res else None) + (None,) * 10
 
@@ -643,9 +744,9 @@ def conv_lif(x, w_eff, scale, shift, residual=None, *, stride=1, padding=0, bn_t
 
     ``backend='torch'`` runs the autograd reference (any dtype); others run kernels (float32).
     """
-    return _conv_lif(resolve_backend(backend, x.device), x, w_eff, scale, shift, residual, stride,
-                     padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset,
-                     detach_reset, surrogate, surrogate_alpha)
+    return _run_auto(backend, x.device, lambda be: _conv_lif(
+        be, x, w_eff, scale, shift, residual, stride, padding, bn_train, bn_eps, tau, decay_input,
+        v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha))
 
 
 def bn_lif(z, scale, shift, residual=None, *, bn_train=False, bn_eps=1e-5, tau=2.0,
@@ -653,9 +754,9 @@ def bn_lif(z, scale, shift, residual=None, *, bn_train=False, bn_eps=1e-5, tau=2
            surrogate="atan", surrogate_alpha=2.0, backend="auto"):
     """Spikes of (BN) (+residual) + LIF over a real current z: [T, N, C, *]. -> (spikes, mean,
     var)."""
-    return _bn_lif(resolve_backend(backend, z.device), z, scale, shift, residual, bn_train,
-                   bn_eps, tau, decay_input, v_threshold, v_reset, detach_reset, surrogate,
-                   surrogate_alpha)
+    return _run_auto(backend, z.device, lambda be: _bn_lif(
+        be, z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset,
+        detach_reset, surrogate, surrogate_alpha))
 
 
 def infer_conv_lif(x, w_mask, w_pos, alpha, scale, shift, residual=None, *, stride=1, padding=0,
@@ -668,9 +769,9 @@ def infer_conv_lif(x, w_mask, w_pos, alpha, scale, shift, residual=None, *, stri
     written); training BN needs ``bconv_lif``'s batch statistics (mean and var are None
     otherwise)."""
     with torch.no_grad():
-        return _infer_conv_lif(resolve_backend(backend, x.device), x, w_mask, w_pos, alpha, scale,
-                               shift, residual, stride, padding, bn_train, bn_eps, tau,
-                               decay_input, v_threshold, v_reset, pool, packed_out)
+        return _run_auto(backend, x.device, lambda be: _infer_conv_lif(
+            be, x, w_mask, w_pos, alpha, scale, shift, residual, stride, padding, bn_train,
+            bn_eps, tau, decay_input, v_threshold, v_reset, pool, packed_out))
 
 
 def spiking_layer(x, weight, scale, shift, residual=None, *, linear=False, stride=1, padding=0,
@@ -689,9 +790,16 @@ def spiking_layer(x, weight, scale, shift, residual=None, *, linear=False, strid
     spikes, or finite real values) unless the backend's pack kernel checks it as it packs, or it
     is packed already. Spike input without autograd runs the packed inference path; with
     autograd, the fused autograd op; real input, a dense conv (linear) and the fused epilogue +
-    LIF.
+    LIF. With backend 'auto', a backend whose first call fails recoverably hands the call to the
+    next one (``_run_auto``).
     """
-    be = resolve_backend(backend, x.device)
+    return _run_auto(backend, x.device, lambda be: _spiking_layer(
+        be, x, weight, scale, shift, residual, linear, stride, padding, real_input, bn_train,
+        bn_eps, neuron, pool, packed_out, who))
+
+
+def _spiking_layer(be, x, weight, scale, shift, residual, linear, stride, padding, real_input,
+                   bn_train, bn_eps, neuron, pool, packed_out, who):
     packed_in = x.dtype == torch.int32
     no_grad = be != "torch" and not torch.is_grad_enabled()
     infer = not real_input and no_grad
@@ -854,19 +962,20 @@ def masked_sign_weight(weight: torch.Tensor, scores: torch.Tensor, prune_rate: f
 
 def pack_spikes(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """[B, C, H, W] spikes -> [B, H, W, ceil(C/32)] int32 words."""
-    return get_op("pack_spikes", resolve_backend(backend, x.device))(x)
+    return _run_auto(backend, x.device, lambda be: get_op("pack_spikes", be)(x))
 
 
 def unpack_spikes(packed: torch.Tensor, channels: int, backend: str = "auto") -> torch.Tensor:
-    return get_op("unpack_spikes", resolve_backend(backend, packed.device))(packed, channels)
+    return _run_auto(backend, packed.device,
+                     lambda be: get_op("unpack_spikes", be)(packed, channels))
 
 
 def bconv_affine_infer(x, w_mask, w_pos, alpha, scale, shift, stride=1, padding=0,
                        backend: str = "auto") -> torch.Tensor:
     """(count * alpha) * scale + shift of spikes x (float 0/1 [B, C, H, W] or packed words
     [B, H, W, Cw] int32): a masked sign-weight conv without a neuron, eval BN folded."""
-    return get_op("bconv_affine_infer", resolve_backend(backend, x.device))(
-        x, w_mask, w_pos, alpha, scale, shift, stride, padding)
+    return _run_auto(backend, x.device, lambda be: get_op("bconv_affine_infer", be)(
+        x, w_mask, w_pos, alpha, scale, shift, stride, padding))
 
 
 def onednn_conv_available() -> bool:
@@ -882,6 +991,6 @@ _ONEDNN = None
 
 
 def pack_weight(weight: torch.Tensor, backend: str = "auto"):
-    return get_op("pack_weight", resolve_backend(backend, weight.device))(weight)
+    return _run_auto(backend, weight.device, lambda be: get_op("pack_weight", be)(weight))
 
 from ._cpu_algos import cpu_algorithms  # noqa: E402,F401

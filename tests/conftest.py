@@ -5,8 +5,12 @@ CPU tensors where no GPU is present.
 """
 
 import os
+import tempfile
 
 import torch
+
+# binslt check's verdict changes what backend='auto' takes: the tests never read the user's.
+os.environ["BINSLT_CACHE_DIR"] = tempfile.mkdtemp(prefix="binslt-test-cache-")
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

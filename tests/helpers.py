@@ -9,6 +9,10 @@ import zlib
 import torch
 import torch.nn.functional as F
 
+# The comparison rules (tie band, relative error) live in the package: `binslt check` applies
+# the same ones on a user's machine.
+from binslt.check import TIE_BAND, close_rel, rel_error, spike_mismatch, tie_mask  # noqa: F401
+
 
 def cpu_isas() -> list[str]:
     """The CPU kernel ISAs this machine runs, from the baseline up ("scalar" first)."""
@@ -30,36 +34,12 @@ def stable_seed(key) -> int:
     return zlib.crc32(repr(key).encode()) % 10_000
 
 
-TIE_BAND = 1e-5
-"""Half-width of the tie band around the firing threshold, in units of the membrane potential H.
-
-The kernels compute H in float32, the references in float64. On the currents the tests use
-(|H| of order 1-10, a few timesteps) float32 rounding moves H by about 1e-6 at most (a few ulps
-of 1.2e-7 relative), so outside ``|H - v_th| < TIE_BAND`` both take the same spike decision;
-inside it either decision is correct. The band is no wider because a spike comparison excludes
-the neurons inside it: a wider band compares fewer neurons (the property tests used 1e-4 and
-now compare more). The same width serves as the "no near-tie in the test data" pre-condition of the
-gradient tests (where one flipped spike would change the gradients legitimately)."""
-
-
-def tie_mask(h: torch.Tensor, v_threshold: float, band: float = TIE_BAND) -> torch.Tensor:
-    """True where a spike comparison is meaningful: the neuron has not come within ``band`` of
-    the threshold at this or any earlier timestep (after a near-tie, trajectories may diverge).
-    h: [T, ...] membrane potential before firing (float64 preferred)."""
-    near = (h - v_threshold).abs() < band
-    return ~(torch.cummax(near.to(torch.int8), dim=0).values.bool())
-
-
 def assert_spikes_equal(actual: torch.Tensor, expected: torch.Tensor, h: torch.Tensor,
                         v_threshold: float, min_compared: float = 0.5) -> None:
     """``actual`` equals ``expected`` wherever ``tie_mask`` holds, and the comparison is not
-    vacuous: more than ``min_compared`` of the neurons are compared."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    ok = tie_mask(h, v_threshold)
-    a, e = actual.double()[ok], expected.double()[ok]
-    mism = (a != e).sum().item()
-    assert mism == 0, f"{mism} spikes differ outside the tie band (of {ok.sum().item()} compared)"
-    assert ok.float().mean() > min_compared, "too few neurons outside the tie band to compare"
+    vacuous: more than ``min_compared`` of the neurons are compared (binslt.check's rule)."""
+    why = spike_mismatch(actual, expected, h, v_threshold, min_compared)
+    assert not why, why
 
 
 def assert_no_ties(h: torch.Tensor, v_threshold: float) -> None:
@@ -85,10 +65,8 @@ def nudge_until_untied(h_of, v_threshold: float, value: torch.Tensor, step: floa
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = ""):
     """Normwise relative error ||a - e|| <= rtol * ||e|| (+ a tiny absolute floor)."""
-    a, e = actual.double(), expected.double()
-    err = (a - e).norm().item()
-    ref = e.norm().item()
-    assert err <= rtol * ref + 1e-12, f"{what}: relative error {err / max(ref, 1e-30):.3e} > {rtol}"
+    assert close_rel(actual, expected, rtol), \
+        f"{what}: relative error {rel_error(actual, expected):.3e} > {rtol}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 Subcommands (one module each under ``binslt/cli/``):
 
 - ``info`` (:mod:`.info`): versions, CPU features, backends, device.
+- ``check`` (:mod:`.check`): every kernel backend against the reference here; writes the
+  verdict that ``backend='auto'`` reads.
 - ``search``, ``train {ann,snn,bnn}``, ``finetune --from RUN``, ``sweep``, ``compare``
   (:mod:`.run`): one training run through :func:`binslt.train.run`, a Fig. 2 grid, a
   Table 1/2 comparison. With no options ``search`` runs the embedded default: Conv-4 on
@@ -26,11 +28,12 @@ import argparse
 import os
 import sys
 
+from .._fallback import BackendSettingError
 from ..artifacts import ArtifactError
 from ..data import DatasetError
 from ..nir import NIRDependencyError, NIRError
 from ..train import RunError
-from . import energy, info, run, tickets
+from . import check, energy, info, run, tickets
 from .common import CLIError
 from .run import DEFAULTS, _point_name, compare_table, explicit_options, make_config, sweep_points
 
@@ -39,7 +42,7 @@ __all__ = ["CLIError", "DEFAULTS", "build_parser", "compare_table", "explicit_op
 
 #: What a command raises for bad input: one line on stderr, exit status 2.
 USER_ERRORS = (CLIError, RunError, DatasetError, ArtifactError, NIRError, NIRDependencyError,
-               OSError)
+               BackendSettingError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         "baselines and experiments.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     info.add_parser(sub)
+    check.add_parser(sub)
     run.add_parsers(sub)
     tickets.add_parsers(sub)
     energy.add_parsers(sub)

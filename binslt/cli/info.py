@@ -6,6 +6,7 @@ import argparse
 import os
 
 from .. import _ext, ops, train
+from .. import _fallback as fb
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -40,6 +41,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {name:7s} {flag:17s} {s['reason']}")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"backend 'auto' on {dev.type}: {ops.resolve_backend('auto', dev)}")
+    env = fb.settings()
+    print(f"{fb.ENV_BACKEND}={env['forced'] or ''}  {fb.ENV_DISABLE}={env['raw']}")
+    key = fb.verdict_key(dev)
+    mine = [v for v in fb.read_verdicts() if v.get("key") == key]
+    if mine:
+        bad = [b for b, r in mine[-1].get("backends", {}).items() if not r.get("ok")]
+        said = f"failing: {', '.join(bad)}" if bad else "all ok"
+        print(f"binslt check verdict for this machine and build: {said} ({fb.verdict_path()})")
+    else:
+        print(f"binslt check verdict: none for this machine and build (run `binslt check`; it is "
+              f"stored in {fb.verdict_path()})")
     return 0
 
 

@@ -166,14 +166,22 @@ def test_torch_nn_layers_and_seq_to_ann_containers():
             assert torch.equal(s, s_exp)
 
 
-def test_example_input_decides_spike_or_real_inputs():
+def test_input_kinds_come_from_the_graph_not_the_values():
     nkw = NEURONS["paper"]
     net = nn.Sequential(layer.Linear(5, 4, bias=False), neuron.LIFNode(**nkw),
                         layer.Linear(4, 3, bias=False), neuron.LIFNode(**nkw))
     functional.set_step_mode(net, "m")
     spikes = (torch.rand(2, 3, 5) > 0.5).float()
+    # binary example values do not make the model's input spikes: it is an input (real)
     conv, report = convert(net, example_input=spikes)
+    assert [c["input"] for c in report.converted] == ["real", "spike"]
+    assert [c["layer_input"] for c in report.converted] == ["real", "spike"]
+    # event data: spike_input=True keeps the first layer on the spike path, checked on the values
+    conv, report = convert(net, example_input=spikes, spike_input=True)
     assert [c["input"] for c in report.converted] == ["spike", "spike"]
+    assert conv[0].input == "spike"
+    with pytest.raises(ValueError, match="spike_input=True, but example_input holds values"):
+        convert(net, example_input=torch.rand(2, 3, 5), spike_input=True)
     conv, report = convert(net, example_input=torch.rand(2, 3, 5))
     assert [c["input"] for c in report.converted] == ["real", "spike"]
     # the original model was run in eval mode without keeping state or changing modes
@@ -213,7 +221,10 @@ def test_unsupported_patterns_are_left_alone_with_reasons():
             self.sn = lif()
 
     net.append(Custom())
-    conv, report = convert(net)
+    with pytest.raises(ValueError, match=r"hold state from an earlier run: 16 \(v\); call "
+                                         r"spikingjelly.activation_based.functional.reset_net"):
+        convert(net)
+    conv, report = convert(net, strict=False)
     # a conv bias is folded (no BN here: into the layer's per-channel shift)
     assert report.converted[0]["paths"] == ["0", "1"] and report.converted[0]["bias"] == "shift"
     assert report.converted[0]["new"] == "BinSpikeConv2d"

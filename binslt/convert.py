@@ -656,9 +656,10 @@ class _Recorder(TorchFunctionMode):
 @torch.no_grad()
 def _record(model: nn.Module, example_input, training: bool = False) -> _Recorder:
     """One no-grad run of ``example_input``, recorded, from reset states (reset again after), in
-    eval mode or in training mode (batch statistics, active dropouts). The model comes back as it
-    was: its modes, its buffers (BN running statistics) and the random number state (dropout
-    masks draw from it)."""
+    eval mode or in training mode (active dropouts and every mode-dependent forward; BatchNorms
+    stay on their running statistics, so that an example of one image and one step runs and no
+    statistics move). The model comes back as it was: its modes, its buffers and the random
+    number state (dropout masks draw from it)."""
     from spikingjelly.activation_based import functional
 
     modes = {m: m.training for m in model.modules()}
@@ -667,6 +668,9 @@ def _record(model: nn.Module, example_input, training: bool = False) -> _Recorde
                                                     *_tensors(example_input)] if t.is_cuda})
     rec = _Recorder(model)
     model.train(training)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.training = False
     try:
         with torch.random.fork_rng(devices=devices):
             functional.reset_net(model)
@@ -1186,8 +1190,7 @@ def _run_failure(exc: BaseException, example_input, training: bool) -> str:
                "SpikingJelly models in step mode 'm'): add the T axis, e.g. "
                "x.unsqueeze(0).repeat(T, 1, 1, 1, 1)")
     elif training:
-        fix = ("the model must also run in training mode (batch statistics need N*T > 1 "
-               "values per channel)")
+        fix = "the model must also run in training mode (model.train())"
     else:
         fix = "give an input that model(example_input) runs on"
     return f"{head}; {fix} (strict=False converts without the run, as far as it can)"

@@ -13,10 +13,12 @@ does for every layer, unless ``keep_dense`` names it. The conv / linear / BN may
 layers in step mode 'm', plain ``torch.nn`` layers, or ``torch.nn`` layers inside a
 ``layer.SeqToANNContainer``.
 
-How the graph is found. With ``example_input`` the model runs once (eval mode, no grad, states
-reset) while module hooks and a ``TorchFunctionMode`` record every module call and every tensor
-operation of the user's forward, each tensor known by its identity and version (so that an
-in-place ``out += identity`` counts as a new value). A chain is followed from each conv's output:
+How the graph is found. With ``example_input`` the model runs twice (no grad, states reset
+before and after; once in eval mode, once in training mode with the model's state, BN
+statistics and random number state restored after) while module hooks and a
+``TorchFunctionMode`` record every module call and every tensor operation of the user's forward,
+each tensor known by its identity and version (so that an in-place ``out += identity`` counts as
+a new value). A chain is followed from each conv's output:
 the value must go to exactly one consumer at each step (a BN, a reshape, one add with a tensor of
 the same shape, then the neuron). Without ``example_input`` the fall-back looks only at runs of
 consecutive children of each ``nn.Sequential`` (no residuals), and the report says so.
@@ -45,10 +47,29 @@ their settings over (IF needs a build whose layers take ``neuron='if'``). Other 
 (``ParametricLIFNode`` with a learnt tau, ...) and unsupported settings are left alone and the
 report says why; their conv still becomes a ``BinConv2d``.
 
-Input kind: each fused layer's input is spikes ({0, 1}, the fast packed path) or real values
-(images, or the integers after a SEW spike-add; ``input='real'``), from what it saw in the example
-run. Without it, the first converted layer in module order gets ``'real'`` and the others
-``'spike'``; a spike layer that receives non-binary input raises a ValueError naming the fix.
+Input kind (``InputKind``), decided in one place (``_decide_kinds``) from what produces each
+layer's input in the recorded graph, not from the values: a spiking neuron, through max-pools,
+flattens and reshapes (and SEW's AND / IAND of spikes), makes ``spike`` (the packed path); a
+dropout after those makes ``spike-dropout``; an add of spikes (SEW ADD) makes ``spike-sum``
+(small integers, the exact real-input path, ``input='real'``); anything else (images, average
+pools) is ``real``. The values both example runs gave each layer must agree with its kind, or
+``convert`` stops naming the layer. Without ``example_input`` the kind comes from the module
+before the layer in its ``nn.Sequential``.
+
+Dropout. A dropout (SpikingJelly's ``layer.Dropout`` / ``Dropout2d``, torch's ``Dropout*``)
+whose output goes only to converted spiking layers becomes a ``SpikeDropout``: the same mask
+(the same random calls; ``layer.Dropout`` keeps one over T until reset, ``nn.Dropout`` draws one
+per call) applied to the spikes as 0/1, and 1/(1-p) as the layers' ``input_gain``, folded into
+their weights' gain: the packed path stays, the result is the dropout's. Otherwise the layers
+after it take real input.
+
+Strictness. A failed example run, or SpikingJelly modules holding state from an earlier run,
+stop ``convert`` with one line naming the fix (``ExampleRunError``); ``strict=False`` converts as
+far as it can (the ``nn.Sequential`` fall-back, stateful neurons left alone) and reports it.
+
+Search mode trains the scores only: every other parameter is frozen (BN affine parameters train
+with ``train_bn=True``); ``report.trainable`` / ``report.frozen`` say which, and
+``to_spikingjelly`` unfreezes them again.
 
 ``to_spikingjelly(model)`` turns a converted model (its ticket) back into a plain SpikingJelly
 model whose layers carry ``alpha * sign(w) * M``, rebuilt from meta-device copies of the original
@@ -1160,7 +1181,10 @@ def _held_state(model: nn.Module) -> dict:
                 same = (isinstance(cur, torch.Tensor) and isinstance(rv, torch.Tensor)
                         and cur.shape == rv.shape and bool(torch.equal(cur.cpu(), rv.cpu())))
             else:
-                same = cur == rv
+                try:
+                    same = bool(cur == rv)
+                except Exception:  # noqa: BLE001 -- e.g. lists of tensors: not the reset value
+                    same = False
             if not same:
                 held[path or type(m).__name__] = name
                 break
@@ -1694,6 +1718,11 @@ def build_user_model(factory: str, *, num_classes: int, input_shape, timesteps: 
     try:
         conv, report = convert(net, prune_rate=prune_rate, example_input=example,
                                keep_dense=keep_dense, backend=backend)
+    except ExampleRunError as exc:
+        why = str(exc).removeprefix("convert: ").split("; ")[0]
+        raise FactoryError(f"--model: the model of {str(path)!r} does not run on "
+                           f"[T={timesteps}, N=2, {c}, {h}, {w}] inputs ({why}); check "
+                           "--input-shape") from None
     except (ValueError, TypeError) as exc:
         raise FactoryError(f"--model: {str(path)!r}: {exc}") from None
     if report.method != "recorded run":

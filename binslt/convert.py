@@ -1268,7 +1268,7 @@ def _decide_kinds(chains: list, rec: Optional[_Recorder], rec_train: Optional[_R
             plan[v.dropout] = takers if ok else None
             if not ok:
                 report.notes.append(
-                    f"dropout {v.dropout}: its output also goes to layers that are not "
+                    f"dropout {v.dropout}: its output goes elsewhere too, not only to "
                     "converted spiking layers; the layers after it take real input")
     for ch in chains:
         v = ch.kind

@@ -472,6 +472,45 @@ def test_dropout_spikes_equal_spikingjelly_with_the_same_masks(recorded):
     assert torch.equal(c / 0.75, sj_c) and not torch.equal(c, d)
 
 
+class DropoutTwoUses(nn.Module):
+    """A dropout's output feeds a converted layer and the model's output: it cannot become a
+    SpikeDropout, so the layer after it takes real input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.sn1 = layer.Linear(4, 8, bias=False), neuron.LIFNode()
+        self.drop = layer.Dropout(0.5)
+        self.fc2, self.sn2 = layer.Linear(8, 8, bias=False), neuron.LIFNode()
+        functional.set_step_mode(self, "m")
+
+    def forward(self, x):
+        s = self.drop(self.sn1(self.fc1(x)))
+        return self.sn2(self.fc2(s)) + s
+
+
+def test_a_dropout_used_elsewhere_stays_and_its_layer_takes_real_input():
+    torch.manual_seed(2)
+    net = DropoutTwoUses()
+    with torch.no_grad():
+        net.fc1.weight.mul_(6.0)
+        net.fc2.weight.mul_(6.0)
+    x = torch.rand(3, 4, 4)
+    conv, report = convert(net, prune_rate=0.0, example_input=x, backend="torch")
+    c = report.converted[1]
+    assert (c["paths"][0], c["input"], c["layer_input"]) == ("fc2", "spike-dropout", "real")
+    assert type(conv.drop) is layer.Dropout and "goes elsewhere too" in report.notes[0]
+    expected = binarised_copy(net, ["fc1", "fc2"])
+    for m in (expected, conv):
+        m.train()
+        functional.reset_net(m)
+    torch.manual_seed(5)
+    y_exp = expected(x)
+    torch.manual_seed(5)
+    y = conv(x)
+    assert (y_exp == 2).any()  # the dropout was active: its output reached 2
+    torch.testing.assert_close(y, y_exp, rtol=1e-5, atol=1e-5)
+
+
 def test_failed_example_run_and_held_state_stop_convert_in_one_line():
     torch.manual_seed(0)
     net = sj_vgg(NEURONS["paper"])

@@ -364,7 +364,8 @@ def test_sew_resnet_converts_and_trains(cnf, nkind):
     assert all(not torch.equal(p, before[n]) for n, p in scores.items())
 
 
-def test_spiking_vgg_with_dropout_trains_and_equals_spikingjelly():
+@pytest.mark.parametrize("nkind", ["lif", "if"])
+def test_spiking_vgg_with_dropout_trains_and_equals_spikingjelly(nkind):
     """The zoo's spiking_vgg11_bn (classifier shrunk as in test_zoo): in training mode the
     classifier's dropouts are active. The first one, between two converted layers, becomes a
     SpikeDropout (the mask on the spikes, 1/(1-p) in the next layer's gain: the packed spike
@@ -372,7 +373,7 @@ def test_spiking_vgg_with_dropout_trains_and_equals_spikingjelly():
     converted model's training-mode logits equal SpikingJelly's; then a search step runs."""
     from test_zoo import build
 
-    net = build("spiking_vgg11_bn", "lif")
+    net = build("spiking_vgg11_bn", nkind)
     x = torch.rand(2, 2, 3, 32, 32)
     conv, report = convert(net, prune_rate=0.0, example_input=x[:, :1])
     by_path = {c["paths"][0]: c for c in report.converted}

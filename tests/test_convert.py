@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -420,13 +421,18 @@ def dropout_net() -> nn.Sequential:
     return net
 
 
-@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "sequential"])
-def test_dropout_spikes_equal_spikingjelly_with_the_same_masks(recorded):
+@pytest.mark.parametrize("recorded,backend", [(True, "torch"), (False, "torch"), (True, "cpu"),
+                                              (True, "triton")],
+                         ids=["recorded-torch", "sequential-torch", "recorded-cpu",
+                              "recorded-triton"])
+def test_dropout_spikes_equal_spikingjelly_with_the_same_masks(recorded, backend):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
     torch.manual_seed(4)
     net = dropout_net()
     x = torch.rand(4, 5, 6) * 2
     conv, report = convert(net, prune_rate=0.0, example_input=x if recorded else None,
-                           backend="torch")
+                           backend=backend)
     assert [c["input"] for c in report.converted] == ["real", "spike-dropout", "spike-dropout",
                                                       None]
     assert isinstance(conv[2], SpikeDropout)

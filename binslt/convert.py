@@ -13,10 +13,12 @@ does for every layer, unless ``keep_dense`` names it. The conv / linear / BN may
 layers in step mode 'm', plain ``torch.nn`` layers, or ``torch.nn`` layers inside a
 ``layer.SeqToANNContainer``.
 
-How the graph is found. With ``example_input`` the model runs once (eval mode, no grad, states
-reset) while module hooks and a ``TorchFunctionMode`` record every module call and every tensor
-operation of the user's forward, each tensor known by its identity and version (so that an
-in-place ``out += identity`` counts as a new value). A chain is followed from each conv's output:
+How the graph is found. With ``example_input`` the model runs twice (no grad, states reset
+before and after; once in eval mode, once in training mode with the model's state, BN
+statistics and random number state restored after) while module hooks and a
+``TorchFunctionMode`` record every module call and every tensor operation of the user's forward,
+each tensor known by its identity and version (so that an in-place ``out += identity`` counts as
+a new value). A chain is followed from each conv's output:
 the value must go to exactly one consumer at each step (a BN, a reshape, one add with a tensor of
 the same shape, then the neuron). Without ``example_input`` the fall-back looks only at runs of
 consecutive children of each ``nn.Sequential`` (no residuals), and the report says so.
@@ -45,10 +47,29 @@ their settings over (IF needs a build whose layers take ``neuron='if'``). Other 
 (``ParametricLIFNode`` with a learnt tau, ...) and unsupported settings are left alone and the
 report says why; their conv still becomes a ``BinConv2d``.
 
-Input kind: each fused layer's input is spikes ({0, 1}, the fast packed path) or real values
-(images, or the integers after a SEW spike-add; ``input='real'``), from what it saw in the example
-run. Without it, the first converted layer in module order gets ``'real'`` and the others
-``'spike'``; a spike layer that receives non-binary input raises a ValueError naming the fix.
+Input kind (``InputKind``), decided in one place (``_decide_kinds``) from what produces each
+layer's input in the recorded graph, not from the values: a spiking neuron, through max-pools,
+flattens and reshapes (and SEW's AND / IAND of spikes), makes ``spike`` (the packed path); a
+dropout after those makes ``spike-dropout``; an add of spikes (SEW ADD) makes ``spike-sum``
+(small integers, the exact real-input path, ``input='real'``); anything else (images, average
+pools) is ``real``. The values both example runs gave each layer must agree with its kind, or
+``convert`` stops naming the layer. Without ``example_input`` the kind comes from the module
+before the layer in its ``nn.Sequential``.
+
+Dropout. A dropout (SpikingJelly's ``layer.Dropout`` / ``Dropout2d``, torch's ``Dropout*``)
+whose output goes only to converted spiking layers becomes a ``SpikeDropout``: the same mask
+(the same random calls; ``layer.Dropout`` keeps one over T until reset, ``nn.Dropout`` draws one
+per call) applied to the spikes as 0/1, and 1/(1-p) as the layers' ``input_gain``, folded into
+their weights' gain: the packed path stays, the result is the dropout's. Otherwise the layers
+after it take real input.
+
+Strictness. A failed example run, or SpikingJelly modules holding state from an earlier run,
+stop ``convert`` with one line naming the fix (``ExampleRunError``); ``strict=False`` converts as
+far as it can (the ``nn.Sequential`` fall-back, stateful neurons left alone) and reports it.
+
+Search mode trains the scores only: every other parameter is frozen (BN affine parameters train
+with ``train_bn=True``); ``report.trainable`` / ``report.frozen`` say which, and
+``to_spikingjelly`` unfreezes them again.
 
 ``to_spikingjelly(model)`` turns a converted model (its ticket) back into a plain SpikingJelly
 model whose layers carry ``alpha * sign(w) * M``, rebuilt from meta-device copies of the original
@@ -62,6 +83,7 @@ import inspect
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Optional
 
 import torch
@@ -72,8 +94,51 @@ from torch.utils._pytree import tree_flatten
 from . import _contract as C
 from .layers import BinConv2d, BinLinear, BinSpikeConv2d, BinSpikeLinear, _MaskedSignWeight
 
-__all__ = ["Bias", "BiasShift", "ConversionReport", "FactoryError", "InputTap", "SpikeStage",
-           "SpikingJellyRun", "build_user_model", "convert", "load_factory", "to_spikingjelly"]
+__all__ = ["Bias", "BiasShift", "ConversionReport", "ExampleRunError", "FactoryError", "InputKind",
+           "InputTap", "SpikeDropout", "SpikeStage", "SpikingJellyRun", "build_user_model",
+           "convert", "load_factory", "to_spikingjelly"]
+
+
+class ExampleRunError(ValueError):
+    """``convert``'s example run failed, or the model holds state from an earlier run (one line
+    saying what and the fix; ``strict=False`` converts on a best-effort basis instead)."""
+
+
+class InputKind(str, Enum):
+    """What a converted layer's input holds, read from what produces it in the recorded graph
+    (``_value_kinds``) and confirmed against the values of the example runs (``_fits``).
+
+    ``SPIKE``: 0/1, a spiking neuron's output, through max-pools, flattens, reshapes (and SEW's
+    AND / IAND of spikes). ``DROPOUT``: such spikes through a dropout, 0 or 1/(1-p) in training.
+    ``SPIKE_SUM``: small non-negative integers, adds of spikes (SEW ADD). ``REAL``: anything else
+    (images, average pools, BN outputs, membrane shortcuts)."""
+
+    SPIKE = "spike"
+    DROPOUT = "spike-dropout"
+    SPIKE_SUM = "spike-sum"
+    REAL = "real"
+
+
+@dataclass(frozen=True)
+class _Val:
+    """A value's kind; ``dropout``: the dropout module's path for ``InputKind.DROPOUT``."""
+
+    kind: InputKind
+    dropout: Optional[str] = None
+
+    def join(self, other: _Val) -> _Val:
+        """The narrowest kind that holds both (SPIKE is in DROPOUT and in SPIKE_SUM)."""
+        if self == other:
+            return self
+        a, b = sorted((self, other), key=lambda v: list(InputKind).index(v.kind))
+        if a.kind is InputKind.SPIKE and b.kind in (InputKind.DROPOUT, InputKind.SPIKE_SUM):
+            return b
+        return _REAL
+
+
+_REAL = _Val(InputKind.REAL)
+_SPIKE = _Val(InputKind.SPIKE)
+_SPIKE_SUM = _Val(InputKind.SPIKE_SUM)
 
 
 @dataclass
@@ -81,17 +146,27 @@ class ConversionReport:
     """What ``convert`` did. ``converted``: dicts with the replaced module paths (first: the conv
     or linear), the new layer's type (``new``) and settings. ``skipped``: dicts
     ``{'path', 'type', 'reason'}`` for every conv, linear and spiking neuron left as it was.
-    ``method``: 'recorded run' or 'sequential' (the fall-back without ``example_input``)."""
+    ``method``: 'recorded run' or 'sequential' (the fall-back without ``example_input``).
+    ``notes``: what the conversion decided beyond single layers (dropouts replaced, kinds the
+    example run corrected with ``strict=False``). ``trainable``: what trains in search mode;
+    ``frozen``: the parameters ``convert`` froze (names in the converted model)."""
 
     converted: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     method: str = "recorded run"
+    notes: list[str] = field(default_factory=list)
+    trainable: str = "scores"
+    frozen: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} layer(s), left {len(self.skipped)} alone "
                  f"(graph from: {self.method})"]
         for c in self.converted:
-            extra = [f"input={c['input']}"] if c.get("input") else []
+            extra = []
+            if c.get("input"):
+                layer_in = c.get("layer_input")
+                extra.append(f"input={c['input']}" + (
+                    f" (as {layer_in})" if layer_in and layer_in != c["input"] else ""))
             if c.get("neuron"):
                 extra += [f"bn={c['bn']}", f"neuron={c['neuron']}", f"tau={c['tau']:g}",
                           f"surrogate={c['surrogate']}({c['surrogate_alpha']:g})"]
@@ -103,6 +178,10 @@ class ConversionReport:
             lines.append(f"  + {' + '.join(c['paths'])} -> {c['new']} ({', '.join(extra)}){note}")
         for s in self.skipped:
             lines.append(f"  - {s['path']} ({s['type']}): {s['reason']}")
+        for n in self.notes:
+            lines.append(f"  * {n}")
+        frozen = f"; frozen by convert: {len(self.frozen)} parameter(s)" if self.frozen else ""
+        lines.append(f"  trains in search mode: {self.trainable}{frozen}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -111,7 +190,8 @@ class ConversionReport:
                     for k, v in d.items()}
 
         return dict(method=self.method, converted=[clean(c) for c in self.converted],
-                    skipped=[dict(s) for s in self.skipped])
+                    skipped=[dict(s) for s in self.skipped], notes=list(self.notes),
+                    trainable=self.trainable, frozen=list(self.frozen))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +303,44 @@ class SpikeStage(nn.Module):
         return self.layer(x, residual=u if self.residual else None)
 
 
+class SpikeDropout(nn.Module):
+    """Sits at the path of a dropout whose output (spikes) goes only to converted spiking layers:
+    applies the user's dropout mask to the spikes as 0/1 and sets those layers'
+    ``input_gain`` to 1/(1-p) while the mask is active (training), 1 otherwise. The layers fold
+    the gain into their weights' gain and keep the packed spike path; the result is the
+    dropout's ``x * mask`` followed by the layer.
+
+    The mask is drawn as the user's module draws it (the same random calls): SpikingJelly's
+    ``layer.Dropout`` / ``Dropout2d`` with its own ``create_mask``, kept over all T steps (and
+    calls) until ``reset()``; a ``torch.nn`` dropout draws a new one every call."""
+
+    def __init__(self, dropout: nn.Module, layers: list):
+        super().__init__()
+        self.dropout = dropout  # the user's module: its settings and its mask state
+        self.__dict__["_layers"] = list(layers)  # not submodules: they sit at their own paths
+
+    def extra_repr(self) -> str:
+        return f"layers={len(self._layers)}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.dropout
+        p = float(d.p)
+        gain = 1.0
+        if d.training and p > 0:
+            layer, _, _ = _sj()
+            if isinstance(d, layer.Dropout):
+                if d.mask is None:
+                    d.mask = d.create_mask(x[0] if _step_mode(d) == "m" else x)
+                keep = d.mask != 0
+            else:
+                keep = d(torch.ones_like(x)) != 0
+            x = x * keep.to(x.dtype)
+            gain = 1.0 / (1.0 - p)
+        for m in self._layers:
+            m.input_gain = gain
+        return x
+
+
 # ---------------------------------------------------------------------------------------------
 # What a module is, and whether binslt can take it
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +384,34 @@ def _kind(m: nn.Module) -> str:
 
 def _is_neuron(m: nn.Module) -> bool:
     return _kind(m) in ("lif", "if", "node")
+
+
+def _spiking(m: nn.Module) -> bool:
+    """Whether ``m`` emits 0/1 spikes: a SpikingJelly neuron whose surrogate is in spiking mode
+    (the example runs confirm the values)."""
+    _, neuron, _ = _sj()
+    sg = getattr(m, "surrogate_function", None)
+    return isinstance(m, neuron.BaseNode) and getattr(sg, "spiking", True) is not False
+
+
+_PASSING = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.Flatten,
+            nn.Unflatten, nn.Identity)
+
+
+def _passes(m: nn.Module) -> bool:
+    """Modules whose output holds their input's values, rearranged or max-pooled (SpikingJelly's
+    layer.MaxPool2d / Flatten are these torch classes)."""
+    return isinstance(m, _PASSING) and not getattr(m, "return_indices", False)
+
+
+def _dropout_p(m: nn.Module) -> Optional[float]:
+    """p of a dropout that zeroes elements and scales the rest by 1/(1-p) (torch's and
+    SpikingJelly's Dropout / Dropout2d; not alpha dropout), else None."""
+    layer, _, _ = _sj()
+    if type(m) in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, layer.Dropout,
+                   layer.Dropout2d):
+        return float(m.p)
+    return None
 
 
 def _pair_square(v, name: str):
@@ -378,6 +524,28 @@ def _proto(m: nn.Module) -> nn.Module:
 
 _RESHAPES = {"view", "reshape", "flatten", "unflatten", "contiguous", "view_as", "reshape_as"}
 _ADDS = {"add", "add_", "__add__", "__radd__", "__iadd__"}
+# operations whose output holds the values of their first input (rearranged, selected, maxed)
+_PASSING_OPS = _RESHAPES | {
+    "permute", "transpose", "t", "movedim", "squeeze", "unsqueeze", "clone", "detach",
+    "__getitem__", "expand", "expand_as", "repeat", "narrow", "chunk", "split", "unbind", "float",
+    "double", "half", "to", "type_as", "max_pool1d", "max_pool2d", "max_pool3d",
+    "_max_pool1d", "_max_pool2d", "_max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d"}
+_JOINING_OPS = {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}
+_MULS = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "multiply"}
+_RSUBS = {"__rsub__", "rsub"}
+_MAX_LEVELS = 8  # distinct values kept per observed input (more: real-valued)
+
+
+def _levels(x: torch.Tensor) -> Optional[frozenset]:
+    """The distinct values of x (at most _MAX_LEVELS of them), or None."""
+    u = torch.unique(x.detach())
+    return frozenset(u.double().tolist()) if u.numel() <= _MAX_LEVELS else None
+
+
+def _union(a: Optional[frozenset], b: Optional[frozenset]) -> Optional[frozenset]:
+    if a is None or b is None or len(a | b) > _MAX_LEVELS:
+        return None
+    return a | b
 
 
 @dataclass
@@ -388,6 +556,7 @@ class _Node:
     outs: list = field(default_factory=list)
     scope: str = ""  # innermost non-leaf module running when an op was recorded
     kwargs: tuple = ()
+    consts: tuple = ()  # an op's number arguments (``1.0 - y``: (1.0,))
 
 
 class _Recorder(TorchFunctionMode):
@@ -403,7 +572,7 @@ class _Recorder(TorchFunctionMode):
         self.stack: list[str] = []
         self.module_node: dict[str, int] = {}  # path -> node index of its (last) call
         self.io: dict[str, tuple] = {}  # any module path -> (in keys, out keys) of its last call
-        self.binary: dict[str, bool] = {}
+        self.levels: dict[str, Optional[frozenset]] = {}  # conv/linear -> values its input held
         self.handles = []
         self.leaves = {}
         for path, m in model.named_modules():
@@ -439,10 +608,11 @@ class _Recorder(TorchFunctionMode):
                         try:
                             xs = [a for a in tree_flatten((args, kwargs))[0]
                                   if isinstance(a, torch.Tensor)]
-                            b = bool(xs) and all(bool(((x == 0) | (x == 1)).all()) for x in xs)
+                            lv = _levels(xs[0]) if len(xs) == 1 else None
                         finally:
                             self.quiet = False
-                        self.binary[path] = self.binary.get(path, True) and b
+                        self.levels[path] = (_union(self.levels[path], lv)
+                                             if path in self.levels else lv)
                 else:
                     self.stack.append(path)
             if leaf:
@@ -456,13 +626,24 @@ class _Recorder(TorchFunctionMode):
         def hook(mod, args, kwargs, out):
             if leaf:
                 self.depth -= 1
+            new = None
             if self.depth == 0:
+                if leaf and isinstance(out, torch.Tensor) and any(
+                        out is a for a in tree_flatten((args, kwargs))[0]):
+                    # a module that returns its input object (a dropout in eval mode) still
+                    # makes a value of its own: a view, so that its uses are told apart
+                    self.quiet = True
+                    try:
+                        out = new = out.view_as(out)
+                    finally:
+                        self.quiet = False
                 outs = self._keys(out)
                 self.io[path] = (self.io.get(path, ([], []))[0], outs)
                 if leaf:
                     self.nodes[self.module_node[path]].outs = outs
                 elif self.stack and self.stack[-1] == path:
                     self.stack.pop()
+            return new
 
         return hook
 
@@ -474,9 +655,11 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         outs = self._keys(out)
         if outs:
+            consts = tuple(a for a in tree_flatten(args)[0]
+                           if isinstance(a, (int, float)) and not isinstance(a, bool))
             self.nodes.append(_Node("op", getattr(func, "__name__", str(func)), ins, outs,
                                     self.stack[-1] if self.stack else "",
-                                    tuple(sorted(kwargs))))
+                                    tuple(sorted(kwargs)), consts))
         return out
 
     def consumers(self) -> dict:
@@ -492,25 +675,140 @@ class _Recorder(TorchFunctionMode):
 
 
 @torch.no_grad()
-def _record(model: nn.Module, example_input) -> _Recorder:
+def _record(model: nn.Module, example_input, training: bool = False) -> _Recorder:
+    """One no-grad run of ``example_input``, recorded, from reset states (reset again after), in
+    eval mode or in training mode (active dropouts and every mode-dependent forward; BatchNorms
+    stay on their running statistics, so that an example of one image and one step runs and no
+    statistics move). The model comes back as it was: its modes, its buffers and the random
+    number state (dropout masks draw from it)."""
     from spikingjelly.activation_based import functional
 
     modes = {m: m.training for m in model.modules()}
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    devices = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers(),
+                                                    *_tensors(example_input)] if t.is_cuda})
     rec = _Recorder(model)
-    model.eval()
+    model.train(training)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.training = False
     try:
-        functional.reset_net(model)
-        with rec:
-            if isinstance(example_input, (tuple, list)):
-                model(*example_input)
-            else:
-                model(example_input)
+        with torch.random.fork_rng(devices=devices):
+            functional.reset_net(model)
+            with rec:
+                if isinstance(example_input, (tuple, list)):
+                    model(*example_input)
+                else:
+                    model(example_input)
     finally:
         rec.close()
         functional.reset_net(model)
         for m, t in modes.items():
             m.training = t
+        for b, saved in buffers:
+            b.copy_(saved)
     return rec
+
+
+def _tensors(obj) -> list:
+    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Input kinds: from what produces each value in the recorded graph, confirmed by the values
+# ---------------------------------------------------------------------------------------------
+
+
+def _value_kinds(rec: _Recorder, mods: dict, inputs: _Val) -> dict:
+    """key -> _Val for the values of the recorded run, in execution order: a spiking neuron
+    makes spikes; max-pools, flattens, reshapes and the like keep their input's kind; a dropout
+    turns spikes into dropout spikes; an add of spikes or spike sums makes a spike sum; a product
+    of spikes (SEW AND) or ``1 - spikes`` (SEW IAND) stays spikes. The model's inputs are
+    ``inputs``; every other value (images, BN outputs, average pools, ...) is real."""
+    kinds: dict = {k: inputs for k in rec.io.get("", ([], []))[0]}
+
+    def of(k) -> _Val:
+        return kinds.get(k, _REAL)
+
+    for n in rec.nodes:
+        out = _REAL
+        ins = [of(k) for k in n.ins]
+        if n.kind == "module":
+            m = mods[n.name]
+            if _spiking(m):
+                out = _SPIKE
+            elif len(ins) == 1 and _passes(m):
+                out = ins[0]
+            elif len(ins) == 1 and _dropout_p(m) is not None and ins[0] == _SPIKE:
+                out = _Val(InputKind.DROPOUT, n.name)
+        elif n.name in _PASSING_OPS and ins:
+            out = ins[0]
+        elif n.name in _JOINING_OPS and ins:
+            out = ins[0]
+            for v in ins[1:]:
+                out = out.join(v)
+        elif n.name in _ADDS and len(ins) == 2 and not n.kwargs and not n.consts and all(
+                v.kind in (InputKind.SPIKE, InputKind.SPIKE_SUM) for v in ins):
+            out = _SPIKE_SUM
+        elif n.name in _MULS and not n.kwargs:
+            counts = all(v.kind in (InputKind.SPIKE, InputKind.SPIKE_SUM) for v in ins)
+            if len(ins) == 2 and not n.consts and counts:
+                out = _SPIKE if ins == [_SPIKE, _SPIKE] else _SPIKE_SUM
+            elif len(ins) == 1 and n.consts in ((1,), (1.0,)):
+                out = ins[0]
+            elif len(ins) == 1 and len(n.consts) == 1 and counts and n.consts[0] >= 0 \
+                    and float(n.consts[0]).is_integer():
+                out = _SPIKE_SUM
+        elif n.name in _RSUBS and ins == [_SPIKE] and n.consts in ((1,), (1.0,)) \
+                and not n.kwargs:
+            out = _SPIKE  # 1 - s of spikes s (SEW IAND)
+        for k in n.outs:
+            kinds[k] = out
+    return kinds
+
+
+def _input_of(rec: _Recorder, kinds: dict, path: str) -> _Val:
+    """The kind of the conv / linear at ``path``'s input in the recorded run (its last call)."""
+    if path not in rec.module_node:
+        return _REAL
+    ins = rec.nodes[rec.module_node[path]].ins
+    return kinds.get(ins[0], _REAL) if len(ins) == 1 else _REAL
+
+
+def _fits(v: _Val, levels: Optional[frozenset], p: Optional[float]) -> bool:
+    """Whether observed input values (``_levels``) agree with kind ``v`` (dropout probability
+    ``p`` for DROPOUT)."""
+    if v.kind is InputKind.REAL:
+        return True
+    if levels is None:
+        return False
+    if v.kind is InputKind.SPIKE:
+        return levels <= {0.0, 1.0}
+    if v.kind is InputKind.SPIKE_SUM:
+        return all(x >= 0 and float(x).is_integer() for x in levels)
+    s = 1.0 / (1.0 - p)
+    return all(x in (0.0, 1.0) or math.isclose(x, s, rel_tol=1e-6) for x in levels)
+
+
+def _dropout_takers(rec: _Recorder, mods: dict, cons: dict, path: str) -> Optional[list]:
+    """The conv / linear paths that take the output of the dropout at ``path`` (through passing
+    modules and operations), or None if anything else takes some of it."""
+    if rec.calls[path] != 1 or path not in rec.module_node:
+        return None
+    todo = list(rec.nodes[rec.module_node[path]].outs)
+    takers = []
+    while todo:
+        k = todo.pop()
+        for i in cons.get(k, []):
+            c = rec.nodes[i]
+            if c.kind == "module" and _passes(mods[c.name]) or (
+                    c.kind == "op" and c.name in _PASSING_OPS and c.ins and c.ins[0] == k):
+                todo.extend(c.outs)
+            elif c.kind == "module" and _kind(mods[c.name]) in ("conv", "linear"):
+                takers.append(c.name)
+            else:
+                return None
+    return takers or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,7 +824,8 @@ class _Chain:
     residual: bool = False
     staged: bool = False
     units: list = field(default_factory=list)  # direct: [first (gets the layer), others]
-    input_kind: str = "spike"
+    kind: _Val = _REAL  # what its input holds
+    layer_input: str = "real"  # the new layer's ``input``: 'spike' (packed path) or 'real'
     add_first: bool = True  # the chain's value is the add's first operand
     note: str = ""
 
@@ -606,7 +905,6 @@ def _follow(rec: _Recorder, mods: dict, cons: dict, path: str):
             cur = c.outs[0]
             continue
         return None, f"{where} goes to the operation {c.name!r}"
-    ch.input_kind = "spike" if rec.binary.get(path, False) else "real"
     # direct replacement: no residual, and any reshape is the SeqToANNContainer idiom's own
     unit_of = {p: (_container_of(mods, p) or p) for p in (ch.conv, ch.bn, ch.neuron) if p}
     units = list(dict.fromkeys(unit_of.values()))
@@ -706,8 +1004,9 @@ def _match(stream: list[_Elem], i: int):
     return ch, "", True
 
 
-def _sequential_chains(model: nn.Module, keep: set, report: ConversionReport):
-    """Chains and no-neuron layers found in nn.Sequentials (module order)."""
+def _sequential_chains(model: nn.Module, keep: set, inputs: _Val):
+    """Chains (their input kinds set) and no-neuron layers found in nn.Sequentials (module
+    order); ``inputs``: the kind of the model's inputs (the model's own Sequential takes them)."""
     chains, plain, seen = [], [], set()
     for seq_name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential) or _is_seq2ann(seq):
@@ -723,15 +1022,35 @@ def _sequential_chains(model: nn.Module, keep: set, report: ConversionReport):
                     continue
                 ch, why, follows = _match(stream, i)
                 if ch is not None:
+                    ch.kind = _stream_kind(stream, i, inputs if seq is model else _REAL)
                     chains.append(ch)
                     seen.update(p for p in (ch.bn, ch.neuron) if p)
                     i += 1 + (ch.bn is not None) + 1
                     continue
                 plain.append((e.path, why))
             i += 1
-    for n, ch in enumerate(chains):
-        ch.input_kind = "real" if n == 0 else "spike"
     return chains, plain, seen
+
+
+def _stream_kind(stream: list[_Elem], i: int, inputs: _Val) -> _Val:
+    """The kind of stream[i]'s input from the modules before it in its Sequential; ``inputs``:
+    the kind of what the Sequential itself takes."""
+    def back(j):
+        while j >= 0 and _passes(stream[j].module):
+            j -= 1
+        return j
+
+    j = back(i - 1)
+    if j < 0:
+        return inputs
+    m = stream[j].module
+    if _spiking(m):
+        return _SPIKE
+    if _dropout_p(m) is not None:
+        k = back(j - 1)
+        if k >= 0 and _spiking(stream[k].module):
+            return _Val(InputKind.DROPOUT, stream[j].path)
+    return _REAL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -763,7 +1082,7 @@ def _spiking_layer(ch: _Chain, mods: dict, prune_rate: float, backend: str,
     bn = mods[ch.bn] if ch.bn else None
     nrn = mods[ch.neuron]
     bias = lin.bias.detach() if lin.bias is not None else None
-    kw = dict(prune_rate=prune_rate, bn=bn is not None, input=ch.input_kind, backend=backend,
+    kw = dict(prune_rate=prune_rate, bn=bn is not None, input=ch.layer_input, backend=backend,
               per_channel_gain=per_channel_gain, **_layer_neuron_kwargs(nrn))
     if bn is not None:
         kw.update(bn_affine=bn.affine, bn_eps=bn.eps,
@@ -847,23 +1166,167 @@ def _bn_taking(rec: Optional[_Recorder], mods: dict, cons: dict, path: str):
 # ---------------------------------------------------------------------------------------------
 
 
+def _held_state(model: nn.Module) -> dict:
+    """path -> the state a SpikingJelly module holds from an earlier run (a neuron's ``v`` that
+    is a tensor, a dropout's mask): memories that differ from their reset values."""
+    from spikingjelly.activation_based import base
+
+    held = {}
+    for path, m in model.named_modules():
+        if not isinstance(m, base.MemoryModule):
+            continue
+        for name, cur in m._memories.items():
+            rv = m._memories_rv.get(name)
+            if isinstance(cur, torch.Tensor) or isinstance(rv, torch.Tensor):
+                same = (isinstance(cur, torch.Tensor) and isinstance(rv, torch.Tensor)
+                        and cur.shape == rv.shape and bool(torch.equal(cur.cpu(), rv.cpu())))
+            else:
+                try:
+                    same = bool(cur == rv)
+                except Exception:  # noqa: BLE001 -- e.g. lists of tensors: not the reset value
+                    same = False
+            if not same:
+                held[path or type(m).__name__] = name
+                break
+    return held
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy; state tensors that autograd produced (a neuron's ``v`` after a training
+    call), which deepcopy refuses, are copied detached."""
+    memo = {}
+    for m in model.modules():
+        for t in getattr(m, "_memories", {}).values():
+            if isinstance(t, torch.Tensor) and not t.is_leaf:
+                memo[id(t)] = t.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def _run_failure(exc: BaseException, example_input, training: bool) -> str:
+    """One line: the example run failed, why, and the fix."""
+    msg = (str(exc).strip().splitlines() or [""])[0]
+    shapes = [tuple(t.shape) for t in _tensors(example_input)]
+    mode = " in training mode" if training else ""
+    head = (f"convert: the example run{mode} failed ({type(exc).__name__}: {msg}) on "
+            f"example_input of shape {shapes[0] if len(shapes) == 1 else shapes}")
+    if len(shapes) == 1 and len(shapes[0]) in (2, 4):
+        fix = ("example_input must be multi-step [T, N, ...] ([T, N, C, H, W] for images; "
+               "SpikingJelly models in step mode 'm'): add the T axis, e.g. "
+               "x.unsqueeze(0).repeat(T, 1, 1, 1, 1)")
+    elif training:
+        fix = "the model must also run in training mode (model.train())"
+    else:
+        fix = "give an input that model(example_input) runs on"
+    return f"{head}; {fix} (strict=False converts without the run, as far as it can)"
+
+
+def _decide_kinds(chains: list, rec: Optional[_Recorder], rec_train: Optional[_Recorder],
+                  mods: dict, cons: dict, inputs: _Val, strict: bool,
+                  report: ConversionReport) -> dict:
+    """Sets each chain's input kind and the new layer's ``input``; returns the dropouts to
+    replace by ``SpikeDropout`` (dropout path -> conv paths taking its output).
+
+    With recorded runs the kind comes from the graph of each run (joined) and must agree with
+    the values the conv saw in both runs; a disagreement stops ``convert`` (``strict``) or makes
+    the layer real-input with a note. Dropout spikes keep the packed spike path only where the
+    dropout's output goes to converted spiking layers alone (else: real input)."""
+    fused = {ch.conv for ch in chains}
+    if rec is not None:
+        runs = [r for r in (rec, rec_train) if r is not None]
+        value_kinds = [_value_kinds(r, mods, inputs) for r in runs]
+        for ch in chains:
+            v = _input_of(runs[0], value_kinds[0], ch.conv)
+            for r, k in zip(runs[1:], value_kinds[1:]):
+                v = v.join(_input_of(r, k, ch.conv))
+            p = _dropout_p(mods[v.dropout]) if v.dropout else None
+            bad = [("training" if r is rec_train else "eval") for r in runs
+                   if not _fits(v, r.levels.get(ch.conv), p)]
+            if bad:
+                seen = runs[0].levels.get(ch.conv) if "eval" in bad else rec_train.levels.get(
+                    ch.conv)
+                what = (f"values {sorted(seen)}" if seen is not None
+                        else f"more than {_MAX_LEVELS} distinct values")
+                msg = (f"the graph says {ch.conv}'s input holds {v.kind.value} values, but the "
+                       f"example run in {' and '.join(bad)} mode gave it {what}")
+                if strict:
+                    raise ValueError(f"convert: {msg}; keep it dense (keep_dense=["
+                                     f"{ch.conv!r}]) or pass strict=False to run it as a "
+                                     "real-input layer")
+                report.notes.append(f"{msg}: converted as a real-input layer")
+                v = _REAL
+            ch.kind = v
+    plan: dict = {}
+    for ch in chains:
+        v = ch.kind
+        if v.kind is not InputKind.DROPOUT:
+            continue
+        if v.dropout not in plan:
+            p = _dropout_p(mods[v.dropout])
+            takers = ([ch.conv] if rec is None else
+                      _dropout_takers(rec, mods, cons, v.dropout))
+            ok = p is not None and p < 1 and takers is not None and set(takers) <= fused
+            plan[v.dropout] = takers if ok else None
+            if not ok:
+                report.notes.append(
+                    f"dropout {v.dropout}: its output goes elsewhere too, not only to "
+                    "converted spiking layers; the layers after it take real input")
+    for ch in chains:
+        v = ch.kind
+        spike = v.kind is InputKind.SPIKE or (
+            v.kind is InputKind.DROPOUT and plan.get(v.dropout) is not None)
+        ch.layer_input = "spike" if spike else "real"
+    return {d: t for d, t in plan.items() if t is not None}
+
+
+def _freeze(model: nn.Module, train_bn: bool, report: ConversionReport) -> list:
+    """Search mode trains the scores only: every other parameter that requires grad is frozen,
+    except the affine parameters of BatchNorms with ``train_bn`` (``BiasShift`` stays frozen).
+    Returns the names frozen."""
+    frozen = []
+    bn_params = {id(p) for m in model.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, BiasShift)
+                 for p in m.parameters(recurse=False)}
+    scores = {id(m.scores) for m in model.modules() if isinstance(m, _MaskedSignWeight)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in scores or (train_bn and id(p) in bn_params):
+            continue
+        p.requires_grad_(False)
+        frozen.append(name)
+    n_bn = sum(1 for _, p in model.named_parameters() if id(p) in bn_params)
+    report.trainable = "scores" + (f" and BatchNorm affine ({n_bn} tensors; train_bn=True)"
+                                   if train_bn and n_bn else
+                                   " (BatchNorm affine frozen; train_bn=True trains it)"
+                                   if n_bn else "")
+    report.frozen = frozen
+    return frozen
+
+
 def convert(model: nn.Module, prune_rate: float = 0.5, *, example_input=None,
             keep_dense=(), inplace: bool = False, backend: str = "auto",
-            per_channel_gain: bool = False) -> tuple[nn.Module, ConversionReport]:
+            per_channel_gain: bool = False, strict: bool = True, train_bn: bool = False,
+            spike_input: bool = False) -> tuple[nn.Module, ConversionReport]:
     """Replace the conv/linear [+BN] [+residual] + spiking-neuron chains of a SpikingJelly model
     with BinW-SLT search layers, and the other convs/linears with masked sign layers.
 
     Args:
-        model: a SpikingJelly model in step mode 'm' (inputs [T, N, ...]).
+        model: a SpikingJelly model in step mode 'm' (inputs [T, N, ...]), reset
+            (``functional.reset_net``).
         prune_rate: fraction of weights the mask removes, in [0, 1).
-        example_input: input (or tuple of inputs) for one eval-mode run that tells the graph and
-            which layers receive spikes and which real values (see the module docstring).
-            Without it only runs inside ``nn.Sequential`` s are found.
+        example_input: input (or tuple of inputs) [T, N, ...] for two recorded no-grad runs, in
+            eval and in training mode, that tell the graph (see the module docstring). Without
+            it only runs inside ``nn.Sequential`` s are found.
         keep_dense: paths (``model.named_modules()`` names) of convs/linears to keep dense; a
             neuron after one stays too.
         inplace: modify ``model`` itself; by default a deep copy is converted.
         backend: ``backend`` of the new layers.
         per_channel_gain: per-output-channel alpha instead of one scalar per layer.
+        strict: a failed example run, a model holding state from an earlier run, or an input
+            whose values contradict its graph kind raise a ValueError (one line with the fix);
+            ``strict=False`` converts as far as it can and says so in the report.
+        train_bn: search mode trains the scores only; with ``train_bn`` the BatchNorms' affine
+            parameters too. Every other parameter is frozen (``report.frozen``).
+        spike_input: the model's inputs are binary spikes (event data): the layers that take
+            them keep the packed spike path (the example runs check the values).
 
     Returns:
         (model, report): the converted model (search mode) and a ``ConversionReport``.
@@ -880,19 +1343,45 @@ def convert(model: nn.Module, prune_rate: float = 0.5, *, example_input=None,
     if unknown:
         raise ValueError(f"keep_dense names {unknown}, which are not conv/linear modules of the "
                          "model (give paths as in model.named_modules())")
+    held = _held_state(model)
+    if held and strict:
+        first = ", ".join(f"{p} ({n})" for p, n in list(held.items())[:3])
+        more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+        raise ExampleRunError(
+            f"convert: {len(held)} SpikingJelly module(s) hold state from an earlier run: "
+            f"{first}{more}; call spikingjelly.activation_based.functional.reset_net(model) "
+            "first (strict=False converts without those neurons)")
     # stateful neurons are judged on the user's model, before the example run resets them
     state_problem = {p: _neuron_problem(m) for p, m in mods.items() if _is_neuron(m)}
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _copy(model)
         mods = dict(model.named_modules())
     report = ConversionReport()
-    rec = None
+    inputs = _SPIKE if spike_input else _REAL
+    rec = rec_train = None
     if example_input is not None:
+        if spike_input and not all(_fits(_SPIKE, _levels(t), None)
+                                   for t in _tensors(example_input)):
+            msg = "spike_input=True, but example_input holds values other than 0 and 1"
+            if strict:
+                raise ValueError(f"convert: {msg}; drop spike_input for real-valued inputs")
+            report.notes.append(f"{msg}: the model's inputs are taken as real")
+            inputs = _REAL
         try:
             rec = _record(model, example_input)
-        except Exception as exc:  # noqa: BLE001 -- the user's forward; fall back and say why
-            report.method = (f"sequential (the example run failed: {type(exc).__name__}: "
-                             f"{exc})")
+        except Exception as exc:  # noqa: BLE001 -- the user's forward: one line, or fall back
+            if strict:
+                raise ExampleRunError(_run_failure(exc, example_input, False)) from None
+            msg = (str(exc).strip().splitlines() or [""])[0]
+            report.method = f"sequential (the example run failed: {type(exc).__name__}: {msg})"
+        if rec is not None:
+            try:
+                rec_train = _record(model, example_input, training=True)
+            except Exception as exc:  # noqa: BLE001
+                if strict:
+                    raise ExampleRunError(_run_failure(exc, example_input, True)) from None
+                report.notes.append(f"the example run in training mode failed "
+                                    f"({type(exc).__name__}); kinds from the eval run only")
     else:
         report.method = "sequential (no example_input: only nn.Sequential runs are found)"
 
@@ -931,7 +1420,7 @@ def convert(model: nn.Module, prune_rate: float = 0.5, *, example_input=None,
         plain.sort(key=lambda pw: list(mods).index(pw[0]))
         seen_sequential = None
     else:
-        chains, plain, seen_sequential = _sequential_chains(model, keep, report)
+        chains, plain, seen_sequential = _sequential_chains(model, keep, inputs)
         kept = []
         for p, why in plain:
             if _layer_problem(mods[p]):
@@ -939,11 +1428,14 @@ def convert(model: nn.Module, prune_rate: float = 0.5, *, example_input=None,
             else:
                 kept.append((p, why))
         plain = kept
+    dropouts = _decide_kinds(chains, rec, rec_train, mods, cons, inputs, strict, report)
 
     records: list[dict] = []
     taken: set = set()
+    new_of: dict = {}
     for ch in chains:
         new, how = _spiking_layer(ch, mods, prune_rate, backend, per_channel_gain)
+        new_of[ch.conv] = new
         rec_entry = dict(kind="spiking", conv=ch.conv, bn=ch.bn, neuron=ch.neuron,
                          staged=ch.staged, units=list(ch.units),
                          protos={p: _proto(mods[p]) for p in (ch.conv, ch.bn, ch.neuron) if p},
@@ -972,8 +1464,14 @@ def convert(model: nn.Module, prune_rate: float = 0.5, *, example_input=None,
         settings = _neuron_settings(mods[ch.neuron])
         report.converted.append(dict(
             paths=[p for p in (ch.conv, ch.bn, ch.neuron) if p], new=type(new).__name__,
-            input=ch.input_kind, bn=ch.bn is not None, bias=how or None,
-            residual=ch.residual, staged=ch.staged, **settings))
+            input=ch.kind.kind.value, layer_input=ch.layer_input, dropout=ch.kind.dropout,
+            bn=ch.bn is not None, bias=how or None, residual=ch.residual, staged=ch.staged,
+            **settings))
+    for dpath, takers in dropouts.items():
+        _set(model, dpath, SpikeDropout(mods[dpath], [new_of[t] for t in takers]))
+        records.append(dict(kind="dropout", path=dpath))
+        report.notes.append(f"dropout {dpath} -> SpikeDropout: its mask applies to the spikes "
+                            f"and 1/(1-p) to the gain of {', '.join(takers)}")
     for path, why in plain:
         bn_after = _bn_taking(rec, mods, cons, path)
         if bn_after is not None and any(r.get("bn") and mods[r["bn"]] is bn_after
@@ -1009,7 +1507,9 @@ def convert(model: nn.Module, prune_rate: float = 0.5, *, example_input=None,
                 reason = (f"{type(m).__name__} not preceded by a convertible conv/linear [+BN] "
                           "in an nn.Sequential" + (f"; also: {why}" if why else ""))
         report.skipped.append(dict(path=path, type=type(m).__name__, reason=reason))
+    frozen = _freeze(model, train_bn, report)
     model.__dict__["_binslt_conversion"] = records
+    model.__dict__["_binslt_frozen"] = frozen
     return model, report
 
 
@@ -1042,6 +1542,9 @@ def to_spikingjelly(model: nn.Module) -> nn.Module:
                          "carries no conversion record)")
     out = copy.deepcopy(model)
     for r in records:
+        if r["kind"] == "dropout":  # the user's dropout, with the settings it had
+            _set(out, r["path"], _get(out, r["path"]).dropout)
+            continue
         layer = _get(out, r["layer"])
         mlayer = layer[0] if isinstance(layer, nn.Sequential) else layer
         w = mlayer.effective_weight().detach()
@@ -1086,6 +1589,10 @@ def to_spikingjelly(model: nn.Module) -> nn.Module:
         for p, m in ((r["conv"], conv), (r["bn"], bn), (r["neuron"], nrn)):
             if p:
                 _set(out, p, m)
+    params = dict(out.named_parameters())
+    for name in out.__dict__.pop("_binslt_frozen", []):  # what convert froze trains again
+        if name in params:
+            params[name].requires_grad_(True)
     out.__dict__.pop("_binslt_conversion", None)
     return out
 
@@ -1211,6 +1718,11 @@ def build_user_model(factory: str, *, num_classes: int, input_shape, timesteps: 
     try:
         conv, report = convert(net, prune_rate=prune_rate, example_input=example,
                                keep_dense=keep_dense, backend=backend)
+    except ExampleRunError as exc:
+        why = str(exc).removeprefix("convert: ").split("; ")[0]
+        raise FactoryError(f"--model: the model of {str(path)!r} does not run on "
+                           f"[T={timesteps}, N=2, {c}, {h}, {w}] inputs ({why}); check "
+                           "--input-shape") from None
     except (ValueError, TypeError) as exc:
         raise FactoryError(f"--model: {str(path)!r}: {exc}") from None
     if report.method != "recorded run":

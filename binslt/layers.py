@@ -143,6 +143,12 @@ class _MaskedSignWeight(nn.Module):
     """Frozen real weight ``w``, trainable scores ``s`` and the effective weight
     ``W_eff = alpha * sign(w) * M`` (docs/design.md section 1)."""
 
+    #: A constant factor of a spiking layer's input, folded into its gain: the layer computes
+    #: ``conv(input_gain * x)`` as ``conv(x)`` with ``input_gain * W_eff``, so that ``x`` stays
+    #: 0/1 spikes on the packed path (a dropout's 1/(1-p) in front of a converted layer:
+    #: ``binslt.convert.SpikeDropout`` sets it on every call).
+    input_gain = 1.0
+
     def __init__(self, shape: tuple[int, ...], prune_rate: float, per_channel_gain: bool = False):
         super().__init__()
         self.prune_rate = C.check_prune_rate(prune_rate)
@@ -259,8 +265,9 @@ class _MaskedSignWeight(nn.Module):
         """The spiking layer call: the BN epilogue, one ops call, the BN running statistics
         (over ``stat_count`` neurons per channel: the count before pooling)."""
         scale, shift, bn_train = _bn_scale_shift(self.bn, channels, x)
+        weight = self if self.input_gain == 1.0 else _GainScaled(self, float(self.input_gain))
         s, mean, var = ops.spiking_layer(
-            x, self, scale, shift, residual, linear=linear, stride=stride, padding=padding,
+            x, weight, scale, shift, residual, linear=linear, stride=stride, padding=padding,
             real_input=self.input == "real", bn_train=bn_train,
             # eps enters the op only with batch statistics; eval BN is folded above with its own
             # eps (which nn.BatchNorm allows to be 0).
@@ -287,6 +294,25 @@ class _MaskedSignWeight(nn.Module):
             self.weight.requires_grad_(True)
             self.scores.requires_grad_(False)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class _GainScaled:
+    """A spiking layer's weight as ``ops.spiking_layer`` reads it, times a constant ``g``: W_eff
+    and its kernel gain scaled, the bit planes unchanged (``_MaskedSignWeight.input_gain``)."""
+
+    def __init__(self, layer: _MaskedSignWeight, g: float):
+        self.layer, self.g = layer, g
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.layer.effective_weight() * self.g
+
+    def effective_weight_planes(self):
+        w, planes = self.layer.effective_weight_planes()
+        return w * self.g, None if planes is None else (*planes[:2], planes[2] * self.g)
+
+    def packed_weight(self):
+        w_mask, w_pos, alpha = self.layer.packed_weight()
+        return w_mask, w_pos, alpha * self.g
 
 
 def _bn_scale_shift(bn: Optional[nn.modules.batchnorm._BatchNorm], channels: int,

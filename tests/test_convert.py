@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import os
+
 import pytest
 import torch
-from helpers import binarised_copy, tie_mask
+from helpers import assert_close_rel, binarised_copy, tie_mask
 from spikingjelly.activation_based import functional, layer, neuron, surrogate
 from torch import nn
 
 import binslt
 from binslt import reference as ref
-from binslt.convert import convert
+from binslt.convert import ExampleRunError, SpikeDropout, convert, to_spikingjelly
 
 NEURONS = {
     "paper": dict(tau=100.0, decay_input=False, v_threshold=1.0, v_reset=0.0,
@@ -166,14 +169,22 @@ def test_torch_nn_layers_and_seq_to_ann_containers():
             assert torch.equal(s, s_exp)
 
 
-def test_example_input_decides_spike_or_real_inputs():
+def test_input_kinds_come_from_the_graph_not_the_values():
     nkw = NEURONS["paper"]
     net = nn.Sequential(layer.Linear(5, 4, bias=False), neuron.LIFNode(**nkw),
                         layer.Linear(4, 3, bias=False), neuron.LIFNode(**nkw))
     functional.set_step_mode(net, "m")
     spikes = (torch.rand(2, 3, 5) > 0.5).float()
+    # binary example values do not make the model's input spikes: it is an input (real)
     conv, report = convert(net, example_input=spikes)
+    assert [c["input"] for c in report.converted] == ["real", "spike"]
+    assert [c["layer_input"] for c in report.converted] == ["real", "spike"]
+    # event data: spike_input=True keeps the first layer on the spike path, checked on the values
+    conv, report = convert(net, example_input=spikes, spike_input=True)
     assert [c["input"] for c in report.converted] == ["spike", "spike"]
+    assert conv[0].input == "spike"
+    with pytest.raises(ValueError, match="spike_input=True, but example_input holds values"):
+        convert(net, example_input=torch.rand(2, 3, 5), spike_input=True)
     conv, report = convert(net, example_input=torch.rand(2, 3, 5))
     assert [c["input"] for c in report.converted] == ["real", "spike"]
     # the original model was run in eval mode without keeping state or changing modes
@@ -213,7 +224,10 @@ def test_unsupported_patterns_are_left_alone_with_reasons():
             self.sn = lif()
 
     net.append(Custom())
-    conv, report = convert(net)
+    with pytest.raises(ValueError, match=r"hold state from an earlier run: 16 \(v\); call "
+                                         r"spikingjelly.activation_based.functional.reset_net"):
+        convert(net)
+    conv, report = convert(net, strict=False)
     # a conv bias is folded (no BN here: into the layer's per-channel shift)
     assert report.converted[0]["paths"] == ["0", "1"] and report.converted[0]["bias"] == "shift"
     assert report.converted[0]["new"] == "BinSpikeConv2d"
@@ -248,6 +262,337 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="backend"):
         convert(net, backend="gpu")
     assert binslt.convert is convert
+
+
+# ---------------------------------------------------------------------------------------------
+# Training converted models: input kinds from the graph, dropout, strictness, what trains
+# ---------------------------------------------------------------------------------------------
+
+SJ_NEURONS = {"lif": neuron.LIFNode, "if": neuron.IFNode}
+
+
+def layer_of(model: nn.Module, c: dict) -> nn.Module:
+    """The binslt layer of a report's converted entry (at the conv's path, or in the stage at
+    the neuron's path)."""
+    m = model.get_submodule(c["paths"][0])
+    return m if isinstance(m, (binslt.BinSpikeConv2d, binslt.BinSpikeLinear)) else \
+        model.get_submodule(c["paths"][-1]).layer
+
+
+def firing_rates(model: nn.Module) -> dict:
+    """Hooks: module -> firing rate of its last output, for every converted spiking layer."""
+    rates = {}
+
+    def hook(m, _i, o):
+        rates[m] = float(o.detach().float().mean())
+
+    for m in model.modules():
+        if isinstance(m, (binslt.BinSpikeConv2d, binslt.BinSpikeLinear)):
+            m.register_forward_hook(hook)
+    return rates
+
+
+def search_step(model: nn.Module, x: torch.Tensor, classes: int) -> torch.Tensor:
+    """One training-mode SGD step on the parameters that require grad; returns the loss."""
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    functional.reset_net(model)
+    y = model(x)
+    loss = nn.functional.cross_entropy(y.mean(0) if y.dim() == 3 else y,
+                                       torch.arange(x.shape[1]) % classes)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    functional.reset_net(model)
+    return loss.detach()
+
+
+@pytest.mark.parametrize("cnf,nkind", [("ADD", "lif"), ("ADD", "if"), ("AND", "lif"),
+                                       ("IAND", "lif")])
+def test_sew_resnet_converts_and_trains(cnf, nkind):
+    """SpikingJelly's SEW ResNet (its own class, one BasicBlock per stage, 3x32x32 input): ADD
+    feeds spike sums (0, 1, 2) to the next block's convs, which take them on the real-input path;
+    AND / IAND give spikes, which stay on the spike path. A training-mode search step runs with
+    every converted layer firing, and the converted ADD model's training-mode logits equal the
+    SpikingJelly model's with the same sign weights."""
+    from spikingjelly.activation_based.model import sew_resnet
+
+    torch.manual_seed(0)
+    net = sew_resnet.SEWResNet(sew_resnet.BasicBlock, [1, 1, 1, 1], cnf=cnf,
+                               spiking_neuron=SJ_NEURONS[nkind], num_classes=10)
+    functional.set_step_mode(net, "m")
+    with torch.no_grad():  # BN scales and shifts with which every layer fires in training mode
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(1.0, 2.0)
+                m.bias.uniform_(0.2, 0.6)
+    x = torch.rand(2, 2, 3, 32, 32)
+    conv, report = convert(net, prune_rate=0.0, example_input=x)
+    fused = {c["paths"][0]: c for c in report.converted if c["new"] == "BinSpikeConv2d"}
+    assert len(fused) == 1 + 4 * 2 + 3  # the stem, two per block, three shortcut neurons
+    assert not report.skipped and [c["new"] for c in report.converted][-1] == "BinLinear"
+    sums = {f"layer{i}.0.{c}" for i in (2, 3, 4) for c in ("conv1", "downsample.0")}
+    for path, c in fused.items():
+        want = ("real" if path == "conv1" else
+                "spike-sum" if cnf == "ADD" and path in sums else "spike")
+        assert c["input"] == want, (path, c["input"])
+        assert c["layer_input"] == ("spike" if want == "spike" else "real")
+        assert layer_of(conv, c).input == c["layer_input"]
+    expected = binarised_copy(net, [c["paths"][0] for c in report.converted])
+    if cnf == "ADD" and nkind == "lif":  # the spike-sum path is exact in training mode too
+        expected.train()
+        conv.train()
+        functional.reset_net(expected)
+        with torch.no_grad():
+            y_exp, y = expected(x).mean(0), conv(x).mean(0)
+        functional.reset_net(conv)
+        assert torch.equal(y.argmax(-1), y_exp.argmax(-1))
+        assert_close_rel(y, y_exp, 1e-3, "SEW ADD, training mode")
+    rates = firing_rates(conv)
+    peaks = []
+    for c in fused.values():
+        if c["input"] == "spike-sum":
+            layer_of(conv, c).register_forward_pre_hook(
+                lambda _m, args: peaks.append(float(args[0].detach().max())))
+    scores = {n: p for n, p in conv.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in scores.items()}
+    loss = search_step(conv, x, 10)
+    assert torch.isfinite(loss)
+    assert len(peaks) == (6 if cnf == "ADD" else 0) and all(p <= 3 for p in peaks)
+    assert cnf != "ADD" or max(peaks) == 2.0  # spike sums reached the layers
+    assert len(rates) == len(fused) and all(0 < r < 1 for r in rates.values()), rates
+    assert all(n.endswith("scores") for n in scores)
+    assert all(not torch.equal(p, before[n]) for n, p in scores.items())
+
+
+@pytest.mark.parametrize("nkind", ["lif", "if"])
+def test_spiking_vgg_with_dropout_trains_and_equals_spikingjelly(nkind):
+    """The zoo's spiking_vgg11_bn (classifier shrunk as in test_zoo): in training mode the
+    classifier's dropouts are active. The first one, between two converted layers, becomes a
+    SpikeDropout (the mask on the spikes, 1/(1-p) in the next layer's gain: the packed spike
+    path); the last one feeds the logits layer and stays. With the same seed (the same masks) the
+    converted model's training-mode logits equal SpikingJelly's; then a search step runs."""
+    from test_zoo import build
+
+    net = build("spiking_vgg11_bn", nkind)
+    x = torch.rand(2, 2, 3, 32, 32)
+    conv, report = convert(net, prune_rate=0.0, example_input=x[:, :1])
+    by_path = {c["paths"][0]: c for c in report.converted}
+    c3 = by_path["classifier.3"]
+    assert (c3["input"], c3["layer_input"], c3["dropout"]) == ("spike-dropout", "spike",
+                                                                "classifier.2")
+    assert isinstance(conv.classifier[2], SpikeDropout)
+    assert type(conv.classifier[5]) is layer.Dropout  # before the logits layer: left as it is
+    assert by_path["classifier.0"]["input"] == "real"  # after the average pool
+    assert any("classifier.2 -> SpikeDropout" in n for n in report.notes)
+    expected = binarised_copy(net, list(by_path))
+    for m in (expected, conv):
+        m.train()
+    for seed in (1, 2):
+        functional.reset_net(expected)
+        functional.reset_net(conv)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            y_exp = expected(x).mean(0)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            y = conv(x).mean(0)
+        assert expected.classifier[2].mask is not None  # the dropout was active
+        assert torch.equal(y.argmax(-1), y_exp.argmax(-1))
+        assert_close_rel(y, y_exp, 1e-3, f"spiking_vgg11_bn, training mode, seed {seed}")
+    rates = firing_rates(conv)
+    assert torch.isfinite(search_step(conv, x, 10))
+    assert all(r > 0 for r in rates.values()) and conv.classifier[3].input_gain == 2.0
+    back = to_spikingjelly(conv)
+    assert type(back.classifier[2]) is layer.Dropout
+
+
+def dropout_net() -> nn.Sequential:
+    """Linear-LIF pairs with a SpikingJelly layer.Dropout (one mask over T until reset) and a
+    torch nn.Dropout (a new mask every call, over all of [T, N, F]) between them."""
+    net = nn.Sequential(
+        layer.Linear(6, 24, bias=False), neuron.LIFNode(tau=2.0), layer.Dropout(0.5),
+        layer.Linear(24, 24, bias=False), neuron.LIFNode(tau=2.0), nn.Dropout(0.25),
+        layer.Linear(24, 16, bias=False), neuron.LIFNode(tau=2.0), layer.Linear(16, 3))
+    functional.set_step_mode(net, "m")
+    with torch.no_grad():
+        for i, f in ((0, 4.0), (3, 4.0), (6, 8.0)):
+            net[i].weight.mul_(f)
+    return net
+
+
+@pytest.mark.parametrize("recorded,backend", [(True, "torch"), (False, "torch"), (True, "cpu"),
+                                              (True, "triton")],
+                         ids=["recorded-torch", "sequential-torch", "recorded-cpu",
+                              "recorded-triton"])
+def test_dropout_spikes_equal_spikingjelly_with_the_same_masks(recorded, backend):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1")
+    torch.manual_seed(4)
+    net = dropout_net()
+    x = torch.rand(4, 5, 6) * 2
+    conv, report = convert(net, prune_rate=0.0, example_input=x if recorded else None,
+                           backend=backend)
+    assert [c["input"] for c in report.converted] == ["real", "spike-dropout", "spike-dropout",
+                                                      None]
+    assert isinstance(conv[2], SpikeDropout)
+    assert isinstance(conv[5], SpikeDropout)
+    expected = binarised_copy(net, ["0", "3", "6", "8"])
+    expected.train()
+    conv.train()
+    for seed in (0, 1, 2):
+        functional.reset_net(expected)
+        functional.reset_net(conv)
+        sj_in, sj_out = record(expected, neuron.LIFNode)
+        _, our_out = record(conv, binslt.BinSpikeLinear)
+        torch.manual_seed(seed)
+        y_exp = expected(x)
+        torch.manual_seed(seed)
+        y = conv(x)
+        for k, (xin, s_exp, s) in enumerate(zip(sj_in, sj_out, our_out)):
+            _, h = ref.lif_multistep(xin.double(), tau=2.0, decay_input=True, return_h=True)
+            assert bool(tie_mask(h, 1.0).all()), f"layer {k}: a near-tie; pick another seed"
+            assert torch.equal(s, s_exp), f"layer {k}, seed {seed}"
+            assert 0.05 < s.mean() < 0.95
+        torch.testing.assert_close(y, y_exp, rtol=1e-5, atol=1e-5)
+    assert (conv[3].input_gain, conv[6].input_gain) == (2.0, 1.0 / 0.75)
+    conv.eval()
+    functional.reset_net(conv)
+    conv(x)
+    assert conv[3].input_gain == conv[6].input_gain == 1.0  # no dropout in eval mode
+    # layer.Dropout: one mask over all T steps and over calls until reset; nn.Dropout: per call
+    conv.train()
+    spikes = (torch.rand(3, 5, 24) > 0.3).float()
+    sj_drop, our_drop = copy.deepcopy(net[2]), conv[2]
+    functional.reset_net(conv)
+    torch.manual_seed(9)
+    a, b = our_drop(spikes), our_drop(spikes)
+    torch.manual_seed(9)
+    sj = sj_drop(spikes)
+    assert torch.equal(a, b) and torch.equal(a * 2.0, sj) and set(a.unique().tolist()) == {0, 1}
+    functional.reset_net(conv)
+    assert not torch.equal(our_drop(spikes), a)
+    torch.manual_seed(9)
+    c, d = conv[5](spikes), conv[5](spikes)
+    torch.manual_seed(9)
+    sj_c = net[5](spikes)
+    assert torch.equal(c / 0.75, sj_c) and not torch.equal(c, d)
+
+
+class DropoutTwoUses(nn.Module):
+    """A dropout's output feeds a converted layer and the model's output: it cannot become a
+    SpikeDropout, so the layer after it takes real input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.sn1 = layer.Linear(4, 8, bias=False), neuron.LIFNode()
+        self.drop = layer.Dropout(0.5)
+        self.fc2, self.sn2 = layer.Linear(8, 8, bias=False), neuron.LIFNode()
+        functional.set_step_mode(self, "m")
+
+    def forward(self, x):
+        s = self.drop(self.sn1(self.fc1(x)))
+        return self.sn2(self.fc2(s)) + s
+
+
+def test_a_dropout_used_elsewhere_stays_and_its_layer_takes_real_input():
+    torch.manual_seed(2)
+    net = DropoutTwoUses()
+    with torch.no_grad():
+        net.fc1.weight.mul_(6.0)
+        net.fc2.weight.mul_(6.0)
+    x = torch.rand(3, 4, 4)
+    conv, report = convert(net, prune_rate=0.0, example_input=x, backend="torch")
+    c = report.converted[1]
+    assert (c["paths"][0], c["input"], c["layer_input"]) == ("fc2", "spike-dropout", "real")
+    assert type(conv.drop) is layer.Dropout and "goes elsewhere too" in report.notes[0]
+    expected = binarised_copy(net, ["fc1", "fc2"])
+    for m in (expected, conv):
+        m.train()
+        functional.reset_net(m)
+    torch.manual_seed(5)
+    y_exp = expected(x)
+    torch.manual_seed(5)
+    y = conv(x)
+    assert (y_exp == 2).any()  # the dropout was active: its output reached 2
+    torch.testing.assert_close(y, y_exp, rtol=1e-5, atol=1e-5)
+
+
+def test_failed_example_run_and_held_state_stop_convert_in_one_line():
+    torch.manual_seed(0)
+    net = sj_vgg(NEURONS["paper"])
+    x = torch.rand(3, 2, 2, 8, 8)
+    with pytest.raises(ExampleRunError, match="add the T axis") as err:
+        convert(net, example_input=x[0])  # [N, C, H, W]: no T axis
+    assert "\n" not in str(err.value) and "(2, 2, 8, 8)" in str(err.value)
+    # strict=False: today's best effort, the fall-back over nn.Sequentials, and it says why
+    conv, report = convert(net, example_input=x[0], strict=False)
+    assert report.method.startswith("sequential (the example run failed")
+    assert [c["new"] for c in report.converted] == ["BinSpikeConv2d", "BinSpikeConv2d",
+                                                    "BinSpikeLinear", "BinLinear"]
+    # a model that ran (with autograd) and was not reset
+    net.train()
+    net(x).sum().backward()
+    with pytest.raises(ExampleRunError, match=r"call spikingjelly\.activation_"
+                                                            r"based\.functional\.reset_net") as err:
+        convert(net, example_input=x)
+    assert "\n" not in str(err.value) and "2 (v)" in str(err.value)
+    conv, report = convert(net, example_input=x, strict=False)
+    assert report.method == "recorded run"
+    assert {s["path"] for s in report.skipped} == {"2", "5", "9"}
+    assert all("stateful" in s["reason"] for s in report.skipped)
+    functional.reset_net(net)
+    conv, report = convert(net, example_input=x)
+    assert not report.skipped
+
+
+class HalfSpikeLIF(neuron.LIFNode):
+    """A neuron whose output is 0 or 0.5: a SpikingJelly BaseNode the graph reads as spikes."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def test_example_runs_confirm_the_graph_kinds():
+    net = nn.Sequential(layer.Linear(4, 8, bias=False), HalfSpikeLIF(),
+                        layer.Linear(8, 8, bias=False), neuron.LIFNode(),
+                        layer.Linear(8, 3, bias=False))
+    functional.set_step_mode(net, "m")
+    with torch.no_grad():
+        net[0].weight.mul_(8.0)
+    x = torch.rand(3, 4, 4)
+    with pytest.raises(ValueError, match=r"the graph says 2's input holds spike values, but "
+                                         r"the example run in eval and training mode gave it "
+                                         r"values \[0.0, 0.5\]"):
+        convert(net, example_input=x)
+    conv, report = convert(net, example_input=x, strict=False)
+    (c,) = [c for c in report.converted if c["paths"][0] == "2"]
+    assert c["paths"] == ["2", "3"] and (c["input"], c["layer_input"]) == ("real", "real")
+    assert conv[2].input == "real" and "converted as a real-input layer" in report.notes[0]
+    conv.train()(x).sum().backward()  # and it trains
+
+
+def test_search_mode_trains_the_scores_only():
+    torch.manual_seed(0)
+    net = sj_vgg(NEURONS["sj_sigmoid_soft"])
+    extra = nn.BatchNorm1d(5)  # a module binslt leaves as it is: frozen in search mode too
+    net.append(layer.SeqToANNContainer(extra))
+    x = torch.rand(2, 3, 2, 8, 8)
+    conv, report = convert(net, example_input=x)
+    trainable = {n for n, p in conv.named_parameters() if p.requires_grad}
+    scores = {n for n, _ in conv.named_parameters() if n.endswith(".scores")}
+    assert trainable == scores and len(scores) == 4
+    assert "BatchNorm affine frozen" in report.trainable and "11.0.weight" in report.frozen
+    assert "trains in search mode: scores" in str(report)
+    conv, report = convert(net, example_input=x, train_bn=True)
+    trainable = {n for n, p in conv.named_parameters() if p.requires_grad}
+    bn = {f"{i}.bn.{w}" for i in (0, 3) for w in ("weight", "bias")} | {"11.0.weight",
+                                                                        "11.0.bias"}
+    assert trainable == scores | bn and "train_bn=True" in report.trainable
+    assert not conv[10][1].bias.requires_grad  # a folded bias is never trained
+    search_step(conv, x, 3)
+    back = to_spikingjelly(convert(net, example_input=x)[0])
+    assert all(p.requires_grad for p in back.parameters())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,17 +5,22 @@ through Triton's GPU pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas cubin) for,
 sm_90 (H100/H200): int8 ``tl.dot`` on tensor cores, tf32x3 float dots, int64/float64 atomics,
 register reshapes. It cannot check speed or numerics on the device.
 
-    python -m binslt.kernels.aot_check [--arch 90] [--all-configs] [--kernel 3]
+    python -m binslt.kernels.aot_check [--arch 90] [--all-configs] [--kernel 3] [--fresh-cache]
 
 Run it with TRITON_INTERPRET unset (the module refuses otherwise). Prints one line per
-compiled variant and exits 1 if any failed.
+compiled variant with its compile time, then per kernel the count and the min/median/max/total
+seconds, and the total wall time; exits 1 if any variant failed. Triton caches compiled kernels
+(``TRITON_CACHE_DIR``, default ``~/.triton/cache``), so a second run times cache hits:
+``--fresh-cache`` compiles into an empty temporary cache instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import tempfile
 import time
 
 
@@ -37,11 +42,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all-configs", action="store_true",
                     help="compile every autotune configuration (slow), not only the first")
     ap.add_argument("--kernel", type=int, default=3, help="conv kernel size to specialize for")
+    ap.add_argument("--fresh-cache", action="store_true",
+                    help="compile into an empty temporary Triton cache (times real compiles)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
         return 2
+    if not args.fresh_cache:
+        return _compile_all(args)
+    before = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="binslt-aot-") as tmp:
+        os.environ["TRITON_CACHE_DIR"] = tmp  # triton's knobs read it at each compile
+        try:
+            return _compile_all(args)
+        finally:
+            if before is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = before
 
+
+def _summary(times: dict[str, list[float]], wall: float) -> list[str]:
+    """One line per kernel (count, min/median/max/total compile seconds), then all of them."""
+    lines = []
+    every = [t for ts in times.values() for t in ts]
+    for name, ts in list(times.items()) + [("all", every)]:
+        if not ts:
+            continue
+        lines.append(f"time {name:<14} n={len(ts):<3} min={min(ts):.1f}s "
+                     f"median={statistics.median(ts):.1f}s max={max(ts):.1f}s "
+                     f"total={sum(ts):.1f}s")
+    lines.append(f"wall {wall:.1f}s")
+    return lines
+
+
+def _compile_all(args) -> int:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -53,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     k = args.kernel
     failures = 0
+    times: dict[str, list[float]] = {}
+    start = time.perf_counter()
+    print(f"triton {triton.__version__}, sm_{args.arch}, kernel size {k}, "
+          f"{'all' if args.all_configs else 'first'} autotune config(s)", flush=True)
 
     def run(label, jit, ptrs, consts, configs=None):
         nonlocal failures
@@ -67,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 nw, ns = cfg.num_warps, cfg.num_stages
             sig = {n: ("constexpr" if n in c else t) for n, t in _types_for(jit, ptrs).items()}
             desc = f"{label} {cfg.kwargs if cfg else ''} warps={nw} stages={ns}"
-            t0 = time.time()
+            t0 = time.perf_counter()
             try:
                 kern = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=c),
                                       target=target, options=dict(num_warps=nw, num_stages=ns))
@@ -75,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
                 failures += 1
                 print(f"FAIL {desc}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
                 continue
+            dt = time.perf_counter() - t0
+            times.setdefault(label.split()[0], []).append(dt)
             ptx = kern.asm.get("ptx", "")
             tc = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "no-mma")
-            print(f"OK   {desc}: {time.time() - t0:.1f}s shared={kern.metadata.shared} {tc}",
-                  flush=True)
+            print(f"OK   {desc}: {dt:.1f}s shared={kern.metadata.shared} {tc}", flush=True)
 
     fwd = B._bconv_fwd_kernel
     fwd_ptrs = dict(x_ptr="*i32", w_mask_ptr="*i32", w_pos_ptr="*i32", alpha_ptr="*fp32",
@@ -121,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         dict(WITH_POS=True, BLOCK_P=128))
     run("unpack_bits", P._unpack_bits_kernel, dict(packed_ptr="*i32", out_ptr="*fp32"),
         dict(BLOCK_C=32, BLOCK_P=128))
+    for line in _summary(times, time.perf_counter() - start):
+        print(line)
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 

@@ -424,6 +424,17 @@ def _op_samples(device):
     }
 
 
+def test_triton_ops_registered_with_the_declared_schemas():
+    """Every binslt::<op>_triton has exactly its binslt._schemas row (int stays int, not SymInt),
+    also on torch versions whose triton_op ignores an explicit schema."""
+    _no_triton_error()
+    from binslt._schemas import SCHEMAS
+
+    for name, schema in SCHEMAS.items():
+        got = str(getattr(tri, name + "_triton").default._schema)
+        assert got == f"binslt::{name}_triton{schema[len(name):]}", name
+
+
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter path is what this checks")
 def test_opcheck_triton_ops_interpreter():
     """Schema, fake kernel (the triton_op body with kernel launches skipped on fake tensors) and

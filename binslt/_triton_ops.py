@@ -29,23 +29,48 @@ def _schema(name: str) -> str:
     return s[len(name):]
 
 
+def _triton_op(name: str):
+    """``triton_op("binslt::<name>_triton", mutates_args=(), schema=<SCHEMAS[name]>)``.
+
+    torch 2.11's ``triton_op`` drops its ``schema`` argument and infers one from the annotations
+    (``int`` becomes ``SymInt``, tuple results need an annotation), so while the op registers,
+    the ``infer_schema`` that its module calls returns the given schema instead. Later torch uses
+    the given schema and never calls it.
+    """
+    schema = _schema(name)
+
+    def dec(fn):
+        import torch._library.triton as triton_lib
+
+        inferred = getattr(triton_lib, "infer_schema", None)
+        if inferred is not None:
+            triton_lib.infer_schema = lambda *args, **kwargs: schema
+        try:
+            return triton_op(f"binslt::{name}_triton", mutates_args=(), schema=schema)(fn)
+        finally:
+            if inferred is not None:
+                triton_lib.infer_schema = inferred
+
+    return dec
+
+
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
 
 
-@triton_op("binslt::pack_spikes_triton", mutates_args=(), schema=_schema("pack_spikes"))
+@_triton_op("pack_spikes")
 def pack_spikes_triton(x: torch.Tensor) -> torch.Tensor:
     """x: [B, C, H, W] float spikes -> [B, H, W, ceil(C/32)] int32."""
     return K.pack_spikes(x)
 
 
-@triton_op("binslt::unpack_spikes_triton", mutates_args=(), schema=_schema("unpack_spikes"))
+@_triton_op("unpack_spikes")
 def unpack_spikes_triton(packed: torch.Tensor, channels: int) -> torch.Tensor:
     """packed: [B, H, W, Cw] int32 -> [B, channels, H, W] float32."""
     return K.unpack_spikes(packed, channels)
 
 
-@triton_op("binslt::pack_weight_triton", mutates_args=(), schema=_schema("pack_weight"))
+@_triton_op("pack_weight")
 def pack_weight_triton(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight: [Co, Ci, kh, kw] float -> (mask, pos) [Co, kh, kw, Cw] int32."""
     return K.pack_weight(weight)
@@ -59,7 +84,7 @@ def _check_bconv(op, x_name, x_shape, x_words, T, w_mask, w_pos, alpha, scale, s
                          residual, stride, padding)
 
 
-@triton_op("binslt::bconv_lif_triton", mutates_args=(), schema=_schema("bconv_lif"))
+@_triton_op("bconv_lif")
 def bconv_lif_triton(x_packed: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.Tensor,
                      alpha: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                      residual: torch.Tensor | None, T: int, stride: int, padding: int,
@@ -96,7 +121,7 @@ def bconv_lif_triton(x_packed: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.
     return spikes, counts, mean, var
 
 
-@triton_op("binslt::bconv_lif_infer_triton", mutates_args=(), schema=_schema("bconv_lif_infer"))
+@_triton_op("bconv_lif_infer")
 def bconv_lif_infer_triton(x: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.Tensor,
                            alpha: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                            residual: torch.Tensor | None, stride: int, padding: int,
@@ -124,7 +149,7 @@ def bconv_lif_infer_triton(x: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.T
     return ref.infer_output(spikes, pool, packed_out, K.pack_spikes)
 
 
-@triton_op("binslt::bconv_lif_bwd_triton", mutates_args=(), schema=_schema("bconv_lif_bwd"))
+@_triton_op("bconv_lif_bwd")
 def bconv_lif_bwd_triton(grad_spikes: torch.Tensor, counts: torch.Tensor, x_packed: torch.Tensor,
                          w_mask: torch.Tensor, w_pos: torch.Tensor, alpha: torch.Tensor,
                          scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor,
@@ -178,7 +203,7 @@ def _check_bn_lif(op, z, residual, *devices, **vectors) -> list[torch.Tensor]:
     return C.check_bn_lif(op, z, residual, **vectors)
 
 
-@triton_op("binslt::bn_lif_triton", mutates_args=(), schema=_schema("bn_lif"))
+@_triton_op("bn_lif")
 def bn_lif_triton(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                   residual: torch.Tensor | None, bn_train: bool, bn_eps: float, tau: float,
                   decay_input: bool, v_threshold: float, v_reset: float | None):
@@ -199,7 +224,7 @@ def bn_lif_triton(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     return spikes.to(z.dtype), mean, var
 
 
-@triton_op("binslt::bn_lif_bwd_triton", mutates_args=(), schema=_schema("bn_lif_bwd"))
+@_triton_op("bn_lif_bwd")
 def bn_lif_bwd_triton(grad_spikes: torch.Tensor, z: torch.Tensor, scale: torch.Tensor,
                       shift: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                       residual: torch.Tensor | None, bn_train: bool, bn_eps: float, tau: float,

@@ -75,14 +75,18 @@ def load_program(path: PathLike) -> torch.export.ExportedProgram:
     return torch.export.load(str(path))
 
 
-def op_library_paths() -> dict[str, Optional[str]]:
-    """The compiled kernel libraries of this install: ``{'cpu': path, 'cuda': path or None}``."""
-    here = Path(__file__).resolve().parent
+def op_library_paths(folder: Optional[PathLike] = None) -> dict[str, Optional[str]]:
+    """The compiled kernel libraries of this install (or of ``folder``) built for this Python:
+    ``{'cpu': path or None, 'cuda': path or None}``. Only the file names that this interpreter
+    imports (``importlib.machinery.EXTENSION_SUFFIXES``, e.g. ``_C.cpython-312-x86_64-linux-gnu.so``)
+    count, so a build for another Python in the same folder is never picked."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    here = Path(folder) if folder is not None else Path(__file__).resolve().parent
     out: dict[str, Optional[str]] = {}
-    for key, stem in (("cpu", "_C."), ("cuda", "_C_cuda.")):
-        hits = sorted(p for p in here.iterdir() if p.name.startswith(stem) and p.suffix in
-                      (".so", ".pyd", ".dylib"))
-        out[key] = str(hits[0]) if hits else None
+    for key, stem in (("cpu", "_C"), ("cuda", "_C_cuda")):
+        hits = [here / (stem + suffix) for suffix in EXTENSION_SUFFIXES]
+        out[key] = next((str(p) for p in hits if p.is_file()), None)
     return out
 
 

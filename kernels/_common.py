@@ -84,27 +84,32 @@ def _cuda_device(args, kwargs) -> torch.device | None:
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``wrap_triton(kernel)[grid](*args, **kwargs, **launch_options(kernel))`` on the device of
-    the tensor arguments.
+    the tensor arguments; under the interpreter ``kernel[grid](...)``.
 
     Triton launches on the *current* CUDA device, not on the tensors' one, so the launch runs
     under ``torch.cuda.device(<device of the first CUDA tensor>)``: tensors on ``cuda:1`` work
     without ``torch.cuda.set_device``. (The callers check that all tensors share one device.)
 
     On a GPU, wrap_triton turns the launch into a higher-order op that FakeTensorMode and
-    torch.compile trace. Under the interpreter wrap_triton returns the raw kernel, which would try
-    to read the storage of fake tensors; there the launch is skipped for fake/meta tensors, so that
+    torch.compile trace. Under the interpreter the kernel is launched as it is (what wrap_triton
+    returns there in torch 2.14; torch 2.11 refuses the interpreter's kernels), which would
+    read the storage of fake tensors; there the launch is skipped for fake/meta tensors, so that
     ``triton_op``'s derived fake kernel (the op body itself) still produces the output metadata.
     """
-    if INTERPRET and any(isinstance(a, torch.Tensor) and (a.device.type == "meta" or is_fake(a))
-                         for a in args):
-        modes = _get_current_dispatch_mode_stack()
-        if any(not isinstance(m, FakeTensorMode) for m in modes):
-            # AOT tracing would record the op body without its (interpreted) kernels.
-            raise RuntimeError(
-                "torch.compile / AOT tracing of the binslt Triton ops is not supported under "
-                "TRITON_INTERPRET=1 (CPU); compile them on a GPU, or use backend='cpu' on the CPU")
-        return
     kwargs = {**kwargs, **launch_options(kernel)}
+    if INTERPRET:
+        if any(isinstance(a, torch.Tensor) and (a.device.type == "meta" or is_fake(a))
+               for a in args):
+            modes = _get_current_dispatch_mode_stack()
+            if any(not isinstance(m, FakeTensorMode) for m in modes):
+                # AOT tracing would record the op body without its (interpreted) kernels.
+                raise RuntimeError(
+                    "torch.compile / AOT tracing of the binslt Triton ops is not supported under "
+                    "TRITON_INTERPRET=1 (CPU); compile them on a GPU, or use backend='cpu' on the "
+                    "CPU")
+            return
+        kernel[grid](*args, **kwargs)
+        return
     dev = _cuda_device(args, kwargs)
     if dev is None:
         wrap_triton(kernel)[grid](*args, **kwargs)

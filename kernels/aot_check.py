@@ -5,18 +5,24 @@ through Triton's GPU pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas cubin) for,
 sm_90 (H100/H200): int8 ``tl.dot`` on tensor cores, tf32x3 float dots, int64/float64 atomics,
 register reshapes. It cannot check speed or numerics on the device.
 
-    python -m binslt.kernels.aot_check [--arch 90] [--all-configs] [--kernel 3]
+    python -m binslt.kernels.aot_check [--arch 90] [--all-configs] [--kernel 3] [--fresh-cache]
 
 Run it with TRITON_INTERPRET unset (the module refuses otherwise). Prints one line per
-compiled variant and exits 1 if any failed. Each variant is compiled with the options ``kernels._common.launch``
-uses on a GPU (``launch_options``), and the line counts the PTX's ``fma.rn.f32``.
+compiled variant with its compile time and the count of ``fma.rn.f32`` in its PTX, then per
+kernel the count and the min/median/max/total seconds, and the total wall time; exits 1 if any
+variant failed. Each variant is compiled with the options ``kernels._common.launch`` uses on a
+GPU (``launch_options``). Triton caches compiled kernels (``TRITON_CACHE_DIR``, default
+``~/.triton/cache``), so a second run times cache hits: ``--fresh-cache`` compiles into an empty
+temporary cache instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import tempfile
 import time
 
 
@@ -113,14 +119,51 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all-configs", action="store_true",
                     help="compile every autotune configuration (slow), not only the first")
     ap.add_argument("--kernel", type=int, default=3, help="conv kernel size to specialize for")
+    ap.add_argument("--fresh-cache", action="store_true",
+                    help="compile into an empty temporary Triton cache (time real compiles, "
+                         "not cache hits)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
         return 2
+    if not args.fresh_cache:
+        return _compile_all(args)
+    before = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="binslt-aot-") as tmp:
+        os.environ["TRITON_CACHE_DIR"] = tmp  # triton's knobs read it at each compile
+        try:
+            return _compile_all(args)
+        finally:
+            if before is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = before
+
+
+def _summary(times: dict[str, list[float]], wall: float) -> list[str]:
+    """One line per kernel (count, min/median/max/total compile seconds), then all of them."""
+    lines = []
+    every = [t for ts in times.values() for t in ts]
+    for name, ts in list(times.items()) + [("all", every)]:
+        if not ts:
+            continue
+        lines.append(f"time {name:<14} n={len(ts):<3} min={min(ts):.1f}s "
+                     f"median={statistics.median(ts):.1f}s max={max(ts):.1f}s "
+                     f"total={sum(ts):.1f}s")
+    lines.append(f"wall {wall:.1f}s")
+    return lines
+
+
+def _compile_all(args) -> int:
+    import triton
 
     from ._common import launch_options
 
     failures = 0
+    times: dict[str, list[float]] = {}
+    start = time.perf_counter()
+    print(f"triton {triton.__version__}, sm_{args.arch}, kernel size {args.kernel}, "
+          f"{'all' if args.all_configs else 'first'} autotune config(s)", flush=True)
     for label, kernel, ptrs, consts in variants(args.kernel):
         cfgs = list(getattr(kernel, "configs", None) or [None])
         if not args.all_configs:
@@ -129,17 +172,21 @@ def main(argv: list[str] | None = None) -> int:
             nw, ns = (cfg.num_warps, cfg.num_stages) if cfg is not None else (4, 3)
             opts = " no-fp-fusion" if launch_options(kernel) else ""
             desc = f"{label} {cfg.kwargs if cfg else ''} warps={nw} stages={ns}{opts}"
-            t0 = time.time()
+            t0 = time.perf_counter()
             try:
                 kern = compile_variant(kernel, ptrs, consts, args.arch, cfg)
             except Exception as exc:  # report every failure, then exit 1
                 failures += 1
                 print(f"FAIL {desc}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
                 continue
+            dt = time.perf_counter() - t0
+            times.setdefault(label.split()[0], []).append(dt)
             ptx = kern.asm.get("ptx", "")
             tc = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "no-mma")
-            print(f"OK   {desc}: {time.time() - t0:.1f}s shared={kern.metadata.shared} {tc} "
+            print(f"OK   {desc}: {dt:.1f}s shared={kern.metadata.shared} {tc} "
                   f"fma.f32={ptx.count('fma.rn.f32')}", flush=True)
+    for line in _summary(times, time.perf_counter() - start):
+        print(line)
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 

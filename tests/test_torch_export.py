@@ -105,3 +105,16 @@ def test_loaded_program_runs_without_importing_binslt(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_op_library_paths_pick_this_pythons_build(tmp_path):
+    """A folder with builds for several Pythons: only the one this interpreter imports counts."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    other = "cpython-39-x86_64-linux-gnu.so" if "39" not in EXTENSION_SUFFIXES[0] else \
+        "cpython-313-x86_64-linux-gnu.so"
+    for name in (f"_C.{other}", f"_C_cuda.{other}", f"_C{EXTENSION_SUFFIXES[0]}"):
+        (tmp_path / name).write_bytes(b"")
+    assert op_library_paths(tmp_path) == {"cpu": str(tmp_path / f"_C{EXTENSION_SUFFIXES[0]}"),
+                                          "cuda": None}
+    assert op_library_paths(tmp_path / "empty") == {"cpu": None, "cuda": None}

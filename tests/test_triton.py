@@ -424,6 +424,17 @@ def _op_samples(device):
     }
 
 
+def test_triton_ops_registered_with_the_declared_schemas():
+    """Every binslt::<op>_triton has exactly its binslt._schemas row (int stays int, not SymInt),
+    also on torch versions whose triton_op ignores an explicit schema."""
+    _no_triton_error()
+    from binslt._schemas import SCHEMAS
+
+    for name, schema in SCHEMAS.items():
+        got = str(getattr(tri, name + "_triton").default._schema)
+        assert got == f"binslt::{name}_triton{schema[len(name):]}", name
+
+
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter path is what this checks")
 def test_opcheck_triton_ops_interpreter():
     """Schema, fake kernel (the triton_op body with kernel launches skipped on fake tensors) and
@@ -458,7 +469,26 @@ def test_kernels_compile_for_sm90_without_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-m", "binslt.kernels.aot_check", "--arch", "90", "--kernel",
-                          "1"], env=env, cwd=root, capture_output=True, text=True, timeout=900)
+                          "1", "--fresh-cache"], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "0 failure(s)" in out.stdout
     assert "wgmma" in out.stdout  # the int8 conv reaches Hopper tensor cores
+    n_ok = out.stdout.count("\nOK   ")
+    assert f"time all            n={n_ok:<3} " in out.stdout  # every compile is in the summary
+    assert "\nwall " in out.stdout
+
+
+def test_aot_check_timing_summary():
+    """aot_check's closing lines: per kernel, then over all compiles, count and min/median/max/total
+    seconds, then the wall time."""
+    from binslt.kernels.aot_check import _summary
+
+    lines = _summary({"bconv_fwd": [3.0, 1.0, 2.0, 10.0], "pack_bits": [0.5]}, 20.04)
+    assert lines == [
+        "time bconv_fwd      n=4   min=1.0s median=2.5s max=10.0s total=16.0s",
+        "time pack_bits      n=1   min=0.5s median=0.5s max=0.5s total=0.5s",
+        "time all            n=5   min=0.5s median=2.0s max=10.0s total=16.5s",
+        "wall 20.0s",
+    ]
+    assert _summary({}, 1.0) == ["wall 1.0s"]

@@ -355,6 +355,7 @@ def machine_info(device: torch.device) -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),
+        "triton_autotune": os.environ.get("BINSLT_TRITON_AUTOTUNE", "all"),
         "spikingjelly": _version("spikingjelly"),
         "binslt": _version("binslt"),
         "git_commit": git_commit(),

@@ -16,13 +16,15 @@
 #                   valuable first, -rfE --maxfail=3, junit XML; BINSLT_TRITON_AUTOTUNE=first
 #                   (one autotune configuration per kernel). Stopped by SIGINT at its limit, so
 #                   pytest still prints its summary and writes the XML
-#   bench      45   benchmarks/conv_lif.py --device cuda --sets gpu_ref (the reference layer)
-#   network    35   benchmarks/network.py --device cuda --quick --batch 32 (Conv-4)
+#   bench      45   benchmarks/conv_lif.py --device cuda --sets gpu_ref (the reference layer;
+#                   --no-sj, binslt alone, where SpikingJelly is not importable)
+#   network    35   benchmarks/network.py --device cuda --quick --batch 32 (Conv-4; skipped
+#                   where SpikingJelly is not importable)
 #   ddp        40   tests/test_gpu_ddp.py: torchrun with nccl, the short case
 #
 # After every step the results folder (logs, junit XML, CSVs, check.json) is archived into
 # DEST/gpu_check.tgz (written to a temporary name, then renamed: never half-written) and
-# DEST/summary.txt lists every step's status, the one running and the time left. A run cut
+# DEST/summary.txt lists every step's status, the one running and the time used. A run cut
 # short (the device call's own limit, SIGKILL) still returns every finished step; on SIGTERM /
 # SIGINT the running step is stopped and its partial log archived too. The benchmark CSVs are
 # written row by row, so a step stopped at its limit keeps the rows it measured.
@@ -43,7 +45,8 @@
 #   BINSLT_SKIP_BUILD=1 skips the build step (use the installed build).
 #   BINSLT_SJ_PATH=DIR is prepended to PYTHONPATH (a SpikingJelly 2.0 source tree).
 #   BINSLT_GPU_BUDGET_S (default 370) is the time budget of the whole script.
-#   BINSLT_GPU_BENCH_AUTOTUNE (default all) is BINSLT_TRITON_AUTOTUNE for the benchmark steps.
+#   BINSLT_GPU_BENCH_AUTOTUNE (default first: the tests' compiled kernels are reused; "all"
+#   autotunes, which needs a longer limit) is BINSLT_TRITON_AUTOTUNE for the benchmark steps.
 #   PYTHON picks the interpreter.
 #
 # A failing step does not stop the others. The exit code is non-zero if any step failed, timed
@@ -128,10 +131,11 @@ record() {  # record NAME STATUS
 
 on_signal() {
   trap - TERM INT HUP
-  if [ -n "$CHILD" ]; then
+  if [ -n "$CHILD" ]; then  # the step's `timeout` passes SIGINT on to its command
     kill -INT "$CHILD" 2>/dev/null
-    sleep 2
-    kill -KILL "$CHILD" 2>/dev/null
+    for _ in $(seq 30); do kill -0 "$CHILD" 2>/dev/null || break; sleep 0.1; done
+    # `timeout` leads its own process group: whatever is left of the step goes with it
+    kill -KILL -- "-$CHILD" 2>/dev/null || kill -KILL "$CHILD" 2>/dev/null
   fi
   if [ -n "$CURRENT" ]; then
     record "$CURRENT" "KILLED by a signal after $(( SECONDS - CUR_T0 ))s (partial log)"
@@ -195,16 +199,22 @@ machine() {
   git -C "$ROOT" status --short 2>/dev/null | head -20
   "$PY" - <<'EOF'
 import importlib, os, platform
+from importlib import metadata
 import torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda",
       torch.version.cuda, "| gpu", torch.cuda.is_available() and torch.cuda.get_device_name(0),
       "| capability", torch.cuda.is_available() and torch.cuda.get_device_capability(0))
-for mod in ("triton", "spikingjelly", "numpy", "sklearn", "matplotlib", "pytest", "hypothesis"):
+for mod in ("triton", "spikingjelly"):  # imported: a source tree on PYTHONPATH counts too
     try:
         m = importlib.import_module(mod)
         print(mod, getattr(m, "__version__", "(no __version__)"))
     except Exception as exc:
         print(mod, "NOT IMPORTABLE:", exc)
+for dist in ("numpy", "scikit-learn", "matplotlib", "pytest", "hypothesis", "safetensors"):
+    try:
+        print(dist, metadata.version(dist))
+    except metadata.PackageNotFoundError:
+        print(dist, "NOT INSTALLED")
 if not torch.cuda.is_available() and os.environ.get("DRY") != "1":
     raise SystemExit("no CUDA device visible to torch")
 EOF
@@ -272,7 +282,7 @@ tests() {
 have_sj() { "$PY" -c "import spikingjelly.activation_based" >/dev/null 2>&1; }
 
 bench() {
-  export BINSLT_TRITON_AUTOTUNE="${BINSLT_GPU_BENCH_AUTOTUNE:-all}"
+  export BINSLT_TRITON_AUTOTUNE="${BINSLT_GPU_BENCH_AUTOTUNE:-first}"
   local nosj=()
   if ! have_sj; then
     echo "SpikingJelly is not importable: conv_lif.py --no-sj times the binslt backends alone."
@@ -289,7 +299,7 @@ bench() {
 }
 
 network() {
-  export BINSLT_TRITON_AUTOTUNE="${BINSLT_GPU_BENCH_AUTOTUNE:-all}"
+  export BINSLT_TRITON_AUTOTUNE="${BINSLT_GPU_BENCH_AUTOTUNE:-first}"
   if ! have_sj; then
     echo "SpikingJelly is not importable: network.py measures binslt against it; skipped."
     echo "Carry it: bash benchmarks/gpu_wheels.sh here, then run(..., carry=['.whl'])."

@@ -43,8 +43,9 @@ Examples::
     python benchmarks/network.py --arch vgg11 --batch 16 --modes search,eval
     python benchmarks/network.py --device cuda         # N=64
 
-Writes ``<out>/network_<device-slug>[_<tag>].csv`` (machine record first) and a ``.png`` of the
-ratios per network and mode; prints a table; one progress line per measurement on stderr.
+Writes ``<out>/network_<device-slug>[_<tag>].csv`` (machine record first; each arch x mode's
+rows appended as measured, so a stopped run keeps them, then rewritten whole with ``ratio`` and
+``complete: yes``) and a ``.png`` of the ratios per network and mode; prints a table; one progress line per measurement on stderr.
 """
 
 from __future__ import annotations

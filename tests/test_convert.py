@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import binarised_copy, tie_mask
-from spikingjelly.activation_based import functional, layer, neuron, surrogate
+from helpers import binarised_copy, sj_modules, tie_mask
 from torch import nn
 
 import binslt
 from binslt import reference as ref
 from binslt.convert import convert
 
-NEURONS = {
-    "paper": dict(tau=100.0, decay_input=False, v_threshold=1.0, v_reset=0.0,
-                  surrogate_function=surrogate.ATan(), detach_reset=True),
-    "sj_sigmoid_soft": dict(tau=2.0, decay_input=True, v_threshold=0.5, v_reset=None,
-                            surrogate_function=surrogate.Sigmoid(alpha=3.0)),
-}
+# SpikingJelly is imported when a test first uses it (skipped where it is not installed).
+functional, layer, neuron, surrogate = sj_modules("functional", "layer", "neuron", "surrogate")
+
+
+NEURONS = ("paper", "sj_sigmoid_soft")
+
+
+def neuron_kwargs(name: str) -> dict:
+    """LIFNode keywords of a neuron setting in NEURONS (its surrogate made here, on use)."""
+    if name == "paper":
+        return dict(tau=100.0, decay_input=False, v_threshold=1.0, v_reset=0.0,
+                    surrogate_function=surrogate.ATan(), detach_reset=True)
+    assert name == "sj_sigmoid_soft", name
+    return dict(tau=2.0, decay_input=True, v_threshold=0.5, v_reset=None,
+                surrogate_function=surrogate.Sigmoid(alpha=3.0))
 
 
 def sj_vgg(nkw: dict) -> nn.Sequential:
@@ -61,7 +69,7 @@ def record(net: nn.Module, types) -> tuple[list, list]:
 @pytest.mark.parametrize("nname", sorted(NEURONS))
 def test_converted_spikes_equal_spikingjelly_with_sign_weights(nname, backend):
     torch.manual_seed(3)
-    nkw = NEURONS[nname]
+    nkw = neuron_kwargs(nname)
     net = sj_vgg(nkw)
     conv, report = convert(net, prune_rate=0.0, backend=backend)
     assert [c["paths"][0] for c in report.converted] == ["0", "3", "8", "10"]
@@ -104,7 +112,7 @@ def test_converted_spikes_equal_spikingjelly_with_sign_weights(nname, backend):
 
 def test_converted_layers_carry_settings_weights_and_train_scores():
     torch.manual_seed(0)
-    nkw = NEURONS["sj_sigmoid_soft"]
+    nkw = neuron_kwargs("sj_sigmoid_soft")
     net = sj_vgg(nkw)
     conv, _ = convert(net, prune_rate=0.3, backend="torch")
     first = conv[0]
@@ -134,7 +142,7 @@ def test_converted_layers_carry_settings_weights_and_train_scores():
 
 def test_torch_nn_layers_and_seq_to_ann_containers():
     torch.manual_seed(1)
-    nkw = NEURONS["paper"]
+    nkw = neuron_kwargs("paper")
     net = nn.Sequential(
         layer.SeqToANNContainer(nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)),
         neuron.LIFNode(step_mode="m", **nkw),
@@ -167,7 +175,7 @@ def test_torch_nn_layers_and_seq_to_ann_containers():
 
 
 def test_example_input_decides_spike_or_real_inputs():
-    nkw = NEURONS["paper"]
+    nkw = neuron_kwargs("paper")
     net = nn.Sequential(layer.Linear(5, 4, bias=False), neuron.LIFNode(**nkw),
                         layer.Linear(4, 3, bias=False), neuron.LIFNode(**nkw))
     functional.set_step_mode(net, "m")

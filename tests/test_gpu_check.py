@@ -181,3 +181,52 @@ def test_write_csv_replaces_atomically(tmp_path):
         common.write_csv(path, [{"a": 2}], ["a"], {"k": "w"})
         assert held.read().splitlines() == ["# k: v", "a", "1"]
     assert common.read_csv(path) == ({"k": "w"}, [{"a": "2"}])
+
+
+def _without_spikingjelly(tmp_path: Path) -> str:
+    """A PYTHONPATH entry whose sitecustomize makes ``import spikingjelly`` fail."""
+    block = tmp_path / "no_sj"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text("import sys\nsys.modules['spikingjelly'] = None\n")
+    return str(block)
+
+
+SJ_TEST_FILES = ["tests/test_convert.py", "tests/test_if.py", "tests/test_models.py",
+                 "tests/test_semantics.py", "tests/test_zoo.py"]
+
+
+def test_test_files_collect_without_spikingjelly(tmp_path):
+    """The GPU image may lack SpikingJelly: the test files that compare against it import it
+    only inside their tests (which then skip), so collection still succeeds."""
+    env = _env(TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([_without_spikingjelly(tmp_path), env["PYTHONPATH"]])
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                        "-p", "no:cacheprovider", *SJ_TEST_FILES], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "error" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
+    assert int(r.stdout.splitlines()[-1].split()[0]) > 100, r.stdout[-500:]
+
+
+def test_conv_lif_runs_without_spikingjelly(tmp_path):
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([_without_spikingjelly(tmp_path), env["PYTHONPATH"]])
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "conv_lif.py"), "--sets", "anchor",
+           "--modes", "eval_fwd,train_fwdbwd", "--backends", "torch", "--repeats", "1",
+           "--warmup", "0", "--no-check", "--threads", "1", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "conv_lif.py --no-sj" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run([*cmd, "--no-sj"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--no-sj: SpikingJelly baseline not run" in r.stderr
+    (path,) = tmp_path.glob("conv_lif_cpu-*.csv")
+    assert not list(tmp_path.glob("*.png"))
+    meta, rows = common.read_csv(path)
+    assert meta["sj_lif_impl"] == "not run (--no-sj)"
+    assert [(r["backend"], r["mode"]) for r in rows] == [("torch", "eval_fwd"),
+                                                         ("torch", "train_fwdbwd")]
+    for row in rows:
+        assert float(row["ms"]) > 0 and float(row["peak_bytes"]) >= 0
+        assert row["sj_ms"] == row["speedup"] == row["sj_saved_bytes"] == row["saved_ratio"] == ""
+    assert float(rows[1]["saved_bytes"]) > 0

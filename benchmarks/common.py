@@ -49,7 +49,8 @@ def import_spikingjelly(cuda_impl: str = "triton"):
         raise SystemExit(
             f"error: the SpikingJelly baseline is not importable ({exc}). Install it with "
             "`pip install 'spikingjelly>=2.0'` (the [bench] extra), or put a SpikingJelly 2.0 "
-            "source tree on PYTHONPATH (gpu_check.sh: BINSLT_SJ_PATH=DIR).") from exc
+            "source tree on PYTHONPATH (gpu_check.sh: BINSLT_SJ_PATH=DIR); conv_lif.py --no-sj "
+            "times binslt alone.") from exc
 
     if already:
         from spikingjelly._ops import lif as _sj_lif
@@ -354,6 +355,7 @@ def machine_info(device: torch.device) -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),
+        "triton_autotune": os.environ.get("BINSLT_TRITON_AUTOTUNE", "all"),
         "spikingjelly": _version("spikingjelly"),
         "binslt": _version("binslt"),
         "git_commit": git_commit(),
@@ -375,15 +377,47 @@ def machine_info(device: torch.device) -> dict[str, str]:
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str],
               meta: dict[str, str]) -> None:
-    """CSV with ``# key: value`` comment lines (the machine record) before the header."""
+    """CSV with ``# key: value`` comment lines (the machine record) before the header.
+
+    Written to a temporary name and renamed, so a reader (or an archive taken while a benchmark
+    is stopped) never sees a half-written file.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
         for k, v in meta.items():
             f.write(f"# {k}: {v}\n")
         w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: _fmt(r.get(k, "")) for k in columns})
+    os.replace(tmp, path)
+
+
+class CsvAppender:
+    """A results CSV written as it is measured: the machine record and the column names first,
+    then :meth:`add` appends and flushes each row, so a run stopped early keeps every row it
+    measured (its header then says ``complete: no``). :meth:`finish` rewrites the file whole
+    (:func:`write_csv`) with the final rows and record and ``complete: yes``.
+    """
+
+    def __init__(self, path: Path, columns: Sequence[str], meta: dict[str, str]):
+        self.path = Path(path)
+        self.columns = list(columns)
+        write_csv(self.path, [], self.columns, {**meta, "complete": "no (rows appended as measured)"})
+        self._f = open(self.path, "a", newline="")
+        self._w = csv.DictWriter(self._f, fieldnames=self.columns, extrasaction="ignore")
+
+    def add(self, rows: Iterable[dict[str, Any]]) -> None:
+        for r in rows:
+            self._w.writerow({k: _fmt(r.get(k, "")) for k in self.columns})
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def finish(self, rows: Sequence[dict[str, Any]], meta: dict[str, str]) -> None:
+        self._f.close()
+        write_csv(self.path, rows, self.columns, {**meta, "complete": "yes"})
 
 
 def read_csv(path: Path) -> tuple[dict[str, str], list[dict[str, str]]]:

@@ -275,7 +275,7 @@ def run_shape(shape: Shape, args, device, backends: list[str]) -> list[dict]:
     args._input_grad = shape.input == "spike"
 
     torch.manual_seed(args.seed)
-    sj, sj_reset = build_sj(shape, args, device)
+    sj, sj_reset = (None, None) if args.no_sj else build_sj(shape, args, device)
     torch.manual_seed(args.seed)
     ref_module = build_binslt(shape, args, device, "torch")
     mods = {}
@@ -293,7 +293,7 @@ def run_shape(shape: Shape, args, device, backends: list[str]) -> list[dict]:
     res: dict[str, dict[str, dict]] = {"sj": {}, **{be: {} for be in backends}}
     for mode in [m for m in MODES if m in args.modes]:  # eval_frozen (one way) comes last
         impls = {be: (m, noop) for be, m in mods.items()}
-        if mode in sj_modes:
+        if mode in sj_modes and sj is not None:
             impls["sj"] = (sj, sj_reset)
         if mode == "eval_frozen":
             for m in mods.values():
@@ -307,7 +307,7 @@ def run_shape(shape: Shape, args, device, backends: list[str]) -> list[dict]:
             res[k][mode] = {"ms": times[k],
                             **measure_memory(m, r, xin, grad_out, mode, step, device)}
         del steps
-    if "eval_frozen" in args.modes and "eval_frozen" not in res["sj"]:
+    if sj is not None and "eval_frozen" in args.modes and "eval_frozen" not in res["sj"]:
         res["sj"]["eval_frozen"] = res["sj"]["eval_fwd"]
     sj_res = res["sj"]
     del sj, mods
@@ -320,15 +320,17 @@ def run_shape(shape: Shape, args, device, backends: list[str]) -> list[dict]:
             mismatch, rel = check_against_reference(shape, args, device, be, ref_module, x,
                                                     grad_out)
         for m in args.modes:
-            r, s = res[be][m], sj_res[m]
+            r = res[be][m]
+            # Without SpikingJelly (--no-sj) its columns stay empty.
+            s = sj_res.get(m, {"ms": "", "saved": None, "peak": "", "rate": ""})
             rows.append({
                 **{f.name: getattr(shape, f.name) for f in dataclasses.fields(Shape)
                    if f.name != "name"},
                 "shape": shape.name, "gmac": shape.gmac, "backend": be, "mode": m,
-                "ms": r["ms"], "sj_ms": s["ms"], "speedup": s["ms"] / r["ms"],
+                "ms": r["ms"], "sj_ms": s["ms"], "speedup": s["ms"] / r["ms"] if s["ms"] != "" else "",
                 "saved_bytes": r["saved"] if r["saved"] is not None else "",
                 "sj_saved_bytes": s["saved"] if s["saved"] is not None else "",
-                "saved_ratio": (s["saved"] / r["saved"]) if r["saved"] else "",
+                "saved_ratio": (s["saved"] / r["saved"]) if r["saved"] and s["saved"] else "",
                 "peak_bytes": r["peak"], "sj_peak_bytes": s["peak"], "peak_kind": r["peak_kind"],
                 "out_rate": r["rate"], "sj_out_rate": s["rate"],
                 "spike_mismatch": "" if mismatch is None else mismatch,
@@ -429,6 +431,9 @@ def parse_args(argv=None):
                    choices=("triton", "cuda", "torch", "auto"),
                    help="SpikingJelly's LIF implementation on CUDA (SJ_LIF_CUDA_IMPLEMENTATION, "
                         "default %(default)s)")
+    p.add_argument("--no-sj", action="store_true",
+                   help="time the binslt backends without the SpikingJelly baseline (where it "
+                        "is not installed; the sj_* and ratio columns stay empty)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -511,11 +516,15 @@ def main(argv=None) -> int:
                 seen.add(key)
                 shapes.append(s)
 
-    import_spikingjelly()
+    if args.no_sj:
+        print("# --no-sj: SpikingJelly baseline not run; the sj_* and ratio columns stay empty",
+              file=sys.stderr, flush=True)
+    else:
+        import_spikingjelly()
     meta = machine_info(device)
     meta.update({
         "benchmark": "conv_lif",
-        "sj_lif_impl": sj_lif_implementation(device),
+        "sj_lif_impl": "not run (--no-sj)" if args.no_sj else sj_lif_implementation(device),
         "binslt_backends": "; ".join(f"{b}: {st[b]['reason']}" for b in backends),
         "neuron": f"LIF tau={args.tau:g} decay_input={args.decay_input} v_threshold=1 "
                   f"v_reset=0 ATan(2) detach_reset=True",
@@ -544,7 +553,7 @@ def main(argv=None) -> int:
             "spike_mismatch", "grad_rel_err"]
     print_table(rows, show)
     print(f"wrote {csv_path}")
-    if not args.no_plot:
+    if not args.no_plot and not args.no_sj:
         png = out_dir / f"{stem}.png"
         plot(rows, png, f"BinSpikeConv2d vs SpikingJelly dense: {meta['device']}, "
                         f"torch {meta['torch']}, {meta['git_commit']}")

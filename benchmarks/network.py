@@ -43,8 +43,9 @@ Examples::
     python benchmarks/network.py --arch vgg11 --batch 16 --modes search,eval
     python benchmarks/network.py --device cuda         # N=64
 
-Writes ``<out>/network_<device-slug>[_<tag>].csv`` (machine record first) and a ``.png`` of the
-ratios per network and mode; prints a table; one progress line per measurement on stderr.
+Writes ``<out>/network_<device-slug>[_<tag>].csv`` (machine record first; each arch x mode's
+rows appended as measured, so a stopped run keeps them, then rewritten whole with ``ratio`` and
+``complete: yes``) and a ``.png`` of the ratios per network and mode; prints a table; one progress line per measurement on stderr.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     RESULTS,
+    CsvAppender,
     PeakMemory,
     device_slug,
     import_spikingjelly,
@@ -74,7 +76,6 @@ from common import (  # noqa: E402
     sj_lif_implementation,
     sync,
     time_many_ms,
-    write_csv,
 )
 
 #: sj-resnet18: SpikingJelly's own zoo spiking_resnet18, converted by binslt.convert (the binslt
@@ -641,21 +642,6 @@ def main(argv=None) -> int:
     sj_impl = sj_lif_implementation(device)
     x, y = make_batch(args, device)
 
-    rows: list[dict] = []
-    t_start = time.perf_counter()
-    for arch in args.arch:
-        for mode in args.modes:
-            t0 = time.perf_counter()
-            if mode == "search":
-                rows += run_search(arch, args, backends, device, x, y)
-            elif mode == "eval":
-                rows += run_eval(arch, args, backends, device, x, y)
-            else:
-                rows += run_memory(arch, args, backends, device)
-            gc.collect()
-            log(f"{arch} {mode}: done in {time.perf_counter() - t0:.1f} s")
-    add_ratios(rows, ref)
-
     meta = machine_info(device)
     meta.update({
         "benchmark": "network (whole networks at CIFAR shape 3x32x32, 10 classes: binslt "
@@ -675,14 +661,33 @@ def main(argv=None) -> int:
         "memory": f"{args.memory_steps} steps per fresh process ({args.memory_jobs} at a time); memopt level "
                   f"{args.memopt_level}",
         "compile_backend": args.compile_backend,
-        "wall_s": f"{time.perf_counter() - t_start:.1f}",
-        "load_avg_1m_end": f"{os.getloadavg()[0]:.2f}",
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None
                                                           else sys.argv[1:])),
     })
     stem = f"network_{device_slug(device)}" + (f"_{args.tag}" if args.tag else "")
     path = Path(args.out) / f"{stem}.csv"
-    write_csv(path, rows, COLUMNS, meta)
+    # Each arch x mode's rows go to the CSV as soon as they are measured (ratio filled at the
+    # end), so a run stopped early keeps them.
+    out = CsvAppender(path, COLUMNS, meta)
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    for arch in args.arch:
+        for mode in args.modes:
+            t0 = time.perf_counter()
+            if mode == "search":
+                new = run_search(arch, args, backends, device, x, y)
+            elif mode == "eval":
+                new = run_eval(arch, args, backends, device, x, y)
+            else:
+                new = run_memory(arch, args, backends, device)
+            out.add(new)
+            rows += new
+            gc.collect()
+            log(f"{arch} {mode}: done in {time.perf_counter() - t0:.1f} s")
+    add_ratios(rows, ref)
+    meta["wall_s"] = f"{time.perf_counter() - t_start:.1f}"
+    meta["load_avg_1m_end"] = f"{os.getloadavg()[0]:.2f}"
+    out.finish(rows, meta)
     if not args.no_plot:
         plot(rows, path.with_suffix(".png"), ref,
              f"binslt vs SpikingJelly, whole networks: {meta['device']}, N={args.batch}, "

@@ -2,7 +2,9 @@
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors, tests only) every kernel runs one tiny configuration:
 the interpreter executes programs one by one in numpy, so autotuning there is useless and slow.
-On a GPU the conv kernels autotune over configurations aimed at H100/H200.
+On a GPU the conv kernels autotune over configurations aimed at H100/H200;
+``BINSLT_TRITON_AUTOTUNE=first`` (read at import) keeps only the first GPU configuration of each
+kernel, so a short check compiles one variant per kernel instead of the whole sweep.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from triton.language.extra import libdevice
 
 #: True when Triton runs kernels with its numpy interpreter (must be set before triton imports).
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: ``BINSLT_TRITON_AUTOTUNE``: ``all`` (default) autotunes over every GPU configuration,
+#: ``first`` keeps only the first (no autotuning: one compile per kernel and specialization).
+AUTOTUNE: str = os.environ.get("BINSLT_TRITON_AUTOTUNE", "all").strip().lower() or "all"
+if AUTOTUNE not in ("all", "first"):
+    raise ValueError(f"BINSLT_TRITON_AUTOTUNE must be 'all' or 'first', got {AUTOTUNE!r}")
 
 #: Precision of the float ``tl.dot`` in the backward convolutions. One operand is always exact in
 #: tf32 (binary spikes, ternary weights), so tf32x3 keeps float32 accuracy on tensor cores. The
@@ -135,11 +143,12 @@ def elementwise_blocks(rows: int, inner: int) -> tuple[int, int, int]:
 
 
 def autotune_configs(gpu: list[dict], interp: dict) -> list[triton.Config]:
-    """triton.Config list: the GPU sweep, or the single interpreter config."""
+    """triton.Config list: the GPU sweep (its first entry only with BINSLT_TRITON_AUTOTUNE=first),
+    or the single interpreter config."""
     if INTERPRET:
         return [triton.Config(dict(interp), num_warps=1, num_stages=1)]
     out = []
-    for c in gpu:
+    for c in gpu[:1] if AUTOTUNE == "first" else gpu:
         c = dict(c)
         nw, ns = c.pop("num_warps"), c.pop("num_stages")
         out.append(triton.Config(c, num_warps=nw, num_stages=ns))

@@ -1,4 +1,5 @@
-"""Shared test helpers: tie-band spike comparison and an independent float64 layer reference."""
+"""Shared test helpers: tie-band spike comparison, an independent float64 layer reference, the
+Triton test backend's device, and SpikingJelly imported lazily."""
 
 from __future__ import annotations
 
@@ -6,12 +7,61 @@ import copy
 import math
 import zlib
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 # The comparison rules (tie band, relative error) live in the package: `binslt check` applies
 # the same ones on a user's machine.
 from binslt.check import TIE_BAND, close_rel, rel_error, spike_mismatch, tie_mask  # noqa: F401
+
+#: A CUDA device is visible: the "triton" backend's tests then run on CUDA tensors (gpu-marked);
+#: without one, on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py sets it).
+HAS_GPU = torch.cuda.is_available()
+
+
+def triton_param(**kwargs):
+    """The "triton" entry of a backend parametrization: on CUDA tensors where a GPU is visible
+    (gpu-marked), else on CPU tensors under the Triton interpreter."""
+    import os
+
+    if HAS_GPU:
+        return pytest.param("triton", id="triton", marks=pytest.mark.gpu, **kwargs)
+    return pytest.param("triton", id="triton", marks=pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET", "0") != "1",
+        reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (no GPU here)"), **kwargs)
+
+
+def backend_device(backend: str) -> str:
+    """The device a backend's tests use: "cuda" for cuda, and for triton where a GPU is visible."""
+    return "cuda" if backend == "cuda" or (backend == "triton" and HAS_GPU) else "cpu"
+
+
+class _LazyModule:
+    """A module imported on first attribute access. For optional test dependencies: where the
+    module is not installed the access skips the running test (``pytest.importorskip``), and
+    collecting the test file does not need the module at all."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._mod = None
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        if self._mod is None:
+            self._mod = pytest.importorskip(
+                self._name, reason=f"SpikingJelly is not installed ({self._name})")
+        return getattr(self._mod, attr)
+
+    def __repr__(self) -> str:
+        return f"<lazy module {self._name}>"
+
+
+def sj_modules(*names: str) -> tuple:
+    """``spikingjelly.activation_based.<name>`` for each name, imported lazily (see
+    :class:`_LazyModule`): e.g. ``functional, layer = sj_modules("functional", "layer")``."""
+    return tuple(_LazyModule(f"spikingjelly.activation_based.{n}") for n in names)
 
 
 def cpu_isas() -> list[str]:

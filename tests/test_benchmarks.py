@@ -118,6 +118,7 @@ def test_network_quick_writes_csv(tmp_path):
     for key in ("device", "cpu_cores", "torch_threads", "torch", "spikingjelly", "binslt",
                 "git_commit", "sj_lif_impl", "neuron", "ratio", "command"):
         assert meta.get(key), f"CSV header lacks {key!r}: {meta}"
+    assert meta["complete"] == "yes"  # rewritten whole after the rows appended as measured
     assert set(rows[0]) == set(network.COLUMNS)
     ref = f"binslt-{network.default_backends('cpu')[0]}"
     want = {("conv4", m, c) for m in network.MODES for c in (ref, *network.ANCHORS[m])}

@@ -2,20 +2,20 @@
 
 The same bad arguments (every row of the contract table that applies to an op) go through the
 reference (``binslt.reference.REFERENCE_OPS``), the CPU kernel (``torch.ops.binslt.<op>`` on CPU
-tensors), the Triton op (``torch.ops.binslt.<op>_triton``; on CPU tensors under
-TRITON_INTERPRET=1) and, with a GPU, the CUDA kernel. Each must raise the same exception type
-with the same message up to and including ``got `` (C++ and Python may print a float
-differently after it); messages without a ``got `` part are compared whole. The layer-level
+tensors), the Triton op (``torch.ops.binslt.<op>_triton``; on CUDA tensors where a GPU is
+visible, else on CPU tensors under TRITON_INTERPRET=1) and, with a GPU, the CUDA kernel. Each
+must raise the same exception type with the same message up to and including ``got `` (C++ and
+Python may print a float differently after it); messages without a ``got `` part are compared whole. The layer-level
 checks (backend, prune rate, tau) give one message wherever they are made.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+from helpers import backend_device, triton_param
 
 import binslt
 import binslt.models as M
@@ -23,13 +23,10 @@ from binslt import _contract as C
 from binslt import ops
 from binslt import reference as ref
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 BACKENDS = [
     pytest.param("torch", id="reference"),
     pytest.param("cpu", id="cpu"),
-    pytest.param("triton", id="triton", marks=pytest.mark.skipif(
-        not INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (no GPU here)")),
+    triton_param(),  # CUDA tensors where a GPU is visible, else the interpreter on the CPU
     pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
 ]
 
@@ -191,7 +188,7 @@ def _op(name: str, backend: str):
 
 def _call(name: str, backend: str, args):
     """The op on ``backend`` with ``args`` (a sequence, in schema order), on its device."""
-    dev = "cuda" if backend == "cuda" else "cpu"
+    dev = backend_device(backend)
     return _op(name, backend)(*[a.to(dev) if isinstance(a, torch.Tensor) else a for a in args])
 
 

@@ -7,20 +7,28 @@ import os
 
 import pytest
 import torch
-from helpers import assert_close_rel, binarised_copy, tie_mask
-from spikingjelly.activation_based import functional, layer, neuron, surrogate
+from helpers import assert_close_rel, binarised_copy, sj_modules, tie_mask
 from torch import nn
 
 import binslt
 from binslt import reference as ref
 from binslt.convert import ExampleRunError, SpikeDropout, convert, to_spikingjelly
 
-NEURONS = {
-    "paper": dict(tau=100.0, decay_input=False, v_threshold=1.0, v_reset=0.0,
-                  surrogate_function=surrogate.ATan(), detach_reset=True),
-    "sj_sigmoid_soft": dict(tau=2.0, decay_input=True, v_threshold=0.5, v_reset=None,
-                            surrogate_function=surrogate.Sigmoid(alpha=3.0)),
-}
+# SpikingJelly is imported when a test first uses it (skipped where it is not installed).
+functional, layer, neuron, surrogate = sj_modules("functional", "layer", "neuron", "surrogate")
+
+
+NEURONS = ("paper", "sj_sigmoid_soft")
+
+
+def neuron_kwargs(name: str) -> dict:
+    """LIFNode keywords of a neuron setting in NEURONS (its surrogate made here, on use)."""
+    if name == "paper":
+        return dict(tau=100.0, decay_input=False, v_threshold=1.0, v_reset=0.0,
+                    surrogate_function=surrogate.ATan(), detach_reset=True)
+    assert name == "sj_sigmoid_soft", name
+    return dict(tau=2.0, decay_input=True, v_threshold=0.5, v_reset=None,
+                surrogate_function=surrogate.Sigmoid(alpha=3.0))
 
 
 def sj_vgg(nkw: dict) -> nn.Sequential:
@@ -64,7 +72,7 @@ def record(net: nn.Module, types) -> tuple[list, list]:
 @pytest.mark.parametrize("nname", sorted(NEURONS))
 def test_converted_spikes_equal_spikingjelly_with_sign_weights(nname, backend):
     torch.manual_seed(3)
-    nkw = NEURONS[nname]
+    nkw = neuron_kwargs(nname)
     net = sj_vgg(nkw)
     conv, report = convert(net, prune_rate=0.0, backend=backend)
     assert [c["paths"][0] for c in report.converted] == ["0", "3", "8", "10"]
@@ -107,7 +115,7 @@ def test_converted_spikes_equal_spikingjelly_with_sign_weights(nname, backend):
 
 def test_converted_layers_carry_settings_weights_and_train_scores():
     torch.manual_seed(0)
-    nkw = NEURONS["sj_sigmoid_soft"]
+    nkw = neuron_kwargs("sj_sigmoid_soft")
     net = sj_vgg(nkw)
     conv, _ = convert(net, prune_rate=0.3, backend="torch")
     first = conv[0]
@@ -137,7 +145,7 @@ def test_converted_layers_carry_settings_weights_and_train_scores():
 
 def test_torch_nn_layers_and_seq_to_ann_containers():
     torch.manual_seed(1)
-    nkw = NEURONS["paper"]
+    nkw = neuron_kwargs("paper")
     net = nn.Sequential(
         layer.SeqToANNContainer(nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)),
         neuron.LIFNode(step_mode="m", **nkw),
@@ -170,7 +178,7 @@ def test_torch_nn_layers_and_seq_to_ann_containers():
 
 
 def test_input_kinds_come_from_the_graph_not_the_values():
-    nkw = NEURONS["paper"]
+    nkw = neuron_kwargs("paper")
     net = nn.Sequential(layer.Linear(5, 4, bias=False), neuron.LIFNode(**nkw),
                         layer.Linear(4, 3, bias=False), neuron.LIFNode(**nkw))
     functional.set_step_mode(net, "m")
@@ -268,7 +276,9 @@ def test_bad_arguments():
 # Training converted models: input kinds from the graph, dropout, strictness, what trains
 # ---------------------------------------------------------------------------------------------
 
-SJ_NEURONS = {"lif": neuron.LIFNode, "if": neuron.IFNode}
+def sj_neuron(kind: str):
+    """SpikingJelly's neuron class of a kind ("lif" or "if")."""
+    return {"lif": neuron.LIFNode, "if": neuron.IFNode}[kind]
 
 
 def layer_of(model: nn.Module, c: dict) -> nn.Module:
@@ -319,7 +329,7 @@ def test_sew_resnet_converts_and_trains(cnf, nkind):
 
     torch.manual_seed(0)
     net = sew_resnet.SEWResNet(sew_resnet.BasicBlock, [1, 1, 1, 1], cnf=cnf,
-                               spiking_neuron=SJ_NEURONS[nkind], num_classes=10)
+                               spiking_neuron=sj_neuron(nkind), num_classes=10)
     functional.set_step_mode(net, "m")
     with torch.no_grad():  # BN scales and shifts with which every layer fires in training mode
         for m in net.modules():
@@ -520,7 +530,7 @@ def test_a_dropout_used_elsewhere_stays_and_its_layer_takes_real_input():
 
 def test_failed_example_run_and_held_state_stop_convert_in_one_line():
     torch.manual_seed(0)
-    net = sj_vgg(NEURONS["paper"])
+    net = sj_vgg(neuron_kwargs("paper"))
     x = torch.rand(3, 2, 2, 8, 8)
     with pytest.raises(ExampleRunError, match="add the T axis") as err:
         convert(net, example_input=x[0])  # [N, C, H, W]: no T axis
@@ -574,7 +584,7 @@ def test_example_runs_confirm_the_graph_kinds():
 
 def test_search_mode_trains_the_scores_only():
     torch.manual_seed(0)
-    net = sj_vgg(NEURONS["sj_sigmoid_soft"])
+    net = sj_vgg(neuron_kwargs("sj_sigmoid_soft"))
     extra = nn.BatchNorm1d(5)  # a module binslt leaves as it is: frozen in search mode too
     net.append(layer.SeqToANNContainer(extra))
     x = torch.rand(2, 3, 2, 8, 8)

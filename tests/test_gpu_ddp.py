@@ -37,6 +37,32 @@ def _last3(run: Path) -> float:
     return sum(float(r["test_acc"]) for r in rows[-3:]) / 3
 
 
+def _search(tmp_path, name: str, opts: list[str], nproc: int | None) -> dict:
+    """``binslt search`` (under torchrun with ``nproc`` processes unless None); results.json."""
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}"] if nproc else [sys.executable])
+    r = subprocess.run([*launch, "-m", "binslt", "search", *opts, "--out", str(tmp_path / name)],
+                       env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((tmp_path / name / "results.json").read_text())
+
+
+def test_torchrun_nccl_short(tmp_path):
+    """One epoch on a 512-image training subset: the nccl group forms, the epoch trains, and
+    with one rank the accuracy equals the single-process run's within 1 point."""
+    nproc = min(torch.cuda.device_count(), 2)
+    opts = ["--epochs", "1", "--batch-size", "32", "--device", "cuda", "--no-progress",
+            "--train-subset", "512"]
+    ddp = _search(tmp_path, "ddp", opts, nproc)
+    assert ddp["world_size"] == nproc and ddp["dist_backend"] == "nccl", ddp
+    assert ddp["device"].startswith("cuda")
+    assert ddp["epochs"] == 1
+    if nproc == 1:
+        one = _search(tmp_path, "one", opts, None)
+        assert one["world_size"] == 1 and one["dist_backend"] is None, one
+        assert abs(ddp["test_acc"] - one["test_acc"]) <= 1.0, (ddp, one)
+
+
 @pytest.mark.slow
 def test_torchrun_nccl_matches_single_process(tmp_path):
     nproc = min(torch.cuda.device_count(), 2)

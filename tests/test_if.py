@@ -9,24 +9,29 @@ both reset modes, detach_reset both ways and both surrogates.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import _Heaviside, assert_close_rel, assert_no_ties, assert_spikes_equal
-from spikingjelly.activation_based import functional, layer, neuron, surrogate
+from helpers import (
+    _Heaviside,
+    assert_close_rel,
+    assert_no_ties,
+    assert_spikes_equal,
+    backend_device,
+    sj_modules,
+    triton_param,
+)
 
 import binslt
 from binslt import ops
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# SpikingJelly is imported when a test first uses it (skipped where it is not installed).
+functional, layer, neuron, surrogate = sj_modules("functional", "layer", "neuron", "surrogate")
 
 BACKENDS = [
     pytest.param("torch", id="reference"),
     pytest.param("cpu", id="cpu"),
-    pytest.param("triton", id="triton", marks=pytest.mark.skipif(
-        not INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (no GPU here)")),
+    triton_param(),  # CUDA tensors where a GPU is visible, else the interpreter on the CPU
     pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
 ]
 SURROGATES = [("atan", 2.0), ("sigmoid", 4.0)]
@@ -34,7 +39,7 @@ RESETS = [pytest.param(0.0, id="hard"), pytest.param(None, id="soft")]
 
 
 def _dev(backend: str) -> str:
-    return "cuda" if backend == "cuda" else "cpu"
+    return backend_device(backend)
 
 
 def _sj_if(v_reset, detach_reset, kind, alpha, v_threshold=1.0):

@@ -6,16 +6,16 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close_rel, assert_spikes_equal
-from spikingjelly.activation_based import layer as sj_layer
-from spikingjelly.activation_based import neuron as sj_neuron
-from spikingjelly.activation_based import surrogate as sj_surrogate
+from helpers import assert_close_rel, assert_spikes_equal, sj_modules
 from torch import nn
 
 import binslt
 from binslt import models as M
 from binslt import reference as ref
 from binslt.layers import _MaskedSignWeight
+
+# SpikingJelly is imported when a test first uses it (skipped where it is not installed).
+sj_layer, sj_neuron, sj_surrogate = sj_modules("layer", "neuron", "surrogate")
 
 PAPER_PARAMS = {"conv4": 2.43e6, "vgg9": 2.26e6, "vgg11": 5.27e6, "resnet19": 12.63e6}
 PAPER_MACS = {"conv4": 0.098e9, "vgg11": 0.209e9, "resnet19": 2.223e9}

@@ -9,12 +9,11 @@ agree exactly with it on every backend.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_rel, cpu_isas, stable_seed
+from helpers import assert_close_rel, backend_device, cpu_isas, stable_seed, triton_param
 from torch import nn
 
 import binslt
@@ -24,18 +23,15 @@ from binslt import _contract as C
 from binslt import reference as ref
 from binslt.layers import BinSpikeConv2d, SpikeMaxPool2d
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 BACKENDS = [
     pytest.param("cpu", id="cpu"),
-    pytest.param("triton", id="triton", marks=pytest.mark.skipif(
-        not INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (no GPU here)")),
+    triton_param(),  # CUDA tensors where a GPU is visible, else the interpreter on the CPU
     pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
 ]
 
 
 def _dev(backend: str) -> str:
-    return "cuda" if backend == "cuda" else "cpu"
+    return backend_device(backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,16 +459,14 @@ def test_network_equals_unfused_layout(backend, arch, mode):
     chaining) equal the unfused network's; score / weight gradients agree exactly with it, and
     within 1e-5 of the float64 reference."""
     dev = _dev(backend)
-    m = _small(arch, backend)
-    x = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    m = _small(arch, backend).to(dev)
+    x = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1)).to(dev)
     m.train()
     with torch.no_grad():
         m(x)  # BN statistics of one batch, so that every layer fires
     M.set_mode(m, mode)
     old = _unfused(m)
-    r64 = M.set_backend(copy.deepcopy(old), "torch").double()
-    m, old = m.to(dev), old.to(dev)
-    x = x.to(dev)
+    r64 = M.set_backend(copy.deepcopy(old), "torch").double().cpu()
     m.train()
     old.train()
     r64.train()

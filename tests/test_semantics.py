@@ -12,12 +12,15 @@ from helpers import (
     assert_spikes_equal,
     biprop_weight64,
     layer64,
+    sj_modules,
     stable_seed,
 )
-from spikingjelly.activation_based import functional, layer, neuron, surrogate
 
 import binslt
 from binslt import reference as ref
+
+# SpikingJelly is imported when a test first uses it (skipped where it is not installed).
+functional, layer, neuron, surrogate = sj_modules("functional", "layer", "neuron", "surrogate")
 
 
 def _sj_surrogate(kind, alpha):

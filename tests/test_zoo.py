@@ -24,9 +24,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_close_rel, binarised_copy
-from spikingjelly.activation_based import functional, layer, neuron
-from spikingjelly.activation_based.model import ms_resnet, sew_resnet, spiking_resnet, spiking_vgg
+from helpers import assert_close_rel, binarised_copy, sj_modules
 from torch import nn
 
 import binslt
@@ -34,7 +32,12 @@ from binslt.convert import InputTap, SpikeStage, convert, to_spikingjelly
 
 HAS_GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-NEURONS = {"lif": neuron.LIFNode, "if": neuron.IFNode}
+# SpikingJelly is imported when a test first uses it (skipped where it is not installed).
+functional, layer, neuron = sj_modules("functional", "layer", "neuron")
+ms_resnet, sew_resnet, spiking_resnet, spiking_vgg = sj_modules(
+    "model.ms_resnet", "model.sew_resnet", "model.spiking_resnet", "model.spiking_vgg")
+#: neuron kind -> the SpikingJelly neuron class's name
+NEURONS = {"lif": "LIFNode", "if": "IFNode"}
 
 
 def _vgg(name):
@@ -99,7 +102,7 @@ CASES = ([pytest.param(m, n, id=f"{m}-{n}") for m in ZOO for n in NEURONS]
 def build(name: str, nkind: str) -> nn.Module:
     factory, _ = {**ZOO, **SLOW_ZOO}[name]
     torch.manual_seed(7)
-    m = factory(NEURONS[nkind])
+    m = factory(getattr(neuron, NEURONS[nkind]))
     functional.set_step_mode(m, "m")
     with torch.no_grad():  # non-trivial BN state and conv biases, so that carrying them is tested
         for mod in m.modules():
@@ -218,7 +221,7 @@ BACKENDS = [
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_search_step_on_every_backend(backend, device, nkind):
     torch.manual_seed(5)
-    net = MiniResNet(NEURONS[nkind])
+    net = MiniResNet(getattr(neuron, NEURONS[nkind]))
     functional.set_step_mode(net, "m")
     x = torch.rand(2, 2, 3, 8, 8)
     conv, report = convert(net, prune_rate=0.5, example_input=x, backend=backend)

@@ -7,7 +7,9 @@
 #   step     limit  what
 #   machine    15   nvidia-smi, python / torch / triton / spikingjelly versions (carried wheels
 #                   from .whl/, made by benchmarks/gpu_wheels.sh, are installed first)
-#   build     140   skipped when `import binslt._C, binslt._C_cuda` works from the tree;
+#   build     140   skipped when `import binslt._C, binslt._C_cuda` works from the tree (after
+#                   copying in .prebuilt/, made here by benchmarks/gpu_prebuild.sh for the
+#                   device's Python/torch, where its source hash matches the tree's);
 #                   otherwise pip install -e . --no-build-isolation --no-deps with
 #                   MAX_JOBS=$(nproc) and TORCH_CUDA_ARCH_LIST = this device's capability only
 #   check      20   python -m binslt check --device cuda --json check.json ("not available"
@@ -30,8 +32,10 @@
 # written row by row, so a step stopped at its limit keeps the rows it measured.
 #
 # The device call (from the repository root; 370 s of script, twice within 15 minutes):
-#   run(command="bash benchmarks/gpu_check.sh \"$OUT\"", carry=[".whl"], timeout_s=400)
-# (carry=[".whl"] only after `bash benchmarks/gpu_wheels.sh`, for SpikingJelly.) Then
+#   run(command="bash benchmarks/gpu_check.sh \"$OUT\"", carry=[".whl", ".prebuilt"],
+#       timeout_s=400)
+# (".whl" after `bash benchmarks/gpu_wheels.sh`, for SpikingJelly; ".prebuilt" after
+# `PYTHON=<python 3.12 with torch 2.11> bash benchmarks/gpu_prebuild.sh`.) Then
 #   tar xzf <files_at>/gpu_check.tgz    # gpu_check/*.log, *.xml, *.csv, check.json
 # and commit the CSVs under benchmarks/results/ (their names carry the device).
 #
@@ -228,6 +232,18 @@ build() {
     "$PY" -c "import binslt._C; print('binslt._C imports from', binslt._C.__file__)" || return 1
     note "dry run: not built; the CPU extension imports"
     return 0
+  fi
+  # Extensions built here for this Python/torch (benchmarks/gpu_prebuild.sh), carried in
+  # .prebuilt/: used only when they were built from these very sources.
+  if compgen -G ".prebuilt/*.so" >/dev/null; then
+    local want have
+    want=$(bash benchmarks/gpu_sources_hash.sh)
+    have=$(cat .prebuilt/SOURCES.sha256 2>/dev/null || true)
+    if [ "$want" = "$have" ]; then
+      cp .prebuilt/*.so binslt/ && echo "copied the carried .prebuilt/ extensions into binslt/"
+    else
+      echo "the carried .prebuilt/ extensions were built from other sources; not used"
+    fi
   fi
   if "$PY" -c "import binslt._C, binslt._C_cuda; print(binslt._C.__file__, binslt._C_cuda.__file__)"; then
     note "the carried extensions import; not rebuilt"

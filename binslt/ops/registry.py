@@ -212,7 +212,7 @@ def _(grad_spikes, z, scale, shift, mean, var, residual, bn_train, bn_eps, tau, 
             z.new_empty((c,), dtype=torch.float32))
 
 
-# The Triton launchers (binslt._triton_ops) register binslt::<op>_triton when first needed:
+# The Triton launchers (binslt.ops.triton) register binslt::<op>_triton when first needed:
 # importing them pulls in torch._inductor (about a second), which a CPU run never uses.
 _TRITON_LOCK = threading.Lock()
 _TRITON_STATE = {"loaded": False, "error": ""}

@@ -7,15 +7,16 @@ energy accounting and packed ticket files.
 
 from __future__ import annotations
 
+import sys
+import types
+
 __version__ = "0.1.0"
 
-from . import ops, reference  # noqa: E402  (ops registers the binslt:: schemas)
-from .ops import backends  # noqa: E402  (tries the Triton launchers first)
+from . import _moved, ops  # noqa: E402  (ops registers the binslt:: schemas)
 
-# Eager (cheap: torch and .layers only): importing the binslt.convert submodule would otherwise
-# bind the *module* to `binslt.convert` and shadow the lazily returned function.
-from .convert import convert, to_spikingjelly  # noqa: E402
-from .layers import (  # noqa: E402
+# Eager (cheap: torch and binslt.nn.layers only).
+from .interop.convert import convert, to_spikingjelly  # noqa: E402
+from .nn.layers import (  # noqa: E402
     LIF,
     BinConv2d,
     BinLinear,
@@ -24,7 +25,23 @@ from .layers import (  # noqa: E402
     SignActivation,
     SpikeMaxPool2d,
 )
-from .ops import use_backend  # noqa: E402
+from .ops import backends, reference, use_backend  # noqa: E402
+
+# The flat layout's module paths (binslt.layers, binslt.reference, ...) keep importing, with a
+# DeprecationWarning (binslt._moved).
+_moved.install()
+
+
+class _Package(type(sys.modules[__name__])):
+    # Importing the old module path binslt.convert binds the *module* on this package; the
+    # public `binslt.convert` is the function, which that binding must not shadow.
+    def __setattr__(self, name, value):
+        if name == "convert" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "BinConv2d",
@@ -48,16 +65,20 @@ __all__ = [
 
 def __getattr__(name):
     # Heavier subpackages load lazily so that `import binslt` stays fast.
-    if name in ("models", "energy", "tickets", "data", "train", "artifacts", "nir", "export"):
+    if name == "models":  # public: binslt.models.build(...)
+        import importlib
+
+        return importlib.import_module("binslt.nn.models")
+    if f"binslt.{name}" in _moved.MOVED:  # an old module path: warns, naming the new one
         import importlib
 
         return importlib.import_module(f"binslt.{name}")
     if name in ("export_ticket", "load_ticket"):
-        from . import tickets
+        from .io import tickets
 
         return getattr(tickets, name)
     if name in ("to_nir", "from_nir"):  # need the optional extra binslt[nir]
-        from . import nir
+        from .interop import nir
 
         return getattr(nir, name)
     raise AttributeError(f"module 'binslt' has no attribute {name!r}")

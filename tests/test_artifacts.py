@@ -1,9 +1,8 @@
-"""binslt.artifacts (run directories, checkpoints, rebuilding, devices, evaluation), the named
-steps of binslt.train, and the module layering (no library module imports one above it)."""
+"""binslt.io.artifacts (run directories, checkpoints, rebuilding, devices, evaluation), the named
+steps of binslt.training.loop, and that only the command line parses arguments or exits."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from binslt import artifacts, models, tickets, train
-from binslt.artifacts import ArtifactError, RunDir
+from binslt import models
+from binslt.io import artifacts, tickets
+from binslt.io.artifacts import ArtifactError, RunDir
+from binslt.training import loop as train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,7 +211,7 @@ def test_checkpoint_round_trip_restores_the_state(tmp_path):
 
 
 def test_finish_writes_results_and_a_ticket_with_the_same_outputs(tmp_path):
-    from binslt import data
+    from binslt.training import data
 
     cfg = train.RunConfig(epochs=1)
     model = _tiny_model().eval()
@@ -230,52 +231,8 @@ def test_finish_writes_results_and_a_ticket_with_the_same_outputs(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Layering
+# Layering (the import ranks of the subpackages: tests/test_layout.py)
 # ---------------------------------------------------------------------------------------------
-
-#: Who may import whom (binslt modules): the network code, then the artifacts layer, then the
-#: modules that use runs, then the CLI on top. A module imports only modules of lower rank
-#: (train may use tickets, which sits on its level, to write the run's ticket).
-RANK = {"artifacts": 1, "tickets": 2, "energy": 2, "nir": 3, "export": 3, "train": 3, "cli": 4}
-
-
-def _binslt_imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    pkg = path.relative_to(ROOT).with_suffix("").parts[:-1]
-    out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = list(pkg[: len(pkg) - node.level + 1])
-                mod = base + (node.module.split(".") if node.module else [])
-                names = [mod + [a.name] for a in node.names] if not node.module else [mod]
-            else:
-                names = [(node.module or "").split(".")]
-            for parts in names:
-                if parts[:1] == ["binslt"] and len(parts) > 1:
-                    out.add(parts[1])
-        elif isinstance(node, ast.Import):
-            for a in node.names:
-                parts = a.name.split(".")
-                if parts[0] == "binslt" and len(parts) > 1:
-                    out.add(parts[1])
-    return out
-
-
-def test_no_module_imports_one_above_it():
-    for path in sorted((ROOT / "binslt").rglob("*.py")):
-        rel = path.relative_to(ROOT / "binslt").parts
-        me = rel[0].removesuffix(".py")
-        if me in ("__init__", "__main__"):
-            continue  # the package's entry points (binslt.tickets loads lazily as an attribute)
-        if me not in RANK:
-            # the network code (ops, layers, models, ...) imports none of the run modules
-            assert not (_binslt_imports(path) & set(RANK)), path
-            continue
-        for other in _binslt_imports(path) & set(RANK):
-            if other != me:
-                assert RANK[other] < RANK[me] or (me, other) == ("train", "tickets"), (
-                    f"{path.relative_to(ROOT)} imports binslt.{other}")
 
 
 def test_only_the_cli_parses_arguments_or_exits():

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from binslt import _fallback as fb
 from binslt import ops
-from binslt.layers import BinSpikeConv2d, BinSpikeLinear
+from binslt.nn.layers import BinSpikeConv2d, BinSpikeLinear
+from binslt.ops import fallback as fb
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]

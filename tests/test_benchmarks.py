@@ -153,9 +153,8 @@ def test_network_eval_calibration_keeps_every_layer_spiking(arch):
     """The eval anchors time a network with training's activity, not one that fell silent."""
     import argparse
 
-    import torch
-
     import network
+    import torch
 
     args = argparse.Namespace(seed=0, batch=2, timesteps=4, prune_rate=0.5)
     x, _ = network.make_batch(args, torch.device("cpu"))

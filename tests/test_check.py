@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from binslt import _fallback as fb
-from binslt import check, cli, ops
-from binslt._schemas import SCHEMAS
+from binslt import cli, ops
+from binslt.ops import check
+from binslt.ops import fallback as fb
+from binslt.ops.schemas import SCHEMAS
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ROOT = Path(__file__).resolve().parents[1]

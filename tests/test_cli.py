@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import binslt
-from binslt import cli, train
+from binslt import cli
+from binslt.training import loop as train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--train-subset", "96", "--test-subset", "48", "--batch-size", "32", "--epochs", "2",
@@ -120,7 +121,7 @@ def test_search_run_files_and_auto_backend(searched):
 def test_run_writes_the_packed_ticket_that_eval_reads(searched):
     """The run directory's ticket.safetensors is the `binslt export` format: `binslt eval`
     reads it directly, and its accuracy on the run's test subset is the run's final one."""
-    from binslt import tickets
+    from binslt.io import tickets
 
     ticket = searched / "ticket.safetensors"
     assert tickets.read_ticket_metadata(ticket)["format"] == tickets.FORMAT_NAME
@@ -290,7 +291,7 @@ def test_train_baselines(tmp_path, method):
     state = load_state(out)
     assert any(k.endswith("scores") for k in state) == (method == "bnn")
     # Dense baselines' tickets hold their tensors unpacked; every ticket reloads.
-    from binslt import tickets
+    from binslt.io import tickets
 
     meta = tickets.read_ticket_metadata(out / "ticket.safetensors")
     assert (meta["layers"] == {}) == (method in ("ann", "snn"))
@@ -374,7 +375,7 @@ def test_compare_table(tmp_path):
     md = (out / "compare.md").read_text()
     assert "| BinW-SLT (T=1) |" in md and "Acc (%)" in md
     try:
-        import binslt.energy  # noqa: F401
+        import binslt.analysis.energy  # noqa: F401
         has_energy = True
     except ImportError:
         has_energy = False

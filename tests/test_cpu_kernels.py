@@ -21,10 +21,11 @@ import torch
 from helpers import cpu_isas, nudge_until_untied, onednn_supported, stable_seed, tie_mask
 
 import binslt.ops as ops
-import binslt.reference as ref
-from binslt import _cpu_algos, _ext
-from binslt.layers import BinSpikeConv2d
+from binslt.nn.layers import BinSpikeConv2d
 from binslt.ops import cpu_algorithms
+from binslt.ops import cpu_algos as _cpu_algos
+from binslt.ops import library as _ext
+from binslt.ops import reference as ref
 
 CPU = _ext.module("cpu")
 pytestmark = pytest.mark.skipif(CPU is None, reason="binslt._C (the C++ CPU kernels) is not built")

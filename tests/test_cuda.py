@@ -14,8 +14,9 @@ import pytest
 import torch
 from helpers import assert_close_rel, assert_spikes_equal, tie_mask
 
-from binslt import _ext, ops
+from binslt import ops
 from binslt import reference as ref
+from binslt.ops import library as _ext
 
 CUDA_BUILT = _ext.backends()["cuda"]["built"]
 needs_ext = pytest.mark.skipif(not CUDA_BUILT, reason="binslt._C_cuda is not built here")

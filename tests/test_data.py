@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from binslt import data
-
 from helpers import fake_cifar
+
+from binslt.training import data
 
 
 def test_digits_split_is_fixed_stratified_and_normalised():

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from binslt import cli, train
+from binslt import cli
+from binslt.training import loop as train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--train-subset", "96", "--test-subset", "48", "--batch-size", "32", "--epochs", "2",
@@ -149,7 +150,7 @@ def test_run_searches_at_t_prime_and_evaluates_at_t(early_run):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["build_config"]["timesteps"] == 4
     # the ticket is the network at the full T
-    from binslt import tickets
+    from binslt.io import tickets
 
     model = tickets.load_ticket(out / "ticket.safetensors")
     assert model.timesteps == 4

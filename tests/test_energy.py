@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from binslt import BinSpikeConv2d, BinSpikeLinear, energy, models
+from binslt import BinSpikeConv2d, BinSpikeLinear, models
+from binslt.analysis import energy
 
 E_MAC, E_SOP = 4.6, 0.9
 
@@ -312,7 +313,8 @@ def _cli(argv: list[str]) -> int:
 def _tiny_run(tmp_path, variant: str):
     """A run directory as a finished run leaves it for `binslt energy`: the packed ticket and
     results.json with the run config (the dataset the firing rates are measured on)."""
-    from binslt import artifacts, train
+    from binslt.io import artifacts
+    from binslt.training import loop as train
 
     torch.manual_seed(0)
     model = models.build("conv4", variant, in_channels=1, input_size=8, num_classes=10,
@@ -326,7 +328,7 @@ def _tiny_run(tmp_path, variant: str):
 
 
 def test_cli_energy_and_plots(tmp_path, capsys):
-    from binslt import data
+    from binslt.training import data
 
     run_dir, model = _tiny_run(tmp_path, "binwslt")
     js = tmp_path / "e.json"

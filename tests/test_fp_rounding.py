@@ -31,10 +31,11 @@ import pytest
 import torch
 from helpers import assert_close_rel
 
-from binslt import _ext, ops
+from binslt import ops
 from binslt.kernels import _common
 from binslt.kernels import bconv as KB
 from binslt.kernels import lif as KL
+from binslt.ops import library as _ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NVCC = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import binslt
-import binslt.models
 from binslt import reference as ref
 
 
@@ -194,8 +193,8 @@ def test_layer_call_resolves_its_backend_once(monkeypatch, make, shape, grad):
     (autograd, packed inference, real input), and the BN running statistics move once."""
     m = make()
     calls = []
-    real = binslt.ops.resolve_backend
-    monkeypatch.setattr(binslt.ops, "resolve_backend",
+    real = binslt.ops.backend.resolve_backend
+    monkeypatch.setattr(binslt.ops.backend, "resolve_backend",
                         lambda b, d: calls.append(b) or real(b, d))
     x = _spikes(*shape) if m.input == "spike" else torch.rand(*shape)
     m.packed_weight()  # the packing cache is filled outside the counted call

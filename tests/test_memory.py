@@ -14,11 +14,10 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_close_rel
 
 import binslt
 from binslt import BinSpikeConv2d, BinSpikeLinear, models, ops
-
-from helpers import assert_close_rel
 
 # The kernel backends that run here (Triton on CPU tensors under TRITON_INTERPRET=1).
 BACKENDS = [b for b in ("cpu", "triton") if binslt.backends()[b]["usable"]]

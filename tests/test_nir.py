@@ -16,8 +16,8 @@ from torch import nn
 nir = pytest.importorskip("nir", reason="the binslt[nir] extra is not installed")
 
 from binslt import BinSpikeConv2d, BinSpikeLinear, SpikeMaxPool2d, models  # noqa: E402
-from binslt import nir as bnir  # noqa: E402
-from binslt.tickets import export_ticket  # noqa: E402
+from binslt.interop import nir as bnir  # noqa: E402
+from binslt.io.tickets import export_ticket  # noqa: E402
 
 
 def calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -411,7 +411,7 @@ def test_spikingjelly_cannot_import_max_pooling_and_says_why():
 def digits_ticket():
     """A Conv-4 ticket searched for one short epoch on scikit-learn digits (the paper's
     neuron): enough for well-above-chance predictions to compare."""
-    from binslt import data
+    from binslt.training import data
 
     torch.manual_seed(0)
     bundle = data.load("digits")
@@ -492,7 +492,7 @@ def test_snntorch_cannot_import_the_exact_threshold_form(digits_ticket):
 
 
 def test_export_cli_and_eval_nir_file(tmp_path, digits_ticket):
-    from binslt import train
+    from binslt.training import loop as train
 
     m, (xte, yte) = digits_ticket
     run = tmp_path / "run"
@@ -513,7 +513,8 @@ def test_export_cli_and_eval_nir_file(tmp_path, digits_ticket):
 def test_cli_export_format_nir_and_eval_nir(tmp_path, digits_ticket, capsys):
     """`binslt export RUN --format nir` and `binslt eval FILE.nir` from the command line; a
     truncated .nir file is one line naming the file, exit 2."""
-    from binslt import cli, train
+    from binslt import cli
+    from binslt.training import loop as train
 
     m, (xte, yte) = digits_ticket
     run = tmp_path / "run"

@@ -14,8 +14,8 @@ import torch
 from helpers import onednn_supported, stable_seed
 
 import binslt.ops as ops
-from binslt import _contract as C
 from binslt import reference as ref
+from binslt.ops import contract as C
 
 pytestmark = pytest.mark.skipif(not __import__("binslt").backends()["cpu"]["usable"],
                                 reason="binslt._C (the C++ CPU kernels) is not built")
@@ -129,7 +129,7 @@ def test_onednn_infer_rejects_non_binary_float_input():
 def test_onednn_ticket_eval_equals_bit_kernels():
     """A whole network's eval (packed chaining, pooled layers, residual blocks) is the same with
     the route forced on and off."""
-    import binslt.models as M
+    from binslt.nn import models as M
 
     for arch in ("vgg11", "resnet19"):
         torch.manual_seed(0)
@@ -180,7 +180,7 @@ def test_resnet_eval_chains_packed_spikes_through_its_blocks(monkeypatch):
     """ResNet-19's no-grad forward passes packed words through its residual blocks (identity
     shortcuts as packed residuals, 1x1 shortcuts on the unpacked spikes): the same logits as the
     module-by-module forward, and no float spike map between two blocks."""
-    import binslt.models as M
+    from binslt.nn import models as M
 
     torch.manual_seed(0)
     net = M.build("resnet19", "binwslt", num_classes=10, in_channels=3, input_size=16,
@@ -198,7 +198,7 @@ def test_resnet_eval_chains_packed_spikes_through_its_blocks(monkeypatch):
         seen.append((args[0].dtype, None if args[6] is None else args[6].dtype))
         return infer(*args)
 
-    monkeypatch.setattr(ops, "get_op", lambda name, be: spy if name == "bconv_lif_infer"
+    monkeypatch.setattr(ops.layer, "get_op", lambda name, be: spy if name == "bconv_lif_infer"
                         else real_get(name, be))
     with torch.no_grad():
         chained = net(x)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = """
 import importlib.util, json
-import binslt.kernels, binslt._triton_ops
+import binslt.kernels, binslt.ops.triton
 spec = importlib.util.find_spec("kernels")
 print(json.dumps({"kernels": None if spec is None else spec.origin,
                   "binslt.kernels": binslt.kernels.__file__}))

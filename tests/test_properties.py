@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import binslt
 from binslt import LIF, BinSpikeConv2d, BinSpikeLinear
 from binslt import reference as ref
-from binslt.layers import _bn_scale_shift
+from binslt.nn.layers import _bn_scale_shift
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

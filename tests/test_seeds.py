@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from binslt import cli, stats, train
+from binslt import cli
+from binslt.training import loop as train
+from binslt.training import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--train-subset", "96", "--test-subset", "48", "--batch-size", "32", "--epochs", "1",

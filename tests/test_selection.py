@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from helpers import stable_seed
 
-import binslt.models as models
 import binslt.ops as ops
-import binslt.reference as ref
-from binslt import _ext
-from binslt.layers import _MaskedSignWeight
+from binslt.nn import models as models
+from binslt.nn.layers import _MaskedSignWeight
+from binslt.ops import library as _ext
+from binslt.ops import reference as ref
 
 CPU = _ext.module("cpu")
 pytestmark = pytest.mark.skipif(CPU is None, reason="binslt._C (the C++ CPU kernels) is not built")
@@ -230,7 +230,7 @@ def test_sign_gain_pack_errors():
 def test_search_layer_with_fused_planes_equals_packing_w_eff(kind, per_channel):
     """The search-mode layer call that takes W_eff's planes from sign_gain_pack gives the same
     spikes and score gradients, bit for bit, as packing the reference W_eff in ConvLIF."""
-    from binslt.layers import BinSpikeConv2d, BinSpikeLinear
+    from binslt.nn.layers import BinSpikeConv2d, BinSpikeLinear
 
     torch.manual_seed(stable_seed(("fused", kind, per_channel)))
     def mk():

@@ -17,9 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from binslt import artifacts, models, tickets
-from binslt.layers import BinSpikeConv2d, BinSpikeLinear, _MaskedSignWeight
-from binslt.tickets import TicketError, export_ticket, load_ticket
+from binslt import models
+from binslt.io import artifacts, tickets
+from binslt.io.tickets import TicketError, export_ticket, load_ticket
+from binslt.nn.layers import BinSpikeConv2d, BinSpikeLinear, _MaskedSignWeight
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -465,7 +466,7 @@ def test_cli_eval_on_corrupt_ticket(small, tmp_path, capsys):
 def test_cli_export_then_eval(small, checkpoint, tmp_path, capsys):
     """`binslt export` of a run's checkpoint, then `binslt eval` of the ticket on digits: the
     accuracy equals the source model's, computed here in-process."""
-    from binslt import data
+    from binslt.training import data
 
     model, _ = small
     out = tmp_path / "t.safetensors"

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from binslt import models
-from binslt.export import export_program, load_program, op_library_paths, save_program
-from binslt.tickets import export_ticket, load_ticket
+from binslt.interop.export import export_program, load_program, op_library_paths, save_program
+from binslt.io.tickets import export_ticket, load_ticket
 
 
 def _ticket(tmp_path: Path, arch: str = "conv4", **kw) -> nn.Module:
@@ -89,9 +89,9 @@ def test_loaded_program_runs_without_importing_binslt(tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch
         ns = {{"__name__": "standalone"}}
-        exec(open({str(here / "export.py")!r}).read(), ns)
+        exec(open({str(here / "interop" / "export.py")!r}).read(), ns)
         ns["load_ops_standalone"]({op_library_paths()["cpu"]!r},
-                                  schemas_file={str(here / "_schemas.py")!r})
+                                  schemas_file={str(here / "ops" / "schemas.py")!r})
         assert "binslt" not in sys.modules
         ep = torch.export.load({str(tmp_path / "t.pt2")!r})
         ref = torch.load({str(tmp_path / "ref.pt")!r}, weights_only=True)

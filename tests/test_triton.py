@@ -312,7 +312,7 @@ def test_bn_lif_forward_and_backward(device, case):
 @pytest.mark.parametrize("bn", [False, True])
 def test_layer_triton_vs_torch(device, bn):
     _no_triton_error()
-    from binslt.layers import BinSpikeConv2d
+    from binslt.nn.layers import BinSpikeConv2d
 
     kw = dict(stride=2, padding=1, prune_rate=0.4, tau=2.0, v_threshold=0.5, bn=bn,
               surrogate="sigmoid", detach_reset=True)
@@ -353,7 +353,7 @@ def test_layer_triton_vs_torch(device, bn):
 def test_linear_triton_vs_torch(device, inp):
     """BinSpikeLinear: spike input runs bconv_lif as a 1x1 conv, real input runs bn_lif."""
     _no_triton_error()
-    from binslt.layers import BinSpikeLinear
+    from binslt.nn.layers import BinSpikeLinear
 
     kw = dict(prune_rate=0.5, tau=2.0, v_threshold=0.3, bn=True, input=inp, v_reset=None)
     torch.manual_seed(4)
@@ -440,7 +440,7 @@ def test_opcheck_triton_ops_interpreter():
     """Schema, fake kernel (the triton_op body with kernel launches skipped on fake tensors) and
     autograd registration on CPU; AOT tracing must refuse clearly rather than drop the kernels."""
     _no_triton_error()
-    from binslt._schemas import SCHEMAS
+    from binslt.ops.schemas import SCHEMAS
 
     samples = _op_samples("cpu")
     assert set(samples) == set(SCHEMAS)

@@ -28,11 +28,11 @@ import argparse
 import os
 import sys
 
-from .._fallback import BackendSettingError
-from ..artifacts import ArtifactError
-from ..data import DatasetError
-from ..nir import NIRDependencyError, NIRError
-from ..train import RunError
+from ..interop.nir import NIRDependencyError, NIRError
+from ..io.artifacts import ArtifactError
+from ..ops.fallback import BackendSettingError
+from ..training.data import DatasetError
+from ..training.loop import RunError
 from . import check, energy, info, run, tickets
 from .common import CLIError
 from .run import DEFAULTS, _point_name, compare_table, explicit_options, make_config, sweep_points

@@ -10,8 +10,8 @@ from .common import CLIError
 def cmd_check(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import _fallback as fb
-    from .. import check
+    from ..ops import check
+    from ..ops import fallback as fb
 
     try:
         rep = check.run_check(args.device, args.backend, progress=print)

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import artifacts, tickets
-from ..artifacts import RunDir
+from ..io import artifacts, tickets
+from ..io.artifacts import RunDir
 
 METHOD_LABELS = {"ann": "ANN", "snn": "SNN", "bnn": "BNN-BinAct", "binwslt": "BinW-SLT"}
 

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .. import artifacts, data, models
-from ..energy import E_MAC_PJ, E_SOP_PJ, format_table, last_hidden_activations, report
+from ..analysis.energy import E_MAC_PJ, E_SOP_PJ, format_table, last_hidden_activations, report
+from ..io import artifacts
+from ..nn import models
+from ..training import data
 from .common import METHOD_LABELS, CLIError, load_model, pos_int
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from .. import _ext, ops, train
-from .. import _fallback as fb
+from .. import ops
+from ..ops import fallback as fb
+from ..ops import library as _ext
+from ..training import loop as train
 
 
 def cmd_info(args: argparse.Namespace) -> int:

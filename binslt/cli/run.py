@@ -10,10 +10,18 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import data as data_mod
-from .. import energy, stats, train
-from ..artifacts import RunDir, atomic_write_bytes, atomic_write_csv, atomic_write_json, load_source
-from ..train import METHODS, RunConfig, RunError
+from ..analysis import energy
+from ..io.artifacts import (
+    RunDir,
+    atomic_write_bytes,
+    atomic_write_csv,
+    atomic_write_json,
+    load_source,
+)
+from ..training import data as data_mod
+from ..training import loop as train
+from ..training import stats
+from ..training.loop import METHODS, RunConfig, RunError
 from .common import METHOD_LABELS, CLIError, is_main_process, load_model, progress_enabled
 
 DEFAULTS = RunConfig()

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from .. import artifacts, data
-from ..tickets import TicketError, export_ticket, load_ticket
+from ..io import artifacts
+from ..io.tickets import TicketError, export_ticket, load_ticket
+from ..training import data
 from .common import CLIError
 
 
@@ -24,7 +25,7 @@ def _fmt_bytes(n: float) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "nir":
-        from .. import nir
+        from ..interop import nir
 
         print(nir.export_cli(args.source, args.output, maxpool=args.maxpool))
         return 0
@@ -51,7 +52,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _eval_nir(args: argparse.Namespace) -> int:
-    from .. import nir
+    from ..interop import nir
 
     res = nir.eval_nir_file(args.ticket, args.data, split=args.split, limit=args.limit,
                             batch_size=args.batch_size, data_dir=args.data_dir,

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _contract as C
-from . import ops
-from . import reference as ref
-from ._schemas import SURROGATES
+from .. import ops
+from ..ops import contract as C
+from ..ops import reference as ref
+from ..ops.schemas import SURROGATES
 
 MODES = ("search", "finetune", "frozen")
 

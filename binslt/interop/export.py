@@ -27,7 +27,7 @@ _LIBS: list = []
 def _as_model(model_or_path) -> nn.Module:
     if isinstance(model_or_path, nn.Module):
         return model_or_path
-    from .tickets import load_ticket
+    from ..io.tickets import load_ticket
 
     return load_ticket(model_or_path)
 
@@ -39,7 +39,7 @@ def export_program(model_or_path, example_input: torch.Tensor, *,
     The model must be in frozen mode (packed weights: the program then carries 2-bit planes,
     not float weights) and is exported in eval mode under ``torch.no_grad()``, the path the
     packed kernels take. ``dynamic_batch`` makes the batch dimension symbolic (size >= 1)."""
-    from .layers import _MaskedSignWeight
+    from ..nn.layers import _MaskedSignWeight
 
     model = _as_model(model_or_path)
     not_frozen = [n for n, m in model.named_modules()
@@ -70,7 +70,7 @@ def save_program(program: torch.export.ExportedProgram, path: PathLike) -> Path:
 
 def load_program(path: PathLike) -> torch.export.ExportedProgram:
     """``torch.export.load`` with the ``binslt::`` ops registered (imports binslt)."""
-    from . import ops  # noqa: F401  (registers the schemas and kernels)
+    from .. import ops  # noqa: F401  (registers the schemas and kernels)
 
     return torch.export.load(str(path))
 
@@ -82,7 +82,7 @@ def op_library_paths(folder: Optional[PathLike] = None) -> dict[str, Optional[st
     count, so a build for another Python in the same folder is never picked."""
     from importlib.machinery import EXTENSION_SUFFIXES
 
-    here = Path(folder) if folder is not None else Path(__file__).resolve().parent
+    here = Path(folder) if folder is not None else Path(__file__).resolve().parents[1]  # binslt/
     out: dict[str, Optional[str]] = {}
     for key, stem in (("cpu", "_C"), ("cuda", "_C_cuda")):
         hits = [here / (stem + suffix) for suffix in EXTENSION_SUFFIXES]
@@ -93,14 +93,14 @@ def op_library_paths(folder: Optional[PathLike] = None) -> dict[str, Optional[st
 def load_ops_standalone(cpu_library: PathLike, schemas_file: Optional[PathLike] = None,
                         cuda_library: Optional[PathLike] = None) -> None:
     """Register the ``binslt::`` ops without importing binslt (e.g. in another environment
-    that only has torch): declare the schemas from ``binslt/_schemas.py`` (a standalone
+    that only has torch): declare the schemas from ``binslt/ops/schemas.py`` (a standalone
     file; default: this install's) and load the kernel libraries with
     ``torch.ops.load_library``. The libraries only implement the ops (``TORCH_LIBRARY_IMPL``);
     the schemas are declared in Python, so both steps are needed. This function is itself
     standalone: it may be copied out of binslt."""
     import runpy
 
-    schemas_file = schemas_file or Path(__file__).with_name("_schemas.py")
+    schemas_file = schemas_file or Path(__file__).resolve().parents[1] / "ops" / "schemas.py"
     declared = runpy.run_path(str(schemas_file))
     schemas = [*declared["SCHEMAS"].values(), *declared.get("WEIGHT_SCHEMAS", {}).values(),
                *declared.get("AUX_SCHEMAS", {}).values()]

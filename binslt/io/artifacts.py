@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import models
+from ..nn import models
 
 __all__ = ["ArtifactError", "CHECKPOINT_FORMAT", "LEGACY_TICKET_FORMAT", "RunDir",
            "atomic_torch_save", "atomic_write_bytes", "atomic_write_csv", "atomic_write_json", "evaluate",
@@ -226,7 +226,7 @@ def rebuild_model(build_config: dict[str, Any], backend: str | None = None, *,
         kw["backend"] = backend
     try:
         if "factory" in kw:  # a `binslt search --model` run: the user's model, converted again
-            from .convert import build_user_model
+            from ..interop.convert import build_user_model
 
             return build_user_model(**kw)
         return models.build(**kw)

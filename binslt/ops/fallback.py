@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, _ext
+from .. import __version__
+from . import library as _ext
 
 #: auto's order by device type; 'torch' (the reference) runs anywhere.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -95,7 +96,7 @@ _STATE: dict = {}
 
 
 def _parse_env() -> dict:
-    from ._contract import BACKENDS
+    from .contract import BACKENDS
 
     forced = os.environ.get(ENV_BACKEND, "").strip() or None
     if forced is not None and forced not in BACKENDS:

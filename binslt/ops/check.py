@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import _ext
-from . import _fallback as fb
+from . import fallback as fb
+from . import library as _ext
 from . import reference as ref
-from ._schemas import SCHEMAS
+from .schemas import SCHEMAS
 
 TIE_BAND = 1e-5
 """Half-width of the tie band around the firing threshold, in units of the membrane potential H.
@@ -584,7 +584,7 @@ def _validate(device: str | None, backends) -> tuple[str, list[str]]:
 
 def op_getter(backend: str):
     """name -> the callable of schema ``name`` on ``backend`` (what the layers call)."""
-    from . import ops
+    from .. import ops
 
     if backend == "triton":
         err = ops.load_triton()

@@ -57,7 +57,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from .layers import (
+from ..nn.layers import (
     LIF,
     BinConv2d,
     BinLinear,

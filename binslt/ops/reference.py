@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _contract as C
-from ._contract import check_prune_rate
+from . import contract as C
+from .contract import check_prune_rate
 
 # ----------------------------------------------------------------------------------------------
 # Surrogate spike function and the multi-step LIF neuron

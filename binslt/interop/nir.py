@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .layers import (
+from .. import ops
+from ..nn.layers import (
     LIF,
     BinConv2d,
     BinLinear,
@@ -75,7 +75,7 @@ def _nir():
 
 
 def _models():
-    from . import models
+    from ..nn import models
 
     return models
 
@@ -349,8 +349,8 @@ def _load_model(source) -> nn.Module:
     ticket.safetensors, else its checkpoint) / checkpoint file."""
     if isinstance(source, nn.Module):
         return source
-    from .artifacts import RunDir, load_model
-    from .tickets import load_ticket
+    from ..io.artifacts import RunDir, load_model
+    from ..io.tickets import load_ticket
 
     p = Path(source)
     if p.is_dir() and (p / RunDir.TICKET).is_file():
@@ -389,7 +389,7 @@ def to_nir(model_or_path, example_input: Optional[torch.Tensor] = None, *,
         NIRError: a layer NIR cannot represent (named), or a bad argument.
         NIRDependencyError: the ``nir`` package is missing.
     """
-    from . import __version__
+    from .. import __version__
 
     nir = _nir()
     if maxpool not in MAXPOOL_FORMS:
@@ -1144,7 +1144,7 @@ def eval_nir_file(path: PathLike, data: str = "digits", *, split: str = "test", 
     (or binslt.data.DatasetError)."""
     from torch.utils.data import DataLoader
 
-    from . import data as bdata
+    from ..training import data as bdata
 
     net = from_nir(path, backend=backend)
     if net.readout != "mean_over_time" or net.timesteps is None:

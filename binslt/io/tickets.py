@@ -56,8 +56,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from ..nn.layers import BinSpikeConv2d, BinSpikeLinear, _MaskedSignWeight
 from .artifacts import ArtifactError, PathLike, atomic_write_bytes, first_line, rebuild_model
-from .layers import BinSpikeConv2d, BinSpikeLinear, _MaskedSignWeight
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "TicketError", "export_ticket", "load_ticket",
            "read_ticket_metadata", "fp32_state_dict_bytes"]
@@ -159,7 +159,7 @@ def export_ticket(model: nn.Module, path: PathLike) -> dict[str, Any]:
     """
     from safetensors.torch import save as st_save
 
-    from . import __version__
+    from .. import __version__
 
     config = getattr(model, "build_config", None)
     if not isinstance(config, dict):
@@ -256,7 +256,7 @@ def _check_metadata(path: Path, meta: dict[str, str], tensors: dict[str, torch.T
     except (TypeError, ValueError):
         raise TicketError(f"{p}: unreadable ticket format version {ver!r}") from None
     if ver_i != FORMAT_VERSION:
-        from . import __version__
+        from .. import __version__
 
         hint = "a newer binslt wrote it; upgrade binslt" if ver_i > FORMAT_VERSION else \
             "re-export it with this binslt"

@@ -43,9 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from . import data as data_mod
-from . import models, ops
-from .artifacts import (
+from .. import ops
+from ..io.artifacts import (
     CHECKPOINT_FORMAT,
     ArtifactError,
     RunDir,
@@ -60,7 +59,9 @@ from .artifacts import (
     rebuild_model,
     resolve_device,
 )
-from .tickets import export_ticket
+from ..io.tickets import export_ticket
+from ..nn import models
+from . import data as data_mod
 
 __all__ = ["ARCHS", "METHODS", "RunConfig", "RunError", "RunHooks", "build_model",
            "build_or_restore", "choose_early_time", "early_time_divergences", "evaluate",
@@ -414,7 +415,7 @@ def build_model(cfg: RunConfig, num_classes: int, in_channels: int, input_size: 
     """``binslt.models.build`` for ``cfg`` (with ``--model``: the user's SpikingJelly model,
     converted); bad combinations become a :class:`RunError`."""
     if cfg.model is not None:
-        from .convert import build_user_model
+        from ..interop.convert import build_user_model
 
         shape = cfg.input_shape or f"{in_channels},{input_size},{input_size}"
         try:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
-from . import _contract as C
-from . import kernels as K
+from .. import kernels as K
+from ..kernels._common import check_device
+from . import contract as C
 from . import reference as ref
-from ._schemas import SCHEMAS
-from .kernels._common import check_device
+from .schemas import SCHEMAS
 
 
 def _schema(name: str) -> str:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from . import _ext
+from . import library as _ext
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "isa": ("auto", "scalar", "popcnt", "avx2", "avx512"),

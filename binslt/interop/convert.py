@@ -91,8 +91,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from . import _contract as C
-from .layers import BinConv2d, BinLinear, BinSpikeConv2d, BinSpikeLinear, _MaskedSignWeight
+from ..nn.layers import BinConv2d, BinLinear, BinSpikeConv2d, BinSpikeLinear, _MaskedSignWeight
+from ..ops import contract as C
 
 __all__ = ["Bias", "BiasShift", "ConversionReport", "ExampleRunError", "FactoryError", "InputKind",
            "InputTap", "SpikeDropout", "SpikeStage", "SpikingJellyRun", "build_user_model",

@@ -44,9 +44,9 @@ from typing import Union
 import torch
 from torch import nn
 
-from . import _contract as C
-from . import ops
-from ._schemas import SURROGATES
+from .. import ops
+from ..ops import contract as C
+from ..ops.schemas import SURROGATES
 from .layers import (
     LIF,
     MODES,

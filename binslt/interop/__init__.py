@@ -1,0 +1,2 @@
+"""Other formats in and out: SpikingJelly models (``convert``), NIR (``nir``) and
+``torch.export`` programs (``export``)."""

@@ -1,0 +1,177 @@
+"""Backend choice: ``use_backend``, ``resolve_backend`` (auto's order, ``BINSLT_BACKEND``,
+``BINSLT_DISABLE_BACKENDS``; binslt.ops.fallback holds the state), the first-call fall-back of
+an auto-chosen backend (``_run_auto``, ``_backward_op``) and ``backends()``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+from . import contract as C
+from . import fallback as _fb
+from . import library as _ext
+from .registry import get_op, load_triton
+
+
+def backends() -> dict[str, dict]:
+    """{'torch'|'cpu'|'triton'|'cuda': {'built': bool, 'usable': bool, 'reason': str}}, after
+    trying the Triton launchers (so that 'usable' is what a layer would find: a backend
+    ``BINSLT_DISABLE_BACKENDS`` names, or whose first call failed here, is not)."""
+    if _ext.load()["triton"]["built"]:
+        load_triton()
+    out = _ext.backends()
+    env = _fb.settings()
+    for be, st in out.items():
+        if be in env["disabled"]:
+            st.update(usable=False, reason=f"disabled by {_fb.ENV_DISABLE}; {st['reason']}")
+        elif be in _fb.FAILED:
+            st.update(usable=False, reason=f"failed its first call here ({_fb.FAILED[be]})")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend selection
+# ---------------------------------------------------------------------------------------------
+
+_override = threading.local()
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Within the block, layers whose ``backend`` is 'auto' use ``backend`` instead."""
+    C.check_backend(backend)
+    prev = getattr(_override, "backend", None)
+    _override.backend = backend
+    try:
+        yield
+    finally:
+        _override.backend = prev
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map 'auto' (or a use_backend override, or ``BINSLT_BACKEND``) to a concrete backend usable
+    for ``device``. auto's order (binslt._fallback) skips the backends ``BINSLT_DISABLE_BACKENDS``
+    names, those found failing (their first call, or ``binslt check``'s verdict) and the
+    unusable ones; a disabled backend asked for by name raises."""
+    C.check_backend(backend)
+    if backend == "auto":
+        backend = getattr(_override, "backend", None) or _fb.settings()["forced"] or "auto"
+    if backend == "auto":
+        be = _AUTO.get(device)  # one dict lookup per layer call once chosen
+        if be is None:
+            if torch.compiler.is_compiling():  # tracing reads no file: the verdict waits for
+                return _choose_auto(device, verdict=False)  # the first eager call
+            be = _AUTO[device] = _choose_auto(device)
+        return be
+    _fb.check_enabled(backend)
+    st = _ext.load()  # read only (backends() copies it; this runs on every layer call)
+    if backend == "torch":
+        return backend
+    if not st[backend]["built"]:
+        raise RuntimeError(f"backend {backend!r} is not available: {st[backend]['reason']}")
+    if backend == "cpu" and device.type != "cpu":
+        raise RuntimeError(f"backend 'cpu' needs CPU tensors, got a tensor on {device}; use "
+                           "backend='auto', 'cuda' or 'triton' for GPU tensors")
+    if backend == "cuda" and device.type != "cuda":
+        raise RuntimeError(f"backend 'cuda' needs CUDA tensors, got a tensor on {device}")
+    if backend == "triton":
+        interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if device.type != "cuda" and not interp:
+            raise RuntimeError("backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
+                               "(set before triton is imported) to run on the CPU")
+        err = load_triton()
+        if err:
+            raise RuntimeError(f"backend 'triton' failed to load: {err}")
+    return backend
+
+
+_AUTO: dict[torch.device, str] = {}  # auto's choice per device (cleared when one fails)
+
+
+def _choose_auto(device: torch.device, verdict: bool = True) -> str:
+    st = _ext.load()
+    env = _fb.settings()
+    order = _fb.AUTO_ORDER.get(device.type, ("torch",))
+    skipped = {}
+    for be in order:
+        if be in env["disabled"]:
+            skipped[be] = f"disabled by {_fb.ENV_DISABLE}"
+        elif be in _fb.FAILED:
+            skipped[be] = f"failed its first call ({_fb.FAILED[be]})"
+        elif be != "torch" and not st[be]["usable"]:
+            skipped[be] = st[be]["reason"]
+        elif be != "torch" and verdict and be in _fb.verdict_skips(device):
+            skipped[be] = _fb.verdict_skips(device)[be]
+        elif be == "triton" and load_triton():  # a failed import marks it unusable
+            skipped[be] = st[be]["reason"]
+        else:
+            return be
+    why = "; ".join(f"{b}: {r}" for b, r in skipped.items())
+    raise RuntimeError(f"backend 'auto' has no backend left for {device} ({why})")
+
+
+def _is_auto(backend: str) -> bool:
+    """Whether ``backend`` resolves by auto's order (no use_backend block, no BINSLT_BACKEND)."""
+    return (backend == "auto" and getattr(_override, "backend", None) is None
+            and _fb.settings()["forced"] is None)
+
+
+_FIRST = threading.local()  # .auto: inside an auto-chosen backend's first call
+
+
+def _run_auto(backend: str, device: torch.device, run):
+    """``run(be)`` on the backend ``backend`` resolves to. A backend auto chose whose first call
+    fails recoverably (binslt._fallback.recoverable) is marked failed, with one warning, and the
+    call runs again on the next backend of auto's order; after a backend's first successful
+    call (and for explicit backends) errors are raised as usual. The per-call cost once proven:
+    one set lookup."""
+    be = resolve_backend(backend, device)
+    if be in _fb.PROVEN or not _is_auto(backend) or torch.compiler.is_compiling():
+        return run(be)
+    while True:
+        _FIRST.auto = True
+        try:
+            out = run(be)
+        except Exception as exc:
+            if not _fb.recoverable(exc):
+                raise
+            _fb.mark_failed(be, exc, device)
+            _AUTO.clear()
+            be = resolve_backend(backend, device)
+            continue
+        finally:
+            _FIRST.auto = False
+        _fb.PROVEN.add(be)
+        return out
+
+
+def _backward_op(name: str, ctx, *args):
+    """The backward op ``name`` of ``ctx.backend``. Where auto chose the backend and its first
+    backward fails recoverably, the backend is marked failed and the same schema runs on the
+    next backend of auto's order (every backend implements every schema)."""
+    be = ctx.backend
+    if not ctx.auto or be in _fb.PROVEN_BWD or torch.compiler.is_compiling():
+        return get_op(name, be)(*args)
+    device = args[0].device
+    while True:
+        try:
+            out = get_op(name, be)(*args)
+        except Exception as exc:
+            if not _fb.recoverable(exc) or be == "torch":
+                raise
+            _fb.mark_failed(be, exc, device)
+            _AUTO.clear()
+            be = _choose_auto(device)
+            continue
+        _fb.PROVEN_BWD.add(be)
+        return out
+
+
+def reset_backend_state() -> None:
+    """Read ``BINSLT_BACKEND``, ``BINSLT_DISABLE_BACKENDS`` and ``binslt check``'s verdict again
+    and forget the backends found failing in this process."""
+    _fb.reset()
+    _AUTO.clear()

@@ -67,11 +67,11 @@ def main(argv=None) -> int:
 
     import binslt
     from binslt import ops
-    from binslt import reference as ref
-    from binslt._cpu_algos import runnable_isas
     from binslt.ops import cpu_algorithms
+    from binslt.ops import reference as ref
+    from binslt.ops.cpu_algos import runnable_isas
 
-    C = binslt._ext.module("cpu")
+    C = binslt.ops.library.module("cpu")
     if C is None:
         print("cpu_algos: the C++ CPU extension is not built (pip install -e .)", file=sys.stderr)
         return 2

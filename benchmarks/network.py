@@ -16,7 +16,7 @@ Modes (each candidate on the same random CIFAR-shaped batch, in one run):
   weights and scores). Before timing, one step of every candidate is checked to change its
   trainable parameters (``check``: the fraction of entries changed), so a broken step is never
   timed.
-- ``eval``: a frozen ticket: the binslt network is exported with ``binslt.tickets.export_ticket``
+- ``eval``: a frozen ticket: the binslt network is exported with ``binslt.io.tickets.export_ticket``
   and loaded back with ``load_ticket`` (packed weights only), then timed under
   ``torch.no_grad()`` in eval mode (``check``: max |logit difference| against the network it
   was exported from). Anchors: ``sj-dense`` in eval mode, and ``sj-dense-compiled``, the same
@@ -109,13 +109,13 @@ def log(msg: str) -> None:
 def build_binslt(arch: str, args, backend: str, device):
     import torch
 
-    import binslt.models as models
+    import binslt.nn.models as models
 
     torch.manual_seed(args.seed)
     if arch == SJ_ARCH:
         import sj_models
 
-        from binslt.convert import build_user_model
+        from binslt.interop.convert import build_user_model
 
         net = build_user_model(f"{Path(sj_models.__file__).resolve()}:sj_resnet18",
                                num_classes=10, input_shape="3,32,32",
@@ -223,7 +223,7 @@ def input_rates(model, x) -> dict[str, float]:
     """Fraction of nonzero inputs of each binslt layer whose input is spikes (0./1. only)."""
     import torch
 
-    from binslt.layers import _MaskedSignWeight
+    from binslt.nn.layers import _MaskedSignWeight
 
     rates: dict[str, float] = {}
 
@@ -300,7 +300,7 @@ def _compile_failure(exc: BaseException) -> str:
 def run_eval(arch: str, args, backends, device, x, y) -> list[dict]:
     import torch
 
-    from binslt.tickets import export_ticket, load_ticket
+    from binslt.io.tickets import export_ticket, load_ticket
 
     source = build_binslt(arch, args, backends[0], device)
     calibrate_bn(source, x)

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ["SJ_LIF_CUDA_IMPLEMENTATION"] = args.sj_lif
     import binslt
-    import binslt.models as models
+    import binslt.nn.models as models
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible", file=sys.stderr)

@@ -191,7 +191,7 @@ def build_sj(arch: str, *, masked: bool, num_classes: int = 10, in_channels: int
     The neuron is the paper's: ``LIFNode(tau, decay_input=False, v_threshold=1, v_reset=0,
     ATan(alpha=2), detach_reset=True)``; BatchNorm is non-affine unless ``bn_affine``.
     """
-    from binslt.models import FC, SPECS, Block, Conv, GlobalPool, Pool
+    from binslt.nn.models import FC, SPECS, Block, Conv, GlobalPool, Pool
 
     if arch not in SPECS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {tuple(SPECS)}")
@@ -321,7 +321,7 @@ def copy_init(src: nn.Module, dst: nn.Module) -> None:
 def sj_resnet18(num_classes: int = 10) -> nn.Module:
     """SpikingJelly's zoo ``spiking_resnet18`` with the paper's neuron (LIFNode tau=100,
     decay_input=False, hard reset 0, ATan(2), detach_reset), step mode 'm'. The benchmark's
-    binslt side converts this same factory with ``binslt.convert.build_user_model`` (what
+    binslt side converts this same factory with ``binslt.interop.convert.build_user_model`` (what
     ``binslt search --model benchmarks/sj_models.py:sj_resnet18`` does)."""
     import_spikingjelly()
     from spikingjelly.activation_based import functional, neuron, surrogate

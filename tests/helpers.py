@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 # The comparison rules (tie band, relative error) live in the package: `binslt check` applies
 # the same ones on a user's machine.
-from binslt.check import TIE_BAND, close_rel, rel_error, spike_mismatch, tie_mask  # noqa: F401
+from binslt.ops.check import TIE_BAND, close_rel, rel_error, spike_mismatch, tie_mask  # noqa: F401
 
 #: A CUDA device is visible: the "triton" backend's tests then run on CUDA tensors (gpu-marked);
 #: without one, on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py sets it).
@@ -66,14 +66,14 @@ def sj_modules(*names: str) -> tuple:
 
 def cpu_isas() -> list[str]:
     """The CPU kernel ISAs this machine runs, from the baseline up ("scalar" first)."""
-    from binslt._cpu_algos import runnable_isas
+    from binslt.ops.cpu_algos import runnable_isas
 
     return runnable_isas()
 
 
 def onednn_supported() -> bool:
     """Whether the CPU kernels' "onednn" conv runs here (AMX-INT8 and PyTorch's oneDNN ops)."""
-    from binslt import _ext
+    from binslt.ops import library as _ext
 
     return bool(_ext.cpu_info()["features"].get("onednn_int8", False))
 

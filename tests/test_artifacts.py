@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from binslt import models
 from binslt.io import artifacts, tickets
 from binslt.io.artifacts import ArtifactError, RunDir
+from binslt.nn import models
 from binslt.training import loop as train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -310,7 +310,7 @@ def test_finetune_keeps_the_mask_and_trains_the_weights(searched, tmp_path):
     assert res["config"]["mode"] == "finetune" and res["source"].endswith("checkpoint.pt")
     assert res["config"]["train_subset"] == 96  # inherited from the search run
     src, ft = load_state(searched), load_state(out)
-    from binslt import reference as ref
+    from binslt.ops import reference as ref
 
     masks = [k for k in ft if k.endswith(".mask")]
     assert masks

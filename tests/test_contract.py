@@ -18,10 +18,10 @@ import torch
 from helpers import backend_device, triton_param
 
 import binslt
-import binslt.models as M
-from binslt import _contract as C
+import binslt.nn.models as M
 from binslt import ops
-from binslt import reference as ref
+from binslt.ops import contract as C
+from binslt.ops import reference as ref
 
 BACKENDS = [
     pytest.param("torch", id="reference"),
@@ -380,7 +380,7 @@ def test_tau_inf_without_decay_input_is_accepted(backend, op):
                                          (dict(decay_input=True), "decay_input=True")])
 def test_if_refuses_leak_settings(where, given, text):
     calls = {
-        "NeuronConfig": lambda: binslt.layers.NeuronConfig(neuron="if", who="NeuronConfig",
+        "NeuronConfig": lambda: binslt.nn.layers.NeuronConfig(neuron="if", who="NeuronConfig",
                                                            **given),
         "BinSpikeConv2d": lambda: binslt.BinSpikeConv2d(4, 3, 3, neuron="if", **given),
         "BinSpikeLinear": lambda: binslt.BinSpikeLinear(4, 3, neuron="if", **given),
@@ -402,6 +402,6 @@ def test_if_neuron_names():
     # a layer says IF as neuron="if", not as tau=inf
     with pytest.raises(ValueError, match=r"tau=inf is the IF neuron .*neuron='if'"):
         binslt.BinSpikeConv2d(4, 3, 3, tau=INF, decay_input=False)
-    cfg = binslt.layers.NeuronConfig(neuron="if", decay_input=False)  # False is harmless
+    cfg = binslt.nn.layers.NeuronConfig(neuron="if", decay_input=False)  # False is harmless
     assert (cfg.tau, cfg.decay_input, cfg.neuron) == (INF, False, "if")
     assert "neuron=IF" in repr(binslt.LIF(neuron="if")) and "tau" not in repr(binslt.LIF(neuron="if"))

@@ -11,8 +11,8 @@ from helpers import assert_close_rel, binarised_copy, sj_modules, tie_mask
 from torch import nn
 
 import binslt
-from binslt import reference as ref
-from binslt.convert import ExampleRunError, SpikeDropout, convert, to_spikingjelly
+from binslt.interop.convert import ExampleRunError, SpikeDropout, convert, to_spikingjelly
+from binslt.ops import reference as ref
 
 # SpikingJelly is imported when a test first uses it (skipped where it is not installed).
 functional, layer, neuron, surrogate = sj_modules("functional", "layer", "neuron", "surrogate")
@@ -691,8 +691,8 @@ def test_search_model_end_to_end_and_resume_after_kill(user_model_file, tmp_path
     assert bc["factory"].endswith("my_model.py:small") and bc["input_shape"] == [1, 8, 8]
 
     # reloading rebuilds the model from the recorded factory: eval of the run and the ticket
-    from binslt.artifacts import load_model
-    from binslt.tickets import load_ticket
+    from binslt.io.artifacts import load_model
+    from binslt.io.tickets import load_ticket
 
     model, _ = load_model(out)
     ticket = load_ticket(out / "ticket.safetensors", backend="torch")

@@ -15,8 +15,8 @@ import torch
 from helpers import assert_close_rel, assert_spikes_equal, tie_mask
 
 from binslt import ops
-from binslt import reference as ref
 from binslt.ops import library as _ext
+from binslt.ops import reference as ref
 
 CUDA_BUILT = _ext.backends()["cuda"]["built"]
 needs_ext = pytest.mark.skipif(not CUDA_BUILT, reason="binslt._C_cuda is not built here")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close_rel, tie_mask
 
-from binslt import reference as ref
+from binslt.ops import reference as ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -29,12 +29,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close_rel
-
-from binslt import ops
 from binslt.kernels import _common
 from binslt.kernels import bconv as KB
 from binslt.kernels import lif as KL
+from helpers import assert_close_rel
+
+from binslt import ops
 from binslt.ops import library as _ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

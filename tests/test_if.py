@@ -305,12 +305,12 @@ def test_if_modules_repr_and_settings():
 @pytest.mark.parametrize("variant", ["snn", "binwslt"])
 @pytest.mark.parametrize("arch", ["conv4", "resnet19"])
 def test_models_build_if(arch, variant):
-    from binslt import models as M
+    from binslt.nn import models as M
 
     m = M.build(arch, variant, num_classes=10, in_channels=1, input_size=8, timesteps=2,
                 neuron="if", backend="torch")
     neurons = [mod.neuron for mod in m.modules() if isinstance(getattr(mod, "neuron", None),
-                                                                binslt.layers.NeuronConfig)]
+                                                                binslt.nn.layers.NeuronConfig)]
     assert neurons and all(n.neuron == "if" and n.tau == float("inf") for n in neurons)
     assert m.build_config["neuron"] == "if" and m.build_config["tau"] is None
     import json

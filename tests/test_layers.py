@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import binslt
-from binslt import reference as ref
+from binslt.ops import reference as ref
 
 
 def _spikes(*shape, p=0.3):

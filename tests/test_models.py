@@ -10,9 +10,9 @@ from helpers import assert_close_rel, assert_spikes_equal, sj_modules
 from torch import nn
 
 import binslt
-from binslt import models as M
-from binslt import reference as ref
-from binslt.layers import _MaskedSignWeight
+from binslt.nn import models as M
+from binslt.nn.layers import _MaskedSignWeight
+from binslt.ops import reference as ref
 
 # SpikingJelly is imported when a test first uses it (skipped where it is not installed).
 sj_layer, sj_neuron, sj_surrogate = sj_modules("layer", "neuron", "surrogate")

@@ -14,8 +14,8 @@ import torch
 from helpers import onednn_supported, stable_seed
 
 import binslt.ops as ops
-from binslt import reference as ref
 from binslt.ops import contract as C
+from binslt.ops import reference as ref
 
 pytestmark = pytest.mark.skipif(not __import__("binslt").backends()["cpu"]["usable"],
                                 reason="binslt._C (the C++ CPU kernels) is not built")

@@ -17,11 +17,11 @@ from helpers import assert_close_rel, backend_device, cpu_isas, stable_seed, tri
 from torch import nn
 
 import binslt
-import binslt.models as M
+import binslt.nn.models as M
 import binslt.ops as ops
-from binslt import _contract as C
-from binslt import reference as ref
-from binslt.layers import BinSpikeConv2d, SpikeMaxPool2d
+from binslt.nn.layers import BinSpikeConv2d, SpikeMaxPool2d
+from binslt.ops import contract as C
+from binslt.ops import reference as ref
 
 BACKENDS = [
     pytest.param("cpu", id="cpu"),
@@ -558,7 +558,7 @@ def test_packed_chaining_needs_no_grad_kernel_path():
 def test_old_ticket_with_separate_pool_module_loads_and_agrees(tmp_path):
     """A ticket exported from the unfused layout (conv + SpikeMaxPool2d) loads into today's
     network (fused pools) and gives the same logits; so does an old checkpoint's state dict."""
-    from binslt.tickets import export_ticket, load_ticket
+    from binslt.io.tickets import export_ticket, load_ticket
 
     m = _small("vgg11")
     m.train()
@@ -582,7 +582,7 @@ def test_old_ticket_with_separate_pool_module_loads_and_agrees(tmp_path):
 
 def test_nir_exports_fused_pool_as_conv_plus_pool():
     pytest.importorskip("nir")
-    from binslt import nir as bnir
+    from binslt.interop import nir as bnir
 
     m = _small("conv4")
     m.train()

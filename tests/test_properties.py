@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 import binslt
 from binslt import LIF, BinSpikeConv2d, BinSpikeLinear
-from binslt import reference as ref
 from binslt.nn.layers import _bn_scale_shift
+from binslt.ops import reference as ref
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -620,7 +620,7 @@ def test_pack_ops_bad_arguments(bad):
 
 _DEGENERATE_CHILD = r'''
 import sys, torch, binslt
-from binslt import reference as ref
+from binslt.ops import reference as ref
 OPS = torch.ops.binslt
 
 def i32(*s):

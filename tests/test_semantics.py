@@ -17,7 +17,7 @@ from helpers import (
 )
 
 import binslt
-from binslt import reference as ref
+from binslt.ops import reference as ref
 
 # SpikingJelly is imported when a test first uses it (skipped where it is not installed).
 functional, layer, neuron, surrogate = sj_modules("functional", "layer", "neuron", "surrogate")

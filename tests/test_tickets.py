@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from binslt import models
 from binslt.io import artifacts, tickets
 from binslt.io.tickets import TicketError, export_ticket, load_ticket
+from binslt.nn import models
 from binslt.nn.layers import BinSpikeConv2d, BinSpikeLinear, _MaskedSignWeight
 
 REPO = Path(__file__).resolve().parent.parent

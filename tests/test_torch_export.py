@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from binslt import models
 from binslt.interop.export import export_program, load_program, op_library_paths, save_program
 from binslt.io.tickets import export_ticket, load_ticket
+from binslt.nn import models
 
 
 def _ticket(tmp_path: Path, arch: str = "conv4", **kw) -> nn.Module:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from helpers import assert_close_rel, assert_no_ties, assert_spikes_equal
 
 import binslt.ops as ops
-from binslt import reference as ref
+from binslt.ops import reference as ref
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -428,7 +428,7 @@ def test_triton_ops_registered_with_the_declared_schemas():
     """Every binslt::<op>_triton has exactly its binslt._schemas row (int stays int, not SymInt),
     also on torch versions whose triton_op ignores an explicit schema."""
     _no_triton_error()
-    from binslt._schemas import SCHEMAS
+    from binslt.ops.schemas import SCHEMAS
 
     for name, schema in SCHEMAS.items():
         got = str(getattr(tri, name + "_triton").default._schema)

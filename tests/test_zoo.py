@@ -28,7 +28,7 @@ from helpers import assert_close_rel, binarised_copy, sj_modules
 from torch import nn
 
 import binslt
-from binslt.convert import InputTap, SpikeStage, convert, to_spikingjelly
+from binslt.interop.convert import InputTap, SpikeStage, convert, to_spikingjelly
 
 HAS_GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -165,7 +165,7 @@ def test_zoo_model_converts_and_reproduces_sign_weight_logits(name, nkind):
     assert_close_rel(y, y_exp, 1e-3, name)
     # back to SpikingJelly: only SJ / torch modules, the same logits
     back = to_spikingjelly(conv)
-    assert not any(isinstance(m, (binslt.layers._MaskedSignWeight, SpikeStage, InputTap))
+    assert not any(isinstance(m, (binslt.nn.layers._MaskedSignWeight, SpikeStage, InputTap))
                    for m in back.modules())
     assert_close_rel(logits(back, x), y_exp, 1e-3, f"{name} to_spikingjelly")
 

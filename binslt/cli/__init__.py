@@ -6,7 +6,7 @@ Subcommands (one module each under ``binslt/cli/``):
 - ``check`` (:mod:`.check`): every kernel backend against the reference here; writes the
   verdict that ``backend='auto'`` reads.
 - ``search``, ``train {ann,snn,bnn}``, ``finetune --from RUN``, ``sweep``, ``compare``
-  (:mod:`.run`): one training run through :func:`binslt.train.run`, a Fig. 2 grid, a
+  (:mod:`.run`): one training run through :func:`binslt.training.loop.run`, a Fig. 2 grid, a
   Table 1/2 comparison. With no options ``search`` runs the embedded default: Conv-4 on
   scikit-learn digits, prune rate 0.5, T=4, lambda=0.99.
 - ``export`` / ``eval`` (:mod:`.tickets`): packed tickets.

@@ -1,5 +1,5 @@
 """``binslt search`` / ``train`` / ``finetune`` (one run), ``sweep`` (Fig. 2) and ``compare``
-(Tables 1 and 2): their options, and how they map onto :func:`binslt.train.run`."""
+(Tables 1 and 2): their options, and how they map onto :func:`binslt.training.loop.run`."""
 
 from __future__ import annotations
 
@@ -511,13 +511,13 @@ SUMMARY_VALUES = ("test_acc", "best_test_acc", "wall_time_s")
 
 def sweep_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per grid point over its seeds: mean, sample std (ddof=1) and per-seed values of
-    the final and best test accuracy and of the wall time (:func:`binslt.stats.aggregate`)."""
+    the final and best test accuracy and of the wall time (:func:`binslt.training.stats.aggregate`)."""
     return stats.aggregate(rows, SUMMARY_KEYS, SUMMARY_VALUES)
 
 
 def _summary_fields(summary: list[dict[str, Any]], keys: tuple[str, ...],
                     values: tuple[str, ...]) -> list[str]:
-    """The CSV columns of :func:`binslt.stats.aggregate`'s rows, per-seed columns included."""
+    """The CSV columns of :func:`binslt.training.stats.aggregate`'s rows, per-seed columns included."""
     fields = list(keys) + ["n_seeds", "seeds"]
     seeds = sorted({int(x) for r in summary for x in str(r["seeds"]).split(";")})
     for f in values:
@@ -642,7 +642,7 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
 def compare_pairs(rows: list[dict[str, Any]], level: float = 0.95) -> list[dict[str, Any]]:
     """:data:`COMPARE_PAIRS` present in ``rows`` (one row per run): the paired difference of the
     final and of the best test accuracy, A - B, over the seeds both rows ran, with its two-sided
-    Student-t confidence interval (:func:`binslt.stats.paired_difference`)."""
+    Student-t confidence interval (:func:`binslt.training.stats.paired_difference`)."""
     out = []
     for a, b in COMPARE_PAIRS:
         for metric in ("test_acc", "best_test_acc"):
@@ -744,7 +744,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                  f"prune rate {base.prune_rate:g} (fraction removed), T={base.timesteps}, "
                  f"lambda={_lam(base):g}, decay_input={base.decay_input}, {base.epochs} epochs, "
                  f"{seed_text}. Accuracy: test set, final epoch. Params counted as "
-                 "binslt.models.count_parameters. OPs/energy: binslt.energy.report per image "
+                 "binslt.models.count_parameters. OPs/energy: binslt.analysis.energy.report per image "
                  "(MACs at 4.6 pJ, SOPs at 0.9 pJ).", ""]
         table = compare_seed_table(summary) if multi else compare_table(rows)
         lines += [table, ""]

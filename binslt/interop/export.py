@@ -1,6 +1,6 @@
 """torch.export of frozen binslt tickets.
 
-A frozen ticket (``binslt.tickets.load_ticket``, or any ``BinSLTNet`` after
+A frozen ticket (``binslt.io.tickets.load_ticket``, or any ``BinSLTNet`` after
 ``binslt.models.set_mode(model, 'frozen')``) exports with ``torch.export.export`` as it is: under
 ``torch.no_grad()`` its spiking layers call the ``binslt::`` ops (``bconv_lif_infer`` on packed
 weight bits, ``bn_lif`` for the first layer), whose fake kernels give the shapes. The program

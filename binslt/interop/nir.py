@@ -367,7 +367,7 @@ def to_nir(model_or_path, example_input: Optional[torch.Tensor] = None, *,
 
     Args:
         model_or_path: a :class:`binslt.models.BinSLTNet` (any mode; it is not changed), a packed
-            ticket file (``.safetensors``, :func:`binslt.tickets.load_ticket`) or a run directory
+            ticket file (``.safetensors``, :func:`binslt.io.tickets.load_ticket`) or a run directory
             / ``ticket.pt`` / ``checkpoint.pt`` of ``binslt search``.
         example_input: optional images ``[N, C, H, W]``; only checked against the model's input
             shape (shapes follow from ``model.build_config``).
@@ -1120,7 +1120,7 @@ def export_cli(src: PathLike, out: Optional[PathLike] = None, *, maxpool: str = 
                dt: float = DEFAULT_DT) -> str:
     """``binslt export SRC --format nir [-o OUT]``: export a run directory, ``ticket.pt`` /
     ``checkpoint.pt`` or packed ticket to a NIR file (default: next to SRC, ``.nir``).
-    Returns the line to print. Raises NIRError (and binslt.artifacts.ArtifactError / TicketError for
+    Returns the line to print. Raises NIRError (and binslt.io.artifacts.ArtifactError / TicketError for
     an unreadable source)."""
     srcp = Path(src)
     if out is None:
@@ -1139,9 +1139,9 @@ def eval_nir_file(path: PathLike, data: str = "digits", *, split: str = "test", 
                   batch_size: int = 256, data_dir: str = "data", download: bool = False,
                   backend: str = "auto") -> dict:
     """``binslt eval FILE.nir``: read a NIR file with :func:`from_nir` and report its accuracy
-    on a dataset (``binslt.data.load`` spec). Returns a dict (``accuracy`` in percent,
+    on a dataset (``binslt.training.data.load`` spec). Returns a dict (``accuracy`` in percent,
     ``correct``, ``examples``, ``loss``, ``file``, ``dataset``, ``split``). Raises NIRError
-    (or binslt.data.DatasetError)."""
+    (or binslt.training.data.DatasetError)."""
     from torch.utils.data import DataLoader
 
     from ..training import data as bdata

@@ -20,7 +20,7 @@ A run directory ``DIR`` holds
   they are, in the same format.
 
 Errors: every problem with a file raises :class:`ArtifactError` (a ``ValueError``) whose one-line
-message names the file; :class:`binslt.tickets.TicketError` is a subclass.
+message names the file; :class:`binslt.io.tickets.TicketError` is a subclass.
 """
 
 from __future__ import annotations

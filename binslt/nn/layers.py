@@ -48,7 +48,7 @@ class NeuronConfig:
     ``tau`` (default 2.0, SpikingJelly's) or ``decay`` (lambda = 1 - 1/tau) and ``decay_input``
     (default True) are LIF settings. An IF neuron has no leak, so it refuses an explicit tau,
     decay or decay_input=True; the ops run it as the LIF arithmetic with tau = +inf and
-    decay_input=False, which is H = V + X exactly (binslt._contract.check_tau).
+    decay_input=False, which is H = V + X exactly (binslt.ops.contract.check_tau).
     """
 
     def __init__(self, tau: Optional[float] = None, decay_input: Optional[bool] = None,
@@ -146,7 +146,7 @@ class _MaskedSignWeight(nn.Module):
     #: A constant factor of a spiking layer's input, folded into its gain: the layer computes
     #: ``conv(input_gain * x)`` as ``conv(x)`` with ``input_gain * W_eff``, so that ``x`` stays
     #: 0/1 spikes on the packed path (a dropout's 1/(1-p) in front of a converted layer:
-    #: ``binslt.convert.SpikeDropout`` sets it on every call).
+    #: ``binslt.interop.convert.SpikeDropout`` sets it on every call).
     input_gain = 1.0
 
     def __init__(self, shape: tuple[int, ...], prune_rate: float, per_channel_gain: bool = False):

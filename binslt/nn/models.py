@@ -4,7 +4,7 @@ Each architecture is ONE description, a list of layer specs (``SPECS``), interpr
 per variant (docs/design.md section 4):
 
 * ``ann``: dense ``nn.Conv2d`` + BatchNorm + ReLU, max pooling, fully connected layers;
-* ``snn``: dense weights with multi-step LIF neurons (``binslt.layers.LIF``), surrogate training;
+* ``snn``: dense weights with multi-step LIF neurons (``binslt.nn.layers.LIF``), surrogate training;
   a spiking conv layer is a dense conv on ``[T*N, ...]`` + BN + LIF;
 * ``bnn``: BNN-BinAct. Masked sign weights (``BinConv2d`` / ``BinLinear``, search mode, scores
   trained) with sign activations (``SignActivation``, ApproxSign backward). Layer order

@@ -124,7 +124,7 @@ _FIRST = threading.local()  # .auto: inside an auto-chosen backend's first call
 
 def _run_auto(backend: str, device: torch.device, run):
     """``run(be)`` on the backend ``backend`` resolves to. A backend auto chose whose first call
-    fails recoverably (binslt._fallback.recoverable) is marked failed, with one warning, and the
+    fails recoverably (binslt.ops.fallback.recoverable) is marked failed, with one warning, and the
     call runs again on the next backend of auto's order; after a backend's first successful
     call (and for explicit backends) errors are raised as usual. The per-call cost once proven:
     one set lookup."""

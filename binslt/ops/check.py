@@ -14,7 +14,7 @@ same float32 operations in the same order) on input planted within a few ulps of
 and asks for the same spikes by ``torch.equal``.
 
 ``run_check`` returns a :class:`Report`; its verdict (keyed by torch, Triton, the device and the
-build, see ``binslt._fallback.verdict_key``) is what ``backend='auto'`` reads.
+build, see ``binslt.ops.fallback.verdict_key``) is what ``backend='auto'`` reads.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The CPU kernels choose per call, by measured rules (``csrc/cpu/cpu_algos.cpp``), between
 
 * ``isa``: the instruction-set path, ``"scalar"``, ``"popcnt"``, ``"avx2"`` or ``"avx512"``
-  (the best this CPU runs; ``binslt._ext.cpu_info()["kernel_isa"]`` says which);
+  (the best this CPU runs; ``binslt.ops.library.cpu_info()["kernel_isa"]`` says which);
 * ``conv``: the forward of ``bconv_lif``, ``"dense"`` (AND + popcount over every input word) or
   ``"event"`` (the sum of the weight columns of the input spikes, faster at low firing rates),
   or, for inference (``bconv_lif_infer``) on a CPU with AMX-INT8, ``"onednn"`` (the exact

@@ -556,7 +556,7 @@ def sign_gain_pack_reference(weight: torch.Tensor, mask: torch.Tensor, alpha: to
     return w_eff, w_mask, w_pos, w_eff.abs().flatten(1).amax(1).to(torch.float32)
 
 
-# The weight-side ops (binslt._schemas.WEIGHT_SCHEMAS).
+# The weight-side ops (binslt.ops.schemas.WEIGHT_SCHEMAS).
 REFERENCE_WEIGHT_OPS = {
     "topk_mask": topk_mask_reference,
     "sign_gain_pack": sign_gain_pack_reference,
@@ -643,7 +643,7 @@ def bconv_affine_infer_reference(x, w_mask, w_pos, alpha, scale, shift, stride, 
     return (counts * alpha.float().view(v)) * scale.float().view(v) + shift.float().view(v)
 
 
-# Helper ops (binslt._schemas.AUX_SCHEMAS).
+# Helper ops (binslt.ops.schemas.AUX_SCHEMAS).
 REFERENCE_AUX_OPS = {
     "bconv_affine_infer": bconv_affine_infer_reference,
     "spike_pool2_bwd": spike_pool2_bwd_reference,

@@ -19,9 +19,9 @@ import time
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
-from binslt import data as data_mod
-from binslt import reference as ref
-from binslt import train as T
+from binslt.ops import reference as ref
+from binslt.training import data as data_mod
+from binslt.training import loop as T
 
 
 def main() -> None:

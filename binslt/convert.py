@@ -92,7 +92,14 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from . import _contract as C
-from .layers import BinConv2d, BinLinear, BinSpikeConv2d, BinSpikeLinear, _MaskedSignWeight
+from .layers import (
+    BinConv2d,
+    BinLinear,
+    BinSpikeConv2d,
+    BinSpikeLinear,
+    _MaskedSignWeight,
+    name_layers,
+)
 
 __all__ = ["Bias", "BiasShift", "ConversionReport", "ExampleRunError", "FactoryError", "InputKind",
            "InputTap", "SpikeDropout", "SpikeStage", "SpikingJellyRun", "build_user_model",
@@ -1510,6 +1517,7 @@ def convert(model: nn.Module, prune_rate: float = 0.5, *, example_input=None,
     frozen = _freeze(model, train_bn, report)
     model.__dict__["_binslt_conversion"] = records
     model.__dict__["_binslt_frozen"] = frozen
+    name_layers(model)  # their errors carry the path (BinSpikeConv2d features.3: ...)
     return model, report
 
 

@@ -136,10 +136,12 @@ at::Tensor topk_mask_impl(const at::Tensor& scores, int64_t keep) {
       for (int64_t i = ch.begin(c); i < ch.end(c); ++i) ++h[abs_key(sp[i]) >> shift];
     }
   });
-  // Every key >= kInf (inf, NaN) lies in the buckets from kInf's on (kInf's low bits are 0).
+  // Every key >= kInf (inf, NaN) lies in the buckets from kInf's to kNaN's (kInf's low bits are
+  // 0, and every NaN has the one key kNaN): one or a few buckets per chunk.
   int64_t non_finite = 0;
   for (int64_t c = 0; c < ch.count; ++c)
-    for (int64_t b = static_cast<int64_t>(K::kInf >> shift); b < kBuckets; ++b)
+    for (int64_t b = static_cast<int64_t>(K::kInf >> shift);
+         b <= static_cast<int64_t>(K::kNaN >> shift); ++b)
       non_finite += hist[c * kBuckets + b];
   if (non_finite > 0) raise_non_finite("topk_mask", "scores contain", sp, n);
   int64_t below = 0;  // entries with key < v

@@ -443,7 +443,8 @@ def test_bconv_lif_op(T, n, ci, co, h, w, k, stride, padding, bn_train, with_res
        with_res=st.booleans(), nonfinite=st.sampled_from([None, "nan", "inf", "-inf"]),
        layout=st.sampled_from(LAYOUTS), neuron=neuron_strategy(), seed=st.integers(0, 2**16))
 def test_bn_lif_op(T, n, c, rest, bn_train, with_res, nonfinite, layout, neuron, seed):
-    """bn_lif on real currents, NaN / inf included: equal to the reference (NaN never fires)."""
+    """bn_lif on real currents, NaN / inf included: equal to the reference (NaN never fires); with
+    batch statistics a NaN / inf current is a ValueError."""
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((T, n, c, *rest), generator=gen) * 2
     if nonfinite is not None and z.numel():
@@ -455,6 +456,13 @@ def test_bn_lif_op(T, n, c, rest, bn_train, with_res, nonfinite, layout, neuron,
     def lay(t):
         return relayout(t, layout)
 
+    if bn_train and nonfinite is not None and z.numel():
+        # batch statistics over a NaN / inf current: an error, not NaN in the running statistics
+        for zz, rr in ((lay(z), None if res is None else lay(res)), (z, res)):
+            with pytest.raises(ValueError, match=r"^binslt::bn_lif: BN batch statistics are not "
+                               "finite in 1 of"):
+                OPS.bn_lif(zz, scale, shift, rr, bn_train, 1e-5, *nargs)
+        return
     s, mean, var = OPS.bn_lif(lay(z), scale, shift, None if res is None else lay(res), bn_train,
                               1e-5, *nargs)
     s_c, mean_c, var_c = OPS.bn_lif(z, scale, shift, res, bn_train, 1e-5, *nargs)

@@ -91,17 +91,35 @@ def test_ties_in_the_low_digit_only():
         _assert_same_mask(s, p)
 
 
-def test_infinities_and_nans_as_the_reference():
+def _assert_same_non_finite_error(scores: torch.Tensor, prune_rate: float, counts: str) -> None:
+    """The kernel and the reference refuse NaN / inf scores with one message and its counts."""
+    msgs = []
+    for select in (ops.topk_mask, ref.topk_mask):
+        with pytest.raises(ValueError, match=r"^binslt::topk_mask: scores contain ") as ei:
+            select(scores, prune_rate)
+        msgs.append(str(ei.value).splitlines()[0])
+    assert msgs[0] == msgs[1]
+    assert counts in msgs[0], msgs[0]
+
+
+def test_infinities_and_nans_are_errors_naming_their_counts():
     s = torch.tensor([1.0, float("inf"), -float("inf"), 0.0, -0.0, 3.0, float("nan"), -2.0,
                       float("nan"), 1.0])
-    for p in (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9):
-        _assert_same_mask(s, p)
-    _assert_same_mask(torch.full((9,), float("nan")), 0.5)
+    # every prune rate, the ones that keep all or nothing included (no selection runs there)
+    for p in (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.99):
+        _assert_same_non_finite_error(s, p, "NaN (2 of 10) and inf (2 of 10)")
+    _assert_same_non_finite_error(torch.full((9,), float("nan")), 0.5, "NaN (9 of 9)")
+    _assert_same_non_finite_error(torch.tensor([1.0, -float("inf")], dtype=torch.float64), 0.5,
+                                  "inf (1 of 2)")
     g = torch.Generator().manual_seed(11)
-    s = torch.randn(200_000, generator=g)
-    s[torch.randint(0, s.numel(), (500,), generator=g)] = float("nan")
+    s = torch.randn(200_000, generator=g)  # several parallel chunks, the wide radix digit
+    idx = torch.randperm(s.numel(), generator=g)[:500]
+    s[idx] = float("nan")
     for p in (0.0, 0.5, 0.999):
-        _assert_same_mask(s, p)
+        _assert_same_non_finite_error(s, p, "NaN (500 of 200000)")
+    # the largest finite value is not an error
+    big = torch.tensor([torch.finfo(torch.float32).max, -1.0, 0.5])
+    _assert_same_mask(big, 0.5)
 
 
 def test_non_contiguous_scores_follow_the_logical_order():
@@ -210,8 +228,12 @@ def test_sign_gain_pack_matches_the_reference_bits(shape):
     _assert_sign_gain_pack(w, m, ref.mean_abs_gain(w, m))
     _assert_sign_gain_pack(w, m, ref.mean_abs_gain(w, m, per_channel=True))
     _assert_sign_gain_pack(w, m, torch.tensor(0.0))
-    w[1, 0, 0, 0] = float("nan")
-    _assert_sign_gain_pack(w, m, torch.tensor(0.75))
+    for bad in (float("nan"), float("inf")):  # found in the pass that reads the weight
+        w[1, 0, 0, 0] = bad
+        for sgp in (torch.ops.binslt.sign_gain_pack, ref.sign_gain_pack_reference):
+            with pytest.raises(ValueError, match=r"^binslt::sign_gain_pack: weight contains "
+                               rf"{'NaN' if bad != bad else 'inf'} \(1 of {w.numel()}\)"):
+                sgp(w, m, torch.tensor(0.75))
 
 
 def test_sign_gain_pack_errors():

@@ -18,8 +18,10 @@ Every training command accepts the same run options (see ``binslt search --help`
 binslt search ...`` trains with DistributedDataParallel (gloo on the CPU, nccl on CUDA).
 
 The library modules raise exceptions; this package alone parses arguments and turns errors in
-options, data or files into exit status 2 and one line ``binslt CMD: error: ...``
-(``BINSLT_DEBUG=1`` shows the traceback instead).
+options, data, files or the model (a layer refusing its input, NaN/inf in a layer, a ``--model``
+model's code failing inside a run) into exit status 2 and one line ``binslt CMD: error: ...``
+naming the layer and the fix. ``binslt --debug CMD ...`` (or ``BINSLT_DEBUG=1``) shows the
+traceback instead.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sys
 
 from ..interop.nir import NIRDependencyError, NIRError
 from ..io.artifacts import ArtifactError
+from ..nn.layers import NonFiniteError
 from ..ops.fallback import BackendSettingError
 from ..training.data import DatasetError
 from ..training.loop import RunError
@@ -42,13 +45,16 @@ __all__ = ["CLIError", "DEFAULTS", "build_parser", "compare_table", "explicit_op
 
 #: What a command raises for bad input: one line on stderr, exit status 2.
 USER_ERRORS = (CLIError, RunError, DatasetError, ArtifactError, NIRError, NIRDependencyError,
-               BackendSettingError, OSError)
+               BackendSettingError, OSError, NonFiniteError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="binslt", description="Binary-weight spiking lottery tickets (BinW-SLT): search, "
         "baselines and experiments.")
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, show the full traceback instead of one line (also "
+                   "accepted after the command)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     info.add_parser(sub)
     check.add_parser(sub)
@@ -61,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``binslt`` console script."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere before a bare "--" (the global flag, also after the command's name)
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    argv = [a for i, a in enumerate(argv) if not (i < end and a == "--debug")]
     args = parser.parse_args(argv)
+    debug = debug or bool(os.environ.get("BINSLT_DEBUG"))
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
@@ -69,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:
-        if os.environ.get("BINSLT_DEBUG"):
+        if debug:
             raise
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"binslt {cmd}: error: {msg}", file=sys.stderr)

@@ -91,7 +91,14 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ..nn.layers import BinConv2d, BinLinear, BinSpikeConv2d, BinSpikeLinear, _MaskedSignWeight
+from ..nn.layers import (
+    BinConv2d,
+    BinLinear,
+    BinSpikeConv2d,
+    BinSpikeLinear,
+    _MaskedSignWeight,
+    name_layers,
+)
 from ..ops import contract as C
 
 __all__ = ["Bias", "BiasShift", "ConversionReport", "ExampleRunError", "FactoryError", "InputKind",
@@ -1510,6 +1517,7 @@ def convert(model: nn.Module, prune_rate: float = 0.5, *, example_input=None,
     frozen = _freeze(model, train_bn, report)
     model.__dict__["_binslt_conversion"] = records
     model.__dict__["_binslt_frozen"] = frozen
+    name_layers(model)  # their errors carry the path (BinSpikeConv2d features.3: ...)
     return model, report
 
 

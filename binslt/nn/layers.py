@@ -25,6 +25,63 @@ from ..ops.schemas import SURROGATES
 
 MODES = ("search", "finetune", "frozen")
 
+
+class NonFiniteError(ValueError):
+    """NaN or inf in a layer's scores, weight or BN statistics, named by the layer that holds it
+    (``"BinSpikeConv2d features.3: scores contain NaN (2 of 73728); ..."``)."""
+
+
+# The kernels' messages for non-finite data (binslt::topk_mask, sign_gain_pack, the BN
+# statistics of bn_lif / bconv_lif; reference.raise_non_finite).
+_NON_FINITE = ("contain NaN", "contain inf", "contains NaN", "contains inf",
+               "BN batch statistics are not finite")
+
+
+def _named_error(layer: nn.Module, err: ValueError) -> Optional[NonFiniteError]:
+    """The op error ``err`` re-raised with the layer's name if it is a kernel's non-finite check;
+    None for any other error (the caller re-raises it as it is)."""
+    if isinstance(err, NonFiniteError):
+        return None
+    msg = str(err).splitlines()[0] if str(err) else ""
+    if not msg.startswith("binslt::") or not any(m in msg for m in _NON_FINITE):
+        return None
+    return NonFiniteError(f"{layer_label(layer)}: {msg.split(': ', 1)[-1]}")
+
+
+def layer_label(layer: nn.Module) -> str:
+    """``"BinSpikeConv2d features.3"``: the class and the name ``name_layers`` gave the layer in
+    its model (the class alone for a layer no model named)."""
+    name = layer.__dict__.get("_binslt_name")
+    return f"{type(layer).__name__} {name}" if name else type(layer).__name__
+
+
+def name_layers(model: nn.Module) -> nn.Module:
+    """Records each binslt layer's qualified name in ``model`` (``features.3``), which its errors
+    then carry. ``binslt.convert`` and the run loop call it; returns ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, (_MaskedSignWeight, LIF, SpikeMaxPool2d)):
+            m.__dict__["_binslt_name"] = name
+    return model
+
+
+class MultiStepOnly:
+    """Step mode 'm' only: binslt layers take whole sequences [T, N, ...] (time first) and keep
+    no state between calls. ``step_mode`` reads 'm'; setting it (SpikingJelly's
+    ``functional.set_step_mode``) to anything else is a ValueError, not a silent no-op."""
+
+    @property
+    def step_mode(self) -> str:
+        return "m"
+
+    @step_mode.setter
+    def step_mode(self, mode) -> None:
+        if mode != "m":
+            raise ValueError(
+                f"{layer_label(self)} is multi-step only (step_mode 'm'): it takes whole "
+                f"sequences [T, N, ...] with time first and keeps no state between calls, got "
+                f"step_mode={mode!r}. Keep the model in step mode 'm' and give a single step as "
+                "x.unsqueeze(0)")
+
 _IntOrPair = Union[int, tuple[int, int]]
 
 
@@ -139,9 +196,14 @@ def _check_input(x: torch.Tensor, rank: int, layout: str, channels: int, cdim: i
                          f"{ref_param.device}; move one of them (.to(device))")
 
 
-class _MaskedSignWeight(nn.Module):
+class _MaskedSignWeight(MultiStepOnly, nn.Module):
     """Frozen real weight ``w``, trainable scores ``s`` and the effective weight
-    ``W_eff = alpha * sign(w) * M`` (docs/design.md section 1)."""
+    ``W_eff = alpha * sign(w) * M`` (docs/design.md section 1).
+
+    NaN or inf in the scores, the weight or a spiking layer's BN batch statistics is a
+    ``NonFiniteError`` naming the layer, found by the kernels in the passes that read them (no
+    extra host read per call); a checkpoint holding them fails at ``load_state_dict``.
+    """
 
     #: A constant factor of a spiking layer's input, folded into its gain: the layer computes
     #: ``conv(input_gain * x)`` as ``conv(x)`` with ``input_gain * W_eff``, so that ``x`` stays
@@ -198,7 +260,13 @@ class _MaskedSignWeight(nn.Module):
     def current_mask(self) -> torch.Tensor:
         """The {0,1} mask M in use: top-|s| in search mode, the fixed one otherwise."""
         if self._mode == "search":
-            return ops.topk_mask(self.scores, self.prune_rate)
+            try:
+                return ops.topk_mask(self.scores, self.prune_rate)
+            except ValueError as err:
+                named = _named_error(self, err)
+                if named is None:
+                    raise
+                raise named from err
         if self._mode == "finetune":
             return self.mask
         w = self.effective_weight()
@@ -207,8 +275,14 @@ class _MaskedSignWeight(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         """alpha * sign(w) * M, differentiable as the mode prescribes."""
         if self._mode == "search":
-            return ops.masked_sign_weight(self.weight, self.scores, self.prune_rate,
-                                          self.per_channel_gain)
+            try:
+                return ops.masked_sign_weight(self.weight, self.scores, self.prune_rate,
+                                              self.per_channel_gain)
+            except ValueError as err:
+                named = _named_error(self, err)
+                if named is None:
+                    raise
+                raise named from err
         if self._mode == "finetune":
             return ref.masked_sign_weight_finetune(self.weight, self.mask, self.per_channel_gain)
         cin = self.weight.shape[1]
@@ -220,8 +294,14 @@ class _MaskedSignWeight(nn.Module):
         positive bits, gain) of that W_eff (``pack_weight`` and ``ops.max_abs_gain`` of it),
         written in the same pass; None otherwise (the caller packs W_eff)."""
         if self._mode == "search":
-            return ops.masked_sign_weight(self.weight, self.scores, self.prune_rate,
-                                          self.per_channel_gain, planes=True)
+            try:
+                return ops.masked_sign_weight(self.weight, self.scores, self.prune_rate,
+                                              self.per_channel_gain, planes=True)
+            except ValueError as err:
+                named = _named_error(self, err)
+                if named is None:
+                    raise
+                raise named from err
         return self.effective_weight(), None
 
     def packed_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -266,19 +346,84 @@ class _MaskedSignWeight(nn.Module):
         (over ``stat_count`` neurons per channel: the count before pooling)."""
         scale, shift, bn_train = _bn_scale_shift(self.bn, channels, x)
         weight = self if self.input_gain == 1.0 else _GainScaled(self, float(self.input_gain))
-        s, mean, var = ops.spiking_layer(
-            x, weight, scale, shift, residual, linear=linear, stride=stride, padding=padding,
-            real_input=self.input == "real", bn_train=bn_train,
-            # eps enters the op only with batch statistics; eval BN is folded above with its own
-            # eps (which nn.BatchNorm allows to be 0).
-            bn_eps=self.bn.eps if bn_train else 1e-5, neuron=self.neuron.kwargs(), pool=pool,
-            packed_out=packed_out, backend=self.backend, who=type(self).__name__)
+        # eps enters the op only with batch statistics; eval BN is folded above with its own
+        # eps (which nn.BatchNorm allows to be 0).
+        bn_eps = self.bn.eps if bn_train else 1e-5
+        try:
+            s, mean, var = ops.spiking_layer(
+                x, weight, scale, shift, residual, linear=linear, stride=stride,
+                padding=padding, real_input=self.input == "real", bn_train=bn_train,
+                bn_eps=bn_eps, neuron=self.neuron.kwargs(), pool=pool, packed_out=packed_out,
+                backend=self.backend, who=layer_label(self))
+        except ValueError as err:
+            named = _named_error(self, err)
+            if named is None:
+                raise
+            raise named from err
+        if self.store_v_seq:
+            self._store_v(x, weight, scale, shift, residual, bn_train, bn_eps, linear, stride,
+                          padding)
         if bn_train:
             _update_running_stats(self.bn, mean, var,
                                   s.numel() // channels if stat_count is None else stat_count)
         return s
 
+    #: Keep the membrane potential of the last call (``v_seq`` [T, N, C, H', W'] before any
+    #: pool, ``v`` its last step: SpikingJelly's ``LIFNode(store_v_seq=True)`` attributes, which
+    #: ``monitor.AttributeMonitor('v')`` reads). A debug path: the fused kernels never write V,
+    #: so each call recomputes it through the reference (binslt.reference), off the graph.
+    store_v_seq = False
+
+    def __getattr__(self, name: str):
+        if name == "v":  # V after the last step of the last call (store_v_seq)
+            v_seq = self.__dict__.get("v_seq")
+            if v_seq is None:
+                raise AttributeError(
+                    f"{layer_label(self)} keeps no membrane potential v: its kernels never "
+                    "write V. Set layer.store_v_seq = True (a slower debug path through the "
+                    "reference) and call it again; then .v and .v_seq hold V")
+            return v_seq[-1]
+        return super().__getattr__(name)
+
+    @torch.no_grad()
+    def _store_v(self, x, weight, scale, shift, residual, bn_train, bn_eps, linear, stride,
+                 padding) -> None:
+        """V [T, N, ...] of this call, recomputed through the reference: the current, the
+        epilogue (the batch statistics of this call when BN trains) and SpikingJelly's LIF."""
+        if x.dtype == torch.int32:  # packed spikes of a previous layer's forward_packed
+            t_, n_ = x.shape[:2]
+            x = ops.unpack_spikes(x.flatten(0, 1), self.weight.shape[1]).view(
+                t_, n_, self.weight.shape[1], *x.shape[2:4])
+        if residual is not None and residual.dtype == torch.int32:
+            t_, n_ = residual.shape[:2]
+            residual = ops.unpack_spikes(residual.flatten(0, 1), self.weight.shape[0]).view(
+                t_, n_, self.weight.shape[0], *residual.shape[2:4])
+        w = weight.effective_weight().detach().float()
+        xf = x.detach().float()
+        if linear:
+            z = F.linear(xf, w)[..., None, None]
+            res = None if residual is None else residual.float()[..., None, None]
+        else:
+            z = F.conv2d(xf.flatten(0, 1), w, stride=stride, padding=padding)
+            z = z.view(*xf.shape[:2], *z.shape[1:])
+            res = None if residual is None else residual.float()
+        y, _, _ = ref.epilogue(z, scale.detach().float(), shift.detach().float(), res, bn_train,
+                               bn_eps)
+        nk = self.neuron
+        vr = 0.0 if nk.v_reset is None else nk.v_reset
+        v = torch.full_like(y[0], vr)
+        vs = []
+        for yt in y:  # SpikingJelly's charge, fire, reset (reference.lif_multistep's order)
+            h = (v + (yt - (v - vr)) / nk.tau if nk.decay_input
+                 else v - (v - vr) / nk.tau + yt)
+            sp = (h >= nk.v_threshold).to(h.dtype)
+            v = h - sp * nk.v_threshold if nk.v_reset is None else sp * nk.v_reset + (1 - sp) * h
+            vs.append(v)
+        v_seq = torch.stack(vs)
+        self.__dict__["v_seq"] = v_seq.view(*v_seq.shape[:3]) if linear else v_seq
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _check_loaded_finite(self, state_dict, prefix)
         # Buffers that are None in this mode but present in the file (or vice versa) follow the
         # file: a checkpoint saved in finetune/frozen mode restores that mode.
         for name in ("mask", "w_mask_bits", "w_pos_bits", "alpha"):
@@ -294,6 +439,24 @@ class _MaskedSignWeight(nn.Module):
             self.weight.requires_grad_(True)
             self.scores.requires_grad_(False)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _check_loaded_finite(layer: nn.Module, state_dict, prefix: str) -> None:
+    """A checkpoint entry of this layer (its scores, weight, mask, gain or BN statistics) that
+    holds NaN or inf is a NonFiniteError naming the layer and the entry."""
+    for name in ("scores", "weight", "mask", "alpha", "bn.running_mean", "bn.running_var",
+                 "bn.weight", "bn.bias"):
+        t = state_dict.get(prefix + name)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
+            continue
+        nan, inf = (int(c) for c in torch.stack([t.isnan().sum(), t.isinf().sum()]).tolist())
+        if nan or inf:
+            parts = " and ".join(f"{k} ({c} of {t.numel()})"
+                                 for k, c in (("NaN", nan), ("inf", inf)) if c)
+            who = f"{type(layer).__name__} {prefix[:-1]}" if prefix else layer_label(layer)
+            verb = "contain" if name == "scores" else "contains"
+            raise NonFiniteError(f"{who}: {name} in the loaded state dict {verb} {parts}; load "
+                                 "a checkpoint saved before the values diverged")
 
 
 class _GainScaled:
@@ -612,7 +775,7 @@ class BinLinear(_MaskedSignWeight):
         return F.linear(x, self.effective_weight().to(x.dtype))
 
 
-class LIF(nn.Module):
+class LIF(MultiStepOnly, nn.Module):
     """Stateless multi-step LIF neuron (SpikingJelly ``LIFNode``, step mode 'm'): [T, ...].
 
     ``neuron="if"`` makes it SpikingJelly's ``IFNode`` (H = V + X; no tau, decay or
@@ -653,7 +816,7 @@ class LIF(nn.Module):
         return s.view(x.shape)
 
 
-class SpikeMaxPool2d(nn.Module):
+class SpikeMaxPool2d(MultiStepOnly, nn.Module):
     """Multi-step 2-D max pooling: [T, N, C, H, W] -> [T, N, C, H', W'] (OR over spikes)."""
 
     def __init__(self, kernel_size: _IntOrPair = 2, stride: Optional[_IntOrPair] = None,

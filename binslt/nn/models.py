@@ -61,6 +61,7 @@ from .layers import (
     _MaskedSignWeight,
     check_if_settings,
     conv_output_numel,
+    name_layers,
 )
 
 __all__ = [
@@ -683,8 +684,9 @@ def build(arch: str, variant: str, *, num_classes: int = 10, in_channels: int = 
     config = dict(arch=arch, variant=variant, num_classes=num_classes, in_channels=in_channels,
                   input_size=input_size if isinstance(input_size, int) else tuple(input_size),
                   timesteps=timesteps, prune_rate=prune_rate, **opts)
-    return BinSLTNet(nn.Sequential(*layers), classifier, spiking=b.spiking, timesteps=timesteps,
-                     in_channels=in_channels, input_hw=_hw(input_size), build_config=config)
+    net = BinSLTNet(nn.Sequential(*layers), classifier, spiking=b.spiking, timesteps=timesteps,
+                    in_channels=in_channels, input_hw=_hw(input_size), build_config=config)
+    return name_layers(net)  # errors name the layer: "BinSpikeConv2d features.3: ..."
 
 
 # ---------------------------------------------------------------------------------------------

@@ -133,23 +133,39 @@ def topk_mask(scores: torch.Tensor, prune_rate: float) -> torch.Tensor:
     return topk_mask_reference(scores, n - num_pruned(n, prune_rate))
 
 
+def raise_non_finite(op: str, what: str, t: torch.Tensor) -> None:
+    """The ValueError of a kernel that found NaN or inf in ``t`` (``what``: "scores contain",
+    "weight contains"), with how many of each: the message of the CPU kernels' check."""
+    n = t.numel()
+    nan, inf = (int(c) for c in torch.stack([t.isnan().sum(), t.isinf().sum()]).tolist())
+    parts = " and ".join(f"{k} ({c} of {n})" for k, c in (("NaN", nan), ("inf", inf)) if c)
+    raise ValueError(f"binslt::{op}: {what} {parts}; the values diverged (a learning rate too "
+                     "high, a loss that overflowed) or were loaded so: restore a finite "
+                     "checkpoint or re-initialise them")
+
+
 def topk_mask_reference(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """``binslt::topk_mask``: the {0, 1} mask of the ``keep`` largest |s|, ties to the lower flat
-    index. NaN ranks above +inf (as in ``torch.kthvalue``) but compares false, so it is never kept.
+    index. NaN or inf in the scores is a ValueError (``raise_non_finite``), found by the same host
+    read that counts the entries above the keep-th largest.
     """
     a = scores.detach().abs().flatten()
     n = a.numel()
-    if keep >= n:
-        return torch.ones_like(scores)
-    if keep <= 0:
-        return torch.zeros_like(scores)
+    if keep >= n or keep <= 0:
+        if n and not bool(torch.isfinite(a).all()):
+            raise_non_finite("topk_mask", "scores contain", a)
+        return torch.ones_like(scores) if keep >= n else torch.zeros_like(scores)
     # A selection, not a sort (this runs on every search-mode forward): v is the keep-th largest
     # |s|; everything above it is kept, and of the entries equal to v the lowest indices fill the
     # remaining places -- the same set a stable descending sort would keep.
     v = torch.kthvalue(a, n - keep + 1).values
     above = a > v
     tied = a == v
-    room = keep - int(above.sum())
+    # One host read: the count above v and the count of non-finite |s| (inf, NaN).
+    n_above, n_bad = torch.stack([above.sum(), (~torch.isfinite(a)).sum()]).tolist()
+    if n_bad:
+        raise_non_finite("topk_mask", "scores contain", scores.detach())
+    room = keep - int(n_above)
     mask = above | (tied & (torch.cumsum(tied, 0) <= room))
     return mask.to(scores.dtype).view_as(scores)
 
@@ -550,7 +566,9 @@ REFERENCE_OPS = {
 
 def sign_gain_pack_reference(weight: torch.Tensor, mask: torch.Tensor, alpha: torch.Tensor):
     """``binslt::sign_gain_pack``: W_eff = alpha * sign(w) * M with its bit planes and the
-    kernels' gain (max |W_eff| per output channel)."""
+    kernels' gain (max |W_eff| per output channel). NaN or inf in the weight is a ValueError."""
+    if weight.numel() and not bool(torch.isfinite(weight).all()):
+        raise_non_finite("sign_gain_pack", "weight contains", weight.detach())
     w_eff = _expand_gain(alpha, weight) * torch.sign(weight) * mask
     w_mask, w_pos = pack_weight_reference(w_eff)
     return w_eff, w_mask, w_pos, w_eff.abs().flatten(1).amax(1).to(torch.float32)

@@ -61,9 +61,11 @@ from ..io.artifacts import (
 )
 from ..io.tickets import export_ticket
 from ..nn import models
+from ..nn.layers import NonFiniteError, name_layers
 from . import data as data_mod
 
-__all__ = ["ARCHS", "METHODS", "RunConfig", "RunError", "RunHooks", "build_model",
+__all__ = ["ARCHS", "DivergedError", "METHODS", "ModelError", "RunConfig", "RunError",
+           "RunHooks", "build_model",
            "build_or_restore", "choose_early_time", "early_time_divergences", "evaluate",
            "finish", "load_data", "make_optimizer", "prepare_output", "restore_checkpoint", "run",
            "save_checkpoint", "save_ticket", "select_early_time", "train_one_epoch", "versions"]
@@ -79,6 +81,15 @@ NEURONS = models.NEURONS  # lif | if
 
 class RunError(Exception):
     """A user-facing problem with a run (bad option, unusable checkpoint, occupied directory)."""
+
+
+class DivergedError(RunError):
+    """The training loss turned NaN or inf: the run stops before that step's optimizer update,
+    and the checkpoint of the last finished epoch stays as it was."""
+
+    def __init__(self, msg: str, epoch: int, step: int):
+        super().__init__(msg)
+        self.epoch, self.step = epoch, step
 
 
 @dataclass
@@ -649,16 +660,22 @@ def _loader(dataset, batch: int, sampler, workers: int, generator, drop_last: bo
 def train_one_epoch(net: nn.Module, loader, opt: torch.optim.Optimizer, device: torch.device,
                     *, all_reduce: Callable[[torch.Tensor], Any] | None = None,
                     bar: _ProgressBar | None = None,
-                    after_step: Callable[[int], None] | None = None) -> tuple[float, float]:
+                    after_step: Callable[[int], None] | None = None,
+                    epoch: int | None = None) -> tuple[float, float]:
     """One pass of cross-entropy training over ``loader``: ``(mean loss, accuracy %)`` of the
     training batches (summed over processes by ``all_reduce``). ``after_step(batch)`` runs after
-    each optimizer step (batches counted from 1)."""
+    each optimizer step (batches counted from 1).
+
+    A loss that is NaN or inf (on any process) raises ``DivergedError`` naming ``epoch`` and the
+    step, before that step's backward and update: the parameters stay those of the step
+    before."""
     net.train()
     tot = torch.zeros(3, dtype=torch.float64, device=device)
     for b, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = net(x)
         loss = F.cross_entropy(logits, y)
+        _check_loss(loss, epoch, b + 1, all_reduce)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -676,6 +693,81 @@ def train_one_epoch(net: nn.Module, loader, opt: torch.optim.Optimizer, device: 
         all_reduce(tot)
     n = max(tot[2].item(), 1)
     return tot[0].item() / n, 100.0 * tot[1].item() / n
+
+
+class ModelError(RunError):
+    """The model failed inside a run: a layer refused its input, held NaN/inf, or (a ``--model``
+    model) its own code raised. One line naming the layer; the original is ``__cause__``."""
+
+
+def _failing_layer(exc: BaseException) -> tuple[str | None, nn.Module | None]:
+    """``(qualified name, module)`` of the innermost module whose call ``exc`` came through (from
+    its traceback: the outermost module met is the root the name is relative to)."""
+    selves: list[nn.Module] = []
+    tb = exc.__traceback__
+    while tb is not None:
+        m = tb.tb_frame.f_locals.get("self")
+        if isinstance(m, nn.Module) and not any(m is s for s in selves):
+            selves.append(m)
+        tb = tb.tb_next
+    if not selves:
+        return None, None
+    names = {id(m): n for n, m in selves[0].named_modules()}
+    inner = selves[-1]
+    return names.get(id(inner)), inner
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """``file:line`` of the innermost traceback frame outside torch and binslt (the user's
+    model code), if any."""
+    import traceback
+
+    skip = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(skip)]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
+
+
+def model_error(exc: Exception, user_model: bool) -> ModelError | None:
+    """The one-line ModelError for an exception raised inside the model's call, or None when it
+    is not the model's (no module on its traceback) or, for a built-in model, not a layer
+    refusing its input (a ValueError/TypeError: anything else is a bug to see in full)."""
+    if isinstance(exc, RunError):
+        return None
+    name, mod = _failing_layer(exc)
+    if mod is None or not (user_model or isinstance(exc, (ValueError, TypeError))):
+        return None
+    lines = str(exc).strip().splitlines()
+    msg = " ".join(lines[0].split()) if lines else type(exc).__name__
+    if isinstance(exc, NonFiniteError):
+        return ModelError(msg)  # names its layer and the fix already
+    cls = type(mod).__name__
+    if isinstance(exc, (ValueError, TypeError)) and msg.startswith(cls):
+        # a binslt layer's own message (with its fix): the class, now with the layer's name
+        if name and not msg.startswith(f"{cls} {name}"):
+            msg = f"{cls} {name}{msg[len(cls):]}"
+        return ModelError(msg)
+    where = f"layer {name or '(root)'} ({cls})"
+    at = _user_frame(exc)
+    return ModelError(f"{where} raised {type(exc).__name__}: {msg}"
+                      + (f" (at {at}); fix the model's code" if at else "")
+                      + "; --debug shows the traceback")
+
+
+def _check_loss(loss: torch.Tensor, epoch: int | None, step: int,
+                all_reduce: Callable[[torch.Tensor], Any] | None) -> None:
+    """Raise DivergedError when ``loss`` is not finite here or on another process (one flag
+    summed over the processes, so that every rank stops at the same step)."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+    if all_reduce is not None:
+        all_reduce(bad)
+    if bool(bad.item()):
+        where = f"epoch {epoch}, step {step}" if epoch is not None else f"step {step}"
+        value = loss.item()
+        raise DivergedError(
+            f"{where}: the training loss is {value if value == value else 'nan'}; the run "
+            "stops before this step's update (lower --lr, or check the data for NaN/inf)",
+            -1 if epoch is None else epoch, step)
 
 
 def save_checkpoint(run_dir: RunDir, cfg: RunConfig, state: TrainState, info: DistInfo) -> None:
@@ -760,6 +852,11 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
         return _train(cfg, RunDir(out), info, resume=resume, overwrite=overwrite,
                       progress=progress and info.main, hooks=hooks or RunHooks(),
                       log=log if info.main else _silent)
+    except Exception as exc:
+        err = model_error(exc, cfg.model is not None)
+        if err is None:
+            raise
+        raise err from exc
     finally:
         info.close()
 
@@ -774,6 +871,7 @@ def _train(cfg: RunConfig, run_dir: RunDir, info: DistInfo, *, resume: bool, ove
     per_rank_bs = cfg.batch_size // info.world
 
     model, source = build_or_restore(cfg, bundle)
+    name_layers(model)  # errors name the layer (BinSpikeConv2d net.features.3: ...)
     report = getattr(model, "conversion_report", None)
     if report is not None and info.main:  # --model: what the conversion did, with the run
         atomic_write_bytes(run_dir.path / "report.txt", (str(report) + "\n").encode())
@@ -818,9 +916,18 @@ def _train(cfg: RunConfig, run_dir: RunDir, info: DistInfo, *, resume: bool, ove
         if early is not None:  # search at T', the last tune epochs at T
             model.timesteps = (early["T_prime"] if epoch < early["search_epochs"]
                                else cfg.timesteps)
-        train_loss, train_acc = train_one_epoch(
-            net, loader, state.opt, device, all_reduce=info.all_reduce, bar=bar,
-            after_step=lambda b, e=epoch + 1: hooks.after_step(e, b))
+        try:
+            train_loss, train_acc = train_one_epoch(
+                net, loader, state.opt, device, all_reduce=info.all_reduce, bar=bar,
+                after_step=lambda b, e=epoch + 1: hooks.after_step(e, b), epoch=epoch + 1)
+        except DivergedError as exc:
+            if bar is not None:
+                bar.close()
+            # No checkpoint is written for this epoch: the file keeps the last finished one.
+            kept = (f"{run_dir.checkpoint} keeps epoch {len(state.history)}"
+                    if state.history and run_dir.checkpoint.is_file()
+                    else "no epoch finished, so there is no checkpoint")
+            raise DivergedError(f"{exc}; {kept}", exc.epoch, exc.step) from None
         state.sched.step()
         t_train = time.perf_counter() - t0
         model.timesteps = cfg.timesteps  # evaluation, checkpoints and the ticket: the full T

@@ -674,6 +674,7 @@ void forward_impl(const ConvShape& s, const at::Tensor& xpad, const FloatInput& 
     var_out[c] = static_cast<float>(a * a * vc);
     aff[c] = ChannelAffine{mean_out[c], invstd_of(var_out[c], bn_eps), scale[c], shift[c], true};
   }
+  if (M > 0) check_batch_stats("bconv_lif", mean_out, var_out, s.Co);
   const int64_t chunks = (S + kRowChunk - 1) / kRowChunk;
   at::parallel_for(0, s.N * s.Co * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {

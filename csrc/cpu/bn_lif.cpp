@@ -228,6 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lif_cpu(
   at::Tensor mean = at::zeros({d.C}, z.options());
   at::Tensor var = at::zeros({d.C}, z.options());
   if (bn_train) batch_stats(zv, d, mean.data_ptr<float>(), var.data_ptr<float>());
+  if (bn_train && d.T * d.N * d.S > 0)
+    check_batch_stats(op, mean.data_ptr<float>(), var.data_ptr<float>(), d.C);
   const auto aff = affines(scale.data_ptr<float>(), shift.data_ptr<float>(),
                            mean.data_ptr<float>(), var.data_ptr<float>(), bn_train, bn_eps, d.C);
   at::Tensor spikes = at::empty(z_in.sizes(), z.options());

@@ -5,6 +5,11 @@
 // places left after every |s| > v. NaN is ordered as torch.kthvalue orders it (above +inf) but, as
 // there, compares false: a NaN is never kept, and with v NaN nothing is.
 //
+// NaN or inf in the scores is an error (ValueError naming how many): a mask over them would be
+// silently short of `keep` entries, and the search that produced them has diverged. The check
+// costs no extra pass: the first histogram pass already counts the keys of inf and NaN (its top
+// buckets); only when that count is not zero is the tensor scanned again to tell them apart.
+//
 // |s| of an IEEE float, read as an unsigned integer with the sign bit cleared, orders exactly as
 // the value does (+0 and -0 become one key), so v is found by an MSD radix selection on those
 // keys: one histogram pass over the keys' top bits (in parallel, one histogram per chunk) finds
@@ -16,11 +21,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
 #include <cstring>
+#include <functional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -59,6 +67,34 @@ inline typename KeyOf<scalar_t>::key_t abs_key(scalar_t x) {
   return k > K::kInf ? K::kNaN : k;
 }
 
+// Raise the ValueError for `bad` non-finite entries of a tensor of n: how many are NaN and how
+// many +-inf (a second scan, on the error path only).
+template <typename scalar_t>
+[[noreturn]] void raise_non_finite(const char* op, const char* what, const scalar_t* p,
+                                   int64_t n) {
+  int64_t nan = 0, inf = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    nan += std::isnan(p[i]);
+    inf += std::isinf(p[i]);
+  }
+  std::string parts;
+  if (nan) parts += c10::str("NaN (", nan, " of ", n, ")");
+  if (inf) parts += c10::str(nan ? " and " : "", "inf (", inf, " of ", n, ")");
+  TORCH_CHECK_VALUE(false, "binslt::", op, ": ", what, " ", parts,
+                    "; the values diverged (a learning rate too high, a loss that overflowed) or "
+                    "were loaded so: restore a finite checkpoint or re-initialise them");
+  __builtin_unreachable();
+}
+
+// Counts the entries of p[0, n) that are NaN or +-inf, in parallel chunks.
+template <typename scalar_t>
+int64_t count_non_finite(const scalar_t* p, int64_t n) {
+  return at::parallel_reduce(0, n, 1 << 16, int64_t{0}, [&](int64_t b, int64_t e, int64_t acc) {
+    for (int64_t i = b; i < e; ++i) acc += !std::isfinite(p[i]);
+    return acc;
+  }, std::plus<int64_t>());
+}
+
 constexpr int64_t kChunkMin = 1 << 16;  // entries per parallel chunk, at least
 // A histogram of the top 16 key bits for large tensors (fewer candidates); of 12 bits below this
 // size, where clearing and scanning 65536 buckets would cost more than the pass over the scores.
@@ -77,9 +113,11 @@ at::Tensor topk_mask_impl(const at::Tensor& scores, int64_t keep) {
   const int64_t n = scores.numel();
   at::Tensor out = at::empty({n}, scores.options());
   scalar_t* op = out.data_ptr<scalar_t>();
-  if (keep >= n) return out.fill_(1).view(scores.sizes());
-  if (keep <= 0) return out.fill_(0).view(scores.sizes());
   const scalar_t* sp = scores.data_ptr<scalar_t>();
+  if (keep >= n || keep <= 0) {  // no selection: the check is the only pass
+    if (count_non_finite(sp, n) > 0) raise_non_finite("topk_mask", "scores contain", sp, n);
+    return out.fill_(keep >= n ? 1 : 0).view(scores.sizes());
+  }
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const Chunks ch{n, std::max<int64_t>(1, std::min<int64_t>(nthreads, n / kChunkMin))};
 
@@ -98,6 +136,14 @@ at::Tensor topk_mask_impl(const at::Tensor& scores, int64_t keep) {
       for (int64_t i = ch.begin(c); i < ch.end(c); ++i) ++h[abs_key(sp[i]) >> shift];
     }
   });
+  // Every key >= kInf (inf, NaN) lies in the buckets from kInf's to kNaN's (kInf's low bits are
+  // 0, and every NaN has the one key kNaN): one or a few buckets per chunk.
+  int64_t non_finite = 0;
+  for (int64_t c = 0; c < ch.count; ++c)
+    for (int64_t b = static_cast<int64_t>(K::kInf >> shift);
+         b <= static_cast<int64_t>(K::kNaN >> shift); ++b)
+      non_finite += hist[c * kBuckets + b];
+  if (non_finite > 0) raise_non_finite("topk_mask", "scores contain", sp, n);
   int64_t below = 0;  // entries with key < v
   key_t bucket = 0;
   for (;; ++bucket) {
@@ -193,15 +239,20 @@ at::Tensor topk_mask_cpu(const at::Tensor& scores_in, int64_t keep) {
 
 
 // One output channel's W_eff row er[0, n) = (alpha * sign(w)) * m, and the largest key of |v|
-// (its bits with the sign cleared: non-negative floats order as these integers, NaN above +inf),
-// branch-free so that the compiler vectorises it; compiled for the wider vector units too (the
+// (its bits with the sign cleared: non-negative floats order as these integers, NaN above +inf);
+// *wtop gets the largest key of |w| (>= 0x7f800000: the row holds NaN or inf). Branch-free so
+// that the compiler vectorises it; compiled for the wider vector units too (the
 // baseline build leaves it scalar). The float arithmetic is the same on every path.
 inline __attribute__((always_inline)) uint32_t sgp_row_body(int64_t n, float alpha,
                                                             const float* wr, const float* mr,
-                                                            float* er) {
-  uint32_t top = 0;
+                                                            float* er, uint32_t* wtop) {
+  uint32_t top = 0, wt = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float x = wr[i];
+    uint32_t xkey;
+    std::memcpy(&xkey, &x, sizeof(xkey));
+    xkey &= 0x7fffffffu;
+    wt = xkey > wt ? xkey : wt;
     const float sgn = static_cast<float>((0.0f < x) - (x < 0.0f));
     const float v = (alpha * sgn) * mr[i];
     er[i] = v;
@@ -210,21 +261,24 @@ inline __attribute__((always_inline)) uint32_t sgp_row_body(int64_t n, float alp
     key &= 0x7fffffffu;
     top = key > top ? key : top;
   }
+  *wtop = wt;
   return top;
 }
 __attribute__((target("avx512f"))) uint32_t sgp_row_avx512(int64_t n, float alpha,
                                                            const float* wr, const float* mr,
-                                                           float* er) {
-  return sgp_row_body(n, alpha, wr, mr, er);
+                                                           float* er, uint32_t* wtop) {
+  return sgp_row_body(n, alpha, wr, mr, er, wtop);
 }
 __attribute__((target("avx2"))) uint32_t sgp_row_avx2(int64_t n, float alpha, const float* wr,
-                                                      const float* mr, float* er) {
-  return sgp_row_body(n, alpha, wr, mr, er);
+                                                      const float* mr, float* er,
+                                                      uint32_t* wtop) {
+  return sgp_row_body(n, alpha, wr, mr, er, wtop);
 }
-uint32_t sgp_row(Isa isa, int64_t n, float alpha, const float* wr, const float* mr, float* er) {
-  if (isa == Isa::kAvx512) return sgp_row_avx512(n, alpha, wr, mr, er);
-  if (isa == Isa::kAvx2) return sgp_row_avx2(n, alpha, wr, mr, er);
-  return sgp_row_body(n, alpha, wr, mr, er);
+uint32_t sgp_row(Isa isa, int64_t n, float alpha, const float* wr, const float* mr, float* er,
+                 uint32_t* wtop) {
+  if (isa == Isa::kAvx512) return sgp_row_avx512(n, alpha, wr, mr, er, wtop);
+  if (isa == Isa::kAvx2) return sgp_row_avx2(n, alpha, wr, mr, er, wtop);
+  return sgp_row_body(n, alpha, wr, mr, er, wtop);
 }
 
 // W_eff = (alpha * sign(w)) * M in float32, exactly the reference's expression (torch.sign: +1 for
@@ -233,6 +287,7 @@ uint32_t sgp_row(Isa isa, int64_t n, float alpha, const float* wr, const float* 
 //   weight, mask: [Co, Ci, kh, kw] float32; alpha: 0-d or [Co] float32
 //   -> w_eff like weight, (mask bits, positive bits) [Co, kh, kw, ceil(Ci/32)] int32,
 //      kernel gain [Co] float32 (max |W_eff| over each output channel, NaN propagating)
+// A weight holding NaN or inf is an error (ValueError), found in the pass that reads it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sign_gain_pack_cpu(
     const at::Tensor& weight_in, const at::Tensor& mask_in, const at::Tensor& alpha_in) {
   for (const auto* t : {&weight_in, &mask_in, &alpha_in})
@@ -266,6 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sign_gain_pack_cpu(
   uint32_t* bp = reinterpret_cast<uint32_t*>(bits_p.data_ptr<int32_t>());
   float* gp = gain.data_ptr<float>();
   const Isa isa = active_isa();
+  std::atomic<bool> weight_bad{false};
   // Per output channel: W_eff over its contiguous Ci * kh * kw weights first (a branch-free loop
   // the compiler vectorises), then each (tap, word of 32 input channels) reads its 32 values back
   // from L1 and stores its two bit-plane words once. (One scalar pass doing both, with a
@@ -277,7 +333,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sign_gain_pack_cpu(
       const float* wr = wp + o * Ci * KK;
       const float* mr = mp + o * Ci * KK;
       float* er = ep + o * Ci * KK;
-      const uint32_t top = sgp_row(isa, Ci * KK, alpha, wr, mr, er);
+      uint32_t wtop = 0;
+      const uint32_t top = sgp_row(isa, Ci * KK, alpha, wr, mr, er, &wtop);
+      if (wtop >= 0x7f800000u) weight_bad.store(true, std::memory_order_relaxed);
       for (int64_t k = 0; k < KK; ++k)
         for (int64_t cw = 0; cw < Cw; ++cw) {
           const int64_t c0 = cw * 32, n = std::min<int64_t>(Ci, c0 + 32) - c0;
@@ -296,6 +354,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sign_gain_pack_cpu(
       gp[o] = top > 0x7f800000u ? std::numeric_limits<float>::quiet_NaN() : g;
     }
   });
+  if (weight_bad.load()) raise_non_finite("sign_gain_pack", "weight contains", wp, w.numel());
   return {w_eff, bits_m, bits_p, gain};
 }
 

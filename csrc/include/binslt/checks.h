@@ -34,6 +34,23 @@ inline int64_t out_size(int64_t in, int64_t k, int64_t stride, int64_t padding) 
   return (n >= 0 ? n / stride : -((-n + stride - 1) / stride)) + 1;
 }
 
+// Batch-norm statistics that a forward kernel computed over a non-empty batch: a channel whose
+// mean or variance is NaN or inf means the layer's current (its input, weights or gain) is not
+// finite there. An error (ValueError) rather than NaN entering the running statistics: the check
+// reads the C values the kernel wrote, on the host, without a device synchronisation.
+inline void check_batch_stats(const char* op, const float* mean, const float* var, int64_t C) {
+  int64_t bad = 0, first = -1;
+  for (int64_t c = 0; c < C; ++c) {
+    if (std::isfinite(mean[c]) && std::isfinite(var[c])) continue;
+    if (first < 0) first = c;
+    ++bad;
+  }
+  TORCH_CHECK_VALUE(bad == 0, "binslt::", op, ": BN batch statistics are not finite in ", bad,
+                    " of ", C, " channels (channel ", first, ": mean ",
+                    first < 0 ? 0.0f : mean[first], ", var ", first < 0 ? 0.0f : var[first],
+                    "); the layer's input, weights or gain hold NaN or inf");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scalars
 // ---------------------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ class _VersionAction(argparse.Action):
         from ..training.loop import versions
 
         v = versions()
-        parser.exit(0, f"binslt {v['binslt']}  torch {v['torch']}  triton {v['triton']}\n")
+        print(f"binslt {v['binslt']}  torch {v['torch']}  triton {v['triton']}")
+        parser.exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:

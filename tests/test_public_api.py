@@ -108,3 +108,35 @@ def test_py_typed_ships_with_the_package():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     cfg = tomllib.loads((root.parent / "pyproject.toml").read_text())
     assert "py.typed" in cfg["tool"]["setuptools"]["package-data"]["binslt"]
+
+
+# --- repr ------------------------------------------------------------------------------------
+
+def test_repr_shows_each_layers_settings():
+    from binslt import nn as bnn
+
+    assert repr(binslt.BinLinear(4, 3)) == "BinLinear(4, 3, prune_rate=0.5, mode=search)"
+    r = repr(binslt.BinConv2d(2, 4, 3, stride=2, padding=1, prune_rate=0.25,
+                              per_channel_gain=True))
+    assert r == ("BinConv2d(2, 4, kernel_size=3, stride=2, padding=1, prune_rate=0.25, "
+                 "mode=search, per_channel_gain=True)")
+    r = repr(binslt.BinSpikeConv2d(2, 4, 3, padding=1, pool=2, backend="torch", tau=4.0))
+    assert r.startswith("BinSpikeConv2d(2, 4, kernel_size=3, stride=1, padding=1, pool=2, "
+                        "prune_rate=0.5, mode=search, input=spike, backend=torch, tau=4, "
+                        "decay_input=True, v_threshold=1, v_reset=0.0")
+    r = repr(binslt.BinSpikeLinear(4, 3, neuron="if", input="real"))
+    assert r.startswith("BinSpikeLinear(4, 3, prune_rate=0.5, mode=search, input=real, "
+                        "backend=auto, neuron=IF")
+    assert repr(binslt.LIF(v_threshold=0.5, backend="torch")).endswith(
+        "v_threshold=0.5, v_reset=0.0, detach_reset=False, surrogate=atan(2), "
+        "backend=torch)")
+    assert repr(binslt.SpikeMaxPool2d(3, 1, 1)) == "SpikeMaxPool2d(kernel_size=3, stride=1, " \
+        "padding=1)"
+    layer = binslt.BinLinear(4, 3)
+    layer.mode = "finetune"
+    assert "mode=finetune" in repr(layer)
+    # every layer class of binslt.nn.layers with settings has its own extra_repr
+    for cls in (binslt.BinSpikeConv2d, binslt.BinSpikeLinear, binslt.BinConv2d,
+                binslt.BinLinear, binslt.LIF, binslt.SpikeMaxPool2d):
+        assert "extra_repr" in cls.__dict__, cls
+    assert bnn.layers.SignActivation.__init__ is torch.nn.Module.__init__  # has no settings

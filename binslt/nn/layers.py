@@ -162,6 +162,12 @@ class _MaskedSignWeight(nn.Module):
         self._mode = "search"
         self.reset_parameters()
 
+    def _weight_repr(self) -> str:
+        """The masked sign-weight settings in a layer's repr: prune rate, mode and (where set)
+        the per-channel gain."""
+        return (f"prune_rate={self.prune_rate}, mode={self.mode}"
+                + (", per_channel_gain=True" if self.per_channel_gain else ""))
+
     def reset_parameters(self) -> None:
         nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
         nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
@@ -394,8 +400,7 @@ class BinSpikeConv2d(_MaskedSignWeight):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, "
                 + (f"pool={self.pool}, " if self.pool > 1 else "")
-                + f"prune_rate={self.prune_rate}, "
-                f"input={self.input}, mode={self.mode}, backend={self.backend}, "
+                + f"{self._weight_repr()}, input={self.input}, backend={self.backend}, "
                 f"{self.neuron.extra_repr()}")
 
     def reset(self) -> None:
@@ -487,9 +492,8 @@ class BinSpikeLinear(_MaskedSignWeight):
                                  affine=bn_affine) if bn else None
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features}, {self.out_features}, prune_rate={self.prune_rate}, "
-                f"input={self.input}, mode={self.mode}, backend={self.backend}, "
-                f"{self.neuron.extra_repr()}")
+        return (f"{self.in_features}, {self.out_features}, {self._weight_repr()}, "
+                f"input={self.input}, backend={self.backend}, {self.neuron.extra_repr()}")
 
     def reset(self) -> None:
         """No-op: layers are stateless across calls."""
@@ -516,6 +520,10 @@ class BinConv2d(_MaskedSignWeight):
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
         self.stride, self.padding = _square(stride, "stride"), _square(padding, "padding")
         self.bn = nn.BatchNorm2d(out_channels, affine=bn_affine) if bn else None
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, {self._weight_repr()}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in (4, 5):
@@ -608,6 +616,9 @@ class BinLinear(_MaskedSignWeight):
         super().__init__((out_features, in_features), prune_rate, per_channel_gain)
         self.in_features, self.out_features = in_features, out_features
 
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self._weight_repr()}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.effective_weight().to(x.dtype))
 
@@ -631,7 +642,7 @@ class LIF(nn.Module):
         self.backend = backend
 
     def extra_repr(self) -> str:
-        return self.neuron.extra_repr()
+        return f"{self.neuron.extra_repr()}, backend={self.backend}"
 
     def reset(self) -> None:
         """No-op: the neuron is stateless across calls."""

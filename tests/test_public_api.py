@@ -140,3 +140,83 @@ def test_repr_shows_each_layers_settings():
                 binslt.BinLinear, binslt.LIF, binslt.SpikeMaxPool2d):
         assert "extra_repr" in cls.__dict__, cls
     assert bnn.layers.SignActivation.__init__ is torch.nn.Module.__init__  # has no settings
+
+
+# --- docstrings ------------------------------------------------------------------------------
+
+DOCUMENTED = ("BinSpikeConv2d", "BinSpikeLinear", "BinConv2d", "BinLinear", "LIF",
+              "SpikeMaxPool2d")
+
+
+def test_layer_docstrings_run_as_doctests():
+    import doctest
+
+    from binslt.nn import layers
+
+    res = doctest.testmod(layers, optionflags=doctest.ELLIPSIS, raise_on_error=False)
+    assert res.failed == 0
+    assert res.attempted >= 20
+    finder = doctest.DocTestFinder()
+    with_examples = {t.name.rsplit(".", 1)[-1] for t in finder.find(layers) if t.examples}
+    assert set(DOCUMENTED) <= with_examples
+
+
+@pytest.mark.parametrize("name", DOCUMENTED)
+def test_class_docstring_lists_every_init_argument_and_shapes(name):
+    cls = getattr(binslt, name)
+    doc = cls.__doc__
+    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    assert params
+    missing = [p for p in params if f"{p} (" not in doc]
+    assert not missing, f"{name}: {missing}"
+    assert "Shape:" in doc and "[T, N, " in doc and ">>> " in doc
+    # __init__ and forward have their own docstrings, not torch.nn.Module's
+    for attr in ("__init__", "forward"):
+        own = cls.__dict__[attr].__doc__
+        assert own and own != getattr(torch.nn.Module, attr).__doc__, (name, attr)
+    if issubclass(cls, binslt.nn.layers._MaskedSignWeight):
+        assert "mode" in doc and "requires_grad" in doc
+
+
+# --- mode switches keep the user's requires_grad choices ---------------------------------------
+
+def _grads(m):
+    return m.weight.requires_grad, m.scores.requires_grad
+
+
+@pytest.mark.parametrize("freeze", ["model", "layer", "scores"])
+def test_a_frozen_layer_stays_frozen_across_mode_switches(freeze):
+    from binslt.nn import models
+
+    net = torch.nn.Sequential(binslt.BinSpikeLinear(8, 4), binslt.BinLinear(4, 2))
+    first, last = net[0], net[1]
+    assert _grads(first) == (False, True)  # search trains the scores
+    {"model": net, "layer": first, "scores": first.scores}[freeze].requires_grad_(False)
+    models.set_mode(net, "finetune")
+    assert _grads(first) == (False, False)  # not silently trainable again
+    assert _grads(last) == ((False, False) if freeze == "model" else (True, False))
+    models.set_mode(net, "frozen")
+    assert _grads(first) == (False, False)
+
+
+def test_unfreezing_lets_the_modes_drive_the_flags_again():
+    layer = binslt.BinSpikeConv2d(2, 4, 3)
+    layer.requires_grad_(False)
+    layer.mode = "finetune"
+    assert _grads(layer) == (False, False)
+    layer.weight.requires_grad_(True)  # the user's word: train w again
+    layer.mode = "search"
+    assert _grads(layer) == (False, True)
+    layer.mode = "finetune"
+    assert _grads(layer) == (True, False)
+
+
+def test_loading_a_finetune_checkpoint_keeps_a_users_freeze():
+    src = binslt.BinSpikeLinear(8, 4)
+    src.mode = "finetune"
+    dst = binslt.BinSpikeLinear(8, 4).requires_grad_(False)
+    dst.load_state_dict(src.state_dict())
+    assert dst.mode == "finetune" and _grads(dst) == (False, False)
+    fresh = binslt.BinSpikeLinear(8, 4)
+    fresh.load_state_dict(src.state_dict())
+    assert fresh.mode == "finetune" and _grads(fresh) == (True, False)

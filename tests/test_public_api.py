@@ -220,3 +220,42 @@ def test_loading_a_finetune_checkpoint_keeps_a_users_freeze():
     fresh = binslt.BinSpikeLinear(8, 4)
     fresh.load_state_dict(src.state_dict())
     assert fresh.mode == "finetune" and _grads(fresh) == (True, False)
+
+
+# --- TorchScript: refused first, pointing to torch.export --------------------------------------
+
+def _tiny_net():
+    from binslt.nn import models
+
+    torch.manual_seed(0)
+    return models.build("conv4", "binwslt", num_classes=10, in_channels=1, input_size=8)
+
+
+def _jit_cases():
+    layer = binslt.BinSpikeConv2d(2, 4, 3, padding=1)
+    x = (torch.rand(2, 1, 2, 6, 6) > 0.5).float()
+    wrapped = torch.nn.Sequential(torch.nn.Identity(), binslt.LIF())
+    return {
+        "script BinSpikeConv2d": lambda: torch.jit.script(layer),
+        "trace BinSpikeConv2d": lambda: torch.jit.trace(layer, x),
+        "script BinLinear": lambda: torch.jit.script(binslt.BinLinear(4, 3)),
+        "trace BinLinear": lambda: torch.jit.trace(binslt.BinLinear(4, 3), torch.ones(2, 4)),
+        "script LIF in a Sequential": lambda: torch.jit.script(wrapped),
+        "trace LIF in a Sequential": lambda: torch.jit.trace(wrapped, torch.ones(3, 2, 4)),
+        "script model": lambda: torch.jit.script(_tiny_net()),
+        "trace model": lambda: torch.jit.trace(_tiny_net(), torch.rand(2, 1, 8, 8)),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated")
+@pytest.mark.parametrize("case", list(_jit_cases()))
+def test_torchscript_is_refused_first_with_a_pointer_to_torch_export(case):
+    from binslt.nn.layers import TorchScriptNotSupportedError
+
+    with pytest.raises(TorchScriptNotSupportedError) as exc:
+        _jit_cases()[case]()
+    msg = str(exc.value)
+    assert "TorchScript" in msg and "not supported" in msg
+    assert "torch.export" in msg and "binslt.interop.export.export_program" in msg
+    # the first error: nothing of TorchScript's own is chained to it
+    assert exc.value.__cause__ is None and exc.value.__context__ is None

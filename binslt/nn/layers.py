@@ -164,6 +164,33 @@ def check_if_settings(who: str, tau, decay, decay_input) -> None:
                          f"{', '.join(given)}")
 
 
+class TorchScriptNotSupportedError(RuntimeError):
+    """``torch.jit.script`` / ``torch.jit.trace`` of a binslt layer or model."""
+
+
+def torchscript_error(who: str) -> TorchScriptNotSupportedError:
+    """The error that ``torch.jit.script`` / ``torch.jit.trace`` of a binslt module raises,
+    before TorchScript's own (an f-string or ``unordered_map::at``)."""
+    return TorchScriptNotSupportedError(
+        f"{who}: TorchScript (torch.jit.script / torch.jit.trace) is not supported by binslt "
+        "layers and models; use torch.export instead: binslt.interop.export.export_program("
+        "model, example_input) for a frozen ticket model, or torch.export.export(model, (x,))")
+
+
+def _refuse_jit_trace(module: nn.Module) -> None:
+    """Raises ``torchscript_error`` inside ``torch.jit.trace`` (at the top of a forward)."""
+    if torch.jit.is_tracing():
+        raise torchscript_error(type(module).__name__)
+
+
+class _NoTorchScript:
+    """Mixin of the binslt modules: ``torch.jit.script`` calls ``__prepare_scriptable__`` on a
+    module and on each submodule before it compiles anything, so it fails here first."""
+
+    def __prepare_scriptable__(self):
+        raise torchscript_error(type(self).__name__)
+
+
 def _check_input(x: torch.Tensor, rank: int, layout: str, channels: int, cdim: int,
                  ref_param: torch.Tensor, who: str) -> None:
     if not isinstance(x, torch.Tensor):
@@ -182,7 +209,7 @@ def _check_input(x: torch.Tensor, rank: int, layout: str, channels: int, cdim: i
                          f"{ref_param.device}; move one of them (.to(device))")
 
 
-class _MaskedSignWeight(nn.Module):
+class _MaskedSignWeight(_NoTorchScript, nn.Module):
     """Frozen real weight ``w``, trainable scores ``s`` and the effective weight
     ``W_eff = alpha * sign(w) * M`` (docs/design.md section 1)."""
 
@@ -499,6 +526,7 @@ class BinSpikeConv2d(_MaskedSignWeight):
         """Spikes ``[T, N, C_out, H', W']`` (the input's dtype) of input ``x`` ``[T, N, C_in, H,
         W]``; ``residual``, a real current ``[T, N, C_out, H', W']`` (before the pool), is added
         to the BN output before the neuron."""
+        _refuse_jit_trace(self)
         who = type(self).__name__
         _check_input(x, 5, "[T, N, C, H, W]", self.in_channels, 2, self.weight, who)
         return self._forward(x, residual, x.shape[3], x.shape[4], False)
@@ -513,6 +541,7 @@ class BinSpikeConv2d(_MaskedSignWeight):
         ``forward`` gives. ``residual`` is a float current [T, N, C_out, H', W'] or spikes as
         packed words [T, N, H', W', ceil(C_out/32)] int32 (an identity shortcut's input), added
         as 0. / 1."""
+        _refuse_jit_trace(self)
         who = type(self).__name__
         if not isinstance(x, torch.Tensor) or x.dtype != torch.int32:
             _check_input(x, 5, "[T, N, C, H, W]", self.in_channels, 2, self.weight, who)
@@ -608,6 +637,7 @@ class BinSpikeLinear(_MaskedSignWeight):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Spikes ``[T, N, O]`` (the input's dtype) of input ``x`` ``[T, N, F]``; ``residual``,
         a real current ``[T, N, O]``, is added to the BN output before the neuron."""
+        _refuse_jit_trace(self)
         who = type(self).__name__
         _check_input(x, 3, "[T, N, F]", self.in_features, 2, self.weight, who)
         C.check_residual(who, residual, (x.shape[0], x.shape[1], self.out_features))
@@ -660,6 +690,7 @@ class BinConv2d(_MaskedSignWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The conv (+BN) of ``x`` ``[N, C_in, H, W]`` or ``[T, N, C_in, H, W]`` with W_eff:
         ``[N, C_out, H', W']`` or ``[T, N, C_out, H', W']``."""
+        _refuse_jit_trace(self)
         if x.dim() not in (4, 5):
             raise ValueError(f"BinConv2d expects [N, C, H, W] or [T, N, C, H, W], got shape "
                              f"{tuple(x.shape)}")
@@ -775,10 +806,11 @@ class BinLinear(_MaskedSignWeight):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W_eff.T``: ``[..., F]`` -> ``[..., O]``."""
+        _refuse_jit_trace(self)
         return F.linear(x, self.effective_weight().to(x.dtype))
 
 
-class LIF(nn.Module):
+class LIF(_NoTorchScript, nn.Module):
     __doc__ = """Stateless multi-step LIF neuron (SpikingJelly ``LIFNode``, step mode 'm').
 
     ``neuron="if"`` makes it SpikingJelly's ``IFNode`` (H = V + X).
@@ -821,6 +853,7 @@ class LIF(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Spikes of the currents ``x`` ``[T, ...]`` (time first), the same shape and dtype;
         the membrane starts at ``v_reset`` (0 for a soft reset) on every call."""
+        _refuse_jit_trace(self)
         if x.dim() < 2:
             raise ValueError(f"LIF expects a multi-step input [T, ...] of rank >= 2, got shape "
                              f"{tuple(x.shape)}")

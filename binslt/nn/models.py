@@ -59,6 +59,8 @@ from .layers import (
     SpikeMaxPool2d,
     _affine_infer_path,
     _MaskedSignWeight,
+    _NoTorchScript,
+    _refuse_jit_trace,
     check_if_settings,
     conv_output_numel,
 )
@@ -422,7 +424,7 @@ _BUILDERS = {"ann": _ANNBuilder, "snn": _SNNBuilder, "bnn": _BNNBuilder,
 # ---------------------------------------------------------------------------------------------
 
 
-class BinSLTNet(nn.Module):
+class BinSLTNet(_NoTorchScript, nn.Module):
     """images [N, C, H, W] -> logits [N, num_classes].
 
     Spiking variants repeat the image over ``timesteps`` (direct encoding) and run the layers on
@@ -448,6 +450,8 @@ class BinSLTNet(nn.Module):
                 f"{self.input_hw[0]}x{self.input_hw[1]}, timesteps={self.timesteps}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, num_classes]`` of images ``x`` ``[N, C, H, W]``."""
+        _refuse_jit_trace(self)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
         want = (self.in_channels, *self.input_hw)

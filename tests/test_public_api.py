@@ -259,3 +259,27 @@ def test_torchscript_is_refused_first_with_a_pointer_to_torch_export(case):
     assert "torch.export" in msg and "binslt.interop.export.export_program" in msg
     # the first error: nothing of TorchScript's own is chained to it
     assert exc.value.__cause__ is None and exc.value.__context__ is None
+
+
+# --- dtypes: a model's output follows its parameters' dtype ------------------------------------
+
+@pytest.mark.parametrize("arch,dtype", [("conv4", torch.float64), ("conv4", torch.bfloat16),
+                                        ("resnet19", torch.float64)])  # packed shortcuts
+def test_model_output_follows_the_parameter_dtype_under_no_grad(arch, dtype):
+    from binslt.nn import models
+
+    torch.manual_seed(0)
+    size, steps = 8, 2 if arch == "conv4" else 1
+    net = models.build(arch, "binwslt", num_classes=10, in_channels=1, input_size=size,
+                       timesteps=steps).to(dtype).eval()
+    assert {p.dtype for p in net.parameters()} == {dtype}
+    x = torch.rand(2, 1, size, size).to(dtype)
+    with torch.no_grad():
+        y = net(x)
+        spikes = net._chained_features(x.unsqueeze(0).expand(steps, *x.shape))
+    assert y.dtype == dtype and y.shape == (2, 10)
+    assert spikes.dtype == dtype and bool(((spikes == 0) | (spikes == 1)).all())
+    y_grad = net(x)  # the autograd path: the same dtype and the same logits
+    assert y_grad.dtype == dtype
+    torch.testing.assert_close(y, y_grad.detach(), rtol=0, atol=0 if dtype == torch.float64
+                               else 1e-2)

@@ -471,7 +471,8 @@ class BinSLTNet(_NoTorchScript, nn.Module):
         """``self.features(x)`` without autograd, with packed spikes between consecutive binslt
         spike-input convs: such a conv followed by another emits packed words
         ([T, N, H, W, ceil(C/32)] int32) that the next one consumes, so no float spike tensor is
-        written in between. Layers with hooks run as modules (the hooks see float spikes)."""
+        written in between. Layers with hooks run as modules (the hooks see float spikes). The
+        output has ``x``'s dtype."""
         mods = list(self.features)
         units = [_packable_conv(m, x.device) or _PackedBlock.of(m, x.device) for m in mods]
         h = x
@@ -483,7 +484,9 @@ class BinSLTNet(_NoTorchScript, nn.Module):
                 h = conv.forward_packed(h, packed_out=consumer)
             else:
                 h = m(h)
-        return h
+        # A packed-input layer's spikes come out as float32 (the words carry no dtype); the
+        # features' output follows the input's dtype, as the layers' forward does (exact 0/1).
+        return h.to(x.dtype) if h.is_floating_point() and h.dtype != x.dtype else h
 
 
 class _PackedBlock:
@@ -522,6 +525,7 @@ class _PackedBlock:
             if x.dtype == torch.int32 and not _affine_infer_path(b.shortcut, x.flatten(0, 1)):
                 xs = ops.unpack_spikes(x.flatten(0, 1), b.conv1.in_channels).view(
                     x.shape[0], x.shape[1], b.conv1.in_channels, *x.shape[2:4])
+                xs = xs.to(b.shortcut.weight.dtype)  # exact 0/1, in the shortcut's dtype
             r = b.shortcut(xs)  # packed words in: BinConv2d's bconv_affine_infer path
         return b.conv2.forward_packed(h, packed_out=packed_out, residual=r)
 

@@ -5,10 +5,8 @@ Masked sign-weight spiking layers (``BinSpikeConv2d``, ``BinSpikeLinear``) with 
 energy accounting and packed ticket files.
 """
 
-from __future__ import annotations
-
-import sys
-import types
+import sys as _sys
+import types as _types
 
 __version__ = "0.1.0"
 
@@ -32,17 +30,21 @@ from .ops import backends, reference, use_backend  # noqa: E402
 _moved.install()
 
 
-class _Package(type(sys.modules[__name__])):
+class _Package(type(_sys.modules[__name__])):
     # Importing the old module path binslt.convert binds the *module* on this package; the
     # public `binslt.convert` is the function, which that binding must not shadow.
     def __setattr__(self, name, value):
-        if name == "convert" and isinstance(value, types.ModuleType):
+        if name == "convert" and isinstance(value, _types.ModuleType):
             return
         super().__setattr__(name, value)
 
 
-sys.modules[__name__].__class__ = _Package
+_sys.modules[__name__].__class__ = _Package
 
+# Every public name of the package, eager or lazy (``__getattr__`` below). The subpackages
+# (binslt.nn, binslt.io, binslt.interop, binslt.training, binslt.analysis, binslt.cli) are
+# imported by their path and not star-exported: ``from binslt import *`` must not rebind a
+# user's ``nn`` (torch.nn).
 __all__ = [
     "BinConv2d",
     "BinLinear",
@@ -53,7 +55,10 @@ __all__ = [
     "SpikeMaxPool2d",
     "backends",
     "convert",
+    "export_ticket",
     "from_nir",
+    "load_ticket",
+    "models",
     "ops",
     "reference",
     "to_nir",
@@ -61,6 +66,10 @@ __all__ = [
     "use_backend",
     "__version__",
 ]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
 
 def __getattr__(name):

@@ -48,6 +48,21 @@ USER_ERRORS = (CLIError, RunError, DatasetError, ArtifactError, NIRError, NIRDep
                BackendSettingError, OSError, NonFiniteError)
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: one line ``binslt X  torch Y  triton Z``, exit 0 (Triton is imported only
+    when asked)."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..training.loop import versions
+
+        v = versions()
+        print(f"binslt {v['binslt']}  torch {v['torch']}  triton {v['triton']}")
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="binslt", description="Binary-weight spiking lottery tickets (BinW-SLT): search, "
@@ -55,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true",
                    help="on an error, show the full traceback instead of one line (also "
                    "accepted after the command)")
+    p.add_argument("--version", action=_VersionAction,
+                   help="print the binslt, torch and Triton versions and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     info.add_parser(sub)
     check.add_parser(sub)

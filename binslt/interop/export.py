@@ -20,7 +20,7 @@ from torch import nn
 __all__ = ["export_program", "load_ops_standalone", "load_program", "op_library_paths",
            "save_program"]
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, os.PathLike[str]]
 _LIBS: list = []
 
 

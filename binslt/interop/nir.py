@@ -47,7 +47,7 @@ DEFAULT_DT = 1e-4
 MAXPOOL_FORMS = ("threshold", "lif")
 EXTRA_HINT = "pip install 'binslt[nir]'"
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, os.PathLike[str]]
 
 
 class NIRError(ValueError):

@@ -49,7 +49,7 @@ CHECKPOINT_FORMAT = "binslt-checkpoint-v1"
 #: ``ticket.pt`` of run directories written before the safetensors ticket (read, never written)
 LEGACY_TICKET_FORMAT = "binslt-ticket-torch-v1"
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, os.PathLike[str]]
 
 
 class ArtifactError(ValueError):

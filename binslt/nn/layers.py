@@ -82,6 +82,50 @@ class MultiStepOnly:
                 f"step_mode={mode!r}. Keep the model in step mode 'm' and give a single step as "
                 "x.unsqueeze(0)")
 
+
+_NEURON_ARGS = """\
+        tau (float, optional): LIF membrane time constant (None: SpikingJelly's 2.0); give
+            either ``tau`` or ``decay``.
+        decay (float, optional): the leak lambda = 1 - 1/tau in (0, 1], instead of ``tau``.
+        decay_input (bool, optional): LIF: H = V + (X - (V - v_reset)) / tau (True, None:
+            SpikingJelly's default) or H = V - (V - v_reset) / tau + X (False, the paper's).
+        v_threshold (float): firing threshold (default 1.0).
+        v_reset (float or None): hard-reset potential (default 0.0); None: soft reset (subtract
+            the threshold).
+        detach_reset (bool): keep the reset out of the backward graph (default False).
+        surrogate (str): the spike's surrogate gradient, 'atan' (default) or 'sigmoid'.
+        surrogate_alpha (float): the surrogate's sharpness (default 2.0).
+        neuron (str): 'lif' (default) or 'if' (SpikingJelly's IFNode, H = V + X: takes no tau,
+            decay or decay_input=True)."""
+
+_WEIGHT_ARGS = """\
+        prune_rate (float): the fraction of weights *removed* by the mask, in [0, 1)
+            (default 0.5).
+        per_channel_gain (bool): one gain alpha per output channel instead of one per layer
+            (default False)."""
+
+_SPIKE_ARGS = """\
+        bn (bool): a BatchNorm after the conv / linear, fused into the neuron (default False).
+        bn_affine (bool): the BatchNorm has a learnable scale and shift (default False: the
+            paper's; only the running statistics are kept).
+        bn_eps (float): the BatchNorm's eps (default 1e-5).
+        bn_momentum (float): the BatchNorm's running-statistics momentum (default 0.1).
+        input (str): 'spike' (default: 0/1 spikes, bit-packed on the kernel paths) or 'real'
+            (real values, e.g. the first layer's images).
+        backend (str): the kernel: 'auto' (default: the fastest checked one for the device),
+            'torch' (the pure-torch reference), 'cpu' (C++), 'triton' or 'cuda'."""
+
+_MODE_DOC = """\
+    ``mode`` (a property; all layers start in 'search'): 'search' trains the scores s (the mask
+    is the top-|s| of them, the weights w stay frozen), 'finetune' fixes the mask and trains
+    w, 'frozen' keeps only the packed bit planes and the gain (inference; no way back). A mode
+    switch sets ``weight.requires_grad`` / ``scores.requires_grad`` to what the new mode trains,
+    except in a layer the user froze: when every parameter the current mode trains has
+    requires_grad False (``requires_grad_(False)`` on the model, the layer or those
+    parameters), the switch keeps both frozen; a switch never turns on gradients the user
+    turned off. ``requires_grad_(True)`` before the switch lets the modes drive them again."""
+
+
 _IntOrPair = Union[int, tuple[int, int]]
 
 
@@ -178,6 +222,33 @@ def check_if_settings(who: str, tau, decay, decay_input) -> None:
                          f"{', '.join(given)}")
 
 
+class TorchScriptNotSupportedError(RuntimeError):
+    """``torch.jit.script`` / ``torch.jit.trace`` of a binslt layer or model."""
+
+
+def torchscript_error(who: str) -> TorchScriptNotSupportedError:
+    """The error that ``torch.jit.script`` / ``torch.jit.trace`` of a binslt module raises,
+    before TorchScript's own (an f-string or ``unordered_map::at``)."""
+    return TorchScriptNotSupportedError(
+        f"{who}: TorchScript (torch.jit.script / torch.jit.trace) is not supported by binslt "
+        "layers and models; use torch.export instead: binslt.interop.export.export_program("
+        "model, example_input) for a frozen ticket model, or torch.export.export(model, (x,))")
+
+
+def _refuse_jit_trace(module: nn.Module) -> None:
+    """Raises ``torchscript_error`` inside ``torch.jit.trace`` (at the top of a forward)."""
+    if torch.jit.is_tracing():
+        raise torchscript_error(type(module).__name__)
+
+
+class _NoTorchScript:
+    """Mixin of the binslt modules: ``torch.jit.script`` calls ``__prepare_scriptable__`` on a
+    module and on each submodule before it compiles anything, so it fails here first."""
+
+    def __prepare_scriptable__(self):
+        raise torchscript_error(type(self).__name__)
+
+
 def _check_input(x: torch.Tensor, rank: int, layout: str, channels: int, cdim: int,
                  ref_param: torch.Tensor, who: str) -> None:
     if not isinstance(x, torch.Tensor):
@@ -196,7 +267,7 @@ def _check_input(x: torch.Tensor, rank: int, layout: str, channels: int, cdim: i
                          f"{ref_param.device}; move one of them (.to(device))")
 
 
-class _MaskedSignWeight(MultiStepOnly, nn.Module):
+class _MaskedSignWeight(MultiStepOnly, _NoTorchScript, nn.Module):
     """Frozen real weight ``w``, trainable scores ``s`` and the effective weight
     ``W_eff = alpha * sign(w) * M`` (docs/design.md section 1).
 
@@ -224,6 +295,12 @@ class _MaskedSignWeight(MultiStepOnly, nn.Module):
         self._mode = "search"
         self.reset_parameters()
 
+    def _weight_repr(self) -> str:
+        """The masked sign-weight settings in a layer's repr: prune rate, mode and (where set)
+        the per-channel gain."""
+        return (f"prune_rate={self.prune_rate}, mode={self.mode}"
+                + (", per_channel_gain=True" if self.per_channel_gain else ""))
+
     def reset_parameters(self) -> None:
         nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
         nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
@@ -249,9 +326,26 @@ class _MaskedSignWeight(MultiStepOnly, nn.Module):
             else:  # frozen: keep only the packed bit planes and the gain
                 self.w_mask_bits, self.w_pos_bits, self.alpha = self._pack_effective_weight()
                 self.mask = None
-        self.weight.requires_grad_(mode == "finetune")
-        self.scores.requires_grad_(mode == "search")
+        self._set_mode_grads(mode)
         self._mode = mode
+
+    #: Which parameters each mode trains.
+    _MODE_GRADS = {"search": {"weight": False, "scores": True},
+                   "finetune": {"weight": True, "scores": False},
+                   "frozen": {"weight": False, "scores": False}}
+
+    def _set_mode_grads(self, mode: str) -> None:
+        """``requires_grad`` of weight / scores for ``mode``, keeping the user's freeze: when
+        every parameter that the current mode trains has requires_grad False, the user froze
+        the layer (``requires_grad_(False)`` on it, its model or those parameters), and the
+        layer stays frozen in the new mode; once one of them is True again, the modes drive the
+        flags."""
+        trained = [getattr(self, n) for n, on in self._MODE_GRADS[self._mode].items() if on]
+        if trained:  # 'frozen' trains nothing: the flag carries over unchanged
+            self.__dict__["_user_frozen"] = not any(p.requires_grad for p in trained)
+        user_frozen = self.__dict__.get("_user_frozen", False)
+        for name, on in self._MODE_GRADS[mode].items():
+            getattr(self, name).requires_grad_(on and not user_frozen)
 
     def train(self, mode: bool = True):
         self.__dict__.pop("_packed_cache", None)  # also the way to drop it after a .data write
@@ -431,13 +525,11 @@ class _MaskedSignWeight(MultiStepOnly, nn.Module):
             if key in state_dict and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(state_dict[key]))
         if prefix + "w_mask_bits" in state_dict:
+            self._set_mode_grads("frozen")
             self._mode = "frozen"
-            self.weight.requires_grad_(False)
-            self.scores.requires_grad_(False)
         elif prefix + "mask" in state_dict:
+            self._set_mode_grads("finetune")
             self._mode = "finetune"
-            self.weight.requires_grad_(True)
-            self.scores.requires_grad_(False)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -505,19 +597,44 @@ def _update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, count: int)
 
 
 class BinSpikeConv2d(_MaskedSignWeight):
-    """Masked sign-weight Conv2d (+BN) + multi-step LIF. Input [T, N, C_in, H, W] spikes (or real
-    images with ``input='real'``); output [T, N, C_out, H', W'] spikes in the input's dtype.
+    __doc__ = """Masked sign-weight Conv2d (+BN) + multi-step LIF neuron, in one fused op.
 
-    The neuron is SpikingJelly's LIFNode (tau=None: 2.0, decay_input=None: True) or, with
-    ``neuron="if"``, its IFNode (H = V + X; takes no tau, decay or decay_input), NeuronConfig.
+    Replaces a SpikingJelly ``layer.Conv2d`` (+ ``layer.BatchNorm2d``) + ``neuron.LIFNode``
+    (step mode 'm'). The effective weight is ``W_eff = alpha * sign(w) * M``: w is frozen, the
+    mask M keeps the top-|s| of the trainable scores s.
 
-    ``forward(x, residual=None)``: ``residual`` is a real current [T, N, C_out, H', W'] added
-    before the neuron (ResNet blocks).
+    Args:
+        in_channels (int): input channels C_in.
+        out_channels (int): output channels C_out.
+        kernel_size (int or (k, k)): square kernel.
+        stride (int or (s, s)): default 1.
+        padding (int or (p, p)): zero padding, default 0.
+""" + _WEIGHT_ARGS + "\n" + _SPIKE_ARGS + "\n" + _NEURON_ARGS + """
+        pool (int): 1 (default) or 2: conv -> BN -> neuron -> 2x2 max-pool (stride 2) in one
+            layer, the same spikes as this layer followed by ``SpikeMaxPool2d(2)``.
 
-    ``pool=2`` is conv -> BN -> neuron -> 2x2 max-pool (stride 2) in one layer, the same spikes
-    as this layer followed by ``SpikeMaxPool2d(2)``: output [T, N, C_out, H'//2, W'//2]. The max
-    of spikes is their OR; inference fuses it into the kernel, training saves one bit per spike
-    for its backward (not float indices). The residual keeps the unpooled shape.
+    Shape:
+        - input ``x``: ``[T, N, C_in, H, W]`` spikes (or real values with ``input='real'``).
+        - ``residual`` (optional): a real current ``[T, N, C_out, H', W']`` added before the
+          neuron (ResNet blocks), in the unpooled shape.
+        - output: ``[T, N, C_out, H', W']`` spikes (exact 0./1.) in the input's dtype, with
+          H' = (H + 2 * padding - kernel_size) // stride + 1 (halved again with ``pool=2``).
+
+""" + _MODE_DOC + """
+
+    The max of spikes is their OR: inference fuses the pool into the kernel, training saves
+    one bit per spike for its backward.
+
+    Example::
+
+        >>> import torch, binslt
+        >>> layer = binslt.BinSpikeConv2d(2, 4, 3, padding=1, prune_rate=0.5, bn=True)
+        >>> x = (torch.rand(3, 1, 2, 8, 8) > 0.5).float()  # [T, N, C, H, W] spikes
+        >>> y = layer(x)
+        >>> y.shape
+        torch.Size([3, 1, 4, 8, 8])
+        >>> bool(((y == 0) | (y == 1)).all())
+        True
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair,
@@ -529,6 +646,7 @@ class BinSpikeConv2d(_MaskedSignWeight):
                  input: str = "spike", backend: str = "auto", decay: Optional[float] = None,
                  bn_affine: bool = False, bn_eps: float = 1e-5, bn_momentum: float = 0.1,
                  per_channel_gain: bool = False, neuron: str = "lif", pool: int = 1):
+        """Build the layer; every argument is described in ``help(binslt.BinSpikeConv2d)``."""
         k = _square(kernel_size, "kernel_size")
         if k < 1:
             raise ValueError("kernel_size must be >= 1")
@@ -557,8 +675,7 @@ class BinSpikeConv2d(_MaskedSignWeight):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, "
                 + (f"pool={self.pool}, " if self.pool > 1 else "")
-                + f"prune_rate={self.prune_rate}, "
-                f"input={self.input}, mode={self.mode}, backend={self.backend}, "
+                + f"{self._weight_repr()}, input={self.input}, backend={self.backend}, "
                 f"{self.neuron.extra_repr()}")
 
     def reset(self) -> None:
@@ -570,6 +687,10 @@ class BinSpikeConv2d(_MaskedSignWeight):
         return C.out_hw(h, w, k, k, self.stride, self.padding)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Spikes ``[T, N, C_out, H', W']`` (the input's dtype) of input ``x`` ``[T, N, C_in, H,
+        W]``; ``residual``, a real current ``[T, N, C_out, H', W']`` (before the pool), is added
+        to the BN output before the neuron."""
+        _refuse_jit_trace(self)
         who = type(self).__name__
         _check_input(x, 5, "[T, N, C, H, W]", self.in_channels, 2, self.weight, who)
         return self._forward(x, residual, x.shape[3], x.shape[4], False)
@@ -584,6 +705,7 @@ class BinSpikeConv2d(_MaskedSignWeight):
         ``forward`` gives. ``residual`` is a float current [T, N, C_out, H', W'] or spikes as
         packed words [T, N, H', W', ceil(C_out/32)] int32 (an identity shortcut's input), added
         as 0. / 1."""
+        _refuse_jit_trace(self)
         who = type(self).__name__
         if not isinstance(x, torch.Tensor) or x.dtype != torch.int32:
             _check_input(x, 5, "[T, N, C, H, W]", self.in_channels, 2, self.weight, who)
@@ -625,8 +747,27 @@ def conv_output_numel(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int
 
 
 class BinSpikeLinear(_MaskedSignWeight):
-    """Masked sign-weight Linear (+BN) + multi-step LIF (or IF, ``neuron="if"``, as
-    BinSpikeConv2d). Input [T, N, F] -> spikes [T, N, O]."""
+    __doc__ = """Masked sign-weight Linear (+BN) + multi-step LIF (or IF) neuron, in one fused op.
+
+    Args:
+        in_features (int): input features F.
+        out_features (int): output features O.
+""" + _WEIGHT_ARGS + "\n" + _SPIKE_ARGS + "\n" + _NEURON_ARGS + """
+
+    Shape:
+        - input ``x``: ``[T, N, F]`` spikes (or real values with ``input='real'``).
+        - ``residual`` (optional): a real current ``[T, N, O]`` added before the neuron.
+        - output: ``[T, N, O]`` spikes (exact 0./1.) in the input's dtype.
+
+""" + _MODE_DOC + """
+
+    Example::
+
+        >>> import torch, binslt
+        >>> layer = binslt.BinSpikeLinear(16, 4, prune_rate=0.25, decay=0.99, decay_input=False)
+        >>> layer(torch.ones(3, 2, 16)).shape  # [T, N, F] -> [T, N, O]
+        torch.Size([3, 2, 4])
+    """
 
     def __init__(self, in_features: int, out_features: int, *, prune_rate: float = 0.5,
                  tau: Optional[float] = None, decay_input: Optional[bool] = None,
@@ -636,6 +777,7 @@ class BinSpikeLinear(_MaskedSignWeight):
                  input: str = "spike", backend: str = "auto", decay: Optional[float] = None,
                  bn_affine: bool = False, bn_eps: float = 1e-5, bn_momentum: float = 0.1,
                  per_channel_gain: bool = False, neuron: str = "lif"):
+        """Build the layer; every argument is described in ``help(binslt.BinSpikeLinear)``."""
         if input not in ("spike", "real"):
             raise ValueError(f"input must be 'spike' or 'real', got {input!r}")
         C.check_backend(backend)
@@ -650,14 +792,16 @@ class BinSpikeLinear(_MaskedSignWeight):
                                  affine=bn_affine) if bn else None
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features}, {self.out_features}, prune_rate={self.prune_rate}, "
-                f"input={self.input}, mode={self.mode}, backend={self.backend}, "
-                f"{self.neuron.extra_repr()}")
+        return (f"{self.in_features}, {self.out_features}, {self._weight_repr()}, "
+                f"input={self.input}, backend={self.backend}, {self.neuron.extra_repr()}")
 
     def reset(self) -> None:
         """No-op: layers are stateless across calls."""
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Spikes ``[T, N, O]`` (the input's dtype) of input ``x`` ``[T, N, F]``; ``residual``,
+        a real current ``[T, N, O]``, is added to the BN output before the neuron."""
+        _refuse_jit_trace(self)
         who = type(self).__name__
         _check_input(x, 3, "[T, N, F]", self.in_features, 2, self.weight, who)
         C.check_residual(who, residual, (x.shape[0], x.shape[1], self.out_features))
@@ -665,22 +809,52 @@ class BinSpikeLinear(_MaskedSignWeight):
 
 
 class BinConv2d(_MaskedSignWeight):
-    """Masked sign-weight Conv2d (+BN) without a neuron: a real current out.
+    __doc__ = """Masked sign-weight Conv2d (+BN) without a neuron: a real current out.
 
-    Accepts [N, C, H, W] or multi-step [T, N, C, H, W] (BN statistics over T*N*H*W). Used for
-    ResNet 1x1 shortcuts and the BNN-BinAct baseline.
+    Used for ResNet 1x1 shortcuts and the BNN-BinAct baseline.
+
+    Args:
+        in_channels (int): input channels C_in.
+        out_channels (int): output channels C_out.
+        kernel_size (int or (k, k)): square kernel.
+        stride (int or (s, s)): default 1.
+        padding (int or (p, p)): zero padding, default 0.
+""" + _WEIGHT_ARGS + """
+        bn (bool): a BatchNorm2d after the conv (default False; statistics over T*N*H*W).
+        bn_affine (bool): the BatchNorm has a learnable scale and shift (default False).
+
+    Shape:
+        - input: ``[N, C_in, H, W]`` or multi-step ``[T, N, C_in, H, W]``.
+        - output: ``[N, C_out, H', W']`` or ``[T, N, C_out, H', W']``, the input's dtype.
+
+""" + _MODE_DOC + """
+
+    Example::
+
+        >>> import torch, binslt
+        >>> conv = binslt.BinConv2d(4, 8, 1, stride=2, bn=True)
+        >>> conv(torch.ones(3, 2, 4, 6, 6)).shape
+        torch.Size([3, 2, 8, 3, 3])
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair,
                  stride: _IntOrPair = 1, padding: _IntOrPair = 0, *, prune_rate: float = 0.5,
                  bn: bool = False, bn_affine: bool = False, per_channel_gain: bool = False):
+        """Build the layer; every argument is described in ``help(binslt.BinConv2d)``."""
         k = _square(kernel_size, "kernel_size")
         super().__init__((out_channels, in_channels, k, k), prune_rate, per_channel_gain)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
         self.stride, self.padding = _square(stride, "stride"), _square(padding, "padding")
         self.bn = nn.BatchNorm2d(out_channels, affine=bn_affine) if bn else None
 
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, {self._weight_repr()}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv (+BN) of ``x`` ``[N, C_in, H, W]`` or ``[T, N, C_in, H, W]`` with W_eff:
+        ``[N, C_out, H', W']`` or ``[T, N, C_out, H', W']``."""
+        _refuse_jit_trace(self)
         if x.dim() not in (4, 5):
             raise ValueError(f"BinConv2d expects [N, C, H, W] or [T, N, C, H, W], got shape "
                              f"{tuple(x.shape)}")
@@ -764,28 +938,69 @@ def _saves_spikes_packed(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 class BinLinear(_MaskedSignWeight):
-    """Masked sign-weight Linear without a neuron (the logits layer): [..., F] -> [..., O]."""
+    __doc__ = """Masked sign-weight Linear without a neuron (the logits layer), no bias.
+
+    Args:
+        in_features (int): input features F.
+        out_features (int): output features O.
+""" + _WEIGHT_ARGS + """
+
+    Shape:
+        - input: ``[..., F]`` (e.g. ``[T, N, F]``).
+        - output: ``[..., O]``, the input's dtype.
+
+""" + _MODE_DOC + """
+
+    Example::
+
+        >>> import torch, binslt
+        >>> fc = binslt.BinLinear(16, 10, prune_rate=0.5)
+        >>> fc(torch.ones(4, 2, 16)).shape
+        torch.Size([4, 2, 10])
+    """
 
     def __init__(self, in_features: int, out_features: int, *, prune_rate: float = 0.5,
                  per_channel_gain: bool = False):
+        """Build the layer; every argument is described in ``help(binslt.BinLinear)``."""
         super().__init__((out_features, in_features), prune_rate, per_channel_gain)
         self.in_features, self.out_features = in_features, out_features
 
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self._weight_repr()}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W_eff.T``: ``[..., F]`` -> ``[..., O]``."""
+        _refuse_jit_trace(self)
         return F.linear(x, self.effective_weight().to(x.dtype))
 
 
-class LIF(MultiStepOnly, nn.Module):
-    """Stateless multi-step LIF neuron (SpikingJelly ``LIFNode``, step mode 'm'): [T, ...].
+class LIF(MultiStepOnly, _NoTorchScript, nn.Module):
+    __doc__ = """Stateless multi-step LIF neuron (SpikingJelly ``LIFNode``, step mode 'm').
 
-    ``neuron="if"`` makes it SpikingJelly's ``IFNode`` (H = V + X; no tau, decay or
-    decay_input). tau=None is SpikingJelly's 2.0 and decay_input=None its True (LIF)."""
+    ``neuron="if"`` makes it SpikingJelly's ``IFNode`` (H = V + X).
+
+    Args:
+""" + _NEURON_ARGS + """
+        backend (str): the kernel: 'auto' (default), 'torch', 'cpu', 'triton' or 'cuda'.
+
+    Shape:
+        - input: ``[T, ...]`` currents (rank >= 2, time first).
+        - output: the same shape, spikes (exact 0./1.) in the input's dtype.
+
+    Example::
+
+        >>> import torch, binslt
+        >>> lif = binslt.LIF(tau=2.0, v_threshold=1.0)
+        >>> lif(torch.full((3, 1, 2), 1.5)).flatten().tolist()  # [T, N, F]
+        [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    """
 
     def __init__(self, tau: Optional[float] = None, decay_input: Optional[bool] = None,
                  v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
                  detach_reset: bool = False, surrogate: str = "atan",
                  surrogate_alpha: float = 2.0, *, decay: Optional[float] = None,
                  backend: str = "auto", neuron: str = "lif"):
+        """Build the layer; every argument is described in ``help(binslt.LIF)``."""
         super().__init__()
         C.check_backend(backend)
         self.neuron = NeuronConfig(tau, decay_input, v_threshold, v_reset, detach_reset,
@@ -794,12 +1009,15 @@ class LIF(MultiStepOnly, nn.Module):
         self.backend = backend
 
     def extra_repr(self) -> str:
-        return self.neuron.extra_repr()
+        return f"{self.neuron.extra_repr()}, backend={self.backend}"
 
     def reset(self) -> None:
         """No-op: the neuron is stateless across calls."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Spikes of the currents ``x`` ``[T, ...]`` (time first), the same shape and dtype;
+        the membrane starts at ``v_reset`` (0 for a soft reset) on every call."""
+        _refuse_jit_trace(self)
         if x.dim() < 2:
             raise ValueError(f"LIF expects a multi-step input [T, ...] of rank >= 2, got shape "
                              f"{tuple(x.shape)}")
@@ -817,10 +1035,27 @@ class LIF(MultiStepOnly, nn.Module):
 
 
 class SpikeMaxPool2d(MultiStepOnly, nn.Module):
-    """Multi-step 2-D max pooling: [T, N, C, H, W] -> [T, N, C, H', W'] (OR over spikes)."""
+    """Multi-step 2-D max pooling (on spikes: their OR over each window).
+
+    Args:
+        kernel_size (int or (k, k)): square window (default 2).
+        stride (int or (s, s), optional): default ``kernel_size``.
+        padding (int or (p, p)): default 0.
+
+    Shape:
+        - input: ``[T, N, C, H, W]``.
+        - output: ``[T, N, C, H', W']``, H' = (H + 2 * padding - kernel_size) // stride + 1.
+
+    Example::
+
+        >>> import torch, binslt
+        >>> binslt.SpikeMaxPool2d(2)(torch.ones(3, 1, 4, 8, 8)).shape
+        torch.Size([3, 1, 4, 4, 4])
+    """
 
     def __init__(self, kernel_size: _IntOrPair = 2, stride: Optional[_IntOrPair] = None,
                  padding: _IntOrPair = 0):
+        """Build the layer; every argument is described in ``help(binslt.SpikeMaxPool2d)``."""
         super().__init__()
         self.kernel_size = _square(kernel_size, "kernel_size")
         self.stride = self.kernel_size if stride is None else _square(stride, "stride")
@@ -830,6 +1065,7 @@ class SpikeMaxPool2d(MultiStepOnly, nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The max over each window of ``x`` ``[T, N, C, H, W]`` (per time step)."""
         if x.dim() != 5:
             raise ValueError(f"SpikeMaxPool2d expects [T, N, C, H, W], got shape "
                              f"{tuple(x.shape)}")
@@ -838,7 +1074,15 @@ class SpikeMaxPool2d(MultiStepOnly, nn.Module):
 
 
 class SignActivation(nn.Module):
-    """BNN-BinAct activation: sign forward (+-1), Bi-Real ApproxSign backward."""
+    """BNN-BinAct activation: sign forward (+-1), Bi-Real ApproxSign backward. Any shape.
+
+    Example::
+
+        >>> import torch, binslt
+        >>> binslt.SignActivation()(torch.tensor([-0.5, 0.0, 2.0])).tolist()
+        [-1.0, 1.0, 1.0]
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """+-1 of ``x`` (sign, with sign(0) = +1), the same shape."""
         return ref.sign_activation(x)

@@ -59,6 +59,8 @@ from .layers import (
     SpikeMaxPool2d,
     _affine_infer_path,
     _MaskedSignWeight,
+    _NoTorchScript,
+    _refuse_jit_trace,
     check_if_settings,
     conv_output_numel,
     name_layers,
@@ -423,7 +425,7 @@ _BUILDERS = {"ann": _ANNBuilder, "snn": _SNNBuilder, "bnn": _BNNBuilder,
 # ---------------------------------------------------------------------------------------------
 
 
-class BinSLTNet(nn.Module):
+class BinSLTNet(_NoTorchScript, nn.Module):
     """images [N, C, H, W] -> logits [N, num_classes].
 
     Spiking variants repeat the image over ``timesteps`` (direct encoding) and run the layers on
@@ -449,6 +451,8 @@ class BinSLTNet(nn.Module):
                 f"{self.input_hw[0]}x{self.input_hw[1]}, timesteps={self.timesteps}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, num_classes]`` of images ``x`` ``[N, C, H, W]``."""
+        _refuse_jit_trace(self)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
         want = (self.in_channels, *self.input_hw)
@@ -468,7 +472,8 @@ class BinSLTNet(nn.Module):
         """``self.features(x)`` without autograd, with packed spikes between consecutive binslt
         spike-input convs: such a conv followed by another emits packed words
         ([T, N, H, W, ceil(C/32)] int32) that the next one consumes, so no float spike tensor is
-        written in between. Layers with hooks run as modules (the hooks see float spikes)."""
+        written in between. Layers with hooks run as modules (the hooks see float spikes). The
+        output has ``x``'s dtype."""
         mods = list(self.features)
         units = [_packable_conv(m, x.device) or _PackedBlock.of(m, x.device) for m in mods]
         h = x
@@ -480,7 +485,9 @@ class BinSLTNet(nn.Module):
                 h = conv.forward_packed(h, packed_out=consumer)
             else:
                 h = m(h)
-        return h
+        # A packed-input layer's spikes come out as float32 (the words carry no dtype); the
+        # features' output follows the input's dtype, as the layers' forward does (exact 0/1).
+        return h.to(x.dtype) if h.is_floating_point() and h.dtype != x.dtype else h
 
 
 class _PackedBlock:
@@ -519,6 +526,7 @@ class _PackedBlock:
             if x.dtype == torch.int32 and not _affine_infer_path(b.shortcut, x.flatten(0, 1)):
                 xs = ops.unpack_spikes(x.flatten(0, 1), b.conv1.in_channels).view(
                     x.shape[0], x.shape[1], b.conv1.in_channels, *x.shape[2:4])
+                xs = xs.to(b.shortcut.weight.dtype)  # exact 0/1, in the shortcut's dtype
             r = b.shortcut(xs)  # packed words in: BinConv2d's bconv_affine_infer path
         return b.conv2.forward_packed(h, packed_out=packed_out, residual=r)
 

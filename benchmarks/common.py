@@ -298,14 +298,10 @@ class PeakMemory:
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (the one binslt check's verdicts are keyed by)."""
+    from binslt.ops.fallback import cpu_model as model
+
+    return model()
 
 
 def slug(text: str) -> str:

@@ -11,8 +11,8 @@ For each model (LIFNode and IFNode, step mode 'm', tiny input [T=2, N, 3, 32, 32
 
 The VGGs' two 4096-wide dense classifier layers (100 M weights, 25088 inputs after a 7x7 average
 pool) are swapped for 512 -> 64 -> 64 -> 10 layers of the same types in the same places, so that
-the tests fit on 2 CPU cores; the convolutional part is the zoo's. The family beyond the issue's
-two named models is marked slow (``-m "not slow"`` keeps this file near two minutes).
+the tests fit on 2 CPU cores; the convolutional part is the zoo's. Each family beyond its
+smallest models is marked slow (``-m "not slow"`` keeps this file near two minutes).
 
 A search step runs on every backend on a small model built from the zoo's own residual block
 (``spiking_resnet.BasicBlock``): 7x7 stride-2 stem, 1x1 stride-2 shortcut, residual add.

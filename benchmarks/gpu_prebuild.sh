@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-PY="${PYTHON:?set PYTHON to the GPU machine's Python/torch pair (see the header)}"
+PY="${PYTHON:?set PYTHON to a Python with the GPU machine torch (see the header)}"
 grep -qx '/.prebuilt/' .git/info/exclude 2>/dev/null || echo '/.prebuilt/' >> .git/info/exclude
 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 hash=$(bash benchmarks/gpu_sources_hash.sh)

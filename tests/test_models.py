@@ -41,6 +41,36 @@ def test_count_parameters_counts_weights_once_and_bn_per_channel():
     assert bn == 2 * (64 + 64 + 128 + 128 + 256 + 256)
 
 
+def test_fan_in_is_the_hand_count_for_every_layer_kind():
+    # MACs per output element, counted by hand: C_in / groups x kernel area (or volume) for a
+    # convolution, in_features for a linear layer. binslt.models' MAC counts and the energy
+    # report (binslt.analysis.energy) share this one function.
+    from binslt.analysis import energy
+    from binslt.nn.counting import fan_in
+    from binslt.nn.layers import BinConv2d, BinLinear, BinSpikeConv2d, BinSpikeLinear
+
+    cases = [
+        (nn.Conv2d(4, 6, (3, 5), groups=2), 2 * 3 * 5),
+        (nn.Conv2d(3, 8, 3), 3 * 3 * 3),
+        (nn.Conv1d(3, 4, 5), 3 * 5),
+        (nn.Conv3d(2, 4, (1, 3, 3)), 2 * 1 * 3 * 3),
+        (nn.Linear(7, 3), 7),
+        (BinSpikeConv2d(3, 8, 3, padding=1, backend="torch"), 3 * 3 * 3),
+        (BinConv2d(5, 8, 1), 5),
+        (BinSpikeLinear(16, 4, backend="torch"), 16),
+        (BinLinear(9, 2), 9),
+    ]
+    for m, want in cases:
+        assert fan_in(m) == want, m
+        assert energy._fan_in(m) == M._fan_in(m) == want, m
+    frozen = M.build("conv4", "binwslt", num_classes=3, in_channels=1, input_size=8,
+                     timesteps=2)
+    M.set_mode(frozen, "frozen")
+    assert fan_in(frozen.features[1][0]) == 64 * 9  # a frozen layer's weight keeps its shape
+    with pytest.raises(TypeError, match="no \\[out, in"):
+        fan_in(nn.ReLU())
+
+
 @pytest.mark.parametrize("arch", sorted(PAPER_MACS))
 def test_ann_macs_match_paper(arch):
     macs = M.count_macs(M.build(arch, "ann"), 32, 3)

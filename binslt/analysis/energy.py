@@ -57,6 +57,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from ..nn.counting import fan_in as _fan_in
 from ..nn.layers import (
     LIF,
     BinConv2d,
@@ -104,12 +105,6 @@ def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(m, _BINSLT_LAYERS + _CONV_LIKE + _LINEAR_LIKE):
             out.append((name or type(m).__name__, m))
     return out
-
-
-def _fan_in(m: nn.Module) -> int:
-    """MACs per output element: C_in/groups x prod(kernel) (conv) or in_features (linear)."""
-    w = m.weight
-    return int(w[0].numel())
 
 
 def _row_size(m: nn.Module, x: torch.Tensor) -> int:

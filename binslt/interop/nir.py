@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..nn.blocks import PerStep as _PerStep
 from ..nn.layers import (
     LIF,
     BinConv2d,
@@ -578,18 +579,6 @@ class _Sum(nn.Module):
         for x in xs[1:]:
             out = out + x
         return out
-
-
-class _PerStep(nn.Module):
-    """A per-sample module (conv, pool, flatten, linear) over [T, N, ...]."""
-
-    def __init__(self, fn: nn.Module):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        y = self.fn(x.flatten(0, 1))
-        return y.view(*x.shape[:2], *y.shape[1:])
 
 
 class _DenseSpiking(nn.Module):

@@ -41,8 +41,8 @@ from torch import nn
 from ..nn import models
 
 __all__ = ["ArtifactError", "CHECKPOINT_FORMAT", "LEGACY_TICKET_FORMAT", "RunDir",
-           "atomic_torch_save", "atomic_write_bytes", "atomic_write_csv", "atomic_write_json", "evaluate",
-           "evaluate_counts", "first_line", "load_model", "load_source", "load_state",
+           "atomic_torch_save", "atomic_write_bytes", "atomic_write_csv", "atomic_write_json",
+           "build_network", "evaluate", "evaluate_counts", "first_line", "load_model", "load_source", "load_state",
            "load_torch_file", "rebuild_model", "resolve_device", "resolve_source"]
 
 CHECKPOINT_FORMAT = "binslt-checkpoint-v1"
@@ -216,6 +216,19 @@ def load_source(src: PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def build_network(build_config: dict[str, Any]) -> nn.Module:
+    """The one place a network is built from a build config: the paper's networks
+    (``binslt.models.build(**build_config)``) or, for a config with a ``factory`` (a ``binslt
+    search --model`` run), the user's SpikingJelly model converted again
+    (``binslt.interop.convert.build_user_model``). A config that does not build raises
+    ``ValueError`` or ``TypeError``; the callers turn it into their own error type."""
+    if "factory" in build_config:
+        from ..interop.convert import build_user_model
+
+        return build_user_model(**build_config)
+    return models.build(**build_config)
+
+
 def rebuild_model(build_config: dict[str, Any], backend: str | None = None, *,
                   path: PathLike | None = None,
                   error: type[ArtifactError] = ArtifactError) -> nn.Module:
@@ -225,11 +238,7 @@ def rebuild_model(build_config: dict[str, Any], backend: str | None = None, *,
     if backend is not None:
         kw["backend"] = backend
     try:
-        if "factory" in kw:  # a `binslt search --model` run: the user's model, converted again
-            from ..interop.convert import build_user_model
-
-            return build_user_model(**kw)
-        return models.build(**kw)
+        return build_network(kw)
     except (ValueError, TypeError) as exc:
         where = repr(str(path)) if path is not None else "the saved model"
         raise error(f"{where}: its config does not build a network ({exc})") from None

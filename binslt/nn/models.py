@@ -34,6 +34,10 @@ every conv / linear weight tensor once (for masked sign layers the frozen weight
 scores ``s``, which are a search-time aid of the same size), biases, and 2 per channel for every
 BatchNorm (its affine weight and bias; a non-affine BN still applies a per-channel scale and shift
 at inference, folded from its running statistics). Running statistics are not counted.
+
+This module holds the descriptions, the builders and ``build``; the modules the networks are
+made of are in :mod:`binslt.nn.blocks`, the network class in :mod:`binslt.nn.network`, the
+counting in :mod:`binslt.nn.counting` (all re-exported here).
 """
 
 from __future__ import annotations
@@ -41,13 +45,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-import torch
 from torch import nn
 
-from .. import ops
 from ..ops import contract as C
 from ..ops.schemas import SURROGATES
-from .layers import (
+from .blocks import (  # noqa: F401  (re-exported: the modules' old home)
+    PerStep,
+    ResidualBlock,
+    SpikingConv,
+    SpikingLinear,
+    _ConvBNAct,
+    _Flatten,
+    _GlobalAvgPool,
+    _MeanOverTime,
+    _PerStep,
+)
+from .counting import (  # noqa: F401
+    _MAC_TYPES,
+    _fan_in,
+    count_macs,
+    count_parameters,
+    fan_in,
+    layer_macs,
+)
+from .layers import (  # noqa: F401  (re-exported: names this module has always offered)
     LIF,
     MODES,
     NEURONS,
@@ -65,6 +86,7 @@ from .layers import (
     conv_output_numel,
     name_layers,
 )
+from .network import BinSLTNet, _hw, _packable_conv, _PackedBlock, _pos_int  # noqa: F401
 
 __all__ = [
     "ARCHS",
@@ -135,135 +157,6 @@ SPECS: dict[str, list] = {
     "resnet19": [Conv(64)] + [Block(128, 1)] * 3 + [Block(256, 2)] + [Block(256, 1)] * 2
     + [Block(512, 2), Block(512, 1), GlobalPool(), FC(256)],
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Small modules shared by the builders
-# ---------------------------------------------------------------------------------------------
-
-
-class _Flatten(nn.Module):
-    """[..., C, H, W] -> [..., C*H*W] (works with or without a leading T)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(-3)
-
-
-class _GlobalAvgPool(nn.Module):
-    """[..., C, H, W] -> [..., C]."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(-2, -1))
-
-
-class _MeanOverTime(nn.Module):
-    """Applies ``layer`` to [T, N, F] and averages over T: the logits of a spiking network."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x).mean(0)
-
-
-class _PerStep(nn.Module):
-    """Applies a per-image module (conv, BN) to [T, N, C, ...] by flattening T into N, so BN
-    statistics run over T*N*spatial."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.module(x.flatten(0, 1))
-        return y.view(*x.shape[:2], *y.shape[1:])
-
-
-class SpikingConv(nn.Module):
-    """Dense spiking conv layer (snn variant): conv on [T*N, ...] + BN + multi-step LIF.
-
-    ``forward(x, residual=None)``: x [T, N, C, H, W] (spikes or, in the first layer, images);
-    ``residual`` [T, N, C_out, H', W'] is a current added before the neuron.
-    """
-
-    def __init__(self, cin: int, cout: int, kernel_size: int, stride: int, padding: int,
-                 bn: bool, bn_affine: bool, neuron: dict, backend: str):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=not bn)
-        self.bn = nn.BatchNorm2d(cout, affine=bn_affine) if bn else None
-        self.lif = LIF(**neuron, backend=backend)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        T, n = x.shape[:2]
-        z = self.conv(x.flatten(0, 1))
-        if self.bn is not None:
-            z = self.bn(z)
-        z = z.view(T, n, *z.shape[1:])
-        if residual is not None:
-            z = z + residual
-        return self.lif(z)
-
-
-class SpikingLinear(nn.Module):
-    """Dense spiking linear layer (snn variant): linear + BN (over T*N) + LIF, [T, N, F]."""
-
-    def __init__(self, fin: int, fout: int, bn: bool, bn_affine: bool, neuron: dict,
-                 backend: str):
-        super().__init__()
-        self.fc = nn.Linear(fin, fout, bias=not bn)
-        self.bn = nn.BatchNorm1d(fout, affine=bn_affine) if bn else None
-        self.lif = LIF(**neuron, backend=backend)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.fc(x)
-        if self.bn is not None:
-            z = self.bn(z.flatten(0, 1)).view(z.shape)
-        return self.lif(z)
-
-
-class ResidualBlock(nn.Module):
-    """Basic block for every variant: ``act(conv2(act(conv1(x))) + shortcut(x))``.
-
-    ``conv1`` maps x to activations; ``conv2(h, residual=r)`` adds the current ``r`` before its
-    activation (neuron, ReLU or sign). ``shortcut`` is None for the identity.
-    """
-
-    def __init__(self, conv1: nn.Module, conv2: nn.Module, shortcut: nn.Module | None):
-        super().__init__()
-        self.conv1, self.conv2, self.shortcut = conv1, conv2, shortcut
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = x if self.shortcut is None else self.shortcut(x)
-        return self.conv2(self.conv1(x), residual=r)
-
-
-class _ConvBNAct(nn.Module):
-    """Non-spiking conv (+BN) [+residual] + activation, [N, C, H, W] (ann / bnn variants).
-
-    Order: conv -> [maxpool] -> BN -> (+ residual) -> activation (``pool_first``, the bnn order),
-    or conv -> BN -> activation -> [maxpool] (the ann order).
-    """
-
-    def __init__(self, conv: nn.Module, bn: nn.Module | None, act: nn.Module, pool: bool,
-                 pool_first: bool):
-        super().__init__()
-        self.conv, self.bn, self.act = conv, bn, act
-        self.pool = nn.MaxPool2d(2) if pool else None
-        self.pool_first = pool_first
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        z = self.conv(x)
-        if self.pool is not None and self.pool_first:
-            z = self.pool(z)
-        if self.bn is not None:
-            z = self.bn(z)
-        if residual is not None:
-            z = z + residual
-        z = self.act(z)
-        if self.pool is not None and not self.pool_first:
-            z = self.pool(z)
-        return z
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,154 +313,6 @@ _BUILDERS = {"ann": _ANNBuilder, "snn": _SNNBuilder, "bnn": _BNNBuilder,
              "binwslt": _BinWSLTBuilder}
 
 
-# ---------------------------------------------------------------------------------------------
-# The network
-# ---------------------------------------------------------------------------------------------
-
-
-class BinSLTNet(_NoTorchScript, nn.Module):
-    """images [N, C, H, W] -> logits [N, num_classes].
-
-    Spiking variants repeat the image over ``timesteps`` (direct encoding) and run the layers on
-    [T, N, ...]; their classifier averages its output over T. ``build_config`` holds the
-    arguments that rebuild the same network: ``build(**model.build_config)``.
-    """
-
-    def __init__(self, features: nn.Sequential, classifier: nn.Module, *, spiking: bool,
-                 timesteps: int, in_channels: int, input_hw: tuple[int, int],
-                 build_config: dict):
-        super().__init__()
-        self.features = features
-        self.classifier = classifier
-        self.spiking = spiking
-        self.timesteps = timesteps
-        self.in_channels = in_channels
-        self.input_hw = input_hw
-        self.build_config = build_config
-
-    def extra_repr(self) -> str:
-        c = self.build_config
-        return (f"arch={c['arch']}, variant={c['variant']}, input={self.in_channels}x"
-                f"{self.input_hw[0]}x{self.input_hw[1]}, timesteps={self.timesteps}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, num_classes]`` of images ``x`` ``[N, C, H, W]``."""
-        _refuse_jit_trace(self)
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
-        want = (self.in_channels, *self.input_hw)
-        if x.dim() != 4 or tuple(x.shape[1:]) != want:
-            raise ValueError(f"expected images [N, {want[0]}, {want[1]}, {want[2]}] (the model was "
-                             f"built for in_channels={want[0]}, input_size={want[1:]}), got shape "
-                             f"{tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"expected floating-point images, got {x.dtype}")
-        if self.spiking:  # direct encoding
-            x = x.unsqueeze(0).expand(self.timesteps, *x.shape)
-            if not torch.is_grad_enabled():
-                return self.classifier(self._chained_features(x))
-        return self.classifier(self.features(x))
-
-    def _chained_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``self.features(x)`` without autograd, with packed spikes between consecutive binslt
-        spike-input convs: such a conv followed by another emits packed words
-        ([T, N, H, W, ceil(C/32)] int32) that the next one consumes, so no float spike tensor is
-        written in between. Layers with hooks run as modules (the hooks see float spikes). The
-        output has ``x``'s dtype."""
-        mods = list(self.features)
-        units = [_packable_conv(m, x.device) or _PackedBlock.of(m, x.device) for m in mods]
-        h = x
-        for i, m in enumerate(mods):
-            nxt = units[i + 1] if i + 1 < len(mods) else None
-            consumer = nxt is not None and nxt.input == "spike"
-            conv = units[i]
-            if conv is not None and (h.dtype == torch.int32 or consumer):
-                h = conv.forward_packed(h, packed_out=consumer)
-            else:
-                h = m(h)
-        # A packed-input layer's spikes come out as float32 (the words carry no dtype); the
-        # features' output follows the input's dtype, as the layers' forward does (exact 0/1).
-        return h.to(x.dtype) if h.is_floating_point() and h.dtype != x.dtype else h
-
-
-class _PackedBlock:
-    """A ResidualBlock of binslt spiking convs run with packed spikes: conv1 emits packed words,
-    an identity shortcut hands its input to conv2 as a packed residual (added as 0. / 1., the
-    spikes it packs), a BinConv2d shortcut runs as the module (on the packed words where its
-    bconv_affine_infer path runs, on the unpacked float spikes otherwise); conv2 emits
-    packed words when the next layer consumes them. The same spikes as the block's forward."""
-
-    input = "spike"
-
-    def __init__(self, block: ResidualBlock):
-        self.block = block
-
-    @classmethod
-    def of(cls, m: nn.Module, device: torch.device) -> _PackedBlock | None:
-        if not isinstance(m, ResidualBlock) or m._forward_hooks or m._forward_pre_hooks:
-            return None
-        if _packable_conv(m.conv1, device) is None or _packable_conv(m.conv2, device) is None:
-            return None
-        if m.conv1.input != "spike" or m.conv2.input != "spike":
-            return None
-        sc = m.shortcut
-        if sc is not None and (not isinstance(sc, BinConv2d) or sc._forward_hooks
-                               or sc._forward_pre_hooks):
-            return None
-        return cls(m)
-
-    def forward_packed(self, x: torch.Tensor, packed_out: bool) -> torch.Tensor:
-        b = self.block
-        h = b.conv1.forward_packed(x, packed_out=True)
-        if b.shortcut is None:
-            r = x  # packed words, or float spikes
-        else:
-            xs = x
-            if x.dtype == torch.int32 and not _affine_infer_path(b.shortcut, x.flatten(0, 1)):
-                xs = ops.unpack_spikes(x.flatten(0, 1), b.conv1.in_channels).view(
-                    x.shape[0], x.shape[1], b.conv1.in_channels, *x.shape[2:4])
-                xs = xs.to(b.shortcut.weight.dtype)  # exact 0/1, in the shortcut's dtype
-            r = b.shortcut(xs)  # packed words in: BinConv2d's bconv_affine_infer path
-        return b.conv2.forward_packed(h, packed_out=packed_out, residual=r)
-
-
-def _packable_conv(m: nn.Module, device: torch.device) -> BinSpikeConv2d | None:
-    """The BinSpikeConv2d behind a features entry (itself, or the one-child Sequential of a
-    pooled layer) when it can pass packed spikes: a kernel backend, no hooks. A spike-input one
-    takes and gives packed words; a real-input one (the first layer) only gives them."""
-    mods = [m]
-    if isinstance(m, nn.Sequential) and len(m) == 1:
-        mods.append(m[0])
-    conv = mods[-1]
-    if not isinstance(conv, BinSpikeConv2d):
-        return None
-    if ops.resolve_backend(conv.backend, device) == "torch":
-        return None
-    glob = nn.modules.module
-    if glob._global_forward_hooks or glob._global_forward_pre_hooks:
-        return None
-    if any(mm._forward_hooks or mm._forward_pre_hooks for mm in mods):
-        return None
-    return conv
-
-
-def _hw(input_size) -> tuple[int, int]:
-    if isinstance(input_size, (tuple, list)) and len(input_size) == 2:
-        h, w = input_size
-    else:
-        h = w = input_size
-    for v in (h, w):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"input_size must be a positive int or an (H, W) pair of them, got "
-                             f"{input_size!r}")
-    return int(h), int(w)
-
-
-def _pos_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
-
 
 _OPTION_DEFAULTS = dict(
     neuron="lif", tau=None, decay=None, decay_input=False, v_threshold=1.0, v_reset=0.0,
@@ -610,45 +355,12 @@ def _resolve_options(options: dict) -> dict:
     return o
 
 
-def build(arch: str, variant: str, *, num_classes: int = 10, in_channels: int = 3,
-          input_size: Union[int, tuple[int, int]] = 32, timesteps: int = 4,
-          prune_rate: float = 0.5, **neuron_options) -> BinSLTNet:
-    """Build one of the paper's networks: images [N, C, H, W] -> logits [N, num_classes].
-
-    Args:
-        arch: one of ``ARCHS`` ('conv4', 'vgg9', 'vgg11', 'resnet19').
-        variant: one of ``VARIANTS`` ('ann', 'snn', 'bnn', 'binwslt').
-        num_classes, in_channels, input_size: data shape (e.g. 10, 3, 32 for CIFAR-10; 10, 1, 8
-            for scikit-learn digits); FC sizes follow from them.
-        timesteps: T of the spiking variants (ignored by ann / bnn).
-        prune_rate: fraction of weights removed by the mask (bnn / binwslt).
-        **neuron_options: ``neuron`` ('lif', or 'if': SpikingJelly's IFNode, H = V + X, which
-            takes no tau, decay or decay_input=True),
-            ``tau`` or ``decay`` (lambda = 1 - 1/tau; default the paper's 0.99),
-            ``decay_input`` (False), ``v_threshold`` (1.0), ``v_reset`` (0.0; None = soft reset),
-            ``detach_reset`` (True), ``surrogate`` ('atan'), ``surrogate_alpha`` (2.0), ``bn``
-            (True: BN before every activation), ``bn_affine`` (False, as biprop),
-            ``binarize_first_last`` (True), ``backend`` ('auto') for the binslt layers,
-            ``per_channel_gain`` (False).
-
-    Raises:
-        ValueError: unknown arch / variant / option, or a bad value.
-    """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
-    num_classes = _pos_int(num_classes, "num_classes")
-    in_channels = _pos_int(in_channels, "in_channels")
-    timesteps = _pos_int(timesteps, "timesteps")
-    h, w = _hw(input_size)
-    prune_rate = C.check_prune_rate(prune_rate)
-    opts = _resolve_options(neuron_options)
-
-    b = _BUILDERS[variant](opts, prune_rate)
+def _feature_layers(b: _Builder, specs: list, c: int, h: int, w: int
+                    ) -> tuple[list[nn.Module], int]:
+    """The feature layers ``b`` builds for ``specs`` on ``c`` x ``h`` x ``w`` images, and the
+    number of features they hand the classifier (flattened, or after the global pool)."""
     layers: list[nn.Module] = []
-    specs = SPECS[arch]
-    c, first, flat = in_channels, True, None
+    first, flat = True, None
     i = 0
     while i < len(specs):
         spec = specs[i]
@@ -688,6 +400,46 @@ def build(arch: str, variant: str, *, num_classes: int = 10, in_channels: int = 
     if flat is None:
         layers.append(_Flatten())
         flat = c * h * w
+    return layers, flat
+
+
+def build(arch: str, variant: str, *, num_classes: int = 10, in_channels: int = 3,
+          input_size: Union[int, tuple[int, int]] = 32, timesteps: int = 4,
+          prune_rate: float = 0.5, **neuron_options) -> BinSLTNet:
+    """Build one of the paper's networks: images [N, C, H, W] -> logits [N, num_classes].
+
+    Args:
+        arch: one of ``ARCHS`` ('conv4', 'vgg9', 'vgg11', 'resnet19').
+        variant: one of ``VARIANTS`` ('ann', 'snn', 'bnn', 'binwslt').
+        num_classes, in_channels, input_size: data shape (e.g. 10, 3, 32 for CIFAR-10; 10, 1, 8
+            for scikit-learn digits); FC sizes follow from them.
+        timesteps: T of the spiking variants (ignored by ann / bnn).
+        prune_rate: fraction of weights removed by the mask (bnn / binwslt).
+        **neuron_options: ``neuron`` ('lif', or 'if': SpikingJelly's IFNode, H = V + X, which
+            takes no tau, decay or decay_input=True),
+            ``tau`` or ``decay`` (lambda = 1 - 1/tau; default the paper's 0.99),
+            ``decay_input`` (False), ``v_threshold`` (1.0), ``v_reset`` (0.0; None = soft reset),
+            ``detach_reset`` (True), ``surrogate`` ('atan'), ``surrogate_alpha`` (2.0), ``bn``
+            (True: BN before every activation), ``bn_affine`` (False, as biprop),
+            ``binarize_first_last`` (True), ``backend`` ('auto') for the binslt layers,
+            ``per_channel_gain`` (False).
+
+    Raises:
+        ValueError: unknown arch / variant / option, or a bad value.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    num_classes = _pos_int(num_classes, "num_classes")
+    in_channels = _pos_int(in_channels, "in_channels")
+    timesteps = _pos_int(timesteps, "timesteps")
+    h, w = _hw(input_size)
+    prune_rate = C.check_prune_rate(prune_rate)
+    opts = _resolve_options(neuron_options)
+
+    b = _BUILDERS[variant](opts, prune_rate)
+    layers, flat = _feature_layers(b, SPECS[arch], in_channels, h, w)
     classifier = b.head(flat, num_classes)
     config = dict(arch=arch, variant=variant, num_classes=num_classes, in_channels=in_channels,
                   input_size=input_size if isinstance(input_size, int) else tuple(input_size),
@@ -719,78 +471,3 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
         if isinstance(m, _MaskedSignWeight):
             m.mode = mode
     return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Parameters as the paper counts them (see the module docstring).
-
-    Conv / linear weights once (masked sign layers: ``w`` only, not the scores), biases, and 2
-    per channel for every BatchNorm (affine or not). Other modules' own parameters are counted
-    as they are.
-    """
-    total = 0
-    for m in model.modules():
-        if isinstance(m, _MaskedSignWeight):
-            total += m.weight.numel()
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            total += 2 * m.num_features
-        else:
-            total += sum(p.numel() for p in m.parameters(recurse=False))
-    return total
-
-
-_MAC_TYPES = (nn.Conv2d, nn.Linear, BinConv2d, BinLinear, BinSpikeConv2d, BinSpikeLinear)
-
-
-def _fan_in(m: nn.Module) -> int:
-    if isinstance(m, nn.Conv2d):
-        return (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-    if isinstance(m, (BinConv2d, BinSpikeConv2d)):
-        return m.in_channels * m.kernel_size * m.kernel_size
-    return m.in_features
-
-
-@torch.no_grad()
-def layer_macs(model: BinSLTNet, input_size: Union[int, tuple[int, int], None] = None,
-               in_channels: int | None = None) -> dict[str, int]:
-    """Dense multiply-accumulates per image (per time step for spiking variants), by layer name.
-
-    Counted by forward hooks on every conv / linear layer (dense and binslt): output elements x
-    fan-in. Masks are ignored (a dense count), BN, pooling and activations are not counted.
-    ``input_size`` / ``in_channels`` default to the model's own.
-    """
-    cfg = getattr(model, "build_config", {})
-    size = input_size if input_size is not None else cfg.get("input_size")
-    cin = in_channels if in_channels is not None else cfg.get("in_channels")
-    if size is None or cin is None:
-        raise ValueError("give input_size and in_channels (the model has no build_config)")
-    h, w = _hw(size)
-    steps = getattr(model, "timesteps", 1) if getattr(model, "spiking", False) else 1
-    counts: dict[str, int] = {}
-    hooks = []
-
-    def hook(name):
-        def fn(mod, inp, out):
-            macs = conv_output_numel(mod, inp[0], out) * _fan_in(mod)
-            counts[name] = counts.get(name, 0) + macs
-        return fn
-
-    for name, m in model.named_modules():
-        if isinstance(m, _MAC_TYPES):
-            hooks.append(m.register_forward_hook(hook(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        p = next(model.parameters())
-        model(torch.zeros(1, cin, h, w, dtype=p.dtype, device=p.device))
-    finally:
-        for hk in hooks:
-            hk.remove()
-        model.train(was_training)
-    return {k: v // steps for k, v in counts.items()}
-
-
-def count_macs(model: BinSLTNet, input_size: Union[int, tuple[int, int], None] = None,
-               in_channels: int | None = None) -> int:
-    """Total dense MACs per image of ``model`` (per time step for spiking variants)."""
-    return sum(layer_macs(model, input_size, in_channels).values())

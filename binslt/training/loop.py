@@ -52,6 +52,7 @@ from ..io.artifacts import (
     atomic_write_bytes,
     atomic_write_csv,
     atomic_write_json,
+    build_network,
     evaluate,
     load_source,
     load_state,
@@ -423,16 +424,15 @@ class _ProgressBar:
 
 
 def build_model(cfg: RunConfig, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
-    """``binslt.models.build`` for ``cfg`` (with ``--model``: the user's SpikingJelly model,
+    """The network of ``cfg`` for a dataset's image shape, built by
+    :func:`binslt.io.artifacts.build_network` (with ``--model``: the user's SpikingJelly model,
     converted); bad combinations become a :class:`RunError`."""
     if cfg.model is not None:
-        from ..interop.convert import build_user_model
-
         shape = cfg.input_shape or f"{in_channels},{input_size},{input_size}"
         try:
-            model = build_user_model(cfg.model, num_classes=num_classes, input_shape=shape,
-                                     timesteps=cfg.timesteps, prune_rate=cfg.prune_rate,
-                                     backend=cfg.backend)
+            model = build_network(dict(factory=cfg.model, num_classes=num_classes,
+                                       input_shape=shape, timesteps=cfg.timesteps,
+                                       prune_rate=cfg.prune_rate, backend=cfg.backend))
         except (ValueError, TypeError) as exc:
             raise RunError(str(exc)) from None
         got = tuple(model.build_config["input_shape"])
@@ -441,11 +441,11 @@ def build_model(cfg: RunConfig, num_classes: int, in_channels: int, input_size: 
                            f"dataset's images ({in_channels},{input_size},{input_size})")
         return model
     try:
-        return models.build(cfg.arch, cfg.method, num_classes=num_classes,
-                            in_channels=in_channels, input_size=input_size,
-                            timesteps=cfg.timesteps, prune_rate=cfg.prune_rate,
-                            backend=cfg.backend, bn_affine=cfg.bn_affine,
-                            **cfg.neuron_options())
+        return build_network(dict(arch=cfg.arch, variant=cfg.method, num_classes=num_classes,
+                                  in_channels=in_channels, input_size=input_size,
+                                  timesteps=cfg.timesteps, prune_rate=cfg.prune_rate,
+                                  backend=cfg.backend, bn_affine=cfg.bn_affine,
+                                  **cfg.neuron_options()))
     except (ValueError, TypeError) as exc:
         raise RunError(f"cannot build {cfg.arch}/{cfg.method}: {exc}") from None
 

@@ -18,16 +18,16 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
-from ..nn.blocks import PerStep as _PerStep
-from ..nn.layers import (
+from .. import ops  # noqa: F401  (re-exported: the names this module has always offered)
+from ..nn.blocks import PerStep as _PerStep  # noqa: F401
+from ..nn.layers import (  # noqa: F401
     LIF,
     BinConv2d,
     BinLinear,
@@ -36,39 +36,51 @@ from ..nn.layers import (
     SpikeMaxPool2d,
     _MaskedSignWeight,
 )
+from .nir_format import (  # noqa: F401
+    DEFAULT_DT,
+    EXTRA_HINT,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MAXPOOL_FORMS,
+    NIRDependencyError,
+    NIRError,
+    PathLike,
+    _bn_fold,
+    _nir,
+)
+from .nir_read import (  # noqa: F401
+    _bn_module,
+    _freeze,
+    _fusion_target,
+    _gain_and_bn,
+    _meta,
+    _neuron_from_node,
+    _pair,
+    _plain_bn,
+    _ternary,
+    _topo,
+    _uniform,
+    from_nir,
+    read_nir,
+)
+from .nir_units import (  # noqa: F401
+    NIRNet,
+    _BiasOp,
+    _BinConvSeq,
+    _dense,
+    _DenseSpiking,
+    _GlobalMean,
+    _Neuron,
+    _ScaleOp,
+    _SpikeOr,
+    _Spiking,
+    _Sum,
+    _SumPool,
+    _ThresholdOp,
+)
 
 __all__ = ["DEFAULT_DT", "FORMAT_NAME", "NIRDependencyError", "NIRError", "NIRNet",
            "eval_nir_file", "export_cli", "from_nir", "read_nir", "to_nir", "write_nir"]
-
-FORMAT_NAME = "binslt-nir"
-FORMAT_VERSION = 1
-#: The simulation step in seconds written into NIR time constants (tau_nir = tau * dt). It is
-#: SpikingJelly's and snnTorch's default, so that their importers read binslt files unchanged.
-DEFAULT_DT = 1e-4
-MAXPOOL_FORMS = ("threshold", "lif")
-EXTRA_HINT = "pip install 'binslt[nir]'"
-
-PathLike = Union[str, os.PathLike[str]]
-
-
-class NIRError(ValueError):
-    """A NIR graph or file binslt cannot write or read: the message names the file (if any) and
-    the layer or node."""
-
-
-class NIRDependencyError(ImportError):
-    """The optional ``nir`` package is missing."""
-
-
-def _nir():
-    try:
-        import nir
-    except ImportError as exc:
-        raise NIRDependencyError(
-            f"NIR export/import needs the optional 'nir' package ({exc}); install the extra: "
-            f"{EXTRA_HINT}") from None
-    return nir
-
 
 # ---------------------------------------------------------------------------------------------
 # Export
@@ -84,17 +96,6 @@ def _models():
 def _private(name: str):
     # binslt.models' small glue modules (flatten, global pool, mean-over-T readout).
     return getattr(_models(), name, None) or type(None)
-
-
-def _bn_fold(bn: Optional[nn.Module], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, shift) of an eval-mode BatchNorm, computed as binslt's fused epilogue
-    computes them (scale = w * rsqrt(var + eps), shift = b - mean * scale)."""
-    if bn is None:
-        return torch.ones(channels), torch.zeros(channels)
-    w = bn.weight.detach().float() if bn.affine else torch.ones(channels)
-    b = bn.bias.detach().float() if bn.affine else torch.zeros(channels)
-    scale = w * torch.rsqrt(bn.running_var.float() + bn.eps)
-    return scale, b - bn.running_mean.float() * scale
 
 
 def _bn_record(bn: Optional[nn.Module]) -> Optional[dict]:
@@ -455,649 +456,6 @@ def write_nir(graph_or_model, path: PathLike, **to_nir_kwargs) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------------------------
-
-
-def read_nir(path: PathLike):
-    """``nir.read`` with one clear :class:`NIRError` for a missing, truncated or corrupt file."""
-    nir = _nir()
-    path = Path(path)
-    p = repr(str(path))
-    if not path.is_file():
-        raise NIRError(f"{p}: no such NIR file")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head != b"\x89HDF\r\n\x1a\n":
-        raise NIRError(f"{p} is not a NIR file (NIR files are HDF5; this one does not start "
-                       "with the HDF5 signature)")
-    try:
-        graph = nir.read(str(path))
-    except Exception as exc:
-        msg = " ".join(str(exc).split()) or type(exc).__name__
-        raise NIRError(f"{p} is corrupt or truncated (nir.read failed: {msg[:200]})") from None
-    if not isinstance(graph, nir.NIRGraph):
-        raise NIRError(f"{p} holds a single {type(graph).__name__} node, not a NIR graph")
-    return graph
-
-
-def _meta(node) -> dict:
-    raw = (getattr(node, "metadata", None) or {}).get("binslt")
-    if raw is None:
-        return {}
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf8")
-    try:
-        val = json.loads(raw)
-    except (TypeError, json.JSONDecodeError):
-        return {}
-    return val if isinstance(val, dict) else {}
-
-
-def _uniform(a, what: str, where: str) -> float:
-    arr = np.asarray(a, dtype=np.float64).reshape(-1)
-    if arr.size == 0 or not np.all(arr == arr[0]):
-        raise NIRError(f"{where}: {what} differs between neurons; binslt neurons share one value "
-                       "per layer")
-    v = float(arr[0])
-    if not math.isfinite(v):
-        raise NIRError(f"{where}: {what} = {v} is not finite")
-    return v
-
-
-def _pair(v, what: str, where: str) -> int:
-    arr = np.asarray(v).reshape(-1)
-    if arr.size == 1:
-        arr = np.array([arr[0], arr[0]])
-    if arr.size != 2 or arr[0] != arr[1]:
-        raise NIRError(f"{where}: {what} {arr.tolist()} is not square; binslt layers take "
-                       "square kernels, strides and padding")
-    return int(arr[0])
-
-
-def _ternary(w: torch.Tensor) -> Optional[torch.Tensor]:
-    """Per-output-channel gain g if ``w`` is g[c] times {-1, 0, +1} (exactly), else None."""
-    flat = w.reshape(w.shape[0], -1)
-    g = flat.abs().amax(dim=1)
-    ok = ((flat == 0) | (flat.abs() == g[:, None])).all()
-    return g if bool(ok) and bool((g > 0).any()) else None
-
-
-class _Neuron(nn.Module):
-    """A NIR LIF / IF node as binslt's multi-step neuron (SpikingJelly semantics, S = H >= thr):
-    ``x`` is first scaled by ``gain`` when the node's r does not fold into a binslt form."""
-
-    def __init__(self, tau: float, decay_input: bool, v_threshold: float, gain: float = 1.0,
-                 backend: str = "auto"):
-        super().__init__()
-        self.gain = gain
-        self.inf = math.isinf(tau)
-        if self.inf:  # IF: H = V + X
-            self.lif = LIF(neuron="if", v_threshold=v_threshold, v_reset=0.0, backend=backend)
-        else:
-            self.lif = LIF(tau=tau, decay_input=decay_input, v_threshold=v_threshold,
-                           v_reset=0.0, backend=backend)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gain != 1.0:
-            x = x * self.gain
-        return self.lif(x)
-
-
-def _neuron_from_node(node, nir, dt: float, where: str, backend: str) -> nn.Module:
-    if not isinstance(node, (nir.LIF, nir.IF)):
-        raise NIRError(f"{where}: {type(node).__name__} is not a neuron binslt reads")
-    thr = _uniform(node.v_threshold, "v_threshold", where)
-    v_reset = _uniform(node.v_reset, "v_reset", where)
-    if v_reset != 0.0:
-        raise NIRError(f"{where}: v_reset={v_reset} != 0 is not read (the membrane starts at 0)")
-    r = _uniform(node.r, "r", where)
-    if isinstance(node, nir.IF):
-        # V += R dt X (forward Euler): R = 1/dt is H = V + X, up to the rounding of 1/dt
-        gain = r * dt
-        return _Neuron(math.inf, False, thr, gain=1.0 if math.isclose(gain, 1.0, rel_tol=1e-6)
-                       else gain, backend=backend)
-    if _uniform(node.v_leak, "v_leak", where) != 0.0:
-        raise NIRError(f"{where}: v_leak != v_reset = 0 has no binslt neuron")
-    k = _uniform(node.tau, "tau", where) / dt  # binslt tau (in steps)
-    if k < 1.0:
-        raise NIRError(f"{where}: tau/dt = {k:g} < 1 is unstable under forward Euler with "
-                       f"dt = {dt:g} (pass the file's dt to from_nir)")
-    if math.isclose(r, 1.0, rel_tol=1e-6):
-        return _Neuron(k, True, thr, backend=backend)
-    if math.isclose(r, k, rel_tol=1e-6):
-        return _Neuron(k, False, thr, backend=backend)
-    return _Neuron(k, False, thr, gain=r / k, backend=backend)
-
-
-class _Sum(nn.Module):
-    def forward(self, *xs):
-        out = xs[0]
-        for x in xs[1:]:
-            out = out + x
-        return out
-
-
-class _DenseSpiking(nn.Module):
-    """Dense synapse (+bias) then a neuron; extra inputs are added before the neuron."""
-
-    def __init__(self, syn: nn.Module, neuron: nn.Module):
-        super().__init__()
-        self.syn, self.neuron = _PerStep(syn), neuron
-
-    def forward(self, x, *residual):
-        z = self.syn(x)
-        for r in residual:
-            z = z + r
-        return self.neuron(z)
-
-
-class _Spiking(nn.Module):
-    """A binslt layer (BinSpikeConv2d / BinSpikeLinear) taking (x, residual_sum)."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x, *residual):
-        r = None
-        for t in residual:
-            r = t if r is None else r + t
-        return self.layer(x, residual=r)
-
-
-class _ThresholdOp(nn.Module):
-    def __init__(self, thr: torch.Tensor):
-        super().__init__()
-        self.register_buffer("thr", thr)
-
-    def forward(self, x):  # NIR's Heaviside: 1 where x > threshold
-        return (x > self.thr).to(x.dtype)
-
-
-class _SumPool(nn.Module):
-    def __init__(self, k, s, p):
-        super().__init__()
-        self.k, self.s, self.p = k, s, p
-
-    def forward(self, x):
-        return F.avg_pool2d(x, self.k, self.s, self.p, count_include_pad=True,
-                            divisor_override=1)
-
-
-class _GlobalMean(nn.Module):
-    def forward(self, x):  # [T, N, C, H, W] -> [T, N, C], as binslt.models' global pool
-        return x.mean(dim=(-2, -1))
-
-
-class _SpikeOr(nn.Module):
-    """2x2 max of spikes (Threshold(SumPool(x), 0.5) of a binslt file): binslt's own pool."""
-
-    def __init__(self, k, s, p):
-        super().__init__()
-        self.pool = SpikeMaxPool2d(k, s, p)
-
-    def forward(self, x):
-        return self.pool(x)
-
-
-class NIRNet(nn.Module):
-    """A NIR graph as a torch model.
-
-    ``forward(x)``: images ``[N, *input_shape]`` are repeated over ``timesteps`` (direct
-    encoding), or a sequence ``[T, N, *input_shape]`` is given. Graphs written by binslt return
-    the logits ``[N, classes]`` (the mean over T of the output node, as ``BinSLTNet``); other
-    graphs return the output sequence ``[T, N, ...]``. ``spikes`` (after a forward with
-    ``record=True``) maps each neuron's name to its output spikes.
-    """
-
-    def __init__(self, units: nn.ModuleDict, plan: list[tuple[str, str, list[str]]],
-                 output: str, input_shape: tuple[int, ...], timesteps: Optional[int],
-                 readout: str, metadata: dict):
-        super().__init__()
-        self.units = units
-        self.plan = plan
-        self.output = output
-        self.input_shape = tuple(int(v) for v in input_shape)
-        self.timesteps = timesteps
-        self.readout = readout
-        self.nir_metadata = metadata
-        self.spikes: dict[str, torch.Tensor] = {}
-
-    def forward(self, x: torch.Tensor, record: bool = False) -> torch.Tensor:
-        d = len(self.input_shape)
-        if x.dim() == d + 1 and tuple(x.shape[1:]) == self.input_shape:
-            if self.timesteps is None:
-                raise ValueError("this graph has no time steps recorded; give a sequence "
-                                 f"[T, N, {', '.join(map(str, self.input_shape))}]")
-            x = x.unsqueeze(0).expand(self.timesteps, *x.shape)
-        elif not (x.dim() == d + 2 and tuple(x.shape[2:]) == self.input_shape):
-            raise ValueError(f"expected [N, {list(self.input_shape)}] images or a "
-                             f"[T, N, {list(self.input_shape)}] sequence, got {tuple(x.shape)}")
-        vals = {"input": x}
-        self.spikes = {}
-        for name, key, inputs in self.plan:
-            out = self.units[key](*(vals[i] for i in inputs))
-            vals[name] = out
-            if record and isinstance(self.units[key], (_Spiking, _DenseSpiking, _Neuron)):
-                self.spikes[name] = out
-        out = vals[self.output]
-        return out.mean(0) if self.readout == "mean_over_time" else out
-
-
-def _topo(graph, where: str) -> list[str]:
-    preds = {n: [] for n in graph.nodes}
-    for a, b in graph.edges:
-        if a not in graph.nodes or b not in graph.nodes:
-            raise NIRError(f"{where}: edge ({a!r}, {b!r}) names a node the graph does not have")
-        preds[b].append(a)
-    order, state = [], {}
-
-    def visit(n, stack):
-        if state.get(n) == 2:
-            return
-        if state.get(n) == 1:
-            raise NIRError(f"{where}: node {n!r} is on a cycle; binslt reads feed-forward graphs "
-                           "(no recurrent connections)")
-        state[n] = 1
-        for p in preds[n]:
-            visit(p, stack)
-        state[n] = 2
-        order.append(n)
-
-    for n in graph.nodes:
-        visit(n, [])
-    return order
-
-
-def from_nir(graph_or_path, *, dt: Optional[float] = None, timesteps: Optional[int] = None,
-             backend: str = "auto") -> NIRNet:
-    """Read a NIR graph (a ``nir.NIRGraph`` or a ``.nir`` file) into a runnable :class:`NIRNet`.
-
-    Conv2d / Affine nodes whose weights are a gain per output channel times {-1, 0, +1}
-    become frozen binslt layers (``BinSpikeConv2d`` / ``BinSpikeLinear`` fused with the LIF
-    that follows, ``BinConv2d`` / ``BinLinear`` otherwise) computing from packed bits; other
-    weights become dense ``nn.Conv2d`` / ``nn.Linear``. For files written by binslt the layers'
-    gains and BatchNorm statistics come from the node metadata (checked against the weights),
-    so the model computes exactly what the exported one did. Files of other writers
-    (SpikingJelly's ``export_to_nir``) are read from their parameters alone.
-
-    ``dt``: the step the time constants were written for (default: the file's, else 1e-4, as
-    SpikingJelly and snnTorch). ``timesteps``: T for image input (default: the file's).
-
-    Raises:
-        NIRError: a missing / corrupt file, or a node binslt cannot read (named).
-    """
-    nir = _nir()
-    where_file = None
-    graph = graph_or_path
-    if not isinstance(graph, nir.NIRNode):
-        where_file = str(graph_or_path)
-        graph = read_nir(graph_or_path)
-    if not isinstance(graph, nir.NIRGraph):
-        raise NIRError(f"from_nir needs a NIR graph, got {type(graph).__name__}")
-    wf = f"{where_file!r}" if where_file else "NIR graph"
-    gmeta = dict(graph.metadata or {})
-    ours = gmeta.get("format") == FORMAT_NAME
-    if dt is None:
-        dt = float(gmeta.get("dt", DEFAULT_DT)) if ours else DEFAULT_DT
-    if timesteps is None and "timesteps" in gmeta:
-        timesteps = int(np.asarray(gmeta["timesteps"]).reshape(-1)[0])
-    order = _topo(graph, wf)
-    preds = {n: [] for n in graph.nodes}
-    succs = {n: [] for n in graph.nodes}
-    for a, b in graph.edges:
-        preds[b].append(a)
-        succs[a].append(b)
-    inputs = [n for n, v in graph.nodes.items() if isinstance(v, nir.Input)]
-    outputs = [n for n, v in graph.nodes.items() if isinstance(v, nir.Output)]
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise NIRError(f"{wf}: binslt reads graphs with one Input and one Output node (found "
-                       f"{len(inputs)} and {len(outputs)})")
-    inp, outn = inputs[0], outputs[0]
-    in_shape = tuple(int(v) for v in np.asarray(graph.nodes[inp].input_type["input"]).reshape(-1))
-
-    units = nn.ModuleDict()
-    plan: list[tuple[str, str, list[str]]] = []
-    alias: dict[str, str] = {inp: "input"}  # NIR node -> the value that carries its output
-    spike: dict[str, bool] = {"input": False}
-    shape: dict[str, tuple] = {"input": in_shape}
-    fused: set[str] = set()
-    pending: dict[str, str] = {}  # neuron -> the synapse fused into it
-
-    def src(n):
-        return alias[n]
-
-    def key(n):
-        return f"u{len(units)}"
-
-    def emit(name, module, ins, is_spike, out_shape):
-        k = key(name)
-        units[k] = module
-        plan.append((name, k, ins))
-        alias[name] = name
-        spike[name] = is_spike
-        shape[name] = out_shape
-
-    for n in order:
-        node = graph.nodes[n]
-        where = f"{wf}, node {n!r} ({type(node).__name__})"
-        if n == inp or n in fused:
-            continue
-        ps = preds[n]
-        if isinstance(node, nir.Output):
-            if len(ps) != 1:
-                raise NIRError(f"{where}: the Output node needs exactly one input")
-            alias[n] = src(ps[0])
-            continue
-        if not ps:
-            raise NIRError(f"{where}: the node has no input")
-        meta = _meta(node)
-        if isinstance(node, (nir.LIF, nir.IF)) and n in pending:
-            syn = pending.pop(n)
-            snode = graph.nodes[syn]
-            _build_synapse(syn, snode, _meta(snode), src(preds[syn][0]), graph, preds, succs,
-                           nir, dt, f"{wf}, node {syn!r} ({type(snode).__name__})", backend,
-                           spike, shape, emit, fused, src)
-            continue
-        if isinstance(node, (nir.LIF, nir.IF)):
-            neuron = _neuron_from_node(node, nir, dt, where, backend)
-            emit(n, neuron, [src(ps[0])] if len(ps) == 1 else [], True, None)
-            if len(ps) > 1:
-                units[plan[-1][1]] = nn.Sequential(_Sum(), neuron)
-                plan[-1] = (n, plan[-1][1], [src(p) for p in ps])
-            continue
-        if len(ps) != 1:
-            raise NIRError(f"{where}: only neurons may sum several inputs")
-        if isinstance(node, (nir.Conv2d, nir.Affine, nir.Linear)):
-            t = _fusion_target(n, graph, preds, succs, nir)
-            if t is not None:
-                pending[t] = n  # built with its neuron, once all the neuron's inputs exist
-                continue
-        x = src(ps[0])
-        if isinstance(node, (nir.Conv2d, nir.Affine, nir.Linear)):
-            _build_synapse(n, node, meta, x, graph, preds, succs, nir, dt, where, backend,
-                                   spike, shape, emit, fused, src)
-            continue
-        if isinstance(node, nir.SumPool2d):
-            k, s, p = (_pair(node.kernel_size, "kernel_size", where),
-                       _pair(node.stride, "stride", where), _pair(node.padding, "padding", where))
-            nxt = succs[n]
-            if (len(nxt) == 1 and isinstance(graph.nodes[nxt[0]], nir.Threshold)
-                    and _meta(graph.nodes[nxt[0]]).get("kind") == "spike_maxpool"
-                    and spike.get(x) and len(preds[nxt[0]]) == 1):
-                th = np.asarray(graph.nodes[nxt[0]].threshold)
-                if not np.all(th == 0.5):
-                    raise NIRError(f"{where}: a binslt max-pool threshold must be 0.5")
-                emit(nxt[0], _SpikeOr(k, s, p), [x], True, None)
-                fused.add(nxt[0])
-                alias[n] = nxt[0]
-                continue
-            emit(n, _PerStep(_SumPool(k, s, p)), [x], False, None)
-            continue
-        if isinstance(node, nir.AvgPool2d):
-            k = np.asarray(node.kernel_size).reshape(-1)
-            nxt = succs[n]
-            # binslt's 'lif' max-pool form: AvgPool2d -> memoryless LIF (kind spike_maxpool)
-            if (len(nxt) == 1 and _meta(graph.nodes[nxt[0]]).get("kind") == "spike_maxpool"
-                    and isinstance(graph.nodes[nxt[0]], nir.LIF) and spike.get(x)):
-                kk = _pair(node.kernel_size, "kernel_size", where)
-                emit(nxt[0], _SpikeOr(kk, _pair(node.stride, "stride", where),
-                                      _pair(node.padding, "padding", where)), [x], True, None)
-                fused.add(nxt[0])
-                alias[n] = nxt[0]
-                continue
-            if (len(nxt) == 1 and isinstance(graph.nodes[nxt[0]], nir.Flatten)
-                    and _meta(graph.nodes[nxt[0]]).get("kind") == "global_avgpool"):
-                emit(nxt[0], _GlobalMean(), [x], False, None)
-                fused.add(nxt[0])
-                alias[n] = nxt[0]
-                continue
-            kk = tuple(int(v) for v in (k if k.size == 2 else [k[0], k[0]]))
-            st = np.asarray(node.stride).reshape(-1)
-            pd = np.asarray(node.padding).reshape(-1)
-            st = tuple(int(v) for v in (st if st.size == 2 else [st[0], st[0]]))
-            pd = tuple(int(v) for v in (pd if pd.size == 2 else [pd[0], pd[0]]))
-            emit(n, _PerStep(nn.AvgPool2d(kk, st, pd)), [x], False, None)
-            continue
-        if isinstance(node, nir.Flatten):
-            # NIR's dims exclude the batch (and here the time) dimension
-            sd = int(node.start_dim)
-            ed = int(node.end_dim)
-            emit(n, _PerStep(nn.Flatten(sd + 1 if sd >= 0 else sd, ed + 1 if ed >= 0 else ed)),
-                 [x], spike.get(x, False), None)
-            continue
-        if isinstance(node, nir.Threshold):
-            thr = torch.from_numpy(np.asarray(node.threshold, dtype=np.float32).copy())
-            emit(n, _ThresholdOp(thr), [x], True, None)
-            continue
-        if isinstance(node, nir.Scale):
-            sc = torch.from_numpy(np.asarray(node.scale, dtype=np.float32).copy())
-            emit(n, _ScaleOp(sc), [x], False, None)
-            continue
-        raise NIRError(f"{where}: binslt cannot read this node type (it reads Input, Output, "
-                       "Conv2d, Affine, Linear, LIF, IF, SumPool2d, AvgPool2d, Flatten, "
-                       "Threshold, Scale)")
-    readout = str(gmeta.get("readout", "sequence")) if ours else "sequence"
-    net = NIRNet(units, plan, alias[outn], in_shape, timesteps, readout,
-                 {k: (v.decode() if isinstance(v, bytes) else v) for k, v in gmeta.items()})
-    return net.eval()
-
-
-class _ScaleOp(nn.Module):
-    def __init__(self, scale: torch.Tensor):
-        super().__init__()
-        self.register_buffer("scale", scale)
-
-    def forward(self, x):
-        return x * self.scale
-
-
-def _bn_module(rec: Optional[dict], channels: int, dim: int, where: str):
-    if rec is None:
-        return None
-    try:
-        cls = nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d
-        bn = cls(channels, eps=float(rec["eps"]), affine=bool(rec["affine"]))
-        bn.running_mean.copy_(torch.tensor(rec["running_mean"], dtype=torch.float32))
-        bn.running_var.copy_(torch.tensor(rec["running_var"], dtype=torch.float32))
-        if rec["affine"]:
-            bn.weight.data.copy_(torch.tensor(rec["weight"], dtype=torch.float32))
-            bn.bias.data.copy_(torch.tensor(rec["bias"], dtype=torch.float32))
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise NIRError(f"{where}: bad binslt BatchNorm metadata ({exc})") from None
-    return bn.eval()
-
-
-def _plain_bn(scale_shift: tuple[torch.Tensor, torch.Tensor], dim: int):
-    """A BatchNorm whose eval-mode (scale, shift) in binslt's epilogue are exactly these:
-    eps 0, mean 0, var 1, affine weight = scale, bias = shift."""
-    scale, shift = scale_shift
-    cls = nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d
-    bn = cls(scale.numel(), eps=0.0, affine=True)
-    bn.weight.data.copy_(scale)
-    bn.bias.data.copy_(shift)
-    return bn.eval()
-
-
-def _freeze(layer: _MaskedSignWeight, ternary: torch.Tensor, alpha: torch.Tensor) -> None:
-    """Load packed planes of ``ternary`` ({-1,0,1}, [O, I, kh, kw] or [O, F]) and ``alpha`` [O]
-    into ``layer``: it switches to frozen mode and keeps no latent weights."""
-    w4 = ternary.reshape(ternary.shape[0], ternary.shape[1], *ternary.shape[2:],
-                         *([1] * (4 - ternary.dim()))).contiguous()
-    mask, pos = ops.pack_weight(w4)
-    sd = {"w_mask_bits": mask, "w_pos_bits": pos, "alpha": alpha.float().contiguous()}
-    for name in ("w_mask_bits", "w_pos_bits", "alpha"):
-        setattr(layer, name, torch.empty_like(sd[name]))
-    layer.load_state_dict({**{k: v for k, v in layer.state_dict().items()
-                              if k not in ("weight", "scores", "mask")}, **sd,
-                           "weight": layer.weight.detach(), "scores": layer.scores.detach()},
-                          strict=False)
-    layer._mode = "frozen"  # the packed buffers define the layer (as load_ticket does)
-    for pname in ("weight", "scores"):
-        p = getattr(layer, pname)
-        setattr(layer, pname, nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape),
-                                           requires_grad=False))
-
-
-def _gain_and_bn(w: torch.Tensor, b: torch.Tensor, meta: dict, dim: int, where: str):
-    """(ternary, alpha [O], bn module or None) for a synapse with weight w (BN scale folded in)
-    and bias b, or None when w is not a gain times {-1, 0, +1}."""
-    g = _ternary(w)
-    if g is None:
-        return None
-    ternary = torch.sign(w)
-    rec_bn = meta.get("bn")
-    if "alpha" in meta:
-        alpha = torch.tensor(meta["alpha"], dtype=torch.float32).reshape(-1)
-        if alpha.numel() != w.shape[0]:
-            raise NIRError(f"{where}: metadata alpha has {alpha.numel()} values for "
-                           f"{w.shape[0]} output channels")
-        bn = _bn_module(rec_bn, w.shape[0], dim, where)
-        scale, shift = _bn_fold(bn, w.shape[0])
-        # the metadata must describe these weights (alpha * scale), not some other layer's
-        want = alpha * scale
-        nz = g > 0
-        if not torch.allclose(g[nz], want[nz].abs(), rtol=1e-5, atol=0) or not torch.allclose(
-                b, shift, rtol=1e-5, atol=1e-6) or bool((torch.sign(want[nz]) < 0).any()):
-            raise NIRError(f"{where}: the binslt metadata (alpha, BatchNorm) does not match the "
-                           "node's weights and bias")
-        return ternary, alpha, bn
-    return ternary, g, _plain_bn((torch.ones(w.shape[0]), b.float()), dim)
-
-
-def _fusion_target(n, graph, preds, succs, nir) -> Optional[str]:
-    """The neuron a synapse node fuses into (its only successor, of which it is the main
-    input), or None."""
-    nxt = succs[n]
-    if len(nxt) != 1:
-        return None
-    nn_node = graph.nodes[nxt[0]]
-    if not isinstance(nn_node, (nir.LIF, nir.IF)) or _meta(nn_node).get("kind") == "spike_maxpool":
-        return None
-    m = _meta(nn_node)
-    if "main_input" in m:
-        return nxt[0] if m["main_input"] == n else None
-    # a foreign graph: the first Conv2d/Affine/Linear input feeding only this neuron
-    cands = [p for p in preds[nxt[0]]
-             if isinstance(graph.nodes[p], (nir.Conv2d, nir.Affine, nir.Linear))
-             and len(succs[p]) == 1]
-    return nxt[0] if cands and cands[0] == n else None
-
-
-def _build_synapse(n, node, meta, x, graph, preds, succs, nir, dt, where, backend, spike, shape,
-                   emit, fused, src):
-    w = torch.from_numpy(np.asarray(node.weight, dtype=np.float32).copy())
-    if isinstance(node, nir.Linear):
-        b = torch.zeros(w.shape[0])
-    else:
-        b = torch.from_numpy(np.asarray(node.bias, dtype=np.float32).copy()).reshape(-1)
-    conv = isinstance(node, nir.Conv2d)
-    if conv:
-        if w.dim() != 4:
-            raise NIRError(f"{where}: weight of shape {list(w.shape)} is not [O, I, kh, kw]")
-        if int(np.asarray(node.groups).reshape(-1)[0]) != 1:
-            raise NIRError(f"{where}: grouped convolutions are not read")
-        if np.any(np.asarray(node.dilation).reshape(-1) != 1):
-            raise NIRError(f"{where}: dilated convolutions are not read")
-        if w.shape[2] != w.shape[3]:
-            raise NIRError(f"{where}: kernel {list(w.shape[2:])} is not square")
-        stride = _pair(node.stride, "stride", where)
-        padding = _pair(node.padding, "padding", where)
-    elif w.dim() != 2:
-        raise NIRError(f"{where}: weight of shape {list(w.shape)} is not [O, F]")
-    lname_t = _fusion_target(n, graph, preds, succs, nir)
-    neuron_next = is_main = lname_t is not None
-    nxt = [lname_t] if neuron_next else []
-    nn_node = graph.nodes[lname_t] if neuron_next else None
-    dim = 2 if conv else 1
-    tern = _gain_and_bn(w, b, meta, dim, where)
-    in_spikes = bool(spike.get(x))
-    if neuron_next and is_main:
-        lname = nxt[0]
-        lwhere = f"{where.rsplit(', node', 1)[0]}, node {lname!r} ({type(nn_node).__name__})"
-        neuron = _neuron_from_node(nn_node, nir, dt, lwhere, backend)
-        others = [src(p) for p in preds[lname] if p != n]
-        if tern is not None and neuron.gain == 1.0:
-            ternary, alpha, bn = tern
-            cfg = neuron.lif.neuron
-            leak = (dict(neuron="if") if cfg.neuron == "if"
-                    else dict(tau=cfg.tau, decay_input=cfg.decay_input))
-            kw = dict(**leak, v_threshold=cfg.v_threshold, v_reset=0.0,
-                      input="spike" if in_spikes else "real", backend=backend,
-                      bn=bn is not None, bn_affine=True)
-            if conv:
-                layer = BinSpikeConv2d(w.shape[1], w.shape[0], w.shape[2], stride, padding,
-                                       prune_rate=float(meta.get("prune_rate", 0.0)), **kw)
-            else:
-                layer = BinSpikeLinear(w.shape[1], w.shape[0],
-                                       prune_rate=float(meta.get("prune_rate", 0.0)), **kw)
-            layer.per_channel_gain = bool(meta.get("per_channel_gain", "alpha" not in meta))
-            if bn is not None:
-                layer.bn = bn
-            _freeze(layer, ternary, alpha)
-            unit = _Spiking(layer.eval())
-        else:
-            syn = _dense(conv, w, b, stride if conv else 1, padding if conv else 0)
-            unit = _DenseSpiking(syn, neuron)
-        emit(lname, unit, [x] + others, True, None)
-        fused.add(lname)
-        return lname
-    # a synapse without a fused neuron: readout / shortcut / foreign graph
-    if tern is not None:
-        ternary, alpha, bn = tern
-        if conv:
-            layer = BinConv2d(w.shape[1], w.shape[0], w.shape[2], stride, padding,
-                              prune_rate=float(meta.get("prune_rate", 0.0)),
-                              bn=bn is not None, bn_affine=True)
-            if bn is not None:
-                layer.bn = bn
-            _freeze(layer, ternary, alpha)
-            emit(n, _BinConvSeq(layer.eval()), [x], False, None)
-        else:
-            layer = BinLinear(w.shape[1], w.shape[0],
-                              prune_rate=float(meta.get("prune_rate", 0.0)))
-            _freeze(layer, ternary, alpha)
-            mod: nn.Module = layer.eval()
-            if bn is not None and (bn.bias.abs().sum() > 0 if bn.affine else True):
-                mod = nn.Sequential(layer, _BiasOp(b))
-            emit(n, mod, [x], False, None)
-        return n
-    emit(n, _PerStep(_dense(conv, w, b, stride if conv else 1, padding if conv else 0))
-         if conv else _dense(conv, w, b, 1, 0), [x], False, None)
-    return n
-
-
-class _BiasOp(nn.Module):
-    def __init__(self, b):
-        super().__init__()
-        self.register_buffer("b", b)
-
-    def forward(self, x):
-        return x + self.b
-
-
-class _BinConvSeq(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)  # BinConv2d accepts [T, N, C, H, W]
-
-
-def _dense(conv: bool, w, b, stride, padding) -> nn.Module:
-    if conv:
-        m = nn.Conv2d(w.shape[1], w.shape[0], w.shape[2], stride, padding, bias=True)
-    else:
-        m = nn.Linear(w.shape[1], w.shape[0], bias=True)
-    m.weight.data.copy_(w)
-    m.bias.data.copy_(b)
-    m.requires_grad_(False)
-    return m
 
 
 # ---------------------------------------------------------------------------------------------

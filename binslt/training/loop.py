@@ -25,11 +25,7 @@ are all-reduced, and only rank 0 writes files.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-import platform
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import ops
 from ..io.artifacts import (
@@ -62,8 +58,35 @@ from ..io.artifacts import (
 )
 from ..io.tickets import export_ticket
 from ..nn import models
-from ..nn.layers import NonFiniteError, name_layers
+from ..nn.layers import name_layers
 from . import data as data_mod
+from .config import (  # noqa: F401  (re-exported: the names this module has always offered)
+    ARCHS,
+    MASKED,
+    METHODS,
+    NEURONS,
+    OPTIMIZERS,
+    SPIKING,
+    SURROGATES,
+    DivergedError,
+    RunConfig,
+    RunError,
+)
+from .early_time import (  # noqa: F401
+    choose_early_time,
+    early_time_divergences,
+    select_early_time,
+)
+from .errors import ModelError, _failing_layer, _user_frame, model_error  # noqa: F401
+from .runtime import (  # noqa: F401
+    DistInfo,
+    _epoch_seed,
+    _rng_state,
+    _seed_all,
+    _set_rng_state,
+    setup_distributed,
+    versions,
+)
 
 __all__ = ["ARCHS", "DivergedError", "METHODS", "ModelError", "RunConfig", "RunError",
            "RunHooks", "build_model",
@@ -71,309 +94,6 @@ __all__ = ["ARCHS", "DivergedError", "METHODS", "ModelError", "RunConfig", "RunE
            "finish", "load_data", "make_optimizer", "prepare_output", "restore_checkpoint", "run",
            "save_checkpoint", "save_ticket", "select_early_time", "train_one_epoch", "versions"]
 
-METHODS = ("binwslt", "snn", "bnn", "ann")
-SPIKING = ("binwslt", "snn")
-MASKED = ("binwslt", "bnn")
-ARCHS = ("conv4", "vgg9", "vgg11", "resnet19")
-OPTIMIZERS = ("sgd", "adam")
-SURROGATES = ("atan", "sigmoid")
-NEURONS = models.NEURONS  # lif | if
-
-
-class RunError(Exception):
-    """A user-facing problem with a run (bad option, unusable checkpoint, occupied directory)."""
-
-
-class DivergedError(RunError):
-    """The training loss turned NaN or inf: the run stops before that step's optimizer update,
-    and the checkpoint of the last finished epoch stays as it was."""
-
-    def __init__(self, msg: str, epoch: int, step: int):
-        super().__init__(msg)
-        self.epoch, self.step = epoch, step
-
-
-@dataclass
-class RunConfig:
-    """Everything that determines a run. Defaults are the paper's (and the CLI's)."""
-
-    method: str = "binwslt"  #: binwslt (the search) | snn | bnn (BNN-BinAct) | ann
-    arch: str = "conv4"
-    dataset: str = "digits"
-    data_dir: str = "data"
-    download: bool = False
-    image_size: int = 32  #: imagefolder only
-    train_subset: int = 0  #: 0 = the whole training split; else its first N examples
-    test_subset: int = 0
-    prune_rate: float = 0.5  #: fraction of weights REMOVED (biprop calls the kept fraction so)
-    timesteps: int = 4
-    neuron: str = "lif"  #: lif | if (SpikingJelly's IFNode, H = V + X: no decay or tau)
-    decay: float | None = 0.99  #: lambda = 1 - 1/tau; None when tau is given instead (or IF)
-    tau: float | None = None
-    decay_input: bool = False
-    v_threshold: float = 1.0
-    v_reset: float | None = 0.0  #: None = soft reset
-    detach_reset: bool = True
-    surrogate: str = "atan"
-    surrogate_alpha: float = 2.0
-    bn_affine: bool = False
-    epochs: int = 30
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4  #: on every trained tensor, scores included (as biprop)
-    batch_size: int = 64  #: global batch size (split across ranks)
-    seed: int = 0
-    device: str = "auto"
-    backend: str = "auto"
-    workers: int = 0
-    init_from: str | None = None  #: finetune: the searched ticket / checkpoint it starts from
-    #: a user's SpikingJelly model, 'FILE.py:FACTORY' (arch 'custom'), converted by binslt.convert
-    model: str | None = None
-    input_shape: str | None = None  #: --model: 'C,H,W' of the images (default: the dataset's)
-    mode: str = "search"  #: model mode while training: search | finetune | train (dense models)
-    #: Early-time tickets (Kim et al., ECCV 2022; :func:`choose_early_time`): search the scores
-    #: at a smaller T' chosen at initialisation, evaluate (and tune the last epochs) at T.
-    early_time: bool = False
-    early_time_threshold: float = 0.6  #: pick the smallest T' with KL / max KL under this
-    early_time_tune_epochs: int | None = None  #: final epochs at the full T; None = epochs // 10
-
-    # Fields that may differ between an interrupted run and its resumption.
-    RESUMABLE_CHANGES = ("device", "workers", "data_dir", "download")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise RunError(f"unknown config keys {sorted(unknown)}")
-        return cls(**d)
-
-    def validate(self) -> None:
-        """Raise :class:`RunError` with an actionable message for any out-of-range option."""
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise RunError(msg)
-
-        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
-        if self.model is None:
-            need(self.arch in ARCHS, f"--arch must be one of {ARCHS}, got {self.arch!r}")
-            need(self.input_shape is None, "--input-shape goes with --model")
-        else:
-            need(self.arch == "custom", "--model and --arch exclude each other (the network is "
-                 "the model FILE.py:FACTORY returns)")
-            need(self.method == "binwslt", f"--model is searched with binwslt, not {self.method}")
-        need(self.optimizer in OPTIMIZERS,
-             f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        need(self.surrogate in SURROGATES,
-             f"--surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
-        need(0.0 <= self.prune_rate < 1.0,
-             f"--prune-rate is the fraction of weights removed and must be in [0, 1), got "
-             f"{self.prune_rate}")
-        need(self.timesteps >= 1, f"--timesteps must be >= 1, got {self.timesteps}")
-        need(self.neuron in NEURONS,
-             f"--neuron must be one of {NEURONS}, got {self.neuron!r}")
-        if self.neuron == "if":
-            need(self.decay is None and self.tau is None and not self.decay_input,
-                 "--neuron if has no leak (H = V + X): drop --decay, --tau and --decay-input")
-        else:
-            need((self.decay is None) != (self.tau is None),
-                 "give exactly one of --decay and --tau")
-        if self.decay is not None:
-            need(0.0 <= self.decay < 1.0, f"--decay (lambda) must be in [0, 1), got {self.decay}")
-        if self.tau is not None:
-            need(self.tau >= 1.0, f"--tau must be >= 1, got {self.tau}")
-        need(self.v_threshold > 0, f"--v-threshold must be > 0, got {self.v_threshold}")
-        need(self.surrogate_alpha > 0, f"--surrogate-alpha must be > 0, got {self.surrogate_alpha}")
-        need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
-        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}")
-        need(self.momentum >= 0, f"--momentum must be >= 0, got {self.momentum}")
-        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
-        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        need(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
-        need(self.train_subset >= 0 and self.test_subset >= 0, "subset sizes must be >= 0")
-        need(self.image_size >= 4, f"--image-size must be >= 4, got {self.image_size}")
-        need(self.mode in ("search", "finetune", "train"), f"bad mode {self.mode!r}")
-        need(self.mode != "finetune" or self.init_from is not None,
-             "finetune needs the ticket it starts from (--from DIR or FILE)")
-        need(self.mode != "finetune" or self.method in MASKED,
-             f"only masked models (binwslt, bnn) can be fine-tuned, got {self.method!r}")
-        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-             f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.early_time:
-            need(self.method == "binwslt" and self.mode == "search",
-                 f"--early-time applies to the BinW-SLT score search, not to {self.method} in "
-                 f"mode {self.mode!r}")
-            need(self.timesteps >= 2, f"--early-time needs T >= 2 (it searches at a T' < T), "
-                 f"got T={self.timesteps}")
-            need(0.0 < self.early_time_threshold <= 1.0, "--early-time-threshold is a fraction "
-                 f"of the largest divergence, in (0, 1], got {self.early_time_threshold}")
-            need(self.early_time_tune_epochs is None
-                 or 0 <= self.early_time_tune_epochs < self.epochs,
-                 f"--early-time-tune-epochs must be in [0, epochs={self.epochs}), got "
-                 f"{self.early_time_tune_epochs}")
-
-    def tune_epochs(self) -> int:
-        """Early-time search: how many final epochs run at the full T."""
-        if self.early_time_tune_epochs is not None:
-            return self.early_time_tune_epochs
-        return self.epochs // 10
-
-    def neuron_options(self) -> dict[str, Any]:
-        """The ``**neuron_options`` for :func:`binslt.models.build` (spiking models only)."""
-        if self.method not in SPIKING:
-            return {}
-        opts: dict[str, Any] = dict(
-            decay_input=self.decay_input, v_threshold=self.v_threshold, v_reset=self.v_reset,
-            detach_reset=self.detach_reset, surrogate=self.surrogate,
-            surrogate_alpha=self.surrogate_alpha, neuron=self.neuron)
-        if self.neuron == "if":
-            return opts  # no leak settings (validate refuses them)
-        if self.decay is not None:
-            opts["decay"] = self.decay
-        else:
-            opts["tau"] = self.tau
-        return opts
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Versions and RNG states
-# ---------------------------------------------------------------------------------------------
-
-
-def versions() -> dict[str, str]:
-    import binslt
-
-    try:
-        import triton
-
-        tv = triton.__version__
-    except Exception:
-        tv = "not installed"
-    return {"binslt": binslt.__version__, "torch": torch.__version__, "triton": tv,
-            "cuda": str(torch.version.cuda), "python": platform.python_version(),
-            "numpy": np.__version__}
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    st = {"torch": torch.get_rng_state(),
-          "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                    int(np_state[2]), int(np_state[3]), float(np_state[4])],
-          "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict[str, Any]) -> None:
-    torch.set_rng_state(st["torch"])
-    n = st["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    py = st["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**31 - 1)
-
-
-def _seed_all(s: int) -> None:
-    torch.manual_seed(s)
-    np.random.seed(s)
-    random.seed(s)
-
-
-# ---------------------------------------------------------------------------------------------
-# More than one process: every collective the loop uses
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DistInfo:
-    """This process's place in a ``torchrun`` job (one process: rank 0 of 1, and every method
-    is a no-op)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    initialised_here: bool = False
-    backend: str | None = None  #: the process group's backend (nccl / gloo), None without one
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.backend is not None
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` over the processes, in place."""
-        if self.active:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """The module to train: ``model`` in ``DistributedDataParallel`` when there are ranks."""
-        if not self.active:
-            return model
-        return nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def sync_buffers(self, model: nn.Module) -> None:
-        """Each rank's last forward updated its own BN running statistics; evaluate (and save)
-        rank 0's everywhere, as DDP's ``broadcast_buffers`` does at the next forward."""
-        if self.active:
-            for buf in model.buffers():
-                dist.broadcast(buf, 0)
-
-    def gather_rng(self) -> dict[str, Any]:
-        """Every rank's RNG state, keyed by rank, so that each resumes its own stream."""
-        rng = {str(self.rank): _rng_state()}
-        if self.active:
-            gathered: list = [None] * self.world
-            dist.all_gather_object(gathered, rng)
-            rng = {k: v for g in gathered for k, v in g.items()}
-        return rng
-
-    def test_shard(self, dataset):
-        """This rank's share of the test set (every world-th example)."""
-        if not self.active:
-            return dataset
-        return Subset(dataset, list(range(self.rank, len(dataset), self.world)))
-
-    def close(self) -> None:
-        if self.initialised_here and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def setup_distributed(device_kind: str) -> DistInfo:
-    """Join the process group when launched by torchrun (it sets TORCHELASTIC_RUN_ID; one process
-    under torchrun joins too, so that ``--nproc_per_node=1`` runs the nccl/gloo path) or whenever
-    WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ and not dist.is_initialized():
-        return DistInfo()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    here = False
-    if not dist.is_initialized():
-        backend = "nccl" if device_kind == "cuda" else "gloo"
-        if device_kind == "cuda":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
-        here = True
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local, here, dist.get_backend())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,57 +177,6 @@ def save_ticket(model: nn.Module, out_dir: str | Path) -> Path:
     export_ticket(model, path)
     return path
 
-
-# ---------------------------------------------------------------------------------------------
-# Early-time tickets
-# ---------------------------------------------------------------------------------------------
-
-
-def early_time_divergences(model: nn.Module, x: torch.Tensor, timesteps: int) -> dict[int, float]:
-    """``{T': KL(p_T || p_T')}`` for T' = 1 .. T-1: the mean over the batch ``x`` of the KL
-    divergence between the softmax of the output averaged over T and of the output averaged
-    over T' (the network run at T'), in nats, computed in float64.
-
-    The model runs in training mode (batch statistics in BN, as the search at T' sees them) on
-    a copy, so that ``model`` and its BN running statistics stay as they are."""
-    import copy
-
-    probe = copy.deepcopy(model)
-    probe.train()
-    outs = {}
-    with torch.no_grad():
-        for t in range(1, timesteps + 1):
-            probe.timesteps = t
-            outs[t] = F.log_softmax(probe(x).double(), dim=1)
-    ref = outs[timesteps]
-    return {t: float((ref.exp() * (ref - outs[t])).sum(1).mean()) for t in range(1, timesteps)}
-
-
-def select_early_time(divergences: dict[int, float], timesteps: int, threshold: float,
-                      ) -> tuple[int, dict[int, float]]:
-    """``(T', normalised)``: each divergence divided by the largest one, and the smallest T'
-    whose normalised divergence is under ``threshold``; T itself when none is (a divergence
-    of 0 everywhere normalises to 0)."""
-    top = max(divergences.values(), default=0.0)
-    norm = {t: (d / top if top > 0 else 0.0) for t, d in sorted(divergences.items())}
-    under = [t for t, v in norm.items() if v < threshold]
-    return (min(under) if under else timesteps), norm
-
-
-def choose_early_time(cfg: RunConfig, model: nn.Module, bundle, device: torch.device,
-                      ) -> dict[str, Any]:
-    """Kim et al.'s early-time rule on one training batch at initialisation: the batch is the
-    first ``batch_size`` examples of a permutation drawn from a generator seeded with
-    ``cfg.seed`` (the global RNGs are not touched, so the run that follows is the same)."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    idx = torch.randperm(len(bundle.train), generator=g)[: min(cfg.batch_size, len(bundle.train))]
-    x = torch.stack([bundle.train[int(i)][0] for i in idx]).to(device)
-    div = early_time_divergences(model, x, cfg.timesteps)
-    t_prime, norm = select_early_time(div, cfg.timesteps, cfg.early_time_threshold)
-    return {"T": cfg.timesteps, "T_prime": t_prime, "threshold": cfg.early_time_threshold,
-            "batch": len(idx), "kl": {str(t): v for t, v in div.items()},
-            "normalised": {str(t): v for t, v in norm.items()},
-            "search_epochs": cfg.epochs - cfg.tune_epochs(), "tune_epochs": cfg.tune_epochs()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -695,65 +364,6 @@ def train_one_epoch(net: nn.Module, loader, opt: torch.optim.Optimizer, device: 
     return tot[0].item() / n, 100.0 * tot[1].item() / n
 
 
-class ModelError(RunError):
-    """The model failed inside a run: a layer refused its input, held NaN/inf, or (a ``--model``
-    model) its own code raised. One line naming the layer; the original is ``__cause__``."""
-
-
-def _failing_layer(exc: BaseException) -> tuple[str | None, nn.Module | None]:
-    """``(qualified name, module)`` of the innermost module whose call ``exc`` came through (from
-    its traceback: the outermost module met is the root the name is relative to)."""
-    selves: list[nn.Module] = []
-    tb = exc.__traceback__
-    while tb is not None:
-        m = tb.tb_frame.f_locals.get("self")
-        if isinstance(m, nn.Module) and not any(m is s for s in selves):
-            selves.append(m)
-        tb = tb.tb_next
-    if not selves:
-        return None, None
-    names = {id(m): n for n, m in selves[0].named_modules()}
-    inner = selves[-1]
-    return names.get(id(inner)), inner
-
-
-def _user_frame(exc: BaseException) -> str | None:
-    """``file:line`` of the innermost traceback frame outside torch and binslt (the user's
-    model code), if any."""
-    import traceback
-
-    skip = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith(skip)]
-    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
-
-
-def model_error(exc: Exception, user_model: bool) -> ModelError | None:
-    """The one-line ModelError for an exception raised inside the model's call, or None when it
-    is not the model's (no module on its traceback) or, for a built-in model, not a layer
-    refusing its input (a ValueError/TypeError: anything else is a bug to see in full)."""
-    if isinstance(exc, RunError):
-        return None
-    name, mod = _failing_layer(exc)
-    if mod is None or not (user_model or isinstance(exc, (ValueError, TypeError))):
-        return None
-    lines = str(exc).strip().splitlines()
-    msg = " ".join(lines[0].split()) if lines else type(exc).__name__
-    if isinstance(exc, NonFiniteError):
-        return ModelError(msg)  # names its layer and the fix already
-    cls = type(mod).__name__
-    if isinstance(exc, (ValueError, TypeError)) and msg.startswith(cls):
-        # a binslt layer's own message (with its fix): the class, now with the layer's name
-        if name and not msg.startswith(f"{cls} {name}"):
-            msg = f"{cls} {name}{msg[len(cls):]}"
-        return ModelError(msg)
-    where = f"layer {name or '(root)'} ({cls})"
-    at = _user_frame(exc)
-    return ModelError(f"{where} raised {type(exc).__name__}: {msg}"
-                      + (f" (at {at}); fix the model's code" if at else "")
-                      + "; --debug shows the traceback")
-
-
 def _check_loss(loss: torch.Tensor, epoch: int | None, step: int,
                 all_reduce: Callable[[torch.Tensor], Any] | None) -> None:
     """Raise DivergedError when ``loss`` is not finite here or on another process (one flag
@@ -861,6 +471,32 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
         info.close()
 
 
+def _setup_model(cfg: RunConfig, run_dir: RunDir, info: DistInfo, bundle, device: torch.device,
+                 *, fresh: bool, log: Callable[[str], None]
+                 ) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any] | None]:
+    """``(model, source, early)``: the network (fresh, or the ticket a finetune starts from) on
+    ``device``, what it was restored from, and the early-time choice (None without
+    ``--early-time``). ``fresh``: the run starts now (not resumed), so the choices are logged."""
+    model, source = build_or_restore(cfg, bundle)
+    name_layers(model)  # errors name the layer (BinSpikeConv2d net.features.3: ...)
+    report = getattr(model, "conversion_report", None)
+    if report is not None and info.main:  # --model: what the conversion did, with the run
+        atomic_write_bytes(run_dir.path / "report.txt", (str(report) + "\n").encode())
+        atomic_write_json(report.to_dict(), run_dir.path / "report.json")
+        if fresh:
+            log(str(report))
+    model.to(device)
+    early = None
+    if cfg.early_time:  # on the fresh network (a resumed run rebuilds the same one first)
+        early = choose_early_time(cfg, model, bundle, device)
+        if fresh:
+            log(f"early-time: T'={early['T_prime']} of T={cfg.timesteps} (normalised KL "
+                + ", ".join(f"T'={t}: {v:.3f}" for t, v in early["normalised"].items())
+                + f"; threshold {cfg.early_time_threshold:g}); the last {early['tune_epochs']} "
+                "epoch(s) and every evaluation at T")
+    return model, source, early
+
+
 def _train(cfg: RunConfig, run_dir: RunDir, info: DistInfo, *, resume: bool, overwrite: bool,
            progress: bool, hooks: RunHooks, log: Callable[[str], None]) -> dict[str, Any]:
     device = resolve_device(cfg.device, info.local_rank if info.active else None)
@@ -870,23 +506,8 @@ def _train(cfg: RunConfig, run_dir: RunDir, info: DistInfo, *, resume: bool, ove
     bundle = load_data(cfg, info)
     per_rank_bs = cfg.batch_size // info.world
 
-    model, source = build_or_restore(cfg, bundle)
-    name_layers(model)  # errors name the layer (BinSpikeConv2d net.features.3: ...)
-    report = getattr(model, "conversion_report", None)
-    if report is not None and info.main:  # --model: what the conversion did, with the run
-        atomic_write_bytes(run_dir.path / "report.txt", (str(report) + "\n").encode())
-        atomic_write_json(report.to_dict(), run_dir.path / "report.json")
-        if ckpt is None:
-            log(str(report))
-    model.to(device)
-    early = None
-    if cfg.early_time:  # on the fresh network (a resumed run rebuilds the same one first)
-        early = choose_early_time(cfg, model, bundle, device)
-        if ckpt is None:
-            log(f"early-time: T'={early['T_prime']} of T={cfg.timesteps} (normalised KL "
-                + ", ".join(f"T'={t}: {v:.3f}" for t, v in early["normalised"].items())
-                + f"; threshold {cfg.early_time_threshold:g}); the last {early['tune_epochs']} "
-                "epoch(s) and every evaluation at T")
+    model, source, early = _setup_model(cfg, run_dir, info, bundle, device, fresh=ckpt is None,
+                                        log=log)
     backend = ops.resolve_backend(cfg.backend, device)
     state = TrainState(model, *make_optimizer(cfg, model))
     if ckpt is not None:

@@ -1,0 +1,155 @@
+"""The process a run trains in: the versions it records, the RNG states a checkpoint saves and
+the per-epoch seeds, and its place in a ``torchrun`` job (:class:`DistInfo`, every collective
+the loop uses)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Subset
+
+__all__ = ["DistInfo", "setup_distributed", "versions"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Versions and RNG states
+# ---------------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    import binslt
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:
+        tv = "not installed"
+    return {"binslt": binslt.__version__, "torch": torch.__version__, "triton": tv,
+            "cuda": str(torch.version.cuda), "python": platform.python_version(),
+            "numpy": np.__version__}
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    st = {"torch": torch.get_rng_state(),
+          "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                    int(np_state[2]), int(np_state[3]), float(np_state[4])],
+          "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**31 - 1)
+
+
+def _seed_all(s: int) -> None:
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
+# ---------------------------------------------------------------------------------------------
+# More than one process: every collective the loop uses
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    """This process's place in a ``torchrun`` job (one process: rank 0 of 1, and every method
+    is a no-op)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialised_here: bool = False
+    backend: str | None = None  #: the process group's backend (nccl / gloo), None without one
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.backend is not None
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the processes, in place."""
+        if self.active:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The module to train: ``model`` in ``DistributedDataParallel`` when there are ranks."""
+        if not self.active:
+            return model
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Each rank's last forward updated its own BN running statistics; evaluate (and save)
+        rank 0's everywhere, as DDP's ``broadcast_buffers`` does at the next forward."""
+        if self.active:
+            for buf in model.buffers():
+                dist.broadcast(buf, 0)
+
+    def gather_rng(self) -> dict[str, Any]:
+        """Every rank's RNG state, keyed by rank, so that each resumes its own stream."""
+        rng = {str(self.rank): _rng_state()}
+        if self.active:
+            gathered: list = [None] * self.world
+            dist.all_gather_object(gathered, rng)
+            rng = {k: v for g in gathered for k, v in g.items()}
+        return rng
+
+    def test_shard(self, dataset):
+        """This rank's share of the test set (every world-th example)."""
+        if not self.active:
+            return dataset
+        return Subset(dataset, list(range(self.rank, len(dataset), self.world)))
+
+    def close(self) -> None:
+        if self.initialised_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup_distributed(device_kind: str) -> DistInfo:
+    """Join the process group when launched by torchrun (it sets TORCHELASTIC_RUN_ID; one process
+    under torchrun joins too, so that ``--nproc_per_node=1`` runs the nccl/gloo path) or whenever
+    WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ and not dist.is_initialized():
+        return DistInfo()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    here = False
+    if not dist.is_initialized():
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        if device_kind == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+        here = True
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, here, dist.get_backend())

@@ -1,0 +1,98 @@
+"""The reference's neuron building blocks (differentiable, any float dtype, float64 included):
+the surrogate spike function, SpikingJelly's multi-step LIF and ApproxSign. Re-exported by
+:mod:`binslt.ops.reference`, the oracle every kernel is checked against."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+# ----------------------------------------------------------------------------------------------
+# Surrogate spike function and the multi-step LIF neuron
+# ----------------------------------------------------------------------------------------------
+
+
+def surrogate_grad(x: torch.Tensor, surrogate: int, alpha: float) -> torch.Tensor:
+    """g'(x), SpikingJelly's surrogate derivative evaluated at ``x = H - v_threshold``.
+
+    surrogate 0 (ATan):    alpha / (2 * (1 + (pi/2 * alpha * x)^2))
+    surrogate 1 (Sigmoid): alpha * sig(alpha x) * (1 - sig(alpha x))
+    """
+    if surrogate == 0:
+        z = x * (math.pi / 2 * alpha)
+        return (alpha / 2) / (1 + z * z)
+    if surrogate == 1:
+        s = torch.sigmoid(alpha * x)
+        return (1 - s) * s * alpha
+    raise ValueError(f"surrogate must be 0 (atan) or 1 (sigmoid), got {surrogate}")
+
+
+class _SpikeFn(torch.autograd.Function):
+    """Heaviside(x >= 0) forward, surrogate derivative backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, surrogate: int, alpha: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.surrogate, ctx.alpha = surrogate, alpha
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return grad * surrogate_grad(x, ctx.surrogate, ctx.alpha), None, None
+
+
+def spike_fn(x: torch.Tensor, surrogate: int = 0, alpha: float = 2.0) -> torch.Tensor:
+    return _SpikeFn.apply(x, surrogate, alpha)
+
+
+def lif_multistep(
+    x_seq: torch.Tensor,
+    *,
+    tau: float = 2.0,
+    decay_input: bool = True,
+    v_threshold: float = 1.0,
+    v_reset: Optional[float] = 0.0,
+    detach_reset: bool = False,
+    surrogate: int = 0,
+    surrogate_alpha: float = 2.0,
+    return_h: bool = False,
+):
+    """SpikingJelly's multi-step LIF (``LIFNode``, step mode 'm'), starting from V[-1] = v_reset.
+
+    x_seq: [T, ...]. Returns spikes [T, ...] (and H [T, ...] when ``return_h``). The float
+    operations are written in SpikingJelly's order so that float32 results agree bit for bit.
+    """
+    vr = 0.0 if v_reset is None else v_reset
+    v = torch.full_like(x_seq[0], vr)
+    spikes, hs = [], []
+    for x in x_seq:
+        h = v + (x - (v - vr)) / tau if decay_input else v - (v - vr) / tau + x
+        s = spike_fn(h - v_threshold, surrogate, surrogate_alpha)
+        sr = s.detach() if detach_reset else s
+        v = h - sr * v_threshold if v_reset is None else sr * v_reset + (1 - sr) * h
+        spikes.append(s)
+        hs.append(h)
+    out = torch.stack(spikes)
+    return (out, torch.stack(hs)) if return_h else out
+
+
+class _ApproxSign(torch.autograd.Function):
+    """sign(x) (with sign(0) = +1, so outputs are +-1) and Bi-Real's ApproxSign backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * 2 * (1 - x.clamp(-1, 1).abs())
+
+
+def sign_activation(x: torch.Tensor) -> torch.Tensor:
+    """Binary activation of the BNN-BinAct baseline: sign forward, ApproxSign backward."""
+    return _ApproxSign.apply(x)

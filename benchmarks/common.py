@@ -10,6 +10,7 @@ Nothing here is binslt-specific except the version record; the scripts import it
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
@@ -444,12 +445,101 @@ def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
         print("  ".join(r[c].rjust(widths[c]) for c in columns))
 
 
-def requested_backends(spec: str, status: dict[str, dict]) -> list[str]:
+# ---------------------------------------------------------------------------------------------
+# The command-line options and set-up the timing scripts share
+# ---------------------------------------------------------------------------------------------
+
+
+def add_run_options(p: argparse.ArgumentParser, *, backends_help: str) -> None:
+    """The options every timing script takes: ``--device``, ``--backends``, ``--threads``,
+    ``--sj-lif``, ``--seed``, ``--out`` (alias ``--results-dir``) and ``--tag``."""
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--backends", default=None, help=backends_help)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    p.add_argument("--sj-lif", default=os.environ.get("SJ_LIF_CUDA_IMPLEMENTATION", "triton"),
+                   choices=("triton", "cuda", "torch", "auto"),
+                   help="SpikingJelly's LIF implementation on CUDA (SJ_LIF_CUDA_IMPLEMENTATION, "
+                        "default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", "--results-dir", dest="out", default=str(RESULTS),
+                   help="results folder (default %(default)s)")
+    p.add_argument("--tag", default="", help="suffix for the CSV/PNG names")
+
+
+def kernel_backends(device_type: str, status: dict[str, dict],
+                    gpu_order: Sequence[str] = ("triton", "cuda")) -> list[str]:
+    """The usable binslt kernel backends of ``device_type`` (``cpu`` on the CPU; the GPU ones in
+    ``gpu_order``). ``status`` is ``binslt.backends()``."""
+    names = ["cpu"] if device_type == "cpu" else list(gpu_order)
+    return [b for b in names if status[b]["usable"]]
+
+
+def torch_and_kernels(device_type: str, status: dict[str, dict]) -> list[str]:
+    """``torch`` (the reference) and the device's usable kernel backends."""
+    return ["torch"] + kernel_backends(device_type, status)
+
+
+def requested_backends(spec: str, status: dict[str, dict],
+                       device_type: str | None = None) -> list[str]:
     """The backends a ``--backends a,b`` option names; ValueError (the message to print) when one
-    is unknown or not usable here. ``status`` is ``binslt.backends()``."""
+    is unknown, does not run on ``device_type`` tensors (when given; Triton is timed on CUDA
+    only: its CPU interpreter is for tests) or is not usable here. ``status`` is
+    ``binslt.backends()``."""
     backends = [b.strip() for b in spec.split(",") if b.strip()]
-    bad = [b for b in backends if b not in status or not status[b]["usable"]]
-    if bad:
-        raise ValueError(f"backend(s) {bad} not usable here: "
-                         f"{ {b: status.get(b, {}).get('reason', 'unknown') for b in bad} }")
+    for b in backends:
+        if b not in status:
+            raise ValueError(f"unknown backend {b!r}; binslt has {sorted(status)}")
+        if device_type is not None and b == "triton" and device_type != "cuda":
+            raise ValueError("the triton backend is timed on CUDA only (its CPU interpreter is "
+                             "for tests); use --device cuda")
+        if device_type is not None and b in ("cpu", "cuda") and b != device_type:
+            raise ValueError(f"backend {b!r} does not run on {device_type} tensors")
+        if not status[b]["usable"]:
+            raise ValueError(f"backend {b!r} is not usable here: {status[b]['reason']}")
     return backends
+
+
+def setup_run(args: argparse.Namespace,
+              default_backends: Callable[[str, dict[str, dict]], list[str]], *,
+              cudnn_benchmark: bool | None = True, check_device: bool = False,
+              ) -> tuple[torch.device, dict[str, dict], list[str]]:
+    """``(device, binslt.backends(), backends)`` for the options of :func:`add_run_options`.
+
+    Sets ``SJ_LIF_CUDA_IMPLEMENTATION`` (SpikingJelly reads it when first imported), picks the
+    device (CUDA: the current device, ``torch.backends.cudnn.benchmark`` set to
+    ``cudnn_benchmark`` unless None; CPU: one allocator regime for every timing
+    (:func:`set_mmap_threshold`, see :class:`PeakMemory`) and ``--threads``), and the backends:
+    ``--backends`` (checked by :func:`requested_backends`, against the device with
+    ``check_device``) or ``default_backends(device_type, status)``. A ValueError carries the
+    one line to print before exiting 2."""
+    os.environ["SJ_LIF_CUDA_IMPLEMENTATION"] = args.sj_lif
+    import binslt
+
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda but no CUDA device is visible")
+        device = torch.device("cuda", torch.cuda.current_device())
+        if cudnn_benchmark is not None:
+            torch.backends.cudnn.benchmark = cudnn_benchmark
+    else:
+        device = torch.device("cpu")
+        set_mmap_threshold(32 << 20)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+    status = binslt.backends()
+    if args.backends:
+        backends = requested_backends(args.backends, status,
+                                      device.type if check_device else None)
+    else:
+        backends = default_backends(device.type, status)
+    return device, status, backends
+
+
+def command_line(argv: Sequence[str] | None) -> str:
+    """The command a CSV records: the script's name and its arguments."""
+    return " ".join([Path(sys.argv[0]).name] + list(argv if argv is not None else sys.argv[1:]))
+
+
+def result_stem(benchmark: str, device: torch.device, tag: str) -> str:
+    """``<benchmark>_<device slug>[_<tag>]``: the name of a script's CSV and PNG."""
+    return f"{benchmark}_{device_slug(device)}" + (f"_{tag}" if tag else "")

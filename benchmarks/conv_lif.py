@@ -47,17 +47,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    RESULTS,
     PeakMemory,
     SavedTensorBytes,
-    device_slug,
+    add_run_options,
+    command_line,
     import_spikingjelly,
     machine_info,
     print_table,
-    set_mmap_threshold,
+    result_stem,
+    setup_run,
     sj_lif_implementation,
     sync,
     time_many_ms,
+    torch_and_kernels,
     write_csv,
 )
 
@@ -379,28 +381,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def default_backends(device_type: str) -> list[str]:
-    import binslt
-
-    st = binslt.backends()
-    out = ["torch"]
-    if device_type == "cpu":
-        if st["cpu"]["usable"]:
-            out.append("cpu")
-    else:
-        for be in ("triton", "cuda"):
-            if st[be]["usable"]:
-                out.append(be)
-    return out
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--backends", default=None,
-                   help="comma list of binslt backends (torch,cpu,triton,cuda); default: every "
-                        "usable one for the device plus 'torch' (Triton's CPU interpreter never)")
+    add_run_options(p, backends_help="comma list of binslt backends (torch,cpu,triton,cuda); "
+                    "default: every usable one for the device plus 'torch' (Triton's CPU "
+                    "interpreter never)")
     p.add_argument("--sets", default=None,
                    help="comma list of shape sets: anchor, gpu_ref, vgg11, rates, timesteps "
                         "(default CPU: anchor,vgg11,rates,timesteps; CUDA: gpu_ref,anchor,vgg11,"
@@ -409,13 +395,10 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (median); default "
                    "10, 3 with --quick")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2)")
-    p.add_argument("--out", default=str(RESULTS), help="results folder (default %(default)s)")
-    p.add_argument("--tag", default="", help="suffix for the CSV/PNG names")
     p.add_argument("--quick", action="store_true",
                    help="anchor shape only, 3 repeats, 1 warm-up (under a minute on 2 cores)")
     p.add_argument("--vgg-batch", type=int, default=None,
                    help="N for the VGG-11 layers (default 8 on CPU, 64 on CUDA)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     p.add_argument("--tau", type=float, default=100.0, help="LIF tau (100 = decay 0.99)")
     p.add_argument("--decay-input", action="store_true", help="decay_input=True (default False)")
     p.add_argument("--prune-rate", type=float, default=0.5)
@@ -427,14 +410,9 @@ def parse_args(argv=None):
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="CUDA: keep torch.backends.cudnn.benchmark off (default: on)")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--sj-lif", default=os.environ.get("SJ_LIF_CUDA_IMPLEMENTATION", "triton"),
-                   choices=("triton", "cuda", "torch", "auto"),
-                   help="SpikingJelly's LIF implementation on CUDA (SJ_LIF_CUDA_IMPLEMENTATION, "
-                        "default %(default)s)")
     p.add_argument("--no-sj", action="store_true",
                    help="time the binslt backends without the SpikingJelly baseline (where it "
                         "is not installed; the sj_* and ratio columns stay empty)")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.modes:
@@ -457,48 +435,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # SpikingJelly reads this when it is first imported; the GPU baseline is its Triton LIF.
-    os.environ["SJ_LIF_CUDA_IMPLEMENTATION"] = args.sj_lif
-    import torch
+    try:
+        device, st, backends = setup_run(args, torch_and_kernels, check_device=True,
+                                         cudnn_benchmark=not args.no_cudnn_benchmark)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and args.no_tf32:
+        import torch
 
-    import binslt
-
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
-            return 2
-        device = torch.device("cuda", torch.cuda.current_device())
-        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
-        if args.no_tf32:
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-    else:
-        device = torch.device("cpu")
-        set_mmap_threshold(32 << 20)  # one allocator regime for every timing (common.PeakMemory)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-
-    st = binslt.backends()
-    if args.backends:
-        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-        for b in backends:
-            if b not in st:
-                print(f"error: unknown backend {b!r}; binslt has {sorted(st)}", file=sys.stderr)
-                return 2
-            if b == "triton" and device.type != "cuda":
-                print("error: the triton backend is timed on CUDA only (its CPU interpreter is "
-                      "for tests); use --device cuda", file=sys.stderr)
-                return 2
-            if b == "cpu" and device.type != "cpu" or b == "cuda" and device.type != "cuda":
-                print(f"error: backend {b!r} does not run on {device.type} tensors",
-                      file=sys.stderr)
-                return 2
-            if not st[b]["usable"]:
-                print(f"error: backend {b!r} is not usable here: {st[b]['reason']}",
-                      file=sys.stderr)
-                return 2
-    else:
-        backends = default_backends(device.type)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
     sets = shape_sets(device.type, args.vgg_batch)
     names = args.sets.split(",") if args.sets else (
@@ -531,11 +478,10 @@ def main(argv=None) -> int:
         "bn": f"BatchNorm2d affine={args.bn_affine}",
         "prune_rate": f"{args.prune_rate:g}",
         "repeats": f"{args.repeats} (median), warmup {args.warmup}",
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None
-                                                          else sys.argv[1:])),
+        "command": command_line(argv),
     })
     out_dir = Path(args.out)
-    stem = f"conv_lif_{device_slug(device)}" + (f"_{args.tag}" if args.tag else "")
+    stem = result_stem("conv_lif", device, args.tag)
     csv_path = out_dir / f"{stem}.csv"
     print(f"# {meta['device']} | torch {meta['torch']} threads {meta['torch_threads']} | "
           f"SJ {meta['spikingjelly']} LIF={meta['sj_lif_impl']} | binslt {meta['binslt']} "

@@ -64,15 +64,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    RESULTS,
     CsvAppender,
     PeakMemory,
-    device_slug,
+    add_run_options,
+    command_line,
     import_spikingjelly,
+    kernel_backends,
     machine_info,
     print_table,
-    requested_backends,
+    result_stem,
     set_mmap_threshold,
+    setup_run,
     sj_lif_implementation,
     sync,
     time_many_ms,
@@ -516,16 +518,12 @@ def plot(rows: list[dict], path: Path, ref: str, title: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def default_backends(device_type: str) -> list[str]:
+def default_backends(device_type: str, status: dict | None = None) -> list[str]:
     """The device's kernel backends (the first is the reference of the ratios)."""
     import binslt
 
-    st = binslt.backends()
-    if device_type == "cpu":
-        out = ["cpu"] if st["cpu"]["usable"] else []
-    else:
-        out = [b for b in ("cuda", "triton") if st[b]["usable"]]
-    return out or ["torch"]
+    st = status if status is not None else binslt.backends()
+    return kernel_backends(device_type, st, ("cuda", "triton")) or ["torch"]
 
 
 def _csv_list(text: str, allowed, what: str, p) -> list[str]:
@@ -544,13 +542,12 @@ def parse_args(argv=None):
     p.add_argument("--arch", default=None,
                    help=f"comma list of {', '.join(ARCHS)} (default all; conv4 with --quick)")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of " + ", ".join(MODES))
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    add_run_options(p, backends_help="comma list of binslt backends (torch,cpu,triton,cuda); "
+                    "default the device's kernel backends. The first is the reference of the "
+                    "ratios")
     p.add_argument("--batch", type=int, default=None,
                    help="batch size N (default 32 on the CPU, 64 on CUDA, 2 with --quick)")
     p.add_argument("--timesteps", type=int, default=4)
-    p.add_argument("--backends", default=None,
-                   help="comma list of binslt backends (torch,cpu,triton,cuda); default the "
-                        "device's kernel backends. The first is the reference of the ratios")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed calls per candidate (median; default 3, 2 with --quick)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
@@ -568,17 +565,8 @@ def parse_args(argv=None):
                         "inductor; aot_eager with --quick, whose cold inductor compile takes "
                         "a minute or more on a small CPU)")
     p.add_argument("--prune-rate", type=float, default=0.5)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
-    p.add_argument("--sj-lif", default=os.environ.get("SJ_LIF_CUDA_IMPLEMENTATION", "triton"),
-                   choices=("triton", "cuda", "torch", "auto"),
-                   help="SpikingJelly's LIF implementation on CUDA (SJ_LIF_CUDA_IMPLEMENTATION, "
-                        "default %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="conv4, batch 2, 2 repeats: a smoke run well under a minute")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", "--results-dir", dest="out", default=str(RESULTS),
-                   help="results folder (default %(default)s)")
-    p.add_argument("--tag", default="", help="suffix for the CSV/PNG names")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -613,30 +601,11 @@ def main(argv=None) -> int:
     os.environ["SJ_LIF_CUDA_IMPLEMENTATION"] = args.sj_lif
     if args.memory_child is not None:
         return memory_child(json.loads(args.memory_child))
-    import torch
-
-    import binslt
-
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
-            return 2
-        device = torch.device("cuda", torch.cuda.current_device())
-        torch.backends.cudnn.benchmark = True
-    else:
-        device = torch.device("cpu")
-        set_mmap_threshold(32 << 20)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-    st = binslt.backends()
-    if args.backends:
-        try:
-            backends = requested_backends(args.backends, st)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    else:
-        backends = default_backends(device.type)
+    try:
+        device, st, backends = setup_run(args, default_backends)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     ref = f"binslt-{backends[0]}"
     import_spikingjelly(args.sj_lif)
     sj_impl = sj_lif_implementation(device)
@@ -661,10 +630,9 @@ def main(argv=None) -> int:
         "memory": f"{args.memory_steps} steps per fresh process ({args.memory_jobs} at a time); memopt level "
                   f"{args.memopt_level}",
         "compile_backend": args.compile_backend,
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None
-                                                          else sys.argv[1:])),
+        "command": command_line(argv),
     })
-    stem = f"network_{device_slug(device)}" + (f"_{args.tag}" if args.tag else "")
+    stem = result_stem("network", device, args.tag)
     path = Path(args.out) / f"{stem}.csv"
     # Each arch x mode's rows go to the CSV as soon as they are measured (ratio filled at the
     # end), so a run stopped early keeps them.

@@ -41,15 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import (  # noqa: E402
-    RESULTS,
-    device_slug,
+    add_run_options,
+    command_line,
     import_spikingjelly,
     machine_info,
     print_table,
-    requested_backends,
-    set_mmap_threshold,
+    result_stem,
+    setup_run,
     sj_lif_implementation,
     sync,
+    torch_and_kernels,
     write_csv,
 )
 from sj_models import build_sj, copy_init, masked_layers  # noqa: E402
@@ -147,9 +148,8 @@ def init_agreement(binslt_model, baseline, x, y) -> tuple[float, float]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--backends", default=None,
-                   help="comma list of binslt backends; default torch plus the device's kernels")
+    add_run_options(p, backends_help="comma list of binslt backends; default torch plus the "
+                    "device's kernels")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--timesteps", type=int, default=4)
     p.add_argument("--prune-rate", type=float, default=0.5)
@@ -157,14 +157,6 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per implementation")
     p.add_argument("--max-batches", type=int, default=None,
                    help="stop each epoch (and the test pass) after this many batches (smoke runs)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--sj-lif", default=os.environ.get("SJ_LIF_CUDA_IMPLEMENTATION", "triton"),
-                   choices=("triton", "cuda", "torch", "auto"),
-                   help="SpikingJelly's LIF implementation on CUDA (SJ_LIF_CUDA_IMPLEMENTATION, "
-                        "default %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.batch_size < 1 or args.timesteps < 1:
         p.error("--repeats, --batch-size and --timesteps must be >= 1")
@@ -173,35 +165,12 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    os.environ["SJ_LIF_CUDA_IMPLEMENTATION"] = args.sj_lif
-    import binslt
+def build_impls(args, backends: list[str], device: torch.device
+                ) -> tuple[dict[str, nn.Module], nn.Module, nn.Module]:
+    """``(impls, first, base)``: Conv-4 BinW-SLT on each binslt backend, all from the same
+    initial state (``first``'s), and the SpikingJelly biprop network ``base`` copied from it
+    (``impls['sj-biprop']``)."""
     import binslt.nn.models as models
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
-        return 2
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        set_mmap_threshold(32 << 20)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-    st = binslt.backends()
-    if args.backends:
-        try:
-            backends = requested_backends(args.backends, st)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    else:
-        backends = ["torch"] + (["cpu"] if device.type == "cpu" and st["cpu"]["usable"] else
-                                [b for b in ("triton", "cuda")
-                                 if device.type == "cuda" and st[b]["usable"]])
-
-    import_spikingjelly()
-    sj_impl = sj_lif_implementation(device)  # fails fast if SJ's LIF cannot run here
-    xtr, ytr, xte, yte = load_digits_split(device)
 
     torch.manual_seed(args.seed)
     impls: dict[str, nn.Module] = {}
@@ -222,6 +191,22 @@ def main(argv=None) -> int:
                     timesteps=args.timesteps, prune_rate=args.prune_rate).to(device)
     copy_init(first, base)
     impls["sj-biprop"] = base
+    return impls, first, base
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        device, st, backends = setup_run(args, torch_and_kernels, cudnn_benchmark=None)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    import_spikingjelly()
+    sj_impl = sj_lif_implementation(device)  # fails fast if SJ's LIF cannot run here
+    xtr, ytr, xte, yte = load_digits_split(device)
+
+    impls, first, base = build_impls(args, backends, device)
 
     # Same start: the two networks must compute the same function and score gradient.
     probe = min(args.batch_size, len(ytr))
@@ -275,10 +260,9 @@ def main(argv=None) -> int:
         "optimizer": f"SGD lr={args.lr} momentum=0.9 on the scores",
         "prune_rate": f"{args.prune_rate:g}",
         "repeats": f"{args.repeats} epochs each, interleaved (median)",
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None
-                                                          else sys.argv[1:])),
+        "command": command_line(argv),
     })
-    stem = f"search_epoch_{device_slug(device)}" + (f"_{args.tag}" if args.tag else "")
+    stem = result_stem("search_epoch", device, args.tag)
     path = Path(args.out) / f"{stem}.csv"
     write_csv(path, rows, COLUMNS, meta)
     print_table(rows, ["impl", "epoch_s", "sj_epoch_s", "speedup", "eval_speedup", "train_loss",

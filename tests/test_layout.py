@@ -33,8 +33,9 @@ RANK = {
 }
 
 #: Known lazy imports of a layer above, each inside one function (module, imported subpackage):
-#: * io/artifacts.py -> interop.convert: ``rebuild_model`` rebuilds a run whose network came from
-#:   a user's SpikingJelly factory (``build_user_model``);
+#: * io/artifacts.py -> interop.convert: ``build_network`` (behind ``rebuild_model`` and the
+#:   training loop's ``build_model``) builds a network from a user's SpikingJelly factory
+#:   (``build_user_model``);
 #: * interop/nir.py -> training.data: ``eval_nir_file`` (``binslt eval FILE.nir``) loads the dataset
 #:   it reports an accuracy on.
 KNOWN_EXCEPTIONS = {

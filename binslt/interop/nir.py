@@ -25,10 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops  # noqa: F401  (re-exported: the names this module has always offered)
-from ..nn.blocks import PerStep as _PerStep  # noqa: F401
-from ..nn.layers import (  # noqa: F401
-    LIF,
+from ..nn.layers import (
     BinConv2d,
     BinLinear,
     BinSpikeConv2d,
@@ -36,9 +33,8 @@ from ..nn.layers import (  # noqa: F401
     SpikeMaxPool2d,
     _MaskedSignWeight,
 )
-from .nir_format import (  # noqa: F401
+from .nir_format import (
     DEFAULT_DT,
-    EXTRA_HINT,
     FORMAT_NAME,
     FORMAT_VERSION,
     MAXPOOL_FORMS,
@@ -48,36 +44,8 @@ from .nir_format import (  # noqa: F401
     _bn_fold,
     _nir,
 )
-from .nir_read import (  # noqa: F401
-    _bn_module,
-    _freeze,
-    _fusion_target,
-    _gain_and_bn,
-    _meta,
-    _neuron_from_node,
-    _pair,
-    _plain_bn,
-    _ternary,
-    _topo,
-    _uniform,
-    from_nir,
-    read_nir,
-)
-from .nir_units import (  # noqa: F401
-    NIRNet,
-    _BiasOp,
-    _BinConvSeq,
-    _dense,
-    _DenseSpiking,
-    _GlobalMean,
-    _Neuron,
-    _ScaleOp,
-    _SpikeOr,
-    _Spiking,
-    _Sum,
-    _SumPool,
-    _ThresholdOp,
-)
+from .nir_read import from_nir, read_nir
+from .nir_units import NIRNet
 
 __all__ = ["DEFAULT_DT", "FORMAT_NAME", "NIRDependencyError", "NIRError", "NIRNet",
            "eval_nir_file", "export_cli", "from_nir", "read_nir", "to_nir", "write_nir"]

@@ -35,11 +35,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch  # noqa: E402
 from common import (  # noqa: E402
     RESULTS,
-    device_slug,
     machine_info,
     print_table,
+    result_stem,
     set_mmap_threshold,
     time_many_ms,
     write_csv,
@@ -49,7 +50,7 @@ COLUMNS = ["T", "N", "C_in", "C_out", "H", "W", "prune_rate", "rate", "isa", "pa
            "auto_closest", "same_result"]
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="4,16,128,128,16",
                    help="T,N,C_in,C_out,H (square maps, 3x3, pad 1; default: the anchor)")
@@ -61,10 +62,40 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    import torch
 
+def time_algos(run, knob: str, algos: list[str], checked: list[str], same, device,
+               repeats: int) -> tuple[dict[str, float], str, bool]:
+    """``(times, auto_closest, agree)``: ``run`` timed under ``cpu_algorithms(knob=a)`` for each
+    of ``algos`` and ``auto`` (interleaved), the algorithm whose time is nearest to auto's, and
+    whether each of ``checked`` gives what ``dense`` gives (``same(out, dense_out)``)."""
+    from binslt.ops import cpu_algorithms
+
+    def under(algo):
+        with cpu_algorithms(**{knob: algo}):
+            return run()
+
+    fns = {a: functools.partial(under, a) for a in [*algos, "auto"]}
+    outs = {a: fns[a]() for a in ["dense", *checked]}
+    agree = all(same(outs[a], outs["dense"]) for a in checked)
+    times = time_many_ms(fns, device, repeats=repeats)
+    picks = min(algos, key=lambda a: abs(times[a] - times["auto"]))
+    return times, picks, agree
+
+
+def _exact(out, ref) -> bool:  # spikes and counts, bit for bit
+    return all(torch.equal(a, b) for a, b in zip(out[:2], ref[:2]))
+
+
+def _close(i: int):
+    def close(out, ref) -> bool:
+        return float((out[i] - ref[i]).norm() / ref[i].norm()) < 1e-5
+    return close
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     import binslt
     from binslt import ops
     from binslt.ops import cpu_algorithms
@@ -97,9 +128,6 @@ def main(argv=None) -> int:
     unfold = ["unfold"] if co * ci * hw ** 4 * 4 <= 64 << 20 else []
     rows = []
     with contextlib.ExitStack() as stack:
-        def force(**kw):
-            stack.enter_context(cpu_algorithms(**kw))
-
         for rate in (float(r) for r in args.rates.split(",")):
             x = (torch.rand(T * N, ci, hw, hw, generator=gen) < rate).float()
             xp = ops.get_op("pack_spikes", "cpu")(x)
@@ -111,62 +139,29 @@ def main(argv=None) -> int:
             run_bwd = functools.partial(bwd, gs, counts, xp, wm, wp, alpha, scale, shift, mean,
                                         var, None, ci, 1, 1, True, 1e-5, 100.0, False, 1.0, 0.0,
                                         True, 0, 2.0, True)
-
-            def add(part, algos, times, picks, same, rate=rate):
-                for algo in algos:
-                    rows.append(dict(T=T, N=N, C_in=ci, C_out=co, H=hw, W=hw, rate=rate,
-                                     isa=isa, prune_rate=args.prune_rate, part=part, algo=algo,
-                                     ms=times[algo], auto_ms=times["auto"], auto_closest=picks,
-                                     same_result=same))
-
+            # The weight gradient alone (need_grad_x=False): event sums, ATen's GEMM, or one
+            # GEMM per tap.
+            run_gw = functools.partial(bwd, *run_bwd.args[:-1], False)
             for isa in isas:
-                force(isa=isa)
-                fns, outs = {}, {}
-                for algo in ("dense", "event", "auto"):
-                    def f(a=algo, run=run_fwd):
-                        with cpu_algorithms(conv=a):
-                            return run()
-                    fns[algo] = f
-                    outs[algo] = f()
-                times = time_many_ms(fns, device, repeats=args.repeats)
-                same = all(torch.equal(a, b) for algo in ("event", "auto")
-                           for a, b in zip(outs[algo][:2], outs["dense"][:2]))
-                picks = min(("dense", "event"), key=lambda a: abs(times[a] - times["auto"]))
-                add("forward", ("dense", "event"), times, picks, same)
+                stack.enter_context(cpu_algorithms(isa=isa))
                 gx = ["dense"] + (["ternary", "combo"] if isa == "avx512" else []) + unfold
-                fns = {}
-                for algo in gx + ["auto"]:
-                    def g(a=algo, run=run_bwd):
-                        with cpu_algorithms(grad_x=a):
-                            return run()
-                    fns[algo] = g
-                ref_gx = fns["dense"]()[0]
-                close = all(float((fns[a]()[0] - ref_gx).norm() / ref_gx.norm()) < 1e-5
-                            for a in gx)
-                times = time_many_ms(fns, device, repeats=args.repeats)
-                picks = min(gx, key=lambda a: abs(times[a] - times["auto"]))
-                add("backward", gx, times, picks, close)
-                # The weight gradient alone (need_grad_x=False): event sums, ATen's GEMM, or one
-                # GEMM per tap.
-                run_gw = functools.partial(bwd, *run_bwd.args[:-1], False)
-                fns = {}
                 gw = ["event", "dense", "taps"] + unfold
-                for algo in gw + ["auto"]:
-                    def h(a=algo, run=run_gw):
-                        with cpu_algorithms(grad_w=a):
-                            return run()
-                    fns[algo] = h
-                ref_gw = fns["dense"]()[1]
-                close = all(float((fns[a]()[1] - ref_gw).norm() / ref_gw.norm()) < 1e-5
-                            for a in gw)
-                times = time_many_ms(fns, device, repeats=args.repeats)
-                picks = min(gw, key=lambda a: abs(times[a] - times["auto"]))
-                add("weight_grad", gw, times, picks, close)
+                parts = (("forward", run_fwd, "conv", ["dense", "event"], ["event", "auto"],
+                          _exact),
+                         ("backward", run_bwd, "grad_x", gx, gx, _close(0)),
+                         ("weight_grad", run_gw, "grad_w", gw, gw, _close(1)))
+                for part, run, knob, algos, checked, same in parts:
+                    times, picks, ok = time_algos(run, knob, algos, checked, same, device,
+                                                  args.repeats)
+                    rows += [dict(T=T, N=N, C_in=ci, C_out=co, H=hw, W=hw, rate=rate, isa=isa,
+                                  prune_rate=args.prune_rate, part=part, algo=algo,
+                                  ms=times[algo], auto_ms=times["auto"], auto_closest=picks,
+                                  same_result=ok) for algo in algos]
     print_table(rows, ["rate", "isa", "part", "algo", "ms", "auto_ms", "auto_closest",
                        "same_result"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"cpu_algos_{device_slug(device)}{'_' + args.tag if args.tag else ''}.csv"
+    name = f"{result_stem('cpu_algos', device, args.tag)}.csv"
     write_csv(out / name, rows, COLUMNS, info)
     print(f"wrote {out / name}")
     return 0

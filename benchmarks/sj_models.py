@@ -191,7 +191,7 @@ def build_sj(arch: str, *, masked: bool, num_classes: int = 10, in_channels: int
     The neuron is the paper's: ``LIFNode(tau, decay_input=False, v_threshold=1, v_reset=0,
     ATan(alpha=2), detach_reset=True)``; BatchNorm is non-affine unless ``bn_affine``.
     """
-    from binslt.nn.models import FC, SPECS, Block, Conv, GlobalPool, Pool
+    from binslt.nn.models import SPECS, feature_layers
 
     if arch not in SPECS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {tuple(SPECS)}")
@@ -219,52 +219,31 @@ def build_sj(arch: str, *, masked: bool, num_classes: int = 10, in_channels: int
         return SJConvLayer(conv_op(ci, co, 3, stride), bn2d(co), lif(),
                            layer.MaxPool2d(2, step_mode="m") if pool else None)
 
-    specs = SPECS[arch]
-    h = w = int(input_size)
-    c, flat = in_channels, None
-    mods: list[nn.Module] = []
-    i = 0
-    while i < len(specs):
-        spec = specs[i]
-        if isinstance(spec, Conv):
-            nxt = specs[i + 1] if i + 1 < len(specs) else None
-            h, w = (h - 1) // spec.stride + 1, (w - 1) // spec.stride + 1
-            pool = isinstance(nxt, Pool) and h >= 2 and w >= 2
-            mods.append(conv(c, spec.out, spec.stride, pool))
-            if pool:
-                h, w = h // 2, w // 2
-            if isinstance(nxt, Pool):
-                i += 1
-            c = spec.out
-        elif isinstance(spec, Pool):
-            if h >= 2 and w >= 2:
-                mods.append(layer.MaxPool2d(2, step_mode="m"))
-                h, w = h // 2, w // 2
-        elif isinstance(spec, Block):
+    class Builder:  # binslt.nn.models.feature_layers's builder, in SpikingJelly layers
+        def conv(self, cin, cout, stride, *, first, pool):
+            return conv(cin, cout, stride, pool)
+
+        def pool(self):
+            return layer.MaxPool2d(2, step_mode="m")
+
+        def block(self, cin, cout, stride):
             sc = None
-            if spec.stride != 1 or c != spec.out:
-                sc = nn.Sequential(conv_op(c, spec.out, 1, spec.stride), bn2d(spec.out))
-            mods.append(SJResidualBlock(conv(c, spec.out, spec.stride),
-                                        conv(spec.out, spec.out, 1), sc))
-            h, w = (h - 1) // spec.stride + 1, (w - 1) // spec.stride + 1
-            c = spec.out
-        elif isinstance(spec, GlobalPool):
-            mods += [layer.AdaptiveAvgPool2d(1, step_mode="m"), layer.Flatten(step_mode="m")]
-            flat, h, w = c, 1, 1
-        elif isinstance(spec, FC):
-            if flat is None:
-                mods.append(layer.Flatten(step_mode="m"))
-                flat = c * h * w
-            mods.append(SJLinearLayer(linear_op(flat, spec.out),
-                                      layer.BatchNorm1d(spec.out, affine=bn_affine,
-                                                        step_mode="m"), lif()))
-            flat = spec.out
-        else:
-            raise TypeError(f"sj_models does not know the layer spec {spec!r} of {arch!r}")
-        i += 1
-    if flat is None:
-        mods.append(layer.Flatten(step_mode="m"))
-        flat = c * h * w
+            if stride != 1 or cin != cout:
+                sc = nn.Sequential(conv_op(cin, cout, 1, stride), bn2d(cout))
+            return SJResidualBlock(conv(cin, cout, stride), conv(cout, cout, 1), sc)
+
+        def global_pool(self):
+            return [layer.AdaptiveAvgPool2d(1, step_mode="m"), layer.Flatten(step_mode="m")]
+
+        def flatten(self):
+            return layer.Flatten(step_mode="m")
+
+        def fc(self, fin, fout, *, real_input):
+            return SJLinearLayer(linear_op(fin, fout),
+                                 layer.BatchNorm1d(fout, affine=bn_affine, step_mode="m"), lif())
+
+    size = int(input_size)
+    mods, flat = feature_layers(Builder(), SPECS[arch], in_channels, size, size)
     return SJNet(nn.Sequential(*mods), SJHead(linear_op(flat, num_classes)), timesteps,
                  functional.reset_net)
 

@@ -195,6 +195,12 @@ class _Builder:
     def pool(self) -> nn.Module:
         return nn.MaxPool2d(2)
 
+    def global_pool(self) -> list[nn.Module]:
+        return [_GlobalAvgPool()]
+
+    def flatten(self) -> nn.Module:
+        return _Flatten()
+
     def block(self, cin: int, cout: int, stride: int) -> nn.Module:
         c1 = self.conv(cin, cout, stride, first=False, pool=False)
         c2 = self.conv(cout, cout, 1, first=False, pool=False, residual_slot=True)
@@ -355,10 +361,13 @@ def _resolve_options(options: dict) -> dict:
     return o
 
 
-def _feature_layers(b: _Builder, specs: list, c: int, h: int, w: int
-                    ) -> tuple[list[nn.Module], int]:
-    """The feature layers ``b`` builds for ``specs`` on ``c`` x ``h`` x ``w`` images, and the
-    number of features they hand the classifier (flattened, or after the global pool)."""
+def feature_layers(b, specs: list, c: int, h: int, w: int) -> tuple[list[nn.Module], int]:
+    """The feature layers a builder ``b`` makes for ``specs`` on ``c`` x ``h`` x ``w`` images,
+    and the number of features they hand the classifier (flattened, or after the global pool):
+    the one reading of ``SPECS`` (pools absorbed into the conv before them, or skipped below
+    2x2; the FC after a global pool takes real input). ``b`` has the methods of ``_Builder``:
+    ``conv``, ``pool``, ``block``, ``global_pool``, ``flatten``, ``fc`` (benchmarks/sj_models.py
+    builds its SpikingJelly networks with its own)."""
     layers: list[nn.Module] = []
     first, flat = True, None
     i = 0
@@ -383,12 +392,12 @@ def _feature_layers(b: _Builder, specs: list, c: int, h: int, w: int
             h, w = (h - 1) // spec.stride + 1, (w - 1) // spec.stride + 1
             c, first = spec.out, False
         elif isinstance(spec, GlobalPool):
-            layers.append(_GlobalAvgPool())
+            layers += b.global_pool()
             flat, h, w = c, 1, 1
         elif isinstance(spec, FC):
             real_input = False
             if flat is None:
-                layers.append(_Flatten())
+                layers.append(b.flatten())
                 flat = c * h * w
             elif isinstance(specs[i - 1], GlobalPool):
                 real_input = True  # averaged spikes are not binary
@@ -398,7 +407,7 @@ def _feature_layers(b: _Builder, specs: list, c: int, h: int, w: int
             raise TypeError(f"unknown layer spec {spec!r}")
         i += 1
     if flat is None:
-        layers.append(_Flatten())
+        layers.append(b.flatten())
         flat = c * h * w
     return layers, flat
 
@@ -439,7 +448,7 @@ def build(arch: str, variant: str, *, num_classes: int = 10, in_channels: int = 
     opts = _resolve_options(neuron_options)
 
     b = _BUILDERS[variant](opts, prune_rate)
-    layers, flat = _feature_layers(b, SPECS[arch], in_channels, h, w)
+    layers, flat = feature_layers(b, SPECS[arch], in_channels, h, w)
     classifier = b.head(flat, num_classes)
     config = dict(arch=arch, variant=variant, num_classes=num_classes, in_channels=in_channels,
                   input_size=input_size if isinstance(input_size, int) else tuple(input_size),

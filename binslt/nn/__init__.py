@@ -1,2 +1,3 @@
 """The modules: the masked sign-weight spiking layers (``layers``) and the paper's networks
-(``models``). They call the op layer (``binslt.ops``) once per layer call."""
+(``models``; their parts in ``blocks``, the network class in ``network``, counting in
+``counting``). They call the op layer (``binslt.ops``) once per layer call."""

@@ -10,6 +10,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..ops.layer import INPUTS
+
 MODES = ("search", "finetune", "frozen")
 
 
@@ -145,10 +147,6 @@ class _NoTorchScript:
 
     def __prepare_scriptable__(self):
         raise torchscript_error(type(self).__name__)
-
-
-#: The input kinds of the spiking layers (binslt.ops.layer.INPUTS).
-INPUTS = ("spike", "real", "spike-sum")
 
 
 def check_input_kind(input: str) -> str:

@@ -43,6 +43,7 @@ class _SpikingLayer(_MaskedSignWeight):
         C.check_backend(backend)
         super().__init__(shape, prune_rate, per_channel_gain)
         self.neuron = NeuronConfig(**neuron, who=type(self).__name__)
+        self.__dict__["_channels"] = shape[0]  # output channels / features (a plain read)
         self.input = input
         self.backend = backend
         self.bn = bn_type(shape[0], eps=bn_eps, momentum=bn_momentum,
@@ -63,7 +64,7 @@ class _SpikingLayer(_MaskedSignWeight):
               stat_count: Optional[int] = None) -> torch.Tensor:
         """The spiking layer call: the BN epilogue, one op path, the BN running statistics
         (over ``stat_count`` neurons per channel: the count before pooling)."""
-        channels = self.weight.shape[0]
+        channels = self._channels
         scale, shift, bn_train = _bn_scale_shift(self.bn, channels, x)
         # eps enters the op only with batch statistics; eval BN is folded above with its own
         # eps (which nn.BatchNorm allows to be 0).

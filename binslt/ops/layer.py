@@ -13,10 +13,9 @@ module: the layer makes the ``Weights`` the chosen path needs (``weight_need``).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -95,9 +94,8 @@ class NeuronParams:
     surrogate_alpha: float = 2.0
 
     def __post_init__(self):
-        if self.surrogate not in SURROGATES and self.surrogate not in SURROGATES.values():
-            raise ValueError(f"surrogate must be one of {tuple(SURROGATES)}, got "
-                             f"{self.surrogate!r}")
+        if self.surrogate not in (*SURROGATES, *SURROGATES.values()):
+            raise ValueError(f"surrogate must be one of {tuple(SURROGATES)}, got {self.surrogate!r}")
         norm = dict(tau=float(self.tau), decay_input=bool(self.decay_input),
                     v_threshold=float(self.v_threshold),
                     v_reset=None if self.v_reset is None else float(self.v_reset),
@@ -108,8 +106,7 @@ class NeuronParams:
 
     @property
     def surrogate_id(self) -> int:
-        s = self.surrogate
-        return SURROGATES[s] if isinstance(s, str) else int(s)
+        return SURROGATES.get(self.surrogate, self.surrogate)
 
     def forward_args(self) -> tuple:
         """(tau, decay_input, v_threshold, v_reset): the forward kernels' neuron arguments."""
@@ -126,8 +123,7 @@ class NeuronParams:
                          "surrogate", "surrogate_alpha"), self.op_args()))
 
 
-@dataclass(frozen=True)
-class Epilogue:
+class Epilogue(NamedTuple):
     """What runs between the current and the neuron: (BN or a per-channel affine) and an
     optional residual. ``bn_train``: batch statistics with ``eps``; otherwise z * scale + shift.
     ``residual``: a float current, or (no-grad spike paths of a conv) packed spike words."""
@@ -139,11 +135,10 @@ class Epilogue:
     residual: Optional[torch.Tensor] = None
 
     def with_residual(self, residual: Optional[torch.Tensor]) -> Epilogue:
-        return dataclasses.replace(self, residual=residual)
+        return self._replace(residual=residual)
 
 
-@dataclass(frozen=True)
-class Geometry:
+class Geometry(NamedTuple):
     """The layer's shape settings: ``linear`` (x [T, N, F], run as a 1x1 image), the conv's
     stride and padding, the 2x2 max-pool after the neuron (``pool=2``) and packed spike words
     out (``packed_out``, the no-grad conv paths)."""
@@ -155,8 +150,10 @@ class Geometry:
     packed_out: bool = False
 
 
-@dataclass(frozen=True)
-class Weights:
+_CONV = Geometry()  # a conv, stride 1, no padding, no pool
+
+
+class Weights(NamedTuple):
     """A layer's weight as the paths read it: ``w_eff`` (the differentiable W_eff, [Co, Ci, k,
     k] or [O, F]), ``planes`` (its (mask bits, positive bits, gain); None: packed from W_eff
     where a path needs them) and ``gain``, a constant factor of the input folded into the
@@ -251,12 +248,6 @@ def _infer_conv_lif(be, x, planes, epi: Epilogue, nrn: NeuronParams, stride, pad
     return s, None, None
 
 
-def _neuron(tau, decay_input, v_threshold, v_reset, detach_reset=False, surrogate="atan",
-            surrogate_alpha=2.0) -> NeuronParams:
-    return NeuronParams(tau, decay_input, v_threshold, v_reset, detach_reset, surrogate,
-                        surrogate_alpha)
-
-
 def conv_lif(x, w_eff, scale, shift, residual=None, *, stride=1, padding=0, bn_train=False,
              bn_eps=1e-5, tau=2.0, decay_input=True, v_threshold=1.0, v_reset: Optional[float] = 0.0,
              detach_reset=False, surrogate="atan", surrogate_alpha=2.0, backend="auto"):
@@ -265,8 +256,8 @@ def conv_lif(x, w_eff, scale, shift, residual=None, *, stride=1, padding=0, bn_t
     ``backend='torch'`` runs the autograd reference (any dtype); others run kernels (float32).
     """
     epi = Epilogue(scale, shift, bn_train, bn_eps, residual)
-    nrn = _neuron(tau, decay_input, v_threshold, v_reset, detach_reset, surrogate,
-                  surrogate_alpha)
+    nrn = NeuronParams(tau, decay_input, v_threshold, v_reset, detach_reset, surrogate,
+                       surrogate_alpha)
     return _run_auto(backend, x.device, lambda be: _conv_lif(be, x, w_eff, epi, nrn, stride,
                                                              padding))
 
@@ -277,7 +268,7 @@ def bn_lif(z, scale, shift, residual=None, *, bn_train=False, bn_eps=1e-5, tau=2
     """Spikes of (BN) (+residual) + LIF over a real current z: [T, N, C, *]. -> (spikes, mean,
     var). ``neuron`` (a ``NeuronParams``) replaces the seven neuron keywords."""
     epi = Epilogue(scale, shift, bn_train, bn_eps, residual)
-    nrn = neuron if neuron is not None else _neuron(
+    nrn = neuron if neuron is not None else NeuronParams(
         tau, decay_input, v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha)
     return _run_auto(backend, z.device, lambda be: _bn_lif(be, z, epi, nrn))
 
@@ -292,7 +283,7 @@ def infer_conv_lif(x, w_mask, w_pos, alpha, scale, shift, residual=None, *, stri
     written); training BN needs ``bconv_lif``'s batch statistics (mean and var are None
     otherwise)."""
     epi = Epilogue(scale, shift, bn_train, bn_eps, residual)
-    nrn = _neuron(tau, decay_input, v_threshold, v_reset)
+    nrn = NeuronParams(tau, decay_input, v_threshold, v_reset)
     with torch.no_grad():
         return _run_auto(backend, x.device, lambda be: _infer_conv_lif(
             be, x, (w_mask, w_pos, alpha), epi, nrn, stride, padding, pool, packed_out))
@@ -323,6 +314,8 @@ class Path(str, Enum):
     REAL = "real"
     REAL_INFER = "real-infer"
     SPIKE_SUM_BITS = "spike-sum-bits"
+
+    __hash__ = str.__hash__  # (Enum's is a Python call; equal members are equal strings)
 
 
 _PLANE_PATHS = frozenset({Path.SPIKE_INFER, Path.DROPOUT_INFER, Path.SPIKE_SUM_BITS})
@@ -389,11 +382,10 @@ def _as_image(x, epi: Epilogue, geo: Geometry):
     """A linear layer's [T, N, F] input (and [T, N, O] residual) as 1x1 images."""
     if not geo.linear:
         return x, epi
-    T, n = x.shape[:2]
-    co = epi.scale.shape[0]
+    T, n, res = *x.shape[:2], epi.residual
     if x.dtype != torch.int32:  # explicit sizes: -1 is ambiguous at N = 0
         x = x.reshape(T, n, x.shape[2], 1, 1)
-    res = epi.residual
+    co = epi.scale.shape[0]
     return x, epi.with_residual(None if res is None else res.reshape(T, n, co, 1, 1))
 
 
@@ -538,9 +530,9 @@ def _spike_sum_bits(be, x, w: Weights, epi: Epilogue, nrn: NeuronParams, geo: Ge
     z = bit_plane_current(be, xi, w.folded().packed(be), geo.stride, geo.padding, bits)
     if not geo.linear:
         return _current_infer(be, z, epi, nrn, geo, x.dtype)
-    res = epi.residual
-    s, mean, var = _bn_lif(be, z.view(T, n, -1), epi.with_residual(
-        None if res is None else res.view(T, n, -1)), nrn)
+    co, res = epi.scale.shape[0], epi.residual
+    s, mean, var = _bn_lif(be, z.view(T, n, co), epi.with_residual(
+        None if res is None else res.view(T, n, co)), nrn)
     return s.to(x.dtype), mean, var
 
 
@@ -556,7 +548,7 @@ _PATHS: dict[Path, Callable] = {
 
 
 def run_path(path: Path, be: str, x: torch.Tensor, weights: Weights, epilogue: Epilogue,
-             neuron: NeuronParams, geometry: Geometry = Geometry(), who: str = "layer"):
+             neuron: NeuronParams, geometry: Geometry = _CONV, who: str = "layer"):
     """Run one layer call on the resolved backend ``be`` by ``path`` -> (spikes, mean, var),
     after checking what the path accepts (``_check_call``). ``choose_path`` picks the path;
     naming one runs it (e.g. ``Path.SPIKE_SUM_BITS`` where the backend does not take it by
@@ -566,7 +558,7 @@ def run_path(path: Path, be: str, x: torch.Tensor, weights: Weights, epilogue: E
 
 
 def spiking_layer(x, weights: Weights, epilogue: Epilogue, neuron: NeuronParams, *,
-                  input: str = "spike", geometry: Geometry = Geometry(), backend="auto",
+                  input: str = "spike", geometry: Geometry = _CONV, backend="auto",
                   who="layer"):
     """One call of a masked sign-weight spiking layer -> (spikes, mean, var).
 
@@ -586,9 +578,9 @@ def spiking_layer(x, weights: Weights, epilogue: Epilogue, neuron: NeuronParams,
     return _run_auto(backend, x.device, call)
 
 
-def run_auto(backend: str, device: torch.device, run):
-    """``run(be)`` on the backend ``backend`` resolves to, with auto's first-call fall-back."""
-    return _run_auto(backend, device, run)
+#: ``run_auto(backend, device, run)``: ``run(be)`` on the backend ``backend`` resolves to, with
+#: auto's first-call fall-back (a layer that makes its ``Weights`` per path calls it).
+run_auto = _run_auto
 
 
 def pack_spikes(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:

@@ -204,9 +204,11 @@ class Capabilities:
       one ``binslt::bn_lif_infer`` pass;
     * ``bit_planes``: integer spike-sum input without autograd runs as bit planes through the
       spike kernels by default (``Path.SPIKE_SUM_BITS``) instead of the real-input route.
-      Measured on a 2-core AMD EPYC (AVX2), anchor-like shapes, values 0..4 (3 planes): the
-      real-input route's float conv takes 105-195 ms where the 3 planes through bconv_lif take
-      410-630 ms, so the CPU keeps the real-input route by default.
+      The CPU keeps the real-input route by default: on a 2-core AMD EPYC (AVX2), a no-grad
+      BinSpikeConv2d 3x3 call, T=4, N=16, eval BN, the bit planes win only for few planes and
+      many channels (one thread, CPU time: C=128 16x16, values 0..2, 30 % nonzero: 47 vs 72 ms;
+      C=256 8x8: 24 vs 74 ms) and lose elsewhere (C=128, values 0..4: 75 vs 66 ms; C=64 32x32:
+      127 vs 73 ms; two threads, wall time: 1.0-2.1x slower at every one of these shapes).
     """
 
     autograd_reference: bool = False

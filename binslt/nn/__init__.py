@@ -1,2 +1,3 @@
-"""The modules: the masked sign-weight spiking layers (``layers``) and the paper's networks
-(``models``). They call the op layer (``binslt.ops``) once per layer call."""
+"""The modules: the masked sign-weight spiking layers (``layers``, which gathers them from
+``base``, ``neuron``, ``weight``, ``spiking``, ``conv``, ``linear``, ``binary`` and ``pool``) and
+the paper's networks (``models``). They call the op layer (``binslt.ops``) once per layer call."""

@@ -139,20 +139,22 @@ def _run(m, path, x, gain=1.0, backend="cpu", packed_out=False):
 SPIKE_SHAPES = {"conv": (3, 2, 6, 5, 5), "linear": (3, 5, 40)}
 
 
-@pytest.mark.parametrize("kind", ["conv", "linear"])
-@pytest.mark.parametrize("path, input, grad, gain", [
+PATH_CASES = [
     (Path.SPIKE_TRAIN, "spike", True, 1.0),
     (Path.SPIKE_INFER, "spike", False, 1.0),
     (Path.DROPOUT_TRAIN, "spike", True, 2.0),
     (Path.DROPOUT_INFER, "spike", False, 1.0 / 0.75),
     (Path.REAL, "real", True, 1.0),
-    (Path.REAL_INFER, "real", False, 1.0),
-    (Path.SPIKE_SUM_BITS, "spike-sum", False, 1.0),
-])
+    (Path.REAL_INFER, "real", False, 1.0),  # a conv's (a linear layer's no-grad real input
+    (Path.SPIKE_SUM_BITS, "spike-sum", False, 1.0),  # runs Path.REAL, the dispatcher's choice)
+]
+
+
+@pytest.mark.parametrize("kind, path, input, grad, gain", [
+    (kind, *case) for kind in ("conv", "linear") for case in PATH_CASES
+    if not (kind == "linear" and case[0] is Path.REAL_INFER)])
 @pytest.mark.parametrize("bn_train", [False, True])
 def test_each_path_matches_the_float64_reference(kind, path, input, grad, gain, bn_train):
-    if path is Path.REAL_INFER and kind == "linear":
-        pytest.skip("a linear layer's no-grad real input runs Path.REAL (the dispatcher's choice)")
     m = _layer(kind, bn_train=bn_train, input=input)
     x = _input(input, SPIKE_SHAPES[kind])
     with torch.set_grad_enabled(grad):
@@ -236,13 +238,11 @@ def test_bit_plane_current_is_the_exact_conv_rounded_once(backend, top):
     assert z.dtype == torch.float32 and torch.equal(z, want)
 
 
-@pytest.mark.parametrize("kind", ["conv", "linear"])
-@pytest.mark.parametrize("pool, packed_out", [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("kind, pool, packed_out", [  # (pool and packed words out: a conv's)
+    ("conv", 1, False), ("conv", 2, False), ("conv", 2, True), ("linear", 1, False)])
 def test_bit_planes_equal_the_real_input_route_on_integers_0_to_4(kind, pool, packed_out):
     """Integer input 0..4 with a power-of-two gain (frozen layer, alpha = 0.25): the real-input
     conv is exact too, so the bit-plane path gives its spikes bit for bit."""
-    if kind == "linear" and (pool > 1 or packed_out):
-        pytest.skip("pool and packed words out are a conv's")
     m = _layer(kind, input="spike-sum")
     m.mode = "frozen"
     m.alpha.fill_(0.25)

@@ -164,7 +164,9 @@ OPS_API = """BACKENDS BNLIF ConvLIF PACK_VALIDATES SpikePool backends bconv_affi
 check_finite check_spikes conv_lif counts_dtype cpu_algorithms get_op infer_conv_lif keep_counts
 load_triton masked_sign_weight max_abs_gain onednn_conv_available pack_spikes pack_weight
 reset_backend_state resolve_backend spiking_layer topk_mask unpack_spikes use_backend _KEEP _ext
-_is_binary _spike_pool""".split()
+_is_binary _spike_pool CAPABILITIES Capabilities capabilities INPUTS Epilogue Geometry
+NeuronParams Path Weights bit_plane_current choose_path run_auto run_path spike_sum_bits
+weight_need""".split()
 
 
 def test_public_api_without_warnings():

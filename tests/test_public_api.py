@@ -155,15 +155,26 @@ DOCUMENTED = ("BinSpikeConv2d", "BinSpikeLinear", "BinConv2d", "BinLinear", "LIF
 
 
 def test_layer_docstrings_run_as_doctests():
+    """The examples of every module binslt.nn.layers gathers (its parts: base, neuron, weight,
+    spiking, conv, linear, binary, pool) run."""
     import doctest
+    import sys
 
     from binslt.nn import layers
 
-    res = doctest.testmod(layers, optionflags=doctest.ELLIPSIS, raise_on_error=False)
-    assert res.failed == 0
-    assert res.attempted >= 20
+    parts = sorted({sys.modules[getattr(layers, n).__module__] for n in dir(layers)
+                    if getattr(getattr(layers, n), "__module__", "").startswith("binslt.nn.")},
+                   key=lambda m: m.__name__)
+    assert {m.__name__.rsplit(".", 1)[-1] for m in parts} >= {"conv", "linear", "binary", "pool",
+                                                             "neuron", "spiking", "weight"}
+    attempted, with_examples = 0, set()
     finder = doctest.DocTestFinder()
-    with_examples = {t.name.rsplit(".", 1)[-1] for t in finder.find(layers) if t.examples}
+    for mod in parts:
+        res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS, raise_on_error=False)
+        assert res.failed == 0, mod.__name__
+        attempted += res.attempted
+        with_examples |= {t.name.rsplit(".", 1)[-1] for t in finder.find(mod) if t.examples}
+    assert attempted >= 20
     assert set(DOCUMENTED) <= with_examples
 
 

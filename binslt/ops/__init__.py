@@ -12,7 +12,9 @@ The rooms of this package:
   definitions, reference fallbacks, fake kernels, the lazily loaded Triton launchers
   (``triton``) and ``get_op``; ``cpu_algos``: the CPU algorithm choice;
 * ``backend``: ``use_backend``, ``resolve_backend`` and the first-call fall-back (its state in
-  ``fallback``); ``autograd``: the autograd Functions; ``layer``: the layer-call entry points;
+  ``fallback``) and what each backend's kernels can do (``CAPABILITIES``); ``autograd``: the
+  autograd Functions; ``layer``: the layer-call entry points (the named paths, ``choose_path``,
+  and the values a call reads: ``NeuronParams``, ``Weights``, ``Epilogue``, ``Geometry``);
   ``weights``: the search step's weight side;
 * ``check``: every backend's ops against the reference on this machine (``binslt check``).
 """
@@ -32,7 +34,10 @@ from .autograd import (  # noqa: F401
     max_abs_gain,
 )
 from .backend import (  # noqa: F401
+    CAPABILITIES,
+    Capabilities,
     backends,
+    capabilities,
     reset_backend_state,
     resolve_backend,
     use_backend,
@@ -40,16 +45,28 @@ from .backend import (  # noqa: F401
 from .contract import BACKENDS, counts_dtype  # noqa: F401
 from .cpu_algos import cpu_algorithms  # noqa: F401
 from .layer import (  # noqa: F401
+    INPUTS,
     PACK_VALIDATES,
+    Epilogue,
+    Geometry,
+    NeuronParams,
+    Path,
+    Weights,
     bconv_affine_infer,
+    bit_plane_current,
     bn_lif,
     check_finite,
     check_spikes,
+    choose_path,
     conv_lif,
     infer_conv_lif,
     pack_spikes,
+    run_auto,
+    run_path,
+    spike_sum_bits,
     spiking_layer,
     unpack_spikes,
+    weight_need,
 )
 from .registry import get_op, load_triton  # noqa: F401
 from .weights import masked_sign_weight, onednn_conv_available, pack_weight, topk_mask  # noqa: F401

@@ -1,12 +1,14 @@
 """Backend choice: ``use_backend``, ``resolve_backend`` (auto's order, ``BINSLT_BACKEND``,
 ``BINSLT_DISABLE_BACKENDS``; binslt.ops.fallback holds the state), the first-call fall-back of
-an auto-chosen backend (``_run_auto``, ``_backward_op``) and ``backends()``."""
+an auto-chosen backend (``_run_auto``, ``_backward_op``), ``backends()`` and what each backend's
+kernels can do (``CAPABILITIES``, ``capabilities``)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -175,3 +177,63 @@ def reset_backend_state() -> None:
     and forget the backends found failing in this process."""
     _fb.reset()
     _AUTO.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# What each backend can do: the one table the layer call reads
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend's kernels do beyond the shared schemas, as the layer call
+    (``binslt.ops.layer``) reads it.
+
+    * ``autograd_reference``: every layer call runs the pure-torch autograd reference (no
+      packed no-grad path, no kernels);
+    * ``pack_validates``: ``pack_spikes`` rejects non-binary input as it packs (for free), so
+      the layer call skips its own full-tensor check;
+    * ``fused_pool2``: the fused autograd op pools 2x2 itself (``ConvLIF(pool=2)``), its backward
+      kernel routing the pooled gradient;
+    * ``packed_residual``: the no-grad inference kernel reads a residual of packed spike words;
+    * ``batch_as_row``: a linear layer on spikes runs with the batch laid out as the pixels of a
+      1 x N image (the kernels' rows run over the batch instead of being 1 wide);
+    * ``search_planes``: the fused op takes W_eff's bit planes and gain from the search pass
+      that wrote them (``binslt::sign_gain_pack``) instead of packing W_eff again;
+    * ``fused_real_infer``: a real-input conv's no-grad eval epilogue + LIF (+ pool, + pack) is
+      one ``binslt::bn_lif_infer`` pass;
+    * ``bit_planes``: integer spike-sum input without autograd runs as bit planes through the
+      spike kernels by default (``Path.SPIKE_SUM_BITS``) instead of the real-input route.
+      The CPU keeps the real-input route by default: on a 2-core AMD EPYC (AVX2), a no-grad
+      BinSpikeConv2d 3x3 call, T=4, N=16, eval BN, the bit planes win only for few planes and
+      many channels (one thread, CPU time: C=128 16x16, values 0..2, 30 % nonzero: 47 vs 72 ms;
+      C=256 8x8: 24 vs 74 ms) and lose elsewhere (C=128, values 0..4: 75 vs 66 ms; C=64 32x32:
+      127 vs 73 ms; two threads, wall time: 1.0-2.1x slower at every one of these shapes).
+    """
+
+    autograd_reference: bool = False
+    pack_validates: bool = False
+    fused_pool2: bool = False
+    packed_residual: bool = False
+    batch_as_row: bool = False
+    search_planes: bool = False
+    fused_real_infer: bool = False
+    bit_planes: bool = False
+
+
+CAPABILITIES: dict[str, Capabilities] = {
+    "torch": Capabilities(autograd_reference=True),
+    "cpu": Capabilities(pack_validates=True, fused_pool2=True, packed_residual=True,
+                        batch_as_row=True, search_planes=True, fused_real_infer=True),
+    "triton": Capabilities(),
+    "cuda": Capabilities(),
+}
+
+
+def capabilities(backend: str) -> Capabilities:
+    """The ``Capabilities`` of a concrete backend ('torch', 'cpu', 'triton' or 'cuda')."""
+    try:
+        return CAPABILITIES[backend]
+    except KeyError:
+        raise ValueError(f"capabilities: a concrete backend is one of {tuple(CAPABILITIES)}, "
+                         f"got {backend!r}") from None

@@ -1,0 +1,197 @@
+"""The masked sign-weight modules without a neuron (a real current out): ``BinConv2d`` (ResNet
+1x1 shortcuts, the BNN-BinAct baseline), ``BinLinear`` (the logits layer) and the BNN-BinAct
+activation ``SignActivation``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..ops import reference as ref
+from .base import _MODE_DOC, _WEIGHT_ARGS, _IntOrPair, _refuse_jit_trace, _square
+from .spiking import _bn_scale_shift
+from .weight import _MaskedSignWeight
+
+
+class BinConv2d(_MaskedSignWeight):
+    __doc__ = """Masked sign-weight Conv2d (+BN) without a neuron: a real current out.
+
+    Used for ResNet 1x1 shortcuts and the BNN-BinAct baseline.
+
+    Args:
+        in_channels (int): input channels C_in.
+        out_channels (int): output channels C_out.
+        kernel_size (int or (k, k)): square kernel.
+        stride (int or (s, s)): default 1.
+        padding (int or (p, p)): zero padding, default 0.
+""" + _WEIGHT_ARGS + """
+        bn (bool): a BatchNorm2d after the conv (default False; statistics over T*N*H*W).
+        bn_affine (bool): the BatchNorm has a learnable scale and shift (default False).
+
+    Shape:
+        - input: ``[N, C_in, H, W]`` or multi-step ``[T, N, C_in, H, W]``.
+        - output: ``[N, C_out, H', W']`` or ``[T, N, C_out, H', W']``, the input's dtype.
+
+""" + _MODE_DOC + """
+
+    Example::
+
+        >>> import torch, binslt
+        >>> conv = binslt.BinConv2d(4, 8, 1, stride=2, bn=True)
+        >>> conv(torch.ones(3, 2, 4, 6, 6)).shape
+        torch.Size([3, 2, 8, 3, 3])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair,
+                 stride: _IntOrPair = 1, padding: _IntOrPair = 0, *, prune_rate: float = 0.5,
+                 bn: bool = False, bn_affine: bool = False, per_channel_gain: bool = False):
+        """Build the layer; every argument is described in ``help(binslt.BinConv2d)``."""
+        k = _square(kernel_size, "kernel_size")
+        super().__init__((out_channels, in_channels, k, k), prune_rate, per_channel_gain)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
+        self.stride, self.padding = _square(stride, "stride"), _square(padding, "padding")
+        self.bn = nn.BatchNorm2d(out_channels, affine=bn_affine) if bn else None
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, {self._weight_repr()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv (+BN) of ``x`` ``[N, C_in, H, W]`` or ``[T, N, C_in, H, W]`` with W_eff:
+        ``[N, C_out, H', W']`` or ``[T, N, C_out, H', W']``."""
+        _refuse_jit_trace(self)
+        if x.dim() not in (4, 5):
+            raise ValueError(f"BinConv2d expects [N, C, H, W] or [T, N, C, H, W], got shape "
+                             f"{tuple(x.shape)}")
+        lead = x.shape[:-3]
+        xf = x.flatten(0, -4)
+        if _affine_infer_path(self, xf):
+            scale, shift, _ = _bn_scale_shift(self.bn, self.out_channels, xf)
+            w_mask, w_pos, alpha = self.packed_weight()
+            y = ops.bconv_affine_infer(xf, w_mask, w_pos, alpha, scale.float(), shift.float(),
+                                       self.stride, self.padding)
+            return y.view(*lead, *y.shape[1:])
+        w = self.effective_weight().to(x.dtype)
+        if _saves_spikes_packed(xf, w):
+            y = self._conv_bn_saving_bits(xf, w)
+        else:
+            y = F.conv2d(xf, w, stride=self.stride, padding=self.padding)
+            if self.bn is not None:
+                y = self.bn(y)
+        return y.view(*lead, *y.shape[1:])
+
+    def _conv_bn_saving_bits(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """conv (+BN) of float spikes x [B, C, H, W] with what autograd saves made small: the
+        conv's saved input is kept as packed bits (1 of 32 bits a value, unpacked exactly), and
+        BN's saved input, the conv's output, is recomputed from them in the backward (the same
+        conv of the same values: bit for bit). A ResNet shortcut's saved state shrinks from two
+        float maps to one bit per input spike."""
+        bits = ops.pack_spikes(x)
+        channels, w_value = x.shape[1], w.detach()
+        conv = {}
+
+        def unpacked():
+            return ops.unpack_spikes(bits, channels)
+
+        def pack(t):
+            if t.data_ptr() == x.data_ptr() and t.shape == x.shape and t.dtype == x.dtype:
+                return ("x",)
+            y = conv.get("y")
+            if y is not None and t.data_ptr() == y.data_ptr() and t.shape == y.shape:
+                return ("y",)
+            return t
+
+        def unpack(saved):
+            if isinstance(saved, tuple) and saved == ("x",):
+                return unpacked()
+            if isinstance(saved, tuple) and saved == ("y",):
+                return F.conv2d(unpacked(), w_value, stride=self.stride, padding=self.padding)
+            return saved
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            y = F.conv2d(x, w, stride=self.stride, padding=self.padding)
+            conv["y"] = y
+            if self.bn is not None:
+                y = self.bn(y)
+        conv.clear()  # the hooks keep only bits and w_value alive
+        return y
+
+
+def _affine_infer_path(m: BinConv2d, x: torch.Tensor) -> bool:
+    """Whether BinConv2d's no-grad call on float CPU spikes x [B, C, H, W] runs as the
+    ``bconv_affine_infer`` op: exact integer counts (oneDNN's int8 convolution where the CPU has
+    AMX-INT8), then the gain and the eval BN as one per-channel affine. Only where that op's int8
+    route runs (elsewhere ATen's float conv is as fast): on such a CPU the layer's eval output is
+    (count * alpha) * scale + shift, one rounding per step instead of a float sum of +-alpha
+    terms, so it can differ from the grad-mode forward in the last bits."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() == 0:
+        return False
+    if m.bn is not None and (m.bn.training or not m.bn.track_running_stats):
+        return False
+    if torch.compiler.is_compiling() or not ops.onednn_conv_available():
+        return False
+    return x.dtype == torch.int32 or (x.dtype == torch.float32 and ops._is_binary(x))
+
+
+def _saves_spikes_packed(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether BinConv2d's input (flattened to [B, C, H, W]) is float32 CPU spikes in a
+    training graph that would save it: then autograd keeps it as packed bits instead."""
+    return (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+            and x.dtype == torch.float32
+            and x.device.type == "cpu" and x.numel() > 0
+            and not torch.compiler.is_compiling() and ops._is_binary(x))
+
+
+class BinLinear(_MaskedSignWeight):
+    __doc__ = """Masked sign-weight Linear without a neuron (the logits layer), no bias.
+
+    Args:
+        in_features (int): input features F.
+        out_features (int): output features O.
+""" + _WEIGHT_ARGS + """
+
+    Shape:
+        - input: ``[..., F]`` (e.g. ``[T, N, F]``).
+        - output: ``[..., O]``, the input's dtype.
+
+""" + _MODE_DOC + """
+
+    Example::
+
+        >>> import torch, binslt
+        >>> fc = binslt.BinLinear(16, 10, prune_rate=0.5)
+        >>> fc(torch.ones(4, 2, 16)).shape
+        torch.Size([4, 2, 10])
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, prune_rate: float = 0.5,
+                 per_channel_gain: bool = False):
+        """Build the layer; every argument is described in ``help(binslt.BinLinear)``."""
+        super().__init__((out_features, in_features), prune_rate, per_channel_gain)
+        self.in_features, self.out_features = in_features, out_features
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self._weight_repr()}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W_eff.T``: ``[..., F]`` -> ``[..., O]``."""
+        _refuse_jit_trace(self)
+        return F.linear(x, self.effective_weight().to(x.dtype))
+
+
+
+class SignActivation(nn.Module):
+    """BNN-BinAct activation: sign forward (+-1), Bi-Real ApproxSign backward. Any shape.
+
+    Example::
+
+        >>> import torch, binslt
+        >>> binslt.SignActivation()(torch.tensor([-0.5, 0.0, 2.0])).tolist()
+        [-1.0, 1.0, 1.0]
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """+-1 of ``x`` (sign, with sign(0) = +1), the same shape."""
+        return ref.sign_activation(x)

@@ -166,15 +166,20 @@ class BNLIF(torch.autograd.Function):
 
 
 def _fits_int8(counts: torch.Tensor) -> bool:
-    """Whether every integer count is in int8's range (one aminmax pass, a host read)."""
-    if counts.numel() == 0 or counts.dtype == torch.int8:
+    """Whether every integer count is in int8's range (one aminmax pass, a host read). Traced
+    code (torch.compile, torch.export) answers False without reading: a saved tensor's dtype is
+    fixed when the graph is built, so compiled code keeps the counts at their own dtype."""
+    if torch.compiler.is_compiling() or counts.numel() == 0 or counts.dtype == torch.int8:
         return False
     lo, hi = torch.aminmax(counts)
     return int(lo) >= -128 and int(hi) <= 127
 
 
 def _is_binary(t: torch.Tensor) -> bool:
-    """Whether every value of the float tensor t is 0 or 1 (one pass, a host read)."""
+    """Whether every value of the float tensor t is 0 or 1 (one pass, a host read). Traced
+    code answers False without reading (the residual is then saved as floats)."""
+    if torch.compiler.is_compiling():
+        return False
     return bool(t.eq(0).logical_or_(t.eq(1)).all())
 
 

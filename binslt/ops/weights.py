@@ -52,7 +52,7 @@ class _MaskedSignSearchPacked(torch.autograd.Function):
 
 
 def _packs_on_cpu(weight: torch.Tensor, scores: torch.Tensor) -> bool:
-    return (_CPU_SIGN_GAIN_PACK and not torch.compiler.is_compiling()
+    return (_CPU_SIGN_GAIN_PACK
             and weight.device.type == "cpu" and weight.dtype == torch.float32
             and scores.dtype == torch.float32 and weight.dim() in (2, 4))
 

@@ -589,6 +589,11 @@ def _bn_scale_shift(bn: Optional[nn.modules.batchnorm._BatchNorm], channels: int
 def _update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
     if bn is None or not (bn.training and bn.track_running_stats) or count == 0:
         return  # an empty batch (N = 0) has no statistics; NaN must not enter the running ones
+    if ops.is_vmapped(mean):
+        raise NotImplementedError(
+            "torch.func.vmap cannot update a BatchNorm's running statistics (each vmapped entry "
+            "has its own batch statistics, the module one buffer): vmap the model in eval mode "
+            "(model.eval()), or build its BatchNorm with track_running_stats=False")
     bn.num_batches_tracked += 1
     m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
     unbiased = var * (count / max(count - 1, 1))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from . import contract as C
 from . import reference as ref
-from .autograd import BNLIF, ConvLIF, _spike_pool
+from .autograd import BNLIF, ConvLIF, _spike_pool, values_unreadable
 from .backend import _run_auto
 from .registry import get_op
 from .schemas import SURROGATES
@@ -23,8 +23,9 @@ PACK_VALIDATES = frozenset({"cpu"})
 
 
 def check_spikes(x: torch.Tensor, name: str = "input") -> None:
-    """Raise ValueError unless every element of ``x`` is exactly 0 or 1 (skipped when tracing)."""
-    if torch.compiler.is_compiling() or x.numel() == 0 or x.is_meta:
+    """Raise ValueError unless every element of ``x`` is exactly 0 or 1 (skipped when tracing
+    and under vmap: ``values_unreadable``)."""
+    if values_unreadable(x) or x.numel() == 0 or x.is_meta:
         return
     if not bool(((x == 0) | (x == 1)).all()):
         bad = x[(x != 0) & (x != 1)].flatten()[:3].tolist()
@@ -35,7 +36,7 @@ def check_spikes(x: torch.Tensor, name: str = "input") -> None:
 
 
 def check_finite(x: torch.Tensor, name: str = "input") -> None:
-    if torch.compiler.is_compiling() or x.numel() == 0 or x.is_meta:
+    if values_unreadable(x) or x.numel() == 0 or x.is_meta:
         return
     if not x.is_floating_point():  # integers are finite
         return
@@ -74,7 +75,7 @@ def _conv_lif(be, x, w_eff, scale, shift, residual, stride, padding, bn_train, b
     s, mean, var = ConvLIF.apply(x, w_eff, scale, shift, residual, stride, padding, bn_train,
                                  bn_eps, float(tau), decay_input, float(v_threshold),
                                  None if v_reset is None else float(v_reset), detach_reset, sid,
-                                 float(surrogate_alpha), be, planes, 2 if fused else 1)
+                                 float(surrogate_alpha), be, planes, 2 if fused else 1)[:3]
     return (s if fused else _spike_pool(be, s, pool)), mean, var
 
 
@@ -90,7 +91,7 @@ def _bn_lif(be, z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v
         return s, mean, var
     return BNLIF.apply(z, scale, shift, residual, bn_train, bn_eps, float(tau), decay_input,
                        float(v_threshold), None if v_reset is None else float(v_reset),
-                       detach_reset, sid, float(surrogate_alpha), be)
+                       detach_reset, sid, float(surrogate_alpha), be)[:3]
 
 
 def _infer_conv_lif(be, x, w_mask, w_pos, alpha, scale, shift, residual, stride, padding,

@@ -47,11 +47,17 @@ def surrogate_grad(x: torch.Tensor, surrogate: int, alpha: float) -> torch.Tenso
 class _SpikeFn(torch.autograd.Function):
     """Heaviside(x >= 0) forward, surrogate derivative backward."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, surrogate: int, alpha: float) -> torch.Tensor:
+    def forward(x: torch.Tensor, surrogate: int, alpha: float) -> torch.Tensor:
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, surrogate, alpha = inputs
         ctx.save_for_backward(x)
         ctx.surrogate, ctx.alpha = surrogate, alpha
-        return (x >= 0).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -97,10 +103,15 @@ def lif_multistep(
 class _ApproxSign(torch.autograd.Function):
     """sign(x) (with sign(0) = +1, so outputs are +-1) and Bi-Real's ApproxSign backward."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
+    def forward(x):
         return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad):
@@ -193,12 +204,17 @@ def _expand_gain(alpha: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class _MaskedSignSearch(torch.autograd.Function):
     """W_eff = alpha * sign(w) * M(s); dL/ds = dL/dW_eff * w * sign(s); no grad to w or alpha."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, weight, scores, prune_rate, per_channel, mask):
+    def forward(weight, scores, prune_rate, per_channel, mask):
         mask = topk_mask(scores, prune_rate) if mask is None else mask
         alpha = mean_abs_gain(weight, mask, per_channel)
-        ctx.save_for_backward(weight, scores)
         return _expand_gain(alpha, weight) * torch.sign(weight) * mask
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
 
     @staticmethod
     def backward(ctx, grad):
@@ -215,11 +231,16 @@ def search_score_grad(grad: torch.Tensor, weight: torch.Tensor,
 class _MaskedSignFinetune(torch.autograd.Function):
     """W_eff = alpha * sign(w) * M with M fixed; straight-through to w: dL/dw = dL/dW_eff * M."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, weight, mask, per_channel):
+    def forward(weight, mask, per_channel):
         alpha = mean_abs_gain(weight, mask, per_channel)
-        ctx.save_for_backward(mask)
         return _expand_gain(alpha, weight) * torch.sign(weight) * mask
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad):

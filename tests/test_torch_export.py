@@ -118,3 +118,19 @@ def test_op_library_paths_pick_this_pythons_build(tmp_path):
     assert op_library_paths(tmp_path) == {"cpu": str(tmp_path / f"_C{EXTENSION_SUFFIXES[0]}"),
                                           "cuda": None}
     assert op_library_paths(tmp_path / "empty") == {"cpu": None, "cuda": None}
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd_on", "no_grad"])
+def test_torch_export_export_as_the_docs_write_it(tmp_path, grad):
+    """``torch.export.export(ticket, (x,))`` on a loaded ticket, with or without
+    ``torch.no_grad()``: no data-dependent guard (the training path's int8-fit and binary
+    residual checks are not taken while tracing), and the program gives the eager logits."""
+    m = _ticket(tmp_path)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.set_grad_enabled(grad):
+        ep = torch.export.export(m, (x,))
+        got, want = ep.module()(x), m(x)
+    assert _binslt_ops(ep)
+    assert torch.equal(got, want) and bool((want != 0).any())
+    with torch.no_grad():
+        assert torch.equal(ep.module()(x), m(x))

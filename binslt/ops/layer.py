@@ -179,10 +179,25 @@ def spiking_layer(x, weight, scale, shift, residual=None, *, linear=False, strid
         bn_eps, neuron, pool, packed_out, who))
 
 
+def _records_grad(x, weight, scale, shift, residual) -> bool:
+    """Whether autograd records this layer call: grad mode is on and the input, the epilogue,
+    the residual or a parameter of the layer behind ``weight`` requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    if any(t is not None and t.requires_grad for t in (x, scale, shift, residual)):
+        return True
+    layer = getattr(weight, "layer", weight)  # (_GainScaled wraps the layer)
+    if not isinstance(layer, torch.nn.Module):
+        return True
+    return any(p.requires_grad for p in layer.parameters(recurse=False))
+
+
 def _spiking_layer(be, x, weight, scale, shift, residual, linear, stride, padding, real_input,
                    bn_train, bn_eps, neuron, pool, packed_out, who):
     packed_in = x.dtype == torch.int32
-    no_grad = be != "torch" and not torch.is_grad_enabled()
+    # The packed inference kernels serve every call autograd would not record (a frozen ticket
+    # called without torch.no_grad too, e.g. by torch.export.export).
+    no_grad = be != "torch" and not _records_grad(x, weight, scale, shift, residual)
     infer = not real_input and no_grad
     # A real-input conv's no-grad path can emit packed spikes too (the next layer's input).
     real_infer = real_input and not linear and no_grad

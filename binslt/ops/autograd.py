@@ -48,10 +48,11 @@ class ConvLIF(torch.autograd.Function):
     ``(spikes [T, N, Co, Ho, Wo] (Ho, Wo halved when pool=2), mean [Co], var [Co], *saved)``:
     the last seven outputs are what the backward reads (non-differentiable; callers take
     ``[:3]``). The ``setup_context`` form, so that ``torch.func`` transforms compose with it:
-    ``torch.func.grad`` works as autograd does; ``torch.func.vmap`` runs the forward where the
-    ``binslt::`` ops have a vmap rule (``binslt.ops.registry``: a vmapped input batch folds
-    into N when the epilogue has no batch statistics) and raises ``NotImplementedError``
-    saying why elsewhere (batch statistics, batched weights, the backward kernels).
+    ``torch.func.grad`` works as autograd does; under ``torch.func.vmap`` (``generate_vmap_rule``)
+    the ``binslt::`` ops' vmap rules run (``binslt.ops.registry``): a vmapped input batch folds
+    into N when the epilogue has no batch statistics and the weights are not vmapped; otherwise
+    (batch statistics, vmapped weights, the backward kernels of per-sample gradients) each op
+    runs once per vmapped entry.
 
     Saves packed input bits (1 bit per spike), per-channel statistics and the integer counts;
     under ``keep_counts(False)`` the backward recomputes the counts from the packed bits with the

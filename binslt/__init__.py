@@ -7,6 +7,7 @@ energy accounting and packed ticket files.
 
 import sys as _sys
 import types as _types
+import typing as _typing
 
 __version__ = "0.1.0"
 
@@ -25,12 +26,17 @@ from .nn.layers import (  # noqa: E402
 )
 from .ops import backends, reference, use_backend  # noqa: E402
 
+if _typing.TYPE_CHECKING:  # the lazy names below, as type checkers see them
+    from .interop.nir import from_nir, to_nir
+    from .io.tickets import export_ticket, load_ticket
+    from .nn import models
+
 # The flat layout's module paths (binslt.layers, binslt.reference, ...) keep importing, with a
 # DeprecationWarning (binslt._moved).
 _moved.install()
 
 
-class _Package(type(_sys.modules[__name__])):
+class _Package(_types.ModuleType):
     # Importing the old module path binslt.convert binds the *module* on this package; the
     # public `binslt.convert` is the function, which that binding must not shadow.
     def __setattr__(self, name, value):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -300,3 +301,68 @@ def test_model_output_follows_the_parameter_dtype_under_no_grad(arch, dtype):
     assert y_grad.dtype == dtype
     torch.testing.assert_close(y, y_grad.detach(), rtol=0, atol=0 if dtype == torch.float64
                                else 1e-2)
+
+
+# --- every public callable: arguments, shapes and an example that runs -------------------------
+
+def _public_callables():
+    return {n: getattr(binslt, n) for n in binslt.__all__
+            if inspect.isclass(getattr(binslt, n)) or inspect.isfunction(getattr(binslt, n))}
+
+
+#: Their docstrings live in binslt.interop.convert and have no example yet.
+WITHOUT_EXAMPLE = {"convert", "to_spikingjelly"}
+
+
+@pytest.mark.parametrize("name", sorted(_public_callables()))
+def test_public_callable_docstring_has_arguments_shapes_and_an_example(name):
+    if name in WITHOUT_EXAMPLE:
+        pytest.xfail(f"{name}: no example in its docstring")  # listed, so that it is seen
+    obj = _public_callables()[name]
+    doc = inspect.getdoc(obj) or ""
+    target = obj.__init__ if inspect.isclass(obj) else obj
+    params = [p for p in inspect.signature(target).parameters if p not in ("self", "args",
+                                                                             "kwargs")]
+    missing = [p for p in params if p not in doc]
+    assert not missing, f"{name}: arguments not described: {missing}"
+    shape = re.search(r"\[[A-Z], ", doc) or re.search(r"\[T, N", doc) or "Any shape" in doc
+    assert shape, f"{name}: no shape"
+    assert ">>> " in doc, f"{name}: no example"
+
+
+@pytest.mark.parametrize("name", sorted(set(_public_callables()) - WITHOUT_EXAMPLE))
+def test_public_callable_examples_run_as_doctests(name):
+    import doctest
+
+    obj = _public_callables()[name]
+    finder = doctest.DocTestFinder(recurse=False)
+    tests = [t for t in finder.find(obj, name, globs={}) if t.examples]
+    assert tests, name
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for t in tests:
+        runner.run(t)
+    assert runner.failures == 0, name
+
+
+# --- a type checker on the public API ---------------------------------------------------------
+
+def test_mypy_passes_on_the_public_api_and_catches_a_bad_call(tmp_path):
+    """mypy on binslt/__init__.py and code a user writes against the public names
+    (tests/typing/public_api_usage.py), reading binslt's annotations (``follow-imports=silent``:
+    the bodies of the modules behind them are not reported); a call with wrong argument types
+    is an error, so the check has teeth."""
+    pytest.importorskip("mypy")
+    root = Path(binslt.__file__).resolve().parents[1]
+    bad = tmp_path / "bad_usage.py"
+    bad.write_text("import binslt\n"
+                   "binslt.load_ticket(3.5)\n"
+                   "binslt.models.build('conv4', 'binwslt', timesteps='two')\n")
+    r = subprocess.run([sys.executable, "-m", "mypy", "--follow-imports=silent",
+                        "--ignore-missing-imports", "--cache-dir", str(tmp_path / "cache"),
+                        "--no-error-summary", str(root / "binslt" / "__init__.py"),
+                        str(root / "tests" / "typing" / "public_api_usage.py"), str(bad)],
+                       cwd=root, capture_output=True, text=True, timeout=600)
+    errors = [ln for ln in r.stdout.splitlines() if ": error: " in ln]
+    assert all(ln.startswith(str(bad)) for ln in errors), r.stdout
+    assert len(errors) == 2 and '"load_ticket"' in errors[0] and '"timesteps"' in errors[1], \
+        r.stdout

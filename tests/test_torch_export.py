@@ -118,3 +118,37 @@ def test_op_library_paths_pick_this_pythons_build(tmp_path):
     assert op_library_paths(tmp_path) == {"cpu": str(tmp_path / f"_C{EXTENSION_SUFFIXES[0]}"),
                                           "cuda": None}
     assert op_library_paths(tmp_path / "empty") == {"cpu": None, "cuda": None}
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd_on", "no_grad"])
+def test_torch_export_export_as_the_docs_write_it(tmp_path, grad):
+    """``torch.export.export(ticket, (x,))`` on a loaded ticket, with or without
+    ``torch.no_grad()``: no data-dependent guard, the packed inference kernels in both (autograd
+    records nothing of a frozen ticket), and the eager logits."""
+    m = _ticket(tmp_path)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.set_grad_enabled(grad):
+        ep = torch.export.export(m, (x,))
+        got, want = ep.module()(x), m(x)
+    if op_library_paths()["cpu"]:  # nothing requires grad: the packed inference kernels
+        assert _binslt_ops(ep) == ["binslt.bconv_lif_infer.default",
+                                   "binslt.bn_lif_infer.default"]
+    assert torch.equal(got, want) and bool((want != 0).any())
+    with torch.no_grad():
+        assert torch.equal(ep.module()(x), m(x))
+
+
+def test_frozen_ticket_takes_autograd_only_where_something_requires_grad(tmp_path):
+    """Called without no_grad, a frozen ticket runs the inference kernels (nothing to record);
+    an input that requires grad (e.g. a saliency map) still gets its gradient."""
+    m = _ticket(tmp_path)
+    x = torch.randn(3, 1, 8, 8)
+    y = m(x)
+    assert not y.requires_grad
+    with torch.no_grad():
+        assert torch.equal(y, m(x))
+    xg = x.clone().requires_grad_()
+    yg = m(xg)
+    assert torch.equal(yg.detach(), y)
+    yg.sum().backward()
+    assert xg.grad is not None and bool(xg.grad.abs().sum() > 0)

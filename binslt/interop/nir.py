@@ -358,6 +358,14 @@ def to_nir(model_or_path, example_input: Optional[torch.Tensor] = None, *,
     Raises:
         NIRError: a layer NIR cannot represent (named), or a bad argument.
         NIRDependencyError: the ``nir`` package is missing.
+
+    Example:
+        >>> import binslt
+        >>> net = binslt.models.build("conv4", "binwslt", num_classes=10, in_channels=1,
+        ...                           input_size=8, timesteps=2)
+        >>> graph = binslt.to_nir(net)
+        >>> type(graph).__name__, "input" in graph.nodes
+        ('NIRGraph', True)
     """
     from .. import __version__
 

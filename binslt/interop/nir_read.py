@@ -173,8 +173,31 @@ def from_nir(graph_or_path, *, dt: Optional[float] = None, timesteps: Optional[i
     ``dt``: the step the time constants were written for (default: the file's, else 1e-4, as
     SpikingJelly and snnTorch). ``timesteps``: T for image input (default: the file's).
 
+    Args:
+        graph_or_path (nir.NIRGraph, str or os.PathLike): the graph, or a ``.nir`` file.
+        dt (float or None): see above.
+        timesteps (int or None): see above.
+        backend (str): the binslt layers' kernel backend.
+
+    Returns:
+        A :class:`NIRNet`: images [N, C, H, W] (repeated over T) or spikes [T, N, ...] ->
+        the graph's output averaged over T, e.g. logits [N, num_classes].
+
     Raises:
         NIRError: a missing / corrupt file, or a node binslt cannot read (named).
+
+    Example:
+        >>> import torch
+        >>> import binslt
+        >>> torch.manual_seed(0) and None
+        >>> net = binslt.models.build("conv4", "binwslt", num_classes=10, in_channels=1,
+        ...                           input_size=8, timesteps=2).eval()
+        >>> back = binslt.from_nir(binslt.to_nir(net))
+        >>> x = torch.rand(2, 1, 8, 8)  # images [N, C, H, W]
+        >>> with torch.no_grad():
+        ...     y = back(x)
+        >>> y.shape
+        torch.Size([2, 10])
     """
     nir = _nir()
     where_file = None

@@ -152,10 +152,25 @@ def export_ticket(model: nn.Module, path: PathLike) -> dict[str, Any]:
     layers not yet in ``'frozen'`` mode are frozen on a copy; ``model`` itself is not changed.
     The file is written atomically (temporary file, then rename).
 
+    Args:
+        model (nn.Module): a network of :func:`binslt.models.build` (images [N, C, H, W] ->
+            logits [N, num_classes]), in any mode.
+        path (str or os.PathLike): the ``.safetensors`` file to write.
+
     Returns a dict: ``path``, ``ticket_bytes`` (file size), ``fp32_bytes``
     (:func:`fp32_state_dict_bytes` of the model), ``torch_save_bytes`` (``torch.save`` of the
     model's full state dict, scores included, as a search checkpoint holds it), ``ratio``
     (fp32_bytes / ticket_bytes), ``packed_layers`` and ``dense_tensors`` (names).
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> import binslt
+        >>> net = binslt.models.build("conv4", "binwslt", num_classes=10, in_channels=1,
+        ...                           input_size=8, timesteps=2).eval()
+        >>> path = os.path.join(tempfile.mkdtemp(), "conv4.safetensors")
+        >>> info = binslt.export_ticket(net, path)
+        >>> info["ticket_bytes"] < info["fp32_bytes"]
+        True
     """
     from safetensors.torch import save as st_save
 
@@ -364,9 +379,33 @@ def load_ticket(path: PathLike, *, device: Union[str, torch.device] = "cpu",
     ``torch.inference_mode()`` to take the packed path (see the module docstring). Outputs are
     identical to those of the model that was exported (in eval mode).
 
+    Args:
+        path (str or os.PathLike): a ticket file of :func:`export_ticket`.
+        device (str or torch.device): where the model's tensors go.
+        backend (str or None): the binslt layers' kernel backend (None: the file's).
+
+    Returns:
+        The :class:`binslt.models.BinSLTNet`: images [N, C, H, W] -> logits [N, num_classes].
+
     Raises:
         TicketError: the file is missing, truncated, corrupt (digest mismatch), of another
             format version, or does not match its own config; the message names the file.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> import binslt
+        >>> torch.manual_seed(0) and None
+        >>> net = binslt.models.build("conv4", "binwslt", num_classes=10, in_channels=1,
+        ...                           input_size=8, timesteps=2).eval()
+        >>> path = os.path.join(tempfile.mkdtemp(), "conv4.safetensors")
+        >>> _ = binslt.export_ticket(net, path)
+        >>> ticket = binslt.load_ticket(path)
+        >>> x = torch.rand(2, 1, 8, 8)  # images [N, C, H, W]
+        >>> with torch.no_grad():
+        ...     y = ticket(x)
+        ...     same = torch.equal(y, net(x))
+        >>> y.shape, same
+        (torch.Size([2, 10]), True)
     """
     path = Path(path)
     p = repr(str(path))

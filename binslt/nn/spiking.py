@@ -60,6 +60,15 @@ class _SpikingLayer(_MaskedSignWeight):
             w, planes = self.effective_weight(), None
         return ops.Weights(w, planes, gain)
 
+    def _records_grad(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+        """Whether autograd records this layer call: grad mode is on and the input, the residual
+        or a parameter of this layer (scores, weight, BN affine) requires grad."""
+        if not torch.is_grad_enabled():
+            return False
+        if x.requires_grad or (residual is not None and residual.requires_grad):
+            return True
+        return any(p.requires_grad for p in self.parameters())
+
     def _fire(self, x: torch.Tensor, residual: Optional[torch.Tensor], geo: ops.Geometry,
               stat_count: Optional[int] = None) -> torch.Tensor:
         """The spiking layer call: the BN epilogue, one op path, the BN running statistics
@@ -71,8 +80,10 @@ class _SpikingLayer(_MaskedSignWeight):
         epi = ops.Epilogue(scale, shift, bn_train, self.bn.eps if bn_train else 1e-5, residual)
         gain, nrn, who = float(self.input_gain), self.neuron.params, layer_label(self)
 
+        records = self._records_grad(x, residual)
+
         def call(be):
-            path = ops.choose_path(be, self.input, gain, geo.linear)
+            path = ops.choose_path(be, self.input, gain, geo.linear, records)
             w = self._weights(ops.weight_need(path, be), gain)
             return ops.run_path(path, be, x, w, epi, nrn, geo, who)
 
@@ -158,6 +169,11 @@ def _bn_scale_shift(bn: Optional[nn.modules.batchnorm._BatchNorm], channels: int
 def _update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
     if bn is None or not (bn.training and bn.track_running_stats) or count == 0:
         return  # an empty batch (N = 0) has no statistics; NaN must not enter the running ones
+    if ops.is_vmapped(mean):
+        raise NotImplementedError(
+            "torch.func.vmap cannot update a BatchNorm's running statistics (each vmapped entry "
+            "has its own batch statistics, the module one buffer): vmap the model in eval mode "
+            "(model.eval()), or build its BatchNorm with track_running_stats=False")
     bn.num_batches_tracked += 1
     m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
     unbiased = var * (count / max(count - 1, 1))

@@ -30,8 +30,10 @@ from .autograd import (  # noqa: F401
     SpikePool,
     _is_binary,
     _spike_pool,
+    is_vmapped,
     keep_counts,
     max_abs_gain,
+    values_unreadable,
 )
 from .backend import (  # noqa: F401
     CAPABILITIES,

@@ -42,6 +42,18 @@ def keep_counts(enabled: bool = True):
 class ConvLIF(torch.autograd.Function):
     """Fused binary conv (+BN) (+residual) + LIF on spike input, through a kernel backend.
 
+    ``ConvLIF.apply(x, w_eff, scale, shift, residual, stride, padding, bn_train, bn_eps, tau,
+    decay_input, v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha, backend,
+    planes=None, pool=1)`` with spikes x [T, N, Ci, H, W] and W_eff [Co, Ci, kh, kw] returns
+    ``(spikes [T, N, Co, Ho, Wo] (Ho, Wo halved when pool=2), mean [Co], var [Co], *saved)``:
+    the last seven outputs are what the backward reads (non-differentiable; callers take
+    ``[:3]``). The ``setup_context`` form, so that ``torch.func`` transforms compose with it:
+    ``torch.func.grad`` works as autograd does; under ``torch.func.vmap`` (``generate_vmap_rule``)
+    the ``binslt::`` ops' vmap rules run (``binslt.ops.registry``): a vmapped input batch folds
+    into N when the epilogue has no batch statistics and the weights are not vmapped; otherwise
+    (batch statistics, vmapped weights, the backward kernels of per-sample gradients) each op
+    runs once per vmapped entry.
+
     Saves packed input bits (1 bit per spike), per-channel statistics and the integer counts;
     under ``keep_counts(False)`` the backward recomputes the counts from the packed bits with the
     forward kernel instead (exact).
@@ -53,11 +65,15 @@ class ConvLIF(torch.autograd.Function):
 
     A residual of spikes (a ResNet block's identity shortcut; CPU backend) is saved as packed
     bits, 1 instead of 32 bits a value, and unpacked (exactly) for the backward; the kept counts
-    as int8 where every one fits (CPU backend, whose backward kernel reads them so).
+    as int8 where every one fits (CPU backend, whose backward kernel reads them so). Both
+    choices read the data, so traced code (torch.compile, torch.export) and vmapped tensors
+    skip them: the counts stay at their dtype and the residual is saved as it came.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, w_eff, scale, shift, residual, stride, padding, bn_train, bn_eps, tau,
+    def forward(x, w_eff, scale, shift, residual, stride, padding, bn_train, bn_eps, tau,
                 decay_input, v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha,
                 backend, planes=None, pool=1):
         T, n, ci, h, w = x.shape
@@ -71,50 +87,63 @@ class ConvLIF(torch.autograd.Function):
         spikes, counts, mean, var = get_op("bconv_lif", backend)(
             x_packed, w_mask, w_pos, alpha, scale.detach().float(), shift.detach().float(), res,
             T, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset)
-        kept = counts if getattr(_KEEP, "counts", True) else None
-        ctx.counts_dtype = counts.dtype
-        if kept is not None and backend == "cpu" and _fits_int8(kept):
+        def none():  # an output slot with nothing saved in it (one tensor per slot)
+            return x_packed.new_empty((0,))
+
+        kept = counts if getattr(_KEEP, "counts", True) else none()
+        if kept.dim() == 5 and backend == "cpu" and _fits_int8(kept):
             kept = kept.to(torch.int8)  # exact: every count is in [-128, 127]
-        pool_bits = None
+        pool_bits = none()
         if pool == 2:
             spikes, pool_bits = _pool2_spikes(spikes, backend)
         elif pool != 1:
             raise ValueError(f"ConvLIF: only 2x2 pooling is fused, got pool={pool}")
-        res_saved, ctx.res_shape = res, None
+        res_saved = none()  # a residual of spikes, packed; otherwise the input residual is saved
         if res is not None and backend == "cpu" and _is_binary(res):
             res_saved = get_op("pack_spikes", backend)(res.flatten(0, 1))
-            ctx.res_shape = tuple(res.shape)
+        return (spikes.to(x.dtype), mean, var, x_packed, w_mask, w_pos, alpha, kept, res_saved,
+                pool_bits)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x, _w_eff, scale, shift, residual, stride, padding, bn_train, bn_eps, tau, decay_input,
+         v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha, backend, *rest) = inputs
+        _s, mean, var, x_packed, w_mask, w_pos, alpha, kept, res_saved, pool_bits = output
+        ctx.mark_non_differentiable(*output[1:])
+        # (an empty 1-d placeholder marks an output slot with nothing saved in it)
+        ctx.res_packed = res_saved.dim() == 4
+        ctx.res_shape = tuple(residual.shape) if ctx.res_packed else None
+        ctx.pooled = pool_bits.dim() == 4
+        ctx.kept = kept.dim() == 5
         ctx.save_for_backward(x_packed, w_mask, w_pos, alpha, scale, shift, kept, mean, var,
-                              res_saved, pool_bits)
-        ctx.cfg = (ci, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset,
-                   detach_reset, surrogate, surrogate_alpha)
-        ctx.T = T
+                              res_saved if ctx.res_packed else residual, pool_bits)
+        ctx.cfg = (x.shape[2], stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold,
+                   v_reset, detach_reset, surrogate, surrogate_alpha)
+        ctx.T = x.shape[0]
         ctx.backend = backend
         ctx.auto = getattr(_FIRST, "auto", False)  # an auto-chosen backend's first call
         ctx.has_res = residual is not None
-        ctx.mark_non_differentiable(mean, var)
-        return spikes.to(x.dtype), mean, var
 
     @staticmethod
-    def backward(ctx, g_spikes, _g_mean, _g_var):
+    def backward(ctx, g_spikes, *_g_saved):
         (x_packed, w_mask, w_pos, alpha, scale, shift, counts, mean, var, res,
          pool_bits) = ctx.saved_tensors
-        if ctx.res_shape is not None:  # a residual of spikes, saved packed
+        if ctx.res_packed:  # a residual of spikes, saved packed
             res = get_op("unpack_spikes", ctx.backend)(res, ctx.res_shape[2]).view(ctx.res_shape)
+        elif res is not None:
+            res = res.float().contiguous()
         need_x = ctx.needs_input_grad[0]
-        if counts is None:  # the forward's integer counts, recomputed (bit for bit)
+        if not ctx.kept:  # the forward's integer counts, recomputed (bit for bit)
             ci, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset = \
                 ctx.cfg[:9]
             counts = get_op("bconv_lif", ctx.backend)(
                 x_packed, w_mask, w_pos, alpha, scale.detach().float(), shift.detach().float(),
                 res, ctx.T, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold,
                 v_reset)[1]
-        if ctx.backend != "cpu":  # (the CPU kernel reads int8 counts as they were saved)
-            counts = counts.to(ctx.counts_dtype)
         rest = (counts, x_packed, w_mask, w_pos, alpha, scale.detach().float(),
                 shift.detach().float(), mean, var, res, *ctx.cfg, need_x, ctx.has_res)
         g = g_spikes.float().contiguous()
-        if pool_bits is None:
+        if not ctx.pooled:
             out = _backward_op("bconv_lif_bwd", ctx, g, *rest)
         else:
             out = torch.ops.binslt.bconv_lif_bwd_pool2(g, pool_bits, *rest)
@@ -124,40 +153,54 @@ class ConvLIF(torch.autograd.Function):
 
 
 class BNLIF(torch.autograd.Function):
-    """Epilogue (+BN) (+residual) + LIF over a real current z: [T, N, C, *]."""
+    """Epilogue (+BN) (+residual) + LIF over a real current z: [T, N, C, *].
+
+    ``BNLIF.apply(z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold,
+    v_reset, detach_reset, surrogate, surrogate_alpha, backend)`` returns ``(spikes like z,
+    mean [C], var [C], saved)``: ``saved`` is the float32 copy of the current the backward reads
+    (empty where the backward reads z itself; non-differentiable; callers take ``[:3]``). The
+    ``setup_context`` form, with ``generate_vmap_rule`` (see ``ConvLIF``)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold,
+    def forward(z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold,
                 v_reset, detach_reset, surrogate, surrogate_alpha, backend):
-        # A current that is the same at every step (a real-input layer's, expanded over T) is
-        # saved once, not T times; the C++ kernels also read it in place (time stride 0).
-        ctx.steps = z.shape[0] if z.dim() > 1 and z.stride(0) == 0 else 0
-        in_place = (ctx.steps and backend == "cpu" and z.dtype == torch.float32
-                    and z[0].is_contiguous())
+        steps, in_place, copied = _bn_lif_current(z, backend)
         zf = z.float() if in_place else z.float().contiguous()
         res = None if residual is None else residual.float().contiguous()
         spikes, mean, var = get_op("bn_lif", backend)(
             zf, scale.detach().float(), shift.detach().float(), res, bn_train, bn_eps, tau,
             decay_input, v_threshold, v_reset)
-        # (in place: a view of the one current, no copy; otherwise step 0 of the T-fold copy)
-        saved = zf[0] if in_place else zf[0].clone() if ctx.steps else zf
-        ctx.save_for_backward(saved, scale, shift, mean, var, res)
-        ctx.cfg = (bn_train, bn_eps, tau, decay_input, v_threshold, v_reset, detach_reset,
-                   surrogate, surrogate_alpha)
+        # A current that is the same at every step (a real-input layer's, expanded over T) is
+        # saved once, not T times (step 0 of the T-fold copy; read in place: z itself).
+        saved = zf[0].clone() if steps and not in_place else zf if copied else zf.new_empty(0)
+        return spikes.to(z.dtype), mean, var, saved
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, scale, shift, residual, *cfg, backend = inputs
+        _s, mean, var, saved = output
+        ctx.mark_non_differentiable(mean, var, saved)
+        ctx.steps, ctx.in_place, copied = _bn_lif_current(z, backend)
+        ctx.reads_z = not (copied or (ctx.steps and not ctx.in_place))
+        ctx.save_for_backward(z if ctx.reads_z else saved, scale, shift, mean, var, residual)
+        ctx.cfg = tuple(cfg)
         ctx.backend = backend
         ctx.auto = getattr(_FIRST, "auto", False)
         ctx.has_res = residual is not None
         ctx.z_dtype = z.dtype
-        ctx.mark_non_differentiable(mean, var)
-        return spikes.to(z.dtype), mean, var
 
     @staticmethod
-    def backward(ctx, g_spikes, _g_mean, _g_var):
+    def backward(ctx, g_spikes, *_g_saved):
         zf, scale, shift, mean, var, res = ctx.saved_tensors
+        if ctx.reads_z and ctx.steps:
+            zf = zf[0]  # the one current of an expanded z
         if ctx.steps:
             zf = zf.unsqueeze(0).expand(ctx.steps, *zf.shape)
             if ctx.backend != "cpu":
                 zf = zf.contiguous()
+        res = None if res is None else res.float().contiguous()
         g_z, g_cur, g_sc, g_sh = _backward_op(
             "bn_lif_bwd", ctx, g_spikes.float().contiguous(), zf, scale.detach().float(),
             shift.detach().float(), mean, var, res, *ctx.cfg, ctx.has_res)
@@ -165,16 +208,53 @@ class BNLIF(torch.autograd.Function):
                 g_cur if ctx.has_res else None) + (None,) * 10
 
 
+def _bn_lif_current(z: torch.Tensor, backend: str) -> tuple[int, bool, bool]:
+    """How BNLIF reads the current z: (steps: T when z is one current expanded over T (time
+    stride 0), else 0; in_place: the CPU kernels read it so, float32 with a contiguous step;
+    copied: z.float().contiguous() is a new tensor)."""
+    steps = z.shape[0] if z.dim() > 1 and z.stride(0) == 0 else 0
+    in_place = bool(steps) and backend == "cpu" and z.dtype == torch.float32 and \
+        z[0].is_contiguous()
+    copied = not in_place and (z.dtype != torch.float32 or not z.is_contiguous())
+    return steps, in_place, copied
+
+
+def is_vmapped(t: torch.Tensor) -> bool:
+    """Whether t is (or wraps) a batched tensor of ``torch.func.vmap`` (False while tracing:
+    torch.compile captures vmap as a whole)."""
+    if torch.compiler.is_compiling():
+        return False
+    f = torch._C._functorch
+    while f.is_functorch_wrapped_tensor(t):
+        if f.is_batchedtensor(t):
+            return True
+        t = f.get_unwrapped(t)
+    return False
+
+
+def values_unreadable(t: torch.Tensor) -> bool:
+    """Whether the values of t cannot be read on the host here: while tracing (torch.compile,
+    torch.export), or under ``torch.func.vmap`` (``is_vmapped``). Data-dependent choices (input
+    validation, the compact saves) are skipped then; the kernels stay exact."""
+    return torch.compiler.is_compiling() or is_vmapped(t)
+
+
 def _fits_int8(counts: torch.Tensor) -> bool:
-    """Whether every integer count is in int8's range (one aminmax pass, a host read)."""
-    if counts.numel() == 0 or counts.dtype == torch.int8:
+    """Whether every integer count is in int8's range (one aminmax pass, a host read). Traced
+    code (torch.compile, torch.export) and vmapped tensors (torch.func.vmap) answer False without reading: a saved tensor's dtype is fixed when the graph is built, so
+    compiled code keeps the counts at their own dtype."""
+    if values_unreadable(counts) or counts.numel() == 0 or counts.dtype == torch.int8:
         return False
     lo, hi = torch.aminmax(counts)
     return int(lo) >= -128 and int(hi) <= 127
 
 
 def _is_binary(t: torch.Tensor) -> bool:
-    """Whether every value of the float tensor t is 0 or 1 (one pass, a host read)."""
+    """Whether every value of the float tensor t is 0 or 1 (one pass, a host read). Traced
+    code and vmapped tensors answer False without reading (the residual is then
+    saved as it came)."""
+    if values_unreadable(t):
+        return False
     return bool(t.eq(0).logical_or_(t.eq(1)).all())
 
 
@@ -194,19 +274,29 @@ class SpikePool(torch.autograd.Function):
     their OR. Saves the layer's spikes packed (one bit per spike, the backend's pack_spikes), not
     float indices, and routes the gradient as torch's max_pool2d backward does on that input:
     to the first maximal element of each window in row-major order, i.e. the first 1, or the
-    window's first element when all four are 0. Rows/columns past 2*(H//2), 2*(W//2) get none."""
+    window's first element when all four are 0. Rows/columns past 2*(H//2), 2*(W//2) get none.
+
+    ``SpikePool.apply(s, pool, backend)`` returns ``(pooled [T, N, C, H//2, W//2], packed)``
+    (``packed``: the saved bits, non-differentiable); the ``setup_context`` form, with
+    ``generate_vmap_rule``."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, s, pool, backend):
+    def forward(s, pool, backend):
         if pool != 2:
             raise ValueError(f"SpikePool: only 2x2 pooling is fused, got pool={pool}")
-        y, packed = _pool2_spikes(s, backend)
-        ctx.save_for_backward(packed)
-        ctx.cfg = (tuple(s.shape), backend)
-        return y
+        return _pool2_spikes(s, backend)
 
     @staticmethod
-    def backward(ctx, g):
+    def setup_context(ctx, inputs, output):
+        s, _pool, backend = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+        ctx.cfg = (tuple(s.shape), backend)
+
+    @staticmethod
+    def backward(ctx, g, _g_packed):
         (packed,) = ctx.saved_tensors
         (T, n, c, h, w), _backend = ctx.cfg
         gx = torch.ops.binslt.spike_pool2_bwd(packed, g.flatten(0, 1).float().contiguous(), c)
@@ -221,4 +311,4 @@ def _spike_pool(be: str, s: torch.Tensor, pool: int) -> torch.Tensor:
     if be == "torch" or not torch.is_grad_enabled() or not s.requires_grad:
         y = F.max_pool2d(s.flatten(0, 1), pool)
         return y.view(*s.shape[:3], *y.shape[2:])
-    return SpikePool.apply(s, pool, be)
+    return SpikePool.apply(s, pool, be)[0]

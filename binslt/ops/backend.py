@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,20 @@ from .registry import get_op, load_triton
 def backends() -> dict[str, dict]:
     """{'torch'|'cpu'|'triton'|'cuda': {'built': bool, 'usable': bool, 'reason': str}}, after
     trying the Triton launchers (so that 'usable' is what a layer would find: a backend
-    ``BINSLT_DISABLE_BACKENDS`` names, or whose first call failed here, is not)."""
+    ``BINSLT_DISABLE_BACKENDS`` names, or whose first call failed here, is not).
+
+    Args: none. The backends run the same ``binslt::`` ops on tensors of any shape the ops
+    take (e.g. spikes [T, N, C, H, W]); ``'torch'``, the pure-PyTorch reference, is always
+    usable.
+
+    Example:
+        >>> import binslt
+        >>> status = binslt.backends()
+        >>> sorted(status)
+        ['cpu', 'cuda', 'torch', 'triton']
+        >>> status["torch"]["usable"], sorted(status["torch"])
+        (True, ['built', 'reason', 'usable'])
+    """
     if _ext.load()["triton"]["built"]:
         load_triton()
     out = _ext.backends()
@@ -42,8 +56,26 @@ _override = threading.local()
 
 
 @contextlib.contextmanager
-def use_backend(backend: str):
-    """Within the block, layers whose ``backend`` is 'auto' use ``backend`` instead."""
+def use_backend(backend: str) -> Iterator[None]:
+    """Within the block, layers whose ``backend`` is 'auto' use ``backend`` instead (this
+    thread; layers built with a named backend keep theirs).
+
+    Args:
+        backend (str): one of ``'auto'``, ``'torch'``, ``'cpu'``, ``'triton'``, ``'cuda'``.
+
+    Raises:
+        ValueError: an unknown backend name.
+
+    Example:
+        >>> import torch
+        >>> import binslt
+        >>> layer = binslt.BinSpikeConv2d(2, 4, 3, padding=1)  # backend='auto'
+        >>> x = (torch.rand(2, 1, 2, 6, 6) > 0.5).float()  # spikes [T, N, C, H, W]
+        >>> with binslt.use_backend("torch"):
+        ...     y = layer(x)
+        >>> y.shape  # [T, N, C_out, H, W]
+        torch.Size([2, 1, 4, 6, 6])
+    """
     C.check_backend(backend)
     prev = getattr(_override, "backend", None)
     _override.backend = backend

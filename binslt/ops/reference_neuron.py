@@ -32,11 +32,17 @@ def surrogate_grad(x: torch.Tensor, surrogate: int, alpha: float) -> torch.Tenso
 class _SpikeFn(torch.autograd.Function):
     """Heaviside(x >= 0) forward, surrogate derivative backward."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, surrogate: int, alpha: float) -> torch.Tensor:
+    def forward(x: torch.Tensor, surrogate: int, alpha: float) -> torch.Tensor:
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, surrogate, alpha = inputs
         ctx.save_for_backward(x)
         ctx.surrogate, ctx.alpha = surrogate, alpha
-        return (x >= 0).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -82,10 +88,15 @@ def lif_multistep(
 class _ApproxSign(torch.autograd.Function):
     """sign(x) (with sign(0) = +1, so outputs are +-1) and Bi-Real's ApproxSign backward."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
+    def forward(x):
         return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad):

@@ -93,12 +93,17 @@ def _expand_gain(alpha: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class _MaskedSignSearch(torch.autograd.Function):
     """W_eff = alpha * sign(w) * M(s); dL/ds = dL/dW_eff * w * sign(s); no grad to w or alpha."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, weight, scores, prune_rate, per_channel, mask):
+    def forward(weight, scores, prune_rate, per_channel, mask):
         mask = topk_mask(scores, prune_rate) if mask is None else mask
         alpha = mean_abs_gain(weight, mask, per_channel)
-        ctx.save_for_backward(weight, scores)
         return _expand_gain(alpha, weight) * torch.sign(weight) * mask
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
 
     @staticmethod
     def backward(ctx, grad):
@@ -115,11 +120,16 @@ def search_score_grad(grad: torch.Tensor, weight: torch.Tensor,
 class _MaskedSignFinetune(torch.autograd.Function):
     """W_eff = alpha * sign(w) * M with M fixed; straight-through to w: dL/dw = dL/dW_eff * M."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, weight, mask, per_channel):
+    def forward(weight, mask, per_channel):
         alpha = mean_abs_gain(weight, mask, per_channel)
-        ctx.save_for_backward(mask)
         return _expand_gain(alpha, weight) * torch.sign(weight) * mask
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad):

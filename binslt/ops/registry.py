@@ -212,6 +212,118 @@ def _(grad_spikes, z, scale, shift, mean, var, residual, bn_train, bn_eps, tau, 
             z.new_empty((c,), dtype=torch.float32))
 
 
+# ---------------------------------------------------------------------------------------------
+# vmap rules, for torch.func.vmap
+# ---------------------------------------------------------------------------------------------
+# A vmapped batch of inputs folds into the ops' own batch (N, or the packed T*N) where that is
+# exact: the epilogue has no batch statistics and the weights and per-channel vectors are not
+# vmapped. Everything else (batch statistics, vmapped weights, the backward kernels, i.e.
+# per-sample gradients) runs the op once per vmapped entry and stacks the results, which is what
+# vmap means there; the kernels have no batched form of those.
+
+
+def _vmap_per_entry(name: str):
+    op = getattr(torch.ops.binslt, name).default
+
+    def rule(info, in_dims, *args):
+        outs = [op(*[a if d is None else a.select(d, i) for a, d in zip(args, in_dims)])
+                for i in range(info.batch_size)]
+        if isinstance(outs[0], (tuple, list)):
+            return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+        return torch.stack(outs), 0
+
+    return rule
+
+
+def _fold_dim0(op, x, d, *rest):
+    """op over x [vmap, B, ...] with the vmapped entries folded into B (op's dim 0)."""
+    x = x.movedim(d, 0)
+    vb, b = x.shape[:2]
+    return op(x.flatten(0, 1), *rest).unflatten(0, (vb, b)), 0
+
+
+def _fold_n(t, d, size):
+    """[T, N, ...] with a vmapped dim d (or None: the same for every entry) -> [T, size*N, ...],
+    contiguous, vmapped entries outermost in the new N."""
+    if d is None:
+        return t.unsqueeze(1).expand(t.shape[0], size, *t.shape[1:]).flatten(1, 2).contiguous()
+    return t.movedim(d, 1).flatten(1, 2).contiguous()
+
+
+def _register_vmap_rules() -> None:
+    names = [*SCHEMAS, *WEIGHT_SCHEMAS, *AUX_SCHEMAS]
+    rules = {n: _vmap_per_entry(n) for n in names}
+    loop = dict(rules)
+    ops = torch.ops.binslt
+
+    def fold_only(*dims):
+        return all(d is None for d in dims)
+
+    def pack_spikes(info, in_dims, x):
+        return _fold_dim0(ops.pack_spikes.default, x, in_dims[0])
+
+    def unpack_spikes(info, in_dims, packed, channels):
+        return _fold_dim0(ops.unpack_spikes.default, packed, in_dims[0], channels)
+
+    def bconv_lif(info, in_dims, x_packed, w_mask, w_pos, alpha, scale, shift, residual, T,
+                  *rest):
+        bn_train = rest[2]
+        if bn_train or not fold_only(*in_dims[1:6]):
+            return loop["bconv_lif"](info, in_dims, x_packed, w_mask, w_pos, alpha, scale, shift,
+                                     residual, T, *rest)
+        vb, d = info.batch_size, in_dims[0]
+        if d is None:
+            x_packed = x_packed.unsqueeze(0).expand(vb, *x_packed.shape)
+        else:
+            x_packed = x_packed.movedim(d, 0)
+        b = x_packed.shape[1]
+        # [vmap, T*N, ...] -> [T, vmap*N, ...] -> [T*vmap*N, ...]
+        xp = x_packed.unflatten(1, (T, b // T)).transpose(0, 1).flatten(0, 2).contiguous()
+        res = None if residual is None else _fold_n(residual, in_dims[6], vb)
+        s, counts, mean, var = ops.bconv_lif.default(xp, w_mask, w_pos, alpha, scale, shift, res,
+                                                     T, *rest)
+        return (s.unflatten(1, (vb, b // T)), counts.unflatten(1, (vb, b // T)), mean, var), \
+            (1, 1, None, None)
+
+    def bn_lif(info, in_dims, z, scale, shift, residual, bn_train, *rest):
+        if bn_train or not fold_only(in_dims[1], in_dims[2]):
+            return loop["bn_lif"](info, in_dims, z, scale, shift, residual, bn_train, *rest)
+        vb = info.batch_size
+        zf = _fold_n(z, in_dims[0], vb)
+        n = zf.shape[1] // vb
+        res = None if residual is None else _fold_n(residual, in_dims[3], vb)
+        s, mean, var = ops.bn_lif.default(zf, scale, shift, res, bn_train, *rest)
+        return (s.unflatten(1, (vb, n)), mean, var), (1, None, None)
+
+    def bconv_lif_infer(info, in_dims, x, w_mask, w_pos, alpha, scale, shift, residual=None,
+                        *rest):
+        if not fold_only(*in_dims[1:6]):
+            return loop["bconv_lif_infer"](info, in_dims, x, w_mask, w_pos, alpha, scale, shift,
+                                           residual, *rest)
+        vb = info.batch_size
+        xf = _fold_n(x, in_dims[0], vb)
+        res = None if residual is None else _fold_n(residual, in_dims[6], vb)
+        out = ops.bconv_lif_infer.default(xf, w_mask, w_pos, alpha, scale, shift, res, *rest)
+        return out.unflatten(1, (vb, xf.shape[1] // vb)), 1
+
+    def bn_lif_infer(info, in_dims, z, scale, shift, *rest):
+        if not fold_only(in_dims[1], in_dims[2]):
+            return loop["bn_lif_infer"](info, in_dims, z, scale, shift, *rest)
+        vb = info.batch_size
+        zf = _fold_n(z, in_dims[0], vb)
+        out = ops.bn_lif_infer.default(zf, scale, shift, *rest)
+        return out.unflatten(1, (vb, zf.shape[1] // vb)), 1
+
+    rules.update(pack_spikes=pack_spikes, unpack_spikes=unpack_spikes, bconv_lif=bconv_lif,
+                 bn_lif=bn_lif, bconv_lif_infer=bconv_lif_infer, bn_lif_infer=bn_lif_infer)
+    for name, rule in rules.items():
+        torch.library.register_vmap(f"binslt::{name}", rule, lib=_vmap_lib)
+
+
+_vmap_lib = torch.library.Library("binslt", "FRAGMENT")
+_register_vmap_rules()
+
+
 # The Triton launchers (binslt.ops.triton) register binslt::<op>_triton when first needed:
 # importing them pulls in torch._inductor (about a second), which a CPU run never uses.
 _TRITON_LOCK = threading.Lock()

@@ -32,16 +32,23 @@ def topk_mask(scores: torch.Tensor, prune_rate: float) -> torch.Tensor:
 
 class _MaskedSignSearchPacked(torch.autograd.Function):
     """Search mode's W_eff (``reference._MaskedSignSearch``'s values and score gradient) with its
-    bit planes and kernel gain, written by one ``binslt::sign_gain_pack`` pass."""
+    bit planes and kernel gain, written by one ``binslt::sign_gain_pack`` pass (the
+    ``setup_context`` form, so that ``torch.func.grad`` over the scores works)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, weight, scores, mask, per_channel):
+    def forward(weight, scores, mask, per_channel):
         alpha = ref.mean_abs_gain(weight, mask, per_channel)
         w4 = weight.view(*weight.shape, 1, 1) if weight.dim() == 2 else weight
         w_eff, w_mask, w_pos, gain = torch.ops.binslt.sign_gain_pack(w4, mask.view_as(w4), alpha)
-        ctx.save_for_backward(weight, scores)
-        ctx.mark_non_differentiable(w_mask, w_pos, gain)
         return w_eff.view_as(weight), w_mask, w_pos, gain
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, scores, _mask, _per_channel = inputs
+        ctx.save_for_backward(weight, scores)
+        ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod
     def backward(ctx, grad, _g_mask, _g_pos, _g_gain):
@@ -52,7 +59,7 @@ class _MaskedSignSearchPacked(torch.autograd.Function):
 
 
 def _packs_on_cpu(weight: torch.Tensor, scores: torch.Tensor) -> bool:
-    return (_CPU_SIGN_GAIN_PACK and not torch.compiler.is_compiling()
+    return (_CPU_SIGN_GAIN_PACK
             and weight.device.type == "cpu" and weight.dtype == torch.float32
             and scores.dtype == torch.float32 and weight.dim() in (2, 4))
 

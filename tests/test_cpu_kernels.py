@@ -22,7 +22,7 @@ from helpers import cpu_isas, nudge_until_untied, onednn_supported, stable_seed,
 
 import binslt.ops as ops
 from binslt.nn.layers import BinSpikeConv2d
-from binslt.ops import cpu_algorithms
+from binslt.ops import cpu_algorithms, plan
 from binslt.ops import cpu_algos as _cpu_algos
 from binslt.ops import library as _ext
 from binslt.ops import reference as ref
@@ -58,7 +58,8 @@ def use_algos():
 
 # bconv_lif's forward algorithms: AND+popcount over every input word, and the event kernel
 # (sum of the weight columns of the spikes); 'auto' picks by the input firing rate. Where the CPU
-# has AMX-INT8, also oneDNN's int8 convolution (inference; the training forward then runs dense).
+# has AMX-INT8, also oneDNN's int8 convolution (inference only: forced on the training forward it
+# is an error).
 ALGOS = ["dense", "event"] + (["onednn"] if onednn_supported() else [])
 
 
@@ -194,7 +195,13 @@ def test_bconv_lif_forward(geom, bn_train, v_reset, decay_input, residual, algo,
     args = (c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], c["res"], c["T"],
             c["stride"], c["padding"], bn_train, 1e-5, nk["tau"], decay_input,
             nk["v_threshold"], v_reset)
-    s, counts, mean, var = OPS.bconv_lif(*args)
+    if algo == "onednn":  # inference only: the training forward refuses it, says why
+        with pytest.raises(ValueError, match="'onednn' cannot run this call: .*inference"):
+            OPS.bconv_lif(*args)
+        with cpu_algorithms(conv="dense"):
+            s, counts, mean, var = OPS.bconv_lif(*args)
+    else:
+        s, counts, mean, var = OPS.bconv_lif(*args)
     rs, rcounts, rmean, rvar = ref.bconv_lif_reference(*args)
     assert counts.dtype == rcounts.dtype == torch.int16
     assert torch.equal(counts, rcounts)
@@ -226,7 +233,8 @@ def test_bconv_popcount_paths_agree(isa, geom, algo, use_algos):
     assert _ext.cpu_info()["kernel_isa"] == isa
     fwd = (c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, c["T"],
            c["stride"], c["padding"])
-    s, counts, _, _ = OPS.bconv_lif(*fwd, False, 1e-5, 2.0, True, 1.0, 0.0)
+    with cpu_algorithms(conv="dense" if algo == "onednn" else algo):  # (onednn: inference only)
+        s, counts, _, _ = OPS.bconv_lif(*fwd, False, 1e-5, 2.0, True, 1.0, 0.0)
     want = ref.bconv_count_reference(c["xp"], c["wm"], c["wp"], c["stride"], c["padding"])
     assert torch.equal(counts.flatten(0, 1).float(), want)
     assert torch.equal(_infer(c, (2.0, True, 1.0, 0.0)), s)
@@ -263,18 +271,22 @@ def test_bconv_event_widens_before_int8_overflow(isa, use_algos):
 def test_bconv_conv_algo_rejects_unknown_name():
     with pytest.raises(ValueError, match="expected one of auto, dense, event, onednn"):
         CPU._set_cpu_algorithms("auto", "sparse", "auto", "auto")
-    with pytest.raises(ValueError, match="expected one of auto, dense, ternary, combo, unfold, int8"):
+    with pytest.raises(ValueError, match="expected one of auto, dense, ternary, combo, unfold, "
+                       "int8, margined, pointwise"):
         CPU._set_cpu_algorithms("auto", "auto", "sparse", "auto")
     with pytest.raises(ValueError, match="expected one of auto, scalar, popcnt, avx2, avx512"):
         CPU._set_cpu_algorithms("sse", "auto", "auto", "auto")
-    with pytest.raises(ValueError, match="expected one of auto, event, dense, unfold, taps, int8"):
+    with pytest.raises(ValueError, match="expected one of auto, event, dense, unfold, taps, int8, "
+                       "pointwise"):
         CPU._set_cpu_algorithms("auto", "auto", "auto", "gemm")
     before = _cpu_algos.current()
     for kw, choices in (({"conv": "sparse"}, "('auto', 'dense', 'event', 'onednn')"),
                         ({"grad_x": "sparse"},
-                         "('auto', 'dense', 'ternary', 'combo', 'unfold', 'int8')"),
+                         "('auto', 'dense', 'ternary', 'combo', 'unfold', 'int8', 'margined', "
+                         "'pointwise')"),
                         ({"isa": "sse"}, "('auto', 'scalar', 'popcnt', 'avx2', 'avx512')"),
-                        ({"grad_w": "gemm"}, "('auto', 'event', 'dense', 'unfold', 'taps', 'int8')")):
+                        ({"grad_w": "gemm"},
+                         "('auto', 'event', 'dense', 'unfold', 'taps', 'int8', 'pointwise')")):
         with pytest.raises(ValueError, match=re.escape(f"must be one of {choices}")):
             with cpu_algorithms(**kw):
                 pass
@@ -539,10 +551,13 @@ def _gx_algos() -> list[str]:
 
 # (input-gradient, weight-gradient) algorithms: the two gradients are independent code paths,
 # so every input-gradient form runs with the event weight gradient, one with the dense one and
-# the unfold, the tap and the int8 forms with their own (forced on every case: also the maps
-# "auto" never gives them; "int8" at stride 2 falls to the event form).
-BWD_ALGOS = [(gx, "event") for gx in _gx_algos()] + [("dense", "dense"), ("unfold", "unfold"),
-                                                        ("dense", "taps"), ("dense", "int8")]
+# the unfold, the tap, the pointwise and the int8 forms with their own (forced on every case:
+# also the maps "auto" never gives them; where a forced form cannot run a case, e.g. "int8" or
+# "margined" at stride 2, "pointwise" off a 1x1 kernel, the op raises ValueError saying why, as
+# binslt.ops.plan.backward_plan does).
+BWD_ALGOS = [(gx, "event") for gx in _gx_algos()] + [
+    ("margined", "event"), ("dense", "dense"), ("margined", "dense"), ("unfold", "unfold"),
+    ("dense", "taps"), ("dense", "int8"), ("margined", "int8"), ("pointwise", "pointwise")]
 if onednn_supported():  # the int8 input gradient runs on oneDNN's AMX-INT8 convolution only
     BWD_ALGOS.append(("int8", "int8"))
 
@@ -569,6 +584,17 @@ def test_bconv_lif_bwd_float64(case, gx_algo, gw_algo, use_algos):
                         c["T"], c["stride"], c["padding"], bn_train, 1e-5, nk["tau"],
                         decay_input, nk["v_threshold"], v_reset)
     gs = torch.randn(fwd[0].shape)
+    T, N, Ci, _, H, W, k = geom[:7]
+    try:
+        plan.backward_plan((T, N, Ci, H, W), (c["wm"].shape[0], Ci, k, k), c["stride"],
+                           c["padding"])
+    except ValueError as e:  # the forced form cannot run this case: the op says why, too
+        with pytest.raises(ValueError, match=re.escape(str(e).splitlines()[0])):
+            OPS.bconv_lif_bwd(gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"],
+                              shift, fwd[2], fwd[3], c["res"], c["Ci"], c["stride"],
+                              c["padding"], bn_train, 1e-5, nk["tau"], decay_input,
+                              nk["v_threshold"], v_reset, detach_reset, sur, sur_alpha, True)
+        return
     out = OPS.bconv_lif_bwd(gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], shift,
                             fwd[2], fwd[3], c["res"], c["Ci"], c["stride"], c["padding"],
                             bn_train, 1e-5, nk["tau"], decay_input, nk["v_threshold"], v_reset,
@@ -611,7 +637,8 @@ def test_forced_unfold_refuses_a_huge_matrix(use_algos):
     fwd = OPS.bconv_lif(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, 1,
                         1, 1, True, 1e-5, 2.0, False, 0.5, 0.0)
     use_algos(grad_w="unfold")
-    with pytest.raises(RuntimeError, match="forced 'unfold' gradient form would build a 1296 MiB matrix"):
+    with pytest.raises(ValueError, match="'unfold' cannot run this call: it would build a 1296 MiB "
+                       "matrix"):
         OPS.bconv_lif_bwd(torch.ones(fwd[0].shape), fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"],
                           c["scale"], c["shift"], fwd[2], fwd[3], None, 32, 1, 1, True, 1e-5,
                           2.0, False, 0.5, 0.0, True, 0, 2.0, True)
@@ -662,11 +689,11 @@ def _fwd_of(c):
 def test_int8_weight_grad_in_chunks_of_images(use_algos):
     """Two 256x256 images of 32 -> 32 channels fill more than one chunk of the int8 weight
     gradient's buffers (16 MiB): the sums of the chunks, each on its own limb units, agree with
-    the dense float form (and the input gradient, here from the margined copy, the NCHW one's)."""
+    the dense float form (and the input gradient from the margined copy, the NCHW one's)."""
     c = _conv_case((1, 2, 32, 32, 256, 256, 3, 1, 1), 11, bn_train=True)
     fwd = _fwd_of(c)
     gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(5))
-    use_algos(grad_x="dense", grad_w="int8")
+    use_algos(grad_x="margined", grad_w="int8")
     a = _bwd_of(c, fwd, gs)
     use_algos(grad_x="dense", grad_w="dense")
     b = _bwd_of(c, fwd, gs)

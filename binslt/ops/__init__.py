@@ -10,7 +10,8 @@ The rooms of this package:
   ``reference``: the pure-torch oracle (backend ``torch``);
 * ``library``: which compiled extensions are built and usable; ``registry``: the schema
   definitions, reference fallbacks, fake kernels, the lazily loaded Triton launchers
-  (``triton``) and ``get_op``; ``cpu_algos``: the CPU algorithm choice;
+  (``triton``) and ``get_op``; ``cpu_algos``: the CPU algorithm configuration; ``plan``: the
+  plan (algorithms) each CPU conv call takes, and its log;
 * ``backend``: ``use_backend``, ``resolve_backend`` and the first-call fall-back (its state in
   ``fallback``) and what each backend's kernels can do (``CAPABILITIES``); ``autograd``: the
   autograd Functions; ``layer``: the layer-call entry points (the named paths, ``choose_path``,
@@ -22,7 +23,7 @@ The rooms of this package:
 from __future__ import annotations
 
 from . import library as _ext  # noqa: F401  (part of the ops API: ops._ext)
-from . import reference, registry  # noqa: F401  (registry defines the binslt:: schemas)
+from . import plan, reference, registry  # noqa: F401  (registry defines the binslt:: schemas)
 from .autograd import (  # noqa: F401
     _KEEP,
     BNLIF,

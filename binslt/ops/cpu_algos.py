@@ -1,33 +1,29 @@
 """Which algorithms the C++ CPU kernels use: one configuration, set through a context manager.
 
-The CPU kernels choose per call, by measured rules (``csrc/cpu/cpu_algos.cpp``), between
+Per call, the CPU conv ops turn the configuration and the call's shapes into one named plan
+(``binslt.ops.plan``: ``forward_plan`` / ``backward_plan`` say which a call takes; the rules,
+with their measured thresholds, are written down once at ``plan_forward`` / ``plan_backward`` in
+``csrc/cpu/cpu_algos.cpp``). The fields:
 
 * ``isa``: the instruction-set path, ``"scalar"``, ``"popcnt"``, ``"avx2"`` or ``"avx512"``
   (the best this CPU runs; ``binslt.ops.library.cpu_info()["kernel_isa"]`` says which);
-* ``conv``: the forward of ``bconv_lif``, ``"dense"`` (AND + popcount over every input word) or
-  ``"event"`` (the sum of the weight columns of the input spikes, faster at low firing rates),
-  or, for inference (``bconv_lif_infer``) on a CPU with AMX-INT8, ``"onednn"`` (the exact
-  integer counts from oneDNN's int8 convolution; the training forward then takes ``"dense"``;
-  forcing it elsewhere raises RuntimeError; ``"auto"`` takes it there for maps of at least 4x4);
-* ``grad_x``: the input gradient of ``bconv_lif_bwd``, ``"dense"`` (ATen's transposed
-  convolution), ``"ternary"`` (add/subtract of dZ rows; AVX-512 and stride 1), ``"combo"`` (the
-  same over signed sums of four dZ rows; its per-thread buffer grows with the feature map, about
-  65 MB at 224x224) or ``"unfold"`` (the whole conv as one [Co*Ho*Wo, Ci*H*W] matrix, one GEMM:
-  for small maps, where a 3x3 kernel mostly meets zero padding -- 9x fewer products at 1x1,
-  2.25x at 2x2; its matrix grows with the square of the map);
-* ``grad_w``: the weight gradient of ``bconv_lif_bwd``, ``"event"`` (sums of dZ rows over the
-  input's set bits: its work follows the spikes) or ``"dense"`` (ATen's weight-gradient
-  convolution of the unpacked input, a GEMM: faster above a firing rate, and for deep layers
-  whose gradient does not fit a per-thread copy in L2) or ``"unfold"`` (the unfold form's GEMM
-  over the map's pixel pairs, folded into the taps) or ``"taps"`` (the dense form as one GEMM
-  per tap over the channel-last pixel pairs that tap joins: no zero padding multiplied; "auto"
-  takes it for the dense form on maps of at most 4x4 output pixels).
+* ``conv``: the forward, ``"dense"`` (AND + popcount over every input word), ``"event"`` (the sum
+  of the weight columns of the input spikes; int16 counts only) or ``"onednn"`` (oneDNN's int8
+  convolution: inference on a CPU with AMX-INT8);
+* ``grad_x``: the input gradient, ``"dense"`` (ATen's transposed convolution, NCHW),
+  ``"margined"`` (the same conv from dZ channel-last with zero margins; stride 1, padding <=
+  kernel - 1), ``"ternary"`` / ``"combo"`` (add/subtract of dZ rows, plain or over signed sums of
+  four rows; AVX-512, stride 1), ``"unfold"`` (the conv as one [Co*Ho*Wo, Ci*H*W] matrix, for
+  maps of a few pixels), ``"int8"`` (oneDNN's int8 conv of dZ's int8 limbs; AMX-INT8, stride 1)
+  or ``"pointwise"`` (one matrix product: 1x1 kernel, stride 1, no padding);
+* ``grad_w``: the weight gradient, ``"event"`` (sums of dZ rows over the input's set bits),
+  ``"dense"`` (ATen's weight-gradient convolution of the unpacked input), ``"taps"`` (one GEMM
+  per tap over the pixel pairs it joins), ``"unfold"``, ``"int8"`` (exact int8 products of dZ's
+  limbs; stride 1) or ``"pointwise"``.
 
-``"auto"`` takes the unfold form for both gradients where a kernel has at least twice as many
-taps as the input has pixels (3x3 over 1x1, 1x2 or 2x2) and its matrix is at most 64 MiB.
-
-``"auto"`` in a field restores the measured rule. Forcing a choice is for tests and benchmarks;
-every choice gives the same counts and spikes, and gradients within float rounding.
+``"auto"`` in a field restores the measured rule. A forced name runs exactly that algorithm; a
+call it cannot run raises ValueError saying why. Forcing is for tests and benchmarks: every
+algorithm gives the same counts and spikes, and gradients within float rounding.
 
     >>> from binslt.ops import cpu_algorithms
     >>> with cpu_algorithms(conv="event", grad_x="dense"):
@@ -44,8 +40,8 @@ from . import library as _ext
 CHOICES: dict[str, tuple[str, ...]] = {
     "isa": ("auto", "scalar", "popcnt", "avx2", "avx512"),
     "conv": ("auto", "dense", "event", "onednn"),
-    "grad_x": ("auto", "dense", "ternary", "combo", "unfold", "int8"),
-    "grad_w": ("auto", "event", "dense", "unfold", "taps", "int8"),
+    "grad_x": ("auto", "dense", "ternary", "combo", "unfold", "int8", "margined", "pointwise"),
+    "grad_w": ("auto", "event", "dense", "unfold", "taps", "int8", "pointwise"),
 }
 
 

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "binslt/bconv_cpu.h"
@@ -84,19 +85,46 @@ struct PoolGrad {
   }
 };
 
-// dL/dX (grad_current) and dL/dZ of channel c from its counts; the channel's sums go to gsc/gsh.
-// dL/dspikes come from gs, or from pg (then gs is unused). hbuf, gbuf: T * kRowChunk floats,
-// acc_g / acc_gx: kRowChunk doubles (scratch).
+// What the LIF/BN backward of every channel reads and writes: dL/dspikes from gs, or from pg
+// (then gs is unused); dL/dX into gcur, dL/dZ into gz, the per-channel sums into gsc / gsh.
 template <typename CT>
-static inline __attribute__((always_inline)) void lif_bn_channel_body(
-    const ConvShape& s, int64_t c, const CT* counts, const float* gs, const PoolGrad* pg,
-    const float* alpha, const ChannelAffine& aff, const float* res, const NeuronParams& p,
-    float* gcur, float* gz, float* gsc, float* gsh, float* hbuf, float* gbuf, double* acc_g,
-    double* acc_gx) {
+struct LifBnJob {
+  const ConvShape* s;
+  const CT* counts;
+  const float* gs;
+  const PoolGrad* pg;
+  const float* alpha;
+  const ChannelAffine* aff;
+  const float* res;
+  NeuronParams p;
+  float *gcur, *gz, *gsc, *gsh;
+};
+
+// One thread's scratch: hbuf, gbuf T * kRowChunk floats, acc_g / acc_gx kRowChunk doubles.
+struct LifBnScratch {
+  float *hbuf, *gbuf;
+  double *acc_g, *acc_gx;
+};
+
+// dL/dX (grad_current) and dL/dZ of channel c from its counts, and the channel's sums.
+template <typename CT>
+static inline __attribute__((always_inline)) void lif_bn_channel_body(const LifBnJob<CT>& job,
+                                                                      int64_t c,
+                                                                      const LifBnScratch& sc) {
+  const ConvShape& s = *job.s;
+  const CT* counts = job.counts;
+  const PoolGrad* pg = job.pg;
+  const float* res = job.res;
+  const NeuronParams p = job.p;
+  const ChannelAffine aff = job.aff[c];
+  float* gcur = job.gcur;
+  float* gz = job.gz;
+  double* acc_g = sc.acc_g;
+  double* acc_gx = sc.acc_gx;
   const int64_t S = s.Ho * s.Wo;
   const int64_t step_stride = s.N * s.Co * S;
   const double m = static_cast<double>(s.T * s.N * S);
-  const float a = alpha[c];
+  const float a = job.alpha[c];
   for (int i = 0; i < kRowChunk; ++i) acc_g[i] = acc_gx[i] = 0.0;
   for (int64_t n = 0; n < s.N; ++n)
     for (int64_t s0 = 0; s0 < S; s0 += kRowChunk) {
@@ -106,18 +134,19 @@ static inline __attribute__((always_inline)) void lif_bn_channel_body(
       auto zat = [cr, a, step_stride](int t, int i) {
         return static_cast<float>(cr[t * step_stride + i]) * a;
       };
-      if (pg != nullptr) pg->rows(s, n, c, s0, L, gbuf);
+      if (pg != nullptr) pg->rows(s, n, c, s0, L, sc.gbuf);
       lif_backward_row(static_cast<int>(s.T), L, zat, aff, res ? res + off : nullptr, step_stride,
-                       p, pg != nullptr ? gbuf : gs + off, gcur + off, hbuf, acc_g, acc_gx,
-                       pg != nullptr ? kRowChunk : step_stride);
+                       p,
+                       BpttRow{pg != nullptr ? sc.gbuf : job.gs + off, gcur + off, sc.hbuf, acc_g,
+                               acc_gx, pg != nullptr ? kRowChunk : step_stride});
     }
   double sg = 0.0, sgx = 0.0;
   for (int i = 0; i < kRowChunk; ++i) {
     sg += acc_g[i];
     sgx += acc_gx[i];
   }
-  gsh[c] = static_cast<float>(sg);
-  gsc[c] = static_cast<float>(sgx);
+  job.gsh[c] = static_cast<float>(sg);
+  job.gsc[c] = static_cast<float>(sgx);
   const ZGrad zg = make_zgrad(aff, sg, sgx, m);
   for (int64_t tn = 0; tn < s.T * s.N; ++tn) {
     const int64_t off = (tn * s.Co + c) * S;
@@ -126,100 +155,105 @@ static inline __attribute__((always_inline)) void lif_bn_channel_body(
   }
 }
 
-#define BINSLT_LIF_BN_CHANNEL_ARGS                                                            \
-  const ConvShape &s, int64_t c, const CT *counts, const float *gs, const PoolGrad *pg,      \
-      const float *alpha, const ChannelAffine &aff, const float *res, const NeuronParams &p, \
-      float *gcur, float *gz, float *gsc, float *gsh, float *hbuf, float *gbuf,              \
-      double *acc_g, double *acc_gx
-#define BINSLT_LIF_BN_CHANNEL_PASS \
-  s, c, counts, gs, pg, alpha, aff, res, p, gcur, gz, gsc, gsh, hbuf, gbuf, acc_g, acc_gx
-
 template <typename CT>
-__attribute__((target("avx512f"))) void lif_bn_channel_avx512(BINSLT_LIF_BN_CHANNEL_ARGS) {
-  lif_bn_channel_body(BINSLT_LIF_BN_CHANNEL_PASS);
+__attribute__((target("avx512f"))) void lif_bn_channel_avx512(const LifBnJob<CT>& job,
+                                                              int64_t c, const LifBnScratch& sc) {
+  lif_bn_channel_body(job, c, sc);
 }
 template <typename CT>
-__attribute__((target("avx2"))) void lif_bn_channel_avx2(BINSLT_LIF_BN_CHANNEL_ARGS) {
-  lif_bn_channel_body(BINSLT_LIF_BN_CHANNEL_PASS);
+__attribute__((target("avx2"))) void lif_bn_channel_avx2(const LifBnJob<CT>& job, int64_t c,
+                                                         const LifBnScratch& sc) {
+  lif_bn_channel_body(job, c, sc);
+}
+template <typename CT>
+void lif_bn_channel_base(const LifBnJob<CT>& job, int64_t c, const LifBnScratch& sc) {
+  lif_bn_channel_body(job, c, sc);
 }
 
+// dL/dX (grad_current) and dL/dZ from the counts, and the per-channel sums, over all channels.
 template <typename CT>
-void lif_bn_channel_base(BINSLT_LIF_BN_CHANNEL_ARGS) {
-  lif_bn_channel_body(BINSLT_LIF_BN_CHANNEL_PASS);
-}
-
-// dL/dX (grad_current) and dL/dZ from the counts; returns per-channel sums through gsc/gsh.
-template <typename CT>
-void lif_bn_backward(const ConvShape& s, const CT* counts, const float* gs, const PoolGrad* pg,
-                     const float* alpha, const std::vector<ChannelAffine>& aff, const float* res,
-                     const NeuronParams& p, float* gcur, float* gz, float* gsc, float* gsh) {
+void lif_bn_backward(const LifBnJob<CT>& job) {
   const Isa isa = active_isa();
+  const ConvShape& s = *job.s;
   at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> hbuf(static_cast<size_t>(s.T) * kRowChunk);
-    std::vector<float> gbuf(pg != nullptr ? static_cast<size_t>(s.T) * kRowChunk : 0);
+    std::vector<float> gbuf(job.pg != nullptr ? static_cast<size_t>(s.T) * kRowChunk : 0);
     std::vector<double> acc_g(kRowChunk), acc_gx(kRowChunk);
-    for (int64_t c = c0; c < c1; ++c) {
-      auto fn = isa == Isa::kAvx512 ? &lif_bn_channel_avx512<CT>
-                : isa == Isa::kAvx2 ? &lif_bn_channel_avx2<CT>
-                                    : &lif_bn_channel_base<CT>;
-      fn(s, c, counts, gs, pg, alpha, aff[c], res, p, gcur, gz, gsc, gsh, hbuf.data(),
-         gbuf.data(), acc_g.data(), acc_gx.data());
-    }
+    const LifBnScratch sc{hbuf.data(), gbuf.data(), acc_g.data(), acc_gx.data()};
+    auto fn = isa == Isa::kAvx512 ? &lif_bn_channel_avx512<CT>
+              : isa == Isa::kAvx2 ? &lif_bn_channel_avx2<CT>
+                                  : &lif_bn_channel_base<CT>;
+    for (int64_t c = c0; c < c1; ++c) fn(job, c, sc);
   });
 }
 
+// The op's tensor arguments as they come (bconv_lif_bwd_pool2: grad is the pooled gradient and
+// pool_packed the unpooled spikes' bits).
+struct BwdInputs {
+  const at::Tensor& grad;
+  const std::optional<at::Tensor>& pool_packed;
+  const at::Tensor &counts, &x_packed, &w_mask, &w_pos;
+  const at::Tensor &alpha, &scale, &shift, &mean, &var;
+  const std::optional<at::Tensor>& residual;
+};
 
-}  // namespace
+// The op's other settings (the neuron's are packed into NeuronParams).
+struct BwdSettings {
+  int64_t in_channels, stride, padding;
+  bool bn_train;
+  double bn_eps;
+  bool need_grad_x, need_grad_current;
+};
 
+// The checked, contiguous inputs.
+struct BwdArgs {
+  const char* op;
+  ConvShape s;
+  int64_t Ci;
+  at::Tensor gs, gpool, pool_packed, counts, x_packed, w_mask, w_pos;
+  at::Tensor alpha, scale, shift, mean, var;
+  std::optional<at::Tensor> res;
+  BwdSettings st;
+  NeuronParams p;
+  PoolGrad pool{};
+  const PoolGrad* pool_grad() const { return pool_packed.defined() ? &pool : nullptr; }
+};
 
-// grad_spikes: [T, N, Co, Ho, Wo] float32; counts: [T, N, Co, Ho, Wo] int16/int32 (from
-// bconv_lif); x_packed: [T*N, H, W, Cw] int32; w_mask, w_pos: [Co, kh, kw, Cw] int32;
-// alpha, scale, shift, mean, var: [Co] float32; residual: [T, N, Co, Ho, Wo] float32 or None
-// -> grad_x [T, N, Ci, H, W] (or [0]), grad_weight [Co, Ci, kh, kw], grad_current like counts
-//    (or [0] unless need_grad_current: dL/dX is then written into dL/dZ's buffer and turned into
-//    dL/dZ in place, element by element), grad_scale [Co], grad_shift [Co]
-// bconv_lif_bwd_pool2: grad_in is the gradient of the 2x2-pooled spikes [T, N, Co, Ho/2, Wo/2]
-// and pool_packed [T*N, Ho, Wo, ceil(Co/32)] int32 the unpooled spikes' bits (pool_packed_in set).
-static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_bwd_impl(
-    const char* op, const at::Tensor& grad_in, const std::optional<at::Tensor>& pool_packed_in,
-    const at::Tensor& counts_in, const at::Tensor& x_packed_in,
-    const at::Tensor& w_mask_in, const at::Tensor& w_pos_in, const at::Tensor& alpha_in,
-    const at::Tensor& scale_in, const at::Tensor& shift_in, const at::Tensor& mean_in,
-    const at::Tensor& var_in, const std::optional<at::Tensor>& residual_in, int64_t in_channels,
-    int64_t stride, int64_t padding, bool bn_train, double bn_eps, double tau, bool decay_input,
-    double v_threshold, std::optional<double> v_reset, bool detach_reset, int64_t surrogate,
-    double surrogate_alpha, bool need_grad_x, bool need_grad_current) {
-  TORCH_CHECK(counts_in.dim() == 5, "binslt::", op,
+BwdArgs check_bwd(const char* op, const BwdInputs& in, const BwdSettings& st,
+                  const NeuronParams& p) {
+  TORCH_CHECK(in.counts.dim() == 5, "binslt::", op,
               ": counts must be [T, N, Co, Ho, Wo] (from bconv_lif), got shape ",
-              shape_str(counts_in));
-  const ConvShape s =
-      check_conv(x_packed_in, w_mask_in, w_pos_in, counts_in.size(0), stride, padding, op);
+              shape_str(in.counts));
+  BwdArgs a;
+  a.op = op;
+  a.st = st;
+  a.p = p;
+  a.s = check_conv(in.x_packed, in.w_mask, in.w_pos, in.counts.size(0), st.stride, st.padding,
+                   op);
+  const ConvShape& s = a.s;
   const std::vector<int64_t> oshape{s.T, s.N, s.Co, s.Ho, s.Wo};
-  TORCH_CHECK(counts_in.sizes() == at::IntArrayRef(oshape), "binslt::", op, ": counts must have "
+  TORCH_CHECK(in.counts.sizes() == at::IntArrayRef(oshape), "binslt::", op, ": counts must have "
               "shape ", at::IntArrayRef(oshape), " for this input/weight/stride/padding, got ",
-              shape_str(counts_in));
+              shape_str(in.counts));
   const at::ScalarType count_type = counts_dtype(s.Cw, s.KH, s.KW);
   // (int8: the autograd path keeps counts that all fit in int8 as int8 on the CPU)
-  TORCH_CHECK(counts_in.scalar_type() == count_type || counts_in.scalar_type() == at::kChar,
+  TORCH_CHECK(in.counts.scalar_type() == count_type || in.counts.scalar_type() == at::kChar,
               "binslt::", op, ": counts must be ", count_type,
               " for this weight (as returned by bconv_lif), or int8, got ",
-              counts_in.scalar_type());
-  TORCH_CHECK_VALUE(in_channels >= 1 && in_channels <= 32 * s.Cw, "binslt::", op,
+              in.counts.scalar_type());
+  TORCH_CHECK_VALUE(st.in_channels >= 1 && st.in_channels <= 32 * s.Cw, "binslt::", op,
                     ": in_channels must be in [1, 32*Cw] = [1, ", 32 * s.Cw, "], got ",
-                    in_channels);
-  const NeuronParams p = checked_neuron(op, tau, decay_input, v_threshold, v_reset, detach_reset,
-                                        surrogate, surrogate_alpha);
-  check_bn_eps(op, bn_eps);
-  at::Tensor gs, gpool, pool_packed;
-  PoolGrad pool{};
-  if (!pool_packed_in.has_value()) {
-    gs = cpu_output_like(grad_in, oshape, op, "grad_spikes");
+                    st.in_channels);
+  a.Ci = st.in_channels;
+  check_bn_eps(op, st.bn_eps);
+  if (!in.pool_packed.has_value()) {
+    a.gs = cpu_output_like(in.grad, oshape, op, "grad_spikes");
   } else {
     TORCH_CHECK_VALUE(s.Ho >= 2 && s.Wo >= 2, "binslt::", op, ": a 2x2-pooled layer needs an "
                       "output of at least 2x2, got ", s.Ho, "x", s.Wo);
     const std::vector<int64_t> pshape{s.T, s.N, s.Co, s.Ho / 2, s.Wo / 2};
-    gpool = cpu_output_like(grad_in, pshape, op, "grad_pooled");
-    const at::Tensor& pk = *pool_packed_in;
+    a.gpool = cpu_output_like(in.grad, pshape, op, "grad_pooled");
+    const at::Tensor& pk = *in.pool_packed;
     check_on_cpu(pk, op, "pool_packed");
     const int64_t cwo = (s.Co + 31) / 32;
     TORCH_CHECK_VALUE(pk.scalar_type() == at::kInt && pk.dim() == 4 && pk.size(0) == s.B &&
@@ -227,133 +261,194 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bc
                       "binslt::", op, ": pool_packed must be the unpooled spikes packed, [T*N, "
                       "Ho, Wo, ceil(Co/32)] = [", s.B, ", ", s.Ho, ", ", s.Wo, ", ", cwo,
                       "] int32, got ", pk.scalar_type(), " of shape ", shape_str(pk));
-    pool_packed = pk.contiguous();
-    pool = PoolGrad{gpool.data_ptr<float>(),
-                    reinterpret_cast<const uint32_t*>(pool_packed.data_ptr<int32_t>()), s.Ho / 2,
-                    s.Wo / 2, cwo};
+    a.pool_packed = pk.contiguous();
+    a.pool = PoolGrad{a.gpool.data_ptr<float>(),
+                      reinterpret_cast<const uint32_t*>(a.pool_packed.data_ptr<int32_t>()),
+                      s.Ho / 2, s.Wo / 2, cwo};
   }
-  const float* gsp = gs.defined() ? gs.data_ptr<float>() : nullptr;
-  const PoolGrad* pgp = pool_packed_in.has_value() ? &pool : nullptr;
-  const at::Tensor alpha = cpu_channel_vec(alpha_in, op, "alpha", s.Co);
-  const at::Tensor scale = cpu_channel_vec(scale_in, op, "scale", s.Co);
-  const at::Tensor shift = cpu_channel_vec(shift_in, op, "shift", s.Co);
-  const at::Tensor mean = cpu_channel_vec(mean_in, op, "mean", s.Co);
-  const at::Tensor var = cpu_channel_vec(var_in, op, "var", s.Co);
-  std::optional<at::Tensor> res;
-  if (residual_in.has_value()) res = cpu_output_like(*residual_in, oshape, op, "residual");
-  const at::Tensor counts = counts_in.contiguous();
-  const at::Tensor x_packed = x_packed_in.contiguous();
-  const at::Tensor w_mask = w_mask_in.contiguous(), w_pos = w_pos_in.contiguous();
-
-  std::vector<ChannelAffine> aff(s.Co);
-  const float* ap = alpha.data_ptr<float>();
-  for (int64_t c = 0; c < s.Co; ++c) {
-    const float sc = scale.data_ptr<float>()[c], sh = shift.data_ptr<float>()[c];
-    aff[c] = bn_train ? ChannelAffine{mean.data_ptr<float>()[c],
-                                      invstd_of(var.data_ptr<float>()[c], bn_eps), sc, sh, true}
-                      : ChannelAffine{0.0f, 1.0f, sc, sh, false};
-  }
-  const auto fopts = counts.options().dtype(at::kFloat);
-  at::Tensor gz = at::empty({s.B, s.Co, s.Ho, s.Wo}, fopts);
-  at::Tensor gcur = need_grad_current ? at::empty(oshape, fopts) : at::empty({0}, fopts);
-  float* gcur_p = need_grad_current ? gcur.data_ptr<float>() : gz.data_ptr<float>();
-  at::Tensor gscale = at::empty({s.Co}, fopts), gshift = at::empty({s.Co}, fopts);
-  const float* rp = res ? res->data_ptr<float>() : nullptr;
-  if (counts.scalar_type() == at::kChar)
-    lif_bn_backward<int8_t>(s, counts.data_ptr<int8_t>(), gsp, pgp, ap, aff, rp, p, gcur_p,
-                            gz.data_ptr<float>(), gscale.data_ptr<float>(),
-                            gshift.data_ptr<float>());
-  else if (counts.scalar_type() == at::kShort)
-    lif_bn_backward<int16_t>(s, counts.data_ptr<int16_t>(), gsp, pgp, ap, aff, rp, p,
-                             gcur_p, gz.data_ptr<float>(),
-                             gscale.data_ptr<float>(), gshift.data_ptr<float>());
-  else
-    lif_bn_backward<int32_t>(s, counts.data_ptr<int32_t>(), gsp, pgp, ap, aff, rp, p,
-                             gcur_p, gz.data_ptr<float>(),
-                             gscale.data_ptr<float>(), gshift.data_ptr<float>());
-
-  // A 1x1 kernel at stride 1 without padding (the linear layers, see ops.spiking_layer): both
-  // gradients are plain matrix products over the B * Ho * Wo pixels.
-  const bool pointwise = s.KH == 1 && s.KW == 1 && stride == 1 && padding == 0;
-  const int64_t S = s.Ho * s.Wo;
-  const int64_t unfold_bytes = unfold_matrix_bytes(s, in_channels);
-  TORCH_CHECK(!(use_unfold_grad_x(s.H, s.W, s.KH, s.KW, unfold_bytes) ||
-                use_unfold_grad_w(s.H, s.W, s.KH, s.KW, unfold_bytes)) ||
-                  pointwise || unfold_bytes <= (int64_t{1} << 30),
-              "binslt::", op, ": the forced 'unfold' gradient form would build a ",
-              unfold_bytes >> 20, " MiB matrix for this ", s.H, "x", s.W, " map (it is meant "
-              "for maps of a few pixels); use cpu_algorithms(grad_x='auto', grad_w='auto')");
-  at::Tensor gw;
-  bool int8_w = false;
-  const bool int8_x = need_grad_x && !pointwise &&
-                      !use_unfold_grad_x(s.H, s.W, s.KH, s.KW, unfold_bytes) &&
-                      use_int8_grad_x(stride, padding, s.KH, s.KW, s.Ho, s.Wo);
-  if (!pointwise && use_unfold_grad_w(s.H, s.W, s.KH, s.KW, unfold_bytes)) {
-    gw = weight_grad_unfold(s, in_channels, gz, unpack_spikes_cpu(x_packed, in_channels));
-  } else if (use_int8_grad_w(x_packed, stride, s.Ho, s.Wo, s.H + 2 * padding, s.W + 2 * padding,
-                             s.Co * in_channels * s.KH * s.KW)) {
-    gw = weight_grad_int8(s, in_channels, x_packed, gz);  // undefined where dZ is not finite
-    int8_w = gw.defined();
-  }
-  if (gw.defined()) {
-    // (the unfold or the int8 form)
-  } else if (pointwise && (algo_config().grad_w == GradWAlgo::kUnfold ||
-                           use_dense_grad_w(x_packed, s.Co * in_channels * s.KH * s.KW))) {
-    // (A pointwise conv's matrix product is already its unfold form, per pixel.)
-    const at::Tensor gz_t = gz.view({s.B, s.Co, S}).permute({1, 0, 2}).reshape({s.Co, s.B * S});
-    gw = at::mm(gz_t, unpack_rows(x_packed, in_channels)).view({s.Co, in_channels, 1, 1});
-  } else if (use_dense_grad_w(x_packed, s.Co * in_channels * s.KH * s.KW)) {
-    if (use_taps_grad_w(s.Ho, s.Wo)) {
-      gw = weight_grad_taps(s, in_channels, x_packed, gz);
-    } else {
-      // The GEMM form: ATen's weight gradient of the 0/1 input, unpacked.
-      const at::Tensor x = unpack_spikes_cpu(x_packed, in_channels);
-      const at::Tensor w_shape = at::empty({s.Co, in_channels, s.KH, s.KW}, fopts);
-      gw = std::get<1>(at::convolution_backward(
-          gz, x, w_shape, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false,
-          {0, 0}, 1, {false, true, false}));
-    }
-  } else {
-    // dZ channel-last for the event form, with zero margins where stride 1 lets taps reach
-    // past the border (see weight_grad).
-    const int64_t margin_top = stride == 1 ? std::max<int64_t>(0, s.KH - 1 - padding) : 0;
-    const int64_t margin_left = stride == 1 ? std::max<int64_t>(0, s.KW - 1 - padding) : 0;
-    at::Tensor gz_cl = channels_last_copy(gz, margin_top, margin_left);
-    // dX from the same margined copy where that form is the choice: the NCHW dZ goes now, the
-    // copy inside input_grad_margined (one dZ in memory from here on).
-    const bool dx_margined = need_grad_x && !pointwise && !int8_x &&
-        input_grad_takes_margined(s, in_channels, w_mask, margin_top, margin_left);
-    if (dx_margined) gz.reset();
-    gw = weight_grad(s, in_channels, x_packed, gz_cl, margin_top, margin_left);
-    if (dx_margined)
-      return {input_grad_margined(s, in_channels, std::move(gz_cl), w_mask, w_pos, ap), gw, gcur,
-              gscale, gshift};
-  }
-
-  at::Tensor gx = at::empty({0}, fopts);
-  if (need_grad_x && pointwise) {
-    const at::Tensor w = dense_weight(s, in_channels, w_mask, w_pos, ap).view({s.Co, in_channels});
-    gx = at::matmul(w.t(), gz.view({s.B, s.Co, S})).view({s.T, s.N, in_channels, s.H, s.W});
-  } else if (need_grad_x && use_unfold_grad_x(s.H, s.W, s.KH, s.KW, unfold_bytes)) {
-    gx = input_grad_unfold(s, in_channels, gz, w_mask, w_pos, ap);
-  } else if (int8_x && (gx = input_grad_int8(s, in_channels, gz, w_mask, w_pos, ap)).defined()) {
-    // (undefined where dZ is not finite: then the float forms below)
-  } else if (need_grad_x) {
-    // After the int8 weight gradient, the margined form where it is the choice (the event
-    // form's copy would have fed it).
-    const int64_t mt = std::max<int64_t>(0, s.KH - 1 - padding),
-                  ml = std::max<int64_t>(0, s.KW - 1 - padding);
-    if (int8_w && !int8_x && input_grad_takes_margined(s, in_channels, w_mask, mt, ml)) {
-      at::Tensor gz_cl = channels_last_copy(gz, mt, ml);
-      gz.reset();
-      gx = input_grad_margined(s, in_channels, std::move(gz_cl), w_mask, w_pos, ap);
-    } else {
-      gx = input_grad(s, in_channels, gz, w_mask, w_pos, ap);
-    }
-  }
-  return {gx, gw, gcur, gscale, gshift};
+  a.alpha = cpu_channel_vec(in.alpha, op, "alpha", s.Co);
+  a.scale = cpu_channel_vec(in.scale, op, "scale", s.Co);
+  a.shift = cpu_channel_vec(in.shift, op, "shift", s.Co);
+  a.mean = cpu_channel_vec(in.mean, op, "mean", s.Co);
+  a.var = cpu_channel_vec(in.var, op, "var", s.Co);
+  if (in.residual.has_value()) a.res = cpu_output_like(*in.residual, oshape, op, "residual");
+  a.counts = in.counts.contiguous();
+  a.x_packed = in.x_packed.contiguous();
+  a.w_mask = in.w_mask.contiguous();
+  a.w_pos = in.w_pos.contiguous();
+  return a;
 }
 
+// The LIF/BN stage's outputs: dL/dZ [B, Co, Ho, Wo], grad_current (or [0]), grad_scale,
+// grad_shift.
+struct LifBnOut {
+  at::Tensor gz, gcur, gscale, gshift;
+};
+
+LifBnOut lif_bn_stage(const BwdArgs& a) {
+  const ConvShape& s = a.s;
+  std::vector<ChannelAffine> aff(s.Co);
+  for (int64_t c = 0; c < s.Co; ++c) {
+    const float sc = a.scale.data_ptr<float>()[c], sh = a.shift.data_ptr<float>()[c];
+    aff[c] = a.st.bn_train
+                 ? ChannelAffine{a.mean.data_ptr<float>()[c],
+                                 invstd_of(a.var.data_ptr<float>()[c], a.st.bn_eps), sc, sh, true}
+                 : ChannelAffine{0.0f, 1.0f, sc, sh, false};
+  }
+  const auto fopts = a.counts.options().dtype(at::kFloat);
+  LifBnOut o;
+  o.gz = at::empty({s.B, s.Co, s.Ho, s.Wo}, fopts);
+  o.gcur = a.st.need_grad_current ? at::empty({s.T, s.N, s.Co, s.Ho, s.Wo}, fopts)
+                                  : at::empty({0}, fopts);
+  o.gscale = at::empty({s.Co}, fopts);
+  o.gshift = at::empty({s.Co}, fopts);
+  // Without grad_current, dL/dX goes into dZ's buffer and becomes dL/dZ in place.
+  float* gcur_p = a.st.need_grad_current ? o.gcur.data_ptr<float>() : o.gz.data_ptr<float>();
+  auto run = [&](auto* counts) {
+    using CT = std::remove_const_t<std::remove_pointer_t<decltype(counts)>>;
+    const LifBnJob<CT> job{&s,
+                           counts,
+                           a.gs.defined() ? a.gs.data_ptr<float>() : nullptr,
+                           a.pool_grad(),
+                           a.alpha.data_ptr<float>(),
+                           aff.data(),
+                           a.res ? a.res->data_ptr<float>() : nullptr,
+                           a.p,
+                           gcur_p,
+                           o.gz.data_ptr<float>(),
+                           o.gscale.data_ptr<float>(),
+                           o.gshift.data_ptr<float>()};
+    lif_bn_backward(job);
+  };
+  if (a.counts.scalar_type() == at::kChar)
+    run(a.counts.data_ptr<int8_t>());
+  else if (a.counts.scalar_type() == at::kShort)
+    run(a.counts.data_ptr<int16_t>());
+  else
+    run(a.counts.data_ptr<int32_t>());
+  return o;
+}
+
+// The weight gradient of plan.grad_w from dZ (gz). The event form leaves its channel-last,
+// zero-margined copy of dZ in gz_cl, and releases gz when the input gradient is to run from that
+// copy ("margined"). An int8 form that meets a dZ that is not finite gives way to
+// plan.grad_w_nonfinite (recorded in the plan).
+at::Tensor run_grad_w(const BwdArgs& a, BackwardPlan& plan, at::Tensor& gz, at::Tensor& gz_cl) {
+  const ConvShape& s = a.s;
+  const int64_t Ci = a.Ci;
+  for (;;) {
+    switch (plan.grad_w) {
+      case GradWPlan::kUnfold:
+        return weight_grad_unfold(s, Ci, gz, unpack_spikes_cpu(a.x_packed, Ci));
+      case GradWPlan::kInt8: {
+        at::Tensor gw = weight_grad_int8(s, Ci, a.x_packed, gz);
+        if (gw.defined()) return gw;
+        plan.grad_w = plan.grad_w_nonfinite;
+        plan.nonfinite = true;
+        break;
+      }
+      case GradWPlan::kPointwise: {
+        const int64_t S = s.Ho * s.Wo;
+        const at::Tensor gz_t =
+            gz.view({s.B, s.Co, S}).permute({1, 0, 2}).reshape({s.Co, s.B * S});
+        return at::mm(gz_t, unpack_rows(a.x_packed, Ci)).view({s.Co, Ci, 1, 1});
+      }
+      case GradWPlan::kTaps:
+        return weight_grad_taps(s, Ci, a.x_packed, gz);
+      case GradWPlan::kDense: {
+        // ATen's weight gradient of the 0/1 input, unpacked.
+        const at::Tensor x = unpack_spikes_cpu(a.x_packed, Ci);
+        const at::Tensor w_shape = at::empty({s.Co, Ci, s.KH, s.KW}, gz.options());
+        return std::get<1>(at::convolution_backward(
+            gz, x, w_shape, std::nullopt, {s.stride, s.stride}, {s.padding, s.padding}, {1, 1},
+            false, {0, 0}, 1, {false, true, false}));
+      }
+      default: {  // event: dZ channel-last, with zero margins where stride 1 lets taps reach
+                  // past the border (see weight_grad)
+        const int64_t mt = s.stride == 1 ? std::max<int64_t>(0, s.KH - 1 - s.padding) : 0;
+        const int64_t ml = s.stride == 1 ? std::max<int64_t>(0, s.KW - 1 - s.padding) : 0;
+        gz_cl = channels_last_copy(gz, mt, ml);
+        // one dZ in memory from here on where the input gradient reads the copy
+        if (plan.grad_x == GradXPlan::kMargined) gz.reset();
+        return weight_grad(s, Ci, a.x_packed, gz_cl, mt, ml);
+      }
+    }
+  }
+}
+
+// The input gradient of plan.grad_x ([0] for "none"); gz_cl: the event weight gradient's copy
+// of dZ, if it made one (the margined form's input, made here otherwise).
+at::Tensor run_grad_x(const BwdArgs& a, BackwardPlan& plan, at::Tensor& gz, at::Tensor& gz_cl) {
+  const ConvShape& s = a.s;
+  const int64_t Ci = a.Ci;
+  const float* ap = a.alpha.data_ptr<float>();
+  for (;;) {
+    switch (plan.grad_x) {
+      case GradXPlan::kNone:
+        return at::empty({0}, a.counts.options().dtype(at::kFloat));
+      case GradXPlan::kPointwise: {
+        const at::Tensor w = dense_weight(s, Ci, a.w_mask, a.w_pos, ap).view({s.Co, Ci});
+        return at::matmul(w.t(), gz.view({s.B, s.Co, s.Ho * s.Wo}))
+            .view({s.T, s.N, Ci, s.H, s.W});
+      }
+      case GradXPlan::kUnfold:
+        return input_grad_unfold(s, Ci, gz, a.w_mask, a.w_pos, ap);
+      case GradXPlan::kInt8: {
+        at::Tensor gx = input_grad_int8(s, Ci, gz, a.w_mask, a.w_pos, ap);
+        if (gx.defined()) return gx;
+        plan.grad_x = plan.grad_x_nonfinite;
+        plan.nonfinite = true;
+        break;
+      }
+      case GradXPlan::kTernary:
+      case GradXPlan::kCombo:
+        return input_grad_ternary(s, Ci, gz, a.w_mask, a.w_pos, ap,
+                                  plan.grad_x == GradXPlan::kCombo);
+      case GradXPlan::kDense:
+        return input_grad_dense(s, Ci, gz, a.w_mask, a.w_pos, ap);
+      default: {  // margined
+        if (!gz_cl.defined()) {
+          gz_cl = channels_last_copy(gz, s.KH - 1 - s.padding, s.KW - 1 - s.padding);
+          gz.reset();
+        }
+        return input_grad_margined(s, Ci, std::move(gz_cl), a.w_mask, a.w_pos, ap);
+      }
+    }
+  }
+}
+
+// The body of both ops: the LIF/BN backward, the plan, then its two gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_bwd_run(
+    const char* op, const BwdInputs& in, const BwdSettings& st, const NeuronParams& p) {
+  const PlanLog log(op);
+  const BwdArgs a = check_bwd(op, in, st, p);
+  const ConvShape& s = a.s;
+  const at::Tensor& w_mask = a.w_mask;
+  const at::Tensor& x_packed = a.x_packed;
+  const int64_t weights = s.Co * s.KH * s.KW * a.Ci;
+  BackwardPlan plan = plan_backward(
+      {s, a.Ci, st.need_grad_x, LazyValue([&x_packed] { return packed_rate(x_packed); }),
+       LazyValue([&w_mask, weights] {
+         const uint32_t* m = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
+         return static_cast<double>(count_set_bits(m, w_mask.numel())) /
+                static_cast<double>(std::max<int64_t>(1, weights));
+       })});
+  LifBnOut o = lif_bn_stage(a);
+  at::Tensor gz_cl;
+  at::Tensor gw = run_grad_w(a, plan, o.gz, gz_cl);
+  at::Tensor gx = run_grad_x(a, plan, o.gz, gz_cl);
+  log.emit(conv_shapes(s, a.Ci), plan.describe());
+  return {gx, gw, o.gcur, o.gscale, o.gshift};
+}
+
+}  // namespace
+
+// grad_spikes: [T, N, Co, Ho, Wo] float32; counts: [T, N, Co, Ho, Wo] int16/int32 (from
+// bconv_lif); x_packed: [T*N, H, W, Cw] int32; w_mask, w_pos: [Co, kh, kw, Cw] int32;
+// alpha, scale, shift, mean, var: [Co] float32; residual: [T, N, Co, Ho, Wo] float32 or None
+// -> grad_x [T, N, Ci, H, W] (or [0]), grad_weight [Co, Ci, kh, kw], grad_current like counts
+//    (or [0] unless need_grad_current: dL/dX is then written into dL/dZ's buffer and turned into
+//    dL/dZ in place, element by element), grad_scale [Co], grad_shift [Co]
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_bwd_cpu(
     const at::Tensor& grad_in, const at::Tensor& counts_in, const at::Tensor& x_packed_in,
     const at::Tensor& w_mask_in, const at::Tensor& w_pos_in, const at::Tensor& alpha_in,
@@ -362,16 +457,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
     int64_t stride, int64_t padding, bool bn_train, double bn_eps, double tau, bool decay_input,
     double v_threshold, std::optional<double> v_reset, bool detach_reset, int64_t surrogate,
     double surrogate_alpha, bool need_grad_x, bool need_grad_current) {
-  return bconv_lif_bwd_impl("bconv_lif_bwd", grad_in, std::nullopt, counts_in, x_packed_in,
-                            w_mask_in, w_pos_in, alpha_in, scale_in, shift_in, mean_in, var_in,
-                            residual_in, in_channels, stride, padding, bn_train, bn_eps, tau,
-                            decay_input, v_threshold, v_reset, detach_reset, surrogate,
-                            surrogate_alpha, need_grad_x, need_grad_current);
+  const char* op = "bconv_lif_bwd";
+  const NeuronParams p = checked_neuron(op, tau, decay_input, v_threshold, v_reset, detach_reset,
+                                        surrogate, surrogate_alpha);
+  const std::optional<at::Tensor> no_pool;
+  return bconv_lif_bwd_run(
+      op,
+      {grad_in, no_pool, counts_in, x_packed_in, w_mask_in, w_pos_in, alpha_in, scale_in,
+       shift_in, mean_in, var_in, residual_in},
+      {in_channels, stride, padding, bn_train, bn_eps, need_grad_x, need_grad_current}, p);
 }
 
 // The same for a layer whose spikes were 2x2 max-pooled (binslt::bconv_lif_bwd_pool2): the
-// pooled gradient is routed inside the LIF backward, a row chunk at a time, so the unpooled
-// gradient (one float per output spike) never exists whole.
+// pooled gradient [T, N, Co, Ho/2, Wo/2] is routed inside the LIF backward, a row chunk at a
+// time, through pool_packed [T*N, Ho, Wo, ceil(Co/32)] int32 (the unpooled spikes' bits), so the
+// unpooled gradient (one float per output spike) never exists whole.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_bwd_pool2_cpu(
     const at::Tensor& grad_pooled, const at::Tensor& pool_packed, const at::Tensor& counts_in,
     const at::Tensor& x_packed_in, const at::Tensor& w_mask_in, const at::Tensor& w_pos_in,
@@ -381,11 +481,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
     int64_t padding, bool bn_train, double bn_eps, double tau, bool decay_input,
     double v_threshold, std::optional<double> v_reset, bool detach_reset, int64_t surrogate,
     double surrogate_alpha, bool need_grad_x, bool need_grad_current) {
-  return bconv_lif_bwd_impl("bconv_lif_bwd_pool2", grad_pooled, pool_packed, counts_in,
-                            x_packed_in, w_mask_in, w_pos_in, alpha_in, scale_in, shift_in,
-                            mean_in, var_in, residual_in, in_channels, stride, padding, bn_train,
-                            bn_eps, tau, decay_input, v_threshold, v_reset, detach_reset,
-                            surrogate, surrogate_alpha, need_grad_x, need_grad_current);
+  const char* op = "bconv_lif_bwd_pool2";
+  const NeuronParams p = checked_neuron(op, tau, decay_input, v_threshold, v_reset, detach_reset,
+                                        surrogate, surrogate_alpha);
+  const std::optional<at::Tensor> pool(pool_packed);
+  return bconv_lif_bwd_run(
+      op,
+      {grad_pooled, pool, counts_in, x_packed_in, w_mask_in, w_pos_in, alpha_in, scale_in,
+       shift_in, mean_in, var_in, residual_in},
+      {in_channels, stride, padding, bn_train, bn_eps, need_grad_x, need_grad_current}, p);
 }
 
 }  // namespace cpu

@@ -1,5 +1,6 @@
 // Both gradients of a stride-1 binary conv as exact integer products on AMX-INT8 (bconv_lif_bwd,
-// grad_w / grad_x "int8"; see kAutoRules for where "auto" takes them). First the weight gradient:
+// grad_w / grad_x "int8"; plan_backward in cpu_algos.cpp says where "auto" takes them). First
+// the weight gradient:
 //
 //   dL/dW_eff[co][ci][ky][kx] = sum over images b and output pixels (y, x) of
 //                               dZ[b][co][y][x] * X[b][ci][y + ky - p][x + kx - p]
@@ -97,11 +98,16 @@ void limbs_base(const float* v, int64_t n, float inv, int8_t* l0, int8_t* l1, in
   limbs_body(v, n, inv, l0, l1, l2);
 }
 
+// The maps of the limb rows: dZ's Ho x Wo, on the padded Hp x Wp grid.
+struct LimbGrid {
+  int64_t Ho, Wo, Hp, Wp;
+};
+
 // One channel's limb rows l0, l1, l2 (nb * Hp * Wp columns each, on the padded grid) from its
 // dZ maps g + b * img_stride ([Ho, Wo] each) times inv; tmp: 3 * Ho * Wo bytes.
-void limb_rows(const float* g, int64_t img_stride, int64_t nb, int64_t Ho, int64_t Wo,
-               int64_t Hp, int64_t Wp, float inv, int8_t* l0, int8_t* l1, int8_t* l2,
-               int8_t* tmp, bool avx512) {
+void limb_rows(const float* g, int64_t img_stride, int64_t nb, const LimbGrid& grid, float inv,
+               int8_t* l0, int8_t* l1, int8_t* l2, int8_t* tmp, bool avx512) {
+  const int64_t Ho = grid.Ho, Wo = grid.Wo, Hp = grid.Hp, Wp = grid.Wp;
   const int64_t S = Ho * Wo;
   int8_t* dst[3] = {l0, l1, l2};
   for (int64_t b = 0; b < nb; ++b) {
@@ -186,8 +192,8 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
         if (nonfinite) continue;
         const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
         unit[c] = mx > 0.0f ? 1.0 / static_cast<double>(inv) : 0.0;
-        limb_rows(gc, s.Co * S, nb, s.Ho, s.Wo, Hp, Wp, inv, ap + c * K, ap + (s.Co + c) * K,
-                  ap + (2 * s.Co + c) * K, tmp.data(), avx512);
+        limb_rows(gc, s.Co * S, nb, LimbGrid{s.Ho, s.Wo, Hp, Wp}, inv, ap + c * K,
+                  ap + (s.Co + c) * K, ap + (2 * s.Co + c) * K, tmp.data(), avx512);
       }
     });
     for (char v : bad) any_bad |= v != 0;

@@ -3,7 +3,7 @@
 //
 // Two forms: ATen's dense transposed convolution of the float W_eff, or, with AVX-512 and
 // stride 1, the ternary kernels below, whose work follows the nonzero weights and which use no
-// multiplies; cpu_algos.cpp chooses.
+// multiplies; plan_backward (cpu_algos.cpp) chooses.
 //
 // The ternary kernels:
 // dX[ci][iy][ix] = sum_{ky,kx,co} W[co][ci][ky][kx] * dZ[co][iy+pad-ky][ix+pad-kx], W = +-alpha
@@ -26,6 +26,12 @@
 namespace binslt {
 namespace cpu {
 namespace {
+
+// The dZ' planes of the ternary kernels: MY zero margin rows, rows RS floats apart, plane
+// floats per output channel (see gx_image_avx512).
+struct GxGeom {
+  int64_t MY, RS, plane;
+};
 
 struct TernaryLists {
   int64_t nblk;
@@ -208,8 +214,9 @@ __attribute__((target("avx512f"), always_inline)) static inline void gx_rows(
 __attribute__((target("avx512f"))) void gx_image_avx512(const ConvShape& s, int64_t Ci,
                                                         const TernaryLists& tl, const float* gzb,
                                                         const float* alpha, float* zbuf,
-                                                        float* cbuf, int64_t MY, int64_t RS,
-                                                        int64_t plane, float* gxb) {
+                                                        float* cbuf, const GxGeom& gg,
+                                                        float* gxb) {
+  const int64_t MY = gg.MY, RS = gg.RS, plane = gg.plane;
   const int64_t H = s.H, W = s.W, S = s.Ho * s.Wo;
   for (int64_t cb = 0; cb < tl.nblk; ++cb) {
     const int64_t c0 = cb * kGxCB, c1 = std::min(s.Co, c0 + kGxCB);
@@ -257,9 +264,6 @@ __attribute__((target("avx512f"))) void gx_image_avx512(const ConvShape& s, int6
 
 // The dZ' plane geometry of the ternary kernels: MY margin rows above and below, rows of RS
 // floats (whole aligned 16-float vectors), plane floats per channel.
-struct GxGeom {
-  int64_t MY, RS, plane;
-};
 GxGeom gx_geom(const ConvShape& s) {
   GxGeom g;
   g.MY = std::max<int64_t>(0, s.KH - 1 - s.padding);
@@ -288,7 +292,7 @@ void grad_x_ternary_avx512(const ConvShape& s, int64_t Ci, const float* gz,
     if (combos) ct = at::zeros({kGxGroups * kGxCombos * plane}, zt.options());
     float* cbuf = combos ? ct.data_ptr<float>() : nullptr;
     for (int64_t b = b0; b < b1; ++b)
-      gx_image_avx512(s, Ci, tl, gz + b * s.Co * s.Ho * s.Wo, alpha, zbuf, cbuf, MY, RS, plane,
+      gx_image_avx512(s, Ci, tl, gz + b * s.Co * s.Ho * s.Wo, alpha, zbuf, cbuf, gg,
                       gx + b * Ci * s.H * s.W);
   });
 }
@@ -315,24 +319,22 @@ at::Tensor dense_weight(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask
   return w;
 }
 
-// The input-gradient form for this conv and weight (cpu_algos.cpp's rule).
-static GradXChoice grad_x_choice(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask) {
-  const uint32_t* mask = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
-  return choose_grad_x(s.stride, s.W, Ci, s.Co * s.KH * s.KW * Ci, combo_bytes(s), mask,
-                       w_mask.numel());
-}
+int64_t ternary_combo_bytes(const ConvShape& s) { return combo_bytes(s); }
 
-at::Tensor input_grad(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
-                      const at::Tensor& w_mask, const at::Tensor& w_pos, const float* alpha) {
+at::Tensor input_grad_ternary(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
+                              const at::Tensor& w_mask, const at::Tensor& w_pos,
+                              const float* alpha, bool combos) {
   const uint32_t* mask = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
   const uint32_t* pos = reinterpret_cast<const uint32_t*>(w_pos.data_ptr<int32_t>());
-  const GradXChoice how = grad_x_choice(s, Ci, w_mask);
-  if (how.ternary) {
-    at::Tensor gx = at::empty({s.T, s.N, Ci, s.H, s.W}, gz.options());
-    grad_x_ternary_avx512(s, Ci, gz.data_ptr<float>(), mask, pos, alpha, how.combos,
-                          gx.data_ptr<float>());
-    return gx;
-  }
+  at::Tensor gx = at::empty({s.T, s.N, Ci, s.H, s.W}, gz.options());
+  grad_x_ternary_avx512(s, Ci, gz.data_ptr<float>(), mask, pos, alpha, combos,
+                        gx.data_ptr<float>());
+  return gx;
+}
+
+at::Tensor input_grad_dense(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
+                            const at::Tensor& w_mask, const at::Tensor& w_pos,
+                            const float* alpha) {
   const at::Tensor w_eff = dense_weight(s, Ci, w_mask, w_pos, alpha);
   const int64_t oph = s.H - ((s.Ho - 1) * s.stride - 2 * s.padding + s.KH);
   const int64_t opw = s.W - ((s.Wo - 1) * s.stride - 2 * s.padding + s.KW);
@@ -341,13 +343,6 @@ at::Tensor input_grad(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
   at::Tensor gx = at::conv_transpose2d(gz, w_eff, {}, {s.stride, s.stride},
                                        {s.padding, s.padding}, {oph, opw});
   return gx.contiguous().view({s.T, s.N, Ci, s.H, s.W});
-}
-
-bool input_grad_takes_margined(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask,
-                               int64_t margin_top, int64_t margin_left) {
-  if (s.stride != 1 || margin_top != s.KH - 1 - s.padding || margin_left != s.KW - 1 - s.padding)
-    return false;
-  return use_margined_grad_x(s.Ho, s.Wo) && !grad_x_choice(s, Ci, w_mask).ternary;
 }
 
 at::Tensor input_grad_margined(const ConvShape& s, int64_t Ci, at::Tensor gz_cl,

@@ -27,6 +27,8 @@
 #include "binslt/checks.h"
 #include "binslt/pack_cpu.h"
 #include "binslt/cpu_algos.h"
+#include "binslt/infer_tile.h"
+#include "binslt/lif.h"
 
 namespace binslt {
 namespace cpu {
@@ -216,6 +218,215 @@ at::Tensor OnednnConv::operator()(const at::Tensor& x_u8) const {
              : z.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The onednn route's epilogue (bconv_lif_infer, plan forward=onednn)
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// One pixel's channel scratch: the membrane v [Co] and the spikes sp [32*Cw] (zero past Co).
+struct PixelScratch {
+  float* v;
+  float* sp;
+};
+
+// The eval epilogue and the LIF over T of one pixel's Co channels in channel-last order: counts
+// zt[t] + off (Co floats a step), residual rt[t] + roff likewise (or rt null); per channel the
+// float operations of lif_counts in the same order (so the same spikes), vectorised across
+// channels. The spikes go out as pack_spikes bits, words[t * Cw + w].
+template <bool kRes>
+__attribute__((target("avx512f"))) void lif_pixel_words_t(const FwdEpilogue& ep, int64_t T,
+                                                          int64_t Co, int64_t Cw,
+                                                          const float* const* zt, int64_t off,
+                                                          const float* const* rt, int64_t roff,
+                                                          const PixelScratch& scr,
+                                                          uint32_t* words) {
+  const NeuronParams p = ep.p;
+  const float* __restrict alpha = ep.alpha;
+  const float* __restrict scale = ep.scale;
+  const float* __restrict shift = ep.shift;
+  float* __restrict v = scr.v;
+  float* __restrict sp = scr.sp;
+  const float v0 = p.soft_reset ? 0.0f : p.v_reset;
+  for (int64_t c = 0; c < Co; ++c) v[c] = v0;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* __restrict z = zt[t] + off;
+    const float* __restrict r = kRes ? rt[t] + roff : nullptr;
+    for (int64_t c = 0; c < Co; ++c) {
+      float x = z[c] * alpha[c];
+      x = x * scale[c] + shift[c];
+      if (kRes) x = x + r[c];
+      const float h = lif_charge(v[c], x, p);
+      const float sk = lif_fire(h, p);
+      v[c] = lif_reset(h, sk, p);
+      sp[c] = sk;
+    }
+    for (int64_t w = 0; w < Cw; ++w) {
+      const uint32_t lo = _mm512_cmp_ps_mask(_mm512_loadu_ps(sp + 32 * w), zero, _CMP_NEQ_OQ);
+      const uint32_t hi =
+          _mm512_cmp_ps_mask(_mm512_loadu_ps(sp + 32 * w + 16), zero, _CMP_NEQ_OQ);
+      words[t * Cw + w] = lo | (hi << 16);
+    }
+  }
+}
+void lif_pixel_words(const FwdEpilogue& ep, int64_t T, int64_t Co, int64_t Cw,
+                     const float* const* zt, int64_t off, const float* const* rt, int64_t roff,
+                     const PixelScratch& scr, uint32_t* words) {
+  if (rt != nullptr)
+    lif_pixel_words_t<true>(ep, T, Co, Cw, zt, off, rt, roff, scr, words);
+  else
+    lif_pixel_words_t<false>(ep, T, Co, Cw, zt, off, rt, roff, scr, words);
+}
+
+// Cw pack_spikes words -> 32*Cw floats 0. / 1.
+__attribute__((target("avx512f"))) void words_to_floats(const uint32_t* w, int64_t Cw,
+                                                         float* out) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < Cw; ++i) {
+    _mm512_storeu_ps(out + 32 * i, _mm512_maskz_mov_ps(static_cast<__mmask16>(w[i]), one));
+    _mm512_storeu_ps(out + 32 * i + 16,
+                     _mm512_maskz_mov_ps(static_cast<__mmask16>(w[i] >> 16), one));
+  }
+}
+
+// A chunk of images [n0, n1) whose T count maps z[t] ([n1 - n0, Co, Ho, Wo] ChannelsLast floats)
+// the conv wrote, and its tiles: R output rows, row_blocks per image.
+struct OnednnChunk {
+  const std::vector<at::Tensor>* z;
+  int64_t n0, n1, R, row_blocks;
+};
+
+// infer_onednn's packed output: per tile (image n, output rows [oy0, oy1)), each pixel's spike
+// bits straight from the channel-last counts (lif_pixel_words: no transpose), then the 2x2 OR
+// of the words (pool 2) and their store; the chunk's residual is transposed channel-last first.
+void infer_onednn_packed(const ConvShape& s, const InferOut& io, const OnednnChunk& ch,
+                         const FwdEpilogue& ep) {
+  const int64_t S = s.Ho * s.Wo, Cw = io.Cow, q = io.pool;
+  const int64_t n0 = ch.n0, nb = ch.n1 - ch.n0, R = ch.R;
+  const float* res = ep.res;
+  std::vector<const float*> zt(s.T), rt(s.T, nullptr);
+  for (int64_t t = 0; t < s.T; ++t) zt[t] = (*ch.z)[t].data_ptr<float>();
+  // The residual of the chunk channel-last, [T][nb][S][Co], as the counts are.
+  std::vector<float> rz(res != nullptr ? s.T * nb * S * s.Co : 0);
+  if (res != nullptr) {
+    const TransposeFn transpose = transpose_f32_fn();
+    at::parallel_for(0, s.T * nb, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t t = j / nb, n = n0 + j % nb;
+        transpose(res + (t * s.N + n) * s.Co * S, rz.data() + j * S * s.Co, s.Co, S);
+      }
+    });
+    for (int64_t t = 0; t < s.T; ++t) rt[t] = rz.data() + t * nb * S * s.Co;
+  }
+  at::parallel_for(0, nb * ch.row_blocks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> v(s.Co), sp(32 * Cw, 0.0f);
+    const PixelScratch scr{v.data(), sp.data()};
+    std::vector<uint32_t> words(R * s.Wo * s.T * Cw);
+    // a packed residual's pixel as floats [T][32*Cw], and its step pointers
+    std::vector<float> rb(io.res_words != nullptr ? s.T * 32 * Cw : 0);
+    std::vector<const float*> rbt(s.T);
+    for (int64_t t = 0; t < s.T && io.res_words != nullptr; ++t) rbt[t] = rb.data() + t * 32 * Cw;
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t n = n0 + it / ch.row_blocks, oy0 = (it % ch.row_blocks) * R;
+      const int64_t oy1 = std::min(s.Ho, oy0 + R);
+      for (int64_t oy = oy0; oy < oy1; ++oy)
+        for (int64_t ox = 0; ox < s.Wo; ++ox) {
+          const int64_t pix = oy * s.Wo + ox, off = ((n - n0) * S + pix) * s.Co;
+          const float* const* r = res != nullptr ? rt.data() : nullptr;
+          int64_t roff = off;
+          if (io.res_words != nullptr) {
+            for (int64_t t = 0; t < s.T; ++t)
+              words_to_floats(io.res_words + ((t * s.N + n) * S + pix) * Cw, Cw,
+                              rb.data() + t * 32 * Cw);
+            r = rbt.data();
+            roff = 0;
+          }
+          lif_pixel_words(ep, s.T, s.Co, Cw, zt.data(), off, r, roff, scr,
+                          words.data() + ((oy - oy0) * s.Wo + ox) * s.T * Cw);
+        }
+      for (int64_t r = 0; r < (oy1 - oy0) / q; ++r)
+        for (int64_t ox = 0; ox < io.Wq; ++ox)
+          for (int64_t t = 0; t < s.T; ++t) {
+            uint32_t* dst =
+                io.packed + (((t * s.N + n) * io.Hq + oy0 / q + r) * io.Wq + ox) * Cw;
+            const uint32_t* w0 = words.data() + ((q * r) * s.Wo + q * ox) * s.T * Cw + t * Cw;
+            if (q == 1) {
+              for (int64_t w = 0; w < Cw; ++w) dst[w] = w0[w];
+            } else {
+              const uint32_t* w1 = w0 + s.Wo * s.T * Cw;
+              const int64_t px = s.T * Cw;  // the next pixel's words
+              for (int64_t w = 0; w < Cw; ++w) dst[w] = w0[w] | w0[px + w] | w1[w] | w1[px + w];
+            }
+          }
+    }
+  });
+}
+
+}  // namespace
+
+// Inference with the counts from oneDNN's int8 convolution (OnednnConv): a chunk of images at a
+// time, its T convs (oneDNN's own threads) and then, in parallel over (image, row block) tiles,
+// each tile's counts transposed from channel-last into the [T][Co][L] rows of the bit kernels'
+// tiles, and the same epilogue, LIF, pool and store (infer_tile_out). The float counts are the
+// integers exactly, so the spikes are those of the bit kernels bit for bit.
+void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const uint32_t* mbits,
+                  const uint32_t* pbits, const FwdEpilogue& ep, const InferOut& io,
+                  float* spikes) {
+  const int64_t S = s.Ho * s.Wo, step_stride = s.N * s.Co * S;
+  const int64_t nthreads = at::get_num_threads();
+  const float* res = ep.res;
+  // Images per chunk: its T float count maps within ~8 MiB (cache-resident between the conv and
+  // the LIF; oneDNN's large outputs otherwise cost more in page faults than in arithmetic).
+  const int64_t per_image = s.T * S * s.Co * static_cast<int64_t>(sizeof(float));
+  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(s.N, (8 << 20) / per_image));
+  const OnednnConv conv(s, Ci, mbits, pbits, nb);
+  int64_t R = std::max<int64_t>(1, std::min<int64_t>(s.Ho, kRowChunk / s.Wo));
+  while (R > 1 && nb * ((s.Ho + R - 1) / R) < 4 * nthreads) R = (R + 1) / 2;
+  if (io.pool > 1) R = (R + io.pool - 1) / io.pool * io.pool;
+  const int64_t row_blocks = (s.Ho + R - 1) / R;
+  std::vector<ChannelAffine> aff(s.Co);
+  for (int64_t c = 0; c < s.Co; ++c)
+    aff[c] = ChannelAffine{0.0f, 1.0f, ep.scale[c], ep.shift[c], false};
+  const TransposeFn transpose = transpose_f32_fn();
+  std::vector<at::Tensor> z(s.T);
+  for (int64_t n0 = 0; n0 < s.N; n0 += nb) {
+    const int64_t n1 = std::min(s.N, n0 + nb);
+    for (int64_t t = 0; t < s.T; ++t) z[t] = conv(x_u8.narrow(0, t * s.N + n0, n1 - n0));
+    if (io.packed != nullptr) {
+      infer_onednn_packed(s, io, OnednnChunk{&z, n0, n1, R, row_blocks}, ep);
+      continue;
+    }
+    at::parallel_for(0, (n1 - n0) * row_blocks, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> loc(s.T * s.Co * R * s.Wo);
+      std::vector<float> sp(tile_sp_floats(io, s.T, R * s.Wo));
+      std::vector<float> rl(io.direct() || res == nullptr ? 0 : s.T * R * s.Wo);
+      for (int64_t it = i0; it < i1; ++it) {
+        const int64_t n = n0 + it / row_blocks, oy0 = (it % row_blocks) * R;
+        const int64_t oy1 = std::min(s.Ho, oy0 + R);
+        const int L = static_cast<int>((oy1 - oy0) * s.Wo);
+        // counts [T][Co][L] (this tile's channel stride is L)
+        for (int64_t t = 0; t < s.T; ++t)
+          transpose(z[t].data_ptr<float>() + ((n - n0) * S + oy0 * s.Wo) * s.Co,
+                    loc.data() + t * s.Co * L, L, s.Co);
+        if (io.direct()) {
+          for (int64_t c = 0; c < s.Co; ++c)
+            for (int i0c = 0; i0c < L; i0c += kRowChunk) {
+              const int64_t off = (n * s.Co + c) * S + oy0 * s.Wo + i0c;
+              lif_counts(ep, static_cast<int>(s.T), std::min(kRowChunk, L - i0c),
+                         loc.data() + c * L + i0c, s.Co * L, ep.alpha[c], aff[c],
+                         res ? res + off : nullptr, step_stride, spikes + off);
+            }
+          continue;
+        }
+        infer_tile_out(s, io, TileRows{n, oy0, oy1, L, L}, loc.data(), ep, aff.data(),
+                       TileBufs{sp.data(), rl.empty() ? nullptr : rl.data()}, spikes);
+      }
+    });
+  }
+}
+
+
 // binslt::bconv_affine_infer (BinConv2d's no-grad path on spikes): y = (count * alpha) * scale +
 // shift, [B, Co, Ho, Wo] float32. The counts come from oneDNN's int8 convolution where the CPU
 // has AMX-INT8, otherwise from ATen's float convolution of the 0/1 spikes and the {-1, 0, +1}
@@ -234,8 +445,8 @@ at::Tensor bconv_affine_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_ma
   const int64_t B = x.size(0), C = packed ? 0 : x.size(1);
   const int64_t H = packed ? x.size(1) : x.size(2), W = packed ? x.size(2) : x.size(3);
   const int64_t Cw = packed ? x.size(3) : words_for(static_cast<int>(C));
-  const ConvShape s = check_conv_dims(B, H, W, Cw, "x", w_mask_in, w_pos_in, 1, stride, padding,
-                                      op);
+  const ConvShape s = check_conv_dims({B, H, W, Cw, "x"}, w_mask_in, w_pos_in, 1, stride,
+                                      padding, op);
   const int64_t Ci = packed ? 32 * Cw : C, S = s.Ho * s.Wo;
   const at::Tensor alpha = cpu_channel_vec(alpha_in, op, "alpha", s.Co);
   const at::Tensor scale = cpu_channel_vec(scale_in, op, "scale", s.Co);

@@ -89,34 +89,35 @@ void lif_fwd(Isa isa, int T, int L, const float* zr, int64_t zstep, const Channe
 inline __attribute__((always_inline)) void lif_bwd_body(int T, int L, const float* zr,
                                                         int64_t zstep, const ChannelAffine& aff,
                                                         const float* res, int64_t ostep,
-                                                        const NeuronParams& p, const float* gs,
-                                                        float* gcur, float* hbuf) {
+                                                        const NeuronParams& p,
+                                                        const BpttRow& io) {
   double dummy_g[kRowChunk] = {}, dummy_gx[kRowChunk] = {};
   auto zat = [zr, zstep](int t, int i) { return zr[t * zstep + i]; };
-  lif_backward_row(T, L, zat, aff, res, ostep, p, gs, gcur, hbuf, dummy_g, dummy_gx);
+  lif_backward_row(T, L, zat, aff, res, ostep, p,
+                   BpttRow{io.gs, io.gcur, io.hbuf, dummy_g, dummy_gx, io.gs_step});
 }
 __attribute__((target("avx512f"))) void lif_bwd_avx512(int T, int L, const float* zr,
                                                        int64_t zstep, const ChannelAffine& aff,
                                                        const float* res, int64_t ostep,
-                                                       const NeuronParams& p, const float* gs,
-                                                       float* gcur, float* hbuf) {
-  lif_bwd_body(T, L, zr, zstep, aff, res, ostep, p, gs, gcur, hbuf);
+                                                       const NeuronParams& p,
+                                                       const BpttRow& io) {
+  lif_bwd_body(T, L, zr, zstep, aff, res, ostep, p, io);
 }
 __attribute__((target("avx2"))) void lif_bwd_avx2(int T, int L, const float* zr, int64_t zstep,
                                                   const ChannelAffine& aff, const float* res,
                                                   int64_t ostep, const NeuronParams& p,
-                                                  const float* gs, float* gcur, float* hbuf) {
-  lif_bwd_body(T, L, zr, zstep, aff, res, ostep, p, gs, gcur, hbuf);
+                                                  const BpttRow& io) {
+  lif_bwd_body(T, L, zr, zstep, aff, res, ostep, p, io);
 }
-void lif_bwd(Isa isa, int T, int L, const float* zr, int64_t zstep, const ChannelAffine& aff,
-             const float* res, int64_t ostep, const NeuronParams& p, const float* gs,
-             float* gcur, float* hbuf) {
+// (io: dL/dspikes in, dL/dX out, scratch; its sums are not used)
+void lif_bwd(Isa isa, const NeuronParams& p, int T, int L, const float* zr, int64_t zstep,
+             const ChannelAffine& aff, const float* res, int64_t ostep, const BpttRow& io) {
   if (isa == Isa::kAvx512)
-    lif_bwd_avx512(T, L, zr, zstep, aff, res, ostep, p, gs, gcur, hbuf);
+    lif_bwd_avx512(T, L, zr, zstep, aff, res, ostep, p, io);
   else if (isa == Isa::kAvx2)
-    lif_bwd_avx2(T, L, zr, zstep, aff, res, ostep, p, gs, gcur, hbuf);
+    lif_bwd_avx2(T, L, zr, zstep, aff, res, ostep, p, io);
   else
-    lif_bwd_body(T, L, zr, zstep, aff, res, ostep, p, gs, gcur, hbuf);
+    lif_bwd_body(T, L, zr, zstep, aff, res, ostep, p, io);
 }
 
 // Rows of one channel ([T, N, C, S] with S this long or more) run the LIF per (n, c) with their
@@ -293,8 +294,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
   float* gcp = gcur.data_ptr<float>();
   if (d.S >= kChannelRows) {
     for_channel_rows(d, zv, [&](int64_t c, const float* zr, int64_t off, int L, float* hbuf) {
-      lif_bwd(isa, T, L, zr, zv.step, aff[c], rp ? rp + off : nullptr, M, p, gp + off,
-              gcp + off, hbuf);
+      lif_bwd(isa, p, T, L, zr, zv.step, aff[c], rp ? rp + off : nullptr, M,
+              BpttRow{gp + off, gcp + off, hbuf, nullptr, nullptr, -1});
     });
   } else {
     at::Tensor x = at::empty(z_in.sizes(), z.options());
@@ -306,8 +307,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
       for (int64_t ch = c0; ch < c1; ++ch) {
         const int64_t off = ch * kRowChunk;
         const int L = static_cast<int>(std::min<int64_t>(kRowChunk, M - off));
-        lif_bwd(isa, T, L, xp + off, M, kIdentity, nullptr, M, p, gp + off, gcp + off,
-                hbuf.data());
+        lif_bwd(isa, p, T, L, xp + off, M, kIdentity, nullptr, M,
+                BpttRow{gp + off, gcp + off, hbuf.data(), nullptr, nullptr, -1});
       }
     });
   }
@@ -411,14 +412,15 @@ at::Tensor bn_lif_infer_cpu(const at::Tensor& z_in, const at::Tensor& scale_in,
         }
         if (direct) continue;
         const int nch = static_cast<int>(c1 - c0);
+        const PoolRows rows{T, N, W, Hq, Wq, n, 0, Hq};
         if (packed_out && pool == 2)
-          pool_pack<2>(sp.data(), T * S, nch, S, T, N, W, Hq, Wq, Cw, n, c0 / 32, 0, Hq, ow);
+          pool_pack<2>(rows, sp.data(), T * S, nch, S, Cw, c0 / 32, ow);
         else if (packed_out)
-          pool_pack<1>(sp.data(), T * S, nch, S, T, N, W, Hq, Wq, Cw, n, c0 / 32, 0, Hq, ow);
+          pool_pack<1>(rows, sp.data(), T * S, nch, S, Cw, c0 / 32, ow);
         else if (pool == 2)
-          pool_store<2>(sp.data(), S, T, N, C, W, Hq, Wq, n, c0, 0, Hq, of);
+          pool_store<2>(rows, sp.data(), S, C, c0, of);
         else
-          pool_store<1>(sp.data(), S, T, N, C, W, Hq, Wq, n, c0, 0, Hq, of);
+          pool_store<1>(rows, sp.data(), S, C, c0, of);
       }
     }
   });

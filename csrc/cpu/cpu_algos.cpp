@@ -9,7 +9,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
+
+#include "binslt/checks.h"
+#include "binslt/pack_cpu.h"
 
 namespace binslt {
 namespace cpu {
@@ -180,6 +185,7 @@ static const char* grad_w_name(GradWAlgo a) {
     case GradWAlgo::kUnfold: return "unfold";
     case GradWAlgo::kTaps: return "taps";
     case GradWAlgo::kInt8: return "int8";
+    case GradWAlgo::kPointwise: return "pointwise";
     default: return "auto";
   }
 }
@@ -191,6 +197,8 @@ static const char* grad_x_name(GradXAlgo a) {
     case GradXAlgo::kCombo: return "combo";
     case GradXAlgo::kUnfold: return "unfold";
     case GradXAlgo::kInt8: return "int8";
+    case GradXAlgo::kMargined: return "margined";
+    case GradXAlgo::kPointwise: return "pointwise";
     default: return "auto";
   }
 }
@@ -223,10 +231,12 @@ void set_cpu_algorithms(const std::string& isa, const std::string& conv,
                                         ConvAlgo::kOnednn};
   static constexpr GradXAlgo kGradXs[] = {GradXAlgo::kAuto, GradXAlgo::kDense,
                                           GradXAlgo::kTernary, GradXAlgo::kCombo,
-                                          GradXAlgo::kUnfold, GradXAlgo::kInt8};
+                                          GradXAlgo::kUnfold, GradXAlgo::kInt8,
+                                          GradXAlgo::kMargined, GradXAlgo::kPointwise};
   static constexpr GradWAlgo kGradWs[] = {GradWAlgo::kAuto, GradWAlgo::kEvent,
                                           GradWAlgo::kDense, GradWAlgo::kUnfold,
-                                          GradWAlgo::kTaps, GradWAlgo::kInt8};
+                                          GradWAlgo::kTaps, GradWAlgo::kInt8,
+                                          GradWAlgo::kPointwise};
   AlgoConfig c;
   c.isa = parse_choice(isa, "isa path", kIsas, &isa_name);
   c.conv = parse_choice(conv, "conv algorithm", kConvs, &conv_name);
@@ -237,8 +247,7 @@ void set_cpu_algorithms(const std::string& isa, const std::string& conv,
   TORCH_CHECK(c.grad_x != GradXAlgo::kInt8 || onednn_int8_supported(),
               "binslt: the 'int8' input gradient (oneDNN's int8 convolution) needs a CPU with "
               "AMX-INT8 and a PyTorch built with oneDNN; this machine has not both");
-  TORCH_CHECK(c.grad_x == GradXAlgo::kAuto || c.grad_x == GradXAlgo::kDense ||
-                  c.grad_x == GradXAlgo::kUnfold || c.grad_x == GradXAlgo::kInt8 ||
+  TORCH_CHECK((c.grad_x != GradXAlgo::kTernary && c.grad_x != GradXAlgo::kCombo) ||
                   isa_supported(Isa::kAvx512),
               "binslt: the '", grad_x, "' input-gradient kernel needs AVX-512, which this CPU "
               "lacks");
@@ -309,7 +318,7 @@ int64_t count_set_bits(const uint32_t* p, int64_t n) {
 }
 
 // Fraction of set bits among the packed input words.
-static double packed_rate(const at::Tensor& x_packed) {
+double packed_rate(const at::Tensor& x_packed) {
   const uint32_t* p = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
   const int64_t n = x_packed.numel();
   if (n == 0) return 0.0;
@@ -318,7 +327,7 @@ static double packed_rate(const at::Tensor& x_packed) {
 
 // The fraction of nonzero values of float spikes, from 64 evenly spaced runs of 256 values
 // (the algorithm choice only needs an estimate; a full pass would read the whole input twice).
-static double sampled_rate(const float* x, int64_t n) {
+double sampled_rate(const float* x, int64_t n) {
   if (n <= 0) return 0.0;
   constexpr int64_t kRuns = 64, kRun = 256;
   if (n <= kRuns * kRun) {
@@ -335,112 +344,411 @@ static double sampled_rate(const float* x, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The rules
+// The plans
 // ---------------------------------------------------------------------------------------------
 
-static bool event_below(double rate) {
-  const Isa isa = active_isa();
-  const double max_rate = isa == Isa::kAvx512 ? kAutoRules.event_max_rate_avx512
-                          : isa == Isa::kAvx2 ? kAutoRules.event_max_rate_avx2
-                                              : kAutoRules.event_max_rate_other;
-  return rate < max_rate;
-}
-
-bool use_event_packed(const at::Tensor& x_packed) {
-  const ConvAlgo a = algo_config().conv;
-  if (a != ConvAlgo::kAuto) return a == ConvAlgo::kEvent;
-  return event_below(packed_rate(x_packed));
-}
-
-bool use_event_float(const float* x, int64_t n) {
-  const ConvAlgo a = algo_config().conv;
-  if (a != ConvAlgo::kAuto) return a == ConvAlgo::kEvent;
-  return event_below(sampled_rate(x, n));
-}
-
-bool use_onednn_infer(int64_t Ho, int64_t Wo, int64_t Ci, int64_t Co) {
-  const ConvAlgo a = algo_config().conv;
-  if (a != ConvAlgo::kAuto) return a == ConvAlgo::kOnednn;
-  return Ho * Wo >= kAutoRules.onednn_min_pixels &&
-         Ci * Co >= kAutoRules.onednn_min_channel_pairs && onednn_int8_supported();
-}
-
-GradXChoice choose_grad_x(int64_t stride, int64_t W, int64_t Ci, int64_t weights,
-                          int64_t combo_bytes, const uint32_t* mask_words, int64_t n_words) {
-  const GradXAlgo a = algo_config().grad_x;
-  GradXChoice c;
-  c.ternary = stride == 1 && active_isa() == Isa::kAvx512 &&
-              (a == GradXAlgo::kTernary || a == GradXAlgo::kCombo ||
-               (a == GradXAlgo::kAuto && W >= kAutoRules.ternary_min_width));
-  c.combos = a == GradXAlgo::kCombo;
-  if (c.ternary && a == GradXAlgo::kAuto) {
-    const int64_t nnz = count_set_bits(mask_words, n_words);
-    const double density = static_cast<double>(nnz) / static_cast<double>(weights);
-    c.combos = density >= kAutoRules.combo_min_density &&
-               Ci >= kAutoRules.combo_min_in_channels &&
-               combo_bytes <= kAutoRules.combo_max_bytes;
-    c.ternary = c.combos || density <= kAutoRules.ternary_max_density;
+const char* plan_name(FwdPlan a) {
+  switch (a) {
+    case FwdPlan::kDense: return "dense";
+    case FwdPlan::kEvent: return "event";
+    default: return "onednn";
   }
-  return c;
 }
 
-bool unfold_pays(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t unfold_bytes) {
-  return static_cast<double>(KH * KW) >=
-             kAutoRules.unfold_min_taps_per_pixel * static_cast<double>(H * W) &&
-         unfold_bytes <= kAutoRules.unfold_max_bytes;
+const char* plan_name(GradXPlan a) {
+  switch (a) {
+    case GradXPlan::kNone: return "none";
+    case GradXPlan::kDense: return "dense";
+    case GradXPlan::kMargined: return "margined";
+    case GradXPlan::kTernary: return "ternary";
+    case GradXPlan::kCombo: return "combo";
+    case GradXPlan::kUnfold: return "unfold";
+    case GradXPlan::kInt8: return "int8";
+    default: return "pointwise";
+  }
 }
 
-bool use_margined_grad_x(int64_t Ho, int64_t Wo) {
-  const GradXAlgo a = algo_config().grad_x;
-  return (a == GradXAlgo::kAuto || a == GradXAlgo::kDense) &&
-         Ho * Wo >= kAutoRules.margined_grad_x_min_pixels;
+const char* plan_name(GradWPlan a) {
+  switch (a) {
+    case GradWPlan::kEvent: return "event";
+    case GradWPlan::kDense: return "dense";
+    case GradWPlan::kTaps: return "taps";
+    case GradWPlan::kUnfold: return "unfold";
+    case GradWPlan::kInt8: return "int8";
+    default: return "pointwise";
+  }
 }
 
-bool use_unfold_grad_x(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t unfold_bytes) {
-  const GradXAlgo a = algo_config().grad_x;
-  if (a != GradXAlgo::kAuto) return a == GradXAlgo::kUnfold;
-  return unfold_pays(H, W, KH, KW, unfold_bytes);
+std::string ForwardPlan::describe() const {
+  return c10::str("isa=", isa_name(isa), " forward=", plan_name(conv));
 }
 
-bool use_unfold_grad_w(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t unfold_bytes) {
-  const GradWAlgo a = algo_config().grad_w;
-  if (a != GradWAlgo::kAuto) return a == GradWAlgo::kUnfold;
-  return unfold_pays(H, W, KH, KW, unfold_bytes);
+std::string BackwardPlan::describe() const {
+  return c10::str("isa=", isa_name(isa), " grad_x=", plan_name(grad_x), " grad_w=",
+                  plan_name(grad_w), nonfinite ? " (int8 gave way: dZ not finite)" : "");
 }
 
-bool use_dense_grad_w(const at::Tensor& x_packed, int64_t grad_floats) {
-  const GradWAlgo a = algo_config().grad_w;
-  if (a != GradWAlgo::kAuto) return a == GradWAlgo::kDense || a == GradWAlgo::kTaps;
-  const bool large = grad_floats * static_cast<int64_t>(sizeof(float)) >
+namespace {
+
+// The geometry facts the rules and the checks of forced choices share.
+struct Facts {
+  const ConvShape& s;
+  int64_t Ci;
+  bool pointwise;    // 1x1 kernel, stride 1, no padding: both gradients are matrix products
+  bool margins_fit;  // stride 1 and padding <= kernel - 1: dZ's zero margins give the
+                     // transposed conv as a forward conv (the margined and int8 input gradients)
+  int64_t unfold_bytes;
+  int64_t grad_w_floats;
+  explicit Facts(const ConvShape& sh, int64_t ci)
+      : s(sh),
+        Ci(ci),
+        pointwise(sh.KH == 1 && sh.KW == 1 && sh.stride == 1 && sh.padding == 0),
+        margins_fit(sh.stride == 1 && sh.padding <= sh.KH - 1 && sh.padding <= sh.KW - 1),
+        unfold_bytes(unfold_matrix_bytes(sh, ci)),
+        grad_w_floats(sh.Co * ci * sh.KH * sh.KW) {}
+  int64_t pixels() const { return s.Ho * s.Wo; }
+  int64_t padded_grid() const { return (s.H + 2 * s.padding) * (s.W + 2 * s.padding); }
+  bool unfold_pays() const {
+    return static_cast<double>(s.KH * s.KW) >=
+               kAutoRules.unfold_min_taps_per_pixel * static_cast<double>(s.H * s.W) &&
+           unfold_bytes <= kAutoRules.unfold_max_bytes;
+  }
+};
+
+[[noreturn]] void cannot(const char* field, const char* name, const std::string& why) {
+  TORCH_CHECK_VALUE(false, "binslt: the forced ", field, " '", name, "' cannot run this call: ",
+                    why, "; force another algorithm or 'auto' (binslt.ops.cpu_algorithms), and "
+                    "see binslt.ops.plan for the plan a call takes");
+  __builtin_unreachable();
+}
+
+std::string shape_of(const Facts& f) {
+  return c10::str(f.s.KH, "x", f.s.KW, " kernel, stride ", f.s.stride, ", padding ", f.s.padding,
+                  ", ", f.s.H, "x", f.s.W, " input");
+}
+
+void check_unfold(const Facts& f, const char* field) {
+  if (f.unfold_bytes > (int64_t{1} << 30))
+    cannot(field, "unfold", c10::str("it would build a ", f.unfold_bytes >> 20, " MiB matrix for "
+                                     "this ", f.s.H, "x", f.s.W, " map (it is meant for maps of "
+                                     "a few pixels)"));
+}
+
+// The dense weight-gradient forms pay from a firing rate (a lower one for a large gradient).
+bool dense_grad_w_rule(const Facts& f, double rate) {
+  const bool large = f.grad_w_floats * static_cast<int64_t>(sizeof(float)) >
                      kAutoRules.grad_w_large_bytes;
-  return packed_rate(x_packed) >= (large ? kAutoRules.grad_w_dense_min_rate_large
-                                         : kAutoRules.grad_w_dense_min_rate);
+  return rate >= (large ? kAutoRules.grad_w_dense_min_rate_large
+                        : kAutoRules.grad_w_dense_min_rate);
 }
 
-bool use_taps_grad_w(int64_t Ho, int64_t Wo) {
-  const GradWAlgo a = algo_config().grad_w;
-  if (a != GradWAlgo::kAuto) return a == GradWAlgo::kTaps;
-  return Ho * Wo <= kAutoRules.taps_grad_w_max_pixels;
+GradWPlan forced_grad_w(const Facts& f, GradWAlgo a) {
+  const char* field = "weight-gradient algorithm";
+  switch (a) {
+    case GradWAlgo::kEvent: return GradWPlan::kEvent;
+    case GradWAlgo::kDense: return GradWPlan::kDense;
+    case GradWAlgo::kTaps: return GradWPlan::kTaps;
+    case GradWAlgo::kUnfold:
+      check_unfold(f, field);
+      return GradWPlan::kUnfold;
+    case GradWAlgo::kInt8:
+      if (f.s.stride != 1)
+        cannot(field, "int8", c10::str("it runs at stride 1 only, this conv has stride ",
+                                       f.s.stride));
+      if (f.padded_grid() > int8_grad_w_max_grid())
+        cannot(field, "int8", c10::str("its padded map may have at most ", int8_grad_w_max_grid(),
+                                       " pixels, this one has ", f.padded_grid()));
+      return GradWPlan::kInt8;
+    default:
+      if (!f.pointwise)
+        cannot(field, "pointwise", c10::str("it needs a 1x1 kernel at stride 1 without padding, "
+                                            "this conv has a ", shape_of(f)));
+      return GradWPlan::kPointwise;
+  }
 }
 
-bool use_int8_grad_x(int64_t stride, int64_t padding, int64_t KH, int64_t KW, int64_t Ho,
-                     int64_t Wo) {
-  const GradXAlgo a = algo_config().grad_x;
-  if (stride != 1 || padding > KH - 1 || padding > KW - 1) return false;
-  if (a != GradXAlgo::kAuto) return a == GradXAlgo::kInt8;
-  return onednn_int8_supported() && Ho * Wo >= kAutoRules.int8_grad_x_min_pixels &&
-         Ho * Wo <= kAutoRules.int8_grad_x_max_pixels;
+// The float input-gradient rule: the ternary kernels (AVX-512, stride 1) where a row fills their
+// vectors and the weight density suits them, the dense transposed conv otherwise.
+GradXPlan float_grad_x_rule(const Facts& f, Isa isa, const BackwardQuery& q) {
+  if (f.s.stride != 1 || isa != Isa::kAvx512 || f.s.W < kAutoRules.ternary_min_width)
+    return GradXPlan::kDense;
+  const double density = q.weight_density.get();
+  const int64_t combo = ternary_combo_bytes(f.s);
+  if (density >= kAutoRules.combo_min_density && f.Ci >= kAutoRules.combo_min_in_channels &&
+      combo <= kAutoRules.combo_max_bytes)
+    return GradXPlan::kCombo;
+  return density <= kAutoRules.ternary_max_density ? GradXPlan::kTernary : GradXPlan::kDense;
 }
 
-bool use_int8_grad_w(const at::Tensor& x_packed, int64_t stride, int64_t Ho, int64_t Wo,
-                     int64_t Hp, int64_t Wp, int64_t grad_floats) {
-  const GradWAlgo a = algo_config().grad_w;
-  if (stride != 1 || Hp * Wp > int8_grad_w_max_grid()) return false;
-  if (a != GradWAlgo::kAuto) return a == GradWAlgo::kInt8;
-  if (!onednn_int8_supported() || use_taps_grad_w(Ho, Wo)) return false;
-  if (use_dense_grad_w(x_packed, grad_floats)) return true;
-  return packed_rate(x_packed) * static_cast<double>(Ho * Wo) >=
-         kAutoRules.int8_grad_w_min_rate * static_cast<double>(Hp * Wp);
+GradXPlan forced_grad_x(const Facts& f, Isa isa, GradXAlgo a) {
+  const char* field = "input-gradient algorithm";
+  switch (a) {
+    case GradXAlgo::kDense: return GradXPlan::kDense;
+    case GradXAlgo::kTernary:
+    case GradXAlgo::kCombo: {
+      const char* name = a == GradXAlgo::kTernary ? "ternary" : "combo";
+      if (isa != Isa::kAvx512)
+        cannot(field, name, c10::str("it needs the avx512 path, the kernels run the ",
+                                     isa_name(isa), " one"));
+      if (f.s.stride != 1)
+        cannot(field, name, c10::str("it runs at stride 1 only, this conv has stride ",
+                                     f.s.stride));
+      return a == GradXAlgo::kTernary ? GradXPlan::kTernary : GradXPlan::kCombo;
+    }
+    case GradXAlgo::kUnfold:
+      check_unfold(f, field);
+      return GradXPlan::kUnfold;
+    case GradXAlgo::kInt8:
+    case GradXAlgo::kMargined: {
+      const char* name = a == GradXAlgo::kInt8 ? "int8" : "margined";
+      if (!f.margins_fit)
+        cannot(field, name, c10::str("it needs stride 1 and padding <= kernel size - 1, this "
+                                     "conv has a ", shape_of(f)));
+      return a == GradXAlgo::kInt8 ? GradXPlan::kInt8 : GradXPlan::kMargined;
+    }
+    default:
+      if (!f.pointwise)
+        cannot(field, "pointwise", c10::str("it needs a 1x1 kernel at stride 1 without padding, "
+                                            "this conv has a ", shape_of(f)));
+      return GradXPlan::kPointwise;
+  }
+}
+
+}  // namespace
+
+// The rules, in one place. Every threshold is a field of kAutoRules (above, with the
+// measurements behind it). A forced field of the configuration (cpu_algorithms) replaces the
+// rule of its part and runs exactly that algorithm: where it cannot run the call, ValueError
+// says why (nothing is rewritten into another algorithm).
+//
+// Forward (plan_forward):
+//   * "onednn" for inference only, on a CPU with AMX-INT8, for maps of at least onednn_min_pixels
+//     output pixels and layers of at least onednn_min_channel_pairs (Ci, Co) pairs;
+//   * else "event" where the counts fit int16 (Ci*kh*kw <= 32767; its lanes accumulate in int16)
+//     and the input's fraction of set bits is below event_max_rate_<isa> (its work follows the
+//     spikes, the dense kernel's the vector width);
+//   * else "dense".
+// Weight gradient (plan_backward), in this order:
+//   * "unfold" where the kernel's taps are at least unfold_min_taps_per_pixel times the input's
+//     pixels (a 3x3 kernel over 1x1, 1x2, 2x2) and its matrix is at most unfold_max_bytes (not for
+//     a pointwise conv: 1x1, stride 1, no padding, whose product is already per pixel);
+//   * "int8" at stride 1 within int8_grad_w_max_grid on a CPU with AMX-INT8, for maps above
+//     taps_grad_w_max_pixels, where the dense rule holds or the rate times the output's share of
+//     the padded grid reaches int8_grad_w_min_rate;
+//   * the dense rule: the input's rate at least grad_w_dense_min_rate (grad_w_dense_min_rate_large
+//     for a gradient over grad_w_large_bytes) -> "pointwise" for a pointwise conv, "taps" on maps
+//     of at most taps_grad_w_max_pixels output pixels, "dense" otherwise;
+//   * else "event".
+// Input gradient ("none" when dL/dx is not wanted), in this order:
+//   * "pointwise" for a pointwise conv; "unfold" where the unfold rule above holds;
+//   * "int8" at stride 1 with padding <= kernel - 1, on a CPU with AMX-INT8, for maps of
+//     [int8_grad_x_min_pixels, int8_grad_x_max_pixels] output pixels;
+//   * on the avx512 path at stride 1 on rows of at least ternary_min_width: "combo" from a weight
+//     density of combo_min_density with at least combo_min_in_channels input channels and
+//     planes within combo_max_bytes, else "ternary" up to ternary_max_density;
+//   * else the dense conv: "margined" (from the weight gradient's channel-last zero-margined copy
+//     of dZ) at stride 1 with padding <= kernel - 1 on maps of at least margined_grad_x_min_pixels
+//     output pixels when the weight gradient is "event" or "int8", "dense" (NCHW) otherwise.
+// The int8 forms give way to float forms where dZ is not finite (grad_*_nonfinite): the rule's
+// float choice under "auto", "event" / "dense" when int8 was forced.
+ForwardPlan plan_forward(const ForwardQuery& q) {
+  const AlgoConfig cfg = algo_config();
+  const ConvShape& s = q.s;
+  ForwardPlan plan{active_isa(), FwdPlan::kDense};
+  const bool int16 = s.Cw > 0 && counts_dtype(s.Cw, s.KH, s.KW) == at::kShort;
+  const char* field = "conv algorithm";
+  switch (cfg.conv) {
+    case ConvAlgo::kDense:
+      return plan;
+    case ConvAlgo::kEvent:
+      if (!int16)
+        cannot(field, "event", c10::str("its lanes accumulate in int16 and this layer's counts "
+                                        "need int32 (Ci*kh*kw = ", 32 * s.Cw * s.KH * s.KW,
+                                        " > 32767)"));
+      plan.conv = FwdPlan::kEvent;
+      return plan;
+    case ConvAlgo::kOnednn:
+      if (!q.infer)
+        cannot(field, "onednn", "it is the inference forward (bconv_lif_infer, no counts kept "
+                                "for a backward), and this is the training forward bconv_lif");
+      plan.conv = FwdPlan::kOnednn;
+      return plan;
+    default:
+      break;
+  }
+  if (q.infer && s.Ho * s.Wo >= kAutoRules.onednn_min_pixels &&
+      q.Ci * s.Co >= kAutoRules.onednn_min_channel_pairs && onednn_int8_supported()) {
+    plan.conv = FwdPlan::kOnednn;
+    return plan;
+  }
+  if (int16) {
+    const double max_rate = plan.isa == Isa::kAvx512 ? kAutoRules.event_max_rate_avx512
+                            : plan.isa == Isa::kAvx2 ? kAutoRules.event_max_rate_avx2
+                                                     : kAutoRules.event_max_rate_other;
+    if (q.rate.get() < max_rate) plan.conv = FwdPlan::kEvent;
+  }
+  return plan;
+}
+
+BackwardPlan plan_backward(const BackwardQuery& q) {
+  const AlgoConfig cfg = algo_config();
+  const Facts f(q.s, q.Ci);
+  BackwardPlan plan{active_isa(), GradXPlan::kNone, GradWPlan::kEvent, GradXPlan::kNone,
+                    GradWPlan::kEvent};
+  // Weight gradient.
+  GradWPlan float_w = GradWPlan::kEvent;  // the rule without the int8 form
+  if (cfg.grad_w != GradWAlgo::kAuto) {
+    plan.grad_w = forced_grad_w(f, cfg.grad_w);
+    float_w = plan.grad_w == GradWPlan::kInt8 ? GradWPlan::kEvent : plan.grad_w;
+  } else if (!f.pointwise && f.unfold_pays()) {
+    plan.grad_w = float_w = GradWPlan::kUnfold;
+  } else {
+    const bool dense = dense_grad_w_rule(f, q.rate.get());
+    float_w = !dense ? GradWPlan::kEvent
+              : f.pointwise ? GradWPlan::kPointwise
+              : f.pixels() <= kAutoRules.taps_grad_w_max_pixels ? GradWPlan::kTaps
+                                                                 : GradWPlan::kDense;
+    const bool int8 = f.s.stride == 1 && f.padded_grid() <= int8_grad_w_max_grid() &&
+                      onednn_int8_supported() &&
+                      f.pixels() > kAutoRules.taps_grad_w_max_pixels &&
+                      (dense || q.rate.get() * static_cast<double>(f.pixels()) >=
+                                    kAutoRules.int8_grad_w_min_rate *
+                                        static_cast<double>(f.padded_grid()));
+    plan.grad_w = int8 ? GradWPlan::kInt8 : float_w;
+  }
+  plan.grad_w_nonfinite = float_w;
+  if (!q.need_grad_x) return plan;
+  // Input gradient.
+  auto dense_layout = [&](GradWPlan w) {
+    return f.margins_fit && f.pixels() >= kAutoRules.margined_grad_x_min_pixels &&
+                   (w == GradWPlan::kEvent || w == GradWPlan::kInt8)
+               ? GradXPlan::kMargined
+               : GradXPlan::kDense;
+  };
+  if (cfg.grad_x != GradXAlgo::kAuto) {
+    plan.grad_x = forced_grad_x(f, plan.isa, cfg.grad_x);
+    plan.grad_x_nonfinite = plan.grad_x == GradXPlan::kInt8 ? GradXPlan::kDense : plan.grad_x;
+  } else if (f.pointwise) {
+    plan.grad_x = plan.grad_x_nonfinite = GradXPlan::kPointwise;
+  } else if (f.unfold_pays()) {
+    plan.grad_x = plan.grad_x_nonfinite = GradXPlan::kUnfold;
+  } else {
+    GradXPlan float_x = float_grad_x_rule(f, plan.isa, q);
+    if (float_x == GradXPlan::kDense) float_x = dense_layout(plan.grad_w);
+    const bool int8 = f.margins_fit && onednn_int8_supported() &&
+                      f.pixels() >= kAutoRules.int8_grad_x_min_pixels &&
+                      f.pixels() <= kAutoRules.int8_grad_x_max_pixels;
+    plan.grad_x = int8 ? GradXPlan::kInt8 : float_x;
+    plan.grad_x_nonfinite = float_x;
+  }
+  return plan;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plans from shapes (binslt.ops.plan), and the plan log
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+ConvShape shape_from(const std::vector<int64_t>& x_shape, const std::vector<int64_t>& w_shape,
+                     int64_t stride, int64_t padding) {
+  TORCH_CHECK_VALUE(x_shape.size() == 5, "binslt.ops.plan: x_shape must be [T, N, Ci, H, W], "
+                    "got ", at::IntArrayRef(x_shape));
+  TORCH_CHECK_VALUE(w_shape.size() == 4, "binslt.ops.plan: weight_shape must be [Co, Ci, kh, "
+                    "kw], got ", at::IntArrayRef(w_shape));
+  for (int64_t d : x_shape)
+    TORCH_CHECK_VALUE(d >= 1, "binslt.ops.plan: x_shape must be positive, got ",
+                      at::IntArrayRef(x_shape));
+  for (int64_t d : w_shape)
+    TORCH_CHECK_VALUE(d >= 1, "binslt.ops.plan: weight_shape must be positive, got ",
+                      at::IntArrayRef(w_shape));
+  TORCH_CHECK_VALUE(x_shape[2] == w_shape[1], "binslt.ops.plan: x_shape's Ci (", x_shape[2],
+                    ") and weight_shape's (", w_shape[1], ") differ");
+  check_stride_padding("plan", stride, padding);
+  ConvShape s;
+  s.T = x_shape[0];
+  s.N = x_shape[1];
+  s.B = s.T * s.N;
+  s.Cw = (x_shape[2] + 31) / 32;
+  s.H = x_shape[3];
+  s.W = x_shape[4];
+  s.Co = w_shape[0];
+  s.KH = w_shape[2];
+  s.KW = w_shape[3];
+  s.stride = stride;
+  s.padding = padding;
+  const OutHW o = check_out_hw("plan", s.H, s.W, s.KH, s.KW, stride, padding);
+  s.Ho = o.Ho;
+  s.Wo = o.Wo;
+  return s;
+}
+
+// The fraction of set bits in the packed words of an input whose spikes fire at `rate` (the
+// words' unused high bits are zero).
+double bit_rate(const ConvShape& s, const std::vector<int64_t>& x_shape, double rate) {
+  return rate * static_cast<double>(x_shape[2]) / static_cast<double>(32 * s.Cw);
+}
+
+void check_fraction(const char* name, double v) {
+  TORCH_CHECK_VALUE(v >= 0.0 && v <= 1.0, "binslt.ops.plan: ", name, " must be a fraction in "
+                    "[0, 1], got ", v);
+}
+
+std::atomic<bool> g_verbose{false};
+
+}  // namespace
+
+std::map<std::string, std::string> plan_forward_for(const std::vector<int64_t>& x_shape,
+                                                    const std::vector<int64_t>& w_shape,
+                                                    int64_t stride, int64_t padding, double rate,
+                                                    bool infer) {
+  check_fraction("rate", rate);
+  const ConvShape s = shape_from(x_shape, w_shape, stride, padding);
+  // The inference op samples its float spikes; the others count the packed words' bits.
+  const ForwardPlan p =
+      plan_forward({s, x_shape[2], infer, LazyValue(infer ? rate : bit_rate(s, x_shape, rate))});
+  return {{"isa", isa_name(p.isa)}, {"forward", plan_name(p.conv)}};
+}
+
+std::map<std::string, std::string> plan_backward_for(const std::vector<int64_t>& x_shape,
+                                                     const std::vector<int64_t>& w_shape,
+                                                     int64_t stride, int64_t padding,
+                                                     double rate, double weight_density,
+                                                     bool need_grad_x) {
+  check_fraction("rate", rate);
+  check_fraction("weight_density", weight_density);
+  const ConvShape s = shape_from(x_shape, w_shape, stride, padding);
+  const BackwardPlan p = plan_backward({s, x_shape[2], need_grad_x,
+                                        LazyValue(bit_rate(s, x_shape, rate)),
+                                        LazyValue(weight_density)});
+  return {{"isa", isa_name(p.isa)}, {"grad_x", plan_name(p.grad_x)},
+          {"grad_w", plan_name(p.grad_w)}};
+}
+
+bool plan_verbose() {
+  if (g_verbose.load(std::memory_order_relaxed)) return true;
+  const char* v = std::getenv("BINSLT_VERBOSE");
+  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
+}
+
+void set_plan_verbose(bool on) { g_verbose.store(on, std::memory_order_relaxed); }
+
+PlanLog::PlanLog(const char* op)
+    : op_(op), on_(plan_verbose()), start_(std::chrono::steady_clock::now()) {}
+
+void PlanLog::emit(const std::string& shapes, const std::string& plan) const {
+  if (!on_) return;
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start_)
+          .count();
+  std::fprintf(stderr, "binslt_verbose,cpu,%s,%s,%s,%.3f\n", op_, shapes.c_str(), plan.c_str(),
+               ms);
+  std::fflush(stderr);
+}
+
+std::string conv_shapes(const ConvShape& s, int64_t Ci) {
+  return c10::str("x=", s.T, "x", s.N, "x", Ci, "x", s.H, "x", s.W, " w=", s.Co, "x", Ci, "x",
+                  s.KH, "x", s.KW, " stride=", s.stride, " padding=", s.padding);
 }
 
 }  // namespace cpu

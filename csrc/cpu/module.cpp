@@ -19,12 +19,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "chosen per call by the measured rules)");
   m.def("_set_cpu_algorithms", &cpu::set_cpu_algorithms, py::arg("isa"), py::arg("conv"),
         py::arg("grad_x"), py::arg("grad_w"),
-        "Set the whole configuration (use binslt.ops.cpu_algorithms): isa 'auto', 'scalar', "
-        "'popcnt', 'avx2' or 'avx512'; conv 'auto', 'dense' (AND+popcount over every input "
-        "word) or 'event' (sum the weight columns of the input spikes); grad_x 'auto', 'dense' "
-        "(ATen transposed convolution), 'ternary' (add/subtract of dZ rows, AVX-512, stride 1) "
-        "or 'combo' (the same over signed sums of four dZ rows); grad_w 'auto', 'event' (sums "
-        "of dZ rows over the input's set bits) or 'dense' (ATen's weight-gradient convolution "
-        "of the unpacked input). ValueError for an unknown name, RuntimeError for a path this "
-        "CPU cannot run");
+        "Set the whole configuration (use binslt.ops.cpu_algorithms, which lists the names). "
+        "ValueError for an unknown name, RuntimeError for a path this CPU cannot run");
+  m.def("_plan_forward", &cpu::plan_forward_for, py::arg("x_shape"), py::arg("weight_shape"),
+        py::arg("stride"), py::arg("padding"), py::arg("rate"), py::arg("infer"),
+        "The forward plan of a conv: x_shape [T, N, Ci, H, W], weight_shape [Co, Ci, kh, kw], "
+        "rate the input's fraction of spikes, infer bconv_lif_infer (else bconv_lif) -> "
+        "{'isa', 'forward'} (use binslt.ops.plan.forward_plan)");
+  m.def("_plan_backward", &cpu::plan_backward_for, py::arg("x_shape"), py::arg("weight_shape"),
+        py::arg("stride"), py::arg("padding"), py::arg("rate"), py::arg("weight_density"),
+        py::arg("need_grad_x"),
+        "The backward plan of a conv -> {'isa', 'grad_x', 'grad_w'} (use "
+        "binslt.ops.plan.backward_plan)");
+  m.def("_plan_verbose", &cpu::plan_verbose,
+        "Whether the CPU conv ops log their plans now (BINSLT_VERBOSE or binslt.ops.plan.verbose)");
+  m.def("_set_plan_verbose", &cpu::set_plan_verbose, py::arg("on"),
+        "Log each CPU conv op call's plan to stderr (besides BINSLT_VERBOSE=1)");
 }

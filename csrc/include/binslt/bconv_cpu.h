@@ -25,10 +25,13 @@ struct ConvShape {
 };
 
 // The checks of the conv geometry for an input of B = T*N images H x W with Cw words per pixel
-// (what x_packed has, or what the float input packs to); xname names that input in messages.
-ConvShape check_conv_dims(int64_t B, int64_t H, int64_t W, int64_t Cw, const char* xname,
-                          const at::Tensor& w_mask, const at::Tensor& w_pos, int64_t T,
-                          int64_t stride, int64_t padding, const char* op);
+// (what x_packed has, or what the float input packs to); in.name names that input in messages.
+struct InputDims {
+  int64_t B, H, W, Cw;
+  const char* name;
+};
+ConvShape check_conv_dims(const InputDims& in, const at::Tensor& w_mask, const at::Tensor& w_pos,
+                          int64_t T, int64_t stride, int64_t padding, const char* op);
 
 // The same for a packed input x_packed [T*N, H, W, Cw] int32.
 ConvShape check_conv(const at::Tensor& x_packed, const at::Tensor& w_mask,
@@ -104,18 +107,22 @@ inline void signed_weight_row(const uint32_t* mw, const uint32_t* qw, float a, i
 at::Tensor dense_weight(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask,
                         const at::Tensor& w_pos, const float* alpha);
 
-// dL/dX [T, N, Ci, H, W] from dZ [B, Co, Ho, Wo] (contiguous float32) and the weight planes.
-at::Tensor input_grad(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
-                      const at::Tensor& w_mask, const at::Tensor& w_pos, const float* alpha);
+// dL/dX [T, N, Ci, H, W] from dZ [B, Co, Ho, Wo] (contiguous float32) and the weight planes:
+// ATen's transposed conv of W_eff ("dense"), or the ternary add/subtract kernels (AVX-512,
+// stride 1; combos: over signed sums of four dZ rows), whose per-thread combination planes take
+// ternary_combo_bytes.
+at::Tensor input_grad_dense(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
+                            const at::Tensor& w_mask, const at::Tensor& w_pos, const float* alpha);
+at::Tensor input_grad_ternary(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
+                              const at::Tensor& w_mask, const at::Tensor& w_pos,
+                              const float* alpha, bool combos);
+int64_t ternary_combo_bytes(const ConvShape& s);
 
 // The dense dL/dX from dZ channel-last with zero margins (gz_cl: [B, Ho + 2*margin_top,
-// Wo + 2*margin_left, Co], the event weight gradient's copy): a stride-1 transposed conv is the
-// forward conv of the (KH-1-padding, KW-1-padding)-padded dZ with the flipped, transposed
-// weight, and those margins are gz_cl's. input_grad_takes_margined says whether this form is the
-// choice (stride 1, those margins, the dense form chosen, a large enough map); gz_cl is released
-// before the result is copied back to [T, N, Ci, H, W].
-bool input_grad_takes_margined(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask,
-                               int64_t margin_top, int64_t margin_left);
+// Wo + 2*margin_left, Co], channels_last_copy's with margins KH-1-padding, KW-1-padding): a
+// stride-1 transposed conv is the forward conv of the padded dZ with the flipped, transposed
+// weight, and those margins are gz_cl's. gz_cl is released before the result is copied back to
+// [T, N, Ci, H, W].
 at::Tensor input_grad_margined(const ConvShape& s, int64_t Ci, at::Tensor gz_cl,
                                const at::Tensor& w_mask, const at::Tensor& w_pos,
                                const float* alpha);

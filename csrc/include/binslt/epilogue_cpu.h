@@ -79,13 +79,28 @@ inline __attribute__((always_inline)) void lif_forward_row(int T, int L, const Z
 // as spikes) and accumulates, per lane i < L, sum(g) into acc_g[i] and sum(g * xhat) (train) or
 // sum(g * z) (eval) into acc_gx[i] (double lanes: vectorizable without reassociation).
 // hbuf must hold T * kRowChunk floats.
+// The row's BPTT buffers: dL/dspikes gs in (gs_step floats between its time steps, -1:
+// step_stride like gcur and res), dL/dX gcur out, the scratch hbuf and the per-lane sums.
+struct BpttRow {
+  const float* gs;
+  float* gcur;
+  float* hbuf;
+  double* acc_g;
+  double* acc_gx;
+  int64_t gs_step;
+};
 template <class ZAt>
-inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const ZAt& zat, const ChannelAffine& aff_in,
-                             const float* res, int64_t step_stride, const NeuronParams& p_in,
-                             const float* gs, float* gcur, float* hbuf, double* acc_g,
-                             double* acc_gx, int64_t gs_step = -1) {
-  // gs_step: floats between gs's time steps (-1: step_stride, like gcur and res)
-  const int64_t gstep = gs_step < 0 ? step_stride : gs_step;
+inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const ZAt& zat,
+                                                            const ChannelAffine& aff_in,
+                                                            const float* res, int64_t step_stride,
+                                                            const NeuronParams& p_in,
+                                                            const BpttRow& io) {
+  const float* gs = io.gs;
+  float* gcur = io.gcur;
+  float* hbuf = io.hbuf;
+  double* acc_g = io.acc_g;
+  double* acc_gx = io.acc_gx;
+  const int64_t gstep = io.gs_step < 0 ? step_stride : io.gs_step;
   const ChannelAffine aff = aff_in;
   const NeuronParams p = p_in;
   float v[kRowChunk];

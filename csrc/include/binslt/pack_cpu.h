@@ -76,16 +76,21 @@ inline float pooled_at(const float* r0, const float* r1, int64_t ox) {
                            std::max(r1[2 * ox], r1[2 * ox + 1]))
                 : r0[ox];
 }
+// The rows a pooled store covers: T steps, N images of unpooled rows W wide, the pooled map
+// Hq x Wq; image n, pooled rows [oq0, oq0 + rows).
+struct PoolRows {
+  int64_t T, N, W, Hq, Wq;
+  int64_t n, oq0, rows;
+};
 template <int Q>
-inline void pool_store(const float* sp, int64_t sp_step, int64_t T, int64_t N, int64_t C,
-                       int64_t W, int64_t Hq, int64_t Wq, int64_t n, int64_t c, int64_t oq0,
-                       int64_t rows, float* of) {
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* r0 = sp + t * sp_step + r * Q * W;
-      const float* r1 = r0 + (Q - 1) * W;
-      float* frow = of + ((t * N + n) * C + c) * Hq * Wq + (oq0 + r) * Wq;
-      for (int64_t ox = 0; ox < Wq; ++ox) frow[ox] = pooled_at<Q>(r0, r1, ox);
+inline void pool_store(const PoolRows& g, const float* sp, int64_t sp_step, int64_t C, int64_t c,
+                       float* of) {
+  for (int64_t t = 0; t < g.T; ++t)
+    for (int64_t r = 0; r < g.rows; ++r) {
+      const float* r0 = sp + t * sp_step + r * Q * g.W;
+      const float* r1 = r0 + (Q - 1) * g.W;
+      float* frow = of + ((t * g.N + g.n) * C + c) * g.Hq * g.Wq + (g.oq0 + r) * g.Wq;
+      for (int64_t ox = 0; ox < g.Wq; ++ox) frow[ox] = pooled_at<Q>(r0, r1, ox);
     }
 }
 
@@ -95,13 +100,13 @@ inline void pool_store(const float* sp, int64_t sp_step, int64_t T, int64_t N, i
 // The bits of a run of pixels are gathered in registers, a channel at a time, then stored once:
 // no read-modify-write of a word per spike.
 template <int Q>
-inline void pool_pack(const float* sp, int64_t cstride, int nch, int64_t sp_step, int64_t T,
-                      int64_t N, int64_t W, int64_t Hq, int64_t Wq, int64_t Cw, int64_t n,
-                      int64_t word, int64_t oq0, int64_t rows, uint32_t* ow) {
+inline void pool_pack(const PoolRows& g, const float* sp, int64_t cstride, int nch,
+                      int64_t sp_step, int64_t Cw, int64_t word, uint32_t* ow) {
   constexpr int64_t kRun = 64;
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t r = 0; r < rows; ++r) {
-      uint32_t* wrow = ow + ((t * N + n) * Hq + oq0 + r) * Wq * Cw + word;
+  const int64_t W = g.W, Wq = g.Wq;
+  for (int64_t t = 0; t < g.T; ++t)
+    for (int64_t r = 0; r < g.rows; ++r) {
+      uint32_t* wrow = ow + ((t * g.N + g.n) * g.Hq + g.oq0 + r) * Wq * Cw + word;
       for (int64_t x0 = 0; x0 < Wq; x0 += kRun) {
         const int64_t len = std::min(kRun, Wq - x0);
         uint32_t bits[kRun] = {};

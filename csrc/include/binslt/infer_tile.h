@@ -1,0 +1,159 @@
+// The forward's epilogue over a tile of counts, shared by the bit kernels' route
+// (bconv_forward.cpp) and the oneDNN route (bconv_onednn.cpp): the LIF over T from integer
+// counts, and the inference output (pooled and/or packed spikes) of one tile.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "binslt/bconv_cpu.h"
+#include "binslt/cpu_algos.h"
+#include "binslt/epilogue_cpu.h"
+#include "binslt/lif.h"
+#include "binslt/pack_cpu.h"
+
+namespace binslt {
+namespace cpu {
+
+// The forward epilogue's inputs: the ISA path, the per-channel vectors [Co] (alpha: the count's
+// gain; scale, shift: the eval affine), the residual [T, N, Co, Ho, Wo] float32 (or null) and
+// the neuron.
+struct FwdEpilogue {
+  Isa isa;
+  const float* alpha;
+  const float* scale;
+  const float* shift;
+  const float* res;
+  NeuronParams p;
+};
+
+// lif_forward_row over integer counts (z = count * a), compiled for the wider vector units too.
+// The LIF float arithmetic is the same on every path: -ffp-contract=off (setup.py) keeps the
+// compiler from fusing it into FMAs, so the spikes do not depend on the CPU.
+template <typename CT>
+static inline __attribute__((always_inline)) void lif_counts_body(
+    int T, int L, const CT* cr, int64_t count_step_stride, float a, const ChannelAffine& aff,
+    const float* res, int64_t step_stride, const NeuronParams& p, float* out) {
+  auto zat = [cr, a, count_step_stride](int t, int i) {
+    return static_cast<float>(cr[t * count_step_stride + i]) * a;
+  };
+  lif_forward_row(T, L, zat, aff, res, step_stride, p, out);
+}
+template <typename CT>
+__attribute__((target("avx512f"))) void lif_counts_avx512(int T, int L, const CT* cr,
+                                                          int64_t count_step_stride, float a,
+                                                          const ChannelAffine& aff,
+                                                          const float* res, int64_t step_stride,
+                                                          const NeuronParams& p, float* out) {
+  lif_counts_body(T, L, cr, count_step_stride, a, aff, res, step_stride, p, out);
+}
+template <typename CT>
+__attribute__((target("avx2"))) void lif_counts_avx2(int T, int L, const CT* cr,
+                                                     int64_t count_step_stride, float a,
+                                                     const ChannelAffine& aff,
+                                                     const float* res, int64_t step_stride,
+                                                     const NeuronParams& p, float* out) {
+  lif_counts_body(T, L, cr, count_step_stride, a, aff, res, step_stride, p, out);
+}
+// One channel's row of L neurons over T steps: counts cr (steps count_step_stride apart) times
+// a, the affine aff, the residual res (or null), spikes into out (steps step_stride apart).
+template <typename CT>
+void lif_counts(const FwdEpilogue& ep, int T, int L, const CT* cr, int64_t count_step_stride,
+                float a, const ChannelAffine& aff, const float* res, int64_t step_stride,
+                float* out) {
+  if (ep.isa == Isa::kAvx512)
+    lif_counts_avx512(T, L, cr, count_step_stride, a, aff, res, step_stride, ep.p, out);
+  else if (ep.isa == Isa::kAvx2)
+    lif_counts_avx2(T, L, cr, count_step_stride, a, aff, res, step_stride, ep.p, out);
+  else
+    lif_counts_body(T, L, cr, count_step_stride, a, aff, res, step_stride, ep.p, out);
+}
+
+// The inference output: 2x2 (stride 2) OR-pooled spikes when pool == 2 (a max of {0,1} spikes
+// is their OR; rows/columns past 2*(Ho/2), 2*(Wo/2) are dropped, as max_pool2d does), and with
+// packed != nullptr the spikes as pack_spikes words [T, N, Hq, Wq, Cow] (each tile writes the
+// whole words of its own pixels, so no two threads write one word).
+struct InferOut {
+  int64_t pool = 1;
+  uint32_t* packed = nullptr;
+  int64_t Hq = 0, Wq = 0, Cow = 0;
+  // The residual as pack_spikes words [T, N, Ho, Wo, Cow] (spikes added as 0. / 1.), read by the
+  // onednn route's packed output (the caller unpacks it to floats for every other path).
+  const uint32_t* res_words = nullptr;
+  bool direct() const { return pool == 1 && packed == nullptr; }
+};
+
+// One tile: image n, output rows [oy0, oy1), L = (oy1 - oy0) * Wo neurons per channel, Lmax the
+// channel stride of its count buffer.
+struct TileRows {
+  int64_t n, oy0, oy1;
+  int L;
+  int64_t Lmax;
+};
+
+// A tile's scratch for the pooled / packed output: sp the spikes of a word's channels (or one
+// channel) [T][Lmax] each, rl the residual of one channel [T][Lmax] (null without a residual).
+struct TileBufs {
+  float* sp;
+  float* rl;
+};
+
+// One inference tile (counts loc [T][Co][Lmax]) into the pooled and/or packed output: per
+// channel, the LIF over T into sp (residual copied to rl, same layout), then the 2x2 OR and the
+// store.
+template <typename CT>
+void infer_tile_out(const ConvShape& s, const InferOut& io, const TileRows& tr, const CT* loc,
+                    const FwdEpilogue& ep, const ChannelAffine* aff, const TileBufs& buf,
+                    float* spikes) {
+  const int64_t S = s.Ho * s.Wo, step_stride = s.N * s.Co * S;
+  const int64_t n = tr.n, oy0 = tr.oy0, Lmax = tr.Lmax;
+  const int L = tr.L;
+  const int64_t q = io.pool, oq0 = oy0 / q;
+  const PoolRows rows{s.T, s.N, s.Wo, io.Hq, io.Wq, n, oq0, (tr.oy1 - oy0) / q};
+  const int64_t group = io.packed != nullptr ? 32 : 1, cstride = s.T * Lmax;
+  for (int64_t c0 = 0; c0 < s.Co; c0 += group) {
+    const int64_t c1 = std::min(s.Co, c0 + group);
+    for (int64_t c = c0; c < c1; ++c) {
+      float* spc = buf.sp + (c - c0) * cstride;
+      const int64_t off = (n * s.Co + c) * S + oy0 * s.Wo;
+      if (buf.rl != nullptr)
+        for (int64_t t = 0; t < s.T; ++t)
+          std::memcpy(buf.rl + t * Lmax, ep.res + off + t * step_stride, L * sizeof(float));
+      for (int i0 = 0; i0 < L; i0 += kRowChunk) {
+        const int len = std::min(kRowChunk, L - i0);
+        lif_counts(ep, static_cast<int>(s.T), len, loc + c * Lmax + i0, s.Co * Lmax,
+                   ep.alpha[c], aff[c], buf.rl ? buf.rl + i0 : nullptr, Lmax, spc + i0);
+      }
+    }
+    if (io.packed == nullptr) {
+      if (q == 2)
+        pool_store<2>(rows, buf.sp, Lmax, s.Co, c0, spikes);
+      else
+        pool_store<1>(rows, buf.sp, Lmax, s.Co, c0, spikes);
+    } else if (q == 2) {
+      pool_pack<2>(rows, buf.sp, cstride, static_cast<int>(c1 - c0), Lmax, io.Cow, c0 / 32,
+                   io.packed);
+    } else {
+      pool_pack<1>(rows, buf.sp, cstride, static_cast<int>(c1 - c0), Lmax, io.Cow, c0 / 32,
+                   io.packed);
+    }
+  }
+}
+
+// Floats of infer_tile_out's spike buffer sp: a word's 32 channels with packed output, else one.
+inline int64_t tile_sp_floats(const InferOut& io, int64_t T, int64_t Lmax) {
+  return io.direct() ? 0 : (io.packed != nullptr ? 32 : 1) * T * Lmax;
+}
+
+// The inference forward with the counts from oneDNN's int8 convolution (bconv_onednn.cpp; x_u8:
+// the spikes as u8 [T*N, Ci, H, W] ChannelsLast): the same epilogue, LIF, pool and store, the
+// spikes bit for bit those of the bit kernels.
+void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const uint32_t* mbits,
+                  const uint32_t* pbits, const FwdEpilogue& ep, const InferOut& io,
+                  float* spikes);
+
+}  // namespace cpu
+}  // namespace binslt

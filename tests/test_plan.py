@@ -1,0 +1,487 @@
+"""The CPU conv ops' plans (binslt.ops.plan, plan_forward / plan_backward in csrc/cpu/cpu_algos.cpp).
+
+* which plan each of a set of layer shapes takes (the anchor layer, a 1x1 conv, a first layer
+  3 -> 64, a linear layer, a 2x2-pooled layer, stride 2) is one of the names expected there;
+* forcing each algorithm (binslt.ops.cpu_algorithms) either runs exactly that algorithm (the plan
+  log says so) with the reference's result (binslt.ops.reference, float32 tolerance), or raises
+  ValueError saying why it cannot, never another algorithm;
+* the plan log: BINSLT_VERBOSE=1 (read at each call) and plan.verbose();
+* the C++ sources: no function other than a registered op entry point takes more than 10
+  parameters, and each entry point takes its schema's arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import onednn_supported
+
+from binslt.ops import cpu_algorithms, plan
+from binslt.ops import cpu_algos as _cpu_algos
+from binslt.ops import library as _ext
+from binslt.ops import reference as ref
+from binslt.ops.schemas import AUX_SCHEMAS, SCHEMAS, WEIGHT_SCHEMAS
+
+CPU = _ext.module("cpu")
+needs_cpu = pytest.mark.skipif(CPU is None, reason="binslt._C (the C++ CPU kernels) is not built")
+OPS = torch.ops.binslt
+ROOT = Path(__file__).resolve().parents[1]
+
+# (name, x_shape, weight_shape, stride, padding, rate): the layers asked about.
+LAYERS = {
+    "anchor": ((4, 16, 128, 16, 16), (128, 128, 3, 3), 1, 1, 0.15),
+    "pointwise": ((4, 16, 64, 8, 8), (128, 64, 1, 1), 1, 0, 0.15),
+    "first": ((4, 16, 3, 32, 32), (64, 3, 3, 3), 1, 1, 0.5),
+    "linear": ((4, 16, 512), (10, 512), 1, 0, 0.15),
+    "pool2": ((4, 16, 64, 32, 32), (64, 64, 3, 3), 1, 1, 0.2),
+    "stride2": ((4, 16, 64, 16, 16), (128, 64, 3, 3), 2, 1, 0.15),
+}
+
+AMX = onednn_supported()
+
+
+def _expected(name: str, isa: str) -> dict[str, set[str]]:
+    """The names each part may take for a layer under "auto" (ISA- and AMX-dependent)."""
+    int8 = {"int8"} if AMX else set()
+    ternary = {"ternary", "combo"} if isa == "avx512" else set()
+    return {
+        "anchor": {"forward": {"event"}, "infer": {"event"} | ({"onednn"} if AMX else set()),
+                   "grad_x": {"dense"} | ternary | int8, "grad_w": {"event"} | int8},
+        "pointwise": {"forward": {"event"}, "infer": {"event"} | ({"onednn"} if AMX else set()),
+                      "grad_x": {"pointwise"}, "grad_w": {"event"} | int8},
+        # 3 channels in one word: rate 0.5 of 3 channels is ~0.05 of the word's bits
+        # (the inference op samples the float spikes: 0.5, above AVX-512's event crossover)
+        "first": {"forward": {"event"}, "infer": {"dense" if isa == "avx512" else "event"},
+                  "grad_x": {"margined"} | ternary | int8, "grad_w": {"event"} | int8},
+        "linear": {"forward": {"event"}, "infer": {"event"}, "grad_x": {"pointwise"},
+                   "grad_w": {"event"}},
+        "pool2": {"forward": {"event"}, "infer": {"event"} | ({"onednn"} if AMX else set()),
+                  "grad_x": {"margined"} | ternary | int8, "grad_w": {"event"} | int8},
+        "stride2": {"forward": {"event"}, "infer": {"event"} | ({"onednn"} if AMX else set()),
+                    "grad_x": {"dense"}, "grad_w": {"event"}},
+    }[name]
+
+
+@needs_cpu
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_each_layer_takes_an_expected_plan(name):
+    x_shape, w_shape, stride, padding, rate = LAYERS[name]
+    isa = _ext.cpu_info()["kernel_isa"]
+    want = _expected(name, isa)
+    fwd = plan.forward_plan(x_shape, w_shape, stride, padding, rate=rate)
+    assert fwd == {"isa": isa, "forward": fwd["forward"]}
+    assert fwd["forward"] in want["forward"], fwd
+    inf = plan.forward_plan(x_shape, w_shape, stride, padding, rate=rate, infer=True)
+    assert inf["forward"] in want["infer"], inf
+    bwd = plan.backward_plan(x_shape, w_shape, stride, padding, rate=rate, weight_density=0.5)
+    assert bwd["grad_x"] in want["grad_x"], bwd
+    assert bwd["grad_w"] in want["grad_w"], bwd
+    assert plan.backward_plan(x_shape, w_shape, stride, padding, rate=rate,
+                              need_grad_x=False)["grad_x"] == "none"
+
+
+@needs_cpu
+def test_the_rules_move_with_rate_and_map_size():
+    """The thresholds the plans follow: the forward's event kernel only below a firing rate; the
+    dense weight gradient from a rate, in its tap form on maps of at most 4x4; the margined input
+    gradient from 32x32 output pixels at stride 1; the unfold form of both for 3x3 over 2x2."""
+    x, w = (4, 16, 128, 16, 16), (128, 128, 3, 3)
+    assert plan.forward_plan(x, w, 1, 1, rate=0.9)["forward"] == "dense"
+    dense_w = plan.backward_plan(x, w, 1, 1, rate=0.9)["grad_w"]
+    assert dense_w == ("int8" if AMX else "dense")
+    assert plan.backward_plan((4, 16, 128, 4, 4), w, 1, 1, rate=0.9)["grad_w"] == "taps"
+    assert plan.backward_plan((4, 16, 128, 2, 2), w, 1, 1)["grad_w"] == "unfold"
+    assert plan.backward_plan((4, 16, 128, 2, 2), w, 1, 1)["grad_x"] == "unfold"
+    if not AMX:
+        assert plan.backward_plan((4, 16, 64, 32, 32), (64, 64, 3, 3), 1, 1)["grad_x"] in (
+            {"margined", "ternary", "combo"})
+        # the dense weight gradient reads dZ in NCHW: the input gradient then stays NCHW too
+        assert plan.backward_plan((4, 16, 64, 32, 32), (64, 64, 3, 3), 1, 1, rate=0.9,
+                                  weight_density=0.6)["grad_x"] in {"dense", "ternary", "combo"}
+
+
+@needs_cpu
+def test_plan_arguments_are_checked():
+    x, w = (4, 16, 128, 16, 16), (128, 128, 3, 3)
+    with pytest.raises(ValueError, match="x_shape must have 3 or 5 dimensions"):
+        plan.forward_plan((4, 128, 16, 16), w, 1, 1)
+    with pytest.raises(ValueError, match="Ci"):
+        plan.forward_plan(x, (128, 64, 3, 3), 1, 1)
+    with pytest.raises(ValueError, match="rate must be a fraction"):
+        plan.forward_plan(x, w, 1, 1, rate=1.5)
+    with pytest.raises(ValueError, match="weight_density must be a fraction"):
+        plan.backward_plan(x, w, 1, 1, weight_density=-0.1)
+    with pytest.raises(ValueError, match="stride"):
+        plan.backward_plan(x, w, 0, 1)
+    with pytest.raises(ValueError, match="linear layer"):
+        plan.forward_plan((4, 16, 512), (10, 512), 2, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forcing each algorithm: exactly it (the log says so) with the reference's result, or an error
+# ----------------------------------------------------------------------------------------------
+
+# Small forms of the layers above: (T, N, Ci, Co, H, W, k, stride, padding, pool).
+RUN = {
+    "anchor": (2, 2, 40, 36, 9, 9, 3, 1, 1, 1),
+    "pointwise": (2, 2, 40, 20, 5, 6, 1, 1, 0, 1),
+    "first": (2, 2, 3, 24, 10, 10, 3, 1, 1, 1),
+    "linear": (2, 3, 70, 10, 1, 1, 1, 1, 0, 1),
+    "pool2": (2, 2, 33, 40, 8, 8, 3, 1, 1, 2),
+    "stride2": (2, 2, 40, 36, 9, 9, 3, 2, 1, 1),
+}
+NEURON = (2.0, False, 0.5, 0.0)  # tau, decay_input, v_threshold, v_reset
+
+
+def _case(geom, seed=0):
+    T, N, Ci, Co, H, W, k, s, p, pool = geom
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(T * N, Ci, H, W, generator=g) < 0.3).float()
+    w = torch.randint(-1, 2, (Co, Ci, k, k), generator=g).float()
+    wm, wp = ref.pack_weight_reference(w)
+    return dict(x=x, xp=ref.pack_spikes_reference(x), wm=wm, wp=wp,
+                alpha=torch.rand(Co, generator=g) * 0.2 + 0.05,
+                scale=torch.rand(Co, generator=g) + 0.5,
+                shift=torch.rand(Co, generator=g) * 0.4 - 0.1, T=T, N=N, Ci=Ci, stride=s,
+                padding=p, pool=pool, g=g)
+
+
+def _shapes(c):
+    x = (c["T"], c["N"], c["Ci"], c["x"].shape[2], c["x"].shape[3])
+    return x, (c["wm"].shape[0], c["Ci"], c["wm"].shape[1], c["wm"].shape[2])
+
+
+def _logged(capfd, fn, *args):
+    """fn(*args)'s result and the plan lines it logged."""
+    capfd.readouterr()
+    with plan.verbose():
+        out = fn(*args)
+    return out, plan.parse_verbose(capfd.readouterr().err)
+
+
+@contextlib.contextmanager
+def _forced(**kw):
+    """cpu_algorithms(**kw), or None where this CPU cannot run the path at all (RuntimeError:
+    no AVX-512 / AMX-INT8 here)."""
+    try:
+        ctx = cpu_algorithms(**kw)
+        ctx.__enter__()
+    except RuntimeError as e:
+        assert re.search("needs|cannot run", str(e)), e
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def _fwd_args(c, bn_train):
+    return (c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, c["T"],
+            c["stride"], c["padding"], bn_train, 1e-5, *NEURON)
+
+
+def _spikes_agree(a, b):
+    assert a.shape == b.shape
+    # spikes bit for bit but for a rare float tie at the threshold
+    assert (a != b).float().mean() <= 1e-3
+
+
+@needs_cpu
+@pytest.mark.parametrize("layer", sorted(RUN))
+@pytest.mark.parametrize("conv", _cpu_algos.CHOICES["conv"][1:])
+def test_forcing_a_forward_plan_runs_it_or_raises(layer, conv, capfd):
+    c = _case(RUN[layer])
+    x_shape, w_shape = _shapes(c)
+    with _forced(conv=conv) as ok:
+        if not ok:
+            return
+        for infer in (False, True):
+            try:
+                want = plan.forward_plan(x_shape, w_shape, c["stride"], c["padding"], rate=0.3,
+                                         infer=infer)
+            except ValueError as e:
+                assert "cannot run this call" in str(e) and f"'{conv}'" in str(e)
+                with pytest.raises(ValueError, match=re.escape(str(e).splitlines()[0])):
+                    if infer:
+                        OPS.bconv_lif_infer(c["x"].view(c["T"], c["N"], *c["x"].shape[1:]),
+                                            c["wm"], c["wp"], c["alpha"], c["scale"],
+                                            c["shift"], None, c["stride"], c["padding"],
+                                            *NEURON)
+                    else:
+                        OPS.bconv_lif(*_fwd_args(c, False))
+                continue
+            assert want["forward"] == conv
+            if infer:
+                xf = c["x"].view(c["T"], c["N"], *c["x"].shape[1:])
+                args = (xf, c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None,
+                        c["stride"], c["padding"], *NEURON, c["pool"], False)
+                out, log = _logged(capfd, OPS.bconv_lif_infer, *args)
+                _spikes_agree(out, ref.bconv_lif_infer_reference(*args))
+                assert [r["op"] for r in log] == ["bconv_lif_infer"]
+            else:
+                for bn_train in (False, True):
+                    args = _fwd_args(c, bn_train)
+                    out, log = _logged(capfd, OPS.bconv_lif, *args)
+                    want_out = ref.bconv_lif_reference(*args)
+                    assert torch.equal(out[1], want_out[1])  # counts
+                    _spikes_agree(out[0], want_out[0])
+                    assert [r["op"] for r in log] == ["bconv_lif"]
+            assert log[0]["forward"] == conv
+
+
+def _bwd_case(layer):
+    c = _case(RUN[layer], seed=1)
+    fwd = OPS.bconv_lif(*_fwd_args(c, True))
+    gs = torch.randn(fwd[0].shape, generator=c["g"])
+    tail = (None, c["Ci"], c["stride"], c["padding"], True, 1e-5, *NEURON, True, 0, 2.0, True)
+    if c["pool"] == 2:
+        gp = torch.randn(*fwd[0].shape[:3], fwd[0].shape[3] // 2, fwd[0].shape[4] // 2,
+                         generator=c["g"])
+        packed = ref.pack_spikes_reference(fwd[0].flatten(0, 1))
+        args = (gp, packed, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"],
+                c["shift"], fwd[2], fwd[3], *tail)
+        return c, "bconv_lif_bwd_pool2", args, ref.bconv_lif_bwd_pool2_reference
+    args = (gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], fwd[2],
+            fwd[3], *tail)
+    return c, "bconv_lif_bwd", args, ref.bconv_lif_bwd_reference
+
+
+def _grads_close(out, want):
+    for name, a, b in zip(("grad_x", "grad_weight", "grad_current", "grad_scale", "grad_shift"),
+                          out, want):
+        assert a.shape == b.shape, name
+        err = float((a.double() - b.double()).norm())
+        assert err <= 1e-4 * float(b.double().norm()) + 1e-6, f"{name}: error {err}"
+
+
+@needs_cpu
+@pytest.mark.parametrize("layer", sorted(RUN))
+@pytest.mark.parametrize("field", ["grad_x", "grad_w"])
+def test_forcing_a_backward_plan_runs_it_or_raises(layer, field, capfd):
+    c, op, args, reference = _bwd_case(layer)
+    x_shape, w_shape = _shapes(c)
+    want_out = reference(*args)
+    for name in _cpu_algos.CHOICES[field][1:]:
+        with _forced(**{field: name}) as ok:
+            if not ok:
+                continue
+            try:
+                want = plan.backward_plan(x_shape, w_shape, c["stride"], c["padding"])
+            except ValueError as e:
+                assert "cannot run this call" in str(e) and f"'{name}'" in str(e)
+                with pytest.raises(ValueError, match=re.escape(str(e).splitlines()[0])):
+                    getattr(OPS, op)(*args)
+                continue
+            assert want[field] == name
+            out, log = _logged(capfd, getattr(OPS, op), *args)
+            assert [r["op"] for r in log] == [op]
+            assert log[0][field] == name, (name, log)
+            _grads_close(out, want_out)
+
+
+@needs_cpu
+@pytest.mark.parametrize("layer", sorted(RUN))
+def test_the_plan_asked_for_is_the_plan_run(layer, capfd):
+    """Under "auto", backward_plan / forward_plan from the shapes and the call's firing rate and
+    weight density give the plan the op logs."""
+    c, op, args, _ = _bwd_case(layer)
+    x_shape, w_shape = _shapes(c)
+    rate = float(c["x"].double().mean())  # the fraction of spikes
+    wbits = torch.tensor([bin(int(v) & 0xFFFFFFFF).count("1") for v in c["wm"].flatten()])
+    density = float(wbits.sum()) / (w_shape[0] * w_shape[1] * w_shape[2] * w_shape[3])
+    _, log = _logged(capfd, getattr(OPS, op), *args)
+    want = plan.backward_plan(x_shape, w_shape, c["stride"], c["padding"], rate=rate,
+                              weight_density=min(1.0, density))
+    assert {k: log[0][k] for k in want} == want
+    _, log = _logged(capfd, OPS.bconv_lif, *_fwd_args(c, False))
+    want = plan.forward_plan(x_shape, w_shape, c["stride"], c["padding"], rate=rate)
+    assert {k: log[0][k] for k in want} == want
+
+
+@needs_cpu
+def test_forced_algorithms_are_never_rewritten():
+    """Where a forced algorithm cannot run the call, the plan raises (with the reason) instead of
+    taking another algorithm: the stride-1 forms at stride 2, the pointwise form off 1x1, the
+    event forward with int32 counts, the inference-only oneDNN forward in training."""
+    x, w = (2, 2, 64, 9, 9), (32, 64, 3, 3)
+    for field, name, why in (("grad_x", "margined", "stride 1"), ("grad_w", "int8", "stride 1"),
+                             ("grad_x", "pointwise", "1x1 kernel"),
+                             ("grad_w", "pointwise", "1x1 kernel")):
+        with cpu_algorithms(**{field: name}):
+            with pytest.raises(ValueError, match=f"'{name}' cannot run this call: .*{why}"):
+                plan.backward_plan(x, w, 2 if "stride" in why else 1, 1)
+    with cpu_algorithms(conv="event"):
+        with pytest.raises(ValueError, match="'event' cannot run this call: .*int32"):
+            plan.forward_plan((2, 2, 4096, 4, 4), (8, 4096, 3, 3), 1, 1)
+    with cpu_algorithms(grad_x="dense"):  # the NCHW conv, also where "auto" takes "margined"
+        assert plan.backward_plan((4, 16, 64, 32, 32), (64, 64, 3, 3), 1, 1)["grad_x"] == "dense"
+    with cpu_algorithms(grad_w="taps"):  # the tap form of the dense gradient, nothing else
+        assert plan.backward_plan(x, w, 1, 1)["grad_w"] == "taps"
+
+
+# ----------------------------------------------------------------------------------------------
+# The log
+# ----------------------------------------------------------------------------------------------
+
+
+@needs_cpu
+def test_binslt_verbose_logs_one_line_per_call(monkeypatch, capfd):
+    c = _case(RUN["anchor"])
+    args = _fwd_args(c, False)
+    monkeypatch.delenv("BINSLT_VERBOSE", raising=False)
+    capfd.readouterr()
+    OPS.bconv_lif(*args)
+    assert "binslt_verbose" not in capfd.readouterr().err
+    monkeypatch.setenv("BINSLT_VERBOSE", "1")  # read at each call
+    out = OPS.bconv_lif(*args)
+    bwd = OPS.bconv_lif_bwd(torch.ones_like(out[0]), out[1], c["xp"], c["wm"], c["wp"],
+                            c["alpha"], c["scale"], c["shift"], out[2], out[3], None, c["Ci"],
+                            1, 1, False, 1e-5, *NEURON, True, 0, 2.0, False)
+    assert bwd[0].shape == (0,)
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("binslt_verbose")]
+    assert len(lines) == 2, err
+    fwd_rec, bwd_rec = plan.parse_verbose(err)
+    assert lines[0].startswith("binslt_verbose,cpu,bconv_lif,x=2x2x64x9x9 w=36x64x3x3 "
+                               "stride=1 padding=1,isa=")
+    assert fwd_rec["op"] == "bconv_lif" and fwd_rec["forward"] in {"dense", "event"}
+    assert fwd_rec["isa"] == _ext.cpu_info()["kernel_isa"]
+    assert float(fwd_rec["ms"]) >= 0.0
+    assert bwd_rec["op"] == "bconv_lif_bwd" and bwd_rec["grad_x"] == "none"
+    assert bwd_rec["grad_w"] in set(_cpu_algos.CHOICES["grad_w"][1:])
+    monkeypatch.setenv("BINSLT_VERBOSE", "0")
+    OPS.bconv_lif(*args)
+    assert "binslt_verbose" not in capfd.readouterr().err
+
+
+@needs_cpu
+def test_verbose_context_manager(monkeypatch, capfd):
+    monkeypatch.delenv("BINSLT_VERBOSE", raising=False)
+    c = _case(RUN["pool2"])
+    xf = c["x"].view(c["T"], c["N"], *c["x"].shape[1:])
+    args = (xf, c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, 1, 1, *NEURON, 2,
+            True)
+    capfd.readouterr()
+    with plan.verbose():
+        OPS.bconv_lif_infer(*args)
+        with plan.verbose(False):
+            OPS.bconv_lif_infer(*args)
+        OPS.bconv_lif_infer(*args)
+    OPS.bconv_lif_infer(*args)
+    recs = plan.parse_verbose(capfd.readouterr().err)
+    assert len(recs) == 2
+    assert all(r["op"] == "bconv_lif_infer" and "pool=2 packed_out" in r["shapes"] for r in recs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The C++ sources: at most 10 parameters, except the ops' registered entry points
+# ----------------------------------------------------------------------------------------------
+
+_NOT_NAMES = {"if", "for", "while", "switch", "catch", "return", "sizeof", "decltype", "alignof",
+              "static_assert", "defined", "__attribute__", "alignas", "noexcept", "throw",
+              "__launch_bounds__", "TORCH_LIBRARY_IMPL", "TORCH_LIBRARY", "PYBIND11_MODULE"}
+
+
+def _blank(src: str) -> str:
+    """Comments, string / char literals and preprocessor lines blanked (offsets kept)."""
+    def keep_lines(m):
+        return re.sub(r"[^\n]", " ", m.group(0))
+    src = re.sub(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', keep_lines,
+                 src, flags=re.S)
+    return re.sub(r"^[ \t]*#(?:[^\n]*\\\n)*[^\n]*", keep_lines, src, flags=re.M)
+
+
+def _params(text: str, i: int) -> tuple[int, int]:
+    """text[i] == '(' -> (index after the matching ')', its top-level comma-separated items)."""
+    depth, items, nonblank = 0, 0, False
+    for j in range(i, len(text)):
+        ch = text[j]
+        if ch in "([{<":
+            depth += 1
+            if depth > 1:
+                nonblank = True
+        elif ch in ")]}>":
+            depth -= 1
+            if depth == 0:
+                return j + 1, items + (1 if nonblank else 0)
+        elif ch == "," and depth == 1:
+            items, nonblank = items + 1, False
+        elif not ch.isspace():
+            nonblank = True
+    return len(text), 0
+
+
+def _functions(path: Path):
+    """(name, parameters, line) of every function definition or declaration in a C++ / CUDA
+    source: a name and a parameter list after a type, followed by a body, ';' or an
+    initialiser list (calls are told apart by what precedes them)."""
+    src = _blank(path.read_text())
+    for m in re.finditer(r"([A-Za-z_~][A-Za-z_0-9:]*)\s*\(", src):
+        name = m.group(1)
+        if name.split("::")[-1] in _NOT_NAMES:
+            continue
+        end, n = _params(src, m.end() - 1)
+        if not re.match(r"\s*(?:const\s*)?(?:noexcept\s*)?(?:override\s*)?(?:->\s*[\w:<>, ]+)?"
+                        r"\s*(\{|;|:(?!:))", src[end:end + 200]):
+            continue
+        before = re.sub(r"__attribute__\s*\(\(.*?\)\)\s*$", "",
+                        src[max(0, m.start() - 200):m.start()].rstrip())
+        prev = re.search(r"([\w>*&:]+)\s*$", before)
+        if not prev or prev.group(1) in ("return", "else", "new", "delete", "case", "do",
+                                         "throw", "co_return"):
+            continue
+        yield name, n, src.count("\n", 0, m.start()) + 1
+
+
+def _entry_points(sources) -> set[str]:
+    """The functions bound to ops: m.impl("op", &ns::fn) in TORCH_LIBRARY_IMPL blocks."""
+    out = set()
+    for path in sources:
+        for m in re.finditer(r'm\.impl\(\s*"(\w+)"\s*,\s*&([\w:]+)\s*\)', path.read_text()):
+            out.add(m.group(2).split("::")[-1])
+    return out
+
+
+def _sources():
+    return sorted(p for ext in ("*.cpp", "*.cu", "*.h", "*.cuh")
+                  for p in (ROOT / "csrc").rglob(ext))
+
+
+def test_no_cpp_function_but_an_op_entry_point_takes_more_than_10_parameters():
+    sources = _sources()
+    assert any(p.suffix == ".cu" for p in sources) and any(p.suffix == ".h" for p in sources)
+    entries = _entry_points(sources)
+    assert {"bconv_lif_cpu", "bconv_lif_bwd_cpu", "bconv_lif_cuda"} <= entries
+    found, over = set(), []
+    for path in sources:
+        for name, n, line in _functions(path):
+            found.add(name)
+            if n > 10 and name.split("::")[-1] not in entries:
+                over.append(f"{path.relative_to(ROOT)}:{line}: {name} takes {n} parameters")
+    # the scan sees the functions it must (a template, an attribute-marked and a CUDA one)
+    assert {"lif_counts", "lif_backward_row", "plan_backward", "bconv_lif_run"} <= found
+    assert not over, "\n".join(over)
+
+
+def test_each_op_entry_point_takes_its_schema_arguments():
+    schemas = {**SCHEMAS, **WEIGHT_SCHEMAS, **AUX_SCHEMAS}
+    n_args = {}
+    for name, schema in schemas.items():
+        inner = schema[schema.index("(") + 1:schema.index(") ->")]
+        n_args[name] = len([a for a in inner.split(",") if a.strip()])
+    checked = 0
+    for path in _sources():
+        text = path.read_text()
+        params = {name: n for name, n, _ in _functions(path)}
+        for m in re.finditer(r'm\.impl\(\s*"(\w+)"\s*,\s*&([\w:]+)\s*\)', text):
+            op, fn = m.group(1), m.group(2).split("::")[-1]
+            if fn in params and op in n_args:
+                assert params[fn] == n_args[op], f"{path.name}: {fn} takes {params[fn]} " \
+                    f"parameters, the schema of {op} {n_args[op]}"
+                checked += 1
+    assert checked >= 10

@@ -62,6 +62,7 @@ from ..io.artifacts import (
 from ..io.tickets import export_ticket
 from ..nn import models
 from ..nn.layers import NonFiniteError, name_layers
+from ..ops import schemas
 from . import data as data_mod
 
 __all__ = ["ARCHS", "DivergedError", "METHODS", "ModelError", "RunConfig", "RunError",
@@ -75,7 +76,7 @@ SPIKING = ("binwslt", "snn")
 MASKED = ("binwslt", "bnn")
 ARCHS = ("conv4", "vgg9", "vgg11", "resnet19")
 OPTIMIZERS = ("sgd", "adam")
-SURROGATES = ("atan", "sigmoid")
+SURROGATES = tuple(schemas.SURROGATES)  # atan | sigmoid | rect | piecewise_quadratic
 NEURONS = models.NEURONS  # lif | if
 
 

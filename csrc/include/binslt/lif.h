@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #if defined(__CUDACC__)
@@ -85,6 +86,21 @@ BINSLT_HD float lif_reset(float h, float s, const NeuronParams& p) {
 //   Sigmoid: (1 - s) s alpha,  s = 1 / (1 + exp(-alpha x))
 //   Rect:    alpha where |x| < 0.5/alpha (strict), else 0
 //   PiecewiseQuadratic: alpha - alpha^2 |x| where |x| <= 1/alpha (non-strict), else 0
+// zero ? +0.0f : v. On the host a bit mask, not a branch: GCC does not if-convert a select whose
+// arm holds float arithmetic (it might trap, -ftrapping-math), so a loop over
+// `zero ? 0.0f : a * b + c` would not vectorize.
+BINSLT_HD float zero_where(bool zero, float v) {
+#if defined(__CUDA_ARCH__)
+  return zero ? 0.0f : v;
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits &= zero ? 0u : ~0u;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+#endif
+}
+
 template <int S>
 BINSLT_HD float surrogate_grad_of(float x, const NeuronParams& p) {
   const float alpha = p.surrogate_alpha;
@@ -98,7 +114,7 @@ BINSLT_HD float surrogate_grad_of(float x, const NeuronParams& p) {
     return fabsf(x) < p.surrogate_bound ? alpha : 0.0f;
   } else {
     const float ax = fabsf(x);
-    return ax > p.surrogate_bound ? 0.0f : -p.surrogate_alpha_sq * ax + alpha;
+    return zero_where(ax > p.surrogate_bound, -p.surrogate_alpha_sq * ax + alpha);
   }
 }
 

@@ -203,26 +203,45 @@ def _expf(x):
     return y
 
 
+def surrogate_constants(surrogate: int, surrogate_alpha: float) -> tuple[float, float]:
+    """(alpha**2, window half-width) of the kernels' ``surrogate_grad``: computed in float64 and
+    rounded once to float32 (as a kernel's float argument), as SpikingJelly's torch expressions
+    round their Python-float scalars against a float32 tensor (csrc: ``neuron_params``). The
+    half-width is 0.5/alpha (Rect), 1/alpha (PiecewiseQuadratic), 0 for the others."""
+    a = float(surrogate_alpha)
+    bound = 0.5 / a if surrogate == 2 else (1.0 / a if surrogate == 3 else 0.0)
+    return a * a, bound
+
+
 @triton.jit
-def surrogate_grad(x, alpha, SURROGATE: tl.constexpr):
-    """g'(x) at x = H - th: 0 = ATan alpha/2 / (1+(pi/2 alpha x)^2), 1 = Sigmoid alpha*s(1-s)."""
+def surrogate_grad(x, alpha, alpha_sq, bound, SURROGATE: tl.constexpr):
+    """g'(x) at x = H - th: 0 = ATan alpha/2 / (1+(pi/2 alpha x)^2), 1 = Sigmoid alpha*s(1-s),
+    2 = Rect alpha where |x| < bound (strict), 3 = PiecewiseQuadratic alpha - alpha_sq |x| where
+    |x| <= bound (non-strict); 0 outside the window (``surrogate_constants``: alpha_sq, bound)."""
     if SURROGATE == 0:
         z = x * (1.5707963267948966 * alpha)
         g = tl.div_rn(alpha * 0.5, 1.0 + z * z)
-    else:
+    elif SURROGATE == 1:
         sig = tl.div_rn(1.0, 1.0 + _expf(-alpha * x))
         g = (1.0 - sig) * sig * alpha
+    elif SURROGATE == 2:
+        g = tl.where(tl.abs(x) < bound, alpha, 0.0)
+    else:
+        ax = tl.abs(x)
+        g = tl.where(ax > bound, 0.0, -alpha_sq * ax + alpha)
     return g
 
 
 @triton.jit
 def lif_backward_step(grad_spike, grad_v, h, tau, v_threshold, v_reset, surrogate_alpha,
-                      HARD: tl.constexpr, DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr):
+                      surrogate_alpha_sq, surrogate_bound, HARD: tl.constexpr,
+                      DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr):
     """One BPTT step: dL/dS[t], the carried dL/dV[t] and H[t] -> (dL/dH[t], dL/dV[t-1]).
 
     dL/dH = dL/dS g' + dL/dV dV/dH with dV/dH = hard: (1-S) [+ (vr-H) g'], soft: 1 [- th g']
     (bracket: the path through S[t], unless detach_reset); dL/dV[t-1] = dL/dH (1 - 1/tau)."""
-    sg = surrogate_grad(h - v_threshold, surrogate_alpha, SURROGATE)
+    sg = surrogate_grad(h - v_threshold, surrogate_alpha, surrogate_alpha_sq, surrogate_bound,
+                        SURROGATE)
     if HARD:
         s = ((h - v_threshold) >= 0).to(tl.float32)
         dv_dh = 1.0 - s

@@ -31,7 +31,8 @@ def _types_for(jit, ptr_types: dict) -> dict:
     for n in jit.arg_names:
         if n in ptr_types:
             out[n] = ptr_types[n]
-        elif n in ("tau", "v_threshold", "v_reset", "surrogate_alpha", "bn_eps"):
+        elif n in ("tau", "v_threshold", "v_reset", "surrogate_alpha", "surrogate_alpha_sq",
+                   "surrogate_bound", "bn_eps"):
             out[n] = "fp32"
         else:
             out[n] = "i32"
@@ -75,7 +76,8 @@ def variants(k: int = 3) -> list[tuple]:
               shift_ptr="*fp32", mean_ptr="*fp32", var_ptr="*fp32", res_ptr="*fp32",
               grad_x_ptr="*fp32", grad_z_ptr="*fp32", grad_shift_ptr="*fp64",
               grad_scale_ptr="*fp64")
-    for sur, hard, det in ((0, True, False), (0, False, False), (1, False, True)):
+    for sur, hard, det in ((0, True, False), (0, False, False), (1, False, True), (2, True, False),
+                           (3, False, True)):
         out.append((f"lif_bwd surrogate={sur} hard={hard} detach={det}", L._lif_bwd_kernel, bp,
                     dict(blk, HAS_ALPHA=True, BN_TRAIN=not det, HAS_RES=True, DECAY_INPUT=det,
                          HARD=hard, DETACH_RESET=det, SURROGATE=sur)))

@@ -40,6 +40,7 @@ from ._common import (
     lif_input_grad,
     lif_step,
     no_fp_fusion,
+    surrogate_constants,
 )
 
 
@@ -201,6 +202,8 @@ def _lif_bwd_kernel(
     v_threshold,
     v_reset,
     surrogate_alpha,
+    surrogate_alpha_sq,  # surrogate_constants(SURROGATE, surrogate_alpha)
+    surrogate_bound,
     HAS_ALPHA: tl.constexpr,
     BN_TRAIN: tl.constexpr,
     HAS_RES: tl.constexpr,
@@ -232,7 +235,8 @@ def _lif_bwd_kernel(
         h = tl.load(grad_x_ptr + o, mask=ok, other=0.0)
         grad_spk = tl.load(grad_spk_ptr + o, mask=ok, other=0.0)
         grad_h, grad_v = lif_backward_step(grad_spk, grad_v, h, tau, v_threshold, v_reset,
-                                           surrogate_alpha, HARD, DETACH_RESET, SURROGATE)
+                                           surrogate_alpha, surrogate_alpha_sq, surrogate_bound,
+                                           HARD, DETACH_RESET, SURROGATE)
         gx = tl.where(ok, lif_input_grad(grad_h, tau, DECAY_INPUT), 0.0)
         tl.store(grad_x_ptr + o, gx, mask=ok)
         z = _load_current(src_ptr, alpha, o, ok, HAS_ALPHA)
@@ -371,7 +375,7 @@ def lif_bwd(grad_spikes: torch.Tensor, src: torch.Tensor, alpha: torch.Tensor | 
         grad_spikes, src, alpha if has_alpha else scale, scale, shift, mean, var,
         grad_x if residual is None else residual, grad_x, grad_z, grad_shift, grad_scale,
         T, R, C, S, float(bn_eps), float(tau), float(v_threshold), 0.0 if v_reset is None else float(v_reset),
-        float(surrogate_alpha),
+        float(surrogate_alpha), *surrogate_constants(int(surrogate), surrogate_alpha),
         HAS_ALPHA=has_alpha, BN_TRAIN=bool(bn_train), HAS_RES=residual is not None,
         DECAY_INPUT=bool(decay_input), HARD=v_reset is not None, DETACH_RESET=bool(detach_reset),
         SURROGATE=int(surrogate), BLOCK_R=br, BLOCK_S=bs, num_warps=nw)

@@ -125,6 +125,18 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
 # ---------------------------------------------------------------------------------------------
 
 
+#: binslt's surrogate names -> SpikingJelly's surrogate classes (spikingjelly.activation_based.
+#: surrogate), and SpikingJelly's default alpha of each.
+SJ_SURROGATES = {"atan": ("ATan", 2.0), "sigmoid": ("Sigmoid", 4.0), "rect": ("Rect", 1.0),
+                 "piecewise_quadratic": ("PiecewiseQuadratic", 1.0)}
+
+
+def sj_surrogate(kind: str, alpha: float):
+    """SpikingJelly's surrogate object of binslt's surrogate name ``kind``."""
+    (surrogate,) = sj_modules("surrogate")
+    return getattr(surrogate, SJ_SURROGATES[kind][0])(alpha=alpha)
+
+
 class _Heaviside(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kind, alpha):
@@ -138,9 +150,14 @@ class _Heaviside(torch.autograd.Function):
         a = ctx.alpha
         if ctx.kind == "atan":
             d = a / (2 * (1 + (math.pi / 2 * a * x) ** 2))
-        else:
+        elif ctx.kind == "sigmoid":
             sg = torch.sigmoid(a * x)
             d = a * sg * (1 - sg)
+        elif ctx.kind == "rect":  # a on the open window |x| < 1/(2a)
+            d = a * (x.abs() < 1 / (2 * a)).to(x.dtype)
+        else:  # piecewise_quadratic: a - a^2 |x| on the closed window |x| <= 1/a
+            assert ctx.kind == "piecewise_quadratic", ctx.kind
+            d = torch.where(x.abs() <= 1 / a, a * (1 - a * x.abs()), 0.0)
         return g * d, None, None
 
 

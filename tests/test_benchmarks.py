@@ -2,7 +2,9 @@
 
 ``benchmarks/conv_lif.py --quick`` must produce one CSV row per backend x mode for the anchor
 shape, with positive ratios and the machine record; ``benchmarks/search_epoch.py`` must run a
-two-batch epoch; ``benchmarks/network.py --quick`` one row per arch x mode x candidate. The memory helpers they rely on are checked directly.
+two-batch epoch; ``benchmarks/network.py --quick`` one row per arch x mode x candidate;
+``benchmarks/grad_sparsity.py`` one row per surrogate x layer. The memory helpers they rely on
+are checked directly.
 """
 
 from __future__ import annotations
@@ -227,3 +229,26 @@ def test_peak_memory_sees_a_large_cpu_allocation():
         assert peak.nbytes >= 15 << 20
     else:  # process-wide peak: at least as large
         assert peak.absolute >= 16 << 20
+
+
+def test_grad_sparsity_smoke(tmp_path):
+    out = tmp_path / "gs.csv"
+    _run("grad_sparsity.py", "--arch", "conv4", "--batch", "2", "--size", "8", "--threads", "1",
+         "--csv", str(out))
+    meta, rows = common.read_csv(out)
+    assert meta.get("command") and meta.get("git_commit") and meta.get("setup")
+    by = {}
+    for r in rows:
+        by.setdefault(r["surrogate"], []).append(r)
+    assert set(by) == {"atan", "rect", "piecewise_quadratic"}
+    n = len(by["atan"])
+    assert n >= 4 and all(len(v) == n for v in by.values())
+    for i in range(n):
+        atan = by["atan"][i]
+        assert _num(atan["gx_nonzero"]) > 0.3  # ATan's g' is never 0
+        for kind in ("rect", "piecewise_quadratic"):
+            r = by[kind][i]
+            assert (r["op"], r["shape"]) == (atan["op"], atan["shape"])
+            # the compact surrogates zero dL/dX outside their window; BN's backward refills dL/dZ
+            assert 0 < _num(r["gx_nonzero"]) < _num(atan["gx_nonzero"])
+            assert _num(r["gz_nonzero"]) >= _num(r["gx_nonzero"])

@@ -102,7 +102,8 @@ def _scalar_rows(names):
         "v_threshold": [(v, "v_threshold must be finite, got ") for v in (NAN, INF)],
         "v_reset": [(v, "v_reset must be None (soft reset) or finite, got ") for v in (NAN, -INF)],
         "bn_eps": [(v, "bn_eps must be finite and > 0, got ") for v in (0.0, -1e-5, NAN)],
-        "surrogate": [(v, "surrogate must be 0 (atan) or 1 (sigmoid), got ") for v in (2, -1)],
+        "surrogate": [(v, "surrogate must be 0 (atan), 1 (sigmoid), 2 (rect) or 3 "
+                          "(piecewise_quadratic), got ") for v in (4, -1)],
         "surrogate_alpha": [(v, "surrogate_alpha must be finite and > 0, got ")
                             for v in (0.0, NAN)],
         "stride": [(0, "stride must be >= 1, got ")],

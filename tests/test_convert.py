@@ -218,7 +218,7 @@ def test_unsupported_patterns_are_left_alone_with_reasons():
         layer.Conv2d(4, 4, (3, 1), padding=(1, 0), bias=False, step_mode="m"), lif(),
         layer.Conv2d(4, 4, 3, padding=1, bias=False, step_mode="m"), lif(step_mode="s"),
         layer.Conv2d(4, 4, 3, padding=1, bias=False, step_mode="m"),
-        lif(surrogate_function=surrogate.PiecewiseQuadratic()),
+        lif(surrogate_function=surrogate.PiecewiseExp()),
         layer.Conv2d(4, 4, 3, padding=1, bias=False, step_mode="s"), lif(),
         layer.Flatten(step_mode="m"),
         layer.Linear(4, 4, bias=False, step_mode="m"), stateful,
@@ -250,7 +250,7 @@ def test_unsupported_patterns_are_left_alone_with_reasons():
     assert "dilation" in reasons["4"]
     assert "non-square kernel_size" in reasons["6"]
     assert "single-step" in notes["8"] and "single-step" in reasons["9"]
-    assert "PiecewiseQuadratic" in notes["10"] and "PiecewiseQuadratic" in reasons["11"]
+    assert "PiecewiseExp" in notes["10"] and "PiecewiseExp" in reasons["11"]
     assert "step mode 's'" in notes["12"]
     assert "stateful" in notes["15"] and "stateful" in reasons["16"]
     assert "store_v_seq" in notes["17"] and "store_v_seq" in reasons["18"]

@@ -456,8 +456,8 @@ def test_contract_errors_of_the_other_cpu_ops():
     bwd = [torch.ones_like(s), counts, c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"],
            c["shift"], mean, var, None, c["Ci"], 1, 1, False, 1e-5, 2.0, True, 1.0, 0.0, False, 0,
            2.0, True]
-    for i, v, msg in ((21, 2, "binslt::bconv_lif_bwd: surrogate must be 0 (atan) or 1 (sigmoid), "
-                               "got 2"),
+    for i, v, msg in ((21, 4, "binslt::bconv_lif_bwd: surrogate must be 0 (atan), 1 (sigmoid), "
+                               "2 (rect) or 3 (piecewise_quadratic), got 4"),
                       (22, 0.0, "binslt::bconv_lif_bwd: surrogate_alpha must be finite and > 0, "
                                 "got "),
                       (8, torch.ones(5, dtype=torch.int32),
@@ -535,6 +535,11 @@ BWD_CASES = [
     ((2, 1, 5, 7, 32, 33, 3, 1, 1), True, 0.0, False, True, 0, 2.0, True),
     ((1, 1, 4, 6, 34, 34, 3, 1, 0), False, None, True, False, 1, 4.0, False),
     ((1, 1, 3, 5, 34, 35, 5, 1, 1), True, -0.2, False, True, 0, 2.0, False),
+    # the compact surrogates: Rect and PiecewiseQuadratic, SpikingJelly's alpha and others
+    (GEOMS[1], True, 0.0, False, False, 2, 1.0, True),
+    (GEOMS[3], False, None, True, False, 2, 0.7, False),
+    (GEOMS[2], True, 0.0, True, False, 3, 1.0, False),
+    (GEOMS[3], True, -0.2, False, True, 3, 0.6, True),
 ]
 
 
@@ -797,6 +802,10 @@ def test_bn_lif_forward(shape, bn_train, v_reset, decay_input, residual):
     (True, None, False, False, 1, 4.0, False),
     (True, 0.0, False, False, 0, 1.3, True),
     (False, None, True, True, 1, 2.5, False),
+    (True, 0.0, False, False, 2, 1.0, True),
+    (False, None, True, False, 2, 0.7, False),
+    (True, None, True, False, 3, 1.0, False),
+    (False, 0.0, False, True, 3, 0.6, True),
 ])
 def test_bn_lif_bwd_float64(shape, bn_train, v_reset, decay_input, detach_reset, sur, sur_alpha,
                             residual):

@@ -142,7 +142,7 @@ def test_bn_lif_forward(shape, bn_train, with_res, tau, decay_input, vth, v_rese
 @pytest.mark.parametrize("bn_train", [False, True])
 @pytest.mark.parametrize("tau,decay_input,vth,v_reset", NEURONS)
 @pytest.mark.parametrize("detach_reset", [False, True])
-@pytest.mark.parametrize("surrogate,alpha", [(0, 2.0), (1, 4.0)])
+@pytest.mark.parametrize("surrogate,alpha", [(0, 2.0), (1, 4.0), (2, 0.7), (3, 0.6)])
 def test_bn_lif_backward(bn_train, tau, decay_input, vth, v_reset, detach_reset, surrogate,
                          alpha):
     shape = (4, 3, 6, 5, 5)
@@ -282,7 +282,8 @@ def _bwd_reference64(gs, counts, x, w, alpha, scale, shift, mean, var, res, stri
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("bn_train", [False, True])
 @pytest.mark.parametrize("tau,decay_input,vth,v_reset", NEURONS)
-@pytest.mark.parametrize("detach_reset,surrogate,alpha_sg", [(False, 0, 2.0), (True, 1, 4.0)])
+@pytest.mark.parametrize("detach_reset,surrogate,alpha_sg", [(False, 0, 2.0), (True, 1, 4.0),
+                                                            (False, 2, 0.7), (True, 3, 0.6)])
 def test_bconv_lif_backward(case, bn_train, tau, decay_input, vth, v_reset, detach_reset,
                             surrogate, alpha_sg):
     T, N, ci, co, hw, k, stride, padding = case

@@ -40,11 +40,7 @@ using torch::Tensor;
 
 static NeuronParams params(double tau, bool decay_input, double v_threshold, double v_reset,
                            bool soft, bool detach, int64_t surrogate, double sa) {
-  NeuronParams p;
-  p.tau = (float)tau; p.v_threshold = (float)v_threshold; p.v_reset = soft ? 0.f : (float)v_reset;
-  p.decay_input = decay_input; p.soft_reset = soft; p.detach_reset = detach;
-  p.surrogate = (int)surrogate; p.surrogate_alpha = (float)sa;
-  return p;
+  return neuron_params(tau, decay_input, v_threshold, !soft, v_reset, detach, surrogate, sa);
 }
 
 // x: [T, K] float32 -> (spikes [T, K], H [T, K])
@@ -80,12 +76,19 @@ Tensor lif_backward(Tensor gs, Tensor x, double tau, bool decay_input, double vt
   return g;
 }
 
-Tensor surrogate(Tensor x, int64_t which, double alpha) {
+// g'(x) of surrogate `which`: chosen at run time (surrogate_grad) and as the compile-time copy
+// (surrogate_grad_of through with_surrogate) -> (runtime, compile-time)
+std::vector<Tensor> surrogate(Tensor x, int64_t which, double alpha) {
   x = x.contiguous();
-  auto out = torch::empty_like(x);
-  for (int64_t i = 0; i < x.numel(); ++i)
-    out.data_ptr<float>()[i] = surrogate_grad(x.data_ptr<float>()[i], (int)which, (float)alpha);
-  return out;
+  auto out = torch::empty_like(x), out_t = torch::empty_like(x);
+  const NeuronParams p = params(2.0, true, 1.0, 0.0, false, false, which, alpha);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    out.data_ptr<float>()[i] = surrogate_grad(xp[i], p);
+    out_t.data_ptr<float>()[i] = with_surrogate(
+        p.surrogate, [&](auto s) { return surrogate_grad_of<decltype(s)::value>(xp[i], p); });
+  }
+  return {out, out_t};
 }
 
 // bits: [R, C] float -> [R, ceil(C/32)] int32 through pack_word
@@ -236,11 +239,21 @@ def _vr(v_reset):
     return (0.0, True) if v_reset is None else (float(v_reset), False)
 
 
-@pytest.mark.parametrize("surrogate,alpha", [(0, 2.0), (1, 4.0), (0, 0.7), (1, 1.3)])
+@pytest.mark.parametrize("surrogate,alpha", [(0, 2.0), (1, 4.0), (0, 0.7), (1, 1.3), (2, 1.0),
+                                             (2, 0.7), (3, 1.0), (3, 0.6)])
 def test_surrogate_matches_reference(ext, surrogate, alpha):
     x = torch.linspace(-3, 3, 1001)
-    got = ext.surrogate(x, surrogate, alpha)
+    got, got_t = ext.surrogate(x, surrogate, alpha)
+    assert torch.equal(got, got_t)  # the compile-time copy is the same function
+    if surrogate >= 2:
+        # Rect / PiecewiseQuadratic: SpikingJelly's float32 expressions, bit for bit (the
+        # reference writes them as SpikingJelly does; tests/test_surrogates.py checks that)
+        assert torch.equal(got, ref.surrogate_grad(x, surrogate, alpha))
     want = ref.surrogate_grad(x.double(), surrogate, alpha)
+    if surrogate >= 2:  # the windows' edges in float32 and float64 may differ by one element
+        edge = 0.5 / alpha if surrogate == 2 else 1.0 / alpha
+        keep = ((x.double().abs() - edge).abs() > 1e-6)
+        got, want = got[keep], want[keep]
     # float32 sigmoid' = (1 - s) * s * alpha loses relative accuracy in the tails (1 - s cancels),
     # so the error is bounded relative to the peak value alpha / 4 (alpha / 2 for atan)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6 * alpha)
@@ -261,7 +274,7 @@ def test_lif_forward_sequence_matches_reference(ext, tau, decay_input, vth, v_re
 
 @pytest.mark.parametrize("tau,decay_input,vth,v_reset", NEURONS)
 @pytest.mark.parametrize("detach_reset", [False, True])
-@pytest.mark.parametrize("surrogate,alpha", [(0, 2.0), (1, 4.0)])
+@pytest.mark.parametrize("surrogate,alpha", [(0, 2.0), (1, 4.0), (2, 1.0), (3, 0.6)])
 def test_lif_backward_sequence_matches_float64_autograd(ext, tau, decay_input, vth, v_reset,
                                                         detach_reset, surrogate, alpha):
     x = torch.randn(5, 2000) * 1.5 + 0.4
@@ -273,7 +286,11 @@ def test_lif_backward_sequence_matches_float64_autograd(ext, tau, decay_input, v
                                  v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate,
                                  surrogate_alpha=alpha, return_h=True)
     (want,) = torch.autograd.grad(s64, x64, gs.double())
-    ok = tie_mask(h64.detach(), vth).all(0)  # neurons never within the tie band
+    ok = tie_mask(h64.detach(), vth)  # neurons never within the tie band
+    if surrogate >= 2:  # nor within it of a window's edge (g' jumps there)
+        edge = 0.5 / alpha if surrogate == 2 else 1.0 / alpha
+        ok &= tie_mask(h64.detach(), vth - edge) & tie_mask(h64.detach(), vth + edge)
+    ok = ok.all(0)
     assert ok.float().mean() > 0.9
     assert_close_rel(got[:, ok], want[:, ok], 1e-5, "dL/dX")
 
@@ -337,7 +354,7 @@ def test_epilogue_matches_reference(ext, bn_train, with_res):
 
 @pytest.mark.parametrize("bn_train", [False, True])
 @pytest.mark.parametrize("tau,decay_input,vth,v_reset", NEURONS[:3])
-@pytest.mark.parametrize("surrogate", [0, 1])
+@pytest.mark.parametrize("surrogate", [0, 1, 2, 3])
 def test_bn_lif_bwd_algorithm_matches_float64_reference(ext, bn_train, tau, decay_input, vth,
                                                         v_reset, surrogate):
     T, N, C, S = 4, 3, 6, 25
@@ -345,7 +362,7 @@ def test_bn_lif_bwd_algorithm_matches_float64_reference(ext, bn_train, tau, deca
     scale, shift = torch.rand(C) + 0.5, torch.randn(C) * 0.3 + 0.5
     res = torch.randn_like(z) * 0.5
     gs = torch.randn_like(z)
-    alpha = 2.0 if surrogate == 0 else 4.0
+    alpha = (2.0, 4.0, 1.0, 0.6)[surrogate]
     _, mean, var = ref.epilogue(z, scale, shift, res, bn_train, 1e-5)
     vr, soft = _vr(v_reset)
     got = ext.bn_lif_bwd(gs, z, scale, shift, mean, var, res, bn_train, 1e-5, tau, decay_input,

@@ -77,7 +77,9 @@ EXACT_VARIANTS = [
     "bn_lif_fwd counts=False bn_train=False decay_input=True hard=True",
     "lif_bwd surrogate=0 hard=True detach=False",
     "lif_bwd surrogate=0 hard=False detach=False",
-    "lif_bwd surrogate=1 hard=False detach=True",
+    "lif_bwd surrogate=2 hard=True detach=False",
+    "lif_bwd surrogate=3 hard=False detach=True",
+    "lif_bwd surrogate=1 hard=False detach=True",  # last: the sigmoid (checked for its expf)
 ]
 #: Compiled a second time with FMA contraction allowed (what the launch did before): the
 #: control that shows the PTX check can fail, and that the option is what removes the FMAs.

@@ -19,6 +19,7 @@ from helpers import (
     assert_spikes_equal,
     backend_device,
     sj_modules,
+    sj_surrogate,
     triton_param,
 )
 
@@ -34,7 +35,7 @@ BACKENDS = [
     triton_param(),  # CUDA tensors where a GPU is visible, else the interpreter on the CPU
     pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
 ]
-SURROGATES = [("atan", 2.0), ("sigmoid", 4.0)]
+SURROGATES = [("atan", 2.0), ("sigmoid", 4.0), ("rect", 1.0), ("piecewise_quadratic", 1.0)]
 RESETS = [pytest.param(0.0, id="hard"), pytest.param(None, id="soft")]
 
 
@@ -43,7 +44,7 @@ def _dev(backend: str) -> str:
 
 
 def _sj_if(v_reset, detach_reset, kind, alpha, v_threshold=1.0):
-    fn = surrogate.ATan(alpha=alpha) if kind == "atan" else surrogate.Sigmoid(alpha=alpha)
+    fn = sj_surrogate(kind, alpha)
     return neuron.IFNode(v_threshold=v_threshold, v_reset=v_reset, surrogate_function=fn,
                          detach_reset=detach_reset, step_mode="m")
 

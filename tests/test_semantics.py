@@ -13,6 +13,7 @@ from helpers import (
     biprop_weight64,
     layer64,
     sj_modules,
+    sj_surrogate,
     stable_seed,
 )
 
@@ -24,7 +25,7 @@ functional, layer, neuron, surrogate = sj_modules("functional", "layer", "neuron
 
 
 def _sj_surrogate(kind, alpha):
-    return surrogate.ATan(alpha=alpha) if kind == "atan" else surrogate.Sigmoid(alpha=alpha)
+    return sj_surrogate(kind, alpha)
 
 
 def _random_config(rng: random.Random):
@@ -119,7 +120,9 @@ def test_lif_module_bit_exact_with_spikingjelly():
 
 
 @pytest.mark.parametrize("kind,alpha", [("atan", 2.0), ("atan", 3.3), ("sigmoid", 4.0),
-                                        ("sigmoid", 1.7)])
+                                        ("sigmoid", 1.7), ("rect", 1.0), ("rect", 0.7),
+                                        ("piecewise_quadratic", 1.0),
+                                        ("piecewise_quadratic", 0.6)])
 def test_lif_gradient_matches_spikingjelly(kind, alpha):
     torch.manual_seed(1)
     x = (torch.randn(5, 4, 11) * 1.2).requires_grad_()

@@ -122,9 +122,15 @@ CASES = [
     (2, 1, 0.0, 1, True, False, True, True, 2.0),
     (1, 0, None, 0, False, True, False, False, 3.0),
     (2, 1, -0.2, 0, False, True, True, False, 1.5),
+    (1, 1, 0.0, 2, True, True, False, False, 2.0),
+    (2, 0, None, 3, False, False, True, False, 3.0),
 ]
 CASE_IDS = ["s1p1-hard-atan-eval", "s2p0-soft-sig-train-res", "s2p1-hard-sig-train",
-            "s1p0-soft-atan-eval-res", "s2p1-hardneg-atan-eval-res"]
+            "s1p0-soft-atan-eval-res", "s2p1-hardneg-atan-eval-res", "s1p1-hard-rect-train-res",
+            "s2p0-soft-pq-eval"]
+#: the alpha of each surrogate id in these tests (Rect / PiecewiseQuadratic: not SpikingJelly's
+#: default 1, so that the windows' edges 0.5/alpha and 1/alpha are inexact in float32)
+S_ALPHA = (2.0, 4.0, 0.7, 0.6)
 
 T, N, CI, CO, HW = 2, 1, 33, 5, 5
 GEOM = (T, N, CI, CO, HW, HW, 3)  # (T, N, C_in, C_out, H, W, kernel)
@@ -165,7 +171,7 @@ def _check_bconv_case(device, case, geom=GEOM, check_rate=True):
     stride, padding, v_reset, surrogate, bn_train, residual, decay_input, detach, tau = case
     t, ci = geom[0], geom[2]
     d = _make_layer(device, stride, padding, residual, geom)
-    eps, v_th, s_alpha = 1e-5, 1.0, (2.0 if surrogate == 0 else 4.0)
+    eps, v_th, s_alpha = 1e-5, 1.0, S_ALPHA[surrogate]
     fwd_args = (d["xp"], d["wm"], d["wp"], d["alpha"], d["scale"], d["shift"], d["res"], t, stride,
                 padding, bn_train, eps, tau, decay_input, v_th, v_reset)
     spikes, counts, mean, var = tri.bconv_lif_triton(*fwd_args)
@@ -256,12 +262,15 @@ BN_CASES = [
     ((2, 3, 4, 3, 5), 0.0, 0, True, False, True, False),
     ((3, 2, 6), None, 1, False, True, False, True),
     ((2, 2, 3, 7), 0.0, 1, True, True, True, True),
+    ((2, 3, 4, 5), 0.0, 2, True, True, False, False),
+    ((3, 2, 6), None, 3, False, False, True, False),
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", BN_CASES, ids=["5d-hard-atan-train", "linear-soft-sig-eval-res",
-                                                "4d-hard-sig-train-res"])
+                                                "4d-hard-sig-train-res", "4d-hard-rect-train-res",
+                                                "linear-soft-pq-eval"])
 def test_bn_lif_forward_and_backward(device, case):
     _no_triton_error()
     shape, v_reset, surrogate, bn_train, residual, decay_input, detach = case
@@ -272,7 +281,7 @@ def test_bn_lif_forward_and_backward(device, case):
     shift = 0.5 + 0.3 * torch.randn(c, generator=g)
     res = 0.3 * torch.randn(shape, generator=g) if residual else None
     gs = torch.randn(shape, generator=g)
-    eps, tau, v_th, s_alpha = 1e-5, 2.0, 1.0, (2.0 if surrogate == 0 else 4.0)
+    eps, tau, v_th, s_alpha = 1e-5, 2.0, 1.0, S_ALPHA[surrogate]
     dv = lambda t: None if t is None else t.to(device)  # noqa: E731
     spikes, mean, var = tri.bn_lif_triton(dv(z), dv(scale), dv(shift), dv(res), bn_train, eps,
                                           tau, decay_input, v_th, v_reset)

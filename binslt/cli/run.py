@@ -145,7 +145,8 @@ def add_run_options(p: argparse.ArgumentParser, *, with_out: bool = True) -> Non
     n.add_argument("--surrogate", choices=train.SURROGATES, default=S,
                    help=f"(default {d.surrogate})")
     n.add_argument("--surrogate-alpha", type=float, default=S,
-                   help=f"(default {d.surrogate_alpha})")
+                   help=f"(default {d.surrogate_alpha}; SpikingJelly's defaults: atan 2, "
+                   "sigmoid 4, rect 1, piecewise_quadratic 1)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=S, help=f"(default {d.epochs})")
     o.add_argument("--optimizer", choices=train.OPTIMIZERS, default=S,

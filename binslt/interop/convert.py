@@ -42,8 +42,8 @@ BatchNorm with scale 1 and shift ``b`` (running mean 0, variance 1, eps 0), whic
 epilogue applies as its per-channel shift. A ``BinLinear`` with a bias is followed by a ``Bias``
 module in an ``nn.Sequential``.
 
-Neurons. ``LIFNode`` and ``IFNode`` in step mode 'm' with the ATan or Sigmoid surrogate carry
-their settings over (IF needs a build whose layers take ``neuron='if'``). Other neuron types
+Neurons. ``LIFNode`` and ``IFNode`` in step mode 'm' with the ATan, Sigmoid, Rect or
+PiecewiseQuadratic surrogate carry their settings over (IF needs a build whose layers take ``neuron='if'``). Other neuron types
 (``ParametricLIFNode`` with a learnt tau, ...) and unsupported settings are left alone and the
 report says why; their conv still becomes a ``BinConv2d``.
 
@@ -454,6 +454,14 @@ def _if_supported() -> bool:
     return "neuron" in inspect.signature(BinSpikeConv2d.__init__).parameters
 
 
+def _surrogate_name(sg) -> str | None:
+    """binslt's name (``binslt.ops.schemas.SURROGATES``) of a SpikingJelly surrogate object, or
+    None when binslt has no such surrogate."""
+    _, _, surrogate = _sj()
+    return {surrogate.ATan: "atan", surrogate.Sigmoid: "sigmoid", surrogate.Rect: "rect",
+            surrogate.PiecewiseQuadratic: "piecewise_quadratic"}.get(type(sg))
+
+
 def _neuron_problem(m: nn.Module) -> str:
     _, neuron, surrogate = _sj()
     k = _kind(m)
@@ -472,8 +480,9 @@ def _neuron_problem(m: nn.Module) -> str:
         return ("holds membrane state from an earlier call (stateful use); call "
                 "spikingjelly functional.reset_net(model) first if the calls are independent")
     sg = m.surrogate_function
-    if type(sg) not in (surrogate.ATan, surrogate.Sigmoid):
-        return f"surrogate {type(sg).__name__} is not supported (ATan or Sigmoid)"
+    if _surrogate_name(sg) is None:
+        return (f"surrogate {type(sg).__name__} is not supported (ATan, Sigmoid, Rect or "
+                "PiecewiseQuadratic)")
     if not getattr(sg, "spiking", True):
         return "surrogate in non-spiking mode (spiking=False)"
     if k == "lif" and not (float(m.tau) >= 1.0):
@@ -491,7 +500,7 @@ def _neuron_settings(m: nn.Module) -> dict:
                 v_threshold=float(m.v_threshold),
                 v_reset=None if m.v_reset is None else float(m.v_reset),
                 detach_reset=bool(m.detach_reset),
-                surrogate="atan" if type(sg) is surrogate.ATan else "sigmoid",
+                surrogate=_surrogate_name(sg),
                 surrogate_alpha=float(sg.alpha))
 
 

@@ -74,8 +74,10 @@ _NEURON_ARGS = """\
         v_reset (float or None): hard-reset potential (default 0.0); None: soft reset (subtract
             the threshold).
         detach_reset (bool): keep the reset out of the backward graph (default False).
-        surrogate (str): the spike's surrogate gradient, 'atan' (default) or 'sigmoid'.
-        surrogate_alpha (float): the surrogate's sharpness (default 2.0).
+        surrogate (str): the spike's surrogate gradient, 'atan' (default), 'sigmoid', 'rect' or
+            'piecewise_quadratic' (SpikingJelly's ATan, Sigmoid, Rect, PiecewiseQuadratic).
+        surrogate_alpha (float): the surrogate's sharpness (default 2.0; SpikingJelly's defaults
+            are ``binslt.ops.schemas.DEFAULT_SURROGATE_ALPHA``).
         neuron (str): 'lif' (default) or 'if' (SpikingJelly's IFNode, H = V + X: takes no tau,
             decay or decay_input=True)."""
 

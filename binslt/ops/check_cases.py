@@ -15,6 +15,7 @@ from .check_rules import (
     TIE_BAND,
     tie_mask,
 )
+from .schemas import DEFAULT_SURROGATE_ALPHA, SURROGATES
 
 # ---------------------------------------------------------------------------------------------
 # The cases: odd shapes, every epilogue and neuron form
@@ -32,7 +33,7 @@ class ConvCase:
     neuron: tuple  # (tau, decay_input, v_threshold, v_reset)
     bn_train: bool
     residual: bool
-    surrogate: int  # 0 atan, 1 sigmoid
+    surrogate: int  # 0 atan, 1 sigmoid, 2 rect, 3 piecewise_quadratic (SURROGATES)
     detach: bool
     pool: int = 1  # bconv_lif_infer's pool / packed input / packed output
     packed_in: bool = False
@@ -48,6 +49,8 @@ CONV_CASES = [
              False, True, 0, True, pool=2, packed_in=True, packed_out=True),
     ConvCase("lif-c3-co33-s1p0-bn-pool", (2, 1, 3, 33, 6, 5, 3), 1, 0, (1.5, True, 0.5, -0.2),
              True, False, 0, False, pool=2, packed_in=True),
+    ConvCase("lif-c35-s1p1-bn-rect", (2, 1, 35, 6, 5, 5, 3), 1, 1, (2.0, False, 1.0, 0.0),
+             True, False, 2, False),
 ]
 
 
@@ -66,7 +69,14 @@ BN_CASES = [
     BnCase("lif-5d-bn", (2, 3, 5, 3, 3), (2.0, True, 1.0, 0.0), True, False, 0, False),
     BnCase("lif-linear-eval-res", (3, 2, 6), (100.0, False, 1.0, None), False, True, 1, True),
     BnCase("if-4d-bn-res", (2, 2, 3, 7), (INF, False, 1.0, 0.0), True, True, 1, False),
+    BnCase("lif-4d-bn-rect", (3, 2, 4, 6), (2.0, True, 1.0, 0.0), True, False, 2, False),
+    BnCase("lif-linear-eval-res-pq", (3, 2, 6), (1.5, False, 1.0, None), False, True, 3, False),
 ]
+
+
+def _surrogate_alpha(surrogate: int) -> float:
+    """SpikingJelly's default alpha of a surrogate id."""
+    return DEFAULT_SURROGATE_ALPHA[next(k for k, v in SURROGATES.items() if v == surrogate)]
 
 
 def _h(z64, scale, shift, res, bn_train, eps, neuron):
@@ -141,7 +151,7 @@ def _check_conv_case(op_of, lines, case: ConvCase, device, seed: int) -> None:
     d = _to(d0, device)
     t, n, ci, co = case.geom[:4]
     tau, decay_input, v_th, v_reset = case.neuron
-    eps, s_alpha = 1e-5, (2.0 if case.surrogate == 0 else 4.0)
+    eps, s_alpha = 1e-5, _surrogate_alpha(case.surrogate)
     cn = case.name
     # Every op is checked on its own inputs (the reference's where one op feeds another), so a
     # failing op fails its own line only.
@@ -234,7 +244,7 @@ def _check_bn_case(op_of, lines, case: BnCase, device, seed: int) -> None:
     d0 = _bn_data(case, seed)
     d = _to(d0, device)
     tau, decay_input, v_th, v_reset = case.neuron
-    eps, s_alpha = 1e-5, (2.0 if case.surrogate == 0 else 4.0)
+    eps, s_alpha = 1e-5, _surrogate_alpha(case.surrogate)
     cn = case.name
     r_spikes, r_mean, r_var = ref.bn_lif_reference(d0["z"], d0["scale"], d0["shift"], d0["res"],
                                                    case.bn_train, eps, tau, decay_input, v_th,

@@ -91,9 +91,9 @@ def check_bn_eps(op: str, bn_eps: float) -> None:
 
 def check_surrogate(op: str, surrogate: int, surrogate_alpha: float) -> None:
     """The backward's surrogate gradient: its id and its alpha."""
-    if surrogate not in (0, 1):
-        raise ValueError(f"binslt::{op}: surrogate must be 0 (atan) or 1 (sigmoid), got "
-                         f"{surrogate}")
+    if surrogate not in (0, 1, 2, 3):
+        raise ValueError(f"binslt::{op}: surrogate must be 0 (atan), 1 (sigmoid), 2 (rect) or 3 "
+                         f"(piecewise_quadratic), got {surrogate}")
     if not (_finite(surrogate_alpha) and surrogate_alpha > 0):
         raise ValueError(f"binslt::{op}: surrogate_alpha must be finite and > 0, got "
                          f"{surrogate_alpha}")

@@ -19,6 +19,12 @@ def surrogate_grad(x: torch.Tensor, surrogate: int, alpha: float) -> torch.Tenso
 
     surrogate 0 (ATan):    alpha / (2 * (1 + (pi/2 * alpha * x)^2))
     surrogate 1 (Sigmoid): alpha * sig(alpha x) * (1 - sig(alpha x))
+    surrogate 2 (Rect):    alpha where |x| < 0.5/alpha (strict), else 0
+    surrogate 3 (PiecewiseQuadratic): alpha - alpha^2 |x| where |x| <= 1/alpha (non-strict),
+                           else 0
+    Rect and PiecewiseQuadratic are SpikingJelly's ``rect_backward`` and
+    ``piecewise_quadratic_backward`` expressions (Python-float scalars against ``x``'s dtype), so
+    float32 results agree with them bit for bit.
     """
     if surrogate == 0:
         z = x * (math.pi / 2 * alpha)
@@ -26,7 +32,13 @@ def surrogate_grad(x: torch.Tensor, surrogate: int, alpha: float) -> torch.Tenso
     if surrogate == 1:
         s = torch.sigmoid(alpha * x)
         return (1 - s) * s * alpha
-    raise ValueError(f"surrogate must be 0 (atan) or 1 (sigmoid), got {surrogate}")
+    if surrogate == 2:
+        return alpha * (x.abs() < 0.5 / alpha).to(x.dtype)
+    if surrogate == 3:
+        x_abs = x.abs()
+        return (-(alpha**2) * x_abs + alpha).masked_fill(x_abs > 1 / alpha, 0.0)
+    raise ValueError(f"surrogate must be 0 (atan), 1 (sigmoid), 2 (rect) or 3 "
+                     f"(piecewise_quadratic), got {surrogate}")
 
 
 class _SpikeFn(torch.autograd.Function):

@@ -13,7 +13,8 @@ Conventions shared by all ops (see docs/design.md sections 1-2):
 
 * Spikes are packed channel-last, 32 channels per int32 word: bit ``c % 32`` of word ``c // 32``.
   Unused high bits are zero, so zero padding needs no correction.
-* ``surrogate`` is an int: 0 = ATan (SpikingJelly's ``surrogate.ATan``), 1 = Sigmoid.
+* ``surrogate`` is an int: 0 = ATan (SpikingJelly's ``surrogate.ATan``), 1 = Sigmoid, 2 = Rect,
+  3 = PiecewiseQuadratic (``SURROGATES``).
 * ``v_reset=None`` is a soft reset (subtract the threshold); a number is a hard reset to it.
 * The epilogue applied to the conv result ``Z`` (``Z = alpha[c] * count`` for the binary conv):
   ``bn_train``: ``Y = (Z - mean_c) / sqrt(var_c + eps) * scale_c + shift_c`` with batch
@@ -97,8 +98,10 @@ SCHEMAS: dict[str, str] = {
     ),
 }
 
-SURROGATES = {"atan": 0, "sigmoid": 1}
-DEFAULT_SURROGATE_ALPHA = {"atan": 2.0, "sigmoid": 4.0}
+#: Surrogate name -> id, and SpikingJelly's default alpha of each (surrogate.ATan, .Sigmoid,
+#: .Rect, .PiecewiseQuadratic).
+SURROGATES = {"atan": 0, "sigmoid": 1, "rect": 2, "piecewise_quadratic": 3}
+DEFAULT_SURROGATE_ALPHA = {"atan": 2.0, "sigmoid": 4.0, "rect": 1.0, "piecewise_quadratic": 1.0}
 
 # Weight-side ops of the search step: a CPU kernel where it pays, the reference on every other
 # device (no Triton or CUDA form: the scores are small next to the activations).

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..nn.layers import NEURONS as _LAYER_NEURONS
+from ..ops import schemas as _schemas
 from .errors import DivergedError, RunError
 
 __all__ = ["ARCHS", "DivergedError", "METHODS", "RunConfig", "RunError"]
@@ -18,7 +19,7 @@ SPIKING = ("binwslt", "snn")
 MASKED = ("binwslt", "bnn")
 ARCHS = ("conv4", "vgg9", "vgg11", "resnet19")
 OPTIMIZERS = ("sgd", "adam")
-SURROGATES = ("atan", "sigmoid")
+SURROGATES = tuple(_schemas.SURROGATES)  # atan | sigmoid | rect | piecewise_quadratic
 NEURONS = _LAYER_NEURONS  # lif | if
 
 

@@ -99,8 +99,9 @@ inline NeuronParams checked_neuron(const char* op, double tau, bool decay_input,
                     ": v_threshold must be finite, got ", v_threshold);
   TORCH_CHECK_VALUE(!v_reset.has_value() || std::isfinite(*v_reset), "binslt::", op,
                     ": v_reset must be None (soft reset) or finite, got ", v_reset.value_or(0.0));
-  TORCH_CHECK_VALUE(surrogate == 0 || surrogate == 1, "binslt::", op,
-                    ": surrogate must be 0 (atan) or 1 (sigmoid), got ", surrogate);
+  TORCH_CHECK_VALUE(surrogate >= 0 && surrogate < kNumSurrogates, "binslt::", op,
+                    ": surrogate must be 0 (atan), 1 (sigmoid), 2 (rect) or 3 "
+                    "(piecewise_quadratic), got ", surrogate);
   TORCH_CHECK_VALUE(std::isfinite(surrogate_alpha) && surrogate_alpha > 0.0, "binslt::", op,
                     ": surrogate_alpha must be finite and > 0, got ", surrogate_alpha);
   return neuron_params(tau, decay_input, v_threshold, v_reset.has_value(), v_reset.value_or(0.0),

@@ -121,34 +121,27 @@ inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const 
     }
   }
   for (int i = 0; i < L; ++i) gv[i] = 0.0f;
-  // The surrogate is a compile-time constant in each copy of the step loop, so that the ATan
-  // loop (no expf call) vectorizes; the float arithmetic is the same either way.
-  auto step = [&](const NeuronParams& q, int t) {
-    const float* __restrict g = gs + t * gstep;
-    float* __restrict gc = gcur + t * step_stride;
-    const float* __restrict h = hbuf + t * kRowChunk;
-    for (int i = 0; i < L; ++i) {
-      float carry;
-      const float gh = lif_backward_step(g[i], gv[i], h[i], q, &carry);
-      gv[i] = carry;
-      gc[i] = lif_input_grad(gh, q);
+  // The surrogate is a compile-time constant in each copy of the BPTT loop (with_surrogate), so
+  // that the loops without an expf call vectorize; the float arithmetic is the same either way.
+  with_surrogate(p.surrogate, [&](auto sur) {
+    constexpr int S = decltype(sur)::value;
+    for (int t = T - 1; t >= 0; --t) {
+      const float* __restrict g = gs + t * gstep;
+      float* __restrict gc = gcur + t * step_stride;
+      const float* __restrict h = hbuf + t * kRowChunk;
+      for (int i = 0; i < L; ++i) {
+        float carry;
+        const float gh = lif_backward_step<S>(g[i], gv[i], h[i], p, &carry);
+        gv[i] = carry;
+        gc[i] = lif_input_grad(gh, p);
+      }
+      for (int i = 0; i < L; ++i) {
+        const double gx = gc[i];
+        acc_g[i] += gx;
+        acc_gx[i] += gx * static_cast<double>(aff.normalized(zat(t, i)));
+      }
     }
-  };
-  NeuronParams q_atan = p, q_sig = p;
-  q_atan.surrogate = kATan;
-  q_sig.surrogate = kSigmoid;
-  for (int t = T - 1; t >= 0; --t) {
-    if (p.surrogate == kATan)
-      step(q_atan, t);
-    else
-      step(q_sig, t);
-    const float* gc = gcur + t * step_stride;
-    for (int i = 0; i < L; ++i) {
-      const double gx = gc[i];
-      acc_g[i] += gx;
-      acc_gx[i] += gx * static_cast<double>(aff.normalized(zat(t, i)));
-    }
-  }
+  });
 }
 
 // Per-channel dL/dz from dL/dX (g): eval a*g; BN train k*(g - mean(g) - xhat*mean(g*xhat)),

@@ -8,6 +8,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define BINSLT_HD __host__ __device__ __forceinline__
@@ -17,7 +19,10 @@
 
 namespace binslt {
 
-enum Surrogate : int { kATan = 0, kSigmoid = 1 };
+// The surrogate derivatives g'(x) of the spike, SpikingJelly's surrogate.ATan, .Sigmoid, .Rect and
+// .PiecewiseQuadratic (the ids of binslt.ops.schemas.SURROGATES).
+enum Surrogate : int { kATan = 0, kSigmoid = 1, kRect = 2, kPiecewiseQuadratic = 3 };
+constexpr int kNumSurrogates = 4;
 
 struct NeuronParams {
   float tau;
@@ -28,7 +33,18 @@ struct NeuronParams {
   bool detach_reset;
   int surrogate;      // Surrogate
   float surrogate_alpha;
+  // Rect / PiecewiseQuadratic constants, each rounded once to float32 from the double alpha, as
+  // SpikingJelly's torch expressions round their Python-float scalars against a float32 tensor:
+  float surrogate_alpha_sq;  // alpha**2
+  float surrogate_bound;     // the window's half-width: 0.5 / alpha (Rect), 1 / alpha (PQ)
 };
+
+// NeuronParams::surrogate_bound (0 for the surrogates without a window).
+inline float surrogate_bound_of(int64_t surrogate, double alpha) {
+  if (surrogate == kRect) return static_cast<float>(0.5 / alpha);
+  if (surrogate == kPiecewiseQuadratic) return static_cast<float>(1.0 / alpha);
+  return 0.0f;
+}
 
 // The neuron settings from an op's scalar arguments (host side, after the caller's checks;
 // shared by the CPU and the CUDA entry points). has_reset = false is a soft reset.
@@ -44,6 +60,8 @@ inline NeuronParams neuron_params(double tau, bool decay_input, double v_thresho
   p.detach_reset = detach_reset;
   p.surrogate = static_cast<int>(surrogate);
   p.surrogate_alpha = static_cast<float>(surrogate_alpha);
+  p.surrogate_alpha_sq = static_cast<float>(surrogate_alpha * surrogate_alpha);
+  p.surrogate_bound = surrogate_bound_of(surrogate, surrogate_alpha);
   return p;
 }
 
@@ -62,22 +80,73 @@ BINSLT_HD float lif_reset(float h, float s, const NeuronParams& p) {
   return p.soft_reset ? h - s * p.v_threshold : s * p.v_reset + (1.0f - s) * h;
 }
 
-// g'(x) at x = H - v_threshold (SpikingJelly's ATan / Sigmoid derivatives).
-BINSLT_HD float surrogate_grad(float x, int surrogate, float alpha) {
-  if (surrogate == kATan) {
+// g'(x) at x = H - v_threshold for the surrogate S (SpikingJelly's backward formulas, in their
+// float32 operation order):
+//   ATan:    (alpha / 2) / (1 + (pi/2 alpha x)^2)
+//   Sigmoid: (1 - s) s alpha,  s = 1 / (1 + exp(-alpha x))
+//   Rect:    alpha where |x| < 0.5/alpha (strict), else 0
+//   PiecewiseQuadratic: alpha - alpha^2 |x| where |x| <= 1/alpha (non-strict), else 0
+// zero ? +0.0f : v. On the host a bit mask, not a branch: GCC does not if-convert a select whose
+// arm holds float arithmetic (it might trap, -ftrapping-math), so a loop over
+// `zero ? 0.0f : a * b + c` would not vectorize.
+BINSLT_HD float zero_where(bool zero, float v) {
+#if defined(__CUDA_ARCH__)
+  return zero ? 0.0f : v;
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits &= zero ? 0u : ~0u;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+#endif
+}
+
+template <int S>
+BINSLT_HD float surrogate_grad_of(float x, const NeuronParams& p) {
+  const float alpha = p.surrogate_alpha;
+  if (S == kATan) {
     const float z = x * (1.5707963267948966f * alpha);
     return (alpha * 0.5f) / (1.0f + z * z);
+  } else if (S == kSigmoid) {
+    const float s = 1.0f / (1.0f + expf(-alpha * x));
+    return (1.0f - s) * s * alpha;
+  } else if (S == kRect) {
+    return fabsf(x) < p.surrogate_bound ? alpha : 0.0f;
+  } else {
+    const float ax = fabsf(x);
+    return zero_where(ax > p.surrogate_bound, -p.surrogate_alpha_sq * ax + alpha);
   }
-  const float s = 1.0f / (1.0f + expf(-alpha * x));
-  return (1.0f - s) * s * alpha;
+}
+
+// Calls f(std::integral_constant<int, S>{}) for the surrogate id S == surrogate, so that f's body
+// is compiled once per surrogate with S a compile-time constant (an unknown id runs ATan; the
+// ops check the id first).
+template <class F>
+BINSLT_HD auto with_surrogate(int surrogate, F&& f) {
+  switch (surrogate) {
+    case kSigmoid: return f(std::integral_constant<int, kSigmoid>{});
+    case kRect: return f(std::integral_constant<int, kRect>{});
+    case kPiecewiseQuadratic: return f(std::integral_constant<int, kPiecewiseQuadratic>{});
+    default: return f(std::integral_constant<int, kATan>{});
+  }
+}
+
+// g'(x) for the surrogate p.surrogate (chosen at run time).
+BINSLT_HD float surrogate_grad(float x, const NeuronParams& p) {
+  return with_surrogate(p.surrogate,
+                        [&](auto s) { return surrogate_grad_of<decltype(s)::value>(x, p); });
 }
 
 // One step of LIF BPTT. Given dL/dS[t] (gs), the carried dL/dV[t] (gv) and H[t], returns
 // dL/dH[t]; writes the new carry dL/dV[t-1] = dL/dH[t] * dH[t]/dV[t-1] into *gv_prev.
 // dH/dX = 1/tau (decay_input) or 1; dH[t]/dV[t-1] = 1 - 1/tau.
+// S: the surrogate as a compile-time constant (kernels compiled once per surrogate), or -1 to
+// take p.surrogate at run time.
+template <int S = -1>
 BINSLT_HD float lif_backward_step(float gs, float gv, float h, const NeuronParams& p,
                                   float* gv_prev) {
-  const float sg = surrogate_grad(h - p.v_threshold, p.surrogate, p.surrogate_alpha);
+  const float x = h - p.v_threshold;
+  const float sg = S < 0 ? surrogate_grad(x, p) : surrogate_grad_of<(S < 0 ? 0 : S)>(x, p);
   float dv_dh;  // dV[t]/dH[t] including the path through S[t] unless detached
   if (p.soft_reset) {
     dv_dh = p.detach_reset ? 1.0f : 1.0f - p.v_threshold * sg;

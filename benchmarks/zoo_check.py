@@ -16,7 +16,9 @@ with ``neuron.IFNode``, step mode 'm', CIFAR-shaped input ``[T, N, 3, 32, 32]``)
 The convolutional families run every depth: VGG-11/13/16/19 with and without BN, spiking
 ResNet-18/34/50/101/152 and the wide ResNets, SEW ResNets with ADD, AND and IAND, MS-ResNet-18/34
 and Max-ResNet-18. The VGGs' 4096-wide classifier (25088 inputs) is shrunk to 512 -> 64 -> 64 ->
-10 layers of the same types in the same places, as tests/test_zoo.py does. The transformers and
+10 layers of the same types in the same places, as tests/test_zoo.py does; the BN-less VGGs'
+convs and linears are rescaled layer by layer (LSUV-style, output std 1.5 with sign weights) so
+that they fire at all (at the zoo's own initialisation every layer stays below threshold on this input). The transformers and
 the other architectures (Spikformer, QKFormer, Spike-driven Transformer, MaxFormer at CIFAR
 size with LIF / IF; the PLIF CIFAR-10 net with LIF and with its own ``ParametricLIFNode``, which
 binslt does not model) are converted as far as they go: the row says how many layers converted, what
@@ -81,15 +83,50 @@ def _vgg(name: str) -> Callable:
             m.classifier[6] = layer.Linear(64, 10)
         m = m.to_empty(device="cpu")
         m._initialize_weights()
-        with torch.no_grad():  # no BN before these neurons: scaled so that they fire
-            for i in (0, 3):
+        with torch.no_grad():
+            for i in (0, 3):  # no BN before these neurons: scaled so that they fire
                 m.classifier[i].weight.normal_(0, 0.3)
             for mod in m.modules():
                 if isinstance(mod, nn.BatchNorm2d):  # to_empty left them unset
                     mod.reset_running_stats()
+        if not name.endswith("_bn"):
+            _scale_to_fire(m, [c for c in m.features if isinstance(c, nn.Conv2d)]
+                           + [m.classifier[0], m.classifier[3]])
         return m
 
     return make
+
+
+@torch.no_grad()
+def _scale_to_fire(m: nn.Module, layers: list, target: float = 1.5) -> None:
+    """Layer by layer (LSUV-style), scales each conv / linear of ``layers`` so that its output
+    has standard deviation ``target`` on a fixed CIFAR-shaped batch, measured with the weights
+    as a search at prune rate 0.5 starts them (mean |w| * sign(w) on a random half): without
+    BN, the zoo's own initialisation leaves SpikingJelly's VGGs silent (pre-activations ~0.2
+    against a threshold of 1), and a silent network would pass the logit check trivially."""
+    functional, _, _, _ = _sj()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 8, 3, 32, 32, generator=g)
+    orig = [lin.weight.detach().clone() for lin in layers]
+    signs = [w.abs().mean() * torch.sign(w) * (torch.rand(w.shape, generator=g) < 0.5)
+             for w in orig]
+    scale = [1.0] * len(layers)
+    functional.set_step_mode(m, "m")
+    for i, lin in enumerate(layers):
+        for j, other in enumerate(layers):
+            other.weight.copy_(scale[j] * signs[j])
+        seen: list = []
+        h = lin.register_forward_hook(lambda mod, a, o, seen=seen: seen.append(float(o.std())))
+        functional.reset_net(m)
+        m(x)
+        h.remove()
+        if seen and seen[0] > 0:
+            scale[i] = target / seen[0]
+    for lin, w, c in zip(layers, orig, scale):
+        lin.weight.copy_(c * w)
+        if lin.bias is not None:
+            lin.bias.mul_(c)
+    functional.reset_net(m)
 
 
 def _resnet(name: str) -> Callable:

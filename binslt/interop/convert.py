@@ -71,6 +71,11 @@ Search mode trains the scores only: every other parameter is frozen (BN affine p
 with ``train_bn=True``); ``report.trainable`` / ``report.frozen`` say which, and
 ``to_spikingjelly`` unfreezes them again.
 
+Tickets. The converted model carries its conversion's settings as ``build_config`` (arch
+``'converted'``; ``convert_tickets``): ``binslt.export_ticket`` saves it like any binslt
+network, and ``binslt.load_ticket(path, model=factory())`` converts the user's model again with
+those settings and loads the file into it.
+
 ``to_spikingjelly(model)`` turns a converted model (its ticket) back into a plain SpikingJelly
 model whose layers carry ``alpha * sign(w) * M``, rebuilt from meta-device copies of the original
 modules that ``convert`` keeps (no weights).

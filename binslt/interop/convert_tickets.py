@@ -42,9 +42,10 @@ def conversion_config(user_type: type, example_input, **settings: Any) -> dict[s
                 example_input=example, **settings)
 
 
-def example_from_config(config: dict[str, Any]):
-    """An example input of the recorded shapes and dtypes: uniform [0, 1) values (0/1 spikes for
-    ``spike_input`` models) from a fixed seed; None when the conversion had none."""
+def example_from_config(config: dict[str, Any], device: torch.device | None = None):
+    """An example input of the recorded shapes and dtypes (on ``device``): uniform [0, 1) values
+    (0/1 spikes for ``spike_input`` models) from a fixed seed; None when the conversion had
+    none."""
     ex = config.get("example_input")
     if ex is None:
         return None
@@ -55,7 +56,7 @@ def example_from_config(config: dict[str, Any]):
         x = torch.rand(t["shape"], generator=g)
         if config.get("spike_input"):
             x = (x < 0.5).float()
-        out.append(x.to(dtype))
+        out.append(x.to(device=device, dtype=dtype))
     return tuple(out) if ex["tuple"] else out[0]
 
 
@@ -83,7 +84,8 @@ def structure_for_ticket(config: dict[str, Any], model: Optional[nn.Module],
     settings = {k: config[k] for k in ("prune_rate", "keep_dense", "per_channel_gain", "strict",
                                        "train_bn", "spike_input") if k in config}
     try:
-        out, _ = convert(copy.deepcopy(model), example_input=example_from_config(config),
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        out, _ = convert(copy.deepcopy(model), example_input=example_from_config(config, device),
                          backend=backend or config.get("backend", "auto"), inplace=True,
                          **settings)
     except (TypeError, ValueError) as exc:

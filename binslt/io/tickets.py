@@ -51,7 +51,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -60,7 +60,7 @@ from ..nn.layers import BinSpikeConv2d, BinSpikeLinear, _MaskedSignWeight
 from .artifacts import ArtifactError, PathLike, atomic_write_bytes, first_line, rebuild_model
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "TicketError", "export_ticket", "load_ticket",
-           "read_ticket_metadata", "fp32_state_dict_bytes"]
+           "read_ticket_metadata", "fp32_state_dict_bytes", "STRUCTURE_FROM_MODEL"]
 
 FORMAT_NAME = "binslt-ticket"
 FORMAT_VERSION = 1
@@ -68,6 +68,11 @@ FORMAT_VERSION = 1
 PACKED_KEYS = ("w_mask_bits", "w_pos_bits", "alpha")
 _LATENT_KEYS = ("weight", "scores", "mask")  # masked layers' fp32 tensors a ticket drops
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save files are zip archives
+
+#: config ``arch`` -> ``fn(config, model, backend, path)``: the network a ticket of that arch
+#: loads into, made from the ``model=`` given to :func:`load_ticket` (its structure comes from
+#: the user's code). ``binslt.interop.convert`` registers ``'converted'`` (SpikingJelly models).
+STRUCTURE_FROM_MODEL: dict[str, Callable[..., nn.Module]] = {}
 
 
 class TicketError(ArtifactError):
@@ -369,7 +374,8 @@ def _check_tensors(p: str, model: nn.Module, layers: dict[str, _MaskedSignWeight
                           f"{stale[:5]}")
 
 
-def load_ticket(path: PathLike, *, device: Union[str, torch.device] = "cpu",
+def load_ticket(path: PathLike, *, model: Optional[nn.Module] = None,
+                device: Union[str, torch.device] = "cpu",
                 backend: str | None = None) -> nn.Module:
     """Load a ticket written by :func:`export_ticket`: a ready model in ``'frozen'`` mode, eval.
 
@@ -379,10 +385,16 @@ def load_ticket(path: PathLike, *, device: Union[str, torch.device] = "cpu",
     ``torch.inference_mode()`` to take the packed path (see the module docstring). Outputs are
     identical to those of the model that was exported (in eval mode).
 
+    ``model``: the network's structure from the user's code, as for a PyTorch state dict. A
+    ticket of a model converted by ``binslt.convert`` needs it: the unconverted SpikingJelly
+    model (``load_ticket(path, model=factory())``), which is converted again with the recorded
+    settings (a copy). For other tickets it replaces the rebuild from the config.
+
     Args:
         path (str or os.PathLike): a ticket file of :func:`export_ticket`.
         device (str or torch.device): where the model's tensors go.
         backend (str or None): the binslt layers' kernel backend (None: the file's).
+        model (torch.nn.Module or None): the network's structure from the user's code (above).
 
     Returns:
         The :class:`binslt.models.BinSLTNet`: images [N, C, H, W] -> logits [N, num_classes].
@@ -412,7 +424,11 @@ def load_ticket(path: PathLike, *, device: Union[str, torch.device] = "cpu",
     meta, tensors = _read(path)
     info = _check_metadata(path, meta, tensors, verify=True)
     config = dict(info["config"])
-    model = rebuild_model(config, backend, path=path, error=TicketError)
+    structure = STRUCTURE_FROM_MODEL.get(config.get("arch"))
+    if structure is not None:
+        model = structure(config, model, backend, path)
+    elif model is None:
+        model = rebuild_model(config, backend, path=path, error=TicketError)
     layers = _masked_layers(model)
     _check_tensors(p, model, layers, info["layers"], tensors, config.get("arch", "?"))
 

@@ -206,3 +206,34 @@ def test_command_line_without_warnings(how):
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "backends:" in r.stdout and "Deprecation" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes: a module is one responsibility, a function one step
+# ---------------------------------------------------------------------------------------------
+
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 80
+
+
+def _package_modules():
+    pkg = Path(__file__).resolve().parent.parent / "binslt"
+    return sorted(p for p in pkg.rglob("*.py") if "kernels" not in p.relative_to(pkg).parts)
+
+
+def test_no_module_over_600_lines_and_no_function_over_80():
+    """Every module of the binslt package (the Triton kernels, ``kernels/``, excepted) is at most
+    600 lines, and every function or method in it at most 80 (its docstring included)."""
+    mods = _package_modules()
+    assert len(mods) > 40  # the package, not an empty glob
+    long_mods, long_fns = [], []
+    for p in mods:
+        text = p.read_text()
+        if text.count("\n") > MAX_MODULE_LINES:
+            long_mods.append(f"{p.name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long_fns.append(f"{p.name}:{node.lineno} {node.name}: {n} lines")
+    assert not long_mods and not long_fns, long_mods + long_fns

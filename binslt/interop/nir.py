@@ -331,6 +331,31 @@ def _load_model(source) -> nn.Module:
 
 
 @torch.no_grad()
+def _exportable(model_or_path, example_input, dt, maxpool):
+    """The spiking BinSLTNet that ``to_nir`` exports, after checking its arguments."""
+    if maxpool not in MAXPOOL_FORMS:
+        raise NIRError(f"maxpool must be one of {MAXPOOL_FORMS}, got {maxpool!r}")
+    if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
+        raise NIRError(f"dt must be a positive number of seconds, got {dt!r}")
+    model = _load_model(model_or_path)
+    models = _models()
+    if not isinstance(model, models.BinSLTNet) or not model.spiking:
+        raise NIRError(f"to_nir exports spiking binslt networks (binslt.models.build(..., "
+                       f"variant='binwslt' or 'snn')); got {type(model).__name__}"
+                       + ("" if not isinstance(model, models.BinSLTNet)
+                          else f" of variant {model.build_config.get('variant')!r}"))
+    shape = (model.in_channels, *model.input_hw)
+    if example_input is not None and (not isinstance(example_input, torch.Tensor)
+                                      or tuple(example_input.shape[1:]) != shape):
+        raise NIRError(f"example_input must be images [N, {shape[0]}, {shape[1]}, {shape[2]}], "
+                       f"got {getattr(example_input, 'shape', type(example_input).__name__)}")
+    for n, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not mod.track_running_stats:
+            raise NIRError(f"layer {n!r}: a BatchNorm without running statistics has no "
+                           "inference-time scale and shift to fold")
+    return model
+
+
 def to_nir(model_or_path, example_input: Optional[torch.Tensor] = None, *,
            dt: float = DEFAULT_DT, maxpool: str = "threshold"):
     """Export a binslt network as a ``nir.NIRGraph``.
@@ -370,26 +395,8 @@ def to_nir(model_or_path, example_input: Optional[torch.Tensor] = None, *,
     from .. import __version__
 
     nir = _nir()
-    if maxpool not in MAXPOOL_FORMS:
-        raise NIRError(f"maxpool must be one of {MAXPOOL_FORMS}, got {maxpool!r}")
-    if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
-        raise NIRError(f"dt must be a positive number of seconds, got {dt!r}")
-    model = _load_model(model_or_path)
-    models = _models()
-    if not isinstance(model, models.BinSLTNet) or not model.spiking:
-        raise NIRError(f"to_nir exports spiking binslt networks (binslt.models.build(..., "
-                       f"variant='binwslt' or 'snn')); got {type(model).__name__}"
-                       + ("" if not isinstance(model, models.BinSLTNet)
-                          else f" of variant {model.build_config.get('variant')!r}"))
+    model = _exportable(model_or_path, example_input, dt, maxpool)
     shape = (model.in_channels, *model.input_hw)
-    if example_input is not None and (not isinstance(example_input, torch.Tensor)
-                                      or tuple(example_input.shape[1:]) != shape):
-        raise NIRError(f"example_input must be images [N, {shape[0]}, {shape[1]}, {shape[2]}], "
-                       f"got {getattr(example_input, 'shape', type(example_input).__name__)}")
-    for n, mod in model.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not mod.track_running_stats:
-            raise NIRError(f"layer {n!r}: a BatchNorm without running statistics has no "
-                           "inference-time scale and shift to fold")
     was_training = model.training
     model.eval()
     try:

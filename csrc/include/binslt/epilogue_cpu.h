@@ -121,27 +121,39 @@ inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const 
     }
   }
   for (int i = 0; i < L; ++i) gv[i] = 0.0f;
-  // The surrogate is a compile-time constant in each copy of the BPTT loop (with_surrogate), so
-  // that the loops without an expf call vectorize; the float arithmetic is the same either way.
-  with_surrogate(p.surrogate, [&](auto sur) {
-    constexpr int S = decltype(sur)::value;
-    for (int t = T - 1; t >= 0; --t) {
-      const float* __restrict g = gs + t * gstep;
-      float* __restrict gc = gcur + t * step_stride;
-      const float* __restrict h = hbuf + t * kRowChunk;
-      for (int i = 0; i < L; ++i) {
-        float carry;
-        const float gh = lif_backward_step<S>(g[i], gv[i], h[i], p, &carry);
-        gv[i] = carry;
-        gc[i] = lif_input_grad(gh, p);
-      }
-      for (int i = 0; i < L; ++i) {
-        const double gx = gc[i];
-        acc_g[i] += gx;
-        acc_gx[i] += gx * static_cast<double>(aff.normalized(zat(t, i)));
-      }
+  // The surrogate is a compile-time constant in each copy of the step loop (one NeuronParams
+  // per surrogate, constant-propagated into lif_backward_step), so that the loops without an
+  // expf call vectorize; the float arithmetic is the same either way.
+  auto step = [&](const NeuronParams& q, int t) {
+    const float* __restrict g = gs + t * gstep;
+    float* __restrict gc = gcur + t * step_stride;
+    const float* __restrict h = hbuf + t * kRowChunk;
+    for (int i = 0; i < L; ++i) {
+      float carry;
+      const float gh = lif_backward_step(g[i], gv[i], h[i], q, &carry);
+      gv[i] = carry;
+      gc[i] = lif_input_grad(gh, q);
     }
-  });
+  };
+  NeuronParams q_atan = p, q_sig = p, q_rect = p, q_pq = p;
+  q_atan.surrogate = kATan;
+  q_sig.surrogate = kSigmoid;
+  q_rect.surrogate = kRect;
+  q_pq.surrogate = kPiecewiseQuadratic;
+  for (int t = T - 1; t >= 0; --t) {
+    switch (p.surrogate) {
+      case kSigmoid: step(q_sig, t); break;
+      case kRect: step(q_rect, t); break;
+      case kPiecewiseQuadratic: step(q_pq, t); break;
+      default: step(q_atan, t); break;
+    }
+    const float* gc = gcur + t * step_stride;
+    for (int i = 0; i < L; ++i) {
+      const double gx = gc[i];
+      acc_g[i] += gx;
+      acc_gx[i] += gx * static_cast<double>(aff.normalized(zat(t, i)));
+    }
+  }
 }
 
 // Per-channel dL/dz from dL/dX (g): eval a*g; BN train k*(g - mean(g) - xhat*mean(g*xhat)),

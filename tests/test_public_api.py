@@ -310,14 +310,8 @@ def _public_callables():
             if inspect.isclass(getattr(binslt, n)) or inspect.isfunction(getattr(binslt, n))}
 
 
-#: Their docstrings live in binslt.interop.convert and have no example yet.
-WITHOUT_EXAMPLE = {"convert", "to_spikingjelly"}
-
-
 @pytest.mark.parametrize("name", sorted(_public_callables()))
 def test_public_callable_docstring_has_arguments_shapes_and_an_example(name):
-    if name in WITHOUT_EXAMPLE:
-        pytest.xfail(f"{name}: no example in its docstring")  # listed, so that it is seen
     obj = _public_callables()[name]
     doc = inspect.getdoc(obj) or ""
     target = obj.__init__ if inspect.isclass(obj) else obj
@@ -330,7 +324,7 @@ def test_public_callable_docstring_has_arguments_shapes_and_an_example(name):
     assert ">>> " in doc, f"{name}: no example"
 
 
-@pytest.mark.parametrize("name", sorted(set(_public_callables()) - WITHOUT_EXAMPLE))
+@pytest.mark.parametrize("name", sorted(_public_callables()))
 def test_public_callable_examples_run_as_doctests(name):
     import doctest
 

@@ -233,6 +233,15 @@ def _check_args(model, prune_rate, backend: str, keep_dense) -> tuple[float, set
     return float(prune_rate), keep, mods
 
 
+def _swap_dropouts(model, mods, dropouts, new_of, records, report) -> None:
+    """Each dropout after a neuron becomes a ``SpikeDropout`` over the layers that take it."""
+    for dpath, takers in dropouts.items():
+        _set(model, dpath, SpikeDropout(mods[dpath], [new_of[t] for t in takers]))
+        records.append(dict(kind="dropout", path=dpath))
+        report.notes.append(f"dropout {dpath} -> SpikeDropout: its mask applies to the spikes "
+                            f"and 1/(1-p) to the gain of {', '.join(takers)}")
+
+
 def convert(model: nn.Module, prune_rate: float = 0.5, *, example_input=None,
             keep_dense=(), inplace: bool = False, backend: str = "auto",
             per_channel_gain: bool = False, strict: bool = True, train_bn: bool = False,
@@ -262,6 +271,19 @@ def convert(model: nn.Module, prune_rate: float = 0.5, *, example_input=None,
 
     Returns:
         (model, report): the converted model (search mode) and a ``ConversionReport``.
+
+    Example:
+        >>> import torch
+        >>> import binslt
+        >>> from spikingjelly.activation_based import functional, layer, neuron
+        >>> sj = torch.nn.Sequential(layer.Conv2d(1, 8, 3, padding=1, bias=False),
+        ...                          layer.BatchNorm2d(8), neuron.LIFNode(), layer.Flatten(),
+        ...                          layer.Linear(8 * 8 * 8, 10))
+        >>> functional.set_step_mode(sj, "m")
+        >>> x = torch.rand(2, 4, 1, 8, 8)  # [T, N, C, H, W]
+        >>> net, report = binslt.convert(sj, 0.5, example_input=x)
+        >>> net(x).shape  # [T, N, classes]
+        torch.Size([2, 4, 10])
     """
     prune_rate, keep, mods = _check_args(model, prune_rate, backend, keep_dense)
     if strict:
@@ -282,11 +304,7 @@ def convert(model: nn.Module, prune_rate: float = 0.5, *, example_input=None,
     for ch in found.chains:
         new_of[ch.conv] = _swap_chain(model, mods, ch, build, records, report)
         taken.update(p for p in (ch.conv, ch.bn, ch.neuron) if p)
-    for dpath, takers in dropouts.items():
-        _set(model, dpath, SpikeDropout(mods[dpath], [new_of[t] for t in takers]))
-        records.append(dict(kind="dropout", path=dpath))
-        report.notes.append(f"dropout {dpath} -> SpikeDropout: its mask applies to the spikes "
-                            f"and 1/(1-p) to the gain of {', '.join(takers)}")
+    _swap_dropouts(model, mods, dropouts, new_of, records, report)
     for path, why in found.plain:
         _swap_plain(model, mods, path, why, rec, found.cons, build, records, report)
         taken.add(path)
@@ -315,6 +333,22 @@ def _rebuilt(proto: nn.Module, device, dtype) -> nn.Module:
     return m
 
 
+def _conv_back(r: dict, layer: nn.Module, mlayer: nn.Module) -> nn.Module:
+    """The user's conv / linear of record ``r`` again, carrying the binslt layer's effective
+    weight and its folded bias (a ``Bias`` module or a ``BiasShift``; else zero)."""
+    w = mlayer.effective_weight().detach()
+    conv = _rebuilt(r["protos"][r["conv"]], w.device, w.dtype)
+    conv.weight.copy_(w.view(conv.weight.shape))
+    bias = None
+    if isinstance(layer, nn.Sequential):
+        bias = layer[1].bias
+    elif isinstance(getattr(mlayer, "bn", None), BiasShift):
+        bias = mlayer.bn.bias
+    if conv.bias is not None:
+        conv.bias.copy_(bias if bias is not None else torch.zeros_like(conv.bias))
+    return conv
+
+
 @torch.no_grad()
 def to_spikingjelly(model: nn.Module) -> nn.Module:
     """The converted model's current ticket as a plain SpikingJelly model.
@@ -325,6 +359,29 @@ def to_spikingjelly(model: nn.Module) -> nn.Module:
     ``nn.Identity`` placeholders give way to the original modules. Folded biases come back as a
     zero conv bias with the BN's running mean shifted (where a BN follows) or as the bias
     itself. The model is a copy; its forward is the user's.
+
+    Args:
+        model (torch.nn.Module): a model returned by :func:`convert` (any mode).
+
+    Returns:
+        The SpikingJelly model (inputs [T, N, ...] as the user's), whose eval outputs equal the
+        converted model's.
+
+    Example:
+        >>> import torch
+        >>> import binslt
+        >>> from spikingjelly.activation_based import functional, layer, neuron
+        >>> sj = torch.nn.Sequential(layer.Conv2d(1, 8, 3, padding=1, bias=False),
+        ...                          layer.BatchNorm2d(8), neuron.LIFNode(), layer.Flatten(),
+        ...                          layer.Linear(8 * 8 * 8, 10))
+        >>> functional.set_step_mode(sj, "m")
+        >>> x = torch.rand(2, 4, 1, 8, 8)  # [T, N, C, H, W]
+        >>> net, _ = binslt.convert(sj, 0.5, example_input=x)
+        >>> back = binslt.to_spikingjelly(net).eval()
+        >>> with torch.no_grad():
+        ...     same = torch.equal(net.eval()(x), back(x))
+        >>> same, type(back[0]).__name__
+        (True, 'Conv2d')
     """
     records = model.__dict__.get("_binslt_conversion")
     if records is None:
@@ -337,17 +394,8 @@ def to_spikingjelly(model: nn.Module) -> nn.Module:
             continue
         layer = _get(out, r["layer"])
         mlayer = layer[0] if isinstance(layer, nn.Sequential) else layer
-        w = mlayer.effective_weight().detach()
-        dev, dt = w.device, w.dtype
-        conv = _rebuilt(r["protos"][r["conv"]], dev, dt)
-        conv.weight.copy_(w.view(conv.weight.shape))
-        bias = None
-        if isinstance(layer, nn.Sequential):
-            bias = layer[1].bias
-        elif isinstance(getattr(mlayer, "bn", None), BiasShift):
-            bias = mlayer.bn.bias
-        if conv.bias is not None:
-            conv.bias.copy_(bias if bias is not None else torch.zeros_like(conv.bias))
+        conv = _conv_back(r, layer, mlayer)
+        dev, dt = conv.weight.device, conv.weight.dtype
         if r["kind"] == "plain":
             if isinstance(mlayer, BinConv2d) and mlayer.bn is not None and not isinstance(
                     mlayer.bn, BiasShift):
@@ -379,8 +427,13 @@ def to_spikingjelly(model: nn.Module) -> nn.Module:
         for p, m in ((r["conv"], conv), (r["bn"], bn), (r["neuron"], nrn)):
             if p:
                 _set(out, p, m)
+    return _without_conversion_record(out)
+
+
+def _without_conversion_record(out: nn.Module) -> nn.Module:
+    """``out`` without convert's record and build config; what convert froze trains again."""
     params = dict(out.named_parameters())
-    for name in out.__dict__.pop("_binslt_frozen", []):  # what convert froze trains again
+    for name in out.__dict__.pop("_binslt_frozen", []):
         if name in params:
             params[name].requires_grad_(True)
     out.__dict__.pop("_binslt_conversion", None)

@@ -1,8 +1,9 @@
 """Shared helpers for the binslt benchmark scripts.
 
 Timing (median of repeats after a warm-up), memory accounting (bytes saved for backward, peak
-RSS, CUDA peak allocation), the machine/version record written into every CSV, and the
-SpikingJelly import that must see ``SJ_LIF_CUDA_IMPLEMENTATION`` before it happens.
+RSS, CUDA peak allocation), the machine/version record written into every CSV, the
+SpikingJelly import that must see ``SJ_LIF_CUDA_IMPLEMENTATION`` before it happens, and the
+figure set-up the bar plots share.
 
 Nothing here is binslt-specific except the version record; the scripts import it as
 ``from common import ...`` (they put their own folder on ``sys.path``).
@@ -11,6 +12,7 @@ Nothing here is binslt-specific except the version record; the scripts import it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import platform
@@ -540,6 +542,59 @@ def command_line(argv: Sequence[str] | None) -> str:
     return " ".join([Path(sys.argv[0]).name] + list(argv if argv is not None else sys.argv[1:]))
 
 
+def sj_baseline(device: torch.device) -> str:
+    """Import SpikingJelly (:func:`import_spikingjelly`, with the ``SJ_LIF_CUDA_IMPLEMENTATION``
+    that :func:`setup_run` set) and return the name of the LIF implementation it uses on
+    ``device`` (:func:`sj_lif_implementation`): exits with a message now, before any timing, if
+    that LIF cannot run there."""
+    import_spikingjelly(os.environ.get("SJ_LIF_CUDA_IMPLEMENTATION", "triton"))
+    return sj_lif_implementation(device)
+
+
+def run_record(device: torch.device, status: dict[str, dict], backends: Sequence[str],
+               argv: Sequence[str] | None, *, benchmark: str, sj_lif_impl: str,
+               **fields: str) -> dict[str, str]:
+    """The record a timing script writes into its CSV header: :func:`machine_info`, then
+    ``benchmark``, ``sj_lif_impl``, ``binslt_backends`` (each backend with the reason it is
+    usable, from ``status = binslt.backends()``), the script's own ``fields`` in their order and
+    last the ``command`` (:func:`command_line` of ``argv``)."""
+    meta = machine_info(device)
+    meta.update({
+        "benchmark": benchmark,
+        "sj_lif_impl": sj_lif_impl,
+        "binslt_backends": "; ".join(f"{b}: {status[b]['reason']}" for b in backends),
+        **fields,
+        "command": command_line(argv),
+    })
+    return meta
+
+
 def result_stem(benchmark: str, device: torch.device, tag: str) -> str:
     """``<benchmark>_<device slug>[_<tag>]``: the name of a script's CSV and PNG."""
     return f"{benchmark}_{device_slug(device)}" + (f"_{tag}" if tag else "")
+
+
+@contextlib.contextmanager
+def saved_figure(path: Path, figsize: tuple[float, float], *, xlabels: Sequence[str],
+                 ylabel: str, title: str, title_size: int = 8, **xlabel_kw: Any):
+    """A matplotlib figure (Agg backend) with one axes, yielded for the caller to draw its bars
+    on; on leaving the block the x ticks are labelled ``xlabels`` (one a bar group, at 0, 1,
+    ...; ``xlabel_kw`` go to ``set_xticklabels``, default font size 8), the axes get
+    ``ylabel`` and ``title``, and the figure is laid out, written to ``path`` (120 dpi) and
+    closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        yield ax
+        ax.set_xticks(range(len(xlabels)))
+        ax.set_xticklabels(xlabels, **{"fontsize": 8, **xlabel_kw})
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=title_size)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)

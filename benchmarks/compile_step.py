@@ -33,7 +33,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, device_slug, machine_info, print_table, time_many_ms, write_csv  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    device_slug,
+    machine_info,
+    print_table,
+    saved_figure,
+    time_many_ms,
+    write_csv,
+)
 
 COLUMNS = ["arch", "candidate", "batch", "timesteps", "ms", "ratio", "compile_s", "check",
            "error"]
@@ -89,26 +97,15 @@ def first_call_check(net, compiled, x, y) -> float:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     timed = [r for r in rows if r["ms"] != ""]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(timed) + 1.5), 4.0))
-    names = [r["candidate"] for r in timed]
-    bars = ax.bar(range(len(timed)), [r["ms"] for r in timed], color="C0")
-    for b, r in zip(bars, timed):
-        ax.annotate(f"{r['ms']:.0f} ms\n(x{r['ratio']:.2f})", (b.get_x() + b.get_width() / 2,
-                    b.get_height()), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(timed)))
-    ax.set_xticklabels(names, fontsize=8)
-    ax.set_ylabel("median search step (ms)")
-    ax.set_title(title, fontsize=8)
-    ax.margins(y=0.2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, (max(4.0, 1.4 * len(timed) + 1.5), 4.0),
+                      xlabels=[r["candidate"] for r in timed],
+                      ylabel="median search step (ms)", title=title) as ax:
+        bars = ax.bar(range(len(timed)), [r["ms"] for r in timed], color="C0")
+        for b, r in zip(bars, timed):
+            ax.annotate(f"{r['ms']:.0f} ms\n(x{r['ratio']:.2f})", (b.get_x() + b.get_width() / 2,
+                        b.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.margins(y=0.2)
 
 
 def main(argv=None) -> int:

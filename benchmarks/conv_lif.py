@@ -50,13 +50,13 @@ from common import (  # noqa: E402
     PeakMemory,
     SavedTensorBytes,
     add_run_options,
-    command_line,
     import_spikingjelly,
-    machine_info,
     print_table,
     result_stem,
+    run_record,
+    saved_figure,
     setup_run,
-    sj_lif_implementation,
+    sj_baseline,
     sync,
     time_many_ms,
     torch_and_kernels,
@@ -347,33 +347,23 @@ def run_shape(shape: Shape, args, device, backends: list[str]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     series = list(dict.fromkeys((r["backend"], r["mode"]) for r in rows))
     width = 0.8 / max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(shapes) + 2), 4.5))
-    for i, (be, mode) in enumerate(series):
-        ys = []
-        for s in shapes:
-            hit = [r["speedup"] for r in rows
-                   if r["shape"] == s and r["backend"] == be and r["mode"] == mode]
-            ys.append(hit[0] if hit else math.nan)
-        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(shapes))]
-        ax.bar(xs, ys, width, label=f"{be} {mode}")
-    ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(shapes)))
-    ax.set_xticklabels(shapes, rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("speedup over SpikingJelly dense (x)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, (max(6.0, 0.9 * len(shapes) + 2), 4.5), xlabels=shapes,
+                      ylabel="speedup over SpikingJelly dense (x)", title=title, title_size=9,
+                      rotation=35, ha="right") as ax:
+        for i, (be, mode) in enumerate(series):
+            ys = []
+            for s in shapes:
+                hit = [r["speedup"] for r in rows
+                       if r["shape"] == s and r["backend"] == be and r["mode"] == mode]
+                ys.append(hit[0] if hit else math.nan)
+            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(shapes))]
+            ax.bar(xs, ys, width, label=f"{be} {mode}")
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,20 +456,14 @@ def main(argv=None) -> int:
     if args.no_sj:
         print("# --no-sj: SpikingJelly baseline not run; the sj_* and ratio columns stay empty",
               file=sys.stderr, flush=True)
-    else:
-        import_spikingjelly()
-    meta = machine_info(device)
-    meta.update({
-        "benchmark": "conv_lif",
-        "sj_lif_impl": "not run (--no-sj)" if args.no_sj else sj_lif_implementation(device),
-        "binslt_backends": "; ".join(f"{b}: {st[b]['reason']}" for b in backends),
-        "neuron": f"LIF tau={args.tau:g} decay_input={args.decay_input} v_threshold=1 "
-                  f"v_reset=0 ATan(2) detach_reset=True",
-        "bn": f"BatchNorm2d affine={args.bn_affine}",
-        "prune_rate": f"{args.prune_rate:g}",
-        "repeats": f"{args.repeats} (median), warmup {args.warmup}",
-        "command": command_line(argv),
-    })
+    meta = run_record(
+        device, st, backends, argv, benchmark="conv_lif",
+        sj_lif_impl="not run (--no-sj)" if args.no_sj else sj_baseline(device),
+        neuron=f"LIF tau={args.tau:g} decay_input={args.decay_input} v_threshold=1 "
+               f"v_reset=0 ATan(2) detach_reset=True",
+        bn=f"BatchNorm2d affine={args.bn_affine}",
+        prune_rate=f"{args.prune_rate:g}",
+        repeats=f"{args.repeats} (median), warmup {args.warmup}")
     out_dir = Path(args.out)
     stem = result_stem("conv_lif", device, args.tag)
     csv_path = out_dir / f"{stem}.csv"

@@ -42,13 +42,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import (  # noqa: E402
     add_run_options,
-    command_line,
-    import_spikingjelly,
-    machine_info,
     print_table,
     result_stem,
+    run_record,
     setup_run,
-    sj_lif_implementation,
+    sj_baseline,
     sync,
     torch_and_kernels,
     write_csv,
@@ -202,8 +200,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    import_spikingjelly()
-    sj_impl = sj_lif_implementation(device)  # fails fast if SJ's LIF cannot run here
+    sj_impl = sj_baseline(device)  # fails fast if SJ's LIF cannot run here
     xtr, ytr, xte, yte = load_digits_split(device)
 
     impls, first, base = build_impls(args, backends, device)
@@ -249,19 +246,16 @@ def main(argv=None) -> int:
             "init_grad_rel_err": agree[name][1] if name in agree else "",
         })
 
-    meta = machine_info(device)
-    meta.update({
-        "benchmark": "search_epoch (Conv-4 BinW-SLT on sklearn digits, 1437 train / 360 test)",
-        "sj_lif_impl": sj_impl,
-        "binslt_backends": "; ".join(f"{b}: {st[b]['reason']}" for b in backends),
-        "load_avg_1m_end": f"{os.getloadavg()[0]:.2f}",
-        "neuron": "LIF decay 0.99 (tau 100) decay_input=False v_threshold=1 v_reset=0 ATan(2) "
-                  "detach_reset=True; non-affine BN",
-        "optimizer": f"SGD lr={args.lr} momentum=0.9 on the scores",
-        "prune_rate": f"{args.prune_rate:g}",
-        "repeats": f"{args.repeats} epochs each, interleaved (median)",
-        "command": command_line(argv),
-    })
+    meta = run_record(
+        device, st, backends, argv,
+        benchmark="search_epoch (Conv-4 BinW-SLT on sklearn digits, 1437 train / 360 test)",
+        sj_lif_impl=sj_impl,
+        load_avg_1m_end=f"{os.getloadavg()[0]:.2f}",
+        neuron="LIF decay 0.99 (tau 100) decay_input=False v_threshold=1 v_reset=0 ATan(2) "
+               "detach_reset=True; non-affine BN",
+        optimizer=f"SGD lr={args.lr} momentum=0.9 on the scores",
+        prune_rate=f"{args.prune_rate:g}",
+        repeats=f"{args.repeats} epochs each, interleaved (median)")
     stem = result_stem("search_epoch", device, args.tag)
     path = Path(args.out) / f"{stem}.csv"
     write_csv(path, rows, COLUMNS, meta)

@@ -78,6 +78,26 @@ def onednn_supported() -> bool:
     return bool(_ext.cpu_info()["features"].get("onednn_int8", False))
 
 
+#: The conv geometries (T, N, C_in, C_out, H, W, k, stride, padding) the fused conv + LIF is
+#: checked on, against the float64 reference and against SpikingJelly. Together they cover
+#: C_in of 1 and across the 32- and 64-bit word boundaries (33, 65, 130), C_out below and above
+#: one 16- or 32-channel tile, 1x1 and 3x3 kernels, strides 1 and 2 with and without padding,
+#: square and non-square images, T from 1 to 4 and N from 1 to 3.
+CONV_GEOMS = [
+    (1, 1, 1, 1, 3, 3, 1, 1, 0),
+    (4, 2, 33, 5, 7, 5, 3, 1, 1),
+    (2, 1, 64, 17, 7, 5, 3, 2, 1),
+    (3, 2, 65, 33, 6, 7, 3, 2, 0),
+    (4, 1, 16, 40, 5, 5, 1, 2, 0),
+    (2, 3, 130, 16, 4, 4, 3, 1, 1),
+    (1, 1, 33, 5, 7, 7, 3, 1, 1),
+    (4, 2, 33, 8, 7, 5, 3, 2, 0),
+    (3, 1, 1, 4, 6, 6, 3, 1, 1),
+    (2, 3, 64, 7, 5, 5, 1, 1, 0),
+    (4, 2, 65, 6, 9, 9, 3, 2, 1),
+]
+
+
 def stable_seed(key) -> int:
     """A seed from a parameter tuple that is the same in every process (``hash`` of None or of
     strings is not: it changes with ASLR / PYTHONHASHSEED)."""
@@ -162,11 +182,15 @@ class _Heaviside(torch.autograd.Function):
 
 
 def lif64(x, tau, decay_input, v_th, v_reset, detach_reset, kind, alpha):
+    """LIF in float64 with autograd, from SpikingJelly's definition. -> (S, H). ``tau`` inf is
+    the IF neuron, H = V + X (``decay_input`` does not apply)."""
     vr = 0.0 if v_reset is None else v_reset
     v = torch.zeros_like(x[0]) + vr
     out, hs = [], []
     for t in range(x.shape[0]):
-        if decay_input:
+        if tau == math.inf:
+            h = v + x[t]
+        elif decay_input:
             h = v + (x[t] - (v - vr)) / tau
         else:
             h = v - (v - vr) / tau + x[t]

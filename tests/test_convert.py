@@ -68,6 +68,19 @@ def record(net: nn.Module, types) -> tuple[list, list]:
     return ins, outs
 
 
+def recorded_modes(conv: nn.Module, expected_net: nn.Module):
+    """For eval, then training mode: both networks in that mode, SpikingJelly's neurons reset,
+    and hooks recording the next forward; yields (train, the inputs and the spikes of
+    ``expected_net``'s LIFNodes, the spikes of ``conv``'s binslt spiking layers)."""
+    for train in (False, True):
+        conv.train(train)
+        expected_net.train(train)
+        functional.reset_net(expected_net)
+        sj_in, sj_out = record(expected_net, neuron.LIFNode)
+        _, our_out = record(conv, (binslt.BinSpikeConv2d, binslt.BinSpikeLinear))
+        yield train, sj_in, sj_out, our_out
+
+
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("nname", sorted(NEURONS))
 def test_converted_spikes_equal_spikingjelly_with_sign_weights(nname, backend):
@@ -85,12 +98,7 @@ def test_converted_spikes_equal_spikingjelly_with_sign_weights(nname, backend):
     expected_net = binarised_copy(net, ["0", "3", "8", "10"])
     vth = nkw["v_threshold"]
     x = torch.rand(3, 4, 2, 8, 8) * 2  # [T, N, C, H, W], real-valued first-layer input
-    for train in (False, True):
-        conv.train(train)
-        expected_net.train(train)
-        functional.reset_net(expected_net)
-        sj_in, sj_out = record(expected_net, neuron.LIFNode)
-        _, our_out = record(conv, (binslt.BinSpikeConv2d, binslt.BinSpikeLinear))
+    for train, sj_in, sj_out, our_out in recorded_modes(conv, expected_net):
         y_exp = expected_net(x)
         y = conv(x)
         assert len(our_out) == len(sj_out) == 3
@@ -164,12 +172,7 @@ def test_torch_nn_layers_and_seq_to_ann_containers():
     assert conv[2].stride == 2 and conv[2].bn is not None and not conv[2].bn.affine
     expected_net = binarised_copy(net, ["0.0", "2.0", "6", "8"])
     x = torch.rand(2, 3, 1, 6, 6) * 3
-    for train in (False, True):
-        conv.train(train)
-        expected_net.train(train)
-        functional.reset_net(expected_net)
-        sj_in, sj_out = record(expected_net, neuron.LIFNode)
-        _, our_out = record(conv, (binslt.BinSpikeConv2d, binslt.BinSpikeLinear))
+    for _, sj_in, sj_out, our_out in recorded_modes(conv, expected_net):
         torch.testing.assert_close(conv(x), expected_net(x), rtol=1e-5, atol=1e-5)
         for xin, s_exp, s in zip(sj_in, sj_out, our_out):
             _, h = ref.lif_multistep(xin.double(), tau=100.0, decay_input=False, return_h=True)

@@ -477,6 +477,16 @@ def test_planted_inputs_tell_fused_from_unfused(tau, decay_input):
 # ---------------------------------------------------------------------------------------------
 
 
+def gpu_planted_cases(test):
+    """A GPU test run for each GPU backend (triton, cuda), BN mode, decay_input and tau."""
+    for mark in (pytest.mark.parametrize("tau", [2.0, 100.0]),
+                 pytest.mark.parametrize("decay_input", [True, False]),
+                 pytest.mark.parametrize("bn_train", [False, True]),
+                 pytest.mark.parametrize("backend", ["triton", "cuda"]), gpu):
+        test = mark(test)
+    return test
+
+
 def _gpu_op(backend: str, name: str):
     if backend == "triton":
         err = ops.load_triton()
@@ -488,11 +498,7 @@ def _gpu_op(backend: str, name: str):
     return getattr(torch.ops.binslt, name)  # CUDA tensors dispatch to the CUDA kernel
 
 
-@gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("bn_train", [False, True])
-@pytest.mark.parametrize("decay_input", [True, False])
-@pytest.mark.parametrize("tau", [2.0, 100.0])
+@gpu_planted_cases
 def test_gpu_bn_lif_matches_cpu_bit_for_bit(backend, bn_train, decay_input, tau):
     """bn_lif forward (spikes, mean, var) and backward (dL/dX per neuron; dL/dz in eval) on the
     GPU equal the CPU kernel's by torch.equal on every neuron, on planted near-threshold inputs.
@@ -542,11 +548,7 @@ def _planted_conv(tau: float, decay_input: bool, seed: int = 2):
     return xp, wm, wp, alpha, scale, shift, T
 
 
-@gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("bn_train", [False, True])
-@pytest.mark.parametrize("decay_input", [True, False])
-@pytest.mark.parametrize("tau", [2.0, 100.0])
+@gpu_planted_cases
 def test_gpu_bconv_lif_matches_cpu_bit_for_bit(backend, bn_train, decay_input, tau):
     """The fused conv forward (Triton: LIF in the int8 conv's epilogue; CUDA: wmma / popc) on
     planted inputs: spikes and counts equal the CPU kernel's on every neuron; in training BN,

@@ -9,15 +9,17 @@ both reset modes, detach_reset both ways and both surrogates.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
-    _Heaviside,
     assert_close_rel,
     assert_no_ties,
     assert_spikes_equal,
     backend_device,
+    lif64,
     sj_modules,
     sj_surrogate,
     triton_param,
@@ -51,17 +53,7 @@ def _sj_if(v_reset, detach_reset, kind, alpha, v_threshold=1.0):
 
 def if64(x, v_th, v_reset, detach_reset, kind, alpha):
     """IF in float64 with autograd, from SpikingJelly's definition: H = V + X. -> (S, H)."""
-    vr = 0.0 if v_reset is None else v_reset
-    v = torch.zeros_like(x[0]) + vr
-    out, hs = [], []
-    for t in range(x.shape[0]):
-        h = v + x[t]
-        s = _Heaviside.apply(h - v_th, kind, alpha)
-        sd = s.detach() if detach_reset else s
-        v = h - sd * v_th if v_reset is None else sd * v_reset + (1 - sd) * h
-        out.append(s)
-        hs.append(h)
-    return torch.stack(out), torch.stack(hs)
+    return lif64(x, math.inf, False, v_th, v_reset, detach_reset, kind, alpha)
 
 
 def _untied_current(shape, v_th, v_reset, seed, scale=0.9):

@@ -67,29 +67,27 @@ def _ref64(m, x, gain=1.0):
 
 # --- the dispatcher ----------------------------------------------------------------------------
 
-CHOICES = [
-    # backend, grad, input, gain, linear -> path
-    ("cpu", True, "spike", 1.0, False, Path.SPIKE_TRAIN),
-    ("cpu", False, "spike", 1.0, False, Path.SPIKE_INFER),
-    ("cpu", False, "spike", 1.0, True, Path.SPIKE_INFER),
-    ("cpu", True, "spike", 2.0, False, Path.DROPOUT_TRAIN),
-    ("cpu", False, "spike", 2.0, True, Path.DROPOUT_INFER),
-    ("cpu", True, "real", 1.0, False, Path.REAL),
-    ("cpu", False, "real", 1.0, False, Path.REAL_INFER),
-    ("cpu", False, "real", 1.0, True, Path.REAL),
-    ("cpu", True, "spike-sum", 1.0, False, Path.REAL),
-    ("cpu", False, "spike-sum", 1.0, False, Path.REAL_INFER),  # the CPU's default (measured)
-    ("cuda", False, "spike", 1.0, False, Path.SPIKE_INFER),
-    ("triton", True, "spike", 1.0, True, Path.SPIKE_TRAIN),
+# (backend, grad enabled, linear layer) -> {(input kind, dropout gain): the path taken}
+CHOICES = {
+    ("cpu", True, False): {("spike", 1.0): Path.SPIKE_TRAIN, ("spike", 2.0): Path.DROPOUT_TRAIN,
+                           ("real", 1.0): Path.REAL, ("spike-sum", 1.0): Path.REAL},
+    # spike-sum -> REAL_INFER: the CPU's default (measured)
+    ("cpu", False, False): {("spike", 1.0): Path.SPIKE_INFER, ("real", 1.0): Path.REAL_INFER,
+                            ("spike-sum", 1.0): Path.REAL_INFER},
+    ("cpu", False, True): {("spike", 1.0): Path.SPIKE_INFER, ("spike", 2.0): Path.DROPOUT_INFER,
+                           ("real", 1.0): Path.REAL},
+    ("cuda", False, False): {("spike", 1.0): Path.SPIKE_INFER},
+    ("triton", True, True): {("spike", 1.0): Path.SPIKE_TRAIN},
     # the torch backend runs its autograd reference, with or without grad
-    ("torch", False, "spike", 1.0, False, Path.SPIKE_TRAIN),
-    ("torch", False, "spike", 2.0, False, Path.DROPOUT_TRAIN),
-    ("torch", False, "real", 1.0, False, Path.REAL),
-    ("torch", False, "spike-sum", 1.0, False, Path.REAL),
-]
+    ("torch", False, False): {("spike", 1.0): Path.SPIKE_TRAIN, ("spike", 2.0): Path.DROPOUT_TRAIN,
+                              ("real", 1.0): Path.REAL, ("spike-sum", 1.0): Path.REAL},
+}
+CHOICE_CASES = [(be, grad, input, gain, linear, want)
+                for (be, grad, linear), paths in CHOICES.items()
+                for (input, gain), want in paths.items()]
 
 
-@pytest.mark.parametrize("be, grad, input, gain, linear, want", CHOICES)
+@pytest.mark.parametrize("be, grad, input, gain, linear, want", CHOICE_CASES)
 def test_the_dispatcher_picks_the_path_of_each_input_kind(be, grad, input, gain, linear, want):
     with torch.set_grad_enabled(grad):
         assert ops.choose_path(be, input, gain, linear) is want

@@ -18,7 +18,14 @@ import re
 
 import pytest
 import torch
-from helpers import cpu_isas, nudge_until_untied, onednn_supported, stable_seed, tie_mask
+from helpers import (
+    CONV_GEOMS,
+    cpu_isas,
+    nudge_until_untied,
+    onednn_supported,
+    stable_seed,
+    tie_mask,
+)
 
 import binslt.ops as ops
 from binslt.nn.layers import BinSpikeConv2d
@@ -106,15 +113,6 @@ def test_pack_errors():
 # bconv_lif forward
 # ----------------------------------------------------------------------------------------------
 
-# (T, N, Ci, Co, H, W, k, stride, pad)
-GEOMS = [
-    (1, 1, 1, 1, 3, 3, 1, 1, 0),
-    (4, 2, 33, 5, 7, 5, 3, 1, 1),
-    (2, 1, 64, 17, 7, 5, 3, 2, 1),
-    (3, 2, 65, 33, 6, 7, 3, 2, 0),
-    (4, 1, 16, 40, 5, 5, 1, 2, 0),
-    (2, 3, 130, 16, 4, 4, 3, 1, 1),
-]
 
 
 def _neuron(rng: random.Random, v_reset, decay_input):
@@ -180,7 +178,7 @@ def _ref_h64(z64, c, nk):
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-@pytest.mark.parametrize("geom", GEOMS)
+@pytest.mark.parametrize("geom", CONV_GEOMS)
 @pytest.mark.parametrize("bn_train", [False, True])
 @pytest.mark.parametrize("v_reset,decay_input,residual",
                          [(0.0, True, False), (None, False, True), (-0.2, False, False)])
@@ -224,7 +222,7 @@ def test_bconv_lif_forward(geom, bn_train, v_reset, decay_input, residual, algo,
 
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("geom", [GEOMS[1], GEOMS[3], GEOMS[5],
+@pytest.mark.parametrize("geom", [CONV_GEOMS[1], CONV_GEOMS[3], CONV_GEOMS[5],
                                   # Co not a multiple of 64; Co > 256 (a 256-channel block + rest)
                                   (2, 1, 40, 70, 5, 6, 3, 1, 1), (1, 2, 20, 300, 4, 4, 3, 1, 1)])
 def test_bconv_popcount_paths_agree(isa, geom, algo, use_algos):
@@ -344,7 +342,7 @@ def test_bconv_counts_int32_when_large():
 @pytest.mark.parametrize("algo", ALGOS)
 def test_bconv_lif_infer_rejects_bad_input(algo, use_algos):
     use_algos(conv=algo)
-    c = _conv_case(GEOMS[1], 3)
+    c = _conv_case(CONV_GEOMS[1], 3)
     c["x"][5, 7, 2, 3] = 0.5  # one non-binary value, in the last tile of one thread
     with pytest.raises(ValueError, match="binary spikes"):
         _infer(c, (2.0, True, 1.0, 0.0))
@@ -361,7 +359,7 @@ def test_bconv_lif_infer_rejects_bad_input(algo, use_algos):
 
 
 def test_bconv_lif_errors():
-    c = _conv_case(GEOMS[1], 0)
+    c = _conv_case(CONV_GEOMS[1], 0)
     base = [c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, c["T"], 1, 1,
             False, 1e-5, 2.0, True, 1.0, 0.0]
 
@@ -416,7 +414,7 @@ _CONTRACT = [
 
 @pytest.mark.parametrize("i,bad,exc,msg", _CONTRACT)
 def test_bconv_lif_contract_errors(i, bad, exc, msg):
-    c = _conv_case(GEOMS[1], 0)
+    c = _conv_case(CONV_GEOMS[1], 0)
     args = [c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, c["T"], 1, 1,
             False, 1e-5, 2.0, True, 1.0, 0.0]
     args[i] = bad
@@ -426,7 +424,7 @@ def test_bconv_lif_contract_errors(i, bad, exc, msg):
 
 
 def test_contract_errors_of_the_other_cpu_ops():
-    c = _conv_case(GEOMS[1], 0)
+    c = _conv_case(CONV_GEOMS[1], 0)
     x5 = c["x"].view(c["T"], -1, *c["x"].shape[1:])
     fwd = [c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, c["T"], 1, 1,
            False, 1e-5, 2.0, True, 1.0, 0.0]
@@ -504,14 +502,14 @@ def _bconv_bwd_ref64(gs, c, nk, shift, detach_reset, sur, sur_alpha):
 
 BWD_CASES = [
     # geom, bn_train, v_reset, decay_input, detach_reset, surrogate, alpha, residual
-    (GEOMS[0], False, 0.0, True, True, 0, 2.0, False),
-    (GEOMS[1], True, 0.0, False, True, 0, 2.0, False),
-    (GEOMS[1], False, None, True, False, 1, 4.0, True),
-    (GEOMS[2], True, None, False, True, 1, 3.0, True),
-    (GEOMS[3], False, -0.2, True, False, 0, 1.5, False),
-    (GEOMS[3], True, 0.0, True, False, 1, 4.0, True),
-    (GEOMS[4], True, None, True, True, 0, 2.0, False),
-    (GEOMS[5], True, 0.0, False, False, 0, 2.0, True),
+    (CONV_GEOMS[0], False, 0.0, True, True, 0, 2.0, False),
+    (CONV_GEOMS[1], True, 0.0, False, True, 0, 2.0, False),
+    (CONV_GEOMS[1], False, None, True, False, 1, 4.0, True),
+    (CONV_GEOMS[2], True, None, False, True, 1, 3.0, True),
+    (CONV_GEOMS[3], False, -0.2, True, False, 0, 1.5, False),
+    (CONV_GEOMS[3], True, 0.0, True, False, 1, 4.0, True),
+    (CONV_GEOMS[4], True, None, True, True, 0, 2.0, False),
+    (CONV_GEOMS[5], True, 0.0, False, False, 0, 2.0, True),
     # widths past one 16-pixel vector and not a multiple of it; 5x5 kernels; no padding
     ((2, 1, 40, 20, 6, 21, 3, 1, 1), True, 0.0, False, True, 0, 2.0, False),
     ((1, 2, 17, 33, 9, 18, 5, 1, 2), False, None, True, False, 0, 2.0, True),
@@ -536,10 +534,10 @@ BWD_CASES = [
     ((1, 1, 4, 6, 34, 34, 3, 1, 0), False, None, True, False, 1, 4.0, False),
     ((1, 1, 3, 5, 34, 35, 5, 1, 1), True, -0.2, False, True, 0, 2.0, False),
     # the compact surrogates: Rect and PiecewiseQuadratic, SpikingJelly's alpha and others
-    (GEOMS[1], True, 0.0, False, False, 2, 1.0, True),
-    (GEOMS[3], False, None, True, False, 2, 0.7, False),
-    (GEOMS[2], True, 0.0, True, False, 3, 1.0, False),
-    (GEOMS[3], True, -0.2, False, True, 3, 0.6, True),
+    (CONV_GEOMS[1], True, 0.0, False, False, 2, 1.0, True),
+    (CONV_GEOMS[3], False, None, True, False, 2, 0.7, False),
+    (CONV_GEOMS[2], True, 0.0, True, False, 3, 1.0, False),
+    (CONV_GEOMS[3], True, -0.2, False, True, 3, 0.6, True),
 ]
 
 
@@ -725,41 +723,36 @@ def test_int8_grads_take_the_float_forms_on_a_non_finite_dz(gx_algo, use_algos):
         assert torch.equal(torch.nan_to_num(a[i]), torch.nan_to_num(b[i]))
 
 
-@pytest.mark.skipif(not onednn_supported(), reason="the int8 weight gradient is auto only on a "
-                    "CPU with AMX-INT8; elsewhere forced, as in test_bconv_lif_bwd_float64")
-@pytest.mark.parametrize("geom,rate,auto_int8", [
-    ((2, 2, 64, 64, 8, 8, 3, 1, 1), 0.6, True),      # dense-rate input over 8x8
-    ((2, 2, 64, 64, 16, 16, 3, 1, 1), 0.3, True),    # rate * 256/324 = 0.24 >= 0.18
-    ((2, 2, 64, 64, 16, 16, 3, 1, 1), 0.05, False),  # sparse: the event form
-    ((2, 2, 64, 64, 4, 4, 3, 1, 1), 0.6, False),     # 4x4: the tap form
-    ((2, 2, 64, 64, 16, 16, 3, 2, 1), 0.6, False),   # stride 2
-])
-def test_auto_takes_the_int8_weight_grad_with_amx(geom, rate, auto_int8, use_algos):
+INT8_AUTO = [
+    # gradient, geometry, input rate, whether auto takes the int8 form
+    ("grad_w", (2, 2, 64, 64, 8, 8, 3, 1, 1), 0.6, True),      # dense-rate input over 8x8
+    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 1, 1), 0.3, True),    # rate * 256/324 = 0.24 >= 0.18
+    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 1, 1), 0.05, False),  # sparse: the event form
+    ("grad_w", (2, 2, 64, 64, 4, 4, 3, 1, 1), 0.6, False),     # 4x4: the tap form
+    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 2, 1), 0.6, False),   # stride 2
+    ("grad_x", (2, 2, 64, 64, 8, 8, 3, 1, 1), 0.3, True),
+    ("grad_x", (2, 2, 64, 64, 4, 4, 3, 1, 1), 0.3, True),
+    ("grad_x", (2, 2, 32, 32, 32, 32, 3, 1, 1), 0.3, True),
+    ("grad_x", (2, 2, 64, 64, 2, 2, 3, 1, 1), 0.3, False),     # 3x3 over 2x2: the unfold form
+    ("grad_x", (2, 2, 64, 64, 64, 64, 3, 1, 1), 0.3, False),   # above the measured range
+]
+
+
+@pytest.mark.skipif(not onednn_supported(), reason="the int8 input and weight gradients are auto "
+                    "only on a CPU with AMX-INT8; elsewhere forced, as in "
+                    "test_bconv_lif_bwd_float64")
+@pytest.mark.parametrize("grad,geom,rate,auto_int8", INT8_AUTO)
+def test_auto_takes_the_int8_grad_with_amx(grad, geom, rate, auto_int8, use_algos):
+    """Auto picks the int8 form of ``grad`` exactly where it is expected to: its result then
+    equals the forced int8 one."""
+    which, seed = {"grad_x": (0, 8), "grad_w": (1, 7)}[grad]
     c = _conv_case(geom, stable_seed(geom), rate=rate, bn_train=True)
     fwd = _fwd_of(c)
-    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(7))
+    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(seed))
     auto = _bwd_of(c, fwd, gs)
-    use_algos(grad_w="int8")
+    use_algos(**{grad: "int8"})
     forced = _bwd_of(c, fwd, gs)
-    assert torch.equal(auto[1], forced[1]) == auto_int8
-
-
-@pytest.mark.skipif(not onednn_supported(), reason="the int8 input gradient needs AMX-INT8")
-@pytest.mark.parametrize("geom,auto_int8", [
-    ((2, 2, 64, 64, 8, 8, 3, 1, 1), True),
-    ((2, 2, 64, 64, 4, 4, 3, 1, 1), True),
-    ((2, 2, 32, 32, 32, 32, 3, 1, 1), True),
-    ((2, 2, 64, 64, 2, 2, 3, 1, 1), False),     # 3x3 over 2x2: the unfold form
-    ((2, 2, 64, 64, 64, 64, 3, 1, 1), False),   # above the measured range
-])
-def test_auto_takes_the_int8_input_grad_with_amx(geom, auto_int8, use_algos):
-    c = _conv_case(geom, stable_seed(geom), bn_train=True)
-    fwd = _fwd_of(c)
-    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(8))
-    auto = _bwd_of(c, fwd, gs)
-    use_algos(grad_x="int8")
-    forced = _bwd_of(c, fwd, gs)
-    assert torch.equal(auto[0], forced[0]) == auto_int8
+    assert torch.equal(auto[which], forced[which]) == auto_int8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -771,28 +764,36 @@ BN_SHAPES = [(1, 1, 1), (4, 3, 33), (2, 2, 65, 7, 5), (4, 1, 64, 3), (3, 2, 1, 4
              (2, 2, 3, 17, 19)]
 
 
+def _bn_case(shape, seed, bn_train, v_reset, decay_input, residual):
+    """A bn_lif case: a random neuron (``_neuron``), a current z of ``shape``, a BN scale and
+    shift that drive it around the threshold, a residual or None, and the generator to draw
+    more from. -> (neuron, z, scale, shift, res, generator)."""
+    nk = _neuron(random.Random(seed), v_reset, decay_input)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(shape, generator=g) + 0.5
+    scale, shift = _drive(z.double(), nk, bn_train, seed)
+    res = torch.randn(shape, generator=g) * 0.3 if residual else None
+    return nk, z, scale, shift, res, g
+
+
+def _bn_h64(z, scale, shift, res, bn_train, nk):
+    """The float64 reference's membrane potential H of a bn_lif case (for the tie band)."""
+    return _ref_h64(z.double(), dict(scale=scale, shift=shift, res=res, bn_train=bn_train), nk)
+
+
 @pytest.mark.parametrize("shape", BN_SHAPES)
 @pytest.mark.parametrize("bn_train", [False, True])
 @pytest.mark.parametrize("v_reset,decay_input,residual", [(0.0, True, True), (None, False, False)])
 def test_bn_lif_forward(shape, bn_train, v_reset, decay_input, residual):
     seed = stable_seed((shape, bn_train, v_reset, decay_input, residual))
-    rng = random.Random(seed)
-    nk = _neuron(rng, v_reset, decay_input)
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(shape, generator=g) + 0.5
-    scale, shift = _drive(z.double(), nk, bn_train, seed)
-    res = torch.randn(shape, generator=g) * 0.3 if residual else None
+    nk, z, scale, shift, res, _ = _bn_case(shape, seed, bn_train, v_reset, decay_input, residual)
     args = (z, scale, shift, res, bn_train, 1e-5, nk["tau"], decay_input, nk["v_threshold"],
             v_reset)
     s, mean, var = OPS.bn_lif(*args)
     rs, rmean, rvar = ref.bn_lif_reference(*args)
     torch.testing.assert_close(mean, rmean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(var, rvar, rtol=1e-5, atol=1e-6)
-    x64, _, _ = ref.epilogue(z.double(), scale.double(), shift.double(),
-                             None if res is None else res.double(), bn_train, 1e-5)
-    _, h = ref.lif_multistep(x64, tau=nk["tau"], decay_input=decay_input,
-                             v_threshold=nk["v_threshold"], v_reset=v_reset, return_h=True)
-    keep = tie_mask(h, nk["v_threshold"])
+    keep = tie_mask(_bn_h64(z, scale, shift, res, bn_train, nk), nk["v_threshold"])
     assert torch.equal(s[keep], rs[keep])
 
 
@@ -810,21 +811,10 @@ def test_bn_lif_forward(shape, bn_train, v_reset, decay_input, residual):
 def test_bn_lif_bwd_float64(shape, bn_train, v_reset, decay_input, detach_reset, sur, sur_alpha,
                             residual):
     seed = stable_seed((shape, bn_train, v_reset, sur))
-    rng = random.Random(seed)
-    nk = _neuron(rng, v_reset, decay_input)
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(shape, generator=g) + 0.5
-    scale, shift0 = _drive(z.double(), nk, bn_train, seed)
-    res = torch.randn(shape, generator=g) * 0.3 if residual else None
-
-    def h_of(shift):
-        x, _, _ = ref.epilogue(z.double(), scale.double(), shift.double(),
-                               None if res is None else res.double(), bn_train, 1e-5)
-        return ref.lif_multistep(x, tau=nk["tau"], decay_input=decay_input,
-                                 v_threshold=nk["v_threshold"], v_reset=v_reset,
-                                 return_h=True)[1]
-
-    shift = nudge_until_untied(h_of, nk["v_threshold"], shift0, step=1e-2)
+    nk, z, scale, shift0, res, g = _bn_case(shape, seed, bn_train, v_reset, decay_input,
+                                            residual)
+    shift = nudge_until_untied(lambda sh: _bn_h64(z, scale, sh, res, bn_train, nk),
+                               nk["v_threshold"], shift0, step=1e-2)
     _, mean, var = OPS.bn_lif(z, scale, shift, res, bn_train, 1e-5, nk["tau"], decay_input,
                               nk["v_threshold"], v_reset)
     gs = torch.randn(shape, generator=g)
@@ -897,7 +887,7 @@ def test_bn_lif_errors():
 
 
 def _opcheck_samples():
-    c = _conv_case(GEOMS[1], 11, bn_train=True, residual=True)
+    c = _conv_case(CONV_GEOMS[1], 11, bn_train=True, residual=True)
     fwd = ref.bconv_lif_reference(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"],
                                   c["res"], c["T"], 1, 1, True, 1e-5, 2.0, True, 1.0, 0.0)
     z = torch.randn(2, 3, 5, 4)

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from helpers import (
+    CONV_GEOMS,
     assert_close_rel,
     assert_spikes_equal,
     biprop_weight64,
@@ -41,16 +42,6 @@ def _random_config(rng: random.Random):
     )
 
 
-# (T, N, Cin, Cout, H, W, k, stride, padding)
-SHAPES = [
-    (1, 1, 33, 5, 7, 7, 3, 1, 1),
-    (4, 2, 33, 8, 7, 5, 3, 2, 0),
-    (3, 1, 1, 4, 6, 6, 3, 1, 1),
-    (2, 3, 64, 7, 5, 5, 1, 1, 0),
-    (4, 2, 65, 6, 9, 9, 3, 2, 1),
-]
-
-
 def _sj_model(cin, cout, k, stride, padding, w_eff, bn, cfg, bn_affine=False):
     conv = layer.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=False, step_mode="m")
     with torch.no_grad():
@@ -67,7 +58,7 @@ def _sj_model(cin, cout, k, stride, padding, w_eff, bn, cfg, bn_affine=False):
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", CONV_GEOMS)
 @pytest.mark.parametrize("bn", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_spikes_match_spikingjelly(shape, bn, seed, backend):
@@ -140,7 +131,7 @@ def test_lif_gradient_matches_spikingjelly(kind, alpha):
 
 
 @pytest.mark.parametrize("bn", [False, True])
-@pytest.mark.parametrize("shape", SHAPES[:4])
+@pytest.mark.parametrize("shape", CONV_GEOMS)
 def test_gradients_match_float64(shape, bn):
     T, N, cin, cout, H, W, k, stride, padding = shape
     rng = random.Random(7 + len(shape) + bn)

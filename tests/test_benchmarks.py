@@ -43,6 +43,22 @@ def _expected_cpu_backends() -> set[str]:
     return {"torch"} | ({"cpu"} if st["cpu"]["usable"] else set())
 
 
+def _run_csv(script: str, tmp_path: Path, *args: str, meta_keys: tuple[str, ...] = (),
+             png: bool = True) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """Run ``benchmarks/<script>`` with ``--threads 1 --out tmp_path``; (meta, rows) of the one
+    CPU CSV it writes, after checking that its plot is there (``png``) and that its header
+    records each of ``meta_keys``."""
+    _run(script, *args, "--threads", "1", "--out", str(tmp_path))
+    csvs = list(tmp_path.glob(f"{Path(script).stem}_cpu-*.csv"))
+    assert len(csvs) == 1, list(tmp_path.iterdir())
+    if png:
+        assert csvs[0].with_suffix(".png").stat().st_size > 0
+    meta, rows = common.read_csv(csvs[0])
+    for key in meta_keys:
+        assert meta.get(key), f"CSV header lacks {key!r}: {meta}"
+    return meta, rows
+
+
 def _num(v: str) -> float:
     x = float(v)
     assert math.isfinite(x), v
@@ -50,14 +66,9 @@ def _num(v: str) -> float:
 
 
 def test_conv_lif_quick_writes_csv(tmp_path):
-    _run("conv_lif.py", "--quick", "--threads", "1", "--out", str(tmp_path))
-    csvs = list(tmp_path.glob("conv_lif_cpu-*.csv"))
-    assert len(csvs) == 1, list(tmp_path.iterdir())
-    assert csvs[0].with_suffix(".png").stat().st_size > 0
-    meta, rows = common.read_csv(csvs[0])
-    for key in ("device", "cpu_cores", "torch", "triton", "spikingjelly", "binslt",
-                "git_commit", "sj_lif_impl", "neuron"):
-        assert meta.get(key), f"CSV header lacks {key!r}: {meta}"
+    _, rows = _run_csv("conv_lif.py", tmp_path, "--quick", meta_keys=(
+        "device", "cpu_cores", "torch", "triton", "spikingjelly", "binslt", "git_commit",
+        "sj_lif_impl", "neuron"))
     assert set(rows[0]) == set(_load_columns())
     backends = _expected_cpu_backends()
     got = {(r["backend"], r["mode"]) for r in rows}
@@ -92,12 +103,8 @@ def _load_columns() -> list[str]:
 
 
 def test_search_epoch_smoke(tmp_path):
-    _run("search_epoch.py", "--max-batches", "2", "--repeats", "1", "--batch-size", "16",
-         "--threads", "1", "--out", str(tmp_path))
-    csvs = list(tmp_path.glob("search_epoch_cpu-*.csv"))
-    assert len(csvs) == 1
-    meta, rows = common.read_csv(csvs[0])
-    assert meta.get("git_commit") and meta.get("torch")
+    _, rows = _run_csv("search_epoch.py", tmp_path, "--max-batches", "2", "--repeats", "1",
+                       "--batch-size", "16", meta_keys=("git_commit", "torch"), png=False)
     impls = {r["impl"] for r in rows}
     assert impls == {f"binslt-{b}" for b in _expected_cpu_backends()} | {"sj-biprop"}
     for r in rows:
@@ -112,14 +119,9 @@ def test_search_epoch_smoke(tmp_path):
 def test_network_quick_writes_csv(tmp_path):
     import network
 
-    _run("network.py", "--quick", "--threads", "1", "--out", str(tmp_path))
-    csvs = list(tmp_path.glob("network_cpu-*.csv"))
-    assert len(csvs) == 1, list(tmp_path.iterdir())
-    assert csvs[0].with_suffix(".png").stat().st_size > 0
-    meta, rows = common.read_csv(csvs[0])
-    for key in ("device", "cpu_cores", "torch_threads", "torch", "spikingjelly", "binslt",
-                "git_commit", "sj_lif_impl", "neuron", "ratio", "command"):
-        assert meta.get(key), f"CSV header lacks {key!r}: {meta}"
+    meta, rows = _run_csv("network.py", tmp_path, "--quick", meta_keys=(
+        "device", "cpu_cores", "torch_threads", "torch", "spikingjelly", "binslt", "git_commit",
+        "sj_lif_impl", "neuron", "ratio", "command"))
     assert meta["complete"] == "yes"  # rewritten whole after the rows appended as measured
     assert set(rows[0]) == set(network.COLUMNS)
     ref = f"binslt-{network.default_backends('cpu')[0]}"

@@ -17,7 +17,9 @@ pooling (``layer.MaxPool2d``) after the conv it follows, skipped when the map is
 current before the second neuron; global average pooling (``layer.AdaptiveAvgPool2d``) before
 the head of ResNet-19; the classifier is a linear layer without bias whose output is averaged
 over T. The image is repeated over T (direct encoding). Nothing is copied from binslt but the
-layout (and, where a benchmark asks for it, the initial weights and scores: :func:`copy_init`).
+layout, with binslt's plain-PyTorch containers for the residual block and the mean over T of
+the classifier (and, where a benchmark asks for it, the initial weights and scores:
+:func:`copy_init`).
 
 The biprop rule: mask = the entries with the largest |s| (floor(prune_rate * numel) removed,
 ties broken by a stable sort), ``W_eff = alpha * sign(w) * M`` with
@@ -33,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from common import import_spikingjelly
 from torch import nn
+
+from binslt.nn.blocks import ResidualBlock, _MeanOverTime
 
 #: The paper's neuron as the benchmarks configure it on both sides.
 PAPER_TAU = 1.0 / (1.0 - 0.99)  # decay 0.99
@@ -137,31 +141,13 @@ class SJLinearLayer(nn.Module):
         return self.lif(self.bn(self.fc(x)))
 
 
-class SJResidualBlock(nn.Module):
-    """``lif(bn(conv2(conv1(x))) + shortcut(x))``; ``shortcut`` None is the identity.
+class SJResidualBlock(ResidualBlock):
+    """binslt's block, ``lif(bn(conv2(conv1(x))) + shortcut(x))`` of two ``SJConvLayer``
+    (``shortcut`` None is the identity), as its own type (``LAYER_TYPES``).
 
     Submodules are registered in binslt's order (conv1, conv2, shortcut), so that
     :func:`copy_init` pairs the masked layers one to one.
     """
-
-    def __init__(self, conv1: SJConvLayer, conv2: SJConvLayer, shortcut: nn.Module | None):
-        super().__init__()
-        self.conv1, self.conv2, self.shortcut = conv1, conv2, shortcut
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = x if self.shortcut is None else self.shortcut(x)
-        return self.conv2(self.conv1(x), residual=r)
-
-
-class SJHead(nn.Module):
-    """Classifier on [T, N, F]; logits = mean over T of its output."""
-
-    def __init__(self, fc: nn.Module):
-        super().__init__()
-        self.fc = fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x).mean(0)
 
 
 class SJNet(nn.Module):
@@ -244,7 +230,7 @@ def build_sj(arch: str, *, masked: bool, num_classes: int = 10, in_channels: int
 
     size = int(input_size)
     mods, flat = feature_layers(Builder(), SPECS[arch], in_channels, size, size)
-    return SJNet(nn.Sequential(*mods), SJHead(linear_op(flat, num_classes)), timesteps,
+    return SJNet(nn.Sequential(*mods), _MeanOverTime(linear_op(flat, num_classes)), timesteps,
                  functional.reset_net)
 
 

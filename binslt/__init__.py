@@ -15,15 +15,8 @@ from . import _moved, ops  # noqa: E402  (ops registers the binslt:: schemas)
 
 # Eager (cheap: torch and binslt.nn.layers only).
 from .interop.convert import convert, to_spikingjelly  # noqa: E402
-from .nn.layers import (  # noqa: E402
-    LIF,
-    BinConv2d,
-    BinLinear,
-    BinSpikeConv2d,
-    BinSpikeLinear,
-    SignActivation,
-    SpikeMaxPool2d,
-)
+from .nn.layers import *  # noqa: E402, F403  (the public layers)
+from .nn.layers import __all__ as _LAYERS  # noqa: E402
 from .ops import backends, reference, use_backend  # noqa: E402
 
 if _typing.TYPE_CHECKING:  # the lazy names below, as type checkers see them
@@ -52,13 +45,7 @@ _sys.modules[__name__].__class__ = _Package
 # imported by their path and not star-exported: ``from binslt import *`` must not rebind a
 # user's ``nn`` (torch.nn).
 __all__ = [
-    "BinConv2d",
-    "BinLinear",
-    "BinSpikeConv2d",
-    "BinSpikeLinear",
-    "LIF",
-    "SignActivation",
-    "SpikeMaxPool2d",
+    *_LAYERS,
     "backends",
     "convert",
     "export_ticket",

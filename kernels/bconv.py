@@ -62,6 +62,34 @@ _GRAD_CONFIGS = autotune_configs(
 )
 
 
+@triton.jit
+def _pixel_tile(n_rows, n_cols, height, width, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile of a pixel-row GEMM: rows (grid axis 0) enumerate the pixels
+    (image, y, x) of images height x width, columns (grid axis 1) channels. -> (cols, image,
+    pixel in its image, y, x, row_ok, col_ok)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    hw = height * width
+    pix = rows % hw
+    return cols, rows // hw, pix, pix // width, pix % width, rows < n_rows, cols < n_cols
+
+
+@triton.jit
+def _ternary(w_mask_ptr, w_pos_ptr, off, ok, WORD_BITS: tl.constexpr, bit):
+    """Ternary weights mask * (2 pos - 1) in {-1, 0, 1} (int32) of the packed bit planes at
+    ``off``: the bits ``bit`` of each loaded word; with ``WORD_BITS`` every bit of each word
+    ([K words, N] words -> [K words, 32, N] with ``bit`` the 32 bit indices)."""
+    mask_words = tl.load(w_mask_ptr + off, mask=ok, other=0)
+    pos_words = tl.load(w_pos_ptr + off, mask=ok, other=0)
+    if WORD_BITS:
+        mask_words = mask_words[:, None, :]
+        pos_words = pos_words[:, None, :]
+        bit = bit[None, :, None]
+    mask_bits = (mask_words >> bit) & 1
+    pos_bits = (pos_words >> bit) & 1
+    return mask_bits * (2 * pos_bits - 1)
+
+
 @no_fp_fusion
 @triton.autotune(configs=_FWD_CONFIGS, key=["M", "Co", "CW", "T", "FUSE_LIF", "STORE_COUNTS"],
                  reset_to_zero=["sum_ptr", "sq_ptr"])
@@ -103,17 +131,8 @@ def _bconv_fwd_kernel(
     WORDS: tl.constexpr,
 ):
     """count[t, n, co, ho, wo] = sum_{kh, kw, ci} x[t, n, ci, ho*s-p+kh, wo*s-p+kw] * sign*M."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co, n_idx, pix, ho, wo, row_ok, co_ok = _pixel_tile(M, Co, Ho, Wo, BLOCK_M, BLOCK_N)
     hw_o = Ho * Wo
-    n_idx = rows // hw_o
-    pix = rows % hw_o
-    ho = pix // Wo
-    wo = pix % Wo
-    row_ok = rows < M
-    co_ok = co < Co
     nb = M // hw_o
     word_ids = tl.arange(0, WORDS)
     bit_ids = tl.arange(0, 32)
@@ -148,12 +167,8 @@ def _bconv_fwd_kernel(
                     x_bits = tl.reshape(x_bits, (BLOCK_M, WORDS * 32))
                     w_ok = co_ok[None, :] & word_ok[:, None]
                     w_off = w_base[None, :] + word[:, None]
-                    mask_words = tl.load(w_mask_ptr + w_off, mask=w_ok, other=0)
-                    pos_words = tl.load(w_pos_ptr + w_off, mask=w_ok, other=0)
-                    mask_bits = (mask_words[:, None, :] >> bit_ids[None, :, None]) & 1
-                    pos_bits = (pos_words[:, None, :] >> bit_ids[None, :, None]) & 1
-                    w_tern = (mask_bits * (2 * pos_bits - 1)).to(tl.int8)
-                    w_tern = tl.reshape(w_tern, (WORDS * 32, BLOCK_N))
+                    w_tern = _ternary(w_mask_ptr, w_pos_ptr, w_off, w_ok, True, bit_ids)
+                    w_tern = tl.reshape(w_tern.to(tl.int8), (WORDS * 32, BLOCK_N))
                     acc = tl.dot(x_bits, w_tern, acc, out_dtype=tl.int32)
         o = out_off + t * step
         if STORE_COUNTS:
@@ -201,17 +216,8 @@ def _bconv_dgrad_kernel(
 ):
     """gx[b, ci, h, w] = sum_{co, kh, kw} gz[b, co, ho, wo] alpha[co] w[co, ci, kh, kw] over the
     (ho, wo) with ho * stride - padding + kh = h (and the same for w)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     hw = H * W
-    b = rows // hw
-    pix = rows % hw
-    h = pix // W
-    w = pix % W
-    row_ok = rows < B * hw
-    ci_ok = ci < Ci
+    ci, b, pix, h, w, row_ok, ci_ok = _pixel_tile(B * hw, Ci, H, W, BLOCK_M, BLOCK_N)
     ci_word = ci // 32
     ci_bit = ci % 32
     hw_o = Ho * Wo
@@ -236,11 +242,8 @@ def _bconv_dgrad_kernel(
                 gz = gz * alpha[None, :]
                 w_off = (((co * KH + kh) * KW + kw) * CW)[:, None] + ci_word[None, :]
                 w_ok = co_ok[:, None] & ci_ok[None, :]
-                mask_words = tl.load(w_mask_ptr + w_off, mask=w_ok, other=0)
-                pos_words = tl.load(w_pos_ptr + w_off, mask=w_ok, other=0)
-                mask_bits = (mask_words >> ci_bit[None, :]) & 1
-                pos_bits = (pos_words >> ci_bit[None, :]) & 1
-                w_tern = (mask_bits * (2 * pos_bits - 1)).to(tl.float32)
+                w_tern = _ternary(w_mask_ptr, w_pos_ptr, w_off, w_ok, False, ci_bit[None, :])
+                w_tern = w_tern.to(tl.float32)
                 acc = tl.dot(gz, w_tern, acc, input_precision=PRECISION)
     out = (b * Ci * hw + pix)[:, None] + (ci * hw)[None, :]
     tl.store(gx_ptr + out, acc, mask=row_ok[:, None] & ci_ok[None, :])

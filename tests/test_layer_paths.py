@@ -120,6 +120,98 @@ def test_weight_need_follows_the_path_and_the_backend():
     assert ops.PACK_VALIDATES == {be for be, c in ops.CAPABILITIES.items() if c.pack_validates}
 
 
+# --- the capability table is the one place a backend's abilities are decided -------------------
+
+#: binslt/ops modules that name backends for reasons other than their kernels' abilities:
+#: backend.py (the table, auto's order, the device a backend needs), registry.py (the op table:
+#: which implementation a backend's ops are), check.py (``binslt check``'s own --backend rules).
+_NAMES_BACKENDS = {"backend.py", "registry.py", "check.py"}
+
+
+def _backend_comparisons(path):
+    """``(line, source)`` of each comparison of a backend variable (``backend``, ``be``,
+    ``ctx.backend``, ...) with a backend's name ('torch', 'cpu', 'triton', 'cuda') in ``path``."""
+    import ast
+
+    names = set(ops.CAPABILITIES)
+
+    def backendish(node):
+        name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+        return name in ("be", "b") or name.endswith("backend")
+
+    def named(node):
+        if isinstance(node, ast.Constant):
+            return node.value in names
+        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(map(named, node.elts))
+
+    src = path.read_text()
+    out = []
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(map(backendish, sides)) and any(map(named, sides)):
+                out.append((node.lineno, ast.get_source_segment(src, node)))
+    return out
+
+
+def test_backend_abilities_are_read_from_the_capability_table_only():
+    from pathlib import Path as FsPath
+
+    root = FsPath(ops.__file__).parent
+    found = {f.name: _backend_comparisons(f) for f in sorted(root.glob("*.py"))
+             if f.name not in _NAMES_BACKENDS}
+    assert found.get("autograd.py") == [] and found.get("layer.py") == []
+    bad = {k: v for k, v in found.items() if v}
+    assert not bad, f"decide by binslt.ops.CAPABILITIES, not by the backend's name: {bad}"
+    # the scan finds what it looks for
+    probe = _backend_comparisons(root / "registry.py")
+    assert any('backend == "torch"' in src for _, src in probe), probe
+
+
+def _conv_lif_saves(backend, residual):
+    torch.manual_seed(0)
+    x = (torch.rand(2, 1, 3, 5, 5) < 0.4).float().requires_grad_()
+    w = (torch.randint(-1, 2, (4, 3, 3, 3)) * 0.5).float().requires_grad_()
+    scale = torch.rand(4) + 0.5
+    shift = torch.randn(4) * 0.1
+    res = None if residual is None else residual.clone().requires_grad_()
+    out = ops.ConvLIF.apply(x, w, scale, shift, res, 1, 1, False, 1e-5, 2.0, True, 0.3, 0.0,
+                            False, 0, 2.0, backend)
+    (out[0] * torch.arange(out[0].numel()).view(out[0].shape)).sum().backward()
+    grads = (x.grad, w.grad, None if res is None else res.grad)
+    return out[7], out[8], grads
+
+
+@pytest.mark.parametrize("ability", ["int8_counts", "residual_bits"])
+def test_conv_lif_saves_as_the_capability_table_says(monkeypatch, ability):
+    """The CPU's compact saves (int8 counts, a residual of spikes as bits) follow its row of
+    the table; turned off, the layer saves the plain tensors and the gradients stay the same."""
+    residual = (torch.rand(2, 1, 4, 5, 5) < 0.5).float()
+    kept, res_saved, grads = _conv_lif_saves("cpu", residual)
+    assert kept.dtype == torch.int8 and res_saved.dim() == 4  # packed words
+    monkeypatch.setitem(B.CAPABILITIES, "cpu",
+                        dataclasses.replace(B.CAPABILITIES["cpu"], **{ability: False}))
+    kept2, res_saved2, grads2 = _conv_lif_saves("cpu", residual)
+    if ability == "int8_counts":
+        assert kept2.dtype != torch.int8 and torch.equal(kept2.long(), kept.long())
+        assert res_saved2.dim() == 4
+    else:
+        assert kept2.dtype == torch.int8 and res_saved2.numel() == 0  # the residual as it came
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bn_lif_reads_an_expanded_current_as_the_capability_table_says(monkeypatch):
+    from binslt.ops import autograd as A
+
+    z = torch.randn(2, 3, 5).unsqueeze(0).expand(4, 2, 3, 5)  # [T, N, C, L], time stride 0
+    assert A._bn_lif_current(z, "cpu") == (4, True, False)
+    assert A._bn_lif_current(z, "triton") == (4, False, True)
+    monkeypatch.setitem(B.CAPABILITIES, "cpu",
+                        dataclasses.replace(B.CAPABILITIES["cpu"], strided_current=False))
+    assert A._bn_lif_current(z, "cpu") == (4, False, True)
+
+
 # --- every path against the float64 reference ---------------------------------------------------
 
 def _run(m, path, x, gain=1.0, backend="cpu", packed_out=False):

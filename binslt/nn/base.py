@@ -37,6 +37,18 @@ def _named_error(layer: nn.Module, err: ValueError) -> Optional[NonFiniteError]:
     return NonFiniteError(f"{layer_label(layer)}: {msg.split(': ', 1)[-1]}")
 
 
+def _call_named(layer: nn.Module, op, *args, **kwargs):
+    """``op(*args, **kwargs)`` for ``layer``: a kernel's non-finite error comes back as a
+    ``NonFiniteError`` naming the layer (``_named_error``); any other error as it is."""
+    try:
+        return op(*args, **kwargs)
+    except ValueError as err:
+        named = _named_error(layer, err)
+        if named is None:
+            raise
+        raise named from err
+
+
 def layer_label(layer: nn.Module) -> str:
     """``"BinSpikeConv2d features.3"``: the class and the name ``name_layers`` gave the layer in
     its model (the class alone for a layer no model named)."""
@@ -80,6 +92,14 @@ _NEURON_ARGS = """\
             are ``binslt.ops.schemas.DEFAULT_SURROGATE_ALPHA``).
         neuron (str): 'lif' (default) or 'if' (SpikingJelly's IFNode, H = V + X: takes no tau,
             decay or decay_input=True)."""
+
+_CONV_ARGS = """\
+        in_channels (int): input channels C_in.
+        out_channels (int): output channels C_out.
+        kernel_size (int or (k, k)): square kernel.
+        stride (int or (s, s)): default 1.
+        padding (int or (p, p)): zero padding, default 0.
+"""
 
 _WEIGHT_ARGS = """\
         prune_rate (float): the fraction of weights *removed* by the mask, in [0, 1)

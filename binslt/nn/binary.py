@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import reference as ref
-from .base import _MODE_DOC, _WEIGHT_ARGS, _IntOrPair, _refuse_jit_trace, _square
+from .base import _CONV_ARGS, _MODE_DOC, _WEIGHT_ARGS, _IntOrPair, _refuse_jit_trace, _square
 from .spiking import _bn_scale_shift
 from .weight import _MaskedSignWeight
 
@@ -21,12 +21,7 @@ class BinConv2d(_MaskedSignWeight):
     Used for ResNet 1x1 shortcuts and the BNN-BinAct baseline.
 
     Args:
-        in_channels (int): input channels C_in.
-        out_channels (int): output channels C_out.
-        kernel_size (int or (k, k)): square kernel.
-        stride (int or (s, s)): default 1.
-        padding (int or (p, p)): zero padding, default 0.
-""" + _WEIGHT_ARGS + """
+""" + _CONV_ARGS + _WEIGHT_ARGS + """
         bn (bool): a BatchNorm2d after the conv (default False; statistics over T*N*H*W).
         bn_affine (bool): the BatchNorm has a learnable scale and shift (default False).
 

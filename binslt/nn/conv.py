@@ -11,6 +11,7 @@ from torch import nn
 from .. import ops
 from ..ops import contract as C
 from .base import (
+    _CONV_ARGS,
     _MODE_DOC,
     _NEURON_ARGS,
     _SPIKE_ARGS,
@@ -31,12 +32,7 @@ class BinSpikeConv2d(_SpikingLayer):
     mask M keeps the top-|s| of the trainable scores s.
 
     Args:
-        in_channels (int): input channels C_in.
-        out_channels (int): output channels C_out.
-        kernel_size (int or (k, k)): square kernel.
-        stride (int or (s, s)): default 1.
-        padding (int or (p, p)): zero padding, default 0.
-""" + _WEIGHT_ARGS + "\n" + _SPIKE_ARGS + "\n" + _NEURON_ARGS + """
+""" + _CONV_ARGS + _WEIGHT_ARGS + "\n" + _SPIKE_ARGS + "\n" + _NEURON_ARGS + """
         pool (int): 1 (default) or 2: conv -> BN -> neuron -> 2x2 max-pool (stride 2) in one
             layer, the same spikes as this layer followed by ``SpikeMaxPool2d(2)``.
 

@@ -50,6 +50,10 @@ from .pool import SpikeMaxPool2d  # noqa: F401
 from .spiking import _bn_scale_shift, _SpikingLayer, _update_running_stats  # noqa: F401
 from .weight import _check_loaded_finite, _MaskedSignWeight  # noqa: F401
 
+#: The public layers, which ``binslt`` exports at its top.
+__all__ = ["LIF", "BinConv2d", "BinLinear", "BinSpikeConv2d", "BinSpikeLinear", "SignActivation",
+           "SpikeMaxPool2d"]
+
 
 def name_layers(model: nn.Module) -> nn.Module:
     """Records each binslt layer's qualified name in ``model`` (``features.3``), which its errors

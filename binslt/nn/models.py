@@ -112,11 +112,29 @@ SPIKING_VARIANTS = ("snn", "binwslt")
 
 
 @dataclass(frozen=True)
-class Conv:
-    """3x3 conv (pad 1) + BN + activation."""
+class _Width:
+    """A spec with ``out`` output channels (features)."""
 
     out: int
+
+
+@dataclass(frozen=True)
+class _Strided(_Width):
+    """A spec with ``out`` output channels and a stride."""
+
     stride: int = 1
+
+
+class Conv(_Strided):
+    """3x3 conv (pad 1) + BN + activation."""
+
+
+class Block(_Strided):
+    """Basic residual block: two 3x3 convs; 1x1 conv + BN shortcut where the shape changes."""
+
+
+class FC(_Width):
+    """Hidden fully connected layer + BN + activation (flattens conv features first)."""
 
 
 @dataclass(frozen=True)
@@ -125,23 +143,8 @@ class Pool:
 
 
 @dataclass(frozen=True)
-class Block:
-    """Basic residual block: two 3x3 convs; 1x1 conv + BN shortcut where the shape changes."""
-
-    out: int
-    stride: int = 1
-
-
-@dataclass(frozen=True)
 class GlobalPool:
     """Global average pool over H, W (flattens to features)."""
-
-
-@dataclass(frozen=True)
-class FC:
-    """Hidden fully connected layer + BN + activation (flattens conv features first)."""
-
-    out: int
 
 
 _CONV4 = [Conv(64), Conv(64), Pool(), Conv(128), Conv(128), Pool()]

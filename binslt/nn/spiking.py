@@ -14,7 +14,7 @@ from torch import nn
 from .. import ops
 from ..ops import contract as C
 from ..ops import reference as ref
-from .base import _named_error, check_input_kind, layer_label
+from .base import _call_named, check_input_kind, layer_label
 from .neuron import NeuronConfig
 from .weight import _MaskedSignWeight
 
@@ -87,13 +87,7 @@ class _SpikingLayer(_MaskedSignWeight):
             w = self._weights(ops.weight_need(path, be), gain)
             return ops.run_path(path, be, x, w, epi, nrn, geo, who)
 
-        try:
-            s, mean, var = ops.run_auto(self.backend, x.device, call)
-        except ValueError as err:
-            named = _named_error(self, err)
-            if named is None:
-                raise
-            raise named from err
+        s, mean, var = _call_named(self, ops.run_auto, self.backend, x.device, call)
         if self.store_v_seq:
             self._store_v(x, epi, geo)
         if bn_train:

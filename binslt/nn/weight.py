@@ -13,7 +13,7 @@ from torch import nn
 from .. import ops
 from ..ops import contract as C
 from ..ops import reference as ref
-from .base import MODES, MultiStepOnly, NonFiniteError, _named_error, _NoTorchScript, layer_label
+from .base import MODES, MultiStepOnly, NonFiniteError, _call_named, _NoTorchScript, layer_label
 
 
 class _MaskedSignWeight(MultiStepOnly, _NoTorchScript, nn.Module):
@@ -97,13 +97,7 @@ class _MaskedSignWeight(MultiStepOnly, _NoTorchScript, nn.Module):
     def current_mask(self) -> torch.Tensor:
         """The {0,1} mask M in use: top-|s| in search mode, the fixed one otherwise."""
         if self._mode == "search":
-            try:
-                return ops.topk_mask(self.scores, self.prune_rate)
-            except ValueError as err:
-                named = _named_error(self, err)
-                if named is None:
-                    raise
-                raise named from err
+            return _call_named(self, ops.topk_mask, self.scores, self.prune_rate)
         if self._mode == "finetune":
             return self.mask
         w = self.effective_weight()
@@ -112,14 +106,8 @@ class _MaskedSignWeight(MultiStepOnly, _NoTorchScript, nn.Module):
     def effective_weight(self) -> torch.Tensor:
         """alpha * sign(w) * M, differentiable as the mode prescribes."""
         if self._mode == "search":
-            try:
-                return ops.masked_sign_weight(self.weight, self.scores, self.prune_rate,
-                                              self.per_channel_gain)
-            except ValueError as err:
-                named = _named_error(self, err)
-                if named is None:
-                    raise
-                raise named from err
+            return _call_named(self, ops.masked_sign_weight, self.weight, self.scores,
+                               self.prune_rate, self.per_channel_gain)
         if self._mode == "finetune":
             return ref.masked_sign_weight_finetune(self.weight, self.mask, self.per_channel_gain)
         cin = self.weight.shape[1]
@@ -131,14 +119,8 @@ class _MaskedSignWeight(MultiStepOnly, _NoTorchScript, nn.Module):
         positive bits, gain) of that W_eff (``pack_weight`` and ``ops.max_abs_gain`` of it),
         written in the same pass; None otherwise (the caller packs W_eff)."""
         if self._mode == "search":
-            try:
-                return ops.masked_sign_weight(self.weight, self.scores, self.prune_rate,
-                                              self.per_channel_gain, planes=True)
-            except ValueError as err:
-                named = _named_error(self, err)
-                if named is None:
-                    raise
-                raise named from err
+            return _call_named(self, ops.masked_sign_weight, self.weight, self.scores,
+                               self.prune_rate, self.per_channel_gain, planes=True)
         return self.effective_weight(), None
 
     def packed_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference as ref
-from .backend import _FIRST, _backward_op
+from .backend import _FIRST, _backward_op, capabilities
 from .registry import get_op
 
 
@@ -58,16 +58,18 @@ class ConvLIF(torch.autograd.Function):
     under ``keep_counts(False)`` the backward recomputes the counts from the packed bits with the
     forward kernel instead (exact).
 
-    ``pool=2`` (CPU backend) also 2x2 max-pools the spikes, as SpikePool does, saving their bits;
-    the backward hands the pooled gradient to ``bconv_lif_bwd_pool2``, whose kernel routes it
-    inside the LIF backward: the unpooled gradient is never stored whole (one float per output
-    spike less at the backward's peak).
+    ``pool=2`` (a backend with ``fused_pool2``; ``binslt.ops.CAPABILITIES``) also 2x2
+    max-pools the spikes, as SpikePool does, saving their bits; the backward hands the pooled
+    gradient to ``bconv_lif_bwd_pool2``, whose kernel routes it inside the LIF backward: the
+    unpooled gradient is never stored whole (one float per output spike less at the backward's
+    peak).
 
-    A residual of spikes (a ResNet block's identity shortcut; CPU backend) is saved as packed
-    bits, 1 instead of 32 bits a value, and unpacked (exactly) for the backward; the kept counts
-    as int8 where every one fits (CPU backend, whose backward kernel reads them so). Both
-    choices read the data, so traced code (torch.compile, torch.export) and vmapped tensors
-    skip them: the counts stay at their dtype and the residual is saved as it came.
+    A residual of spikes (a ResNet block's identity shortcut; a backend with ``residual_bits``)
+    is saved as packed bits, 1 instead of 32 bits a value, and unpacked (exactly) for the
+    backward; the kept counts as int8 where every one fits (a backend with ``int8_counts``,
+    whose backward kernel reads them so). Both choices read the data, so traced code
+    (torch.compile, torch.export) and vmapped tensors skip them: the counts stay at their dtype
+    and the residual is saved as it came.
     """
 
     generate_vmap_rule = True
@@ -91,7 +93,7 @@ class ConvLIF(torch.autograd.Function):
             return x_packed.new_empty((0,))
 
         kept = counts if getattr(_KEEP, "counts", True) else none()
-        if kept.dim() == 5 and backend == "cpu" and _fits_int8(kept):
+        if kept.dim() == 5 and capabilities(backend).int8_counts and _fits_int8(kept):
             kept = kept.to(torch.int8)  # exact: every count is in [-128, 127]
         pool_bits = none()
         if pool == 2:
@@ -99,7 +101,7 @@ class ConvLIF(torch.autograd.Function):
         elif pool != 1:
             raise ValueError(f"ConvLIF: only 2x2 pooling is fused, got pool={pool}")
         res_saved = none()  # a residual of spikes, packed; otherwise the input residual is saved
-        if res is not None and backend == "cpu" and _is_binary(res):
+        if res is not None and capabilities(backend).residual_bits and _is_binary(res):
             res_saved = get_op("pack_spikes", backend)(res.flatten(0, 1))
         return (spikes.to(x.dtype), mean, var, x_packed, w_mask, w_pos, alpha, kept, res_saved,
                 pool_bits)
@@ -198,7 +200,7 @@ class BNLIF(torch.autograd.Function):
             zf = zf[0]  # the one current of an expanded z
         if ctx.steps:
             zf = zf.unsqueeze(0).expand(ctx.steps, *zf.shape)
-            if ctx.backend != "cpu":
+            if not capabilities(ctx.backend).strided_current:
                 zf = zf.contiguous()
         res = None if res is None else res.float().contiguous()
         g_z, g_cur, g_sc, g_sh = _backward_op(
@@ -213,8 +215,8 @@ def _bn_lif_current(z: torch.Tensor, backend: str) -> tuple[int, bool, bool]:
     stride 0), else 0; in_place: the CPU kernels read it so, float32 with a contiguous step;
     copied: z.float().contiguous() is a new tensor)."""
     steps = z.shape[0] if z.dim() > 1 and z.stride(0) == 0 else 0
-    in_place = bool(steps) and backend == "cpu" and z.dtype == torch.float32 and \
-        z[0].is_contiguous()
+    in_place = bool(steps) and capabilities(backend).strided_current and \
+        z.dtype == torch.float32 and z[0].is_contiguous()
     copied = not in_place and (z.dtype != torch.float32 or not z.is_contiguous())
     return steps, in_place, copied
 
@@ -308,7 +310,7 @@ def _spike_pool(be: str, s: torch.Tensor, pool: int) -> torch.Tensor:
     the reference (max_pool2d, as SpikeMaxPool2d); the kernel backends save one bit per spike."""
     if pool == 1:
         return s
-    if be == "torch" or not torch.is_grad_enabled() or not s.requires_grad:
+    if capabilities(be).autograd_reference or not torch.is_grad_enabled() or not s.requires_grad:
         y = F.max_pool2d(s.flatten(0, 1), pool)
         return y.view(*s.shape[:3], *y.shape[2:])
     return SpikePool.apply(s, pool, be)[0]

@@ -241,6 +241,13 @@ class Capabilities:
       many channels (one thread, CPU time: C=128 16x16, values 0..2, 30 % nonzero: 47 vs 72 ms;
       C=256 8x8: 24 vs 74 ms) and lose elsewhere (C=128, values 0..4: 75 vs 66 ms; C=64 32x32:
       127 vs 73 ms; two threads, wall time: 1.0-2.1x slower at every one of these shapes).
+    * ``int8_counts``: the fused op's backward kernel reads the saved integer counts as int8, so
+      ``ConvLIF`` saves them so where every one fits;
+    * ``residual_bits``: ``ConvLIF`` saves a residual of spikes packed (one bit a value, the
+      backend's ``pack_spikes``), unpacked exactly for the backward;
+    * ``strided_current``: the ``bn_lif`` kernels read a current expanded over T (time stride 0)
+      as it is, when it is float32 with a contiguous step (``BNLIF`` neither copies it T-fold in
+      the forward nor in the backward).
     """
 
     autograd_reference: bool = False
@@ -251,12 +258,16 @@ class Capabilities:
     search_planes: bool = False
     fused_real_infer: bool = False
     bit_planes: bool = False
+    int8_counts: bool = False
+    residual_bits: bool = False
+    strided_current: bool = False
 
 
 CAPABILITIES: dict[str, Capabilities] = {
     "torch": Capabilities(autograd_reference=True),
     "cpu": Capabilities(pack_validates=True, fused_pool2=True, packed_residual=True,
-                        batch_as_row=True, search_planes=True, fused_real_infer=True),
+                        batch_as_row=True, search_planes=True, fused_real_infer=True,
+                        int8_counts=True, residual_bits=True, strided_current=True),
     "triton": Capabilities(),
     "cuda": Capabilities(),
 }

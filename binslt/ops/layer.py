@@ -275,13 +275,17 @@ def _as_image(x, epi: Epilogue, geo: Geometry):
     return x, epi.with_residual(None if res is None else res.reshape(T, n, co, 1, 1))
 
 
-def _spike_train(be, x, w: Weights, epi: Epilogue, nrn: NeuronParams, geo: Geometry):
-    """Spikes with autograd: the fused op (W_eff, and its bit planes where given)."""
+def _spike_sizes(x, w: Weights, epi: Epilogue) -> tuple[int, int, int]:
+    """(T, N, C_out) of a spike path's call; the spike paths take an input gain of 1."""
     if w.gain != 1.0:
         raise ValueError("the spike paths take an input gain of 1; spikes behind a dropout run "
                          "the dropout paths")
-    T, n = x.shape[:2]
-    co = epi.scale.shape[0]
+    return x.shape[0], x.shape[1], epi.scale.shape[0]
+
+
+def _spike_train(be, x, w: Weights, epi: Epilogue, nrn: NeuronParams, geo: Geometry):
+    """Spikes with autograd: the fused op (W_eff, and its bit planes where given)."""
+    T, n, co = _spike_sizes(x, w, epi)
     # A linear layer on spikes runs as a 1x1 conv. Where the backend takes it, the batch is laid
     # out as the pixels of one 1 x N image per step ([T, 1, F, 1, N]): the same sums, BN
     # statistics over the same (T, N) values, but the kernels' rows run over the batch.
@@ -305,11 +309,7 @@ def _spike_train(be, x, w: Weights, epi: Epilogue, nrn: NeuronParams, geo: Geome
 
 def _spike_infer(be, x, w: Weights, epi: Epilogue, nrn: NeuronParams, geo: Geometry):
     """Spikes (or packed words) without autograd: the packed inference kernel."""
-    if w.gain != 1.0:
-        raise ValueError("the spike paths take an input gain of 1; spikes behind a dropout run "
-                         "the dropout paths")
-    T, n = x.shape[:2]
-    co = epi.scale.shape[0]
+    T, n, co = _spike_sizes(x, w, epi)
     packed_in = x.dtype == torch.int32
     x, epi = _as_image(x, epi, geo)
     res = epi.residual

@@ -268,16 +268,11 @@ def conv_lif_reference(
     bn_train: bool = False,
     bn_eps: float = 1e-5,
     residual: Optional[torch.Tensor] = None,
-    tau: float = 2.0,
-    decay_input: bool = True,
-    v_threshold: float = 1.0,
-    v_reset: Optional[float] = 0.0,
-    detach_reset: bool = False,
-    surrogate: int = 0,
-    surrogate_alpha: float = 2.0,
-    return_h: bool = False,
+    **neuron,
 ):
-    """conv2d(x, W_eff) -> epilogue -> LIF, by plain autograd. x: [T, N, Ci, H, W]."""
+    """conv2d(x, W_eff) -> epilogue -> LIF, by plain autograd. x: [T, N, Ci, H, W]; ``neuron``:
+    ``lif_multistep``'s keyword arguments (tau, decay_input, v_threshold, v_reset,
+    detach_reset, surrogate, surrogate_alpha, return_h), with its defaults."""
     T = x.shape[0]
     z = F.conv2d(x.flatten(0, 1), w_eff, stride=stride, padding=padding)
     z = z.view(T, -1, *z.shape[1:])
@@ -287,8 +282,7 @@ def conv_lif_reference(
     if shift is None:
         shift = torch.zeros(co, dtype=z.dtype, device=z.device)
     xin, _, _ = epilogue(z, scale, shift, residual, bn_train, bn_eps)
-    return lif_multistep(xin, **_neuron_kwargs(tau, decay_input, v_threshold, v_reset, detach_reset,
-                                               surrogate, surrogate_alpha), return_h=return_h)
+    return lif_multistep(xin, **neuron)
 
 
 REFERENCE_OPS = {

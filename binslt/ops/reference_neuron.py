@@ -41,6 +41,15 @@ def surrogate_grad(x: torch.Tensor, surrogate: int, alpha: float) -> torch.Tenso
                      f"(piecewise_quadratic), got {surrogate}")
 
 
+def saves_inputs(*positions: int):
+    """The ``setup_context`` (a staticmethod) of an autograd Function whose backward reads its
+    inputs at ``positions`` (``ctx.saved_tensors``, in that order) and nothing else."""
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(inputs[i] for i in positions))
+
+    return staticmethod(setup_context)
+
+
 class _SpikeFn(torch.autograd.Function):
     """Heaviside(x >= 0) forward, surrogate derivative backward."""
 
@@ -106,9 +115,7 @@ class _ApproxSign(torch.autograd.Function):
     def forward(x):
         return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
+    setup_context = saves_inputs(0)
 
     @staticmethod
     def backward(ctx, grad):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .contract import check_prune_rate
+from .reference_neuron import saves_inputs
 
 # ----------------------------------------------------------------------------------------------
 # Mask, gain (mean |w| over the kept weights) and the masked sign weight
@@ -101,9 +102,7 @@ class _MaskedSignSearch(torch.autograd.Function):
         alpha = mean_abs_gain(weight, mask, per_channel)
         return _expand_gain(alpha, weight) * torch.sign(weight) * mask
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], inputs[1])
+    setup_context = saves_inputs(0, 1)
 
     @staticmethod
     def backward(ctx, grad):
@@ -127,9 +126,7 @@ class _MaskedSignFinetune(torch.autograd.Function):
         alpha = mean_abs_gain(weight, mask, per_channel)
         return _expand_gain(alpha, weight) * torch.sign(weight) * mask
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
+    setup_context = saves_inputs(1)
 
     @staticmethod
     def backward(ctx, grad):

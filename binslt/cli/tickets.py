@@ -7,12 +7,13 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 from ..io import artifacts
-from ..io.tickets import TicketError, export_ticket, load_ticket
+from ..io.tickets import TicketError, export_ticket
 from ..training import data
-from .common import CLIError
+from .common import CLIError, add_model_option, load_model
 
 
 def _fmt_bytes(n: float) -> str:
@@ -66,25 +67,32 @@ def _eval_nir(args: argparse.Namespace) -> int:
     return 0
 
 
+def _num_classes(model, cfg: dict, want: tuple, device) -> int:
+    """The classes a model predicts: its config's, else the width of its output."""
+    if cfg.get("num_classes") is not None:
+        return int(cfg["num_classes"])
+    with torch.no_grad():
+        return int(model(torch.zeros(1, *want, device=device)).shape[-1])
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if str(args.ticket).endswith(".nir"):
         return _eval_nir(args)
     device = artifacts.resolve_device(args.device)
-    model = load_ticket(args.ticket, device=device, backend=args.backend)
-    cfg = model.ticket_info["config"]  # type: ignore[attr-defined]
-    size = cfg["input_size"]
-    image_size = size if isinstance(size, int) else int(size[0])
+    model, source = load_model(args.ticket, device, args.backend, factory=args.model)
+    cfg = source["build_config"]
+    want = (model.in_channels, *model.input_hw)  # type: ignore[attr-defined]
     bundle = data.load(args.data, data_dir=args.data_dir, download=args.download,
-                       image_size=image_size)
-    want = (cfg["in_channels"], *model.input_hw)  # type: ignore[attr-defined]
+                       image_size=int(want[1]))
     ds = data.evaluation_split(bundle, args.split, args.limit)
     x0, _ = ds[0]
     if tuple(x0.shape) != tuple(want):
         raise TicketError(f"the ticket takes images {list(want)} but dataset {args.data!r} "
                           f"gives {list(x0.shape)}")
-    if bundle.num_classes > cfg["num_classes"]:
+    classes = _num_classes(model, cfg, want, device)
+    if bundle.num_classes > classes:
         raise TicketError(f"dataset {args.data!r} has {bundle.num_classes} classes, the "
-                          f"ticket predicts {cfg['num_classes']}")
+                          f"ticket predicts {classes}")
     t0 = time.perf_counter()
     loss, correct, total = artifacts.evaluate_counts(
         model, DataLoader(ds, batch_size=args.batch_size, shuffle=False), device)
@@ -140,4 +148,5 @@ def add_parsers(subparsers) -> None:
     ev.add_argument("--backend", default=None,
                     help="override the ticket's backend (auto, torch, cpu, triton, cuda)")
     ev.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    add_model_option(ev)
     ev.set_defaults(func=cmd_eval)

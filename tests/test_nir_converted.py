@@ -4,7 +4,6 @@ importer) give the converted model's eval outputs back."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,9 @@ from torch import nn
 
 nir = pytest.importorskip("nir", reason="the binslt[nir] extra is not installed")
 
+from test_nir import binslt_spikes  # noqa: E402
+
 import binslt  # noqa: E402
-from binslt import BinSpikeConv2d, BinSpikeLinear  # noqa: E402
 from binslt.interop import nir as bnir  # noqa: E402
 
 functional, layer, neuron = sj_modules("functional", "layer", "neuron")
@@ -52,21 +52,13 @@ def converted(sj: nn.Module, x: torch.Tensor, **kw) -> nn.Module:
 
 
 def spikes_of(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """(outputs, {NIR neuron name: spikes}) of a converted model's eval run."""
-    out, hooks = {}, []
-    for name, m in net.named_modules():
-        if isinstance(m, (BinSpikeConv2d, BinSpikeLinear)):
-            hooks.append(m.register_forward_hook(
-                lambda _m, _i, o, n=name: out.__setitem__(f"{n}.lif", o)))
+    """(outputs, {NIR neuron name: spikes}) of a converted model's eval run, from reset
+    states (reset again after)."""
+    functional.reset_net(net)
     try:
-        functional.reset_net(net)
-        with torch.no_grad():
-            y = net(x)
-        functional.reset_net(net)
+        return binslt_spikes(net, x)
     finally:
-        for h in hooks:
-            h.remove()
-    return y, out
+        functional.reset_net(net)
 
 
 def check_round_trip(net: nn.Module, example: torch.Tensor, x: torch.Tensor, path: Path,
@@ -162,7 +154,6 @@ def test_dropout_in_eval_passes(tmp_path):
 
 
 def test_spiking_resnet18_round_trip_with_residual_edges(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
     from test_zoo import build
 
     x = torch.rand(2, 2, 3, 16, 16)

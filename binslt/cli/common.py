@@ -32,6 +32,17 @@ def progress_enabled(args: argparse.Namespace) -> bool:
     return sys.stderr.isatty()
 
 
+def add_command(sub, name: str, func, summary: str, description: str = "",
+                options=None) -> argparse.ArgumentParser:
+    """Register subcommand ``name``: ``summary`` in the command list, ``description`` in its
+    ``--help``, ``options(parser)`` adds its arguments, ``func(args) -> int`` runs it."""
+    p = sub.add_parser(name, help=summary, description=description or None)
+    if options is not None:
+        options(p)
+    p.set_defaults(func=func)
+    return p
+
+
 def pos_int(s: str) -> int:
     """argparse type: an integer >= 1."""
     try:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from ..io import artifacts
 from ..io.tickets import TicketError, export_ticket
 from ..training import data
-from .common import CLIError, add_model_option, load_model
+from .common import CLIError, add_command, add_model_option, load_model
 
 
 def _fmt_bytes(n: float) -> str:
@@ -109,13 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(subparsers) -> None:
-    ex = subparsers.add_parser(
-        "export", help="write a packed ticket file (2 bits per weight) from a run",
-        description="Export a searched network as a packed ticket: safetensors with each "
-        "binslt layer's mask and sign bit planes, its gain, BN statistics, dense weights and "
-        "the config. Prints its size against the fp32 state dict. (search, train and finetune "
-        "write RUN/ticket.safetensors themselves; this rewrites it, or exports a checkpoint.)")
+def _export_options(ex: argparse.ArgumentParser) -> None:
     ex.add_argument("source", help="a run directory of `binslt search`, or its checkpoint.pt "
                     "(with --format nir also a .safetensors ticket)")
     ex.add_argument("-o", "--output", default=None,
@@ -129,11 +123,9 @@ def add_parsers(subparsers) -> None:
                     help="with --format nir: 2x2 spike max-pooling as Threshold(SumPool2d - "
                     "0.5) (exact), or AvgPool2d + a memoryless LIF (for importers without "
                     "Threshold, e.g. snnTorch)")
-    ex.set_defaults(func=cmd_export)
 
-    ev = subparsers.add_parser(
-        "eval", help="evaluate a packed ticket on a dataset",
-        description="Load a packed ticket (frozen, eval mode) and report its accuracy.")
+
+def _eval_options(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("ticket", help="a .safetensors ticket (a run's ticket.safetensors or what "
                     "`binslt export` wrote) or a .nir file (`binslt export --format nir`, or "
                     "SpikingJelly's export_to_nir)")
@@ -149,4 +141,17 @@ def add_parsers(subparsers) -> None:
                     help="override the ticket's backend (auto, torch, cpu, triton, cuda)")
     ev.add_argument("--json", action="store_true", help="print the result as one JSON line")
     add_model_option(ev)
-    ev.set_defaults(func=cmd_eval)
+
+
+def add_parsers(subparsers) -> None:
+    """Register export and eval."""
+    add_command(subparsers, "export", cmd_export,
+                "write a packed ticket file (2 bits per weight) from a run",
+                "Export a searched network as a packed ticket: safetensors with each binslt "
+                "layer's mask and sign bit planes, its gain, BN statistics, dense weights and the "
+                "config. Prints its size against the fp32 state dict. (search, train and "
+                "finetune write RUN/ticket.safetensors themselves; this rewrites it, or exports "
+                "a checkpoint.)", _export_options)
+    add_command(subparsers, "eval", cmd_eval, "evaluate a packed ticket on a dataset",
+                "Load a packed ticket (frozen, eval mode) and report its accuracy.",
+                _eval_options)

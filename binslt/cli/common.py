@@ -63,7 +63,9 @@ def add_model_option(p: argparse.ArgumentParser) -> None:
                    "`binslt search --model` run's ticket it replaces the recorded factory")
 
 
-def _ticket_model(ticket: Path, factory: str | None, device, backend) -> nn.Module:
+def ticket_model(ticket: Path, factory: str | None, device, backend) -> nn.Module:
+    """The network of a packed ticket file in eval mode; ``factory`` (``--model``) gives the
+    structure of a SpikingJelly model's ticket (``load_user_ticket``)."""
     meta = tickets.read_ticket_metadata(ticket, verify=False)
     if factory is None and meta["config"].get("arch") != "converted":
         return tickets.load_ticket(ticket, device=device, backend=backend)
@@ -88,7 +90,7 @@ def load_model(src: str | Path, device: torch.device | str = "cpu", backend: str
         raise CLIError(f"{str(src)!r}: no such run directory, ticket or checkpoint")
     ticket = p / RunDir.TICKET if p.is_dir() else p
     if ticket.suffix == ".safetensors" and ticket.is_file():
-        model = _ticket_model(ticket, factory, device, backend)
+        model = ticket_model(ticket, factory, device, backend)
         config = RunDir(ticket.parent).saved_config() or {}
         return model, {"config": config, "build_config": model.build_config,
                        "path": str(ticket)}

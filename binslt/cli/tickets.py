@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from ..io import artifacts
 from ..io.tickets import TicketError, export_ticket
 from ..training import data
-from .common import CLIError, add_command, add_model_option, load_model
+from .common import CLIError, add_command, add_model_option, ticket_model
 
 
 def _fmt_bytes(n: float) -> str:
@@ -79,8 +79,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if str(args.ticket).endswith(".nir"):
         return _eval_nir(args)
     device = artifacts.resolve_device(args.device)
-    model, source = load_model(args.ticket, device, args.backend, factory=args.model)
-    cfg = source["build_config"]
+    model = ticket_model(Path(args.ticket), args.model, device, args.backend)
+    cfg = model.build_config
     want = (model.in_channels, *model.input_hw)  # type: ignore[attr-defined]
     bundle = data.load(args.data, data_dir=args.data_dir, download=args.download,
                        image_size=int(want[1]))

@@ -138,6 +138,40 @@ def test_sequential_if_round_trip_and_spikingjelly_import(tmp_path):
     assert bool((ours != 0).any())
 
 
+class _MeanOverT(nn.Module):
+    """Conv and linear biases without BN (folded as shifts), IF neurons, logits averaged over T
+    by the user's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            layer.Conv2d(1, 8, 3, padding=1), neuron.IFNode(), layer.Flatten(),
+            layer.Linear(8 * 8 * 8, 20), neuron.IFNode(), layer.Linear(20, 10))
+        with torch.no_grad():  # every layer fires without a BN to calibrate
+            self.net[0].bias.fill_(0.3)
+            self.net[3].bias.uniform_(0.0, 0.5)
+            self.net[3].weight.mul_(3.0)
+
+    def forward(self, x):
+        return self.net(x).mean(0)
+
+
+def test_biases_without_bn_and_a_mean_over_time_readout(tmp_path):
+    torch.manual_seed(3)
+    x = torch.rand(2, 3, 1, 8, 8)
+    sj = _MeanOverT()
+    functional.set_step_mode(sj, "m")
+    net, _ = binslt.convert(sj, 0.5, example_input=x)
+    net = binslt.models.set_mode(net, "frozen").eval()
+    assert type(net.net[0].bn).__name__ == "BiasShift"
+    back = check_round_trip(net, x, torch.rand(2, 4, 1, 8, 8), tmp_path / "m.nir")
+    assert back.readout == "mean_over_time" and back.timesteps == 2
+    images = torch.rand(5, 1, 8, 8)  # images are repeated over the recorded T
+    functional.reset_net(net)
+    with torch.no_grad():
+        assert torch.equal(back(images), net(images.unsqueeze(0).repeat(2, 1, 1, 1, 1)))
+
+
 def test_dropout_in_eval_passes(tmp_path):
     torch.manual_seed(2)
     sj = nn.Sequential(

@@ -18,7 +18,7 @@ from ..analysis.energy import E_MAC_PJ, E_SOP_PJ, format_table, last_hidden_acti
 from ..io import artifacts
 from ..nn import models
 from ..training import data
-from .common import METHOD_LABELS, CLIError, load_model, pos_int
+from .common import METHOD_LABELS, CLIError, add_model_option, load_model, pos_int
 
 
 def image_batches(model: nn.Module, dataset: str, data_dir: str, image_size: int, split: str,
@@ -59,9 +59,10 @@ def _label(model: nn.Module, fallback: str) -> str:
 def _run_settings(args: argparse.Namespace, source: dict[str, Any]) -> dict[str, Any]:
     """Where a saved run's images come from: the options given, else the run's own config."""
     cfg = source.get("config") or {}
+    size = (source.get("build_config") or {}).get("input_size")
     return {"dataset": args.dataset or cfg.get("dataset") or "random",
             "data_dir": args.data_dir or cfg.get("data_dir") or "data",
-            "image_size": cfg.get("image_size", 32)}
+            "image_size": cfg.get("image_size", size if isinstance(size, int) else 32)}
 
 
 def _models_from_args(args: argparse.Namespace, methods: Sequence[str], device: torch.device,
@@ -156,10 +157,12 @@ def _write_json(obj: Any, path: str) -> None:
 def cmd_energy(args: argparse.Namespace) -> int:
     device = artifacts.resolve_device(args.device)
     if args.source:
-        model, source = load_model(args.source, device, args.backend)
+        model, source = load_model(args.source, device, args.backend, factory=args.model)
         settings = _run_settings(args, source)
         label = source["path"]
     else:
+        if args.model:
+            raise CLIError("--model gives the structure of a ticket: give the ticket too")
         if not args.arch or not args.method:
             raise CLIError("give a run directory / ticket / checkpoint, or --arch and "
                            "--method for a freshly built model")
@@ -285,6 +288,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--method", default=None, choices=tuple(METHOD_LABELS),
                    help="without SOURCE: the variant to build fresh")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    add_model_option(p)
     _add_data_args(p)
     p.set_defaults(func=cmd_energy, runs=None)
 

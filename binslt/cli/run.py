@@ -16,7 +16,7 @@ from ..io.artifacts import (
 from ..training import data as data_mod
 from ..training import loop as train
 from ..training.loop import METHODS, RunConfig, RunError
-from .common import METHOD_LABELS, CLIError, is_main_process, progress_enabled
+from .common import METHOD_LABELS, CLIError, add_command, is_main_process, progress_enabled
 
 DEFAULTS = RunConfig()
 
@@ -309,13 +309,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def add_parsers(sub) -> None:
-    """Register search, train, finetune, sweep and compare."""
-    s = sub.add_parser(
-        "search", help="BinW-SLT search (Algorithm 1); no options: Conv-4 on digits",
-        description="Train the scores of a binwslt network (weights stay at their random "
-        "signs; the mask keeps the top-|score| weights). With no options: Conv-4 on "
-        "scikit-learn digits, prune rate 0.5, T=4, lambda=0.99, 30 epochs.")
+def _search_options(s: argparse.ArgumentParser) -> None:
     add_run_options(s)
     u = s.add_argument_group("your own SpikingJelly model (instead of --arch)")
     u.add_argument("--model", default=argparse.SUPPRESS, metavar="FILE.py:FACTORY",
@@ -327,29 +321,20 @@ def add_parsers(sub) -> None:
                    help="image shape of the example run that finds the model's graph "
                    "(default: the dataset's)")
     add_early_time_options(s)
-    s.set_defaults(func=cmd_search)
 
-    s = sub.add_parser("train", help="baselines: ann, snn (dense), bnn (BNN-BinAct)",
-                       description="Train a baseline on the same architecture and options.")
+
+def _train_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("method", choices=("ann", "snn", "bnn"))
     add_run_options(s)
-    s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("finetune", help="train a found ticket's weights with its mask fixed",
-                       description="Keep the mask of a searched ticket and train the latent "
-                       "weights through sign (straight-through estimator). Options not given "
-                       "come from the source run.")
+
+def _finetune_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--from", dest="source", required=True, metavar="RUN",
                    help="run directory of `binslt search`, or its checkpoint.pt")
     add_run_options(s)
-    s.set_defaults(func=cmd_finetune)
 
-    s = sub.add_parser("sweep", help="grid over prune rate, T, lambda -> CSV + Fig. 2 PNG",
-                       description="Run a grid (resumable: finished points are skipped) and "
-                       "write OUT/sweep.csv and OUT/fig2.png laid out like the paper's Fig. 2. "
-                       "Run options set the fixed values of the axes not being varied.")
-    s.add_argument("--methods", type=_names(METHODS), default=["binwslt", "snn", "bnn", "ann"],
-                   help="comma-separated (default binwslt,snn,bnn,ann)")
+
+def _sweep_axes(s: argparse.ArgumentParser) -> None:
     s.add_argument("--archs", type=_names(train.ARCHS), default=["conv4"],
                    help="comma-separated (default conv4)")
     s.add_argument("--prune-rates", type=_floats, default=_floats(SWEEP_PRUNE_RATES),
@@ -360,26 +345,58 @@ def add_parsers(sub) -> None:
                    help=f"lambda values for panel (c) (default {SWEEP_DECAYS})")
     s.add_argument("--full-grid", action="store_true",
                    help="the Cartesian product instead of one axis at a time")
-    s.add_argument("--seeds", type=_ints, default=None, metavar="S,S,...",
-                   help="run every grid point once per seed (instead of --seed); "
-                   "OUT/sweep_summary.csv gets mean, sample std (ddof=1) and per-seed values, "
-                   "fig2.png error bars")
-    s.add_argument("--verbose", action="store_true", help="print every epoch")
-    add_run_options(s)
-    s.set_defaults(func=cmd_sweep)
 
-    s = sub.add_parser("compare", help="Table 1/2: ANN, SNN, BNN-BinAct, BinW-SLT (T=4, T=1)",
-                       description="Train (or reuse) the five rows and write OUT/compare.md, "
-                       ".csv and .json with accuracy, parameters, OPs and energy.")
-    s.add_argument("--methods", type=_names(METHODS), default=list(METHODS),
-                   help="which rows (default all: binwslt,snn,bnn,ann)")
-    s.add_argument("--seeds", type=_ints, default=None, metavar="S,S,...",
-                   help="run every row once per seed (instead of --seed; rows in OUT/<row>-s<S>): "
-                   "mean ± sample std (ddof=1) per row and paired differences with Student-t "
-                   "intervals (BinW-SLT vs BNN-BinAct and vs the SNN)")
-    s.add_argument("--verbose", action="store_true", help="print every epoch")
-    add_run_options(s)
-    s.set_defaults(func=cmd_compare)
+
+def _multi_run_options(methods_help: str, seeds_help: str,
+                       axes: Callable[[argparse.ArgumentParser], None] | None = None):
+    """The options of a command that starts several runs (sweep, compare): ``--methods``, its
+    own ``axes``, ``--seeds``, ``--verbose`` and the run options."""
+    def options(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--methods", type=_names(METHODS), default=list(METHODS),
+                       help=methods_help)
+        if axes is not None:
+            axes(s)
+        s.add_argument("--seeds", type=_ints, default=None, metavar="S,S,...", help=seeds_help)
+        s.add_argument("--verbose", action="store_true", help="print every epoch")
+        add_run_options(s)
+    return options
+
+
+def _commands() -> tuple:
+    """(name, function, summary, description, options) of each command this module registers
+    (sweep and compare are imported at the end of the module)."""
+    return (
+        ("search", cmd_search, "BinW-SLT search (Algorithm 1); no options: Conv-4 on "
+         "digits", "Train the scores of a binwslt network (weights stay at their random signs; the "
+         "mask keeps the top-|score| weights). With no options: Conv-4 on scikit-learn digits, "
+         "prune rate 0.5, T=4, lambda=0.99, 30 epochs.", _search_options),
+        ("train", cmd_train, "baselines: ann, snn (dense), bnn (BNN-BinAct)",
+         "Train a baseline on the same architecture and options.", _train_options),
+        ("finetune", cmd_finetune, "train a found ticket's weights with its mask fixed",
+         "Keep the mask of a searched ticket and train the latent weights through sign "
+         "(straight-through estimator). Options not given come from the source run.",
+         _finetune_options),
+        ("sweep", cmd_sweep, "grid over prune rate, T, lambda -> CSV + Fig. 2 PNG",
+         "Run a grid (resumable: finished points are skipped) and write OUT/sweep.csv and "
+         "OUT/fig2.png laid out like the paper's Fig. 2. Run options set the fixed values of the "
+         "axes not being varied.", _multi_run_options(
+             "comma-separated (default binwslt,snn,bnn,ann)",
+             "run every grid point once per seed (instead of --seed); OUT/sweep_summary.csv gets "
+             "mean, sample std (ddof=1) and per-seed values, fig2.png error bars", _sweep_axes)),
+        ("compare", cmd_compare, "Table 1/2: ANN, SNN, BNN-BinAct, BinW-SLT (T=4, T=1)",
+         "Train (or reuse) the five rows and write OUT/compare.md, .csv and .json with accuracy, "
+         "parameters, OPs and energy.", _multi_run_options(
+             "which rows (default all: binwslt,snn,bnn,ann)",
+             "run every row once per seed (instead of --seed; rows in OUT/<row>-s<S>): mean ± "
+             "sample std (ddof=1) per row and paired differences with Student-t intervals "
+             "(BinW-SLT vs BNN-BinAct and vs the SNN)")),
+    )
+
+
+def add_parsers(sub) -> None:
+    """Register search, train, finetune, sweep and compare."""
+    for spec in _commands():
+        add_command(sub, *spec)
 
 
 # sweep and compare, at their old paths (binslt.cli.run.NAME); they import this module

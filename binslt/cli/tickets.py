@@ -7,12 +7,13 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 from ..io import artifacts
-from ..io.tickets import TicketError, export_ticket, load_ticket
+from ..io.tickets import TicketError, export_ticket
 from ..training import data
-from .common import CLIError
+from .common import CLIError, add_command, add_model_option, ticket_model
 
 
 def _fmt_bytes(n: float) -> str:
@@ -66,25 +67,32 @@ def _eval_nir(args: argparse.Namespace) -> int:
     return 0
 
 
+def _num_classes(model, cfg: dict, want: tuple, device) -> int:
+    """The classes a model predicts: its config's, else the width of its output."""
+    if cfg.get("num_classes") is not None:
+        return int(cfg["num_classes"])
+    with torch.no_grad():
+        return int(model(torch.zeros(1, *want, device=device)).shape[-1])
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if str(args.ticket).endswith(".nir"):
         return _eval_nir(args)
     device = artifacts.resolve_device(args.device)
-    model = load_ticket(args.ticket, device=device, backend=args.backend)
-    cfg = model.ticket_info["config"]  # type: ignore[attr-defined]
-    size = cfg["input_size"]
-    image_size = size if isinstance(size, int) else int(size[0])
+    model = ticket_model(Path(args.ticket), args.model, device, args.backend)
+    cfg = model.build_config
+    want = (model.in_channels, *model.input_hw)  # type: ignore[attr-defined]
     bundle = data.load(args.data, data_dir=args.data_dir, download=args.download,
-                       image_size=image_size)
-    want = (cfg["in_channels"], *model.input_hw)  # type: ignore[attr-defined]
+                       image_size=int(want[1]))
     ds = data.evaluation_split(bundle, args.split, args.limit)
     x0, _ = ds[0]
     if tuple(x0.shape) != tuple(want):
         raise TicketError(f"the ticket takes images {list(want)} but dataset {args.data!r} "
                           f"gives {list(x0.shape)}")
-    if bundle.num_classes > cfg["num_classes"]:
+    classes = _num_classes(model, cfg, want, device)
+    if bundle.num_classes > classes:
         raise TicketError(f"dataset {args.data!r} has {bundle.num_classes} classes, the "
-                          f"ticket predicts {cfg['num_classes']}")
+                          f"ticket predicts {classes}")
     t0 = time.perf_counter()
     loss, correct, total = artifacts.evaluate_counts(
         model, DataLoader(ds, batch_size=args.batch_size, shuffle=False), device)
@@ -101,13 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(subparsers) -> None:
-    ex = subparsers.add_parser(
-        "export", help="write a packed ticket file (2 bits per weight) from a run",
-        description="Export a searched network as a packed ticket: safetensors with each "
-        "binslt layer's mask and sign bit planes, its gain, BN statistics, dense weights and "
-        "the config. Prints its size against the fp32 state dict. (search, train and finetune "
-        "write RUN/ticket.safetensors themselves; this rewrites it, or exports a checkpoint.)")
+def _export_options(ex: argparse.ArgumentParser) -> None:
     ex.add_argument("source", help="a run directory of `binslt search`, or its checkpoint.pt "
                     "(with --format nir also a .safetensors ticket)")
     ex.add_argument("-o", "--output", default=None,
@@ -121,11 +123,9 @@ def add_parsers(subparsers) -> None:
                     help="with --format nir: 2x2 spike max-pooling as Threshold(SumPool2d - "
                     "0.5) (exact), or AvgPool2d + a memoryless LIF (for importers without "
                     "Threshold, e.g. snnTorch)")
-    ex.set_defaults(func=cmd_export)
 
-    ev = subparsers.add_parser(
-        "eval", help="evaluate a packed ticket on a dataset",
-        description="Load a packed ticket (frozen, eval mode) and report its accuracy.")
+
+def _eval_options(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("ticket", help="a .safetensors ticket (a run's ticket.safetensors or what "
                     "`binslt export` wrote) or a .nir file (`binslt export --format nir`, or "
                     "SpikingJelly's export_to_nir)")
@@ -140,4 +140,18 @@ def add_parsers(subparsers) -> None:
     ev.add_argument("--backend", default=None,
                     help="override the ticket's backend (auto, torch, cpu, triton, cuda)")
     ev.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    ev.set_defaults(func=cmd_eval)
+    add_model_option(ev)
+
+
+def add_parsers(subparsers) -> None:
+    """Register export and eval."""
+    add_command(subparsers, "export", cmd_export,
+                "write a packed ticket file (2 bits per weight) from a run",
+                "Export a searched network as a packed ticket: safetensors with each binslt "
+                "layer's mask and sign bit planes, its gain, BN statistics, dense weights and the "
+                "config. Prints its size against the fp32 state dict. (search, train and "
+                "finetune write RUN/ticket.safetensors themselves; this rewrites it, or exports "
+                "a checkpoint.)", _export_options)
+    add_command(subparsers, "eval", cmd_eval, "evaluate a packed ticket on a dataset",
+                "Load a packed ticket (frozen, eval mode) and report its accuracy.",
+                _eval_options)

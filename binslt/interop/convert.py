@@ -367,21 +367,18 @@ def to_spikingjelly(model: nn.Module) -> nn.Module:
         The SpikingJelly model (inputs [T, N, ...] as the user's), whose eval outputs equal the
         converted model's.
 
-    Example:
-        >>> import torch
-        >>> import binslt
+    Example (a linear layer with a bias and an IF neuron; ``convert`` shows a conv model):
+        >>> import torch, binslt
         >>> from spikingjelly.activation_based import functional, layer, neuron
-        >>> sj = torch.nn.Sequential(layer.Conv2d(1, 8, 3, padding=1, bias=False),
-        ...                          layer.BatchNorm2d(8), neuron.LIFNode(), layer.Flatten(),
-        ...                          layer.Linear(8 * 8 * 8, 10))
+        >>> sj = torch.nn.Sequential(layer.Linear(16, 10), neuron.IFNode())
         >>> functional.set_step_mode(sj, "m")
-        >>> x = torch.rand(2, 4, 1, 8, 8)  # [T, N, C, H, W]
-        >>> net, _ = binslt.convert(sj, 0.5, example_input=x)
+        >>> x = torch.rand(3, 2, 16)  # [T, N, features]
+        >>> net = binslt.convert(sj, 0.5, example_input=x)[0].eval()
         >>> back = binslt.to_spikingjelly(net).eval()
         >>> with torch.no_grad():
-        ...     same = torch.equal(net.eval()(x), back(x))
-        >>> same, type(back[0]).__name__
-        (True, 'Conv2d')
+        ...     same = torch.equal(back(x), net(x))
+        >>> same, type(back[0]).__name__, back[0].bias is not None
+        (True, 'Linear', True)
     """
     records = model.__dict__.get("_binslt_conversion")
     if records is None:

@@ -33,6 +33,7 @@ from ..nn.layers import (
     SpikeMaxPool2d,
     _MaskedSignWeight,
 )
+from .nir_converted import converted_metadata, export_converted, is_converted
 from .nir_format import (
     DEFAULT_DT,
     FORMAT_NAME,
@@ -170,11 +171,18 @@ class _Exporter:
             rec["input"] = m.input
         return rec
 
-    def affine(self, name: str, m: nn.Module, src: str, features: int, bn) -> tuple[str, int]:
+    def affine(self, name: str, m: nn.Module, src: str, features: int, bn, *,
+               kind: str = "spike_linear", bias=None) -> tuple[str, int]:
+        """Affine node (BN folded); ``bias``: a masked layer's folded bias (a ``Bias`` module
+        after it), written as the node's bias and as metadata ``bias``."""
         if isinstance(m, _MaskedSignWeight):
             w = m.effective_weight().detach().float()
-            bias = torch.zeros(w.shape[0])
-            rec = self.masked_record(name, m, "spike_linear")
+            rec = self.masked_record(name, m, kind)
+            if bias is not None:
+                bias = bias.detach().float()
+                rec["bias"] = bias.tolist()
+            else:
+                bias = torch.zeros(w.shape[0])
         else:
             w = m.weight.detach().float()
             bias = m.bias.detach().float() if m.bias is not None else torch.zeros(w.shape[0])
@@ -330,18 +338,30 @@ def _load_model(source) -> nn.Module:
     return load_model(p)[0]
 
 
+def _check_bns(model: nn.Module) -> None:
+    for n, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not mod.track_running_stats:
+            raise NIRError(f"layer {n!r}: a BatchNorm without running statistics has no "
+                           "inference-time scale and shift to fold")
+
+
 @torch.no_grad()
 def _exportable(model_or_path, example_input, dt, maxpool):
-    """The spiking BinSLTNet that ``to_nir`` exports, after checking its arguments."""
+    """The model that ``to_nir`` exports (a spiking BinSLTNet or a converted model), after
+    checking its arguments."""
     if maxpool not in MAXPOOL_FORMS:
         raise NIRError(f"maxpool must be one of {MAXPOOL_FORMS}, got {maxpool!r}")
     if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
         raise NIRError(f"dt must be a positive number of seconds, got {dt!r}")
     model = _load_model(model_or_path)
     models = _models()
+    if is_converted(model):
+        _check_bns(model)
+        return model
     if not isinstance(model, models.BinSLTNet) or not model.spiking:
         raise NIRError(f"to_nir exports spiking binslt networks (binslt.models.build(..., "
-                       f"variant='binwslt' or 'snn')); got {type(model).__name__}"
+                       f"variant='binwslt' or 'snn')) and models of binslt.convert (with "
+                       f"example_input); got {type(model).__name__}"
                        + ("" if not isinstance(model, models.BinSLTNet)
                           else f" of variant {model.build_config.get('variant')!r}"))
     shape = (model.in_channels, *model.input_hw)
@@ -349,11 +369,25 @@ def _exportable(model_or_path, example_input, dt, maxpool):
                                       or tuple(example_input.shape[1:]) != shape):
         raise NIRError(f"example_input must be images [N, {shape[0]}, {shape[1]}, {shape[2]}], "
                        f"got {getattr(example_input, 'shape', type(example_input).__name__)}")
-    for n, mod in model.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not mod.track_running_stats:
-            raise NIRError(f"layer {n!r}: a BatchNorm without running statistics has no "
-                           "inference-time scale and shift to fold")
+    _check_bns(model)
     return model
+
+
+def _graph(nir, ex: _Exporter, meta: dict):
+    try:
+        return nir.NIRGraph(nodes=ex.nodes, edges=ex.edges, metadata=meta)
+    except Exception as exc:  # pragma: no cover - nir's own type check
+        raise NIRError(f"nir rejected the exported graph: {exc}") from None
+
+
+@torch.no_grad()
+def _converted_to_nir(nir, model: nn.Module, example_input, dt: float, maxpool: str):
+    """``to_nir`` of a model returned by ``binslt.convert`` (``nir_converted``)."""
+    ex = _Exporter(dt, maxpool)
+    spike_input = bool((model.__dict__.get("build_config") or {}).get("spike_input"))
+    _shape, src, out_shape, readout, T = export_converted(ex, model, example_input, spike_input)
+    ex.add("output", nir.Output(output_type={"output": np.array(out_shape)}), [src])
+    return _graph(nir, ex, converted_metadata(model, readout, T, dt, maxpool, ex.alphas))
 
 
 def to_nir(model_or_path, example_input: Optional[torch.Tensor] = None, *,
@@ -363,9 +397,14 @@ def to_nir(model_or_path, example_input: Optional[torch.Tensor] = None, *,
     Args:
         model_or_path: a :class:`binslt.models.BinSLTNet` (any mode; it is not changed), a packed
             ticket file (``.safetensors``, :func:`binslt.io.tickets.load_ticket`) or a run directory
-            / ``ticket.pt`` / ``checkpoint.pt`` of ``binslt search``.
+            / ``ticket.pt`` / ``checkpoint.pt`` of ``binslt search``; or a model returned by
+            :func:`binslt.convert` (or loaded with ``load_ticket(path, model=factory())``).
         example_input: optional images ``[N, C, H, W]``; only checked against the model's input
-            shape (shapes follow from ``model.build_config``).
+            shape (shapes follow from ``model.build_config``). A converted model needs it: one
+            input ``[T, N, ...]`` as its forward takes, run once (eval, no grad, states reset)
+            and recorded; the graph is what that run computes
+            (:mod:`binslt.interop.nir_converted`), its output the model's (``[T, N, ...]``, or
+            the mean over T where the forward ends in one).
         dt: the simulation step (seconds) the NIR time constants are written for
             (``tau_nir = tau * dt``); the default 1e-4 is SpikingJelly's and snnTorch's.
         maxpool: ``'threshold'`` (default) writes a 2x2 max of spikes exactly as
@@ -396,6 +435,8 @@ def to_nir(model_or_path, example_input: Optional[torch.Tensor] = None, *,
 
     nir = _nir()
     model = _exportable(model_or_path, example_input, dt, maxpool)
+    if is_converted(model):
+        return _converted_to_nir(nir, model, example_input, dt, maxpool)
     shape = (model.in_channels, *model.input_hw)
     was_training = model.training
     model.eval()
@@ -418,10 +459,7 @@ def to_nir(model_or_path, example_input: Optional[torch.Tensor] = None, *,
         "encoding": "direct", "readout": "mean_over_time",
         "build_config": json.dumps(cfg, sort_keys=True), "alpha": json.dumps(ex.alphas),
     }
-    try:
-        return nir.NIRGraph(nodes=ex.nodes, edges=ex.edges, metadata=meta)
-    except Exception as exc:  # pragma: no cover - nir's own type check
-        raise NIRError(f"nir rejected the exported graph: {exc}") from None
+    return _graph(nir, ex, meta)
 
 
 def write_nir(graph_or_model, path: PathLike, **to_nir_kwargs) -> Path:

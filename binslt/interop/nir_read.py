@@ -389,8 +389,10 @@ class _GraphReader:
                                    self._where(target), self.backend)
         others = [self.src(p) for p in self.preds[target] if p != n]
         if tern is not None and neuron.gain == 1.0:
-            unit: nn.Module = _Spiking(syn.spiking_layer(tern, _meta(node), neuron,
-                                                         bool(self.spike.get(x)), self.backend))
+            # a binslt file names the layer's input kind (a converted model's spike input)
+            spikes = bool(self.spike.get(x)) or _meta(node).get("input") == "spike"
+            unit: nn.Module = _Spiking(syn.spiking_layer(tern, _meta(node), neuron, spikes,
+                                                         self.backend))
         else:
             unit = _DenseSpiking(syn.dense(), neuron)
         self.emit(target, unit, [x] + others, True, None)
@@ -474,7 +476,8 @@ class _Synapse:
             return _BinConvSeq(layer.eval())
         layer = BinLinear(w.shape[1], w.shape[0], prune_rate=prune_rate)
         _freeze(layer, ternary, alpha)
-        if bn is not None and (bn.bias.abs().sum() > 0 if bn.affine else True):
+        if meta.get("bias") is not None or (
+                bn is not None and (bn.bias.abs().sum() > 0 if bn.affine else True)):
             return nn.Sequential(layer.eval(), _BiasOp(self.b))
         return layer.eval()
 
@@ -541,6 +544,8 @@ def _gain_and_bn(w: torch.Tensor, b: torch.Tensor, meta: dict, dim: int, where: 
                            f"{w.shape[0]} output channels")
         bn = _bn_module(rec_bn, w.shape[0], dim, where)
         scale, shift = _bn_fold(bn, w.shape[0])
+        if meta.get("bias") is not None:  # a folded bias after the layer (no BN)
+            shift = shift + torch.tensor(meta["bias"], dtype=torch.float32).reshape(-1)
         # the metadata must describe these weights (alpha * scale), not some other layer's
         want = alpha * scale
         nz = g > 0

@@ -4,6 +4,7 @@ the factory file, the converted model's run wrapper, and its rebuild from a save
 from __future__ import annotations
 
 import inspect
+from typing import Optional
 
 import torch
 from torch import nn
@@ -97,25 +98,20 @@ def _parse_shape(shape) -> tuple[int, int, int]:
     return c, h, w
 
 
-def build_user_model(factory: str, *, num_classes: int, input_shape, timesteps: int,
-                     prune_rate: float, backend: str = "auto", keep_dense=(),
-                     **_ignored) -> SpikingJellyRun:
-    """The network of a ``--model`` run: ``factory`` (``'FILE.py:NAME'``) is called (with
-    ``num_classes=`` when it takes it), the SpikingJelly model is set to step mode 'm' and
-    converted with one example run of ``[T, 2, C, H, W]`` random images. Its ``build_config``
-    records the factory and the settings (JSON), from which this function rebuilds it."""
+def user_model(factory: str, num_classes: Optional[int] = None) -> tuple:
+    """``(path, name, model)``: ``factory`` (``'FILE.py:NAME'``) called (with ``num_classes=``
+    when given and the function takes it), the SpikingJelly model it returns in step mode
+    'm'."""
     from spikingjelly.activation_based import functional
 
-    from .convert import convert
-
     path, name, fn = load_factory(factory)
-    c, h, w = _parse_shape(input_shape)
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         params = {}
     try:
-        net = fn(num_classes=num_classes) if "num_classes" in params else fn()
+        net = (fn(num_classes=num_classes) if num_classes is not None and "num_classes" in params
+               else fn())
     except Exception as exc:  # noqa: BLE001 -- the user's factory, in one line
         msg = str(exc).strip().splitlines()
         raise FactoryError(f"--model: {name}() in {str(path)!r} fails ({type(exc).__name__}: "
@@ -124,6 +120,20 @@ def build_user_model(factory: str, *, num_classes: int, input_shape, timesteps: 
         raise FactoryError(f"--model: {name}() in {str(path)!r} returned a "
                            f"{type(net).__name__}, not a SpikingJelly model (an nn.Module)")
     functional.set_step_mode(net, "m")
+    return path, name, net
+
+
+def build_user_model(factory: str, *, num_classes: int, input_shape, timesteps: int,
+                     prune_rate: float, backend: str = "auto", keep_dense=(),
+                     **_ignored) -> SpikingJellyRun:
+    """The network of a ``--model`` run: ``factory`` (``'FILE.py:NAME'``) is called (with
+    ``num_classes=`` when it takes it), the SpikingJelly model is set to step mode 'm' and
+    converted with one example run of ``[T, 2, C, H, W]`` random images. Its ``build_config``
+    records the factory and the settings (JSON), from which this function rebuilds it."""
+    from .convert import convert
+
+    path, name, net = user_model(factory, num_classes)
+    c, h, w = _parse_shape(input_shape)
     g = torch.Generator().manual_seed(0)
     example = torch.rand(timesteps, 2, c, h, w, generator=g)
     try:
@@ -153,3 +163,48 @@ def build_user_model(factory: str, *, num_classes: int, input_shape, timesteps: 
                            f"{tuple(y.shape)} for 2 images; a run needs [T, N, {num_classes}] or "
                            f"[N, {num_classes}] logits ({num_classes} classes)")
     return model
+
+
+def load_user_ticket(path, factory: Optional[str], *, device="cpu",
+                     backend: Optional[str] = None) -> SpikingJellyRun:
+    """A ticket of a user's SpikingJelly model as a network of images ``[N, C, H, W]`` (the
+    command line's ``--model FILE.py:FACTORY``): the structure comes from the factory.
+
+    * a ``binslt search --model`` run's ticket (arch ``'custom'``) records its factory, used
+      when ``factory`` is None; a given one replaces it (the file moved, say);
+    * a ticket of ``binslt.convert`` in Python (arch ``'converted'``) needs ``factory``: the
+      function returning the unconverted model, which ``load_ticket`` converts again with the
+      recorded settings. Its recorded example ``[T, N, C, H, W]`` gives T and the image shape.
+
+    Raises FactoryError (the factory) or TicketError (the file, or a model it does not
+    match)."""
+    from ..io.tickets import TicketError, load_ticket, read_ticket_metadata
+    from .convert_modules import ConversionReport
+    from .convert_tickets import ARCH
+
+    config = read_ticket_metadata(path, verify=False)["config"]
+    arch = config.get("arch")
+    p = repr(str(path))
+    if arch == "custom":
+        kw = dict(config, factory=factory or config.get("factory"))
+        if backend is not None:
+            kw["backend"] = backend
+        return load_ticket(path, model=build_user_model(**kw), device=device, backend=backend)
+    if arch != ARCH:
+        raise TicketError(f"--model: {p} holds a binslt {arch!r} network, whose structure comes "
+                          "from its config; --model is for tickets of SpikingJelly models")
+    if factory is None:
+        raise TicketError(f"{p} holds a converted SpikingJelly model ({config.get('model')}); "
+                          "give --model FILE.py:FACTORY, the function that returns the "
+                          "unconverted model")
+    tensors = (config.get("example_input") or {}).get("tensors") or []
+    if len(tensors) != 1 or len(tensors[0]["shape"]) != 5:
+        raise TicketError(f"{p}: the model was converted for inputs {tensors}; the command line "
+                          "evaluates models of one input [T, N, C, H, W]")
+    T, _n, c, h, w = tensors[0]["shape"]
+    file, name, net = user_model(factory)
+    net = load_ticket(path, model=net, device=device, backend=backend)
+    run_config = dict(config, factory=f"{file.resolve()}:{name}", input_shape=[c, h, w],
+                      in_channels=c,
+                      input_size=h, timesteps=T)
+    return SpikingJellyRun(net, T, run_config, ConversionReport()).eval()

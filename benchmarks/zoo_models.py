@@ -5,6 +5,7 @@ state.
 * :func:`shrunk_vgg`: ``spiking_vgg*`` with the 4096-wide classifier (25088 inputs after a 7x7
   average pool, 100 M weights) swapped for 512 -> 64 -> 64 -> 10 layers of the same types in the
   same places (1x1 average pool); the convolutional part is the zoo's.
+* :func:`sj_vgg11_bn`: benchmarks/network.py's ``sj-vgg11-bn`` (the paper's neuron).
 * :func:`scale_to_fire`: LSUV-style weight scales for the BN-less VGGs.
 * :func:`calibrate_firing`: one training-mode forward over the example batch that raises the BN
   shift (beta) or the weight scale in front of every neuron whose input stays below its threshold,
@@ -36,8 +37,15 @@ silent exactly where the SpikingJelly model carrying binslt's sign weights is):
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
+
+# benchmarks/ on the path: loaded by file (``binslt search --model benchmarks/zoo_models.py:...``,
+# ``build_user_model``), this module still imports its neighbours
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 #: (model family, neuron kind) -> the neuron settings ``spikingjelly...model.ms_resnet`` builds
 #: its blocks with when no ``spiking_neuron`` is given (``_MSBlock._make_lif``,
@@ -96,6 +104,32 @@ def shrunk_vgg(name: str, spiking_neuron, num_classes: int = 10, **neuron_kwargs
             if isinstance(mod, nn.BatchNorm2d):  # to_empty left them unset
                 mod.reset_running_stats()
     return m
+
+
+def sj_vgg11_bn(num_classes: int = 10) -> nn.Module:
+    """network.py's ``sj-vgg11-bn``: :func:`shrunk_vgg` ``spiking_vgg11_bn`` with the paper's
+    neuron, the settings of ``sj_models.sj_resnet18`` (LIFNode tau=100, decay_input=False, hard
+    reset 0, ATan(2), detach_reset), step mode 'm'."""
+    from common import import_spikingjelly
+    from sj_models import PAPER_TAU
+
+    import_spikingjelly()
+    from spikingjelly.activation_based import functional, neuron, surrogate
+
+    net = shrunk_vgg("spiking_vgg11_bn", neuron.LIFNode, num_classes, tau=PAPER_TAU,
+                     decay_input=False, v_threshold=1.0, v_reset=0.0, detach_reset=True,
+                     surrogate_function=surrogate.ATan())
+    functional.set_step_mode(net, "m")
+    return net
+
+
+def sj_vgg_layer_types() -> tuple:
+    """The SpikingJelly VGG's modules that sj-memopt checkpoints: its convs and linears (the VGG
+    has no blocks; a conv's or linear's saved input is spikes, which memopt compresses, except
+    the first conv's images)."""
+    from spikingjelly.activation_based import layer
+
+    return (layer.Conv2d, layer.Linear)
 
 
 def vgg_scaled_layers(m: nn.Module) -> list:

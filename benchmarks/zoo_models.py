@@ -196,6 +196,20 @@ def _and_neurons(m: nn.Module) -> set:
     return out
 
 
+def _forward_with(m: nn.Module, x: torch.Tensor, hooks: list) -> None:
+    """One forward of ``m`` over ``x`` from a reset state (dropout masks seeded), then the
+    ``hooks`` removed and the state reset."""
+    functional, _, _ = _sj()
+    try:
+        functional.reset_net(m)
+        torch.manual_seed(0)
+        m(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        functional.reset_net(m)
+
+
 @torch.no_grad()
 def calibrate_firing(m: nn.Module, x: torch.Tensor, floor: float = 0.01,
                      dense_floor: float = 0.1, and_rate: float = 0.9) -> list[str]:
@@ -209,7 +223,7 @@ def calibrate_firing(m: nn.Module, x: torch.Tensor, floor: float = 0.01,
     floor are left alone. The neurons multiplied in a SEW ``AND`` block are raised to ``and_rate`` the same way
     (see the module doc). Each change applies during the forward, so later layers are calibrated
     on the calibrated activity. Returns one line per change ('path: what')."""
-    functional, _, neuron = _sj()
+    _, _, neuron = _sj()
     was_training = m.training
     bn_state = {k: v.clone() for k, v in m.state_dict().items()
                 if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
@@ -226,17 +240,11 @@ def calibrate_firing(m: nn.Module, x: torch.Tensor, floor: float = 0.01,
     def source(n, a):
         feeder.setdefault(id(n), produced.get(id(a[0]), (None,))[0])
 
-    hooks = [mod.register_forward_hook(record) for mod in m.modules() if isinstance(mod, feeds)]
-    hooks += [n.register_forward_pre_hook(source) for n in m.modules()
-              if isinstance(n, neuron.BaseNode)]
-    try:
-        functional.reset_net(m)
-        torch.manual_seed(0)
-        m(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        produced.clear()
+    _forward_with(m, x, [mod.register_forward_hook(record) for mod in m.modules()
+                         if isinstance(mod, feeds)]
+                  + [n.register_forward_pre_hook(source) for n in m.modules()
+                     if isinstance(n, neuron.BaseNode)])
+    produced.clear()
     targets = {}
     high = _and_neurons(m)
     for n in m.modules():
@@ -271,15 +279,8 @@ def calibrate_firing(m: nn.Module, x: torch.Tensor, floor: float = 0.01,
                        "output to scale)")
         return None
 
-    hooks = [mod.register_forward_hook(adjust) for mod in m.modules() if id(mod) in targets]
-    try:
-        functional.reset_net(m)
-        torch.manual_seed(0)
-        m(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        functional.reset_net(m)
+    _forward_with(m, x, [mod.register_forward_hook(adjust) for mod in m.modules()
+                         if id(mod) in targets])
     # the calibration forwards do not count as training: BN running statistics as before
     m.load_state_dict(bn_state, strict=False)
     m.train(was_training)

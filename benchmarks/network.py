@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Whole networks: binslt's BinW-SLT search step, frozen-ticket eval and training memory against
 SpikingJelly, for the paper's Conv-4, VGG-11 and ResNet-19 at CIFAR shape (32x32x3, 10 classes),
-and ``sj-resnet18``: SpikingJelly's own zoo ``spiking_resnet18`` (paper neuron) converted by
-``binslt.convert`` (``build_user_model``, as ``binslt search --model`` does) against the same
-model unconverted (sj-dense, sj-dense-compiled, sj-memopt over its residual blocks; no sj-biprop).
+and SpikingJelly's own zoo models with the paper's neuron, converted by ``binslt.convert``
+(``build_user_model``, as ``binslt search --model`` does) against the same model unconverted
+(sj-dense, sj-dense-compiled, sj-memopt; no sj-biprop): ``sj-resnet18`` (``spiking_resnet18``,
+memopt over its residual blocks) and ``sj-vgg11-bn`` (``spiking_vgg11_bn`` with the classifier
+shrunk to 512 -> 64 -> 64 -> 10, ``zoo_models.shrunk_vgg``; memopt over its convs and linears).
 
 Modes (each candidate on the same random CIFAR-shaped batch, in one run):
 
@@ -82,7 +84,7 @@ from common import (  # noqa: E402
 from network_steps import (  # noqa: E402
     LR,
     MOMENTUM,
-    SJ_ARCH,
+    SJ_ARCHS,
     build_anchor,
     build_binslt,
     calibrate_bn,
@@ -92,9 +94,10 @@ from network_steps import (  # noqa: E402
     make_optimizer,
     make_train_step,
     rate_summary,
+    sj_arch_part,
 )
 
-ARCHS = ("conv4", "vgg11", "resnet19", SJ_ARCH)
+ARCHS = ("conv4", "vgg11", "resnet19", *SJ_ARCHS)
 MODES = ("search", "eval", "memory")
 ANCHORS = {"search": ("sj-dense", "sj-biprop"),
            "eval": ("sj-dense", "sj-dense-compiled"),
@@ -103,7 +106,7 @@ ANCHORS = {"search": ("sj-dense", "sj-biprop"),
 
 def anchors(arch: str, mode: str) -> tuple[str, ...]:
     """The SpikingJelly candidates of ``arch`` in ``mode``."""
-    return tuple(a for a in ANCHORS[mode] if not (arch == SJ_ARCH and a == "sj-biprop"))
+    return tuple(a for a in ANCHORS[mode] if not (arch in SJ_ARCHS and a == "sj-biprop"))
 COLUMNS = ["arch", "mode", "candidate", "backend", "N", "T", "ms", "bytes", "ref", "ratio",
            "peak_kind", "check", "detail", "error"]
 CHILD_TAG = "NETBENCH_MEMORY "
@@ -290,11 +293,11 @@ def memory_child(cfg: dict) -> int:
         detail = ""
         if name == "sj-memopt":
             import torch.nn.functional as F
-            from sj_models import LAYER_TYPES, sj_resnet18_block_types
+            from sj_models import LAYER_TYPES
             from spikingjelly.activation_based.memopt import optimize_memory
 
             level = cfg["memopt_level"]
-            types = sj_resnet18_block_types() if arch == SJ_ARCH else LAYER_TYPES
+            types = sj_arch_part(arch, 2)() if arch in SJ_ARCHS else LAYER_TYPES
             optimize_memory(model, types,
                             example_forward=lambda m: F.cross_entropy(m(x), y), level=level)
             wrapped = [m for m in model.modules() if hasattr(m, "_checkpoint_wrapped_module")]

@@ -11,9 +11,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-#: sj-resnet18: SpikingJelly's own zoo spiking_resnet18, converted by binslt.convert (the binslt
-#: candidates) against the same model unconverted (the sj-* anchors); no sj-biprop anchor.
-SJ_ARCH = "sj-resnet18"
+#: SpikingJelly's own zoo models with the paper's neuron, each converted by binslt.convert (the
+#: binslt candidates) against the same model unconverted (the sj-* anchors; no sj-biprop anchor):
+#: arch -> (benchmarks module, model factory, the module types sj-memopt checkpoints).
+#: sj-resnet18: spiking_resnet18; sj-vgg11-bn: spiking_vgg11_bn, classifier shrunk to 512 -> 64
+#: -> 64 -> 10 (zoo_models.shrunk_vgg, as tests/test_zoo.py and zoo_check.py build it).
+SJ_ARCHS = {"sj-resnet18": ("sj_models", "sj_resnet18", "sj_resnet18_block_types"),
+            "sj-vgg11-bn": ("zoo_models", "sj_vgg11_bn", "sj_vgg_layer_types")}
 LR, MOMENTUM = 0.1, 0.9
 
 
@@ -23,12 +27,14 @@ def build_binslt(arch: str, args, backend: str, device):
     import binslt.nn.models as models
 
     torch.manual_seed(args.seed)
-    if arch == SJ_ARCH:
-        import sj_models
+    if arch in SJ_ARCHS:
+        import importlib
 
         from binslt.interop.convert import build_user_model
 
-        net = build_user_model(f"{Path(sj_models.__file__).resolve()}:sj_resnet18",
+        module, factory, _ = SJ_ARCHS[arch]
+        path = Path(importlib.import_module(module).__file__).resolve()
+        net = build_user_model(f"{path}:{factory}",
                                num_classes=10, input_shape="3,32,32",
                                timesteps=args.timesteps, prune_rate=args.prune_rate,
                                backend=backend)
@@ -41,16 +47,24 @@ def build_binslt(arch: str, args, backend: str, device):
     return models.set_mode(net, "search").to(device)
 
 
+def sj_arch_part(arch: str, i: int):
+    """Of a SpikingJelly zoo arch (:data:`SJ_ARCHS`): the model factory (``i=1``) or the
+    memopt module-types function (``i=2``)."""
+    import importlib
+
+    return getattr(importlib.import_module(SJ_ARCHS[arch][0]), SJ_ARCHS[arch][i])
+
+
 def build_anchor(arch: str, args, masked: bool, device, like=None):
     """SpikingJelly's ``arch``; checked against binslt's layout (``like``: copy its init)."""
     import torch
-    from sj_models import SJImages, build_sj, check_same_layout, copy_init, sj_resnet18
+    from sj_models import SJImages, build_sj, check_same_layout, copy_init
 
     torch.manual_seed(args.seed)
-    if arch == SJ_ARCH:
+    if arch in SJ_ARCHS:
         if masked:
-            raise ValueError(f"{SJ_ARCH} has no sj-biprop anchor")
-        return SJImages(sj_resnet18(10), args.timesteps).to(device)
+            raise ValueError(f"{arch} has no sj-biprop anchor")
+        return SJImages(sj_arch_part(arch, 1)(10), args.timesteps).to(device)
     net = build_sj(arch, masked=masked, timesteps=args.timesteps, prune_rate=args.prune_rate)
     if like is not None:
         check_same_layout(like, net, arch)

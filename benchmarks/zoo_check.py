@@ -3,6 +3,11 @@
 For every model of ``spikingjelly.activation_based.model`` (each with ``neuron.LIFNode`` and
 with ``neuron.IFNode``, step mode 'm', CIFAR-shaped input ``[T, N, 3, 32, 32]``):
 
+0. the SpikingJelly model is calibrated to fire on the example batch
+   (``zoo_models.calibrate_firing``: BN shifts or dense-layer scales in front of the neurons that
+   would stay silent, SEW ``AND`` branches driven to a high rate; the ``calibrated`` column counts
+   the changed layers) before conversion, so that the converted and the unconverted model start
+   from the same parameters; see benchmarks/zoo_models.py for why each family needs it;
 1. ``binslt.convert(net, prune_rate=0.5, example_input=...)`` (strict: a failed example run is
    an error);
 2. one search step in training mode (dropouts active): SGD on the parameters that require grad
@@ -11,14 +16,17 @@ with ``neuron.IFNode``, step mode 'm', CIFAR-shaped input ``[T, N, 3, 32, 32]``)
    (``binslt.interop.sj_tools.SPIKING_LAYERS``) records that step; every converted spiking layer
    must emit at least one spike, so that a silent network cannot pass;
 4. ``binslt.export_ticket`` of the stepped model, ``binslt.load_ticket(path, model=factory())``
-   and the eval logits of both on a fresh batch: ``equal`` is bit equality.
+   (the factory's model calibrated the same way) and the eval logits of both on a fresh batch:
+   ``equal`` is bit equality.
 
 The convolutional families run every depth: VGG-11/13/16/19 with and without BN, spiking
 ResNet-18/34/50/101/152 and the wide ResNets, SEW ResNets with ADD, AND and IAND, MS-ResNet-18/34
-and Max-ResNet-18. The VGGs' 4096-wide classifier (25088 inputs) is shrunk to 512 -> 64 -> 64 ->
-10 layers of the same types in the same places, as tests/test_zoo.py does; the BN-less VGGs'
-convs and linears are rescaled layer by layer (LSUV-style, output std 1.5 with sign weights) so
-that they fire at all (at the zoo's own initialisation every layer stays below threshold on this input). The transformers and
+and Max-ResNet-18 (the MS-ResNets with their own neuron settings, ``zoo_models.ms_neuron_kwargs``).
+The VGGs' 4096-wide classifier (25088 inputs) is shrunk to 512 -> 64 -> 64 -> 10 layers of the
+same types in the same places (``zoo_models.shrunk_vgg``, as tests/test_zoo.py builds them); the
+BN-less VGGs' convs and linears are rescaled layer by layer (LSUV-style, output std 1.5 with sign
+weights, ``zoo_models.scale_to_fire``) so that they fire at all (at the zoo's own initialisation
+every layer stays below threshold on this input). The transformers and
 the other architectures (Spikformer, QKFormer, Spike-driven Transformer, MaxFormer at CIFAR
 size with LIF / IF; the PLIF CIFAR-10 net with LIF and with its own ``ParametricLIFNode``, which
 binslt does not model) are converted as far as they go: the row says how many layers converted, what
@@ -26,9 +34,11 @@ stays (``left``: type and reason counts) and where a step failed (``error``).
 
 Writes ``results/zoo_check_<device-slug>_<date>[_<tag>].csv`` (one row per model, appended as it
 goes; the machine record first) with a tqdm progress bar. ``--quick``: the smallest depth of each
-family only (what tests/test_zoo.py runs).
+family only (what tests/test_zoo.py runs); ``--models`` (or ``--only``): model and/or family
+names.
 
     python benchmarks/zoo_check.py --quick --threads 2
+    python benchmarks/zoo_check.py --only sew_AND,ms_resnet --tag refire
 """
 
 from __future__ import annotations
@@ -51,8 +61,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, CsvAppender, device_slug, machine_info  # noqa: E402
+from zoo_models import (  # noqa: E402
+    calibrate_firing,
+    ms_neuron_kwargs,
+    scale_to_fire,
+    shrunk_vgg,
+    vgg_scaled_layers,
+)
 
-COLUMNS = ["model", "family", "neuron", "params_m", "converted", "fused", "plain", "left",
+COLUMNS = ["model", "family", "neuron", "params_m", "calibrated", "converted", "fused", "plain", "left",
            "kinds", "step", "scores_changed", "spiking_layers", "silent", "min_rate",
            "ticket_bytes", "equal", "max_abs_diff", "seconds", "error"]
 
@@ -70,63 +87,12 @@ def _sj():
 
 def _vgg(name: str) -> Callable:
     def make(n):
-        _, layer, model, _ = _sj()
-        from spikingjelly.activation_based.model import spiking_vgg
-
-        # built on the meta device (the 100 M-weight classifier is never allocated), the
-        # classifier shrunk, then the zoo's own initialisation of every layer
-        with torch.device("meta"):
-            m = getattr(spiking_vgg, name)(spiking_neuron=n, num_classes=10)
-            m.avgpool = layer.AdaptiveAvgPool2d((1, 1))
-            m.classifier[0] = layer.Linear(512, 64)
-            m.classifier[3] = layer.Linear(64, 64)
-            m.classifier[6] = layer.Linear(64, 10)
-        m = m.to_empty(device="cpu")
-        m._initialize_weights()
-        with torch.no_grad():
-            for i in (0, 3):  # no BN before these neurons: scaled so that they fire
-                m.classifier[i].weight.normal_(0, 0.3)
-            for mod in m.modules():
-                if isinstance(mod, nn.BatchNorm2d):  # to_empty left them unset
-                    mod.reset_running_stats()
+        m = shrunk_vgg(name, n)
         if not name.endswith("_bn"):
-            _scale_to_fire(m, [c for c in m.features if isinstance(c, nn.Conv2d)]
-                           + [m.classifier[0], m.classifier[3]])
+            scale_to_fire(m, vgg_scaled_layers(m))
         return m
 
     return make
-
-
-@torch.no_grad()
-def _scale_to_fire(m: nn.Module, layers: list, target: float = 1.5) -> None:
-    """Layer by layer (LSUV-style), scales each conv / linear of ``layers`` so that its output
-    has standard deviation ``target`` on a fixed CIFAR-shaped batch, measured with the weights
-    as a search at prune rate 0.5 starts them (mean |w| * sign(w) on a random half): without
-    BN, the zoo's own initialisation leaves SpikingJelly's VGGs silent (pre-activations ~0.2
-    against a threshold of 1), and a silent network would pass the logit check trivially."""
-    functional, _, _, _ = _sj()
-    g = torch.Generator().manual_seed(2)
-    x = torch.rand(2, 8, 3, 32, 32, generator=g)
-    orig = [lin.weight.detach().clone() for lin in layers]
-    signs = [w.abs().mean() * torch.sign(w) * (torch.rand(w.shape, generator=g) < 0.5)
-             for w in orig]
-    scale = [1.0] * len(layers)
-    functional.set_step_mode(m, "m")
-    for i, lin in enumerate(layers):
-        for j, other in enumerate(layers):
-            other.weight.copy_(scale[j] * signs[j])
-        seen: list = []
-        h = lin.register_forward_hook(lambda mod, a, o, seen=seen: seen.append(float(o.std())))
-        functional.reset_net(m)
-        m(x)
-        h.remove()
-        if seen and seen[0] > 0:
-            scale[i] = target / seen[0]
-    for lin, w, c in zip(layers, orig, scale):
-        lin.weight.copy_(c * w)
-        if lin.bias is not None:
-            lin.bias.mul_(c)
-    functional.reset_net(m)
 
 
 def _resnet(name: str) -> Callable:
@@ -151,7 +117,8 @@ def _ms(name: str, timesteps: int) -> Callable:
     def make(n):
         from spikingjelly.activation_based.model import ms_resnet
 
-        return getattr(ms_resnet, name)(T=timesteps, num_classes=10, spiking_neuron=n)
+        return getattr(ms_resnet, name)(T=timesteps, num_classes=10, spiking_neuron=n,
+                                        **ms_neuron_kwargs(name, n))
 
     return make
 
@@ -211,12 +178,16 @@ def zoo(timesteps: int) -> dict[str, tuple[str, Callable, bool]]:
 NEURON_CLASSES = {"lif": "LIFNode", "if": "IFNode", "plif": "ParametricLIFNode"}
 
 
-def build(factory: Callable, nkind: str, seed: int = 0) -> nn.Module:
+def build(factory: Callable, nkind: str, seed: int = 0,
+          x: torch.Tensor | None = None) -> tuple[nn.Module, list[str]]:
+    """The SpikingJelly model in step mode 'm' and, given the example batch ``x``, calibrated to
+    fire on it (``zoo_models.calibrate_firing``; the list of changes)."""
     functional, _, _, neuron = _sj()
     torch.manual_seed(seed)
     m = factory(getattr(neuron, NEURON_CLASSES[nkind]))
     functional.set_step_mode(m, "m")
-    return m
+    changes = calibrate_firing(m, x) if x is not None else []
+    return m, changes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,10 +251,11 @@ def check_model(name: str, factory: Callable, nkind: str, *, timesteps: int = 2,
     row: dict = {"model": name, "neuron": nkind}
     stage = "build"
     try:
-        net = build(factory, nkind)
-        row["params_m"] = sum(p.numel() for p in net.parameters()) / 1e6
         g = torch.Generator().manual_seed(1)
         x = torch.rand(timesteps, batch, 3, 32, 32, generator=g)
+        net, changes = build(factory, nkind, x=x)
+        row["calibrated"] = len(changes)
+        row["params_m"] = sum(p.numel() for p in net.parameters()) / 1e6
         stage = "convert"
         conv, report = binslt.convert(net, prune_rate=0.5, example_input=x[:, :1])
         del net
@@ -303,7 +275,7 @@ def check_model(name: str, factory: Callable, nkind: str, *, timesteps: int = 2,
             info = binslt.export_ticket(conv, path)
             row["ticket_bytes"] = info["ticket_bytes"]
             stage = "load"
-            loaded = binslt.load_ticket(path, model=build(factory, nkind, seed=123))
+            loaded = binslt.load_ticket(path, model=build(factory, nkind, seed=123, x=x)[0])
         stage = "eval"
         xe = torch.rand(timesteps, batch, 3, 32, 32, generator=g)
         a, b = _logits(conv.eval(), xe), _logits(loaded, xe)
@@ -331,15 +303,16 @@ def passed(row: dict) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _cases(args, table: dict) -> list[tuple[str, str]]:
+def _cases(args, table: dict, p: argparse.ArgumentParser) -> list[tuple[str, str]]:
     names = [n for n, (_, _, small) in table.items() if small or not args.quick]
     if args.models:
         want = set(args.models.split(","))
-        unknown = want - set(table)
+        families = {fam for fam, _, _ in table.values()}
+        unknown = want - set(table) - families
         if unknown:
-            raise SystemExit(f"error: unknown --models {sorted(unknown)}; known: "
-                             f"{', '.join(table)}")
-        names = [n for n in names if n in want]
+            p.error(f"unknown --models {sorted(unknown)}; known models: {', '.join(table)}; "
+                    f"families: {', '.join(sorted(families))}")
+        names = [n for n in names if n in want or table[n][0] in want]
     if args.skip_other:
         names = [n for n in names if table[n][0] != "other"]
     cases = []
@@ -354,7 +327,9 @@ def _cases(args, table: dict) -> list[tuple[str, str]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the smallest depth of each family")
-    p.add_argument("--models", default="", help="comma-separated model names (default: all)")
+    p.add_argument("--models", "--only", default="",
+                   help="comma-separated model and/or family names, e.g. sew_AND,ms_resnet34 "
+                        "(default: all)")
     p.add_argument("--neurons", default="lif,if", help="lif,if (default both)")
     p.add_argument("--skip-other", action="store_true",
                    help="leave out the transformers and the other architectures")
@@ -377,7 +352,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     table = zoo(args.timesteps)
-    cases = _cases(args, table)
+    cases = _cases(args, table, p)
     date = datetime.date.today().isoformat()
     stem = f"zoo_check_{device_slug(device)}_{date}" + (f"_{args.tag}" if args.tag else "")
     path = Path(args.out) / f"{stem}.csv"

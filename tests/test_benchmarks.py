@@ -152,7 +152,7 @@ def test_network_quick_writes_csv(tmp_path):
     assert "level=1" in memopt["detail"]
 
 
-@pytest.mark.parametrize("arch", ["vgg11", "sj-resnet18"])
+@pytest.mark.parametrize("arch", ["vgg11", "sj-resnet18", "sj-vgg11-bn"])
 def test_network_eval_calibration_keeps_every_layer_spiking(arch):
     """The eval anchors time a network with training's activity, not one that fell silent."""
     import argparse
@@ -168,10 +168,16 @@ def test_network_eval_calibration_keeps_every_layer_spiking(arch):
     network.calibrate_bn(model, x)
     assert not model.training
     eval_rates = network.input_rates(model, x)
-    assert len(eval_rates) >= 8 and set(eval_rates) == set(train_rates)
+    # sj-vgg11-bn's last two linears sit behind dropouts (p=0.5): in training the fused one sees
+    # half its spikes, the logits layer scaled spikes (0 or 2; its rate is measured in eval only)
+    keep = {"net.classifier.3": 0.5} if arch == "sj-vgg11-bn" else {}
+    eval_only = {"net.classifier.6.0"} if arch == "sj-vgg11-bn" else set()
+    assert len(eval_rates) >= 8 and set(eval_rates) == set(train_rates) | eval_only
     for name, rate in eval_rates.items():
         # running statistics = the batch's own (unbiased variance: small layers differ a little)
-        assert 0.05 < rate < 0.95 and rate == pytest.approx(train_rates[name], abs=0.08), name
+        assert 0.05 < rate < 0.95, name
+        if name not in eval_only:
+            assert rate * keep.get(name, 1.0) == pytest.approx(train_rates[name], abs=0.08), name
     assert "SILENT" not in network.rate_summary(eval_rates)
     assert "SILENT: a" in network.rate_summary({"a": 0.0, "b": 0.5})
 

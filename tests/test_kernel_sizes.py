@@ -20,6 +20,7 @@ from binslt import BinSpikeConv2d
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+#: (backend, device) of every backend; tests/test_zoo.py runs its zoo-block search step on these
 BACKENDS = [
     pytest.param("torch", "cpu", id="torch"),
     pytest.param("cpu", "cpu", id="cpu"),

@@ -28,17 +28,22 @@ A search step runs on every backend on a small model built from the zoo's own re
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import assert_close_rel, binarised_copy, sj_modules
+from test_kernel_sizes import BACKENDS
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import zoo_check  # noqa: E402  (benchmarks/: the zoo run and its model builders)
+import zoo_models  # noqa: E402
 
 import binslt
 from binslt.interop.convert import InputTap, SpikeStage, convert, to_spikingjelly
 
-HAS_GPU = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # SpikingJelly is imported when a test first uses it (skipped where it is not installed).
 functional, layer, neuron = sj_modules("functional", "layer", "neuron")
 ms_resnet, sew_resnet, spiking_resnet, spiking_vgg = sj_modules(
@@ -48,26 +53,7 @@ NEURONS = {"lif": "LIFNode", "if": "IFNode"}
 
 
 def _vgg(name):
-    def make(n):
-        # built on the meta device (the 100 M-weight classifier is never allocated), the
-        # classifier swapped, then the zoo's own initialisation of every layer
-        with torch.device("meta"):
-            m = getattr(spiking_vgg, name)(spiking_neuron=n, num_classes=10)
-            m.avgpool = layer.AdaptiveAvgPool2d((1, 1))
-            m.classifier[0] = layer.Linear(512, 64)
-            m.classifier[3] = layer.Linear(64, 64)
-            m.classifier[6] = layer.Linear(64, 10)
-        m = m.to_empty(device="cpu")
-        m._initialize_weights()
-        with torch.no_grad():  # no BN before these neurons: scale so that they fire
-            for i in (0, 3):
-                m.classifier[i].weight.normal_(0, 0.3)
-            for mod in m.modules():
-                if isinstance(mod, nn.BatchNorm2d):
-                    mod.num_batches_tracked.zero_()
-        return m
-
-    return make
+    return lambda n: zoo_models.shrunk_vgg(name, n)
 
 
 def _resnet(name):
@@ -79,7 +65,8 @@ def _sew(name):
 
 
 def _ms(name):
-    return lambda n: getattr(ms_resnet, name)(T=2, num_classes=10, spiking_neuron=n)
+    return lambda n: getattr(ms_resnet, name)(T=2, num_classes=10, spiking_neuron=n,
+                                              **zoo_models.ms_neuron_kwargs(name, n))
 
 
 # model -> (factory, whether every neuron fuses with its conv/linear)
@@ -194,47 +181,64 @@ def test_resnext_groups_are_reported():
 # ---------------------------------------------------------------------------------------------
 
 
-def _zoo_check():
-    import sys
-    from pathlib import Path
-
-    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    if bench not in sys.path:
-        sys.path.insert(0, bench)
-    import zoo_check
-
-    return zoo_check
-
-
 SMALLEST = ["spiking_vgg11_bn", "spiking_vgg11", "spiking_resnet18", "sew_resnet18_ADD",
             "sew_resnet18_AND", "sew_resnet18_IAND", "ms_resnet18", "max_resnet18"]
 #: heavier: marked slow with the other depths
 SMALLEST_SLOW = ["spiking_wide_resnet50_2"]
-#: (model, neuron) -> the only layers allowed to stay silent in the step: with LIFNode at the
-#: zoo's own initialisation, the last stage of MS-ResNet-18 (1x1 maps of [T=2, N=8] CIFAR-shaped
-#: noise) and its head do not reach threshold. SEW-ResNet-18 AND with LIFNode is left out: its
-#: last stage is silent too, and an AND of silent spikes passes no gradient, so the step changes
-#: no score (benchmarks/zoo_check.py reports both as failing the firing check).
-KNOWN_SILENT = {("ms_resnet18", "lif"): ("layer4.", "head_lif.")}
-DEAD_AT_INIT = {("sew_resnet18_AND", "lif")}
-STEP_CASES = ([pytest.param(m, n, id=f"{m}-{n}", marks=pytest.mark.slow)
-               for m in SMALLEST for n in NEURONS if (m, n) not in DEAD_AT_INIT]
-              + [pytest.param(m, n, id=f"{m}-{n}", marks=pytest.mark.slow)
-                 for m in SMALLEST_SLOW for n in NEURONS])
+STEP_CASES = [pytest.param(m, n, id=f"{m}-{n}", marks=pytest.mark.slow)
+              for m in SMALLEST + SMALLEST_SLOW for n in NEURONS]
+
+
+#: (model, neuron) -> whether SpikingJelly's own model, uncalibrated, leaves a neuron silent on the
+#: example batch: SEW AND (the AND of sparse spikes empties the identity path), the PLIF net's
+#: dense layers (no BN); spiking ResNet-18 fires as built and is left unchanged
+CALIBRATION_CASES = {("sew_resnet18_AND", "lif"): True, ("plif_cifar10net", "lif"): True,
+                     ("spiking_resnet18", "lif"): False}
+
+
+@pytest.mark.parametrize("name,nkind", list(CALIBRATION_CASES),
+                         ids=[f"{m}-{n}" for m, n in CALIBRATION_CASES])
+def test_calibrated_zoo_model_fires_in_spikingjelly(name, nkind):
+    """zoo_models.calibrate_firing on the unconverted SpikingJelly model: every neuron fires on
+    the example batch afterwards (a SpikingJelly monitor, training mode), where it did not before
+    it changed exactly the layers it reports; a model that fires is left as it was."""
+    monitor = sj_modules("monitor")[0]
+    _, factory, _ = zoo_check.zoo(2)[name]
+    x = torch.rand(2, 8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def silent(m):
+        m.train()
+        mon = monitor.OutputMonitor(m, neuron.BaseNode)
+        functional.reset_net(m)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            m(x)
+        functional.reset_net(m)
+        out = [p for p, s in zip(mon.monitored_layers, mon.records) if not s.any()]
+        mon.remove_hooks()
+        return out, len(mon.monitored_layers)
+
+    plain, _ = zoo_check.build(factory, nkind)
+    net, changes = zoo_check.build(factory, nkind, x=x)
+    before, after = plain.state_dict(), net.state_dict()
+    # the changed layers are the reported ones; the BN running statistics are left as they were
+    changed = sorted({k.rsplit(".", 1)[0] for k in before if not torch.equal(before[k], after[k])})
+    assert changed == sorted(c.split(":")[0] for c in changes), (changed, changes)
+    assert bool(silent(plain)[0]) == CALIBRATION_CASES[name, nkind]
+    still, n_neurons = silent(net)
+    assert n_neurons >= 4 and not still, (still, changes)
+    assert bool(changes) == CALIBRATION_CASES[name, nkind]
 
 
 @pytest.mark.parametrize("name,nkind", STEP_CASES)
 def test_zoo_search_step_fires_and_the_ticket_reloads(name, nkind, tmp_path):
-    zc = _zoo_check()
-    family, factory, smallest = zc.zoo(2)[name]
+    family, factory, smallest = zoo_check.zoo(2)[name]
     assert smallest
-    row = zc.check_model(name, factory, nkind, timesteps=2, batch=8, ticket_dir=str(tmp_path))
+    row = zoo_check.check_model(name, factory, nkind, timesteps=2, batch=8,
+                                ticket_dir=str(tmp_path))
     assert row["error"] == "", row["error"]
     assert row["step"] == "ok" and row["scores_changed"] > 0, row
-    silent = row["silent"].split()
-    allowed = KNOWN_SILENT.get((name, nkind), ())
-    assert all(n.startswith(allowed) for n in silent) if allowed else not silent, row
-    assert row["spiking_layers"] >= 7 and len(silent) <= row["spiking_layers"] // 3, row
+    assert row["spiking_layers"] >= 7 and row["silent"] == "" and row["min_rate"] > 0, row
     assert row["fused"] == row["spiking_layers"]
     if name.startswith("sew_resnet18_ADD"):
         assert "spike-sum=" in row["kinds"], row["kinds"]
@@ -266,16 +270,6 @@ class MiniResNet(nn.Module):
     def forward(self, x):
         x = self.block(self.sn1(self.bn1(self.conv1(x))))
         return self.fc(torch.flatten(self.pool(x), 2))
-
-
-BACKENDS = [
-    pytest.param("torch", "cpu", id="torch"),
-    pytest.param("cpu", "cpu", id="cpu"),
-    pytest.param("triton", "cpu", id="triton-interpreter", marks=pytest.mark.skipif(
-        not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
-    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
-    pytest.param("triton", "cuda", id="triton-gpu", marks=pytest.mark.gpu),
-]
 
 
 @pytest.mark.parametrize("nkind", sorted(NEURONS))

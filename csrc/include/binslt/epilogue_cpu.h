@@ -48,7 +48,8 @@ inline float invstd_of(float var, double eps) {
 // The forward pass of L (<= kRowChunk) neurons over T steps, shared by the forward and the
 // backward's recomputation of H: X[t] (the epilogue of zat(t, i) plus the residual res, or null)
 // into xbuf(t), then H, S and the reset V of each neuron; emit(t, i, h, s) takes H[t] and S[t]
-// of neuron i. aff and p are the caller's local copies.
+// of neuron i. aff and p are the caller's local copies. The emitters index as (base + t * step)[i]:
+// an int index t * step + i may wrap under the build's -fwrapv, and the loops then stay scalar.
 template <class ZAt, class XBuf, class Emit>
 inline __attribute__((always_inline)) void lif_forward_pass(int T, int L, const ZAt& zat,
                                                             const ChannelAffine& aff,
@@ -88,7 +89,7 @@ inline __attribute__((always_inline)) void lif_forward_row(int T, int L, const Z
   float* xp = x;
   lif_forward_pass(
       T, L, zat, aff, res, step_stride, p, [xp](int) { return xp; },
-      [spikes, step_stride](int t, int i, float, float s) { spikes[t * step_stride + i] = s; });
+      [spikes, step_stride](int t, int i, float, float s) { (spikes + t * step_stride)[i] = s; });
 }
 
 // Backward: recomputes H (exactly as the forward), then BPTT. Writes dL/dX into gcur (same layout
@@ -122,7 +123,7 @@ inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const 
   float gv[kRowChunk];
   lif_forward_pass(
       T, L, zat, aff, res, step_stride, p, [hbuf](int t) { return hbuf + t * kRowChunk; },
-      [hbuf](int t, int i, float h, float) { hbuf[t * kRowChunk + i] = h; });
+      [hbuf](int t, int i, float h, float) { (hbuf + t * kRowChunk)[i] = h; });
   for (int i = 0; i < L; ++i) gv[i] = 0.0f;
   // The surrogate is a compile-time constant in each copy of the step loop (with_surrogate picks
   // the copy per step), so that the loops without an expf call vectorize; the float arithmetic

@@ -16,6 +16,7 @@
 #include "binslt/checks.h"
 #include "binslt/cpu_algos.h"
 #include "binslt/epilogue_cpu.h"
+#include "binslt/isa_run.h"
 #include "binslt/lif.h"
 #include "binslt/pack_cpu.h"
 
@@ -155,21 +156,6 @@ static inline __attribute__((always_inline)) void lif_bn_channel_body(const LifB
   }
 }
 
-template <typename CT>
-__attribute__((target("avx512f"))) void lif_bn_channel_avx512(const LifBnJob<CT>& job,
-                                                              int64_t c, const LifBnScratch& sc) {
-  lif_bn_channel_body(job, c, sc);
-}
-template <typename CT>
-__attribute__((target("avx2"))) void lif_bn_channel_avx2(const LifBnJob<CT>& job, int64_t c,
-                                                         const LifBnScratch& sc) {
-  lif_bn_channel_body(job, c, sc);
-}
-template <typename CT>
-void lif_bn_channel_base(const LifBnJob<CT>& job, int64_t c, const LifBnScratch& sc) {
-  lif_bn_channel_body(job, c, sc);
-}
-
 // dL/dX (grad_current) and dL/dZ from the counts, and the per-channel sums, over all channels.
 template <typename CT>
 void lif_bn_backward(const LifBnJob<CT>& job) {
@@ -180,10 +166,8 @@ void lif_bn_backward(const LifBnJob<CT>& job) {
     std::vector<float> gbuf(job.pg != nullptr ? static_cast<size_t>(s.T) * kRowChunk : 0);
     std::vector<double> acc_g(kRowChunk), acc_gx(kRowChunk);
     const LifBnScratch sc{hbuf.data(), gbuf.data(), acc_g.data(), acc_gx.data()};
-    auto fn = isa == Isa::kAvx512 ? &lif_bn_channel_avx512<CT>
-              : isa == Isa::kAvx2 ? &lif_bn_channel_avx2<CT>
-                                  : &lif_bn_channel_base<CT>;
-    for (int64_t c = c0; c < c1; ++c) fn(job, c, sc);
+    for (int64_t c = c0; c < c1; ++c)
+      run_for_isa(isa, [&]() __attribute__((always_inline)) { lif_bn_channel_body(job, c, sc); });
   });
 }
 

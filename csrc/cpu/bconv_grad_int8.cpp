@@ -67,19 +67,20 @@ static inline __attribute__((always_inline)) float channel_max_body(const float*
   return mx;
 }
 
-// The three limbs of n values v * inv, into l0, l1, l2 (vectorisable: one flat run).
+// The three limbs of n values v * inv, into l0, l1, l2 (vectorisable: one flat run), each
+// limb plus kBias: int8 limbs (kBias 0) or u8 limbs biased by +128.
+template <typename L, int kBias>
 static inline __attribute__((always_inline)) void limbs_body(const float* v, int64_t n,
-                                                             float inv, int8_t* l0, int8_t* l1,
-                                                             int8_t* l2) {
+                                                             float inv, L* l0, L* l1, L* l2) {
   for (int64_t i = 0; i < n; ++i) {
     const float q = v[i] * inv;
     const float a = round_int(q);
     const float r = (q - a) * kLimbBase;
     const float c = round_int(r);
     const float e = round_int((r - c) * kLimbBase);
-    l0[i] = static_cast<int8_t>(static_cast<int32_t>(a));
-    l1[i] = static_cast<int8_t>(static_cast<int32_t>(c));
-    l2[i] = static_cast<int8_t>(static_cast<int32_t>(e));
+    l0[i] = static_cast<L>(static_cast<int32_t>(a) + kBias);
+    l1[i] = static_cast<L>(static_cast<int32_t>(c) + kBias);
+    l2[i] = static_cast<L>(static_cast<int32_t>(e) + kBias);
   }
 }
 
@@ -90,12 +91,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) float channel_max_avx512(
 float channel_max_base(const float* g, int64_t img_stride, int64_t nb, int64_t n, bool* bad) {
   return channel_max_body(g, img_stride, nb, n, bad);
 }
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void limbs_avx512(
-    const float* v, int64_t n, float inv, int8_t* l0, int8_t* l1, int8_t* l2) {
-  limbs_body(v, n, inv, l0, l1, l2);
+template <typename L, int kBias>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void limbs_avx512(const float* v, int64_t n,
+                                                                       float inv, L* l0, L* l1,
+                                                                       L* l2) {
+  limbs_body<L, kBias>(v, n, inv, l0, l1, l2);
 }
-void limbs_base(const float* v, int64_t n, float inv, int8_t* l0, int8_t* l1, int8_t* l2) {
-  limbs_body(v, n, inv, l0, l1, l2);
+template <typename L, int kBias>
+void limbs_base(const float* v, int64_t n, float inv, L* l0, L* l1, L* l2) {
+  limbs_body<L, kBias>(v, n, inv, l0, l1, l2);
 }
 
 // The maps of the limb rows: dZ's Ho x Wo, on the padded Hp x Wp grid.
@@ -110,8 +114,9 @@ void limb_rows(const float* g, int64_t img_stride, int64_t nb, const LimbGrid& g
   const int64_t Ho = grid.Ho, Wo = grid.Wo, Hp = grid.Hp, Wp = grid.Wp;
   const int64_t S = Ho * Wo;
   int8_t* dst[3] = {l0, l1, l2};
+  const auto limbs = avx512 ? &limbs_avx512<int8_t, 0> : &limbs_base<int8_t, 0>;
   for (int64_t b = 0; b < nb; ++b) {
-    (avx512 ? &limbs_avx512 : &limbs_base)(g + b * img_stride, S, inv, tmp, tmp + S, tmp + 2 * S);
+    limbs(g + b * img_stride, S, inv, tmp, tmp + S, tmp + 2 * S);
     for (int k = 0; k < 3; ++k) {
       int8_t* d = dst[k] + b * Hp * Wp;
       const int8_t* src = tmp + k * S;
@@ -265,29 +270,6 @@ at::Tensor transposed_int8_weight(const ConvShape& s, int64_t Ci, const uint32_t
   return w.permute({0, 3, 1, 2});
 }
 
-// n values v * inv as three u8 limbs (+128) into l0, l1, l2.
-static inline __attribute__((always_inline)) void limbs_u8_body(const float* v, int64_t n,
-                                                                float inv, uint8_t* l0,
-                                                                uint8_t* l1, uint8_t* l2) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float q = v[i] * inv;
-    const float a = round_int(q);
-    const float r = (q - a) * kLimbBase;
-    const float c = round_int(r);
-    const float e = round_int((r - c) * kLimbBase);
-    l0[i] = static_cast<uint8_t>(static_cast<int32_t>(a) + 128);
-    l1[i] = static_cast<uint8_t>(static_cast<int32_t>(c) + 128);
-    l2[i] = static_cast<uint8_t>(static_cast<int32_t>(e) + 128);
-  }
-}
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void limbs_u8_avx512(
-    const float* v, int64_t n, float inv, uint8_t* l0, uint8_t* l1, uint8_t* l2) {
-  limbs_u8_body(v, n, inv, l0, l1, l2);
-}
-void limbs_u8_base(const float* v, int64_t n, float inv, uint8_t* l0, uint8_t* l1, uint8_t* l2) {
-  limbs_u8_body(v, n, inv, l0, l1, l2);
-}
-
 // out[i] = (a[i] + b[i] / 254 + c[i] / 254^2) * u, the three limbs' sums recombined.
 static inline __attribute__((always_inline)) void recombine_body(const float* a, const float* b,
                                                                  const float* c, int64_t n,
@@ -320,7 +302,7 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
   const int64_t per_image = 3 * (s.Co * Hq * Wq + Ci * SX * 4);
   const int64_t nb_max = std::max<int64_t>(1, std::min(s.B, kChunkBytes / per_image));
   const bool avx512 = isa_supported(Isa::kAvx512);
-  const auto limb_fn = avx512 ? &limbs_u8_avx512 : &limbs_u8_base;
+  const auto limb_fn = avx512 ? &limbs_avx512<uint8_t, 128> : &limbs_base<uint8_t, 128>;
   const auto comb_fn = avx512 ? &recombine_avx512 : &recombine_base;
   const TransposeFn transpose = transpose_f32_fn();
   const float* g = gz.data_ptr<float>();

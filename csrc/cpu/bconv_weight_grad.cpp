@@ -50,26 +50,34 @@ static inline __attribute__((always_inline)) void gather_sum_body(const float* g
 static void gather_sum_base(const float* gzb, const int32_t* offs, int m, float* g, int n) {
   gather_sum_body(gzb, offs, m, g, n);
 }
+// Channels [c, c + NV * VB / 4) of gather_sum in NV float vectors of VB bytes (the target's
+// own width: 32 AVX2, 64 AVX-512), held in registers over the offsets.
+template <int VB, int NV>
+static inline __attribute__((always_inline)) void gather_block(const float* gzb,
+                                                               const int32_t* offs, int m,
+                                                               float* g, int c) {
+  typedef float V __attribute__((vector_size(VB)));
+  typedef float U __attribute__((vector_size(VB), aligned(4)));
+  constexpr int kL = VB / 4;
+  V a[NV];
+  for (int j = 0; j < NV; ++j) a[j] = V{};
+  for (int e = 0; e < m; ++e) {
+    const float* src = gzb + offs[e] + c;
+    for (int j = 0; j < NV; ++j) a[j] += *reinterpret_cast<const U*>(src + kL * j);
+  }
+  for (int j = 0; j < NV; ++j) {
+    U* o = reinterpret_cast<U*>(g + c + kL * j);
+    *o = *o + a[j];
+  }
+}
+
 __attribute__((target("avx2"))) static void gather_sum_avx2(const float* gzb,
                                                             const int32_t* offs, int m, float* g,
                                                             int n) {
-  // Explicit: the generic body's 64-float accumulator array is not kept in ymm registers.
+  // Explicit vectors: the generic body's 64-float accumulator array is not kept in registers.
   int c = 0;
-  for (; c + 64 <= n; c += 64) {
-    __m256 a[8];
-    for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
-    for (int e = 0; e < m; ++e) {
-      const float* src = gzb + offs[e] + c;
-      for (int j = 0; j < 8; ++j) a[j] = _mm256_add_ps(a[j], _mm256_loadu_ps(src + 8 * j));
-    }
-    for (int j = 0; j < 8; ++j)
-      _mm256_storeu_ps(g + c + 8 * j, _mm256_add_ps(_mm256_loadu_ps(g + c + 8 * j), a[j]));
-  }
-  for (; c + 8 <= n; c += 8) {
-    __m256 a = _mm256_setzero_ps();
-    for (int e = 0; e < m; ++e) a = _mm256_add_ps(a, _mm256_loadu_ps(gzb + offs[e] + c));
-    _mm256_storeu_ps(g + c, _mm256_add_ps(_mm256_loadu_ps(g + c), a));
-  }
+  for (; c + 64 <= n; c += 64) gather_block<32, 8>(gzb, offs, m, g, c);
+  for (; c + 8 <= n; c += 8) gather_block<32, 1>(gzb, offs, m, g, c);
   for (; c < n; ++c) {
     float a = 0.0f;
     for (int e = 0; e < m; ++e) a += gzb[offs[e] + c];
@@ -80,31 +88,9 @@ __attribute__((target("avx512f"))) static void gather_sum_avx512(const float* gz
                                                                  const int32_t* offs, int m,
                                                                  float* g, int n) {
   int c = 0;
-  for (; c + 128 <= n; c += 128) {  // 128 channels per pass over the offsets: 8 accumulators
-    __m512 a[8];
-    for (int j = 0; j < 8; ++j) a[j] = _mm512_setzero_ps();
-    for (int e = 0; e < m; ++e) {
-      const float* src = gzb + offs[e] + c;
-      for (int j = 0; j < 8; ++j) a[j] = _mm512_add_ps(a[j], _mm512_loadu_ps(src + 16 * j));
-    }
-    for (int j = 0; j < 8; ++j)
-      _mm512_storeu_ps(g + c + 16 * j, _mm512_add_ps(_mm512_loadu_ps(g + c + 16 * j), a[j]));
-  }
-  for (; c + 64 <= n; c += 64) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (int e = 0; e < m; ++e) {
-      const float* src = gzb + offs[e] + c;
-      a0 = _mm512_add_ps(a0, _mm512_loadu_ps(src));
-      a1 = _mm512_add_ps(a1, _mm512_loadu_ps(src + 16));
-      a2 = _mm512_add_ps(a2, _mm512_loadu_ps(src + 32));
-      a3 = _mm512_add_ps(a3, _mm512_loadu_ps(src + 48));
-    }
-    _mm512_storeu_ps(g + c, _mm512_add_ps(_mm512_loadu_ps(g + c), a0));
-    _mm512_storeu_ps(g + c + 16, _mm512_add_ps(_mm512_loadu_ps(g + c + 16), a1));
-    _mm512_storeu_ps(g + c + 32, _mm512_add_ps(_mm512_loadu_ps(g + c + 32), a2));
-    _mm512_storeu_ps(g + c + 48, _mm512_add_ps(_mm512_loadu_ps(g + c + 48), a3));
-  }
+  // 128 channels per pass over the offsets: 8 accumulators
+  for (; c + 128 <= n; c += 128) gather_block<64, 8>(gzb, offs, m, g, c);
+  for (; c + 64 <= n; c += 64) gather_block<64, 4>(gzb, offs, m, g, c);
   for (; c < n; c += 16) {
     const __mmask16 k = n - c >= 16 ? static_cast<__mmask16>(0xFFFF)
                                     : static_cast<__mmask16>((1u << (n - c)) - 1u);

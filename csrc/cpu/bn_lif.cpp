@@ -13,6 +13,7 @@
 #include "binslt/checks.h"
 #include "binslt/cpu_algos.h"
 #include "binslt/epilogue_cpu.h"
+#include "binslt/isa_run.h"
 #include "binslt/lif.h"
 #include "binslt/pack_cpu.h"
 
@@ -54,70 +55,26 @@ ZView z_view(const at::Tensor& z_in, const Dims& d, at::Tensor* holder) {
 }
 
 // lif_forward_row / lif_backward_row over a current row zr (steps zstep apart) with its channel's
-// epilogue, compiled for the wider vector units too (the baseline build leaves these loops
-// scalar). The float arithmetic is the same on every path (-ffp-contract=off, setup.py).
-inline __attribute__((always_inline)) void lif_fwd_body(int T, int L, const float* zr,
-                                                        int64_t zstep, const ChannelAffine& aff,
-                                                        const float* res, int64_t ostep,
-                                                        const NeuronParams& p, float* out) {
-  auto zat = [zr, zstep](int t, int i) { return zr[t * zstep + i]; };
-  lif_forward_row(T, L, zat, aff, res, ostep, p, out);
-}
-__attribute__((target("avx512f"))) void lif_fwd_avx512(int T, int L, const float* zr,
-                                                       int64_t zstep, const ChannelAffine& aff,
-                                                       const float* res, int64_t ostep,
-                                                       const NeuronParams& p, float* out) {
-  lif_fwd_body(T, L, zr, zstep, aff, res, ostep, p, out);
-}
-__attribute__((target("avx2"))) void lif_fwd_avx2(int T, int L, const float* zr, int64_t zstep,
-                                                  const ChannelAffine& aff, const float* res,
-                                                  int64_t ostep, const NeuronParams& p,
-                                                  float* out) {
-  lif_fwd_body(T, L, zr, zstep, aff, res, ostep, p, out);
-}
+// epilogue, compiled for the wider vector units too (run_for_isa: the baseline build leaves these
+// loops scalar). The float arithmetic is the same on every path (-ffp-contract=off, setup.py).
 void lif_fwd(Isa isa, int T, int L, const float* zr, int64_t zstep, const ChannelAffine& aff,
              const float* res, int64_t ostep, const NeuronParams& p, float* out) {
-  if (isa == Isa::kAvx512)
-    lif_fwd_avx512(T, L, zr, zstep, aff, res, ostep, p, out);
-  else if (isa == Isa::kAvx2)
-    lif_fwd_avx2(T, L, zr, zstep, aff, res, ostep, p, out);
-  else
-    lif_fwd_body(T, L, zr, zstep, aff, res, ostep, p, out);
+  run_for_isa(isa, [&]() __attribute__((always_inline)) {
+    auto zat = [zr, zstep](int t, int i) { return zr[t * zstep + i]; };
+    lif_forward_row(T, L, zat, aff, res, ostep, p, out);
+  });
 }
 
-// One BPTT row; the per-lane sums it keeps are not used (bn_lif_bwd sums per channel in order).
-inline __attribute__((always_inline)) void lif_bwd_body(int T, int L, const float* zr,
-                                                        int64_t zstep, const ChannelAffine& aff,
-                                                        const float* res, int64_t ostep,
-                                                        const NeuronParams& p,
-                                                        const BpttRow& io) {
-  double dummy_g[kRowChunk] = {}, dummy_gx[kRowChunk] = {};
-  auto zat = [zr, zstep](int t, int i) { return zr[t * zstep + i]; };
-  lif_backward_row(T, L, zat, aff, res, ostep, p,
-                   BpttRow{io.gs, io.gcur, io.hbuf, dummy_g, dummy_gx, io.gs_step});
-}
-__attribute__((target("avx512f"))) void lif_bwd_avx512(int T, int L, const float* zr,
-                                                       int64_t zstep, const ChannelAffine& aff,
-                                                       const float* res, int64_t ostep,
-                                                       const NeuronParams& p,
-                                                       const BpttRow& io) {
-  lif_bwd_body(T, L, zr, zstep, aff, res, ostep, p, io);
-}
-__attribute__((target("avx2"))) void lif_bwd_avx2(int T, int L, const float* zr, int64_t zstep,
-                                                  const ChannelAffine& aff, const float* res,
-                                                  int64_t ostep, const NeuronParams& p,
-                                                  const BpttRow& io) {
-  lif_bwd_body(T, L, zr, zstep, aff, res, ostep, p, io);
-}
-// (io: dL/dspikes in, dL/dX out, scratch; its sums are not used)
+// One BPTT row (io: dL/dspikes in, dL/dX out, scratch); the per-lane sums it keeps are not used
+// (bn_lif_bwd sums per channel in order).
 void lif_bwd(Isa isa, const NeuronParams& p, int T, int L, const float* zr, int64_t zstep,
              const ChannelAffine& aff, const float* res, int64_t ostep, const BpttRow& io) {
-  if (isa == Isa::kAvx512)
-    lif_bwd_avx512(T, L, zr, zstep, aff, res, ostep, p, io);
-  else if (isa == Isa::kAvx2)
-    lif_bwd_avx2(T, L, zr, zstep, aff, res, ostep, p, io);
-  else
-    lif_bwd_body(T, L, zr, zstep, aff, res, ostep, p, io);
+  run_for_isa(isa, [&]() __attribute__((always_inline)) {
+    double dummy_g[kRowChunk] = {}, dummy_gx[kRowChunk] = {};
+    auto zat = [zr, zstep](int t, int i) { return zr[t * zstep + i]; };
+    lif_backward_row(T, L, zat, aff, res, ostep, p,
+                     BpttRow{io.gs, io.gcur, io.hbuf, dummy_g, dummy_gx, io.gs_step});
+  });
 }
 
 // Rows of one channel ([T, N, C, S] with S this long or more) run the LIF per (n, c) with their

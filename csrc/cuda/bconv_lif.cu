@@ -198,8 +198,7 @@ __global__ void bconv_popc_kernel(const uint32_t* __restrict__ x, const uint32_t
                                   const uint32_t* __restrict__ wp, CountT* __restrict__ counts,
                                   ConvGeom g) {
   const int64_t total = static_cast<int64_t>(g.T) * g.N * g.Co * g.Ho * g.Wo;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  grid_stride(total, [&](int64_t i) {
     const int wo = static_cast<int>(i % g.Wo);
     const int ho = static_cast<int>((i / g.Wo) % g.Ho);
     const int co = static_cast<int>((i / (static_cast<int64_t>(g.Wo) * g.Ho)) % g.Co);
@@ -217,7 +216,7 @@ __global__ void bconv_popc_kernel(const uint32_t* __restrict__ x, const uint32_t
       }
     }
     counts[i] = static_cast<CountT>(acc);
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -291,8 +290,7 @@ __global__ void grad_input_kernel(const float* __restrict__ gz, const uint32_t* 
                                   float* __restrict__ gx, ConvGeom g, int Ci) {
   const int HoWo = g.Ho * g.Wo;
   const int64_t total = static_cast<int64_t>(g.T) * g.N * Ci * g.H * g.W;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  grid_stride(total, [&](int64_t i) {
     const int iw = static_cast<int>(i % g.W);
     const int ih = static_cast<int>((i / g.W) % g.H);
     const int ci = static_cast<int>((i / (static_cast<int64_t>(g.W) * g.H)) % Ci);
@@ -321,7 +319,7 @@ __global__ void grad_input_kernel(const float* __restrict__ gz, const uint32_t* 
       }
     }
     gx[i] = static_cast<float>(acc);
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -66,6 +66,14 @@ __device__ __forceinline__ float load_z(const In* in, int64_t i, float alpha) {
   }
 }
 
+// f(i) for every i < total: the grid's threads stride over the range (any grid size covers it).
+template <typename F>
+__device__ __forceinline__ void grid_stride(int64_t total, F f) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    f(i);
+}
+
 __device__ __forceinline__ double warp_sum(double v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
   return v;
@@ -90,13 +98,59 @@ __device__ __forceinline__ void block_sum2(double& a, double& b) {
   }
 }
 
+// The epilogue constants of channel c: the count gain, the affine and the batch statistics.
+struct ChannelEpi {
+  float al, sc, sh, mean, invstd;
+};
+__device__ __forceinline__ ChannelEpi channel_epi(const EpiArgs& a, int64_t c) {
+  ChannelEpi e;
+  e.al = a.alpha != nullptr ? a.alpha[c] : 1.0f;
+  e.sc = a.scale[c];
+  e.sh = a.shift[c];
+  e.mean = a.bn_train ? a.mean[c] : 0.0f;
+  e.invstd = a.bn_train ? bn_invstd(a.var[c], a.eps) : 1.0f;
+  return e;
+}
+
 // X[t] of neuron j: epilogue of Z plus the residual.
 template <typename In>
-__device__ __forceinline__ float epilogue_x(const In* in, const EpiArgs& a, int64_t i, float al,
-                                            float sc, float sh, float mean, float invstd) {
-  float x = epilogue_apply(load_z(in, i, al), sc, sh, mean, invstd, a.bn_train);
+__device__ __forceinline__ float epilogue_x(const In* in, const EpiArgs& a, int64_t i,
+                                            const ChannelEpi& e) {
+  float x = epilogue_apply(load_z(in, i, e.al), e.sc, e.sh, e.mean, e.invstd, a.bn_train);
   if (a.residual != nullptr) x = add_rn(x, a.residual[i]);
   return x;
+}
+
+// One block's part of two float64 sums over the elements i of channel c = blockIdx.x (grid
+// (C, G)): add(i, s1, s2) for every element of its stride, then part[c][blockIdx.y] = (s1, s2).
+template <typename Add>
+__device__ __forceinline__ void channel_partial_sums(const EpiGeom& g, Add add,
+                                                     double* __restrict__ part) {
+  const int64_t c = blockIdx.x;
+  const int G = gridDim.y;
+  const int64_t m = g.per_channel();
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t k = static_cast<int64_t>(blockIdx.y) * kEpiThreads + threadIdx.x; k < m;
+       k += static_cast<int64_t>(G) * kEpiThreads) {
+    const int64_t tn = k / g.S, s = k % g.S;
+    add((tn * g.C + c) * g.S + s, s1, s2);
+  }
+  block_sum2(s1, s2);
+  if (threadIdx.x == 0) {
+    part[(c * G + blockIdx.y) * 2 + 0] = s1;
+    part[(c * G + blockIdx.y) * 2 + 1] = s2;
+  }
+}
+
+// The G block parts of channel c's two sums, added in order.
+__device__ __forceinline__ void channel_total_sums(const double* __restrict__ part, int64_t c,
+                                                   int G, double& s1, double& s2) {
+  s1 = 0.0;
+  s2 = 0.0;
+  for (int k = 0; k < G; ++k) {
+    s1 += part[(c * G + k) * 2 + 0];
+    s2 += part[(c * G + k) * 2 + 1];
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -108,23 +162,15 @@ template <typename In>
 __global__ void __launch_bounds__(kEpiThreads)
     channel_stats_partial_kernel(const In* __restrict__ in, const float* __restrict__ alpha,
                                  EpiGeom g, double* __restrict__ part) {
-  const int64_t c = blockIdx.x;
-  const int G = gridDim.y;
-  const float al = alpha != nullptr ? alpha[c] : 1.0f;
-  const int64_t m = g.per_channel();
-  double s1 = 0.0, s2 = 0.0;
-  for (int64_t k = static_cast<int64_t>(blockIdx.y) * kEpiThreads + threadIdx.x; k < m;
-       k += static_cast<int64_t>(G) * kEpiThreads) {
-    const int64_t tn = k / g.S, s = k % g.S;
-    const double z = load_z(in, (tn * g.C + c) * g.S + s, al);
-    s1 += z;
-    s2 += z * z;
-  }
-  block_sum2(s1, s2);
-  if (threadIdx.x == 0) {
-    part[(c * G + blockIdx.y) * 2 + 0] = s1;
-    part[(c * G + blockIdx.y) * 2 + 1] = s2;
-  }
+  const float al = alpha != nullptr ? alpha[blockIdx.x] : 1.0f;
+  channel_partial_sums(
+      g,
+      [&](int64_t i, double& s1, double& s2) {
+        const double z = load_z(in, i, al);
+        s1 += z;
+        s2 += z * z;
+      },
+      part);
 }
 
 // mean and biased var per channel from the partial sums.
@@ -133,11 +179,8 @@ static __global__ void channel_stats_finalize_kernel(const double* __restrict__ 
                                               float* __restrict__ var) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  double s1 = 0.0, s2 = 0.0;
-  for (int k = 0; k < G; ++k) {
-    s1 += part[(c * G + k) * 2 + 0];
-    s2 += part[(c * G + k) * 2 + 1];
-  }
+  double s1, s2;
+  channel_total_sums(part, c, G, s1, s2);
   const double mu = s1 / static_cast<double>(m);
   const double v = s2 / static_cast<double>(m) - mu * mu;
   mean[c] = static_cast<float>(mu);
@@ -150,18 +193,13 @@ __global__ void __launch_bounds__(kEpiThreads)
     lif_forward_kernel(const In* __restrict__ in, EpiArgs a, EpiGeom g, NeuronParams p,
                        float* __restrict__ spikes) {
   const int64_t nn = g.neurons();
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < nn;
-       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = (j / g.S) % g.C;
-    const float al = a.alpha != nullptr ? a.alpha[c] : 1.0f;
-    const float sc = a.scale[c], sh = a.shift[c];
-    const float mean = a.bn_train ? a.mean[c] : 0.0f;
-    const float invstd = a.bn_train ? bn_invstd(a.var[c], a.eps) : 1.0f;
+  grid_stride(nn, [&](int64_t j) {
+    const ChannelEpi e = channel_epi(a, (j / g.S) % g.C);
     lif_forward_sequence(
         static_cast<int>(g.T), p,
-        [&](int t) { return epilogue_x(in, a, j + t * nn, al, sc, sh, mean, invstd); },
+        [&](int t) { return epilogue_x(in, a, j + t * nn, e); },
         [&](int t, float, float s) { spikes[j + t * nn] = s; });
-  }
+  });
 }
 
 // One thread per neuron: recompute H over T (stored in g_cur), then BPTT writing dL/dX into
@@ -172,20 +210,15 @@ __global__ void __launch_bounds__(kEpiThreads)
                         EpiGeom g, NeuronParams p, float* __restrict__ g_cur) {
   const int64_t nn = g.neurons();
   const int T = static_cast<int>(g.T);
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < nn;
-       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = (j / g.S) % g.C;
-    const float al = a.alpha != nullptr ? a.alpha[c] : 1.0f;
-    const float sc = a.scale[c], sh = a.shift[c];
-    const float mean = a.bn_train ? a.mean[c] : 0.0f;
-    const float invstd = a.bn_train ? bn_invstd(a.var[c], a.eps) : 1.0f;
+  grid_stride(nn, [&](int64_t j) {
+    const ChannelEpi e = channel_epi(a, (j / g.S) % g.C);
     lif_forward_sequence(
-        T, p, [&](int t) { return epilogue_x(in, a, j + t * nn, al, sc, sh, mean, invstd); },
+        T, p, [&](int t) { return epilogue_x(in, a, j + t * nn, e); },
         [&](int t, float h, float) { g_cur[j + t * nn] = h; });
     lif_backward_sequence(
         T, p, [&](int t) { return gs[j + t * nn]; }, [&](int t) { return g_cur[j + t * nn]; },
         [&](int t, float gx) { g_cur[j + t * nn] = gx; });
-  }
+  });
 }
 
 // Partial per-channel sums of gy and gy * xhat (bn_train) or gy * z (affine), in float64.
@@ -194,28 +227,20 @@ __global__ void __launch_bounds__(kEpiThreads)
     affine_grad_partial_kernel(const float* __restrict__ g_cur, const In* __restrict__ in,
                                EpiArgs a, EpiGeom g, double* __restrict__ part) {
   const int64_t c = blockIdx.x;
-  const int G = gridDim.y;
   const float al = a.alpha != nullptr ? a.alpha[c] : 1.0f;
   const double mean = a.bn_train ? static_cast<double>(a.mean[c]) : 0.0;
   const double invstd =
       a.bn_train ? 1.0 / sqrt(static_cast<double>(a.var[c]) + static_cast<double>(a.eps))
                  : 1.0;
-  const int64_t m = g.per_channel();
-  double s1 = 0.0, s2 = 0.0;
-  for (int64_t k = static_cast<int64_t>(blockIdx.y) * kEpiThreads + threadIdx.x; k < m;
-       k += static_cast<int64_t>(G) * kEpiThreads) {
-    const int64_t tn = k / g.S, s = k % g.S;
-    const int64_t i = (tn * g.C + c) * g.S + s;
-    const double gy = g_cur[i];
-    const double z = load_z(in, i, al);
-    s1 += gy;
-    s2 += gy * (a.bn_train ? (z - mean) * invstd : z);
-  }
-  block_sum2(s1, s2);
-  if (threadIdx.x == 0) {
-    part[(c * G + blockIdx.y) * 2 + 0] = s1;
-    part[(c * G + blockIdx.y) * 2 + 1] = s2;
-  }
+  channel_partial_sums(
+      g,
+      [&](int64_t i, double& s1, double& s2) {
+        const double gy = g_cur[i];
+        const double z = load_z(in, i, al);
+        s1 += gy;
+        s2 += gy * (a.bn_train ? (z - mean) * invstd : z);
+      },
+      part);
 }
 
 // grad_shift = sum gy, grad_scale = sum gy * (xhat or z); coef = the per-channel means.
@@ -224,11 +249,8 @@ static __global__ void affine_grad_finalize_kernel(const double* __restrict__ pa
                                             float* __restrict__ g_shift, double* __restrict__ coef) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  double s1 = 0.0, s2 = 0.0;
-  for (int k = 0; k < G; ++k) {
-    s1 += part[(c * G + k) * 2 + 0];
-    s2 += part[(c * G + k) * 2 + 1];
-  }
+  double s1, s2;
+  channel_total_sums(part, c, G, s1, s2);
   g_shift[c] = static_cast<float>(s1);
   g_scale[c] = static_cast<float>(s2);
   coef[2 * c + 0] = s1 / static_cast<double>(m);
@@ -241,8 +263,7 @@ __global__ void __launch_bounds__(kEpiThreads)
     input_grad_kernel(const float* __restrict__ g_cur, const In* __restrict__ in, EpiArgs a,
                       EpiGeom g, const double* __restrict__ coef, float* __restrict__ g_z) {
   const int64_t total = g.T * g.neurons();
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  grid_stride(total, [&](int64_t i) {
     const int64_t c = (i / g.S) % g.C;
     if (a.bn_train) {
       const float al = a.alpha != nullptr ? a.alpha[c] : 1.0f;
@@ -254,7 +275,7 @@ __global__ void __launch_bounds__(kEpiThreads)
     } else {
       g_z[i] = mul_rn(g_cur[i], a.scale[c]);
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

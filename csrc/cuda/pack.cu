@@ -14,34 +14,39 @@ namespace {
 
 using at::Tensor;
 
+// Word cw of n channels read stride elements apart from base (channel c at base[c * stride]):
+// bit c - 32 cw set where keep(value).
+template <typename scalar_t, typename Keep>
+__device__ __forceinline__ uint32_t pack_strided(const scalar_t* base, int64_t stride, int64_t n,
+                                                 int64_t cw, Keep keep) {
+  const int64_t c0 = cw * 32;
+  const int count = static_cast<int>(n - c0 < 32 ? n - c0 : 32);
+  return pack_word([&](int c) { return keep(base[static_cast<int64_t>(c) * stride]); },
+                   static_cast<int>(c0), count);
+}
+
 // One thread per output word, index (b, cw, hw) with hw fastest so that reads of x coalesce.
 // x: [B, C, HW]; out: [B, HW, Cw]
 template <typename scalar_t>
 __global__ void pack_spikes_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t C,
                                    int64_t HW, int64_t Cw, uint32_t* __restrict__ out) {
   const int64_t total = B * Cw * HW;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  grid_stride(total, [&](int64_t i) {
     const int64_t hw = i % HW, cw = (i / HW) % Cw, b = i / (HW * Cw);
-    const int64_t c0 = cw * 32;
-    const int count = static_cast<int>(C - c0 < 32 ? C - c0 : 32);
-    const scalar_t* xb = x + b * C * HW + hw;
-    out[(b * HW + hw) * Cw + cw] = pack_word(
-        [&](int c) { return xb[static_cast<int64_t>(c) * HW] != scalar_t(0); },
-        static_cast<int>(c0), count);
-  }
+    out[(b * HW + hw) * Cw + cw] = pack_strided(x + b * C * HW + hw, HW, C, cw,
+                                                [](scalar_t v) { return v != scalar_t(0); });
+  });
 }
 
 // packed: [B, HW, Cw] -> out: [B, C, HW] float32
 __global__ void unpack_spikes_kernel(const uint32_t* __restrict__ packed, int64_t B, int64_t C,
                                      int64_t HW, int64_t Cw, float* __restrict__ out) {
   const int64_t total = B * C * HW;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  grid_stride(total, [&](int64_t i) {
     const int64_t hw = i % HW, c = (i / HW) % C, b = i / (HW * C);
     const uint32_t w = packed[(b * HW + hw) * Cw + word_of(static_cast<int>(c))];
     out[i] = (w & bit_of(static_cast<int>(c))) ? 1.0f : 0.0f;
-  }
+  });
 }
 
 // weight: [Co, Ci, KK] (KK = kh*kw) -> mask, pos: [Co, KK, Cw]; one thread per word, index
@@ -51,27 +56,27 @@ __global__ void pack_weight_kernel(const scalar_t* __restrict__ w, int64_t Co, i
                                    int64_t KK, int64_t Cw, uint32_t* __restrict__ mask,
                                    uint32_t* __restrict__ pos) {
   const int64_t total = Co * Cw * KK;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  grid_stride(total, [&](int64_t i) {
     const int64_t kk = i % KK, cw = (i / KK) % Cw, co = i / (KK * Cw);
-    const int64_t c0 = cw * 32;
-    const int count = static_cast<int>(Ci - c0 < 32 ? Ci - c0 : 32);
     const scalar_t* wb = w + co * Ci * KK + kk;
     const int64_t o = (co * KK + kk) * Cw + cw;
-    mask[o] = pack_word([&](int c) { return wb[static_cast<int64_t>(c) * KK] != scalar_t(0); },
-                        static_cast<int>(c0), count);
-    pos[o] = pack_word([&](int c) { return wb[static_cast<int64_t>(c) * KK] > scalar_t(0); },
-                       static_cast<int>(c0), count);
-  }
+    mask[o] = pack_strided(wb, KK, Ci, cw, [](scalar_t v) { return v != scalar_t(0); });
+    pos[o] = pack_strided(wb, KK, Ci, cw, [](scalar_t v) { return v > scalar_t(0); });
+  });
 }
 
 uint32_t* words(Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>()); }
 
+// The entry checks of a 4-d CUDA input: name must be on a CUDA device with the given shape.
+void check_cuda_4d(const Tensor& t, const char* op, const char* name, const char* shape) {
+  check_on_cuda(t, op, name);
+  TORCH_CHECK_VALUE(t.dim() == 4, "binslt::", op, ": ", name, " must have shape ", shape,
+                    ", got ", t.sizes());
+}
+
 // x: [B, C, H, W] (any real dtype; nonzero = spike) -> [B, H, W, ceil(C/32)] int32
 Tensor pack_spikes_cuda(const Tensor& x_in) {
-  check_on_cuda(x_in, "pack_spikes", "x");
-  TORCH_CHECK_VALUE(x_in.dim() == 4, "binslt::pack_spikes: x must have shape [B, C, H, W], got ",
-                    x_in.sizes());
+  check_cuda_4d(x_in, "pack_spikes", "x", "[B, C, H, W]");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -91,11 +96,8 @@ Tensor pack_spikes_cuda(const Tensor& x_in) {
 
 // packed: [B, H, W, Cw] int32 -> [B, channels, H, W] float32
 Tensor unpack_spikes_cuda(const Tensor& packed_in, int64_t channels) {
-  check_on_cuda(packed_in, "unpack_spikes", "packed");
+  check_cuda_4d(packed_in, "unpack_spikes", "packed", "[B, H, W, Cw]");
   check_dtype(packed_in, "unpack_spikes", "packed", at::kInt);
-  TORCH_CHECK_VALUE(packed_in.dim() == 4,
-                    "binslt::unpack_spikes: packed must have shape [B, H, W, Cw], got ",
-                    packed_in.sizes());
   const int64_t B = packed_in.size(0), H = packed_in.size(1), W = packed_in.size(2),
                 Cw = packed_in.size(3);
   TORCH_CHECK_VALUE(channels >= 0 && channels <= 32 * Cw, "binslt::unpack_spikes: channels must be in [0, ",
@@ -114,9 +116,7 @@ Tensor unpack_spikes_cuda(const Tensor& packed_in, int64_t channels) {
 
 // weight: [Co, Ci, kh, kw] real -> (mask, pos) [Co, kh, kw, ceil(Ci/32)] int32
 std::tuple<Tensor, Tensor> pack_weight_cuda(const Tensor& w_in) {
-  check_on_cuda(w_in, "pack_weight", "weight");
-  TORCH_CHECK_VALUE(w_in.dim() == 4, "binslt::pack_weight: weight must have shape [Co, Ci, kh, kw], got ",
-                    w_in.sizes());
+  check_cuda_4d(w_in, "pack_weight", "weight", "[Co, Ci, kh, kw]");
   const c10::cuda::CUDAGuard guard(w_in.device());
   const Tensor w = w_in.contiguous();
   const int64_t Co = w.size(0), Ci = w.size(1), kh = w.size(2), kw = w.size(3);

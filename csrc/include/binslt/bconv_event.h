@@ -66,6 +66,28 @@ struct EventList {
   std::vector<int32_t> byte_off;
   int byte_ci_stride = -1;
 
+  // The list loop shared by the three builders: for every pixel p and every word w of it,
+  // n = word(o, n, wbase, bits) appends the offsets of the set bits of bits, wbase being the
+  // offset of the word's bit 0 (pixel column and 32 * w channels). A builder with a target
+  // attribute passes its word function as a lambda with the same target, which GCC inlines here
+  // once this loop is inlined into the builder.
+  template <class Word>
+  inline __attribute__((always_inline)) int list_words(const uint32_t* img, int P, int Wp, int Cw,
+                                                       int ci_stride, int col_stride,
+                                                       const Word& word) {
+    int n = 0;
+    int32_t* o = off.data();
+    for (int p = 0; p < P; ++p) {
+      start[p] = n;
+      const uint32_t* wp = img + static_cast<size_t>(p) * Cw;
+      const int base = (p % Wp) * col_stride;
+      for (int w = 0; w < Cw; ++w) {
+        n = word(o, n, base + 32 * w * ci_stride, wp[w]);
+      }
+    }
+    return n;
+  }
+
   // Each nonzero byte of a word stores 8 offsets (its table row plus the byte's base) and
   // advances by its popcount: no loop-carried bit-clearing chain per event. The stores run up to
   // 7 entries past the last event, inside off's 16-entry slack.
@@ -79,45 +101,33 @@ struct EventList {
       byte_ci_stride = ci_stride;
     }
     const int32_t* tab = byte_off.data();
-    int n = 0;
-    int32_t* o = off.data();
-    for (int p = 0; p < P; ++p) {
-      start[p] = n;
-      const uint32_t* wp = img + static_cast<size_t>(p) * Cw;
-      const int base = (p % Wp) * col_stride;
-      for (int w = 0; w < Cw; ++w) {
-        const uint32_t bits = wp[w];
-        if (bits == 0) continue;
-        for (int b = 0; b < 4; ++b) {
-          const uint32_t v = (bits >> (8 * b)) & 255u;
-          if (v == 0) continue;
-          const __m256i row =
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tab + 8 * v));
-          const __m256i add = _mm256_set1_epi32(base + (32 * w + 8 * b) * ci_stride);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + n), _mm256_add_epi32(row, add));
-          n += __builtin_popcount(v);
-        }
-      }
-    }
-    return n;
+    return list_words(img, P, Wp, Cw, ci_stride, col_stride,
+                      [tab, ci_stride](int32_t* o, int n, int wbase, uint32_t bits)
+                          __attribute__((target("avx2,popcnt"))) {
+                            if (bits == 0) return n;
+                            for (int b = 0; b < 4; ++b) {
+                              const uint32_t v = (bits >> (8 * b)) & 255u;
+                              if (v == 0) continue;
+                              const __m256i row =
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tab + 8 * v));
+                              const __m256i add = _mm256_set1_epi32(wbase + 8 * b * ci_stride);
+                              _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + n),
+                                                  _mm256_add_epi32(row, add));
+                              n += __builtin_popcount(v);
+                            }
+                            return n;
+                          });
   }
 
   int list_scalar(const uint32_t* img, int P, int Wp, int Cw, int ci_stride, int col_stride) {
-    int n = 0;
-    int32_t* o = off.data();
-    for (int p = 0; p < P; ++p) {
-      start[p] = n;
-      const uint32_t* wp = img + static_cast<size_t>(p) * Cw;
-      const int base = (p % Wp) * col_stride;
-      for (int w = 0; w < Cw; ++w) {
-        uint32_t bits = wp[w];
-        while (bits) {
-          o[n++] = base + (32 * w + __builtin_ctz(bits)) * ci_stride;
-          bits &= bits - 1;
-        }
-      }
-    }
-    return n;
+    return list_words(img, P, Wp, Cw, ci_stride, col_stride,
+                      [ci_stride](int32_t* o, int n, int wbase, uint32_t bits) {
+                        while (bits) {
+                          o[n++] = wbase + __builtin_ctz(bits) * ci_stride;
+                          bits &= bits - 1;
+                        }
+                        return n;
+                      });
   }
 
   __attribute__((target("avx512f"))) int list_avx512(const uint32_t* img, int P, int Wp, int Cw,
@@ -125,26 +135,20 @@ struct EventList {
     const __m512i lane = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
         _mm512_set1_epi32(ci_stride));
-    int n = 0;
-    int32_t* o = off.data();
-    for (int p = 0; p < P; ++p) {
-      start[p] = n;
-      const uint32_t* wp = img + static_cast<size_t>(p) * Cw;
-      const int base = (p % Wp) * col_stride;
-      for (int w = 0; w < Cw; ++w) {
-        const uint32_t bits = wp[w];
-        if (bits == 0) continue;
-        for (int h = 0; h < 2; ++h) {
-          const __mmask16 m = static_cast<__mmask16>(bits >> (16 * h));
-          if (m == 0) continue;
-          const __m512i v =
-              _mm512_add_epi32(lane, _mm512_set1_epi32(base + (32 * w + 16 * h) * ci_stride));
-          _mm512_storeu_si512(o + n, _mm512_maskz_compress_epi32(m, v));
-          n += __builtin_popcount(static_cast<unsigned>(m));
-        }
-      }
-    }
-    return n;
+    return list_words(img, P, Wp, Cw, ci_stride, col_stride,
+                      [lane, ci_stride](int32_t* o, int n, int wbase, uint32_t bits)
+                          __attribute__((target("avx512f"))) {
+                            if (bits == 0) return n;
+                            for (int h = 0; h < 2; ++h) {
+                              const __mmask16 m = static_cast<__mmask16>(bits >> (16 * h));
+                              if (m == 0) continue;
+                              const __m512i v = _mm512_add_epi32(
+                                  lane, _mm512_set1_epi32(wbase + 16 * h * ci_stride));
+                              _mm512_storeu_si512(o + n, _mm512_maskz_compress_epi32(m, v));
+                              n += __builtin_popcount(static_cast<unsigned>(m));
+                            }
+                            return n;
+                          });
   }
 };
 

@@ -70,6 +70,23 @@ __attribute__((target("popcnt"))) static void row_counts_popcnt(const RowGeom& g
   row_counts_scalar_body(g, out);
 }
 
+// The rows one tap (ky, kx) of a register tile reads: the input words of its PB pixels
+// (ox0 + j) and the repacked weight rows of its channels from co0.
+template <int PB>
+struct TapRows {
+  const uint32_t* xr[PB];
+  const uint32_t* pr;
+  const uint32_t* nr;
+  inline __attribute__((always_inline)) TapRows(const RowGeom& g, int ox0, int co0, int ky,
+                                                int kx) {
+    for (int j = 0; j < PB; ++j)
+      xr[j] = g.img + ((g.iy0 + ky) * g.Wp + (ox0 + j) * g.stride + kx) * g.Cw;
+    const size_t wo = (static_cast<size_t>(ky) * g.KW + kx) * g.Cw * g.co_pad16 + co0;
+    pr = g.wpos_r + wo;
+    nr = g.wneg_r + wo;
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // AVX-512 VPOPCNTDQ
 // ---------------------------------------------------------------------------------------------
@@ -83,20 +100,15 @@ BINSLT_T512 static inline void tile512(const RowGeom& g, int ox0, int co0, int32
     for (int c = 0; c < CB; ++c) acc[j][c] = _mm512_setzero_si512();
   for (int ky = 0; ky < g.KH; ++ky)
     for (int kx = 0; kx < g.KW; ++kx) {
-      const uint32_t* xr[PB];
-      for (int j = 0; j < PB; ++j)
-        xr[j] = g.img + ((g.iy0 + ky) * g.Wp + (ox0 + j) * g.stride + kx) * g.Cw;
-      const size_t wo = (static_cast<size_t>(ky) * g.KW + kx) * g.Cw * g.co_pad16 + co0;
-      const uint32_t* pr = g.wpos_r + wo;
-      const uint32_t* nr = g.wneg_r + wo;
+      const TapRows<PB> tap(g, ox0, co0, ky, kx);
       for (int w = 0; w < g.Cw; ++w) {
         __m512i vp[CB], vn[CB];
         for (int c = 0; c < CB; ++c) {
-          vp[c] = _mm512_loadu_si512(pr + static_cast<size_t>(w) * g.co_pad16 + 16 * c);
-          vn[c] = _mm512_loadu_si512(nr + static_cast<size_t>(w) * g.co_pad16 + 16 * c);
+          vp[c] = _mm512_loadu_si512(tap.pr + static_cast<size_t>(w) * g.co_pad16 + 16 * c);
+          vn[c] = _mm512_loadu_si512(tap.nr + static_cast<size_t>(w) * g.co_pad16 + 16 * c);
         }
         for (int j = 0; j < PB; ++j) {
-          const __m512i xv = _mm512_set1_epi32(static_cast<int>(xr[j][w]));
+          const __m512i xv = _mm512_set1_epi32(static_cast<int>(tap.xr[j][w]));
           for (int c = 0; c < CB; ++c) {
             acc[j][c] = _mm512_add_epi32(
                 acc[j][c], _mm512_popcnt_epi32(_mm512_and_si512(xv, vp[c])));
@@ -157,22 +169,16 @@ BINSLT_T256 static inline void tile256(const RowGeom& g, int ox0, int co0, int32
   int pending = 0;
   for (int ky = 0; ky < g.KH; ++ky)
     for (int kx = 0; kx < g.KW; ++kx) {
-      const uint32_t* xr[PB];
-      for (int j = 0; j < PB; ++j)
-        xr[j] = g.img + ((g.iy0 + ky) * g.Wp + (ox0 + j) * g.stride + kx) * g.Cw;
-      const size_t wo = (static_cast<size_t>(ky) * g.KW + kx) * g.Cw * g.co_pad16 + co0;
-      const uint32_t* pr = g.wpos_r + wo;
-      const uint32_t* nr = g.wneg_r + wo;
+      const TapRows<PB> tap(g, ox0, co0, ky, kx);
       for (int w = 0; w < g.Cw; ++w) {
+        const size_t wrow = static_cast<size_t>(w) * g.co_pad16;
         __m256i vp[CB], vn[CB];
         for (int c = 0; c < CB; ++c) {
-          vp[c] = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(pr + static_cast<size_t>(w) * g.co_pad16 + 8 * c));
-          vn[c] = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(nr + static_cast<size_t>(w) * g.co_pad16 + 8 * c));
+          vp[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tap.pr + wrow + 8 * c));
+          vn[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tap.nr + wrow + 8 * c));
         }
         for (int j = 0; j < PB; ++j) {
-          const __m256i xv = _mm256_set1_epi32(static_cast<int>(xr[j][w]));
+          const __m256i xv = _mm256_set1_epi32(static_cast<int>(tap.xr[j][w]));
           for (int c = 0; c < CB; ++c) {
             ap[j][c] = _mm256_add_epi8(ap[j][c],
                                        popc_bytes256(_mm256_and_si256(xv, vp[c]), lut, low4));

@@ -45,6 +45,36 @@ inline float invstd_of(float var, double eps) {
   return 1.0f / std::sqrt(var + static_cast<float>(eps));
 }
 
+// The forward pass of L (<= kRowChunk) neurons over T steps, shared by the forward and the
+// backward's recomputation of H: X[t] (the epilogue of zat(t, i) plus the residual res, or null)
+// into xbuf(t), then H, S and the reset V of each neuron; emit(t, i, h, s) takes H[t] and S[t]
+// of neuron i. aff and p are the caller's local copies. The emitters index as (base + t * step)[i]:
+// an int index t * step + i may wrap under the build's -fwrapv, and the loops then stay scalar.
+template <class ZAt, class XBuf, class Emit>
+inline __attribute__((always_inline)) void lif_forward_pass(int T, int L, const ZAt& zat,
+                                                            const ChannelAffine& aff,
+                                                            const float* res, int64_t step_stride,
+                                                            const NeuronParams& p,
+                                                            const XBuf& xbuf, const Emit& emit) {
+  float v[kRowChunk];
+  const float v0 = p.soft_reset ? 0.0f : p.v_reset;
+  for (int i = 0; i < L; ++i) v[i] = v0;
+  for (int t = 0; t < T; ++t) {
+    float* x = xbuf(t);
+    for (int i = 0; i < L; ++i) x[i] = aff.apply(zat(t, i));
+    if (res != nullptr) {
+      const float* r = res + t * step_stride;
+      for (int i = 0; i < L; ++i) x[i] = x[i] + r[i];
+    }
+    for (int i = 0; i < L; ++i) {
+      const float h = lif_charge(v[i], x[i], p);
+      const float s = lif_fire(h, p);
+      v[i] = lif_reset(h, s, p);
+      emit(t, i, h, s);
+    }
+  }
+}
+
 // Forward: spikes for L (<= kRowChunk) neurons over T steps. zat(t, i) gives the raw current z.
 // The parameters are copied to locals so that the compiler can hoist the mode branches and
 // vectorize the element loops (stores through the output pointers could alias them otherwise).
@@ -55,24 +85,11 @@ inline __attribute__((always_inline)) void lif_forward_row(int T, int L, const Z
                             float* spikes) {
   const ChannelAffine aff = aff_in;
   const NeuronParams p = p_in;
-  float v[kRowChunk];
   float x[kRowChunk];
-  const float v0 = p.soft_reset ? 0.0f : p.v_reset;
-  for (int i = 0; i < L; ++i) v[i] = v0;
-  for (int t = 0; t < T; ++t) {
-    for (int i = 0; i < L; ++i) x[i] = aff.apply(zat(t, i));
-    if (res != nullptr) {
-      const float* r = res + t * step_stride;
-      for (int i = 0; i < L; ++i) x[i] = x[i] + r[i];
-    }
-    float* s_out = spikes + t * step_stride;
-    for (int i = 0; i < L; ++i) {
-      const float h = lif_charge(v[i], x[i], p);
-      const float s = lif_fire(h, p);
-      v[i] = lif_reset(h, s, p);
-      s_out[i] = s;
-    }
-  }
+  float* xp = x;
+  lif_forward_pass(
+      T, L, zat, aff, res, step_stride, p, [xp](int) { return xp; },
+      [spikes, step_stride](int t, int i, float, float s) { (spikes + t * step_stride)[i] = s; });
 }
 
 // Backward: recomputes H (exactly as the forward), then BPTT. Writes dL/dX into gcur (same layout
@@ -103,50 +120,29 @@ inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const 
   const int64_t gstep = io.gs_step < 0 ? step_stride : io.gs_step;
   const ChannelAffine aff = aff_in;
   const NeuronParams p = p_in;
-  float v[kRowChunk];
   float gv[kRowChunk];
-  const float v0 = p.soft_reset ? 0.0f : p.v_reset;
-  for (int i = 0; i < L; ++i) v[i] = v0;
-  for (int t = 0; t < T; ++t) {
-    float* h = hbuf + t * kRowChunk;
-    for (int i = 0; i < L; ++i) h[i] = aff.apply(zat(t, i));
-    if (res != nullptr) {
-      const float* r = res + t * step_stride;
-      for (int i = 0; i < L; ++i) h[i] = h[i] + r[i];
-    }
-    for (int i = 0; i < L; ++i) {
-      const float hi = lif_charge(v[i], h[i], p);
-      h[i] = hi;
-      v[i] = lif_reset(hi, lif_fire(hi, p), p);
-    }
-  }
+  lif_forward_pass(
+      T, L, zat, aff, res, step_stride, p, [hbuf](int t) { return hbuf + t * kRowChunk; },
+      [hbuf](int t, int i, float h, float) { (hbuf + t * kRowChunk)[i] = h; });
   for (int i = 0; i < L; ++i) gv[i] = 0.0f;
-  // The surrogate is a compile-time constant in each copy of the step loop (one NeuronParams
-  // per surrogate, constant-propagated into lif_backward_step), so that the loops without an
-  // expf call vectorize; the float arithmetic is the same either way.
-  auto step = [&](const NeuronParams& q, int t) {
+  // The surrogate is a compile-time constant in each copy of the step loop (with_surrogate picks
+  // the copy per step), so that the loops without an expf call vectorize; the float arithmetic
+  // is the same either way. The step captures by value: with p captured by reference GCC keeps
+  // divisions by p.tau inside the vector loop (the backward row about 10% slower).
+  float* gvp = gv;
+  auto step = [gs, gstep, gcur, step_stride, hbuf, L, gvp, p](auto sur, int t) {
     const float* __restrict g = gs + t * gstep;
     float* __restrict gc = gcur + t * step_stride;
     const float* __restrict h = hbuf + t * kRowChunk;
     for (int i = 0; i < L; ++i) {
       float carry;
-      const float gh = lif_backward_step(g[i], gv[i], h[i], q, &carry);
-      gv[i] = carry;
-      gc[i] = lif_input_grad(gh, q);
+      const float gh = lif_backward_step<decltype(sur)::value>(g[i], gvp[i], h[i], p, &carry);
+      gvp[i] = carry;
+      gc[i] = lif_input_grad(gh, p);
     }
   };
-  NeuronParams q_atan = p, q_sig = p, q_rect = p, q_pq = p;
-  q_atan.surrogate = kATan;
-  q_sig.surrogate = kSigmoid;
-  q_rect.surrogate = kRect;
-  q_pq.surrogate = kPiecewiseQuadratic;
   for (int t = T - 1; t >= 0; --t) {
-    switch (p.surrogate) {
-      case kSigmoid: step(q_sig, t); break;
-      case kRect: step(q_rect, t); break;
-      case kPiecewiseQuadratic: step(q_pq, t); break;
-      default: step(q_atan, t); break;
-    }
+    with_surrogate(p.surrogate, [&](auto sur) { step(sur, t); });
     const float* gc = gcur + t * step_stride;
     for (int i = 0; i < L; ++i) {
       const double gx = gc[i];

@@ -12,6 +12,7 @@
 #include "binslt/bconv_cpu.h"
 #include "binslt/cpu_algos.h"
 #include "binslt/epilogue_cpu.h"
+#include "binslt/isa_run.h"
 #include "binslt/lif.h"
 #include "binslt/pack_cpu.h"
 
@@ -30,46 +31,20 @@ struct FwdEpilogue {
   NeuronParams p;
 };
 
-// lif_forward_row over integer counts (z = count * a), compiled for the wider vector units too.
-// The LIF float arithmetic is the same on every path: -ffp-contract=off (setup.py) keeps the
-// compiler from fusing it into FMAs, so the spikes do not depend on the CPU.
-template <typename CT>
-static inline __attribute__((always_inline)) void lif_counts_body(
-    int T, int L, const CT* cr, int64_t count_step_stride, float a, const ChannelAffine& aff,
-    const float* res, int64_t step_stride, const NeuronParams& p, float* out) {
-  auto zat = [cr, a, count_step_stride](int t, int i) {
-    return static_cast<float>(cr[t * count_step_stride + i]) * a;
-  };
-  lif_forward_row(T, L, zat, aff, res, step_stride, p, out);
-}
-template <typename CT>
-__attribute__((target("avx512f"))) void lif_counts_avx512(int T, int L, const CT* cr,
-                                                          int64_t count_step_stride, float a,
-                                                          const ChannelAffine& aff,
-                                                          const float* res, int64_t step_stride,
-                                                          const NeuronParams& p, float* out) {
-  lif_counts_body(T, L, cr, count_step_stride, a, aff, res, step_stride, p, out);
-}
-template <typename CT>
-__attribute__((target("avx2"))) void lif_counts_avx2(int T, int L, const CT* cr,
-                                                     int64_t count_step_stride, float a,
-                                                     const ChannelAffine& aff,
-                                                     const float* res, int64_t step_stride,
-                                                     const NeuronParams& p, float* out) {
-  lif_counts_body(T, L, cr, count_step_stride, a, aff, res, step_stride, p, out);
-}
 // One channel's row of L neurons over T steps: counts cr (steps count_step_stride apart) times
 // a, the affine aff, the residual res (or null), spikes into out (steps step_stride apart).
+// lif_forward_row is compiled for the wider vector units too (run_for_isa); its float arithmetic
+// is the same on every path, so the spikes do not depend on the CPU.
 template <typename CT>
 void lif_counts(const FwdEpilogue& ep, int T, int L, const CT* cr, int64_t count_step_stride,
                 float a, const ChannelAffine& aff, const float* res, int64_t step_stride,
                 float* out) {
-  if (ep.isa == Isa::kAvx512)
-    lif_counts_avx512(T, L, cr, count_step_stride, a, aff, res, step_stride, ep.p, out);
-  else if (ep.isa == Isa::kAvx2)
-    lif_counts_avx2(T, L, cr, count_step_stride, a, aff, res, step_stride, ep.p, out);
-  else
-    lif_counts_body(T, L, cr, count_step_stride, a, aff, res, step_stride, ep.p, out);
+  run_for_isa(ep.isa, [&]() __attribute__((always_inline)) {
+    auto zat = [cr, a, count_step_stride](int t, int i) {
+      return static_cast<float>(cr[t * count_step_stride + i]) * a;
+    };
+    lif_forward_row(T, L, zat, aff, res, step_stride, ep.p, out);
+  });
 }
 
 // The inference output: 2x2 (stride 2) OR-pooled spikes when pool == 2 (a max of {0,1} spikes

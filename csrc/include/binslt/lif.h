@@ -13,8 +13,11 @@
 
 #if defined(__CUDACC__)
 #define BINSLT_HD __host__ __device__ __forceinline__
+#define BINSLT_HD_ALWAYS_INLINE __host__ __device__ __forceinline__
 #else
 #define BINSLT_HD inline
+// For the dispatchers whose callers' loops must see through them (with_surrogate).
+#define BINSLT_HD_ALWAYS_INLINE inline __attribute__((always_inline))
 #endif
 
 namespace binslt {
@@ -120,9 +123,10 @@ BINSLT_HD float surrogate_grad_of(float x, const NeuronParams& p) {
 
 // Calls f(std::integral_constant<int, S>{}) for the surrogate id S == surrogate, so that f's body
 // is compiled once per surrogate with S a compile-time constant (an unknown id runs ATan; the
-// ops check the id first).
+// ops check the id first). Always inlined, so that a loop calling it keeps f's body in view
+// (the BPTT row's step loops vectorize only then).
 template <class F>
-BINSLT_HD auto with_surrogate(int surrogate, F&& f) {
+BINSLT_HD_ALWAYS_INLINE auto with_surrogate(int surrogate, F&& f) {
   switch (surrogate) {
     case kSigmoid: return f(std::integral_constant<int, kSigmoid>{});
     case kRect: return f(std::integral_constant<int, kRect>{});

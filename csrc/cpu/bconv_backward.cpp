@@ -426,17 +426,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
   const at::Tensor& w_mask = a.w_mask;
   const at::Tensor& x_packed = a.x_packed;
   const int64_t weights = s.Co * s.KH * s.KW * a.Ci;
-  BackwardPlan plan = plan_backward(
-      {s, a.Ci, st.need_grad_x, LazyValue([&x_packed] { return packed_rate(x_packed); }),
-       LazyValue([&w_mask, weights] {
-         const uint32_t* m = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
-         return static_cast<double>(count_set_bits(m, w_mask.numel())) /
-                static_cast<double>(std::max<int64_t>(1, weights));
-       })});
+  BackwardQuery q{s, a.Ci, st.need_grad_x,
+                  LazyValue([&x_packed] { return packed_rate(x_packed); }),
+                  LazyValue([&w_mask, weights] {
+                    const uint32_t* m =
+                        reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
+                    return static_cast<double>(count_set_bits(m, w_mask.numel())) /
+                           static_cast<double>(std::max<int64_t>(1, weights));
+                  })};
+  q.op = op;
+  q.variant = c10::str(st.bn_train ? "bn_train" : "bn_eval",
+                       in.residual.has_value() ? " residual" : "",
+                       in.pool_packed.has_value() ? " pool=2" : "",
+                       st.need_grad_current ? " grad_current" : "");
+  BackwardPlan plan = plan_backward(q);
   LifBnOut o = lif_bn_stage(a);
-  at::Tensor gz_cl;
-  at::Tensor gw = run_grad_w(a, plan, o.gz, gz_cl);
-  at::Tensor gx = run_grad_x(a, plan, o.gz, gz_cl);
+  at::Tensor gz_cl, gw, gx;
+  const bool time_x = !plan.candidates_x.empty();
+  if (plan.candidates_w.empty()) {
+    // dZ stays whole for the input gradient's candidates where they are to be timed
+    BackwardPlan pw = plan;
+    if (time_x) pw.grad_x = GradXPlan::kNone;
+    gw = run_grad_w(a, pw, o.gz, gz_cl);
+    plan.grad_w = pw.grad_w;
+    plan.nonfinite = pw.nonfinite;
+  } else {
+    bool invalid = false;
+    gw = measure_plan(plan, &BackwardPlan::grad_w, plan.candidates_w, plan.key_w, &invalid,
+                      [&](BackwardPlan& p) {
+                        p.grad_x = GradXPlan::kNone;  // keeps dZ
+                        at::Tensor cl;
+                        at::Tensor r = run_grad_w(a, p, o.gz, cl);
+                        invalid = invalid || p.nonfinite;
+                        return r;
+                      });
+    plan.source_w = PlanSource::kMeasuring;
+    if (invalid && plan.grad_w == GradWPlan::kInt8) {
+      plan.grad_w = plan.grad_w_nonfinite;
+      plan.nonfinite = true;
+    }
+  }
+  if (!time_x) {
+    gx = run_grad_x(a, plan, o.gz, gz_cl);
+  } else {
+    bool invalid = false;
+    gx = measure_plan(plan, &BackwardPlan::grad_x, plan.candidates_x, plan.key_x, &invalid,
+                      [&](BackwardPlan& p) {
+                        at::Tensor gz = o.gz, cl;  // a handle: the margined form drops its own
+                        at::Tensor r = run_grad_x(a, p, gz, cl);
+                        invalid = invalid || p.nonfinite;
+                        return r;
+                      });
+    plan.source_x = PlanSource::kMeasuring;
+    if (invalid && plan.grad_x == GradXPlan::kInt8) {
+      plan.grad_x = plan.grad_x_nonfinite;
+      plan.nonfinite = true;
+    }
+  }
   log.emit(conv_shapes(s, a.Ci), plan.describe());
   return {gx, gw, o.gcur, o.gscale, o.gshift};
 }

@@ -113,8 +113,6 @@ def variants(shape, mode: str, ops) -> dict[str, dict]:
     out = {}
     for field in fields:
         for name in cpu_algos.CHOICES[field][1:]:
-            if name == "aten":  # bconv_affine_infer's (BinConv2d), not a LIF layer's
-                continue
             try:
                 with ops.cpu_algorithms(**{field: name}):
                     if field == "conv":

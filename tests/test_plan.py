@@ -657,7 +657,7 @@ def test_binconv2d_op_asks_the_plan(capfd):
             assert (log[0]["forward"], log[0]["source"]) == (table, "table")
             ci = 64 if packed else 40  # packed words: 32 channels each
             assert log[0]["shapes"].startswith(f"x=1x{c['x'].shape[0]}x{ci}x9x9 w=36x{ci}x3x3")
-        for forced in ("dense", "event", "aten") + (("onednn",) if AMX else ()):
+        for forced in ("dense", "event") + (("onednn",) if AMX else ()):
             with cpu_algorithms(conv=forced):
                 got = plan.forward_plan(x_shape, w_shape, 2, 1, op="bconv_affine_infer")
                 out, log = _logged(capfd, OPS.bconv_affine_infer, *_affine_args(c))

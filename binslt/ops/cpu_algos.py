@@ -10,8 +10,8 @@ with their measured thresholds, are written down once at ``plan_forward`` / ``pl
 * ``conv``: the forward, ``"dense"`` (AND + popcount over every input word), ``"event"`` (the sum
   of the weight columns of the input spikes; int16 counts only) or ``"onednn"`` (oneDNN's int8
   convolution: inference on a CPU with AMX-INT8); ``bconv_affine_infer`` (BinConv2d's no-grad
-  op, which has no bit kernels) runs ``"onednn"`` or ``"aten"`` (ATen's float conv of the 0/1
-  spikes), and a forced ``"dense"`` / ``"event"`` runs ``"aten"`` there;
+  op, which has no bit kernels) runs ``"onednn"`` or its plan ``"aten"`` (ATen's float conv of
+  the 0/1 spikes), which a forced ``"dense"`` / ``"event"`` runs there;
 * ``grad_x``: the input gradient, ``"dense"`` (ATen's transposed convolution, NCHW),
   ``"margined"`` (the same conv from dZ channel-last with zero margins; stride 1, padding <=
   kernel - 1), ``"ternary"`` / ``"combo"`` (add/subtract of dZ rows, plain or over signed sums of
@@ -42,7 +42,7 @@ from . import library as _ext
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "isa": ("auto", "scalar", "popcnt", "avx2", "avx512"),
-    "conv": ("auto", "dense", "event", "onednn", "aten"),
+    "conv": ("auto", "dense", "event", "onednn"),
     "grad_x": ("auto", "dense", "ternary", "combo", "unfold", "int8", "margined", "pointwise"),
     "grad_w": ("auto", "event", "dense", "unfold", "taps", "int8", "pointwise"),
 }

@@ -417,6 +417,25 @@ at::Tensor run_grad_x(const BwdArgs& a, BackwardPlan& plan, at::Tensor& gz, at::
   }
 }
 
+// One gradient's candidates timed (measure_plan); run(plan) computes it. Where an int8 candidate
+// gave way on a dZ that is not finite nothing is recorded, and the plan shows the float form.
+template <class Alg, class Run>
+at::Tensor time_gradient(BackwardPlan& plan, Alg BackwardPlan::*field,
+                         Alg BackwardPlan::*nonfinite, const std::vector<Alg>& candidates,
+                         const std::string& key, Run&& run) {
+  bool invalid = false;
+  at::Tensor g = measure_plan(plan, field, candidates, key, &invalid, [&](BackwardPlan& p) {
+    at::Tensor r = run(p);
+    invalid = invalid || p.nonfinite;
+    return r;
+  });
+  if (invalid && plan.*field == Alg::kInt8) {
+    plan.*field = plan.*nonfinite;
+    plan.nonfinite = true;
+  }
+  return g;
+}
+
 // The body of both ops: the LIF/BN backward, the plan, then its two gradients.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_bwd_run(
     const char* op, const BwdInputs& in, const BwdSettings& st, const NeuronParams& p) {
@@ -451,37 +470,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
     plan.grad_w = pw.grad_w;
     plan.nonfinite = pw.nonfinite;
   } else {
-    bool invalid = false;
-    gw = measure_plan(plan, &BackwardPlan::grad_w, plan.candidates_w, plan.key_w, &invalid,
-                      [&](BackwardPlan& p) {
-                        p.grad_x = GradXPlan::kNone;  // keeps dZ
-                        at::Tensor cl;
-                        at::Tensor r = run_grad_w(a, p, o.gz, cl);
-                        invalid = invalid || p.nonfinite;
-                        return r;
-                      });
+    gw = time_gradient(plan, &BackwardPlan::grad_w, &BackwardPlan::grad_w_nonfinite,
+                       plan.candidates_w, plan.key_w, [&](BackwardPlan& p) {
+                         p.grad_x = GradXPlan::kNone;  // keeps dZ
+                         at::Tensor cl;
+                         return run_grad_w(a, p, o.gz, cl);
+                       });
     plan.source_w = PlanSource::kMeasuring;
-    if (invalid && plan.grad_w == GradWPlan::kInt8) {
-      plan.grad_w = plan.grad_w_nonfinite;
-      plan.nonfinite = true;
-    }
   }
   if (!time_x) {
     gx = run_grad_x(a, plan, o.gz, gz_cl);
   } else {
-    bool invalid = false;
-    gx = measure_plan(plan, &BackwardPlan::grad_x, plan.candidates_x, plan.key_x, &invalid,
-                      [&](BackwardPlan& p) {
-                        at::Tensor gz = o.gz, cl;  // a handle: the margined form drops its own
-                        at::Tensor r = run_grad_x(a, p, gz, cl);
-                        invalid = invalid || p.nonfinite;
-                        return r;
-                      });
+    gx = time_gradient(plan, &BackwardPlan::grad_x, &BackwardPlan::grad_x_nonfinite,
+                       plan.candidates_x, plan.key_x, [&](BackwardPlan& p) {
+                         at::Tensor gz = o.gz, cl;  // a handle: the margined form drops its own
+                         return run_grad_x(a, p, gz, cl);
+                       });
     plan.source_x = PlanSource::kMeasuring;
-    if (invalid && plan.grad_x == GradXPlan::kInt8) {
-      plan.grad_x = plan.grad_x_nonfinite;
-      plan.nonfinite = true;
-    }
   }
   log.emit(conv_shapes(s, a.Ci), plan.describe());
   return {gx, gw, o.gcur, o.gscale, o.gshift};

@@ -630,14 +630,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_cpu(
   auto run = [&](const ForwardPlan& pl) {
     return bconv_lif_run(s, pl, x_packed, FloatInput{}, {w_mask, w_pos}, args, nullptr);
   };
-  FwdOut out;
-  if (plan.candidates.empty()) {
-    out = run(plan);
-  } else {
-    bool invalid = false;
-    out = measure_plan(plan, &ForwardPlan::conv, plan.candidates, plan.key, &invalid, run);
-    plan.source = PlanSource::kMeasuring;
-  }
+  FwdOut out = run_forward_plan(plan, run);
   log.emit(conv_shapes(s, 32 * s.Cw), plan.describe());
   return out;
 }
@@ -710,14 +703,7 @@ at::Tensor bconv_lif_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_mask,
                              : nullptr};
     return std::get<0>(bconv_lif_run(s, pl, x, xf, {w_mask, w_pos}, args, &form));
   };
-  at::Tensor spikes;
-  if (plan.candidates.empty()) {
-    spikes = run(plan);
-  } else {
-    bool invalid = false;
-    spikes = measure_plan(plan, &ForwardPlan::conv, plan.candidates, plan.key, &invalid, run);
-    plan.source = PlanSource::kMeasuring;
-  }
+  at::Tensor spikes = run_forward_plan(plan, run);
   TORCH_CHECK_VALUE(!bad.load(), "binslt::", op, ": ", kNotBinaryMsg);
   log.emit(conv_shapes(s, Ci) + c10::str(" pool=", pool, packed_out ? " packed_out" : ""),
            plan.describe());

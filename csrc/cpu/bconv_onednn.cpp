@@ -508,14 +508,7 @@ at::Tensor bconv_affine_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_ma
     }
     return out;
   };
-  at::Tensor out;
-  if (plan.candidates.empty()) {
-    out = run(plan);
-  } else {
-    bool invalid = false;
-    out = measure_plan(plan, &ForwardPlan::conv, plan.candidates, plan.key, &invalid, run);
-    plan.source = PlanSource::kMeasuring;
-  }
+  const at::Tensor out = run_forward_plan(plan, run);
   log.emit(conv_shapes(s, Ci), plan.describe());
   return out;
 }

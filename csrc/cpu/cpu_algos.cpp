@@ -178,7 +178,6 @@ static const char* conv_name(ConvAlgo a) {
     case ConvAlgo::kDense: return "dense";
     case ConvAlgo::kEvent: return "event";
     case ConvAlgo::kOnednn: return "onednn";
-    case ConvAlgo::kAten: return "aten";
     default: return "auto";
   }
 }
@@ -233,7 +232,7 @@ void set_cpu_algorithms(const std::string& isa, const std::string& conv,
   static constexpr Isa kIsas[] = {Isa::kAuto, Isa::kScalar, Isa::kPopcnt, Isa::kAvx2,
                                   Isa::kAvx512};
   static constexpr ConvAlgo kConvs[] = {ConvAlgo::kAuto, ConvAlgo::kDense, ConvAlgo::kEvent,
-                                        ConvAlgo::kOnednn, ConvAlgo::kAten};
+                                        ConvAlgo::kOnednn};
   static constexpr GradXAlgo kGradXs[] = {GradXAlgo::kAuto, GradXAlgo::kDense,
                                           GradXAlgo::kTernary, GradXAlgo::kCombo,
                                           GradXAlgo::kUnfold, GradXAlgo::kInt8,
@@ -667,9 +666,6 @@ ForwardPlan plan_forward(const ForwardQuery& q) {
     return plan;
   }
   switch (cfg.conv) {
-    case ConvAlgo::kAten:
-      cannot(field, "aten", "it is bconv_affine_infer's (BinConv2d's no-grad op) ATen conv; the "
-                            "LIF ops run \"dense\", \"event\" or \"onednn\"");
     case ConvAlgo::kDense:
       return plan;
     case ConvAlgo::kEvent:

@@ -27,9 +27,9 @@ enum class Isa : int8_t { kAuto = -1, kScalar = 0, kPopcnt = 1, kAvx2 = 2, kAvx5
 // sum of the weight columns of the input spikes ("event", bconv_event.h), or, for inference on a
 // CPU with AMX-INT8, oneDNN's int8 convolution of the 0/1 spikes and the {-1, 0, +1} weights
 // ("onednn", bconv_onednn.cpp; inference only). bconv_affine_infer (BinConv2d's no-grad op) has
-// no bit kernels: it runs "onednn" or ATen's float convolution of the 0/1 spikes ("aten"; a
-// forced "dense" or "event" runs that too).
-enum class ConvAlgo : int8_t { kAuto = -1, kDense = 0, kEvent = 1, kOnednn = 2, kAten = 3 };
+// no bit kernels: it runs "onednn" or ATen's float convolution of the 0/1 spikes (the plan
+// "aten", which a forced "dense" or "event" runs there).
+enum class ConvAlgo : int8_t { kAuto = -1, kDense = 0, kEvent = 1, kOnednn = 2 };
 
 // Input gradient: the dense transposed convolution of ATen, the ternary add/subtract kernel
 // (AVX-512, stride 1) in its plain or its combination form (bconv_input_grad.cpp), or the whole
@@ -240,8 +240,9 @@ std::map<std::string, std::map<std::string, double>> plan_cache_entries();
 std::map<std::string, std::string> plan_cache_winners();
 void plan_cache_clear();
 
-// Times each candidate of one plan field (plan.*field set to it, run(plan) -> the op's output),
-// a second and third round where one round took under 50 ms, and returns the output of the
+// Times each candidate of one plan field (plan.*field set to it, run(plan) -> the op's output)
+// in two rounds (the first also pays one-time costs: oneDNN's primitive, first-touched pages),
+// a third where a round took under 50 ms, and returns the output of the
 // fastest (minimum time), leaving it in plan.*field and recording it under key. run may set
 // *invalid (e.g. an int8 form gave way on a dZ that is not finite): then nothing is recorded.
 double now_ms();
@@ -253,7 +254,7 @@ auto measure_plan(Plan& plan, Alg Plan::*field, const std::vector<Alg>& candidat
   size_t lead = 0;
   Out out{};
   double round_ms = 0.0;
-  for (int round = 0; round < 3 && (round == 0 || round_ms < 50.0); ++round) {
+  for (int round = 0; round < 3 && (round < 2 || round_ms < 50.0); ++round) {
     round_ms = 0.0;
     for (size_t i = 0; i < candidates.size(); ++i) {
       Plan p = plan;
@@ -276,6 +277,17 @@ auto measure_plan(Plan& plan, Alg Plan::*field, const std::vector<Alg>& candidat
       ms.emplace_back(plan_name(candidates[i]), best[i]);
     record_measurement(key, plan_name(candidates[lead]), ms);
   }
+  return out;
+}
+
+// A forward op's body under its plan: run(plan), or each candidate timed (measure_plan) where
+// the plan carries them, the source then "measuring".
+template <class Run>
+auto run_forward_plan(ForwardPlan& plan, Run&& run) -> decltype(run(plan)) {
+  if (plan.candidates.empty()) return run(plan);
+  bool invalid = false;
+  auto out = measure_plan(plan, &ForwardPlan::conv, plan.candidates, plan.key, &invalid, run);
+  plan.source = PlanSource::kMeasuring;
   return out;
 }
 

@@ -12,7 +12,9 @@ call by call (``common.time_many_ms``: medians), under
   the candidates, the timed calls take the cached winners;
 * ``<field>=<name>``: each algorithm of each field forced in turn (``binslt.ops.cpu_algorithms``;
   the other fields by the table): ``conv`` in both modes, ``grad_x`` and ``grad_w`` in
-  ``train_fwdbwd``. A forced name that cannot run the layer (ValueError) is left out.
+  ``train_fwdbwd``. A forced name that cannot run the layer (ValueError) is left out, and so
+  are the ``int8`` gradients on a CPU without AMX-INT8 (ATen's int8 products without it take
+  seconds per call, and auto never considers them there; ``--all-forced`` keeps them).
 
 The verdict per (shape, mode) compares each auto variant with the fastest forced one: within
 10 % (``--tolerance``) passes. The measured winners start from an empty cache (a temporary
@@ -75,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--keep-cache", action="store_true",
                    help="measure into the usual BINSLT_CACHE_DIR (winners already there are "
                         "taken as they are) instead of an empty temporary one")
+    p.add_argument("--all-forced", action="store_true",
+                   help="also time the int8 gradients on a CPU without AMX-INT8")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--tag", default="", help="suffix of the CSV's name")
@@ -103,16 +107,19 @@ def _shape_key(s) -> str:
     return f"x={s.T}x{s.N}x{s.C_in}x{s.H}x{s.W} w={s.C_out}x{s.C_in}x{s.k}x{s.k} "
 
 
-def variants(shape, mode: str, ops) -> dict[str, dict]:
+def variants(shape, mode: str, ops, all_forced: bool) -> dict[str, dict]:
     """name -> cpu_algorithms(**kw) of each forced variant that can run the layer."""
     from binslt.ops import cpu_algos
 
+    amx = ops._ext.cpu_info()["features"].get("onednn_int8", False)
     fields = ["conv"] + (["grad_x", "grad_w"] if mode == "train_fwdbwd" else [])
     x = (shape.T, shape.N, shape.C_in, shape.H, shape.W)
     w = (shape.C_out, shape.C_in, shape.k, shape.k)
     out = {}
     for field in fields:
         for name in cpu_algos.CHOICES[field][1:]:
+            if name == "int8" and not (amx or all_forced):
+                continue
             try:
                 with ops.cpu_algorithms(**{field: name}):
                     if field == "conv":
@@ -172,7 +179,7 @@ def run_shape(shape, mode: str, args, ops, conv_lif) -> list[dict]:
         return call
 
     fns = {"auto_table": under(False), "auto_measured": under(True)}
-    for name, kw in variants(shape, mode, ops).items():
+    for name, kw in variants(shape, mode, ops, args.all_forced).items():
         fns[name] = under(False, **kw)
     times = time_many_ms(fns, torch.device("cpu"), warmup=args.warmup, repeats=args.repeats)
     forced = {k: v for k, v in times.items() if k not in AUTO}

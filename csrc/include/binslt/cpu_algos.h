@@ -241,8 +241,10 @@ std::map<std::string, std::string> plan_cache_winners();
 void plan_cache_clear();
 
 // Times each candidate of one plan field (plan.*field set to it, run(plan) -> the op's output)
-// in two rounds (the first also pays one-time costs: oneDNN's primitive, first-touched pages),
-// a third where a round took under 50 ms, and returns the output of the
+// in three rounds, each in the reverse order of the one before (a drift in the machine's load
+// then meets every candidate; the first round also pays one-time costs: oneDNN's primitive,
+// first-touched pages), up to five while all rounds together took under 100 ms, and returns
+// the output of the
 // fastest (minimum time), leaving it in plan.*field and recording it under key. run may set
 // *invalid (e.g. an int8 form gave way on a dZ that is not finite): then nothing is recorded.
 double now_ms();
@@ -253,16 +255,16 @@ auto measure_plan(Plan& plan, Alg Plan::*field, const std::vector<Alg>& candidat
   std::vector<double> best(candidates.size(), 1e300);
   size_t lead = 0;
   Out out{};
-  double round_ms = 0.0;
-  for (int round = 0; round < 3 && (round < 2 || round_ms < 50.0); ++round) {
-    round_ms = 0.0;
-    for (size_t i = 0; i < candidates.size(); ++i) {
+  double total_ms = 0.0;
+  for (int round = 0; round < 5 && (round < 3 || total_ms < 100.0); ++round) {
+    for (size_t j = 0; j < candidates.size(); ++j) {
+      const size_t i = round % 2 == 0 ? j : candidates.size() - 1 - j;
       Plan p = plan;
       p.*field = candidates[i];
       const double t0 = now_ms();
       Out o = run(p);
       const double dt = now_ms() - t0;
-      round_ms += dt;
+      total_ms += dt;
       if (dt < best[i]) best[i] = dt;
       if (i == lead || best[i] < best[lead]) {  // (the same output where i leads already)
         lead = i;

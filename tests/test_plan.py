@@ -476,7 +476,8 @@ def test_a_measured_forward_is_a_candidate_with_the_reference_result(layer, cach
     assert len(keys) == len(timed) and {k.split(" ")[0] for k in keys} == timed
     assert {"bconv_lif", "bconv_lif_infer"} <= timed
     for e in keys.values():
-        assert e["plan"] in e["ms"] and e["ms"][e["plan"]] == min(e["ms"].values())
+        # the fastest, or the table's choice within 5 % of it
+        assert e["plan"] in e["ms"] and e["ms"][e["plan"]] <= 1.05 * min(e["ms"].values())
 
 
 @needs_cpu

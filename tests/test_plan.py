@@ -6,6 +6,10 @@
   log says so) with the reference's result (binslt.ops.reference, float32 tolerance), or raises
   ValueError saying why it cannot, never another algorithm;
 * the plan log: BINSLT_VERBOSE=1 (read at each call) and plan.verbose();
+* measuring (plan.measure, BINSLT_PLAN_MEASURE): the first call of a key times the candidates
+  (the log says "measuring"), later ones take the cached winner ("measured"), always one of the
+  call's candidates and with the reference's result; the cache file (keyed by CPU and build,
+  a corrupt one ignored with one warning), the opt-out, and BinConv2d's op asking the plan;
 * the C++ sources: no function other than a registered op entry point takes more than 10
   parameters, and each entry point takes its schema's arguments.
 """
@@ -13,7 +17,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -73,7 +80,7 @@ def test_each_layer_takes_an_expected_plan(name):
     isa = _ext.cpu_info()["kernel_isa"]
     want = _expected(name, isa)
     fwd = plan.forward_plan(x_shape, w_shape, stride, padding, rate=rate)
-    assert fwd == {"isa": isa, "forward": fwd["forward"]}
+    assert fwd == {"isa": isa, "forward": fwd["forward"], "source": "table"}
     assert fwd["forward"] in want["forward"], fwd
     inf = plan.forward_plan(x_shape, w_shape, stride, padding, rate=rate, infer=True)
     assert inf["forward"] in want["infer"], inf
@@ -288,7 +295,12 @@ def test_forcing_a_backward_plan_runs_it_or_raises(layer, field, capfd):
 @pytest.mark.parametrize("layer", sorted(RUN))
 def test_the_plan_asked_for_is_the_plan_run(layer, capfd):
     """Under "auto", backward_plan / forward_plan from the shapes and the call's firing rate and
-    weight density give the plan the op logs."""
+    weight density give the plan the op logs (the table's: measuring off)."""
+    with plan.measure(False):
+        _asked_is_run(layer, capfd)
+
+
+def _asked_is_run(layer, capfd):
     c, op, args, _ = _bwd_case(layer)
     x_shape, w_shape = _shapes(c)
     rate = float(c["x"].double().mean())  # the fraction of spikes
@@ -297,7 +309,7 @@ def test_the_plan_asked_for_is_the_plan_run(layer, capfd):
     _, log = _logged(capfd, getattr(OPS, op), *args)
     want = plan.backward_plan(x_shape, w_shape, c["stride"], c["padding"], rate=rate,
                               weight_density=min(1.0, density))
-    assert {k: log[0][k] for k in want} == want
+    assert {k: log[0][k] for k in want} == want and want["source"] == "table"
     _, log = _logged(capfd, OPS.bconv_lif, *_fwd_args(c, False))
     want = plan.forward_plan(x_shape, w_shape, c["stride"], c["padding"], rate=rate)
     assert {k: log[0][k] for k in want} == want
@@ -376,6 +388,284 @@ def test_verbose_context_manager(monkeypatch, capfd):
     recs = plan.parse_verbose(capfd.readouterr().err)
     assert len(recs) == 2
     assert all(r["op"] == "bconv_lif_infer" and "pool=2 packed_out" in r["shapes"] for r in recs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    """A fresh BINSLT_CACHE_DIR with nothing measured; the session's cache returns after."""
+    before = os.environ.get("BINSLT_CACHE_DIR")
+    os.environ["BINSLT_CACHE_DIR"] = str(tmp_path)
+    plan.reload()
+    try:
+        yield tmp_path
+    finally:
+        if before is None:
+            del os.environ["BINSLT_CACHE_DIR"]
+        else:
+            os.environ["BINSLT_CACHE_DIR"] = before
+        plan.reload()
+
+
+def _fwd_candidates(op, c):
+    if op == "bconv_affine_infer":
+        return {"aten"} | ({"onednn"} if AMX else set())
+    event = {"event"} if c["Ci"] * 9 <= 32767 else set()
+    return {"dense"} | event | ({"onednn"} if AMX and op == "bconv_lif_infer" else set())
+
+
+def _affine_args(c, packed=False):
+    x = c["xp"] if packed else c["x"]
+    return (x, c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], c["stride"], c["padding"])
+
+
+def _forward_calls(c):
+    """(op, run, reference output) of each forward op on case c."""
+    xf = c["x"].view(c["T"], c["N"], *c["x"].shape[1:])
+    infer = (xf, c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, c["stride"],
+             c["padding"], *NEURON, c["pool"], False)
+    lif = _fwd_args(c, True)
+    aff = _affine_args(c)
+    return [("bconv_lif", lambda: OPS.bconv_lif(*lif), ref.bconv_lif_reference(*lif)),
+            ("bconv_lif_infer", lambda: OPS.bconv_lif_infer(*infer),
+             ref.bconv_lif_infer_reference(*infer)),
+            ("bconv_affine_infer", lambda: OPS.bconv_affine_infer(*aff),
+             ref.bconv_affine_infer_reference(*aff))]
+
+
+def _same_forward(op, out, want):
+    if op == "bconv_lif":
+        assert torch.equal(out[1], want[1])  # counts
+        _spikes_agree(out[0], want[0])
+    elif op == "bconv_lif_infer":
+        _spikes_agree(out, want)
+    else:
+        assert torch.equal(out, want)
+
+
+@needs_cpu
+@pytest.mark.parametrize("layer", sorted(RUN))
+def test_a_measured_forward_is_a_candidate_with_the_reference_result(layer, cache_dir, capfd):
+    """The first call of a key times the candidates ("measuring"), the next takes the cached
+    winner ("measured"); both are one of the call's candidates and give the reference's output
+    (the forward algorithms are bit-identical, so the outputs are too). With one candidate
+    (BinConv2d's op without AMX-INT8: "aten") nothing is timed."""
+    c = _case(RUN[layer], seed=2)
+    timed = set()
+    with plan.measure("forward"):
+        for op, run, want in _forward_calls(c):
+            first, log1 = _logged(capfd, run)
+            second, log2 = _logged(capfd, run)
+            assert [r["op"] for r in log1 + log2] == [op, op]
+            sources = ("measuring", "measured") if len(_fwd_candidates(op, c)) > 1 else (
+                "table", "table")
+            assert (log1[0]["source"], log2[0]["source"]) == sources, op
+            if sources[0] == "measuring":
+                timed.add(op)
+            assert log1[0]["forward"] == log2[0]["forward"]
+            assert log1[0]["forward"] in _fwd_candidates(op, c), (op, log1)
+            _same_forward(op, first, want)
+            _same_forward(op, second, want)
+            assert torch.equal(first[0] if op == "bconv_lif" else first,
+                               second[0] if op == "bconv_lif" else second)
+    keys = plan.measured()
+    assert len(keys) == len(timed) and {k.split(" ")[0] for k in keys} == timed
+    assert {"bconv_lif", "bconv_lif_infer"} <= timed
+    for e in keys.values():
+        # the fastest, or the table's choice within 5 % of it
+        assert e["plan"] in e["ms"] and e["ms"][e["plan"]] <= 1.05 * min(e["ms"].values())
+
+
+@needs_cpu
+@pytest.mark.parametrize("layer", sorted(RUN))
+def test_a_measured_backward_is_a_candidate_with_the_reference_result(layer, cache_dir, capfd):
+    c, op, args, reference = _bwd_case(layer)
+    want_out = reference(*args)
+    with plan.measure(True):
+        out1, log1 = _logged(capfd, getattr(OPS, op), *args)
+        out2, log2 = _logged(capfd, getattr(OPS, op), *args)
+    assert log1[0]["source"] == "measuring" and log2[0]["source"] == "measured", (log1, log2)
+    assert {k: log1[0][k] for k in ("grad_x", "grad_w")} == {
+        k: log2[0][k] for k in ("grad_x", "grad_w")}
+    parts = {k.split(" ")[0] + k.split(" ")[1]: e for k, e in plan.measured().items()
+             if k.startswith(op + " ")}
+    assert set(parts) == {op + "grad_x", op + "grad_w"}
+    for field in ("grad_x", "grad_w"):
+        e = parts[op + field]
+        assert log1[0][field] == e["plan"] and e["plan"] in e["ms"], (field, e)
+        for name in e["ms"]:  # each timed candidate is one a forced choice runs here
+            with cpu_algorithms(**{field: name}):
+                assert plan.backward_plan(*_shapes(c), c["stride"], c["padding"])[field] == name
+    _grads_close(out1, want_out)
+    _grads_close(out2, want_out)
+    for a, b in zip(out1, out2):  # the cached winner: the same algorithm, the same bits
+        assert torch.equal(a, b)
+
+
+@needs_cpu
+def test_measure_mode_default_opt_out_and_env(monkeypatch, cache_dir, capfd):
+    """The default measures the forward ops only; BINSLT_PLAN_MEASURE (read at each call) and
+    plan.measure() switch it; off, the table decides and nothing is recorded."""
+    monkeypatch.delenv("BINSLT_PLAN_MEASURE", raising=False)
+    assert plan.measure_mode() == "forward"
+    c, op, args, _ = _bwd_case("anchor")
+    _, log = _logged(capfd, getattr(OPS, op), *args)
+    assert log[0]["source"] == "table"  # the backward does not measure by default
+    for value, mode in (("0", "off"), ("off", "off"), ("1", "all"), ("all", "all"),
+                        ("forward", "forward")):
+        monkeypatch.setenv("BINSLT_PLAN_MEASURE", value)
+        assert plan.measure_mode() == mode
+    monkeypatch.setenv("BINSLT_PLAN_MEASURE", "0")
+    lif = _fwd_args(c, False)  # (the case's bn_train forward was measured above: another key)
+    before = plan.measured()
+    _, log = _logged(capfd, OPS.bconv_lif, *lif)
+    assert log[0]["source"] == "table" and plan.measured() == before
+    with plan.measure("forward"):  # over the environment
+        assert plan.measure_mode() == "forward"
+        _, log = _logged(capfd, OPS.bconv_lif, *lif)
+        assert log[0]["source"] == "measuring"
+        with plan.measure(False):
+            _, log = _logged(capfd, OPS.bconv_lif, *lif)
+            assert log[0]["source"] == "table"
+    assert plan.measure_mode() == "off"
+    with cpu_algorithms(conv="dense"), plan.measure(True):  # a forced choice is never measured
+        _, log = _logged(capfd, OPS.bconv_lif, *lif)
+        assert log[0]["source"] == "forced" and log[0]["forward"] == "dense"
+    with pytest.raises(ValueError, match="mode must be"):
+        with plan.measure("sometimes"):
+            pass
+    monkeypatch.setenv("BINSLT_PLAN_MEASURE", "sometimes")  # warned about once, the default
+    assert plan.measure_mode() == "forward"
+
+
+@needs_cpu
+def test_the_cache_file_is_keyed_by_cpu_and_build_and_reloaded(cache_dir, capfd, monkeypatch):
+    c = _case(RUN["anchor"])
+    lif = _fwd_args(c, False)
+    with plan.measure("forward"):
+        _logged(capfd, OPS.bconv_lif, *lif)
+    path = plan.cache_path()
+    assert path.parent == cache_dir and path.name.startswith("plans-")
+    data = json.loads(path.read_text())
+    assert data["format"] == 1 and list(data["plans"]) == list(plan.measured())
+    cpu, build = plan._identity()
+    assert (data["cpu"], data["build"]) == (cpu, build)
+    from binslt.ops.fallback import cpu_model
+    assert cpu.startswith(cpu_model() + " [")
+    assert all(f in cpu for f, on in _ext.cpu_info()["features"].items() if on)
+    import binslt
+    assert f"binslt {binslt.__version__} {Path(CPU.__file__).name}" in build
+    (key, entry), = plan.measured().items()
+    assert key.startswith("bconv_lif x=2x2x64x9x9 w=36x64x3x3 stride=1 padding=1 bn_eval isa=")
+    assert f"threads={torch.get_num_threads()} r0.15-0.20" in key  # 0.3 * 40 / 64 bits set
+    # a reload reads it back, and a cache hit takes the file's winner (here: the other one)
+    other = next(n for n in entry["ms"] if n != entry["plan"])
+    data["plans"][key]["plan"] = other
+    path.write_text(json.dumps(data))
+    plan.reload()
+    assert plan.measured()[key]["plan"] == other
+    with plan.measure("forward"):
+        _, log = _logged(capfd, OPS.bconv_lif, *lif)
+    assert (log[0]["forward"], log[0]["source"]) == (other, "measured")
+    # another CPU or build: another file
+    monkeypatch.setattr(plan, "_identity", lambda: ("Another CPU [avx2]", build))
+    assert plan.cache_path() != path
+    monkeypatch.setattr(plan, "_identity", lambda: (cpu, build + " rebuilt"))
+    assert plan.cache_path() != path
+    monkeypatch.undo()
+    # a file that says it holds for another CPU is not read
+    data["cpu"] = "Another CPU"
+    path.write_text(json.dumps(data))
+    with pytest.warns(RuntimeWarning, match="another CPU or build"):
+        plan.reload()
+    assert plan.measured() == {}
+
+
+@needs_cpu
+def test_a_winner_that_is_not_a_candidate_is_measured_again(cache_dir, capfd):
+    c = _case(RUN["anchor"])
+    lif = _fwd_args(c, False)
+    with plan.measure("forward"):
+        _logged(capfd, OPS.bconv_lif, *lif)
+        path = plan.cache_path()
+        data = json.loads(path.read_text())
+        (key,) = data["plans"]
+        data["plans"][key]["plan"] = "aten"  # a name, but not a candidate of bconv_lif
+        path.write_text(json.dumps(data))
+        plan.reload()
+        _, log = _logged(capfd, OPS.bconv_lif, *lif)
+    assert log[0]["source"] == "measuring" and log[0]["forward"] in {"dense", "event"}
+    assert plan.measured()[key]["plan"] == log[0]["forward"]
+
+
+@needs_cpu
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"format": 2}',
+                                     '{"format": 1, "cpu": 1}', "BAD"])
+def test_a_corrupt_cache_file_is_ignored_with_one_warning(content, cache_dir, capfd):
+    path = plan.cache_path()
+    if content == "BAD":  # an entry with a name no algorithm has
+        cpu, build = plan._identity()
+        content = json.dumps({"format": 1, "cpu": cpu, "build": build,
+                              "plans": {"bconv_lif x": {"plan": "os.system", "ms": {}}}})
+    path.write_text(content)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        plan.reload()
+    assert [str(w.message).startswith("binslt: ignoring the measured CPU plans") for w in seen] \
+        == [True]
+    assert plan.measured() == {}
+    c = _case(RUN["anchor"])
+    with plan.measure("forward"):
+        _, log = _logged(capfd, OPS.bconv_lif, *_fwd_args(c, False))
+    assert log[0]["source"] == "measuring"
+    assert len(json.loads(path.read_text())["plans"]) == 1  # rewritten whole
+    assert not list(cache_dir.glob("*.tmp*"))
+
+
+@needs_cpu
+def test_the_rate_bucket_is_part_of_the_key(cache_dir, capfd):
+    assert CPU._rate_bucket(0.0) == "r0.00-0.02" and CPU._rate_bucket(0.12) == "r0.10-0.15"
+    assert CPU._rate_bucket(1.0) == "r0.70-1.00"
+    c = _case(RUN["anchor"])
+    dense_in = dict(c, xp=ref.pack_spikes_reference(torch.ones_like(c["x"])))
+    with plan.measure("forward"):
+        _logged(capfd, OPS.bconv_lif, *_fwd_args(c, False))
+        _, log = _logged(capfd, OPS.bconv_lif, *_fwd_args(dense_in, False))
+    assert log[0]["source"] == "measuring"
+    assert len(plan.measured()) == 2
+
+
+@needs_cpu
+def test_binconv2d_op_asks_the_plan(capfd):
+    """bconv_affine_infer (BinConv2d's no-grad op) runs the plan's choice and logs it: "onednn"
+    with AMX-INT8, ATen's conv ("aten") otherwise, or what is forced."""
+    c = _case(RUN["stride2"])
+    x_shape, w_shape = _shapes(c)
+    x_shape = (1, c["x"].shape[0]) + x_shape[2:]
+    table = "onednn" if AMX else "aten"
+    assert plan.forward_plan(x_shape, w_shape, 2, 1, op="bconv_affine_infer") == {
+        "isa": _ext.cpu_info()["kernel_isa"], "forward": table, "source": "table"}
+    want = ref.bconv_affine_infer_reference(*_affine_args(c))
+    with plan.measure(False):
+        for packed in (False, True):
+            out, log = _logged(capfd, OPS.bconv_affine_infer, *_affine_args(c, packed))
+            assert torch.equal(out, want)
+            assert [r["op"] for r in log] == ["bconv_affine_infer"]
+            assert (log[0]["forward"], log[0]["source"]) == (table, "table")
+            ci = 64 if packed else 40  # packed words: 32 channels each
+            assert log[0]["shapes"].startswith(f"x=1x{c['x'].shape[0]}x{ci}x9x9 w=36x{ci}x3x3")
+        for forced in ("dense", "event") + (("onednn",) if AMX else ()):
+            with cpu_algorithms(conv=forced):
+                got = plan.forward_plan(x_shape, w_shape, 2, 1, op="bconv_affine_infer")
+                out, log = _logged(capfd, OPS.bconv_affine_infer, *_affine_args(c))
+            name = "onednn" if forced == "onednn" else "aten"
+            assert got["forward"] == log[0]["forward"] == name and torch.equal(out, want)
+    with pytest.raises(ValueError, match="op must be one of"):
+        plan.forward_plan(x_shape, w_shape, 2, 1, op="bconv")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ with their measured thresholds, are written down once at ``plan_forward`` / ``pl
   (the best this CPU runs; ``binslt.ops.library.cpu_info()["kernel_isa"]`` says which);
 * ``conv``: the forward, ``"dense"`` (AND + popcount over every input word), ``"event"`` (the sum
   of the weight columns of the input spikes; int16 counts only) or ``"onednn"`` (oneDNN's int8
-  convolution: inference on a CPU with AMX-INT8);
+  convolution: inference on a CPU with AMX-INT8); ``bconv_affine_infer`` (BinConv2d's no-grad
+  op, which has no bit kernels) runs ``"onednn"`` or its plan ``"aten"`` (ATen's float conv of
+  the 0/1 spikes), which a forced ``"dense"`` / ``"event"`` runs there;
 * ``grad_x``: the input gradient, ``"dense"`` (ATen's transposed convolution, NCHW),
   ``"margined"`` (the same conv from dZ channel-last with zero margins; stride 1, padding <=
   kernel - 1), ``"ternary"`` / ``"combo"`` (add/subtract of dZ rows, plain or over signed sums of
@@ -21,8 +23,9 @@ with their measured thresholds, are written down once at ``plan_forward`` / ``pl
   per tap over the pixel pairs it joins), ``"unfold"``, ``"int8"`` (exact int8 products of dZ's
   limbs; stride 1) or ``"pointwise"``.
 
-``"auto"`` in a field restores the measured rule. A forced name runs exactly that algorithm; a
-call it cannot run raises ValueError saying why. Forcing is for tests and benchmarks: every
+``"auto"`` in a field restores the plan's choice: the rules' table, or the fastest candidate
+timed on the call's shapes (:func:`binslt.ops.plan.measure`). A forced name runs exactly that
+algorithm (and is never measured); a call it cannot run raises ValueError saying why. Forcing is for tests and benchmarks: every
 algorithm gives the same counts and spikes, and gradients within float rounding.
 
     >>> from binslt.ops import cpu_algorithms

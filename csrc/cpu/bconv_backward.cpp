@@ -401,6 +401,25 @@ at::Tensor run_grad_x(const BwdArgs& a, BackwardPlan& plan, at::Tensor& gz, at::
   }
 }
 
+// One gradient's candidates timed (measure_plan); run(plan) computes it. Where an int8 candidate
+// gave way on a dZ that is not finite nothing is recorded, and the plan shows the float form.
+template <class Alg, class Run>
+at::Tensor time_gradient(BackwardPlan& plan, Alg BackwardPlan::*field,
+                         Alg BackwardPlan::*nonfinite, const std::vector<Alg>& candidates,
+                         const std::string& key, Run&& run) {
+  bool invalid = false;
+  at::Tensor g = measure_plan(plan, field, candidates, key, &invalid, [&](BackwardPlan& p) {
+    at::Tensor r = run(p);
+    invalid = invalid || p.nonfinite;
+    return r;
+  });
+  if (invalid && plan.*field == Alg::kInt8) {
+    plan.*field = plan.*nonfinite;
+    plan.nonfinite = true;
+  }
+  return g;
+}
+
 // The body of both ops: the LIF/BN backward, the plan, then its two gradients.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_bwd_run(
     const char* op, const BwdInputs& in, const BwdSettings& st, const NeuronParams& p) {
@@ -410,17 +429,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
   const at::Tensor& w_mask = a.w_mask;
   const at::Tensor& x_packed = a.x_packed;
   const int64_t weights = s.Co * s.KH * s.KW * a.Ci;
-  BackwardPlan plan = plan_backward(
-      {s, a.Ci, st.need_grad_x, LazyValue([&x_packed] { return packed_rate(x_packed); }),
-       LazyValue([&w_mask, weights] {
-         const uint32_t* m = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
-         return static_cast<double>(count_set_bits(m, w_mask.numel())) /
-                static_cast<double>(std::max<int64_t>(1, weights));
-       })});
+  BackwardQuery q{s, a.Ci, st.need_grad_x,
+                  LazyValue([&x_packed] { return packed_rate(x_packed); }),
+                  LazyValue([&w_mask, weights] {
+                    const uint32_t* m =
+                        reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
+                    return static_cast<double>(count_set_bits(m, w_mask.numel())) /
+                           static_cast<double>(std::max<int64_t>(1, weights));
+                  })};
+  q.op = op;
+  q.variant = c10::str(st.bn_train ? "bn_train" : "bn_eval",
+                       in.residual.has_value() ? " residual" : "",
+                       in.pool_packed.has_value() ? " pool=2" : "",
+                       st.need_grad_current ? " grad_current" : "");
+  BackwardPlan plan = plan_backward(q);
   LifBnOut o = lif_bn_stage(a);
-  at::Tensor gz_cl;
-  at::Tensor gw = run_grad_w(a, plan, o.gz, gz_cl);
-  at::Tensor gx = run_grad_x(a, plan, o.gz, gz_cl);
+  at::Tensor gz_cl, gw, gx;
+  const bool time_x = !plan.candidates_x.empty();
+  if (plan.candidates_w.empty()) {
+    // dZ stays whole for the input gradient's candidates where they are to be timed
+    BackwardPlan pw = plan;
+    if (time_x) pw.grad_x = GradXPlan::kNone;
+    gw = run_grad_w(a, pw, o.gz, gz_cl);
+    plan.grad_w = pw.grad_w;
+    plan.nonfinite = pw.nonfinite;
+  } else {
+    gw = time_gradient(plan, &BackwardPlan::grad_w, &BackwardPlan::grad_w_nonfinite,
+                       plan.candidates_w, plan.key_w, [&](BackwardPlan& p) {
+                         p.grad_x = GradXPlan::kNone;  // keeps dZ
+                         at::Tensor cl;
+                         return run_grad_w(a, p, o.gz, cl);
+                       });
+    plan.source_w = PlanSource::kMeasuring;
+  }
+  if (!time_x) {
+    gx = run_grad_x(a, plan, o.gz, gz_cl);
+  } else {
+    gx = time_gradient(plan, &BackwardPlan::grad_x, &BackwardPlan::grad_x_nonfinite,
+                       plan.candidates_x, plan.key_x, [&](BackwardPlan& p) {
+                         at::Tensor gz = o.gz, cl;  // a handle: the margined form drops its own
+                         return run_grad_x(a, p, gz, cl);
+                       });
+    plan.source_x = PlanSource::kMeasuring;
+  }
   log.emit(conv_shapes(s, a.Ci), plan.describe());
   return {gx, gw, o.gcur, o.gscale, o.gshift};
 }

@@ -623,9 +623,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_cpu(
   ForwardArgs args = check_forward_args(op, s, alpha, scale, shift, residual, p);
   args.bn_train = bn_train;
   args.bn_eps = bn_eps;
-  const ForwardPlan plan = plan_forward(
-      {s, 32 * s.Cw, false, LazyValue([&x_packed] { return packed_rate(x_packed); })});
-  FwdOut out = bconv_lif_run(s, plan, x_packed, FloatInput{}, {w_mask, w_pos}, args, nullptr);
+  ForwardQuery q{s, 32 * s.Cw, false, LazyValue([&x_packed] { return packed_rate(x_packed); })};
+  q.op = op;
+  q.variant = c10::str(bn_train ? "bn_train" : "bn_eval", residual.has_value() ? " residual" : "");
+  ForwardPlan plan = plan_forward(q);
+  auto run = [&](const ForwardPlan& pl) {
+    return bconv_lif_run(s, pl, x_packed, FloatInput{}, {w_mask, w_pos}, args, nullptr);
+  };
+  FwdOut out = run_forward_plan(plan, run);
   log.emit(conv_shapes(s, 32 * s.Cw), plan.describe());
   return out;
 }
@@ -659,37 +664,46 @@ at::Tensor bconv_lif_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_mask,
   std::atomic<bool> bad{false};
   const FloatInput xf = packed_in ? FloatInput{}
                                   : FloatInput{true, x.data_ptr<float>(), C, &bad};
-  const ForwardPlan plan = plan_forward(
-      {s, Ci, true, LazyValue([&] {
-         return packed_in ? packed_rate(x) : sampled_rate(xf.x, s.B * C * s.H * s.W);
-       })});
+  ForwardQuery q{s, Ci, true, LazyValue([&] {
+                   return packed_in ? packed_rate(x) : sampled_rate(xf.x, s.B * C * s.H * s.W);
+                 })};
+  q.op = op;
+  q.variant = c10::str(packed_in ? "packed_in" : c10::toString(x_in.scalar_type()),
+                       x_in.is_contiguous() ? "" : " strided", " pool=", pool,
+                       packed_out ? " packed_out" : "",
+                       !residual.has_value()                  ? ""
+                       : residual->scalar_type() == at::kInt ? " residual=packed"
+                                                              : " residual");
+  ForwardPlan plan = plan_forward(q);
   // A residual of spikes may come packed: pack_spikes words [T, N, Ho, Wo, ceil(Co/32)] int32,
   // read as such by the onednn route's packed output, unpacked to 0. / 1. floats for the rest.
-  std::optional<at::Tensor> res = residual;
-  at::Tensor res_words;
-  if (residual.has_value() && residual->scalar_type() == at::kInt) {
-    const int64_t Cow = words_for(static_cast<int>(s.Co));
-    check_on_cpu(*residual, op, "residual");
-    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({T, N, s.Ho, s.Wo, Cow}), "binslt::",
-                      op, ": a packed residual must be spike words [T, N, Ho, Wo, ceil(Co/32)] = ",
-                      at::IntArrayRef({T, N, s.Ho, s.Wo, Cow}), ", got shape ",
-                      shape_str(*residual));
-    if (packed_out && plan.conv == FwdPlan::kOnednn) {
-      res_words = residual->contiguous();
-      res = std::nullopt;
-    } else {
-      res = unpack_spikes_cpu(residual->reshape({T * N, s.Ho, s.Wo, Cow}), s.Co)
-                .view({T, N, s.Co, s.Ho, s.Wo});
+  auto run = [&](const ForwardPlan& pl) {
+    std::optional<at::Tensor> res = residual;
+    at::Tensor res_words;
+    if (residual.has_value() && residual->scalar_type() == at::kInt) {
+      const int64_t Cow = words_for(static_cast<int>(s.Co));
+      check_on_cpu(*residual, op, "residual");
+      TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({T, N, s.Ho, s.Wo, Cow}),
+                        "binslt::", op, ": a packed residual must be spike words [T, N, Ho, Wo, "
+                        "ceil(Co/32)] = ", at::IntArrayRef({T, N, s.Ho, s.Wo, Cow}),
+                        ", got shape ", shape_str(*residual));
+      if (packed_out && pl.conv == FwdPlan::kOnednn) {
+        res_words = residual->contiguous();
+        res = std::nullopt;
+      } else {
+        res = unpack_spikes_cpu(residual->reshape({T * N, s.Ho, s.Wo, Cow}), s.Co)
+                  .view({T, N, s.Co, s.Ho, s.Wo});
+      }
     }
-  }
-  const ForwardArgs args = check_forward_args(op, s, alpha, scale, shift, res, p);
-  check_pool(op, pool, s.Ho, s.Wo);
-  const InferForm form{pool, packed_out,
-                       res_words.defined()
-                           ? reinterpret_cast<const uint32_t*>(res_words.data_ptr<int32_t>())
-                           : nullptr};
-  at::Tensor spikes =
-      std::get<0>(bconv_lif_run(s, plan, x, xf, {w_mask, w_pos}, args, &form));
+    const ForwardArgs args = check_forward_args(op, s, alpha, scale, shift, res, p);
+    check_pool(op, pool, s.Ho, s.Wo);
+    const InferForm form{pool, packed_out,
+                         res_words.defined()
+                             ? reinterpret_cast<const uint32_t*>(res_words.data_ptr<int32_t>())
+                             : nullptr};
+    return std::get<0>(bconv_lif_run(s, pl, x, xf, {w_mask, w_pos}, args, &form));
+  };
+  at::Tensor spikes = run_forward_plan(plan, run);
   TORCH_CHECK_VALUE(!bad.load(), "binslt::", op, ": ", kNotBinaryMsg);
   log.emit(conv_shapes(s, Ci) + c10::str(" pool=", pool, packed_out ? " packed_out" : ""),
            plan.describe());

@@ -428,14 +428,15 @@ void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const 
 
 
 // binslt::bconv_affine_infer (BinConv2d's no-grad path on spikes): y = (count * alpha) * scale +
-// shift, [B, Co, Ho, Wo] float32. The counts come from oneDNN's int8 convolution where the CPU
-// has AMX-INT8, otherwise from ATen's float convolution of the 0/1 spikes and the {-1, 0, +1}
-// weights (every partial sum an integer below 2^24: exact too).
+// shift, [B, Co, Ho, Wo] float32. The counts come from oneDNN's int8 convolution ("onednn", CPU
+// with AMX-INT8) or from ATen's float convolution of the 0/1 spikes and the {-1, 0, +1} weights
+// ("aten": every partial sum an integer below 2^24, exact too), as plan_forward decides.
 at::Tensor bconv_affine_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_mask_in,
                                   const at::Tensor& w_pos_in, const at::Tensor& alpha_in,
                                   const at::Tensor& scale_in, const at::Tensor& shift_in,
                                   int64_t stride, int64_t padding) {
   const char* op = "bconv_affine_infer";
+  const PlanLog log(op);
   check_on_cpu(x_in, op, "x");
   const bool packed = x_in.scalar_type() == at::kInt;
   TORCH_CHECK_VALUE(x_in.dim() == 4 && (packed || x_in.scalar_type() == at::kFloat), "binslt::",
@@ -459,42 +460,56 @@ at::Tensor bconv_affine_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_ma
   auto affine = [&](float* row, int64_t c) {
     for (int64_t i = 0; i < S; ++i) row[i] = (row[i] * ap[c]) * sp[c] + hp[c];
   };
-  if (B == 0 || s.Co == 0 || S == 0 || !onednn_int8_supported()) {
-    at::Tensor xf = packed ? unpack_spikes_cpu(x, Ci) : x;
-    if (!packed)
-      TORCH_CHECK_VALUE(at::logical_or(xf == 0, xf == 1).all().item<bool>(), "binslt::", op,
-                        ": ", kNotBinaryMsg);
-    std::vector<float> one(s.Co, 1.0f);
-    const at::Tensor w = dense_weight(s, Ci, w_mask, w_pos, one.data());
-    at::Tensor out = at::conv2d(xf, w, {}, {stride, stride}, {padding, padding}).contiguous();
+  ForwardQuery q{s, Ci, true, LazyValue([&] {
+                   return packed ? packed_rate(x) : sampled_rate(x.data_ptr<float>(), x.numel());
+                 })};
+  q.affine = true;
+  q.op = op;
+  q.variant = c10::str(packed ? "packed_in" : c10::toString(x_in.scalar_type()),
+                       x_in.is_contiguous() ? "" : " strided");
+  ForwardPlan plan = plan_forward(q);
+  auto run = [&](const ForwardPlan& pl) -> at::Tensor {
+    // "aten", or nothing to convolve
+    if (B == 0 || s.Co == 0 || S == 0 || pl.conv != FwdPlan::kOnednn) {
+      at::Tensor xf = packed ? unpack_spikes_cpu(x, Ci) : x;
+      if (!packed)
+        TORCH_CHECK_VALUE(at::logical_or(xf == 0, xf == 1).all().item<bool>(), "binslt::", op,
+                          ": ", kNotBinaryMsg);
+      std::vector<float> one(s.Co, 1.0f);
+      const at::Tensor w = dense_weight(s, Ci, w_mask, w_pos, one.data());
+      at::Tensor out = at::conv2d(xf, w, {}, {stride, stride}, {padding, padding}).contiguous();
+      float* o = out.data_ptr<float>();
+      at::parallel_for(0, B * s.Co, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) affine(o + i * S, i % s.Co);
+      });
+      return out;
+    }
+    bool bad = false;
+    const at::Tensor x_u8 = packed ? spikes_u8_from_packed(x)
+                                   : spikes_u8_from_float(x.data_ptr<float>(), B, C, H, W,
+                                                          x.options(), &bad);
+    TORCH_CHECK_VALUE(!bad, "binslt::", op, ": ", kNotBinaryMsg);
+    at::Tensor out = at::empty({B, s.Co, s.Ho, s.Wo}, x.options().dtype(at::kFloat));
     float* o = out.data_ptr<float>();
-    at::parallel_for(0, B * s.Co, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) affine(o + i * S, i % s.Co);
-    });
+    const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(B, (8 << 20) / (S * s.Co * 4)));
+    const OnednnConv conv(s, Ci, mbits, pbits, nb);
+    const TransposeFn transpose = transpose_f32_fn();
+    for (int64_t b0 = 0; b0 < B; b0 += nb) {
+      const int64_t b1 = std::min(B, b0 + nb);
+      const at::Tensor z = conv(x_u8.narrow(0, b0, b1 - b0));
+      const float* zp = z.data_ptr<float>();
+      at::parallel_for(b0, b1, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t b = i0; b < i1; ++b) {
+          float* ob = o + b * s.Co * S;
+          transpose(zp + (b - b0) * S * s.Co, ob, S, s.Co);
+          for (int64_t c = 0; c < s.Co; ++c) affine(ob + c * S, c);
+        }
+      });
+    }
     return out;
-  }
-  bool bad = false;
-  const at::Tensor x_u8 = packed ? spikes_u8_from_packed(x)
-                                 : spikes_u8_from_float(x.data_ptr<float>(), B, C, H, W,
-                                                        x.options(), &bad);
-  TORCH_CHECK_VALUE(!bad, "binslt::", op, ": ", kNotBinaryMsg);
-  at::Tensor out = at::empty({B, s.Co, s.Ho, s.Wo}, x.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(B, (8 << 20) / (S * s.Co * 4)));
-  const OnednnConv conv(s, Ci, mbits, pbits, nb);
-  const TransposeFn transpose = transpose_f32_fn();
-  for (int64_t b0 = 0; b0 < B; b0 += nb) {
-    const int64_t b1 = std::min(B, b0 + nb);
-    const at::Tensor z = conv(x_u8.narrow(0, b0, b1 - b0));
-    const float* zp = z.data_ptr<float>();
-    at::parallel_for(b0, b1, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t b = i0; b < i1; ++b) {
-        float* ob = o + b * s.Co * S;
-        transpose(zp + (b - b0) * S * s.Co, ob, S, s.Co);
-        for (int64_t c = 0; c < s.Co; ++c) affine(ob + c * S, c);
-      }
-    });
-  }
+  };
+  const at::Tensor out = run_forward_plan(plan, run);
+  log.emit(conv_shapes(s, Ci), plan.describe());
   return out;
 }
 

@@ -12,6 +12,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <iterator>
+#include <mutex>
+
+#include <unistd.h>
 
 #include "binslt/checks.h"
 #include "binslt/pack_cpu.h"
@@ -351,6 +355,7 @@ const char* plan_name(FwdPlan a) {
   switch (a) {
     case FwdPlan::kDense: return "dense";
     case FwdPlan::kEvent: return "event";
+    case FwdPlan::kAten: return "aten";
     default: return "onednn";
   }
 }
@@ -379,13 +384,30 @@ const char* plan_name(GradWPlan a) {
   }
 }
 
-std::string ForwardPlan::describe() const {
-  return c10::str("isa=", isa_name(isa), " forward=", plan_name(conv));
+const char* source_name(PlanSource p) {
+  switch (p) {
+    case PlanSource::kForced: return "forced";
+    case PlanSource::kMeasured: return "measured";
+    case PlanSource::kMeasuring: return "measuring";
+    default: return "table";
+  }
 }
 
+std::string ForwardPlan::describe() const {
+  return c10::str("isa=", isa_name(isa), " forward=", plan_name(conv), " source=",
+                  source_name(source));
+}
+
+// One source where both gradients agree (dL/dx not wanted: the weight gradient's), else
+// "<grad_x's>/<grad_w's>".
 std::string BackwardPlan::describe() const {
+  const bool one = source_x == source_w || grad_x == GradXPlan::kNone;
+  const std::string src =
+      one ? std::string(source_name(source_w))
+          : c10::str(source_name(source_x), "/", source_name(source_w));
   return c10::str("isa=", isa_name(isa), " grad_x=", plan_name(grad_x), " grad_w=",
-                  plan_name(grad_w), nonfinite ? " (int8 gave way: dZ not finite)" : "");
+                  plan_name(grad_w), " source=", src,
+                  nonfinite ? " (int8 gave way: dZ not finite)" : "");
 }
 
 namespace {
@@ -551,12 +573,98 @@ GradXPlan forced_grad_x(const Facts& f, Isa isa, GradXAlgo a) {
 //     output pixels when the weight gradient is "event" or "int8", "dense" (NCHW) otherwise.
 // The int8 forms give way to float forms where dZ is not finite (grad_*_nonfinite): the rule's
 // float choice under "auto", "event" / "dense" when int8 was forced.
+//
+// Measuring (measure_mode(): "forward" by default, "all" adds the backward) replaces the rule of
+// an "auto" field by the fastest of its candidates, timed on the first call of each key (the op,
+// shapes, variant, ISA path, threads and the input's rate bucket) and cached (memory and
+// the JSON file); only calls of the ops measure (op set), never queries from shapes:
+//   * forward: "dense", "event" (int16 counts), "onednn" (inference, AMX-INT8); the affine op
+//     "aten" and "onednn";
+//   * weight gradient: "event", "dense", "taps" (maps of at most measure_taps_max_pixels),
+//     "unfold" (matrix within unfold_max_bytes, not pointwise), "int8" (stride 1, AMX-INT8),
+//     "pointwise" (pointwise convs);
+//   * input gradient: "dense", "margined" and "int8" (AMX-INT8) where the margins fit, "ternary"
+//     and "combo" (avx512 path, stride 1), "unfold", "pointwise".
+// A cached winner that is not among the call's candidates is ignored (and timed again).
+namespace {
+
+constexpr int64_t kMeasureTapsMaxPixels = 256;  // the tap form's candidacy (one GEMM per tap)
+
+std::vector<FwdPlan> forward_candidates(const ForwardQuery& q, bool int16) {
+  std::vector<FwdPlan> v;
+  if (q.affine) {
+    v.push_back(FwdPlan::kAten);
+  } else {
+    v.push_back(FwdPlan::kDense);
+    if (int16) v.push_back(FwdPlan::kEvent);
+  }
+  if ((q.infer || q.affine) && onednn_int8_supported()) v.push_back(FwdPlan::kOnednn);
+  return v;
+}
+
+std::vector<GradWPlan> grad_w_candidates(const Facts& f) {
+  std::vector<GradWPlan> v{GradWPlan::kEvent, GradWPlan::kDense};
+  if (f.pixels() <= kMeasureTapsMaxPixels) v.push_back(GradWPlan::kTaps);
+  if (!f.pointwise && f.unfold_bytes <= kAutoRules.unfold_max_bytes)
+    v.push_back(GradWPlan::kUnfold);
+  if (f.s.stride == 1 && f.padded_grid() <= int8_grad_w_max_grid() && onednn_int8_supported())
+    v.push_back(GradWPlan::kInt8);
+  if (f.pointwise) v.push_back(GradWPlan::kPointwise);
+  return v;
+}
+
+std::vector<GradXPlan> grad_x_candidates(const Facts& f, Isa isa) {
+  std::vector<GradXPlan> v{GradXPlan::kDense};
+  if (f.margins_fit) v.push_back(GradXPlan::kMargined);
+  if (isa == Isa::kAvx512 && f.s.stride == 1) {
+    v.push_back(GradXPlan::kTernary);
+    v.push_back(GradXPlan::kCombo);
+  }
+  if (!f.pointwise && f.unfold_bytes <= kAutoRules.unfold_max_bytes)
+    v.push_back(GradXPlan::kUnfold);
+  if (f.margins_fit && onednn_int8_supported()) v.push_back(GradXPlan::kInt8);
+  if (f.pointwise) v.push_back(GradXPlan::kPointwise);
+  return v;
+}
+
+std::string measure_key(const char* op, const char* part, const ConvShape& s, int64_t Ci,
+                        const std::string& variant, Isa isa, double rate) {
+  return c10::str(op, part, " ", conv_shapes(s, Ci), variant.empty() ? "" : " ", variant,
+                  " isa=", isa_name(isa), " threads=", at::get_num_threads(), " ",
+                  rate_bucket(rate));
+}
+
+// The measured choice of one field: the cached winner where it is a candidate (plan field and
+// source set, true), else the candidates to time and the key (false); nothing with one
+// candidate.
+template <class Alg>
+void apply_measurement(const std::vector<Alg>& cands, const std::string& key, Alg* choice,
+                       PlanSource* source, std::vector<Alg>* to_time, std::string* key_out) {
+  if (cands.size() < 2) return;
+  const std::string w = measured_winner(key);
+  for (Alg c : cands)
+    if (!w.empty() && w == plan_name(c)) {
+      *choice = c;
+      *source = PlanSource::kMeasured;
+      return;
+    }
+  *to_time = cands;
+  *key_out = key;
+}
+
+}  // namespace
+
 ForwardPlan plan_forward(const ForwardQuery& q) {
   const AlgoConfig cfg = algo_config();
   const ConvShape& s = q.s;
-  ForwardPlan plan{active_isa(), FwdPlan::kDense};
+  ForwardPlan plan{active_isa(), q.affine ? FwdPlan::kAten : FwdPlan::kDense};
   const bool int16 = s.Cw > 0 && counts_dtype(s.Cw, s.KH, s.KW) == at::kShort;
   const char* field = "conv algorithm";
+  if (cfg.conv != ConvAlgo::kAuto) plan.source = PlanSource::kForced;
+  if (q.affine && cfg.conv != ConvAlgo::kAuto) {  // no bit kernels: "onednn" or ATen's conv
+    if (cfg.conv == ConvAlgo::kOnednn) plan.conv = FwdPlan::kOnednn;
+    return plan;
+  }
   switch (cfg.conv) {
     case ConvAlgo::kDense:
       return plan;
@@ -576,17 +684,21 @@ ForwardPlan plan_forward(const ForwardQuery& q) {
     default:
       break;
   }
-  if (q.infer && s.Ho * s.Wo >= kAutoRules.onednn_min_pixels &&
-      q.Ci * s.Co >= kAutoRules.onednn_min_channel_pairs && onednn_int8_supported()) {
+  if (q.affine) {
+    if (onednn_int8_supported()) plan.conv = FwdPlan::kOnednn;
+  } else if (q.infer && s.Ho * s.Wo >= kAutoRules.onednn_min_pixels &&
+             q.Ci * s.Co >= kAutoRules.onednn_min_channel_pairs && onednn_int8_supported()) {
     plan.conv = FwdPlan::kOnednn;
-    return plan;
-  }
-  if (int16) {
+  } else if (int16) {
     const double max_rate = plan.isa == Isa::kAvx512 ? kAutoRules.event_max_rate_avx512
                             : plan.isa == Isa::kAvx2 ? kAutoRules.event_max_rate_avx2
                                                      : kAutoRules.event_max_rate_other;
     if (q.rate.get() < max_rate) plan.conv = FwdPlan::kEvent;
   }
+  if (q.op != nullptr && measure_mode() != MeasureMode::kOff)
+    apply_measurement(forward_candidates(q, int16),
+                      measure_key(q.op, "", s, q.Ci, q.variant, plan.isa, q.rate.get()),
+                      &plan.conv, &plan.source, &plan.candidates, &plan.key);
   return plan;
 }
 
@@ -597,9 +709,11 @@ BackwardPlan plan_backward(const BackwardQuery& q) {
                     GradWPlan::kEvent};
   // Weight gradient.
   GradWPlan float_w = GradWPlan::kEvent;  // the rule without the int8 form
+  const bool measure = q.op != nullptr && measure_mode() == MeasureMode::kAll;
   if (cfg.grad_w != GradWAlgo::kAuto) {
     plan.grad_w = forced_grad_w(f, cfg.grad_w);
     float_w = plan.grad_w == GradWPlan::kInt8 ? GradWPlan::kEvent : plan.grad_w;
+    plan.source_w = PlanSource::kForced;
   } else if (!f.pointwise && f.unfold_pays()) {
     plan.grad_w = float_w = GradWPlan::kUnfold;
   } else {
@@ -616,6 +730,12 @@ BackwardPlan plan_backward(const BackwardQuery& q) {
                                         static_cast<double>(f.padded_grid()));
     plan.grad_w = int8 ? GradWPlan::kInt8 : float_w;
   }
+  if (measure && cfg.grad_w == GradWAlgo::kAuto) {
+    apply_measurement(grad_w_candidates(f),
+                      measure_key(q.op, " grad_w", q.s, q.Ci, q.variant, plan.isa, q.rate.get()),
+                      &plan.grad_w, &plan.source_w, &plan.candidates_w, &plan.key_w);
+    if (plan.grad_w != GradWPlan::kInt8) float_w = plan.grad_w;
+  }
   plan.grad_w_nonfinite = float_w;
   if (!q.need_grad_x) return plan;
   // Input gradient.
@@ -628,6 +748,8 @@ BackwardPlan plan_backward(const BackwardQuery& q) {
   if (cfg.grad_x != GradXAlgo::kAuto) {
     plan.grad_x = forced_grad_x(f, plan.isa, cfg.grad_x);
     plan.grad_x_nonfinite = plan.grad_x == GradXPlan::kInt8 ? GradXPlan::kDense : plan.grad_x;
+    plan.source_x = PlanSource::kForced;
+    return plan;
   } else if (f.pointwise) {
     plan.grad_x = plan.grad_x_nonfinite = GradXPlan::kPointwise;
   } else if (f.unfold_pays()) {
@@ -641,7 +763,196 @@ BackwardPlan plan_backward(const BackwardQuery& q) {
     plan.grad_x = int8 ? GradXPlan::kInt8 : float_x;
     plan.grad_x_nonfinite = float_x;
   }
+  if (measure) {
+    // The rate bucket and the weight density's tenth (the ternary forms' work follows it).
+    const std::string variant =
+        c10::str(q.variant, q.variant.empty() ? "" : " ", "wd",
+                 static_cast<int>(q.weight_density.get() * 10.0));
+    apply_measurement(grad_x_candidates(f, plan.isa),
+                      measure_key(q.op, " grad_x", q.s, q.Ci, variant, plan.isa, q.rate.get()),
+                      &plan.grad_x, &plan.source_x, &plan.candidates_x, &plan.key_x);
+    if (plan.grad_x != GradXPlan::kInt8) plan.grad_x_nonfinite = plan.grad_x;
+  }
   return plan;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measuring: the mode, and the cache of winners (memory, and the JSON file binslt.ops.plan
+// names and loads; written here, whole, to a temporary file renamed over it)
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+std::atomic<int> g_measure{-1};  // -1: BINSLT_PLAN_MEASURE decides
+
+struct CacheEntry {
+  std::string winner;
+  std::map<std::string, double> ms;
+};
+
+struct PlanCache {
+  std::mutex mu;
+  std::map<std::string, CacheEntry> entries;
+  std::string path, cpu, build;
+};
+
+PlanCache& plan_cache() {
+  static PlanCache* c = new PlanCache();  // never destroyed: ops may run during exit
+  return *c;
+}
+
+std::string json_string(const std::string& v) {
+  std::string o = "\"";
+  for (char ch : v) {
+    if (ch == '"' || ch == '\\') {
+      o += '\\';
+      o += ch;
+    } else if (static_cast<unsigned char>(ch) < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", ch);
+      o += buf;
+    } else {
+      o += ch;
+    }
+  }
+  return o + "\"";
+}
+
+// The file: {"format": 1, "cpu": ..., "build": ..., "plans": {key: {"plan": name,
+// "ms": {candidate: ms}}}}. Called with the lock held; a failure to write warns (the winners
+// stay in memory).
+void write_cache(const PlanCache& c) {
+  if (c.path.empty()) return;
+  std::string out = c10::str("{\n  \"format\": 1,\n  \"cpu\": ", json_string(c.cpu),
+                             ",\n  \"build\": ", json_string(c.build), ",\n  \"plans\": {");
+  bool first = true;
+  for (const auto& [key, e] : c.entries) {
+    out += c10::str(first ? "\n    " : ",\n    ", json_string(key), ": {\"plan\": ",
+                    json_string(e.winner), ", \"ms\": {");
+    bool f2 = true;
+    for (const auto& [name, ms] : e.ms) {
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "%.4f", ms);
+      out += c10::str(f2 ? "" : ", ", json_string(name), ": ", buf);
+      f2 = false;
+    }
+    out += "}}";
+    first = false;
+  }
+  out += "\n  }\n}\n";
+  const std::string tmp = c10::str(c.path, ".tmp", static_cast<int64_t>(getpid()));
+  FILE* fp = std::fopen(tmp.c_str(), "w");
+  bool ok = fp != nullptr && std::fwrite(out.data(), 1, out.size(), fp) == out.size();
+  if (fp != nullptr) ok = std::fclose(fp) == 0 && ok;
+  ok = ok && std::rename(tmp.c_str(), c.path.c_str()) == 0;
+  if (!ok) {
+    std::remove(tmp.c_str());
+    TORCH_WARN_ONCE("binslt: could not write the measured CPU plans to ", c.path,
+                    " (they stay in memory for this process); set BINSLT_CACHE_DIR to a "
+                    "writable directory");
+  }
+}
+
+}  // namespace
+
+MeasureMode measure_mode() {
+  const int m = g_measure.load(std::memory_order_relaxed);
+  if (m >= 0) return static_cast<MeasureMode>(m);
+  const char* v = std::getenv("BINSLT_PLAN_MEASURE");
+  if (v == nullptr || v[0] == '\0') return MeasureMode::kForward;
+  if (std::strcmp(v, "0") == 0 || std::strcmp(v, "off") == 0) return MeasureMode::kOff;
+  if (std::strcmp(v, "1") == 0 || std::strcmp(v, "all") == 0) return MeasureMode::kAll;
+  if (std::strcmp(v, "forward") == 0) return MeasureMode::kForward;
+  TORCH_WARN_ONCE("binslt: BINSLT_PLAN_MEASURE='", v, "' is not one of 0, off, forward, 1, all; "
+                  "measuring the forward ops (the default)");
+  return MeasureMode::kForward;
+}
+
+void set_measure_mode(const std::string& mode) {
+  int m = mode == "off" ? 0 : mode == "forward" ? 1 : mode == "all" ? 2 : mode == "env" ? -1 : -2;
+  TORCH_CHECK_VALUE(m != -2, "binslt.ops.plan.measure: the mode must be 'off', 'forward', 'all' "
+                    "or 'env', got '", mode, "'");
+  g_measure.store(m, std::memory_order_relaxed);
+}
+
+std::string measure_mode_name() {
+  switch (measure_mode()) {
+    case MeasureMode::kOff: return "off";
+    case MeasureMode::kAll: return "all";
+    default: return "forward";
+  }
+}
+
+std::string rate_bucket(double rate) {
+  static constexpr double kEdges[] = {0.0,  0.02, 0.05, 0.1, 0.15, 0.2,
+                                      0.25, 0.3,  0.4,  0.5, 0.7,  1.0};
+  size_t i = 0;
+  while (i + 2 < std::size(kEdges) && rate >= kEdges[i + 1]) ++i;
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "r%.2f-%.2f", kEdges[i], kEdges[i + 1]);
+  return buf;
+}
+
+std::string measured_winner(const std::string& key) {
+  PlanCache& c = plan_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  const auto it = c.entries.find(key);
+  return it == c.entries.end() ? std::string() : it->second.winner;
+}
+
+void record_measurement(const std::string& key, const std::string& winner,
+                        const std::vector<std::pair<std::string, double>>& ms) {
+  PlanCache& c = plan_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  CacheEntry& e = c.entries[key];
+  e.winner = winner;
+  e.ms.clear();
+  for (const auto& [name, t] : ms) e.ms[name] = t;
+  write_cache(c);
+}
+
+void plan_cache_configure(const std::string& path, const std::string& cpu,
+                          const std::string& build) {
+  PlanCache& c = plan_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.path = path;
+  c.cpu = cpu;
+  c.build = build;
+}
+
+void plan_cache_insert(const std::string& key, const std::string& winner,
+                       const std::map<std::string, double>& ms) {
+  PlanCache& c = plan_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.entries[key] = CacheEntry{winner, ms};
+}
+
+std::map<std::string, std::map<std::string, double>> plan_cache_entries() {
+  PlanCache& c = plan_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  std::map<std::string, std::map<std::string, double>> out;
+  for (const auto& [key, e] : c.entries) out[key] = e.ms;
+  return out;
+}
+
+std::map<std::string, std::string> plan_cache_winners() {
+  PlanCache& c = plan_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  std::map<std::string, std::string> out;
+  for (const auto& [key, e] : c.entries) out[key] = e.winner;
+  return out;
+}
+
+void plan_cache_clear() {
+  PlanCache& c = plan_cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.entries.clear();
+}
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -701,13 +1012,19 @@ std::atomic<bool> g_verbose{false};
 std::map<std::string, std::string> plan_forward_for(const std::vector<int64_t>& x_shape,
                                                     const std::vector<int64_t>& w_shape,
                                                     int64_t stride, int64_t padding, double rate,
-                                                    bool infer) {
+                                                    const std::string& op) {
   check_fraction("rate", rate);
+  TORCH_CHECK_VALUE(op == "bconv_lif" || op == "bconv_lif_infer" || op == "bconv_affine_infer",
+                    "binslt.ops.plan: op must be 'bconv_lif', 'bconv_lif_infer' or "
+                    "'bconv_affine_infer', got '", op, "'");
   const ConvShape s = shape_from(x_shape, w_shape, stride, padding);
+  const bool infer = op == "bconv_lif_infer", affine = op == "bconv_affine_infer";
   // The inference op samples its float spikes; the others count the packed words' bits.
-  const ForwardPlan p =
-      plan_forward({s, x_shape[2], infer, LazyValue(infer ? rate : bit_rate(s, x_shape, rate))});
-  return {{"isa", isa_name(p.isa)}, {"forward", plan_name(p.conv)}};
+  ForwardQuery q{s, x_shape[2], infer, LazyValue(infer ? rate : bit_rate(s, x_shape, rate))};
+  q.affine = affine;
+  const ForwardPlan p = plan_forward(q);
+  return {{"isa", isa_name(p.isa)}, {"forward", plan_name(p.conv)},
+          {"source", source_name(p.source)}};
 }
 
 std::map<std::string, std::string> plan_backward_for(const std::vector<int64_t>& x_shape,
@@ -722,7 +1039,10 @@ std::map<std::string, std::string> plan_backward_for(const std::vector<int64_t>&
                                         LazyValue(bit_rate(s, x_shape, rate)),
                                         LazyValue(weight_density)});
   return {{"isa", isa_name(p.isa)}, {"grad_x", plan_name(p.grad_x)},
-          {"grad_w", plan_name(p.grad_w)}};
+          {"grad_w", plan_name(p.grad_w)},
+          {"source", p.source_x == p.source_w || !need_grad_x
+                         ? std::string(source_name(p.source_w))
+                         : c10::str(source_name(p.source_x), "/", source_name(p.source_w))}};
 }
 
 bool plan_verbose() {

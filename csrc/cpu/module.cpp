@@ -22,15 +22,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Set the whole configuration (use binslt.ops.cpu_algorithms, which lists the names). "
         "ValueError for an unknown name, RuntimeError for a path this CPU cannot run");
   m.def("_plan_forward", &cpu::plan_forward_for, py::arg("x_shape"), py::arg("weight_shape"),
-        py::arg("stride"), py::arg("padding"), py::arg("rate"), py::arg("infer"),
-        "The forward plan of a conv: x_shape [T, N, Ci, H, W], weight_shape [Co, Ci, kh, kw], "
-        "rate the input's fraction of spikes, infer bconv_lif_infer (else bconv_lif) -> "
-        "{'isa', 'forward'} (use binslt.ops.plan.forward_plan)");
+        py::arg("stride"), py::arg("padding"), py::arg("rate"), py::arg("op"),
+        "The table's forward plan of a conv: x_shape [T, N, Ci, H, W], weight_shape [Co, Ci, "
+        "kh, kw], rate the input's fraction of spikes, op 'bconv_lif', 'bconv_lif_infer' or "
+        "'bconv_affine_infer' -> {'isa', 'forward', 'source'} (use "
+        "binslt.ops.plan.forward_plan)");
   m.def("_plan_backward", &cpu::plan_backward_for, py::arg("x_shape"), py::arg("weight_shape"),
         py::arg("stride"), py::arg("padding"), py::arg("rate"), py::arg("weight_density"),
         py::arg("need_grad_x"),
         "The backward plan of a conv -> {'isa', 'grad_x', 'grad_w'} (use "
         "binslt.ops.plan.backward_plan)");
+  m.def("_plan_measure_mode", &cpu::measure_mode_name,
+        "What the CPU conv ops measure now: 'off', 'forward' or 'all' (binslt.ops.plan.measure)");
+  m.def("_set_plan_measure", &cpu::set_measure_mode, py::arg("mode"),
+        "Measure 'off', 'forward' or 'all', or 'env' (follow BINSLT_PLAN_MEASURE)");
+  m.def("_rate_bucket", &cpu::rate_bucket, py::arg("rate"),
+        "The rate bucket of a fraction of set bits in a measured plan's key");
+  m.def("_plan_cache_configure", &cpu::plan_cache_configure, py::arg("path"), py::arg("cpu"),
+        py::arg("build"), "The file the measured plans are written to, and what they hold for");
+  m.def("_plan_cache_insert", &cpu::plan_cache_insert, py::arg("key"), py::arg("winner"),
+        py::arg("ms"), "One measured plan (loaded from the file)");
+  m.def("_plan_cache_entries", &cpu::plan_cache_entries,
+        "The measured plans' times: {key: {candidate: ms}}");
+  m.def("_plan_cache_winners", &cpu::plan_cache_winners,
+        "The measured plans: {key: winner}");
+  m.def("_plan_cache_clear", &cpu::plan_cache_clear,
+        "Forget the measured plans in memory (the file stays)");
   m.def("_plan_verbose", &cpu::plan_verbose,
         "Whether the CPU conv ops log their plans now (BINSLT_VERBOSE or binslt.ops.plan.verbose)");
   m.def("_set_plan_verbose", &cpu::set_plan_verbose, py::arg("on"),

@@ -8,11 +8,13 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "binslt/bconv_cpu.h"
@@ -25,7 +27,9 @@ enum class Isa : int8_t { kAuto = -1, kScalar = 0, kPopcnt = 1, kAvx2 = 2, kAvx5
 // Forward: bit-parallel AND + popcount over every input word ("dense", bconv_popcount.h), or the
 // sum of the weight columns of the input spikes ("event", bconv_event.h), or, for inference on a
 // CPU with AMX-INT8, oneDNN's int8 convolution of the 0/1 spikes and the {-1, 0, +1} weights
-// ("onednn", bconv_onednn.cpp; inference only).
+// ("onednn", bconv_onednn.cpp; inference only). bconv_affine_infer (BinConv2d's no-grad op) has
+// no bit kernels: it runs "onednn" or ATen's float convolution of the 0/1 spikes (the plan
+// "aten", which a forced "dense" or "event" runs there).
 enum class ConvAlgo : int8_t { kAuto = -1, kDense = 0, kEvent = 1, kOnednn = 2 };
 
 // Input gradient: the dense transposed convolution of ATen, the ternary add/subtract kernel
@@ -108,12 +112,17 @@ class LazyValue {
 };
 
 // What the forward plan depends on: the geometry, the input channels (32*Cw for packed input),
-// whether the call is inference (bconv_lif_infer) and the input's fraction of set bits.
+// whether the call is inference (bconv_lif_infer) and the input's fraction of set bits; affine:
+// the call is bconv_affine_infer. op names the calling op (nullptr: a query from shapes, which
+// never measures) and variant what else its key holds (input dtype and layout, output kind).
 struct ForwardQuery {
   ConvShape s;
   int64_t Ci;
   bool infer;
   LazyValue rate;
+  bool affine = false;
+  const char* op = nullptr;
+  std::string variant;
 };
 
 // The backward's: also whether dL/dx is wanted, and the fraction of nonzero weights.
@@ -123,10 +132,26 @@ struct BackwardQuery {
   bool need_grad_x;
   LazyValue rate;
   LazyValue weight_density;
+  const char* op = nullptr;
+  std::string variant;
 };
 
+// Where a plan's choice came from: the rules' table, a forced configuration, the measurement
+// cache ("measured"), or the timing of the candidates in this very call ("measuring").
+enum class PlanSource : int8_t { kTable, kForced, kMeasured, kMeasuring };
+const char* source_name(PlanSource p);
+
+// Measuring (binslt.ops.plan.measure, env BINSLT_PLAN_MEASURE): off, the forward ops only
+// (their algorithms give bit-identical outputs: the default), or the backward too (its
+// algorithms' gradients agree within float rounding, so which one wins decides the rounding).
+enum class MeasureMode : int8_t { kOff = 0, kForward = 1, kAll = 2 };
+MeasureMode measure_mode();
+// "off" / "forward" / "all", or "env" to follow BINSLT_PLAN_MEASURE again.
+void set_measure_mode(const std::string& mode);
+std::string measure_mode_name();
+
 // Forward algorithms (the ConvAlgo names).
-enum class FwdPlan : int8_t { kDense, kEvent, kOnednn };
+enum class FwdPlan : int8_t { kDense, kEvent, kOnednn, kAten };
 // Input-gradient algorithms: the GradXAlgo names, and "margined" (the dense conv from the
 // channel-last zero-margined dZ), "pointwise" (one matrix product, 1x1 stride 1 unpadded),
 // "none" (dL/dx not wanted).
@@ -143,7 +168,12 @@ const char* plan_name(GradWPlan a);
 struct ForwardPlan {
   Isa isa;
   FwdPlan conv;
-  std::string describe() const;  // "isa=avx2 forward=event"
+  PlanSource source = PlanSource::kTable;
+  // Set when this call is to time its candidates (measuring on, "auto", no cached winner for
+  // key): the driver runs each (measure_plan) and keeps the fastest.
+  std::vector<FwdPlan> candidates;
+  std::string key;
+  std::string describe() const;  // "isa=avx2 forward=event source=table"
 };
 
 struct BackwardPlan {
@@ -155,7 +185,12 @@ struct BackwardPlan {
   GradXPlan grad_x_nonfinite;
   GradWPlan grad_w_nonfinite;
   bool nonfinite = false;  // set by the driver where an int8 form gave way
-  std::string describe() const;  // "isa=avx2 grad_x=dense grad_w=event"
+  PlanSource source_x = PlanSource::kTable, source_w = PlanSource::kTable;
+  // As ForwardPlan's, per gradient (the two are timed apart, each under its own key).
+  std::vector<GradXPlan> candidates_x;
+  std::vector<GradWPlan> candidates_w;
+  std::string key_x, key_w;
+  std::string describe() const;  // "isa=avx2 grad_x=dense grad_w=event source=table"
 };
 
 // The one decision point of each op (a forced algorithm is validated here: ValueError naming
@@ -163,13 +198,14 @@ struct BackwardPlan {
 ForwardPlan plan_forward(const ForwardQuery& q);
 BackwardPlan plan_backward(const BackwardQuery& q);
 
-// Python-visible: the plan a call would take, from shapes. x_shape [T, N, Ci, H, W], w_shape
-// [Co, Ci, kh, kw], rate the input's fraction of spikes (infer: float spikes in);
-// {"isa", "forward"} / {"isa", "grad_x", "grad_w"} -> name.
+// Python-visible: the plan a call would take by the table (or a forced configuration), from
+// shapes. x_shape [T, N, Ci, H, W], w_shape [Co, Ci, kh, kw], rate the input's fraction of
+// spikes, op "bconv_lif", "bconv_lif_infer" (float spikes in) or "bconv_affine_infer";
+// {"isa", "forward", "source"} / {"isa", "grad_x", "grad_w", "source"} -> name.
 std::map<std::string, std::string> plan_forward_for(const std::vector<int64_t>& x_shape,
                                                     const std::vector<int64_t>& w_shape,
                                                     int64_t stride, int64_t padding, double rate,
-                                                    bool infer);
+                                                    const std::string& op);
 std::map<std::string, std::string> plan_backward_for(const std::vector<int64_t>& x_shape,
                                                      const std::vector<int64_t>& w_shape,
                                                      int64_t stride, int64_t padding,
@@ -180,6 +216,93 @@ std::map<std::string, std::string> plan_backward_for(const std::vector<int64_t>&
 // spikes.
 double packed_rate(const at::Tensor& x_packed);
 double sampled_rate(const float* x, int64_t n);
+
+// ---------------------------------------------------------------------------------------------
+// Measured plans: the winners of timed candidates, per key (the op, its shapes and variant, the
+// ISA path, the thread count and the input's rate bucket), in memory and in a JSON file that
+// binslt.ops.plan names and loads (one file per CPU model + ISA features + build).
+// ---------------------------------------------------------------------------------------------
+
+// The bucket of a fraction of set bits, "r0.10-0.15": coarse, finer at low rates where the
+// event forms' work changes most.
+std::string rate_bucket(double rate);
+// The cached winner's name for key ("" if none).
+std::string measured_winner(const std::string& key);
+// Records a winner with every candidate's time (ms) and rewrites the file (temp + rename).
+void record_measurement(const std::string& key, const std::string& winner,
+                        const std::vector<std::pair<std::string, double>>& ms);
+// Python-visible: the file (path, with the CPU and build it holds for), entries loaded from it,
+// the entries now ({key: {"plan": name, "<candidate>": ms...}}), and forgetting them all.
+void plan_cache_configure(const std::string& path, const std::string& cpu,
+                          const std::string& build);
+void plan_cache_insert(const std::string& key, const std::string& winner,
+                       const std::map<std::string, double>& ms);
+std::map<std::string, std::map<std::string, double>> plan_cache_entries();
+std::map<std::string, std::string> plan_cache_winners();
+void plan_cache_clear();
+
+// Times each candidate of one plan field (plan.*field set to it, run(plan) -> the op's output)
+// in three rounds, each in the reverse order of the one before (a drift in the machine's load
+// then meets every candidate; the first round also pays one-time costs: oneDNN's primitive,
+// first-touched pages), up to ten while all rounds together took under 200 ms, and returns the
+// output of the fastest (minimum time), leaving it in plan.*field and recording it under key.
+// The choice plan.*field held (the table's) stays unless another candidate is more than
+// kMeasureMargin faster: a noisy machine then does not turn a near tie into a switch. run may
+// set *invalid (e.g. an int8 form gave way on a dZ that is not finite): then nothing is
+// recorded.
+constexpr double kMeasureMargin = 0.05;
+double now_ms();
+template <class Plan, class Alg, class Run>
+auto measure_plan(Plan& plan, Alg Plan::*field, const std::vector<Alg>& candidates,
+                  const std::string& key, bool* invalid, Run&& run) -> decltype(run(plan)) {
+  using Out = decltype(run(plan));
+  const size_t n = candidates.size();
+  const size_t table = static_cast<size_t>(
+      std::find(candidates.begin(), candidates.end(), plan.*field) - candidates.begin());
+  std::vector<double> best(n, 1e300);
+  size_t lead = 0;
+  Out out{}, table_out{};
+  double total_ms = 0.0;
+  for (int round = 0; round < 10 && (round < 3 || total_ms < 200.0); ++round) {
+    for (size_t j = 0; j < n; ++j) {
+      const size_t i = round % 2 == 0 ? j : n - 1 - j;
+      Plan p = plan;
+      p.*field = candidates[i];
+      const double t0 = now_ms();
+      Out o = run(p);
+      const double dt = now_ms() - t0;
+      total_ms += dt;
+      if (dt < best[i]) best[i] = dt;
+      if (i == table) table_out = o;  // (tensors: a second handle, no copy)
+      if (i == lead || best[i] < best[lead]) {  // (the same output where i leads already)
+        lead = i;
+        out = std::move(o);
+      }
+    }
+  }
+  if (table < n && lead != table && best[table] <= (1.0 + kMeasureMargin) * best[lead]) {
+    lead = table;
+    out = std::move(table_out);
+  }
+  plan.*field = candidates[lead];
+  if (!*invalid) {
+    std::vector<std::pair<std::string, double>> ms;
+    for (size_t i = 0; i < n; ++i) ms.emplace_back(plan_name(candidates[i]), best[i]);
+    record_measurement(key, plan_name(candidates[lead]), ms);
+  }
+  return out;
+}
+
+// A forward op's body under its plan: run(plan), or each candidate timed (measure_plan) where
+// the plan carries them, the source then "measuring".
+template <class Run>
+auto run_forward_plan(ForwardPlan& plan, Run&& run) -> decltype(run(plan)) {
+  if (plan.candidates.empty()) return run(plan);
+  bool invalid = false;
+  auto out = measure_plan(plan, &ForwardPlan::conv, plan.candidates, plan.key, &invalid, run);
+  plan.source = PlanSource::kMeasuring;
+  return out;
+}
 
 // Inference: oneDNN's int8 convolution (AMX) where PyTorch has it and the CPU has AMX-INT8.
 bool onednn_int8_supported();

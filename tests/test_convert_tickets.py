@@ -152,3 +152,30 @@ def test_to_spikingjelly_drops_the_conversion_config():
     assert "build_config" not in back.__dict__
     with pytest.raises(TypeError, match="build_config"):
         binslt.export_ticket(back, "/nonexistent/x.safetensors")
+
+
+def test_converted_ticket_leaves_python_through_torch_export(tmp_path):
+    """A converted model's loaded ticket exports with torch.export like a built network's: the
+    program runs the binslt ops from packed planes and gives the loaded model's outputs, also
+    after save/load of the program (the SpikingJelly model's own eval outputs beside)."""
+    from binslt.interop.export import export_program, load_program, save_program
+
+    conv, _ = convert(factory("lif"), prune_rate=0.5, example_input=X[:, :1], backend="cpu")
+    search_step(conv, X)
+    path = tmp_path / "t.safetensors"
+    binslt.export_ticket(conv, path)
+    loaded = binslt.load_ticket(path, model=factory("lif", seed=9))
+    xe = torch.rand(2, 5, 2, 8, 8, generator=torch.Generator().manual_seed(4))
+    functional.reset_net(loaded)
+    ep = export_program(loaded, xe)
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any(o.startswith("binslt.") for o in ops), ops
+    saved = save_program(ep, tmp_path / "p.pt2")
+    want = logits(loaded, xe)
+    assert want.abs().max() > 0
+    for program in (ep, load_program(saved)):
+        with torch.no_grad():
+            assert torch.equal(program.module()(xe).mean(0), want)
+    # independent: the converted model's weights back in SpikingJelly give the same decisions
+    sj = binslt.to_spikingjelly(loaded)
+    assert torch.equal(logits(sj, xe).argmax(-1), want.argmax(-1))

@@ -371,6 +371,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def timing_defaults(args: argparse.Namespace, quick_sets: str = "anchor") -> None:
+    """--quick: the anchor set, 3 timed repeats, 1 warm-up; otherwise 10 and 2 (where not given).
+    Also plan_check.py's."""
+    if args.quick:
+        args.sets = quick_sets if args.sets is None else args.sets
+        args.repeats = args.repeats or 3
+        args.warmup = 1 if args.warmup is None else args.warmup
+    args.repeats = args.repeats or 10
+    args.warmup = 2 if args.warmup is None else args.warmup
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -410,12 +421,7 @@ def parse_args(argv=None):
     for m in args.modes:
         if m not in MODES:
             p.error(f"unknown mode {m!r}; choose from {MODES}")
-    if args.quick:
-        args.sets = args.sets or "anchor"
-        args.repeats = args.repeats or 3
-        args.warmup = 1 if args.warmup is None else args.warmup
-    args.repeats = args.repeats or 10
-    args.warmup = 2 if args.warmup is None else args.warmup
+    timing_defaults(args)
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     if args.tau <= 1.0:

@@ -88,12 +88,9 @@ def parse_args(argv=None):
     if not args.modes or bad:
         p.error(f"--modes must name some of {MODES}, got {args.modes}")
     if args.quick:
-        args.sets = "anchor"
-        args.repeats = args.repeats or 3
-        args.warmup = 1 if args.warmup is None else args.warmup
-    args.repeats = args.repeats or 10
-    args.warmup = 2 if args.warmup is None else args.warmup
-    if args.repeats < 1 or args.warmup < 1:
+        args.sets = None  # --quick times the anchor shape only (conv_lif.timing_defaults in main)
+    if (args.repeats is not None and args.repeats < 1) or (args.warmup is not None
+                                                           and args.warmup < 1):
         p.error("--repeats and --warmup must be >= 1")
     if not 0.0 <= args.tolerance < 10.0:
         p.error("--tolerance must be in [0, 10)")
@@ -204,6 +201,8 @@ def main(argv=None) -> int:
         os.environ["BINSLT_CACHE_DIR"] = tempfile.mkdtemp(prefix="binslt-plan-check-")
     import conv_lif  # noqa: I001  (after BINSLT_CACHE_DIR is set)
     import torch
+
+    conv_lif.timing_defaults(args)
 
     from binslt import ops
 

@@ -260,3 +260,23 @@ def test_grad_sparsity_smoke(tmp_path):
             # the compact surrogates zero dL/dX outside their window; BN's backward refills dL/dZ
             assert 0 < _num(r["gx_nonzero"]) < _num(atan["gx_nonzero"])
             assert _num(r["gz_nonzero"]) >= _num(r["gx_nonzero"])
+
+
+def test_plan_check_quick_times_auto_against_every_forced_algorithm(tmp_path):
+    """plan_check.py --quick: auto (table and measured) and each forced forward algorithm on the
+    anchor shape; the ratio is the row's time over the fastest forced one's, whose name and time
+    it records. (The tolerance is opened wide: the verdict is a measurement, not a test.)"""
+    _, rows = _run_csv("plan_check.py", tmp_path, "--quick", "--modes", "eval_fwd",
+                       "--tolerance", "9.9", meta_keys=("git_commit", "plan_cache"), png=False)
+    variants = {r["variant"]: r for r in rows}
+    assert {"auto_table", "auto_measured", "conv=dense", "conv=event"} <= set(variants)
+    forced = {k: _num(r["ms"]) for k, r in variants.items() if k.startswith("conv=")}
+    best = min(forced, key=forced.get)
+    for r in rows:
+        assert r["shape"] == "anchor" and r["mode"] == "eval_fwd"
+        assert r["best_forced"] == best and _num(r["best_forced_ms"]) == pytest.approx(forced[best])
+        assert _num(r["ratio"]) == pytest.approx(_num(r["ms"]) / forced[best], rel=1e-3)
+    assert variants["auto_table"]["verdict"] == variants["auto_measured"]["verdict"] == "pass"
+    assert variants["auto_table"]["plan"].startswith("forward=")
+    # the measured plan names the op and one of its forward candidates
+    assert variants["auto_measured"]["plan"].split("=")[1] in {"dense", "event", "onednn"}

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..nn.layers import BinConv2d, BinLinear, BinSpikeConv2d, BinSpikeLinear, SpikeMaxPool2d
 from .nir_format import FORMAT_NAME, FORMAT_VERSION, NIRError
+from .sj_modules import _pair_square, _sj
 
 _PASS_OPS = {"view", "reshape", "flatten", "contiguous", "view_as", "reshape_as", "clone",
              "detach", "float", "to", "unflatten"}
@@ -51,15 +52,9 @@ class _V:
     gpool: bool = False  # a global average pool's [C, 1, 1] (a flatten after it: binslt's)
 
 
-def _sj_types():
-    from spikingjelly.activation_based import layer
-
-    return layer
-
-
 def _is_type(m: nn.Module, *names: str) -> bool:
     """``m`` is a torch.nn or SpikingJelly ``layer`` module of one of these class names."""
-    layer = _sj_types()
+    layer, _, _ = _sj()
     for n in names:
         for ns in (nn, layer):
             cls = getattr(ns, n, None)
@@ -69,10 +64,12 @@ def _is_type(m: nn.Module, *names: str) -> bool:
 
 
 def _square(v, what: str, where: str) -> int:
-    a = [int(u) for u in (v if isinstance(v, (tuple, list)) else (v, v))]
-    if len(a) != 2 or a[0] != a[1]:
-        raise NIRError(f"{where}: {what} {a} is not square; NIR max/avg pools are written square")
-    return a[0]
+    if isinstance(v, (tuple, list)) and len(v) != 2:
+        raise NIRError(f"{where}: {what} {tuple(v)} is not a pair")
+    n, why = _pair_square(v, what)
+    if n is None:
+        raise NIRError(f"{where}: {why}; NIR max/avg pools are written square")
+    return n
 
 
 class _Graph:

@@ -108,14 +108,17 @@ def variants(shape, mode: str, ops, all_forced: bool) -> dict[str, dict]:
     """name -> cpu_algorithms(**kw) of each forced variant that can run the layer."""
     from binslt.ops import cpu_algos
 
-    amx = ops._ext.cpu_info()["features"].get("onednn_int8", False)
+    features = ops._ext.cpu_info()["features"]
+    # the split forms run on a matrix engine; elsewhere they are slower float forms
+    engine = {"int8": features.get("onednn_int8", False),
+              "bf16x3": features.get("bf16_matrix", False)}
     fields = ["conv"] + (["grad_x", "grad_w"] if mode == "train_fwdbwd" else [])
     x = (shape.T, shape.N, shape.C_in, shape.H, shape.W)
     w = (shape.C_out, shape.C_in, shape.k, shape.k)
     out = {}
     for field in fields:
         for name in cpu_algos.CHOICES[field][1:]:
-            if name == "int8" and not (amx or all_forced):
+            if not engine.get(name, True) and not all_forced:
                 continue
             try:
                 with ops.cpu_algorithms(**{field: name}):

@@ -275,16 +275,17 @@ def test_bconv_conv_algo_rejects_unknown_name():
     with pytest.raises(ValueError, match="expected one of auto, scalar, popcnt, avx2, avx512"):
         CPU._set_cpu_algorithms("sse", "auto", "auto", "auto")
     with pytest.raises(ValueError, match="expected one of auto, event, dense, unfold, taps, int8, "
-                       "pointwise"):
+                       "pointwise, bf16x3"):
         CPU._set_cpu_algorithms("auto", "auto", "auto", "gemm")
     before = _cpu_algos.current()
     for kw, choices in (({"conv": "sparse"}, "('auto', 'dense', 'event', 'onednn')"),
                         ({"grad_x": "sparse"},
                          "('auto', 'dense', 'ternary', 'combo', 'unfold', 'int8', 'margined', "
-                         "'pointwise')"),
+                         "'pointwise', 'bf16x3')"),
                         ({"isa": "sse"}, "('auto', 'scalar', 'popcnt', 'avx2', 'avx512')"),
                         ({"grad_w": "gemm"},
-                         "('auto', 'event', 'dense', 'unfold', 'taps', 'int8', 'pointwise')")):
+                         "('auto', 'event', 'dense', 'unfold', 'taps', 'int8', 'pointwise', "
+                         "'bf16x3')")):
         with pytest.raises(ValueError, match=re.escape(f"must be one of {choices}")):
             with cpu_algorithms(**kw):
                 pass
@@ -554,13 +555,15 @@ def _gx_algos() -> list[str]:
 
 # (input-gradient, weight-gradient) algorithms: the two gradients are independent code paths,
 # so every input-gradient form runs with the event weight gradient, one with the dense one and
-# the unfold, the tap, the pointwise and the int8 forms with their own (forced on every case:
+# the unfold, the tap, the pointwise, the bf16x3 and the int8 forms with their own (forced on
+# every case (bf16x3 everywhere: float32 products where the CPU has no bf16 matrix engine):
 # also the maps "auto" never gives them; where a forced form cannot run a case, e.g. "int8" or
 # "margined" at stride 2, "pointwise" off a 1x1 kernel, the op raises ValueError saying why, as
 # binslt.ops.plan.backward_plan does).
 BWD_ALGOS = [(gx, "event") for gx in _gx_algos()] + [
     ("margined", "event"), ("dense", "dense"), ("margined", "dense"), ("unfold", "unfold"),
-    ("dense", "taps"), ("dense", "int8"), ("margined", "int8"), ("pointwise", "pointwise")]
+    ("dense", "taps"), ("dense", "int8"), ("margined", "int8"), ("pointwise", "pointwise"),
+    ("bf16x3", "bf16x3")]
 if onednn_supported():  # the int8 input gradient runs on oneDNN's AMX-INT8 convolution only
     BWD_ALGOS.append(("int8", "int8"))
 
@@ -704,16 +707,86 @@ def test_int8_weight_grad_in_chunks_of_images(use_algos):
     _assert_close(a[0], b[0], "grad_x")
 
 
-@pytest.mark.parametrize("gx_algo", ["dense"] + (["int8"] if onednn_supported() else []))
-def test_int8_grads_take_the_float_forms_on_a_non_finite_dz(gx_algo, use_algos):
-    """A NaN in dL/dspikes cannot be split into int8 limbs: the forced int8 forms give the event
-    weight gradient's and the dense input gradient's results (NaN where those carry it), never a
-    number made up from a NaN."""
+# Every binary-input conv shape of Conv-4, VGG-11 and ResNet-19 at CIFAR size (Ci, Co, H, stride,
+# kernel, padding), the 1x1 shortcuts, and a hidden linear layer as a 1x1 conv. (The first layer
+# takes real values: ATen's float conv, not these forms.)
+PAPER_LAYERS = sorted({
+    # Conv-4
+    (64, 64, 32, 1, 3, 1), (64, 128, 16, 1, 3, 1), (128, 128, 16, 1, 3, 1),
+    # VGG-11
+    (128, 256, 8, 1, 3, 1), (256, 256, 8, 1, 3, 1), (256, 512, 4, 1, 3, 1),
+    (512, 512, 4, 1, 3, 1), (512, 512, 2, 1, 3, 1),
+    # ResNet-19
+    (64, 128, 32, 1, 3, 1), (128, 128, 32, 1, 3, 1), (128, 256, 32, 2, 3, 1),
+    (256, 256, 16, 1, 3, 1), (256, 512, 16, 2, 3, 1), (512, 512, 8, 1, 3, 1),
+    (64, 128, 32, 1, 1, 0), (128, 256, 32, 2, 1, 0), (256, 512, 16, 2, 1, 0),
+    # FC 512 -> 256
+    (512, 256, 1, 1, 1, 0),
+})
+
+
+@pytest.mark.parametrize("layer", PAPER_LAYERS, ids=lambda v: "x".join(map(str, v)))
+def test_split_forms_on_the_paper_layers_match_float64(layer, use_algos):
+    """The bf16x3 forms (and int8 where the CPU runs it) on every layer shape of the paper's
+    networks (T=2, N=1, batch-statistics BN: dZ dense): dL/dX, dL/dW_eff and the search's score
+    gradient dL/ds = dL/dW_eff * w * sign(s) within 1e-5 relative of float64."""
+    Ci, Co, H, stride, k, pad = layer
+    geom = (2, 1, Ci, Co, H, H, k, stride, pad)
+    seed = stable_seed(layer)
+    c = _conv_case(geom, seed, rate=0.2, bn_train=True)
+    nk = dict(tau=2.0, decay_input=False, v_threshold=0.5, v_reset=0.0)
+    z64 = _z64(c)
+    c["scale"], c["shift"] = _drive(z64, nk, True, seed)
+    shift = nudge_until_untied(lambda sh: _ref_h64(z64, dict(c, shift=sh), nk),
+                               nk["v_threshold"], c["shift"], step=1e-2)
+    fwd = OPS.bconv_lif(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], shift, None, c["T"],
+                        stride, pad, True, 1e-5, nk["tau"], False, nk["v_threshold"], 0.0)
+    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(seed))
+    want = _bconv_bwd_ref64(gs, c, nk, shift, True, 0, 2.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn(c["w"].shape, generator=g)
+    scores = torch.randn(c["w"].shape, generator=g)
+    forms = [("bf16x3", "bf16x3")]
+    if onednn_supported() and stride == 1 and k > 1:
+        forms.append(("int8", "int8"))
+    for gx, gw in forms:
+        use_algos(grad_x=gx, grad_w=gw)
+        out = OPS.bconv_lif_bwd(gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"],
+                                shift, fwd[2], fwd[3], None, Ci, stride, pad, True, 1e-5,
+                                nk["tau"], False, nk["v_threshold"], 0.0, True, 0, 2.0, True)
+        _assert_close(out[0], want[0], f"{gx} grad_x")
+        _assert_close(out[1], want[1], f"{gw} grad_weight")
+        _assert_close(torch.ops.binslt.search_score_grad(out[1], w, scores),
+                      ref.search_score_grad(want[1], w.double(), scores.double()),
+                      f"{gw} score gradient")
+
+
+def test_bf16x3_grads_in_chunks_of_images(use_algos):
+    """Two 256x256 images of 32 -> 32 channels: the bf16x3 parts of one image (25 MB) fill a
+    chunk (24 MiB), so both gradients run in two chunks on one scale; they agree with the dense
+    float forms (within float32 summation order over 131072 products)."""
+    c = _conv_case((1, 2, 32, 32, 256, 256, 3, 1, 1), 13, bn_train=True)
+    fwd = _fwd_of(c)
+    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(8))
+    use_algos(grad_x="bf16x3", grad_w="bf16x3")
+    a = _bwd_of(c, fwd, gs)
+    use_algos(grad_x="dense", grad_w="dense")
+    b = _bwd_of(c, fwd, gs)
+    _assert_close(a[1], b[1], "grad_weight")  # 131072 products per weight, two orders
+    _assert_close(a[0], b[0], "grad_x")
+
+
+@pytest.mark.parametrize("gx_algo,gw_algo", [("dense", "int8"), ("bf16x3", "bf16x3")]
+                         + ([("int8", "int8")] if onednn_supported() else []))
+def test_split_grads_take_the_float_forms_on_a_non_finite_dz(gx_algo, gw_algo, use_algos):
+    """A NaN in dL/dspikes cannot be split into int8 limbs or bf16 parts: the forced split
+    forms give the event weight gradient's and the dense input gradient's results (NaN where
+    those carry it), never a number made up from a NaN."""
     c = _conv_case((2, 1, 16, 16, 6, 6, 3, 1, 1), 12, bn_train=False)
     fwd = _fwd_of(c)
     gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(6))
     gs[1, 0, 3, 2, 2] = float("nan")
-    use_algos(grad_x=gx_algo, grad_w="int8")
+    use_algos(grad_x=gx_algo, grad_w=gw_algo)
     a = _bwd_of(c, fwd, gs)
     use_algos(grad_x="dense", grad_w="event")
     b = _bwd_of(c, fwd, gs)

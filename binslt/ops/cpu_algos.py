@@ -16,12 +16,16 @@ with their measured thresholds, are written down once at ``plan_forward`` / ``pl
   ``"margined"`` (the same conv from dZ channel-last with zero margins; stride 1, padding <=
   kernel - 1), ``"ternary"`` / ``"combo"`` (add/subtract of dZ rows, plain or over signed sums of
   four rows; AVX-512, stride 1), ``"unfold"`` (the conv as one [Co*Ho*Wo, Ci*H*W] matrix, for
-  maps of a few pixels), ``"int8"`` (oneDNN's int8 conv of dZ's int8 limbs; AMX-INT8, stride 1)
-  or ``"pointwise"`` (one matrix product: 1x1 kernel, stride 1, no padding);
+  maps of a few pixels), ``"int8"`` (oneDNN's int8 conv of dZ's int8 limbs; AMX-INT8, stride 1),
+  ``"bf16x3"`` (the dense conv as three products of bf16-exact parts of alpha * dZ, see
+  :func:`bf16_split`, under oneDNN's bf16 conv precision: the bf16 matrix engine of an AMX-BF16
+  CPU; elsewhere float32 products, same result) or ``"pointwise"`` (one matrix product: 1x1
+  kernel, stride 1, no padding);
 * ``grad_w``: the weight gradient, ``"event"`` (sums of dZ rows over the input's set bits),
   ``"dense"`` (ATen's weight-gradient convolution of the unpacked input), ``"taps"`` (one GEMM
   per tap over the pixel pairs it joins), ``"unfold"``, ``"int8"`` (exact int8 products of dZ's
-  limbs; stride 1) or ``"pointwise"``.
+  limbs; stride 1), ``"bf16x3"`` (three products of dZ's bf16-exact parts and the 0/1 input) or
+  ``"pointwise"``.
 
 ``"auto"`` in a field restores the plan's choice: the rules' table, or the fastest candidate
 timed on the call's shapes (:func:`binslt.ops.plan.measure`). A forced name runs exactly that
@@ -43,8 +47,9 @@ from . import library as _ext
 CHOICES: dict[str, tuple[str, ...]] = {
     "isa": ("auto", "scalar", "popcnt", "avx2", "avx512"),
     "conv": ("auto", "dense", "event", "onednn"),
-    "grad_x": ("auto", "dense", "ternary", "combo", "unfold", "int8", "margined", "pointwise"),
-    "grad_w": ("auto", "event", "dense", "unfold", "taps", "int8", "pointwise"),
+    "grad_x": ("auto", "dense", "ternary", "combo", "unfold", "int8", "margined", "pointwise",
+               "bf16x3"),
+    "grad_w": ("auto", "event", "dense", "unfold", "taps", "int8", "pointwise", "bf16x3"),
 }
 
 
@@ -108,3 +113,27 @@ def runnable_isas() -> list[str]:
         except RuntimeError:  # this CPU cannot run it
             pass
     return out
+
+
+def bf16_split(x) -> tuple:
+    """``(parts, e)``: a float32 CPU tensor ``x`` as three tensors exact in bfloat16, stacked in
+    ``parts`` (shape ``[3, *x.shape]``), with ``x == (parts[0] + parts[1] + parts[2]) * 2**e``.
+
+    This is the split of the ``"bf16x3"`` gradient forms: ``x`` is scaled by ``2**-e`` (``e`` the
+    exponent of its largest magnitude, 0 for all zeros), then ``parts[0]`` is each value with its
+    significand cut to bfloat16's 8 bits, ``parts[1]`` the remainder cut the same way and
+    ``parts[2]`` what is left (at most 8 bits: float32's 24 in three). Exact for every value
+    above ``2**(e - 100)`` in magnitude; smaller ones keep float32's absolute precision at that
+    scale. Raises ValueError for NaN or inf (no exact parts), TypeError for another dtype or
+    device.
+
+    >>> import torch
+    >>> from binslt.ops.cpu_algos import bf16_split
+    >>> x = torch.tensor([1 / 3, -2.5e-7, 7.0, 0.0])
+    >>> parts, e = bf16_split(x)
+    >>> bool((parts.bfloat16().float() == parts).all())
+    True
+    >>> bool(((parts.double().sum(0) * 2.0 ** e) == x.double()).all())
+    True
+    """
+    return tuple(_module()._bf16_split(x))

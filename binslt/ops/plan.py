@@ -9,8 +9,8 @@ measured thresholds are written down), and the kernels execute that plan:
   ``"onednn"`` or ``"aten"`` (ATen's float conv of the 0/1 spikes);
 * backward (``bconv_lif_bwd``, ``bconv_lif_bwd_pool2``): ``grad_x`` one of ``"none"``
   (dL/dx not wanted), ``"dense"``, ``"margined"``, ``"ternary"``, ``"combo"``, ``"unfold"``,
-  ``"int8"``, ``"pointwise"``; ``grad_w`` one of ``"event"``, ``"dense"``, ``"taps"``,
-  ``"unfold"``, ``"int8"``, ``"pointwise"``.
+  ``"int8"``, ``"bf16x3"``, ``"pointwise"``; ``grad_w`` one of ``"event"``, ``"dense"``,
+  ``"taps"``, ``"unfold"``, ``"int8"``, ``"bf16x3"``, ``"pointwise"``.
 
 The plan follows the configuration of :func:`binslt.ops.cpu_algorithms`: a forced name runs
 exactly that algorithm, and a call it cannot run raises ValueError saying why (from the op, and
@@ -72,7 +72,7 @@ ENV_MEASURE = "BINSLT_PLAN_MEASURE"
 FORWARD_OPS = ("bconv_lif", "bconv_lif_infer", "bconv_affine_infer")
 # Every algorithm name a cached winner may carry (a key's candidates are a subset).
 PLAN_NAMES = frozenset({"dense", "event", "onednn", "aten", "margined", "ternary", "combo",
-                        "unfold", "int8", "pointwise", "taps"})
+                        "unfold", "int8", "pointwise", "taps", "bf16x3"})
 
 
 def _module():

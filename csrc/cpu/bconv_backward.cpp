@@ -315,7 +315,7 @@ LifBnOut lif_bn_stage(const BwdArgs& a) {
 
 // The weight gradient of plan.grad_w from dZ (gz). The event form leaves its channel-last,
 // zero-margined copy of dZ in gz_cl, and releases gz when the input gradient is to run from that
-// copy ("margined"). An int8 form that meets a dZ that is not finite gives way to
+// copy ("margined"). A split form (int8, bf16x3) that meets a dZ that is not finite gives way to
 // plan.grad_w_nonfinite (recorded in the plan).
 at::Tensor run_grad_w(const BwdArgs& a, BackwardPlan& plan, at::Tensor& gz, at::Tensor& gz_cl) {
   const ConvShape& s = a.s;
@@ -324,8 +324,11 @@ at::Tensor run_grad_w(const BwdArgs& a, BackwardPlan& plan, at::Tensor& gz, at::
     switch (plan.grad_w) {
       case GradWPlan::kUnfold:
         return weight_grad_unfold(s, Ci, gz, unpack_spikes_cpu(a.x_packed, Ci));
-      case GradWPlan::kInt8: {
-        at::Tensor gw = weight_grad_int8(s, Ci, a.x_packed, gz);
+      case GradWPlan::kInt8:
+      case GradWPlan::kBf16x3: {
+        at::Tensor gw = plan.grad_w == GradWPlan::kInt8
+                            ? weight_grad_int8(s, Ci, a.x_packed, gz)
+                            : weight_grad_bf16x3(s, Ci, a.x_packed, gz);
         if (gw.defined()) return gw;
         plan.grad_w = plan.grad_w_nonfinite;
         plan.nonfinite = true;
@@ -377,8 +380,11 @@ at::Tensor run_grad_x(const BwdArgs& a, BackwardPlan& plan, at::Tensor& gz, at::
       }
       case GradXPlan::kUnfold:
         return input_grad_unfold(s, Ci, gz, a.w_mask, a.w_pos, ap);
-      case GradXPlan::kInt8: {
-        at::Tensor gx = input_grad_int8(s, Ci, gz, a.w_mask, a.w_pos, ap);
+      case GradXPlan::kInt8:
+      case GradXPlan::kBf16x3: {
+        at::Tensor gx = plan.grad_x == GradXPlan::kInt8
+                            ? input_grad_int8(s, Ci, gz, a.w_mask, a.w_pos, ap)
+                            : input_grad_bf16x3(s, Ci, gz, a.w_mask, a.w_pos, ap);
         if (gx.defined()) return gx;
         plan.grad_x = plan.grad_x_nonfinite;
         plan.nonfinite = true;
@@ -401,7 +407,7 @@ at::Tensor run_grad_x(const BwdArgs& a, BackwardPlan& plan, at::Tensor& gz, at::
   }
 }
 
-// One gradient's candidates timed (measure_plan); run(plan) computes it. Where an int8 candidate
+// One gradient's candidates timed (measure_plan); run(plan) computes it. Where a split candidate
 // gave way on a dZ that is not finite nothing is recorded, and the plan shows the float form.
 template <class Alg, class Run>
 at::Tensor time_gradient(BackwardPlan& plan, Alg BackwardPlan::*field,
@@ -413,7 +419,7 @@ at::Tensor time_gradient(BackwardPlan& plan, Alg BackwardPlan::*field,
     invalid = invalid || p.nonfinite;
     return r;
   });
-  if (invalid && plan.*field == Alg::kInt8) {
+  if (invalid && split_form(plan.*field)) {
     plan.*field = plan.*nonfinite;
     plan.nonfinite = true;
   }

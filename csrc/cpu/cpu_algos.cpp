@@ -190,6 +190,7 @@ static const char* grad_w_name(GradWAlgo a) {
     case GradWAlgo::kTaps: return "taps";
     case GradWAlgo::kInt8: return "int8";
     case GradWAlgo::kPointwise: return "pointwise";
+    case GradWAlgo::kBf16x3: return "bf16x3";
     default: return "auto";
   }
 }
@@ -203,6 +204,7 @@ static const char* grad_x_name(GradXAlgo a) {
     case GradXAlgo::kInt8: return "int8";
     case GradXAlgo::kMargined: return "margined";
     case GradXAlgo::kPointwise: return "pointwise";
+    case GradXAlgo::kBf16x3: return "bf16x3";
     default: return "auto";
   }
 }
@@ -236,11 +238,12 @@ void set_cpu_algorithms(const std::string& isa, const std::string& conv,
   static constexpr GradXAlgo kGradXs[] = {GradXAlgo::kAuto, GradXAlgo::kDense,
                                           GradXAlgo::kTernary, GradXAlgo::kCombo,
                                           GradXAlgo::kUnfold, GradXAlgo::kInt8,
-                                          GradXAlgo::kMargined, GradXAlgo::kPointwise};
+                                          GradXAlgo::kMargined, GradXAlgo::kPointwise,
+                                          GradXAlgo::kBf16x3};
   static constexpr GradWAlgo kGradWs[] = {GradWAlgo::kAuto, GradWAlgo::kEvent,
                                           GradWAlgo::kDense, GradWAlgo::kUnfold,
                                           GradWAlgo::kTaps, GradWAlgo::kInt8,
-                                          GradWAlgo::kPointwise};
+                                          GradWAlgo::kPointwise, GradWAlgo::kBf16x3};
   AlgoConfig c;
   c.isa = parse_choice(isa, "isa path", kIsas, &isa_name);
   c.conv = parse_choice(conv, "conv algorithm", kConvs, &conv_name);
@@ -275,6 +278,7 @@ std::map<std::string, bool> cpu_feature_flags() {
   f["avx512vpopcntdq"] = __builtin_cpu_supports("avx512vpopcntdq");
 #endif
   f["onednn_int8"] = onednn_int8_supported();  // AMX-INT8 and the oneDNN ops: the "onednn" conv
+  f["bf16_matrix"] = bf16_matrix_supported();  // AMX-BF16 and oneDNN: "bf16x3" on the engine
   return f;
 }
 
@@ -369,6 +373,7 @@ const char* plan_name(GradXPlan a) {
     case GradXPlan::kCombo: return "combo";
     case GradXPlan::kUnfold: return "unfold";
     case GradXPlan::kInt8: return "int8";
+    case GradXPlan::kBf16x3: return "bf16x3";
     default: return "pointwise";
   }
 }
@@ -380,6 +385,7 @@ const char* plan_name(GradWPlan a) {
     case GradWPlan::kTaps: return "taps";
     case GradWPlan::kUnfold: return "unfold";
     case GradWPlan::kInt8: return "int8";
+    case GradWPlan::kBf16x3: return "bf16x3";
     default: return "pointwise";
   }
 }
@@ -481,6 +487,7 @@ GradWPlan forced_grad_w(const Facts& f, GradWAlgo a) {
         cannot(field, "int8", c10::str("its padded map may have at most ", int8_grad_w_max_grid(),
                                        " pixels, this one has ", f.padded_grid()));
       return GradWPlan::kInt8;
+    case GradWAlgo::kBf16x3: return GradWPlan::kBf16x3;
     default:
       if (!f.pointwise)
         cannot(field, "pointwise", c10::str("it needs a 1x1 kernel at stride 1 without padding, "
@@ -520,6 +527,7 @@ GradXPlan forced_grad_x(const Facts& f, Isa isa, GradXAlgo a) {
     case GradXAlgo::kUnfold:
       check_unfold(f, field);
       return GradXPlan::kUnfold;
+    case GradXAlgo::kBf16x3: return GradXPlan::kBf16x3;
     case GradXAlgo::kInt8:
     case GradXAlgo::kMargined: {
       const char* name = a == GradXAlgo::kInt8 ? "int8" : "margined";
@@ -609,6 +617,7 @@ std::vector<GradWPlan> grad_w_candidates(const Facts& f) {
     v.push_back(GradWPlan::kUnfold);
   if (f.s.stride == 1 && f.padded_grid() <= int8_grad_w_max_grid() && onednn_int8_supported())
     v.push_back(GradWPlan::kInt8);
+  if (bf16_matrix_supported()) v.push_back(GradWPlan::kBf16x3);
   if (f.pointwise) v.push_back(GradWPlan::kPointwise);
   return v;
 }
@@ -623,6 +632,7 @@ std::vector<GradXPlan> grad_x_candidates(const Facts& f, Isa isa) {
   if (!f.pointwise && f.unfold_bytes <= kAutoRules.unfold_max_bytes)
     v.push_back(GradXPlan::kUnfold);
   if (f.margins_fit && onednn_int8_supported()) v.push_back(GradXPlan::kInt8);
+  if (bf16_matrix_supported()) v.push_back(GradXPlan::kBf16x3);
   if (f.pointwise) v.push_back(GradXPlan::kPointwise);
   return v;
 }
@@ -708,11 +718,11 @@ BackwardPlan plan_backward(const BackwardQuery& q) {
   BackwardPlan plan{active_isa(), GradXPlan::kNone, GradWPlan::kEvent, GradXPlan::kNone,
                     GradWPlan::kEvent};
   // Weight gradient.
-  GradWPlan float_w = GradWPlan::kEvent;  // the rule without the int8 form
+  GradWPlan float_w = GradWPlan::kEvent;  // the rule without the split forms
   const bool measure = q.op != nullptr && measure_mode() == MeasureMode::kAll;
   if (cfg.grad_w != GradWAlgo::kAuto) {
     plan.grad_w = forced_grad_w(f, cfg.grad_w);
-    float_w = plan.grad_w == GradWPlan::kInt8 ? GradWPlan::kEvent : plan.grad_w;
+    float_w = split_form(plan.grad_w) ? GradWPlan::kEvent : plan.grad_w;
     plan.source_w = PlanSource::kForced;
   } else if (!f.pointwise && f.unfold_pays()) {
     plan.grad_w = float_w = GradWPlan::kUnfold;
@@ -728,13 +738,16 @@ BackwardPlan plan_backward(const BackwardQuery& q) {
                       (dense || q.rate.get() * static_cast<double>(f.pixels()) >=
                                     kAutoRules.int8_grad_w_min_rate *
                                         static_cast<double>(f.padded_grid()));
-    plan.grad_w = int8 ? GradWPlan::kInt8 : float_w;
+    // With a bf16 matrix engine its split form takes the dense products' place.
+    plan.grad_w = int8 ? GradWPlan::kInt8
+                  : float_w == GradWPlan::kDense && bf16_matrix_supported() ? GradWPlan::kBf16x3
+                                                                           : float_w;
   }
   if (measure && cfg.grad_w == GradWAlgo::kAuto) {
     apply_measurement(grad_w_candidates(f),
                       measure_key(q.op, " grad_w", q.s, q.Ci, q.variant, plan.isa, q.rate.get()),
                       &plan.grad_w, &plan.source_w, &plan.candidates_w, &plan.key_w);
-    if (plan.grad_w != GradWPlan::kInt8) float_w = plan.grad_w;
+    if (!split_form(plan.grad_w)) float_w = plan.grad_w;
   }
   plan.grad_w_nonfinite = float_w;
   if (!q.need_grad_x) return plan;
@@ -747,7 +760,7 @@ BackwardPlan plan_backward(const BackwardQuery& q) {
   };
   if (cfg.grad_x != GradXAlgo::kAuto) {
     plan.grad_x = forced_grad_x(f, plan.isa, cfg.grad_x);
-    plan.grad_x_nonfinite = plan.grad_x == GradXPlan::kInt8 ? GradXPlan::kDense : plan.grad_x;
+    plan.grad_x_nonfinite = split_form(plan.grad_x) ? GradXPlan::kDense : plan.grad_x;
     plan.source_x = PlanSource::kForced;
     return plan;
   } else if (f.pointwise) {
@@ -760,7 +773,9 @@ BackwardPlan plan_backward(const BackwardQuery& q) {
     const bool int8 = f.margins_fit && onednn_int8_supported() &&
                       f.pixels() >= kAutoRules.int8_grad_x_min_pixels &&
                       f.pixels() <= kAutoRules.int8_grad_x_max_pixels;
-    plan.grad_x = int8 ? GradXPlan::kInt8 : float_x;
+    const bool bf16 = (float_x == GradXPlan::kDense || float_x == GradXPlan::kMargined) &&
+                      bf16_matrix_supported();
+    plan.grad_x = int8 ? GradXPlan::kInt8 : bf16 ? GradXPlan::kBf16x3 : float_x;
     plan.grad_x_nonfinite = float_x;
   }
   if (measure) {
@@ -771,7 +786,7 @@ BackwardPlan plan_backward(const BackwardQuery& q) {
     apply_measurement(grad_x_candidates(f, plan.isa),
                       measure_key(q.op, " grad_x", q.s, q.Ci, variant, plan.isa, q.rate.get()),
                       &plan.grad_x, &plan.source_x, &plan.candidates_x, &plan.key_x);
-    if (plan.grad_x != GradXPlan::kInt8) plan.grad_x_nonfinite = plan.grad_x;
+    if (!split_form(plan.grad_x)) plan.grad_x_nonfinite = plan.grad_x;
   }
   return plan;
 }

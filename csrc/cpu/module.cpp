@@ -3,6 +3,7 @@
 // schemas are declared once, in Python (binslt/_schemas.py).
 #include <torch/extension.h>
 
+#include "binslt/bconv_cpu.h"
 #include "binslt/cpu_algos.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -21,6 +22,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_x"), py::arg("grad_w"),
         "Set the whole configuration (use binslt.ops.cpu_algorithms, which lists the names). "
         "ValueError for an unknown name, RuntimeError for a path this CPU cannot run");
+  m.def("_bf16_split", &cpu::bf16_split, py::arg("x"),
+        "x (float32) as ([3, *x.shape] parts exact in bf16, e): x == (p0 + p1 + p2) * 2^e (the "
+        "split of the 'bf16x3' gradient forms); ValueError for NaN or inf");
   m.def("_plan_forward", &cpu::plan_forward_for, py::arg("x_shape"), py::arg("weight_shape"),
         py::arg("stride"), py::arg("padding"), py::arg("rate"), py::arg("op"),
         "The table's forward plan of a conv: x_shape [T, N, Ci, H, W], weight_shape [Co, Ci, "

@@ -11,6 +11,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 #include <cstdint>
 #include <optional>
 
@@ -143,6 +145,21 @@ int64_t int8_grad_w_max_grid();
 at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
                            const at::Tensor& w_mask, const at::Tensor& w_pos,
                            const float* alpha);
+
+// The split-precision forms (bconv_grad_bf16.cpp; any stride): dZ on one power-of-two scale in
+// three parts exact in bf16, each product one ATen float32 convolution under oneDNN's bf16 conv
+// precision (a bf16 matrix engine where the CPU has one), the parts' sums recombined in double.
+// dL/dW_eff [Co, Ci, kh, kw] from dZ [B, Co, Ho, Wo] and the 0/1 input; dL/dX [T, N, Ci, H, W]
+// from alpha * dZ and the {-1, 0, +1} weight. Undefined where dZ holds a value that is not
+// finite (the caller then takes a float form).
+at::Tensor weight_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
+                              const at::Tensor& gz);
+at::Tensor input_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
+                             const at::Tensor& w_mask, const at::Tensor& w_pos,
+                             const float* alpha);
+// x (float32) as [3, *x.shape] parts exact in bf16 and e: x == (parts[0] + parts[1] + parts[2])
+// * 2^e for every value of x above 2^(e - 100) in magnitude; ValueError for NaN or inf.
+std::tuple<at::Tensor, int64_t> bf16_split(const at::Tensor& x);
 
 // The unfold form (bconv_unfold.cpp): bytes of its matrix [Co*Ho*Wo, Ci*H*W] float32; dL/dW_eff
 // from dZ [B, Co, Ho, Wo] and the unpacked input x [B, Ci, H, W]; dL/dX [T, N, Ci, H, W].

@@ -36,11 +36,14 @@ enum class ConvAlgo : int8_t { kAuto = -1, kDense = 0, kEvent = 1, kOnednn = 2 }
 // (AVX-512, stride 1) in its plain or its combination form (bconv_input_grad.cpp), or the whole
 // conv as one matrix over a small map ("unfold", bconv_unfold.cpp), or, at stride 1 on a CPU with
 // AMX-INT8, oneDNN's int8 convolution of dZ's three int8 limbs with the {-1, 0, +1} weight
-// ("int8", bconv_grad_int8.cpp); "margined" is the dense form from dZ channel-last with zero margins (stride 1), "pointwise" one
-// matrix product (a 1x1 kernel at stride 1 without padding: the linear layers).
+// ("int8", bconv_grad_int8.cpp), or the dense form as three products of bf16-exact parts of
+// alpha * dZ with the {-1, 0, +1} weight ("bf16x3", bconv_grad_bf16.cpp: a bf16 matrix engine
+// through oneDNN where the CPU has AMX-BF16); "margined" is the dense form from dZ channel-last
+// with zero margins (stride 1), "pointwise" one matrix product (a 1x1 kernel at stride 1 without
+// padding: the linear layers).
 enum class GradXAlgo : int8_t {
   kAuto = -1, kDense = 0, kTernary = 1, kCombo = 2, kUnfold = 3, kInt8 = 4, kMargined = 5,
-  kPointwise = 6
+  kPointwise = 6, kBf16x3 = 7
 };
 
 // Weight gradient: sums of dZ rows over the input's set bits ("event", bconv_weight_grad.cpp),
@@ -50,10 +53,12 @@ enum class GradXAlgo : int8_t {
 // the dense form as one GEMM per tap over the pixel pairs it joins ("taps", bconv_weight_grad.cpp:
 // no padding multiplied, for small maps), or, at stride 1, the dense form as exact int8 x int8
 // products of dZ's three int8 limbs and the 0/1 input ("int8", bconv_grad_int8.cpp: AMX-INT8
-// through ATen's _int_mm where the CPU has it), or one matrix product ("pointwise", as for the
-// input gradient).
+// through ATen's _int_mm where the CPU has it), or the dense form as three products of dZ's
+// bf16-exact parts and the 0/1 input ("bf16x3", as for the input gradient), or one matrix product
+// ("pointwise", as for the input gradient).
 enum class GradWAlgo : int8_t {
-  kAuto = -1, kEvent = 0, kDense = 1, kUnfold = 2, kTaps = 3, kInt8 = 4, kPointwise = 5
+  kAuto = -1, kEvent = 0, kDense = 1, kUnfold = 2, kTaps = 3, kInt8 = 4, kPointwise = 5,
+  kBf16x3 = 6
 };
 
 struct AlgoConfig {
@@ -156,10 +161,15 @@ enum class FwdPlan : int8_t { kDense, kEvent, kOnednn, kAten };
 // channel-last zero-margined dZ), "pointwise" (one matrix product, 1x1 stride 1 unpadded),
 // "none" (dL/dx not wanted).
 enum class GradXPlan : int8_t {
-  kNone, kDense, kMargined, kTernary, kCombo, kUnfold, kInt8, kPointwise
+  kNone, kDense, kMargined, kTernary, kCombo, kUnfold, kInt8, kPointwise, kBf16x3
 };
 // Weight-gradient algorithms: the GradWAlgo names and "pointwise".
-enum class GradWPlan : int8_t { kEvent, kDense, kTaps, kUnfold, kInt8, kPointwise };
+enum class GradWPlan : int8_t { kEvent, kDense, kTaps, kUnfold, kInt8, kPointwise, kBf16x3 };
+
+// The split forms (int8, bf16x3) have no parts for a dZ that is not finite: they give way to a
+// float form there.
+inline bool split_form(GradXPlan a) { return a == GradXPlan::kInt8 || a == GradXPlan::kBf16x3; }
+inline bool split_form(GradWPlan a) { return a == GradWPlan::kInt8 || a == GradWPlan::kBf16x3; }
 
 const char* plan_name(FwdPlan a);
 const char* plan_name(GradXPlan a);
@@ -180,11 +190,11 @@ struct BackwardPlan {
   Isa isa;
   GradXPlan grad_x;
   GradWPlan grad_w;
-  // The float forms the int8 forms give way to where dZ holds a value that is not finite (it
-  // has no int8 limbs): the plan's own choice when it is not int8.
+  // The float forms the split forms (int8, bf16x3) give way to where dZ holds a value that is
+  // not finite (it has no int8 limbs or bf16 parts): the plan's own choice when it is not split.
   GradXPlan grad_x_nonfinite;
   GradWPlan grad_w_nonfinite;
-  bool nonfinite = false;  // set by the driver where an int8 form gave way
+  bool nonfinite = false;  // set by the driver where a split form gave way
   PlanSource source_x = PlanSource::kTable, source_w = PlanSource::kTable;
   // As ForwardPlan's, per gradient (the two are timed apart, each under its own key).
   std::vector<GradXPlan> candidates_x;
@@ -306,6 +316,9 @@ auto run_forward_plan(ForwardPlan& plan, Run&& run) -> decltype(run(plan)) {
 
 // Inference: oneDNN's int8 convolution (AMX) where PyTorch has it and the CPU has AMX-INT8.
 bool onednn_int8_supported();
+// Training: a CPU with AMX-BF16 and PyTorch's oneDNN enabled, where the "bf16x3" forms run on the
+// bf16 matrix engine (they run everywhere, as float32 products elsewhere).
+bool bf16_matrix_supported();
 
 // The plan log (BINSLT_VERBOSE=1, read at each call, or binslt.ops.plan.verbose()): one line
 // per op call on stderr, "binslt_verbose,cpu,<op>,<shapes>,<plan>,<ms>".

@@ -1,0 +1,262 @@
+// Both gradients of a binary conv as split-precision products for a bf16 matrix engine
+// (bconv_lif_bwd, grad_w / grad_x "bf16x3"; plan_backward in cpu_algos.cpp says where "auto"
+// takes them).
+//
+// In each product one operand is exact in bf16: the 0/1 input X for the weight gradient, the
+// {-1, 0, +1} weight sign(w) * M for the input gradient (alpha stays outside the product for the
+// weight gradient; for the input gradient it scales dZ per output channel first, one float32
+// rounding per value). The float32 operand, dZ, is scaled by one power of two 2^-e (e: the
+// exponent of its largest magnitude, so the parts neither overflow nor reach the subnormals that
+// matrix engines flush) and cut into three parts, each exact in bf16:
+//
+//   hi  = v with its significand cut to bf16's 8 bits (truncation: it cannot round up and
+//         overflow), mid = (v - hi) cut the same way, lo = v - hi - mid
+//
+// (float32 has 24 significant bits: 3 x 8). v - hi and v - hi - mid are exact in float32, and lo
+// keeps at most 8 significant bits, so hi + mid + lo == v (lo is cut too: that changes nothing
+// for a normal v, and keeps every part a bf16 value where a tiny v is subnormal after scaling,
+// |v| < 2^-126, whose last bits are then dropped). The three parts run as one float32
+// convolution of ATen (the parts stacked along the output channels for the weight gradient,
+// along the images for the input gradient) with PyTorch's oneDNN conv precision set to bf16 (what
+// torch.backends.mkldnn.conv.fp32_precision = "bf16" sets): on a CPU with a bf16 matrix engine
+// (AMX-BF16) oneDNN converts both operands to bf16 -- exactly, they are bf16 values -- and
+// accumulates in float32; on other CPUs the same call is the float32 convolution, with the same
+// products. The three float32 sums meet in double (lo + mid first), are scaled back by 2^e and
+// rounded once to float32: the result differs from the dense float32 forms by summation order
+// only.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "binslt/bconv_cpu.h"
+#include "binslt/cpu_algos.h"
+
+namespace binslt {
+namespace cpu {
+namespace {
+
+// The parts of one chunk of images stay below this many bytes (or one image's parts).
+constexpr int64_t kPartBytes = int64_t{24} << 20;
+
+static inline __attribute__((always_inline)) float cut_bf16(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  b &= 0xFFFF0000u;
+  float r;
+  std::memcpy(&r, &b, sizeof r);
+  return r;
+}
+
+// RAII: ATen's oneDNN convolutions of float32 tensors may compute in bf16 while it lives (the
+// setting of torch.backends.mkldnn.conv.fp32_precision, restored after).
+class Bf16ConvPrecision {
+ public:
+  Bf16ConvPrecision()
+      : before_(at::globalContext().float32Precision(at::Float32Backend::MKLDNN,
+                                                     at::Float32Op::CONV)) {
+    at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::CONV,
+                                            at::Float32Precision::BF16);
+  }
+  ~Bf16ConvPrecision() {
+    at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::CONV,
+                                            before_);
+  }
+  Bf16ConvPrecision(const Bf16ConvPrecision&) = delete;
+  Bf16ConvPrecision& operator=(const Bf16ConvPrecision&) = delete;
+
+ private:
+  at::Float32Precision before_;
+};
+
+// The exponent e with max|v * scale[r]| in [2^e, 2^(e+1)) over rows r of n values (scale 1
+// without scales), or false where a value is not finite (or a scaled one overflows). e = 0 where
+// every value is 0.
+bool max_exponent(const float* v, int64_t rows, int64_t n, const float* scale, int* e) {
+  std::vector<double> mx(static_cast<size_t>(at::get_num_threads()) + 1, 0.0);
+  std::vector<char> bad(mx.size(), 0);
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    const size_t t = static_cast<size_t>(at::get_thread_num());
+    float m = 0.0f;
+    bool nonfinite = false;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = v + r * n;
+      float rm = 0.0f;
+      for (int64_t i = 0; i < n; ++i) {
+        const float a = std::fabs(row[i]);
+        rm = a > rm ? a : rm;
+        nonfinite |= !(a <= FLT_MAX);
+      }
+      if (scale != nullptr) rm *= std::fabs(scale[r]);
+      m = rm > m ? rm : m;
+    }
+    mx[t] = std::max(mx[t], static_cast<double>(m));
+    bad[t] |= nonfinite || !(m <= FLT_MAX);
+  });
+  double m = 0.0;
+  for (size_t t = 0; t < mx.size(); ++t) {
+    if (bad[t]) return false;
+    m = std::max(m, mx[t]);
+  }
+  *e = 0;
+  if (m > 0.0) std::frexp(m, e), *e -= 1;  // m = f * 2^(e+1), f in [0.5, 1)
+  return true;
+}
+
+// Part p of value i: dst[p * part_stride + i] for n values v[i] * mul (mul a power of two times
+// an optional channel scale), the scaled value computed in double and rounded once to float32.
+static inline __attribute__((always_inline)) void split_run(const float* v, int64_t n, double mul,
+                                                            float* dst, int64_t part_stride) {
+  float* hi = dst;
+  float* mid = dst + part_stride;
+  float* lo = dst + 2 * part_stride;
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = static_cast<float>(static_cast<double>(v[i]) * mul);
+    const float h = cut_bf16(x);
+    const float r = x - h;
+    const float m = cut_bf16(r);
+    hi[i] = h;
+    mid[i] = m;
+    lo[i] = cut_bf16(r - m);  // r - m itself where x is normal (it has <= 8 bits then)
+  }
+}
+
+// Images per chunk: the three parts of one image take part_image_bytes.
+int64_t chunk_images(int64_t B, int64_t part_image_bytes) {
+  return std::max<int64_t>(1, std::min<int64_t>(B, kPartBytes / std::max<int64_t>(1,
+                                                                               part_image_bytes)));
+}
+
+}  // namespace
+
+bool bf16_matrix_supported() {
+  static const bool ok = [] {
+    if (!at::globalContext().userEnabledMkldnn()) return false;
+    const auto caps = at::cpu::get_cpu_capabilities();
+    const auto it = caps.find("amx_bf16");
+    if (it == caps.end() || !it->second.isBool() || !it->second.toBool()) return false;
+    return at::cpu::init_amx();
+  }();
+  return ok && at::globalContext().userEnabledMkldnn();
+}
+
+std::tuple<at::Tensor, int64_t> bf16_split(const at::Tensor& x) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat && x.device().is_cpu(),
+                   "binslt: bf16_split takes a float32 CPU tensor, got ", x.scalar_type(), " on ",
+                   x.device());
+  const at::Tensor v = x.contiguous();
+  const int64_t n = v.numel();
+  int e = 0;
+  TORCH_CHECK_VALUE(max_exponent(v.data_ptr<float>(), 1, n, nullptr, &e),
+                    "binslt: bf16_split: the tensor holds NaN or inf, which has no exact bf16 "
+                    "parts");
+  at::Tensor parts = at::empty({3, n}, v.options());
+  split_run(v.data_ptr<float>(), n, std::ldexp(1.0, -e), parts.data_ptr<float>(), n);
+  std::vector<int64_t> shape{3};
+  for (int64_t d : v.sizes()) shape.push_back(d);
+  return {parts.view(shape), static_cast<int64_t>(e)};
+}
+
+at::Tensor weight_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
+                              const at::Tensor& gz) {
+  const int64_t S = s.Ho * s.Wo;
+  const float* g = gz.data_ptr<float>();
+  int e = 0;
+  if (!max_exponent(g, s.B * s.Co, S, nullptr, &e)) return at::Tensor();
+  const double mul = std::ldexp(1.0, -e);
+  const at::Tensor x = unpack_spikes_cpu(x_packed, Ci);  // [B, Ci, H, W] 0/1
+  const int64_t bc = chunk_images(s.B, 3 * s.Co * S * static_cast<int64_t>(sizeof(float)));
+  at::Tensor acc = at::zeros({3 * s.Co, Ci, s.KH, s.KW}, gz.options().dtype(at::kDouble));
+  const at::Tensor w_shape = at::empty({3 * s.Co, Ci, s.KH, s.KW}, gz.options());
+  for (int64_t b0 = 0; b0 < s.B; b0 += bc) {
+    const int64_t nb = std::min(bc, s.B - b0);
+    // [nb, 3 * Co, Ho, Wo]: part p of channel co at channel p * Co + co
+    at::Tensor parts = at::empty({nb, 3 * s.Co, s.Ho, s.Wo}, gz.options());
+    float* pp = parts.data_ptr<float>();
+    at::parallel_for(0, nb * s.Co, 4, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / s.Co, co = r % s.Co;
+        split_run(g + ((b0 + b) * s.Co + co) * S, S, mul, pp + (b * 3 * s.Co + co) * S, s.Co * S);
+      }
+    });
+    at::Tensor gw;
+    {
+      Bf16ConvPrecision bf16;
+      gw = std::get<1>(at::convolution_backward(
+          parts, x.narrow(0, b0, nb), w_shape, std::nullopt, {s.stride, s.stride},
+          {s.padding, s.padding}, {1, 1}, false, {0, 0}, 1, {false, true, false}));
+    }
+    acc.add_(gw);
+  }
+  // (lo + mid) + hi, scaled back, rounded once
+  const at::Tensor r = (acc.narrow(0, 2 * s.Co, s.Co) + acc.narrow(0, s.Co, s.Co) +
+                        acc.narrow(0, 0, s.Co)) *
+                       std::ldexp(1.0, e);
+  return r.to(at::kFloat);
+}
+
+at::Tensor input_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
+                             const at::Tensor& w_mask, const at::Tensor& w_pos,
+                             const float* alpha) {
+  const int64_t S = s.Ho * s.Wo;
+  const float* g = gz.data_ptr<float>();
+  int e = 0;
+  // row b * Co + co of dZ is scaled by alpha[co]
+  std::vector<float> row_alpha(static_cast<size_t>(s.B * s.Co));
+  for (int64_t r = 0; r < s.B * s.Co; ++r) row_alpha[r] = alpha[r % s.Co];
+  if (!max_exponent(g, s.B * s.Co, S, row_alpha.data(), &e)) return at::Tensor();
+  const double mul = std::ldexp(1.0, -e);
+  const std::vector<float> ones(static_cast<size_t>(s.Co), 1.0f);
+  const at::Tensor w_sign = dense_weight(s, Ci, w_mask, w_pos, ones.data());  // {-1, 0, +1}
+  const int64_t oph = s.H - ((s.Ho - 1) * s.stride - 2 * s.padding + s.KH);
+  const int64_t opw = s.W - ((s.Wo - 1) * s.stride - 2 * s.padding + s.KW);
+  const int64_t bc = chunk_images(s.B, 3 * std::max(s.Co * S, Ci * s.H * s.W) *
+                                           static_cast<int64_t>(sizeof(float)));
+  at::Tensor gx = at::empty({s.B, Ci, s.H, s.W}, gz.options());
+  const double back = std::ldexp(1.0, e);
+  for (int64_t b0 = 0; b0 < s.B; b0 += bc) {
+    const int64_t nb = std::min(bc, s.B - b0);
+    // [3 * nb, Co, Ho, Wo]: part p of image b at image p * nb + b; alpha[co] * dZ rounded to
+    // float32 once, then split
+    at::Tensor parts = at::empty({3 * nb, s.Co, s.Ho, s.Wo}, gz.options());
+    float* pp = parts.data_ptr<float>();
+    at::parallel_for(0, nb * s.Co, 4, [&](int64_t r0, int64_t r1) {
+      std::vector<float> row(static_cast<size_t>(S));
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / s.Co, co = r % s.Co;
+        const float* src = g + ((b0 + b) * s.Co + co) * S;
+        for (int64_t i = 0; i < S; ++i) row[i] = alpha[co] * src[i];
+        split_run(row.data(), S, mul, pp + (b * s.Co + co) * S, nb * s.Co * S);
+      }
+    });
+    at::Tensor r;
+    {
+      Bf16ConvPrecision bf16;
+      r = at::conv_transpose2d(parts, w_sign, {}, {s.stride, s.stride}, {s.padding, s.padding},
+                               {oph, opw});
+    }
+    r = r.contiguous();
+    const float* rp = r.data_ptr<float>();
+    float* out = gx.data_ptr<float>() + b0 * Ci * s.H * s.W;
+    const int64_t part = nb * Ci * s.H * s.W;
+    at::parallel_for(0, part, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        out[i] = static_cast<float>(
+            ((static_cast<double>(rp[2 * part + i]) + static_cast<double>(rp[part + i])) +
+             static_cast<double>(rp[i])) *
+            back);
+    });
+  }
+  return gx.view({s.T, s.N, Ci, s.H, s.W});
+}
+
+}  // namespace cpu
+}  // namespace binslt

@@ -178,13 +178,16 @@ def _bf16_matrix() -> bool:
 def test_oneDNN_runs_the_parts_on_the_bf16_engine(tmp_path):
     """With AMX-BF16, oneDNN's verbose log shows the bf16x3 products as convolutions with the
     bf16 math mode (and the plain float forms without it)."""
+    import os
     import subprocess
     import sys
+    from pathlib import Path
+    here = str(Path(__file__).parent)
     script = tmp_path / "run.py"
-    script.write_text("import sys; sys.path.insert(0, %r)\n"
+    script.write_text(f"import sys; sys.path.insert(0, {here!r})\n"
                       "from test_bf16_split import _bf16x3_backward\n"
-                      "_bf16x3_backward()\n" % str(__import__("pathlib").Path(__file__).parent))
-    env = dict(__import__("os").environ, ONEDNN_VERBOSE="1")
+                      "_bf16x3_backward()\n")
+    env = dict(os.environ, ONEDNN_VERBOSE="1")
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                          timeout=300, check=True).stdout
     convs = [ln for ln in out.splitlines() if ",exec," in ln and "convolution" in ln]

@@ -15,15 +15,17 @@
 // (float32 has 24 significant bits: 3 x 8). v - hi and v - hi - mid are exact in float32, and lo
 // keeps at most 8 significant bits, so hi + mid + lo == v (lo is cut too: that changes nothing
 // for a normal v, and keeps every part a bf16 value where a tiny v is subnormal after scaling,
-// |v| < 2^-126, whose last bits are then dropped). The three parts run as one float32
-// convolution of ATen (the parts stacked along the output channels for the weight gradient,
-// along the images for the input gradient) with PyTorch's oneDNN conv precision set to bf16 (what
-// torch.backends.mkldnn.conv.fp32_precision = "bf16" sets): on a CPU with a bf16 matrix engine
-// (AMX-BF16) oneDNN converts both operands to bf16 -- exactly, they are bf16 values -- and
-// accumulates in float32; on other CPUs the same call is the float32 convolution, with the same
-// products. The three float32 sums meet in double (lo + mid first), are scaled back by 2^e and
-// rounded once to float32: the result differs from the dense float32 forms by summation order
-// only.
+// |v| < 2^-126, whose last bits are then dropped). The parts then run through oneDNN with
+// PyTorch's float32 precision setting for it at bf16 (what torch.backends.mkldnn.conv /
+// .matmul.fp32_precision = "bf16" set; ATen passes it to oneDNN as the bf16 math mode in its
+// forward and transposed convolutions and its matrix products, not in its convolution
+// backward): on a CPU with a bf16 matrix engine (AMX-BF16) oneDNN converts both operands to
+// bf16 -- exactly, they are bf16 values -- and accumulates in float32; elsewhere the same calls
+// are float32 products. The weight gradient is one [3 Co, pixels] x [pixels, Ci] matrix product
+// per tap (ATen's mm; the parts stacked along the rows), the input gradient one transposed
+// convolution (ATen's conv_transpose2d; the parts stacked along the images). The three float32
+// sums meet in double (lo + mid first), are scaled back by 2^e and rounded once to float32: the
+// result differs from the dense float32 forms by summation order only.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
@@ -56,24 +58,24 @@ static inline __attribute__((always_inline)) float cut_bf16(float v) {
   return r;
 }
 
-// RAII: ATen's oneDNN convolutions of float32 tensors may compute in bf16 while it lives (the
-// setting of torch.backends.mkldnn.conv.fp32_precision, restored after).
-class Bf16ConvPrecision {
+// RAII: ATen's oneDNN convolutions (CONV) or matrix products (MATMUL) of float32 tensors may
+// compute in bf16 while it lives (torch.backends.mkldnn.conv / .matmul.fp32_precision =
+// "bf16"; the setting before is restored).
+class Bf16Precision {
  public:
-  Bf16ConvPrecision()
-      : before_(at::globalContext().float32Precision(at::Float32Backend::MKLDNN,
-                                                     at::Float32Op::CONV)) {
-    at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::CONV,
+  explicit Bf16Precision(at::Float32Op op)
+      : op_(op), before_(at::globalContext().float32Precision(at::Float32Backend::MKLDNN, op)) {
+    at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN, op_,
                                             at::Float32Precision::BF16);
   }
-  ~Bf16ConvPrecision() {
-    at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::CONV,
-                                            before_);
+  ~Bf16Precision() {
+    at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN, op_, before_);
   }
-  Bf16ConvPrecision(const Bf16ConvPrecision&) = delete;
-  Bf16ConvPrecision& operator=(const Bf16ConvPrecision&) = delete;
+  Bf16Precision(const Bf16Precision&) = delete;
+  Bf16Precision& operator=(const Bf16Precision&) = delete;
 
  private:
+  at::Float32Op op_;
   at::Float32Precision before_;
 };
 
@@ -172,35 +174,63 @@ at::Tensor weight_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& 
   int e = 0;
   if (!max_exponent(g, s.B * s.Co, S, nullptr, &e)) return at::Tensor();
   const double mul = std::ldexp(1.0, -e);
-  const at::Tensor x = unpack_spikes_cpu(x_packed, Ci);  // [B, Ci, H, W] 0/1
-  const int64_t bc = chunk_images(s.B, 3 * s.Co * S * static_cast<int64_t>(sizeof(float)));
-  at::Tensor acc = at::zeros({3 * s.Co, Ci, s.KH, s.KW}, gz.options().dtype(at::kDouble));
-  const at::Tensor w_shape = at::empty({3 * s.Co, Ci, s.KH, s.KW}, gz.options());
+  const at::TensorOptions opts = gz.options();
+  // At stride 1 dZ sits on the zero-padded input grid (output pixel (y, x) at (y, x) of an
+  // Hp x Wp grid per image, zeros elsewhere), so tap (ky, kx) joins dZ column k with input row
+  // k + ky * Wp + kx: every tap's input operand is a row-offset view, no copy. Other strides
+  // copy each tap's input rows.
+  const bool grid = s.stride == 1;
+  const int64_t Hp = s.H + 2 * s.padding, Wp = s.W + 2 * s.padding;
+  const int64_t cols = grid ? Hp * Wp : S;  // dZ columns per image
+  const int64_t tail = grid ? (s.KH - 1) * Wp + s.KW - 1 : 0;
+  const int64_t bc = chunk_images(
+      s.B, (3 * s.Co * cols + Hp * Wp * Ci) * static_cast<int64_t>(sizeof(float)));
+  const at::Tensor xcl = unpack_rows(x_packed, Ci).view({s.B, s.H, s.W, Ci});  // 0/1
+  const int64_t taps = s.KH * s.KW;
+  at::Tensor acc = at::zeros({taps, 3 * s.Co, Ci}, opts.dtype(at::kDouble));
   for (int64_t b0 = 0; b0 < s.B; b0 += bc) {
     const int64_t nb = std::min(bc, s.B - b0);
-    // [nb, 3 * Co, Ho, Wo]: part p of channel co at channel p * Co + co
-    at::Tensor parts = at::empty({nb, 3 * s.Co, s.Ho, s.Wo}, gz.options());
+    const int64_t M = nb * cols;
+    at::Tensor xp = at::zeros({nb * Hp * Wp + tail, Ci}, opts);
+    xp.narrow(0, 0, nb * Hp * Wp)
+        .view({nb, Hp, Wp, Ci})
+        .narrow(1, s.padding, s.H)
+        .narrow(2, s.padding, s.W)
+        .copy_(xcl.narrow(0, b0, nb));
+    // [3 * Co, M]: part p of channel co in row p * Co + co
+    at::Tensor parts = grid ? at::zeros({3 * s.Co, M}, opts) : at::empty({3 * s.Co, M}, opts);
     float* pp = parts.data_ptr<float>();
     at::parallel_for(0, nb * s.Co, 4, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / s.Co, co = r % s.Co;
-        split_run(g + ((b0 + b) * s.Co + co) * S, S, mul, pp + (b * 3 * s.Co + co) * S, s.Co * S);
+        const float* src = g + ((b0 + b) * s.Co + co) * S;
+        float* dst = pp + co * M + b * cols;
+        if (grid) {
+          for (int64_t y = 0; y < s.Ho; ++y)
+            split_run(src + y * s.Wo, s.Wo, mul, dst + y * Wp, s.Co * M);
+        } else {
+          split_run(src, S, mul, dst, s.Co * M);
+        }
       }
     });
-    at::Tensor gw;
-    {
-      Bf16ConvPrecision bf16;
-      gw = std::get<1>(at::convolution_backward(
-          parts, x.narrow(0, b0, nb), w_shape, std::nullopt, {s.stride, s.stride},
-          {s.padding, s.padding}, {1, 1}, false, {0, 0}, 1, {false, true, false}));
-    }
-    acc.add_(gw);
+    const at::Tensor xg = xp.view({-1, Ci});
+    const at::Tensor x4 = xp.narrow(0, 0, nb * Hp * Wp).view({nb, Hp, Wp, Ci});
+    Bf16Precision bf16(at::Float32Op::MATMUL);
+    for (int64_t ky = 0; ky < s.KH; ++ky)
+      for (int64_t kx = 0; kx < s.KW; ++kx) {
+        const at::Tensor xt =
+            grid ? xg.narrow(0, ky * Wp + kx, M)
+                 : x4.slice(1, ky, ky + s.stride * (s.Ho - 1) + 1, s.stride)
+                       .slice(2, kx, kx + s.stride * (s.Wo - 1) + 1, s.stride)
+                       .reshape({M, Ci});
+        acc.select(0, ky * s.KW + kx).add_(at::mm(parts, xt));
+      }
   }
-  // (lo + mid) + hi, scaled back, rounded once
-  const at::Tensor r = (acc.narrow(0, 2 * s.Co, s.Co) + acc.narrow(0, s.Co, s.Co) +
-                        acc.narrow(0, 0, s.Co)) *
+  // (lo + mid) + hi, scaled back, rounded once; [taps, Co, Ci] -> [Co, Ci, kh, kw]
+  const at::Tensor r = (acc.narrow(1, 2 * s.Co, s.Co) + acc.narrow(1, s.Co, s.Co) +
+                        acc.narrow(1, 0, s.Co)) *
                        std::ldexp(1.0, e);
-  return r.to(at::kFloat);
+  return r.permute({1, 2, 0}).reshape({s.Co, Ci, s.KH, s.KW}).to(at::kFloat).contiguous();
 }
 
 at::Tensor input_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
@@ -239,7 +269,7 @@ at::Tensor input_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& g
     });
     at::Tensor r;
     {
-      Bf16ConvPrecision bf16;
+      Bf16Precision bf16(at::Float32Op::CONV);
       r = at::conv_transpose2d(parts, w_sign, {}, {s.stride, s.stride}, {s.padding, s.padding},
                                {oph, opw});
     }

@@ -45,20 +45,23 @@ struct AutoRules {
   double combo_min_density;
   int64_t combo_min_in_channels;
   int64_t combo_max_bytes;
-  // Weight gradient: the dense GEMM form from this fraction of set bits in the packed input; a
-  // lower bar where the gradient is over grad_w_large_bytes and dZ over grad_w_large_dz_bytes
-  // (the event form then sums over all images per input channel and reads dZ rows from memory:
-  // at 256->256 8x8, N=32, T=4 it took 1.8x the GEMM's time at rate 0.15 and 6.3x at 0.5, while
-  // at 128->128 16x16 it was 0.6-0.95x up to rate 0.5; an A/B of bconv_lif_bwd on a 2-core AMD
-  // EPYC with AVX-512, event vs dense, interleaved medians). With dZ in cache the event form
-  // keeps its lead further: 2-core AMD EPYC with AVX2, `benchmarks/cpu_algos.py --shape
-  // T,N,Ci,Co,8 --rates 0.1,0.2,0.3,0.5 --isas avx2`, event / dense at rates 0.1, 0.2, 0.3, 0.5:
-  // 128->256 N=8 (dZ 2 MiB) 0.49, 0.73, 0.84, 1.33; 256->256 N=8 (2 MiB) 0.44, 0.66, 0.89, 1.38;
-  // 256->256 N=32 (8 MiB) 0.86, 1.40, 2.06, 3.41.
+  // Weight gradient: the dense GEMM forms from this fraction of set bits in the packed input; a
+  // lower bar where the gradient is over grad_w_large_bytes (the event form then sums over all
+  // images per input channel and reads dZ rows from memory): rate * dZ bytes >=
+  // grad_w_dense_rate_dz_bytes, the bar kept within [grad_w_dense_min_rate_large,
+  // grad_w_dense_min_rate]. Measured: at 256->256 8x8, N=32, T=4 the event form took 1.8x the
+  // GEMM's time at rate 0.15 and 6.3x at 0.5, while at 128->128 16x16 it was 0.6-0.95x up to
+  // rate 0.5 (an A/B of bconv_lif_bwd on a 2-core AMD EPYC with AVX-512, event vs dense,
+  // interleaved medians). The crossover follows dZ's size: 2-core AMD EPYC with AVX2,
+  // `benchmarks/cpu_algos.py --shape T,N,Ci,Co,H --rates 0.1,0.2,0.3,0.5 --isas avx2`, event /
+  // the best GEMM form at rates 0.1, 0.2, 0.3, 0.5: 128->256 8x8 N=8 (dZ 2 MiB) 0.49, 0.73, 0.84,
+  // 1.33; 256->256 8x8 N=8 (2 MiB) 0.44, 0.66, 0.89, 1.38 (crossing near 0.37); 512->512 4x4
+  // N=32 (4 MiB) 0.59, 1.03, 1.52 and 256->512 4x4 N=32 (4 MiB) 0.61, 0.94 (near 0.2); 256->256
+  // 8x8 N=32 (8 MiB) 0.86, 1.40, 2.06, 3.41 (near 0.12).
   double grad_w_dense_min_rate;
   double grad_w_dense_min_rate_large;
   int64_t grad_w_large_bytes;
-  int64_t grad_w_large_dz_bytes;
+  double grad_w_dense_rate_dz_bytes;
   // Both gradients: the unfold form where a kernel's taps are at least this many times the
   // input pixels (a 3x3 kernel over 1x1 / 1x2 / 2x2) and its matrix fits in this many bytes.
   double unfold_min_taps_per_pixel;
@@ -114,7 +117,7 @@ constexpr AutoRules kAutoRules{
     /*grad_w_dense_min_rate=*/0.5,
     /*grad_w_dense_min_rate_large=*/0.1,
     /*grad_w_large_bytes=*/1 << 20,
-    /*grad_w_large_dz_bytes=*/4 << 20,
+    /*grad_w_dense_rate_dz_bytes=*/0.75 * (1 << 20),
     /*unfold_min_taps_per_pixel=*/2.0,
     /*unfold_max_bytes=*/64 << 20,
     /*margined_grad_x_min_pixels=*/1024,
@@ -468,15 +471,16 @@ void check_unfold(const Facts& f, const char* field) {
                                      "a few pixels)"));
 }
 
-// The dense weight-gradient forms pay from a firing rate (a lower one for a large gradient over
-// a dZ that does not stay in cache).
+// The dense weight-gradient forms pay from a firing rate (for a large gradient, one that falls
+// as dZ grows).
 bool dense_grad_w_rule(const Facts& f, double rate) {
-  const int64_t dz_bytes = f.s.B * f.s.Co * f.pixels() * static_cast<int64_t>(sizeof(float));
-  const bool large = f.grad_w_floats * static_cast<int64_t>(sizeof(float)) >
-                         kAutoRules.grad_w_large_bytes &&
-                     dz_bytes > kAutoRules.grad_w_large_dz_bytes;
-  return rate >= (large ? kAutoRules.grad_w_dense_min_rate_large
-                        : kAutoRules.grad_w_dense_min_rate);
+  if (f.grad_w_floats * static_cast<int64_t>(sizeof(float)) <= kAutoRules.grad_w_large_bytes)
+    return rate >= kAutoRules.grad_w_dense_min_rate;
+  const double dz_bytes = static_cast<double>(f.s.B * f.s.Co * f.pixels()) * sizeof(float);
+  const double bar = std::clamp(kAutoRules.grad_w_dense_rate_dz_bytes / std::max(dz_bytes, 1.0),
+                                kAutoRules.grad_w_dense_min_rate_large,
+                                kAutoRules.grad_w_dense_min_rate);
+  return rate >= bar;
 }
 
 GradWPlan forced_grad_w(const Facts& f, GradWAlgo a) {

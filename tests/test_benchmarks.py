@@ -280,3 +280,26 @@ def test_plan_check_quick_times_auto_against_every_forced_algorithm(tmp_path):
     assert variants["auto_table"]["plan"].startswith("forward=")
     # the measured plan names the op and one of its forward candidates
     assert variants["auto_measured"]["plan"].split("=")[1] in {"dense", "event", "onednn"}
+
+
+def test_split_precision_times_and_checks_every_form(tmp_path):
+    """split_precision.py on three small layers (3x3, 3x3 at stride 2, 1x1): every form that
+    runs the layer gives a row, forced forms plan what they force, and every gradient is within
+    the tests' 1e-5 of float64 (which the script computes from binslt.ops.reference)."""
+    meta, rows = _run_csv("split_precision.py", tmp_path, "--layers", "32x48x8,32x64x8x2,32x48x4x1x1",
+                          "--t", "2", "--n", "2", "--repeats", "1",
+                          meta_keys=("git_commit", "features", "command"), png=False)
+    layers = {r["layer"] for r in rows}
+    assert layers == {"32x48x8", "32x64x8/s2", "32x48x4/1x1"}
+    for layer in layers:
+        forms = {r["form"]: r for r in rows if r["layer"] == layer}
+        assert {"auto", "dense", "bf16x3"} <= set(forms)
+        assert forms["bf16x3"]["plan"] == "grad_x=bf16x3 grad_w=bf16x3"
+        assert forms["dense"]["plan"] == "grad_x=dense grad_w=dense"
+    for r in rows:
+        assert _num(r["ms"]) > 0
+        for col in ("err_grad_x", "err_grad_w", "err_score"):
+            assert 0 <= _num(r[col]) < 1e-5, (r["layer"], r["form"], col, r[col])
+    bad = subprocess.run([sys.executable, str(BENCH / "split_precision.py"), "--layers", "32x"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "is not CinxCoutxH" in bad.stderr

@@ -113,15 +113,27 @@ bool max_exponent(const float* v, int64_t rows, int64_t n, const float* scale, i
   return true;
 }
 
-// Part p of value i: dst[p * part_stride + i] for n values v[i] * mul (mul a power of two times
-// an optional channel scale), the scaled value computed in double and rounded once to float32.
-static inline __attribute__((always_inline)) void split_run(const float* v, int64_t n, double mul,
-                                                            float* dst, int64_t part_stride) {
+// 2^-e as two float factors whose product scales exactly: one factor where 2^-e is a float
+// (e >= -127; 2^-127 is an exact subnormal), 2^64 first otherwise (every value is then below
+// 2^-127, and x * 2^64 is exact).
+struct Scale {
+  float a, b;
+};
+Scale scale_of(int e) {
+  return e >= -127 ? Scale{std::ldexp(1.0f, -e), 1.0f}
+                   : Scale{std::ldexp(1.0f, 64), std::ldexp(1.0f, -e - 64)};
+}
+
+// Part p of value i: dst[p * part_stride + i] for n values v[i] * 2^-e (each product exact, or
+// rounded once where it is subnormal). Plain float arithmetic and bit masks: vectorisable.
+static inline __attribute__((always_inline)) void split_run(const float* v, int64_t n,
+                                                            Scale sc, float* dst,
+                                                            int64_t part_stride) {
   float* hi = dst;
   float* mid = dst + part_stride;
   float* lo = dst + 2 * part_stride;
   for (int64_t i = 0; i < n; ++i) {
-    const float x = static_cast<float>(static_cast<double>(v[i]) * mul);
+    const float x = (v[i] * sc.a) * sc.b;
     const float h = cut_bf16(x);
     const float r = x - h;
     const float m = cut_bf16(r);
@@ -161,7 +173,13 @@ std::tuple<at::Tensor, int64_t> bf16_split(const at::Tensor& x) {
                     "binslt: bf16_split: the tensor holds NaN or inf, which has no exact bf16 "
                     "parts");
   at::Tensor parts = at::empty({3, n}, v.options());
-  split_run(v.data_ptr<float>(), n, std::ldexp(1.0, -e), parts.data_ptr<float>(), n);
+  // in parallel over blocks (each block's parts at their own offsets)
+  const float* src = v.data_ptr<float>();
+  float* dst = parts.data_ptr<float>();
+  const Scale sc = scale_of(e);
+  at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+    split_run(src + i0, i1 - i0, sc, dst + i0, n);
+  });
   std::vector<int64_t> shape{3};
   for (int64_t d : v.sizes()) shape.push_back(d);
   return {parts.view(shape), static_cast<int64_t>(e)};
@@ -173,7 +191,7 @@ at::Tensor weight_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& 
   const float* g = gz.data_ptr<float>();
   int e = 0;
   if (!max_exponent(g, s.B * s.Co, S, nullptr, &e)) return at::Tensor();
-  const double mul = std::ldexp(1.0, -e);
+  const Scale mul = scale_of(e);
   const at::TensorOptions opts = gz.options();
   // At stride 1 dZ sits on the zero-padded input grid (output pixel (y, x) at (y, x) of an
   // Hp x Wp grid per image, zeros elsewhere), so tap (ky, kx) joins dZ column k with input row
@@ -243,7 +261,7 @@ at::Tensor input_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& g
   std::vector<float> row_alpha(static_cast<size_t>(s.B * s.Co));
   for (int64_t r = 0; r < s.B * s.Co; ++r) row_alpha[r] = alpha[r % s.Co];
   if (!max_exponent(g, s.B * s.Co, S, row_alpha.data(), &e)) return at::Tensor();
-  const double mul = std::ldexp(1.0, -e);
+  const Scale mul = scale_of(e);
   const std::vector<float> ones(static_cast<size_t>(s.Co), 1.0f);
   const at::Tensor w_sign = dense_weight(s, Ci, w_mask, w_pos, ones.data());  // {-1, 0, +1}
   const int64_t oph = s.H - ((s.Ho - 1) * s.stride - 2 * s.padding + s.KH);

@@ -40,16 +40,21 @@ from common import (  # noqa: E402
     write_csv,
 )
 
-#: (C_in, C_out, H, stride, kernel, padding) of every binary-input conv of the paper's networks
-#: at 32x32 input (Conv-4, VGG-11, ResNet-19 with its 1x1 shortcuts).
-LAYERS = [
-    (64, 64, 32, 1, 3, 1), (64, 128, 16, 1, 3, 1), (128, 128, 16, 1, 3, 1),
-    (128, 256, 8, 1, 3, 1), (256, 256, 8, 1, 3, 1), (256, 512, 4, 1, 3, 1),
-    (512, 512, 4, 1, 3, 1), (512, 512, 2, 1, 3, 1),
-    (64, 128, 32, 1, 3, 1), (128, 128, 32, 1, 3, 1), (128, 256, 32, 2, 3, 1),
-    (256, 256, 16, 1, 3, 1), (256, 512, 16, 2, 3, 1), (512, 512, 8, 1, 3, 1),
-    (64, 128, 32, 1, 1, 0), (128, 256, 32, 2, 1, 0), (256, 512, 16, 2, 1, 0),
-]
+ARCHS = ("conv4", "vgg11", "resnet19")
+
+
+def paper_layers() -> list[tuple[int, ...]]:
+    """(C_in, C_out, H, stride, kernel, padding) of every binary-input conv of the paper's
+    networks at 32x32 input (Conv-4, VGG-11, ResNet-19 with its 1x1 shortcuts), each once."""
+    from binslt.nn.counting import binary_conv_shapes
+    from binslt.nn.models import build
+    out: list[tuple[int, ...]] = []
+    for arch in ARCHS:
+        out += [s for s in binary_conv_shapes(build(arch, "binwslt", input_size=32))
+                if s not in out]
+    return out
+
+
 COLUMNS = ["layer", "T", "N", "C_in", "C_out", "H", "stride", "k", "form", "plan", "ms",
            "err_grad_x", "err_grad_w", "err_score"]
 NEURON = dict(tau=2.0, decay_input=False, v_threshold=0.5, v_reset=0.0)
@@ -77,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def parse_layers(p: argparse.ArgumentParser, spec: str) -> list[tuple[int, ...]]:
     if not spec:
-        return LAYERS
+        return paper_layers()
     out = []
     for item in spec.split(","):
         try:

@@ -707,22 +707,18 @@ def test_int8_weight_grad_in_chunks_of_images(use_algos):
     _assert_close(a[0], b[0], "grad_x")
 
 
-# Every binary-input conv shape of Conv-4, VGG-11 and ResNet-19 at CIFAR size (Ci, Co, H, stride,
-# kernel, padding), the 1x1 shortcuts, and a hidden linear layer as a 1x1 conv. (The first layer
-# takes real values: ATen's float conv, not these forms.)
-PAPER_LAYERS = sorted({
-    # Conv-4
-    (64, 64, 32, 1, 3, 1), (64, 128, 16, 1, 3, 1), (128, 128, 16, 1, 3, 1),
-    # VGG-11
-    (128, 256, 8, 1, 3, 1), (256, 256, 8, 1, 3, 1), (256, 512, 4, 1, 3, 1),
-    (512, 512, 4, 1, 3, 1), (512, 512, 2, 1, 3, 1),
-    # ResNet-19
-    (64, 128, 32, 1, 3, 1), (128, 128, 32, 1, 3, 1), (128, 256, 32, 2, 3, 1),
-    (256, 256, 16, 1, 3, 1), (256, 512, 16, 2, 3, 1), (512, 512, 8, 1, 3, 1),
-    (64, 128, 32, 1, 1, 0), (128, 256, 32, 2, 1, 0), (256, 512, 16, 2, 1, 0),
-    # FC 512 -> 256
-    (512, 256, 1, 1, 1, 0),
-})
+def _paper_layers() -> list[tuple[int, ...]]:
+    """Every binary-input conv shape of Conv-4, VGG-11 and ResNet-19 at CIFAR size (C_in, C_out,
+    H, stride, kernel, padding; the 1x1 shortcuts included), and a hidden linear layer as a 1x1
+    conv. (The first layer takes real values: ATen's float conv, not these forms.)"""
+    from binslt.nn.counting import binary_conv_shapes
+    from binslt.nn.models import build
+    shapes = {s for arch in ("conv4", "vgg11", "resnet19")
+              for s in binary_conv_shapes(build(arch, "binwslt", input_size=32))}
+    return sorted(shapes | {(512, 256, 1, 1, 1, 0)})
+
+
+PAPER_LAYERS = _paper_layers()
 
 
 @pytest.mark.parametrize("layer", PAPER_LAYERS, ids=lambda v: "x".join(map(str, v)))

@@ -824,39 +824,6 @@ def test_auto_takes_the_int8_grad_with_amx(grad, geom, rate, auto_int8, use_algo
     assert torch.equal(auto[which], forced[which]) == auto_int8
 
 
-BF16_AUTO = [
-    # gradient, geometry, input rate, whether auto takes the bf16x3 form (with AMX-BF16)
-    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 2, 1), 0.6, True),    # dense rate at stride 2 (no int8)
-    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 2, 1), 0.05, False),  # sparse: the event form
-    ("grad_x", (2, 2, 64, 64, 16, 16, 3, 2, 1), 0.3, True),    # stride 2: dense in the table
-    ("grad_x", (2, 2, 64, 64, 2, 2, 3, 1, 1), 0.3, False),     # 3x3 over 2x2: the unfold form
-]
-
-
-def _bf16_matrix() -> bool:
-    return bool(_ext.cpu_info()["features"].get("bf16_matrix", False))
-
-
-@pytest.mark.skipif(not _bf16_matrix(), reason="auto takes the bf16x3 forms only on a CPU with "
-                    "AMX-BF16; elsewhere forced, as in test_bconv_lif_bwd_float64")
-@pytest.mark.parametrize("grad,geom,rate,auto_bf16", BF16_AUTO)
-def test_auto_takes_the_bf16x3_grad_with_amx(grad, geom, rate, auto_bf16, use_algos):
-    """Auto picks the bf16x3 form of ``grad`` where the table would take a dense float product:
-    its result then equals the forced bf16x3 one, and backward_plan names it."""
-    which, seed = {"grad_x": (0, 8), "grad_w": (1, 7)}[grad]
-    c = _conv_case(geom, stable_seed(geom), rate=rate, bn_train=True)
-    fwd = _fwd_of(c)
-    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(seed))
-    T, N, Ci, Co, H, W, k, stride, pad = geom
-    named = plan.backward_plan((T, N, Ci, H, W), (Co, Ci, k, k), stride, pad,
-                               rate=float(c["x"].mean()))[grad]
-    auto = _bwd_of(c, fwd, gs)
-    use_algos(**{grad: "bf16x3"})
-    forced = _bwd_of(c, fwd, gs)
-    assert (named == "bf16x3") == auto_bf16
-    assert torch.equal(auto[which], forced[which]) == auto_bf16
-
-
 # ----------------------------------------------------------------------------------------------
 # bn_lif
 # ----------------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ LAYERS = {
 }
 
 AMX = onednn_supported()
+# AMX-BF16 and oneDNN: the bf16x3 gradient forms are measured candidates
+BF16_MATRIX = bool(CPU is not None and CPU._cpu_features().get("bf16_matrix", False))
 
 
 def _expected(name: str, isa: str) -> dict[str, set[str]]:
@@ -497,6 +499,8 @@ def test_a_measured_backward_is_a_candidate_with_the_reference_result(layer, cac
     for field in ("grad_x", "grad_w"):
         e = parts[op + field]
         assert log1[0][field] == e["plan"] and e["plan"] in e["ms"], (field, e)
+        # with a bf16 matrix engine (AMX-BF16) the split-precision form is timed too
+        assert ("bf16x3" in e["ms"]) == BF16_MATRIX, (field, e)
         for name in e["ms"]:  # each timed candidate is one a forced choice runs here
             with cpu_algorithms(**{field: name}):
                 assert plan.backward_plan(*_shapes(c), c["stride"], c["padding"])[field] == name

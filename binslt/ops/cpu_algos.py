@@ -18,9 +18,9 @@ with their measured thresholds, are written down once at ``plan_forward`` / ``pl
   four rows; AVX-512, stride 1), ``"unfold"`` (the conv as one [Co*Ho*Wo, Ci*H*W] matrix, for
   maps of a few pixels), ``"int8"`` (oneDNN's int8 conv of dZ's int8 limbs; AMX-INT8, stride 1),
   ``"bf16x3"`` (the dense conv as three products of bf16-exact parts of alpha * dZ, see
-  :func:`bf16_split`, under oneDNN's bf16 conv precision: the bf16 matrix engine of an AMX-BF16
-  CPU; elsewhere float32 products, same result) or ``"pointwise"`` (one matrix product: 1x1
-  kernel, stride 1, no padding);
+  :func:`bf16_split`, under oneDNN's bf16 precision: the bf16 matrix engine of an AMX-BF16
+  CPU, where it is a measured candidate; elsewhere float32 products, same result) or
+  ``"pointwise"`` (one matrix product: 1x1 kernel, stride 1, no padding);
 * ``grad_w``: the weight gradient, ``"event"`` (sums of dZ rows over the input's set bits),
   ``"dense"`` (ATen's weight-gradient convolution of the unpacked input), ``"taps"`` (one GEMM
   per tap over the pixel pairs it joins), ``"unfold"``, ``"int8"`` (exact int8 products of dZ's

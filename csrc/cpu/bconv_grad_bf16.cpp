@@ -1,6 +1,6 @@
 // Both gradients of a binary conv as split-precision products for a bf16 matrix engine
-// (bconv_lif_bwd, grad_w / grad_x "bf16x3"; plan_backward in cpu_algos.cpp says where "auto"
-// takes them).
+// (bconv_lif_bwd, grad_w / grad_x "bf16x3"; on a CPU with AMX-BF16 plan_backward in
+// cpu_algos.cpp times them among the measured candidates).
 //
 // In each product one operand is exact in bf16: the 0/1 input X for the weight gradient, the
 // {-1, 0, +1} weight sign(w) * M for the input gradient (alpha stays outside the product for the

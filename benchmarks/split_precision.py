@@ -225,8 +225,9 @@ def main(argv=None) -> int:
     device = torch.device("cpu")
     rows = []
     for layer in args.layers:
-        rows += run_layer(layer, args, info["features"])
-        print_table(rows[-len(forms_of(info["features"])):], COLUMNS)
+        new = run_layer(layer, args, info["features"])
+        print_table(new, COLUMNS)
+        rows += new
     meta = machine_info(device)
     meta.update({"kernel_isa": info["kernel_isa"],
                  "features": ",".join(k for k, v in sorted(info["features"].items()) if v),

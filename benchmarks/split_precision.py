@@ -133,22 +133,11 @@ def untie(c) -> torch.Tensor:
 def reference64(c, shift):
     """dL/dX, dL/dW_eff and the score gradient in float64."""
     from binslt.ops import reference as ref
-    counts = ref.bconv_count_reference(c["xp"], c["wm"], c["wp"], c["stride"], c["padding"])
-    z = counts.double().view(c["T"], -1, *counts.shape[1:]) * c["alpha"].double().view(
-        1, 1, -1, 1, 1)
-    g_z, _, _, _ = ref.bn_lif_bwd_reference(
-        c["gs"].double(), z, c["scale"].double(), shift.double(), None, None, None, True, 1e-5,
-        NEURON["tau"], NEURON["decay_input"], NEURON["v_threshold"], NEURON["v_reset"], True, 0,
-        2.0)
-    w_eff = torch.sign(c["w"]).double() * c["alpha"].double().view(-1, 1, 1, 1)
-    x = c["x"].double()
-    gz = g_z.flatten(0, 1)
-    g_w = torch.nn.grad.conv2d_weight(x, tuple(w_eff.shape), gz, stride=c["stride"],
-                                      padding=c["padding"])
-    g_x = torch.nn.grad.conv2d_input(tuple(x.shape), w_eff, gz, stride=c["stride"],
-                                     padding=c["padding"])
-    score = ref.search_score_grad(g_w, c["latent"].double(), c["scores"].double())
-    return g_x.view(c["T"], -1, *x.shape[1:]), g_w, score
+    g_x, g_w, _, _, _ = ref.bconv_lif_bwd_float64(
+        c["gs"], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], shift, None, c["Ci"],
+        c["stride"], c["padding"], True, 1e-5, NEURON["tau"], NEURON["decay_input"],
+        NEURON["v_threshold"], NEURON["v_reset"], True, 0, 2.0)
+    return g_x, g_w, ref.search_score_grad(g_w, c["latent"].double(), c["scores"].double())
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

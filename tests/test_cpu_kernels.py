@@ -483,22 +483,10 @@ def test_contract_errors_of_the_other_cpu_ops():
 
 
 def _bconv_bwd_ref64(gs, c, nk, shift, detach_reset, sur, sur_alpha):
-    counts = ref.bconv_count_reference(c["xp"], c["wm"], c["wp"], c["stride"], c["padding"])
-    T = c["T"]
-    z = counts.double().view(T, -1, *counts.shape[1:]) * c["alpha"].double().view(1, 1, -1, 1, 1)
-    res = None if c["res"] is None else c["res"].double()
-    g_z, g_cur, g_sc, g_sh = ref.bn_lif_bwd_reference(
-        gs.double(), z, c["scale"].double(), shift.double(), None, None, res, c["bn_train"], 1e-5,
-        nk["tau"], nk["decay_input"], nk["v_threshold"], nk["v_reset"], detach_reset, sur,
-        sur_alpha)
-    w_eff = torch.sign(c["w"]).double() * c["alpha"].double().view(-1, 1, 1, 1)
-    x = c["x"].double()
-    gz = g_z.flatten(0, 1)
-    g_w = torch.nn.grad.conv2d_weight(x, tuple(w_eff.shape), gz, stride=c["stride"],
-                                      padding=c["padding"])
-    g_x = torch.nn.grad.conv2d_input(tuple(x.shape), w_eff, gz, stride=c["stride"],
-                                     padding=c["padding"]).view(T, -1, *x.shape[1:])
-    return g_x, g_w, g_cur, g_sc, g_sh
+    return ref.bconv_lif_bwd_float64(
+        gs, c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], shift, c["res"], c["Ci"],
+        c["stride"], c["padding"], c["bn_train"], 1e-5, nk["tau"], nk["decay_input"],
+        nk["v_threshold"], nk["v_reset"], detach_reset, sur, sur_alpha)
 
 
 BWD_CASES = [
@@ -692,14 +680,18 @@ def _fwd_of(c):
                          0.0)
 
 
-def test_int8_weight_grad_in_chunks_of_images(use_algos):
-    """Two 256x256 images of 32 -> 32 channels fill more than one chunk of the int8 weight
-    gradient's buffers (16 MiB): the sums of the chunks, each on its own limb units, agree with
-    the dense float form (and the input gradient from the margined copy, the NCHW one's)."""
-    c = _conv_case((1, 2, 32, 32, 256, 256, 3, 1, 1), 11, bn_train=True)
+@pytest.mark.parametrize("gx_algo,gw_algo,seed,grad_seed", [("margined", "int8", 11, 5),
+                                                            ("bf16x3", "bf16x3", 13, 8)])
+def test_split_grads_in_chunks_of_images(gx_algo, gw_algo, seed, grad_seed, use_algos):
+    """Two 256x256 images of 32 -> 32 channels fill more than one chunk of the split forms'
+    buffers (int8: 16 MiB; bf16x3: 24 MiB, one image's parts and padded input take 34 MB): the
+    sums of the chunks (int8: each on its own limb units; bf16x3: on one scale) agree with the
+    dense float forms (and the int8 case's input gradient from the margined copy with the NCHW
+    one's), within float32 summation order over 131072 products per weight."""
+    c = _conv_case((1, 2, 32, 32, 256, 256, 3, 1, 1), seed, bn_train=True)
     fwd = _fwd_of(c)
-    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(5))
-    use_algos(grad_x="margined", grad_w="int8")
+    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(grad_seed))
+    use_algos(grad_x=gx_algo, grad_w=gw_algo)
     a = _bwd_of(c, fwd, gs)
     use_algos(grad_x="dense", grad_w="dense")
     b = _bwd_of(c, fwd, gs)
@@ -755,21 +747,6 @@ def test_split_forms_on_the_paper_layers_match_float64(layer, use_algos):
         _assert_close(torch.ops.binslt.search_score_grad(out[1], w, scores),
                       ref.search_score_grad(want[1], w.double(), scores.double()),
                       f"{gw} score gradient")
-
-
-def test_bf16x3_grads_in_chunks_of_images(use_algos):
-    """Two 256x256 images of 32 -> 32 channels: the bf16x3 parts of one image (25 MB) fill a
-    chunk (24 MiB), so both gradients run in two chunks on one scale; they agree with the dense
-    float forms (within float32 summation order over 131072 products)."""
-    c = _conv_case((1, 2, 32, 32, 256, 256, 3, 1, 1), 13, bn_train=True)
-    fwd = _fwd_of(c)
-    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(8))
-    use_algos(grad_x="bf16x3", grad_w="bf16x3")
-    a = _bwd_of(c, fwd, gs)
-    use_algos(grad_x="dense", grad_w="dense")
-    b = _bwd_of(c, fwd, gs)
-    _assert_close(a[1], b[1], "grad_weight")  # 131072 products per weight, two orders
-    _assert_close(a[0], b[0], "grad_x")
 
 
 @pytest.mark.parametrize("gx_algo,gw_algo", [("dense", "int8"), ("bf16x3", "bf16x3")]

@@ -252,6 +252,28 @@ def bconv_lif_bwd_reference(grad_spikes, counts, x_packed, w_mask, w_pos, alpha,
     return g_x, g_w, g_cur, g_sc, g_sh
 
 
+def bconv_lif_bwd_float64(grad_spikes, x_packed, w_mask, w_pos, alpha, scale, shift, residual,
+                          in_channels, stride, padding, bn_train, bn_eps, tau, decay_input,
+                          v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha):
+    """``binslt::bconv_lif_bwd``'s gradients (grad_x, grad_weight, grad_current, grad_scale,
+    grad_shift) in float64 maths from the same operands: the current from the exact counts,
+    the BN / LIF backward and both conv products in float64 -- what the kernels' float32
+    gradients are measured against."""
+    counts = bconv_count_reference(x_packed, w_mask, w_pos, stride, padding)
+    T = grad_spikes.shape[0]
+    z = counts.double().view(T, -1, *counts.shape[1:]) * alpha.double().view(1, 1, -1, 1, 1)
+    g_z, g_cur, g_sc, g_sh = bn_lif_bwd_reference(
+        grad_spikes.double(), z, scale.double(), shift.double(), None, None,
+        None if residual is None else residual.double(), bn_train, bn_eps, tau, decay_input,
+        v_threshold, v_reset, detach_reset, surrogate, surrogate_alpha)
+    x = unpack_spikes_reference(x_packed, in_channels).double()
+    w_eff = unpack_weight_reference(w_mask, w_pos, in_channels, alpha).double()
+    gz = g_z.flatten(0, 1)
+    g_w = torch.nn.grad.conv2d_weight(x, tuple(w_eff.shape), gz, stride=stride, padding=padding)
+    g_x = torch.nn.grad.conv2d_input(tuple(x.shape), w_eff, gz, stride=stride, padding=padding)
+    return g_x.view(T, -1, *x.shape[1:]), g_w, g_cur, g_sc, g_sh
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole layer, differentiable end to end (the autograd oracle)
 # ----------------------------------------------------------------------------------------------

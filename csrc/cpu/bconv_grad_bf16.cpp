@@ -79,37 +79,30 @@ class Bf16Precision {
   at::Float32Precision before_;
 };
 
-// The exponent e with max|v * scale[r]| in [2^e, 2^(e+1)) over rows r of n values (scale 1
-// without scales), or false where a value is not finite (or a scaled one overflows). e = 0 where
-// every value is 0.
-bool max_exponent(const float* v, int64_t rows, int64_t n, const float* scale, int* e) {
-  std::vector<double> mx(static_cast<size_t>(at::get_num_threads()) + 1, 0.0);
-  std::vector<char> bad(mx.size(), 0);
-  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-    const size_t t = static_cast<size_t>(at::get_thread_num());
-    float m = 0.0f;
-    bool nonfinite = false;
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* row = v + r * n;
-      float rm = 0.0f;
-      for (int64_t i = 0; i < n; ++i) {
-        const float a = std::fabs(row[i]);
-        rm = a > rm ? a : rm;
-        nonfinite |= !(a <= FLT_MAX);
-      }
-      if (scale != nullptr) rm *= std::fabs(scale[r]);
-      m = rm > m ? rm : m;
+// The exponent e with max over channels c of |alpha[c]| * max|dZ of channel c| in
+// [2^e, 2^(e+1)) (alpha null: 1), channel c's rows at g + c * n + b * img_stride, b < nb (n
+// values each; channel_abs_max, the int8 forms' channel maximum); false where a value is not
+// finite or a scaled maximum overflows. e = 0 where every value is 0.
+bool max_exponent(const float* g, int64_t channels, int64_t img_stride, int64_t nb, int64_t n,
+                  const float* alpha, int* e) {
+  std::vector<float> mx(static_cast<size_t>(channels));
+  std::vector<char> bad(static_cast<size_t>(channels));
+  at::parallel_for(0, channels, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      bool nonfinite = false;
+      float m = channel_abs_max(g + c * n, img_stride, nb, n, &nonfinite);
+      if (alpha != nullptr) m *= std::fabs(alpha[c]);
+      mx[c] = m;
+      bad[c] = nonfinite || !(m <= FLT_MAX);
     }
-    mx[t] = std::max(mx[t], static_cast<double>(m));
-    bad[t] |= nonfinite || !(m <= FLT_MAX);
   });
-  double m = 0.0;
-  for (size_t t = 0; t < mx.size(); ++t) {
-    if (bad[t]) return false;
-    m = std::max(m, mx[t]);
+  float m = 0.0f;
+  for (int64_t c = 0; c < channels; ++c) {
+    if (bad[c]) return false;
+    m = std::max(m, mx[c]);
   }
   *e = 0;
-  if (m > 0.0) std::frexp(m, e), *e -= 1;  // m = f * 2^(e+1), f in [0.5, 1)
+  if (m > 0.0f) std::frexp(m, e), *e -= 1;  // m = f * 2^(e+1), f in [0.5, 1)
   return true;
 }
 
@@ -169,7 +162,7 @@ std::tuple<at::Tensor, int64_t> bf16_split(const at::Tensor& x) {
   const at::Tensor v = x.contiguous();
   const int64_t n = v.numel();
   int e = 0;
-  TORCH_CHECK_VALUE(max_exponent(v.data_ptr<float>(), 1, n, nullptr, &e),
+  TORCH_CHECK_VALUE(max_exponent(v.data_ptr<float>(), 1, 0, 1, n, nullptr, &e),
                     "binslt: bf16_split: the tensor holds NaN or inf, which has no exact bf16 "
                     "parts");
   at::Tensor parts = at::empty({3, n}, v.options());
@@ -190,7 +183,7 @@ at::Tensor weight_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& 
   const int64_t S = s.Ho * s.Wo;
   const float* g = gz.data_ptr<float>();
   int e = 0;
-  if (!max_exponent(g, s.B * s.Co, S, nullptr, &e)) return at::Tensor();
+  if (!max_exponent(g, s.Co, s.Co * S, s.B, S, nullptr, &e)) return at::Tensor();
   const Scale mul = scale_of(e);
   const at::TensorOptions opts = gz.options();
   // At stride 1 dZ sits on the zero-padded input grid (output pixel (y, x) at (y, x) of an
@@ -257,10 +250,7 @@ at::Tensor input_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& g
   const int64_t S = s.Ho * s.Wo;
   const float* g = gz.data_ptr<float>();
   int e = 0;
-  // row b * Co + co of dZ is scaled by alpha[co]
-  std::vector<float> row_alpha(static_cast<size_t>(s.B * s.Co));
-  for (int64_t r = 0; r < s.B * s.Co; ++r) row_alpha[r] = alpha[r % s.Co];
-  if (!max_exponent(g, s.B * s.Co, S, row_alpha.data(), &e)) return at::Tensor();
+  if (!max_exponent(g, s.Co, s.Co * S, s.B, S, alpha, &e)) return at::Tensor();
   const Scale mul = scale_of(e);
   const std::vector<float> ones(static_cast<size_t>(s.Co), 1.0f);
   const at::Tensor w_sign = dense_weight(s, Ci, w_mask, w_pos, ones.data());  // {-1, 0, +1}

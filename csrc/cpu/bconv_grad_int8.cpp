@@ -135,6 +135,12 @@ void limb_rows(const float* g, int64_t img_stride, int64_t nb, const LimbGrid& g
 
 }  // namespace
 
+float channel_abs_max(const float* g, int64_t img_stride, int64_t nb, int64_t n, bool* bad) {
+  static const bool avx512 = isa_supported(Isa::kAvx512);
+  return avx512 ? channel_max_avx512(g, img_stride, nb, n, bad)
+                : channel_max_base(g, img_stride, nb, n, bad);
+}
+
 int64_t int8_grad_w_max_grid() { return (int64_t{1} << 31) / 128; }
 
 at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
@@ -151,7 +157,6 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
   const int64_t chunk = std::max<int64_t>(
       1, std::min({s.B, kChunkBytes / per_image, int8_grad_w_max_grid() / P}));
   const bool avx512 = isa_supported(Isa::kAvx512);
-  const auto max_fn = avx512 ? &channel_max_avx512 : &channel_max_base;
   const BitsToBytesFn unpack = bits_to_bytes_fn();
   const float* g = gz.data_ptr<float>();
   const uint32_t* xw = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
@@ -192,7 +197,7 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
       for (int64_t c = c0; c < c1; ++c) {
         const float* gc = g + (b0 * s.Co + c) * S;
         bool nonfinite = false;
-        const float mx = max_fn(gc, s.Co * S, nb, S, &nonfinite);
+        const float mx = channel_abs_max(gc, s.Co * S, nb, S, &nonfinite);
         bad[c] = nonfinite;
         if (nonfinite) continue;
         const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;

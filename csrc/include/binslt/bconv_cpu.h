@@ -139,6 +139,10 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
                             const at::Tensor& gz);
 // The largest padded map (Hp * Wp pixels) it takes: one image's sums stay below 2^31.
 int64_t int8_grad_w_max_grid();
+// The largest |v| over rows g + b * img_stride, b < nb, of n floats each (one channel of dZ
+// [B, Co, Ho, Wo]: img_stride Co * Ho * Wo); *bad set for a value that is not finite. The
+// split forms' scale (int8 per channel, bf16x3 per tensor).
+float channel_abs_max(const float* g, int64_t img_stride, int64_t nb, int64_t n, bool* bad);
 // The input gradient [T, N, Ci, H, W] the same way (stride 1, padding <= kernel - 1; a CPU with
 // AMX-INT8): alpha * dZ per image in three u8 limbs, oneDNN's int8 convolution with the flipped,
 // transposed {-1, 0, +1} weight. Undefined where dZ holds a value that is not finite.

@@ -19,8 +19,8 @@ call by call (``common.time_many_ms``: medians), under
 The verdict per (shape, mode) compares each auto variant with the fastest forced one: within
 10 % (``--tolerance``) passes; where auto's plan is the fastest forced variant's plan (the same
 algorithm in every field: the same code), a larger gap is the machine's timing noise, and the
-verdict says ``same plan`` (counted apart in the summary). The measured winners start from an empty cache (a temporary
-``BINSLT_CACHE_DIR``) unless ``--keep-cache``.
+verdict says ``same plan`` (counted apart in the summary). The measured winners start from an
+empty cache (a temporary ``BINSLT_CACHE_DIR``) unless ``--keep-cache``.
 
 Examples::
 

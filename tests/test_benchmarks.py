@@ -282,6 +282,22 @@ def test_plan_check_quick_times_auto_against_every_forced_algorithm(tmp_path):
     assert variants["auto_measured"]["plan"].split("=")[1] in {"dense", "event", "onednn"}
 
 
+def test_plan_check_reads_table_and_measured_plans_alike():
+    """plan_check's 'same plan' verdict compares plans field by field: the table's text and the
+    measured winners' text of the same algorithms give the same fields, the measured ones over
+    the table's where only some fields were measured."""
+    import plan_check
+
+    table = "forward=event grad_x=dense grad_w=event"
+    measured = "bconv_lif=event bconv_lif_bwd.grad_w=event bconv_lif_bwd.grad_x=dense"
+    want = {"forward": "event", "grad_x": "dense", "grad_w": "event"}
+    assert plan_check.plan_fields(table) == plan_check.plan_fields(measured) == want
+    assert plan_check.plan_fields("bconv_lif_infer=dense") == {"forward": "dense"}
+    over = {**plan_check.plan_fields(table),
+            **plan_check.plan_fields("bconv_lif_bwd.grad_w=dense")}
+    assert over == {**want, "grad_w": "dense"}
+
+
 def test_split_precision_times_and_checks_every_form(tmp_path):
     """split_precision.py on three small layers (3x3, 3x3 at stride 2, 1x1): every form that
     runs the layer gives a row, forced forms plan what they force, and every gradient is within

@@ -97,7 +97,10 @@ from network_steps import (  # noqa: E402
     sj_arch_part,
 )
 
+from binslt.ops.schemas import DEFAULT_SURROGATE_ALPHA, SURROGATES  # noqa: E402
+
 ARCHS = ("conv4", "vgg11", "resnet19", *SJ_ARCHS)
+SURROGATE_NAMES = tuple(SURROGATES)
 MODES = ("search", "eval", "memory")
 ANCHORS = {"search": ("sj-dense", "sj-biprop"),
            "eval": ("sj-dense", "sj-dense-compiled"),
@@ -237,7 +240,8 @@ def run_memory(arch: str, args, backends, device) -> list[dict]:
             "arch": arch, "candidate": name, "backend": be, "batch": args.batch,
             "timesteps": args.timesteps, "prune_rate": args.prune_rate, "seed": args.seed,
             "device": args.device, "threads": args.threads, "steps": args.memory_steps,
-            "memopt_level": args.memopt_level, "sj_lif": args.sj_lif})) for name, be in batch]
+            "memopt_level": args.memopt_level, "sj_lif": args.sj_lif,
+            "surrogate": args.surrogate})) for name, be in batch]
         for name, proc in procs:
             results[name] = res = _memory_child_result(proc)
             got = f"{res['bytes'] / 2**20:.1f} MiB" if "bytes" in res else res.get("error")
@@ -275,7 +279,7 @@ def memory_child(cfg: dict) -> int:
     import torch
 
     args = argparse.Namespace(seed=cfg["seed"], batch=cfg["batch"], timesteps=cfg["timesteps"],
-                              prune_rate=cfg["prune_rate"])
+                              prune_rate=cfg["prune_rate"], surrogate=cfg["surrogate"])
     device = torch.device(cfg["device"])
     if device.type == "cpu":
         set_mmap_threshold(32 << 20)
@@ -426,6 +430,10 @@ def parse_args(argv=None):
                         "inductor; aot_eager with --quick, whose cold inductor compile takes "
                         "a minute or more on a small CPU)")
     p.add_argument("--prune-rate", type=float, default=0.5)
+    p.add_argument("--surrogate", default="atan", choices=SURROGATE_NAMES,
+                   help="the spike's surrogate gradient of binslt and of the SpikingJelly "
+                        "anchors alike, at SpikingJelly's default alpha (default atan; the "
+                        "zoo archs keep their own)")
     p.add_argument("--quick", action="store_true",
                    help="conv4, batch 2, 2 repeats: a smoke run well under a minute")
     p.add_argument("--no-plot", action="store_true")
@@ -454,6 +462,10 @@ def parse_args(argv=None):
         p.error("--warmup must be >= 0")
     if not 0.0 <= args.prune_rate < 1.0:
         p.error("--prune-rate must be in [0, 1)")
+    zoo = [a for a in args.arch if a in SJ_ARCHS]
+    if args.surrogate != "atan" and zoo:
+        p.error(f"--surrogate {args.surrogate}: the zoo archs ({', '.join(zoo)}) keep their "
+                "own neurons; give --arch from conv4, vgg11, resnet19")
     return args
 
 
@@ -481,7 +493,8 @@ def main(argv=None) -> int:
         "binslt_backends": "; ".join(f"{b}: {st[b]['reason']}" for b in backends),
         "ratio": f"candidate value / {ref} value (SpikingJelly / binslt; > 1: binslt faster or "
                  "smaller)",
-        "neuron": "LIF decay 0.99 (tau 100) decay_input=False v_threshold=1 v_reset=0 ATan(2) "
+        "neuron": "LIF decay 0.99 (tau 100) decay_input=False v_threshold=1 v_reset=0 "
+                  f"{args.surrogate}({DEFAULT_SURROGATE_ALPHA[args.surrogate]:g}) "
                   "detach_reset=True; non-affine BN",
         "optimizer": f"SGD lr={LR} momentum={MOMENTUM} (binslt, sj-biprop: the scores; "
                      "sj-dense: the weights)",

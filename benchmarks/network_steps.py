@@ -39,11 +39,14 @@ def build_binslt(arch: str, args, backend: str, device):
                                timesteps=args.timesteps, prune_rate=args.prune_rate,
                                backend=backend)
         return models.set_mode(net, "search").to(device)
+    from binslt.ops.schemas import DEFAULT_SURROGATE_ALPHA
+
+    sg = getattr(args, "surrogate", "atan")
     net = models.build(arch, "binwslt", num_classes=10, in_channels=3, input_size=32,
                        timesteps=args.timesteps, prune_rate=args.prune_rate, decay=0.99,
                        decay_input=False, v_threshold=1.0, v_reset=0.0, detach_reset=True,
-                       surrogate="atan", surrogate_alpha=2.0, bn=True, bn_affine=False,
-                       backend=backend)
+                       surrogate=sg, surrogate_alpha=DEFAULT_SURROGATE_ALPHA[sg], bn=True,
+                       bn_affine=False, backend=backend)
     return models.set_mode(net, "search").to(device)
 
 
@@ -65,7 +68,8 @@ def build_anchor(arch: str, args, masked: bool, device, like=None):
         if masked:
             raise ValueError(f"{arch} has no sj-biprop anchor")
         return SJImages(sj_arch_part(arch, 1)(10), args.timesteps).to(device)
-    net = build_sj(arch, masked=masked, timesteps=args.timesteps, prune_rate=args.prune_rate)
+    net = build_sj(arch, masked=masked, timesteps=args.timesteps, prune_rate=args.prune_rate,
+                   surrogate_name=getattr(args, "surrogate", "atan"))
     if like is not None:
         check_same_layout(like, net, arch)
         if masked:

@@ -37,6 +37,7 @@ from common import import_spikingjelly
 from torch import nn
 
 from binslt.nn.blocks import ResidualBlock, _MeanOverTime
+from binslt.ops.schemas import DEFAULT_SURROGATE_ALPHA
 
 #: The paper's neuron as the benchmarks configure it on both sides.
 PAPER_TAU = 1.0 / (1.0 - 0.99)  # decay 0.99
@@ -169,24 +170,39 @@ class SJNet(nn.Module):
 LAYER_TYPES = (SJConvLayer, SJLinearLayer, SJResidualBlock)
 
 
+def sj_surrogate_class(name: str):
+    """SpikingJelly's surrogate class of binslt's surrogate name (``SURROGATES``)."""
+    from spikingjelly.activation_based import surrogate
+
+    classes = {"atan": surrogate.ATan, "sigmoid": surrogate.Sigmoid, "rect": surrogate.Rect,
+               "piecewise_quadratic": surrogate.PiecewiseQuadratic}
+    if name not in classes:
+        raise ValueError(f"unknown surrogate {name!r}; expected one of {tuple(classes)}")
+    return classes[name]
+
+
 def build_sj(arch: str, *, masked: bool, num_classes: int = 10, in_channels: int = 3,
              input_size: int = 32, timesteps: int = 4, prune_rate: float = 0.5,
-             tau: float = PAPER_TAU, bn_affine: bool = False) -> SJNet:
+             tau: float = PAPER_TAU, bn_affine: bool = False,
+             surrogate_name: str = "atan") -> SJNet:
     """binslt's ``arch`` layout from SpikingJelly layers (see the module docstring).
 
     The neuron is the paper's: ``LIFNode(tau, decay_input=False, v_threshold=1, v_reset=0,
-    ATan(alpha=2), detach_reset=True)``; BatchNorm is non-affine unless ``bn_affine``.
+    ATan(alpha=2), detach_reset=True)``; ``surrogate_name`` (binslt's name, e.g. ``rect``) puts
+    another SpikingJelly surrogate at its default alpha in ATan's place. BatchNorm is non-affine
+    unless ``bn_affine``.
     """
     from binslt.nn.models import SPECS, feature_layers
 
     if arch not in SPECS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {tuple(SPECS)}")
     functional, layer, neuron, surrogate = import_spikingjelly()
+    sg_class = sj_surrogate_class(surrogate_name)
 
     def lif():
         return neuron.LIFNode(tau=tau, decay_input=False, v_threshold=1.0, v_reset=0.0,
-                              surrogate_function=surrogate.ATan(alpha=2.0), detach_reset=True,
-                              step_mode="m")
+                              surrogate_function=sg_class(alpha=DEFAULT_SURROGATE_ALPHA[
+                                  surrogate_name]), detach_reset=True, step_mode="m")
 
     def conv_op(ci, co, k, stride):
         if masked:

@@ -182,13 +182,39 @@ def test_network_eval_calibration_keeps_every_layer_spiking(arch):
     assert "SILENT: a" in network.rate_summary({"a": 0.0, "b": 0.5})
 
 
+@pytest.mark.parametrize("name", ["rect", "piecewise_quadratic"])
+def test_network_surrogate_reaches_binslt_and_the_anchors(name):
+    """``--surrogate``: binslt's layers and SpikingJelly's LIF nodes (dense and biprop) get the
+    same surrogate at SpikingJelly's default alpha."""
+    import argparse
+
+    import network
+    from spikingjelly.activation_based import neuron, surrogate
+
+    args = argparse.Namespace(seed=0, batch=2, timesteps=4, prune_rate=0.5, surrogate=name)
+    cls = {"rect": surrogate.Rect, "piecewise_quadratic": surrogate.PiecewiseQuadratic}[name]
+    model = network.build_binslt("conv4", args, "cpu", torch.device("cpu"))
+    layers = [m for m in model.modules() if hasattr(m, "neuron") and hasattr(m, "scores")]
+    assert len(layers) == 6
+    assert {(m.neuron.surrogate, m.neuron.surrogate_alpha) for m in layers} == {(name, 1.0)}
+    for masked in (False, True):
+        sj = network.build_anchor("conv4", args, masked, torch.device("cpu"), like=model)
+        nodes = [m for m in sj.modules() if isinstance(m, neuron.LIFNode)]
+        assert len(nodes) == 6
+        assert all(type(m.surrogate_function) is cls and m.surrogate_function.alpha == 1.0
+                   for m in nodes)
+
+
 def test_network_rejects_bad_options(capsys):
     import network
 
     for args, msg in ((["--arch", "vgg7"], "unknown --arch"),
                       (["--modes", "train"], "unknown --modes"),
                       (["--batch", "0"], "--batch must be >= 1"),
-                      (["--memopt-level", "2"], "needs CUDA")):
+                      (["--memopt-level", "2"], "needs CUDA"),
+                      (["--surrogate", "exp"], "invalid choice"),
+                      (["--arch", "vgg11,sj-resnet18", "--surrogate", "rect"],
+                       "keep their own neurons")):
         with pytest.raises(SystemExit) as exc:
             network.parse_args(args)
         assert exc.value.code == 2

@@ -7,6 +7,7 @@ numbers are in docs/results.md.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -362,6 +363,21 @@ def test_sweep_grid_layouts():
     full = cli.sweep_points(base, ["binwslt"], ["conv4"], [0.2, 0.5], [1, 4], [0.5, 0.99],
                             full=True)
     assert len(full) == 8
+    # The surrogate axis: spiking methods only, each at SpikingJelly's default alpha; the base
+    # surrogate keeps its own alpha and its directory name (no tag for ATan at 2).
+    sg = cli.sweep_points(dataclasses.replace(base, surrogate_alpha=3.0), ["binwslt", "bnn"],
+                          ["conv4"], [], [], [], full=False,
+                          surrogates=["atan", "rect", "piecewise_quadratic"])
+    assert {cli._point_name(p): (p.surrogate, p.surrogate_alpha) for p in sg} == {
+        "binwslt-conv4-p0.5-T4-l0.99-atan3-s0": ("atan", 3.0),
+        "binwslt-conv4-p0.5-T4-l0.99-rect1-s0": ("rect", 1.0),
+        "binwslt-conv4-p0.5-T4-l0.99-piecewise_quadratic1-s0": ("piecewise_quadratic", 1.0),
+        "bnn-conv4-p0.5-s0": ("atan", 3.0)}
+    full_sg = cli.sweep_points(base, ["snn"], ["conv4"], [], [1, 4], [], full=True,
+                               surrogates=["atan", "sigmoid"])
+    assert sorted(cli._point_name(p) for p in full_sg) == [
+        "snn-conv4-T1-l0.99-s0", "snn-conv4-T1-l0.99-sigmoid4-s0",
+        "snn-conv4-T4-l0.99-s0", "snn-conv4-T4-l0.99-sigmoid4-s0"]
 
 
 def test_compare_table(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from binslt import cli
+from binslt.cli import sweep
 from binslt.training import loop as train
 from binslt.training import stats
 
@@ -160,6 +161,71 @@ def test_resume_mid_sweep_skips_finished_points_and_gives_the_same_csv(two_seed_
     resumed = [{c: r[c] for c in strip} for r in _read_csv(out / "sweep_summary.csv")]
     reference = [{c: r[c] for c in strip} for r in _read_csv(two_seed_sweep / "sweep_summary.csv")]
     assert resumed == reference
+
+
+def _sweep_row(surrogate: str, alpha: float, seed: int, acc: float, best: float,
+               method: str = "binwslt") -> dict:
+    return {"method": method, "arch": "conv4", "prune_rate": 0.5, "timesteps": 4, "decay": 0.99,
+            "decay_input": False, "surrogate": surrogate, "surrogate_alpha": alpha,
+            "seed": seed, "test_acc": acc, "best_test_acc": best}
+
+
+def test_surrogate_pairs_by_hand():
+    """Each surrogate minus the base surrogate at the same point, paired by seed; a seed that
+    only one side ran is left out; methods without a surrogate are not paired."""
+    base = train.RunConfig()  # atan, alpha 2
+    rows = [_sweep_row("atan", 2.0, 0, 98.0, 99.0), _sweep_row("atan", 2.0, 1, 97.0, 98.0),
+            _sweep_row("atan", 2.0, 2, 99.0, 99.5),
+            _sweep_row("rect", 1.0, 0, 97.5, 99.0), _sweep_row("rect", 1.0, 1, 97.5, 97.5),
+            _sweep_row("rect", 1.0, 2, 98.0, 99.0), _sweep_row("rect", 1.0, 5, 10.0, 10.0),
+            _sweep_row("atan", 2.0, 0, 90.0, 91.0, method="bnn"),
+            _sweep_row("rect", 1.0, 0, 80.0, 81.0, method="bnn")]
+    pairs = {(q["a"], q["metric"]): q for q in sweep.surrogate_pairs(rows, base)}
+    assert set(pairs) == {("BinW-SLT rect", "test_acc"), ("BinW-SLT rect", "best_test_acc")}
+    q = pairs[("BinW-SLT rect", "test_acc")]
+    assert q["b"] == "BinW-SLT atan" and q["seeds"] == "0;1;2" and q["n_seeds"] == 3
+    diffs = [-0.5, 0.5, -1.0]
+    mean, sd = _hand_mean_std(diffs)
+    half = T975_DF2 * sd / math.sqrt(3)
+    assert q["mean_diff"] == pytest.approx(mean) and q["std_diff"] == pytest.approx(sd)
+    assert (q["ci_low"], q["ci_high"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    assert pairs[("BinW-SLT rect", "best_test_acc")]["mean_diff"] == pytest.approx(-1.0 / 3)
+    # Another base surrogate is the reference; no pair without the base's point.
+    assert {q["b"] for q in sweep.surrogate_pairs(rows, train.RunConfig(
+        surrogate="rect", surrogate_alpha=1.0))} == {"BinW-SLT rect"}
+    assert sweep.surrogate_pairs(rows[3:7], base) == []
+
+
+def test_sweep_over_surrogates_trains_each_and_pairs_them(tmp_path):
+    out = tmp_path / "sg"
+    assert cli.main(["sweep", *TINY, "--methods", "binwslt", "--prune-rates", "none",
+                     "--timesteps-list", "none", "--decays", "none", "--surrogates",
+                     "atan,piecewise_quadratic", "--seeds", "0,1", "--out", str(out)]) == 0
+    names = {s: (f"binwslt-conv4-p0.5-T4-l0.99-s{s}",
+                 f"binwslt-conv4-p0.5-T4-l0.99-piecewise_quadratic1-s{s}") for s in (0, 1)}
+    res = {n: json.loads((out / n / "results.json").read_text())
+           for pair in names.values() for n in pair}
+    for n, r in res.items():
+        want = ("piecewise_quadratic", 1.0) if "quadratic" in n else ("atan", 2.0)
+        assert (r["config"]["surrogate"], r["config"]["surrogate_alpha"]) == want
+    # The surrogate reaches the layers: same seed, same start, different scores after training.
+    from binslt.io.artifacts import load_model
+
+    atan, _ = load_model(out / names[0][0])
+    pq, _ = load_model(out / names[0][1])
+    layers = [m for m in pq.modules() if hasattr(m, "neuron") and hasattr(m, "scores")]
+    assert layers and {m.neuron.surrogate for m in layers} == {"piecewise_quadratic"}
+    sa, sp = atan.state_dict(), pq.state_dict()
+    assert any(k.endswith("scores") and not torch.equal(sa[k], sp[k]) for k in sa)
+    pairs = {q["metric"]: q for q in _read_csv(out / "sweep_pairs.csv")}
+    for metric in ("test_acc", "best_test_acc"):
+        diffs = [res[names[s][1]][metric] - res[names[s][0]][metric] for s in (0, 1)]
+        assert float(pairs[metric]["mean_diff"]) == pytest.approx(sum(diffs) / 2, abs=1e-9)
+        assert pairs[metric]["a"] == "BinW-SLT piecewise_quadratic"
+    summary = {r["surrogate"]: r for r in _read_csv(out / "sweep_summary.csv")}
+    assert set(summary) == {"atan", "piecewise_quadratic"}
+    assert json.loads((out / "results.json").read_text())["pairs"]
+    assert (out / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_seed_options_are_checked(tmp_path, capsys):

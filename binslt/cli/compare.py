@@ -20,7 +20,16 @@ from ..training import stats
 from ..training.loop import RunConfig, RunError
 from .common import CLIError, is_main_process, load_model, progress_enabled
 from .run import DEFAULTS, _CrashPlan, _slug, explicit_options, make_config
-from .sweep import _fmt_ms, _lam, _quiet, _seed_list, _summary_fields
+from .sweep import (
+    PAIR_FIELDS,
+    _fmt_ms,
+    _lam,
+    _quiet,
+    _seed_list,
+    _summary_fields,
+    pair_rows,
+    pairs_table,
+)
 
 # ---------------------------------------------------------------------------------------------
 # compare (Tables 1 and 2)
@@ -36,8 +45,6 @@ COMPARE_VALUES = ("test_acc", "best_test_acc", "ops_g", "energy_mj", "wall_time_
 #: The paper's comparisons: BinW-SLT (both rows) against BNN-BinAct and against the dense SNN.
 COMPARE_PAIRS = (("BinW-SLT", "BNN-BinAct"), ("BinW-SLT", "SNN"),
                  ("BinW-SLT (T=1)", "BNN-BinAct"), ("BinW-SLT (T=1)", "SNN"))
-PAIR_FIELDS = ("a", "b", "metric", "n_seeds", "seeds", "mean_diff", "std_diff", "level", "t",
-               "ci_low", "ci_high", "diffs")
 
 
 def _energy(out: Path, cfg: RunConfig) -> tuple[float, float]:
@@ -86,17 +93,8 @@ def compare_pairs(rows: list[dict[str, Any]], level: float = 0.95) -> list[dict[
     Student-t confidence interval (:func:`binslt.training.stats.paired_difference`)."""
     out = []
     for a, b in COMPARE_PAIRS:
-        for metric in ("test_acc", "best_test_acc"):
-            va = {r["seed"]: r[metric] for r in rows if r["label"] == a}
-            vb = {r["seed"]: r[metric] for r in rows if r["label"] == b}
-            if not (set(va) & set(vb)):
-                continue
-            d = stats.paired_difference(va, vb, level=level)
-            out.append({"a": a, "b": b, "metric": metric, "n_seeds": d["n"],
-                        "seeds": ";".join(map(str, d["seeds"])), "mean_diff": d["mean"],
-                        "std_diff": d["std"], "level": d["level"], "t": d["t"],
-                        "ci_low": d["ci_low"], "ci_high": d["ci_high"],
-                        "diffs": ";".join(f"{x:.4f}" for x in d["diffs"])})
+        out += pair_rows(a, [r for r in rows if r["label"] == a],
+                         b, [r for r in rows if r["label"] == b], level)
     return out
 
 
@@ -118,20 +116,6 @@ def compare_seed_table(summary: list[dict[str, Any]]) -> str:
         if has_energy:
             cells += [_fmt(r.get("ops_g_mean"), ".4f"), _fmt(r.get("energy_mj_mean"), ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def pairs_table(pairs: list[dict[str, Any]]) -> str:
-    """The paired comparisons as a markdown table."""
-    lines = ["| comparison | accuracy | seeds | mean difference | sd | 95% CI (paired t) |",
-             "|---|---|---|---|---|---|"]
-    for q in pairs:
-        ci = ("-" if q["ci_low"] is None else
-              f"[{q['ci_low']:+.2f}, {q['ci_high']:+.2f}] (t={q['t']:.3f}, df={q['n_seeds'] - 1})")
-        sd = "-" if q["std_diff"] is None else f"{q['std_diff']:.2f}"
-        what = "final" if q["metric"] == "test_acc" else "best"
-        lines.append(f"| {q['a']} - {q['b']} | {what} | {q['seeds'].replace(';', ',')} | "
-                     f"{q['mean_diff']:+.2f} | {sd} | {ci} |")
     return "\n".join(lines)
 
 

@@ -343,6 +343,11 @@ def _sweep_axes(s: argparse.ArgumentParser) -> None:
                    help=f"values for panel (b) (default {SWEEP_TIMESTEPS})")
     s.add_argument("--decays", type=_floats, default=_floats(SWEEP_DECAYS),
                    help=f"lambda values for panel (c) (default {SWEEP_DECAYS})")
+    s.add_argument("--surrogates", type=_names(train.SURROGATES), default=[],
+                   help="surrogate gradients of the spiking methods, comma-separated, each at "
+                   "SpikingJelly's default alpha (--surrogate keeps --surrogate-alpha); "
+                   "OUT/sweep_pairs.csv: each minus --surrogate's point, paired by seed, and "
+                   "fig2.png panel (d) (default: --surrogate alone)")
     s.add_argument("--full-grid", action="store_true",
                    help="the Cartesian product instead of one axis at a time")
 

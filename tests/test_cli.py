@@ -183,9 +183,26 @@ def test_corrupt_checkpoint_subprocess_no_traceback(tmp_path):
     assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_bad_option_exits_nonzero_with_usage():
+def test_bad_option_is_one_line_naming_the_help():
     r = run_cli("search", "--surrogate", "relu")
     assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("binslt search: error: "), r.stderr
+    assert "binslt search --help" in r.stderr
+
+
+@pytest.mark.parametrize("args, match", [
+    (["search", "--epochs", "x"], "invalid int value: 'x'"),
+    (["sweep", "--surrogates", "relu"], "expected a comma-separated subset"),
+    (["eval"], "the following arguments are required"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_option_errors_are_one_line(capsys, args, match):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": error: " in err and match in err, err
+    assert "usage:" not in err
 
 
 # ---------------------------------------------------------------------------------------------

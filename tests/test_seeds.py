@@ -235,6 +235,16 @@ def test_seed_options_are_checked(tmp_path, capsys):
     assert cli.main(["compare", *TINY, "--seeds", "0,0", "--out", str(tmp_path / "b")]) == 2
     assert "--seeds lists a seed twice" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    for extra, msg in ((["--methods", "bnn,ann", "--surrogates", "rect"], "has none: bnn,ann"),
+                       (["--surrogates", "rect,atan,rect"], "lists a surrogate twice"),
+                       (["--surrogates", "exp"], "expected a comma-separated subset")):
+        try:
+            rc = cli.main(["sweep", *TINY, *extra, "--out", str(tmp_path / "c")])
+        except SystemExit as exc:  # argparse: a value outside the choices
+            rc = exc.code
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and err.count("\n") == 1, err
+        assert not (tmp_path / "c").exists()
 
 
 # ---------------------------------------------------------------------------------------------

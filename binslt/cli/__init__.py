@@ -63,8 +63,17 @@ class _VersionAction(argparse.Action):
         parser.exit(0)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An option error as one line (the message and where the options are listed), exit 2;
+    the subcommands' parsers are of this class too (``add_subparsers``' default)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        msg = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {msg} (options: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="binslt", description="Binary-weight spiking lottery tickets (BinW-SLT): search, "
         "baselines and experiments.")
     p.add_argument("--debug", action="store_true",

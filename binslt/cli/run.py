@@ -381,7 +381,7 @@ def _commands() -> tuple:
          "Keep the mask of a searched ticket and train the latent weights through sign "
          "(straight-through estimator). Options not given come from the source run.",
          _finetune_options),
-        ("sweep", cmd_sweep, "grid over prune rate, T, lambda -> CSV + Fig. 2 PNG",
+        ("sweep", cmd_sweep, "grid over prune rate, T, lambda (, surrogate) -> CSV + Fig. 2 PNG",
          "Run a grid (resumable: finished points are skipped) and write OUT/sweep.csv and "
          "OUT/fig2.png laid out like the paper's Fig. 2. Run options set the fixed values of the "
          "axes not being varied.", _multi_run_options(

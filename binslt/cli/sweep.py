@@ -256,7 +256,8 @@ def _draw_series(ax, pts: list, axis: str, lab: str, color, applies: bool, n_see
 
 def plot_sweep(rows: list[dict[str, Any]], base: RunConfig, path: Path) -> None:
     """Fig. 2 layout: (a) accuracy vs prune rate, (b) vs T, (c) vs lambda, and (d) per surrogate
-    gradient where the rows hold more than one. A method to which an axis does not apply is
+    gradient where the rows hold more than one (then only the panels among (a)-(c) whose axis
+    takes more than one value are drawn). A method to which an axis does not apply is
     drawn as a dotted horizontal line at its default-point accuracy. Panels (a)-(c) show the
     spiking methods at ``base``'s surrogate.
 
@@ -276,8 +277,6 @@ def plot_sweep(rows: list[dict[str, Any]], base: RunConfig, path: Path) -> None:
         sg = (r["surrogate"], float(r["surrogate_alpha"]))
         if r["method"] in train.SPIKING and sg not in sg_order:
             sg_order.append(sg)
-    n_panels = 4 if len(sg_order) > 1 else 3
-    fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 4.2))
     series_keys = sorted({(r["method"], r["arch"]) for r in rows},
                          key=lambda k: (METHODS.index(k[0]), k[1]))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -286,6 +285,13 @@ def plot_sweep(rows: list[dict[str, Any]], base: RunConfig, path: Path) -> None:
               ("decay", "(c) decay rate $\\lambda$", train.SPIKING)]
     fixed = {"prune_rate": base.prune_rate, "timesteps": base.timesteps, "decay": base_lam}
     multi_arch = len({k[1] for k in series_keys}) > 1
+    surrogate_panel = len(sg_order) > 1
+    if surrogate_panel:  # a grid over the surrogate alone: no panels of one point each
+        panels = [p for p in panels if len({round(float(r[p[0]]), 9) for r in rows
+                                            if r["method"] in p[2]}) > 1]
+    n_panels = len(panels) + surrogate_panel
+    fig, axes = plt.subplots(1, n_panels, figsize=(max(5 * n_panels, 9), 4.2), squeeze=False)
+    axes = axes[0]
     for ax, (axis, title, applies) in zip(axes, panels):
         for i, (m, arch) in enumerate(series_keys):
             label = METHOD_LABELS[m] + (f" {arch}" if multi_arch else "")
@@ -305,8 +311,8 @@ def plot_sweep(rows: list[dict[str, Any]], base: RunConfig, path: Path) -> None:
         if axis == "decay":
             ax.invert_xaxis()  # the paper goes from 0.99 down
         ax.legend(fontsize=8)
-    if n_panels == 4:
-        _surrogate_panel(axes[3], points, series_keys, sg_order, fixed, base.timesteps,
+    if surrogate_panel:
+        _surrogate_panel(axes[-1], points, series_keys, sg_order, fixed, base.timesteps,
                          colors, multi_arch, n_seeds)
     ds = rows[0]["dataset"] if rows else base.dataset
     seeds_note = (f"; mean ± sample std over {n_seeds} seeds" if n_seeds > 1 else "")
@@ -411,6 +417,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     base = make_config(DEFAULTS, explicit, method="binwslt", mode="search")
     seeds, multi = _seed_list(args, base)
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{_slug(base.dataset)}"
+    if args.surrogates and not set(args.methods) & set(train.SPIKING):
+        raise CLIError(f"--surrogates varies the spiking methods ({', '.join(train.SPIKING)}), "
+                       f"and --methods has none: {','.join(args.methods)}")
+    if len(set(args.surrogates)) != len(args.surrogates):
+        raise CLIError(f"--surrogates lists a surrogate twice: {','.join(args.surrogates)}")
     points = sweep_points(base, args.methods, args.archs, args.prune_rates, args.timesteps_list,
                           args.decays, args.full_grid, args.surrogates)
     for p in points:

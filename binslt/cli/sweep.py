@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ def _point_name(cfg: RunConfig) -> str:
 
 def sweep_points(base: RunConfig, methods: list[str], archs: list[str], prune_rates: list[float],
                  timesteps: list[int], decays: list[float], full: bool,
-                 surrogates: list[str] = ()) -> list[RunConfig]:
+                 surrogates: Sequence[str] = ()) -> list[RunConfig]:
     """The grid. ``full=False`` (the paper's layout): each axis varied alone around ``base``
     (plus the prune-rate axis at T=1 for BinW-SLT when 1 is among ``timesteps``).
     ``full=True``: the Cartesian product of the axes that apply to each method.
@@ -182,8 +183,8 @@ def sweep_points(base: RunConfig, methods: list[str], archs: list[str], prune_ra
 
 
 SWEEP_FIELDS = ("method", "arch", "dataset", "prune_rate", "timesteps", "decay", "decay_input",
-                "surrogate", "surrogate_alpha", "seed", "epochs", "test_acc", "best_test_acc", "params", "wall_time_s",
-                "mean_epoch_time_s", "dir")
+                "surrogate", "surrogate_alpha", "seed", "epochs", "test_acc", "best_test_acc",
+                "params", "wall_time_s", "mean_epoch_time_s", "dir")
 
 
 def _row(cfg: RunConfig, res: dict[str, Any], out: Path) -> dict[str, Any]:

@@ -108,6 +108,11 @@ VGG11 = [(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8)
          (256, 256, 8), (256, 512, 4), (512, 512, 4)]
 
 
+# Conv-4's spike-input conv layers on scikit-learn digits (8x8 images; the default `binslt
+# search`, batch 64).
+CONV4_DIGITS = [(64, 64, 8), (64, 128, 4), (128, 128, 4)]
+
+
 def shape_sets(device_type: str, vgg_batch: int | None) -> dict[str, list[Shape]]:
     """The named shape groups. On the GPU the sweeps run around the reference layer."""
     base = GPU_REF if device_type == "cuda" else ANCHOR
@@ -117,8 +122,10 @@ def shape_sets(device_type: str, vgg_batch: int | None) -> dict[str, list[Shape]
     rates = [dataclasses.replace(base, name=f"{base.name}_rate{round(r * 100)}", rate=r)
              for r in (0.05, 0.15, 0.30)]
     steps = [dataclasses.replace(base, name=f"{base.name}_T{t}", T=t) for t in (1, 2, 4, 8)]
+    conv4 = [Shape(f"conv4_digits_{ci}-{co}@{hw}", 4, 64, ci, co, hw, hw)
+             for ci, co, hw in CONV4_DIGITS]
     return {"anchor": [ANCHOR], "gpu_ref": [GPU_REF], "vgg11": vgg, "rates": rates,
-            "timesteps": steps}
+            "timesteps": steps, "conv4_digits": conv4}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +396,7 @@ def parse_args(argv=None):
                     "default: every usable one for the device plus 'torch' (Triton's CPU "
                     "interpreter never)")
     p.add_argument("--sets", default=None,
-                   help="comma list of shape sets: anchor, gpu_ref, vgg11, rates, timesteps "
+                   help="comma list of shape sets: anchor, gpu_ref, vgg11, rates, timesteps, conv4_digits "
                         "(default CPU: anchor,vgg11,rates,timesteps; CUDA: gpu_ref,anchor,vgg11,"
                         "rates,timesteps)")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of " + ", ".join(MODES))

@@ -79,6 +79,11 @@ OP_CASES = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", OP_CASES, ids=[str(i) for i in range(len(OP_CASES))])
 def test_infer_op_pooled_and_packed_equal_max_pool_of_its_spikes(backend, case):
+    if backend != "cpu" and case.get("w") == 300:
+        # The wide row is for the CPU tiles' LIF chunks; Triton's pixel tiles (32 pixels under
+        # the interpreter) see a row spanning three programs at 70 columns already, at a
+        # quarter of the interpreter's time.
+        case = {**case, "w": 70}
     _check_infer_case(backend, case)
 
 

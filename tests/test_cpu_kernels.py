@@ -680,11 +680,26 @@ def _fwd_of(c):
                          0.0)
 
 
+def test_bf16x3_weight_grad_chunks_span_images(use_algos):
+    """The bf16x3 weight gradient's chunks of output rows (54 rows of 300 pixels at 32 -> 32
+    channels fill 24 MiB) cross from one image into the next: the same gradient as the dense
+    float form, within float32 summation order."""
+    c = _conv_case((1, 2, 32, 32, 50, 300, 3, 1, 1), 17, bn_train=True)
+    fwd = _fwd_of(c)
+    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(9))
+    use_algos(grad_x="dense", grad_w="bf16x3")
+    a = _bwd_of(c, fwd, gs)
+    use_algos(grad_x="dense", grad_w="dense")
+    b = _bwd_of(c, fwd, gs)
+    _assert_close(a[1], b[1], "grad_weight")
+
+
 @pytest.mark.parametrize("gx_algo,gw_algo,seed,grad_seed", [("margined", "int8", 11, 5),
                                                             ("bf16x3", "bf16x3", 13, 8)])
 def test_split_grads_in_chunks_of_images(gx_algo, gw_algo, seed, grad_seed, use_algos):
     """Two 256x256 images of 32 -> 32 channels fill more than one chunk of the split forms'
-    buffers (int8: 16 MiB; bf16x3: 24 MiB, one image's parts and padded input take 34 MB): the
+    buffers (int8: 16 MiB; bf16x3: 24 MiB, one image's parts and unfolded input take 100 MB, so
+    its weight gradient takes 64 output rows a chunk): the
     sums of the chunks (int8: each on its own limb units; bf16x3: on one scale) agree with the
     dense float forms (and the int8 case's input gradient from the margined copy with the NCHW
     one's), within float32 summation order over 131072 products per weight."""

@@ -21,9 +21,11 @@
 // forward and transposed convolutions and its matrix products, not in its convolution
 // backward): on a CPU with a bf16 matrix engine (AMX-BF16) oneDNN converts both operands to
 // bf16 -- exactly, they are bf16 values -- and accumulates in float32; elsewhere the same calls
-// are float32 products. The weight gradient is one [3 Co, pixels] x [pixels, Ci] matrix product
-// per tap (ATen's mm; the parts stacked along the rows), the input gradient one transposed
-// convolution (ATen's conv_transpose2d; the parts stacked along the images). The three float32
+// are float32 products. The weight gradient is one [3 Co, pixels] x [pixels, taps * Ci] matrix
+// product per chunk of output rows (ATen's mm; the parts stacked along the rows, the 0/1 input
+// unfolded once: each operand is converted once, and no product runs over padding), the input
+// gradient one transposed convolution (ATen's conv_transpose2d; the parts stacked along the
+// images). The three float32
 // sums meet in double (lo + mid first), are scaled back by 2^e and rounded once to float32: the
 // result differs from the dense float32 forms by summation order only.
 #include <ATen/ATen.h>
@@ -46,7 +48,7 @@ namespace binslt {
 namespace cpu {
 namespace {
 
-// The parts of one chunk of images stay below this many bytes (or one image's parts).
+// The buffers of one chunk stay below this many bytes (or one item's: an image, an output row).
 constexpr int64_t kPartBytes = int64_t{24} << 20;
 
 static inline __attribute__((always_inline)) float cut_bf16(float v) {
@@ -136,7 +138,7 @@ static inline __attribute__((always_inline)) void split_run(const float* v, int6
   }
 }
 
-// Images per chunk: the three parts of one image take part_image_bytes.
+// Items (images, or output rows) per chunk: one item's buffers take part_image_bytes.
 int64_t chunk_images(int64_t B, int64_t part_image_bytes) {
   return std::max<int64_t>(1, std::min<int64_t>(B, kPartBytes / std::max<int64_t>(1,
                                                                                part_image_bytes)));
@@ -186,62 +188,68 @@ at::Tensor weight_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& 
   if (!max_exponent(g, s.Co, s.Co * S, s.B, S, nullptr, &e)) return at::Tensor();
   const Scale mul = scale_of(e);
   const at::TensorOptions opts = gz.options();
-  // At stride 1 dZ sits on the zero-padded input grid (output pixel (y, x) at (y, x) of an
-  // Hp x Wp grid per image, zeros elsewhere), so tap (ky, kx) joins dZ column k with input row
-  // k + ky * Wp + kx: every tap's input operand is a row-offset view, no copy. Other strides
-  // copy each tap's input rows.
-  const bool grid = s.stride == 1;
-  const int64_t Hp = s.H + 2 * s.padding, Wp = s.W + 2 * s.padding;
-  const int64_t cols = grid ? Hp * Wp : S;  // dZ columns per image
-  const int64_t tail = grid ? (s.KH - 1) * Wp + s.KW - 1 : 0;
-  const int64_t bc = chunk_images(
-      s.B, (3 * s.Co * cols + Hp * Wp * Ci) * static_cast<int64_t>(sizeof(float)));
-  const at::Tensor xcl = unpack_rows(x_packed, Ci).view({s.B, s.H, s.W, Ci});  // 0/1
   const int64_t taps = s.KH * s.KW;
-  at::Tensor acc = at::zeros({taps, 3 * s.Co, Ci}, opts.dtype(at::kDouble));
-  for (int64_t b0 = 0; b0 < s.B; b0 += bc) {
-    const int64_t nb = std::min(bc, s.B - b0);
-    const int64_t M = nb * cols;
-    at::Tensor xp = at::zeros({nb * Hp * Wp + tail, Ci}, opts);
-    xp.narrow(0, 0, nb * Hp * Wp)
-        .view({nb, Hp, Wp, Ci})
-        .narrow(1, s.padding, s.H)
-        .narrow(2, s.padding, s.W)
-        .copy_(xcl.narrow(0, b0, nb));
-    // [3 * Co, M]: part p of channel co in row p * Co + co
-    at::Tensor parts = grid ? at::zeros({3 * s.Co, M}, opts) : at::empty({3 * s.Co, M}, opts);
+  const int64_t K = taps * Ci;  // columns of the unfolded input: (tap, ci)
+  // The product sums over output pixels, so any split of them works: chunks of output rows
+  // (b, oy), each with its parts and unfolded input under kPartBytes (or one row's).
+  const int64_t R = s.B * s.Ho;
+  const int64_t rc =
+      chunk_images(R, (3 * s.Co + K) * s.Wo * static_cast<int64_t>(sizeof(float)));
+  const at::Tensor xcl = unpack_rows(x_packed, Ci).view({s.B, s.H, s.W, Ci});  // 0/1
+  const float* xs = xcl.data_ptr<float>();
+  at::Tensor acc = at::zeros({3 * s.Co, K}, opts.dtype(at::kDouble));
+  const int64_t grain = std::max<int64_t>(1, 256 / s.Wo);
+  for (int64_t r0 = 0; r0 < R; r0 += rc) {
+    const int64_t nr = std::min(rc, R - r0);
+    const int64_t M = nr * s.Wo;
+    // [3 * Co, M]: part p of channel co in row p * Co + co; column i * Wo + ox is output
+    // pixel (oy, ox) of image b, where r0 + i = b * Ho + oy
+    at::Tensor parts = at::empty({3 * s.Co, M}, opts);
     float* pp = parts.data_ptr<float>();
-    at::parallel_for(0, nb * s.Co, 4, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / s.Co, co = r % s.Co;
-        const float* src = g + ((b0 + b) * s.Co + co) * S;
-        float* dst = pp + co * M + b * cols;
-        if (grid) {
-          for (int64_t y = 0; y < s.Ho; ++y)
-            split_run(src + y * s.Wo, s.Wo, mul, dst + y * Wp, s.Co * M);
-        } else {
-          split_run(src, S, mul, dst, s.Co * M);
+    at::parallel_for(0, nr * s.Co, grain, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t i = j / s.Co, co = j % s.Co;
+        const int64_t b = (r0 + i) / s.Ho, oy = (r0 + i) % s.Ho;
+        split_run(g + (b * s.Co + co) * S + oy * s.Wo, s.Wo, mul, pp + co * M + i * s.Wo,
+                  s.Co * M);
+      }
+    });
+    // [M, taps * Ci]: tap (ky, kx) of output pixel (oy, ox) is input pixel
+    // (oy * stride - padding + ky, ox * stride - padding + kx), zeros outside the image
+    at::Tensor xcol = at::empty({M, K}, opts);
+    float* xc = xcol.data_ptr<float>();
+    at::parallel_for(0, nr, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = (r0 + i) / s.Ho, oy = (r0 + i) % s.Ho;
+        for (int64_t ox = 0; ox < s.Wo; ++ox) {
+          float* dst = xc + (i * s.Wo + ox) * K;
+          for (int64_t ky = 0; ky < s.KH; ++ky) {
+            const int64_t iy = oy * s.stride - s.padding + ky;
+            for (int64_t kx = 0; kx < s.KW; ++kx, dst += Ci) {
+              const int64_t ix = ox * s.stride - s.padding + kx;
+              if (iy < 0 || iy >= s.H || ix < 0 || ix >= s.W) {
+                std::memset(dst, 0, static_cast<size_t>(Ci) * sizeof(float));
+              } else {
+                std::memcpy(dst, xs + ((b * s.H + iy) * s.W + ix) * Ci,
+                            static_cast<size_t>(Ci) * sizeof(float));
+              }
+            }
+          }
         }
       }
     });
-    const at::Tensor xg = xp.view({-1, Ci});
-    const at::Tensor x4 = xp.narrow(0, 0, nb * Hp * Wp).view({nb, Hp, Wp, Ci});
     Bf16Precision bf16(at::Float32Op::MATMUL);
-    for (int64_t ky = 0; ky < s.KH; ++ky)
-      for (int64_t kx = 0; kx < s.KW; ++kx) {
-        const at::Tensor xt =
-            grid ? xg.narrow(0, ky * Wp + kx, M)
-                 : x4.slice(1, ky, ky + s.stride * (s.Ho - 1) + 1, s.stride)
-                       .slice(2, kx, kx + s.stride * (s.Wo - 1) + 1, s.stride)
-                       .reshape({M, Ci});
-        acc.select(0, ky * s.KW + kx).add_(at::mm(parts, xt));
-      }
+    acc.add_(at::mm(parts, xcol));
   }
-  // (lo + mid) + hi, scaled back, rounded once; [taps, Co, Ci] -> [Co, Ci, kh, kw]
-  const at::Tensor r = (acc.narrow(1, 2 * s.Co, s.Co) + acc.narrow(1, s.Co, s.Co) +
-                        acc.narrow(1, 0, s.Co)) *
+  // (lo + mid) + hi, scaled back, rounded once; [Co, taps, Ci] -> [Co, Ci, kh, kw]
+  const at::Tensor r = (acc.narrow(0, 2 * s.Co, s.Co) + acc.narrow(0, s.Co, s.Co) +
+                        acc.narrow(0, 0, s.Co)) *
                        std::ldexp(1.0, e);
-  return r.permute({1, 2, 0}).reshape({s.Co, Ci, s.KH, s.KW}).to(at::kFloat).contiguous();
+  return r.view({s.Co, taps, Ci})
+      .permute({0, 2, 1})
+      .reshape({s.Co, Ci, s.KH, s.KW})
+      .to(at::kFloat)
+      .contiguous();
 }
 
 at::Tensor input_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& gz,

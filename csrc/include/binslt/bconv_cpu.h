@@ -151,8 +151,10 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
                            const float* alpha);
 
 // The split-precision forms (bconv_grad_bf16.cpp; any stride): dZ on one power-of-two scale in
-// three parts exact in bf16, each product one ATen float32 convolution under oneDNN's bf16 conv
-// precision (a bf16 matrix engine where the CPU has one), the parts' sums recombined in double.
+// three parts exact in bf16, the products ATen float32 calls under oneDNN's bf16 precision (a
+// bf16 matrix engine where the CPU has one): the weight gradient one matrix product per chunk
+// of output rows over the unfolded input, the input gradient one transposed convolution; the
+// parts' sums recombined in double.
 // dL/dW_eff [Co, Ci, kh, kw] from dZ [B, Co, Ho, Wo] and the 0/1 input; dL/dX [T, N, Ci, H, W]
 // from alpha * dZ and the {-1, 0, +1} weight. Undefined where dZ holds a value that is not
 // finite (the caller then takes a float form).

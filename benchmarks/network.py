@@ -100,7 +100,6 @@ from network_steps import (  # noqa: E402
 from binslt.ops.schemas import DEFAULT_SURROGATE_ALPHA, SURROGATES  # noqa: E402
 
 ARCHS = ("conv4", "vgg11", "resnet19", *SJ_ARCHS)
-SURROGATE_NAMES = tuple(SURROGATES)
 MODES = ("search", "eval", "memory")
 ANCHORS = {"search": ("sj-dense", "sj-biprop"),
            "eval": ("sj-dense", "sj-dense-compiled"),
@@ -430,7 +429,7 @@ def parse_args(argv=None):
                         "inductor; aot_eager with --quick, whose cold inductor compile takes "
                         "a minute or more on a small CPU)")
     p.add_argument("--prune-rate", type=float, default=0.5)
-    p.add_argument("--surrogate", default="atan", choices=SURROGATE_NAMES,
+    p.add_argument("--surrogate", default="atan", choices=tuple(SURROGATES),
                    help="the spike's surrogate gradient of binslt and of the SpikingJelly "
                         "anchors alike, at SpikingJelly's default alpha (default atan; the "
                         "zoo archs keep their own)")

@@ -171,11 +171,11 @@ LAYER_TYPES = (SJConvLayer, SJLinearLayer, SJResidualBlock)
 
 
 def sj_surrogate_class(name: str):
-    """SpikingJelly's surrogate class of binslt's surrogate name (``SURROGATES``)."""
-    from spikingjelly.activation_based import surrogate
+    """SpikingJelly's surrogate class of binslt's surrogate name (``SURROGATES``; the mapping
+    ``binslt.convert`` reads SpikingJelly's neurons with)."""
+    from binslt.interop.sj_modules import sj_surrogate_classes
 
-    classes = {"atan": surrogate.ATan, "sigmoid": surrogate.Sigmoid, "rect": surrogate.Rect,
-               "piecewise_quadratic": surrogate.PiecewiseQuadratic}
+    classes = sj_surrogate_classes()
     if name not in classes:
         raise ValueError(f"unknown surrogate {name!r}; expected one of {tuple(classes)}")
     return classes[name]

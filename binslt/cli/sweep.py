@@ -108,6 +108,11 @@ def _surrogate_of(cfg: RunConfig) -> tuple[str, float]:
     return cfg.surrogate, float(cfg.surrogate_alpha)
 
 
+def _row_surrogate(r: dict[str, Any]) -> tuple[str, float]:
+    """(surrogate, alpha) of a sweep.csv row."""
+    return r["surrogate"], float(r["surrogate_alpha"])
+
+
 def _surrogate_label(surrogate: str, alpha: float) -> str:
     """``rect`` at SpikingJelly's default alpha, else ``rect(alpha=0.5)``."""
     return surrogate if DEFAULT_SURROGATE_ALPHA[surrogate] == alpha else (
@@ -222,7 +227,7 @@ def _on_axis(r: dict[str, Any], axis: str, fixed: dict[str, float], t_fixed: int
     fixed values (those that apply to the method; T at ``t_fixed``; a spiking method's surrogate
     at ``surrogate`` where given)."""
     if (surrogate is not None and m in train.SPIKING and axis != "surrogate"
-            and (r["surrogate"], float(r["surrogate_alpha"])) != surrogate):
+            and _row_surrogate(r) != surrogate):
         return False
     for other, val in fixed.items():
         if other == axis:
@@ -272,10 +277,10 @@ def plot_sweep(rows: list[dict[str, Any]], base: RunConfig, path: Path) -> None:
 
     base_lam = _lam(base)
     points, n_seeds = _seed_points(rows)
-    base_sg = (base.surrogate, float(base.surrogate_alpha))
+    base_sg = _surrogate_of(base)
     sg_order: list[tuple[str, float]] = []
     for r in rows:
-        sg = (r["surrogate"], float(r["surrogate_alpha"]))
+        sg = _row_surrogate(r)
         if r["method"] in train.SPIKING and sg not in sg_order:
             sg_order.append(sg)
     series_keys = sorted({(r["method"], r["arch"]) for r in rows},
@@ -345,7 +350,7 @@ def _surrogate_panel(ax, points: list[dict[str, Any]], series_keys: list, sg_ord
                          "surrogate", label, color, False, n_seeds)
             continue
         shift = (spiking.index((m, arch)) - (len(spiking) - 1) / 2) * 0.08
-        pts = sorted((xs[(r["surrogate"], float(r["surrogate_alpha"]))] + shift,
+        pts = sorted((xs[_row_surrogate(r)] + shift,
                       float(r["test_acc"]), float(r["test_acc_std"])) for r in mine)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
                     yerr=[p[2] for p in pts] if n_seeds > 1 else None, fmt="o", color=color,
@@ -385,7 +390,7 @@ def surrogate_pairs(rows: list[dict[str, Any]], base: RunConfig,
                     level: float = 0.95) -> list[dict[str, Any]]:
     """Each spiking grid point at another surrogate minus the same point at ``base``'s surrogate,
     paired by seed (:func:`pair_rows`: final and best test accuracy, Student-t interval)."""
-    base_sg = (base.surrogate, float(base.surrogate_alpha))
+    base_sg = _surrogate_of(base)
 
     def point(r: dict[str, Any]) -> tuple:
         return (r["method"], r["arch"], round(float(r["prune_rate"]), 9), int(r["timesteps"]),
@@ -394,8 +399,7 @@ def surrogate_pairs(rows: list[dict[str, Any]], base: RunConfig,
     groups: dict[tuple, dict[tuple[str, float], list[dict[str, Any]]]] = {}
     for r in rows:
         if r["method"] in train.SPIKING:
-            sg = (r["surrogate"], float(r["surrogate_alpha"]))
-            groups.setdefault(point(r), {}).setdefault(sg, []).append(r)
+            groups.setdefault(point(r), {}).setdefault(_row_surrogate(r), []).append(r)
     compared = [k for k, by_sg in groups.items() if base_sg in by_sg and len(by_sg) > 1]
     out = []
     for key in compared:

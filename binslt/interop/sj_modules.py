@@ -118,12 +118,18 @@ def _if_supported() -> bool:
     return "neuron" in inspect.signature(BinSpikeConv2d.__init__).parameters
 
 
-def _surrogate_name(sg) -> str | None:
-    """binslt's name (``binslt.ops.schemas.SURROGATES``) of a SpikingJelly surrogate object, or
-    None when binslt has no such surrogate."""
+def sj_surrogate_classes() -> dict:
+    """binslt's surrogate names (``binslt.ops.schemas.SURROGATES``) -> SpikingJelly's surrogate
+    classes."""
     _, _, surrogate = _sj()
-    return {surrogate.ATan: "atan", surrogate.Sigmoid: "sigmoid", surrogate.Rect: "rect",
-            surrogate.PiecewiseQuadratic: "piecewise_quadratic"}.get(type(sg))
+    return {"atan": surrogate.ATan, "sigmoid": surrogate.Sigmoid, "rect": surrogate.Rect,
+            "piecewise_quadratic": surrogate.PiecewiseQuadratic}
+
+
+def _surrogate_name(sg) -> str | None:
+    """binslt's name of a SpikingJelly surrogate object (its exact class), or None when binslt
+    has no such surrogate."""
+    return next((name for name, cls in sj_surrogate_classes().items() if type(sg) is cls), None)
 
 
 def _neuron_problem(m: nn.Module) -> str:

@@ -138,10 +138,9 @@ static inline __attribute__((always_inline)) void split_run(const float* v, int6
   }
 }
 
-// Items (images, or output rows) per chunk: one item's buffers take part_image_bytes.
-int64_t chunk_images(int64_t B, int64_t part_image_bytes) {
-  return std::max<int64_t>(1, std::min<int64_t>(B, kPartBytes / std::max<int64_t>(1,
-                                                                               part_image_bytes)));
+// Items (images, or output rows) per chunk, at most B: one item's buffers take item_bytes.
+int64_t chunk_items(int64_t B, int64_t item_bytes) {
+  return std::max<int64_t>(1, std::min<int64_t>(B, kPartBytes / std::max<int64_t>(1, item_bytes)));
 }
 
 }  // namespace
@@ -194,7 +193,7 @@ at::Tensor weight_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& 
   // (b, oy), each with its parts and unfolded input under kPartBytes (or one row's).
   const int64_t R = s.B * s.Ho;
   const int64_t rc =
-      chunk_images(R, (3 * s.Co + K) * s.Wo * static_cast<int64_t>(sizeof(float)));
+      chunk_items(R, (3 * s.Co + K) * s.Wo * static_cast<int64_t>(sizeof(float)));
   const at::Tensor xcl = unpack_rows(x_packed, Ci).view({s.B, s.H, s.W, Ci});  // 0/1
   const float* xs = xcl.data_ptr<float>();
   at::Tensor acc = at::zeros({3 * s.Co, K}, opts.dtype(at::kDouble));
@@ -264,7 +263,7 @@ at::Tensor input_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& g
   const at::Tensor w_sign = dense_weight(s, Ci, w_mask, w_pos, ones.data());  // {-1, 0, +1}
   const int64_t oph = s.H - ((s.Ho - 1) * s.stride - 2 * s.padding + s.KH);
   const int64_t opw = s.W - ((s.Wo - 1) * s.stride - 2 * s.padding + s.KW);
-  const int64_t bc = chunk_images(s.B, 3 * std::max(s.Co * S, Ci * s.H * s.W) *
+  const int64_t bc = chunk_items(s.B, 3 * std::max(s.Co * S, Ci * s.H * s.W) *
                                            static_cast<int64_t>(sizeof(float)));
   at::Tensor gx = at::empty({s.B, Ci, s.H, s.W}, gz.options());
   const double back = std::ldexp(1.0, e);

@@ -545,8 +545,8 @@ def _gx_algos() -> list[str]:
 # so every input-gradient form runs with the event weight gradient, one with the dense one and
 # the unfold, the tap, the pointwise, the bf16x3 and the int8 forms with their own (forced on
 # every case (bf16x3 everywhere: float32 products where the CPU has no bf16 matrix engine):
-# also the maps "auto" never gives them; where a forced form cannot run a case, e.g. "int8" or
-# "margined" at stride 2, "pointwise" off a 1x1 kernel, the op raises ValueError saying why, as
+# also the maps "auto" never gives them; where a forced form cannot run a case, e.g. the int8
+# input gradient or "margined" at stride 2, "pointwise" off a 1x1 kernel, the op raises ValueError saying why, as
 # binslt.ops.plan.backward_plan does).
 BWD_ALGOS = [(gx, "event") for gx in _gx_algos()] + [
     ("margined", "event"), ("dense", "dense"), ("margined", "dense"), ("unfold", "unfold"),
@@ -730,9 +730,10 @@ PAPER_LAYERS = _paper_layers()
 
 @pytest.mark.parametrize("layer", PAPER_LAYERS, ids=lambda v: "x".join(map(str, v)))
 def test_split_forms_on_the_paper_layers_match_float64(layer, use_algos):
-    """The bf16x3 forms (and int8 where the CPU runs it) on every layer shape of the paper's
-    networks (T=2, N=1, batch-statistics BN: dZ dense): dL/dX, dL/dW_eff and the search's score
-    gradient dL/ds = dL/dW_eff * w * sign(s) within 1e-5 relative of float64."""
+    """The bf16x3 forms and the int8 weight gradient (and input gradient where the CPU runs it)
+    on every layer shape of the paper's networks (T=2, N=1, batch-statistics BN: dZ dense):
+    dL/dX, dL/dW_eff and the search's score gradient dL/ds = dL/dW_eff * w * sign(s) within
+    1e-5 relative of float64."""
     Ci, Co, H, stride, k, pad = layer
     geom = (2, 1, Ci, Co, H, H, k, stride, pad)
     seed = stable_seed(layer)
@@ -749,7 +750,9 @@ def test_split_forms_on_the_paper_layers_match_float64(layer, use_algos):
     g = torch.Generator().manual_seed(seed + 1)
     w = torch.randn(c["w"].shape, generator=g)
     scores = torch.randn(c["w"].shape, generator=g)
-    forms = [("bf16x3", "bf16x3")]
+    # the int8 weight gradient runs everywhere (ATen's _int_mm; AMX tiles only where the CPU
+    # has them), its input gradient on AMX-INT8 at stride 1 only
+    forms = [("bf16x3", "bf16x3"), ("dense", "int8")]
     if onednn_supported() and stride == 1 and k > 1:
         forms.append(("int8", "int8"))
     for gx, gw in forms:

@@ -24,7 +24,7 @@ with their measured thresholds, are written down once at ``plan_forward`` / ``pl
 * ``grad_w``: the weight gradient, ``"event"`` (sums of dZ rows over the input's set bits),
   ``"dense"`` (ATen's weight-gradient convolution of the unpacked input), ``"taps"`` (one GEMM
   per tap over the pixel pairs it joins), ``"unfold"``, ``"int8"`` (exact int8 products of dZ's
-  limbs; stride 1), ``"bf16x3"`` (three products of dZ's bf16-exact parts and the 0/1 input) or
+  limbs and the unfolded 0/1 input), ``"bf16x3"`` (three products of dZ's bf16-exact parts and the 0/1 input) or
   ``"pointwise"``.
 
 ``"auto"`` in a field restores the plan's choice: the rules' table, or the fastest candidate

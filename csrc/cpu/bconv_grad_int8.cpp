@@ -1,21 +1,20 @@
-// Both gradients of a stride-1 binary conv as exact integer products on AMX-INT8 (bconv_lif_bwd,
+// Both gradients of a binary conv as exact integer products on AMX-INT8 (bconv_lif_bwd,
 // grad_w / grad_x "int8"; plan_backward in cpu_algos.cpp says where "auto" takes them). First
-// the weight gradient:
+// the weight gradient (any stride):
 //
 //   dL/dW_eff[co][ci][ky][kx] = sum over images b and output pixels (y, x) of
-//                               dZ[b][co][y][x] * X[b][ci][y + ky - p][x + kx - p]
+//                               dZ[b][co][y][x] * X[b][ci][y * stride + ky - p][x * stride + kx - p]
 //
 // X is 0/1, so the only rounding is dZ's. Each channel's dZ is written on a unit u = max|dZ| /
 // 127 as three int8 limbs, dZ / u = l0 + l1 / 254 + l2 / 254^2 + e with |l| <= 127 and
 // |e| <= 0.5 / 254^2 (dZ to about 24 bits of its channel's largest value: float32's own
-// precision there). Every limb product is then an exact int32 sum (|sum| <= 127 * K < 2^31 by
-// the chunking below), and the three sums meet in double.
+// precision there). Every limb product is then an exact int32 sum (|sum| <= 127 * pixels < 2^31
+// by the chunking below), and the three sums meet in double.
 //
-// The products are ATen's _int_mm (oneDNN's int8 matmul: AMX tiles where the CPU has them) on a
-// common zero-padded grid: the input at (y + p, x + p) of an (H + 2p) x (W + 2p) grid per image,
-// dZ at (y, x) of the same grid with zeros outside Ho x Wo. Tap (ky, kx) then joins dZ column k
-// with input row k + ky * Wp + kx for every k at once: one [3 Co, K] x [K, Ci] product per tap,
-// no per-tap copy (the zeros of dZ's margin meet what the shift wraps into).
+// The products are ATen's _int_mm (oneDNN's int8 matmul: AMX tiles where the CPU has them), one
+// [3 Co, pixels] x [pixels, taps * Ci] product per chunk of output rows: the three limbs stacked
+// along the rows, the 0/1 input unfolded once (as the bf16x3 form does; each operand is read
+// once, and no product runs over padding).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -102,37 +101,6 @@ void limbs_base(const float* v, int64_t n, float inv, L* l0, L* l1, L* l2) {
   limbs_body<L, kBias>(v, n, inv, l0, l1, l2);
 }
 
-// The maps of the limb rows: dZ's Ho x Wo, on the padded Hp x Wp grid.
-struct LimbGrid {
-  int64_t Ho, Wo, Hp, Wp;
-};
-
-// One channel's limb rows l0, l1, l2 (nb * Hp * Wp columns each, on the padded grid) from its
-// dZ maps g + b * img_stride ([Ho, Wo] each) times inv; tmp: 3 * Ho * Wo bytes.
-void limb_rows(const float* g, int64_t img_stride, int64_t nb, const LimbGrid& grid, float inv,
-               int8_t* l0, int8_t* l1, int8_t* l2, int8_t* tmp, bool avx512) {
-  const int64_t Ho = grid.Ho, Wo = grid.Wo, Hp = grid.Hp, Wp = grid.Wp;
-  const int64_t S = Ho * Wo;
-  int8_t* dst[3] = {l0, l1, l2};
-  const auto limbs = avx512 ? &limbs_avx512<int8_t, 0> : &limbs_base<int8_t, 0>;
-  for (int64_t b = 0; b < nb; ++b) {
-    limbs(g + b * img_stride, S, inv, tmp, tmp + S, tmp + 2 * S);
-    for (int k = 0; k < 3; ++k) {
-      int8_t* d = dst[k] + b * Hp * Wp;
-      const int8_t* src = tmp + k * S;
-      if (Wp == Wo) {
-        std::memcpy(d, src, S);
-      } else {
-        for (int64_t y = 0; y < Ho; ++y) {
-          std::memcpy(d + y * Wp, src + y * Wo, Wo);
-          std::memset(d + y * Wp + Wo, 0, Wp - Wo);
-        }
-      }
-      std::memset(d + Ho * Wp, 0, (Hp - Ho) * Wp);
-    }
-  }
-}
-
 }  // namespace
 
 float channel_abs_max(const float* g, int64_t img_stride, int64_t nb, int64_t n, bool* bad) {
@@ -141,98 +109,126 @@ float channel_abs_max(const float* g, int64_t img_stride, int64_t nb, int64_t n,
                 : channel_max_base(g, img_stride, nb, n, bad);
 }
 
-int64_t int8_grad_w_max_grid() { return (int64_t{1} << 31) / 128; }
+int64_t int8_grad_w_max_pixels() { return (int64_t{1} << 31) / 128; }
 
 at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
                             const at::Tensor& gz) {
-  TORCH_INTERNAL_ASSERT(s.stride == 1, "weight_grad_int8: stride 1 only");
-  const int64_t p = s.padding, Hp = s.H + 2 * p, Wp = s.W + 2 * p, P = Hp * Wp;
-  const int64_t S = s.Ho * s.Wo, KK = s.KH * s.KW, C32 = 32 * s.Cw;
-  const int64_t maxoff = (s.KH - 1) * Wp + (s.KW - 1);
-  TORCH_CHECK(P <= int8_grad_w_max_grid(), "binslt::bconv_lif_bwd: the 'int8' weight gradient "
-              "needs a padded map of at most ", int8_grad_w_max_grid(), " pixels, got ", Hp, "x",
-              Wp, "; use cpu_algorithms(grad_w='auto')");
-  // Images per chunk: buffers within kChunkBytes, and |sum| <= 127 * K < 2^31.
-  const int64_t per_image = (3 * s.Co + C32) * P;
-  const int64_t chunk = std::max<int64_t>(
-      1, std::min({s.B, kChunkBytes / per_image, int8_grad_w_max_grid() / P}));
+  const int64_t S = s.Ho * s.Wo, taps = s.KH * s.KW, C32 = 32 * s.Cw;
+  const int64_t K = taps * Ci;  // columns of the unfolded input: (tap, ci)
+  TORCH_CHECK(s.Wo <= int8_grad_w_max_pixels(), "binslt::bconv_lif_bwd: the 'int8' weight "
+              "gradient takes output rows of at most ", int8_grad_w_max_pixels(), " pixels, got ",
+              s.Wo, "; use cpu_algorithms(grad_w='auto')");
+  // The product sums over output pixels, so any split of them works: chunks of output rows
+  // (b, oy) with their limbs and unfolded input within kChunkBytes (or one row's), and
+  // |sum| <= 127 * pixels < 2^31.
+  const int64_t R = s.B * s.Ho;
+  const int64_t rc = std::max<int64_t>(
+      1, std::min({R, kChunkBytes / ((3 * s.Co + K) * s.Wo), int8_grad_w_max_pixels() / s.Wo}));
   const bool avx512 = isa_supported(Isa::kAvx512);
-  const BitsToBytesFn unpack = bits_to_bytes_fn();
+  const auto limbs = avx512 ? &limbs_avx512<int8_t, 0> : &limbs_base<int8_t, 0>;
   const float* g = gz.data_ptr<float>();
-  const uint32_t* xw = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
   const auto i8 = gz.options().dtype(at::kChar);
+  // The 0/1 input as bytes, channel-last [B, H, W, C32], unpacked once.
+  at::Tensor xb = at::empty({s.B * s.H * s.W * C32}, i8);
+  {
+    const BitsToBytesFn unpack = bits_to_bytes_fn();
+    const uint32_t* xw = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
+    uint8_t* xbp = reinterpret_cast<uint8_t*>(xb.data_ptr<int8_t>());
+    const int64_t words = s.H * s.W * s.Cw;
+    at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) unpack(xw + b * words, words, xbp + b * words * 32);
+    });
+  }
+  const int8_t* xs = xb.data_ptr<int8_t>();
 
   at::Tensor out = at::empty({s.Co, Ci, s.KH, s.KW}, gz.options());
   float* o = out.data_ptr<float>();
-  const bool one_chunk = chunk >= s.B;
-  std::vector<double> acc(one_chunk ? 0 : static_cast<size_t>(s.Co * Ci * KK), 0.0);
+  const bool one_chunk = rc >= R;
+  std::vector<double> acc(one_chunk ? 0 : static_cast<size_t>(s.Co * K), 0.0);
   std::vector<double> unit(s.Co);
-  for (int64_t b0 = 0; b0 < s.B; b0 += chunk) {
-    const int64_t nb = std::min(chunk, s.B - b0), K = nb * P;
-    at::Tensor A = at::empty({3 * s.Co, K}, i8);
-    at::Tensor X = at::empty({K + maxoff, C32}, i8);
+  std::vector<char> bad(s.Co);
+  for (int64_t r0 = 0; r0 < R; r0 += rc) {
+    const int64_t nr = std::min(rc, R - r0), M = nr * s.Wo;
+    // [3 Co, M]: limb k of channel co in row k * Co + co; column i * Wo + ox is output pixel
+    // (oy, ox) of image b, where r0 + i = b * Ho + oy. A chunk's rows of one image are one run
+    // of each channel's map: a channel is split a run at a time, on its unit over the chunk.
+    at::Tensor A = at::empty({3 * s.Co, M}, i8);
     int8_t* ap = A.data_ptr<int8_t>();
-    int8_t* xp = X.data_ptr<int8_t>();
-    // The input's bytes on the padded grid (zero margins, and maxoff zero rows past the end).
-    at::parallel_for(0, nb * Hp, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / Hp, y = r % Hp - p;
-        int8_t* dst = xp + r * Wp * C32;
-        if (y < 0 || y >= s.H) {
-          std::memset(dst, 0, Wp * C32);
-          continue;
-        }
-        std::memset(dst, 0, p * C32);
-        unpack(xw + (((b0 + b) * s.H + y) * s.W) * s.Cw, s.W * s.Cw,
-               reinterpret_cast<uint8_t*>(dst + p * C32));
-        std::memset(dst + (p + s.W) * C32, 0, p * C32);
-      }
-    });
-    std::memset(xp + K * C32, 0, maxoff * C32);
-    // dZ's limbs, a channel at a time.
-    bool any_bad = false;
-    std::vector<char> bad(s.Co, 0);
     at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<int8_t> tmp(3 * S);
       for (int64_t c = c0; c < c1; ++c) {
-        const float* gc = g + (b0 * s.Co + c) * S;
+        auto runs = [&](auto&& fn) {  // fn(src, n, column) per image's run of rows
+          for (int64_t i = 0; i < nr;) {
+            const int64_t b = (r0 + i) / s.Ho, oy = (r0 + i) % s.Ho;
+            const int64_t n = std::min(s.Ho - oy, nr - i);
+            fn(g + (b * s.Co + c) * S + oy * s.Wo, n * s.Wo, i * s.Wo);
+            i += n;
+          }
+        };
+        float mx = 0.0f;
         bool nonfinite = false;
-        const float mx = channel_abs_max(gc, s.Co * S, nb, S, &nonfinite);
+        runs([&](const float* src, int64_t n, int64_t) {
+          bool nf = false;
+          mx = std::max(mx, channel_abs_max(src, 0, 1, n, &nf));
+          nonfinite |= nf;
+        });
         bad[c] = nonfinite;
         if (nonfinite) continue;
         const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
         unit[c] = mx > 0.0f ? 1.0 / static_cast<double>(inv) : 0.0;
-        limb_rows(gc, s.Co * S, nb, LimbGrid{s.Ho, s.Wo, Hp, Wp}, inv, ap + c * K,
-                  ap + (s.Co + c) * K, ap + (2 * s.Co + c) * K, tmp.data(), avx512);
-      }
-    });
-    for (char v : bad) any_bad |= v != 0;
-    if (any_bad) return at::Tensor();
-    for (int64_t ky = 0; ky < s.KH; ++ky)
-      for (int64_t kx = 0; kx < s.KW; ++kx) {
-        const int64_t tap = ky * s.KW + kx;
-        const at::Tensor r = at::_int_mm(A, X.narrow(0, ky * Wp + kx, K));  // [3 Co, C32]
-        const int32_t* rp = r.data_ptr<int32_t>();
-        at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
-          constexpr double k1 = 1.0 / 254.0, k2 = 1.0 / (254.0 * 254.0);
-          for (int64_t c = c0; c < c1; ++c) {
-            const int32_t *q0 = rp + c * C32, *q1 = rp + (s.Co + c) * C32,
-                          *q2 = rp + (2 * s.Co + c) * C32;
-            const double u = unit[c];
-            for (int64_t ci = 0; ci < Ci; ++ci) {
-              const double v = (q0[ci] + q1[ci] * k1 + q2[ci] * k2) * u;
-              const int64_t idx = (c * Ci + ci) * KK + tap;
-              if (one_chunk)
-                o[idx] = static_cast<float>(v);
-              else
-                acc[idx] += v;
-            }
-          }
+        runs([&](const float* src, int64_t n, int64_t col) {
+          limbs(src, n, inv, ap + c * M + col, ap + (s.Co + c) * M + col,
+                ap + (2 * s.Co + c) * M + col);
         });
       }
+    });
+    for (const char v : bad)
+      if (v != 0) return at::Tensor();
+    // [M, taps * Ci]: tap (ky, kx) of output pixel (oy, ox) is input pixel
+    // (oy * stride - padding + ky, ox * stride - padding + kx), zeros outside the image
+    at::Tensor X = at::empty({M, K}, i8);
+    int8_t* xc = X.data_ptr<int8_t>();
+    at::parallel_for(0, nr, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = (r0 + i) / s.Ho, oy = (r0 + i) % s.Ho;
+        for (int64_t ox = 0; ox < s.Wo; ++ox) {
+          int8_t* dst = xc + (i * s.Wo + ox) * K;
+          for (int64_t ky = 0; ky < s.KH; ++ky) {
+            const int64_t iy = oy * s.stride - s.padding + ky;
+            for (int64_t kx = 0; kx < s.KW; ++kx, dst += Ci) {
+              const int64_t ix = ox * s.stride - s.padding + kx;
+              if (iy < 0 || iy >= s.H || ix < 0 || ix >= s.W)
+                std::memset(dst, 0, static_cast<size_t>(Ci));
+              else
+                std::memcpy(dst, xs + ((b * s.H + iy) * s.W + ix) * C32, static_cast<size_t>(Ci));
+            }
+          }
+        }
+      }
+    });
+    const at::Tensor r = at::_int_mm(A, X);  // [3 Co, taps * Ci]
+    const int32_t* rp = r.data_ptr<int32_t>();
+    at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
+      constexpr double k1 = 1.0 / 254.0, k2 = 1.0 / (254.0 * 254.0);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int32_t *q0 = rp + c * K, *q1 = rp + (s.Co + c) * K, *q2 = rp + (2 * s.Co + c) * K;
+        const double u = unit[c];
+        for (int64_t k = 0; k < K; ++k) {
+          const double v = (q0[k] + q1[k] * k1 + q2[k] * k2) * u;
+          if (one_chunk) {  // [Co, taps, Ci] -> [Co, Ci, kh, kw]
+            o[(c * Ci + k % Ci) * taps + k / Ci] = static_cast<float>(v);
+          } else {
+            acc[c * K + k] += v;
+          }
+        }
+      }
+    });
   }
   if (!one_chunk)
-    for (size_t i = 0; i < acc.size(); ++i) o[i] = static_cast<float>(acc[i]);
+    at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t k = 0; k < K; ++k)
+          o[(c * Ci + k % Ci) * taps + k / Ci] = static_cast<float>(acc[c * K + k]);
+    });
   return out;
 }
 

@@ -93,7 +93,10 @@ struct AutoRules {
   // call replayed (medians of 5, ms, whole call with dX): 64->64 32x32 pooled (rate 0.26,
   // 0.23 of the grid) event 100.8 -> int8 84.8; 128->128 16x16 pooled (rate 0.17, 0.13) event
   // 56.3 vs int8 62.7; 256->256 8x8 pooled (dense chosen) 61.6 -> 53.5; 128->256 8x8 35.3 ->
-  // 33.4; 128->128 16x16 38.5 -> 37.1; 512->512 4x4 taps 62.4 vs int8 63.1.
+  // 33.4; 128->128 16x16 38.5 -> 37.1; 512->512 4x4 taps 62.4 vs int8 63.1. (Those int8 figures
+  // are of its earlier form, one product per tap over the padded grid; the form now, one product
+  // over the unfolded input, does the output pixels' work only, so the rule, which charges the
+  // padding, is conservative until it is timed on AMX again.)
   double int8_grad_w_min_rate;
   // Input gradient at stride 1 where the CPU has AMX-INT8: the int8 limb form on maps of
   // [int8_grad_x_min_pixels, int8_grad_x_max_pixels] output pixels (the range measured; 2x2 and
@@ -493,12 +496,10 @@ GradWPlan forced_grad_w(const Facts& f, GradWAlgo a) {
       check_unfold(f, field);
       return GradWPlan::kUnfold;
     case GradWAlgo::kInt8:
-      if (f.s.stride != 1)
-        cannot(field, "int8", c10::str("it runs at stride 1 only, this conv has stride ",
-                                       f.s.stride));
-      if (f.padded_grid() > int8_grad_w_max_grid())
-        cannot(field, "int8", c10::str("its padded map may have at most ", int8_grad_w_max_grid(),
-                                       " pixels, this one has ", f.padded_grid()));
+      if (f.s.Wo > int8_grad_w_max_pixels())
+        cannot(field, "int8", c10::str("its output rows may have at most ",
+                                       int8_grad_w_max_pixels(), " pixels, this one has ",
+                                       f.s.Wo));
       return GradWPlan::kInt8;
     case GradWAlgo::kBf16x3: return GradWPlan::kBf16x3;
     default:
@@ -575,7 +576,7 @@ GradXPlan forced_grad_x(const Facts& f, Isa isa, GradXAlgo a) {
 //   * "unfold" where the kernel's taps are at least unfold_min_taps_per_pixel times the input's
 //     pixels (a 3x3 kernel over 1x1, 1x2, 2x2) and its matrix is at most unfold_max_bytes (not for
 //     a pointwise conv: 1x1, stride 1, no padding, whose product is already per pixel);
-//   * "int8" at stride 1 within int8_grad_w_max_grid on a CPU with AMX-INT8, for maps above
+//   * "int8" at stride 1 on a CPU with AMX-INT8 (forced or measured: any stride), for maps above
 //     taps_grad_w_max_pixels, where the dense rule holds or the rate times the output's share of
 //     the padded grid reaches int8_grad_w_min_rate;
 //   * the dense rule: the input's rate at least grad_w_dense_min_rate (grad_w_dense_min_rate_large
@@ -602,7 +603,7 @@ GradXPlan forced_grad_x(const Facts& f, Isa isa, GradXAlgo a) {
 //   * forward: "dense", "event" (int16 counts), "onednn" (inference, AMX-INT8); the affine op
 //     "aten" and "onednn";
 //   * weight gradient: "event", "dense", "taps" (maps of at most measure_taps_max_pixels),
-//     "unfold" (matrix within unfold_max_bytes, not pointwise), "int8" (stride 1, AMX-INT8),
+//     "unfold" (matrix within unfold_max_bytes, not pointwise), "int8" (AMX-INT8),
 //     "pointwise" (pointwise convs);
 //   * input gradient: "dense", "margined" and "int8" (AMX-INT8) where the margins fit, "ternary"
 //     and "combo" (avx512 path, stride 1), "unfold", "pointwise".
@@ -628,7 +629,7 @@ std::vector<GradWPlan> grad_w_candidates(const Facts& f) {
   if (f.pixels() <= kMeasureTapsMaxPixels) v.push_back(GradWPlan::kTaps);
   if (!f.pointwise && f.unfold_bytes <= kAutoRules.unfold_max_bytes)
     v.push_back(GradWPlan::kUnfold);
-  if (f.s.stride == 1 && f.padded_grid() <= int8_grad_w_max_grid() && onednn_int8_supported())
+  if (f.s.Wo <= int8_grad_w_max_pixels() && onednn_int8_supported())
     v.push_back(GradWPlan::kInt8);
   if (bf16_matrix_supported()) v.push_back(GradWPlan::kBf16x3);
   if (f.pointwise) v.push_back(GradWPlan::kPointwise);
@@ -745,7 +746,7 @@ BackwardPlan plan_backward(const BackwardQuery& q) {
               : f.pointwise ? GradWPlan::kPointwise
               : f.pixels() <= kAutoRules.taps_grad_w_max_pixels ? GradWPlan::kTaps
                                                                  : GradWPlan::kDense;
-    const bool int8 = f.s.stride == 1 && f.padded_grid() <= int8_grad_w_max_grid() &&
+    const bool int8 = f.s.stride == 1 && f.s.Wo <= int8_grad_w_max_pixels() &&
                       onednn_int8_supported() &&
                       f.pixels() > kAutoRules.taps_grad_w_max_pixels &&
                       (dense || q.rate.get() * static_cast<double>(f.pixels()) >=

@@ -129,16 +129,17 @@ at::Tensor input_grad_margined(const ConvShape& s, int64_t Ci, at::Tensor gz_cl,
                                const at::Tensor& w_mask, const at::Tensor& w_pos,
                                const float* alpha);
 
-// The weight gradient as exact integer matrix products (bconv_grad_int8.cpp; stride 1 only):
-// dZ [B, Co, Ho, Wo] (contiguous float32) split into three int8 limbs per value on a per-channel
-// scale, one int8 x int8 -> int32 product (ATen's _int_mm: AMX-INT8 through oneDNN) per tap
-// against the zero-padded 0/1 input, the limbs recombined in double. Returns an undefined tensor
-// where dZ holds a value that is not finite (the caller then takes a float form, which carries
-// it through as ATen would).
+// The weight gradient as exact integer matrix products (bconv_grad_int8.cpp): dZ [B, Co, Ho, Wo]
+// (contiguous float32) split into three int8 limbs per value on a per-channel scale, one
+// int8 x int8 -> int32 product (ATen's _int_mm: AMX-INT8 through oneDNN) per chunk of output
+// rows against the 0/1 input unfolded once, the limbs recombined in double. Returns an undefined
+// tensor where dZ holds a value that is not finite (the caller then takes a float form, which
+// carries it through as ATen would).
 at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
                             const at::Tensor& gz);
-// The largest padded map (Hp * Wp pixels) it takes: one image's sums stay below 2^31.
-int64_t int8_grad_w_max_grid();
+// The most output pixels one of its products sums (|sum| <= 127 * pixels < 2^31): a chunk holds
+// at least one output row, so rows are at most this wide.
+int64_t int8_grad_w_max_pixels();
 // The largest |v| over rows g + b * img_stride, b < nb, of n floats each (one channel of dZ
 // [B, Co, Ho, Wo]: img_stride Co * Ho * Wo); *bad set for a value that is not finite. The
 // split forms' scale (int8 per channel, bf16x3 per tensor).

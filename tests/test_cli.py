@@ -195,8 +195,15 @@ def test_bad_option_is_one_line_naming_the_help():
     (["sweep", "--surrogates", "relu"], "expected a comma-separated subset"),
     (["eval"], "the following arguments are required"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["eval", "t.safetensors", "--dataset", "cifar10"],
+     "binslt eval: error: unrecognized arguments: --dataset cifar10 (options: binslt eval --help)"),
+    (["plot", "energy", "--frobnicate"],
+     "binslt plot energy: error: unrecognized arguments: --frobnicate"),
+    (["--frobnicate"], "binslt: error: unrecognized arguments: --frobnicate"),
 ])
 def test_option_errors_are_one_line(capsys, args, match):
+    """argparse's errors as one line naming the command (an unknown option after a command's name
+    by that command's parser, as argparse's top-level parser would not) and exit 2."""
     with pytest.raises(SystemExit) as exc:
         cli.main(args)
     assert exc.value.code == 2

@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _command_parser(parser: argparse.ArgumentParser,
+                    args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost (sub)command parser that ``args`` went through (``binslt plot energy``'s
+    for ``plot energy``)."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if name is None or name not in subs[0].choices:
+            return parser
+        parser = subs[0].choices[name]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``binslt`` console script."""
     parser = build_parser()
@@ -98,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     end = argv.index("--") if "--" in argv else len(argv)
     debug = "--debug" in argv[:end]
     argv = [a for i, a in enumerate(argv) if not (i < end and a == "--debug")]
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command they were given to, not by the top-level parser
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     debug = debug or bool(os.environ.get("BINSLT_DEBUG"))
     if getattr(args, "func", None) is None:
         parser.print_help()

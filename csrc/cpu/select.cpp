@@ -100,6 +100,9 @@ constexpr int64_t kChunkMin = 1 << 16;  // entries per parallel chunk, at least
 // size, where clearing and scanning 65536 buckets would cost more than the pass over the scores.
 constexpr int64_t kWideDigitMin = 1 << 18;
 
+// The parallel chunks of [0, n). A loop over one reads its end once (for (i = begin(c),
+// e = end(c); ...)): a store through an int64_t pointer in the body (a histogram) may alias the
+// fields, and the compiler would recompute end(c), a 64-bit division, every iteration.
 struct Chunks {
   int64_t n, count;
   int64_t begin(int64_t i) const { return n * i / count; }
@@ -133,7 +136,7 @@ at::Tensor topk_mask_impl(const at::Tensor& scores, int64_t keep) {
   at::parallel_for(0, ch.count, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       int64_t* h = hist.data() + c * kBuckets;
-      for (int64_t i = ch.begin(c); i < ch.end(c); ++i) ++h[abs_key(sp[i]) >> shift];
+      for (int64_t i = ch.begin(c), e = ch.end(c); i < e; ++i) ++h[abs_key(sp[i]) >> shift];
     }
   });
   // Every key >= kInf (inf, NaN) lies in the buckets from kInf's to kNaN's (kInf's low bits are
@@ -161,7 +164,7 @@ at::Tensor topk_mask_impl(const at::Tensor& scores, int64_t keep) {
       std::vector<key_t>& part = parts[c];
       part.reserve(static_cast<size_t>(h[bucket]));
       int64_t cnt = 0;
-      for (int64_t i = ch.begin(c); i < ch.end(c); ++i) {
+      for (int64_t i = ch.begin(c), e = ch.end(c); i < e; ++i) {
         const key_t k = abs_key(sp[i]);
         cnt += k == K::kNaN;
         if ((k >> shift) == bucket) part.push_back(k);
@@ -193,7 +196,7 @@ at::Tensor topk_mask_impl(const at::Tensor& scores, int64_t keep) {
     at::parallel_for(0, ch.count, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
         int64_t cnt = 0;
-        for (int64_t i = ch.begin(c); i < ch.end(c); ++i) cnt += abs_key(sp[i]) == v;
+        for (int64_t i = ch.begin(c), e = ch.end(c); i < e; ++i) cnt += abs_key(sp[i]) == v;
         tie_start[c] = cnt;
       }
     });
@@ -207,13 +210,13 @@ at::Tensor topk_mask_impl(const at::Tensor& scores, int64_t keep) {
   at::parallel_for(0, ch.count, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       if (all_ties) {
-        for (int64_t i = ch.begin(c); i < ch.end(c); ++i) {
+        for (int64_t i = ch.begin(c), e = ch.end(c); i < e; ++i) {
           const key_t k = abs_key(sp[i]);
           op[i] = (k >= v && k != K::kNaN) ? scalar_t(1) : scalar_t(0);
         }
       } else {
         int64_t seen = tie_start[c];
-        for (int64_t i = ch.begin(c); i < ch.end(c); ++i) {
+        for (int64_t i = ch.begin(c), e = ch.end(c); i < e; ++i) {
           const key_t k = abs_key(sp[i]);
           bool kept = k > v && k != K::kNaN;
           if (k == v) kept = seen++ < room;

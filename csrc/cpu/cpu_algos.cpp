@@ -45,23 +45,22 @@ struct AutoRules {
   double combo_min_density;
   int64_t combo_min_in_channels;
   int64_t combo_max_bytes;
-  // Weight gradient: the dense GEMM forms from this fraction of set bits in the packed input; a
-  // lower bar where the gradient is over grad_w_large_bytes (the event form then sums over all
-  // images per input channel and reads dZ rows from memory): rate * dZ bytes >=
-  // grad_w_dense_rate_dz_bytes, the bar kept within [grad_w_dense_min_rate_large,
-  // grad_w_dense_min_rate]. Measured: at 256->256 8x8, N=32, T=4 the event form took 1.8x the
-  // GEMM's time at rate 0.15 and 6.3x at 0.5, while at 128->128 16x16 it was 0.6-0.95x up to
-  // rate 0.5 (an A/B of bconv_lif_bwd on a 2-core AMD EPYC with AVX-512, event vs dense,
-  // interleaved medians). The crossover follows dZ's size: 2-core AMD EPYC with AVX2,
-  // `benchmarks/cpu_algos.py --shape T,N,Ci,Co,H --rates 0.1,0.2,0.3,0.5 --isas avx2`, event /
-  // the best GEMM form at rates 0.1, 0.2, 0.3, 0.5: 128->256 8x8 N=8 (dZ 2 MiB) 0.49, 0.73, 0.84,
-  // 1.33; 256->256 8x8 N=8 (2 MiB) 0.44, 0.66, 0.89, 1.38 (crossing near 0.37); 512->512 4x4
-  // N=32 (4 MiB) 0.59, 1.03, 1.52 and 256->512 4x4 N=32 (4 MiB) 0.61, 0.94 (near 0.2); 256->256
-  // 8x8 N=32 (8 MiB) 0.86, 1.40, 2.06, 3.41 (near 0.12).
+  // Weight gradient: the dense GEMM forms from this fraction of set bits in the packed input
+  // (grad_w_dense_min_rate_large where the gradient is over grad_w_large_bytes: the event form's
+  // schedule in blocks of images, see weight_grad). Measured: at 128->128 16x16, N=32, T=4 the
+  // event form (per image) was 0.6-0.95x the GEMM's time up to rate 0.5 (an A/B of
+  // bconv_lif_bwd on a 2-core AMD EPYC with AVX-512, event vs dense, interleaved medians). Large
+  // gradients, 2-core AMD EPYC with AVX2, `benchmarks/cpu_algos.py --shape T,N,Ci,Co,H --rates
+  // 0.1,0.2,0.3,0.5,0.7 --isas avx2` (part weight_grad, the call with the LIF/BN stage), event /
+  // the best GEMM form at those rates: 256->256 8x8 N=32 0.33, 0.51, 0.72, 1.17, 1.60; 512->512
+  // 4x4 N=32 0.43, 0.58, 0.79, 1.28, 1.78; 256->512 4x4 N=32 0.45, 0.57, 0.74, 1.13, 1.60;
+  // 128->256 8x8 N=32 0.42, 0.56, 0.76, 1.14, 1.48; 128->256 8x8 N=8 0.42, 0.57, 0.72, 1.11,
+  // 1.42; 256->256 8x8 N=8 0.39, 0.55, 0.75, 1.10, 1.46: crossing at 0.4-0.45 whatever dZ's size
+  // (over all images at once, before the blocks, the crossover fell with dZ's size, to ~0.12 at
+  // 8 MiB).
   double grad_w_dense_min_rate;
   double grad_w_dense_min_rate_large;
   int64_t grad_w_large_bytes;
-  double grad_w_dense_rate_dz_bytes;
   // Both gradients: the unfold form where a kernel's taps are at least this many times the
   // input pixels (a 3x3 kernel over 1x1 / 1x2 / 2x2) and its matrix fits in this many bytes.
   double unfold_min_taps_per_pixel;
@@ -118,9 +117,8 @@ constexpr AutoRules kAutoRules{
     /*combo_min_in_channels=*/128,
     /*combo_max_bytes=*/512 << 10,
     /*grad_w_dense_min_rate=*/0.5,
-    /*grad_w_dense_min_rate_large=*/0.1,
+    /*grad_w_dense_min_rate_large=*/0.4,
     /*grad_w_large_bytes=*/1 << 20,
-    /*grad_w_dense_rate_dz_bytes=*/0.75 * (1 << 20),
     /*unfold_min_taps_per_pixel=*/2.0,
     /*unfold_max_bytes=*/64 << 20,
     /*margined_grad_x_min_pixels=*/1024,
@@ -474,16 +472,11 @@ void check_unfold(const Facts& f, const char* field) {
                                      "a few pixels)"));
 }
 
-// The dense weight-gradient forms pay from a firing rate (for a large gradient, one that falls
-// as dZ grows).
+// The dense weight-gradient forms pay from a firing rate (a lower one for a large gradient).
 bool dense_grad_w_rule(const Facts& f, double rate) {
   if (f.grad_w_floats * static_cast<int64_t>(sizeof(float)) <= kAutoRules.grad_w_large_bytes)
     return rate >= kAutoRules.grad_w_dense_min_rate;
-  const double dz_bytes = static_cast<double>(f.s.B * f.s.Co * f.pixels()) * sizeof(float);
-  const double bar = std::clamp(kAutoRules.grad_w_dense_rate_dz_bytes / std::max(dz_bytes, 1.0),
-                                kAutoRules.grad_w_dense_min_rate_large,
-                                kAutoRules.grad_w_dense_min_rate);
-  return rate >= bar;
+  return rate >= kAutoRules.grad_w_dense_min_rate_large;
 }
 
 GradWPlan forced_grad_w(const Facts& f, GradWAlgo a) {

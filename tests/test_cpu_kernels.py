@@ -714,6 +714,19 @@ def test_split_grads_in_chunks_of_images(gx_algo, gw_algo, seed, grad_seed, use_
     _assert_close(a[0], b[0], "grad_x")
 
 
+def _driven_case(geom, seed):
+    """A batch-statistics BN case at rate 0.2 with _bwd_of's neuron (tau 2, threshold 0.5, hard
+    reset to 0), driven around the threshold and its shift nudged off ties: (case, neuron,
+    shift)."""
+    c = _conv_case(geom, seed, rate=0.2, bn_train=True)
+    nk = dict(tau=2.0, decay_input=False, v_threshold=0.5, v_reset=0.0)
+    z64 = _z64(c)
+    c["scale"], c["shift"] = _drive(z64, nk, True, seed)
+    shift = nudge_until_untied(lambda sh: _ref_h64(z64, dict(c, shift=sh), nk),
+                               nk["v_threshold"], c["shift"], step=1e-2)
+    return c, nk, shift
+
+
 @pytest.mark.parametrize("geom", [(2, 4, 256, 160, 8, 8, 3, 1, 1),    # 2 blocks of 4 images
                                   (2, 16, 256, 160, 8, 8, 3, 2, 1),  # stride 2: 25 + 7 images
                                   (1, 3, 160, 200, 23, 23, 3, 1, 1)],  # 3 blocks of 1 image
@@ -724,14 +737,8 @@ def test_event_weight_grad_in_blocks_of_images(geom, use_algos):
     several blocks, a block of one image where an image's dZ is larger than a block, stride 1
     and 2. dL/dW_eff within 1e-5 relative of float64 and of ATen's dense weight gradient, the
     same with 1 thread as with 2 (the sums do not depend on the thread count)."""
-    T, N, Ci, Co, H, W, k, stride, pad = geom
     seed = stable_seed(geom)
-    c = _conv_case(geom, seed, rate=0.2, bn_train=True)
-    nk = dict(tau=2.0, decay_input=False, v_threshold=0.5, v_reset=0.0)
-    z64 = _z64(c)
-    c["scale"], c["shift"] = _drive(z64, nk, True, seed)
-    shift = nudge_until_untied(lambda sh: _ref_h64(z64, dict(c, shift=sh), nk),
-                               nk["v_threshold"], c["shift"], step=1e-2)
+    c, nk, shift = _driven_case(geom, seed)
     c["shift"] = shift
     fwd = _fwd_of(c)
     gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(seed))
@@ -773,12 +780,7 @@ def test_split_forms_on_the_paper_layers_match_float64(layer, use_algos):
     Ci, Co, H, stride, k, pad = layer
     geom = (2, 1, Ci, Co, H, H, k, stride, pad)
     seed = stable_seed(layer)
-    c = _conv_case(geom, seed, rate=0.2, bn_train=True)
-    nk = dict(tau=2.0, decay_input=False, v_threshold=0.5, v_reset=0.0)
-    z64 = _z64(c)
-    c["scale"], c["shift"] = _drive(z64, nk, True, seed)
-    shift = nudge_until_untied(lambda sh: _ref_h64(z64, dict(c, shift=sh), nk),
-                               nk["v_threshold"], c["shift"], step=1e-2)
+    c, nk, shift = _driven_case(geom, seed)
     fwd = OPS.bconv_lif(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], shift, None, c["T"],
                         stride, pad, True, 1e-5, nk["tau"], False, nk["v_threshold"], 0.0)
     gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(seed))

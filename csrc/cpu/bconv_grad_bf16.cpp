@@ -213,30 +213,8 @@ at::Tensor weight_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& 
                   s.Co * M);
       }
     });
-    // [M, taps * Ci]: tap (ky, kx) of output pixel (oy, ox) is input pixel
-    // (oy * stride - padding + ky, ox * stride - padding + kx), zeros outside the image
-    at::Tensor xcol = at::empty({M, K}, opts);
-    float* xc = xcol.data_ptr<float>();
-    at::parallel_for(0, nr, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = (r0 + i) / s.Ho, oy = (r0 + i) % s.Ho;
-        for (int64_t ox = 0; ox < s.Wo; ++ox) {
-          float* dst = xc + (i * s.Wo + ox) * K;
-          for (int64_t ky = 0; ky < s.KH; ++ky) {
-            const int64_t iy = oy * s.stride - s.padding + ky;
-            for (int64_t kx = 0; kx < s.KW; ++kx, dst += Ci) {
-              const int64_t ix = ox * s.stride - s.padding + kx;
-              if (iy < 0 || iy >= s.H || ix < 0 || ix >= s.W) {
-                std::memset(dst, 0, static_cast<size_t>(Ci) * sizeof(float));
-              } else {
-                std::memcpy(dst, xs + ((b * s.H + iy) * s.W + ix) * Ci,
-                            static_cast<size_t>(Ci) * sizeof(float));
-              }
-            }
-          }
-        }
-      }
-    });
+    at::Tensor xcol = at::empty({M, K}, opts);  // [M, taps * Ci]
+    unfold_output_rows(s, Ci, xs, Ci, r0, nr, xcol.data_ptr<float>());
     Bf16Precision bf16(at::Float32Op::MATMUL);
     acc.add_(at::mm(parts, xcol));
   }

@@ -183,28 +183,8 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
     });
     for (const char v : bad)
       if (v != 0) return at::Tensor();
-    // [M, taps * Ci]: tap (ky, kx) of output pixel (oy, ox) is input pixel
-    // (oy * stride - padding + ky, ox * stride - padding + kx), zeros outside the image
-    at::Tensor X = at::empty({M, K}, i8);
-    int8_t* xc = X.data_ptr<int8_t>();
-    at::parallel_for(0, nr, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = (r0 + i) / s.Ho, oy = (r0 + i) % s.Ho;
-        for (int64_t ox = 0; ox < s.Wo; ++ox) {
-          int8_t* dst = xc + (i * s.Wo + ox) * K;
-          for (int64_t ky = 0; ky < s.KH; ++ky) {
-            const int64_t iy = oy * s.stride - s.padding + ky;
-            for (int64_t kx = 0; kx < s.KW; ++kx, dst += Ci) {
-              const int64_t ix = ox * s.stride - s.padding + kx;
-              if (iy < 0 || iy >= s.H || ix < 0 || ix >= s.W)
-                std::memset(dst, 0, static_cast<size_t>(Ci));
-              else
-                std::memcpy(dst, xs + ((b * s.H + iy) * s.W + ix) * C32, static_cast<size_t>(Ci));
-            }
-          }
-        }
-      }
-    });
+    at::Tensor X = at::empty({M, K}, i8);  // [M, taps * Ci]
+    unfold_output_rows(s, Ci, xs, C32, r0, nr, X.data_ptr<int8_t>());
     const at::Tensor r = at::_int_mm(A, X);  // [3 Co, taps * Ci]
     const int32_t* rp = r.data_ptr<int32_t>();
     at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {

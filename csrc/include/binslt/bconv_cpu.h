@@ -10,10 +10,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <tuple>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 
 namespace binslt {
@@ -128,6 +130,35 @@ int64_t ternary_combo_bytes(const ConvShape& s);
 at::Tensor input_grad_margined(const ConvShape& s, int64_t Ci, at::Tensor gz_cl,
                                const at::Tensor& w_mask, const at::Tensor& w_pos,
                                const float* alpha);
+
+// The split forms' unfolded input: output rows r0 .. r0 + nr - 1 (row r = b * Ho + oy) as
+// [nr * Wo, KH * KW * Ci] (column (ky * KW + kx) * Ci + ci), from channel-last pixels
+// x[((b * H + y) * W + x) * pixel_stride + ci]: tap (ky, kx) of output pixel (oy, ox) is input
+// pixel (oy * stride - padding + ky, ox * stride - padding + kx), zeros outside the image.
+template <typename T>
+void unfold_output_rows(const ConvShape& s, int64_t Ci, const T* x, int64_t pixel_stride,
+                        int64_t r0, int64_t nr, T* dst) {
+  const int64_t K = s.KH * s.KW * Ci;
+  at::parallel_for(0, nr, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = (r0 + i) / s.Ho, oy = (r0 + i) % s.Ho;
+      for (int64_t ox = 0; ox < s.Wo; ++ox) {
+        T* d = dst + (i * s.Wo + ox) * K;
+        for (int64_t ky = 0; ky < s.KH; ++ky) {
+          const int64_t iy = oy * s.stride - s.padding + ky;
+          for (int64_t kx = 0; kx < s.KW; ++kx, d += Ci) {
+            const int64_t ix = ox * s.stride - s.padding + kx;
+            if (iy < 0 || iy >= s.H || ix < 0 || ix >= s.W)
+              std::memset(d, 0, static_cast<size_t>(Ci) * sizeof(T));
+            else
+              std::memcpy(d, x + ((b * s.H + iy) * s.W + ix) * pixel_stride,
+                          static_cast<size_t>(Ci) * sizeof(T));
+          }
+        }
+      }
+    }
+  });
+}
 
 // The weight gradient as exact integer matrix products (bconv_grad_int8.cpp): dZ [B, Co, Ho, Wo]
 // (contiguous float32) split into three int8 limbs per value on a per-channel scale, one

@@ -468,6 +468,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
                        });
     plan.source_w = PlanSource::kMeasuring;
   }
+  // The event weight gradient's channel-last copy of dZ is read on only by the margined input
+  // gradient: released before any other (measured ones make their own).
+  if (time_x || plan.grad_x != GradXPlan::kMargined) gz_cl.reset();
   if (!time_x) {
     gx = run_grad_x(a, plan, o.gz, gz_cl);
   } else {

@@ -100,44 +100,51 @@ __attribute__((target("avx512f"))) static void gather_sum_avx512(const float* gz
   }
 }
 
-// Where each input channel of one image spiked: positions (py, px) and, for stride 1, the offset
-// of the output pixel its last tap (KH-1, KW-1) feeds in the margined dZ image (>= 0).
+// Where each input channel c0 <= ci < c1 of one image spiked (entries of ci from start[ci - c0]
+// to start[ci - c0 + 1]): positions (py, px) and, for stride 1, the offset of the output pixel
+// its last tap (KH-1, KW-1) feeds in the margined dZ image (>= 0).
 struct SpikeLists {
   std::vector<int32_t> start, py, px, base;
 
-  void build(const uint32_t* xb, const ConvShape& s, int64_t Ci, int64_t margin_top,
+  void build(const uint32_t* xb, const ConvShape& s, int64_t c0, int64_t c1, int64_t margin_top,
              int64_t margin_left, int64_t Wz) {
-    const int64_t HW = s.H * s.W;
-    start.assign(Ci + 1, 0);
-    for (int64_t q = 0; q < HW * s.Cw; ++q) {
-      uint32_t bits = xb[q];
-      const int64_t w = q % s.Cw;
-      while (bits) {
-        const int64_t ci = w * 32 + __builtin_ctz(bits);
-        bits &= bits - 1;
-        if (ci >= Ci) break;
-        ++start[ci + 1];
+    const int64_t HW = s.H * s.W, n = c1 - c0;
+    const int64_t w0 = c0 >> 5, w1 = (c1 + 31) >> 5;  // the words holding [c0, c1)
+    // the bits of word w in [c0, c1)
+    auto in_range = [&](int64_t w) {
+      uint32_t m = ~0u;
+      if (w == w0) m &= ~0u << (c0 & 31);
+      if (w == (c1 - 1) >> 5 && (c1 & 31) != 0) m &= ~0u >> (32 - (c1 & 31));
+      return m;
+    };
+    start.assign(n + 1, 0);
+    for (int64_t pos = 0; pos < HW; ++pos)
+      for (int64_t w = w0; w < w1; ++w) {
+        uint32_t bits = xb[pos * s.Cw + w] & in_range(w);
+        while (bits) {
+          ++start[w * 32 + __builtin_ctz(bits) - c0 + 1];
+          bits &= bits - 1;
+        }
       }
-    }
-    for (int64_t c = 0; c < Ci; ++c) start[c + 1] += start[c];
-    py.resize(start[Ci]);
-    px.resize(start[Ci]);
-    base.resize(start[Ci]);
+    for (int64_t c = 0; c < n; ++c) start[c + 1] += start[c];
+    py.resize(start[n]);
+    px.resize(start[n]);
+    base.resize(start[n]);
     std::vector<int32_t> fill(start.begin(), start.end() - 1);
-    for (int64_t q = 0; q < HW * s.Cw; ++q) {
-      uint32_t bits = xb[q];
-      const int64_t pos = q / s.Cw, w = q % s.Cw;
+    for (int64_t pos = 0; pos < HW; ++pos) {
       const int32_t iy = static_cast<int32_t>(pos / s.W), ix = static_cast<int32_t>(pos % s.W);
-      while (bits) {
-        const int64_t ci = w * 32 + __builtin_ctz(bits);
-        bits &= bits - 1;
-        if (ci >= Ci) break;
-        py[fill[ci]] = iy;
-        px[fill[ci]] = ix;
-        base[fill[ci]++] = static_cast<int32_t>(
-            ((iy + s.padding + margin_top - (s.KH - 1)) * Wz +
-             (ix + s.padding + margin_left - (s.KW - 1))) *
-            s.Co);
+      for (int64_t w = w0; w < w1; ++w) {
+        uint32_t bits = xb[pos * s.Cw + w] & in_range(w);
+        while (bits) {
+          const int64_t k = w * 32 + __builtin_ctz(bits) - c0;
+          bits &= bits - 1;
+          py[fill[k]] = iy;
+          px[fill[k]] = ix;
+          base[fill[k]++] = static_cast<int32_t>(
+              ((iy + s.padding + margin_top - (s.KH - 1)) * Wz +
+               (ix + s.padding + margin_left - (s.KW - 1))) *
+              s.Co);
+        }
       }
     }
   }
@@ -177,9 +184,10 @@ TransposeFn transpose_f32_fn() {
 //   threads take images, each summing into its own copy of the gradient (the copies are added at
 //   the end), with the image's spike lists built just before and its dZ in L2;
 // * else (deep layers: many channels, small maps) blocks of images whose dZ fits half of L2
-//   (kBlockBytes; one image where a single one is larger), the spike lists of all images built
-//   first: in a block the input channels are split among the threads (each owns its gradient
-//   rows), and every (channel, tap) sums its spikes over the block's images in registers. The
+//   (kBlockBytes; one image where a single one is larger): in a block the input channels are
+//   split among the threads (each owns its gradient rows and builds the block's spike lists of
+//   its channels), and every (channel, tap) sums its spikes over the block's images in
+//   registers. The
 //   gathers then read dZ from L2 (over all images at once, MBs of dZ, they came from L3: 256->256
 //   8x8 and 512->512 4x4 at N=32, T=4, rate 0.2 took 96 and 60 ms that way, 34 and 34 ms in
 //   blocks on a 2-core AMD EPYC), and a gradient row is read and written once per block.
@@ -208,13 +216,13 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
     return ((s.KH - 1 - ky) * Wz + (s.KW - 1 - kx)) * s.Co;
   };
   // Other strides: appends, for tap (ky, kx), the dZ offsets (from the block's first image, image
-  // b's at (b - b0) * img) of the spikes of channel ci in image b that land on an output pixel.
-  auto strided_offsets = [&](const SpikeLists& L, int64_t b, int64_t b0, int64_t ci, int64_t ky,
+  // b's at (b - b0) * img) of the spikes of list k of image b (L) that land on an output pixel.
+  auto strided_offsets = [&](const SpikeLists& L, int64_t b, int64_t b0, int64_t k, int64_t ky,
                              int64_t kx, std::vector<int32_t>& offs) {
     const int dy = static_cast<int>(s.padding - ky), dx = static_cast<int>(s.padding - kx);
     const int ho = static_cast<int>(s.Ho), wo = static_cast<int>(s.Wo);
     const int st = static_cast<int>(s.stride);
-    for (int32_t e = L.start[ci]; e < L.start[ci + 1]; ++e) {
+    for (int32_t e = L.start[k]; e < L.start[k + 1]; ++e) {
       const int oyn = L.py[e] + dy, oxn = L.px[e] + dx;
       if (oyn < 0 || oxn < 0 || oyn % st != 0 || oxn % st != 0) continue;
       const int oy = oyn / st, ox = oxn / st;
@@ -254,7 +262,7 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
       SpikeLists L;
       std::vector<int32_t> offs;
       for (int64_t b = b0; b < b1; ++b) {
-        L.build(xp + b * HW * s.Cw, s, Ci, margin_top, margin_left, Wz);
+        L.build(xp + b * HW * s.Cw, s, 0, Ci, margin_top, margin_left, Wz);
         for (int64_t ci = 0; ci < Ci; ++ci)
           accumulate(L, b, ci, G + ci * s.KH * s.KW * s.Co, offs);
       }
@@ -269,23 +277,26 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
       });
     return g.permute({3, 0, 1, 2}).contiguous();  // [Co, Ci, kh, kw]
   }
-  std::vector<SpikeLists> lists(s.B);
-  at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      lists[b].build(xp + b * HW * s.Cw, s, Ci, margin_top, margin_left, Wz);
-  });
   for (int64_t b0 = 0; b0 < s.B; b0 += bb) {
     const int64_t b1 = std::min(s.B, b0 + bb);
     const float* dzb = dz + b0 * img;
     at::parallel_for(0, Ci, 1, [&](int64_t c0, int64_t c1) {
+      // the block's spike lists of this thread's channels only (so they never take more memory
+      // than one block's spikes)
+      std::vector<SpikeLists> lists(b1 - b0);
+      for (int64_t b = b0; b < b1; ++b)
+        lists[b - b0].build(xp + b * HW * s.Cw, s, c0, c1, margin_top, margin_left, Wz);
       std::vector<int32_t> offs;
       for (int64_t ci = c0; ci < c1; ++ci) {
+        const int64_t k = ci - c0;
         float* Gci = gp + ci * s.KH * s.KW * s.Co;
         if (unit) {
           offs.clear();
-          for (int64_t b = b0; b < b1; ++b)
-            for (int32_t e = lists[b].start[ci]; e < lists[b].start[ci + 1]; ++e)
-              offs.push_back(static_cast<int32_t>((b - b0) * img + lists[b].base[e]));
+          for (int64_t b = b0; b < b1; ++b) {
+            const SpikeLists& L = lists[b - b0];
+            for (int32_t e = L.start[k]; e < L.start[k + 1]; ++e)
+              offs.push_back(static_cast<int32_t>((b - b0) * img + L.base[e]));
+          }
           if (offs.empty()) continue;
           for (int64_t ky = 0; ky < s.KH; ++ky)
             for (int64_t kx = 0; kx < s.KW; ++kx)
@@ -296,7 +307,8 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
         for (int64_t ky = 0; ky < s.KH; ++ky)
           for (int64_t kx = 0; kx < s.KW; ++kx) {
             offs.clear();
-            for (int64_t b = b0; b < b1; ++b) strided_offsets(lists[b], b, b0, ci, ky, kx, offs);
+            for (int64_t b = b0; b < b1; ++b)
+              strided_offsets(lists[b - b0], b, b0, k, ky, kx, offs);
             if (!offs.empty())
               gather_sum(dzb, offs.data(), static_cast<int>(offs.size()),
                          Gci + (ky * s.KW + kx) * s.Co, co);

@@ -128,18 +128,9 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
   const auto limbs = avx512 ? &limbs_avx512<int8_t, 0> : &limbs_base<int8_t, 0>;
   const float* g = gz.data_ptr<float>();
   const auto i8 = gz.options().dtype(at::kChar);
-  // The 0/1 input as bytes, channel-last [B, H, W, C32], unpacked once.
-  at::Tensor xb = at::empty({s.B * s.H * s.W * C32}, i8);
-  {
-    const BitsToBytesFn unpack = bits_to_bytes_fn();
-    const uint32_t* xw = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
-    uint8_t* xbp = reinterpret_cast<uint8_t*>(xb.data_ptr<int8_t>());
-    const int64_t words = s.H * s.W * s.Cw;
-    at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) unpack(xw + b * words, words, xbp + b * words * 32);
-    });
-  }
-  const int8_t* xs = xb.data_ptr<int8_t>();
+  // The 0/1 input as bytes, channel-last ([B, H, W, C32] in memory), unpacked once.
+  const at::Tensor xb = spikes_u8_from_packed(x_packed);
+  const int8_t* xs = reinterpret_cast<const int8_t*>(xb.data_ptr<uint8_t>());
 
   at::Tensor out = at::empty({s.Co, Ci, s.KH, s.KW}, gz.options());
   float* o = out.data_ptr<float>();

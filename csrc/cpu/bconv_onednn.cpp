@@ -70,10 +70,6 @@ static void bits_to_bytes_base(const uint32_t* w, int64_t n_words, uint8_t* dst)
     for (int b = 0; b < 32; ++b) dst[32 * i + b] = static_cast<uint8_t>((w[i] >> b) & 1u);
 }
 
-BitsToBytesFn bits_to_bytes_fn() {
-  return isa_supported(Isa::kAvx512) ? &bits_to_bytes_avx512 : &bits_to_bytes_base;
-}
-
 at::Tensor spikes_u8_from_packed(const at::Tensor& x_packed) {
   const int64_t B = x_packed.size(0), H = x_packed.size(1), W = x_packed.size(2),
                 Cw = x_packed.size(3);

@@ -68,9 +68,6 @@ TransposeFn transpose_f32_fn();
 // or from float spikes [B, C, H, W] (*bad set for a value other than 0. / 1.); and the conv,
 // whose call gives the integer counts as float32 [b, Co, Ho, Wo] ChannelsLast for b images.
 at::Tensor spikes_u8_from_packed(const at::Tensor& x_packed);
-// n_words packed words -> 32 * n_words bytes 0/1, bit b of word i at byte 32 * i + b.
-using BitsToBytesFn = void (*)(const uint32_t*, int64_t, uint8_t*);
-BitsToBytesFn bits_to_bytes_fn();
 at::Tensor spikes_u8_from_float(const float* x, int64_t B, int64_t C, int64_t H, int64_t W,
                                 const at::TensorOptions& opts, bool* bad);
 class OnednnConv {

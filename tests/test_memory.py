@@ -208,3 +208,61 @@ def test_model_saves_less_than_the_counts_and_float_current():
     small_ints = (torch.int16, torch.int8)
     assert sum(saved.by_dtype.get(d, 0) for d in small_ints) == 0
     assert kept.by_dtype.get(torch.int8, 0) > 0
+
+
+class _DropGrad(torch.autograd.Function):
+    """Identity whose backward passes no gradient (None) on."""
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return None
+
+
+def _zero_fills(prof) -> list[str]:
+    """The zero-filled tensors made directly by the fused Functions' backward nodes (where
+    autograd materialises missing output gradients), with their sizes."""
+    out = []
+    for e in prof.events():
+        if e.name == "aten::zeros" and e.cpu_parent is not None and \
+                e.cpu_parent.name.endswith("Backward") and \
+                e.cpu_parent.name.split("Backward")[0] in ("ConvLIF", "BNLIF", "SpikePool"):
+            out.append(f"{e.cpu_parent.name}: {e.input_shapes}")
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_fills_no_zero_gradients_for_the_saved_outputs(backend):
+    """The fused Functions return what the backward reads (packed bits, counts, the current) as
+    non-differentiable outputs; autograd gets no zero-filled gradients made for them (VGG-11's
+    kept counts alone would be 22 MiB of zeros a step). Where autograd passes no gradient at all
+    for the spikes, the backward runs on zeros: the reference's gradients of a zero input."""
+    torch.manual_seed(3)
+    real = BinSpikeConv2d(3, 8, 3, 1, 1, bn=True, input="real", backend=backend)
+    conv = BinSpikeConv2d(8, 8, 3, 1, 1, bn=True, pool=2, backend=backend)
+    real.train(), conv.train()
+    x = torch.randn(4, 2, 3, 8, 8)
+    assert real(x).any() and conv(real(x)).any()  # both layers fire
+    conv(real(x)).sum().backward()  # the first call may choose (and time) its algorithms
+    real.zero_grad(), conv.zero_grad()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        out = conv(real(x))
+        (out * torch.linspace(0.5, 1.5, out.numel()).view_as(out)).sum().backward()
+    assert _zero_fills(prof) == []
+    assert real.scores.grad.abs().sum() > 0
+
+    # No gradient reaches the real layer's spikes: its backward runs on zeros, and its score
+    # gradient is zero, as the chain rule has it (the conv above still gets its own).
+    for m in (real, conv):
+        m.zero_grad()
+    out = conv(_DropGrad.apply(real(x)))
+    (out * torch.linspace(0.5, 1.5, out.numel()).view_as(out)).sum().backward()
+    assert real.scores.grad is None or not real.scores.grad.any()
+    assert conv.scores.grad.abs().sum() > 0

@@ -172,6 +172,41 @@ def test_training_pool_routes_gradient_as_max_pool2d(backend):
 
 
 @pytest.mark.parametrize("kernel", ["cpu", "reference"])
+@pytest.mark.parametrize("hw", [(8, 8), (9, 7), (2, 3), (5, 2), (32, 32)])
+def test_spike_pool2_op_equals_max_pool2d_and_pack(kernel, hw):
+    """binslt::spike_pool2 (the C++ kernel and the reference): torch's max_pool2d of the spikes
+    and their bits as pack_spikes packs them, over one, two and three channel words and odd
+    sizes (the last row / column no window covers is left out); bits checked one by one."""
+    h, w = hw
+    gen = torch.Generator().manual_seed(h * 10 + w)
+    for c in (5, 40, 70):
+        s = (torch.rand(3, c, h, w, generator=gen) < 0.3).float()
+        s[0, :3] = 0.0  # all-zero windows
+        s[1, -2:] = 1.0
+        fn = torch.ops.binslt.spike_pool2 if kernel == "cpu" else ref.spike_pool2_reference
+        pooled, packed = fn(s)
+        assert pooled.dtype == torch.float32 and packed.dtype == torch.int32
+        assert torch.equal(pooled, F.max_pool2d(s, 2))
+        words = packed.to(torch.int64) & 0xFFFFFFFF
+        bits = torch.stack([(words[..., ch // 32] >> (ch % 32)) & 1 for ch in range(c)], 1)
+        assert packed.shape == (3, h, w, (c + 31) // 32)
+        assert torch.equal(bits.float(), s)
+        assert torch.equal(packed, torch.ops.binslt.pack_spikes(s))
+
+
+@pytest.mark.parametrize("x, err, match", [
+    (torch.full((2, 3, 4, 4), 0.5), ValueError, "must be binary spikes"),
+    (torch.full((2, 3, 4, 4), float("nan")), ValueError, "must be binary spikes"),
+    (torch.zeros(2, 3, 4), ValueError, r"\[B, C, H, W\]"),
+    (torch.zeros(2, 3, 1, 4), ValueError, "at least 2x2"),
+    (torch.zeros(2, 3, 4, 4, dtype=torch.float64), TypeError, "float32"),
+])
+def test_spike_pool2_op_errors(x, err, match):
+    with pytest.raises(err, match=match):
+        torch.ops.binslt.spike_pool2(x)
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "reference"])
 @pytest.mark.parametrize("hw", [(8, 8), (9, 7), (2, 3), (5, 2)])
 def test_spike_pool2_bwd_op_equals_max_pool2d_backward(kernel, hw):
     """binslt::spike_pool2_bwd (the C++ kernel and the reference) gives torch's max_pool2d input

@@ -284,12 +284,16 @@ def _pool2_spikes(s: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Te
     and the unpooled spikes packed [T*N, H, W, ceil(C/32)] (the backend's pack_spikes): what the
     pool's backward routes by."""
     T, n, c = s.shape[:3]
-    flat = s.flatten(0, 1)
-    a, b, cc, d = ref.pool2_windows(flat)
-    y = torch.maximum(a, b)  # one output-sized tensor: the other two maxima in place
-    torch.maximum(y, cc, out=y)
-    torch.maximum(y, d, out=y)
-    return y.view(T, n, c, *y.shape[2:]), get_op("pack_spikes", backend)(flat.float().contiguous())
+    flat = s.flatten(0, 1).float().contiguous()
+    if backend == "cpu":  # one pass: binslt::spike_pool2
+        y, packed = torch.ops.binslt.spike_pool2(flat)
+    else:
+        a, b, cc, d = ref.pool2_windows(flat)
+        y = torch.maximum(a, b)  # one output-sized tensor: the other two maxima in place
+        torch.maximum(y, cc, out=y)
+        torch.maximum(y, d, out=y)
+        packed = get_op("pack_spikes", backend)(flat)
+    return y.to(s.dtype).view(T, n, c, *y.shape[2:]), packed
 
 
 class SpikePool(torch.autograd.Function):

@@ -344,6 +344,17 @@ def pool2_windows(x: torch.Tensor):
             x[:, :, 1:hq:2, 1:wq:2])
 
 
+def spike_pool2_reference(spikes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``binslt::spike_pool2``: the 2x2 spike max-pool of [B, C, H, W] (each window's max, the
+    OR of {0, 1} spikes) and the unpooled spikes packed (``pack_spikes``)."""
+    packed = pack_spikes_reference(spikes)
+    a, b, c, d = pool2_windows(spikes)
+    y = torch.maximum(a, b)  # one output-sized tensor: the other two maxima in place
+    torch.maximum(y, c, out=y)
+    torch.maximum(y, d, out=y)
+    return y, packed
+
+
 def spike_pool2_bwd_reference(packed: torch.Tensor, grad: torch.Tensor,
                               channels: int) -> torch.Tensor:
     """``binslt::spike_pool2_bwd``: the 2x2 spike max-pool's gradient, routed to each window's
@@ -418,6 +429,7 @@ def bconv_affine_infer_reference(x, w_mask, w_pos, alpha, scale, shift, stride, 
 # Helper ops (binslt.ops.schemas.AUX_SCHEMAS).
 REFERENCE_AUX_OPS = {
     "bconv_affine_infer": bconv_affine_infer_reference,
+    "spike_pool2": spike_pool2_reference,
     "spike_pool2_bwd": spike_pool2_bwd_reference,
     "bconv_lif_bwd_pool2": bconv_lif_bwd_pool2_reference,
     "bn_lif_infer": bn_lif_infer_reference,

@@ -108,6 +108,13 @@ def _(grad, weight, scores):
     return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("binslt::spike_pool2")
+def _(spikes):
+    b, c, h, w = spikes.shape
+    return (spikes.new_empty((b, c, h // 2, w // 2), dtype=torch.float32),
+            spikes.new_empty((b, h, w, C.channel_words(c)), dtype=torch.int32))
+
+
 @torch.library.register_fake("binslt::spike_pool2_bwd")
 def _(packed, grad, channels):
     b, h, w, _ = packed.shape

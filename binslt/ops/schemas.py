@@ -125,6 +125,12 @@ WEIGHT_SCHEMAS: dict[str, str] = {
 # Helper ops of the network's layout (the training pool's backward, the first layer's eval path):
 # a CPU kernel where it pays, the reference on every other device (like the weight side).
 AUX_SCHEMAS: dict[str, str] = {
+    # The training 2x2 spike max-pool (ops.SpikePool, ops.ConvLIF with pool=2).
+    #   spikes: [B, C, H, W] float32, exactly 0/1 (else ValueError), H, W >= 2
+    # -> (pooled [B, C, H // 2, W // 2] float32: each window's max (the OR of its spikes; an odd
+    #    last row / column is left out), packed [B, H, W, ceil(C/32)] int32: pack_spikes(spikes),
+    #    what the backward routes by)
+    "spike_pool2": "spike_pool2(Tensor spikes) -> (Tensor, Tensor)",
     # Backward of the training 2x2 spike max-pool (ops.SpikePool).
     #   packed: [B, H, W, Cw] int32, pack_spikes of the unpooled spikes [B, channels, H, W];
     #   grad: [B, channels, H // 2, W // 2] float32

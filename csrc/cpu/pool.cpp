@@ -1,4 +1,7 @@
-// Backward of the training 2x2 spike max-pool (binslt::spike_pool2_bwd): the gradient of each
+// The training 2x2 spike max-pool: forward (binslt::spike_pool2: the pooled spikes and the
+// unpooled ones packed, one pass over each image) and backward (binslt::spike_pool2_bwd).
+//
+// Backward: the gradient of each
 // window goes to its first 1 in row-major order (a, b / c, d), or to a when all four are 0, read
 // from the forward's packed spikes (one bit per spike saved); every other position, and the odd
 // last row / column that no window covers, gets 0. binslt.reference.spike_pool2_bwd_reference
@@ -7,7 +10,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <tuple>
 
 #include "binslt/checks.h"
 #include "binslt/pack_cpu.h"
@@ -15,6 +21,57 @@
 namespace binslt {
 namespace cpu {
 namespace {
+
+// One channel plane's 2x2 windows [H, W] -> [H/2, W/2]: the max of {0, 1} spikes (their OR).
+inline void pool2_plane(const float* x, int64_t H, int64_t W, float* y) {
+  const int64_t Hq = H / 2, Wq = W / 2;
+  for (int64_t yo = 0; yo < Hq; ++yo) {
+    const float* r0 = x + 2 * yo * W;
+    const float* r1 = r0 + W;
+    float* o = y + yo * Wq;
+    for (int64_t xo = 0; xo < Wq; ++xo)
+      o[xo] = std::max(std::max(r0[2 * xo], r0[2 * xo + 1]),
+                       std::max(r1[2 * xo], r1[2 * xo + 1]));
+  }
+}
+
+// x: [B, C, H, W] float32 spikes (exactly 0/1, else ValueError) -> (pooled [B, C, H/2, W/2]
+// float32, packed [B, H, W, ceil(C/32)] int32 as pack_spikes). Each image is packed, then pooled
+// from cache: one read of the spikes from memory instead of one per max and one for the packing.
+std::tuple<at::Tensor, at::Tensor> spike_pool2_cpu(const at::Tensor& x_in) {
+  const char* op = "binslt::spike_pool2";
+  check_on_cpu(x_in, "spike_pool2", "spikes");
+  TORCH_CHECK_VALUE(x_in.dim() == 4, op, ": spikes must be [B, C, H, W] (flatten T and N into "
+                    "B), got shape ", shape_str(x_in));
+  TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat, op, ": spikes must be float32, got ",
+                   x_in.scalar_type());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK_VALUE(H >= 2 && W >= 2, op, ": a 2x2 pool needs maps of at least 2x2, got ", H,
+                    "x", W);
+  const int64_t Cw = words_for(static_cast<int>(C)), P = H * W;
+  at::Tensor pooled = at::empty({B, C, H / 2, W / 2}, x.options());
+  at::Tensor packed = at::empty({B, H, W, Cw}, x.options().dtype(at::kInt));
+  const float* xp = x.data_ptr<float>();
+  float* yp = pooled.data_ptr<float>();
+  uint32_t* pp = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
+  const PackWordFn pack = pack_word_fn();
+  const int64_t Pq = (H / 2) * (W / 2);
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    bool any = false;
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* img = xp + b * C * P;
+      for (int64_t wd = 0; wd < Cw; ++wd)
+        any |= pack(img + 32 * wd * P, std::min<int64_t>(32, C - 32 * wd), P, P, Cw,
+                    pp + b * P * Cw + wd);
+      for (int64_t c = 0; c < C; ++c) pool2_plane(img + c * P, H, W, yp + (b * C + c) * Pq);
+    }
+    if (any) bad.store(true, std::memory_order_relaxed);
+  });
+  TORCH_CHECK_VALUE(!bad.load(), op, ": ", kNotBinaryMsg);
+  return {pooled, packed};
+}
 
 // packed: [B, H, W, Cw] int32 (pack_spikes of the unpooled spikes); grad: [B, channels, H/2, W/2]
 // float32 -> grad_x [B, channels, H, W] float32
@@ -75,5 +132,6 @@ at::Tensor spike_pool2_bwd_cpu(const at::Tensor& packed_in, const at::Tensor& gr
 }  // namespace binslt
 
 TORCH_LIBRARY_IMPL(binslt, CPU, m) {
+  m.impl("spike_pool2", &binslt::cpu::spike_pool2_cpu);
   m.impl("spike_pool2_bwd", &binslt::cpu::spike_pool2_bwd_cpu);
 }

@@ -266,3 +266,66 @@ def test_backward_fills_no_zero_gradients_for_the_saved_outputs(backend):
     (out * torch.linspace(0.5, 1.5, out.numel()).view_as(out)).sum().backward()
     assert real.scores.grad is None or not real.scores.grad.any()
     assert conv.scores.grad.abs().sum() > 0
+
+
+def _block(backend, bn_cls=torch.nn.BatchNorm2d):
+    from binslt.nn.blocks import ResidualBlock
+
+    torch.manual_seed(5)
+    c1 = BinSpikeConv2d(6, 8, 3, 2, 1, bn=True, backend=backend)
+    c2 = BinSpikeConv2d(8, 8, 3, 1, 1, bn=True, backend=backend)
+    sc = binslt.BinConv2d(6, 8, 1, stride=2, bn=True)
+    sc.bn = bn_cls(8)
+    return ResidualBlock(c1, c2, sc).train()
+
+
+@pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
+def test_projection_shortcut_output_is_recomputed_not_kept(backend):
+    """Inside keep_counts(False), a ResNet block with a 1x1 conv + BN shortcut keeps no float
+    copy of the shortcut's output for conv2's backward: it is recomputed there from the packed
+    input spikes (conv, then BN with the batch's statistics taken again). The block's output and
+    every gradient are the same bits as with the output kept (the default), and the output
+    itself is freed after the forward."""
+    import contextlib
+    import gc
+    import weakref
+
+    torch.manual_seed(6)
+    x = (torch.rand(3, 2, 6, 8, 8) < 0.4).float()
+    g = torch.randn(3, 2, 8, 4, 4)
+    runs = {}
+    for keep in (False, True):
+        blk = _block(backend)
+        refs: list = []
+        blk.shortcut.register_forward_hook(lambda m, i, o, refs=refs: refs.append(weakref.ref(o)))
+        xi = x.clone().requires_grad_()
+        with contextlib.nullcontext() if keep else ops.keep_counts(False):
+            out = blk(xi)
+        gc.collect()
+        kept = refs[-1]() is not None
+        out.backward(g)
+        runs[keep] = (out.detach(), xi.grad, {n: p.grad.clone() for n, p in
+                                              blk.named_parameters() if p.grad is not None},
+                      kept, blk.shortcut.bn.running_mean.clone())
+    (o0, gx0, gp0, kept0, rm0), (o1, gx1, gp1, kept1, rm1) = runs[False], runs[True]
+    # (the fused op saves the residual current; the reference's autograd graph does not)
+    assert not kept0 and kept1 == (backend != "torch")
+    assert o1.any() and gx1.any()
+    assert torch.equal(o0, o1) and torch.equal(gx0, gx1) and torch.equal(rm0, rm1)
+    assert gp0.keys() == gp1.keys() and len(gp0) >= 3
+    for name in gp0:
+        assert torch.equal(gp0[name], gp1[name]), name
+
+
+def test_shortcut_with_sync_batchnorm_keeps_its_output():
+    """Inside keep_counts(False) too, a BN whose statistics are not the local batch's alone (SyncBatchNorm) is not recomputed:
+    the shortcut hands no recompute function, and the block runs as it did."""
+    blk = _block("torch", torch.nn.SyncBatchNorm)
+    x = (torch.rand(3, 2, 6, 8, 8) < 0.4).float()
+    from binslt.nn.blocks import _call_handing_again
+
+    with ops.keep_counts(False):
+        assert _call_handing_again(blk.shortcut, x)[1] is None
+        blk.shortcut.bn = torch.nn.BatchNorm2d(8)
+        assert _call_handing_again(blk.shortcut, x)[1] is not None
+    assert _call_handing_again(blk.shortcut, x)[1] is None  # the default keeps the output

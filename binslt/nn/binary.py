@@ -56,6 +56,20 @@ class BinConv2d(_MaskedSignWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The conv (+BN) of ``x`` ``[N, C_in, H, W]`` or ``[T, N, C_in, H, W]`` with W_eff:
         ``[N, C_out, H', W']`` or ``[T, N, C_out, H', W']``."""
+        y, again = self._forward_and_again(x)
+        if again is not None and self._handed is not None:
+            self._handed.append(again)
+        return y
+
+    # Set by a caller that can use the recompute function of the next call (ResidualBlock).
+    _handed: list | None = None
+
+    def _forward_and_again(self, x: torch.Tensor):
+        """``(forward(x), again)``: ``again()`` recomputes the output bit for bit from what the
+        graph keeps (the input's packed bits, W_eff, BN's batch statistics taken again from the
+        same conv output) where the input is spikes in a training graph and the BN, if any, is
+        a plain ``BatchNorm2d``; ``again`` is None otherwise. A ResNet block saves its
+        shortcut's float output as ``again`` (``ResidualBlock``)."""
         _refuse_jit_trace(self)
         if x.dim() not in (4, 5):
             raise ValueError(f"BinConv2d expects [N, C, H, W] or [T, N, C, H, W], got shape "
@@ -67,22 +81,30 @@ class BinConv2d(_MaskedSignWeight):
             w_mask, w_pos, alpha = self.packed_weight()
             y = ops.bconv_affine_infer(xf, w_mask, w_pos, alpha, scale.float(), shift.float(),
                                        self.stride, self.padding)
-            return y.view(*lead, *y.shape[1:])
+            return y.view(*lead, *y.shape[1:]), None
         w = self.effective_weight().to(x.dtype)
+        again = None
         if _saves_spikes_packed(xf, w):
-            y = self._conv_bn_saving_bits(xf, w)
+            y, again_flat = self._conv_bn_saving_bits(xf, w)
+            if again_flat is not None:
+                shape = (*lead, *y.shape[1:])
+
+                def again():
+                    return again_flat().view(shape)
         else:
             y = F.conv2d(xf, w, stride=self.stride, padding=self.padding)
             if self.bn is not None:
                 y = self.bn(y)
-        return y.view(*lead, *y.shape[1:])
+        return y.view(*lead, *y.shape[1:]), again
 
-    def _conv_bn_saving_bits(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _conv_bn_saving_bits(self, x: torch.Tensor, w: torch.Tensor):
         """conv (+BN) of float spikes x [B, C, H, W] with what autograd saves made small: the
         conv's saved input is kept as packed bits (1 of 32 bits a value, unpacked exactly), and
         BN's saved input, the conv's output, is recomputed from them in the backward (the same
         conv of the same values: bit for bit). A ResNet shortcut's saved state shrinks from two
-        float maps to one bit per input spike."""
+        float maps to one bit per input spike. Returns ``(y, again)``: ``again()`` recomputes y
+        itself the same way (None where the BN is not a plain ``BatchNorm2d`` that recomputes
+        alone: a SyncBatchNorm's statistics span processes)."""
         bits = ops.pack_spikes(x)
         channels, w_value = x.shape[1], w.detach()
         conv = {}
@@ -111,7 +133,30 @@ class BinConv2d(_MaskedSignWeight):
             if self.bn is not None:
                 y = self.bn(y)
         conv.clear()  # the hooks keep only bits and w_value alive
-        return y
+        return y, _recompute(self.bn, unpacked, w_value, self.stride, self.padding)
+
+
+def _recompute(bn, unpacked, w_value: torch.Tensor, stride: int, padding: int):
+    """``again()`` for ``BinConv2d._conv_bn_saving_bits``: the conv of the unpacked spikes, then
+    the BN as its forward ran it (the batch's statistics, taken again from the same values, in
+    training; the running statistics of that moment otherwise). None for any BN but a plain
+    ``BatchNorm2d``."""
+    if bn is not None and type(bn) is not nn.BatchNorm2d:
+        return None
+    batch = bn is not None and (bn.training or bn.running_mean is None)
+    stats = (None, None) if bn is None or batch else (bn.running_mean.clone(),
+                                                       bn.running_var.clone())
+    affine = (None, None) if bn is None or bn.weight is None else (bn.weight.detach(),
+                                                                   bn.bias.detach())
+    eps = None if bn is None else bn.eps
+
+    def again():
+        y = F.conv2d(unpacked(), w_value, stride=stride, padding=padding)
+        if bn is None:
+            return y
+        return F.batch_norm(y, *stats, *affine, batch, 0.0, eps)
+
+    return again
 
 
 def _affine_infer_path(m: BinConv2d, x: torch.Tensor) -> bool:

@@ -29,8 +29,11 @@ def keep_counts(enabled: bool = True):
     backward (the default) or, inside ``with keep_counts(False):`` (this thread), recompute them
     there with the forward kernel: 2 bytes less per output neuron and time step (VGG-11, N=32,
     T=4: 44 MiB of saved counts; peak training memory 250 -> 218 MiB) for one more binary
-    forward conv per layer (about 7 % more search-step time there). The gradients are identical
-    either way (the counts are exact integers)."""
+    forward conv per layer (about 7 % more search-step time there). A ResNet block with a
+    1x1 conv + BN shortcut (``binslt.nn.blocks.ResidualBlock``) then also recomputes the
+    shortcut's float output in conv2's backward from its packed input spikes instead of keeping
+    it (ResNet-19: 64 MiB less at the peak). The gradients are identical either way (the counts
+    are exact integers; the shortcut's conv and BN run again on the same values)."""
     prev = getattr(_KEEP, "counts", True)
     _KEEP.counts = bool(enabled)
     try:

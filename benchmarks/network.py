@@ -33,6 +33,8 @@ Modes (each candidate on the same random CIFAR-shaped batch, in one run):
   over its per-layer modules (level 1 on the CPU, checkpointing plus spike compression; levels
   above 1 search with CUDA peak-memory trials, so CUDA uses level 4 unless ``--memopt-level``).
   Every child runs one untimed no-grad forward first (memopt's own probe is a forward too).
+  ``--memory-repeats K``: K fresh processes per candidate in interleaved rounds, the row holding
+  the median (its ``detail`` every round's figure).
 
 ``ratio`` is the candidate's value over the reference binslt candidate's (the first of
 ``--backends``): for SpikingJelly rows, SpikingJelly time / binslt time, or SpikingJelly bytes /
@@ -226,29 +228,54 @@ def _no_grad_call(model, x):
 
 
 def run_memory(arch: str, args, backends, device) -> list[dict]:
-    """Each candidate in its own fresh process; ``--memory-jobs`` of them at a time."""
+    """Each candidate in its own fresh process; ``--memory-jobs`` of them at a time, in
+    ``--memory-repeats`` interleaved rounds (each candidate once per round). A row holds the
+    median of its rounds; its ``detail`` lists every round's figure."""
     # binslt-<be>-recompute: the same under ops.keep_counts(False) (counts recomputed in the
     # backward instead of saved).
     cands = ([(f"binslt-{be}", be) for be in backends]
              + [(f"binslt-{be}-recompute", be) for be in backends if be != "torch"]
              + [(a, "") for a in anchors(arch, "memory")])
-    results: dict[str, dict] = {}
-    for i in range(0, len(cands), args.memory_jobs):
-        batch = cands[i:i + args.memory_jobs]
-        procs = [(name, _spawn_memory_child({
-            "arch": arch, "candidate": name, "backend": be, "batch": args.batch,
-            "timesteps": args.timesteps, "prune_rate": args.prune_rate, "seed": args.seed,
-            "device": args.device, "threads": args.threads, "steps": args.memory_steps,
-            "memopt_level": args.memopt_level, "sj_lif": args.sj_lif,
-            "surrogate": args.surrogate})) for name, be in batch]
-        for name, proc in procs:
-            results[name] = res = _memory_child_result(proc)
-            got = f"{res['bytes'] / 2**20:.1f} MiB" if "bytes" in res else res.get("error")
-            log(f"{arch} memory: {name} {got}")
-    return [_row(arch, "memory", name, be, args, bytes=results[name].get("bytes", ""),
-                 peak_kind=results[name].get("peak_kind", ""),
-                 detail=results[name].get("detail", ""), error=results[name].get("error", ""))
-            for name, be in cands]
+    rounds: dict[str, list[dict]] = {name: [] for name, _ in cands}
+    for r in range(args.memory_repeats):
+        for i in range(0, len(cands), args.memory_jobs):
+            batch = cands[i:i + args.memory_jobs]
+            procs = [(name, _spawn_memory_child({
+                "arch": arch, "candidate": name, "backend": be, "batch": args.batch,
+                "timesteps": args.timesteps, "prune_rate": args.prune_rate, "seed": args.seed,
+                "device": args.device, "threads": args.threads, "steps": args.memory_steps,
+                "memopt_level": args.memopt_level, "sj_lif": args.sj_lif,
+                "surrogate": args.surrogate})) for name, be in batch]
+            for name, proc in procs:
+                res = _memory_child_result(proc)
+                rounds[name].append(res)
+                got = f"{res['bytes'] / 2**20:.1f} MiB" if "bytes" in res else res.get("error")
+                tag = f" (round {r + 1}/{args.memory_repeats})" if args.memory_repeats > 1 else ""
+                log(f"{arch} memory: {name} {got}{tag}")
+    rows = []
+    for name, be in cands:
+        res = _median_memory(rounds[name])
+        rows.append(_row(arch, "memory", name, be, args, bytes=res.get("bytes", ""),
+                         peak_kind=res.get("peak_kind", ""), detail=res.get("detail", ""),
+                         error=res.get("error", "")))
+    return rows
+
+
+def _median_memory(results: list[dict]) -> dict:
+    """One candidate's memory rounds -> one result: the median bytes (the lower middle of an
+    even count, a figure that was measured) and every round's MiB in ``detail``; the first
+    error where any round failed."""
+    failed = [r for r in results if "bytes" not in r]
+    if failed:
+        return failed[0]
+    if len(results) == 1:
+        return results[0]
+    ranked = sorted(results, key=lambda r: r["bytes"])
+    med = dict(ranked[(len(ranked) - 1) // 2])
+    each = ", ".join(f"{r['bytes'] / 2**20:.1f}" for r in results)
+    med["detail"] = "; ".join(d for d in (f"median of {len(results)} rounds: {each} MiB",
+                                          med.get("detail", "")) if d)
+    return med
 
 
 def _spawn_memory_child(cfg: dict) -> subprocess.Popen:
@@ -418,6 +445,9 @@ def parse_args(argv=None):
     p.add_argument("--memory-steps", type=int, default=2,
                    help="training steps inside the memory measurement (default 2: the second "
                         "has the optimiser's momentum buffers)")
+    p.add_argument("--memory-repeats", type=int, default=1,
+                   help="fresh processes per memory candidate, in interleaved rounds (median; "
+                        "default 1). A process's peak RSS moves ~10 %% between runs")
     p.add_argument("--memory-jobs", type=int, default=None,
                    help="memory children run at a time (default 1; all of an arch's with "
                         "--quick). Each measures its own process, so concurrency changes no "
@@ -454,7 +484,7 @@ def parse_args(argv=None):
         args.memopt_level = 4 if args.device == "cuda" else 1
     if args.device == "cpu" and args.memopt_level > 1:
         p.error("--memopt-level above 1 needs CUDA (SpikingJelly measures CUDA peak memory)")
-    for k in ("batch", "timesteps", "repeats", "memory_steps", "memory_jobs"):
+    for k in ("batch", "timesteps", "repeats", "memory_steps", "memory_repeats", "memory_jobs"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
@@ -500,7 +530,8 @@ def main(argv=None) -> int:
         "prune_rate": f"{args.prune_rate:g}",
         "timing": f"{args.warmup} warm-up + {args.repeats} timed calls per candidate, "
                   "interleaved on the CPU (median)",
-        "memory": f"{args.memory_steps} steps per fresh process ({args.memory_jobs} at a time); memopt level "
+        "memory": f"{args.memory_steps} steps per fresh process ({args.memory_jobs} at a time), "
+                  f"median of {args.memory_repeats} interleaved rounds; memopt level "
                   f"{args.memopt_level}",
         "compile_backend": args.compile_backend,
         "command": command_line(argv),

@@ -213,12 +213,30 @@ def test_network_rejects_bad_options(capsys):
                       (["--batch", "0"], "--batch must be >= 1"),
                       (["--memopt-level", "2"], "needs CUDA"),
                       (["--surrogate", "exp"], "invalid choice"),
+                      (["--memory-repeats", "0"], "--memory-repeats must be >= 1"),
                       (["--arch", "vgg11,sj-resnet18", "--surrogate", "rect"],
                        "keep their own neurons")):
         with pytest.raises(SystemExit) as exc:
             network.parse_args(args)
         assert exc.value.code == 2
         assert msg in capsys.readouterr().err
+
+
+def test_network_memory_rounds_give_their_median():
+    """--memory-repeats: a row holds the median round (the lower middle of an even count) and
+    lists every round; a failed round makes the row an error."""
+    import network
+
+    mib = 2**20
+    rounds = [{"bytes": 180 * mib, "peak_kind": "rss_hwm", "detail": "2 steps"},
+              {"bytes": 150 * mib, "peak_kind": "rss_hwm", "detail": "2 steps"},
+              {"bytes": 165 * mib, "peak_kind": "rss_hwm", "detail": "2 steps"}]
+    med = network._median_memory(rounds)
+    assert med["bytes"] == 165 * mib
+    assert med["detail"] == "median of 3 rounds: 180.0, 150.0, 165.0 MiB; 2 steps"
+    assert network._median_memory(rounds[:2])["bytes"] == 150 * mib
+    assert network._median_memory(rounds[:1]) == rounds[0]
+    assert network._median_memory(rounds + [{"error": "boom"}]) == {"error": "boom"}
 
 
 def test_cpu_algos_smoke(tmp_path):

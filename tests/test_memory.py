@@ -318,8 +318,9 @@ def test_projection_shortcut_output_is_recomputed_not_kept(backend):
 
 
 def test_shortcut_with_sync_batchnorm_keeps_its_output():
-    """Inside keep_counts(False) too, a BN whose statistics are not the local batch's alone (SyncBatchNorm) is not recomputed:
-    the shortcut hands no recompute function, and the block runs as it did."""
+    """Inside keep_counts(False) too, a BN whose statistics are not the local batch's alone
+    (SyncBatchNorm) is not recomputed: the shortcut hands no recompute function, and the block
+    runs as it did."""
     blk = _block("torch", torch.nn.SyncBatchNorm)
     x = (torch.rand(3, 2, 6, 8, 8) < 0.4).float()
     from binslt.nn.blocks import _call_handing_again

@@ -201,9 +201,11 @@ def test_spike_pool2_op_equals_max_pool2d_and_pack(kernel, hw):
     (torch.zeros(2, 3, 1, 4), ValueError, "at least 2x2"),
     (torch.zeros(2, 3, 4, 4, dtype=torch.float64), TypeError, "float32"),
 ])
-def test_spike_pool2_op_errors(x, err, match):
+@pytest.mark.parametrize("kernel", ["cpu", "reference"])
+def test_spike_pool2_op_errors(x, err, match, kernel):
+    fn = torch.ops.binslt.spike_pool2 if kernel == "cpu" else ref.spike_pool2_reference
     with pytest.raises(err, match=match):
-        torch.ops.binslt.spike_pool2(x)
+        fn(x)
 
 
 @pytest.mark.parametrize("kernel", ["cpu", "reference"])

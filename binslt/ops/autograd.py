@@ -210,9 +210,10 @@ class BNLIF(torch.autograd.Function):
             if not capabilities(ctx.backend).strided_current:
                 zf = zf.contiguous()
         res = None if res is None else res.float().contiguous()
+        g = _grad_or_zeros(g_spikes, ctx.spikes_meta).float().contiguous()
         g_z, g_cur, g_sc, g_sh = _backward_op(
-            "bn_lif_bwd", ctx, _grad_or_zeros(g_spikes, ctx.spikes_meta).float().contiguous(), zf, scale.detach().float(),
-            shift.detach().float(), mean, var, res, *ctx.cfg, ctx.has_res)
+            "bn_lif_bwd", ctx, g, zf, scale.detach().float(), shift.detach().float(), mean, var,
+            res, *ctx.cfg, ctx.has_res)
         return (g_z.to(ctx.z_dtype), g_sc.to(scale.dtype), g_sh.to(shift.dtype),
                 g_cur if ctx.has_res else None) + (None,) * 10
 

@@ -347,6 +347,15 @@ def pool2_windows(x: torch.Tensor):
 def spike_pool2_reference(spikes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``binslt::spike_pool2``: the 2x2 spike max-pool of [B, C, H, W] (each window's max, the
     OR of {0, 1} spikes) and the unpooled spikes packed (``pack_spikes``)."""
+    op = "binslt::spike_pool2"
+    if spikes.dim() != 4:
+        raise ValueError(f"{op}: spikes must be [B, C, H, W] (flatten T and N into B), got "
+                         f"shape {tuple(spikes.shape)}")
+    if spikes.dtype != torch.float32:
+        raise TypeError(f"{op}: spikes must be float32, got {spikes.dtype}")
+    if spikes.shape[2] < 2 or spikes.shape[3] < 2:
+        raise ValueError(f"{op}: a 2x2 pool needs maps of at least 2x2, got "
+                         f"{spikes.shape[2]}x{spikes.shape[3]}")
     packed = pack_spikes_reference(spikes)
     a, b, c, d = pool2_windows(spikes)
     y = torch.maximum(a, b)  # one output-sized tensor: the other two maxima in place

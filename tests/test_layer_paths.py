@@ -212,6 +212,27 @@ def test_bn_lif_reads_an_expanded_current_as_the_capability_table_says(monkeypat
     assert A._bn_lif_current(z, "cpu") == (4, False, True)
 
 
+def test_training_pool_runs_as_the_capability_table_says(monkeypatch):
+    """The CPU pools in training with binslt::spike_pool2 (its own kernel); with pool2_op off it
+    takes torch's maxima and pack_spikes. Both give max_pool2d's spikes and the same bits."""
+    from binslt.ops import autograd as A
+
+    s = (torch.rand(3, 2, 40, 6, 7) < 0.3).float()
+    calls = []
+    real = torch.ops.binslt.spike_pool2
+    monkeypatch.setattr(A.torch.ops.binslt, "spike_pool2", lambda t: calls.append(1) or real(t),
+                        raising=False)
+    y, bits = A._pool2_spikes(s, "cpu")
+    assert calls == [1]
+    monkeypatch.setitem(B.CAPABILITIES, "cpu",
+                        dataclasses.replace(B.CAPABILITIES["cpu"], pool2_op=False))
+    y2, bits2 = A._pool2_spikes(s, "cpu")
+    assert calls == [1]
+    want = torch.nn.functional.max_pool2d(s.flatten(0, 1), 2).view(3, 2, 40, 3, 3)
+    assert torch.equal(y, want) and torch.equal(y2, want) and torch.equal(bits, bits2)
+    assert torch.equal(bits, ops.pack_spikes(s.flatten(0, 1)))
+
+
 # --- every path against the float64 reference ---------------------------------------------------
 
 def _run(m, path, x, gain=1.0, backend="cpu", packed_out=False):

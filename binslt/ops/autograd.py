@@ -289,7 +289,7 @@ def _pool2_spikes(s: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Te
     pool's backward routes by."""
     T, n, c = s.shape[:3]
     flat = s.flatten(0, 1).float().contiguous()
-    if backend == "cpu":  # one pass: binslt::spike_pool2
+    if capabilities(backend).pool2_op:  # one pass: binslt::spike_pool2
         y, packed = torch.ops.binslt.spike_pool2(flat)
     else:
         a, b, cc, d = ref.pool2_windows(flat)

@@ -227,6 +227,9 @@ class Capabilities:
       the layer call skips its own full-tensor check;
     * ``fused_pool2``: the fused autograd op pools 2x2 itself (``ConvLIF(pool=2)``), its backward
       kernel routing the pooled gradient;
+    * ``pool2_op``: the training 2x2 pool runs as ``binslt::spike_pool2``, a kernel of its own
+      (the pooled spikes and the packed unpooled ones in one pass), not as torch's maxima and
+      the backend's ``pack_spikes``;
     * ``packed_residual``: the no-grad inference kernel reads a residual of packed spike words;
     * ``batch_as_row``: a linear layer on spikes runs with the batch laid out as the pixels of a
       1 x N image (the kernels' rows run over the batch instead of being 1 wide);
@@ -253,6 +256,7 @@ class Capabilities:
     autograd_reference: bool = False
     pack_validates: bool = False
     fused_pool2: bool = False
+    pool2_op: bool = False
     packed_residual: bool = False
     batch_as_row: bool = False
     search_planes: bool = False
@@ -265,9 +269,10 @@ class Capabilities:
 
 CAPABILITIES: dict[str, Capabilities] = {
     "torch": Capabilities(autograd_reference=True),
-    "cpu": Capabilities(pack_validates=True, fused_pool2=True, packed_residual=True,
-                        batch_as_row=True, search_planes=True, fused_real_infer=True,
-                        int8_counts=True, residual_bits=True, strided_current=True),
+    "cpu": Capabilities(pack_validates=True, fused_pool2=True, pool2_op=True,
+                        packed_residual=True, batch_as_row=True, search_planes=True,
+                        fused_real_infer=True, int8_counts=True, residual_bits=True,
+                        strided_current=True),
     "triton": Capabilities(),
     "cuda": Capabilities(),
 }

@@ -56,19 +56,19 @@ class BinConv2d(_MaskedSignWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The conv (+BN) of ``x`` ``[N, C_in, H, W]`` or ``[T, N, C_in, H, W]`` with W_eff:
         ``[N, C_out, H', W']`` or ``[T, N, C_out, H', W']``."""
-        y, again = self._forward_and_again(x)
-        if again is not None and self._handed is not None:
+        y, again = self._forward_and_again(x, want_again=self._handed is not None)
+        if again is not None:
             self._handed.append(again)
         return y
 
     # Set by a caller that can use the recompute function of the next call (ResidualBlock).
     _handed: list | None = None
 
-    def _forward_and_again(self, x: torch.Tensor):
-        """``(forward(x), again)``: ``again()`` recomputes the output bit for bit from what the
-        graph keeps (the input's packed bits, W_eff, BN's batch statistics taken again from the
-        same conv output) where the input is spikes in a training graph and the BN, if any, is
-        a plain ``BatchNorm2d``; ``again`` is None otherwise. A ResNet block saves its
+    def _forward_and_again(self, x: torch.Tensor, want_again: bool):
+        """``(forward(x), again)``: with ``want_again``, ``again()`` recomputes the output bit for
+        bit from what the graph keeps (the input's packed bits, W_eff, BN's batch statistics
+        taken again from the same conv output) where the input is spikes in a training graph
+        and the BN, if any, is a plain ``BatchNorm2d``; ``again`` is None otherwise. A ResNet block saves its
         shortcut's float output as ``again`` (``ResidualBlock``)."""
         _refuse_jit_trace(self)
         if x.dim() not in (4, 5):
@@ -85,7 +85,7 @@ class BinConv2d(_MaskedSignWeight):
         w = self.effective_weight().to(x.dtype)
         again = None
         if _saves_spikes_packed(xf, w):
-            y, again_flat = self._conv_bn_saving_bits(xf, w)
+            y, again_flat = self._conv_bn_saving_bits(xf, w, want_again)
             if again_flat is not None:
                 shape = (*lead, *y.shape[1:])
 
@@ -97,14 +97,15 @@ class BinConv2d(_MaskedSignWeight):
                 y = self.bn(y)
         return y.view(*lead, *y.shape[1:]), again
 
-    def _conv_bn_saving_bits(self, x: torch.Tensor, w: torch.Tensor):
+    def _conv_bn_saving_bits(self, x: torch.Tensor, w: torch.Tensor, want_again: bool):
         """conv (+BN) of float spikes x [B, C, H, W] with what autograd saves made small: the
         conv's saved input is kept as packed bits (1 of 32 bits a value, unpacked exactly), and
         BN's saved input, the conv's output, is recomputed from them in the backward (the same
         conv of the same values: bit for bit). A ResNet shortcut's saved state shrinks from two
-        float maps to one bit per input spike. Returns ``(y, again)``: ``again()`` recomputes y
-        itself the same way (None where the BN is not a plain ``BatchNorm2d`` that recomputes
-        alone: a SyncBatchNorm's statistics span processes)."""
+        float maps to one bit per input spike. Returns ``(y, again)``: with ``want_again``,
+        ``again()`` recomputes y itself the same way (None without it, and where the BN is not a
+        plain ``BatchNorm2d`` that recomputes alone: a SyncBatchNorm's statistics span
+        processes)."""
         bits = ops.pack_spikes(x)
         channels, w_value = x.shape[1], w.detach()
         conv = {}
@@ -133,6 +134,8 @@ class BinConv2d(_MaskedSignWeight):
             if self.bn is not None:
                 y = self.bn(y)
         conv.clear()  # the hooks keep only bits and w_value alive
+        if not want_again:
+            return y, None
         return y, _recompute(self.bn, unpacked, w_value, self.stride, self.padding)
 
 

@@ -292,11 +292,7 @@ def _pool2_spikes(s: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Te
     if capabilities(backend).pool2_op:  # one pass: binslt::spike_pool2
         y, packed = torch.ops.binslt.spike_pool2(flat)
     else:
-        a, b, cc, d = ref.pool2_windows(flat)
-        y = torch.maximum(a, b)  # one output-sized tensor: the other two maxima in place
-        torch.maximum(y, cc, out=y)
-        torch.maximum(y, d, out=y)
-        packed = get_op("pack_spikes", backend)(flat)
+        y, packed = ref.pool2_max(flat), get_op("pack_spikes", backend)(flat)
     return y.to(s.dtype).view(T, n, c, *y.shape[2:]), packed
 
 

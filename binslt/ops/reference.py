@@ -344,6 +344,16 @@ def pool2_windows(x: torch.Tensor):
             x[:, :, 1:hq:2, 1:wq:2])
 
 
+def pool2_max(x: torch.Tensor) -> torch.Tensor:
+    """Each 2x2 window's max of [B, C, H, W] (the OR of {0, 1} spikes), in one output-sized
+    tensor: the second and third maxima are taken in place."""
+    a, b, c, d = pool2_windows(x)
+    y = torch.maximum(a, b)
+    torch.maximum(y, c, out=y)
+    torch.maximum(y, d, out=y)
+    return y
+
+
 def spike_pool2_reference(spikes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``binslt::spike_pool2``: the 2x2 spike max-pool of [B, C, H, W] (each window's max, the
     OR of {0, 1} spikes) and the unpooled spikes packed (``pack_spikes``)."""
@@ -357,11 +367,7 @@ def spike_pool2_reference(spikes: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         raise ValueError(f"{op}: a 2x2 pool needs maps of at least 2x2, got "
                          f"{spikes.shape[2]}x{spikes.shape[3]}")
     packed = pack_spikes_reference(spikes)
-    a, b, c, d = pool2_windows(spikes)
-    y = torch.maximum(a, b)  # one output-sized tensor: the other two maxima in place
-    torch.maximum(y, c, out=y)
-    torch.maximum(y, d, out=y)
-    return y, packed
+    return pool2_max(spikes), packed
 
 
 def spike_pool2_bwd_reference(packed: torch.Tensor, grad: torch.Tensor,

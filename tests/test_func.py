@@ -30,6 +30,29 @@ def test_autograd_functions_use_setup_context(fn):
     assert fn.generate_vmap_rule
 
 
+def test_autograd_functions_bind_arguments_without_rebuilding_the_signature(monkeypatch):
+    """``apply`` binds each call's arguments to ``forward``'s signature: binslt's Functions carry
+    it (``binslt.ops.function.Function``), so no call rebuilds it (``inspect`` counted), and the
+    carried signature has the function's own parameters and defaults (read from its code)."""
+    from binslt.ops.function import Function
+
+    assert all(issubclass(fn, Function) for fn in FUNCTIONS)
+    for fn in FUNCTIONS:
+        f = fn.__dict__["forward"].__func__
+        code = f.__code__
+        assert tuple(f.__signature__.parameters) == code.co_varnames[:code.co_argcount]
+        assert tuple(p.default for p in f.__signature__.parameters.values()
+                     if p.default is not p.empty) == (f.__defaults__ or ())
+    built = []
+    real = inspect._signature_from_function
+    monkeypatch.setattr(inspect, "_signature_from_function",
+                        lambda *a, **k: built.append(a[1]) or real(*a, **k))
+    for backend in BACKENDS:
+        for layer, x in _layers(backend).values():
+            layer(x).sum().backward()
+    assert built == []
+
+
 def _spikes(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(*shape, generator=g) > 0.5).float()

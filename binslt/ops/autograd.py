@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from . import reference as ref
 from .backend import _FIRST, _backward_op, capabilities
+from .function import Function
 from .registry import get_op
 
 
@@ -42,7 +43,7 @@ def keep_counts(enabled: bool = True):
         _KEEP.counts = prev
 
 
-class ConvLIF(torch.autograd.Function):
+class ConvLIF(Function):
     """Fused binary conv (+BN) (+residual) + LIF on spike input, through a kernel backend.
 
     ``ConvLIF.apply(x, w_eff, scale, shift, residual, stride, padding, bn_train, bn_eps, tau,
@@ -159,7 +160,7 @@ class ConvLIF(torch.autograd.Function):
                 g_cur if ctx.has_res else None) + (None,) * 14
 
 
-class BNLIF(torch.autograd.Function):
+class BNLIF(Function):
     """Epilogue (+BN) (+residual) + LIF over a real current z: [T, N, C, *].
 
     ``BNLIF.apply(z, scale, shift, residual, bn_train, bn_eps, tau, decay_input, v_threshold,
@@ -296,7 +297,7 @@ def _pool2_spikes(s: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Te
     return y.to(s.dtype).view(T, n, c, *y.shape[2:]), packed
 
 
-class SpikePool(torch.autograd.Function):
+class SpikePool(Function):
     """2x2 (stride 2) max-pooling of spikes [T, N, C, H, W] in training: a max of {0,1} spikes is
     their OR. Saves the layer's spikes packed (one bit per spike, the backend's pack_spikes), not
     float indices, and routes the gradient as torch's max_pool2d backward does on that input:

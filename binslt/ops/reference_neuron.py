@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from .function import Function
+
 # ----------------------------------------------------------------------------------------------
 # Surrogate spike function and the multi-step LIF neuron
 # ----------------------------------------------------------------------------------------------
@@ -50,7 +52,7 @@ def saves_inputs(*positions: int):
     return staticmethod(setup_context)
 
 
-class _SpikeFn(torch.autograd.Function):
+class _SpikeFn(Function):
     """Heaviside(x >= 0) forward, surrogate derivative backward."""
 
     generate_vmap_rule = True
@@ -106,7 +108,7 @@ def lif_multistep(
     return (out, torch.stack(hs)) if return_h else out
 
 
-class _ApproxSign(torch.autograd.Function):
+class _ApproxSign(Function):
     """sign(x) (with sign(0) = +1, so outputs are +-1) and Bi-Real's ApproxSign backward."""
 
     generate_vmap_rule = True

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .contract import check_prune_rate
+from .function import Function
 from .reference_neuron import saves_inputs
 
 # ----------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ def _expand_gain(alpha: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return alpha.view(-1, *([1] * (like.dim() - 1))) if alpha.dim() == 1 else alpha
 
 
-class _MaskedSignSearch(torch.autograd.Function):
+class _MaskedSignSearch(Function):
     """W_eff = alpha * sign(w) * M(s); dL/ds = dL/dW_eff * w * sign(s); no grad to w or alpha."""
 
     generate_vmap_rule = True
@@ -116,7 +117,7 @@ def search_score_grad(grad: torch.Tensor, weight: torch.Tensor,
     return grad * weight * torch.sign(scores)
 
 
-class _MaskedSignFinetune(torch.autograd.Function):
+class _MaskedSignFinetune(Function):
     """W_eff = alpha * sign(w) * M with M fixed; straight-through to w: dL/dw = dL/dW_eff * M."""
 
     generate_vmap_rule = True

@@ -8,6 +8,7 @@ import torch
 from . import library as _ext
 from . import reference as ref
 from .backend import _run_auto
+from .function import Function
 from .registry import _CPU_SIGN_GAIN_PACK, get_op
 
 # ---------------------------------------------------------------------------------------------
@@ -30,7 +31,7 @@ def topk_mask(scores: torch.Tensor, prune_rate: float) -> torch.Tensor:
     return torch.ops.binslt.topk_mask(scores.detach(), n - ref.num_pruned(n, prune_rate))
 
 
-class _MaskedSignSearchPacked(torch.autograd.Function):
+class _MaskedSignSearchPacked(Function):
     """Search mode's W_eff (``reference._MaskedSignSearch``'s values and score gradient) with its
     bit planes and kernel gain, written by one ``binslt::sign_gain_pack`` pass (the
     ``setup_context`` form, so that ``torch.func.grad`` over the scores works)."""

@@ -306,25 +306,25 @@ at::Tensor dense_weight(const ConvShape& s, int64_t Ci, const at::Tensor& w_mask
   float* wp = w.data_ptr<float>();
   const uint32_t* m = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
   const uint32_t* q = reinterpret_cast<const uint32_t*>(w_pos.data_ptr<int32_t>());
-  // In the output's order ([Co][Ci][kh * kw], contiguous stores): input channel c of tap k is
-  // bit c % 32 of word c / 32 of the planes' row (o, k).
+  // In the output's order ([Co][Ci][kh * kw]): input channel c of tap k is bit c % 32 of word
+  // c / 32 of the planes' row (o, k). A word's 32 channels at a time, each entry picked from
+  // {0, -a, +a} by its two bits (no branch on the random bits).
   at::parallel_for(0, s.Co, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Ci * s.KH * s.KW)),
                    [&](int64_t o0, int64_t o1) {
     const int64_t K = s.KH * s.KW;
     for (int64_t o = o0; o < o1; ++o) {
-      const float a = alpha[o];
+      const float vals[3] = {0.0f, -alpha[o], alpha[o]};
       const uint32_t* mo = m + o * K * s.Cw;
       const uint32_t* qo = q + o * K * s.Cw;
       float* dst = wp + o * Ci * K;
-      for (int64_t c = 0; c < Ci; ++c) {
-        const int64_t word = c >> 5;
-        const int bit = static_cast<int>(c & 31);
-        for (int64_t k = 0; k < K; ++k) {
-          const uint32_t mb = (mo[k * s.Cw + word] >> bit) & 1u;
-          const uint32_t pb = (qo[k * s.Cw + word] >> bit) & 1u;
-          dst[c * K + k] = mb ? (pb ? a : -a) : 0.0f;
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t word = 0; word < s.Cw; ++word) {
+          const uint32_t mw = mo[k * s.Cw + word], pw = qo[k * s.Cw + word];
+          const int64_t c0 = word * 32, n = std::min<int64_t>(32, Ci - c0);
+          float* d = dst + c0 * K + k;
+          for (int64_t j = 0; j < n; ++j)
+            d[j * K] = vals[((mw >> j) & 1u) * (1u + ((pw >> j) & 1u))];
         }
-      }
     }
   });
   return w;

@@ -161,6 +161,18 @@ def test_finished_run_is_not_repeated_and_a_different_one_is_refused(searched, c
      else ["search", "--device", "tpu"], "--device"),
     (["finetune", "--from", "{tmp}/nothing"], "no such file"),
     (["train", "bnn", "--batch-size", "0"], "--batch-size must be >= 1"),
+    # options that used to crash, diverge later or pass unnoticed: caught before the run starts
+    (["search", "--seed", "-5"], "--seed must be in [0, 2**32), got -5"),
+    (["search", "--momentum", "2"], "--momentum must be in [0, 1), got 2.0"),
+    (["search", "--surrogate-alpha", "inf"], "--surrogate-alpha must be finite and > 0"),
+    (["search", "--v-threshold", "inf"], "--v-threshold must be finite and > 0"),
+    (["search", "--v-reset", "nan"], "--v-reset must be a finite number or 'none'"),
+    (["search", "--weight-decay", "inf"], "--weight-decay must be finite and >= 0"),
+    (["search", "--lr", "inf"], "--lr must be finite and > 0"),
+    (["search", "--train-subset", "0"], "--train-subset must be >= 1, got 0 (leave it out"),
+    (["train", "snn", "--test-subset", "-1"], "--test-subset must be >= 1, got -1"),
+    (["search", "--early-time-threshold", "0.5"], "--early-time-threshold goes with --early-time"),
+    (["search", "--early-time-tune-epochs", "1"], "--early-time-tune-epochs goes with "),
 ])
 def test_errors_are_one_line(tmp_path, capsys, args, match):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]

@@ -198,6 +198,19 @@ def test_missing_and_unknown_datasets_say_how_to_provide_them(tmp_path):
         data.load(f"npz:{tmp_path / 'junk.npz'}")
 
 
+def test_imagefolder_without_images_names_a_few_of_its_folders(tmp_path):
+    """A directory of many subfolders and no images (a wrong path): torchvision names every
+    folder; the error keeps eight and the count."""
+    for i in range(40):
+        (tmp_path / "wrong" / f"dir{i:02d}").mkdir(parents=True)
+    with pytest.raises(data.DatasetError) as exc:
+        data.load(f"imagefolder:{tmp_path / 'wrong'}")
+    msg = str(exc.value)
+    assert "no image file in the class folders dir00, dir01" in msg
+    assert "dir07, ... (40 in all). Supported extensions are: .jpg" in msg
+    assert "dir08" not in msg and len(msg) < 400
+
+
 def _png_tree(root, classes=("a", "b"), per_class=5, size=(10, 12)):
     from PIL import Image
 

@@ -192,6 +192,10 @@ _FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 def explicit_options(args: argparse.Namespace) -> dict[str, Any]:
     """The RunConfig fields given on the command line."""
     ex = {k: v for k, v in vars(args).items() if k in _FIELDS}
+    for key in ("train_subset", "test_subset"):  # (0 is RunConfig's "the whole split")
+        if key in ex and ex[key] < 1:
+            raise CLIError(f"--{key.replace('_', '-')} must be >= 1, got {ex[key]} (leave it "
+                           "out for the whole split)")
     if ex.get("neuron") == "if" and "decay" not in ex and "tau" not in ex:
         ex["decay"] = ex["tau"] = None  # IF has no leak: the default decay does not apply
     if "decay" in ex:  # the two are exclusive: the one given replaces the other's default
@@ -256,6 +260,9 @@ def _train_command(args: argparse.Namespace, method: str, mode: str) -> int:
             except (RunError, TypeError) as exc:
                 raise CLIError(f"{out}: the saved config is unusable ({exc})") from None
     cfg = make_config(base, explicit, method=method, mode=mode)
+    for key in ("early_time_threshold", "early_time_tune_epochs"):
+        if key in explicit and not cfg.early_time:
+            raise CLIError(f"--{key.replace('_', '-')} goes with --early-time")
     res = _run_one(cfg, out, args)
     if is_main_process():
         print(_summary(res, out))

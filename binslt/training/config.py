@@ -116,12 +116,18 @@ class RunConfig:
             need(0.0 <= self.decay < 1.0, f"--decay (lambda) must be in [0, 1), got {self.decay}")
         if self.tau is not None:
             need(self.tau >= 1.0, f"--tau must be >= 1, got {self.tau}")
-        need(self.v_threshold > 0, f"--v-threshold must be > 0, got {self.v_threshold}")
-        need(self.surrogate_alpha > 0, f"--surrogate-alpha must be > 0, got {self.surrogate_alpha}")
+        need(0 < self.v_threshold < math.inf,
+             f"--v-threshold must be finite and > 0, got {self.v_threshold}")
+        need(self.v_reset is None or math.isfinite(self.v_reset),
+             f"--v-reset must be a finite number or 'none' (soft reset), got {self.v_reset}")
+        need(0 < self.surrogate_alpha < math.inf,
+             f"--surrogate-alpha must be finite and > 0, got {self.surrogate_alpha}")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
-        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}")
-        need(self.momentum >= 0, f"--momentum must be >= 0, got {self.momentum}")
-        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(0 < self.lr < math.inf, f"--lr must be finite and > 0, got {self.lr}")
+        need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        need(0 <= self.weight_decay < math.inf,
+             f"--weight-decay must be finite and >= 0, got {self.weight_decay}")
+        need(0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
         need(self.train_subset >= 0 and self.test_subset >= 0, "subset sizes must be >= 0")

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,6 +339,19 @@ def _check_image_files(paths: list[str]) -> None:
         raise DatasetError(bad[0] + more)
 
 
+def _folder_error(msg: str, limit: int = 8) -> str:
+    """torchvision's ImageFolder error with its list of class folders cut to ``limit`` names (it
+    names every subfolder, thousands in a wrong directory)."""
+    m = re.fullmatch(r"Found no valid file for the classes (.*)\. (Supported extensions are: .*)",
+                     msg, flags=re.S)
+    if m is None:
+        return msg
+    classes = m.group(1).split(", ")
+    shown = ", ".join(classes[:limit]) + (f", ... ({len(classes)} in all)"
+                                          if len(classes) > limit else "")
+    return f"no image file in the class folders {shown}. {m.group(2)}"
+
+
 def load_imagefolder(path: str, image_size: int) -> DataBundle:
     """``imagefolder:PATH`` with train/ and val/ (or test/) subfolders, or one folder split 80/20."""
     torchvision, T = _vision()
@@ -367,7 +381,8 @@ def load_imagefolder(path: str, image_size: int) -> DataBundle:
             train, test = Subset(full_tr, tr.tolist()), Subset(full_te, te.tolist())
             ncls, split = len(full_tr.classes), "stratified 80/20, seed 0"
     except (FileNotFoundError, RuntimeError) as exc:
-        raise DatasetError(f"could not read image folder {str(root)!r}: {exc}") from None
+        raise DatasetError(f"could not read image folder {str(root)!r}: "
+                           f"{_folder_error(str(exc))}") from None
     folders = [train, test] if isinstance(train, torchvision.datasets.ImageFolder) else [full_tr]
     _check_image_files([path for folder in folders for path, _label in folder.samples])
     return DataBundle(f"imagefolder:{root}", train, test, ncls, 3, image_size,

@@ -805,6 +805,29 @@ def test_split_forms_on_the_paper_layers_match_float64(layer, use_algos):
                       f"{gw} score gradient")
 
 
+def test_bf16x3_forms_in_several_chunks_match_float64(use_algos):
+    """The bf16x3 forms split their work into chunks of a few MiB (output rows for the weight
+    gradient, images for the input gradient), so that their parts never outgrow dZ: a 64->64
+    32x32 layer at T=2, N=6 takes several chunks in both, and gives dL/dX and dL/dW_eff within
+    1e-5 relative of float64 and of the dense float forms."""
+    geom = (2, 6, 64, 64, 32, 32, 3, 1, 1)
+    c, nk, shift = _driven_case(geom, 31)
+    fwd = OPS.bconv_lif(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], shift, None, c["T"],
+                        1, 1, True, 1e-5, nk["tau"], False, nk["v_threshold"], 0.0)
+    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(32))
+    want = _bconv_bwd_ref64(gs, c, nk, shift, True, 0, 2.0)
+    outs = {}
+    for form in ("bf16x3", "dense"):
+        use_algos(grad_x=form, grad_w=form)
+        outs[form] = OPS.bconv_lif_bwd(gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"],
+                                       c["scale"], shift, fwd[2], fwd[3], None, 64, 1, 1, True,
+                                       1e-5, nk["tau"], False, nk["v_threshold"], 0.0, True, 0,
+                                       2.0, True)
+    for i, name in ((0, "grad_x"), (1, "grad_weight")):
+        _assert_close(outs["bf16x3"][i], want[i], f"bf16x3 {name}")
+        _assert_close(outs["bf16x3"][i], outs["dense"][i], f"bf16x3 vs dense {name}")
+
+
 @pytest.mark.parametrize("gx_algo,gw_algo", [("dense", "int8"), ("bf16x3", "bf16x3")]
                          + ([("int8", "int8")] if onednn_supported() else []))
 def test_split_grads_take_the_float_forms_on_a_non_finite_dz(gx_algo, gw_algo, use_algos):

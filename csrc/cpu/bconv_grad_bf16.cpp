@@ -49,7 +49,10 @@ namespace cpu {
 namespace {
 
 // The buffers of one chunk stay below this many bytes (or one item's: an image, an output row).
-constexpr int64_t kPartBytes = int64_t{24} << 20;
+// They live beside dZ and dL/dX, at the training step's memory peak in the first layers: 24 MiB
+// chunks (and a float copy of the whole input) put VGG-11's peak 95 MiB above the float forms'
+// (N=32, T=4), 6 MiB ones leave GEMMs of hundreds of rows.
+constexpr int64_t kPartBytes = int64_t{6} << 20;
 
 static inline __attribute__((always_inline)) float cut_bf16(float v) {
   uint32_t b;
@@ -194,9 +197,10 @@ at::Tensor weight_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& 
   const int64_t R = s.B * s.Ho;
   const int64_t rc =
       chunk_items(R, (3 * s.Co + K) * s.Wo * static_cast<int64_t>(sizeof(float)));
-  const at::Tensor xcl = unpack_rows(x_packed, Ci).view({s.B, s.H, s.W, Ci});  // 0/1
-  const float* xs = xcl.data_ptr<float>();
-  at::Tensor acc = at::zeros({3 * s.Co, K}, opts.dtype(at::kDouble));
+  const uint32_t* xs = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
+  // the chunks' (lo + mid) + hi, summed over the chunks in double
+  at::Tensor acc = at::zeros({s.Co, K}, opts.dtype(at::kDouble));
+  double* ap = acc.data_ptr<double>();
   const int64_t grain = std::max<int64_t>(1, 256 / s.Wo);
   for (int64_t r0 = 0; r0 < R; r0 += rc) {
     const int64_t nr = std::min(rc, R - r0);
@@ -213,15 +217,25 @@ at::Tensor weight_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& 
                   s.Co * M);
       }
     });
-    at::Tensor xcol = at::empty({M, K}, opts);  // [M, taps * Ci]
-    unfold_output_rows(s, Ci, xs, Ci, r0, nr, xcol.data_ptr<float>());
-    Bf16Precision bf16(at::Float32Op::MATMUL);
-    acc.add_(at::mm(parts, xcol));
+    at::Tensor xcol = at::empty({M, K}, opts);  // [M, taps * Ci], 0/1 from the input's bits
+    unfold_output_rows_bits(s, Ci, xs, r0, nr, xcol.data_ptr<float>());
+    at::Tensor prod;
+    {
+      Bf16Precision bf16(at::Float32Op::MATMUL);
+      prod = at::mm(parts, xcol);  // [3 Co, K]
+    }
+    parts.reset();
+    xcol.reset();
+    const float* pr = prod.data_ptr<float>();
+    at::parallel_for(0, s.Co * K, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        ap[i] += (static_cast<double>(pr[2 * s.Co * K + i]) +
+                  static_cast<double>(pr[s.Co * K + i])) +
+                 static_cast<double>(pr[i]);
+    });
   }
-  // (lo + mid) + hi, scaled back, rounded once; [Co, taps, Ci] -> [Co, Ci, kh, kw]
-  const at::Tensor r = (acc.narrow(0, 2 * s.Co, s.Co) + acc.narrow(0, s.Co, s.Co) +
-                        acc.narrow(0, 0, s.Co)) *
-                       std::ldexp(1.0, e);
+  // scaled back, rounded once; [Co, taps, Ci] -> [Co, Ci, kh, kw]
+  const at::Tensor r = acc * std::ldexp(1.0, e);
   return r.view({s.Co, taps, Ci})
       .permute({0, 2, 1})
       .reshape({s.Co, Ci, s.KH, s.KW})

@@ -113,7 +113,7 @@ int64_t int8_grad_w_max_pixels() { return (int64_t{1} << 31) / 128; }
 
 at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
                             const at::Tensor& gz) {
-  const int64_t S = s.Ho * s.Wo, taps = s.KH * s.KW, C32 = 32 * s.Cw;
+  const int64_t S = s.Ho * s.Wo, taps = s.KH * s.KW;
   const int64_t K = taps * Ci;  // columns of the unfolded input: (tap, ci)
   TORCH_CHECK(s.Wo <= int8_grad_w_max_pixels(), "binslt::bconv_lif_bwd: the 'int8' weight "
               "gradient takes output rows of at most ", int8_grad_w_max_pixels(), " pixels, got ",
@@ -128,9 +128,7 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
   const auto limbs = avx512 ? &limbs_avx512<int8_t, 0> : &limbs_base<int8_t, 0>;
   const float* g = gz.data_ptr<float>();
   const auto i8 = gz.options().dtype(at::kChar);
-  // The 0/1 input as bytes, channel-last ([B, H, W, C32] in memory), unpacked once.
-  const at::Tensor xb = spikes_u8_from_packed(x_packed);
-  const int8_t* xs = reinterpret_cast<const int8_t*>(xb.data_ptr<uint8_t>());
+  const uint32_t* xs = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
 
   at::Tensor out = at::empty({s.Co, Ci, s.KH, s.KW}, gz.options());
   float* o = out.data_ptr<float>();
@@ -175,7 +173,7 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
     for (const char v : bad)
       if (v != 0) return at::Tensor();
     at::Tensor X = at::empty({M, K}, i8);  // [M, taps * Ci]
-    unfold_output_rows(s, Ci, xs, C32, r0, nr, X.data_ptr<int8_t>());
+    unfold_output_rows_bits(s, Ci, xs, r0, nr, X.data_ptr<int8_t>());  // 0/1 from the bits
     const at::Tensor r = at::_int_mm(A, X);  // [3 Co, taps * Ci]
     const int32_t* rp = r.data_ptr<int32_t>();
     at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {

@@ -14,6 +14,7 @@
 
 #include <tuple>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -150,6 +151,50 @@ void unfold_output_rows(const ConvShape& s, int64_t Ci, const T* x, int64_t pixe
             else
               std::memcpy(d, x + ((b * s.H + iy) * s.W + ix) * pixel_stride,
                           static_cast<size_t>(Ci) * sizeof(T));
+          }
+        }
+      }
+    }
+  });
+}
+
+// The eight 0/1 values of every byte, bit j at [byte][j]: a byte of packed channels becomes
+// eight values in one copy.
+template <typename T>
+struct ByteBits {
+  T v[256][8];
+  ByteBits() {
+    for (int b = 0; b < 256; ++b)
+      for (int j = 0; j < 8; ++j) v[b][j] = static_cast<T>((b >> j) & 1);
+  }
+};
+
+// unfold_output_rows's 0/1 values read from the packed input itself (x_packed [B, H, W, Cw]
+// words, channel ci bit ci % 32 of word ci / 32): no unpacked copy of the whole input.
+template <typename T>
+void unfold_output_rows_bits(const ConvShape& s, int64_t Ci, const uint32_t* x_packed,
+                             int64_t r0, int64_t nr, T* dst) {
+  static const ByteBits<T> bits;
+  const int64_t K = s.KH * s.KW * Ci;
+  at::parallel_for(0, nr, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = (r0 + i) / s.Ho, oy = (r0 + i) % s.Ho;
+      for (int64_t ox = 0; ox < s.Wo; ++ox) {
+        T* d = dst + (i * s.Wo + ox) * K;
+        for (int64_t ky = 0; ky < s.KH; ++ky) {
+          const int64_t iy = oy * s.stride - s.padding + ky;
+          for (int64_t kx = 0; kx < s.KW; ++kx, d += Ci) {
+            const int64_t ix = ox * s.stride - s.padding + kx;
+            if (iy < 0 || iy >= s.H || ix < 0 || ix >= s.W) {
+              std::memset(d, 0, static_cast<size_t>(Ci) * sizeof(T));
+              continue;
+            }
+            const uint32_t* w = x_packed + ((b * s.H + iy) * s.W + ix) * s.Cw;
+            for (int64_t c = 0; c < Ci; c += 8) {
+              const uint32_t byte = (w[c >> 5] >> (c & 31)) & 0xFFu;
+              std::memcpy(d + c, bits.v[byte],
+                          static_cast<size_t>(std::min<int64_t>(8, Ci - c)) * sizeof(T));
+            }
           }
         }
       }

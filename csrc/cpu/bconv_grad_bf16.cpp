@@ -22,8 +22,9 @@
 // backward): on a CPU with a bf16 matrix engine (AMX-BF16) oneDNN converts both operands to
 // bf16 -- exactly, they are bf16 values -- and accumulates in float32; elsewhere the same calls
 // are float32 products. The weight gradient is one [3 Co, pixels] x [pixels, taps * Ci] matrix
-// product per chunk of output rows (ATen's mm; the parts stacked along the rows, the 0/1 input
-// unfolded once: each operand is converted once, and no product runs over padding), the input
+// product per chunk of output rows (ATen's mm; the parts stacked along the rows, the chunk's 0/1
+// input unfolded from the packed bits: each operand is converted once, and no product runs over
+// padding), the input
 // gradient one transposed convolution (ATen's conv_transpose2d; the parts stacked along the
 // images). The three float32
 // sums meet in double (lo + mid first), are scaled back by 2^e and rounded once to float32: the

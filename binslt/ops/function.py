@@ -12,8 +12,9 @@ class Function(torch.autograd.Function):
 
     In the ``setup_context`` form (which ``torch.func`` transforms need) ``apply`` binds every
     call's arguments to ``forward``'s signature, and ``inspect.signature`` rebuilds that
-    signature on each call (~0.1 ms: about 1.5 ms of each Conv-4 search step's 13 calls). A
-    ``__signature__`` on the function is what ``inspect.signature`` returns as is (PEP 362).
+    signature on each call (~30 us; 0.35-0.45 ms of a Conv-4 search step's 13 calls on a 2-core
+    AMD EPYC). A ``__signature__`` on the function is what ``inspect.signature`` returns as is
+    (PEP 362).
     """
 
     def __init_subclass__(cls, **kwargs):

@@ -129,35 +129,6 @@ at::Tensor input_grad_margined(const ConvShape& s, int64_t Ci, at::Tensor gz_cl,
                                const at::Tensor& w_mask, const at::Tensor& w_pos,
                                const float* alpha);
 
-// The split forms' unfolded input: output rows r0 .. r0 + nr - 1 (row r = b * Ho + oy) as
-// [nr * Wo, KH * KW * Ci] (column (ky * KW + kx) * Ci + ci), from channel-last pixels
-// x[((b * H + y) * W + x) * pixel_stride + ci]: tap (ky, kx) of output pixel (oy, ox) is input
-// pixel (oy * stride - padding + ky, ox * stride - padding + kx), zeros outside the image.
-template <typename T>
-void unfold_output_rows(const ConvShape& s, int64_t Ci, const T* x, int64_t pixel_stride,
-                        int64_t r0, int64_t nr, T* dst) {
-  const int64_t K = s.KH * s.KW * Ci;
-  at::parallel_for(0, nr, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = (r0 + i) / s.Ho, oy = (r0 + i) % s.Ho;
-      for (int64_t ox = 0; ox < s.Wo; ++ox) {
-        T* d = dst + (i * s.Wo + ox) * K;
-        for (int64_t ky = 0; ky < s.KH; ++ky) {
-          const int64_t iy = oy * s.stride - s.padding + ky;
-          for (int64_t kx = 0; kx < s.KW; ++kx, d += Ci) {
-            const int64_t ix = ox * s.stride - s.padding + kx;
-            if (iy < 0 || iy >= s.H || ix < 0 || ix >= s.W)
-              std::memset(d, 0, static_cast<size_t>(Ci) * sizeof(T));
-            else
-              std::memcpy(d, x + ((b * s.H + iy) * s.W + ix) * pixel_stride,
-                          static_cast<size_t>(Ci) * sizeof(T));
-          }
-        }
-      }
-    }
-  });
-}
-
 // The eight 0/1 values of every byte, bit j at [byte][j]: a byte of packed channels becomes
 // eight values in one copy.
 template <typename T>
@@ -169,8 +140,11 @@ struct ByteBits {
   }
 };
 
-// unfold_output_rows's 0/1 values read from the packed input itself (x_packed [B, H, W, Cw]
-// words, channel ci bit ci % 32 of word ci / 32): no unpacked copy of the whole input.
+// The split forms' unfolded input: output rows r0 .. r0 + nr - 1 (row r = b * Ho + oy) as
+// [nr * Wo, KH * KW * Ci] 0/1 values (column (ky * KW + kx) * Ci + ci), read from the packed
+// input itself (x_packed [B, H, W, Cw] words, channel ci bit ci % 32 of word ci / 32; no
+// unpacked copy of the whole input): tap (ky, kx) of output pixel (oy, ox) is input pixel
+// (oy * stride - padding + ky, ox * stride - padding + kx), zeros outside the image.
 template <typename T>
 void unfold_output_rows_bits(const ConvShape& s, int64_t Ci, const uint32_t* x_packed,
                              int64_t r0, int64_t nr, T* dst) {

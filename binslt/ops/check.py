@@ -102,12 +102,12 @@ def _validate(device: str | None, backends) -> tuple[str, list[str]]:
         if b not in BIT_EXACT:
             raise CheckError(f"--backend: unknown kernel backend {b!r} (choose from "
                              f"{', '.join(BIT_EXACT)}; 'torch' is the reference itself)")
-        if not st[b]["built"]:
-            raise CheckError(f"--backend {b}: not available here ({st[b]['reason']})")
         if b == "cuda" and device != "cuda":
             raise CheckError("--backend cuda needs --device cuda")
         if b == "cpu" and device != "cpu":
             raise CheckError("--backend cpu needs --device cpu")
+        if not st[b]["built"]:
+            raise CheckError(f"--backend {b}: not available here ({st[b]['reason']})")
         if b == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise CheckError("--backend triton on the CPU needs TRITON_INTERPRET=1 in the "
                              "environment (set before binslt starts)")

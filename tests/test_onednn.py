@@ -84,6 +84,29 @@ def test_onednn_infer_equals_bit_kernels_and_reference(case):
 
 
 @needs_amx
+@pytest.mark.parametrize("decay_input", [False, True])
+@pytest.mark.parametrize("v_reset", [0.0, -0.25, None], ids=["hard0", "hard-0.25", "soft"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_onednn_packed_output_in_every_neuron_mode(decay_input, v_reset, residual):
+    """The packed-output epilogue (the neuron modes are compile-time forms there) gives the
+    reference's spikes for decay_input on and off, hard and soft reset, with and without a
+    residual, channels off the vector width (33: two full vectors and one lane)."""
+    x, wm, wp, alpha, scale, shift, res = _case(
+        stable_seed([decay_input, str(v_reset), residual]), T=3, ci=40, co=33, h=9, w=7,
+        residual=residual)
+    neuron = (2.0, decay_input, 1.0, v_reset)
+    args = (wm, wp, alpha, scale, shift, res, 1, 1)
+    full = ref.bconv_lif_infer_reference(x, *args, *neuron)
+    assert 0.02 < float(full.mean()) < 0.98
+    want = ref.pack_spikes_reference(full.flatten(0, 1)).view(*full.shape[:2], *full.shape[3:],
+                                                              -1)
+    for xin in (x, _packed(x)):
+        with ops.cpu_algorithms(conv="onednn"):
+            got = OP(xin, *args, *neuron, 1, True)
+        assert torch.equal(got, want)
+
+
+@needs_amx
 def test_onednn_infer_over_several_chunks_of_images():
     # 4 * 64 * 64 * 128 floats of counts an image: 8 MiB, so each image is a chunk of its own
     x, wm, wp, alpha, scale, shift, res = _case(11, T=4, n=3, ci=32, co=128, h=64, w=64,

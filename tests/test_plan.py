@@ -96,13 +96,25 @@ def test_each_layer_takes_an_expected_plan(name):
 @needs_cpu
 def test_the_rules_move_with_rate_and_map_size():
     """The thresholds the plans follow: the forward's event kernel only below a firing rate; the
-    dense weight gradient from a rate, in its tap form on maps of at most 4x4; the margined input
-    gradient from 32x32 output pixels at stride 1; the unfold form of both for 3x3 over 2x2."""
+    dense weight gradient from a rate, in its tap form on maps of at most 4x4 (with AMX-INT8 the
+    int8 form there at any rate); the margined input gradient from 32x32 output pixels at stride
+    1; the unfold form of both for 3x3 over 2x2; with AMX-INT8 the int8 input gradient from 8x8
+    maps, and the onednn inference forward for packed output only."""
     x, w = (4, 16, 128, 16, 16), (128, 128, 3, 3)
     assert plan.forward_plan(x, w, 1, 1, rate=0.9)["forward"] == "dense"
     dense_w = plan.backward_plan(x, w, 1, 1, rate=0.9)["grad_w"]
     assert dense_w == ("int8" if AMX else "dense")
-    assert plan.backward_plan((4, 16, 128, 4, 4), w, 1, 1, rate=0.9)["grad_w"] == "taps"
+    small = (4, 16, 128, 4, 4)
+    assert plan.backward_plan(small, w, 1, 1, rate=0.9)["grad_w"] == ("int8" if AMX else "taps")
+    assert plan.backward_plan(small, w, 1, 1, rate=0.1)["grad_w"] == ("int8" if AMX else "event")
+    assert plan.backward_plan(small, w, 1, 1)["grad_x"] in {"dense", "margined"}
+    assert plan.backward_plan((4, 16, 128, 8, 8), w, 1, 1)["grad_x"] in (
+        {"int8"} if AMX else {"dense", "margined", "ternary", "combo"})
+    assert plan.forward_plan(x, w, 1, 1, rate=0.15, infer=True)["forward"] == "event"
+    assert plan.forward_plan(x, w, 1, 1, rate=0.15, infer=True, packed_out=True)["forward"] == (
+        "onednn" if AMX else "event")
+    with pytest.raises(ValueError, match="packed_out must be a bool"):
+        plan.forward_plan(x, w, 1, 1, infer=True, packed_out=1)
     assert plan.backward_plan((4, 16, 128, 2, 2), w, 1, 1)["grad_w"] == "unfold"
     assert plan.backward_plan((4, 16, 128, 2, 2), w, 1, 1)["grad_x"] == "unfold"
     if not AMX:

@@ -121,7 +121,7 @@ def _fraction(name: str, v) -> float:
 
 def forward_plan(x_shape: Sequence[int], weight_shape: Sequence[int], stride: int = 1,
                  padding: int = 0, *, rate: float = 0.15, infer: bool = False,
-                 op: str | None = None) -> dict[str, str]:
+                 op: str | None = None, packed_out: bool = False) -> dict[str, str]:
     """The plan the table (or the forced configuration) gives the CPU forward:
     ``{"isa", "forward", "source"}`` (``source`` ``"table"`` or ``"forced"``; a call that
     measures may take another candidate: :func:`measured`).
@@ -131,7 +131,9 @@ def forward_plan(x_shape: Sequence[int], weight_shape: Sequence[int], stride: in
     count it among the packed words' bits, ``rate * Ci / (32 * ceil(Ci / 32))``), ``infer`` the
     inference op ``bconv_lif_infer`` on float spikes (else the training forward ``bconv_lif``,
     which reads packed words); ``op`` names the op instead (``"bconv_affine_infer"``:
-    BinConv2d's no-grad op, ``"onednn"`` or ``"aten"``, ATen's float conv). Under the
+    BinConv2d's no-grad op, ``"onednn"`` or ``"aten"``, ATen's float conv); ``packed_out``
+    the inference op writing packed spike words (a frozen ticket's layers chained inside a
+    network) instead of float spikes. Under the
     configuration in force (:func:`binslt.ops.cpu_algorithms`); ValueError where a forced
     algorithm cannot run this call, or for a bad shape.
     """
@@ -140,7 +142,10 @@ def forward_plan(x_shape: Sequence[int], weight_shape: Sequence[int], stride: in
     if op not in FORWARD_OPS:
         raise ValueError(f"binslt.ops.plan: op must be one of {FORWARD_OPS}, got {op!r}")
     x, w = _conv_shapes(x_shape, weight_shape, stride, padding)
-    out = _module()._plan_forward(x, w, int(stride), int(padding), _fraction("rate", rate), op)
+    if not isinstance(packed_out, bool):
+        raise ValueError(f"binslt.ops.plan: packed_out must be a bool, got {packed_out!r}")
+    out = _module()._plan_forward(x, w, int(stride), int(padding), _fraction("rate", rate), op,
+                                  packed_out and op == "bconv_lif_infer")
     return dict(out)
 
 

@@ -668,6 +668,7 @@ at::Tensor bconv_lif_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_mask,
                    return packed_in ? packed_rate(x) : sampled_rate(xf.x, s.B * C * s.H * s.W);
                  })};
   q.op = op;
+  q.packed_out = packed_out;
   q.variant = c10::str(packed_in ? "packed_in" : c10::toString(x_in.scalar_type()),
                        x_in.is_contiguous() ? "" : " strided", " pool=", pool,
                        packed_out ? " packed_out" : "",

@@ -81,7 +81,12 @@ struct AutoRules {
   // AMX-INT8. 2-core Xeon with AMX, N=32 T=4, rate 0.3, packed out (bconv_lif_infer, medians
   // of 7): 128->128 32x32 26.0 (dense) / 25.0 (event) -> 10.5 ms, 256->256 8x8 pooled 5.5 -> 2.0,
   // 512->512 4x4 pooled 5.6 -> 4.9; at 2x2 and 1x1 (linear layers) and 32->32 4x4 oneDNN's fixed
-  // cost loses (512->512 2x2: 2.5 event -> 3.5; 2048->256 1x1: 0.37 -> 0.63).
+  // cost loses (512->512 2x2: 2.5 event -> 3.5; 2048->256 1x1: 0.37 -> 0.63). With float spikes
+  // out (a layer called on its own) the counts' transpose into the bit kernels' tiles costs more
+  // than oneDNN saves: the same Xeon, plan_check.py (T=4, N=16 anchor 128->128 16x16 rate 0.15,
+  // VGG-11's convs at N=8), event against onednn: anchor 3.6 vs 6.9 ms, 64->64 32x32 4.0 vs 6.3,
+  // 256->256 8x8 1.7 vs 2.5, 512->512 4x4 3.1 vs 3.7 (dense 2.9); so the table takes it for
+  // packed output only (a measured key may still pick it).
   int64_t onednn_min_pixels;
   int64_t onednn_min_channel_pairs;
   // Weight gradient at stride 1 where the CPU has AMX-INT8: the int8 limb form instead of the
@@ -94,15 +99,23 @@ struct AutoRules {
   // 56.3 vs int8 62.7; 256->256 8x8 pooled (dense chosen) 61.6 -> 53.5; 128->256 8x8 35.3 ->
   // 33.4; 128->128 16x16 38.5 -> 37.1; 512->512 4x4 taps 62.4 vs int8 63.1. (Those int8 figures
   // are of its earlier form, one product per tap over the padded grid; the form now, one product
-  // over the unfolded input, does the output pixels' work only, so the rule, which charges the
-  // padding, is conservative until it is timed on AMX again.)
+  // over the unfolded input, does the output pixels' work only.) Timed again on 2026-12-06
+  // (measured keys of the VGG-11 and ResNet-19 N=32 search steps, grad_w alone, ms int8 /
+  // event): the crossover stays near a share of 0.18-0.22 (ResNet-19 64->128 32x32 at rate
+  // 0.25-0.30: 71 / 85; 128->128 32x32 at 0.20-0.25: 117 / 120; 256->256 16x16 at 0.15-0.20:
+  // 89 / 79), and on maps of at most taps_grad_w_max_pixels (4x4) int8 wins whatever the rate:
+  // 256->512 4x4 at 0.4-0.5 13.2 (taps 19.8, dense 22.5), 512->512 4x4 pooled at 0.15-0.20 25.5
+  // (event 30.9, taps 34.8); at N=8 (plan_check.py) all forms there are within 10 %.
   double int8_grad_w_min_rate;
   // Input gradient at stride 1 where the CPU has AMX-INT8: the int8 limb form on maps of
   // [int8_grad_x_min_pixels, int8_grad_x_max_pixels] output pixels (the range measured; 2x2 and
   // 1x1 take the unfold form). The same replayed calls, whole call ms, dense /
   // ternary / int8: 512->512 4x4 pooled 62.4 / 195 / 58.9; 256->256 8x8 pooled 53.1 / 83.0 /
   // 36.8; 128->256 8x8 31.5 / 46.2 / 23.4; 128->128 16x16 pooled 52.8 / 49.6 / 38.1; 64->64
-  // 32x32 pooled 104.1 / 90.7 / 76.0 (the ternary form was auto at 16x16 and 32x32).
+  // 32x32 pooled 104.1 / 90.7 / 76.0 (the ternary form was auto at 16x16 and 32x32). At 4x4 the
+  // dense conv is ahead again (the same Xeon, 2026-12-06, VGG-11 N=32 search step, measured
+  // keys, ms dense / int8: 512->512 pooled 32.1 / 38.4, 256->512 15.8 / 16.4; plan_check.py at
+  // N=8, whole layer: 54.1 / 62.9 and 29.5 / 33.8), so the range starts at 8x8.
   int64_t int8_grad_x_min_pixels;
   int64_t int8_grad_x_max_pixels;
 };
@@ -126,7 +139,7 @@ constexpr AutoRules kAutoRules{
     /*onednn_min_pixels=*/16,
     /*onednn_min_channel_pairs=*/64 * 64,
     /*int8_grad_w_min_rate=*/0.18,
-    /*int8_grad_x_min_pixels=*/16,
+    /*int8_grad_x_min_pixels=*/64,
     /*int8_grad_x_max_pixels=*/1024,
 };
 
@@ -559,8 +572,9 @@ GradXPlan forced_grad_x(const Facts& f, Isa isa, GradXAlgo a) {
 // says why (nothing is rewritten into another algorithm).
 //
 // Forward (plan_forward):
-//   * "onednn" for inference only, on a CPU with AMX-INT8, for maps of at least onednn_min_pixels
-//     output pixels and layers of at least onednn_min_channel_pairs (Ci, Co) pairs;
+//   * "onednn" for inference with packed output only, on a CPU with AMX-INT8, for maps of at
+//     least onednn_min_pixels output pixels and layers of at least onednn_min_channel_pairs
+//     (Ci, Co) pairs;
 //   * else "event" where the counts fit int16 (Ci*kh*kw <= 32767; its lanes accumulate in int16)
 //     and the input's fraction of set bits is below event_max_rate_<isa> (its work follows the
 //     spikes, the dense kernel's the vector width);
@@ -569,9 +583,9 @@ GradXPlan forced_grad_x(const Facts& f, Isa isa, GradXAlgo a) {
 //   * "unfold" where the kernel's taps are at least unfold_min_taps_per_pixel times the input's
 //     pixels (a 3x3 kernel over 1x1, 1x2, 2x2) and its matrix is at most unfold_max_bytes (not for
 //     a pointwise conv: 1x1, stride 1, no padding, whose product is already per pixel);
-//   * "int8" at stride 1 on a CPU with AMX-INT8 (forced or measured: any stride), for maps above
-//     taps_grad_w_max_pixels, where the dense rule holds or the rate times the output's share of
-//     the padded grid reaches int8_grad_w_min_rate;
+//   * "int8" at stride 1 on a CPU with AMX-INT8 (forced or measured: any stride): on maps of at
+//     most taps_grad_w_max_pixels output pixels (not a pointwise conv), and on larger ones where the dense rule holds or
+//     the rate times the output's share of the padded grid reaches int8_grad_w_min_rate;
 //   * the dense rule: the input's rate at least grad_w_dense_min_rate (grad_w_dense_min_rate_large
 //     for a gradient over grad_w_large_bytes) -> "pointwise" for a pointwise conv, "taps" on maps
 //     of at most taps_grad_w_max_pixels output pixels, "dense" otherwise;
@@ -703,7 +717,7 @@ ForwardPlan plan_forward(const ForwardQuery& q) {
   }
   if (q.affine) {
     if (onednn_int8_supported()) plan.conv = FwdPlan::kOnednn;
-  } else if (q.infer && s.Ho * s.Wo >= kAutoRules.onednn_min_pixels &&
+  } else if (q.infer && q.packed_out && s.Ho * s.Wo >= kAutoRules.onednn_min_pixels &&
              q.Ci * s.Co >= kAutoRules.onednn_min_channel_pairs && onednn_int8_supported()) {
     plan.conv = FwdPlan::kOnednn;
   } else if (int16) {
@@ -739,12 +753,12 @@ BackwardPlan plan_backward(const BackwardQuery& q) {
               : f.pointwise ? GradWPlan::kPointwise
               : f.pixels() <= kAutoRules.taps_grad_w_max_pixels ? GradWPlan::kTaps
                                                                  : GradWPlan::kDense;
+    const bool small = !f.pointwise && f.pixels() <= kAutoRules.taps_grad_w_max_pixels;
     const bool int8 = f.s.stride == 1 && f.s.Wo <= int8_grad_w_max_pixels() &&
                       onednn_int8_supported() &&
-                      f.pixels() > kAutoRules.taps_grad_w_max_pixels &&
-                      (dense || q.rate.get() * static_cast<double>(f.pixels()) >=
-                                    kAutoRules.int8_grad_w_min_rate *
-                                        static_cast<double>(f.padded_grid()));
+                      (small || dense ||
+                       q.rate.get() * static_cast<double>(f.pixels()) >=
+                           kAutoRules.int8_grad_w_min_rate * static_cast<double>(f.padded_grid()));
     // (The bf16x3 form is a measured candidate on AMX-BF16, not in the table: no AMX-BF16
     // timings of it yet.)
     plan.grad_w = int8 ? GradWPlan::kInt8 : float_w;
@@ -1031,7 +1045,7 @@ std::atomic<bool> g_verbose{false};
 std::map<std::string, std::string> plan_forward_for(const std::vector<int64_t>& x_shape,
                                                     const std::vector<int64_t>& w_shape,
                                                     int64_t stride, int64_t padding, double rate,
-                                                    const std::string& op) {
+                                                    const std::string& op, bool packed_out) {
   check_fraction("rate", rate);
   TORCH_CHECK_VALUE(op == "bconv_lif" || op == "bconv_lif_infer" || op == "bconv_affine_infer",
                     "binslt.ops.plan: op must be 'bconv_lif', 'bconv_lif_infer' or "
@@ -1041,6 +1055,7 @@ std::map<std::string, std::string> plan_forward_for(const std::vector<int64_t>& 
   // The inference op samples its float spikes; the others count the packed words' bits.
   ForwardQuery q{s, x_shape[2], infer, LazyValue(infer ? rate : bit_rate(s, x_shape, rate))};
   q.affine = affine;
+  q.packed_out = infer && packed_out;
   const ForwardPlan p = plan_forward(q);
   return {{"isa", isa_name(p.isa)}, {"forward", plan_name(p.conv)},
           {"source", source_name(p.source)}};

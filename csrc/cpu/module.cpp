@@ -27,9 +27,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "split of the 'bf16x3' gradient forms); ValueError for NaN or inf");
   m.def("_plan_forward", &cpu::plan_forward_for, py::arg("x_shape"), py::arg("weight_shape"),
         py::arg("stride"), py::arg("padding"), py::arg("rate"), py::arg("op"),
+        py::arg("packed_out") = false,
         "The table's forward plan of a conv: x_shape [T, N, Ci, H, W], weight_shape [Co, Ci, "
         "kh, kw], rate the input's fraction of spikes, op 'bconv_lif', 'bconv_lif_infer' or "
-        "'bconv_affine_infer' -> {'isa', 'forward', 'source'} (use "
+        "'bconv_affine_infer', packed_out the inference op's packed spike output -> {'isa', "
+        "'forward', 'source'} (use "
         "binslt.ops.plan.forward_plan)");
   m.def("_plan_backward", &cpu::plan_backward_for, py::arg("x_shape"), py::arg("weight_shape"),
         py::arg("stride"), py::arg("padding"), py::arg("rate"), py::arg("weight_density"),

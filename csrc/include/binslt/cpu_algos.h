@@ -128,6 +128,7 @@ struct ForwardQuery {
   bool affine = false;
   const char* op = nullptr;
   std::string variant;
+  bool packed_out = false;  // the inference op writes pack_spikes words
 };
 
 // The backward's: also whether dL/dx is wanted, and the fraction of nonzero weights.
@@ -215,7 +216,7 @@ BackwardPlan plan_backward(const BackwardQuery& q);
 std::map<std::string, std::string> plan_forward_for(const std::vector<int64_t>& x_shape,
                                                     const std::vector<int64_t>& w_shape,
                                                     int64_t stride, int64_t padding, double rate,
-                                                    const std::string& op);
+                                                    const std::string& op, bool packed_out);
 std::map<std::string, std::string> plan_backward_for(const std::vector<int64_t>& x_shape,
                                                      const std::vector<int64_t>& w_shape,
                                                      int64_t stride, int64_t padding,

@@ -853,10 +853,11 @@ INT8_AUTO = [
     ("grad_w", (2, 2, 64, 64, 8, 8, 3, 1, 1), 0.6, True),      # dense-rate input over 8x8
     ("grad_w", (2, 2, 64, 64, 16, 16, 3, 1, 1), 0.3, True),    # rate * 256/324 = 0.24 >= 0.18
     ("grad_w", (2, 2, 64, 64, 16, 16, 3, 1, 1), 0.05, False),  # sparse: the event form
-    ("grad_w", (2, 2, 64, 64, 4, 4, 3, 1, 1), 0.6, False),     # 4x4: the tap form
+    ("grad_w", (2, 2, 64, 64, 4, 4, 3, 1, 1), 0.6, True),      # 4x4: int8 at any rate
+    ("grad_w", (2, 2, 64, 64, 4, 4, 3, 1, 1), 0.05, True),
     ("grad_w", (2, 2, 64, 64, 16, 16, 3, 2, 1), 0.6, False),   # stride 2
     ("grad_x", (2, 2, 64, 64, 8, 8, 3, 1, 1), 0.3, True),
-    ("grad_x", (2, 2, 64, 64, 4, 4, 3, 1, 1), 0.3, True),
+    ("grad_x", (2, 2, 64, 64, 4, 4, 3, 1, 1), 0.3, False),     # 4x4: the dense conv
     ("grad_x", (2, 2, 32, 32, 32, 32, 3, 1, 1), 0.3, True),
     ("grad_x", (2, 2, 64, 64, 2, 2, 3, 1, 1), 0.3, False),     # 3x3 over 2x2: the unfold form
     ("grad_x", (2, 2, 64, 64, 64, 64, 3, 1, 1), 0.3, False),   # above the measured range

@@ -130,6 +130,7 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
   const auto i8 = gz.options().dtype(at::kChar);
   const uint32_t* xs = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
 
+  if (R == 0) return at::zeros({s.Co, Ci, s.KH, s.KW}, gz.options());  // no pixels: a sum of none
   at::Tensor out = at::empty({s.Co, Ci, s.KH, s.KW}, gz.options());
   float* o = out.data_ptr<float>();
   const bool one_chunk = rc >= R;

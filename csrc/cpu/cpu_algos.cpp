@@ -584,8 +584,9 @@ GradXPlan forced_grad_x(const Facts& f, Isa isa, GradXAlgo a) {
 //     pixels (a 3x3 kernel over 1x1, 1x2, 2x2) and its matrix is at most unfold_max_bytes (not for
 //     a pointwise conv: 1x1, stride 1, no padding, whose product is already per pixel);
 //   * "int8" at stride 1 on a CPU with AMX-INT8 (forced or measured: any stride): on maps of at
-//     most taps_grad_w_max_pixels output pixels (not a pointwise conv), and on larger ones where the dense rule holds or
-//     the rate times the output's share of the padded grid reaches int8_grad_w_min_rate;
+//     most taps_grad_w_max_pixels output pixels (not a pointwise conv), and on larger ones where
+//     the dense rule holds or the rate times the output's share of the padded grid reaches
+//     int8_grad_w_min_rate;
 //   * the dense rule: the input's rate at least grad_w_dense_min_rate (grad_w_dense_min_rate_large
 //     for a gradient over grad_w_large_bytes) -> "pointwise" for a pointwise conv, "taps" on maps
 //     of at most taps_grad_w_max_pixels output pixels, "dense" otherwise;

@@ -220,68 +220,66 @@ at::Tensor OnednnConv::operator()(const at::Tensor& x_u8) const {
 
 namespace {
 
+// One pixel's channel scratch: the membrane v and the input current x [Co], the spikes sp
+// [32*Cw] (zero past Co).
+struct PixelScratch {
+  float* v;
+  float* x;
+  float* sp;
+};
+
 // The eval epilogue and the LIF over T of one pixel's Co channels in channel-last order: counts
 // zt[t] + off (Co floats a step), residual rt[t] + roff likewise (or rt null); per channel the
-// float operations of lif_counts in the same order (so the same spikes: explicit multiplies and
-// adds, nothing contracted), 16 channels a vector, the last ones masked. The spikes go out as
-// pack_spikes bits, words[t * Cw + w]; v holds the Co membrane potentials. Written with
-// intrinsics: GCC left the residual form's channel loop scalar ("no vectype" for the count
-// load), 68-75 ms against 17 ms without a residual (ResNet-19 eval, 128->128 32x32, N=32, T=4).
-template <bool kRes, bool kDecayInput, bool kSoftReset>
+// float operations of lif_counts in the same order (so the same spikes), vectorised across
+// channels: the current, the residual and the neuron are three loops over the channels, as in
+// lif_forward_pass (in one loop GCC left the residual form scalar: "no vectype" for the count
+// load, 68-75 ms against 17 ms without a residual, ResNet-19 eval, 128->128 32x32, N=32, T=4).
+// The spikes go out as pack_spikes bits, words[t * Cw + w].
+template <bool kRes>
 __attribute__((target("avx512f"))) void lif_pixel_words_t(const FwdEpilogue& ep, int64_t T,
                                                           int64_t Co, int64_t Cw,
                                                           const float* const* zt, int64_t off,
                                                           const float* const* rt, int64_t roff,
-                                                          float* v, uint32_t* words) {
-  const NeuronParams& p = ep.p;
-  const __m512 tau = _mm512_set1_ps(p.tau), vth = _mm512_set1_ps(p.v_threshold);
-  const __m512 v_reset = _mm512_set1_ps(p.v_reset);
-  const __m512 vr = _mm512_set1_ps(kSoftReset ? 0.0f : p.v_reset);  // lif_charge's rest
-  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
-  const float v0 = kSoftReset ? 0.0f : p.v_reset;
+                                                          const PixelScratch& scr,
+                                                          uint32_t* words) {
+  const NeuronParams p = ep.p;
+  const float* __restrict alpha = ep.alpha;
+  const float* __restrict scale = ep.scale;
+  const float* __restrict shift = ep.shift;
+  float* __restrict v = scr.v;
+  float* __restrict x = scr.x;
+  float* __restrict sp = scr.sp;
+  const float v0 = p.soft_reset ? 0.0f : p.v_reset;
   for (int64_t c = 0; c < Co; ++c) v[c] = v0;
+  const __m512 zero = _mm512_setzero_ps();
   for (int64_t t = 0; t < T; ++t) {
-    const float* z = zt[t] + off;
-    const float* r = kRes ? rt[t] + roff : nullptr;
-    uint32_t* wt = words + t * Cw;
-    for (int64_t w = 0; w < Cw; ++w) wt[w] = 0;
-    for (int64_t c = 0; c < Co; c += 16) {
-      const int64_t n = std::min<int64_t>(16, Co - c);
-      const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xFFFFu : (1u << n) - 1u);
-      __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, z + c),
-                               _mm512_maskz_loadu_ps(m, ep.alpha + c));
-      x = _mm512_add_ps(_mm512_mul_ps(x, _mm512_maskz_loadu_ps(m, ep.scale + c)),
-                        _mm512_maskz_loadu_ps(m, ep.shift + c));
-      if (kRes) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, r + c));
-      const __m512 vv = _mm512_maskz_loadu_ps(m, v + c);
-      const __m512 d = _mm512_sub_ps(vv, vr);
-      // lif_charge
-      const __m512 h = kDecayInput ? _mm512_add_ps(vv, _mm512_div_ps(_mm512_sub_ps(x, d), tau))
-                                   : _mm512_add_ps(_mm512_sub_ps(vv, _mm512_div_ps(d, tau)), x);
-      // lif_fire, lif_reset
-      const __mmask16 fire = _mm512_mask_cmp_ps_mask(m, _mm512_sub_ps(h, vth), zero, _CMP_GE_OQ);
-      const __m512 sk = _mm512_maskz_mov_ps(fire, one);
-      const __m512 vn =
-          kSoftReset ? _mm512_sub_ps(h, _mm512_mul_ps(sk, vth))
-                     : _mm512_add_ps(_mm512_mul_ps(sk, v_reset),
-                                     _mm512_mul_ps(_mm512_sub_ps(one, sk), h));
-      _mm512_mask_storeu_ps(v + c, m, vn);
-      wt[c >> 5] |= static_cast<uint32_t>(fire) << (c & 16);
+    const float* __restrict z = zt[t] + off;
+    for (int64_t c = 0; c < Co; ++c) x[c] = (z[c] * alpha[c]) * scale[c] + shift[c];
+    if (kRes) {
+      const float* __restrict r = rt[t] + roff;
+      for (int64_t c = 0; c < Co; ++c) x[c] = x[c] + r[c];
+    }
+    for (int64_t c = 0; c < Co; ++c) {
+      const float h = lif_charge(v[c], x[c], p);
+      const float sk = lif_fire(h, p);
+      v[c] = lif_reset(h, sk, p);
+      sp[c] = sk;
+    }
+    for (int64_t w = 0; w < Cw; ++w) {
+      const uint32_t lo = _mm512_cmp_ps_mask(_mm512_loadu_ps(sp + 32 * w), zero, _CMP_NEQ_OQ);
+      const uint32_t hi =
+          _mm512_cmp_ps_mask(_mm512_loadu_ps(sp + 32 * w + 16), zero, _CMP_NEQ_OQ);
+      words[t * Cw + w] = lo | (hi << 16);
     }
   }
 }
 void lif_pixel_words(const FwdEpilogue& ep, int64_t T, int64_t Co, int64_t Cw,
                      const float* const* zt, int64_t off, const float* const* rt, int64_t roff,
-                     float* v, uint32_t* words) {
-  using Fn = void (*)(const FwdEpilogue&, int64_t, int64_t, int64_t, const float* const*,
-                      int64_t, const float* const*, int64_t, float*, uint32_t*);
-  static constexpr Fn kFns[8] = {
-      &lif_pixel_words_t<false, false, false>, &lif_pixel_words_t<false, false, true>,
-      &lif_pixel_words_t<false, true, false>,  &lif_pixel_words_t<false, true, true>,
-      &lif_pixel_words_t<true, false, false>,  &lif_pixel_words_t<true, false, true>,
-      &lif_pixel_words_t<true, true, false>,   &lif_pixel_words_t<true, true, true>};
-  const int i = (rt != nullptr ? 4 : 0) + (ep.p.decay_input ? 2 : 0) + (ep.p.soft_reset ? 1 : 0);
-  kFns[i](ep, T, Co, Cw, zt, off, rt, roff, v, words);
+                     const PixelScratch& scr, uint32_t* words) {
+  if (rt != nullptr)
+    lif_pixel_words_t<true>(ep, T, Co, Cw, zt, off, rt, roff, scr, words);
+  else
+    lif_pixel_words_t<false>(ep, T, Co, Cw, zt, off, rt, roff, scr, words);
 }
 
 // Cw pack_spikes words -> 32*Cw floats 0. / 1.
@@ -325,7 +323,8 @@ void infer_onednn_packed(const ConvShape& s, const InferOut& io, const OnednnChu
     for (int64_t t = 0; t < s.T; ++t) rt[t] = rz.data() + t * nb * S * s.Co;
   }
   at::parallel_for(0, nb * ch.row_blocks, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> v(s.Co);
+    std::vector<float> v(s.Co), x(s.Co), sp(32 * Cw, 0.0f);
+    const PixelScratch scr{v.data(), x.data(), sp.data()};
     std::vector<uint32_t> words(R * s.Wo * s.T * Cw);
     // a packed residual's pixel as floats [T][32*Cw], and its step pointers
     std::vector<float> rb(io.res_words != nullptr ? s.T * 32 * Cw : 0);
@@ -346,7 +345,7 @@ void infer_onednn_packed(const ConvShape& s, const InferOut& io, const OnednnChu
             r = rbt.data();
             roff = 0;
           }
-          lif_pixel_words(ep, s.T, s.Co, Cw, zt.data(), off, r, roff, v.data(),
+          lif_pixel_words(ep, s.T, s.Co, Cw, zt.data(), off, r, roff, scr,
                           words.data() + ((oy - oy0) * s.Wo + ox) * s.T * Cw);
         }
       for (int64_t r = 0; r < (oy1 - oy0) / q; ++r)

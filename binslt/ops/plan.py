@@ -145,7 +145,7 @@ def forward_plan(x_shape: Sequence[int], weight_shape: Sequence[int], stride: in
     if not isinstance(packed_out, bool):
         raise ValueError(f"binslt.ops.plan: packed_out must be a bool, got {packed_out!r}")
     out = _module()._plan_forward(x, w, int(stride), int(padding), _fraction("rate", rate), op,
-                                  packed_out and op == "bconv_lif_infer")
+                                  packed_out)
     return dict(out)
 
 

@@ -87,10 +87,11 @@ def test_onednn_infer_equals_bit_kernels_and_reference(case):
 @pytest.mark.parametrize("decay_input", [False, True])
 @pytest.mark.parametrize("v_reset", [0.0, -0.25, None], ids=["hard0", "hard-0.25", "soft"])
 @pytest.mark.parametrize("residual", [False, True])
-def test_onednn_packed_output_in_every_neuron_mode(decay_input, v_reset, residual):
-    """The packed-output epilogue (the neuron modes are compile-time forms there) gives the
-    reference's spikes for decay_input on and off, hard and soft reset, with and without a
-    residual, channels off the vector width (33: two full vectors and one lane)."""
+def test_onednn_output_in_every_neuron_mode(decay_input, v_reset, residual):
+    """The onednn route's epilogue (the neuron modes are compile-time forms there; a float
+    output is its words unpacked) gives the reference's spikes for decay_input on and off, hard
+    and soft reset, with and without a residual, channels off the vector width (33: two full
+    vectors and one lane), packed and float, unpooled and pooled (an odd map: 9x7)."""
     x, wm, wp, alpha, scale, shift, res = _case(
         stable_seed([decay_input, str(v_reset), residual]), T=3, ci=40, co=33, h=9, w=7,
         residual=residual)
@@ -100,10 +101,12 @@ def test_onednn_packed_output_in_every_neuron_mode(decay_input, v_reset, residua
     assert 0.02 < float(full.mean()) < 0.98
     want = ref.pack_spikes_reference(full.flatten(0, 1)).view(*full.shape[:2], *full.shape[3:],
                                                               -1)
+    pooled = ref.bconv_lif_infer_reference(x, *args, *neuron, pool=2)
     for xin in (x, _packed(x)):
         with ops.cpu_algorithms(conv="onednn"):
-            got = OP(xin, *args, *neuron, 1, True)
-        assert torch.equal(got, want)
+            assert torch.equal(OP(xin, *args, *neuron, 1, True), want)
+            assert torch.equal(OP(xin, *args, *neuron, 1, False), full)
+            assert torch.equal(OP(xin, *args, *neuron, 2, False), pooled)
 
 
 @needs_amx

@@ -43,6 +43,20 @@ at::Tensor pack_spikes_cpu(const at::Tensor& x_in) {
   return out;
 }
 
+// words [B, P, Cw] -> out [B, channels, P] float32 (0/1), P pixels a plane.
+void unpack_words_to_planes(const uint32_t* words, int64_t B, int64_t P, int64_t Cw,
+                            int64_t channels, float* out) {
+  at::parallel_for(0, B * channels, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const int64_t b = bc / channels, c = bc % channels;
+      const uint32_t bit = bit_of(static_cast<int>(c));
+      const uint32_t* src = words + b * P * Cw + (c >> 5);
+      float* dst = out + bc * P;
+      for (int64_t i = 0; i < P; ++i) dst[i] = (src[i * Cw] & bit) ? 1.0f : 0.0f;
+    }
+  });
+}
+
 // packed: [B, H, W, Cw] int32 -> [B, channels, H, W] float32 (0/1)
 at::Tensor unpack_spikes_cpu(const at::Tensor& packed_in, int64_t channels) {
   check_cpu_tensor(packed_in, "unpack_spikes", "packed", 4, at::kInt, "[B, H, W, Cw] int32");
@@ -52,17 +66,8 @@ at::Tensor unpack_spikes_cpu(const at::Tensor& packed_in, int64_t channels) {
               "[0, 32*Cw] = [0, ", 32 * Cw, "] for packed words of shape ", shape_str(packed),
               ", got ", channels);
   at::Tensor out = at::empty({B, channels, H, W}, packed.options().dtype(at::kFloat));
-  const uint32_t* pp = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * channels, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t bc = begin; bc < end; ++bc) {
-      const int64_t b = bc / channels, c = bc % channels;
-      const uint32_t bit = bit_of(static_cast<int>(c));
-      const uint32_t* src = pp + b * H * W * Cw + (c >> 5);
-      float* dst = op + bc * H * W;
-      for (int64_t i = 0; i < H * W; ++i) dst[i] = (src[i * Cw] & bit) ? 1.0f : 0.0f;
-    }
-  });
+  unpack_words_to_planes(reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>()), B,
+                         H * W, Cw, channels, out.data_ptr<float>());
   return out;
 }
 

@@ -90,6 +90,10 @@ at::Tensor channels_first_copy(const at::Tensor& x);
 // packed [B, H, W, Cw] int32 -> [B, channels, H, W] float32 0/1 (binslt::unpack_spikes).
 at::Tensor unpack_spikes_cpu(const at::Tensor& packed, int64_t channels);
 
+// The same from raw words [B, P, Cw] (P = H * W pixels) into out [B, channels, P].
+void unpack_words_to_planes(const uint32_t* words, int64_t B, int64_t P, int64_t Cw,
+                            int64_t channels, float* out);
+
 // dL/dW_eff [Co, Ci, kh, kw] from the packed input and dZ channel-last with zero margins
 // (gz_cl: [B, Ho + 2*margin_top, Wo + 2*margin_left, Co], from channels_last_copy).
 at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,

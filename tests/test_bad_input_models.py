@@ -388,6 +388,53 @@ def test_op_counters_count_binslt_ops_as_the_torch_backend(mode):
                                                        if k in binslt_ops) > 0
 
 
+def test_op_counters_count_resnet_eval_as_the_torch_backend():
+    """ResNet-19's eval forward (its 1x1 shortcuts, BinConv2d's bconv_affine_infer on the CPU)
+    counts as the torch backend's."""
+    from binslt.nn import models as M
+
+    torch.manual_seed(0)
+    net = M.build("resnet19", "binwslt", num_classes=10, in_channels=3, input_size=16,
+                  timesteps=2, prune_rate=0.5, bn=True, bn_affine=False, backend="auto")
+    with torch.no_grad():
+        net(torch.randn(8, 3, 16, 16))  # training-mode BN statistics
+    net.eval()
+    x = torch.randn(2, 3, 16, 16)
+    want = _count(net, SynOpCounter, "torch", x, rules=False, grad=False)
+    got = _count(net, SynOpCounter, "cpu", x, rules=True, grad=False)
+    assert got.get_total() == want.get_total() > 0
+    conv = torch.ops.aten.convolution.default
+    ac_torch = _count(net, ACCounter, "torch", x, rules=False, grad=False).records["Global"]
+    ac_cpu = _count(net, ACCounter, "cpu", x, rules=True, grad=False).records["Global"]
+    binslt_ops = set(spikingjelly_op_rules(ACCounter))
+    assert ac_torch[conv] == ac_cpu.get(conv, 0) + sum(v for k, v in ac_cpu.items()
+                                                       if k in binslt_ops) > 0
+
+
+@pytest.mark.parametrize("counter_cls", [SynOpCounter, ACCounter])
+def test_op_rules_count_the_shortcut_op_as_its_two_convolutions(counter_cls):
+    """bconv_lif_infer_shortcut (a ResNet block's conv2 with its shortcut inside, the whole
+    network's no-grad forward) counts as bconv_affine_infer followed by bconv_lif_infer."""
+    g = torch.Generator().manual_seed(5)
+    T, n, ci, co = 2, 2, 12, 8
+    bx = (torch.rand(T, n, ci, 8, 8, generator=g) < 0.3).float()
+    x = (torch.rand(T, n, co, 4, 4, generator=g) < 0.3).float()
+    wm, wp = torch.ops.binslt.pack_weight(torch.randint(-1, 2, (co, co, 3, 3), generator=g).float())
+    sm, sp = torch.ops.binslt.pack_weight(torch.randint(-1, 2, (co, ci, 1, 1), generator=g).float())
+    one = torch.ones(co)
+    conv, sc, neuron = (wm, wp, one, one, one * 0), (sm, sp, one * 0.5, one, one * 0), (
+        2.0, False, 1.0, 0.0)
+    ops_ = torch.ops.binslt
+    fused = counter_cls(extra_rules=spikingjelly_op_rules(counter_cls))
+    with torch.no_grad(), DispatchCounterMode([fused]):
+        ops_.bconv_lif_infer_shortcut(x, *conv, bx, *sc, 2, 0, 1, 1, *neuron, 1, False)
+    apart = counter_cls(extra_rules=spikingjelly_op_rules(counter_cls))
+    with torch.no_grad(), DispatchCounterMode([apart]):
+        r = ops_.bconv_affine_infer(bx.flatten(0, 1), *sc, 2, 0).view(T, n, co, 4, 4)
+        ops_.bconv_lif_infer(x, *conv, r, 1, 1, *neuron, 1, False)
+    assert fused.get_total() == apart.get_total() > 0
+
+
 def test_op_rules_refuse_an_unknown_counter():
     with pytest.raises(ValueError, match="synop"):
         spikingjelly_op_rules("flops per watt")

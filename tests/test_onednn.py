@@ -24,6 +24,7 @@ needs_amx = pytest.mark.skipif(not onednn_supported(),
                                reason="no AMX-INT8 on this CPU (or no oneDNN in this PyTorch)")
 
 OP = torch.ops.binslt.bconv_lif_infer
+OPS = torch.ops.binslt
 NEURON = (2.0, False, 1.0, 0.0)  # tau, decay_input, v_threshold, v_reset
 
 
@@ -204,8 +205,9 @@ def test_infer_takes_a_packed_spike_residual(algo, case):
 
 def test_resnet_eval_chains_packed_spikes_through_its_blocks(monkeypatch):
     """ResNet-19's no-grad forward passes packed words through its residual blocks (identity
-    shortcuts as packed residuals, 1x1 shortcuts on the unpacked spikes): the same logits as the
-    module-by-module forward, and no float spike map between two blocks."""
+    shortcuts as packed residuals, 1x1 shortcuts computed inside conv2's op from the block's
+    packed input): the same logits as the module-by-module forward (the shortcut's float map
+    added as a residual), and no float spike map between two blocks."""
     from binslt.nn import models as M
 
     torch.manual_seed(0)
@@ -218,22 +220,82 @@ def test_resnet_eval_chains_packed_spikes_through_its_blocks(monkeypatch):
     with torch.no_grad():
         whole = net.classifier(net.features(x.unsqueeze(0).expand(2, *x.shape)))
     seen, real_get = [], ops.get_op
-    infer = real_get("bconv_lif_infer", "cpu")
 
-    def spy(*args):
-        seen.append((args[0].dtype, None if args[6] is None else args[6].dtype))
-        return infer(*args)
+    def spy(name, be):
+        op = real_get(name, be)
 
-    monkeypatch.setattr(ops.layer, "get_op", lambda name, be: spy if name == "bconv_lif_infer"
-                        else real_get(name, be))
+        def call(*args):
+            res = args[6]  # the residual, or the shortcut's block input
+            seen.append((name, args[0].dtype, None if res is None else res.dtype))
+            return op(*args)
+
+        return call if name in ("bconv_lif_infer", "bconv_lif_infer_shortcut") else op
+
+    monkeypatch.setattr(ops.layer, "get_op", spy)
     with torch.no_grad():
         chained = net(x)
     assert torch.equal(chained, whole)
     blocks = [m for m in net.modules() if isinstance(m, M.ResidualBlock)]
     assert len(seen) == 2 * len(blocks) == 16  # every spike-input conv, each with packed input
-    assert all(xd == torch.int32 for xd, _ in seen)
+    assert all(xd == torch.int32 for _, xd, _ in seen)
     identity = sum(b.shortcut is None for b in blocks)
-    assert identity == 5 and sum(rd == torch.int32 for _, rd in seen) == identity
+    assert identity == 5 and sum(rd == torch.int32 for n, _, rd in seen
+                                 if n == "bconv_lif_infer") == identity
+    fused = [rd for n, _, rd in seen if n == "bconv_lif_infer_shortcut"]
+    if onednn_supported():  # the three 1x1 shortcuts inside conv2's op, from the packed input
+        assert fused == [torch.int32] * 3
+    else:  # BinConv2d's float conv on the unpacked spikes, its current conv2's residual
+        assert fused == [] and sum(rd == torch.float32 for _, _, rd in seen) == 3
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_shortcut_op_equals_the_shortcut_current_as_residual(stride):
+    """bconv_lif_infer_shortcut gives the spikes of bconv_lif_infer with the shortcut's
+    bconv_affine_infer current as the residual, bit for bit, on every route (onednn computes
+    the shortcut chunk by chunk itself; the others take its float map), for float and packed
+    inputs, packed and float, pooled and unpooled output; and the reference's spikes."""
+    T, n, ci, co, h = 2, 3, 40, 33, 10
+    ho = (h - 1) // stride + 1
+    g = torch.Generator().manual_seed(17 + stride)
+    bx = (torch.rand(T, n, ci, h, h, generator=g) < 0.3).float()
+    x = (torch.rand(T, n, co, ho, ho, generator=g) < 0.3).float()
+    wm, wp = ops.pack_weight(torch.randint(-1, 2, (co, co, 3, 3), generator=g).float())
+    sm, sp = ops.pack_weight(torch.randint(-1, 2, (co, ci, 1, 1), generator=g).float())
+    conv = (wm, wp, torch.rand(co, generator=g) + 0.5, torch.rand(co, generator=g) * 0.2,
+            torch.randn(co, generator=g) * 0.3)
+    sc = (sm, sp, torch.rand(co, generator=g) + 0.5, torch.rand(co, generator=g) * 0.2,
+          torch.randn(co, generator=g) * 0.3)
+    neuron = (2.0, False, 1.0, 0.0)
+    current = ref.bconv_affine_infer_reference(bx.flatten(0, 1), *sc, stride, 0).view(
+        T, n, co, ho, ho)
+    algos = ["dense", "event"] + (["onednn"] if onednn_supported() else [])
+    for pool, packed_out in ((1, True), (1, False), (2, False), (2, True)):
+        want = ref.bconv_lif_infer_reference(x, *conv, current, 1, 1, *neuron, pool, packed_out)
+        assert 0.02 < float(want.float().mean() if not packed_out else 0.5) < 0.98
+        assert torch.equal(ref.bconv_lif_infer_shortcut_reference(
+            x, *conv, bx, *sc, stride, 0, 1, 1, *neuron, pool, packed_out), want)
+        for algo in algos:
+            for xin, bin_ in ((_packed(x), _packed(bx)), (x, bx)):
+                with ops.cpu_algorithms(conv=algo):
+                    got = OPS.bconv_lif_infer_shortcut(xin, *conv, bin_, *sc, stride, 0, 1, 1,
+                                                       *neuron, pool, packed_out)
+                assert torch.equal(got, want), (algo, pool, packed_out, xin.dtype)
+
+
+def test_shortcut_op_refuses_a_mismatched_shortcut_and_non_binary_input():
+    T, n, co = 2, 2, 8
+    x = (torch.rand(T, n, co, 6, 6) < 0.3).float()
+    wm, wp = ops.pack_weight(torch.randint(-1, 2, (co, co, 3, 3)).float())
+    sm, sp = ops.pack_weight(torch.randint(-1, 2, (co, 4, 1, 1)).float())
+    one = torch.ones(co)
+    conv, sc = (wm, wp, one, one, one * 0), (sm, sp, one, one, one * 0)
+    neuron = (2.0, False, 1.0, 0.0)
+    bx = (torch.rand(T, n, 4, 12, 12) < 0.3).float()
+    with pytest.raises(ValueError, match=r"shortcut's output \[8, 12, 12\].*layer's \[8, 6, 6\]"):
+        OPS.bconv_lif_infer_shortcut(x, *conv, bx, *sc, 1, 0, 1, 1, *neuron, 1, False)
+    bx[0, 1, 2, 3, 4] = 0.5
+    with pytest.raises(ValueError, match="block_x"):
+        OPS.bconv_lif_infer_shortcut(x, *conv, bx, *sc, 2, 0, 1, 1, *neuron, 1, False)
 
 
 @pytest.mark.parametrize("case", [dict(k=1, stride=2, ci=64, co=128), dict(k=1, ci=40, co=33),

@@ -78,11 +78,14 @@ def _conv_call(x: torch.Tensor, w_mask: torch.Tensor, w_pos: torch.Tensor, alpha
     return args, out
 
 
-# Each binslt conv op: the positions of (x, w_mask, w_pos, alpha, stride, padding) in its args.
+# Each binslt conv op: the positions of (x, w_mask, w_pos, alpha, stride, padding) in its args,
+# one tuple per convolution it computes (bconv_lif_infer_shortcut: the layer's and its
+# shortcut's).
 _CONV_OPS = {
-    "bconv_lif": (0, 1, 2, 3, 8, 9),
-    "bconv_lif_infer": (0, 1, 2, 3, 7, 8),
-    "bconv_affine_infer": (0, 1, 2, 3, 6, 7),
+    "bconv_lif": ((0, 1, 2, 3, 8, 9),),
+    "bconv_lif_infer": ((0, 1, 2, 3, 7, 8),),
+    "bconv_affine_infer": ((0, 1, 2, 3, 6, 7),),
+    "bconv_lif_infer_shortcut": ((0, 1, 2, 3, 14, 15), (6, 7, 8, 9, 12, 13)),
 }
 
 
@@ -107,9 +110,10 @@ def _conv_rule_of(counter: Any) -> Callable:
 
 def spikingjelly_op_rules(counter: Union[str, type, Any] = "synop") -> dict[Any, Callable]:
     """``extra_rules`` for a SpikingJelly op counter, for the ``binslt::`` binary conv ops
-    (``bconv_lif``, ``bconv_lif_infer``, ``bconv_affine_infer``): each is counted by the
-    counter's own ``aten.convolution`` rule applied to the op's input spikes and effective
-    weight, so a model counts the same as under ``binslt.use_backend("torch")``.
+    (``bconv_lif``, ``bconv_lif_infer``, ``bconv_affine_infer``, ``bconv_lif_infer_shortcut``):
+    each is counted by the counter's own ``aten.convolution`` rule applied to the op's input
+    spikes and effective weight (the fused shortcut op: its two convolutions), so a model
+    counts the same as under ``binslt.use_backend("torch")``.
 
     ``counter``: the counter the rules are for, as its class, an instance, or "synop", "ac",
     "mac", "flop" (SynOpCounter, ACCounter, MACCounter, FlopCounter)::
@@ -122,15 +126,16 @@ def spikingjelly_op_rules(counter: Union[str, type, Any] = "synop") -> dict[Any,
     """
     conv_rule = _conv_rule_of(counter)
 
-    def rule_for(pos):
-        ix, im, ip, ia, istr, ipad = pos
-
+    def rule_for(convs):
         def rule(args, kwargs, out):
             del kwargs, out
-            conv_args, conv_out = _conv_call(args[ix], args[im], args[ip], args[ia],
-                                             int(args[istr]), int(args[ipad]))
-            with torch.no_grad():
-                return conv_rule(conv_args, {}, conv_out)
+            total = 0
+            for ix, im, ip, ia, istr, ipad in convs:
+                conv_args, conv_out = _conv_call(args[ix], args[im], args[ip], args[ia],
+                                                 int(args[istr]), int(args[ipad]))
+                with torch.no_grad():
+                    total = total + conv_rule(conv_args, {}, conv_out)
+            return total
 
         return rule
 

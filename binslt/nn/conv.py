@@ -145,7 +145,9 @@ class BinSpikeConv2d(_SpikingLayer):
         if ho < self.pool or wo < self.pool:
             raise ValueError(f"{who}: pool={self.pool} needs a conv output of at least "
                              f"{self.pool}x{self.pool}, got {ho}x{wo} from a {h}x{w} input")
-        if residual is not None and residual.dtype == torch.int32:  # packed spikes (no-grad)
+        if isinstance(residual, ops.Shortcut):  # a shortcut conv's current (no-grad)
+            C.check_residual(who, residual, (x.shape[0], x.shape[1], self.out_channels, ho, wo))
+        elif residual is not None and residual.dtype == torch.int32:  # packed spikes (no-grad)
             C.check_residual(who, residual, (x.shape[0], x.shape[1], ho, wo,
                                              C.channel_words(self.out_channels)))
         else:

@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 from .. import ops
+from .base import layer_label
 from .blocks import ResidualBlock
 from .layers import (
     BinConv2d,
     BinSpikeConv2d,
     _affine_infer_path,
+    _bn_scale_shift,
     _NoTorchScript,
     _refuse_jit_trace,
 )
@@ -114,16 +116,35 @@ class _PackedBlock:
     def forward_packed(self, x: torch.Tensor, packed_out: bool) -> torch.Tensor:
         b = self.block
         h = b.conv1.forward_packed(x, packed_out=True)
-        if b.shortcut is None:
-            r = x  # packed words, or float spikes
-        else:
-            xs = x
-            if x.dtype == torch.int32 and not _affine_infer_path(b.shortcut, x.flatten(0, 1)):
-                xs = ops.unpack_spikes(x.flatten(0, 1), b.conv1.in_channels).view(
-                    x.shape[0], x.shape[1], b.conv1.in_channels, *x.shape[2:4])
-                xs = xs.to(b.shortcut.weight.dtype)  # exact 0/1, in the shortcut's dtype
-            r = b.shortcut(xs)  # packed words in: BinConv2d's bconv_affine_infer path
+        r = x if b.shortcut is None else self._shortcut(x)  # x: packed words, or float spikes
         return b.conv2.forward_packed(h, packed_out=packed_out, residual=r)
+
+    def _shortcut(self, x: torch.Tensor):
+        """conv2's residual from the BinConv2d shortcut: its bconv_affine_infer path as a
+        ``Shortcut`` that conv2's op computes beside its own conv, where conv2's backend fuses it;
+        that path's float current (packed words in) otherwise; the module on float spikes where
+        the path does not run."""
+        b = self.block
+        sc, xf = b.shortcut, x.flatten(0, 1)
+        if not _affine_infer_path(sc, xf):
+            xs = x
+            if x.dtype == torch.int32:
+                xs = ops.unpack_spikes(xf, b.conv1.in_channels).view(
+                    x.shape[0], x.shape[1], b.conv1.in_channels, *x.shape[2:4])
+                xs = xs.to(sc.weight.dtype)  # exact 0/1, in the shortcut's dtype
+            return sc(xs)
+        be = ops.resolve_backend(b.conv2.backend, x.device)
+        if not ops.capabilities(be).fused_shortcut or b.conv2.store_v_seq:
+            return sc(x)
+        scale, shift, _ = _bn_scale_shift(sc.bn, sc.out_channels, xf)
+        w_mask, w_pos, alpha = sc.packed_weight()
+        scale, shift = scale.float(), shift.float()
+        # Every |count| is at most Ci * k * k: a finite bound makes every value of the current
+        # finite, as conv2's check of a float residual would find it.
+        reach = sc.in_channels * sc.kernel_size ** 2
+        ops.check_finite((reach * alpha.float().abs()) * scale.abs() + shift.abs(),
+                         f"{layer_label(sc)} current (its gain and eval BN)")
+        return ops.Shortcut(x, w_mask, w_pos, alpha, scale, shift, sc.stride, sc.padding)
 
 
 def _packable_conv(m: nn.Module, device: torch.device) -> BinSpikeConv2d | None:

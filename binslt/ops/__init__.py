@@ -54,6 +54,7 @@ from .layer import (  # noqa: F401
     Geometry,
     NeuronParams,
     Path,
+    Shortcut,
     Weights,
     bconv_affine_infer,
     bit_plane_current,

@@ -24,7 +24,7 @@ from . import reference as ref
 from .autograd import BNLIF, ConvLIF, _spike_pool, values_unreadable
 from .backend import CAPABILITIES, _run_auto, capabilities
 from .registry import get_op
-from .values import _CONV, Epilogue, Geometry, NeuronParams, Weights  # noqa: F401
+from .values import _CONV, Epilogue, Geometry, NeuronParams, Shortcut, Weights  # noqa: F401
 
 # Backends whose pack_spikes kernel rejects non-binary input as it packs (for free), so the layers
 # skip their separate full-tensor check there (read from the capability table).
@@ -112,6 +112,13 @@ def _infer_conv_lif(be, x, planes, epi: Epilogue, nrn: NeuronParams, stride, pad
         x = x.float()  # no copy for float32 spikes
     w_mask = planes[0]
     residual = epi.residual
+    if isinstance(residual, Shortcut):
+        if capabilities(be).fused_shortcut and not epi.bn_train:
+            s = get_op("bconv_lif_infer_shortcut", be)(
+                x, *planes[:2], planes[2].float(), epi.scale.float(), epi.shift.float(),
+                *residual, stride, padding, *nrn.forward_args(), pool, packed_out)
+            return s, None, None
+        residual = residual.current()
     if residual is not None and residual.dtype == torch.int32 and (
             not capabilities(be).packed_residual or epi.bn_train):
         # spike words [T, N, Ho, Wo, Cow]: only some inference kernels read them packed
@@ -251,6 +258,12 @@ def _check_call(path: Path, be: str, x, epi: Epilogue, geo: Geometry, who: str) 
                          f"got backend {be!r}, grad enabled={torch.is_grad_enabled()}, "
                          f"path {path.value}, linear={geo.linear}")
     res = epi.residual
+    if isinstance(res, Shortcut):
+        if path is not Path.SPIKE_INFER or geo.linear:
+            raise ValueError(f"{who}: a Shortcut residual needs the no-grad spike-input path of "
+                             f"a conv, got backend {be!r}, grad enabled="
+                             f"{torch.is_grad_enabled()}, path {path.value}, linear={geo.linear}")
+        res = None  # its parameters were checked where it was made
     packed_res = res is not None and res.dtype == torch.int32
     if packed_res and (path not in (Path.SPIKE_INFER, Path.DROPOUT_INFER) or geo.linear):
         raise ValueError(f"{who}: a packed (int32 spike words) residual needs the no-grad "
@@ -313,7 +326,7 @@ def _spike_infer(be, x, w: Weights, epi: Epilogue, nrn: NeuronParams, geo: Geome
     packed_in = x.dtype == torch.int32
     x, epi = _as_image(x, epi, geo)
     res = epi.residual
-    if res is not None:
+    if res is not None and not isinstance(res, Shortcut):
         epi = epi.with_residual(res.contiguous() if res.dtype == torch.int32
                                 else res.float().contiguous())
     s, mean, var = _infer_conv_lif(be, x, w.packed(be), epi, nrn, geo.stride, geo.padding,

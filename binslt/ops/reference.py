@@ -441,9 +441,28 @@ def bconv_affine_infer_reference(x, w_mask, w_pos, alpha, scale, shift, stride, 
     return (counts * alpha.float().view(v)) * scale.float().view(v) + shift.float().view(v)
 
 
+def bconv_lif_infer_shortcut_reference(x, w_mask, w_pos, alpha, scale, shift, block_x, sc_mask,
+                                       sc_pos, sc_alpha, sc_scale, sc_shift, sc_stride,
+                                       sc_padding, stride, padding, tau, decay_input,
+                                       v_threshold, v_reset, pool=1, packed_out=False):
+    """``binslt::bconv_lif_infer_shortcut``: bconv_lif_infer with the residual the shortcut's
+    bconv_affine_infer of the block input block_x ([T, N, C, H, W] float spikes or [T, N, H, W,
+    Cw] packed words)."""
+    op = "bconv_lif_infer_shortcut"
+    if block_x.dim() != 5:
+        raise ValueError(f"binslt::{op}: block_x must be float spikes [T, N, C, H, W] or packed "
+                         f"words [T, N, H, W, Cw] int32, got shape {list(block_x.shape)}")
+    r = bconv_affine_infer_reference(block_x.flatten(0, 1), sc_mask, sc_pos, sc_alpha, sc_scale,
+                                     sc_shift, sc_stride, sc_padding)
+    r = r.view(*block_x.shape[:2], *r.shape[1:])
+    return bconv_lif_infer_reference(x, w_mask, w_pos, alpha, scale, shift, r, stride, padding,
+                                     tau, decay_input, v_threshold, v_reset, pool, packed_out)
+
+
 # Helper ops (binslt.ops.schemas.AUX_SCHEMAS).
 REFERENCE_AUX_OPS = {
     "bconv_affine_infer": bconv_affine_infer_reference,
+    "bconv_lif_infer_shortcut": bconv_lif_infer_shortcut_reference,
     "spike_pool2": spike_pool2_reference,
     "spike_pool2_bwd": spike_pool2_bwd_reference,
     "bconv_lif_bwd_pool2": bconv_lif_bwd_pool2_reference,

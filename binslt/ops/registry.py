@@ -161,6 +161,22 @@ def _(x, w_mask, w_pos, alpha, scale, shift, residual, stride, padding, tau, dec
     return x.new_empty((T, n, co, ho, wo), dtype=torch.float32)
 
 
+@torch.library.register_fake("binslt::bconv_lif_infer_shortcut")
+def _(x, w_mask, w_pos, alpha, scale, shift, block_x, sc_mask, sc_pos, sc_alpha, sc_scale,
+      sc_shift, sc_stride, sc_padding, stride, padding, tau, decay_input, v_threshold, v_reset,
+      pool=1, packed_out=False):
+    _same_device("bconv_lif_infer_shortcut", x=x, w_mask=w_mask, w_pos=w_pos, alpha=alpha,
+                 scale=scale, shift=shift, block_x=block_x, sc_mask=sc_mask, sc_pos=sc_pos,
+                 sc_alpha=sc_alpha, sc_scale=sc_scale, sc_shift=sc_shift)
+    T, n, h, w, _, _ = C.check_infer_input("bconv_lif_infer_shortcut", x)
+    co, kh, kw, _ = w_mask.shape
+    ho, wo = C.check_pool("bconv_lif_infer_shortcut", pool,
+                          *C.out_hw(h, w, kh, kw, stride, padding))
+    if packed_out:
+        return x.new_empty((T, n, ho, wo, C.channel_words(co)), dtype=torch.int32)
+    return x.new_empty((T, n, co, ho, wo), dtype=torch.float32)
+
+
 @torch.library.register_fake("binslt::bconv_lif_bwd")
 def _fake_bconv_lif_bwd(grad_spikes, counts, x_packed, w_mask, w_pos, alpha, scale, shift, mean,
                         var, residual, in_channels, stride, padding, bn_train, bn_eps, tau,
@@ -356,10 +372,13 @@ def load_triton() -> str:
         return _TRITON_STATE["error"]
 
 
+_REFERENCE_ALL = {**ref.REFERENCE_OPS, **ref.REFERENCE_WEIGHT_OPS, **ref.REFERENCE_AUX_OPS}
+
+
 def get_op(name: str, backend: str):
     """The callable implementing schema ``name`` on a concrete backend."""
-    if backend == "torch":
-        return ref.REFERENCE_OPS[name]
+    if backend == "torch":  # the reference of every schema, the helper ops' too
+        return _REFERENCE_ALL[name]
     if backend == "triton":
         load_triton()
         return getattr(torch.ops.binslt, f"{name}_triton")

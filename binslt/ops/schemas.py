@@ -174,4 +174,18 @@ AUX_SCHEMAS: dict[str, str] = {
         "bconv_affine_infer(Tensor x, Tensor w_mask, Tensor w_pos, Tensor alpha, Tensor scale, "
         "Tensor shift, int stride, int padding) -> Tensor"
     ),
+    # bconv_lif_infer with the residual a masked sign-weight conv's current (a ResNet block's
+    # shortcut in eval): residual = bconv_affine_infer(block_x, sc_mask, sc_pos, sc_alpha,
+    # sc_scale, sc_shift, sc_stride, sc_padding) viewed as [T, N, Co, Ho, Wo], the same spikes.
+    #   block_x: the block's input, float 0/1 spikes [T, N, C, H, W] or pack_spikes words
+    #   [T, N, H, W, ceil(C/32)] int32; the shortcut's output must be the layer's [Co, Ho, Wo].
+    # The CPU kernel's onednn route computes the shortcut a chunk of images at a time beside its
+    # own counts: its float map is never written whole.
+    "bconv_lif_infer_shortcut": (
+        "bconv_lif_infer_shortcut(Tensor x, Tensor w_mask, Tensor w_pos, Tensor alpha, "
+        "Tensor scale, Tensor shift, Tensor block_x, Tensor sc_mask, Tensor sc_pos, "
+        "Tensor sc_alpha, Tensor sc_scale, Tensor sc_shift, int sc_stride, int sc_padding, "
+        "int stride, int padding, float tau, bool decay_input, float v_threshold, "
+        "float? v_reset, int pool=1, bool packed_out=False) -> Tensor"
+    ),
 }

@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .autograd import max_abs_gain
+from .contract import out_hw
 from .registry import get_op
 from .schemas import SURROGATES
 
@@ -65,7 +66,8 @@ class NeuronParams:
 class Epilogue(NamedTuple):
     """What runs between the current and the neuron: (BN or a per-channel affine) and an
     optional residual. ``bn_train``: batch statistics with ``eps``; otherwise z * scale + shift.
-    ``residual``: a float current, or (no-grad spike paths of a conv) packed spike words."""
+    ``residual``: a float current, or (no-grad spike paths of a conv) packed spike words or a
+    ``Shortcut``."""
 
     scale: torch.Tensor
     shift: torch.Tensor
@@ -90,6 +92,46 @@ class Geometry(NamedTuple):
 
 
 _CONV = Geometry()  # a conv, stride 1, no padding, no pool
+
+
+class Shortcut(NamedTuple):
+    """A masked sign-weight conv's current standing as a spiking conv's residual before it is
+    computed (a ResNet block's shortcut in eval: ``BinConv2d``'s ``bconv_affine_infer`` path):
+    ``bconv_affine_infer(x, w_mask, w_pos, alpha, scale, shift, stride, padding)`` of the block
+    input ``x`` (float 0/1 spikes [T, N, C, H, W] or packed words [T, N, H, W, Cw] int32) as
+    [T, N, Co, Ho, Wo]. The no-grad spike path of a backend that fuses it
+    (``Capabilities.fused_shortcut``) runs ``binslt::bconv_lif_infer_shortcut``, so that the
+    float map is never written whole; any other path computes it first (``current``)."""
+
+    x: torch.Tensor
+    w_mask: torch.Tensor
+    w_pos: torch.Tensor
+    alpha: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    stride: int = 1
+    padding: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """[T, N, Co, Ho, Wo], the current's shape."""
+        x, packed = self.x, self.x.dtype == torch.int32
+        h, w = (x.shape[2], x.shape[3]) if packed else (x.shape[3], x.shape[4])
+        co, kh, kw, _ = self.w_mask.shape
+        return (x.shape[0], x.shape[1], co, *out_hw(h, w, kh, kw, self.stride, self.padding))
+
+    @property
+    def requires_grad(self) -> bool:
+        """False: a shortcut is a residual of the no-grad paths only."""
+        return False
+
+    def current(self) -> torch.Tensor:
+        """The shortcut's current [T, N, Co, Ho, Wo] float32, computed."""
+        x = self.x.flatten(0, 1)
+        r = torch.ops.binslt.bconv_affine_infer(
+            x if x.dtype == torch.int32 else x.float(), self.w_mask, self.w_pos, self.alpha,
+            self.scale, self.shift, self.stride, self.padding)
+        return r.view(self.shape)
 
 
 class Weights(NamedTuple):

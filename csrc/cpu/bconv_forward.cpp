@@ -505,11 +505,13 @@ static ForwardArgs check_forward_args(const char* op, const ConvShape& s,
 }
 
 // The inference output's form: pool (1 or 2), packed words or floats, and the residual as
-// packed words (the onednn route's packed output reads them so).
+// packed words (the onednn route's packed output reads them so) or as a shortcut conv's current
+// (the onednn route computes it beside its own counts).
 struct InferForm {
   int64_t pool = 1;
   bool packed_out = false;
   const uint32_t* res_words = nullptr;
+  const OnednnShortcut* shortcut = nullptr;
 };
 
 // The outputs of both ops: spikes (or packed words), counts (undefined when infer), mean, var.
@@ -556,7 +558,8 @@ static FwdOut bconv_lif_run(const ConvShape& s, const ForwardPlan& plan, const a
       xf.bad->store(true, std::memory_order_relaxed);
       return {spikes, at::Tensor(), at::Tensor(), at::Tensor()};
     }
-    infer_onednn(s, x_u8, xf.on ? xf.C : 32 * s.Cw, mbits, pbits, ep, io, spikes_f);
+    infer_onednn(s, x_u8, xf.on ? xf.C : 32 * s.Cw, mbits, pbits, ep, io, spikes_f,
+                 form.shortcut);
     return {spikes, at::Tensor(), at::Tensor(), at::Tensor()};
   }
   at::Tensor xpad;
@@ -635,6 +638,151 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif_cpu(
   return out;
 }
 
+// bconv_lif_infer's arguments (the neuron's checked into p).
+struct InferCall {
+  const at::Tensor &x_in, &w_mask, &w_pos, &alpha, &scale, &shift;
+  int64_t stride, padding, pool;
+  bool packed_out;
+  NeuronParams p;
+};
+
+// bconv_lif_infer_shortcut's shortcut conv: its input (the block's: float spikes
+// [T, N, C, H, W] or packed words [T, N, H, W, Cw]), planes, per-channel affine and geometry.
+struct ShortcutCall {
+  const at::Tensor &x, &w_mask, &w_pos, &alpha, &scale, &shift;
+  int64_t stride, padding;
+};
+
+// The shortcut's operands for the onednn route: its geometry checked against the layer's
+// output (T*N images of Co channels, Ho x Wo), its input as u8 spikes.
+struct ShortcutOperands {
+  OnednnShortcut sc;
+  at::Tensor alpha, scale, shift, w_mask, w_pos;
+};
+
+static ShortcutOperands shortcut_operands(const char* op, const ShortcutCall& c,
+                                          const ConvShape& s) {
+  check_on_cpu(c.x, op, "block_x");
+  const bool packed = check_infer_input(op, c.x);
+  const int64_t C = packed ? 0 : c.x.size(2);
+  const int64_t H = packed ? c.x.size(2) : c.x.size(3), W = packed ? c.x.size(3) : c.x.size(4);
+  const int64_t Cw = packed ? c.x.size(4) : words_for(static_cast<int>(C));
+  TORCH_CHECK_VALUE(c.x.size(0) == s.T && c.x.size(1) == s.N, "binslt::", op, ": block_x must "
+                    "have the layer input's T, N = ", s.T, ", ", s.N, ", got shape ",
+                    shape_str(c.x));
+  ShortcutOperands o{};
+  o.sc.s = check_conv_dims({s.B, H, W, Cw, "block_x"}, c.w_mask, c.w_pos, s.T, c.stride,
+                           c.padding, op);
+  TORCH_CHECK_VALUE(o.sc.s.Co == s.Co && o.sc.s.Ho == s.Ho && o.sc.s.Wo == s.Wo, "binslt::", op,
+                    ": the shortcut's output [", o.sc.s.Co, ", ", o.sc.s.Ho, ", ", o.sc.s.Wo,
+                    "] (channels, height, width) must be the layer's [", s.Co, ", ", s.Ho, ", ",
+                    s.Wo, "]");
+  o.sc.Ci = packed ? 32 * Cw : C;
+  o.alpha = cpu_channel_vec(c.alpha, op, "sc_alpha", s.Co);
+  o.scale = cpu_channel_vec(c.scale, op, "sc_scale", s.Co);
+  o.shift = cpu_channel_vec(c.shift, op, "sc_shift", s.Co);
+  o.w_mask = c.w_mask.contiguous();
+  o.w_pos = c.w_pos.contiguous();
+  o.sc.mbits = reinterpret_cast<const uint32_t*>(o.w_mask.data_ptr<int32_t>());
+  o.sc.pbits = reinterpret_cast<const uint32_t*>(o.w_pos.data_ptr<int32_t>());
+  o.sc.alpha = o.alpha.data_ptr<float>();
+  o.sc.scale = o.scale.data_ptr<float>();
+  o.sc.shift = o.shift.data_ptr<float>();
+  if (packed) {
+    o.sc.x_u8 = spikes_u8_from_packed(c.x.reshape({s.B, H, W, Cw}));
+  } else {
+    const at::Tensor xf = c.x.to(at::kFloat).contiguous();
+    bool bad = false;
+    o.sc.x_u8 = spikes_u8_from_float(xf.data_ptr<float>(), s.B, C, H, W, xf.options(), &bad);
+    TORCH_CHECK_VALUE(!bad, "binslt::", op, ": block_x ", kNotBinaryMsg);
+  }
+  return o;
+}
+
+// The body of bconv_lif_infer and bconv_lif_infer_shortcut: the plan, then its run, with the
+// residual as given (a float current or packed spikes) or a shortcut conv's current (computed
+// by the onednn route beside its own counts; by bconv_affine_infer for the other routes).
+static at::Tensor infer_entry(const char* op, const InferCall& c,
+                              const std::optional<at::Tensor>& residual,
+                              const ShortcutCall* shortcut) {
+  const PlanLog log(op);
+  const at::Tensor& x_in = c.x_in;
+  check_on_cpu(x_in, op, "x");
+  const bool packed_in = check_infer_input(op, x_in);
+  const int64_t T = x_in.size(0), N = x_in.size(1);
+  const int64_t H = packed_in ? x_in.size(2) : x_in.size(3);
+  const int64_t W = packed_in ? x_in.size(3) : x_in.size(4);
+  const int64_t C = packed_in ? 0 : x_in.size(2);
+  const int64_t Cw = packed_in ? x_in.size(4) : words_for(static_cast<int>(C));
+  const ConvShape s = check_conv_dims({T * N, H, W, Cw, "x"}, c.w_mask, c.w_pos, T, c.stride,
+                                      c.padding, op);
+  const int64_t Ci = packed_in ? 32 * Cw : C;
+  const at::Tensor x = packed_in ? x_in.reshape({T * N, H, W, Cw})
+                                 : x_in.to(at::kFloat).contiguous();
+  std::atomic<bool> bad{false};
+  const FloatInput xf = packed_in ? FloatInput{}
+                                  : FloatInput{true, x.data_ptr<float>(), C, &bad};
+  ForwardQuery q{s, Ci, true, LazyValue([&] {
+                   return packed_in ? packed_rate(x) : sampled_rate(xf.x, s.B * C * s.H * s.W);
+                 })};
+  q.op = op;
+  q.packed_out = c.packed_out;
+  q.variant = c10::str(packed_in ? "packed_in" : c10::toString(x_in.scalar_type()),
+                       x_in.is_contiguous() ? "" : " strided", " pool=", c.pool,
+                       c.packed_out ? " packed_out" : "",
+                       shortcut != nullptr                     ? " residual=shortcut"
+                       : !residual.has_value()                 ? ""
+                       : residual->scalar_type() == at::kInt ? " residual=packed"
+                                                              : " residual");
+  ForwardPlan plan = plan_forward(q);
+  std::optional<ShortcutOperands> sc;
+  if (shortcut != nullptr) sc = shortcut_operands(op, *shortcut, s);
+  // A residual of spikes may come packed: pack_spikes words [T, N, Ho, Wo, ceil(Co/32)] int32,
+  // read as such by the onednn route's packed output, unpacked to 0. / 1. floats for the rest.
+  auto run = [&](const ForwardPlan& pl) {
+    std::optional<at::Tensor> res = residual;
+    at::Tensor res_words;
+    const OnednnShortcut* fused = nullptr;
+    if (sc.has_value() && pl.conv == FwdPlan::kOnednn) {
+      fused = &sc->sc;
+    } else if (sc.has_value()) {
+      const ShortcutCall& k = *shortcut;
+      const at::Tensor bx = k.x.scalar_type() == at::kInt ? k.x.flatten(0, 1)
+                                                          : k.x.flatten(0, 1).to(at::kFloat);
+      res = bconv_affine_infer_cpu(bx, k.w_mask, k.w_pos, k.alpha, k.scale, k.shift, k.stride,
+                                   k.padding)
+                .view({T, N, s.Co, s.Ho, s.Wo});
+    } else if (residual.has_value() && residual->scalar_type() == at::kInt) {
+      const int64_t Cow = words_for(static_cast<int>(s.Co));
+      check_on_cpu(*residual, op, "residual");
+      TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({T, N, s.Ho, s.Wo, Cow}),
+                        "binslt::", op, ": a packed residual must be spike words [T, N, Ho, Wo, "
+                        "ceil(Co/32)] = ", at::IntArrayRef({T, N, s.Ho, s.Wo, Cow}),
+                        ", got shape ", shape_str(*residual));
+      if (c.packed_out && pl.conv == FwdPlan::kOnednn) {
+        res_words = residual->contiguous();
+        res = std::nullopt;
+      } else {
+        res = unpack_spikes_cpu(residual->reshape({T * N, s.Ho, s.Wo, Cow}), s.Co)
+                  .view({T, N, s.Co, s.Ho, s.Wo});
+      }
+    }
+    const ForwardArgs args = check_forward_args(op, s, c.alpha, c.scale, c.shift, res, c.p);
+    check_pool(op, c.pool, s.Ho, s.Wo);
+    const InferForm form{c.pool, c.packed_out,
+                         res_words.defined()
+                             ? reinterpret_cast<const uint32_t*>(res_words.data_ptr<int32_t>())
+                             : nullptr,
+                         fused};
+    return std::get<0>(bconv_lif_run(s, pl, x, xf, {c.w_mask, c.w_pos}, args, &form));
+  };
+  at::Tensor spikes = run_forward_plan(plan, run);
+  TORCH_CHECK_VALUE(!bad.load(), "binslt::", op, ": ", kNotBinaryMsg);
+  log.emit(conv_shapes(s, Ci) + c10::str(" pool=", c.pool, c.packed_out ? " packed_out" : ""),
+           plan.describe());
+  return spikes;
+}
+
 // Inference (eval epilogue, no backward) straight from float spikes x [T, N, C, H, W]: each
 // tile packs the input rows it reads (no packed copy of the input, no second pass over it); or
 // from packed words x [T, N, H, W, Cw] int32 (a previous layer's packed_out). pool = 2 ORs
@@ -647,68 +795,31 @@ at::Tensor bconv_lif_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_mask,
                                int64_t padding, double tau, bool decay_input, double v_threshold,
                                std::optional<double> v_reset, int64_t pool, bool packed_out) {
   const char* op = "bconv_lif_infer";
-  const PlanLog log(op);
   const NeuronParams p = checked_neuron(op, tau, decay_input, v_threshold, v_reset);
-  check_on_cpu(x_in, op, "x");
-  const bool packed_in = check_infer_input(op, x_in);
-  const int64_t T = x_in.size(0), N = x_in.size(1);
-  const int64_t H = packed_in ? x_in.size(2) : x_in.size(3);
-  const int64_t W = packed_in ? x_in.size(3) : x_in.size(4);
-  const int64_t C = packed_in ? 0 : x_in.size(2);
-  const int64_t Cw = packed_in ? x_in.size(4) : words_for(static_cast<int>(C));
-  const ConvShape s = check_conv_dims({T * N, H, W, Cw, "x"}, w_mask, w_pos, T, stride, padding,
-                                      op);
-  const int64_t Ci = packed_in ? 32 * Cw : C;
-  const at::Tensor x = packed_in ? x_in.reshape({T * N, H, W, Cw})
-                                 : x_in.to(at::kFloat).contiguous();
-  std::atomic<bool> bad{false};
-  const FloatInput xf = packed_in ? FloatInput{}
-                                  : FloatInput{true, x.data_ptr<float>(), C, &bad};
-  ForwardQuery q{s, Ci, true, LazyValue([&] {
-                   return packed_in ? packed_rate(x) : sampled_rate(xf.x, s.B * C * s.H * s.W);
-                 })};
-  q.op = op;
-  q.packed_out = packed_out;
-  q.variant = c10::str(packed_in ? "packed_in" : c10::toString(x_in.scalar_type()),
-                       x_in.is_contiguous() ? "" : " strided", " pool=", pool,
-                       packed_out ? " packed_out" : "",
-                       !residual.has_value()                  ? ""
-                       : residual->scalar_type() == at::kInt ? " residual=packed"
-                                                              : " residual");
-  ForwardPlan plan = plan_forward(q);
-  // A residual of spikes may come packed: pack_spikes words [T, N, Ho, Wo, ceil(Co/32)] int32,
-  // read as such by the onednn route's packed output, unpacked to 0. / 1. floats for the rest.
-  auto run = [&](const ForwardPlan& pl) {
-    std::optional<at::Tensor> res = residual;
-    at::Tensor res_words;
-    if (residual.has_value() && residual->scalar_type() == at::kInt) {
-      const int64_t Cow = words_for(static_cast<int>(s.Co));
-      check_on_cpu(*residual, op, "residual");
-      TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({T, N, s.Ho, s.Wo, Cow}),
-                        "binslt::", op, ": a packed residual must be spike words [T, N, Ho, Wo, "
-                        "ceil(Co/32)] = ", at::IntArrayRef({T, N, s.Ho, s.Wo, Cow}),
-                        ", got shape ", shape_str(*residual));
-      if (packed_out && pl.conv == FwdPlan::kOnednn) {
-        res_words = residual->contiguous();
-        res = std::nullopt;
-      } else {
-        res = unpack_spikes_cpu(residual->reshape({T * N, s.Ho, s.Wo, Cow}), s.Co)
-                  .view({T, N, s.Co, s.Ho, s.Wo});
-      }
-    }
-    const ForwardArgs args = check_forward_args(op, s, alpha, scale, shift, res, p);
-    check_pool(op, pool, s.Ho, s.Wo);
-    const InferForm form{pool, packed_out,
-                         res_words.defined()
-                             ? reinterpret_cast<const uint32_t*>(res_words.data_ptr<int32_t>())
-                             : nullptr};
-    return std::get<0>(bconv_lif_run(s, pl, x, xf, {w_mask, w_pos}, args, &form));
-  };
-  at::Tensor spikes = run_forward_plan(plan, run);
-  TORCH_CHECK_VALUE(!bad.load(), "binslt::", op, ": ", kNotBinaryMsg);
-  log.emit(conv_shapes(s, Ci) + c10::str(" pool=", pool, packed_out ? " packed_out" : ""),
-           plan.describe());
-  return spikes;
+  return infer_entry(op, {x_in, w_mask, w_pos, alpha, scale, shift, stride, padding, pool,
+                          packed_out, p},
+                     residual, nullptr);
+}
+
+// bconv_lif_infer with the residual a shortcut conv's current, bconv_affine_infer(block_x,
+// sc_*): the onednn route computes it a chunk of images at a time beside its own counts, so the
+// shortcut's float map [T, N, Co, Ho, Wo] is never written whole (a ResNet block's 1x1
+// shortcut in eval: 64 MiB at 128 channels of 32x32, N=32, T=4).
+at::Tensor bconv_lif_infer_shortcut_cpu(
+    const at::Tensor& x_in, const at::Tensor& w_mask, const at::Tensor& w_pos,
+    const at::Tensor& alpha, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& block_x, const at::Tensor& sc_mask, const at::Tensor& sc_pos,
+    const at::Tensor& sc_alpha, const at::Tensor& sc_scale, const at::Tensor& sc_shift,
+    int64_t sc_stride, int64_t sc_padding, int64_t stride, int64_t padding, double tau,
+    bool decay_input, double v_threshold, std::optional<double> v_reset, int64_t pool,
+    bool packed_out) {
+  const char* op = "bconv_lif_infer_shortcut";
+  const NeuronParams p = checked_neuron(op, tau, decay_input, v_threshold, v_reset);
+  const ShortcutCall sc{block_x, sc_mask, sc_pos, sc_alpha, sc_scale, sc_shift, sc_stride,
+                        sc_padding};
+  return infer_entry(op, {x_in, w_mask, w_pos, alpha, scale, shift, stride, padding, pool,
+                          packed_out, p},
+                     std::nullopt, &sc);
 }
 
 }  // namespace cpu
@@ -717,4 +828,5 @@ at::Tensor bconv_lif_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_mask,
 TORCH_LIBRARY_IMPL(binslt, CPU, m) {
   m.impl("bconv_lif", &binslt::cpu::bconv_lif_cpu);
   m.impl("bconv_lif_infer", &binslt::cpu::bconv_lif_infer_cpu);
+  m.impl("bconv_lif_infer_shortcut", &binslt::cpu::bconv_lif_infer_shortcut_cpu);
 }

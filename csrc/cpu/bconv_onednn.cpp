@@ -294,10 +294,12 @@ __attribute__((target("avx512f"))) void words_to_floats(const uint32_t* w, int64
 }
 
 // A chunk of images [n0, n1) whose T count maps z[t] ([n1 - n0, Co, Ho, Wo] ChannelsLast floats)
-// the conv wrote, and its tiles: R output rows, row_blocks per image.
+// the conv wrote, and its tiles: R output rows, row_blocks per image; res_cl: the chunk's
+// residual already channel-last ([T] maps laid out as z's; a shortcut's current), or null.
 struct OnednnChunk {
   const std::vector<at::Tensor>* z;
   int64_t n0, n1, R, row_blocks;
+  const std::vector<at::Tensor>* res_cl = nullptr;
 };
 
 // infer_onednn's packed output: per tile (image n, output rows [oy0, oy1)), each pixel's spike
@@ -309,10 +311,13 @@ void infer_onednn_packed(const ConvShape& s, const InferOut& io, const OnednnChu
   const int64_t n0 = ch.n0, nb = ch.n1 - ch.n0, R = ch.R;
   const float* res = ep.res;
   std::vector<const float*> zt(s.T), rt(s.T, nullptr);
+  const bool has_res = res != nullptr || ch.res_cl != nullptr;
   for (int64_t t = 0; t < s.T; ++t) zt[t] = (*ch.z)[t].data_ptr<float>();
   // The residual of the chunk channel-last, [T][nb][S][Co], as the counts are.
   std::vector<float> rz(res != nullptr ? s.T * nb * S * s.Co : 0);
-  if (res != nullptr) {
+  if (ch.res_cl != nullptr) {
+    for (int64_t t = 0; t < s.T; ++t) rt[t] = (*ch.res_cl)[t].data_ptr<float>();
+  } else if (res != nullptr) {
     const TransposeFn transpose = transpose_f32_fn();
     at::parallel_for(0, s.T * nb, 1, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
@@ -336,7 +341,7 @@ void infer_onednn_packed(const ConvShape& s, const InferOut& io, const OnednnChu
       for (int64_t oy = oy0; oy < oy1; ++oy)
         for (int64_t ox = 0; ox < s.Wo; ++ox) {
           const int64_t pix = oy * s.Wo + ox, off = ((n - n0) * S + pix) * s.Co;
-          const float* const* r = res != nullptr ? rt.data() : nullptr;
+          const float* const* r = has_res ? rt.data() : nullptr;
           int64_t roff = off;
           if (io.res_words != nullptr) {
             for (int64_t t = 0; t < s.T; ++t)
@@ -378,7 +383,9 @@ void infer_onednn_packed(const ConvShape& s, const InferOut& io, const OnednnChu
 // integers exactly, so the spikes are those of the bit kernels bit for bit.
 void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const uint32_t* mbits,
                   const uint32_t* pbits, const FwdEpilogue& ep, const InferOut& io_in,
-                  float* spikes) {
+                  float* spikes, const OnednnShortcut* shortcut) {
+  TORCH_INTERNAL_ASSERT(shortcut == nullptr || ep.res == nullptr,
+                        "infer_onednn: a shortcut is the residual");
   const int64_t S = s.Ho * s.Wo;
   const int64_t nthreads = at::get_num_threads();
   // Images per chunk: its T float count maps within ~8 MiB (cache-resident between the conv and
@@ -396,11 +403,29 @@ void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const 
     words.resize(static_cast<size_t>(s.T * s.N * io.Hq * io.Wq * io.Cow));
     io.packed = words.data();
   }
-  std::vector<at::Tensor> z(s.T);
+  std::optional<OnednnConv> sc_conv;
+  if (shortcut != nullptr)
+    sc_conv.emplace(shortcut->s, shortcut->Ci, shortcut->mbits, shortcut->pbits, nb);
+  std::vector<at::Tensor> z(s.T), zr(shortcut != nullptr ? s.T : 0);
   for (int64_t n0 = 0; n0 < s.N; n0 += nb) {
     const int64_t n1 = std::min(s.N, n0 + nb);
     for (int64_t t = 0; t < s.T; ++t) z[t] = conv(x_u8.narrow(0, t * s.N + n0, n1 - n0));
-    infer_onednn_packed(s, io, OnednnChunk{&z, n0, n1, R, row_blocks}, ep);
+    if (shortcut != nullptr) {
+      // the shortcut's counts, channel-last as z's, turned in place into its current
+      const float *a = shortcut->alpha, *sc = shortcut->scale, *sh = shortcut->shift;
+      for (int64_t t = 0; t < s.T; ++t) {
+        zr[t] = (*sc_conv)(shortcut->x_u8.narrow(0, t * s.N + n0, n1 - n0));
+        float* r = zr[t].data_ptr<float>();
+        at::parallel_for(0, (n1 - n0) * S, 256, [&](int64_t p0, int64_t p1) {
+          for (int64_t px = p0; px < p1; ++px) {
+            float* row = r + px * s.Co;
+            for (int64_t c = 0; c < s.Co; ++c) row[c] = (row[c] * a[c]) * sc[c] + sh[c];
+          }
+        });
+      }
+    }
+    infer_onednn_packed(s, io,
+                        OnednnChunk{&z, n0, n1, R, row_blocks, shortcut ? &zr : nullptr}, ep);
   }
   if (!words.empty())
     unpack_words_to_planes(words.data(), s.T * s.N, io.Hq * io.Wq, io.Cow, s.Co, spikes);

@@ -84,6 +84,13 @@ class OnednnConv {
   at::Tensor packed_, w_scale_, w_zero_;
 };
 
+// binslt::bconv_affine_infer (bconv_onednn.cpp): (count * alpha) * scale + shift of x (float
+// spikes [B, C, H, W] or packed words [B, H, W, Cw]) -> [B, Co, Ho, Wo] float32.
+at::Tensor bconv_affine_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_mask_in,
+                                  const at::Tensor& w_pos_in, const at::Tensor& alpha_in,
+                                  const at::Tensor& scale_in, const at::Tensor& shift_in,
+                                  int64_t stride, int64_t padding);
+
 // [B, H, W, C] float (contiguous) -> [B, C, H, W] contiguous.
 at::Tensor channels_first_copy(const at::Tensor& x);
 

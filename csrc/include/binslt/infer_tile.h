@@ -123,12 +123,25 @@ inline int64_t tile_sp_floats(const InferOut& io, int64_t T, int64_t Lmax) {
   return io.direct() ? 0 : (io.packed != nullptr ? 32 : 1) * T * Lmax;
 }
 
+// A shortcut conv whose current is the residual (bconv_lif_infer_shortcut): its geometry s
+// (output [T*N, Co, Ho, Wo] as the layer's), Ci, planes, the block input as u8 spikes
+// [T*N, Ci, H, W] ChannelsLast, and the per-channel (count * alpha) * scale + shift that
+// bconv_affine_infer applies.
+struct OnednnShortcut {
+  ConvShape s;
+  int64_t Ci;
+  const uint32_t *mbits, *pbits;
+  at::Tensor x_u8;
+  const float *alpha, *scale, *shift;
+};
+
 // The inference forward with the counts from oneDNN's int8 convolution (bconv_onednn.cpp; x_u8:
 // the spikes as u8 [T*N, Ci, H, W] ChannelsLast): the same epilogue, LIF, pool and store, the
-// spikes bit for bit those of the bit kernels.
+// spikes bit for bit those of the bit kernels. With a shortcut (then ep.res is null), its
+// current is computed chunk by chunk beside the conv's counts and read as the residual.
 void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const uint32_t* mbits,
                   const uint32_t* pbits, const FwdEpilogue& ep, const InferOut& io,
-                  float* spikes);
+                  float* spikes, const OnednnShortcut* shortcut = nullptr);
 
 }  // namespace cpu
 }  // namespace binslt

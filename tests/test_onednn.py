@@ -111,6 +111,25 @@ def test_onednn_output_in_every_neuron_mode(decay_input, v_reset, residual):
 
 
 @needs_amx
+@pytest.mark.parametrize("ci, co", [(512, 512), (520, 500)])
+def test_onednn_conv_of_a_large_weight_in_input_channel_parts(ci, co):
+    """A weight past OnednnConv's part size (2 MiB of int8: 512->512 3x3) is convolved in input
+    channel parts whose counts are summed: the reference's spikes, float and packed, with parts
+    of unequal length where the channels are not a multiple of the part (520 channels, packed
+    to 544)."""
+    x, wm, wp, alpha, scale, shift, res = _case(23 + ci, T=2, n=2, ci=ci, co=co, h=4, w=4,
+                                                residual=True)
+    assert co * 32 * wm.shape[-1] * 9 > 2 << 20
+    args = (wm, wp, alpha, scale, shift, res, 1, 1)
+    full = ref.bconv_lif_infer_reference(x, *args, *NEURON)
+    assert 0.02 < float(full.mean()) < 0.98
+    for xin in (x, _packed(x)):
+        assert torch.equal(_run("onednn", xin, *args, 1, False), full)
+        assert torch.equal(_run("onednn", xin, *args, 2, False),
+                           ref.bconv_lif_infer_reference(x, *args, *NEURON, pool=2))
+
+
+@needs_amx
 def test_onednn_infer_over_several_chunks_of_images():
     # 4 * 64 * 64 * 128 floats of counts an image: 8 MiB, so each image is a chunk of its own
     x, wm, wp, alpha, scale, shift, res = _case(11, T=4, n=3, ci=32, co=128, h=64, w=64,

@@ -139,7 +139,7 @@ namespace {
 struct PackedEntry {
   std::vector<int64_t> geometry;
   std::vector<uint32_t> planes;  // mask words, then sign words
-  at::Tensor packed;
+  std::vector<at::Tensor> packed;
 };
 constexpr size_t kCacheEntries = 64;
 std::mutex g_cache_mutex;
@@ -154,9 +154,17 @@ OnednnConv::OnednnConv(const ConvShape& s, int64_t Ci, const uint32_t* mbits,
               "AMX-INT8");
   w_scale_ = at::ones({s.Co}, at::TensorOptions().dtype(at::kFloat));
   w_zero_ = at::zeros({s.Co}, at::TensorOptions().dtype(at::kLong));
+  // input channel parts of at most kPartWeightBytes of weights, in multiples of 64 channels
+  const int64_t per_channel = s.Co * s.KH * s.KW;
+  const int64_t parts = std::min<int64_t>(std::max<int64_t>(1, (Ci + 63) / 64),
+                                          (per_channel * Ci + kPartWeightBytes - 1) /
+                                              kPartWeightBytes);
+  const int64_t step = (Ci + parts - 1) / parts;
+  const int64_t part = parts == 1 ? Ci : (step + 63) / 64 * 64;
+  for (int64_t c0 = 0; c0 < Ci; c0 += part) part_begin_.push_back(c0);
   const int64_t n_words = s.Co * s.KH * s.KW * s.Cw;
   std::vector<int64_t> geometry{s.Co, Ci, s.KH, s.KW, s.Cw, s.H, s.W, stride_, padding_,
-                                chunk_images};
+                                chunk_images, part};
   std::vector<uint32_t> planes(2 * n_words);
   std::memcpy(planes.data(), mbits, n_words * sizeof(uint32_t));
   std::memcpy(planes.data() + n_words, pbits, n_words * sizeof(uint32_t));
@@ -171,29 +179,34 @@ OnednnConv::OnednnConv(const ConvShape& s, int64_t Ci, const uint32_t* mbits,
   }
   const std::vector<int64_t> st{stride_, stride_}, pd{padding_, padding_}, dl{1, 1};
   static const c10::OperatorHandle prepack = *find_op("onednn::qconv_prepack");
-  torch::jit::Stack stack{int8_weight(s, Ci, mbits, pbits),
-                          w_scale_,
-                          1.0,
-                          int64_t{0},
-                          st,
-                          pd,
-                          dl,
-                          int64_t{1},
-                          std::vector<int64_t>{chunk_images, Ci, s.H, s.W}};
-  prepack.callBoxed(&stack);
-  packed_ = stack[0].toTensor();
+  const at::Tensor w = int8_weight(s, Ci, mbits, pbits);
+  for (int64_t c0 : part_begin_) {
+    const int64_t len = std::min(part, Ci - c0);
+    torch::jit::Stack stack{
+        parts == 1 ? w : w.narrow(1, c0, len).contiguous(at::MemoryFormat::ChannelsLast),
+        w_scale_,
+        1.0,
+        int64_t{0},
+        st,
+        pd,
+        dl,
+        int64_t{1},
+        std::vector<int64_t>{chunk_images, len, s.H, s.W}};
+    prepack.callBoxed(&stack);
+    packed_.push_back(stack[0].toTensor());
+  }
   std::lock_guard<std::mutex> lock(g_cache_mutex);
   g_cache.push_front(PackedEntry{std::move(geometry), std::move(planes), packed_});
   if (g_cache.size() > kCacheEntries) g_cache.pop_back();
 }
 
-at::Tensor OnednnConv::operator()(const at::Tensor& x_u8) const {
+at::Tensor OnednnConv::call(const at::Tensor& x_u8, const at::Tensor& packed) const {
   static const c10::OperatorHandle conv = *find_op("onednn::qconv2d_pointwise");
   const std::vector<int64_t> st{stride_, stride_}, pd{padding_, padding_}, dl{1, 1};
   torch::jit::Stack stack{x_u8,
                           1.0,
                           int64_t{0},
-                          packed_,
+                          packed,
                           w_scale_,
                           w_zero_,
                           c10::IValue(),  // bias
@@ -212,6 +225,23 @@ at::Tensor OnednnConv::operator()(const at::Tensor& x_u8) const {
   return z.is_contiguous(at::MemoryFormat::ChannelsLast)
              ? z
              : z.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor OnednnConv::operator()(const at::Tensor& x_u8) const {
+  if (packed_.size() == 1) return call(x_u8, packed_[0]);
+  const int64_t Ci = x_u8.size(1);
+  at::Tensor z;
+  for (size_t i = 0; i < packed_.size(); ++i) {
+    const int64_t c0 = part_begin_[i];
+    const int64_t c1 = i + 1 < packed_.size() ? part_begin_[i + 1] : Ci;
+    const at::Tensor r =
+        call(x_u8.narrow(1, c0, c1 - c0).contiguous(at::MemoryFormat::ChannelsLast), packed_[i]);
+    if (i == 0)
+      z = r;
+    else
+      z.add_(r);  // integer counts below 2^24: the float sum is exact
+  }
+  return z;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -74,14 +74,24 @@ at::Tensor spikes_u8_from_float(const float* x, int64_t B, int64_t C, int64_t H,
 class OnednnConv {
  public:
   // W = sign * mask from the planes (Ci input channels: 32*Cw for packed input), prepacked for
-  // calls of chunk_images images.
+  // calls of chunk_images images. A weight of more than kPartWeightBytes is cut into input
+  // channel parts, convolved one by one and their counts summed (integers: exact).
   OnednnConv(const ConvShape& s, int64_t Ci, const uint32_t* mbits, const uint32_t* pbits,
              int64_t chunk_images);
   at::Tensor operator()(const at::Tensor& x_u8) const;
 
+  // oneDNN's int8 conv slows down per multiply-add where the weight outgrows the core's L2: on a
+  // 2-core Xeon with AMX (2 MiB L2), 512->512 3x3 (2.25 MiB of weights) at 4x4, 32 images:
+  // 1.39 ms whole, 0.88 ms as two 256-channel parts summed; at 8x8 (16 images) 1.15 vs 1.05;
+  // 512->256 (1.1 MiB) 0.37 whole vs 0.43 in parts.
+  static constexpr int64_t kPartWeightBytes = 2 << 20;
+
  private:
   int64_t stride_, padding_;
-  at::Tensor packed_, w_scale_, w_zero_;
+  std::vector<int64_t> part_begin_;  // each part's first input channel (0 first)
+  std::vector<at::Tensor> packed_;   // each part's prepacked weight
+  at::Tensor w_scale_, w_zero_;
+  at::Tensor call(const at::Tensor& x_u8, const at::Tensor& packed) const;
 };
 
 // binslt::bconv_affine_infer (bconv_onednn.cpp): (count * alpha) * scale + shift of x (float

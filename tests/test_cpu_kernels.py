@@ -695,10 +695,12 @@ def test_bf16x3_weight_grad_chunks_span_images(use_algos):
 
 
 @pytest.mark.parametrize("gx_algo,gw_algo,seed,grad_seed", [("margined", "int8", 11, 5),
-                                                            ("bf16x3", "bf16x3", 13, 8)])
+                                                            ("bf16x3", "bf16x3", 13, 8)]
+                         + ([("int8", "event", 12, 6)] if onednn_supported() else []))
 def test_split_grads_in_chunks_of_images(gx_algo, gw_algo, seed, grad_seed, use_algos):
     """Two 256x256 images of 32 -> 32 channels fill more than one chunk of the split forms'
-    buffers (int8: 16 MiB; bf16x3: 24 MiB, one image's parts and unfolded input take 100 MB, so
+    buffers (int8: 16 MiB for the weight gradient, 8 MiB for the input gradient, one image's
+    limbs and sums 31 MB; bf16x3: 24 MiB, one image's parts and unfolded input take 100 MB, so
     its weight gradient takes 64 output rows a chunk): the
     sums of the chunks (int8: each on its own limb units; bf16x3: on one scale) agree with the
     dense float forms (and the int8 case's input gradient from the margined copy with the NCHW

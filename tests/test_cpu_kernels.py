@@ -716,6 +716,32 @@ def test_split_grads_in_chunks_of_images(gx_algo, gw_algo, seed, grad_seed, use_
     _assert_close(a[0], b[0], "grad_x")
 
 
+@pytest.mark.skipif(not onednn_supported(), reason="the int8 input gradient needs AMX-INT8")
+def test_int8_input_grad_over_dz_finishes_an_overflowing_chunk_as_the_float_form(use_algos):
+    """The int8 input gradient of a layer with Ci = Co writes each chunk of images over dZ once
+    its limbs are taken. Where alpha * dZ overflows in a later chunk (dZ itself finite), the
+    chunks already written stay the int8 gradient and the rest is the float form's, as the
+    float form gives them (an infinity where it overflows too), not a gradient of
+    overwritten values."""
+    c = _conv_case((1, 2, 32, 32, 256, 256, 3, 1, 1), 21)
+    c["alpha"] = torch.full((32,), 1e7)
+    c["scale"] = torch.full((32,), 1e-6)
+    fwd = _fwd_of(c)
+    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(4))
+    gs[0, 1] = gs[0, 1].sign() * 3e38  # the second image: dZ finite, alpha * dZ past float32's
+    use_algos(grad_x="int8", grad_w="event")
+    a = _bwd_of(c, fwd, gs)[0]
+    use_algos(grad_x="dense", grad_w="event")
+    b = _bwd_of(c, fwd, gs)[0]
+    _assert_close(a[0, 0], b[0, 0], "grad_x of the first image (int8)")
+    want = b[0, 1]  # the float form's: it overflows as well
+    assert not torch.isfinite(want).all()
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(kind(a[0, 1]), kind(want))
+    fin = torch.isfinite(want)
+    assert torch.equal(a[0, 1][fin], want[fin])
+
+
 def _driven_case(geom, seed):
     """A batch-statistics BN case at rate 0.2 with _bwd_of's neuron (tau 2, threshold 0.5, hard
     reset to 0), driven around the threshold and its shift nudged off ties: (case, neuron,

@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -99,6 +101,7 @@ struct LifBnJob {
   const float* res;
   NeuronParams p;
   float *gcur, *gz, *gsc, *gsh;
+  char* nonfinite;  // [Co]: channel c's dZ holds a NaN or an infinity
 };
 
 // One thread's scratch: hbuf, gbuf T * kRowChunk floats, acc_g / acc_gx kRowChunk doubles.
@@ -149,11 +152,16 @@ static inline __attribute__((always_inline)) void lif_bn_channel_body(const LifB
   job.gsh[c] = static_cast<float>(sg);
   job.gsc[c] = static_cast<float>(sgx);
   const ZGrad zg = make_zgrad(aff, sg, sgx, m);
+  int bad = 0;
   for (int64_t tn = 0; tn < s.T * s.N; ++tn) {
     const int64_t off = (tn * s.Co + c) * S;
-    for (int64_t i = 0; i < S; ++i)
-      gz[off + i] = zg(gcur[off + i], static_cast<float>(counts[off + i]) * a);
+    for (int64_t i = 0; i < S; ++i) {
+      const float v = zg(gcur[off + i], static_cast<float>(counts[off + i]) * a);
+      gz[off + i] = v;
+      bad |= !(std::fabs(v) <= FLT_MAX);
+    }
   }
+  job.nonfinite[c] = static_cast<char>(bad);
 }
 
 // dL/dX (grad_current) and dL/dZ from the counts, and the per-channel sums, over all channels.
@@ -267,6 +275,7 @@ BwdArgs check_bwd(const char* op, const BwdInputs& in, const BwdSettings& st,
 // grad_shift.
 struct LifBnOut {
   at::Tensor gz, gcur, gscale, gshift;
+  bool gz_finite = true;  // no NaN or infinity in dL/dZ
 };
 
 LifBnOut lif_bn_stage(const BwdArgs& a) {
@@ -288,6 +297,7 @@ LifBnOut lif_bn_stage(const BwdArgs& a) {
   o.gshift = at::empty({s.Co}, fopts);
   // Without grad_current, dL/dX goes into dZ's buffer and becomes dL/dZ in place.
   float* gcur_p = a.st.need_grad_current ? o.gcur.data_ptr<float>() : o.gz.data_ptr<float>();
+  std::vector<char> nonfinite(s.Co, 0);
   auto run = [&](auto* counts) {
     using CT = std::remove_const_t<std::remove_pointer_t<decltype(counts)>>;
     const LifBnJob<CT> job{&s,
@@ -301,7 +311,8 @@ LifBnOut lif_bn_stage(const BwdArgs& a) {
                            gcur_p,
                            o.gz.data_ptr<float>(),
                            o.gscale.data_ptr<float>(),
-                           o.gshift.data_ptr<float>()};
+                           o.gshift.data_ptr<float>(),
+                           nonfinite.data()};
     lif_bn_backward(job);
   };
   if (a.counts.scalar_type() == at::kChar)
@@ -310,6 +321,7 @@ LifBnOut lif_bn_stage(const BwdArgs& a) {
     run(a.counts.data_ptr<int16_t>());
   else
     run(a.counts.data_ptr<int32_t>());
+  o.gz_finite = std::all_of(nonfinite.begin(), nonfinite.end(), [](char b) { return b == 0; });
   return o;
 }
 
@@ -364,8 +376,11 @@ at::Tensor run_grad_w(const BwdArgs& a, BackwardPlan& plan, at::Tensor& gz, at::
 }
 
 // The input gradient of plan.grad_x ([0] for "none"); gz_cl: the event weight gradient's copy
-// of dZ, if it made one (the margined form's input, made here otherwise).
-at::Tensor run_grad_x(const BwdArgs& a, BackwardPlan& plan, at::Tensor& gz, at::Tensor& gz_cl) {
+// of dZ, if it made one (the margined form's input, made here otherwise). With gz_spent (dZ
+// finite and read by nothing after), the int8 form writes the input gradient over dZ where the
+// two have one shape (Ci = Co, the same map): one float map less at the backward's peak.
+at::Tensor run_grad_x(const BwdArgs& a, BackwardPlan& plan, at::Tensor& gz, at::Tensor& gz_cl,
+                      bool gz_spent = false) {
   const ConvShape& s = a.s;
   const int64_t Ci = a.Ci;
   const float* ap = a.alpha.data_ptr<float>();
@@ -382,8 +397,9 @@ at::Tensor run_grad_x(const BwdArgs& a, BackwardPlan& plan, at::Tensor& gz, at::
         return input_grad_unfold(s, Ci, gz, a.w_mask, a.w_pos, ap);
       case GradXPlan::kInt8:
       case GradXPlan::kBf16x3: {
+        const bool over_gz = gz_spent && Ci == s.Co && s.H == s.Ho && s.W == s.Wo;
         at::Tensor gx = plan.grad_x == GradXPlan::kInt8
-                            ? input_grad_int8(s, Ci, gz, a.w_mask, a.w_pos, ap)
+                            ? input_grad_int8(s, Ci, gz, a.w_mask, a.w_pos, ap, over_gz)
                             : input_grad_bf16x3(s, Ci, gz, a.w_mask, a.w_pos, ap);
         if (gx.defined()) return gx;
         plan.grad_x = plan.grad_x_nonfinite;
@@ -472,7 +488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
   // gradient: released before any other (measured ones make their own).
   if (time_x || plan.grad_x != GradXPlan::kMargined) gz_cl.reset();
   if (!time_x) {
-    gx = run_grad_x(a, plan, o.gz, gz_cl);
+    gx = run_grad_x(a, plan, o.gz, gz_cl, o.gz_finite);
   } else {
     gx = time_gradient(plan, &BackwardPlan::grad_x, &BackwardPlan::grad_x_nonfinite,
                        plan.candidates_x, plan.key_x, [&](BackwardPlan& p) {

@@ -268,8 +268,11 @@ void recombine_base(const float* a, const float* b, const float* c, int64_t n, d
 
 at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
                            const at::Tensor& w_mask, const at::Tensor& w_pos,
-                           const float* alpha) {
+                           const float* alpha, bool over_gz) {
   TORCH_INTERNAL_ASSERT(s.stride == 1, "input_grad_int8: stride 1 only");
+  TORCH_INTERNAL_ASSERT(!over_gz || (Ci == s.Co && s.H == s.Ho && s.W == s.Wo &&
+                                     gz.is_contiguous()),
+                        "input_grad_int8: the gradient over dZ needs one shape");
   TORCH_CHECK(onednn_int8_supported(), "binslt: the 'int8' input gradient needs PyTorch's oneDNN "
               "int8 convolution on a CPU with AMX-INT8; use cpu_algorithms(grad_x='auto')");
   const int64_t mt = s.KH - 1 - s.padding, ml = s.KW - 1 - s.padding;
@@ -296,7 +299,9 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
   prepack.callBoxed(&pstack);
   const at::Tensor packed = pstack[0].toTensor();
 
-  at::Tensor gx = at::empty({s.T, s.N, Ci, s.H, s.W}, gz.options());
+  // Over dZ: a chunk's rows are written after its limbs are taken, and no chunk reads another's.
+  at::Tensor gx = over_gz ? gz.view({s.T, s.N, Ci, s.H, s.W})
+                          : at::empty({s.T, s.N, Ci, s.H, s.W}, gz.options());
   float* gxp = gx.data_ptr<float>();
   std::vector<double> unit(s.B);
   for (int64_t b0 = 0; b0 < s.B; b0 += nb_max) {
@@ -347,7 +352,18 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
         }
       }
     });
-    if (any_bad.load()) return at::Tensor();
+    if (any_bad.load()) {
+      if (!over_gz) return at::Tensor();
+      // alpha * dZ overflowed (dZ itself is finite) after earlier chunks were written over dZ:
+      // this chunk and the rest, still dZ, as the float conv, which a split form gives way to
+      ConvShape rest = s;
+      rest.B = rest.N = s.B - b0;
+      rest.T = 1;
+      const at::Tensor tail = input_grad_dense(rest, Ci, gz.narrow(0, b0, s.B - b0), w_mask,
+                                               w_pos, alpha);
+      gx.view({s.B, Ci, s.H, s.W}).narrow(0, b0, s.B - b0).copy_(tail.view({-1, Ci, s.H, s.W}));
+      return gx;
+    }
     torch::jit::Stack stack{A, 1.0, int64_t{128}, packed, w_scale, w_zero, c10::IValue(),
                             one, zero, one, int64_t{1}, 1.0, int64_t{0},
                             c10::IValue(at::kFloat), std::string("none"),

@@ -214,10 +214,12 @@ int64_t int8_grad_w_max_pixels();
 float channel_abs_max(const float* g, int64_t img_stride, int64_t nb, int64_t n, bool* bad);
 // The input gradient [T, N, Ci, H, W] the same way (stride 1, padding <= kernel - 1; a CPU with
 // AMX-INT8): alpha * dZ per image in three u8 limbs, oneDNN's int8 convolution with the flipped,
-// transposed {-1, 0, +1} weight. Undefined where dZ holds a value that is not finite.
+// transposed {-1, 0, +1} weight. Undefined where dZ holds a value that is not finite. over_gz
+// (dZ finite, Ci = Co, the same map, dZ read by nothing after): each chunk of images' gradient
+// is written over that chunk's dZ once its limbs are taken, and the result is gz's storage.
 at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
                            const at::Tensor& w_mask, const at::Tensor& w_pos,
-                           const float* alpha);
+                           const float* alpha, bool over_gz = false);
 
 // The split-precision forms (bconv_grad_bf16.cpp; any stride): dZ on one power-of-two scale in
 // three parts exact in bf16, the products ATen float32 calls under oneDNN's bf16 precision (a

@@ -98,6 +98,19 @@ CONV_GEOMS = [
 ]
 
 
+def small_resnet19_eval(backend: str):
+    """The paper's ResNet-19 at 16x16, T=2, in eval mode with BN statistics from one training
+    forward (so its layers spike)."""
+    from binslt.nn import models as M
+
+    torch.manual_seed(0)
+    net = M.build("resnet19", "binwslt", num_classes=10, in_channels=3, input_size=16,
+                  timesteps=2, prune_rate=0.5, bn=True, bn_affine=False, backend=backend)
+    with torch.no_grad():
+        net(torch.randn(8, 3, 16, 16))  # training-mode BN statistics
+    return net.eval()
+
+
 def stable_seed(key) -> int:
     """A seed from a parameter tuple that is the same in every process (``hash`` of None or of
     strings is not: it changes with ASLR / PYTHONHASHSEED)."""

@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import small_resnet19_eval
 from spikingjelly.activation_based import functional, layer, monitor, neuron
 from spikingjelly.activation_based.op_counter import (
     ACCounter,
@@ -379,7 +380,13 @@ def test_op_counters_count_binslt_ops_as_the_torch_backend(mode):
     mac_torch = _count(net, MACCounter, "torch", x, rules=False, grad=grad)
     mac_cpu = _count(net, MACCounter, "cpu", x, rules=True, grad=grad)
     assert mac_cpu.get_total() == mac_torch.get_total() > 0  # the real-input first conv
-    # ACs of the convolutions: the counter's aten.convolution rule on both sides
+    _assert_conv_acs_as_torch(net, x, grad)
+
+
+def _assert_conv_acs_as_torch(net, x, grad: bool) -> None:
+    """ACs of the convolutions, the counter's aten.convolution rule on both sides: the torch
+    backend's convs against the cpu backend's convs and binslt ops (the torch backend's
+    elementwise ops count ACs of their own)."""
     conv = torch.ops.aten.convolution.default
     ac_torch = _count(net, ACCounter, "torch", x, rules=False, grad=grad).records["Global"]
     ac_cpu = _count(net, ACCounter, "cpu", x, rules=True, grad=grad).records["Global"]
@@ -391,24 +398,12 @@ def test_op_counters_count_binslt_ops_as_the_torch_backend(mode):
 def test_op_counters_count_resnet_eval_as_the_torch_backend():
     """ResNet-19's eval forward (its 1x1 shortcuts, BinConv2d's bconv_affine_infer on the CPU)
     counts as the torch backend's."""
-    from binslt.nn import models as M
-
-    torch.manual_seed(0)
-    net = M.build("resnet19", "binwslt", num_classes=10, in_channels=3, input_size=16,
-                  timesteps=2, prune_rate=0.5, bn=True, bn_affine=False, backend="auto")
-    with torch.no_grad():
-        net(torch.randn(8, 3, 16, 16))  # training-mode BN statistics
-    net.eval()
+    net = small_resnet19_eval("auto")
     x = torch.randn(2, 3, 16, 16)
     want = _count(net, SynOpCounter, "torch", x, rules=False, grad=False)
     got = _count(net, SynOpCounter, "cpu", x, rules=True, grad=False)
     assert got.get_total() == want.get_total() > 0
-    conv = torch.ops.aten.convolution.default
-    ac_torch = _count(net, ACCounter, "torch", x, rules=False, grad=False).records["Global"]
-    ac_cpu = _count(net, ACCounter, "cpu", x, rules=True, grad=False).records["Global"]
-    binslt_ops = set(spikingjelly_op_rules(ACCounter))
-    assert ac_torch[conv] == ac_cpu.get(conv, 0) + sum(v for k, v in ac_cpu.items()
-                                                       if k in binslt_ops) > 0
+    _assert_conv_acs_as_torch(net, x, False)
 
 
 @pytest.mark.parametrize("counter_cls", [SynOpCounter, ACCounter])

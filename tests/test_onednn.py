@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import onednn_supported, stable_seed
+from helpers import onednn_supported, small_resnet19_eval, stable_seed
 
 import binslt.ops as ops
 from binslt.ops import contract as C
@@ -229,12 +229,7 @@ def test_resnet_eval_chains_packed_spikes_through_its_blocks(monkeypatch):
     added as a residual), and no float spike map between two blocks."""
     from binslt.nn import models as M
 
-    torch.manual_seed(0)
-    net = M.build("resnet19", "binwslt", num_classes=10, in_channels=3, input_size=16,
-                  timesteps=2, prune_rate=0.5, bn=True, bn_affine=False, backend="cpu")
-    with torch.no_grad():
-        net(torch.randn(8, 3, 16, 16))  # training-mode BN statistics
-    net.eval()
+    net = small_resnet19_eval("cpu")
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         whole = net.classifier(net.features(x.unsqueeze(0).expand(2, *x.shape)))

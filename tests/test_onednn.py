@@ -308,8 +308,9 @@ def test_shortcut_op_refuses_a_mismatched_shortcut_and_non_binary_input():
     with pytest.raises(ValueError, match=r"shortcut's output \[8, 12, 12\].*layer's \[8, 6, 6\]"):
         OPS.bconv_lif_infer_shortcut(x, *conv, bx, *sc, 1, 0, 1, 1, *neuron, 1, False)
     bx[0, 1, 2, 3, 4] = 0.5
-    with pytest.raises(ValueError, match="block_x"):
-        OPS.bconv_lif_infer_shortcut(x, *conv, bx, *sc, 2, 0, 1, 1, *neuron, 1, False)
+    for algo in ["event"] + (["onednn"] if onednn_supported() else []):  # both routes
+        with ops.cpu_algorithms(conv=algo), pytest.raises(ValueError, match="block_x"):
+            OPS.bconv_lif_infer_shortcut(x, *conv, bx, *sc, 2, 0, 1, 1, *neuron, 1, False)
 
 
 @pytest.mark.parametrize("case", [dict(k=1, stride=2, ci=64, co=128), dict(k=1, ci=40, co=33),

@@ -654,7 +654,8 @@ struct ShortcutCall {
 };
 
 // The shortcut's operands for the onednn route: its geometry checked against the layer's
-// output (T*N images of Co channels, Ho x Wo), its input as u8 spikes.
+// output (T*N images of Co channels, Ho x Wo); its input as u8 spikes (x_u8) is made where that
+// route runs (shortcut_u8).
 struct ShortcutOperands {
   OnednnShortcut sc;
   at::Tensor alpha, scale, shift, w_mask, w_pos;
@@ -688,15 +689,19 @@ static ShortcutOperands shortcut_operands(const char* op, const ShortcutCall& c,
   o.sc.alpha = o.alpha.data_ptr<float>();
   o.sc.scale = o.scale.data_ptr<float>();
   o.sc.shift = o.shift.data_ptr<float>();
-  if (packed) {
-    o.sc.x_u8 = spikes_u8_from_packed(c.x.reshape({s.B, H, W, Cw}));
-  } else {
-    const at::Tensor xf = c.x.to(at::kFloat).contiguous();
-    bool bad = false;
-    o.sc.x_u8 = spikes_u8_from_float(xf.data_ptr<float>(), s.B, C, H, W, xf.options(), &bad);
-    TORCH_CHECK_VALUE(!bad, "binslt::", op, ": block_x ", kNotBinaryMsg);
-  }
   return o;
+}
+
+// The shortcut's input as the onednn route reads it: u8 spikes [T*N, Ci, H, W] ChannelsLast.
+static at::Tensor shortcut_u8(const char* op, const at::Tensor& x, const ConvShape& s) {
+  if (x.scalar_type() == at::kInt)
+    return spikes_u8_from_packed(x.reshape({s.B, x.size(2), x.size(3), x.size(4)}));
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  bool bad = false;
+  at::Tensor u8 = spikes_u8_from_float(xf.data_ptr<float>(), s.B, x.size(2), x.size(3),
+                                       x.size(4), xf.options(), &bad);
+  TORCH_CHECK_VALUE(!bad, "binslt::", op, ": block_x ", kNotBinaryMsg);
+  return u8;
 }
 
 // The body of bconv_lif_infer and bconv_lif_infer_shortcut: the plan, then its run, with the
@@ -744,11 +749,15 @@ static at::Tensor infer_entry(const char* op, const InferCall& c,
     at::Tensor res_words;
     const OnednnShortcut* fused = nullptr;
     if (sc.has_value() && pl.conv == FwdPlan::kOnednn) {
+      if (!sc->sc.x_u8.defined()) sc->sc.x_u8 = shortcut_u8(op, shortcut->x, s);
       fused = &sc->sc;
     } else if (sc.has_value()) {
       const ShortcutCall& k = *shortcut;
       const at::Tensor bx = k.x.scalar_type() == at::kInt ? k.x.flatten(0, 1)
                                                           : k.x.flatten(0, 1).to(at::kFloat);
+      if (k.x.scalar_type() != at::kInt)
+        TORCH_CHECK_VALUE(at::logical_or(bx == 0, bx == 1).all().item<bool>(), "binslt::", op,
+                          ": block_x ", kNotBinaryMsg);
       res = bconv_affine_infer_cpu(bx, k.w_mask, k.w_pos, k.alpha, k.scale, k.shift, k.stride,
                                    k.padding)
                 .view({T, N, s.Co, s.Ho, s.Wo});

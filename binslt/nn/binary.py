@@ -77,10 +77,8 @@ class BinConv2d(_MaskedSignWeight):
         lead = x.shape[:-3]
         xf = x.flatten(0, -4)
         if _affine_infer_path(self, xf):
-            scale, shift, _ = _bn_scale_shift(self.bn, self.out_channels, xf)
-            w_mask, w_pos, alpha = self.packed_weight()
-            y = ops.bconv_affine_infer(xf, w_mask, w_pos, alpha, scale.float(), shift.float(),
-                                       self.stride, self.padding)
+            y = ops.bconv_affine_infer(xf, *self._affine_operands(xf), self.stride,
+                                       self.padding)
             return y.view(*lead, *y.shape[1:]), None
         w = self.effective_weight().to(x.dtype)
         again = None
@@ -96,6 +94,12 @@ class BinConv2d(_MaskedSignWeight):
             if self.bn is not None:
                 y = self.bn(y)
         return y.view(*lead, *y.shape[1:]), again
+
+    def _affine_operands(self, like: torch.Tensor):
+        """``(w_mask, w_pos, alpha, scale, shift)`` of the ``bconv_affine_infer`` path: the bit
+        planes and gain, and the eval BN folded into a float32 per-channel affine."""
+        scale, shift, _ = _bn_scale_shift(self.bn, self.out_channels, like)
+        return (*self.packed_weight(), scale.float(), shift.float())
 
     def _conv_bn_saving_bits(self, x: torch.Tensor, w: torch.Tensor, want_again: bool):
         """conv (+BN) of float spikes x [B, C, H, W] with what autograd saves made small: the

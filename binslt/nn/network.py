@@ -14,7 +14,6 @@ from .layers import (
     BinConv2d,
     BinSpikeConv2d,
     _affine_infer_path,
-    _bn_scale_shift,
     _NoTorchScript,
     _refuse_jit_trace,
 )
@@ -136,9 +135,7 @@ class _PackedBlock:
         be = ops.resolve_backend(b.conv2.backend, x.device)
         if not ops.capabilities(be).fused_shortcut or b.conv2.store_v_seq:
             return sc(x)
-        scale, shift, _ = _bn_scale_shift(sc.bn, sc.out_channels, xf)
-        w_mask, w_pos, alpha = sc.packed_weight()
-        scale, shift = scale.float(), shift.float()
+        w_mask, w_pos, alpha, scale, shift = sc._affine_operands(xf)
         # Every |count| is at most Ci * k * k: a finite bound makes every value of the current
         # finite, as conv2's check of a float residual would find it.
         reach = sc.in_channels * sc.kernel_size ** 2

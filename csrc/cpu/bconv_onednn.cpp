@@ -250,6 +250,12 @@ at::Tensor OnednnConv::operator()(const at::Tensor& x_u8) const {
 
 namespace {
 
+// bconv_affine_infer's current of one integer count: (count * alpha) * scale + shift, the one
+// expression its output and a fused shortcut's residual (infer_onednn) both use.
+inline float affine_current(float count, float alpha, float scale, float shift) {
+  return (count * alpha) * scale + shift;
+}
+
 // One pixel's channel scratch: the membrane v and the input current x [Co], the spikes sp
 // [32*Cw] (zero past Co).
 struct PixelScratch {
@@ -449,7 +455,7 @@ void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const 
         at::parallel_for(0, (n1 - n0) * S, 256, [&](int64_t p0, int64_t p1) {
           for (int64_t px = p0; px < p1; ++px) {
             float* row = r + px * s.Co;
-            for (int64_t c = 0; c < s.Co; ++c) row[c] = (row[c] * a[c]) * sc[c] + sh[c];
+            for (int64_t c = 0; c < s.Co; ++c) row[c] = affine_current(row[c], a[c], sc[c], sh[c]);
           }
         });
       }
@@ -493,7 +499,7 @@ at::Tensor bconv_affine_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_ma
   const float *ap = alpha.data_ptr<float>(), *sp = scale.data_ptr<float>(),
               *hp = shift.data_ptr<float>();
   auto affine = [&](float* row, int64_t c) {
-    for (int64_t i = 0; i < S; ++i) row[i] = (row[i] * ap[c]) * sp[c] + hp[c];
+    for (int64_t i = 0; i < S; ++i) row[i] = affine_current(row[i], ap[c], sp[c], hp[c]);
   };
   ForwardQuery q{s, Ci, true, LazyValue([&] {
                    return packed ? packed_rate(x) : sampled_rate(x.data_ptr<float>(), x.numel());

@@ -82,11 +82,12 @@ struct AutoRules {
   // of 7): 128->128 32x32 26.0 (dense) / 25.0 (event) -> 10.5 ms, 256->256 8x8 pooled 5.5 -> 2.0,
   // 512->512 4x4 pooled 5.6 -> 4.9; at 2x2 and 1x1 (linear layers) and 32->32 4x4 oneDNN's fixed
   // cost loses (512->512 2x2: 2.5 event -> 3.5; 2048->256 1x1: 0.37 -> 0.63). With float spikes
-  // out (a layer called on its own) the counts' transpose into the bit kernels' tiles costs more
-  // than oneDNN saves: the same Xeon, plan_check.py (T=4, N=16 anchor 128->128 16x16 rate 0.15,
-  // VGG-11's convs at N=8), event against onednn: anchor 3.6 vs 6.9 ms, 64->64 32x32 4.0 vs 6.3,
-  // 256->256 8x8 1.7 vs 2.5, 512->512 4x4 3.1 vs 3.7 (dense 2.9); so the table takes it for
-  // packed output only (a measured key may still pick it).
+  // out (a layer called on its own) oneDNN lost where the counts went through a transpose into
+  // the bit kernels' tiles: the same Xeon, plan_check.py (T=4, N=16 anchor 128->128 16x16 rate
+  // 0.15, VGG-11's convs at N=8), event against onednn: anchor 3.6 vs 6.9 ms, 64->64 32x32 4.0
+  // vs 6.3, 256->256 8x8 1.7 vs 2.5, 512->512 4x4 3.1 vs 3.7 (dense 2.9). Its float output is now
+  // its packed words unpacked, and the anchor still runs faster on the event kernel (2.7 vs 4.6
+  // ms), so the table takes it for packed output only (a measured key may still pick it).
   int64_t onednn_min_pixels;
   int64_t onednn_min_channel_pairs;
   // Weight gradient at stride 1 where the CPU has AMX-INT8: the int8 limb form instead of the

@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -106,7 +107,44 @@ void limbs_base(const float* v, int64_t n, float inv, L* l0, L* l1, L* l2) {
   limbs_body<L, kBias>(v, n, inv, l0, l1, l2);
 }
 
+// unfold_output_rows_bits' row (b, oy) as int8: per tap, the input pixel's channel words as
+// 64-bit masks, each expanded to 64 bytes of 0/1 (a masked store for the last Ci % 64).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void unfold_row_int8_avx512(
+    const ConvShape& s, int64_t Ci, const uint32_t* x_packed, int64_t b, int64_t oy,
+    int8_t* d) {
+  const __m512i one = _mm512_set1_epi8(1);
+  const int64_t r = Ci & 63;
+  const __mmask64 tail = (__mmask64{1} << r) - 1;  // r < 64
+  for (int64_t ox = 0; ox < s.Wo; ++ox)
+    for (int64_t ky = 0; ky < s.KH; ++ky) {
+      const int64_t iy = oy * s.stride - s.padding + ky;
+      for (int64_t kx = 0; kx < s.KW; ++kx, d += Ci) {
+        const int64_t ix = ox * s.stride - s.padding + kx;
+        const bool inside = iy >= 0 && iy < s.H && ix >= 0 && ix < s.W;
+        const uint32_t* w = x_packed + ((b * s.H + iy) * s.W + ix) * s.Cw;
+        int64_t c = 0;
+        for (; c + 64 <= Ci; c += 64) {
+          const uint64_t m =
+              inside ? (uint64_t{w[c >> 5]} | (uint64_t{w[(c >> 5) + 1]} << 32)) : 0;
+          _mm512_storeu_si512(d + c, _mm512_maskz_mov_epi8(m, one));
+        }
+        if (r != 0) {
+          uint64_t m = 0;
+          if (inside) {
+            m = w[c >> 5];
+            if (r > 32) m |= uint64_t{w[(c >> 5) + 1]} << 32;
+          }
+          _mm512_mask_storeu_epi8(d + c, tail, _mm512_maskz_mov_epi8(m & tail, one));
+        }
+      }
+    }
+}
+
 }  // namespace
+
+UnfoldRowInt8 unfold_row_int8_fn() {
+  return isa_supported(Isa::kAvx512) ? &unfold_row_int8_avx512 : nullptr;
+}
 
 float channel_abs_max(const float* g, int64_t img_stride, int64_t nb, int64_t n, bool* bad) {
   static const bool avx512 = isa_supported(Isa::kAvx512);

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 
 namespace binslt {
 namespace cpu {
@@ -166,11 +167,27 @@ struct ByteBits {
 // input itself (x_packed [B, H, W, Cw] words, channel ci bit ci % 32 of word ci / 32; no
 // unpacked copy of the whole input): tap (ky, kx) of output pixel (oy, ox) is input pixel
 // (oy * stride - padding + ky, ox * stride - padding + kx), zeros outside the image.
+// One output row (b, oy) of it as int8, [Wo, KH * KW * Ci], with AVX-512BW (a 64-bit mask
+// of channels expands to 64 bytes in one instruction); nullptr where the CPU lacks it.
+using UnfoldRowInt8 = void (*)(const ConvShape& s, int64_t Ci, const uint32_t* x_packed,
+                               int64_t b, int64_t oy, int8_t* dst);
+UnfoldRowInt8 unfold_row_int8_fn();
+
 template <typename T>
 void unfold_output_rows_bits(const ConvShape& s, int64_t Ci, const uint32_t* x_packed,
                              int64_t r0, int64_t nr, T* dst) {
   static const ByteBits<T> bits;
   const int64_t K = s.KH * s.KW * Ci;
+  if constexpr (std::is_same_v<T, int8_t>) {
+    static const UnfoldRowInt8 row = unfold_row_int8_fn();
+    if (row != nullptr) {
+      at::parallel_for(0, nr, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i)
+          row(s, Ci, x_packed, (r0 + i) / s.Ho, (r0 + i) % s.Ho, dst + i * s.Wo * K);
+      });
+      return;
+    }
+  }
   at::parallel_for(0, nr, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = (r0 + i) / s.Ho, oy = (r0 + i) % s.Ho;

@@ -702,7 +702,8 @@ def test_split_grads_in_chunks_of_images(gx_algo, gw_algo, seed, grad_seed, use_
     buffers (int8: 16 MiB for the weight gradient, 8 MiB for the input gradient, one image's
     limbs and sums 31 MB; bf16x3: 24 MiB, one image's parts and unfolded input take 100 MB, so
     its weight gradient takes 64 output rows a chunk): the
-    sums of the chunks (int8: each on its own limb units; bf16x3: on one scale) agree with the
+    sums of the chunks (int8: each channel on one limb unit, its largest |dZ| as the LIF/BN
+    backward found it; bf16x3: on one scale) agree with the
     dense float forms (and the int8 case's input gradient from the margined copy with the NCHW
     one's), within float32 summation order over 131072 products per weight."""
     c = _conv_case((1, 2, 32, 32, 256, 256, 3, 1, 1), seed, bn_train=True)

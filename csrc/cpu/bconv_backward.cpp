@@ -102,6 +102,7 @@ struct LifBnJob {
   NeuronParams p;
   float *gcur, *gz, *gsc, *gsh;
   char* nonfinite;  // [Co]: channel c's dZ holds a NaN or an infinity
+  float* absmax;    // [Co]: channel c's largest |dZ| (the int8 weight gradient's scale)
 };
 
 // One thread's scratch: hbuf, gbuf T * kRowChunk floats, acc_g / acc_gx kRowChunk doubles.
@@ -153,15 +154,19 @@ static inline __attribute__((always_inline)) void lif_bn_channel_body(const LifB
   job.gsc[c] = static_cast<float>(sgx);
   const ZGrad zg = make_zgrad(aff, sg, sgx, m);
   int bad = 0;
+  float mx = 0.0f;
   for (int64_t tn = 0; tn < s.T * s.N; ++tn) {
     const int64_t off = (tn * s.Co + c) * S;
     for (int64_t i = 0; i < S; ++i) {
       const float v = zg(gcur[off + i], static_cast<float>(counts[off + i]) * a);
       gz[off + i] = v;
-      bad |= !(std::fabs(v) <= FLT_MAX);
+      const float av = std::fabs(v);
+      bad |= !(av <= FLT_MAX);
+      mx = av > mx ? av : mx;
     }
   }
   job.nonfinite[c] = static_cast<char>(bad);
+  job.absmax[c] = mx;
 }
 
 // dL/dX (grad_current) and dL/dZ from the counts, and the per-channel sums, over all channels.
@@ -276,6 +281,7 @@ BwdArgs check_bwd(const char* op, const BwdInputs& in, const BwdSettings& st,
 struct LifBnOut {
   at::Tensor gz, gcur, gscale, gshift;
   bool gz_finite = true;  // no NaN or infinity in dL/dZ
+  std::vector<float> absmax;  // [Co]: each channel's largest |dL/dZ|
 };
 
 LifBnOut lif_bn_stage(const BwdArgs& a) {
@@ -298,6 +304,7 @@ LifBnOut lif_bn_stage(const BwdArgs& a) {
   // Without grad_current, dL/dX goes into dZ's buffer and becomes dL/dZ in place.
   float* gcur_p = a.st.need_grad_current ? o.gcur.data_ptr<float>() : o.gz.data_ptr<float>();
   std::vector<char> nonfinite(s.Co, 0);
+  o.absmax.assign(s.Co, 0.0f);
   auto run = [&](auto* counts) {
     using CT = std::remove_const_t<std::remove_pointer_t<decltype(counts)>>;
     const LifBnJob<CT> job{&s,
@@ -312,7 +319,8 @@ LifBnOut lif_bn_stage(const BwdArgs& a) {
                            o.gz.data_ptr<float>(),
                            o.gscale.data_ptr<float>(),
                            o.gshift.data_ptr<float>(),
-                           nonfinite.data()};
+                           nonfinite.data(),
+                           o.absmax.data()};
     lif_bn_backward(job);
   };
   if (a.counts.scalar_type() == at::kChar)
@@ -325,11 +333,13 @@ LifBnOut lif_bn_stage(const BwdArgs& a) {
   return o;
 }
 
-// The weight gradient of plan.grad_w from dZ (gz). The event form leaves its channel-last,
+// The weight gradient of plan.grad_w from dZ (gz); absmax: dZ finite, each channel's largest
+// |dZ| (the int8 form's scale, else found from dZ). The event form leaves its channel-last,
 // zero-margined copy of dZ in gz_cl, and releases gz when the input gradient is to run from that
 // copy ("margined"). A split form (int8, bf16x3) that meets a dZ that is not finite gives way to
 // plan.grad_w_nonfinite (recorded in the plan).
-at::Tensor run_grad_w(const BwdArgs& a, BackwardPlan& plan, at::Tensor& gz, at::Tensor& gz_cl) {
+at::Tensor run_grad_w(const BwdArgs& a, BackwardPlan& plan, at::Tensor& gz, at::Tensor& gz_cl,
+                      const float* absmax = nullptr) {
   const ConvShape& s = a.s;
   const int64_t Ci = a.Ci;
   for (;;) {
@@ -339,7 +349,7 @@ at::Tensor run_grad_w(const BwdArgs& a, BackwardPlan& plan, at::Tensor& gz, at::
       case GradWPlan::kInt8:
       case GradWPlan::kBf16x3: {
         at::Tensor gw = plan.grad_w == GradWPlan::kInt8
-                            ? weight_grad_int8(s, Ci, a.x_packed, gz)
+                            ? weight_grad_int8(s, Ci, a.x_packed, gz, absmax)
                             : weight_grad_bf16x3(s, Ci, a.x_packed, gz);
         if (gw.defined()) return gw;
         plan.grad_w = plan.grad_w_nonfinite;
@@ -472,7 +482,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
     // dZ stays whole for the input gradient's candidates where they are to be timed
     BackwardPlan pw = plan;
     if (time_x) pw.grad_x = GradXPlan::kNone;
-    gw = run_grad_w(a, pw, o.gz, gz_cl);
+    gw = run_grad_w(a, pw, o.gz, gz_cl, o.gz_finite ? o.absmax.data() : nullptr);
     plan.grad_w = pw.grad_w;
     plan.nonfinite = pw.nonfinite;
   } else {

@@ -155,7 +155,7 @@ float channel_abs_max(const float* g, int64_t img_stride, int64_t nb, int64_t n,
 int64_t int8_grad_w_max_pixels() { return (int64_t{1} << 31) / 128; }
 
 at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
-                            const at::Tensor& gz) {
+                            const at::Tensor& gz, const float* absmax) {
   const int64_t S = s.Ho * s.Wo, taps = s.KH * s.KW;
   const int64_t K = taps * Ci;  // columns of the unfolded input: (tap, ci)
   TORCH_CHECK(s.Wo <= int8_grad_w_max_pixels(), "binslt::bconv_lif_bwd: the 'int8' weight "
@@ -184,7 +184,8 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
     const int64_t nr = std::min(rc, R - r0), M = nr * s.Wo;
     // [3 Co, M]: limb k of channel co in row k * Co + co; column i * Wo + ox is output pixel
     // (oy, ox) of image b, where r0 + i = b * Ho + oy. A chunk's rows of one image are one run
-    // of each channel's map: a channel is split a run at a time, on its unit over the chunk.
+    // of each channel's map: a channel is split a run at a time, on its unit over the chunk
+    // (over all of dZ where absmax gives it: the same bound on every chunk's rounding).
     at::Tensor A = at::empty({3 * s.Co, M}, i8);
     int8_t* ap = A.data_ptr<int8_t>();
     at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
@@ -199,11 +200,15 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
         };
         float mx = 0.0f;
         bool nonfinite = false;
-        runs([&](const float* src, int64_t n, int64_t) {
-          bool nf = false;
-          mx = std::max(mx, channel_abs_max(src, 0, 1, n, &nf));
-          nonfinite |= nf;
-        });
+        if (absmax != nullptr) {
+          mx = absmax[c];
+        } else {
+          runs([&](const float* src, int64_t n, int64_t) {
+            bool nf = false;
+            mx = std::max(mx, channel_abs_max(src, 0, 1, n, &nf));
+            nonfinite |= nf;
+          });
+        }
         bad[c] = nonfinite;
         if (nonfinite) continue;
         const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;

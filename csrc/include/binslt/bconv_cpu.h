@@ -220,8 +220,10 @@ void unfold_output_rows_bits(const ConvShape& s, int64_t Ci, const uint32_t* x_p
 // rows against the 0/1 input unfolded once, the limbs recombined in double. Returns an undefined
 // tensor where dZ holds a value that is not finite (the caller then takes a float form, which
 // carries it through as ATen would).
+// absmax (dZ finite): each channel's largest |dZ|, the limbs' scale, as the LIF/BN backward
+// finds it in the pass that writes dZ (else found here, a chunk at a time).
 at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
-                            const at::Tensor& gz);
+                            const at::Tensor& gz, const float* absmax = nullptr);
 // The most output pixels one of its products sums (|sum| <= 127 * pixels < 2^31): a chunk holds
 // at least one output row, so rows are at most this wide.
 int64_t int8_grad_w_max_pixels();

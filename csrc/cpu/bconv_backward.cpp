@@ -8,8 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -153,20 +153,23 @@ static inline __attribute__((always_inline)) void lif_bn_channel_body(const LifB
   job.gsh[c] = static_cast<float>(sg);
   job.gsc[c] = static_cast<float>(sgx);
   const ZGrad zg = make_zgrad(aff, sg, sgx, m);
-  int bad = 0;
-  float mx = 0.0f;
+  // The largest |v| as the largest of its bits with the sign cleared (non-negative floats order
+  // as these integers, inf at 0x7f800000 and NaN above): an integer max that vectorises (a float
+  // max or a float test left this loop scalar), and one test for a value that is not finite.
+  uint32_t top = 0;
   for (int64_t tn = 0; tn < s.T * s.N; ++tn) {
     const int64_t off = (tn * s.Co + c) * S;
     for (int64_t i = 0; i < S; ++i) {
       const float v = zg(gcur[off + i], static_cast<float>(counts[off + i]) * a);
       gz[off + i] = v;
-      const float av = std::fabs(v);
-      bad |= !(av <= FLT_MAX);
-      mx = av > mx ? av : mx;
+      uint32_t key;
+      std::memcpy(&key, &v, sizeof(key));
+      key &= 0x7fffffffu;
+      top = key > top ? key : top;
     }
   }
-  job.nonfinite[c] = static_cast<char>(bad);
-  job.absmax[c] = mx;
+  job.nonfinite[c] = static_cast<char>(top >= 0x7f800000u);
+  std::memcpy(&job.absmax[c], &top, sizeof(top));
 }
 
 // dL/dX (grad_current) and dL/dZ from the counts, and the per-channel sums, over all channels.

@@ -108,26 +108,40 @@ std::optional<at::Tensor> residual_like_z(const std::optional<at::Tensor>& r, co
 }
 
 // Batch statistics per channel in double (two passes): mean and biased variance.
+// In double, one accumulator per position of a row (so that the loops vectorise), the
+// positions' sums added in order at the end.
 void batch_stats(const ZView& z, const Dims& d, float* mean, float* var) {
   const double m = static_cast<double>(d.T * d.N * d.S);
+  const Isa isa = active_isa();
   at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<double> acc(d.S);
+    double* __restrict a = acc.data();
+    auto total = [&]() {
+      double t = 0.0;
+      for (int64_t i = 0; i < d.S; ++i) t += a[i];
+      return t;
+    };
     for (int64_t c = c0; c < c1; ++c) {
-      double s = 0.0;
-      for (int64_t tn = 0; tn < d.T * d.N; ++tn) {
-        const float* r = z.row(d, tn, c);
-        for (int64_t i = 0; i < d.S; ++i) s += r[i];
-      }
-      const double mu = s / m;
-      double q = 0.0;
-      for (int64_t tn = 0; tn < d.T * d.N; ++tn) {
-        const float* r = z.row(d, tn, c);
-        for (int64_t i = 0; i < d.S; ++i) {
-          const double e = r[i] - mu;
-          q += e * e;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      run_for_isa(isa, [&]() __attribute__((always_inline)) {
+        for (int64_t tn = 0; tn < d.T * d.N; ++tn) {
+          const float* r = z.row(d, tn, c);
+          for (int64_t i = 0; i < d.S; ++i) a[i] += r[i];
         }
-      }
+      });
+      const double mu = total() / m;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      run_for_isa(isa, [&]() __attribute__((always_inline)) {
+        for (int64_t tn = 0; tn < d.T * d.N; ++tn) {
+          const float* r = z.row(d, tn, c);
+          for (int64_t i = 0; i < d.S; ++i) {
+            const double e = r[i] - mu;
+            a[i] += e * e;
+          }
+        }
+      });
       mean[c] = static_cast<float>(mu);
-      var[c] = static_cast<float>(q / m);
+      var[c] = static_cast<float>(total() / m);
     }
   });
 }
@@ -270,7 +284,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
     });
   }
 
-  // Per-channel sums (in order, double), then dL/dz.
+  // Per-channel sums (double, one accumulator per position of a row so that the loop
+  // vectorises; the positions' sums added in order at the end), then dL/dz.
   at::Tensor gscale = at::empty({d.C}, z.options());
   at::Tensor gshift = at::empty({d.C}, z.options());
   // Without need_grad_current, dL/dX becomes dL/dz in its own buffer, element by element (each
@@ -281,26 +296,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
   float* gshp = gshift.data_ptr<float>();
   const double m = static_cast<double>(d.T * d.N * d.S);
   at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<double> acc_g(d.S), acc_gx(d.S);
     for (int64_t c = c0; c < c1; ++c) {
       const ChannelAffine a = aff[c];
-      double sg = 0.0, sgx = 0.0;
-      for (int64_t tn = 0; tn < d.T * d.N; ++tn) {
-        const int64_t off = (tn * d.C + c) * d.S;
-        const float* zr = zv.row(d, tn, c);
-        for (int64_t i = 0; i < d.S; ++i) {
-          const double g = gcp[off + i];
-          sg += g;
-          sgx += g * a.normalized(zr[i]);
+      std::fill(acc_g.begin(), acc_g.end(), 0.0);
+      std::fill(acc_gx.begin(), acc_gx.end(), 0.0);
+      double* __restrict ag = acc_g.data();
+      double* __restrict agx = acc_gx.data();
+      run_for_isa(isa, [&]() __attribute__((always_inline)) {
+        for (int64_t tn = 0; tn < d.T * d.N; ++tn) {
+          const int64_t off = (tn * d.C + c) * d.S;
+          const float* zr = zv.row(d, tn, c);
+          for (int64_t i = 0; i < d.S; ++i) {
+            const double g = gcp[off + i];
+            ag[i] += g;
+            agx[i] += g * a.normalized(zr[i]);
+          }
         }
+      });
+      double sg = 0.0, sgx = 0.0;
+      for (int64_t i = 0; i < d.S; ++i) {
+        sg += ag[i];
+        sgx += agx[i];
       }
       gshp[c] = static_cast<float>(sg);
       gscp[c] = static_cast<float>(sgx);
       const ZGrad zg = make_zgrad(a, sg, sgx, m);
-      for (int64_t tn = 0; tn < d.T * d.N; ++tn) {
-        const int64_t off = (tn * d.C + c) * d.S;
-        const float* zr = zv.row(d, tn, c);
-        for (int64_t i = 0; i < d.S; ++i) gzp[off + i] = zg(gcp[off + i], zr[i]);
-      }
+      run_for_isa(isa, [&]() __attribute__((always_inline)) {
+        for (int64_t tn = 0; tn < d.T * d.N; ++tn) {
+          const int64_t off = (tn * d.C + c) * d.S;
+          const float* zr = zv.row(d, tn, c);
+          for (int64_t i = 0; i < d.S; ++i) gzp[off + i] = zg(gcp[off + i], zr[i]);
+        }
+      });
     }
   });
   if (!need_grad_current) return {gz, at::empty({0}, z.options()), gscale, gshift};

@@ -23,7 +23,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -52,24 +51,60 @@ static inline __attribute__((always_inline)) float round_int(float v) {
   return (v + kMagic) - kMagic;
 }
 
+// |v|'s bits (the sign cleared): non-negative floats order as these integers, inf is
+// kInfBits and every NaN above it, so the largest |v| and "not finite" are one integer max,
+// which vectorises (a float max or a float test leaves the loop scalar).
+constexpr uint32_t kInfBits = 0x7f800000u;
+static inline __attribute__((always_inline)) uint32_t abs_bits(float v) {
+  uint32_t k;
+  std::memcpy(&k, &v, sizeof(k));
+  return k & 0x7fffffffu;
+}
+static inline float float_of_bits(uint32_t k) {
+  float v;
+  std::memcpy(&v, &k, sizeof(v));
+  return v;
+}
+
 // The largest |dZ| of channel rows g + b * img_stride, b < nb (n values each); *bad set for a
 // value that is not finite.
 static inline __attribute__((always_inline)) float channel_max_body(const float* g,
                                                                     int64_t img_stride,
                                                                     int64_t nb, int64_t n,
                                                                     bool* bad) {
-  float mx = 0.0f;
-  bool nonfinite = false;
+  uint32_t top = 0;
   for (int64_t b = 0; b < nb; ++b) {
     const float* r = g + b * img_stride;
     for (int64_t i = 0; i < n; ++i) {
-      const float a = std::fabs(r[i]);
-      mx = a > mx ? a : mx;
-      nonfinite |= !(a <= FLT_MAX);
+      const uint32_t k = abs_bits(r[i]);
+      top = k > top ? k : top;
     }
   }
-  *bad = nonfinite;
-  return mx;
+  *bad = top >= kInfBits;
+  return float_of_bits(top);
+}
+
+// r[px * C + c] *= alpha[c] over S pixels of C channels, in place; returns the largest |value|'s
+// bits (>= kInfBits: one is not finite).
+static inline __attribute__((always_inline)) uint32_t scale_max_body(float* r,
+                                                                     const float* alpha,
+                                                                     int64_t S, int64_t C) {
+  uint32_t top = 0;
+  for (int64_t px = 0; px < S; ++px, r += C)
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = r[c] * alpha[c];
+      r[c] = v;
+      const uint32_t k = abs_bits(v);
+      top = k > top ? k : top;
+    }
+  return top;
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) uint32_t scale_max_avx512(
+    float* r, const float* alpha, int64_t S, int64_t C) {
+  return scale_max_body(r, alpha, S, C);
+}
+uint32_t scale_max_base(float* r, const float* alpha, int64_t S, int64_t C) {
+  return scale_max_body(r, alpha, S, C);
 }
 
 // The three limbs of n values v * inv, into l0, l1, l2 (vectorisable: one flat run), each
@@ -326,6 +361,7 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
   const bool avx512 = isa_supported(Isa::kAvx512);
   const auto limb_fn = avx512 ? &limbs_avx512<uint8_t, 128> : &limbs_base<uint8_t, 128>;
   const auto comb_fn = avx512 ? &recombine_avx512 : &recombine_base;
+  const auto scale_max = avx512 ? &scale_max_avx512 : &scale_max_base;
   const TransposeFn transpose = transpose_f32_fn();
   const float* g = gz.data_ptr<float>();
 
@@ -361,19 +397,9 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = b0 + i;
         transpose(g + b * s.Co * S, cl.data(), s.Co, S);  // [S, Co]
-        float mx = 0.0f;
-        bool bad = false;
-        for (int64_t px = 0; px < S; ++px) {
-          float* r = cl.data() + px * s.Co;
-          for (int64_t c = 0; c < s.Co; ++c) {
-            const float v = r[c] * alpha[c];
-            r[c] = v;
-            const float a = std::fabs(v);
-            mx = a > mx ? a : mx;
-            bad |= !(a <= FLT_MAX);
-          }
-        }
-        if (bad) {
+        const uint32_t top = scale_max(cl.data(), alpha, S, s.Co);  // alpha * dZ
+        const float mx = float_of_bits(top);
+        if (top >= kInfBits) {
           any_bad.store(true, std::memory_order_relaxed);
           continue;
         }

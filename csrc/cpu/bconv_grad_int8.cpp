@@ -393,7 +393,6 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
     std::atomic<bool> any_bad{false};
     at::parallel_for(0, nb, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> cl(S * s.Co);
-      std::vector<uint8_t> tmp(3 * S * s.Co);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = b0 + i;
         transpose(g + b * s.Co * S, cl.data(), s.Co, S);  // [S, Co]
@@ -405,19 +404,21 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
         }
         const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
         unit[b] = mx > 0.0f ? 1.0 / static_cast<double>(inv) : 0.0;
-        const int64_t n = S * s.Co;
-        limb_fn(cl.data(), n, inv, tmp.data(), tmp.data() + n, tmp.data() + 2 * n);
+        // The limbs straight into the padded images' rows; the margins hold the zero point.
+        uint8_t* d[3];
         for (int k = 0; k < 3; ++k) {
-          uint8_t* d = ap + (k * nb + i) * img;
-          const uint8_t* src = tmp.data() + k * n;
-          std::memset(d, 128, mt * Wq * s.Co);
-          for (int64_t y = 0; y < s.Ho; ++y) {
-            uint8_t* row = d + (mt + y) * Wq * s.Co;
-            std::memset(row, 128, ml * s.Co);
-            std::memcpy(row + ml * s.Co, src + y * s.Wo * s.Co, s.Wo * s.Co);
-            std::memset(row + (ml + s.Wo) * s.Co, 128, ml * s.Co);
+          d[k] = ap + (k * nb + i) * img;
+          std::memset(d[k], 128, mt * Wq * s.Co);
+          std::memset(d[k] + (mt + s.Ho) * Wq * s.Co, 128, mt * Wq * s.Co);
+        }
+        for (int64_t y = 0; y < s.Ho; ++y) {
+          const int64_t row = (mt + y) * Wq * s.Co;
+          for (int k = 0; k < 3; ++k) {
+            std::memset(d[k] + row, 128, ml * s.Co);
+            std::memset(d[k] + row + (ml + s.Wo) * s.Co, 128, ml * s.Co);
           }
-          std::memset(d + (mt + s.Ho) * Wq * s.Co, 128, mt * Wq * s.Co);
+          const int64_t in = row + ml * s.Co;
+          limb_fn(cl.data() + y * s.Wo * s.Co, s.Wo * s.Co, inv, d[0] + in, d[1] + in, d[2] + in);
         }
       }
     });

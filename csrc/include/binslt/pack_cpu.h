@@ -62,8 +62,15 @@ inline PackWordFn pack_word_fn() {
 // window's four positions (0, 1 / 2, 3 in row-major order) gets its gradient -- the first whose
 // spike bit is set, or 0 when all four are 0. r0, r1: the window's top and bottom row words at
 // its left column, `step` words per pixel; bit: the channel's bit in those words.
+// Branch-free (random spikes mispredict a chain of branches): the four window bits in order as
+// a 4-bit mask, the route its lowest set bit's index (ctz of mask | 16 is 4 for an empty window,
+// & 3 makes that 0).
 inline int64_t pool2_route(const uint32_t* r0, const uint32_t* r1, int64_t step, uint32_t bit) {
-  return (r0[0] & bit) ? 0 : (r0[step] & bit) ? 1 : (r1[0] & bit) ? 2 : (r1[step] & bit) ? 3 : 0;
+  const uint32_t m = static_cast<uint32_t>((r0[0] & bit) != 0) |
+                     (static_cast<uint32_t>((r0[step] & bit) != 0) << 1) |
+                     (static_cast<uint32_t>((r1[0] & bit) != 0) << 2) |
+                     (static_cast<uint32_t>((r1[step] & bit) != 0) << 3);
+  return __builtin_ctz(m | 16u) & 3;
 }
 
 // One channel's spikes sp [T][sp_step] (rows of W spikes, the first the top of pooled row oq0)

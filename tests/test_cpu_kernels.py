@@ -857,24 +857,29 @@ def test_bf16x3_forms_in_several_chunks_match_float64(use_algos):
         _assert_close(outs["bf16x3"][i], outs["dense"][i], f"bf16x3 vs dense {name}")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("gx_algo,gw_algo", [("dense", "int8"), ("bf16x3", "bf16x3")]
                          + ([("int8", "int8")] if onednn_supported() else []))
-def test_split_grads_take_the_float_forms_on_a_non_finite_dz(gx_algo, gw_algo, use_algos):
-    """A NaN in dL/dspikes cannot be split into int8 limbs or bf16 parts: the forced split
-    forms give the event weight gradient's and the dense input gradient's results (NaN where
-    those carry it), never a number made up from a NaN."""
+def test_split_grads_take_the_float_forms_on_a_non_finite_dz(gx_algo, gw_algo, bad, use_algos):
+    """A NaN or an infinity in dL/dspikes (so in dL/dZ: eval BN scales it) cannot be split into
+    int8 limbs or bf16 parts (the scale pass finds it as the largest |value|'s bits, inf's
+    0x7f800000 or above): the forced split forms give the event weight gradient's and the dense
+    input gradient's results (NaN and infinities where those carry them), never a number made
+    up from one."""
     c = _conv_case((2, 1, 16, 16, 6, 6, 3, 1, 1), 12, bn_train=False)
     fwd = _fwd_of(c)
     gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(6))
-    gs[1, 0, 3, 2, 2] = float("nan")
+    gs[1, 0, 3, 2, 2] = bad
     use_algos(grad_x=gx_algo, grad_w=gw_algo)
     a = _bwd_of(c, fwd, gs)
     use_algos(grad_x="dense", grad_w="event")
     b = _bwd_of(c, fwd, gs)
     for i in (0, 1):  # grad_x, grad_weight
-        assert torch.isnan(a[i]).any()
-        assert torch.equal(torch.isnan(a[i]), torch.isnan(b[i]))
-        assert torch.equal(torch.nan_to_num(a[i]), torch.nan_to_num(b[i]))
+        assert not torch.isfinite(a[i]).all()
+        for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(kind(a[i]), kind(b[i]))
+        assert torch.equal(torch.nan_to_num(a[i], 0.0, 0.0, 0.0),
+                           torch.nan_to_num(b[i], 0.0, 0.0, 0.0))
 
 
 INT8_AUTO = [

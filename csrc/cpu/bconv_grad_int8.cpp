@@ -156,7 +156,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void unfold_row_int8_avx512
       for (int64_t kx = 0; kx < s.KW; ++kx, d += Ci) {
         const int64_t ix = ox * s.stride - s.padding + kx;
         const bool inside = iy >= 0 && iy < s.H && ix >= 0 && ix < s.W;
-        const uint32_t* w = x_packed + ((b * s.H + iy) * s.W + ix) * s.Cw;
+        const uint32_t* w = inside ? x_packed + ((b * s.H + iy) * s.W + ix) * s.Cw : x_packed;
         int64_t c = 0;
         for (; c + 64 <= Ci; c += 64) {
           const uint64_t m =

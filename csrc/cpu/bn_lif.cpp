@@ -107,9 +107,9 @@ std::optional<at::Tensor> residual_like_z(const std::optional<at::Tensor>& r, co
   return output_like(*r, z.sizes(), op, "residual");
 }
 
-// Batch statistics per channel in double (two passes): mean and biased variance.
-// In double, one accumulator per position of a row (so that the loops vectorise), the
-// positions' sums added in order at the end.
+// Batch statistics per channel in double (two passes): mean and biased variance, each sum with
+// one accumulator per position of a row (so that the loops vectorise), the positions' sums
+// added in order at the end.
 void batch_stats(const ZView& z, const Dims& d, float* mean, float* var) {
   const double m = static_cast<double>(d.T * d.N * d.S);
   const Isa isa = active_isa();

@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -18,6 +17,7 @@
 #include "binslt/checks.h"
 #include "binslt/cpu_algos.h"
 #include "binslt/epilogue_cpu.h"
+#include "binslt/float_key.h"
 #include "binslt/isa_run.h"
 #include "binslt/lif.h"
 #include "binslt/pack_cpu.h"
@@ -153,23 +153,20 @@ static inline __attribute__((always_inline)) void lif_bn_channel_body(const LifB
   job.gsh[c] = static_cast<float>(sg);
   job.gsc[c] = static_cast<float>(sgx);
   const ZGrad zg = make_zgrad(aff, sg, sgx, m);
-  // The largest |v| as the largest of its bits with the sign cleared (non-negative floats order
-  // as these integers, inf at 0x7f800000 and NaN above): an integer max that vectorises (a float
-  // max or a float test left this loop scalar), and one test for a value that is not finite.
+  // The largest |v| and the non-finite test as one integer max of abs_key (float_key.h: a float
+  // max or test left this loop scalar).
   uint32_t top = 0;
   for (int64_t tn = 0; tn < s.T * s.N; ++tn) {
     const int64_t off = (tn * s.Co + c) * S;
     for (int64_t i = 0; i < S; ++i) {
       const float v = zg(gcur[off + i], static_cast<float>(counts[off + i]) * a);
       gz[off + i] = v;
-      uint32_t key;
-      std::memcpy(&key, &v, sizeof(key));
-      key &= 0x7fffffffu;
+      const uint32_t key = abs_key(v);
       top = key > top ? key : top;
     }
   }
-  job.nonfinite[c] = static_cast<char>(top >= 0x7f800000u);
-  std::memcpy(&job.absmax[c], &top, sizeof(top));
+  job.nonfinite[c] = static_cast<char>(top >= KeyOf<float>::kInf);
+  job.absmax[c] = float_of_key(top);  // read only where every channel is finite
 }
 
 // dL/dX (grad_current) and dL/dZ from the counts, and the per-channel sums, over all channels.

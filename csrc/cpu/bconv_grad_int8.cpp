@@ -30,6 +30,7 @@
 
 #include "binslt/bconv_cpu.h"
 #include "binslt/cpu_algos.h"
+#include "binslt/float_key.h"
 
 namespace binslt {
 namespace cpu {
@@ -51,23 +52,10 @@ static inline __attribute__((always_inline)) float round_int(float v) {
   return (v + kMagic) - kMagic;
 }
 
-// |v|'s bits (the sign cleared): non-negative floats order as these integers, inf is
-// kInfBits and every NaN above it, so the largest |v| and "not finite" are one integer max,
-// which vectorises (a float max or a float test leaves the loop scalar).
-constexpr uint32_t kInfBits = 0x7f800000u;
-static inline __attribute__((always_inline)) uint32_t abs_bits(float v) {
-  uint32_t k;
-  std::memcpy(&k, &v, sizeof(k));
-  return k & 0x7fffffffu;
-}
-static inline float float_of_bits(uint32_t k) {
-  float v;
-  std::memcpy(&v, &k, sizeof(v));
-  return v;
-}
+constexpr uint32_t kInfKey = KeyOf<float>::kInf;
 
 // The largest |dZ| of channel rows g + b * img_stride, b < nb (n values each); *bad set for a
-// value that is not finite.
+// value that is not finite (one integer max of abs_key, float_key.h).
 static inline __attribute__((always_inline)) float channel_max_body(const float* g,
                                                                     int64_t img_stride,
                                                                     int64_t nb, int64_t n,
@@ -76,16 +64,16 @@ static inline __attribute__((always_inline)) float channel_max_body(const float*
   for (int64_t b = 0; b < nb; ++b) {
     const float* r = g + b * img_stride;
     for (int64_t i = 0; i < n; ++i) {
-      const uint32_t k = abs_bits(r[i]);
+      const uint32_t k = abs_key(r[i]);
       top = k > top ? k : top;
     }
   }
-  *bad = top >= kInfBits;
-  return float_of_bits(top);
+  *bad = top >= kInfKey;
+  return float_of_key(top);
 }
 
-// r[px * C + c] *= alpha[c] over S pixels of C channels, in place; returns the largest |value|'s
-// bits (>= kInfBits: one is not finite).
+// r[px * C + c] *= alpha[c] over S pixels of C channels, in place; returns the largest
+// abs_key of the values (>= kInfKey: one is not finite).
 static inline __attribute__((always_inline)) uint32_t scale_max_body(float* r,
                                                                      const float* alpha,
                                                                      int64_t S, int64_t C) {
@@ -94,7 +82,7 @@ static inline __attribute__((always_inline)) uint32_t scale_max_body(float* r,
     for (int64_t c = 0; c < C; ++c) {
       const float v = r[c] * alpha[c];
       r[c] = v;
-      const uint32_t k = abs_bits(v);
+      const uint32_t k = abs_key(v);
       top = k > top ? k : top;
     }
   return top;
@@ -397,8 +385,8 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
         const int64_t b = b0 + i;
         transpose(g + b * s.Co * S, cl.data(), s.Co, S);  // [S, Co]
         const uint32_t top = scale_max(cl.data(), alpha, S, s.Co);  // alpha * dZ
-        const float mx = float_of_bits(top);
-        if (top >= kInfBits) {
+        const float mx = float_of_key(top);
+        if (top >= kInfKey) {
           any_bad.store(true, std::memory_order_relaxed);
           continue;
         }

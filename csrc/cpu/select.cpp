@@ -34,38 +34,13 @@
 
 #include "binslt/checks.h"
 #include "binslt/cpu_algos.h"
+#include "binslt/float_key.h"
 #include "binslt/lif.h"
 #include "binslt/pack_cpu.h"
 
 namespace binslt {
 namespace cpu {
 namespace {
-
-template <typename scalar_t>
-struct KeyOf;
-
-template <>
-struct KeyOf<float> {
-  using key_t = uint32_t;
-  static constexpr key_t kAbs = 0x7fffffffu, kInf = 0x7f800000u, kNaN = 0x7f800001u;
-};
-
-template <>
-struct KeyOf<double> {
-  using key_t = uint64_t;
-  static constexpr key_t kAbs = 0x7fffffffffffffffull, kInf = 0x7ff0000000000000ull,
-                         kNaN = 0x7ff0000000000001ull;
-};
-
-// |x| as an ordered integer key; every NaN maps to one key above +inf.
-template <typename scalar_t>
-inline typename KeyOf<scalar_t>::key_t abs_key(scalar_t x) {
-  using K = KeyOf<scalar_t>;
-  typename K::key_t k;
-  std::memcpy(&k, &x, sizeof(k));
-  k &= K::kAbs;
-  return k > K::kInf ? K::kNaN : k;
-}
 
 // Raise the ValueError for `bad` non-finite entries of a tensor of n: how many are NaN and how
 // many +-inf (a second scan, on the error path only).

@@ -162,17 +162,19 @@ struct ByteBits {
   }
 };
 
+// One output row (b, oy) of unfold_output_rows_bits as int8, [Wo, KH * KW * Ci], with
+// AVX-512BW; nullptr where the CPU lacks it (bconv_grad_int8.cpp).
+using UnfoldRowInt8 = void (*)(const ConvShape& s, int64_t Ci, const uint32_t* x_packed,
+                               int64_t b, int64_t oy, int8_t* dst);
+UnfoldRowInt8 unfold_row_int8_fn();
+
 // The split forms' unfolded input: output rows r0 .. r0 + nr - 1 (row r = b * Ho + oy) as
 // [nr * Wo, KH * KW * Ci] 0/1 values (column (ky * KW + kx) * Ci + ci), read from the packed
 // input itself (x_packed [B, H, W, Cw] words, channel ci bit ci % 32 of word ci / 32; no
 // unpacked copy of the whole input): tap (ky, kx) of output pixel (oy, ox) is input pixel
 // (oy * stride - padding + ky, ox * stride - padding + kx), zeros outside the image.
-// One output row (b, oy) of it as int8, [Wo, KH * KW * Ci], with AVX-512BW (a 64-bit mask
-// of channels expands to 64 bytes in one instruction); nullptr where the CPU lacks it.
-using UnfoldRowInt8 = void (*)(const ConvShape& s, int64_t Ci, const uint32_t* x_packed,
-                               int64_t b, int64_t oy, int8_t* dst);
-UnfoldRowInt8 unfold_row_int8_fn();
-
+// Where T is int8 and the CPU has AVX-512BW, each output row is unfold_row_int8_fn()'s (a 64-bit
+// mask of channels expands to 64 bytes in one instruction).
 template <typename T>
 void unfold_output_rows_bits(const ConvShape& s, int64_t Ci, const uint32_t* x_packed,
                              int64_t r0, int64_t nr, T* dst) {

@@ -109,6 +109,19 @@ def test_pack_errors():
         OPS.unpack_spikes(torch.zeros(1, 2, 2, 1, dtype=torch.int32), 33)
 
 
+@pytest.mark.parametrize("where", [0, -1, 40000])
+@pytest.mark.parametrize("value", [0.5, float("nan"), -1.0, 2.0])
+def test_pack_refuses_one_value_anywhere(where, value):
+    """One non-binary value anywhere (the first, the last, in the middle of a parallel range)
+    makes pack_spikes raise, and binslt.ops.spike_bits answer None, however the work is split."""
+    x = (torch.rand(64, 40, 9, 9, generator=torch.Generator().manual_seed(4)) < 0.3).float()
+    assert torch.equal(ops.spike_bits(x, OPS.pack_spikes), OPS.pack_spikes(x))
+    x.view(-1)[where] = value
+    with pytest.raises(ValueError, match="binary spikes"):
+        OPS.pack_spikes(x)
+    assert ops.spike_bits(x, OPS.pack_spikes) is None
+
+
 # ----------------------------------------------------------------------------------------------
 # bconv_lif forward
 # ----------------------------------------------------------------------------------------------
@@ -503,6 +516,11 @@ BWD_CASES = [
     ((2, 1, 40, 20, 6, 21, 3, 1, 1), True, 0.0, False, True, 0, 2.0, False),
     ((1, 2, 17, 33, 9, 18, 5, 1, 2), False, None, True, False, 0, 2.0, True),
     ((2, 1, 12, 9, 7, 19, 3, 1, 0), True, 0.0, True, True, 1, 4.0, False),
+    # stride 3 (one kernel row per stride class), a 5x5 kernel at stride 2, 2x2 at stride 3
+    # (classes no kernel tap reaches)
+    ((2, 1, 20, 12, 10, 8, 3, 3, 1), True, 0.0, False, True, 0, 2.0, False),
+    ((1, 2, 24, 10, 9, 11, 5, 2, 2), False, None, True, False, 1, 4.0, True),
+    ((2, 1, 16, 9, 9, 7, 2, 3, 0), True, 0.0, False, True, 0, 2.0, False),
     # 1x1, stride 1, no padding (the linear layers as a 1 x N image; a spatial pointwise conv):
     # both gradients as matrix products
     ((4, 1, 40, 20, 1, 33, 1, 1, 0), True, 0.0, False, True, 0, 2.0, False),
@@ -545,8 +563,8 @@ def _gx_algos() -> list[str]:
 # so every input-gradient form runs with the event weight gradient, one with the dense one and
 # the unfold, the tap, the pointwise, the bf16x3 and the int8 forms with their own (forced on
 # every case (bf16x3 everywhere: float32 products where the CPU has no bf16 matrix engine):
-# also the maps "auto" never gives them; where a forced form cannot run a case, e.g. the int8
-# input gradient or "margined" at stride 2, "pointwise" off a 1x1 kernel, the op raises ValueError saying why, as
+# also the maps "auto" never gives them; where a forced form cannot run a case, e.g. "margined"
+# at stride 2, "pointwise" off a 1x1 kernel, the op raises ValueError saying why, as
 # binslt.ops.plan.backward_plan does).
 BWD_ALGOS = [(gx, "event") for gx in _gx_algos()] + [
     ("margined", "event"), ("dense", "dense"), ("margined", "dense"), ("unfold", "unfold"),
@@ -885,12 +903,17 @@ def test_split_grads_take_the_float_forms_on_a_non_finite_dz(gx_algo, gw_algo, b
 INT8_AUTO = [
     # gradient, geometry, input rate, whether auto takes the int8 form
     ("grad_w", (2, 2, 64, 64, 8, 8, 3, 1, 1), 0.6, True),      # dense-rate input over 8x8
-    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 1, 1), 0.3, True),    # rate * 256/324 = 0.24 >= 0.18
-    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 1, 1), 0.05, False),  # sparse: the event form
-    ("grad_w", (2, 2, 64, 64, 4, 4, 3, 1, 1), 0.6, True),      # 4x4: int8 at any rate
+    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 1, 1), 0.3, True),
+    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 1, 1), 0.05, True),   # sparse input too
+    ("grad_w", (2, 2, 64, 64, 4, 4, 3, 1, 1), 0.6, True),
     ("grad_w", (2, 2, 64, 64, 4, 4, 3, 1, 1), 0.05, True),
-    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 2, 1), 0.6, False),   # stride 2
+    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 2, 1), 0.6, True),    # stride 2
+    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 2, 1), 0.1, True),
+    ("grad_w", (2, 2, 64, 64, 2, 2, 3, 1, 1), 0.3, False),     # 3x3 over 2x2: the unfold form
+    ("grad_w", (2, 2, 64, 64, 8, 8, 1, 1, 0), 0.6, True),      # pointwise, dense-rate input
+    ("grad_w", (2, 2, 64, 64, 8, 8, 1, 1, 0), 0.05, False),    # pointwise, sparse: event
     ("grad_x", (2, 2, 64, 64, 8, 8, 3, 1, 1), 0.3, True),
+    ("grad_x", (2, 2, 64, 64, 16, 16, 3, 2, 1), 0.3, True),    # stride 2: the class convs
     ("grad_x", (2, 2, 64, 64, 4, 4, 3, 1, 1), 0.3, False),     # 4x4: the dense conv
     ("grad_x", (2, 2, 32, 32, 32, 32, 3, 1, 1), 0.3, True),
     ("grad_x", (2, 2, 64, 64, 2, 2, 3, 1, 1), 0.3, False),     # 3x3 over 2x2: the unfold form

@@ -7,6 +7,7 @@ import torch
 
 import binslt
 from binslt.ops import reference as ref
+from helpers import assert_close_rel
 
 
 def _spikes(*shape, p=0.3):
@@ -67,6 +68,50 @@ def test_frozen_1x1_layer_gives_contiguous_output():
     with torch.no_grad():
         y = m(_spikes(2, 3, 8, 6, 6))
     assert y.shape == (2, 3, 16, 3, 3) and y.is_contiguous()
+
+
+def test_pointwise_conv_products_match_float64():
+    """The 1x1 training conv's matrix products (binary._PointwiseConv: a ResNet shortcut) against
+    torch.autograd.gradcheck in float64: stride 1, 2 and 3 over even and odd maps."""
+    from binslt.nn.binary import _PointwiseConv
+
+    g = torch.Generator().manual_seed(3)
+    for stride, h, w in ((1, 4, 3), (2, 5, 6), (2, 4, 4), (3, 7, 5)):
+        x = torch.rand(2, 3, h, w, generator=g, dtype=torch.float64).requires_grad_()
+        wt = torch.randn(4, 3, 1, 1, generator=g, dtype=torch.float64).requires_grad_()
+        y = _PointwiseConv.apply(x, wt, stride)
+        assert torch.allclose(y, torch.nn.functional.conv2d(x, wt, stride=stride), atol=1e-12)
+        assert torch.autograd.gradcheck(lambda a, b: _PointwiseConv.apply(a, b, stride), (x, wt))
+
+
+@pytest.mark.parametrize("stride,hw,binary,bn", [(1, 5, True, True), (2, 7, True, True),
+                                                 (2, 6, False, False), (3, 8, True, False)])
+def test_bin_conv_1x1_training_matches_float_conv(stride, hw, binary, bn, monkeypatch):
+    """BinConv2d with a 1x1 kernel in training (spikes saved as bits, the conv as matrix
+    products) gives the output, input gradient and score gradient of the same layer run through
+    F.conv2d, within float32 rounding; its output against float64 too."""
+    from binslt.nn import binary
+
+    torch.manual_seed(stride * 10 + hw)
+    x = torch.rand(3, 2, 5, hw, hw)
+    x = (x < 0.4).float() if binary else x
+    runs = []
+    for conv in (binary._conv, lambda a, b, s, p: torch.nn.functional.conv2d(a, b, stride=s,
+                                                                            padding=p)):
+        monkeypatch.setattr(binary, "_conv", conv)
+        torch.manual_seed(1)
+        m = binslt.BinConv2d(5, 7, 1, stride=stride, bn=bn).train()
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        runs.append((y.detach(), xi.grad, m.scores.grad, m.effective_weight().detach()))
+    (y0, gx0, gs0, w), (y1, gx1, gs1, _) = runs
+    for a, b, what in ((y0, y1, "output"), (gx0, gx1, "input gradient"),
+                       (gs0, gs1, "score gradient")):
+        assert_close_rel(a, b, 1e-5, what)
+    if not bn:
+        y64 = torch.nn.functional.conv2d(x.flatten(0, 1).double(), w.double(), stride=stride)
+        assert torch.allclose(y0.flatten(0, 1).double(), y64, rtol=1e-6, atol=1e-6)
 
 
 def test_device_mismatch_is_reported():

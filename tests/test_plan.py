@@ -71,7 +71,7 @@ def _expected(name: str, isa: str) -> dict[str, set[str]]:
         "pool2": {"forward": {"event"}, "infer": {"event"} | ({"onednn"} if AMX else set()),
                   "grad_x": {"margined"} | ternary | int8, "grad_w": {"event"} | int8},
         "stride2": {"forward": {"event"}, "infer": {"event"} | ({"onednn"} if AMX else set()),
-                    "grad_x": {"dense"}, "grad_w": {"event"}},
+                    "grad_x": {"dense"} | int8, "grad_w": {"event"} | int8},
     }[name]
 
 

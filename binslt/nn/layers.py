@@ -42,7 +42,7 @@ from .base import (  # noqa: F401
     layer_label,
     torchscript_error,
 )
-from .binary import BinConv2d, BinLinear, SignActivation, _affine_infer_path, _saves_spikes_packed  # noqa: F401
+from .binary import BinConv2d, BinLinear, SignActivation, _affine_infer_path  # noqa: F401
 from .conv import BinSpikeConv2d, conv_output_numel  # noqa: F401
 from .linear import BinSpikeLinear  # noqa: F401
 from .neuron import LIF, NEURONS, NeuronConfig, check_if_settings  # noqa: F401

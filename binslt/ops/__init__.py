@@ -30,6 +30,7 @@ from .autograd import (  # noqa: F401
     ConvLIF,
     SpikePool,
     _is_binary,
+    spike_bits,
     _spike_pool,
     is_vmapped,
     keep_counts,

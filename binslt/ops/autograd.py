@@ -105,8 +105,11 @@ class ConvLIF(Function):
         elif pool != 1:
             raise ValueError(f"ConvLIF: only 2x2 pooling is fused, got pool={pool}")
         res_saved = none()  # a residual of spikes, packed; otherwise the input residual is saved
-        if res is not None and capabilities(backend).residual_bits and _is_binary(res):
-            res_saved = get_op("pack_spikes", backend)(res.flatten(0, 1))
+        if res is not None and capabilities(backend).residual_bits and \
+                not values_unreadable(res):
+            bits = spike_bits(res.flatten(0, 1), get_op("pack_spikes", backend))
+            if bits is not None:
+                res_saved = bits
         return (spikes.to(x.dtype), mean, var, x_packed, w_mask, w_pos, alpha, kept, res_saved,
                 pool_bits)
 
@@ -273,6 +276,18 @@ def _fits_int8(counts: torch.Tensor) -> bool:
         return False
     lo, hi = torch.aminmax(counts)
     return int(lo) >= -128 and int(hi) <= 127
+
+
+def spike_bits(t: torch.Tensor, pack) -> torch.Tensor | None:
+    """``pack(t)``, the packed words of t [B, C, H, W], where every value is 0 or 1, else None:
+    ``pack`` is a ``pack_spikes`` that refuses a non-binary input with ValueError: the CPU
+    kernel's (it stops at the first word that holds one) or the reference's, not the GPU
+    kernels' (callers use this on CPU tensors only). Where a caller would pack a tensor after
+    asking whether it is spikes, this asks and packs in one pass."""
+    try:
+        return pack(t)
+    except ValueError:
+        return None
 
 
 def _is_binary(t: torch.Tensor) -> bool:

@@ -16,7 +16,7 @@ with their measured thresholds, are written down once at ``plan_forward`` / ``pl
   ``"margined"`` (the same conv from dZ channel-last with zero margins; stride 1, padding <=
   kernel - 1), ``"ternary"`` / ``"combo"`` (add/subtract of dZ rows, plain or over signed sums of
   four rows; AVX-512, stride 1), ``"unfold"`` (the conv as one [Co*Ho*Wo, Ci*H*W] matrix, for
-  maps of a few pixels), ``"int8"`` (oneDNN's int8 conv of dZ's int8 limbs; AMX-INT8, stride 1),
+  maps of a few pixels), ``"int8"`` (oneDNN's int8 conv of dZ's int8 limbs; AMX-INT8, any stride),
   ``"bf16x3"`` (the dense conv as three products of bf16-exact parts of alpha * dZ, see
   :func:`bf16_split`, under oneDNN's bf16 precision: the bf16 matrix engine of an AMX-BF16
   CPU, where it is a measured candidate; elsewhere float32 products, same result) or

@@ -274,13 +274,18 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
 }
 
 // ---------------------------------------------------------------------------------------------
-// The input gradient: dL/dX[b][ci][y][x] = sum over co, ky, kx of
-//   alpha[co] * W[co][ci][ky][kx] * dZ[b][co][y - ky + p][x - kx + p]
-// at stride 1 is the forward conv of dZ (zero-padded by KH - 1 - p, KW - 1 - p) with the
-// flipped, transposed weight, here oneDNN's u8 x s8 convolution (onednn::qconv2d_pointwise, as
-// the inference forward): alpha[co] * dZ per image on a unit u = max / 127 as three limbs (u8
-// with zero point 128, the three as three batches of images), W in {-1, 0, +1}; its int32 sums
-// are exact (|sum| <= 127 * Co * KH * KW < 2^24, also as the float32 it writes).
+// The input gradient: dL/dX[b][ci][u][v] = sum over co and the taps (ky, kx) with
+//   u = y * stride + ky - p, v = x * stride + kx - p   of   alpha[co] * W[co][ci][ky][kx] * dZ[b][co][y][x].
+// Along one axis the input rows split into stride classes: the rows u with (u + p) % stride = r
+// take kernel rows r, r + stride, ... (J of them) and dZ rows q - j, j < J, where q = (u + p - r)
+// / stride; over a class that is a stride-1 correlation of dZ with the class's kernel rows,
+// reversed. So each pair of classes (rows, columns) is the forward conv of dZ (zero-padded by
+// the margins the classes reach) with the flipped, transposed sub-kernel (at stride 1: one class,
+// the whole kernel), here oneDNN's u8 x s8 convolution (onednn::qconv2d_pointwise, as the
+// inference forward): alpha[co] * dZ per image on a unit u = max / 127 as three limbs (u8 with
+// zero point 128, the three as three batches of images), W in {-1, 0, +1}; its int32 sums are
+// exact (|sum| <= 127 * Co * KH * KW < 2^24, also as the float32 it writes). A class of rows that
+// no kernel row reaches (stride above the kernel) gets a zero gradient.
 // ---------------------------------------------------------------------------------------------
 
 namespace {
@@ -289,23 +294,55 @@ std::optional<c10::OperatorHandle> find_onednn(const char* name) {
   return c10::Dispatcher::singleton().findSchema({name, ""});
 }
 
-// The flipped, transposed ternary weight Wt[ci][co][ky][kx] = W[co][ci][KH-1-ky][KW-1-kx] as s8
-// in ChannelsLast ([Ci, KH, KW, Co] in memory), from the planes [Co, KH, KW, Cw].
+// One stride class of an axis (input size n_in, dZ size n_out, kernel K, stride st, padding p):
+// input rows u0, u0 + st, ... (n of them) read kernel rows r + st * j and dZ rows q0 + i - j
+// (j < J) for its i-th row.
+struct AxisClass {
+  int64_t r, J, u0, n, q0;
+};
+
+// The classes of one axis, and the zero margins before (*lo) and after (*hi) dZ that they read.
+std::vector<AxisClass> axis_classes(int64_t n_in, int64_t n_out, int64_t K, int64_t st,
+                                    int64_t p, int64_t* lo, int64_t* hi) {
+  std::vector<AxisClass> v;
+  *lo = *hi = 0;
+  for (int64_t r = 0; r < st; ++r) {
+    AxisClass c{};
+    c.r = r;
+    c.J = r < K ? (K - r + st - 1) / st : 0;
+    c.u0 = ((r - p) % st + st) % st;
+    c.n = c.u0 < n_in ? (n_in - 1 - c.u0) / st + 1 : 0;
+    c.q0 = (c.u0 + p - r) / st;  // u0 + p - r is a multiple of st above -st: >= 0
+    if (c.n > 0 && c.J > 0) {
+      *lo = std::max(*lo, c.J - 1 - c.q0);
+      *hi = std::max(*hi, c.q0 + c.n - n_out);
+    }
+    v.push_back(c);
+  }
+  return v;
+}
+
+// The flipped, transposed ternary sub-kernel of a class pair, Wt[ci][co][jy][jx] =
+// W[co][ci][ry + st * (Jy - 1 - jy)][rx + st * (Jx - 1 - jx)] as s8 in ChannelsLast ([Ci, Jy, Jx,
+// Co] in memory), from the planes [Co, KH, KW, Cw] (at stride 1 the whole kernel, flipped).
 at::Tensor transposed_int8_weight(const ConvShape& s, int64_t Ci, const uint32_t* mbits,
-                                  const uint32_t* pbits) {
-  at::Tensor w = at::empty({Ci, s.KH, s.KW, s.Co}, at::TensorOptions().dtype(at::kChar));
+                                  const uint32_t* pbits, const AxisClass& cy,
+                                  const AxisClass& cx) {
+  const int64_t Jy = cy.J, Jx = cx.J, st = s.stride;
+  at::Tensor w = at::empty({Ci, Jy, Jx, s.Co}, at::TensorOptions().dtype(at::kChar));
   int8_t* wp = w.data_ptr<int8_t>();
   at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t co = c0; co < c1; ++co)
-      for (int64_t ky = 0; ky < s.KH; ++ky)
-        for (int64_t kx = 0; kx < s.KW; ++kx) {
+      for (int64_t jy = 0; jy < Jy; ++jy)
+        for (int64_t jx = 0; jx < Jx; ++jx) {
+          const int64_t ky = cy.r + st * (Jy - 1 - jy), kx = cx.r + st * (Jx - 1 - jx);
           const int64_t row = (co * s.KH + ky) * s.KW + kx;
           const uint32_t* mw = mbits + row * s.Cw;
           const uint32_t* qw = pbits + row * s.Cw;
-          int8_t* dst = wp + ((s.KH - 1 - ky) * s.KW + (s.KW - 1 - kx)) * s.Co + co;
+          int8_t* dst = wp + (jy * Jx + jx) * s.Co + co;
           for (int64_t ci = 0; ci < Ci; ++ci) {
             const uint32_t m = (mw[ci >> 5] >> (ci & 31)) & 1u, q = (qw[ci >> 5] >> (ci & 31)) & 1u;
-            dst[ci * s.KH * s.KW * s.Co] = static_cast<int8_t>(m ? (q ? 1 : -1) : 0);
+            dst[ci * Jy * Jx * s.Co] = static_cast<int8_t>(m ? (q ? 1 : -1) : 0);
           }
         }
   });
@@ -335,16 +372,38 @@ void recombine_base(const float* a, const float* b, const float* c, int64_t n, d
 at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
                            const at::Tensor& w_mask, const at::Tensor& w_pos,
                            const float* alpha, bool over_gz) {
-  TORCH_INTERNAL_ASSERT(s.stride == 1, "input_grad_int8: stride 1 only");
   TORCH_INTERNAL_ASSERT(!over_gz || (Ci == s.Co && s.H == s.Ho && s.W == s.Wo &&
                                      gz.is_contiguous()),
                         "input_grad_int8: the gradient over dZ needs one shape");
   TORCH_CHECK(onednn_int8_supported(), "binslt: the 'int8' input gradient needs PyTorch's oneDNN "
               "int8 convolution on a CPU with AMX-INT8; use cpu_algorithms(grad_x='auto')");
-  const int64_t mt = s.KH - 1 - s.padding, ml = s.KW - 1 - s.padding;
-  TORCH_INTERNAL_ASSERT(mt >= 0 && ml >= 0, "input_grad_int8: padding above kernel - 1");
-  const int64_t Hq = s.Ho + 2 * mt, Wq = s.Wo + 2 * ml, S = s.Ho * s.Wo, SX = s.H * s.W;
-  const int64_t per_image = 3 * (s.Co * Hq * Wq + Ci * SX * 4);
+  int64_t mt, mb, ml, mr;
+  const std::vector<AxisClass> rows = axis_classes(s.H, s.Ho, s.KH, s.stride, s.padding, &mt, &mb);
+  const std::vector<AxisClass> cols = axis_classes(s.W, s.Wo, s.KW, s.stride, s.padding, &ml, &mr);
+  const int64_t Hq = s.Ho + mt + mb, Wq = s.Wo + ml + mr, S = s.Ho * s.Wo, SX = s.H * s.W;
+  const auto* wm = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
+  const auto* wpos = reinterpret_cast<const uint32_t*>(w_pos.data_ptr<int32_t>());
+  struct Part {  // a pair of classes with kernel taps: its sub-kernel's conv over the limbs
+    const AxisClass* y;
+    const AxisClass* x;
+    int64_t Hz, Wz;  // its output map
+    at::Tensor w;    // the sub-kernel, prepacked below
+  };
+  std::vector<Part> parts;
+  bool gaps = false;  // input pixels no kernel tap reaches (a zero gradient)
+  int64_t out_pixels = 0;
+  for (const AxisClass& cy : rows)
+    for (const AxisClass& cx : cols) {
+      if (cy.n == 0 || cx.n == 0) continue;
+      if (cy.J == 0 || cx.J == 0) {
+        gaps = true;
+        continue;
+      }
+      parts.push_back({&cy, &cx, Hq - cy.J + 1, Wq - cx.J + 1,
+                       transposed_int8_weight(s, Ci, wm, wpos, cy, cx)});
+      out_pixels += parts.back().Hz * parts.back().Wz;
+    }
+  const int64_t per_image = 3 * (s.Co * Hq * Wq + Ci * out_pixels * 4);
   const int64_t nb_max = std::max<int64_t>(1, std::min(s.B, kInputGradChunkBytes / per_image));
   const bool avx512 = isa_supported(Isa::kAvx512);
   const auto limb_fn = avx512 ? &limbs_avx512<uint8_t, 128> : &limbs_base<uint8_t, 128>;
@@ -353,18 +412,17 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
   const TransposeFn transpose = transpose_f32_fn();
   const float* g = gz.data_ptr<float>();
 
-  const at::Tensor w_s8 = transposed_int8_weight(
-      s, Ci, reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>()),
-      reinterpret_cast<const uint32_t*>(w_pos.data_ptr<int32_t>()));
   const at::Tensor w_scale = at::ones({Ci}, at::TensorOptions().dtype(at::kFloat));
   const at::Tensor w_zero = at::zeros({Ci}, at::TensorOptions().dtype(at::kLong));
   const std::vector<int64_t> one{1, 1}, zero{0, 0};
   static const c10::OperatorHandle prepack = *find_onednn("onednn::qconv_prepack");
   static const c10::OperatorHandle conv = *find_onednn("onednn::qconv2d_pointwise");
-  torch::jit::Stack pstack{w_s8, w_scale, 1.0, int64_t{128}, one, zero, one, int64_t{1},
-                           std::vector<int64_t>{3 * nb_max, s.Co, Hq, Wq}};
-  prepack.callBoxed(&pstack);
-  const at::Tensor packed = pstack[0].toTensor();
+  for (Part& pt : parts) {
+    torch::jit::Stack pstack{pt.w, w_scale, 1.0, int64_t{128}, one, zero, one, int64_t{1},
+                             std::vector<int64_t>{3 * nb_max, s.Co, Hq, Wq}};
+    prepack.callBoxed(&pstack);
+    pt.w = pstack[0].toTensor();
+  }
 
   // Over dZ: a chunk's rows are written after its limbs are taken, and no chunk reads another's.
   at::Tensor gx = over_gz ? gz.view({s.T, s.N, Ci, s.H, s.W})
@@ -397,13 +455,13 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
         for (int k = 0; k < 3; ++k) {
           d[k] = ap + (k * nb + i) * img;
           std::memset(d[k], 128, mt * Wq * s.Co);
-          std::memset(d[k] + (mt + s.Ho) * Wq * s.Co, 128, mt * Wq * s.Co);
+          std::memset(d[k] + (mt + s.Ho) * Wq * s.Co, 128, mb * Wq * s.Co);
         }
         for (int64_t y = 0; y < s.Ho; ++y) {
           const int64_t row = (mt + y) * Wq * s.Co;
           for (int k = 0; k < 3; ++k) {
             std::memset(d[k] + row, 128, ml * s.Co);
-            std::memset(d[k] + row + (ml + s.Wo) * s.Co, 128, ml * s.Co);
+            std::memset(d[k] + row + (ml + s.Wo) * s.Co, 128, mr * s.Co);
           }
           const int64_t in = row + ml * s.Co;
           limb_fn(cl.data() + y * s.Wo * s.Co, s.Wo * s.Co, inv, d[0] + in, d[1] + in, d[2] + in);
@@ -422,22 +480,45 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
       gx.view({s.B, Ci, s.H, s.W}).narrow(0, b0, s.B - b0).copy_(tail.view({-1, Ci, s.H, s.W}));
       return gx;
     }
-    torch::jit::Stack stack{A, 1.0, int64_t{128}, packed, w_scale, w_zero, c10::IValue(),
-                            one, zero, one, int64_t{1}, 1.0, int64_t{0},
-                            c10::IValue(at::kFloat), std::string("none"),
-                            c10::List<std::optional<at::Scalar>>(), c10::IValue()};
-    conv.callBoxed(&stack);
-    at::Tensor z = stack[0].toTensor();  // [3 nb, Ci, H, W]
-    if (!z.is_contiguous(at::MemoryFormat::ChannelsLast))
-      z = z.contiguous(at::MemoryFormat::ChannelsLast);
-    const float* zp = z.data_ptr<float>();
+    std::vector<at::Tensor> zs;  // per part: [3 nb, Ci, Hz, Wz] ChannelsLast
+    for (const Part& pt : parts) {
+      torch::jit::Stack stack{A, 1.0, int64_t{128}, pt.w, w_scale, w_zero, c10::IValue(),
+                              one, zero, one, int64_t{1}, 1.0, int64_t{0},
+                              c10::IValue(at::kFloat), std::string("none"),
+                              c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+      conv.callBoxed(&stack);
+      at::Tensor z = stack[0].toTensor();
+      if (!z.is_contiguous(at::MemoryFormat::ChannelsLast))
+        z = z.contiguous(at::MemoryFormat::ChannelsLast);
+      zs.push_back(std::move(z));
+    }
     at::parallel_for(0, nb, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> cl(SX * Ci);
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t n = SX * Ci;
-        comb_fn(zp + i * n, zp + (nb + i) * n, zp + (2 * nb + i) * n, n, unit[b0 + i],
-                cl.data());
-        transpose(cl.data(), gxp + (b0 + i) * n, SX, Ci);  // [SX, Ci] -> [Ci, SX]
+        if (gaps) std::fill(cl.begin(), cl.end(), 0.0f);
+        const double u = unit[b0 + i];
+        for (size_t k = 0; k < parts.size(); ++k) {
+          const Part& pt = parts[k];
+          const AxisClass &cy = *pt.y, &cx = *pt.x;
+          const int64_t plane = pt.Hz * pt.Wz * Ci;  // one image of one limb
+          const float* z0 = zs[k].data_ptr<float>() + i * plane;
+          const float* z1 = z0 + nb * plane;
+          const float* z2 = z1 + nb * plane;
+          // class row a: input row u0 + stride * a, output row q0 + a - J + 1 + mt of the conv
+          const int64_t ty0 = cy.q0 - cy.J + 1 + mt, tx0 = cx.q0 - cx.J + 1 + ml;
+          for (int64_t a = 0; a < cy.n; ++a) {
+            const int64_t zrow = ((ty0 + a) * pt.Wz + tx0) * Ci;
+            float* out = cl.data() + ((cy.u0 + s.stride * a) * s.W + cx.u0) * Ci;
+            if (s.stride == 1) {  // the class's columns are the row's, contiguous in both
+              comb_fn(z0 + zrow, z1 + zrow, z2 + zrow, cx.n * Ci, u, out);
+              continue;
+            }
+            for (int64_t c = 0; c < cx.n; ++c)
+              comb_fn(z0 + zrow + c * Ci, z1 + zrow + c * Ci, z2 + zrow + c * Ci, Ci, u,
+                      out + c * s.stride * Ci);
+          }
+        }
+        transpose(cl.data(), gxp + (b0 + i) * SX * Ci, SX, Ci);  // [SX, Ci] -> [Ci, SX]
       }
     });
   }

@@ -90,27 +90,27 @@ struct AutoRules {
   // ms), so the table takes it for packed output only (a measured key may still pick it).
   int64_t onednn_min_pixels;
   int64_t onednn_min_channel_pairs;
-  // Weight gradient at stride 1 where the CPU has AMX-INT8: the int8 limb form instead of the
-  // dense GEMM (ATen's float convolution) wherever that is the choice, and instead of the event
-  // form from this fraction of set bits times the share of the padded grid that is output
-  // (rate * Ho*Wo / (Hp*Wp)); the tap form keeps maps of at most taps_grad_w_max_pixels.
-  // 2-core Xeon with AMX, VGG-11 N=32 T=4 search step, each layer's bconv_lif_bwd(_pool2)
-  // call replayed (medians of 5, ms, whole call with dX): 64->64 32x32 pooled (rate 0.26,
-  // 0.23 of the grid) event 100.8 -> int8 84.8; 128->128 16x16 pooled (rate 0.17, 0.13) event
-  // 56.3 vs int8 62.7; 256->256 8x8 pooled (dense chosen) 61.6 -> 53.5; 128->256 8x8 35.3 ->
-  // 33.4; 128->128 16x16 38.5 -> 37.1; 512->512 4x4 taps 62.4 vs int8 63.1. (Those int8 figures
-  // are of its earlier form, one product per tap over the padded grid; the form now, one product
-  // over the unfolded input, does the output pixels' work only.) Timed again on 2026-12-06
-  // (measured keys of the VGG-11 and ResNet-19 N=32 search steps, grad_w alone, ms int8 /
-  // event): the crossover stays near a share of 0.18-0.22 (ResNet-19 64->128 32x32 at rate
-  // 0.25-0.30: 71 / 85; 128->128 32x32 at 0.20-0.25: 117 / 120; 256->256 16x16 at 0.15-0.20:
-  // 89 / 79), and on maps of at most taps_grad_w_max_pixels (4x4) int8 wins whatever the rate:
-  // 256->512 4x4 at 0.4-0.5 13.2 (taps 19.8, dense 22.5), 512->512 4x4 pooled at 0.15-0.20 25.5
-  // (event 30.9, taps 34.8); at N=8 (plan_check.py) all forms there are within 10 %.
-  double int8_grad_w_min_rate;
-  // Input gradient at stride 1 where the CPU has AMX-INT8: the int8 limb form on maps of
+  // Weight gradient where the CPU has AMX-INT8: the int8 limb form at any stride and input rate,
+  // instead of the event, dense and tap forms (the unfold form keeps maps of a few pixels; a
+  // pointwise conv takes it only where the dense rule holds). Since the limb form's unfold
+  // vectorised (AVX-512BW) and its limb unit comes from the LIF/BN stage, it leads the event
+  // form nearly everywhere: the 2-core Xeon with AMX, 2026-12-06, the measured keys of the
+  // VGG-11 and ResNet-19 N=32 T=4 search steps (BINSLT_PLAN_MEASURE=all, grad_w alone, ms int8 /
+  // event / dense): ResNet-19 64->128 32x32 at rate 0.25-0.30 33.0 / 73.7 / 96.2; 128->128
+  // 32x32 at 0.20-0.25 59.0 / 105.3 / 186.4, with a residual at 0.15-0.20 56.7 / 74.4; the
+  // stride-2 128->256 32x32 25.4 / 153.7 / 107.9 and 256->512 16x16 29.3 / 109.8 / 82.2 (the
+  // rule took event at stride 2); 256->256 16x16 47.9 / 71.6, with a residual 47.8 / 51.4;
+  // 512->512 8x8 63.1 / 69.5, with a residual at 0.10-0.20 64.1-65.5 / 59.0-60.9 (event 8 %
+  // ahead, the one loss); VGG-11 pooled 64->64 32x32 22.8 / 28.7, 128->128 16x16 17.3 / 19.2,
+  // 256->256 8x8 15.5 / 15.3, 512->512 4x4 20.6 / 25.0 (taps 28.5). The rule before (event below
+  // a rate of 0.18 of the padded grid, stride 1 only) cost ResNet-19's step ~9 % (4288 -> 3926
+  // ms with int8 forced, 6 interleaved steps each).
+  // Input gradient where the CPU has AMX-INT8: the int8 limb form on maps of
   // [int8_grad_x_min_pixels, int8_grad_x_max_pixels] output pixels (the range measured; 2x2 and
-  // 1x1 take the unfold form). The same replayed calls, whole call ms, dense /
+  // 1x1 take the unfold form), at any stride. At stride 2 (one conv per pair of stride classes),
+  // the 2-core Xeon with AMX, ResNet-19's N=32 T=4 layers, the whole backward call with the int8
+  // weight gradient, medians of 5 interleaved, ms dense / int8: 128->256 32x32 176.9 / 99.0,
+  // 256->512 16x16 147.7 / 85.7. The same replayed calls, whole call ms, dense /
   // ternary / int8: 512->512 4x4 pooled 62.4 / 195 / 58.9; 256->256 8x8 pooled 53.1 / 83.0 /
   // 36.8; 128->256 8x8 31.5 / 46.2 / 23.4; 128->128 16x16 pooled 52.8 / 49.6 / 38.1; 64->64
   // 32x32 pooled 104.1 / 90.7 / 76.0 (the ternary form was auto at 16x16 and 32x32). At 4x4 the
@@ -139,7 +139,6 @@ constexpr AutoRules kAutoRules{
     /*taps_grad_w_max_pixels=*/16,
     /*onednn_min_pixels=*/16,
     /*onednn_min_channel_pairs=*/64 * 64,
-    /*int8_grad_w_min_rate=*/0.18,
     /*int8_grad_x_min_pixels=*/64,
     /*int8_grad_x_max_pixels=*/1024,
 };
@@ -549,14 +548,12 @@ GradXPlan forced_grad_x(const Facts& f, Isa isa, GradXAlgo a) {
       check_unfold(f, field);
       return GradXPlan::kUnfold;
     case GradXAlgo::kBf16x3: return GradXPlan::kBf16x3;
-    case GradXAlgo::kInt8:
-    case GradXAlgo::kMargined: {
-      const char* name = a == GradXAlgo::kInt8 ? "int8" : "margined";
+    case GradXAlgo::kInt8: return GradXPlan::kInt8;
+    case GradXAlgo::kMargined:
       if (!f.margins_fit)
-        cannot(field, name, c10::str("it needs stride 1 and padding <= kernel size - 1, this "
-                                     "conv has a ", shape_of(f)));
-      return a == GradXAlgo::kInt8 ? GradXPlan::kInt8 : GradXPlan::kMargined;
-    }
+        cannot(field, "margined", c10::str("it needs stride 1 and padding <= kernel size - 1, "
+                                           "this conv has a ", shape_of(f)));
+      return GradXPlan::kMargined;
     default:
       if (!f.pointwise)
         cannot(field, "pointwise", c10::str("it needs a 1x1 kernel at stride 1 without padding, "
@@ -584,18 +581,16 @@ GradXPlan forced_grad_x(const Facts& f, Isa isa, GradXAlgo a) {
 //   * "unfold" where the kernel's taps are at least unfold_min_taps_per_pixel times the input's
 //     pixels (a 3x3 kernel over 1x1, 1x2, 2x2) and its matrix is at most unfold_max_bytes (not for
 //     a pointwise conv: 1x1, stride 1, no padding, whose product is already per pixel);
-//   * "int8" at stride 1 on a CPU with AMX-INT8 (forced or measured: any stride): on maps of at
-//     most taps_grad_w_max_pixels output pixels (not a pointwise conv), and on larger ones where
-//     the dense rule holds or the rate times the output's share of the padded grid reaches
-//     int8_grad_w_min_rate;
+//   * "int8" on a CPU with AMX-INT8, at any stride and rate (a pointwise conv only where the
+//     dense rule holds);
 //   * the dense rule: the input's rate at least grad_w_dense_min_rate (grad_w_dense_min_rate_large
 //     for a gradient over grad_w_large_bytes) -> "pointwise" for a pointwise conv, "taps" on maps
 //     of at most taps_grad_w_max_pixels output pixels, "dense" otherwise;
 //   * else "event".
 // Input gradient ("none" when dL/dx is not wanted), in this order:
 //   * "pointwise" for a pointwise conv; "unfold" where the unfold rule above holds;
-//   * "int8" at stride 1 with padding <= kernel - 1, on a CPU with AMX-INT8, for maps of
-//     [int8_grad_x_min_pixels, int8_grad_x_max_pixels] output pixels;
+//   * "int8" on a CPU with AMX-INT8 (any stride: one conv per pair of stride classes), for maps
+//     of [int8_grad_x_min_pixels, int8_grad_x_max_pixels] output pixels;
 //   * on the avx512 path at stride 1 on rows of at least ternary_min_width: "combo" from a weight
 //     density of combo_min_density with at least combo_min_in_channels input channels and
 //     planes within combo_max_bytes, else "ternary" up to ternary_max_density;
@@ -654,7 +649,7 @@ std::vector<GradXPlan> grad_x_candidates(const Facts& f, Isa isa) {
   }
   if (!f.pointwise && f.unfold_bytes <= kAutoRules.unfold_max_bytes)
     v.push_back(GradXPlan::kUnfold);
-  if (f.margins_fit && onednn_int8_supported()) v.push_back(GradXPlan::kInt8);
+  if (onednn_int8_supported()) v.push_back(GradXPlan::kInt8);
   if (bf16_matrix_supported()) v.push_back(GradXPlan::kBf16x3);
   if (f.pointwise) v.push_back(GradXPlan::kPointwise);
   return v;
@@ -755,12 +750,8 @@ BackwardPlan plan_backward(const BackwardQuery& q) {
               : f.pointwise ? GradWPlan::kPointwise
               : f.pixels() <= kAutoRules.taps_grad_w_max_pixels ? GradWPlan::kTaps
                                                                  : GradWPlan::kDense;
-    const bool small = !f.pointwise && f.pixels() <= kAutoRules.taps_grad_w_max_pixels;
-    const bool int8 = f.s.stride == 1 && f.s.Wo <= int8_grad_w_max_pixels() &&
-                      onednn_int8_supported() &&
-                      (small || dense ||
-                       q.rate.get() * static_cast<double>(f.pixels()) >=
-                           kAutoRules.int8_grad_w_min_rate * static_cast<double>(f.padded_grid()));
+    const bool int8 = f.s.Wo <= int8_grad_w_max_pixels() && onednn_int8_supported() &&
+                      (!f.pointwise || dense);
     // (The bf16x3 form is a measured candidate on AMX-BF16, not in the table: no AMX-BF16
     // timings of it yet.)
     plan.grad_w = int8 ? GradWPlan::kInt8 : float_w;
@@ -792,8 +783,7 @@ BackwardPlan plan_backward(const BackwardQuery& q) {
   } else {
     GradXPlan float_x = float_grad_x_rule(f, plan.isa, q);
     if (float_x == GradXPlan::kDense) float_x = dense_layout(plan.grad_w);
-    const bool int8 = f.margins_fit && onednn_int8_supported() &&
-                      f.pixels() >= kAutoRules.int8_grad_x_min_pixels &&
+    const bool int8 = onednn_int8_supported() && f.pixels() >= kAutoRules.int8_grad_x_min_pixels &&
                       f.pixels() <= kAutoRules.int8_grad_x_max_pixels;
     plan.grad_x = int8 ? GradXPlan::kInt8 : float_x;
     plan.grad_x_nonfinite = float_x;

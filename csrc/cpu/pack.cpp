@@ -31,13 +31,14 @@ at::Tensor pack_spikes_cpu(const at::Tensor& x_in) {
   std::atomic<bool> bad{false};
   at::parallel_for(0, B * Cw, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 32 * P)),
                    [&](int64_t begin, int64_t end) {
-    bool any = false;
-    for (int64_t bw = begin; bw < end; ++bw) {
+    // A non-binary value ends the work (the call raises): a caller may pack a tensor only to
+    // learn whether it is spikes (ConvLIF's residual), and a real one stops at its first word.
+    for (int64_t bw = begin; bw < end && !bad.load(std::memory_order_relaxed); ++bw) {
       const int64_t b = bw / Cw, wd = bw % Cw;
       const int64_t nch = std::min<int64_t>(32, C - 32 * wd);
-      any |= fn(xp + (b * C + 32 * wd) * P, nch, P, P, Cw, op + b * P * Cw + wd);
+      if (fn(xp + (b * C + 32 * wd) * P, nch, P, P, Cw, op + b * P * Cw + wd))
+        bad.store(true, std::memory_order_relaxed);
     }
-    if (any) bad.store(true, std::memory_order_relaxed);
   });
   TORCH_CHECK_VALUE(!bad.load(), "binslt::pack_spikes: ", kNotBinaryMsg);
   return out;

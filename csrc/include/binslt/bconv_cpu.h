@@ -233,9 +233,10 @@ int64_t int8_grad_w_max_pixels();
 // [B, Co, Ho, Wo]: img_stride Co * Ho * Wo); *bad set for a value that is not finite. The
 // split forms' scale (int8 per channel, bf16x3 per tensor).
 float channel_abs_max(const float* g, int64_t img_stride, int64_t nb, int64_t n, bool* bad);
-// The input gradient [T, N, Ci, H, W] the same way (stride 1, padding <= kernel - 1; a CPU with
+// The input gradient [T, N, Ci, H, W] the same way (any stride and padding; a CPU with
 // AMX-INT8): alpha * dZ per image in three u8 limbs, oneDNN's int8 convolution with the flipped,
-// transposed {-1, 0, +1} weight. Undefined where dZ holds a value that is not finite. over_gz
+// transposed {-1, 0, +1} weight (at stride s, one per pair of stride classes of the rows and
+// columns, with that pair's sub-kernel). Undefined where dZ holds a value that is not finite. over_gz
 // (dZ finite, Ci = Co, the same map, dZ read by nothing after): each chunk of images' gradient
 // is written over that chunk's dZ once its limbs are taken, and the result is gz's storage.
 at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,

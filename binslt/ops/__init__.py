@@ -30,11 +30,11 @@ from .autograd import (  # noqa: F401
     ConvLIF,
     SpikePool,
     _is_binary,
-    spike_bits,
     _spike_pool,
     is_vmapped,
     keep_counts,
     max_abs_gain,
+    spike_bits,
     values_unreadable,
 )
 from .backend import (  # noqa: F401

@@ -698,6 +698,36 @@ def _fwd_of(c):
                          0.0)
 
 
+@pytest.mark.parametrize("geom", [(2, 3, 40, 36, 8, 8, 3, 1, 1), (3, 2, 33, 70, 7, 5, 3, 2, 1)])
+def test_bwd_reads_a_packed_residual(geom):
+    """A residual of spikes given as pack_spikes words [T, N, Ho, Wo, ceil(Co/32)] (what ConvLIF
+    saves) gives every output of the float residual bit for bit, on the CPU kernel and the
+    reference; words of another shape are refused."""
+    c = _conv_case(geom, stable_seed(geom), bn_train=True, residual=True)
+    T, N = geom[:2]
+    c["res"] = (c["res"] > 0).float()
+    fwd = _fwd_of(c)
+    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(3))
+    words = OPS.pack_spikes(c["res"].flatten(0, 1)).view(T, N, *fwd[0].shape[3:], -1)
+    want = _bwd_of(c, fwd, gs)
+    got = _bwd_of(dict(c, res=words), fwd, gs)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    args = (gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], fwd[2],
+            fwd[3])
+    rest = (c["Ci"], c["stride"], c["padding"], True, 1e-5, 2.0, False, 0.5, 0.0, True, 0, 2.0,
+            True)
+    r_float = ref.bconv_lif_bwd_reference(*args, c["res"], *rest)
+    r_words = ref.bconv_lif_bwd_reference(*args, words, *rest)
+    for a, b in zip(r_words, r_float):
+        assert torch.equal(a, b)
+    for bad in (words[..., :1, :], words.flatten(0, 1)):
+        with pytest.raises(ValueError, match="packed residual must be spike words"):
+            _bwd_of(dict(c, res=bad), fwd, gs)
+        with pytest.raises(ValueError, match="packed residual must be spike words"):
+            ref.bconv_lif_bwd_reference(*args, bad, *rest)
+
+
 def test_bf16x3_weight_grad_chunks_span_images(use_algos):
     """The bf16x3 weight gradient's chunks of output rows (54 rows of 300 pixels at 32 -> 32
     channels fill 24 MiB) cross from one image into the next: the same gradient as the dense

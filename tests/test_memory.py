@@ -122,6 +122,55 @@ def test_spike_residual_is_saved_packed_with_the_same_gradients(pool):
         assert_close_rel(gp1[name], gp2[name], 1e-5, name)
 
 
+def test_identity_shortcut_reuses_the_block_input_bits(monkeypatch):
+    """In an identity ResNet block, conv2's residual is the block input conv1 already packed: its
+    words are taken, not packed again (nor where the input changed in place in between). The
+    block's spikes and gradients equal those with a copy of the input as the residual (packed
+    anew), bit for bit, and the torch backend's within 1e-5."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the C++ CPU kernels are not built")
+    from binslt.nn.blocks import ResidualBlock
+    from binslt.ops import autograd as A
+
+    hits: list = []
+    orig = A._packed_earlier
+    monkeypatch.setattr(A, "_packed_earlier",
+                        lambda last, t, be: hits.append(orig(last, t, be) is not None)
+                        or orig(last, t, be))
+    torch.manual_seed(3)
+    x = (torch.rand(3, 2, 8, 6, 6) < 0.4).float()
+    runs = []
+    for backend, copy_res in (("cpu", False), ("cpu", True), ("torch", False)):
+        torch.manual_seed(4)
+        c1 = BinSpikeConv2d(8, 8, 3, 1, 1, bn=True, backend=backend)
+        c2 = BinSpikeConv2d(8, 8, 3, 1, 1, bn=True, backend=backend)
+        blk = ResidualBlock(c1, c2, None).train()
+        xi = x.clone().requires_grad_()
+        if copy_res:
+            out = blk.conv2(blk.conv1(xi), residual=xi.clone())
+        else:
+            out = blk(xi)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        runs.append((out.detach(), xi.grad, _grads(blk)))
+    assert hits[:2] == [True, False]
+    (o0, g0, p0), (o1, g1, p1), (o2, g2, p2) = runs
+    assert o0.any() and torch.equal(o0, o1) and torch.equal(g0, g1)
+    for name in p0:
+        assert torch.equal(p0[name], p1[name]), name
+        assert_close_rel(p0[name], p2[name], 1e-5, name)
+    assert torch.equal(o0, o2)
+    assert_close_rel(g0, g2, 1e-5, "input gradient")
+    # an input changed in place after conv1 packed it is packed again
+    c1 = BinSpikeConv2d(8, 8, 3, 1, 1, bn=True, backend="cpu").train()
+    c2 = BinSpikeConv2d(8, 8, 3, 1, 1, bn=True, backend="cpu").train()
+    xi = x.clone()
+    h = c1(xi)
+    xi[0, 0, 0, 0, 0] = 1.0 - xi[0, 0, 0, 0, 0]
+    hits.clear()
+    c2(h, residual=xi)
+    assert hits == [False]
+
+
 def test_counts_past_int8_are_kept_int16_with_the_same_gradients():
     """Counts beyond int8's range (every input spiking into all-positive weights: 32 * 9 = 288)
     are saved int16; the gradients equal the recomputed counts' bit for bit."""

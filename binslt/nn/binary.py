@@ -238,8 +238,9 @@ class _PointwiseConv(torch.autograd.Function):
         gy = g.reshape(g.shape[0], g.shape[1], -1)
         w2 = w.flatten(1)
         gx = gw = None
-        if ctx.needs_input_grad[0]:
-            gxs = torch.matmul(w2.t(), gy)
+        if ctx.needs_input_grad[0]:  # (bmm: matmul would fold the images into one product
+            # over a transposed copy of dy, and transpose the result back)
+            gxs = torch.bmm(w2.t().expand(gy.shape[0], -1, -1), gy)
             if s == 1:
                 gx = gxs.view(x.shape)
             else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +70,8 @@ class ConvLIF(Function):
     peak).
 
     A residual of spikes (a ResNet block's identity shortcut; a backend with ``residual_bits``)
-    is saved as packed bits, 1 instead of 32 bits a value, and unpacked (exactly) for the
-    backward; the kept counts as int8 where every one fits (a backend with ``int8_counts``,
+    is saved as packed bits, 1 instead of 32 bits a value, which the backward op reads as they
+    are (the words [T, N, Ho, Wo, ceil(Co/32)]); the kept counts as int8 where every one fits (a backend with ``int8_counts``,
     whose backward kernel reads them so). Both choices read the data, so traced code
     (torch.compile, torch.export) and vmapped tensors skip them: the counts stay at their dtype
     and the residual is saved as it came.
@@ -84,6 +85,8 @@ class ConvLIF(Function):
                 backend, planes=None, pool=1):
         T, n, ci, h, w = x.shape
         x_packed = get_op("pack_spikes", backend)(x.reshape(T * n, ci, h, w).float())
+        earlier = getattr(_LAST_INPUT, "packed", None)  # (before this input replaces it)
+        _LAST_INPUT.packed = (weakref.ref(x), x._version, backend, x_packed)
         if planes is None:
             w_mask, w_pos = get_op("pack_weight", backend)(w_eff.detach().float())
             alpha = max_abs_gain(w_eff)
@@ -107,7 +110,9 @@ class ConvLIF(Function):
         res_saved = none()  # a residual of spikes, packed; otherwise the input residual is saved
         if res is not None and capabilities(backend).residual_bits and \
                 not values_unreadable(res):
-            bits = spike_bits(res.flatten(0, 1), get_op("pack_spikes", backend))
+            bits = _packed_earlier(earlier, res, backend)  # an identity shortcut's block input
+            if bits is None:
+                bits = spike_bits(res.flatten(0, 1), get_op("pack_spikes", backend))
             if bits is not None:
                 res_saved = bits
         return (spikes.to(x.dtype), mean, var, x_packed, w_mask, w_pos, alpha, kept, res_saved,
@@ -139,17 +144,19 @@ class ConvLIF(Function):
     def backward(ctx, g_spikes, *_g_saved):
         (x_packed, w_mask, w_pos, alpha, scale, shift, counts, mean, var, res,
          pool_bits) = ctx.saved_tensors
-        if ctx.res_packed:  # a residual of spikes, saved packed
-            res = get_op("unpack_spikes", ctx.backend)(res, ctx.res_shape[2]).view(ctx.res_shape)
+        if ctx.res_packed:  # a residual of spikes, saved packed: the backward reads the words
+            res = res.view(*ctx.res_shape[:2], *res.shape[1:])
         elif res is not None:
             res = res.float().contiguous()
         need_x = ctx.needs_input_grad[0]
         if not ctx.kept:  # the forward's integer counts, recomputed (bit for bit)
             ci, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold, v_reset = \
                 ctx.cfg[:9]
+            res_f = res if not ctx.res_packed else get_op("unpack_spikes", ctx.backend)(
+                res.flatten(0, 1), ctx.res_shape[2]).view(ctx.res_shape)
             counts = get_op("bconv_lif", ctx.backend)(
                 x_packed, w_mask, w_pos, alpha, scale.detach().float(), shift.detach().float(),
-                res, ctx.T, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold,
+                res_f, ctx.T, stride, padding, bn_train, bn_eps, tau, decay_input, v_threshold,
                 v_reset)[1]
         rest = (counts, x_packed, w_mask, w_pos, alpha, scale.detach().float(),
                 shift.detach().float(), mean, var, res, *ctx.cfg, need_x, ctx.has_res)
@@ -276,6 +283,23 @@ def _fits_int8(counts: torch.Tensor) -> bool:
         return False
     lo, hi = torch.aminmax(counts)
     return int(lo) >= -128 and int(hi) <= 127
+
+
+# The last ConvLIF input packed on this thread: (weak reference to it, its version, backend,
+# words). A ResNet block's identity shortcut hands conv2 the block input that conv1 packed.
+_LAST_INPUT = threading.local()
+
+
+def _packed_earlier(last, t: torch.Tensor, backend: str) -> torch.Tensor | None:
+    """The words of ``last`` (``_LAST_INPUT.packed`` as the previous ConvLIF forward on this
+    thread left it) where ``t`` is that very input, unchanged since (the same tensor object and
+    version) and packed by this backend; else None."""
+    if last is None:
+        return None
+    ref, version, be, words = last
+    if ref() is not t or t._version != version or be != backend:
+        return None
+    return words
 
 
 def spike_bits(t: torch.Tensor, pack) -> torch.Tensor | None:

@@ -251,7 +251,8 @@ class Capabilities:
     * ``int8_counts``: the fused op's backward kernel reads the saved integer counts as int8, so
       ``ConvLIF`` saves them so where every one fits;
     * ``residual_bits``: ``ConvLIF`` saves a residual of spikes packed (one bit a value, the
-      backend's ``pack_spikes``), unpacked exactly for the backward;
+      backend's ``pack_spikes``), and its ``bconv_lif_bwd`` reads the words as the residual (the
+      reference's unpacks them);
     * ``strided_current``: the ``bn_lif`` kernels read a current expanded over T (time stride 0)
       as it is, when it is float32 with a contiguous step (``BNLIF`` neither copies it T-fold in
       the forward nor in the backward).

@@ -219,6 +219,17 @@ def bconv_lif_infer_reference(x, w_mask, w_pos, alpha, scale, shift, residual, s
     return infer_output(s, pool, packed_out, pack_spikes_reference)
 
 
+def _unpacked_residual(op: str, words: torch.Tensor, out_shape) -> torch.Tensor:
+    """A residual of spikes given as pack_spikes words [T, N, Ho, Wo, ceil(Co/32)] as the float
+    residual [T, N, Co, Ho, Wo] (as the CPU kernel reads them)."""
+    T, n, co, ho, wo = out_shape
+    want = [T, n, ho, wo, (co + 31) // 32]
+    if list(words.shape) != want:
+        raise ValueError(f"binslt::{op}: a packed residual must be spike words [T, N, Ho, Wo, "
+                         f"ceil(Co/32)] = {want}, got shape {list(words.shape)}")
+    return unpack_spikes_reference(words.flatten(0, 1), co).view(T, n, co, ho, wo)
+
+
 def bconv_lif_bwd_reference(grad_spikes, counts, x_packed, w_mask, w_pos, alpha, scale, shift,
                             mean, var, residual, in_channels, stride, padding, bn_train, bn_eps,
                             tau, decay_input, v_threshold, v_reset, detach_reset, surrogate,
@@ -229,6 +240,8 @@ def bconv_lif_bwd_reference(grad_spikes, counts, x_packed, w_mask, w_pos, alpha,
     C.check_scalars(op, tau, decay_input, v_threshold, v_reset, bn_eps, surrogate, surrogate_alpha)
     C.check_counts(op, counts)
     T = counts.shape[0]
+    if residual is not None and residual.dtype == torch.int32:  # spike words [T, N, Ho, Wo, Cw]
+        residual = _unpacked_residual(op, residual, counts.shape)
     a = _check_packed_bconv(op, x_packed, T, w_mask, w_pos, alpha, scale, shift, residual,
                             stride, padding)
     C.check_channel_vecs(op, a.co, mean=mean, var=var)

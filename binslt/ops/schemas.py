@@ -63,7 +63,8 @@ SCHEMAS: dict[str, str] = {
     ),
     # Backward of bconv_lif, recomputing H from the saved integer counts (bconv_lif's dtype; the
     # CPU kernel also takes them as int8, the autograd path's copy where every count fits).
-    #   grad_spikes: [T, N, Co, Ho, Wo] float32
+    #   grad_spikes: [T, N, Co, Ho, Wo] float32; residual: like it, or a residual of spikes as
+    #   pack_spikes words [T, N, Ho, Wo, ceil(Co/32)] int32 (what ConvLIF saves)
     # -> grad_x [T, N, Ci, H, W] float32 (empty [0] when not need_grad_x),
     #    grad_weight [Co, Ci, kh, kw] float32 = dL/dW_eff (W_eff = alpha * sign * mask),
     #    grad_current [T, N, Co, Ho, Wo] float32 = dL/dX (the LIF input; also dL/dresidual;

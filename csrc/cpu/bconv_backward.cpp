@@ -99,15 +99,16 @@ struct LifBnJob {
   const float* alpha;
   const ChannelAffine* aff;
   const float* res;
+  const uint32_t* res_bits;  // or the residual as spike words [T, N, Ho, Wo, ceil(Co/32)]
   NeuronParams p;
   float *gcur, *gz, *gsc, *gsh;
   char* nonfinite;  // [Co]: channel c's dZ holds a NaN or an infinity
   float* absmax;    // [Co]: channel c's largest |dZ| (the int8 weight gradient's scale)
 };
 
-// One thread's scratch: hbuf, gbuf T * kRowChunk floats, acc_g / acc_gx kRowChunk doubles.
+// One thread's scratch: hbuf, gbuf, rbuf T * kRowChunk floats, acc_g / acc_gx kRowChunk doubles.
 struct LifBnScratch {
-  float *hbuf, *gbuf;
+  float *hbuf, *gbuf, *rbuf;
   double *acc_g, *acc_gx;
 };
 
@@ -140,10 +141,21 @@ static inline __attribute__((always_inline)) void lif_bn_channel_body(const LifB
         return static_cast<float>(cr[t * step_stride + i]) * a;
       };
       if (pg != nullptr) pg->rows(s, n, c, s0, L, sc.gbuf);
-      lif_backward_row(static_cast<int>(s.T), L, zat, aff, res ? res + off : nullptr, step_stride,
-                       p,
-                       BpttRow{pg != nullptr ? sc.gbuf : job.gs + off, gcur + off, sc.hbuf, acc_g,
-                               acc_gx, pg != nullptr ? kRowChunk : step_stride});
+      const float* r = res != nullptr ? res + off : nullptr;
+      if (job.res_bits != nullptr) {  // the row's residual spikes out of their words
+        const int64_t cw = (s.Co + 31) / 32;
+        const uint32_t bit = 1u << (c & 31);
+        for (int64_t t = 0; t < s.T; ++t) {
+          const uint32_t* w = job.res_bits + ((t * s.N + n) * S + s0) * cw + (c >> 5);
+          float* dst = sc.rbuf + t * kRowChunk;
+          for (int i = 0; i < L; ++i) dst[i] = (w[i * cw] & bit) ? 1.0f : 0.0f;
+        }
+        r = sc.rbuf;
+      }
+      BpttRow row{pg != nullptr ? sc.gbuf : job.gs + off, gcur + off, sc.hbuf, acc_g, acc_gx,
+                  pg != nullptr ? kRowChunk : step_stride};
+      if (job.res_bits != nullptr) row.res_step = kRowChunk;
+      lif_backward_row(static_cast<int>(s.T), L, zat, aff, r, step_stride, p, row);
     }
   double sg = 0.0, sgx = 0.0;
   for (int i = 0; i < kRowChunk; ++i) {
@@ -177,8 +189,9 @@ void lif_bn_backward(const LifBnJob<CT>& job) {
   at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> hbuf(static_cast<size_t>(s.T) * kRowChunk);
     std::vector<float> gbuf(job.pg != nullptr ? static_cast<size_t>(s.T) * kRowChunk : 0);
+    std::vector<float> rbuf(job.res_bits != nullptr ? static_cast<size_t>(s.T) * kRowChunk : 0);
     std::vector<double> acc_g(kRowChunk), acc_gx(kRowChunk);
-    const LifBnScratch sc{hbuf.data(), gbuf.data(), acc_g.data(), acc_gx.data()};
+    const LifBnScratch sc{hbuf.data(), gbuf.data(), rbuf.data(), acc_g.data(), acc_gx.data()};
     for (int64_t c = c0; c < c1; ++c)
       run_for_isa(isa, [&]() __attribute__((always_inline)) { lif_bn_channel_body(job, c, sc); });
   });
@@ -209,7 +222,7 @@ struct BwdArgs {
   int64_t Ci;
   at::Tensor gs, gpool, pool_packed, counts, x_packed, w_mask, w_pos;
   at::Tensor alpha, scale, shift, mean, var;
-  std::optional<at::Tensor> res;
+  std::optional<at::Tensor> res;  // float [T, N, Co, Ho, Wo], or spike words [T, N, Ho, Wo, Cow]
   BwdSettings st;
   NeuronParams p;
   PoolGrad pool{};
@@ -268,7 +281,18 @@ BwdArgs check_bwd(const char* op, const BwdInputs& in, const BwdSettings& st,
   a.shift = cpu_channel_vec(in.shift, op, "shift", s.Co);
   a.mean = cpu_channel_vec(in.mean, op, "mean", s.Co);
   a.var = cpu_channel_vec(in.var, op, "var", s.Co);
-  if (in.residual.has_value()) a.res = cpu_output_like(*in.residual, oshape, op, "residual");
+  if (in.residual.has_value() && in.residual->scalar_type() == at::kInt) {
+    // a residual of spikes as pack_spikes words, read so by the LIF/BN stage (as the forward)
+    const int64_t cwo = (s.Co + 31) / 32;
+    check_on_cpu(*in.residual, op, "residual");
+    TORCH_CHECK_VALUE(in.residual->sizes() == at::IntArrayRef({s.T, s.N, s.Ho, s.Wo, cwo}),
+                      "binslt::", op, ": a packed residual must be spike words [T, N, Ho, Wo, "
+                      "ceil(Co/32)] = ", at::IntArrayRef({s.T, s.N, s.Ho, s.Wo, cwo}),
+                      ", got shape ", shape_str(*in.residual));
+    a.res = in.residual->contiguous();
+  } else if (in.residual.has_value()) {
+    a.res = cpu_output_like(*in.residual, oshape, op, "residual");
+  }
   a.counts = in.counts.contiguous();
   a.x_packed = in.x_packed.contiguous();
   a.w_mask = in.w_mask.contiguous();
@@ -313,7 +337,12 @@ LifBnOut lif_bn_stage(const BwdArgs& a) {
                            a.pool_grad(),
                            a.alpha.data_ptr<float>(),
                            aff.data(),
-                           a.res ? a.res->data_ptr<float>() : nullptr,
+                           a.res && a.res->scalar_type() == at::kFloat
+                               ? a.res->data_ptr<float>()
+                               : nullptr,
+                           a.res && a.res->scalar_type() == at::kInt
+                               ? reinterpret_cast<const uint32_t*>(a.res->data_ptr<int32_t>())
+                               : nullptr,
                            a.p,
                            gcur_p,
                            o.gz.data_ptr<float>(),
@@ -515,7 +544,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bconv_lif
 
 // grad_spikes: [T, N, Co, Ho, Wo] float32; counts: [T, N, Co, Ho, Wo] int16/int32 (from
 // bconv_lif); x_packed: [T*N, H, W, Cw] int32; w_mask, w_pos: [Co, kh, kw, Cw] int32;
-// alpha, scale, shift, mean, var: [Co] float32; residual: [T, N, Co, Ho, Wo] float32 or None
+// alpha, scale, shift, mean, var: [Co] float32; residual: [T, N, Co, Ho, Wo] float32, a residual
+// of spikes as pack_spikes words [T, N, Ho, Wo, ceil(Co/32)] int32, or None
 // -> grad_x [T, N, Ci, H, W] (or [0]), grad_weight [Co, Ci, kh, kw], grad_current like counts
 //    (or [0] unless need_grad_current: dL/dX is then written into dL/dZ's buffer and turned into
 //    dL/dZ in place, element by element), grad_scale [Co], grad_shift [Co]

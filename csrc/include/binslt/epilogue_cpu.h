@@ -97,7 +97,8 @@ inline __attribute__((always_inline)) void lif_forward_row(int T, int L, const Z
 // sum(g * z) (eval) into acc_gx[i] (double lanes: vectorizable without reassociation).
 // hbuf must hold T * kRowChunk floats.
 // The row's BPTT buffers: dL/dspikes gs in (gs_step floats between its time steps, -1:
-// step_stride like gcur and res), dL/dX gcur out, the scratch hbuf and the per-lane sums.
+// step_stride like gcur), dL/dX gcur out, the scratch hbuf and the per-lane sums; res_step: the
+// residual's floats between time steps (-1: step_stride).
 struct BpttRow {
   const float* gs;
   float* gcur;
@@ -105,6 +106,7 @@ struct BpttRow {
   double* acc_g;
   double* acc_gx;
   int64_t gs_step;
+  int64_t res_step = -1;
 };
 template <class ZAt>
 inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const ZAt& zat,
@@ -122,7 +124,8 @@ inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const 
   const NeuronParams p = p_in;
   float gv[kRowChunk];
   lif_forward_pass(
-      T, L, zat, aff, res, step_stride, p, [hbuf](int t) { return hbuf + t * kRowChunk; },
+      T, L, zat, aff, res, io.res_step < 0 ? step_stride : io.res_step, p,
+      [hbuf](int t) { return hbuf + t * kRowChunk; },
       [hbuf](int t, int i, float h, float) { (hbuf + t * kRowChunk)[i] = h; });
   for (int i = 0; i < L; ++i) gv[i] = 0.0f;
   // The surrogate is a compile-time constant in each copy of the step loop (with_surrogate picks

@@ -122,6 +122,25 @@ def test_pack_refuses_one_value_anywhere(where, value):
     assert ops.spike_bits(x, OPS.pack_spikes) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32])
+@pytest.mark.parametrize("lo,hi", [(-128, 127), (-129, 5), (-3, 128), (-40000 // 2, 9), (0, 0)])
+def test_narrow_int8_matches_the_reference(dtype, lo, hi):
+    """narrow_int8: the counts clamped to [-128, 127] as int8 and whether none needed it, equal
+    to the reference's and to a plain clamp, over a range that splits across threads."""
+    g = torch.Generator().manual_seed(lo * 7 + hi)
+    c = torch.randint(-20, 21, (4, 3, 70, 33, 17), generator=g).to(dtype)
+    c.view(-1)[[0, c.numel() // 2, -1]] = torch.tensor([lo, hi, lo], dtype=dtype)
+    out, fits = OPS.narrow_int8(c)
+    want, want_fits = ref.narrow_int8_reference(c)
+    assert out.dtype == torch.int8 and fits.dtype == torch.bool and fits.dim() == 0
+    assert torch.equal(out, want) and bool(fits) == bool(want_fits)
+    assert bool(fits) == (lo >= -128 and hi <= 127)
+    assert torch.equal(out.to(torch.int32), c.to(torch.int32).clamp(-128, 127))
+    assert bool(OPS.narrow_int8(c[:0])[1])
+    with pytest.raises(ValueError, match="int16 or int32"):
+        OPS.narrow_int8(c.to(torch.int8))
+
+
 # ----------------------------------------------------------------------------------------------
 # bconv_lif forward
 # ----------------------------------------------------------------------------------------------

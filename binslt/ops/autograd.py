@@ -100,8 +100,10 @@ class ConvLIF(Function):
             return x_packed.new_empty((0,))
 
         kept = counts if getattr(_KEEP, "counts", True) else none()
-        if kept.dim() == 5 and capabilities(backend).int8_counts and _fits_int8(kept):
-            kept = kept.to(torch.int8)  # exact: every count is in [-128, 127]
+        if kept.dim() == 5 and capabilities(backend).int8_counts and _narrows(kept):
+            narrowed, fits = get_op("narrow_int8", backend)(kept)
+            if bool(fits):  # exact: every count is in [-128, 127]
+                kept = narrowed
         pool_bits = none()
         if pool == 2:
             spikes, pool_bits = _pool2_spikes(spikes, backend)
@@ -109,7 +111,7 @@ class ConvLIF(Function):
             raise ValueError(f"ConvLIF: only 2x2 pooling is fused, got pool={pool}")
         res_saved = none()  # a residual of spikes, packed; otherwise the input residual is saved
         if res is not None and capabilities(backend).residual_bits and \
-                not values_unreadable(res):
+                capabilities(backend).pack_validates and not values_unreadable(res):
             bits = _packed_earlier(earlier, res, backend)  # an identity shortcut's block input
             if bits is None:
                 bits = spike_bits(res.flatten(0, 1), get_op("pack_spikes", backend))
@@ -275,14 +277,13 @@ def values_unreadable(t: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or is_vmapped(t)
 
 
-def _fits_int8(counts: torch.Tensor) -> bool:
-    """Whether every integer count is in int8's range (one aminmax pass, a host read). Traced
-    code (torch.compile, torch.export) and vmapped tensors (torch.func.vmap) answer False without reading: a saved tensor's dtype is fixed when the graph is built, so
-    compiled code keeps the counts at their own dtype."""
-    if values_unreadable(counts) or counts.numel() == 0 or counts.dtype == torch.int8:
-        return False
-    lo, hi = torch.aminmax(counts)
-    return int(lo) >= -128 and int(hi) <= 127
+def _narrows(counts: torch.Tensor) -> bool:
+    """Whether ConvLIF tries the counts as int8 (``binslt::narrow_int8``: one pass, a host read
+    of whether they fit). Traced code (torch.compile, torch.export) and vmapped tensors answer
+    False without reading: a saved tensor's dtype is fixed when the graph is built, so compiled
+    code keeps the counts at their own dtype."""
+    return not (values_unreadable(counts) or counts.numel() == 0
+                or counts.dtype == torch.int8)
 
 
 # The last ConvLIF input packed on this thread: (weak reference to it, its version, backend,
@@ -304,9 +305,9 @@ def _packed_earlier(last, t: torch.Tensor, backend: str) -> torch.Tensor | None:
 
 def spike_bits(t: torch.Tensor, pack) -> torch.Tensor | None:
     """``pack(t)``, the packed words of t [B, C, H, W], where every value is 0 or 1, else None:
-    ``pack`` is a ``pack_spikes`` that refuses a non-binary input with ValueError: the CPU
-    kernel's (it stops at the first word that holds one) or the reference's, not the GPU
-    kernels' (callers use this on CPU tensors only). Where a caller would pack a tensor after
+    ``pack`` is a ``pack_spikes`` that refuses a non-binary input with ValueError: a backend's
+    with ``pack_validates`` (the CPU kernel stops at the first word that holds one) or the
+    reference's, not the GPU kernels' (callers use this on CPU tensors only). Where a caller would pack a tensor after
     asking whether it is spikes, this asks and packs in one pass."""
     try:
         return pack(t)

@@ -367,6 +367,20 @@ def pool2_max(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def narrow_int8_reference(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``binslt::narrow_int8``: counts (int16 / int32) clamped to [-128, 127] as int8, and a 0-d
+    bool tensor saying whether every count was in that range."""
+    if counts.dtype not in (torch.int16, torch.int32):
+        raise ValueError(f"binslt::narrow_int8: counts must be int16 or int32, got "
+                         f"{counts.dtype}")
+    fits = True
+    if counts.numel():
+        lo, hi = torch.aminmax(counts)
+        fits = bool(lo >= -128) and bool(hi <= 127)
+    return (counts.clamp(-128, 127).to(torch.int8),
+            torch.tensor(fits, device=counts.device))
+
+
 def spike_pool2_reference(spikes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``binslt::spike_pool2``: the 2x2 spike max-pool of [B, C, H, W] (each window's max, the
     OR of {0, 1} spikes) and the unpooled spikes packed (``pack_spikes``)."""
@@ -477,6 +491,7 @@ REFERENCE_AUX_OPS = {
     "bconv_affine_infer": bconv_affine_infer_reference,
     "bconv_lif_infer_shortcut": bconv_lif_infer_shortcut_reference,
     "spike_pool2": spike_pool2_reference,
+    "narrow_int8": narrow_int8_reference,
     "spike_pool2_bwd": spike_pool2_bwd_reference,
     "bconv_lif_bwd_pool2": bconv_lif_bwd_pool2_reference,
     "bn_lif_infer": bn_lif_infer_reference,

@@ -108,6 +108,12 @@ def _(grad, weight, scores):
     return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("binslt::narrow_int8")
+def _(counts):
+    return (counts.new_empty(counts.shape, dtype=torch.int8),
+            counts.new_empty((), dtype=torch.bool))
+
+
 @torch.library.register_fake("binslt::spike_pool2")
 def _(spikes):
     b, c, h, w = spikes.shape

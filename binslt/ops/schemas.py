@@ -126,6 +126,12 @@ WEIGHT_SCHEMAS: dict[str, str] = {
 # Helper ops of the network's layout (the training pool's backward, the first layer's eval path):
 # a CPU kernel where it pays, the reference on every other device (like the weight side).
 AUX_SCHEMAS: dict[str, str] = {
+    # The saved counts of a training layer narrowed (ops.ConvLIF keeps them as int8 where every
+    # one fits: the CPU backward reads them so).
+    #   counts: int16 or int32, any shape
+    # -> (int8 like counts: each count clamped to [-128, 127], 0-d bool: whether none was out of
+    #    that range), one pass
+    "narrow_int8": "narrow_int8(Tensor counts) -> (Tensor, Tensor)",
     # The training 2x2 spike max-pool (ops.SpikePool, ops.ConvLIF with pool=2).
     #   spikes: [B, C, H, W] float32, exactly 0/1 (else ValueError), H, W >= 2
     # -> (pooled [B, C, H // 2, W // 2] float32: each window's max (the OR of its spikes; an odd

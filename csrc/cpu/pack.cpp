@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <tuple>
 
 #include "binslt/checks.h"
 #include "binslt/lif.h"
@@ -42,6 +43,38 @@ at::Tensor pack_spikes_cpu(const at::Tensor& x_in) {
   });
   TORCH_CHECK_VALUE(!bad.load(), "binslt::pack_spikes: ", kNotBinaryMsg);
   return out;
+}
+
+// counts int16 / int32 (any shape) -> (int8 copy clamped to [-128, 127], 0-d bool: every count
+// in that range), one pass (the integer min / max and the clamp vectorise).
+template <typename T>
+static bool narrow_counts(const T* src, int8_t* dst, int64_t n) {
+  std::atomic<bool> over{false};
+  at::parallel_for(0, n, int64_t{1} << 16, [&](int64_t b, int64_t e) {
+    T lo = 0, hi = 0;
+    for (int64_t i = b; i < e; ++i) {
+      const T v = src[i];
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+      dst[i] = static_cast<int8_t>(v < T(-128) ? T(-128) : (v > T(127) ? T(127) : v));
+    }
+    if (lo < T(-128) || hi > T(127)) over.store(true, std::memory_order_relaxed);
+  });
+  return !over.load();
+}
+
+std::tuple<at::Tensor, at::Tensor> narrow_int8_cpu(const at::Tensor& counts_in) {
+  check_on_cpu(counts_in, "narrow_int8", "counts");
+  TORCH_CHECK_VALUE(counts_in.scalar_type() == at::kShort || counts_in.scalar_type() == at::kInt,
+                    "binslt::narrow_int8: counts must be int16 or int32, got ",
+                    counts_in.scalar_type());
+  const at::Tensor c = counts_in.contiguous();
+  at::Tensor out = at::empty(c.sizes(), c.options().dtype(at::kChar));
+  const bool fits =
+      c.scalar_type() == at::kShort
+          ? narrow_counts(c.data_ptr<int16_t>(), out.data_ptr<int8_t>(), c.numel())
+          : narrow_counts(c.data_ptr<int32_t>(), out.data_ptr<int8_t>(), c.numel());
+  return {out, at::scalar_tensor(fits, c.options().dtype(at::kBool))};
 }
 
 // words [B, P, Cw] -> out [B, channels, P] float32 (0/1), P pixels a plane.
@@ -106,5 +139,6 @@ std::tuple<at::Tensor, at::Tensor> pack_weight_cpu(const at::Tensor& w_in) {
 TORCH_LIBRARY_IMPL(binslt, CPU, m) {
   m.impl("pack_spikes", &binslt::cpu::pack_spikes_cpu);
   m.impl("unpack_spikes", &binslt::cpu::unpack_spikes_cpu);
+  m.impl("narrow_int8", &binslt::cpu::narrow_int8_cpu);
   m.impl("pack_weight", &binslt::cpu::pack_weight_cpu);
 }

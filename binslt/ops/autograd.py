@@ -85,8 +85,10 @@ class ConvLIF(Function):
                 backend, planes=None, pool=1):
         T, n, ci, h, w = x.shape
         x_packed = get_op("pack_spikes", backend)(x.reshape(T * n, ci, h, w).float())
-        earlier = getattr(_LAST_INPUT, "packed", None)  # (before this input replaces it)
-        _LAST_INPUT.packed = (weakref.ref(x), x._version, backend, x_packed)
+        earlier = None
+        if not values_unreadable(x):  # (traced code keeps no state across calls)
+            earlier = getattr(_LAST_INPUT, "packed", None)  # (before this input replaces it)
+            _LAST_INPUT.packed = (weakref.ref(x), x._version, backend, x_packed)
         if planes is None:
             w_mask, w_pos = get_op("pack_weight", backend)(w_eff.detach().float())
             alpha = max_abs_gain(w_eff)

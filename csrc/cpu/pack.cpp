@@ -46,17 +46,24 @@ at::Tensor pack_spikes_cpu(const at::Tensor& x_in) {
 }
 
 // counts int16 / int32 (any shape) -> (int8 copy clamped to [-128, 127], 0-d bool: every count
-// in that range), one pass (the integer min / max and the clamp vectorise).
+// in that range), one pass: blocks of 16K counts, each's min / max then its clamped copy while
+// it is in cache (both loops vectorise; __restrict: the int8 stores could alias the counts).
 template <typename T>
-static bool narrow_counts(const T* src, int8_t* dst, int64_t n) {
+static bool narrow_counts(const T* __restrict src, int8_t* __restrict dst, int64_t n) {
+  constexpr int64_t kBlock = 16384;
   std::atomic<bool> over{false};
-  at::parallel_for(0, n, int64_t{1} << 16, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
     T lo = 0, hi = 0;
-    for (int64_t i = b; i < e; ++i) {
-      const T v = src[i];
-      lo = v < lo ? v : lo;
-      hi = v > hi ? v : hi;
-      dst[i] = static_cast<int8_t>(v < T(-128) ? T(-128) : (v > T(127) ? T(127) : v));
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const T* __restrict s = src + blk * kBlock;
+      int8_t* __restrict d = dst + blk * kBlock;
+      const int64_t len = std::min(kBlock, n - blk * kBlock);
+      for (int64_t i = 0; i < len; ++i) {
+        lo = std::min(lo, s[i]);
+        hi = std::max(hi, s[i]);
+      }
+      for (int64_t i = 0; i < len; ++i)
+        d[i] = static_cast<int8_t>(std::min<T>(std::max<T>(s[i], T(-128)), T(127)));
     }
     if (lo < T(-128) || hi > T(127)) over.store(true, std::memory_order_relaxed);
   });

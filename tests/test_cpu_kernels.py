@@ -953,11 +953,11 @@ INT8_AUTO = [
     # gradient, geometry, input rate, whether auto takes the int8 form
     ("grad_w", (2, 2, 64, 64, 8, 8, 3, 1, 1), 0.6, True),      # dense-rate input over 8x8
     ("grad_w", (2, 2, 64, 64, 16, 16, 3, 1, 1), 0.3, True),
-    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 1, 1), 0.05, True),   # sparse input too
+    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 1, 1), 0.05, False),  # sparse: the event form
     ("grad_w", (2, 2, 64, 64, 4, 4, 3, 1, 1), 0.6, True),
-    ("grad_w", (2, 2, 64, 64, 4, 4, 3, 1, 1), 0.05, True),
-    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 2, 1), 0.6, True),    # stride 2
-    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 2, 1), 0.1, True),
+    ("grad_w", (2, 2, 64, 64, 4, 4, 3, 1, 1), 0.05, True),     # 4x4: int8 at any rate
+    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 2, 1), 0.6, True),    # stride 2, any rate
+    ("grad_w", (2, 2, 64, 64, 16, 16, 3, 2, 1), 0.05, True),
     ("grad_w", (2, 2, 64, 64, 2, 2, 3, 1, 1), 0.3, False),     # 3x3 over 2x2: the unfold form
     ("grad_w", (2, 2, 64, 64, 8, 8, 1, 1, 0), 0.6, True),      # pointwise, dense-rate input
     ("grad_w", (2, 2, 64, 64, 8, 8, 1, 1, 0), 0.05, False),    # pointwise, sparse: event

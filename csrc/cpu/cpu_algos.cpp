@@ -90,9 +90,10 @@ struct AutoRules {
   // ms), so the table takes it for packed output only (a measured key may still pick it).
   int64_t onednn_min_pixels;
   int64_t onednn_min_channel_pairs;
-  // Weight gradient where the CPU has AMX-INT8: the int8 limb form at any stride and input rate,
-  // instead of the event, dense and tap forms (the unfold form keeps maps of a few pixels; a
-  // pointwise conv takes it only where the dense rule holds). Since the limb form's unfold
+  // Weight gradient where the CPU has AMX-INT8: the int8 limb form at any stride, from this
+  // fraction of set input bits at stride 1, instead of the event, dense and tap forms (the
+  // unfold form keeps maps of a few pixels; a pointwise conv takes it only where the dense rule
+  // holds). Since the limb form's unfold
   // vectorised (AVX-512BW) and its limb unit comes from the LIF/BN stage, it leads the event
   // form nearly everywhere: the 2-core Xeon with AMX, 2026-12-06, the measured keys of the
   // VGG-11 and ResNet-19 N=32 T=4 search steps (BINSLT_PLAN_MEASURE=all, grad_w alone, ms int8 /
@@ -104,7 +105,10 @@ struct AutoRules {
   // ahead, the one loss); VGG-11 pooled 64->64 32x32 22.8 / 28.7, 128->128 16x16 17.3 / 19.2,
   // 256->256 8x8 15.5 / 15.3, 512->512 4x4 20.6 / 25.0 (taps 28.5). The rule before (event below
   // a rate of 0.18 of the padded grid, stride 1 only) cost ResNet-19's step ~9 % (4288 -> 3926
-  // ms with int8 forced, 6 interleaved steps each).
+  // ms with int8 forced, 6 interleaved steps each). Below a rate of ~0.12 the event form's work,
+  // which follows the spikes, wins again: plan_check.py's anchor (128->128 16x16, N=16, T=4,
+  // train_fwdbwd, ms event / int8) at rate 0.05 19.8 / 24.0, 0.15 24.1 / 24.8, 0.30 29.9 / 25.4.
+  double int8_grad_w_min_rate;
   // Input gradient where the CPU has AMX-INT8: the int8 limb form on maps of
   // [int8_grad_x_min_pixels, int8_grad_x_max_pixels] output pixels (the range measured; 2x2 and
   // 1x1 take the unfold form), at any stride. At stride 2 (one conv per pair of stride classes),
@@ -139,6 +143,7 @@ constexpr AutoRules kAutoRules{
     /*taps_grad_w_max_pixels=*/16,
     /*onednn_min_pixels=*/16,
     /*onednn_min_channel_pairs=*/64 * 64,
+    /*int8_grad_w_min_rate=*/0.1,
     /*int8_grad_x_min_pixels=*/64,
     /*int8_grad_x_max_pixels=*/1024,
 };
@@ -581,8 +586,9 @@ GradXPlan forced_grad_x(const Facts& f, Isa isa, GradXAlgo a) {
 //   * "unfold" where the kernel's taps are at least unfold_min_taps_per_pixel times the input's
 //     pixels (a 3x3 kernel over 1x1, 1x2, 2x2) and its matrix is at most unfold_max_bytes (not for
 //     a pointwise conv: 1x1, stride 1, no padding, whose product is already per pixel);
-//   * "int8" on a CPU with AMX-INT8, at any stride and rate (a pointwise conv only where the
-//     dense rule holds);
+//   * "int8" on a CPU with AMX-INT8, at any stride; at stride 1 from int8_grad_w_min_rate, or on
+//     maps of at most taps_grad_w_max_pixels output pixels at any rate (a pointwise conv only
+//     where the dense rule holds);
 //   * the dense rule: the input's rate at least grad_w_dense_min_rate (grad_w_dense_min_rate_large
 //     for a gradient over grad_w_large_bytes) -> "pointwise" for a pointwise conv, "taps" on maps
 //     of at most taps_grad_w_max_pixels output pixels, "dense" otherwise;
@@ -751,7 +757,9 @@ BackwardPlan plan_backward(const BackwardQuery& q) {
               : f.pixels() <= kAutoRules.taps_grad_w_max_pixels ? GradWPlan::kTaps
                                                                  : GradWPlan::kDense;
     const bool int8 = f.s.Wo <= int8_grad_w_max_pixels() && onednn_int8_supported() &&
-                      (!f.pointwise || dense);
+                      (!f.pointwise || dense) &&
+                      (f.s.stride > 1 || q.rate.get() >= kAutoRules.int8_grad_w_min_rate ||
+                       (!f.pointwise && f.pixels() <= kAutoRules.taps_grad_w_max_pixels));
     // (The bf16x3 form is a measured candidate on AMX-BF16, not in the table: no AMX-BF16
     // timings of it yet.)
     plan.grad_w = int8 ? GradWPlan::kInt8 : float_w;

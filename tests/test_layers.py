@@ -81,7 +81,8 @@ def test_pointwise_conv_products_match_float64():
         wt = torch.randn(4, 3, 1, 1, generator=g, dtype=torch.float64).requires_grad_()
         y = _PointwiseConv.apply(x, wt, stride)
         assert torch.allclose(y, torch.nn.functional.conv2d(x, wt, stride=stride), atol=1e-12)
-        assert torch.autograd.gradcheck(lambda a, b, s=stride: _PointwiseConv.apply(a, b, s), (x, wt))
+        assert torch.autograd.gradcheck(lambda a, b, s=stride: _PointwiseConv.apply(a, b, s),
+                                        (x, wt))
 
 
 @pytest.mark.parametrize("stride,hw,binary,bn", [(1, 5, True, True), (2, 7, True, True),

@@ -69,11 +69,11 @@ class ConvLIF(Function):
     unpooled gradient is never stored whole (one float per output spike less at the backward's
     peak).
 
-    A residual of spikes (a ResNet block's identity shortcut; a backend with ``residual_bits``)
-    is saved as packed bits, 1 instead of 32 bits a value, which the backward op reads as they
-    are (the words [T, N, Ho, Wo, ceil(Co/32)]); the kept counts as int8 where every one fits (a backend with ``int8_counts``,
-    whose backward kernel reads them so). Both choices read the data, so traced code
-    (torch.compile, torch.export) and vmapped tensors skip them: the counts stay at their dtype
+    A residual of spikes (a ResNet block's identity shortcut; a backend with ``residual_bits``) is
+    saved as packed bits, 1 instead of 32 bits a value, which the backward op reads as they are (the
+    words [T, N, Ho, Wo, ceil(Co/32)]); the kept counts as int8 where every one fits (a backend with
+    ``int8_counts``, whose backward kernel reads them so). Both choices read the data, so traced
+    code (torch.compile, torch.export) and vmapped tensors skip them: the counts stay at their dtype
     and the residual is saved as it came.
     """
 
@@ -309,8 +309,8 @@ def spike_bits(t: torch.Tensor, pack) -> torch.Tensor | None:
     """``pack(t)``, the packed words of t [B, C, H, W], where every value is 0 or 1, else None:
     ``pack`` is a ``pack_spikes`` that refuses a non-binary input with ValueError: a backend's
     with ``pack_validates`` (the CPU kernel stops at the first word that holds one) or the
-    reference's, not the GPU kernels' (callers use this on CPU tensors only). Where a caller would pack a tensor after
-    asking whether it is spikes, this asks and packs in one pass."""
+    reference's, not the GPU kernels' (callers use this on CPU tensors only). Where a caller
+    would pack a tensor after asking whether it is spikes, this asks and packs in one pass."""
     try:
         return pack(t)
     except ValueError:

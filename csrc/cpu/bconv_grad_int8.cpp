@@ -274,8 +274,8 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
 }
 
 // ---------------------------------------------------------------------------------------------
-// The input gradient: dL/dX[b][ci][u][v] = sum over co and the taps (ky, kx) with
-//   u = y * stride + ky - p, v = x * stride + kx - p   of   alpha[co] * W[co][ci][ky][kx] * dZ[b][co][y][x].
+// The input gradient: dL/dX[b][ci][u][v] = sum of alpha[co] * W[co][ci][ky][kx] * dZ[b][co][y][x]
+// over co and the taps (ky, kx) with u = y * stride + ky - p, v = x * stride + kx - p.
 // Along one axis the input rows split into stride classes: the rows u with (u + p) % stride = r
 // take kernel rows r, r + stride, ... (J of them) and dZ rows q - j, j < J, where q = (u + p - r)
 // / stride; over a class that is a stride-1 correlation of dZ with the class's kernel rows,

@@ -91,23 +91,22 @@ struct AutoRules {
   int64_t onednn_min_pixels;
   int64_t onednn_min_channel_pairs;
   // Weight gradient where the CPU has AMX-INT8: the int8 limb form at any stride, from this
-  // fraction of set input bits at stride 1, instead of the event, dense and tap forms (the
-  // unfold form keeps maps of a few pixels; a pointwise conv takes it only where the dense rule
-  // holds). Since the limb form's unfold
-  // vectorised (AVX-512BW) and its limb unit comes from the LIF/BN stage, it leads the event
-  // form nearly everywhere: the 2-core Xeon with AMX, 2026-12-06, the measured keys of the
-  // VGG-11 and ResNet-19 N=32 T=4 search steps (BINSLT_PLAN_MEASURE=all, grad_w alone, ms int8 /
-  // event / dense): ResNet-19 64->128 32x32 at rate 0.25-0.30 33.0 / 73.7 / 96.2; 128->128
-  // 32x32 at 0.20-0.25 59.0 / 105.3 / 186.4, with a residual at 0.15-0.20 56.7 / 74.4; the
-  // stride-2 128->256 32x32 25.4 / 153.7 / 107.9 and 256->512 16x16 29.3 / 109.8 / 82.2 (the
-  // rule took event at stride 2); 256->256 16x16 47.9 / 71.6, with a residual 47.8 / 51.4;
-  // 512->512 8x8 63.1 / 69.5, with a residual at 0.10-0.20 64.1-65.5 / 59.0-60.9 (event 8 %
-  // ahead, the one loss); VGG-11 pooled 64->64 32x32 22.8 / 28.7, 128->128 16x16 17.3 / 19.2,
-  // 256->256 8x8 15.5 / 15.3, 512->512 4x4 20.6 / 25.0 (taps 28.5). The rule before (event below
-  // a rate of 0.18 of the padded grid, stride 1 only) cost ResNet-19's step ~9 % (4288 -> 3926
-  // ms with int8 forced, 6 interleaved steps each). Below a rate of ~0.12 the event form's work,
-  // which follows the spikes, wins again: plan_check.py's anchor (128->128 16x16, N=16, T=4,
-  // train_fwdbwd, ms event / int8) at rate 0.05 19.8 / 24.0, 0.15 24.1 / 24.8, 0.30 29.9 / 25.4.
+  // fraction of set input bits at stride 1, instead of the event, dense and tap forms (the unfold
+  // form keeps maps of a few pixels; a pointwise conv takes it only where the dense rule holds).
+  // Since the limb form's unfold vectorised (AVX-512BW) and its limb unit comes from the LIF/BN
+  // stage, it leads the event form nearly everywhere: the 2-core Xeon with AMX, 2026-12-06, the
+  // measured keys of the VGG-11 and ResNet-19 N=32 T=4 search steps (BINSLT_PLAN_MEASURE=all,
+  // grad_w alone, ms int8 / event / dense): ResNet-19 64->128 32x32 at rate 0.25-0.30 33.0 / 73.7 /
+  // 96.2; 128->128 32x32 at 0.20-0.25 59.0 / 105.3 / 186.4, with a residual at 0.15-0.20 56.7 /
+  // 74.4; the stride-2 128->256 32x32 25.4 / 153.7 / 107.9 and 256->512 16x16 29.3 / 109.8 / 82.2
+  // (the rule took event at stride 2); 256->256 16x16 47.9 / 71.6, with a residual 47.8 / 51.4;
+  // 512->512 8x8 63.1 / 69.5, with a residual at 0.10-0.20 64.1-65.5 / 59.0-60.9 (event 8 % ahead,
+  // the one loss); VGG-11 pooled 64->64 32x32 22.8 / 28.7, 128->128 16x16 17.3 / 19.2, 256->256 8x8
+  // 15.5 / 15.3, 512->512 4x4 20.6 / 25.0 (taps 28.5). The rule before (event below a rate of 0.18
+  // of the padded grid, stride 1 only) cost ResNet-19's step ~9 % (4288 -> 3926 ms with int8
+  // forced, 6 interleaved steps each). Below a rate of ~0.12 the event form's work, which follows
+  // the spikes, wins again: plan_check.py's anchor (128->128 16x16, N=16, T=4, train_fwdbwd, ms
+  // event / int8) at rate 0.05 19.8 / 24.0, 0.15 24.1 / 24.8, 0.30 29.9 / 25.4.
   double int8_grad_w_min_rate;
   // Input gradient where the CPU has AMX-INT8: the int8 limb form on maps of
   // [int8_grad_x_min_pixels, int8_grad_x_max_pixels] output pixels (the range measured; 2x2 and
@@ -463,7 +462,6 @@ struct Facts {
         unfold_bytes(unfold_matrix_bytes(sh, ci)),
         grad_w_floats(sh.Co * ci * sh.KH * sh.KW) {}
   int64_t pixels() const { return s.Ho * s.Wo; }
-  int64_t padded_grid() const { return (s.H + 2 * s.padding) * (s.W + 2 * s.padding); }
   bool unfold_pays() const {
     return static_cast<double>(s.KH * s.KW) >=
                kAutoRules.unfold_min_taps_per_pixel * static_cast<double>(s.H * s.W) &&

@@ -343,6 +343,16 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def _cpu_cache_limit() -> str:
+    """The CPU kernels' block-cache limit (``binslt.ops.cpu_cache_info``), or why there is none."""
+    try:
+        from binslt import ops
+
+        return f"{ops.cpu_cache_info()['limit'] >> 20} MiB"
+    except (ImportError, RuntimeError, ValueError) as exc:
+        return f"n/a ({type(exc).__name__})"
+
+
 def machine_info(device: torch.device) -> dict[str, str]:
     """What the CSV header records: machine, threads, library versions, commit, GPU flags."""
     info = {
@@ -360,6 +370,8 @@ def machine_info(device: torch.device) -> dict[str, str]:
         "git_commit": git_commit(),
         "load_avg_1m": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "?",
     }
+    if device.type == "cpu":
+        info["binslt_cpu_cache"] = _cpu_cache_limit()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update({

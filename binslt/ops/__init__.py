@@ -47,7 +47,12 @@ from .backend import (  # noqa: F401
     use_backend,
 )
 from .contract import BACKENDS, counts_dtype  # noqa: F401
-from .cpu_algos import cpu_algorithms  # noqa: F401
+from .cpu_algos import (  # noqa: F401
+    cpu_algorithms,
+    cpu_cache_info,
+    empty_cpu_cache,
+    set_cpu_cache_limit,
+)
 from .layer import (  # noqa: F401
     INPUTS,
     PACK_VALIDATES,

@@ -137,3 +137,34 @@ def bf16_split(x) -> tuple:
     True
     """
     return tuple(_module()._bf16_split(x))
+
+
+def cpu_cache_info() -> dict[str, int]:
+    """The CPU kernels' block cache: ``{"held", "limit", "hits", "misses"}``.
+
+    The CPU kernels take their large outputs and scratch (4 MiB and more: spike maps, counts,
+    dL/dZ, input gradients) from a cache of freed blocks of the same size, so a training step
+    reuses the memory of the step before instead of having the OS map and zero it afresh.
+    ``held`` is the bytes of freed blocks kept now, ``limit`` the most it keeps (live tensors
+    are not counted), ``hits`` / ``misses`` the large allocations served from the cache / from
+    the C allocator since the process started.
+    """
+    return dict(_module()._cpu_cache_info())
+
+
+def set_cpu_cache_limit(mib: int | None) -> None:
+    """Keep at most ``mib`` MiB of freed blocks in the CPU kernels' cache (0 turns it off and
+    frees what it held; None: ``BINSLT_CPU_CACHE_MB`` from the environment again, default 256).
+    Raises ValueError for a negative or non-integer value."""
+    if mib is None:
+        _module()._set_cpu_cache_limit(-1)
+        return
+    if isinstance(mib, bool) or not isinstance(mib, int) or mib < 0:
+        raise ValueError(f"set_cpu_cache_limit: mib must be an int >= 0 or None, got {mib!r}")
+    _module()._set_cpu_cache_limit(mib << 20)
+
+
+def empty_cpu_cache() -> None:
+    """Free every block the CPU kernels' cache holds (as ``torch.cuda.empty_cache`` does for
+    CUDA's); the limit stays."""
+    _module()._empty_cpu_cache()

@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "binslt/big_tensor.h"
 #include "binslt/bconv_cpu.h"
 #include "binslt/checks.h"
 #include "binslt/cpu_algos.h"
@@ -320,8 +321,8 @@ LifBnOut lif_bn_stage(const BwdArgs& a) {
   }
   const auto fopts = a.counts.options().dtype(at::kFloat);
   LifBnOut o;
-  o.gz = at::empty({s.B, s.Co, s.Ho, s.Wo}, fopts);
-  o.gcur = a.st.need_grad_current ? at::empty({s.T, s.N, s.Co, s.Ho, s.Wo}, fopts)
+  o.gz = empty_big({s.B, s.Co, s.Ho, s.Wo}, fopts);
+  o.gcur = a.st.need_grad_current ? empty_big({s.T, s.N, s.Co, s.Ho, s.Wo}, fopts)
                                   : at::empty({0}, fopts);
   o.gscale = at::empty({s.Co}, fopts);
   o.gshift = at::empty({s.Co}, fopts);

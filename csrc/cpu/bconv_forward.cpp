@@ -20,6 +20,7 @@
 
 #include <immintrin.h>
 
+#include "binslt/big_tensor.h"
 #include "binslt/bconv_cpu.h"
 #include "binslt/bconv_event.h"
 #include "binslt/bconv_popcount.h"
@@ -538,10 +539,10 @@ static FwdOut bconv_lif_run(const ConvShape& s, const ForwardPlan& plan, const a
   io.res_words = form.res_words;
   at::Tensor spikes;
   if (form.packed_out) {
-    spikes = at::empty({s.T, s.N, io.Hq, io.Wq, io.Cow}, opts.dtype(at::kInt));
+    spikes = empty_big({s.T, s.N, io.Hq, io.Wq, io.Cow}, opts.dtype(at::kInt));
     io.packed = reinterpret_cast<uint32_t*>(spikes.data_ptr<int32_t>());
   } else {
-    spikes = at::empty(form.pool == 1 ? oshape
+    spikes = empty_big(form.pool == 1 ? oshape
                                       : std::vector<int64_t>{s.T, s.N, s.Co, io.Hq, io.Wq},
                        opts.dtype(at::kFloat));
   }
@@ -582,6 +583,9 @@ static FwdOut bconv_lif_run(const ConvShape& s, const ForwardPlan& plan, const a
   const at::ScalarType count_type = counts_dtype(s.Cw, s.KH, s.KW);
   const bool is_infer = infer != nullptr;
   at::Tensor counts;
+  // at::empty, not empty_big: the training step narrows these counts to int8 and drops them
+  // within the forward, and a cached block of theirs would sit beside the activations at the
+  // step's memory peak
   if (!is_infer) counts = at::empty(oshape, opts.dtype(count_type));
   at::Tensor mean = at::zeros({s.Co}, opts.dtype(at::kFloat));
   at::Tensor var = at::zeros({s.Co}, opts.dtype(at::kFloat));

@@ -42,6 +42,7 @@
 #include <tuple>
 #include <vector>
 
+#include "binslt/big_tensor.h"
 #include "binslt/bconv_cpu.h"
 #include "binslt/cpu_algos.h"
 
@@ -170,7 +171,7 @@ std::tuple<at::Tensor, int64_t> bf16_split(const at::Tensor& x) {
   TORCH_CHECK_VALUE(max_exponent(v.data_ptr<float>(), 1, 0, 1, n, nullptr, &e),
                     "binslt: bf16_split: the tensor holds NaN or inf, which has no exact bf16 "
                     "parts");
-  at::Tensor parts = at::empty({3, n}, v.options());
+  at::Tensor parts = empty_big({3, n}, v.options());
   // in parallel over blocks (each block's parts at their own offsets)
   const float* src = v.data_ptr<float>();
   float* dst = parts.data_ptr<float>();
@@ -208,7 +209,7 @@ at::Tensor weight_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& 
     const int64_t M = nr * s.Wo;
     // [3 * Co, M]: part p of channel co in row p * Co + co; column i * Wo + ox is output
     // pixel (oy, ox) of image b, where r0 + i = b * Ho + oy
-    at::Tensor parts = at::empty({3 * s.Co, M}, opts);
+    at::Tensor parts = empty_big({3 * s.Co, M}, opts);
     float* pp = parts.data_ptr<float>();
     at::parallel_for(0, nr * s.Co, grain, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
@@ -218,7 +219,7 @@ at::Tensor weight_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& 
                   s.Co * M);
       }
     });
-    at::Tensor xcol = at::empty({M, K}, opts);  // [M, taps * Ci], 0/1 from the input's bits
+    at::Tensor xcol = empty_big({M, K}, opts);  // [M, taps * Ci], 0/1 from the input's bits
     unfold_output_rows_bits(s, Ci, xs, r0, nr, xcol.data_ptr<float>());
     at::Tensor prod;
     {
@@ -258,13 +259,13 @@ at::Tensor input_grad_bf16x3(const ConvShape& s, int64_t Ci, const at::Tensor& g
   const int64_t opw = s.W - ((s.Wo - 1) * s.stride - 2 * s.padding + s.KW);
   const int64_t bc = chunk_items(s.B, 3 * std::max(s.Co * S, Ci * s.H * s.W) *
                                            static_cast<int64_t>(sizeof(float)));
-  at::Tensor gx = at::empty({s.B, Ci, s.H, s.W}, gz.options());
+  at::Tensor gx = empty_big({s.B, Ci, s.H, s.W}, gz.options());
   const double back = std::ldexp(1.0, e);
   for (int64_t b0 = 0; b0 < s.B; b0 += bc) {
     const int64_t nb = std::min(bc, s.B - b0);
     // [3 * nb, Co, Ho, Wo]: part p of image b at image p * nb + b; alpha[co] * dZ rounded to
     // float32 once, then split
-    at::Tensor parts = at::empty({3 * nb, s.Co, s.Ho, s.Wo}, gz.options());
+    at::Tensor parts = empty_big({3 * nb, s.Co, s.Ho, s.Wo}, gz.options());
     float* pp = parts.data_ptr<float>();
     at::parallel_for(0, nb * s.Co, 4, [&](int64_t r0, int64_t r1) {
       std::vector<float> row(static_cast<size_t>(S));

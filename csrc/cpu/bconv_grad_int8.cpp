@@ -28,6 +28,7 @@
 #include <optional>
 #include <vector>
 
+#include "binslt/big_tensor.h"
 #include "binslt/bconv_cpu.h"
 #include "binslt/cpu_algos.h"
 #include "binslt/float_key.h"
@@ -209,7 +210,7 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
     // (oy, ox) of image b, where r0 + i = b * Ho + oy. A chunk's rows of one image are one run
     // of each channel's map: a channel is split a run at a time, on its unit over the chunk
     // (over all of dZ where absmax gives it: the same bound on every chunk's rounding).
-    at::Tensor A = at::empty({3 * s.Co, M}, i8);
+    at::Tensor A = empty_big({3 * s.Co, M}, i8);
     int8_t* ap = A.data_ptr<int8_t>();
     at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -244,7 +245,7 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
     });
     for (const char v : bad)
       if (v != 0) return at::Tensor();
-    at::Tensor X = at::empty({M, K}, i8);  // [M, taps * Ci]
+    at::Tensor X = empty_big({M, K}, i8);  // [M, taps * Ci]
     unfold_output_rows_bits(s, Ci, xs, r0, nr, X.data_ptr<int8_t>());  // 0/1 from the bits
     const at::Tensor r = at::_int_mm(A, X);  // [3 Co, taps * Ci]
     const int32_t* rp = r.data_ptr<int32_t>();
@@ -426,13 +427,13 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
 
   // Over dZ: a chunk's rows are written after its limbs are taken, and no chunk reads another's.
   at::Tensor gx = over_gz ? gz.view({s.T, s.N, Ci, s.H, s.W})
-                          : at::empty({s.T, s.N, Ci, s.H, s.W}, gz.options());
+                          : empty_big({s.T, s.N, Ci, s.H, s.W}, gz.options());
   float* gxp = gx.data_ptr<float>();
   std::vector<double> unit(s.B);
   for (int64_t b0 = 0; b0 < s.B; b0 += nb_max) {
     const int64_t nb = std::min(nb_max, s.B - b0);
     // [3 nb, Co, Hq, Wq] ChannelsLast: limb k of image b at batch k * nb + b.
-    at::Tensor A = at::empty({3 * nb, s.Co, Hq, Wq}, gz.options().dtype(at::kByte),
+    at::Tensor A = empty_big({3 * nb, s.Co, Hq, Wq}, gz.options().dtype(at::kByte),
                              at::MemoryFormat::ChannelsLast);
     uint8_t* ap = A.data_ptr<uint8_t>();
     const int64_t img = Hq * Wq * s.Co;

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "binslt/big_tensor.h"
 #include "binslt/bconv_cpu.h"
 #include "binslt/cpu_algos.h"
 #include "binslt/lif.h"
@@ -337,7 +338,7 @@ at::Tensor input_grad_ternary(const ConvShape& s, int64_t Ci, const at::Tensor& 
                               const float* alpha, bool combos) {
   const uint32_t* mask = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
   const uint32_t* pos = reinterpret_cast<const uint32_t*>(w_pos.data_ptr<int32_t>());
-  at::Tensor gx = at::empty({s.T, s.N, Ci, s.H, s.W}, gz.options());
+  at::Tensor gx = empty_big({s.T, s.N, Ci, s.H, s.W}, gz.options());
   grad_x_ternary_avx512(s, Ci, gz.data_ptr<float>(), mask, pos, alpha, combos,
                         gx.data_ptr<float>());
   return gx;

@@ -23,6 +23,7 @@
 
 #include <torch/library.h>
 
+#include "binslt/big_tensor.h"
 #include "binslt/bconv_cpu.h"
 #include "binslt/checks.h"
 #include "binslt/pack_cpu.h"
@@ -73,7 +74,7 @@ static void bits_to_bytes_base(const uint32_t* w, int64_t n_words, uint8_t* dst)
 at::Tensor spikes_u8_from_packed(const at::Tensor& x_packed) {
   const int64_t B = x_packed.size(0), H = x_packed.size(1), W = x_packed.size(2),
                 Cw = x_packed.size(3);
-  at::Tensor out = at::empty({B, 32 * Cw, H, W}, x_packed.options().dtype(at::kByte),
+  at::Tensor out = empty_big({B, 32 * Cw, H, W}, x_packed.options().dtype(at::kByte),
                              at::MemoryFormat::ChannelsLast);
   const uint32_t* src = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
   uint8_t* dst = out.data_ptr<uint8_t>();
@@ -87,7 +88,7 @@ at::Tensor spikes_u8_from_packed(const at::Tensor& x_packed) {
 
 at::Tensor spikes_u8_from_float(const float* x, int64_t B, int64_t C, int64_t H, int64_t W,
                                 const at::TensorOptions& opts, bool* bad) {
-  at::Tensor out = at::empty({B, C, H, W}, opts.dtype(at::kByte), at::MemoryFormat::ChannelsLast);
+  at::Tensor out = empty_big({B, C, H, W}, opts.dtype(at::kByte), at::MemoryFormat::ChannelsLast);
   uint8_t* dst = out.data_ptr<uint8_t>();
   const int64_t S = H * W;
   const TransposeFn transpose = transpose_f32_fn();
@@ -530,7 +531,7 @@ at::Tensor bconv_affine_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_ma
                                    : spikes_u8_from_float(x.data_ptr<float>(), B, C, H, W,
                                                           x.options(), &bad);
     TORCH_CHECK_VALUE(!bad, "binslt::", op, ": ", kNotBinaryMsg);
-    at::Tensor out = at::empty({B, s.Co, s.Ho, s.Wo}, x.options().dtype(at::kFloat));
+    at::Tensor out = empty_big({B, s.Co, s.Ho, s.Wo}, x.options().dtype(at::kFloat));
     float* o = out.data_ptr<float>();
     const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(B, (8 << 20) / (S * s.Co * 4)));
     const OnednnConv conv(s, Ci, mbits, pbits, nb);

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "binslt/big_tensor.h"
 #include "binslt/bconv_cpu.h"
 #include "binslt/cpu_algos.h"
 #include "binslt/transpose_cpu.h"
@@ -325,7 +326,7 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
 at::Tensor channels_last_copy(const at::Tensor& x, int64_t margin_top, int64_t margin_left) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Hz = H + 2 * margin_top, Wz = W + 2 * margin_left;
-  at::Tensor out = at::empty({B, Hz, Wz, C}, x.options());
+  at::Tensor out = empty_big({B, Hz, Wz, C}, x.options());
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   const auto fn = transpose_f32_fn();
@@ -356,7 +357,7 @@ at::Tensor channels_last_copy(const at::Tensor& x, int64_t margin_top, int64_t m
 at::Tensor unpack_rows(const at::Tensor& x_packed, int64_t in_channels) {
   const int64_t P = x_packed.size(0) * x_packed.size(1) * x_packed.size(2);
   const int64_t Cw = x_packed.size(3);
-  at::Tensor out = at::empty({P, in_channels}, x_packed.options().dtype(at::kFloat));
+  at::Tensor out = empty_big({P, in_channels}, x_packed.options().dtype(at::kFloat));
   const uint32_t* pp = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
   float* op = out.data_ptr<float>();
   at::parallel_for(0, P, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, in_channels)),
@@ -414,7 +415,7 @@ at::Tensor weight_grad_taps(const ConvShape& s, int64_t Ci, const at::Tensor& x_
 // transposes (the inverse of channels_last_copy without margins).
 at::Tensor channels_first_copy(const at::Tensor& x) {
   const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
-  at::Tensor out = at::empty({B, C, H, W}, x.options());
+  at::Tensor out = empty_big({B, C, H, W}, x.options());
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   const auto fn = transpose_f32_fn();

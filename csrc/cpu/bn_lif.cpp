@@ -10,6 +10,7 @@
 #include <optional>
 #include <vector>
 
+#include "binslt/big_tensor.h"
 #include "binslt/checks.h"
 #include "binslt/cpu_algos.h"
 #include "binslt/epilogue_cpu.h"
@@ -204,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lif_cpu(
     check_batch_stats(op, mean.data_ptr<float>(), var.data_ptr<float>(), d.C);
   const auto aff = affines(scale.data_ptr<float>(), shift.data_ptr<float>(),
                            mean.data_ptr<float>(), var.data_ptr<float>(), bn_train, bn_eps, d.C);
-  at::Tensor spikes = at::empty(z_in.sizes(), z.options());
+  at::Tensor spikes = empty_big(z_in.sizes(), z.options());
   const float* rp = res ? res->data_ptr<float>() : nullptr;
   const int64_t M = d.N * d.C * d.S;
   float* sp = spikes.data_ptr<float>();
@@ -216,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_lif_cpu(
     });
     return {spikes, mean, var};
   }
-  at::Tensor x = at::empty(z_in.sizes(), z.options());
+  at::Tensor x = empty_big(z_in.sizes(), z.options());
   apply_epilogue(zv, rp, aff, d, x.data_ptr<float>());
   const float* xp = x.data_ptr<float>();
   const int64_t chunks = (M + kRowChunk - 1) / kRowChunk;
@@ -259,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
   const int T = static_cast<int>(d.T);
 
   // BPTT: per (n, c) row in place, or flat rows over an epilogue scratch (short rows).
-  at::Tensor gcur = at::empty(z_in.sizes(), z.options());
+  at::Tensor gcur = empty_big(z_in.sizes(), z.options());
   const int64_t M = d.N * d.C * d.S;
   const float* gp = gs.data_ptr<float>();
   float* gcp = gcur.data_ptr<float>();
@@ -269,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
               BpttRow{gp + off, gcp + off, hbuf, nullptr, nullptr, -1});
     });
   } else {
-    at::Tensor x = at::empty(z_in.sizes(), z.options());
+    at::Tensor x = empty_big(z_in.sizes(), z.options());
     apply_epilogue(zv, rp, aff, d, x.data_ptr<float>());
     const float* xp = x.data_ptr<float>();
     const int64_t chunks = (M + kRowChunk - 1) / kRowChunk;
@@ -290,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
   at::Tensor gshift = at::empty({d.C}, z.options());
   // Without need_grad_current, dL/dX becomes dL/dz in its own buffer, element by element (each
   // value is read once, at the index it is written to): one z-sized tensor less at the peak.
-  at::Tensor gz = need_grad_current ? at::empty(z_in.sizes(), z.options()) : gcur;
+  at::Tensor gz = need_grad_current ? empty_big(z_in.sizes(), z.options()) : gcur;
   float* gzp = gz.data_ptr<float>();
   float* gscp = gscale.data_ptr<float>();
   float* gshp = gshift.data_ptr<float>();
@@ -366,8 +367,8 @@ at::Tensor bn_lif_infer_cpu(const at::Tensor& z_in, const at::Tensor& scale_in,
   at::Tensor z;
   const ZView zv = z_view(z_in, d, &z);  // an expanded current is read in place
   const int64_t Hq = H / pool, Wq = W / pool, Cw = words_for(static_cast<int>(C));
-  at::Tensor out = packed_out ? at::empty({T, N, Hq, Wq, Cw}, z_in.options().dtype(at::kInt))
-                              : at::empty({T, N, C, Hq, Wq}, z_in.options());
+  at::Tensor out = packed_out ? empty_big({T, N, Hq, Wq, Cw}, z_in.options().dtype(at::kInt))
+                              : empty_big({T, N, C, Hq, Wq}, z_in.options());
   if (out.numel() == 0) return out;
   const float* scp = scale.data_ptr<float>();
   const float* shp = shift.data_ptr<float>();

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "binslt/bconv_cpu.h"
+#include "binslt/big_tensor.h"
 #include "binslt/cpu_algos.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -56,6 +57,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Forget the measured plans in memory (the file stays)");
   m.def("_plan_verbose", &cpu::plan_verbose,
         "Whether the CPU conv ops log their plans now (BINSLT_VERBOSE or binslt.ops.plan.verbose)");
+  m.def(
+      "_cpu_cache_info",
+      [] {
+        const cpu::BlockCacheInfo i = cpu::block_cache_info();
+        return py::dict(py::arg("held") = i.held, py::arg("limit") = i.limit,
+                        py::arg("hits") = i.hits, py::arg("misses") = i.misses);
+      },
+      "The CPU block cache (big_tensor.h): {'held', 'limit', 'hits', 'misses'}");
+  m.def("_set_cpu_cache_limit", &cpu::set_block_cache_limit, py::arg("bytes"),
+        "Keep at most bytes of freed blocks (-1: BINSLT_CPU_CACHE_MB again)");
+  m.def("_empty_cpu_cache", &cpu::empty_block_cache, "Free every block the CPU cache holds");
   m.def("_set_plan_verbose", &cpu::set_plan_verbose, py::arg("on"),
         "Log each CPU conv op call's plan to stderr (besides BINSLT_VERBOSE=1)");
 }

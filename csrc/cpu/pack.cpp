@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "binslt/big_tensor.h"
 #include "binslt/checks.h"
 #include "binslt/lif.h"
 #include "binslt/pack_cpu.h"
@@ -24,7 +25,7 @@ at::Tensor pack_spikes_cpu(const at::Tensor& x_in) {
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cw = words_for(static_cast<int>(C));
-  at::Tensor out = at::empty({B, H, W, Cw}, x.options().dtype(at::kInt));
+  at::Tensor out = empty_big({B, H, W, Cw}, x.options().dtype(at::kInt));
   const float* xp = x.data_ptr<float>();
   uint32_t* op = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
   const PackWordFn fn = pack_word_fn();
@@ -76,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> narrow_int8_cpu(const at::Tensor& counts_in) 
                     "binslt::narrow_int8: counts must be int16 or int32, got ",
                     counts_in.scalar_type());
   const at::Tensor c = counts_in.contiguous();
-  at::Tensor out = at::empty(c.sizes(), c.options().dtype(at::kChar));
+  at::Tensor out = empty_big(c.sizes(), c.options().dtype(at::kChar));
   const bool fits =
       c.scalar_type() == at::kShort
           ? narrow_counts(c.data_ptr<int16_t>(), out.data_ptr<int8_t>(), c.numel())
@@ -106,7 +107,7 @@ at::Tensor unpack_spikes_cpu(const at::Tensor& packed_in, int64_t channels) {
   TORCH_CHECK(channels >= 0 && channels <= 32 * Cw, "binslt::unpack_spikes: channels must be in "
               "[0, 32*Cw] = [0, ", 32 * Cw, "] for packed words of shape ", shape_str(packed),
               ", got ", channels);
-  at::Tensor out = at::empty({B, channels, H, W}, packed.options().dtype(at::kFloat));
+  at::Tensor out = empty_big({B, channels, H, W}, packed.options().dtype(at::kFloat));
   unpack_words_to_planes(reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>()), B,
                          H * W, Cw, channels, out.data_ptr<float>());
   return out;

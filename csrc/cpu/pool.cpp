@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "binslt/big_tensor.h"
 #include "binslt/checks.h"
 #include "binslt/pack_cpu.h"
 
@@ -50,8 +51,8 @@ std::tuple<at::Tensor, at::Tensor> spike_pool2_cpu(const at::Tensor& x_in) {
   TORCH_CHECK_VALUE(H >= 2 && W >= 2, op, ": a 2x2 pool needs maps of at least 2x2, got ", H,
                     "x", W);
   const int64_t Cw = words_for(static_cast<int>(C)), P = H * W;
-  at::Tensor pooled = at::empty({B, C, H / 2, W / 2}, x.options());
-  at::Tensor packed = at::empty({B, H, W, Cw}, x.options().dtype(at::kInt));
+  at::Tensor pooled = empty_big({B, C, H / 2, W / 2}, x.options());
+  at::Tensor packed = empty_big({B, H, W, Cw}, x.options().dtype(at::kInt));
   const float* xp = x.data_ptr<float>();
   float* yp = pooled.data_ptr<float>();
   uint32_t* pp = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
@@ -96,7 +97,7 @@ at::Tensor spike_pool2_bwd_cpu(const at::Tensor& packed_in, const at::Tensor& gr
   TORCH_CHECK_TYPE(grad_in.scalar_type() == at::kFloat, op, ": grad must be float32, got ",
                    grad_in.scalar_type());
   const at::Tensor packed = packed_in.contiguous(), grad = grad_in.contiguous();
-  at::Tensor gx = at::empty({B, channels, H, W}, grad.options());
+  at::Tensor gx = empty_big({B, channels, H, W}, grad.options());
   const uint32_t* pp = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
   const float* gp = grad.data_ptr<float>();
   float* xp = gx.data_ptr<float>();

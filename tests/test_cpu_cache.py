@@ -128,6 +128,29 @@ def test_a_miss_frees_as_many_held_bytes_as_it_allocates():
     assert ops.cpu_cache_info()["held"] == 24 << 20
 
 
+def _child_unpacks(queue):
+    torch.set_num_threads(1)  # as a DataLoader worker: the parent's OpenMP team does not fork
+    packed = _words((64, 32, 32, 2), 0.3, 5)
+    hits = ops.cpu_cache_info()["hits"]
+    out = ops.unpack_spikes(packed, 64, backend="cpu")  # a held block of the parent's size
+    queue.put((bool(torch.equal(out, _unpacked(packed, 64))), ops.cpu_cache_info()["hits"] - hits))
+
+
+def test_a_forked_child_uses_the_cache():
+    import multiprocessing
+
+    packed = _words((64, 32, 32, 2), 0.5, 6)
+    out = ops.unpack_spikes(packed, 64, backend="cpu")
+    del out  # the parent holds a 16 MiB block when it forks
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_unpacks, args=(queue,))
+    child.start()
+    ok, hits = queue.get(timeout=120)
+    child.join(timeout=120)
+    assert ok and hits == 1 and child.exitcode == 0
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, "64", True])
 def test_a_bad_limit_is_refused(bad):
     with pytest.raises(ValueError, match="set_cpu_cache_limit"):

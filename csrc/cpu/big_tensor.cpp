@@ -14,9 +14,14 @@
 #include <cstdlib>
 #include <list>
 #include <mutex>
+#include <new>
 #include <string>
 #include <unordered_map>
 #include <utility>
+
+#if defined(__unix__)
+#include <pthread.h>
+#endif
 
 namespace binslt {
 namespace cpu {
@@ -40,7 +45,15 @@ int64_t limit_from_env() {
 class BlockCache {
  public:
   static BlockCache& get() {
-    static BlockCache* cache = new BlockCache();  // never destroyed: deleters may run at exit
+    static BlockCache* cache = [] {
+      auto* c = new BlockCache();  // never destroyed: deleters may run at exit
+#if defined(__unix__)
+      // A child forked while another thread held the lock (a DataLoader worker) gets a fresh
+      // lock; the blocks are its copies of the parent's, its own to reuse.
+      pthread_atfork(nullptr, nullptr, [] { new (&get().mu_) std::mutex(); });
+#endif
+      return c;
+    }();
     return *cache;
   }
 

@@ -152,7 +152,7 @@ def test_identity_shortcut_reuses_the_block_input_bits(monkeypatch):
             out = blk(xi)
         out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
         runs.append((out.detach(), xi.grad, _grads(blk)))
-    assert hits[:2] == [True, False]
+    assert hits[:4] == [True, True, False, False]  # (the residual check's lookup, ConvLIF's)
     (o0, g0, p0), (o1, g1, p1), (o2, g2, p2) = runs
     assert o0.any() and torch.equal(o0, o1) and torch.equal(g0, g1)
     for name in p0:
@@ -168,7 +168,38 @@ def test_identity_shortcut_reuses_the_block_input_bits(monkeypatch):
     xi[0, 0, 0, 0, 0] = 1.0 - xi[0, 0, 0, 0, 0]
     hits.clear()
     c2(h, residual=xi)
-    assert hits == [False]
+    assert hits == [False, False]
+
+
+def test_identity_shortcut_residual_is_not_checked_again(monkeypatch):
+    """On a kernel backend, conv2's residual that is the block input conv1 packed (checked as
+    spikes then) skips the finiteness check; a copy of it, or the input changed in place since, is checked, and a NaN
+    put in place after conv1 is still refused."""
+    from binslt.nn.blocks import ResidualBlock
+    from binslt.ops import layer as L
+
+    checked: list = []
+    orig = L.check_finite
+    monkeypatch.setattr(L, "check_finite", lambda t, name="input": checked.append(name)
+                        or orig(t, name))
+    torch.manual_seed(5)
+    x = (torch.rand(2, 2, 8, 5, 5) < 0.4).float()
+    for backend in ("torch", *BACKENDS):
+        c1 = BinSpikeConv2d(8, 8, 3, 1, 1, bn=True, backend=backend)
+        c2 = BinSpikeConv2d(8, 8, 3, 1, 1, bn=True, backend=backend)
+        blk = ResidualBlock(c1, c2, None).train()
+        checked.clear()
+        blk(x.clone())
+        # the reference backend packs nothing (no ConvLIF): its residual is checked
+        assert any("residual" in n for n in checked) == (backend == "torch"), (backend, checked)
+        checked.clear()
+        blk.conv2(blk.conv1(x), residual=x.clone())
+        assert sum("residual" in n for n in checked) == 1, (backend, checked)
+        xi = x.clone()
+        h = blk.conv1(xi)
+        xi[0, 0, 0, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match="residual contains NaN or inf"):
+            blk.conv2(h, residual=xi)
 
 
 def test_counts_past_int8_are_kept_int16_with_the_same_gradients():

@@ -305,6 +305,14 @@ def _packed_earlier(last, t: torch.Tensor, backend: str) -> torch.Tensor | None:
     return words
 
 
+def is_packed_input(t: torch.Tensor, backend: str) -> bool:
+    """Whether ``t`` is the last ConvLIF input packed on this thread (by ``backend``), unchanged
+    since: its values were found to be spikes then (a pack that validates, or ``check_spikes``
+    before one that does not), so they are finite. A ResNet block's identity shortcut hands
+    conv2 that input as its residual."""
+    return _packed_earlier(getattr(_LAST_INPUT, "packed", None), t, backend) is not None
+
+
 def spike_bits(t: torch.Tensor, pack) -> torch.Tensor | None:
     """``pack(t)``, the packed words of t [B, C, H, W], where every value is 0 or 1, else None:
     ``pack`` is a ``pack_spikes`` that refuses a non-binary input with ValueError: a backend's

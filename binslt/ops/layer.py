@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import contract as C
 from . import reference as ref
-from .autograd import BNLIF, ConvLIF, _spike_pool, values_unreadable
+from .autograd import BNLIF, ConvLIF, _spike_pool, is_packed_input, values_unreadable
 from .backend import CAPABILITIES, _run_auto, capabilities
 from .registry import get_op
 from .values import _CONV, Epilogue, Geometry, NeuronParams, Shortcut, Weights  # noqa: F401
@@ -269,8 +269,8 @@ def _check_call(path: Path, be: str, x, epi: Epilogue, geo: Geometry, who: str) 
         raise ValueError(f"{who}: a packed (int32 spike words) residual needs the no-grad "
                          f"spike-input path of a conv, got backend {be!r}, grad enabled="
                          f"{torch.is_grad_enabled()}, linear={geo.linear}")
-    if res is not None and not packed_res:
-        check_finite(res, f"{who} residual")
+    if res is not None and not packed_res and not is_packed_input(res, be):
+        check_finite(res, f"{who} residual")  # (an earlier layer's input was checked as spikes)
     if path in (Path.REAL, Path.REAL_INFER):
         check_finite(x, f"{who} input")
     elif path in _SPIKE_PATHS and not packed_in and not capabilities(be).pack_validates:

@@ -139,13 +139,14 @@ def main(argv=None) -> int:
             run_bwd = functools.partial(bwd, gs, counts, xp, wm, wp, alpha, scale, shift, mean,
                                         var, None, ci, 1, 1, True, 1e-5, 100.0, False, 1.0, 0.0,
                                         True, 0, 2.0, True)
-            # The weight gradient alone (need_grad_x=False): event sums, ATen's GEMM, or one
-            # GEMM per tap.
+            # The weight gradient alone (need_grad_x=False): event sums, ATen's GEMM, one GEMM
+            # per tap, or the int8 limb products.
             run_gw = functools.partial(bwd, *run_bwd.args[:-1], False)
             for isa in isas:
                 stack.enter_context(cpu_algorithms(isa=isa))
                 gx = ["dense"] + (["ternary", "combo"] if isa == "avx512" else []) + unfold
-                gw = ["event", "dense", "taps"] + unfold
+                # int8: the limb form (ATen's _int_mm), forced on any CPU; "auto" takes it on AMX
+                gw = ["event", "dense", "taps", "int8"] + unfold
                 parts = (("forward", run_fwd, "conv", ["dense", "event"], ["event", "auto"],
                           _exact),
                          ("backward", run_bwd, "grad_x", gx, gx, _close(0)),

@@ -126,6 +126,9 @@ def main(argv=None) -> int:
     # The unfold form of both gradients where its [Co*H*W, Ci*H*W] matrix stays small (the
     # few-pixel maps "auto" gives it; on larger maps it only costs memory).
     unfold = ["unfold"] if co * ci * hw ** 4 * 4 <= 64 << 20 else []
+    # The int8 input gradient (oneDNN's int8 convolution) where it runs forced: AMX-INT8 or VNNI.
+    int8_gx = ["int8"] if binslt.ops.library.cpu_info()["features"].get("onednn_int8_forced") \
+        else []
     rows = []
     with contextlib.ExitStack() as stack:
         for rate in (float(r) for r in args.rates.split(",")):
@@ -144,7 +147,8 @@ def main(argv=None) -> int:
             run_gw = functools.partial(bwd, *run_bwd.args[:-1], False)
             for isa in isas:
                 stack.enter_context(cpu_algorithms(isa=isa))
-                gx = ["dense"] + (["ternary", "combo"] if isa == "avx512" else []) + unfold
+                gx = (["dense"] + (["ternary", "combo"] if isa == "avx512" else []) + unfold
+                      + int8_gx)
                 # int8: the limb form (ATen's _int_mm), forced on any CPU; "auto" takes it on AMX
                 gw = ["event", "dense", "taps", "int8"] + unfold
                 parts = (("forward", run_fwd, "conv", ["dense", "event"], ["event", "auto"],

@@ -72,10 +72,19 @@ def cpu_isas() -> list[str]:
 
 
 def onednn_supported() -> bool:
-    """Whether the CPU kernels' "onednn" conv runs here (AMX-INT8 and PyTorch's oneDNN ops)."""
+    """Whether the CPU kernels' plan takes oneDNN's int8 convolution here (the "onednn" conv, the
+    int8 input gradient): AMX-INT8 and PyTorch's oneDNN ops."""
     from binslt.ops import library as _ext
 
     return bool(_ext.cpu_info()["features"].get("onednn_int8", False))
+
+
+def onednn_runs() -> bool:
+    """Whether those forms run here when forced (``cpu_algorithms``): AMX-INT8 or AVX-512 VNNI,
+    whose int8 dot products are exact (int32 sums)."""
+    from binslt.ops import library as _ext
+
+    return bool(_ext.cpu_info()["features"].get("onednn_int8_forced", False))
 
 
 #: The conv geometries (T, N, C_in, C_out, H, W, k, stride, padding) the fused conv + LIF is

@@ -22,6 +22,7 @@ from helpers import (
     CONV_GEOMS,
     cpu_isas,
     nudge_until_untied,
+    onednn_runs,
     onednn_supported,
     stable_seed,
     tie_mask,
@@ -65,9 +66,9 @@ def use_algos():
 
 # bconv_lif's forward algorithms: AND+popcount over every input word, and the event kernel
 # (sum of the weight columns of the spikes); 'auto' picks by the input firing rate. Where the CPU
-# has AMX-INT8, also oneDNN's int8 convolution (inference only: forced on the training forward it
-# is an error).
-ALGOS = ["dense", "event"] + (["onednn"] if onednn_supported() else [])
+# has AMX-INT8 or AVX-512 VNNI, also oneDNN's int8 convolution (inference only: forced on the
+# training forward it is an error).
+ALGOS = ["dense", "event"] + (["onednn"] if onednn_runs() else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,7 +590,7 @@ BWD_ALGOS = [(gx, "event") for gx in _gx_algos()] + [
     ("margined", "event"), ("dense", "dense"), ("margined", "dense"), ("unfold", "unfold"),
     ("dense", "taps"), ("dense", "int8"), ("margined", "int8"), ("pointwise", "pointwise"),
     ("bf16x3", "bf16x3")]
-if onednn_supported():  # the int8 input gradient runs on oneDNN's AMX-INT8 convolution only
+if onednn_runs():  # the int8 input gradient: oneDNN's int8 convolution (AMX-INT8 or VNNI)
     BWD_ALGOS.append(("int8", "int8"))
 
 
@@ -763,7 +764,7 @@ def test_bf16x3_weight_grad_chunks_span_images(use_algos):
 
 @pytest.mark.parametrize("gx_algo,gw_algo,seed,grad_seed", [("margined", "int8", 11, 5),
                                                             ("bf16x3", "bf16x3", 13, 8)]
-                         + ([("int8", "event", 12, 6)] if onednn_supported() else []))
+                         + ([("int8", "event", 12, 6)] if onednn_runs() else []))
 def test_split_grads_in_chunks_of_images(gx_algo, gw_algo, seed, grad_seed, use_algos):
     """Two 256x256 images of 32 -> 32 channels fill more than one chunk of the split forms'
     buffers (int8: 16 MiB for the weight gradient, 8 MiB for the input gradient, one image's
@@ -784,7 +785,8 @@ def test_split_grads_in_chunks_of_images(gx_algo, gw_algo, seed, grad_seed, use_
     _assert_close(a[0], b[0], "grad_x")
 
 
-@pytest.mark.skipif(not onednn_supported(), reason="the int8 input gradient needs AMX-INT8")
+@pytest.mark.skipif(not onednn_runs(),
+                    reason="the int8 input gradient needs AMX-INT8 or AVX-512 VNNI")
 def test_int8_input_grad_over_dz_finishes_an_overflowing_chunk_as_the_float_form(use_algos):
     """The int8 input gradient of a layer with Ci = Co writes each chunk of images over dZ once
     its limbs are taken. Where alpha * dZ overflows in a later chunk (dZ itself finite), the
@@ -885,9 +887,9 @@ def test_split_forms_on_the_paper_layers_match_float64(layer, use_algos):
     w = torch.randn(c["w"].shape, generator=g)
     scores = torch.randn(c["w"].shape, generator=g)
     # the int8 weight gradient runs everywhere (ATen's _int_mm; AMX tiles only where the CPU
-    # has them), its input gradient on AMX-INT8 at stride 1 only
+    # has them), its input gradient (oneDNN: AMX-INT8 or VNNI) here at stride 1
     forms = [("bf16x3", "bf16x3"), ("dense", "int8")]
-    if onednn_supported() and stride == 1 and k > 1:
+    if onednn_runs() and stride == 1 and k > 1:
         forms.append(("int8", "int8"))
     for gx, gw in forms:
         use_algos(grad_x=gx, grad_w=gw)
@@ -926,7 +928,7 @@ def test_bf16x3_forms_in_several_chunks_match_float64(use_algos):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("gx_algo,gw_algo", [("dense", "int8"), ("bf16x3", "bf16x3")]
-                         + ([("int8", "int8")] if onednn_supported() else []))
+                         + ([("int8", "int8")] if onednn_runs() else []))
 def test_split_grads_take_the_float_forms_on_a_non_finite_dz(gx_algo, gw_algo, bad, use_algos):
     """A NaN or an infinity in dL/dspikes (so in dL/dZ: eval BN scales it) cannot be split into
     int8 limbs or bf16 parts (the scale pass finds it as the largest |value|'s bits, inf's

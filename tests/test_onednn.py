@@ -1,17 +1,18 @@
-"""The CPU kernels' "onednn" conv: bconv_lif_infer's counts from oneDNN's int8 convolution (AMX).
+"""The CPU kernels' "onednn" conv: bconv_lif_infer's counts from oneDNN's int8 convolution.
 
 The counts are integers either way, so every output must equal the bit kernels' ("dense") bit
 for bit, and the reference's: packed or float input, pooled, packed or float output, residual,
 strides, kernel sizes, channel counts off the word size, several chunks of images, and a weight
-cache that must never hand back another layer's weights. The route needs a CPU with AMX-INT8:
-elsewhere these tests cannot run, and forcing the route must fail with a clear error.
+cache that must never hand back another layer's weights. The plan takes the route on a CPU with
+AMX-INT8; forced, it runs on AVX-512 VNNI as well. Elsewhere these tests cannot run, and forcing
+the route must fail with a clear error.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import onednn_supported, small_resnet19_eval, stable_seed
+from helpers import onednn_runs, onednn_supported, small_resnet19_eval, stable_seed
 
 import binslt.ops as ops
 from binslt.ops import contract as C
@@ -22,6 +23,8 @@ pytestmark = pytest.mark.skipif(not __import__("binslt").backends()["cpu"]["usab
 
 needs_amx = pytest.mark.skipif(not onednn_supported(),
                                reason="no AMX-INT8 on this CPU (or no oneDNN in this PyTorch)")
+needs_int8 = pytest.mark.skipif(not onednn_runs(), reason="neither AMX-INT8 nor AVX-512 VNNI on "
+                                "this CPU (or no oneDNN in this PyTorch)")
 
 OP = torch.ops.binslt.bconv_lif_infer
 OPS = torch.ops.binslt
@@ -65,7 +68,7 @@ CASES = [
 ]
 
 
-@needs_amx
+@needs_int8
 @pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
 def test_onednn_infer_equals_bit_kernels_and_reference(case):
     x, wm, wp, alpha, scale, shift, res = _case(stable_seed(sorted(case.items())), **case)
@@ -84,7 +87,7 @@ def test_onednn_infer_equals_bit_kernels_and_reference(case):
         assert torch.equal(_run("onednn", xin, *ops_args, 1, False), full)
 
 
-@needs_amx
+@needs_int8
 @pytest.mark.parametrize("decay_input", [False, True])
 @pytest.mark.parametrize("v_reset", [0.0, -0.25, None], ids=["hard0", "hard-0.25", "soft"])
 @pytest.mark.parametrize("residual", [False, True])
@@ -110,7 +113,7 @@ def test_onednn_output_in_every_neuron_mode(decay_input, v_reset, residual):
             assert torch.equal(OP(xin, *args, *neuron, 2, False), pooled)
 
 
-@needs_amx
+@needs_int8
 @pytest.mark.parametrize("ci, co", [(512, 512), (520, 500)])
 def test_onednn_conv_of_a_large_weight_in_input_channel_parts(ci, co):
     """A weight past OnednnConv's part size (2 MiB of int8: 512->512 3x3) is convolved in input
@@ -129,7 +132,7 @@ def test_onednn_conv_of_a_large_weight_in_input_channel_parts(ci, co):
                            ref.bconv_lif_infer_reference(x, *args, *NEURON, pool=2))
 
 
-@needs_amx
+@needs_int8
 def test_onednn_infer_over_several_chunks_of_images():
     # 4 * 64 * 64 * 128 floats of counts an image: 8 MiB, so each image is a chunk of its own
     x, wm, wp, alpha, scale, shift, res = _case(11, T=4, n=3, ci=32, co=128, h=64, w=64,
@@ -140,7 +143,7 @@ def test_onednn_infer_over_several_chunks_of_images():
                            _run("dense", _packed(x), *args, pool, packed_out))
 
 
-@needs_amx
+@needs_int8
 def test_onednn_weight_cache_never_serves_other_weights():
     x, wm, wp, alpha, scale, shift, _ = _case(3)
     args = (alpha, scale, shift, None, 1, 1, 1, False)
@@ -160,7 +163,7 @@ def test_onednn_weight_cache_never_serves_other_weights():
     assert torch.equal(_run("onednn", x, wm, wp, *args), _run("dense", x, wm, wp, *args))
 
 
-@needs_amx
+@needs_int8
 def test_onednn_infer_rejects_non_binary_float_input():
     x, wm, wp, alpha, scale, shift, _ = _case(5)
     x[1, 2, 40, 3, 4] = 0.5
@@ -171,7 +174,7 @@ def test_onednn_infer_rejects_non_binary_float_input():
         _run("onednn", x, wm, wp, alpha, scale, shift, None, 1, 1, 1, True)
 
 
-@needs_amx
+@needs_int8
 def test_onednn_ticket_eval_equals_bit_kernels():
     """A whole network's eval (packed chaining, pooled layers, residual blocks) is the same with
     the route forced on and off."""
@@ -190,14 +193,14 @@ def test_onednn_ticket_eval_equals_bit_kernels():
         assert torch.equal(a, b), arch
 
 
-@pytest.mark.skipif(onednn_supported(), reason="this CPU runs the onednn conv")
+@pytest.mark.skipif(onednn_runs(), reason="this CPU runs the onednn conv")
 def test_forcing_onednn_without_amx_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="needs a CPU with AMX-INT8"):
+    with pytest.raises(RuntimeError, match="needs a CPU with AMX-INT8 or AVX-512 VNNI"):
         with ops.cpu_algorithms(conv="onednn"):
             pass
 
 
-ALGOS = ["dense", "event"] + (["onednn"] if onednn_supported() else [])
+ALGOS = ["dense", "event"] + (["onednn"] if onednn_runs() else [])
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -282,7 +285,7 @@ def test_shortcut_op_equals_the_shortcut_current_as_residual(stride):
     neuron = (2.0, False, 1.0, 0.0)
     current = ref.bconv_affine_infer_reference(bx.flatten(0, 1), *sc, stride, 0).view(
         T, n, co, ho, ho)
-    algos = ["dense", "event"] + (["onednn"] if onednn_supported() else [])
+    algos = ["dense", "event"] + (["onednn"] if onednn_runs() else [])
     for pool, packed_out in ((1, True), (1, False), (2, False), (2, True)):
         want = ref.bconv_lif_infer_reference(x, *conv, current, 1, 1, *neuron, pool, packed_out)
         assert 0.02 < float(want.float().mean() if not packed_out else 0.5) < 0.98
@@ -308,7 +311,7 @@ def test_shortcut_op_refuses_a_mismatched_shortcut_and_non_binary_input():
     with pytest.raises(ValueError, match=r"shortcut's output \[8, 12, 12\].*layer's \[8, 6, 6\]"):
         OPS.bconv_lif_infer_shortcut(x, *conv, bx, *sc, 1, 0, 1, 1, *neuron, 1, False)
     bx[0, 1, 2, 3, 4] = 0.5
-    for algo in ["event"] + (["onednn"] if onednn_supported() else []):  # both routes
+    for algo in ["event"] + (["onednn"] if onednn_runs() else []):  # both routes
         with ops.cpu_algorithms(conv=algo), pytest.raises(ValueError, match="block_x"):
             OPS.bconv_lif_infer_shortcut(x, *conv, bx, *sc, 2, 0, 1, 1, *neuron, 1, False)
 

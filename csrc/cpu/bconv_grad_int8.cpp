@@ -376,8 +376,9 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
   TORCH_INTERNAL_ASSERT(!over_gz || (Ci == s.Co && s.H == s.Ho && s.W == s.Wo &&
                                      gz.is_contiguous()),
                         "input_grad_int8: the gradient over dZ needs one shape");
-  TORCH_CHECK(onednn_int8_supported(), "binslt: the 'int8' input gradient needs PyTorch's oneDNN "
-              "int8 convolution on a CPU with AMX-INT8; use cpu_algorithms(grad_x='auto')");
+  TORCH_CHECK(onednn_int8_runs(), "binslt: the 'int8' input gradient needs PyTorch's oneDNN "
+              "int8 convolution on a CPU with AMX-INT8 or AVX-512 VNNI; use "
+              "cpu_algorithms(grad_x='auto')");
   int64_t mt, mb, ml, mr;
   const std::vector<AxisClass> rows = axis_classes(s.H, s.Ho, s.KH, s.stride, s.padding, &mt, &mb);
   const std::vector<AxisClass> cols = axis_classes(s.W, s.Wo, s.KW, s.stride, s.padding, &ml, &mr);

@@ -42,15 +42,33 @@ std::optional<c10::OperatorHandle> find_op(const char* name) {
 
 }  // namespace
 
+namespace {
+
+bool onednn_int8_ops() {
+  static const bool ok = find_op("onednn::qconv_prepack") &&
+                         find_op("onednn::qconv2d_pointwise") &&
+                         isa_supported(Isa::kAvx512);  // the route's LIF packs with AVX-512
+  return ok;
+}
+
+}  // namespace
+
 bool onednn_int8_supported() {
   static const bool ok = [] {
-    if (!find_op("onednn::qconv_prepack") || !find_op("onednn::qconv2d_pointwise")) return false;
-    if (!isa_supported(Isa::kAvx512)) return false;  // the route's LIF packs with AVX-512
+    if (!onednn_int8_ops()) return false;
     const auto caps = at::cpu::get_cpu_capabilities();
     const auto it = caps.find("amx_int8");
     if (it == caps.end() || !it->second.isBool() || !it->second.toBool()) return false;
     return at::cpu::init_amx();  // the kernel's permission to use the AMX tile state
   }();
+  return ok;
+}
+
+bool onednn_int8_runs() {
+  // VNNI's byte dot products accumulate in int32 (without VNNI oneDNN pairs bytes into
+  // saturating int16 sums): the int8 convolution is exact on either engine.
+  static const bool ok = onednn_int8_supported() ||
+                         (onednn_int8_ops() && at::cpu::is_avx512_vnni_supported());
   return ok;
 }
 
@@ -150,9 +168,9 @@ std::list<PackedEntry> g_cache;  // most recent first
 OnednnConv::OnednnConv(const ConvShape& s, int64_t Ci, const uint32_t* mbits,
                        const uint32_t* pbits, int64_t chunk_images)
     : stride_(s.stride), padding_(s.padding) {
-  TORCH_CHECK(onednn_int8_supported(),
+  TORCH_CHECK(onednn_int8_runs(),
               "binslt: the 'onednn' conv needs PyTorch's oneDNN int8 convolution on a CPU with "
-              "AMX-INT8");
+              "AMX-INT8 or AVX-512 VNNI");
   w_scale_ = at::ones({s.Co}, at::TensorOptions().dtype(at::kFloat));
   w_zero_ = at::zeros({s.Co}, at::TensorOptions().dtype(at::kLong));
   // input channel parts of at most kPartWeightBytes of weights, in multiples of 64 channels

@@ -278,16 +278,17 @@ void set_cpu_algorithms(const std::string& isa, const std::string& conv,
   c.grad_w = parse_choice(grad_w, "weight-gradient algorithm", kGradWs, &grad_w_name);
   TORCH_CHECK(c.isa == Isa::kAuto || isa_supported(c.isa), "binslt: this CPU cannot run the '",
               isa, "' path");
-  TORCH_CHECK(c.grad_x != GradXAlgo::kInt8 || onednn_int8_supported(),
+  TORCH_CHECK(c.grad_x != GradXAlgo::kInt8 || onednn_int8_runs(),
               "binslt: the 'int8' input gradient (oneDNN's int8 convolution) needs a CPU with "
-              "AMX-INT8 and a PyTorch built with oneDNN; this machine has not both");
+              "AMX-INT8 or AVX-512 VNNI and a PyTorch built with oneDNN; this machine has not "
+              "both");
   TORCH_CHECK((c.grad_x != GradXAlgo::kTernary && c.grad_x != GradXAlgo::kCombo) ||
                   isa_supported(Isa::kAvx512),
               "binslt: the '", grad_x, "' input-gradient kernel needs AVX-512, which this CPU "
               "lacks");
-  TORCH_CHECK(c.conv != ConvAlgo::kOnednn || onednn_int8_supported(),
+  TORCH_CHECK(c.conv != ConvAlgo::kOnednn || onednn_int8_runs(),
               "binslt: the 'onednn' conv (oneDNN's int8 convolution) needs a CPU with AMX-INT8 "
-              "and a PyTorch built with oneDNN; this machine has not both");
+              "or AVX-512 VNNI and a PyTorch built with oneDNN; this machine has not both");
   g_config.store(c, std::memory_order_relaxed);
 }
 
@@ -305,6 +306,7 @@ std::map<std::string, bool> cpu_feature_flags() {
   f["avx512vpopcntdq"] = __builtin_cpu_supports("avx512vpopcntdq");
 #endif
   f["onednn_int8"] = onednn_int8_supported();  // AMX-INT8 and the oneDNN ops: the "onednn" conv
+  f["onednn_int8_forced"] = onednn_int8_runs();  // ... or VNNI: the int8 forms run when forced
   f["bf16_matrix"] = bf16_matrix_supported();  // AMX-BF16 and oneDNN: "bf16x3" on the engine
   return f;
 }

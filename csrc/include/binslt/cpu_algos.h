@@ -315,8 +315,11 @@ auto run_forward_plan(ForwardPlan& plan, Run&& run) -> decltype(run(plan)) {
   return out;
 }
 
-// Inference: oneDNN's int8 convolution (AMX) where PyTorch has it and the CPU has AMX-INT8.
+// oneDNN's int8 convolution (the "onednn" conv, the "int8" input gradient) where PyTorch has it
+// and the CPU has AMX-INT8: the plan takes those forms only here.
 bool onednn_int8_supported();
+// ... or AVX-512 VNNI as well: where those forms run, exact, when forced (cpu_algorithms).
+bool onednn_int8_runs();
 // Training: a CPU with AMX-BF16 and PyTorch's oneDNN enabled, where the "bf16x3" forms run on the
 // bf16 matrix engine (they run everywhere, as float32 products elsewhere).
 bool bf16_matrix_supported();

@@ -40,10 +40,6 @@ std::optional<c10::OperatorHandle> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchema({name, ""});
 }
 
-}  // namespace
-
-namespace {
-
 bool onednn_int8_ops() {
   static const bool ok = find_op("onednn::qconv_prepack") &&
                          find_op("onednn::qconv2d_pointwise") &&

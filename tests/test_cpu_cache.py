@@ -51,7 +51,7 @@ def test_a_freed_output_serves_the_next_one_and_holds_no_stale_values():
     ptr = out.data_ptr()
     before = ops.cpu_cache_info()
     del out
-    assert ops.cpu_cache_info()["held"] >= before["held"] + 16 << 20
+    assert ops.cpu_cache_info()["held"] >= before["held"] + (16 << 20)
     sparse = _words(shape, 0.05, 1)
     again = ops.unpack_spikes(sparse, channels, backend="cpu")
     after = ops.cpu_cache_info()

@@ -5,7 +5,8 @@ For every binary-input conv shape of Conv-4, VGG-11 and ResNet-19 at CIFAR size 
 shortcuts), one ``binslt::bconv_lif_bwd`` call (batch-statistics BN, ATan surrogate, input
 firing rate 0.15, half the weights pruned) under each product form that runs the layer:
 ``auto``, the float32 ``dense`` forms, the split-precision ``bf16x3`` forms, and ``int8`` where
-the CPU has AMX-INT8 (both gradients forced to the form). Each is timed interleaved with the
+oneDNN's int8 convolution runs (AMX-INT8, or AVX-512 VNNI forced: ``onednn_int8_forced``; both
+gradients forced to the form). Each is timed interleaved with the
 others (medians), and each gradient's error is measured against float64 maths
 (``||g - g64|| / ||g64||``, the tests' measure): dL/dX, dL/dW_eff and the search's score
 gradient dL/ds = dL/dW_eff * w * sign(s). The BN shift is nudged until no float64 membrane
@@ -146,7 +147,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def forms_of(features: dict) -> list[str]:
     out = ["auto", "dense", "bf16x3"]
-    if features.get("onednn_int8", False):
+    if features.get("onednn_int8_forced", features.get("onednn_int8", False)):
         out.append("int8")
     return out
 

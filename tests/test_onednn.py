@@ -194,7 +194,7 @@ def test_onednn_ticket_eval_equals_bit_kernels():
 
 
 @pytest.mark.skipif(onednn_runs(), reason="this CPU runs the onednn conv")
-def test_forcing_onednn_without_amx_is_a_clear_error():
+def test_forcing_onednn_where_it_cannot_run_is_a_clear_error():
     with pytest.raises(RuntimeError, match="needs a CPU with AMX-INT8 or AVX-512 VNNI"):
         with ops.cpu_algorithms(conv="onednn"):
             pass

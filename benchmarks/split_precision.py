@@ -147,7 +147,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def forms_of(features: dict) -> list[str]:
     out = ["auto", "dense", "bf16x3"]
-    if features.get("onednn_int8_forced", features.get("onednn_int8", False)):
+    if features.get("onednn_int8_forced", False):  # (AMX-INT8 or VNNI)
         out.append("int8")
     return out
 

@@ -173,8 +173,9 @@ def test_identity_shortcut_reuses_the_block_input_bits(monkeypatch):
 
 def test_identity_shortcut_residual_is_not_checked_again(monkeypatch):
     """On a kernel backend, conv2's residual that is the block input conv1 packed (checked as
-    spikes then) skips the finiteness check; a copy of it, or the input changed in place since, is checked, and a NaN
-    put in place after conv1 is still refused."""
+    spikes then) skips the finiteness check; a copy of it, or the input changed in place since,
+    is checked, and a NaN put in place after conv1 is still refused (the reference backend packs
+    nothing, so it checks every residual)."""
     from binslt.nn.blocks import ResidualBlock
     from binslt.ops import layer as L
 

@@ -8,9 +8,9 @@
 // A miss (no freed block of the size) first frees at least as many held bytes as it allocates,
 // least recently freed first: the cache turns misses into exchanges, so binslt's own large
 // allocations never add to the resident memory on top of what the cache holds (allocations of
-// other code made while blocks are held can). It holds at most a limit of freed bytes besides (BINSLT_CPU_CACHE_MB in the
-// environment, or binslt.ops.set_cpu_cache_limit; default 256 MiB, 0 turns it off); live
-// tensors are not counted.
+// other code made while blocks are held can). It holds at most a limit of freed bytes besides
+// (BINSLT_CPU_CACHE_MB in the environment, or binslt.ops.set_cpu_cache_limit; default 256 MiB,
+// 0 turns it off); live tensors are not counted.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -99,6 +99,33 @@ def test_npz_malformed(tmp_path, arrays, match):
         data.load(f"npz:{p}")
 
 
+def _npy(path):
+    np.save(path, np.zeros((4, 3, 3)))
+
+
+def _object_member(path):
+    np.savez(path, x=np.array([{"a": 1}] * 4, dtype=object), y=np.zeros(4, int))
+
+
+@pytest.mark.parametrize("write, match", [
+    (lambda p: p.write_bytes(b"x"), r"is not a zip archive \(it starts with b'x'\), not an .npz"),
+    (lambda p: p.write_bytes(b""), "is empty, not an .npz file"),
+    (lambda p: p.write_bytes(b"\x80\x04\x95 a pickle"), "is not a zip archive"),
+    (lambda p: (_npy(p.with_suffix(".npy")), p.write_bytes(p.with_suffix(".npy").read_bytes())),
+     "is a single .npy array, not an .npz file; write one with numpy.savez"),
+    (_object_member, r"an array holds Python objects \(pickled data\)"),
+])
+def test_npz_that_is_not_a_numeric_archive_is_refused_without_unpickling_advice(tmp_path, write,
+                                                                               match):
+    # numpy reads any non-zip file as a pickle and suggests allow_pickle=True: binslt names what
+    # the file is instead, and never unpickles.
+    p = tmp_path / "bad.npz"
+    write(p)
+    with pytest.raises(data.DatasetError, match=match) as info:
+        data.load(f"npz:{p}")
+    assert "allow_pickle" not in str(info.value) and "bad.npz" in str(info.value)
+
+
 def _nchw_images(n, c, size, seed):
     return np.random.default_rng(seed).random((n, c, size, size)).astype(np.float32)
 
@@ -194,8 +221,11 @@ def test_missing_and_unknown_datasets_say_how_to_provide_them(tmp_path):
     with pytest.raises(data.DatasetError, match="unknown dataset 'mnist'"):
         data.load("mnist")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(data.DatasetError, match="could not read"):
+    with pytest.raises(data.DatasetError, match="junk.npz' is not a zip archive"):
         data.load(f"npz:{tmp_path / 'junk.npz'}")
+    (tmp_path / "torn.npz").write_bytes(b"PK\x03\x04 a torn zip")
+    with pytest.raises(data.DatasetError, match="could not read .*torn.npz' as .npz"):
+        data.load(f"npz:{tmp_path / 'torn.npz'}")
 
 
 def test_imagefolder_without_images_names_a_few_of_its_folders(tmp_path):

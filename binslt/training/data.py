@@ -171,12 +171,29 @@ def _labels(y: np.ndarray, n: int, what: str, where: str) -> torch.Tensor:
     return torch.from_numpy(y.astype(np.int64))
 
 
+def _check_npz_magic(p: Path) -> None:
+    """Refuse a file that is not a zip archive before numpy reads it: numpy takes any other file
+    for a pickle and answers with advice to unpickle it, which binslt never does."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(6)
+    except OSError as exc:
+        raise DatasetError(f"could not read {str(p)!r}: {exc.strerror or exc}") from None
+    if head.startswith(b"PK"):
+        return
+    what = ("a single .npy array" if head == b"\x93NUMPY" else
+            "empty" if not head else f"not a zip archive (it starts with {head!r})")
+    raise DatasetError(f"{str(p)!r} is {what}, not an .npz file; write one with "
+                       "numpy.savez(path, x=..., y=...)")
+
+
 def load_npz(path: str) -> DataBundle:
     """``npz:PATH`` (see the module docstring for the array names and the split)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DatasetNotFound(f"npz file {str(p)!r} not found; give npz:PATH to a .npz with arrays "
                               f"x {NPZ_LAYOUTS} and y [N] (optionally x_test, y_test)")
+    _check_npz_magic(p)
     try:
         arrays = np.load(p, allow_pickle=False)
         keys = set(arrays.files)
@@ -204,6 +221,9 @@ def load_npz(path: str) -> DataBundle:
             xtr, ytr, xte, yte = x[tr], y[tr], x[te], y[te]
             split = "stratified 80/20, seed 0"
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # a corrupt member
+        if "allow_pickle" in str(exc):  # an object array: numpy's message suggests unpickling it
+            raise DatasetError(f"{where}: an array holds Python objects (pickled data), which "
+                               "binslt does not load; save numeric arrays") from None
         raise DatasetError(f"could not read {where!r} as .npz: {exc}") from None
     xtr, xte = _normalise(xtr, xte)
     ncls = int(max(int(ytr.max()), int(yte.max()) if len(yte) else 0)) + 1

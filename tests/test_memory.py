@@ -411,3 +411,68 @@ def test_shortcut_with_sync_batchnorm_keeps_its_output():
         blk.shortcut.bn = torch.nn.BatchNorm2d(8)
         assert _call_handing_again(blk.shortcut, x)[1] is not None
     assert _call_handing_again(blk.shortcut, x)[1] is None  # the default keeps the output
+
+
+_PEAK_SCRIPT = r"""
+import ctypes, json, sys
+import torch
+from binslt import ops
+from binslt.ops import cpu_algorithms, reference as ref
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallopt(-3, 64 << 10)   # M_MMAP_THRESHOLD: every large block its own mapping, unmapped when
+libc.mallopt(-1, 128 << 10)  # freed (M_TRIM_THRESHOLD likewise), so RSS follows what is live
+ops.set_cpu_cache_limit(0)   # no freed blocks kept resident
+torch.set_num_threads(1)
+grad_x, need_x = sys.argv[1], sys.argv[2] == "1"
+T, N, C, H = 4, 16, 64, 32
+g = torch.Generator().manual_seed(0)
+w = torch.sign(torch.randn(C, C, 3, 3, generator=g)) * (torch.rand(C, C, 3, 3, generator=g) >= 0.5)
+wm, wp = ref.pack_weight_reference(w)
+alpha, one, zero = torch.rand(C, generator=g) * 0.1 + 0.05, torch.ones(C), torch.zeros(C)
+x = ops.get_op("pack_spikes", "cpu")((torch.rand(T * N, C, H, H, generator=g) < 0.2).float())
+s, counts, mean, var = ops.get_op("bconv_lif", "cpu")(
+    x, wm, wp, alpha, one, zero, None, T, 1, 1, True, 1e-5, 2.0, False, 1.0, 0.0)
+gs = torch.randn(s.shape, generator=g)
+bwd = ops.get_op("bconv_lif_bwd", "cpu")
+args = (gs, counts, x, wm, wp, alpha, one, zero, mean, var, None, C, 1, 1, True, 1e-5, 2.0,
+        False, 1.0, 0.0, True, 0, 2.0, need_x, False)  # no dL/dcurrent buffer
+
+def kb(field):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
+
+with cpu_algorithms(grad_x=grad_x, grad_w="event"):
+    bwd(*args)  # plan, lists, thread pool
+    libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    base = kb("VmRSS")
+    out = bwd(*args)
+    print(json.dumps({"peak": (kb("VmHWM") - base) * 1024, "dz": gs.nbytes}))
+"""
+
+
+@pytest.mark.skipif(not binslt.backends()["cpu"]["usable"], reason="the C++ CPU extension is "
+                    "not built")
+def test_event_weight_gradient_keeps_no_whole_copy_of_dz():
+    # The event weight gradient reads dZ channel-last with zero margins. Unless the margined input
+    # gradient reads that copy too, each image is turned channel-last into a buffer of its own
+    # just before its sums, so the call's peak holds one dZ, not dZ and a margined copy of it.
+    # Measured as the resident set's high-water mark of one bconv_lif_bwd call in a fresh
+    # process (T=4, N=16, 64->64 32x32: dZ 16 MiB, the copy 18 MiB).
+    import json
+    import subprocess
+    import sys
+
+    def peak(grad_x, need_x):
+        r = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, grad_x, need_x],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    alone = peak("dense", "0")  # the weight gradient alone: dZ, then the sums
+    copy = 4 * 16 * 34 * 34 * 64 * 4
+    assert alone["peak"] < alone["dz"] + copy // 3, alone
+    # The measurement sees a copy where one is made: the margined input gradient's.
+    margined = peak("margined", "1")
+    assert margined["peak"] >= margined["dz"] + copy * 0.9, margined

@@ -406,10 +406,12 @@ at::Tensor run_grad_w(const BwdArgs& a, BackwardPlan& plan, at::Tensor& gz, at::
                   // past the border (see weight_grad)
         const int64_t mt = s.stride == 1 ? std::max<int64_t>(0, s.KH - 1 - s.padding) : 0;
         const int64_t ml = s.stride == 1 ? std::max<int64_t>(0, s.KW - 1 - s.padding) : 0;
+        if (plan.grad_x != GradXPlan::kMargined)  // each image turned channel-last in turn
+          return weight_grad(s, Ci, a.x_packed, gz, false, mt, ml);
+        // the margined input gradient reads the whole copy too: one dZ in memory from here on
         gz_cl = channels_last_copy(gz, mt, ml);
-        // one dZ in memory from here on where the input gradient reads the copy
-        if (plan.grad_x == GradXPlan::kMargined) gz.reset();
-        return weight_grad(s, Ci, a.x_packed, gz_cl, mt, ml);
+        gz.reset();
+        return weight_grad(s, Ci, a.x_packed, gz_cl, true, mt, ml);
       }
     }
   }

@@ -177,9 +177,13 @@ TransposeFn transpose_f32_fn() {
 // dL/dW_eff[co][ci][ky][kx] = sum over output positions of dZ * x (x binary: no multiplies).
 // For each (input channel, tap) sum the dZ channel vectors of the output pixels its spikes feed,
 // in registers, and add the sum into the gradient row once.
-// gz_cl is [B, Ho + 2*margin_top, Wo + 2*margin_left, Co] with zero margins
-// (channels_last_copy): with stride 1 every (spike, tap) then lands inside it, so a tap only shifts the base pointer of one offset
-// list per channel (no per-tap bounds checks); other strides check each position.
+// The sums read dZ channel-last with zero margins, [Hz = Ho + 2*margin_top, Wz = Wo +
+// 2*margin_left, Co] per image: with stride 1 every (spike, tap) then lands inside it, so a tap
+// only shifts the base pointer of one offset list per channel (no per-tap bounds checks); other
+// strides check each position. With cl, gz is that layout for every image (channels_last_copy,
+// which the margined input gradient reads too); otherwise gz is dZ itself, and each image (or
+// block of images) is turned channel-last into a buffer of its own just before its sums, so no
+// copy of the whole dZ exists beside it.
 // Two schedules:
 // * per image, where a copy of the gradient per thread fits L2 (per * 4 bytes <= 1 MiB): the
 //   threads take images, each summing into its own copy of the gradient (the copies are added at
@@ -193,10 +197,10 @@ TransposeFn transpose_f32_fn() {
 //   8x8 and 512->512 4x4 at N=32, T=4, rate 0.2 took 96 and 60 ms that way, 34 and 34 ms in
 //   blocks on a 2-core AMD EPYC), and a gradient row is read and written once per block.
 at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
-                       const at::Tensor& gz_cl, int64_t margin_top, int64_t margin_left) {
+                       const at::Tensor& gz, bool cl, int64_t margin_top, int64_t margin_left) {
   constexpr int64_t kBlockBytes = 256 << 10;
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
-  const float* dz = gz_cl.data_ptr<float>();
+  const float* dz = gz.data_ptr<float>();
   const Isa isa = active_isa();
   auto gather_sum = isa == Isa::kAvx512 ? &gather_sum_avx512
                     : isa == Isa::kAvx2   ? &gather_sum_avx2
@@ -233,13 +237,24 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
     }
   };
 
-  at::Tensor g = at::zeros({Ci, s.KH, s.KW, s.Co}, gz_cl.options());
+  // Image b of dZ (NCHW, !cl) channel-last into dst [Hz, Wz, Co], whose margins are zero
+  // already; tmp: Ho * Wo * Co floats of scratch.
+  const TransposeFn transpose = transpose_f32_fn();
+  const int64_t HWo = s.Ho * s.Wo;
+  auto to_cl = [&](int64_t b, float* dst, float* tmp) {
+    transpose(dz + b * s.Co * HWo, tmp, s.Co, HWo);
+    for (int64_t y = 0; y < s.Ho; ++y)
+      std::memcpy(dst + ((margin_top + y) * Wz + margin_left) * s.Co, tmp + y * s.Wo * s.Co,
+                  s.Wo * s.Co * sizeof(float));
+  };
+  at::Tensor g = at::zeros({Ci, s.KH, s.KW, s.Co}, gz.options());
   float* gp = g.data_ptr<float>();
   const int64_t per = Ci * s.KH * s.KW * s.Co;
   const int64_t nthreads = at::get_num_threads();
   if (per * static_cast<int64_t>(sizeof(float)) <= (1 << 20)) {
-    // Adds channel ci's sums over image b (lists L) into G[ci] rows.
-    auto accumulate = [&](const SpikeLists& L, int64_t b, int64_t ci, float* Gci,
+    // Adds channel ci's sums over one image (its lists L, its margined channel-last dZ dzi: the
+    // copy's, or the thread's buffer) into G[ci] rows.
+    auto accumulate = [&](const SpikeLists& L, const float* dzi, int64_t ci, float* Gci,
                           std::vector<int32_t>& offs) {
       const int32_t e0 = L.start[ci], e1 = L.start[ci + 1];
       if (e0 == e1) return;
@@ -247,13 +262,13 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
         for (int64_t kx = 0; kx < s.KW; ++kx) {
           float* gout = Gci + (ky * s.KW + kx) * s.Co;
           if (unit) {
-            gather_sum(dz + b * img + tap_shift(ky, kx), L.base.data() + e0, e1 - e0, gout, co);
+            gather_sum(dzi + tap_shift(ky, kx), L.base.data() + e0, e1 - e0, gout, co);
             continue;
           }
           offs.clear();
-          strided_offsets(L, b, b, ci, ky, kx, offs);
+          strided_offsets(L, 0, 0, ci, ky, kx, offs);
           if (!offs.empty())
-            gather_sum(dz + b * img, offs.data(), static_cast<int>(offs.size()), gout, co);
+            gather_sum(dzi, offs.data(), static_cast<int>(offs.size()), gout, co);
         }
     };
     std::vector<float> partial(static_cast<size_t>(nthreads - 1) * per, 0.0f);
@@ -262,10 +277,14 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
       float* G = th == 0 ? gp : partial.data() + (th - 1) * per;
       SpikeLists L;
       std::vector<int32_t> offs;
+      // this thread's image of dZ, channel-last with zero margins (from dZ itself: !cl)
+      std::vector<float> buf(cl ? 0 : img, 0.0f), tmp(cl ? 0 : HWo * s.Co);
       for (int64_t b = b0; b < b1; ++b) {
+        if (!cl) to_cl(b, buf.data(), tmp.data());
+        const float* dzi = cl ? dz + b * img : buf.data();
         L.build(xp + b * HW * s.Cw, s, 0, Ci, margin_top, margin_left, Wz);
         for (int64_t ci = 0; ci < Ci; ++ci)
-          accumulate(L, b, ci, G + ci * s.KH * s.KW * s.Co, offs);
+          accumulate(L, dzi, ci, G + ci * s.KH * s.KW * s.Co, offs);
       }
     });
     if (nthreads > 1)
@@ -278,6 +297,11 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
       });
     return g.permute({3, 0, 1, 2}).contiguous();  // [Co, Ci, kh, kw]
   }
+  // The blocks read the whole copy (made here from dZ itself): on these small maps it is a few
+  // MiB, and turning each block's images channel-last just before its sums (a parallel region
+  // per block) measured no faster.
+  const at::Tensor copy = cl ? at::Tensor() : channels_last_copy(gz, margin_top, margin_left);
+  if (!cl) dz = copy.data_ptr<float>();
   for (int64_t b0 = 0; b0 < s.B; b0 += bb) {
     const int64_t b1 = std::min(s.B, b0 + bb);
     const float* dzb = dz + b0 * img;

@@ -112,10 +112,12 @@ at::Tensor unpack_spikes_cpu(const at::Tensor& packed, int64_t channels);
 void unpack_words_to_planes(const uint32_t* words, int64_t B, int64_t P, int64_t Cw,
                             int64_t channels, float* out);
 
-// dL/dW_eff [Co, Ci, kh, kw] from the packed input and dZ channel-last with zero margins
-// (gz_cl: [B, Ho + 2*margin_top, Wo + 2*margin_left, Co], from channels_last_copy).
+// dL/dW_eff [Co, Ci, kh, kw] from the packed input and dZ, which the sums read channel-last
+// with zero margins: gz is either that copy (cl: [B, Ho + 2*margin_top, Wo + 2*margin_left, Co],
+// from channels_last_copy) or dZ itself ([B, Co, Ho, Wo]), each image (or block of images) then
+// turned channel-last into a buffer of its own just before its sums.
 at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
-                       const at::Tensor& gz_cl, int64_t margin_top, int64_t margin_left);
+                       const at::Tensor& gz, bool cl, int64_t margin_top, int64_t margin_left);
 
 // One (output channel, tap) row of W_eff from its bit-plane words mw, qw (Cw words each):
 // dst[c * stride] = +a, -a or 0 for c < Ci, branch-free (vectorisable).

@@ -11,6 +11,9 @@
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -460,10 +463,6 @@ def test_event_weight_gradient_keeps_no_whole_copy_of_dz():
     # just before its sums, so the call's peak holds one dZ, not dZ and a margined copy of it.
     # Measured as the resident set's high-water mark of one bconv_lif_bwd call in a fresh
     # process (T=4, N=16, 64->64 32x32: dZ 16 MiB, the copy 18 MiB).
-    import json
-    import subprocess
-    import sys
-
     def peak(grad_x, need_x):
         r = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, grad_x, need_x],
                            capture_output=True, text=True, timeout=300)

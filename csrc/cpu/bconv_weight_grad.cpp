@@ -181,9 +181,9 @@ TransposeFn transpose_f32_fn() {
 // 2*margin_left, Co] per image: with stride 1 every (spike, tap) then lands inside it, so a tap
 // only shifts the base pointer of one offset list per channel (no per-tap bounds checks); other
 // strides check each position. With cl, gz is that layout for every image (channels_last_copy,
-// which the margined input gradient reads too); otherwise gz is dZ itself, and each image (or
-// block of images) is turned channel-last into a buffer of its own just before its sums, so no
-// copy of the whole dZ exists beside it.
+// which the margined input gradient reads too); otherwise gz is dZ itself, and the per-image
+// schedule below turns each image channel-last into a buffer of its own just before its sums, so
+// no copy of the whole dZ exists beside it (the block schedule makes the copy).
 // Two schedules:
 // * per image, where a copy of the gradient per thread fits L2 (per * 4 bytes <= 1 MiB): the
 //   threads take images, each summing into its own copy of the gradient (the copies are added at

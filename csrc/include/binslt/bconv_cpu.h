@@ -114,8 +114,9 @@ void unpack_words_to_planes(const uint32_t* words, int64_t B, int64_t P, int64_t
 
 // dL/dW_eff [Co, Ci, kh, kw] from the packed input and dZ, which the sums read channel-last
 // with zero margins: gz is either that copy (cl: [B, Ho + 2*margin_top, Wo + 2*margin_left, Co],
-// from channels_last_copy) or dZ itself ([B, Co, Ho, Wo]), each image (or block of images) then
-// turned channel-last into a buffer of its own just before its sums.
+// from channels_last_copy) or dZ itself ([B, Co, Ho, Wo]), each image then turned channel-last
+// into a buffer of its own just before its sums (the deep layers' block schedule makes the
+// copy itself).
 at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packed,
                        const at::Tensor& gz, bool cl, int64_t margin_top, int64_t margin_left);
 

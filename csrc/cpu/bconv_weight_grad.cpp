@@ -174,6 +174,23 @@ TransposeFn transpose_f32_fn() {
                              : &transpose_f32_base;
 }
 
+// One image src [C, H, W] (contiguous) channel-last with zero margins into dst [H + 2*mt,
+// W + 2*ml, C], through tmp (H * W * C floats): channels_last_copy's body for an image, and the
+// event weight gradient's image at a time.
+static void image_channels_last(const float* src, int64_t C, int64_t H, int64_t W, int64_t mt,
+                                int64_t ml, TransposeFn fn, float* tmp, float* dst) {
+  const int64_t Hz = H + 2 * mt, Wz = W + 2 * ml;
+  fn(src, tmp, C, H * W);
+  std::fill(dst, dst + mt * Wz * C, 0.0f);
+  std::fill(dst + (mt + H) * Wz * C, dst + Hz * Wz * C, 0.0f);
+  for (int64_t y = 0; y < H; ++y) {
+    float* row = dst + (mt + y) * Wz * C;
+    std::fill(row, row + ml * C, 0.0f);
+    std::memcpy(row + ml * C, tmp + y * W * C, W * C * sizeof(float));
+    std::fill(row + (ml + W) * C, row + Wz * C, 0.0f);
+  }
+}
+
 // dL/dW_eff[co][ci][ky][kx] = sum over output positions of dZ * x (x binary: no multiplies).
 // For each (input channel, tap) sum the dZ channel vectors of the output pixels its spikes feed,
 // in registers, and add the sum into the gradient row once.
@@ -237,16 +254,6 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
     }
   };
 
-  // Image b of dZ (NCHW, !cl) channel-last into dst [Hz, Wz, Co], whose margins are zero
-  // already; tmp: Ho * Wo * Co floats of scratch.
-  const TransposeFn transpose = transpose_f32_fn();
-  const int64_t HWo = s.Ho * s.Wo;
-  auto to_cl = [&](int64_t b, float* dst, float* tmp) {
-    transpose(dz + b * s.Co * HWo, tmp, s.Co, HWo);
-    for (int64_t y = 0; y < s.Ho; ++y)
-      std::memcpy(dst + ((margin_top + y) * Wz + margin_left) * s.Co, tmp + y * s.Wo * s.Co,
-                  s.Wo * s.Co * sizeof(float));
-  };
   at::Tensor g = at::zeros({Ci, s.KH, s.KW, s.Co}, gz.options());
   float* gp = g.data_ptr<float>();
   const int64_t per = Ci * s.KH * s.KW * s.Co;
@@ -278,9 +285,13 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
       SpikeLists L;
       std::vector<int32_t> offs;
       // this thread's image of dZ, channel-last with zero margins (from dZ itself: !cl)
-      std::vector<float> buf(cl ? 0 : img, 0.0f), tmp(cl ? 0 : HWo * s.Co);
+      const TransposeFn transpose = transpose_f32_fn();
+      const int64_t HWo = s.Ho * s.Wo;
+      std::vector<float> buf(cl ? 0 : img), tmp(cl ? 0 : HWo * s.Co);
       for (int64_t b = b0; b < b1; ++b) {
-        if (!cl) to_cl(b, buf.data(), tmp.data());
+        if (!cl)
+          image_channels_last(dz + b * s.Co * HWo, s.Co, s.Ho, s.Wo, margin_top, margin_left,
+                              transpose, tmp.data(), buf.data());
         const float* dzi = cl ? dz + b * img : buf.data();
         L.build(xp + b * HW * s.Cw, s, 0, Ci, margin_top, margin_left, Wz);
         for (int64_t ci = 0; ci < Ci; ++ci)
@@ -301,10 +312,10 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
   // MiB, and turning each block's images channel-last just before its sums (a parallel region
   // per block) measured no faster.
   const at::Tensor copy = cl ? at::Tensor() : channels_last_copy(gz, margin_top, margin_left);
-  if (!cl) dz = copy.data_ptr<float>();
+  const float* dz_cl = cl ? dz : copy.data_ptr<float>();
   for (int64_t b0 = 0; b0 < s.B; b0 += bb) {
     const int64_t b1 = std::min(s.B, b0 + bb);
-    const float* dzb = dz + b0 * img;
+    const float* dzb = dz_cl + b0 * img;
     at::parallel_for(0, Ci, 1, [&](int64_t c0, int64_t c1) {
       // the block's spike lists of this thread's channels only (so they never take more memory
       // than one block's spikes)
@@ -358,19 +369,11 @@ at::Tensor channels_last_copy(const at::Tensor& x, int64_t margin_top, int64_t m
     std::vector<float> tmp(margin_top + margin_left > 0 ? H * W * C : 0);
     for (int64_t b = b0; b < b1; ++b) {
       float* ob = dst + b * Hz * Wz * C;
-      if (margin_top + margin_left == 0) {
+      if (margin_top + margin_left == 0)
         fn(src + b * C * H * W, ob, C, H * W);
-        continue;
-      }
-      fn(src + b * C * H * W, tmp.data(), C, H * W);
-      std::fill(ob, ob + margin_top * Wz * C, 0.0f);
-      std::fill(ob + (margin_top + H) * Wz * C, ob + Hz * Wz * C, 0.0f);
-      for (int64_t y = 0; y < H; ++y) {
-        float* row = ob + (margin_top + y) * Wz * C;
-        std::fill(row, row + margin_left * C, 0.0f);
-        std::memcpy(row + margin_left * C, tmp.data() + y * W * C, W * C * sizeof(float));
-        std::fill(row + (margin_left + W) * C, row + Wz * C, 0.0f);
-      }
+      else
+        image_channels_last(src + b * C * H * W, C, H, W, margin_top, margin_left, fn,
+                            tmp.data(), ob);
     }
   });
   return out;

@@ -73,6 +73,9 @@ OP_CASES = [
     dict(h=4, w=300, ci=3, co=3),
     dict(h=9, w=8, stride=2, padding=1),
     dict(ci=40, co=33, h=6, w=6, rate=0.2),
+    # short maps, many channels: the LIF rows hold several channels' tiles (two rows of 16 per
+    # word of 32 channels, a last word of 6)
+    dict(ci=20, co=70, h=4, w=4, rate=0.3, residual=True),
 ]
 
 
@@ -249,6 +252,9 @@ POOL2_BWD_CASES = [
     (2, 1, 3, 4, 3, 300, 3, 1, 1, True, False, 0.0),
     (1, 2, 6, 40, 6, 5, 3, 1, 1, True, True, 0.0),
     (2, 2, 5, 3, 11, 9, 3, 2, 1, False, False, None),
+    # short maps, many channels: the LIF/BN rows hold the maps of several channels
+    (2, 3, 16, 70, 8, 8, 3, 1, 1, True, True, 0.0),
+    (3, 2, 12, 130, 4, 4, 3, 1, 1, False, False, None),
 ]
 
 

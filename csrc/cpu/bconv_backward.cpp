@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -182,19 +183,137 @@ static inline __attribute__((always_inline)) void lif_bn_channel_body(const LifB
   job.absmax[c] = float_of_key(top);  // read only where every channel is finite
 }
 
-// dL/dX (grad_current) and dL/dZ from the counts, and the per-channel sums, over all channels.
+// One thread's per-lane values of a row of channels [c0, c1) (lane i: pixel i % S of channel
+// c0 + i / S, S = Ho * Wo) besides the LaneTable's: the BN backward's terms, the largest |dZ|.
+struct LaneScratch {
+  double k[kRowChunk], mg[kRowChunk], mgx[kRowChunk];
+  uint32_t top[kRowChunk];
+};
+
+// lif_bn_channel_body for channels [c0, c1) at once, (c1 - c0) * S <= kRowChunk, with the same
+// arithmetic: each lane runs its pixel's steps as the per-channel row does, and each channel's sums
+// add its lanes in the same order, so the results are bit-identical to it.
+template <typename CT>
+static inline __attribute__((always_inline)) void lif_bn_block_body(const LifBnJob<CT>& job,
+                                                                    int64_t c0, int64_t c1,
+                                                                    const LaneTable& lanes,
+                                                                    const LifBnScratch& sc,
+                                                                    LaneScratch& ln) {
+  const ConvShape& s = *job.s;
+  const CT* counts = job.counts;
+  const PoolGrad* pg = job.pg;
+  const NeuronParams p = job.p;
+  float* gcur = job.gcur;
+  float* gz = job.gz;
+  double* acc_g = sc.acc_g;
+  double* acc_gx = sc.acc_gx;
+  const int64_t S = s.Ho * s.Wo;
+  const int L = static_cast<int>((c1 - c0) * S);
+  const int64_t step_stride = s.N * s.Co * S;
+  const double m = static_cast<double>(s.T * s.N * S);
+  const LaneAffine laff = lanes.affine(c0);
+  const float* la = lanes.alpha(c0);
+  for (int i = 0; i < kRowChunk; ++i) acc_g[i] = acc_gx[i] = 0.0;
+  for (int64_t n = 0; n < s.N; ++n) {
+    const int64_t off = (n * s.Co + c0) * S;
+    const CT* cr = counts + off;
+    auto zat = [cr, la, step_stride](int t, int i) {
+      return static_cast<float>(cr[t * step_stride + i]) * la[i];
+    };
+    if (pg != nullptr)
+      for (int64_t c = c0; c < c1; ++c)
+        pg->rows(s, n, c, 0, static_cast<int>(S), sc.gbuf + (c - c0) * S);
+    const float* r = job.res != nullptr ? job.res + off : nullptr;
+    if (job.res_bits != nullptr) {  // the rows' residual spikes out of their words
+      const int64_t cw = (s.Co + 31) / 32;
+      for (int64_t t = 0; t < s.T; ++t) {
+        const uint32_t* w = job.res_bits + (t * s.N + n) * S * cw;
+        float* dst = sc.rbuf + t * kRowChunk;
+        for (int64_t c = c0; c < c1; ++c) {
+          const uint32_t bit = 1u << (c & 31);
+          const uint32_t* wc = w + (c >> 5);
+          float* dc = dst + (c - c0) * S;
+          for (int64_t j = 0; j < S; ++j) dc[j] = (wc[j * cw] & bit) ? 1.0f : 0.0f;
+        }
+      }
+      r = sc.rbuf;
+    }
+    BpttRow row{pg != nullptr ? sc.gbuf : job.gs + off, gcur + off, sc.hbuf, acc_g, acc_gx,
+                pg != nullptr ? kRowChunk : step_stride};
+    if (job.res_bits != nullptr) row.res_step = kRowChunk;
+    lif_backward_row(static_cast<int>(s.T), L, zat, laff, r, step_stride, p, row);
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    // The per-channel row adds its kRowChunk lanes: the S used, then zeros (which turn a -0.0
+    // sum into +0.0; one x + 0.0 does the same).
+    double sg = 0.0, sgx = 0.0;
+    for (int64_t i = (c - c0) * S; i < (c - c0 + 1) * S; ++i) {
+      sg += acc_g[i];
+      sgx += acc_gx[i];
+    }
+    if (S < kRowChunk) {
+      sg += 0.0;
+      sgx += 0.0;
+    }
+    job.gsh[c] = static_cast<float>(sg);
+    job.gsc[c] = static_cast<float>(sgx);
+    const ZGrad zg = make_zgrad(job.aff[c], sg, sgx, m);
+    for (int64_t i = (c - c0) * S; i < (c - c0 + 1) * S; ++i) {
+      ln.k[i] = zg.k;
+      ln.mg[i] = zg.mg;
+      ln.mgx[i] = zg.mgx;
+    }
+  }
+  const LaneZGrad zg{ln.k, ln.mg, ln.mgx, laff.mean, laff.invstd, laff.scale, laff.train};
+  uint32_t* top = ln.top;
+  for (int i = 0; i < L; ++i) top[i] = 0;
+  for (int64_t tn = 0; tn < s.T * s.N; ++tn) {
+    const int64_t off = (tn * s.Co + c0) * S;
+    const CT* cr = counts + off;
+    const float* gc = gcur + off;
+    float* out = gz + off;
+    for (int i = 0; i < L; ++i) {
+      const float v = zg(gc[i], static_cast<float>(cr[i]) * la[i], i);
+      out[i] = v;
+      const uint32_t key = abs_key(v);
+      top[i] = key > top[i] ? key : top[i];
+    }
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    uint32_t t = 0;
+    for (int64_t i = (c - c0) * S; i < (c - c0 + 1) * S; ++i) t = top[i] > t ? top[i] : t;
+    job.nonfinite[c] = static_cast<char>(t >= KeyOf<float>::kInf);
+    job.absmax[c] = float_of_key(t);
+  }
+}
+
+// dL/dX (grad_current) and dL/dZ from the counts, and the per-channel sums, over all channels:
+// a channel per row, or row_block_channels channels per row where the maps are short.
 template <typename CT>
 void lif_bn_backward(const LifBnJob<CT>& job) {
   const Isa isa = active_isa();
   const ConvShape& s = *job.s;
-  at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
+  const int64_t per = row_block_channels(s.Ho * s.Wo, s.Co);
+  const int64_t blocks = (s.Co + per - 1) / per;
+  const LaneTable lanes(job.alpha, job.aff, per > 1 ? s.Co : 0, s.Ho * s.Wo);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> hbuf(static_cast<size_t>(s.T) * kRowChunk);
     std::vector<float> gbuf(job.pg != nullptr ? static_cast<size_t>(s.T) * kRowChunk : 0);
     std::vector<float> rbuf(job.res_bits != nullptr ? static_cast<size_t>(s.T) * kRowChunk : 0);
     std::vector<double> acc_g(kRowChunk), acc_gx(kRowChunk);
     const LifBnScratch sc{hbuf.data(), gbuf.data(), rbuf.data(), acc_g.data(), acc_gx.data()};
-    for (int64_t c = c0; c < c1; ++c)
-      run_for_isa(isa, [&]() __attribute__((always_inline)) { lif_bn_channel_body(job, c, sc); });
+    if (per == 1) {
+      for (int64_t c = b0; c < b1; ++c)
+        run_for_isa(isa, [&]() __attribute__((always_inline)) { lif_bn_channel_body(job, c, sc); });
+      return;
+    }
+    auto ln = std::make_unique<LaneScratch>();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * per, c1 = std::min(s.Co, c0 + per);
+      run_for_isa(isa, [&]() __attribute__((always_inline)) {
+        lif_bn_block_body(job, c0, c1, lanes, sc, *ln);
+      });
+    }
   });
 }
 

@@ -258,16 +258,20 @@ struct FwdTask {
 template <typename CT>
 class TileWorker {
  public:
-  TileWorker(const FwdTask<CT>& task, int64_t* sums)
-      : t_(task), s_(*task.s), isa_(task.ep.isa), sums_(sums) {
+  // lanes: the eval epilogue per lane (LaneTable) where a tile is short, or null.
+  TileWorker(const FwdTask<CT>& task, int64_t* sums, const LaneTable* lanes)
+      : t_(task), s_(*task.s), isa_(task.ep.isa), sums_(sums), lanes_(lanes) {
     const ConvShape& s = s_;
     Hp_ = s.H + 2 * s.padding;
     Wp_ = s.W + 2 * s.padding;
     Lmax_ = t_.R * s.Wo;
     ostride_ = t_.event ? t_.co_pad64 : t_.planes->co_pad16;
     loc_.resize(t_.infer ? s.T * s.Co * Lmax_ : 0);
-    sp_.resize(tile_sp_floats(t_.io, s.T, Lmax_));
-    rl_.resize(t_.io.direct() || t_.ep.res == nullptr ? 0 : s.T * Lmax_);
+    const int64_t per = tile_lanes(lanes_ != nullptr, Lmax_, Lmax_);
+    sp_.resize(tile_floats(t_.io, s.T, Lmax_, per));
+    rl_.resize(t_.io.direct() || t_.ep.res == nullptr
+                   ? 0
+                   : (per > 1 ? tile_group(t_.io, per) : 1) * s.T * Lmax_);
     pimg_.assign(t_.xf.on ? Hp_ * Wp_ * s.Cw : 0, 0u);
     prow_.resize(t_.xf.on ? std::min(s.H, (t_.R - 1) * s.stride + s.KH) * s.W * s.Cw : 0);
     tmp_.resize(t_.event ? 0 : s.Wo * ostride_);
@@ -342,12 +346,26 @@ class TileWorker {
     const int64_t S = s.Ho * s.Wo, step_stride = s.N * s.Co * S;
     const int L = static_cast<int>((oy1 - oy0) * s.Wo);
     if (t_.infer && !t_.io.direct()) {
-      infer_tile_out(s, t_.io, TileRows{n, oy0, oy1, L, Lmax_}, loc_.data(), t_.ep, aff,
+      infer_tile_out(s, t_.io, TileRows{n, oy0, oy1, L, Lmax_}, loc_.data(), t_.ep, aff, lanes_,
                      TileBufs{sp_.data(), rl_.empty() ? nullptr : rl_.data()}, t_.spikes);
       return;
     }
-    // in chunks of kRowChunk neurons, the LIF row's buffer (a row wider than it is one tile)
     const float* res = t_.ep.res;
+    // A whole image's short maps: the maps of per consecutive channels in one LIF row (their
+    // counts, residual and spikes lie side by side; the lane table's maps are Lmax_ long).
+    const int64_t per = L == S ? tile_lanes(lanes_ != nullptr, L, Lmax_) : 1;
+    if (per > 1) {
+      for (int64_t c0 = 0; c0 < s.Co; c0 += per) {
+        const int64_t c1 = std::min(s.Co, c0 + per), off = (n * s.Co + c0) * S;
+        const CT* cr = t_.infer ? loc_.data() + c0 * Lmax_ : t_.counts + off;
+        lif_counts_lanes(t_.ep, static_cast<int>(s.T), static_cast<int>((c1 - c0) * L), cr,
+                         t_.infer ? s.Co * Lmax_ : step_stride, lanes_->alpha(c0),
+                         lanes_->affine(c0), res ? res + off : nullptr, step_stride,
+                         t_.spikes + off);
+      }
+      return;
+    }
+    // in chunks of kRowChunk neurons, the LIF row's buffer (a row wider than it is one tile)
     for (int64_t c = 0; c < s.Co; ++c)
       for (int i0 = 0; i0 < L; i0 += kRowChunk) {
         const int64_t off = (n * s.Co + c) * S + oy0 * s.Wo + i0;
@@ -386,6 +404,7 @@ class TileWorker {
   const ConvShape& s_;
   Isa isa_;
   int64_t* sums_;
+  const LaneTable* lanes_;
   int64_t Hp_ = 0, Wp_ = 0, Lmax_ = 0, ostride_ = 0;
   std::vector<CT> loc_;
   std::vector<float> sp_, rl_;
@@ -438,6 +457,21 @@ void bn_train_epilogue(const FwdTask<CT>& task, const std::vector<int64_t>& sums
                            true};
   }
   if (M > 0) check_batch_stats("bconv_lif", mean_out, var_out, s.Co);
+  const int64_t per = row_block_channels(S, s.Co);
+  if (per > 1) {  // short maps: the maps of per consecutive channels in one row
+    const LaneTable lanes(ep.alpha, aff.data(), s.Co, S);
+    const int64_t blocks = (s.Co + per - 1) / per;
+    at::parallel_for(0, blocks * s.N, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t it = i0; it < i1; ++it) {
+        const int64_t c0 = it / s.N * per, n = it % s.N;
+        const int64_t c1 = std::min(s.Co, c0 + per), off = (n * s.Co + c0) * S;
+        lif_counts_lanes(ep, static_cast<int>(s.T), static_cast<int>((c1 - c0) * S),
+                         task.counts + off, step_stride, lanes.alpha(c0), lanes.affine(c0),
+                         ep.res ? ep.res + off : nullptr, step_stride, task.spikes + off);
+      }
+    });
+    return;
+  }
   const int64_t chunks = (S + kRowChunk - 1) / kRowChunk;
   at::parallel_for(0, s.N * s.Co * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
@@ -465,9 +499,12 @@ void forward_tiles(const FwdTask<CT>& task, double bn_eps, float* mean_out, floa
   std::vector<ChannelAffine> aff(s.Co);
   for (int64_t c = 0; c < s.Co; ++c)
     aff[c] = ChannelAffine{0.0f, 1.0f, task.ep.scale[c], task.ep.shift[c], false};
+  // The eval epilogue per lane where whole tiles are short (rows of several channels' tiles).
+  const LaneTable lanes(task.ep.alpha, aff.data(), task.bn_train ? 0 : s.Co, task.R * s.Wo);
   at::parallel_for(0, s.N * row_blocks, 1, [&](int64_t i0, int64_t i1) {
     TileWorker<CT> w(task, task.bn_train ? sums.data() + at::get_thread_num() * s.Co * 2
-                                         : nullptr);
+                                         : nullptr,
+                     lanes.empty() ? nullptr : &lanes);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t n = it / row_blocks, oy0 = (it % row_blocks) * task.R;
       const int64_t oy1 = std::min(s.Ho, oy0 + task.R);

@@ -1,7 +1,8 @@
 // CPU-side epilogue + multi-step LIF over rows of neurons, shared by bconv_lif and bn_lif.
 //
-// A "row" is L neurons of one channel that are contiguous in memory inside each timestep; the
-// T timesteps of the row are `step_stride` elements apart ([T, N, C, S] layout:
+// A "row" is L neurons that are contiguous in memory inside each timestep: of one channel, or the
+// whole maps of consecutive channels where the maps are short (row_block_channels, LaneAffine);
+// the T timesteps of the row are `step_stride` elements apart ([T, N, C, S] layout:
 // step_stride = N*C*S). The float arithmetic is binslt/lif.h's (SpikingJelly's order), the
 // epilogue is the reference's:
 //   eval : Y = z * scale + shift
@@ -11,9 +12,12 @@
 // results are the same on every machine and agree with the reference.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "binslt/lif.h"
 
@@ -39,6 +43,74 @@ struct ChannelAffine {
   }
   // d Y / d z without the batch-statistics terms (train: xhat is returned through *xhat).
   inline float normalized(float z) const { return train ? (z - mean) * invstd : z; }
+  // The row functions below ask for lane i's epilogue: one channel's is the same for every lane.
+  inline float apply(float z, int) const { return apply(z); }
+  inline float normalized(float z, int) const { return normalized(z); }
+};
+
+// Channels per row of the LIF stages where a channel's map (or tile) of S pixels is short: S of at
+// most kRowChunk / 2 would leave most of a row's lanes idle (a 4x4 map: 16 of 256, with each
+// row's fixed costs), and the maps of consecutive channels lie side by side in [T, N, C, Ho, Wo].
+inline int64_t lanes_per_row(int64_t S) { return S > 0 && 2 * S <= kRowChunk ? kRowChunk / S : 1; }
+
+// lanes_per_row for a loop that runs its blocks of channels in parallel: fewer channels per row
+// where Co channels would otherwise make under four blocks per thread.
+inline int64_t row_block_channels(int64_t S, int64_t Co) {
+  const int64_t per_thread = Co / (4 * static_cast<int64_t>(at::get_num_threads()));
+  return std::max<int64_t>(1, std::min<int64_t>(lanes_per_row(S), per_thread));
+}
+
+// The epilogue of a row whose lanes belong to several channels (lane i: the values at [i]), with
+// ChannelAffine's arithmetic: lane i of a LaneAffine gives what its channel's ChannelAffine gives.
+struct LaneAffine {
+  const float* __restrict mean;
+  const float* __restrict invstd;
+  const float* __restrict scale;
+  const float* __restrict shift;
+  bool train;
+
+  inline float apply(float z, int i) const {
+    if (train) {
+      const float y = (z - mean[i]) * invstd[i];
+      return y * scale[i] + shift[i];
+    }
+    return z * scale[i] + shift[i];
+  }
+  inline float normalized(float z, int i) const { return train ? (z - mean[i]) * invstd[i] : z; }
+};
+
+// Every channel's epilogue copied per lane, for rows of several channels' maps or tiles of S
+// pixels: lane c * S + j holds channel c's values, so the lanes of channels [c0, c1) are the slice
+// from c0 * S (empty where lanes_per_row(S) is 1).
+struct LaneTable {
+  std::vector<float> a, mean, invstd, scale, shift;
+  int64_t S = 0;
+  bool train = false;
+
+  LaneTable(const float* alpha, const ChannelAffine* aff, int64_t Co, int64_t S_) : S(S_) {
+    if (lanes_per_row(S) == 1 || Co <= 0) return;
+    const size_t n = static_cast<size_t>(Co * S);
+    a.resize(n);
+    mean.resize(n);
+    invstd.resize(n);
+    scale.resize(n);
+    shift.resize(n);
+    for (int64_t c = 0; c < Co; ++c)
+      for (int64_t i = c * S; i < (c + 1) * S; ++i) {
+        a[i] = alpha[c];
+        mean[i] = aff[c].mean;
+        invstd[i] = aff[c].invstd;
+        scale[i] = aff[c].scale;
+        shift[i] = aff[c].shift;
+      }
+    train = aff[0].train;
+  }
+  bool empty() const { return a.empty(); }
+  const float* alpha(int64_t c0) const { return a.data() + c0 * S; }
+  LaneAffine affine(int64_t c0) const {
+    return LaneAffine{mean.data() + c0 * S, invstd.data() + c0 * S, scale.data() + c0 * S,
+                      shift.data() + c0 * S, train};
+  }
 };
 
 inline float invstd_of(float var, double eps) {
@@ -50,9 +122,9 @@ inline float invstd_of(float var, double eps) {
 // into xbuf(t), then H, S and the reset V of each neuron; emit(t, i, h, s) takes H[t] and S[t]
 // of neuron i. aff and p are the caller's local copies. The emitters index as (base + t * step)[i]:
 // an int index t * step + i may wrap under the build's -fwrapv, and the loops then stay scalar.
-template <class ZAt, class XBuf, class Emit>
+template <class ZAt, class XBuf, class Emit, class Aff = ChannelAffine>
 inline __attribute__((always_inline)) void lif_forward_pass(int T, int L, const ZAt& zat,
-                                                            const ChannelAffine& aff,
+                                                            const Aff& aff,
                                                             const float* res, int64_t step_stride,
                                                             const NeuronParams& p,
                                                             const XBuf& xbuf, const Emit& emit) {
@@ -61,7 +133,7 @@ inline __attribute__((always_inline)) void lif_forward_pass(int T, int L, const 
   for (int i = 0; i < L; ++i) v[i] = v0;
   for (int t = 0; t < T; ++t) {
     float* x = xbuf(t);
-    for (int i = 0; i < L; ++i) x[i] = aff.apply(zat(t, i));
+    for (int i = 0; i < L; ++i) x[i] = aff.apply(zat(t, i), i);
     if (res != nullptr) {
       const float* r = res + t * step_stride;
       for (int i = 0; i < L; ++i) x[i] = x[i] + r[i];
@@ -78,12 +150,12 @@ inline __attribute__((always_inline)) void lif_forward_pass(int T, int L, const 
 // Forward: spikes for L (<= kRowChunk) neurons over T steps. zat(t, i) gives the raw current z.
 // The parameters are copied to locals so that the compiler can hoist the mode branches and
 // vectorize the element loops (stores through the output pointers could alias them otherwise).
-template <class ZAt>
+template <class ZAt, class Aff = ChannelAffine>
 inline __attribute__((always_inline)) void lif_forward_row(int T, int L, const ZAt& zat,
-                                                           const ChannelAffine& aff_in,
+                                                           const Aff& aff_in,
                             const float* res, int64_t step_stride, const NeuronParams& p_in,
                             float* spikes) {
-  const ChannelAffine aff = aff_in;
+  const Aff aff = aff_in;
   const NeuronParams p = p_in;
   float x[kRowChunk];
   float* xp = x;
@@ -108,9 +180,9 @@ struct BpttRow {
   int64_t gs_step;
   int64_t res_step = -1;
 };
-template <class ZAt>
+template <class ZAt, class Aff = ChannelAffine>
 inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const ZAt& zat,
-                                                            const ChannelAffine& aff_in,
+                                                            const Aff& aff_in,
                                                             const float* res, int64_t step_stride,
                                                             const NeuronParams& p_in,
                                                             const BpttRow& io) {
@@ -120,7 +192,7 @@ inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const 
   double* acc_g = io.acc_g;
   double* acc_gx = io.acc_gx;
   const int64_t gstep = io.gs_step < 0 ? step_stride : io.gs_step;
-  const ChannelAffine aff = aff_in;
+  const Aff aff = aff_in;
   const NeuronParams p = p_in;
   float gv[kRowChunk];
   lif_forward_pass(
@@ -150,7 +222,7 @@ inline __attribute__((always_inline)) void lif_backward_row(int T, int L, const 
     for (int i = 0; i < L; ++i) {
       const double gx = gc[i];
       acc_g[i] += gx;
-      acc_gx[i] += gx * static_cast<double>(aff.normalized(zat(t, i)));
+      acc_gx[i] += gx * static_cast<double>(aff.normalized(zat(t, i), i));
     }
   }
 }
@@ -165,6 +237,23 @@ struct ZGrad {
     if (!train) return g * scale;
     const double xhat = static_cast<double>((z - mean) * invstd);
     return static_cast<float>(k * ((static_cast<double>(g) - mg) - xhat * mgx));
+  }
+};
+
+// ZGrad for a row whose lanes belong to several channels (lane i: its channel's values at [i]),
+// with ZGrad's arithmetic.
+struct LaneZGrad {
+  const double* __restrict k;
+  const double* __restrict mg;
+  const double* __restrict mgx;
+  const float* __restrict mean;
+  const float* __restrict invstd;
+  const float* __restrict scale;
+  bool train;
+  inline float operator()(float g, float z, int i) const {
+    if (!train) return g * scale[i];
+    const double xhat = static_cast<double>((z - mean[i]) * invstd[i]);
+    return static_cast<float>(k[i] * ((static_cast<double>(g) - mg[i]) - xhat * mgx[i]));
   }
 };
 

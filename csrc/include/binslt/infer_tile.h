@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "binslt/bconv_cpu.h"
 #include "binslt/cpu_algos.h"
@@ -47,6 +48,20 @@ void lif_counts(const FwdEpilogue& ep, int T, int L, const CT* cr, int64_t count
   });
 }
 
+// lif_counts over a row of several channels' maps: lane i's current is cr[i] * a[i] and its
+// epilogue aff's lane i (the same spikes as lif_counts over each channel's row).
+template <typename CT>
+void lif_counts_lanes(const FwdEpilogue& ep, int T, int L, const CT* cr,
+                      int64_t count_step_stride, const float* a, const LaneAffine& aff,
+                      const float* res, int64_t step_stride, float* out) {
+  run_for_isa(ep.isa, [&]() __attribute__((always_inline)) {
+    auto zat = [cr, a, count_step_stride](int t, int i) {
+      return static_cast<float>(cr[t * count_step_stride + i]) * a[i];
+    };
+    lif_forward_row(T, L, zat, aff, res, step_stride, ep.p, out);
+  });
+}
+
 // The inference output: 2x2 (stride 2) OR-pooled spikes when pool == 2 (a max of {0,1} spikes
 // is their OR; rows/columns past 2*(Ho/2), 2*(Wo/2) are dropped, as max_pool2d does), and with
 // packed != nullptr the spikes as pack_spikes words [T, N, Hq, Wq, Cow] (each tile writes the
@@ -69,58 +84,88 @@ struct TileRows {
   int64_t Lmax;
 };
 
-// A tile's scratch for the pooled / packed output: sp the spikes of a word's channels (or one
-// channel) [T][Lmax] each, rl the residual of one channel [T][Lmax] (null without a residual).
+// A tile's scratch for the pooled / packed output: sp the spikes of a group of channels (a word's
+// with packed output), rl the residual of the channels a LIF row reads (null without a residual);
+// tile_floats gives their size.
 struct TileBufs {
   float* sp;
   float* rl;
 };
 
-// One inference tile (counts loc [T][Co][Lmax]) into the pooled and/or packed output: per
-// channel, the LIF over T into sp (residual copied to rl, same layout), then the 2x2 OR and the
-// store.
+// Channels whose whole tiles (L pixels) share a LIF row in infer_tile_out (lanes_per_row), where
+// the tile is whole (L == Lmax) and the caller has a LaneTable; else 1.
+inline int64_t tile_lanes(bool have_lanes, int64_t L, int64_t Lmax) {
+  return have_lanes && L == Lmax ? lanes_per_row(L) : 1;
+}
+
+// The channels infer_tile_out stores at once: a word's 32 with packed output, else one row's.
+inline int64_t tile_group(const InferOut& io, int64_t per) {
+  return io.packed != nullptr ? 32 : per;
+}
+
+// Floats of sp and of rl for tiles of Lmax pixels (per: tile_lanes of a whole tile).
+inline int64_t tile_floats(const InferOut& io, int64_t T, int64_t Lmax, int64_t per) {
+  return io.direct() ? 0 : tile_group(io, per) * T * Lmax;
+}
+
+// One inference tile (counts loc [T][Co][Lmax]) into the pooled and/or packed output: per group
+// of channels, the LIF over T into sp (the residual copied to rl in the same layout), then the 2x2
+// OR and the store. A LIF row is one channel's tile (sp [group][T][Lmax]), or with lanes the
+// whole tiles of tile_lanes channels (sp [T][group][Lmax]).
 template <typename CT>
 void infer_tile_out(const ConvShape& s, const InferOut& io, const TileRows& tr, const CT* loc,
-                    const FwdEpilogue& ep, const ChannelAffine* aff, const TileBufs& buf,
-                    float* spikes) {
+                    const FwdEpilogue& ep, const ChannelAffine* aff, const LaneTable* lanes,
+                    const TileBufs& buf, float* spikes) {
   const int64_t S = s.Ho * s.Wo, step_stride = s.N * s.Co * S;
   const int64_t n = tr.n, oy0 = tr.oy0, Lmax = tr.Lmax;
   const int L = tr.L;
   const int64_t q = io.pool, oq0 = oy0 / q;
   const PoolRows rows{s.T, s.N, s.Wo, io.Hq, io.Wq, n, oq0, (tr.oy1 - oy0) / q};
-  const int64_t group = io.packed != nullptr ? 32 : 1, cstride = s.T * Lmax;
+  const int64_t per = tile_lanes(lanes != nullptr, L, Lmax);
+  const int64_t group = tile_group(io, per);
+  // sp's channel and step strides
+  const int64_t cstride = per > 1 ? Lmax : s.T * Lmax, tstride = per > 1 ? group * Lmax : Lmax;
+  auto copy_res = [&](int64_t c, float* dst) {  // channel c's residual rows -> dst [T][tstride]
+    const int64_t off = (n * s.Co + c) * S + oy0 * s.Wo;
+    for (int64_t t = 0; t < s.T; ++t)
+      std::memcpy(dst + t * tstride, ep.res + off + t * step_stride, L * sizeof(float));
+  };
   for (int64_t c0 = 0; c0 < s.Co; c0 += group) {
     const int64_t c1 = std::min(s.Co, c0 + group);
-    for (int64_t c = c0; c < c1; ++c) {
-      float* spc = buf.sp + (c - c0) * cstride;
-      const int64_t off = (n * s.Co + c) * S + oy0 * s.Wo;
-      if (buf.rl != nullptr)
-        for (int64_t t = 0; t < s.T; ++t)
-          std::memcpy(buf.rl + t * Lmax, ep.res + off + t * step_stride, L * sizeof(float));
+    for (int64_t b0 = c0; b0 < c1; b0 += per) {
+      const int64_t b1 = std::min(c1, b0 + per);
+      float* spb = buf.sp + (b0 - c0) * cstride;
+      float* rb = buf.rl != nullptr ? buf.rl + (per > 1 ? (b0 - c0) * Lmax : 0) : nullptr;
+      if (rb != nullptr)
+        for (int64_t c = b0; c < b1; ++c) copy_res(c, rb + (c - b0) * Lmax);
+      if (per > 1) {
+        lif_counts_lanes(ep, static_cast<int>(s.T), static_cast<int>((b1 - b0) * L),
+                         loc + b0 * Lmax, s.Co * Lmax, lanes->alpha(b0), lanes->affine(b0), rb,
+                         tstride, spb);
+        continue;
+      }
       for (int i0 = 0; i0 < L; i0 += kRowChunk) {
         const int len = std::min(kRowChunk, L - i0);
-        lif_counts(ep, static_cast<int>(s.T), len, loc + c * Lmax + i0, s.Co * Lmax,
-                   ep.alpha[c], aff[c], buf.rl ? buf.rl + i0 : nullptr, Lmax, spc + i0);
+        lif_counts(ep, static_cast<int>(s.T), len, loc + b0 * Lmax + i0, s.Co * Lmax,
+                   ep.alpha[b0], aff[b0], rb ? rb + i0 : nullptr, Lmax, spb + i0);
       }
     }
     if (io.packed == nullptr) {
-      if (q == 2)
-        pool_store<2>(rows, buf.sp, Lmax, s.Co, c0, spikes);
-      else
-        pool_store<1>(rows, buf.sp, Lmax, s.Co, c0, spikes);
+      for (int64_t c = c0; c < c1; ++c) {
+        const float* spc = buf.sp + (c - c0) * cstride;
+        if (q == 2)
+          pool_store<2>(rows, spc, tstride, s.Co, c, spikes);
+        else
+          pool_store<1>(rows, spc, tstride, s.Co, c, spikes);
+      }
     } else if (q == 2) {
-      pool_pack<2>(rows, buf.sp, cstride, static_cast<int>(c1 - c0), Lmax, io.Cow, c0 / 32,
+      pool_pack<2>(rows, buf.sp, cstride, static_cast<int>(c1 - c0), tstride, io.Cow, c0 / 32,
                    io.packed);
     } else {
-      pool_pack<1>(rows, buf.sp, cstride, static_cast<int>(c1 - c0), Lmax, io.Cow, c0 / 32,
+      pool_pack<1>(rows, buf.sp, cstride, static_cast<int>(c1 - c0), tstride, io.Cow, c0 / 32,
                    io.packed);
     }
   }
-}
-
-// Floats of infer_tile_out's spike buffer sp: a word's 32 channels with packed output, else one.
-inline int64_t tile_sp_floats(const InferOut& io, int64_t T, int64_t Lmax) {
-  return io.direct() ? 0 : (io.packed != nullptr ? 32 : 1) * T * Lmax;
 }
 
 // A shortcut conv whose current is the residual (bconv_lif_infer_shortcut): its geometry s

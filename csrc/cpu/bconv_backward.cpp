@@ -293,7 +293,7 @@ template <typename CT>
 void lif_bn_backward(const LifBnJob<CT>& job) {
   const Isa isa = active_isa();
   const ConvShape& s = *job.s;
-  const int64_t per = row_block_channels(s.Ho * s.Wo, s.Co);
+  const int64_t per = row_block_channels(lanes_per_row(s.Ho * s.Wo), s.Co);
   const int64_t blocks = (s.Co + per - 1) / per;
   const LaneTable lanes(job.alpha, job.aff, per > 1 ? s.Co : 0, s.Ho * s.Wo);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {

@@ -457,7 +457,7 @@ void bn_train_epilogue(const FwdTask<CT>& task, const std::vector<int64_t>& sums
                            true};
   }
   if (M > 0) check_batch_stats("bconv_lif", mean_out, var_out, s.Co);
-  const int64_t per = row_block_channels(S, s.Co);
+  const int64_t per = row_block_channels(forward_lanes_per_row(S), s.Co);
   if (per > 1) {  // short maps: the maps of per consecutive channels in one row
     const LaneTable lanes(ep.alpha, aff.data(), s.Co, S);
     const int64_t blocks = (s.Co + per - 1) / per;
@@ -500,7 +500,9 @@ void forward_tiles(const FwdTask<CT>& task, double bn_eps, float* mean_out, floa
   for (int64_t c = 0; c < s.Co; ++c)
     aff[c] = ChannelAffine{0.0f, 1.0f, task.ep.scale[c], task.ep.shift[c], false};
   // The eval epilogue per lane where whole tiles are short (rows of several channels' tiles).
-  const LaneTable lanes(task.ep.alpha, aff.data(), task.bn_train ? 0 : s.Co, task.R * s.Wo);
+  const int64_t Lmax = task.R * s.Wo;
+  const LaneTable lanes(task.ep.alpha, aff.data(),
+                        task.bn_train || forward_lanes_per_row(Lmax) == 1 ? 0 : s.Co, Lmax);
   at::parallel_for(0, s.N * row_blocks, 1, [&](int64_t i0, int64_t i1) {
     TileWorker<CT> w(task, task.bn_train ? sums.data() + at::get_thread_num() * s.Co * 2
                                          : nullptr,

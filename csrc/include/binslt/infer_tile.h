@@ -92,10 +92,11 @@ struct TileBufs {
   float* rl;
 };
 
-// Channels whose whole tiles (L pixels) share a LIF row in infer_tile_out (lanes_per_row), where
-// the tile is whole (L == Lmax) and the caller has a LaneTable; else 1.
+// Channels whose whole tiles (L pixels) share a LIF row in infer_tile_out
+// (forward_lanes_per_row), where the tile is whole (L == Lmax) and the caller has a LaneTable;
+// else 1.
 inline int64_t tile_lanes(bool have_lanes, int64_t L, int64_t Lmax) {
-  return have_lanes && L == Lmax ? lanes_per_row(L) : 1;
+  return have_lanes && L == Lmax ? forward_lanes_per_row(L) : 1;
 }
 
 // The channels infer_tile_out stores at once: a word's 32 with packed output, else one row's.

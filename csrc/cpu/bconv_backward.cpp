@@ -90,6 +90,19 @@ struct PoolGrad {
   }
 };
 
+// A residual of spikes given as words [T, N, Ho, Wo, ceil(Co/32)]: channel c's spikes of image n
+// at flat pixels [s0, s0 + L) as 0. / 1., step t's into dst[t * kRowChunk + i].
+inline void residual_rows(const ConvShape& s, const uint32_t* bits, int64_t n, int64_t c,
+                          int64_t s0, int L, float* dst) {
+  const int64_t cw = (s.Co + 31) / 32, S = s.Ho * s.Wo;
+  const uint32_t bit = 1u << (c & 31);
+  for (int64_t t = 0; t < s.T; ++t) {
+    const uint32_t* w = bits + ((t * s.N + n) * S + s0) * cw + (c >> 5);
+    float* out = dst + t * kRowChunk;
+    for (int i = 0; i < L; ++i) out[i] = (w[i * cw] & bit) ? 1.0f : 0.0f;
+  }
+}
+
 // What the LIF/BN backward of every channel reads and writes: dL/dspikes from gs, or from pg
 // (then gs is unused); dL/dX into gcur, dL/dZ into gz, the per-channel sums into gsc / gsh.
 template <typename CT>
@@ -145,13 +158,7 @@ static inline __attribute__((always_inline)) void lif_bn_channel_body(const LifB
       if (pg != nullptr) pg->rows(s, n, c, s0, L, sc.gbuf);
       const float* r = res != nullptr ? res + off : nullptr;
       if (job.res_bits != nullptr) {  // the row's residual spikes out of their words
-        const int64_t cw = (s.Co + 31) / 32;
-        const uint32_t bit = 1u << (c & 31);
-        for (int64_t t = 0; t < s.T; ++t) {
-          const uint32_t* w = job.res_bits + ((t * s.N + n) * S + s0) * cw + (c >> 5);
-          float* dst = sc.rbuf + t * kRowChunk;
-          for (int i = 0; i < L; ++i) dst[i] = (w[i * cw] & bit) ? 1.0f : 0.0f;
-        }
+        residual_rows(s, job.res_bits, n, c, s0, L, sc.rbuf);
         r = sc.rbuf;
       }
       BpttRow row{pg != nullptr ? sc.gbuf : job.gs + off, gcur + off, sc.hbuf, acc_g, acc_gx,
@@ -225,17 +232,8 @@ static inline __attribute__((always_inline)) void lif_bn_block_body(const LifBnJ
         pg->rows(s, n, c, 0, static_cast<int>(S), sc.gbuf + (c - c0) * S);
     const float* r = job.res != nullptr ? job.res + off : nullptr;
     if (job.res_bits != nullptr) {  // the rows' residual spikes out of their words
-      const int64_t cw = (s.Co + 31) / 32;
-      for (int64_t t = 0; t < s.T; ++t) {
-        const uint32_t* w = job.res_bits + (t * s.N + n) * S * cw;
-        float* dst = sc.rbuf + t * kRowChunk;
-        for (int64_t c = c0; c < c1; ++c) {
-          const uint32_t bit = 1u << (c & 31);
-          const uint32_t* wc = w + (c >> 5);
-          float* dc = dst + (c - c0) * S;
-          for (int64_t j = 0; j < S; ++j) dc[j] = (wc[j * cw] & bit) ? 1.0f : 0.0f;
-        }
-      }
+      for (int64_t c = c0; c < c1; ++c)
+        residual_rows(s, job.res_bits, n, c, 0, static_cast<int>(S), sc.rbuf + (c - c0) * S);
       r = sc.rbuf;
     }
     BpttRow row{pg != nullptr ? sc.gbuf : job.gs + off, gcur + off, sc.hbuf, acc_g, acc_gx,

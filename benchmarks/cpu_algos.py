@@ -147,8 +147,9 @@ def main(argv=None) -> int:
             run_gw = functools.partial(bwd, *run_bwd.args[:-1], False)
             for isa in isas:
                 stack.enter_context(cpu_algorithms(isa=isa))
-                gx = (["dense"] + (["ternary", "combo"] if isa == "avx512" else []) + unfold
-                      + int8_gx)
+                # margined: the dense conv channel-last, from the weight gradient's copy of dZ
+                gx = (["dense", "margined"] + (["ternary", "combo"] if isa == "avx512" else [])
+                      + unfold + int8_gx)
                 # int8: the limb form (ATen's _int_mm), forced on any CPU; "auto" takes it on AMX
                 gw = ["event", "dense", "taps", "int8"] + unfold
                 parts = (("forward", run_fwd, "conv", ["dense", "event"], ["event", "auto"],

@@ -201,46 +201,19 @@ def _proc_status_kb(field: str) -> int | None:
     return None
 
 
-_M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
-_M_MMAP_THRESHOLD = -3
-
-
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt  # noqa: B018  (glibc only)
-        libc.malloc_trim  # noqa: B018
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
 def set_mmap_threshold(nbytes: int) -> bool:
-    """Fix glibc's mmap threshold (and turn off its dynamic growth). True if it was set.
+    """glibc's mmap threshold fixed at ``nbytes`` (trim threshold at twice it): see
+    ``binslt.training.runtime.set_mmap_threshold``. The benchmarks set 32 MiB at start, as a
+    training run does, so that every candidate times under the same allocator regime."""
+    from binslt.training.runtime import set_mmap_threshold as fix
 
-    With a small threshold every large tensor is its own mapping, returned to the OS when freed,
-    so the resident set follows what is really allocated (used while measuring CPU memory).
-    ``32 << 20`` is where glibc's dynamic threshold ends up anyway; the benchmarks set it at
-    start so that every timing runs under the same allocator regime. The trim threshold is set
-    with it, to twice the mmap threshold, as glibc's own dynamic adjustment does: fixing only the
-    mmap threshold leaves trimming at its 128 KiB start value, and every large free at the top of
-    the heap is then handed back to the OS and faulted in again by the next call, a cost that a
-    long-running process under glibc's defaults does not pay.
-    """
-    libc = _libc()
-    if libc is None:
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes))
-                and libc.mallopt(_M_TRIM_THRESHOLD, 2 * int(nbytes)))
+    return fix(nbytes)
 
 
 def malloc_trim() -> None:
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    from binslt.training.runtime import malloc_trim as trim
+
+    trim()
 
 
 class PeakMemory:

@@ -255,6 +255,39 @@ def test_resume_after_mid_epoch_crash_equals_uninterrupted_run(searched, tmp_pat
     assert (ra["test_acc"], ra["best_test_acc"]) == (rb["test_acc"], rb["best_test_acc"])
 
 
+_FAULTS_SCRIPT = r"""
+import resource, sys
+import torch
+from binslt.training.runtime import set_mmap_threshold
+assert set_mmap_threshold(int(sys.argv[1]))
+torch.set_num_threads(1)
+torch.ones(1 << 20)  # 4 MiB, touched and freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    torch.ones(1 << 20)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt, Linux counts")
+def test_a_run_reuses_freed_memory_instead_of_faulting_it_in(tmp_path, monkeypatch):
+    # The OS's count of minor page faults: 20 allocations of a touched 4 MiB tensor fault in
+    # every page anew (1024 each) when each is its own mapping (a 64 KiB threshold), and reuse
+    # the freed block under the threshold a run sets.
+    def faults(threshold: int) -> int:
+        out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, str(threshold)], env=_env(),
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    assert faults(64 << 10) >= 20 * 1000
+    assert faults(train.RUN_MMAP_THRESHOLD) < 2 * 1024
+    seen = []
+    monkeypatch.setattr(train, "set_mmap_threshold", seen.append)
+    assert cli.main(["search", *TINY, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    assert seen == [train.RUN_MMAP_THRESHOLD]
+
+
 def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
     out = tmp_path / "r"
     r = run_cli("search", *TINY, "--out", out, "--_crash-after-batches", "2:1")

@@ -79,11 +79,13 @@ from .early_time import (  # noqa: F401
 )
 from .errors import ModelError, _failing_layer, _user_frame, model_error  # noqa: F401
 from .runtime import (  # noqa: F401
+    RUN_MMAP_THRESHOLD,
     DistInfo,
     _epoch_seed,
     _rng_state,
     _seed_all,
     _set_rng_state,
+    set_mmap_threshold,
     setup_distributed,
     versions,
 )
@@ -454,8 +456,13 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
 
     ``resume``: continue from ``out/checkpoint.pt`` if present (a finished run returns its
     results). Without it, an ``out`` that already holds a run is an error unless ``overwrite``.
+
+    On glibc the run fixes the C allocator's mmap threshold at 32 MiB and its trim threshold at
+    64 MiB (:func:`binslt.training.runtime.set_mmap_threshold`): the steps then reuse the memory
+    the step before freed instead of faulting it in again.
     """
     cfg.validate()
+    set_mmap_threshold(RUN_MMAP_THRESHOLD)
     info = setup_distributed("cuda" if cfg.device.startswith("cuda") or (
         cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:

@@ -364,3 +364,49 @@ def test_split_precision_times_and_checks_every_form(tmp_path):
     bad = subprocess.run([sys.executable, str(BENCH / "split_precision.py"), "--layers", "32x"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "is not CinxCoutxH" in bad.stderr
+
+
+_TINY_SEARCH = "--epochs 1 --train-subset 96 --test-subset 48 --batch-size 32"
+
+
+def test_default_search_times_each_candidate_in_interleaved_rounds(tmp_path):
+    import json
+
+    if not __import__("binslt").backends()["cpu"]["usable"]:
+        pytest.skip("binslt._C (the C++ CPU kernels) is not built")
+    out = _run("default_search.py", "--checkout", f"a={ROOT}", "--checkout", f"b={ROOT}",
+               "--rounds", "2", "--search-args", _TINY_SEARCH, "--out", str(tmp_path)).stdout
+    meta, rows = common.read_csv(
+        tmp_path / f"default_search_{common.device_slug(torch.device('cpu'))}.csv")
+    assert meta["complete"] == "yes" and meta["git_commit"].startswith("a: ")
+    assert _TINY_SEARCH in meta["search"]
+    assert [(r["round"], r["candidate"]) for r in rows] == [("1", "a"), ("1", "b"), ("2", "a"),
+                                                            ("2", "b")]
+    assert all(_num(r["wall_s"]) > _num(r["search_s"]) > 0 for r in rows)
+    # Each row is a real run: the accuracy that binslt search gives for those arguments when
+    # run directly (one thread, as the script's children here).
+    run = tmp_path / "direct"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    direct = subprocess.run([sys.executable, "-m", "binslt", "search", "--out", str(run),
+                             "--no-progress", *_TINY_SEARCH.split()], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert direct.returncode == 0, direct.stderr
+    acc = json.loads((run / "results.json").read_text())["test_acc"]
+    assert all(math.isclose(_num(r["test_acc"]), acc, abs_tol=1e-6) for r in rows)
+    assert "speedup" in out and "wrote" in out
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--checkout", "nodir"], "expected NAME=DIR"),
+    (["--checkout", "x=/"], "holds no binslt source tree"),
+    (["--checkout", f"x={ROOT}", "--checkout", f"x={ROOT}"], "names must differ"),
+    (["--commit", "no-such-revision"], "git rev-parse"),
+    ([], "name at least one candidate"),
+])
+def test_default_search_refuses_bad_candidates(tmp_path, args, says):
+    proc = subprocess.run([sys.executable, str(BENCH / "default_search.py"), *args,
+                           "--work", str(tmp_path), "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+    assert not list(tmp_path.glob("*.csv"))

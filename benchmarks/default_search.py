@@ -12,7 +12,7 @@ process at each candidate build:
   ``--work`` and its CPU extension built there once (``BINSLT_CUDA=0 python setup.py build_ext
   --inplace``, ``MAX_JOBS`` as set; minutes per revision); a later call finds it built.
 
-Each round runs every candidate once, in the order given, so that load on a shared machine hits
+Each round runs every candidate once, in the order given on the command line, so that load on a shared machine hits
 them alike: ``python -m binslt search --out TMP --no-progress [--search-args]`` with the working
 directory and ``PYTHONPATH`` at the candidate's tree (checked first: the child imports binslt
 from there, not from an installed copy). Per run: ``wall_s`` (the process from start to exit,
@@ -157,9 +157,12 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkout", action="append", default=[], metavar="NAME=DIR",
+    # Both kinds go to one list, in the order given on the command line (the rounds' order).
+    p.add_argument("--checkout", dest="cands", action="append", default=[], metavar="NAME=DIR",
+                   type=lambda v: ("checkout", v),
                    help="a binslt tree with its extension built (repeatable)")
-    p.add_argument("--commit", action="append", default=[], metavar="REV",
+    p.add_argument("--commit", dest="cands", action="append", metavar="REV",
+                   type=lambda v: ("commit", v),
                    help="a revision of this repository, built in a worktree (repeatable)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--search-args", default="",
@@ -169,7 +172,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS), help="results folder (default %(default)s)")
     p.add_argument("--tag", default="", help="suffix for the CSV name")
     args = p.parse_args(argv)
-    if not args.checkout and not args.commit:
+    if not args.cands:
         p.error("name at least one candidate (--checkout NAME=DIR or --commit REV)")
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -177,9 +180,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def candidates(args: argparse.Namespace) -> list[tuple[str, Path]]:
-    """(name, tree) in the order given: the --commit revisions first, then the checkouts."""
-    out = [(rev, _worktree(rev, Path(args.work))) for rev in args.commit]
-    for spec in args.checkout:
+    """(name, tree) in the order given on the command line."""
+    out = []
+    for kind, spec in args.cands:
+        if kind == "commit":
+            out.append((spec, _worktree(spec, Path(args.work))))
+            continue
         name, sep, where = spec.partition("=")
         tree = Path(where).expanduser()
         if not sep or not name or not where:

@@ -17,7 +17,9 @@ them alike: ``python -m binslt search --out TMP --no-progress [--search-args]`` 
 directory and ``PYTHONPATH`` at the candidate's tree (checked first: the child imports binslt
 from there, not from an installed copy). Per run: ``wall_s`` (the process from start to exit,
 start-up included), ``search_s`` (the run's own ``wall_time_s`` in ``results.json``),
-``s_per_epoch``, ``test_acc``, ``best_test_acc``. The rows are appended as measured; the table
+``s_per_epoch``, ``user_s`` / ``sys_s`` / ``minor_faults`` (the child's CPU time and minor page
+faults, ``getrusage``: steadier than wall time on a shared machine), ``test_acc``,
+``best_test_acc``. The rows are appended as measured; the table
 printed at the end has each candidate's medians and its ratio to the first candidate's
 (``speedup`` > 1: faster).
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -54,10 +57,10 @@ from common import (  # noqa: E402
     result_stem,
 )
 
-COLUMNS = ["round", "candidate", "commit", "wall_s", "search_s", "s_per_epoch", "test_acc",
-           "best_test_acc"]
-SUMMARY = ["candidate", "commit", "runs", "wall_s", "search_s", "s_per_epoch", "speedup",
-           "test_acc"]
+COLUMNS = ["round", "candidate", "commit", "wall_s", "search_s", "s_per_epoch", "user_s",
+           "sys_s", "minor_faults", "test_acc", "best_test_acc"]
+SUMMARY = ["candidate", "commit", "runs", "wall_s", "search_s", "s_per_epoch", "user_s", "sys_s",
+           "minor_faults", "speedup", "test_acc"]
 
 
 class BenchError(Exception):
@@ -130,16 +133,19 @@ def run_once(tree: Path, search_args: list[str]) -> dict[str, float]:
         out_dir = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "binslt", "search", "--out", str(out_dir), "--no-progress",
                *search_args]
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         out = subprocess.run(cmd, cwd=tree, env=_env(tree), capture_output=True, text=True)
         wall = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         if out.returncode != 0:
             tail = (out.stderr.strip().splitlines() or ["?"])[-1]
             raise BenchError(f"{tree}: binslt search exited {out.returncode}: {tail}")
         res = json.loads((out_dir / "results.json").read_text())
     return {"wall_s": wall, "search_s": res["wall_time_s"],
-            "s_per_epoch": res["mean_epoch_time_s"], "test_acc": res["test_acc"],
-            "best_test_acc": res["best_test_acc"]}
+            "s_per_epoch": res["mean_epoch_time_s"], "user_s": r1.ru_utime - r0.ru_utime,
+            "sys_s": r1.ru_stime - r0.ru_stime, "minor_faults": r1.ru_minflt - r0.ru_minflt,
+            "test_acc": res["test_acc"], "best_test_acc": res["best_test_acc"]}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -148,7 +154,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     for name in dict.fromkeys(r["candidate"] for r in rows):
         mine = [r for r in rows if r["candidate"] == name]
         med = {k: statistics.median(r[k] for r in mine)
-               for k in ("wall_s", "search_s", "s_per_epoch", "test_acc")}
+               for k in ("wall_s", "search_s", "s_per_epoch", "user_s", "sys_s", "minor_faults",
+                         "test_acc")}
         out.append({"candidate": name, "commit": mine[0]["commit"], "runs": len(mine), **med})
     for s in out:
         s["speedup"] = out[0]["wall_s"] / s["wall_s"]

@@ -383,6 +383,7 @@ def test_default_search_times_each_candidate_in_interleaved_rounds(tmp_path):
     assert [(r["round"], r["candidate"]) for r in rows] == [("1", "a"), ("1", "b"), ("2", "a"),
                                                             ("2", "b")]
     assert all(_num(r["wall_s"]) > _num(r["search_s"]) > 0 for r in rows)
+    assert all(_num(r["user_s"]) > 0 and _num(r["minor_faults"]) > 0 for r in rows)
     # Each row is a real run: the accuracy that binslt search gives for those arguments when
     # run directly (one thread, as the script's children here).
     run = tmp_path / "direct"

@@ -208,6 +208,7 @@ def candidates(args: argparse.Namespace) -> list[tuple[str, Path]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    sink, rows = None, []
     try:
         cands = candidates(args)
         for _, tree in cands:
@@ -220,7 +221,6 @@ def main(argv: list[str] | None = None) -> int:
         meta["command"] = command_line(argv)
         path = Path(args.out) / f"{result_stem('default_search', torch.device('cpu'), args.tag)}.csv"
         sink = CsvAppender(path, COLUMNS, meta)
-        rows = []
         for r in range(1, args.rounds + 1):
             for name, tree in cands:
                 row = {"round": r, "candidate": name, "commit": _commit_of(tree),
@@ -233,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"default_search: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = f"; the {len(rows)} finished runs are in {path}" if sink is not None else ""
+        print(f"default_search: interrupted{kept}", file=sys.stderr)
+        return 130
     print_table(summarise(rows), SUMMARY)
     print(f"wrote {path}")
     return 0

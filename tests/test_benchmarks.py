@@ -411,3 +411,30 @@ def test_default_search_refuses_bad_candidates(tmp_path, args, says):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and says in proc.stderr, proc.stderr
     assert not list(tmp_path.glob("*.csv"))
+
+
+def test_default_search_interrupted_keeps_the_finished_runs(tmp_path):
+    import signal
+    import time
+
+    if not __import__("binslt").backends()["cpu"]["usable"]:
+        pytest.skip("binslt._C (the C++ CPU kernels) is not built")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCH / "default_search.py"), "--checkout", f"a={ROOT}",
+         "--rounds", "20", "--search-args", _TINY_SEARCH, "--out", str(tmp_path)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    csv_path = tmp_path / f"default_search_{common.device_slug(torch.device('cpu'))}.csv"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # until one run is written
+        if csv_path.exists() and common.read_csv(csv_path)[1]:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "interrupted; the" in err, err
+    meta, rows = common.read_csv(csv_path)
+    assert meta["complete"].startswith("no") and 1 <= len(rows) < 20
+    assert all(_num(r["wall_s"]) > 0 for r in rows)

@@ -288,6 +288,25 @@ def test_a_run_reuses_freed_memory_instead_of_faulting_it_in(tmp_path, monkeypat
     assert seen == [train.RUN_MMAP_THRESHOLD]
 
 
+def test_gc_paused_turns_the_collector_off_inside_and_restores_it():
+    import gc
+
+    from binslt.training.runtime import gc_paused
+
+    assert gc.isenabled()
+    with pytest.raises(KeyError), gc_paused():
+        assert not gc.isenabled()
+        raise KeyError  # restored on an exception too
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # a collector that was off stays off
+    finally:
+        gc.enable()
+
+
 def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
     out = tmp_path / "r"
     r = run_cli("search", *TINY, "--out", out, "--_crash-after-batches", "2:1")

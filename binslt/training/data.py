@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .runtime import gc_paused
+
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
 
@@ -93,7 +95,8 @@ class DataBundle:
 def split_indices(labels: np.ndarray, test_fraction: float = TEST_FRACTION,
                   seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train, test) index arrays; plain random split if a class is too small."""
-    from sklearn.model_selection import train_test_split
+    with gc_paused():
+        from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(labels))
     try:
@@ -113,7 +116,8 @@ def _normalise(x_train: torch.Tensor, x_test: torch.Tensor) -> tuple[torch.Tenso
 
 def load_digits() -> DataBundle:
     """scikit-learn digits, 8x8x1, 10 classes, stratified 80/20 split with seed 0."""
-    from sklearn.datasets import load_digits as _sk_digits
+    with gc_paused():
+        from sklearn.datasets import load_digits as _sk_digits
 
     d = _sk_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [1797, 1, 8, 8]

@@ -85,6 +85,7 @@ from .runtime import (  # noqa: F401
     _rng_state,
     _seed_all,
     _set_rng_state,
+    gc_paused,
     set_mmap_threshold,
     setup_distributed,
     versions,
@@ -293,11 +294,12 @@ def make_optimizer(cfg: RunConfig, model: nn.Module) -> tuple[torch.optim.Optimi
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RunError(f"{cfg.arch}/{cfg.method} in mode {cfg.mode!r} has nothing to train")
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    with gc_paused():  # the first optimizer imports torch._dynamo
+        if cfg.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                  weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
 
 

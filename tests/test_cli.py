@@ -284,7 +284,13 @@ def test_a_run_reuses_freed_memory_instead_of_faulting_it_in(tmp_path, monkeypat
     assert faults(train.RUN_MMAP_THRESHOLD) < 2 * 1024
     seen = []
     monkeypatch.setattr(train, "set_mmap_threshold", seen.append)
+    for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(var, raising=False)
     assert cli.main(["search", *TINY, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    assert seen == [train.RUN_MMAP_THRESHOLD]
+    # Thresholds the user set through glibc's environment are left as they are.
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1048576")
+    assert cli.main(["search", *TINY, "--epochs", "1", "--out", str(tmp_path / "run2")]) == 0
     assert seen == [train.RUN_MMAP_THRESHOLD]
 
 

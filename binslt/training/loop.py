@@ -86,6 +86,7 @@ from .runtime import (  # noqa: F401
     _seed_all,
     _set_rng_state,
     gc_paused,
+    malloc_configured_by_env,
     set_mmap_threshold,
     setup_distributed,
     versions,
@@ -461,10 +462,12 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: boo
 
     On glibc the run fixes the C allocator's mmap threshold at 32 MiB and its trim threshold at
     64 MiB (:func:`binslt.training.runtime.set_mmap_threshold`): the steps then reuse the memory
-    the step before freed instead of faulting it in again.
+    the step before freed instead of faulting it in again. Thresholds set in the environment
+    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES``) are left alone.
     """
     cfg.validate()
-    set_mmap_threshold(RUN_MMAP_THRESHOLD)
+    if not malloc_configured_by_env():
+        set_mmap_threshold(RUN_MMAP_THRESHOLD)
     info = setup_distributed("cuda" if cfg.device.startswith("cuda") or (
         cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     try:

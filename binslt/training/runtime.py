@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Subset
 
-__all__ = ["DistInfo", "gc_paused", "malloc_trim", "set_mmap_threshold", "setup_distributed",
-           "versions"]
+__all__ = ["DistInfo", "gc_paused", "malloc_configured_by_env", "malloc_trim",
+           "set_mmap_threshold", "setup_distributed", "versions"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,8 +55,9 @@ def set_mmap_threshold(nbytes: int) -> bool:
     one, and the worker threads' arenas) beyond the 128 KiB trim threshold go back to the OS;
     both are faulted in page by page, and zeroed, by the next step. With the thresholds at 32
     and 64 MiB the freed blocks are reused instead (a Conv-4 search step at N=64 on a 2-core
-    EPYC: 4,000 page faults fewer). A training run (:func:`binslt.training.run`) sets
-    ``RUN_MMAP_THRESHOLD``; the benchmarks set it for every candidate alike.
+    EPYC: 4,000 page faults fewer per step). A training run (:func:`binslt.training.run`) sets
+    ``RUN_MMAP_THRESHOLD`` unless the environment configures glibc's malloc itself
+    (:func:`malloc_configured_by_env`); the benchmarks set it for every candidate alike.
 
     With a small threshold (64 KiB) every large tensor is its own mapping, returned to the OS
     when freed, so the resident set follows what is really allocated: the benchmarks measure
@@ -67,6 +68,15 @@ def set_mmap_threshold(nbytes: int) -> bool:
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes))
                 and libc.mallopt(_M_TRIM_THRESHOLD, 2 * int(nbytes)))
+
+
+def malloc_configured_by_env() -> bool:
+    """True when the environment sets glibc's malloc thresholds (``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_TRIM_THRESHOLD_``, or ``glibc.malloc.*`` in ``GLIBC_TUNABLES``): a run then leaves
+    them as the user chose."""
+    env = os.environ
+    return ("MALLOC_MMAP_THRESHOLD_" in env or "MALLOC_TRIM_THRESHOLD_" in env
+            or "glibc.malloc." in env.get("GLIBC_TUNABLES", ""))
 
 
 def malloc_trim() -> None:
@@ -82,8 +92,8 @@ def gc_paused():
 
     For the large imports a run makes on its way in (scikit-learn for the digits; torch._dynamo,
     which the first ``torch.optim`` optimizer imports): each allocates hundreds of thousands of
-    objects, and the collector would rescan the growing heap many times over (0.4-0.5 s of the
-    default search's start-up on a 2-core EPYC). Nothing in those imports leaves cyclic garbage
+    objects, and the collector would rescan the growing heap many times over (about 0.3 s of
+    the default search's start-up on a 2-core EPYC). Nothing in those imports leaves cyclic garbage
     worth collecting before the block ends.
     """
     was = gc.isenabled()

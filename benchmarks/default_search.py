@@ -12,16 +12,17 @@ process at each candidate build:
   ``--work`` and its CPU extension built there once (``BINSLT_CUDA=0 python setup.py build_ext
   --inplace``, ``MAX_JOBS`` as set; minutes per revision); a later call finds it built.
 
-Each round runs every candidate once, in the order given on the command line, so that load on a shared machine hits
-them alike: ``python -m binslt search --out TMP --no-progress [--search-args]`` with the working
-directory and ``PYTHONPATH`` at the candidate's tree (checked first: the child imports binslt
-from there, not from an installed copy). Per run: ``wall_s`` (the process from start to exit,
-start-up included), ``search_s`` (the run's own ``wall_time_s`` in ``results.json``),
-``s_per_epoch``, ``user_s`` / ``sys_s`` / ``minor_faults`` (the child's CPU time and minor page
-faults, ``getrusage``: steadier than wall time on a shared machine), ``test_acc``,
-``best_test_acc``. The rows are appended as measured; the table
-printed at the end has each candidate's medians and its ratio to the first candidate's
-(``speedup`` > 1: faster).
+Each round runs every candidate once, in the order given on the command line, so that load on
+a shared machine hits them alike: ``python -m binslt search --out TMP --no-progress
+[--search-args]`` with the working directory and ``PYTHONPATH`` at the candidate's tree (checked
+first: the child imports binslt from there, not from an installed copy). Per run: ``wall_s``
+(the process from start to exit, start-up included), ``search_s`` (the run's own
+``wall_time_s`` in ``results.json``), ``s_per_epoch``, ``user_s`` / ``sys_s`` /
+``minor_faults`` (the child's CPU time and minor page faults, ``getrusage``: steadier than wall
+time on a shared machine), ``test_acc``, ``best_test_acc``. The rows are appended as measured;
+the table printed at the end has each candidate's medians and its ratio to the first
+candidate's (``speedup`` > 1: faster). The worktrees stay for later calls (``git worktree
+remove DIR`` drops one).
 
     python benchmarks/default_search.py --commit 530819f --checkout new=. --rounds 3
     python benchmarks/default_search.py --checkout a=/tmp/a --checkout b=. \\
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         meta["git_commit"] = "; ".join(f"{n}: {_commit_of(t)}" for n, t in cands)
         meta["search"] = "binslt search --out TMP --no-progress " + args.search_args
         meta["command"] = command_line(argv)
-        path = Path(args.out) / f"{result_stem('default_search', torch.device('cpu'), args.tag)}.csv"
+        stem = result_stem("default_search", torch.device("cpu"), args.tag)
+        path = Path(args.out) / f"{stem}.csv"
         sink = CsvAppender(path, COLUMNS, meta)
         for r in range(1, args.rounds + 1):
             for name, tree in cands:

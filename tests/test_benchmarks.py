@@ -25,12 +25,17 @@ sys.path.insert(0, str(BENCH))
 import common  # noqa: E402
 
 
-def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _bench_env() -> dict[str, str]:
+    """The environment the benchmark scripts (and their children) run in here."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the benchmarks never time the interpreter
     # One thread: on a shared 2-core runner, OpenMP spin-waiting makes 2 threads 10x slower.
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env,
+    return env
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=_bench_env(),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -372,7 +377,9 @@ _TINY_SEARCH = "--epochs 1 --train-subset 96 --test-subset 48 --batch-size 32"
 def test_default_search_times_each_candidate_in_interleaved_rounds(tmp_path):
     import json
 
-    if not __import__("binslt").backends()["cpu"]["usable"]:
+    import binslt
+
+    if not binslt.backends()["cpu"]["usable"]:
         pytest.skip("binslt._C (the C++ CPU kernels) is not built")
     out = _run("default_search.py", "--checkout", f"a={ROOT}", "--checkout", f"b={ROOT}",
                "--rounds", "2", "--search-args", _TINY_SEARCH, "--out", str(tmp_path)).stdout
@@ -387,10 +394,8 @@ def test_default_search_times_each_candidate_in_interleaved_rounds(tmp_path):
     # Each row is a real run: the accuracy that binslt search gives for those arguments when
     # run directly (one thread, as the script's children here).
     run = tmp_path / "direct"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)
     direct = subprocess.run([sys.executable, "-m", "binslt", "search", "--out", str(run),
-                             "--no-progress", *_TINY_SEARCH.split()], cwd=ROOT, env=env,
+                             "--no-progress", *_TINY_SEARCH.split()], cwd=ROOT, env=_bench_env(),
                             capture_output=True, text=True, timeout=600)
     assert direct.returncode == 0, direct.stderr
     acc = json.loads((run / "results.json").read_text())["test_acc"]
@@ -417,14 +422,14 @@ def test_default_search_interrupted_keeps_the_finished_runs(tmp_path):
     import signal
     import time
 
-    if not __import__("binslt").backends()["cpu"]["usable"]:
+    import binslt
+
+    if not binslt.backends()["cpu"]["usable"]:
         pytest.skip("binslt._C (the C++ CPU kernels) is not built")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)
     proc = subprocess.Popen(
         [sys.executable, str(BENCH / "default_search.py"), "--checkout", f"a={ROOT}",
          "--rounds", "20", "--search-args", _TINY_SEARCH, "--out", str(tmp_path)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=_bench_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     csv_path = tmp_path / f"default_search_{common.device_slug(torch.device('cpu'))}.csv"
     deadline = time.monotonic() + 300

@@ -66,8 +66,8 @@ def use_algos():
 
 # bconv_lif's forward algorithms: AND+popcount over every input word, and the event kernel
 # (sum of the weight columns of the spikes); 'auto' picks by the input firing rate. Where the CPU
-# has AMX-INT8 or AVX-512 VNNI, also oneDNN's int8 convolution (inference only: forced on the
-# training forward it is an error).
+# has AMX-INT8 or AVX-512 VNNI, also oneDNN's int8 convolution (the training forward stores its
+# counts and runs the bit kernels' second pass: every output the dense kernel's bit for bit).
 ALGOS = ["dense", "event"] + (["onednn"] if onednn_runs() else [])
 
 
@@ -230,13 +230,12 @@ def test_bconv_lif_forward(geom, bn_train, v_reset, decay_input, residual, algo,
     args = (c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], c["res"], c["T"],
             c["stride"], c["padding"], bn_train, 1e-5, nk["tau"], decay_input,
             nk["v_threshold"], v_reset)
-    if algo == "onednn":  # inference only: the training forward refuses it, says why
-        with pytest.raises(ValueError, match="'onednn' cannot run this call: .*inference"):
-            OPS.bconv_lif(*args)
+    s, counts, mean, var = OPS.bconv_lif(*args)
+    if algo != "dense":  # the same counts, statistics and spikes as the dense kernel's, bit for bit
         with cpu_algorithms(conv="dense"):
-            s, counts, mean, var = OPS.bconv_lif(*args)
-    else:
-        s, counts, mean, var = OPS.bconv_lif(*args)
+            dense = OPS.bconv_lif(*args)
+        for got, want in zip((s, counts, mean, var), dense):
+            assert torch.equal(got, want)
     rs, rcounts, rmean, rvar = ref.bconv_lif_reference(*args)
     assert counts.dtype == rcounts.dtype == torch.int16
     assert torch.equal(counts, rcounts)
@@ -257,6 +256,32 @@ def test_bconv_lif_forward(geom, bn_train, v_reset, decay_input, residual, algo,
         assert 0 < float(s.mean()) < 1  # the case exercises both outcomes
 
 
+@pytest.mark.skipif(not onednn_runs(), reason="neither AMX-INT8 nor AVX-512 VNNI on this CPU")
+@pytest.mark.parametrize("bn_train", [False, True])
+def test_bconv_lif_onednn_training_forward_with_int32_counts(bn_train):
+    """Counts past int16 (Ci*kh*kw > 32767): the onednn training forward stores them as int32,
+    as the dense kernel does, with the same statistics and spikes, and the reference's counts."""
+    g = torch.Generator().manual_seed(3)
+    ci, co = 4096, 16
+    x = (torch.rand(2, ci, 3, 3, generator=g) < 0.5).float()
+    w = torch.sign(torch.randn(co, ci, 3, 3, generator=g)) * (
+        torch.rand(co, ci, 3, 3, generator=g) < 0.7)
+    wm, wp = ref.pack_weight_reference(w)
+    xp = ref.pack_spikes_reference(x)
+    alpha = torch.full((co,), 0.01)
+    args = (xp, wm, wp, alpha, torch.ones(co), torch.full((co,), 0.5), None, 1, 1, 1, bn_train,
+            1e-5, 2.0, False, 1.0, 0.0)
+    outs = {}
+    for algo in ("onednn", "dense"):
+        with cpu_algorithms(conv=algo):
+            outs[algo] = OPS.bconv_lif(*args)
+    assert outs["onednn"][1].dtype == torch.int32
+    for got, want in zip(outs["onednn"], outs["dense"]):
+        assert torch.equal(got, want)
+    want = ref.bconv_count_reference(xp, wm, wp, 1, 1)
+    assert torch.equal(outs["onednn"][1].flatten(0, 1).float(), want)
+
+
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("geom", [CONV_GEOMS[1], CONV_GEOMS[3], CONV_GEOMS[5],
@@ -268,8 +293,7 @@ def test_bconv_popcount_paths_agree(isa, geom, algo, use_algos):
     assert _ext.cpu_info()["kernel_isa"] == isa
     fwd = (c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], c["shift"], None, c["T"],
            c["stride"], c["padding"])
-    with cpu_algorithms(conv="dense" if algo == "onednn" else algo):  # (onednn: inference only)
-        s, counts, _, _ = OPS.bconv_lif(*fwd, False, 1e-5, 2.0, True, 1.0, 0.0)
+    s, counts, _, _ = OPS.bconv_lif(*fwd, False, 1e-5, 2.0, True, 1.0, 0.0)
     want = ref.bconv_count_reference(c["xp"], c["wm"], c["wp"], c["stride"], c["padding"])
     assert torch.equal(counts.flatten(0, 1).float(), want)
     assert torch.equal(_infer(c, (2.0, True, 1.0, 0.0)), s)

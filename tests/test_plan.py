@@ -333,7 +333,7 @@ def _asked_is_run(layer, capfd):
 def test_forced_algorithms_are_never_rewritten():
     """Where a forced algorithm cannot run the call, the plan raises (with the reason) instead of
     taking another algorithm: the stride-1 forms at stride 2, the pointwise form off 1x1, the
-    event forward with int32 counts, the inference-only oneDNN forward in training."""
+    event forward with int32 counts."""
     x, w = (2, 2, 64, 9, 9), (32, 64, 3, 3)
     for field, name, why in (("grad_x", "margined", "stride 1"),
                              ("grad_x", "pointwise", "1x1 kernel"),

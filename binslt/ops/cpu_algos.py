@@ -9,9 +9,10 @@ with their measured thresholds, are written down once at ``plan_forward`` / ``pl
   (the best this CPU runs; ``binslt.ops.library.cpu_info()["kernel_isa"]`` says which);
 * ``conv``: the forward, ``"dense"`` (AND + popcount over every input word), ``"event"`` (the sum
   of the weight columns of the input spikes; int16 counts only) or ``"onednn"`` (oneDNN's int8
-  convolution: inference on a CPU with AMX-INT8); ``bconv_affine_infer`` (BinConv2d's no-grad
-  op, which has no bit kernels) runs ``"onednn"`` or its plan ``"aten"`` (ATen's float conv of
-  the 0/1 spikes), which a forced ``"dense"`` / ``"event"`` runs there;
+  convolution on a CPU with AMX-INT8: inference, and the training forward's counts);
+  ``bconv_affine_infer`` (BinConv2d's no-grad op, which has no bit kernels) runs ``"onednn"`` or
+  its plan ``"aten"`` (ATen's float conv of the 0/1 spikes), which a forced ``"dense"`` /
+  ``"event"`` runs there;
 * ``grad_x``: the input gradient, ``"dense"`` (ATen's transposed convolution, NCHW),
   ``"margined"`` (the same conv from dZ channel-last with zero margins; stride 1, padding <=
   kernel - 1), ``"ternary"`` / ``"combo"`` (add/subtract of dZ rows, plain or over signed sums of

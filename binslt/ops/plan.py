@@ -5,8 +5,8 @@ Each call of a CPU conv op is turned into one named plan by one decision point i
 measured thresholds are written down), and the kernels execute that plan:
 
 * forward (``bconv_lif``, ``bconv_lif_infer``): ``"dense"``, ``"event"`` or ``"onednn"``
-  (inference on a CPU with AMX-INT8); ``bconv_affine_infer`` (BinConv2d's no-grad op)
-  ``"onednn"`` or ``"aten"`` (ATen's float conv of the 0/1 spikes);
+  (oneDNN's int8 convolution on a CPU with AMX-INT8); ``bconv_affine_infer`` (BinConv2d's
+  no-grad op) ``"onednn"`` or ``"aten"`` (ATen's float conv of the 0/1 spikes);
 * backward (``bconv_lif_bwd``, ``bconv_lif_bwd_pool2``): ``grad_x`` one of ``"none"``
   (dL/dx not wanted), ``"dense"``, ``"margined"``, ``"ternary"``, ``"combo"``, ``"unfold"``,
   ``"int8"``, ``"bf16x3"``, ``"pointwise"``; ``grad_w`` one of ``"event"``, ``"dense"``,

@@ -431,32 +431,13 @@ inline int64_t tile_rows(const ConvShape& s, int64_t pool) {
   return R;
 }
 
-// bn_train's second pass: exact per-channel statistics of the integer counts (sums: one
-// [Co][2] block per thread), Z = alpha * count, then the epilogue + LIF from the stored counts.
+// The epilogue (affine aff per channel) + LIF from the stored counts, Z = alpha * count: rows of
+// several channels' maps where the maps are short, else each channel's rows.
 template <typename CT>
-void bn_train_epilogue(const FwdTask<CT>& task, const std::vector<int64_t>& sums, double bn_eps,
-                       float* mean_out, float* var_out) {
+void stored_counts_lif(const FwdTask<CT>& task, const std::vector<ChannelAffine>& aff) {
   const ConvShape& s = *task.s;
   const FwdEpilogue& ep = task.ep;
   const int64_t S = s.Ho * s.Wo, step_stride = s.N * s.Co * S;
-  const int64_t nthreads = static_cast<int64_t>(sums.size()) / std::max<int64_t>(1, 2 * s.Co);
-  const int64_t M = s.T * s.N * S;
-  std::vector<ChannelAffine> aff(s.Co);
-  for (int64_t c = 0; c < s.Co; ++c) {
-    __int128 sm = 0, sq = 0;
-    for (int64_t th = 0; th < nthreads; ++th) {
-      sm += sums[(th * s.Co + c) * 2];
-      sq += sums[(th * s.Co + c) * 2 + 1];
-    }
-    const double mc = static_cast<double>(sm) / static_cast<double>(M);
-    const double vc = static_cast<double>(sq * M - sm * sm) / (static_cast<double>(M) * M);
-    const double a = ep.alpha[c];
-    mean_out[c] = static_cast<float>(a * mc);
-    var_out[c] = static_cast<float>(a * a * vc);
-    aff[c] = ChannelAffine{mean_out[c], invstd_of(var_out[c], bn_eps), ep.scale[c], ep.shift[c],
-                           true};
-  }
-  if (M > 0) check_batch_stats("bconv_lif", mean_out, var_out, s.Co);
   const int64_t per = row_block_channels(forward_lanes_per_row(S), s.Co);
   if (per > 1) {  // short maps: the maps of per consecutive channels in one row
     const LaneTable lanes(ep.alpha, aff.data(), s.Co, S);
@@ -483,6 +464,35 @@ void bn_train_epilogue(const FwdTask<CT>& task, const std::vector<int64_t>& sums
                  aff[c], ep.res ? ep.res + off : nullptr, step_stride, task.spikes + off);
     }
   });
+}
+
+// bn_train's second pass: exact per-channel statistics of the integer counts (sums: one
+// [Co][2] block per thread), then the epilogue + LIF from the stored counts.
+template <typename CT>
+void bn_train_epilogue(const FwdTask<CT>& task, const std::vector<int64_t>& sums, double bn_eps,
+                       float* mean_out, float* var_out) {
+  const ConvShape& s = *task.s;
+  const FwdEpilogue& ep = task.ep;
+  const int64_t S = s.Ho * s.Wo;
+  const int64_t nthreads = static_cast<int64_t>(sums.size()) / std::max<int64_t>(1, 2 * s.Co);
+  const int64_t M = s.T * s.N * S;
+  std::vector<ChannelAffine> aff(s.Co);
+  for (int64_t c = 0; c < s.Co; ++c) {
+    __int128 sm = 0, sq = 0;
+    for (int64_t th = 0; th < nthreads; ++th) {
+      sm += sums[(th * s.Co + c) * 2];
+      sq += sums[(th * s.Co + c) * 2 + 1];
+    }
+    const double mc = static_cast<double>(sm) / static_cast<double>(M);
+    const double vc = static_cast<double>(sq * M - sm * sm) / (static_cast<double>(M) * M);
+    const double a = ep.alpha[c];
+    mean_out[c] = static_cast<float>(a * mc);
+    var_out[c] = static_cast<float>(a * a * vc);
+    aff[c] = ChannelAffine{mean_out[c], invstd_of(var_out[c], bn_eps), ep.scale[c], ep.shift[c],
+                           true};
+  }
+  if (M > 0) check_batch_stats("bconv_lif", mean_out, var_out, s.Co);
+  stored_counts_lif(task, aff);
 }
 
 // The tiles of the bit kernels (dense or event), in parallel; then bn_train's second pass.
@@ -516,6 +526,51 @@ void forward_tiles(const FwdTask<CT>& task, double bn_eps, float* mean_out, floa
     if (w.bad()) task.xf.bad->store(true, std::memory_order_relaxed);
   });
   if (task.bn_train) bn_train_epilogue(task, sums, bn_eps, mean_out, var_out);
+}
+
+// The training forward with the counts from oneDNN's int8 convolution (plan forward=onednn):
+// a chunk of images at a time (its T count maps within ~8 MiB, as the inference route's), its T
+// convs give the counts as channel-last float32 (the integers exactly); each image's rows go
+// through int32 into the counts tensor as the bit kernels store theirs (store_counts: the
+// channel-first counts and, under bn_train, their exact per-channel sums), then the second pass
+// from the stored counts. Counts, statistics and spikes are the bit kernels' bit for bit.
+template <typename CT>
+void onednn_train_forward(const FwdTask<CT>& task, const at::Tensor& x_u8, const uint32_t* mbits,
+                          const uint32_t* pbits, double bn_eps, float* mean_out, float* var_out) {
+  const ConvShape& s = *task.s;
+  const int64_t S = s.Ho * s.Wo;
+  const int64_t nthreads = at::get_num_threads();
+  std::vector<int64_t> sums(task.bn_train ? nthreads * s.Co * 2 : 0, 0);
+  const int64_t per_image = s.T * S * s.Co * static_cast<int64_t>(sizeof(float));
+  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(s.N, (8 << 20) / per_image));
+  const OnednnConv conv(s, x_u8.size(1), mbits, pbits, nb);
+  std::vector<at::Tensor> z(s.T);
+  for (int64_t n0 = 0; n0 < s.N; n0 += nb) {
+    const int64_t n1 = std::min(s.N, n0 + nb), m = n1 - n0;
+    for (int64_t t = 0; t < s.T; ++t) z[t] = conv(x_u8.narrow(0, t * s.N + n0, m));
+    at::parallel_for(0, s.T * m, 1, [&](int64_t j0, int64_t j1) {
+      std::vector<int32_t> row(s.Wo * s.Co);
+      int64_t* sm = task.bn_train ? sums.data() + at::get_thread_num() * s.Co * 2 : nullptr;
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t t = j / m, i = j % m;
+        const float* src = z[t].data_ptr<float>() + i * S * s.Co;
+        CT* dst = task.counts + (t * s.N + n0 + i) * s.Co * S;
+        for (int64_t oy = 0; oy < s.Ho; ++oy) {
+          const float* r = src + oy * s.Wo * s.Co;
+          for (int64_t k = 0; k < s.Wo * s.Co; ++k) row[k] = static_cast<int32_t>(r[k]);
+          store_counts(task.ep.isa, row.data(), s.Co, s.Wo, s.Co, dst + oy * s.Wo, S, sm);
+        }
+      }
+    });
+  }
+  if (task.bn_train) {
+    bn_train_epilogue(task, sums, bn_eps, mean_out, var_out);
+    return;
+  }
+  std::vector<ChannelAffine> aff(s.Co);
+  for (int64_t c = 0; c < s.Co; ++c)
+    aff[c] = ChannelAffine{0.0f, 1.0f, task.ep.scale[c], task.ep.shift[c], false};
+  stored_counts_lif(task, aff);
 }
 
 }  // namespace
@@ -589,7 +644,7 @@ static FwdOut bconv_lif_run(const ConvShape& s, const ForwardPlan& plan, const a
   const FwdEpilogue ep{plan.isa, args.alpha.data_ptr<float>(), args.scale.data_ptr<float>(),
                        args.shift.data_ptr<float>(),
                        args.res ? args.res->data_ptr<float>() : nullptr, args.p};
-  if (plan.conv == FwdPlan::kOnednn) {
+  if (plan.conv == FwdPlan::kOnednn && infer != nullptr) {
     if (spikes.numel() == 0) return {spikes, at::Tensor(), at::Tensor(), at::Tensor()};
     bool bad = false;
     const at::Tensor x_u8 = xf.on ? spikes_u8_from_float(xf.x, s.B, xf.C, s.H, s.W, opts, &bad)
@@ -601,6 +656,32 @@ static FwdOut bconv_lif_run(const ConvShape& s, const ForwardPlan& plan, const a
     infer_onednn(s, x_u8, xf.on ? xf.C : 32 * s.Cw, mbits, pbits, ep, io, spikes_f,
                  form.shortcut);
     return {spikes, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+  const at::ScalarType count_type = counts_dtype(s.Cw, s.KH, s.KW);
+  const bool is_infer = infer != nullptr;
+  // the training forward (no input channels: the bit kernels' zero counts)
+  if (plan.conv == FwdPlan::kOnednn && spikes.numel() > 0 && s.Cw > 0) {
+    at::Tensor counts = at::empty(oshape, opts.dtype(count_type));
+    at::Tensor mean = at::zeros({s.Co}, opts.dtype(at::kFloat));
+    at::Tensor var = at::zeros({s.Co}, opts.dtype(at::kFloat));
+    const at::Tensor x_u8 = spikes_u8_from_packed(x.contiguous());
+    auto run = [&](auto* counts_ptr) {
+      using CT = std::remove_pointer_t<decltype(counts_ptr)>;
+      FwdTask<CT> task{};
+      task.s = &s;
+      task.ep = ep;
+      task.bn_train = args.bn_train;
+      task.counts = counts_ptr;
+      task.spikes = spikes_f;
+      task.io = io;
+      onednn_train_forward(task, x_u8, mbits, pbits, args.bn_eps, mean.data_ptr<float>(),
+                           var.data_ptr<float>());
+    };
+    if (count_type == at::kShort)
+      run(counts.data_ptr<int16_t>());
+    else
+      run(counts.data_ptr<int32_t>());
+    return {spikes, counts, mean, var};
   }
   at::Tensor xpad;
   if (!xf.on)
@@ -619,8 +700,6 @@ static FwdOut bconv_lif_run(const ConvShape& s, const ForwardPlan& plan, const a
     pos_masked.resize(w_pos.numel());
     for (size_t i = 0; i < pos_masked.size(); ++i) pos_masked[i] = mbits[i] & pbits[i];
   }
-  const at::ScalarType count_type = counts_dtype(s.Cw, s.KH, s.KW);
-  const bool is_infer = infer != nullptr;
   at::Tensor counts;
   // at::empty, not empty_big: the training step narrows these counts to int8 and drops them
   // within the forward, and a cached block of theirs would sit beside the activations at the

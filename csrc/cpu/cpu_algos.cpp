@@ -577,7 +577,8 @@ GradXPlan forced_grad_x(const Facts& f, Isa isa, GradXAlgo a) {
 // Forward (plan_forward):
 //   * "onednn" for inference with packed output only, on a CPU with AMX-INT8, for maps of at
 //     least onednn_min_pixels output pixels and layers of at least onednn_min_channel_pairs
-//     (Ci, Co) pairs;
+//     (Ci, Co) pairs (the training forward takes it where measured faster: its second pass from
+//     the stored counts costs what the bit kernels' does, so only deep layers gain);
 //   * else "event" where the counts fit int16 (Ci*kh*kw <= 32767; its lanes accumulate in int16)
 //     and the input's fraction of set bits is below event_max_rate_<isa> (its work follows the
 //     spikes, the dense kernel's the vector width);
@@ -610,8 +611,9 @@ GradXPlan forced_grad_x(const Facts& f, Isa isa, GradXAlgo a) {
 // an "auto" field by the fastest of its candidates, timed on the first call of each key (the op,
 // shapes, variant, ISA path, threads and the input's rate bucket) and cached (memory and
 // the JSON file); only calls of the ops measure (op set), never queries from shapes:
-//   * forward: "dense", "event" (int16 counts), "onednn" (inference, AMX-INT8); the affine op
-//     "aten" and "onednn";
+//   * forward: "dense", "event" (int16 counts), "onednn" (AMX-INT8: inference, and the
+//     training forward, which stores oneDNN's counts and runs the bit kernels' second pass); the
+//     affine op "aten" and "onednn";
 //   * weight gradient: "event", "dense", "taps" (maps of at most measure_taps_max_pixels),
 //     "unfold" (matrix within unfold_max_bytes, not pointwise), "int8" (AMX-INT8),
 //     "pointwise" (pointwise convs);
@@ -630,7 +632,7 @@ std::vector<FwdPlan> forward_candidates(const ForwardQuery& q, bool int16) {
     v.push_back(FwdPlan::kDense);
     if (int16) v.push_back(FwdPlan::kEvent);
   }
-  if ((q.infer || q.affine) && onednn_int8_supported()) v.push_back(FwdPlan::kOnednn);
+  if (onednn_int8_supported() && (q.affine || q.Ci > 0)) v.push_back(FwdPlan::kOnednn);
   return v;
 }
 
@@ -710,9 +712,6 @@ ForwardPlan plan_forward(const ForwardQuery& q) {
       plan.conv = FwdPlan::kEvent;
       return plan;
     case ConvAlgo::kOnednn:
-      if (!q.infer)
-        cannot(field, "onednn", "it is the inference forward (bconv_lif_infer, no counts kept "
-                                "for a backward), and this is the training forward bconv_lif");
       plan.conv = FwdPlan::kOnednn;
       return plan;
     default:

@@ -431,6 +431,14 @@ inline int64_t tile_rows(const ConvShape& s, int64_t pool) {
   return R;
 }
 
+// The eval epilogue of each channel: z * scale + shift (no batch statistics).
+inline std::vector<ChannelAffine> eval_affine(const FwdEpilogue& ep, int64_t Co) {
+  std::vector<ChannelAffine> aff(Co);
+  for (int64_t c = 0; c < Co; ++c)
+    aff[c] = ChannelAffine{0.0f, 1.0f, ep.scale[c], ep.shift[c], false};
+  return aff;
+}
+
 // The epilogue (affine aff per channel) + LIF from the stored counts, Z = alpha * count: rows of
 // several channels' maps where the maps are short, else each channel's rows.
 template <typename CT>
@@ -506,9 +514,7 @@ void forward_tiles(const FwdTask<CT>& task, double bn_eps, float* mean_out, floa
   const int64_t nthreads = at::get_num_threads();
   const int64_t row_blocks = (s.Ho + task.R - 1) / task.R;
   std::vector<int64_t> sums(task.bn_train ? nthreads * s.Co * 2 : 0, 0);
-  std::vector<ChannelAffine> aff(s.Co);
-  for (int64_t c = 0; c < s.Co; ++c)
-    aff[c] = ChannelAffine{0.0f, 1.0f, task.ep.scale[c], task.ep.shift[c], false};
+  const std::vector<ChannelAffine> aff = eval_affine(task.ep, s.Co);
   // The eval epilogue per lane where whole tiles are short (rows of several channels' tiles).
   const int64_t Lmax = task.R * s.Wo;
   const LaneTable lanes(task.ep.alpha, aff.data(),
@@ -529,7 +535,7 @@ void forward_tiles(const FwdTask<CT>& task, double bn_eps, float* mean_out, floa
 }
 
 // The training forward with the counts from oneDNN's int8 convolution (plan forward=onednn):
-// a chunk of images at a time (its T count maps within ~8 MiB, as the inference route's), its T
+// a chunk of images at a time (OnednnConv::chunk_images, as the inference route's), its T
 // convs give the counts as channel-last float32 (the integers exactly); each image's rows go
 // through int32 into the counts tensor as the bit kernels store theirs (store_counts: the
 // channel-first counts and, under bn_train, their exact per-channel sums), then the second pass
@@ -541,8 +547,7 @@ void onednn_train_forward(const FwdTask<CT>& task, const at::Tensor& x_u8, const
   const int64_t S = s.Ho * s.Wo;
   const int64_t nthreads = at::get_num_threads();
   std::vector<int64_t> sums(task.bn_train ? nthreads * s.Co * 2 : 0, 0);
-  const int64_t per_image = s.T * S * s.Co * static_cast<int64_t>(sizeof(float));
-  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(s.N, (8 << 20) / per_image));
+  const int64_t nb = OnednnConv::chunk_images(s.N, s.T * S * s.Co);
   const OnednnConv conv(s, x_u8.size(1), mbits, pbits, nb);
   std::vector<at::Tensor> z(s.T);
   for (int64_t n0 = 0; n0 < s.N; n0 += nb) {
@@ -567,10 +572,7 @@ void onednn_train_forward(const FwdTask<CT>& task, const at::Tensor& x_u8, const
     bn_train_epilogue(task, sums, bn_eps, mean_out, var_out);
     return;
   }
-  std::vector<ChannelAffine> aff(s.Co);
-  for (int64_t c = 0; c < s.Co; ++c)
-    aff[c] = ChannelAffine{0.0f, 1.0f, task.ep.scale[c], task.ep.shift[c], false};
-  stored_counts_lif(task, aff);
+  stored_counts_lif(task, eval_affine(task.ep, s.Co));
 }
 
 }  // namespace

@@ -439,10 +439,8 @@ void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const 
                         "infer_onednn: a shortcut is the residual");
   const int64_t S = s.Ho * s.Wo;
   const int64_t nthreads = at::get_num_threads();
-  // Images per chunk: its T float count maps within ~8 MiB (cache-resident between the conv and
-  // the LIF; oneDNN's large outputs otherwise cost more in page faults than in arithmetic).
-  const int64_t per_image = s.T * S * s.Co * static_cast<int64_t>(sizeof(float));
-  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(s.N, (8 << 20) / per_image));
+  // Images per chunk: its T float count maps within the chunk (read back by the LIF)
+  const int64_t nb = OnednnConv::chunk_images(s.N, s.T * S * s.Co);
   const OnednnConv conv(s, Ci, mbits, pbits, nb);
   int64_t R = std::max<int64_t>(1, std::min<int64_t>(s.Ho, kRowChunk / s.Wo));
   while (R > 1 && nb * ((s.Ho + R - 1) / R) < 4 * nthreads) R = (R + 1) / 2;
@@ -547,7 +545,7 @@ at::Tensor bconv_affine_infer_cpu(const at::Tensor& x_in, const at::Tensor& w_ma
     TORCH_CHECK_VALUE(!bad, "binslt::", op, ": ", kNotBinaryMsg);
     at::Tensor out = empty_big({B, s.Co, s.Ho, s.Wo}, x.options().dtype(at::kFloat));
     float* o = out.data_ptr<float>();
-    const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(B, (8 << 20) / (S * s.Co * 4)));
+    const int64_t nb = OnednnConv::chunk_images(B, S * s.Co);
     const OnednnConv conv(s, Ci, mbits, pbits, nb);
     const TransposeFn transpose = transpose_f32_fn();
     for (int64_t b0 = 0; b0 < B; b0 += nb) {

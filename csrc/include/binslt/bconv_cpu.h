@@ -87,6 +87,15 @@ class OnednnConv {
   // 512->256 (1.1 MiB) 0.37 whole vs 0.43 in parts.
   static constexpr int64_t kPartWeightBytes = 2 << 20;
 
+  // Images per call out of `images`, each writing `floats_per_image` float counts: the call's
+  // output within ~8 MiB (cache-resident between the conv and the pass that reads it; oneDNN's
+  // large outputs otherwise cost more in page faults than in arithmetic), at least one image.
+  static int64_t chunk_images(int64_t images, int64_t floats_per_image) {
+    constexpr int64_t kChunkBytes = int64_t{8} << 20;
+    const int64_t bytes = std::max<int64_t>(1, floats_per_image) * int64_t{sizeof(float)};
+    return std::max<int64_t>(1, std::min<int64_t>(images, kChunkBytes / bytes));
+  }
+
  private:
   int64_t stride_, padding_;
   std::vector<int64_t> part_begin_;  // each part's first input channel (0 first)

@@ -967,6 +967,31 @@ def test_split_forms_on_the_paper_layers_match_float64(layer, use_algos):
                       f"{gw} score gradient")
 
 
+@pytest.mark.skipif(not onednn_runs(), reason="the int8 input gradient needs oneDNN's int8 "
+                    "convolution (AMX-INT8 or AVX-512 VNNI)")
+@pytest.mark.parametrize("geom", [(1, 2, 97, 130, 5, 5, 3, 1, 1), (2, 1, 70, 65, 6, 6, 3, 2, 1),
+                                  (1, 2, 65, 129, 6, 6, 5, 1, 2)],
+                         ids=lambda g: "x".join(map(str, g)))
+def test_int8_grads_past_one_block_of_64_channels_match_float64(geom, use_algos):
+    """The int8 input gradient builds its flipped, transposed ternary kernel from 64 x 64 blocks
+    of (C_out, C_in) weight bits, and the int8 weight gradient reorders its [taps, C_in] rows:
+    with channel counts past one block and not a multiple of 64 or 32, strides 1 and 2 and a 5x5
+    kernel, dL/dX and dL/dW_eff are within 1e-5 relative of float64."""
+    seed = stable_seed(geom)
+    c, nk, shift = _driven_case(geom, seed)
+    Ci, stride, pad = geom[2], geom[7], geom[8]
+    fwd = OPS.bconv_lif(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], shift, None, c["T"],
+                        stride, pad, True, 1e-5, nk["tau"], False, nk["v_threshold"], 0.0)
+    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(seed))
+    want = _bconv_bwd_ref64(gs, c, nk, shift, True, 0, 2.0)
+    use_algos(grad_x="int8", grad_w="int8")
+    out = OPS.bconv_lif_bwd(gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], shift,
+                            fwd[2], fwd[3], None, Ci, stride, pad, True, 1e-5, nk["tau"], False,
+                            nk["v_threshold"], 0.0, True, 0, 2.0, True)
+    _assert_close(out[0], want[0], "int8 grad_x")
+    _assert_close(out[1], want[1], "int8 grad_weight")
+
+
 def test_bf16x3_forms_in_several_chunks_match_float64(use_algos):
     """The bf16x3 forms split their work into chunks of a few MiB (output rows for the weight
     gradient, images for the input gradient), so that their parts never outgrow dZ: a 64->64

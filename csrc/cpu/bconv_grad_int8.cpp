@@ -131,6 +131,30 @@ void limbs_base(const float* v, int64_t n, float inv, L* l0, L* l1, L* l2) {
   limbs_body<L, kBias>(v, n, inv, l0, l1, l2);
 }
 
+// A row of the weight gradient's three limb sums recombined, (q0 + q1 / 254 + q2 / 254^2) * u
+// in double: into floats (limb_row) or added to a double accumulator (limb_acc).
+static inline __attribute__((always_inline)) double limb_value(int32_t a, int32_t b, int32_t c,
+                                                               double u) {
+  constexpr double k1 = 1.0 / 254.0, k2 = 1.0 / (254.0 * 254.0);
+  return (a + b * k1 + c * k2) * u;
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void limb_row_avx512(
+    const int32_t* q0, const int32_t* q1, const int32_t* q2, int64_t n, double u, float* out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(limb_value(q0[k], q1[k], q2[k], u));
+}
+void limb_row_base(const int32_t* q0, const int32_t* q1, const int32_t* q2, int64_t n, double u,
+                   float* out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(limb_value(q0[k], q1[k], q2[k], u));
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void limb_acc_avx512(
+    const int32_t* q0, const int32_t* q1, const int32_t* q2, int64_t n, double u, double* acc) {
+  for (int64_t k = 0; k < n; ++k) acc[k] += limb_value(q0[k], q1[k], q2[k], u);
+}
+void limb_acc_base(const int32_t* q0, const int32_t* q1, const int32_t* q2, int64_t n, double u,
+                   double* acc) {
+  for (int64_t k = 0; k < n; ++k) acc[k] += limb_value(q0[k], q1[k], q2[k], u);
+}
+
 // unfold_output_rows_bits' row (b, oy) as int8: per tap, the input pixel's channel words as
 // 64-bit masks, each expanded to 64 bytes of 0/1 (a masked store for the last Ci % 64).
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void unfold_row_int8_avx512(
@@ -193,6 +217,8 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
       1, std::min({R, kChunkBytes / ((3 * s.Co + K) * s.Wo), int8_grad_w_max_pixels() / s.Wo}));
   const bool avx512 = isa_supported(Isa::kAvx512);
   const auto limbs = avx512 ? &limbs_avx512<int8_t, 0> : &limbs_base<int8_t, 0>;
+  const auto limb_sums = avx512 ? &limb_row_avx512 : &limb_row_base;
+  const auto add_limb_sums = avx512 ? &limb_acc_avx512 : &limb_acc_base;
   const float* g = gz.data_ptr<float>();
   const auto i8 = gz.options().dtype(at::kChar);
   const uint32_t* xs = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
@@ -250,26 +276,26 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
     const at::Tensor r = at::_int_mm(A, X);  // [3 Co, taps * Ci]
     const int32_t* rp = r.data_ptr<int32_t>();
     at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
-      constexpr double k1 = 1.0 / 254.0, k2 = 1.0 / (254.0 * 254.0);
+      std::vector<float> row(one_chunk ? K : 0);
       for (int64_t c = c0; c < c1; ++c) {
         const int32_t *q0 = rp + c * K, *q1 = rp + (s.Co + c) * K, *q2 = rp + (2 * s.Co + c) * K;
-        const double u = unit[c];
-        for (int64_t k = 0; k < K; ++k) {
-          const double v = (q0[k] + q1[k] * k1 + q2[k] * k2) * u;
-          if (one_chunk) {  // [Co, taps, Ci] -> [Co, Ci, kh, kw]
-            o[(c * Ci + k % Ci) * taps + k / Ci] = static_cast<float>(v);
-          } else {
-            acc[c * K + k] += v;
-          }
+        if (!one_chunk) {
+          add_limb_sums(q0, q1, q2, K, unit[c], acc.data() + c * K);
+          continue;
         }
+        limb_sums(q0, q1, q2, K, unit[c], row.data());
+        float* oc = o + c * Ci * taps;  // [taps, Ci] -> [Ci, kh, kw]
+        for (int64_t ci = 0; ci < Ci; ++ci)
+          for (int64_t t = 0; t < taps; ++t) oc[ci * taps + t] = row[t * Ci + ci];
       }
     });
   }
   if (!one_chunk)
     at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c)
-        for (int64_t k = 0; k < K; ++k)
-          o[(c * Ci + k % Ci) * taps + k / Ci] = static_cast<float>(acc[c * K + k]);
+        for (int64_t ci = 0; ci < Ci; ++ci)
+          for (int64_t t = 0; t < taps; ++t)
+            o[(c * Ci + ci) * taps + t] = static_cast<float>(acc[(c * taps + t) * Ci + ci]);
     });
   return out;
 }
@@ -323,29 +349,71 @@ std::vector<AxisClass> axis_classes(int64_t n_in, int64_t n_out, int64_t K, int6
   return v;
 }
 
+// In place: the 64 x 64 bit matrix a (bit j of a[i] is entry (i, j)) transposed (bit j of a[i]
+// becomes entry (j, i)), by swapping ever smaller off-diagonal blocks (Hacker's Delight, 7-3).
+static inline void transpose_bits64(uint64_t a[64]) {
+  uint64_t m = 0x00000000FFFFFFFFull;
+  for (int j = 32; j != 0; j >>= 1, m ^= m << j)
+    for (int k = 0; k < 64; k = ((k | j) + 1) & ~j) {
+      const uint64_t t = ((a[k] >> j) ^ a[k | j]) & m;
+      a[k | j] ^= t;
+      a[k] ^= t << j;
+    }
+}
+
+// n <= 64 bytes of ternary weights from bit masks: -1 where m and not q, +1 where m and q.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void ternary_bytes_avx512(uint64_t m,
+                                                                              uint64_t q,
+                                                                              int64_t n,
+                                                                              int8_t* dst) {
+  const __m512i v = _mm512_mask_mov_epi8(_mm512_maskz_mov_epi8(m, _mm512_set1_epi8(-1)), m & q,
+                                         _mm512_set1_epi8(1));
+  _mm512_mask_storeu_epi8(dst, n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1, v);
+}
+void ternary_bytes_base(uint64_t m, uint64_t q, int64_t n, int8_t* dst) {
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] = static_cast<int8_t>(((m >> i) & 1u) ? (((q >> i) & 1u) ? 1 : -1) : 0);
+}
+
 // The flipped, transposed ternary sub-kernel of a class pair, Wt[ci][co][jy][jx] =
 // W[co][ci][ry + st * (Jy - 1 - jy)][rx + st * (Jx - 1 - jx)] as s8 in ChannelsLast ([Ci, Jy, Jx,
-// Co] in memory), from the planes [Co, KH, KW, Cw] (at stride 1 the whole kernel, flipped).
+// Co] in memory), from the planes [Co, KH, KW, Cw] (at stride 1 the whole kernel, flipped). Per
+// tap, 64 x 64 blocks of (co, ci) bits are transposed as bit matrices, and each ci's 64 output
+// channels are then written as one run of bytes.
 at::Tensor transposed_int8_weight(const ConvShape& s, int64_t Ci, const uint32_t* mbits,
                                   const uint32_t* pbits, const AxisClass& cy,
                                   const AxisClass& cx) {
-  const int64_t Jy = cy.J, Jx = cx.J, st = s.stride;
+  const int64_t Jy = cy.J, Jx = cx.J, st = s.stride, Cw = s.Cw;
   at::Tensor w = at::empty({Ci, Jy, Jx, s.Co}, at::TensorOptions().dtype(at::kChar));
   int8_t* wp = w.data_ptr<int8_t>();
-  at::parallel_for(0, s.Co, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t co = c0; co < c1; ++co)
-      for (int64_t jy = 0; jy < Jy; ++jy)
-        for (int64_t jx = 0; jx < Jx; ++jx) {
-          const int64_t ky = cy.r + st * (Jy - 1 - jy), kx = cx.r + st * (Jx - 1 - jx);
-          const int64_t row = (co * s.KH + ky) * s.KW + kx;
-          const uint32_t* mw = mbits + row * s.Cw;
-          const uint32_t* qw = pbits + row * s.Cw;
-          int8_t* dst = wp + (jy * Jx + jx) * s.Co + co;
-          for (int64_t ci = 0; ci < Ci; ++ci) {
-            const uint32_t m = (mw[ci >> 5] >> (ci & 31)) & 1u, q = (qw[ci >> 5] >> (ci & 31)) & 1u;
-            dst[ci * Jy * Jx * s.Co] = static_cast<int8_t>(m ? (q ? 1 : -1) : 0);
+  const auto bytes = isa_supported(Isa::kAvx512) ? &ternary_bytes_avx512 : &ternary_bytes_base;
+  const int64_t co_blocks = (s.Co + 63) / 64, ci_blocks = (Ci + 63) / 64;
+  at::parallel_for(0, co_blocks * Jy * Jx, 1, [&](int64_t i0, int64_t i1) {
+    uint64_t mt[64], qt[64];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t cb = i / (Jy * Jx), jy = i / Jx % Jy, jx = i % Jx;
+      const int64_t ky = cy.r + st * (Jy - 1 - jy), kx = cx.r + st * (Jx - 1 - jx);
+      const int64_t c0 = cb * 64, nco = std::min<int64_t>(64, s.Co - c0);
+      for (int64_t kb = 0; kb < ci_blocks; ++kb) {
+        const int64_t w0 = kb * 2;  // the block's first 32-bit word
+        for (int64_t r = 0; r < 64; ++r) {
+          mt[r] = qt[r] = 0;
+          if (r >= nco) continue;
+          const int64_t row = (((c0 + r) * s.KH + ky) * s.KW + kx) * Cw + w0;
+          mt[r] = mbits[row];
+          qt[r] = pbits[row];
+          if (w0 + 1 < Cw) {
+            mt[r] |= uint64_t{mbits[row + 1]} << 32;
+            qt[r] |= uint64_t{pbits[row + 1]} << 32;
           }
         }
+        transpose_bits64(mt);
+        transpose_bits64(qt);
+        const int64_t nci = std::min<int64_t>(64, Ci - kb * 64);
+        for (int64_t j = 0; j < nci; ++j)
+          bytes(mt[j], qt[j], nco, wp + (((kb * 64 + j) * Jy + jy) * Jx + jx) * s.Co + c0);
+      }
+    }
   });
   return w.permute({0, 3, 1, 2});
 }

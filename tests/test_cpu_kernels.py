@@ -919,6 +919,43 @@ def test_event_weight_grad_in_blocks_of_images(geom, use_algos):
     _assert_close(got[1], _bwd_of(c, fwd, gs)[1], "event grad_weight vs ATen's")
 
 
+@pytest.mark.parametrize("tau", [0.5, 2.0, 4.0, 3.0, 100.0])
+def test_lif_divides_by_tau_as_ieee_float32(tau):
+    """The kernels multiply by 1 / tau where tau is a power of two (the reciprocal is exact, so
+    the product is the float the division rounds to) and divide otherwise. On one step of
+    bn_lif in eval mode (scale 1, shift 0: X = z) with decay_input, H = X / tau: the spikes of
+    X planted at every float within 256 ulps of tau * v_threshold, and dL/dX = dL/dH / tau
+    under the Rect surrogate, equal the float32 division bit for bit (at tau = 3 an inexact
+    1 / tau moves both)."""
+    vth = 1.0
+    t = torch.tensor(tau * vth, dtype=torch.float32)
+    up, down = t.clone(), t.clone()
+    xs = [t]
+    for _ in range(256):
+        up = torch.nextafter(up, torch.tensor(float("inf")))
+        down = torch.nextafter(down, torch.tensor(float("-inf")))
+        xs += [up, down]
+    x = torch.stack(xs)
+    n = 16 * ((x.numel() + 15) // 16)
+    x = torch.cat([x, x[: n - x.numel()]]).view(1, 1, 16, -1)  # [T=1, N=1, C=16, L]
+    ones, zeros = torch.ones(16), torch.zeros(16)
+    s, mean, var = torch.ops.binslt.bn_lif(x, ones, zeros, None, False, 1e-5, tau, True, vth, 0.0)
+    tt = torch.tensor(tau, dtype=torch.float32)
+    assert torch.equal(s, (x / tt >= vth).float())
+    gs = torch.randn(s.shape, generator=torch.Generator().manual_seed(0))
+    alpha = 2.0
+    out = torch.ops.binslt.bn_lif_bwd(gs, x, ones, zeros, mean, var, None, False, 1e-5, tau,
+                                      True, vth, 0.0, False, 2, alpha, True)
+    h = x / tt
+    sg = alpha * ((h - vth).abs() < 0.5 / alpha).float()
+    want = (gs * sg) / tt
+    assert (sg > 0).float().mean() > 0.9  # the window holds the planted neurons
+    assert torch.equal(out[1], want)
+    if tau == 3.0:  # the planted values tell the two roundings apart
+        inv = torch.tensor(1.0 / 3.0, dtype=torch.float32)
+        assert not torch.equal(want, (gs * sg) * inv)
+
+
 def _paper_layers() -> list[tuple[int, ...]]:
     """Every binary-input conv shape of Conv-4, VGG-11 and ResNet-19 at CIFAR size (C_in, C_out,
     H, stride, kernel, padding; the 1x1 shortcuts included), and a hidden linear layer as a 1x1

@@ -429,12 +429,15 @@ def _first_spike(x: torch.Tensor, tau: float, decay_input: bool) -> torch.Tensor
 
 
 @pytest.mark.parametrize("tau,decay_input", [(2.0, True), (100.0, True), (2.0, False),
-                                             (100.0, False)])
+                                             (100.0, False), (0.5, True), (4.0, True),
+                                             (3.0, True)])
 def test_planted_inputs_tell_fused_from_unfused(tau, decay_input):
     """The GPU tests' inputs have power: with z*scale+shift fused (one rounding) instead of two
     roundings, many of the t = 0 spikes change (eval); in training BN, an invstd one ulp off
     (what rsqrt.approx gives) or a fused epilogue changes spikes too. And the CPU kernel agrees
-    with the unfused float32 formula on every planted neuron."""
+    with the unfused float32 formula on every planted neuron (with a power-of-two tau the CPU
+    kernels multiply by 1 / tau, exact, instead of dividing: 0.5, 2 and 4 here; 3 and 100 divide).
+    """
     z, scale, shift = planted_eval(tau, decay_input)
     sc, sh = scale.view(1, 1, -1, 1), shift.view(1, 1, -1, 1)
     plain = _first_spike(z[0] * sc[0] + sh[0], tau, decay_input)

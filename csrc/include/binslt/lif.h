@@ -40,7 +40,19 @@ struct NeuronParams {
   // SpikingJelly's torch expressions round their Python-float scalars against a float32 tensor:
   float surrogate_alpha_sq;  // alpha**2
   float surrogate_bound;     // the window's half-width: 0.5 / alpha (Rect), 1 / alpha (PQ)
+  // tau a power of two: 1 / tau is exact, so x * inv_tau is the float x / tau rounds to (both
+  // round the same real number once) and the kernels multiply instead of dividing.
+  bool tau_pow2;
+  float inv_tau;
 };
+
+// Whether 1 / tau is a float exactly (tau = 2^k with 2^-k a normal float), and that value.
+inline bool exact_reciprocal(float tau, float* inv) {
+  int e = 0;
+  if (!(std::isfinite(tau) && tau > 0.0f) || std::frexp(tau, &e) != 0.5f) return false;
+  *inv = std::ldexp(1.0f, 1 - e);  // tau = 2^(e - 1)
+  return std::isnormal(*inv);
+}
 
 // NeuronParams::surrogate_bound (0 for the surrogates without a window).
 inline float surrogate_bound_of(int64_t surrogate, double alpha) {
@@ -65,12 +77,16 @@ inline NeuronParams neuron_params(double tau, bool decay_input, double v_thresho
   p.surrogate_alpha = static_cast<float>(surrogate_alpha);
   p.surrogate_alpha_sq = static_cast<float>(surrogate_alpha * surrogate_alpha);
   p.surrogate_bound = surrogate_bound_of(surrogate, surrogate_alpha);
+  p.inv_tau = 0.0f;
+  p.tau_pow2 = exact_reciprocal(p.tau, &p.inv_tau);
   return p;
 }
 
 // H[t] from V[t-1] and the input current X[t].
 BINSLT_HD float lif_charge(float v, float x, const NeuronParams& p) {
   const float vr = p.soft_reset ? 0.0f : p.v_reset;
+  if (p.tau_pow2)
+    return p.decay_input ? v + (x - (v - vr)) * p.inv_tau : v - (v - vr) * p.inv_tau + x;
   return p.decay_input ? v + (x - (v - vr)) / p.tau : v - (v - vr) / p.tau + x;
 }
 
@@ -166,7 +182,8 @@ BINSLT_HD float lif_backward_step(float gs, float gv, float h, const NeuronParam
 
 // dL/dX[t] from dL/dH[t].
 BINSLT_HD float lif_input_grad(float gh, const NeuronParams& p) {
-  return p.decay_input ? gh / p.tau : gh;
+  if (!p.decay_input) return gh;
+  return p.tau_pow2 ? gh * p.inv_tau : gh / p.tau;
 }
 
 // Packed channel-last words: channel c lives in word c / 32, bit c % 32.

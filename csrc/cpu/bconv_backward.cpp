@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "binslt/aligned_vector.h"
 #include "binslt/big_tensor.h"
 #include "binslt/bconv_cpu.h"
 #include "binslt/checks.h"
@@ -192,7 +193,7 @@ static inline __attribute__((always_inline)) void lif_bn_channel_body(const LifB
 
 // One thread's per-lane values of a row of channels [c0, c1) (lane i: pixel i % S of channel
 // c0 + i / S, S = Ho * Wo) besides the LaneTable's: the BN backward's terms, the largest |dZ|.
-struct LaneScratch {
+struct alignas(64) LaneScratch {
   double k[kRowChunk], mg[kRowChunk], mgx[kRowChunk];
   uint32_t top[kRowChunk];
 };
@@ -295,10 +296,10 @@ void lif_bn_backward(const LifBnJob<CT>& job) {
   const int64_t blocks = (s.Co + per - 1) / per;
   const LaneTable lanes(job.alpha, job.aff, per > 1 ? s.Co : 0, s.Ho * s.Wo);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> hbuf(static_cast<size_t>(s.T) * kRowChunk);
-    std::vector<float> gbuf(job.pg != nullptr ? static_cast<size_t>(s.T) * kRowChunk : 0);
-    std::vector<float> rbuf(job.res_bits != nullptr ? static_cast<size_t>(s.T) * kRowChunk : 0);
-    std::vector<double> acc_g(kRowChunk), acc_gx(kRowChunk);
+    line_vector<float> hbuf(static_cast<size_t>(s.T) * kRowChunk);
+    line_vector<float> gbuf(job.pg != nullptr ? static_cast<size_t>(s.T) * kRowChunk : 0);
+    line_vector<float> rbuf(job.res_bits != nullptr ? static_cast<size_t>(s.T) * kRowChunk : 0);
+    line_vector<double> acc_g(kRowChunk), acc_gx(kRowChunk);
     const LifBnScratch sc{hbuf.data(), gbuf.data(), rbuf.data(), acc_g.data(), acc_gx.data()};
     if (per == 1) {
       for (int64_t c = b0; c < b1; ++c)

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "binslt/aligned_vector.h"
 #include "binslt/big_tensor.h"
 #include "binslt/bconv_cpu.h"
 #include "binslt/cpu_algos.h"
@@ -278,7 +279,7 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
             gather_sum(dzi, offs.data(), static_cast<int>(offs.size()), gout, co);
         }
     };
-    std::vector<float> partial(static_cast<size_t>(nthreads - 1) * per, 0.0f);
+    line_vector<float> partial(static_cast<size_t>(nthreads - 1) * per, 0.0f);
     at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
       const int th = at::get_thread_num();
       float* G = th == 0 ? gp : partial.data() + (th - 1) * per;
@@ -287,7 +288,7 @@ at::Tensor weight_grad(const ConvShape& s, int64_t Ci, const at::Tensor& x_packe
       // this thread's image of dZ, channel-last with zero margins (from dZ itself: !cl)
       const TransposeFn transpose = transpose_f32_fn();
       const int64_t HWo = s.Ho * s.Wo;
-      std::vector<float> buf(cl ? 0 : img), tmp(cl ? 0 : HWo * s.Co);
+      line_vector<float> buf(cl ? 0 : img), tmp(cl ? 0 : HWo * s.Co);
       for (int64_t b = b0; b < b1; ++b) {
         if (!cl)
           image_channels_last(dz + b * s.Co * HWo, s.Co, s.Ho, s.Wo, margin_top, margin_left,

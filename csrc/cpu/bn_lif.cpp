@@ -10,6 +10,7 @@
 #include <optional>
 #include <vector>
 
+#include "binslt/aligned_vector.h"
 #include "binslt/big_tensor.h"
 #include "binslt/checks.h"
 #include "binslt/cpu_algos.h"
@@ -89,7 +90,7 @@ constexpr int64_t kChannelRows = 32;
 template <class F>
 void for_channel_rows(const Dims& d, const ZView& zv, const F& f) {
   at::parallel_for(0, d.N * d.C, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<float> hbuf(static_cast<size_t>(d.T) * kRowChunk);
+    line_vector<float> hbuf(static_cast<size_t>(d.T) * kRowChunk);
     for (int64_t row = r0; row < r1; ++row) {
       const float* zr = zv.row(d, row / d.C, row % d.C);
       for (int64_t i0 = 0; i0 < d.S; i0 += kRowChunk) {
@@ -115,7 +116,7 @@ void batch_stats(const ZView& z, const Dims& d, float* mean, float* var) {
   const double m = static_cast<double>(d.T * d.N * d.S);
   const Isa isa = active_isa();
   at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<double> acc(d.S);
+    line_vector<double> acc(d.S);
     double* __restrict a = acc.data();
     auto total = [&]() {
       double t = 0.0;
@@ -275,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
     const float* xp = x.data_ptr<float>();
     const int64_t chunks = (M + kRowChunk - 1) / kRowChunk;
     at::parallel_for(0, chunks, 4, [&](int64_t c0, int64_t c1) {
-      std::vector<float> hbuf(static_cast<size_t>(d.T) * kRowChunk);
+      line_vector<float> hbuf(static_cast<size_t>(d.T) * kRowChunk);
       for (int64_t ch = c0; ch < c1; ++ch) {
         const int64_t off = ch * kRowChunk;
         const int L = static_cast<int>(std::min<int64_t>(kRowChunk, M - off));
@@ -297,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_lif_bwd_cpu(
   float* gshp = gshift.data_ptr<float>();
   const double m = static_cast<double>(d.T * d.N * d.S);
   at::parallel_for(0, d.C, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<double> acc_g(d.S), acc_gx(d.S);
+    line_vector<double> acc_g(d.S), acc_gx(d.S);
     for (int64_t c = c0; c < c1; ++c) {
       const ChannelAffine a = aff[c];
       std::fill(acc_g.begin(), acc_g.end(), 0.0);

@@ -131,13 +131,17 @@ void limbs_base(const float* v, int64_t n, float inv, L* l0, L* l1, L* l2) {
   limbs_body<L, kBias>(v, n, inv, l0, l1, l2);
 }
 
-// A row of the weight gradient's three limb sums recombined, (q0 + q1 / 254 + q2 / 254^2) * u
-// in double: into floats (limb_row) or added to a double accumulator (limb_acc).
-static inline __attribute__((always_inline)) double limb_value(int32_t a, int32_t b, int32_t c,
-                                                               double u) {
-  constexpr double k1 = 1.0 / 254.0, k2 = 1.0 / (254.0 * 254.0);
-  return (a + b * k1 + c * k2) * u;
+// Three limb sums recombined in double, (a + b / 254 + c / 254^2) * u: the int32 sums of the
+// weight gradient's products, the float sums of the input gradient's convs (recombine_body).
+template <typename T>
+static inline __attribute__((always_inline)) double limb_value(T a, T b, T c, double u) {
+  constexpr double k1 = 1.0 / kLimbBase, k2 = 1.0 / (double{kLimbBase} * kLimbBase);
+  return (static_cast<double>(a) + static_cast<double>(b) * k1 + static_cast<double>(c) * k2) *
+         u;
 }
+
+// A row of the weight gradient's limb sums recombined: into floats (limb_row) or added to a
+// double accumulator (limb_acc).
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void limb_row_avx512(
     const int32_t* q0, const int32_t* q1, const int32_t* q2, int64_t n, double u, float* out) {
   for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(limb_value(q0[k], q1[k], q2[k], u));
@@ -422,10 +426,7 @@ at::Tensor transposed_int8_weight(const ConvShape& s, int64_t Ci, const uint32_t
 static inline __attribute__((always_inline)) void recombine_body(const float* a, const float* b,
                                                                  const float* c, int64_t n,
                                                                  double u, float* out) {
-  constexpr double k1 = 1.0 / 254.0, k2 = 1.0 / (254.0 * 254.0);
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = static_cast<float>((static_cast<double>(a[i]) + static_cast<double>(b[i]) * k1 +
-                                 static_cast<double>(c[i]) * k2) * u);
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(limb_value(a[i], b[i], c[i], u));
 }
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void recombine_avx512(
     const float* a, const float* b, const float* c, int64_t n, double u, float* out) {

@@ -13,6 +13,7 @@ from binslt.nn import models as models
 from binslt.nn.layers import _MaskedSignWeight
 from binslt.ops import library as _ext
 from binslt.ops import reference as ref
+from binslt.ops.cpu_algos import cpu_algorithms, runnable_isas
 
 CPU = _ext.module("cpu")
 pytestmark = pytest.mark.skipif(CPU is None, reason="binslt._C (the C++ CPU kernels) is not built")
@@ -245,6 +246,78 @@ def test_sign_gain_pack_errors():
     with pytest.raises(TypeError, match="float32"):
         torch.ops.binslt.sign_gain_pack(w.double(), torch.ones_like(w).double(),
                                         torch.tensor(1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# search_sign_pack: selection, gain and packing in one op
+# ---------------------------------------------------------------------------------------------
+
+
+def _exact_gain(w, mask, per_channel):
+    """alpha from math.fsum (the exact sum of |w| over the kept weights, rounded once to
+    double), divided in double and rounded to float32: independent of every kernel's order."""
+    import math
+
+    rows = [(w.flatten(1) if per_channel else w.reshape(1, -1)),
+            (mask.flatten(1) if per_channel else mask.reshape(1, -1))]
+    out = []
+    for wr, mr in zip(*rows):
+        kept = [abs(float(v)) for v, k in zip(wr.tolist(), mr.tolist()) if k]
+        out.append(math.fsum(kept) / len(kept) if kept else 0.0)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("isa", runnable_isas())
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (16, 70, 1, 1), (64, 33, 3, 3), (5, 33, 2, 1),
+                                   (40, 300, 1, 1)])
+def test_search_sign_pack_matches_the_reference_and_the_exact_gain(shape, isa):
+    g = torch.Generator().manual_seed(stable_seed(("ssp", shape)))
+    w = torch.randn(shape, generator=g)
+    w.view(-1)[::5] = 0.0
+    w.view(-1)[1::7] = -0.0
+    n = w.numel()
+    scores = {"distinct": torch.randn(shape, generator=g),
+              # three values: the entries equal to the threshold are kept only in part, by flat
+              # index across output channels
+              "ties": torch.randint(-1, 2, shape, generator=g).float() * 0.5}
+    for kind, s in scores.items():
+        for keep in (0, 1, n // 3, n // 2, n - 1, n):
+            for per_channel in (False, True):
+                with cpu_algorithms(isa=isa):
+                    got = torch.ops.binslt.search_sign_pack(w, s, keep, per_channel)
+                mask = ref.topk_mask_reference(s, keep)
+                want = ref.sign_gain_pack_reference(w, mask,
+                                                    ref.mean_abs_gain(w, mask, per_channel))
+                for a, b, what in zip(got, want, ("w_eff", "mask bits", "pos bits", "gain")):
+                    assert a.dtype == b.dtype and torch.equal(a, b), (kind, keep, what)
+                # the gain: alpha where the channel keeps a non-zero weight, else 0
+                alpha = _exact_gain(w, mask, per_channel).expand(shape[0])
+                live = (mask * (w != 0)).flatten(1).any(1)
+                assert torch.equal(got[3], torch.where(live, alpha, torch.zeros(()))), (kind, keep)
+
+
+def test_search_sign_pack_refuses_bad_input_as_the_reference_does():
+    w, s = torch.randn(6, 4, 3, 3), torch.randn(6, 4, 3, 3)
+    for bad in (float("nan"), float("inf")):
+        name = "NaN" if bad != bad else "inf"
+        s2 = s.clone()
+        s2[2, 1, 0, 0] = bad
+        w2 = w.clone()
+        w2[3, 0, 1, 1] = bad
+        for op in (torch.ops.binslt.search_sign_pack, ref.search_sign_pack_reference):
+            for keep in (0, 100, 216):
+                with pytest.raises(ValueError, match=r"^binslt::search_sign_pack: scores contain "
+                                   rf"{name} \(1 of 216\)"):
+                    op(w, s2, keep, False)
+            with pytest.raises(ValueError, match=r"^binslt::search_sign_pack: weight contains "
+                               rf"{name} \(1 of 216\)"):
+                op(w2, s, 100, True)
+    with pytest.raises(ValueError, match="scores must have the weight's shape"):
+        torch.ops.binslt.search_sign_pack(w, s[:3], 10, False)
+    with pytest.raises(ValueError, match=r"weight must be \[Co, Ci, kh, kw\]"):
+        torch.ops.binslt.search_sign_pack(w.flatten(1), s.flatten(1), 10, False)
+    with pytest.raises(TypeError, match="float32"):
+        torch.ops.binslt.search_sign_pack(w.double(), s.double(), 10, False)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

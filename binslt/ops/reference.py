@@ -341,10 +341,26 @@ def sign_gain_pack_reference(weight: torch.Tensor, mask: torch.Tensor, alpha: to
     return w_eff, w_mask, w_pos, w_eff.abs().flatten(1).amax(1).to(torch.float32)
 
 
+def search_sign_pack_reference(weight: torch.Tensor, scores: torch.Tensor, keep: int,
+                               per_channel: bool):
+    """``binslt::search_sign_pack``: the top-|s| mask, biprop's gain and ``sign_gain_pack`` of
+    them, NaN or inf in the scores or the weight being that op's ValueError."""
+    weight, scores = weight.detach(), scores.detach()
+    try:
+        mask = topk_mask_reference(scores, keep)
+    except ValueError as err:  # the fused op's name in the message
+        raise ValueError(str(err).replace("binslt::topk_mask:",
+                                          "binslt::search_sign_pack:")) from None
+    if weight.numel() and not bool(torch.isfinite(weight).all()):
+        raise_non_finite("search_sign_pack", "weight contains", weight)
+    return sign_gain_pack_reference(weight, mask, mean_abs_gain(weight, mask, per_channel))
+
+
 # The weight-side ops (binslt.ops.schemas.WEIGHT_SCHEMAS).
 REFERENCE_WEIGHT_OPS = {
     "topk_mask": topk_mask_reference,
     "sign_gain_pack": sign_gain_pack_reference,
+    "search_sign_pack": search_sign_pack_reference,
     "search_score_grad": search_score_grad,
 }
 

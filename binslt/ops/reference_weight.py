@@ -76,16 +76,21 @@ def mean_abs_gain(weight: torch.Tensor, mask: torch.Tensor,
                   per_channel: bool = False) -> torch.Tensor:
     """The search's gain, the mean |w| over the kept weights: alpha = sum(|w| * M) / sum(M).
 
-    A 0-d tensor, or [C_out] with ``per_channel``. (``ops.max_abs_gain`` reads the same alpha back
-    from an effective weight as its largest magnitude.)
+    A 0-d tensor, or [C_out] with ``per_channel``, of the weight's dtype. The sums are taken in
+    float64 and the quotient rounded once to that dtype, so a float32 alpha does not follow a
+    summation order: the CPU kernel ``binslt::search_sign_pack`` and torch's reductions on any
+    device give the same bits, unless the float64 sum lies within ~1e-13 of a float32 rounding
+    boundary. (``ops.max_abs_gain`` reads the same alpha back from an effective weight as its
+    largest magnitude.)
     """
-    w, m = weight.detach().abs(), mask.detach()
+    w, m = weight.detach().abs().double(), mask.detach().double()
     if per_channel:
         num = (w * m).flatten(1).sum(1)
         den = m.flatten(1).sum(1)
-        return torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
+        alpha = torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
+        return alpha.to(weight.dtype)
     # Branchless (torch.compile fullgraph): with no kept weight the numerator is 0, so alpha = 0.
-    return (w * m).sum() / m.sum().clamp_min(1)
+    return ((w * m).sum() / m.sum().clamp_min(1)).to(weight.dtype)
 
 
 def _expand_gain(alpha: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

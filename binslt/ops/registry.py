@@ -42,7 +42,7 @@ def _infer_via_bconv_lif(x, w_mask, w_pos, alpha, scale, shift, residual, stride
 
 # Whether the C++ build serves the fused weight side of the search step (read before the
 # reference fallbacks below fill the CPU key; a constant, so traced code reads no dispatcher).
-_CPU_SIGN_GAIN_PACK = _has_kernel("sign_gain_pack", "CPU")
+_CPU_SEARCH_SIGN_PACK = _has_kernel("search_sign_pack", "CPU")
 
 # Where a compiled kernel is missing, the reference serves that dispatch key, so torch.ops.binslt
 # works on every device (slowly). backends() reports what is compiled.
@@ -95,12 +95,17 @@ def _(scores, keep):
 
 
 @torch.library.register_fake("binslt::sign_gain_pack")
-def _(weight, mask, alpha):
+def _sign_gain_pack_fake(weight, mask, alpha):
     co, ci, kh, kw = weight.shape
     shape = (co, kh, kw, C.channel_words(ci))
     return (torch.empty_like(weight, memory_format=torch.contiguous_format),
             weight.new_empty(shape, dtype=torch.int32), weight.new_empty(shape, dtype=torch.int32),
             weight.new_empty((co,), dtype=torch.float32))
+
+
+@torch.library.register_fake("binslt::search_sign_pack")
+def _(weight, scores, keep, per_channel):
+    return _sign_gain_pack_fake(weight, scores, None)
 
 
 @torch.library.register_fake("binslt::search_score_grad")

@@ -119,6 +119,14 @@ WEIGHT_SCHEMAS: dict[str, str] = {
         "sign_gain_pack(Tensor weight, Tensor mask, Tensor alpha) "
         "-> (Tensor, Tensor, Tensor, Tensor)"
     ),
+    # weight, scores: [Co, Ci, kh, kw] float32; keep: how many weights to keep; per_channel:
+    # one gain per output channel
+    # -> what sign_gain_pack(weight, topk_mask(scores, keep), mean_abs_gain(weight, mask,
+    #    per_channel)) gives, in one op without the float mask (the search step's weight side)
+    "search_sign_pack": (
+        "search_sign_pack(Tensor weight, Tensor scores, int keep, bool per_channel) "
+        "-> (Tensor, Tensor, Tensor, Tensor)"
+    ),
     # grad (dL/dW_eff), weight, scores: one shape, float32 -> dL/ds = (grad * weight) * sign(scores)
     "search_score_grad": "search_score_grad(Tensor grad, Tensor weight, Tensor scores) -> Tensor",
 }

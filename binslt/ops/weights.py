@@ -9,7 +9,7 @@ from . import library as _ext
 from . import reference as ref
 from .backend import _run_auto
 from .function import Function
-from .registry import _CPU_SIGN_GAIN_PACK, get_op
+from .registry import _CPU_SEARCH_SIGN_PACK, get_op
 
 # ---------------------------------------------------------------------------------------------
 # The search step's weight side
@@ -33,21 +33,21 @@ def topk_mask(scores: torch.Tensor, prune_rate: float) -> torch.Tensor:
 
 class _MaskedSignSearchPacked(Function):
     """Search mode's W_eff (``reference._MaskedSignSearch``'s values and score gradient) with its
-    bit planes and kernel gain, written by one ``binslt::sign_gain_pack`` pass (the
-    ``setup_context`` form, so that ``torch.func.grad`` over the scores works)."""
+    bit planes and kernel gain, from one ``binslt::search_sign_pack`` call (selection, gain and
+    packing; the ``setup_context`` form, so that ``torch.func.grad`` over the scores works)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(weight, scores, mask, per_channel):
-        alpha = ref.mean_abs_gain(weight, mask, per_channel)
+    def forward(weight, scores, keep, per_channel):
         w4 = weight.view(*weight.shape, 1, 1) if weight.dim() == 2 else weight
-        w_eff, w_mask, w_pos, gain = torch.ops.binslt.sign_gain_pack(w4, mask.view_as(w4), alpha)
+        w_eff, w_mask, w_pos, gain = torch.ops.binslt.search_sign_pack(
+            w4, scores.view_as(w4), keep, per_channel)
         return w_eff.view_as(weight), w_mask, w_pos, gain
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        weight, scores, _mask, _per_channel = inputs
+        weight, scores, _keep, _per_channel = inputs
         ctx.save_for_backward(weight, scores)
         ctx.mark_non_differentiable(*output[1:])
 
@@ -60,9 +60,10 @@ class _MaskedSignSearchPacked(Function):
 
 
 def _packs_on_cpu(weight: torch.Tensor, scores: torch.Tensor) -> bool:
-    return (_CPU_SIGN_GAIN_PACK
+    return (_CPU_SEARCH_SIGN_PACK
             and weight.device.type == "cpu" and weight.dtype == torch.float32
-            and scores.dtype == torch.float32 and weight.dim() in (2, 4))
+            and scores.dtype == torch.float32 and weight.dim() in (2, 4)
+            and scores.shape == weight.shape)
 
 
 def masked_sign_weight(weight: torch.Tensor, scores: torch.Tensor, prune_rate: float,
@@ -71,13 +72,16 @@ def masked_sign_weight(weight: torch.Tensor, scores: torch.Tensor, prune_rate: f
     biprop's score gradient), its mask selected by ``topk_mask``.
 
     ``planes``: return ``(W_eff, (mask bits, positive bits, gain))``, what ``pack_weight`` and
-    ``max_abs_gain`` give for W_eff ([O, F] weights as 1x1 kernels), written in the same pass on
-    the CPU; ``(W_eff, None)`` where no CPU kernel serves the weight.
+    ``max_abs_gain`` give for W_eff ([O, F] weights as 1x1 kernels), written by the same op on
+    the CPU (``binslt::search_sign_pack``: no float mask); ``(W_eff, None)`` where no CPU kernel
+    serves the weight.
     """
-    mask = topk_mask(scores, prune_rate)
     if _packs_on_cpu(weight, scores):
-        w_eff, *packed = _MaskedSignSearchPacked.apply(weight, scores, mask, per_channel)
+        n = scores.numel()
+        keep = n - ref.num_pruned(n, prune_rate)
+        w_eff, *packed = _MaskedSignSearchPacked.apply(weight, scores, keep, per_channel)
         return (w_eff, tuple(packed)) if planes else w_eff
+    mask = topk_mask(scores, prune_rate)
     w_eff = ref.masked_sign_weight(weight, scores, prune_rate, per_channel, mask=mask)
     return (w_eff, None) if planes else w_eff
 

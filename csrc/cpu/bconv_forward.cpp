@@ -548,7 +548,7 @@ void onednn_train_forward(const FwdTask<CT>& task, const at::Tensor& x_u8, const
   const int64_t nthreads = at::get_num_threads();
   std::vector<int64_t> sums(task.bn_train ? nthreads * s.Co * 2 : 0, 0);
   const int64_t nb = OnednnConv::chunk_images(s.N, s.T * S * s.Co);
-  const OnednnConv conv(s, x_u8.size(1), mbits, pbits, nb);
+  const OnednnConv conv(s, x_u8.size(1), mbits, pbits, nb, /*cached=*/false);
   std::vector<at::Tensor> z(s.T);
   for (int64_t n0 = 0; n0 < s.N; n0 += nb) {
     const int64_t n1 = std::min(s.N, n0 + nb), m = n1 - n0;

@@ -162,13 +162,15 @@ std::list<PackedEntry> g_cache;  // most recent first
 }  // namespace
 
 OnednnConv::OnednnConv(const ConvShape& s, int64_t Ci, const uint32_t* mbits,
-                       const uint32_t* pbits, int64_t chunk_images)
+                       const uint32_t* pbits, int64_t chunk_images, bool cached)
     : stride_(s.stride), padding_(s.padding) {
   TORCH_CHECK(onednn_int8_runs(),
               "binslt: the 'onednn' conv needs PyTorch's oneDNN int8 convolution on a CPU with "
               "AMX-INT8 or AVX-512 VNNI");
-  w_scale_ = at::ones({s.Co}, at::TensorOptions().dtype(at::kFloat));
-  w_zero_ = at::zeros({s.Co}, at::TensorOptions().dtype(at::kLong));
+  // One weight scale (1) for the whole tensor: a per-channel one costs the prepacking a host
+  // read (select + item) per output channel.
+  w_scale_ = at::ones({1}, at::TensorOptions().dtype(at::kFloat));
+  w_zero_ = at::zeros({1}, at::TensorOptions().dtype(at::kLong));
   // input channel parts of at most kPartWeightBytes of weights, in multiples of 64 channels
   const int64_t per_channel = s.Co * s.KH * s.KW;
   const int64_t parts = std::min<int64_t>(std::max<int64_t>(1, (Ci + 63) / 64),
@@ -180,10 +182,10 @@ OnednnConv::OnednnConv(const ConvShape& s, int64_t Ci, const uint32_t* mbits,
   const int64_t n_words = s.Co * s.KH * s.KW * s.Cw;
   std::vector<int64_t> geometry{s.Co, Ci, s.KH, s.KW, s.Cw, s.H, s.W, stride_, padding_,
                                 chunk_images, part};
-  std::vector<uint32_t> planes(2 * n_words);
-  std::memcpy(planes.data(), mbits, n_words * sizeof(uint32_t));
-  std::memcpy(planes.data() + n_words, pbits, n_words * sizeof(uint32_t));
-  {
+  std::vector<uint32_t> planes(cached ? 2 * n_words : 0);
+  if (cached) {
+    std::memcpy(planes.data(), mbits, n_words * sizeof(uint32_t));
+    std::memcpy(planes.data() + n_words, pbits, n_words * sizeof(uint32_t));
     std::lock_guard<std::mutex> lock(g_cache_mutex);
     for (auto it = g_cache.begin(); it != g_cache.end(); ++it)
       if (it->geometry == geometry && it->planes == planes) {
@@ -210,6 +212,7 @@ OnednnConv::OnednnConv(const ConvShape& s, int64_t Ci, const uint32_t* mbits,
     prepack.callBoxed(&stack);
     packed_.push_back(stack[0].toTensor());
   }
+  if (!cached) return;
   std::lock_guard<std::mutex> lock(g_cache_mutex);
   g_cache.push_front(PackedEntry{std::move(geometry), std::move(planes), packed_});
   if (g_cache.size() > kCacheEntries) g_cache.pop_back();

@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -32,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "binslt/aligned_vector.h"
 #include "binslt/checks.h"
 #include "binslt/cpu_algos.h"
 #include "binslt/float_key.h"
@@ -84,24 +86,25 @@ struct Chunks {
   int64_t end(int64_t i) const { return n * (i + 1) / count; }
 };
 
+// The keep-th largest key v of |s| and how the entries equal to it are kept; 0 < keep < n.
 template <typename scalar_t>
-at::Tensor topk_mask_impl(const at::Tensor& scores, int64_t keep) {
+struct Threshold {
+  using key_t = typename KeyOf<scalar_t>::key_t;
+  key_t v;        // the key of the keep-th largest |s|
+  bool none;      // v is NaN's key: nothing is kept
+  bool all_ties;  // every entry equal to v is kept (else the lowest flat indices, room of them)
+  int64_t room;   // places left after every non-NaN key above v
+};
+
+// v = the key of ascending rank r = n - keep (the keep-th largest). Pass 1: a histogram of the
+// keys' top kTopBits bits finds v's bucket; pass 2 gathers that bucket's keys (and counts the
+// NaNs); v is then selected among those few candidates. NaN or inf is `op`'s ValueError.
+template <typename scalar_t>
+Threshold<scalar_t> find_threshold(const char* op, const scalar_t* sp, int64_t n, int64_t keep) {
   using K = KeyOf<scalar_t>;
   using key_t = typename K::key_t;
-  const int64_t n = scores.numel();
-  at::Tensor out = at::empty({n}, scores.options());
-  scalar_t* op = out.data_ptr<scalar_t>();
-  const scalar_t* sp = scores.data_ptr<scalar_t>();
-  if (keep >= n || keep <= 0) {  // no selection: the check is the only pass
-    if (count_non_finite(sp, n) > 0) raise_non_finite("topk_mask", "scores contain", sp, n);
-    return out.fill_(keep >= n ? 1 : 0).view(scores.sizes());
-  }
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const Chunks ch{n, std::max<int64_t>(1, std::min<int64_t>(nthreads, n / kChunkMin))};
-
-  // v = the key of ascending rank r = n - keep (the keep-th largest). Pass 1: a histogram of the
-  // keys' top kTopBits bits finds v's bucket; pass 2 gathers that bucket's keys (and counts the
-  // NaNs); v is then selected among those few candidates.
   int64_t r = n - keep;
   constexpr int kKeyBits = 8 * sizeof(key_t);
   const int kTopBits = n >= kWideDigitMin ? 16 : 12;
@@ -121,7 +124,7 @@ at::Tensor topk_mask_impl(const at::Tensor& scores, int64_t keep) {
     for (int64_t b = static_cast<int64_t>(K::kInf >> shift);
          b <= static_cast<int64_t>(K::kNaN >> shift); ++b)
       non_finite += hist[c * kBuckets + b];
-  if (non_finite > 0) raise_non_finite("topk_mask", "scores contain", sp, n);
+  if (non_finite > 0) raise_non_finite(op, "scores contain", sp, n);
   int64_t below = 0;  // entries with key < v
   key_t bucket = 0;
   for (;; ++bucket) {
@@ -156,47 +159,78 @@ at::Tensor topk_mask_impl(const at::Tensor& scores, int64_t keep) {
     below += k < v;
     ties += k == v;
   }
-  if (v == K::kNaN) return out.fill_(0).view(scores.sizes());
-
-  // room: places left after every non-NaN key above v (NaN is above v but never kept).
   int64_t nan_count = 0;
   for (int64_t c = 0; c < ch.count; ++c) nan_count += nans[c];
-  const int64_t above = n - below - ties - nan_count;
-  const int64_t room = keep - above;
+  const int64_t room = keep - (n - below - ties - nan_count);
+  return {v, v == K::kNaN, ties <= room, room};
+}
 
-  // tie_start[c]: entries equal to v before chunk c (needed only when some ties are dropped).
-  std::vector<int64_t> tie_start(ch.count, 0);
-  const bool all_ties = ties <= room;
-  if (!all_ties) {
-    at::parallel_for(0, ch.count, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        int64_t cnt = 0;
-        for (int64_t i = ch.begin(c), e = ch.end(c); i < e; ++i) cnt += abs_key(sp[i]) == v;
-        tie_start[c] = cnt;
-      }
-    });
-    int64_t acc = 0;
-    for (int64_t c = 0; c < ch.count; ++c) {
-      const int64_t cnt = tie_start[c];
-      tie_start[c] = acc;
-      acc += cnt;
+// tie_start[c]: the entries equal to v before range c of `ranges` (ranges[c] to ranges[c + 1]
+// of sp), for a selection that keeps only some of them.
+template <typename scalar_t, typename key_t>
+std::vector<int64_t> tie_starts(const scalar_t* sp, const std::vector<int64_t>& ranges, key_t v) {
+  const int64_t count = static_cast<int64_t>(ranges.size()) - 1;
+  std::vector<int64_t> start(count, 0);
+  at::parallel_for(0, count, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      int64_t cnt = 0;
+      for (int64_t i = ranges[c], e = ranges[c + 1]; i < e; ++i) cnt += abs_key(sp[i]) == v;
+      start[c] = cnt;
     }
+  });
+  int64_t acc = 0;
+  for (int64_t c = 0; c < count; ++c) {
+    const int64_t cnt = start[c];
+    start[c] = acc;
+    acc += cnt;
+  }
+  return start;
+}
+
+// Whether the entry of key k is kept; `seen` counts the entries equal to v met so far in flat
+// order (read only when some of them are dropped).
+template <typename scalar_t>
+static inline bool kept_entry(const Threshold<scalar_t>& th,
+                              typename Threshold<scalar_t>::key_t k, int64_t* seen) {
+  using K = KeyOf<scalar_t>;
+  if (th.all_ties) return k >= th.v && k != K::kNaN;
+  if (k == th.v) return (*seen)++ < th.room;
+  return k > th.v && k != K::kNaN;
+}
+
+template <typename scalar_t>
+at::Tensor topk_mask_impl(const at::Tensor& scores, int64_t keep) {
+  using K = KeyOf<scalar_t>;
+  using key_t = typename K::key_t;
+  const int64_t n = scores.numel();
+  at::Tensor out = at::empty({n}, scores.options());
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const scalar_t* sp = scores.data_ptr<scalar_t>();
+  if (keep >= n || keep <= 0) {  // no selection: the check is the only pass
+    if (count_non_finite(sp, n) > 0) raise_non_finite("topk_mask", "scores contain", sp, n);
+    return out.fill_(keep >= n ? 1 : 0).view(scores.sizes());
+  }
+  const Threshold<scalar_t> th = find_threshold("topk_mask", sp, n, keep);
+  if (th.none) return out.fill_(0).view(scores.sizes());
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const Chunks ch{n, std::max<int64_t>(1, std::min<int64_t>(nthreads, n / kChunkMin))};
+  std::vector<int64_t> tie_start(ch.count, 0);
+  if (!th.all_ties) {
+    std::vector<int64_t> ranges(ch.count + 1);
+    for (int64_t c = 0; c <= ch.count; ++c) ranges[c] = c < ch.count ? ch.begin(c) : n;
+    tie_start = tie_starts(sp, ranges, th.v);
   }
   at::parallel_for(0, ch.count, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
-      if (all_ties) {
+      if (th.all_ties) {  // the common case, branch-free
         for (int64_t i = ch.begin(c), e = ch.end(c); i < e; ++i) {
           const key_t k = abs_key(sp[i]);
-          op[i] = (k >= v && k != K::kNaN) ? scalar_t(1) : scalar_t(0);
+          op[i] = (k >= th.v && k != K::kNaN) ? scalar_t(1) : scalar_t(0);
         }
       } else {
         int64_t seen = tie_start[c];
-        for (int64_t i = ch.begin(c), e = ch.end(c); i < e; ++i) {
-          const key_t k = abs_key(sp[i]);
-          bool kept = k > v && k != K::kNaN;
-          if (k == v) kept = seen++ < room;
-          op[i] = kept ? scalar_t(1) : scalar_t(0);
-        }
+        for (int64_t i = ch.begin(c), e = ch.end(c); i < e; ++i)
+          op[i] = kept_entry(th, abs_key(sp[i]), &seen) ? scalar_t(1) : scalar_t(0);
       }
     }
   });
@@ -259,6 +293,82 @@ uint32_t sgp_row(Isa isa, int64_t n, float alpha, const float* wr, const float* 
   return sgp_row_body(n, alpha, wr, mr, er, wtop);
 }
 
+// Output channel o of sign_gain_pack: its W_eff row er (Ci * KK weights wr, mask mr) first (a
+// branch-free loop the compiler vectorises), then each (tap, word of 32 input channels) reads its
+// 32 values back from L1 and stores its two bit-plane words once (one scalar pass doing both,
+// with a read-modify-write of the words per weight, took ~2-3.6 ns per weight); gp[o] = max
+// |W_eff|, NaN propagating. False where the weight row holds NaN or inf.
+//   The words of output channel o's W_eff row er: bit j of word cw at tap k is input channel
+//   32 cw + j's value, mask bit v != 0 (NaN included), positive bit v > 0.
+inline __attribute__((always_inline)) void plane_words_body(int64_t o, int64_t Ci, int64_t KK,
+                                                            int64_t Cw, const float* er,
+                                                            uint32_t* bm, uint32_t* bp) {
+  for (int64_t k = 0; k < KK; ++k)
+    for (int64_t cw = 0; cw < Cw; ++cw) {
+      const int64_t c0 = cw * 32, n = std::min<int64_t>(Ci, c0 + 32) - c0;
+      const float* e = er + c0 * KK + k;
+      uint32_t wm = 0, wpos = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = e[j * KK];
+        wm |= static_cast<uint32_t>(v != 0.0f) << j;
+        wpos |= static_cast<uint32_t>(v > 0.0f) << j;
+      }
+      bm[(o * KK + k) * Cw + cw] = wm;
+      bp[(o * KK + k) * Cw + cw] = wpos;
+    }
+}
+void plane_words_base(int64_t o, int64_t Ci, int64_t KK, int64_t Cw, const float* er,
+                      uint32_t* bm, uint32_t* bp) {
+  plane_words_body(o, Ci, KK, Cw, er, bm, bp);
+}
+// The same with two 16-lane gathers per word (the values of a word lie KK floats apart).
+__attribute__((target("avx512f"))) void plane_words_avx512(int64_t o, int64_t Ci, int64_t KK,
+                                                           int64_t Cw, const float* er,
+                                                           uint32_t* bm, uint32_t* bp) {
+  if (16 * KK * 32 > (int64_t{1} << 31)) return plane_words_body(o, Ci, KK, Cw, er, bm, bp);
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int>(KK)));
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t k = 0; k < KK; ++k)
+    for (int64_t cw = 0; cw < Cw; ++cw) {
+      const int64_t c0 = cw * 32, n = std::min<int64_t>(Ci, c0 + 32) - c0;
+      const float* e = er + c0 * KK + k;
+      uint32_t wm = 0, wpos = 0;
+      for (int h = 0; h < 2 && 16 * h < n; ++h) {
+        const int64_t m = std::min<int64_t>(16, n - 16 * h);
+        const __mmask16 live = static_cast<__mmask16>((uint32_t{1} << m) - 1);
+        const __m512 v = _mm512_mask_i32gather_ps(zero, live, idx, e + 16 * h * KK, 4);
+        wm |= static_cast<uint32_t>(_mm512_mask_cmp_ps_mask(live, v, zero, _CMP_NEQ_UQ))
+              << (16 * h);
+        wpos |= static_cast<uint32_t>(_mm512_mask_cmp_ps_mask(live, v, zero, _CMP_GT_OQ))
+                << (16 * h);
+      }
+      bm[(o * KK + k) * Cw + cw] = wm;
+      bp[(o * KK + k) * Cw + cw] = wpos;
+    }
+}
+
+struct PlanesOut {  // sign_gain_pack's outputs: mask and positive words, gain per channel
+  uint32_t* bm;
+  uint32_t* bp;
+  float* gain;
+};
+bool sign_gain_channel(Isa isa, int64_t o, int64_t Ci, int64_t KK, float alpha, const float* wr,
+                       const float* mr, float* er, const PlanesOut& out) {
+  const int64_t Cw = words_for(static_cast<int>(Ci));
+  uint32_t wtop = 0;
+  const uint32_t top = sgp_row(isa, Ci * KK, alpha, wr, mr, er, &wtop);
+  if (isa == Isa::kAvx512)
+    plane_words_avx512(o, Ci, KK, Cw, er, out.bm, out.bp);
+  else
+    plane_words_base(o, Ci, KK, Cw, er, out.bm, out.bp);
+  float g;  // max |W_eff|, NaN if any is NaN
+  std::memcpy(&g, &top, sizeof(g));
+  out.gain[o] = top > 0x7f800000u ? std::numeric_limits<float>::quiet_NaN() : g;
+  return wtop < 0x7f800000u;
+}
+
 // W_eff = (alpha * sign(w)) * M in float32, exactly the reference's expression (torch.sign: +1 for
 // w > 0, -1 for w < 0, 0 otherwise, NaN included), with its bit planes and kernel gain in the same
 // pass: what pack_weight(W_eff) and ops.max_abs_gain(W_eff) would return.
@@ -300,39 +410,208 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sign_gain_pack_cpu(
   float* gp = gain.data_ptr<float>();
   const Isa isa = active_isa();
   std::atomic<bool> weight_bad{false};
-  // Per output channel: W_eff over its contiguous Ci * kh * kw weights first (a branch-free loop
-  // the compiler vectorises), then each (tap, word of 32 input channels) reads its 32 values back
-  // from L1 and stores its two bit-plane words once. (One scalar pass doing both, with a
-  // read-modify-write of the words per weight, took ~2-3.6 ns per weight.)
   at::parallel_for(0, Co, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, Ci * KK)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
-      const float alpha = ap[per_channel ? o : 0];
-      const float* wr = wp + o * Ci * KK;
-      const float* mr = mp + o * Ci * KK;
-      float* er = ep + o * Ci * KK;
-      uint32_t wtop = 0;
-      const uint32_t top = sgp_row(isa, Ci * KK, alpha, wr, mr, er, &wtop);
-      if (wtop >= 0x7f800000u) weight_bad.store(true, std::memory_order_relaxed);
-      for (int64_t k = 0; k < KK; ++k)
-        for (int64_t cw = 0; cw < Cw; ++cw) {
-          const int64_t c0 = cw * 32, n = std::min<int64_t>(Ci, c0 + 32) - c0;
-          const float* e = er + c0 * KK + k;
-          uint32_t wm = 0, wpos = 0;
-          for (int64_t j = 0; j < n; ++j) {
-            const float v = e[j * KK];
-            wm |= static_cast<uint32_t>(v != 0.0f) << j;
-            wpos |= static_cast<uint32_t>(v > 0.0f) << j;
-          }
-          bm[(o * KK + k) * Cw + cw] = wm;
-          bp[(o * KK + k) * Cw + cw] = wpos;
-        }
-      float g;  // max |W_eff|, NaN if any is NaN
-      std::memcpy(&g, &top, sizeof(g));
-      gp[o] = top > 0x7f800000u ? std::numeric_limits<float>::quiet_NaN() : g;
+      const int64_t at = o * Ci * KK;
+      if (!sign_gain_channel(isa, o, Ci, KK, ap[per_channel ? o : 0], wp + at, mp + at, ep + at,
+                             {bm, bp, gp}))
+        weight_bad.store(true, std::memory_order_relaxed);
     }
   });
   if (weight_bad.load()) raise_non_finite("sign_gain_pack", "weight contains", wp, w.numel());
+  return {w_eff, bits_m, bits_p, gain};
+}
+
+// One output channel's row of search_sign_pack's selection pass, every entry equal to v kept
+// (the common case): the byte mask mb[i] = (|s_i| >= v) over n scores sr (finite: checked by the
+// selection), *kept their count, *wtop the largest key of |w| (>= 0x7f800000: the row holds NaN
+// or inf). The sum of |w| over the kept entries, in double, goes into sixteen running sums,
+// entry i into sum i % 16, added up by lane_total: the same order on every ISA.
+constexpr int kSumLanes = 16;
+inline double lane_total(const double* acc) {
+  double t[8];
+  for (int j = 0; j < 8; ++j) t[j] = acc[j] + acc[j + 8];
+  return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
+}
+inline __attribute__((always_inline)) void select_tail(int64_t i, int64_t n, uint32_t v,
+                                                       const float* sr, const float* wr,
+                                                       uint8_t* mb, double* acc, int64_t* cnt,
+                                                       uint32_t* wt) {
+  for (int j = 0; i < n; ++i, ++j) {
+    uint32_t sk, wk;
+    std::memcpy(&sk, sr + i, sizeof(sk));
+    std::memcpy(&wk, wr + i, sizeof(wk));
+    sk &= 0x7fffffffu;
+    wk &= 0x7fffffffu;
+    *wt = wk > *wt ? wk : *wt;
+    float aw;
+    std::memcpy(&aw, &wk, sizeof(aw));
+    const bool k = sk >= v;
+    acc[j] += k ? static_cast<double>(aw) : 0.0;
+    *cnt += k;
+    mb[i] = k;
+  }
+}
+double select_row_base(int64_t n, uint32_t v, const float* sr, const float* wr, uint8_t* mb,
+                       int64_t* kept, uint32_t* wtop) {
+  double acc[kSumLanes] = {};
+  int64_t cnt = 0;
+  uint32_t wt = 0;
+  int64_t i = 0;
+  for (; i + kSumLanes <= n; i += kSumLanes) select_tail(i, i + kSumLanes, v, sr, wr, mb, acc,
+                                                         &cnt, &wt);
+  select_tail(i, n, v, sr, wr, mb, acc, &cnt, &wt);
+  *wtop = wt;
+  *kept = cnt;
+  return lane_total(acc);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt"))) double select_row_avx512(
+    int64_t n, uint32_t v, const float* sr, const float* wr, uint8_t* mb, int64_t* kept,
+    uint32_t* wtop) {
+  const __m512i abs_bits = _mm512_set1_epi32(0x7fffffff), vv = _mm512_set1_epi32(
+      static_cast<int>(v));
+  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+  __m512i wt = _mm512_setzero_si512();
+  int64_t cnt = 0;
+  int64_t i = 0;
+  for (; i + kSumLanes <= n; i += kSumLanes) {
+    const __m512i sk = _mm512_and_si512(_mm512_loadu_si512(sr + i), abs_bits);
+    const __m512i wk = _mm512_and_si512(_mm512_loadu_si512(wr + i), abs_bits);
+    wt = _mm512_max_epu32(wt, wk);
+    const __mmask16 k = _mm512_cmpge_epu32_mask(sk, vv);
+    const __m512 aw = _mm512_maskz_mov_ps(k, _mm512_castsi512_ps(wk));
+    lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(aw)));
+    hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(
+                               _mm512_extractf64x4_pd(_mm512_castps_pd(aw), 1))));
+    cnt += __builtin_popcount(static_cast<unsigned>(k));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(mb + i),
+                     _mm_maskz_mov_epi8(k, _mm_set1_epi8(1)));
+  }
+  double acc[kSumLanes];
+  _mm512_storeu_pd(acc, lo);
+  _mm512_storeu_pd(acc + 8, hi);
+  uint32_t top = _mm512_reduce_max_epu32(wt);
+  select_tail(i, n, v, sr, wr, mb, acc, &cnt, &top);
+  *wtop = top;
+  *kept = cnt;
+  return lane_total(acc);
+}
+double select_row(Isa isa, int64_t n, uint32_t v, const float* sr, const float* wr, uint8_t* mb,
+                  int64_t* kept, uint32_t* wtop) {
+  if (isa == Isa::kAvx512) return select_row_avx512(n, v, sr, wr, mb, kept, wtop);
+  return select_row_base(n, v, sr, wr, mb, kept, wtop);
+}
+
+// The search step's weight side in one op: topk_mask's selection of the keep largest |s| (ties
+// to the lower flat index), biprop's gain alpha = sum(|w| * M) / sum(M) (per output channel with
+// per_channel), and sign_gain_pack's W_eff = (alpha * sign(w)) * M with its bit planes and gain,
+// without the float mask: the selection's two passes over the scores, one pass over scores and
+// weight writing a byte mask and the gain's sums, one writing W_eff and the planes. The gain's
+// sums are taken in double and rounded once (reference.mean_abs_gain's definition).
+//   weight, scores: [Co, Ci, kh, kw] float32; keep: how many entries to keep
+//   -> what sign_gain_pack(weight, topk_mask(scores, keep), alpha) returns
+// NaN or inf in the scores or the weight is an error (ValueError).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search_sign_pack_cpu(
+    const at::Tensor& weight_in, const at::Tensor& scores_in, int64_t keep, bool per_channel) {
+  for (const auto* t : {&weight_in, &scores_in}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "binslt::search_sign_pack: tensors must be on the "
+                      "CPU, got ", t->device());
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "binslt::search_sign_pack: tensors must be "
+                     "float32, got ", t->scalar_type());
+  }
+  TORCH_CHECK_VALUE(weight_in.dim() == 4, "binslt::search_sign_pack: weight must be [Co, Ci, "
+                    "kh, kw], got shape ", shape_str(weight_in));
+  TORCH_CHECK_VALUE(scores_in.sizes() == weight_in.sizes(), "binslt::search_sign_pack: scores "
+                    "must have the weight's shape ", shape_str(weight_in), ", got ",
+                    shape_str(scores_in));
+  const at::Tensor w = weight_in.contiguous(), sc = scores_in.contiguous();
+  const int64_t Co = w.size(0), Ci = w.size(1), KK = w.size(2) * w.size(3), R = Ci * KK;
+  const int64_t n = w.numel(), Cw = words_for(static_cast<int>(Ci));
+  const float* wp = w.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  // The selection: every entry kept (v = 0), none (v above every finite key) or a threshold.
+  Threshold<float> th{0, false, true, 0};
+  if (keep >= n || keep <= 0) {
+    if (count_non_finite(sp, n) > 0) raise_non_finite("search_sign_pack", "scores contain", sp, n);
+    th.v = keep >= n ? 0u : KeyOf<float>::kInf;
+  } else {
+    th = find_threshold("search_sign_pack", sp, n, keep);
+    if (th.none) th = {KeyOf<float>::kInf, false, true, 0};
+  }
+  std::vector<int64_t> tie_start;
+  if (!th.all_ties) {
+    std::vector<int64_t> ranges(Co + 1);
+    for (int64_t o = 0; o <= Co; ++o) ranges[o] = o * R;
+    tie_start = tie_starts(sp, ranges, th.v);
+  }
+  // Pass 1: the byte mask, the kept count and sum of |w| per output channel.
+  at::Tensor mask = at::empty({n}, w.options().dtype(at::kByte));
+  uint8_t* mp = mask.data_ptr<uint8_t>();
+  std::vector<double> sums(Co);
+  std::vector<int64_t> counts(Co);
+  const Isa isa = active_isa();
+  std::atomic<bool> weight_bad{false};
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, R));
+  at::parallel_for(0, Co, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const float* sr = sp + o * R;
+      const float* wr = wp + o * R;
+      uint8_t* mr = mp + o * R;
+      uint32_t wtop = 0;
+      if (th.all_ties) {
+        sums[o] = select_row(isa, R, th.v, sr, wr, mr, &counts[o], &wtop);
+      } else {
+        int64_t seen = tie_start[o], cnt = 0;
+        double sum = 0.0;
+        for (int64_t i = 0; i < R; ++i) {
+          const bool k = kept_entry(th, abs_key(sr[i]), &seen);
+          const uint32_t wk = abs_key(wr[i]);
+          wtop = wk > wtop ? wk : wtop;
+          mr[i] = k;
+          cnt += k;
+          sum += k ? static_cast<double>(std::fabs(wr[i])) : 0.0;
+        }
+        sums[o] = sum;
+        counts[o] = cnt;
+      }
+      if (wtop >= 0x7f800000u) weight_bad.store(true, std::memory_order_relaxed);
+    }
+  });
+  if (weight_bad.load()) raise_non_finite("search_sign_pack", "weight contains", wp, n);
+  // alpha: per output channel, or one over the whole weight (the rows' sums added in order).
+  std::vector<float> alpha(per_channel ? Co : 1);
+  if (per_channel) {
+    for (int64_t o = 0; o < Co; ++o)
+      alpha[o] = counts[o] > 0 ? static_cast<float>(sums[o] / static_cast<double>(counts[o]))
+                               : 0.0f;
+  } else {
+    double sum = 0.0;
+    int64_t cnt = 0;
+    for (int64_t o = 0; o < Co; ++o) {
+      sum += sums[o];
+      cnt += counts[o];
+    }
+    alpha[0] = cnt > 0 ? static_cast<float>(sum / static_cast<double>(cnt)) : 0.0f;
+  }
+  // Pass 2: W_eff, its planes and gain per output channel (sign_gain_pack's channel).
+  at::Tensor w_eff = at::empty_like(w);
+  at::Tensor bits_m = at::empty({Co, w.size(2), w.size(3), Cw}, w.options().dtype(at::kInt));
+  at::Tensor bits_p = at::empty({Co, w.size(2), w.size(3), Cw}, w.options().dtype(at::kInt));
+  at::Tensor gain = at::empty({Co}, w.options());
+  float* ep = w_eff.data_ptr<float>();
+  uint32_t* bm = reinterpret_cast<uint32_t*>(bits_m.data_ptr<int32_t>());
+  uint32_t* bp = reinterpret_cast<uint32_t*>(bits_p.data_ptr<int32_t>());
+  float* gp = gain.data_ptr<float>();
+  at::parallel_for(0, Co, grain, [&](int64_t begin, int64_t end) {
+    line_vector<float> row(R);
+    for (int64_t o = begin; o < end; ++o) {
+      const uint8_t* mr = mp + o * R;
+      for (int64_t i = 0; i < R; ++i) row[i] = static_cast<float>(mr[i]);
+      sign_gain_channel(isa, o, Ci, KK, alpha[per_channel ? o : 0], wp + o * R, row.data(),
+                        ep + o * R, {bm, bp, gp});
+    }
+  });
   return {w_eff, bits_m, bits_p, gain};
 }
 
@@ -372,5 +651,6 @@ at::Tensor search_score_grad_cpu(const at::Tensor& grad_in, const at::Tensor& we
 TORCH_LIBRARY_IMPL(binslt, CPU, m) {
   m.impl("topk_mask", &binslt::cpu::topk_mask_cpu);
   m.impl("sign_gain_pack", &binslt::cpu::sign_gain_pack_cpu);
+  m.impl("search_sign_pack", &binslt::cpu::search_sign_pack_cpu);
   m.impl("search_score_grad", &binslt::cpu::search_score_grad_cpu);
 }

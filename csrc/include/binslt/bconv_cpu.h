@@ -76,9 +76,13 @@ class OnednnConv {
  public:
   // W = sign * mask from the planes (Ci input channels: 32*Cw for packed input), prepacked for
   // calls of chunk_images images. A weight of more than kPartWeightBytes is cut into input
-  // channel parts, convolved one by one and their counts summed (integers: exact).
+  // channel parts, convolved one by one and their counts summed (integers: exact). `cached`:
+  // look the planes up in (and add them to) the cache of recent prepacked weights, for callers
+  // that meet one weight again (inference); the training forward, whose weight a search or
+  // fine-tune step changes every call, prepacks each time (so that measuring its plan times the
+  // prepacking too, and no stale weights are held).
   OnednnConv(const ConvShape& s, int64_t Ci, const uint32_t* mbits, const uint32_t* pbits,
-             int64_t chunk_images);
+             int64_t chunk_images, bool cached = true);
   at::Tensor operator()(const at::Tensor& x_u8) const;
 
   // oneDNN's int8 conv slows down per multiply-add where the weight outgrows the core's L2: on a

@@ -483,9 +483,8 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
   const TransposeFn transpose = transpose_f32_fn();
   const float* g = gz.data_ptr<float>();
 
-  // one weight scale for the whole tensor (OnednnConv's)
-  const at::Tensor w_scale = at::ones({1}, at::TensorOptions().dtype(at::kFloat));
-  const at::Tensor w_zero = at::zeros({1}, at::TensorOptions().dtype(at::kLong));
+  const at::Tensor& w_scale = onednn_unit_scale();
+  const at::Tensor& w_zero = onednn_zero_point();
   const std::vector<int64_t> one{1, 1}, zero{0, 0};
   static const c10::OperatorHandle prepack = *find_onednn("onednn::qconv_prepack");
   static const c10::OperatorHandle conv = *find_onednn("onednn::qconv2d_pointwise");

@@ -161,16 +161,21 @@ std::mutex g_cache_mutex;
 std::list<PackedEntry> g_cache;  // most recent first
 }  // namespace
 
+const at::Tensor& onednn_unit_scale() {
+  static const at::Tensor* t = new at::Tensor(at::ones({1}, at::TensorOptions().dtype(at::kFloat)));
+  return *t;
+}
+const at::Tensor& onednn_zero_point() {
+  static const at::Tensor* t = new at::Tensor(at::zeros({1}, at::TensorOptions().dtype(at::kLong)));
+  return *t;
+}
+
 OnednnConv::OnednnConv(const ConvShape& s, int64_t Ci, const uint32_t* mbits,
                        const uint32_t* pbits, int64_t chunk_images, bool cached)
     : stride_(s.stride), padding_(s.padding) {
   TORCH_CHECK(onednn_int8_runs(),
               "binslt: the 'onednn' conv needs PyTorch's oneDNN int8 convolution on a CPU with "
               "AMX-INT8 or AVX-512 VNNI");
-  // One weight scale (1) for the whole tensor: a per-channel one costs the prepacking a host
-  // read (select + item) per output channel.
-  w_scale_ = at::ones({1}, at::TensorOptions().dtype(at::kFloat));
-  w_zero_ = at::zeros({1}, at::TensorOptions().dtype(at::kLong));
   // input channel parts of at most kPartWeightBytes of weights, in multiples of 64 channels
   const int64_t per_channel = s.Co * s.KH * s.KW;
   const int64_t parts = std::min<int64_t>(std::max<int64_t>(1, (Ci + 63) / 64),
@@ -201,7 +206,7 @@ OnednnConv::OnednnConv(const ConvShape& s, int64_t Ci, const uint32_t* mbits,
     const int64_t len = std::min(part, Ci - c0);
     torch::jit::Stack stack{
         parts == 1 ? w : w.narrow(1, c0, len).contiguous(at::MemoryFormat::ChannelsLast),
-        w_scale_,
+        onednn_unit_scale(),
         1.0,
         int64_t{0},
         st,
@@ -225,8 +230,8 @@ at::Tensor OnednnConv::call(const at::Tensor& x_u8, const at::Tensor& packed) co
                           1.0,
                           int64_t{0},
                           packed,
-                          w_scale_,
-                          w_zero_,
+                          onednn_unit_scale(),
+                          onednn_zero_point(),
                           c10::IValue(),  // bias
                           st,
                           pd,

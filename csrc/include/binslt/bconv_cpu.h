@@ -72,6 +72,12 @@ TransposeFn transpose_f32_fn();
 at::Tensor spikes_u8_from_packed(const at::Tensor& x_packed);
 at::Tensor spikes_u8_from_float(const float* x, int64_t B, int64_t C, int64_t H, int64_t W,
                                 const at::TensorOptions& opts, bool* bad);
+// oneDNN's weight quantisation of a {-1, 0, +1} weight: one scale (1) and zero point (0) for the
+// whole tensor (a per-channel scale costs the prepacking a host read per output channel),
+// allocated once and only read.
+const at::Tensor& onednn_unit_scale();
+const at::Tensor& onednn_zero_point();
+
 class OnednnConv {
  public:
   // W = sign * mask from the planes (Ci input channels: 32*Cw for packed input), prepacked for
@@ -104,7 +110,6 @@ class OnednnConv {
   int64_t stride_, padding_;
   std::vector<int64_t> part_begin_;  // each part's first input channel (0 first)
   std::vector<at::Tensor> packed_;   // each part's prepacked weight
-  at::Tensor w_scale_, w_zero_;
   at::Tensor call(const at::Tensor& x_u8, const at::Tensor& packed) const;
 };
 

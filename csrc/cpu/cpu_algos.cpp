@@ -108,6 +108,18 @@ struct AutoRules {
   // the spikes, wins again: plan_check.py's anchor (128->128 16x16, N=16, T=4, train_fwdbwd, ms
   // event / int8) at rate 0.05 19.8 / 24.0, 0.15 24.1 / 24.8, 0.30 29.9 / 25.4.
   double int8_grad_w_min_rate;
+  // ... but the event form on mid-sized maps of few output channels below a rate: at stride 1,
+  // at most int8_grad_w_event_max_channels output channels, (taps_grad_w_max_pixels,
+  // int8_grad_w_event_max_pixels] output pixels and a rate below int8_grad_w_event_max_rate.
+  // Since the event form's scratch rows sit on 64-byte lines it leads there (the 2-core Xeon
+  // with AMX, 2026-12-07, ms event / int8): plan_check.py's anchor (128->128 16x16, N=16, rate
+  // 0.2, train_fwdbwd) at T=4 21.3 / 23.3, T=8 38.0 / 44.0, at rate 0.30 28.0 / 25.1; VGG-11's
+  // N=32 search step, its pooled 128->128 16x16 at rate 0.15-0.20 (measured key, grad_w alone)
+  // 12.5 / 15.8; while at 32x32 (ResNet-19's 128->128 at rate 0.20-0.25, 73.8 / 60.6) and from
+  // 256 output channels (ResNet-19's 256->256 16x16 at 0.15-0.20, 61.8 / 47.5) int8 stays ahead.
+  int64_t int8_grad_w_event_max_channels;
+  int64_t int8_grad_w_event_max_pixels;
+  double int8_grad_w_event_max_rate;
   // Input gradient where the CPU has AMX-INT8: the int8 limb form on maps of
   // [int8_grad_x_min_pixels, int8_grad_x_max_pixels] output pixels (the range measured; 2x2 and
   // 1x1 take the unfold form), at any stride. At stride 2 (one conv per pair of stride classes),
@@ -143,6 +155,9 @@ constexpr AutoRules kAutoRules{
     /*onednn_min_pixels=*/16,
     /*onednn_min_channel_pairs=*/64 * 64,
     /*int8_grad_w_min_rate=*/0.1,
+    /*int8_grad_w_event_max_channels=*/128,
+    /*int8_grad_w_event_max_pixels=*/256,
+    /*int8_grad_w_event_max_rate=*/0.25,
     /*int8_grad_x_min_pixels=*/64,
     /*int8_grad_x_max_pixels=*/1024,
 };
@@ -589,7 +604,9 @@ GradXPlan forced_grad_x(const Facts& f, Isa isa, GradXAlgo a) {
 //     a pointwise conv: 1x1, stride 1, no padding, whose product is already per pixel);
 //   * "int8" on a CPU with AMX-INT8, at any stride; at stride 1 from int8_grad_w_min_rate, or on
 //     maps of at most taps_grad_w_max_pixels output pixels at any rate (a pointwise conv only
-//     where the dense rule holds);
+//     where the dense rule holds); not at stride 1 on maps of (taps_grad_w_max_pixels,
+//     int8_grad_w_event_max_pixels] output pixels with at most int8_grad_w_event_max_channels
+//     output channels below int8_grad_w_event_max_rate (there the float rule's form);
 //   * the dense rule: the input's rate at least grad_w_dense_min_rate (grad_w_dense_min_rate_large
 //     for a gradient over grad_w_large_bytes) -> "pointwise" for a pointwise conv, "taps" on maps
 //     of at most taps_grad_w_max_pixels output pixels, "dense" otherwise;
@@ -755,8 +772,13 @@ BackwardPlan plan_backward(const BackwardQuery& q) {
               : f.pointwise ? GradWPlan::kPointwise
               : f.pixels() <= kAutoRules.taps_grad_w_max_pixels ? GradWPlan::kTaps
                                                                  : GradWPlan::kDense;
+    const bool event_leads = f.s.stride == 1 && !f.pointwise &&
+                             f.s.Co <= kAutoRules.int8_grad_w_event_max_channels &&
+                             f.pixels() > kAutoRules.taps_grad_w_max_pixels &&
+                             f.pixels() <= kAutoRules.int8_grad_w_event_max_pixels &&
+                             q.rate.get() < kAutoRules.int8_grad_w_event_max_rate;
     const bool int8 = f.s.Wo <= int8_grad_w_max_pixels() && onednn_int8_supported() &&
-                      (!f.pointwise || dense) &&
+                      (!f.pointwise || dense) && !event_leads &&
                       (f.s.stride > 1 || q.rate.get() >= kAutoRules.int8_grad_w_min_rate ||
                        (!f.pointwise && f.pixels() <= kAutoRules.taps_grad_w_max_pixels));
     // (The bf16x3 form is a measured candidate on AMX-BF16, not in the table: no AMX-BF16

@@ -325,7 +325,8 @@ void plane_words_base(int64_t o, int64_t Ci, int64_t KK, int64_t Cw, const float
 __attribute__((target("avx512f"))) void plane_words_avx512(int64_t o, int64_t Ci, int64_t KK,
                                                            int64_t Cw, const float* er,
                                                            uint32_t* bm, uint32_t* bp) {
-  if (16 * KK * 32 > (int64_t{1} << 31)) return plane_words_body(o, Ci, KK, Cw, er, bm, bp);
+  // (the gather's int32 indices reach 15 * KK)
+  if (15 * KK > INT32_MAX) return plane_words_body(o, Ci, KK, Cw, er, bm, bp);
   const __m512i idx = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
       _mm512_set1_epi32(static_cast<int>(KK)));

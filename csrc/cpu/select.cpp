@@ -293,13 +293,8 @@ uint32_t sgp_row(Isa isa, int64_t n, float alpha, const float* wr, const float* 
   return sgp_row_body(n, alpha, wr, mr, er, wtop);
 }
 
-// Output channel o of sign_gain_pack: its W_eff row er (Ci * KK weights wr, mask mr) first (a
-// branch-free loop the compiler vectorises), then each (tap, word of 32 input channels) reads its
-// 32 values back from L1 and stores its two bit-plane words once (one scalar pass doing both,
-// with a read-modify-write of the words per weight, took ~2-3.6 ns per weight); gp[o] = max
-// |W_eff|, NaN propagating. False where the weight row holds NaN or inf.
-//   The words of output channel o's W_eff row er: bit j of word cw at tap k is input channel
-//   32 cw + j's value, mask bit v != 0 (NaN included), positive bit v > 0.
+// The bit-plane words of output channel o's W_eff row er: bit j of word cw at tap k is input
+// channel 32 cw + j's value, mask bit v != 0 (NaN included), positive bit v > 0.
 inline __attribute__((always_inline)) void plane_words_body(int64_t o, int64_t Ci, int64_t KK,
                                                             int64_t Cw, const float* er,
                                                             uint32_t* bm, uint32_t* bp) {
@@ -355,6 +350,11 @@ struct PlanesOut {  // sign_gain_pack's outputs: mask and positive words, gain p
   uint32_t* bp;
   float* gain;
 };
+// Output channel o of sign_gain_pack: its W_eff row er (Ci * KK weights wr, mask mr) first (a
+// branch-free loop the compiler vectorises), then each (tap, word of 32 input channels) reads its
+// 32 values back from L1 and stores its two bit-plane words once (one scalar pass doing both,
+// with a read-modify-write of the words per weight, took ~2-3.6 ns per weight); out.gain[o] =
+// max |W_eff|, NaN propagating. False where the weight row holds NaN or inf.
 bool sign_gain_channel(Isa isa, int64_t o, int64_t Ci, int64_t KK, float alpha, const float* wr,
                        const float* mr, float* er, const PlanesOut& out) {
   const int64_t Cw = words_for(static_cast<int>(Ci));
@@ -435,10 +435,11 @@ inline double lane_total(const double* acc) {
   for (int j = 0; j < 8; ++j) t[j] = acc[j] + acc[j + 8];
   return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
 }
-inline __attribute__((always_inline)) void select_tail(int64_t i, int64_t n, uint32_t v,
-                                                       const float* sr, const float* wr,
-                                                       uint8_t* mb, double* acc, int64_t* cnt,
-                                                       uint32_t* wt) {
+// Entries [i, n) (at most 16, i a multiple of 16) of a row, entry i + j into running sum j.
+inline __attribute__((always_inline)) void select_lanes(int64_t i, int64_t n, uint32_t v,
+                                                        const float* sr, const float* wr,
+                                                        uint8_t* mb, double* acc, int64_t* cnt,
+                                                        uint32_t* wt) {
   for (int j = 0; i < n; ++i, ++j) {
     uint32_t sk, wk;
     std::memcpy(&sk, sr + i, sizeof(sk));
@@ -460,9 +461,9 @@ double select_row_base(int64_t n, uint32_t v, const float* sr, const float* wr, 
   int64_t cnt = 0;
   uint32_t wt = 0;
   int64_t i = 0;
-  for (; i + kSumLanes <= n; i += kSumLanes) select_tail(i, i + kSumLanes, v, sr, wr, mb, acc,
-                                                         &cnt, &wt);
-  select_tail(i, n, v, sr, wr, mb, acc, &cnt, &wt);
+  for (; i + kSumLanes <= n; i += kSumLanes)
+    select_lanes(i, i + kSumLanes, v, sr, wr, mb, acc, &cnt, &wt);
+  select_lanes(i, n, v, sr, wr, mb, acc, &cnt, &wt);
   *wtop = wt;
   *kept = cnt;
   return lane_total(acc);
@@ -493,7 +494,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt"))) double sele
   _mm512_storeu_pd(acc, lo);
   _mm512_storeu_pd(acc + 8, hi);
   uint32_t top = _mm512_reduce_max_epu32(wt);
-  select_tail(i, n, v, sr, wr, mb, acc, &cnt, &top);
+  select_lanes(i, n, v, sr, wr, mb, acc, &cnt, &top);
   *wtop = top;
   *kept = cnt;
   return lane_total(acc);

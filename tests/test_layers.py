@@ -355,6 +355,38 @@ def test_eval_bn_affine_cache_follows_updates(affine):
         assert not torch.equal(m(x), first)
 
 
+def test_frozen_weight_cache_follows_the_planes():
+    """A frozen layer's no-grad calls keep its unpacked W_eff: an in-place change of a bit plane
+    or of the gain, a state_dict load, and train()/eval() after a .data write all reach the
+    output, which is the dense product with the planes unpacked afresh each time."""
+    torch.manual_seed(8)
+    m = binslt.BinLinear(40, 6).eval()
+    m.mode = "frozen"
+    x = torch.randn(5, 40)
+
+    def expected():
+        w = ref.unpack_weight_reference(m.w_mask_bits, m.w_pos_bits, 40, m.alpha)
+        return x @ w.view(6, 40).T
+
+    with torch.no_grad():
+        first = m(x)
+        assert torch.equal(first, expected())
+        assert m._frozen_weight() is m._frozen_weight()  # kept between calls
+        m.w_pos_bits.bitwise_xor_(0b1011)  # flip some signs
+        assert not torch.equal(m(x), first) and torch.equal(m(x), expected())
+        m.alpha.mul_(2.0)
+        assert torch.equal(m(x), expected())
+        state = {k: v.clone() for k, v in m.state_dict().items()}
+        state["w_mask_bits"] = torch.zeros_like(state["w_mask_bits"])
+        m.load_state_dict(state)
+        assert torch.equal(m(x), torch.zeros(5, 6))
+        m.w_mask_bits.data.fill_(-1)  # every weight kept; invisible to the version counter
+        m.eval()
+        assert torch.equal(m(x), expected()) and bool(m(x).abs().sum() > 0)
+    w = m._frozen_weight()  # grad mode: unpacked afresh
+    assert w is not m._frozen_weight()
+
+
 def test_packed_cache_dropped_by_train_eval_after_data_write():
     """A write through .data is invisible to the version counters that key the no-grad packing
     cache; train()/eval() drop the cache, so the next call sees the new scores."""

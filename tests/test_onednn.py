@@ -144,6 +144,30 @@ def test_onednn_infer_over_several_chunks_of_images():
 
 
 @needs_int8
+@pytest.mark.parametrize("n,h", [(3, 64), (1, 64), (3, 8)])
+@pytest.mark.parametrize("bn_train", [False, True])
+def test_onednn_training_forward_over_one_and_several_chunks_of_images(n, h, bn_train):
+    """The training forward's oneDNN counts, a call a step or one over all steps' images. At
+    64x64, 4 * 64 * 64 * 128 floats an image (8 MiB): with n=3 each image is a chunk of its own
+    (a call a step); with n=1, and at 8x8, the chunk is the batch (one call over every step's
+    images). Spikes, counts and statistics equal the bit kernels' and the counts the
+    reference's."""
+    x, wm, wp, alpha, scale, shift, res = _case(12, T=4, n=n, ci=32, co=128, h=h, w=h,
+                                                residual=True)
+    xp = ref.pack_spikes_reference(x.flatten(0, 1))
+    args = (xp, wm, wp, alpha, scale, shift, res, 4, 1, 1, bn_train, 1e-5, *NEURON)
+    outs = {}
+    for algo in ("onednn", "dense"):
+        with ops.cpu_algorithms(conv=algo):
+            outs[algo] = OPS.bconv_lif(*args)
+    for got, want in zip(outs["onednn"], outs["dense"]):
+        assert torch.equal(got, want)
+    assert 0.02 < float(outs["dense"][0].mean()) < 0.98
+    want = ref.bconv_count_reference(xp, wm, wp, 1, 1)
+    assert torch.equal(outs["onednn"][1].flatten(0, 1).float(), want)
+
+
+@needs_int8
 def test_onednn_weight_cache_never_serves_other_weights():
     x, wm, wp, alpha, scale, shift, _ = _case(3)
     args = (alpha, scale, shift, None, 1, 1, 1, False)

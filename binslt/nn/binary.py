@@ -80,7 +80,7 @@ class BinConv2d(_MaskedSignWeight):
             y = ops.bconv_affine_infer(xf, *self._affine_operands(xf), self.stride,
                                        self.padding)
             return y.view(*lead, *y.shape[1:]), None
-        w = self.effective_weight().to(x.dtype)
+        w = self._frozen_weight().to(x.dtype)
         again = None
         bits = ops.spike_bits(xf, ops.pack_spikes) if _may_save_spikes_packed(xf, w) else None
         if bits is not None:
@@ -289,7 +289,7 @@ class BinLinear(_MaskedSignWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W_eff.T``: ``[..., F]`` -> ``[..., O]``."""
         _refuse_jit_trace(self)
-        return F.linear(x, self.effective_weight().to(x.dtype))
+        return F.linear(x, self._frozen_weight().to(x.dtype))
 
 
 

@@ -57,7 +57,7 @@ class _SpikingLayer(_MaskedSignWeight):
         if need == "w_eff+planes":
             w, planes = self.effective_weight_planes()
         else:
-            w, planes = self.effective_weight(), None
+            w, planes = self._frozen_weight(), None
         return ops.Weights(w, planes, gain)
 
     def _records_grad(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:

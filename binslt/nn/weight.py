@@ -91,7 +91,9 @@ class _MaskedSignWeight(MultiStepOnly, _NoTorchScript, nn.Module):
             getattr(self, name).requires_grad_(on and not user_frozen)
 
     def train(self, mode: bool = True):
-        self.__dict__.pop("_packed_cache", None)  # also the way to drop it after a .data write
+        # also the way to drop them after a .data write
+        self.__dict__.pop("_packed_cache", None)
+        self.__dict__.pop("_weight_cache", None)
         return super().train(mode)
 
     def current_mask(self) -> torch.Tensor:
@@ -113,6 +115,27 @@ class _MaskedSignWeight(MultiStepOnly, _NoTorchScript, nn.Module):
         cin = self.weight.shape[1]
         w = ref.unpack_weight_reference(self.w_mask_bits, self.w_pos_bits, cin, self.alpha)
         return w.view(self.weight.shape).to(self.weight.dtype)
+
+    def _frozen_weight(self) -> torch.Tensor:
+        """``effective_weight()`` for the layer's own calls: a frozen layer's no-grad calls
+        keep the unpacked W_eff until its bit planes, gain or weight dtype change (the same
+        objects, version counters and storage; ``train()``/``eval()`` drop it), so that an eval
+        loop's dense paths (a real-input first conv, a classifier) do not unpack the planes on
+        every call. Other modes and grad mode: ``effective_weight()``."""
+        if self._mode != "frozen" or torch.is_grad_enabled() or \
+                torch.compiler.is_compiling():
+            return self.effective_weight()
+        src = (self.w_mask_bits, self.w_pos_bits, self.alpha)
+        if any(type(t) is not torch.Tensor or t.is_meta for t in src):
+            return self.effective_weight()
+        key = (self.weight.dtype, torch.is_inference_mode_enabled(),
+               *((id(t), t._version, t.data_ptr()) for t in src))
+        hit = self.__dict__.get("_weight_cache")
+        if hit is not None and hit[0] == key:
+            return hit[2]
+        w = self.effective_weight()
+        self.__dict__["_weight_cache"] = (key, src, w)
+        return w
 
     def effective_weight_planes(self):
         """``(effective_weight(), planes)``: in search mode on the CPU, planes = (mask bits,

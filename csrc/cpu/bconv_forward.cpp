@@ -548,11 +548,12 @@ void onednn_train_forward(const FwdTask<CT>& task, const at::Tensor& x_u8, const
   const int64_t nthreads = at::get_num_threads();
   std::vector<int64_t> sums(task.bn_train ? nthreads * s.Co * 2 : 0, 0);
   const int64_t nb = OnednnConv::chunk_images(s.N, s.T * S * s.Co);
-  const OnednnConv conv(s, x_u8.size(1), mbits, pbits, nb, /*cached=*/false);
+  const OnednnConv conv(s, x_u8.size(1), mbits, pbits, OnednnConv::call_images(s.T, s.N, nb),
+                        /*cached=*/false);
   std::vector<at::Tensor> z(s.T);
   for (int64_t n0 = 0; n0 < s.N; n0 += nb) {
     const int64_t n1 = std::min(s.N, n0 + nb), m = n1 - n0;
-    for (int64_t t = 0; t < s.T; ++t) z[t] = conv(x_u8.narrow(0, t * s.N + n0, m));
+    conv.steps(x_u8, s.T, s.N, n0, m, z);
     at::parallel_for(0, s.T * m, 1, [&](int64_t j0, int64_t j1) {
       std::vector<int32_t> row(s.Wo * s.Co);
       int64_t* sm = task.bn_train ? sums.data() + at::get_thread_num() * s.Co * 2 : nullptr;

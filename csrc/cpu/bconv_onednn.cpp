@@ -267,6 +267,17 @@ at::Tensor OnednnConv::operator()(const at::Tensor& x_u8) const {
   return z;
 }
 
+void OnednnConv::steps(const at::Tensor& x_u8, int64_t T, int64_t N, int64_t n0, int64_t m,
+                       std::vector<at::Tensor>& z) const {
+  z.resize(T);
+  if (m == N && T > 1) {
+    const at::Tensor all = (*this)(x_u8.narrow(0, 0, T * N));
+    for (int64_t t = 0; t < T; ++t) z[t] = all.narrow(0, t * N, N);
+    return;
+  }
+  for (int64_t t = 0; t < T; ++t) z[t] = (*this)(x_u8.narrow(0, t * N + n0, m));
+}
+
 // ---------------------------------------------------------------------------------------------
 // The onednn route's epilogue (bconv_lif_infer, plan forward=onednn)
 // ---------------------------------------------------------------------------------------------
@@ -449,7 +460,7 @@ void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const 
   const int64_t nthreads = at::get_num_threads();
   // Images per chunk: its T float count maps within the chunk (read back by the LIF)
   const int64_t nb = OnednnConv::chunk_images(s.N, s.T * S * s.Co);
-  const OnednnConv conv(s, Ci, mbits, pbits, nb);
+  const OnednnConv conv(s, Ci, mbits, pbits, OnednnConv::call_images(s.T, s.N, nb));
   int64_t R = std::max<int64_t>(1, std::min<int64_t>(s.Ho, kRowChunk / s.Wo));
   while (R > 1 && nb * ((s.Ho + R - 1) / R) < 4 * nthreads) R = (R + 1) / 2;
   if (io_in.pool > 1) R = (R + io_in.pool - 1) / io_in.pool * io_in.pool;
@@ -462,16 +473,17 @@ void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const 
   }
   std::optional<OnednnConv> sc_conv;
   if (shortcut != nullptr)
-    sc_conv.emplace(shortcut->s, shortcut->Ci, shortcut->mbits, shortcut->pbits, nb);
+    sc_conv.emplace(shortcut->s, shortcut->Ci, shortcut->mbits, shortcut->pbits,
+                    OnednnConv::call_images(s.T, s.N, nb));
   std::vector<at::Tensor> z(s.T), zr(shortcut != nullptr ? s.T : 0);
   for (int64_t n0 = 0; n0 < s.N; n0 += nb) {
     const int64_t n1 = std::min(s.N, n0 + nb);
-    for (int64_t t = 0; t < s.T; ++t) z[t] = conv(x_u8.narrow(0, t * s.N + n0, n1 - n0));
+    conv.steps(x_u8, s.T, s.N, n0, n1 - n0, z);
     if (shortcut != nullptr) {
       // the shortcut's counts, channel-last as z's, turned in place into its current
       const float *a = shortcut->alpha, *sc = shortcut->scale, *sh = shortcut->shift;
+      sc_conv->steps(shortcut->x_u8, s.T, s.N, n0, n1 - n0, zr);
       for (int64_t t = 0; t < s.T; ++t) {
-        zr[t] = (*sc_conv)(shortcut->x_u8.narrow(0, t * s.N + n0, n1 - n0));
         float* r = zr[t].data_ptr<float>();
         at::parallel_for(0, (n1 - n0) * S, 256, [&](int64_t p0, int64_t p1) {
           for (int64_t px = p0; px < p1; ++px) {

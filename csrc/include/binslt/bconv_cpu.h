@@ -91,6 +91,19 @@ class OnednnConv {
              int64_t chunk_images, bool cached = true);
   at::Tensor operator()(const at::Tensor& x_u8) const;
 
+  // The counts z[t] of steps t < T of images [n0, n0 + m) out of N a step (x_u8: [T * N, Ci, H,
+  // W] ChannelsLast, step-major), each [m, Co, Ho, Wo] ChannelsLast: one call over all T * N
+  // images where the chunk is the whole batch (m == N: the steps' rows are contiguous), else
+  // one call a step. Fewer, larger calls: bconv_lif_infer forced to onednn at VGG-11's layers,
+  // N=32, T=4, 2-core Xeon with AMX (ms, medians, a call a step / one call): 512 -> 512 4x4
+  // 3.57 / 3.10, 256 -> 512 4x4 1.62 / 1.50, 256 -> 256 8x8 2.03 / 1.86, 128 -> 256 8x8
+  // 1.34 / 1.27, the 2048 -> 256 linear 0.45 / 0.37 (the larger maps' chunks are smaller).
+  void steps(const at::Tensor& x_u8, int64_t T, int64_t N, int64_t n0, int64_t m,
+             std::vector<at::Tensor>& z) const;
+  // The images of one call of `steps` for chunks of nb images: what the constructor's
+  // chunk_images is given (the prepacking's input-size hint).
+  static int64_t call_images(int64_t T, int64_t N, int64_t nb) { return nb == N ? T * N : nb; }
+
   // oneDNN's int8 conv slows down per multiply-add where the weight outgrows the core's L2: on a
   // 2-core Xeon with AMX (2 MiB L2), 512->512 3x3 (2.25 MiB of weights) at 4x4, 32 images:
   // 1.39 ms whole, 0.88 ms as two 256-channel parts summed; at 8x8 (16 images) 1.15 vs 1.05;

@@ -83,6 +83,21 @@ def test_ties_spanning_parallel_chunks():
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("isa", runnable_isas())
+def test_selection_on_every_isa_over_chunks_and_tails(isa):
+    # The pass that gathers the threshold's bucket has an AVX-512 form (16 keys a step, a scalar
+    # tail): sizes off 16, the wide radix digit, several parallel chunks, ties inside a bucket.
+    g = torch.Generator().manual_seed(stable_seed(("isa", isa)))
+    for n in (4_001, 300_001):
+        distinct = torch.randn(n, generator=g)
+        ties = torch.randint(-40, 41, (n,), generator=g).float() / 16
+        for s in (distinct, ties):
+            for p in (0.1, 0.5, 0.77):
+                with cpu_algorithms(isa=isa):
+                    got = ops.topk_mask(s, p)
+                assert torch.equal(got, ref.topk_mask(s, p)), (isa, n, p)
+
+
 def test_ties_in_the_low_digit_only():
     # Keys equal in their high 16 bits and different below: the second radix digit decides.
     base = torch.tensor(1.0).view(torch.int32)

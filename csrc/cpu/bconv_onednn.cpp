@@ -147,9 +147,9 @@ static at::Tensor int8_weight(const ConvShape& s, int64_t Ci, const uint32_t* mb
   return w.permute({0, 3, 1, 2});
 }
 
-// The prepacked weights of recent calls, keyed by the planes' contents (copied, compared word for
-// word: a hit is always the same weight) and the geometry; an eval loop meets the same layers
-// every call. At most kCacheEntries, least recently used first out.
+// The prepacked weights of recent calls, keyed by the planes' contents (copied into the entry,
+// compared word for word: a hit is always the same weight) and the geometry; an eval loop meets
+// the same layers every call. At most kCacheEntries, least recently used first out.
 namespace {
 struct PackedEntry {
   std::vector<int64_t> geometry;
@@ -187,13 +187,13 @@ OnednnConv::OnednnConv(const ConvShape& s, int64_t Ci, const uint32_t* mbits,
   const int64_t n_words = s.Co * s.KH * s.KW * s.Cw;
   std::vector<int64_t> geometry{s.Co, Ci, s.KH, s.KW, s.Cw, s.H, s.W, stride_, padding_,
                                 chunk_images, part};
-  std::vector<uint32_t> planes(cached ? 2 * n_words : 0);
-  if (cached) {
-    std::memcpy(planes.data(), mbits, n_words * sizeof(uint32_t));
-    std::memcpy(planes.data() + n_words, pbits, n_words * sizeof(uint32_t));
+  if (cached) {  // compared in place: the planes are copied only into a new entry
+    const size_t bytes = n_words * sizeof(uint32_t);
     std::lock_guard<std::mutex> lock(g_cache_mutex);
     for (auto it = g_cache.begin(); it != g_cache.end(); ++it)
-      if (it->geometry == geometry && it->planes == planes) {
+      if (it->geometry == geometry && it->planes.size() == 2 * static_cast<size_t>(n_words) &&
+          std::memcmp(it->planes.data(), mbits, bytes) == 0 &&
+          std::memcmp(it->planes.data() + n_words, pbits, bytes) == 0) {
         packed_ = it->packed;
         g_cache.splice(g_cache.begin(), g_cache, it);
         return;
@@ -218,6 +218,9 @@ OnednnConv::OnednnConv(const ConvShape& s, int64_t Ci, const uint32_t* mbits,
     packed_.push_back(stack[0].toTensor());
   }
   if (!cached) return;
+  std::vector<uint32_t> planes(2 * n_words);
+  std::memcpy(planes.data(), mbits, n_words * sizeof(uint32_t));
+  std::memcpy(planes.data() + n_words, pbits, n_words * sizeof(uint32_t));
   std::lock_guard<std::mutex> lock(g_cache_mutex);
   g_cache.push_front(PackedEntry{std::move(geometry), std::move(planes), packed_});
   if (g_cache.size() > kCacheEntries) g_cache.pop_back();

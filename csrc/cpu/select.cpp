@@ -86,6 +86,37 @@ struct Chunks {
   int64_t end(int64_t i) const { return n * (i + 1) / count; }
 };
 
+// The keys of sp[i0, i1) whose top bits (key >> shift) are `bucket`, written at out in index
+// order (room for them: the histogram's count), and the number of NaN keys: 16 floats a step,
+// the bucket's keys compress-stored (the scalar loop's branch per entry took longer than the
+// histogram pass).
+__attribute__((target("avx512f"))) int64_t gather_bucket_avx512(const float* sp, int64_t i0,
+                                                                 int64_t i1, int shift,
+                                                                 uint32_t bucket, uint32_t* out) {
+  using K = KeyOf<float>;
+  const __m512i abs_mask = _mm512_set1_epi32(static_cast<int>(K::kAbs));
+  const __m512i inf = _mm512_set1_epi32(static_cast<int>(K::kInf));
+  const __m512i nan = _mm512_set1_epi32(static_cast<int>(K::kNaN));
+  const __m512i want = _mm512_set1_epi32(static_cast<int>(bucket));
+  const __m512i by = _mm512_set1_epi32(shift);
+  int64_t nans = 0, i = i0;
+  for (; i + 16 <= i1; i += 16) {
+    __m512i k = _mm512_and_si512(_mm512_loadu_si512(sp + i), abs_mask);
+    const __mmask16 is_nan = _mm512_cmpgt_epu32_mask(k, inf);
+    k = _mm512_mask_mov_epi32(k, is_nan, nan);  // abs_key: every NaN one key
+    nans += __builtin_popcount(is_nan);
+    const __mmask16 in = _mm512_cmpeq_epi32_mask(_mm512_maskz_srlv_epi32(0xFFFF, k, by), want);
+    _mm512_mask_compressstoreu_epi32(out, in, k);
+    out += __builtin_popcount(in);
+  }
+  for (; i < i1; ++i) {
+    const uint32_t k = abs_key(sp[i]);
+    nans += k == K::kNaN;
+    if ((k >> shift) == bucket) *out++ = k;
+  }
+  return nans;
+}
+
 // The keep-th largest key v of |s| and how the entries equal to it are kept; 0 < keep < n.
 template <typename scalar_t>
 struct Threshold {
@@ -136,10 +167,19 @@ Threshold<scalar_t> find_threshold(const char* op, const scalar_t* sp, int64_t n
   r -= below;
   std::vector<std::vector<key_t>> parts(ch.count);
   std::vector<int64_t> nans(ch.count, 0);
+  const bool avx512 = std::is_same_v<scalar_t, float> && active_isa() == Isa::kAvx512;
   at::parallel_for(0, ch.count, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const int64_t* h = hist.data() + c * kBuckets;
       std::vector<key_t>& part = parts[c];
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (avx512) {
+          part.resize(static_cast<size_t>(h[bucket]));
+          nans[c] = gather_bucket_avx512(sp, ch.begin(c), ch.end(c), shift,
+                                         static_cast<uint32_t>(bucket), part.data());
+          continue;
+        }
+      }
       part.reserve(static_cast<size_t>(h[bucket]));
       int64_t cnt = 0;
       for (int64_t i = ch.begin(c), e = ch.end(c); i < e; ++i) {

@@ -385,6 +385,11 @@ def test_frozen_weight_cache_follows_the_planes():
         assert torch.equal(m(x), expected()) and bool(m(x).abs().sum() > 0)
     w = m._frozen_weight()  # grad mode: unpacked afresh
     assert w is not m._frozen_weight()
+    big = binslt.BinLinear(512, 256).eval()  # past _FROZEN_WEIGHT_KEEP: unpacked per call
+    big.mode = "frozen"
+    with torch.no_grad():
+        assert big._frozen_weight() is not big._frozen_weight()
+        assert torch.equal(big._frozen_weight(), big.effective_weight())
 
 
 def test_packed_cache_dropped_by_train_eval_after_data_write():

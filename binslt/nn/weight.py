@@ -116,14 +116,20 @@ class _MaskedSignWeight(MultiStepOnly, _NoTorchScript, nn.Module):
         w = ref.unpack_weight_reference(self.w_mask_bits, self.w_pos_bits, cin, self.alpha)
         return w.view(self.weight.shape).to(self.weight.dtype)
 
+    #: The largest W_eff (entries) that a frozen layer keeps unpacked between no-grad calls
+    #: (``_frozen_weight``): a real-input first conv or a classifier is far below it; a layer
+    #: whose float weight would outweigh its bit planes by megabytes is unpacked per call.
+    _FROZEN_WEIGHT_KEEP = 1 << 16
+
     def _frozen_weight(self) -> torch.Tensor:
         """``effective_weight()`` for the layer's own calls: a frozen layer's no-grad calls
-        keep the unpacked W_eff until its bit planes, gain or weight dtype change (the same
-        objects, version counters and storage; ``train()``/``eval()`` drop it), so that an eval
-        loop's dense paths (a real-input first conv, a classifier) do not unpack the planes on
-        every call. Other modes and grad mode: ``effective_weight()``."""
+        keep the unpacked W_eff (up to ``_FROZEN_WEIGHT_KEEP`` entries) until its bit planes,
+        gain or weight dtype change (the same objects, version counters and storage;
+        ``train()``/``eval()`` drop it), so that an eval loop's dense paths (a real-input first
+        conv, a classifier) do not unpack the planes on every call. Other modes, grad mode and
+        larger weights: ``effective_weight()``."""
         if self._mode != "frozen" or torch.is_grad_enabled() or \
-                torch.compiler.is_compiling():
+                torch.compiler.is_compiling() or self.weight.numel() > self._FROZEN_WEIGHT_KEEP:
             return self.effective_weight()
         src = (self.w_mask_bits, self.w_pos_bits, self.alpha)
         if any(type(t) is not torch.Tensor or t.is_meta for t in src):

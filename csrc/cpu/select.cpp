@@ -87,12 +87,13 @@ struct Chunks {
 };
 
 // The keys of sp[i0, i1) whose top bits (key >> shift) are `bucket`, written at out in index
-// order (room for them: the histogram's count), and the number of NaN keys: 16 floats a step,
-// the bucket's keys compress-stored (the scalar loop's branch per entry took longer than the
-// histogram pass).
+// order, at most `room` of them (the histogram's count; *over set if there are more: scores
+// written while they are read), and the number of NaN keys: 16 floats a step, the bucket's keys
+// compress-stored (the scalar loop's branch per entry took longer than the histogram pass).
 __attribute__((target("avx512f"))) int64_t gather_bucket_avx512(const float* sp, int64_t i0,
                                                                  int64_t i1, int shift,
-                                                                 uint32_t bucket, uint32_t* out) {
+                                                                 uint32_t bucket, uint32_t* out,
+                                                                 int64_t room, bool* over) {
   using K = KeyOf<float>;
   const __m512i abs_mask = _mm512_set1_epi32(static_cast<int>(K::kAbs));
   const __m512i inf = _mm512_set1_epi32(static_cast<int>(K::kInf));
@@ -106,14 +107,26 @@ __attribute__((target("avx512f"))) int64_t gather_bucket_avx512(const float* sp,
     k = _mm512_mask_mov_epi32(k, is_nan, nan);  // abs_key: every NaN one key
     nans += __builtin_popcount(is_nan);
     const __mmask16 in = _mm512_cmpeq_epi32_mask(_mm512_maskz_srlv_epi32(0xFFFF, k, by), want);
+    const int got = __builtin_popcount(in);
+    if (got > room) {
+      *over = true;
+      return nans;
+    }
     _mm512_mask_compressstoreu_epi32(out, in, k);
-    out += __builtin_popcount(in);
+    out += got;
+    room -= got;
   }
   for (; i < i1; ++i) {
     const uint32_t k = abs_key(sp[i]);
     nans += k == K::kNaN;
-    if ((k >> shift) == bucket) *out++ = k;
+    if ((k >> shift) != bucket) continue;
+    if (room-- == 0) {
+      *over = true;
+      return nans;
+    }
+    *out++ = k;
   }
+  *over = *over || room != 0;
   return nans;
 }
 
@@ -168,6 +181,7 @@ Threshold<scalar_t> find_threshold(const char* op, const scalar_t* sp, int64_t n
   std::vector<std::vector<key_t>> parts(ch.count);
   std::vector<int64_t> nans(ch.count, 0);
   const bool avx512 = std::is_same_v<scalar_t, float> && active_isa() == Isa::kAvx512;
+  std::atomic<bool> changed{false};
   at::parallel_for(0, ch.count, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const int64_t* h = hist.data() + c * kBuckets;
@@ -175,8 +189,11 @@ Threshold<scalar_t> find_threshold(const char* op, const scalar_t* sp, int64_t n
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (avx512) {
           part.resize(static_cast<size_t>(h[bucket]));
+          bool over = false;
           nans[c] = gather_bucket_avx512(sp, ch.begin(c), ch.end(c), shift,
-                                         static_cast<uint32_t>(bucket), part.data());
+                                         static_cast<uint32_t>(bucket), part.data(), h[bucket],
+                                         &over);
+          if (over) changed.store(true, std::memory_order_relaxed);
           continue;
         }
       }
@@ -192,6 +209,9 @@ Threshold<scalar_t> find_threshold(const char* op, const scalar_t* sp, int64_t n
   });
   std::vector<key_t> cand;
   for (const auto& part : parts) cand.insert(cand.end(), part.begin(), part.end());
+  TORCH_CHECK(!changed.load() && r < static_cast<int64_t>(cand.size()), "binslt::", op,
+              ": the scores changed while they were read (a tensor written by another thread "
+              "during the selection)");
   std::nth_element(cand.begin(), cand.begin() + r, cand.end());
   const key_t v = cand[static_cast<size_t>(r)];
   int64_t ties = 0;  // entries with key == v

@@ -536,10 +536,11 @@ void forward_tiles(const FwdTask<CT>& task, double bn_eps, float* mean_out, floa
 
 // The training forward with the counts from oneDNN's int8 convolution (plan forward=onednn):
 // a chunk of images at a time (OnednnConv::chunk_images, as the inference route's), its T
-// convs give the counts as channel-last float32 (the integers exactly); each image's rows go
-// through int32 into the counts tensor as the bit kernels store theirs (store_counts: the
-// channel-first counts and, under bn_train, their exact per-channel sums), then the second pass
-// from the stored counts. Counts, statistics and spikes are the bit kernels' bit for bit.
+// steps' convs (OnednnConv::steps) give the counts as channel-last float32 (the integers
+// exactly); each image's rows go through int32 into the counts tensor as the bit kernels store
+// theirs (store_counts: the channel-first counts and, under bn_train, their exact per-channel
+// sums), then the second pass from the stored counts. Counts, statistics and spikes are the bit
+// kernels' bit for bit.
 template <typename CT>
 void onednn_train_forward(const FwdTask<CT>& task, const at::Tensor& x_u8, const uint32_t* mbits,
                           const uint32_t* pbits, double bn_eps, float* mean_out, float* var_out) {

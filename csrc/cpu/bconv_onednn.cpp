@@ -447,13 +447,14 @@ void infer_onednn_packed(const ConvShape& s, const InferOut& io, const OnednnChu
 }  // namespace
 
 // Inference with the counts from oneDNN's int8 convolution (OnednnConv): a chunk of images at a
-// time, its T convs (oneDNN's own threads) and then, in parallel over (image, row block) tiles,
-// each pixel's epilogue, LIF and spike bits straight from the channel-last counts
-// (infer_onednn_packed). A float output is those words unpacked at the end: a tile of float
-// spikes would need the counts transposed to the bit kernels' [T][Co][L] rows first, which
-// took longer than the conv (VGG-11's 256->256 8x8 pooled layer, N=32, T=4, on a 2-core Xeon
-// with AMX: 5.4 ms with float output against 3.0 ms packed). The float counts are the
-// integers exactly, so the spikes are those of the bit kernels bit for bit.
+// time, its T steps' convs (OnednnConv::steps: one call where the chunk is the batch; oneDNN's
+// own threads) and then, in parallel over (image, row block) tiles, each pixel's epilogue, LIF
+// and spike bits straight from the channel-last counts (infer_onednn_packed). A float output is
+// those words unpacked at the end: a tile of float spikes would need the counts transposed to
+// the bit kernels' [T][Co][L] rows first, which took longer than the conv (VGG-11's 256->256
+// 8x8 pooled layer, N=32, T=4, on a 2-core Xeon with AMX: 5.4 ms with float output against
+// 3.0 ms packed). The float counts are the integers exactly, so the spikes are those of the
+// bit kernels bit for bit.
 void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const uint32_t* mbits,
                   const uint32_t* pbits, const FwdEpilogue& ep, const InferOut& io_in,
                   float* spikes, const OnednnShortcut* shortcut) {

@@ -86,31 +86,25 @@ struct Chunks {
   int64_t end(int64_t i) const { return n * (i + 1) / count; }
 };
 
-// The keys of sp[i0, i1) whose top bits (key >> shift) are `bucket`, written at out in index
-// order, at most `room` of them (the histogram's count; *over set if there are more: scores
-// written while they are read), and the number of NaN keys: 16 floats a step, the bucket's keys
+// The keys of the finite sp[i0, i1) whose top bits (key >> shift) are `bucket`, written at out
+// in index order, at most `room` of them (the histogram's count; *over set if there are more or
+// fewer: scores written while they are read): 16 floats a step, the bucket's keys
 // compress-stored (the scalar loop's branch per entry took longer than the histogram pass).
-__attribute__((target("avx512f"))) int64_t gather_bucket_avx512(const float* sp, int64_t i0,
-                                                                 int64_t i1, int shift,
-                                                                 uint32_t bucket, uint32_t* out,
-                                                                 int64_t room, bool* over) {
-  using K = KeyOf<float>;
-  const __m512i abs_mask = _mm512_set1_epi32(static_cast<int>(K::kAbs));
-  const __m512i inf = _mm512_set1_epi32(static_cast<int>(K::kInf));
-  const __m512i nan = _mm512_set1_epi32(static_cast<int>(K::kNaN));
+__attribute__((target("avx512f"))) void gather_bucket_avx512(const float* sp, int64_t i0,
+                                                             int64_t i1, int shift,
+                                                             uint32_t bucket, uint32_t* out,
+                                                             int64_t room, bool* over) {
+  const __m512i abs_mask = _mm512_set1_epi32(static_cast<int>(KeyOf<float>::kAbs));
   const __m512i want = _mm512_set1_epi32(static_cast<int>(bucket));
   const __m512i by = _mm512_set1_epi32(shift);
-  int64_t nans = 0, i = i0;
+  int64_t i = i0;
   for (; i + 16 <= i1; i += 16) {
-    __m512i k = _mm512_and_si512(_mm512_loadu_si512(sp + i), abs_mask);
-    const __mmask16 is_nan = _mm512_cmpgt_epu32_mask(k, inf);
-    k = _mm512_mask_mov_epi32(k, is_nan, nan);  // abs_key: every NaN one key
-    nans += __builtin_popcount(is_nan);
+    const __m512i k = _mm512_and_si512(_mm512_loadu_si512(sp + i), abs_mask);  // abs_key
     const __mmask16 in = _mm512_cmpeq_epi32_mask(_mm512_maskz_srlv_epi32(0xFFFF, k, by), want);
     const int got = __builtin_popcount(in);
     if (got > room) {
       *over = true;
-      return nans;
+      return;
     }
     _mm512_mask_compressstoreu_epi32(out, in, k);
     out += got;
@@ -118,16 +112,14 @@ __attribute__((target("avx512f"))) int64_t gather_bucket_avx512(const float* sp,
   }
   for (; i < i1; ++i) {
     const uint32_t k = abs_key(sp[i]);
-    nans += k == K::kNaN;
     if ((k >> shift) != bucket) continue;
     if (room-- == 0) {
       *over = true;
-      return nans;
+      return;
     }
     *out++ = k;
   }
   *over = *over || room != 0;
-  return nans;
 }
 
 // The keep-th largest key v of |s| and how the entries equal to it are kept; 0 < keep < n.
@@ -141,8 +133,9 @@ struct Threshold {
 };
 
 // v = the key of ascending rank r = n - keep (the keep-th largest). Pass 1: a histogram of the
-// keys' top kTopBits bits finds v's bucket; pass 2 gathers that bucket's keys (and counts the
-// NaNs); v is then selected among those few candidates. NaN or inf is `op`'s ValueError.
+// keys' top kTopBits bits finds v's bucket (and counts the non-finite keys: NaN or inf is
+// `op`'s ValueError); pass 2 gathers that bucket's keys; v is then selected among those few
+// candidates.
 template <typename scalar_t>
 Threshold<scalar_t> find_threshold(const char* op, const scalar_t* sp, int64_t n, int64_t keep) {
   using K = KeyOf<scalar_t>;
@@ -178,8 +171,8 @@ Threshold<scalar_t> find_threshold(const char* op, const scalar_t* sp, int64_t n
     below += cnt;
   }
   r -= below;
+  // (No NaN is left: non_finite above counted every key >= kInf.)
   std::vector<std::vector<key_t>> parts(ch.count);
-  std::vector<int64_t> nans(ch.count, 0);
   const bool avx512 = std::is_same_v<scalar_t, float> && active_isa() == Isa::kAvx512;
   std::atomic<bool> changed{false};
   at::parallel_for(0, ch.count, 1, [&](int64_t cb, int64_t ce) {
@@ -190,21 +183,17 @@ Threshold<scalar_t> find_threshold(const char* op, const scalar_t* sp, int64_t n
         if (avx512) {
           part.resize(static_cast<size_t>(h[bucket]));
           bool over = false;
-          nans[c] = gather_bucket_avx512(sp, ch.begin(c), ch.end(c), shift,
-                                         static_cast<uint32_t>(bucket), part.data(), h[bucket],
-                                         &over);
+          gather_bucket_avx512(sp, ch.begin(c), ch.end(c), shift, static_cast<uint32_t>(bucket),
+                               part.data(), h[bucket], &over);
           if (over) changed.store(true, std::memory_order_relaxed);
           continue;
         }
       }
       part.reserve(static_cast<size_t>(h[bucket]));
-      int64_t cnt = 0;
       for (int64_t i = ch.begin(c), e = ch.end(c); i < e; ++i) {
         const key_t k = abs_key(sp[i]);
-        cnt += k == K::kNaN;
         if ((k >> shift) == bucket) part.push_back(k);
       }
-      nans[c] = cnt;
     }
   });
   std::vector<key_t> cand;
@@ -219,9 +208,7 @@ Threshold<scalar_t> find_threshold(const char* op, const scalar_t* sp, int64_t n
     below += k < v;
     ties += k == v;
   }
-  int64_t nan_count = 0;
-  for (int64_t c = 0; c < ch.count; ++c) nan_count += nans[c];
-  const int64_t room = keep - (n - below - ties - nan_count);
+  const int64_t room = keep - (n - below - ties);
   return {v, v == K::kNaN, ties <= room, room};
 }
 

@@ -851,29 +851,74 @@ def test_split_grads_in_chunks_of_images(gx_algo, gw_algo, seed, grad_seed, use_
 
 @pytest.mark.skipif(not onednn_runs(),
                     reason="the int8 input gradient needs AMX-INT8 or AVX-512 VNNI")
-def test_int8_input_grad_over_dz_finishes_an_overflowing_chunk_as_the_float_form(use_algos):
+@pytest.mark.parametrize("geom,bad", [((1, 2, 32, 32, 256, 256, 3, 1, 1), 1),
+                                      ((1, 30, 512, 512, 4, 4, 3, 1, 1), 28)],
+                         ids=["conv-image-chunks", "unfolded-26-image-chunks"])
+def test_int8_input_grad_over_dz_finishes_an_overflowing_chunk_as_the_float_form(geom, bad,
+                                                                                  use_algos):
     """The int8 input gradient of a layer with Ci = Co writes each chunk of images over dZ once
-    its limbs are taken. Where alpha * dZ overflows in a later chunk (dZ itself finite), the
-    chunks already written stay the int8 gradient and the rest is the float form's, as the
-    float form gives them (an infinity where it overflows too), not a gradient of
+    its limbs are taken (chunks of one 256x256 image for the convolution; of 26 4x4 images of 512
+    channels for the unfolded product). Where alpha * dZ overflows in a later chunk (dZ itself
+    finite), the chunks already written stay the int8 gradient and the rest is the float form's,
+    as the float form gives them (an infinity where it overflows too), not a gradient of
     overwritten values."""
-    c = _conv_case((1, 2, 32, 32, 256, 256, 3, 1, 1), 21)
-    c["alpha"] = torch.full((32,), 1e7)
-    c["scale"] = torch.full((32,), 1e-6)
+    co = geom[3]
+    c = _conv_case(geom, 21)
+    c["alpha"] = torch.full((co,), 1e7)
+    c["scale"] = torch.full((co,), 1e-6)
     fwd = _fwd_of(c)
     gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(4))
-    gs[0, 1] = gs[0, 1].sign() * 3e38  # the second image: dZ finite, alpha * dZ past float32's
+    gs[0, bad] = gs[0, bad].sign() * 3e38  # dZ finite, alpha * dZ past float32's
     use_algos(grad_x="int8", grad_w="event")
     a = _bwd_of(c, fwd, gs)[0]
     use_algos(grad_x="dense", grad_w="event")
     b = _bwd_of(c, fwd, gs)[0]
-    _assert_close(a[0, 0], b[0, 0], "grad_x of the first image (int8)")
-    want = b[0, 1]  # the float form's: it overflows as well
+    _assert_close(a[0, :bad], b[0, :bad], "grad_x of the images before (int8)")
+    want = b[0, bad:]  # the float form's: it overflows as well
     assert not torch.isfinite(want).all()
     for kind in (torch.isnan, torch.isposinf, torch.isneginf):
-        assert torch.equal(kind(a[0, 1]), kind(want))
+        assert torch.equal(kind(a[0, bad:]), kind(want))
     fin = torch.isfinite(want)
-    assert torch.equal(a[0, 1][fin], want[fin])
+    assert torch.equal(a[0, bad:][fin], want[fin])
+
+
+@pytest.mark.skipif(not onednn_runs(),
+                    reason="the int8 input gradient needs AMX-INT8 or AVX-512 VNNI")
+@pytest.mark.parametrize("geom", [(3, 130, 70, 4, 4, 3, 1), (2, 64, 64, 2, 2, 3, 1),
+                                  (2, 33, 40, 4, 4, 5, 2), (2, 16, 24, 3, 5, 3, 0)],
+                         ids=lambda g: "x".join(map(str, g)))
+def test_int8_input_grad_unfolded_equals_its_convolution(geom):
+    """The int8 input gradient's two executions at stride 1, oneDNN's convolution of the limbs
+    and one int8 matrix product over the unfolded limbs (small maps), form the same integer sums:
+    equal bit for bit, both within 1e-5 relative of the float64 transposed convolution of
+    alpha * dZ with the ternary weight; channels past one block of 64 and not a multiple of 32, a
+    5x5 kernel, no padding, a non-square map and an all-zero image (unit 0). A NaN in dZ gives
+    None from both."""
+    B, Ci, Co, H, W, k, pad = geom
+    g = torch.Generator().manual_seed(stable_seed(geom))
+    w = torch.randint(-1, 2, (Co, Ci, k, k), generator=g).float()
+    wm, wp = ref.pack_weight_reference(w)
+    alpha = torch.rand(Co, generator=g) * 0.2 + 0.05
+    ho, wo = H + 2 * pad - k + 1, W + 2 * pad - k + 1
+    gz = torch.randn(B, Co, ho, wo, generator=g) * torch.logspace(-3, 3, B).view(B, 1, 1, 1)
+    gz[-1] = 0.0
+    mod = CPU
+    conv = mod._int8_input_grad(gz, wm, wp, alpha, Ci, H, W, 1, pad, "conv")
+    unf = mod._int8_input_grad(gz, wm, wp, alpha, Ci, H, W, 1, pad, "unfolded")
+    assert torch.equal(unf, conv)
+    want = torch.nn.functional.conv_transpose2d(gz.double() * alpha.double().view(1, -1, 1, 1),
+                                                w.double(), padding=pad)
+    _assert_close(unf, want, "unfolded int8 grad_x vs float64")
+    assert torch.equal(unf[-1], torch.zeros_like(unf[-1]))
+    bad = gz.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    for exe in ("conv", "unfolded"):
+        assert mod._int8_input_grad(bad, wm, wp, alpha, Ci, H, W, 1, pad, exe) is None
+    with pytest.raises(ValueError, match="exec"):
+        mod._int8_input_grad(gz, wm, wp, alpha, Ci, H, W, 1, pad, "gemm")
+    with pytest.raises(RuntimeError, match="stride 1"):
+        mod._int8_input_grad(gz[:, :, ::2, ::2].contiguous(), wm, wp, alpha, Ci, H, W, 2, pad,
+                             "unfolded")
 
 
 def _driven_case(geom, seed):
@@ -1091,7 +1136,9 @@ INT8_AUTO = [
     ("grad_w", (2, 2, 64, 64, 8, 8, 1, 1, 0), 0.05, False),    # pointwise, sparse: event
     ("grad_x", (2, 2, 64, 64, 8, 8, 3, 1, 1), 0.3, True),
     ("grad_x", (2, 2, 64, 64, 16, 16, 3, 2, 1), 0.3, True),    # stride 2: the class convs
-    ("grad_x", (2, 2, 64, 64, 4, 4, 3, 1, 1), 0.3, False),     # 4x4: the dense conv
+    ("grad_x", (2, 2, 128, 256, 4, 4, 3, 1, 1), 0.3, True),    # 4x4: the unfolded product
+    ("grad_x", (2, 2, 64, 128, 4, 4, 3, 1, 1), 0.3, False),    # ... from 2^15 channel pairs
+    ("grad_x", (2, 2, 128, 256, 8, 8, 3, 2, 1), 0.3, False),   # stride 2 to 4x4: dense conv
     ("grad_x", (2, 2, 32, 32, 32, 32, 3, 1, 1), 0.3, True),
     ("grad_x", (2, 2, 64, 64, 2, 2, 3, 1, 1), 0.3, False),     # 3x3 over 2x2: the unfold form
     ("grad_x", (2, 2, 64, 64, 64, 64, 3, 1, 1), 0.3, False),   # above the measured range

@@ -99,7 +99,8 @@ def test_the_rules_move_with_rate_and_map_size():
     dense weight gradient from a rate, in its tap form on maps of at most 4x4 (with AMX-INT8 the
     int8 form there at any rate); the margined input gradient from 32x32 output pixels at stride
     1; the unfold form of both for 3x3 over 2x2; with AMX-INT8 the int8 input gradient from 8x8
-    maps, and the onednn inference forward for packed output only."""
+    maps, and at stride 1 on 4x4 maps of 128 x 256 channel pairs and more (its unfolded product),
+    and the onednn inference forward for packed output only."""
     x, w = (4, 16, 128, 16, 16), (128, 128, 3, 3)
     assert plan.forward_plan(x, w, 1, 1, rate=0.9)["forward"] == "dense"
     dense_w = plan.backward_plan(x, w, 1, 1, rate=0.9)["grad_w"]
@@ -108,6 +109,11 @@ def test_the_rules_move_with_rate_and_map_size():
     assert plan.backward_plan(small, w, 1, 1, rate=0.9)["grad_w"] == ("int8" if AMX else "taps")
     assert plan.backward_plan(small, w, 1, 1, rate=0.1)["grad_w"] == ("int8" if AMX else "event")
     assert plan.backward_plan(small, w, 1, 1)["grad_x"] in {"dense", "margined"}
+    wide = (256, 128, 3, 3)  # from 128 x 256 channel pairs the unfolded int8 product
+    assert plan.backward_plan(small, wide, 1, 1)["grad_x"] in (
+        {"int8"} if AMX else {"dense", "margined"})
+    # at stride 2 onto 4x4 the int8 form would be the class convs, which lose there
+    assert plan.backward_plan((4, 16, 128, 8, 8), wide, 2, 1)["grad_x"] in {"dense", "margined"}
     assert plan.backward_plan((4, 16, 128, 8, 8), w, 1, 1)["grad_x"] in (
         {"int8"} if AMX else {"dense", "margined", "ternary", "combo"})
     assert plan.forward_plan(x, w, 1, 1, rate=0.15, infer=True)["forward"] == "event"

@@ -316,7 +316,9 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
 // inference forward): alpha[co] * dZ per image on a unit u = max / 127 as three limbs (u8 with
 // zero point 128, the three as three batches of images), W in {-1, 0, +1}; its int32 sums are
 // exact (|sum| <= 127 * Co * KH * KW < 2^24, also as the float32 it writes). A class of rows that
-// no kernel row reaches (stride above the kernel) gets a zero gradient.
+// no kernel row reaches (stride above the kernel) gets a zero gradient. On small maps at stride 1
+// the same sums come from one int8 matrix product over the limbs unfolded around each input pixel
+// (input_grad_int8_unfolded).
 // ---------------------------------------------------------------------------------------------
 
 namespace {
@@ -437,17 +439,132 @@ void recombine_base(const float* a, const float* b, const float* c, int64_t n, d
   recombine_body(a, b, c, n, u, out);
 }
 
+// The rest of dZ from image b0 as the float conv, into gx (written over dZ): where alpha * dZ
+// overflowed (dZ itself is finite) after earlier chunks were written over dZ, the float form
+// that a split form gives way to takes the images still holding dZ.
+at::Tensor dense_rest(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
+                      const at::Tensor& w_mask, const at::Tensor& w_pos, const float* alpha,
+                      const at::Tensor& gx, int64_t b0) {
+  ConvShape rest = s;
+  rest.B = rest.N = s.B - b0;
+  rest.T = 1;
+  const at::Tensor tail =
+      input_grad_dense(rest, Ci, gz.narrow(0, b0, s.B - b0), w_mask, w_pos, alpha);
+  gx.view({s.B, Ci, s.H, s.W}).narrow(0, b0, s.B - b0).copy_(tail.view({-1, Ci, s.H, s.W}));
+  return gx;
+}
+
+// input_grad_int8 at stride 1 as int8 matrix products: per chunk of images, A [3 nb SX, taps
+// Co] holds each limb's dZ unfolded around every input pixel (column (jy, jx, co): the limb of
+// dZ at pixel (y + jy - mt, x + jx - ml), 0 outside the map), B [taps Co, Ci] the flipped,
+// transposed ternary weight (transposed_int8_weight's bytes), and _int_mm(A, B) gives each
+// limb's exact int32 sums -- the same integers as the convolution's, so the same gradient.
+at::Tensor input_grad_int8_unfolded(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
+                                    const at::Tensor& w_mask, const at::Tensor& w_pos,
+                                    const float* alpha, bool over_gz) {
+  int64_t mt, mb, ml, mr;  // at stride 1 one class per axis: the whole kernel, flipped
+  const AxisClass cy = axis_classes(s.H, s.Ho, s.KH, 1, s.padding, &mt, &mb)[0];
+  const AxisClass cx = axis_classes(s.W, s.Wo, s.KW, 1, s.padding, &ml, &mr)[0];
+  const auto* wm = reinterpret_cast<const uint32_t*>(w_mask.data_ptr<int32_t>());
+  const auto* wpos = reinterpret_cast<const uint32_t*>(w_pos.data_ptr<int32_t>());
+  const int64_t S = s.Ho * s.Wo, SX = s.H * s.W, taps = s.KH * s.KW, K = taps * s.Co;
+  // [Ci, KH, KW, Co] bytes (the view is [Ci, Co, KH, KW]): B^T, row ci over (jy, jx, co)
+  const at::Tensor Bt = transposed_int8_weight(s, Ci, wm, wpos, cy, cx).permute({0, 2, 3, 1})
+                            .reshape({Ci, K});
+  const at::Tensor B = Bt.t();
+  const int64_t per_image = 3 * SX * (K + 4 * Ci);
+  const int64_t nb_max = std::max<int64_t>(1, std::min(s.B, kInputGradChunkBytes / per_image));
+  const bool avx512 = isa_supported(Isa::kAvx512);
+  const auto limb_fn = avx512 ? &limbs_avx512<int8_t, 0> : &limbs_base<int8_t, 0>;
+  const auto row_fn = avx512 ? &limb_row_avx512 : &limb_row_base;
+  const auto scale_max = avx512 ? &scale_max_avx512 : &scale_max_base;
+  const TransposeFn transpose = transpose_f32_fn();
+  const float* g = gz.data_ptr<float>();
+  at::Tensor gx = over_gz ? gz.view({s.T, s.N, Ci, s.H, s.W})
+                          : empty_big({s.T, s.N, Ci, s.H, s.W}, gz.options());
+  float* gxp = gx.data_ptr<float>();
+  std::vector<double> unit(s.B);
+  for (int64_t b0 = 0; b0 < s.B; b0 += nb_max) {
+    const int64_t nb = std::min(nb_max, s.B - b0);
+    // row (k * nb + i) * SX + y * W + x: limb k of image b0 + i around input pixel (y, x)
+    at::Tensor A = empty_big({3 * nb * SX, K}, gz.options().dtype(at::kChar));
+    int8_t* ap = A.data_ptr<int8_t>();
+    std::atomic<bool> any_bad{false};
+    at::parallel_for(0, nb, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> cl(S * s.Co);
+      std::vector<int8_t> lb(3 * S * s.Co);  // the image's limbs, [3, S, Co]
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = b0 + i;
+        transpose(g + b * s.Co * S, cl.data(), s.Co, S);            // [S, Co]
+        const uint32_t top = scale_max(cl.data(), alpha, S, s.Co);  // alpha * dZ
+        if (top >= kInfKey) {
+          any_bad.store(true, std::memory_order_relaxed);
+          continue;
+        }
+        const float mx = float_of_key(top);
+        const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+        unit[b] = mx > 0.0f ? 1.0 / static_cast<double>(inv) : 0.0;
+        limb_fn(cl.data(), S * s.Co, inv, lb.data(), lb.data() + S * s.Co,
+                lb.data() + 2 * S * s.Co);
+        for (int k = 0; k < 3; ++k) {
+          const int8_t* src = lb.data() + k * S * s.Co;
+          int8_t* row = ap + (k * nb + i) * SX * K;
+          for (int64_t y = 0; y < s.H; ++y)
+            for (int64_t x = 0; x < s.W; ++x, row += K)
+              for (int64_t jy = 0; jy < s.KH; ++jy) {
+                const int64_t sy = y + jy - mt;
+                for (int64_t jx = 0; jx < s.KW; ++jx) {
+                  const int64_t sx = x + jx - ml;
+                  int8_t* d = row + (jy * s.KW + jx) * s.Co;
+                  if (sy >= 0 && sy < s.Ho && sx >= 0 && sx < s.Wo)
+                    std::memcpy(d, src + (sy * s.Wo + sx) * s.Co, s.Co);
+                  else
+                    std::memset(d, 0, s.Co);
+                }
+              }
+        }
+      }
+    });
+    if (any_bad.load()) {
+      if (!over_gz) return at::Tensor();
+      return dense_rest(s, Ci, gz, w_mask, w_pos, alpha, gx, b0);
+    }
+    at::Tensor r = empty_big({3 * nb * SX, Ci}, gz.options().dtype(at::kInt));
+    at::_int_mm_out(r, A, B);  // [3 nb SX, Ci]
+    A.reset();
+    const int32_t* rp = r.data_ptr<int32_t>();
+    at::parallel_for(0, nb, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> cl(SX * Ci);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int32_t* q0 = rp + i * SX * Ci;
+        row_fn(q0, q0 + nb * SX * Ci, q0 + 2 * nb * SX * Ci, SX * Ci, unit[b0 + i], cl.data());
+        transpose(cl.data(), gxp + (b0 + i) * SX * Ci, SX, Ci);  // [SX, Ci] -> [Ci, SX]
+      }
+    });
+  }
+  return gx;
+}
+
 }  // namespace
+
+bool int8_grad_x_unfolds(const ConvShape& s) {
+  return s.stride == 1 && s.H * s.W <= kInt8UnfoldedGradXMaxPixels;
+}
 
 at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
                            const at::Tensor& w_mask, const at::Tensor& w_pos,
-                           const float* alpha, bool over_gz) {
+                           const float* alpha, bool over_gz, Int8GradX exec) {
   TORCH_INTERNAL_ASSERT(!over_gz || (Ci == s.Co && s.H == s.Ho && s.W == s.Wo &&
                                      gz.is_contiguous()),
                         "input_grad_int8: the gradient over dZ needs one shape");
   TORCH_CHECK(onednn_int8_runs(), "binslt: the 'int8' input gradient needs PyTorch's oneDNN "
               "int8 convolution on a CPU with AMX-INT8 or AVX-512 VNNI; use "
               "cpu_algorithms(grad_x='auto')");
+  TORCH_CHECK(exec != Int8GradX::kUnfolded || s.stride == 1,
+              "binslt: the unfolded int8 input gradient runs at stride 1 only, got stride ",
+              s.stride);
+  if (exec == Int8GradX::kAuto ? int8_grad_x_unfolds(s) : exec == Int8GradX::kUnfolded)
+    return input_grad_int8_unfolded(s, Ci, gz, w_mask, w_pos, alpha, over_gz);
   int64_t mt, mb, ml, mr;
   const std::vector<AxisClass> rows = axis_classes(s.H, s.Ho, s.KH, s.stride, s.padding, &mt, &mb);
   const std::vector<AxisClass> cols = axis_classes(s.W, s.Wo, s.KW, s.stride, s.padding, &ml, &mr);
@@ -541,15 +658,7 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
     });
     if (any_bad.load()) {
       if (!over_gz) return at::Tensor();
-      // alpha * dZ overflowed (dZ itself is finite) after earlier chunks were written over dZ:
-      // this chunk and the rest, still dZ, as the float conv, which a split form gives way to
-      ConvShape rest = s;
-      rest.B = rest.N = s.B - b0;
-      rest.T = 1;
-      const at::Tensor tail = input_grad_dense(rest, Ci, gz.narrow(0, b0, s.B - b0), w_mask,
-                                               w_pos, alpha);
-      gx.view({s.B, Ci, s.H, s.W}).narrow(0, b0, s.B - b0).copy_(tail.view({-1, Ci, s.H, s.W}));
-      return gx;
+      return dense_rest(s, Ci, gz, w_mask, w_pos, alpha, gx, b0);
     }
     std::vector<at::Tensor> zs;  // per part: [3 nb, Ci, Hz, Wz] ChannelsLast
     for (const Part& pt : parts) {
@@ -594,6 +703,34 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
     });
   }
   return gx;
+}
+
+std::optional<at::Tensor> int8_input_grad_for(const at::Tensor& gz, const at::Tensor& w_mask,
+                                              const at::Tensor& w_pos, const at::Tensor& alpha,
+                                              int64_t Ci, int64_t H, int64_t W, int64_t stride,
+                                              int64_t padding, const std::string& exec) {
+  const char* op = "_int8_input_grad";
+  TORCH_CHECK_VALUE(exec == "auto" || exec == "conv" || exec == "unfolded", "binslt: ", op,
+                    ": exec is 'auto', 'conv' or 'unfolded', got '", exec, "'");
+  TORCH_CHECK_VALUE(Ci > 0 && H > 0 && W > 0 && gz.dim() == 4, "binslt: ", op,
+                    ": Ci, H and W must be positive and gz [B, Co, Ho, Wo]");
+  ConvShape s = check_conv_dims({gz.size(0), H, W, (Ci + 31) / 32, "gz"}, w_mask, w_pos, 1,
+                                stride, padding, op);
+  TORCH_CHECK_VALUE(gz.dim() == 4 && gz.size(1) == s.Co && gz.size(2) == s.Ho &&
+                        gz.size(3) == s.Wo && gz.scalar_type() == at::kFloat,
+                    "binslt: ", op, ": gz must be float32 [B, ", s.Co, ", ", s.Ho, ", ", s.Wo,
+                    "], got ", gz.scalar_type(), " ", gz.sizes());
+  TORCH_CHECK_VALUE(alpha.numel() == s.Co && alpha.scalar_type() == at::kFloat, "binslt: ", op,
+                    ": alpha must be float32 [", s.Co, "]");
+  const at::Tensor g = gz.contiguous();
+  const at::Tensor a = alpha.contiguous();
+  const Int8GradX e = exec == "conv"       ? Int8GradX::kConv
+                      : exec == "unfolded" ? Int8GradX::kUnfolded
+                                           : Int8GradX::kAuto;
+  at::Tensor r = input_grad_int8(s, Ci, g, w_mask.contiguous(), w_pos.contiguous(),
+                                 a.data_ptr<float>(), false, e);
+  if (!r.defined()) return std::nullopt;
+  return r.view({s.B, Ci, H, W});
 }
 
 }  // namespace cpu

@@ -131,9 +131,20 @@ struct AutoRules {
   // 32x32 pooled 104.1 / 90.7 / 76.0 (the ternary form was auto at 16x16 and 32x32). At 4x4 the
   // dense conv is ahead again (the same Xeon, 2026-12-06, VGG-11 N=32 search step, measured
   // keys, ms dense / int8: 512->512 pooled 32.1 / 38.4, 256->512 15.8 / 16.4; plan_check.py at
-  // N=8, whole layer: 54.1 / 62.9 and 29.5 / 33.8), so the range starts at 8x8.
+  // N=8, whole layer: 54.1 / 62.9 and 29.5 / 33.8), so the range starts at 8x8 -- for the
+  // convolution. Below it, at stride 1, the int8 form runs as one matrix product over the
+  // unfolded limbs (int8_grad_x_unfolds, bconv_cpu.h), which leads the dense conv there: the
+  // same Xeon, 2026-12-07, measured keys, ms dense / int8 unfolded: 512->512 4x4 pooled
+  // 27.2 / 14.6, 256->512 4x4 13.3 / 9.3.
   int64_t int8_grad_x_min_pixels;
   int64_t int8_grad_x_max_pixels;
+  // ... from this many (input, output) channel pairs: the whole backward call with the int8
+  // weight gradient (benchmarks-style op loop, T=4, medians of 30, ms dense / int8 unfolded):
+  // 256->256 4x4 N=32 11.6-12.0 / 8.4-9.4, 128->256 N=32 6.6-7.1 / 5.5-6.0, and below, the
+  // default search's N=64 layers, 128->128 6.6 / 5.8-6.0 and 64->128 3.8-3.9 / 3.6-3.8. There a
+  // few percent of the call would change that search's gradient rounding, which moves its
+  // 30-epoch result (98.89 -> 98.61 % with the rule at every 4x4 map): the dense form stays.
+  int64_t int8_unfolded_grad_x_min_channel_pairs;
 };
 
 constexpr AutoRules kAutoRules{
@@ -160,6 +171,7 @@ constexpr AutoRules kAutoRules{
     /*int8_grad_w_event_max_rate=*/0.25,
     /*int8_grad_x_min_pixels=*/64,
     /*int8_grad_x_max_pixels=*/1024,
+    /*int8_unfolded_grad_x_min_channel_pairs=*/128 * 256,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -614,7 +626,9 @@ GradXPlan forced_grad_x(const Facts& f, Isa isa, GradXAlgo a) {
 // Input gradient ("none" when dL/dx is not wanted), in this order:
 //   * "pointwise" for a pointwise conv; "unfold" where the unfold rule above holds;
 //   * "int8" on a CPU with AMX-INT8 (any stride: one conv per pair of stride classes), for maps
-//     of [int8_grad_x_min_pixels, int8_grad_x_max_pixels] output pixels;
+//     of [int8_grad_x_min_pixels, int8_grad_x_max_pixels] output pixels, and at stride 1 on
+//     maps where its unfolded execution runs (int8_grad_x_unfolds: at most 16 input pixels)
+//     from int8_unfolded_grad_x_min_channel_pairs channel pairs;
 //   * on the avx512 path at stride 1 on rows of at least ternary_min_width: "combo" from a weight
 //     density of combo_min_density with at least combo_min_in_channels input channels and
 //     planes within combo_max_bytes, else "ternary" up to ternary_max_density;
@@ -812,8 +826,11 @@ BackwardPlan plan_backward(const BackwardQuery& q) {
   } else {
     GradXPlan float_x = float_grad_x_rule(f, plan.isa, q);
     if (float_x == GradXPlan::kDense) float_x = dense_layout(plan.grad_w);
-    const bool int8 = onednn_int8_supported() && f.pixels() >= kAutoRules.int8_grad_x_min_pixels &&
-                      f.pixels() <= kAutoRules.int8_grad_x_max_pixels;
+    const bool int8 = onednn_int8_supported() &&
+                      ((f.pixels() >= kAutoRules.int8_grad_x_min_pixels &&
+                        f.pixels() <= kAutoRules.int8_grad_x_max_pixels) ||
+                       (int8_grad_x_unfolds(f.s) &&
+                        q.Ci * f.s.Co >= kAutoRules.int8_unfolded_grad_x_min_channel_pairs));
     plan.grad_x = int8 ? GradXPlan::kInt8 : float_x;
     plan.grad_x_nonfinite = float_x;
   }

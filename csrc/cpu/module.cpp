@@ -26,6 +26,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_bf16_split", &cpu::bf16_split, py::arg("x"),
         "x (float32) as ([3, *x.shape] parts exact in bf16, e): x == (p0 + p1 + p2) * 2^e (the "
         "split of the 'bf16x3' gradient forms); ValueError for NaN or inf");
+  m.def("_int8_input_grad", &cpu::int8_input_grad_for, py::arg("gz"), py::arg("w_mask"),
+        py::arg("w_pos"), py::arg("alpha"), py::arg("Ci"), py::arg("H"), py::arg("W"),
+        py::arg("stride"), py::arg("padding"), py::arg("exec"),
+        "The 'int8' input gradient of dZ [B, Co, Ho, Wo] (a CPU with AMX-INT8 or VNNI): "
+        "[B, Ci, H, W], or None where dZ holds NaN or inf; exec 'conv' or 'unfolded' forces one "
+        "of its two executions (the same integer sums), 'auto' takes the op's");
   m.def("_plan_forward", &cpu::plan_forward_for, py::arg("x_shape"), py::arg("weight_shape"),
         py::arg("stride"), py::arg("padding"), py::arg("rate"), py::arg("op"),
         py::arg("packed_out") = false,

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <type_traits>
 
 namespace binslt {
@@ -268,14 +269,35 @@ int64_t int8_grad_w_max_pixels();
 // split forms' scale (int8 per channel, bf16x3 per tensor).
 float channel_abs_max(const float* g, int64_t img_stride, int64_t nb, int64_t n, bool* bad);
 // The input gradient [T, N, Ci, H, W] the same way (any stride and padding; a CPU with
-// AMX-INT8): alpha * dZ per image in three u8 limbs, oneDNN's int8 convolution with the flipped,
-// transposed {-1, 0, +1} weight (at stride s, one per pair of stride classes of the rows and
-// columns, with that pair's sub-kernel). Undefined where dZ holds a value that is not finite. over_gz
-// (dZ finite, Ci = Co, the same map, dZ read by nothing after): each chunk of images' gradient
-// is written over that chunk's dZ once its limbs are taken, and the result is gz's storage.
+// AMX-INT8): alpha * dZ per image in three limbs, their exact int32 products with the flipped,
+// transposed {-1, 0, +1} weight, recombined in double. Two executions of the same integer sums
+// (so the same gradient, bit for bit): oneDNN's u8 x s8 convolution of the limbs (at stride s,
+// one per pair of stride classes of the rows and columns, with that pair's sub-kernel), or, at
+// stride 1 on maps of at most kInt8UnfoldedGradXMaxPixels input pixels (int8_grad_x_unfolds),
+// one int8 matrix product (ATen's _int_mm) per chunk of images over the limbs unfolded around
+// every input pixel: oneDNN's convolution of a 4x4 map (6x6 padded) runs far below its speed on
+// larger maps, the matrix product near _int_mm's rate. The 2-core Xeon with AMX, VGG-11's N=32
+// T=4 search step (BINSLT_PLAN_MEASURE=all keys, grad_x alone, ms conv / unfolded / dense):
+// 512->512 4x4 pooled 27.3 / 14.6 / 27.2, 256->512 4x4 9.6 / 9.3 / 13.3; at 8x8 the
+// convolution leads (256->256 pooled 13.2 / 16.2). exec: kAuto follows int8_grad_x_unfolds;
+// kConv / kUnfolded force one (kUnfolded needs stride 1; tests compare the two).
+// Undefined where dZ holds a value that is not finite. over_gz (dZ finite, Ci = Co, the same
+// map, dZ read by nothing after): each chunk of images' gradient is written over that chunk's
+// dZ once its limbs are taken, and the result is gz's storage.
+constexpr int64_t kInt8UnfoldedGradXMaxPixels = 16;
+enum class Int8GradX : int8_t { kAuto, kConv, kUnfolded };
+bool int8_grad_x_unfolds(const ConvShape& s);
 at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
                            const at::Tensor& w_mask, const at::Tensor& w_pos,
-                           const float* alpha, bool over_gz = false);
+                           const float* alpha, bool over_gz = false,
+                           Int8GradX exec = Int8GradX::kAuto);
+// input_grad_int8 as a Python function for the tests (binslt._C._int8_input_grad): dZ [B, Co,
+// Ho, Wo] float32, the weight planes, alpha [Co], the input's size; None where dZ holds a value
+// that is not finite.
+std::optional<at::Tensor> int8_input_grad_for(const at::Tensor& gz, const at::Tensor& w_mask,
+                                              const at::Tensor& w_pos, const at::Tensor& alpha,
+                                              int64_t Ci, int64_t H, int64_t W, int64_t stride,
+                                              int64_t padding, const std::string& exec);
 
 // The split-precision forms (bconv_grad_bf16.cpp; any stride): dZ on one power-of-two scale in
 // three parts exact in bf16, the products ATen float32 calls under oneDNN's bf16 precision (a

@@ -16,6 +16,14 @@ from ..ops import reference as ref
 from .base import MODES, MultiStepOnly, NonFiniteError, _call_named, _NoTorchScript, layer_label
 
 
+def _tensor_states(*tensors) -> tuple:
+    """(version counter, storage address) of each tensor (None for None): the caches of derived
+    weights key on it, so that any in-place update (an optimiser step, ``load_state_dict``) or a
+    new storage (``.to``, ``.data =``) invalidates them. Writes through ``.data`` bypass version
+    counters, as they bypass autograd's checks."""
+    return tuple(None if t is None else (t._version, t.data_ptr()) for t in tensors)
+
+
 class _MaskedSignWeight(MultiStepOnly, _NoTorchScript, nn.Module):
     """Frozen real weight ``w``, trainable scores ``s`` and the effective weight
     ``W_eff = alpha * sign(w) * M`` (docs/design.md section 1).
@@ -134,8 +142,8 @@ class _MaskedSignWeight(MultiStepOnly, _NoTorchScript, nn.Module):
         src = (self.w_mask_bits, self.w_pos_bits, self.alpha)
         if any(type(t) is not torch.Tensor or t.is_meta for t in src):
             return self.effective_weight()
-        key = (self.weight.dtype, torch.is_inference_mode_enabled(),
-               *((id(t), t._version, t.data_ptr()) for t in src))
+        key = (self.weight.dtype, torch.is_inference_mode_enabled(), tuple(map(id, src)),
+               _tensor_states(*src))
         hit = self.__dict__.get("_weight_cache")
         if hit is not None and hit[0] == key:
             return hit[2]
@@ -166,9 +174,8 @@ class _MaskedSignWeight(MultiStepOnly, _NoTorchScript, nn.Module):
             return self.w_mask_bits, self.w_pos_bits, self.alpha
         if torch.compiler.is_compiling():  # traced graphs recompute; no Python-side cache
             return self._pack_effective_weight()
-        key = (self._mode, self.prune_rate, self.per_channel_gain, self.weight._version,
-               self.weight.data_ptr(), self.scores._version, self.scores.data_ptr(),
-               None if self.mask is None else (self.mask._version, self.mask.data_ptr()))
+        key = (self._mode, self.prune_rate, self.per_channel_gain,
+               _tensor_states(self.weight, self.scores, self.mask))
         cache = self.__dict__.get("_packed_cache")
         if cache is not None and cache[0] == key:
             return cache[1]

@@ -126,8 +126,7 @@ __attribute__((target("avx512f"))) void gather_bucket_avx512(const float* sp, in
 template <typename scalar_t>
 struct Threshold {
   using key_t = typename KeyOf<scalar_t>::key_t;
-  key_t v;        // the key of the keep-th largest |s|
-  bool none;      // v is NaN's key: nothing is kept
+  key_t v;        // the key of the keep-th largest |s| (finite: NaN and inf raise first)
   bool all_ties;  // every entry equal to v is kept (else the lowest flat indices, room of them)
   int64_t room;   // places left after every non-NaN key above v
 };
@@ -209,7 +208,7 @@ Threshold<scalar_t> find_threshold(const char* op, const scalar_t* sp, int64_t n
     ties += k == v;
   }
   const int64_t room = keep - (n - below - ties);
-  return {v, v == K::kNaN, ties <= room, room};
+  return {v, ties <= room, room};
 }
 
 // tie_start[c]: the entries equal to v before range c of `ranges` (ranges[c] to ranges[c + 1]
@@ -258,7 +257,6 @@ at::Tensor topk_mask_impl(const at::Tensor& scores, int64_t keep) {
     return out.fill_(keep >= n ? 1 : 0).view(scores.sizes());
   }
   const Threshold<scalar_t> th = find_threshold("topk_mask", sp, n, keep);
-  if (th.none) return out.fill_(0).view(scores.sizes());
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const Chunks ch{n, std::max<int64_t>(1, std::min<int64_t>(nthreads, n / kChunkMin))};
   std::vector<int64_t> tie_start(ch.count, 0);
@@ -580,13 +578,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> search_sign_pack_cpu(
   const float* wp = w.data_ptr<float>();
   const float* sp = sc.data_ptr<float>();
   // The selection: every entry kept (v = 0), none (v above every finite key) or a threshold.
-  Threshold<float> th{0, false, true, 0};
+  Threshold<float> th{0, true, 0};
   if (keep >= n || keep <= 0) {
     if (count_non_finite(sp, n) > 0) raise_non_finite("search_sign_pack", "scores contain", sp, n);
     th.v = keep >= n ? 0u : KeyOf<float>::kInf;
   } else {
     th = find_threshold("search_sign_pack", sp, n, keep);
-    if (th.none) th = {KeyOf<float>::kInf, false, true, 0};
   }
   std::vector<int64_t> tie_start;
   if (!th.all_ties) {

@@ -439,6 +439,23 @@ void recombine_base(const float* a, const float* b, const float* c, int64_t n, d
   recombine_body(a, b, c, n, u, out);
 }
 
+// One image's dZ [Co, S] as alpha * dZ channel-last into cl [S, Co], and its limbs' scale
+// (the input gradient's unit is per image): *inv = 127 / max |alpha * dZ| (0 where all are 0)
+// and *unit = 1 / *inv; false where a value is not finite.
+bool image_limb_scale(const float* g, const float* alpha, int64_t Co, int64_t S, float* cl,
+                      float* inv, double* unit) {
+  static const bool avx512 = isa_supported(Isa::kAvx512);
+  static const TransposeFn transpose = transpose_f32_fn();
+  transpose(g, cl, Co, S);  // [S, Co]
+  const uint32_t top = avx512 ? scale_max_avx512(cl, alpha, S, Co)
+                              : scale_max_base(cl, alpha, S, Co);  // alpha * dZ
+  if (top >= kInfKey) return false;
+  const float mx = float_of_key(top);
+  *inv = mx > 0.0f ? 127.0f / mx : 0.0f;
+  *unit = mx > 0.0f ? 1.0 / static_cast<double>(*inv) : 0.0;
+  return true;
+}
+
 // The rest of dZ from image b0 as the float conv, into gx (written over dZ): where alpha * dZ
 // overflowed (dZ itself is finite) after earlier chunks were written over dZ, the float form
 // that a split form gives way to takes the images still holding dZ.
@@ -477,7 +494,6 @@ at::Tensor input_grad_int8_unfolded(const ConvShape& s, int64_t Ci, const at::Te
   const bool avx512 = isa_supported(Isa::kAvx512);
   const auto limb_fn = avx512 ? &limbs_avx512<int8_t, 0> : &limbs_base<int8_t, 0>;
   const auto row_fn = avx512 ? &limb_row_avx512 : &limb_row_base;
-  const auto scale_max = avx512 ? &scale_max_avx512 : &scale_max_base;
   const TransposeFn transpose = transpose_f32_fn();
   const float* g = gz.data_ptr<float>();
   at::Tensor gx = over_gz ? gz.view({s.T, s.N, Ci, s.H, s.W})
@@ -495,15 +511,11 @@ at::Tensor input_grad_int8_unfolded(const ConvShape& s, int64_t Ci, const at::Te
       std::vector<int8_t> lb(3 * S * s.Co);  // the image's limbs, [3, S, Co]
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = b0 + i;
-        transpose(g + b * s.Co * S, cl.data(), s.Co, S);            // [S, Co]
-        const uint32_t top = scale_max(cl.data(), alpha, S, s.Co);  // alpha * dZ
-        if (top >= kInfKey) {
+        float inv;
+        if (!image_limb_scale(g + b * s.Co * S, alpha, s.Co, S, cl.data(), &inv, &unit[b])) {
           any_bad.store(true, std::memory_order_relaxed);
           continue;
         }
-        const float mx = float_of_key(top);
-        const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
-        unit[b] = mx > 0.0f ? 1.0 / static_cast<double>(inv) : 0.0;
         limb_fn(cl.data(), S * s.Co, inv, lb.data(), lb.data() + S * s.Co,
                 lb.data() + 2 * S * s.Co);
         for (int k = 0; k < 3; ++k) {
@@ -596,7 +608,6 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
   const bool avx512 = isa_supported(Isa::kAvx512);
   const auto limb_fn = avx512 ? &limbs_avx512<uint8_t, 128> : &limbs_base<uint8_t, 128>;
   const auto comb_fn = avx512 ? &recombine_avx512 : &recombine_base;
-  const auto scale_max = avx512 ? &scale_max_avx512 : &scale_max_base;
   const TransposeFn transpose = transpose_f32_fn();
   const float* g = gz.data_ptr<float>();
 
@@ -629,15 +640,11 @@ at::Tensor input_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& gz,
       std::vector<float> cl(S * s.Co);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = b0 + i;
-        transpose(g + b * s.Co * S, cl.data(), s.Co, S);  // [S, Co]
-        const uint32_t top = scale_max(cl.data(), alpha, S, s.Co);  // alpha * dZ
-        const float mx = float_of_key(top);
-        if (top >= kInfKey) {
+        float inv;
+        if (!image_limb_scale(g + b * s.Co * S, alpha, s.Co, S, cl.data(), &inv, &unit[b])) {
           any_bad.store(true, std::memory_order_relaxed);
           continue;
         }
-        const float inv = mx > 0.0f ? 127.0f / mx : 0.0f;
-        unit[b] = mx > 0.0f ? 1.0 / static_cast<double>(inv) : 0.0;
         // The limbs straight into the padded images' rows; the margins hold the zero point.
         uint8_t* d[3];
         for (int k = 0; k < 3; ++k) {

@@ -9,6 +9,7 @@ agree exactly with it on every backend.
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -319,7 +320,9 @@ def test_bconv_lif_bwd_pool2_op_errors(kernel, bad, match):
 def test_bn_lif_infer_op_equals_bn_lif_pooled_and_packed(pool, packed_out, shape, neuron):
     """binslt::bn_lif_infer (C++) is bn_lif's eval-epilogue spikes, max-pooled by torch's
     max_pool2d and packed by pack_spikes, bit for bit: for a current expanded over T (stride 0,
-    read in place) and a contiguous one; odd sizes and two channel words. The reference agrees."""
+    read in place) and a contiguous one, each also with its steps in ChannelsLast (the per-pixel
+    route with AVX-512, a contiguous copy on the other ISAs); odd sizes and two channel words.
+    The reference agrees."""
     T, n, c, h, w = shape
     gen = torch.Generator().manual_seed(T * 100 + c + pool)
     tau, decay_input, v_reset = {"lif": (2.0, True, 0.0), "lif-soft": (1.5, False, None),
@@ -332,10 +335,25 @@ def test_bn_lif_infer_op_equals_bn_lif_pooled_and_packed(pool, packed_out, shape
                                     decay_input, 1.0, v_reset)[0]
         assert 0 < float(s.mean()) < 1
         want = ref.infer_output(s, pool, packed_out, torch.ops.binslt.pack_spikes)
-        for fn in (torch.ops.binslt.bn_lif_infer, ref.bn_lif_infer_reference):
-            got = fn(z, scale, shift, tau, decay_input, 1.0, v_reset, pool, packed_out)
+        got = ref.bn_lif_infer_reference(z, scale, shift, tau, decay_input, 1.0, v_reset, pool,
+                                         packed_out)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+        for zin, isa in itertools.product((z, _steps_channels_last(z)), cpu_isas()):
+            with ops.cpu_algorithms(isa=isa):
+                got = torch.ops.binslt.bn_lif_infer(zin, scale, shift, tau, decay_input, 1.0,
+                                                    v_reset, pool, packed_out)
             assert got.dtype == want.dtype and got.shape == want.shape
-            assert torch.equal(got, want)
+            assert torch.equal(got, want), (isa, zin.stride())
+
+
+def _steps_channels_last(z: torch.Tensor) -> torch.Tensor:
+    """z [T, N, C, H, W] with every step in ChannelsLast, expanded over T where z is."""
+    if z.stride(0) == 0:
+        return z[0].contiguous(memory_format=torch.channels_last).expand(z.shape)
+    cl = z.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    assert cl[0].is_contiguous(memory_format=torch.channels_last) and not cl[0].is_contiguous()
+    return cl
 
 
 @pytest.mark.parametrize("z, pool, err, match", [

@@ -237,6 +237,10 @@ class Capabilities:
       that wrote them (``binslt::sign_gain_pack``) instead of packing W_eff again;
     * ``fused_real_infer``: a real-input conv's no-grad eval epilogue + LIF (+ pool, + pack) is
       one ``binslt::bn_lif_infer`` pass;
+    * ``channels_last_current``: the fused real-input conv (``fused_real_infer``) of images of
+      at most ``layer.CHANNELS_LAST_MAX_CHANNELS`` channels runs channels-last, and
+      ``binslt::bn_lif_infer`` reads that current per pixel (with AVX-512; else one contiguous
+      copy);
     * ``fused_shortcut``: a no-grad spike conv whose residual is a ``Shortcut`` (a ResNet
       block's shortcut conv) runs ``binslt::bconv_lif_infer_shortcut``, which computes the
       shortcut beside its own conv (on the CPU with AMX-INT8, a chunk of images at a time)
@@ -266,6 +270,7 @@ class Capabilities:
     batch_as_row: bool = False
     search_planes: bool = False
     fused_real_infer: bool = False
+    channels_last_current: bool = False
     fused_shortcut: bool = False
     bit_planes: bool = False
     int8_counts: bool = False
@@ -277,7 +282,8 @@ CAPABILITIES: dict[str, Capabilities] = {
     "torch": Capabilities(autograd_reference=True),
     "cpu": Capabilities(pack_validates=True, fused_pool2=True, pool2_op=True,
                         packed_residual=True, batch_as_row=True, search_planes=True,
-                        fused_real_infer=True, fused_shortcut=True, int8_counts=True,
+                        fused_real_infer=True, channels_last_current=True,
+                        fused_shortcut=True, int8_counts=True,
                         residual_bits=True, strided_current=True),
     "triton": Capabilities(),
     "cuda": Capabilities(),

@@ -366,14 +366,25 @@ __attribute__((target("avx512f"))) void words_to_floats(const uint32_t* w, int64
   }
 }
 
-// A chunk of images [n0, n1) whose T count maps z[t] ([n1 - n0, Co, Ho, Wo] ChannelsLast floats)
-// the conv wrote, and its tiles: R output rows, row_blocks per image; res_cl: the chunk's
-// residual already channel-last ([T] maps laid out as z's; a shortcut's current), or null.
+// A chunk of images [n0, n1) whose T count maps z[t] ([n1 - n0, Co, Ho, Wo] ChannelsLast floats:
+// the conv's, or one current's T times) and its tiles: R output rows, row_blocks per image;
+// res_cl: the chunk's residual already channel-last ([T] maps laid out as z's; a shortcut's
+// current), or null.
 struct OnednnChunk {
-  const std::vector<at::Tensor>* z;
+  const float* const* z;
   int64_t n0, n1, R, row_blocks;
-  const std::vector<at::Tensor>* res_cl = nullptr;
+  const float* const* res_cl = nullptr;
 };
+
+// Output rows per tile for chunks of nb images: up to kRowChunk pixels, halved while the tiles
+// are under four a thread, a whole number of pool windows.
+int64_t tile_rows(const ConvShape& s, int64_t nb, int64_t pool) {
+  const int64_t nthreads = at::get_num_threads();
+  int64_t R = std::max<int64_t>(1, std::min<int64_t>(s.Ho, kRowChunk / s.Wo));
+  while (R > 1 && nb * ((s.Ho + R - 1) / R) < 4 * nthreads) R = (R + 1) / 2;
+  if (pool > 1) R = (R + pool - 1) / pool * pool;
+  return R;
+}
 
 // infer_onednn's packed output: per tile (image n, output rows [oy0, oy1)), each pixel's spike
 // bits straight from the channel-last counts (lif_pixel_words: no transpose), then the 2x2 OR
@@ -383,13 +394,13 @@ void infer_onednn_packed(const ConvShape& s, const InferOut& io, const OnednnChu
   const int64_t S = s.Ho * s.Wo, Cw = io.Cow, q = io.pool;
   const int64_t n0 = ch.n0, nb = ch.n1 - ch.n0, R = ch.R;
   const float* res = ep.res;
-  std::vector<const float*> zt(s.T), rt(s.T, nullptr);
+  const float* const* zt = ch.z;
+  std::vector<const float*> rt(s.T, nullptr);
   const bool has_res = res != nullptr || ch.res_cl != nullptr;
-  for (int64_t t = 0; t < s.T; ++t) zt[t] = (*ch.z)[t].data_ptr<float>();
   // The residual of the chunk channel-last, [T][nb][S][Co], as the counts are.
   std::vector<float> rz(res != nullptr ? s.T * nb * S * s.Co : 0);
   if (ch.res_cl != nullptr) {
-    for (int64_t t = 0; t < s.T; ++t) rt[t] = (*ch.res_cl)[t].data_ptr<float>();
+    for (int64_t t = 0; t < s.T; ++t) rt[t] = ch.res_cl[t];
   } else if (res != nullptr) {
     const TransposeFn transpose = transpose_f32_fn();
     at::parallel_for(0, s.T * nb, 1, [&](int64_t j0, int64_t j1) {
@@ -423,7 +434,7 @@ void infer_onednn_packed(const ConvShape& s, const InferOut& io, const OnednnChu
             r = rbt.data();
             roff = 0;
           }
-          lif_pixel_words(ep, s.T, s.Co, Cw, zt.data(), off, r, roff, scr,
+          lif_pixel_words(ep, s.T, s.Co, Cw, zt, off, r, roff, scr,
                           words.data() + ((oy - oy0) * s.Wo + ox) * s.T * Cw);
         }
       for (int64_t r = 0; r < (oy1 - oy0) / q; ++r)
@@ -461,13 +472,10 @@ void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const 
   TORCH_INTERNAL_ASSERT(shortcut == nullptr || ep.res == nullptr,
                         "infer_onednn: a shortcut is the residual");
   const int64_t S = s.Ho * s.Wo;
-  const int64_t nthreads = at::get_num_threads();
   // Images per chunk: its T float count maps within the chunk (read back by the LIF)
   const int64_t nb = OnednnConv::chunk_images(s.N, s.T * S * s.Co);
   const OnednnConv conv(s, Ci, mbits, pbits, OnednnConv::call_images(s.T, s.N, nb));
-  int64_t R = std::max<int64_t>(1, std::min<int64_t>(s.Ho, kRowChunk / s.Wo));
-  while (R > 1 && nb * ((s.Ho + R - 1) / R) < 4 * nthreads) R = (R + 1) / 2;
-  if (io_in.pool > 1) R = (R + io_in.pool - 1) / io_in.pool * io_in.pool;
+  const int64_t R = tile_rows(s, nb, io_in.pool);
   const int64_t row_blocks = (s.Ho + R - 1) / R;
   InferOut io = io_in;
   std::vector<uint32_t> words;  // the float output's words, [T * N, Hq, Wq, Cow]
@@ -480,9 +488,11 @@ void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const 
     sc_conv.emplace(shortcut->s, shortcut->Ci, shortcut->mbits, shortcut->pbits,
                     OnednnConv::call_images(s.T, s.N, nb));
   std::vector<at::Tensor> z(s.T), zr(shortcut != nullptr ? s.T : 0);
+  std::vector<const float*> zp(s.T), zrp(zr.size());
   for (int64_t n0 = 0; n0 < s.N; n0 += nb) {
     const int64_t n1 = std::min(s.N, n0 + nb);
     conv.steps(x_u8, s.T, s.N, n0, n1 - n0, z);
+    for (int64_t t = 0; t < s.T; ++t) zp[t] = z[t].data_ptr<float>();
     if (shortcut != nullptr) {
       // the shortcut's counts, channel-last as z's, turned in place into its current
       const float *a = shortcut->alpha, *sc = shortcut->scale, *sh = shortcut->shift;
@@ -495,15 +505,32 @@ void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const 
             for (int64_t c = 0; c < s.Co; ++c) row[c] = affine_current(row[c], a[c], sc[c], sh[c]);
           }
         });
+        zrp[t] = r;
       }
     }
-    infer_onednn_packed(s, io,
-                        OnednnChunk{&z, n0, n1, R, row_blocks, shortcut ? &zr : nullptr}, ep);
+    infer_onednn_packed(
+        s, io, OnednnChunk{zp.data(), n0, n1, R, row_blocks, shortcut ? zrp.data() : nullptr},
+        ep);
   }
   if (!words.empty())
     unpack_words_to_planes(words.data(), s.T * s.N, io.Hq * io.Wq, io.Cow, s.Co, spikes);
 }
 
+// The onednn route's per-pixel epilogue, LIF and spike words over a float current, alpha = 1
+// ((z * 1) * scale + shift is z * scale + shift exactly, bn_lif_infer's), all images one chunk.
+void lif_infer_channels_last(const ConvShape& s, const float* const* zt, const FwdEpilogue& ep,
+                             const InferOut& io_in, float* spikes) {
+  const int64_t R = tile_rows(s, s.N, io_in.pool);
+  InferOut io = io_in;
+  std::vector<uint32_t> words;  // the float output's words, [T * N, Hq, Wq, Cow]
+  if (io.packed == nullptr) {
+    words.resize(static_cast<size_t>(s.T * s.N * io.Hq * io.Wq * io.Cow));
+    io.packed = words.data();
+  }
+  infer_onednn_packed(s, io, OnednnChunk{zt, 0, s.N, R, (s.Ho + R - 1) / R}, ep);
+  if (!words.empty())
+    unpack_words_to_planes(words.data(), s.T * s.N, io.Hq * io.Wq, io.Cow, s.Co, spikes);
+}
 
 // binslt::bconv_affine_infer (BinConv2d's no-grad path on spikes): y = (count * alpha) * scale +
 // shift, [B, Co, Ho, Wo] float32. The counts come from oneDNN's int8 convolution ("onednn", CPU

@@ -15,6 +15,7 @@
 #include "binslt/checks.h"
 #include "binslt/cpu_algos.h"
 #include "binslt/epilogue_cpu.h"
+#include "binslt/infer_tile.h"
 #include "binslt/isa_run.h"
 #include "binslt/lif.h"
 #include "binslt/pack_cpu.h"
@@ -51,9 +52,20 @@ struct ZView {
 };
 
 ZView z_view(const at::Tensor& z_in, const Dims& d, at::Tensor* holder) {
-  const bool once = d.T > 1 && z_in.stride(0) == 0 && z_in.select(0, 0).is_contiguous();
-  *holder = once ? z_in : z_in.contiguous();
-  return {holder->data_ptr<float>(), once ? 0 : d.N * d.C * d.S};
+  if (d.T > 1 && z_in.stride(0) == 0) {  // the one current (made contiguous), read T times
+    *holder = z_in.select(0, 0).contiguous();
+    return {holder->data_ptr<float>(), 0};
+  }
+  *holder = z_in.contiguous();
+  return {holder->data_ptr<float>(), d.N * d.C * d.S};
+}
+
+// A current whose steps are [N, C, H, W] in ChannelsLast (and not also contiguous, as one
+// channel's are), steps N*H*W*C floats apart, or one step expanded over T (time stride 0).
+bool channels_last_current(const at::Tensor& z) {
+  const at::Tensor z0 = z.select(0, 0);
+  if (z0.is_contiguous() || !z0.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;
+  return z.size(0) == 1 || z.stride(0) == 0 || z.stride(0) == z0.numel();
 }
 
 // lif_forward_row / lif_backward_row over a current row zr (steps zstep apart) with its channel's
@@ -365,8 +377,6 @@ at::Tensor bn_lif_infer_cpu(const at::Tensor& z_in, const at::Tensor& scale_in,
   const at::Tensor shift = cpu_channel_vec(shift_in, op, "shift", C);
   const int64_t S = H * W, step = N * C * S;
   const Dims d{T, N, C, S};
-  at::Tensor z;
-  const ZView zv = z_view(z_in, d, &z);  // an expanded current is read in place
   const int64_t Hq = H / pool, Wq = W / pool, Cw = words_for(static_cast<int>(C));
   at::Tensor out = packed_out ? empty_big({T, N, Hq, Wq, Cw}, z_in.options().dtype(at::kInt))
                               : empty_big({T, N, C, Hq, Wq}, z_in.options());
@@ -377,6 +387,22 @@ at::Tensor bn_lif_infer_cpu(const at::Tensor& z_in, const at::Tensor& scale_in,
   float* of = packed_out ? nullptr : out.data_ptr<float>();
   uint32_t* ow = packed_out ? reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()) : nullptr;
   const Isa isa = active_isa();
+  if (isa == Isa::kAvx512 && channels_last_current(z_in)) {
+    // A channel-last current (the layer's conv of a few-channel image in ChannelsLast): each
+    // pixel's channels across the vector lanes, its words straight from the compare masks.
+    ConvShape cs{};
+    cs.T = T, cs.N = N, cs.B = T * N, cs.Co = C, cs.H = cs.Ho = H, cs.W = cs.Wo = W;
+    const std::vector<float> ones(static_cast<size_t>(C), 1.0f);
+    InferOut io;
+    io.pool = pool, io.packed = ow, io.Hq = Hq, io.Wq = Wq, io.Cow = Cw;
+    std::vector<const float*> zt(static_cast<size_t>(T));
+    for (int64_t t = 0; t < T; ++t) zt[t] = z_in.data_ptr<float>() + t * z_in.stride(0);
+    lif_infer_channels_last(cs, zt.data(), FwdEpilogue{isa, ones.data(), scp, shp, nullptr, p},
+                            io, of);
+    return out;
+  }
+  at::Tensor z;
+  const ZView zv = z_view(z_in, d, &z);  // an expanded current is read in place
   // By image: a thread owns every word of its images (the channels of one word share it).
   // Packed output: a word's 32 channels are computed, then stored together (pool_pack).
   const int64_t group = packed_out ? 32 : 1;

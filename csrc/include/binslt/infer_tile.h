@@ -189,5 +189,13 @@ void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const 
                   const uint32_t* pbits, const FwdEpilogue& ep, const InferOut& io,
                   float* spikes, const OnednnShortcut* shortcut = nullptr);
 
+// bn_lif_infer's route for a channel-last current (bconv_onednn.cpp; CPUs with AVX-512): step t's
+// current zt[t] is [N, Ho, Wo, Co] floats (a real-input conv's output in ChannelsLast; the same
+// pointer every step where one current is expanded over T), its eval epilogue ep (alpha: ones)
+// and LIF run per pixel across the channels, as infer_onednn's, the spike words then pooled and
+// stored (io.packed), or unpacked into float spikes [T, N, Co, Hq, Wq] (io.packed null).
+void lif_infer_channels_last(const ConvShape& s, const float* const* zt, const FwdEpilogue& ep,
+                             const InferOut& io, float* spikes);
+
 }  // namespace cpu
 }  // namespace binslt

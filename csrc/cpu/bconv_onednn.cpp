@@ -19,6 +19,7 @@
 #include <mutex>
 #include <vector>
 #include <optional>
+#include <type_traits>
 #include <immintrin.h>
 
 #include <torch/library.h>
@@ -293,66 +294,95 @@ inline float affine_current(float count, float alpha, float scale, float shift) 
   return (count * alpha) * scale + shift;
 }
 
-// One pixel's channel scratch: the membrane v and the input current x [Co], the spikes sp
-// [32*Cw] (zero past Co).
-struct PixelScratch {
-  float* v;
-  float* x;
-  float* sp;
-};
-
 // The eval epilogue and the LIF over T of one pixel's Co channels in channel-last order: counts
-// zt[t] + off (Co floats a step), residual rt[t] + roff likewise (or rt null); per channel the
-// float operations of lif_counts in the same order (so the same spikes), vectorised across
-// channels: the current, the residual and the neuron are three loops over the channels, as in
-// lif_forward_pass (in one loop GCC left the residual form scalar: "no vectype" for the count
-// load, 68-75 ms against 17 ms without a residual, ResNet-19 eval, 128->128 32x32, N=32, T=4).
-// The spikes go out as pack_spikes bits, words[t * Cw + w].
-template <bool kRes>
+// zt[t] + off (Co floats a step), residual rt[t] + roff likewise (or rt null), the spikes out as
+// pack_spikes bits, words[t * Cw + w]. Sixteen channels a vector, kGroup vectors at a time (their
+// steps' dependency chains through the division overlap), each membrane in a register through
+// the T steps, lanes past Co masked off; per channel the float operations of lif_counts in the
+// same order, so the same spikes: the current (count * alpha) * scale + shift (+ residual), then
+// lif_charge, lif_fire and lif_reset written out for the neuron kind of the template arguments
+// (soft reset, decay_input, tau a power of two).
+template <bool kRes, bool kSoft, bool kDecayInput, bool kPow2>
 __attribute__((target("avx512f"))) void lif_pixel_words_t(const FwdEpilogue& ep, int64_t T,
                                                           int64_t Co, int64_t Cw,
                                                           const float* const* zt, int64_t off,
                                                           const float* const* rt, int64_t roff,
-                                                          const PixelScratch& scr,
                                                           uint32_t* words) {
-  const NeuronParams p = ep.p;
-  const float* __restrict alpha = ep.alpha;
-  const float* __restrict scale = ep.scale;
-  const float* __restrict shift = ep.shift;
-  float* __restrict v = scr.v;
-  float* __restrict x = scr.x;
-  float* __restrict sp = scr.sp;
-  const float v0 = p.soft_reset ? 0.0f : p.v_reset;
-  for (int64_t c = 0; c < Co; ++c) v[c] = v0;
-  const __m512 zero = _mm512_setzero_ps();
-  for (int64_t t = 0; t < T; ++t) {
-    const float* __restrict z = zt[t] + off;
-    for (int64_t c = 0; c < Co; ++c) x[c] = (z[c] * alpha[c]) * scale[c] + shift[c];
-    if (kRes) {
-      const float* __restrict r = rt[t] + roff;
-      for (int64_t c = 0; c < Co; ++c) x[c] = x[c] + r[c];
+  constexpr int kGroup = 4;
+  const NeuronParams& p = ep.p;
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  const __m512 vr = kSoft ? zero : _mm512_set1_ps(p.v_reset);  // also V before the first step
+  const __m512 tau = _mm512_set1_ps(kPow2 ? p.inv_tau : p.tau);
+  const __m512 thr = _mm512_set1_ps(p.v_threshold);
+  for (int64_t i = 0; i < T * Cw; ++i) words[i] = 0;
+  for (int64_t g0 = 0; g0 < Co; g0 += 16 * kGroup) {
+    __mmask16 m[kGroup];
+    __m512 a[kGroup], sc[kGroup], sh[kGroup], v[kGroup];
+    for (int b = 0; b < kGroup; ++b) {
+      const int64_t left = Co - (g0 + 16 * b);
+      m[b] = left >= 16 ? static_cast<__mmask16>(0xFFFF)
+                        : static_cast<__mmask16>(left > 0 ? (1u << left) - 1u : 0u);
+      a[b] = _mm512_maskz_loadu_ps(m[b], ep.alpha + g0 + 16 * b);
+      sc[b] = _mm512_maskz_loadu_ps(m[b], ep.scale + g0 + 16 * b);
+      sh[b] = _mm512_maskz_loadu_ps(m[b], ep.shift + g0 + 16 * b);
+      v[b] = vr;
     }
-    for (int64_t c = 0; c < Co; ++c) {
-      const float h = lif_charge(v[c], x[c], p);
-      const float sk = lif_fire(h, p);
-      v[c] = lif_reset(h, sk, p);
-      sp[c] = sk;
-    }
-    for (int64_t w = 0; w < Cw; ++w) {
-      const uint32_t lo = _mm512_cmp_ps_mask(_mm512_loadu_ps(sp + 32 * w), zero, _CMP_NEQ_OQ);
-      const uint32_t hi =
-          _mm512_cmp_ps_mask(_mm512_loadu_ps(sp + 32 * w + 16), zero, _CMP_NEQ_OQ);
-      words[t * Cw + w] = lo | (hi << 16);
+    for (int64_t t = 0; t < T; ++t) {
+      uint32_t bits[kGroup];
+      for (int b = 0; b < kGroup; ++b) {
+        const int64_t c0 = g0 + 16 * b;
+        const __m512 z = _mm512_maskz_loadu_ps(m[b], zt[t] + off + c0);
+        __m512 x = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(z, a[b]), sc[b]), sh[b]);
+        if (kRes) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m[b], rt[t] + roff + c0));
+        const __m512 d = _mm512_sub_ps(v[b], vr);  // lif_charge
+        __m512 h;
+        if (kDecayInput) {
+          const __m512 q = _mm512_sub_ps(x, d);
+          h = _mm512_add_ps(v[b], kPow2 ? _mm512_mul_ps(q, tau) : _mm512_div_ps(q, tau));
+        } else {
+          const __m512 q = kPow2 ? _mm512_mul_ps(d, tau) : _mm512_div_ps(d, tau);
+          h = _mm512_add_ps(_mm512_sub_ps(v[b], q), x);
+        }
+        const __mmask16 fire =  // lif_fire: h - v_threshold >= 0 (false for NaN)
+            _mm512_mask_cmp_ps_mask(m[b], _mm512_sub_ps(h, thr), zero, _CMP_GE_OQ);
+        const __m512 sk = _mm512_maskz_mov_ps(fire, one);
+        v[b] = kSoft  // lif_reset
+                   ? _mm512_sub_ps(h, _mm512_mul_ps(sk, thr))
+                   : _mm512_add_ps(_mm512_mul_ps(sk, vr),
+                                   _mm512_mul_ps(_mm512_sub_ps(one, sk), h));
+        bits[b] = fire;
+      }
+      for (int b = 0; b < kGroup; b += 2) {
+        const int64_t c0 = g0 + 16 * b;
+        if (c0 < Co) words[t * Cw + c0 / 32] = bits[b] | (bits[b + 1] << 16);
+      }
     }
   }
 }
+
+// The template argument that is the bool b.
+template <class F>
+inline void with_flag(bool b, const F& f) {
+  if (b)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
 void lif_pixel_words(const FwdEpilogue& ep, int64_t T, int64_t Co, int64_t Cw,
                      const float* const* zt, int64_t off, const float* const* rt, int64_t roff,
-                     const PixelScratch& scr, uint32_t* words) {
-  if (rt != nullptr)
-    lif_pixel_words_t<true>(ep, T, Co, Cw, zt, off, rt, roff, scr, words);
-  else
-    lif_pixel_words_t<false>(ep, T, Co, Cw, zt, off, rt, roff, scr, words);
+                     uint32_t* words) {
+  const NeuronParams& p = ep.p;
+  with_flag(rt != nullptr, [&](auto res) {
+    with_flag(p.soft_reset, [&](auto soft) {
+      with_flag(p.decay_input, [&](auto decay) {
+        with_flag(p.tau_pow2, [&](auto pow2) {
+          lif_pixel_words_t<decltype(res)::value, decltype(soft)::value, decltype(decay)::value,
+                            decltype(pow2)::value>(ep, T, Co, Cw, zt, off, rt, roff, words);
+        });
+      });
+    });
+  });
 }
 
 // Cw pack_spikes words -> 32*Cw floats 0. / 1.
@@ -412,8 +442,6 @@ void infer_onednn_packed(const ConvShape& s, const InferOut& io, const OnednnChu
     for (int64_t t = 0; t < s.T; ++t) rt[t] = rz.data() + t * nb * S * s.Co;
   }
   at::parallel_for(0, nb * ch.row_blocks, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> v(s.Co), x(s.Co), sp(32 * Cw, 0.0f);
-    const PixelScratch scr{v.data(), x.data(), sp.data()};
     std::vector<uint32_t> words(R * s.Wo * s.T * Cw);
     // a packed residual's pixel as floats [T][32*Cw], and its step pointers
     std::vector<float> rb(io.res_words != nullptr ? s.T * 32 * Cw : 0);
@@ -434,7 +462,7 @@ void infer_onednn_packed(const ConvShape& s, const InferOut& io, const OnednnChu
             r = rbt.data();
             roff = 0;
           }
-          lif_pixel_words(ep, s.T, s.Co, Cw, zt, off, r, roff, scr,
+          lif_pixel_words(ep, s.T, s.Co, Cw, zt, off, r, roff,
                           words.data() + ((oy - oy0) * s.Wo + ox) * s.T * Cw);
         }
       for (int64_t r = 0; r < (oy1 - oy0) / q; ++r)

@@ -347,6 +347,28 @@ def test_bn_lif_infer_op_equals_bn_lif_pooled_and_packed(pool, packed_out, shape
             assert torch.equal(got, want), (isa, zin.stride())
 
 
+def test_bn_lif_ops_read_any_layout_of_an_expanded_current():
+    """bn_lif and bn_lif_bwd over a current expanded over T whose step is channels-last (read
+    from one contiguous copy of the step) give what the contiguous current gives, bit for bit;
+    the reference agrees on the forward."""
+    gen = torch.Generator().manual_seed(11)
+    z0 = torch.randn(3, 40, 5, 6, generator=gen) * 1.5
+    scale, shift = torch.rand(40, generator=gen) + 0.5, torch.randn(40, generator=gen) * 0.3
+    gs = torch.randn(4, 3, 40, 5, 6, generator=gen)
+    outs = []
+    for z in (z0.expand(4, *z0.shape).contiguous(), _steps_channels_last(z0.expand(4, *z0.shape))):
+        s, mean, var = torch.ops.binslt.bn_lif(z, scale, shift, None, True, 1e-5, 2.0, False, 1.0,
+                                               0.0)
+        bwd = torch.ops.binslt.bn_lif_bwd(gs, z, scale, shift, mean, var, None, True, 1e-5, 2.0,
+                                          False, 1.0, 0.0, True, 0, 2.0)
+        outs.append((s, mean, var, *bwd))
+    want = ref.bn_lif_reference(z0.expand(4, *z0.shape), scale, shift, None, True, 1e-5, 2.0,
+                                False, 1.0, 0.0)[0]
+    assert 0 < float(want.mean()) < 1 and torch.equal(outs[0][0], want)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
 def _steps_channels_last(z: torch.Tensor) -> torch.Tensor:
     """z [T, N, C, H, W] with every step in ChannelsLast, expanded over T where z is."""
     if z.stride(0) == 0:

@@ -314,8 +314,7 @@ __attribute__((target("avx512f"))) void lif_pixel_words_t(const FwdEpilogue& ep,
   const __m512 vr = kSoft ? zero : _mm512_set1_ps(p.v_reset);  // also V before the first step
   const __m512 tau = _mm512_set1_ps(kPow2 ? p.inv_tau : p.tau);
   const __m512 thr = _mm512_set1_ps(p.v_threshold);
-  for (int64_t i = 0; i < T * Cw; ++i) words[i] = 0;
-  for (int64_t g0 = 0; g0 < Co; g0 += 16 * kGroup) {
+  for (int64_t g0 = 0; g0 < Co; g0 += 16 * kGroup) {  // every word is stored once a step
     __mmask16 m[kGroup];
     __m512 a[kGroup], sc[kGroup], sh[kGroup], v[kGroup];
     for (int b = 0; b < kGroup; ++b) {

@@ -482,6 +482,22 @@ void infer_onednn_packed(const ConvShape& s, const InferOut& io, const OnednnChu
   });
 }
 
+// The output of infer_onednn_packed: packed words in place, or a float output's words
+// ([T * N, Hq, Wq, Cow], io.packed pointing at them) unpacked into the spikes by finish().
+struct WordsOut {
+  InferOut io;
+  std::vector<uint32_t> words;
+  WordsOut(const ConvShape& s, const InferOut& in) : io(in) {
+    if (io.packed != nullptr) return;
+    words.resize(static_cast<size_t>(s.T * s.N * io.Hq * io.Wq * io.Cow));
+    io.packed = words.data();
+  }
+  void finish(const ConvShape& s, float* spikes) const {
+    if (!words.empty())
+      unpack_words_to_planes(words.data(), s.T * s.N, io.Hq * io.Wq, io.Cow, s.Co, spikes);
+  }
+};
+
 }  // namespace
 
 // Inference with the counts from oneDNN's int8 convolution (OnednnConv): a chunk of images at a
@@ -504,12 +520,7 @@ void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const 
   const OnednnConv conv(s, Ci, mbits, pbits, OnednnConv::call_images(s.T, s.N, nb));
   const int64_t R = tile_rows(s, nb, io_in.pool);
   const int64_t row_blocks = (s.Ho + R - 1) / R;
-  InferOut io = io_in;
-  std::vector<uint32_t> words;  // the float output's words, [T * N, Hq, Wq, Cow]
-  if (io.packed == nullptr) {
-    words.resize(static_cast<size_t>(s.T * s.N * io.Hq * io.Wq * io.Cow));
-    io.packed = words.data();
-  }
+  WordsOut out(s, io_in);
   std::optional<OnednnConv> sc_conv;
   if (shortcut != nullptr)
     sc_conv.emplace(shortcut->s, shortcut->Ci, shortcut->mbits, shortcut->pbits,
@@ -536,11 +547,10 @@ void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const 
       }
     }
     infer_onednn_packed(
-        s, io, OnednnChunk{zp.data(), n0, n1, R, row_blocks, shortcut ? zrp.data() : nullptr},
+        s, out.io, OnednnChunk{zp.data(), n0, n1, R, row_blocks, shortcut ? zrp.data() : nullptr},
         ep);
   }
-  if (!words.empty())
-    unpack_words_to_planes(words.data(), s.T * s.N, io.Hq * io.Wq, io.Cow, s.Co, spikes);
+  out.finish(s, spikes);
 }
 
 // The onednn route's per-pixel epilogue, LIF and spike words over a float current, alpha = 1
@@ -548,15 +558,9 @@ void infer_onednn(const ConvShape& s, const at::Tensor& x_u8, int64_t Ci, const 
 void lif_infer_channels_last(const ConvShape& s, const float* const* zt, const FwdEpilogue& ep,
                              const InferOut& io_in, float* spikes) {
   const int64_t R = tile_rows(s, s.N, io_in.pool);
-  InferOut io = io_in;
-  std::vector<uint32_t> words;  // the float output's words, [T * N, Hq, Wq, Cow]
-  if (io.packed == nullptr) {
-    words.resize(static_cast<size_t>(s.T * s.N * io.Hq * io.Wq * io.Cow));
-    io.packed = words.data();
-  }
-  infer_onednn_packed(s, io, OnednnChunk{zt, 0, s.N, R, (s.Ho + R - 1) / R}, ep);
-  if (!words.empty())
-    unpack_words_to_planes(words.data(), s.T * s.N, io.Hq * io.Wq, io.Cow, s.Co, spikes);
+  WordsOut out(s, io_in);
+  infer_onednn_packed(s, out.io, OnednnChunk{zt, 0, s.N, R, (s.Ho + R - 1) / R}, ep);
+  out.finish(s, spikes);
 }
 
 // binslt::bconv_affine_infer (BinConv2d's no-grad path on spikes): y = (count * alpha) * scale +

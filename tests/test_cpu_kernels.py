@@ -1097,6 +1097,29 @@ def test_bf16x3_forms_in_several_chunks_match_float64(use_algos):
         _assert_close(outs["bf16x3"][i], outs["dense"][i], f"bf16x3 vs dense {name}")
 
 
+def test_int8_weight_grad_of_a_wide_layer_in_chunks_matches_float64(use_algos):
+    """The int8 weight gradient's chunk of output rows grows with its product's int32 output
+    ([3 Co, 9 Ci]: 7 MiB at 256 -> 256 channels, so a 21 MiB chunk instead of 16), and its
+    chunks are of even size: two 64x64 images (25 MiB of limbs and unfolded input) take two
+    chunks of 64 rows, whose sums, added in double, give dL/dW_eff within 1e-5 relative of
+    float64 and of the dense float form."""
+    geom = (1, 2, 256, 256, 64, 64, 3, 1, 1)
+    c, nk, shift = _driven_case(geom, 41)
+    fwd = OPS.bconv_lif(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], shift, None, c["T"],
+                        1, 1, True, 1e-5, nk["tau"], False, nk["v_threshold"], 0.0)
+    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(42))
+    want = _bconv_bwd_ref64(gs, c, nk, shift, True, 0, 2.0)
+    outs = {}
+    for form in ("int8", "dense"):
+        use_algos(grad_x="dense", grad_w=form)
+        outs[form] = OPS.bconv_lif_bwd(gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"],
+                                       c["scale"], shift, fwd[2], fwd[3], None, 256, 1, 1, True,
+                                       1e-5, nk["tau"], False, nk["v_threshold"], 0.0, True, 0,
+                                       2.0, True)
+    _assert_close(outs["int8"][1], want[1], "int8 grad_weight")
+    _assert_close(outs["int8"][1], outs["dense"][1], "int8 vs dense grad_weight")
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("gx_algo,gw_algo", [("dense", "int8"), ("bf16x3", "bf16x3")]
                          + ([("int8", "int8")] if onednn_runs() else []))

@@ -40,6 +40,12 @@ namespace {
 constexpr float kLimbBase = 254.0f;
 // Buffers of one chunk of images (dZ limbs and the padded input bytes).
 constexpr int64_t kChunkBytes = int64_t{16} << 20;
+// The weight gradient's chunk (limbs and unfolded input) grows to three times its product's int32
+// output where that is larger, up to this: every chunk after the first adds its [3 Co, taps Ci]
+// output into a [Co, taps Ci] double accumulator, a pass that outweighed the product where the
+// output outgrew the chunk (ResNet-19's 512->512 8x8 layer, N=32, T=4: a 28 MiB output; its
+// backward 135-141 ms in 16 MiB chunks, 114-117 ms as one chunk of 50 MiB; 2-core Xeon with AMX).
+constexpr int64_t kGradWChunkMaxBytes = int64_t{64} << 20;
 // The input gradient's chunk (dZ's limbs and the conv's float sums) lives beside dZ and the whole
 // input gradient, at the step's memory peak (VGG-11's first spike layer, 64->64 32x32, N=32,
 // T=4): half the size, peak RSS of two steps 177-190 -> 162-169 MiB, the same step time within
@@ -214,11 +220,15 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
               "gradient takes output rows of at most ", int8_grad_w_max_pixels(), " pixels, got ",
               s.Wo, "; use cpu_algorithms(grad_w='auto')");
   // The product sums over output pixels, so any split of them works: chunks of output rows
-  // (b, oy) with their limbs and unfolded input within kChunkBytes (or one row's), and
+  // (b, oy) with their limbs and unfolded input within chunk_bytes (or one row's), and
   // |sum| <= 127 * pixels < 2^31.
   const int64_t R = s.B * s.Ho;
-  const int64_t rc = std::max<int64_t>(
-      1, std::min({R, kChunkBytes / ((3 * s.Co + K) * s.Wo), int8_grad_w_max_pixels() / s.Wo}));
+  const int64_t out_bytes = 3 * s.Co * K * static_cast<int64_t>(sizeof(int32_t));
+  const int64_t chunk_bytes = std::max(kChunkBytes, std::min(3 * out_bytes, kGradWChunkMaxBytes));
+  const int64_t rc_max = std::max<int64_t>(
+      1, std::min({R, chunk_bytes / ((3 * s.Co + K) * s.Wo), int8_grad_w_max_pixels() / s.Wo}));
+  const int64_t chunks = (R + rc_max - 1) / rc_max;
+  const int64_t rc = (R + chunks - 1) / chunks;  // chunks of even size, none a small remainder
   const bool avx512 = isa_supported(Isa::kAvx512);
   const auto limbs = avx512 ? &limbs_avx512<int8_t, 0> : &limbs_base<int8_t, 0>;
   const auto limb_sums = avx512 ? &limb_row_avx512 : &limb_row_base;

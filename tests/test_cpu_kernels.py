@@ -1099,8 +1099,8 @@ def test_bf16x3_forms_in_several_chunks_match_float64(use_algos):
 
 def test_int8_weight_grad_of_a_wide_layer_in_chunks_matches_float64(use_algos):
     """The int8 weight gradient's chunk of output rows grows with its product's int32 output
-    ([3 Co, 9 Ci]: 7 MiB at 256 -> 256 channels, so a 21 MiB chunk instead of 16), and its
-    chunks are of even size: two 64x64 images (25 MiB of limbs and unfolded input) take two
+    ([3 Co, 9 Ci]: 6.75 MiB at 256 -> 256 channels, so a 20.25 MiB chunk instead of 16), and its
+    chunks are of even size: two 64x64 images (24 MiB of limbs and unfolded input) take two
     chunks of 64 rows, whose sums, added in double, give dL/dW_eff within 1e-5 relative of
     float64 and of the dense float form."""
     geom = (1, 2, 256, 256, 64, 64, 3, 1, 1)

@@ -43,8 +43,9 @@ constexpr int64_t kChunkBytes = int64_t{16} << 20;
 // The weight gradient's chunk (limbs and unfolded input) grows to three times its product's int32
 // output where that is larger, up to this: every chunk after the first adds its [3 Co, taps Ci]
 // output into a [Co, taps Ci] double accumulator, a pass that outweighed the product where the
-// output outgrew the chunk (ResNet-19's 512->512 8x8 layer, N=32, T=4: a 28 MiB output; its
-// backward 135-141 ms in 16 MiB chunks, 114-117 ms as one chunk of 50 MiB; 2-core Xeon with AMX).
+// output outgrew the chunk (ResNet-19's 512->512 8x8 layer, N=32, T=4: a 27 MiB output; its
+// backward 130-136 ms in 16 MiB chunks, 105-108 ms as one chunk of 48 MiB, the training run's
+// peak memory unchanged; 2-core Xeon with AMX).
 constexpr int64_t kGradWChunkMaxBytes = int64_t{64} << 20;
 // The input gradient's chunk (dZ's limbs and the conv's float sums) lives beside dZ and the whole
 // input gradient, at the step's memory peak (VGG-11's first spike layer, 64->64 32x32, N=32,

@@ -1074,24 +1074,33 @@ def test_int8_grads_past_one_block_of_64_channels_match_float64(geom, use_algos)
     _assert_close(out[1], want[1], "int8 grad_weight")
 
 
+def _driven_grads(geom, seed, grad_seed):
+    """_driven_case's layer (stride 1, padding 1) run forward, and a random dL/dspikes:
+    (the float64 backward, bwd), bwd() giving binslt::bconv_lif_bwd's outputs under the
+    algorithms forced when it is called."""
+    c, nk, shift = _driven_case(geom, seed)
+    fwd = OPS.bconv_lif(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], shift, None, c["T"],
+                        1, 1, True, 1e-5, nk["tau"], False, nk["v_threshold"], 0.0)
+    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(grad_seed))
+
+    def bwd():
+        return OPS.bconv_lif_bwd(gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"],
+                                 shift, fwd[2], fwd[3], None, c["Ci"], 1, 1, True, 1e-5,
+                                 nk["tau"], False, nk["v_threshold"], 0.0, True, 0, 2.0, True)
+
+    return _bconv_bwd_ref64(gs, c, nk, shift, True, 0, 2.0), bwd
+
+
 def test_bf16x3_forms_in_several_chunks_match_float64(use_algos):
     """The bf16x3 forms split their work into chunks of a few MiB (output rows for the weight
     gradient, images for the input gradient), so that their parts never outgrow dZ: a 64->64
     32x32 layer at T=2, N=6 takes several chunks in both, and gives dL/dX and dL/dW_eff within
     1e-5 relative of float64 and of the dense float forms."""
-    geom = (2, 6, 64, 64, 32, 32, 3, 1, 1)
-    c, nk, shift = _driven_case(geom, 31)
-    fwd = OPS.bconv_lif(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], shift, None, c["T"],
-                        1, 1, True, 1e-5, nk["tau"], False, nk["v_threshold"], 0.0)
-    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(32))
-    want = _bconv_bwd_ref64(gs, c, nk, shift, True, 0, 2.0)
+    want, bwd = _driven_grads((2, 6, 64, 64, 32, 32, 3, 1, 1), 31, 32)
     outs = {}
     for form in ("bf16x3", "dense"):
         use_algos(grad_x=form, grad_w=form)
-        outs[form] = OPS.bconv_lif_bwd(gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"],
-                                       c["scale"], shift, fwd[2], fwd[3], None, 64, 1, 1, True,
-                                       1e-5, nk["tau"], False, nk["v_threshold"], 0.0, True, 0,
-                                       2.0, True)
+        outs[form] = bwd()
     for i, name in ((0, "grad_x"), (1, "grad_weight")):
         _assert_close(outs["bf16x3"][i], want[i], f"bf16x3 {name}")
         _assert_close(outs["bf16x3"][i], outs["dense"][i], f"bf16x3 vs dense {name}")
@@ -1103,19 +1112,11 @@ def test_int8_weight_grad_of_a_wide_layer_in_chunks_matches_float64(use_algos):
     chunks are of even size: two 64x64 images (24 MiB of limbs and unfolded input) take two
     chunks of 64 rows, whose sums, added in double, give dL/dW_eff within 1e-5 relative of
     float64 and of the dense float form."""
-    geom = (1, 2, 256, 256, 64, 64, 3, 1, 1)
-    c, nk, shift = _driven_case(geom, 41)
-    fwd = OPS.bconv_lif(c["xp"], c["wm"], c["wp"], c["alpha"], c["scale"], shift, None, c["T"],
-                        1, 1, True, 1e-5, nk["tau"], False, nk["v_threshold"], 0.0)
-    gs = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(42))
-    want = _bconv_bwd_ref64(gs, c, nk, shift, True, 0, 2.0)
+    want, bwd = _driven_grads((1, 2, 256, 256, 64, 64, 3, 1, 1), 41, 42)
     outs = {}
     for form in ("int8", "dense"):
         use_algos(grad_x="dense", grad_w=form)
-        outs[form] = OPS.bconv_lif_bwd(gs, fwd[1], c["xp"], c["wm"], c["wp"], c["alpha"],
-                                       c["scale"], shift, fwd[2], fwd[3], None, 256, 1, 1, True,
-                                       1e-5, nk["tau"], False, nk["v_threshold"], 0.0, True, 0,
-                                       2.0, True)
+        outs[form] = bwd()
     _assert_close(outs["int8"][1], want[1], "int8 grad_weight")
     _assert_close(outs["int8"][1], outs["dense"][1], "int8 vs dense grad_weight")
 

@@ -41,7 +41,7 @@ constexpr float kLimbBase = 254.0f;
 // Buffers of one chunk of images (dZ limbs and the padded input bytes).
 constexpr int64_t kChunkBytes = int64_t{16} << 20;
 // The weight gradient's chunk (limbs and unfolded input) grows to three times its product's int32
-// output where that is larger, up to this: every chunk after the first adds its [3 Co, taps Ci]
+// output where that is larger, up to this: with more than one chunk, each adds its [3 Co, taps Ci]
 // output into a [Co, taps Ci] double accumulator, a pass that outweighed the product where the
 // output outgrew the chunk (ResNet-19's 512->512 8x8 layer, N=32, T=4: a 27 MiB output; its
 // backward 130-136 ms in 16 MiB chunks, 105-108 ms as one chunk of 48 MiB, the training run's

@@ -1121,6 +1121,18 @@ def test_int8_weight_grad_of_a_wide_layer_in_chunks_matches_float64(use_algos):
     _assert_close(outs["int8"][1], outs["dense"][1], "int8 vs dense grad_weight")
 
 
+def test_int8_weight_grad_of_an_empty_batch_is_zero(use_algos):
+    """A batch of no images has no output pixels to sum over: the int8 weight gradient (chunked
+    by output rows, of which there are none) is zero, as the dense form's."""
+    c = _conv_case((1, 0, 8, 8, 6, 6, 3, 1, 1), 5, bn_train=True)
+    fwd = _fwd_of(c)
+    gs = torch.zeros(fwd[0].shape)
+    use_algos(grad_x="dense", grad_w="int8")
+    out = _bwd_of(c, fwd, gs)
+    assert out[1].shape == (8, 8, 3, 3)
+    assert torch.equal(out[1], torch.zeros(8, 8, 3, 3))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("gx_algo,gw_algo", [("dense", "int8"), ("bf16x3", "bf16x3")]
                          + ([("int8", "int8")] if onednn_runs() else []))

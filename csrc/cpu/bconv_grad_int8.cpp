@@ -224,6 +224,7 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
   // (b, oy) with their limbs and unfolded input within chunk_bytes (or one row's), and
   // |sum| <= 127 * pixels < 2^31.
   const int64_t R = s.B * s.Ho;
+  if (R == 0) return at::zeros({s.Co, Ci, s.KH, s.KW}, gz.options());  // no pixels: a sum of none
   const int64_t out_bytes = 3 * s.Co * K * static_cast<int64_t>(sizeof(int32_t));
   const int64_t chunk_bytes = std::max(kChunkBytes, std::min(3 * out_bytes, kGradWChunkMaxBytes));
   const int64_t rc_max = std::max<int64_t>(
@@ -238,7 +239,6 @@ at::Tensor weight_grad_int8(const ConvShape& s, int64_t Ci, const at::Tensor& x_
   const auto i8 = gz.options().dtype(at::kChar);
   const uint32_t* xs = reinterpret_cast<const uint32_t*>(x_packed.data_ptr<int32_t>());
 
-  if (R == 0) return at::zeros({s.Co, Ci, s.KH, s.KW}, gz.options());  // no pixels: a sum of none
   at::Tensor out = at::empty({s.Co, Ci, s.KH, s.KW}, gz.options());
   float* o = out.data_ptr<float>();
   const bool one_chunk = rc >= R;

@@ -1129,8 +1129,11 @@ def test_int8_weight_grad_of_an_empty_batch_is_zero(use_algos):
     gs = torch.zeros(fwd[0].shape)
     use_algos(grad_x="dense", grad_w="int8")
     out = _bwd_of(c, fwd, gs)
+    use_algos(grad_x="dense", grad_w="dense")
+    dense = _bwd_of(c, fwd, gs)
     assert out[1].shape == (8, 8, 3, 3)
     assert torch.equal(out[1], torch.zeros(8, 8, 3, 3))
+    assert torch.equal(out[1], dense[1])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -280,6 +280,40 @@ def cpu_model() -> str:
     return model()
 
 
+#: The ISA features that pick binslt's CPU paths (the kernel path, the int8 and bf16 forms).
+CPU_ID_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq", "avx512_vnni",
+                "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_identity(cpuinfo: str | None = None) -> str:
+    """Which CPU beyond its model name (the first processor of ``/proc/cpuinfo``, or of the text
+    given): family, model and stepping, and the ISA features of :data:`CPU_ID_FLAGS` it has,
+    e.g. ``family 25 model 17 stepping 1; avx2 avx512f ... avx512_bf16``. Machines of one model
+    name ("AMD EPYC") differ in generation and ISA, and their ratios are not comparable. ``?``
+    where the file cannot be read (not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "?"
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block only
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if not fields:
+        return "?"
+    flags = set(fields.get("flags", "").split())
+    have = [f for f in CPU_ID_FLAGS if f in flags]
+    ident = " ".join(f"{name} {fields[key]}" for name, key in
+                     (("family", "cpu family"), ("model", "model"), ("stepping", "stepping"))
+                     if key in fields)
+    return f"{ident or '?'}; {' '.join(have) or 'none of ' + ', '.join(CPU_ID_FLAGS)}"
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
@@ -332,6 +366,7 @@ def machine_info(device: torch.device) -> dict[str, str]:
         "device": device_name(device),
         "device_type": device.type,
         "cpu_model": cpu_model(),
+        "cpu_id": cpu_identity(),
         "cpu_cores": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
         "python": platform.python_version(),

@@ -443,3 +443,32 @@ def test_default_search_interrupted_keeps_the_finished_runs(tmp_path):
     meta, rows = common.read_csv(csv_path)
     assert meta["complete"].startswith("no") and 1 <= len(rows) < 20
     assert all(_num(r["wall_s"]) > 0 for r in rows)
+
+
+_CPUINFO_ZEN4 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+stepping\t: 1
+flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512_bf16 avx512_vnni avx512_vpopcntdq
+
+processor\t: 1
+cpu family\t: 99
+model\t\t: 99
+flags\t\t: amx_int8
+"""
+
+
+def test_cpu_identity_reads_the_first_processor():
+    """The CSV record's cpu_id: family, model, stepping and binslt's ISA features of the first
+    processor block only (the second's fields and flags are not mixed in)."""
+    assert common.cpu_identity(_CPUINFO_ZEN4) == (
+        "family 25 model 17 stepping 1; avx2 avx512f avx512bw avx512vl avx512_vpopcntdq "
+        "avx512_vnni avx512_bf16")
+    xeon = ("processor : 0\ncpu family : 6\nmodel : 143\nstepping : 8\n"
+            "flags : avx2 avx512f amx_bf16 amx_int8 amx_tile\n")
+    assert common.cpu_identity(xeon) == "family 6 model 143 stepping 8; avx2 avx512f amx_bf16 amx_int8"
+    assert common.cpu_identity("processor : 0\nflags : sse2\n").startswith("?; none of avx2")
+    assert common.cpu_identity("") == "?"
+    assert "cpu_id" in common.machine_info(torch.device("cpu"))

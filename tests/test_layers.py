@@ -134,6 +134,99 @@ def test_constructor_validation(kwargs, match):
         binslt.BinSpikeConv2d(4, 3, 3, **kwargs)
 
 
+# ----------------------------------------------------------------- torch.nn.Conv2d's options
+
+
+@pytest.mark.parametrize("cls", [binslt.BinSpikeConv2d, binslt.BinConv2d])
+def test_convs_take_torch_conv2d_options_at_their_one_value(cls):
+    """dilation=1, groups=1, bias=False, padding_mode='zeros', padding='same' / 'valid' as
+    torch.nn.Conv2d spells them: the same layer as the int padding (same parameters, same
+    output), the output shape torch's own conv gives."""
+    x = _spikes(2, 3, 4, 7, 7)
+    for k, padding, as_int in [(3, "same", 1), (5, "same", 2), (1, "same", 0), (3, "valid", 0)]:
+        torch.manual_seed(0)
+        a = cls(4, 6, k, 1, padding, 1, 1, False, "zeros", bn=True)
+        torch.manual_seed(0)
+        b = cls(4, 6, k, padding=as_int, bn=True)
+        assert a.padding == as_int
+        ya, yb = a(x), b(x)
+        assert torch.equal(ya, yb)
+        want = torch.nn.Conv2d(4, 6, k, padding=padding)(x[0]).shape[-2:]
+        assert ya.shape[-2:] == want, (k, padding)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dilation=2), "dilation=1 only"),
+    (dict(dilation=(1, 2)), "dilation must be an int or a square pair"),
+    (dict(groups=2), "groups=1 only"),
+    (dict(bias=True), r"no bias \(bias=False only\)"),
+    (dict(padding_mode="reflect"), "padding_mode='zeros' only"),
+    (dict(padding="same", stride=2), "needs stride=1"),
+    (dict(padding="full"), "'same' or 'valid'"),
+])
+@pytest.mark.parametrize("cls", [binslt.BinSpikeConv2d, binslt.BinConv2d])
+def test_convs_refuse_the_torch_options_they_do_not_compute(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(4, 3, 3, **kwargs)
+    with pytest.raises(ValueError, match="even kernel_size=2"):
+        cls(4, 3, 2, padding="same")
+
+
+@pytest.mark.parametrize("cls", [binslt.BinSpikeLinear, binslt.BinLinear])
+def test_linears_take_bias_false_only(cls):
+    assert cls(4, 3, False).out_features == 3
+    with pytest.raises(ValueError, match="no bias"):
+        cls(4, 3, bias=True)
+
+
+# ----------------------------------------------------- SpikingJelly surrogate objects
+
+
+@pytest.mark.parametrize("kind,alpha", [("atan", 3.0), ("sigmoid", 2.5), ("rect", 0.7),
+                                        ("piecewise_quadratic", 1.3)])
+def test_layers_take_spikingjelly_surrogate_objects(kind, alpha):
+    """``surrogate=surrogate.Rect(alpha=0.7)`` is ``surrogate='rect', surrogate_alpha=0.7``, and
+    the LIF built from it gives SpikingJelly's LIFNode's spikes and gradient with that object."""
+    from helpers import sj_modules, sj_surrogate
+
+    (neuron,) = sj_modules("neuron")
+    obj = sj_surrogate(kind, alpha)
+    lif = binslt.LIF(tau=2.5, surrogate=obj, v_reset=None)
+    assert (lif.neuron.surrogate, lif.neuron.surrogate_alpha) == (kind, alpha)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(5, 3, 14, generator=g) * 1.2 + 0.3).requires_grad_()
+    gy = torch.randn(x.shape, generator=g)
+    ours = lif(x)
+    xs = x.detach().clone().requires_grad_()
+    theirs = neuron.LIFNode(tau=2.5, surrogate_function=obj, v_reset=None, step_mode="m")(xs)
+    assert torch.equal(ours.detach(), theirs.detach())
+    (go,) = torch.autograd.grad(ours, x, gy)
+    (gt,) = torch.autograd.grad(theirs, xs, gy)
+    assert_close_rel(go, gt, 1e-6, kind)
+
+    for cls, args in [(binslt.BinSpikeConv2d, (4, 6, 3)), (binslt.BinSpikeLinear, (4, 6))]:
+        torch.manual_seed(0)
+        a = cls(*args, surrogate=obj, bn=True)
+        torch.manual_seed(0)
+        b = cls(*args, surrogate=kind, surrogate_alpha=alpha, bn=True)
+        assert a.neuron.kwargs() == b.neuron.kwargs()
+        assert cls(*args, surrogate=obj, surrogate_alpha=alpha).neuron.surrogate_alpha == alpha
+
+
+def test_spikingjelly_surrogate_objects_binslt_cannot_run_are_refused():
+    from helpers import sj_modules
+
+    (surrogate,) = sj_modules("surrogate")
+    with pytest.raises(ValueError, match="disagrees with the surrogate object's alpha=4.0"):
+        binslt.LIF(surrogate=surrogate.ATan(alpha=4.0), surrogate_alpha=2.0)
+    with pytest.raises(ValueError, match="non-spiking mode"):
+        binslt.BinSpikeConv2d(4, 3, 3, surrogate=surrogate.ATan(spiking=False))
+    with pytest.raises(ValueError, match="SoftSign has no binslt kernel"):
+        binslt.BinSpikeLinear(4, 3, surrogate=surrogate.SoftSign())
+    with pytest.raises(ValueError, match="or a SpikingJelly surrogate object"):
+        binslt.LIF(surrogate=torch.nn.ReLU())
+
+
 def test_linear_rejects_bad_input():
     m = binslt.BinSpikeLinear(5, 3)
     with pytest.raises(ValueError, match="rank 3"):

@@ -5,7 +5,7 @@ TorchScript, the input checks and the argument documentation the layer docstring
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -86,10 +86,13 @@ _NEURON_ARGS = """\
         v_reset (float or None): hard-reset potential (default 0.0); None: soft reset (subtract
             the threshold).
         detach_reset (bool): keep the reset out of the backward graph (default False).
-        surrogate (str): the spike's surrogate gradient, 'atan' (default), 'sigmoid', 'rect' or
-            'piecewise_quadratic' (SpikingJelly's ATan, Sigmoid, Rect, PiecewiseQuadratic).
-        surrogate_alpha (float): the surrogate's sharpness (default 2.0; SpikingJelly's defaults
-            are ``binslt.ops.schemas.DEFAULT_SURROGATE_ALPHA``).
+        surrogate (str or SpikingJelly surrogate): the spike's surrogate gradient, 'atan'
+            (default), 'sigmoid', 'rect' or 'piecewise_quadratic' (SpikingJelly's ATan,
+            Sigmoid, Rect, PiecewiseQuadratic), or one of those SpikingJelly objects
+            (``surrogate.ATan(alpha=4.0)``: its kind and alpha).
+        surrogate_alpha (float, optional): the surrogate's sharpness (None: the object's alpha,
+            2.0 for a name; SpikingJelly's defaults are
+            ``binslt.ops.schemas.DEFAULT_SURROGATE_ALPHA``).
         neuron (str): 'lif' (default) or 'if' (SpikingJelly's IFNode, H = V + X: takes no tau,
             decay or decay_input=True)."""
 
@@ -98,7 +101,13 @@ _CONV_ARGS = """\
         out_channels (int): output channels C_out.
         kernel_size (int or (k, k)): square kernel.
         stride (int or (s, s)): default 1.
-        padding (int or (p, p)): zero padding, default 0.
+        padding (int, (p, p), 'same' or 'valid'): zero padding, default 0 ('same': k // 2
+            for an odd kernel at stride 1).
+        dilation (int): 1 only (torch.nn.Conv2d's option, accepted at the one value the layer
+            computes; any other is a ValueError, and so for the next three).
+        groups (int): 1 only.
+        bias (bool): False only (binslt's sign-weight layers have no bias).
+        padding_mode (str): 'zeros' only.
 """
 
 _WEIGHT_ARGS = """\
@@ -132,6 +141,8 @@ _MODE_DOC = """\
 
 
 _IntOrPair = Union[int, tuple[int, int]]
+#: A surrogate by name ('atan', ...) or a SpikingJelly surrogate object (surrogate.ATan()).
+_Surrogate = Union[str, Any]
 
 
 def _square(v: _IntOrPair, name: str) -> int:
@@ -142,6 +153,46 @@ def _square(v: _IntOrPair, name: str) -> int:
     if not isinstance(v, int) or v < 0:
         raise ValueError(f"{name} must be a non-negative int, got {v!r}")
     return v
+
+
+def no_bias(who: str, bias) -> None:
+    """torch's ``bias`` option at the one value binslt's sign-weight layers take (False)."""
+    if bias is not False:
+        raise ValueError(f"{who} has no bias (bias=False only), got bias={bias!r}: binslt's "
+                         "sign-weight layers are bias-free, and the BatchNorm that follows a "
+                         "spiking layer (bn=True) absorbs a bias in its mean subtraction")
+
+
+def torch_conv_options(who: str, dilation, groups, bias, padding_mode) -> None:
+    """torch.nn.Conv2d's options at the one value binslt's convs compute; any other is a
+    ValueError that says so (not a TypeError for an unknown keyword)."""
+    if _square(dilation, "dilation") != 1:
+        raise ValueError(f"{who} supports dilation=1 only, got {dilation!r}")
+    if isinstance(groups, bool) or groups != 1:
+        raise ValueError(f"{who} supports groups=1 only, got {groups!r}")
+    no_bias(who, bias)
+    if padding_mode != "zeros":
+        raise ValueError(f"{who} supports padding_mode='zeros' only, got {padding_mode!r}")
+
+
+def conv_padding(who: str, padding, k: int, stride: int) -> int:
+    """The zero padding as an int: an int or a square pair, or torch's 'valid' (0) and 'same'
+    (k // 2 for an odd kernel at stride 1, where torch.nn.Conv2d allows it)."""
+    if padding == "valid":
+        return 0
+    if padding == "same":
+        if stride != 1:
+            raise ValueError(f"{who}: padding='same' needs stride=1 (as in torch.nn.Conv2d), "
+                             f"got stride={stride}")
+        if k % 2 == 0:
+            raise ValueError(f"{who}: padding='same' with an even kernel_size={k} pads one "
+                             "side more than the other, which binslt's convs do not do; give an "
+                             "odd kernel or an int padding")
+        return k // 2
+    if isinstance(padding, str):
+        raise ValueError(f"{who}: padding must be an int, a square pair, 'same' or 'valid', "
+                         f"got {padding!r}")
+    return _square(padding, "padding")
 
 
 class TorchScriptNotSupportedError(RuntimeError):

@@ -10,7 +10,17 @@ from torch import nn
 
 from .. import ops
 from ..ops import reference as ref
-from .base import _CONV_ARGS, _MODE_DOC, _WEIGHT_ARGS, _IntOrPair, _refuse_jit_trace, _square
+from .base import (
+    _CONV_ARGS,
+    _MODE_DOC,
+    _WEIGHT_ARGS,
+    _IntOrPair,
+    _refuse_jit_trace,
+    _square,
+    conv_padding,
+    no_bias,
+    torch_conv_options,
+)
 from .spiking import _bn_scale_shift
 from .weight import _MaskedSignWeight
 
@@ -40,13 +50,17 @@ class BinConv2d(_MaskedSignWeight):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair,
-                 stride: _IntOrPair = 1, padding: _IntOrPair = 0, *, prune_rate: float = 0.5,
+                 stride: _IntOrPair = 1, padding: _IntOrPair | str = 0,
+                 dilation: _IntOrPair = 1, groups: int = 1, bias: bool = False,
+                 padding_mode: str = "zeros", *, prune_rate: float = 0.5,
                  bn: bool = False, bn_affine: bool = False, per_channel_gain: bool = False):
         """Build the layer; every argument is described in ``help(binslt.BinConv2d)``."""
         k = _square(kernel_size, "kernel_size")
+        torch_conv_options("BinConv2d", dilation, groups, bias, padding_mode)
         super().__init__((out_channels, in_channels, k, k), prune_rate, per_channel_gain)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
-        self.stride, self.padding = _square(stride, "stride"), _square(padding, "padding")
+        self.stride = _square(stride, "stride")
+        self.padding = conv_padding("BinConv2d", padding, k, self.stride)
         self.bn = nn.BatchNorm2d(out_channels, affine=bn_affine) if bn else None
 
     def extra_repr(self) -> str:
@@ -68,8 +82,8 @@ class BinConv2d(_MaskedSignWeight):
         """``(forward(x), again)``: with ``want_again``, ``again()`` recomputes the output bit for
         bit from what the graph keeps (the input's packed bits, W_eff, BN's batch statistics
         taken again from the same conv output) where the input is spikes in a training graph
-        and the BN, if any, is a plain ``BatchNorm2d``; ``again`` is None otherwise. A ResNet block saves its
-        shortcut's float output as ``again`` (``ResidualBlock``)."""
+        and the BN, if any, is a plain ``BatchNorm2d``; ``again`` is None otherwise. A ResNet
+        block saves its shortcut's float output as ``again`` (``ResidualBlock``)."""
         _refuse_jit_trace(self)
         if x.dim() not in (4, 5):
             raise ValueError(f"BinConv2d expects [N, C, H, W] or [T, N, C, H, W], got shape "
@@ -261,6 +275,8 @@ class BinLinear(_MaskedSignWeight):
     Args:
         in_features (int): input features F.
         out_features (int): output features O.
+        bias (bool): False only (torch.nn.Linear's option at the one value the layer computes:
+            binslt's sign-weight layers have no bias).
 """ + _WEIGHT_ARGS + """
 
     Shape:
@@ -277,9 +293,10 @@ class BinLinear(_MaskedSignWeight):
         torch.Size([4, 2, 10])
     """
 
-    def __init__(self, in_features: int, out_features: int, *, prune_rate: float = 0.5,
-                 per_channel_gain: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
+                 prune_rate: float = 0.5, per_channel_gain: bool = False):
         """Build the layer; every argument is described in ``help(binslt.BinLinear)``."""
+        no_bias("BinLinear", bias)
         super().__init__((out_features, in_features), prune_rate, per_channel_gain)
         self.in_features, self.out_features = in_features, out_features
 

@@ -20,6 +20,9 @@ from .base import (
     _IntOrPair,
     _refuse_jit_trace,
     _square,
+    _Surrogate,
+    conv_padding,
+    torch_conv_options,
 )
 from .spiking import _SpikingLayer
 
@@ -61,11 +64,14 @@ class BinSpikeConv2d(_SpikingLayer):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrPair,
-                 stride: _IntOrPair = 1, padding: _IntOrPair = 0, *, prune_rate: float = 0.5,
+                 stride: _IntOrPair = 1, padding: _IntOrPair | str = 0,
+                 dilation: _IntOrPair = 1, groups: int = 1, bias: bool = False,
+                 padding_mode: str = "zeros", *, prune_rate: float = 0.5,
                  tau: Optional[float] = None, decay_input: Optional[bool] = None,
                  v_threshold: float = 1.0,
                  v_reset: Optional[float] = 0.0, detach_reset: bool = False,
-                 surrogate: str = "atan", surrogate_alpha: float = 2.0, bn: bool = False,
+                 surrogate: _Surrogate = "atan", surrogate_alpha: Optional[float] = None,
+                 bn: bool = False,
                  input: str = "spike", backend: str = "auto", decay: Optional[float] = None,
                  bn_affine: bool = False, bn_eps: float = 1e-5, bn_momentum: float = 0.1,
                  per_channel_gain: bool = False, neuron: str = "lif", pool: int = 1):
@@ -73,6 +79,7 @@ class BinSpikeConv2d(_SpikingLayer):
         k = _square(kernel_size, "kernel_size")
         if k < 1:
             raise ValueError("kernel_size must be >= 1")
+        torch_conv_options("BinSpikeConv2d", dilation, groups, bias, padding_mode)
         if isinstance(pool, bool) or pool not in C.POOLS:
             raise ValueError(f"pool must be 1 (none) or 2 (2x2 max-pool after the neuron), got "
                              f"{pool!r}")
@@ -87,7 +94,7 @@ class BinSpikeConv2d(_SpikingLayer):
         self.stride = _square(stride, "stride")
         if self.stride < 1:
             raise ValueError("stride must be >= 1")
-        self.padding = _square(padding, "padding")
+        self.padding = conv_padding("BinSpikeConv2d", padding, k, self.stride)
         self.pool = pool
 
     def extra_repr(self) -> str:
@@ -164,3 +171,4 @@ def conv_output_numel(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int
         ho, wo = mod.out_size(x.shape[-2], x.shape[-1])
         return out.numel() // (out.shape[-2] * out.shape[-1]) * ho * wo
     return out.numel()
+

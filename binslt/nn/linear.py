@@ -17,6 +17,8 @@ from .base import (
     _WEIGHT_ARGS,
     _check_input,
     _refuse_jit_trace,
+    _Surrogate,
+    no_bias,
 )
 from .spiking import _SpikingLayer
 
@@ -30,6 +32,8 @@ class BinSpikeLinear(_SpikingLayer):
     Args:
         in_features (int): input features F.
         out_features (int): output features O.
+        bias (bool): False only (torch.nn.Linear's option at the one value the layer computes:
+            binslt's sign-weight layers have no bias).
 """ + _WEIGHT_ARGS + "\n" + _SPIKE_ARGS + "\n" + _NEURON_ARGS + """
 
     Shape:
@@ -47,15 +51,18 @@ class BinSpikeLinear(_SpikingLayer):
         torch.Size([3, 2, 4])
     """
 
-    def __init__(self, in_features: int, out_features: int, *, prune_rate: float = 0.5,
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
+                 prune_rate: float = 0.5,
                  tau: Optional[float] = None, decay_input: Optional[bool] = None,
                  v_threshold: float = 1.0,
                  v_reset: Optional[float] = 0.0, detach_reset: bool = False,
-                 surrogate: str = "atan", surrogate_alpha: float = 2.0, bn: bool = False,
+                 surrogate: _Surrogate = "atan", surrogate_alpha: Optional[float] = None,
+                 bn: bool = False,
                  input: str = "spike", backend: str = "auto", decay: Optional[float] = None,
                  bn_affine: bool = False, bn_eps: float = 1e-5, bn_momentum: float = 0.1,
                  per_channel_gain: bool = False, neuron: str = "lif"):
         """Build the layer; every argument is described in ``help(binslt.BinSpikeLinear)``."""
+        no_bias("BinSpikeLinear", bias)
         super().__init__(
             (out_features, in_features), nn.BatchNorm1d, prune_rate=prune_rate,
             per_channel_gain=per_channel_gain, input=input, backend=backend, bn=bn,

@@ -14,7 +14,7 @@ from .. import ops
 from ..ops import contract as C
 from ..ops.layer import NeuronParams
 from ..ops.schemas import SURROGATES
-from .base import _NEURON_ARGS, MultiStepOnly, _NoTorchScript, _refuse_jit_trace
+from .base import _NEURON_ARGS, MultiStepOnly, _NoTorchScript, _refuse_jit_trace, _Surrogate
 
 NEURONS = ("lif", "if")
 
@@ -31,12 +31,11 @@ class NeuronConfig:
 
     def __init__(self, tau: Optional[float] = None, decay_input: Optional[bool] = None,
                  v_threshold=1.0, v_reset: Optional[float] = 0.0, detach_reset=False,
-                 surrogate="atan", surrogate_alpha=2.0, decay=None, who="NeuronConfig",
+                 surrogate="atan", surrogate_alpha=None, decay=None, who="NeuronConfig",
                  neuron: str = "lif"):
         if neuron not in NEURONS:
             raise ValueError(f"{who}: neuron must be one of {NEURONS}, got {neuron!r}")
-        if surrogate not in SURROGATES:
-            raise ValueError(f"surrogate must be one of {tuple(SURROGATES)}, got {surrogate!r}")
+        surrogate, surrogate_alpha = resolve_surrogate(surrogate, surrogate_alpha, who)
         self.neuron = neuron
         if neuron == "if":
             check_if_settings(who, tau, decay, decay_input)
@@ -102,6 +101,34 @@ for _f in dataclasses.fields(NeuronParams):
     setattr(NeuronConfig, _f.name, _setting(_f.name))
 
 
+def resolve_surrogate(surrogate, alpha: Optional[float], who: str) -> tuple[str, float]:
+    """``(name, alpha)`` of a surrogate given by name (``binslt.ops.schemas.SURROGATES``; alpha
+    None: 2.0) or as a SpikingJelly surrogate object (``surrogate.ATan(alpha=4.0)``: its class
+    and alpha; an explicit ``alpha`` must agree with the object's)."""
+    if isinstance(surrogate, str):
+        if surrogate not in SURROGATES:
+            raise ValueError(f"{who}: surrogate must be one of {tuple(SURROGATES)} or a "
+                             f"SpikingJelly surrogate object, got {surrogate!r}")
+        return surrogate, 2.0 if alpha is None else alpha
+    if not type(surrogate).__module__.startswith("spikingjelly."):
+        raise ValueError(f"{who}: surrogate must be one of {tuple(SURROGATES)} or a SpikingJelly "
+                         f"surrogate object, got {surrogate!r}")
+    from ..interop.sj_modules import _surrogate_name
+
+    name = _surrogate_name(surrogate)
+    if name is None:
+        raise ValueError(f"{who}: SpikingJelly's {type(surrogate).__name__} has no binslt "
+                         "kernel; use surrogate.ATan, Sigmoid, Rect or PiecewiseQuadratic")
+    if getattr(surrogate, "spiking", True) is False:
+        raise ValueError(f"{who}: the surrogate {surrogate!r} is in non-spiking mode "
+                         "(spiking=False); binslt's neurons emit spikes")
+    own = float(surrogate.alpha)
+    if alpha is not None and float(alpha) != own:
+        raise ValueError(f"{who}: surrogate_alpha={alpha!r} disagrees with the surrogate "
+                         f"object's alpha={own!r}; give one of them")
+    return name, own
+
+
 def check_if_settings(who: str, tau, decay, decay_input) -> None:
     """neuron='if' has no leak: an explicit tau, decay or decay_input=True is a mistake."""
     given = [f"{k}={v!r}" for k, v in (("tau", tau), ("decay", decay)) if v is not None]
@@ -136,8 +163,8 @@ class LIF(MultiStepOnly, _NoTorchScript, nn.Module):
 
     def __init__(self, tau: Optional[float] = None, decay_input: Optional[bool] = None,
                  v_threshold: float = 1.0, v_reset: Optional[float] = 0.0,
-                 detach_reset: bool = False, surrogate: str = "atan",
-                 surrogate_alpha: float = 2.0, *, decay: Optional[float] = None,
+                 detach_reset: bool = False, surrogate: _Surrogate = "atan",
+                 surrogate_alpha: Optional[float] = None, *, decay: Optional[float] = None,
                  backend: str = "auto", neuron: str = "lif"):
         """Build the layer; every argument is described in ``help(binslt.LIF)``."""
         super().__init__()

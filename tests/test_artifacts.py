@@ -72,6 +72,16 @@ def test_load_torch_file_runs_no_code(tmp_path):
     with pytest.raises(ArtifactError, match="corrupt or not a binslt file") as ei:
         artifacts.load_torch_file(tmp_path / "evil.pt", "checkpoint")
     assert str(tmp_path / "evil.pt") in str(ei.value)
+    # torch's advice to load with weights_only=False is not passed on; its reason is
+    assert "weights_only" not in str(ei.value) and "does not unpickle objects" in str(ei.value)
+    assert "\n" not in str(ei.value)
+    torch.save({"m": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")
+    with pytest.raises(ArtifactError, match=r"pickles a Python object, "
+                       r"torch\.nn\.modules\.linear\.Linear"):
+        artifacts.load_torch_file(tmp_path / "module.pt", "checkpoint")
+    (tmp_path / "script.py").write_text("import os\nprint('hello')\n")
+    with pytest.raises(ArtifactError, match=r"not a torch\.save file of tensors\)$"):
+        artifacts.load_torch_file(tmp_path / "script.py", "checkpoint")
 
 
 def test_run_directory_sources(tmp_path):

@@ -321,6 +321,14 @@ def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
     assert "different configuration" in capsys.readouterr().err
 
 
+def test_resume_without_a_checkpoint_says_it_starts_the_run(tmp_path, capsys):
+    out = tmp_path / "typo"
+    assert cli.main(["search", *TINY, "--epochs", "1", "--out", str(out), "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "no checkpoint to resume; starting the run" in captured.out + captured.err
+    assert (out / "results.json").is_file()
+
+
 # ---------------------------------------------------------------------------------------------
 # More than one process
 # ---------------------------------------------------------------------------------------------

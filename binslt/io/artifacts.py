@@ -166,10 +166,28 @@ def load_torch_file(path: PathLike, what: str) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ArtifactError(f"{what} {str(path)!r} is corrupt or not a binslt file "
-                            f"({first_line(exc)})") from None
+                            f"({_load_failure(exc)})") from None
     if not isinstance(obj, dict):
         raise ArtifactError(f"{what} {str(path)!r} is not a binslt file (no dict inside)")
     return obj
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words: its weights-only
+    unpickler's own reason, without torch's advice to load it with ``weights_only=False``
+    (binslt never does: a file it reads cannot run code)."""
+    text = str(exc)
+    if "WeightsUnpickler error:" not in text:
+        return first_line(exc)
+    reason = next((ln.strip() for ln in text.split("WeightsUnpickler error:", 1)[1].splitlines()
+                   if ln.strip()), "")
+    if reason.startswith("Unsupported global:"):
+        name = reason.split("GLOBAL", 1)[-1].split(" was not")[0].strip()
+        return (f"it pickles a Python object, {name}, where binslt files hold tensors and plain "
+                "values only; binslt does not unpickle objects")
+    if reason.startswith("Unsupported operand") or not reason:
+        return "not a torch.save file of tensors"
+    return reason.split(". Please use")[0]
 
 
 def resolve_source(src: PathLike) -> Path:

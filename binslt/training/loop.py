@@ -242,6 +242,9 @@ def prepare_output(cfg: RunConfig, run_dir: RunDir, info: DistInfo, *, resume: b
         if diffs:
             raise RunError("--resume with a different configuration (" + "; ".join(diffs) +
                            f"); use another --out or the options the run in {out} was started with")
+    elif not overwrite and resume and not run_dir.checkpoint.exists() \
+            and not run_dir.results.exists():
+        log(f"{out}: no checkpoint to resume; starting the run")
     elif not overwrite and (run_dir.checkpoint.exists() or run_dir.results.exists()):
         what = "a different run" if run_dir.results.exists() else "an unfinished run"
         raise RunError(f"{out} already holds {what}; pass --resume to continue it, --overwrite to "

@@ -121,6 +121,50 @@ def test_converted_spikes_equal_spikingjelly_with_sign_weights(nname, backend):
             assert int(a.num_batches_tracked) == int(b.num_batches_tracked)
 
 
+def test_string_padding_converts_where_binslt_computes_it():
+    """torch's padding='same' (odd kernel, stride 1) and 'valid' convert; the spikes equal
+    SpikingJelly's own layers with the same sign weights, eval and training. An even kernel's
+    'same' (one side padded more) stays, with the reason."""
+    torch.manual_seed(5)
+    nkw = neuron_kwargs("paper")
+    net = nn.Sequential(
+        layer.Conv2d(2, 8, 3, padding="same", bias=False), layer.BatchNorm2d(8),
+        neuron.LIFNode(**nkw),
+        layer.Conv2d(8, 8, 5, padding="same", bias=False), layer.BatchNorm2d(8),
+        neuron.LIFNode(**nkw),
+        layer.Conv2d(8, 8, 3, padding="valid", bias=False), layer.BatchNorm2d(8),
+        neuron.LIFNode(**nkw),
+        layer.Conv2d(8, 4, 2, padding="same", bias=False), neuron.LIFNode(**nkw),
+    )
+    functional.set_step_mode(net, "m")
+    with torch.no_grad():  # BN states under which every layer fires in eval and training
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(0.0, 0.6)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    conv, report = convert(net, prune_rate=0.0, strict=False)
+    assert [c["paths"][0] for c in report.converted] == ["0", "3", "6"]
+    assert [c["new"] for c in report.converted] == ["BinSpikeConv2d"] * 3
+    assert [conv[i].padding for i in (0, 3, 6)] == [1, 2, 0]
+    reasons = {s["path"]: s["reason"] for s in report.skipped}
+    assert "even kernel_size=2" in reasons["9"]
+    expected_net = binarised_copy(net, ["0", "3", "6"])
+    x = torch.rand(3, 4, 2, 9, 9) * 2
+    for train, sj_in, sj_out, our_out in recorded_modes(conv, expected_net):
+        expected_net(x)
+        conv(x)
+        assert len(our_out) == 3
+        for k, (xin, s_exp, s) in enumerate(zip(sj_in, sj_out, our_out)):
+            _, h = ref.lif_multistep(xin.double(), tau=nkw["tau"],
+                                     decay_input=nkw["decay_input"], v_threshold=1.0,
+                                     v_reset=0.0, return_h=True)
+            assert bool(tie_mask(h, 1.0).all()), f"layer {k}: a near-tie; pick another seed"
+            assert s.shape == s_exp.shape and torch.equal(s, s_exp), (k, train)
+            assert 0.02 < s.mean() < 0.98, f"layer {k} fires at rate {s.mean():.3f}"
+
+
 def test_converted_layers_carry_settings_weights_and_train_scores():
     torch.manual_seed(0)
     nkw = neuron_kwargs("sj_sigmoid_soft")

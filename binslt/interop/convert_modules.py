@@ -19,7 +19,14 @@ from ..nn.layers import (
     BinSpikeLinear,
 )
 from ..ops import contract as C
-from .sj_modules import _kind, _layer_neuron_kwargs, _pair_square, _sj, _step_mode
+from .sj_modules import (
+    _kind,
+    _layer_neuron_kwargs,
+    _pair_square,
+    _sj,
+    _step_mode,
+    conv_module_padding,
+)
 
 if TYPE_CHECKING:
     from .convert_chains import _Chain
@@ -304,7 +311,7 @@ def _spiking_layer(ch: _Chain, mods: dict, prune_rate: float, backend: str,
     if _kind(lin) == "conv":
         k, _ = _pair_square(lin.kernel_size, "kernel_size")
         s, _ = _pair_square(lin.stride, "stride")
-        p, _ = _pair_square(lin.padding, "padding")
+        p = conv_module_padding(lin)
         new = BinSpikeConv2d(lin.in_channels, lin.out_channels, k, s, p, **kw)
         bn_cls = nn.BatchNorm2d
     else:
@@ -337,7 +344,7 @@ def _plain_layer(path: str, mods: dict, prune_rate: float, per_channel_gain: boo
     if _kind(lin) == "conv":
         k, _ = _pair_square(lin.kernel_size, "kernel_size")
         s, _ = _pair_square(lin.stride, "stride")
-        p, _ = _pair_square(lin.padding, "padding")
+        p = conv_module_padding(lin)
         new = BinConv2d(lin.in_channels, lin.out_channels, k, s, p, prune_rate=prune_rate,
                         per_channel_gain=per_channel_gain)
     else:

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..nn.base import conv_padding
 from ..nn.layers import (
     BinSpikeConv2d,
 )
@@ -104,10 +105,23 @@ def _conv_problem(m: nn.Module) -> str:
     if m.padding_mode != "zeros":
         return f"padding_mode={m.padding_mode!r} (only 'zeros' is supported)"
     for name in ("kernel_size", "stride", "padding"):
+        if name == "padding" and m.padding in ("same", "valid"):
+            k, s = _pair_square(m.kernel_size, "")[0], _pair_square(m.stride, "")[0]
+            try:
+                conv_padding(type(m).__name__, m.padding, k, s)
+            except ValueError as exc:
+                return str(exc)
+            continue
         _, why = _pair_square(getattr(m, name), name)
         if why:
             return why
     return ""
+
+
+def conv_module_padding(m: nn.Module) -> int | str:
+    """A convertible conv's padding as binslt's convs take it: an int, or torch's 'same' /
+    'valid'."""
+    return m.padding if m.padding in ("same", "valid") else _pair_square(m.padding, "padding")[0]
 
 
 def _layer_problem(m: nn.Module) -> str:

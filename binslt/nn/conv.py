@@ -171,4 +171,3 @@ def conv_output_numel(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int
         ho, wo = mod.out_size(x.shape[-2], x.shape[-1])
         return out.numel() // (out.shape[-2] * out.shape[-1]) * ho * wo
     return out.numel()
-

@@ -173,7 +173,7 @@ LAYER_TYPES = (SJConvLayer, SJLinearLayer, SJResidualBlock)
 def sj_surrogate_class(name: str):
     """SpikingJelly's surrogate class of binslt's surrogate name (``SURROGATES``; the mapping
     ``binslt.convert`` reads SpikingJelly's neurons with)."""
-    from binslt.interop.sj_modules import sj_surrogate_classes
+    from binslt.nn.neuron import sj_surrogate_classes
 
     classes = sj_surrogate_classes()
     if name not in classes:

@@ -16,6 +16,7 @@ from ..nn.base import conv_padding
 from ..nn.layers import (
     BinSpikeConv2d,
 )
+from ..nn.neuron import sj_surrogate_name as _surrogate_name
 
 
 def _sj():
@@ -130,20 +131,6 @@ def _layer_problem(m: nn.Module) -> str:
 
 def _if_supported() -> bool:
     return "neuron" in inspect.signature(BinSpikeConv2d.__init__).parameters
-
-
-def sj_surrogate_classes() -> dict:
-    """binslt's surrogate names (``binslt.ops.schemas.SURROGATES``) -> SpikingJelly's surrogate
-    classes."""
-    _, _, surrogate = _sj()
-    return {"atan": surrogate.ATan, "sigmoid": surrogate.Sigmoid, "rect": surrogate.Rect,
-            "piecewise_quadratic": surrogate.PiecewiseQuadratic}
-
-
-def _surrogate_name(sg) -> str | None:
-    """binslt's name of a SpikingJelly surrogate object (its exact class), or None when binslt
-    has no such surrogate."""
-    return next((name for name, cls in sj_surrogate_classes().items() if type(sg) is cls), None)
 
 
 def _neuron_problem(m: nn.Module) -> str:

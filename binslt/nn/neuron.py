@@ -101,6 +101,21 @@ for _f in dataclasses.fields(NeuronParams):
     setattr(NeuronConfig, _f.name, _setting(_f.name))
 
 
+def sj_surrogate_classes() -> dict:
+    """binslt's surrogate names (``binslt.ops.schemas.SURROGATES``) -> SpikingJelly's surrogate
+    classes (imports SpikingJelly)."""
+    from spikingjelly.activation_based import surrogate
+
+    return {"atan": surrogate.ATan, "sigmoid": surrogate.Sigmoid, "rect": surrogate.Rect,
+            "piecewise_quadratic": surrogate.PiecewiseQuadratic}
+
+
+def sj_surrogate_name(sg) -> str | None:
+    """binslt's name of a SpikingJelly surrogate object (its exact class), or None when binslt
+    has no such surrogate."""
+    return next((name for name, cls in sj_surrogate_classes().items() if type(sg) is cls), None)
+
+
 def resolve_surrogate(surrogate, alpha: Optional[float], who: str) -> tuple[str, float]:
     """``(name, alpha)`` of a surrogate given by name (``binslt.ops.schemas.SURROGATES``; alpha
     None: 2.0) or as a SpikingJelly surrogate object (``surrogate.ATan(alpha=4.0)``: its class
@@ -113,9 +128,7 @@ def resolve_surrogate(surrogate, alpha: Optional[float], who: str) -> tuple[str,
     if not type(surrogate).__module__.startswith("spikingjelly."):
         raise ValueError(f"{who}: surrogate must be one of {tuple(SURROGATES)} or a SpikingJelly "
                          f"surrogate object, got {surrogate!r}")
-    from ..interop.sj_modules import _surrogate_name
-
-    name = _surrogate_name(surrogate)
+    name = sj_surrogate_name(surrogate)
     if name is None:
         raise ValueError(f"{who}: SpikingJelly's {type(surrogate).__name__} has no binslt "
                          "kernel; use surrogate.ATan, Sigmoid, Rect or PiecewiseQuadratic")

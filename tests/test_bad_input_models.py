@@ -27,7 +27,7 @@ from spikingjelly.activation_based.op_counter import (
 from torch import nn
 
 import binslt
-from binslt import cli, train
+from binslt import cli
 from binslt.interop.convert import convert
 from binslt.interop.sj_tools import SPIKING_LAYERS, spikingjelly_op_rules, store_v_seq
 from binslt.nn.layers import (
@@ -41,6 +41,7 @@ from binslt.nn.layers import (
     name_layers,
 )
 from binslt.ops import reference as ref
+from binslt.training import loop as train
 
 BACKENDS = ("cpu", "torch")
 

@@ -121,6 +121,7 @@ def test_converted_spikes_equal_spikingjelly_with_sign_weights(nname, backend):
             assert int(a.num_batches_tracked) == int(b.num_batches_tracked)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 def test_string_padding_converts_where_binslt_computes_it():
     """torch's padding='same' (odd kernel, stride 1) and 'valid' convert; the spikes equal
     SpikingJelly's own layers with the same sign weights, eval and training. An even kernel's

@@ -330,7 +330,8 @@ def _strict_json(text: str):
 
 
 def test_cli_search_with_if_neurons(tmp_path):
-    from binslt import cli, tickets
+    from binslt import cli
+    from binslt.io import tickets
 
     out = tmp_path / "if-run"
     assert cli.main(["search", "--neuron", "if", "--train-subset", "64", "--test-subset", "32",

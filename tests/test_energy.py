@@ -354,6 +354,10 @@ def test_cli_energy_and_plots(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ANN" in out and "SNN" in out and "normalised 1.0000" in out
+    # the runs as positional sources, as `binslt energy SRC` takes them: the same lines
+    rc = _cli(["plot", "energy", str(ann_dir), str(snn_dir), "--batches", "1",
+               "--batch-size", "8", "-o", str(png), "--dpi", "40"])
+    assert rc == 0 and capsys.readouterr().out == out
 
     png2 = tmp_path / "act.png"
     rc = _cli(["plot", "activations", "--runs", str(ann_dir), str(snn_dir), "--num-inputs", "2",

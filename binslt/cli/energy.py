@@ -69,8 +69,8 @@ def _models_from_args(args: argparse.Namespace, methods: Sequence[str], device: 
                       ) -> list[tuple[str, nn.Module, dict[str, Any]]]:
     """(label, model, data settings) from --runs, else fresh --arch builds per method."""
     out = []
-    if args.runs:
-        for src in args.runs:
+    if _run_sources(args):
+        for src in _run_sources(args):
             model, source = load_model(src, device, args.backend)
             out.append((_label(model, Path(src).name), model, _run_settings(args, source)))
         return out
@@ -97,7 +97,15 @@ def _models_from_args(args: argparse.Namespace, methods: Sequence[str], device: 
     return out
 
 
+def _run_sources(args: argparse.Namespace) -> list[str]:
+    """The saved runs a plot shows: its positional sources, then --runs."""
+    return [*(getattr(args, "sources", None) or []), *(getattr(args, "runs", None) or [])]
+
+
 def _add_source_args(p: argparse.ArgumentParser, *, methods_default: Sequence[str]) -> None:
+    p.add_argument("sources", nargs="*", metavar="SRC",
+                   help="run directories / ticket / checkpoint files (else fresh --arch "
+                        "builds); --runs SRC ... says the same")
     p.add_argument("--runs", nargs="+", metavar="SRC",
                    help="run directories / ticket / checkpoint files (else fresh --arch builds)")
     p.add_argument("--arch", default="conv4",
@@ -166,7 +174,7 @@ def cmd_energy(args: argparse.Namespace) -> int:
         if not args.arch or not args.method:
             raise CLIError("give a run directory / ticket / checkpoint, or --arch and "
                            "--method for a freshly built model")
-        args.runs = None
+        args.runs = args.sources = None
         (label, model, settings), = _models_from_args(args, [args.method], device)
         label = f"fresh {args.arch}/{args.method}"
     rep = _report_for(model, settings, args)
@@ -260,7 +268,7 @@ def cmd_plot_activations(args: argparse.Namespace) -> int:
             if i == 0:
                 ax.set_title(f"{label}\n({f} neurons)", fontsize=9)
         fig.colorbar(im, ax=axes[:, j].tolist(), location="bottom", shrink=0.8)
-    what = "saved runs" if args.runs else f"fresh untrained {args.arch} models"
+    what = "saved runs" if _run_sources(args) else f"fresh untrained {args.arch} models"
     fig.suptitle(f"Last hidden layer activations, {what}\n(spiking: spike counts over T)",
                  fontsize=10)
     out = Path(args.out)

@@ -237,7 +237,8 @@ def _run_one(cfg: RunConfig, out: Path, args: argparse.Namespace,
 def _summary(res: dict[str, Any], out: Path) -> str:
     return (f"{METHOD_LABELS.get(res['method'], res['method'])} {res['arch']} on "
             f"{res['dataset']}: test accuracy {res['test_acc']:.2f}% (best "
-            f"{res['best_test_acc']:.2f}%) after {res['epochs']} epochs, "
+            f"{res['best_test_acc']:.2f}%) after {res['epochs']} "
+            f"epoch{'' if res['epochs'] == 1 else 's'}, "
             f"{res['wall_time_s']:.1f} s ({res['mean_epoch_time_s']:.2f} s/epoch, backend "
             f"{res['backend']}); results in {out}/results.json")
 

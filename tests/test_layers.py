@@ -24,6 +24,7 @@ def _spikes(*shape, p=0.3):
     (lambda: (torch.rand(2, 1, 4, 6, 6) < 0.5).int(), "floating-point"),
     (lambda: torch.full((2, 1, 4, 6, 6), float("nan")), "binary spikes"),
     (lambda: _spikes(2, 1, 4, 1, 1), "smaller than the kernel"),
+    (lambda: _spikes(0, 2, 4, 6, 6), r"at least one time step T at dim 0 of \[T, N, C, H, W\]"),
 ])
 def test_conv_rejects_bad_input(bad, match):
     m = binslt.BinSpikeConv2d(4, 3, 3)
@@ -233,6 +234,8 @@ def test_linear_rejects_bad_input():
         m(_spikes(2, 5))
     with pytest.raises(ValueError, match="binary spikes"):
         m(torch.rand(2, 1, 5) + 0.1)
+    with pytest.raises(ValueError, match="at least one time step"):
+        m(_spikes(0, 2, 5))
 
 
 def test_unknown_backend_context_rejected():

@@ -239,6 +239,9 @@ def _check_input(x: torch.Tensor, rank: int, layout: str, channels: int, cdim: i
     if x.shape[cdim] != channels:
         raise ValueError(f"{who} expects {channels} channels at dim {cdim} of {layout}, got shape "
                          f"{tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{who} expects at least one time step T at dim 0 of {layout}, got shape "
+                         f"{tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{who} expects a floating-point tensor, got {x.dtype}")
     if x.device != ref_param.device:

@@ -123,7 +123,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     explicit = explicit_options(args)
     base = make_config(DEFAULTS, explicit, method="binwslt", mode="search")
     seeds, multi = _seed_list(args, base)
-    out = Path(args.out) if args.out else Path("runs") / f"compare-{base.arch}-{_slug(base.dataset)}"
+    out = (Path(args.out) if args.out
+           else Path("runs") / f"compare-{base.arch}-{_slug(base.dataset)}")
     main = is_main_process()
     chosen = [r for r in COMPARE_ROWS if r[0] in args.methods]
     crash = _CrashPlan(args.crash_after)
@@ -169,8 +170,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                  f"prune rate {base.prune_rate:g} (fraction removed), T={base.timesteps}, "
                  f"lambda={_lam(base):g}, decay_input={base.decay_input}, {base.epochs} epochs, "
                  f"{seed_text}. Accuracy: test set, final epoch. Params counted as "
-                 "binslt.models.count_parameters. OPs/energy: binslt.analysis.energy.report per image "
-                 "(MACs at 4.6 pJ, SOPs at 0.9 pJ).", ""]
+                 "binslt.models.count_parameters. OPs/energy: binslt.analysis.energy.report "
+                 "per image (MACs at 4.6 pJ, SOPs at 0.9 pJ).", ""]
         table = compare_seed_table(summary) if multi else compare_table(rows)
         lines += [table, ""]
         if multi and pairs:

@@ -369,13 +369,15 @@ SUMMARY_VALUES = ("test_acc", "best_test_acc", "wall_time_s")
 
 def sweep_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per grid point over its seeds: mean, sample std (ddof=1) and per-seed values of
-    the final and best test accuracy and of the wall time (:func:`binslt.training.stats.aggregate`)."""
+    the final and best test accuracy and of the wall time
+    (:func:`binslt.training.stats.aggregate`)."""
     return stats.aggregate(rows, SUMMARY_KEYS, SUMMARY_VALUES)
 
 
 def _summary_fields(summary: list[dict[str, Any]], keys: tuple[str, ...],
                     values: tuple[str, ...]) -> list[str]:
-    """The CSV columns of :func:`binslt.training.stats.aggregate`'s rows, per-seed columns included."""
+    """The CSV columns of :func:`binslt.training.stats.aggregate`'s rows, per-seed columns
+    included."""
     fields = list(keys) + ["n_seeds", "seeds"]
     seeds = sorted({int(x) for r in summary for x in str(r["seeds"]).split(";")})
     for f in values:

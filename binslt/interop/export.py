@@ -78,8 +78,9 @@ def load_program(path: PathLike) -> torch.export.ExportedProgram:
 def op_library_paths(folder: Optional[PathLike] = None) -> dict[str, Optional[str]]:
     """The compiled kernel libraries of this install (or of ``folder``) built for this Python:
     ``{'cpu': path or None, 'cuda': path or None}``. Only the file names that this interpreter
-    imports (``importlib.machinery.EXTENSION_SUFFIXES``, e.g. ``_C.cpython-312-x86_64-linux-gnu.so``)
-    count, so a build for another Python in the same folder is never picked."""
+    imports (``importlib.machinery.EXTENSION_SUFFIXES``, e.g.
+    ``_C.cpython-312-x86_64-linux-gnu.so``) count, so a build for another Python in the same
+    folder is never picked."""
     from importlib.machinery import EXTENSION_SUFFIXES
 
     here = Path(folder) if folder is not None else Path(__file__).resolve().parents[1]  # binslt/

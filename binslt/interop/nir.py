@@ -488,8 +488,8 @@ def export_cli(src: PathLike, out: Optional[PathLike] = None, *, maxpool: str = 
                dt: float = DEFAULT_DT) -> str:
     """``binslt export SRC --format nir [-o OUT]``: export a run directory, ``ticket.pt`` /
     ``checkpoint.pt`` or packed ticket to a NIR file (default: next to SRC, ``.nir``).
-    Returns the line to print. Raises NIRError (and binslt.io.artifacts.ArtifactError / TicketError for
-    an unreadable source)."""
+    Returns the line to print. Raises NIRError (and binslt.io.artifacts.ArtifactError /
+    TicketError for an unreadable source)."""
     srcp = Path(src)
     if out is None:
         base = srcp / "ticket" if srcp.is_dir() else srcp.with_suffix("")

@@ -42,8 +42,9 @@ from ..nn import models
 
 __all__ = ["ArtifactError", "CHECKPOINT_FORMAT", "LEGACY_TICKET_FORMAT", "RunDir",
            "atomic_torch_save", "atomic_write_bytes", "atomic_write_csv", "atomic_write_json",
-           "build_network", "evaluate", "evaluate_counts", "first_line", "load_model", "load_source", "load_state",
-           "load_torch_file", "rebuild_model", "resolve_device", "resolve_source"]
+           "build_network", "evaluate", "evaluate_counts", "first_line", "load_model",
+           "load_source", "load_state", "load_torch_file", "rebuild_model", "resolve_device",
+           "resolve_source"]
 
 CHECKPOINT_FORMAT = "binslt-checkpoint-v1"
 #: ``ticket.pt`` of run directories written before the safetensors ticket (read, never written)

@@ -25,13 +25,14 @@ with their measured thresholds, are written down once at ``plan_forward`` / ``pl
 * ``grad_w``: the weight gradient, ``"event"`` (sums of dZ rows over the input's set bits),
   ``"dense"`` (ATen's weight-gradient convolution of the unpacked input), ``"taps"`` (one GEMM
   per tap over the pixel pairs it joins), ``"unfold"``, ``"int8"`` (exact int8 products of dZ's
-  limbs and the unfolded 0/1 input), ``"bf16x3"`` (three products of dZ's bf16-exact parts and the 0/1 input) or
-  ``"pointwise"``.
+  limbs and the unfolded 0/1 input), ``"bf16x3"`` (three products of dZ's bf16-exact parts and
+  the 0/1 input) or ``"pointwise"``.
 
 ``"auto"`` in a field restores the plan's choice: the rules' table, or the fastest candidate
 timed on the call's shapes (:func:`binslt.ops.plan.measure`). A forced name runs exactly that
-algorithm (and is never measured); a call it cannot run raises ValueError saying why. Forcing is for tests and benchmarks: every
-algorithm gives the same counts and spikes, and gradients within float rounding.
+algorithm (and is never measured); a call it cannot run raises ValueError saying why. Forcing
+is for tests and benchmarks: every algorithm gives the same counts and spikes, and gradients
+within float rounding.
 
     >>> from binslt.ops import cpu_algorithms
     >>> with cpu_algorithms(conv="event", grad_x="dense"):

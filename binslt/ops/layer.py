@@ -139,8 +139,9 @@ def _infer_conv_lif(be, x, planes, epi: Epilogue, nrn: NeuronParams, stride, pad
 
 
 def conv_lif(x, w_eff, scale, shift, residual=None, *, stride=1, padding=0, bn_train=False,
-             bn_eps=1e-5, tau=2.0, decay_input=True, v_threshold=1.0, v_reset: Optional[float] = 0.0,
-             detach_reset=False, surrogate="atan", surrogate_alpha=2.0, backend="auto"):
+             bn_eps=1e-5, tau=2.0, decay_input=True, v_threshold=1.0,
+             v_reset: Optional[float] = 0.0, detach_reset=False, surrogate="atan",
+             surrogate_alpha=2.0, backend="auto"):
     """Spikes of the fused layer on spike input x: [T, N, Ci, H, W]. Returns (spikes, mean, var).
 
     ``backend='torch'`` runs the autograd reference (any dtype); others run kernels (float32).

@@ -35,8 +35,9 @@ call of each key (the op, its shapes, input dtype and layout, output kind, the I
 thread count and a coarse bucket of the input's firing rate) runs every candidate algorithm of
 that field inside the op's C++ implementation (so torch.compile / torch.export graphs measure as
 eager calls do), returns the fastest one's output and caches it as the key's plan (the table's
-choice stays unless another is more than 5 % faster); later calls take it. Every candidate is exact: the forward algorithms give bit-identical outputs, the
-gradient algorithms agree within float rounding (as forced ones do). The modes
+choice stays unless another is more than 5 % faster); later calls take it. Every candidate is
+exact: the forward algorithms give bit-identical outputs, the gradient algorithms agree within
+float rounding (as forced ones do). The modes
 (:func:`measure`, or ``BINSLT_PLAN_MEASURE``, read at each call):
 
 * ``"forward"`` (the default; ``BINSLT_PLAN_MEASURE`` unset or ``forward``): the forward ops

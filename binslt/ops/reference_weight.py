@@ -218,7 +218,8 @@ def pack_weight_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def unpack_weight_reference(
-    w_mask: torch.Tensor, w_pos: torch.Tensor, in_channels: int, alpha: Optional[torch.Tensor] = None
+    w_mask: torch.Tensor, w_pos: torch.Tensor, in_channels: int,
+    alpha: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Inverse of ``pack_weight``: [Co, Ci, kh, kw] float32 in {-1, 0, 1} (times alpha[Co])."""
     m = _unpack_bits_last(w_mask, in_channels)

@@ -1,4 +1,5 @@
-"""The ``triton`` backend: ``binslt::<op>_triton`` for every schema in ``binslt.ops.schemas.SCHEMAS``.
+"""The ``triton`` backend: ``binslt::<op>_triton`` for every schema in
+``binslt.ops.schemas.SCHEMAS``.
 
 Each op is a ``torch.library.triton_op`` with the same signature and semantics as its
 ``binslt.reference`` counterpart; the bodies only check arguments (``binslt._contract``, the

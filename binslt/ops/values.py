@@ -35,7 +35,8 @@ class NeuronParams:
 
     def __post_init__(self):
         if self.surrogate not in (*SURROGATES, *SURROGATES.values()):
-            raise ValueError(f"surrogate must be one of {tuple(SURROGATES)}, got {self.surrogate!r}")
+            raise ValueError(f"surrogate must be one of {tuple(SURROGATES)}, got "
+                             f"{self.surrogate!r}")
         norm = dict(tau=float(self.tau), decay_input=bool(self.decay_input),
                     v_threshold=float(self.v_threshold),
                     v_reset=None if self.v_reset is None else float(self.v_reset),

@@ -11,10 +11,10 @@ Specs and their fixed conventions:
     Split: stratified 80/20 with ``random_state=0`` (1437 train / 360 test). Pixels (0..16) are
     divided by 16 to lie in [0, 1], then normalised with the *training* split's mean and std.
 ``cifar10`` / ``cifar100``
-    CIFAR under ``data_dir`` in torchvision's extracted python layout (``download=True`` fetches it),
-    its batch pickles read by an unpickler that builds only arrays and lists. Training images get
-    random crop (32, padding 4) and horizontal flip; both splits are normalised with the usual
-    per-channel CIFAR mean/std.
+    CIFAR under ``data_dir`` in torchvision's extracted python layout (``download=True``
+    fetches it), its batch pickles read by an unpickler that builds only arrays and lists.
+    Training images get random crop (32, padding 4) and horizontal flip; both splits are
+    normalised with the usual per-channel CIFAR mean/std.
 ``imagefolder:PATH``
     torchvision ``ImageFolder``. If ``PATH`` has ``train/`` and ``val/`` (or ``test/``)
     subfolders those are the splits; otherwise the single folder is split stratified 80/20 with
@@ -305,7 +305,8 @@ def load_cifar(name: str, data_dir: str, download: bool) -> DataBundle:
 
     mean, std = CIFAR_STATS[name]
     norm = T.Normalize(mean, std)
-    train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                          norm])
     test_tf = T.Compose([T.ToTensor(), norm])
     cls = tvc.CIFAR10 if name == "cifar10" else tvc.CIFAR100
     root = os.path.expanduser(data_dir)
@@ -377,7 +378,8 @@ def _folder_error(msg: str, limit: int = 8) -> str:
 
 
 def load_imagefolder(path: str, image_size: int) -> DataBundle:
-    """``imagefolder:PATH`` with train/ and val/ (or test/) subfolders, or one folder split 80/20."""
+    """``imagefolder:PATH`` with train/ and val/ (or test/) subfolders, or one folder split
+    80/20."""
     torchvision, T = _vision()
     root = Path(path).expanduser()
     if not root.is_dir():

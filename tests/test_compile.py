@@ -112,6 +112,41 @@ def test_search_steps_compile_once():
     assert not torch.equal(masks[0], masks[-1])  # the steps did change the selection
 
 
+def test_compiled_before_any_eager_call_compiles_once(tmp_path):
+    """In a fresh process, a model compiled before any eager layer call (no backend chosen, no
+    settings read yet): three search steps are one compile, where the first trace used to store
+    binslt's backend settings as a side effect and the second call compiled again."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "first_compile.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        import torch.nn.functional as F
+        from torch._dynamo.testing import CompileCounterWithBackend
+        from binslt.nn import models
+
+        torch.manual_seed(0)
+        net = models.build("conv4", "binwslt", num_classes=10, in_channels=1, input_size=8,
+                           timesteps=2).train()
+        x, y = torch.randn(4, 1, 8, 8), torch.arange(4)
+        counter = CompileCounterWithBackend("aot_eager")
+        step = torch.compile(lambda a, b: F.cross_entropy(net(a), b), fullgraph=True,
+                             backend=counter)
+        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+        for _ in range(3):
+            opt.zero_grad()
+            step(x, y).backward()
+            opt.step()
+        print("frames", counter.frame_count)
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["frames", "1"], r.stdout + r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd_on", "no_grad"])
 def test_compiled_resnet19_frozen_ticket_matches_eager(grad):
     net = _net("resnet19", "frozen")

@@ -217,3 +217,21 @@ def test_compile_traces_the_first_auto_call():
         want = m(x)
     assert torch.equal(got, want)
     assert ops.resolve_backend("auto", CPU) == "cpu"
+
+
+def test_compile_takes_the_verdict_as_eager_calls_do():
+    """A verdict that finds the cpu backend failing steers a torch.compile trace that is the
+    process' first auto call as it steers eager calls: auto's choice is made outside the trace
+    (a constant of the graph), reading the verdict."""
+    torch._dynamo.reset()
+    _write_verdict(fb.verdict_key(CPU), ok=False)
+    ops.reset_backend_state()
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(BinSpikeConv2d(3, 8, 3, padding=1, bn=True)).eval()
+    x = (torch.rand(2, 2, 3, 7, 7) < 0.3).float()
+    with pytest.warns(fb.BackendFallbackWarning, match="bconv_lif failed `binslt check`"):
+        with torch.no_grad():
+            got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    assert ops.resolve_backend("auto", CPU) == "torch"  # what the trace's constant read
+    with torch.no_grad(), ops.use_backend("torch"):
+        assert torch.equal(got, m(x))

@@ -114,8 +114,9 @@ def test_search_steps_compile_once():
 
 def test_compiled_before_any_eager_call_compiles_once(tmp_path):
     """In a fresh process, a model compiled before any eager layer call (no backend chosen, no
-    settings read yet): three search steps are one compile, where the first trace used to store
-    binslt's backend settings as a side effect and the second call compiled again."""
+    settings read yet), with an eager evaluation after each step: three search steps are one
+    compile. The first trace used to store binslt's backend settings as a side effect, and the
+    first eager call to fill auto's caches, each making the next call compile again."""
     import subprocess
     import sys
     import textwrap
@@ -136,9 +137,13 @@ def test_compiled_before_any_eager_call_compiles_once(tmp_path):
                              backend=counter)
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
         for _ in range(3):
+            net.train()
             opt.zero_grad()
             step(x, y).backward()
             opt.step()
+            net.eval()  # an eager evaluation between the compiled steps
+            with torch.no_grad():
+                net(x)
         print("frames", counter.frame_count)
     """))
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,

@@ -16,6 +16,13 @@ from .function import Function
 from .registry import get_op
 
 
+def _first_auto_call() -> bool:
+    """Whether this op call is the first call of a backend auto chose (its backward may then fall
+    back); never while torch.compile traces (no guard on the thread-local flag, which eager
+    calls set)."""
+    return not torch.compiler.is_compiling() and getattr(_FIRST, "auto", False)
+
+
 def max_abs_gain(w_eff: torch.Tensor) -> torch.Tensor:
     """The gain the kernels take, read back from a ternary-times-gain weight: max |W_eff| per
     output channel (``reference.mean_abs_gain`` is how the search computes it)."""
@@ -140,7 +147,7 @@ class ConvLIF(Function):
                    v_reset, detach_reset, surrogate, surrogate_alpha)
         ctx.T = x.shape[0]
         ctx.backend = backend
-        ctx.auto = getattr(_FIRST, "auto", False)  # an auto-chosen backend's first call
+        ctx.auto = _first_auto_call()  # an auto-chosen backend's first call
         ctx.has_res = residual is not None
         ctx.spikes_meta = _meta(output[0])
 
@@ -211,7 +218,7 @@ class BNLIF(Function):
         ctx.save_for_backward(z if ctx.reads_z else saved, scale, shift, mean, var, residual)
         ctx.cfg = tuple(cfg)
         ctx.backend = backend
-        ctx.auto = getattr(_FIRST, "auto", False)
+        ctx.auto = _first_auto_call()
         ctx.has_res = residual is not None
         ctx.z_dtype = z.dtype
 

@@ -53,6 +53,7 @@ def backends() -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------------
 
 _override = threading.local()
+_override.backend = None  # set here, so that a trace in the main thread reads a value
 
 
 @contextlib.contextmanager
@@ -89,17 +90,26 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """Map 'auto' (or a use_backend override, or ``BINSLT_BACKEND``) to a concrete backend usable
     for ``device``. auto's order (binslt._fallback) skips the backends ``BINSLT_DISABLE_BACKENDS``
     names, those found failing (their first call, or ``binslt check``'s verdict) and the
-    unusable ones; a disabled backend asked for by name raises."""
+    unusable ones; a disabled backend asked for by name raises.
+
+    A torch.compile trace takes the answer as a constant of its graph, made by this same code
+    run eagerly (reading the verdict) and not traced: the graph holds no guard on binslt's
+    caches and settings, which the first eager call fills (an evaluation between compiled
+    training steps would otherwise compile the graph again). A ``use_backend`` block is read
+    in the trace, so a graph compiled inside one is guarded on it."""
     C.check_backend(backend)
     if backend == "auto":
-        backend = getattr(_override, "backend", None) or _fb.settings()["forced"] or "auto"
+        backend = getattr(_override, "backend", None) or "auto"
+    if torch.compiler.is_compiling():
+        return _resolve_for_trace(backend, device)
+    return _resolve(backend, device)
+
+
+def _resolve(backend: str, device: torch.device) -> str:
     if backend == "auto":
-        be = _AUTO.get(device)  # one dict lookup per layer call once chosen
-        if be is None:
-            if torch.compiler.is_compiling():  # tracing reads no file: the verdict waits for
-                return _choose_auto(device, verdict=False)  # the first eager call
-            be = _AUTO[device] = _choose_auto(device)
-        return be
+        backend = _fb.settings()["forced"] or "auto"
+    if backend == "auto":
+        return _auto_choice(device)
     _fb.check_enabled(backend)
     st = _ext.load()  # read only (backends() copies it; this runs on every layer call)
     if backend == "torch":
@@ -123,6 +133,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 _AUTO: dict[torch.device, str] = {}  # auto's choice per device (cleared when one fails)
+
+
+def _auto_choice(device: torch.device) -> str:
+    be = _AUTO.get(device)  # one dict lookup per layer call once chosen
+    if be is None:
+        be = _AUTO[device] = _choose_auto(device)
+    return be
+
+
+_resolve_for_trace = torch.compiler.assume_constant_result(_resolve)
 
 
 def _choose_auto(device: torch.device, verdict: bool = True) -> str:
@@ -163,7 +183,7 @@ def _run_auto(backend: str, device: torch.device, run):
     call (and for explicit backends) errors are raised as usual. The per-call cost once proven:
     one set lookup."""
     be = resolve_backend(backend, device)
-    if be in _fb.PROVEN or not _is_auto(backend) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or be in _fb.PROVEN or not _is_auto(backend):
         return run(be)
     while True:
         _FIRST.auto = True
@@ -187,7 +207,7 @@ def _backward_op(name: str, ctx, *args):
     backward fails recoverably, the backend is marked failed and the same schema runs on the
     next backend of auto's order (every backend implements every schema)."""
     be = ctx.backend
-    if not ctx.auto or be in _fb.PROVEN_BWD or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not ctx.auto or be in _fb.PROVEN_BWD:
         return get_op(name, be)(*args)
     device = args[0].device
     while True:

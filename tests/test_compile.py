@@ -112,24 +112,42 @@ def test_search_steps_compile_once():
     assert not torch.equal(masks[0], masks[-1])  # the steps did change the selection
 
 
-def test_compiled_before_any_eager_call_compiles_once(tmp_path):
+# Eager calls between compiled steps: an evaluation (conv4), and a training step inside
+# ops.keep_counts(False) (resnet19: its shortcuts hand their recompute function).
+_BETWEEN = {
+    "eval": ("conv4", """
+        net.eval()
+        with torch.no_grad():
+            net(x)
+        net.train()"""),
+    "keep_counts_off": ("resnet19", """
+        with ops.keep_counts(False):
+            F.cross_entropy(net(x), y).backward()"""),
+}
+
+
+@pytest.mark.parametrize("between", sorted(_BETWEEN))
+def test_compiled_before_any_eager_call_compiles_once(between, tmp_path):
     """In a fresh process, a model compiled before any eager layer call (no backend chosen, no
-    settings read yet), with an eager evaluation after each step: three search steps are one
-    compile. The first trace used to store binslt's backend settings as a side effect, and the
-    first eager call to fill auto's caches, each making the next call compile again."""
+    settings read yet), with an eager call after each compiled step: three steps are one
+    compile. The first trace used to store binslt's backend settings as a side effect, and
+    eager calls to fill auto's caches, the thread-local flags and a shortcut's attribute, each
+    making the next compiled call compile again."""
     import subprocess
     import sys
     import textwrap
 
+    arch, eager = _BETWEEN[between]
     script = tmp_path / "first_compile.py"
     script.write_text(textwrap.dedent("""
         import torch
         import torch.nn.functional as F
         from torch._dynamo.testing import CompileCounterWithBackend
+        from binslt import ops
         from binslt.nn import models
 
         torch.manual_seed(0)
-        net = models.build("conv4", "binwslt", num_classes=10, in_channels=1, input_size=8,
+        net = models.build("%s", "binwslt", num_classes=10, in_channels=1, input_size=8,
                            timesteps=2).train()
         x, y = torch.randn(4, 1, 8, 8), torch.arange(4)
         counter = CompileCounterWithBackend("aot_eager")
@@ -137,15 +155,11 @@ def test_compiled_before_any_eager_call_compiles_once(tmp_path):
                              backend=counter)
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
         for _ in range(3):
-            net.train()
             opt.zero_grad()
             step(x, y).backward()
-            opt.step()
-            net.eval()  # an eager evaluation between the compiled steps
-            with torch.no_grad():
-                net(x)
+            opt.step()%s
         print("frames", counter.frame_count)
-    """))
+    """) % (arch, textwrap.indent(textwrap.dedent(eager), " " * 4)))
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

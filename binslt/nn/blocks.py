@@ -135,8 +135,8 @@ def _call_handing_again(shortcut: nn.Module, x: torch.Tensor):
     shortcut._handed = handed
     try:
         r = shortcut(x)
-    finally:
-        shortcut._handed = None
+    finally:  # back to the class's None (no instance entry for a compiled graph to guard on)
+        del shortcut._handed
     return r, (handed[0] if handed else None)
 
 

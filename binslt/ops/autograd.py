@@ -30,6 +30,7 @@ def max_abs_gain(w_eff: torch.Tensor) -> torch.Tensor:
 
 
 _KEEP = threading.local()
+_KEEP.counts = True  # set here, so that a trace in the main thread guards on a value
 
 
 @contextlib.contextmanager
@@ -316,7 +317,10 @@ def is_packed_input(t: torch.Tensor, backend: str) -> bool:
     """Whether ``t`` is the last ConvLIF input packed on this thread (by ``backend``), unchanged
     since: its values were found to be spikes then (a pack that validates, or ``check_spikes``
     before one that does not), so they are finite. A ResNet block's identity shortcut hands
-    conv2 that input as its residual."""
+    conv2 that input as its residual. False while torch.compile traces (traced code keeps no
+    state across calls, and reading it would guard the graph on what eager calls leave)."""
+    if torch.compiler.is_compiling():
+        return False
     return _packed_earlier(getattr(_LAST_INPUT, "packed", None), t, backend) is not None
 
 

@@ -121,17 +121,6 @@ def settings() -> dict:
     return env
 
 
-def _read_settings_now() -> None:
-    """Read the environment at import, ahead of any layer call: a ``torch.compile`` trace that
-    found no settings stored would store them as a side effect and guard on their absence, so
-    its second call would compile again (after :func:`reset` the next call reads them, as
-    before). A bad setting is left to raise, with the same message, at the first layer call."""
-    try:
-        settings()
-    except BackendSettingError:
-        pass
-
-
 def check_enabled(backend: str) -> None:
     """Raise RuntimeError if ``BINSLT_DISABLE_BACKENDS`` names ``backend``."""
     env = settings()
@@ -293,6 +282,3 @@ def verdict_skips(device: torch.device) -> dict[str, str]:
                         stacklevel=4)
     cache[device] = skips
     return skips
-
-
-_read_settings_now()

@@ -69,8 +69,9 @@ def _models_from_args(args: argparse.Namespace, methods: Sequence[str], device: 
                       ) -> list[tuple[str, nn.Module, dict[str, Any]]]:
     """(label, model, data settings) from --runs, else fresh --arch builds per method."""
     out = []
-    if _run_sources(args):
-        for src in _run_sources(args):
+    runs = _run_sources(args)
+    if runs:
+        for src in runs:
             model, source = load_model(src, device, args.backend)
             out.append((_label(model, Path(src).name), model, _run_settings(args, source)))
         return out

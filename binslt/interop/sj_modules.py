@@ -16,6 +16,7 @@ from ..nn.base import conv_padding
 from ..nn.layers import (
     BinSpikeConv2d,
 )
+from ..nn.neuron import resolve_surrogate
 from ..nn.neuron import sj_surrogate_name as _surrogate_name
 
 
@@ -134,7 +135,7 @@ def _if_supported() -> bool:
 
 
 def _neuron_problem(m: nn.Module) -> str:
-    _, neuron, surrogate = _sj()
+    _, neuron, _ = _sj()
     k = _kind(m)
     if k == "node" or type(m) not in (neuron.LIFNode, neuron.IFNode):
         return (f"{type(m).__name__} is not binslt's LIF or IF neuron (its own dynamics, e.g. a "
@@ -150,12 +151,10 @@ def _neuron_problem(m: nn.Module) -> str:
     if isinstance(getattr(m, "v", None), torch.Tensor):
         return ("holds membrane state from an earlier call (stateful use); call "
                 "spikingjelly functional.reset_net(model) first if the calls are independent")
-    sg = m.surrogate_function
-    if _surrogate_name(sg) is None:
-        return (f"surrogate {type(sg).__name__} is not supported (ATan, Sigmoid, Rect or "
-                "PiecewiseQuadratic)")
-    if not getattr(sg, "spiking", True):
-        return "surrogate in non-spiking mode (spiking=False)"
+    try:  # the layers' own rule for a SpikingJelly surrogate object
+        resolve_surrogate(m.surrogate_function, None, name)
+    except ValueError as exc:
+        return str(exc)
     if k == "lif" and not (float(m.tau) >= 1.0):
         return f"tau={m.tau} < 1"
     return ""
